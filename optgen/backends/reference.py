@@ -1,0 +1,155 @@
+"""The reference backend: walks the IR for one parameter at a time with plain torch ops.
+
+Slow and obviously right; any dtype (float64 for tests). It is the oracle for the other backends.
+Each IR op maps to the single torch op whose rounding it names (``addcmul`` is ``torch.addcmul``,
+``lerp`` is ``torch.lerp``, ``rdiv`` is ``s / t``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.runtime.host import HostContext, evaluate, to_device_scalar
+
+_SHAPE_FOR = {Kind.ROW: 1, Kind.COL: 1, Kind.MATRIX: 0}
+
+
+def _align(x: Any, src: Kind, dst: Kind) -> Any:
+    """Reshape a smaller-kind value so that it broadcasts against ``dst`` values."""
+    if not isinstance(x, torch.Tensor) or src in (Kind.HOST, Kind.TENSOR) or src == dst:
+        return x
+    if src == Kind.MATRIX:
+        return x[..., None] if dst in (Kind.ROW, Kind.COL) else x[..., None, None]
+    if src == Kind.ROW:
+        return x.unsqueeze(-1)
+    if src == Kind.COL:
+        return x.unsqueeze(-2)
+    return x
+
+
+class _Frame:
+    def __init__(self, program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict):
+        self.program = program
+        self.param = param
+        self.state = state
+        self.locals: dict[str, Any] = {"grad": grad}
+        self.host = HostContext(group, param, state, program.step_math == "tensor")
+
+
+def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """Apply one step of ``program`` to ``param`` (in place), updating ``state``."""
+    frame = _Frame(program, param, grad, state, group)
+    _block(program.body, frame)
+
+
+def _block(stmts: list[Stmt], f: _Frame) -> None:
+    for s in stmts:
+        if isinstance(s, If):
+            cond = evaluate(s.cond, f.host)
+            _block(s.then if bool(cond) else s.orelse, f)
+        else:
+            _assign(s, f)
+
+
+def _assign(s: Assign, f: _Frame) -> None:
+    if s.value.is_host:
+        if s.role == "host_state":
+            f.host.self_ref = s.target
+            value = evaluate(s.value, f.host)
+            f.host.self_ref = None
+            f.state[s.target].copy_(torch.as_tensor(value))
+        else:
+            f.host.env[s.target] = evaluate(s.value, f.host)
+        return
+    value = _eval(s.value, f)
+    if s.role == "param":
+        f.param.copy_(value)
+    elif s.role == "state":
+        buf = f.state.get(s.target)
+        if buf is None:
+            f.state[s.target] = value.detach().clone()
+        else:
+            buf.copy_(value)
+    else:
+        f.locals[s.target] = value
+
+
+def _read(name: str, kind: Kind, f: _Frame) -> Any:
+    if kind == Kind.HOST:
+        if name in f.host.env:
+            return to_device_scalar(f.host.env[name])
+        return to_device_scalar(evaluate(Node("var", attr=name), f.host))
+    if name == "param":
+        return f.param
+    if name in f.locals:
+        return f.locals[name]
+    return f.state[name]
+
+
+def _eval(n: Node, f: _Frame) -> Any:
+    if n.is_host:
+        return to_device_scalar(evaluate(n, f.host))
+    if n.op == "var":
+        return _read(n.attr, n.kind, f)
+    raw = [_eval(a, f) for a in n.args]
+    # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
+    if n.op not in ("matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm"):
+        raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
+    return _OPS[n.op](*raw)
+
+
+def _clamp_min(a: Any, b: Any) -> Any:
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp_min(b)
+
+
+def _clamp_max(a: Any, b: Any) -> Any:
+    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp_max(b)
+
+
+_OPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "rdiv": lambda t, s: s / t,
+    "rsub": lambda t, s: s - t,
+    "neg": lambda a: -a,
+    "pow": lambda a, s: torch.pow(a, s),
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "abs": torch.abs,
+    "sign": torch.sign,
+    "exp": torch.exp,
+    "log": torch.log,
+    "reciprocal": torch.reciprocal,
+    "copy": lambda a: a.clone(),
+    "atan2": torch.atan2,
+    "maximum": _clamp_min,
+    "minimum": _clamp_max,
+    "clamp": lambda x, lo, hi: torch.clamp(x, lo, hi),
+    "lerp": lambda a, b, w: torch.lerp(a, b.expand_as(a) if isinstance(b, torch.Tensor) else b, w),
+    "where": torch.where,
+    "addcmul": lambda a, b, c, s: torch.addcmul(a, b, c, value=s),
+    "addcdiv": lambda a, b, c, s: torch.addcdiv(a, b, c, value=s),
+    "axpy": lambda a, b, s: torch.add(a, b, alpha=s),
+    "eq": torch.eq,
+    "ne": torch.ne,
+    "lt": torch.lt,
+    "le": torch.le,
+    "gt": torch.gt,
+    "ge": torch.ge,
+    "matvec": lambda w, v: torch.einsum("...nm,...m->...n", w, v),
+    "matvec_t": lambda w, u: torch.einsum("...nm,...n->...m", w, u),
+    "normalize": lambda x: TF.normalize(x, dim=-1),
+    "dot": lambda a, b: torch.einsum("...n,...n->...", a, b),
+    "outer": lambda a, b: torch.einsum("...n,...m->...nm", a, b),
+    "rowsum": lambda x: x.sum(-1),
+    "colsum": lambda x: x.sum(-2),
+    "sum": lambda x: x.sum(),
+    "mean": lambda x: x.mean(),
+    "norm": lambda x: torch.linalg.vector_norm(x),
+}

@@ -1,0 +1,158 @@
+"""The torch backend's code generator: the IR step as multi-tensor Python code.
+
+The generated function ``_device_step(h, param, grad, S)`` runs one bucket of parameters that take
+the same branches: ``param``/``grad`` are lists of tensors, ``S`` maps state names to lists, and
+``h`` holds the host values of the bucket (one number, or one per tensor). Every op is a call into
+:mod:`optgen.runtime.foreach`; values are updated in place where that is safe (the op's first
+operand is the target itself or a temporary that nothing else sees).
+"""
+
+from __future__ import annotations
+
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+
+INPLACE = {
+    "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
+    "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy",
+}
+_NO_ALIGN = {"matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm"}
+_KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
+
+
+class TorchEmitter:
+    def __init__(self, program: Program):
+        self.program = program
+        self.lines: list[str] = []
+        self.depth = 1
+        self.counter = 0
+        self.device_state = [d.name for d in program.state if d.kind != Kind.HOST]
+        self.absent_ok = {d.name for d in program.state if d.init == "absent"}
+        order = list(walk_stmts(program.body))
+        self.position = {id(s): i for i, s in enumerate(order)}
+        self.writes_after: dict[int, set[str]] = {}
+        seen: set[str] = set()
+        for s in reversed(order):
+            self.writes_after[id(s)] = set(seen)
+            if isinstance(s, Assign):
+                seen.add(s.target)
+
+    # -- naming --------------------------------------------------------------------------------
+    def local(self, name: str) -> str:
+        if name in ("param", "grad"):
+            return name
+        if name in self.device_state:
+            return f"st_{name}"
+        return f"t_{name}"
+
+    def fresh(self) -> str:
+        self.counter += 1
+        return f"_{self.counter}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.depth + line)
+
+    # -- expressions ---------------------------------------------------------------------------
+    def host(self, n: Node) -> str:
+        if n.op == "const":
+            return repr(n.attr)
+        if n.op == "var":
+            return f'h["{n.attr}"]'
+        raise AssertionError(f"unhoisted host expression {n.op}")  # pragma: no cover
+
+    def arg(self, a: Node, parent: Node) -> tuple[str, bool]:
+        if a.is_host:
+            return self.host(a), False
+        code, fresh = self.expr(a)
+        if parent.op not in _NO_ALIGN and a.kind != parent.kind and a.kind != Kind.TENSOR:
+            return f'F.align({code}, "{_KIND_NAME[a.kind]}", "{_KIND_NAME[parent.kind]}")', False
+        return code, fresh
+
+    def expr(self, n: Node) -> tuple[str, bool]:
+        """Code for a device value and whether it is a fresh temporary."""
+        if n.op == "var":
+            return self.local(n.attr), False
+        args = [self.arg(a, n) for a in n.args]
+        first, first_fresh = args[0]
+        rest = ", ".join(code for code, _ in args[1:])
+        if first_fresh and n.op in INPLACE and n.args[0].kind == n.kind:
+            self.emit(f"F.{n.op}_({first}{', ' + rest if rest else ''})")
+            return first, True
+        name = self.fresh()
+        self.emit(f"{name} = F.{n.op}({', '.join(code for code, _ in args)})")
+        return name, True
+
+    # -- statements ----------------------------------------------------------------------------
+    def block(self, stmts: list[Stmt]) -> None:
+        emitted = False
+        for s in stmts:
+            if isinstance(s, If):
+                self.emit(f'if h["{s.cond.attr}"]:')
+                self.depth += 1
+                n = len(self.lines)
+                self.block(s.then)
+                if len(self.lines) == n:
+                    self.emit("pass")
+                self.depth -= 1
+                if _has_device_work(s.orelse):
+                    self.emit("else:")
+                    self.depth += 1
+                    self.block(s.orelse)
+                    self.depth -= 1
+                emitted = True
+            elif not s.value.is_host:
+                self.assign(s)
+                emitted = True
+        return emitted
+
+    def assign(self, s: Assign) -> None:
+        target = self.local(s.target)
+        v = s.value
+        if s.role in ("temp", "grad"):
+            code, _ = self.expr(v)
+            if v.op == "var" and v.attr in (*self.device_state, "param") and v.attr in self.writes_after[id(s)]:
+                code = f"F.copy({code})"  # the source is written later: keep this value
+            self.emit(f"{target} = {code}")
+            return
+        spine = self._spine(v, s.target)
+        if spine is not None:
+            for node in reversed(spine):
+                rest = [self.arg(a, node)[0] for a in node.args[1:]]
+                self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
+            return
+        code, _ = self.expr(v)
+        if s.target in self.absent_ok:
+            self.emit(f'{target} = F.store(S, "{s.target}", {code})')
+        else:
+            self.emit(f"F.assign_({target}, {code})")
+
+    def _spine(self, v: Node, target: str) -> list[Node] | None:
+        """The chain of in-place ops that updates ``target`` from its own value, outermost first."""
+        spine = []
+        node = v
+        while node.op in INPLACE and node.args and node.args[0].kind == node.kind:
+            spine.append(node)
+            node = node.args[0]
+        if not spine or not (node.op == "var" and node.attr == target):
+            return None
+        for n in spine:
+            for a in n.args[1:]:
+                if any(x.op == "var" and x.attr == target for x in walk_nodes(a)):
+                    return None
+        return spine
+
+
+def _has_device_work(stmts: list[Stmt]) -> bool:
+    return any(isinstance(s, Assign) and not s.value.is_host for s in walk_stmts(stmts))
+
+
+def render_device_step(program: Program) -> str:
+    """The source of ``_device_step`` for a hoisted program."""
+    em = TorchEmitter(program)
+    for name in em.device_state:
+        em.emit(f'{em.local(name)} = S["{name}"]')
+    em.block(program.body)
+    if not em.lines:
+        em.emit("pass")
+    header = "def _device_step(h, param, grad, S):\n"
+    doc = '    """One bucket of parameters (see optgen.backends.torch_codegen)."""\n'
+    return header + doc + "\n".join(em.lines) + "\n"

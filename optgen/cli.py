@@ -1,0 +1,182 @@
+"""The ``optgen`` command line: build, check, list, show."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from optgen.errors import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="optgen: an optimizer compiler for PyTorch.")
+
+SPECS = Path("specs")
+OUT = Path("generated")
+
+
+def _fail(exc: SpecError) -> None:
+    typer.echo(str(exc), err=True)
+    raise typer.Exit(2)
+
+
+def _spec_paths(specs: list[Path], all_: bool, spec_dir: Path) -> list[Path]:
+    if all_:
+        found = sorted(spec_dir.glob("*.yaml"))
+        if not found:
+            typer.echo(f"no specs found in {spec_dir}/", err=True)
+            raise typer.Exit(2)
+        return found
+    if not specs:
+        typer.echo("name at least one spec, or pass --all", err=True)
+        raise typer.Exit(2)
+    return specs
+
+
+@app.command()
+def build(
+    specs: list[Path] = typer.Argument(None, help="spec files to build"),
+    all_: bool = typer.Option(False, "--all", help="build every spec in specs/"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if generated/ is stale"),
+    out: Path = typer.Option(OUT, "--out", help="output package directory"),
+    spec_dir: Path = typer.Option(SPECS, "--specs", help="directory of specs for --all"),
+) -> None:
+    """Validate, lower and render specs into ``generated/<name>.py`` (written atomically)."""
+    from optgen.render import compile_spec, init_for, render_init, write_atomic
+
+    paths = _spec_paths(specs or [], all_, spec_dir)
+    built = []
+    for p in paths:
+        try:
+            built.append(compile_spec(p))
+        except SpecError as exc:
+            _fail(exc)
+    outputs = {out / f"{b.module}.py": b.text for b in built}
+    classes = {b.module: b.program.class_name for b in built}
+    if all_:
+        outputs[out / "__init__.py"] = render_init(classes)
+    else:
+        outputs[out / "__init__.py"] = init_for(out, classes) if out.exists() else render_init(classes)
+    if check:
+        stale = [str(p) for p, text in outputs.items() if not p.exists() or p.read_text(encoding="utf-8") != text]
+        if all_ and out.exists():
+            expected = {p.name for p in outputs}
+            stale += [str(f) for f in sorted(out.glob("*.py")) if f.name not in expected]
+        if stale:
+            typer.echo("stale generated files (run `optgen build --all`):", err=True)
+            for s in stale:
+                typer.echo(f"  {s}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"generated/ is up to date ({len(outputs)} files)")
+        return
+    for p, text in outputs.items():
+        if not p.exists() or p.read_text(encoding="utf-8") != text:
+            write_atomic(p, text)
+    for b in built:
+        typer.echo(f"built {out / (b.module + '.py')} ({b.program.class_name})")
+
+
+@app.command()
+def check(specs: list[Path] = typer.Argument(..., help="spec files to validate")) -> None:
+    """Validate specs; errors are printed as ``file:line:column: field: message``."""
+    from optgen.ir.hoist import hoist
+    from optgen.ir.lower import lower
+    from optgen.spec.loader import load_spec
+
+    bad = 0
+    for p in specs:
+        try:
+            hoist(lower(load_spec(p)))
+            typer.echo(f"{p}: ok")
+        except SpecError as exc:
+            typer.echo(str(exc), err=True)
+            bad += 1
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command("list")
+def list_(spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
+    """List the specs: name, class, and the published code each reproduces."""
+    from optgen.spec.loader import load_spec
+
+    for p in sorted(spec_dir.glob("*.yaml")):
+        try:
+            s = load_spec(p)
+        except SpecError as exc:
+            typer.echo(f"{p.stem:16} (invalid: {exc})")
+            continue
+        m = s.model.matches
+        match = f"{m.package} {m.class_}" if m else "-"
+        typer.echo(f"{s.name:16} {s.model.class_:16} {match}")
+
+
+@app.command()
+def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
+    """Show one spec: hyperparameters, state, the step as equations, its phases, and what it matches."""
+    from optgen.ir.hoist import hoist
+    from optgen.ir.lower import lower
+    from optgen.ir.pretty import stmts_text
+    from optgen.ir.schedule import schedule, specialize
+    from optgen.spec.loader import load_spec
+
+    path = Path(name)
+    if not path.exists():
+        path = spec_dir / f"{name}.yaml"
+    try:
+        spec = load_spec(path)
+        program = lower(spec)
+    except SpecError as exc:
+        _fail(exc)
+    m = spec.model
+    typer.echo(f"{m.class_}  ({spec.path})")
+    if m.doc:
+        typer.echo("  " + m.doc.strip().replace("\n", "\n  "))
+    if m.matches:
+        typer.echo(f"\nmatches: {m.matches.class_} from {m.matches.package}")
+    typer.echo("\nhyperparameters:")
+    for n, h in program.hypers:
+        rng = []
+        if h.min is not None:
+            rng.append(f">= {h.min}")
+        if h.min_exclusive is not None:
+            rng.append(f"> {h.min_exclusive}")
+        if h.max is not None:
+            rng.append(f"<= {h.max}")
+        if h.max_exclusive is not None:
+            rng.append(f"< {h.max_exclusive}")
+        alias = f" as ({', '.join(h.as_)})" if h.as_ else ""
+        fixed = "" if h.constructor else "  [fixed]"
+        typer.echo(f"  {n} = {h.default!r}{alias}  {' and '.join(rng)}{fixed}  {h.doc}".rstrip())
+    typer.echo("\nstate:")
+    if program.step_store == "tensor":
+        typer.echo("  step: per-tensor counter (0-d tensor, incremented before the update)")
+    from optgen.ir.pretty import expr_text
+
+    for d in program.state:
+        cond = f"  if {expr_text(d.cond)}" if d.cond is not None else ""
+        init = d.init if not isinstance(d.init, tuple) else d.init[1]
+        typer.echo(f"  {d.name}: {d.kind.label}, init {init}, dtype {d.dtype}{cond}")
+    typer.echo("\nstep:")
+    for line in stmts_text(program.body, "  "):
+        typer.echo(line)
+    hoisted = hoist(program)
+    straight = specialize(hoisted.body, lambda c: True)
+    phases = schedule(straight)
+    typer.echo(f"\nphases (all conditions true): {len(phases)}")
+    for ph in phases:
+        targets = ", ".join(s.target for s in ph.statements)
+        extra = f"; reduces {', '.join(ph.produces)}" if ph.produces else ""
+        typer.echo(f"  phase {ph.index}: {targets}{extra}")
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

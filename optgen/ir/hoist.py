@@ -1,0 +1,49 @@
+"""Hoisting: every host-scalar subexpression of a device statement, and every condition, becomes a
+named host temporary (``_k<n>`` / ``_c<n>``) computed just before the statement that uses it.
+
+After this pass a device statement refers to host values only through ``var`` nodes, so backends
+compute all host scalars in one host pass per parameter and hand them to the device code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+
+
+def hoist(program: Program) -> Program:
+    counter = {"k": 0, "c": 0}
+
+    def fresh(prefix: str) -> str:
+        n = counter[prefix]
+        counter[prefix] += 1
+        return f"_{prefix}{n}"
+
+    def rewrite(node: Node, out: list[Stmt]) -> Node:
+        if node.is_host:
+            if node.op in ("const", "var"):
+                return node
+            name = fresh("k")
+            out.append(Assign(name, node, role="temp"))
+            return Node("var", kind=Kind.HOST, attr=name, boolean=node.boolean)
+        return replace(node, args=tuple(rewrite(a, out) for a in node.args))
+
+    def block(stmts: list[Stmt]) -> list[Stmt]:
+        out: list[Stmt] = []
+        for s in stmts:
+            if isinstance(s, If):
+                cond = s.cond
+                if cond.op != "var":
+                    name = fresh("c")
+                    out.append(Assign(name, cond, s.pos, role="temp"))
+                    cond = Node("var", kind=Kind.HOST, attr=name, boolean=True)
+                out.append(If(cond, block(s.then), block(s.orelse), s.pos))
+            elif s.value.is_host:
+                out.append(s)
+            else:
+                value = rewrite(s.value, out)
+                out.append(Assign(s.target, value, s.pos, s.role))
+        return out
+
+    return program.copy(body=block(program.body))

@@ -1,0 +1,73 @@
+"""The fixed function library of the expression language, and facts about every IR op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optgen.ir.nodes import Kind
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function a spec may call: its arity and what it does, for docs and error messages."""
+
+    name: str
+    arity: tuple[int, int]
+    doc: str
+    host: bool = True  # may be applied to host scalars
+    tensor: bool = True  # may be applied to device values
+
+
+FUNCTIONS: dict[str, Function] = {
+    f.name: f
+    for f in [
+        Function("sqrt", (1, 1), "square root"),
+        Function("rsqrt", (1, 1), "1 / sqrt(x)", host=False),
+        Function("abs", (1, 1), "absolute value"),
+        Function("sign", (1, 1), "sign (0 at 0)"),
+        Function("exp", (1, 1), "e ** x"),
+        Function("log", (1, 1), "natural logarithm"),
+        Function("reciprocal", (1, 1), "1 / x", host=False),
+        Function("copy", (1, 1), "a fresh copy (torch.clone)", host=False),
+        Function("atan2", (2, 2), "atan2(y, x), the angle of (x, y)"),
+        Function("maximum", (2, 2), "elementwise maximum"),
+        Function("minimum", (2, 2), "elementwise minimum"),
+        Function("max", (2, 2), "maximum of two host scalars", tensor=False),
+        Function("min", (2, 2), "minimum of two host scalars", tensor=False),
+        Function("clamp", (3, 3), "clamp(x, lo, hi)", host=False),
+        Function("lerp", (3, 3), "lerp(a, b, w) = a + w * (b - a), with torch.lerp's two branches", host=False),
+        Function("where", (3, 3), "where(cond, a, b), elementwise", host=False),
+        Function("matvec", (2, 2), "W v over the last two dims: per-element W, per-column v -> per-row", host=False),
+        Function("matvec_t", (2, 2), "W^T u: per-element W, per-row u -> per-column", host=False),
+        Function("normalize", (1, 1), "x / max(||x||, 1e-12) along the last dim of a per-row/per-column value", host=False),
+        Function("dot", (2, 2), "sum of a*b along the last dim of per-row/per-column values -> per-matrix", host=False),
+        Function("outer", (2, 2), "outer(r, c): per-row r times per-column c -> per-element", host=False),
+        Function("rowsum", (1, 1), "sum over the last dim of a per-element value -> per-row", host=False),
+        Function("colsum", (1, 1), "sum over the second-to-last dim -> per-column", host=False),
+        Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
+        Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
+        Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
+        Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
+        Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
+    ]
+}
+
+#: Ops that reduce a larger kind into a smaller one: their results end a phase.
+REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "dot", "normalize"}
+
+#: Ops whose reduction reads per-element data (a full pass over the tensor).
+FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm"}
+
+#: Kinds that each reduction produces from its (first) argument.
+REDUCTION_RESULT = {
+    "matvec": Kind.ROW,
+    "matvec_t": Kind.COL,
+    "rowsum": Kind.ROW,
+    "colsum": Kind.COL,
+    "sum": Kind.TENSOR,
+    "mean": Kind.TENSOR,
+    "norm": Kind.TENSOR,
+    "dot": Kind.MATRIX,
+}
+
+COMPARISONS = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}

@@ -1,0 +1,400 @@
+"""Lowering: a parsed :class:`~optgen.spec.loader.Spec` becomes a typed IR :class:`Program`.
+
+Every name is resolved, every value gets a shape kind, and the arithmetic is canonicalised into
+the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmul``,
+``a + s*b/c`` its ``addcdiv``, ``a + s*b`` its ``add(alpha=s)``, ``s / t`` its reciprocal-multiply).
+"""
+
+from __future__ import annotations
+
+from optgen.errors import Position, SpecError, did_you_mean
+from optgen.ir.library import COMPARISONS, FUNCTIONS
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, join
+from optgen.spec import expr as E
+from optgen.spec.loader import SAssign, SIf, Spec
+from optgen.spec.model import HyperparameterSpec
+
+META = ("numel", "ndim", "rows", "cols")
+_KINDS = {
+    "element": Kind.ELEMENT,
+    "row": Kind.ROW,
+    "col": Kind.COL,
+    "matrix": Kind.MATRIX,
+    "tensor": Kind.TENSOR,
+    "host": Kind.HOST,
+}
+
+
+class Lowerer:
+    """Resolves names and types expressions against one spec's declarations."""
+
+    def __init__(self, spec_path: str, hypers: list[tuple[str, HyperparameterSpec]], state: list[StateDecl],
+                 step_store: str):
+        self.path = spec_path
+        self.hypers = dict(hypers)
+        self.scalars: dict[str, tuple[str, int | None, str]] = {}
+        for name, h in hypers:
+            t = h.inferred_type()
+            if h.as_:
+                for i, alias in enumerate(h.as_):
+                    self.scalars[alias] = (name, i, t)
+            else:
+                self.scalars[name] = (name, None, t)
+        self.state = {s.name: s for s in state}
+        self.step_store = step_store
+        self.temps: dict[str, tuple[Kind, bool]] = {}
+        self.partial: set[str] = set()
+
+    # -- names -----------------------------------------------------------------------------
+    def known_names(self) -> list[str]:
+        names = ["param", "grad", *META, *self.scalars, *self.state, *self.temps]
+        if self.step_store != "none":
+            names.append("step")
+        return names
+
+    def name(self, e: E.Name, field: str) -> Node:
+        n = e.id
+        if n in ("param", "grad"):
+            return Node("var", kind=Kind.ELEMENT, attr=n)
+        if n == "step":
+            if self.step_store == "none":
+                raise SpecError(e.pos, field, "this spec keeps no step counter (step: {store: none})")
+            return Node("step")
+        if n in META:
+            return Node("meta", attr=n)
+        if n in self.temps:
+            kind, boolean = self.temps[n]
+            return Node("var", kind=kind, attr=n, boolean=boolean)
+        if n in self.partial:
+            raise SpecError(e.pos, field, f"'{n}' is assigned in only one branch of a conditional above")
+        if n in self.state:
+            return Node("var", kind=self.state[n].kind, attr=n)
+        if n in self.scalars:
+            hname, idx, t = self.scalars[n]
+            if t in ("any", "dtype"):
+                raise SpecError(e.pos, field, f"hyperparameter '{n}' is not a number and cannot be used in maths")
+            return Node("hyper", attr=(hname, idx), boolean=(t == "bool"))
+        raise SpecError(e.pos, field, f"unknown name '{n}'{did_you_mean(n, self.known_names())}")
+
+    # -- expressions -----------------------------------------------------------------------
+    def expr(self, e: E.Expr, field: str) -> Node:
+        if isinstance(e, E.Const):
+            if isinstance(e.value, str):
+                raise SpecError(e.pos, field, f"string {e.value!r} is only allowed as param_attr's first argument")
+            return Node("const", attr=e.value, boolean=isinstance(e.value, bool))
+        if isinstance(e, E.Name):
+            return self.name(e, field)
+        if isinstance(e, E.Unary):
+            a = self.expr(e.operand, field)
+            if e.op == "not":
+                self._need_host_bool(a, e.operand, field, "'not'")
+                return Node("not", (a,), boolean=True)
+            self._need_number(a, e.operand, field)
+            return Node("neg", (a,), kind=a.kind)
+        if isinstance(e, E.BoolOp):
+            args = tuple(self.expr(v, field) for v in e.values)
+            for a, v in zip(args, e.values):
+                self._need_host_bool(a, v, field, f"'{e.op}'")
+            return Node(e.op, args, boolean=True)
+        if isinstance(e, E.Compare):
+            a, b = self.expr(e.left, field), self.expr(e.right, field)
+            kind = self._join(a, b, e, field)
+            return Node(COMPARISONS[e.op], (a, b), kind=kind, boolean=True)
+        if isinstance(e, E.Binary):
+            a, b = self.expr(e.left, field), self.expr(e.right, field)
+            self._need_number(a, e.left, field)
+            self._need_number(b, e.right, field)
+            return self.binary(e.op, a, b, e, field)
+        if isinstance(e, E.Call):
+            return self.call(e, field)
+        raise SpecError(e.pos, field, f"unsupported expression {type(e).__name__}")  # pragma: no cover
+
+    def _join(self, a: Node, b: Node, e: E.Expr, field: str) -> Kind:
+        k = join(a.kind, b.kind)
+        if k is None:
+            raise SpecError(e.pos, field, f"cannot combine a {a.kind.label} and a {b.kind.label} value "
+                                          "elementwise (use outer(row, col))")
+        return k
+
+    def _need_number(self, n: Node, e: E.Expr, field: str) -> None:
+        if n.boolean and not n.is_host:
+            raise SpecError(e.pos, field, "a boolean mask is not a number (use where(mask, a, b))")
+
+    def _need_host_bool(self, n: Node, e: E.Expr, field: str, what: str) -> None:
+        if not n.is_host:
+            raise SpecError(e.pos, field, f"{what} needs values decided per parameter, but this is "
+                                          f"{n.kind.label} (use where() for elementwise choices)")
+
+    def binary(self, op: str, a: Node, b: Node, e: E.Binary, field: str) -> Node:
+        name = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}[op]
+        if a.is_host and b.is_host:
+            return Node(name, (a, b))
+        kind = self._join(a, b, e, field)
+        if op == "**":
+            if not b.is_host:
+                raise SpecError(e.right.pos, field, "the exponent of a device value must be a host scalar")
+            if a.is_host:
+                raise SpecError(e.left.pos, field, "a host scalar raised to a device value is not supported")
+            return Node("pow", (a, b), kind=kind)
+        if op in ("+", "-"):
+            if b.is_host:
+                return Node(name, (a, b), kind=kind)
+            if a.is_host:
+                return Node("add", (b, a), kind=kind) if op == "+" else Node("rsub", (b, a), kind=kind)
+            fused = self._fuse(a, b, negate=(op == "-"), kind=kind)
+            return fused or Node(name, (a, b), kind=kind)
+        if op == "*":
+            if a.is_host:
+                return Node("mul", (b, a), kind=kind, attr="scalar_first")
+            return Node("mul", (a, b), kind=kind)
+        # division
+        if a.is_host:
+            return Node("rdiv", (b, a), kind=kind)
+        return Node("div", (a, b), kind=kind)
+
+    def _fuse(self, a: Node, b: Node, negate: bool, kind: Kind) -> Node | None:
+        """``a +/- (s*x*y | x*y | s*x/y | x/y | s*x)`` as one torch op, when ``a`` keeps its shape."""
+        if a.kind != kind or a.is_host:
+            return None
+
+        def scale(s: Node | None) -> Node:
+            if s is None:
+                return Node("const", attr=-1 if negate else 1)
+            return Node("neg", (s,)) if negate else s
+
+        def split_scaled(n: Node) -> tuple[Node, Node | None]:
+            if n.op == "mul" and n.args[1].is_host and not n.args[0].is_host:
+                return n.args[0], n.args[1]
+            return n, None
+
+        if b.op == "mul" and not b.args[1].is_host and not b.args[0].is_host:
+            x, s = split_scaled(b.args[0])
+            return Node("addcmul", (a, x, b.args[1], scale(s)), kind=kind)
+        if b.op == "div" and not b.args[1].is_host and not b.args[0].is_host:
+            x, s = split_scaled(b.args[0])
+            return Node("addcdiv", (a, x, b.args[1], scale(s)), kind=kind)
+        if b.op == "mul" and b.args[1].is_host:
+            return Node("axpy", (a, b.args[0], scale(b.args[1])), kind=kind)
+        return None
+
+    def call(self, e: E.Call, field: str) -> Node:
+        f = FUNCTIONS.get(e.func)
+        if f is None:
+            raise SpecError(e.pos, field, f"unknown function '{e.func}'{did_you_mean(e.func, FUNCTIONS)}")
+        lo, hi = f.arity
+        if not lo <= len(e.args) <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise SpecError(e.pos, field, f"{e.func}() takes {want} arguments, got {len(e.args)}")
+        if e.func == "has":
+            arg = e.args[0]
+            if not isinstance(arg, E.Name) or arg.id not in self.state:
+                raise SpecError(arg.pos, field, "has() takes the name of a state buffer")
+            return Node("has", attr=arg.id, boolean=True)
+        if e.func == "param_attr":
+            attr, default = e.args
+            if not (isinstance(attr, E.Const) and isinstance(attr.value, str)):
+                raise SpecError(attr.pos, field, "param_attr() takes an attribute name in quotes first")
+            if not (isinstance(default, E.Const) and not isinstance(default.value, str)):
+                raise SpecError(default.pos, field, "param_attr()'s default must be a constant")
+            return Node("param_attr", attr=(attr.value, default.value), boolean=isinstance(default.value, bool))
+        args = [self.expr(a, field) for a in e.args]
+        all_host = all(a.is_host for a in args)
+        if all_host:
+            if not f.host:
+                raise SpecError(e.pos, field, f"{e.func}() works on device values, but all its arguments are host scalars")
+            return Node(e.func, tuple(args))
+        if not f.tensor:
+            raise SpecError(e.pos, field, f"{e.func}() works on host scalars only")
+        return self._tensor_call(e, args, field)
+
+    def _tensor_call(self, e: E.Call, args: list[Node], field: str) -> Node:
+        fn = e.func
+
+        def need(i: int, *kinds: Kind) -> None:
+            if args[i].kind not in kinds:
+                want = " or ".join(k.label for k in kinds)
+                raise SpecError(e.args[i].pos, field, f"{fn}() argument {i + 1} must be {want}, got {args[i].kind.label}")
+
+        def joined(*idx: int) -> Kind:
+            k = args[idx[0]].kind
+            for i in idx[1:]:
+                k2 = join(k, args[i].kind)
+                if k2 is None:
+                    raise SpecError(e.pos, field, f"{fn}(): cannot combine {k.label} and {args[i].kind.label} values")
+                k = k2
+            return k
+
+        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy"):
+            return Node(fn, tuple(args), kind=args[0].kind)
+        if fn in ("atan2", "maximum", "minimum"):
+            if args[0].is_host:
+                raise SpecError(e.args[0].pos, field, f"{fn}()'s first argument must be a device value")
+            if fn == "atan2" and args[1].is_host:
+                raise SpecError(e.args[1].pos, field, "atan2()'s second argument must be a device value")
+            return Node(fn, tuple(args), kind=joined(0, 1))
+        if fn == "clamp":
+            for i in (1, 2):
+                if not args[i].is_host:
+                    raise SpecError(e.args[i].pos, field, "clamp()'s bounds must be host scalars")
+            return Node(fn, tuple(args), kind=args[0].kind)
+        if fn == "lerp":
+            kind = joined(0, 1, 2)
+            if args[0].kind != kind or args[0].is_host:
+                raise SpecError(e.args[0].pos, field, f"lerp()'s first argument must already be {kind.label}")
+            return Node(fn, tuple(args), kind=kind)
+        if fn == "where":
+            if not args[0].boolean or args[0].is_host:
+                raise SpecError(e.args[0].pos, field, "where()'s first argument must be an elementwise comparison")
+            return Node(fn, tuple(args), kind=joined(0, 1, 2))
+        if fn == "matvec":
+            need(0, Kind.ELEMENT)
+            need(1, Kind.COL)
+            return Node(fn, tuple(args), kind=Kind.ROW)
+        if fn == "matvec_t":
+            need(0, Kind.ELEMENT)
+            need(1, Kind.ROW)
+            return Node(fn, tuple(args), kind=Kind.COL)
+        if fn == "normalize":
+            need(0, Kind.ROW, Kind.COL)
+            return Node(fn, tuple(args), kind=args[0].kind)
+        if fn == "dot":
+            need(0, Kind.ROW, Kind.COL)
+            need(1, args[0].kind)
+            return Node(fn, tuple(args), kind=Kind.MATRIX)
+        if fn == "outer":
+            need(0, Kind.ROW)
+            need(1, Kind.COL)
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn in ("rowsum", "colsum"):
+            need(0, Kind.ELEMENT)
+            return Node(fn, tuple(args), kind=Kind.ROW if fn == "rowsum" else Kind.COL)
+        if fn in ("sum", "mean", "norm"):
+            return Node(fn, tuple(args), kind=Kind.TENSOR)
+        raise SpecError(e.pos, field, f"{fn}() cannot be applied to device values")  # pragma: no cover
+
+    # -- statements ------------------------------------------------------------------------
+    def statements(self, stmts: list[SAssign | SIf]) -> list[Stmt]:
+        out: list[Stmt] = []
+        for s in stmts:
+            if isinstance(s, SAssign):
+                out.append(self.assign(s))
+                continue
+            cond = self.expr(s.cond, s.field + ".if")
+            if not cond.is_host:
+                raise SpecError(s.cond.pos, s.field + ".if", f"a condition must be decided per parameter, but this "
+                                f"one is {cond.kind.label} (use where() for elementwise choices)")
+            if not cond.boolean:
+                raise SpecError(s.cond.pos, s.field + ".if", "a condition must be true or false (use a comparison)")
+            before = dict(self.temps)
+            then = self.statements(s.then)
+            after_then = self.temps
+            self.temps = dict(before)
+            orelse = self.statements(s.orelse)
+            after_else = self.temps
+            self.temps = {k: v for k, v in after_then.items() if after_else.get(k) == v}
+            self.partial |= (set(after_then) | set(after_else)) - set(self.temps)
+            out.append(If(cond, then, orelse, s.pos))
+        return out
+
+    def assign(self, s: SAssign) -> Assign:
+        t, field = s.target, s.field
+        value = self.expr(s.expr, field)
+        if value.boolean and not value.is_host:
+            pass  # masks may be kept in temporaries
+        if t in self.scalars:
+            raise SpecError(s.pos, field, f"cannot assign to hyperparameter '{t}'")
+        if t in META or t == "step":
+            raise SpecError(s.pos, field, f"cannot assign to '{t}'")
+        if t in ("param", "grad"):
+            if value.kind != Kind.ELEMENT:
+                raise SpecError(s.pos, field, f"'{t}' is per-element, but the value is {value.kind.label}")
+            return Assign(t, value, s.pos, role=t)
+        if t in self.state:
+            decl = self.state[t]
+            if decl.kind == Kind.HOST:
+                if not value.is_host:
+                    raise SpecError(s.pos, field, f"state '{t}' is a host scalar, but the value is {value.kind.label}")
+                return Assign(t, value, s.pos, role="host_state")
+            if value.is_host or join(decl.kind, value.kind) != decl.kind:
+                raise SpecError(s.pos, field, f"state '{t}' is {decl.kind.label}, but the value is {value.kind.label}")
+            return Assign(t, value, s.pos, role="state")
+        if t in self.temps and self.temps[t][0] != value.kind:
+            raise SpecError(s.pos, field, f"'{t}' was {self.temps[t][0].label} and cannot become {value.kind.label}")
+        self.temps[t] = (value.kind, value.boolean)
+        self.partial.discard(t)
+        return Assign(t, value, s.pos, role="temp")
+
+
+def _ordered_hypers(spec: Spec, extra: list[tuple[str, HyperparameterSpec]]) -> list[tuple[str, HyperparameterSpec]]:
+    hypers = list(spec.model.hyperparameters.items()) + extra
+    order = spec.model.constructor_order
+    if order is None:
+        return hypers
+    by_name = dict(hypers)
+    pos = spec.position("constructor_order")
+    for i, n in enumerate(order):
+        if n not in by_name:
+            raise SpecError(spec.source.at(("constructor_order", i)), f"constructor_order[{i}]",
+                            f"unknown hyperparameter '{n}'{did_you_mean(n, by_name)}")
+    missing = [n for n, _ in hypers if n not in order]
+    if missing:
+        raise SpecError(pos, "constructor_order", f"missing hyperparameters: {', '.join(missing)}")
+    return [(n, by_name[n]) for n in order]
+
+
+def lower(spec: Spec) -> Program:
+    """Lower a loaded spec (features applied) into an IR :class:`Program`."""
+    from optgen.features import resolve_features
+
+    features = resolve_features(spec)
+    extra_hypers = [(n, h) for f in features for n, h in f.hyperparameters.items()]
+    for n, _ in extra_hypers:
+        if n in spec.model.hyperparameters:
+            i = spec.model.features.index(next(f.name for f in features if n in f.hyperparameters))
+            raise SpecError(spec.source.at(("features", i)), f"features[{i}]",
+                            f"feature adds hyperparameter '{n}', which the spec already declares")
+    hypers = _ordered_hypers(spec, extra_hypers)
+
+    state: list[StateDecl] = []
+    for name, st in spec.model.state.items():
+        init = st.init
+        pos = spec.source.at(("state", name, "init"))
+        if isinstance(init, str) and init not in ("zeros", "ones", "absent"):
+            if init not in dict(hypers):
+                raise SpecError(pos, f"state.{name}.init", f"init must be zeros, ones, absent, a number or a "
+                                f"hyperparameter name, got '{init}'{did_you_mean(init, ['zeros', 'ones', 'absent', *dict(hypers)])}")
+            init = ("hyper", init)
+        state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc))
+        if st.kind == "host" and st.dtype == "param":
+            state[-1].dtype = "default"
+
+    lw = Lowerer(spec.path, hypers, state, spec.model.step.store)
+    for decl in state:
+        if decl.name in spec.state_conditions:
+            e = spec.state_conditions[decl.name]
+            field = f"state.{decl.name}.if"
+            node = lw.expr(e, field)
+            if not node.is_host or not node.boolean:
+                raise SpecError(e.pos, field, "a state condition must be a true/false host expression")
+            decl.cond = node
+    checks = []
+    for expr_, message in spec.checks:
+        node = lw.expr(expr_, "checks")
+        if not node.is_host or not node.boolean:
+            raise SpecError(expr_.pos, "checks", "a check must be a true/false expression of hyperparameters")
+        checks.append((node, message))
+
+    body = lw.statements(spec.update)
+    m = spec.model
+    program = Program(
+        name=m.name, class_name=m.class_, doc=m.doc, source=spec.path, sha256=spec.sha256,
+        step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
+        checks=checks, state=state, body=body, matches=m.matches, features=list(m.features),
+    )
+    for f in features:
+        program = f.apply(program)
+    return program
+
+
+def positionless(path: str) -> Position:
+    return Position(path, 0, 0)

@@ -1,0 +1,143 @@
+"""The IR: typed expression nodes with shape kinds, statements, and the program of one optimizer."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from optgen.errors import Position
+
+
+class Kind(enum.IntEnum):
+    """What a value varies over, relative to its parameter of shape ``(*B, M, N)``.
+
+    HOST values live on the host (hyperparameters, step-dependent scalars, per-parameter facts such
+    as ``numel``); the others live on the parameter's device.
+    """
+
+    HOST = 0  # per-group / per-parameter scalar, computed on the host
+    TENSOR = 1  # one device scalar per parameter: shape ()
+    MATRIX = 2  # one value per matrix of a batched parameter: shape (*B,)
+    ROW = 3  # one value per row of the last two dims: shape (*B, M)
+    COL = 4  # one value per column of the last two dims: shape (*B, N)
+    ELEMENT = 5  # the parameter's own shape
+
+    @property
+    def label(self) -> str:
+        return {
+            Kind.HOST: "host scalar",
+            Kind.TENSOR: "per-tensor",
+            Kind.MATRIX: "per-matrix",
+            Kind.ROW: "per-row",
+            Kind.COL: "per-column",
+            Kind.ELEMENT: "per-element",
+        }[self]
+
+
+def join(a: Kind, b: Kind) -> Kind | None:
+    """The kind of an elementwise combination of ``a`` and ``b`` (None: they do not broadcast)."""
+    if a == b:
+        return a
+    lo, hi = min(a, b), max(a, b)
+    if lo <= Kind.MATRIX:
+        return hi
+    if hi == Kind.ELEMENT:
+        return Kind.ELEMENT
+    return None  # ROW with COL: only outer() combines them
+
+
+@dataclass(frozen=True)
+class Node:
+    """One IR expression node.
+
+    Leaves: ``const`` (attr = value), ``hyper`` (attr = (name, index)), ``step``, ``meta``
+    (attr = numel | ndim | rows | cols), ``var`` (attr = name), ``has`` (attr = state name),
+    ``param_attr`` (attr = (attribute, default)). Everything else is an operation from
+    :mod:`optgen.ir.library` applied to ``args``.
+    """
+
+    op: str
+    args: tuple[Node, ...] = ()
+    kind: Kind = Kind.HOST
+    attr: Any = None
+    boolean: bool = False
+
+    @property
+    def is_host(self) -> bool:
+        return self.kind == Kind.HOST
+
+
+@dataclass
+class Assign:
+    target: str
+    value: Node
+    pos: Position | None = None
+    #: "state" | "param" | "grad" | "temp" | "host_state"
+    role: str = "temp"
+
+
+@dataclass
+class If:
+    cond: Node
+    then: list[Stmt]
+    orelse: list[Stmt]
+    pos: Position | None = None
+
+
+Stmt = Assign | If
+
+
+@dataclass
+class StateDecl:
+    name: str
+    kind: Kind
+    init: Any  # "zeros" | "ones" | "absent" | float | ("hyper", name)
+    dtype: str  # param | float32 | float64 | default
+    cond: Node | None = None
+    doc: str = ""
+
+
+@dataclass
+class Program:
+    """The lowered optimizer: declarations plus the ordered per-parameter step."""
+
+    name: str
+    class_name: str
+    doc: str
+    source: str
+    sha256: str
+    step_store: str  # tensor | none
+    step_math: str  # float64 | tensor
+    state_init: str  # lazy | eager
+    hypers: list[Any]  # list[tuple[name, HyperparameterSpec]] in constructor order
+    checks: list[tuple[Node, str]]
+    state: list[StateDecl]
+    body: list[Stmt]
+    matches: Any = None
+    features: list[str] = field(default_factory=list)
+
+    def state_decl(self, name: str) -> StateDecl:
+        for s in self.state:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def copy(self, **changes: Any) -> Program:
+        return replace(self, **changes)
+
+
+def walk_nodes(node: Node):
+    """Yield ``node`` and all its descendants, parents first."""
+    yield node
+    for a in node.args:
+        yield from walk_nodes(a)
+
+
+def walk_stmts(stmts: list[Stmt]):
+    """Yield every statement, entering both branches of conditionals."""
+    for s in stmts:
+        yield s
+        if isinstance(s, If):
+            yield from walk_stmts(s.then)
+            yield from walk_stmts(s.orelse)

@@ -1,0 +1,74 @@
+"""Human-readable text of IR expressions and statements (for ``optgen show`` and docstrings)."""
+
+from __future__ import annotations
+
+from optgen.ir.nodes import Assign, If, Node, Stmt
+
+_INFIX = {"add": ("+", 5), "sub": ("-", 5), "mul": ("*", 6), "div": ("/", 6), "pow": ("**", 8)}
+_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def expr_text(n: Node, parent: int = 0) -> str:
+    op = n.op
+    if op == "const":
+        return repr(n.attr)
+    if op == "var":
+        return n.attr
+    if op == "hyper":
+        name, idx = n.attr
+        return f"{name}[{idx}]" if idx is not None else name
+    if op == "step":
+        return "step"
+    if op == "meta":
+        return n.attr
+    if op == "has":
+        return f"has({n.attr})"
+    if op == "param_attr":
+        return f"param_attr({n.attr[0]!r}, {n.attr[1]!r})"
+    a = n.args
+    if op in _INFIX:
+        sym, p = _INFIX[op]
+        s = f"{expr_text(a[0], p)} {sym} {expr_text(a[1], p + 1)}"
+    elif op in _CMP:
+        p = 4
+        s = f"{expr_text(a[0], p + 1)} {_CMP[op]} {expr_text(a[1], p + 1)}"
+    elif op in ("and", "or"):
+        p = 2 if op == "and" else 1
+        s = f" {op} ".join(expr_text(x, p + 1) for x in a)
+    elif op == "not":
+        p = 3
+        s = f"not {expr_text(a[0], p)}"
+    elif op == "neg":
+        p = 7
+        s = f"-{expr_text(a[0], p)}"
+    elif op == "rdiv":
+        p = 6
+        s = f"{expr_text(a[1], p)} / {expr_text(a[0], p + 1)}"
+    elif op == "rsub":
+        p = 5
+        s = f"{expr_text(a[1], p)} - {expr_text(a[0], p + 1)}"
+    elif op == "axpy":
+        p = 5
+        s = f"{expr_text(a[0], p)} + {expr_text(a[2], 6)} * {expr_text(a[1], 7)}"
+    elif op in ("addcmul", "addcdiv"):
+        p = 5
+        sym = "*" if op == "addcmul" else "/"
+        s = f"{expr_text(a[0], p)} + {expr_text(a[3], 6)} * {expr_text(a[1], 7)} {sym} {expr_text(a[2], 7)}"
+    else:
+        return f"{op}({', '.join(expr_text(x) for x in a)})"
+    return f"({s})" if p < parent else s
+
+
+def stmts_text(stmts: list[Stmt], indent: str = "", hide_slots: bool = True) -> list[str]:
+    out: list[str] = []
+    for s in stmts:
+        if isinstance(s, If):
+            out.append(f"{indent}if {expr_text(s.cond)}:")
+            out.extend(stmts_text(s.then, indent + "    ", hide_slots) or [indent + "    pass"])
+            if s.orelse:
+                out.append(f"{indent}else:")
+                out.extend(stmts_text(s.orelse, indent + "    ", hide_slots))
+        elif isinstance(s, Assign):
+            tag = "" if not s.value.is_host else "  # host"
+            out.append(f"{indent}{s.target} = {expr_text(s.value)}{tag}")
+    return out

@@ -1,0 +1,101 @@
+"""A plain-data form of a :class:`Program`, embedded in generated modules for the reference
+backend (deterministic, JSON-compatible, and readable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
+from optgen.spec.model import HyperparameterSpec, MatchSpec
+
+
+def node_to_data(n: Node) -> list:
+    attr = list(n.attr) if isinstance(n.attr, tuple) else n.attr
+    out: list = [n.op, n.kind.name.lower(), attr, n.boolean]
+    if n.args:
+        out.append([node_to_data(a) for a in n.args])
+    return out
+
+
+def node_from_data(d: list) -> Node:
+    op, kind, attr, boolean = d[:4]
+    args = tuple(node_from_data(a) for a in d[4]) if len(d) > 4 else ()
+    if isinstance(attr, list):
+        attr = tuple(attr)
+    return Node(op, args, Kind[kind.upper()], attr, boolean)
+
+
+def _stmts_to_data(stmts: list[Stmt]) -> list:
+    out = []
+    for s in stmts:
+        if isinstance(s, If):
+            out.append({"if": node_to_data(s.cond), "then": _stmts_to_data(s.then), "else": _stmts_to_data(s.orelse)})
+        else:
+            out.append({"set": s.target, "role": s.role, "value": node_to_data(s.value)})
+    return out
+
+
+def _stmts_from_data(items: list) -> list[Stmt]:
+    out: list[Stmt] = []
+    for d in items:
+        if "if" in d:
+            out.append(If(node_from_data(d["if"]), _stmts_from_data(d["then"]), _stmts_from_data(d["else"])))
+        else:
+            out.append(Assign(d["set"], node_from_data(d["value"]), role=d["role"]))
+    return out
+
+
+def program_to_data(p: Program) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "class_name": p.class_name,
+        "doc": p.doc,
+        "source": p.source,
+        "sha256": p.sha256,
+        "step_store": p.step_store,
+        "step_math": p.step_math,
+        "state_init": p.state_init,
+        "hypers": [[n, h.model_dump(by_alias=True, exclude_defaults=True)] for n, h in p.hypers],
+        "checks": [[node_to_data(c), m] for c, m in p.checks],
+        "state": [
+            {
+                "name": s.name,
+                "kind": s.kind.name.lower(),
+                "init": list(s.init) if isinstance(s.init, tuple) else s.init,
+                "dtype": s.dtype,
+                "cond": node_to_data(s.cond) if s.cond is not None else None,
+            }
+            for s in p.state
+        ],
+        "body": _stmts_to_data(p.body),
+        "matches": p.matches.model_dump(by_alias=True) if p.matches is not None else None,
+        "features": list(p.features),
+    }
+
+
+def program_from_data(d: dict[str, Any]) -> Program:
+    return Program(
+        name=d["name"],
+        class_name=d["class_name"],
+        doc=d["doc"],
+        source=d["source"],
+        sha256=d["sha256"],
+        step_store=d["step_store"],
+        step_math=d["step_math"],
+        state_init=d["state_init"],
+        hypers=[(n, HyperparameterSpec.model_validate(h)) for n, h in d["hypers"]],
+        checks=[(node_from_data(c), m) for c, m in d["checks"]],
+        state=[
+            StateDecl(
+                s["name"],
+                Kind[s["kind"].upper()],
+                tuple(s["init"]) if isinstance(s["init"], list) else s["init"],
+                s["dtype"],
+                node_from_data(s["cond"]) if s["cond"] is not None else None,
+            )
+            for s in d["state"]
+        ],
+        body=_stmts_from_data(d["body"]),
+        matches=MatchSpec.model_validate(d["matches"]) if d["matches"] is not None else None,
+        features=list(d["features"]),
+    )

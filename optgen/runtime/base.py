@@ -1,0 +1,289 @@
+"""The one hand-written base class of every generated optimizer.
+
+Generated classes only declare their constructor signature and point at their IR program and
+their generated multi-tensor step function; everything torch users rely on (param groups,
+``add_param_group``, ``zero_grad``, closures, ``state_dict``/``load_state_dict``, LR schedulers,
+hooks) comes from :class:`torch.optim.Optimizer` plus the code here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from optgen.backends import reference
+from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt
+from optgen.runtime.host import HostContext, evaluate, to_device_scalar
+
+BACKENDS = ("auto", "torch", "reference")
+
+
+def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
+    return {
+        "param": param.dtype,
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "default": torch.get_default_dtype(),
+    }[name]
+
+
+def state_shape(kind: Kind, param: torch.Tensor, name: str) -> tuple[int, ...]:
+    """The shape of a state buffer of ``kind`` for ``param``."""
+    shape = tuple(param.shape)
+    if kind == Kind.ELEMENT:
+        return shape
+    if kind in (Kind.TENSOR, Kind.HOST):
+        return ()
+    if len(shape) < 2:
+        raise RuntimeError(f"state '{name}' is {kind.label}, which needs a parameter with at least 2 dims, "
+                           f"got shape {shape}; guard it with an 'if:' on ndim")
+    if kind == Kind.ROW:
+        return shape[:-1]
+    if kind == Kind.COL:
+        return shape[:-2] + shape[-1:]
+    return shape[:-2]  # MATRIX
+
+
+class GeneratedOptimizer(torch.optim.Optimizer):
+    """Base of all optgen-generated optimizers.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        hyperparameters: constructor values by published name (filled in by the generated class).
+        backend: ``"auto"`` (torch on CPU), ``"torch"`` (generated multi-tensor code) or
+            ``"reference"`` (the IR interpreter, one parameter at a time).
+    """
+
+    _program: ClassVar[Program]
+    _device_step: ClassVar[Callable[..., None]]
+
+    def __init__(self, params: Iterable[Any], hyperparameters: dict[str, Any], *, backend: str = "auto"):
+        prog = self._program
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        self.backend = "torch" if backend == "auto" else backend
+        specs = dict(prog.hypers)
+        defaults: dict[str, Any] = {}
+        for name, h in prog.hypers:
+            value = hyperparameters.get(name, h.default) if h.constructor else h.default
+            if h.as_ is not None and isinstance(value, list):
+                value = tuple(value)
+            _validate_hyper(name, h, value)
+            if h.per_group:
+                defaults[name] = value
+            else:
+                setattr(self, name, value)
+        unknown = set(hyperparameters) - set(specs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments: {', '.join(sorted(unknown))}")
+        self._run_checks(defaults)
+        super().__init__(params, defaults)
+
+    # -- groups and validation ---------------------------------------------------------------
+    def _run_checks(self, group: dict[str, Any]) -> None:
+        ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+        for node, message in self._program.checks:
+            if not evaluate(node, ctx):
+                raise ValueError(message)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, h in self._program.hypers:
+            if h.per_group and name in param_group:
+                if h.as_ is not None and isinstance(group[name], list):
+                    group[name] = tuple(group[name])
+                _validate_hyper(name, h, group[name])
+        self._run_checks(group)
+        if self._program.state_init == "eager":
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_state(p, group)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        prog = self._program
+        state = self.state[p]
+        if prog.step_store == "tensor":
+            state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+        ctx = HostContext(group, p, state, tensor_math=False)
+        for decl in prog.state:
+            if decl.init == "absent":
+                continue
+            if decl.cond is not None and not evaluate(decl.cond, ctx):
+                continue
+            state[decl.name] = _new_state(decl, p, group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every non-step state tensor to the param's dtype and device; host scalars and
+        # buffers with a declared dtype keep theirs.
+        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param"]
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for d in fixed:
+                    if d.name in st and isinstance(st[d.name], torch.Tensor):
+                        device = torch.device("cpu") if d.kind == Kind.HOST else p.device
+                        st[d.name] = st[d.name].to(dtype=_dtype(d.dtype, p), device=device)
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            if self._program.step_store == "tensor":
+                torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+            if self.backend == "reference":
+                for p in params:
+                    reference.run(self._program, p, p.grad, self.state[p], group)
+            else:
+                self._torch_step(group, params)
+        return loss
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+            if not self.state[p]:
+                self._init_state(p, group)
+            out.append(p)
+        return out
+
+    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        prog = self._program
+        tensor_math = prog.step_math == "tensor"
+        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        for p in params:
+            ctx = HostContext(group, p, self.state[p], tensor_math)
+            path: list[tuple[str, bool]] = []
+            _host_pass(prog.body, ctx, path)
+            buckets.setdefault(tuple(path), []).append((p, ctx.env))
+        device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
+        for path, items in buckets.items():
+            ps = [p for p, _ in items]
+            h: dict[str, Any] = dict(path)
+            for name in items[0][1]:
+                values = [to_device_scalar(env[name]) for _, env in items]
+                first = values[0]
+                h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
+            states = {n: [self.state[p].get(n) for p in ps] for n in device_state}
+            type(self)._device_step(h, ps, [p.grad for p in ps], states)
+            for n in device_state:
+                for p, t in zip(ps, states[n]):
+                    if t is not None and self.state[p].get(n) is None:
+                        self.state[p][n] = t
+
+    # -- torch.distributed helpers (single process: no-ops) ------------------------------------
+    @torch.no_grad()
+    def broadcast_buffers(self, buffers: Iterable[torch.Tensor]) -> None:
+        """Broadcast module buffers from rank 0 (as ``adams.Adams_ZeRO.broadcast_buffers``)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for b in buffers:
+                dist.broadcast(b, src=0)
+
+
+def _has_nan(values: list[Any]) -> bool:
+    return any(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]) -> None:
+    """Evaluate the host statements of one parameter and record which branches it takes."""
+    for s in stmts:
+        if isinstance(s, If):
+            taken = bool(ctx.env[s.cond.attr]) if s.cond.op == "var" else bool(evaluate(s.cond, ctx))
+            path.append((s.cond.attr, taken))
+            _host_pass(s.then if taken else s.orelse, ctx, path)
+        elif isinstance(s, Assign) and s.value.is_host:
+            if s.role == "host_state":
+                ctx.self_ref = s.target
+                value = evaluate(s.value, ctx)
+                ctx.self_ref = None
+                ctx.state[s.target].copy_(torch.as_tensor(value))
+            else:
+                ctx.env[s.target] = evaluate(s.value, ctx)
+
+
+def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    dtype = _dtype(decl.dtype, p)
+    if decl.kind == Kind.HOST:
+        device = torch.device("cpu")
+    else:
+        device = p.device
+    init = decl.init
+    if isinstance(init, tuple):
+        init = group[init[1]]
+    value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
+    if decl.kind == Kind.ELEMENT and dtype == p.dtype:
+        return torch.full_like(p, value, memory_format=torch.preserve_format)
+    return torch.full(state_shape(decl.kind, p, decl.name), value, dtype=dtype, device=device)
+
+
+def _validate_hyper(name: str, h: Any, value: Any) -> None:
+    kind = h.inferred_type()
+    if h.as_ is not None:
+        if not isinstance(value, (tuple, list)) or len(value) != len(h.as_):
+            raise ValueError(f"Invalid {name}: expected {len(h.as_)} values, got {value!r}")
+        items = list(enumerate(value))
+    else:
+        items = [(None, value)]
+    for idx, v in items:
+        if kind in ("any", "dtype"):
+            if kind == "dtype" and not isinstance(v, torch.dtype):
+                raise TypeError(f"{name} must be a torch.dtype, got {v!r}")
+            continue
+        if isinstance(v, torch.Tensor):
+            if not h.tensor_ok:
+                raise TypeError(f"{name} must be a number, not a Tensor")
+            if v.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element")
+            v = v.item()
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be True or False, got {v!r}")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+        bad = (
+            (h.min is not None and not v >= h.min)
+            or (h.max is not None and not v <= h.max)
+            or (h.min_exclusive is not None and not v > h.min_exclusive)
+            or (h.max_exclusive is not None and not v < h.max_exclusive)
+        )
+        if bad:
+            if h.message:
+                raise ValueError(h.message.format(value=v, index=idx))
+            where = f"{name}[{idx}]" if idx is not None else name
+            raise ValueError(f"Invalid {where}: {v} (must be {_range_text(h)})")
+
+
+def _range_text(h: Any) -> str:
+    parts = []
+    if h.min is not None:
+        parts.append(f">= {h.min}")
+    if h.min_exclusive is not None:
+        parts.append(f"> {h.min_exclusive}")
+    if h.max is not None:
+        parts.append(f"<= {h.max}")
+    if h.max_exclusive is not None:
+        parts.append(f"< {h.max_exclusive}")
+    return " and ".join(parts)

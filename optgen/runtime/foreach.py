@@ -1,0 +1,312 @@
+"""Multi-tensor ops for the torch backend: one call covers every tensor of a bucket.
+
+Each op takes lists of tensors and host scalars that are either one number for the whole bucket
+or a list with one number per tensor. Where torch has a ``_foreach_*`` kernel it is used;
+otherwise (per-row/per-matrix linear algebra, ops torch has no foreach form of) the op loops over
+tensors, never over elements. Ops ending in ``_`` write into their first argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+
+Tensors = list[torch.Tensor]
+Scalar = Any  # float | bool | list[float]
+
+
+def _each(s: Scalar, n: int) -> list:
+    return s if isinstance(s, list) else [s] * n
+
+
+# -- alignment of shape kinds ------------------------------------------------------------
+_ALIGN = {
+    ("matrix", "row"): (-1,),
+    ("matrix", "col"): (-1,),
+    ("matrix", "element"): (-1, -1),
+    ("row", "element"): (-1,),
+    ("col", "element"): (-2,),
+}
+
+
+def align(xs: Tensors, src: str, dst: str) -> Tensors:
+    """Views of per-row/per-column/per-matrix values that broadcast against ``dst`` values."""
+    dims = _ALIGN[(src, dst)]
+    out = []
+    for x in xs:
+        for d in dims:
+            x = x.unsqueeze(d)
+        out.append(x)
+    return out
+
+
+# -- elementwise, out of place -------------------------------------------------------------
+def _binary(name: str):
+    fe = getattr(torch, f"_foreach_{name}")
+    fe_ = getattr(torch, f"_foreach_{name}_")
+    single = getattr(torch, name)
+
+    def op(a: Tensors, b: Tensors | Scalar) -> Tensors:
+        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+            if all(x.shape == y.shape for x, y in zip(a, b)):
+                return fe(a, b)
+            return [single(x, y) for x, y in zip(a, b)]
+        return fe(a, b)
+
+    def op_(a: Tensors, b: Tensors | Scalar) -> Tensors:
+        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) and not all(
+            x.shape == y.shape for x, y in zip(a, b)
+        ):
+            for x, y in zip(a, b):
+                getattr(x, f"{name}_")(y)
+            return a
+        fe_(a, b)
+        return a
+
+    return op, op_
+
+
+add, add_ = _binary("add")
+sub, sub_ = _binary("sub")
+mul, mul_ = _binary("mul")
+div, div_ = _binary("div")
+
+
+def _unary(name: str):
+    fe = getattr(torch, f"_foreach_{name}")
+    fe_ = getattr(torch, f"_foreach_{name}_")
+
+    def op(a: Tensors) -> Tensors:
+        return fe(a)
+
+    def op_(a: Tensors) -> Tensors:
+        fe_(a)
+        return a
+
+    return op, op_
+
+
+neg, neg_ = _unary("neg")
+sqrt, sqrt_ = _unary("sqrt")
+abs, abs_ = _unary("abs")  # noqa: A001
+sign, sign_ = _unary("sign")
+exp, exp_ = _unary("exp")
+log, log_ = _unary("log")
+reciprocal, reciprocal_ = _unary("reciprocal")
+
+
+def rsqrt(a: Tensors) -> Tensors:
+    return [torch.rsqrt(x) for x in a]
+
+
+def rsqrt_(a: Tensors) -> Tensors:
+    for x in a:
+        x.rsqrt_()
+    return a
+
+
+def copy(a: Tensors) -> Tensors:
+    return [x.clone() for x in a]
+
+
+def rdiv(a: Tensors, s: Scalar) -> Tensors:
+    """``s / a`` as torch computes it for a Python scalar: ``reciprocal(a) * s``."""
+    return mul_(reciprocal(a), s)
+
+
+def rdiv_(a: Tensors, s: Scalar) -> Tensors:
+    return mul_(reciprocal_(a), s)
+
+
+def rsub(a: Tensors, s: Scalar) -> Tensors:
+    """``s - a``."""
+    return add_(neg(a), s)
+
+
+def rsub_(a: Tensors, s: Scalar) -> Tensors:
+    return add_(neg_(a), s)
+
+
+def pow(a: Tensors, s: Scalar) -> Tensors:  # noqa: A001
+    return torch._foreach_pow(a, s)
+
+
+def pow_(a: Tensors, s: Scalar) -> Tensors:
+    torch._foreach_pow_(a, s)
+    return a
+
+
+def axpy(a: Tensors, b: Tensors, s: Scalar) -> Tensors:
+    """``a + s * b`` with torch's ``add(alpha=s)`` rounding."""
+    if isinstance(s, list):
+        return [torch.add(x, y, alpha=k) for x, y, k in zip(a, b, s)]
+    return torch._foreach_add(a, b, alpha=s)
+
+
+def axpy_(a: Tensors, b: Tensors, s: Scalar) -> Tensors:
+    if isinstance(s, list):
+        for x, y, k in zip(a, b, s):
+            x.add_(y, alpha=k)
+    else:
+        torch._foreach_add_(a, b, alpha=s)
+    return a
+
+
+def addcmul(a: Tensors, b: Tensors, c: Tensors, s: Scalar) -> Tensors:
+    return addcmul_([x.clone() for x in a], b, c, s)
+
+
+def addcmul_(a: Tensors, b: Tensors, c: Tensors, s: Scalar) -> Tensors:
+    if isinstance(s, list):
+        torch._foreach_addcmul_(a, b, c, s)
+    else:
+        torch._foreach_addcmul_(a, b, c, value=s)
+    return a
+
+
+def addcdiv(a: Tensors, b: Tensors, c: Tensors, s: Scalar) -> Tensors:
+    return addcdiv_([x.clone() for x in a], b, c, s)
+
+
+def addcdiv_(a: Tensors, b: Tensors, c: Tensors, s: Scalar) -> Tensors:
+    if isinstance(s, list):
+        torch._foreach_addcdiv_(a, b, c, s)
+    else:
+        torch._foreach_addcdiv_(a, b, c, value=s)
+    return a
+
+
+def lerp(a: Tensors, b: Tensors, w: Scalar | Tensors) -> Tensors:
+    return lerp_([x.clone() for x in a], b, w)
+
+
+def lerp_(a: Tensors, b: Tensors, w: Scalar | Tensors) -> Tensors:
+    if isinstance(w, list):
+        for x, y, k in zip(a, b, w):
+            x.lerp_(y, k)
+    else:
+        torch._foreach_lerp_(a, b, w)
+    return a
+
+
+def maximum(a: Tensors, b: Tensors | Scalar) -> Tensors:
+    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+        return torch._foreach_maximum(a, b)
+    return [x.clamp_min(k) for x, k in zip(a, _each(b, len(a)))]
+
+
+def maximum_(a: Tensors, b: Tensors | Scalar) -> Tensors:
+    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+        torch._foreach_maximum_(a, b)
+    else:
+        for x, k in zip(a, _each(b, len(a))):
+            x.clamp_min_(k)
+    return a
+
+
+def minimum(a: Tensors, b: Tensors | Scalar) -> Tensors:
+    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+        return torch._foreach_minimum(a, b)
+    return [x.clamp_max(k) for x, k in zip(a, _each(b, len(a)))]
+
+
+def minimum_(a: Tensors, b: Tensors | Scalar) -> Tensors:
+    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+        torch._foreach_minimum_(a, b)
+    else:
+        for x, k in zip(a, _each(b, len(a))):
+            x.clamp_max_(k)
+    return a
+
+
+def clamp(a: Tensors, lo: Scalar, hi: Scalar) -> Tensors:
+    n = len(a)
+    return [x.clamp(lo_, hi_) for x, lo_, hi_ in zip(a, _each(lo, n), _each(hi, n))]
+
+
+def atan2(a: Tensors, b: Tensors) -> Tensors:
+    return [torch.atan2(x, y) for x, y in zip(a, b)]
+
+
+def where(c: Tensors, a: Tensors | Scalar, b: Tensors | Scalar) -> Tensors:
+    n = len(c)
+    a_ = a if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else _each(a, n)
+    b_ = b if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) else _each(b, n)
+    return [torch.where(m, x, y) for m, x, y in zip(c, a_, b_)]
+
+
+def _compare(fn):
+    def op(a: Tensors, b: Tensors | Scalar) -> Tensors:
+        b_ = b if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) else _each(b, len(a))
+        return [fn(x, y) for x, y in zip(a, b_)]
+    return op
+
+
+eq, ne, lt, le, gt, ge = (_compare(f) for f in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge))
+
+
+# -- per-row / per-matrix linear algebra and reductions --------------------------------------
+def matvec(w: Tensors, v: Tensors) -> Tensors:
+    """``W v`` batched over leading dims (the einsum adams-torch uses)."""
+    return [torch.einsum("...nm,...m->...n", x, y) for x, y in zip(w, v)]
+
+
+def matvec_t(w: Tensors, u: Tensors) -> Tensors:
+    """``W^T u`` batched over leading dims."""
+    return [torch.einsum("...nm,...n->...m", x, y) for x, y in zip(w, u)]
+
+
+def normalize(x: Tensors) -> Tensors:
+    return [TF.normalize(t, dim=-1) for t in x]
+
+
+def dot(a: Tensors, b: Tensors) -> Tensors:
+    return [torch.einsum("...n,...n->...", x, y) for x, y in zip(a, b)]
+
+
+def outer(a: Tensors, b: Tensors) -> Tensors:
+    return [torch.einsum("...n,...m->...nm", x, y) for x, y in zip(a, b)]
+
+
+def rowsum(x: Tensors) -> Tensors:
+    return [t.sum(-1) for t in x]
+
+
+def colsum(x: Tensors) -> Tensors:
+    return [t.sum(-2) for t in x]
+
+
+def sum(x: Tensors) -> Tensors:  # noqa: A001
+    return [t.sum() for t in x]
+
+
+def mean(x: Tensors) -> Tensors:
+    return [t.mean() for t in x]
+
+
+def norm(x: Tensors) -> Tensors:
+    return list(torch._foreach_norm(x))
+
+
+# -- writes -----------------------------------------------------------------------------------
+def assign_(dst: Tensors, src: Tensors) -> Tensors:
+    """Write ``src`` into ``dst`` (dtype-converting like ``copy_``)."""
+    torch._foreach_copy_(dst, src)
+    return dst
+
+
+def store(state: dict[str, list], name: str, value: Sequence[torch.Tensor]) -> list:
+    """Write a state that may not exist yet: copy into existing buffers, create missing ones."""
+    current = state[name]
+    out = []
+    for old, new in zip(current, value):
+        if old is None:
+            out.append(new.detach().clone())
+        else:
+            old.copy_(new)
+            out.append(old)
+    state[name] = out
+    return out

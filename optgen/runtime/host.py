@@ -1,0 +1,153 @@
+"""The host pass: evaluates host-scalar IR expressions for one parameter.
+
+Host scalars are Python floats (``step.item()`` maths, as torch.optim's eager code computes bias
+corrections), or, with ``step: {math: tensor}``, 0-d tensors in the step's dtype (as code that
+writes ``beta1 ** step`` with a tensor step computes them). Values handed to device code are
+always converted to Python numbers, which is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+
+from optgen.ir.nodes import Node
+
+_CMP = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+        "ge": operator.ge}
+
+
+def _div(a: Any, b: Any) -> Any:
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0 or a != a:
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _unary(fn_float, fn_tensor):
+    def apply(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return fn_tensor(x)
+        try:
+            return fn_float(x)
+        except ValueError:  # sqrt/log of a negative number: nan, as torch gives
+            return math.nan
+    return apply
+
+
+def _sign(x: float) -> float:
+    return float((x > 0) - (x < 0)) if x == x else x
+
+
+_UNARY = {
+    "neg": _unary(operator.neg, torch.neg),
+    "sqrt": _unary(math.sqrt, torch.sqrt),
+    "abs": _unary(abs, torch.abs),
+    "sign": _unary(_sign, torch.sign),
+    "exp": _unary(math.exp, torch.exp),
+    "log": _unary(lambda x: -math.inf if x == 0 else math.log(x), torch.log),
+}
+
+
+def meta_value(name: str, param: torch.Tensor) -> int:
+    """Static facts about a parameter that specs may use (``rows``/``cols`` of the last two dims)."""
+    if name == "numel":
+        return param.numel()
+    if name == "ndim":
+        return param.dim()
+    if name == "rows":
+        return param.shape[-2] if param.dim() >= 2 else 1
+    if name == "cols":
+        return param.shape[-1] if param.dim() >= 1 else 1
+    raise KeyError(name)
+
+
+class HostContext:
+    """What host expressions of one parameter can see."""
+
+    __slots__ = ("group", "param", "state", "env", "step", "tensor_math", "self_ref")
+
+    def __init__(self, group: dict, param: torch.Tensor, state: dict, tensor_math: bool):
+        self.group = group
+        self.param = param
+        self.state = state
+        self.env: dict[str, Any] = {}
+        self.tensor_math = tensor_math
+        step = state.get("step")
+        if step is None:
+            self.step = None
+        else:
+            self.step = step if tensor_math else step.item()
+        self.self_ref: str | None = None
+
+
+def evaluate(node: Node, ctx: HostContext) -> Any:
+    """Evaluate a host-kind node."""
+    op = node.op
+    if op == "const":
+        return node.attr
+    if op == "var":
+        name = node.attr
+        if name in ctx.env:
+            return ctx.env[name]
+        value = ctx.state[name]  # a host-state buffer: 0-d tensor
+        if ctx.tensor_math or ctx.self_ref == name:
+            return value
+        return value.item()
+    if op == "hyper":
+        name, idx = node.attr
+        value = ctx.group[name]
+        return value[idx] if idx is not None else value
+    if op == "step":
+        return ctx.step
+    if op == "meta":
+        return meta_value(node.attr, ctx.param)
+    if op == "has":
+        return ctx.state.get(node.attr) is not None
+    if op == "param_attr":
+        name, default = node.attr
+        return getattr(ctx.param, name, default)
+    if op == "and":
+        return all(bool(evaluate(a, ctx)) for a in node.args)
+    if op == "or":
+        return any(bool(evaluate(a, ctx)) for a in node.args)
+    if op == "not":
+        return not bool(evaluate(node.args[0], ctx))
+    args = [evaluate(a, ctx) for a in node.args]
+    if op in _UNARY:
+        return _UNARY[op](args[0])
+    a, b = args[0], args[1] if len(args) > 1 else None
+    if op == "add":
+        return a + b
+    if op == "sub":
+        return a - b
+    if op == "mul":
+        return a * b
+    if op == "div":
+        return _div(a, b)
+    if op == "pow":
+        try:
+            return a**b
+        except ZeroDivisionError:
+            return math.inf
+    if op in _CMP:
+        return bool(_CMP[op](a, b))
+    if op == "max":
+        return max(a, b)
+    if op == "min":
+        return min(a, b)
+    if op == "atan2":
+        return math.atan2(a, b) if not isinstance(a, torch.Tensor) else torch.atan2(a, torch.as_tensor(b))
+    raise NotImplementedError(f"host op {op}")  # pragma: no cover
+
+
+def to_device_scalar(value: Any) -> Any:
+    """A host value as the Python number device code takes (exact for 0-d tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value

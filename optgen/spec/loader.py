@@ -1,0 +1,226 @@
+"""Read a spec file: YAML with positions, ``extends:`` merging, pydantic validation, and parsing
+of the ``update:`` statements into expression trees."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from optgen.errors import Position, SpecError, did_you_mean
+from optgen.spec.expr import Expr, parse_assignment, parse_expression
+from optgen.spec.model import SpecModel
+from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
+
+
+@dataclass
+class SAssign:
+    """``target = expr`` in the update list."""
+
+    target: str
+    expr: Expr
+    pos: Position
+    field: str
+
+
+@dataclass
+class SIf:
+    """``{if: cond, then: [...], else: [...]}`` in the update list."""
+
+    cond: Expr
+    then: list[SAssign | SIf]
+    orelse: list[SAssign | SIf]
+    pos: Position
+    field: str
+
+
+Statement = SAssign | SIf
+
+
+@dataclass
+class Spec:
+    """A validated spec: the model, its parsed statements, and where everything came from."""
+
+    model: SpecModel
+    update: list[Statement]
+    source: SourceMap
+    path: str
+    sha256: str
+    #: Parsed ``if:`` conditions of state buffers and constructor checks.
+    state_conditions: dict[str, Expr] = field(default_factory=dict)
+    checks: list[tuple[Expr, str]] = field(default_factory=list)
+
+    def position(self, *path: Any) -> Position | None:
+        return self.source.at(path)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
+    """Load, merge (``extends:``), validate and parse the spec at ``path``."""
+    path = Path(path)
+    shown = display_path or _display(path)
+    data, smap, digest = _load_merged(path, shown, seen=())
+    model = _validate(data, smap)
+    update = _parse_statements(data["update"], ("update",), smap)
+    spec = Spec(model=model, update=update, source=smap, path=shown, sha256=digest)
+    for name, st in model.state.items():
+        if st.if_ is not None:
+            p = smap.text_at(("state", name, "if"))
+            spec.state_conditions[name] = parse_expression(st.if_, p, f"state.{name}.if")
+    for i, chk in enumerate(model.checks):
+        p = smap.text_at(("checks", i, "check"))
+        spec.checks.append((parse_expression(chk.check, p, f"checks[{i}].check"), chk.message))
+    return spec
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _load_merged(path: Path, shown: str, seen: tuple[str, ...]) -> tuple[dict, SourceMap, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(None, "", f"{shown}: no such spec file") from None
+    data, smap = load_yaml(text, shown)
+    if not isinstance(data, dict):
+        raise SpecError(smap.at(()), "", "a spec must be a mapping of fields")
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    parent_name = data.get("extends")
+    if parent_name is None:
+        return data, smap, digest
+    pos = smap.text_at(("extends",))
+    if not isinstance(parent_name, str):
+        raise SpecError(pos, "extends", "must be the name of another spec")
+    parent_path = path.parent / f"{parent_name}.yaml"
+    if parent_name in seen or parent_path.resolve() == path.resolve():
+        raise SpecError(pos, "extends", f"circular extends: {' -> '.join((*seen, parent_name))}")
+    if not parent_path.exists():
+        others = [p.stem for p in path.parent.glob("*.yaml")]
+        raise SpecError(pos, "extends", f"unknown spec '{parent_name}'{did_you_mean(parent_name, others)}")
+    pdata, pmap, pdigest = _load_merged(parent_path, _display(parent_path), (*seen, parent_name))
+    merged, mmap = _merge(pdata, pmap, data, smap)
+    return merged, mmap, hashlib.sha256((pdigest + digest).encode()).hexdigest()
+
+
+_ENTRY_MERGED = ("hyperparameters", "state")
+_NOT_INHERITED = ("matches", "extends", "constructor_order", "doc")
+
+
+def _merge(parent: dict, pmap: SourceMap, child: dict, cmap: SourceMap) -> tuple[dict, SourceMap]:
+    """Child fields override the parent's; hyperparameters and state merge entry by entry."""
+    out = {k: v for k, v in parent.items() if k not in _NOT_INHERITED}
+    smap = SourceMap(cmap.file)
+
+    def take(src: SourceMap, prefix: tuple) -> None:
+        for p, pos in src.positions.items():
+            if p[: len(prefix)] == prefix:
+                smap.positions[p] = pos
+        for p, off in src.text_offsets.items():
+            if p[: len(prefix)] == prefix:
+                smap.text_offsets[p] = off
+
+    for key in out:
+        take(pmap, (key,))
+    smap.positions[()] = cmap.positions[()]
+    for key, value in child.items():
+        if key in _ENTRY_MERGED and isinstance(value, dict) and isinstance(out.get(key), dict):
+            merged = dict(out[key])
+            for name, entry in value.items():
+                if entry is None:
+                    merged.pop(name, None)
+                elif isinstance(entry, dict) and isinstance(merged.get(name), dict):
+                    merged[name] = {**merged[name], **entry}
+                else:
+                    merged[name] = entry
+                take(cmap, (key, name))
+            out[key] = merged
+        else:
+            for p in [p for p in smap.positions if p[:1] == (key,)]:
+                del smap.positions[p]
+            out[key] = value
+            take(cmap, (key,))
+    return out, smap
+
+
+def _validate(data: dict, smap: SourceMap) -> SpecModel:
+    try:
+        return SpecModel.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(_model_to_yaml_key(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            pos = smap.at(loc[:-1] + (loc[-1], "<key>")) or smap.at(loc)
+            allowed = _allowed_keys(loc[:-1])
+            raise SpecError(pos, dotted(loc), f"unknown field '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)}") from None
+        if err["type"] == "missing":
+            raise SpecError(smap.at(loc[:-1]), dotted(loc), "required field is missing") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("literal_error",):
+            msg = f"{msg}, got {err.get('input')!r}"
+        # Errors from model validators carry no field: point at the entry.
+        raise SpecError(smap.at(loc), dotted(loc), msg) from None
+
+
+def _model_to_yaml_key(x: Any) -> Any:
+    return {"as_": "as", "class_": "class", "if_": "if"}.get(x, x)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    from optgen.spec import model as m
+
+    table = {
+        (): m.SpecModel,
+        ("hyperparameters",): m.HyperparameterSpec,
+        ("state",): m.StateSpec,
+        ("step",): m.StepSpec,
+        ("matches",): m.MatchSpec,
+        ("checks",): m.CheckSpec,
+    }
+    key = tuple(x for x in loc if not isinstance(x, int))
+    if key and key[0] in ("hyperparameters", "state"):
+        key = key[:1]
+    cls = table.get(key)
+    if cls is None:
+        return []
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _parse_statements(items: Any, path: tuple, smap: SourceMap) -> list[Statement]:
+    field_name = dotted(path)
+    if not isinstance(items, list):
+        raise SpecError(smap.at(path), field_name, "must be a list of statements")
+    out: list[Statement] = []
+    for i, item in enumerate(items):
+        here = path + (i,)
+        name = dotted(here)
+        if isinstance(item, str):
+            target, expr, tpos = parse_assignment(item, smap.text_at(here), name)
+            out.append(SAssign(target, expr, tpos, name))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"if", "then", "else"}
+            if unknown:
+                bad = sorted(unknown, key=str)[0]
+                raise SpecError(smap.at(here + (bad, "<key>")), name,
+                                f"unknown field '{bad}' in a conditional{did_you_mean(str(bad), ['if', 'then', 'else'])}")
+            if "if" not in item or "then" not in item:
+                raise SpecError(smap.at(here), name, "a conditional needs 'if:' and 'then:'")
+            cond_text = item["if"]
+            if isinstance(cond_text, bool):
+                cond_text = str(cond_text)
+            cond = parse_expression(cond_text, smap.text_at(here + ("if",)), f"{name}.if")
+            then = _parse_statements(item["then"], here + ("then",), smap)
+            orelse = _parse_statements(item.get("else", []) or [], here + ("else",), smap)
+            out.append(SIf(cond, then, orelse, smap.at(here), name))
+        else:
+            raise SpecError(smap.at(here), name, "a statement is 'name = expression' or an if: block")
+    return out

@@ -1,0 +1,177 @@
+"""The pydantic models of a spec: what a YAML file may say, with defaults and field checks.
+
+Statements of the ``update:`` list are parsed separately (:mod:`optgen.spec.loader`), because
+they need the position of every sub-expression.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Names with a fixed meaning inside update expressions.
+RESERVED = {
+    "param", "grad", "step", "numel", "ndim", "rows", "cols", "true", "false", "True", "False",
+}
+
+
+def _check_ident(name: str, what: str) -> str:
+    if not isinstance(name, str) or not IDENT.match(name) or keyword.iskeyword(name):
+        raise ValueError(f"{what} {name!r} is not a valid identifier")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class HyperparameterSpec(_Strict):
+    """A constructor argument and per-group hyperparameter."""
+
+    default: Any = None
+    type: Literal["float", "int", "bool", "any", "dtype"] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: float | None = None
+    max_exclusive: float | None = None
+    as_: list[str] | None = Field(default=None, alias="as")
+    doc: str = ""
+    keyword_only: bool = False
+    #: False: not a constructor argument; the default is stored in every param group.
+    constructor: bool = True
+    #: False: an optimizer-wide setting stored on the optimizer, not in param groups.
+    per_group: bool = True
+    #: Whether a 1-element tensor is accepted (torch accepts a tensor lr).
+    tensor_ok: bool = False
+    #: The ValueError message for an out-of-range value; ``{value}`` and ``{index}`` are filled in.
+    message: str | None = None
+
+    @field_validator("as_")
+    @classmethod
+    def _as_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("'as' needs at least two names")
+            for n in v:
+                _check_ident(n, "name")
+        return v
+
+    @model_validator(mode="after")
+    def _typed(self) -> HyperparameterSpec:
+        kind = self.type or self.inferred_type()
+        if self.as_ is not None:
+            if not isinstance(self.default, (list, tuple)) or len(self.default) != len(self.as_):
+                raise ValueError(f"default must be a list of {len(self.as_)} values to match 'as'")
+            values = list(self.default)
+        else:
+            values = [self.default]
+        for v in values:
+            if kind == "float" and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                raise ValueError(f"default {v!r} is not a number")
+            if kind == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
+                raise ValueError(f"default {v!r} is not an integer")
+            if kind == "bool" and not isinstance(v, bool):
+                raise ValueError(f"default {v!r} is not true or false")
+        return self
+
+    def inferred_type(self) -> str:
+        if self.type:
+            return self.type
+        first = self.default[0] if isinstance(self.default, (list, tuple)) and self.default else self.default
+        if isinstance(first, bool):
+            return "bool"
+        if isinstance(first, (int, float)):
+            return "float"
+        return "any"
+
+
+class StateSpec(_Strict):
+    """A state buffer kept per parameter."""
+
+    kind: Literal["element", "row", "col", "matrix", "tensor", "host"] = "element"
+    #: zeros | ones | absent (created by its first assignment) | a number | a hyperparameter name
+    init: float | int | str = "zeros"
+    #: param: the parameter's dtype; default: torch's default dtype (used for host scalars)
+    dtype: Literal["param", "float32", "float64", "default"] = "param"
+    if_: str | None = Field(default=None, alias="if")
+    doc: str = ""
+
+
+class StepSpec(_Strict):
+    """How the per-parameter step counter is kept."""
+
+    #: tensor: a 0-d CPU tensor of the default dtype under state key 'step' (torch.optim's way)
+    store: Literal["tensor", "none"] = "tensor"
+    #: float64: host scalars are Python floats (step.item()); tensor: 0-d tensor maths in the
+    #: step's dtype, as code that writes ``beta1 ** step`` with a tensor step computes them.
+    math: Literal["float64", "tensor"] = "float64"
+
+
+class CheckSpec(_Strict):
+    """A constructor-time check on hyperparameters."""
+
+    check: str
+    message: str
+
+
+class MatchSpec(_Strict):
+    """The published implementation a spec reproduces."""
+
+    package: str
+    class_: str = Field(alias="class")
+    #: our argument name -> theirs; null: not passed to the published class
+    arguments: dict[str, str | None] = Field(default_factory=dict)
+    #: hyperparameter settings (our names) that the equivalence tests run
+    settings: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
+    notes: str = ""
+
+    @field_validator("package")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if "==" not in v:
+            raise ValueError(f"package {v!r} must be pinned as name==version")
+        return v
+
+
+class SpecModel(_Strict):
+    """A whole spec, before its update statements are parsed."""
+
+    name: str
+    class_: str = Field(alias="class")
+    doc: str = ""
+    extends: str | None = None
+    matches: MatchSpec | None = None
+    step: StepSpec = StepSpec()
+    state_init: Literal["lazy", "eager"] = "lazy"
+    constructor_order: list[str] | None = None
+    hyperparameters: dict[str, HyperparameterSpec] = Field(default_factory=dict)
+    checks: list[CheckSpec] = Field(default_factory=list)
+    features: list[str] = Field(default_factory=list)
+    state: dict[str, StateSpec] = Field(default_factory=dict)
+    update: list[Any]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]*$", v or ""):
+            raise ValueError(f"name {v!r} must be lower_snake_case")
+        return v
+
+    @field_validator("class_")
+    @classmethod
+    def _class(cls, v: str) -> str:
+        return _check_ident(v, "class name")
+
+    @field_validator("hyperparameters", "state")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for n in v:
+            _check_ident(n, "name")
+            if n in RESERVED:
+                raise ValueError(f"'{n}' is reserved")
+        return v
