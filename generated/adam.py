@@ -272,6 +272,7 @@ _PROGRAM = program_from_data(
                  {'default': False, 'doc': 'decay the weights directly (AdamW)', 'keyword_only': True}]],
      'matches': {'arguments': {},
                  'class': 'torch.optim.Adam',
+                 'dtype_argument': None,
                  'notes': '',
                  'package': 'torch==2.13.0',
                  'settings': [{},

@@ -272,6 +272,7 @@ _PROGRAM = program_from_data(
                   'keyword_only': True}]],
      'matches': {'arguments': {},
                  'class': 'torch.optim.AdamW',
+                 'dtype_argument': None,
                  'notes': '',
                  'package': 'torch==2.13.0',
                  'settings': [{},

@@ -162,8 +162,10 @@ class Lowerer:
                 return Node("const", attr=-1 if negate else 1)
             return Node("neg", (s,)) if negate else s
 
+        # Only ``s * x`` written scalar-first fuses: that is how torch code spells value=/alpha=,
+        # while ``x * s`` is a separate multiply in the published code.
         def split_scaled(n: Node) -> tuple[Node, Node | None]:
-            if n.op == "mul" and n.args[1].is_host and not n.args[0].is_host:
+            if n.op == "mul" and n.args[1].is_host and n.attr == "scalar_first":
                 return n.args[0], n.args[1]
             return n, None
 
@@ -173,7 +175,7 @@ class Lowerer:
         if b.op == "div" and not b.args[1].is_host and not b.args[0].is_host:
             x, s = split_scaled(b.args[0])
             return Node("addcdiv", (a, x, b.args[1], scale(s)), kind=kind)
-        if b.op == "mul" and b.args[1].is_host:
+        if b.op == "mul" and b.args[1].is_host and b.attr == "scalar_first":
             return Node("axpy", (a, b.args[0], scale(b.args[1])), kind=kind)
         return None
 
@@ -347,12 +349,10 @@ def lower(spec: Spec) -> Program:
     from optgen.features import resolve_features
 
     features = resolve_features(spec)
-    extra_hypers = [(n, h) for f in features for n, h in f.hyperparameters.items()]
-    for n, _ in extra_hypers:
-        if n in spec.model.hyperparameters:
-            i = spec.model.features.index(next(f.name for f in features if n in f.hyperparameters))
-            raise SpecError(spec.source.at(("features", i)), f"features[{i}]",
-                            f"feature adds hyperparameter '{n}', which the spec already declares")
+    # A spec may re-declare a feature's hyperparameter (to place it or change its default): the
+    # spec's declaration wins.
+    extra_hypers = [(n, h) for f in features for n, h in f.hyperparameters.items()
+                    if n not in spec.model.hyperparameters]
     hypers = _ordered_hypers(spec, extra_hypers)
 
     state: list[StateDecl] = []

@@ -80,6 +80,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._run_checks(defaults)
+        if "process_group" in specs:
+            _require_single_process(type(self).__name__)
         super().__init__(params, defaults)
 
     # -- groups and validation ---------------------------------------------------------------
@@ -200,6 +202,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for b in buffers:
                 dist.broadcast(b, src=0)
+
+
+def _require_single_process(name: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError(
+            f"{name}: ZeRO sharding across {dist.get_world_size()} ranks is not implemented yet; "
+            "run one process per model replica with DDP and a non-ZeRO optimizer instead"
+        )
 
 
 def _has_nan(values: list[Any]) -> bool:

@@ -128,6 +128,8 @@ class MatchSpec(_Strict):
     arguments: dict[str, str | None] = Field(default_factory=dict)
     #: hyperparameter settings (our names) that the equivalence tests run
     settings: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
+    #: the published constructor argument that must equal the parameters' dtype (adams' master_dtype)
+    dtype_argument: str | None = None
     notes: str = ""
 
     @field_validator("package")
