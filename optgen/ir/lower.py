@@ -133,8 +133,6 @@ class Lowerer:
         if op == "**":
             if not b.is_host:
                 raise SpecError(e.right.pos, field, "the exponent of a device value must be a host scalar")
-            if a.is_host:
-                raise SpecError(e.left.pos, field, "a host scalar raised to a device value is not supported")
             return Node("pow", (a, b), kind=kind)
         if op in ("+", "-"):
             if b.is_host:
@@ -317,7 +315,7 @@ class Lowerer:
                 if not value.is_host:
                     raise SpecError(s.pos, field, f"state '{t}' is a host scalar, but the value is {value.kind.label}")
                 return Assign(t, value, s.pos, role="host_state")
-            if value.is_host or join(decl.kind, value.kind) != decl.kind:
+            if value.kind != decl.kind:
                 raise SpecError(s.pos, field, f"state '{t}' is {decl.kind.label}, but the value is {value.kind.label}")
             return Assign(t, value, s.pos, role="state")
         if t in self.temps and self.temps[t][0] != value.kind:

@@ -130,8 +130,6 @@ def _convert(node: ast.AST, base: Position, field_name: str) -> Expr:
         return Name(node.id, pos=here)
     if isinstance(node, ast.UnaryOp):
         if isinstance(node.op, ast.USub):
-            if isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
-                return Const(-node.operand.value, pos=here)
             return Unary("neg", sub(node.operand), pos=here)
         if isinstance(node.op, ast.UAdd):
             return sub(node.operand)

@@ -1,0 +1,114 @@
+"""Bad specs: each must fail with a message naming file:line:column, the field, and the problem."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from optgen.errors import SpecError
+from optgen.ir.hoist import hoist
+from optgen.ir.lower import lower
+from optgen.spec.loader import load_spec
+
+BASE = """\
+name: demo
+class: Demo
+hyperparameters:
+  lr: {default: 1.0e-3, min: 0}
+  betas: {default: [0.9, 0.999], as: [beta1, beta2]}
+state:
+  m: {kind: element}
+update:
+  - m = lerp(m, grad, 1 - beta1)
+  - param = param - lr * m
+"""
+
+# (name, spec text, expected "line:col: field: message" fragment)
+CASES = [
+    ("unknown name", BASE.replace("1 - beta1)", "1 - bta1)"),
+     "9:27: update[0]: unknown name 'bta1' (did you mean 'beta1'?)"),
+    ("unknown function", BASE.replace("lerp(", "lurp("), "9:9: update[0]: unknown function 'lurp' (did you mean 'lerp'?)"),
+    ("wrong arity", BASE.replace("lerp(m, grad, 1 - beta1)", "lerp(m, grad)"), "9:9: update[0]: lerp() takes 3 arguments, got 2"),
+    ("syntax error", BASE.replace("- param = param - lr * m", "- param = param - * m"), "10:21: update[1]: syntax error: invalid syntax"),
+    ("not an assignment", BASE.replace("- param = param - lr * m", "- param - lr * m"),
+     "10:5: update[1]: expected an assignment 'name = expression'"),
+    ("attribute access", BASE.replace("lr * m", "lr.real * m"), "10:21: update[1]: attribute access not allowed"),
+    ("lambda", BASE.replace("- param = param - lr * m", "- 'param = param - lr.item() * m'"), "10:22: update[1]: only calls of library functions by name"),
+    ("subscript", BASE.replace("lr * m", "betas[0] * m"), "10:21: update[1]: subscripts not allowed"),
+    ("assign to hyperparameter", BASE.replace("- param = param - lr * m", "- lr = lr * 2"),
+     "10:5: update[1]: cannot assign to hyperparameter 'lr'"),
+    ("assign to step", BASE.replace("- param = param - lr * m", "- step = step + 1"), "update[1]: cannot assign to 'step'"),
+    ("param kind", BASE.replace("- param = param - lr * m", "- param = sum(m)"),
+     "update[1]: 'param' is per-element, but the value is per-tensor"),
+    ("state kind", BASE.replace("- param = param - lr * m", "- m = sum(m)"),
+     "update[1]: state 'm' is per-element, but the value is per-tensor"),
+    ("row plus col", BASE.replace("m: {kind: element}", "m: {kind: element}\n  r: {kind: row}\n  c: {kind: col}")
+     .replace("- param = param - lr * m", "- x = r + c"), "update[1]: cannot combine a per-row and a per-column value"),
+    ("device condition", BASE.replace("  - param = param - lr * m", "  - if: m > 0\n    then: [param = param - lr * m]"),
+     "10:9: update[1].if: a condition must be decided per parameter, but this one is per-element"),
+    ("one-branch temp", BASE.replace("  - param = param - lr * m",
+     "  - if: lr > 0\n    then: [d = m]\n  - param = param - lr * d"),
+     "update[2]: 'd' is assigned in only one branch of a conditional above"),
+    ("unknown top-level field", BASE.replace("class: Demo", "class: Demo\nupdates: []"),
+     "3:1: updates: unknown field 'updates' (did you mean 'update'?)"),
+    ("unknown hyperparameter field", BASE.replace("min: 0}", "minimum: 0}"),
+     "4:25: hyperparameters.lr.minimum: unknown field 'minimum' (did you mean 'min'?)"),
+    ("bad state kind", BASE.replace("m: {kind: element}", "m: {kind: elementwise}"),
+     "7:13: state.m.kind: Input should be 'element', 'row', 'col', 'matrix', 'tensor' or 'host'"),
+    ("missing update", BASE.split("update:")[0], "update: required field is missing"),
+    ("bad name", BASE.replace("name: demo", "name: Demo-1"), "1:7: name: name 'Demo-1' must be lower_snake_case"),
+    ("reserved name", BASE.replace("m: {kind: element}", "grad: {kind: element}"), "state: 'grad' is reserved"),
+    ("as length", BASE.replace("as: [beta1, beta2]", "as: [beta1, beta2, beta3]"),
+     "5:10: hyperparameters.betas: default must be a list of 3 values to match 'as'"),
+    ("bool default not bool", BASE.replace("lr: {default: 1.0e-3, min: 0}", "lr: {default: yes please, type: float}"),
+     "hyperparameters.lr: default 'yes please' is not a number"),
+    ("duplicate key", BASE.replace("  lr: {default: 1.0e-3, min: 0}", "  lr: {default: 1.0e-3, min: 0}\n  lr: {default: 1}"),
+     "5:3: hyperparameters.lr: duplicate key 'lr'"),
+    ("invalid yaml", BASE.replace("class: Demo", "class: [Demo"), "invalid YAML"),
+    ("unknown feature", BASE.replace("class: Demo", "class: Demo\nfeatures: [maximise]"),
+     "3:12: features[0]: unknown feature 'maximise' (did you mean 'maximize'?)"),
+    ("unknown extends", BASE.replace("class: Demo", "class: Demo\nextends: adamm"),
+     "3:10: extends: unknown spec 'adamm'"),
+    ("bad state init", BASE.replace("m: {kind: element}", "m: {kind: element, init: zero}"),
+     "7:28: state.m.init: init must be zeros, ones, absent, a number or a hyperparameter name, got 'zero' (did you mean 'zeros'?)"),
+    ("has of non-state", BASE.replace("  - param = param - lr * m", "  - if: has(lr)\n    then: [param = param - lr * m]"),
+     "10:13: update[1].if: has() takes the name of a state buffer"),
+    ("string constant", BASE.replace("lr * m", "'lr' * m"), "update[1]: string 'lr' is only allowed as param_attr's first argument"),
+    ("non-numeric hyper in maths", BASE.replace("min: 0}", "min: 0}\n  group: {default: null, type: any}")
+     .replace("lr * m", "group * m"), "update[1]: hyperparameter 'group' is not a number"),
+    ("unpinned match", BASE.replace("class: Demo", "class: Demo\nmatches: {package: torch, class: torch.optim.SGD}"),
+     "matches.package: package 'torch' must be pinned as name==version"),
+    ("device exponent", BASE.replace("lr * m", "lr * 2 ** m"), "10:31: update[1]: the exponent of a device value must be a host scalar"),
+    ("condition not boolean", BASE.replace("  - param = param - lr * m", "  - if: lr\n    then: [param = param - lr * m]"),
+     "10:9: update[1].if: a condition must be true or false"),
+    ("bad check", BASE.replace("state:", "checks:\n  - {check: lr + 1, message: 'no'}\nstate:"),
+     "checks: a check must be a true/false expression"),
+    ("chained comparison", BASE.replace("  - param = param - lr * m", "  - if: 0 < lr < 1\n    then: [param = param - lr * m]"),
+     "update[1].if: chained comparisons are not allowed"),
+    ("constructor_order unknown", BASE.replace("class: Demo", "class: Demo\nconstructor_order: [lr, betaz]"),
+     "constructor_order[1]: unknown hyperparameter 'betaz' (did you mean 'betas'?)"),
+    ("keyword call", BASE.replace("lerp(m, grad, 1 - beta1)", "lerp(m, grad, w=0.1)"), "update[0]: lerp(): keyword arguments are not allowed"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [(t, e) for _, t, e in CASES], ids=[n for n, _, _ in CASES])
+def test_bad_spec(tmp_path, text: str, expected: str) -> None:
+    path = tmp_path / "demo.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(SpecError) as info:
+        hoist(lower(load_spec(path, display_path="demo.yaml")))
+    message = str(info.value)
+    assert message.startswith("demo.yaml:"), message
+    assert expected in message, message
+
+
+def test_enough_cases() -> None:
+    assert len(CASES) >= 25
+
+
+def test_base_is_valid(tmp_path) -> None:
+    path = tmp_path / "demo.yaml"
+    path.write_text(BASE)
+    program = hoist(lower(load_spec(path)))
+    assert program.class_name == "Demo"
