@@ -116,7 +116,7 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
     """Show one spec: hyperparameters, state, the step as equations, its phases, and what it matches."""
     from optgen.ir.hoist import hoist
     from optgen.ir.lower import lower
-    from optgen.ir.pretty import stmts_text
+    from optgen.ir.pretty import set_aliases, stmts_text
     from optgen.ir.schedule import schedule, specialize
     from optgen.spec.loader import load_spec
 
@@ -129,6 +129,7 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
     except SpecError as exc:
         _fail(exc)
     m = spec.model
+    set_aliases(program.hypers)
     typer.echo(f"{m.class_}  ({spec.path})")
     if m.doc:
         typer.echo("  " + m.doc.strip().replace("\n", "\n  "))

@@ -16,7 +16,7 @@ from optgen.backends.torch_codegen import render_device_step
 from optgen.ir.hoist import hoist
 from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
-from optgen.ir.pretty import stmts_text
+from optgen.ir.pretty import set_aliases, stmts_text
 from optgen.ir.serial import program_to_data
 from optgen.spec.loader import load_spec
 
@@ -35,6 +35,7 @@ def compile_spec(path: str | Path) -> Built:
     """Load, lower, hoist and render one spec (nothing is written)."""
     spec = load_spec(path)
     program = hoist(lower(spec))
+    set_aliases(program.hypers)
     return Built(program, spec.name, render_module(program, lower_text=stmts_text(lower(spec).body)))
 
 

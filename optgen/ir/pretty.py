@@ -8,6 +8,28 @@ _INFIX = {"add": ("+", 5), "sub": ("-", 5), "mul": ("*", 6), "div": ("/", 6), "p
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
+#: (hyperparameter, index) -> the name its ``as:`` list gives it, e.g. ("betas", 0) -> "beta1"
+ALIASES: dict[tuple[str, int], str] = {}
+
+
+def set_aliases(hypers) -> None:
+    """Print tuple hyperparameters by their ``as:`` names (``beta1`` rather than ``betas[0]``)."""
+    ALIASES.clear()
+    for name, h in hypers:
+        for i, alias in enumerate(h.as_ or ()):
+            ALIASES[(name, i)] = alias
+
+
+def _scaled(base: str, scale: Node, rest: str) -> str:
+    if scale.op == "neg":
+        return f"{base} - {expr_text(scale.args[0], 6)} * {rest}"
+    if scale.op == "const" and scale.attr == -1:
+        return f"{base} - {rest}"
+    if scale.op == "const" and scale.attr == 1:
+        return f"{base} + {rest}"
+    return f"{base} + {expr_text(scale, 6)} * {rest}"
+
+
 def expr_text(n: Node, parent: int = 0) -> str:
     op = n.op
     if op == "const":
@@ -16,7 +38,9 @@ def expr_text(n: Node, parent: int = 0) -> str:
         return n.attr
     if op == "hyper":
         name, idx = n.attr
-        return f"{name}[{idx}]" if idx is not None else name
+        if idx is None:
+            return name
+        return ALIASES.get((name, idx), f"{name}[{idx}]")
     if op == "step":
         return "step"
     if op == "meta":
@@ -49,11 +73,11 @@ def expr_text(n: Node, parent: int = 0) -> str:
         s = f"{expr_text(a[1], p)} - {expr_text(a[0], p + 1)}"
     elif op == "axpy":
         p = 5
-        s = f"{expr_text(a[0], p)} + {expr_text(a[2], 6)} * {expr_text(a[1], 7)}"
+        s = _scaled(expr_text(a[0], p), a[2], expr_text(a[1], 7))
     elif op in ("addcmul", "addcdiv"):
         p = 5
         sym = "*" if op == "addcmul" else "/"
-        s = f"{expr_text(a[0], p)} + {expr_text(a[3], 6)} * {expr_text(a[1], 7)} {sym} {expr_text(a[2], 7)}"
+        s = _scaled(expr_text(a[0], p), a[3], f"{expr_text(a[1], 7)} {sym} {expr_text(a[2], 7)}")
     else:
         return f"{op}({', '.join(expr_text(x) for x in a)})"
     return f"({s})" if p < parent else s
