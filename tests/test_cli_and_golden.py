@@ -76,3 +76,9 @@ def test_list_and_show() -> None:
     for needle in ("hyperparameters:", "betas = [0.9, 0.95] as (beta1, beta2)", "u: per-row, init ones",
                    "v = normalize(matvec_t(param, u))", "phases (all conditions true): 3"):
         assert needle in shown.output, shown.output
+
+
+def test_readme_broken_example() -> None:
+    result = in_root(["check", "examples/broken.yaml"])
+    assert result.exit_code == 2
+    assert "examples/broken.yaml:12:9: update[3]: unknown name 'bta1' (did you mean 'beta1'?)" in result.output
