@@ -15,8 +15,6 @@ import torch.nn.functional as TF
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
 
-_SHAPE_FOR = {Kind.ROW: 1, Kind.COL: 1, Kind.MATRIX: 0}
-
 
 def _align(x: Any, src: Kind, dst: Kind) -> Any:
     """Reshape a smaller-kind value so that it broadcasts against ``dst`` values."""

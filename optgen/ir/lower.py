@@ -7,7 +7,7 @@ the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmu
 
 from __future__ import annotations
 
-from optgen.errors import Position, SpecError, did_you_mean
+from optgen.errors import SpecError, did_you_mean
 from optgen.ir.library import COMPARISONS, FUNCTIONS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, join
 from optgen.spec import expr as E
@@ -299,8 +299,6 @@ class Lowerer:
     def assign(self, s: SAssign) -> Assign:
         t, field = s.target, s.field
         value = self.expr(s.expr, field)
-        if value.boolean and not value.is_host:
-            pass  # masks may be kept in temporaries
         if t in self.scalars:
             raise SpecError(s.pos, field, f"cannot assign to hyperparameter '{t}'")
         if t in META or t == "step":
@@ -392,7 +390,3 @@ def lower(spec: Spec) -> Program:
     for f in features:
         program = f.apply(program)
     return program
-
-
-def positionless(path: str) -> Position:
-    return Position(path, 0, 0)
