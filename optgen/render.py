@@ -34,9 +34,10 @@ class Built:
 def compile_spec(path: str | Path) -> Built:
     """Load, lower, hoist and render one spec (nothing is written)."""
     spec = load_spec(path)
-    program = hoist(lower(spec))
+    lowered = lower(spec)
+    program = hoist(lowered)  # hoisting builds new statement lists; `lowered` keeps the spec's form
     set_aliases(program.hypers)
-    return Built(program, spec.name, render_module(program, lower_text=stmts_text(lower(spec).body)))
+    return Built(program, spec.name, render_module(program, lower_text=stmts_text(lowered.body)))
 
 
 def _env() -> jinja2.Environment:
