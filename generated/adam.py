@@ -348,11 +348,13 @@ class Adam(GeneratedOptimizer):
         differentiable: accepted for torch compatibility; unused (default: ``False``)
         fused: accepted for torch compatibility; unused (default: ``None``)
         decoupled_weight_decay: decay the weights directly (AdamW) (default: ``False``)
-        backend: ``"auto"``, ``"torch"`` (multi-tensor code) or ``"reference"`` (IR interpreter).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM
     _device_step = staticmethod(_device_step)
+    _triton_module = __name__ + "_triton"
 
     def __init__(
         self,

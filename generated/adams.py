@@ -390,11 +390,13 @@ class Adams(GeneratedOptimizer):
         betas: coefficients of the running averages of the gradient and its square (default: ``(0.9, 0.95)``)
         weight_decay: spectral decay of matrices; 0 switches every decay off (default: ``0.1``)
         scalar_vector_weight_decay: decoupled L2 decay of params without spectral state (default: ``0.1``)
-        backend: ``"auto"``, ``"torch"`` (multi-tensor code) or ``"reference"`` (IR interpreter).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM
     _device_step = staticmethod(_device_step)
+    _triton_module = __name__ + "_triton"
 
     def __init__(
         self,

@@ -403,11 +403,13 @@ class NAdam(GeneratedOptimizer):
         maximize: maximise the objective instead of minimising it (default: ``False``)
         capturable: accepted for torch compatibility; unused (default: ``False``)
         differentiable: accepted for torch compatibility; unused (default: ``False``)
-        backend: ``"auto"``, ``"torch"`` (multi-tensor code) or ``"reference"`` (IR interpreter).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM
     _device_step = staticmethod(_device_step)
+    _triton_module = __name__ + "_triton"
 
     def __init__(
         self,

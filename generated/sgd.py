@@ -250,11 +250,13 @@ class SGD(GeneratedOptimizer):
         foreach: accepted for torch compatibility; unused (default: ``None``)
         differentiable: accepted for torch compatibility; unused (default: ``False``)
         fused: accepted for torch compatibility; unused (default: ``None``)
-        backend: ``"auto"``, ``"torch"`` (multi-tensor code) or ``"reference"`` (IR interpreter).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM
     _device_step = staticmethod(_device_step)
+    _triton_module = __name__ + "_triton"
 
     def __init__(
         self,

@@ -51,7 +51,7 @@ def build(
             built.append(compile_spec(p))
         except SpecError as exc:
             _fail(exc)
-    outputs = {out / f"{b.module}.py": b.text for b in built}
+    outputs = {out / name: text for b in built for name, text in b.files().items()}
     classes = {b.module: b.program.class_name for b in built}
     if all_:
         outputs[out / "__init__.py"] = render_init(classes)

@@ -13,6 +13,8 @@ import jinja2
 
 from optgen import __version__
 from optgen.backends.torch_codegen import render_device_step
+from optgen.backends.triton_codegen import render_kernels
+from optgen.backends.triton_plan import TritonUnsupported
 from optgen.ir.hoist import hoist
 from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
@@ -29,6 +31,11 @@ class Built:
     program: Program
     module: str  # module name inside generated/
     text: str
+    triton_text: str  # generated/<module>_triton.py
+
+    def files(self) -> dict[str, str]:
+        """File name -> text of every module this spec renders to."""
+        return {f"{self.module}.py": self.text, f"{self.module}_triton.py": self.triton_text}
 
 
 def compile_spec(path: str | Path) -> Built:
@@ -37,7 +44,27 @@ def compile_spec(path: str | Path) -> Built:
     lowered = lower(spec)
     program = hoist(lowered)  # hoisting builds new statement lists; `lowered` keeps the spec's form
     set_aliases(program.hypers)
-    return Built(program, spec.name, render_module(program, lower_text=stmts_text(lowered.body)))
+    text = render_module(program, lower_text=stmts_text(lowered.body))
+    return Built(program, spec.name, text, render_triton_module(program, spec.name))
+
+
+def render_triton_module(program: Program, module: str) -> str:
+    """The Triton kernels and launch plan of a hoisted program."""
+    try:
+        kernels, plan = render_kernels(program, f"_{module}")
+        unsupported = None
+    except TritonUnsupported as exc:  # the module then says why the backend is unavailable
+        kernels, plan, unsupported = [], None, str(exc)
+    text = _env().get_template("triton_kernels.py.j2").render(
+        version=__version__,
+        source=program.source,
+        sha256=program.sha256,
+        class_name=program.class_name,
+        kernels=kernels,
+        plan=pprint.pformat(plan, width=108, sort_dicts=True, indent=1),
+        unsupported=unsupported,
+    )
+    return _tidy(text)
 
 
 def _env() -> jinja2.Environment:

@@ -18,7 +18,7 @@ from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
@@ -53,18 +53,21 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         hyperparameters: constructor values by published name (filled in by the generated class).
-        backend: ``"auto"`` (torch on CPU), ``"torch"`` (generated multi-tensor code) or
-            ``"reference"`` (the IR interpreter, one parameter at a time).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused multi-tensor
+            Triton kernels), ``"torch"`` (generated multi-tensor torch code) or ``"reference"``
+            (the IR interpreter, one parameter at a time).
     """
 
     _program: ClassVar[Program]
     _device_step: ClassVar[Callable[..., None]]
+    _triton_module: ClassVar[str]
 
     def __init__(self, params: Iterable[Any], hyperparameters: dict[str, Any], *, backend: str = "auto"):
         prog = self._program
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-        self.backend = "torch" if backend == "auto" else backend
+        self.backend = backend
+        self._triton = None
         specs = dict(prog.hypers)
         defaults: dict[str, Any] = {}
         for name, h in prog.hypers:
@@ -83,6 +86,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if "process_group" in specs:
             _require_single_process(type(self).__name__)
         super().__init__(params, defaults)
+        if self.backend == "auto":
+            self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
 
     # -- groups and validation ---------------------------------------------------------------
     def _run_checks(self, group: dict[str, Any]) -> None:
@@ -121,6 +126,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self._triton is not None:
+            self._triton.invalidate()
         # torch casts every non-step state tensor to the param's dtype and device; host scalars and
         # buffers with a declared dtype keep theirs.
         fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param"]
@@ -142,9 +149,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             if not params:
+                continue
+            if self.backend == "triton":
+                self._triton_runner().step(gi, group, params, self.state)
                 continue
             if self._program.step_store == "tensor":
                 torch._foreach_add_([self.state[p]["step"] for p in params], 1)
@@ -154,6 +164,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             else:
                 self._torch_step(group, params)
         return loss
+
+    def _triton_runner(self):
+        if self._triton is None:
+            from optgen.runtime.triton_runner import TritonRunner, check_available
+
+            check_available(self.param_groups[0]["params"][0].device)
+            self._triton = TritonRunner(self._program, self._triton_module)
+        return self._triton
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         out = []
@@ -202,6 +220,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for b in buffers:
                 dist.broadcast(b, src=0)
+
+
+def _auto_triton(groups: list[dict[str, Any]]) -> bool:
+    """``backend="auto"``: triton when the parameters are on CUDA and triton imports."""
+    params = [p for g in groups for p in g["params"]]
+    if not params or params[0].device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require_single_process(name: str) -> None:

@@ -1,0 +1,552 @@
+"""The triton backend's code generator: every path plan becomes Triton kernels.
+
+Per path: a *prologue* kernel (one program per tensor: increments ``step``, evaluates the host
+scalars in float64 and writes the ones the device code reads to ``hv``), then one kernel per stage:
+*flat* passes over 1-D chunks of every tensor, *tiled* passes over 2-D tiles of every matrix (for
+per-row / per-column values and reductions) and *vector* stages (one program per tensor, looping
+over its matrices and vectors). All kernels take the same arguments, so the runtime launches them
+uniformly; a device-side table holds each tensor's pointers and sizes.
+
+Element math runs in fp32 whatever the storage dtype; stores round to nearest even.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optgen.backends.triton_plan import PathPlan, Stage, TritonUnsupported, plan_program
+from optgen.ir.nodes import Assign, Kind, Node, Program
+
+#: Columns of the per-tensor table, before the per-path workspace offsets.
+META_COLUMNS = ("numel", "B", "M", "N", "ndim", "gidx")
+
+_F32_CONST = "tl.full((), {v!r}, tl.float32)"
+_F64_CONST = "tl.full((), {v!r}, tl.float64)"
+
+_BINARY = {"add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})"}
+_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+@dataclass
+class KernelSource:
+    name: str
+    kind: str  # prologue | flat | tiled | vec
+    text: str
+
+
+def table_columns(program: Program, plan: PathPlan) -> list[str]:
+    cols = ["param"] + [f"state:{d.name}" for d in program.state if d.kind != Kind.HOST]
+    return cols + list(META_COLUMNS) + [f"ws:{t.name}" for t in plan.temps]
+
+
+class _Body:
+    """Lines of one kernel body with fresh local names."""
+
+    def __init__(self, indent: int = 1):
+        self.lines: list[str] = []
+        self.indent = indent
+        self.n = 0
+
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.indent + line)
+
+    def fresh(self, hint: str = "x") -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+
+class KernelEmitter:
+    """Emits the kernels of one path."""
+
+    def __init__(self, program: Program, plan: PathPlan, prefix: str):
+        self.program = program
+        self.plan = plan
+        self.prefix = prefix
+        self.cols = {c: i for i, c in enumerate(table_columns(program, plan))}
+        self.states = {d.name: d for d in program.state}
+        self.temps = {t.name: t for t in plan.temps}
+        self.hv = {name: i for i, name in enumerate(plan.hv)}
+
+    # -- common ------------------------------------------------------------------------------
+    def col(self, name: str) -> str:
+        return f"tl.load(tab + t * TBL_W + {self.cols[name]})"
+
+    def signature(self, name: str) -> str:
+        hs = "".join(f", hs_{d.name}" for d in self.program.state if d.kind == Kind.HOST)
+        dts = "".join(
+            f", DT_{d.name}: tl.constexpr" for d in self.program.state
+        )
+        return (
+            "@triton.jit\n"
+            f"def {name}(\n"
+            f"    tab, chunks, gptr, hv, ws, hyp, steps{hs},\n"
+            f"    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,\n"
+            f"    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,\n"
+            f"    STEP_DT: tl.constexpr{dts},\n"
+            "):\n"
+        )
+
+    def dtype_of(self, name: str) -> str:
+        if name in ("param", "grad"):
+            return "P_DT"
+        if name in self.states:
+            return f"DT_{name}"
+        return "tl.float32"
+
+    # -- prologue: host scalars in float64 ---------------------------------------------------
+    def prologue(self, name: str) -> KernelSource:
+        b = _Body()
+        b.emit("t = tl.program_id(0)")
+        b.emit(f"gidx = {self.col('gidx')}")
+        env: dict[str, str] = {}
+        if self.program.step_store == "tensor":
+            b.emit("step = tl.load(steps + gidx).to(tl.float64) + 1.0")
+            b.emit("tl.store(steps + gidx, step.to(STEP_DT))")
+        for d in self.program.state:
+            if d.kind == Kind.HOST:
+                b.emit(f"h_{d.name} = tl.load(hs_{d.name} + gidx).to(tl.float64)")
+                env[d.name] = f"h_{d.name}"
+        for s in self.plan.host:
+            code = self.host_expr(s.value, b, env)
+            local = f"h_{s.target}"
+            if s.role == "host_state":
+                b.emit(f"{local} = ({code}).to(DT_{s.target}).to(tl.float64)")
+                b.emit(f"tl.store(hs_{s.target} + gidx, {local}.to(DT_{s.target}))")
+            else:
+                b.emit(f"{local} = {code}")
+            env[s.target] = local
+        for i, n in enumerate(self.plan.hv):
+            b.emit(f"tl.store(hv + t * NH + {i}, ({env[n]}).to(tl.float32))")
+        return KernelSource(name, "prologue", self.signature(name) + "\n".join(b.lines) + "\n")
+
+    def host_expr(self, n: Node, b: _Body, env: dict[str, str]) -> str:
+        op = n.op
+        if op == "const":
+            return _F64_CONST.format(v=float(n.attr))
+        if op == "var":
+            if n.attr not in env:  # pragma: no cover - plan_path keeps every dependency
+                raise TritonUnsupported(f"host value '{n.attr}' is not computed on this path")
+            return env[n.attr]
+        if op == "hyper":
+            return f"tl.load(hyp + {self.hyper_slot(n.attr)})"
+        if op == "step":
+            return "step"
+        if op == "meta":
+            col = {"numel": "numel", "ndim": "ndim", "rows": "M", "cols": "N"}[n.attr]
+            return f"{self.col(col)}.to(tl.float64)"
+        args = [self.host_expr(a, b, env) for a in n.args]
+        if op in _BINARY:
+            return _BINARY[op].format(a=args[0], b=args[1])
+        if op == "div":
+            return f"({args[0]} / {args[1]})"
+        if op == "pow":
+            return f"L.pow64({args[0]}, {args[1]})"
+        if op == "neg":
+            return f"(-{args[0]})"
+        if op in _CMP:
+            return f"({args[0]} {_CMP[op]} {args[1]})"
+        if op == "and":
+            return "(" + " & ".join(args) + ")"
+        if op == "or":
+            return "(" + " | ".join(args) + ")"
+        if op == "not":
+            return f"({args[0]} == 0)"
+        if op == "sqrt":
+            return f"tl.sqrt({args[0]})"
+        if op in ("exp", "log", "abs"):
+            return f"tl.{op}({args[0]})"
+        if op == "sign":
+            return f"tl.where({args[0]} > 0, 1.0, tl.where({args[0]} < 0, -1.0, {args[0]}))"
+        if op in ("max", "min"):
+            return f"tl.{op}imum({args[0]}, {args[1]})"
+        if op == "where":
+            return f"tl.where({args[0]} != 0, {args[1]}, {args[2]})"
+        raise TritonUnsupported(f"host operation '{op}'")
+
+    def hyper_slot(self, attr: tuple) -> int:
+        slots = self.plan_hyper_slots
+        if attr not in slots:
+            slots.append(attr)
+        return slots.index(attr)
+
+    plan_hyper_slots: list  # shared across the paths of one program (set by render_kernels)
+
+    # -- device expressions ------------------------------------------------------------------
+    def expr(self, n: Node, ctx: _DeviceCtx) -> str:
+        op = n.op
+        if op == "const":
+            return _F32_CONST.format(v=float(n.attr))
+        if op == "var":
+            return ctx.read(n.attr, n.kind)
+        if op == "meta":
+            return f"{self.col('numel')}.to(tl.float32)"
+        if n.is_host:
+            raise TritonUnsupported(f"unhoisted host expression '{op}'")
+        a = [self.expr(x, ctx) for x in n.args]
+        if op in _BINARY:
+            code = _BINARY[op].format(a=a[0], b=a[1])
+        elif op == "div":
+            code = f"L.div({a[0]}, {a[1]})"
+        elif op == "rdiv":
+            code = f"L.div({a[1]}, {a[0]})"
+        elif op == "rsub":
+            code = f"({a[1]} - {a[0]})"
+        elif op == "neg":
+            code = f"(-{a[0]})"
+        elif op == "pow":
+            e = n.args[1]
+            if e.op == "const" and float(e.attr) == 2.0:
+                code = f"({a[0]} * {a[0]})"
+            elif e.op == "const" and float(e.attr) == 0.5:
+                code = f"L.sqrt({a[0]})"
+            else:
+                code = f"L.pow_({a[0]}, {a[1]})"
+        elif op == "sqrt":
+            code = f"L.sqrt({a[0]})"
+        elif op == "rsqrt":
+            code = f"L.div({_F32_CONST.format(v=1.0)}, L.sqrt({a[0]}))"
+        elif op == "reciprocal":
+            code = f"L.div({_F32_CONST.format(v=1.0)}, {a[0]})"
+        elif op in ("abs", "exp", "log"):
+            code = f"tl.{op}({a[0]})"
+        elif op == "sign":
+            code = f"L.sign({a[0]})"
+        elif op == "copy":
+            code = a[0]
+        elif op == "atan2":
+            code = f"L.atan2({a[0]}, {a[1]})"
+        elif op in ("maximum", "minimum"):
+            code = f"L.{op}({a[0]}, {a[1]})"
+        elif op == "clamp":
+            code = f"L.minimum(L.maximum({a[0]}, {a[1]}), {a[2]})"
+        elif op == "lerp":
+            code = f"L.lerp({a[0]}, {a[1]}, {a[2]})"
+        elif op == "where":
+            cond = a[0] if not n.args[0].is_host else f"({a[0]} != 0)"
+            code = f"tl.where({cond}, {a[1]}, {a[2]})"
+        elif op == "addcmul":
+            code = f"({a[0]} + {a[3]} * {a[1]} * {a[2]})"
+        elif op == "addcdiv":
+            code = f"({a[0]} + {a[3]} * L.div({a[1]}, {a[2]}))"
+        elif op == "axpy":
+            code = f"({a[0]} + {a[2]} * {a[1]})"
+        elif op in _CMP:
+            code = f"({a[0]} {_CMP[op]} {a[1]})"
+        elif op == "and":
+            code = "(" + " & ".join(a) + ")"
+        elif op == "or":
+            code = "(" + " | ".join(a) + ")"
+        elif op == "not":
+            code = f"({a[0]} == 0)"
+        elif op == "outer":
+            code = f"({a[0]} * {a[1]})"
+        else:
+            raise TritonUnsupported(f"operation '{op}' in an element expression")
+        name = ctx.body.fresh()
+        ctx.body.emit(f"{name} = {code}")
+        return name
+
+    # -- passes ------------------------------------------------------------------------------
+    def pass_kernel(self, name: str, stage: Stage, index: int) -> KernelSource:
+        tiled = stage.layout == "tiled"
+        body = _Body(indent=1)
+        ctx = _DeviceCtx(self, body, "tiled" if tiled else "flat")
+        for s in stage.statements:
+            if s.role == "reduce":
+                self.reduce(s, ctx)
+                continue
+            value = self.expr(s.value, ctx)
+            ctx.locals[s.target] = value
+            ctx.written.append(s.target)
+        for target in dict.fromkeys(ctx.written):
+            if target == "param" or target in self.states:
+                ctx.store(target, ctx.locals[target])
+            elif target in self.plan.spills.get(index, []):
+                ctx.store(target, ctx.locals[target])
+        header = ctx.header()
+        if tiled:
+            text = self.signature(name) + "\n".join(header + body.lines) + "\n"
+            return KernelSource(name, "tiled", text)
+        # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
+        block_name = f"{name}_block"
+        args = "t, offs, mask, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT" + "".join(
+            f", DT_{d.name}" for d in self.program.state
+        )
+        params = "t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, " \
+                 "P_DT: tl.constexpr" + "".join(f", DT_{d.name}: tl.constexpr" for d in self.program.state)
+        inner = f"@triton.jit\ndef {block_name}({params}):\n" + "\n".join(header + body.lines) + "\n"
+        outer = self.signature(name) + "\n".join(
+            [
+                "    pid = tl.program_id(0)",
+                "    t = tl.load(chunks + 2 * pid)",
+                "    start = tl.load(chunks + 2 * pid + 1)",
+                f"    n = {self.col('numel')}",
+                "    offs = start + tl.arange(0, BLOCK)",
+                "    if ALIGNED:",
+                "        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)",
+                "    if start + BLOCK <= n:",
+                f"        {block_name}({args.replace('mask', 'None')})",
+                "    else:",
+                f"        {block_name}({args.replace('mask', 'offs < n')})",
+            ]
+        ) + "\n"
+        return KernelSource(name, "flat", inner + "\n\n" + outer)
+
+    def reduce(self, s: Assign, ctx: _DeviceCtx) -> None:
+        n = s.value
+        op = n.op
+        x = self.expr(n.args[0], ctx)
+        if op in ("matvec", "matvec_t"):
+            v = self.expr(n.args[1], ctx)
+            x = f"({x} * {v})"
+        elif op == "sumsq":
+            x = f"({x} * {x})"
+        body = ctx.body
+        part = body.fresh("part")
+        body.emit(f"{part} = L.masked({x}, mask)")
+        base = f"ws + {self.col('ws:' + s.target)}"
+        if ctx.mode == "flat":
+            body.emit(f"tl.atomic_add({base}, tl.sum({part}, axis=0))")
+        elif op in ("matvec", "rowsum"):
+            body.emit(f"tl.atomic_add({base} + b * M + rows, tl.sum({part}, axis=1), mask=rows < M)")
+        elif op in ("matvec_t", "colsum"):
+            body.emit(f"tl.atomic_add({base} + b * N + cols, tl.sum({part}, axis=0), mask=cols < N)")
+        else:
+            body.emit(f"tl.atomic_add({base}, tl.sum(tl.sum({part}, axis=1), axis=0))")
+
+    # -- vector stages -----------------------------------------------------------------------
+    def vec_kernel(self, name: str, stage: Stage) -> KernelSource:
+        body = _Body(indent=1)
+        body.emit("t = tl.program_id(0)")
+        body.emit(f"B = {self.col('B')}")
+        body.emit(f"M = {self.col('M')}")
+        body.emit(f"N = {self.col('N')}")
+        for s in stage.statements:
+            body.emit(f"# {s.target} ({s.value.kind.label})")
+            self.vec_statement(s, body)
+            body.emit("tl.debug_barrier()")
+        return KernelSource(name, "vec", self.signature(name) + "\n".join(body.lines) + "\n")
+
+    def vec_statement(self, s: Assign, body: _Body) -> None:
+        kind = s.value.kind
+        n = s.value
+        if kind == Kind.TENSOR:
+            ctx = _DeviceCtx(self, body, "vec", length=None)
+            ctx.store(s.target, self.expr(n, ctx), kind)
+            return
+        body.emit("for b in range(0, B):")
+        body.indent += 1
+        if kind == Kind.MATRIX and n.op != "dot":
+            ctx = _DeviceCtx(self, body, "vec", length=None)
+            ctx.store(s.target, self.expr(n, ctx), kind)
+        elif kind == Kind.MATRIX:  # dot of two rows or two columns
+            length = "M" if n.args[0].kind == Kind.ROW else "N"
+            body.emit("acc = tl.zeros((), tl.float32)")
+            loop = self._vec_loop(body, length)
+            ctx = _DeviceCtx(self, body, "vec", length=length)
+            a, c = self.expr(n.args[0], ctx), self.expr(n.args[1], ctx)
+            body.emit(f"acc += tl.sum(tl.where(j < {length}, {a} * {c}, 0.0), axis=0)")
+            body.indent -= loop
+            ctx = _DeviceCtx(self, body, "vec", length=None)
+            ctx.store(s.target, "acc", kind)
+        else:
+            length = "M" if kind == Kind.ROW else "N"
+            value = n
+            if n.op == "normalize":
+                value = n.args[0]
+                body.emit("acc = tl.zeros((), tl.float32)")
+                loop = self._vec_loop(body, length)
+                ctx = _DeviceCtx(self, body, "vec", length=length)
+                x = self.expr(value, ctx)
+                body.emit(f"acc += tl.sum(tl.where(j < {length}, {x} * {x}, 0.0), axis=0)")
+                body.indent -= loop
+                body.emit("scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)")
+            loop = self._vec_loop(body, length)
+            ctx = _DeviceCtx(self, body, "vec", length=length)
+            x = self.expr(value, ctx)
+            if n.op == "normalize":
+                x = f"L.div({x}, scale)"
+            ctx.store(s.target, x, kind)
+            body.indent -= loop
+        body.indent -= 1
+
+    @staticmethod
+    def _vec_loop(body: _Body, length: str) -> int:
+        body.emit(f"for j0 in range(0, {length}, VB):")
+        body.indent += 1
+        body.emit("j = j0 + tl.arange(0, VB)")
+        return 1
+
+
+class _DeviceCtx:
+    """Where values live while one device kernel body is emitted."""
+
+    def __init__(self, em: KernelEmitter, body: _Body, mode: str, length: str | None = None):
+        self.em = em
+        self.body = body
+        self.mode = mode  # flat | tiled | vec
+        self.length = length  # vec: "M" / "N" inside a vector loop
+        self.locals: dict[str, str] = {}
+        self.written: list[str] = []
+        self.pointers: dict[str, str] = {}
+        self.header_lines: list[str] = []
+        self.hv_loaded: dict[str, str] = {}
+
+    def header(self) -> list[str]:
+        lines = []
+        if self.mode == "tiled":
+            lines += [
+                "    pid = tl.program_id(0)",
+                "    t = tl.load(chunks + 4 * pid)",
+                "    b = tl.load(chunks + 4 * pid + 1)",
+                "    rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)",
+                "    cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)",
+                f"    M = {self.em.col('M')}",
+                f"    N = {self.em.col('N')}",
+                "    rows2 = rows[:, None]",
+                "    cols2 = cols[None, :]",
+                "    offs = b * M * N + rows2 * N + cols2",
+                "    mask = (rows2 < M) & (cols2 < N)",
+            ]
+        return lines + self.header_lines
+
+    def pointer(self, name: str) -> str:
+        if name in self.pointers:
+            return self.pointers[name]
+        em = self.em
+        local = "p_" + name
+        dt = em.dtype_of(name)
+        if name == "grad":
+            src = "tl.load(gptr + t)"
+        elif name in em.states:
+            src = em.col(f"state:{name}")
+        elif name == "param":
+            src = em.col("param")
+        else:
+            src = None
+        target = self.header_lines if self.mode != "vec" else None
+        if src is None:  # workspace (fp32)
+            line = f"{local} = ws + {em.col('ws:' + name)}"
+        else:
+            line = f"{local} = {src}.to(tl.pointer_type({dt}))"
+        if target is not None:
+            target.append("    " + line)
+            if src is not None and self.mode == "flat":
+                target.append(f"    if ALIGNED:\n        {local} = tl.multiple_of({local}, 16)")
+        else:
+            self.body.emit(line)
+        self.pointers[name] = local
+        return local
+
+    def index(self, kind: Kind) -> tuple[str, str | None]:
+        """Offset and mask of a value of ``kind`` in this context."""
+        if kind == Kind.TENSOR:
+            return "0", None
+        if self.mode == "flat":
+            if kind != Kind.ELEMENT:
+                raise TritonUnsupported(f"{kind.label} value in a flat pass")
+            return "offs", "mask"
+        if self.mode == "tiled":
+            return {
+                Kind.ELEMENT: ("offs", "mask"),
+                Kind.ROW: ("(b * M + rows2)", "(rows2 < M)"),
+                Kind.COL: ("(b * N + cols2)", "(cols2 < N)"),
+                Kind.MATRIX: ("b", None),
+            }[kind]
+        return {
+            Kind.ROW: ("(b * M + j)", "(j < M)"),
+            Kind.COL: ("(b * N + j)", "(j < N)"),
+            Kind.MATRIX: ("b", None),
+        }[kind]
+
+    def read(self, name: str, kind: Kind) -> str:
+        if kind == Kind.HOST:
+            load = f"tl.load(hv + t * NH + {self.em.hv[name]})"
+            if self.mode == "vec":
+                return load
+            if name not in self.hv_loaded:
+                self.hv_loaded[name] = f"h_{name}"
+                self.header_lines.append(f"    h_{name} = {load}")
+            return self.hv_loaded[name]
+        if name in self.locals:
+            return self.locals[name]
+        ptr = self.pointer(name)
+        off, mask = self.index(kind)
+        local = self.body.fresh("v")
+        m = ""
+        if mask is not None:
+            m = f", mask={mask}" if self.mode == "flat" else f", mask={mask}, other=0.0"
+        self.body.emit(f"{local} = tl.load({ptr} + {off}{m}).to(tl.float32)")
+        if self.mode != "vec":
+            self.locals[name] = local
+        return local
+
+    def store(self, name: str, value: str, kind: Kind = Kind.ELEMENT) -> None:
+        ptr = self.pointer(name)
+        off, mask = self.index(kind)
+        m = f", mask={mask}" if mask is not None else ""
+        self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
+
+
+def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], dict]:
+    """All kernels of a hoisted program plus the plan data the runtime needs."""
+    dyn, plans = plan_program(program)
+    kernels: list[KernelSource] = []
+    by_text: dict[str, str] = {}
+    slots: list = []
+    paths = {}
+
+    def add(src: KernelSource) -> str:
+        key = src.text.replace(src.name, "@")
+        if key in by_text:
+            return by_text[key]
+        src_name = f"{prefix}_{src.kind}{sum(k.kind == src.kind for k in kernels)}"
+        src = KernelSource(src_name, src.kind, src.text.replace(src.name, src_name))
+        kernels.append(src)
+        by_text[key] = src_name
+        return src_name
+
+    for plan in plans:
+        em = KernelEmitter(program, plan, prefix)
+        em.plan_hyper_slots = slots
+        launches = [(add(em.prologue("_KP")), "prologue")]
+        for i, st in enumerate(plan.stages):
+            if st.kind == "pass":
+                src = em.pass_kernel("_KS", st, i)
+                launches.append((add(src), st.layout))
+            else:
+                launches.append((add(em.vec_kernel("_KS", st)), "vec"))
+        paths[plan.key] = {
+            "launches": launches,
+            "columns": table_columns(program, plan),
+            "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
+            "hv": plan.hv,
+            "creates": plan.creates,
+        }
+    static_hypers = sorted({
+        n.attr[0]
+        for s in _static_host(program, dyn)
+        for n in _walk(s.value)
+        if n.op == "hyper"
+    })
+    data = {
+        "dynamic": sorted(dyn),
+        "hyper_slots": [list(s) for s in slots],
+        "static_hypers": static_hypers,
+        "paths": paths,
+    }
+    return kernels, data
+
+
+def _walk(n: Node):
+    yield n
+    for a in n.args:
+        yield from _walk(a)
+
+
+def _static_host(program: Program, dyn: set[str]):
+    from optgen.ir.nodes import walk_stmts
+
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.value.is_host and s.target not in dyn:
+            yield s

@@ -1,0 +1,268 @@
+"""Planning for the triton backend: branch paths, if-conversion, reduction splitting and stages.
+
+A *path* is one combination of the step's static conditions (those that depend only on
+hyperparameters and facts about the parameter, decided once per parameter set); conditions that
+depend on the step count or on host state are *dynamic* and are if-converted into selects, so one
+kernel serves every step. Each path's device statements are split into *stages*: element passes
+(one fused kernel each, reductions accumulated inside the pass) and vector stages (per-row /
+per-column / per-matrix work on the reduced values) between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from optgen.ir.library import FULL_PASS_REDUCTIONS
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+
+
+class TritonUnsupported(Exception):
+    """The program uses something the triton backend cannot express (yet)."""
+
+
+@dataclass
+class Stage:
+    kind: str  # "pass" | "vec"
+    statements: list[Assign] = field(default_factory=list)
+    layout: str = "flat"  # passes: "flat" (1-D chunks) or "tiled" (2-D tiles of each matrix)
+
+
+@dataclass
+class Temp:
+    name: str
+    kind: Kind
+    accumulator: bool
+
+
+@dataclass
+class PathPlan:
+    key: tuple[tuple[str, bool], ...]
+    host: list[Assign]  # host statements the prologue evaluates, in order
+    stages: list[Stage]
+    hv: list[str]  # host values the device code reads, in hv order
+    temps: list[Temp]  # workspace buffers (accumulators first)
+    spills: dict[int, list[str]]  # stage index -> element temps stored for later stages
+    creates: list[str]  # absent-initialised states this path writes
+
+
+def dynamic_names(program: Program) -> set[str]:
+    """Host names whose values change from step to step (they depend on ``step`` or host state)."""
+    dyn = {d.name for d in program.state if d.kind == Kind.HOST}
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.value.is_host:
+            if s.role == "host_state" or any(
+                n.op == "step" or (n.op == "var" and n.attr in dyn) for n in walk_nodes(s.value)
+            ):
+                dyn.add(s.target)
+    return dyn
+
+
+def enumerate_paths(stmts: list[Stmt], dyn: set[str]) -> list[tuple[tuple, list[Stmt]]]:
+    """Every combination of static conditions, with the straight-line statements it runs."""
+    result: list[tuple[tuple, list[Stmt]]] = [((), [])]
+    for s in stmts:
+        if isinstance(s, If) and s.cond.attr not in dyn:
+            new = []
+            for key, body in result:
+                for taken, branch in ((True, s.then), (False, s.orelse)):
+                    for k2, b2 in enumerate_paths(branch, dyn):
+                        new.append((key + ((s.cond.attr, taken),) + k2, body + b2))
+            result = new
+        else:
+            if isinstance(s, If):
+                inner = [x for x in walk_stmts(s.then + s.orelse) if isinstance(x, If) and x.cond.attr not in dyn]
+                if inner:
+                    raise TritonUnsupported("a static condition nested inside a step-dependent one")
+            result = [(k, b + [s]) for k, b in result]
+    return result
+
+
+def if_convert(stmts: list[Stmt], kinds: dict[str, Kind], counter: list[int]) -> list[Assign]:
+    """Replace step-dependent conditionals by both branches and a select of every target."""
+    out: list[Assign] = []
+    for s in stmts:
+        if not isinstance(s, If):
+            out.append(s)
+            kinds[s.target] = s.value.kind
+            continue
+        branches = []
+        before = dict(kinds)
+        for branch in (s.then, s.orelse):
+            flat = if_convert(branch, kinds, counter)
+            renamed: dict[str, Node] = {}
+            body: list[Assign] = []
+            for a in flat:
+                if a.role == "host_state":
+                    raise TritonUnsupported("host state updated inside a step-dependent condition")
+                counter[0] += 1
+                name = f"{a.target}__b{counter[0]}"
+                body.append(Assign(name, _substitute(a.value, renamed), a.pos, "temp"))
+                renamed[a.target] = Node("var", kind=a.value.kind, attr=name, boolean=a.value.boolean)
+            branches.append((body, renamed, {a.target: a for a in flat}))
+        for body, _, _ in branches:
+            out.extend(body)
+        targets: list[str] = []
+        for _, _, orig in branches:
+            targets += [t for t in orig if t not in targets]
+        for t in targets:
+            orig = branches[0][2].get(t) or branches[1][2].get(t)
+            one_sided = t not in branches[0][2] or t not in branches[1][2]
+            if one_sided and orig.role == "temp" and t not in before:
+                continue  # a temporary local to one branch: never read after the conditional
+            kind = orig.value.kind
+            pick = [br[1].get(t, Node("var", kind=before.get(t, kind), attr=t)) for br in branches]
+            out.append(Assign(t, Node("where", (s.cond, pick[0], pick[1]), kind=kind), orig.pos, orig.role))
+            kinds[t] = kind
+    return out
+
+
+def _substitute(n: Node, names: dict[str, Node]) -> Node:
+    if n.op == "var" and n.attr in names:
+        return names[n.attr]
+    if not n.args:
+        return n
+    return replace(n, args=tuple(_substitute(a, names) for a in n.args))
+
+
+_SMALL_REDUCTIONS = {"normalize", "dot"}
+
+
+def split_reductions(stmts: list[Assign]) -> list[Assign]:
+    """Give every full-pass reduction (and every nested normalize/dot) its own statement.
+
+    ``mean`` becomes a ``sum`` divided by ``numel`` and ``norm`` the square root of a ``sumsq``,
+    so that passes only ever accumulate sums.
+    """
+    out: list[Assign] = []
+    counter = {"r": 0, "s": 0}
+
+    def extract(n: Node, top: bool) -> Node:
+        n = replace(n, args=tuple(extract(a, False) for a in n.args)) if n.args else n
+        if n.op in FULL_PASS_REDUCTIONS:
+            name = f"_r{counter['r']}"
+            counter["r"] += 1
+            op = {"mean": "sum", "norm": "sumsq"}.get(n.op, n.op)
+            out.append(Assign(name, replace(n, op=op), role="reduce"))
+            ref = Node("var", kind=n.kind, attr=name)
+            if n.op == "mean":
+                return Node("div", (ref, Node("meta", attr="numel")), kind=n.kind)
+            if n.op == "norm":
+                return Node("sqrt", (ref,), kind=n.kind)
+            return ref
+        if n.op in _SMALL_REDUCTIONS and not top:
+            name = f"_s{counter['s']}"
+            counter["s"] += 1
+            out.append(Assign(name, n, role="temp"))
+            return Node("var", kind=n.kind, attr=name)
+        return n
+
+    for s in stmts:
+        if s.value.is_host:
+            out.append(s)
+            continue
+        value = extract(s.value, True)
+        out.append(Assign(s.target, value, s.pos, s.role))
+    return out
+
+
+def _reads(n: Node) -> set[str]:
+    return {x.attr for x in walk_nodes(n) if x.op == "var" and not x.is_host}
+
+
+def is_small(s: Assign) -> bool:
+    """Per-row/column/matrix/tensor work that needs no pass over the elements."""
+    if s.role == "reduce":
+        return False
+    return s.value.kind != Kind.ELEMENT and all(x.kind != Kind.ELEMENT for x in walk_nodes(s.value))
+
+
+def make_stages(device: list[Assign]) -> list[Stage]:
+    """Alternate element passes and vector stages, keeping program order where it matters."""
+    segs: list[Stage] = [Stage("pass"), Stage("vec")]
+    produced: dict[str, int] = {}
+    reduced: dict[str, int] = {}
+    cur = 0
+    for s in device:
+        reads = _reads(s.value)
+        if is_small(s):
+            segs[cur + 1].statements.append(s)
+            produced[s.target] = cur + 1
+            continue
+        vec = segs[cur + 1].statements
+        vec_names = {x.target for x in vec} | set().union(*(_reads(x.value) for x in vec)) if vec else set()
+        conflict = any(reduced.get(r) == cur or produced.get(r) == cur + 1 for r in reads)
+        conflict |= s.target in vec_names
+        if conflict:
+            cur += 2
+            segs += [Stage("pass"), Stage("vec")]
+        segs[cur].statements.append(s)
+        produced[s.target] = cur
+        if s.role == "reduce":
+            reduced[s.target] = cur
+    stages = [st for st in segs if st.statements]
+    for st in stages:
+        if st.kind == "pass":
+            tiled = any(
+                n.kind in (Kind.ROW, Kind.COL, Kind.MATRIX) for a in st.statements for n in walk_nodes(a.value)
+            )
+            st.layout = "tiled" if tiled else "flat"
+    return stages
+
+
+def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) -> PathPlan:
+    kinds: dict[str, Kind] = {}
+    straight = if_convert(stmts, kinds, [0])
+    straight = split_reductions(straight)
+    host = [s for s in straight if s.value.is_host]
+    device = [s for s in straight if not s.value.is_host]
+    stages = make_stages(device)
+
+    # Host values the device code reads, and the host statements they need.
+    hv: list[str] = []
+    for s in device:
+        for n in walk_nodes(s.value):
+            if n.op == "var" and n.is_host and n.attr not in hv:
+                hv.append(n.attr)
+    needed = set(hv)
+    keep: list[Assign] = []
+    for s in reversed(host):
+        if s.target in needed or s.role == "host_state":
+            keep.append(s)
+            needed |= {n.attr for n in walk_nodes(s.value) if n.op == "var"}
+    keep.reverse()
+    for s in keep:
+        for n in walk_nodes(s.value):
+            if n.op in ("has", "param_attr"):
+                raise TritonUnsupported(f"'{n.op}' used as a value (only in conditions) in '{s.target}'")
+
+    # Workspace: reduction accumulators, vector-stage temporaries, element temps crossing stages.
+    state_names = {d.name for d in program.state}
+    temps: list[Temp] = [Temp(s.target, s.value.kind, True) for s in device if s.role == "reduce"]
+    for st in stages:
+        if st.kind == "vec":
+            for s in st.statements:
+                if s.target not in state_names and all(t.name != s.target for t in temps):
+                    temps.append(Temp(s.target, s.value.kind, False))
+    spills: dict[int, list[str]] = {}
+    for i, st in enumerate(stages):
+        if st.kind != "pass":
+            continue
+        for s in st.statements:
+            if s.role in ("param", "state", "reduce"):
+                continue
+            later = [x for later_st in stages[i + 1:] for x in later_st.statements]
+            if any(s.target in _reads(x.value) for x in later) and s.target not in spills.get(i, []):
+                spills.setdefault(i, []).append(s.target)
+                if all(t.name != s.target for t in temps):
+                    temps.append(Temp(s.target, s.value.kind, False))
+    creates = [
+        d.name for d in program.state
+        if d.init == "absent" and any(s.target == d.name for s in device)
+    ]
+    return PathPlan(key, keep, stages, hv, temps, spills, creates)
+
+
+def plan_program(program: Program) -> tuple[set[str], list[PathPlan]]:
+    """All path plans of a hoisted program."""
+    dyn = dynamic_names(program)
+    return dyn, [plan_path(program, key, stmts, dyn) for key, stmts in enumerate_paths(program.body, dyn)]

@@ -1,0 +1,378 @@
+"""Launching the triton backend: device-side tables, built once per parameter set and cached.
+
+For each param group the runner keeps, until the set of parameters (or a hyperparameter that
+decides a branch) changes:
+
+* the parameters split into *buckets*, one per (branch path, dtype), each with a device table of
+  pointers, sizes and workspace offsets per tensor and chunk tables for its passes;
+* one flat device tensor of step counts (``state["step"]`` are 0-d views into it) and one per
+  host-state buffer, so the prologue kernel updates them all in one launch;
+* the float64 hyperparameter vector on the device (re-uploaded, without a sync, when it changes).
+
+A step then costs, per bucket: one prologue launch plus one launch per stage of its path. The only
+per-step Python work over parameters is collecting gradient pointers (re-uploaded when they move).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from optgen.ir.nodes import Assign, If, Kind, Program, Stmt
+from optgen.runtime.host import HostContext, evaluate
+
+#: Elements per program of a flat pass, and the tile of a tiled pass (GPU / interpreter).
+GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 1024, "num_warps": 4}
+INTERPRETER_CONFIG = {"BLOCK": 256, "BM": 8, "BN": 32, "VB": 64, "num_warps": 4}
+
+_STORAGE = {torch.float32, torch.bfloat16, torch.float16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_available(device: torch.device) -> None:
+    """Raise a clear error when the triton backend cannot run on ``device``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "backend='triton' needs the triton package: pip install triton (or use backend='torch')"
+        ) from exc
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        return
+    if device.type == "cpu":
+        raise RuntimeError(
+            "backend='triton' got CPU tensors: Triton kernels run on CUDA devices. Set TRITON_INTERPRET=1 "
+            "before importing optgen's generated modules to run them through Triton's (slow) CPU "
+            "interpreter, or use backend='torch' on CPU"
+        )
+    raise RuntimeError(f"backend='triton' does not support {device.type} tensors; use backend='torch'")
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {
+        torch.float32: tl.float32,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.float64: tl.float64,
+    }[dtype]
+
+
+def _dims(p: torch.Tensor) -> tuple[int, int, int]:
+    """(B, M, N): the parameter as a batch of M x N matrices."""
+    shape = tuple(p.shape)
+    n = shape[-1] if len(shape) >= 1 else 1
+    m = shape[-2] if len(shape) >= 2 else 1
+    b = math.prod(shape[:-2]) if len(shape) > 2 else 1
+    return b, m, n
+
+
+@dataclass
+class _Bucket:
+    path: dict
+    idx: list[int]  # positions in the group's parameter list
+    dtype: torch.dtype
+    table: torch.Tensor
+    flat_chunks: torch.Tensor | None
+    tiled_chunks: torch.Tensor | None
+    ws: torch.Tensor
+    acc_size: int
+    hv: torch.Tensor
+    nh: int
+    aligned: bool
+    consts: dict[str, Any]
+    grad_ptrs: tuple[int, ...] = ()
+    gptr: torch.Tensor | None = None
+
+
+@dataclass
+class _GroupCache:
+    ids: tuple[int, ...]
+    snapshot: tuple
+    buckets: list[_Bucket]
+    steps: torch.Tensor | None
+    host_states: dict[str, torch.Tensor]
+    dirty: bool = False
+    hyp_values: tuple | None = None
+    hyp: torch.Tensor | None = None
+    views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class TritonRunner:
+    """The triton backend of one optimizer."""
+
+    def __init__(self, program: Program, module_name: str):
+        self.program = program
+        self.module = importlib.import_module(module_name)
+        if self.module.PLAN is None:
+            raise RuntimeError(f"{program.class_name} has no triton kernels: {self.module.UNSUPPORTED}")
+        self.plan = self.module.PLAN
+        self.dynamic = set(self.plan["dynamic"])
+        self.caches: dict[int, _GroupCache] = {}
+        self.config: dict[str, int] | None = None
+        self.launches = 0  # kernel launches issued (for tests and the benchmark)
+
+    def invalidate(self) -> None:
+        """Forget every table (after load_state_dict or a change of state tensors)."""
+        self.caches.clear()
+
+    # -- building ------------------------------------------------------------------------------
+    def _snapshot(self, group: dict) -> tuple:
+        return tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
+
+    def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
+        ctx = HostContext(group, p, state, tensor_math=False)
+        key: list[tuple[str, bool]] = []
+        _static_pass(self.program.body, ctx, key, self.dynamic)
+        return tuple(key)
+
+    def _build(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> _GroupCache:
+        prog = self.program
+        device = params[0].device
+        check_available(device)
+        cfg = self.config or (INTERPRETER_CONFIG if device.type == "cpu" else GPU_CONFIG)
+        for p in params:
+            if p.device != device:
+                raise RuntimeError(f"{prog.class_name}: all parameters of a group must be on one device for "
+                                   f"backend='triton', got {device} and {p.device}")
+            if p.dtype not in _STORAGE:
+                raise RuntimeError(f"{prog.class_name}: backend='triton' supports float32, bfloat16 and float16 "
+                                   f"parameters, got {p.dtype}; use backend='torch'")
+            if not p.is_contiguous():
+                raise RuntimeError(f"{prog.class_name}: backend='triton' needs contiguous parameters")
+        steps = None
+        if prog.step_store == "tensor":
+            vals = [states[p]["step"] for p in params]
+            steps = torch.stack([v.detach().reshape(()).to(device) for v in vals])
+            for i, p in enumerate(params):
+                states[p]["step"] = steps[i]
+        host_states = {}
+        for d in prog.state:
+            if d.kind == Kind.HOST:
+                vals = [states[p][d.name] for p in params]
+                host_states[d.name] = torch.stack([v.detach().reshape(()).to(device) for v in vals])
+                for i, p in enumerate(params):
+                    states[p][d.name] = host_states[d.name][i]
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            key = self._path_key(group, p, states[p])
+            groups.setdefault((key, p.dtype), []).append(i)
+        cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
+        for (key, dtype), idx in groups.items():
+            path = self.plan["paths"][key]
+            for name in path["creates"]:
+                for i in idx:
+                    if states[params[i]].get(name) is None:
+                        states[params[i]][name] = torch.zeros_like(params[i])
+                        cache.dirty = True  # has(name) flips: the next step takes another path
+            cache.buckets.append(self._bucket(path, idx, dtype, params, states, cfg, device))
+        return cache
+
+    def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
+                states: dict, cfg: dict, device: torch.device) -> _Bucket:
+        prog = self.program
+        temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path["temps"]]
+        rows: list[list[int]] = []
+        ws_size = 0
+        acc_size = 0
+        aligned = True
+        flat, tiled = [], []
+        for t, i in enumerate(idx):
+            p = params[i]
+            st = states[p]
+            b, m, n = _dims(p)
+            row = []
+            for col in path["columns"]:
+                if col == "param":
+                    row.append(p.data_ptr())
+                elif col.startswith("state:"):
+                    buf = st.get(col[6:])
+                    row.append(buf.data_ptr() if isinstance(buf, torch.Tensor) else 0)
+                    if isinstance(buf, torch.Tensor) and buf.dim() == p.dim() and buf.data_ptr() % 16:
+                        aligned = False
+                elif col == "numel":
+                    row.append(p.numel())
+                elif col in ("B", "M", "N"):
+                    row.append({"B": b, "M": m, "N": n}[col])
+                elif col == "ndim":
+                    row.append(p.dim())
+                elif col == "gidx":
+                    row.append(i)
+                else:
+                    row.append(-1)  # workspace offsets, filled below
+            rows.append(row)
+            if p.data_ptr() % 16:
+                aligned = False
+            for s in range(0, p.numel(), cfg["BLOCK"]):
+                flat.append((t, s))
+            if p.numel():
+                for bb in range(b):
+                    for i0 in range(0, m, cfg["BM"]):
+                        for j0 in range(0, n, cfg["BN"]):
+                            tiled.append((t, bb, i0, j0))
+        # workspace: accumulators first (zeroed every step), 16-byte aligned slots
+        for acc_pass in (True, False):
+            for name, kind, acc in temps:
+                if acc != acc_pass:
+                    continue
+                c = path["columns"].index(f"ws:{name}")
+                for t, i in enumerate(idx):
+                    b, m, n = _dims(params[i])
+                    size = {Kind.ELEMENT: params[i].numel(), Kind.ROW: b * m, Kind.COL: b * n,
+                            Kind.MATRIX: b, Kind.TENSOR: 1}[kind]
+                    rows[t][c] = ws_size
+                    ws_size += -(-size // 4) * 4
+            if acc_pass:
+                acc_size = ws_size
+        table = torch.tensor(rows, dtype=torch.int64).reshape(len(idx), len(path["columns"])).to(device)
+        nh = max(len(path["hv"]), 1)
+        consts = {
+            "TBL_W": len(path["columns"]), "NH": nh, "BLOCK": cfg["BLOCK"], "BM": cfg["BM"], "BN": cfg["BN"],
+            "VB": cfg["VB"], "P_DT": _tl_dtype(dtype), "num_warps": cfg["num_warps"],
+            "STEP_DT": _tl_dtype(self.caches_step_dtype(params, states)),
+        }
+        for d in prog.state:
+            consts[f"DT_{d.name}"] = _tl_dtype(_state_dtype(d, dtype))
+        ident = lambda rows_: torch.tensor(rows_, dtype=torch.int64).to(device) if rows_ else None  # noqa: E731
+        return _Bucket(
+            path=path, idx=idx, dtype=dtype, table=table, flat_chunks=ident(flat), tiled_chunks=ident(tiled),
+            ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
+            hv=torch.zeros(len(idx) * nh, dtype=torch.float32, device=device), nh=nh, aligned=aligned,
+            consts=consts,
+        )
+
+    def caches_step_dtype(self, params: list[torch.Tensor], states: dict) -> torch.dtype:
+        if self.program.step_store != "tensor":
+            return torch.float32
+        return states[params[0]]["step"].dtype
+
+    # -- stepping ------------------------------------------------------------------------------
+    def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> None:
+        """One step of the parameters of group ``gi`` that have gradients."""
+        cache = self.caches.get(gi)
+        if (
+            cache is None
+            or cache.dirty
+            or cache.ids != tuple(map(id, params))
+            or cache.snapshot != self._snapshot(group)
+        ):
+            cache = self._build(gi, group, params, states)
+            self.caches[gi] = cache
+            dirty_after = cache.dirty
+            cache.dirty = False
+        else:
+            dirty_after = False
+        device = params[0].device
+        hyp = self._hypers(cache, group, device)
+        hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
+        steps = cache.steps if cache.steps is not None else hyp
+        for bucket in cache.buckets:
+            gptr = self._grad_pointers(bucket, params)
+            if bucket.acc_size:
+                bucket.ws[: bucket.acc_size].zero_()
+            for kernel_name, kind in bucket.path["launches"]:
+                if kind == "flat":
+                    chunks, grid = bucket.flat_chunks, 0 if bucket.flat_chunks is None else len(bucket.flat_chunks)
+                elif kind == "tiled":
+                    chunks, grid = bucket.tiled_chunks, 0 if bucket.tiled_chunks is None else len(bucket.tiled_chunks)
+                else:
+                    chunks, grid = bucket.table, len(bucket.idx)
+                if grid == 0:
+                    continue
+                kernel = self.module.KERNELS[kernel_name]
+                kernel[(grid,)](
+                    bucket.table, chunks, gptr, bucket.hv, bucket.ws, hyp, steps, **hs_args,
+                    ALIGNED=bucket.aligned and kind == "flat", **bucket.consts,
+                )
+                self.launches += 1
+        if dirty_after:
+            cache.dirty = True
+
+    def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:
+        values = []
+        device_tensors = []
+        for slot, (name, idx) in enumerate(self.plan["hyper_slots"]):
+            v = group[name]
+            if idx is not None:
+                v = v[idx]
+            if isinstance(v, torch.Tensor):
+                if v.device.type != "cpu":
+                    device_tensors.append((slot, v))
+                    values.append(0.0)
+                    continue
+                v = v.item()
+            values.append(float(v))
+        values_t = tuple(values)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if cache.hyp is None or (values_t != cache.hyp_values and not capturing):
+            host = torch.tensor(values or [0.0], dtype=torch.float64)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            cache.hyp = host.to(device, non_blocking=True)
+            cache.hyp_values = values_t
+        for slot, v in device_tensors:
+            cache.hyp[slot].copy_(v.reshape(()))
+        return cache.hyp
+
+    def _grad_pointers(self, bucket: _Bucket, params: list[torch.Tensor]) -> torch.Tensor:
+        ptrs = []
+        for i in bucket.idx:
+            p = params[i]
+            g = p.grad
+            if g.dtype != p.dtype or g.shape != p.shape or not g.is_contiguous() or g.device != p.device:
+                raise RuntimeError(
+                    f"{self.program.class_name}: backend='triton' needs contiguous gradients of the parameter's "
+                    f"shape, dtype and device; got {tuple(g.shape)} {g.dtype} for {tuple(p.shape)} {p.dtype}"
+                )
+            ptrs.append(g.data_ptr())
+        key = tuple(ptrs)
+        if key != bucket.grad_ptrs or bucket.gptr is None:
+            host = torch.tensor(ptrs, dtype=torch.int64)
+            if params[0].device.type == "cuda":
+                host = host.pin_memory()
+            bucket.gptr = host.to(params[0].device, non_blocking=True)
+            bucket.grad_ptrs = key
+            if bucket.aligned and any(x % 16 for x in ptrs):
+                bucket.aligned = False
+        return bucket.gptr
+
+
+def _state_dtype(decl, param_dtype: torch.dtype) -> torch.dtype:
+    return {
+        "param": param_dtype,
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "default": torch.get_default_dtype(),
+    }[decl.dtype]
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v))
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _static_pass(stmts: list[Stmt], ctx: HostContext, key: list, dynamic: set[str]) -> None:
+    """Decide the static conditions for one parameter, in the order the code generator did."""
+    for s in stmts:
+        if isinstance(s, If):
+            if s.cond.attr in dynamic:
+                continue
+            taken = bool(ctx.env[s.cond.attr]) if s.cond.attr in ctx.env else bool(evaluate(s.cond, ctx))
+            key.append((s.cond.attr, taken))
+            _static_pass(s.then if taken else s.orelse, ctx, key, dynamic)
+        elif isinstance(s, Assign) and s.value.is_host and s.target not in dynamic:
+            ctx.env[s.target] = evaluate(s.value, ctx)
