@@ -171,6 +171,22 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
         typer.echo(f"  phase {ph.index}: {targets}{extra}")
 
 
+@app.command()
+def bench(
+    spec: Path = typer.Argument(..., help="spec to benchmark (its triton backend)"),
+    baseline: Path = typer.Option(SPECS / "adamw.yaml", "--baseline", help="spec whose kernels are the ratio base"),
+    plot: Path | None = typer.Option(None, "--plot", help="write a PNG of step time against parameter count"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the raw results as JSON"),
+) -> None:
+    """Step time, peak memory and bandwidth vs torch.optim.AdamW, as ratios from one run (needs a GPU)."""
+    from optgen.bench import run
+
+    try:
+        run(str(spec), str(baseline), str(plot) if plot else None, str(json_out) if json_out else None)
+    except SpecError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

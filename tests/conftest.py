@@ -1,7 +1,13 @@
+import os
 import warnings
 
 import pytest
 import torch
+
+# Triton kernels run through Triton's CPU interpreter where there is no GPU. Triton reads the
+# variable when a kernel module is imported, so it is set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -72,8 +72,8 @@ def sqrt(x):
 
 @triton.jit
 def sign(x):
-    """torch.sign: -1, 0 or 1, and NaN for NaN."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+    """torch.sign, computed as (0 < x) - (x < 0): -1, 0 or 1, and 0 for NaN."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
 
 @triton.jit
@@ -100,15 +100,19 @@ def lerp(a, b, w):
 @triton.jit
 def pow_(a, s):
     """a ** s for a >= 0 (fp32, through exp2/log2); negative bases give NaN."""
-    r = tl.exp2(s * tl.log2(a))
-    r = tl.where(a == 0.0, tl.where(s > 0, 0.0, tl.where(s == 0, 1.0, float("inf"))), r)
+    safe = tl.where(a == 0.0, 1.0, a)
+    r = tl.exp2(s * tl.log2(safe))
+    r = tl.where(a == 0.0, tl.where(s > 0, 0.0, float("inf")), r)
+    r = tl.where(a < 0.0, float("nan"), r)
     return tl.where(s == 0, 1.0, r)
 
 
 @triton.jit
 def pow64(a, b):
     """``a ** b`` in float64 for host scalars, as Python computes it (integer powers of negatives too)."""
-    r = tl.exp(b * tl.log(tl.abs(a)))
+    la = tl.abs(a)
+    r = tl.exp(b * tl.log(tl.where(la == 0.0, 1.0, la)))
+    r = tl.where(la == 0.0, tl.where(b > 0, 0.0, float("inf")), r)
     fb = tl.floor(b)
     integral = fb == b
     odd = integral & ((fb - 2.0 * tl.floor(fb * 0.5)) != 0.0)

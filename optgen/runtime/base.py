@@ -154,7 +154,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             if self.backend == "triton":
-                self._triton_runner().step(gi, group, params, self.state)
+                _triton_step(self._triton_runner(), gi, group, params, self.state)
                 continue
             if self._program.step_store == "tensor":
                 torch._foreach_add_([self.state[p]["step"] for p in params], 1)
@@ -220,6 +220,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for b in buffers:
                 dist.broadcast(b, src=0)
+
+
+@torch.compiler.disable
+def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any) -> None:
+    # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
+    # which a traced graph cannot hold; forward and backward stay compiled around it.
+    runner.step(gi, group, params, state)
 
 
 def _auto_triton(groups: list[dict[str, Any]]) -> bool:

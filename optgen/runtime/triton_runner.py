@@ -281,6 +281,7 @@ class TritonRunner:
             gptr = self._grad_pointers(bucket, params)
             if bucket.acc_size:
                 bucket.ws[: bucket.acc_size].zero_()
+                self.launches += 1
             for kernel_name, kind in bucket.path["launches"]:
                 if kind == "flat":
                     chunks, grid = bucket.flat_chunks, 0 if bucket.flat_chunks is None else len(bucket.flat_chunks)

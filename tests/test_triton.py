@@ -1,0 +1,263 @@
+"""The triton backend against the reference backend, for every spec.
+
+On a machine without a GPU the kernels run through Triton's interpreter on CPU tensors (conftest
+sets TRITON_INTERPRET=1); with a GPU the same tests run on CUDA. 20 steps on a parameter list with
+0-D, 1-D, 2-D, 3-D batched and empty tensors and sizes that are not multiples of the block.
+
+Tolerances (stated per storage dtype): the triton backend computes in fp32 with its own atan2 and
+its own summation order for reductions, so it is not bit-identical to the reference's torch ops.
+fp32: |diff| <= 2e-6 * (1 + |p|) after 20 steps, about 16 ulp at unit scale, far below any real
+departure (a wrong coefficient or a missed bias correction moves params by >= 1e-4). bf16: the
+oracle is the reference backend in fp32 with params and states rounded to bf16 after every step
+(exactly the triton backend's storage rule); rounding ties decided differently by one fp32 ulp
+flip single values by one bf16 ulp, so the test allows 2 bf16 ulps on at most 1% of the values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.published import ROOT, settings
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPECS = {
+    "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW",
+    "nadam": "NAdam", "radam": "RAdam", "adams": "Adams", "adams_zero": "Adams_ZeRO",
+}
+#: 0-D, 1-D (not a multiple of the 256-element interpreter block), 2-D, (1, N), (M, 1), 3-D batched,
+#: empty, and a matrix spanning several tiles of each kind.
+SHAPES = [(), (300,), (5, 7), (1, 9), (9, 1), (3, 4, 6), (0,), (0, 4), (40, 33), (17,)]
+STEPS = 20
+
+
+def _cls(spec: str):
+    return getattr(importlib.import_module(f"generated.{spec}"), SPECS[spec])
+
+
+def _extra(spec: str, setting: dict) -> dict:
+    # SGD's first setting has no momentum: give every SGD case some so the buffer path runs.
+    return {"momentum": 0.9} | setting if spec == "sgd" and "momentum" not in setting else setting
+
+
+def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate: torch.dtype | None = None,
+         shapes=SHAPES, steps: int = STEPS):
+    """Train params of ``shapes`` on seeded random gradients; returns params and the optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    if emulate is not None:
+        init = [x.to(emulate).float() for x in init]
+    params = [torch.nn.Parameter(x.to(dtype).to(DEVICE if backend == "triton" else "cpu")) for x in init]
+    opt = _cls(spec)(params, backend=backend, **_extra(spec, setting))
+    for _ in range(steps):
+        for p in params:
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g.to(p.dtype).to(p.device)
+            if emulate is not None:
+                p.grad = p.grad.to(emulate).to(p.dtype)
+        opt.step()
+        if emulate is not None:  # storage rounding, as the triton backend applies it
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(p.to(emulate).to(p.dtype))
+                    for k, v in opt.state[p].items():
+                        if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == p.dim():
+                            v.copy_(v.to(emulate).to(v.dtype))
+    return [p.detach().float().cpu() for p in params], opt
+
+
+CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec))]
+
+
+@pytest.mark.parametrize(("spec", "index", "setting"), CASES, ids=[f"{s}-{i}" for s, i, _ in CASES])
+def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> None:
+    expected, _ = _run(spec, setting, "reference", torch.float32)
+    got, opt = _run(spec, setting, "triton", torch.float32)
+    for e, g, shape in zip(expected, got, SHAPES):
+        assert g.shape == e.shape
+        bound = 2e-6 * (1 + e.abs())
+        assert torch.all((g - e).abs() <= bound), f"{shape}: max diff {(g - e).abs().max():.3e}"
+    for st in opt.state.values():  # the step counts live on the device and are written back
+        assert "step" not in st or st["step"].item() == STEPS
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_triton_matches_reference_bf16(spec: str) -> None:
+    setting = settings(spec)[0]
+    expected, _ = _run(spec, setting, "reference", torch.float32, emulate=torch.bfloat16)
+    got, _ = _run(spec, setting, "triton", torch.bfloat16)
+    ulp = 2.0**-7
+    for e, g, shape in zip(expected, got, SHAPES):
+        if not e.numel():
+            continue
+        e16 = e.to(torch.bfloat16).float()
+        diff = (g - e16).abs()
+        bound = 2 * ulp * e16.abs().clamp_min(2.0**-126)
+        assert torch.all(diff <= 2 * bound + 1e-6), f"{shape}: max diff {diff.max():.3e}"
+        assert (diff > 0).float().mean() <= 0.01 or diff.numel() < 100, f"{shape}: too many ulp flips"
+
+
+def test_many_tensors_one_launch_per_stage() -> None:
+    """300 tensors (more than torch's multi_tensor_apply puts in one launch) in one launch per stage."""
+    shapes = [(i % 7 + 1, 5) for i in range(300)] + [(2000,)]
+    expected, _ = _run("adamw", {}, "reference", torch.float32, shapes=shapes, steps=3)
+    got, opt = _run("adamw", {}, "triton", torch.float32, shapes=shapes, steps=3)
+    for e, g in zip(expected, got):
+        assert torch.allclose(g, e, rtol=2e-6, atol=2e-6)
+    assert opt._triton.launches == 3 * 2  # prologue + one fused pass per step
+
+
+def test_launch_count_adams() -> None:
+    got, opt = _run("adams", {}, "triton", torch.float32, steps=1)
+    # matrices: prologue, zeroing the accumulators, 3 passes and 2 vector stages; the rest: prologue
+    # and one pass
+    assert opt._triton.launches == 7 + 2
+
+
+def test_tables_are_cached_and_rebuilt_when_params_change() -> None:
+    params = [torch.nn.Parameter(torch.randn(10, device=DEVICE)) for _ in range(3)]
+    opt = _cls("adamw")(params, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    cache = opt._triton.caches[0]
+    for p in params:
+        p.grad = torch.ones_like(p)  # new gradient tensors: only their pointers are re-uploaded
+    opt.step()
+    assert opt._triton.caches[0] is cache
+    params[1].grad = None
+    opt.step()
+    assert opt._triton.caches[0] is not cache
+    assert [opt.state[p]["step"].item() for p in params] == [3, 2, 3]
+
+
+def test_lr_scheduler_and_tensor_lr() -> None:
+    shapes = [(50,), (6, 7)]
+    ref = _cls("adamw")([torch.nn.Parameter(torch.ones(s)) for s in shapes], lr=0.1, backend="reference")
+    tri = _cls("adamw")([torch.nn.Parameter(torch.ones(s, device=DEVICE)) for s in shapes], lr=0.1, backend="triton")
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ref, tri)]
+    for i in range(6):
+        for o in (ref, tri):
+            for p in o.param_groups[0]["params"]:
+                p.grad = torch.full_like(p, (-1.0) ** i)
+            o.step()
+        for s in scheds:
+            s.step()
+    for a, b in zip(ref.param_groups[0]["params"], tri.param_groups[0]["params"]):
+        assert torch.allclose(a, b.cpu(), rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_round_trip_with_reference() -> None:
+    got, opt = _run("adam", {"amsgrad": True}, "triton", torch.float32, steps=5)
+    sd = opt.state_dict()
+    params = [torch.nn.Parameter(g.clone()) for g in got]
+    ref = _cls("adam")(params, amsgrad=True, backend="reference")
+    ref.load_state_dict(sd)
+    assert all(ref.state[p]["step"].item() == 5 for p in params)
+    opt.load_state_dict(sd)  # and back: the runner rebuilds its tables
+    assert not opt._triton.caches
+
+
+def test_absent_state_created_then_reused() -> None:
+    """SGD's momentum buffer is created by the first step (a branch of its own) and then updated."""
+    expected, _ = _run("sgd", {"momentum": 0.9, "dampening": 0.1}, "reference", torch.float32, steps=4)
+    got, opt = _run("sgd", {"momentum": 0.9, "dampening": 0.1}, "triton", torch.float32, steps=4)
+    for e, g in zip(expected, got):
+        assert torch.allclose(g, e, rtol=2e-6, atol=2e-6)
+    assert all("momentum_buffer" in st for st in opt.state.values())
+
+
+def test_cpu_without_interpreter_says_what_to_do() -> None:
+    code = (
+        "import torch\n"
+        "from generated.adamw import AdamW\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "AdamW([p], backend='triton').step()\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "TRITON_INTERPRET=1" in r.stderr and "backend='torch'" in r.stderr
+
+
+def test_auto_backend_is_torch_on_cpu() -> None:
+    opt = _cls("adamw")([torch.nn.Parameter(torch.ones(3))])
+    assert opt.backend == ("torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_backend_is_triton_on_cuda_and_scheduler_never_recompiles() -> None:
+    p = torch.nn.Parameter(torch.ones(1000, device="cuda"))
+    opt = _cls("adamw")([p], lr=0.1)
+    assert opt.backend == "triton"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    mod = importlib.import_module("generated.adamw_triton")
+    compiled = sum(len(k.device_caches[0][0]) for k in mod.KERNELS.values() if hasattr(k, "device_caches"))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert sum(len(k.device_caches[0][0]) for k in mod.KERNELS.values() if hasattr(k, "device_caches")) == compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_capture_of_step() -> None:
+    shapes = [(100,), (30, 20)]
+    ps = [torch.nn.Parameter(torch.ones(s, device="cuda")) for s in shapes]
+    ref = [torch.nn.Parameter(torch.ones(s, device="cuda")) for s in shapes]
+    opt = _cls("adamw")(ps, lr=0.01, backend="triton")
+    opt_ref = _cls("adamw")(ref, lr=0.01, backend="triton")
+    for p in ps + ref:
+        p.grad = torch.ones_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            opt.step()
+            opt_ref.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        opt.step()
+    for _ in range(5):
+        g.replay()
+        opt_ref.step()
+    torch.cuda.synchronize()
+    for a, b in zip(ps, ref):
+        assert torch.equal(a, b)
+    assert opt.state[ps[0]]["step"].item() == 7
+
+
+def test_compiled_training_step_graph_breaks_into_the_kernels() -> None:
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    if DEVICE == "cuda":
+        models = [m.cuda() for m in models]
+        x, y = x.cuda(), y.cuda()
+    opts = [_cls("adamw")(m.parameters(), lr=0.01, backend="triton") for m in models]
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(train_step, backend="eager" if DEVICE == "cpu" else "inductor")
+    for _ in range(4):
+        a = train_step(models[0], opts[0])
+        b = compiled(models[1], opts[1])
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
