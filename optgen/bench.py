@@ -51,12 +51,13 @@ def load_class(spec_path: str | Path) -> type:
     """Build a spec into a private package and import its optimizer class."""
     built = compile_spec(spec_path)
     tmp = Path(tempfile.mkdtemp(prefix="optgen_bench_"))
-    pkg = tmp / "optgen_bench_pkg"
+    pkg_name = f"optgen_bench_{built.module}"
+    pkg = tmp / pkg_name
     for name, text in built.files().items():
         write_atomic(pkg / name, text)
     write_atomic(pkg / "__init__.py", "")
     sys.path.insert(0, str(tmp))
-    module = importlib.import_module(f"optgen_bench_pkg.{built.module}")
+    module = importlib.import_module(f"{pkg_name}.{built.module}")
     return getattr(module, built.program.class_name)
 
 

@@ -19,10 +19,12 @@ import triton.language as tl
 #: True when kernels run on Triton's CPU interpreter.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_PI = 3.141592653589793
-_PI_2 = 1.5707963267948966
-_PI_4 = 0.7853981633974483
-_TAN_PI_8 = 0.41421356237309503
+_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
+_PI = tl.constexpr(3.141592653589793)
+_PI_2 = tl.constexpr(1.5707963267948966)
+_PI_4 = tl.constexpr(0.7853981633974483)
+_TAN_PI_8 = tl.constexpr(0.41421356237309503)
 
 
 @triton.jit
@@ -42,7 +44,7 @@ def atan2(y, x):
     ay = tl.abs(y)
     mx = tl.maximum(ax, ay)
     mn = tl.minimum(ax, ay)
-    both_inf = (mx == float("inf")) & (mn == float("inf"))
+    both_inf = (mx == _INF) & (mn == _INF)
     safe_mx = tl.where(mx == 0.0, 1.0, mx)
     a = tl.math.div_rn(mn, safe_mx)
     a = tl.where(both_inf, 1.0, a)
@@ -53,7 +55,7 @@ def atan2(y, x):
     r = tl.where(big, _PI_4 + p, p)
     r = tl.where(ay > ax, _PI_2 - r, r)
     r = tl.where(signbit(x), _PI - r, r)
-    r = tl.where((x != x) | (y != y), float("nan"), r)
+    r = tl.where((x != x) | (y != y), _NAN, r)
     return tl.where(signbit(y), -r, r)
 
 
@@ -102,8 +104,8 @@ def pow_(a, s):
     """a ** s for a >= 0 (fp32, through exp2/log2); negative bases give NaN."""
     safe = tl.where(a == 0.0, 1.0, a)
     r = tl.exp2(s * tl.log2(safe))
-    r = tl.where(a == 0.0, tl.where(s > 0, 0.0, float("inf")), r)
-    r = tl.where(a < 0.0, float("nan"), r)
+    r = tl.where(a == 0.0, tl.where(s > 0, 0.0, _INF), r)
+    r = tl.where(a < 0.0, _NAN, r)
     return tl.where(s == 0, 1.0, r)
 
 
@@ -112,12 +114,12 @@ def pow64(a, b):
     """``a ** b`` in float64 for host scalars, as Python computes it (integer powers of negatives too)."""
     la = tl.abs(a)
     r = tl.exp(b * tl.log(tl.where(la == 0.0, 1.0, la)))
-    r = tl.where(la == 0.0, tl.where(b > 0, 0.0, float("inf")), r)
+    r = tl.where(la == 0.0, tl.where(b > 0, 0.0, _INF), r)
     fb = tl.floor(b)
     integral = fb == b
     odd = integral & ((fb - 2.0 * tl.floor(fb * 0.5)) != 0.0)
     r = tl.where((a < 0) & odd, -r, r)
-    r = tl.where((a < 0) & (integral == 0), float("nan"), r)
+    r = tl.where((a < 0) & (integral == 0), _NAN, r)
     return tl.where(b == 0.0, 1.0, r)
 
 
