@@ -20,7 +20,9 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
+# No NaN global: Triton checks that globals are unchanged with `!=`, which NaN never passes.
+_NAN32_BITS = tl.constexpr(0x7FC00000)
+_NAN64_BITS = tl.constexpr(0x7FF8000000000000)
 _PI = tl.constexpr(3.141592653589793)
 _PI_2 = tl.constexpr(1.5707963267948966)
 _PI_4 = tl.constexpr(0.7853981633974483)
@@ -55,7 +57,7 @@ def atan2(y, x):
     r = tl.where(big, _PI_4 + p, p)
     r = tl.where(ay > ax, _PI_2 - r, r)
     r = tl.where(signbit(x), _PI - r, r)
-    r = tl.where((x != x) | (y != y), _NAN, r)
+    r = tl.where((x != x) | (y != y), x + y, r)
     return tl.where(signbit(y), -r, r)
 
 
@@ -105,7 +107,7 @@ def pow_(a, s):
     safe = tl.where(a == 0.0, 1.0, a)
     r = tl.exp2(s * tl.log2(safe))
     r = tl.where(a == 0.0, tl.where(s > 0, 0.0, _INF), r)
-    r = tl.where(a < 0.0, _NAN, r)
+    r = tl.where(a < 0.0, tl.full((), _NAN32_BITS, tl.int32).to(tl.float32, bitcast=True), r)
     return tl.where(s == 0, 1.0, r)
 
 
@@ -119,7 +121,8 @@ def pow64(a, b):
     integral = fb == b
     odd = integral & ((fb - 2.0 * tl.floor(fb * 0.5)) != 0.0)
     r = tl.where((a < 0) & odd, -r, r)
-    r = tl.where((a < 0) & (integral == 0), _NAN, r)
+    nan = tl.full((), _NAN64_BITS, tl.int64).to(tl.float64, bitcast=True)
+    r = tl.where((a < 0) & (integral == 0), nan, r)
     return tl.where(b == 0.0, 1.0, r)
 
 
