@@ -56,12 +56,19 @@ def _adams_zero_tiled0(
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
     M = tl.load(tab + t * TBL_W + 7)
     N = tl.load(tab + t * TBL_W + 8)
+    if ALIGNED:
+        N = tl.multiple_of(N, 16)
+        cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
     rows2 = rows[:, None]
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
     p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
+    if ALIGNED:
+        p_u = tl.multiple_of(p_u, 16)
     v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
     v2 = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
     part3 = L.masked((v1 * v2), mask)
@@ -113,11 +120,16 @@ def _adams_zero_tiled1(
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
     M = tl.load(tab + t * TBL_W + 7)
     N = tl.load(tab + t * TBL_W + 8)
+    if ALIGNED:
+        N = tl.multiple_of(N, 16)
+        cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
     rows2 = rows[:, None]
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
     p_v = ws + tl.load(tab + t * TBL_W + 13)
     v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
     v2 = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
@@ -199,19 +211,32 @@ def _adams_zero_tiled2(
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
     M = tl.load(tab + t * TBL_W + 7)
     N = tl.load(tab + t * TBL_W + 8)
+    if ALIGNED:
+        N = tl.multiple_of(N, 16)
+        cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
     rows2 = rows[:, None]
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
     p_s = ws + tl.load(tab + t * TBL_W + 15)
     p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
+    if ALIGNED:
+        p_u = tl.multiple_of(p_u, 16)
     p_v = ws + tl.load(tab + t * TBL_W + 13)
     h__k0 = tl.load(hv + t * NH + 0)
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
     h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     h__k3 = tl.load(hv + t * NH + 2)
     h__k4 = tl.load(hv + t * NH + 3)
     h__k5 = tl.load(hv + t * NH + 4)

@@ -403,6 +403,9 @@ class _DeviceCtx:
                 "    cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)",
                 f"    M = {self.em.col('M')}",
                 f"    N = {self.em.col('N')}",
+                "    if ALIGNED:",
+                "        N = tl.multiple_of(N, 16)",
+                "        cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)",
                 "    rows2 = rows[:, None]",
                 "    cols2 = cols[None, :]",
                 "    offs = b * M * N + rows2 * N + cols2",
@@ -431,7 +434,7 @@ class _DeviceCtx:
             line = f"{local} = {src}.to(tl.pointer_type({dt}))"
         if target is not None:
             target.append("    " + line)
-            if src is not None and self.mode == "flat":
+            if src is not None:
                 target.append(f"    if ALIGNED:\n        {local} = tl.multiple_of({local}, 16)")
         else:
             self.body.emit(line)

@@ -27,7 +27,7 @@ from optgen.ir.nodes import Assign, If, Kind, Program, Stmt
 from optgen.runtime.host import HostContext, evaluate
 
 #: Elements per program of a flat pass, and the tile of a tiled pass (GPU / interpreter).
-GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 1024, "num_warps": 4}
+GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 4096, "num_warps": 4}
 INTERPRETER_CONFIG = {"BLOCK": 256, "BM": 8, "BN": 32, "VB": 64, "num_warps": 4}
 
 _STORAGE = {torch.float32, torch.bfloat16, torch.float16}
@@ -90,7 +90,8 @@ class _Bucket:
     acc_size: int
     hv: torch.Tensor
     nh: int
-    aligned: bool
+    aligned: bool  # every pointer 16-byte aligned
+    n_aligned: bool  # every row length a multiple of 16 elements (tiled passes vectorise)
     consts: dict[str, Any]
     grad_ptrs: tuple[int, ...] = ()
     gptr: torch.Tensor | None = None
@@ -249,6 +250,7 @@ class TritonRunner:
             path=path, idx=idx, dtype=dtype, table=table, flat_chunks=ident(flat), tiled_chunks=ident(tiled),
             ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
             hv=torch.zeros(len(idx) * nh, dtype=torch.float32, device=device), nh=nh, aligned=aligned,
+            n_aligned=all(_dims(params[i])[2] % 16 == 0 for i in idx),
             consts=consts,
         )
 
@@ -294,7 +296,8 @@ class TritonRunner:
                 kernel = self.module.KERNELS[kernel_name]
                 kernel[(grid,)](
                     bucket.table, chunks, gptr, bucket.hv, bucket.ws, hyp, steps, **hs_args,
-                    ALIGNED=bucket.aligned and kind == "flat", **bucket.consts,
+                    ALIGNED=bucket.aligned and (kind == "flat" or (kind == "tiled" and bucket.n_aligned)),
+                    **bucket.consts,
                 )
                 self.launches += 1
         if dirty_after:
