@@ -10,7 +10,8 @@ fp32: |diff| <= 2e-6 * (1 + |p|) after 20 steps, about 16 ulp at unit scale, far
 departure (a wrong coefficient or a missed bias correction moves params by >= 1e-4). bf16: the
 oracle is the reference backend in fp32 with params and states rounded to bf16 after every step
 (exactly the triton backend's storage rule); rounding ties decided differently by one fp32 ulp
-flip single values by one bf16 ulp, so the test allows 2 bf16 ulps on at most 1% of the values.
+flip single values by one bf16 ulp (on a GPU also fused multiply-adds), so the test allows 2 bf16
+ulps (of the value, or of 0.02 where an O(lr) update cancelled it) on at most 1% of the values.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def test_triton_matches_reference_bf16(spec: str) -> None:
             continue
         e16 = e.to(torch.bfloat16).float()
         diff = (g - e16).abs()
-        bound = 2 * ulp * e16.abs().clamp_min(2.0**-126)
-        assert torch.all(diff <= 2 * bound + 1e-6), f"{shape}: max diff {diff.max():.3e}"
+        # 2 ulps of the result, or of the O(lr) values it may have cancelled down from
+        bound = 2 * ulp * (e16.abs() + 0.02)
+        assert torch.all(diff <= bound), f"{shape}: max diff {diff.max():.3e}"
         assert (diff > 0).float().mean() <= 0.01 or diff.numel() < 100, f"{shape}: too many ulp flips"
 
 

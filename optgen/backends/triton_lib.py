@@ -23,6 +23,7 @@ _INF = tl.constexpr(float("inf"))
 # No NaN global: Triton checks that globals are unchanged with `!=`, which NaN never passes.
 _NAN32_BITS = tl.constexpr(0x7FC00000)
 _NAN64_BITS = tl.constexpr(0x7FF8000000000000)
+_SIGN_BIT = tl.constexpr(-0x80000000)
 _PI = tl.constexpr(3.141592653589793)
 _PI_2 = tl.constexpr(1.5707963267948966)
 _PI_4 = tl.constexpr(0.7853981633974483)
@@ -58,7 +59,9 @@ def atan2(y, x):
     r = tl.where(ay > ax, _PI_2 - r, r)
     r = tl.where(signbit(x), _PI - r, r)
     r = tl.where((x != x) | (y != y), x + y, r)
-    return tl.where(signbit(y), -r, r)
+    # the sign of y by flipping the sign bit: compiled `-r` can be `0 - r`, which loses -0.0
+    flipped = (r.to(tl.int32, bitcast=True) ^ _SIGN_BIT).to(tl.float32, bitcast=True)
+    return tl.where(signbit(y), flipped, r)
 
 
 @triton.jit
