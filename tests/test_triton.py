@@ -100,10 +100,13 @@ def test_triton_matches_reference_bf16(spec: str) -> None:
             continue
         e16 = e.to(torch.bfloat16).float()
         diff = (g - e16).abs()
-        # 2 ulps of the result, or of the O(lr) values it may have cancelled down from
-        bound = 2 * ulp * (e16.abs() + 0.02)
+        # 2 ulps of the result, or of the O(lr) values it may have cancelled down from; compiled
+        # kernels contract multiply-adds, which on an H100 flipped 0.6% of SGD's bf16 values by up to
+        # 4 ulps over 20 steps (interpreter: 0 flips), so 4 there
+        bound = (2 if DEVICE == "cpu" else 4) * ulp * (e16.abs() + 0.02)
         assert torch.all(diff <= bound), f"{shape}: max diff {diff.max():.3e}"
-        assert (diff > 0).float().mean() <= 0.01 or diff.numel() < 100, f"{shape}: too many ulp flips"
+        flips = (diff > 0).float().mean()
+        assert flips <= 0.01 or diff.numel() < 100, f"{shape}: {flips:.2%} of the values flipped"
 
 
 def test_many_tensors_one_launch_per_stage() -> None:
