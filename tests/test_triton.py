@@ -100,10 +100,11 @@ def test_triton_matches_reference_bf16(spec: str) -> None:
             continue
         e16 = e.to(torch.bfloat16).float()
         diff = (g - e16).abs()
-        # 2 ulps of the result, or of the O(lr) values it may have cancelled down from; compiled
-        # kernels contract multiply-adds, which on an H100 flipped 0.6% of SGD's bf16 values by up to
-        # 4 ulps over 20 steps (interpreter: 0 flips), so 4 there
-        bound = (2 if DEVICE == "cpu" else 4) * ulp * (e16.abs() + 0.02)
+        # 2 ulps of the result, or of the O(lr) values it may have cancelled down from. Compiled kernels
+        # contract multiply-adds; a bf16 rounding of a momentum buffer decided the other way then moves
+        # the param by lr * ulp(buffer) (measured on an H100: up to 0.004 on SGD's 0.1-sized values
+        # after 20 steps, 0.6% of values; the interpreter: 0 flips), hence the larger floor there
+        bound = 2 * ulp * (e16.abs() + (0.02 if DEVICE == "cpu" else 0.25))
         assert torch.all(diff <= bound), f"{shape}: max diff {diff.max():.3e}"
         flips = (diff > 0).float().mean()
         assert flips <= 0.01 or diff.numel() < 100, f"{shape}: {flips:.2%} of the values flipped"
