@@ -6,6 +6,7 @@ from generated.adam import Adam
 from generated.adams import Adams
 from generated.adams_zero import Adams_ZeRO
 from generated.adamw import AdamW
+from generated.adamw_adv import AdamW_adv
 from generated.nadam import NAdam
 from generated.radam import RAdam
 from generated.rmsprop import RMSprop
@@ -15,6 +16,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamW_adv",
     "Adams",
     "Adams_ZeRO",
     "NAdam",

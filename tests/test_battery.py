@@ -170,6 +170,12 @@ def test_unknown_backend_and_argument() -> None:
         generated.SGD(p, nesterov=True)
     with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1.0"):
         generated.Adams(p, betas=(0.9, 1.0))
+    # published arguments whose other values are not implemented: accepted at their default only
+    with pytest.raises(ValueError, match=r"fisher_wd=True is not supported; supported: False"):
+        generated.AdamW_adv(p, fisher_wd=True)
+    with pytest.raises(ValueError, match=r"orthogonal_gradient='flattened' is not supported"):
+        generated.AdamW_adv(p, orthogonal_gradient="flattened")
+    generated.AdamW_adv(p, orthogonal_gradient="disabled", compiled_optimizer=True)
 
 
 def test_adams_zero_matrix_never_recovers_u() -> None:

@@ -31,7 +31,7 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = {
     "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW",
-    "nadam": "NAdam", "radam": "RAdam", "adams": "Adams", "adams_zero": "Adams_ZeRO",
+    "nadam": "NAdam", "radam": "RAdam", "adams": "Adams", "adams_zero": "Adams_ZeRO", "adamw_adv": "AdamW_adv",
 }
 #: 0-D, 1-D (not a multiple of the 256-element interpreter block), 2-D, (1, N), (M, 1), 3-D batched,
 #: empty, and a matrix spanning several tiles of each kind.

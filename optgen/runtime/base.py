@@ -295,6 +295,8 @@ def _validate_hyper(name: str, h: Any, value: Any) -> None:
         items = list(enumerate(value))
     else:
         items = [(None, value)]
+    if h.choices is not None and value not in h.choices:
+        raise ValueError(f"{name}={value!r} is not supported; supported: {', '.join(map(repr, h.choices))}")
     for idx, v in items:
         if kind in ("any", "dtype"):
             if kind == "dtype" and not isinstance(v, torch.dtype):

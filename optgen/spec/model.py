@@ -50,6 +50,8 @@ class HyperparameterSpec(_Strict):
     tensor_ok: bool = False
     #: The ValueError message for an out-of-range value; ``{value}`` and ``{index}`` are filled in.
     message: str | None = None
+    #: The only values accepted (a published argument whose other values are not implemented yet).
+    choices: list[Any] | None = None
 
     @field_validator("as_")
     @classmethod
