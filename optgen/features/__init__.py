@@ -2,6 +2,17 @@
 
 A feature declares the hyperparameters it adds, what it needs and what it conflicts with, and
 rewrites the lowered :class:`~optgen.ir.nodes.Program`. The registry below maps names to features.
+
+Features that adv_optm exposes as constructor flags (``use_atan2``, ``nesterov``, ...) wrap what
+they rewrite in ``if <flag>:`` with the original statement as the other branch: the flag is a
+per-group hyperparameter, and every backend specialises each combination used (the torch backend
+buckets parameters by branch path, the triton backend renders one kernel set per path), so no
+element ever branches on it. Features apply in the order the spec lists them.
+
+Conventions a base spec follows so that features can find what they rewrite: the denominator is
+a temporary ``denom`` (``denom = ... + eps``), the direction is ``update`` (divided by ``denom``,
+then ``update = update * step_size``), the first moment is ``exp_avg = lerp(exp_avg, grad, w)``
+followed by ``update = copy(exp_avg)``, and decoupled decay is ``param = param + s * param``.
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ class Feature:
 
 
 def _registry() -> dict[str, Feature]:
-    from optgen.features import maximize
+    from optgen.features import atan2, cautious_wd, maximize, nesterov, normed_momentum
 
-    return {f.name: f for f in (maximize.FEATURE,)}
+    mods = (maximize, normed_momentum, nesterov, atan2, cautious_wd)
+    return {m.FEATURE.name: m.FEATURE for m in mods}
 
 
 def resolve_features(spec) -> list[Feature]:

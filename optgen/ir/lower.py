@@ -387,6 +387,11 @@ def lower(spec: Spec) -> Program:
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
         checks=checks, state=state, body=body, matches=m.matches, features=list(m.features),
     )
-    for f in features:
-        program = f.apply(program)
+    from optgen.features.rewrite import FeatureError
+
+    for i, f in enumerate(features):
+        try:
+            program = f.apply(program)
+        except FeatureError as exc:
+            raise SpecError(spec.source.text_at(("features", i)), f"features[{i}]", str(exc)) from None
     return program

@@ -1,0 +1,64 @@
+"""Helpers for features: find the statements a feature rewrites and replace them.
+
+Features work on conventions a base spec follows (documented in :mod:`optgen.features`): the
+denominator is a temporary named ``denom``, the direction before the step size is ``update``, the
+first moment is the EMA ``exp_avg = lerp(exp_avg, grad, w)``, decoupled weight decay is
+``param = param + s * param``. A feature that cannot find what it needs raises
+:class:`FeatureError`, which the lowering reports at the feature's entry in the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from optgen.ir.nodes import Assign, If, Kind, Node, Stmt
+
+
+class FeatureError(Exception):
+    """The base program does not have the shape a feature rewrites."""
+
+
+def flag(name: str) -> Node:
+    """A boolean hyperparameter (a constructor flag) as an IR condition."""
+    return Node("hyper", attr=(name, None), boolean=True)
+
+
+def var(name: str, kind: Kind = Kind.ELEMENT) -> Node:
+    return Node("var", kind=kind, attr=name)
+
+
+def is_var(n: Node, name: str) -> bool:
+    return n.op == "var" and n.attr == name
+
+
+def replace_assigns(stmts: list[Stmt], fn: Callable[[Assign], list[Stmt] | None]) -> tuple[list[Stmt], int]:
+    """Apply ``fn`` to every assignment (inside conditionals too); it returns replacements or None.
+
+    Returns the new statements and how many assignments were replaced.
+    """
+    count = 0
+    out: list[Stmt] = []
+    for s in stmts:
+        if isinstance(s, If):
+            then, a = replace_assigns(s.then, fn)
+            orelse, b = replace_assigns(s.orelse, fn)
+            count += a + b
+            out.append(If(s.cond, then, orelse, s.pos))
+            continue
+        new = fn(s)
+        if new is None:
+            out.append(s)
+        else:
+            out.extend(new)
+            count += 1
+    return out, count
+
+
+def switch(name: str, on: list[Stmt], off: list[Stmt], pos=None) -> If:
+    """``if <flag>: on else: off``: a constructor flag decided per group, specialised per path."""
+    return If(flag(name), on, off, pos)
+
+
+def require(count: int, feature: str, what: str) -> None:
+    if count == 0:
+        raise FeatureError(f"feature '{feature}' needs {what}")
