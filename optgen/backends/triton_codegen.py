@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optgen.backends.triton_plan import PathPlan, Stage, TritonUnsupported, plan_program
-from optgen.ir.nodes import Assign, Kind, Node, Program
+from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
 META_COLUMNS = ("numel", "B", "M", "N", "ndim", "gidx")
@@ -58,10 +58,11 @@ class _Body:
 class KernelEmitter:
     """Emits the kernels of one path."""
 
-    def __init__(self, program: Program, plan: PathPlan, prefix: str):
+    def __init__(self, program: Program, plan: PathPlan, hyper_slots: list):
         self.program = program
         self.plan = plan
-        self.prefix = prefix
+        #: (name, index) of every hyperparameter the prologues read, shared by a program's paths
+        self.hyper_slots = hyper_slots
         self.cols = {c: i for i, c in enumerate(table_columns(program, plan))}
         self.states = {d.name: d for d in program.state}
         self.temps = {t.name: t for t in plan.temps}
@@ -73,9 +74,7 @@ class KernelEmitter:
 
     def signature(self, name: str) -> str:
         hs = "".join(f", hs_{d.name}" for d in self.program.state if d.kind == Kind.HOST)
-        dts = "".join(
-            f", DT_{d.name}: tl.constexpr" for d in self.program.state
-        )
+        dts = "".join(f", {n}: tl.constexpr" for n in self.state_dtypes)
         return (
             "@triton.jit\n"
             f"def {name}(\n"
@@ -85,6 +84,11 @@ class KernelEmitter:
             f"    STEP_DT: tl.constexpr{dts},\n"
             "):\n"
         )
+
+    @property
+    def state_dtypes(self) -> list[str]:
+        """The constexpr names of the state dtypes every kernel takes."""
+        return [f"DT_{d.name}" for d in self.program.state]
 
     def dtype_of(self, name: str) -> str:
         if name in ("param", "grad"):
@@ -164,12 +168,11 @@ class KernelEmitter:
         raise TritonUnsupported(f"host operation '{op}'")
 
     def hyper_slot(self, attr: tuple) -> int:
-        slots = self.plan_hyper_slots
+        slots = self.hyper_slots
         if attr not in slots:
             slots.append(attr)
         return slots.index(attr)
 
-    plan_hyper_slots: list  # shared across the paths of one program (set by render_kernels)
 
     # -- device expressions ------------------------------------------------------------------
     def expr(self, n: Node, ctx: _DeviceCtx) -> str:
@@ -269,11 +272,10 @@ class KernelEmitter:
             return KernelSource(name, "tiled", text)
         # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
         block_name = f"{name}_block"
-        args = "t, offs, mask, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT" + "".join(
-            f", DT_{d.name}" for d in self.program.state
-        )
-        params = "t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, " \
-                 "P_DT: tl.constexpr" + "".join(f", DT_{d.name}: tl.constexpr" for d in self.program.state)
+        constexprs = ["TBL_W", "NH", "ALIGNED", "P_DT", *self.state_dtypes]
+        runtime = "t, offs, mask, tab, gptr, hv, ws"
+        args = ", ".join([runtime, *constexprs])
+        params = ", ".join([runtime, *(f"{c}: tl.constexpr" for c in constexprs)])
         inner = f"@triton.jit\ndef {block_name}({params}):\n" + "\n".join(header + body.lines) + "\n"
         outer = self.signature(name) + "\n".join(
             [
@@ -342,11 +344,11 @@ class KernelEmitter:
         elif kind == Kind.MATRIX:  # dot of two rows or two columns
             length = "M" if n.args[0].kind == Kind.ROW else "N"
             body.emit("acc = tl.zeros((), tl.float32)")
-            loop = self._vec_loop(body, length)
+            self._vec_loop(body, length)
             ctx = _DeviceCtx(self, body, "vec", length=length)
             a, c = self.expr(n.args[0], ctx), self.expr(n.args[1], ctx)
             body.emit(f"acc += tl.sum(tl.where(j < {length}, {a} * {c}, 0.0), axis=0)")
-            body.indent -= loop
+            body.indent -= 1
             ctx = _DeviceCtx(self, body, "vec", length=None)
             ctx.store(s.target, "acc", kind)
         else:
@@ -355,27 +357,27 @@ class KernelEmitter:
             if n.op == "normalize":
                 value = n.args[0]
                 body.emit("acc = tl.zeros((), tl.float32)")
-                loop = self._vec_loop(body, length)
+                self._vec_loop(body, length)
                 ctx = _DeviceCtx(self, body, "vec", length=length)
                 x = self.expr(value, ctx)
                 body.emit(f"acc += tl.sum(tl.where(j < {length}, {x} * {x}, 0.0), axis=0)")
-                body.indent -= loop
+                body.indent -= 1
                 body.emit("scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)")
-            loop = self._vec_loop(body, length)
+            self._vec_loop(body, length)
             ctx = _DeviceCtx(self, body, "vec", length=length)
             x = self.expr(value, ctx)
             if n.op == "normalize":
                 x = f"L.div({x}, scale)"
             ctx.store(s.target, x, kind)
-            body.indent -= loop
+            body.indent -= 1
         body.indent -= 1
 
     @staticmethod
-    def _vec_loop(body: _Body, length: str) -> int:
+    def _vec_loop(body: _Body, length: str) -> None:
+        """Open a loop over one row / column vector in blocks of VB (the caller closes it)."""
         body.emit(f"for j0 in range(0, {length}, VB):")
         body.indent += 1
         body.emit("j = j0 + tl.arange(0, VB)")
-        return 1
 
 
 class _DeviceCtx:
@@ -414,30 +416,27 @@ class _DeviceCtx:
         return lines + self.header_lines
 
     def pointer(self, name: str) -> str:
+        """The local holding ``name``'s base pointer, loaded from the table on first use."""
         if name in self.pointers:
             return self.pointers[name]
         em = self.em
         local = "p_" + name
-        dt = em.dtype_of(name)
         if name == "grad":
             src = "tl.load(gptr + t)"
-        elif name in em.states:
-            src = em.col(f"state:{name}")
-        elif name == "param":
-            src = em.col("param")
-        else:
+        elif name == "param" or name in em.states:
+            src = em.col("param" if name == "param" else f"state:{name}")
+        else:  # a workspace buffer (fp32)
             src = None
-        target = self.header_lines if self.mode != "vec" else None
-        if src is None:  # workspace (fp32)
+        if src is None:
             line = f"{local} = ws + {em.col('ws:' + name)}"
         else:
-            line = f"{local} = {src}.to(tl.pointer_type({dt}))"
-        if target is not None:
-            target.append("    " + line)
-            if src is not None:
-                target.append(f"    if ALIGNED:\n        {local} = tl.multiple_of({local}, 16)")
-        else:
+            line = f"{local} = {src}.to(tl.pointer_type({em.dtype_of(name)}))"
+        if self.mode == "vec":  # vector stages load pointers where they use them
             self.body.emit(line)
+        else:  # passes load them once, in the header
+            self.header_lines.append("    " + line)
+            if src is not None:
+                self.header_lines.append(f"    if ALIGNED:\n        {local} = tl.multiple_of({local}, 16)")
         self.pointers[name] = local
         return local
 
@@ -510,8 +509,7 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
         return src_name
 
     for plan in plans:
-        em = KernelEmitter(program, plan, prefix)
-        em.plan_hyper_slots = slots
+        em = KernelEmitter(program, plan, slots)
         launches = [(add(em.prologue("_KP")), "prologue")]
         for i, st in enumerate(plan.stages):
             if st.kind == "pass":
@@ -528,8 +526,9 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
         }
     static_hypers = sorted({
         n.attr[0]
-        for s in _static_host(program, dyn)
-        for n in _walk(s.value)
+        for s in walk_stmts(program.body)
+        if isinstance(s, Assign) and s.value.is_host and s.target not in dyn
+        for n in walk_nodes(s.value)
         if n.op == "hyper"
     })
     data = {
@@ -539,17 +538,3 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
         "paths": paths,
     }
     return kernels, data
-
-
-def _walk(n: Node):
-    yield n
-    for a in n.args:
-        yield from _walk(a)
-
-
-def _static_host(program: Program, dyn: set[str]):
-    from optgen.ir.nodes import walk_stmts
-
-    for s in walk_stmts(program.body):
-        if isinstance(s, Assign) and s.value.is_host and s.target not in dyn:
-            yield s

@@ -17,8 +17,7 @@ FLAG = "nesterov"
 def _apply(program: Program) -> Program:
     emas = [s for s in walk_stmts(program.body) if isinstance(s, Assign) and s.target == "exp_avg"
             and s.value.op == "lerp" and is_var(s.value.args[0], "exp_avg")]
-    if not emas:
-        raise_missing()
+    require(len(emas), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' statement")
     ema = emas[0].value
 
     def direction(s: Assign):
@@ -31,12 +30,6 @@ def _apply(program: Program) -> Program:
     body, n = replace_assigns(program.body, direction)
     require(n, "nesterov", "an 'update = copy(exp_avg)' statement")
     return program.copy(body=body)
-
-
-def raise_missing() -> None:
-    from optgen.features.rewrite import FeatureError
-
-    raise FeatureError("feature 'nesterov' needs an 'exp_avg = lerp(exp_avg, grad, w)' statement")
 
 
 FEATURE = Feature(

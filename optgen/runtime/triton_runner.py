@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -104,10 +104,9 @@ class _GroupCache:
     buckets: list[_Bucket]
     steps: torch.Tensor | None
     host_states: dict[str, torch.Tensor]
-    dirty: bool = False
+    dirty: bool = False  # stale after the step that built it (an absent state was created)
     hyp_values: tuple | None = None
     hyp: torch.Tensor | None = None
-    views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class TritonRunner:
@@ -138,7 +137,7 @@ class TritonRunner:
         _static_pass(self.program.body, ctx, key, self.dynamic)
         return tuple(key)
 
-    def _build(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> _GroupCache:
+    def _build(self, group: dict, params: list[torch.Tensor], states: dict) -> _GroupCache:
         prog = self.program
         device = params[0].device
         check_available(device)
@@ -241,23 +240,21 @@ class TritonRunner:
         consts = {
             "TBL_W": len(path["columns"]), "NH": nh, "BLOCK": cfg["BLOCK"], "BM": cfg["BM"], "BN": cfg["BN"],
             "VB": cfg["VB"], "P_DT": _tl_dtype(dtype), "num_warps": cfg["num_warps"],
-            "STEP_DT": _tl_dtype(self.caches_step_dtype(params, states)),
+            "STEP_DT": _tl_dtype(states[params[0]]["step"].dtype if prog.step_store == "tensor" else torch.float32),
         }
         for d in prog.state:
             consts[f"DT_{d.name}"] = _tl_dtype(_state_dtype(d, dtype))
-        ident = lambda rows_: torch.tensor(rows_, dtype=torch.int64).to(device) if rows_ else None  # noqa: E731
+        def chunk_table(entries: list[tuple[int, ...]]) -> torch.Tensor | None:
+            return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
+
         return _Bucket(
-            path=path, idx=idx, dtype=dtype, table=table, flat_chunks=ident(flat), tiled_chunks=ident(tiled),
+            path=path, idx=idx, dtype=dtype, table=table, flat_chunks=chunk_table(flat),
+            tiled_chunks=chunk_table(tiled),
             ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
             hv=torch.zeros(len(idx) * nh, dtype=torch.float32, device=device), nh=nh, aligned=aligned,
             n_aligned=all(_dims(params[i])[2] % 16 == 0 for i in idx),
             consts=consts,
         )
-
-    def caches_step_dtype(self, params: list[torch.Tensor], states: dict) -> torch.dtype:
-        if self.program.step_store != "tensor":
-            return torch.float32
-        return states[params[0]]["step"].dtype
 
     # -- stepping ------------------------------------------------------------------------------
     def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> None:
@@ -269,12 +266,8 @@ class TritonRunner:
             or cache.ids != tuple(map(id, params))
             or cache.snapshot != self._snapshot(group)
         ):
-            cache = self._build(gi, group, params, states)
+            cache = self._build(group, params, states)
             self.caches[gi] = cache
-            dirty_after = cache.dirty
-            cache.dirty = False
-        else:
-            dirty_after = False
         device = params[0].device
         hyp = self._hypers(cache, group, device)
         hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
@@ -300,8 +293,6 @@ class TritonRunner:
                     **bucket.consts,
                 )
                 self.launches += 1
-        if dirty_after:
-            cache.dirty = True
 
     def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:
         values = []
