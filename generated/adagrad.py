@@ -30,11 +30,6 @@ __all__ = ["Adagrad"]
 
 _PROGRAM = program_from_data(
     {'body': [{'role': 'temp', 'set': '_c0', 'value': ['hyper', 'host', ['maximize', None], True]},
-              {'else': [],
-               'if': ['var', 'host', '_c0', True],
-               'then': [{'role': 'grad',
-                         'set': 'grad',
-                         'value': ['neg', 'element', None, False, [['var', 'element', 'grad', False]]]}]},
               {'role': 'temp',
                'set': '_c1',
                'value': ['ne',
@@ -42,6 +37,11 @@ _PROGRAM = program_from_data(
                          None,
                          True,
                          [['hyper', 'host', ['weight_decay', None], False], ['const', 'host', 0, False]]]},
+              {'else': [],
+               'if': ['var', 'host', '_c0', True],
+               'then': [{'role': 'grad',
+                         'set': 'grad',
+                         'value': ['neg', 'element', None, False, [['var', 'element', 'grad', False]]]}]},
               {'else': [],
                'if': ['var', 'host', '_c1', True],
                'then': [{'role': 'temp',

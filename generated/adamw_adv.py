@@ -69,6 +69,24 @@ __all__ = ["AdamW_adv"]
 
 _PROGRAM = program_from_data(
     {'body': [{'role': 'temp', 'set': '_c0', 'value': ['hyper', 'host', ['use_bias_correction', None], True]},
+              {'role': 'temp', 'set': '_c1', 'value': ['hyper', 'host', ['use_atan2', None], True]},
+              {'role': 'temp', 'set': '_c2', 'value': ['hyper', 'host', ['normed_momentum', None], True]},
+              {'role': 'temp',
+               'set': '_c3',
+               'value': ['gt',
+                         'host',
+                         None,
+                         True,
+                         [['hyper', 'host', ['betas', 0], False], ['const', 'host', 0, False]]]},
+              {'role': 'temp', 'set': '_c4', 'value': ['hyper', 'host', ['nesterov', None], True]},
+              {'role': 'temp',
+               'set': '_c5',
+               'value': ['ne',
+                         'host',
+                         None,
+                         True,
+                         [['hyper', 'host', ['weight_decay', None], False], ['const', 'host', 0, False]]]},
+              {'role': 'temp', 'set': '_c6', 'value': ['hyper', 'host', ['cautious_wd', None], True]},
               {'else': [{'role': 'temp', 'set': 'bias_correction1', 'value': ['const', 'host', 1, False]},
                         {'role': 'temp', 'set': 'sqrt_bias_correction2', 'value': ['const', 'host', 1, False]}],
                'if': ['var', 'host', '_c0', True],
@@ -132,7 +150,6 @@ _PROGRAM = program_from_data(
                           ['var', 'element', 'grad', False],
                           ['var', 'element', 'grad', False],
                           ['var', 'host', '_k1', False]]]},
-              {'role': 'temp', 'set': '_c1', 'value': ['hyper', 'host', ['use_atan2', None], True]},
               {'else': [{'role': 'temp', 'set': '_k2', 'value': ['hyper', 'host', ['eps', None], False]},
                         {'role': 'temp',
                          'set': 'denom',
@@ -160,11 +177,9 @@ _PROGRAM = program_from_data(
                                    False,
                                    [['sqrt', 'element', None, False, [['var', 'element', 'exp_avg_sq', False]]],
                                     ['var', 'host', 'sqrt_bias_correction2', False]]]}]},
-              {'role': 'temp', 'set': '_c2', 'value': ['hyper', 'host', ['normed_momentum', None], True]},
               {'else': [],
                'if': ['var', 'host', '_c2', True],
-               'then': [{'role': 'temp', 'set': '_c3', 'value': ['hyper', 'host', ['use_atan2', None], True]},
-                        {'else': [{'role': 'grad',
+               'then': [{'else': [{'role': 'grad',
                                    'set': 'grad',
                                    'value': ['div',
                                              'element',
@@ -172,7 +187,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'grad', False],
                                               ['var', 'element', 'denom', False]]]}],
-                         'if': ['var', 'host', '_c3', True],
+                         'if': ['var', 'host', '_c1', True],
                          'then': [{'role': 'grad',
                                    'set': 'grad',
                                    'value': ['atan2',
@@ -181,17 +196,10 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'grad', False],
                                               ['var', 'element', 'denom', False]]]}]}]},
-              {'role': 'temp',
-               'set': '_c4',
-               'value': ['gt',
-                         'host',
-                         None,
-                         True,
-                         [['hyper', 'host', ['betas', 0], False], ['const', 'host', 0, False]]]},
               {'else': [{'role': 'temp',
                          'set': 'update',
                          'value': ['copy', 'element', None, False, [['var', 'element', 'grad', False]]]}],
-               'if': ['var', 'host', '_c4', True],
+               'if': ['var', 'host', '_c3', True],
                'then': [{'role': 'temp',
                          'set': '_k3',
                          'value': ['sub',
@@ -208,7 +216,6 @@ _PROGRAM = program_from_data(
                                    [['var', 'element', 'exp_avg', False],
                                     ['var', 'element', 'grad', False],
                                     ['var', 'host', '_k3', False]]]},
-                        {'role': 'temp', 'set': '_c5', 'value': ['hyper', 'host', ['nesterov', None], True]},
                         {'else': [{'role': 'temp',
                                    'set': 'update',
                                    'value': ['copy',
@@ -216,7 +223,7 @@ _PROGRAM = program_from_data(
                                              None,
                                              False,
                                              [['var', 'element', 'exp_avg', False]]]}],
-                         'if': ['var', 'host', '_c5', True],
+                         'if': ['var', 'host', '_c4', True],
                          'then': [{'role': 'temp',
                                    'set': '_k4',
                                    'value': ['sub',
@@ -234,9 +241,7 @@ _PROGRAM = program_from_data(
                                              [['var', 'element', 'exp_avg', False],
                                               ['var', 'element', 'grad', False],
                                               ['var', 'host', '_k4', False]]]}]}]},
-              {'role': 'temp', 'set': '_c6', 'value': ['hyper', 'host', ['normed_momentum', None], True]},
-              {'else': [{'role': 'temp', 'set': '_c7', 'value': ['hyper', 'host', ['use_atan2', None], True]},
-                        {'else': [{'role': 'temp',
+              {'else': [{'else': [{'role': 'temp',
                                    'set': 'update',
                                    'value': ['div',
                                              'element',
@@ -244,7 +249,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'update', False],
                                               ['var', 'element', 'denom', False]]]}],
-                         'if': ['var', 'host', '_c7', True],
+                         'if': ['var', 'host', '_c1', True],
                          'then': [{'role': 'temp',
                                    'set': 'update',
                                    'value': ['atan2',
@@ -253,9 +258,8 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'update', False],
                                               ['var', 'element', 'denom', False]]]}]}],
-               'if': ['var', 'host', '_c6', True],
+               'if': ['var', 'host', '_c2', True],
                'then': []},
-              {'role': 'temp', 'set': '_c8', 'value': ['hyper', 'host', ['use_atan2', None], True]},
               {'else': [{'role': 'temp',
                          'set': 'update',
                          'value': ['mul',
@@ -264,7 +268,7 @@ _PROGRAM = program_from_data(
                                    False,
                                    [['var', 'element', 'update', False],
                                     ['var', 'host', 'step_size', False]]]}],
-               'if': ['var', 'host', '_c8', True],
+               'if': ['var', 'host', '_c1', True],
                'then': [{'role': 'temp',
                          'set': '_k5',
                          'value': ['mul',
@@ -280,19 +284,9 @@ _PROGRAM = program_from_data(
                                    None,
                                    False,
                                    [['var', 'element', 'update', False], ['var', 'host', '_k5', False]]]}]},
-              {'role': 'temp',
-               'set': '_c9',
-               'value': ['ne',
-                         'host',
-                         None,
-                         True,
-                         [['hyper', 'host', ['weight_decay', None], False], ['const', 'host', 0, False]]]},
               {'else': [],
-               'if': ['var', 'host', '_c9', True],
-               'then': [{'role': 'temp',
-                         'set': '_c10',
-                         'value': ['hyper', 'host', ['cautious_wd', None], True]},
-                        {'else': [{'role': 'temp',
+               'if': ['var', 'host', '_c5', True],
+               'then': [{'else': [{'role': 'temp',
                                    'set': '_k7',
                                    'value': ['neg',
                                              'host',
@@ -313,7 +307,7 @@ _PROGRAM = program_from_data(
                                              [['var', 'element', 'param', False],
                                               ['var', 'element', 'param', False],
                                               ['var', 'host', '_k7', False]]]}],
-                         'if': ['var', 'host', '_c10', True],
+                         'if': ['var', 'host', '_c6', True],
                          'then': [{'role': 'temp',
                                    'set': '_k6',
                                    'value': ['neg',
@@ -474,15 +468,15 @@ def _device_step(h, param, grad, S):
         F.add_(_2, h["_k2"])
         t_denom = _2
     if h["_c2"]:
-        if h["_c3"]:
+        if h["_c1"]:
             _3 = F.atan2(grad, t_denom)
             grad = _3
         else:
             _4 = F.div(grad, t_denom)
             grad = _4
-    if h["_c4"]:
+    if h["_c3"]:
         F.lerp_(st_exp_avg, grad, h["_k3"])
-        if h["_c5"]:
+        if h["_c4"]:
             _5 = F.lerp(st_exp_avg, grad, h["_k4"])
             t_update = _5
         else:
@@ -491,23 +485,23 @@ def _device_step(h, param, grad, S):
     else:
         _7 = F.copy(grad)
         t_update = _7
-    if h["_c6"]:
+    if h["_c2"]:
         pass
     else:
-        if h["_c7"]:
+        if h["_c1"]:
             _8 = F.atan2(t_update, t_denom)
             t_update = _8
         else:
             _9 = F.div(t_update, t_denom)
             t_update = _9
-    if h["_c8"]:
+    if h["_c1"]:
         _10 = F.mul(t_update, h["_k5"])
         t_update = _10
     else:
         _11 = F.mul(t_update, h["step_size"])
         t_update = _11
-    if h["_c9"]:
-        if h["_c10"]:
+    if h["_c5"]:
+        if h["_c6"]:
             _12 = F.mul(t_update, param)
             _13 = F.ge(_12, 0)
             _14 = F.where(_13, 1.0, 0.0)

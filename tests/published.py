@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,46 @@ def matched_specs() -> list[str]:
     return sorted(p.stem for p in SPECS.glob("*.yaml") if load_spec(p).model.matches is not None)
 
 
+#: Releases that cannot share site-packages with the pinned one live in their own folder, installed
+#: by the README's test command with ``pip install --no-deps --target DIR``.
+SIDE_INSTALLS = {"adv-optm==2.2.3": ROOT / ".deps" / "adv_optm_2_2_3"}
+
+
+def _side_package(package: str, module: str):
+    """``module`` from the side install of ``package``, imported under its own name.
+
+    The release is loaded as ``<top>_<version>`` (its relative imports follow), so it lives next to
+    the site-packages release of the same package without either seeing the other.
+    """
+    folder = SIDE_INSTALLS[package]
+    top, _, rest = module.partition(".")
+    alias = f"{top}_{package.rpartition('==')[2].replace('.', '_')}"
+    if alias not in sys.modules:
+        init = folder / top / "__init__.py"
+        if not init.exists():
+            raise RuntimeError(
+                f"{package} is not installed in {folder}: run "
+                f"`pip install --no-deps --target {folder.relative_to(ROOT)} {package}` (the README's test command does)"
+            )
+        spec = importlib.util.spec_from_file_location(alias, init, submodule_search_locations=[str(folder / top)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module(f"{alias}.{rest}" if rest else alias)
+
+
+def published_class(package: str, class_path: str):
+    """The published class ``class_path`` (``module.Class``) from ``package`` (pinned ``name==version``)."""
+    module, _, cls_name = class_path.rpartition(".")
+    if package in SIDE_INSTALLS:
+        return getattr(_side_package(package, module), cls_name)
+    return getattr(importlib.import_module(module), cls_name)
+
+
 def published_factory(spec_name: str, setting: dict[str, Any], dtype: torch.dtype = torch.float32):
     spec = load_spec(SPECS / f"{spec_name}.yaml")
     m = spec.model.matches
-    module, _, cls_name = m.class_.rpartition(".")
-    cls = getattr(importlib.import_module(module), cls_name)
+    cls = published_class(m.package, m.class_)
     kwargs = {}
     for name, value in setting.items():
         theirs = m.arguments.get(name, name)
@@ -42,10 +79,8 @@ def published_factory(spec_name: str, setting: dict[str, Any], dtype: torch.dtyp
 
 
 def ours_factory(spec_name: str, setting: dict[str, Any], backend: str, dtype: torch.dtype = torch.float32):
-    import generated
-
     spec = load_spec(SPECS / f"{spec_name}.yaml")
-    cls = getattr(generated, spec.model.class_)
+    cls = getattr(importlib.import_module(f"generated.{spec_name}"), spec.model.class_)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()}
     if spec.model.matches.dtype_argument in spec.model.hyperparameters:
         kwargs[spec.model.matches.dtype_argument] = dtype

@@ -57,23 +57,31 @@ def dynamic_names(program: Program) -> set[str]:
     return dyn
 
 
-def enumerate_paths(stmts: list[Stmt], dyn: set[str]) -> list[tuple[tuple, list[Stmt]]]:
-    """Every combination of static conditions, with the straight-line statements it runs."""
-    result: list[tuple[tuple, list[Stmt]]] = [((), [])]
+def enumerate_paths(stmts: list[Stmt], dyn: set[str], decided: tuple = ()) -> list[tuple[tuple, list[Stmt]]]:
+    """Every feasible combination of static conditions, with the straight-line statements it runs.
+
+    A condition decided earlier on a path (the same flag switching several rewrites) takes the same
+    branch again, so contradictory combinations are never produced. Static conditions nested in a
+    step-dependent one are decided per path too; the step-dependent one stays a conditional.
+    """
+    result: list[tuple[tuple, list[Stmt]]] = [(decided, [])]
     for s in stmts:
-        if isinstance(s, If) and s.cond.attr not in dyn:
-            new = []
-            for key, body in result:
-                for taken, branch in ((True, s.then), (False, s.orelse)):
-                    for k2, b2 in enumerate_paths(branch, dyn):
-                        new.append((key + ((s.cond.attr, taken),) + k2, body + b2))
-            result = new
-        else:
-            if isinstance(s, If):
-                inner = [x for x in walk_stmts(s.then + s.orelse) if isinstance(x, If) and x.cond.attr not in dyn]
-                if inner:
-                    raise TritonUnsupported("a static condition nested inside a step-dependent one")
-            result = [(k, b + [s]) for k, b in result]
+        new = []
+        for key, body in result:
+            if isinstance(s, If) and s.cond.attr not in dyn:
+                known = dict(key)
+                options = [known[s.cond.attr]] if s.cond.attr in known else [True, False]
+                for taken in options:
+                    k1 = key if s.cond.attr in known else key + ((s.cond.attr, taken),)
+                    for k2, b2 in enumerate_paths(s.then if taken else s.orelse, dyn, k1):
+                        new.append((k2, body + b2))
+            elif isinstance(s, If):
+                for kt, bt in enumerate_paths(s.then, dyn, key):
+                    for ke, be in enumerate_paths(s.orelse, dyn, kt):
+                        new.append((ke, body + [If(s.cond, bt, be, s.pos)]))
+            else:
+                new.append((key, body + [s]))
+        result = new
     return result
 
 

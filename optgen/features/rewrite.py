@@ -62,3 +62,8 @@ def switch(name: str, on: list[Stmt], off: list[Stmt], pos=None) -> If:
 def require(count: int, feature: str, what: str) -> None:
     if count == 0:
         raise FeatureError(f"feature '{feature}' needs {what}")
+
+
+def first_moment_direction(s: Assign) -> bool:
+    """Whether ``s`` is ``update = copy(exp_avg)``: the direction taken from the first moment."""
+    return s.target == "update" and s.value.op == "copy" and is_var(s.value.args[0], "exp_avg")

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
+
+
+_PURE_LEAVES = {"const", "hyper", "meta", "has", "param_attr"}
+
+
+def _pure(node: Node) -> bool:
+    """A condition on hyperparameters and parameter facts only: the same value all step long."""
+    return all(n.op in _PURE_LEAVES or n.args for n in walk_nodes(node))
 
 
 def hoist(program: Program) -> Program:
     counter = {"k": 0, "c": 0}
+    # Conditions on hyperparameters and parameter facts are computed once, at the top, and an
+    # identical condition reuses the same name: a flag that several features switch on is one
+    # decision, so backends that specialise per branch path see one condition, not one per use.
+    pure: dict[Node, str] = {}
+    head: list[Stmt] = []
 
     def fresh(prefix: str) -> str:
         n = counter[prefix]
@@ -34,7 +47,12 @@ def hoist(program: Program) -> Program:
         for s in stmts:
             if isinstance(s, If):
                 cond = s.cond
-                if cond.op != "var":
+                if cond.op != "var" and _pure(cond):
+                    if cond not in pure:
+                        pure[cond] = fresh("c")
+                        head.append(Assign(pure[cond], cond, s.pos, role="temp"))
+                    cond = Node("var", kind=Kind.HOST, attr=pure[cond], boolean=True)
+                elif cond.op != "var":
                     name = fresh("c")
                     out.append(Assign(name, cond, s.pos, role="temp"))
                     cond = Node("var", kind=Kind.HOST, attr=name, boolean=True)
@@ -46,4 +64,5 @@ def hoist(program: Program) -> Program:
                 out.append(Assign(s.target, value, s.pos, s.role))
         return out
 
-    return program.copy(body=block(program.body))
+    body = block(program.body)
+    return program.copy(body=head + body)

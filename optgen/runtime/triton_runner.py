@@ -361,13 +361,21 @@ def _hashable(v: Any) -> Any:
 
 
 def _static_pass(stmts: list[Stmt], ctx: HostContext, key: list, dynamic: set[str]) -> None:
-    """Decide the static conditions for one parameter, in the order the code generator did."""
+    """Decide the static conditions for one parameter, in the order the code generator did
+    (:func:`optgen.backends.triton_plan.enumerate_paths`): each condition once, both branches of a
+    step-dependent conditional."""
     for s in stmts:
         if isinstance(s, If):
             if s.cond.attr in dynamic:
+                _static_pass(s.then, ctx, key, dynamic)
+                _static_pass(s.orelse, ctx, key, dynamic)
                 continue
-            taken = bool(ctx.env[s.cond.attr]) if s.cond.attr in ctx.env else bool(evaluate(s.cond, ctx))
-            key.append((s.cond.attr, taken))
+            known = dict(key)
+            if s.cond.attr in known:
+                taken = known[s.cond.attr]
+            else:
+                taken = bool(ctx.env[s.cond.attr]) if s.cond.attr in ctx.env else bool(evaluate(s.cond, ctx))
+                key.append((s.cond.attr, taken))
             _static_pass(s.then if taken else s.orelse, ctx, key, dynamic)
         elif isinstance(s, Assign) and s.value.is_host and s.target not in dynamic:
             ctx.env[s.target] = evaluate(s.value, ctx)

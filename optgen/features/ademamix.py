@@ -1,0 +1,63 @@
+"""``ademamix``: AdEMAMix's slow momentum (adv_optm 2.2.3 ``use_AdEMAMix``, ``beta3_ema``, ``alpha``).
+
+A second, slow EMA of whatever the first moment averages (the gradient in Adam, the normalised
+gradient in ADOPT) is added to the direction: ``exp_avg_slow = lerp(exp_avg_slow, x, 1 - beta3_ema)``,
+``update = update + alpha * exp_avg_slow``, right after the direction is formed from the first
+moment (after Grams/Cautious) and before the denominator, so the slow EMA is divided by the same
+bias correction as m (adv_optm's code, not the paper; no alpha/beta3 warm-up schedulers;
+math/adv-optm.md §6.1).
+"""
+
+from __future__ import annotations
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, walk_stmts
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "use_AdEMAMix"
+SLOW = "exp_avg_slow"
+
+
+def _ema_input(program: Program) -> Node:
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.target == "exp_avg" and s.value.op == "lerp" and is_var(s.value.args[0], "exp_avg"):
+            return s.value.args[1]
+    raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' statement")
+
+
+def _defines_direction(s) -> bool:
+    """The top-level statement that forms ``update`` from the first moment (or from x without one)."""
+    return any(isinstance(a, Assign) and a.target == "update" and a.value.op == "copy" for a in walk_stmts([s]))
+
+
+def _apply(program: Program) -> Program:
+    x = _ema_input(program)
+    one = Node("const", attr=1)
+    w = Node("sub", (one, Node("hyper", attr=("beta3_ema", None))), kind=Kind.HOST)
+    slow = [
+        Assign(SLOW, Node("lerp", (var(SLOW), x, w), kind=Kind.ELEMENT), None, "state"),
+        Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
+                              kind=Kind.ELEMENT), None, "temp"),
+    ]
+    body = list(program.body)
+    for i, s in enumerate(body):
+        if _defines_direction(s):
+            body[i + 1:i + 1] = [switch(FLAG, slow, [])]
+            break
+    else:
+        raise FeatureError("feature 'ademamix' needs an 'update = copy(exp_avg)' statement")
+    state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA")]
+    return program.copy(body=body, state=state)
+
+
+FEATURE = Feature(
+    name="ademamix",
+    doc="AdEMAMix: add alpha times a slow EMA (beta3_ema) to the direction (adv_optm 2.2.3).",
+    transform=_apply,
+    hyperparameters={
+        FLAG: HyperparameterSpec(default=False, type="bool", doc="add AdEMAMix's slow EMA to the update"),
+        "beta3_ema": HyperparameterSpec(default=0.9999, min=0, max_exclusive=1, doc="decay of the slow EMA"),
+        "alpha": HyperparameterSpec(default=5.0, min=0, doc="weight of the slow EMA"),
+    },
+)

@@ -1,0 +1,49 @@
+"""``cautious``: the Cautious update mask (adv_optm 2.2.3 ``cautious_mask``, C-Optim).
+
+Where the momentum and the gradient disagree in sign the direction is zeroed, and the mask is
+renormalised by its mean as adv_optm does (``mask / max(mean(mask), 1e-3)``, not C-Optim's
+``numel / (sum + 1)``): ``update = exp_avg * mask`` with ``mask = float(exp_avg * grad > 0)``
+(strict). The stored moment is unchanged (math/adv-optm.md §6.2). List it after ``grams``: where
+both flags are on, Grams wins (adv_optm disables the mask then).
+"""
+
+from __future__ import annotations
+
+from optgen.features import Feature
+from optgen.features.rewrite import first_moment_direction, replace_assigns, require, switch, var
+from optgen.ir.nodes import Assign, Kind, Node, Program
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "cautious_mask"
+FLOOR = 1e-3
+
+
+def _apply(program: Program) -> Program:
+    def cautious(s: Assign):
+        if first_moment_direction(s):
+            m = s.value.args[0]
+            agree = Node("gt", (Node("mul", (m, var("grad")), kind=Kind.ELEMENT), Node("const", attr=0)),
+                         kind=Kind.ELEMENT, boolean=True)
+            mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
+            scale = Node("maximum", (Node("mean", (var("mask"),), kind=Kind.TENSOR),
+                                     Node("const", attr=FLOOR)), kind=Kind.TENSOR)
+            on = [
+                Assign("mask", mask, s.pos, "temp"),
+                Assign("mask", Node("div", (var("mask"), scale), kind=Kind.ELEMENT), s.pos, "temp"),
+                Assign("update", Node("mul", (m, var("mask")), kind=Kind.ELEMENT), s.pos, s.role),
+            ]
+            return [switch(FLAG, on, [s], s.pos)]
+        return None
+
+    body, n = replace_assigns(program.body, cautious)
+    require(n, "cautious", "an 'update = copy(exp_avg)' statement")
+    return program.copy(body=body)
+
+
+FEATURE = Feature(
+    name="cautious",
+    doc="Cautious mask: zero the direction where momentum and gradient disagree, renormalised by the mean.",
+    transform=_apply,
+    hyperparameters={FLAG: HyperparameterSpec(default=False, type="bool",
+                                              doc="mask the update where momentum and gradient disagree")},
+)
