@@ -39,7 +39,16 @@ class Feature:
 
 
 def _registry() -> dict[str, Feature]:
-    from optgen.features import ademamix, atan2, cautious, cautious_wd, grams, maximize, nesterov, normed_momentum
+    from optgen.features import (
+        ademamix,
+        atan2,
+        cautious,
+        cautious_wd,
+        grams,
+        maximize,
+        nesterov,
+        normed_momentum,
+    )
 
     mods = (maximize, normed_momentum, nesterov, grams, cautious, ademamix, atan2, cautious_wd)
     return {m.FEATURE.name: m.FEATURE for m in mods}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, walk_stmts
+from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_AdEMAMix"

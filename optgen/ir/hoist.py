@@ -11,7 +11,6 @@ from dataclasses import replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
 
-
 _PURE_LEAVES = {"const", "hyper", "meta", "has", "param_attr"}
 
 
