@@ -7,6 +7,7 @@ from generated.adams import Adams
 from generated.adams_zero import Adams_ZeRO
 from generated.adamw import AdamW
 from generated.adamw_adv import AdamW_adv
+from generated.adopt_adv import Adopt_adv
 from generated.nadam import NAdam
 from generated.radam import RAdam
 from generated.rmsprop import RMSprop
@@ -19,6 +20,7 @@ __all__ = [
     "AdamW_adv",
     "Adams",
     "Adams_ZeRO",
+    "Adopt_adv",
     "NAdam",
     "RAdam",
     "RMSprop",

@@ -1,17 +1,21 @@
 """``nesterov``: Nesterov momentum in the Adam family's form.
 
 The update direction becomes ``lerp(m_new, grad, w)`` with the EMA's own weight ``w = 1 - beta1``
-(adv_optm: ``copy(m).lerp_(g, 1 - beta1)``); the stored moment is not Nesterov'd.
+or, when ``nesterov_coef`` is given, ``w = 1 - nesterov_coef``
+(adv_optm: ``copy(m).lerp_(g, 1 - beta1)``); the stored moment is not Nesterov'd. ``grad`` is the
+gradient as it is at that point, even where the moment averages something else (ADOPT's
+normalised gradient: adv_optm mixes the two scales, math/adv-optm.md §9.7).
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import is_var, replace_assigns, require, switch
-from optgen.ir.nodes import Assign, Node, Program, walk_stmts
+from optgen.features.rewrite import is_var, replace_assigns, require, switch, var
+from optgen.ir.nodes import Assign, If, Node, Program, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "nesterov"
+COEF = "nesterov_coef"
 
 
 def _apply(program: Program) -> Program:
@@ -20,10 +24,17 @@ def _apply(program: Program) -> Program:
     require(len(emas), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' statement")
     ema = emas[0].value
 
+    coef = Node("hyper", attr=(COEF, None))
+    own = Node("sub", (Node("const", attr=1), coef))
+
     def direction(s: Assign):
         v = s.value
         if s.target == "update" and v.op == "copy" and is_var(v.args[0], "exp_avg"):
-            on = Assign("update", Node("lerp", (v.args[0], ema.args[1], ema.args[2]), kind=v.kind), s.pos, s.role)
+            def mix(w: Node) -> Assign:
+                return Assign("update", Node("lerp", (v.args[0], var("grad"), w), kind=v.kind), s.pos, s.role)
+
+            default = Node("eq", (coef, Node("const", attr=None)), boolean=True)
+            on = If(default, [mix(ema.args[2])], [mix(own)], s.pos)
             return [switch(FLAG, [on], [s], s.pos)]
         return None
 
@@ -36,5 +47,8 @@ FEATURE = Feature(
     name="nesterov",
     doc="Nesterov momentum: update = lerp(m, grad, 1 - beta1) from the new moment m.",
     transform=_apply,
-    hyperparameters={FLAG: HyperparameterSpec(default=False, type="bool", doc="Nesterov momentum")},
+    hyperparameters={
+        FLAG: HyperparameterSpec(default=False, type="bool", doc="Nesterov momentum"),
+        COEF: HyperparameterSpec(default=None, type="any", doc="Nesterov's mixing coefficient (None: beta1)"),
+    },
 )

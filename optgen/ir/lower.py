@@ -79,8 +79,9 @@ class Lowerer:
     # -- expressions -----------------------------------------------------------------------
     def expr(self, e: E.Expr, field: str) -> Node:
         if isinstance(e, E.Const):
-            if isinstance(e.value, str):
-                raise SpecError(e.pos, field, f"string {e.value!r} is only allowed as param_attr's first argument")
+            if isinstance(e.value, str) or e.value is None:
+                raise SpecError(e.pos, field, f"{e.value!r} is only allowed compared (== / !=) with a "
+                                              "non-numeric hyperparameter, or as param_attr's first argument")
             return Node("const", attr=e.value, boolean=isinstance(e.value, bool))
         if isinstance(e, E.Name):
             return self.name(e, field)
@@ -97,6 +98,9 @@ class Lowerer:
                 self._need_host_bool(a, v, field, f"'{e.op}'")
             return Node(e.op, args, boolean=True)
         if isinstance(e, E.Compare):
+            choice = self._choice_compare(e, field)
+            if choice is not None:
+                return choice
             a, b = self.expr(e.left, field), self.expr(e.right, field)
             kind = self._join(a, b, e, field)
             return Node(COMPARISONS[e.op], (a, b), kind=kind, boolean=True)
@@ -108,6 +112,22 @@ class Lowerer:
         if isinstance(e, E.Call):
             return self.call(e, field)
         raise SpecError(e.pos, field, f"unsupported expression {type(e).__name__}")  # pragma: no cover
+
+    def _choice_compare(self, e: E.Compare, field: str) -> Node | None:
+        """``hyper == 'value'`` / ``hyper != None``: a condition on a non-numeric hyperparameter
+        (a mode string, an optional argument), decided on the host like any static condition."""
+        sides = (e.left, e.right)
+        const = [s for s in sides if isinstance(s, E.Const) and (s.value is None or isinstance(s.value, str))]
+        if not const:
+            return None
+        other = e.right if const[0] is e.left else e.left
+        if e.op not in ("==", "!="):
+            raise SpecError(e.pos, field, f"{const[0].value!r} can only be compared with == or !=")
+        if not (isinstance(other, E.Name) and other.id in self.scalars):
+            raise SpecError(other.pos, field, f"{const[0].value!r} can only be compared with a hyperparameter")
+        hname, idx, _ = self.scalars[other.id]
+        hyper = Node("hyper", attr=(hname, idx))
+        return Node(COMPARISONS[e.op], (hyper, Node("const", attr=const[0].value)), boolean=True)
 
     def _join(self, a: Node, b: Node, e: E.Expr, field: str) -> Kind:
         k = join(a.kind, b.kind)

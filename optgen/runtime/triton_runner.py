@@ -307,7 +307,8 @@ class TritonRunner:
                     values.append(0.0)
                     continue
                 v = v.item()
-            values.append(float(v))
+            # An optional hyperparameter left at None is only read on paths where it is not None.
+            values.append(float("nan") if v is None else float(v))
         values_t = tuple(values)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if cache.hyp is None or (values_t != cache.hyp_values and not capturing):

@@ -61,7 +61,7 @@ class Call(Expr):
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
 _CMPOPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
-_CONSTANT_NAMES = {"true": True, "false": False, "True": True, "False": False}
+_CONSTANT_NAMES = {"true": True, "false": False, "True": True, "False": False, "None": None, "null": None}
 _DESCRIBE = {
     ast.Attribute: "attribute access",
     ast.Subscript: "subscripts",
@@ -121,7 +121,7 @@ def _convert(node: ast.AST, base: Position, field_name: str) -> Expr:
         return _convert(n, base, field_name)
 
     if isinstance(node, ast.Constant):
-        if isinstance(node.value, (bool, int, float, str)):
+        if node.value is None or isinstance(node.value, (bool, int, float, str)):
             return Const(node.value, pos=here)
         raise SpecError(here, field_name, f"constant {node.value!r} is not allowed")
     if isinstance(node, ast.Name):
