@@ -35,14 +35,14 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 update = copy(exp_avg)
     else:
         update = copy(grad)
-    if use_AdEMAMix:
-        exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_ema)
-        update = update + alpha * exp_avg_slow
     exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     if use_atan2:
         denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
     else:
         denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps
+    if use_AdEMAMix:
+        exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_ema)
+        update = update + alpha * exp_avg_slow
     if use_atan2:
         update = atan2(update, denom)
     else:
@@ -80,8 +80,8 @@ _PROGRAM = program_from_data(
                          [['hyper', 'host', ['betas', 0], False], ['const', 'host', 0, False]]]},
               {'role': 'temp', 'set': '_c2', 'value': ['hyper', 'host', ['grams_moment', None], True]},
               {'role': 'temp', 'set': '_c3', 'value': ['hyper', 'host', ['cautious_mask', None], True]},
-              {'role': 'temp', 'set': '_c4', 'value': ['hyper', 'host', ['use_AdEMAMix', None], True]},
-              {'role': 'temp', 'set': '_c5', 'value': ['hyper', 'host', ['use_atan2', None], True]},
+              {'role': 'temp', 'set': '_c4', 'value': ['hyper', 'host', ['use_atan2', None], True]},
+              {'role': 'temp', 'set': '_c5', 'value': ['hyper', 'host', ['use_AdEMAMix', None], True]},
               {'role': 'temp',
                'set': '_c6',
                'value': ['ne',
@@ -220,38 +220,9 @@ _PROGRAM = program_from_data(
                                                None,
                                                False,
                                                [['var', 'element', 'exp_avg', False]]]]]}]}]},
-              {'else': [],
-               'if': ['var', 'host', '_c4', True],
-               'then': [{'role': 'temp',
-                         'set': '_k1',
-                         'value': ['sub',
-                                   'host',
-                                   None,
-                                   False,
-                                   [['const', 'host', 1, False],
-                                    ['hyper', 'host', ['beta3_ema', None], False]]]},
-                        {'role': 'state',
-                         'set': 'exp_avg_slow',
-                         'value': ['lerp',
-                                   'element',
-                                   None,
-                                   False,
-                                   [['var', 'element', 'exp_avg_slow', False],
-                                    ['var', 'element', 'grad', False],
-                                    ['var', 'host', '_k1', False]]]},
-                        {'role': 'temp', 'set': '_k2', 'value': ['hyper', 'host', ['alpha', None], False]},
-                        {'role': 'temp',
-                         'set': 'update',
-                         'value': ['axpy',
-                                   'element',
-                                   None,
-                                   False,
-                                   [['var', 'element', 'update', False],
-                                    ['var', 'element', 'exp_avg_slow', False],
-                                    ['var', 'host', '_k2', False]]]}]},
-              {'role': 'temp', 'set': '_k3', 'value': ['hyper', 'host', ['betas', 1], False]},
+              {'role': 'temp', 'set': '_k1', 'value': ['hyper', 'host', ['betas', 1], False]},
               {'role': 'temp',
-               'set': '_k4',
+               'set': '_k2',
                'value': ['sub',
                          'host',
                          None,
@@ -267,11 +238,11 @@ _PROGRAM = program_from_data(
                            'element',
                            None,
                            False,
-                           [['var', 'element', 'exp_avg_sq', False], ['var', 'host', '_k3', False]]],
+                           [['var', 'element', 'exp_avg_sq', False], ['var', 'host', '_k1', False]]],
                           ['var', 'element', 'grad', False],
                           ['var', 'element', 'grad', False],
-                          ['var', 'host', '_k4', False]]]},
-              {'else': [{'role': 'temp', 'set': '_k5', 'value': ['hyper', 'host', ['eps', None], False]},
+                          ['var', 'host', '_k2', False]]]},
+              {'else': [{'role': 'temp', 'set': '_k3', 'value': ['hyper', 'host', ['eps', None], False]},
                         {'role': 'temp',
                          'set': 'denom',
                          'value': ['add',
@@ -288,8 +259,8 @@ _PROGRAM = program_from_data(
                                        False,
                                        [['var', 'element', 'exp_avg_sq', False]]],
                                       ['var', 'host', 'sqrt_bias_correction2', False]]],
-                                    ['var', 'host', '_k5', False]]]}],
-               'if': ['var', 'host', '_c5', True],
+                                    ['var', 'host', '_k3', False]]]}],
+               'if': ['var', 'host', '_c4', True],
                'then': [{'role': 'temp',
                          'set': 'denom',
                          'value': ['div',
@@ -298,6 +269,35 @@ _PROGRAM = program_from_data(
                                    False,
                                    [['sqrt', 'element', None, False, [['var', 'element', 'exp_avg_sq', False]]],
                                     ['var', 'host', 'sqrt_bias_correction2', False]]]}]},
+              {'else': [],
+               'if': ['var', 'host', '_c5', True],
+               'then': [{'role': 'temp',
+                         'set': '_k4',
+                         'value': ['sub',
+                                   'host',
+                                   None,
+                                   False,
+                                   [['const', 'host', 1, False],
+                                    ['hyper', 'host', ['beta3_ema', None], False]]]},
+                        {'role': 'state',
+                         'set': 'exp_avg_slow',
+                         'value': ['lerp',
+                                   'element',
+                                   None,
+                                   False,
+                                   [['var', 'element', 'exp_avg_slow', False],
+                                    ['var', 'element', 'grad', False],
+                                    ['var', 'host', '_k4', False]]]},
+                        {'role': 'temp', 'set': '_k5', 'value': ['hyper', 'host', ['alpha', None], False]},
+                        {'role': 'temp',
+                         'set': 'update',
+                         'value': ['axpy',
+                                   'element',
+                                   None,
+                                   False,
+                                   [['var', 'element', 'update', False],
+                                    ['var', 'element', 'exp_avg_slow', False],
+                                    ['var', 'host', '_k5', False]]]}]},
               {'else': [{'role': 'temp',
                          'set': 'update',
                          'value': ['div',
@@ -305,7 +305,7 @@ _PROGRAM = program_from_data(
                                    None,
                                    False,
                                    [['var', 'element', 'update', False], ['var', 'element', 'denom', False]]]}],
-               'if': ['var', 'host', '_c5', True],
+               'if': ['var', 'host', '_c4', True],
                'then': [{'role': 'temp',
                          'set': 'update',
                          'value': ['atan2',
@@ -322,7 +322,7 @@ _PROGRAM = program_from_data(
                                    False,
                                    [['var', 'element', 'update', False],
                                     ['var', 'host', 'step_size', False]]]}],
-               'if': ['var', 'host', '_c5', True],
+               'if': ['var', 'host', '_c4', True],
                'then': [{'role': 'temp',
                          'set': '_k6',
                          'value': ['mul',
@@ -548,28 +548,28 @@ def _device_step(h, param, grad, S):
     else:
         _10 = F.copy(grad)
         t_update = _10
+    F.mul_(st_exp_avg_sq, h["_k1"])
+    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k2"])
     if h["_c4"]:
-        F.lerp_(st_exp_avg_slow, grad, h["_k1"])
-        _11 = F.axpy(t_update, st_exp_avg_slow, h["_k2"])
-        t_update = _11
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
-    if h["_c5"]:
+        _11 = F.sqrt(st_exp_avg_sq)
+        F.div_(_11, h["sqrt_bias_correction2"])
+        t_denom = _11
+    else:
         _12 = F.sqrt(st_exp_avg_sq)
         F.div_(_12, h["sqrt_bias_correction2"])
+        F.add_(_12, h["_k3"])
         t_denom = _12
-    else:
-        _13 = F.sqrt(st_exp_avg_sq)
-        F.div_(_13, h["sqrt_bias_correction2"])
-        F.add_(_13, h["_k5"])
-        t_denom = _13
     if h["_c5"]:
+        F.lerp_(st_exp_avg_slow, grad, h["_k4"])
+        _13 = F.axpy(t_update, st_exp_avg_slow, h["_k5"])
+        t_update = _13
+    if h["_c4"]:
         _14 = F.atan2(t_update, t_denom)
         t_update = _14
     else:
         _15 = F.div(t_update, t_denom)
         t_update = _15
-    if h["_c5"]:
+    if h["_c4"]:
         _16 = F.mul(t_update, h["_k6"])
         t_update = _16
     else:

@@ -28,18 +28,18 @@ def _adamw_adv_2_2_3_prologue0(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
 
@@ -54,17 +54,17 @@ def _adamw_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -76,15 +76,15 @@ def _adamw_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = L.atan2(x9, x14)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    v12 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x13 = L.lerp(v12, v2, h__k4)
+    x14 = (x6 + h__k5 * x13)
+    x15 = L.atan2(x14, x11)
     x16 = (x15 * h__k6)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x18 = (x16 * v17)
@@ -94,8 +94,8 @@ def _adamw_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x22 = (-x16)
     x23 = (x21 + x22)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x13, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
 
 
@@ -135,18 +135,18 @@ def _adamw_adv_2_2_3_prologue1(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
 
@@ -161,17 +161,17 @@ def _adamw_adv_2_2_3_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -183,23 +183,23 @@ def _adamw_adv_2_2_3_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = L.atan2(x9, x14)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    v12 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x13 = L.lerp(v12, v2, h__k4)
+    x14 = (x6 + h__k5 * x13)
+    x15 = L.atan2(x14, x11)
     x16 = (x15 * h__k6)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x18 = (v17 + h__k8 * v17)
     x19 = (-x16)
     x20 = (x18 + x19)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x13, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
 
 
@@ -239,17 +239,17 @@ def _adamw_adv_2_2_3_prologue2(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
 
 
@@ -263,17 +263,17 @@ def _adamw_adv_2_2_3_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -284,22 +284,22 @@ def _adamw_adv_2_2_3_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = L.atan2(x9, x14)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    v12 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x13 = L.lerp(v12, v2, h__k4)
+    x14 = (x6 + h__k5 * x13)
+    x15 = L.atan2(x14, x11)
     x16 = (x15 * h__k6)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x18 = (-x16)
     x19 = (v17 + x18)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x13, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
 
 
@@ -339,21 +339,16 @@ def _adamw_adv_2_2_3_prologue3(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
 
 
 # flat
@@ -366,51 +361,40 @@ def _adamw_adv_2_2_3_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 8)
+    h__k7 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = (x14 + h__k5)
-    x16 = L.div(x9, x15)
-    x17 = (x16 * h_step_size)
-    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x19 = (x17 * v18)
-    x20 = (x19 >= tl.full((), 0.0, tl.float32))
-    x21 = tl.where(x20, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x22 = (v18 + h__k7 * v18 * x21)
-    x23 = (-x17)
-    x24 = (x22 + x23)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    x12 = L.atan2(x6, x11)
+    x13 = (x12 * h__k6)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (x13 * v14)
+    x16 = (x15 >= tl.full((), 0.0, tl.float32))
+    x17 = tl.where(x16, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x18 = (v14 + h__k7 * v14 * x17)
+    x19 = (-x13)
+    x20 = (x18 + x19)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x24, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
 
 
 @triton.jit
@@ -449,21 +433,16 @@ def _adamw_adv_2_2_3_prologue4(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
 
 
 # flat
@@ -476,48 +455,37 @@ def _adamw_adv_2_2_3_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 8)
+    h__k8 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = (x14 + h__k5)
-    x16 = L.div(x9, x15)
-    x17 = (x16 * h_step_size)
-    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x19 = (v18 + h__k8 * v18)
-    x20 = (-x17)
-    x21 = (x19 + x20)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    x12 = L.atan2(x6, x11)
+    x13 = (x12 * h__k6)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (v14 + h__k8 * v14)
+    x16 = (-x13)
+    x17 = (x15 + x16)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x21, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
 
 
 @triton.jit
@@ -556,19 +524,14 @@ def _adamw_adv_2_2_3_prologue5(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
 
 
 # flat
@@ -581,19 +544,13 @@ def _adamw_adv_2_2_3_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -603,24 +560,19 @@ def _adamw_adv_2_2_3_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x4 = L.sign(v2)
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
-    v7 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, v2, h__k1)
-    x9 = (x6 + h__k2 * x8)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k3)
-    x12 = (x11 + h__k4 * v2 * v2)
-    x13 = L.sqrt(x12)
-    x14 = L.div(x13, h_sqrt_bias_correction2)
-    x15 = (x14 + h__k5)
-    x16 = L.div(x9, x15)
-    x17 = (x16 * h_step_size)
-    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x19 = (-x17)
-    x20 = (v18 + x19)
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
+    x10 = L.sqrt(x9)
+    x11 = L.div(x10, h_sqrt_bias_correction2)
+    x12 = L.atan2(x6, x11)
+    x13 = (x12 * h__k6)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (-x13)
+    x16 = (v14 + x15)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x8, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x12, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
 
 
 @triton.jit
@@ -659,16 +611,21 @@ def _adamw_adv_2_2_3_prologue6(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k7).to(tl.float32))
 
 
 # flat
@@ -684,14 +641,20 @@ def _adamw_adv_2_2_3_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 5)
+    h__k7 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
@@ -699,22 +662,27 @@ def _adamw_adv_2_2_3_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = L.atan2(x6, x11)
-    x13 = (x12 * h__k6)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (x13 * v14)
-    x16 = (x15 >= tl.full((), 0.0, tl.float32))
-    x17 = tl.where(x16, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x18 = (v14 + h__k7 * v14 * x17)
-    x19 = (-x13)
-    x20 = (x18 + x19)
+    x12 = (x11 + h__k3)
+    v13 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x14 = L.lerp(v13, v2, h__k4)
+    x15 = (x6 + h__k5 * x14)
+    x16 = L.div(x15, x12)
+    x17 = (x16 * h_step_size)
+    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x19 = (x17 * v18)
+    x20 = (x19 >= tl.full((), 0.0, tl.float32))
+    x21 = tl.where(x20, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x22 = (v18 + h__k7 * v18 * x21)
+    x23 = (-x17)
+    x24 = (x22 + x23)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x14, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x24, P_DT), mask=mask)
 
 
 @triton.jit
@@ -753,16 +721,21 @@ def _adamw_adv_2_2_3_prologue7(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
 
 
 # flat
@@ -778,14 +751,20 @@ def _adamw_adv_2_2_3_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 5)
+    h__k8 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
@@ -793,19 +772,24 @@ def _adamw_adv_2_2_3_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = L.atan2(x6, x11)
-    x13 = (x12 * h__k6)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (v14 + h__k8 * v14)
-    x16 = (-x13)
-    x17 = (x15 + x16)
+    x12 = (x11 + h__k3)
+    v13 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x14 = L.lerp(v13, v2, h__k4)
+    x15 = (x6 + h__k5 * x14)
+    x16 = L.div(x15, x12)
+    x17 = (x16 * h_step_size)
+    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x19 = (v18 + h__k8 * v18)
+    x20 = (-x17)
+    x21 = (x19 + x20)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x14, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x21, P_DT), mask=mask)
 
 
 @triton.jit
@@ -844,14 +828,19 @@ def _adamw_adv_2_2_3_prologue8(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
 
 
 # flat
@@ -867,10 +856,16 @@ def _adamw_adv_2_2_3_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -881,18 +876,23 @@ def _adamw_adv_2_2_3_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = L.atan2(x6, x11)
-    x13 = (x12 * h__k6)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (-x13)
-    x16 = (v14 + x15)
+    x12 = (x11 + h__k3)
+    v13 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x14 = L.lerp(v13, v2, h__k4)
+    x15 = (x6 + h__k5 * x14)
+    x16 = L.div(x15, x12)
+    x17 = (x16 * h_step_size)
+    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x19 = (-x17)
+    x20 = (v18 + x19)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x14, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
 
 
 @triton.jit
@@ -931,15 +931,15 @@ def _adamw_adv_2_2_3_prologue9(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
 
@@ -957,10 +957,10 @@ def _adamw_adv_2_2_3_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -973,11 +973,11 @@ def _adamw_adv_2_2_3_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.con
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = (x11 + h__k5)
+    x12 = (x11 + h__k3)
     x13 = L.div(x6, x12)
     x14 = (x13 * h_step_size)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -1028,15 +1028,15 @@ def _adamw_adv_2_2_3_prologue10(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k8).to(tl.float32))
 
@@ -1054,10 +1054,10 @@ def _adamw_adv_2_2_3_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1070,11 +1070,11 @@ def _adamw_adv_2_2_3_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = (x11 + h__k5)
+    x12 = (x11 + h__k3)
     x13 = L.div(x6, x12)
     x14 = (x13 * h_step_size)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -1122,14 +1122,14 @@ def _adamw_adv_2_2_3_prologue11(
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
 
 
@@ -1146,10 +1146,10 @@ def _adamw_adv_2_2_3_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1161,11 +1161,11 @@ def _adamw_adv_2_2_3_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = tl.abs(x3)
     x6 = (x4 * x5)
     v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * v2 * v2)
+    x8 = (v7 * h__k1)
+    x9 = (x8 + h__k2 * v2 * v2)
     x10 = L.sqrt(x9)
     x11 = L.div(x10, h_sqrt_bias_correction2)
-    x12 = (x11 + h__k5)
+    x12 = (x11 + h__k3)
     x13 = L.div(x6, x12)
     x14 = (x13 * h_step_size)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -1247,20 +1247,20 @@ def _adamw_adv_2_2_3_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1273,16 +1273,16 @@ def _adamw_adv_2_2_3_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = L.atan2(x11, x16)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    v14 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x15 = L.lerp(v14, v10, h__k4)
+    x16 = (x7 + h__k5 * x15)
+    x17 = L.atan2(x16, x13)
     x18 = (x17 * h__k6)
     v19 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x20 = (x18 * v19)
@@ -1291,8 +1291,8 @@ def _adamw_adv_2_2_3_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x23 = (v19 + h__k7 * v19 * x22)
     x24 = (-x18)
     x25 = (x23 + x24)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x15, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
 
 
@@ -1324,20 +1324,20 @@ def _adamw_adv_2_2_3_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1350,23 +1350,23 @@ def _adamw_adv_2_2_3_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = L.atan2(x11, x16)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    v14 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x15 = L.lerp(v14, v10, h__k4)
+    x16 = (x7 + h__k5 * x15)
+    x17 = L.atan2(x16, x13)
     x18 = (x17 * h__k6)
     v19 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x20 = (v19 + h__k8 * v19)
     x21 = (-x18)
     x22 = (x20 + x21)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x15, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
 
 
@@ -1398,20 +1398,20 @@ def _adamw_adv_2_2_3_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1423,22 +1423,22 @@ def _adamw_adv_2_2_3_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = L.atan2(x11, x16)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    v14 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x15 = L.lerp(v14, v10, h__k4)
+    x16 = (x7 + h__k5 * x15)
+    x17 = L.atan2(x16, x13)
     x18 = (x17 * h__k6)
     v19 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x20 = (-x18)
     x21 = (v19 + x20)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x15, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x21, P_DT), mask=mask)
 
 
@@ -1470,26 +1470,20 @@ def _adamw_adv_2_2_3_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 8)
+    h__k7 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_mask + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.div(v2, tl.load(tab + t * TBL_W + 4).to(tl.float32))
@@ -1497,28 +1491,23 @@ def _adamw_adv_2_2_3_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = (x16 + h__k5)
-    x18 = L.div(x11, x17)
-    x19 = (x18 * h_step_size)
-    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x21 = (x19 * v20)
-    x22 = (x21 >= tl.full((), 0.0, tl.float32))
-    x23 = tl.where(x22, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x24 = (v20 + h__k7 * v20 * x23)
-    x25 = (-x19)
-    x26 = (x24 + x25)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x26, P_DT), mask=mask)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    x14 = L.atan2(x7, x13)
+    x15 = (x14 * h__k6)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (x15 * v16)
+    x18 = (x17 >= tl.full((), 0.0, tl.float32))
+    x19 = tl.where(x18, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x20 = (v16 + h__k7 * v16 * x19)
+    x21 = (-x15)
+    x22 = (x20 + x21)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1549,26 +1538,20 @@ def _adamw_adv_2_2_3_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 8)
+    h__k8 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_mask + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.div(v2, tl.load(tab + t * TBL_W + 4).to(tl.float32))
@@ -1576,25 +1559,20 @@ def _adamw_adv_2_2_3_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = (x16 + h__k5)
-    x18 = L.div(x11, x17)
-    x19 = (x18 * h_step_size)
-    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x21 = (v20 + h__k8 * v20)
-    x22 = (-x19)
-    x23 = (x21 + x22)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    x14 = L.atan2(x7, x13)
+    x15 = (x14 * h__k6)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (v16 + h__k8 * v16)
+    x18 = (-x15)
+    x19 = (x17 + x18)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1625,22 +1603,16 @@ def _adamw_adv_2_2_3_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1651,24 +1623,19 @@ def _adamw_adv_2_2_3_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x5 = L.div(v1, x4)
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
-    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k1)
-    x11 = (x7 + h__k2 * x10)
-    v12 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x13 = (v12 * h__k3)
-    x14 = (x13 + h__k4 * v9 * v9)
-    x15 = L.sqrt(x14)
-    x16 = L.div(x15, h_sqrt_bias_correction2)
-    x17 = (x16 + h__k5)
-    x18 = L.div(x11, x17)
-    x19 = (x18 * h_step_size)
-    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x21 = (-x19)
-    x22 = (v20 + x21)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x14, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
+    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x9 = (v8 * h__k1)
+    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x11 = (x9 + h__k2 * v10 * v10)
+    x12 = L.sqrt(x11)
+    x13 = L.div(x12, h_sqrt_bias_correction2)
+    x14 = L.atan2(x7, x13)
+    x15 = (x14 * h__k6)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (-x15)
+    x18 = (v16 + x17)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1702,17 +1669,23 @@ def _adamw_adv_2_2_3_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 5)
+    h__k7 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_mask + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.div(v2, tl.load(tab + t * TBL_W + 4).to(tl.float32))
@@ -1721,22 +1694,27 @@ def _adamw_adv_2_2_3_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = L.atan2(x7, x13)
-    x15 = (x14 * h__k6)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (x15 * v16)
-    x18 = (x17 >= tl.full((), 0.0, tl.float32))
-    x19 = tl.where(x18, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x20 = (v16 + h__k7 * v16 * x19)
-    x21 = (-x15)
-    x22 = (x20 + x21)
+    x14 = (x13 + h__k3)
+    v15 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x16 = L.lerp(v15, v10, h__k4)
+    x17 = (x7 + h__k5 * x16)
+    x18 = L.div(x17, x14)
+    x19 = (x18 * h_step_size)
+    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x21 = (x19 * v20)
+    x22 = (x21 >= tl.full((), 0.0, tl.float32))
+    x23 = tl.where(x22, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x24 = (v20 + h__k7 * v20 * x23)
+    x25 = (-x19)
+    x26 = (x24 + x25)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x16, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x26, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1770,17 +1748,23 @@ def _adamw_adv_2_2_3_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 5)
+    h__k8 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_mask + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.div(v2, tl.load(tab + t * TBL_W + 4).to(tl.float32))
@@ -1789,19 +1773,24 @@ def _adamw_adv_2_2_3_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = L.atan2(x7, x13)
-    x15 = (x14 * h__k6)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (v16 + h__k8 * v16)
-    x18 = (-x15)
-    x19 = (x17 + x18)
+    x14 = (x13 + h__k3)
+    v15 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x16 = L.lerp(v15, v10, h__k4)
+    x17 = (x7 + h__k5 * x16)
+    x18 = L.div(x17, x14)
+    x19 = (x18 * h_step_size)
+    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x21 = (v20 + h__k8 * v20)
+    x22 = (-x19)
+    x23 = (x21 + x22)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x16, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1835,13 +1824,19 @@ def _adamw_adv_2_2_3_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1853,18 +1848,23 @@ def _adamw_adv_2_2_3_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = L.atan2(x7, x13)
-    x15 = (x14 * h__k6)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (-x15)
-    x18 = (v16 + x17)
+    x14 = (x13 + h__k3)
+    v15 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x16 = L.lerp(v15, v10, h__k4)
+    x17 = (x7 + h__k5 * x16)
+    x18 = L.div(x17, x14)
+    x19 = (x18 * h_step_size)
+    v20 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x21 = (-x19)
+    x22 = (v20 + x21)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x16, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1898,13 +1898,13 @@ def _adamw_adv_2_2_3_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1918,12 +1918,12 @@ def _adamw_adv_2_2_3_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = (x13 + h__k5)
+    x14 = (x13 + h__k3)
     x15 = L.div(x7, x14)
     x16 = (x15 * h_step_size)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -1968,13 +1968,13 @@ def _adamw_adv_2_2_3_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -1988,12 +1988,12 @@ def _adamw_adv_2_2_3_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = (x13 + h__k5)
+    x14 = (x13 + h__k3)
     x15 = L.div(x7, x14)
     x16 = (x15 * h_step_size)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -2035,13 +2035,13 @@ def _adamw_adv_2_2_3_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2054,12 +2054,12 @@ def _adamw_adv_2_2_3_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v6 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     x7 = (v6 * x5)
     v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
+    x9 = (v8 * h__k1)
     v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k4 * v10 * v10)
+    x11 = (x9 + h__k2 * v10 * v10)
     x12 = L.sqrt(x11)
     x13 = L.div(x12, h_sqrt_bias_correction2)
-    x14 = (x13 + h__k5)
+    x14 = (x13 + h__k3)
     x15 = L.div(x7, x14)
     x16 = (x15 * h_step_size)
     v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -2099,17 +2099,17 @@ def _adamw_adv_2_2_3_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2119,15 +2119,15 @@ def _adamw_adv_2_2_3_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = L.atan2(x7, x12)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    v10 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x11 = L.lerp(v10, v2, h__k4)
+    x12 = (x4 + h__k5 * x11)
+    x13 = L.atan2(x12, x9)
     x14 = (x13 * h__k6)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x16 = (x14 * v15)
@@ -2137,8 +2137,8 @@ def _adamw_adv_2_2_3_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x20 = (-x14)
     x21 = (x19 + x20)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x11, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x21, P_DT), mask=mask)
 
 
@@ -2172,17 +2172,17 @@ def _adamw_adv_2_2_3_flat26_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2192,23 +2192,23 @@ def _adamw_adv_2_2_3_flat26_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = L.atan2(x7, x12)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    v10 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x11 = L.lerp(v10, v2, h__k4)
+    x12 = (x4 + h__k5 * x11)
+    x13 = L.atan2(x12, x9)
     x14 = (x13 * h__k6)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x16 = (v15 + h__k8 * v15)
     x17 = (-x14)
     x18 = (x16 + x17)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x11, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
@@ -2242,17 +2242,17 @@ def _adamw_adv_2_2_3_flat27_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 5)
     h__k6 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2261,22 +2261,22 @@ def _adamw_adv_2_2_3_flat27_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = L.atan2(x7, x12)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    v10 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x11 = L.lerp(v10, v2, h__k4)
+    x12 = (x4 + h__k5 * x11)
+    x13 = L.atan2(x12, x9)
     x14 = (x13 * h__k6)
     v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x16 = (-x14)
     x17 = (v15 + x16)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x11, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
 
 
@@ -2310,49 +2310,38 @@ def _adamw_adv_2_2_3_flat28_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 8)
+    h__k7 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = (x12 + h__k5)
-    x14 = L.div(x7, x13)
-    x15 = (x14 * h_step_size)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (x15 * v16)
-    x18 = (x17 >= tl.full((), 0.0, tl.float32))
-    x19 = tl.where(x18, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x20 = (v16 + h__k7 * v16 * x19)
-    x21 = (-x15)
-    x22 = (x20 + x21)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = L.atan2(x4, x9)
+    x11 = (x10 * h__k6)
+    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x13 = (x11 * v12)
+    x14 = (x13 >= tl.full((), 0.0, tl.float32))
+    x15 = tl.where(x14, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x16 = (v12 + h__k7 * v12 * x15)
+    x17 = (-x11)
+    x18 = (x16 + x17)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2385,46 +2374,35 @@ def _adamw_adv_2_2_3_flat29_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 8)
+    h__k8 = tl.load(hv + t * NH + 5)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = (x12 + h__k5)
-    x14 = L.div(x7, x13)
-    x15 = (x14 * h_step_size)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (v16 + h__k8 * v16)
-    x18 = (-x15)
-    x19 = (x17 + x18)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = L.atan2(x4, x9)
+    x11 = (x10 * h__k6)
+    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x13 = (v12 + h__k8 * v12)
+    x14 = (-x11)
+    x15 = (x13 + x14)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2457,19 +2435,13 @@ def _adamw_adv_2_2_3_flat30_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 5)
-    h__k5 = tl.load(hv + t * NH + 6)
-    h_step_size = tl.load(hv + t * NH + 7)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h__k6 = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -2477,24 +2449,19 @@ def _adamw_adv_2_2_3_flat30_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
-    v5 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, v2, h__k1)
-    x7 = (x4 + h__k2 * x6)
-    v8 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k3)
-    x10 = (x9 + h__k4 * v2 * v2)
-    x11 = L.sqrt(x10)
-    x12 = L.div(x11, h_sqrt_bias_correction2)
-    x13 = (x12 + h__k5)
-    x14 = L.div(x7, x13)
-    x15 = (x14 * h_step_size)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (-x15)
-    x18 = (v16 + x17)
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = L.atan2(x4, x9)
+    x11 = (x10 * h__k6)
+    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x13 = (-x11)
+    x14 = (v12 + x13)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x6, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x10, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x14, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2530,35 +2497,46 @@ def _adamw_adv_2_2_3_flat31_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 5)
+    h__k7 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = L.atan2(x4, x9)
-    x11 = (x10 * h__k6)
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = (x11 * v12)
-    x14 = (x13 >= tl.full((), 0.0, tl.float32))
-    x15 = tl.where(x14, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x16 = (v12 + h__k7 * v12 * x15)
-    x17 = (-x11)
-    x18 = (x16 + x17)
+    x10 = (x9 + h__k3)
+    v11 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x12 = L.lerp(v11, v2, h__k4)
+    x13 = (x4 + h__k5 * x12)
+    x14 = L.div(x13, x10)
+    x15 = (x14 * h_step_size)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (x15 * v16)
+    x18 = (x17 >= tl.full((), 0.0, tl.float32))
+    x19 = tl.where(x18, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x20 = (v16 + h__k7 * v16 * x19)
+    x21 = (-x15)
+    x22 = (x20 + x21)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x12, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2594,32 +2572,43 @@ def _adamw_adv_2_2_3_flat32_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 5)
+    h__k8 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = L.atan2(x4, x9)
-    x11 = (x10 * h__k6)
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = (v12 + h__k8 * v12)
-    x14 = (-x11)
-    x15 = (x13 + x14)
+    x10 = (x9 + h__k3)
+    v11 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x12 = L.lerp(v11, v2, h__k4)
+    x13 = (x4 + h__k5 * x12)
+    x14 = L.div(x13, x10)
+    x15 = (x14 * h_step_size)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (v16 + h__k8 * v16)
+    x18 = (-x15)
+    x19 = (x17 + x18)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x12, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2655,10 +2644,16 @@ def _adamw_adv_2_2_3_flat33_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 5)
+    h__k5 = tl.load(hv + t * NH + 6)
+    h_step_size = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -2667,18 +2662,23 @@ def _adamw_adv_2_2_3_flat33_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = L.atan2(x4, x9)
-    x11 = (x10 * h__k6)
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = (-x11)
-    x14 = (v12 + x13)
+    x10 = (x9 + h__k3)
+    v11 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x12 = L.lerp(v11, v2, h__k4)
+    x13 = (x4 + h__k5 * x12)
+    x14 = L.div(x13, x10)
+    x15 = (x14 * h_step_size)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (-x15)
+    x18 = (v16 + x17)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x14, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x12, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -2714,10 +2714,10 @@ def _adamw_adv_2_2_3_flat34_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2728,11 +2728,11 @@ def _adamw_adv_2_2_3_flat34_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h__k5)
+    x10 = (x9 + h__k3)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -2780,10 +2780,10 @@ def _adamw_adv_2_2_3_flat35_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2794,11 +2794,11 @@ def _adamw_adv_2_2_3_flat35_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h__k5)
+    x10 = (x9 + h__k3)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -2843,10 +2843,10 @@ def _adamw_adv_2_2_3_flat36_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 1)
+    h__k2 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
+    h__k3 = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2856,11 +2856,11 @@ def _adamw_adv_2_2_3_flat36_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x3 = L.lerp(v1, v2, h__k0)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * v2 * v2)
+    x6 = (v5 * h__k1)
+    x7 = (x6 + h__k2 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h__k5)
+    x10 = (x9 + h__k3)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -2906,17 +2906,17 @@ def _adamw_adv_2_2_3_prologue12(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
 
@@ -2927,17 +2927,17 @@ def _adamw_adv_2_2_3_flat37_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 4)
     h__k6 = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -2945,15 +2945,15 @@ def _adamw_adv_2_2_3_flat37_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     h__k7 = tl.load(hv + t * NH + 6)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = L.atan2(x5, x10)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x9 = L.lerp(v8, v1, h__k4)
+    x10 = (x2 + h__k5 * x9)
+    x11 = L.atan2(x10, x7)
     x12 = (x11 * h__k6)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x14 = (x12 * v13)
@@ -2962,8 +2962,8 @@ def _adamw_adv_2_2_3_flat37_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     x17 = (v13 + h__k7 * v13 * x16)
     x18 = (-x12)
     x19 = (x17 + x18)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x9, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
 
 
@@ -3002,17 +3002,17 @@ def _adamw_adv_2_2_3_prologue13(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k8).to(tl.float32))
 
@@ -3023,17 +3023,17 @@ def _adamw_adv_2_2_3_flat38_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 4)
     h__k6 = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -3041,22 +3041,22 @@ def _adamw_adv_2_2_3_flat38_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     h__k8 = tl.load(hv + t * NH + 6)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = L.atan2(x5, x10)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x9 = L.lerp(v8, v1, h__k4)
+    x10 = (x2 + h__k5 * x9)
+    x11 = L.atan2(x10, x7)
     x12 = (x11 * h__k6)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x14 = (v13 + h__k8 * v13)
     x15 = (-x12)
     x16 = (x14 + x15)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x9, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
 
 
@@ -3095,16 +3095,16 @@ def _adamw_adv_2_2_3_prologue14(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
 
 
@@ -3114,38 +3114,38 @@ def _adamw_adv_2_2_3_flat39_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
     h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 4)
     h__k6 = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = L.atan2(x5, x10)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    v8 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x9 = L.lerp(v8, v1, h__k4)
+    x10 = (x2 + h__k5 * x9)
+    x11 = L.atan2(x10, x7)
     x12 = (x11 * h__k6)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x14 = (-x12)
     x15 = (v13 + x14)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x9, DT_exp_avg_slow), mask=mask)
     tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
 
 
@@ -3184,20 +3184,15 @@ def _adamw_adv_2_2_3_prologue15(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k7).to(tl.float32))
 
 
 # flat
@@ -3206,46 +3201,35 @@ def _adamw_adv_2_2_3_flat40_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h_step_size = tl.load(hv + t * NH + 6)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    h__k6 = tl.load(hv + t * NH + 3)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 7)
+    h__k7 = tl.load(hv + t * NH + 4)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = (x10 + h__k5)
-    x12 = L.div(x5, x11)
-    x13 = (x12 * h_step_size)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (x13 * v14)
-    x16 = (x15 >= tl.full((), 0.0, tl.float32))
-    x17 = tl.where(x16, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x18 = (v14 + h__k7 * v14 * x17)
-    x19 = (-x13)
-    x20 = (x18 + x19)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    x8 = L.atan2(x2, x7)
+    x9 = (x8 * h__k6)
+    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x11 = (x9 * v10)
+    x12 = (x11 >= tl.full((), 0.0, tl.float32))
+    x13 = tl.where(x12, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x14 = (v10 + h__k7 * v10 * x13)
+    x15 = (-x9)
+    x16 = (x14 + x15)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3283,20 +3267,15 @@ def _adamw_adv_2_2_3_prologue16(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k8).to(tl.float32))
 
 
 # flat
@@ -3305,43 +3284,32 @@ def _adamw_adv_2_2_3_flat41_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h_step_size = tl.load(hv + t * NH + 6)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    h__k6 = tl.load(hv + t * NH + 3)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 7)
+    h__k8 = tl.load(hv + t * NH + 4)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = (x10 + h__k5)
-    x12 = L.div(x5, x11)
-    x13 = (x12 * h_step_size)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (v14 + h__k8 * v14)
-    x16 = (-x13)
-    x17 = (x15 + x16)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    x8 = L.atan2(x2, x7)
+    x9 = (x8 * h__k6)
+    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x11 = (v10 + h__k8 * v10)
+    x12 = (-x9)
+    x13 = (x11 + x12)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3379,18 +3347,13 @@ def _adamw_adv_2_2_3_prologue17(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
 
 
 # flat
@@ -3399,41 +3362,30 @@ def _adamw_adv_2_2_3_flat42_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
-    if ALIGNED:
-        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    h__k2 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h_step_size = tl.load(hv + t * NH + 6)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
+    h__k6 = tl.load(hv + t * NH + 3)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
-    v3 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, v1, h__k1)
-    x5 = (x2 + h__k2 * x4)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v1 * v1)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h_sqrt_bias_correction2)
-    x11 = (x10 + h__k5)
-    x12 = L.div(x5, x11)
-    x13 = (x12 * h_step_size)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (-x13)
-    x16 = (v14 + x15)
-    tl.store(p_exp_avg_slow + offs, L.to_storage(x4, DT_exp_avg_slow), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
+    x6 = L.sqrt(x5)
+    x7 = L.div(x6, h_sqrt_bias_correction2)
+    x8 = L.atan2(x2, x7)
+    x9 = (x8 * h__k6)
+    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x11 = (-x9)
+    x12 = (v10 + x11)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3471,15 +3423,20 @@ def _adamw_adv_2_2_3_prologue18(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
 
 
 # flat
@@ -3491,32 +3448,43 @@ def _adamw_adv_2_2_3_flat43_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k6 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 5)
+    h_step_size = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 4)
+    h__k7 = tl.load(hv + t * NH + 7)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = L.atan2(x2, x7)
-    x9 = (x8 * h__k6)
-    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x11 = (x9 * v10)
-    x12 = (x11 >= tl.full((), 0.0, tl.float32))
-    x13 = tl.where(x12, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x14 = (v10 + h__k7 * v10 * x13)
-    x15 = (-x9)
-    x16 = (x14 + x15)
+    x8 = (x7 + h__k3)
+    v9 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x10 = L.lerp(v9, v1, h__k4)
+    x11 = (x2 + h__k5 * x10)
+    x12 = L.div(x11, x8)
+    x13 = (x12 * h_step_size)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (x13 * v14)
+    x16 = (x15 >= tl.full((), 0.0, tl.float32))
+    x17 = tl.where(x16, tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    x18 = (v14 + h__k7 * v14 * x17)
+    x19 = (-x13)
+    x20 = (x18 + x19)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3554,15 +3522,20 @@ def _adamw_adv_2_2_3_prologue19(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
 
 
 # flat
@@ -3574,29 +3547,40 @@ def _adamw_adv_2_2_3_flat44_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k6 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 5)
+    h_step_size = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k8 = tl.load(hv + t * NH + 4)
+    h__k8 = tl.load(hv + t * NH + 7)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = L.atan2(x2, x7)
-    x9 = (x8 * h__k6)
-    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x11 = (v10 + h__k8 * v10)
-    x12 = (-x9)
-    x13 = (x11 + x12)
+    x8 = (x7 + h__k3)
+    v9 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x10 = L.lerp(v9, v1, h__k4)
+    x11 = (x2 + h__k5 * x10)
+    x12 = L.div(x11, x8)
+    x13 = (x12 * h_step_size)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (v14 + h__k8 * v14)
+    x16 = (-x13)
+    x17 = (x15 + x16)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3634,13 +3618,18 @@ def _adamw_adv_2_2_3_prologue20(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
 
 
 # flat
@@ -3652,27 +3641,38 @@ def _adamw_adv_2_2_3_flat45_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k6 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
+    p_exp_avg_slow = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_slow))
+    if ALIGNED:
+        p_exp_avg_slow = tl.multiple_of(p_exp_avg_slow, 16)
+    h__k4 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 5)
+    h_step_size = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = L.atan2(x2, x7)
-    x9 = (x8 * h__k6)
-    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x11 = (-x9)
-    x12 = (v10 + x11)
+    x8 = (x7 + h__k3)
+    v9 = tl.load(p_exp_avg_slow + offs, mask=mask).to(tl.float32)
+    x10 = L.lerp(v9, v1, h__k4)
+    x11 = (x2 + h__k5 * x10)
+    x12 = L.div(x11, x8)
+    x13 = (x12 * h_step_size)
+    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x15 = (-x13)
+    x16 = (v14 + x15)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x5, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
+    tl.store(p_exp_avg_slow + offs, L.to_storage(x10, DT_exp_avg_slow), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
 
 
 @triton.jit
@@ -3710,14 +3710,14 @@ def _adamw_adv_2_2_3_prologue21(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
 
@@ -3731,10 +3731,10 @@ def _adamw_adv_2_2_3_flat46_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
     h_step_size = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -3743,11 +3743,11 @@ def _adamw_adv_2_2_3_flat46_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = (x7 + h__k5)
+    x8 = (x7 + h__k3)
     x9 = L.div(x2, x8)
     x10 = (x9 * h_step_size)
     v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -3796,14 +3796,14 @@ def _adamw_adv_2_2_3_prologue22(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
 
@@ -3817,10 +3817,10 @@ def _adamw_adv_2_2_3_flat47_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
     h_step_size = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -3829,11 +3829,11 @@ def _adamw_adv_2_2_3_flat47_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = (x7 + h__k5)
+    x8 = (x7 + h__k3)
     x9 = L.div(x2, x8)
     x10 = (x9 * h_step_size)
     v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -3879,13 +3879,13 @@ def _adamw_adv_2_2_3_prologue23(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
 
 
@@ -3898,10 +3898,10 @@ def _adamw_adv_2_2_3_flat48_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 0)
-    h__k4 = tl.load(hv + t * NH + 1)
+    h__k1 = tl.load(hv + t * NH + 0)
+    h__k2 = tl.load(hv + t * NH + 1)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
+    h__k3 = tl.load(hv + t * NH + 3)
     h_step_size = tl.load(hv + t * NH + 4)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -3909,11 +3909,11 @@ def _adamw_adv_2_2_3_flat48_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = v1
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k3)
-    x5 = (x4 + h__k4 * v1 * v1)
+    x4 = (v3 * h__k1)
+    x5 = (x4 + h__k2 * v1 * v1)
     x6 = L.sqrt(x5)
     x7 = L.div(x6, h_sqrt_bias_correction2)
-    x8 = (x7 + h__k5)
+    x8 = (x7 + h__k3)
     x9 = L.div(x2, x8)
     x10 = (x9 * h_step_size)
     v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -3959,18 +3959,18 @@ def _adamw_adv_2_2_3_prologue24(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
 
@@ -3991,18 +3991,18 @@ def _adamw_adv_2_2_3_prologue25(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
 
@@ -4023,17 +4023,17 @@ def _adamw_adv_2_2_3_prologue26(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
 
 
@@ -4053,21 +4053,16 @@ def _adamw_adv_2_2_3_prologue27(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
 
 
 # prologue
@@ -4086,21 +4081,16 @@ def _adamw_adv_2_2_3_prologue28(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
 
 
 # prologue
@@ -4119,19 +4109,14 @@ def _adamw_adv_2_2_3_prologue29(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
 
 
 # prologue
@@ -4150,16 +4135,21 @@ def _adamw_adv_2_2_3_prologue30(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k7).to(tl.float32))
 
 
 # prologue
@@ -4178,16 +4168,21 @@ def _adamw_adv_2_2_3_prologue31(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
 
 
 # prologue
@@ -4206,14 +4201,19 @@ def _adamw_adv_2_2_3_prologue32(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h_step_size).to(tl.float32))
 
 
 # prologue
@@ -4232,15 +4232,15 @@ def _adamw_adv_2_2_3_prologue33(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
 
@@ -4261,15 +4261,15 @@ def _adamw_adv_2_2_3_prologue34(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k8).to(tl.float32))
 
@@ -4290,14 +4290,14 @@ def _adamw_adv_2_2_3_prologue35(
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
 
 
@@ -4316,17 +4316,17 @@ def _adamw_adv_2_2_3_prologue36(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
 
@@ -4346,17 +4346,17 @@ def _adamw_adv_2_2_3_prologue37(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
     tl.store(hv + t * NH + 6, (h__k8).to(tl.float32))
 
@@ -4376,16 +4376,16 @@ def _adamw_adv_2_2_3_prologue38(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
 
 
@@ -4404,20 +4404,15 @@ def _adamw_adv_2_2_3_prologue39(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k7).to(tl.float32))
 
 
 # prologue
@@ -4435,20 +4430,15 @@ def _adamw_adv_2_2_3_prologue40(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k8).to(tl.float32))
 
 
 # prologue
@@ -4466,18 +4456,13 @@ def _adamw_adv_2_2_3_prologue41(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k2 = tl.load(hyp + 4)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
 
 
 # prologue
@@ -4495,15 +4480,20 @@ def _adamw_adv_2_2_3_prologue42(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
 
 
 # prologue
@@ -4521,15 +4511,20 @@ def _adamw_adv_2_2_3_prologue43(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
 
 
 # prologue
@@ -4547,13 +4542,18 @@ def _adamw_adv_2_2_3_prologue44(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = (h_step_size * tl.full((), 1.2732395447351628, tl.float64))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
+    h__k5 = tl.load(hyp + 4)
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k6).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h_step_size).to(tl.float32))
 
 
 # prologue
@@ -4571,14 +4571,14 @@ def _adamw_adv_2_2_3_prologue45(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k7 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
 
@@ -4598,14 +4598,14 @@ def _adamw_adv_2_2_3_prologue46(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
     h__k8 = (-(tl.load(hyp + 5) * h_step_size))
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
     tl.store(hv + t * NH + 5, (h__k8).to(tl.float32))
 
@@ -4625,13 +4625,13 @@ def _adamw_adv_2_2_3_prologue47(
     h_bias_correction1 = tl.full((), 1.0, tl.float64)
     h_sqrt_bias_correction2 = tl.full((), 1.0, tl.float64)
     h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 6)
-    tl.store(hv + t * NH + 0, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k4).to(tl.float32))
+    h__k1 = tl.load(hyp + 1)
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k3 = tl.load(hyp + 6)
+    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 2, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_step_size).to(tl.float32))
 
 
@@ -4754,10 +4754,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'ndim',
                                                                                                           'gidx'],
                                                                                               'creates': [],
-                                                                                              'hv': ['_k3',
-                                                                                                     '_k4',
+                                                                                              'hv': ['_k1',
+                                                                                                     '_k2',
                                                                                                      'sqrt_bias_correction2',
-                                                                                                     '_k5',
+                                                                                                     '_k3',
                                                                                                      'step_size'],
                                                                                               'launches': [('_adamw_adv_2_2_3_prologue47',
                                                                                                             'prologue'),
@@ -4775,10 +4775,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                          'ndim',
                                                                                                                          'gidx'],
                                                                                                              'creates': [],
-                                                                                                             'hv': ['_k3',
-                                                                                                                    '_k4',
+                                                                                                             'hv': ['_k1',
+                                                                                                                    '_k2',
                                                                                                                     'sqrt_bias_correction2',
-                                                                                                                    '_k5',
+                                                                                                                    '_k3',
                                                                                                                     'step_size',
                                                                                                                     '_k8'],
                                                                                                              'launches': [('_adamw_adv_2_2_3_prologue46',
@@ -4797,10 +4797,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'ndim',
                                                                                                                         'gidx'],
                                                                                                             'creates': [],
-                                                                                                            'hv': ['_k3',
-                                                                                                                   '_k4',
+                                                                                                            'hv': ['_k1',
+                                                                                                                   '_k2',
                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                   '_k5',
+                                                                                                                   '_k3',
                                                                                                                    'step_size',
                                                                                                                    '_k7'],
                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue45',
@@ -4819,10 +4819,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                          'ndim',
                                                                                                          'gidx'],
                                                                                              'creates': [],
-                                                                                             'hv': ['_k3',
-                                                                                                    '_k4',
+                                                                                             'hv': ['_k1',
+                                                                                                    '_k2',
                                                                                                     'sqrt_bias_correction2',
-                                                                                                    '_k6'],
+                                                                                                    '_k3',
+                                                                                                    '_k4',
+                                                                                                    '_k5',
+                                                                                                    'step_size'],
                                                                                              'launches': [('_adamw_adv_2_2_3_prologue44',
                                                                                                            'prologue'),
                                                                                                           ('_adamw_adv_2_2_3_flat45',
@@ -4839,10 +4842,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'ndim',
                                                                                                                         'gidx'],
                                                                                                             'creates': [],
-                                                                                                            'hv': ['_k3',
-                                                                                                                   '_k4',
+                                                                                                            'hv': ['_k1',
+                                                                                                                   '_k2',
                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                   '_k6',
+                                                                                                                   '_k3',
+                                                                                                                   '_k4',
+                                                                                                                   '_k5',
+                                                                                                                   'step_size',
                                                                                                                    '_k8'],
                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue43',
                                                                                                                           'prologue'),
@@ -4860,10 +4866,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'ndim',
                                                                                                                        'gidx'],
                                                                                                            'creates': [],
-                                                                                                           'hv': ['_k3',
-                                                                                                                  '_k4',
+                                                                                                           'hv': ['_k1',
+                                                                                                                  '_k2',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k6',
+                                                                                                                  '_k3',
+                                                                                                                  '_k4',
+                                                                                                                  '_k5',
+                                                                                                                  'step_size',
                                                                                                                   '_k7'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue42',
                                                                                                                          'prologue'),
@@ -4883,11 +4892,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                              'creates': [],
                                                                                              'hv': ['_k1',
                                                                                                     '_k2',
-                                                                                                    '_k3',
-                                                                                                    '_k4',
                                                                                                     'sqrt_bias_correction2',
-                                                                                                    '_k5',
-                                                                                                    'step_size'],
+                                                                                                    '_k6'],
                                                                                              'launches': [('_adamw_adv_2_2_3_prologue41',
                                                                                                            'prologue'),
                                                                                                           ('_adamw_adv_2_2_3_flat42',
@@ -4906,11 +4912,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                             'creates': [],
                                                                                                             'hv': ['_k1',
                                                                                                                    '_k2',
-                                                                                                                   '_k3',
-                                                                                                                   '_k4',
                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                   '_k5',
-                                                                                                                   'step_size',
+                                                                                                                   '_k6',
                                                                                                                    '_k8'],
                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue40',
                                                                                                                           'prologue'),
@@ -4930,11 +4933,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                            'creates': [],
                                                                                                            'hv': ['_k1',
                                                                                                                   '_k2',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k5',
-                                                                                                                  'step_size',
+                                                                                                                  '_k6',
                                                                                                                   '_k7'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue39',
                                                                                                                          'prologue'),
@@ -4954,9 +4954,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                             'creates': [],
                                                                                             'hv': ['_k1',
                                                                                                    '_k2',
-                                                                                                   '_k3',
-                                                                                                   '_k4',
                                                                                                    'sqrt_bias_correction2',
+                                                                                                   '_k4',
+                                                                                                   '_k5',
                                                                                                    '_k6'],
                                                                                             'launches': [('_adamw_adv_2_2_3_prologue38',
                                                                                                           'prologue'),
@@ -4976,9 +4976,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                            'creates': [],
                                                                                                            'hv': ['_k1',
                                                                                                                   '_k2',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
                                                                                                                   'sqrt_bias_correction2',
+                                                                                                                  '_k4',
+                                                                                                                  '_k5',
                                                                                                                   '_k6',
                                                                                                                   '_k8'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue37',
@@ -4999,9 +4999,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'creates': [],
                                                                                                           'hv': ['_k1',
                                                                                                                  '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                 '_k4',
+                                                                                                                 '_k5',
                                                                                                                  '_k6',
                                                                                                                  '_k7'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue36',
@@ -5021,10 +5021,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'gidx'],
                                                                                                                              'creates': [],
                                                                                                                              'hv': ['_k0',
-                                                                                                                                    '_k3',
-                                                                                                                                    '_k4',
+                                                                                                                                    '_k1',
+                                                                                                                                    '_k2',
                                                                                                                                     'sqrt_bias_correction2',
-                                                                                                                                    '_k5',
+                                                                                                                                    '_k3',
                                                                                                                                     'step_size'],
                                                                                                                              'launches': [('_adamw_adv_2_2_3_prologue35',
                                                                                                                                            'prologue'),
@@ -5043,10 +5043,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                         'gidx'],
                                                                                                                                             'creates': [],
                                                                                                                                             'hv': ['_k0',
-                                                                                                                                                   '_k3',
-                                                                                                                                                   '_k4',
+                                                                                                                                                   '_k1',
+                                                                                                                                                   '_k2',
                                                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                                                   '_k5',
+                                                                                                                                                   '_k3',
                                                                                                                                                    'step_size',
                                                                                                                                                    '_k8'],
                                                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue34',
@@ -5066,10 +5066,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                        'gidx'],
                                                                                                                                            'creates': [],
                                                                                                                                            'hv': ['_k0',
-                                                                                                                                                  '_k3',
-                                                                                                                                                  '_k4',
+                                                                                                                                                  '_k1',
+                                                                                                                                                  '_k2',
                                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                                  '_k5',
+                                                                                                                                                  '_k3',
                                                                                                                                                   'step_size',
                                                                                                                                                   '_k7'],
                                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue33',
@@ -5089,10 +5089,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'gidx'],
                                                                                                                             'creates': [],
                                                                                                                             'hv': ['_k0',
+                                                                                                                                   '_k1',
+                                                                                                                                   '_k2',
+                                                                                                                                   'sqrt_bias_correction2',
                                                                                                                                    '_k3',
                                                                                                                                    '_k4',
-                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                   '_k6'],
+                                                                                                                                   '_k5',
+                                                                                                                                   'step_size'],
                                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue32',
                                                                                                                                           'prologue'),
                                                                                                                                          ('_adamw_adv_2_2_3_flat33',
@@ -5110,10 +5113,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                        'gidx'],
                                                                                                                                            'creates': [],
                                                                                                                                            'hv': ['_k0',
+                                                                                                                                                  '_k1',
+                                                                                                                                                  '_k2',
+                                                                                                                                                  'sqrt_bias_correction2',
                                                                                                                                                   '_k3',
                                                                                                                                                   '_k4',
-                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                  '_k6',
+                                                                                                                                                  '_k5',
+                                                                                                                                                  'step_size',
                                                                                                                                                   '_k8'],
                                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue31',
                                                                                                                                                          'prologue'),
@@ -5132,10 +5138,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'gidx'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
+                                                                                                                                                 'sqrt_bias_correction2',
                                                                                                                                                  '_k3',
                                                                                                                                                  '_k4',
-                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                 '_k6',
+                                                                                                                                                 '_k5',
+                                                                                                                                                 'step_size',
                                                                                                                                                  '_k7'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue30',
                                                                                                                                                         'prologue'),
@@ -5156,11 +5165,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                             'hv': ['_k0',
                                                                                                                                    '_k1',
                                                                                                                                    '_k2',
-                                                                                                                                   '_k3',
-                                                                                                                                   '_k4',
                                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                                   '_k5',
-                                                                                                                                   'step_size'],
+                                                                                                                                   '_k6'],
                                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue29',
                                                                                                                                           'prologue'),
                                                                                                                                          ('_adamw_adv_2_2_3_flat30',
@@ -5180,11 +5186,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                            'hv': ['_k0',
                                                                                                                                                   '_k1',
                                                                                                                                                   '_k2',
-                                                                                                                                                  '_k3',
-                                                                                                                                                  '_k4',
                                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                                  '_k5',
-                                                                                                                                                  'step_size',
+                                                                                                                                                  '_k6',
                                                                                                                                                   '_k8'],
                                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue28',
                                                                                                                                                          'prologue'),
@@ -5205,11 +5208,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                           'hv': ['_k0',
                                                                                                                                                  '_k1',
                                                                                                                                                  '_k2',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
-                                                                                                                                                 'step_size',
+                                                                                                                                                 '_k6',
                                                                                                                                                  '_k7'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue27',
                                                                                                                                                         'prologue'),
@@ -5230,9 +5230,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                            'hv': ['_k0',
                                                                                                                                   '_k1',
                                                                                                                                   '_k2',
-                                                                                                                                  '_k3',
-                                                                                                                                  '_k4',
                                                                                                                                   'sqrt_bias_correction2',
+                                                                                                                                  '_k4',
+                                                                                                                                  '_k5',
                                                                                                                                   '_k6'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue26',
                                                                                                                                          'prologue'),
@@ -5253,9 +5253,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                           'hv': ['_k0',
                                                                                                                                                  '_k1',
                                                                                                                                                  '_k2',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
                                                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                                                 '_k4',
+                                                                                                                                                 '_k5',
                                                                                                                                                  '_k6',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue25',
@@ -5277,9 +5277,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                                                '_k4',
+                                                                                                                                                '_k5',
                                                                                                                                                 '_k6',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue24',
@@ -5301,10 +5301,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'ws:mask'],
                                                                                                                             'creates': [],
                                                                                                                             'hv': ['_k0',
-                                                                                                                                   '_k3',
-                                                                                                                                   '_k4',
+                                                                                                                                   '_k1',
+                                                                                                                                   '_k2',
                                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                                   '_k5',
+                                                                                                                                   '_k3',
                                                                                                                                    'step_size'],
                                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue35',
                                                                                                                                           'prologue'),
@@ -5332,10 +5332,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                        'ws:mask'],
                                                                                                                                            'creates': [],
                                                                                                                                            'hv': ['_k0',
-                                                                                                                                                  '_k3',
-                                                                                                                                                  '_k4',
+                                                                                                                                                  '_k1',
+                                                                                                                                                  '_k2',
                                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                                  '_k5',
+                                                                                                                                                  '_k3',
                                                                                                                                                   'step_size',
                                                                                                                                                   '_k8'],
                                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue34',
@@ -5364,10 +5364,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'ws:mask'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
+                                                                                                                                                 '_k3',
                                                                                                                                                  'step_size',
                                                                                                                                                  '_k7'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue33',
@@ -5396,10 +5396,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                        'ws:mask'],
                                                                                                                            'creates': [],
                                                                                                                            'hv': ['_k0',
+                                                                                                                                  '_k1',
+                                                                                                                                  '_k2',
+                                                                                                                                  'sqrt_bias_correction2',
                                                                                                                                   '_k3',
                                                                                                                                   '_k4',
-                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                  '_k6'],
+                                                                                                                                  '_k5',
+                                                                                                                                  'step_size'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue32',
                                                                                                                                          'prologue'),
                                                                                                                                         ('_adamw_adv_2_2_3_flat12',
@@ -5426,10 +5429,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'ws:mask'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
+                                                                                                                                                 'sqrt_bias_correction2',
                                                                                                                                                  '_k3',
                                                                                                                                                  '_k4',
-                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                 '_k6',
+                                                                                                                                                 '_k5',
+                                                                                                                                                 'step_size',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue31',
                                                                                                                                                         'prologue'),
@@ -5457,10 +5463,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                      'ws:mask'],
                                                                                                                                          'creates': [],
                                                                                                                                          'hv': ['_k0',
+                                                                                                                                                '_k1',
+                                                                                                                                                '_k2',
+                                                                                                                                                'sqrt_bias_correction2',
                                                                                                                                                 '_k3',
                                                                                                                                                 '_k4',
-                                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                                '_k6',
+                                                                                                                                                '_k5',
+                                                                                                                                                'step_size',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue30',
                                                                                                                                                        'prologue'),
@@ -5490,11 +5499,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                            'hv': ['_k0',
                                                                                                                                   '_k1',
                                                                                                                                   '_k2',
-                                                                                                                                  '_k3',
-                                                                                                                                  '_k4',
                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                  '_k5',
-                                                                                                                                  'step_size'],
+                                                                                                                                  '_k6'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue29',
                                                                                                                                          'prologue'),
                                                                                                                                         ('_adamw_adv_2_2_3_flat12',
@@ -5523,11 +5529,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                           'hv': ['_k0',
                                                                                                                                                  '_k1',
                                                                                                                                                  '_k2',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
-                                                                                                                                                 'step_size',
+                                                                                                                                                 '_k6',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue28',
                                                                                                                                                         'prologue'),
@@ -5557,11 +5560,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                '_k5',
-                                                                                                                                                'step_size',
+                                                                                                                                                '_k6',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue27',
                                                                                                                                                        'prologue'),
@@ -5591,9 +5591,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                           'hv': ['_k0',
                                                                                                                                  '_k1',
                                                                                                                                  '_k2',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
                                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                                 '_k4',
+                                                                                                                                 '_k5',
                                                                                                                                  '_k6'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue26',
                                                                                                                                         'prologue'),
@@ -5623,9 +5623,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                                                '_k4',
+                                                                                                                                                '_k5',
                                                                                                                                                 '_k6',
                                                                                                                                                 '_k8'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue25',
@@ -5656,9 +5656,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'hv': ['_k0',
                                                                                                                                                '_k1',
                                                                                                                                                '_k2',
-                                                                                                                                               '_k3',
-                                                                                                                                               '_k4',
                                                                                                                                                'sqrt_bias_correction2',
+                                                                                                                                               '_k4',
+                                                                                                                                               '_k5',
                                                                                                                                                '_k6',
                                                                                                                                                '_k7'],
                                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue24',
@@ -5685,10 +5685,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'gidx'],
                                                                                                             'creates': [],
                                                                                                             'hv': ['_k0',
-                                                                                                                   '_k3',
-                                                                                                                   '_k4',
+                                                                                                                   '_k1',
+                                                                                                                   '_k2',
                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                   '_k5',
+                                                                                                                   '_k3',
                                                                                                                    'step_size'],
                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue35',
                                                                                                                           'prologue'),
@@ -5707,10 +5707,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                        'gidx'],
                                                                                                                            'creates': [],
                                                                                                                            'hv': ['_k0',
-                                                                                                                                  '_k3',
-                                                                                                                                  '_k4',
+                                                                                                                                  '_k1',
+                                                                                                                                  '_k2',
                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                  '_k5',
+                                                                                                                                  '_k3',
                                                                                                                                   'step_size',
                                                                                                                                   '_k8'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue34',
@@ -5730,10 +5730,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                       'gidx'],
                                                                                                                           'creates': [],
                                                                                                                           'hv': ['_k0',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
+                                                                                                                                 '_k1',
+                                                                                                                                 '_k2',
                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                 '_k5',
+                                                                                                                                 '_k3',
                                                                                                                                  'step_size',
                                                                                                                                  '_k7'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue33',
@@ -5753,10 +5753,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'gidx'],
                                                                                                            'creates': [],
                                                                                                            'hv': ['_k0',
+                                                                                                                  '_k1',
+                                                                                                                  '_k2',
+                                                                                                                  'sqrt_bias_correction2',
                                                                                                                   '_k3',
                                                                                                                   '_k4',
-                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                  '_k6'],
+                                                                                                                  '_k5',
+                                                                                                                  'step_size'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue32',
                                                                                                                          'prologue'),
                                                                                                                         ('_adamw_adv_2_2_3_flat8',
@@ -5774,10 +5777,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                       'gidx'],
                                                                                                                           'creates': [],
                                                                                                                           'hv': ['_k0',
+                                                                                                                                 '_k1',
+                                                                                                                                 '_k2',
+                                                                                                                                 'sqrt_bias_correction2',
                                                                                                                                  '_k3',
                                                                                                                                  '_k4',
-                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                 '_k6',
+                                                                                                                                 '_k5',
+                                                                                                                                 'step_size',
                                                                                                                                  '_k8'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue31',
                                                                                                                                         'prologue'),
@@ -5796,10 +5802,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                      'gidx'],
                                                                                                                          'creates': [],
                                                                                                                          'hv': ['_k0',
+                                                                                                                                '_k1',
+                                                                                                                                '_k2',
+                                                                                                                                'sqrt_bias_correction2',
                                                                                                                                 '_k3',
                                                                                                                                 '_k4',
-                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                '_k6',
+                                                                                                                                '_k5',
+                                                                                                                                'step_size',
                                                                                                                                 '_k7'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue30',
                                                                                                                                        'prologue'),
@@ -5820,11 +5829,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                            'hv': ['_k0',
                                                                                                                   '_k1',
                                                                                                                   '_k2',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k5',
-                                                                                                                  'step_size'],
+                                                                                                                  '_k6'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue29',
                                                                                                                          'prologue'),
                                                                                                                         ('_adamw_adv_2_2_3_flat5',
@@ -5844,11 +5850,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                           'hv': ['_k0',
                                                                                                                                  '_k1',
                                                                                                                                  '_k2',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                 '_k5',
-                                                                                                                                 'step_size',
+                                                                                                                                 '_k6',
                                                                                                                                  '_k8'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue28',
                                                                                                                                         'prologue'),
@@ -5869,11 +5872,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                          'hv': ['_k0',
                                                                                                                                 '_k1',
                                                                                                                                 '_k2',
-                                                                                                                                '_k3',
-                                                                                                                                '_k4',
                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                '_k5',
-                                                                                                                                'step_size',
+                                                                                                                                '_k6',
                                                                                                                                 '_k7'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue27',
                                                                                                                                        'prologue'),
@@ -5894,9 +5894,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'hv': ['_k0',
                                                                                                                  '_k1',
                                                                                                                  '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                 '_k4',
+                                                                                                                 '_k5',
                                                                                                                  '_k6'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue26',
                                                                                                                         'prologue'),
@@ -5917,9 +5917,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                          'hv': ['_k0',
                                                                                                                                 '_k1',
                                                                                                                                 '_k2',
-                                                                                                                                '_k3',
-                                                                                                                                '_k4',
                                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                                '_k4',
+                                                                                                                                '_k5',
                                                                                                                                 '_k6',
                                                                                                                                 '_k8'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue25',
@@ -5941,9 +5941,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'hv': ['_k0',
                                                                                                                                '_k1',
                                                                                                                                '_k2',
-                                                                                                                               '_k3',
-                                                                                                                               '_k4',
                                                                                                                                'sqrt_bias_correction2',
+                                                                                                                               '_k4',
+                                                                                                                               '_k5',
                                                                                                                                '_k6',
                                                                                                                                '_k7'],
                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue24',
@@ -5962,10 +5962,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                          'ndim',
                                                                                                          'gidx'],
                                                                                              'creates': [],
-                                                                                             'hv': ['_k3',
-                                                                                                    '_k4',
+                                                                                             'hv': ['_k1',
+                                                                                                    '_k2',
                                                                                                     'sqrt_bias_correction2',
-                                                                                                    '_k5',
+                                                                                                    '_k3',
                                                                                                     'step_size'],
                                                                                              'launches': [('_adamw_adv_2_2_3_prologue23',
                                                                                                            'prologue'),
@@ -5983,10 +5983,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'ndim',
                                                                                                                         'gidx'],
                                                                                                             'creates': [],
-                                                                                                            'hv': ['_k3',
-                                                                                                                   '_k4',
+                                                                                                            'hv': ['_k1',
+                                                                                                                   '_k2',
                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                   '_k5',
+                                                                                                                   '_k3',
                                                                                                                    'step_size',
                                                                                                                    '_k8'],
                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue22',
@@ -6005,10 +6005,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'ndim',
                                                                                                                        'gidx'],
                                                                                                            'creates': [],
-                                                                                                           'hv': ['_k3',
-                                                                                                                  '_k4',
+                                                                                                           'hv': ['_k1',
+                                                                                                                  '_k2',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k5',
+                                                                                                                  '_k3',
                                                                                                                   'step_size',
                                                                                                                   '_k7'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue21',
@@ -6027,10 +6027,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                         'ndim',
                                                                                                         'gidx'],
                                                                                             'creates': [],
-                                                                                            'hv': ['_k3',
-                                                                                                   '_k4',
+                                                                                            'hv': ['_k1',
+                                                                                                   '_k2',
                                                                                                    'sqrt_bias_correction2',
-                                                                                                   '_k6'],
+                                                                                                   '_k3',
+                                                                                                   '_k4',
+                                                                                                   '_k5',
+                                                                                                   'step_size'],
                                                                                             'launches': [('_adamw_adv_2_2_3_prologue20',
                                                                                                           'prologue'),
                                                                                                          ('_adamw_adv_2_2_3_flat45',
@@ -6047,10 +6050,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'ndim',
                                                                                                                        'gidx'],
                                                                                                            'creates': [],
-                                                                                                           'hv': ['_k3',
-                                                                                                                  '_k4',
+                                                                                                           'hv': ['_k1',
+                                                                                                                  '_k2',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k6',
+                                                                                                                  '_k3',
+                                                                                                                  '_k4',
+                                                                                                                  '_k5',
+                                                                                                                  'step_size',
                                                                                                                   '_k8'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue19',
                                                                                                                          'prologue'),
@@ -6068,10 +6074,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                       'ndim',
                                                                                                                       'gidx'],
                                                                                                           'creates': [],
-                                                                                                          'hv': ['_k3',
-                                                                                                                 '_k4',
+                                                                                                          'hv': ['_k1',
+                                                                                                                 '_k2',
                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                 '_k6',
+                                                                                                                 '_k3',
+                                                                                                                 '_k4',
+                                                                                                                 '_k5',
+                                                                                                                 'step_size',
                                                                                                                  '_k7'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue18',
                                                                                                                         'prologue'),
@@ -6091,11 +6100,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                             'creates': [],
                                                                                             'hv': ['_k1',
                                                                                                    '_k2',
-                                                                                                   '_k3',
-                                                                                                   '_k4',
                                                                                                    'sqrt_bias_correction2',
-                                                                                                   '_k5',
-                                                                                                   'step_size'],
+                                                                                                   '_k6'],
                                                                                             'launches': [('_adamw_adv_2_2_3_prologue17',
                                                                                                           'prologue'),
                                                                                                          ('_adamw_adv_2_2_3_flat42',
@@ -6114,11 +6120,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                            'creates': [],
                                                                                                            'hv': ['_k1',
                                                                                                                   '_k2',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k5',
-                                                                                                                  'step_size',
+                                                                                                                  '_k6',
                                                                                                                   '_k8'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue16',
                                                                                                                          'prologue'),
@@ -6138,11 +6141,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'creates': [],
                                                                                                           'hv': ['_k1',
                                                                                                                  '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                 '_k5',
-                                                                                                                 'step_size',
+                                                                                                                 '_k6',
                                                                                                                  '_k7'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue15',
                                                                                                                         'prologue'),
@@ -6162,9 +6162,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                            'creates': [],
                                                                                            'hv': ['_k1',
                                                                                                   '_k2',
-                                                                                                  '_k3',
-                                                                                                  '_k4',
                                                                                                   'sqrt_bias_correction2',
+                                                                                                  '_k4',
+                                                                                                  '_k5',
                                                                                                   '_k6'],
                                                                                            'launches': [('_adamw_adv_2_2_3_prologue14',
                                                                                                          'prologue'),
@@ -6184,9 +6184,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'creates': [],
                                                                                                           'hv': ['_k1',
                                                                                                                  '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                 '_k4',
+                                                                                                                 '_k5',
                                                                                                                  '_k6',
                                                                                                                  '_k8'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue13',
@@ -6207,9 +6207,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                          'creates': [],
                                                                                                          'hv': ['_k1',
                                                                                                                 '_k2',
-                                                                                                                '_k3',
-                                                                                                                '_k4',
                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                '_k4',
+                                                                                                                '_k5',
                                                                                                                 '_k6',
                                                                                                                 '_k7'],
                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue12',
@@ -6229,10 +6229,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'gidx'],
                                                                                                                             'creates': [],
                                                                                                                             'hv': ['_k0',
-                                                                                                                                   '_k3',
-                                                                                                                                   '_k4',
+                                                                                                                                   '_k1',
+                                                                                                                                   '_k2',
                                                                                                                                    'sqrt_bias_correction2',
-                                                                                                                                   '_k5',
+                                                                                                                                   '_k3',
                                                                                                                                    'step_size'],
                                                                                                                             'launches': [('_adamw_adv_2_2_3_prologue11',
                                                                                                                                           'prologue'),
@@ -6251,10 +6251,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                        'gidx'],
                                                                                                                                            'creates': [],
                                                                                                                                            'hv': ['_k0',
-                                                                                                                                                  '_k3',
-                                                                                                                                                  '_k4',
+                                                                                                                                                  '_k1',
+                                                                                                                                                  '_k2',
                                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                                  '_k5',
+                                                                                                                                                  '_k3',
                                                                                                                                                   'step_size',
                                                                                                                                                   '_k8'],
                                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue10',
@@ -6274,10 +6274,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'gidx'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
+                                                                                                                                                 '_k3',
                                                                                                                                                  'step_size',
                                                                                                                                                  '_k7'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue9',
@@ -6297,10 +6297,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                        'gidx'],
                                                                                                                            'creates': [],
                                                                                                                            'hv': ['_k0',
+                                                                                                                                  '_k1',
+                                                                                                                                  '_k2',
+                                                                                                                                  'sqrt_bias_correction2',
                                                                                                                                   '_k3',
                                                                                                                                   '_k4',
-                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                  '_k6'],
+                                                                                                                                  '_k5',
+                                                                                                                                  'step_size'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue8',
                                                                                                                                          'prologue'),
                                                                                                                                         ('_adamw_adv_2_2_3_flat33',
@@ -6318,10 +6321,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'gidx'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
+                                                                                                                                                 'sqrt_bias_correction2',
                                                                                                                                                  '_k3',
                                                                                                                                                  '_k4',
-                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                 '_k6',
+                                                                                                                                                 '_k5',
+                                                                                                                                                 'step_size',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue7',
                                                                                                                                                         'prologue'),
@@ -6340,10 +6346,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                      'gidx'],
                                                                                                                                          'creates': [],
                                                                                                                                          'hv': ['_k0',
+                                                                                                                                                '_k1',
+                                                                                                                                                '_k2',
+                                                                                                                                                'sqrt_bias_correction2',
                                                                                                                                                 '_k3',
                                                                                                                                                 '_k4',
-                                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                                '_k6',
+                                                                                                                                                '_k5',
+                                                                                                                                                'step_size',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue6',
                                                                                                                                                        'prologue'),
@@ -6364,11 +6373,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                            'hv': ['_k0',
                                                                                                                                   '_k1',
                                                                                                                                   '_k2',
-                                                                                                                                  '_k3',
-                                                                                                                                  '_k4',
                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                  '_k5',
-                                                                                                                                  'step_size'],
+                                                                                                                                  '_k6'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue5',
                                                                                                                                          'prologue'),
                                                                                                                                         ('_adamw_adv_2_2_3_flat30',
@@ -6388,11 +6394,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                           'hv': ['_k0',
                                                                                                                                                  '_k1',
                                                                                                                                                  '_k2',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
-                                                                                                                                                 'step_size',
+                                                                                                                                                 '_k6',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue4',
                                                                                                                                                         'prologue'),
@@ -6413,11 +6416,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                '_k5',
-                                                                                                                                                'step_size',
+                                                                                                                                                '_k6',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue3',
                                                                                                                                                        'prologue'),
@@ -6438,9 +6438,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                           'hv': ['_k0',
                                                                                                                                  '_k1',
                                                                                                                                  '_k2',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
                                                                                                                                  'sqrt_bias_correction2',
+                                                                                                                                 '_k4',
+                                                                                                                                 '_k5',
                                                                                                                                  '_k6'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue2',
                                                                                                                                         'prologue'),
@@ -6461,9 +6461,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                                                '_k4',
+                                                                                                                                                '_k5',
                                                                                                                                                 '_k6',
                                                                                                                                                 '_k8'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue1',
@@ -6485,9 +6485,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'hv': ['_k0',
                                                                                                                                                '_k1',
                                                                                                                                                '_k2',
-                                                                                                                                               '_k3',
-                                                                                                                                               '_k4',
                                                                                                                                                'sqrt_bias_correction2',
+                                                                                                                                               '_k4',
+                                                                                                                                               '_k5',
                                                                                                                                                '_k6',
                                                                                                                                                '_k7'],
                                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue0',
@@ -6509,10 +6509,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                        'ws:mask'],
                                                                                                                            'creates': [],
                                                                                                                            'hv': ['_k0',
-                                                                                                                                  '_k3',
-                                                                                                                                  '_k4',
+                                                                                                                                  '_k1',
+                                                                                                                                  '_k2',
                                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                                  '_k5',
+                                                                                                                                  '_k3',
                                                                                                                                   'step_size'],
                                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue11',
                                                                                                                                          'prologue'),
@@ -6540,10 +6540,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                       'ws:mask'],
                                                                                                                                           'creates': [],
                                                                                                                                           'hv': ['_k0',
-                                                                                                                                                 '_k3',
-                                                                                                                                                 '_k4',
+                                                                                                                                                 '_k1',
+                                                                                                                                                 '_k2',
                                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                                 '_k5',
+                                                                                                                                                 '_k3',
                                                                                                                                                  'step_size',
                                                                                                                                                  '_k8'],
                                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue10',
@@ -6572,10 +6572,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                      'ws:mask'],
                                                                                                                                          'creates': [],
                                                                                                                                          'hv': ['_k0',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
+                                                                                                                                                '_k1',
+                                                                                                                                                '_k2',
                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                '_k5',
+                                                                                                                                                '_k3',
                                                                                                                                                 'step_size',
                                                                                                                                                 '_k7'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue9',
@@ -6604,10 +6604,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                       'ws:mask'],
                                                                                                                           'creates': [],
                                                                                                                           'hv': ['_k0',
+                                                                                                                                 '_k1',
+                                                                                                                                 '_k2',
+                                                                                                                                 'sqrt_bias_correction2',
                                                                                                                                  '_k3',
                                                                                                                                  '_k4',
-                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                 '_k6'],
+                                                                                                                                 '_k5',
+                                                                                                                                 'step_size'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue8',
                                                                                                                                         'prologue'),
                                                                                                                                        ('_adamw_adv_2_2_3_flat12',
@@ -6634,10 +6637,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                      'ws:mask'],
                                                                                                                                          'creates': [],
                                                                                                                                          'hv': ['_k0',
+                                                                                                                                                '_k1',
+                                                                                                                                                '_k2',
+                                                                                                                                                'sqrt_bias_correction2',
                                                                                                                                                 '_k3',
                                                                                                                                                 '_k4',
-                                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                                '_k6',
+                                                                                                                                                '_k5',
+                                                                                                                                                'step_size',
                                                                                                                                                 '_k8'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue7',
                                                                                                                                                        'prologue'),
@@ -6665,10 +6671,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                                     'ws:mask'],
                                                                                                                                         'creates': [],
                                                                                                                                         'hv': ['_k0',
+                                                                                                                                               '_k1',
+                                                                                                                                               '_k2',
+                                                                                                                                               'sqrt_bias_correction2',
                                                                                                                                                '_k3',
                                                                                                                                                '_k4',
-                                                                                                                                               'sqrt_bias_correction2',
-                                                                                                                                               '_k6',
+                                                                                                                                               '_k5',
+                                                                                                                                               'step_size',
                                                                                                                                                '_k7'],
                                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue6',
                                                                                                                                                       'prologue'),
@@ -6698,11 +6707,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                           'hv': ['_k0',
                                                                                                                                  '_k1',
                                                                                                                                  '_k2',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                 '_k5',
-                                                                                                                                 'step_size'],
+                                                                                                                                 '_k6'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue5',
                                                                                                                                         'prologue'),
                                                                                                                                        ('_adamw_adv_2_2_3_flat12',
@@ -6731,11 +6737,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                          'hv': ['_k0',
                                                                                                                                                 '_k1',
                                                                                                                                                 '_k2',
-                                                                                                                                                '_k3',
-                                                                                                                                                '_k4',
                                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                                '_k5',
-                                                                                                                                                'step_size',
+                                                                                                                                                '_k6',
                                                                                                                                                 '_k8'],
                                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue4',
                                                                                                                                                        'prologue'),
@@ -6765,11 +6768,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'hv': ['_k0',
                                                                                                                                                '_k1',
                                                                                                                                                '_k2',
-                                                                                                                                               '_k3',
-                                                                                                                                               '_k4',
                                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                               '_k5',
-                                                                                                                                               'step_size',
+                                                                                                                                               '_k6',
                                                                                                                                                '_k7'],
                                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue3',
                                                                                                                                                       'prologue'),
@@ -6799,9 +6799,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                          'hv': ['_k0',
                                                                                                                                 '_k1',
                                                                                                                                 '_k2',
-                                                                                                                                '_k3',
-                                                                                                                                '_k4',
                                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                                '_k4',
+                                                                                                                                '_k5',
                                                                                                                                 '_k6'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue2',
                                                                                                                                        'prologue'),
@@ -6831,9 +6831,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                         'hv': ['_k0',
                                                                                                                                                '_k1',
                                                                                                                                                '_k2',
-                                                                                                                                               '_k3',
-                                                                                                                                               '_k4',
                                                                                                                                                'sqrt_bias_correction2',
+                                                                                                                                               '_k4',
+                                                                                                                                               '_k5',
                                                                                                                                                '_k6',
                                                                                                                                                '_k8'],
                                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue1',
@@ -6864,9 +6864,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                        'hv': ['_k0',
                                                                                                                                               '_k1',
                                                                                                                                               '_k2',
-                                                                                                                                              '_k3',
-                                                                                                                                              '_k4',
                                                                                                                                               'sqrt_bias_correction2',
+                                                                                                                                              '_k4',
+                                                                                                                                              '_k5',
                                                                                                                                               '_k6',
                                                                                                                                               '_k7'],
                                                                                                                                        'launches': [('_adamw_adv_2_2_3_prologue0',
@@ -6893,10 +6893,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'gidx'],
                                                                                                            'creates': [],
                                                                                                            'hv': ['_k0',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
+                                                                                                                  '_k1',
+                                                                                                                  '_k2',
                                                                                                                   'sqrt_bias_correction2',
-                                                                                                                  '_k5',
+                                                                                                                  '_k3',
                                                                                                                   'step_size'],
                                                                                                            'launches': [('_adamw_adv_2_2_3_prologue11',
                                                                                                                          'prologue'),
@@ -6915,10 +6915,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                       'gidx'],
                                                                                                                           'creates': [],
                                                                                                                           'hv': ['_k0',
-                                                                                                                                 '_k3',
-                                                                                                                                 '_k4',
+                                                                                                                                 '_k1',
+                                                                                                                                 '_k2',
                                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                                 '_k5',
+                                                                                                                                 '_k3',
                                                                                                                                  'step_size',
                                                                                                                                  '_k8'],
                                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue10',
@@ -6938,10 +6938,10 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                      'gidx'],
                                                                                                                          'creates': [],
                                                                                                                          'hv': ['_k0',
-                                                                                                                                '_k3',
-                                                                                                                                '_k4',
+                                                                                                                                '_k1',
+                                                                                                                                '_k2',
                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                '_k5',
+                                                                                                                                '_k3',
                                                                                                                                 'step_size',
                                                                                                                                 '_k7'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue9',
@@ -6961,10 +6961,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                       'gidx'],
                                                                                                           'creates': [],
                                                                                                           'hv': ['_k0',
+                                                                                                                 '_k1',
+                                                                                                                 '_k2',
+                                                                                                                 'sqrt_bias_correction2',
                                                                                                                  '_k3',
                                                                                                                  '_k4',
-                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                 '_k6'],
+                                                                                                                 '_k5',
+                                                                                                                 'step_size'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue8',
                                                                                                                         'prologue'),
                                                                                                                        ('_adamw_adv_2_2_3_flat8',
@@ -6982,10 +6985,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                      'gidx'],
                                                                                                                          'creates': [],
                                                                                                                          'hv': ['_k0',
+                                                                                                                                '_k1',
+                                                                                                                                '_k2',
+                                                                                                                                'sqrt_bias_correction2',
                                                                                                                                 '_k3',
                                                                                                                                 '_k4',
-                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                                '_k6',
+                                                                                                                                '_k5',
+                                                                                                                                'step_size',
                                                                                                                                 '_k8'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue7',
                                                                                                                                        'prologue'),
@@ -7004,10 +7010,13 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                                     'gidx'],
                                                                                                                         'creates': [],
                                                                                                                         'hv': ['_k0',
+                                                                                                                               '_k1',
+                                                                                                                               '_k2',
+                                                                                                                               'sqrt_bias_correction2',
                                                                                                                                '_k3',
                                                                                                                                '_k4',
-                                                                                                                               'sqrt_bias_correction2',
-                                                                                                                               '_k6',
+                                                                                                                               '_k5',
+                                                                                                                               'step_size',
                                                                                                                                '_k7'],
                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue6',
                                                                                                                                       'prologue'),
@@ -7028,11 +7037,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                           'hv': ['_k0',
                                                                                                                  '_k1',
                                                                                                                  '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
                                                                                                                  'sqrt_bias_correction2',
-                                                                                                                 '_k5',
-                                                                                                                 'step_size'],
+                                                                                                                 '_k6'],
                                                                                                           'launches': [('_adamw_adv_2_2_3_prologue5',
                                                                                                                         'prologue'),
                                                                                                                        ('_adamw_adv_2_2_3_flat5',
@@ -7052,11 +7058,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                          'hv': ['_k0',
                                                                                                                                 '_k1',
                                                                                                                                 '_k2',
-                                                                                                                                '_k3',
-                                                                                                                                '_k4',
                                                                                                                                 'sqrt_bias_correction2',
-                                                                                                                                '_k5',
-                                                                                                                                'step_size',
+                                                                                                                                '_k6',
                                                                                                                                 '_k8'],
                                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue4',
                                                                                                                                        'prologue'),
@@ -7077,11 +7080,8 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'hv': ['_k0',
                                                                                                                                '_k1',
                                                                                                                                '_k2',
-                                                                                                                               '_k3',
-                                                                                                                               '_k4',
                                                                                                                                'sqrt_bias_correction2',
-                                                                                                                               '_k5',
-                                                                                                                               'step_size',
+                                                                                                                               '_k6',
                                                                                                                                '_k7'],
                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue3',
                                                                                                                                       'prologue'),
@@ -7102,9 +7102,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                          'hv': ['_k0',
                                                                                                                 '_k1',
                                                                                                                 '_k2',
-                                                                                                                '_k3',
-                                                                                                                '_k4',
                                                                                                                 'sqrt_bias_correction2',
+                                                                                                                '_k4',
+                                                                                                                '_k5',
                                                                                                                 '_k6'],
                                                                                                          'launches': [('_adamw_adv_2_2_3_prologue2',
                                                                                                                        'prologue'),
@@ -7125,9 +7125,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                         'hv': ['_k0',
                                                                                                                                '_k1',
                                                                                                                                '_k2',
-                                                                                                                               '_k3',
-                                                                                                                               '_k4',
                                                                                                                                'sqrt_bias_correction2',
+                                                                                                                               '_k4',
+                                                                                                                               '_k5',
                                                                                                                                '_k6',
                                                                                                                                '_k8'],
                                                                                                                         'launches': [('_adamw_adv_2_2_3_prologue1',
@@ -7149,9 +7149,9 @@ PLAN = {'dynamic': ['_k6', '_k7', '_k8', 'bias_correction1', 'sqrt_bias_correcti
                                                                                                                        'hv': ['_k0',
                                                                                                                               '_k1',
                                                                                                                               '_k2',
-                                                                                                                              '_k3',
-                                                                                                                              '_k4',
                                                                                                                               'sqrt_bias_correction2',
+                                                                                                                              '_k4',
+                                                                                                                              '_k5',
                                                                                                                               '_k6',
                                                                                                                               '_k7'],
                                                                                                                        'launches': [('_adamw_adv_2_2_3_prologue0',

@@ -2,8 +2,9 @@
 
 A second, slow EMA of whatever the first moment averages (the gradient in Adam, the normalised
 gradient in ADOPT) is added to the direction: ``exp_avg_slow = lerp(exp_avg_slow, x, 1 - beta3_ema)``,
-``update = update + alpha * exp_avg_slow``, right after the direction is formed from the first
-moment (after Grams/Cautious) and before the denominator, so the slow EMA is divided by the same
+``update = update + alpha * exp_avg_slow``, once the direction is formed from the first moment
+(after Grams/Cautious), just before its first use (the division by the denominator or the
+scaling), so the slow EMA is divided by the same
 bias correction as m (adv_optm's code, not the paper; no alpha/beta3 warm-up schedulers;
 math/adv-optm.md §6.1).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
-from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_stmts
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, walk_nodes, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_AdEMAMix"
@@ -26,9 +27,23 @@ def _ema_input(program: Program) -> Node:
     raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' statement")
 
 
-def _defines_direction(s) -> bool:
-    """The top-level statement that forms ``update`` from the first moment (or from x without one)."""
-    return any(isinstance(a, Assign) and a.target == "update" and a.value.op == "copy" for a in walk_stmts([s]))
+def _uses_direction(s) -> bool:
+    """The first use of the finished direction: ``update = f(update, ...)`` (the division or scaling)."""
+    return isinstance(s, Assign) and s.target == "update" and any(is_var(n, "update") for n in walk_nodes(s.value))
+
+
+def _insert_before_use(stmts: list, extra: list) -> tuple[list, bool]:
+    """``stmts`` with ``extra`` just before the first use of the direction, in that statement's block."""
+    for i, s in enumerate(stmts):
+        if _uses_direction(s):
+            return [*stmts[:i], *extra, *stmts[i:]], True
+        if isinstance(s, If):
+            for branch in ("then", "orelse"):
+                new, found = _insert_before_use(getattr(s, branch), extra)
+                if found:
+                    parts = {"then": s.then, "orelse": s.orelse, branch: new}
+                    return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
+    return stmts, False
 
 
 def _apply(program: Program) -> Program:
@@ -40,12 +55,8 @@ def _apply(program: Program) -> Program:
         Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
                               kind=Kind.ELEMENT), None, "temp"),
     ]
-    body = list(program.body)
-    for i, s in enumerate(body):
-        if _defines_direction(s):
-            body[i + 1:i + 1] = [switch(FLAG, slow, [])]
-            break
-    else:
+    body, found = _insert_before_use(program.body, [switch(FLAG, slow, [])])
+    if not found:
         raise FeatureError("feature 'ademamix' needs an 'update = copy(exp_avg)' statement")
     state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA")]
     return program.copy(body=body, state=state)
