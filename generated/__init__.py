@@ -8,10 +8,12 @@ from generated.adams_zero import Adams_ZeRO
 from generated.adamw import AdamW
 from generated.adamw_adv import AdamW_adv
 from generated.adopt_adv import Adopt_adv
+from generated.lion_adv import Lion_adv
 from generated.nadam import NAdam
 from generated.radam import RAdam
 from generated.rmsprop import RMSprop
 from generated.sgd import SGD
+from generated.signsgd_adv import SignSGD_adv
 
 __all__ = [
     "Adagrad",
@@ -21,8 +23,10 @@ __all__ = [
     "Adams",
     "Adams_ZeRO",
     "Adopt_adv",
+    "Lion_adv",
     "NAdam",
     "RAdam",
     "RMSprop",
     "SGD",
+    "SignSGD_adv",
 ]

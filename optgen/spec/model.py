@@ -73,6 +73,8 @@ class HyperparameterSpec(_Strict):
         else:
             values = [self.default]
         for v in values:
+            if v is None and self.as_ is None and kind in ("float", "int"):
+                continue  # an optional number: None means "not given" (conditions test `== None`)
             if kind == "float" and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
                 raise ValueError(f"default {v!r} is not a number")
             if kind == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
