@@ -14,6 +14,7 @@ from generated.radam import RAdam
 from generated.rmsprop import RMSprop
 from generated.sgd import SGD
 from generated.signsgd_adv import SignSGD_adv
+from generated.simplified_ademamix import Simplified_AdEMAMix
 
 __all__ = [
     "Adagrad",
@@ -29,4 +30,5 @@ __all__ = [
     "RMSprop",
     "SGD",
     "SignSGD_adv",
+    "Simplified_AdEMAMix",
 ]

@@ -25,7 +25,7 @@ def _adopt_adv_2_2_3_prologue0(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -145,7 +145,7 @@ def _adopt_adv_2_2_3_prologue1(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -262,7 +262,7 @@ def _adopt_adv_2_2_3_prologue2(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -375,7 +375,7 @@ def _adopt_adv_2_2_3_prologue3(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -481,7 +481,7 @@ def _adopt_adv_2_2_3_prologue4(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -584,7 +584,7 @@ def _adopt_adv_2_2_3_prologue5(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -683,7 +683,7 @@ def _adopt_adv_2_2_3_prologue6(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -861,7 +861,7 @@ def _adopt_adv_2_2_3_prologue7(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -977,7 +977,7 @@ def _adopt_adv_2_2_3_prologue8(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -1089,7 +1089,7 @@ def _adopt_adv_2_2_3_prologue9(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -1249,7 +1249,7 @@ def _adopt_adv_2_2_3_prologue10(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -1349,7 +1349,7 @@ def _adopt_adv_2_2_3_prologue11(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -1891,7 +1891,7 @@ def _adopt_adv_2_2_3_prologue12(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -1999,7 +1999,7 @@ def _adopt_adv_2_2_3_prologue13(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -2104,7 +2104,7 @@ def _adopt_adv_2_2_3_prologue14(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -2205,7 +2205,7 @@ def _adopt_adv_2_2_3_prologue15(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -2299,7 +2299,7 @@ def _adopt_adv_2_2_3_prologue16(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -2390,7 +2390,7 @@ def _adopt_adv_2_2_3_prologue17(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k3__b8 = tl.load(hyp + 2)
@@ -2477,7 +2477,7 @@ def _adopt_adv_2_2_3_prologue18(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -2590,7 +2590,7 @@ def _adopt_adv_2_2_3_prologue19(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -2700,7 +2700,7 @@ def _adopt_adv_2_2_3_prologue20(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -2806,7 +2806,7 @@ def _adopt_adv_2_2_3_prologue21(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -2905,7 +2905,7 @@ def _adopt_adv_2_2_3_prologue22(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3001,7 +3001,7 @@ def _adopt_adv_2_2_3_prologue23(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = tl.load(hyp + 2)
     h__k4__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3093,7 +3093,7 @@ def _adopt_adv_2_2_3_prologue24(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3264,7 +3264,7 @@ def _adopt_adv_2_2_3_prologue25(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3376,7 +3376,7 @@ def _adopt_adv_2_2_3_prologue26(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3484,7 +3484,7 @@ def _adopt_adv_2_2_3_prologue27(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3637,7 +3637,7 @@ def _adopt_adv_2_2_3_prologue28(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -3733,7 +3733,7 @@ def _adopt_adv_2_2_3_prologue29(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b9 = tl.load(hyp + 2)
     h__k4__b10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -4253,7 +4253,7 @@ def _adopt_adv_2_2_3_prologue30(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k5__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
@@ -4354,7 +4354,7 @@ def _adopt_adv_2_2_3_prologue31(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k5__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
@@ -4452,7 +4452,7 @@ def _adopt_adv_2_2_3_prologue32(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k5__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
@@ -4546,7 +4546,7 @@ def _adopt_adv_2_2_3_prologue33(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 5) * tl.full((), 1.2732395447351628, tl.float64))
@@ -4633,7 +4633,7 @@ def _adopt_adv_2_2_3_prologue34(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 5) * tl.full((), 1.2732395447351628, tl.float64))
@@ -4717,7 +4717,7 @@ def _adopt_adv_2_2_3_prologue35(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k3__b5 = tl.load(hyp + 2)
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 5) * tl.full((), 1.2732395447351628, tl.float64))
@@ -4797,7 +4797,7 @@ def _adopt_adv_2_2_3_prologue36(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -4921,7 +4921,7 @@ def _adopt_adv_2_2_3_prologue37(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5042,7 +5042,7 @@ def _adopt_adv_2_2_3_prologue38(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5159,7 +5159,7 @@ def _adopt_adv_2_2_3_prologue39(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5269,7 +5269,7 @@ def _adopt_adv_2_2_3_prologue40(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5376,7 +5376,7 @@ def _adopt_adv_2_2_3_prologue41(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5479,7 +5479,7 @@ def _adopt_adv_2_2_3_prologue42(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5661,7 +5661,7 @@ def _adopt_adv_2_2_3_prologue43(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5779,7 +5779,7 @@ def _adopt_adv_2_2_3_prologue44(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -5893,7 +5893,7 @@ def _adopt_adv_2_2_3_prologue45(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -6057,7 +6057,7 @@ def _adopt_adv_2_2_3_prologue46(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -6159,7 +6159,7 @@ def _adopt_adv_2_2_3_prologue47(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -6715,7 +6715,7 @@ def _adopt_adv_2_2_3_prologue48(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -6827,7 +6827,7 @@ def _adopt_adv_2_2_3_prologue49(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -6936,7 +6936,7 @@ def _adopt_adv_2_2_3_prologue50(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -7041,7 +7041,7 @@ def _adopt_adv_2_2_3_prologue51(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -7139,7 +7139,7 @@ def _adopt_adv_2_2_3_prologue52(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -7234,7 +7234,7 @@ def _adopt_adv_2_2_3_prologue53(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -7325,7 +7325,7 @@ def _adopt_adv_2_2_3_prologue54(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7442,7 +7442,7 @@ def _adopt_adv_2_2_3_prologue55(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7556,7 +7556,7 @@ def _adopt_adv_2_2_3_prologue56(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7666,7 +7666,7 @@ def _adopt_adv_2_2_3_prologue57(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7769,7 +7769,7 @@ def _adopt_adv_2_2_3_prologue58(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7869,7 +7869,7 @@ def _adopt_adv_2_2_3_prologue59(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b8 = tl.load(hyp + 2)
@@ -7965,7 +7965,7 @@ def _adopt_adv_2_2_3_prologue60(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -8140,7 +8140,7 @@ def _adopt_adv_2_2_3_prologue61(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -8254,7 +8254,7 @@ def _adopt_adv_2_2_3_prologue62(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -8364,7 +8364,7 @@ def _adopt_adv_2_2_3_prologue63(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -8521,7 +8521,7 @@ def _adopt_adv_2_2_3_prologue64(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -8619,7 +8619,7 @@ def _adopt_adv_2_2_3_prologue65(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b10 = tl.load(hyp + 2)
@@ -9153,7 +9153,7 @@ def _adopt_adv_2_2_3_prologue66(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -9258,7 +9258,7 @@ def _adopt_adv_2_2_3_prologue67(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -9360,7 +9360,7 @@ def _adopt_adv_2_2_3_prologue68(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -9458,7 +9458,7 @@ def _adopt_adv_2_2_3_prologue69(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -9549,7 +9549,7 @@ def _adopt_adv_2_2_3_prologue70(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -9637,7 +9637,7 @@ def _adopt_adv_2_2_3_prologue71(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 7)
     h__k3__b6 = tl.load(hyp + 2)
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))

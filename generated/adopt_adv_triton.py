@@ -25,7 +25,7 @@ def _adopt_adv_prologue0(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -132,7 +132,7 @@ def _adopt_adv_prologue1(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -236,7 +236,7 @@ def _adopt_adv_prologue2(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -336,7 +336,7 @@ def _adopt_adv_prologue3(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -443,7 +443,7 @@ def _adopt_adv_prologue4(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -547,7 +547,7 @@ def _adopt_adv_prologue5(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -647,7 +647,7 @@ def _adopt_adv_prologue6(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -751,7 +751,7 @@ def _adopt_adv_prologue7(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -852,7 +852,7 @@ def _adopt_adv_prologue8(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k2__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -949,7 +949,7 @@ def _adopt_adv_prologue9(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k5__b8 = tl.load(hyp + 2)
@@ -1043,7 +1043,7 @@ def _adopt_adv_prologue10(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k5__b8 = tl.load(hyp + 2)
@@ -1134,7 +1134,7 @@ def _adopt_adv_prologue11(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h_clip__b4 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b5 = (-h_clip__b4)
     h__k5__b8 = tl.load(hyp + 2)
@@ -1221,7 +1221,7 @@ def _adopt_adv_prologue12(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1321,7 +1321,7 @@ def _adopt_adv_prologue13(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1418,7 +1418,7 @@ def _adopt_adv_prologue14(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1511,7 +1511,7 @@ def _adopt_adv_prologue15(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1611,7 +1611,7 @@ def _adopt_adv_prologue16(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1708,7 +1708,7 @@ def _adopt_adv_prologue17(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
     h__k5__b8 = tl.load(hyp + 2)
@@ -1801,7 +1801,7 @@ def _adopt_adv_prologue18(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b7 = tl.load(hyp + 2)
     h__k6__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -1898,7 +1898,7 @@ def _adopt_adv_prologue19(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b7 = tl.load(hyp + 2)
     h__k6__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -1992,7 +1992,7 @@ def _adopt_adv_prologue20(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k2__b4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b7 = tl.load(hyp + 2)
     h__k6__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -2082,7 +2082,7 @@ def _adopt_adv_prologue21(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k5__b5 = tl.load(hyp + 2)
     h__k6__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 3) * tl.full((), 1.2732395447351628, tl.float64))
@@ -2169,7 +2169,7 @@ def _adopt_adv_prologue22(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k5__b5 = tl.load(hyp + 2)
     h__k6__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 3) * tl.full((), 1.2732395447351628, tl.float64))
@@ -2253,7 +2253,7 @@ def _adopt_adv_prologue23(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k5__b5 = tl.load(hyp + 2)
     h__k6__b6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h__k7__b8 = (tl.load(hyp + 3) * tl.full((), 1.2732395447351628, tl.float64))
@@ -2333,7 +2333,7 @@ def _adopt_adv_prologue24(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2444,7 +2444,7 @@ def _adopt_adv_prologue25(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2552,7 +2552,7 @@ def _adopt_adv_prologue26(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2656,7 +2656,7 @@ def _adopt_adv_prologue27(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2767,7 +2767,7 @@ def _adopt_adv_prologue28(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2875,7 +2875,7 @@ def _adopt_adv_prologue29(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -2979,7 +2979,7 @@ def _adopt_adv_prologue30(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3087,7 +3087,7 @@ def _adopt_adv_prologue31(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3192,7 +3192,7 @@ def _adopt_adv_prologue32(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3293,7 +3293,7 @@ def _adopt_adv_prologue33(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3391,7 +3391,7 @@ def _adopt_adv_prologue34(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3486,7 +3486,7 @@ def _adopt_adv_prologue35(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
     h__k1__b6 = (-h_clip__b5)
@@ -3577,7 +3577,7 @@ def _adopt_adv_prologue36(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -3681,7 +3681,7 @@ def _adopt_adv_prologue37(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -3782,7 +3782,7 @@ def _adopt_adv_prologue38(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k3__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
@@ -3879,7 +3879,7 @@ def _adopt_adv_prologue39(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
@@ -3983,7 +3983,7 @@ def _adopt_adv_prologue40(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
@@ -4084,7 +4084,7 @@ def _adopt_adv_prologue41(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k4__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
@@ -4181,7 +4181,7 @@ def _adopt_adv_prologue42(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -4282,7 +4282,7 @@ def _adopt_adv_prologue43(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -4380,7 +4380,7 @@ def _adopt_adv_prologue44(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k2__b5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h__k5__b8 = tl.load(hyp + 2)
@@ -4474,7 +4474,7 @@ def _adopt_adv_prologue45(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k5__b6 = tl.load(hyp + 2)
     h__k6__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -4565,7 +4565,7 @@ def _adopt_adv_prologue46(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k5__b6 = tl.load(hyp + 2)
     h__k6__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
@@ -4653,7 +4653,7 @@ def _adopt_adv_prologue47(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h__c0 = (step == tl.full((), 1.0, tl.float64))
-    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | tl.load(hyp + 0))
+    h__c1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 0) != 0))
     h__k0__b2 = tl.load(hyp + 6)
     h__k5__b6 = tl.load(hyp + 2)
     h__k6__b7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))

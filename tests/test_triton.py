@@ -24,15 +24,14 @@ import sys
 import pytest
 import torch
 
-from tests.published import ROOT, settings
+from optgen.spec.loader import load_spec
+from tests.published import ROOT, matched_specs, settings
 
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SPECS = {
-    "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW",
-    "nadam": "NAdam", "radam": "RAdam", "adams": "Adams", "adams_zero": "Adams_ZeRO", "adamw_adv": "AdamW_adv",
-}
+#: Every spec checked against a published implementation, by module name -> class name.
+SPECS = {name: load_spec(ROOT / "specs" / f"{name}.yaml").model.class_ for name in matched_specs()}
 #: 0-D, 1-D (not a multiple of the 256-element interpreter block), 2-D, (1, N), (M, 1), 3-D batched,
 #: empty, and a matrix spanning several tiles of each kind.
 SHAPES = [(), (300,), (5, 7), (1, 9), (9, 1), (3, 4, 6), (0,), (0, 4), (40, 33), (17,)]

@@ -149,10 +149,10 @@ class KernelEmitter:
             return f"(-{args[0]})"
         if op in _CMP:
             return f"({args[0]} {_CMP[op]} {args[1]})"
-        if op == "and":
-            return "(" + " & ".join(args) + ")"
-        if op == "or":
-            return "(" + " | ".join(args) + ")"
+        if op in ("and", "or"):
+            # flags arrive as float64 hyperparameter slots: make every operand a truth value
+            truth = [a if x.op in _CMP or x.op in ("and", "or", "not") else f"({a} != 0)" for a, x in zip(args, n.args)]
+            return "(" + (" & " if op == "and" else " | ").join(truth) + ")"
         if op == "not":
             return f"({args[0]} == 0)"
         if op == "sqrt":

@@ -48,9 +48,10 @@ def _registry() -> dict[str, Feature]:
         maximize,
         nesterov,
         normed_momentum,
+        simplified_ademamix,
     )
 
-    mods = (maximize, normed_momentum, nesterov, grams, cautious, ademamix, atan2, cautious_wd)
+    mods = (maximize, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 
