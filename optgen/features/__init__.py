@@ -41,6 +41,7 @@ class Feature:
 def _registry() -> dict[str, Feature]:
     from optgen.features import (
         ademamix,
+        amsgrad,
         atan2,
         cautious,
         cautious_wd,
@@ -51,7 +52,7 @@ def _registry() -> dict[str, Feature]:
         simplified_ademamix,
     )
 
-    mods = (maximize, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
+    mods = (maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 
