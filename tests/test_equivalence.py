@@ -27,6 +27,9 @@ CASES = [
 @pytest.mark.parametrize("model", ["mlp", "transformer"])
 @pytest.mark.parametrize(("spec", "index", "setting"), CASES, ids=[f"{s}-{i}" for s, i, _ in CASES])
 def test_matches_published(spec: str, index: int, setting: dict, model: str, dtype: torch.dtype) -> None:
+    if dtype == torch.float64 and setting.get("orthogonal_gradient") not in (None, False, "disabled"):
+        pytest.skip("adv_optm computes OrthoGrad in float32 whatever the dtype; optgen in the parameter's "
+                    "precision (a documented deviation): compared in float32 only")
     torch.set_default_dtype(dtype)  # published optimizers keep `step` in the default dtype
     expected, ref_losses = train(make_model(model, dtype), published_factory(spec, setting, dtype), STEPS, dtype)
     assert all(x == x for x in ref_losses), "the published optimizer diverged: a bad setting"

@@ -95,7 +95,7 @@ def _eval(n: Node, f: _Frame) -> Any:
         return _read(n.attr, n.kind, f)
     raw = [_eval(a, f) for a in n.args]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm"):
+    if n.op not in ("matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     return _OPS[n.op](*raw)
 
@@ -150,4 +150,5 @@ _OPS = {
     "sum": lambda x: x.sum(),
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),
+    "vdot": lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1)),
 }

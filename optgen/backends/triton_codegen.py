@@ -298,7 +298,7 @@ class KernelEmitter:
         n = s.value
         op = n.op
         x = self.expr(n.args[0], ctx)
-        if op in ("matvec", "matvec_t"):
+        if op in ("matvec", "matvec_t", "vdot"):
             v = self.expr(n.args[1], ctx)
             x = f"({x} * {v})"
         elif op == "sumsq":

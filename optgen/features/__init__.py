@@ -49,10 +49,11 @@ def _registry() -> dict[str, Feature]:
         maximize,
         nesterov,
         normed_momentum,
+        orthograd,
         simplified_ademamix,
     )
 
-    mods = (maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
+    mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

@@ -47,16 +47,18 @@ FUNCTIONS: dict[str, Function] = {
         Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
         Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
+        Function("vdot", (2, 2), "sum of a * b over the whole tensor (torch.dot of the flattened tensors) -> per-tensor",
+                 host=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]
 }
 
 #: Ops that reduce a larger kind into a smaller one: their results end a phase.
-REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "dot", "normalize"}
+REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize"}
 
 #: Ops whose reduction reads per-element data (a full pass over the tensor).
-FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm"}
+FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 
 #: Kinds that each reduction produces from its (first) argument.
 REDUCTION_RESULT = {
@@ -67,6 +69,7 @@ REDUCTION_RESULT = {
     "sum": Kind.TENSOR,
     "mean": Kind.TENSOR,
     "norm": Kind.TENSOR,
+    "vdot": Kind.TENSOR,
     "dot": Kind.MATRIX,
 }
 

@@ -290,6 +290,10 @@ class Lowerer:
             return Node(fn, tuple(args), kind=Kind.ROW if fn == "rowsum" else Kind.COL)
         if fn in ("sum", "mean", "norm"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
+        if fn == "vdot":
+            need(0, Kind.ELEMENT)
+            need(1, Kind.ELEMENT)
+            return Node(fn, tuple(args), kind=Kind.TENSOR)
         raise SpecError(e.pos, field, f"{fn}() cannot be applied to device values")  # pragma: no cover
 
     # -- statements ------------------------------------------------------------------------

@@ -291,6 +291,10 @@ def norm(x: Tensors) -> Tensors:
     return list(torch._foreach_norm(x))
 
 
+def vdot(a: Tensors, b: Tensors) -> Tensors:
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
+
+
 # -- writes -----------------------------------------------------------------------------------
 def assign_(dst: Tensors, src: Tensors) -> Tensors:
     """Write ``src`` into ``dst`` (dtype-converting like ``copy_``)."""

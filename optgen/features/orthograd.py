@@ -1,0 +1,82 @@
+"""``orthograd``: OrthoGrad, the gradient projected orthogonal to the parameter (adv_optm
+``orthogonal_gradient``, the "grokking at the edge" formula, flattened form).
+
+With ``w`` the parameter and ``g`` the gradient, flattened::
+
+    proj = dot(w, g) / (dot(w, w) + 1e-30)
+    g_orth = g - w * proj
+    g = g_orth * (||g|| / (||g_orth|| + 1e-30))
+
+as adv_optm computes it (``torch.dot``, ``sub`` of ``w * proj``, the norm ratio as one scalar;
+math/adv-optm.md §2.6). It runs before anything else reads the gradient, at the start of the
+block that writes the parameter (so ADOPT's init-only first step squares the raw gradient, as
+published). The flag is the spec's ``orthogonal_gradient``: a bool (adv_optm 2.2.3) or a mode
+string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented).
+"""
+
+from __future__ import annotations
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "orthogonal_gradient"
+TINY = 1e-30
+
+
+def _t(op: str, *args: Node) -> Node:
+    return Node(op, args, kind=Kind.TENSOR)
+
+
+def _e(op: str, *args: Node) -> Node:
+    return Node(op, args, kind=Kind.ELEMENT)
+
+
+def _statements() -> list[Stmt]:
+    w, g, tiny = var("param"), var("grad"), Node("const", attr=TINY)
+    proj = _t("div", _t("vdot", w, g), _t("add", _t("vdot", w, w), tiny))
+    return [
+        Assign("ortho_g", _e("sub", g, _e("mul", w, proj)), None, "temp"),
+        Assign("ortho_scale", _t("div", _t("norm", g), _t("add", _t("norm", var("ortho_g")), tiny)), None, "temp"),
+        Assign("grad", _e("mul", var("ortho_g"), var("ortho_scale", Kind.TENSOR)), None, "grad"),
+    ]
+
+
+def _writes_param(stmts: list[Stmt]) -> bool:
+    return any(isinstance(s, Assign) and s.target == "param" for s in stmts)
+
+
+def _insert(stmts: list[Stmt], block: list[Stmt]) -> tuple[list[Stmt], bool]:
+    """``block`` at the start of the innermost statement list that writes the parameter directly."""
+    if _writes_param(stmts):
+        return [*block, *stmts], True
+    for i, s in enumerate(stmts):
+        if isinstance(s, If):
+            for branch in ("then", "orelse"):
+                new, ok = _insert(getattr(s, branch), block)
+                if ok:
+                    parts = {"then": s.then, "orelse": s.orelse, branch: new}
+                    return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
+    return stmts, False
+
+
+def _apply(program: Program) -> Program:
+    declared = dict(program.hypers).get(FLAG)
+    if declared is not None and declared.inferred_type() != "bool":
+        cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
+    else:
+        cond = flag(FLAG)
+    body, ok = _insert(program.body, [If(cond, _statements(), [])])
+    if not ok:
+        raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
+    return program.copy(body=body)
+
+
+FEATURE = Feature(
+    name="orthograd",
+    doc="OrthoGrad: project the gradient orthogonal to the parameter, keeping its norm (adv_optm).",
+    transform=_apply,
+    hyperparameters={FLAG: HyperparameterSpec(default=False, type="bool",
+                                              doc="project the gradient orthogonal to the parameter")},
+)
