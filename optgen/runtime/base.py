@@ -150,20 +150,55 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            params = self._params_with_grad(group)
-            if not params:
-                continue
-            if self.backend == "triton":
-                _triton_step(self._triton_runner(), gi, group, params, self.state)
-                continue
-            if self._program.step_store == "tensor":
-                torch._foreach_add_([self.state[p]["step"] for p in params], 1)
-            if self.backend == "reference":
-                for p in params:
-                    reference.run(self._program, p, p.grad, self.state[p], group)
-            else:
-                self._torch_step(group, params)
+            self._step_params(gi, group, self._params_with_grad(group))
         return loss
+
+    def _step_params(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if not params:
+            return
+        if self.backend == "triton":
+            _triton_step(self._triton_runner(), gi, group, params, self.state)
+            return
+        if self._program.step_store == "tensor":
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+        if self.backend == "reference":
+            for p in params:
+                reference.run(self._program, p, p.grad, self.state[p], group)
+        else:
+            self._torch_step(group, params)
+
+    # -- fused backward pass -------------------------------------------------------------------
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict[str, Any] | None = None, i: int | None = None) -> None:
+        """Step the one parameter ``p`` (adv_optm's per-tensor entry; ``group``/``i`` are optional).
+
+        The same update as :meth:`step` gives ``p`` when every parameter of its group is stepped,
+        for optimizers whose update reads only ``p``'s own gradient and state (all of optgen's).
+        """
+        if p.grad is None:
+            return
+        gi = self._group_index(p) if group is None else next(k for k, g in enumerate(self.param_groups) if g is group)
+        group = self.param_groups[gi]
+        self._step_params(gi, group, self._params_with_grad(group, [p]))
+
+    def _group_index(self, p: torch.Tensor) -> int:
+        for gi, g in enumerate(self.param_groups):
+            if any(q is p for q in g["params"]):
+                return gi
+        raise ValueError("the parameter is not in any param group of this optimizer")
+
+    def attach_fused_backward(self, params: Iterable[torch.Tensor] | None = None) -> FusedBackward:
+        """Step each parameter as soon as its gradient is accumulated, then free the gradient.
+
+        Registers ``register_post_accumulate_grad_hook`` on ``params`` (default: every parameter of
+        the optimizer). During ``loss.backward()`` each parameter is stepped by
+        :meth:`step_parameter` and its ``.grad`` set to None, so gradients of layers already
+        stepped do not stay alive until the end of the backward pass: peak memory drops by up to
+        the size of all gradients. Do not call :meth:`step` or accumulate gradients over several
+        backward passes while attached. Returns a handle whose ``remove()`` detaches the hooks.
+        """
+        params = [p for g in self.param_groups for p in g["params"]] if params is None else list(params)
+        return FusedBackward(self, params)
 
     def _triton_runner(self):
         if self._triton is None:
@@ -173,9 +208,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._triton = TritonRunner(self._program, self._triton_module)
         return self._triton
 
-    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+    def _params_with_grad(self, group: dict[str, Any], params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         out = []
-        for p in group["params"]:
+        for p in group["params"] if params is None else params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -220,6 +255,29 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for b in buffers:
                 dist.broadcast(b, src=0)
+
+
+class FusedBackward:
+    """The hooks of :meth:`GeneratedOptimizer.attach_fused_backward`; ``remove()`` detaches them."""
+
+    def __init__(self, optimizer: GeneratedOptimizer, params: list[torch.Tensor]) -> None:
+        self.optimizer = optimizer
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+
+    def _hook(self, p: torch.Tensor) -> None:
+        self.optimizer.step_parameter(p)
+        p.grad = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> FusedBackward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 @torch.compiler.disable

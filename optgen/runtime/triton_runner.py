@@ -119,7 +119,9 @@ class TritonRunner:
             raise RuntimeError(f"{program.class_name} has no triton kernels: {self.module.UNSUPPORTED}")
         self.plan = self.module.PLAN
         self.dynamic = set(self.plan["dynamic"])
-        self.caches: dict[int, _GroupCache] = {}
+        # by (group index, ids of the stepped parameters): the whole group for step(), one
+        # parameter at a time for the fused backward pass
+        self.caches: dict[tuple[int, tuple[int, ...]], _GroupCache] = {}
         self.config: dict[str, int] | None = None
         self.launches = 0  # kernel launches issued (for tests and the benchmark)
 
@@ -259,15 +261,16 @@ class TritonRunner:
     # -- stepping ------------------------------------------------------------------------------
     def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> None:
         """One step of the parameters of group ``gi`` that have gradients."""
-        cache = self.caches.get(gi)
-        if (
-            cache is None
-            or cache.dirty
-            or cache.ids != tuple(map(id, params))
-            or cache.snapshot != self._snapshot(group)
-        ):
+        ids = tuple(map(id, params))
+        cache = self.caches.get((gi, ids))
+        if cache is None or cache.dirty or cache.snapshot != self._snapshot(group):
+            # A table re-points the states of its parameters (step counters, host state) at its own
+            # buffers, so any other table holding one of them is stale from now on.
+            mine = set(ids)
+            for key in [k for k in self.caches if mine.intersection(k[1])]:
+                del self.caches[key]
             cache = self._build(group, params, states)
-            self.caches[gi] = cache
+            self.caches[(gi, ids)] = cache
         device = params[0].device
         hyp = self._hypers(cache, group, device)
         hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
