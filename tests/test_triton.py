@@ -91,6 +91,8 @@ def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> 
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_triton_matches_reference_bf16(spec: str) -> None:
     setting = settings(spec)[0]
+    if "stochastic_rounding" in load_spec(ROOT / "specs" / f"{spec}.yaml").model.features:
+        setting = {**setting, "stochastic_rounding": False}  # round to nearest: an exact oracle exists
     expected, _ = _run(spec, setting, "reference", torch.float32, emulate=torch.bfloat16)
     got, _ = _run(spec, setting, "triton", torch.bfloat16)
     ulp = 2.0**-7
@@ -107,6 +109,28 @@ def test_triton_matches_reference_bf16(spec: str) -> None:
         assert torch.all(diff <= bound), f"{shape}: max diff {diff.max():.3e}"
         flips = (diff > 0).float().mean()
         assert flips <= 0.01 or diff.numel() < 100, f"{shape}: {flips:.2%} of the values flipped"
+
+
+@pytest.mark.parametrize("sr", [True, False], ids=["stochastic", "nearest"])
+def test_triton_stochastic_rounding_is_unbiased(sr: bool) -> None:
+    """Lion moves every element of a bf16 param of 1.0 by lr = ulp(1)/4: rounding to nearest never
+    moves it; stochastic rounding moves a quarter of them by one ulp, so the mean moves by lr."""
+    ulp = 2.0**-7
+    p = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16, device=DEVICE))
+    opt = _cls("lion_adv")([p], lr=ulp / 4, backend="triton", stochastic_rounding=sr)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    moved = (p.detach().float() != 1.0).float().mean().item()
+    if not sr:
+        assert moved == 0.0
+        return
+    assert set(p.detach().float().unique().tolist()) <= {1.0, 1.0 - ulp / 2}  # below 1.0 the ulp halves
+    # P(move) = lr / ulp(just below 1.0) = 0.5; 8192 draws: 5 sigma = 0.028
+    assert abs(moved - 0.5) < 0.03, moved
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before), "each step draws new random bits"
 
 
 def test_many_tensors_one_launch_per_stage() -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
 
 
@@ -95,7 +96,7 @@ def _eval(n: Node, f: _Frame) -> Any:
         return _read(n.attr, n.kind, f)
     raw = [_eval(a, f) for a in n.args]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
+    if n.op not in ("cast", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     return _OPS[n.op](*raw)
 
@@ -151,4 +152,7 @@ _OPS = {
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),
     "vdot": lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1)),
+    "float32": lambda a: a.float(),
+    "cast": lambda a, like: a.to(like.dtype),
+    "stochastic_round": lambda x, seed: stochastic.round_bf16(x),
 }

@@ -15,7 +15,7 @@ INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy",
 }
-_NO_ALIGN = {"matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
+_NO_ALIGN = {"cast", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
 
 

@@ -214,8 +214,12 @@ class KernelEmitter:
             code = f"tl.{op}({a[0]})"
         elif op == "sign":
             code = f"L.sign({a[0]})"
-        elif op == "copy":
-            code = a[0]
+        elif op in ("copy", "float32", "cast"):
+            code = a[0]  # device math is float32 already
+        elif op == "stochastic_round":
+            off, _ = ctx.index(Kind.ELEMENT)
+            # a different Philox stream per step and per tensor
+            code = f"L.sr_bf16({a[0]}, ({a[1]}).to(tl.int32) * 65599 + {self.col('gidx')}, {off})"
         elif op == "atan2":
             code = f"L.atan2({a[0]}, {a[1]})"
         elif op in ("maximum", "minimum"):

@@ -139,6 +139,15 @@ def masked(x, mask):
 
 
 @triton.jit
+def sr_bf16(x, seed, offs):
+    """fp32 ``x`` stochastically rounded to a bf16 value (returned as fp32 with zero low bits):
+    adv_optm's add-random-low-16-bits-then-truncate, with Philox numbers for the random bits."""
+    low = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+    bits = (x.to(tl.int32, bitcast=True) + low) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store_bits_bf16(x):
     # Round-to-nearest-even by integer arithmetic on the fp32 bits (the interpreter's own
     # fp32 -> bf16 conversion truncates); NaNs stay NaNs.

@@ -51,9 +51,11 @@ def _registry() -> dict[str, Feature]:
         normed_momentum,
         orthograd,
         simplified_ademamix,
+        stochastic_rounding,
     )
 
-    mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix, atan2, cautious_wd)
+    mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
+            atan2, cautious_wd, stochastic_rounding)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

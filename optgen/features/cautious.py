@@ -24,7 +24,9 @@ def _apply(program: Program) -> Program:
             m = s.value.args[0]
             agree = Node("gt", (Node("mul", (m, var("grad")), kind=Kind.ELEMENT), Node("const", attr=0)),
                          kind=Kind.ELEMENT, boolean=True)
-            mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
+            # the mask in the gradient's dtype, as adv_optm's (m * g > 0).to(g.dtype)
+            mask = Node("cast", (Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)),
+                                      kind=Kind.ELEMENT), var("grad")), kind=Kind.ELEMENT)
             scale = Node("maximum", (Node("mean", (var("mask"),), kind=Kind.TENSOR),
                                      Node("const", attr=FLOOR)), kind=Kind.TENSOR)
             on = [

@@ -49,6 +49,10 @@ FUNCTIONS: dict[str, Function] = {
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
         Function("vdot", (2, 2), "sum of a * b over the whole tensor (torch.dot of the flattened tensors) -> per-tensor",
                  host=False),
+        Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
+        Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values)", host=False),
+        Function("stochastic_round", (2, 2), "stochastic_round(x, seed): float32 x to bfloat16 by adding random low "
+                 "16 bits and truncating (adv_optm's stream on CPU backends; seeded Philox in triton)", host=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]

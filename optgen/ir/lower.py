@@ -14,7 +14,7 @@ from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
 from optgen.spec.model import HyperparameterSpec
 
-META = ("numel", "ndim", "rows", "cols")
+META = ("numel", "ndim", "rows", "cols", "bf16")
 _KINDS = {
     "element": Kind.ELEMENT,
     "row": Kind.ROW,
@@ -244,7 +244,14 @@ class Lowerer:
                 k = k2
             return k
 
-        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy"):
+        if fn == "stochastic_round":
+            need(0, Kind.ELEMENT)
+            if not args[1].is_host:
+                raise SpecError(e.args[1].pos, field, "stochastic_round()'s seed must be a host scalar")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn == "cast":
+            return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
+        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "float32"):
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("atan2", "maximum", "minimum"):
             if args[0].is_host:

@@ -88,6 +88,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+        if "stochastic_rounding" in prog.features:
+            # adv_optm re-seeds its per-device generator at every construction with bf16 params
+            from optgen.runtime import stochastic
+
+            stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
+                               if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
 
     # -- groups and validation ---------------------------------------------------------------
     def _run_checks(self, group: dict[str, Any]) -> None:

@@ -14,8 +14,13 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from optgen.runtime import stochastic
+
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
 
 
 def _each(s: Scalar, n: int) -> list:
@@ -62,6 +67,12 @@ def _binary(name: str):
         ):
             for x, y in zip(a, b):
                 getattr(x, f"{name}_")(y)
+            return a
+        if name == "mul" and not isinstance(b, (list, tuple)) and a and a[0].dtype in _REDUCED and a[0].device.type == "cpu":
+            # torch 2.13's CPU _foreach_mul_(bf16/fp16 list, scalar) rounds the scalar to the list's
+            # dtype first (x.mul_(s) and _foreach_mul do not): 0.99 becomes 0.98828125 for bf16
+            for x in a:
+                x.mul_(b)
             return a
         fe_(a, b)
         return a
@@ -289,6 +300,18 @@ def mean(x: Tensors) -> Tensors:
 
 def norm(x: Tensors) -> Tensors:
     return list(torch._foreach_norm(x))
+
+
+def cast(a: Tensors, like: Tensors) -> Tensors:
+    return [x.to(y.dtype) for x, y in zip(a, like)]
+
+
+def float32(a: Tensors) -> Tensors:
+    return [x.float() for x in a]
+
+
+def stochastic_round(a: Tensors, seed: Scalar) -> Tensors:
+    return [stochastic.round_bf16(x) for x in a]
 
 
 def vdot(a: Tensors, b: Tensors) -> Tensors:

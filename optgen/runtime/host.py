@@ -64,6 +64,8 @@ def meta_value(name: str, param: torch.Tensor) -> int:
         return param.shape[-2] if param.dim() >= 2 else 1
     if name == "cols":
         return param.shape[-1] if param.dim() >= 1 else 1
+    if name == "bf16":
+        return int(param.dtype == torch.bfloat16)
     raise KeyError(name)
 
 

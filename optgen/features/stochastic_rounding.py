@@ -1,0 +1,86 @@
+"""``stochastic_rounding``: bf16 parameters written once, stochastically rounded (adv_optm).
+
+For bfloat16 parameters (and the flag on), the parameter writes at the end of the step (decay and
+update) run on float32 copies of the parameter and of the update, and the result is rounded to
+bfloat16 once, by adding 16 random low bits and truncating (math/adv-optm.md §2.2 steps 3-7, §2.3).
+The torch and reference backends draw adv_optm's exact random stream (a generator per device,
+seeded 42 at construction), so they match it bit for bit; the triton backend uses Philox numbers
+in the kernel (the same distribution, another stream). Other dtypes are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "stochastic_rounding"
+P32, U32 = "param_fp32", "update_fp32"
+
+
+def _writes_param(s: Stmt) -> bool:
+    if isinstance(s, Assign):
+        return s.target == "param"
+    return any(_writes_param(x) for x in s.then + s.orelse)
+
+
+def _to_fp32(n: Node) -> Node:
+    if n.op == "var" and n.attr in ("param", "update"):
+        return var(P32 if n.attr == "param" else U32)
+    return replace(n, args=tuple(_to_fp32(a) for a in n.args)) if n.args else n
+
+
+def _retarget(stmts: list[Stmt]) -> list[Stmt]:
+    out: list[Stmt] = []
+    for s in stmts:
+        if isinstance(s, If):
+            out.append(If(s.cond, _retarget(s.then), _retarget(s.orelse), s.pos))
+        else:
+            target, role = (P32, "temp") if s.target == "param" else (s.target, s.role)
+            out.append(Assign(target, _to_fp32(s.value), s.pos, role))
+    return out
+
+
+def _rewrite(stmts: list[Stmt]) -> tuple[list[Stmt], bool]:
+    """In the block holding the last parameter write: the writes from the first one on, in fp32."""
+    writes = [i for i, s in enumerate(stmts) if _writes_param(s)]
+    direct = [i for i in writes if isinstance(stmts[i], Assign)]
+    if not direct:
+        for i, s in enumerate(stmts):
+            if isinstance(s, If):
+                for branch in ("then", "orelse"):
+                    new, ok = _rewrite(getattr(s, branch))
+                    if ok:
+                        parts = {"then": s.then, "orelse": s.orelse, branch: new}
+                        return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
+        return stmts, False
+    first, last = writes[0], direct[-1]
+    segment = stmts[first:last + 1]
+    on = [
+        Assign(P32, Node("float32", (var("param"),), kind=Kind.ELEMENT), None, "temp"),
+        Assign(U32, Node("float32", (var("update"),), kind=Kind.ELEMENT), None, "temp"),
+        *_retarget(segment),
+        Assign("param", Node("stochastic_round", (var(P32), Node("step")), kind=Kind.ELEMENT), None, "param"),
+    ]
+    cond = Node("and", (flag(FLAG), Node("ne", (Node("meta", attr="bf16"), Node("const", attr=0)), boolean=True)),
+                boolean=True)
+    return [*stmts[:first], If(cond, on, segment), *stmts[last + 1:]], True
+
+
+def _apply(program: Program) -> Program:
+    body, ok = _rewrite(program.body)
+    if not ok:
+        raise FeatureError("feature 'stochastic_rounding' needs a 'param = ...' statement")
+    return program.copy(body=body)
+
+
+FEATURE = Feature(
+    name="stochastic_rounding",
+    doc="bf16 params: decay and update in float32, then one stochastic rounding to bf16 (adv_optm).",
+    transform=_apply,
+    hyperparameters={FLAG: HyperparameterSpec(default=True, type="bool",
+                                              doc="round bf16 params stochastically (float32 math for the write)")},
+)

@@ -1,0 +1,39 @@
+"""Stochastic rounding of float32 values to bfloat16, with adv_optm's random stream.
+
+adv_optm (util/param_update.py) draws ``torch.randint(0, 2**16, x.shape, dtype=int32)`` from one
+``torch.Generator`` per device, seeded 42 whenever an optimizer with bf16 parameters is constructed,
+adds it to the float32 bits and truncates the low 16 bits. The torch and reference backends draw
+the same stream in the same order (one draw per parameter per step, in parameter order), so
+their results are bit-identical to adv_optm's; the triton backend uses in-kernel Philox numbers
+(the same distribution, another stream).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEED = 42
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def reseed(devices: set[torch.device]) -> None:
+    """Re-seed the generator of each device to 42 (as every adv_optm constructor does)."""
+    for device in devices:
+        gen = _generators.get(device)
+        if gen is None:
+            gen = _generators[device] = torch.Generator(device=device)
+        gen.manual_seed(SEED)
+
+
+def generator(device: torch.device) -> torch.Generator:
+    if device not in _generators:
+        reseed({device})
+    return _generators[device]
+
+
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to bfloat16: up in magnitude with probability (low 16 bits) / 2^16."""
+    r = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator(x.device))
+    r.add_(x.contiguous().view(torch.int32))
+    r.bitwise_and_(-65536)
+    return r.view(torch.float32).to(torch.bfloat16)
