@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -12,7 +13,8 @@ import generated
 from optgen.spec.loader import load_spec
 from tests.published import SPECS, matched_specs, published_factory
 
-CLASSES = {p.stem: getattr(generated, load_spec(p).model.class_) for p in sorted(SPECS.glob("*.yaml"))}
+CLASSES = {p.stem: getattr(importlib.import_module(f"generated.{p.stem}"), load_spec(p).model.class_)
+           for p in sorted(SPECS.glob("*.yaml"))}
 TORCH_SPECS = [s for s in matched_specs() if load_spec(SPECS / f"{s}.yaml").model.matches.package.startswith("torch==")]
 # Settings that exercise every state buffer of each optimizer.
 RICH = {
@@ -20,6 +22,12 @@ RICH = {
     "rmsprop": {"momentum": 0.9, "centered": True},
     "adam": {"amsgrad": True, "weight_decay": 0.01},
     "adamw": {"amsgrad": True},
+    "adamw_adv": {"weight_decay": 0.01, "cautious_wd": True, "nesterov": True, "orthogonal_gradient": "flattened"},
+    "adamw_adv_2_2_3": {"use_AdEMAMix": True, "cautious_mask": True, "weight_decay": 0.01},
+    "adopt_adv_2_2_3": {"use_AdEMAMix": True, "grams_moment": True, "orthogonal_gradient": True},
+    "lion_adv": {"kappa_p": 1.5, "weight_decay": 0.01},
+    "signsgd_adv": {"normed_momentum": True, "snr_cond": True, "nesterov": True},
+    "simplified_ademamix": {"beta1_warmup": 3, "weight_decay": 0.01},
 }
 
 
@@ -173,8 +181,10 @@ def test_unknown_backend_and_argument() -> None:
     # published arguments whose other values are not implemented: accepted at their default only
     with pytest.raises(ValueError, match=r"fisher_wd=True is not supported; supported: False"):
         generated.AdamW_adv(p, fisher_wd=True)
-    with pytest.raises(ValueError, match=r"orthogonal_gradient='flattened' is not supported"):
-        generated.AdamW_adv(p, orthogonal_gradient="flattened")
+    with pytest.raises(ValueError, match=r"orthogonal_gradient='iterative' is not supported; supported: 'disabled', 'flattened'"):
+        generated.AdamW_adv(p, orthogonal_gradient="iterative")
+    with pytest.raises(ValueError, match=r"clip_lambda=.* is not supported; supported: 'step \*\* 0.25', None"):
+        generated.Adopt_adv(p, clip_lambda=lambda step: step**0.5)
     generated.AdamW_adv(p, orthogonal_gradient="disabled", compiled_optimizer=True)
 
 

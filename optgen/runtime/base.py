@@ -131,21 +131,22 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             state[decl.name] = _new_state(decl, p, group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every non-step state tensor to the param's dtype (a float64 host scalar of a
+        # float32 param would lose its precision): host scalars and buffers with a declared dtype
+        # are taken from the saved values themselves.
+        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved: list[tuple[torch.Tensor, StateDecl, torch.Tensor]] = []
+        for pid, p in zip(ids, params):
+            st = state_dict["state"].get(pid, {})
+            saved += [(p, d, st[d.name]) for d in fixed if isinstance(st.get(d.name), torch.Tensor)]
         super().load_state_dict(state_dict)
         if self._triton is not None:
             self._triton.invalidate()
-        # torch casts every non-step state tensor to the param's dtype and device; host scalars and
-        # buffers with a declared dtype keep theirs.
-        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param"]
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                for d in fixed:
-                    if d.name in st and isinstance(st[d.name], torch.Tensor):
-                        device = torch.device("cpu") if d.kind == Kind.HOST else p.device
-                        st[d.name] = st[d.name].to(dtype=_dtype(d.dtype, p), device=device)
+        for p, d, value in saved:
+            device = torch.device("cpu") if d.kind == Kind.HOST else p.device
+            self.state[p][d.name] = value.to(dtype=_dtype(d.dtype, p), device=device, copy=True)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
