@@ -87,5 +87,9 @@ def ours_factory(spec_name: str, setting: dict[str, Any], backend: str, dtype: t
     return lambda params: cls(params, backend=backend, **kwargs)
 
 
+def spec_package(spec_name: str) -> str:
+    return load_spec(SPECS / f"{spec_name}.yaml").model.matches.package
+
+
 def settings(spec_name: str) -> list[dict[str, Any]]:
     return load_spec(SPECS / f"{spec_name}.yaml").model.matches.settings

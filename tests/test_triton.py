@@ -78,14 +78,16 @@ CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec))]
 
 @pytest.mark.parametrize(("spec", "index", "setting"), CASES, ids=[f"{s}-{i}" for s, i, _ in CASES])
 def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> None:
-    expected, _ = _run(spec, setting, "reference", torch.float32)
-    got, opt = _run(spec, setting, "triton", torch.float32)
+    # every setting's flags on every shape; the first setting over more steps (CI time: interpreter)
+    steps = STEPS if index == 0 else STEPS // 2
+    expected, _ = _run(spec, setting, "reference", torch.float32, steps=steps)
+    got, opt = _run(spec, setting, "triton", torch.float32, steps=steps)
     for e, g, shape in zip(expected, got, SHAPES):
         assert g.shape == e.shape
         bound = 2e-6 * (1 + e.abs())
         assert torch.all((g - e).abs() <= bound), f"{shape}: max diff {(g - e).abs().max():.3e}"
     for st in opt.state.values():  # the step counts live on the device and are written back
-        assert "step" not in st or st["step"].item() == STEPS
+        assert "step" not in st or st["step"].item() == steps
 
 
 @pytest.mark.parametrize("spec", list(SPECS))

@@ -1,0 +1,86 @@
+"""adv_optm vs optgen on CPU: step time as ratios measured in one run, and optimizer-state bytes
+per parameter (a script, not a test: timings vary between runs on shared machines).
+
+Parameters: 6M in 13 tensors (matrices of mixed aspect ratios plus vectors), fp32, fixed
+gradients. adv_optm runs plain and with ``compiled_optimizer=True`` (torch.compile per tensor
+shape; the compile time is excluded by warm-up steps), optgen's AdamW_adv on its torch backend.
+
+    python benchmarks/adv_optm_cpu.py [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def make_params(total: int = 6_000_000) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1024, 768), (768, 1024), (3072, 256), (256, 3072), (512, 512), (2048, 128), (128, 2048),
+              (1000, 333), (768,), (1024,), (3072,), (50000,)]
+    used = sum(torch.Size(s).numel() for s in shapes)
+    shapes.append((max(total - used, 1),))
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    return params
+
+
+def time_steps(opt, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def state_bytes(opt, params) -> float:
+    total = 0
+    for p in params:
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor) and v.device.type != "meta":
+                total += v.numel() * v.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    import adv_optm
+
+    from generated.adamw_adv import AdamW_adv
+
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    rows = []
+    cases = [
+        ("adv_optm AdamW_adv (plain)", lambda ps: adv_optm.AdamW_adv(ps)),
+        ("adv_optm AdamW_adv (compiled_optimizer=True)", lambda ps: adv_optm.AdamW_adv(ps, compiled_optimizer=True)),
+        ("adv_optm AdamW_adv (nnmf_factor=True)", lambda ps: adv_optm.AdamW_adv(ps, nnmf_factor=True)),
+        ("optgen AdamW_adv (torch backend)", lambda ps: AdamW_adv(ps, backend="torch")),
+    ]
+    for name, make in cases:
+        params = make_params()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make(params)
+            t = time_steps(opt, args.repeats)
+        rows.append((name, t, state_bytes(opt, params)))
+    base = rows[0][1]
+    n = sum(p.numel() for p in make_params())
+    print(f"{n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, median of {args.repeats} steps")
+    print(f"{'optimizer':48s} {'ms/step':>9s} {'vs adv plain':>13s} {'state B/param':>14s}")
+    for name, t, b in rows:
+        print(f"{name:48s} {t * 1e3:9.2f} {t / base:13.3f} {b:14.3f}")
+
+
+if __name__ == "__main__":
+    main()
