@@ -22,7 +22,8 @@ RICH = {
     "rmsprop": {"momentum": 0.9, "centered": True},
     "adam": {"amsgrad": True, "weight_decay": 0.01},
     "adamw": {"amsgrad": True},
-    "adamw_adv": {"weight_decay": 0.01, "cautious_wd": True, "nesterov": True, "orthogonal_gradient": "flattened"},
+    "adamw_adv": {"weight_decay": 0.01, "cautious_wd": True, "nesterov": True, "orthogonal_gradient": "flattened",
+                  "kourkoutas_beta": True},
     "adamw_adv_2_2_3": {"use_AdEMAMix": True, "cautious_mask": True, "weight_decay": 0.01},
     "adopt_adv_2_2_3": {"use_AdEMAMix": True, "grams_moment": True, "orthogonal_gradient": True},
     "lion_adv": {"kappa_p": 1.5, "weight_decay": 0.01},
@@ -183,6 +184,8 @@ def test_unknown_backend_and_argument() -> None:
         generated.AdamW_adv(p, fisher_wd=True)
     with pytest.raises(ValueError, match=r"orthogonal_gradient='iterative' is not supported; supported: 'disabled', 'flattened'"):
         generated.AdamW_adv(p, orthogonal_gradient="iterative")
+    with pytest.raises(ValueError, match=r"For Kourkoutas-β, betas\[1\] \(as beta2_max\) must be > beta2_min"):
+        generated.AdamW_adv(p, kourkoutas_beta=True, betas=(0.9, 0.85))
     with pytest.raises(ValueError, match=r"clip_lambda=.* is not supported; supported: 'step \*\* 0.25', None"):
         generated.Adopt_adv(p, clip_lambda=lambda step: step**0.5)
     generated.AdamW_adv(p, orthogonal_gradient="disabled", compiled_optimizer=True)

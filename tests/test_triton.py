@@ -73,7 +73,8 @@ def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate:
     return [p.detach().float().cpu() for p in params], opt
 
 
-CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec))]
+#: Kourkoutas-beta has no triton path yet (tested: the runner says so)
+CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec)) if not s.get("kourkoutas_beta")]
 
 
 @pytest.mark.parametrize(("spec", "index", "setting"), CASES, ids=[f"{s}-{i}" for s, i, _ in CASES])
@@ -133,6 +134,15 @@ def test_triton_stochastic_rounding_is_unbiased(sr: bool) -> None:
     before = p.detach().clone()
     opt.step()
     assert not torch.equal(p.detach(), before), "each step draws new random bits"
+
+
+def test_path_without_triton_support_says_so() -> None:
+    p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+    opt = _cls("adamw_adv")([p], backend="triton", kourkoutas_beta=True)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="Kourkoutas-beta.*not implemented on the triton backend yet"):
+        opt.step()
+    assert opt.state[p]["step"].item() == 0
 
 
 def test_many_tensors_one_launch_per_stage() -> None:

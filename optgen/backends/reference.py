@@ -39,9 +39,12 @@ class _Frame:
         self.host = HostContext(group, param, state, program.step_math == "tensor")
 
 
-def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """Apply one step of ``program`` to ``param`` (in place), updating ``state``."""
+def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+        inputs: dict[str, Any] | None = None) -> None:
+    """Apply one step of ``program`` to ``param`` (in place), updating ``state``; ``inputs`` are the
+    per-parameter values the runtime computed for this step."""
     frame = _Frame(program, param, grad, state, group)
+    frame.host.inputs = inputs or {}
     _block(program.body, frame)
 
 

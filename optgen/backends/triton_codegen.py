@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optgen.backends.triton_plan import PathPlan, Stage, TritonUnsupported, plan_program
+from optgen.backends.triton_plan import (
+    PathPlan,
+    Stage,
+    TritonUnsupported,
+    dynamic_names,
+    enumerate_paths,
+    plan_path,
+)
 from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
@@ -133,6 +140,9 @@ class KernelEmitter:
             return env[n.attr]
         if op == "hyper":
             return f"tl.load(hyp + {self.hyper_slot(n.attr)})"
+        if op == "input":
+            raise TritonUnsupported(f"the runtime input '{n.attr}' (Kourkoutas-beta) is not implemented on the "
+                                    "triton backend yet; use backend='torch'")
         if op == "step":
             return "step"
         if op == "meta":
@@ -496,7 +506,7 @@ class _DeviceCtx:
 
 def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], dict]:
     """All kernels of a hoisted program plus the plan data the runtime needs."""
-    dyn, plans = plan_program(program)
+    dyn = dynamic_names(program)
     kernels: list[KernelSource] = []
     by_text: dict[str, str] = {}
     slots: list = []
@@ -512,15 +522,25 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
         by_text[key] = src_name
         return src_name
 
-    for plan in plans:
-        em = KernelEmitter(program, plan, slots)
-        launches = [(add(em.prologue("_KP")), "prologue")]
-        for i, st in enumerate(plan.stages):
-            if st.kind == "pass":
-                src = em.pass_kernel("_KS", st, i)
-                launches.append((add(src), st.layout))
-            else:
-                launches.append((add(em.vec_kernel("_KS", st)), "vec"))
+    unsupported: list[str] = []
+    for key, stmts in enumerate_paths(program.body, dyn):
+        # A path the backend cannot run (a feature not written for it yet) is recorded with the
+        # reason; the runtime raises it if a parameter group takes that path.
+        try:
+            plan = plan_path(program, key, stmts, dyn)
+            em = KernelEmitter(program, plan, list(slots))
+            sources = [(em.prologue("_KP"), "prologue")]
+            for i, st in enumerate(plan.stages):
+                if st.kind == "pass":
+                    sources.append((em.pass_kernel("_KS", st, i), st.layout))
+                else:
+                    sources.append((em.vec_kernel("_KS", st), "vec"))
+        except TritonUnsupported as exc:
+            paths[key] = {"unsupported": str(exc)}
+            unsupported.append(str(exc))
+            continue
+        slots[:] = em.hyper_slots
+        launches = [(add(src), kind) for src, kind in sources]
         paths[plan.key] = {
             "launches": launches,
             "columns": table_columns(program, plan),
@@ -528,6 +548,8 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
             "hv": plan.hv,
             "creates": plan.creates,
         }
+    if len(unsupported) == len(paths):
+        raise TritonUnsupported(unsupported[0])
     static_hypers = sorted({
         n.attr[0]
         for s in walk_stmts(program.body)

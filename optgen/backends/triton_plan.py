@@ -51,7 +51,7 @@ def dynamic_names(program: Program) -> set[str]:
     for s in walk_stmts(program.body):
         if isinstance(s, Assign) and s.value.is_host:
             if s.role == "host_state" or any(
-                n.op == "step" or (n.op == "var" and n.attr in dyn) for n in walk_nodes(s.value)
+                n.op in ("step", "input") or (n.op == "var" and n.attr in dyn) for n in walk_nodes(s.value)
             ):
                 dyn.add(s.target)
     return dyn

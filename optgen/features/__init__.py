@@ -46,6 +46,7 @@ def _registry() -> dict[str, Feature]:
         cautious,
         cautious_wd,
         grams,
+        kourkoutas_beta,
         maximize,
         nesterov,
         normed_momentum,
@@ -55,7 +56,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, cautious_wd, stochastic_rounding)
+            atan2, cautious_wd, kourkoutas_beta, stochastic_rounding)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

@@ -88,6 +88,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+        self._kourkoutas = None
+        if "kourkoutas_beta" in prog.features and any(g.get("kourkoutas_beta") for g in self.param_groups):
+            from optgen.runtime.kourkoutas import Kourkoutas
+
+            self._kourkoutas = Kourkoutas(self, self.param_groups[0].get("kourkoutas_warmup", "blend"))
         if "stochastic_rounding" in prog.features:
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
             from optgen.runtime import stochastic
@@ -156,9 +161,21 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            self._step_params(gi, group, self._params_with_grad(group))
+        stepped = [(gi, group, self._params_with_grad(group)) for gi, group in enumerate(self.param_groups)]
+        if self._kourkoutas is not None:
+            first = next((ps[0] for _, _, ps in stepped if ps), None)
+            if first is not None:
+                self._kourkoutas.maybe_prepare(self._completed_steps(first))
+        for gi, group, params in stepped:
+            self._step_params(gi, group, params)
         return loss
+
+    def _completed_steps(self, p: torch.Tensor) -> int:
+        step = self.state[p].get("step", 0)
+        return int(step.item() if isinstance(step, torch.Tensor) else step)
+
+    def _inputs(self, p: torch.Tensor) -> dict[str, Any]:
+        return {} if self._kourkoutas is None else self._kourkoutas.inputs(p)
 
     def _step_params(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if not params:
@@ -170,7 +187,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         if self.backend == "reference":
             for p in params:
-                reference.run(self._program, p, p.grad, self.state[p], group)
+                reference.run(self._program, p, p.grad, self.state[p], group, self._inputs(p))
         else:
             self._torch_step(group, params)
 
@@ -186,7 +203,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             return
         gi = self._group_index(p) if group is None else next(k for k, g in enumerate(self.param_groups) if g is group)
         group = self.param_groups[gi]
-        self._step_params(gi, group, self._params_with_grad(group, [p]))
+        params = self._params_with_grad(group, [p])
+        if self._kourkoutas is not None:
+            self._kourkoutas.maybe_prepare(self._completed_steps(p))
+        self._step_params(gi, group, params)
 
     def _group_index(self, p: torch.Tensor) -> int:
         for gi, g in enumerate(self.param_groups):
@@ -235,6 +255,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         for p in params:
             ctx = HostContext(group, p, self.state[p], tensor_math)
+            ctx.inputs = self._inputs(p)
             path: list[tuple[str, bool]] = []
             _host_pass(prog.body, ctx, path)
             buckets.setdefault(tuple(path), []).append((p, ctx.env))

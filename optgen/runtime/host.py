@@ -72,7 +72,7 @@ def meta_value(name: str, param: torch.Tensor) -> int:
 class HostContext:
     """What host expressions of one parameter can see."""
 
-    __slots__ = ("group", "param", "state", "env", "step", "tensor_math", "self_ref")
+    __slots__ = ("group", "param", "state", "env", "step", "tensor_math", "self_ref", "inputs")
 
     def __init__(self, group: dict, param: torch.Tensor, state: dict, tensor_math: bool):
         self.group = group
@@ -86,6 +86,8 @@ class HostContext:
         else:
             self.step = step if tensor_math else step.item()
         self.self_ref: str | None = None
+        #: per-parameter values the runtime computes each step (Kourkoutas-beta's beta2)
+        self.inputs: dict[str, Any] = {}
 
 
 def evaluate(node: Node, ctx: HostContext) -> Any:
@@ -111,6 +113,10 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
         return meta_value(node.attr, ctx.param)
     if op == "has":
         return ctx.state.get(node.attr) is not None
+    if op == "input":
+        if node.attr not in ctx.inputs:
+            raise RuntimeError(f"the runtime provided no '{node.attr}' for this parameter")
+        return ctx.inputs[node.attr]
     if op == "param_attr":
         name, default = node.attr
         return getattr(ctx.param, name, default)

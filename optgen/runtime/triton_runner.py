@@ -173,6 +173,8 @@ class TritonRunner:
         cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
         for (key, dtype), idx in groups.items():
             path = self.plan["paths"][key]
+            if "unsupported" in path:
+                raise RuntimeError(f"{self.program.class_name} on the triton backend: {path['unsupported']}")
             for name in path["creates"]:
                 for i in idx:
                     if states[params[i]].get(name) is None:

@@ -1,0 +1,85 @@
+"""``kourkoutas_beta``: Kourkoutas-beta, a per-layer dynamic beta2 (adv_optm ``kourkoutas_beta``).
+
+The second-moment EMA's beta2 becomes the runtime input ``kourkoutas_beta2``, computed once per
+step for each bucket of parameters from the previous step's pooled gradient norm
+(:mod:`optgen.runtime.kourkoutas`); bias correction keeps the static ``betas[1]``, as adv_optm
+does. Each parameter leaves ``sum(grad^2)`` (after OrthoGrad) in its state ``kourkoutas_sq`` for
+the next step's pooling. ``kourkoutas_warmup`` says which release's warm-up the spec follows:
+``blend`` (2.5.16, a linear blend over ``k_warmup_steps``) or ``switch`` (2.2.3: beta2_max until
+then). Needs ``betas[1] > beta2_min`` (a ValueError otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.runtime.kourkoutas import BETA2, SQ
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "kourkoutas_beta"
+
+
+def _second_moment(s: Stmt) -> bool:
+    return isinstance(s, Assign) and s.target == "exp_avg_sq" and s.value.op == "addcmul" and \
+        s.value.args[0].op == "mul" and is_var(s.value.args[0].args[0], "exp_avg_sq")
+
+
+def _swap(n: Node, beta2: Node) -> Node:
+    if n == beta2:
+        return Node("input", attr=BETA2)
+    return replace(n, args=tuple(_swap(a, beta2) for a in n.args)) if n.args else n
+
+
+def _rewrite(stmts: list[Stmt], found: list[Node]) -> list[Stmt]:
+    out: list[Stmt] = []
+    for s in stmts:
+        if isinstance(s, If):
+            out.append(If(s.cond, _rewrite(s.then, found), _rewrite(s.orelse, found), s.pos))
+        elif _second_moment(s):
+            beta2 = s.value.args[0].args[1]
+            found.append(beta2)
+            g = var("grad")
+            sq = Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR), s.pos, "state")
+            dynamic = Assign(s.target, _swap(s.value, beta2), s.pos, s.role)
+            out.append(switch(FLAG, [sq, dynamic], [s], s.pos))
+        else:
+            out.append(s)
+    return out
+
+
+def _apply(program: Program) -> Program:
+    found: list[Node] = []
+    body = _rewrite(program.body, found)
+    if not found:
+        raise FeatureError("feature 'kourkoutas_beta' needs an 'exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * "
+                           "grad * grad' statement")
+    beta2 = found[0]
+    if any(n.op == "var" for n in walk_nodes(beta2)):
+        raise FeatureError("feature 'kourkoutas_beta' needs beta2 to be a hyperparameter")
+    ok = Node("or", (Node("not", (flag(FLAG),), boolean=True),
+                     Node("gt", (beta2, Node("hyper", attr=("beta2_min", None))), boolean=True)), boolean=True)
+    checks = [*program.checks, (ok, "For Kourkoutas-β, betas[1] (as beta2_max) must be > beta2_min")]
+    decl = StateDecl(SQ, Kind.TENSOR, "zeros", "float32", flag(FLAG), "sum(grad^2) of the last step, for the pooling")
+    return program.copy(body=body, checks=checks, state=[*program.state, decl])
+
+
+FEATURE = Feature(
+    name="kourkoutas_beta",
+    doc="Kourkoutas-beta: beta2 per layer from the pooled gradient norm's 'sunspike' ratio (adv_optm).",
+    transform=_apply,
+    hyperparameters={
+        FLAG: HyperparameterSpec(default=False, type="bool", doc="dynamic beta2 per layer (Kourkoutas-beta)"),
+        "beta2_min": HyperparameterSpec(default=0.9, min=0, max_exclusive=1, doc="the smallest dynamic beta2"),
+        "ema_alpha": HyperparameterSpec(default=0.95, min=0, max_exclusive=1, doc="decay of the norm's EMA"),
+        "tiny_spike": HyperparameterSpec(default=1e-9, min=0, doc="added to the EMA in the sunspike ratio"),
+        "k_warmup_steps": HyperparameterSpec(default=0, min=0, doc="warm-up steps of the dynamic beta2"),
+        "k_logging": HyperparameterSpec(default=0, doc="accepted; unused (as in adv_optm)"),
+        "layer_key_fn": HyperparameterSpec(default=None, type="any", per_group=False,
+                                           doc="parameter -> bucket key (default: its shape)"),
+        "kourkoutas_warmup": HyperparameterSpec(default="blend", type="any", constructor=False,
+                                                doc="blend (adv_optm 2.5.16) or switch (2.2.3)"),
+    },
+)
