@@ -52,6 +52,8 @@ class HyperparameterSpec(_Strict):
     message: str | None = None
     #: The only values accepted (a published argument whose other values are not implemented yet).
     choices: list[Any] | None = None
+    #: None is accepted too (a number or "not given": conditions test ``name == None``).
+    nullable: bool = False
 
     @field_validator("as_")
     @classmethod
