@@ -838,47 +838,42 @@ def _device_step(h, param, grad, S):
             _18 = F.atan2(t_update, t_denom)
             t_update = _18
         else:
-            _19 = F.div(t_update, t_denom)
-            t_update = _19
+            F.div_(t_update, t_denom)
     if h["_c4"]:
-        _20 = F.mul(t_update, h["_k7"])
-        t_update = _20
+        F.mul_(t_update, h["_k7"])
     else:
-        _21 = F.mul(t_update, h["step_size"])
-        t_update = _21
+        F.mul_(t_update, h["step_size"])
     if h["_c9"]:
-        _22 = F.float32(param)
-        t_param_fp32 = _22
-        _23 = F.float32(t_update)
-        t_update_fp32 = _23
+        _19 = F.float32(param)
+        t_param_fp32 = _19
+        _20 = F.float32(t_update)
+        t_update_fp32 = _20
         if h["_c10"]:
             if h["_c11"]:
-                _24 = F.mul(t_update_fp32, t_param_fp32)
-                _25 = F.ge(_24, 0)
-                _26 = F.where(_25, 1.0, 0.0)
-                _27 = F.addcmul(t_param_fp32, t_param_fp32, _26, h["_k8"])
-                t_param_fp32 = _27
+                _21 = F.mul(t_update_fp32, t_param_fp32)
+                _22 = F.ge(_21, 0)
+                _23 = F.where(_22, 1.0, 0.0)
+                _24 = F.addcmul(t_param_fp32, t_param_fp32, _23, h["_k8"])
+                t_param_fp32 = _24
             else:
-                _28 = F.axpy(t_param_fp32, t_param_fp32, h["_k9"])
-                t_param_fp32 = _28
-        _29 = F.neg(t_update_fp32)
-        _30 = F.add(t_param_fp32, _29)
-        t_param_fp32 = _30
-        _31 = F.stochastic_round(t_param_fp32, h["_k10"])
-        F.assign_(param, _31)
+                _25 = F.axpy(t_param_fp32, t_param_fp32, h["_k9"])
+                t_param_fp32 = _25
+        _26 = F.sub(t_param_fp32, t_update_fp32)
+        t_param_fp32 = _26
+        _27 = F.stochastic_round(t_param_fp32, h["_k10"])
+        F.assign_(param, _27)
     else:
         if h["_c10"]:
             if h["_c11"]:
-                _32 = F.mul(t_update, param)
-                _33 = F.ge(_32, 0)
-                _34 = F.where(_33, 1.0, 0.0)
-                _35 = F.addcmul(param, param, _34, h["_k11"])
-                F.assign_(param, _35)
+                _28 = F.mul(t_update, param)
+                _29 = F.ge(_28, 0)
+                _30 = F.where(_29, 1.0, 0.0)
+                _31 = F.addcmul(param, param, _30, h["_k11"])
+                F.assign_(param, _31)
             else:
-                _36 = F.axpy(param, param, h["_k12"])
-                F.assign_(param, _36)
-        _37 = F.neg(t_update)
-        F.add_(param, _37)
+                _32 = F.axpy(param, param, h["_k12"])
+                F.assign_(param, _32)
+        F.sub_(param, t_update)
 
 
 class AdamW_adv(GeneratedOptimizer):

@@ -835,53 +835,47 @@ def _device_step(h, param, grad, S):
         t_denom = _22
     if h["_c7"]:
         F.lerp_(st_exp_avg_slow, grad, h["_k6"])
-        _23 = F.axpy(t_update, st_exp_avg_slow, h["_k7"])
+        F.axpy_(t_update, st_exp_avg_slow, h["_k7"])
+    if h["_c6"]:
+        _23 = F.atan2(t_update, t_denom)
         t_update = _23
-    if h["_c6"]:
-        _24 = F.atan2(t_update, t_denom)
-        t_update = _24
     else:
-        _25 = F.div(t_update, t_denom)
-        t_update = _25
+        F.div_(t_update, t_denom)
     if h["_c6"]:
-        _26 = F.mul(t_update, h["_k8"])
-        t_update = _26
+        F.mul_(t_update, h["_k8"])
     else:
-        _27 = F.mul(t_update, h["step_size"])
-        t_update = _27
+        F.mul_(t_update, h["step_size"])
     if h["_c8"]:
-        _28 = F.float32(param)
-        t_param_fp32 = _28
-        _29 = F.float32(t_update)
-        t_update_fp32 = _29
+        _24 = F.float32(param)
+        t_param_fp32 = _24
+        _25 = F.float32(t_update)
+        t_update_fp32 = _25
         if h["_c9"]:
             if h["_c10"]:
-                _30 = F.mul(t_update_fp32, t_param_fp32)
-                _31 = F.ge(_30, 0)
-                _32 = F.where(_31, 1.0, 0.0)
-                _33 = F.addcmul(t_param_fp32, t_param_fp32, _32, h["_k9"])
-                t_param_fp32 = _33
+                _26 = F.mul(t_update_fp32, t_param_fp32)
+                _27 = F.ge(_26, 0)
+                _28 = F.where(_27, 1.0, 0.0)
+                _29 = F.addcmul(t_param_fp32, t_param_fp32, _28, h["_k9"])
+                t_param_fp32 = _29
             else:
-                _34 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
-                t_param_fp32 = _34
-        _35 = F.neg(t_update_fp32)
-        _36 = F.add(t_param_fp32, _35)
-        t_param_fp32 = _36
-        _37 = F.stochastic_round(t_param_fp32, h["_k11"])
-        F.assign_(param, _37)
+                _30 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
+                t_param_fp32 = _30
+        _31 = F.sub(t_param_fp32, t_update_fp32)
+        t_param_fp32 = _31
+        _32 = F.stochastic_round(t_param_fp32, h["_k11"])
+        F.assign_(param, _32)
     else:
         if h["_c9"]:
             if h["_c10"]:
-                _38 = F.mul(t_update, param)
-                _39 = F.ge(_38, 0)
-                _40 = F.where(_39, 1.0, 0.0)
-                _41 = F.addcmul(param, param, _40, h["_k12"])
-                F.assign_(param, _41)
+                _33 = F.mul(t_update, param)
+                _34 = F.ge(_33, 0)
+                _35 = F.where(_34, 1.0, 0.0)
+                _36 = F.addcmul(param, param, _35, h["_k12"])
+                F.assign_(param, _36)
             else:
-                _42 = F.axpy(param, param, h["_k13"])
-                F.assign_(param, _42)
-        _43 = F.neg(t_update)
-        F.add_(param, _43)
+                _37 = F.axpy(param, param, h["_k13"])
+                F.assign_(param, _37)
+        F.sub_(param, t_update)
 
 
 class AdamW_adv(GeneratedOptimizer):

@@ -799,44 +799,40 @@ def _device_step(h, param, grad, S):
         F.mul_(st_exp_avg_sq, h["_k4"])
         F.addcmul_(st_exp_avg_sq, grad, grad, h["_k5"])
         if h["_c4"]:
-            _18 = F.mul(t_update, h["_k6"])
-            t_update = _18
+            F.mul_(t_update, h["_k6"])
         else:
-            _19 = F.mul(t_update, h["_k7"])
-            t_update = _19
+            F.mul_(t_update, h["_k7"])
         if h["_c9"]:
-            _20 = F.float32(param)
-            t_param_fp32 = _20
-            _21 = F.float32(t_update)
-            t_update_fp32 = _21
+            _18 = F.float32(param)
+            t_param_fp32 = _18
+            _19 = F.float32(t_update)
+            t_update_fp32 = _19
             if h["_c10"]:
                 if h["_c11"]:
-                    _22 = F.mul(t_update_fp32, t_param_fp32)
-                    _23 = F.ge(_22, 0)
-                    _24 = F.where(_23, 1.0, 0.0)
-                    _25 = F.addcmul(t_param_fp32, t_param_fp32, _24, h["_k8"])
-                    t_param_fp32 = _25
+                    _20 = F.mul(t_update_fp32, t_param_fp32)
+                    _21 = F.ge(_20, 0)
+                    _22 = F.where(_21, 1.0, 0.0)
+                    _23 = F.addcmul(t_param_fp32, t_param_fp32, _22, h["_k8"])
+                    t_param_fp32 = _23
                 else:
-                    _26 = F.axpy(t_param_fp32, t_param_fp32, h["_k9"])
-                    t_param_fp32 = _26
-            _27 = F.neg(t_update_fp32)
-            _28 = F.add(t_param_fp32, _27)
-            t_param_fp32 = _28
-            _29 = F.stochastic_round(t_param_fp32, h["_k10"])
-            F.assign_(param, _29)
+                    _24 = F.axpy(t_param_fp32, t_param_fp32, h["_k9"])
+                    t_param_fp32 = _24
+            _25 = F.sub(t_param_fp32, t_update_fp32)
+            t_param_fp32 = _25
+            _26 = F.stochastic_round(t_param_fp32, h["_k10"])
+            F.assign_(param, _26)
         else:
             if h["_c10"]:
                 if h["_c11"]:
-                    _30 = F.mul(t_update, param)
-                    _31 = F.ge(_30, 0)
-                    _32 = F.where(_31, 1.0, 0.0)
-                    _33 = F.addcmul(param, param, _32, h["_k11"])
-                    F.assign_(param, _33)
+                    _27 = F.mul(t_update, param)
+                    _28 = F.ge(_27, 0)
+                    _29 = F.where(_28, 1.0, 0.0)
+                    _30 = F.addcmul(param, param, _29, h["_k11"])
+                    F.assign_(param, _30)
                 else:
-                    _34 = F.axpy(param, param, h["_k12"])
-                    F.assign_(param, _34)
-            _35 = F.neg(t_update)
-            F.add_(param, _35)
+                    _31 = F.axpy(param, param, h["_k12"])
+                    F.assign_(param, _31)
+            F.sub_(param, t_update)
 
 
 class Adopt_adv(GeneratedOptimizer):

@@ -839,47 +839,42 @@ def _device_step(h, param, grad, S):
         F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
         if h["_c8"]:
             F.lerp_(st_exp_avg_slow, t_normalized, h["_k5"])
-            _25 = F.axpy(t_update, st_exp_avg_slow, h["_k6"])
-            t_update = _25
+            F.axpy_(t_update, st_exp_avg_slow, h["_k6"])
         if h["_c3"]:
-            _26 = F.mul(t_update, h["_k7"])
-            t_update = _26
+            F.mul_(t_update, h["_k7"])
         else:
-            _27 = F.mul(t_update, h["_k8"])
-            t_update = _27
+            F.mul_(t_update, h["_k8"])
         if h["_c9"]:
-            _28 = F.float32(param)
-            t_param_fp32 = _28
-            _29 = F.float32(t_update)
-            t_update_fp32 = _29
+            _25 = F.float32(param)
+            t_param_fp32 = _25
+            _26 = F.float32(t_update)
+            t_update_fp32 = _26
             if h["_c10"]:
                 if h["_c11"]:
-                    _30 = F.mul(t_update_fp32, t_param_fp32)
-                    _31 = F.ge(_30, 0)
-                    _32 = F.where(_31, 1.0, 0.0)
-                    _33 = F.addcmul(t_param_fp32, t_param_fp32, _32, h["_k9"])
-                    t_param_fp32 = _33
+                    _27 = F.mul(t_update_fp32, t_param_fp32)
+                    _28 = F.ge(_27, 0)
+                    _29 = F.where(_28, 1.0, 0.0)
+                    _30 = F.addcmul(t_param_fp32, t_param_fp32, _29, h["_k9"])
+                    t_param_fp32 = _30
                 else:
-                    _34 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
-                    t_param_fp32 = _34
-            _35 = F.neg(t_update_fp32)
-            _36 = F.add(t_param_fp32, _35)
-            t_param_fp32 = _36
-            _37 = F.stochastic_round(t_param_fp32, h["_k11"])
-            F.assign_(param, _37)
+                    _31 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
+                    t_param_fp32 = _31
+            _32 = F.sub(t_param_fp32, t_update_fp32)
+            t_param_fp32 = _32
+            _33 = F.stochastic_round(t_param_fp32, h["_k11"])
+            F.assign_(param, _33)
         else:
             if h["_c10"]:
                 if h["_c11"]:
-                    _38 = F.mul(t_update, param)
-                    _39 = F.ge(_38, 0)
-                    _40 = F.where(_39, 1.0, 0.0)
-                    _41 = F.addcmul(param, param, _40, h["_k12"])
-                    F.assign_(param, _41)
+                    _34 = F.mul(t_update, param)
+                    _35 = F.ge(_34, 0)
+                    _36 = F.where(_35, 1.0, 0.0)
+                    _37 = F.addcmul(param, param, _36, h["_k12"])
+                    F.assign_(param, _37)
                 else:
-                    _42 = F.axpy(param, param, h["_k13"])
-                    F.assign_(param, _42)
-            _43 = F.neg(t_update)
-            F.add_(param, _43)
+                    _38 = F.axpy(param, param, h["_k13"])
+                    F.assign_(param, _38)
+            F.sub_(param, t_update)
 
 
 class Adopt_adv(GeneratedOptimizer):

@@ -570,59 +570,53 @@ def _device_step(h, param, grad, S):
         F.maximum_(_9, 1e-12)
         _10 = F.div(t_update, _9)
         t_update = _10
-        _11 = F.mul(t_update, h["_k2"])
-        t_update = _11
+        F.mul_(t_update, h["_k2"])
     else:
         if h["_c2"]:
-            _12 = F.sign(t_update)
-            t_update = _12
+            F.sign_(t_update)
         else:
-            _13 = F.sign(t_update)
-            _14 = F.abs(t_update)
-            F.pow_(_14, h["_k3"])
-            F.mul_(_13, _14)
-            t_update = _13
-            _15 = F.norm(t_update)
-            F.maximum_(_15, 1e-12)
-            _16 = F.div(t_update, _15)
-            t_update = _16
-            _17 = F.mul(t_update, h["_k4"])
-            t_update = _17
-    _18 = F.mul(t_update, h["_k5"])
-    t_update = _18
+            _11 = F.sign(t_update)
+            _12 = F.abs(t_update)
+            F.pow_(_12, h["_k3"])
+            F.mul_(_11, _12)
+            t_update = _11
+            _13 = F.norm(t_update)
+            F.maximum_(_13, 1e-12)
+            _14 = F.div(t_update, _13)
+            t_update = _14
+            F.mul_(t_update, h["_k4"])
+    F.mul_(t_update, h["_k5"])
     if h["_c3"]:
-        _19 = F.float32(param)
-        t_param_fp32 = _19
-        _20 = F.float32(t_update)
-        t_update_fp32 = _20
+        _15 = F.float32(param)
+        t_param_fp32 = _15
+        _16 = F.float32(t_update)
+        t_update_fp32 = _16
         if h["_c4"]:
             if h["_c5"]:
-                _21 = F.mul(t_update_fp32, t_param_fp32)
-                _22 = F.ge(_21, 0)
-                _23 = F.where(_22, 1.0, 0.0)
-                _24 = F.addcmul(t_param_fp32, t_param_fp32, _23, h["_k6"])
-                t_param_fp32 = _24
+                _17 = F.mul(t_update_fp32, t_param_fp32)
+                _18 = F.ge(_17, 0)
+                _19 = F.where(_18, 1.0, 0.0)
+                _20 = F.addcmul(t_param_fp32, t_param_fp32, _19, h["_k6"])
+                t_param_fp32 = _20
             else:
-                _25 = F.axpy(t_param_fp32, t_param_fp32, h["_k7"])
-                t_param_fp32 = _25
-        _26 = F.neg(t_update_fp32)
-        _27 = F.add(t_param_fp32, _26)
-        t_param_fp32 = _27
-        _28 = F.stochastic_round(t_param_fp32, h["_k8"])
-        F.assign_(param, _28)
+                _21 = F.axpy(t_param_fp32, t_param_fp32, h["_k7"])
+                t_param_fp32 = _21
+        _22 = F.sub(t_param_fp32, t_update_fp32)
+        t_param_fp32 = _22
+        _23 = F.stochastic_round(t_param_fp32, h["_k8"])
+        F.assign_(param, _23)
     else:
         if h["_c4"]:
             if h["_c5"]:
-                _29 = F.mul(t_update, param)
-                _30 = F.ge(_29, 0)
-                _31 = F.where(_30, 1.0, 0.0)
-                _32 = F.addcmul(param, param, _31, h["_k9"])
-                F.assign_(param, _32)
+                _24 = F.mul(t_update, param)
+                _25 = F.ge(_24, 0)
+                _26 = F.where(_25, 1.0, 0.0)
+                _27 = F.addcmul(param, param, _26, h["_k9"])
+                F.assign_(param, _27)
             else:
-                _33 = F.axpy(param, param, h["_k10"])
-                F.assign_(param, _33)
-        _34 = F.neg(t_update)
-        F.add_(param, _34)
+                _28 = F.axpy(param, param, h["_k10"])
+                F.assign_(param, _28)
+        F.sub_(param, t_update)
 
 
 class Lion_adv(GeneratedOptimizer):

@@ -382,8 +382,7 @@ def _device_step(h, param, grad, S):
     _3 = F.div(st_exp_avg_sq, h["bias_correction2"])
     F.sqrt_(_3)
     t_denom = _3
-    _4 = F.add(t_denom, h["_k5"])
-    t_denom = _4
+    F.add_(t_denom, h["_k5"])
     F.addcdiv_(param, grad, t_denom, h["_k6"])
     F.addcdiv_(param, st_exp_avg, t_denom, h["_k7"])
 

@@ -646,82 +646,76 @@ def _device_step(h, param, grad, S):
     _8 = F.copy(grad)
     t_g = _8
     if h["_c1"]:
-        _9 = F.sign(t_g)
-        t_g = _9
+        F.sign_(t_g)
     if h["_c2"]:
         pass
     if h["_c3"]:
         if h["_c4"]:
-            _10 = F.mul(st_exp_avg, st_exp_avg)
-            F.rsub_(_10, 1)
-            F.maximum_(_10, 1e-30)
-            F.sqrt_(_10)
-            t_snr_denom = _10
+            _9 = F.mul(st_exp_avg, st_exp_avg)
+            F.rsub_(_9, 1)
+            F.maximum_(_9, 1e-30)
+            F.sqrt_(_9)
+            t_snr_denom = _9
         else:
             t_snr_denom = t_g
         if h["_c5"]:
-            _11 = F.abs(st_exp_avg)
-            F.mul_(_11, t_g)
-            t_normed_grad = _11
+            _10 = F.abs(st_exp_avg)
+            F.mul_(_10, t_g)
+            t_normed_grad = _10
             F.lerp_(st_exp_avg, t_g, h["_k0"])
-            _12 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
-            t_update = _12
+            _11 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
+            t_update = _11
         else:
             F.lerp_(st_exp_avg, t_g, h["_k1"])
             if h["_c6"]:
-                _13 = F.lerp(t_g, st_exp_avg, h["coef"])
+                _12 = F.lerp(t_g, st_exp_avg, h["coef"])
+                t_update = _12
+            else:
+                _13 = F.copy(st_exp_avg)
                 t_update = _13
-            else:
-                _14 = F.copy(st_exp_avg)
-                t_update = _14
         if h["_c4"]:
-            _15 = F.atan2(t_update, t_snr_denom)
-            t_update = _15
+            _14 = F.atan2(t_update, t_snr_denom)
+            t_update = _14
     else:
-        _16 = F.copy(t_g)
-        t_update = _16
+        _15 = F.copy(t_g)
+        t_update = _15
     if h["_c7"]:
-        _17 = F.sign(t_update)
-        t_update = _17
+        F.sign_(t_update)
     if h["_c8"]:
-        _18 = F.mul(t_update, h["_k2"])
-        t_update = _18
+        F.mul_(t_update, h["_k2"])
     else:
-        _19 = F.mul(t_update, h["_k3"])
-        t_update = _19
+        F.mul_(t_update, h["_k3"])
     if h["_c9"]:
-        _20 = F.float32(param)
-        t_param_fp32 = _20
-        _21 = F.float32(t_update)
-        t_update_fp32 = _21
+        _16 = F.float32(param)
+        t_param_fp32 = _16
+        _17 = F.float32(t_update)
+        t_update_fp32 = _17
         if h["_c10"]:
             if h["_c11"]:
-                _22 = F.mul(t_update_fp32, t_param_fp32)
-                _23 = F.ge(_22, 0)
-                _24 = F.where(_23, 1.0, 0.0)
-                _25 = F.addcmul(t_param_fp32, t_param_fp32, _24, h["_k4"])
-                t_param_fp32 = _25
+                _18 = F.mul(t_update_fp32, t_param_fp32)
+                _19 = F.ge(_18, 0)
+                _20 = F.where(_19, 1.0, 0.0)
+                _21 = F.addcmul(t_param_fp32, t_param_fp32, _20, h["_k4"])
+                t_param_fp32 = _21
             else:
-                _26 = F.axpy(t_param_fp32, t_param_fp32, h["_k5"])
-                t_param_fp32 = _26
-        _27 = F.neg(t_update_fp32)
-        _28 = F.add(t_param_fp32, _27)
-        t_param_fp32 = _28
-        _29 = F.stochastic_round(t_param_fp32, h["_k6"])
-        F.assign_(param, _29)
+                _22 = F.axpy(t_param_fp32, t_param_fp32, h["_k5"])
+                t_param_fp32 = _22
+        _23 = F.sub(t_param_fp32, t_update_fp32)
+        t_param_fp32 = _23
+        _24 = F.stochastic_round(t_param_fp32, h["_k6"])
+        F.assign_(param, _24)
     else:
         if h["_c10"]:
             if h["_c11"]:
-                _30 = F.mul(t_update, param)
-                _31 = F.ge(_30, 0)
-                _32 = F.where(_31, 1.0, 0.0)
-                _33 = F.addcmul(param, param, _32, h["_k7"])
-                F.assign_(param, _33)
+                _25 = F.mul(t_update, param)
+                _26 = F.ge(_25, 0)
+                _27 = F.where(_26, 1.0, 0.0)
+                _28 = F.addcmul(param, param, _27, h["_k7"])
+                F.assign_(param, _28)
             else:
-                _34 = F.axpy(param, param, h["_k8"])
-                F.assign_(param, _34)
-        _35 = F.neg(t_update)
-        F.add_(param, _35)
+                _29 = F.axpy(param, param, h["_k8"])
+                F.assign_(param, _29)
+        F.sub_(param, t_update)
 
 
 class SignSGD_adv(GeneratedOptimizer):

@@ -733,45 +733,41 @@ def _device_step(h, param, grad, S):
     _10 = F.sqrt(st_exp_avg_sq)
     F.add_(_10, h["sqrt_den_eps"])
     t_denom = _10
-    _11 = F.div(t_update, t_denom)
-    t_update = _11
+    F.div_(t_update, t_denom)
     if h["_c4"]:
         pass
-    _12 = F.mul(t_update, h["_k4"])
-    t_update = _12
+    F.mul_(t_update, h["_k4"])
     if h["_c5"]:
-        _13 = F.float32(param)
-        t_param_fp32 = _13
-        _14 = F.float32(t_update)
-        t_update_fp32 = _14
+        _11 = F.float32(param)
+        t_param_fp32 = _11
+        _12 = F.float32(t_update)
+        t_update_fp32 = _12
         if h["_c6"]:
             if h["_c7"]:
-                _15 = F.mul(t_update_fp32, t_param_fp32)
-                _16 = F.ge(_15, 0)
-                _17 = F.where(_16, 1.0, 0.0)
-                _18 = F.addcmul(t_param_fp32, t_param_fp32, _17, h["_k5"])
-                t_param_fp32 = _18
+                _13 = F.mul(t_update_fp32, t_param_fp32)
+                _14 = F.ge(_13, 0)
+                _15 = F.where(_14, 1.0, 0.0)
+                _16 = F.addcmul(t_param_fp32, t_param_fp32, _15, h["_k5"])
+                t_param_fp32 = _16
             else:
-                _19 = F.axpy(t_param_fp32, t_param_fp32, h["_k6"])
-                t_param_fp32 = _19
-        _20 = F.neg(t_update_fp32)
-        _21 = F.add(t_param_fp32, _20)
-        t_param_fp32 = _21
-        _22 = F.stochastic_round(t_param_fp32, h["_k7"])
-        F.assign_(param, _22)
+                _17 = F.axpy(t_param_fp32, t_param_fp32, h["_k6"])
+                t_param_fp32 = _17
+        _18 = F.sub(t_param_fp32, t_update_fp32)
+        t_param_fp32 = _18
+        _19 = F.stochastic_round(t_param_fp32, h["_k7"])
+        F.assign_(param, _19)
     else:
         if h["_c6"]:
             if h["_c7"]:
-                _23 = F.mul(t_update, param)
-                _24 = F.ge(_23, 0)
-                _25 = F.where(_24, 1.0, 0.0)
-                _26 = F.addcmul(param, param, _25, h["_k8"])
-                F.assign_(param, _26)
+                _20 = F.mul(t_update, param)
+                _21 = F.ge(_20, 0)
+                _22 = F.where(_21, 1.0, 0.0)
+                _23 = F.addcmul(param, param, _22, h["_k8"])
+                F.assign_(param, _23)
             else:
-                _27 = F.axpy(param, param, h["_k9"])
-                F.assign_(param, _27)
-        _28 = F.neg(t_update)
-        F.add_(param, _28)
+                _24 = F.axpy(param, param, h["_k9"])
+                F.assign_(param, _24)
+        F.sub_(param, t_update)
 
 
 class Simplified_AdEMAMix(GeneratedOptimizer):

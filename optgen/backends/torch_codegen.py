@@ -9,6 +9,8 @@ operand is the target itself or a temporary that nothing else sees).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 
 INPLACE = {
@@ -16,6 +18,8 @@ INPLACE = {
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy",
 }
 _NO_ALIGN = {"cast", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
+#: ops that may return their argument itself (no copy when the dtype already matches)
+_MAY_ALIAS = {"float32", "cast"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
 
 
@@ -27,6 +31,8 @@ class TorchEmitter:
         self.counter = 0
         self.device_state = [d.name for d in program.state if d.kind != Kind.HOST]
         self.absent_ok = {d.name for d in program.state if d.init == "absent"}
+        #: temporaries whose tensors no other name references (safe to update in place)
+        self.owned: set[str] = set()
         order = list(walk_stmts(program.body))
         self.position = {id(s): i for i, s in enumerate(order)}
         self.writes_after: dict[int, set[str]] = {}
@@ -79,13 +85,14 @@ class TorchEmitter:
             return first, True
         name = self.fresh()
         self.emit(f"{name} = F.{n.op}({', '.join(code for code, _ in args)})")
-        return name, True
+        return name, n.op not in _MAY_ALIAS
 
     # -- statements ----------------------------------------------------------------------------
     def block(self, stmts: list[Stmt]) -> None:
         emitted = False
         for s in stmts:
             if isinstance(s, If):
+                before = set(self.owned)
                 self.emit(f'if h["{s.cond.attr}"]:')
                 self.depth += 1
                 n = len(self.lines)
@@ -93,11 +100,13 @@ class TorchEmitter:
                 if len(self.lines) == n:
                     self.emit("pass")
                 self.depth -= 1
+                owned_then, self.owned = self.owned, before
                 if _has_device_work(s.orelse):
                     self.emit("else:")
                     self.depth += 1
                     self.block(s.orelse)
                     self.depth -= 1
+                self.owned &= owned_then  # owned after the conditional only if owned on both sides
                 emitted = True
             elif not s.value.is_host:
                 self.assign(s)
@@ -106,12 +115,26 @@ class TorchEmitter:
 
     def assign(self, s: Assign) -> None:
         target = self.local(s.target)
-        v = s.value
+        v = _peephole(s.value)
         if s.role in ("temp", "grad"):
-            code, _ = self.expr(v)
+            # A temporary that holds tensors only it references is updated in place (the same
+            # rounding as out of place, without new allocations).
+            spine = self._spine(v, s.target) if s.target in self.owned else None
+            if spine is not None:
+                for node in reversed(spine):
+                    rest = [self.arg(a, node)[0] for a in node.args[1:]]
+                    self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
+                return
+            code, fresh = self.expr(v)
             if v.op == "var" and v.attr in (*self.device_state, "param") and v.attr in self.writes_after[id(s)]:
-                code = f"F.copy({code})"  # the source is written later: keep this value
+                code, fresh = f"F.copy({code})", True  # the source is written later: keep this value
             self.emit(f"{target} = {code}")
+            if v.op == "var":
+                self.owned.discard(v.attr)  # now an alias
+            if fresh:
+                self.owned.add(s.target)
+            else:
+                self.owned.discard(s.target)
             return
         spine = self._spine(v, s.target)
         if spine is not None:
@@ -120,6 +143,8 @@ class TorchEmitter:
                 self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
             return
         code, _ = self.expr(v)
+        if v.op == "var":
+            self.owned.discard(v.attr)  # stored by reference below, or copied: no longer private
         if s.target in self.absent_ok:
             self.emit(f'{target} = F.store(S, "{s.target}", {code})')
         else:
@@ -139,6 +164,17 @@ class TorchEmitter:
                 if any(x.op == "var" and x.attr == target for x in walk_nodes(a)):
                     return None
         return spine
+
+
+def _peephole(n: Node) -> Node:
+    """``a + (-b)`` as ``a - b``: the same IEEE result (subtraction is addition of the negation),
+    without materialising ``-b``."""
+    if n.args:
+        n = replace(n, args=tuple(_peephole(a) for a in n.args))
+    if n.op == "add" and len(n.args) == 2 and n.args[1].op == "neg" and not n.args[1].is_host \
+            and n.args[1].kind == n.kind:
+        return replace(n, op="sub", args=(n.args[0], n.args[1].args[0]))
+    return n
 
 
 def _has_device_work(stmts: list[Stmt]) -> bool:
