@@ -24,77 +24,8 @@ def _adagrad_prologue0(
     gidx = tl.load(tab + t * TBL_W + 7)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = tl.load(hyp + 0)
     h_clr = (tl.load(hyp + 1) / (tl.full((), 1.0, tl.float64) + ((step - tl.full((), 1.0, tl.float64)) * tl.load(hyp + 2))))
-    h__k1 = tl.load(hyp + 3)
-    h__k2 = (-h_clr)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _adagrad_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_sum = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_sum))
-    if ALIGNED:
-        p_sum = tl.multiple_of(p_sum, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k0 * v3)
-    v5 = tl.load(p_sum + offs, mask=mask).to(tl.float32)
-    x6 = (v5 + tl.full((), 1.0, tl.float32) * x4 * x4)
-    x7 = L.sqrt(x6)
-    x8 = (x7 + h__k1)
-    x9 = (v3 + h__k2 * L.div(x4, x8))
-    tl.store(p_sum + offs, L.to_storage(x6, DT_sum), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x9, P_DT), mask=mask)
-
-
-@triton.jit
-def _adagrad_flat0(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _adagrad_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-    else:
-        _adagrad_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-
-
-# prologue
-@triton.jit
-def _adagrad_prologue1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_clr = (tl.load(hyp + 1) / (tl.full((), 1.0, tl.float64) + ((step - tl.full((), 1.0, tl.float64)) * tl.load(hyp + 2))))
-    h__k1 = tl.load(hyp + 3)
+    h__k1 = tl.load(hyp + 0)
     h__k2 = (-h_clr)
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
@@ -102,100 +33,7 @@ def _adagrad_prologue1(
 
 # flat
 @triton.jit
-def _adagrad_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_sum = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_sum))
-    if ALIGNED:
-        p_sum = tl.multiple_of(p_sum, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_sum + offs, mask=mask).to(tl.float32)
-    x4 = (v3 + tl.full((), 1.0, tl.float32) * x2 * x2)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h__k1)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = (v7 + h__k2 * L.div(x2, x6))
-    tl.store(p_sum + offs, L.to_storage(x4, DT_sum), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x8, P_DT), mask=mask)
-
-
-@triton.jit
-def _adagrad_flat1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _adagrad_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-    else:
-        _adagrad_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-
-
-# flat
-@triton.jit
-def _adagrad_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_sum = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_sum))
-    if ALIGNED:
-        p_sum = tl.multiple_of(p_sum, 16)
-    h__k1 = tl.load(hv + t * NH + 1)
-    h__k2 = tl.load(hv + t * NH + 2)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x3 = (v1 + h__k0 * v2)
-    v4 = tl.load(p_sum + offs, mask=mask).to(tl.float32)
-    x5 = (v4 + tl.full((), 1.0, tl.float32) * x3 * x3)
-    x6 = L.sqrt(x5)
-    x7 = (x6 + h__k1)
-    x8 = (v2 + h__k2 * L.div(x3, x7))
-    tl.store(p_sum + offs, L.to_storage(x5, DT_sum), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x8, P_DT), mask=mask)
-
-
-@triton.jit
-def _adagrad_flat2(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _adagrad_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-    else:
-        _adagrad_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
-
-
-# flat
-@triton.jit
-def _adagrad_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
+def _adagrad_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
     p_sum = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_sum))
     if ALIGNED:
         p_sum = tl.multiple_of(p_sum, 16)
@@ -219,7 +57,7 @@ def _adagrad_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, 
 
 
 @triton.jit
-def _adagrad_flat3(
+def _adagrad_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -233,22 +71,22 @@ def _adagrad_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adagrad_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
+        _adagrad_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
     else:
-        _adagrad_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
+        _adagrad_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_sum)
 
 
 KERNELS = {
     "_adagrad_prologue0": _adagrad_prologue0,
     "_adagrad_flat0": _adagrad_flat0,
-    "_adagrad_prologue1": _adagrad_prologue1,
-    "_adagrad_flat1": _adagrad_flat1,
-    "_adagrad_flat2": _adagrad_flat2,
-    "_adagrad_flat3": _adagrad_flat3,
 }
 
 PLAN = {'dynamic': ['_k2', 'clr'],
- 'hyper_slots': [['weight_decay', None], ['lr', None], ['lr_decay', None], ['eps', None]],
+ 'hyper_slots': [['eps', None],
+                 ['lr', None],
+                 ['lr_decay', None],
+                 ['maximize', None],
+                 ['weight_decay', None]],
  'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
                                                           'state:sum',
                                                           'numel',
@@ -259,48 +97,9 @@ PLAN = {'dynamic': ['_k2', 'clr'],
                                                           'gidx'],
                                               'creates': [],
                                               'hv': ['_k1', '_k2'],
-                                              'launches': [('_adagrad_prologue1', 'prologue'),
-                                                           ('_adagrad_flat3', 'flat')],
-                                              'temps': []},
-           (('_c0', False), ('_c1', True)): {'columns': ['param',
-                                                         'state:sum',
-                                                         'numel',
-                                                         'B',
-                                                         'M',
-                                                         'N',
-                                                         'ndim',
-                                                         'gidx'],
-                                             'creates': [],
-                                             'hv': ['_k0', '_k1', '_k2'],
-                                             'launches': [('_adagrad_prologue0', 'prologue'),
-                                                          ('_adagrad_flat2', 'flat')],
-                                             'temps': []},
-           (('_c0', True), ('_c1', False)): {'columns': ['param',
-                                                         'state:sum',
-                                                         'numel',
-                                                         'B',
-                                                         'M',
-                                                         'N',
-                                                         'ndim',
-                                                         'gidx'],
-                                             'creates': [],
-                                             'hv': ['_k1', '_k2'],
-                                             'launches': [('_adagrad_prologue1', 'prologue'),
-                                                          ('_adagrad_flat1', 'flat')],
-                                             'temps': []},
-           (('_c0', True), ('_c1', True)): {'columns': ['param',
-                                                        'state:sum',
-                                                        'numel',
-                                                        'B',
-                                                        'M',
-                                                        'N',
-                                                        'ndim',
-                                                        'gidx'],
-                                            'creates': [],
-                                            'hv': ['_k0', '_k1', '_k2'],
-                                            'launches': [('_adagrad_prologue0', 'prologue'),
-                                                         ('_adagrad_flat0', 'flat')],
-                                            'temps': []}},
+                                              'launches': [('_adagrad_prologue0', 'prologue'),
+                                                           ('_adagrad_flat0', 'flat')],
+                                              'temps': []}},
  'static_hypers': ['eps', 'maximize', 'weight_decay']}
 
 #: Why this spec has no triton kernels (None: it has them).

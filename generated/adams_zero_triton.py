@@ -24,13 +24,13 @@ def _adams_zero_prologue0(
     gidx = tl.load(tab + t * TBL_W + 10)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (-((L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + 0)) * tl.load(hyp + 1)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 0) / h_bias_correction1)
+    h__k0 = (-((L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + 2)) * tl.load(hyp + 4)))
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k3 = tl.load(hyp + 1)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k5 = tl.sqrt(h_bias_correction2)
     h__k6 = (-h_step_size)
     tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
@@ -275,13 +275,13 @@ def _adams_zero_prologue1(
     gidx = tl.load(tab + t * TBL_W + 10)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 0) * tl.load(hyp + 4)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 0) / h_bias_correction1)
+    h__k1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 2) * tl.load(hyp + 3)))
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k3 = tl.load(hyp + 1)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
     h__k5 = tl.sqrt(h_bias_correction2)
     h__k6 = (-h_step_size)
     tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
@@ -350,89 +350,6 @@ def _adams_zero_flat0(
         _adams_zero_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_u, DT_sigma)
 
 
-# prologue
-@triton.jit
-def _adams_zero_prologue2(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 0) / h_bias_correction1)
-    h__k5 = tl.sqrt(h_bias_correction2)
-    h__k6 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _adams_zero_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k6 = tl.load(hv + t * NH + 4)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k2)
-    v4 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k3)
-    x6 = (x5 + h__k4 * v2 * v2)
-    x7 = L.sqrt(x6)
-    x8 = L.div(x7, h__k5)
-    v9 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x10 = L.atan2(x3, x8)
-    x11 = (v9 + h__k6 * x10)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x11, P_DT), mask=mask)
-
-
-@triton.jit
-def _adams_zero_flat1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _adams_zero_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_u, DT_sigma)
-    else:
-        _adams_zero_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_u, DT_sigma)
-
-
 KERNELS = {
     "_adams_zero_prologue0": _adams_zero_prologue0,
     "_adams_zero_tiled0": _adams_zero_tiled0,
@@ -442,33 +359,15 @@ KERNELS = {
     "_adams_zero_tiled2": _adams_zero_tiled2,
     "_adams_zero_prologue1": _adams_zero_prologue1,
     "_adams_zero_flat0": _adams_zero_flat0,
-    "_adams_zero_prologue2": _adams_zero_prologue2,
-    "_adams_zero_flat1": _adams_zero_flat1,
 }
 
 PLAN = {'dynamic': ['_k5', '_k6', 'bias_correction1', 'bias_correction2', 'step_size'],
- 'hyper_slots': [['lr', None],
-                 ['weight_decay', None],
-                 ['betas', 0],
+ 'hyper_slots': [['betas', 0],
                  ['betas', 1],
-                 ['scalar_vector_weight_decay', None]],
- 'paths': {(('_c0', False),): {'columns': ['param',
-                                           'state:exp_avg',
-                                           'state:exp_avg_sq',
-                                           'state:u',
-                                           'state:sigma',
-                                           'numel',
-                                           'B',
-                                           'M',
-                                           'N',
-                                           'ndim',
-                                           'gidx'],
-                               'creates': [],
-                               'hv': ['_k2', '_k3', '_k4', '_k5', '_k6'],
-                               'launches': [('_adams_zero_prologue2', 'prologue'),
-                                            ('_adams_zero_flat1', 'flat')],
-                               'temps': []},
-           (('_c0', True), ('_c1', False)): {'columns': ['param',
+                 ['lr', None],
+                 ['scalar_vector_weight_decay', None],
+                 ['weight_decay', None]],
+ 'paths': {(('_c0', True), ('_c1', False)): {'columns': ['param',
                                                          'state:exp_avg',
                                                          'state:exp_avg_sq',
                                                          'state:u',

@@ -25,214 +25,18 @@ def _nadam_prologue0(
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     h_mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h__k0 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 1) * tl.load(hyp + 2)))
-    h_mu = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + 4))))))
-    h_mu_next = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + 4))))))
+    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h_mu = (tl.load(hyp + 0) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + 6))))))
+    h_mu_next = (tl.load(hyp + 0) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + 6))))))
     h_mu_product = ((h_mu_product * h_mu)).to(DT_mu_product).to(tl.float64)
     tl.store(hs_mu_product + gidx, h_mu_product.to(DT_mu_product))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k3 = tl.load(hyp + 0)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k3 = tl.load(hyp + 1)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h_mu_product_next = (h_mu_product * h_mu_next)
-    h__k5 = tl.load(hyp + 5)
-    h__k6 = (((-tl.load(hyp + 1)) * (tl.full((), 1.0, tl.float64) - h_mu)) / (tl.full((), 1.0, tl.float64) - h_mu_product))
-    h__k7 = (((-tl.load(hyp + 1)) * h_mu_next) / (tl.full((), 1.0, tl.float64) - h_mu_product_next))
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _nadam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    h__k7 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k0)
-    v5 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, x2, h__k2)
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * x2 * x2)
-    x10 = L.div(x9, h_bias_correction2)
-    x11 = L.sqrt(x10)
-    x12 = (x11 + h__k5)
-    x13 = (x4 + h__k6 * L.div(x2, x12))
-    x14 = (x13 + h__k7 * L.div(x6, x12))
-    tl.store(p_param + offs, L.to_storage(x14, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x6, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-
-
-@triton.jit
-def _nadam_flat0(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _nadam_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _nadam_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-
-
-# prologue
-@triton.jit
-def _nadam_prologue1(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h__k1 = tl.load(hyp + 2)
-    h_mu = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + 4))))))
-    h_mu_next = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + 4))))))
-    h_mu_product = ((h_mu_product * h_mu)).to(DT_mu_product).to(tl.float64)
-    tl.store(hs_mu_product + gidx, h_mu_product.to(DT_mu_product))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k3 = tl.load(hyp + 0)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h_mu_product_next = (h_mu_product * h_mu_next)
-    h__k5 = tl.load(hyp + 5)
-    h__k6 = (((-tl.load(hyp + 1)) * (tl.full((), 1.0, tl.float64) - h_mu)) / (tl.full((), 1.0, tl.float64) - h_mu_product))
-    h__k7 = (((-tl.load(hyp + 1)) * h_mu_next) / (tl.full((), 1.0, tl.float64) - h_mu_product_next))
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _nadam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    h__k7 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k1 * v3)
-    v5 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, x4, h__k2)
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * x4 * x4)
-    x10 = L.div(x9, h_bias_correction2)
-    x11 = L.sqrt(x10)
-    x12 = (x11 + h__k5)
-    x13 = (v3 + h__k6 * L.div(x4, x12))
-    x14 = (x13 + h__k7 * L.div(x6, x12))
-    tl.store(p_exp_avg + offs, L.to_storage(x6, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x14, P_DT), mask=mask)
-
-
-@triton.jit
-def _nadam_flat1(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _nadam_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _nadam_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-
-
-# prologue
-@triton.jit
-def _nadam_prologue2(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_mu = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + 4))))))
-    h_mu_next = (tl.load(hyp + 3) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + 4))))))
-    h_mu_product = ((h_mu_product * h_mu)).to(DT_mu_product).to(tl.float64)
-    tl.store(hs_mu_product + gidx, h_mu_product.to(DT_mu_product))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k3 = tl.load(hyp + 0)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h_mu_product_next = (h_mu_product * h_mu_next)
-    h__k5 = tl.load(hyp + 5)
-    h__k6 = (((-tl.load(hyp + 1)) * (tl.full((), 1.0, tl.float64) - h_mu)) / (tl.full((), 1.0, tl.float64) - h_mu_product))
-    h__k7 = (((-tl.load(hyp + 1)) * h_mu_next) / (tl.full((), 1.0, tl.float64) - h_mu_product_next))
+    h__k5 = tl.load(hyp + 3)
+    h__k6 = (((-tl.load(hyp + 4)) * (tl.full((), 1.0, tl.float64) - h_mu)) / (tl.full((), 1.0, tl.float64) - h_mu_product))
+    h__k7 = (((-tl.load(hyp + 4)) * h_mu_next) / (tl.full((), 1.0, tl.float64) - h_mu_product_next))
     tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
@@ -244,189 +48,7 @@ def _nadam_prologue2(
 
 # flat
 @triton.jit
-def _nadam_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k6 = tl.load(hv + t * NH + 5)
-    h__k7 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, x2, h__k2)
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * x2 * x2)
-    x8 = L.div(x7, h_bias_correction2)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h__k5)
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x12 = (v11 + h__k6 * L.div(x2, x10))
-    x13 = (x12 + h__k7 * L.div(x4, x10))
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
-
-
-@triton.jit
-def _nadam_flat2(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _nadam_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _nadam_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _nadam_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    h__k7 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k0)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v4 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v3, v4, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v4 * v4)
-    x9 = L.div(x8, h_bias_correction2)
-    x10 = L.sqrt(x9)
-    x11 = (x10 + h__k5)
-    x12 = (x2 + h__k6 * L.div(v4, x11))
-    x13 = (x12 + h__k7 * L.div(x5, x11))
-    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-
-
-@triton.jit
-def _nadam_flat3(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _nadam_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _nadam_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _nadam_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction2 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    h__k7 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x3 = (v1 + h__k1 * v2)
-    v4 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v4, x3, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * x3 * x3)
-    x9 = L.div(x8, h_bias_correction2)
-    x10 = L.sqrt(x9)
-    x11 = (x10 + h__k5)
-    x12 = (v2 + h__k6 * L.div(x3, x11))
-    x13 = (x12 + h__k7 * L.div(x5, x11))
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
-
-
-@triton.jit
-def _nadam_flat4(
-    tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _nadam_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _nadam_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _nadam_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
+def _nadam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -464,7 +86,7 @@ def _nadam_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
 
 
 @triton.jit
-def _nadam_flat5(
+def _nadam_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps, hs_mu_product,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -478,30 +100,25 @@ def _nadam_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _nadam_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
+        _nadam_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
     else:
-        _nadam_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
+        _nadam_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_mu_product, DT_exp_avg, DT_exp_avg_sq)
 
 
 KERNELS = {
     "_nadam_prologue0": _nadam_prologue0,
     "_nadam_flat0": _nadam_flat0,
-    "_nadam_prologue1": _nadam_prologue1,
-    "_nadam_flat1": _nadam_flat1,
-    "_nadam_prologue2": _nadam_prologue2,
-    "_nadam_flat2": _nadam_flat2,
-    "_nadam_flat3": _nadam_flat3,
-    "_nadam_flat4": _nadam_flat4,
-    "_nadam_flat5": _nadam_flat5,
 }
 
 PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_product', 'mu_product_next'],
- 'hyper_slots': [['betas', 1],
+ 'hyper_slots': [['betas', 0],
+                 ['betas', 1],
+                 ['decoupled_weight_decay', None],
+                 ['eps', None],
                  ['lr', None],
-                 ['weight_decay', None],
-                 ['betas', 0],
+                 ['maximize', None],
                  ['momentum_decay', None],
-                 ['eps', None]],
+                 ['weight_decay', None]],
  'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
                                                           'state:exp_avg',
                                                           'state:exp_avg_sq',
@@ -519,113 +136,9 @@ PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_produ
                                                      '_k5',
                                                      '_k6',
                                                      '_k7'],
-                                              'launches': [('_nadam_prologue2', 'prologue'),
-                                                           ('_nadam_flat5', 'flat')],
-                                              'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', False)): {'columns': ['param',
-                                                                         'state:exp_avg',
-                                                                         'state:exp_avg_sq',
-                                                                         'numel',
-                                                                         'B',
-                                                                         'M',
-                                                                         'N',
-                                                                         'ndim',
-                                                                         'gidx'],
-                                                             'creates': [],
-                                                             'hv': ['_k1',
-                                                                    '_k2',
-                                                                    '_k3',
-                                                                    '_k4',
-                                                                    'bias_correction2',
-                                                                    '_k5',
-                                                                    '_k6',
-                                                                    '_k7'],
-                                                             'launches': [('_nadam_prologue1', 'prologue'),
-                                                                          ('_nadam_flat4', 'flat')],
-                                                             'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', True)): {'columns': ['param',
-                                                                        'state:exp_avg',
-                                                                        'state:exp_avg_sq',
-                                                                        'numel',
-                                                                        'B',
-                                                                        'M',
-                                                                        'N',
-                                                                        'ndim',
-                                                                        'gidx'],
-                                                            'creates': [],
-                                                            'hv': ['_k0',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   'bias_correction2',
-                                                                   '_k5',
-                                                                   '_k6',
-                                                                   '_k7'],
-                                                            'launches': [('_nadam_prologue0', 'prologue'),
-                                                                         ('_nadam_flat3', 'flat')],
-                                                            'temps': []},
-           (('_c0', True), ('_c1', False)): {'columns': ['param',
-                                                         'state:exp_avg',
-                                                         'state:exp_avg_sq',
-                                                         'numel',
-                                                         'B',
-                                                         'M',
-                                                         'N',
-                                                         'ndim',
-                                                         'gidx'],
-                                             'creates': [],
-                                             'hv': ['_k2',
-                                                    '_k3',
-                                                    '_k4',
-                                                    'bias_correction2',
-                                                    '_k5',
-                                                    '_k6',
-                                                    '_k7'],
-                                             'launches': [('_nadam_prologue2', 'prologue'),
-                                                          ('_nadam_flat2', 'flat')],
-                                             'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', False)): {'columns': ['param',
-                                                                        'state:exp_avg',
-                                                                        'state:exp_avg_sq',
-                                                                        'numel',
-                                                                        'B',
-                                                                        'M',
-                                                                        'N',
-                                                                        'ndim',
-                                                                        'gidx'],
-                                                            'creates': [],
-                                                            'hv': ['_k1',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   'bias_correction2',
-                                                                   '_k5',
-                                                                   '_k6',
-                                                                   '_k7'],
-                                                            'launches': [('_nadam_prologue1', 'prologue'),
-                                                                         ('_nadam_flat1', 'flat')],
-                                                            'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', True)): {'columns': ['param',
-                                                                       'state:exp_avg',
-                                                                       'state:exp_avg_sq',
-                                                                       'numel',
-                                                                       'B',
-                                                                       'M',
-                                                                       'N',
-                                                                       'ndim',
-                                                                       'gidx'],
-                                                           'creates': [],
-                                                           'hv': ['_k0',
-                                                                  '_k2',
-                                                                  '_k3',
-                                                                  '_k4',
-                                                                  'bias_correction2',
-                                                                  '_k5',
-                                                                  '_k6',
-                                                                  '_k7'],
-                                                           'launches': [('_nadam_prologue0', 'prologue'),
-                                                                        ('_nadam_flat0', 'flat')],
-                                                           'temps': []}},
+                                              'launches': [('_nadam_prologue0', 'prologue'),
+                                                           ('_nadam_flat0', 'flat')],
+                                              'temps': []}},
  'static_hypers': ['betas', 'decoupled_weight_decay', 'eps', 'lr', 'maximize', 'weight_decay']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -24,239 +24,19 @@ def _radam_prologue0(
     gidx = tl.load(tab + t * TBL_W + 8)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 0) * tl.load(hyp + 1)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))) - tl.full((), 1.0, tl.float64))
-    h_rho_t = (h_rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + 3), step)) / h_bias_correction2))
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k3 = tl.load(hyp + 1)
+    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h_rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))) - tl.full((), 1.0, tl.float64))
+    h_rho_t = (h_rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + 1), step)) / h_bias_correction2))
     h__c3 = (h_rho_t > tl.full((), 5.0, tl.float64))
     h_rect__b1 = L.pow64(((((h_rho_t - tl.full((), 4.0, tl.float64)) * (h_rho_t - tl.full((), 2.0, tl.float64))) * h_rho_inf) / (((h_rho_inf - tl.full((), 4.0, tl.float64)) * (h_rho_inf - tl.full((), 2.0, tl.float64))) * h_rho_t)), tl.full((), 0.5, tl.float64))
-    h__k5__b2 = tl.load(hyp + 4)
+    h__k5__b2 = tl.load(hyp + 3)
     h__k6__b3 = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k7__b5 = tl.load(hyp + 0)
-    h__k8__b7 = tl.load(hyp + 0)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5__b2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6__b3).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7__b5).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_rect__b1).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k8__b7).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__c3).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _radam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction1 = tl.load(hv + t * NH + 4)
-    h__k5__b2 = tl.load(hv + t * NH + 5)
-    h__k6__b3 = tl.load(hv + t * NH + 6)
-    h__k7__b5 = tl.load(hv + t * NH + 7)
-    h_rect__b1 = tl.load(hv + t * NH + 8)
-    h__k8__b7 = tl.load(hv + t * NH + 9)
-    h__c3 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k0)
-    v5 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, x2, h__k2)
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * x2 * x2)
-    x10 = L.div(x6, h_bias_correction1)
-    x11 = L.sqrt(x9)
-    x12 = (x11 + h__k5__b2)
-    x13 = L.div(h__k6__b3, x12)
-    x14 = (x10 * h__k7__b5)
-    x15 = (x14 * x13)
-    x16 = (x15 * h_rect__b1)
-    x17 = (x4 - x16)
-    x18 = (x10 * h__k8__b7)
-    x19 = (x4 - x18)
-    x20 = tl.where((h__c3 != 0), x17, x19)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x6, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-
-
-@triton.jit
-def _radam_flat0(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _radam_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _radam_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-
-
-# prologue
-@triton.jit
-def _radam_prologue1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = tl.load(hyp + 1)
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))) - tl.full((), 1.0, tl.float64))
-    h_rho_t = (h_rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + 3), step)) / h_bias_correction2))
-    h__c3 = (h_rho_t > tl.full((), 5.0, tl.float64))
-    h_rect__b1 = L.pow64(((((h_rho_t - tl.full((), 4.0, tl.float64)) * (h_rho_t - tl.full((), 2.0, tl.float64))) * h_rho_inf) / (((h_rho_inf - tl.full((), 4.0, tl.float64)) * (h_rho_inf - tl.full((), 2.0, tl.float64))) * h_rho_t)), tl.full((), 0.5, tl.float64))
-    h__k5__b2 = tl.load(hyp + 4)
-    h__k6__b3 = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k7__b5 = tl.load(hyp + 0)
-    h__k8__b7 = tl.load(hyp + 0)
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5__b2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6__b3).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7__b5).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_rect__b1).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k8__b7).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__c3).to(tl.float32))
-
-
-# flat
-@triton.jit
-def _radam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction1 = tl.load(hv + t * NH + 4)
-    h__k5__b2 = tl.load(hv + t * NH + 5)
-    h__k6__b3 = tl.load(hv + t * NH + 6)
-    h__k7__b5 = tl.load(hv + t * NH + 7)
-    h_rect__b1 = tl.load(hv + t * NH + 8)
-    h__k8__b7 = tl.load(hv + t * NH + 9)
-    h__c3 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k1 * v3)
-    v5 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, x4, h__k2)
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * x4 * x4)
-    x10 = L.div(x6, h_bias_correction1)
-    x11 = L.sqrt(x9)
-    x12 = (x11 + h__k5__b2)
-    x13 = L.div(h__k6__b3, x12)
-    x14 = (x10 * h__k7__b5)
-    x15 = (x14 * x13)
-    x16 = (x15 * h_rect__b1)
-    x17 = (v3 - x16)
-    x18 = (x10 * h__k8__b7)
-    x19 = (v3 - x18)
-    x20 = tl.where((h__c3 != 0), x17, x19)
-    tl.store(p_exp_avg + offs, L.to_storage(x6, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
-
-
-@triton.jit
-def _radam_flat1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _radam_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _radam_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-
-
-# prologue
-@triton.jit
-def _radam_prologue2(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))) - tl.full((), 1.0, tl.float64))
-    h_rho_t = (h_rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + 3), step)) / h_bias_correction2))
-    h__c3 = (h_rho_t > tl.full((), 5.0, tl.float64))
-    h_rect__b1 = L.pow64(((((h_rho_t - tl.full((), 4.0, tl.float64)) * (h_rho_t - tl.full((), 2.0, tl.float64))) * h_rho_inf) / (((h_rho_inf - tl.full((), 4.0, tl.float64)) * (h_rho_inf - tl.full((), 2.0, tl.float64))) * h_rho_t)), tl.full((), 0.5, tl.float64))
-    h__k5__b2 = tl.load(hyp + 4)
-    h__k6__b3 = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k7__b5 = tl.load(hyp + 0)
-    h__k8__b7 = tl.load(hyp + 0)
+    h__k7__b5 = tl.load(hyp + 4)
+    h__k8__b7 = tl.load(hyp + 4)
     tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
     tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
     tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
@@ -271,216 +51,7 @@ def _radam_prologue2(
 
 # flat
 @triton.jit
-def _radam_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction1 = tl.load(hv + t * NH + 3)
-    h__k5__b2 = tl.load(hv + t * NH + 4)
-    h__k6__b3 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k7__b5 = tl.load(hv + t * NH + 6)
-    h_rect__b1 = tl.load(hv + t * NH + 7)
-    h__k8__b7 = tl.load(hv + t * NH + 8)
-    h__c3 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (-v1)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, x2, h__k2)
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k3)
-    x7 = (x6 + h__k4 * x2 * x2)
-    x8 = L.div(x4, h_bias_correction1)
-    x9 = L.sqrt(x7)
-    x10 = (x9 + h__k5__b2)
-    x11 = L.div(h__k6__b3, x10)
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = (x8 * h__k7__b5)
-    x14 = (x13 * x11)
-    x15 = (x14 * h_rect__b1)
-    x16 = (v12 - x15)
-    x17 = (x8 * h__k8__b7)
-    x18 = (v12 - x17)
-    x19 = tl.where((h__c3 != 0), x16, x18)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
-
-
-@triton.jit
-def _radam_flat2(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _radam_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _radam_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _radam_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction1 = tl.load(hv + t * NH + 4)
-    h__k5__b2 = tl.load(hv + t * NH + 5)
-    h__k6__b3 = tl.load(hv + t * NH + 6)
-    h__k7__b5 = tl.load(hv + t * NH + 7)
-    h_rect__b1 = tl.load(hv + t * NH + 8)
-    h__k8__b7 = tl.load(hv + t * NH + 9)
-    h__c3 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k0)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v4 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v3, v4, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v4 * v4)
-    x9 = L.div(x5, h_bias_correction1)
-    x10 = L.sqrt(x8)
-    x11 = (x10 + h__k5__b2)
-    x12 = L.div(h__k6__b3, x11)
-    x13 = (x9 * h__k7__b5)
-    x14 = (x13 * x12)
-    x15 = (x14 * h_rect__b1)
-    x16 = (x2 - x15)
-    x17 = (x9 * h__k8__b7)
-    x18 = (x2 - x17)
-    x19 = tl.where((h__c3 != 0), x16, x18)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-
-
-@triton.jit
-def _radam_flat3(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _radam_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _radam_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _radam_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h_bias_correction1 = tl.load(hv + t * NH + 4)
-    h__k5__b2 = tl.load(hv + t * NH + 5)
-    h__k6__b3 = tl.load(hv + t * NH + 6)
-    h__k7__b5 = tl.load(hv + t * NH + 7)
-    h_rect__b1 = tl.load(hv + t * NH + 8)
-    h__k8__b7 = tl.load(hv + t * NH + 9)
-    h__c3 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x3 = (v1 + h__k1 * v2)
-    v4 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v4, x3, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * x3 * x3)
-    x9 = L.div(x5, h_bias_correction1)
-    x10 = L.sqrt(x8)
-    x11 = (x10 + h__k5__b2)
-    x12 = L.div(h__k6__b3, x11)
-    x13 = (x9 * h__k7__b5)
-    x14 = (x13 * x12)
-    x15 = (x14 * h_rect__b1)
-    x16 = (v2 - x15)
-    x17 = (x9 * h__k8__b7)
-    x18 = (v2 - x17)
-    x19 = tl.where((h__c3 != 0), x16, x18)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
-
-
-@triton.jit
-def _radam_flat4(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= n:
-        _radam_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-    else:
-        _radam_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
-
-
-# flat
-@triton.jit
-def _radam_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
+def _radam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -527,7 +98,7 @@ def _radam_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
 
 
 @triton.jit
-def _radam_flat5(
+def _radam_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -541,25 +112,24 @@ def _radam_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _radam_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
+        _radam_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
     else:
-        _radam_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
+        _radam_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq)
 
 
 KERNELS = {
     "_radam_prologue0": _radam_prologue0,
     "_radam_flat0": _radam_flat0,
-    "_radam_prologue1": _radam_prologue1,
-    "_radam_flat1": _radam_flat1,
-    "_radam_prologue2": _radam_prologue2,
-    "_radam_flat2": _radam_flat2,
-    "_radam_flat3": _radam_flat3,
-    "_radam_flat4": _radam_flat4,
-    "_radam_flat5": _radam_flat5,
 }
 
 PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect', 'rho_t'],
- 'hyper_slots': [['lr', None], ['weight_decay', None], ['betas', 0], ['betas', 1], ['eps', None]],
+ 'hyper_slots': [['betas', 0],
+                 ['betas', 1],
+                 ['decoupled_weight_decay', None],
+                 ['eps', None],
+                 ['lr', None],
+                 ['maximize', None],
+                 ['weight_decay', None]],
  'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
                                                           'state:exp_avg',
                                                           'state:exp_avg_sq',
@@ -580,128 +150,9 @@ PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect'
                                                      'rect__b1',
                                                      '_k8__b7',
                                                      '_c3'],
-                                              'launches': [('_radam_prologue2', 'prologue'),
-                                                           ('_radam_flat5', 'flat')],
-                                              'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', False)): {'columns': ['param',
-                                                                         'state:exp_avg',
-                                                                         'state:exp_avg_sq',
-                                                                         'numel',
-                                                                         'B',
-                                                                         'M',
-                                                                         'N',
-                                                                         'ndim',
-                                                                         'gidx'],
-                                                             'creates': [],
-                                                             'hv': ['_k1',
-                                                                    '_k2',
-                                                                    '_k3',
-                                                                    '_k4',
-                                                                    'bias_correction1',
-                                                                    '_k5__b2',
-                                                                    '_k6__b3',
-                                                                    '_k7__b5',
-                                                                    'rect__b1',
-                                                                    '_k8__b7',
-                                                                    '_c3'],
-                                                             'launches': [('_radam_prologue1', 'prologue'),
-                                                                          ('_radam_flat4', 'flat')],
-                                                             'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', True)): {'columns': ['param',
-                                                                        'state:exp_avg',
-                                                                        'state:exp_avg_sq',
-                                                                        'numel',
-                                                                        'B',
-                                                                        'M',
-                                                                        'N',
-                                                                        'ndim',
-                                                                        'gidx'],
-                                                            'creates': [],
-                                                            'hv': ['_k0',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   'bias_correction1',
-                                                                   '_k5__b2',
-                                                                   '_k6__b3',
-                                                                   '_k7__b5',
-                                                                   'rect__b1',
-                                                                   '_k8__b7',
-                                                                   '_c3'],
-                                                            'launches': [('_radam_prologue0', 'prologue'),
-                                                                         ('_radam_flat3', 'flat')],
-                                                            'temps': []},
-           (('_c0', True), ('_c1', False)): {'columns': ['param',
-                                                         'state:exp_avg',
-                                                         'state:exp_avg_sq',
-                                                         'numel',
-                                                         'B',
-                                                         'M',
-                                                         'N',
-                                                         'ndim',
-                                                         'gidx'],
-                                             'creates': [],
-                                             'hv': ['_k2',
-                                                    '_k3',
-                                                    '_k4',
-                                                    'bias_correction1',
-                                                    '_k5__b2',
-                                                    '_k6__b3',
-                                                    '_k7__b5',
-                                                    'rect__b1',
-                                                    '_k8__b7',
-                                                    '_c3'],
-                                             'launches': [('_radam_prologue2', 'prologue'),
-                                                          ('_radam_flat2', 'flat')],
-                                             'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', False)): {'columns': ['param',
-                                                                        'state:exp_avg',
-                                                                        'state:exp_avg_sq',
-                                                                        'numel',
-                                                                        'B',
-                                                                        'M',
-                                                                        'N',
-                                                                        'ndim',
-                                                                        'gidx'],
-                                                            'creates': [],
-                                                            'hv': ['_k1',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   'bias_correction1',
-                                                                   '_k5__b2',
-                                                                   '_k6__b3',
-                                                                   '_k7__b5',
-                                                                   'rect__b1',
-                                                                   '_k8__b7',
-                                                                   '_c3'],
-                                                            'launches': [('_radam_prologue1', 'prologue'),
-                                                                         ('_radam_flat1', 'flat')],
-                                                            'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', True)): {'columns': ['param',
-                                                                       'state:exp_avg',
-                                                                       'state:exp_avg_sq',
-                                                                       'numel',
-                                                                       'B',
-                                                                       'M',
-                                                                       'N',
-                                                                       'ndim',
-                                                                       'gidx'],
-                                                           'creates': [],
-                                                           'hv': ['_k0',
-                                                                  '_k2',
-                                                                  '_k3',
-                                                                  '_k4',
-                                                                  'bias_correction1',
-                                                                  '_k5__b2',
-                                                                  '_k6__b3',
-                                                                  '_k7__b5',
-                                                                  'rect__b1',
-                                                                  '_k8__b7',
-                                                                  '_c3'],
-                                                           'launches': [('_radam_prologue0', 'prologue'),
-                                                                        ('_radam_flat0', 'flat')],
-                                                           'temps': []}},
+                                              'launches': [('_radam_prologue0', 'prologue'),
+                                                           ('_radam_flat0', 'flat')],
+                                              'temps': []}},
  'static_hypers': ['betas', 'decoupled_weight_decay', 'eps', 'lr', 'maximize', 'weight_decay']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -48,10 +48,11 @@ def compile_spec(path: str | Path) -> Built:
     return Built(program, spec.name, text, render_triton_module(program, spec.name))
 
 
-def render_triton_module(program: Program, module: str) -> str:
-    """The Triton kernels and launch plan of a hoisted program."""
+def render_triton_module(program: Program, module: str, fixed: dict[str, bool] | None = None) -> str:
+    """The Triton kernels and launch plan of a hoisted program (by default: its branch paths with
+    hyperparameters at their defaults; ``fixed``: the path these conditions select)."""
     try:
-        kernels, plan = render_kernels(program, f"_{module}")
+        kernels, plan = render_kernels(program, f"_{module}", fixed)
         unsupported = None
     except TritonUnsupported as exc:  # the module then says why the backend is unavailable
         kernels, plan, unsupported = [], None, str(exc)

@@ -1,4 +1,5 @@
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -8,6 +9,10 @@ import torch
 # variable when a kernel module is imported, so it is set before any test imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Kernels of branch paths away from the defaults are rendered at run time into this cache: a fresh
+# one per test session, so the suite exercises the rendering and leaves nothing in the home folder.
+os.environ.setdefault("OPTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="optgen-kernels-"))
 
 
 @pytest.fixture(autouse=True)

@@ -136,6 +136,30 @@ def test_triton_stochastic_rounding_is_unbiased(sr: bool) -> None:
     assert not torch.equal(p.detach(), before), "each step draws new random bits"
 
 
+def test_paths_away_from_the_defaults_are_rendered_once_into_the_cache() -> None:
+    from pathlib import Path
+
+    cache = Path(os.environ["OPTGEN_CACHE_DIR"])
+    shipped = importlib.import_module("generated.signsgd_adv_triton").PLAN["paths"]
+    kwargs = {"nesterov": True, "nesterov_coef": 0.3, "weight_decay": 0.05, "cautious_wd": True}
+    p = torch.nn.Parameter(torch.ones(6, device=DEVICE))
+    opt = _cls("signsgd_adv")([p], backend="triton", **kwargs)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    (key,) = [k for k in opt._triton.plan["paths"] if k not in shipped]
+    files = sorted(cache.glob("signsgd_adv_triton_*.py"))
+    assert files, "the path's kernels were not written to the cache"
+    stamp = [f.stat().st_mtime_ns for f in files]
+    q = torch.nn.Parameter(torch.ones(6, device=DEVICE))
+    opt2 = _cls("signsgd_adv")([q], backend="triton", **kwargs)
+    q.grad = torch.ones_like(q)
+    opt2.step()
+    assert sorted(cache.glob("signsgd_adv_triton_*.py")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamp  # imported, not rendered again
+    assert torch.equal(p.detach(), q.detach())
+    assert key in opt2._triton.plan["paths"]
+
+
 def test_path_without_triton_support_says_so() -> None:
     p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
     opt = _cls("adamw_adv")([p], backend="triton", kourkoutas_beta=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from optgen.backends.triton_plan import (
     PathPlan,
     Stage,
@@ -504,12 +506,40 @@ class _DeviceCtx:
         self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
 
 
-def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], dict]:
-    """All kernels of a hoisted program plus the plan data the runtime needs."""
+def hyper_slots(program: Program) -> list[tuple]:
+    """Every hyperparameter host code may read, in one fixed order shared by all branch paths."""
+    found = {n.attr for s in walk_stmts(program.body) if isinstance(s, Assign) and s.value.is_host
+             for n in walk_nodes(s.value) if n.op == "hyper"}
+    return sorted(found, key=lambda a: (a[0], -1 if a[1] is None else a[1]))
+
+
+def default_decisions(program: Program) -> dict[str, bool]:
+    """The static conditions decided by hyperparameters alone, at their defaults."""
+    from optgen.runtime.host import HostContext, evaluate
+
+    group = {name: (tuple(h.default) if isinstance(h.default, list) else h.default) for name, h in program.hypers}
+    ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+    out: dict[str, bool] = {}
+    for s in program.body:
+        if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and all(
+            n.op in ("hyper", "const") or n.args for n in walk_nodes(s.value)
+        ):
+            out[s.target] = bool(evaluate(s.value, ctx))
+    return out
+
+
+def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None = None,
+                   ) -> tuple[list[KernelSource], dict]:
+    """The kernels of a hoisted program's branch paths plus the plan data the runtime needs.
+
+    ``fixed`` decides conditions ahead: the generated module renders the paths reachable with
+    every hyperparameter at its default (parameter facts such as the dtype or the shape still
+    vary); the runtime renders any other path the first time a parameter group takes it.
+    """
     dyn = dynamic_names(program)
     kernels: list[KernelSource] = []
     by_text: dict[str, str] = {}
-    slots: list = []
+    slots: list = hyper_slots(program)
     paths = {}
 
     def add(src: KernelSource) -> str:
@@ -523,12 +553,12 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
         return src_name
 
     unsupported: list[str] = []
-    for key, stmts in enumerate_paths(program.body, dyn):
+    for key, stmts in enumerate_paths(program.body, dyn, fixed=default_decisions(program) if fixed is None else fixed):
         # A path the backend cannot run (a feature not written for it yet) is recorded with the
         # reason; the runtime raises it if a parameter group takes that path.
         try:
             plan = plan_path(program, key, stmts, dyn)
-            em = KernelEmitter(program, plan, list(slots))
+            em = KernelEmitter(program, plan, slots)
             sources = [(em.prologue("_KP"), "prologue")]
             for i, st in enumerate(plan.stages):
                 if st.kind == "pass":
@@ -539,7 +569,6 @@ def render_kernels(program: Program, prefix: str) -> tuple[list[KernelSource], d
             paths[key] = {"unsupported": str(exc)}
             unsupported.append(str(exc))
             continue
-        slots[:] = em.hyper_slots
         launches = [(add(src), kind) for src, kind in sources]
         paths[plan.key] = {
             "launches": launches,

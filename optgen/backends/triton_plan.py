@@ -57,27 +57,33 @@ def dynamic_names(program: Program) -> set[str]:
     return dyn
 
 
-def enumerate_paths(stmts: list[Stmt], dyn: set[str], decided: tuple = ()) -> list[tuple[tuple, list[Stmt]]]:
+def enumerate_paths(stmts: list[Stmt], dyn: set[str], decided: tuple = (),
+                    fixed: dict[str, bool] | None = None) -> list[tuple[tuple, list[Stmt]]]:
     """Every feasible combination of static conditions, with the straight-line statements it runs.
 
     A condition decided earlier on a path (the same flag switching several rewrites) takes the same
     branch again, so contradictory combinations are never produced. Static conditions nested in a
     step-dependent one are decided per path too; the step-dependent one stays a conditional.
+    ``fixed`` conditions take only the given branch (still recorded in the key where met).
     """
+    fixed = fixed or {}
     result: list[tuple[tuple, list[Stmt]]] = [(decided, [])]
     for s in stmts:
         new = []
         for key, body in result:
             if isinstance(s, If) and s.cond.attr not in dyn:
                 known = dict(key)
-                options = [known[s.cond.attr]] if s.cond.attr in known else [True, False]
+                if s.cond.attr in known:
+                    options = [known[s.cond.attr]]
+                else:
+                    options = [fixed[s.cond.attr]] if s.cond.attr in fixed else [True, False]
                 for taken in options:
                     k1 = key if s.cond.attr in known else key + ((s.cond.attr, taken),)
-                    for k2, b2 in enumerate_paths(s.then if taken else s.orelse, dyn, k1):
+                    for k2, b2 in enumerate_paths(s.then if taken else s.orelse, dyn, k1, fixed):
                         new.append((k2, body + b2))
             elif isinstance(s, If):
-                for kt, bt in enumerate_paths(s.then, dyn, key):
-                    for ke, be in enumerate_paths(s.orelse, dyn, kt):
+                for kt, bt in enumerate_paths(s.then, dyn, key, fixed):
+                    for ke, be in enumerate_paths(s.orelse, dyn, kt, fixed):
                         new.append((ke, body + [If(s.cond, bt, be, s.pos)]))
             else:
                 new.append((key, body + [s]))

@@ -117,13 +117,29 @@ class TritonRunner:
         self.module = importlib.import_module(module_name)
         if self.module.PLAN is None:
             raise RuntimeError(f"{program.class_name} has no triton kernels: {self.module.UNSUPPORTED}")
-        self.plan = self.module.PLAN
+        self.plan = {**self.module.PLAN, "paths": dict(self.module.PLAN["paths"])}
+        self.kernels = dict(self.module.KERNELS)
+        self.module_name = module_name
         self.dynamic = set(self.plan["dynamic"])
         # by (group index, ids of the stepped parameters): the whole group for step(), one
         # parameter at a time for the fused backward pass
         self.caches: dict[tuple[int, tuple[int, ...]], _GroupCache] = {}
         self.config: dict[str, int] | None = None
         self.launches = 0  # kernel launches issued (for tests and the benchmark)
+
+    def _render_path(self, key: tuple) -> dict:
+        """Kernels for a branch path the generated module does not carry (hyperparameters away from
+        their defaults): rendered once, written to the cache folder, imported."""
+        from optgen.runtime.kernel_cache import load_path_module
+
+        mod = load_path_module(self.program, self.module_name, key)
+        self.kernels.update(mod.KERNELS)
+        if mod.PLAN is None:
+            path = {"unsupported": mod.UNSUPPORTED}
+        else:
+            path = mod.PLAN["paths"][key]
+        self.plan["paths"][key] = path
+        return path
 
     def invalidate(self) -> None:
         """Forget every table (after load_state_dict or a change of state tensors)."""
@@ -172,7 +188,7 @@ class TritonRunner:
             groups.setdefault((key, p.dtype), []).append(i)
         cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
         for (key, dtype), idx in groups.items():
-            path = self.plan["paths"][key]
+            path = self.plan["paths"].get(key) or self._render_path(key)
             if "unsupported" in path:
                 raise RuntimeError(f"{self.program.class_name} on the triton backend: {path['unsupported']}")
             for name in path["creates"]:
@@ -291,7 +307,7 @@ class TritonRunner:
                     chunks, grid = bucket.table, len(bucket.idx)
                 if grid == 0:
                     continue
-                kernel = self.module.KERNELS[kernel_name]
+                kernel = self.kernels[kernel_name]
                 kernel[(grid,)](
                     bucket.table, chunks, gptr, bucket.hv, bucket.ws, hyp, steps, **hs_args,
                     ALIGNED=bucket.aligned and (kind == "flat" or (kind == "tiled" and bucket.n_aligned)),
@@ -312,8 +328,9 @@ class TritonRunner:
                     values.append(0.0)
                     continue
                 v = v.item()
-            # An optional hyperparameter left at None is only read on paths where it is not None.
-            values.append(float("nan") if v is None else float(v))
+            # Slots cover every hyperparameter of the spec; one that is None or not a number (a mode
+            # string, a callable) only decides static conditions and is never read by the kernels.
+            values.append(float(v) if isinstance(v, (bool, int, float)) else float("nan"))
         values_t = tuple(values)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if cache.hyp is None or (values_t != cache.hyp_values and not capturing):
