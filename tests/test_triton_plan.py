@@ -74,3 +74,38 @@ def test_bench_without_gpu_says_so() -> None:
     result = CliRunner().invoke(app, ["bench", str(SPECS / "adamw.yaml")])
     assert result.exit_code != 0
     assert "needs a CUDA GPU" in result.output + str(result.exception)
+
+
+def test_one_flag_switching_several_rewrites_is_one_decision() -> None:
+    from optgen.backends.triton_plan import enumerate_paths
+
+    prog = _program("adamw_adv")
+    atan2_conds = {s.target for s in prog.body if getattr(s, "target", "").startswith("_c")
+                   and s.value.op == "hyper" and s.value.attr == ("use_atan2", None)}
+    assert len(atan2_conds) == 1  # denom, division and step-size rewrites share one condition
+    (cond,) = atan2_conds
+    for key, _ in enumerate_paths(prog.body, dynamic_names(prog)):
+        assert [c for c, _ in key].count(cond) <= 1  # decided once, never contradicted
+
+
+def test_default_paths_and_fixed_conditions() -> None:
+    from optgen.backends.triton_codegen import default_decisions
+    from optgen.backends.triton_plan import enumerate_paths
+
+    prog = _program("signsgd_adv")
+    dyn = dynamic_names(prog)
+    every = enumerate_paths(prog.body, dyn)
+    defaults = default_decisions(prog)
+    shipped = enumerate_paths(prog.body, dyn, fixed=defaults)
+    assert 0 < len(shipped) < len(every)  # only parameter facts (bf16, has()) still vary
+    for key, _ in shipped:
+        assert all(defaults.get(c, t) == t for c, t in key)
+    some_key, stmts = every[-1]
+    (again,) = enumerate_paths(prog.body, dyn, fixed=dict(some_key))  # a key selects exactly its path
+    assert again[0] == some_key
+
+
+def test_static_condition_inside_a_step_dependent_one() -> None:
+    prog = _program("adopt_adv")  # `if step > 1 or use_atan2:` holds the atan2 and clip flags
+    _, plans = plan_program(prog)
+    assert plans and all(p.stages for p in plans)
