@@ -112,6 +112,7 @@ PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correct
                  ['lr', None],
                  ['maximize', None],
                  ['weight_decay', None]],
+ 'inputs': [],
  'paths': {(('_c0', False), ('_c1', False), ('_c3', False)): {'columns': ['param',
                                                                           'state:exp_avg',
                                                                           'state:exp_avg_sq',

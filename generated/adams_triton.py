@@ -367,6 +367,7 @@ PLAN = {'dynamic': ['_k5', '_k6', 'bias_correction1', 'bias_correction2', 'step_
                  ['lr', None],
                  ['scalar_vector_weight_decay', None],
                  ['weight_decay', None]],
+ 'inputs': [],
  'paths': {(('_c0', True), ('_c1', False)): {'columns': ['param',
                                                          'state:exp_avg',
                                                          'state:exp_avg_sq',

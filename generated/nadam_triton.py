@@ -119,6 +119,7 @@ PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_produ
                  ['maximize', None],
                  ['momentum_decay', None],
                  ['weight_decay', None]],
+ 'inputs': [],
  'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
                                                           'state:exp_avg',
                                                           'state:exp_avg_sq',

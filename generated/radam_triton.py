@@ -130,6 +130,7 @@ PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect'
                  ['lr', None],
                  ['maximize', None],
                  ['weight_decay', None]],
+ 'inputs': [],
  'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
                                                           'state:exp_avg',
                                                           'state:exp_avg_sq',

@@ -40,8 +40,6 @@ def _train(model, opt, fused: bool, steps: int) -> None:
 def test_fused_backward_equals_step(spec: str, name: str, kwargs: dict, backend: str) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
-        if kwargs.get("kourkoutas_beta"):
-            pytest.skip("Kourkoutas-beta has no triton path yet")
     steps = 5 if backend == "triton" else 30
     results = []
     for fused in (False, True):

@@ -73,8 +73,7 @@ def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate:
     return [p.detach().float().cpu() for p in params], opt
 
 
-#: Kourkoutas-beta has no triton path yet (tested: the runner says so)
-CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec)) if not s.get("kourkoutas_beta")]
+CASES = [(spec, i, s) for spec in SPECS for i, s in enumerate(settings(spec))]
 
 
 @pytest.mark.parametrize(("spec", "index", "setting"), CASES, ids=[f"{s}-{i}" for s, i, _ in CASES])
@@ -158,15 +157,6 @@ def test_paths_away_from_the_defaults_are_rendered_once_into_the_cache() -> None
     assert [f.stat().st_mtime_ns for f in files] == stamp  # imported, not rendered again
     assert torch.equal(p.detach(), q.detach())
     assert key in opt2._triton.plan["paths"]
-
-
-def test_path_without_triton_support_says_so() -> None:
-    p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
-    opt = _cls("adamw_adv")([p], backend="triton", kourkoutas_beta=True)
-    p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="Kourkoutas-beta.*not implemented on the triton backend yet"):
-        opt.step()
-    assert opt.state[p]["step"].item() == 0
 
 
 def test_many_tensors_one_launch_per_stage() -> None:

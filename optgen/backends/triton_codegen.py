@@ -81,8 +81,13 @@ class KernelEmitter:
     def col(self, name: str) -> str:
         return f"tl.load(tab + t * TBL_W + {self.cols[name]})"
 
+    @property
+    def input_names(self) -> list[str]:
+        return program_inputs(self.program)
+
     def signature(self, name: str) -> str:
         hs = "".join(f", hs_{d.name}" for d in self.program.state if d.kind == Kind.HOST)
+        hs = (", inp" if self.input_names else "") + hs
         dts = "".join(f", {n}: tl.constexpr" for n in self.state_dtypes)
         return (
             "@triton.jit\n"
@@ -142,9 +147,9 @@ class KernelEmitter:
             return env[n.attr]
         if op == "hyper":
             return f"tl.load(hyp + {self.hyper_slot(n.attr)})"
-        if op == "input":
-            raise TritonUnsupported(f"the runtime input '{n.attr}' (Kourkoutas-beta) is not implemented on the "
-                                    "triton backend yet; use backend='torch'")
+        if op == "input":  # per-parameter values the runtime uploads each step (Kourkoutas' beta2)
+            names = self.input_names
+            return f"tl.load(inp + gidx * {len(names)} + {names.index(n.attr)})"
         if op == "step":
             return "step"
         if op == "meta":
@@ -506,6 +511,12 @@ class _DeviceCtx:
         self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
 
 
+def program_inputs(program: Program) -> list[str]:
+    """The runtime inputs (``input`` leaves) a program reads, in a fixed order."""
+    return sorted({n.attr for s in walk_stmts(program.body) if isinstance(s, Assign)
+                   for n in walk_nodes(s.value) if n.op == "input"})
+
+
 def hyper_slots(program: Program) -> list[tuple]:
     """Every hyperparameter host code may read, in one fixed order shared by all branch paths."""
     found = {n.attr for s in walk_stmts(program.body) if isinstance(s, Assign) and s.value.is_host
@@ -589,6 +600,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
     data = {
         "dynamic": sorted(dyn),
         "hyper_slots": [list(s) for s in slots],
+        "inputs": program_inputs(program),
         "static_hypers": static_hypers,
         "paths": paths,
     }

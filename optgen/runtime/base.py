@@ -181,7 +181,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         if self.backend == "triton":
-            _triton_step(self._triton_runner(), gi, group, params, self.state)
+            _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
             return
         if self._program.step_store == "tensor":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
@@ -309,10 +309,11 @@ class FusedBackward:
 
 
 @torch.compiler.disable
-def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any) -> None:
+def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any,
+                 inputs: Callable[[torch.Tensor], dict[str, Any]]) -> None:
     # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
     # which a traced graph cannot hold; forward and backward stay compiled around it.
-    runner.step(gi, group, params, state)
+    runner.step(gi, group, params, state, inputs)
 
 
 def _auto_triton(groups: list[dict[str, Any]]) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,8 +278,10 @@ class TritonRunner:
         )
 
     # -- stepping ------------------------------------------------------------------------------
-    def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict) -> None:
-        """One step of the parameters of group ``gi`` that have gradients."""
+    def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict,
+             inputs: Callable[[torch.Tensor], dict] | None = None) -> None:
+        """One step of the parameters of group ``gi`` that have gradients; ``inputs(p)`` gives the
+        per-parameter runtime values the kernels read (Kourkoutas-beta's beta2)."""
         ids = tuple(map(id, params))
         cache = self.caches.get((gi, ids))
         if cache is None or cache.dirty or cache.snapshot != self._snapshot(group):
@@ -292,6 +295,12 @@ class TritonRunner:
         device = params[0].device
         hyp = self._hypers(cache, group, device)
         hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
+        names = self.plan.get("inputs") or []
+        if names:
+            values = [inputs(p)[n] if inputs is not None and n in inputs(p) else float("nan")
+                      for p in params for n in names]
+            host = torch.tensor(values, dtype=torch.float64)
+            hs_args["inp"] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         steps = cache.steps if cache.steps is not None else hyp
         for bucket in cache.buckets:
             gptr = self._grad_pointers(bucket, params)
