@@ -109,3 +109,19 @@ def test_static_condition_inside_a_step_dependent_one() -> None:
     prog = _program("adopt_adv")  # `if step > 1 or use_atan2:` holds the atan2 and clip flags
     _, plans = plan_program(prog)
     assert plans and all(p.stages for p in plans)
+
+
+def test_a_path_the_backend_cannot_run_is_recorded_not_fatal(tmp_path: Path) -> None:
+    from optgen.backends.triton_codegen import render_kernels
+
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(
+        "name: demo\nclass: Demo\nhyperparameters:\n  lr: {default: 1.0e-3}\n  odd: {default: false}\n"
+        "update:\n  - if: odd\n    then:\n      - s = param_attr('scale', 1.0) * lr\n    else:\n      - s = lr\n"
+        "  - param = param - s * grad\n"
+    )
+    prog = hoist(lower(load_spec(spec)))
+    _, plan = render_kernels(prog, "_demo", fixed={})
+    reasons = [p["unsupported"] for p in plan["paths"].values() if "unsupported" in p]
+    assert len(plan["paths"]) == 2 and len(reasons) == 1
+    assert "'param_attr' used as a value" in reasons[0]
