@@ -4,7 +4,8 @@ The second-moment EMA's beta2 becomes the runtime input ``kourkoutas_beta2``, co
 step for each bucket of parameters from the previous step's pooled gradient norm
 (:mod:`optgen.runtime.kourkoutas`); bias correction keeps the static ``betas[1]``, as adv_optm
 does. Each parameter leaves ``sum(grad^2)`` (after OrthoGrad) in its state ``kourkoutas_sq`` for
-the next step's pooling. ``kourkoutas_warmup`` says which release's warm-up the spec follows:
+the next step's pooling (ADOPT's init-only first step ``exp_avg_sq = grad * grad`` pools its raw
+gradient too, as adv_optm does; a later write in the same step replaces it). ``kourkoutas_warmup`` says which release's warm-up the spec follows:
 ``blend`` (2.5.16, a linear blend over ``k_warmup_steps``) or ``switch`` (2.2.3: beta2_max until
 then). Needs ``betas[1] > beta2_min`` (a ValueError otherwise).
 """
@@ -33,6 +34,17 @@ def _swap(n: Node, beta2: Node) -> Node:
     return replace(n, args=tuple(_swap(a, beta2) for a in n.args)) if n.args else n
 
 
+def _initialises_second_moment(s: Stmt) -> bool:
+    """ADOPT's init-only first step, ``exp_avg_sq = grad * grad``: adv_optm pools that gradient too."""
+    return isinstance(s, Assign) and s.target == "exp_avg_sq" and s.value.op == "mul" and all(
+        is_var(a, "grad") for a in s.value.args)
+
+
+def _sq(s: Stmt) -> Assign:
+    g = var("grad")
+    return Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR), s.pos, "state")
+
+
 def _rewrite(stmts: list[Stmt], found: list[Node]) -> list[Stmt]:
     out: list[Stmt] = []
     for s in stmts:
@@ -41,10 +53,10 @@ def _rewrite(stmts: list[Stmt], found: list[Node]) -> list[Stmt]:
         elif _second_moment(s):
             beta2 = s.value.args[0].args[1]
             found.append(beta2)
-            g = var("grad")
-            sq = Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR), s.pos, "state")
             dynamic = Assign(s.target, _swap(s.value, beta2), s.pos, s.role)
-            out.append(switch(FLAG, [sq, dynamic], [s], s.pos))
+            out.append(switch(FLAG, [_sq(s), dynamic], [s], s.pos))
+        elif _initialises_second_moment(s):
+            out.extend([s, switch(FLAG, [_sq(s)], [], s.pos)])
         else:
             out.append(s)
     return out
