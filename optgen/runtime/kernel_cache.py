@@ -3,7 +3,8 @@
 A spec's generated ``<name>_triton.py`` carries the paths reachable with its hyperparameters at
 their defaults; a parameter group that turns flags on takes another path, whose kernels are
 rendered here the first time (the same code generator and template as ``optgen build``), written
-atomically to ``$OPTGEN_CACHE_DIR`` (default ``~/.cache/optgen/triton``) under a name hashed from
+atomically to ``$OPTGEN_CACHE_DIR`` (default ``~/.cache/optgen/triton``, or the temporary folder
+when that cannot be created) under a name hashed from
 the spec's sha256, optgen's version and the path, and imported from there afterwards.
 """
 
@@ -35,7 +36,11 @@ def load_path_module(program: Program, module_name: str, key: tuple) -> ModuleTy
         from optgen.render import render_triton_module
 
         text = render_triton_module(program, name, fixed=dict(key))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only home: fall back to the temporary folder
+            path = Path(tempfile.gettempdir()) / f"optgen-triton-{os.getuid()}" / path.name
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
