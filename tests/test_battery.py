@@ -200,3 +200,23 @@ def test_adams_zero_matrix_never_recovers_u() -> None:
         opt.step()
     assert torch.equal(opt.state[w]["u"], torch.zeros(4))
     assert torch.count_nonzero(w) > 0
+
+
+@pytest.mark.parametrize(("name", "kw"), [
+    ("adamw_adv", {"normed_momentum": True, "orthogonal_gradient": "flattened"}),
+    ("signsgd_adv", {"normed_momentum": True}),
+    ("adopt_adv_2_2_3", {"orthogonal_gradient": True, "use_AdEMAMix": True}),
+], ids=["adamw_adv", "signsgd_adv", "adopt_adv_2_2_3"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_the_gradient_is_never_written(name: str, kw: dict, backend: str) -> None:
+    """adv_optm mutates p.grad in these paths (math/adv-optm.md §9.8); optgen leaves it alone."""
+    params = shapes_params()
+    opt = CLASSES[name](params, backend=backend, **kw)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, x in zip(params, grads):
+            p.grad = x.clone()
+        opt.step()
+        for p, x in zip(params, grads):
+            assert torch.equal(p.grad, x)
