@@ -100,15 +100,19 @@ def list_(spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
     """List the specs: name, class, and the published code each reproduces."""
     from optgen.spec.loader import load_spec
 
+    rows: list[tuple[str, str, str]] = []
     for p in sorted(spec_dir.glob("*.yaml")):
         try:
             s = load_spec(p)
         except SpecError as exc:
-            typer.echo(f"{p.stem:16} (invalid: {exc})")
+            rows.append((p.stem, "(invalid)", str(exc)))
             continue
         m = s.model.matches
-        match = f"{m.package} {m.class_}" if m else "-"
-        typer.echo(f"{s.name:16} {s.model.class_:16} {match}")
+        rows.append((s.name, s.model.class_, f"{m.package} {m.class_}" if m else "-"))
+    w0 = max((len(r[0]) for r in rows), default=0)
+    w1 = max((len(r[1]) for r in rows), default=0)
+    for name, cls, match in rows:
+        typer.echo(f"{name:{w0}}  {cls:{w1}}  {match}")
 
 
 @app.command()
