@@ -18,7 +18,8 @@ FLAG = "cautious_wd"
 def _apply(program: Program) -> Program:
     def decay(s: Assign):
         v = s.value
-        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and is_var(v.args[1], "param"):
+        # param + s * T, T the parameter itself or a decay target (SignSGD's geometric decay)
+        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and not v.args[1].is_host:
             agree = Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
                                 Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True)
             mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
