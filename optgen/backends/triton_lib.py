@@ -43,6 +43,7 @@ def atan2(y, x):
     Octant reduction to a ratio in [0, 1], a second reduction at tan(pi/8), then the Cephes
     ``atanf`` odd polynomial; zeros, signed zeros, infinities and NaNs follow IEEE atan2.
     """
+    y, x = tl.broadcast(y, x)  # a per-tensor operand against a block: one shape for the bit tests
     ax = tl.abs(x)
     ay = tl.abs(y)
     mx = tl.maximum(ax, ay)

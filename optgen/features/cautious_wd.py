@@ -19,11 +19,20 @@ def _apply(program: Program) -> Program:
     def decay(s: Assign):
         v = s.value
         # param + s * T, T the parameter itself or a decay target (SignSGD's geometric decay)
-        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and not v.args[1].is_host:
+        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and (
+                is_var(v.args[1], "param") or is_var(v.args[1], "wd_target")):
             agree = Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
                                 Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True)
             mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
             on = Assign("param", Node("addcmul", (v.args[0], v.args[1], mask, v.args[2]), kind=v.kind), s.pos, s.role)
+            return [switch(FLAG, [on], [s], s.pos)]
+        # param + s * T * X (Fisher decay: X the per-element decay scale): the mask joins X
+        if s.target == "param" and v.op == "addcmul" and is_var(v.args[0], "param") and is_var(v.args[1], "param"):
+            agree = Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
+                                Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True)
+            mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
+            scaled = Node("mul", (mask, v.args[2]), kind=Kind.ELEMENT)
+            on = Assign("param", Node("addcmul", (v.args[0], v.args[1], scaled, v.args[3]), kind=v.kind), s.pos, s.role)
             return [switch(FLAG, [on], [s], s.pos)]
         return None
 
