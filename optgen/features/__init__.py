@@ -45,6 +45,7 @@ def _registry() -> dict[str, Feature]:
         atan2,
         cautious,
         cautious_wd,
+        fisher_wd,
         grams,
         kourkoutas_beta,
         maximize,
@@ -56,7 +57,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, cautious_wd, kourkoutas_beta, stochastic_rounding)
+            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

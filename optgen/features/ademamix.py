@@ -12,8 +12,8 @@ math/adv-optm.md §6.1).
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, walk_nodes, walk_stmts
+from optgen.features.rewrite import FeatureError, edit_nested, flag, is_var, switch, var
+from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_AdEMAMix"
@@ -32,18 +32,13 @@ def _uses_direction(s) -> bool:
     return isinstance(s, Assign) and s.target == "update" and any(is_var(n, "update") for n in walk_nodes(s.value))
 
 
-def _insert_before_use(stmts: list, extra: list) -> tuple[list, bool]:
-    """``stmts`` with ``extra`` just before the first use of the direction, in that statement's block."""
-    for i, s in enumerate(stmts):
-        if _uses_direction(s):
-            return [*stmts[:i], *extra, *stmts[i:]], True
-        if isinstance(s, If):
-            for branch in ("then", "orelse"):
-                new, found = _insert_before_use(getattr(s, branch), extra)
-                if found:
-                    parts = {"then": s.then, "orelse": s.orelse, branch: new}
-                    return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
-    return stmts, False
+def _before_first_use(extra: list):
+    """Returns an edit: ``extra`` just before the first use of the direction in a statement list."""
+    def edit(stmts: list) -> list | None:
+        i = next((i for i, s in enumerate(stmts) if _uses_direction(s)), None)
+        return None if i is None else [*stmts[:i], *extra, *stmts[i:]]
+
+    return edit
 
 
 def _apply(program: Program) -> Program:
@@ -55,7 +50,7 @@ def _apply(program: Program) -> Program:
         Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
                               kind=Kind.ELEMENT), None, "temp"),
     ]
-    body, found = _insert_before_use(program.body, [switch(FLAG, slow, [])])
+    body, found = edit_nested(program.body, _before_first_use([switch(FLAG, slow, [])]))
     if not found:
         raise FeatureError("feature 'ademamix' needs an 'update = copy(exp_avg)' statement")
     state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA")]

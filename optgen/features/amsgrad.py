@@ -8,10 +8,8 @@ buffer ``max_exp_avg_sq`` (zeros) where the flag is on.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.features import Feature
-from optgen.features.rewrite import flag, is_var, replace_assigns, require, switch, var
+from optgen.features.rewrite import flag, is_var, replace_assigns, require, substitute, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
@@ -19,17 +17,12 @@ FLAG = "amsgrad"
 MAX = "max_exp_avg_sq"
 
 
-def _swap(n: Node) -> Node:
-    if is_var(n, "exp_avg_sq"):
-        return var(MAX)
-    return replace(n, args=tuple(_swap(a) for a in n.args)) if n.args else n
-
-
 def _apply(program: Program) -> Program:
     def denom(s: Assign):
         if s.target == "denom" and any(is_var(n, "exp_avg_sq") for n in walk_nodes(s.value)):
             track = Assign(MAX, Node("maximum", (var(MAX), var("exp_avg_sq")), kind=Kind.ELEMENT), s.pos, "state")
-            return [switch(FLAG, [track, Assign(s.target, _swap(s.value), s.pos, s.role)], [s], s.pos)]
+            return [switch(FLAG, [track, Assign(s.target, substitute(s.value, lambda n: var(MAX) if is_var(n, "exp_avg_sq") else None), s.pos,
+                                              s.role)], [s], s.pos)]
         return None
 
     body, n = replace_assigns(program.body, denom)

@@ -10,7 +10,7 @@ both flags are on, Grams wins (adv_optm disables the mask then).
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import first_moment_direction, replace_assigns, require, switch, var
+from optgen.features.rewrite import first_moment_direction, indicator, replace_assigns, require, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -25,8 +25,7 @@ def _apply(program: Program) -> Program:
             agree = Node("gt", (Node("mul", (m, var("grad")), kind=Kind.ELEMENT), Node("const", attr=0)),
                          kind=Kind.ELEMENT, boolean=True)
             # the mask in the gradient's dtype, as adv_optm's (m * g > 0).to(g.dtype)
-            mask = Node("cast", (Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)),
-                                      kind=Kind.ELEMENT), var("grad")), kind=Kind.ELEMENT)
+            mask = Node("cast", (indicator(agree), var("grad")), kind=Kind.ELEMENT)
             scale = Node("maximum", (Node("mean", (var("mask"),), kind=Kind.TENSOR),
                                      Node("const", attr=FLOOR)), kind=Kind.TENSOR)
             on = [

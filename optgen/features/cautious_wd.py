@@ -8,7 +8,7 @@ adv_optm's ``cautious_wd`` (math/adv-optm.md §2.2, §2.10): ``mask = float(upda
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import is_var, replace_assigns, require, switch, var
+from optgen.features.rewrite import indicator, is_var, replace_assigns, require, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -16,25 +16,24 @@ FLAG = "cautious_wd"
 
 
 def _apply(program: Program) -> Program:
+    # update and parameter agree in sign (zeros included)
+    mask = indicator(Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
+                                 Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
+
     def decay(s: Assign):
         v = s.value
+        if s.target != "param" or not v.args or not is_var(v.args[0], "param"):
+            return None
         # param + s * T, T the parameter itself or a decay target (SignSGD's geometric decay)
-        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and (
-                is_var(v.args[1], "param") or is_var(v.args[1], "wd_target")):
-            agree = Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
-                                Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True)
-            mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
-            on = Assign("param", Node("addcmul", (v.args[0], v.args[1], mask, v.args[2]), kind=v.kind), s.pos, s.role)
-            return [switch(FLAG, [on], [s], s.pos)]
-        # param + s * T * X (Fisher decay: X the per-element decay scale): the mask joins X
-        if s.target == "param" and v.op == "addcmul" and is_var(v.args[0], "param") and is_var(v.args[1], "param"):
-            agree = Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
-                                Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True)
-            mask = Node("where", (agree, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
+        if v.op == "axpy" and (is_var(v.args[1], "param") or is_var(v.args[1], "wd_target")):
+            on = Node("addcmul", (v.args[0], v.args[1], mask, v.args[2]), kind=v.kind)
+        # param + s * param * X (Fisher decay: X the per-element decay scale): the mask joins X
+        elif v.op == "addcmul" and is_var(v.args[1], "param"):
             scaled = Node("mul", (mask, v.args[2]), kind=Kind.ELEMENT)
-            on = Assign("param", Node("addcmul", (v.args[0], v.args[1], scaled, v.args[3]), kind=v.kind), s.pos, s.role)
-            return [switch(FLAG, [on], [s], s.pos)]
-        return None
+            on = Node("addcmul", (v.args[0], v.args[1], scaled, v.args[3]), kind=v.kind)
+        else:
+            return None
+        return [switch(FLAG, [Assign("param", on, s.pos, s.role)], [s], s.pos)]
 
     body, n = replace_assigns(program.body, decay)
     require(n, "cautious_wd", "a decoupled decay 'param = param + s * param'")

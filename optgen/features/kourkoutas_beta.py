@@ -12,11 +12,9 @@ then). Needs ``betas[1] > beta2_min`` (a ValueError otherwise).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, is_var, switch, var
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.features.rewrite import FeatureError, flag, is_var, replace_assigns, substitute, switch, var
+from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.runtime.kourkoutas import BETA2, SQ
 from optgen.spec.model import HyperparameterSpec
 
@@ -26,12 +24,6 @@ FLAG = "kourkoutas_beta"
 def _second_moment(s: Stmt) -> bool:
     return isinstance(s, Assign) and s.target == "exp_avg_sq" and s.value.op == "addcmul" and \
         s.value.args[0].op == "mul" and is_var(s.value.args[0].args[0], "exp_avg_sq")
-
-
-def _swap(n: Node, beta2: Node) -> Node:
-    if n == beta2:
-        return Node("input", attr=BETA2)
-    return replace(n, args=tuple(_swap(a, beta2) for a in n.args)) if n.args else n
 
 
 def _initialises_second_moment(s: Stmt) -> bool:
@@ -45,26 +37,23 @@ def _sq(s: Stmt) -> Assign:
     return Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR), s.pos, "state")
 
 
-def _rewrite(stmts: list[Stmt], found: list[Node]) -> list[Stmt]:
-    out: list[Stmt] = []
-    for s in stmts:
-        if isinstance(s, If):
-            out.append(If(s.cond, _rewrite(s.then, found), _rewrite(s.orelse, found), s.pos))
-        elif _second_moment(s):
+def _rewrite(found: list[Node]):
+    def fn(s: Assign) -> list[Stmt] | None:
+        if _second_moment(s):
             beta2 = s.value.args[0].args[1]
             found.append(beta2)
-            dynamic = Assign(s.target, _swap(s.value, beta2), s.pos, s.role)
-            out.append(switch(FLAG, [_sq(s), dynamic], [s], s.pos))
-        elif _initialises_second_moment(s):
-            out.extend([s, switch(FLAG, [_sq(s)], [], s.pos)])
-        else:
-            out.append(s)
-    return out
+            value = substitute(s.value, lambda n: Node("input", attr=BETA2) if n == beta2 else None)
+            return [switch(FLAG, [_sq(s), Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
+        if _initialises_second_moment(s):
+            return [s, switch(FLAG, [_sq(s)], [], s.pos)]
+        return None
+
+    return fn
 
 
 def _apply(program: Program) -> Program:
     found: list[Node] = []
-    body = _rewrite(program.body, found)
+    body, _ = replace_assigns(program.body, _rewrite(found))
     if not found:
         raise FeatureError("feature 'kourkoutas_beta' needs an 'exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * "
                            "grad * grad' statement")

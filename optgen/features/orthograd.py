@@ -17,7 +17,7 @@ string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented)
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, var
+from optgen.features.rewrite import FeatureError, edit_nested, flag, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -43,22 +43,12 @@ def _statements() -> list[Stmt]:
     ]
 
 
-def _writes_param(stmts: list[Stmt]) -> bool:
-    return any(isinstance(s, Assign) and s.target == "param" for s in stmts)
+def _at_start_of_param_block(block: list[Stmt]):
+    """Returns an edit: ``block`` at the start of the statement list that writes the parameter."""
+    def edit(stmts: list[Stmt]) -> list[Stmt] | None:
+        return [*block, *stmts] if any(isinstance(s, Assign) and s.target == "param" for s in stmts) else None
 
-
-def _insert(stmts: list[Stmt], block: list[Stmt]) -> tuple[list[Stmt], bool]:
-    """``block`` at the start of the innermost statement list that writes the parameter directly."""
-    if _writes_param(stmts):
-        return [*block, *stmts], True
-    for i, s in enumerate(stmts):
-        if isinstance(s, If):
-            for branch in ("then", "orelse"):
-                new, ok = _insert(getattr(s, branch), block)
-                if ok:
-                    parts = {"then": s.then, "orelse": s.orelse, branch: new}
-                    return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
-    return stmts, False
+    return edit
 
 
 def _apply(program: Program) -> Program:
@@ -67,7 +57,7 @@ def _apply(program: Program) -> Program:
         cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
     else:
         cond = flag(FLAG)
-    body, ok = _insert(program.body, [If(cond, _statements(), [])])
+    body, ok = edit_nested(program.body, _at_start_of_param_block([If(cond, _statements(), [])]))
     if not ok:
         raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
     return program.copy(body=body)

@@ -10,6 +10,7 @@ first moment is the EMA ``exp_avg = lerp(exp_avg, grad, w)``, decoupled weight d
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Stmt
 
@@ -67,3 +68,33 @@ def require(count: int, feature: str, what: str) -> None:
 def first_moment_direction(s: Assign) -> bool:
     """Whether ``s`` is ``update = copy(exp_avg)``: the direction taken from the first moment."""
     return s.target == "update" and s.value.op == "copy" and is_var(s.value.args[0], "exp_avg")
+
+
+def substitute(n: Node, fn: Callable[[Node], Node | None]) -> Node:
+    """``n`` with every subexpression for which ``fn`` returns a node replaced by it (outermost first)."""
+    new = fn(n)
+    if new is not None:
+        return new
+    return replace(n, args=tuple(substitute(a, fn) for a in n.args)) if n.args else n
+
+
+def indicator(cond: Node) -> Node:
+    """``where(cond, 1.0, 0.0)``: an elementwise 0/1 mask."""
+    return Node("where", (cond, Node("const", attr=1.0), Node("const", attr=0.0)), kind=Kind.ELEMENT)
+
+
+def edit_nested(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | None]) -> tuple[list[Stmt], bool]:
+    """Apply ``edit`` to the first statement list it accepts: ``stmts`` itself, else the branches of
+    its conditionals in order (depth first). Returns the new statements and whether it applied."""
+    new = edit(stmts)
+    if new is not None:
+        return new, True
+    for i, s in enumerate(stmts):
+        if isinstance(s, If):
+            then, ok = edit_nested(s.then, edit)
+            orelse = s.orelse
+            if not ok:
+                orelse, ok = edit_nested(s.orelse, edit)
+            if ok:
+                return [*stmts[:i], If(s.cond, then, orelse, s.pos), *stmts[i + 1:]], True
+    return stmts, False

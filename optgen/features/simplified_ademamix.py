@@ -9,11 +9,16 @@ It excludes Grams, the Cautious mask and atan2, as adv_optm does.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.features import Feature
-from optgen.features.rewrite import first_moment_direction, is_var, replace_assigns, require, switch
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
+from optgen.features.rewrite import (
+    first_moment_direction,
+    is_var,
+    replace_assigns,
+    require,
+    substitute,
+    switch,
+)
+from optgen.ir.nodes import Assign, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "Simplified_AdEMAMix"
@@ -24,23 +29,13 @@ def _host(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.HOST)
 
 
-def _uses_lr(n: Node) -> Node:
-    """``n`` with the hyperparameter ``lr`` read as the scaled ``lr_sim``."""
-    if n.op == "hyper" and n.attr == ("lr", None):
-        return Node("var", kind=Kind.HOST, attr=LR)
-    if not n.args:
-        return n
-    return replace(n, args=tuple(_uses_lr(a) for a in n.args))
+def _uses_lr(n: Node) -> Node | None:
+    """The hyperparameter ``lr`` read as the scaled ``lr_sim``."""
+    return Node("var", kind=Kind.HOST, attr=LR) if n.op == "hyper" and n.attr == ("lr", None) else None
 
 
-def _relr(stmts: list[Stmt]) -> list[Stmt]:
-    out: list[Stmt] = []
-    for s in stmts:
-        if isinstance(s, If):
-            out.append(If(s.cond, _relr(s.then), _relr(s.orelse), s.pos))
-        else:
-            out.append(Assign(s.target, _uses_lr(s.value), s.pos, s.role))
-    return out
+def _relr(s: Assign) -> list[Stmt]:
+    return [Assign(s.target, substitute(s.value, _uses_lr), s.pos, s.role)]
 
 
 def _beta1(weight: Node) -> Node:
@@ -76,8 +71,8 @@ def _apply(program: Program) -> Program:
     body, n = replace_assigns(body, direction)
     require(n, "simplified_ademamix", "an 'update = copy(exp_avg)' statement")
 
-    beta1 = _beta1(next(s.value.args[2] for s in _assigns(program.body)
-                        if s.target == "exp_avg" and s.value.op == "lerp"))
+    beta1 = _beta1(next(s.value.args[2] for s in walk_stmts(program.body)
+                        if isinstance(s, Assign) and s.target == "exp_avg" and s.value.op == "lerp"))
     one = Node("const", attr=1)
     scale = _host("add", _host("div", _host("sub", one, _host("pow", beta1, Node("step"))), _host("sub", one, beta1)),
                   alpha_grad)
@@ -85,21 +80,12 @@ def _apply(program: Program) -> Program:
     scaled = switch(FLAG, [Assign(LR, lr_sim)], [Assign(LR, Node("hyper", attr=("lr", None)))])
     # computed just before the first statement that reads lr, where beta1 (maybe warmed up) is known
     first = next((i for i, s in enumerate(body) if _reads_lr(s)), len(body))
-    return program.copy(body=[*body[:first], scaled, *_relr(body[first:])])
+    return program.copy(body=[*body[:first], scaled, *replace_assigns(body[first:], _relr)[0]])
 
 
 def _reads_lr(s: Stmt) -> bool:
     return any(n.op == "hyper" and n.attr == ("lr", None)
-               for a in _assigns([s]) for n in walk_nodes(a.value))
-
-
-def _assigns(stmts: list[Stmt]):
-    for s in stmts:
-        if isinstance(s, If):
-            yield from _assigns(s.then)
-            yield from _assigns(s.orelse)
-        else:
-            yield s
+               for a in walk_stmts([s]) if isinstance(a, Assign) for n in walk_nodes(a.value))
 
 
 FEATURE = Feature(

@@ -10,10 +10,8 @@ in the kernel (the same distribution, another stream). Other dtypes are untouche
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, var
+from optgen.features.rewrite import FeatureError, edit_nested, flag, replace_assigns, substitute, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -27,51 +25,39 @@ def _writes_param(s: Stmt) -> bool:
     return any(_writes_param(x) for x in s.then + s.orelse)
 
 
-def _to_fp32(n: Node) -> Node:
+def _to_fp32(n: Node) -> Node | None:
     if n.op == "var" and n.attr in ("param", "update"):
         return var(P32 if n.attr == "param" else U32)
-    return replace(n, args=tuple(_to_fp32(a) for a in n.args)) if n.args else n
+    return None
 
 
-def _retarget(stmts: list[Stmt]) -> list[Stmt]:
-    out: list[Stmt] = []
-    for s in stmts:
-        if isinstance(s, If):
-            out.append(If(s.cond, _retarget(s.then), _retarget(s.orelse), s.pos))
-        else:
-            target, role = (P32, "temp") if s.target == "param" else (s.target, s.role)
-            out.append(Assign(target, _to_fp32(s.value), s.pos, role))
-    return out
+def _retarget(s: Assign) -> list[Stmt]:
+    target, role = (P32, "temp") if s.target == "param" else (s.target, s.role)
+    return [Assign(target, substitute(s.value, _to_fp32), s.pos, role)]
 
 
-def _rewrite(stmts: list[Stmt]) -> tuple[list[Stmt], bool]:
-    """In the block holding the last parameter write: the writes from the first one on, in fp32."""
+def _in_fp32(stmts: list[Stmt]) -> list[Stmt] | None:
+    """In the statement list holding the last parameter write: the writes from the first one on,
+    in fp32, then one stochastic rounding (None where no parameter write is direct)."""
     writes = [i for i, s in enumerate(stmts) if _writes_param(s)]
     direct = [i for i in writes if isinstance(stmts[i], Assign)]
     if not direct:
-        for i, s in enumerate(stmts):
-            if isinstance(s, If):
-                for branch in ("then", "orelse"):
-                    new, ok = _rewrite(getattr(s, branch))
-                    if ok:
-                        parts = {"then": s.then, "orelse": s.orelse, branch: new}
-                        return [*stmts[:i], If(s.cond, parts["then"], parts["orelse"], s.pos), *stmts[i + 1:]], True
-        return stmts, False
+        return None
     first, last = writes[0], direct[-1]
     segment = stmts[first:last + 1]
     on = [
         Assign(P32, Node("float32", (var("param"),), kind=Kind.ELEMENT), None, "temp"),
         Assign(U32, Node("float32", (var("update"),), kind=Kind.ELEMENT), None, "temp"),
-        *_retarget(segment),
+        *replace_assigns(segment, _retarget)[0],
         Assign("param", Node("stochastic_round", (var(P32), Node("step")), kind=Kind.ELEMENT), None, "param"),
     ]
     cond = Node("and", (flag(FLAG), Node("ne", (Node("meta", attr="bf16"), Node("const", attr=0)), boolean=True)),
                 boolean=True)
-    return [*stmts[:first], If(cond, on, segment), *stmts[last + 1:]], True
+    return [*stmts[:first], If(cond, on, segment), *stmts[last + 1:]]
 
 
 def _apply(program: Program) -> Program:
-    body, ok = _rewrite(program.body)
+    body, ok = edit_nested(program.body, _in_fp32)
     if not ok:
         raise FeatureError("feature 'stochastic_rounding' needs a 'param = ...' statement")
     return program.copy(body=body)

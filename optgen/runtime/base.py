@@ -290,10 +290,12 @@ class FusedBackward:
 
     def __init__(self, optimizer: GeneratedOptimizer, params: list[torch.Tensor]) -> None:
         self.optimizer = optimizer
+        # each hook looks its group up once here, not by scanning every group at every backward
+        self.group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
 
     def _hook(self, p: torch.Tensor) -> None:
-        self.optimizer.step_parameter(p)
+        self.optimizer.step_parameter(p, self.group.get(id(p)))
         p.grad = None
 
     def remove(self) -> None:

@@ -297,8 +297,8 @@ class TritonRunner:
         hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
         names = self.plan.get("inputs") or []
         if names:
-            values = [inputs(p)[n] if inputs is not None and n in inputs(p) else float("nan")
-                      for p in params for n in names]
+            given = [inputs(p) if inputs is not None else {} for p in params]
+            values = [g.get(n, float("nan")) for g in given for n in names]
             host = torch.tensor(values, dtype=torch.float64)
             hs_args["inp"] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         steps = cache.steps if cache.steps is not None else hyp

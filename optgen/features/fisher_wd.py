@@ -1,0 +1,74 @@
+"""``fisher_wd``: adv_optm's Fisher weight decay (FAdam-style), a per-element decay scale.
+
+The decoupled decay ``param + s * param`` (``s = -(wd * lr)``) becomes
+``addcmul(param, param, (wd * lr) * fisher, value=-1)`` with the scale from this step's
+denominator (math/adv-optm.md §2.10): ``fisher = 1 / denom`` divided by ``max(rms(param * fisher), 1)``,
+or, where the spec has ``use_atan2`` and it is on, ``fisher = 4/pi * atan2(wd_scaler, denom)``
+(``wd_scaler`` is adv_optm's stored 1.0). List it before ``cautious_wd``, which then masks the
+scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+from optgen.features import Feature
+from optgen.features.rewrite import flag, is_var, replace_assigns, require, switch, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl
+from optgen.spec.model import HyperparameterSpec
+
+FLAG = "fisher_wd"
+SCALER = "wd_scaler"
+
+
+def _e(op: str, *args: Node, **kw) -> Node:
+    return Node(op, args, kind=Kind.ELEMENT, **kw)
+
+
+def _t(op: str, *args: Node) -> Node:
+    return Node(op, args, kind=Kind.TENSOR)
+
+
+def _scale(with_atan2: bool) -> list:
+    f, one = var("fisher"), Node("const", attr=1.0)
+    rms = _t("sqrt", _t("mean", _e("pow", _e("mul", var("param"), f), Node("const", attr=2))))
+    clipped = [
+        Assign("fisher", _e("rdiv", var("denom"), Node("const", attr=1)), None, "temp"),
+        Assign("fisher", _e("div", f, _t("maximum", _t("div", rms, one), one)), None, "temp"),
+    ]
+    if not with_atan2:
+        return clipped
+    angle = _e("mul", _e("atan2", var(SCALER, Kind.TENSOR), var("denom")), Node("const", attr=4 / math.pi))
+    return [If(flag("use_atan2"), [Assign("fisher", angle, None, "temp")], clipped)]
+
+
+def _apply(program: Program) -> Program:
+    with_atan2 = "use_atan2" in dict(program.hypers)
+
+    def decay(s: Assign):
+        v = s.value
+        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and is_var(v.args[1], "param") \
+                and v.args[2].op == "neg":
+            rate = v.args[2].args[0]  # wd * lr, as adv_optm multiplies it into the scale
+            on = [
+                *_scale(with_atan2),
+                Assign("fisher", _e("mul", var("fisher"), rate, attr="scalar_first"), s.pos, "temp"),
+                Assign("param", Node("addcmul", (v.args[0], v.args[1], var("fisher"), Node("const", attr=-1.0)),
+                                     kind=v.kind), s.pos, s.role),
+            ]
+            return [switch(FLAG, on, [s], s.pos)]
+        return None
+
+    body, n = replace_assigns(program.body, decay)
+    require(n, "fisher_wd", "a decoupled decay 'param = param + (-(wd * lr)) * param'")
+    decl = StateDecl(SCALER, Kind.TENSOR, "ones", "float32", flag(FLAG), "Fisher decay's stored scaler (1.0)")
+    return program.copy(body=body, state=[*program.state, decl])
+
+
+FEATURE = Feature(
+    name="fisher_wd",
+    doc="Fisher weight decay: the decay scaled per element by 1/denom, RMS-clipped (adv_optm's fisher_wd).",
+    transform=_apply,
+    hyperparameters={FLAG: HyperparameterSpec(
+        default=False, type="bool", doc="FAdam-style decay scaled by 1/denom (RMS-clipped) or 4/pi atan2(1, denom)")},
+)
