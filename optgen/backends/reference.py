@@ -15,6 +15,7 @@ import torch.nn.functional as TF
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
+from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
 
 
 def _align(x: Any, src: Kind, dst: Kind) -> Any:
@@ -31,21 +32,26 @@ def _align(x: Any, src: Kind, dst: Kind) -> Any:
 
 
 class _Frame:
-    def __init__(self, program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict):
+    def __init__(self, program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                 view: tuple[int, int] | None):
         self.program = program
-        self.param = param
+        self.param = as_view(param, view, "parameter")
         self.state = state
-        self.locals: dict[str, Any] = {"grad": grad}
-        self.host = HostContext(group, param, state, program.step_math == "tensor")
+        self.locals: dict[str, Any] = {"grad": as_view(grad, view, "gradient")}
+        self.host = HostContext(group, param, state, program.step_math == "tensor", view)
 
 
 def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
         inputs: dict[str, Any] | None = None) -> None:
     """Apply one step of ``program`` to ``param`` (in place), updating ``state``; ``inputs`` are the
-    per-parameter values the runtime computed for this step."""
-    frame = _Frame(program, param, grad, state, group)
+    per-parameter values the runtime computed for this step. A parameter the program steps as a
+    matrix view (feature ``factored``) is stepped on views of it and of its state."""
+    view = view_shape(program, param, group, state)
+    viewed = ViewedState(program, state, view, param)
+    frame = _Frame(program, param, grad, viewed.view, group, view)
     frame.host.inputs = inputs or {}
     _block(program.body, frame)
+    viewed.write_back()
 
 
 def _block(stmts: list[Stmt], f: _Frame) -> None:

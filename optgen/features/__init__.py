@@ -45,6 +45,7 @@ def _registry() -> dict[str, Feature]:
         atan2,
         cautious,
         cautious_wd,
+        factored,
         fisher_wd,
         grams,
         kourkoutas_beta,
@@ -57,7 +58,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding)
+            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

@@ -391,7 +391,14 @@ def lower(spec: Spec) -> Program:
                 raise SpecError(pos, f"state.{name}.init", f"init must be zeros, ones, absent, a number or a "
                                 f"hyperparameter name, got '{init}'{did_you_mean(init, ['zeros', 'ones', 'absent', *dict(hypers)])}")
             init = ("hyper", init)
-        state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc))
+        fac = (st.factored.row, st.factored.col, st.factored.sign) if st.factored is not None else None
+        if fac is not None and st.kind != "element":
+            raise SpecError(spec.source.at(("state", name, "factored")), f"state.{name}.factored",
+                            "only per-element states can be factored")
+        if fac is not None and "factored" not in spec.model.features:
+            raise SpecError(spec.source.at(("state", name, "factored")), f"state.{name}.factored",
+                            "a factored form needs feature 'factored' under features:")
+        state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc, fac))
         if st.kind == "host" and st.dtype == "param":
             state[-1].dtype = "default"
 

@@ -93,9 +93,13 @@ class StateDecl:
     name: str
     kind: Kind
     init: Any  # "zeros" | "ones" | "absent" | float | ("hyper", name)
-    dtype: str  # param | float32 | float64 | default
+    dtype: str  # param | float32 | float64 | default | bits (a boolean, packed 8 per uint8 along the last dim)
     cond: Node | None = None
     doc: str = ""
+    #: (per-row factor, per-column factor, sign state or None): how feature ``factored`` stores it
+    factored: tuple[str, str, str | None] | None = None
+    #: (condition, dtype): the dtype instead of ``dtype`` for parameters where the condition holds
+    dtype_when: tuple[Node, str] | None = None
 
 
 @dataclass
@@ -116,6 +120,10 @@ class Program:
     body: list[Stmt]
     matches: Any = None
     features: list[str] = field(default_factory=list)
+    #: A per-parameter host condition under which the runtime hands the step its parameter, gradient
+    #: and per-element states as the closest-to-square 2-D view ``(d1, d2)`` of their flat memory
+    #: (feature ``factored``): per-row/per-column kinds and ``rows``/``cols`` then refer to it.
+    matrix_view: Node | None = None
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

@@ -64,12 +64,14 @@ def program_to_data(p: Program) -> dict[str, Any]:
                 "init": list(s.init) if isinstance(s.init, tuple) else s.init,
                 "dtype": s.dtype,
                 "cond": node_to_data(s.cond) if s.cond is not None else None,
+                **({"dtype_when": [node_to_data(s.dtype_when[0]), s.dtype_when[1]]} if s.dtype_when else {}),
             }
             for s in p.state
         ],
         "body": _stmts_to_data(p.body),
         "matches": p.matches.model_dump(by_alias=True) if p.matches is not None else None,
         "features": list(p.features),
+        **({"matrix_view": node_to_data(p.matrix_view)} if p.matrix_view is not None else {}),
     }
 
 
@@ -92,10 +94,12 @@ def program_from_data(d: dict[str, Any]) -> Program:
                 tuple(s["init"]) if isinstance(s["init"], list) else s["init"],
                 s["dtype"],
                 node_from_data(s["cond"]) if s["cond"] is not None else None,
+                dtype_when=(node_from_data(s["dtype_when"][0]), s["dtype_when"][1]) if "dtype_when" in s else None,
             )
             for s in d["state"]
         ],
         body=_stmts_from_data(d["body"]),
         matches=MatchSpec.model_validate(d["matches"]) if d["matches"] is not None else None,
         features=list(d["features"]),
+        matrix_view=node_from_data(d["matrix_view"]) if d.get("matrix_view") is not None else None,
     )

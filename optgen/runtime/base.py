@@ -17,6 +17,7 @@ import torch
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
+from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -27,12 +28,13 @@ def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
         "float32": torch.float32,
         "float64": torch.float64,
         "default": torch.get_default_dtype(),
+        "bits": torch.uint8,
     }[name]
 
 
-def state_shape(kind: Kind, param: torch.Tensor, name: str) -> tuple[int, ...]:
-    """The shape of a state buffer of ``kind`` for ``param``."""
-    shape = tuple(param.shape)
+def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The shape of a state buffer of ``kind`` for ``param`` (stepped as ``view``, if given)."""
+    shape = tuple(param.shape) if view is None else tuple(view)
     if kind == Kind.ELEMENT:
         return shape
     if kind in (Kind.TENSOR, Kind.HOST):
@@ -128,18 +130,19 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if prog.step_store == "tensor":
             state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
         ctx = HostContext(group, p, state, tensor_math=False)
+        view = view_shape(prog, p, group, state)
         for decl in prog.state:
             if decl.init == "absent":
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            state[decl.name] = _new_state(decl, p, group)
+            state[decl.name] = _new_state(decl, p, group, view, ctx)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every non-step state tensor to the param's dtype (a float64 host scalar of a
         # float32 param would lose its precision): host scalars and buffers with a declared dtype
         # are taken from the saved values themselves.
-        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param"]
+        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         saved: list[tuple[torch.Tensor, StateDecl, torch.Tensor]] = []
@@ -151,7 +154,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._triton.invalidate()
         for p, d, value in saved:
             device = torch.device("cpu") if d.kind == Kind.HOST else p.device
-            self.state[p][d.name] = value.to(dtype=_dtype(d.dtype, p), device=device, copy=True)
+            # a conditional dtype: the saved buffer has the one its condition chose
+            dtype = value.dtype if d.dtype_when else _dtype(d.dtype, p)
+            self.state[p][d.name] = value.to(dtype=dtype, device=device, copy=True)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -252,27 +257,33 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         prog = self._program
         tensor_math = prog.step_math == "tensor"
-        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
         for p in params:
-            ctx = HostContext(group, p, self.state[p], tensor_math)
+            view = view_shape(prog, p, group, self.state[p])
+            ctx = HostContext(group, p, self.state[p], tensor_math, view)
             ctx.inputs = self._inputs(p)
             path: list[tuple[str, bool]] = []
             _host_pass(prog.body, ctx, path)
-            buckets.setdefault(tuple(path), []).append((p, ctx.env))
+            buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
         device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
         for path, items in buckets.items():
-            ps = [p for p, _ in items]
             h: dict[str, Any] = dict(path)
             for name in items[0][1]:
-                values = [to_device_scalar(env[name]) for _, env in items]
+                values = [to_device_scalar(env[name]) for _, env, _ in items]
                 first = values[0]
                 h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
-            states = {n: [self.state[p].get(n) for p in ps] for n in device_state}
-            type(self)._device_step(h, ps, [p.grad for p in ps], states)
+            # factored parameters are stepped as matrix views, their 1-bit states unpacked
+            viewed = [ViewedState(prog, self.state[p], view, p) for p, _, view in items]
+            ps = [as_view(p, view, "parameter") for p, _, view in items]
+            grads = [as_view(p.grad, view, "gradient") for p, _, view in items]
+            states = {n: [v.view.get(n) for v in viewed] for n in device_state}
+            type(self)._device_step(h, ps, grads, states)
             for n in device_state:
-                for p, t in zip(ps, states[n]):
-                    if t is not None and self.state[p].get(n) is None:
-                        self.state[p][n] = t
+                for v, t in zip(viewed, states[n]):
+                    if t is not None and v.view.get(n) is None:
+                        v.view[n] = t
+            for v in viewed:
+                v.write_back()
 
     # -- torch.distributed helpers (single process: no-ops) ------------------------------------
     @torch.no_grad()
@@ -361,8 +372,11 @@ def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]
                 ctx.env[s.target] = evaluate(s.value, ctx)
 
 
-def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tuple[int, int] | None,
+               ctx: HostContext) -> torch.Tensor:
     dtype = _dtype(decl.dtype, p)
+    if decl.dtype_when is not None and evaluate(decl.dtype_when[0], ctx):
+        dtype = _dtype(decl.dtype_when[1], p)
     if decl.kind == Kind.HOST:
         device = torch.device("cpu")
     else:
@@ -371,9 +385,12 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any]) -> torch
     if isinstance(init, tuple):
         init = group[init[1]]
     value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
+    if decl.dtype == "bits":
+        return torch.full(packed_shape(view or tuple(p.shape)), value, dtype=dtype, device=device)
     if decl.kind == Kind.ELEMENT and dtype == p.dtype:
         return torch.full_like(p, value, memory_format=torch.preserve_format)
-    return torch.full(state_shape(decl.kind, p, decl.name), value, dtype=dtype, device=device)
+    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view)
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 def _validate_hyper(name: str, h: Any, value: Any) -> None:

@@ -244,8 +244,8 @@ def atan2(a: Tensors, b: Tensors) -> Tensors:
 
 def where(c: Tensors, a: Tensors | Scalar, b: Tensors | Scalar) -> Tensors:
     n = len(c)
-    a_ = a if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else _each(a, n)
-    b_ = b if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) else _each(b, n)
+    a_ = a if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else _each(a, n)
+    b_ = b if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor) else _each(b, n)
     return [torch.where(m, x, y) for m, x, y in zip(c, a_, b_)]
 
 

@@ -54,16 +54,18 @@ _UNARY = {
 }
 
 
-def meta_value(name: str, param: torch.Tensor) -> int:
-    """Static facts about a parameter that specs may use (``rows``/``cols`` of the last two dims)."""
+def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = None) -> int:
+    """Static facts about a parameter that specs may use (``rows``/``cols`` of the last two dims, of
+    its matrix ``view`` when it is stepped as one)."""
     if name == "numel":
         return param.numel()
     if name == "ndim":
         return param.dim()
+    shape = tuple(param.shape) if view is None else view
     if name == "rows":
-        return param.shape[-2] if param.dim() >= 2 else 1
+        return shape[-2] if len(shape) >= 2 else 1
     if name == "cols":
-        return param.shape[-1] if param.dim() >= 1 else 1
+        return shape[-1] if len(shape) >= 1 else 1
     if name == "bf16":
         return int(param.dtype == torch.bfloat16)
     raise KeyError(name)
@@ -72,11 +74,14 @@ def meta_value(name: str, param: torch.Tensor) -> int:
 class HostContext:
     """What host expressions of one parameter can see."""
 
-    __slots__ = ("group", "param", "state", "env", "step", "tensor_math", "self_ref", "inputs")
+    __slots__ = ("group", "param", "state", "env", "step", "tensor_math", "self_ref", "inputs", "view")
 
-    def __init__(self, group: dict, param: torch.Tensor, state: dict, tensor_math: bool):
+    def __init__(self, group: dict, param: torch.Tensor, state: dict, tensor_math: bool,
+                 view: tuple[int, ...] | None = None):
         self.group = group
         self.param = param
+        #: the (d1, d2) matrix view the parameter is stepped as (feature ``factored``), or None
+        self.view = view
         self.state = state
         self.env: dict[str, Any] = {}
         self.tensor_math = tensor_math
@@ -110,7 +115,7 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
     if op == "step":
         return ctx.step
     if op == "meta":
-        return meta_value(node.attr, ctx.param)
+        return meta_value(node.attr, ctx.param, ctx.view)
     if op == "has":
         return ctx.state.get(node.attr) is not None
     if op == "input":

@@ -67,6 +67,7 @@ def _tl_dtype(dtype: torch.dtype):
         torch.bfloat16: tl.bfloat16,
         torch.float16: tl.float16,
         torch.float64: tl.float64,
+        torch.uint8: tl.uint8,
     }[dtype]
 
 
@@ -264,7 +265,10 @@ class TritonRunner:
             "STEP_DT": _tl_dtype(states[params[0]]["step"].dtype if prog.step_store == "tensor" else torch.float32),
         }
         for d in prog.state:
-            consts[f"DT_{d.name}"] = _tl_dtype(_state_dtype(d, dtype))
+            # the buffers' own dtype where they exist (a conditional dtype, a 1-bit state)
+            bufs = [states[params[i]].get(d.name) for i in idx]
+            found = next((b.dtype for b in bufs if isinstance(b, torch.Tensor)), None)
+            consts[f"DT_{d.name}"] = _tl_dtype(found or _state_dtype(d, dtype))
         def chunk_table(entries: list[tuple[int, ...]]) -> torch.Tensor | None:
             return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
 
@@ -381,6 +385,7 @@ def _state_dtype(decl, param_dtype: torch.dtype) -> torch.dtype:
         "float32": torch.float32,
         "float64": torch.float64,
         "default": torch.get_default_dtype(),
+        "bits": torch.uint8,
     }[decl.dtype]
 
 

@@ -96,6 +96,20 @@ class HyperparameterSpec(_Strict):
         return "any"
 
 
+class FactoredStateSpec(_Strict):
+    """How feature ``factored`` stores a per-element state: two rank-1 factors (+ a 1-bit sign)."""
+
+    row: str  # the per-row factor's state key (adv_optm: mu_<x>_nmf)
+    col: str  # the per-column factor's state key (adv_optm: mv_<x>_nmf)
+    #: the packed sign's state key, for a signed state (a first moment); omit for non-negative ones
+    sign: str | None = None
+
+    @field_validator("row", "col", "sign")
+    @classmethod
+    def _idents(cls, v: str | None) -> str | None:
+        return v if v is None else _check_ident(v, "state name")
+
+
 class StateSpec(_Strict):
     """A state buffer kept per parameter."""
 
@@ -106,6 +120,8 @@ class StateSpec(_Strict):
     dtype: Literal["param", "float32", "float64", "default"] = "param"
     if_: str | None = Field(default=None, alias="if")
     doc: str = ""
+    #: its factored form, used by feature ``factored`` (per-element states only)
+    factored: FactoredStateSpec | None = None
 
 
 class StepSpec(_Strict):

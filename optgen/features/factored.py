@@ -1,0 +1,179 @@
+"""``factored``: SMMF-style factored states with a 1-bit sign (adv_optm ``state_precision='factored'``).
+
+Every per-element state that declares a ``factored:`` form is stored, for parameters that are
+factored, as two non-negative rank-1 factors of its magnitude over the closest-to-square matrix
+``(d1, d2)`` of the flat parameter (``d1 >= d2``), plus, for a signed state, its sign packed
+8 per ``uint8`` (math/adv-optm.md §2.5). Each step, as adv_optm does:
+
+1. reconstruct the full float32 state before its first use: ``outer(row, col)``, negated where
+   the sign bit is clear;
+2. run the base update on it at full size (the update uses the full-size new state);
+3. re-factor after each write: ``sign = state > 0``, ``row = rowsum(|state|)``,
+   ``col = colsum(|state|) / max(sum(colsum(|state|)), 1e-12)`` (the column factor is the one
+   normalised, as ``d1 >= d2``).
+
+The gradient is taken in float32, and the dense states of parameters left unfactored (1-D ones)
+are float32 too, whenever factored states are requested (as adv_optm does). The program's
+``matrix_view`` tells the runtime to hand the factored branch its parameter, gradient and
+per-element states as ``(d1, d2)`` views, so per-row/per-column values are the factors and no
+backend needs to know about the reshape. A parameter is factored when ``state_precision ==
+'factored'`` or ``nnmf_factor`` and it is not 1-D (unless ``vector_reshape``); 0-d parameters
+are factored as ``(1, 1)``, as in adv_optm. List it last under ``features:``: it rewrites the
+statements the other features produced.
+"""
+
+from __future__ import annotations
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.spec.model import HyperparameterSpec
+
+#: The column factor's normaliser floor (adv_optm's ``EPSILON``).
+FLOOR = 1e-12
+
+
+def _requested() -> Node:
+    precision = Node("eq", (Node("hyper", attr=("state_precision", None)), Node("const", attr="factored")),
+                     boolean=True)
+    return Node("or", (precision, flag("nnmf_factor")), boolean=True)
+
+
+def _shaped() -> Node:
+    """Not a vector (or vectors reshaped too)."""
+    not_vector = Node("ne", (Node("meta", attr="ndim"), Node("const", attr=1)), boolean=True)
+    return Node("or", (not_vector, flag("vector_reshape")), boolean=True)
+
+
+def _and(a: Node | None, b: Node) -> Node:
+    return b if a is None else Node("and", (a, b), boolean=True)
+
+
+def _e(op: str, *args: Node, boolean: bool = False) -> Node:
+    return Node(op, args, kind=Kind.ELEMENT, boolean=boolean)
+
+
+class _Factoring:
+    """The rewrite of one program's body for its factored states."""
+
+    def __init__(self, decls: list[StateDecl], taken: set[str]):
+        self.decls = {d.name: d for d in decls}
+        self.full = {}
+        for d in decls:
+            name = f"{d.name}_full"
+            if name in taken:
+                raise FeatureError(f"feature 'factored' names the full-size '{d.name}' '{name}', which is taken")
+            self.full[d.name] = name
+
+    def _rename(self, n: Node) -> Node:
+        if n.op == "var" and n.attr in self.full:
+            return Node("var", kind=Kind.ELEMENT, attr=self.full[n.attr])
+        if not n.args:
+            return n
+        return Node(n.op, tuple(self._rename(a) for a in n.args), n.kind, n.attr, n.boolean)
+
+    def reconstruct(self, name: str) -> list[Stmt]:
+        row, col, sign = self.decls[name].factored
+        magnitude = _e("outer", var(row, Kind.ROW), var(col, Kind.COL))
+        if sign is None:
+            return [Assign(self.full[name], magnitude, None, "temp")]
+        mag = f"{name}_magnitude"
+        return [
+            Assign(mag, magnitude, None, "temp"),
+            Assign(self.full[name], _e("where", Node("var", kind=Kind.ELEMENT, attr=sign, boolean=True), var(mag), _e("neg", var(mag))), None, "temp"),
+        ]
+
+    def refactor(self, name: str) -> list[Stmt]:
+        row, col, sign = self.decls[name].factored
+        full, absolute, sums = var(self.full[name]), f"{name}_abs", f"{name}_colsum"
+        out: list[Stmt] = []
+        if sign is not None:
+            out.append(Assign(sign, _e("gt", full, Node("const", attr=0.0), boolean=True), None, "state"))
+        total = Node("sum", (var(sums, Kind.COL),), kind=Kind.TENSOR)
+        floor = Node("maximum", (total, Node("const", attr=FLOOR)), kind=Kind.TENSOR)
+        out += [
+            Assign(absolute, _e("abs", full), None, "temp"),
+            Assign(row, Node("rowsum", (var(absolute),), kind=Kind.ROW), None, "state"),
+            Assign(sums, Node("colsum", (var(absolute),), kind=Kind.COL), None, "temp"),
+            # d1 >= d2 in the view, so adv_optm's nnmf normalises the column factor
+            Assign(col, Node("div", (var(sums, Kind.COL), floor), kind=Kind.COL), None, "state"),
+        ]
+        return out
+
+    def block(self, stmts: list[Stmt], ready: set[str], partial: set[str]) -> tuple[list[Stmt], set[str]]:
+        """``stmts`` on full-size temporaries; ``ready``: states already reconstructed on this path,
+        ``partial``: states made full size on one branch of an earlier conditional only."""
+        out: list[Stmt] = []
+        for s in stmts:
+            if isinstance(s, If):
+                then, r1 = self.block(s.then, set(ready), partial)
+                orelse, r2 = self.block(s.orelse, set(ready), partial)
+                out.append(If(s.cond, then, orelse, s.pos))
+                partial |= r1 ^ r2
+                ready = r1 & r2
+                continue
+            reads = {n.attr for n in walk_nodes(s.value) if n.op == "var"} & set(self.full)
+            if reads & partial - ready:
+                raise FeatureError(f"feature 'factored': '{s.target}' reads state "
+                                   f"'{sorted(reads & partial)[0]}' that only one branch of a condition updated")
+            for name in sorted(reads - ready):
+                out += self.reconstruct(name)
+                ready.add(name)
+            target = self.full.get(s.target, s.target)
+            role = "temp" if s.target in self.full else s.role
+            out.append(Assign(target, self._rename(s.value), s.pos, role))
+            if s.target in self.full:
+                out += self.refactor(s.target)
+                ready.add(s.target)
+                partial.discard(s.target)
+        return out, ready
+
+
+def _apply(program: Program) -> Program:
+    decls = [d for d in program.state if d.factored is not None]
+    if not decls:
+        raise FeatureError("feature 'factored' needs a per-element state with a 'factored: {row, col}' form")
+    if program.matrix_view is not None:
+        raise FeatureError("feature 'factored' needs the parameter's matrix view, which another feature set")
+    taken = {d.name for d in program.state}
+    for d in decls:
+        for name in d.factored:
+            if name is not None and name in taken:
+                raise FeatureError(f"state '{d.name}': factored state name '{name}' is already a state")
+            taken.add(name)
+    view = Node("and", (_requested(), _shaped()), boolean=True)
+    fact = _Factoring(decls, taken)
+    factored, _ = fact.block(program.body, set(), set())
+    upcast = Assign("grad", _e("float32", var("grad")), None, "grad")
+    # adv_optm computes in float32 with the gradient upcast whenever factored states are requested
+    body = [If(_requested(), [upcast, If(_shaped(), factored, program.body)], program.body)]
+    state: list[StateDecl] = []
+    dense = Node("not", (view,), boolean=True)
+    for d in program.state:
+        if d.factored is None:
+            state.append(d)
+            continue
+        row, col, sign = d.factored
+        on = _and(d.cond, view)
+        # adv_optm keeps the dense states of parameters it does not factor in float32 too
+        state.append(StateDecl(d.name, d.kind, d.init, d.dtype, _and(d.cond, dense), d.doc,
+                               dtype_when=(_requested(), "float32")))
+        state.append(StateDecl(row, Kind.ROW, "zeros", "float32", on, f"per-row factor of |{d.name}|"))
+        state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|"))
+        if sign is not None:
+            state.append(StateDecl(sign, Kind.ELEMENT, "zeros", "bits", on, f"sign of {d.name}, 1 bit per element"))
+    return program.copy(body=body, state=state, matrix_view=view)
+
+
+FEATURE = Feature(
+    name="factored",
+    doc="SMMF-style rank-1 factored states with a 1-bit packed sign over the closest-to-square reshape (adv_optm).",
+    transform=_apply,
+    hyperparameters={
+        "state_precision": HyperparameterSpec(default="auto", type="any", choices=["auto", "factored"],
+                                              doc="'factored': rank-1 factored states with a 1-bit sign"),
+        "nnmf_factor": HyperparameterSpec(default=False, type="bool", doc="legacy alias of state_precision='factored'"),
+        "vector_reshape": HyperparameterSpec(default=False, type="bool",
+                                             doc="factor 1-D parameters too (as a closest-to-square matrix)"),
+    },
+)

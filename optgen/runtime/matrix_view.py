@@ -1,0 +1,98 @@
+"""The matrix view of factored parameters, and 1-bit state storage (feature ``factored``).
+
+A program with a ``matrix_view`` condition steps each parameter that meets it as the
+closest-to-square matrix ``(d1, d2)`` of its flat memory: the runtime hands the backends views of
+the parameter, the gradient and the per-element states, so per-row / per-column states are the
+rank-1 factors. ``bits`` states (a boolean per element) are stored packed 8 per ``uint8`` along
+the last dim, least significant bit first (adv_optm's layout); the torch and reference backends
+see them unpacked, the triton kernels read and write the packed bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from optgen.ir.nodes import Kind, Program
+from optgen.runtime.host import HostContext, evaluate
+
+_SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=4096)
+def effective_shape(numel: int) -> tuple[int, int]:
+    """The factor pair ``(d1, d2)`` of ``numel`` closest to its square root, ``d1 >= d2`` (adv_optm's
+    ``_get_effective_shape``: a prime gives ``(numel, 1)``, 0 gives ``(0, 0)``)."""
+    if numel <= 0:
+        return (0, 0)
+    for i in range(math.isqrt(numel), 0, -1):
+        if numel % i == 0:
+            return (numel // i, i)
+    return (numel, 1)  # pragma: no cover - i = 1 always divides
+
+
+def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: dict) -> tuple[int, int] | None:
+    """The ``(d1, d2)`` shape ``p`` is stepped as, or None when the program steps it as it is."""
+    if program.matrix_view is None:
+        return None
+    if not evaluate(program.matrix_view, HostContext(group, p, state, tensor_math=False)):
+        return None
+    return effective_shape(p.numel())
+
+
+def as_view(t: torch.Tensor, shape: tuple[int, int] | None, what: str) -> torch.Tensor:
+    """``t`` viewed as ``shape`` (its flat memory, row-major)."""
+    if shape is None:
+        return t
+    try:
+        return t.view(shape)
+    except RuntimeError as exc:
+        raise RuntimeError(f"factored states need a contiguous {what} to view it as {shape}: {exc}") from None
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The storage shape of a ``bits`` state for a (viewed) parameter of ``shape``."""
+    if not shape:
+        raise RuntimeError("a 1-bit state needs a parameter with at least one dim")
+    return (*shape[:-1], -(-shape[-1] // 8))
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Booleans ``(..., n)`` as ``uint8`` ``(..., ceil(n/8))``, bit ``b`` of byte ``j`` = element ``8j+b``."""
+    n = bits.shape[-1]
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -(-n // 8) * 8 - n))
+    shifter = torch.tensor(_SHIFTS, dtype=torch.uint8, device=bits.device)
+    return (padded.view(*bits.shape[:-1], -1, 8) * shifter).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: booleans ``(..., n)``."""
+    shifter = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) & shifter) != 0).view(*packed.shape[:-1], -1)[..., :n]
+
+
+class ViewedState:
+    """A parameter's state as the backends see it under its view: per-element states viewed, 1-bit
+    states unpacked. :meth:`write_back` packs the bits again and keeps states created meanwhile."""
+
+    def __init__(self, program: Program, state: dict, shape: tuple[int, int] | None, p: torch.Tensor):
+        self.program, self.state, self.shape, self.param = program, state, shape, p
+        self.bits = [d.name for d in program.state if d.dtype == "bits" and state.get(d.name) is not None]
+        self.elements = {d.name for d in program.state if d.kind == Kind.ELEMENT and d.dtype != "bits"}
+        self.view = dict(state)
+        for name in self.elements:
+            if isinstance(self.view.get(name), torch.Tensor):
+                self.view[name] = as_view(self.view[name], shape, f"state '{name}'")
+        width = shape[-1] if shape is not None else (p.shape[-1] if p.dim() else 1)
+        for name in self.bits:
+            self.view[name] = unpack_bits(state[name], width)
+
+    def write_back(self) -> None:
+        for name in self.bits:
+            self.state[name].copy_(pack_bits(self.view[name]))
+        for name, value in self.view.items():
+            if name not in self.state and isinstance(value, torch.Tensor):
+                self.state[name] = value.view(self.param.shape) if name in self.elements else value
