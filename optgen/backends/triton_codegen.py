@@ -353,6 +353,18 @@ class KernelEmitter:
     def vec_statement(self, s: Assign, body: _Body) -> None:
         kind = s.value.kind
         n = s.value
+        if kind == Kind.TENSOR and n.op == "sum":  # the sum of a per-row / per-column value
+            x = n.args[0]
+            length = "M" if x.kind == Kind.ROW else "N"
+            body.emit("acc = tl.zeros((), tl.float32)")
+            body.emit("for b in range(0, B):")
+            body.indent += 1
+            self._vec_loop(body, length)
+            ctx = _DeviceCtx(self, body, "vec", length=length)
+            body.emit(f"acc += tl.sum(tl.where(j < {length}, {self.expr(x, ctx)}, 0.0), axis=0)")
+            body.indent -= 2
+            _DeviceCtx(self, body, "vec", length=None).store(s.target, "acc", kind)
+            return
         if kind == Kind.TENSOR:
             ctx = _DeviceCtx(self, body, "vec", length=None)
             ctx.store(s.target, self.expr(n, ctx), kind)
@@ -482,6 +494,35 @@ class _DeviceCtx:
             Kind.MATRIX: ("b", None),
         }[kind]
 
+    def is_bits(self, name: str) -> bool:
+        decl = self.em.states.get(name)
+        return decl is not None and decl.dtype == "bits"
+
+    def _bits_offsets(self) -> str:
+        if self.mode != "tiled":
+            raise TritonUnsupported("a 1-bit state outside a tiled pass")
+        return "(b * M + rows2) * ((N + 7) // 8)"
+
+    def read_bits(self, name: str) -> str:
+        """A 1-bit state: bit ``j % 8`` of byte ``j // 8`` of each row, as a boolean."""
+        ptr = self.pointer(name)
+        byte, local = self.body.fresh("byte"), self.body.fresh("v")
+        self.body.emit(f"{byte} = tl.load({ptr} + {self._bits_offsets()} + cols2 // 8, mask=mask, other=0)")
+        self.body.emit(f"{local} = ((({byte}).to(tl.int32) >> (cols2 % 8)) & 1) != 0")
+        self.locals[name] = local
+        return local
+
+    def store_bits(self, name: str, value: str) -> None:
+        """Pack the tile's booleans 8 per byte (BN is a multiple of 8; bits past N are 0)."""
+        ptr = self.pointer(name)
+        b = self.body
+        bits, packed, bcols = b.fresh("bits"), b.fresh("packed"), b.fresh("bcols")
+        b.emit(f"{bits} = tl.reshape(tl.where(mask, {value}, 0).to(tl.int32), (BM, BN // 8, 8))")
+        b.emit(f"{packed} = tl.sum({bits} << tl.arange(0, 8)[None, None, :], axis=2)")
+        b.emit(f"{bcols} = tl.load(chunks + 4 * pid + 3) // 8 + tl.arange(0, BN // 8)[None, :]")
+        b.emit(f"tl.store({ptr} + {self._bits_offsets()} + {bcols}, {packed}.to(tl.uint8), "
+               f"mask=(rows2 < M) & ({bcols} < (N + 7) // 8))")
+
     def read(self, name: str, kind: Kind) -> str:
         if kind == Kind.HOST:
             load = f"tl.load(hv + t * NH + {self.em.hv[name]})"
@@ -493,6 +534,8 @@ class _DeviceCtx:
             return self.hv_loaded[name]
         if name in self.locals:
             return self.locals[name]
+        if self.is_bits(name):
+            return self.read_bits(name)
         ptr = self.pointer(name)
         off, mask = self.index(kind)
         local = self.body.fresh("v")
@@ -505,6 +548,9 @@ class _DeviceCtx:
         return local
 
     def store(self, name: str, value: str, kind: Kind = Kind.ELEMENT) -> None:
+        if self.is_bits(name):
+            self.store_bits(name, value)
+            return
         ptr = self.pointer(name)
         off, mask = self.index(kind)
         m = f", mask={mask}" if mask is not None else ""

@@ -152,6 +152,12 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
 
     def extract(n: Node, top: bool) -> Node:
         n = replace(n, args=tuple(extract(a, False) for a in n.args)) if n.args else n
+        if n.op == "sum" and n.args[0].kind != Kind.ELEMENT:
+            # the sum of a per-row / per-column vector: vector-stage work, not a pass
+            name = f"_s{counter['s']}"
+            counter["s"] += 1
+            out.append(Assign(name, n, role="temp"))
+            return Node("var", kind=n.kind, attr=name)
         if n.op in FULL_PASS_REDUCTIONS:
             name = f"_r{counter['r']}"
             counter["r"] += 1
@@ -190,8 +196,10 @@ def is_small(s: Assign) -> bool:
     return s.value.kind != Kind.ELEMENT and all(x.kind != Kind.ELEMENT for x in walk_nodes(s.value))
 
 
-def make_stages(device: list[Assign]) -> list[Stage]:
-    """Alternate element passes and vector stages, keeping program order where it matters."""
+def make_stages(device: list[Assign], bits: frozenset[str] = frozenset()) -> list[Stage]:
+    """Alternate element passes and vector stages, keeping program order where it matters.
+
+    ``bits``: 1-bit states, stored packed along the rows of each matrix (tiled passes only)."""
     segs: list[Stage] = [Stage("pass"), Stage("vec")]
     produced: dict[str, int] = {}
     reduced: dict[str, int] = {}
@@ -217,8 +225,9 @@ def make_stages(device: list[Assign]) -> list[Stage]:
     for st in stages:
         if st.kind == "pass":
             tiled = any(
-                n.kind in (Kind.ROW, Kind.COL, Kind.MATRIX) for a in st.statements for n in walk_nodes(a.value)
-            )
+                n.kind in (Kind.ROW, Kind.COL, Kind.MATRIX) or (n.op == "var" and n.attr in bits)
+                for a in st.statements for n in walk_nodes(a.value)
+            ) or any(a.target in bits for a in st.statements)
             st.layout = "tiled" if tiled else "flat"
     return stages
 
@@ -229,7 +238,7 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
     straight = split_reductions(straight)
     host = [s for s in straight if s.value.is_host]
     device = [s for s in straight if not s.value.is_host]
-    stages = make_stages(device)
+    stages = make_stages(device, frozenset(d.name for d in program.state if d.dtype == "bits"))
 
     # Host values the device code reads, and the host statements they need.
     hv: list[str] = []

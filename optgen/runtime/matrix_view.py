@@ -65,13 +65,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     n = bits.shape[-1]
     padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -(-n // 8) * 8 - n))
     shifter = torch.tensor(_SHIFTS, dtype=torch.uint8, device=bits.device)
-    return (padded.view(*bits.shape[:-1], -1, 8) * shifter).sum(dim=-1, dtype=torch.uint8)
+    return (padded.view(*bits.shape[:-1], -(-n // 8), 8) * shifter).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of :func:`pack_bits`: booleans ``(..., n)``."""
     shifter = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) & shifter) != 0).view(*packed.shape[:-1], -1)[..., :n]
+    return ((packed.unsqueeze(-1) & shifter) != 0).view(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n]
 
 
 class ViewedState:

@@ -26,6 +26,7 @@ import torch
 
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt
 from optgen.runtime.host import HostContext, evaluate
+from optgen.runtime.matrix_view import view_shape
 
 #: Elements per program of a flat pass, and the tile of a tiled pass (GPU / interpreter).
 GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 4096, "num_warps": 4}
@@ -71,9 +72,9 @@ def _tl_dtype(dtype: torch.dtype):
     }[dtype]
 
 
-def _dims(p: torch.Tensor) -> tuple[int, int, int]:
-    """(B, M, N): the parameter as a batch of M x N matrices."""
-    shape = tuple(p.shape)
+def _dims(p: torch.Tensor, view: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(B, M, N): the parameter as a batch of M x N matrices (its matrix ``view``, if stepped as one)."""
+    shape = tuple(p.shape) if view is None else view
     n = shape[-1] if len(shape) >= 1 else 1
     m = shape[-2] if len(shape) >= 2 else 1
     b = math.prod(shape[:-2]) if len(shape) > 2 else 1
@@ -152,7 +153,7 @@ class TritonRunner:
         return tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
-        ctx = HostContext(group, p, state, tensor_math=False)
+        ctx = HostContext(group, p, state, tensor_math=False, view=view_shape(self.program, p, group, state))
         key: list[tuple[str, bool]] = []
         _static_pass(self.program.body, ctx, key, self.dynamic)
         return tuple(key)
@@ -198,11 +199,12 @@ class TritonRunner:
                     if states[params[i]].get(name) is None:
                         states[params[i]][name] = torch.zeros_like(params[i])
                         cache.dirty = True  # has(name) flips: the next step takes another path
-            cache.buckets.append(self._bucket(path, idx, dtype, params, states, cfg, device))
+            views = [view_shape(prog, params[i], group, states[params[i]]) for i in idx]
+            cache.buckets.append(self._bucket(path, idx, dtype, params, states, cfg, device, views))
         return cache
 
     def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
-                states: dict, cfg: dict, device: torch.device) -> _Bucket:
+                states: dict, cfg: dict, device: torch.device, views: list) -> _Bucket:
         prog = self.program
         temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path["temps"]]
         rows: list[list[int]] = []
@@ -213,7 +215,7 @@ class TritonRunner:
         for t, i in enumerate(idx):
             p = params[i]
             st = states[p]
-            b, m, n = _dims(p)
+            b, m, n = _dims(p, views[t])
             row = []
             for col in path["columns"]:
                 if col == "param":
@@ -250,7 +252,7 @@ class TritonRunner:
                     continue
                 c = path["columns"].index(f"ws:{name}")
                 for t, i in enumerate(idx):
-                    b, m, n = _dims(params[i])
+                    b, m, n = _dims(params[i], views[t])
                     size = {Kind.ELEMENT: params[i].numel(), Kind.ROW: b * m, Kind.COL: b * n,
                             Kind.MATRIX: b, Kind.TENSOR: 1}[kind]
                     rows[t][c] = ws_size
@@ -277,7 +279,7 @@ class TritonRunner:
             tiled_chunks=chunk_table(tiled),
             ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
             hv=torch.zeros(len(idx) * nh, dtype=torch.float32, device=device), nh=nh, aligned=aligned,
-            n_aligned=all(_dims(params[i])[2] % 16 == 0 for i in idx),
+            n_aligned=all(_dims(params[i], v)[2] % 16 == 0 for i, v in zip(idx, views)),
             consts=consts,
         )
 
