@@ -122,7 +122,8 @@ def if_convert(stmts: list[Stmt], kinds: dict[str, Kind], counter: list[int]) ->
             orig = branches[0][2].get(t) or branches[1][2].get(t)
             one_sided = t not in branches[0][2] or t not in branches[1][2]
             if one_sided and orig.role == "temp" and t not in before:
-                continue  # a temporary local to one branch: never read after the conditional
+                kinds.pop(t, None)  # a temporary local to one branch: never read after the conditional
+                continue
             kind = orig.value.kind
             pick = [br[1].get(t, Node("var", kind=before.get(t, kind), attr=t)) for br in branches]
             out.append(Assign(t, Node("where", (s.cond, pick[0], pick[1]), kind=kind), orig.pos, orig.role))

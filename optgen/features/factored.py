@@ -12,12 +12,13 @@ factored, as two non-negative rank-1 factors of its magnitude over the closest-t
    ``col = colsum(|state|) / max(sum(colsum(|state|)), 1e-12)`` (the column factor is the one
    normalised, as ``d1 >= d2``).
 
-The gradient is taken in float32, and the dense states of parameters left unfactored (1-D ones)
-are float32 too, whenever factored states are requested (as adv_optm does). The program's
+The gradient is taken in float32. A spec with adv_optm's ``state_precision`` hyperparameter
+(``'factored'`` or ``nnmf_factor``) keeps the dense states of the parameters it does not factor
+(1-D ones) in float32 too and upcasts their gradient, as adv_optm does there; with only
+``nnmf_factor`` (Lion) those keep the parameter's dtype. The program's
 ``matrix_view`` tells the runtime to hand the factored branch its parameter, gradient and
 per-element states as ``(d1, d2)`` views, so per-row/per-column values are the factors and no
-backend needs to know about the reshape. A parameter is factored when ``state_precision ==
-'factored'`` or ``nnmf_factor`` and it is not 1-D (unless ``vector_reshape``); 0-d parameters
+backend needs to know about the reshape. A parameter is factored when factored states are requested and it is not 1-D (unless ``vector_reshape``); 0-d parameters
 are factored as ``(1, 1)``, as in adv_optm. List it last under ``features:``: it rewrites the
 statements the other features produced.
 """
@@ -25,7 +26,7 @@ statements the other features produced.
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, var
+from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, flag, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
@@ -33,7 +34,9 @@ from optgen.spec.model import HyperparameterSpec
 FLOOR = 1e-12
 
 
-def _requested() -> Node:
+def _requested(precision_api: bool) -> Node:
+    if not precision_api:
+        return flag("nnmf_factor")
     precision = Node("eq", (Node("hyper", attr=("state_precision", None)), Node("const", attr="factored")),
                      boolean=True)
     return Node("or", (precision, flag("nnmf_factor")), boolean=True)
@@ -86,13 +89,16 @@ class _Factoring:
     def refactor(self, name: str) -> list[Stmt]:
         row, col, sign = self.decls[name].factored
         full, absolute, sums = var(self.full[name]), f"{name}_abs", f"{name}_colsum"
+        # factors of the float32 value (a no-op after the upcast; ADOPT's init squares the raw
+        # gradient and stores it as float32, as adv_optm does)
+        full32 = _e("float32", full)
         out: list[Stmt] = []
         if sign is not None:
-            out.append(Assign(sign, _e("gt", full, Node("const", attr=0.0), boolean=True), None, "state"))
+            out.append(Assign(sign, _e("gt", full32, Node("const", attr=0.0), boolean=True), None, "state"))
         total = Node("sum", (var(sums, Kind.COL),), kind=Kind.TENSOR)
         floor = Node("maximum", (total, Node("const", attr=FLOOR)), kind=Kind.TENSOR)
         out += [
-            Assign(absolute, _e("abs", full), None, "temp"),
+            Assign(absolute, _e("abs", full32), None, "temp"),
             Assign(row, Node("rowsum", (var(absolute),), kind=Kind.ROW), None, "state"),
             Assign(sums, Node("colsum", (var(absolute),), kind=Kind.COL), None, "temp"),
             # d1 >= d2 in the view, so adv_optm's nnmf normalises the column factor
@@ -100,22 +106,19 @@ class _Factoring:
         ]
         return out
 
-    def block(self, stmts: list[Stmt], ready: set[str], partial: set[str]) -> tuple[list[Stmt], set[str]]:
-        """``stmts`` on full-size temporaries; ``ready``: states already reconstructed on this path,
-        ``partial``: states made full size on one branch of an earlier conditional only."""
+    def block(self, stmts: list[Stmt], ready: set[str]) -> tuple[list[Stmt], set[str]]:
+        """``stmts`` on full-size temporaries; ``ready``: states whose full-size value is current on
+        this path. After a conditional only the states current on both branches are: a later read
+        reconstructs from the stored factors, as adv_optm reads its state (ADOPT's first step)."""
         out: list[Stmt] = []
         for s in stmts:
             if isinstance(s, If):
-                then, r1 = self.block(s.then, set(ready), partial)
-                orelse, r2 = self.block(s.orelse, set(ready), partial)
+                then, r1 = self.block(s.then, set(ready))
+                orelse, r2 = self.block(s.orelse, set(ready))
                 out.append(If(s.cond, then, orelse, s.pos))
-                partial |= r1 ^ r2
                 ready = r1 & r2
                 continue
             reads = {n.attr for n in walk_nodes(s.value) if n.op == "var"} & set(self.full)
-            if reads & partial - ready:
-                raise FeatureError(f"feature 'factored': '{s.target}' reads state "
-                                   f"'{sorted(reads & partial)[0]}' that only one branch of a condition updated")
             for name in sorted(reads - ready):
                 out += self.reconstruct(name)
                 ready.add(name)
@@ -125,7 +128,6 @@ class _Factoring:
             if s.target in self.full:
                 out += self.refactor(s.target)
                 ready.add(s.target)
-                partial.discard(s.target)
         return out, ready
 
 
@@ -141,12 +143,24 @@ def _apply(program: Program) -> Program:
             if name is not None and name in taken:
                 raise FeatureError(f"state '{d.name}': factored state name '{name}' is already a state")
             taken.add(name)
-    view = Node("and", (_requested(), _shaped()), boolean=True)
+    # adv_optm's state_precision API (AdamW, Adopt, SignSGD) keeps every state in float32 and
+    # upcasts the gradient once factored states are requested; with only nnmf_factor (Lion), the
+    # parameters it does not factor keep their dtype.
+    precision_api = "state_precision" in dict(program.hypers)
+    requested = _requested(precision_api)
+    view = Node("and", (requested, _shaped()), boolean=True)
     fact = _Factoring(decls, taken)
-    factored, _ = fact.block(program.body, set(), set())
-    upcast = Assign("grad", _e("float32", var("grad")), None, "grad")
-    # adv_optm computes in float32 with the gradient upcast whenever factored states are requested
-    body = [If(_requested(), [upcast, If(_shaped(), factored, program.body)], program.body)]
+    factored, _ = fact.block(program.body, set())
+    # the upcast goes where adv_optm upcasts: right before OrthoGrad (ADOPT's init-only step squares
+    # the raw gradient first)
+    upcast = at_start_of_param_block([Assign("grad", _e("float32", var("grad")), None, "grad")])
+    dense_body = program.body
+    factored, ok = edit_nested(factored, upcast)
+    if precision_api:
+        dense_body, ok = edit_nested(dense_body, upcast)
+    if not ok:
+        raise FeatureError("feature 'factored' needs a 'param = ...' statement")
+    body = [If(requested, [If(_shaped(), factored, dense_body)], program.body)]
     state: list[StateDecl] = []
     dense = Node("not", (view,), boolean=True)
     for d in program.state:
@@ -157,7 +171,7 @@ def _apply(program: Program) -> Program:
         on = _and(d.cond, view)
         # adv_optm keeps the dense states of parameters it does not factor in float32 too
         state.append(StateDecl(d.name, d.kind, d.init, d.dtype, _and(d.cond, dense), d.doc,
-                               dtype_when=(_requested(), "float32")))
+                               dtype_when=(requested, "float32") if precision_api else None))
         state.append(StateDecl(row, Kind.ROW, "zeros", "float32", on, f"per-row factor of |{d.name}|"))
         state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|"))
         if sign is not None:
@@ -169,9 +183,8 @@ FEATURE = Feature(
     name="factored",
     doc="SMMF-style rank-1 factored states with a 1-bit packed sign over the closest-to-square reshape (adv_optm).",
     transform=_apply,
+    # a spec with adv_optm's state_precision API declares it (choices: auto, factored)
     hyperparameters={
-        "state_precision": HyperparameterSpec(default="auto", type="any", choices=["auto", "factored"],
-                                              doc="'factored': rank-1 factored states with a 1-bit sign"),
         "nnmf_factor": HyperparameterSpec(default=False, type="bool", doc="legacy alias of state_precision='factored'"),
         "vector_reshape": HyperparameterSpec(default=False, type="bool",
                                              doc="factor 1-D parameters too (as a closest-to-square matrix)"),

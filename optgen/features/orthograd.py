@@ -17,7 +17,7 @@ string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented)
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, edit_nested, flag, var
+from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, flag, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -43,21 +43,13 @@ def _statements() -> list[Stmt]:
     ]
 
 
-def _at_start_of_param_block(block: list[Stmt]):
-    """Returns an edit: ``block`` at the start of the statement list that writes the parameter."""
-    def edit(stmts: list[Stmt]) -> list[Stmt] | None:
-        return [*block, *stmts] if any(isinstance(s, Assign) and s.target == "param" for s in stmts) else None
-
-    return edit
-
-
 def _apply(program: Program) -> Program:
     declared = dict(program.hypers).get(FLAG)
     if declared is not None and declared.inferred_type() != "bool":
         cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
     else:
         cond = flag(FLAG)
-    body, ok = edit_nested(program.body, _at_start_of_param_block([If(cond, _statements(), [])]))
+    body, ok = edit_nested(program.body, at_start_of_param_block([If(cond, _statements(), [])]))
     if not ok:
         raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
     return program.copy(body=body)

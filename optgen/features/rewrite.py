@@ -98,3 +98,17 @@ def edit_nested(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | Non
             if ok:
                 return [*stmts[:i], If(s.cond, then, orelse, s.pos), *stmts[i + 1:]], True
     return stmts, False
+
+
+def at_start_of_param_block(block: list[Stmt]) -> Callable[[list[Stmt]], list[Stmt] | None]:
+    """An edit for :func:`edit_nested`: ``block`` at the start of the statement list that writes the
+    parameter (where adv_optm upcasts and orthogonalises the gradient, after ADOPT's init-only step)."""
+    def writes(s: Stmt) -> bool:  # on every branch (stochastic rounding splits the write in two)
+        if isinstance(s, Assign):
+            return s.target == "param"
+        return any(writes(x) for x in s.then) and any(writes(x) for x in s.orelse)
+
+    def edit(stmts: list[Stmt]) -> list[Stmt] | None:
+        return [*block, *stmts] if any(writes(s) for s in stmts) else None
+
+    return edit
