@@ -13,12 +13,13 @@ from tests.published import ours_factory, published_factory, settings
 
 STEPS = 100
 # (spec, setting index): the first setting of each spec without OrthoGrad (computed in float32 by
-# adv_optm whatever the dtype), plus decay / cautious decay where the spec tests them
+# adv_optm whatever the dtype), plus decay / cautious decay where the spec tests them, and one
+# factored-state setting per spec that has them (float32 factors, upcast gradient, one SR write)
 CASES = [
     (spec, i) for spec in ("adamw_adv", "adopt_adv", "lion_adv", "signsgd_adv", "adamw_adv_2_2_3",
                            "adopt_adv_2_2_3", "simplified_ademamix")
     for i in (1, 2)
-]
+] + [("adamw_adv", 13), ("adopt_adv", 12), ("lion_adv", 6), ("signsgd_adv", 10)]  # factored states
 
 
 @pytest.mark.parametrize("model", ["mlp", "transformer"])

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.backends import reference
-from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt
+from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes
+from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 
@@ -97,8 +98,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._kourkoutas = Kourkoutas(self, self.param_groups[0].get("kourkoutas_warmup", "blend"))
         if "stochastic_rounding" in prog.features:
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
-            from optgen.runtime import stochastic
-
             stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
                                if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
 
@@ -266,6 +265,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             _host_pass(prog.body, ctx, path)
             buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
         device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
+        ahead = self._random_bits_ahead(buckets, params)
         for path, items in buckets.items():
             h: dict[str, Any] = dict(path)
             for name in items[0][1]:
@@ -277,13 +277,25 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             ps = [as_view(p, view, "parameter") for p, _, view in items]
             grads = [as_view(p.grad, view, "gradient") for p, _, view in items]
             states = {n: [v.view.get(n) for v in viewed] for n in device_state}
-            type(self)._device_step(h, ps, grads, states)
+            with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]):
+                type(self)._device_step(h, ps, grads, states)
             for n in device_state:
                 for v, t in zip(viewed, states[n]):
                     if t is not None and v.view.get(n) is None:
                         v.view[n] = t
             for v in viewed:
                 v.write_back()
+
+    def _random_bits_ahead(self, buckets: dict[tuple, list], params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Stochastic-rounding bits drawn in parameter order (adv_optm's stream), when more than one
+        bucket rounds: buckets would draw them out of order."""
+        if "stochastic_rounding" not in self._program.features or len(buckets) < 2:
+            return {}
+        paths = [items for path, items in buckets.items() if _path_rounds(self._program.body, dict(path))]
+        if len(paths) < 2:
+            return {}
+        rounding = {id(p) for items in paths for p, _, _ in items}
+        return {id(p): stochastic.draw(p) for p in params if id(p) in rounding}
 
     # -- torch.distributed helpers (single process: no-ops) ------------------------------------
     @torch.no_grad()
@@ -353,6 +365,18 @@ def _require_single_process(name: str) -> None:
 
 def _has_nan(values: list[Any]) -> bool:
     return any(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def _path_rounds(stmts: list[Stmt], taken: dict[str, bool]) -> bool:
+    """Whether the branch path ``taken`` reaches a stochastic rounding."""
+    for s in stmts:
+        if isinstance(s, If):
+            branch = s.then if taken.get(s.cond.attr, False) else s.orelse
+            if _path_rounds(branch, taken):
+                return True
+        elif any(n.op == "stochastic_round" for n in walk_nodes(s.value)):
+            return True
+    return False
 
 
 def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]) -> None:

@@ -10,6 +10,10 @@ their results are bit-identical to adv_optm's; the triton backend uses in-kernel
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+
 import torch
 
 SEED = 42
@@ -31,9 +35,30 @@ def generator(device: torch.device) -> torch.Generator:
     return _generators[device]
 
 
+#: random bits drawn ahead, in parameter order, for calls made in another order (see :func:`drawn`)
+_ahead: deque[torch.Tensor] | None = None
+
+
+def draw(x: torch.Tensor) -> torch.Tensor:
+    """The random low 16 bits for one tensor like ``x`` (one draw from its device's stream)."""
+    return torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator(x.device))
+
+
+@contextlib.contextmanager
+def drawn(bits: list[torch.Tensor]) -> Iterator[None]:
+    """Round with ``bits`` (drawn earlier by :func:`draw`) in order: the torch backend steps
+    parameters in buckets, but adv_optm's stream is drawn in parameter order."""
+    global _ahead
+    _ahead = deque(bits)
+    try:
+        yield
+    finally:
+        _ahead = None
+
+
 def round_bf16(x: torch.Tensor) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16: up in magnitude with probability (low 16 bits) / 2^16."""
-    r = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator(x.device))
+    r = _ahead.popleft().view(x.shape) if _ahead else draw(x)
     r.add_(x.contiguous().view(torch.int32))
     r.bitwise_and_(-65536)
     return r.view(torch.float32).to(torch.bfloat16)
