@@ -105,6 +105,16 @@ CASES = [
     ("constructor_order unknown", BASE.replace("class: Demo", "class: Demo\nconstructor_order: [lr, betaz]"),
      "constructor_order[1]: unknown hyperparameter 'betaz' (did you mean 'betas'?)"),
     ("keyword call", BASE.replace("lerp(m, grad, 1 - beta1)", "lerp(m, grad, w=0.1)"), "update[0]: lerp(): keyword arguments are not allowed"),
+    ("factored form without the feature", BASE.replace("  m: {kind: element}", "  m: {kind: element, factored: {row: r, col: c}}"),
+     "7:32: state.m.factored: a factored form needs feature 'factored' under features:"),
+    ("factored form of a row state", BASE.replace("state:", "features: [factored]\nstate:").replace(
+        "  m: {kind: element}", "  m: {kind: element}\n  s: {kind: row, factored: {row: r, col: c}}"),
+     "state.s.factored: only per-element states can be factored"),
+    ("factored without a factored state", BASE.replace("state:", "features: [factored]\nstate:"),
+     "features[0]: feature 'factored' needs a per-element state with a 'factored: {row, col}' form"),
+    ("factored name taken", BASE.replace("state:", "features: [factored]\nstate:").replace(
+        "  m: {kind: element}", "  m: {kind: element, factored: {row: m, col: c}}"),
+     "features[0]: state 'm': factored state name 'm' is already a state"),
 ]
 
 
