@@ -3,7 +3,8 @@ per parameter (a script, not a test: timings vary between runs on shared machine
 
 Parameters: 6M in 13 tensors (matrices of mixed aspect ratios plus vectors), fp32, fixed
 gradients. adv_optm runs plain and with ``compiled_optimizer=True`` (torch.compile per tensor
-shape; the compile time is excluded by warm-up steps), optgen's AdamW_adv on its torch backend.
+shape; the compile time is excluded by warm-up steps), optgen's AdamW_adv on its torch backend,
+dense and factored.
 
     python benchmarks/adv_optm_cpu.py [--repeats 10]
 """
@@ -30,17 +31,6 @@ def make_params(total: int = 6_000_000) -> list[torch.nn.Parameter]:
     return params
 
 
-def time_steps(opt, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        opt.step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def state_bytes(opt, params) -> float:
     total = 0
     for p in params:
@@ -60,26 +50,38 @@ def main() -> None:
 
     torch._dynamo.config.recompile_limit = 1024
     torch._dynamo.config.accumulated_recompile_limit = 4096
-    rows = []
     cases = [
         ("adv_optm AdamW_adv (plain)", lambda ps: adv_optm.AdamW_adv(ps)),
         ("adv_optm AdamW_adv (compiled_optimizer=True)", lambda ps: adv_optm.AdamW_adv(ps, compiled_optimizer=True)),
         ("adv_optm AdamW_adv (nnmf_factor=True)", lambda ps: adv_optm.AdamW_adv(ps, nnmf_factor=True)),
         ("optgen AdamW_adv (torch backend)", lambda ps: AdamW_adv(ps, backend="torch")),
+        ("optgen AdamW_adv (nnmf_factor=True, torch backend)", lambda ps: AdamW_adv(ps, nnmf_factor=True,
+                                                                                     backend="torch")),
     ]
+    # One step of each optimizer in turn per round, so that drifting machine load hits all alike.
+    built = []
     for name, make in cases:
         params = make_params()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = make(params)
-            t = time_steps(opt, args.repeats)
-        rows.append((name, t, state_bytes(opt, params)))
+            for _ in range(3):  # warm-up (torch.compile compiles here)
+                opt.step()
+        built.append((name, opt, params, []))
+    for _ in range(args.repeats):
+        for _, opt, _, times in built:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+    rows = [(name, statistics.median(times), state_bytes(opt, params)) for name, opt, params, times in built]
     base = rows[0][1]
     n = sum(p.numel() for p in make_params())
-    print(f"{n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, median of {args.repeats} steps")
-    print(f"{'optimizer':48s} {'ms/step':>9s} {'vs adv plain':>13s} {'state B/param':>14s}")
+    print(f"{n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, median of {args.repeats} interleaved steps")
+    print(f"{'optimizer':52s} {'ms/step':>9s} {'vs adv plain':>13s} {'state B/param':>14s}")
     for name, t, b in rows:
-        print(f"{name:48s} {t * 1e3:9.2f} {t / base:13.3f} {b:14.3f}")
+        print(f"{name:52s} {t * 1e3:9.2f} {t / base:13.3f} {b:14.3f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ The gradient is taken in float32. A spec with adv_optm's ``state_precision`` hyp
 (``'factored'`` or ``nnmf_factor``) keeps the dense states of the parameters it does not factor
 (1-D ones) in float32 too and upcasts their gradient, as adv_optm does there; with only
 ``nnmf_factor`` (Lion) those keep the parameter's dtype. The program's
-``matrix_view`` tells the runtime to hand the factored branch its parameter, gradient and
+``matrix_views`` rule tells the runtime to hand the factored branch its parameter, gradient and
 per-element states as ``(d1, d2)`` views, so per-row/per-column values are the factors and no
 backend needs to know about the reshape. A parameter is factored when factored states are requested and it is not 1-D (unless ``vector_reshape``); 0-d parameters
 are factored as ``(1, 1)``, as in adv_optm. List it last under ``features:``: it rewrites the
@@ -135,8 +135,6 @@ def _apply(program: Program) -> Program:
     decls = [d for d in program.state if d.factored is not None]
     if not decls:
         raise FeatureError("feature 'factored' needs a per-element state with a 'factored: {row, col}' form")
-    if program.matrix_view is not None:
-        raise FeatureError("feature 'factored' needs the parameter's matrix view, which another feature set")
     taken = {d.name for d in program.state}
     for d in decls:
         for name in d.factored:
@@ -176,7 +174,7 @@ def _apply(program: Program) -> Program:
         state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|"))
         if sign is not None:
             state.append(StateDecl(sign, Kind.ELEMENT, "zeros", "bits", on, f"sign of {d.name}, 1 bit per element"))
-    return program.copy(body=body, state=state, matrix_view=view)
+    return program.copy(body=body, state=state, matrix_views=[(view, "square"), *program.matrix_views])
 
 
 FEATURE = Feature(

@@ -418,12 +418,19 @@ def lower(spec: Spec) -> Program:
             raise SpecError(expr_.pos, "checks", "a check must be a true/false expression of hyperparameters")
         checks.append((node, message))
 
+    views: list[tuple[Node, str]] = []
+    if spec.view_condition is not None:
+        node = lw.expr(spec.view_condition, "matrix_view.if")
+        if not node.is_host or not node.boolean:
+            raise SpecError(spec.view_condition.pos, "matrix_view.if", "a view condition must be a true/false host "
+                            "expression of hyperparameters and facts about the parameter")
+        views.append((node, spec.model.matrix_view.shape))
     body = lw.statements(spec.update)
     m = spec.model
     program = Program(
         name=m.name, class_name=m.class_, doc=m.doc, source=spec.path, sha256=spec.sha256,
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
-        checks=checks, state=state, body=body, matches=m.matches, features=list(m.features),
+        checks=checks, state=state, body=body, matches=m.matches, features=list(m.features), matrix_views=views,
     )
     from optgen.features.rewrite import FeatureError
 

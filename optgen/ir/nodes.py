@@ -120,10 +120,12 @@ class Program:
     body: list[Stmt]
     matches: Any = None
     features: list[str] = field(default_factory=list)
-    #: A per-parameter host condition under which the runtime hands the step its parameter, gradient
-    #: and per-element states as the closest-to-square 2-D view ``(d1, d2)`` of their flat memory
-    #: (feature ``factored``): per-row/per-column kinds and ``rows``/``cols`` then refer to it.
-    matrix_view: Node | None = None
+    #: ``(condition, shape)`` rules, the first whose per-parameter host condition holds wins: the
+    #: runtime hands the step its parameter, gradient and per-element states as a 2-D view of their
+    #: flat memory, ``"square"`` the closest-to-square ``(d1, d2)`` (feature ``factored``), ``"rows"``
+    #: ``(shape[0], numel / shape[0])`` (Muon's matrices); per-row/per-column kinds and
+    #: ``rows``/``cols`` then refer to it.
+    matrix_views: list[tuple[Node, str]] = field(default_factory=list)
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

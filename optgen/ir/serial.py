@@ -71,7 +71,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
         "body": _stmts_to_data(p.body),
         "matches": p.matches.model_dump(by_alias=True) if p.matches is not None else None,
         "features": list(p.features),
-        **({"matrix_view": node_to_data(p.matrix_view)} if p.matrix_view is not None else {}),
+        **({"matrix_views": [[node_to_data(c), shape] for c, shape in p.matrix_views]} if p.matrix_views else {}),
     }
 
 
@@ -101,5 +101,5 @@ def program_from_data(d: dict[str, Any]) -> Program:
         body=_stmts_from_data(d["body"]),
         matches=MatchSpec.model_validate(d["matches"]) if d["matches"] is not None else None,
         features=list(d["features"]),
-        matrix_view=node_from_data(d["matrix_view"]) if d.get("matrix_view") is not None else None,
+        matrix_views=[(node_from_data(c), shape) for c, shape in d.get("matrix_views", [])],
     )

@@ -1,7 +1,7 @@
 """The matrix view of factored parameters, and 1-bit state storage (feature ``factored``).
 
-A program with a ``matrix_view`` condition steps each parameter that meets it as the
-closest-to-square matrix ``(d1, d2)`` of its flat memory: the runtime hands the backends views of
+A program with ``matrix_views`` rules steps each parameter that meets one as a matrix of its flat
+memory (the closest-to-square ``(d1, d2)``, or ``(shape[0], -1)``): the runtime hands the backends views of
 the parameter, the gradient and the per-element states, so per-row / per-column states are the
 rank-1 factors. ``bits`` states (a boolean per element) are stored packed 8 per ``uint8`` along
 the last dim, least significant bit first (adv_optm's layout); the torch and reference backends
@@ -36,11 +36,17 @@ def effective_shape(numel: int) -> tuple[int, int]:
 
 def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: dict) -> tuple[int, int] | None:
     """The ``(d1, d2)`` shape ``p`` is stepped as, or None when the program steps it as it is."""
-    if program.matrix_view is None:
+    if not program.matrix_views:
         return None
-    if not evaluate(program.matrix_view, HostContext(group, p, state, tensor_math=False)):
-        return None
-    return effective_shape(p.numel())
+    ctx = HostContext(group, p, state, tensor_math=False)
+    for cond, shape in program.matrix_views:
+        if evaluate(cond, ctx):
+            if shape == "square":
+                return effective_shape(p.numel())
+            if p.dim() < 2:
+                raise RuntimeError(f"a (rows, -1) matrix view needs a parameter with 2 or more dims, got {tuple(p.shape)}")
+            return (p.shape[0], p.numel() // p.shape[0]) if p.shape[0] else (0, 0)
+    return None
 
 
 def as_view(t: torch.Tensor, shape: tuple[int, int] | None, what: str) -> torch.Tensor:
@@ -71,7 +77,9 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of :func:`pack_bits`: booleans ``(..., n)``."""
     shifter = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) & shifter) != 0).view(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n]
+    bits = ((packed.unsqueeze(-1) & shifter) != 0).view(*packed.shape[:-1], packed.shape[-1] * 8)
+    # contiguous: elementwise ops on a sliced boolean tensor are several times slower
+    return bits if bits.shape[-1] == n else bits[..., :n].contiguous()
 
 
 class ViewedState:

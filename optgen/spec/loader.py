@@ -52,6 +52,7 @@ class Spec:
     #: Parsed ``if:`` conditions of state buffers and constructor checks.
     state_conditions: dict[str, Expr] = field(default_factory=dict)
     checks: list[tuple[Expr, str]] = field(default_factory=list)
+    view_condition: Expr | None = None
 
     def position(self, *path: Any) -> Position | None:
         return self.source.at(path)
@@ -73,6 +74,9 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
         if st.if_ is not None:
             p = smap.text_at(("state", name, "if"))
             spec.state_conditions[name] = parse_expression(st.if_, p, f"state.{name}.if")
+    if model.matrix_view is not None:
+        p = smap.text_at(("matrix_view", "if"))
+        spec.view_condition = parse_expression(model.matrix_view.if_, p, "matrix_view.if")
     for i, chk in enumerate(model.checks):
         p = smap.text_at(("checks", i, "check"))
         spec.checks.append((parse_expression(chk.check, p, f"checks[{i}].check"), chk.message))

@@ -124,6 +124,14 @@ class StateSpec(_Strict):
     factored: FactoredStateSpec | None = None
 
 
+class MatrixViewSpec(_Strict):
+    """Step the parameters that meet a condition as a 2-D view of their flat memory."""
+
+    if_: str = Field(alias="if")
+    #: rows: (shape[0], numel / shape[0]), as Muon flattens a conv kernel; square: closest to square
+    shape: Literal["rows", "square"] = "rows"
+
+
 class StepSpec(_Strict):
     """How the per-parameter step counter is kept."""
 
@@ -172,6 +180,8 @@ class SpecModel(_Strict):
     matches: MatchSpec | None = None
     step: StepSpec = StepSpec()
     state_init: Literal["lazy", "eager"] = "lazy"
+    #: parameters meeting its condition are stepped as a matrix (per-row values are per shape[0])
+    matrix_view: MatrixViewSpec | None = None
     constructor_order: list[str] | None = None
     hyperparameters: dict[str, HyperparameterSpec] = Field(default_factory=dict)
     checks: list[CheckSpec] = Field(default_factory=list)
