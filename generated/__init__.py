@@ -9,6 +9,7 @@ from generated.adamw import AdamW
 from generated.adamw_adv import AdamW_adv
 from generated.adopt_adv import Adopt_adv
 from generated.lion_adv import Lion_adv
+from generated.muon_adv import Muon_adv
 from generated.nadam import NAdam
 from generated.radam import RAdam
 from generated.rmsprop import RMSprop
@@ -25,6 +26,7 @@ __all__ = [
     "Adams_ZeRO",
     "Adopt_adv",
     "Lion_adv",
+    "Muon_adv",
     "NAdam",
     "RAdam",
     "RMSprop",

@@ -148,3 +148,35 @@ def test_triton_packs_the_same_sign_bits_as_reference() -> None:
             if key in a:
                 torch.testing.assert_close(b[key].cpu(), a[key], rtol=1e-5, atol=1e-12)
     assert checked > 100
+
+
+@pytest.mark.parametrize("setting", [{"nnmf_factor": True}, {"state_precision": "factored", "normuon_variant": True}])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_muon_factored_momentum_matches_adv_optm_under_its_compat_flag(backend: str, setting: dict) -> None:
+    """adv_optm 2.5.16's factored Muon subtracts the orthogonalised matrix unscaled (§9.2): with
+    ``compat_unscaled_factored=True`` optgen reproduces it bit for bit; by default it scales the
+    update like the dense path (RMS 0.2 lr)."""
+    import adv_optm
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(12, 10), (16, 4, 3), (7,)]  # two Muon matrices (the conv-like one flattened), one aux-Adam vector
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
+    cls = _generated("muon_adv", "Muon_adv")
+
+    def run(make):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = make(params)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    theirs, _ = run(lambda ps: adv_optm.Muon_adv(ps, lr=1e-3, **setting))
+    ours, opt = run(lambda ps: cls(ps, lr=1e-3, backend=backend, compat_unscaled_factored=True, **setting))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert set(opt.state[ours[0]]) >= {"mu_mbuf_nmf", "mv_mbuf_nmf", "sign_buf"}
+    scaled, _ = run(lambda ps: cls(ps, lr=1e-3, backend=backend, **setting))
+    moved = (scaled[0] - init[0]).pow(2).mean().sqrt().item()
+    assert 0.2e-3 * 8 * 0.5 < moved < 0.2e-3 * 8 * 1.01, moved  # 8 steps of RMS 0.2 lr, at most aligned

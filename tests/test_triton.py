@@ -36,6 +36,9 @@ SPECS = {name: load_spec(ROOT / "specs" / f"{name}.yaml").model.class_ for name 
 #: empty, and a matrix spanning several tiles of each kind.
 SHAPES = [(), (300,), (5, 7), (1, 9), (9, 1), (3, 4, 6), (0,), (0, 4), (40, 33), (17,)]
 STEPS = 20
+#: Muon orthogonalises in bfloat16 (as published): an input 1e-7 away from the reference's can round
+#: to the other bf16 neighbour and move that update element by 2^-8 of the update (RMS 0.2 lr).
+TOLERANCE = {"muon_adv": 5e-5}
 
 
 def _cls(spec: str):
@@ -84,7 +87,7 @@ def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> 
     got, opt = _run(spec, setting, "triton", torch.float32, steps=steps)
     for e, g, shape in zip(expected, got, SHAPES):
         assert g.shape == e.shape
-        bound = 2e-6 * (1 + e.abs())
+        bound = TOLERANCE.get(spec, 2e-6) * (1 + e.abs())
         assert torch.all((g - e).abs() <= bound), f"{shape}: max diff {(g - e).abs().max():.3e}"
     for st in opt.state.values():  # the step counts live on the device and are written back
         assert "step" not in st or st["step"].item() == steps

@@ -153,7 +153,9 @@ class KernelEmitter:
         if op == "step":
             return "step"
         if op == "meta":
-            col = {"numel": "numel", "ndim": "ndim", "rows": "M", "cols": "N"}[n.attr]
+            col = {"numel": "numel", "ndim": "ndim", "rows": "M", "cols": "N"}.get(n.attr)
+            if col is None:
+                raise TritonUnsupported(f"parameter fact '{n.attr}' in device code (only in conditions)")
             return f"{self.col(col)}.to(tl.float64)"
         args = [self.host_expr(a, b, env) for a in n.args]
         if op in _BINARY:
@@ -557,6 +559,16 @@ class _DeviceCtx:
         self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
 
 
+def call_data(s: Assign) -> dict:
+    """What the runtime needs to run a call stage: the op, its workspace input and output, and its
+    host arguments (a host value's name, or a constant)."""
+    x = s.value.args[0]
+    return {
+        "op": s.value.op, "input": x.attr, "output": s.target,
+        "args": [["var", a.attr] if a.op == "var" else ["const", a.attr] for a in s.value.args[1:]],
+    }
+
+
 def program_inputs(program: Program) -> list[str]:
     """The runtime inputs (``input`` leaves) a program reads, in a fixed order."""
     return sorted({n.attr for s in walk_stmts(program.body) if isinstance(s, Assign)
@@ -616,19 +628,24 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         try:
             plan = plan_path(program, key, stmts, dyn)
             em = KernelEmitter(program, plan, slots)
-            sources = [(em.prologue("_KP"), "prologue")]
+            sources: list = [(em.prologue("_KP"), "prologue")]
+            calls = []
             for i, st in enumerate(plan.stages):
                 if st.kind == "pass":
                     sources.append((em.pass_kernel("_KS", st, i), st.layout))
+                elif st.kind == "call":
+                    sources.append((f"call{len(calls)}", "call"))
+                    calls.append(call_data(st.statements[0]))
                 else:
                     sources.append((em.vec_kernel("_KS", st), "vec"))
         except TritonUnsupported as exc:
             paths[key] = {"unsupported": str(exc)}
             unsupported.append(str(exc))
             continue
-        launches = [(add(src), kind) for src, kind in sources]
+        launches = [(src if kind == "call" else add(src), kind) for src, kind in sources]
         paths[plan.key] = {
             "launches": launches,
+            **({"calls": calls} if calls else {}),
             "columns": table_columns(program, plan),
             "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
             "hv": plan.hv,

@@ -22,7 +22,7 @@ class TritonUnsupported(Exception):
 
 @dataclass
 class Stage:
-    kind: str  # "pass" | "vec"
+    kind: str  # "pass" | "vec" | "call" (an op the runtime runs with torch between kernels)
     statements: list[Assign] = field(default_factory=list)
     layout: str = "flat"  # passes: "flat" (1-D chunks) or "tiled" (2-D tiles of each matrix)
 
@@ -140,6 +140,8 @@ def _substitute(n: Node, names: dict[str, Node]) -> Node:
 
 
 _SMALL_REDUCTIONS = {"normalize", "dot"}
+#: Ops on whole matrices that no kernel computes: the runtime runs them (see runtime.triton_runner).
+CALLS = {"newton_schulz"}
 
 
 def split_reductions(stmts: list[Assign]) -> list[Assign]:
@@ -149,10 +151,23 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
     so that passes only ever accumulate sums.
     """
     out: list[Assign] = []
-    counter = {"r": 0, "s": 0}
+    counter = {"r": 0, "s": 0, "n": 0}
 
     def extract(n: Node, top: bool) -> Node:
         n = replace(n, args=tuple(extract(a, False) for a in n.args)) if n.args else n
+        if n.op in CALLS:
+            # a whole-matrix op (Newton-Schulz): its own stage, run by the runtime with torch on the
+            # workspace copy of its input, between the passes that produce and consume it
+            x, name = n.args[0], f"_x{counter['n']}"
+            out.append(Assign(name, x, role="temp"))  # a workspace copy the runtime reads
+            x = Node("var", kind=x.kind, attr=name)
+            for a in n.args[1:]:
+                if a.op not in ("var", "const") or not a.is_host:
+                    raise TritonUnsupported(f"{n.op}()'s host arguments must be simple values")
+            name = f"_n{counter['n']}"
+            counter["n"] += 1
+            out.append(Assign(name, replace(n, args=(x, *n.args[1:])), role="call"))
+            return Node("var", kind=n.kind, attr=name)
         if n.op == "sum" and n.args[0].kind != Kind.ELEMENT:
             # the sum of a per-row / per-column vector: vector-stage work, not a pass
             name = f"_s{counter['s']}"
@@ -192,7 +207,7 @@ def _reads(n: Node) -> set[str]:
 
 def is_small(s: Assign) -> bool:
     """Per-row/column/matrix/tensor work that needs no pass over the elements."""
-    if s.role == "reduce":
+    if s.role in ("reduce", "call"):
         return False
     return s.value.kind != Kind.ELEMENT and all(x.kind != Kind.ELEMENT for x in walk_nodes(s.value))
 
@@ -207,6 +222,12 @@ def make_stages(device: list[Assign], bits: frozenset[str] = frozenset()) -> lis
     cur = 0
     for s in device:
         reads = _reads(s.value)
+        if s.role == "call":
+            segs.append(Stage("call", [s]))
+            produced[s.target] = len(segs) - 1
+            segs += [Stage("pass"), Stage("vec")]
+            cur = len(segs) - 2
+            continue
         if is_small(s):
             segs[cur + 1].statements.append(s)
             produced[s.target] = cur + 1
@@ -262,6 +283,7 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
     # Workspace: reduction accumulators, vector-stage temporaries, element temps crossing stages.
     state_names = {d.name for d in program.state}
     temps: list[Temp] = [Temp(s.target, s.value.kind, True) for s in device if s.role == "reduce"]
+    temps += [Temp(s.target, s.value.kind, False) for s in device if s.role == "call"]
     for st in stages:
         if st.kind == "vec":
             for s in st.statements:
@@ -272,7 +294,7 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
         if st.kind != "pass":
             continue
         for s in st.statements:
-            if s.role in ("param", "state", "reduce"):
+            if s.role in ("param", "state", "reduce", "call"):
                 continue
             later = [x for later_st in stages[i + 1:] for x in later_st.statements]
             if any(s.target in _reads(x.value) for x in later) and s.target not in spills.get(i, []):

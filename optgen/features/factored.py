@@ -151,7 +151,7 @@ def _apply(program: Program) -> Program:
     factored, _ = fact.block(program.body, set())
     # the upcast goes where adv_optm upcasts: right before OrthoGrad (ADOPT's init-only step squares
     # the raw gradient first)
-    upcast = at_start_of_param_block([Assign("grad", _e("float32", var("grad")), None, "grad")])
+    upcast = at_start_of_param_block([Assign("grad", _e("float32", var("grad")), None, "grad")], True)
     dense_body = program.body
     factored, ok = edit_nested(factored, upcast)
     if precision_api:

@@ -100,13 +100,16 @@ def edit_nested(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | Non
     return stmts, False
 
 
-def at_start_of_param_block(block: list[Stmt]) -> Callable[[list[Stmt]], list[Stmt] | None]:
+def at_start_of_param_block(block: list[Stmt], through_branches: bool = False,
+                            ) -> Callable[[list[Stmt]], list[Stmt] | None]:
     """An edit for :func:`edit_nested`: ``block`` at the start of the statement list that writes the
-    parameter (where adv_optm upcasts and orthogonalises the gradient, after ADOPT's init-only step)."""
-    def writes(s: Stmt) -> bool:  # on every branch (stochastic rounding splits the write in two)
+    parameter (where adv_optm upcasts and orthogonalises the gradient, after ADOPT's init-only step).
+    ``through_branches``: a conditional whose branches both write it counts as a write (stochastic
+    rounding splits the write in two; Muon's matrix and Adam paths both write)."""
+    def writes(s: Stmt) -> bool:
         if isinstance(s, Assign):
             return s.target == "param"
-        return any(writes(x) for x in s.then) and any(writes(x) for x in s.orelse)
+        return through_branches and any(writes(x) for x in s.then) and any(writes(x) for x in s.orelse)
 
     def edit(stmts: list[Stmt]) -> list[Stmt] | None:
         return [*block, *stmts] if any(writes(s) for s in stmts) else None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from optgen.errors import SpecError, did_you_mean
 from optgen.ir.library import COMPARISONS, FUNCTIONS
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, join
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, join, walk_nodes
 from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
 from optgen.spec.model import HyperparameterSpec
 
-META = ("numel", "ndim", "rows", "cols", "bf16")
+META = ("numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims")
 _KINDS = {
     "element": Kind.ELEMENT,
     "row": Kind.ROW,
@@ -44,10 +44,12 @@ class Lowerer:
         self.step_store = step_store
         self.temps: dict[str, tuple[Kind, bool]] = {}
         self.partial: set[str] = set()
+        #: the spec's named facts (host expressions of hyperparameters and parameter facts)
+        self.facts: dict[str, Node] = {}
 
     # -- names -----------------------------------------------------------------------------
     def known_names(self) -> list[str]:
-        names = ["param", "grad", *META, *self.scalars, *self.state, *self.temps]
+        names = ["param", "grad", *META, *self.scalars, *self.state, *self.temps, *self.facts]
         if self.step_store != "none":
             names.append("step")
         return names
@@ -62,6 +64,8 @@ class Lowerer:
             return Node("step")
         if n in META:
             return Node("meta", attr=n)
+        if n in self.facts:
+            return self.facts[n]
         if n in self.temps:
             kind, boolean = self.temps[n]
             return Node("var", kind=kind, attr=n, boolean=boolean)
@@ -118,8 +122,11 @@ class Lowerer:
         (a mode string, an optional argument), decided on the host like any static condition."""
         sides = (e.left, e.right)
         const = [s for s in sides if isinstance(s, E.Const) and (s.value is None or isinstance(s.value, str))]
-        if not const:
-            return None
+        if not const:  # True / False compared with a non-numeric hyperparameter (an optional flag)
+            const = [s for s in sides if isinstance(s, E.Const) and isinstance(s.value, bool)]
+            others = [s for s in sides if isinstance(s, E.Name) and s.id in self.scalars]
+            if not const or not others or self.scalars[others[0].id][2] != "any":
+                return None
         other = e.right if const[0] is e.left else e.left
         if e.op not in ("==", "!="):
             raise SpecError(e.pos, field, f"{const[0].value!r} can only be compared with == or !=")
@@ -248,6 +255,12 @@ class Lowerer:
             need(0, Kind.ELEMENT)
             if not args[1].is_host:
                 raise SpecError(e.args[1].pos, field, "stochastic_round()'s seed must be a host scalar")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn == "newton_schulz":
+            need(0, Kind.ELEMENT)
+            for i in range(1, 6):
+                if not args[i].is_host:
+                    raise SpecError(e.args[i].pos, field, "newton_schulz()'s steps and coefficients must be host scalars")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
@@ -403,6 +416,15 @@ def lower(spec: Spec) -> Program:
             state[-1].dtype = "default"
 
     lw = Lowerer(spec.path, hypers, state, spec.model.step.store)
+    for name, e in spec.facts.items():
+        field = f"facts.{name}"
+        if name in lw.known_names():
+            raise SpecError(e.pos, field, f"fact '{name}' shadows another name")
+        node = lw.expr(e, field)
+        if not node.is_host or any(n.op in ("step", "var", "input", "has") for n in walk_nodes(node)):
+            raise SpecError(e.pos, field, "a fact is a host expression of hyperparameters and facts about the "
+                            "parameter (not of the step, state or runtime inputs)")
+        lw.facts[name] = node
     for decl in state:
         if decl.name in spec.state_conditions:
             e = spec.state_conditions[decl.name]

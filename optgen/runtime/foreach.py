@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.runtime import stochastic
+from optgen.runtime.newton_schulz import newton_schulz_rows
 
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]
@@ -312,6 +313,14 @@ def float32(a: Tensors) -> Tensors:
 
 def stochastic_round(a: Tensors, seed: Scalar) -> Tensors:
     return [stochastic.round_bf16(x) for x in a]
+
+
+def newton_schulz(x: Tensors, steps: Scalar, eps: Scalar, a: Scalar, b: Scalar, c: Scalar) -> Tensors:
+    """Muon's orthogonalisation of each tensor as a ``(shape[0], -1)`` matrix (one at a time: adv_optm's
+    eager products, bit for bit)."""
+    n = len(x)
+    return [newton_schulz_rows(t, s, e, a_, b_, c_) for t, s, e, a_, b_, c_ in
+            zip(x, _each(steps, n), _each(eps, n), _each(a, n), _each(b, n), _each(c, n))]
 
 
 def vdot(a: Tensors, b: Tensors) -> Tensors:

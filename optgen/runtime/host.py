@@ -68,6 +68,12 @@ def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = No
         return shape[-1] if len(shape) >= 1 else 1
     if name == "bf16":
         return int(param.dtype == torch.bfloat16)
+    if name == "dim0":  # the parameter's own leading dims (Muon's routing), whatever the view
+        return param.shape[0] if param.dim() >= 1 else 1
+    if name == "dim1":
+        return param.shape[1] if param.dim() >= 2 else 1
+    if name == "big_dims":
+        return sum(1 for d in param.shape if d > 1)
     raise KeyError(name)
 
 

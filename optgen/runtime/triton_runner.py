@@ -19,7 +19,7 @@ import importlib
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,6 +98,7 @@ class _Bucket:
     consts: dict[str, Any]
     grad_ptrs: tuple[int, ...] = ()
     gptr: torch.Tensor | None = None
+    calls: list = field(default_factory=list)  # per call stage: see _call_plan
 
 
 @dataclass
@@ -153,10 +154,14 @@ class TritonRunner:
         return tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
+        return self._static_env(group, p, state)[0]
+
+    def _static_env(self, group: dict, p: torch.Tensor, state: dict) -> tuple[tuple, dict]:
+        """The parameter's branch path and its static host values."""
         ctx = HostContext(group, p, state, tensor_math=False, view=view_shape(self.program, p, group, state))
         key: list[tuple[str, bool]] = []
         _static_pass(self.program.body, ctx, key, self.dynamic)
-        return tuple(key)
+        return tuple(key), ctx.env
 
     def _build(self, group: dict, params: list[torch.Tensor], states: dict) -> _GroupCache:
         prog = self.program
@@ -186,8 +191,10 @@ class TritonRunner:
                 for i, p in enumerate(params):
                     states[p][d.name] = host_states[d.name][i]
         groups: dict[tuple, list[int]] = {}
+        envs = []
         for i, p in enumerate(params):
-            key = self._path_key(group, p, states[p])
+            key, env = self._static_env(group, p, states[p])
+            envs.append(env)
             groups.setdefault((key, p.dtype), []).append(i)
         cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
         for (key, dtype), idx in groups.items():
@@ -200,7 +207,9 @@ class TritonRunner:
                         states[params[i]][name] = torch.zeros_like(params[i])
                         cache.dirty = True  # has(name) flips: the next step takes another path
             views = [view_shape(prog, params[i], group, states[params[i]]) for i in idx]
-            cache.buckets.append(self._bucket(path, idx, dtype, params, states, cfg, device, views))
+            bucket = self._bucket(path, idx, dtype, params, states, cfg, device, views)
+            bucket.calls = [_call_plan(call, path, bucket, idx, envs, views, params) for call in path.get("calls", [])]
+            cache.buckets.append(bucket)
         return cache
 
     def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
@@ -320,6 +329,9 @@ class TritonRunner:
                     chunks, grid = bucket.tiled_chunks, 0 if bucket.tiled_chunks is None else len(bucket.tiled_chunks)
                 else:
                     chunks, grid = bucket.table, len(bucket.idx)
+                if kind == "call":
+                    _run_call(bucket.calls[int(kernel_name[4:])], bucket.ws)
+                    continue
                 if grid == 0:
                     continue
                 kernel = self.kernels[kernel_name]
@@ -379,6 +391,41 @@ class TritonRunner:
             if bucket.aligned and any(x % 16 for x in ptrs):
                 bucket.aligned = False
         return bucket.gptr
+
+
+def _call_plan(call: dict, path: dict, bucket: _Bucket, idx: list[int], envs: list[dict], views: list,
+               params: list[torch.Tensor]) -> list[tuple]:
+    """A call stage's work, grouped: (args, (M, N), [(input offset, output offset)]) per distinct
+    matrix shape and argument values, so each group runs as one batched torch call."""
+    cin, cout = path["columns"].index(f"ws:{call['input']}"), path["columns"].index(f"ws:{call['output']}")
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for t, i in enumerate(idx):
+        p, env = params[i], envs[i]
+        if not p.numel():
+            continue
+        args = []
+        for kind, value in call["args"]:
+            if kind == "var" and value not in env:
+                raise RuntimeError(f"{call['op']}()'s arguments must not depend on the step on the triton backend")
+            args.append(env[value] if kind == "var" else value)
+        b, m, n = _dims(p, views[t])
+        groups.setdefault((call["op"], tuple(args), (b * m, n)), []).append(
+            (int(bucket.table[t, cin]), int(bucket.table[t, cout])))
+    return [(op, args, shape, offsets) for (op, args, shape), offsets in groups.items()]
+
+
+def _run_call(work: list[tuple], ws: torch.Tensor) -> None:
+    """Run a call stage on the workspace: every matrix of one shape in one batched call."""
+    from optgen.runtime.newton_schulz import newton_schulz
+
+    for op, args, (m, n), offsets in work:
+        assert op == "newton_schulz"
+        size = m * n
+        x = torch.stack([ws[i:i + size].view(m, n) for i, _ in offsets])
+        y = newton_schulz(x if len(offsets) > 1 else x[0], *args)
+        y = y.reshape(len(offsets), size)
+        for k, (_, o) in enumerate(offsets):
+            ws[o:o + size].copy_(y[k])
 
 
 def _state_dtype(decl, param_dtype: torch.dtype) -> torch.dtype:

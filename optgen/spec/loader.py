@@ -53,6 +53,7 @@ class Spec:
     state_conditions: dict[str, Expr] = field(default_factory=dict)
     checks: list[tuple[Expr, str]] = field(default_factory=list)
     view_condition: Expr | None = None
+    facts: dict[str, Expr] = field(default_factory=dict)
 
     def position(self, *path: Any) -> Position | None:
         return self.source.at(path)
@@ -74,6 +75,8 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
         if st.if_ is not None:
             p = smap.text_at(("state", name, "if"))
             spec.state_conditions[name] = parse_expression(st.if_, p, f"state.{name}.if")
+    for name, text in model.facts.items():
+        spec.facts[name] = parse_expression(text, smap.text_at(("facts", name)), f"facts.{name}")
     if model.matrix_view is not None:
         p = smap.text_at(("matrix_view", "if"))
         spec.view_condition = parse_expression(model.matrix_view.if_, p, "matrix_view.if")

@@ -16,7 +16,8 @@ IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Names with a fixed meaning inside update expressions.
 RESERVED = {
-    "param", "grad", "step", "numel", "ndim", "rows", "cols", "true", "false", "True", "False",
+    "param", "grad", "step", "numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims", "true", "false",
+    "True", "False",
 }
 
 
@@ -180,6 +181,8 @@ class SpecModel(_Strict):
     matches: MatchSpec | None = None
     step: StepSpec = StepSpec()
     state_init: Literal["lazy", "eager"] = "lazy"
+    #: named host expressions of hyperparameters and parameter facts, usable wherever those are
+    facts: dict[str, str] = Field(default_factory=dict)
     #: parameters meeting its condition are stepped as a matrix (per-row values are per shape[0])
     matrix_view: MatrixViewSpec | None = None
     constructor_order: list[str] | None = None
@@ -201,7 +204,7 @@ class SpecModel(_Strict):
     def _class(cls, v: str) -> str:
         return _check_ident(v, "class name")
 
-    @field_validator("hyperparameters", "state")
+    @field_validator("hyperparameters", "state", "facts")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for n in v:

@@ -1,0 +1,40 @@
+"""Newton-Schulz orthogonalisation (Muon), with adv_optm's exact operation sequence.
+
+The quintic iteration ``A = X X^T; B = b A + c A A; X = a X + B X`` in bfloat16 on the matrix
+normalised by ``max(||X||_F, eps)``, transposed so that it has at least as many columns as rows
+(math/adv-optm.md §5.1). Each product is one ``addmm`` (``baddbmm`` for a stack of matrices of
+one shape) with the same ``beta``/``alpha`` as adv_optm, so eager results match bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
+    """The orthogonalised ``g`` (a matrix, or a stack of matrices), in ``g``'s dtype."""
+    x = g.to(torch.bfloat16)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp_min_(eps))
+    mm = torch.baddbmm if x.ndim > 2 else torch.addmm
+    x = x.contiguous()
+    gram = torch.empty((*x.shape[:-1], x.size(-2)), device=x.device, dtype=x.dtype)
+    poly = torch.empty_like(gram)
+    out = torch.empty_like(x)
+    for _ in range(int(steps)):
+        mm(gram, x, x.mT, beta=0.0, alpha=1.0, out=gram)
+        mm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        mm(x, poly, x, beta=a, alpha=1.0, out=out)
+        x, out = out, x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def newton_schulz_rows(x: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
+    """:func:`newton_schulz` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
+    if x.dim() < 2:
+        raise RuntimeError(f"newton_schulz() needs a matrix, got shape {tuple(x.shape)}")
+    return newton_schulz(x.flatten(1), steps, eps, a, b, c).view(x.shape)
