@@ -5,6 +5,7 @@ from generated.adagrad import Adagrad
 from generated.adam import Adam
 from generated.adams import Adams
 from generated.adams_zero import Adams_ZeRO
+from generated.adamuon_adv import AdaMuon_adv
 from generated.adamw import AdamW
 from generated.adamw_adv import AdamW_adv
 from generated.adopt_adv import Adopt_adv
@@ -18,6 +19,7 @@ from generated.signsgd_adv import SignSGD_adv
 from generated.simplified_ademamix import Simplified_AdEMAMix
 
 __all__ = [
+    "AdaMuon_adv",
     "Adagrad",
     "Adam",
     "AdamW",

@@ -24,7 +24,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
 
     if state_precision == 'factored' or nnmf_factor:
         if ndim != 1 or vector_reshape:
-            grad = float32(grad)
+            if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
+                grad = float32(grad)
             if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
                 if orthogonal_gradient == 'flattened':
                     ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
@@ -103,7 +104,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         param = param - adam_weight_decay * lr * param
                 param = param + -update
         else:
-            grad = float32(grad)
+            if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
+                grad = float32(grad)
             if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
                 if orthogonal_gradient == 'flattened':
                     ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
@@ -1248,13 +1250,15 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'param_fp32', False],
                                                         ['var', 'host', '_k58', False]]]}]}]}],
                'if': ['var', 'host', '_c0', True],
-               'then': [{'else': [{'role': 'grad',
-                                   'set': 'grad',
-                                   'value': ['float32',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'grad', False]]]},
+               'then': [{'else': [{'else': [],
+                                   'if': ['var', 'host', '_c2', True],
+                                   'then': [{'role': 'grad',
+                                             'set': 'grad',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'grad', False]]]}]},
                                   {'else': [{'else': [{'role': 'temp',
                                                        'set': 'bias_correction1',
                                                        'value': ['const', 'host', 1, False]},
@@ -2128,13 +2132,15 @@ _PROGRAM = program_from_data(
                                                                  [['var', 'element', 'param_fp32', False],
                                                                   ['var', 'host', '_k36', False]]]}]}]}],
                          'if': ['var', 'host', '_c1', True],
-                         'then': [{'role': 'grad',
-                                   'set': 'grad',
-                                   'value': ['float32',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'grad', False]]]},
+                         'then': [{'else': [],
+                                   'if': ['var', 'host', '_c2', True],
+                                   'then': [{'role': 'grad',
+                                             'set': 'grad',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'grad', False]]]}]},
                                   {'else': [{'else': [{'role': 'temp',
                                                        'set': 'bias_correction1',
                                                        'value': ['const', 'host', 1, False]},
@@ -4336,8 +4342,9 @@ def _device_step(h, param, grad, S):
     st_exp_avg_sq = S["exp_avg_sq"]
     if h["_c0"]:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            if h["_c2"]:
+                _1 = F.float32(grad)
+                grad = _1
             if h["_c2"]:
                 if h["_c3"]:
                     _2 = F.vdot(param, grad)
@@ -4469,8 +4476,9 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, _51)
                 F.sub_(param, t_update)
         else:
-            _52 = F.float32(grad)
-            grad = _52
+            if h["_c2"]:
+                _52 = F.float32(grad)
+                grad = _52
             if h["_c2"]:
                 if h["_c3"]:
                     _53 = F.vdot(param, grad)

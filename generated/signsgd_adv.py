@@ -17,7 +17,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
 
     if state_precision == 'factored' or nnmf_factor:
         if ndim != 1 or vector_reshape:
-            grad = float32(grad)
+            if momentum > 0:
+                grad = float32(grad)
             if orthogonal_gradient == 'flattened':
                 ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
                 ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
@@ -113,7 +114,8 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             param = param - weight_decay * lr * param
                 param = param + -update
         else:
-            grad = float32(grad)
+            if momentum > 0:
+                grad = float32(grad)
             if orthogonal_gradient == 'flattened':
                 ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
                 ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
@@ -311,27 +313,27 @@ _PROGRAM = program_from_data(
                           ['hyper', 'host', ['vector_reshape', None], True]]]},
               {'role': 'temp',
                'set': '_c2',
+               'value': ['gt',
+                         'host',
+                         None,
+                         True,
+                         [['hyper', 'host', ['momentum', None], False], ['const', 'host', 0, False]]]},
+              {'role': 'temp',
+               'set': '_c3',
                'value': ['eq',
                          'host',
                          None,
                          True,
                          [['hyper', 'host', ['orthogonal_gradient', None], False],
                           ['const', 'host', 'flattened', False]]]},
-              {'role': 'temp', 'set': '_c3', 'value': ['hyper', 'host', ['normed_momentum', None], True]},
+              {'role': 'temp', 'set': '_c4', 'value': ['hyper', 'host', ['normed_momentum', None], True]},
               {'role': 'temp',
-               'set': '_c4',
+               'set': '_c5',
                'value': ['eq',
                          'host',
                          None,
                          True,
                          [['hyper', 'host', ['nesterov_coef', None], False], ['const', 'host', None, False]]]},
-              {'role': 'temp',
-               'set': '_c5',
-               'value': ['gt',
-                         'host',
-                         None,
-                         True,
-                         [['hyper', 'host', ['momentum', None], False], ['const', 'host', 0, False]]]},
               {'role': 'temp',
                'set': '_c6',
                'value': ['and',
@@ -387,7 +389,7 @@ _PROGRAM = program_from_data(
               {'role': 'temp', 'set': '_c13', 'value': ['hyper', 'host', ['geometric_wd', None], True]},
               {'role': 'temp', 'set': '_c14', 'value': ['hyper', 'host', ['cautious_wd', None], True]},
               {'else': [{'else': [],
-                         'if': ['var', 'host', '_c2', True],
+                         'if': ['var', 'host', '_c3', True],
                          'then': [{'role': 'temp',
                                    'set': 'ortho_g',
                                    'value': ['sub',
@@ -454,7 +456,7 @@ _PROGRAM = program_from_data(
                          'set': 'g',
                          'value': ['copy', 'element', None, False, [['var', 'element', 'grad', False]]]},
                         {'else': [],
-                         'if': ['var', 'host', '_c3', True],
+                         'if': ['var', 'host', '_c4', True],
                          'then': [{'role': 'temp',
                                    'set': 'g',
                                    'value': ['sign',
@@ -465,7 +467,7 @@ _PROGRAM = program_from_data(
                         {'else': [{'role': 'temp',
                                    'set': 'coef',
                                    'value': ['hyper', 'host', ['nesterov_coef', None], False]}],
-                         'if': ['var', 'host', '_c4', True],
+                         'if': ['var', 'host', '_c5', True],
                          'then': [{'role': 'temp',
                                    'set': 'coef',
                                    'value': ['hyper', 'host', ['momentum', None], False]}]},
@@ -477,7 +479,7 @@ _PROGRAM = program_from_data(
                                              None,
                                              False,
                                              [['var', 'element', 'g', False]]]}],
-                         'if': ['var', 'host', '_c5', True],
+                         'if': ['var', 'host', '_c2', True],
                          'then': [{'else': [{'role': 'temp',
                                              'set': 'snr_denom',
                                              'value': ['var', 'element', 'g', False]}],
@@ -1263,15 +1265,17 @@ _PROGRAM = program_from_data(
                                              [['var', 'element', 'param_fp32', False],
                                               ['var', 'host', '_k44', False]]]}]}],
                'if': ['var', 'host', '_c0', True],
-               'then': [{'else': [{'role': 'grad',
-                                   'set': 'grad',
-                                   'value': ['float32',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'grad', False]]]},
-                                  {'else': [],
+               'then': [{'else': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
+                                   'then': [{'role': 'grad',
+                                             'set': 'grad',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'grad', False]]]}]},
+                                  {'else': [],
+                                   'if': ['var', 'host', '_c3', True],
                                    'then': [{'role': 'temp',
                                              'set': 'ortho_g',
                                              'value': ['sub',
@@ -1342,7 +1346,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'grad', False]]]},
                                   {'else': [],
-                                   'if': ['var', 'host', '_c3', True],
+                                   'if': ['var', 'host', '_c4', True],
                                    'then': [{'role': 'temp',
                                              'set': 'g',
                                              'value': ['sign',
@@ -1353,7 +1357,7 @@ _PROGRAM = program_from_data(
                                   {'else': [{'role': 'temp',
                                              'set': 'coef',
                                              'value': ['hyper', 'host', ['nesterov_coef', None], False]}],
-                                   'if': ['var', 'host', '_c4', True],
+                                   'if': ['var', 'host', '_c5', True],
                                    'then': [{'role': 'temp',
                                              'set': 'coef',
                                              'value': ['hyper', 'host', ['momentum', None], False]}]},
@@ -1367,7 +1371,7 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'g', False]]]}],
-                                   'if': ['var', 'host', '_c5', True],
+                                   'if': ['var', 'host', '_c2', True],
                                    'then': [{'else': [{'role': 'temp',
                                                        'set': 'snr_denom',
                                                        'value': ['var', 'element', 'g', False]}],
@@ -2248,15 +2252,17 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'param_fp32', False],
                                                         ['var', 'host', '_k27', False]]]}]}],
                          'if': ['var', 'host', '_c1', True],
-                         'then': [{'role': 'grad',
-                                   'set': 'grad',
-                                   'value': ['float32',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'grad', False]]]},
-                                  {'else': [],
+                         'then': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
+                                   'then': [{'role': 'grad',
+                                             'set': 'grad',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'grad', False]]]}]},
+                                  {'else': [],
+                                   'if': ['var', 'host', '_c3', True],
                                    'then': [{'role': 'temp',
                                              'set': 'ortho_g',
                                              'value': ['sub',
@@ -2327,7 +2333,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'grad', False]]]},
                                   {'else': [],
-                                   'if': ['var', 'host', '_c3', True],
+                                   'if': ['var', 'host', '_c4', True],
                                    'then': [{'role': 'temp',
                                              'set': 'g',
                                              'value': ['sign',
@@ -2338,7 +2344,7 @@ _PROGRAM = program_from_data(
                                   {'else': [{'role': 'temp',
                                              'set': 'coef',
                                              'value': ['hyper', 'host', ['nesterov_coef', None], False]}],
-                                   'if': ['var', 'host', '_c4', True],
+                                   'if': ['var', 'host', '_c5', True],
                                    'then': [{'role': 'temp',
                                              'set': 'coef',
                                              'value': ['hyper', 'host', ['momentum', None], False]}]},
@@ -2352,7 +2358,7 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'g', False]]]}],
-                                   'if': ['var', 'host', '_c5', True],
+                                   'if': ['var', 'host', '_c2', True],
                                    'then': [{'else': [{'role': 'temp',
                                                        'set': 'snr_denom',
                                                        'value': ['var', 'element', 'g', False]}],
@@ -3739,9 +3745,10 @@ def _device_step(h, param, grad, S):
     st_sign = S["sign"]
     if h["_c0"]:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
             if h["_c2"]:
+                _1 = F.float32(grad)
+                grad = _1
+            if h["_c3"]:
                 _2 = F.vdot(param, grad)
                 _3 = F.vdot(param, param)
                 F.add_(_3, 1e-30)
@@ -3758,11 +3765,11 @@ def _device_step(h, param, grad, S):
                 grad = _8
             _9 = F.copy(grad)
             t_g = _9
-            if h["_c3"]:
-                F.sign_(t_g)
             if h["_c4"]:
-                pass
+                F.sign_(t_g)
             if h["_c5"]:
+                pass
+            if h["_c2"]:
                 if h["_c6"]:
                     _10 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
                     t_exp_avg_magnitude = _10
@@ -3927,9 +3934,10 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, _78)
                 F.sub_(param, t_update)
         else:
-            _79 = F.float32(grad)
-            grad = _79
             if h["_c2"]:
+                _79 = F.float32(grad)
+                grad = _79
+            if h["_c3"]:
                 _80 = F.vdot(param, grad)
                 _81 = F.vdot(param, param)
                 F.add_(_81, 1e-30)
@@ -3946,11 +3954,11 @@ def _device_step(h, param, grad, S):
                 grad = _86
             _87 = F.copy(grad)
             t_g = _87
-            if h["_c3"]:
-                F.sign_(t_g)
             if h["_c4"]:
-                pass
+                F.sign_(t_g)
             if h["_c5"]:
+                pass
+            if h["_c2"]:
                 if h["_c6"]:
                     _88 = F.mul(st_exp_avg, st_exp_avg)
                     F.rsub_(_88, 1)
@@ -4072,7 +4080,7 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, _131)
                 F.sub_(param, t_update)
     else:
-        if h["_c2"]:
+        if h["_c3"]:
             _132 = F.vdot(param, grad)
             _133 = F.vdot(param, param)
             F.add_(_133, 1e-30)
@@ -4089,11 +4097,11 @@ def _device_step(h, param, grad, S):
             grad = _138
         _139 = F.copy(grad)
         t_g = _139
-        if h["_c3"]:
-            F.sign_(t_g)
         if h["_c4"]:
-            pass
+            F.sign_(t_g)
         if h["_c5"]:
+            pass
+        if h["_c2"]:
             if h["_c6"]:
                 _140 = F.mul(st_exp_avg, st_exp_avg)
                 F.rsub_(_140, 1)

@@ -136,6 +136,7 @@ _OPS = {
     "log": torch.log,
     "reciprocal": torch.reciprocal,
     "copy": lambda a: a.clone(),
+    "contiguous": lambda a: a.contiguous(),
     "atan2": torch.atan2,
     "maximum": _clamp_min,
     "minimum": _clamp_max,

@@ -19,7 +19,7 @@ INPLACE = {
 }
 _NO_ALIGN = {"cast", "newton_schulz", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
-_MAY_ALIAS = {"float32", "cast"}
+_MAY_ALIAS = {"float32", "cast", "contiguous"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
 
 

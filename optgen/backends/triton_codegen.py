@@ -233,7 +233,7 @@ class KernelEmitter:
             code = f"tl.{op}({a[0]})"
         elif op == "sign":
             code = f"L.sign({a[0]})"
-        elif op in ("copy", "float32", "cast"):
+        elif op in ("copy", "contiguous", "float32", "cast"):
             code = a[0]  # device math is float32 already
         elif op == "stochastic_round":
             off, _ = ctx.index(Kind.ELEMENT)

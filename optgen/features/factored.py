@@ -151,7 +151,13 @@ def _apply(program: Program) -> Program:
     factored, _ = fact.block(program.body, set())
     # the upcast goes where adv_optm upcasts: right before OrthoGrad (ADOPT's init-only step squares
     # the raw gradient first)
-    upcast = at_start_of_param_block([Assign("grad", _e("float32", var("grad")), None, "grad")], True)
+    # only for parameters that keep one of the factored states (not Muon's aux-Adam parameters)
+    cast: list[Stmt] = [Assign("grad", _e("float32", var("grad")), None, "grad")]
+    conds = [d.cond for d in decls]
+    if all(c is not None for c in conds):
+        either = conds[0] if len(conds) == 1 else Node("or", tuple(conds), boolean=True)
+        cast = [If(either, cast, [])]
+    upcast = at_start_of_param_block(cast, True)
     dense_body = program.body
     factored, ok = edit_nested(factored, upcast)
     if precision_api:

@@ -29,6 +29,8 @@ FUNCTIONS: dict[str, Function] = {
         Function("log", (1, 1), "natural logarithm"),
         Function("reciprocal", (1, 1), "1 / x", host=False),
         Function("copy", (1, 1), "a fresh copy (torch.clone)", host=False),
+        Function("contiguous", (1, 1), "x in row-major memory order (torch's .contiguous(); reductions "
+                 "sum in memory order, so this pins the rounding of a later norm)", host=False),
         Function("atan2", (2, 2), "atan2(y, x), the angle of (x, y)"),
         Function("maximum", (2, 2), "elementwise maximum"),
         Function("minimum", (2, 2), "elementwise minimum"),

@@ -307,6 +307,10 @@ def cast(a: Tensors, like: Tensors) -> Tensors:
     return [x.to(y.dtype) for x, y in zip(a, like)]
 
 
+def contiguous(a: Tensors) -> Tensors:
+    return [x.contiguous() for x in a]
+
+
 def float32(a: Tensors) -> Tensors:
     return [x.float() for x in a]
 
