@@ -117,12 +117,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
                 update = update / denom
                 update = update * step_size
-                if adam_weight_decay != 0:
-                    if cautious_wd:
-                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                    else:
-                        param = param - adam_weight_decay * lr * param
-                param = param + -update
+                if stochastic_rounding and bf16 != 0:
+                    param_fp32 = float32(param)
+                    update_fp32 = float32(update)
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                    param_fp32 = param_fp32 + -update_fp32
+                    param = stochastic_round(param_fp32, step)
+                else:
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        else:
+                            param = param - adam_weight_decay * lr * param
+                    param = param + -update
         else:
             if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) or (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant:
                 grad = float32(grad)
@@ -208,12 +219,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
                 update = update / denom
                 update = update * step_size
-                if adam_weight_decay != 0:
-                    if cautious_wd:
-                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                    else:
-                        param = param - adam_weight_decay * lr * param
-                param = param + -update
+                if stochastic_rounding and bf16 != 0:
+                    param_fp32 = float32(param)
+                    update_fp32 = float32(update)
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                    param_fp32 = param_fp32 + -update_fp32
+                    param = stochastic_round(param_fp32, step)
+                else:
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        else:
+                            param = param - adam_weight_decay * lr * param
+                    param = param + -update
     else:
         if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if orthogonal_gradient == 'flattened':
@@ -297,12 +319,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
             denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
             update = update / denom
             update = update * step_size
-            if adam_weight_decay != 0:
-                if cautious_wd:
-                    param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                else:
-                    param = param - adam_weight_decay * lr * param
-            param = param + -update
+            if stochastic_rounding and bf16 != 0:
+                param_fp32 = float32(param)
+                update_fp32 = float32(update)
+                if adam_weight_decay != 0:
+                    if cautious_wd:
+                        param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    else:
+                        param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                param_fp32 = param_fp32 + -update_fp32
+                param = stochastic_round(param_fp32, step)
+            else:
+                if adam_weight_decay != 0:
+                    if cautious_wd:
+                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                    else:
+                        param = param - adam_weight_decay * lr * param
+                param = param + -update
 """
 
 from __future__ import annotations
@@ -876,7 +909,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'grad', False]]]}],
                                    'if': ['var', 'host', '_c18', True],
                                    'then': [{'role': 'temp',
-                                             'set': '_k67',
+                                             'set': '_k73',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -891,7 +924,7 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'exp_avg', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k67', False]]]},
+                                                        ['var', 'host', '_k73', False]]]},
                                             {'role': 'temp',
                                              'set': 'update',
                                              'value': ['copy',
@@ -900,10 +933,10 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'exp_avg', False]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k68',
+                                   'set': '_k74',
                                    'value': ['hyper', 'host', ['adam_betas', 1], False]},
                                   {'role': 'temp',
-                                   'set': '_k69',
+                                   'set': '_k75',
                                    'value': ['sub',
                                              'host',
                                              None,
@@ -921,10 +954,10 @@ _PROGRAM = program_from_data(
                                                None,
                                                False,
                                                [['var', 'element', 'exp_avg_sq', False],
-                                                ['var', 'host', '_k68', False]]],
+                                                ['var', 'host', '_k74', False]]],
                                               ['var', 'element', 'grad', False],
                                               ['var', 'element', 'grad', False],
-                                              ['var', 'host', '_k69', False]]]},
+                                              ['var', 'host', '_k75', False]]]},
                                   {'else': [{'role': 'temp',
                                              'set': 'adam_eps_eff',
                                              'value': ['hyper', 'host', ['adam_eps', None], False]}],
@@ -979,86 +1012,234 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'update', False],
                                               ['var', 'host', 'step_size', False]]]},
-                                  {'else': [],
-                                   'if': ['var', 'host', '_c20', True],
-                                   'then': [{'else': [{'role': 'temp',
-                                                       'set': '_k71',
-                                                       'value': ['neg',
-                                                                 'host',
-                                                                 None,
-                                                                 False,
-                                                                 [['mul',
-                                                                   'host',
-                                                                   None,
-                                                                   False,
-                                                                   [['hyper',
-                                                                     'host',
-                                                                     ['adam_weight_decay', None],
-                                                                     False],
-                                                                    ['hyper', 'host', ['lr', None], False]]]]]},
-                                                      {'role': 'param',
-                                                       'set': 'param',
-                                                       'value': ['axpy',
-                                                                 'element',
-                                                                 None,
-                                                                 False,
-                                                                 [['var', 'element', 'param', False],
-                                                                  ['var', 'element', 'param', False],
-                                                                  ['var', 'host', '_k71', False]]]}],
-                                             'if': ['var', 'host', '_c16', True],
-                                             'then': [{'role': 'temp',
-                                                       'set': '_k70',
-                                                       'value': ['neg',
-                                                                 'host',
-                                                                 None,
-                                                                 False,
-                                                                 [['mul',
-                                                                   'host',
-                                                                   None,
-                                                                   False,
-                                                                   [['hyper',
-                                                                     'host',
-                                                                     ['adam_weight_decay', None],
-                                                                     False],
-                                                                    ['hyper', 'host', ['lr', None], False]]]]]},
-                                                      {'role': 'param',
-                                                       'set': 'param',
-                                                       'value': ['addcmul',
-                                                                 'element',
-                                                                 None,
-                                                                 False,
-                                                                 [['var', 'element', 'param', False],
-                                                                  ['var', 'element', 'param', False],
-                                                                  ['where',
-                                                                   'element',
-                                                                   None,
-                                                                   False,
-                                                                   [['ge',
-                                                                     'element',
-                                                                     None,
-                                                                     True,
-                                                                     [['mul',
-                                                                       'element',
-                                                                       None,
-                                                                       False,
-                                                                       [['var', 'element', 'update', False],
-                                                                        ['var', 'element', 'param', False]]],
-                                                                      ['const', 'host', 0, False]]],
-                                                                    ['const', 'host', 1.0, False],
-                                                                    ['const', 'host', 0.0, False]]],
-                                                                  ['var', 'host', '_k70', False]]]}]}]},
-                                  {'role': 'param',
-                                   'set': 'param',
-                                   'value': ['add',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'param', False],
-                                              ['neg',
-                                               'element',
-                                               None,
-                                               False,
-                                               [['var', 'element', 'update', False]]]]]}],
+                                  {'else': [{'else': [],
+                                             'if': ['var', 'host', '_c20', True],
+                                             'then': [{'else': [{'role': 'temp',
+                                                                 'set': '_k80',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'param',
+                                                                 'set': 'param',
+                                                                 'value': ['axpy',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var', 'element', 'param', False],
+                                                                            ['var', 'element', 'param', False],
+                                                                            ['var', 'host', '_k80', False]]]}],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'role': 'temp',
+                                                                 'set': '_k79',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'param',
+                                                                 'set': 'param',
+                                                                 'value': ['addcmul',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var', 'element', 'param', False],
+                                                                            ['var', 'element', 'param', False],
+                                                                            ['where',
+                                                                             'element',
+                                                                             None,
+                                                                             False,
+                                                                             [['ge',
+                                                                               'element',
+                                                                               None,
+                                                                               True,
+                                                                               [['mul',
+                                                                                 'element',
+                                                                                 None,
+                                                                                 False,
+                                                                                 [['var',
+                                                                                   'element',
+                                                                                   'update',
+                                                                                   False],
+                                                                                  ['var',
+                                                                                   'element',
+                                                                                   'param',
+                                                                                   False]]],
+                                                                                ['const', 'host', 0, False]]],
+                                                                              ['const', 'host', 1.0, False],
+                                                                              ['const', 'host', 0.0, False]]],
+                                                                            ['var',
+                                                                             'host',
+                                                                             '_k79',
+                                                                             False]]]}]}]},
+                                            {'role': 'param',
+                                             'set': 'param',
+                                             'value': ['add',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param', False],
+                                                        ['neg',
+                                                         'element',
+                                                         None,
+                                                         False,
+                                                         [['var', 'element', 'update', False]]]]]}],
+                                   'if': ['var', 'host', '_c14', True],
+                                   'then': [{'role': 'temp',
+                                             'set': 'param_fp32',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param', False]]]},
+                                            {'role': 'temp',
+                                             'set': 'update_fp32',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'update', False]]]},
+                                            {'else': [],
+                                             'if': ['var', 'host', '_c20', True],
+                                             'then': [{'else': [{'role': 'temp',
+                                                                 'set': '_k77',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'temp',
+                                                                 'set': 'param_fp32',
+                                                                 'value': ['axpy',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var', 'host', '_k77', False]]]}],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'role': 'temp',
+                                                                 'set': '_k76',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'temp',
+                                                                 'set': 'param_fp32',
+                                                                 'value': ['addcmul',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['where',
+                                                                             'element',
+                                                                             None,
+                                                                             False,
+                                                                             [['ge',
+                                                                               'element',
+                                                                               None,
+                                                                               True,
+                                                                               [['mul',
+                                                                                 'element',
+                                                                                 None,
+                                                                                 False,
+                                                                                 [['var',
+                                                                                   'element',
+                                                                                   'update_fp32',
+                                                                                   False],
+                                                                                  ['var',
+                                                                                   'element',
+                                                                                   'param_fp32',
+                                                                                   False]]],
+                                                                                ['const', 'host', 0, False]]],
+                                                                              ['const', 'host', 1.0, False],
+                                                                              ['const', 'host', 0.0, False]]],
+                                                                            ['var',
+                                                                             'host',
+                                                                             '_k76',
+                                                                             False]]]}]}]},
+                                            {'role': 'temp',
+                                             'set': 'param_fp32',
+                                             'value': ['add',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param_fp32', False],
+                                                        ['neg',
+                                                         'element',
+                                                         None,
+                                                         False,
+                                                         [['var', 'element', 'update_fp32', False]]]]]},
+                                            {'role': 'temp',
+                                             'set': '_k78',
+                                             'value': ['step', 'host', None, False]},
+                                            {'role': 'param',
+                                             'set': 'param',
+                                             'value': ['stochastic_round',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param_fp32', False],
+                                                        ['var', 'host', '_k78', False]]]}]}],
                          'if': ['var', 'host', '_c3', True],
                          'then': [{'else': [],
                                    'if': ['var', 'host', '_c4', True],
@@ -1125,7 +1306,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'ortho_g', False],
                                                         ['var', 'tensor', 'ortho_scale', False]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k48',
+                                   'set': '_k54',
                                    'value': ['sub',
                                              'host',
                                              None,
@@ -1140,7 +1321,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'momentum_buffer', False],
                                               ['var', 'element', 'grad', False],
-                                              ['var', 'host', '_k48', False]]]},
+                                              ['var', 'host', '_k54', False]]]},
                                   {'else': [{'role': 'temp',
                                              'set': 'update',
                                              'value': ['copy',
@@ -1150,7 +1331,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'momentum_buffer', False]]]}],
                                    'if': ['var', 'host', '_c5', True],
                                    'then': [{'else': [{'role': 'temp',
-                                                       'set': '_k50',
+                                                       'set': '_k56',
                                                        'value': ['hyper',
                                                                  'host',
                                                                  ['nesterov_coef', None],
@@ -1163,10 +1344,10 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'grad', False],
                                                                   ['var', 'element', 'momentum_buffer', False],
-                                                                  ['var', 'host', '_k50', False]]]}],
+                                                                  ['var', 'host', '_k56', False]]]}],
                                              'if': ['var', 'host', '_c6', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k49',
+                                                       'set': '_k55',
                                                        'value': ['hyper', 'host', ['betas', 0], False]},
                                                       {'role': 'temp',
                                                        'set': 'update',
@@ -1176,7 +1357,7 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'grad', False],
                                                                   ['var', 'element', 'momentum_buffer', False],
-                                                                  ['var', 'host', '_k49', False]]]}]}]},
+                                                                  ['var', 'host', '_k55', False]]]}]}]},
                                   {'else': [{'role': 'temp',
                                              'set': 'update',
                                              'value': ['sign',
@@ -1208,16 +1389,16 @@ _PROGRAM = program_from_data(
                                                            [['meta', 'host', 'numel', False],
                                                             ['const', 'host', 1, False]]]]]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k51',
+                                   'set': '_k57',
                                    'value': ['hyper', 'host', ['ns_steps', None], False]},
                                   {'role': 'temp',
-                                   'set': '_k52',
+                                   'set': '_k58',
                                    'value': ['hyper', 'host', ['ns_coeffs', 0], False]},
                                   {'role': 'temp',
-                                   'set': '_k53',
+                                   'set': '_k59',
                                    'value': ['hyper', 'host', ['ns_coeffs', 1], False]},
                                   {'role': 'temp',
-                                   'set': '_k54',
+                                   'set': '_k60',
                                    'value': ['hyper', 'host', ['ns_coeffs', 2], False]},
                                   {'role': 'temp',
                                    'set': 'update',
@@ -1226,16 +1407,16 @@ _PROGRAM = program_from_data(
                                              None,
                                              False,
                                              [['var', 'element', 'update', False],
-                                              ['var', 'host', '_k51', False],
+                                              ['var', 'host', '_k57', False],
                                               ['var', 'host', 'ns_eps_eff', False],
-                                              ['var', 'host', '_k52', False],
-                                              ['var', 'host', '_k53', False],
-                                              ['var', 'host', '_k54', False]]]},
+                                              ['var', 'host', '_k58', False],
+                                              ['var', 'host', '_k59', False],
+                                              ['var', 'host', '_k60', False]]]},
                                   {'else': [{'role': 'temp',
-                                             'set': '_k58',
+                                             'set': '_k64',
                                              'value': ['hyper', 'host', ['betas', 1], False]},
                                             {'role': 'temp',
-                                             'set': '_k59',
+                                             'set': '_k65',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -1253,10 +1434,10 @@ _PROGRAM = program_from_data(
                                                          None,
                                                          False,
                                                          [['var', 'element', 'second_momentum_buffer', False],
-                                                          ['var', 'host', '_k58', False]]],
+                                                          ['var', 'host', '_k64', False]]],
                                                         ['var', 'element', 'update', False],
                                                         ['var', 'element', 'update', False],
-                                                        ['var', 'host', '_k59', False]]]},
+                                                        ['var', 'host', '_k65', False]]]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'eps_eff',
                                                        'value': ['hyper', 'host', ['eps', None], False]}],
@@ -1330,10 +1511,10 @@ _PROGRAM = program_from_data(
                                                                    False]]]}]}],
                                    'if': ['var', 'host', '_c9', True],
                                    'then': [{'role': 'temp',
-                                             'set': '_k55',
+                                             'set': '_k61',
                                              'value': ['meta', 'host', 'cols', False]},
                                             {'role': 'temp',
-                                             'set': '_k56',
+                                             'set': '_k62',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -1365,10 +1546,10 @@ _PROGRAM = program_from_data(
                                                                False,
                                                                [['var', 'element', 'update', False],
                                                                 ['var', 'element', 'update', False]]]]]]],
-                                                          ['var', 'host', '_k55', False]]],
-                                                        ['var', 'host', '_k56', False]]]},
+                                                          ['var', 'host', '_k61', False]]],
+                                                        ['var', 'host', '_k62', False]]]},
                                             {'role': 'temp',
-                                             'set': '_k57',
+                                             'set': '_k63',
                                              'value': ['hyper', 'host', ['eps', None], False]},
                                             {'role': 'temp',
                                              'set': 'update',
@@ -1386,7 +1567,7 @@ _PROGRAM = program_from_data(
                                                            None,
                                                            False,
                                                            [['var', 'row', 'normuon_v', False]]],
-                                                          ['var', 'host', '_k57', False]]]]]},
+                                                          ['var', 'host', '_k63', False]]]]]},
                                             {'role': 'temp',
                                              'set': 'step_scale',
                                              'value': ['hyper', 'host', ['lr', None], False]}]},
@@ -1400,7 +1581,7 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'update', False]]]}]},
                                   {'else': [{'role': 'temp',
-                                             'set': '_k61',
+                                             'set': '_k67',
                                              'value': ['mul',
                                                        'host',
                                                        None,
@@ -1428,10 +1609,10 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'update', False],
-                                                        ['var', 'host', '_k61', False]]]}],
+                                                        ['var', 'host', '_k67', False]]]}],
                                    'if': ['var', 'host', '_c13', True],
                                    'then': [{'role': 'temp',
-                                             'set': '_k60',
+                                             'set': '_k66',
                                              'value': ['mul',
                                                        'host',
                                                        None,
@@ -1468,11 +1649,11 @@ _PROGRAM = program_from_data(
                                                              False,
                                                              [['var', 'element', 'update', False]]],
                                                             ['const', 'host', 1e-08, False]]],
-                                                          ['var', 'host', '_k60', False]]]]]}]},
+                                                          ['var', 'host', '_k66', False]]]]]}]},
                                   {'else': [{'else': [],
                                              'if': ['var', 'host', '_c15', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k66',
+                                                                 'set': '_k72',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1497,10 +1678,10 @@ _PROGRAM = program_from_data(
                                                                            False,
                                                                            [['var', 'element', 'param', False],
                                                                             ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k66', False]]]}],
+                                                                            ['var', 'host', '_k72', False]]]}],
                                                        'if': ['var', 'host', '_c16', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k65',
+                                                                 'set': '_k71',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1550,7 +1731,7 @@ _PROGRAM = program_from_data(
                                                                               ['const', 'host', 0.0, False]]],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k65',
+                                                                             '_k71',
                                                                              False]]]}]}]},
                                             {'role': 'param',
                                              'set': 'param',
@@ -1582,7 +1763,7 @@ _PROGRAM = program_from_data(
                                             {'else': [],
                                              'if': ['var', 'host', '_c15', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k63',
+                                                                 'set': '_k69',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1613,10 +1794,10 @@ _PROGRAM = program_from_data(
                                                                              'element',
                                                                              'param_fp32',
                                                                              False],
-                                                                            ['var', 'host', '_k63', False]]]}],
+                                                                            ['var', 'host', '_k69', False]]]}],
                                                        'if': ['var', 'host', '_c16', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k62',
+                                                                 'set': '_k68',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1672,7 +1853,7 @@ _PROGRAM = program_from_data(
                                                                               ['const', 'host', 0.0, False]]],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k62',
+                                                                             '_k68',
                                                                              False]]]}]}]},
                                             {'role': 'temp',
                                              'set': 'param_fp32',
@@ -1687,7 +1868,7 @@ _PROGRAM = program_from_data(
                                                          False,
                                                          [['var', 'element', 'update_fp32', False]]]]]},
                                             {'role': 'temp',
-                                             'set': '_k64',
+                                             'set': '_k70',
                                              'value': ['step', 'host', None, False]},
                                             {'role': 'param',
                                              'set': 'param',
@@ -1696,7 +1877,7 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'param_fp32', False],
-                                                        ['var', 'host', '_k64', False]]]}]}]}],
+                                                        ['var', 'host', '_k70', False]]]}]}]}],
                'if': ['var', 'host', '_c0', True],
                'then': [{'else': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
@@ -1765,7 +1946,7 @@ _PROGRAM = program_from_data(
                                                                  [['var', 'element', 'grad', False]]]}],
                                              'if': ['var', 'host', '_c18', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k43',
+                                                       'set': '_k46',
                                                        'value': ['sub',
                                                                  'host',
                                                                  None,
@@ -1783,7 +1964,7 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'exp_avg', False],
                                                                   ['var', 'element', 'grad', False],
-                                                                  ['var', 'host', '_k43', False]]]},
+                                                                  ['var', 'host', '_k46', False]]]},
                                                       {'role': 'temp',
                                                        'set': 'update',
                                                        'value': ['copy',
@@ -1792,10 +1973,10 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'exp_avg', False]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k44',
+                                             'set': '_k47',
                                              'value': ['hyper', 'host', ['adam_betas', 1], False]},
                                             {'role': 'temp',
-                                             'set': '_k45',
+                                             'set': '_k48',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -1813,10 +1994,10 @@ _PROGRAM = program_from_data(
                                                          None,
                                                          False,
                                                          [['var', 'element', 'exp_avg_sq', False],
-                                                          ['var', 'host', '_k44', False]]],
+                                                          ['var', 'host', '_k47', False]]],
                                                         ['var', 'element', 'grad', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k45', False]]]},
+                                                        ['var', 'host', '_k48', False]]]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'adam_eps_eff',
                                                        'value': ['hyper', 'host', ['adam_eps', None], False]}],
@@ -1871,101 +2052,277 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'update', False],
                                                         ['var', 'host', 'step_size', False]]]},
-                                            {'else': [],
-                                             'if': ['var', 'host', '_c20', True],
-                                             'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k47',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['axpy',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k47', False]]]}],
-                                                       'if': ['var', 'host', '_c16', True],
-                                                       'then': [{'role': 'temp',
-                                                                 'set': '_k46',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['addcmul',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['where',
-                                                                             'element',
-                                                                             None,
-                                                                             False,
-                                                                             [['ge',
-                                                                               'element',
-                                                                               None,
-                                                                               True,
-                                                                               [['mul',
-                                                                                 'element',
-                                                                                 None,
-                                                                                 False,
-                                                                                 [['var',
-                                                                                   'element',
-                                                                                   'update',
-                                                                                   False],
-                                                                                  ['var',
-                                                                                   'element',
-                                                                                   'param',
-                                                                                   False]]],
-                                                                                ['const', 'host', 0, False]]],
-                                                                              ['const', 'host', 1.0, False],
-                                                                              ['const', 'host', 0.0, False]]],
-                                                                            ['var',
-                                                                             'host',
-                                                                             '_k46',
-                                                                             False]]]}]}]},
-                                            {'role': 'param',
-                                             'set': 'param',
-                                             'value': ['add',
-                                                       'element',
-                                                       None,
-                                                       False,
-                                                       [['var', 'element', 'param', False],
-                                                        ['neg',
-                                                         'element',
-                                                         None,
-                                                         False,
-                                                         [['var', 'element', 'update', False]]]]]}],
+                                            {'else': [{'else': [],
+                                                       'if': ['var', 'host', '_c20', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k53',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k53',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c16', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k52',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k52',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var', 'element', 'update', False]]]]]}],
+                                             'if': ['var', 'host', '_c14', True],
+                                             'then': [{'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False]]]},
+                                                      {'role': 'temp',
+                                                       'set': 'update_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'update', False]]]},
+                                                      {'else': [],
+                                                       'if': ['var', 'host', '_c20', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k50',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k50',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c16', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k49',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update_fp32',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param_fp32',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k49',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var',
+                                                                     'element',
+                                                                     'update_fp32',
+                                                                     False]]]]]},
+                                                      {'role': 'temp',
+                                                       'set': '_k51',
+                                                       'value': ['step', 'host', None, False]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['stochastic_round',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['var', 'host', '_k51', False]]]}]}],
                                    'if': ['var', 'host', '_c3', True],
                                    'then': [{'else': [],
                                              'if': ['var', 'host', '_c4', True],
@@ -2035,7 +2392,7 @@ _PROGRAM = program_from_data(
                                                                  [['var', 'element', 'ortho_g', False],
                                                                   ['var', 'tensor', 'ortho_scale', False]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k24',
+                                             'set': '_k27',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -2050,7 +2407,7 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'momentum_buffer', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k24', False]]]},
+                                                        ['var', 'host', '_k27', False]]]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'update',
                                                        'value': ['copy',
@@ -2063,7 +2420,7 @@ _PROGRAM = program_from_data(
                                                                    False]]]}],
                                              'if': ['var', 'host', '_c5', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k26',
+                                                                 'set': '_k29',
                                                                  'value': ['hyper',
                                                                            'host',
                                                                            ['nesterov_coef', None],
@@ -2079,10 +2436,10 @@ _PROGRAM = program_from_data(
                                                                              'element',
                                                                              'momentum_buffer',
                                                                              False],
-                                                                            ['var', 'host', '_k26', False]]]}],
+                                                                            ['var', 'host', '_k29', False]]]}],
                                                        'if': ['var', 'host', '_c6', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k25',
+                                                                 'set': '_k28',
                                                                  'value': ['hyper',
                                                                            'host',
                                                                            ['betas', 0],
@@ -2100,7 +2457,7 @@ _PROGRAM = program_from_data(
                                                                              False],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k25',
+                                                                             '_k28',
                                                                              False]]]}]}]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'update',
@@ -2133,16 +2490,16 @@ _PROGRAM = program_from_data(
                                                                      [['meta', 'host', 'numel', False],
                                                                       ['const', 'host', 1, False]]]]]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k27',
+                                             'set': '_k30',
                                              'value': ['hyper', 'host', ['ns_steps', None], False]},
                                             {'role': 'temp',
-                                             'set': '_k28',
+                                             'set': '_k31',
                                              'value': ['hyper', 'host', ['ns_coeffs', 0], False]},
                                             {'role': 'temp',
-                                             'set': '_k29',
+                                             'set': '_k32',
                                              'value': ['hyper', 'host', ['ns_coeffs', 1], False]},
                                             {'role': 'temp',
-                                             'set': '_k30',
+                                             'set': '_k33',
                                              'value': ['hyper', 'host', ['ns_coeffs', 2], False]},
                                             {'role': 'temp',
                                              'set': 'update',
@@ -2151,16 +2508,16 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'update', False],
-                                                        ['var', 'host', '_k27', False],
+                                                        ['var', 'host', '_k30', False],
                                                         ['var', 'host', 'ns_eps_eff', False],
-                                                        ['var', 'host', '_k28', False],
-                                                        ['var', 'host', '_k29', False],
-                                                        ['var', 'host', '_k30', False]]]},
+                                                        ['var', 'host', '_k31', False],
+                                                        ['var', 'host', '_k32', False],
+                                                        ['var', 'host', '_k33', False]]]},
                                             {'else': [{'role': 'temp',
-                                                       'set': '_k34',
+                                                       'set': '_k37',
                                                        'value': ['hyper', 'host', ['betas', 1], False]},
                                                       {'role': 'temp',
-                                                       'set': '_k35',
+                                                       'set': '_k38',
                                                        'value': ['sub',
                                                                  'host',
                                                                  None,
@@ -2181,10 +2538,10 @@ _PROGRAM = program_from_data(
                                                                      'element',
                                                                      'second_momentum_buffer',
                                                                      False],
-                                                                    ['var', 'host', '_k34', False]]],
+                                                                    ['var', 'host', '_k37', False]]],
                                                                   ['var', 'element', 'update', False],
                                                                   ['var', 'element', 'update', False],
-                                                                  ['var', 'host', '_k35', False]]]},
+                                                                  ['var', 'host', '_k38', False]]]},
                                                       {'else': [{'role': 'temp',
                                                                  'set': 'eps_eff',
                                                                  'value': ['hyper',
@@ -2276,10 +2633,10 @@ _PROGRAM = program_from_data(
                                                                              False]]]}]}],
                                              'if': ['var', 'host', '_c9', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k31',
+                                                       'set': '_k34',
                                                        'value': ['meta', 'host', 'cols', False]},
                                                       {'role': 'temp',
-                                                       'set': '_k32',
+                                                       'set': '_k35',
                                                        'value': ['sub',
                                                                  'host',
                                                                  None,
@@ -2314,10 +2671,10 @@ _PROGRAM = program_from_data(
                                                                            'element',
                                                                            'update',
                                                                            False]]]]]]],
-                                                                    ['var', 'host', '_k31', False]]],
-                                                                  ['var', 'host', '_k32', False]]]},
+                                                                    ['var', 'host', '_k34', False]]],
+                                                                  ['var', 'host', '_k35', False]]]},
                                                       {'role': 'temp',
-                                                       'set': '_k33',
+                                                       'set': '_k36',
                                                        'value': ['hyper', 'host', ['eps', None], False]},
                                                       {'role': 'temp',
                                                        'set': 'update',
@@ -2335,7 +2692,7 @@ _PROGRAM = program_from_data(
                                                                      None,
                                                                      False,
                                                                      [['var', 'row', 'normuon_v', False]]],
-                                                                    ['var', 'host', '_k33', False]]]]]},
+                                                                    ['var', 'host', '_k36', False]]]]]},
                                                       {'role': 'temp',
                                                        'set': 'step_scale',
                                                        'value': ['hyper', 'host', ['lr', None], False]}]},
@@ -2349,7 +2706,7 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'update', False]]]}]},
                                             {'else': [{'role': 'temp',
-                                                       'set': '_k37',
+                                                       'set': '_k40',
                                                        'value': ['mul',
                                                                  'host',
                                                                  None,
@@ -2380,10 +2737,10 @@ _PROGRAM = program_from_data(
                                                                  None,
                                                                  False,
                                                                  [['var', 'element', 'update', False],
-                                                                  ['var', 'host', '_k37', False]]]}],
+                                                                  ['var', 'host', '_k40', False]]]}],
                                              'if': ['var', 'host', '_c13', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k36',
+                                                       'set': '_k39',
                                                        'value': ['mul',
                                                                  'host',
                                                                  None,
@@ -2420,11 +2777,11 @@ _PROGRAM = program_from_data(
                                                                        False,
                                                                        [['var', 'element', 'update', False]]],
                                                                       ['const', 'host', 1e-08, False]]],
-                                                                    ['var', 'host', '_k36', False]]]]]}]},
+                                                                    ['var', 'host', '_k39', False]]]]]}]},
                                             {'else': [{'else': [],
                                                        'if': ['var', 'host', '_c15', True],
                                                        'then': [{'else': [{'role': 'temp',
-                                                                           'set': '_k42',
+                                                                           'set': '_k45',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2457,11 +2814,11 @@ _PROGRAM = program_from_data(
                                                                                        False],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k42',
+                                                                                       '_k45',
                                                                                        False]]]}],
                                                                  'if': ['var', 'host', '_c16', True],
                                                                  'then': [{'role': 'temp',
-                                                                           'set': '_k41',
+                                                                           'set': '_k44',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2526,7 +2883,7 @@ _PROGRAM = program_from_data(
                                                                                          False]]],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k41',
+                                                                                       '_k44',
                                                                                        False]]]}]}]},
                                                       {'role': 'param',
                                                        'set': 'param',
@@ -2558,7 +2915,7 @@ _PROGRAM = program_from_data(
                                                       {'else': [],
                                                        'if': ['var', 'host', '_c15', True],
                                                        'then': [{'else': [{'role': 'temp',
-                                                                           'set': '_k39',
+                                                                           'set': '_k42',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2591,11 +2948,11 @@ _PROGRAM = program_from_data(
                                                                                        False],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k39',
+                                                                                       '_k42',
                                                                                        False]]]}],
                                                                  'if': ['var', 'host', '_c16', True],
                                                                  'then': [{'role': 'temp',
-                                                                           'set': '_k38',
+                                                                           'set': '_k41',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2660,7 +3017,7 @@ _PROGRAM = program_from_data(
                                                                                          False]]],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k38',
+                                                                                       '_k41',
                                                                                        False]]]}]}]},
                                                       {'role': 'temp',
                                                        'set': 'param_fp32',
@@ -2678,7 +3035,7 @@ _PROGRAM = program_from_data(
                                                                      'update_fp32',
                                                                      False]]]]]},
                                                       {'role': 'temp',
-                                                       'set': '_k40',
+                                                       'set': '_k43',
                                                        'value': ['step', 'host', None, False]},
                                                       {'role': 'param',
                                                        'set': 'param',
@@ -2687,7 +3044,7 @@ _PROGRAM = program_from_data(
                                                                  None,
                                                                  False,
                                                                  [['var', 'element', 'param_fp32', False],
-                                                                  ['var', 'host', '_k40', False]]]}]}]}],
+                                                                  ['var', 'host', '_k43', False]]]}]}]}],
                          'if': ['var', 'host', '_c1', True],
                          'then': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
@@ -2862,101 +3219,277 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'update', False],
                                                         ['var', 'host', 'step_size', False]]]},
-                                            {'else': [],
-                                             'if': ['var', 'host', '_c20', True],
-                                             'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k23',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['axpy',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k23', False]]]}],
-                                                       'if': ['var', 'host', '_c16', True],
-                                                       'then': [{'role': 'temp',
-                                                                 'set': '_k22',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['addcmul',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['where',
-                                                                             'element',
-                                                                             None,
-                                                                             False,
-                                                                             [['ge',
-                                                                               'element',
-                                                                               None,
-                                                                               True,
-                                                                               [['mul',
-                                                                                 'element',
-                                                                                 None,
-                                                                                 False,
-                                                                                 [['var',
-                                                                                   'element',
-                                                                                   'update',
-                                                                                   False],
-                                                                                  ['var',
-                                                                                   'element',
-                                                                                   'param',
-                                                                                   False]]],
-                                                                                ['const', 'host', 0, False]]],
-                                                                              ['const', 'host', 1.0, False],
-                                                                              ['const', 'host', 0.0, False]]],
-                                                                            ['var',
-                                                                             'host',
-                                                                             '_k22',
-                                                                             False]]]}]}]},
-                                            {'role': 'param',
-                                             'set': 'param',
-                                             'value': ['add',
-                                                       'element',
-                                                       None,
-                                                       False,
-                                                       [['var', 'element', 'param', False],
-                                                        ['neg',
-                                                         'element',
-                                                         None,
-                                                         False,
-                                                         [['var', 'element', 'update', False]]]]]}],
+                                            {'else': [{'else': [],
+                                                       'if': ['var', 'host', '_c20', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k26',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k26',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c16', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k25',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k25',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var', 'element', 'update', False]]]]]}],
+                                             'if': ['var', 'host', '_c14', True],
+                                             'then': [{'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False]]]},
+                                                      {'role': 'temp',
+                                                       'set': 'update_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'update', False]]]},
+                                                      {'else': [],
+                                                       'if': ['var', 'host', '_c20', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k23',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k23',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c16', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k22',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update_fp32',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param_fp32',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k22',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var',
+                                                                     'element',
+                                                                     'update_fp32',
+                                                                     False]]]]]},
+                                                      {'role': 'temp',
+                                                       'set': '_k24',
+                                                       'value': ['step', 'host', None, False]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['stochastic_round',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['var', 'host', '_k24', False]]]}]}],
                                    'if': ['var', 'host', '_c3', True],
                                    'then': [{'else': [],
                                              'if': ['var', 'host', '_c4', True],
@@ -5723,284 +6256,344 @@ def _device_step(h, param, grad, S):
                 t_denom = _58
                 F.div_(t_update, t_denom)
                 F.mul_(t_update, h["step_size"])
-                if h["_c20"]:
-                    if h["_c16"]:
-                        _59 = F.mul(t_update, param)
-                        _60 = F.ge(_59, 0)
-                        _61 = F.where(_60, 1.0, 0.0)
-                        _62 = F.addcmul(param, param, _61, h["_k22"])
-                        F.assign_(param, _62)
-                    else:
-                        _63 = F.axpy(param, param, h["_k23"])
-                        F.assign_(param, _63)
-                F.sub_(param, t_update)
+                if h["_c14"]:
+                    _59 = F.float32(param)
+                    t_param_fp32 = _59
+                    _60 = F.float32(t_update)
+                    t_update_fp32 = _60
+                    if h["_c20"]:
+                        if h["_c16"]:
+                            _61 = F.mul(t_update_fp32, t_param_fp32)
+                            _62 = F.ge(_61, 0)
+                            _63 = F.where(_62, 1.0, 0.0)
+                            _64 = F.addcmul(t_param_fp32, t_param_fp32, _63, h["_k22"])
+                            t_param_fp32 = _64
+                        else:
+                            _65 = F.axpy(t_param_fp32, t_param_fp32, h["_k23"])
+                            t_param_fp32 = _65
+                    _66 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _66
+                    _67 = F.stochastic_round(t_param_fp32, h["_k24"])
+                    F.assign_(param, _67)
+                else:
+                    if h["_c20"]:
+                        if h["_c16"]:
+                            _68 = F.mul(t_update, param)
+                            _69 = F.ge(_68, 0)
+                            _70 = F.where(_69, 1.0, 0.0)
+                            _71 = F.addcmul(param, param, _70, h["_k25"])
+                            F.assign_(param, _71)
+                        else:
+                            _72 = F.axpy(param, param, h["_k26"])
+                            F.assign_(param, _72)
+                    F.sub_(param, t_update)
         else:
             if h["_c2"]:
-                _64 = F.float32(grad)
-                grad = _64
+                _73 = F.float32(grad)
+                grad = _73
             if h["_c3"]:
                 if h["_c4"]:
-                    _65 = F.vdot(param, grad)
-                    _66 = F.vdot(param, param)
-                    F.add_(_66, 1e-30)
-                    F.div_(_65, _66)
-                    _67 = F.mul(param, _65)
-                    _68 = F.sub(grad, _67)
-                    t_ortho_g = _68
-                    _69 = F.norm(grad)
-                    _70 = F.norm(t_ortho_g)
-                    F.add_(_70, 1e-30)
-                    F.div_(_69, _70)
-                    t_ortho_scale = _69
-                    _71 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _71
-                F.lerp_(st_momentum_buffer, grad, h["_k24"])
+                    _74 = F.vdot(param, grad)
+                    _75 = F.vdot(param, param)
+                    F.add_(_75, 1e-30)
+                    F.div_(_74, _75)
+                    _76 = F.mul(param, _74)
+                    _77 = F.sub(grad, _76)
+                    t_ortho_g = _77
+                    _78 = F.norm(grad)
+                    _79 = F.norm(t_ortho_g)
+                    F.add_(_79, 1e-30)
+                    F.div_(_78, _79)
+                    t_ortho_scale = _78
+                    _80 = F.mul(t_ortho_g, t_ortho_scale)
+                    grad = _80
+                F.lerp_(st_momentum_buffer, grad, h["_k27"])
                 if h["_c5"]:
                     if h["_c6"]:
-                        _72 = F.lerp(grad, st_momentum_buffer, h["_k25"])
-                        t_update = _72
+                        _81 = F.lerp(grad, st_momentum_buffer, h["_k28"])
+                        t_update = _81
                     else:
-                        _73 = F.lerp(grad, st_momentum_buffer, h["_k26"])
-                        t_update = _73
+                        _82 = F.lerp(grad, st_momentum_buffer, h["_k29"])
+                        t_update = _82
                 else:
-                    _74 = F.copy(st_momentum_buffer)
-                    t_update = _74
+                    _83 = F.copy(st_momentum_buffer)
+                    t_update = _83
                 if h["_c7"]:
                     pass
                 else:
                     F.sign_(t_update)
                 if h["_c8"]:
                     pass
-                _75 = F.newton_schulz(t_update, h["_k27"], h["ns_eps_eff"], h["_k28"], h["_k29"], h["_k30"])
-                t_update = _75
+                _84 = F.newton_schulz(t_update, h["_k30"], h["ns_eps_eff"], h["_k31"], h["_k32"], h["_k33"])
+                t_update = _84
                 if h["_c9"]:
-                    _76 = F.mul(t_update, t_update)
-                    _77 = F.float32(_76)
-                    _78 = F.rowsum(_77)
-                    F.div_(_78, h["_k31"])
-                    F.lerp_(st_normuon_v, _78, h["_k32"])
-                    _79 = F.sqrt(st_normuon_v)
-                    F.add_(_79, h["_k33"])
-                    F.div_(t_update, F.align(_79, "row", "element"))
+                    _85 = F.mul(t_update, t_update)
+                    _86 = F.float32(_85)
+                    _87 = F.rowsum(_86)
+                    F.div_(_87, h["_k34"])
+                    F.lerp_(st_normuon_v, _87, h["_k35"])
+                    _88 = F.sqrt(st_normuon_v)
+                    F.add_(_88, h["_k36"])
+                    F.div_(t_update, F.align(_88, "row", "element"))
                 else:
-                    F.mul_(st_second_momentum_buffer, h["_k34"])
-                    F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k35"])
+                    F.mul_(st_second_momentum_buffer, h["_k37"])
+                    F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k38"])
                     if h["_c10"]:
                         pass
                     if h["_c11"]:
-                        _80 = F.sqrt(st_second_momentum_buffer)
-                        _81 = F.atan2(t_update, _80)
-                        t_update = _81
+                        _89 = F.sqrt(st_second_momentum_buffer)
+                        _90 = F.atan2(t_update, _89)
+                        t_update = _90
                     else:
-                        _82 = F.sqrt(st_second_momentum_buffer)
-                        F.add_(_82, h["eps_eff"])
-                        F.div_(t_update, _82)
+                        _91 = F.sqrt(st_second_momentum_buffer)
+                        F.add_(_91, h["eps_eff"])
+                        F.div_(t_update, _91)
                 if h["_c12"]:
-                    _83 = F.contiguous(t_update)
-                    t_update = _83
+                    _92 = F.contiguous(t_update)
+                    t_update = _92
                 if h["_c13"]:
-                    _84 = F.norm(t_update)
-                    F.maximum_(_84, 1e-08)
-                    F.rdiv_(_84, h["_k36"])
-                    _85 = F.mul(t_update, _84)
-                    t_update = _85
+                    _93 = F.norm(t_update)
+                    F.maximum_(_93, 1e-08)
+                    F.rdiv_(_93, h["_k39"])
+                    _94 = F.mul(t_update, _93)
+                    t_update = _94
                 else:
-                    _86 = F.mul(t_update, h["_k37"])
-                    t_update = _86
+                    _95 = F.mul(t_update, h["_k40"])
+                    t_update = _95
                 if h["_c14"]:
-                    _87 = F.float32(param)
-                    t_param_fp32 = _87
-                    _88 = F.float32(t_update)
-                    t_update_fp32 = _88
+                    _96 = F.float32(param)
+                    t_param_fp32 = _96
+                    _97 = F.float32(t_update)
+                    t_update_fp32 = _97
                     if h["_c15"]:
                         if h["_c16"]:
-                            _89 = F.mul(t_update_fp32, t_param_fp32)
-                            _90 = F.ge(_89, 0)
-                            _91 = F.where(_90, 1.0, 0.0)
-                            _92 = F.addcmul(t_param_fp32, t_param_fp32, _91, h["_k38"])
-                            t_param_fp32 = _92
+                            _98 = F.mul(t_update_fp32, t_param_fp32)
+                            _99 = F.ge(_98, 0)
+                            _100 = F.where(_99, 1.0, 0.0)
+                            _101 = F.addcmul(t_param_fp32, t_param_fp32, _100, h["_k41"])
+                            t_param_fp32 = _101
                         else:
-                            _93 = F.axpy(t_param_fp32, t_param_fp32, h["_k39"])
-                            t_param_fp32 = _93
-                    _94 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _94
-                    _95 = F.stochastic_round(t_param_fp32, h["_k40"])
-                    F.assign_(param, _95)
+                            _102 = F.axpy(t_param_fp32, t_param_fp32, h["_k42"])
+                            t_param_fp32 = _102
+                    _103 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _103
+                    _104 = F.stochastic_round(t_param_fp32, h["_k43"])
+                    F.assign_(param, _104)
                 else:
                     if h["_c15"]:
                         if h["_c16"]:
-                            _96 = F.mul(t_update, param)
-                            _97 = F.ge(_96, 0)
-                            _98 = F.where(_97, 1.0, 0.0)
-                            _99 = F.addcmul(param, param, _98, h["_k41"])
-                            F.assign_(param, _99)
+                            _105 = F.mul(t_update, param)
+                            _106 = F.ge(_105, 0)
+                            _107 = F.where(_106, 1.0, 0.0)
+                            _108 = F.addcmul(param, param, _107, h["_k44"])
+                            F.assign_(param, _108)
                         else:
-                            _100 = F.axpy(param, param, h["_k42"])
-                            F.assign_(param, _100)
+                            _109 = F.axpy(param, param, h["_k45"])
+                            F.assign_(param, _109)
                     F.sub_(param, t_update)
             else:
                 if h["_c17"]:
                     pass
                 if h["_c18"]:
-                    F.lerp_(st_exp_avg, grad, h["_k43"])
-                    _101 = F.copy(st_exp_avg)
-                    t_update = _101
+                    F.lerp_(st_exp_avg, grad, h["_k46"])
+                    _110 = F.copy(st_exp_avg)
+                    t_update = _110
                 else:
-                    _102 = F.copy(grad)
-                    t_update = _102
-                F.mul_(st_exp_avg_sq, h["_k44"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k45"])
+                    _111 = F.copy(grad)
+                    t_update = _111
+                F.mul_(st_exp_avg_sq, h["_k47"])
+                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k48"])
                 if h["_c19"]:
                     pass
-                _103 = F.sqrt(st_exp_avg_sq)
-                F.div_(_103, h["sqrt_bias_correction2"])
-                F.add_(_103, h["adam_eps_eff"])
-                t_denom = _103
+                _112 = F.sqrt(st_exp_avg_sq)
+                F.div_(_112, h["sqrt_bias_correction2"])
+                F.add_(_112, h["adam_eps_eff"])
+                t_denom = _112
                 F.div_(t_update, t_denom)
                 F.mul_(t_update, h["step_size"])
-                if h["_c20"]:
-                    if h["_c16"]:
-                        _104 = F.mul(t_update, param)
-                        _105 = F.ge(_104, 0)
-                        _106 = F.where(_105, 1.0, 0.0)
-                        _107 = F.addcmul(param, param, _106, h["_k46"])
-                        F.assign_(param, _107)
-                    else:
-                        _108 = F.axpy(param, param, h["_k47"])
-                        F.assign_(param, _108)
-                F.sub_(param, t_update)
+                if h["_c14"]:
+                    _113 = F.float32(param)
+                    t_param_fp32 = _113
+                    _114 = F.float32(t_update)
+                    t_update_fp32 = _114
+                    if h["_c20"]:
+                        if h["_c16"]:
+                            _115 = F.mul(t_update_fp32, t_param_fp32)
+                            _116 = F.ge(_115, 0)
+                            _117 = F.where(_116, 1.0, 0.0)
+                            _118 = F.addcmul(t_param_fp32, t_param_fp32, _117, h["_k49"])
+                            t_param_fp32 = _118
+                        else:
+                            _119 = F.axpy(t_param_fp32, t_param_fp32, h["_k50"])
+                            t_param_fp32 = _119
+                    _120 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _120
+                    _121 = F.stochastic_round(t_param_fp32, h["_k51"])
+                    F.assign_(param, _121)
+                else:
+                    if h["_c20"]:
+                        if h["_c16"]:
+                            _122 = F.mul(t_update, param)
+                            _123 = F.ge(_122, 0)
+                            _124 = F.where(_123, 1.0, 0.0)
+                            _125 = F.addcmul(param, param, _124, h["_k52"])
+                            F.assign_(param, _125)
+                        else:
+                            _126 = F.axpy(param, param, h["_k53"])
+                            F.assign_(param, _126)
+                    F.sub_(param, t_update)
     else:
         if h["_c3"]:
             if h["_c4"]:
-                _109 = F.vdot(param, grad)
-                _110 = F.vdot(param, param)
-                F.add_(_110, 1e-30)
-                F.div_(_109, _110)
-                _111 = F.mul(param, _109)
-                _112 = F.sub(grad, _111)
-                t_ortho_g = _112
-                _113 = F.norm(grad)
-                _114 = F.norm(t_ortho_g)
-                F.add_(_114, 1e-30)
-                F.div_(_113, _114)
-                t_ortho_scale = _113
-                _115 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _115
-            F.lerp_(st_momentum_buffer, grad, h["_k48"])
+                _127 = F.vdot(param, grad)
+                _128 = F.vdot(param, param)
+                F.add_(_128, 1e-30)
+                F.div_(_127, _128)
+                _129 = F.mul(param, _127)
+                _130 = F.sub(grad, _129)
+                t_ortho_g = _130
+                _131 = F.norm(grad)
+                _132 = F.norm(t_ortho_g)
+                F.add_(_132, 1e-30)
+                F.div_(_131, _132)
+                t_ortho_scale = _131
+                _133 = F.mul(t_ortho_g, t_ortho_scale)
+                grad = _133
+            F.lerp_(st_momentum_buffer, grad, h["_k54"])
             if h["_c5"]:
                 if h["_c6"]:
-                    _116 = F.lerp(grad, st_momentum_buffer, h["_k49"])
-                    t_update = _116
+                    _134 = F.lerp(grad, st_momentum_buffer, h["_k55"])
+                    t_update = _134
                 else:
-                    _117 = F.lerp(grad, st_momentum_buffer, h["_k50"])
-                    t_update = _117
+                    _135 = F.lerp(grad, st_momentum_buffer, h["_k56"])
+                    t_update = _135
             else:
-                _118 = F.copy(st_momentum_buffer)
-                t_update = _118
+                _136 = F.copy(st_momentum_buffer)
+                t_update = _136
             if h["_c7"]:
                 pass
             else:
                 F.sign_(t_update)
             if h["_c8"]:
                 pass
-            _119 = F.newton_schulz(t_update, h["_k51"], h["ns_eps_eff"], h["_k52"], h["_k53"], h["_k54"])
-            t_update = _119
+            _137 = F.newton_schulz(t_update, h["_k57"], h["ns_eps_eff"], h["_k58"], h["_k59"], h["_k60"])
+            t_update = _137
             if h["_c9"]:
-                _120 = F.mul(t_update, t_update)
-                _121 = F.float32(_120)
-                _122 = F.rowsum(_121)
-                F.div_(_122, h["_k55"])
-                F.lerp_(st_normuon_v, _122, h["_k56"])
-                _123 = F.sqrt(st_normuon_v)
-                F.add_(_123, h["_k57"])
-                F.div_(t_update, F.align(_123, "row", "element"))
+                _138 = F.mul(t_update, t_update)
+                _139 = F.float32(_138)
+                _140 = F.rowsum(_139)
+                F.div_(_140, h["_k61"])
+                F.lerp_(st_normuon_v, _140, h["_k62"])
+                _141 = F.sqrt(st_normuon_v)
+                F.add_(_141, h["_k63"])
+                F.div_(t_update, F.align(_141, "row", "element"))
             else:
-                F.mul_(st_second_momentum_buffer, h["_k58"])
-                F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k59"])
+                F.mul_(st_second_momentum_buffer, h["_k64"])
+                F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k65"])
                 if h["_c10"]:
                     pass
                 if h["_c11"]:
-                    _124 = F.sqrt(st_second_momentum_buffer)
-                    _125 = F.atan2(t_update, _124)
-                    t_update = _125
+                    _142 = F.sqrt(st_second_momentum_buffer)
+                    _143 = F.atan2(t_update, _142)
+                    t_update = _143
                 else:
-                    _126 = F.sqrt(st_second_momentum_buffer)
-                    F.add_(_126, h["eps_eff"])
-                    F.div_(t_update, _126)
+                    _144 = F.sqrt(st_second_momentum_buffer)
+                    F.add_(_144, h["eps_eff"])
+                    F.div_(t_update, _144)
             if h["_c12"]:
-                _127 = F.contiguous(t_update)
-                t_update = _127
+                _145 = F.contiguous(t_update)
+                t_update = _145
             if h["_c13"]:
-                _128 = F.norm(t_update)
-                F.maximum_(_128, 1e-08)
-                F.rdiv_(_128, h["_k60"])
-                _129 = F.mul(t_update, _128)
-                t_update = _129
+                _146 = F.norm(t_update)
+                F.maximum_(_146, 1e-08)
+                F.rdiv_(_146, h["_k66"])
+                _147 = F.mul(t_update, _146)
+                t_update = _147
             else:
-                _130 = F.mul(t_update, h["_k61"])
-                t_update = _130
+                _148 = F.mul(t_update, h["_k67"])
+                t_update = _148
             if h["_c14"]:
-                _131 = F.float32(param)
-                t_param_fp32 = _131
-                _132 = F.float32(t_update)
-                t_update_fp32 = _132
+                _149 = F.float32(param)
+                t_param_fp32 = _149
+                _150 = F.float32(t_update)
+                t_update_fp32 = _150
                 if h["_c15"]:
                     if h["_c16"]:
-                        _133 = F.mul(t_update_fp32, t_param_fp32)
-                        _134 = F.ge(_133, 0)
-                        _135 = F.where(_134, 1.0, 0.0)
-                        _136 = F.addcmul(t_param_fp32, t_param_fp32, _135, h["_k62"])
-                        t_param_fp32 = _136
+                        _151 = F.mul(t_update_fp32, t_param_fp32)
+                        _152 = F.ge(_151, 0)
+                        _153 = F.where(_152, 1.0, 0.0)
+                        _154 = F.addcmul(t_param_fp32, t_param_fp32, _153, h["_k68"])
+                        t_param_fp32 = _154
                     else:
-                        _137 = F.axpy(t_param_fp32, t_param_fp32, h["_k63"])
-                        t_param_fp32 = _137
-                _138 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _138
-                _139 = F.stochastic_round(t_param_fp32, h["_k64"])
-                F.assign_(param, _139)
+                        _155 = F.axpy(t_param_fp32, t_param_fp32, h["_k69"])
+                        t_param_fp32 = _155
+                _156 = F.sub(t_param_fp32, t_update_fp32)
+                t_param_fp32 = _156
+                _157 = F.stochastic_round(t_param_fp32, h["_k70"])
+                F.assign_(param, _157)
             else:
                 if h["_c15"]:
                     if h["_c16"]:
-                        _140 = F.mul(t_update, param)
-                        _141 = F.ge(_140, 0)
-                        _142 = F.where(_141, 1.0, 0.0)
-                        _143 = F.addcmul(param, param, _142, h["_k65"])
-                        F.assign_(param, _143)
+                        _158 = F.mul(t_update, param)
+                        _159 = F.ge(_158, 0)
+                        _160 = F.where(_159, 1.0, 0.0)
+                        _161 = F.addcmul(param, param, _160, h["_k71"])
+                        F.assign_(param, _161)
                     else:
-                        _144 = F.axpy(param, param, h["_k66"])
-                        F.assign_(param, _144)
+                        _162 = F.axpy(param, param, h["_k72"])
+                        F.assign_(param, _162)
                 F.sub_(param, t_update)
         else:
             if h["_c17"]:
                 pass
             if h["_c18"]:
-                F.lerp_(st_exp_avg, grad, h["_k67"])
-                _145 = F.copy(st_exp_avg)
-                t_update = _145
+                F.lerp_(st_exp_avg, grad, h["_k73"])
+                _163 = F.copy(st_exp_avg)
+                t_update = _163
             else:
-                _146 = F.copy(grad)
-                t_update = _146
-            F.mul_(st_exp_avg_sq, h["_k68"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k69"])
+                _164 = F.copy(grad)
+                t_update = _164
+            F.mul_(st_exp_avg_sq, h["_k74"])
+            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k75"])
             if h["_c19"]:
                 pass
-            _147 = F.sqrt(st_exp_avg_sq)
-            F.div_(_147, h["sqrt_bias_correction2"])
-            F.add_(_147, h["adam_eps_eff"])
-            t_denom = _147
+            _165 = F.sqrt(st_exp_avg_sq)
+            F.div_(_165, h["sqrt_bias_correction2"])
+            F.add_(_165, h["adam_eps_eff"])
+            t_denom = _165
             F.div_(t_update, t_denom)
             F.mul_(t_update, h["step_size"])
-            if h["_c20"]:
-                if h["_c16"]:
-                    _148 = F.mul(t_update, param)
-                    _149 = F.ge(_148, 0)
-                    _150 = F.where(_149, 1.0, 0.0)
-                    _151 = F.addcmul(param, param, _150, h["_k70"])
-                    F.assign_(param, _151)
-                else:
-                    _152 = F.axpy(param, param, h["_k71"])
-                    F.assign_(param, _152)
-            F.sub_(param, t_update)
+            if h["_c14"]:
+                _166 = F.float32(param)
+                t_param_fp32 = _166
+                _167 = F.float32(t_update)
+                t_update_fp32 = _167
+                if h["_c20"]:
+                    if h["_c16"]:
+                        _168 = F.mul(t_update_fp32, t_param_fp32)
+                        _169 = F.ge(_168, 0)
+                        _170 = F.where(_169, 1.0, 0.0)
+                        _171 = F.addcmul(t_param_fp32, t_param_fp32, _170, h["_k76"])
+                        t_param_fp32 = _171
+                    else:
+                        _172 = F.axpy(t_param_fp32, t_param_fp32, h["_k77"])
+                        t_param_fp32 = _172
+                _173 = F.sub(t_param_fp32, t_update_fp32)
+                t_param_fp32 = _173
+                _174 = F.stochastic_round(t_param_fp32, h["_k78"])
+                F.assign_(param, _174)
+            else:
+                if h["_c20"]:
+                    if h["_c16"]:
+                        _175 = F.mul(t_update, param)
+                        _176 = F.ge(_175, 0)
+                        _177 = F.where(_176, 1.0, 0.0)
+                        _178 = F.addcmul(param, param, _177, h["_k79"])
+                        F.assign_(param, _178)
+                    else:
+                        _179 = F.axpy(param, param, h["_k80"])
+                        F.assign_(param, _179)
+                F.sub_(param, t_update)
 
 
 class AdaMuon_adv(GeneratedOptimizer):

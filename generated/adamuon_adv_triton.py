@@ -24,31 +24,31 @@ def _adamuon_adv_prologue0(
     gidx = tl.load(tab + t * TBL_W + 16)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k48 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 6))
-    h__k49 = tl.load(hyp + 6)
+    h__k54 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 6))
+    h__k55 = tl.load(hyp + 6)
     h_ns_eps_eff = tl.load(hyp + 19)
-    h__k51 = tl.load(hyp + 20)
-    h__k52 = tl.load(hyp + 16)
-    h__k53 = tl.load(hyp + 17)
-    h__k54 = tl.load(hyp + 18)
-    h__k58 = tl.load(hyp + 7)
-    h__k59 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
+    h__k57 = tl.load(hyp + 20)
+    h__k58 = tl.load(hyp + 16)
+    h__k59 = tl.load(hyp + 17)
+    h__k60 = tl.load(hyp + 18)
+    h__k64 = tl.load(hyp + 7)
+    h__k65 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
     h_eps_eff = tl.load(hyp + 9)
     h_step_scale = tl.load(hyp + 11)
-    h__k60 = ((h_step_scale * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
-    h__k64 = step
-    tl.store(hv + t * NH + 0, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k49).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k51).to(tl.float32))
+    h__k66 = ((h_step_scale * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
+    h__k70 = step
+    tl.store(hv + t * NH + 0, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k57).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k52).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k53).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k54).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k58).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k58).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k60).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k64).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k65).to(tl.float32))
     tl.store(hv + t * NH + 9, (h_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k60).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k64).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k66).to(tl.float32))
+    tl.store(hv + t * NH + 11, (h__k70).to(tl.float32))
 
 
 # flat
@@ -60,14 +60,14 @@ def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k48 = tl.load(hv + t * NH + 0)
-    h__k49 = tl.load(hv + t * NH + 1)
+    h__k54 = tl.load(hv + t * NH + 0)
+    h__k55 = tl.load(hv + t * NH + 1)
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     p__x0 = ws + tl.load(tab + t * TBL_W + 20)
     v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k48)
-    x4 = L.lerp(v2, x3, h__k49)
+    x3 = L.lerp(v1, v2, h__k54)
+    x4 = L.lerp(v2, x3, h__k55)
     tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
     tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
@@ -100,14 +100,14 @@ def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_second_momentum_buffer = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_second_momentum_buffer))
     if ALIGNED:
         p_second_momentum_buffer = tl.multiple_of(p_second_momentum_buffer, 16)
-    h__k58 = tl.load(hv + t * NH + 7)
-    h__k59 = tl.load(hv + t * NH + 8)
+    h__k64 = tl.load(hv + t * NH + 7)
+    h__k65 = tl.load(hv + t * NH + 8)
     h_eps_eff = tl.load(hv + t * NH + 9)
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     v1 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_second_momentum_buffer + offs, mask=mask).to(tl.float32)
-    x3 = (v2 * h__k58)
-    x4 = (x3 + h__k59 * v1 * v1)
+    x3 = (v2 * h__k64)
+    x4 = (x3 + h__k65 * v1 * v1)
     x5 = L.sqrt(x4)
     x6 = (x5 + h_eps_eff)
     x7 = L.div(v1, x6)
@@ -143,23 +143,23 @@ def _adamuon_adv_flat1(
 def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     p__r0 = ws + tl.load(tab + t * TBL_W + 17)
-    h__k60 = tl.load(hv + t * NH + 10)
+    h__k66 = tl.load(hv + t * NH + 10)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k64 = tl.load(hv + t * NH + 11)
+    h__k70 = tl.load(hv + t * NH + 11)
     v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k60, x4)
+    x5 = L.div(h__k66, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = v7
     x9 = x6
     x10 = (-x9)
     x11 = (x8 + x10)
-    x12 = L.sr_bf16(x11, (h__k64).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 16), offs)
+    x12 = L.sr_bf16(x11, (h__k70).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 16), offs)
     tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
 
 
@@ -195,29 +195,29 @@ def _adamuon_adv_prologue1(
     gidx = tl.load(tab + t * TBL_W + 16)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k48 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 6))
-    h__k49 = tl.load(hyp + 6)
+    h__k54 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 6))
+    h__k55 = tl.load(hyp + 6)
     h_ns_eps_eff = tl.load(hyp + 19)
-    h__k51 = tl.load(hyp + 20)
-    h__k52 = tl.load(hyp + 16)
-    h__k53 = tl.load(hyp + 17)
-    h__k54 = tl.load(hyp + 18)
-    h__k58 = tl.load(hyp + 7)
-    h__k59 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
+    h__k57 = tl.load(hyp + 20)
+    h__k58 = tl.load(hyp + 16)
+    h__k59 = tl.load(hyp + 17)
+    h__k60 = tl.load(hyp + 18)
+    h__k64 = tl.load(hyp + 7)
+    h__k65 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
     h_eps_eff = tl.load(hyp + 9)
     h_step_scale = tl.load(hyp + 11)
-    h__k60 = ((h_step_scale * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
-    tl.store(hv + t * NH + 0, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k49).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k51).to(tl.float32))
+    h__k66 = ((h_step_scale * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
+    tl.store(hv + t * NH + 0, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k57).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k52).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k53).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k54).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k58).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k58).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k60).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k64).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k65).to(tl.float32))
     tl.store(hv + t * NH + 9, (h_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k60).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k66).to(tl.float32))
 
 
 # flat
@@ -225,7 +225,7 @@ def _adamuon_adv_prologue1(
 def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     p__r0 = ws + tl.load(tab + t * TBL_W + 17)
-    h__k60 = tl.load(hv + t * NH + 10)
+    h__k66 = tl.load(hv + t * NH + 10)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -233,7 +233,7 @@ def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k60, x4)
+    x5 = L.div(h__k66, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = (-x6)
@@ -268,14 +268,14 @@ def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_second_momentum_buffer = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_second_momentum_buffer))
     if ALIGNED:
         p_second_momentum_buffer = tl.multiple_of(p_second_momentum_buffer, 16)
-    h__k58 = tl.load(hv + t * NH + 7)
-    h__k59 = tl.load(hv + t * NH + 8)
+    h__k64 = tl.load(hv + t * NH + 7)
+    h__k65 = tl.load(hv + t * NH + 8)
     h_eps_eff = tl.load(hv + t * NH + 9)
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     v1 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_second_momentum_buffer + offs, mask=mask).to(tl.float32)
-    x3 = (v2 * h__k58)
-    x4 = (x3 + h__k59 * v1 * v1)
+    x3 = (v2 * h__k64)
+    x4 = (x3 + h__k65 * v1 * v1)
     x5 = L.sqrt(x4)
     x6 = (x5 + h_eps_eff)
     x7 = L.div(v1, x6)
@@ -314,14 +314,14 @@ def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k48 = tl.load(hv + t * NH + 0)
-    h__k49 = tl.load(hv + t * NH + 1)
+    h__k54 = tl.load(hv + t * NH + 0)
+    h__k55 = tl.load(hv + t * NH + 1)
     p_update = ws + tl.load(tab + t * TBL_W + 19)
     p__x0 = ws + tl.load(tab + t * TBL_W + 20)
     v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k48)
-    x4 = L.lerp(v2, x3, h__k49)
+    x3 = L.lerp(v1, v2, h__k54)
+    x4 = L.lerp(v2, x3, h__k55)
     x5 = L.sign(x4)
     tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(x5, tl.float32), mask=mask)
@@ -363,16 +363,18 @@ def _adamuon_adv_prologue2(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 11) / h_bias_correction1)
-    h__k67 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k68 = tl.load(hyp + 1)
-    h__k69 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k73 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k74 = tl.load(hyp + 1)
+    h__k75 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h_adam_eps_eff = tl.load(hyp + 2)
-    tl.store(hv + t * NH + 0, (h__k67).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k68).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k69).to(tl.float32))
+    h__k78 = step
+    tl.store(hv + t * NH + 0, (h__k73).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k74).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k75).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_adam_eps_eff).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k78).to(tl.float32))
 
 
 # flat
@@ -384,36 +386,40 @@ def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k67 = tl.load(hv + t * NH + 0)
+    h__k73 = tl.load(hv + t * NH + 0)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 10).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k68 = tl.load(hv + t * NH + 1)
-    h__k69 = tl.load(hv + t * NH + 2)
+    h__k74 = tl.load(hv + t * NH + 1)
+    h__k75 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
     h_adam_eps_eff = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    h__k78 = tl.load(hv + t * NH + 6)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k67)
+    x3 = L.lerp(v1, v2, h__k73)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k68)
-    x7 = (x6 + h__k69 * v2 * v2)
+    x6 = (v5 * h__k74)
+    x7 = (x6 + h__k75 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
     x10 = (x9 + h_adam_eps_eff)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (-x12)
-    x15 = (v13 + x14)
+    x14 = v13
+    x15 = x12
+    x16 = (-x15)
+    x17 = (x14 + x16)
+    x18 = L.sr_bf16(x17, (h__k78).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 16), offs)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -436,6 +442,94 @@ def _adamuon_adv_flat6(
         _adamuon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
 
 
+# prologue
+@triton.jit
+def _adamuon_adv_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 16)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
+    h_step_size = (tl.load(hyp + 11) / h_bias_correction1)
+    h__k73 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k74 = tl.load(hyp + 1)
+    h__k75 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h_adam_eps_eff = tl.load(hyp + 2)
+    tl.store(hv + t * NH + 0, (h__k73).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k74).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k75).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h_adam_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k73 = tl.load(hv + t * NH + 0)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 10).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k74 = tl.load(hv + t * NH + 1)
+    h__k75 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h_adam_eps_eff = tl.load(hv + t * NH + 4)
+    h_step_size = tl.load(hv + t * NH + 5)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x3 = L.lerp(v1, v2, h__k73)
+    x4 = x3
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k74)
+    x7 = (x6 + h__k75 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = (x9 + h_adam_eps_eff)
+    x11 = L.div(x4, x10)
+    x12 = (x11 * h_step_size)
+    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x14 = (-x12)
+    x15 = (v13 + x14)
+    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamuon_adv_flat7(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 11)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamuon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
+    else:
+        _adamuon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
+
+
 KERNELS = {
     "_adamuon_adv_prologue0": _adamuon_adv_prologue0,
     "_adamuon_adv_flat0": _adamuon_adv_flat0,
@@ -447,9 +541,19 @@ KERNELS = {
     "_adamuon_adv_flat5": _adamuon_adv_flat5,
     "_adamuon_adv_prologue2": _adamuon_adv_prologue2,
     "_adamuon_adv_flat6": _adamuon_adv_flat6,
+    "_adamuon_adv_prologue3": _adamuon_adv_prologue3,
+    "_adamuon_adv_flat7": _adamuon_adv_flat7,
 }
 
-PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_correction2', 'step_size'],
+PLAN = {'dynamic': ['_k16',
+             '_k24',
+             '_k43',
+             '_k51',
+             '_k70',
+             '_k78',
+             'bias_correction1',
+             'sqrt_bias_correction2',
+             'step_size'],
  'hyper_slots': [['adam_betas', 0],
                  ['adam_betas', 1],
                  ['adam_eps', None],
@@ -481,45 +585,75 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c3', False), ('_c17', True), ('_c18', True), ('_c19', False), ('_c20', False)): {'columns': ['param',
-                                                                                                                            'state:momentum_buffer',
-                                                                                                                            'state:mu_mbuf_nmf',
-                                                                                                                            'state:mv_mbuf_nmf',
-                                                                                                                            'state:sign_buf',
-                                                                                                                            'state:second_momentum_buffer',
-                                                                                                                            'state:mu_vbuf_nmf',
-                                                                                                                            'state:mv_vbuf_nmf',
-                                                                                                                            'state:normuon_v',
-                                                                                                                            'state:exp_avg',
-                                                                                                                            'state:exp_avg_sq',
-                                                                                                                            'numel',
-                                                                                                                            'B',
-                                                                                                                            'M',
-                                                                                                                            'N',
-                                                                                                                            'ndim',
-                                                                                                                            'gidx'],
-                                                                                                                'creates': [],
-                                                                                                                'hv': ['_k67',
-                                                                                                                       '_k68',
-                                                                                                                       '_k69',
-                                                                                                                       'sqrt_bias_correction2',
-                                                                                                                       'adam_eps_eff',
-                                                                                                                       'step_size'],
-                                                                                                                'launches': [('_adamuon_adv_prologue2',
-                                                                                                                              'prologue'),
-                                                                                                                             ('_adamuon_adv_flat6',
-                                                                                                                              'flat')],
-                                                                                                                'temps': []},
+ 'paths': {(('_c0', False), ('_c3', False), ('_c17', True), ('_c18', True), ('_c19', False), ('_c14', False), ('_c20', False)): {'columns': ['param',
+                                                                                                                                             'state:momentum_buffer',
+                                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                                             'state:sign_buf',
+                                                                                                                                             'state:second_momentum_buffer',
+                                                                                                                                             'state:mu_vbuf_nmf',
+                                                                                                                                             'state:mv_vbuf_nmf',
+                                                                                                                                             'state:normuon_v',
+                                                                                                                                             'state:exp_avg',
+                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                             'numel',
+                                                                                                                                             'B',
+                                                                                                                                             'M',
+                                                                                                                                             'N',
+                                                                                                                                             'ndim',
+                                                                                                                                             'gidx'],
+                                                                                                                                 'creates': [],
+                                                                                                                                 'hv': ['_k73',
+                                                                                                                                        '_k74',
+                                                                                                                                        '_k75',
+                                                                                                                                        'sqrt_bias_correction2',
+                                                                                                                                        'adam_eps_eff',
+                                                                                                                                        'step_size'],
+                                                                                                                                 'launches': [('_adamuon_adv_prologue3',
+                                                                                                                                               'prologue'),
+                                                                                                                                              ('_adamuon_adv_flat7',
+                                                                                                                                               'flat')],
+                                                                                                                                 'temps': []},
+           (('_c0', False), ('_c3', False), ('_c17', True), ('_c18', True), ('_c19', False), ('_c14', True), ('_c20', False)): {'columns': ['param',
+                                                                                                                                            'state:momentum_buffer',
+                                                                                                                                            'state:mu_mbuf_nmf',
+                                                                                                                                            'state:mv_mbuf_nmf',
+                                                                                                                                            'state:sign_buf',
+                                                                                                                                            'state:second_momentum_buffer',
+                                                                                                                                            'state:mu_vbuf_nmf',
+                                                                                                                                            'state:mv_vbuf_nmf',
+                                                                                                                                            'state:normuon_v',
+                                                                                                                                            'state:exp_avg',
+                                                                                                                                            'state:exp_avg_sq',
+                                                                                                                                            'numel',
+                                                                                                                                            'B',
+                                                                                                                                            'M',
+                                                                                                                                            'N',
+                                                                                                                                            'ndim',
+                                                                                                                                            'gidx'],
+                                                                                                                                'creates': [],
+                                                                                                                                'hv': ['_k73',
+                                                                                                                                       '_k74',
+                                                                                                                                       '_k75',
+                                                                                                                                       'sqrt_bias_correction2',
+                                                                                                                                       'adam_eps_eff',
+                                                                                                                                       'step_size',
+                                                                                                                                       '_k78'],
+                                                                                                                                'launches': [('_adamuon_adv_prologue2',
+                                                                                                                                              'prologue'),
+                                                                                                                                             ('_adamuon_adv_flat6',
+                                                                                                                                              'flat')],
+                                                                                                                                'temps': []},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                     '_k51'],
+                                                                                                                                                                                                                                                                     '_k57'],
                                                                                                                                                                                                                                                                     ['var',
                                                                                                                                                                                                                                                                      'ns_eps_eff'],
                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                     '_k52'],
+                                                                                                                                                                                                                                                                     '_k58'],
                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                     '_k53'],
+                                                                                                                                                                                                                                                                     '_k59'],
                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                     '_k54']],
+                                                                                                                                                                                                                                                                     '_k60']],
                                                                                                                                                                                                                                                            'input': '_x0',
                                                                                                                                                                                                                                                            'op': 'newton_schulz',
                                                                                                                                                                                                                                                            'output': '_n0'}],
@@ -545,17 +679,17 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                             'ws:update',
                                                                                                                                                                                                                                                             'ws:_x0'],
                                                                                                                                                                                                                                                 'creates': [],
-                                                                                                                                                                                                                                                'hv': ['_k48',
-                                                                                                                                                                                                                                                       '_k49',
-                                                                                                                                                                                                                                                       '_k51',
+                                                                                                                                                                                                                                                'hv': ['_k54',
+                                                                                                                                                                                                                                                       '_k55',
+                                                                                                                                                                                                                                                       '_k57',
                                                                                                                                                                                                                                                        'ns_eps_eff',
-                                                                                                                                                                                                                                                       '_k52',
-                                                                                                                                                                                                                                                       '_k53',
-                                                                                                                                                                                                                                                       '_k54',
                                                                                                                                                                                                                                                        '_k58',
                                                                                                                                                                                                                                                        '_k59',
+                                                                                                                                                                                                                                                       '_k60',
+                                                                                                                                                                                                                                                       '_k64',
+                                                                                                                                                                                                                                                       '_k65',
                                                                                                                                                                                                                                                        'eps_eff',
-                                                                                                                                                                                                                                                       '_k60'],
+                                                                                                                                                                                                                                                       '_k66'],
                                                                                                                                                                                                                                                 'launches': [('_adamuon_adv_prologue1',
                                                                                                                                                                                                                                                               'prologue'),
                                                                                                                                                                                                                                                              ('_adamuon_adv_flat5',
@@ -579,15 +713,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                            'element',
                                                                                                                                                                                                                                                            False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                    '_k51'],
+                                                                                                                                                                                                                                                                    '_k57'],
                                                                                                                                                                                                                                                                    ['var',
                                                                                                                                                                                                                                                                     'ns_eps_eff'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k52'],
+                                                                                                                                                                                                                                                                    '_k58'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k53'],
+                                                                                                                                                                                                                                                                    '_k59'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k54']],
+                                                                                                                                                                                                                                                                    '_k60']],
                                                                                                                                                                                                                                                           'input': '_x0',
                                                                                                                                                                                                                                                           'op': 'newton_schulz',
                                                                                                                                                                                                                                                           'output': '_n0'}],
@@ -613,18 +747,18 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                            'ws:update',
                                                                                                                                                                                                                                                            'ws:_x0'],
                                                                                                                                                                                                                                                'creates': [],
-                                                                                                                                                                                                                                               'hv': ['_k48',
-                                                                                                                                                                                                                                                      '_k49',
-                                                                                                                                                                                                                                                      '_k51',
+                                                                                                                                                                                                                                               'hv': ['_k54',
+                                                                                                                                                                                                                                                      '_k55',
+                                                                                                                                                                                                                                                      '_k57',
                                                                                                                                                                                                                                                       'ns_eps_eff',
-                                                                                                                                                                                                                                                      '_k52',
-                                                                                                                                                                                                                                                      '_k53',
-                                                                                                                                                                                                                                                      '_k54',
                                                                                                                                                                                                                                                       '_k58',
                                                                                                                                                                                                                                                       '_k59',
-                                                                                                                                                                                                                                                      'eps_eff',
                                                                                                                                                                                                                                                       '_k60',
-                                                                                                                                                                                                                                                      '_k64'],
+                                                                                                                                                                                                                                                      '_k64',
+                                                                                                                                                                                                                                                      '_k65',
+                                                                                                                                                                                                                                                      'eps_eff',
+                                                                                                                                                                                                                                                      '_k66',
+                                                                                                                                                                                                                                                      '_k70'],
                                                                                                                                                                                                                                                'launches': [('_adamuon_adv_prologue0',
                                                                                                                                                                                                                                                              'prologue'),
                                                                                                                                                                                                                                                             ('_adamuon_adv_flat5',
@@ -648,15 +782,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'element',
                                                                                                                                                                                                                                                           False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                    '_k51'],
+                                                                                                                                                                                                                                                                    '_k57'],
                                                                                                                                                                                                                                                                    ['var',
                                                                                                                                                                                                                                                                     'ns_eps_eff'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k52'],
+                                                                                                                                                                                                                                                                    '_k58'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k53'],
+                                                                                                                                                                                                                                                                    '_k59'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k54']],
+                                                                                                                                                                                                                                                                    '_k60']],
                                                                                                                                                                                                                                                           'input': '_x0',
                                                                                                                                                                                                                                                           'op': 'newton_schulz',
                                                                                                                                                                                                                                                           'output': '_n0'}],
@@ -682,17 +816,17 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                            'ws:update',
                                                                                                                                                                                                                                                            'ws:_x0'],
                                                                                                                                                                                                                                                'creates': [],
-                                                                                                                                                                                                                                               'hv': ['_k48',
-                                                                                                                                                                                                                                                      '_k49',
-                                                                                                                                                                                                                                                      '_k51',
+                                                                                                                                                                                                                                               'hv': ['_k54',
+                                                                                                                                                                                                                                                      '_k55',
+                                                                                                                                                                                                                                                      '_k57',
                                                                                                                                                                                                                                                       'ns_eps_eff',
-                                                                                                                                                                                                                                                      '_k52',
-                                                                                                                                                                                                                                                      '_k53',
-                                                                                                                                                                                                                                                      '_k54',
                                                                                                                                                                                                                                                       '_k58',
                                                                                                                                                                                                                                                       '_k59',
+                                                                                                                                                                                                                                                      '_k60',
+                                                                                                                                                                                                                                                      '_k64',
+                                                                                                                                                                                                                                                      '_k65',
                                                                                                                                                                                                                                                       'eps_eff',
-                                                                                                                                                                                                                                                      '_k60'],
+                                                                                                                                                                                                                                                      '_k66'],
                                                                                                                                                                                                                                                'launches': [('_adamuon_adv_prologue1',
                                                                                                                                                                                                                                                              'prologue'),
                                                                                                                                                                                                                                                             ('_adamuon_adv_flat5',
@@ -716,15 +850,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'element',
                                                                                                                                                                                                                                                           False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                                                                                                   '_k57'],
                                                                                                                                                                                                                                                                   ['var',
                                                                                                                                                                                                                                                                    'ns_eps_eff'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k52'],
+                                                                                                                                                                                                                                                                   '_k58'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k53'],
+                                                                                                                                                                                                                                                                   '_k59'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k54']],
+                                                                                                                                                                                                                                                                   '_k60']],
                                                                                                                                                                                                                                                          'input': '_x0',
                                                                                                                                                                                                                                                          'op': 'newton_schulz',
                                                                                                                                                                                                                                                          'output': '_n0'}],
@@ -750,18 +884,18 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'ws:update',
                                                                                                                                                                                                                                                           'ws:_x0'],
                                                                                                                                                                                                                                               'creates': [],
-                                                                                                                                                                                                                                              'hv': ['_k48',
-                                                                                                                                                                                                                                                     '_k49',
-                                                                                                                                                                                                                                                     '_k51',
+                                                                                                                                                                                                                                              'hv': ['_k54',
+                                                                                                                                                                                                                                                     '_k55',
+                                                                                                                                                                                                                                                     '_k57',
                                                                                                                                                                                                                                                      'ns_eps_eff',
-                                                                                                                                                                                                                                                     '_k52',
-                                                                                                                                                                                                                                                     '_k53',
-                                                                                                                                                                                                                                                     '_k54',
                                                                                                                                                                                                                                                      '_k58',
                                                                                                                                                                                                                                                      '_k59',
-                                                                                                                                                                                                                                                     'eps_eff',
                                                                                                                                                                                                                                                      '_k60',
-                                                                                                                                                                                                                                                     '_k64'],
+                                                                                                                                                                                                                                                     '_k64',
+                                                                                                                                                                                                                                                     '_k65',
+                                                                                                                                                                                                                                                     'eps_eff',
+                                                                                                                                                                                                                                                     '_k66',
+                                                                                                                                                                                                                                                     '_k70'],
                                                                                                                                                                                                                                               'launches': [('_adamuon_adv_prologue0',
                                                                                                                                                                                                                                                             'prologue'),
                                                                                                                                                                                                                                                            ('_adamuon_adv_flat5',
@@ -785,15 +919,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                          'element',
                                                                                                                                                                                                                                                          False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                    '_k51'],
+                                                                                                                                                                                                                                                                    '_k57'],
                                                                                                                                                                                                                                                                    ['var',
                                                                                                                                                                                                                                                                     'ns_eps_eff'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k52'],
+                                                                                                                                                                                                                                                                    '_k58'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k53'],
+                                                                                                                                                                                                                                                                    '_k59'],
                                                                                                                                                                                                                                                                    ['var',
-                                                                                                                                                                                                                                                                    '_k54']],
+                                                                                                                                                                                                                                                                    '_k60']],
                                                                                                                                                                                                                                                           'input': '_x0',
                                                                                                                                                                                                                                                           'op': 'newton_schulz',
                                                                                                                                                                                                                                                           'output': '_n0'}],
@@ -819,17 +953,17 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                            'ws:update',
                                                                                                                                                                                                                                                            'ws:_x0'],
                                                                                                                                                                                                                                                'creates': [],
-                                                                                                                                                                                                                                               'hv': ['_k48',
-                                                                                                                                                                                                                                                      '_k49',
-                                                                                                                                                                                                                                                      '_k51',
+                                                                                                                                                                                                                                               'hv': ['_k54',
+                                                                                                                                                                                                                                                      '_k55',
+                                                                                                                                                                                                                                                      '_k57',
                                                                                                                                                                                                                                                       'ns_eps_eff',
-                                                                                                                                                                                                                                                      '_k52',
-                                                                                                                                                                                                                                                      '_k53',
-                                                                                                                                                                                                                                                      '_k54',
                                                                                                                                                                                                                                                       '_k58',
                                                                                                                                                                                                                                                       '_k59',
+                                                                                                                                                                                                                                                      '_k60',
+                                                                                                                                                                                                                                                      '_k64',
+                                                                                                                                                                                                                                                      '_k65',
                                                                                                                                                                                                                                                       'eps_eff',
-                                                                                                                                                                                                                                                      '_k60'],
+                                                                                                                                                                                                                                                      '_k66'],
                                                                                                                                                                                                                                                'launches': [('_adamuon_adv_prologue1',
                                                                                                                                                                                                                                                              'prologue'),
                                                                                                                                                                                                                                                             ('_adamuon_adv_flat0',
@@ -853,15 +987,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'element',
                                                                                                                                                                                                                                                           False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', False), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                                                                                                   '_k57'],
                                                                                                                                                                                                                                                                   ['var',
                                                                                                                                                                                                                                                                    'ns_eps_eff'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k52'],
+                                                                                                                                                                                                                                                                   '_k58'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k53'],
+                                                                                                                                                                                                                                                                   '_k59'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k54']],
+                                                                                                                                                                                                                                                                   '_k60']],
                                                                                                                                                                                                                                                          'input': '_x0',
                                                                                                                                                                                                                                                          'op': 'newton_schulz',
                                                                                                                                                                                                                                                          'output': '_n0'}],
@@ -887,18 +1021,18 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'ws:update',
                                                                                                                                                                                                                                                           'ws:_x0'],
                                                                                                                                                                                                                                               'creates': [],
-                                                                                                                                                                                                                                              'hv': ['_k48',
-                                                                                                                                                                                                                                                     '_k49',
-                                                                                                                                                                                                                                                     '_k51',
+                                                                                                                                                                                                                                              'hv': ['_k54',
+                                                                                                                                                                                                                                                     '_k55',
+                                                                                                                                                                                                                                                     '_k57',
                                                                                                                                                                                                                                                      'ns_eps_eff',
-                                                                                                                                                                                                                                                     '_k52',
-                                                                                                                                                                                                                                                     '_k53',
-                                                                                                                                                                                                                                                     '_k54',
                                                                                                                                                                                                                                                      '_k58',
                                                                                                                                                                                                                                                      '_k59',
-                                                                                                                                                                                                                                                     'eps_eff',
                                                                                                                                                                                                                                                      '_k60',
-                                                                                                                                                                                                                                                     '_k64'],
+                                                                                                                                                                                                                                                     '_k64',
+                                                                                                                                                                                                                                                     '_k65',
+                                                                                                                                                                                                                                                     'eps_eff',
+                                                                                                                                                                                                                                                     '_k66',
+                                                                                                                                                                                                                                                     '_k70'],
                                                                                                                                                                                                                                               'launches': [('_adamuon_adv_prologue0',
                                                                                                                                                                                                                                                             'prologue'),
                                                                                                                                                                                                                                                            ('_adamuon_adv_flat0',
@@ -922,15 +1056,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                          'element',
                                                                                                                                                                                                                                                          False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                                                                                                   '_k57'],
                                                                                                                                                                                                                                                                   ['var',
                                                                                                                                                                                                                                                                    'ns_eps_eff'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k52'],
+                                                                                                                                                                                                                                                                   '_k58'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k53'],
+                                                                                                                                                                                                                                                                   '_k59'],
                                                                                                                                                                                                                                                                   ['var',
-                                                                                                                                                                                                                                                                   '_k54']],
+                                                                                                                                                                                                                                                                   '_k60']],
                                                                                                                                                                                                                                                          'input': '_x0',
                                                                                                                                                                                                                                                          'op': 'newton_schulz',
                                                                                                                                                                                                                                                          'output': '_n0'}],
@@ -956,17 +1090,17 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                           'ws:update',
                                                                                                                                                                                                                                                           'ws:_x0'],
                                                                                                                                                                                                                                               'creates': [],
-                                                                                                                                                                                                                                              'hv': ['_k48',
-                                                                                                                                                                                                                                                     '_k49',
-                                                                                                                                                                                                                                                     '_k51',
+                                                                                                                                                                                                                                              'hv': ['_k54',
+                                                                                                                                                                                                                                                     '_k55',
+                                                                                                                                                                                                                                                     '_k57',
                                                                                                                                                                                                                                                      'ns_eps_eff',
-                                                                                                                                                                                                                                                     '_k52',
-                                                                                                                                                                                                                                                     '_k53',
-                                                                                                                                                                                                                                                     '_k54',
                                                                                                                                                                                                                                                      '_k58',
                                                                                                                                                                                                                                                      '_k59',
+                                                                                                                                                                                                                                                     '_k60',
+                                                                                                                                                                                                                                                     '_k64',
+                                                                                                                                                                                                                                                     '_k65',
                                                                                                                                                                                                                                                      'eps_eff',
-                                                                                                                                                                                                                                                     '_k60'],
+                                                                                                                                                                                                                                                     '_k66'],
                                                                                                                                                                                                                                               'launches': [('_adamuon_adv_prologue1',
                                                                                                                                                                                                                                                             'prologue'),
                                                                                                                                                                                                                                                            ('_adamuon_adv_flat0',
@@ -990,15 +1124,15 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                          'element',
                                                                                                                                                                                                                                                          False)]},
            (('_c0', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                  '_k51'],
+                                                                                                                                                                                                                                                                  '_k57'],
                                                                                                                                                                                                                                                                  ['var',
                                                                                                                                                                                                                                                                   'ns_eps_eff'],
                                                                                                                                                                                                                                                                  ['var',
-                                                                                                                                                                                                                                                                  '_k52'],
+                                                                                                                                                                                                                                                                  '_k58'],
                                                                                                                                                                                                                                                                  ['var',
-                                                                                                                                                                                                                                                                  '_k53'],
+                                                                                                                                                                                                                                                                  '_k59'],
                                                                                                                                                                                                                                                                  ['var',
-                                                                                                                                                                                                                                                                  '_k54']],
+                                                                                                                                                                                                                                                                  '_k60']],
                                                                                                                                                                                                                                                         'input': '_x0',
                                                                                                                                                                                                                                                         'op': 'newton_schulz',
                                                                                                                                                                                                                                                         'output': '_n0'}],
@@ -1024,18 +1158,18 @@ PLAN = {'dynamic': ['_k16', '_k40', '_k64', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                                                                          'ws:update',
                                                                                                                                                                                                                                                          'ws:_x0'],
                                                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                                                             'hv': ['_k48',
-                                                                                                                                                                                                                                                    '_k49',
-                                                                                                                                                                                                                                                    '_k51',
+                                                                                                                                                                                                                                             'hv': ['_k54',
+                                                                                                                                                                                                                                                    '_k55',
+                                                                                                                                                                                                                                                    '_k57',
                                                                                                                                                                                                                                                     'ns_eps_eff',
-                                                                                                                                                                                                                                                    '_k52',
-                                                                                                                                                                                                                                                    '_k53',
-                                                                                                                                                                                                                                                    '_k54',
                                                                                                                                                                                                                                                     '_k58',
                                                                                                                                                                                                                                                     '_k59',
-                                                                                                                                                                                                                                                    'eps_eff',
                                                                                                                                                                                                                                                     '_k60',
-                                                                                                                                                                                                                                                    '_k64'],
+                                                                                                                                                                                                                                                    '_k64',
+                                                                                                                                                                                                                                                    '_k65',
+                                                                                                                                                                                                                                                    'eps_eff',
+                                                                                                                                                                                                                                                    '_k66',
+                                                                                                                                                                                                                                                    '_k70'],
                                                                                                                                                                                                                                              'launches': [('_adamuon_adv_prologue0',
                                                                                                                                                                                                                                                            'prologue'),
                                                                                                                                                                                                                                                           ('_adamuon_adv_flat0',

@@ -97,12 +97,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
                 update = update / denom
                 update = update * step_size
-                if adam_weight_decay != 0:
-                    if cautious_wd:
-                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                    else:
-                        param = param - adam_weight_decay * lr * param
-                param = param + -update
+                if stochastic_rounding and bf16 != 0:
+                    param_fp32 = float32(param)
+                    update_fp32 = float32(update)
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                    param_fp32 = param_fp32 + -update_fp32
+                    param = stochastic_round(param_fp32, step)
+                else:
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        else:
+                            param = param - adam_weight_decay * lr * param
+                    param = param + -update
         else:
             if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
                 grad = float32(grad)
@@ -170,12 +181,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
                 update = update / denom
                 update = update * step_size
-                if adam_weight_decay != 0:
-                    if cautious_wd:
-                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                    else:
-                        param = param - adam_weight_decay * lr * param
-                param = param + -update
+                if stochastic_rounding and bf16 != 0:
+                    param_fp32 = float32(param)
+                    update_fp32 = float32(update)
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        else:
+                            param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                    param_fp32 = param_fp32 + -update_fp32
+                    param = stochastic_round(param_fp32, step)
+                else:
+                    if adam_weight_decay != 0:
+                        if cautious_wd:
+                            param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        else:
+                            param = param - adam_weight_decay * lr * param
+                    param = param + -update
     else:
         if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if orthogonal_gradient == 'flattened':
@@ -241,12 +263,23 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
             denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
             update = update / denom
             update = update * step_size
-            if adam_weight_decay != 0:
-                if cautious_wd:
-                    param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
-                else:
-                    param = param - adam_weight_decay * lr * param
-            param = param + -update
+            if stochastic_rounding and bf16 != 0:
+                param_fp32 = float32(param)
+                update_fp32 = float32(update)
+                if adam_weight_decay != 0:
+                    if cautious_wd:
+                        param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    else:
+                        param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                param_fp32 = param_fp32 + -update_fp32
+                param = stochastic_round(param_fp32, step)
+            else:
+                if adam_weight_decay != 0:
+                    if cautious_wd:
+                        param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                    else:
+                        param = param - adam_weight_decay * lr * param
+                param = param + -update
 """
 
 from __future__ import annotations
@@ -540,7 +573,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'grad', False]]]}],
                                    'if': ['var', 'host', '_c14', True],
                                    'then': [{'role': 'temp',
-                                             'set': '_k61',
+                                             'set': '_k67',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -555,7 +588,7 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'exp_avg', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k61', False]]]},
+                                                        ['var', 'host', '_k67', False]]]},
                                             {'role': 'temp',
                                              'set': 'update',
                                              'value': ['copy',
@@ -564,10 +597,10 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'exp_avg', False]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k62',
+                                   'set': '_k68',
                                    'value': ['hyper', 'host', ['adam_betas', 1], False]},
                                   {'role': 'temp',
-                                   'set': '_k63',
+                                   'set': '_k69',
                                    'value': ['sub',
                                              'host',
                                              None,
@@ -585,10 +618,10 @@ _PROGRAM = program_from_data(
                                                None,
                                                False,
                                                [['var', 'element', 'exp_avg_sq', False],
-                                                ['var', 'host', '_k62', False]]],
+                                                ['var', 'host', '_k68', False]]],
                                               ['var', 'element', 'grad', False],
                                               ['var', 'element', 'grad', False],
-                                              ['var', 'host', '_k63', False]]]},
+                                              ['var', 'host', '_k69', False]]]},
                                   {'else': [{'role': 'temp',
                                              'set': 'eps_eff',
                                              'value': ['hyper', 'host', ['adam_eps', None], False]}],
@@ -643,86 +676,234 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'update', False],
                                               ['var', 'host', 'step_size', False]]]},
-                                  {'else': [],
-                                   'if': ['var', 'host', '_c16', True],
-                                   'then': [{'else': [{'role': 'temp',
-                                                       'set': '_k65',
-                                                       'value': ['neg',
-                                                                 'host',
-                                                                 None,
-                                                                 False,
-                                                                 [['mul',
-                                                                   'host',
-                                                                   None,
-                                                                   False,
-                                                                   [['hyper',
-                                                                     'host',
-                                                                     ['adam_weight_decay', None],
-                                                                     False],
-                                                                    ['hyper', 'host', ['lr', None], False]]]]]},
-                                                      {'role': 'param',
-                                                       'set': 'param',
-                                                       'value': ['axpy',
-                                                                 'element',
-                                                                 None,
-                                                                 False,
-                                                                 [['var', 'element', 'param', False],
-                                                                  ['var', 'element', 'param', False],
-                                                                  ['var', 'host', '_k65', False]]]}],
-                                             'if': ['var', 'host', '_c12', True],
-                                             'then': [{'role': 'temp',
-                                                       'set': '_k64',
-                                                       'value': ['neg',
-                                                                 'host',
-                                                                 None,
-                                                                 False,
-                                                                 [['mul',
-                                                                   'host',
-                                                                   None,
-                                                                   False,
-                                                                   [['hyper',
-                                                                     'host',
-                                                                     ['adam_weight_decay', None],
-                                                                     False],
-                                                                    ['hyper', 'host', ['lr', None], False]]]]]},
-                                                      {'role': 'param',
-                                                       'set': 'param',
-                                                       'value': ['addcmul',
-                                                                 'element',
-                                                                 None,
-                                                                 False,
-                                                                 [['var', 'element', 'param', False],
-                                                                  ['var', 'element', 'param', False],
-                                                                  ['where',
-                                                                   'element',
-                                                                   None,
-                                                                   False,
-                                                                   [['ge',
-                                                                     'element',
-                                                                     None,
-                                                                     True,
-                                                                     [['mul',
-                                                                       'element',
-                                                                       None,
-                                                                       False,
-                                                                       [['var', 'element', 'update', False],
-                                                                        ['var', 'element', 'param', False]]],
-                                                                      ['const', 'host', 0, False]]],
-                                                                    ['const', 'host', 1.0, False],
-                                                                    ['const', 'host', 0.0, False]]],
-                                                                  ['var', 'host', '_k64', False]]]}]}]},
-                                  {'role': 'param',
-                                   'set': 'param',
-                                   'value': ['add',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'param', False],
-                                              ['neg',
-                                               'element',
-                                               None,
-                                               False,
-                                               [['var', 'element', 'update', False]]]]]}],
+                                  {'else': [{'else': [],
+                                             'if': ['var', 'host', '_c16', True],
+                                             'then': [{'else': [{'role': 'temp',
+                                                                 'set': '_k74',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'param',
+                                                                 'set': 'param',
+                                                                 'value': ['axpy',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var', 'element', 'param', False],
+                                                                            ['var', 'element', 'param', False],
+                                                                            ['var', 'host', '_k74', False]]]}],
+                                                       'if': ['var', 'host', '_c12', True],
+                                                       'then': [{'role': 'temp',
+                                                                 'set': '_k73',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'param',
+                                                                 'set': 'param',
+                                                                 'value': ['addcmul',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var', 'element', 'param', False],
+                                                                            ['var', 'element', 'param', False],
+                                                                            ['where',
+                                                                             'element',
+                                                                             None,
+                                                                             False,
+                                                                             [['ge',
+                                                                               'element',
+                                                                               None,
+                                                                               True,
+                                                                               [['mul',
+                                                                                 'element',
+                                                                                 None,
+                                                                                 False,
+                                                                                 [['var',
+                                                                                   'element',
+                                                                                   'update',
+                                                                                   False],
+                                                                                  ['var',
+                                                                                   'element',
+                                                                                   'param',
+                                                                                   False]]],
+                                                                                ['const', 'host', 0, False]]],
+                                                                              ['const', 'host', 1.0, False],
+                                                                              ['const', 'host', 0.0, False]]],
+                                                                            ['var',
+                                                                             'host',
+                                                                             '_k73',
+                                                                             False]]]}]}]},
+                                            {'role': 'param',
+                                             'set': 'param',
+                                             'value': ['add',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param', False],
+                                                        ['neg',
+                                                         'element',
+                                                         None,
+                                                         False,
+                                                         [['var', 'element', 'update', False]]]]]}],
+                                   'if': ['var', 'host', '_c10', True],
+                                   'then': [{'role': 'temp',
+                                             'set': 'param_fp32',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param', False]]]},
+                                            {'role': 'temp',
+                                             'set': 'update_fp32',
+                                             'value': ['float32',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'update', False]]]},
+                                            {'else': [],
+                                             'if': ['var', 'host', '_c16', True],
+                                             'then': [{'else': [{'role': 'temp',
+                                                                 'set': '_k71',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'temp',
+                                                                 'set': 'param_fp32',
+                                                                 'value': ['axpy',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var', 'host', '_k71', False]]]}],
+                                                       'if': ['var', 'host', '_c12', True],
+                                                       'then': [{'role': 'temp',
+                                                                 'set': '_k70',
+                                                                 'value': ['neg',
+                                                                           'host',
+                                                                           None,
+                                                                           False,
+                                                                           [['mul',
+                                                                             'host',
+                                                                             None,
+                                                                             False,
+                                                                             [['hyper',
+                                                                               'host',
+                                                                               ['adam_weight_decay', None],
+                                                                               False],
+                                                                              ['hyper',
+                                                                               'host',
+                                                                               ['lr', None],
+                                                                               False]]]]]},
+                                                                {'role': 'temp',
+                                                                 'set': 'param_fp32',
+                                                                 'value': ['addcmul',
+                                                                           'element',
+                                                                           None,
+                                                                           False,
+                                                                           [['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['var',
+                                                                             'element',
+                                                                             'param_fp32',
+                                                                             False],
+                                                                            ['where',
+                                                                             'element',
+                                                                             None,
+                                                                             False,
+                                                                             [['ge',
+                                                                               'element',
+                                                                               None,
+                                                                               True,
+                                                                               [['mul',
+                                                                                 'element',
+                                                                                 None,
+                                                                                 False,
+                                                                                 [['var',
+                                                                                   'element',
+                                                                                   'update_fp32',
+                                                                                   False],
+                                                                                  ['var',
+                                                                                   'element',
+                                                                                   'param_fp32',
+                                                                                   False]]],
+                                                                                ['const', 'host', 0, False]]],
+                                                                              ['const', 'host', 1.0, False],
+                                                                              ['const', 'host', 0.0, False]]],
+                                                                            ['var',
+                                                                             'host',
+                                                                             '_k70',
+                                                                             False]]]}]}]},
+                                            {'role': 'temp',
+                                             'set': 'param_fp32',
+                                             'value': ['add',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param_fp32', False],
+                                                        ['neg',
+                                                         'element',
+                                                         None,
+                                                         False,
+                                                         [['var', 'element', 'update_fp32', False]]]]]},
+                                            {'role': 'temp',
+                                             'set': '_k72',
+                                             'value': ['step', 'host', None, False]},
+                                            {'role': 'param',
+                                             'set': 'param',
+                                             'value': ['stochastic_round',
+                                                       'element',
+                                                       None,
+                                                       False,
+                                                       [['var', 'element', 'param_fp32', False],
+                                                        ['var', 'host', '_k72', False]]]}]}],
                          'if': ['var', 'host', '_c2', True],
                          'then': [{'else': [],
                                    'if': ['var', 'host', '_c3', True],
@@ -789,7 +970,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'ortho_g', False],
                                                         ['var', 'tensor', 'ortho_scale', False]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k44',
+                                   'set': '_k50',
                                    'value': ['sub',
                                              'host',
                                              None,
@@ -804,7 +985,7 @@ _PROGRAM = program_from_data(
                                              False,
                                              [['var', 'element', 'momentum_buffer', False],
                                               ['var', 'element', 'grad', False],
-                                              ['var', 'host', '_k44', False]]]},
+                                              ['var', 'host', '_k50', False]]]},
                                   {'else': [{'role': 'temp',
                                              'set': 'update',
                                              'value': ['copy',
@@ -814,7 +995,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'momentum_buffer', False]]]}],
                                    'if': ['var', 'host', '_c4', True],
                                    'then': [{'else': [{'role': 'temp',
-                                                       'set': '_k46',
+                                                       'set': '_k52',
                                                        'value': ['hyper',
                                                                  'host',
                                                                  ['nesterov_coef', None],
@@ -827,10 +1008,10 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'grad', False],
                                                                   ['var', 'element', 'momentum_buffer', False],
-                                                                  ['var', 'host', '_k46', False]]]}],
+                                                                  ['var', 'host', '_k52', False]]]}],
                                              'if': ['var', 'host', '_c5', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k45',
+                                                       'set': '_k51',
                                                        'value': ['hyper', 'host', ['beta1', None], False]},
                                                       {'role': 'temp',
                                                        'set': 'update',
@@ -840,7 +1021,7 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'grad', False],
                                                                   ['var', 'element', 'momentum_buffer', False],
-                                                                  ['var', 'host', '_k45', False]]]}]}]},
+                                                                  ['var', 'host', '_k51', False]]]}]}]},
                                   {'else': [{'role': 'temp',
                                              'set': 'ns_eps_eff',
                                              'value': ['hyper', 'host', ['ns_eps', None], False]}],
@@ -863,16 +1044,16 @@ _PROGRAM = program_from_data(
                                                            [['meta', 'host', 'numel', False],
                                                             ['const', 'host', 1, False]]]]]]]}]},
                                   {'role': 'temp',
-                                   'set': '_k47',
+                                   'set': '_k53',
                                    'value': ['hyper', 'host', ['ns_steps', None], False]},
                                   {'role': 'temp',
-                                   'set': '_k48',
+                                   'set': '_k54',
                                    'value': ['hyper', 'host', ['ns_coeffs', 0], False]},
                                   {'role': 'temp',
-                                   'set': '_k49',
+                                   'set': '_k55',
                                    'value': ['hyper', 'host', ['ns_coeffs', 1], False]},
                                   {'role': 'temp',
-                                   'set': '_k50',
+                                   'set': '_k56',
                                    'value': ['hyper', 'host', ['ns_coeffs', 2], False]},
                                   {'role': 'temp',
                                    'set': 'update',
@@ -881,18 +1062,18 @@ _PROGRAM = program_from_data(
                                              None,
                                              False,
                                              [['var', 'element', 'update', False],
-                                              ['var', 'host', '_k47', False],
+                                              ['var', 'host', '_k53', False],
                                               ['var', 'host', 'ns_eps_eff', False],
-                                              ['var', 'host', '_k48', False],
-                                              ['var', 'host', '_k49', False],
-                                              ['var', 'host', '_k50', False]]]},
+                                              ['var', 'host', '_k54', False],
+                                              ['var', 'host', '_k55', False],
+                                              ['var', 'host', '_k56', False]]]},
                                   {'else': [],
                                    'if': ['var', 'host', '_c7', True],
                                    'then': [{'role': 'temp',
-                                             'set': '_k51',
+                                             'set': '_k57',
                                              'value': ['meta', 'host', 'cols', False]},
                                             {'role': 'temp',
-                                             'set': '_k52',
+                                             'set': '_k58',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -924,10 +1105,10 @@ _PROGRAM = program_from_data(
                                                                False,
                                                                [['var', 'element', 'update', False],
                                                                 ['var', 'element', 'update', False]]]]]]],
-                                                          ['var', 'host', '_k51', False]]],
-                                                        ['var', 'host', '_k52', False]]]},
+                                                          ['var', 'host', '_k57', False]]],
+                                                        ['var', 'host', '_k58', False]]]},
                                             {'role': 'temp',
-                                             'set': '_k53',
+                                             'set': '_k59',
                                              'value': ['hyper', 'host', ['normuon_eps', None], False]},
                                             {'role': 'temp',
                                              'set': 'update',
@@ -945,11 +1126,11 @@ _PROGRAM = program_from_data(
                                                            None,
                                                            False,
                                                            [['var', 'row', 'normuon_v', False]]],
-                                                          ['var', 'host', '_k53', False]]]]]}]},
+                                                          ['var', 'host', '_k59', False]]]]]}]},
                                   {'else': [],
                                    'if': ['var', 'host', '_c8', True],
                                    'then': [{'else': [{'role': 'temp',
-                                                       'set': '_k55',
+                                                       'set': '_k61',
                                                        'value': ['mul',
                                                                  'host',
                                                                  None,
@@ -980,10 +1161,10 @@ _PROGRAM = program_from_data(
                                                                  None,
                                                                  False,
                                                                  [['var', 'element', 'update', False],
-                                                                  ['var', 'host', '_k55', False]]]}],
+                                                                  ['var', 'host', '_k61', False]]]}],
                                              'if': ['var', 'host', '_c9', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k54',
+                                                       'set': '_k60',
                                                        'value': ['mul',
                                                                  'host',
                                                                  None,
@@ -1020,11 +1201,11 @@ _PROGRAM = program_from_data(
                                                                        False,
                                                                        [['var', 'element', 'update', False]]],
                                                                       ['const', 'host', 1e-08, False]]],
-                                                                    ['var', 'host', '_k54', False]]]]]}]}]},
+                                                                    ['var', 'host', '_k60', False]]]]]}]}]},
                                   {'else': [{'else': [],
                                              'if': ['var', 'host', '_c11', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k60',
+                                                                 'set': '_k66',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1049,10 +1230,10 @@ _PROGRAM = program_from_data(
                                                                            False,
                                                                            [['var', 'element', 'param', False],
                                                                             ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k60', False]]]}],
+                                                                            ['var', 'host', '_k66', False]]]}],
                                                        'if': ['var', 'host', '_c12', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k59',
+                                                                 'set': '_k65',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1102,7 +1283,7 @@ _PROGRAM = program_from_data(
                                                                               ['const', 'host', 0.0, False]]],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k59',
+                                                                             '_k65',
                                                                              False]]]}]}]},
                                             {'role': 'param',
                                              'set': 'param',
@@ -1134,7 +1315,7 @@ _PROGRAM = program_from_data(
                                             {'else': [],
                                              'if': ['var', 'host', '_c11', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k57',
+                                                                 'set': '_k63',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1165,10 +1346,10 @@ _PROGRAM = program_from_data(
                                                                              'element',
                                                                              'param_fp32',
                                                                              False],
-                                                                            ['var', 'host', '_k57', False]]]}],
+                                                                            ['var', 'host', '_k63', False]]]}],
                                                        'if': ['var', 'host', '_c12', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k56',
+                                                                 'set': '_k62',
                                                                  'value': ['neg',
                                                                            'host',
                                                                            None,
@@ -1224,7 +1405,7 @@ _PROGRAM = program_from_data(
                                                                               ['const', 'host', 0.0, False]]],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k56',
+                                                                             '_k62',
                                                                              False]]]}]}]},
                                             {'role': 'temp',
                                              'set': 'param_fp32',
@@ -1239,7 +1420,7 @@ _PROGRAM = program_from_data(
                                                          False,
                                                          [['var', 'element', 'update_fp32', False]]]]]},
                                             {'role': 'temp',
-                                             'set': '_k58',
+                                             'set': '_k64',
                                              'value': ['step', 'host', None, False]},
                                             {'role': 'param',
                                              'set': 'param',
@@ -1248,7 +1429,7 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'param_fp32', False],
-                                                        ['var', 'host', '_k58', False]]]}]}]}],
+                                                        ['var', 'host', '_k64', False]]]}]}]}],
                'if': ['var', 'host', '_c0', True],
                'then': [{'else': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
@@ -1317,7 +1498,7 @@ _PROGRAM = program_from_data(
                                                                  [['var', 'element', 'grad', False]]]}],
                                              'if': ['var', 'host', '_c14', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k39',
+                                                       'set': '_k42',
                                                        'value': ['sub',
                                                                  'host',
                                                                  None,
@@ -1335,7 +1516,7 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'exp_avg', False],
                                                                   ['var', 'element', 'grad', False],
-                                                                  ['var', 'host', '_k39', False]]]},
+                                                                  ['var', 'host', '_k42', False]]]},
                                                       {'role': 'temp',
                                                        'set': 'update',
                                                        'value': ['copy',
@@ -1344,10 +1525,10 @@ _PROGRAM = program_from_data(
                                                                  False,
                                                                  [['var', 'element', 'exp_avg', False]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k40',
+                                             'set': '_k43',
                                              'value': ['hyper', 'host', ['adam_betas', 1], False]},
                                             {'role': 'temp',
-                                             'set': '_k41',
+                                             'set': '_k44',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -1365,10 +1546,10 @@ _PROGRAM = program_from_data(
                                                          None,
                                                          False,
                                                          [['var', 'element', 'exp_avg_sq', False],
-                                                          ['var', 'host', '_k40', False]]],
+                                                          ['var', 'host', '_k43', False]]],
                                                         ['var', 'element', 'grad', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k41', False]]]},
+                                                        ['var', 'host', '_k44', False]]]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'eps_eff',
                                                        'value': ['hyper', 'host', ['adam_eps', None], False]}],
@@ -1423,101 +1604,277 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'update', False],
                                                         ['var', 'host', 'step_size', False]]]},
-                                            {'else': [],
-                                             'if': ['var', 'host', '_c16', True],
-                                             'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k43',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['axpy',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k43', False]]]}],
-                                                       'if': ['var', 'host', '_c12', True],
-                                                       'then': [{'role': 'temp',
-                                                                 'set': '_k42',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['addcmul',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['where',
-                                                                             'element',
-                                                                             None,
-                                                                             False,
-                                                                             [['ge',
-                                                                               'element',
-                                                                               None,
-                                                                               True,
-                                                                               [['mul',
-                                                                                 'element',
-                                                                                 None,
-                                                                                 False,
-                                                                                 [['var',
-                                                                                   'element',
-                                                                                   'update',
-                                                                                   False],
-                                                                                  ['var',
-                                                                                   'element',
-                                                                                   'param',
-                                                                                   False]]],
-                                                                                ['const', 'host', 0, False]]],
-                                                                              ['const', 'host', 1.0, False],
-                                                                              ['const', 'host', 0.0, False]]],
-                                                                            ['var',
-                                                                             'host',
-                                                                             '_k42',
-                                                                             False]]]}]}]},
-                                            {'role': 'param',
-                                             'set': 'param',
-                                             'value': ['add',
-                                                       'element',
-                                                       None,
-                                                       False,
-                                                       [['var', 'element', 'param', False],
-                                                        ['neg',
-                                                         'element',
-                                                         None,
-                                                         False,
-                                                         [['var', 'element', 'update', False]]]]]}],
+                                            {'else': [{'else': [],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k49',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k49',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c12', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k48',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k48',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var', 'element', 'update', False]]]]]}],
+                                             'if': ['var', 'host', '_c10', True],
+                                             'then': [{'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False]]]},
+                                                      {'role': 'temp',
+                                                       'set': 'update_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'update', False]]]},
+                                                      {'else': [],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k46',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k46',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c12', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k45',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update_fp32',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param_fp32',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k45',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var',
+                                                                     'element',
+                                                                     'update_fp32',
+                                                                     False]]]]]},
+                                                      {'role': 'temp',
+                                                       'set': '_k47',
+                                                       'value': ['step', 'host', None, False]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['stochastic_round',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['var', 'host', '_k47', False]]]}]}],
                                    'if': ['var', 'host', '_c2', True],
                                    'then': [{'else': [],
                                              'if': ['var', 'host', '_c3', True],
@@ -1587,7 +1944,7 @@ _PROGRAM = program_from_data(
                                                                  [['var', 'element', 'ortho_g', False],
                                                                   ['var', 'tensor', 'ortho_scale', False]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k22',
+                                             'set': '_k25',
                                              'value': ['sub',
                                                        'host',
                                                        None,
@@ -1602,7 +1959,7 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'momentum_buffer', False],
                                                         ['var', 'element', 'grad', False],
-                                                        ['var', 'host', '_k22', False]]]},
+                                                        ['var', 'host', '_k25', False]]]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'update',
                                                        'value': ['copy',
@@ -1615,7 +1972,7 @@ _PROGRAM = program_from_data(
                                                                    False]]]}],
                                              'if': ['var', 'host', '_c4', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k24',
+                                                                 'set': '_k27',
                                                                  'value': ['hyper',
                                                                            'host',
                                                                            ['nesterov_coef', None],
@@ -1631,10 +1988,10 @@ _PROGRAM = program_from_data(
                                                                              'element',
                                                                              'momentum_buffer',
                                                                              False],
-                                                                            ['var', 'host', '_k24', False]]]}],
+                                                                            ['var', 'host', '_k27', False]]]}],
                                                        'if': ['var', 'host', '_c5', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k23',
+                                                                 'set': '_k26',
                                                                  'value': ['hyper',
                                                                            'host',
                                                                            ['beta1', None],
@@ -1652,7 +2009,7 @@ _PROGRAM = program_from_data(
                                                                              False],
                                                                             ['var',
                                                                              'host',
-                                                                             '_k23',
+                                                                             '_k26',
                                                                              False]]]}]}]},
                                             {'else': [{'role': 'temp',
                                                        'set': 'ns_eps_eff',
@@ -1676,16 +2033,16 @@ _PROGRAM = program_from_data(
                                                                      [['meta', 'host', 'numel', False],
                                                                       ['const', 'host', 1, False]]]]]]]}]},
                                             {'role': 'temp',
-                                             'set': '_k25',
+                                             'set': '_k28',
                                              'value': ['hyper', 'host', ['ns_steps', None], False]},
                                             {'role': 'temp',
-                                             'set': '_k26',
+                                             'set': '_k29',
                                              'value': ['hyper', 'host', ['ns_coeffs', 0], False]},
                                             {'role': 'temp',
-                                             'set': '_k27',
+                                             'set': '_k30',
                                              'value': ['hyper', 'host', ['ns_coeffs', 1], False]},
                                             {'role': 'temp',
-                                             'set': '_k28',
+                                             'set': '_k31',
                                              'value': ['hyper', 'host', ['ns_coeffs', 2], False]},
                                             {'role': 'temp',
                                              'set': 'update',
@@ -1694,18 +2051,18 @@ _PROGRAM = program_from_data(
                                                        None,
                                                        False,
                                                        [['var', 'element', 'update', False],
-                                                        ['var', 'host', '_k25', False],
+                                                        ['var', 'host', '_k28', False],
                                                         ['var', 'host', 'ns_eps_eff', False],
-                                                        ['var', 'host', '_k26', False],
-                                                        ['var', 'host', '_k27', False],
-                                                        ['var', 'host', '_k28', False]]]},
+                                                        ['var', 'host', '_k29', False],
+                                                        ['var', 'host', '_k30', False],
+                                                        ['var', 'host', '_k31', False]]]},
                                             {'else': [],
                                              'if': ['var', 'host', '_c7', True],
                                              'then': [{'role': 'temp',
-                                                       'set': '_k29',
+                                                       'set': '_k32',
                                                        'value': ['meta', 'host', 'cols', False]},
                                                       {'role': 'temp',
-                                                       'set': '_k30',
+                                                       'set': '_k33',
                                                        'value': ['sub',
                                                                  'host',
                                                                  None,
@@ -1743,10 +2100,10 @@ _PROGRAM = program_from_data(
                                                                            'element',
                                                                            'update',
                                                                            False]]]]]]],
-                                                                    ['var', 'host', '_k29', False]]],
-                                                                  ['var', 'host', '_k30', False]]]},
+                                                                    ['var', 'host', '_k32', False]]],
+                                                                  ['var', 'host', '_k33', False]]]},
                                                       {'role': 'temp',
-                                                       'set': '_k31',
+                                                       'set': '_k34',
                                                        'value': ['hyper',
                                                                  'host',
                                                                  ['normuon_eps', None],
@@ -1767,11 +2124,11 @@ _PROGRAM = program_from_data(
                                                                      None,
                                                                      False,
                                                                      [['var', 'row', 'normuon_v', False]]],
-                                                                    ['var', 'host', '_k31', False]]]]]}]},
+                                                                    ['var', 'host', '_k34', False]]]]]}]},
                                             {'else': [],
                                              'if': ['var', 'host', '_c8', True],
                                              'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k33',
+                                                                 'set': '_k36',
                                                                  'value': ['mul',
                                                                            'host',
                                                                            None,
@@ -1808,10 +2165,10 @@ _PROGRAM = program_from_data(
                                                                            None,
                                                                            False,
                                                                            [['var', 'element', 'update', False],
-                                                                            ['var', 'host', '_k33', False]]]}],
+                                                                            ['var', 'host', '_k36', False]]]}],
                                                        'if': ['var', 'host', '_c9', True],
                                                        'then': [{'role': 'temp',
-                                                                 'set': '_k32',
+                                                                 'set': '_k35',
                                                                  'value': ['mul',
                                                                            'host',
                                                                            None,
@@ -1862,12 +2219,12 @@ _PROGRAM = program_from_data(
                                                                                  False]]],
                                                                               ['var',
                                                                                'host',
-                                                                               '_k32',
+                                                                               '_k35',
                                                                                False]]]]]}]}]},
                                             {'else': [{'else': [],
                                                        'if': ['var', 'host', '_c11', True],
                                                        'then': [{'else': [{'role': 'temp',
-                                                                           'set': '_k38',
+                                                                           'set': '_k41',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -1900,11 +2257,11 @@ _PROGRAM = program_from_data(
                                                                                        False],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k38',
+                                                                                       '_k41',
                                                                                        False]]]}],
                                                                  'if': ['var', 'host', '_c12', True],
                                                                  'then': [{'role': 'temp',
-                                                                           'set': '_k37',
+                                                                           'set': '_k40',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -1969,7 +2326,7 @@ _PROGRAM = program_from_data(
                                                                                          False]]],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k37',
+                                                                                       '_k40',
                                                                                        False]]]}]}]},
                                                       {'role': 'param',
                                                        'set': 'param',
@@ -2001,7 +2358,7 @@ _PROGRAM = program_from_data(
                                                       {'else': [],
                                                        'if': ['var', 'host', '_c11', True],
                                                        'then': [{'else': [{'role': 'temp',
-                                                                           'set': '_k35',
+                                                                           'set': '_k38',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2034,11 +2391,11 @@ _PROGRAM = program_from_data(
                                                                                        False],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k35',
+                                                                                       '_k38',
                                                                                        False]]]}],
                                                                  'if': ['var', 'host', '_c12', True],
                                                                  'then': [{'role': 'temp',
-                                                                           'set': '_k34',
+                                                                           'set': '_k37',
                                                                            'value': ['neg',
                                                                                      'host',
                                                                                      None,
@@ -2103,7 +2460,7 @@ _PROGRAM = program_from_data(
                                                                                          False]]],
                                                                                       ['var',
                                                                                        'host',
-                                                                                       '_k34',
+                                                                                       '_k37',
                                                                                        False]]]}]}]},
                                                       {'role': 'temp',
                                                        'set': 'param_fp32',
@@ -2121,7 +2478,7 @@ _PROGRAM = program_from_data(
                                                                      'update_fp32',
                                                                      False]]]]]},
                                                       {'role': 'temp',
-                                                       'set': '_k36',
+                                                       'set': '_k39',
                                                        'value': ['step', 'host', None, False]},
                                                       {'role': 'param',
                                                        'set': 'param',
@@ -2130,7 +2487,7 @@ _PROGRAM = program_from_data(
                                                                  None,
                                                                  False,
                                                                  [['var', 'element', 'param_fp32', False],
-                                                                  ['var', 'host', '_k36', False]]]}]}]}],
+                                                                  ['var', 'host', '_k39', False]]]}]}]}],
                          'if': ['var', 'host', '_c1', True],
                          'then': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
@@ -2305,101 +2662,277 @@ _PROGRAM = program_from_data(
                                                        False,
                                                        [['var', 'element', 'update', False],
                                                         ['var', 'host', 'step_size', False]]]},
-                                            {'else': [],
-                                             'if': ['var', 'host', '_c16', True],
-                                             'then': [{'else': [{'role': 'temp',
-                                                                 'set': '_k21',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['axpy',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['var', 'host', '_k21', False]]]}],
-                                                       'if': ['var', 'host', '_c12', True],
-                                                       'then': [{'role': 'temp',
-                                                                 'set': '_k20',
-                                                                 'value': ['neg',
-                                                                           'host',
-                                                                           None,
-                                                                           False,
-                                                                           [['mul',
-                                                                             'host',
-                                                                             None,
-                                                                             False,
-                                                                             [['hyper',
-                                                                               'host',
-                                                                               ['adam_weight_decay', None],
-                                                                               False],
-                                                                              ['hyper',
-                                                                               'host',
-                                                                               ['lr', None],
-                                                                               False]]]]]},
-                                                                {'role': 'param',
-                                                                 'set': 'param',
-                                                                 'value': ['addcmul',
-                                                                           'element',
-                                                                           None,
-                                                                           False,
-                                                                           [['var', 'element', 'param', False],
-                                                                            ['var', 'element', 'param', False],
-                                                                            ['where',
-                                                                             'element',
-                                                                             None,
-                                                                             False,
-                                                                             [['ge',
-                                                                               'element',
-                                                                               None,
-                                                                               True,
-                                                                               [['mul',
-                                                                                 'element',
-                                                                                 None,
-                                                                                 False,
-                                                                                 [['var',
-                                                                                   'element',
-                                                                                   'update',
-                                                                                   False],
-                                                                                  ['var',
-                                                                                   'element',
-                                                                                   'param',
-                                                                                   False]]],
-                                                                                ['const', 'host', 0, False]]],
-                                                                              ['const', 'host', 1.0, False],
-                                                                              ['const', 'host', 0.0, False]]],
-                                                                            ['var',
-                                                                             'host',
-                                                                             '_k20',
-                                                                             False]]]}]}]},
-                                            {'role': 'param',
-                                             'set': 'param',
-                                             'value': ['add',
-                                                       'element',
-                                                       None,
-                                                       False,
-                                                       [['var', 'element', 'param', False],
-                                                        ['neg',
-                                                         'element',
-                                                         None,
-                                                         False,
-                                                         [['var', 'element', 'update', False]]]]]}],
+                                            {'else': [{'else': [],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k24',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k24',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c12', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k23',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'param',
+                                                                           'set': 'param',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k23',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var', 'element', 'update', False]]]]]}],
+                                             'if': ['var', 'host', '_c10', True],
+                                             'then': [{'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param', False]]]},
+                                                      {'role': 'temp',
+                                                       'set': 'update_fp32',
+                                                       'value': ['float32',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'update', False]]]},
+                                                      {'else': [],
+                                                       'if': ['var', 'host', '_c16', True],
+                                                       'then': [{'else': [{'role': 'temp',
+                                                                           'set': '_k21',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['axpy',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k21',
+                                                                                       False]]]}],
+                                                                 'if': ['var', 'host', '_c12', True],
+                                                                 'then': [{'role': 'temp',
+                                                                           'set': '_k20',
+                                                                           'value': ['neg',
+                                                                                     'host',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['mul',
+                                                                                       'host',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['hyper',
+                                                                                         'host',
+                                                                                         ['adam_weight_decay',
+                                                                                          None],
+                                                                                         False],
+                                                                                        ['hyper',
+                                                                                         'host',
+                                                                                         ['lr', None],
+                                                                                         False]]]]]},
+                                                                          {'role': 'temp',
+                                                                           'set': 'param_fp32',
+                                                                           'value': ['addcmul',
+                                                                                     'element',
+                                                                                     None,
+                                                                                     False,
+                                                                                     [['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['var',
+                                                                                       'element',
+                                                                                       'param_fp32',
+                                                                                       False],
+                                                                                      ['where',
+                                                                                       'element',
+                                                                                       None,
+                                                                                       False,
+                                                                                       [['ge',
+                                                                                         'element',
+                                                                                         None,
+                                                                                         True,
+                                                                                         [['mul',
+                                                                                           'element',
+                                                                                           None,
+                                                                                           False,
+                                                                                           [['var',
+                                                                                             'element',
+                                                                                             'update_fp32',
+                                                                                             False],
+                                                                                            ['var',
+                                                                                             'element',
+                                                                                             'param_fp32',
+                                                                                             False]]],
+                                                                                          ['const',
+                                                                                           'host',
+                                                                                           0,
+                                                                                           False]]],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         1.0,
+                                                                                         False],
+                                                                                        ['const',
+                                                                                         'host',
+                                                                                         0.0,
+                                                                                         False]]],
+                                                                                      ['var',
+                                                                                       'host',
+                                                                                       '_k20',
+                                                                                       False]]]}]}]},
+                                                      {'role': 'temp',
+                                                       'set': 'param_fp32',
+                                                       'value': ['add',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['neg',
+                                                                   'element',
+                                                                   None,
+                                                                   False,
+                                                                   [['var',
+                                                                     'element',
+                                                                     'update_fp32',
+                                                                     False]]]]]},
+                                                      {'role': 'temp',
+                                                       'set': '_k22',
+                                                       'value': ['step', 'host', None, False]},
+                                                      {'role': 'param',
+                                                       'set': 'param',
+                                                       'value': ['stochastic_round',
+                                                                 'element',
+                                                                 None,
+                                                                 False,
+                                                                 [['var', 'element', 'param_fp32', False],
+                                                                  ['var', 'host', '_k22', False]]]}]}],
                                    'if': ['var', 'host', '_c2', True],
                                    'then': [{'else': [],
                                              'if': ['var', 'host', '_c3', True],
@@ -4464,244 +4997,304 @@ def _device_step(h, param, grad, S):
                 t_denom = _46
                 F.div_(t_update, t_denom)
                 F.mul_(t_update, h["step_size"])
-                if h["_c16"]:
-                    if h["_c12"]:
-                        _47 = F.mul(t_update, param)
-                        _48 = F.ge(_47, 0)
-                        _49 = F.where(_48, 1.0, 0.0)
-                        _50 = F.addcmul(param, param, _49, h["_k20"])
-                        F.assign_(param, _50)
-                    else:
-                        _51 = F.axpy(param, param, h["_k21"])
-                        F.assign_(param, _51)
-                F.sub_(param, t_update)
+                if h["_c10"]:
+                    _47 = F.float32(param)
+                    t_param_fp32 = _47
+                    _48 = F.float32(t_update)
+                    t_update_fp32 = _48
+                    if h["_c16"]:
+                        if h["_c12"]:
+                            _49 = F.mul(t_update_fp32, t_param_fp32)
+                            _50 = F.ge(_49, 0)
+                            _51 = F.where(_50, 1.0, 0.0)
+                            _52 = F.addcmul(t_param_fp32, t_param_fp32, _51, h["_k20"])
+                            t_param_fp32 = _52
+                        else:
+                            _53 = F.axpy(t_param_fp32, t_param_fp32, h["_k21"])
+                            t_param_fp32 = _53
+                    _54 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _54
+                    _55 = F.stochastic_round(t_param_fp32, h["_k22"])
+                    F.assign_(param, _55)
+                else:
+                    if h["_c16"]:
+                        if h["_c12"]:
+                            _56 = F.mul(t_update, param)
+                            _57 = F.ge(_56, 0)
+                            _58 = F.where(_57, 1.0, 0.0)
+                            _59 = F.addcmul(param, param, _58, h["_k23"])
+                            F.assign_(param, _59)
+                        else:
+                            _60 = F.axpy(param, param, h["_k24"])
+                            F.assign_(param, _60)
+                    F.sub_(param, t_update)
         else:
             if h["_c2"]:
-                _52 = F.float32(grad)
-                grad = _52
+                _61 = F.float32(grad)
+                grad = _61
             if h["_c2"]:
                 if h["_c3"]:
-                    _53 = F.vdot(param, grad)
-                    _54 = F.vdot(param, param)
-                    F.add_(_54, 1e-30)
-                    F.div_(_53, _54)
-                    _55 = F.mul(param, _53)
-                    _56 = F.sub(grad, _55)
-                    t_ortho_g = _56
-                    _57 = F.norm(grad)
-                    _58 = F.norm(t_ortho_g)
-                    F.add_(_58, 1e-30)
-                    F.div_(_57, _58)
-                    t_ortho_scale = _57
-                    _59 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _59
-                F.lerp_(st_momentum_buffer, grad, h["_k22"])
+                    _62 = F.vdot(param, grad)
+                    _63 = F.vdot(param, param)
+                    F.add_(_63, 1e-30)
+                    F.div_(_62, _63)
+                    _64 = F.mul(param, _62)
+                    _65 = F.sub(grad, _64)
+                    t_ortho_g = _65
+                    _66 = F.norm(grad)
+                    _67 = F.norm(t_ortho_g)
+                    F.add_(_67, 1e-30)
+                    F.div_(_66, _67)
+                    t_ortho_scale = _66
+                    _68 = F.mul(t_ortho_g, t_ortho_scale)
+                    grad = _68
+                F.lerp_(st_momentum_buffer, grad, h["_k25"])
                 if h["_c4"]:
                     if h["_c5"]:
-                        _60 = F.lerp(grad, st_momentum_buffer, h["_k23"])
-                        t_update = _60
-                    else:
-                        _61 = F.lerp(grad, st_momentum_buffer, h["_k24"])
-                        t_update = _61
-                else:
-                    _62 = F.copy(st_momentum_buffer)
-                    t_update = _62
-                if h["_c6"]:
-                    pass
-                _63 = F.newton_schulz(t_update, h["_k25"], h["ns_eps_eff"], h["_k26"], h["_k27"], h["_k28"])
-                t_update = _63
-                if h["_c7"]:
-                    _64 = F.mul(t_update, t_update)
-                    _65 = F.float32(_64)
-                    _66 = F.rowsum(_65)
-                    F.div_(_66, h["_k29"])
-                    F.lerp_(st_normuon_v, _66, h["_k30"])
-                    _67 = F.sqrt(st_normuon_v)
-                    F.add_(_67, h["_k31"])
-                    F.div_(t_update, F.align(_67, "row", "element"))
-                if h["_c8"]:
-                    if h["_c9"]:
-                        _68 = F.norm(t_update)
-                        F.maximum_(_68, 1e-08)
-                        F.rdiv_(_68, h["_k32"])
-                        _69 = F.mul(t_update, _68)
+                        _69 = F.lerp(grad, st_momentum_buffer, h["_k26"])
                         t_update = _69
                     else:
-                        F.mul_(t_update, h["_k33"])
+                        _70 = F.lerp(grad, st_momentum_buffer, h["_k27"])
+                        t_update = _70
+                else:
+                    _71 = F.copy(st_momentum_buffer)
+                    t_update = _71
+                if h["_c6"]:
+                    pass
+                _72 = F.newton_schulz(t_update, h["_k28"], h["ns_eps_eff"], h["_k29"], h["_k30"], h["_k31"])
+                t_update = _72
+                if h["_c7"]:
+                    _73 = F.mul(t_update, t_update)
+                    _74 = F.float32(_73)
+                    _75 = F.rowsum(_74)
+                    F.div_(_75, h["_k32"])
+                    F.lerp_(st_normuon_v, _75, h["_k33"])
+                    _76 = F.sqrt(st_normuon_v)
+                    F.add_(_76, h["_k34"])
+                    F.div_(t_update, F.align(_76, "row", "element"))
+                if h["_c8"]:
+                    if h["_c9"]:
+                        _77 = F.norm(t_update)
+                        F.maximum_(_77, 1e-08)
+                        F.rdiv_(_77, h["_k35"])
+                        _78 = F.mul(t_update, _77)
+                        t_update = _78
+                    else:
+                        F.mul_(t_update, h["_k36"])
                 if h["_c10"]:
-                    _70 = F.float32(param)
-                    t_param_fp32 = _70
-                    _71 = F.float32(t_update)
-                    t_update_fp32 = _71
+                    _79 = F.float32(param)
+                    t_param_fp32 = _79
+                    _80 = F.float32(t_update)
+                    t_update_fp32 = _80
                     if h["_c11"]:
                         if h["_c12"]:
-                            _72 = F.mul(t_update_fp32, t_param_fp32)
-                            _73 = F.ge(_72, 0)
-                            _74 = F.where(_73, 1.0, 0.0)
-                            _75 = F.addcmul(t_param_fp32, t_param_fp32, _74, h["_k34"])
-                            t_param_fp32 = _75
+                            _81 = F.mul(t_update_fp32, t_param_fp32)
+                            _82 = F.ge(_81, 0)
+                            _83 = F.where(_82, 1.0, 0.0)
+                            _84 = F.addcmul(t_param_fp32, t_param_fp32, _83, h["_k37"])
+                            t_param_fp32 = _84
                         else:
-                            _76 = F.axpy(t_param_fp32, t_param_fp32, h["_k35"])
-                            t_param_fp32 = _76
-                    _77 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _77
-                    _78 = F.stochastic_round(t_param_fp32, h["_k36"])
-                    F.assign_(param, _78)
+                            _85 = F.axpy(t_param_fp32, t_param_fp32, h["_k38"])
+                            t_param_fp32 = _85
+                    _86 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _86
+                    _87 = F.stochastic_round(t_param_fp32, h["_k39"])
+                    F.assign_(param, _87)
                 else:
                     if h["_c11"]:
                         if h["_c12"]:
-                            _79 = F.mul(t_update, param)
-                            _80 = F.ge(_79, 0)
-                            _81 = F.where(_80, 1.0, 0.0)
-                            _82 = F.addcmul(param, param, _81, h["_k37"])
-                            F.assign_(param, _82)
+                            _88 = F.mul(t_update, param)
+                            _89 = F.ge(_88, 0)
+                            _90 = F.where(_89, 1.0, 0.0)
+                            _91 = F.addcmul(param, param, _90, h["_k40"])
+                            F.assign_(param, _91)
                         else:
-                            _83 = F.axpy(param, param, h["_k38"])
-                            F.assign_(param, _83)
+                            _92 = F.axpy(param, param, h["_k41"])
+                            F.assign_(param, _92)
                     F.sub_(param, t_update)
             else:
                 if h["_c13"]:
                     pass
                 if h["_c14"]:
-                    F.lerp_(st_exp_avg, grad, h["_k39"])
-                    _84 = F.copy(st_exp_avg)
-                    t_update = _84
+                    F.lerp_(st_exp_avg, grad, h["_k42"])
+                    _93 = F.copy(st_exp_avg)
+                    t_update = _93
                 else:
-                    _85 = F.copy(grad)
-                    t_update = _85
-                F.mul_(st_exp_avg_sq, h["_k40"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k41"])
+                    _94 = F.copy(grad)
+                    t_update = _94
+                F.mul_(st_exp_avg_sq, h["_k43"])
+                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k44"])
                 if h["_c15"]:
                     pass
-                _86 = F.sqrt(st_exp_avg_sq)
-                F.div_(_86, h["sqrt_bias_correction2"])
-                F.add_(_86, h["eps_eff"])
-                t_denom = _86
+                _95 = F.sqrt(st_exp_avg_sq)
+                F.div_(_95, h["sqrt_bias_correction2"])
+                F.add_(_95, h["eps_eff"])
+                t_denom = _95
                 F.div_(t_update, t_denom)
                 F.mul_(t_update, h["step_size"])
-                if h["_c16"]:
-                    if h["_c12"]:
-                        _87 = F.mul(t_update, param)
-                        _88 = F.ge(_87, 0)
-                        _89 = F.where(_88, 1.0, 0.0)
-                        _90 = F.addcmul(param, param, _89, h["_k42"])
-                        F.assign_(param, _90)
-                    else:
-                        _91 = F.axpy(param, param, h["_k43"])
-                        F.assign_(param, _91)
-                F.sub_(param, t_update)
+                if h["_c10"]:
+                    _96 = F.float32(param)
+                    t_param_fp32 = _96
+                    _97 = F.float32(t_update)
+                    t_update_fp32 = _97
+                    if h["_c16"]:
+                        if h["_c12"]:
+                            _98 = F.mul(t_update_fp32, t_param_fp32)
+                            _99 = F.ge(_98, 0)
+                            _100 = F.where(_99, 1.0, 0.0)
+                            _101 = F.addcmul(t_param_fp32, t_param_fp32, _100, h["_k45"])
+                            t_param_fp32 = _101
+                        else:
+                            _102 = F.axpy(t_param_fp32, t_param_fp32, h["_k46"])
+                            t_param_fp32 = _102
+                    _103 = F.sub(t_param_fp32, t_update_fp32)
+                    t_param_fp32 = _103
+                    _104 = F.stochastic_round(t_param_fp32, h["_k47"])
+                    F.assign_(param, _104)
+                else:
+                    if h["_c16"]:
+                        if h["_c12"]:
+                            _105 = F.mul(t_update, param)
+                            _106 = F.ge(_105, 0)
+                            _107 = F.where(_106, 1.0, 0.0)
+                            _108 = F.addcmul(param, param, _107, h["_k48"])
+                            F.assign_(param, _108)
+                        else:
+                            _109 = F.axpy(param, param, h["_k49"])
+                            F.assign_(param, _109)
+                    F.sub_(param, t_update)
     else:
         if h["_c2"]:
             if h["_c3"]:
-                _92 = F.vdot(param, grad)
-                _93 = F.vdot(param, param)
-                F.add_(_93, 1e-30)
-                F.div_(_92, _93)
-                _94 = F.mul(param, _92)
-                _95 = F.sub(grad, _94)
-                t_ortho_g = _95
-                _96 = F.norm(grad)
-                _97 = F.norm(t_ortho_g)
-                F.add_(_97, 1e-30)
-                F.div_(_96, _97)
-                t_ortho_scale = _96
-                _98 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _98
-            F.lerp_(st_momentum_buffer, grad, h["_k44"])
+                _110 = F.vdot(param, grad)
+                _111 = F.vdot(param, param)
+                F.add_(_111, 1e-30)
+                F.div_(_110, _111)
+                _112 = F.mul(param, _110)
+                _113 = F.sub(grad, _112)
+                t_ortho_g = _113
+                _114 = F.norm(grad)
+                _115 = F.norm(t_ortho_g)
+                F.add_(_115, 1e-30)
+                F.div_(_114, _115)
+                t_ortho_scale = _114
+                _116 = F.mul(t_ortho_g, t_ortho_scale)
+                grad = _116
+            F.lerp_(st_momentum_buffer, grad, h["_k50"])
             if h["_c4"]:
                 if h["_c5"]:
-                    _99 = F.lerp(grad, st_momentum_buffer, h["_k45"])
-                    t_update = _99
+                    _117 = F.lerp(grad, st_momentum_buffer, h["_k51"])
+                    t_update = _117
                 else:
-                    _100 = F.lerp(grad, st_momentum_buffer, h["_k46"])
-                    t_update = _100
+                    _118 = F.lerp(grad, st_momentum_buffer, h["_k52"])
+                    t_update = _118
             else:
-                _101 = F.copy(st_momentum_buffer)
-                t_update = _101
+                _119 = F.copy(st_momentum_buffer)
+                t_update = _119
             if h["_c6"]:
                 pass
-            _102 = F.newton_schulz(t_update, h["_k47"], h["ns_eps_eff"], h["_k48"], h["_k49"], h["_k50"])
-            t_update = _102
+            _120 = F.newton_schulz(t_update, h["_k53"], h["ns_eps_eff"], h["_k54"], h["_k55"], h["_k56"])
+            t_update = _120
             if h["_c7"]:
-                _103 = F.mul(t_update, t_update)
-                _104 = F.float32(_103)
-                _105 = F.rowsum(_104)
-                F.div_(_105, h["_k51"])
-                F.lerp_(st_normuon_v, _105, h["_k52"])
-                _106 = F.sqrt(st_normuon_v)
-                F.add_(_106, h["_k53"])
-                F.div_(t_update, F.align(_106, "row", "element"))
+                _121 = F.mul(t_update, t_update)
+                _122 = F.float32(_121)
+                _123 = F.rowsum(_122)
+                F.div_(_123, h["_k57"])
+                F.lerp_(st_normuon_v, _123, h["_k58"])
+                _124 = F.sqrt(st_normuon_v)
+                F.add_(_124, h["_k59"])
+                F.div_(t_update, F.align(_124, "row", "element"))
             if h["_c8"]:
                 if h["_c9"]:
-                    _107 = F.norm(t_update)
-                    F.maximum_(_107, 1e-08)
-                    F.rdiv_(_107, h["_k54"])
-                    _108 = F.mul(t_update, _107)
-                    t_update = _108
+                    _125 = F.norm(t_update)
+                    F.maximum_(_125, 1e-08)
+                    F.rdiv_(_125, h["_k60"])
+                    _126 = F.mul(t_update, _125)
+                    t_update = _126
                 else:
-                    F.mul_(t_update, h["_k55"])
+                    F.mul_(t_update, h["_k61"])
             if h["_c10"]:
-                _109 = F.float32(param)
-                t_param_fp32 = _109
-                _110 = F.float32(t_update)
-                t_update_fp32 = _110
+                _127 = F.float32(param)
+                t_param_fp32 = _127
+                _128 = F.float32(t_update)
+                t_update_fp32 = _128
                 if h["_c11"]:
                     if h["_c12"]:
-                        _111 = F.mul(t_update_fp32, t_param_fp32)
-                        _112 = F.ge(_111, 0)
-                        _113 = F.where(_112, 1.0, 0.0)
-                        _114 = F.addcmul(t_param_fp32, t_param_fp32, _113, h["_k56"])
-                        t_param_fp32 = _114
+                        _129 = F.mul(t_update_fp32, t_param_fp32)
+                        _130 = F.ge(_129, 0)
+                        _131 = F.where(_130, 1.0, 0.0)
+                        _132 = F.addcmul(t_param_fp32, t_param_fp32, _131, h["_k62"])
+                        t_param_fp32 = _132
                     else:
-                        _115 = F.axpy(t_param_fp32, t_param_fp32, h["_k57"])
-                        t_param_fp32 = _115
-                _116 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _116
-                _117 = F.stochastic_round(t_param_fp32, h["_k58"])
-                F.assign_(param, _117)
+                        _133 = F.axpy(t_param_fp32, t_param_fp32, h["_k63"])
+                        t_param_fp32 = _133
+                _134 = F.sub(t_param_fp32, t_update_fp32)
+                t_param_fp32 = _134
+                _135 = F.stochastic_round(t_param_fp32, h["_k64"])
+                F.assign_(param, _135)
             else:
                 if h["_c11"]:
                     if h["_c12"]:
-                        _118 = F.mul(t_update, param)
-                        _119 = F.ge(_118, 0)
-                        _120 = F.where(_119, 1.0, 0.0)
-                        _121 = F.addcmul(param, param, _120, h["_k59"])
-                        F.assign_(param, _121)
+                        _136 = F.mul(t_update, param)
+                        _137 = F.ge(_136, 0)
+                        _138 = F.where(_137, 1.0, 0.0)
+                        _139 = F.addcmul(param, param, _138, h["_k65"])
+                        F.assign_(param, _139)
                     else:
-                        _122 = F.axpy(param, param, h["_k60"])
-                        F.assign_(param, _122)
+                        _140 = F.axpy(param, param, h["_k66"])
+                        F.assign_(param, _140)
                 F.sub_(param, t_update)
         else:
             if h["_c13"]:
                 pass
             if h["_c14"]:
-                F.lerp_(st_exp_avg, grad, h["_k61"])
-                _123 = F.copy(st_exp_avg)
-                t_update = _123
+                F.lerp_(st_exp_avg, grad, h["_k67"])
+                _141 = F.copy(st_exp_avg)
+                t_update = _141
             else:
-                _124 = F.copy(grad)
-                t_update = _124
-            F.mul_(st_exp_avg_sq, h["_k62"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k63"])
+                _142 = F.copy(grad)
+                t_update = _142
+            F.mul_(st_exp_avg_sq, h["_k68"])
+            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k69"])
             if h["_c15"]:
                 pass
-            _125 = F.sqrt(st_exp_avg_sq)
-            F.div_(_125, h["sqrt_bias_correction2"])
-            F.add_(_125, h["eps_eff"])
-            t_denom = _125
+            _143 = F.sqrt(st_exp_avg_sq)
+            F.div_(_143, h["sqrt_bias_correction2"])
+            F.add_(_143, h["eps_eff"])
+            t_denom = _143
             F.div_(t_update, t_denom)
             F.mul_(t_update, h["step_size"])
-            if h["_c16"]:
-                if h["_c12"]:
-                    _126 = F.mul(t_update, param)
-                    _127 = F.ge(_126, 0)
-                    _128 = F.where(_127, 1.0, 0.0)
-                    _129 = F.addcmul(param, param, _128, h["_k64"])
-                    F.assign_(param, _129)
-                else:
-                    _130 = F.axpy(param, param, h["_k65"])
-                    F.assign_(param, _130)
-            F.sub_(param, t_update)
+            if h["_c10"]:
+                _144 = F.float32(param)
+                t_param_fp32 = _144
+                _145 = F.float32(t_update)
+                t_update_fp32 = _145
+                if h["_c16"]:
+                    if h["_c12"]:
+                        _146 = F.mul(t_update_fp32, t_param_fp32)
+                        _147 = F.ge(_146, 0)
+                        _148 = F.where(_147, 1.0, 0.0)
+                        _149 = F.addcmul(t_param_fp32, t_param_fp32, _148, h["_k70"])
+                        t_param_fp32 = _149
+                    else:
+                        _150 = F.axpy(t_param_fp32, t_param_fp32, h["_k71"])
+                        t_param_fp32 = _150
+                _151 = F.sub(t_param_fp32, t_update_fp32)
+                t_param_fp32 = _151
+                _152 = F.stochastic_round(t_param_fp32, h["_k72"])
+                F.assign_(param, _152)
+            else:
+                if h["_c16"]:
+                    if h["_c12"]:
+                        _153 = F.mul(t_update, param)
+                        _154 = F.ge(_153, 0)
+                        _155 = F.where(_154, 1.0, 0.0)
+                        _156 = F.addcmul(param, param, _155, h["_k73"])
+                        F.assign_(param, _156)
+                    else:
+                        _157 = F.axpy(param, param, h["_k74"])
+                        F.assign_(param, _157)
+                F.sub_(param, t_update)
 
 
 class Muon_adv(GeneratedOptimizer):

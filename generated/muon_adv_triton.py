@@ -24,24 +24,24 @@ def _muon_adv_prologue0(
     gidx = tl.load(tab + t * TBL_W + 13)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k44 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
-    h__k45 = tl.load(hyp + 5)
+    h__k50 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
+    h__k51 = tl.load(hyp + 5)
     h_ns_eps_eff = tl.load(hyp + 18)
-    h__k47 = tl.load(hyp + 19)
-    h__k48 = tl.load(hyp + 15)
-    h__k49 = tl.load(hyp + 16)
-    h__k50 = tl.load(hyp + 17)
-    h__k54 = ((tl.load(hyp + 9) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 8).to(tl.float64)))
-    h__k58 = step
-    tl.store(hv + t * NH + 0, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k47).to(tl.float32))
+    h__k53 = tl.load(hyp + 19)
+    h__k54 = tl.load(hyp + 15)
+    h__k55 = tl.load(hyp + 16)
+    h__k56 = tl.load(hyp + 17)
+    h__k60 = ((tl.load(hyp + 9) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 8).to(tl.float64)))
+    h__k64 = step
+    tl.store(hv + t * NH + 0, (h__k50).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k51).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k53).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k49).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k50).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k54).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k58).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k56).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k60).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k64).to(tl.float32))
 
 
 # flat
@@ -53,14 +53,14 @@ def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k44 = tl.load(hv + t * NH + 0)
-    h__k45 = tl.load(hv + t * NH + 1)
+    h__k50 = tl.load(hv + t * NH + 0)
+    h__k51 = tl.load(hv + t * NH + 1)
     p_update = ws + tl.load(tab + t * TBL_W + 16)
     p__x0 = ws + tl.load(tab + t * TBL_W + 17)
     v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k44)
-    x4 = L.lerp(v2, x3, h__k45)
+    x3 = L.lerp(v1, v2, h__k50)
+    x4 = L.lerp(v2, x3, h__k51)
     tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
     tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
@@ -122,23 +122,23 @@ def _muon_adv_flat1(
 def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 16)
     p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k54 = tl.load(hv + t * NH + 7)
+    h__k60 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k58 = tl.load(hv + t * NH + 8)
+    h__k64 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k54, x4)
+    x5 = L.div(h__k60, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = v7
     x9 = x6
     x10 = (-x9)
     x11 = (x8 + x10)
-    x12 = L.sr_bf16(x11, (h__k58).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 13), offs)
+    x12 = L.sr_bf16(x11, (h__k64).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 13), offs)
     tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
 
 
@@ -174,22 +174,22 @@ def _muon_adv_prologue1(
     gidx = tl.load(tab + t * TBL_W + 13)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k44 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
-    h__k45 = tl.load(hyp + 5)
+    h__k50 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
+    h__k51 = tl.load(hyp + 5)
     h_ns_eps_eff = tl.load(hyp + 18)
-    h__k47 = tl.load(hyp + 19)
-    h__k48 = tl.load(hyp + 15)
-    h__k49 = tl.load(hyp + 16)
-    h__k50 = tl.load(hyp + 17)
-    h__k54 = ((tl.load(hyp + 9) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 8).to(tl.float64)))
-    tl.store(hv + t * NH + 0, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k47).to(tl.float32))
+    h__k53 = tl.load(hyp + 19)
+    h__k54 = tl.load(hyp + 15)
+    h__k55 = tl.load(hyp + 16)
+    h__k56 = tl.load(hyp + 17)
+    h__k60 = ((tl.load(hyp + 9) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 8).to(tl.float64)))
+    tl.store(hv + t * NH + 0, (h__k50).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k51).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k53).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k49).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k50).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k56).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k60).to(tl.float32))
 
 
 # flat
@@ -197,7 +197,7 @@ def _muon_adv_prologue1(
 def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 16)
     p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k54 = tl.load(hv + t * NH + 7)
+    h__k60 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -205,7 +205,7 @@ def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k54, x4)
+    x5 = L.div(h__k60, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = (-x6)
@@ -248,16 +248,18 @@ def _muon_adv_prologue2(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 9) / h_bias_correction1)
-    h__k61 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k62 = tl.load(hyp + 1)
-    h__k63 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k67 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k68 = tl.load(hyp + 1)
+    h__k69 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
     h_eps_eff = tl.load(hyp + 2)
-    tl.store(hv + t * NH + 0, (h__k61).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k62).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k63).to(tl.float32))
+    h__k72 = step
+    tl.store(hv + t * NH + 0, (h__k67).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k68).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k69).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k72).to(tl.float32))
 
 
 # flat
@@ -269,36 +271,40 @@ def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k61 = tl.load(hv + t * NH + 0)
+    h__k67 = tl.load(hv + t * NH + 0)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k62 = tl.load(hv + t * NH + 1)
-    h__k63 = tl.load(hv + t * NH + 2)
+    h__k68 = tl.load(hv + t * NH + 1)
+    h__k69 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
     h_eps_eff = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    h__k72 = tl.load(hv + t * NH + 6)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k61)
+    x3 = L.lerp(v1, v2, h__k67)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k62)
-    x7 = (x6 + h__k63 * v2 * v2)
+    x6 = (v5 * h__k68)
+    x7 = (x6 + h__k69 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
     x10 = (x9 + h_eps_eff)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (-x12)
-    x15 = (v13 + x14)
+    x14 = v13
+    x15 = x12
+    x16 = (-x15)
+    x17 = (x14 + x16)
+    x18 = L.sr_bf16(x17, (h__k72).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 13), offs)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -321,6 +327,94 @@ def _muon_adv_flat4(
         _muon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
 
 
+# prologue
+@triton.jit
+def _muon_adv_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 13)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)), tl.full((), 0.5, tl.float64))
+    h_step_size = (tl.load(hyp + 9) / h_bias_correction1)
+    h__k67 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k68 = tl.load(hyp + 1)
+    h__k69 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h_eps_eff = tl.load(hyp + 2)
+    tl.store(hv + t * NH + 0, (h__k67).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k68).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k69).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k67 = tl.load(hv + t * NH + 0)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k68 = tl.load(hv + t * NH + 1)
+    h__k69 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h_eps_eff = tl.load(hv + t * NH + 4)
+    h_step_size = tl.load(hv + t * NH + 5)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x3 = L.lerp(v1, v2, h__k67)
+    x4 = x3
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k68)
+    x7 = (x6 + h__k69 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = (x9 + h_eps_eff)
+    x11 = L.div(x4, x10)
+    x12 = (x11 * h_step_size)
+    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x14 = (-x12)
+    x15 = (v13 + x14)
+    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+
+
+@triton.jit
+def _muon_adv_flat5(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 8)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _muon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
+    else:
+        _muon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_exp_avg, DT_exp_avg_sq)
+
+
 KERNELS = {
     "_muon_adv_prologue0": _muon_adv_prologue0,
     "_muon_adv_flat0": _muon_adv_flat0,
@@ -330,9 +424,19 @@ KERNELS = {
     "_muon_adv_flat3": _muon_adv_flat3,
     "_muon_adv_prologue2": _muon_adv_prologue2,
     "_muon_adv_flat4": _muon_adv_flat4,
+    "_muon_adv_prologue3": _muon_adv_prologue3,
+    "_muon_adv_flat5": _muon_adv_flat5,
 }
 
-PLAN = {'dynamic': ['_k14', '_k36', '_k58', 'bias_correction1', 'sqrt_bias_correction2', 'step_size'],
+PLAN = {'dynamic': ['_k14',
+             '_k22',
+             '_k39',
+             '_k47',
+             '_k64',
+             '_k72',
+             'bias_correction1',
+             'sqrt_bias_correction2',
+             'step_size'],
  'hyper_slots': [['adam_betas', 0],
                  ['adam_betas', 1],
                  ['adam_eps', None],
@@ -362,42 +466,69 @@ PLAN = {'dynamic': ['_k14', '_k36', '_k58', 'bias_correction1', 'sqrt_bias_corre
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', False), ('_c13', True), ('_c14', True), ('_c15', False), ('_c16', False)): {'columns': ['param',
-                                                                                                                            'state:momentum_buffer',
-                                                                                                                            'state:mu_mbuf_nmf',
-                                                                                                                            'state:mv_mbuf_nmf',
-                                                                                                                            'state:sign_buf',
-                                                                                                                            'state:normuon_v',
-                                                                                                                            'state:exp_avg',
-                                                                                                                            'state:exp_avg_sq',
-                                                                                                                            'numel',
-                                                                                                                            'B',
-                                                                                                                            'M',
-                                                                                                                            'N',
-                                                                                                                            'ndim',
-                                                                                                                            'gidx'],
-                                                                                                                'creates': [],
-                                                                                                                'hv': ['_k61',
-                                                                                                                       '_k62',
-                                                                                                                       '_k63',
-                                                                                                                       'sqrt_bias_correction2',
-                                                                                                                       'eps_eff',
-                                                                                                                       'step_size'],
-                                                                                                                'launches': [('_muon_adv_prologue2',
-                                                                                                                              'prologue'),
-                                                                                                                             ('_muon_adv_flat4',
-                                                                                                                              'flat')],
-                                                                                                                'temps': []},
+ 'paths': {(('_c0', False), ('_c2', False), ('_c13', True), ('_c14', True), ('_c15', False), ('_c10', False), ('_c16', False)): {'columns': ['param',
+                                                                                                                                             'state:momentum_buffer',
+                                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                                             'state:sign_buf',
+                                                                                                                                             'state:normuon_v',
+                                                                                                                                             'state:exp_avg',
+                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                             'numel',
+                                                                                                                                             'B',
+                                                                                                                                             'M',
+                                                                                                                                             'N',
+                                                                                                                                             'ndim',
+                                                                                                                                             'gidx'],
+                                                                                                                                 'creates': [],
+                                                                                                                                 'hv': ['_k67',
+                                                                                                                                        '_k68',
+                                                                                                                                        '_k69',
+                                                                                                                                        'sqrt_bias_correction2',
+                                                                                                                                        'eps_eff',
+                                                                                                                                        'step_size'],
+                                                                                                                                 'launches': [('_muon_adv_prologue3',
+                                                                                                                                               'prologue'),
+                                                                                                                                              ('_muon_adv_flat5',
+                                                                                                                                               'flat')],
+                                                                                                                                 'temps': []},
+           (('_c0', False), ('_c2', False), ('_c13', True), ('_c14', True), ('_c15', False), ('_c10', True), ('_c16', False)): {'columns': ['param',
+                                                                                                                                            'state:momentum_buffer',
+                                                                                                                                            'state:mu_mbuf_nmf',
+                                                                                                                                            'state:mv_mbuf_nmf',
+                                                                                                                                            'state:sign_buf',
+                                                                                                                                            'state:normuon_v',
+                                                                                                                                            'state:exp_avg',
+                                                                                                                                            'state:exp_avg_sq',
+                                                                                                                                            'numel',
+                                                                                                                                            'B',
+                                                                                                                                            'M',
+                                                                                                                                            'N',
+                                                                                                                                            'ndim',
+                                                                                                                                            'gidx'],
+                                                                                                                                'creates': [],
+                                                                                                                                'hv': ['_k67',
+                                                                                                                                       '_k68',
+                                                                                                                                       '_k69',
+                                                                                                                                       'sqrt_bias_correction2',
+                                                                                                                                       'eps_eff',
+                                                                                                                                       'step_size',
+                                                                                                                                       '_k72'],
+                                                                                                                                'launches': [('_muon_adv_prologue2',
+                                                                                                                                              'prologue'),
+                                                                                                                                             ('_muon_adv_flat4',
+                                                                                                                                              'flat')],
+                                                                                                                                'temps': []},
            (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', True), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                '_k47'],
+                                                                                                                                                                                                                '_k53'],
                                                                                                                                                                                                                ['var',
                                                                                                                                                                                                                 'ns_eps_eff'],
                                                                                                                                                                                                                ['var',
-                                                                                                                                                                                                                '_k48'],
+                                                                                                                                                                                                                '_k54'],
                                                                                                                                                                                                                ['var',
-                                                                                                                                                                                                                '_k49'],
+                                                                                                                                                                                                                '_k55'],
                                                                                                                                                                                                                ['var',
-                                                                                                                                                                                                                '_k50']],
+                                                                                                                                                                                                                '_k56']],
                                                                                                                                                                                                       'input': '_x0',
                                                                                                                                                                                                       'op': 'newton_schulz',
                                                                                                                                                                                                       'output': '_n0'}],
@@ -420,14 +551,14 @@ PLAN = {'dynamic': ['_k14', '_k36', '_k58', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                        'ws:update',
                                                                                                                                                                                                        'ws:_x0'],
                                                                                                                                                                                            'creates': [],
-                                                                                                                                                                                           'hv': ['_k44',
-                                                                                                                                                                                                  '_k45',
-                                                                                                                                                                                                  '_k47',
+                                                                                                                                                                                           'hv': ['_k50',
+                                                                                                                                                                                                  '_k51',
+                                                                                                                                                                                                  '_k53',
                                                                                                                                                                                                   'ns_eps_eff',
-                                                                                                                                                                                                  '_k48',
-                                                                                                                                                                                                  '_k49',
-                                                                                                                                                                                                  '_k50',
-                                                                                                                                                                                                  '_k54'],
+                                                                                                                                                                                                  '_k54',
+                                                                                                                                                                                                  '_k55',
+                                                                                                                                                                                                  '_k56',
+                                                                                                                                                                                                  '_k60'],
                                                                                                                                                                                            'launches': [('_muon_adv_prologue1',
                                                                                                                                                                                                          'prologue'),
                                                                                                                                                                                                         ('_muon_adv_flat0',
@@ -451,15 +582,15 @@ PLAN = {'dynamic': ['_k14', '_k36', '_k58', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                       'element',
                                                                                                                                                                                                       False)]},
            (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', True), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', True), ('_c11', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                               '_k47'],
+                                                                                                                                                                                                               '_k53'],
                                                                                                                                                                                                               ['var',
                                                                                                                                                                                                                'ns_eps_eff'],
                                                                                                                                                                                                               ['var',
-                                                                                                                                                                                                               '_k48'],
+                                                                                                                                                                                                               '_k54'],
                                                                                                                                                                                                               ['var',
-                                                                                                                                                                                                               '_k49'],
+                                                                                                                                                                                                               '_k55'],
                                                                                                                                                                                                               ['var',
-                                                                                                                                                                                                               '_k50']],
+                                                                                                                                                                                                               '_k56']],
                                                                                                                                                                                                      'input': '_x0',
                                                                                                                                                                                                      'op': 'newton_schulz',
                                                                                                                                                                                                      'output': '_n0'}],
@@ -482,15 +613,15 @@ PLAN = {'dynamic': ['_k14', '_k36', '_k58', 'bias_correction1', 'sqrt_bias_corre
                                                                                                                                                                                                       'ws:update',
                                                                                                                                                                                                       'ws:_x0'],
                                                                                                                                                                                           'creates': [],
-                                                                                                                                                                                          'hv': ['_k44',
-                                                                                                                                                                                                 '_k45',
-                                                                                                                                                                                                 '_k47',
+                                                                                                                                                                                          'hv': ['_k50',
+                                                                                                                                                                                                 '_k51',
+                                                                                                                                                                                                 '_k53',
                                                                                                                                                                                                  'ns_eps_eff',
-                                                                                                                                                                                                 '_k48',
-                                                                                                                                                                                                 '_k49',
-                                                                                                                                                                                                 '_k50',
                                                                                                                                                                                                  '_k54',
-                                                                                                                                                                                                 '_k58'],
+                                                                                                                                                                                                 '_k55',
+                                                                                                                                                                                                 '_k56',
+                                                                                                                                                                                                 '_k60',
+                                                                                                                                                                                                 '_k64'],
                                                                                                                                                                                           'launches': [('_muon_adv_prologue0',
                                                                                                                                                                                                         'prologue'),
                                                                                                                                                                                                        ('_muon_adv_flat0',

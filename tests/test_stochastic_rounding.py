@@ -19,7 +19,8 @@ CASES = [
     (spec, i) for spec in ("adamw_adv", "adopt_adv", "lion_adv", "signsgd_adv", "adamw_adv_2_2_3",
                            "adopt_adv_2_2_3", "simplified_ademamix")
     for i in (1, 2)
-] + [("adamw_adv", 13), ("adopt_adv", 12), ("lion_adv", 6), ("signsgd_adv", 10)]  # factored states
+] + [("adamw_adv", 13), ("adopt_adv", 12), ("lion_adv", 6), ("signsgd_adv", 10)] + [  # factored states
+    ("muon_adv", 1), ("muon_adv", 2), ("adamuon_adv", 1), ("adamuon_adv", 6)]  # Newton-Schulz in bf16 too
 
 
 @pytest.mark.parametrize("model", ["mlp", "transformer"])

@@ -100,6 +100,25 @@ def edit_nested(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | Non
     return stmts, False
 
 
+def edit_every(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | None]) -> tuple[list[Stmt], int]:
+    """Apply ``edit`` to every statement list it accepts (an accepted list is not entered again):
+    Muon's matrix and Adam branches both write the parameter. Returns the statements and the count."""
+    new = edit(stmts)
+    if new is not None:
+        return new, 1
+    out: list[Stmt] = []
+    count = 0
+    for s in stmts:
+        if isinstance(s, If):
+            then, a = edit_every(s.then, edit)
+            orelse, b = edit_every(s.orelse, edit)
+            count += a + b
+            out.append(If(s.cond, then, orelse, s.pos))
+        else:
+            out.append(s)
+    return out, count
+
+
 def at_start_of_param_block(block: list[Stmt], through_branches: bool = False,
                             ) -> Callable[[list[Stmt]], list[Stmt] | None]:
     """An edit for :func:`edit_nested`: ``block`` at the start of the statement list that writes the

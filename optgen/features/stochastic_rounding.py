@@ -11,7 +11,7 @@ in the kernel (the same distribution, another stream). Other dtypes are untouche
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, edit_nested, flag, replace_assigns, substitute, var
+from optgen.features.rewrite import FeatureError, edit_every, flag, replace_assigns, substitute, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -57,7 +57,7 @@ def _in_fp32(stmts: list[Stmt]) -> list[Stmt] | None:
 
 
 def _apply(program: Program) -> Program:
-    body, ok = edit_nested(program.body, _in_fp32)
+    body, ok = edit_every(program.body, _in_fp32)
     if not ok:
         raise FeatureError("feature 'stochastic_rounding' needs a 'param = ...' statement")
     return program.copy(body=body)

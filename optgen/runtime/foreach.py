@@ -69,11 +69,12 @@ def _binary(name: str):
             for x, y in zip(a, b):
                 getattr(x, f"{name}_")(y)
             return a
-        if name == "mul" and not isinstance(b, (list, tuple)) and a and a[0].dtype in _REDUCED and a[0].device.type == "cpu":
-            # torch 2.13's CPU _foreach_mul_(bf16/fp16 list, scalar) rounds the scalar to the list's
-            # dtype first (x.mul_(s) and _foreach_mul do not): 0.99 becomes 0.98828125 for bf16
-            for x in a:
-                x.mul_(b)
+        if name == "mul" and a and a[0].dtype in _REDUCED and a[0].device.type == "cpu" and not (
+                isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor)):
+            # torch 2.13's CPU _foreach_mul_(bf16/fp16 list, scalar or scalar list) rounds the scalar
+            # to the list's dtype first (x.mul_(s) does not): 0.99 becomes 0.98828125 for bf16
+            for x, s in zip(a, _each(b, len(a))):
+                x.mul_(s)
             return a
         fe_(a, b)
         return a
