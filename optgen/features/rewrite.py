@@ -41,10 +41,9 @@ def replace_assigns(stmts: list[Stmt], fn: Callable[[Assign], list[Stmt] | None]
     out: list[Stmt] = []
     for s in stmts:
         if isinstance(s, If):
-            then, a = replace_assigns(s.then, fn)
-            orelse, b = replace_assigns(s.orelse, fn)
-            count += a + b
-            out.append(If(s.cond, then, orelse, s.pos))
+            branch, n = _in_branches(s, lambda b: replace_assigns(b, fn))
+            count += n
+            out.append(branch)
             continue
         new = fn(s)
         if new is None:
@@ -110,13 +109,19 @@ def edit_every(stmts: list[Stmt], edit: Callable[[list[Stmt]], list[Stmt] | None
     count = 0
     for s in stmts:
         if isinstance(s, If):
-            then, a = edit_every(s.then, edit)
-            orelse, b = edit_every(s.orelse, edit)
-            count += a + b
-            out.append(If(s.cond, then, orelse, s.pos))
+            branch, n = _in_branches(s, lambda b: edit_every(b, edit))
+            count += n
+            out.append(branch)
         else:
             out.append(s)
     return out, count
+
+
+def _in_branches(s: If, fn: Callable[[list[Stmt]], tuple[list[Stmt], int]]) -> tuple[If, int]:
+    """``s`` with ``fn`` applied to both branches, and the sum of the counts it returned."""
+    then, a = fn(s.then)
+    orelse, b = fn(s.orelse)
+    return If(s.cond, then, orelse, s.pos), a + b
 
 
 def at_start_of_param_block(block: list[Stmt], through_branches: bool = False,
