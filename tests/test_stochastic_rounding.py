@@ -53,3 +53,17 @@ def test_round_bf16_is_unbiased_and_exact_on_bf16_values() -> None:
     assert torch.equal(stochastic.round_bf16(y).float(), y)
     neg = stochastic.round_bf16(-x).float()  # sign-magnitude: negative values round in magnitude alike
     assert abs((neg == -hi).double().mean().item() - 0.25) < 0.005
+
+
+@pytest.mark.parametrize(("spec", "index"), [("adamw_adv", 13), ("muon_adv", 1)])
+def test_cpu_cache_chunks_keep_results_and_random_stream(monkeypatch, spec: str, index: int) -> None:
+    """The torch backend steps CPU buckets in cache-sized chunks: tiny chunks (every tensor alone)
+    must give adv_optm's bits too, random stream included."""
+    from optgen.runtime import base
+
+    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 64)
+    setting = settings(spec)[index]
+    torch.set_default_dtype(torch.float32)
+    expected, _ = train(make_model("transformer", torch.bfloat16), published_factory(spec, setting), 30, torch.bfloat16)
+    got, _ = train(make_model("transformer", torch.bfloat16), ours_factory(spec, setting, "torch"), 30, torch.bfloat16)
+    assert max_diffs(got, expected)[0] == 0.0

@@ -266,7 +266,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
         device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
         ahead = self._random_bits_ahead(buckets, params)
-        for path, items in buckets.items():
+        chunks = [(path, chunk) for path, items in buckets.items() for chunk in _cache_chunks(items)]
+        for path, items in chunks:
             h: dict[str, Any] = dict(path)
             for name in items[0][1]:
                 values = [to_device_scalar(env[name]) for _, env, _ in items]
@@ -365,6 +366,27 @@ def _require_single_process(name: str) -> None:
 
 def _has_nan(values: list[Any]) -> bool:
     return any(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+#: On CPU a bucket is stepped in chunks of at most this many elements: one op at a time over every
+#: tensor streams them all through memory, while a chunk's buffers stay in cache between its ops.
+CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+def _cache_chunks(items: list[tuple]) -> list[list[tuple]]:
+    """A bucket's parameters in chunks that fit in cache (CPU), or whole (other devices)."""
+    if not items or items[0][0].device.type != "cpu":
+        return [items]
+    chunks: list[list[tuple]] = [[]]
+    size = 0
+    for item in items:
+        n = item[0].numel()
+        if chunks[-1] and size + n > CPU_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
 
 
 def _path_rounds(stmts: list[Stmt], taken: dict[str, bool]) -> bool:
