@@ -53,7 +53,9 @@ def _apply(program: Program) -> Program:
     body, found = edit_nested(program.body, _before_first_use([switch(FLAG, slow, [])]))
     if not found:
         raise FeatureError("feature 'ademamix' needs an 'update = copy(exp_avg)' statement")
-    state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA")]
+    state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA",
+                                           # its factored form under feature 'factored' (adv_optm 2.2.3's keys)
+                                           factored=("mu_m_slow_nmf", "mv_m_slow_nmf", "sign_slow"))]
     return program.copy(body=body, state=state)
 
 
