@@ -26,7 +26,7 @@ statements the other features produced.
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, flag, var
+from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, flag, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
@@ -52,10 +52,6 @@ def _and(a: Node | None, b: Node) -> Node:
     return b if a is None else Node("and", (a, b), boolean=True)
 
 
-def _e(op: str, *args: Node, boolean: bool = False) -> Node:
-    return Node(op, args, kind=Kind.ELEMENT, boolean=boolean)
-
-
 class _Factoring:
     """The rewrite of one program's body for its factored states."""
 
@@ -77,13 +73,14 @@ class _Factoring:
 
     def reconstruct(self, name: str) -> list[Stmt]:
         row, col, sign = self.decls[name].factored
-        magnitude = _e("outer", var(row, Kind.ROW), var(col, Kind.COL))
+        magnitude = element("outer", var(row, Kind.ROW), var(col, Kind.COL))
         if sign is None:
             return [Assign(self.full[name], magnitude, None, "temp")]
         mag = f"{name}_magnitude"
         return [
             Assign(mag, magnitude, None, "temp"),
-            Assign(self.full[name], _e("where", Node("var", kind=Kind.ELEMENT, attr=sign, boolean=True), var(mag), _e("neg", var(mag))), None, "temp"),
+            Assign(self.full[name], element("where", Node("var", kind=Kind.ELEMENT, attr=sign, boolean=True),
+                                            var(mag), element("neg", var(mag))), None, "temp"),
         ]
 
     def refactor(self, name: str) -> list[Stmt]:
@@ -91,14 +88,14 @@ class _Factoring:
         full, absolute, sums = var(self.full[name]), f"{name}_abs", f"{name}_colsum"
         # factors of the float32 value (a no-op after the upcast; ADOPT's init squares the raw
         # gradient and stores it as float32, as adv_optm does)
-        full32 = _e("float32", full)
+        full32 = element("float32", full)
         out: list[Stmt] = []
         if sign is not None:
-            out.append(Assign(sign, _e("gt", full32, Node("const", attr=0.0), boolean=True), None, "state"))
+            out.append(Assign(sign, element("gt", full32, Node("const", attr=0.0), boolean=True), None, "state"))
         total = Node("sum", (var(sums, Kind.COL),), kind=Kind.TENSOR)
         floor = Node("maximum", (total, Node("const", attr=FLOOR)), kind=Kind.TENSOR)
         out += [
-            Assign(absolute, _e("abs", full32), None, "temp"),
+            Assign(absolute, element("abs", full32), None, "temp"),
             Assign(row, Node("rowsum", (var(absolute),), kind=Kind.ROW), None, "state"),
             Assign(sums, Node("colsum", (var(absolute),), kind=Kind.COL), None, "temp"),
             # d1 >= d2 in the view, so adv_optm's nnmf normalises the column factor
@@ -152,7 +149,7 @@ def _apply(program: Program) -> Program:
     # the upcast goes where adv_optm upcasts: right before OrthoGrad (ADOPT's init-only step squares
     # the raw gradient first)
     # only for parameters that keep one of the factored states (not Muon's aux-Adam parameters)
-    cast: list[Stmt] = [Assign("grad", _e("float32", var("grad")), None, "grad")]
+    cast: list[Stmt] = [Assign("grad", element("float32", var("grad")), None, "grad")]
     conds = [d.cond for d in decls]
     if all(c is not None for c in conds):
         either = conds[0] if len(conds) == 1 else Node("or", tuple(conds), boolean=True)

@@ -17,7 +17,7 @@ string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented)
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, flag, var
+from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, flag, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -29,17 +29,13 @@ def _t(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.TENSOR)
 
 
-def _e(op: str, *args: Node) -> Node:
-    return Node(op, args, kind=Kind.ELEMENT)
-
-
 def _statements() -> list[Stmt]:
     w, g, tiny = var("param"), var("grad"), Node("const", attr=TINY)
     proj = _t("div", _t("vdot", w, g), _t("add", _t("vdot", w, w), tiny))
     return [
-        Assign("ortho_g", _e("sub", g, _e("mul", w, proj)), None, "temp"),
+        Assign("ortho_g", element("sub", g, element("mul", w, proj)), None, "temp"),
         Assign("ortho_scale", _t("div", _t("norm", g), _t("add", _t("norm", var("ortho_g")), tiny)), None, "temp"),
-        Assign("grad", _e("mul", var("ortho_g"), var("ortho_scale", Kind.TENSOR)), None, "grad"),
+        Assign("grad", element("mul", var("ortho_g"), var("ortho_scale", Kind.TENSOR)), None, "grad"),
     ]
 
 

@@ -28,6 +28,11 @@ def var(name: str, kind: Kind = Kind.ELEMENT) -> Node:
     return Node("var", kind=kind, attr=name)
 
 
+def element(op: str, *args: Node, boolean: bool = False) -> Node:
+    """A per-element operation node."""
+    return Node(op, args, kind=Kind.ELEMENT, boolean=boolean)
+
+
 def is_var(n: Node, name: str) -> bool:
     return n.op == "var" and n.attr == name
 

@@ -23,14 +23,19 @@ from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
+def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of a state declared with dtype ``name`` for a parameter of ``param_dtype``."""
     return {
-        "param": param.dtype,
+        "param": param_dtype,
         "float32": torch.float32,
         "float64": torch.float64,
         "default": torch.get_default_dtype(),
         "bits": torch.uint8,
     }[name]
+
+
+def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
+    return storage_dtype(name, param.dtype)
 
 
 def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -92,6 +97,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
         self._kourkoutas = None
+        self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
         if "kourkoutas_beta" in prog.features and any(g.get("kourkoutas_beta") for g in self.param_groups):
             from optgen.runtime.kourkoutas import Kourkoutas
 
@@ -292,11 +298,16 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         bucket rounds: buckets would draw them out of order."""
         if "stochastic_rounding" not in self._program.features or len(buckets) < 2:
             return {}
-        paths = [items for path, items in buckets.items() if _path_rounds(self._program.body, dict(path))]
+        paths = [items for path, items in buckets.items() if self._path_rounds(path)]
         if len(paths) < 2:
             return {}
         rounding = {id(p) for items in paths for p, _, _ in items}
         return {id(p): stochastic.draw(p) for p in params if id(p) in rounding}
+
+    def _path_rounds(self, path: tuple) -> bool:
+        if path not in self._rounds:
+            self._rounds[path] = _path_rounds(self._program.body, dict(path))
+        return self._rounds[path]
 
     # -- torch.distributed helpers (single process: no-ops) ------------------------------------
     @torch.no_grad()

@@ -90,6 +90,9 @@ class ViewedState:
         self.program, self.state, self.shape, self.param = program, state, shape, p
         self.bits = [d.name for d in program.state if d.dtype == "bits" and state.get(d.name) is not None]
         self.elements = {d.name for d in program.state if d.kind == Kind.ELEMENT and d.dtype != "bits"}
+        if shape is None and not self.bits:  # the common case, on the hot path: the state itself
+            self.view = state
+            return
         self.view = dict(state)
         for name in self.elements:
             if isinstance(self.view.get(name), torch.Tensor):
@@ -99,6 +102,8 @@ class ViewedState:
             self.view[name] = unpack_bits(state[name], width)
 
     def write_back(self) -> None:
+        if self.view is self.state:
+            return
         for name in self.bits:
             self.state[name].copy_(pack_bits(self.view[name]))
         for name, value in self.view.items():

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt
+from optgen.runtime.base import storage_dtype
 from optgen.runtime.host import HostContext, evaluate
 from optgen.runtime.matrix_view import view_shape
 
@@ -279,7 +280,7 @@ class TritonRunner:
             # the buffers' own dtype where they exist (a conditional dtype, a 1-bit state)
             bufs = [states[params[i]].get(d.name) for i in idx]
             found = next((b.dtype for b in bufs if isinstance(b, torch.Tensor)), None)
-            consts[f"DT_{d.name}"] = _tl_dtype(found or _state_dtype(d, dtype))
+            consts[f"DT_{d.name}"] = _tl_dtype(found or storage_dtype(d.dtype, dtype))
         def chunk_table(entries: list[tuple[int, ...]]) -> torch.Tensor | None:
             return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
 
@@ -426,16 +427,6 @@ def _run_call(work: list[tuple], ws: torch.Tensor) -> None:
         y = y.reshape(len(offsets), size)
         for k, (_, o) in enumerate(offsets):
             ws[o:o + size].copy_(y[k])
-
-
-def _state_dtype(decl, param_dtype: torch.dtype) -> torch.dtype:
-    return {
-        "param": param_dtype,
-        "float32": torch.float32,
-        "float64": torch.float64,
-        "default": torch.get_default_dtype(),
-        "bits": torch.uint8,
-    }[decl.dtype]
 
 
 def _hashable(v: Any) -> Any:
