@@ -12,6 +12,7 @@ from generated.adopt_adv import Adopt_adv
 from generated.lion_adv import Lion_adv
 from generated.muon_adv import Muon_adv
 from generated.nadam import NAdam
+from generated.prodigy_adv import Prodigy_adv
 from generated.radam import RAdam
 from generated.rmsprop import RMSprop
 from generated.sgd import SGD
@@ -30,6 +31,7 @@ __all__ = [
     "Lion_adv",
     "Muon_adv",
     "NAdam",
+    "Prodigy_adv",
     "RAdam",
     "RMSprop",
     "SGD",

@@ -112,6 +112,7 @@ def render_module(program: Program, lower_text: list[str]) -> str:
         matches=matches,
         equations=lower_text,
         program_data=data,
+        non_finite=re.search(r"\binf\b", data) is not None,
         device_step=render_device_step(program),
         args=args,
         positional=[a for a in args if not a["keyword"]],

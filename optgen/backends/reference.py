@@ -40,17 +40,20 @@ class _Frame:
         self.state = state
         self.locals: dict[str, Any] = {"grad": as_view(grad, view, "gradient")}
         self.host = HostContext(group, param, state, program.step_math == "tensor", view)
+        self.acc: list[tuple[str, Any]] = []
 
 
 def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
-        inputs: dict[str, Any] | None = None) -> None:
+        inputs: dict[str, Any] | None = None, acc: list[tuple[str, Any]] | None = None) -> None:
     """Apply one step of ``program`` to ``param`` (in place), updating ``state``; ``inputs`` are the
-    per-parameter values the runtime computed for this step. A parameter the program steps as a
-    matrix view (feature ``factored``) is stepped on views of it and of its state."""
+    per-parameter values the runtime computed for this step; the values of ``acc += value``
+    statements are appended to ``acc`` as ``(accumulator, value)``. A parameter the program steps
+    as a matrix view (feature ``factored``) is stepped on views of it and of its state."""
     view = view_shape(program, param, group, state)
     viewed = ViewedState(program, state, view, param)
     frame = _Frame(program, param, grad, viewed.view, group, view)
     frame.host.inputs = inputs or {}
+    frame.acc = acc if acc is not None else []
     _block(program.body, frame)
     viewed.write_back()
 
@@ -75,7 +78,9 @@ def _assign(s: Assign, f: _Frame) -> None:
             f.host.env[s.target] = evaluate(s.value, f.host)
         return
     value = _eval(s.value, f)
-    if s.role == "param":
+    if s.role == "accumulate":
+        f.acc.append((s.target, value))
+    elif s.role == "param":
         f.param.copy_(value)
     elif s.role == "state":
         buf = f.state.get(s.target)
@@ -105,6 +110,8 @@ def _eval(n: Node, f: _Frame) -> Any:
     if n.op == "var":
         return _read(n.attr, n.kind, f)
     raw = [_eval(a, f) for a in n.args]
+    if n.op == "strided":
+        return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
     if n.op not in ("cast", "newton_schulz", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]

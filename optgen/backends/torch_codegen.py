@@ -17,9 +17,9 @@ INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy",
 }
-_NO_ALIGN = {"cast", "newton_schulz", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
+_NO_ALIGN = {"strided", "cast", "newton_schulz", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
-_MAY_ALIAS = {"float32", "cast", "contiguous"}
+_MAY_ALIAS = {"float32", "cast", "contiguous", "strided"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
 
 
@@ -116,6 +116,10 @@ class TorchEmitter:
     def assign(self, s: Assign) -> None:
         target = self.local(s.target)
         v = _peephole(s.value)
+        if s.role == "accumulate":  # one value per tensor, summed by the runtime in parameter order
+            code, _ = self.expr(v)
+            self.emit(f'A.append(("{s.target}", {code}))')
+            return
         if s.role in ("temp", "grad"):
             # A temporary that holds tensors only it references is updated in place (the same
             # rounding as out of place, without new allocations).
@@ -189,6 +193,6 @@ def render_device_step(program: Program) -> str:
     em.block(program.body)
     if not em.lines:
         em.emit("pass")
-    header = "def _device_step(h, param, grad, S):\n"
+    header = f"def _device_step(h, param, grad, S{', A' if program.accumulators else ''}):\n"
     doc = '    """One bucket of parameters (see optgen.backends.torch_codegen)."""\n'
     return header + doc + "\n".join(em.lines) + "\n"

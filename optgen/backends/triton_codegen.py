@@ -140,6 +140,8 @@ class KernelEmitter:
     def host_expr(self, n: Node, b: _Body, env: dict[str, str]) -> str:
         op = n.op
         if op == "const":
+            if n.attr is None or isinstance(n.attr, str):
+                raise TritonUnsupported(f"the constant {n.attr!r} in a host value computed on the device")
             return _F64_CONST.format(v=float(n.attr))
         if op == "var":
             if n.attr not in env:  # pragma: no cover - plan_path keeps every dependency

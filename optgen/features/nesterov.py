@@ -19,10 +19,11 @@ COEF = "nesterov_coef"
 
 
 def _apply(program: Program) -> Program:
-    emas = [s for s in walk_stmts(program.body) if isinstance(s, Assign) and s.target == "exp_avg"
-            and s.value.op == "lerp" and is_var(s.value.args[0], "exp_avg")]
-    require(len(emas), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' statement")
-    ema = emas[0].value
+    weights = [_ema_weight(s.value) for s in walk_stmts(program.body)
+               if isinstance(s, Assign) and s.target == "exp_avg"]
+    weights = [w for w in weights if w is not None]
+    require(len(weights), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * beta1 + s * "
+            "grad' statement")
 
     coef = Node("hyper", attr=(COEF, None))
     own = Node("sub", (Node("const", attr=1), coef))
@@ -34,13 +35,23 @@ def _apply(program: Program) -> Program:
                 return Assign("update", Node("lerp", (v.args[0], var("grad"), w), kind=v.kind), s.pos, s.role)
 
             default = Node("eq", (coef, Node("const", attr=None)), boolean=True)
-            on = If(default, [mix(ema.args[2])], [mix(own)], s.pos)
+            on = If(default, [mix(weights[0])], [mix(own)], s.pos)
             return [switch(FLAG, [on], [s], s.pos)]
         return None
 
     body, n = replace_assigns(program.body, direction)
     require(n, "nesterov", "an 'update = copy(exp_avg)' statement")
     return program.copy(body=body)
+
+
+def _ema_weight(v: Node) -> Node | None:
+    """The weight ``w`` the moment's EMA gives the new value: lerp's, or ``1 - beta1`` of
+    ``exp_avg * beta1 + s * grad`` (Prodigy's d-scaled EMA)."""
+    if v.op == "lerp" and is_var(v.args[0], "exp_avg"):
+        return v.args[2]
+    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg") and v.args[0].args[1].is_host:
+        return Node("sub", (Node("const", attr=1), v.args[0].args[1]))
+    return None
 
 
 FEATURE = Feature(

@@ -38,7 +38,7 @@ FUNCTIONS: dict[str, Function] = {
         Function("min", (2, 2), "minimum of two host scalars", tensor=False),
         Function("clamp", (3, 3), "clamp(x, lo, hi)", host=False),
         Function("lerp", (3, 3), "lerp(a, b, w) = a + w * (b - a), with torch.lerp's two branches", host=False),
-        Function("where", (3, 3), "where(cond, a, b), elementwise", host=False),
+        Function("where", (3, 3), "where(cond, a, b), elementwise (or one of two host scalars)"),
         Function("matvec", (2, 2), "W v over the last two dims: per-element W, per-column v -> per-row", host=False),
         Function("matvec_t", (2, 2), "W^T u: per-element W, per-row u -> per-column", host=False),
         Function("normalize", (1, 1), "x / max(||x||, 1e-12) along the last dim of a per-row/per-column value", host=False),
@@ -49,8 +49,11 @@ FUNCTIONS: dict[str, Function] = {
         Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
         Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
-        Function("vdot", (2, 2), "sum of a * b over the whole tensor (torch.dot of the flattened tensors) -> per-tensor",
+        Function("vdot", (2, 2), "sum of a * b over the whole tensor or slice (torch.dot of the flattened tensors) "
+                 "-> per-tensor",
                  host=False),
+        Function("strided", (1, 1), "every k-th element of the flattened x (x.flatten()[::k], k the spec's "
+                 "slice_stride) -> per-slice", host=False),
         Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
         Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values)", host=False),
         Function("stochastic_round", (2, 2), "stochastic_round(x, seed): float32 x to bfloat16 by adding random low "

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from optgen.errors import SpecError, did_you_mean
 from optgen.ir.library import COMPARISONS, FUNCTIONS
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, join, walk_nodes
+from optgen.ir.nodes import (
+    AccumulatorDecl, Assign, GlobalDecl, If, Kind, Node, Program, StateDecl, Stmt, join, walk_nodes,
+)
 from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
 from optgen.spec.model import HyperparameterSpec
@@ -22,6 +24,7 @@ _KINDS = {
     "matrix": Kind.MATRIX,
     "tensor": Kind.TENSOR,
     "host": Kind.HOST,
+    "slice": Kind.SLICE,
 }
 
 
@@ -29,7 +32,8 @@ class Lowerer:
     """Resolves names and types expressions against one spec's declarations."""
 
     def __init__(self, spec_path: str, hypers: list[tuple[str, HyperparameterSpec]], state: list[StateDecl],
-                 step_store: str):
+                 step_store: str, globals_: tuple[str, ...] = (), accumulators: tuple[str, ...] = (),
+                 slice_stride: str | None = None):
         self.path = spec_path
         self.hypers = dict(hypers)
         self.scalars: dict[str, tuple[str, int | None, str]] = {}
@@ -42,6 +46,12 @@ class Lowerer:
                 self.scalars[name] = (name, None, t)
         self.state = {s.name: s for s in state}
         self.step_store = step_store
+        #: optimizer-wide values kept in the param groups: read like hyperparameters
+        self.globals = set(globals_)
+        for g in globals_:
+            self.scalars[g] = (g, None, "float")
+        self.accumulators = set(accumulators)
+        self.slice_stride = slice_stride
         self.temps: dict[str, tuple[Kind, bool]] = {}
         self.partial: set[str] = set()
         #: the spec's named facts (host expressions of hyperparameters and parameter facts)
@@ -73,6 +83,9 @@ class Lowerer:
             raise SpecError(e.pos, field, f"'{n}' is assigned in only one branch of a conditional above")
         if n in self.state:
             return Node("var", kind=self.state[n].kind, attr=n)
+        if n in self.accumulators:
+            raise SpecError(e.pos, field, f"accumulator '{n}' is only added to here ('{n} += value'); "
+                                          "finalize: reads its sum")
         if n in self.scalars:
             hname, idx, t = self.scalars[n]
             if t in ("any", "dtype"):
@@ -264,6 +277,12 @@ class Lowerer:
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
+        if fn == "strided":
+            need(0, Kind.ELEMENT)
+            if self.slice_stride is None:
+                raise SpecError(e.pos, field, "strided() needs 'slice_stride:' (the hyperparameter k) in the spec")
+            # the stride travels as a host argument, so every backend reads it like any host value
+            return Node(fn, (args[0], Node("hyper", attr=(self.slice_stride, None))), kind=Kind.SLICE)
         if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32"):
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("atan2", "maximum", "minimum"):
@@ -311,8 +330,8 @@ class Lowerer:
         if fn in ("sum", "mean", "norm"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         if fn == "vdot":
-            need(0, Kind.ELEMENT)
-            need(1, Kind.ELEMENT)
+            need(0, Kind.ELEMENT, Kind.SLICE)
+            need(1, args[0].kind)
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         raise SpecError(e.pos, field, f"{fn}() cannot be applied to device values")  # pragma: no cover
 
@@ -343,6 +362,18 @@ class Lowerer:
     def assign(self, s: SAssign) -> Assign:
         t, field = s.target, s.field
         value = self.expr(s.expr, field)
+        if s.accumulate:
+            if t not in self.accumulators:
+                raise SpecError(s.pos, field, f"'{t}' is not an accumulator: '+=' adds to one declared under "
+                                f"accumulators:{did_you_mean(t, self.accumulators)}")
+            if value.kind != Kind.TENSOR or value.boolean:
+                raise SpecError(s.pos, field, f"an accumulator adds one per-tensor device value per parameter, "
+                                f"but the value is {value.kind.label} (reduce it with sum() or vdot())")
+            return Assign(t, value, s.pos, role="accumulate")
+        if t in self.accumulators:
+            raise SpecError(s.pos, field, f"accumulator '{t}' can only be added to: '{t} += value'")
+        if t in self.globals:
+            raise SpecError(s.pos, field, f"global '{t}' is written only by finalize:")
         if t in self.scalars:
             raise SpecError(s.pos, field, f"cannot assign to hyperparameter '{t}'")
         if t in META or t == "step":
@@ -365,6 +396,40 @@ class Lowerer:
         self.temps[t] = (value.kind, value.boolean)
         self.partial.discard(t)
         return Assign(t, value, s.pos, role="temp")
+
+
+class FinalizeLowerer(Lowerer):
+    """``finalize:``: host statements over group 0's hyperparameters and globals, the accumulators'
+    sums and their own temporaries; an assignment to a global updates it in every group."""
+
+    def name(self, e: E.Name, field: str) -> Node:
+        n = e.id
+        if n in self.accumulators:
+            return Node("var", attr=n)  # the accumulator's sum over the step, on the host
+        if n in ("param", "grad", "step", *META) or n in self.state or n in self.facts:
+            raise SpecError(e.pos, field, f"'{n}' is per parameter; finalize: sees hyperparameters, globals, "
+                                          "accumulators and its own temporaries")
+        return super().name(e, field)
+
+    def assign(self, s: SAssign) -> Assign:
+        t, field = s.target, s.field
+        if s.accumulate:
+            raise SpecError(s.pos, field, "finalize: reads accumulators; '+=' belongs in update:")
+        value = self.expr(s.expr, field)
+        if t in self.globals:
+            return Assign(t, value, s.pos, role="global")
+        if t in self.scalars or t in self.accumulators:
+            raise SpecError(s.pos, field, f"finalize: assigns globals and temporaries, not '{t}'")
+        self.temps[t] = (Kind.HOST, value.boolean)
+        self.partial.discard(t)
+        return Assign(t, value, s.pos, role="temp")
+
+
+def _host_init(lw: Lowerer, e: E.Expr, field: str) -> Node:
+    node = lw.expr(e, field)
+    if not node.is_host or any(n.op in ("step", "var", "meta", "has", "param_attr", "input") for n in walk_nodes(node)):
+        raise SpecError(e.pos, field, "an init is a host expression of hyperparameters (and globals)")
+    return node
 
 
 def _ordered_hypers(spec: Spec, extra: list[tuple[str, HyperparameterSpec]]) -> list[tuple[str, HyperparameterSpec]]:
@@ -399,9 +464,15 @@ def lower(spec: Spec) -> Program:
     for name, st in spec.model.state.items():
         init = st.init
         pos = spec.source.at(("state", name, "init"))
-        if isinstance(init, str) and init not in ("zeros", "ones", "absent"):
+        if st.kind == "slice" and spec.model.slice_stride is None:
+            raise SpecError(spec.source.at(("state", name, "kind")), f"state.{name}.kind",
+                            "a per-slice state needs 'slice_stride:' (the hyperparameter k) in the spec")
+        if st.scalar_if_zero and init != "param":
+            raise SpecError(spec.source.at(("state", name, "scalar_if_zero")), f"state.{name}.scalar_if_zero",
+                            "scalar_if_zero applies to init: param only")
+        if isinstance(init, str) and init not in ("zeros", "ones", "absent", "param"):
             if init not in dict(hypers):
-                raise SpecError(pos, f"state.{name}.init", f"init must be zeros, ones, absent, a number or a "
+                raise SpecError(pos, f"state.{name}.init", f"init must be zeros, ones, absent, param, a number or a "
                                 f"hyperparameter name, got '{init}'{did_you_mean(init, ['zeros', 'ones', 'absent', *dict(hypers)])}")
             init = ("hyper", init)
         fac = (st.factored.row, st.factored.col, st.factored.sign) if st.factored is not None else None
@@ -411,11 +482,28 @@ def lower(spec: Spec) -> Program:
         if fac is not None and "factored" not in spec.model.features:
             raise SpecError(spec.source.at(("state", name, "factored")), f"state.{name}.factored",
                             "a factored form needs feature 'factored' under features:")
-        state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc, fac))
+        state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc, fac,
+                               scalar_if_zero=st.scalar_if_zero))
         if st.kind == "host" and st.dtype == "param":
             state[-1].dtype = "default"
 
-    lw = Lowerer(spec.path, hypers, state, spec.model.step.store)
+    m = spec.model
+    if m.slice_stride is not None and m.slice_stride not in dict(hypers):
+        raise SpecError(spec.source.text_at(("slice_stride",)), "slice_stride",
+                        f"unknown hyperparameter '{m.slice_stride}'{did_you_mean(m.slice_stride, dict(hypers))}")
+    for section in ("globals", "accumulators"):
+        for name in getattr(m, section):
+            if name in dict(hypers) or name in m.state or (section == "accumulators" and name in m.globals):
+                raise SpecError(spec.source.at((section, name)), f"{section}.{name}",
+                                f"'{name}' is declared twice (hyperparameter, state, global or accumulator)")
+    globals_ = tuple(m.globals)
+    accs = tuple(m.accumulators)
+    lw = Lowerer(spec.path, hypers, state, m.step.store, globals_, accs, m.slice_stride)
+    init_lw = Lowerer(spec.path, hypers, [], "none", globals_)
+    global_decls = [GlobalDecl(n, _host_init(init_lw, spec.global_inits[n], f"globals.{n}.init"), g.doc)
+                    for n, g in m.globals.items()]
+    acc_decls = [AccumulatorDecl(n, _host_init(init_lw, spec.accumulator_inits[n], f"accumulators.{n}.init"), a.doc)
+                 for n, a in m.accumulators.items()]
     for name, e in spec.facts.items():
         field = f"facts.{name}"
         if name in lw.known_names():
@@ -448,11 +536,14 @@ def lower(spec: Spec) -> Program:
                             "expression of hyperparameters and facts about the parameter")
         views.append((node, spec.model.matrix_view.shape))
     body = lw.statements(spec.update)
-    m = spec.model
+    finalize = FinalizeLowerer(spec.path, hypers, state, m.step.store, globals_, accs).statements(spec.finalize)
+    if (accs or globals_) and not finalize:
+        raise SpecError(spec.position(), "finalize", "globals and accumulators need finalize: statements")
     program = Program(
         name=m.name, class_name=m.class_, doc=m.doc, source=spec.path, sha256=spec.sha256,
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
         checks=checks, state=state, body=body, matches=m.matches, features=list(m.features), matrix_views=views,
+        slice_stride=m.slice_stride, globals=global_decls, accumulators=acc_decls, finalize=finalize,
     )
     from optgen.features.rewrite import FeatureError
 

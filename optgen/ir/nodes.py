@@ -22,6 +22,7 @@ class Kind(enum.IntEnum):
     ROW = 3  # one value per row of the last two dims: shape (*B, M)
     COL = 4  # one value per column of the last two dims: shape (*B, N)
     ELEMENT = 5  # the parameter's own shape
+    SLICE = 6  # every k-th element of the flattened parameter (Prodigy's statistics): shape (ceil(numel/k),)
 
     @property
     def label(self) -> str:
@@ -32,6 +33,7 @@ class Kind(enum.IntEnum):
             Kind.ROW: "per-row",
             Kind.COL: "per-column",
             Kind.ELEMENT: "per-element",
+            Kind.SLICE: "per-slice-element",
         }[self]
 
 
@@ -40,6 +42,8 @@ def join(a: Kind, b: Kind) -> Kind | None:
     if a == b:
         return a
     lo, hi = min(a, b), max(a, b)
+    if hi == Kind.SLICE:  # a strided slice broadcasts only against scalars
+        return hi if lo <= Kind.TENSOR else None
     if lo <= Kind.MATRIX:
         return hi
     if hi == Kind.ELEMENT:
@@ -73,7 +77,8 @@ class Assign:
     target: str
     value: Node
     pos: Position | None = None
-    #: "state" | "param" | "grad" | "temp" | "host_state"
+    #: "state" | "param" | "grad" | "temp" | "host_state" | "accumulate" (``acc += value``: a
+    #: per-tensor value summed over every parameter of the step) | "global" (finalize: a group key)
     role: str = "temp"
 
 
@@ -92,7 +97,7 @@ Stmt = Assign | If
 class StateDecl:
     name: str
     kind: Kind
-    init: Any  # "zeros" | "ones" | "absent" | float | ("hyper", name)
+    init: Any  # "zeros" | "ones" | "absent" | "param" (a copy of it) | float | ("hyper", name)
     dtype: str  # param | float32 | float64 | default | bits (a boolean, packed 8 per uint8 along the last dim)
     cond: Node | None = None
     doc: str = ""
@@ -100,6 +105,28 @@ class StateDecl:
     factored: tuple[str, str, str | None] | None = None
     #: (condition, dtype): the dtype instead of ``dtype`` for parameters where the condition holds
     dtype_when: tuple[Node, str] | None = None
+    #: init "param" of an all-zero parameter stores a 0-d zero instead (adv_optm's Prodigy ``p0``)
+    scalar_if_zero: bool = False
+
+
+@dataclass
+class GlobalDecl:
+    """An optimizer-wide host value: kept in every param group (as adv_optm keeps Prodigy's ``d``),
+    read like a hyperparameter, written only by the program's ``finalize`` statements."""
+
+    name: str
+    init: Node  # a host expression of the group's hyperparameters, evaluated when a group is added
+    doc: str = ""
+
+
+@dataclass
+class AccumulatorDecl:
+    """An optimizer-wide float32 device scalar that the parameters' ``acc += value`` statements sum
+    into during one step; ``finalize`` reads it (one host transfer per step for all of them)."""
+
+    name: str
+    init: Node  # a host expression of group 0's hyperparameters and globals, at the start of a step
+    doc: str = ""
 
 
 @dataclass
@@ -126,6 +153,12 @@ class Program:
     #: ``(shape[0], numel / shape[0])`` (Muon's matrices); per-row/per-column kinds and
     #: ``rows``/``cols`` then refer to it.
     matrix_views: list[tuple[Node, str]] = field(default_factory=list)
+    #: the hyperparameter holding k of per-slice values (every k-th element), if the program has any
+    slice_stride: str | None = None
+    globals: list[GlobalDecl] = field(default_factory=list)
+    accumulators: list[AccumulatorDecl] = field(default_factory=list)
+    #: host statements run once after every parameter of a step: read accumulators, write globals
+    finalize: list[Stmt] = field(default_factory=list)
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

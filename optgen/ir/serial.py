@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
+from optgen.ir.nodes import AccumulatorDecl, Assign, GlobalDecl, If, Kind, Node, Program, StateDecl, Stmt
 from optgen.spec.model import HyperparameterSpec, MatchSpec
 
 
@@ -65,6 +65,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
                 "dtype": s.dtype,
                 "cond": node_to_data(s.cond) if s.cond is not None else None,
                 **({"dtype_when": [node_to_data(s.dtype_when[0]), s.dtype_when[1]]} if s.dtype_when else {}),
+                **({"scalar_if_zero": True} if s.scalar_if_zero else {}),
             }
             for s in p.state
         ],
@@ -72,6 +73,10 @@ def program_to_data(p: Program) -> dict[str, Any]:
         "matches": p.matches.model_dump(by_alias=True) if p.matches is not None else None,
         "features": list(p.features),
         **({"matrix_views": [[node_to_data(c), shape] for c, shape in p.matrix_views]} if p.matrix_views else {}),
+        **({"slice_stride": p.slice_stride} if p.slice_stride else {}),
+        **({"globals": [[g.name, node_to_data(g.init)] for g in p.globals]} if p.globals else {}),
+        **({"accumulators": [[a.name, node_to_data(a.init)] for a in p.accumulators]} if p.accumulators else {}),
+        **({"finalize": _stmts_to_data(p.finalize)} if p.finalize else {}),
     }
 
 
@@ -95,6 +100,7 @@ def program_from_data(d: dict[str, Any]) -> Program:
                 s["dtype"],
                 node_from_data(s["cond"]) if s["cond"] is not None else None,
                 dtype_when=(node_from_data(s["dtype_when"][0]), s["dtype_when"][1]) if "dtype_when" in s else None,
+                scalar_if_zero=s.get("scalar_if_zero", False),
             )
             for s in d["state"]
         ],
@@ -102,4 +108,8 @@ def program_from_data(d: dict[str, Any]) -> Program:
         matches=MatchSpec.model_validate(d["matches"]) if d["matches"] is not None else None,
         features=list(d["features"]),
         matrix_views=[(node_from_data(c), shape) for c, shape in d.get("matrix_views", [])],
+        slice_stride=d.get("slice_stride"),
+        globals=[GlobalDecl(n, node_from_data(i)) for n, i in d.get("globals", [])],
+        accumulators=[AccumulatorDecl(n, node_from_data(i)) for n, i in d.get("accumulators", [])],
+        finalize=_stmts_from_data(d.get("finalize", [])),
     )

@@ -17,7 +17,7 @@ import torch
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes
 from optgen.runtime import stochastic
-from optgen.runtime.host import HostContext, evaluate, to_device_scalar
+from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -38,11 +38,15 @@ def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
     return storage_dtype(name, param.dtype)
 
 
-def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """The shape of a state buffer of ``kind`` for ``param`` (stepped as ``view``, if given)."""
+def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...] | None = None,
+                stride: int | None = None) -> tuple[int, ...]:
+    """The shape of a state buffer of ``kind`` for ``param`` (stepped as ``view``, if given;
+    ``stride``: k of a per-slice state)."""
     shape = tuple(param.shape) if view is None else tuple(view)
     if kind == Kind.ELEMENT:
         return shape
+    if kind == Kind.SLICE:
+        return (-(-param.numel() // stride),)
     if kind in (Kind.TENSOR, Kind.HOST):
         return ()
     if len(shape) < 2:
@@ -98,6 +102,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
+        #: the program's accumulators during a step (created by the step's first contribution)
+        self._acc: dict[str, torch.Tensor] | None = None
         if "kourkoutas_beta" in prog.features and any(g.get("kourkoutas_beta") for g in self.param_groups):
             from optgen.runtime.kourkoutas import Kourkoutas
 
@@ -123,10 +129,87 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     group[name] = tuple(group[name])
                 _validate_hyper(name, h, group[name])
         self._run_checks(group)
+        self._init_globals(group)
         if self._program.state_init == "eager":
             for p in group["params"]:
                 if not self.state[p]:
                     self._init_state(p, group)
+
+    def _init_globals(self, group: dict[str, Any]) -> None:
+        """Optimizer-wide values (Prodigy's ``d``) start in each group from its hyperparameters."""
+        for g in self._program.globals:
+            if g.name not in group:
+                group[g.name] = evaluate(g.init, HostContext(group, torch.empty(0), {}, tensor_math=False))
+
+    def _stepping_group(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
+        """The values a group steps with: hyperparameters marked ``first_group`` come from group 0."""
+        shared = [n for n, h in self._program.hypers if h.first_group]
+        if gi == 0 or not shared:
+            return group
+        first = self.param_groups[0]
+        return {**group, **{n: first[n] for n in shared}}
+
+    # -- optimizer-wide accumulators and the end of a step ------------------------------------
+    def _accumulate(self, params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
+        """Add the parameters' contributions, in parameter order (adv_optm's rounding sequence)."""
+        for p in params:
+            for name, value in parts.get(id(p), ()):
+                if self._acc is None:
+                    self._acc = self._start_accumulators(p.device)
+                self._acc[name].add_(value)
+
+    def _start_accumulators(self, device: torch.device) -> dict[str, torch.Tensor]:
+        ctx = HostContext(self.param_groups[0], torch.empty(0), {}, tensor_math=False)
+        return {a.name: torch.tensor(float(evaluate(a.init, ctx)), dtype=torch.float32, device=device)
+                for a in self._program.accumulators}
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """End a step: run the program's ``finalize`` statements (Prodigy's ``d`` update) once.
+
+        :meth:`step` calls it; the fused backward pass calls it when the backward pass ends. Call
+        it yourself after stepping parameters one by one with :meth:`step_parameter` (adv_optm's
+        ``calculate_d()`` + ``init_step()``). Reads every accumulator in one host transfer.
+        """
+        prog = self._program
+        if not prog.finalize:
+            return
+        first = self.param_groups[0]
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        acc = self._acc if self._acc is not None else self._start_accumulators(device)
+        self._acc = None
+        ctx = HostContext(dict(first), torch.empty(0), {}, tensor_math=False)
+        if acc:
+            ctx.env.update(zip(acc, torch.stack(list(acc.values())).tolist()))
+        for name in run_host_block(prog.finalize, ctx):
+            for g in self.param_groups:
+                g[name] = ctx.group[name]
+        self._drop_states_out_of_condition()
+
+    def _drop_states_out_of_condition(self) -> None:
+        """Free states whose condition reads a global that no longer allows them (Prodigy's ``s`` and
+        ``p0`` once ``prodigy_steps`` is reached)."""
+        names = {g.name for g in self._program.globals}
+        decls = [d for d in self._program.state if d.cond is not None and any(
+            n.op == "hyper" and n.attr[0] in names for n in walk_nodes(d.cond))]
+        dropped = False
+        for group in self.param_groups:
+            for d in decls:
+                per_param = any(n.op in ("meta", "has", "param_attr") for n in walk_nodes(d.cond))
+                keep = None if per_param else evaluate(d.cond, HostContext(group, torch.empty(0), {}, tensor_math=False))
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if not st or d.name not in st:
+                        continue
+                    if keep is None:
+                        ok = evaluate(d.cond, HostContext(group, p, {}, tensor_math=False, view=view_shape(self._program, p, group, st)))
+                    else:
+                        ok = keep
+                    if not ok:
+                        del st[d.name]
+                        dropped = True
+        if dropped and self._triton is not None:
+            self._triton.invalidate()
 
     # -- state ---------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -136,12 +219,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
         ctx = HostContext(group, p, state, tensor_math=False)
         view = view_shape(prog, p, group, state)
+        stride = group[prog.slice_stride] if prog.slice_stride else None
         for decl in prog.state:
             if decl.init == "absent":
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            state[decl.name] = _new_state(decl, p, group, view, ctx)
+            state[decl.name] = _new_state(decl, p, group, view, ctx, stride)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every non-step state tensor to the param's dtype (a float64 host scalar of a
@@ -157,6 +241,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if self._triton is not None:
             self._triton.invalidate()
+        self._acc = None  # the next step starts its accumulators from the loaded globals
+        for group in self.param_groups:
+            self._init_globals(group)
         for p, d, value in saved:
             device = torch.device("cpu") if d.kind == Kind.HOST else p.device
             # a conditional dtype: the saved buffer has the one its condition chose
@@ -178,6 +265,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 self._kourkoutas.maybe_prepare(self._completed_steps(first))
         for gi, group, params in stepped:
             self._step_params(gi, group, params)
+        self.finish_step()
         return loss
 
     def _completed_steps(self, p: torch.Tensor) -> int:
@@ -190,16 +278,25 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def _step_params(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if not params:
             return
+        group = self._stepping_group(gi, group)
         if self.backend == "triton":
-            _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
+            sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
+            for name, value in (sums or {}).items():
+                if self._acc is None:
+                    self._acc = self._start_accumulators(params[0].device)
+                self._acc[name].add_(value)
             return
         if self._program.step_store == "tensor":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+        parts: dict[int, list[tuple[str, Any]]] = {}
         if self.backend == "reference":
             for p in params:
-                reference.run(self._program, p, p.grad, self.state[p], group, self._inputs(p))
+                parts[id(p)] = []
+                reference.run(self._program, p, p.grad, self.state[p], group, self._inputs(p), parts[id(p)])
         else:
-            self._torch_step(group, params)
+            self._torch_step(group, params, parts)
+        if self._program.accumulators:
+            self._accumulate(params, parts)
 
     # -- fused backward pass -------------------------------------------------------------------
     @torch.no_grad()
@@ -259,7 +356,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             out.append(p)
         return out
 
-    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor],
+                    parts: dict[int, list[tuple[str, Any]]]) -> None:
         prog = self._program
         tensor_math = prog.step_math == "tensor"
         buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
@@ -284,8 +382,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             ps = [as_view(p, view, "parameter") for p, _, view in items]
             grads = [as_view(p.grad, view, "gradient") for p, _, view in items]
             states = {n: [v.view.get(n) for v in viewed] for n in device_state}
+            acc: list[tuple[str, list]] = []
             with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]):
-                type(self)._device_step(h, ps, grads, states)
+                if prog.accumulators:
+                    type(self)._device_step(h, ps, grads, states, acc)
+                else:
+                    type(self)._device_step(h, ps, grads, states)
+            for name, values in acc:
+                for (p, _, _), value in zip(items, values if isinstance(values, list) else [values] * len(items)):
+                    parts.setdefault(id(p), []).append((name, value))
             for n in device_state:
                 for v, t in zip(viewed, states[n]):
                     if t is not None and v.view.get(n) is None:
@@ -328,10 +433,20 @@ class FusedBackward:
         # each hook looks its group up once here, not by scanning every group at every backward
         self.group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+        self._finish_queued = False
 
     def _hook(self, p: torch.Tensor) -> None:
-        self.optimizer.step_parameter(p, self.group.get(id(p)))
+        opt = self.optimizer
+        if opt._program.finalize and not self._finish_queued:
+            # the step ends with the backward pass: finalize (Prodigy's d) runs once, after every hook
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._finish_queued = True
+        opt.step_parameter(p, self.group.get(id(p)))
         p.grad = None
+
+    def _finish(self) -> None:
+        self._finish_queued = False
+        self.optimizer.finish_step()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -347,10 +462,10 @@ class FusedBackward:
 
 @torch.compiler.disable
 def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any,
-                 inputs: Callable[[torch.Tensor], dict[str, Any]]) -> None:
+                 inputs: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, torch.Tensor]:
     # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
     # which a traced graph cannot hold; forward and backward stay compiled around it.
-    runner.step(gi, group, params, state, inputs)
+    return runner.step(gi, group, params, state, inputs)
 
 
 def _auto_triton(groups: list[dict[str, Any]]) -> bool:
@@ -430,15 +545,17 @@ def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]
 
 
 def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tuple[int, int] | None,
-               ctx: HostContext) -> torch.Tensor:
+               ctx: HostContext, stride: int | None) -> torch.Tensor:
     dtype = _dtype(decl.dtype, p)
     if decl.dtype_when is not None and evaluate(decl.dtype_when[0], ctx):
         dtype = _dtype(decl.dtype_when[1], p)
-    if decl.kind == Kind.HOST:
-        device = torch.device("cpu")
-    else:
-        device = p.device
+    device = torch.device("cpu") if decl.kind == Kind.HOST else p.device
     init = decl.init
+    if init == "param":  # a copy of the parameter (of its slice)
+        if decl.scalar_if_zero and not p.any():
+            return torch.tensor(0, dtype=dtype, device=device)
+        src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
+        return src.to(dtype=dtype, copy=True).contiguous()
     if isinstance(init, tuple):
         init = group[init[1]]
     value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
@@ -446,7 +563,7 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
         return torch.full(packed_shape(view or tuple(p.shape)), value, dtype=dtype, device=device)
     if decl.kind == Kind.ELEMENT and dtype == p.dtype:
         return torch.full_like(p, value, memory_format=torch.preserve_format)
-    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view)
+    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
     return torch.full(shape, value, dtype=dtype, device=device)
 
 

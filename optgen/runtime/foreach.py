@@ -328,6 +328,11 @@ def newton_schulz(x: Tensors, steps: Scalar, eps: Scalar, a: Scalar, b: Scalar, 
             zip(x, _each(steps, n), _each(eps, n), _each(a, n), _each(b, n), _each(c, n))]
 
 
+def strided(x: Tensors, k: Scalar) -> Tensors:
+    """Every k-th element of each flattened tensor (views where the memory allows)."""
+    return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
+
+
 def vdot(a: Tensors, b: Tensors) -> Tensors:
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
 

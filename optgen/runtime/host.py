@@ -137,6 +137,8 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
         return any(bool(evaluate(a, ctx)) for a in node.args)
     if op == "not":
         return not bool(evaluate(node.args[0], ctx))
+    if op == "where":  # only the chosen side is evaluated (the other may be None)
+        return evaluate(node.args[1] if bool(evaluate(node.args[0], ctx)) else node.args[2], ctx)
     args = [evaluate(a, ctx) for a in node.args]
     if op in _UNARY:
         return _UNARY[op](args[0])
@@ -163,6 +165,25 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
     if op == "atan2":
         return math.atan2(a, b) if not isinstance(a, torch.Tensor) else torch.atan2(a, torch.as_tensor(b))
     raise NotImplementedError(f"host op {op}")  # pragma: no cover
+
+
+def run_host_block(stmts: list, ctx: HostContext) -> list[str]:
+    """Run host-only statements (a program's ``finalize``): temporaries go to ``ctx.env``, globals
+    into ``ctx.group`` (later statements read the new value). Returns the globals written."""
+    from optgen.ir.nodes import If
+
+    written: list[str] = []
+    for s in stmts:
+        if isinstance(s, If):
+            branch = s.then if bool(evaluate(s.cond, ctx)) else s.orelse
+            written += [w for w in run_host_block(branch, ctx) if w not in written]
+        elif s.role == "global":
+            ctx.group[s.target] = evaluate(s.value, ctx)
+            if s.target not in written:
+                written.append(s.target)
+        else:
+            ctx.env[s.target] = evaluate(s.value, ctx)
+    return written
 
 
 def to_device_scalar(value: Any) -> Any:

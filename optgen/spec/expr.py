@@ -86,16 +86,23 @@ def parse_expression(text: str, pos: Position, field_name: str) -> Expr:
     return _convert(tree.body, pos, field_name)
 
 
-def parse_assignment(text: str, pos: Position, field_name: str) -> tuple[str, Expr, Position]:
-    """Parse ``target = expression``; returns the target name, the expression and its position."""
+def parse_assignment(text: str, pos: Position, field_name: str) -> tuple[str, Expr, Position, bool]:
+    """Parse ``target = expression`` (or ``target += expression``, an accumulation); returns the
+    target name, the expression, its position and whether it accumulates."""
     tree = _parse(text, "exec", pos, field_name)
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign):
+    node = tree.body[0] if len(tree.body) == 1 else None
+    if isinstance(node, ast.AugAssign):
+        if not isinstance(node.op, ast.Add):
+            raise SpecError(_at(pos, node), field_name, "only '+=' (an accumulation) may update a name in place")
+        if not isinstance(node.target, ast.Name):
+            raise SpecError(_at(pos, node), field_name, "the left-hand side must be a single name")
+        return node.target.id, _convert(node.value, pos, field_name), _at(pos, node.target), True
+    if not isinstance(node, ast.Assign):
         raise SpecError(pos, field_name, f"expected an assignment 'name = expression', got {text!r}")
-    node = tree.body[0]
     if len(node.targets) != 1 or not isinstance(node.targets[0], ast.Name):
         raise SpecError(_at(pos, node), field_name, "the left-hand side must be a single name")
     target = node.targets[0]
-    return target.id, _convert(node.value, pos, field_name), _at(pos, target)
+    return target.id, _convert(node.value, pos, field_name), _at(pos, target), False
 
 
 def _parse(text: str, mode: str, pos: Position, field_name: str) -> ast.AST:

@@ -24,6 +24,8 @@ class SAssign:
     expr: Expr
     pos: Position
     field: str
+    #: ``target += expr``: an accumulation into an optimizer-wide accumulator
+    accumulate: bool = False
 
 
 @dataclass
@@ -54,6 +56,10 @@ class Spec:
     checks: list[tuple[Expr, str]] = field(default_factory=list)
     view_condition: Expr | None = None
     facts: dict[str, Expr] = field(default_factory=dict)
+    #: the ``finalize:`` statements and the init expressions of globals and accumulators
+    finalize: list[Statement] = field(default_factory=list)
+    global_inits: dict[str, Expr] = field(default_factory=dict)
+    accumulator_inits: dict[str, Expr] = field(default_factory=dict)
 
     def position(self, *path: Any) -> Position | None:
         return self.source.at(path)
@@ -71,6 +77,13 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
     model = _validate(data, smap)
     update = _parse_statements(data["update"], ("update",), smap)
     spec = Spec(model=model, update=update, source=smap, path=shown, sha256=digest)
+    if model.finalize:
+        spec.finalize = _parse_statements(data["finalize"], ("finalize",), smap)
+    for section, inits in (("globals", spec.global_inits), ("accumulators", spec.accumulator_inits)):
+        for name, decl in getattr(model, section).items():
+            p = smap.text_at((section, name, "init"))
+            text = decl.init if isinstance(decl.init, str) else repr(decl.init)
+            inits[name] = parse_expression(text, p, f"{section}.{name}.init")
     for name, st in model.state.items():
         if st.if_ is not None:
             p = smap.text_at(("state", name, "if"))
@@ -189,12 +202,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
         (): m.SpecModel,
         ("hyperparameters",): m.HyperparameterSpec,
         ("state",): m.StateSpec,
+        ("globals",): m.GlobalSpec,
+        ("accumulators",): m.AccumulatorSpec,
         ("step",): m.StepSpec,
         ("matches",): m.MatchSpec,
         ("checks",): m.CheckSpec,
     }
     key = tuple(x for x in loc if not isinstance(x, int))
-    if key and key[0] in ("hyperparameters", "state"):
+    if key and key[0] in ("hyperparameters", "state", "globals", "accumulators"):
         key = key[:1]
     cls = table.get(key)
     if cls is None:
@@ -211,8 +226,8 @@ def _parse_statements(items: Any, path: tuple, smap: SourceMap) -> list[Statemen
         here = path + (i,)
         name = dotted(here)
         if isinstance(item, str):
-            target, expr, tpos = parse_assignment(item, smap.text_at(here), name)
-            out.append(SAssign(target, expr, tpos, name))
+            target, expr, tpos, accumulate = parse_assignment(item, smap.text_at(here), name)
+            out.append(SAssign(target, expr, tpos, name, accumulate))
         elif isinstance(item, dict):
             unknown = set(item) - {"if", "then", "else"}
             if unknown:

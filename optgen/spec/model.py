@@ -55,6 +55,8 @@ class HyperparameterSpec(_Strict):
     choices: list[Any] | None = None
     #: None is accepted too (a number or "not given": conditions test ``name == None``).
     nullable: bool = False
+    #: Every group steps with param_groups[0]'s value (adv_optm's Prodigy reads its betas there).
+    first_group: bool = False
 
     @field_validator("as_")
     @classmethod
@@ -114,8 +116,10 @@ class FactoredStateSpec(_Strict):
 class StateSpec(_Strict):
     """A state buffer kept per parameter."""
 
-    kind: Literal["element", "row", "col", "matrix", "tensor", "host"] = "element"
-    #: zeros | ones | absent (created by its first assignment) | a number | a hyperparameter name
+    #: slice: every k-th element of the flattened parameter, k the spec's ``slice_stride``
+    kind: Literal["element", "row", "col", "matrix", "tensor", "host", "slice"] = "element"
+    #: zeros | ones | absent (created by its first assignment) | param (a copy of the parameter,
+    #: or of its slice) | a number | a hyperparameter name
     init: float | int | str = "zeros"
     #: param: the parameter's dtype; default: torch's default dtype (used for host scalars)
     dtype: Literal["param", "float32", "float64", "default"] = "param"
@@ -123,6 +127,24 @@ class StateSpec(_Strict):
     doc: str = ""
     #: its factored form, used by feature ``factored`` (per-element states only)
     factored: FactoredStateSpec | None = None
+    #: with init ``param``: an all-zero parameter stores a 0-d zero (adv_optm's Prodigy ``p0``)
+    scalar_if_zero: bool = False
+
+
+class GlobalSpec(_Strict):
+    """An optimizer-wide host value kept in every param group, written by ``finalize``."""
+
+    #: a host expression of the group's hyperparameters (evaluated when the group is added)
+    init: float | int | str
+    doc: str = ""
+
+
+class AccumulatorSpec(_Strict):
+    """A float32 device scalar summed over all parameters during a step (``name += value``)."""
+
+    #: a host expression of group 0's hyperparameters and globals, evaluated as each step begins
+    init: float | int | str = 0.0
+    doc: str = ""
 
 
 class MatrixViewSpec(_Strict):
@@ -186,11 +208,17 @@ class SpecModel(_Strict):
     #: parameters meeting its condition are stepped as a matrix (per-row values are per shape[0])
     matrix_view: MatrixViewSpec | None = None
     constructor_order: list[str] | None = None
+    #: the hyperparameter k of per-slice values (``strided(x)`` and ``kind: slice`` states)
+    slice_stride: str | None = None
     hyperparameters: dict[str, HyperparameterSpec] = Field(default_factory=dict)
+    globals: dict[str, GlobalSpec] = Field(default_factory=dict)
+    accumulators: dict[str, AccumulatorSpec] = Field(default_factory=dict)
     checks: list[CheckSpec] = Field(default_factory=list)
     features: list[str] = Field(default_factory=list)
     state: dict[str, StateSpec] = Field(default_factory=dict)
     update: list[Any]
+    #: host statements after every parameter of a step: read accumulators, assign globals
+    finalize: list[Any] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -204,7 +232,7 @@ class SpecModel(_Strict):
     def _class(cls, v: str) -> str:
         return _check_ident(v, "class name")
 
-    @field_validator("hyperparameters", "state", "facts")
+    @field_validator("hyperparameters", "state", "facts", "globals", "accumulators")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for n in v:
