@@ -12,10 +12,511 @@ import triton.language as tl
 from optgen.backends import triton_lib as L
 
 
+# prologue
+@triton.jit
+def _prodigy_adv_prologue0(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 17)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_dlr = (tl.load(hyp + 4) * tl.load(hyp + 10))
+    h_b3 = tl.sqrt(tl.load(hyp + 2))
+    h_eps_eff = tl.load(hyp + 6)
+    h__k46 = tl.load(hyp + 1)
+    h__k47 = (tl.load(hyp + 4) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1)))
+    h__k53 = tl.load(hyp + 2)
+    h__k54 = ((tl.load(hyp + 4) * tl.load(hyp + 4)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
+    h__k55 = (tl.load(hyp + 4) * h_eps_eff)
+    h__k57 = tl.load(hyp + 17)
+    h__k58 = tl.load(hyp + 17)
+    h__k59 = ((tl.load(hyp + 4) / tl.load(hyp + 5)) * h_dlr)
+    h__k61 = ((tl.load(hyp + 4) / tl.load(hyp + 5)) * h_dlr)
+    h__k65 = step
+    tl.store(hv + t * NH + 0, (h__k46).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k47).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k53).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k57).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k58).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k61).to(tl.float32))
+    tl.store(hv + t * NH + 11, (h__k65).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k46 = tl.load(hv + t * NH + 0)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k47 = tl.load(hv + t * NH + 1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k53 = tl.load(hv + t * NH + 2)
+    h__k54 = tl.load(hv + t * NH + 3)
+    h__k55 = tl.load(hv + t * NH + 4)
+    h_dlr = tl.load(hv + t * NH + 5)
+    h__k57 = tl.load(hv + t * NH + 6)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k58 = tl.load(hv + t * NH + 7)
+    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    if ALIGNED:
+        p_p0 = tl.multiple_of(p_p0, 16)
+    sp = tl.load(tab + t * TBL_W + 18)
+    sl_mask = L.slice_lanes(offs, sp, mask)
+    sl_offs = offs // sp
+    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    if ALIGNED:
+        p_s = tl.multiple_of(p_s, 16)
+    h_b3 = tl.load(hv + t * NH + 9)
+    h__k61 = tl.load(hv + t * NH + 10)
+    h__k65 = tl.load(hv + t * NH + 11)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * h__k46)
+    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x4 = (x2 + h__k47 * v3)
+    x5 = x4
+    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x7 = (v6 * h__k53)
+    x8 = (x7 + h__k54 * v3 * v3)
+    x9 = L.sqrt(x8)
+    x10 = (x9 + h__k55)
+    x11 = L.div(x5, x10)
+    x12 = (x11 * h_dlr)
+    x13 = v3
+    x14 = x13
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = v15
+    x17 = x16
+    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x19 = v18
+    x20 = (x19 - x17)
+    part21 = L.masked((x14 * x20), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 19), tl.sum(part21, axis=0))
+    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x23 = (v22 * h_b3)
+    x24 = (x23 + h__k61 * x14)
+    x25 = tl.abs(x24)
+    part26 = L.masked(x25, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 20), tl.sum(part26, axis=0))
+    x27 = v15
+    x28 = x12
+    x29 = (-x28)
+    x30 = (x27 + x29)
+    x31 = L.sr_bf16(x30, (h__k65).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 17), offs)
+    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x31, P_DT), mask=mask)
+
+
+@triton.jit
+def _prodigy_adv_flat0(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 12)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _prodigy_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq)
+    else:
+        _prodigy_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq)
+
+
+# vec
+@triton.jit
+def _prodigy_adv_vec0(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
+):
+    t = tl.program_id(0)
+    B = tl.load(tab + t * TBL_W + 13)
+    M = tl.load(tab + t * TBL_W + 14)
+    N = tl.load(tab + t * TBL_W + 15)
+    # _acc0_num (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + 19)
+    v1 = tl.load(p__r0 + 0).to(tl.float32)
+    x2 = (v1 * tl.load(hv + t * NH + 8))
+    p__acc0_num = ws + tl.load(tab + t * TBL_W + 21)
+    tl.store(p__acc0_num + 0, L.to_storage(x2, tl.float32))
+    tl.debug_barrier()
+    # _acc1_den (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + 20)
+    v3 = tl.load(p__r1 + 0).to(tl.float32)
+    p__acc1_den = ws + tl.load(tab + t * TBL_W + 22)
+    tl.store(p__acc1_den + 0, L.to_storage(v3, tl.float32))
+    tl.debug_barrier()
+
+
+# prologue
+@triton.jit
+def _prodigy_adv_prologue1(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 17)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_dlr = (tl.load(hyp + 4) * tl.load(hyp + 10))
+    h_b3 = tl.sqrt(tl.load(hyp + 2))
+    h_eps_eff = tl.load(hyp + 6)
+    h__k46 = tl.load(hyp + 1)
+    h__k47 = (tl.load(hyp + 4) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1)))
+    h__k53 = tl.load(hyp + 2)
+    h__k54 = ((tl.load(hyp + 4) * tl.load(hyp + 4)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
+    h__k55 = (tl.load(hyp + 4) * h_eps_eff)
+    h__k57 = tl.load(hyp + 17)
+    h__k58 = tl.load(hyp + 17)
+    h__k59 = ((tl.load(hyp + 4) / tl.load(hyp + 5)) * h_dlr)
+    h__k61 = ((tl.load(hyp + 4) / tl.load(hyp + 5)) * h_dlr)
+    tl.store(hv + t * NH + 0, (h__k46).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k47).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k53).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k54).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k55).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k57).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k58).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k59).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k61).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k46 = tl.load(hv + t * NH + 0)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k47 = tl.load(hv + t * NH + 1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k53 = tl.load(hv + t * NH + 2)
+    h__k54 = tl.load(hv + t * NH + 3)
+    h__k55 = tl.load(hv + t * NH + 4)
+    h_dlr = tl.load(hv + t * NH + 5)
+    h__k57 = tl.load(hv + t * NH + 6)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k58 = tl.load(hv + t * NH + 7)
+    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    if ALIGNED:
+        p_p0 = tl.multiple_of(p_p0, 16)
+    sp = tl.load(tab + t * TBL_W + 18)
+    sl_mask = L.slice_lanes(offs, sp, mask)
+    sl_offs = offs // sp
+    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    if ALIGNED:
+        p_s = tl.multiple_of(p_s, 16)
+    h_b3 = tl.load(hv + t * NH + 9)
+    h__k61 = tl.load(hv + t * NH + 10)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * h__k46)
+    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x4 = (x2 + h__k47 * v3)
+    x5 = x4
+    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x7 = (v6 * h__k53)
+    x8 = (x7 + h__k54 * v3 * v3)
+    x9 = L.sqrt(x8)
+    x10 = (x9 + h__k55)
+    x11 = L.div(x5, x10)
+    x12 = (x11 * h_dlr)
+    x13 = v3
+    x14 = x13
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = v15
+    x17 = x16
+    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x19 = v18
+    x20 = (x19 - x17)
+    part21 = L.masked((x14 * x20), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 19), tl.sum(part21, axis=0))
+    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x23 = (v22 * h_b3)
+    x24 = (x23 + h__k61 * x14)
+    x25 = tl.abs(x24)
+    part26 = L.masked(x25, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 20), tl.sum(part26, axis=0))
+    x27 = (-x12)
+    x28 = (v15 + x27)
+    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x28, P_DT), mask=mask)
+
+
+@triton.jit
+def _prodigy_adv_flat1(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 12)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _prodigy_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq)
+    else:
+        _prodigy_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq)
+
+
 KERNELS = {
+    "_prodigy_adv_prologue0": _prodigy_adv_prologue0,
+    "_prodigy_adv_flat0": _prodigy_adv_flat0,
+    "_prodigy_adv_vec0": _prodigy_adv_vec0,
+    "_prodigy_adv_prologue1": _prodigy_adv_prologue1,
+    "_prodigy_adv_flat1": _prodigy_adv_flat1,
 }
 
-PLAN = None
+PLAN = {'dynamic': ['_k1',
+             '_k10',
+             '_k13',
+             '_k14',
+             '_k15',
+             '_k16',
+             '_k17',
+             '_k18',
+             '_k19',
+             '_k20',
+             '_k21',
+             '_k22',
+             '_k24',
+             '_k27',
+             '_k28',
+             '_k29',
+             '_k31',
+             '_k32',
+             '_k33',
+             '_k36',
+             '_k37',
+             '_k38',
+             '_k39',
+             '_k4',
+             '_k40',
+             '_k41',
+             '_k42',
+             '_k43',
+             '_k44',
+             '_k45',
+             '_k47',
+             '_k5',
+             '_k50',
+             '_k51',
+             '_k52',
+             '_k54',
+             '_k55',
+             '_k56',
+             '_k59',
+             '_k6',
+             '_k60',
+             '_k61',
+             '_k62',
+             '_k63',
+             '_k64',
+             '_k65',
+             '_k66',
+             '_k67',
+             '_k68',
+             '_k8',
+             '_k9',
+             'dlr'],
+ 'global_conditions': ['_c10'],
+ 'hyper_slots': [['beta3', None],
+                 ['betas', 0],
+                 ['betas', 1],
+                 ['cautious_wd', None],
+                 ['d', None],
+                 ['d0', None],
+                 ['eps', None],
+                 ['fisher_wd', None],
+                 ['k', None],
+                 ['kourkoutas_beta', None],
+                 ['lr', None],
+                 ['nesterov', None],
+                 ['nesterov_coef', None],
+                 ['nnmf_factor', None],
+                 ['orthogonal_gradient', None],
+                 ['prodigy_steps', None],
+                 ['safeguard_warmup', None],
+                 ['slice_p', None],
+                 ['state_precision', None],
+                 ['stochastic_rounding', None],
+                 ['use_atan2', None],
+                 ['vector_reshape', None],
+                 ['weight_decay', None]],
+ 'inputs': ['kourkoutas_beta2'],
+ 'paths': {(('_c0', False), ('_c2', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                '_acc0_num'),
+                                                                                                                                                                                                                               ('den',
+                                                                                                                                                                                                                                '_acc1_den')],
+                                                                                                                                                                                                               'columns': ['param',
+                                                                                                                                                                                                                           'state:exp_avg',
+                                                                                                                                                                                                                           'state:mu_m_nmf',
+                                                                                                                                                                                                                           'state:mv_m_nmf',
+                                                                                                                                                                                                                           'state:sign',
+                                                                                                                                                                                                                           'state:exp_avg_sq',
+                                                                                                                                                                                                                           'state:mu_v_nmf',
+                                                                                                                                                                                                                           'state:mv_v_nmf',
+                                                                                                                                                                                                                           'state:s',
+                                                                                                                                                                                                                           'state:p0',
+                                                                                                                                                                                                                           'state:wd_scaler',
+                                                                                                                                                                                                                           'state:kourkoutas_sq',
+                                                                                                                                                                                                                           'numel',
+                                                                                                                                                                                                                           'B',
+                                                                                                                                                                                                                           'M',
+                                                                                                                                                                                                                           'N',
+                                                                                                                                                                                                                           'ndim',
+                                                                                                                                                                                                                           'gidx',
+                                                                                                                                                                                                                           'stride',
+                                                                                                                                                                                                                           'ws:_r0',
+                                                                                                                                                                                                                           'ws:_r1',
+                                                                                                                                                                                                                           'ws:_acc0_num',
+                                                                                                                                                                                                                           'ws:_acc1_den'],
+                                                                                                                                                                                                               'creates': [],
+                                                                                                                                                                                                               'hv': ['_k46',
+                                                                                                                                                                                                                      '_k47',
+                                                                                                                                                                                                                      '_k53',
+                                                                                                                                                                                                                      '_k54',
+                                                                                                                                                                                                                      '_k55',
+                                                                                                                                                                                                                      'dlr',
+                                                                                                                                                                                                                      '_k57',
+                                                                                                                                                                                                                      '_k58',
+                                                                                                                                                                                                                      '_k59',
+                                                                                                                                                                                                                      'b3',
+                                                                                                                                                                                                                      '_k61'],
+                                                                                                                                                                                                               'launches': [('_prodigy_adv_prologue1',
+                                                                                                                                                                                                                             'prologue'),
+                                                                                                                                                                                                                            ('_prodigy_adv_flat1',
+                                                                                                                                                                                                                             'flat'),
+                                                                                                                                                                                                                            ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                             'vec')],
+                                                                                                                                                                                                               'temps': [('_r0',
+                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                          True),
+                                                                                                                                                                                                                         ('_r1',
+                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                          True),
+                                                                                                                                                                                                                         ('_acc0_num',
+                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                          False),
+                                                                                                                                                                                                                         ('_acc1_den',
+                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                          False)]},
+           (('_c0', False), ('_c2', False), ('_c3', True), ('_c4', False), ('_c5', True), ('_c6', False), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                               '_acc0_num'),
+                                                                                                                                                                                                                              ('den',
+                                                                                                                                                                                                                               '_acc1_den')],
+                                                                                                                                                                                                              'columns': ['param',
+                                                                                                                                                                                                                          'state:exp_avg',
+                                                                                                                                                                                                                          'state:mu_m_nmf',
+                                                                                                                                                                                                                          'state:mv_m_nmf',
+                                                                                                                                                                                                                          'state:sign',
+                                                                                                                                                                                                                          'state:exp_avg_sq',
+                                                                                                                                                                                                                          'state:mu_v_nmf',
+                                                                                                                                                                                                                          'state:mv_v_nmf',
+                                                                                                                                                                                                                          'state:s',
+                                                                                                                                                                                                                          'state:p0',
+                                                                                                                                                                                                                          'state:wd_scaler',
+                                                                                                                                                                                                                          'state:kourkoutas_sq',
+                                                                                                                                                                                                                          'numel',
+                                                                                                                                                                                                                          'B',
+                                                                                                                                                                                                                          'M',
+                                                                                                                                                                                                                          'N',
+                                                                                                                                                                                                                          'ndim',
+                                                                                                                                                                                                                          'gidx',
+                                                                                                                                                                                                                          'stride',
+                                                                                                                                                                                                                          'ws:_r0',
+                                                                                                                                                                                                                          'ws:_r1',
+                                                                                                                                                                                                                          'ws:_acc0_num',
+                                                                                                                                                                                                                          'ws:_acc1_den'],
+                                                                                                                                                                                                              'creates': [],
+                                                                                                                                                                                                              'hv': ['_k46',
+                                                                                                                                                                                                                     '_k47',
+                                                                                                                                                                                                                     '_k53',
+                                                                                                                                                                                                                     '_k54',
+                                                                                                                                                                                                                     '_k55',
+                                                                                                                                                                                                                     'dlr',
+                                                                                                                                                                                                                     '_k57',
+                                                                                                                                                                                                                     '_k58',
+                                                                                                                                                                                                                     '_k59',
+                                                                                                                                                                                                                     'b3',
+                                                                                                                                                                                                                     '_k61',
+                                                                                                                                                                                                                     '_k65'],
+                                                                                                                                                                                                              'launches': [('_prodigy_adv_prologue0',
+                                                                                                                                                                                                                            'prologue'),
+                                                                                                                                                                                                                           ('_prodigy_adv_flat0',
+                                                                                                                                                                                                                            'flat'),
+                                                                                                                                                                                                                           ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                            'vec')],
+                                                                                                                                                                                                              'temps': [('_r0',
+                                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                                         True),
+                                                                                                                                                                                                                        ('_r1',
+                                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                                         True),
+                                                                                                                                                                                                                        ('_acc0_num',
+                                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                                         False),
+                                                                                                                                                                                                                        ('_acc1_den',
+                                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                                         False)]}},
+ 'static_hypers': ['beta3',
+                   'betas',
+                   'cautious_wd',
+                   'eps',
+                   'fisher_wd',
+                   'kourkoutas_beta',
+                   'nesterov',
+                   'nesterov_coef',
+                   'nnmf_factor',
+                   'orthogonal_gradient',
+                   'prodigy_steps',
+                   'safeguard_warmup',
+                   'slice_p',
+                   'state_precision',
+                   'stochastic_rounding',
+                   'use_atan2',
+                   'vector_reshape',
+                   'weight_decay']}
 
 #: Why this spec has no triton kernels (None: it has them).
-UNSUPPORTED = "operation \u0027strided\u0027 in an element expression"
+UNSUPPORTED = None

@@ -22,6 +22,7 @@ from optgen.backends.triton_plan import (
     TritonUnsupported,
     dynamic_names,
     enumerate_paths,
+    global_conditions,
     plan_path,
 )
 from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
@@ -45,7 +46,8 @@ class KernelSource:
 
 def table_columns(program: Program, plan: PathPlan) -> list[str]:
     cols = ["param"] + [f"state:{d.name}" for d in program.state if d.kind != Kind.HOST]
-    return cols + list(META_COLUMNS) + [f"ws:{t.name}" for t in plan.temps]
+    stride = ["stride"] if program.slice_stride else []  # k of per-slice values
+    return cols + list(META_COLUMNS) + stride + [f"ws:{t.name}" for t in plan.temps]
 
 
 class _Body:
@@ -235,8 +237,9 @@ class KernelEmitter:
             code = f"tl.{op}({a[0]})"
         elif op == "sign":
             code = f"L.sign({a[0]})"
-        elif op in ("copy", "contiguous", "float32", "cast"):
-            code = a[0]  # device math is float32 already
+        elif op in ("copy", "contiguous", "float32", "cast", "strided"):
+            # device math is float32 already; a slice is its element lanes (see _DeviceCtx.index)
+            code = a[0]
         elif op == "stochastic_round":
             off, _ = ctx.index(Kind.ELEMENT)
             # a different Philox stream per step and per tensor
@@ -286,11 +289,11 @@ class KernelEmitter:
             value = self.expr(s.value, ctx)
             ctx.locals[s.target] = value
             ctx.written.append(s.target)
+        kinds = {s.target: s.value.kind for s in stage.statements}
         for target in dict.fromkeys(ctx.written):
-            if target == "param" or target in self.states:
-                ctx.store(target, ctx.locals[target])
-            elif target in self.plan.spills.get(index, []):
-                ctx.store(target, ctx.locals[target])
+            if target == "param" or target in self.states or target in self.plan.spills.get(index, []):
+                kind = Kind.SLICE if kinds[target] == Kind.SLICE else Kind.ELEMENT
+                ctx.store(target, ctx.locals[target], kind)
         header = ctx.header()
         if tiled:
             text = self.signature(name) + "\n".join(header + body.lines) + "\n"
@@ -330,7 +333,8 @@ class KernelEmitter:
             x = f"({x} * {x})"
         body = ctx.body
         part = body.fresh("part")
-        body.emit(f"{part} = L.masked({x}, mask)")
+        lanes = ctx.index(Kind.SLICE)[1] if n.args[0].kind == Kind.SLICE else "mask"
+        body.emit(f"{part} = L.masked({x}, {lanes})")
         base = f"ws + {self.col('ws:' + s.target)}"
         if ctx.mode == "flat":
             body.emit(f"tl.atomic_add({base}, tl.sum({part}, axis=0))")
@@ -430,6 +434,7 @@ class _DeviceCtx:
         self.pointers: dict[str, str] = {}
         self.header_lines: list[str] = []
         self.hv_loaded: dict[str, str] = {}
+        self.slice_lanes = False  # the per-slice lanes and offsets are set up in the header
 
     def header(self) -> list[str]:
         lines = []
@@ -481,6 +486,14 @@ class _DeviceCtx:
         """Offset and mask of a value of ``kind`` in this context."""
         if kind == Kind.TENSOR:
             return "0", None
+        if kind == Kind.SLICE and self.mode in ("flat", "tiled"):
+            # every k-th element: its lanes of the element pass, its own index in the slice
+            if not self.slice_lanes:
+                self.header_lines.append(f"    sp = {self.em.col('stride')}")
+                self.header_lines.append("    sl_mask = L.slice_lanes(offs, sp, mask)")
+                self.header_lines.append("    sl_offs = offs // sp")
+                self.slice_lanes = True
+            return "sl_offs", "sl_mask"
         if self.mode == "flat":
             if kind != Kind.ELEMENT:
                 raise TritonUnsupported(f"{kind.label} value in a flat pass")
@@ -545,7 +558,7 @@ class _DeviceCtx:
         local = self.body.fresh("v")
         m = ""
         if mask is not None:
-            m = f", mask={mask}" if self.mode == "flat" else f", mask={mask}, other=0.0"
+            m = f", mask={mask}" if self.mode == "flat" and kind != Kind.SLICE else f", mask={mask}, other=0.0"
         self.body.emit(f"{local} = tl.load({ptr} + {off}{m}).to(tl.float32)")
         if self.mode != "vec":
             self.locals[name] = local
@@ -652,21 +665,24 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
             "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
             "hv": plan.hv,
             "creates": plan.creates,
+            **({"accumulates": plan.accumulates} if plan.accumulates else {}),
         }
     if len(unsupported) == len(paths):
         raise TritonUnsupported(unsupported[0])
+    global_names = {g.name for g in program.globals}
     static_hypers = sorted({
         n.attr[0]
         for s in walk_stmts(program.body)
         if isinstance(s, Assign) and s.value.is_host and s.target not in dyn
         for n in walk_nodes(s.value)
-        if n.op == "hyper"
+        if n.op == "hyper" and n.attr[0] not in global_names
     })
     data = {
         "dynamic": sorted(dyn),
         "hyper_slots": [list(s) for s in slots],
         "inputs": program_inputs(program),
         "static_hypers": static_hypers,
+        **({"global_conditions": global_conditions(program)} if program.globals else {}),
         "paths": paths,
     }
     return kernels, data

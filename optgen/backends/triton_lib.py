@@ -140,6 +140,16 @@ def masked(x, mask):
 
 
 @triton.jit
+def slice_lanes(offs, stride, mask):
+    """The lanes holding every ``stride``-th element (a per-slice value's lanes), within ``mask``."""
+    lanes = (offs % stride) == 0
+    if mask is None:
+        return lanes
+    else:
+        return lanes & mask
+
+
+@triton.jit
 def sr_bf16(x, seed, offs):
     """fp32 ``x`` stochastically rounded to a bf16 value (returned as fp32 with zero low bits):
     adv_optm's add-random-low-16-bits-then-truncate, with Philox numbers for the random bits."""

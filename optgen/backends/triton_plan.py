@@ -43,15 +43,34 @@ class PathPlan:
     temps: list[Temp]  # workspace buffers (accumulators first)
     spills: dict[int, list[str]]  # stage index -> element temps stored for later stages
     creates: list[str]  # absent-initialised states this path writes
+    #: (accumulator, workspace temp): per-tensor values the runtime sums into an accumulator
+    accumulates: list[tuple[str, str]] = field(default_factory=list)
+
+
+def global_conditions(program: Program) -> list[str]:
+    """Hoisted conditions on globals and hyperparameters alone (Prodigy's ``k < prodigy_steps``):
+    static, so they choose the branch path, but re-evaluated per group at every step."""
+    names = {g.name for g in program.globals}
+    out = []
+    for s in program.body:
+        if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and any(
+                n.op == "hyper" and n.attr[0] in names for n in walk_nodes(s.value)) and all(
+                n.op in ("hyper", "const") or n.args for n in walk_nodes(s.value)):
+            out.append(s.target)
+    return out
 
 
 def dynamic_names(program: Program) -> set[str]:
-    """Host names whose values change from step to step (they depend on ``step`` or host state)."""
+    """Host names whose values change from step to step (they depend on ``step``, host state or an
+    optimizer-wide global such as Prodigy's ``d``)."""
     dyn = {d.name for d in program.state if d.kind == Kind.HOST}
+    names = {g.name for g in program.globals}
+    conds = set(global_conditions(program))
     for s in walk_stmts(program.body):
-        if isinstance(s, Assign) and s.value.is_host:
+        if isinstance(s, Assign) and s.value.is_host and s.target not in conds:
             if s.role == "host_state" or any(
-                n.op in ("step", "input") or (n.op == "var" and n.attr in dyn) for n in walk_nodes(s.value)
+                n.op in ("step", "input") or (n.op == "var" and n.attr in dyn) or (n.op == "hyper" and n.attr[0] in names)
+                for n in walk_nodes(s.value)
             ):
                 dyn.add(s.target)
     return dyn
@@ -108,6 +127,8 @@ def if_convert(stmts: list[Stmt], kinds: dict[str, Kind], counter: list[int]) ->
             for a in flat:
                 if a.role == "host_state":
                     raise TritonUnsupported("host state updated inside a step-dependent condition")
+                if a.role == "accumulate":
+                    raise TritonUnsupported("an accumulation inside a step-dependent condition")
                 counter[0] += 1
                 name = f"{a.target}__b{counter[0]}"
                 body.append(Assign(name, _substitute(a.value, renamed), a.pos, "temp"))
@@ -168,7 +189,7 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
             counter["n"] += 1
             out.append(Assign(name, replace(n, args=(x, *n.args[1:])), role="call"))
             return Node("var", kind=n.kind, attr=name)
-        if n.op == "sum" and n.args[0].kind != Kind.ELEMENT:
+        if n.op == "sum" and n.args[0].kind not in (Kind.ELEMENT, Kind.SLICE):
             # the sum of a per-row / per-column vector: vector-stage work, not a pass
             name = f"_s{counter['s']}"
             counter["s"] += 1
@@ -209,7 +230,9 @@ def is_small(s: Assign) -> bool:
     """Per-row/column/matrix/tensor work that needs no pass over the elements."""
     if s.role in ("reduce", "call"):
         return False
-    return s.value.kind != Kind.ELEMENT and all(x.kind != Kind.ELEMENT for x in walk_nodes(s.value))
+    # per-slice values live on the lanes of an element pass
+    big = (Kind.ELEMENT, Kind.SLICE)
+    return s.value.kind not in big and all(x.kind not in big for x in walk_nodes(s.value))
 
 
 def make_stages(device: list[Assign], bits: frozenset[str] = frozenset()) -> list[Stage]:
@@ -260,6 +283,13 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
     straight = split_reductions(straight)
     host = [s for s in straight if s.value.is_host]
     device = [s for s in straight if not s.value.is_host]
+    # each accumulation leaves one value per tensor in the workspace; the runtime sums them
+    accumulates: list[tuple[str, str]] = []
+    for i, s in enumerate(device):
+        if s.role == "accumulate":
+            name = f"_acc{len(accumulates)}_{s.target}"
+            accumulates.append((s.target, name))
+            device[i] = Assign(name, s.value, s.pos, "temp")
     stages = make_stages(device, frozenset(d.name for d in program.state if d.dtype == "bits"))
 
     # Host values the device code reads, and the host statements they need.
@@ -305,7 +335,7 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
         d.name for d in program.state
         if d.init == "absent" and any(s.target == d.name for s in device)
     ]
-    return PathPlan(key, keep, stages, hv, temps, spills, creates)
+    return PathPlan(key, keep, stages, hv, temps, spills, creates, accumulates)
 
 
 def plan_program(program: Program) -> tuple[set[str], list[PathPlan]]:

@@ -100,6 +100,9 @@ class _Bucket:
     grad_ptrs: tuple[int, ...] = ()
     gptr: torch.Tensor | None = None
     calls: list = field(default_factory=list)  # per call stage: see _call_plan
+    keep: list = field(default_factory=list)  # expanded copies the table points at
+    #: workspace temp of an accumulation -> the workspace offsets of its per-tensor values
+    sums: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +155,15 @@ class TritonRunner:
 
     # -- building ------------------------------------------------------------------------------
     def _snapshot(self, group: dict) -> tuple:
-        return tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
+        """What a group's tables depend on: its static hyperparameters, and the conditions on
+        optimizer-wide globals (not the globals themselves, which change every step)."""
+        values = tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
+        conds = self.plan.get("global_conditions")
+        if not conds:
+            return values
+        ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+        found = {s.target: s for s in self.program.body if isinstance(s, Assign) and s.target in conds}
+        return values + tuple(bool(evaluate(found[c].value, ctx)) for c in conds)
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
         return self._static_env(group, p, state)[0]
@@ -208,14 +219,17 @@ class TritonRunner:
                         states[params[i]][name] = torch.zeros_like(params[i])
                         cache.dirty = True  # has(name) flips: the next step takes another path
             views = [view_shape(prog, params[i], group, states[params[i]]) for i in idx]
-            bucket = self._bucket(path, idx, dtype, params, states, cfg, device, views)
+            stride = group[prog.slice_stride] if prog.slice_stride else 1
+            bucket = self._bucket(path, idx, dtype, params, states, cfg, device, views, stride)
             bucket.calls = [_call_plan(call, path, bucket, idx, envs, views, params) for call in path.get("calls", [])]
             cache.buckets.append(bucket)
         return cache
 
     def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
-                states: dict, cfg: dict, device: torch.device, views: list) -> _Bucket:
+                states: dict, cfg: dict, device: torch.device, views: list, stride: int) -> _Bucket:
         prog = self.program
+        kinds = {d.name: d.kind for d in prog.state}
+        keep: list[torch.Tensor] = []  # buffers the table points at that no state holds
         temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path["temps"]]
         rows: list[list[int]] = []
         ws_size = 0
@@ -232,6 +246,12 @@ class TritonRunner:
                     row.append(p.data_ptr())
                 elif col.startswith("state:"):
                     buf = st.get(col[6:])
+                    n_slice = -(-p.numel() // stride)
+                    if kinds[col[6:]] == Kind.SLICE and isinstance(buf, torch.Tensor) and buf.numel() != n_slice:
+                        # a per-slice state stored as a 0-d value (Prodigy's p0 of an all-zero
+                        # parameter): read-only, so the kernels read an expanded copy
+                        buf = buf.reshape(()).expand(n_slice).contiguous()
+                        keep.append(buf)
                     row.append(buf.data_ptr() if isinstance(buf, torch.Tensor) else 0)
                     if isinstance(buf, torch.Tensor) and buf.dim() == p.dim() and buf.data_ptr() % 16:
                         aligned = False
@@ -243,6 +263,8 @@ class TritonRunner:
                     row.append(p.dim())
                 elif col == "gidx":
                     row.append(i)
+                elif col == "stride":
+                    row.append(stride)
                 else:
                     row.append(-1)  # workspace offsets, filled below
             rows.append(row)
@@ -264,7 +286,7 @@ class TritonRunner:
                 for t, i in enumerate(idx):
                     b, m, n = _dims(params[i], views[t])
                     size = {Kind.ELEMENT: params[i].numel(), Kind.ROW: b * m, Kind.COL: b * n,
-                            Kind.MATRIX: b, Kind.TENSOR: 1}[kind]
+                            Kind.MATRIX: b, Kind.TENSOR: 1, Kind.SLICE: -(-params[i].numel() // stride)}[kind]
                     rows[t][c] = ws_size
                     ws_size += -(-size // 4) * 4
             if acc_pass:
@@ -284,7 +306,12 @@ class TritonRunner:
         def chunk_table(entries: list[tuple[int, ...]]) -> torch.Tensor | None:
             return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
 
+        sums = {}
+        for _, temp in path.get("accumulates", []):
+            c = path["columns"].index(f"ws:{temp}")
+            sums[temp] = torch.tensor([r[c] for r in rows], dtype=torch.int64).to(device)
         return _Bucket(
+            keep=keep, sums=sums,
             path=path, idx=idx, dtype=dtype, table=table, flat_chunks=chunk_table(flat),
             tiled_chunks=chunk_table(tiled),
             ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
@@ -295,9 +322,10 @@ class TritonRunner:
 
     # -- stepping ------------------------------------------------------------------------------
     def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict,
-             inputs: Callable[[torch.Tensor], dict] | None = None) -> None:
+             inputs: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
         """One step of the parameters of group ``gi`` that have gradients; ``inputs(p)`` gives the
-        per-parameter runtime values the kernels read (Kourkoutas-beta's beta2)."""
+        per-parameter runtime values the kernels read (Kourkoutas-beta's beta2). Returns, per
+        accumulator, the sum of the parameters' contributions (a device scalar, no sync)."""
         ids = tuple(map(id, params))
         cache = self.caches.get((gi, ids))
         if cache is None or cache.dirty or cache.snapshot != self._snapshot(group):
@@ -318,6 +346,7 @@ class TritonRunner:
             host = torch.tensor(values, dtype=torch.float64)
             hs_args["inp"] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         steps = cache.steps if cache.steps is not None else hyp
+        sums: dict[str, torch.Tensor] = {}
         for bucket in cache.buckets:
             gptr = self._grad_pointers(bucket, params)
             if bucket.acc_size:
@@ -342,6 +371,10 @@ class TritonRunner:
                     **bucket.consts,
                 )
                 self.launches += 1
+            for acc, temp in bucket.path.get("accumulates", []):
+                part = bucket.ws[bucket.sums[temp]].sum()
+                sums[acc] = part if acc not in sums else sums[acc] + part
+        return sums
 
     def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:
         values = []
