@@ -13,7 +13,9 @@ from tests.models import make_model
 CASES = [("adamw", "AdamW", {}), ("adamw_adv", "AdamW_adv", {"weight_decay": 0.1, "use_atan2": True}),
          ("adamw_adv", "AdamW_adv", {"kourkoutas_beta": True, "k_warmup_steps": 2}),
          ("lion_adv", "Lion_adv", {}), ("adopt_adv", "Adopt_adv", {"lr": 1e-3}),
-         ("adamw_adv", "AdamW_adv", {"nnmf_factor": True}), ("muon_adv", "Muon_adv", {"weight_decay": 0.1})]
+         ("adamw_adv", "AdamW_adv", {"nnmf_factor": True}), ("muon_adv", "Muon_adv", {"weight_decay": 0.1}),
+         # finalize (Prodigy's d) runs once when the backward pass ends; sums in parameter order
+         ("prodigy_adv", "Prodigy_adv", {"lr": 0.3, "weight_decay": 0.1})]
 BACKENDS = ["torch", "reference", "triton"]
 
 

@@ -121,8 +121,9 @@ class GlobalDecl:
 
 @dataclass
 class AccumulatorDecl:
-    """An optimizer-wide float32 device scalar that the parameters' ``acc += value`` statements sum
-    into during one step; ``finalize`` reads it (one host transfer per step for all of them)."""
+    """An optimizer-wide device scalar (torch's default dtype) that the parameters' ``acc += value``
+    statements sum into during one step, in parameter order; ``finalize`` reads it (one host
+    transfer per step for all of them)."""
 
     name: str
     init: Node  # a host expression of group 0's hyperparameters and globals, at the start of a step

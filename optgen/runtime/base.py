@@ -102,8 +102,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
-        #: the program's accumulators during a step (created by the step's first contribution)
-        self._acc: dict[str, torch.Tensor] | None = None
+        #: one step's contributions to the program's accumulators, by parameter position
+        self._parts: dict[str, dict[int, list[Any]]] = {}
+        self._part_vectors: dict[str, torch.Tensor] = {}  # the triton backend's, position-indexed
+        self._positions: dict[int, int] | None = None
         if "kourkoutas_beta" in prog.features and any(g.get("kourkoutas_beta") for g in self.param_groups):
             from optgen.runtime.kourkoutas import Kourkoutas
 
@@ -150,18 +152,48 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         return {**group, **{n: first[n] for n in shared}}
 
     # -- optimizer-wide accumulators and the end of a step ------------------------------------
+    # Contributions are kept per parameter and summed at the end of the step in parameter order,
+    # whatever order the parameters were stepped in (buckets, or the fused backward pass's hooks):
+    # the same sums, bit for bit, as adv_optm's step() adds them.
+    def _position(self, p: torch.Tensor) -> int:
+        if self._positions is None or id(p) not in self._positions:
+            self._positions = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return self._positions[id(p)]
+
     def _accumulate(self, params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
-        """Add the parameters' contributions, in parameter order (adv_optm's rounding sequence)."""
+        """Keep one step's per-parameter contributions (0-d tensors) until :meth:`finish_step`."""
         for p in params:
             for name, value in parts.get(id(p), ()):
-                if self._acc is None:
-                    self._acc = self._start_accumulators(p.device)
-                self._acc[name].add_(value)
+                self._parts.setdefault(name, {}).setdefault(self._position(p), []).append(value)
 
-    def _start_accumulators(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def _accumulate_vector(self, params: list[torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+        """The triton backend's contributions: one device vector per accumulator, in ``params`` order."""
+        if not sums:
+            return
+        index = torch.tensor([self._position(p) for p in params], dtype=torch.int64).to(params[0].device)
+        n = sum(len(g["params"]) for g in self.param_groups)
+        for name, values in sums.items():
+            buf = self._part_vectors.get(name)
+            if buf is None or buf.numel() != n:
+                buf = self._part_vectors[name] = torch.zeros(n, dtype=torch.float32, device=params[0].device)
+            buf.index_copy_(0, index, values.to(torch.float32))
+
+    def _accumulator_sums(self, device: torch.device) -> dict[str, torch.Tensor]:
         ctx = HostContext(self.param_groups[0], torch.empty(0), {}, tensor_math=False)
-        return {a.name: torch.tensor(float(evaluate(a.init, ctx)), dtype=torch.float32, device=device)
-                for a in self._program.accumulators}
+        acc = {}
+        for a in self._program.accumulators:
+            # torch's default dtype, as adv_optm creates them with torch.tensor(float)
+            t = torch.tensor(float(evaluate(a.init, ctx)), dtype=torch.get_default_dtype(), device=device)
+            for pos in sorted(self._parts.get(a.name, {})):
+                for value in self._parts[a.name][pos]:
+                    t.add_(value)
+            if a.name in self._part_vectors:
+                t.add_(self._part_vectors[a.name].sum())
+            acc[a.name] = t
+        self._parts = {}
+        for buf in self._part_vectors.values():
+            buf.zero_()
+        return acc
 
     @torch.no_grad()
     def finish_step(self) -> None:
@@ -176,8 +208,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             return
         first = self.param_groups[0]
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        acc = self._acc if self._acc is not None else self._start_accumulators(device)
-        self._acc = None
+        acc = self._accumulator_sums(device)
         ctx = HostContext(dict(first), torch.empty(0), {}, tensor_math=False)
         if acc:
             ctx.env.update(zip(acc, torch.stack(list(acc.values())).tolist()))
@@ -241,7 +272,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if self._triton is not None:
             self._triton.invalidate()
-        self._acc = None  # the next step starts its accumulators from the loaded globals
+        self._parts = {}  # the next step starts its accumulators from the loaded globals
+        self._positions = None
         for group in self.param_groups:
             self._init_globals(group)
         for p, d, value in saved:
@@ -281,10 +313,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         group = self._stepping_group(gi, group)
         if self.backend == "triton":
             sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
-            for name, value in (sums or {}).items():
-                if self._acc is None:
-                    self._acc = self._start_accumulators(params[0].device)
-                self._acc[name].add_(value)
+            self._accumulate_vector(params, sums)
             return
         if self._program.step_store == "tensor":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)

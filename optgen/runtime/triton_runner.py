@@ -103,6 +103,7 @@ class _Bucket:
     keep: list = field(default_factory=list)  # expanded copies the table points at
     #: workspace temp of an accumulation -> the workspace offsets of its per-tensor values
     sums: dict = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # idx on the device
 
 
 @dataclass
@@ -306,12 +307,12 @@ class TritonRunner:
         def chunk_table(entries: list[tuple[int, ...]]) -> torch.Tensor | None:
             return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
 
-        sums = {}
+        sums = {}  # per accumulation: the workspace offsets of its per-tensor values
         for _, temp in path.get("accumulates", []):
             c = path["columns"].index(f"ws:{temp}")
             sums[temp] = torch.tensor([r[c] for r in rows], dtype=torch.int64).to(device)
         return _Bucket(
-            keep=keep, sums=sums,
+            keep=keep, sums=sums, positions=torch.tensor(idx, dtype=torch.int64).to(device),
             path=path, idx=idx, dtype=dtype, table=table, flat_chunks=chunk_table(flat),
             tiled_chunks=chunk_table(tiled),
             ws=torch.zeros(max(ws_size, 1), dtype=torch.float32, device=device), acc_size=acc_size,
@@ -325,7 +326,7 @@ class TritonRunner:
              inputs: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
         """One step of the parameters of group ``gi`` that have gradients; ``inputs(p)`` gives the
         per-parameter runtime values the kernels read (Kourkoutas-beta's beta2). Returns, per
-        accumulator, the sum of the parameters' contributions (a device scalar, no sync)."""
+        accumulator, the parameters' contributions in ``params`` order (a device vector, no sync)."""
         ids = tuple(map(id, params))
         cache = self.caches.get((gi, ids))
         if cache is None or cache.dirty or cache.snapshot != self._snapshot(group):
@@ -372,8 +373,9 @@ class TritonRunner:
                 )
                 self.launches += 1
             for acc, temp in bucket.path.get("accumulates", []):
-                part = bucket.ws[bucket.sums[temp]].sum()
-                sums[acc] = part if acc not in sums else sums[acc] + part
+                if acc not in sums:
+                    sums[acc] = torch.zeros(len(params), dtype=torch.float32, device=device)
+                sums[acc][bucket.positions] += bucket.ws[bucket.sums[temp]]
         return sums
 
     def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:

@@ -140,7 +140,8 @@ class GlobalSpec(_Strict):
 
 
 class AccumulatorSpec(_Strict):
-    """A float32 device scalar summed over all parameters during a step (``name += value``)."""
+    """A device scalar (torch's default dtype) summed over all parameters during a step
+    (``name += value``), in parameter order."""
 
     #: a host expression of group 0's hyperparameters and globals, evaluated as each step begins
     init: float | int | str = 0.0
