@@ -24,6 +24,15 @@ update:
   - param = param - lr * m
 """
 
+GLOBALS = BASE.replace("update:", """globals:
+  d: {init: 1.0}
+accumulators:
+  n: {init: 0.0}
+update:""") + """  - n += sum(m)
+finalize:
+  - d = d * n
+"""
+
 # (name, spec text, expected "line:col: field: message" fragment)
 CASES = [
     ("unknown name", BASE.replace("1 - beta1)", "1 - bta1)"),
@@ -55,7 +64,7 @@ CASES = [
     ("unknown hyperparameter field", BASE.replace("min: 0}", "minimum: 0}"),
      "4:25: hyperparameters.lr.minimum: unknown field 'minimum' (did you mean 'min'?)"),
     ("bad state kind", BASE.replace("m: {kind: element}", "m: {kind: elementwise}"),
-     "7:13: state.m.kind: Input should be 'element', 'row', 'col', 'matrix', 'tensor' or 'host'"),
+     "7:13: state.m.kind: Input should be 'element', 'row', 'col', 'matrix', 'tensor', 'host' or 'slice'"),
     ("missing update", BASE.split("update:")[0], "update: required field is missing"),
     ("bad name", BASE.replace("name: demo", "name: Demo-1"), "1:7: name: name 'Demo-1' must be lower_snake_case"),
     ("reserved name", BASE.replace("m: {kind: element}", "grad: {kind: element}"), "state: 'grad' is reserved"),
@@ -71,7 +80,7 @@ CASES = [
     ("feature without its anchors", BASE.replace("class: Demo", "class: Demo\nfeatures: [maximize, atan2]"),
      "3:22: features[1]: feature 'atan2' needs a 'denom = ... + eps' statement"),
     ("nesterov without an EMA", BASE.replace("class: Demo", "class: Demo\nfeatures: [nesterov]"),
-     "3:12: features[0]: feature 'nesterov' needs an 'exp_avg = lerp(exp_avg, grad, w)' statement"),
+     "3:12: features[0]: feature 'nesterov' needs an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * "),
     ("simplified_ademamix with grams", BASE.replace("class: Demo", "class: Demo\nfeatures: [grams, simplified_ademamix]"),
      "3:19: features[1]: feature 'simplified_ademamix' conflicts with 'grams'"),
     ("simplified_ademamix with atan2", BASE.replace("class: Demo", "class: Demo\nfeatures: [simplified_ademamix, atan2]"),
@@ -87,7 +96,7 @@ CASES = [
     ("unknown extends", BASE.replace("class: Demo", "class: Demo\nextends: adamm"),
      "3:10: extends: unknown spec 'adamm'"),
     ("bad state init", BASE.replace("m: {kind: element}", "m: {kind: element, init: zero}"),
-     "7:28: state.m.init: init must be zeros, ones, absent, a number or a hyperparameter name, got 'zero' (did you mean 'zeros'?)"),
+     "7:28: state.m.init: init must be zeros, ones, absent, param, a number or a hyperparameter name, got 'zero' (did you mean 'zeros'?)"),
     ("has of non-state", BASE.replace("  - param = param - lr * m", "  - if: has(lr)\n    then: [param = param - lr * m]"),
      "10:13: update[1].if: has() takes the name of a state buffer"),
     ("string constant", BASE.replace("lr * m", "'lr' * m"), "update[1]: 'lr' is only allowed compared (== / !=) with a non-numeric hyperparameter, or as param_attr's"),
@@ -115,6 +124,27 @@ CASES = [
     ("factored name taken", BASE.replace("state:", "features: [factored]\nstate:").replace(
         "  m: {kind: element}", "  m: {kind: element, factored: {row: m, col: c}}"),
      "features[0]: state 'm': factored state name 'm' is already a state"),
+    # optimizer-wide accumulators, globals and finalize (Prodigy's D-adaptation), per-slice values
+    ("+= to a non-accumulator", BASE.replace("- param = param - lr * m", "- m += m"),
+     "10:5: update[1]: 'm' is not an accumulator: '+=' adds to one declared under accumulators:"),
+    ("accumulate a per-element value", GLOBALS.replace("- n += sum(m)", "- n += m"),
+     "update[2]: an accumulator adds one per-tensor device value per parameter, but the value is per-element"),
+    ("read an accumulator in update", GLOBALS.replace("- n += sum(m)", "- m = m * n"),
+     "update[2]: accumulator 'n' is only added to here ('n += value'); finalize: reads its sum"),
+    ("assign a global in update", GLOBALS.replace("- n += sum(m)", "- d = 2"),
+     "update[2]: global 'd' is written only by finalize:"),
+    ("finalize reads the parameter", GLOBALS.replace("- d = d * n", "- d = d * sum(param)"),
+     "finalize[0]: 'param' is per parameter; finalize: sees hyperparameters, globals, accumulators"),
+    ("finalize accumulates", GLOBALS.replace("- d = d * n", "- n += 1"),
+     "finalize[0]: finalize: reads accumulators; '+=' belongs in update:"),
+    ("globals without finalize", GLOBALS.split("finalize:")[0],
+     "finalize: globals and accumulators need finalize: statements"),
+    ("strided without slice_stride", BASE.replace("- param = param - lr * m", "- x = strided(grad)"),
+     "update[1]: strided() needs 'slice_stride:' (the hyperparameter k) in the spec"),
+    ("slice state without slice_stride", BASE.replace("  m: {kind: element}", "  m: {kind: element}\n  s: {kind: slice}"),
+     "state.s.kind: a per-slice state needs 'slice_stride:'"),
+    ("slice plus element", BASE.replace("class: Demo", "class: Demo\nslice_stride: lr").replace(
+        "- param = param - lr * m", "- x = strided(grad) + m"), "update[1]: cannot combine a per-slice-element and a per-element"),
 ]
 
 
