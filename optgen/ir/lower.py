@@ -10,7 +10,17 @@ from __future__ import annotations
 from optgen.errors import SpecError, did_you_mean
 from optgen.ir.library import COMPARISONS, FUNCTIONS
 from optgen.ir.nodes import (
-    AccumulatorDecl, Assign, GlobalDecl, If, Kind, Node, Program, StateDecl, Stmt, join, walk_nodes,
+    AccumulatorDecl,
+    Assign,
+    GlobalDecl,
+    If,
+    Kind,
+    Node,
+    Program,
+    StateDecl,
+    Stmt,
+    join,
+    walk_nodes,
 )
 from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
