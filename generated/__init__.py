@@ -10,6 +10,7 @@ from generated.adamw import AdamW
 from generated.adamw_adv import AdamW_adv
 from generated.adopt_adv import Adopt_adv
 from generated.lion_adv import Lion_adv
+from generated.lion_prodigy_adv import Lion_Prodigy_adv
 from generated.muon_adv import Muon_adv
 from generated.nadam import NAdam
 from generated.prodigy_adv import Prodigy_adv
@@ -28,6 +29,7 @@ __all__ = [
     "Adams",
     "Adams_ZeRO",
     "Adopt_adv",
+    "Lion_Prodigy_adv",
     "Lion_adv",
     "Muon_adv",
     "NAdam",

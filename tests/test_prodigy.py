@@ -125,3 +125,25 @@ def test_state_dict_round_trip_mid_training(backend: str) -> None:
     assert [tuple(fresh.param_groups[0][k] for k in GLOBALS)] == h_ref[-1]
     for a, b in zip(p_ref, params):
         assert torch.equal(a, b)
+
+
+def test_lion_prodigy_factored_momentum_decays_with_beta2_unless_compat() -> None:
+    """adv_optm 2.2.3 decays a factored Lion_Prodigy momentum with beta1 (§9.11); optgen uses
+    beta2 unless compat_factored_beta1=True. With beta1 == beta2 the two agree, and agree with adv."""
+    from generated.lion_prodigy_adv import Lion_Prodigy_adv
+
+    adv = published_class("adv-optm==2.2.3", "adv_optm.Lion_Prodigy_adv")
+    torch.set_default_dtype(torch.float32)
+    runs = {}
+    for betas in ((0.9, 0.9), (0.9, 0.99)):
+        for compat in (False, True):
+            params, _, hist = _run(lambda ps: Lion_Prodigy_adv(ps, lr=0.5, betas=betas, nnmf_factor=True,
+                                                               compat_factored_beta1=compat), 8)
+            runs[betas, compat] = (params, hist)
+        p_adv, _, h_adv = _run(lambda ps: adv(ps, lr=0.5, betas=betas, nnmf_factor=True), 8)
+        assert runs[betas, True][1] == h_adv
+        assert all(torch.equal(a, b) for a, b in zip(p_adv, runs[betas, True][0]))
+    same = runs[(0.9, 0.9), False][0], runs[(0.9, 0.9), True][0]
+    assert all(torch.equal(a, b) for a, b in zip(*same))
+    fixed, compat = runs[(0.9, 0.99), False][0], runs[(0.9, 0.99), True][0]
+    assert not all(torch.equal(a, b) for a, b in zip(fixed, compat))

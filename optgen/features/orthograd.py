@@ -45,10 +45,42 @@ def _apply(program: Program) -> Program:
         cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
     else:
         cond = flag(FLAG)
-    body, ok = edit_nested(program.body, at_start_of_param_block([If(cond, _statements(), [])]))
+    body, ok = edit_nested(program.body, _after_gradient_preprocessing(
+        at_start_of_param_block([If(cond, _statements(), [])])))
     if not ok:
         raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
     return program.copy(body=body)
+
+
+def _after_gradient_preprocessing(edit):
+    """``edit`` (orthograd at the start of the block that writes the parameter), moved past the
+    spec's own leading gradient preprocessing (Lion_Prodigy's clip_threshold): adv_optm clips, then
+    orthogonalises. The preprocessing is the leading run of statements without state or parameter
+    writes; orthograd follows its last write of ``grad``."""
+    def pre(s: Stmt) -> bool:
+        if isinstance(s, If):
+            return all(pre(x) for x in (*s.then, *s.orelse))
+        return s.role in ("temp", "grad")
+
+    def writes_grad(s: Stmt) -> bool:
+        if isinstance(s, If):
+            return any(writes_grad(x) for x in (*s.then, *s.orelse))
+        return s.target == "grad"
+
+    def moved(stmts: list[Stmt]) -> list[Stmt] | None:
+        done = edit(stmts)
+        if done is None:
+            return None
+        block = done[: len(done) - len(stmts)]
+        n = 0
+        for i, s in enumerate(stmts):
+            if not pre(s):
+                break
+            if writes_grad(s):
+                n = i + 1
+        return [*stmts[:n], *block, *stmts[n:]]
+
+    return moved
 
 
 FEATURE = Feature(
