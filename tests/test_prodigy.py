@@ -137,10 +137,10 @@ def test_lion_prodigy_factored_momentum_decays_with_beta2_unless_compat() -> Non
     runs = {}
     for betas in ((0.9, 0.9), (0.9, 0.99)):
         for compat in (False, True):
-            params, _, hist = _run(lambda ps: Lion_Prodigy_adv(ps, lr=0.5, betas=betas, nnmf_factor=True,
-                                                               compat_factored_beta1=compat), 8)
+            params, _, hist = _run(lambda ps, b=betas, c=compat: Lion_Prodigy_adv(
+                ps, lr=0.5, betas=b, nnmf_factor=True, compat_factored_beta1=c), 8)
             runs[betas, compat] = (params, hist)
-        p_adv, _, h_adv = _run(lambda ps: adv(ps, lr=0.5, betas=betas, nnmf_factor=True), 8)
+        p_adv, _, h_adv = _run(lambda ps, b=betas: adv(ps, lr=0.5, betas=b, nnmf_factor=True), 8)
         assert runs[betas, True][1] == h_adv
         assert all(torch.equal(a, b) for a, b in zip(p_adv, runs[betas, True][0]))
     same = runs[(0.9, 0.9), False][0], runs[(0.9, 0.9), True][0]
