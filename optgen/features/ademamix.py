@@ -1,7 +1,9 @@
 """``ademamix``: AdEMAMix's slow momentum (adv_optm 2.2.3 ``use_AdEMAMix``, ``beta3_ema``, ``alpha``).
 
 A second, slow EMA of whatever the first moment averages (the gradient in Adam, the normalised
-gradient in ADOPT) is added to the direction: ``exp_avg_slow = lerp(exp_avg_slow, x, 1 - beta3_ema)``,
+gradient in ADOPT, Prodigy's d-scaled gradient) is added to the direction:
+``exp_avg_slow = lerp(exp_avg_slow, x, 1 - beta3_ema)`` (Prodigy: ``exp_avg_slow * beta3_ema +
+(d * (1 - beta3_ema)) * x``, the first moment's own form),
 ``update = update + alpha * exp_avg_slow``, once the direction is formed from the first moment
 (after Grams/Cautious), just before its first use (the division by the denominator or the
 scaling), so the slow EMA is divided by the same
@@ -20,11 +22,24 @@ FLAG = "use_AdEMAMix"
 SLOW = "exp_avg_slow"
 
 
-def _ema_input(program: Program) -> Node:
+def _ema(program: Program) -> tuple[Node, Node | None]:
+    """What the first moment averages, and the scale of its new-value weight: ``(x, None)`` for
+    ``exp_avg = lerp(exp_avg, x, w)``; ``(x, c)`` for Prodigy's ``exp_avg * beta1 + (c * (1 - beta1)) * x``."""
     for s in walk_stmts(program.body):
-        if isinstance(s, Assign) and s.target == "exp_avg" and s.value.op == "lerp" and is_var(s.value.args[0], "exp_avg"):
-            return s.value.args[1]
-    raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' statement")
+        if not (isinstance(s, Assign) and s.target == "exp_avg"):
+            continue
+        v = s.value
+        if v.op == "lerp" and is_var(v.args[0], "exp_avg"):
+            return v.args[1], None
+        if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg"):
+            beta1, w = v.args[0].args[1], v.args[2]
+            rest = Node("sub", (Node("const", attr=1), beta1))
+            if w == rest:
+                return v.args[1], Node("const", attr=1)
+            if w.op == "mul" and w.args[1] == rest:
+                return v.args[1], w.args[0]
+    raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 + "
+                       "(c * (1 - beta1)) * x' statement")
 
 
 def _uses_direction(s) -> bool:
@@ -42,11 +57,17 @@ def _before_first_use(extra: list):
 
 
 def _apply(program: Program) -> Program:
-    x = _ema_input(program)
+    x, scale = _ema(program)
     one = Node("const", attr=1)
-    w = Node("sub", (one, Node("hyper", attr=("beta3_ema", None))), kind=Kind.HOST)
+    beta3 = Node("hyper", attr=("beta3_ema", None))
+    w = Node("sub", (one, beta3), kind=Kind.HOST)
+    if scale is None:
+        ema = Node("lerp", (var(SLOW), x, w), kind=Kind.ELEMENT)
+    else:  # the first moment's own form: slow * beta3 + (c * (1 - beta3)) * x
+        ema = Node("axpy", (Node("mul", (var(SLOW), beta3), kind=Kind.ELEMENT), x, Node("mul", (scale, w))),
+                   kind=Kind.ELEMENT)
     slow = [
-        Assign(SLOW, Node("lerp", (var(SLOW), x, w), kind=Kind.ELEMENT), None, "state"),
+        Assign(SLOW, ema, None, "state"),
         Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
                               kind=Kind.ELEMENT), None, "temp"),
     ]

@@ -1,9 +1,11 @@
 """``simplified_ademamix``: Simplified AdEMAMix's accumulator (adv_optm 2.2.3 ``Simplified_AdEMAMix``).
 
 The first moment becomes an accumulator, ``exp_avg = exp_avg * beta1 + x`` (x: what the EMA
-averaged), the direction adds the current input, ``update = exp_avg + alpha_grad * x``, and the
-learning rate (in the update and in the decay) becomes adv_optm's
-``lr_eff = lr * (1 / ((1 - beta1^step) / (1 - beta1) + alpha_grad))`` (math/adv-optm.md §6.3/6.4).
+averaged; Prodigy's ``+ d * x``), the direction adds the current input, ``update = exp_avg +
+alpha_grad * x`` (Prodigy: ``alpha_grad * d``), and the learning rate (in the update and in the
+decay) becomes adv_optm's ``lr_eff = lr * (1 / ((1 - beta1^step) / (1 - beta1) + alpha_grad))``; where
+the spec forms a step size from lr in one host statement (Prodigy's ``dlr = d * lr``), that step
+size is scaled instead, as adv_optm scales dlr (math/adv-optm.md §6.3/6.4).
 It excludes Grams, the Cautious mask and atan2, as adv_optm does.
 """
 
@@ -45,38 +47,66 @@ def _beta1(weight: Node) -> Node:
     return _host("sub", Node("const", attr=1), weight)
 
 
+def _prodigy_form(v: Node) -> tuple[Node, Node, Node] | None:
+    """``exp_avg * beta1 + (c * (1 - beta1)) * x`` (Prodigy's d-scaled EMA): ``(beta1, c, x)``."""
+    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg"):
+        beta1, w = v.args[0].args[1], v.args[2]
+        if w.op == "mul" and w.args[1] == _host("sub", Node("const", attr=1), beta1):
+            return beta1, w.args[0], v.args[1]
+    return None
+
+
 def _apply(program: Program) -> Program:
     found: dict[str, Node] = {}
 
     def accumulate(s: Assign):
         v = s.value
         if s.target == "exp_avg" and v.op == "lerp" and is_var(v.args[0], "exp_avg"):
-            found["x"] = v.args[1]
-            beta1 = _beta1(v.args[2])
-            acc = Node("add", (Node("mul", (v.args[0], beta1), kind=v.kind), v.args[1]), kind=v.kind)
+            found["x"], found["beta1"] = v.args[1], _beta1(v.args[2])
+            acc = Node("add", (Node("mul", (v.args[0], found["beta1"]), kind=v.kind), v.args[1]), kind=v.kind)
+            return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
+        prodigy = _prodigy_form(v) if s.target == "exp_avg" else None
+        if prodigy is not None:  # m = m * beta1 + c * x: the accumulator of the scaled input
+            beta1, c, x = prodigy
+            found["x"], found["beta1"], found["c"] = x, beta1, c
+            acc = Node("axpy", (v.args[0], x, c), kind=v.kind)
             return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
         return None
 
     body, n = replace_assigns(program.body, accumulate)
-    require(n, "simplified_ademamix", "an 'exp_avg = lerp(exp_avg, x, 1 - beta1)' statement")
-    x = found["x"]
+    require(n, "simplified_ademamix", "an 'exp_avg = lerp(exp_avg, x, 1 - beta1)' or 'exp_avg = exp_avg * beta1 + "
+            "(c * (1 - beta1)) * x' statement")
+    x, beta1 = found["x"], found["beta1"]
     alpha_grad = Node("hyper", attr=("alpha_grad", None))
+    # the input's weight in the direction: alpha_grad, times the input's scale (Prodigy's d)
+    weight = alpha_grad if "c" not in found else _host("mul", alpha_grad, found["c"])
 
     def direction(s: Assign):
         if first_moment_direction(s):
-            value = Node("axpy", (s.value.args[0], x, alpha_grad), kind=Kind.ELEMENT)
+            value = Node("axpy", (s.value.args[0], x, weight), kind=Kind.ELEMENT)
             return [switch(FLAG, [Assign("update", value, s.pos, s.role)], [s], s.pos)]
         return None
 
     body, n = replace_assigns(body, direction)
     require(n, "simplified_ademamix", "an 'update = copy(exp_avg)' statement")
-
-    beta1 = _beta1(next(s.value.args[2] for s in walk_stmts(program.body)
-                        if isinstance(s, Assign) and s.target == "exp_avg" and s.value.op == "lerp"))
     one = Node("const", attr=1)
     scale = _host("add", _host("div", _host("sub", one, _host("pow", beta1, Node("step"))), _host("sub", one, beta1)),
                   alpha_grad)
-    lr_sim = _host("mul", Node("hyper", attr=("lr", None)), _host("div", one, scale))
+    factor = _host("div", one, scale)
+    readers = [s for s in walk_stmts(body) if isinstance(s, Assign) and _reads_lr(s)]
+    if len(readers) == 1 and readers[0].value.is_host and readers[0].role == "temp":
+        # the spec forms its step size from lr in one statement (Prodigy's dlr = d * lr): that
+        # step size is scaled, as adv_optm scales dlr (the statistics and the decay read it too)
+        step_size = readers[0]
+
+        def rescale(s: Assign):
+            if s is step_size:
+                scaled = Assign(s.target, _host("mul", s.value, factor), s.pos, s.role)
+                return [switch(FLAG, [scaled], [s], s.pos)]
+            return None
+
+        return program.copy(body=replace_assigns(body, rescale)[0])
+    lr_sim = _host("mul", Node("hyper", attr=("lr", None)), factor)
     scaled = switch(FLAG, [Assign(LR, lr_sim)], [Assign(LR, Node("hyper", attr=("lr", None)))])
     # computed just before the first statement that reads lr, where beta1 (maybe warmed up) is known
     first = next((i for i, s in enumerate(body) if _reads_lr(s)), len(body))
