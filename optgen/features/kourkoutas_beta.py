@@ -7,13 +7,25 @@ does. Each parameter leaves ``sum(grad^2)`` (after OrthoGrad) in its state ``kou
 the next step's pooling (ADOPT's init-only first step ``exp_avg_sq = grad * grad`` pools its raw
 gradient too, as adv_optm does; a later write in the same step replaces it). ``kourkoutas_warmup`` says which release's warm-up the spec follows:
 ``blend`` (2.5.16, a linear blend over ``k_warmup_steps``) or ``switch`` (2.2.3: beta2_max until
-then). Needs ``betas[1] > beta2_min`` (a ValueError otherwise).
+then). A spec that declares ``kourkoutas_pool: raw`` pools the gradient as the step receives it,
+before OrthoGrad and the upcast (adv_optm 2.2.3's Simplified_AdEMAMix). Needs ``betas[1] >
+beta2_min`` (a ValueError otherwise).
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, is_var, replace_assigns, substitute, switch, var
+from optgen.features.rewrite import (
+    FeatureError,
+    at_start_of_param_block,
+    edit_nested,
+    flag,
+    is_var,
+    replace_assigns,
+    substitute,
+    switch,
+    var,
+)
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.runtime.kourkoutas import BETA2, SQ
 from optgen.spec.model import HyperparameterSpec
@@ -32,19 +44,21 @@ def _initialises_second_moment(s: Stmt) -> bool:
         is_var(a, "grad") for a in s.value.args)
 
 
-def _sq(s: Stmt) -> Assign:
+def _sq(s: Stmt | None) -> Assign:
     g = var("grad")
-    return Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR), s.pos, "state")
+    return Assign(SQ, Node("sum", (Node("mul", (g, g), kind=Kind.ELEMENT),), kind=Kind.TENSOR),
+                  s.pos if s is not None else None, "state")
 
 
-def _rewrite(found: list[Node]):
+def _rewrite(found: list[Node], raw: bool):
     def fn(s: Assign) -> list[Stmt] | None:
         if _second_moment(s):
             beta2 = s.value.args[0].args[1]
             found.append(beta2)
             value = substitute(s.value, lambda n: Node("input", attr=BETA2) if n == beta2 else None)
-            return [switch(FLAG, [_sq(s), Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
-        if _initialises_second_moment(s):
+            pool = [] if raw else [_sq(s)]
+            return [switch(FLAG, [*pool, Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
+        if _initialises_second_moment(s) and not raw:
             return [s, switch(FLAG, [_sq(s)], [], s.pos)]
         return None
 
@@ -53,7 +67,11 @@ def _rewrite(found: list[Node]):
 
 def _apply(program: Program) -> Program:
     found: list[Node] = []
-    body, _ = replace_assigns(program.body, _rewrite(found))
+    pool = dict(program.hypers).get("kourkoutas_pool")
+    raw = pool is not None and pool.default == "raw"
+    body, _ = replace_assigns(program.body, _rewrite(found, raw))
+    if raw:  # the gradient as the step receives it, before OrthoGrad (adv_optm's Simplified_AdEMAMix)
+        body, _ = edit_nested(body, at_start_of_param_block([switch(FLAG, [_sq(None)], [])], True))
     if not found:
         raise FeatureError("feature 'kourkoutas_beta' needs an 'exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * "
                            "grad * grad' statement")
