@@ -162,7 +162,7 @@ def _substitute(n: Node, names: dict[str, Node]) -> Node:
 
 _SMALL_REDUCTIONS = {"normalize", "dot"}
 #: Ops on whole matrices that no kernel computes: the runtime runs them (see runtime.triton_runner).
-CALLS = {"newton_schulz"}
+CALLS = {"newton_schulz", "cans"}
 
 
 def split_reductions(stmts: list[Assign]) -> list[Assign]:

@@ -55,12 +55,12 @@ def _apply(program: Program) -> Program:
 def _after_gradient_preprocessing(edit):
     """``edit`` (orthograd at the start of the block that writes the parameter), moved past the
     spec's own leading gradient preprocessing (Lion_Prodigy's clip_threshold): adv_optm clips, then
-    orthogonalises. The preprocessing is the leading run of statements without state or parameter
-    writes; orthograd follows its last write of ``grad``."""
+    orthogonalises; Muon's approx MARS). The preprocessing is the leading run of statements before
+    the first parameter write; orthograd follows its last write of ``grad`` (or leads, if none)."""
     def pre(s: Stmt) -> bool:
         if isinstance(s, If):
             return all(pre(x) for x in (*s.then, *s.orelse))
-        return s.role in ("temp", "grad")
+        return s.role != "param"
 
     def writes_grad(s: Stmt) -> bool:
         if isinstance(s, If):

@@ -60,6 +60,8 @@ FUNCTIONS: dict[str, Function] = {
                  "16 bits and truncating (adv_optm's stream on CPU backends; seeded Philox in triton)", host=False),
         Function("newton_schulz", (6, 6), "newton_schulz(x, steps, eps, a, b, c): Muon's quintic Newton-Schulz "
                  "orthogonalisation of x as the matrix (shape[0], -1), in bfloat16 (adv_optm's sequence)", host=False),
+        Function("cans", (4, 4), "cans(x, steps, eps, lower_bound): Chebyshev-accelerated Newton-Schulz (CANS) of "
+                 "x as the matrix (shape[0], -1), in bfloat16 (adv_optm's accelerated_ns)", host=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]

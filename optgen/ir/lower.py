@@ -279,11 +279,11 @@ class Lowerer:
             if not args[1].is_host:
                 raise SpecError(e.args[1].pos, field, "stochastic_round()'s seed must be a host scalar")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
-        if fn == "newton_schulz":
+        if fn in ("newton_schulz", "cans"):
             need(0, Kind.ELEMENT)
-            for i in range(1, 6):
+            for i in range(1, len(args)):
                 if not args[i].is_host:
-                    raise SpecError(e.args[i].pos, field, "newton_schulz()'s steps and coefficients must be host scalars")
+                    raise SpecError(e.args[i].pos, field, f"{fn}()'s steps and coefficients must be host scalars")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)

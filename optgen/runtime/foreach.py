@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.runtime import stochastic
-from optgen.runtime.newton_schulz import newton_schulz_rows
+from optgen.runtime.newton_schulz import cans_rows, newton_schulz_rows
 
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]
@@ -331,6 +331,12 @@ def newton_schulz(x: Tensors, steps: Scalar, eps: Scalar, a: Scalar, b: Scalar, 
 def strided(x: Tensors, k: Scalar) -> Tensors:
     """Every k-th element of each flattened tensor (views where the memory allows)."""
     return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
+
+
+def cans(x: Tensors, steps: Scalar, eps: Scalar, lower_bound: Scalar) -> Tensors:
+    """Muon's Chebyshev-accelerated Newton-Schulz of each tensor as a ``(shape[0], -1)`` matrix."""
+    n = len(x)
+    return [cans_rows(t, s, e, lb) for t, s, e, lb in zip(x, _each(steps, n), _each(eps, n), _each(lower_bound, n))]
 
 
 def vdot(a: Tensors, b: Tensors) -> Tensors:

@@ -33,6 +33,44 @@ def newton_schulz(g: torch.Tensor, steps: int, eps: float, a: float, b: float, c
     return x.to(g.dtype)
 
 
+def cans(g: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
+    """Chebyshev-accelerated Newton-Schulz (CANS, adv_optm's ``accelerated_ns``): each step the cubic
+    ``X = c1 X + c3 (X X^T) X`` whose coefficients follow the singular-value bounds ``[lb, ub]``
+    (from ``[lower_bound, 1]``), recomputed on the host in double precision (math/adv-optm.md §5.2)."""
+    x = g.to(torch.bfloat16)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp_min_(eps))
+    mm = torch.baddbmm if x.ndim > 2 else torch.addmm
+    x = x.contiguous()
+    gram = torch.empty((*x.shape[:-1], x.size(-2)), device=x.device, dtype=x.dtype)
+    out = torch.empty_like(x)
+    lb, ub = lower_bound, 1.0
+    for _ in range(int(steps)):
+        lb_ub = lb * ub
+        e_sq = (lb * lb + lb_ub + ub * ub) / 3.0
+        k = 2.0 * e_sq**1.5
+        ll = lb_ub * (lb + ub)
+        denom = k + ll
+        alpha = 6.0 / denom
+        mm(gram, x, x.mT, beta=0.0, alpha=1.0, out=gram)
+        mm(x, gram, x, beta=alpha * e_sq, alpha=-alpha / 3.0, out=out)
+        x, out = out, x
+        err = (k - ll) / denom
+        lb, ub = 1.0 - err, 1.0 + err
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def cans_rows(x: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
+    """:func:`cans` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
+    if x.dim() < 2:
+        raise RuntimeError(f"cans() needs a matrix, got shape {tuple(x.shape)}")
+    return cans(x.flatten(1), steps, eps, lower_bound).view(x.shape)
+
+
 def newton_schulz_rows(x: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
     """:func:`newton_schulz` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
     if x.dim() < 2:
