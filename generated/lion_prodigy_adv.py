@@ -64,12 +64,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
             if prodigy_steps <= 0 or k < prodigy_steps:
                 gs = float32(strided(grad, slice_p))
                 ps = float32(strided(param, slice_p))
-                num = vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                 if safeguard_warmup:
                     s = s * b3 + d / d0 * d * gs
                 else:
                     s = s * b3 + d / d0 * dlr * gs
-                den = sum(abs(s))
+                den += sum(abs(s))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -124,12 +124,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
             if prodigy_steps <= 0 or k < prodigy_steps:
                 gs = float32(strided(grad, slice_p))
                 ps = float32(strided(param, slice_p))
-                num = vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
                 if safeguard_warmup:
                     s = s * b3 + d / d0 * d * gs
                 else:
                     s = s * b3 + d / d0 * dlr * gs
-                den = sum(abs(s))
+                den += sum(abs(s))
             if stochastic_rounding and bf16 != 0:
                 param_fp32 = float32(param)
                 update_fp32 = float32(update)
@@ -184,12 +184,12 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
         if prodigy_steps <= 0 or k < prodigy_steps:
             gs = float32(strided(grad, slice_p))
             ps = float32(strided(param, slice_p))
-            num = vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+            num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
             if safeguard_warmup:
                 s = s * b3 + d / d0 * d * gs
             else:
                 s = s * b3 + d / d0 * dlr * gs
-            den = sum(abs(s))
+            den += sum(abs(s))
         if stochastic_rounding and bf16 != 0:
             param_fp32 = float32(param)
             update_fp32 = float32(update)

@@ -162,9 +162,19 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
         cond = f"  if {expr_text(d.cond)}" if d.cond is not None else ""
         init = d.init if not isinstance(d.init, tuple) else d.init[1]
         typer.echo(f"  {d.name}: {d.kind.label}, init {init}, dtype {d.dtype}{cond}")
+    if program.globals or program.accumulators:
+        typer.echo("\noptimizer-wide:")
+        for g in program.globals:
+            typer.echo(f"  {g.name}: global (in every param group), init {expr_text(g.init)}")
+        for a in program.accumulators:
+            typer.echo(f"  {a.name}: accumulator (summed over the parameters each step), init {expr_text(a.init)}")
     typer.echo("\nstep:")
     for line in stmts_text(program.body, "  "):
         typer.echo(line)
+    if program.finalize:
+        typer.echo("\nafter the last parameter (finalize):")
+        for line in stmts_text(program.finalize, "  "):
+            typer.echo(line)
     hoisted = hoist(program)
     straight = specialize(hoisted.body, lambda c: True)
     phases = schedule(straight)

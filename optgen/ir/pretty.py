@@ -94,5 +94,6 @@ def stmts_text(stmts: list[Stmt], indent: str = "", hide_slots: bool = True) -> 
                 out.extend(stmts_text(s.orelse, indent + "    ", hide_slots))
         elif isinstance(s, Assign):
             tag = "" if not s.value.is_host else "  # host"
-            out.append(f"{indent}{s.target} = {expr_text(s.value)}{tag}")
+            op = "+=" if s.role == "accumulate" else "="
+            out.append(f"{indent}{s.target} {op} {expr_text(s.value)}{tag}")
     return out
