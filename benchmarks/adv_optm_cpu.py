@@ -3,10 +3,10 @@ per parameter (a script, not a test: timings vary between runs on shared machine
 
 Parameters: 6M in 13 tensors (matrices of mixed aspect ratios plus vectors), fp32, fixed
 gradients. adv_optm runs plain and with ``compiled_optimizer=True`` (torch.compile per tensor
-shape; the compile time is excluded by warm-up steps), optgen's AdamW_adv on its torch backend,
-dense and factored.
+shape; the compile time is excluded by warm-up steps), optgen's class on its torch backend,
+dense and factored. ``--optimizer Prodigy_adv`` compares Prodigy (its D-adaptation included).
 
-    python benchmarks/adv_optm_cpu.py [--repeats 10]
+    python benchmarks/adv_optm_cpu.py [--repeats 10] [--optimizer AdamW_adv|Prodigy_adv]
 """
 
 from __future__ import annotations
@@ -43,20 +43,23 @@ def state_bytes(opt, params) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--optimizer", default="AdamW_adv", choices=["AdamW_adv", "Prodigy_adv"])
     args = ap.parse_args()
+    import importlib
+
     import adv_optm
 
-    from generated.adamw_adv import AdamW_adv
-
+    name = args.optimizer
+    theirs = getattr(adv_optm, name)
+    ours = getattr(importlib.import_module(f"generated.{name.lower()}"), name)
     torch._dynamo.config.recompile_limit = 1024
     torch._dynamo.config.accumulated_recompile_limit = 4096
     cases = [
-        ("adv_optm AdamW_adv (plain)", lambda ps: adv_optm.AdamW_adv(ps)),
-        ("adv_optm AdamW_adv (compiled_optimizer=True)", lambda ps: adv_optm.AdamW_adv(ps, compiled_optimizer=True)),
-        ("adv_optm AdamW_adv (nnmf_factor=True)", lambda ps: adv_optm.AdamW_adv(ps, nnmf_factor=True)),
-        ("optgen AdamW_adv (torch backend)", lambda ps: AdamW_adv(ps, backend="torch")),
-        ("optgen AdamW_adv (nnmf_factor=True, torch backend)", lambda ps: AdamW_adv(ps, nnmf_factor=True,
-                                                                                     backend="torch")),
+        (f"adv_optm {name} (plain)", lambda ps: theirs(ps)),
+        (f"adv_optm {name} (compiled_optimizer=True)", lambda ps: theirs(ps, compiled_optimizer=True)),
+        (f"adv_optm {name} (nnmf_factor=True)", lambda ps: theirs(ps, nnmf_factor=True)),
+        (f"optgen {name} (torch backend)", lambda ps: ours(ps, backend="torch")),
+        (f"optgen {name} (nnmf_factor=True, torch backend)", lambda ps: ours(ps, nnmf_factor=True, backend="torch")),
     ]
     # One step of each optimizer in turn per round, so that drifting machine load hits all alike.
     built = []

@@ -16,9 +16,9 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
 
     if nnmf_factor:
         if ndim != 1 or vector_reshape:
-            grad = float32(grad)
             if kourkoutas_beta:
                 kourkoutas_sq = sum(grad * grad)
+            grad = float32(grad)
             if orthogonal_gradient:
                 ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
                 ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
@@ -1555,14 +1555,7 @@ _PROGRAM = program_from_data(
                                                        [['var', 'element', 'param_fp32', False],
                                                         ['var', 'host', '_k21', False]]]}]}],
                          'if': ['var', 'host', '_c1', True],
-                         'then': [{'role': 'grad',
-                                   'set': 'grad',
-                                   'value': ['float32',
-                                             'element',
-                                             None,
-                                             False,
-                                             [['var', 'element', 'grad', False]]]},
-                                  {'else': [],
+                         'then': [{'else': [],
                                    'if': ['var', 'host', '_c2', True],
                                    'then': [{'role': 'state',
                                              'set': 'kourkoutas_sq',
@@ -1576,6 +1569,13 @@ _PROGRAM = program_from_data(
                                                          False,
                                                          [['var', 'element', 'grad', False],
                                                           ['var', 'element', 'grad', False]]]]]}]},
+                                  {'role': 'grad',
+                                   'set': 'grad',
+                                   'value': ['float32',
+                                             'element',
+                                             None,
+                                             False,
+                                             [['var', 'element', 'grad', False]]]},
                                   {'else': [],
                                    'if': ['var', 'host', '_c3', True],
                                    'then': [{'role': 'temp',
@@ -2788,12 +2788,12 @@ def _device_step(h, param, grad, S):
     st_kourkoutas_sq = S["kourkoutas_sq"]
     if h["_c0"]:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
             if h["_c2"]:
-                _2 = F.mul(grad, grad)
-                _3 = F.sum(_2)
-                F.assign_(st_kourkoutas_sq, _3)
+                _1 = F.mul(grad, grad)
+                _2 = F.sum(_1)
+                F.assign_(st_kourkoutas_sq, _2)
+            _3 = F.float32(grad)
+            grad = _3
             if h["_c3"]:
                 _4 = F.vdot(param, grad)
                 _5 = F.vdot(param, param)

@@ -10,6 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n 2`) each worker process runs torch on one thread: the
+# tests' tensors are small, so processes, not intra-op threads, are what use the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Kernels of branch paths away from the defaults are rendered at run time into this cache: a fresh
 # one per test session, so the suite exercises the rendering and leaves nothing in the home folder.
 os.environ.setdefault("OPTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="optgen-kernels-"))

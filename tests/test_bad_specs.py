@@ -86,7 +86,7 @@ CASES = [
     ("simplified_ademamix with atan2", BASE.replace("class: Demo", "class: Demo\nfeatures: [simplified_ademamix, atan2]"),
      "3:12: features[0]: feature 'simplified_ademamix' conflicts with 'atan2'"),
     ("ademamix without a moment", BASE.replace("class: Demo", "class: Demo\nfeatures: [ademamix]"),
-     "3:12: features[0]: feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' statement"),
+     "3:12: features[0]: feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 + "),
     ("string compared with <", BASE.replace("- param = param - lr * m", "- param = param - lr * m\n  - if: lr < 'x'\n    then: [m = m]"),
      "11:9: update[2].if: 'x' can only be compared with == or !="),
     ("string in maths", BASE.replace("lr * m", "'x' * m"),

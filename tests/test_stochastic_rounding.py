@@ -21,7 +21,7 @@ CASES = [
     for i in (1, 2)
 ] + [("adamw_adv", 13), ("adopt_adv", 12), ("lion_adv", 6), ("signsgd_adv", 10)] + [  # factored states
     ("muon_adv", 1), ("muon_adv", 2), ("adamuon_adv", 1), ("adamuon_adv", 6)] + [  # Newton-Schulz in bf16 too
-    ("prodigy_adv", 1), ("lion_prodigy_adv", 1)]  # s and p0 in bf16 (as adv_optm keeps them)
+    ("prodigy_adv", 2), ("lion_prodigy_adv", 1)]  # s and p0 in bf16 (as adv_optm keeps them)
 
 
 @pytest.mark.parametrize("model", ["mlp", "transformer"])

@@ -128,6 +128,22 @@ class _Factoring:
         return out, ready
 
 
+def _before_orthograd(edit):
+    """``edit`` (the upcast at the start of the block that writes the parameter), moved to just
+    before that block's OrthoGrad, where it has one at its top level (after Kourkoutas' raw pooling)."""
+    def is_orthograd(s: Stmt) -> bool:
+        return isinstance(s, If) and any(isinstance(x, Assign) and x.target == "ortho_g" for x in s.then)
+
+    def moved(stmts: list[Stmt]) -> list[Stmt] | None:
+        done = edit(stmts)
+        if done is None:
+            return None
+        at = next((i for i, s in enumerate(stmts) if is_orthograd(s)), 0)
+        return [*stmts[:at], *done[: len(done) - len(stmts)], *stmts[at:]]
+
+    return moved
+
+
 def _apply(program: Program) -> Program:
     decls = [d for d in program.state if d.factored is not None]
     if not decls:
@@ -146,15 +162,16 @@ def _apply(program: Program) -> Program:
     view = Node("and", (requested, _shaped()), boolean=True)
     fact = _Factoring(decls, taken)
     factored, _ = fact.block(program.body, set())
-    # the upcast goes where adv_optm upcasts: right before OrthoGrad (ADOPT's init-only step squares
-    # the raw gradient first)
+    # the upcast goes where adv_optm upcasts: right before OrthoGrad, after Kourkoutas' raw-gradient
+    # pooling, or at the start (before Muon's MARS); ADOPT's init-only step squares the raw
+    # gradient first. A spec that upcasts earlier (Lion_Prodigy before its clip) says so itself.
     # only for parameters that keep one of the factored states (not Muon's aux-Adam parameters)
     cast: list[Stmt] = [Assign("grad", element("float32", var("grad")), None, "grad")]
     conds = [d.cond for d in decls]
     if all(c is not None for c in conds):
         either = conds[0] if len(conds) == 1 else Node("or", tuple(conds), boolean=True)
         cast = [If(either, cast, [])]
-    upcast = at_start_of_param_block(cast, True)
+    upcast = _before_orthograd(at_start_of_param_block(cast, True))
     dense_body = program.body
     factored, ok = edit_nested(factored, upcast)
     if precision_api:
