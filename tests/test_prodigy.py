@@ -147,3 +147,25 @@ def test_lion_prodigy_factored_momentum_decays_with_beta2_unless_compat() -> Non
     assert all(torch.equal(a, b) for a, b in zip(*same))
     fixed, compat = runs[(0.9, 0.99), False][0], runs[(0.9, 0.99), True][0]
     assert not all(torch.equal(a, b) for a, b in zip(fixed, compat))
+
+
+@pytest.mark.parametrize("spec", ["prodigy_adv", "lion_prodigy_adv"])
+def test_triton_d_adaptation_follows_the_reference(spec: str) -> None:
+    """The triton backend (interpreter on CPU) while d grows: d, d_max, d_numerator and
+    the parameters follow the reference to float32 rounding (the sums run in another order)."""
+    pytest.importorskip("triton")
+    import importlib
+
+    cls = getattr(importlib.import_module(f"generated.{spec}"),
+                  {"prodigy_adv": "Prodigy_adv", "lion_prodigy_adv": "Lion_Prodigy_adv"}[spec])
+    torch.set_default_dtype(torch.float32)
+    kwargs = {"lr": 0.5, "weight_decay": 0.1, "slice_p": 2, "d_limiter": False}
+    p_ref, _, h_ref = _run(lambda ps: cls(ps, backend="reference", **kwargs), 16)
+    p_tri, _, h_tri = _run(lambda ps: cls(ps, backend="triton", **kwargs), 16)
+    assert h_ref[-1][0][0] > 3 * h_ref[0][0][0], "d did not grow: the test cannot see D-adaptation"
+    for a, b in zip(h_ref, h_tri):
+        assert a[0][3] == b[0][3]  # k
+        for x, y in zip(a[0][:3], b[0][:3]):
+            assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    for a, b in zip(p_ref, p_tri):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
