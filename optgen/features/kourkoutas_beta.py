@@ -8,7 +8,8 @@ the next step's pooling (ADOPT's init-only first step ``exp_avg_sq = grad * grad
 gradient too, as adv_optm does; a later write in the same step replaces it). ``kourkoutas_warmup`` says which release's warm-up the spec follows:
 ``blend`` (2.5.16, a linear blend over ``k_warmup_steps``) or ``switch`` (2.2.3: beta2_max until
 then). A spec that declares ``kourkoutas_pool: raw`` pools the gradient as the step receives it,
-before OrthoGrad and the upcast (adv_optm 2.2.3's Simplified_AdEMAMix). Needs ``betas[1] >
+before OrthoGrad and the upcast (adv_optm 2.2.3's Simplified_AdEMAMix); ``updates`` pools only the
+gradients of steps that update (2.2.3's ADOPT skips its init-only step). Needs ``betas[1] >
 beta2_min`` (a ValueError otherwise).
 """
 
@@ -50,7 +51,7 @@ def _sq(s: Stmt | None) -> Assign:
                   s.pos if s is not None else None, "state")
 
 
-def _rewrite(found: list[Node], raw: bool):
+def _rewrite(found: list[Node], raw: bool, at_init: bool):
     def fn(s: Assign) -> list[Stmt] | None:
         if _second_moment(s):
             beta2 = s.value.args[0].args[1]
@@ -58,7 +59,7 @@ def _rewrite(found: list[Node], raw: bool):
             value = substitute(s.value, lambda n: Node("input", attr=BETA2) if n == beta2 else None)
             pool = [] if raw else [_sq(s)]
             return [switch(FLAG, [*pool, Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
-        if _initialises_second_moment(s) and not raw:
+        if _initialises_second_moment(s) and not raw and at_init:
             return [s, switch(FLAG, [_sq(s)], [], s.pos)]
         return None
 
@@ -69,7 +70,8 @@ def _apply(program: Program) -> Program:
     found: list[Node] = []
     pool = dict(program.hypers).get("kourkoutas_pool")
     raw = pool is not None and pool.default == "raw"
-    body, _ = replace_assigns(program.body, _rewrite(found, raw))
+    at_init = pool is None or pool.default != "updates"
+    body, _ = replace_assigns(program.body, _rewrite(found, raw, at_init))
     if raw:  # the gradient as the step receives it, before OrthoGrad (adv_optm's Simplified_AdEMAMix)
         body, _ = edit_nested(body, at_start_of_param_block([switch(FLAG, [_sq(None)], [])], True))
     if not found:
