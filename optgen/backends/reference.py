@@ -12,11 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.runtime import newton_schulz as ns
 from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, to_device_scalar
 from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
-from optgen.runtime.newton_schulz import cans_rows, newton_schulz_rows
 
 
 def _align(x: Any, src: Kind, dst: Kind) -> Any:
@@ -113,7 +114,7 @@ def _eval(n: Node, f: _Frame) -> Any:
     if n.op == "strided":
         return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("cast", "newton_schulz", "cans", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
+    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     return _OPS[n.op](*raw)
 
@@ -173,6 +174,5 @@ _OPS = {
     "float32": lambda a: a.float(),
     "cast": lambda a, like: a.to(like.dtype),
     "stochastic_round": lambda x, seed: stochastic.round_bf16(x),
-    "newton_schulz": newton_schulz_rows,
-    "cans": cans_rows,
+    **{op: (lambda x, *args, _f=getattr(ns, op): ns.rows(_f, x, *args)) for op in ORTHOGONALISERS},
 }

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 
 INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy",
 }
-_NO_ALIGN = {"strided", "cast", "newton_schulz", "cans", "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
+_NO_ALIGN = {"strided", "cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
 _MAY_ALIAS = {"float32", "cast", "contiguous", "strided"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}

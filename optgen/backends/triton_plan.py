@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from optgen.ir.library import FULL_PASS_REDUCTIONS
+from optgen.ir.library import FULL_PASS_REDUCTIONS, ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 
 
@@ -162,7 +162,7 @@ def _substitute(n: Node, names: dict[str, Node]) -> Node:
 
 _SMALL_REDUCTIONS = {"normalize", "dot"}
 #: Ops on whole matrices that no kernel computes: the runtime runs them (see runtime.triton_runner).
-CALLS = {"newton_schulz", "cans"}
+CALLS = set(ORTHOGONALISERS)
 
 
 def split_reductions(stmts: list[Assign]) -> list[Assign]:

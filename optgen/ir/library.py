@@ -62,10 +62,18 @@ FUNCTIONS: dict[str, Function] = {
                  "orthogonalisation of x as the matrix (shape[0], -1), in bfloat16 (adv_optm's sequence)", host=False),
         Function("cans", (4, 4), "cans(x, steps, eps, lower_bound): Chebyshev-accelerated Newton-Schulz (CANS) of "
                  "x as the matrix (shape[0], -1), in bfloat16 (adv_optm's accelerated_ns)", host=False),
+        Function("low_rank_newton_schulz", (7, 7), "low_rank_newton_schulz(x, rank, steps, eps, a, b, c): "
+                 "newton_schulz of x's rank-r projection on a Gaussian sketch (adv_optm's low_rank_ortho)",
+                 host=False),
+        Function("low_rank_cans", (5, 5), "low_rank_cans(x, rank, steps, eps, lower_bound): cans of x's "
+                 "rank-r projection on a Gaussian sketch", host=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]
 }
+
+#: Whole-matrix orthogonalisations (Muon): a matrix plus host arguments, run with torch by every backend.
+ORTHOGONALISERS = ("newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans")
 
 #: Ops that reduce a larger kind into a smaller one: their results end a phase.
 REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize"}

@@ -8,7 +8,7 @@ the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmu
 from __future__ import annotations
 
 from optgen.errors import SpecError, did_you_mean
-from optgen.ir.library import COMPARISONS, FUNCTIONS
+from optgen.ir.library import COMPARISONS, FUNCTIONS, ORTHOGONALISERS
 from optgen.ir.nodes import (
     AccumulatorDecl,
     Assign,
@@ -279,7 +279,7 @@ class Lowerer:
             if not args[1].is_host:
                 raise SpecError(e.args[1].pos, field, "stochastic_round()'s seed must be a host scalar")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
-        if fn in ("newton_schulz", "cans"):
+        if fn in ORTHOGONALISERS:
             need(0, Kind.ELEMENT)
             for i in range(1, len(args)):
                 if not args[i].is_host:

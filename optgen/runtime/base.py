@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.backends import reference
-from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes
+from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
 from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
@@ -102,6 +102,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
+        #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
+        self._sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
+                             for n in walk_nodes(s.value))
         #: one step's contributions to the program's accumulators, by parameter position
         self._parts: dict[str, dict[int, list[Any]]] = {}
         self._part_vectors: dict[str, torch.Tensor] = {}  # the triton backend's, position-indexed
@@ -398,8 +401,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             _host_pass(prog.body, ctx, path)
             buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
         device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
-        ahead = self._random_bits_ahead(buckets, params)
-        chunks = [(path, chunk) for path, items in buckets.items() for chunk in _cache_chunks(items)]
+        if self._sketches and any(p.dtype == torch.bfloat16 for p in params):
+            # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
+            # parameter (its sketch, then its rounding): step the parameters one at a time, in order
+            where = {id(item[0]): (path, item) for path, items in buckets.items() for item in items}
+            ahead: dict[int, torch.Tensor] = {}
+            chunks = [(where[id(p)][0], [where[id(p)][1]]) for p in params]
+        else:
+            ahead = self._random_bits_ahead(buckets, params)
+            chunks = [(path, chunk) for path, items in buckets.items() for chunk in _cache_chunks(items)]
         for path, items in chunks:
             h: dict[str, Any] = dict(path)
             for name in items[0][1]:

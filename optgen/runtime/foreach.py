@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from optgen.runtime import newton_schulz as ns
 from optgen.runtime import stochastic
-from optgen.runtime.newton_schulz import cans_rows, newton_schulz_rows
 
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]
@@ -320,23 +320,24 @@ def stochastic_round(a: Tensors, seed: Scalar) -> Tensors:
     return [stochastic.round_bf16(x) for x in a]
 
 
-def newton_schulz(x: Tensors, steps: Scalar, eps: Scalar, a: Scalar, b: Scalar, c: Scalar) -> Tensors:
-    """Muon's orthogonalisation of each tensor as a ``(shape[0], -1)`` matrix (one at a time: adv_optm's
-    eager products, bit for bit)."""
-    n = len(x)
-    return [newton_schulz_rows(t, s, e, a_, b_, c_) for t, s, e, a_, b_, c_ in
-            zip(x, _each(steps, n), _each(eps, n), _each(a, n), _each(b, n), _each(c, n))]
+def _orthogonaliser(op: str):
+    fn = getattr(ns, op)
+
+    def apply(x: Tensors, *args: Scalar) -> Tensors:
+        """Muon's orthogonalisation of each tensor as a ``(shape[0], -1)`` matrix (one at a time:
+        adv_optm's eager products and random stream, bit for bit)."""
+        n = len(x)
+        per = [_each(a, n) for a in args]
+        return [ns.rows(fn, t, *(a[i] for a in per)) for i, t in enumerate(x)]
+
+    apply.__name__ = op
+    return apply
 
 
-def strided(x: Tensors, k: Scalar) -> Tensors:
-    """Every k-th element of each flattened tensor (views where the memory allows)."""
-    return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
-
-
-def cans(x: Tensors, steps: Scalar, eps: Scalar, lower_bound: Scalar) -> Tensors:
-    """Muon's Chebyshev-accelerated Newton-Schulz of each tensor as a ``(shape[0], -1)`` matrix."""
-    n = len(x)
-    return [cans_rows(t, s, e, lb) for t, s, e, lb in zip(x, _each(steps, n), _each(eps, n), _each(lower_bound, n))]
+newton_schulz = _orthogonaliser("newton_schulz")
+cans = _orthogonaliser("cans")
+low_rank_newton_schulz = _orthogonaliser("low_rank_newton_schulz")
+low_rank_cans = _orthogonaliser("low_rank_cans")
 
 
 def vdot(a: Tensors, b: Tensors) -> Tensors:

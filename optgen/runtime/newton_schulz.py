@@ -64,15 +64,35 @@ def cans(g: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.T
     return x.to(g.dtype)
 
 
-def cans_rows(x: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
-    """:func:`cans` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
-    if x.dim() < 2:
-        raise RuntimeError(f"cans() needs a matrix, got shape {tuple(x.shape)}")
-    return cans(x.flatten(1), steps, eps, lower_bound).view(x.shape)
+def low_rank(g: torch.Tensor, rank: int, ortho, *args) -> torch.Tensor:
+    """Low-rank orthogonalisation (adv_optm's ``low_rank_ortho``, arXiv 2509.11983): ``Q`` from the
+    QR of ``g`` times a Gaussian sketch ``(n, r)`` (``r = min(rank, m, n)``, drawn from adv_optm's
+    per-device stream in ``g``'s dtype), then ``Q ortho(Q^T g)`` with ``ortho`` Newton-Schulz or
+    CANS and its arguments (math/adv-optm.md §5.3)."""
+    from optgen.runtime import stochastic
+
+    r = min(int(rank), g.size(-2), g.size(-1))
+    if r <= 0:
+        return ortho(g, *args)
+    omega = stochastic.sketch((*g.shape[:-2], g.size(-1), r), g)  # one per matrix of a stack
+    y = g @ omega
+    q = torch.linalg.qr(y.float())[0].to(y.dtype) if y.dtype != torch.float32 else torch.linalg.qr(y)[0]
+    return q @ ortho(q.mT @ g, *args)
 
 
-def newton_schulz_rows(x: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
-    """:func:`newton_schulz` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
+def low_rank_newton_schulz(x: torch.Tensor, rank: int, steps: int, eps: float, a: float, b: float, c: float,
+                           ) -> torch.Tensor:
+    """:func:`low_rank` with :func:`newton_schulz`."""
+    return low_rank(x, rank, newton_schulz, steps, eps, a, b, c)
+
+
+def low_rank_cans(x: torch.Tensor, rank: int, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
+    """:func:`low_rank` with :func:`cans`."""
+    return low_rank(x, rank, cans, steps, eps, lower_bound)
+
+
+def rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn`` of ``x`` as the matrix ``(shape[0], -1)``, in ``x``'s shape."""
     if x.dim() < 2:
-        raise RuntimeError(f"newton_schulz() needs a matrix, got shape {tuple(x.shape)}")
-    return newton_schulz(x.flatten(1), steps, eps, a, b, c).view(x.shape)
+        raise RuntimeError(f"{fn.__name__}() needs a matrix, got shape {tuple(x.shape)}")
+    return fn(x.flatten(1), *args).view(x.shape)

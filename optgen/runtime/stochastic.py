@@ -44,6 +44,12 @@ def draw(x: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator(x.device))
 
 
+def sketch(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A Gaussian sketch of ``shape`` in ``like``'s dtype and device, from the same stream
+    (adv_optm's low-rank orthogonalisation draws it there, before the parameter's rounding)."""
+    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator(like.device))
+
+
 @contextlib.contextmanager
 def drawn(bits: list[torch.Tensor]) -> Iterator[None]:
     """Round with ``bits`` (drawn earlier by :func:`draw`) in order: the torch backend steps

@@ -452,13 +452,12 @@ def _call_plan(call: dict, path: dict, bucket: _Bucket, idx: list[int], envs: li
 
 def _run_call(work: list[tuple], ws: torch.Tensor) -> None:
     """Run a call stage on the workspace: every matrix of one shape in one batched call."""
-    from optgen.runtime.newton_schulz import cans, newton_schulz
+    from optgen.runtime import newton_schulz as ns
 
-    ops = {"newton_schulz": newton_schulz, "cans": cans}
     for op, args, (m, n), offsets in work:
         size = m * n
         x = torch.stack([ws[i:i + size].view(m, n) for i, _ in offsets])
-        y = ops[op](x if len(offsets) > 1 else x[0], *args)
+        y = getattr(ns, op)(x if len(offsets) > 1 else x[0], *args)
         y = y.reshape(len(offsets), size)
         for k, (_, o) in enumerate(offsets):
             ws[o:o + size].copy_(y[k])
