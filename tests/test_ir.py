@@ -67,3 +67,15 @@ def test_extends_merges_entries() -> None:
     assert hypers["weight_decay"].min == 0  # inherited field kept
     assert hypers["decoupled_weight_decay"].constructor is False
     assert p.matches.class_ == "torch.optim.AdamW"
+
+
+def test_every_device_function_has_a_torch_and_a_reference_implementation() -> None:
+    """A function a spec may apply to tensors runs on both CPU backends (strided is the reference
+    interpreter's own case: it reads the stride from its second argument)."""
+    from optgen.backends import reference
+    from optgen.ir.library import FUNCTIONS
+    from optgen.runtime import foreach
+
+    device_functions = [name for name, f in FUNCTIONS.items() if f.tensor]
+    assert [n for n in device_functions if not callable(getattr(foreach, n, None))] == []
+    assert [n for n in device_functions if n not in reference._OPS and n != "strided"] == []

@@ -340,6 +340,11 @@ low_rank_newton_schulz = _orthogonaliser("low_rank_newton_schulz")
 low_rank_cans = _orthogonaliser("low_rank_cans")
 
 
+def strided(x: Tensors, k: Scalar) -> Tensors:
+    """Every k-th element of each flattened tensor (views where the memory allows)."""
+    return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
+
+
 def vdot(a: Tensors, b: Tensors) -> Tensors:
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
 
