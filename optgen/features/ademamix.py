@@ -14,32 +14,12 @@ math/adv-optm.md §6.1).
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, edit_nested, flag, is_var, switch, var
+from optgen.features.rewrite import FeatureError, edit_nested, ema_form, flag, is_var, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_AdEMAMix"
 SLOW = "exp_avg_slow"
-
-
-def _ema(program: Program) -> tuple[Node, Node | None]:
-    """What the first moment averages, and the scale of its new-value weight: ``(x, None)`` for
-    ``exp_avg = lerp(exp_avg, x, w)``; ``(x, c)`` for Prodigy's ``exp_avg * beta1 + (c * (1 - beta1)) * x``."""
-    for s in walk_stmts(program.body):
-        if not (isinstance(s, Assign) and s.target == "exp_avg"):
-            continue
-        v = s.value
-        if v.op == "lerp" and is_var(v.args[0], "exp_avg"):
-            return v.args[1], None
-        if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg"):
-            beta1, w = v.args[0].args[1], v.args[2]
-            rest = Node("sub", (Node("const", attr=1), beta1))
-            if w == rest:
-                return v.args[1], Node("const", attr=1)
-            if w.op == "mul" and w.args[1] == rest:
-                return v.args[1], w.args[0]
-    raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 + "
-                       "(c * (1 - beta1)) * x' statement")
 
 
 def _uses_direction(s) -> bool:
@@ -57,17 +37,21 @@ def _before_first_use(extra: list):
 
 
 def _apply(program: Program) -> Program:
-    x, scale = _ema(program)
+    ema = next((e for e in map(ema_form, walk_stmts(program.body)) if e is not None), None)
+    if ema is None:
+        raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 "
+                           "+ (c * (1 - beta1)) * x' statement")
+    x, scale = ema.x, ema.scale
     one = Node("const", attr=1)
     beta3 = Node("hyper", attr=("beta3_ema", None))
     w = Node("sub", (one, beta3), kind=Kind.HOST)
     if scale is None:
-        ema = Node("lerp", (var(SLOW), x, w), kind=Kind.ELEMENT)
+        slow_ema = Node("lerp", (var(SLOW), x, w), kind=Kind.ELEMENT)
     else:  # the first moment's own form: slow * beta3 + (c * (1 - beta3)) * x
-        ema = Node("axpy", (Node("mul", (var(SLOW), beta3), kind=Kind.ELEMENT), x, Node("mul", (scale, w))),
-                   kind=Kind.ELEMENT)
+        slow_ema = Node("axpy", (Node("mul", (var(SLOW), beta3), kind=Kind.ELEMENT), x, Node("mul", (scale, w))),
+                        kind=Kind.ELEMENT)
     slow = [
-        Assign(SLOW, ema, None, "state"),
+        Assign(SLOW, slow_ema, None, "state"),
         Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
                               kind=Kind.ELEMENT), None, "temp"),
     ]

@@ -26,7 +26,16 @@ statements the other features produced.
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, flag, var
+from optgen.features.orthograd import is_orthograd_block
+from optgen.features.rewrite import (
+    FeatureError,
+    at_start_of_param_block,
+    edit_nested,
+    element,
+    flag,
+    placed,
+    var,
+)
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
@@ -128,20 +137,10 @@ class _Factoring:
         return out, ready
 
 
-def _before_orthograd(edit):
-    """``edit`` (the upcast at the start of the block that writes the parameter), moved to just
-    before that block's OrthoGrad, where it has one at its top level (after Kourkoutas' raw pooling)."""
-    def is_orthograd(s: Stmt) -> bool:
-        return isinstance(s, If) and any(isinstance(x, Assign) and x.target == "ortho_g" for x in s.then)
-
-    def moved(stmts: list[Stmt]) -> list[Stmt] | None:
-        done = edit(stmts)
-        if done is None:
-            return None
-        at = next((i for i, s in enumerate(stmts) if is_orthograd(s)), 0)
-        return [*stmts[:at], *done[: len(done) - len(stmts)], *stmts[at:]]
-
-    return moved
+def _before_orthograd(stmts: list[Stmt]) -> int:
+    """Where the upcast goes in the block that writes the parameter: just before its OrthoGrad
+    (after Kourkoutas' raw pooling), or at its start."""
+    return next((i for i, s in enumerate(stmts) if is_orthograd_block(s)), 0)
 
 
 def _apply(program: Program) -> Program:
@@ -171,7 +170,7 @@ def _apply(program: Program) -> Program:
     if all(c is not None for c in conds):
         either = conds[0] if len(conds) == 1 else Node("or", tuple(conds), boolean=True)
         cast = [If(either, cast, [])]
-    upcast = _before_orthograd(at_start_of_param_block(cast, True))
+    upcast = placed(at_start_of_param_block(cast, True), _before_orthograd)
     dense_body = program.body
     factored, ok = edit_nested(factored, upcast)
     if precision_api:

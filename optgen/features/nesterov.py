@@ -10,7 +10,7 @@ normalised gradient: adv_optm mixes the two scales, math/adv-optm.md §9.7).
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import is_var, replace_assigns, require, switch, var
+from optgen.features.rewrite import ema_form, is_var, replace_assigns, require, switch, var
 from optgen.ir.nodes import Assign, If, Node, Program, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
@@ -19,11 +19,9 @@ COEF = "nesterov_coef"
 
 
 def _apply(program: Program) -> Program:
-    weights = [_ema_weight(s.value) for s in walk_stmts(program.body)
-               if isinstance(s, Assign) and s.target == "exp_avg"]
-    weights = [w for w in weights if w is not None]
-    require(len(weights), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * beta1 + s * "
-            "grad' statement")
+    emas = [e for e in map(ema_form, walk_stmts(program.body)) if e is not None]
+    require(len(emas), "nesterov", "an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * beta1 + (c * (1 - "
+            "beta1)) * grad' statement")
 
     coef = Node("hyper", attr=(COEF, None))
     own = Node("sub", (Node("const", attr=1), coef))
@@ -35,23 +33,13 @@ def _apply(program: Program) -> Program:
                 return Assign("update", Node("lerp", (v.args[0], var("grad"), w), kind=v.kind), s.pos, s.role)
 
             default = Node("eq", (coef, Node("const", attr=None)), boolean=True)
-            on = If(default, [mix(weights[0])], [mix(own)], s.pos)
+            on = If(default, [mix(emas[0].weight)], [mix(own)], s.pos)
             return [switch(FLAG, [on], [s], s.pos)]
         return None
 
     body, n = replace_assigns(program.body, direction)
     require(n, "nesterov", "an 'update = copy(exp_avg)' statement")
     return program.copy(body=body)
-
-
-def _ema_weight(v: Node) -> Node | None:
-    """The weight ``w`` the moment's EMA gives the new value: lerp's, or ``1 - beta1`` of
-    ``exp_avg * beta1 + s * grad`` (Prodigy's d-scaled EMA)."""
-    if v.op == "lerp" and is_var(v.args[0], "exp_avg"):
-        return v.args[2]
-    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg") and v.args[0].args[1].is_host:
-        return Node("sub", (Node("const", attr=1), v.args[0].args[1]))
-    return None
 
 
 FEATURE = Feature(

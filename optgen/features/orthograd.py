@@ -17,7 +17,15 @@ string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented)
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, flag, var
+from optgen.features.rewrite import (
+    FeatureError,
+    at_start_of_param_block,
+    edit_nested,
+    element,
+    flag,
+    placed,
+    var,
+)
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.spec.model import HyperparameterSpec
 
@@ -45,18 +53,17 @@ def _apply(program: Program) -> Program:
         cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
     else:
         cond = flag(FLAG)
-    body, ok = edit_nested(program.body, _after_gradient_preprocessing(
-        at_start_of_param_block([If(cond, _statements(), [])])))
+    body, ok = edit_nested(program.body, placed(at_start_of_param_block([If(cond, _statements(), [])]),
+                                                after_gradient_preprocessing))
     if not ok:
         raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
     return program.copy(body=body)
 
 
-def _after_gradient_preprocessing(edit):
-    """``edit`` (orthograd at the start of the block that writes the parameter), moved past the
-    spec's own leading gradient preprocessing (Lion_Prodigy's clip_threshold): adv_optm clips, then
-    orthogonalises; Muon's approx MARS). The preprocessing is the leading run of statements before
-    the first parameter write; orthograd follows its last write of ``grad`` (or leads, if none)."""
+def after_gradient_preprocessing(stmts: list[Stmt]) -> int:
+    """Where OrthoGrad goes in the block that writes the parameter: after the spec's own leading
+    gradient preprocessing (Lion_Prodigy's clip: adv_optm clips, then orthogonalises; Muon's approx
+    MARS), i.e. after the last write of ``grad`` before the first parameter write (0 if none)."""
     def pre(s: Stmt) -> bool:
         if isinstance(s, If):
             return all(pre(x) for x in (*s.then, *s.orelse))
@@ -67,20 +74,18 @@ def _after_gradient_preprocessing(edit):
             return any(writes_grad(x) for x in (*s.then, *s.orelse))
         return s.target == "grad"
 
-    def moved(stmts: list[Stmt]) -> list[Stmt] | None:
-        done = edit(stmts)
-        if done is None:
-            return None
-        block = done[: len(done) - len(stmts)]
-        n = 0
-        for i, s in enumerate(stmts):
-            if not pre(s):
-                break
-            if writes_grad(s):
-                n = i + 1
-        return [*stmts[:n], *block, *stmts[n:]]
+    n = 0
+    for i, s in enumerate(stmts):
+        if not pre(s):
+            break
+        if writes_grad(s):
+            n = i + 1
+    return n
 
-    return moved
+
+def is_orthograd_block(s: Stmt) -> bool:
+    """Whether ``s`` is the conditional this feature inserts."""
+    return isinstance(s, If) and any(isinstance(x, Assign) and x.target == "ortho_g" for x in s.then)
 
 
 FEATURE = Feature(

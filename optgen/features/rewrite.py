@@ -10,7 +10,7 @@ first moment is the EMA ``exp_avg = lerp(exp_avg, grad, w)``, decoupled weight d
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Stmt
 
@@ -144,3 +144,48 @@ def at_start_of_param_block(block: list[Stmt], through_branches: bool = False,
         return [*block, *stmts] if any(writes(s) for s in stmts) else None
 
     return edit
+
+
+@dataclass(frozen=True)
+class Ema:
+    """A first-moment EMA as a spec writes it: ``lerp(exp_avg, x, w)`` (``scale`` None), or Prodigy's
+    ``exp_avg * beta1 + (scale * (1 - beta1)) * x``."""
+
+    x: Node  # what it averages
+    weight: Node  # the new value's weight (w, or 1 - beta1)
+    beta1: Node  # the old value's factor, as written where the spec writes it
+    scale: Node | None  # Prodigy's d (a constant 1 for an unscaled axpy form); None for lerp
+
+
+def ema_form(s: Stmt, target: str = "exp_avg") -> Ema | None:
+    """``s`` as an EMA of state ``target``, or None."""
+    if not isinstance(s, Assign) or s.target != target:
+        return None
+    v = s.value
+    if v.op == "lerp" and is_var(v.args[0], target):
+        w = v.args[2]
+        one = w.op == "sub" and w.args[0].op == "const" and w.args[0].attr == 1
+        beta1 = w.args[1] if one else Node("sub", (Node("const", attr=1), w))
+        return Ema(v.args[1], w, beta1, None)
+    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], target) and v.args[0].args[1].is_host:
+        beta1, w = v.args[0].args[1], v.args[2]
+        rest = Node("sub", (Node("const", attr=1), beta1))
+        if w == rest:
+            return Ema(v.args[1], rest, beta1, Node("const", attr=1))
+        if w.op == "mul" and w.args[1] == rest:
+            return Ema(v.args[1], rest, beta1, w.args[0])
+    return None
+
+
+def placed(edit: Callable[[list[Stmt]], list[Stmt] | None], where: Callable[[list[Stmt]], int],
+           ) -> Callable[[list[Stmt]], list[Stmt] | None]:
+    """``edit`` (one that puts a block at the start of a statement list) with the block moved to
+    index ``where(stmts)`` of the list instead."""
+    def moved(stmts: list[Stmt]) -> list[Stmt] | None:
+        done = edit(stmts)
+        if done is None:
+            return None
+        at = where(stmts)
+        return [*stmts[:at], *done[: len(done) - len(stmts)], *stmts[at:]]
+
+    return moved

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.rewrite import (
+    ema_form,
     first_moment_direction,
-    is_var,
     replace_assigns,
     require,
     substitute,
@@ -40,38 +40,21 @@ def _relr(s: Assign) -> list[Stmt]:
     return [Assign(s.target, substitute(s.value, _uses_lr), s.pos, s.role)]
 
 
-def _beta1(weight: Node) -> Node:
-    """beta1 from the EMA's weight ``1 - beta1`` (taken as written, so no rounding is added)."""
-    if weight.op == "sub" and weight.args[0].op == "const" and weight.args[0].attr == 1:
-        return weight.args[1]
-    return _host("sub", Node("const", attr=1), weight)
-
-
-def _prodigy_form(v: Node) -> tuple[Node, Node, Node] | None:
-    """``exp_avg * beta1 + (c * (1 - beta1)) * x`` (Prodigy's d-scaled EMA): ``(beta1, c, x)``."""
-    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], "exp_avg"):
-        beta1, w = v.args[0].args[1], v.args[2]
-        if w.op == "mul" and w.args[1] == _host("sub", Node("const", attr=1), beta1):
-            return beta1, w.args[0], v.args[1]
-    return None
-
-
 def _apply(program: Program) -> Program:
     found: dict[str, Node] = {}
 
     def accumulate(s: Assign):
-        v = s.value
-        if s.target == "exp_avg" and v.op == "lerp" and is_var(v.args[0], "exp_avg"):
-            found["x"], found["beta1"] = v.args[1], _beta1(v.args[2])
-            acc = Node("add", (Node("mul", (v.args[0], found["beta1"]), kind=v.kind), v.args[1]), kind=v.kind)
-            return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
-        prodigy = _prodigy_form(v) if s.target == "exp_avg" else None
-        if prodigy is not None:  # m = m * beta1 + c * x: the accumulator of the scaled input
-            beta1, c, x = prodigy
-            found["x"], found["beta1"], found["c"] = x, beta1, c
-            acc = Node("axpy", (v.args[0], x, c), kind=v.kind)
-            return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
-        return None
+        ema = ema_form(s)
+        if ema is None or (ema.scale is not None and ema.scale.op == "const"):
+            return None
+        found["x"], found["beta1"] = ema.x, ema.beta1
+        m = s.value.args[0]
+        if ema.scale is None:  # m = m * beta1 + x
+            acc = Node("add", (Node("mul", (m, ema.beta1), kind=s.value.kind), ema.x), kind=s.value.kind)
+        else:  # Prodigy: m = m * beta1 + c * x, the accumulator of the scaled input
+            found["c"] = ema.scale
+            acc = Node("axpy", (m, ema.x, ema.scale), kind=s.value.kind)
+        return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
 
     body, n = replace_assigns(program.body, accumulate)
     require(n, "simplified_ademamix", "an 'exp_avg = lerp(exp_avg, x, 1 - beta1)' or 'exp_avg = exp_avg * beta1 + "

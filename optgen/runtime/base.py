@@ -105,10 +105,20 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
         self._sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
                              for n in walk_nodes(s.value))
+        #: hyperparameters every group reads from group 0 (``first_group``)
+        self._first_group = [n for n, h in prog.hypers if h.first_group]
+        #: states whose condition reads a global, and whether it also reads parameter facts
+        names = {g.name for g in prog.globals}
+        self._global_state_conds = [
+            (d, any(n.op in ("meta", "has", "param_attr") for n in walk_nodes(d.cond)))
+            for d in prog.state
+            if d.cond is not None and any(n.op == "hyper" and n.attr[0] in names for n in walk_nodes(d.cond))
+        ]
         #: one step's contributions to the program's accumulators, by parameter position
         self._parts: dict[str, dict[int, list[Any]]] = {}
         self._part_vectors: dict[str, torch.Tensor] = {}  # the triton backend's, position-indexed
         self._positions: dict[int, int] | None = None
+        self._position_index: dict[tuple[int, ...], torch.Tensor] = {}  # the triton backend's
         if "kourkoutas_beta" in prog.features and any(g.get("kourkoutas_beta") for g in self.param_groups):
             from optgen.runtime.kourkoutas import Kourkoutas
 
@@ -148,11 +158,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
 
     def _stepping_group(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
         """The values a group steps with: hyperparameters marked ``first_group`` come from group 0."""
-        shared = [n for n, h in self._program.hypers if h.first_group]
-        if gi == 0 or not shared:
+        if gi == 0 or not self._first_group:
             return group
         first = self.param_groups[0]
-        return {**group, **{n: first[n] for n in shared}}
+        return {**group, **{n: first[n] for n in self._first_group}}
 
     # -- optimizer-wide accumulators and the end of a step ------------------------------------
     # Contributions are kept per parameter and summed at the end of the step in parameter order,
@@ -173,7 +182,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """The triton backend's contributions: one device vector per accumulator, in ``params`` order."""
         if not sums:
             return
-        index = torch.tensor([self._position(p) for p in params], dtype=torch.int64).to(params[0].device)
+        key = tuple(map(id, params))
+        index = self._position_index.get(key)
+        if index is None:  # built once per parameter list (a group, or one parameter when fused)
+            index = torch.tensor([self._position(p) for p in params], dtype=torch.int64).to(params[0].device)
+            self._position_index[key] = index
         n = sum(len(g["params"]) for g in self.param_groups)
         for name, values in sums.items():
             buf = self._part_vectors.get(name)
@@ -223,13 +236,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     def _drop_states_out_of_condition(self) -> None:
         """Free states whose condition reads a global that no longer allows them (Prodigy's ``s`` and
         ``p0`` once ``prodigy_steps`` is reached)."""
-        names = {g.name for g in self._program.globals}
-        decls = [d for d in self._program.state if d.cond is not None and any(
-            n.op == "hyper" and n.attr[0] in names for n in walk_nodes(d.cond))]
         dropped = False
         for group in self.param_groups:
-            for d in decls:
-                per_param = any(n.op in ("meta", "has", "param_attr") for n in walk_nodes(d.cond))
+            for d, per_param in self._global_state_conds:
                 keep = None if per_param else evaluate(d.cond, HostContext(group, torch.empty(0), {}, tensor_math=False))
                 for p in group["params"]:
                     st = self.state.get(p)
@@ -277,6 +286,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._triton.invalidate()
         self._parts = {}  # the next step starts its accumulators from the loaded globals
         self._positions = None
+        self._position_index = {}
         for group in self.param_groups:
             self._init_globals(group)
         for p, d, value in saved:

@@ -130,6 +130,10 @@ class TritonRunner:
         self.kernels = dict(self.module.KERNELS)
         self.module_name = module_name
         self.dynamic = set(self.plan["dynamic"])
+        # the hoisted conditions on globals a table's path depends on (re-evaluated per step)
+        conds = self.plan.get("global_conditions") or []
+        found = {s.target: s.value for s in program.body if isinstance(s, Assign) and s.target in conds}
+        self.global_conditions = [found[c] for c in conds]
         # by (group index, ids of the stepped parameters): the whole group for step(), one
         # parameter at a time for the fused backward pass
         self.caches: dict[tuple[int, tuple[int, ...]], _GroupCache] = {}
@@ -163,8 +167,7 @@ class TritonRunner:
         if not conds:
             return values
         ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
-        found = {s.target: s for s in self.program.body if isinstance(s, Assign) and s.target in conds}
-        return values + tuple(bool(evaluate(found[c].value, ctx)) for c in conds)
+        return values + tuple(bool(evaluate(node, ctx)) for node in self.global_conditions)
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
         return self._static_env(group, p, state)[0]
