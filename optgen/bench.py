@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from optgen.render import compile_spec, write_atomic
+from optgen.files import write_atomic
+from optgen.render import compile_spec
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:

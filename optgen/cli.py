@@ -42,15 +42,11 @@ def build(
     spec_dir: Path = typer.Option(SPECS, "--specs", help="directory of specs for --all"),
 ) -> None:
     """Validate, lower and render specs into ``generated/<name>.py`` (written atomically)."""
-    from optgen.render import compile_spec, init_for, render_init, write_atomic
+    from optgen.files import write_atomic
+    from optgen.render import compile_spec, init_for, render_init
 
     paths = _spec_paths(specs or [], all_, spec_dir)
-    built = []
-    for p in paths:
-        try:
-            built.append(compile_spec(p))
-        except SpecError as exc:
-            _fail(exc)
+    built = _compile_all(paths, compile_spec)
     outputs = {out / name: text for b in built for name, text in b.files().items()}
     classes = {b.module: b.program.class_name for b in built}
     if all_:
@@ -69,9 +65,16 @@ def build(
             raise typer.Exit(1)
         typer.echo(f"generated/ is up to date ({len(outputs)} files)")
         return
-    for p, text in outputs.items():
-        if not p.exists() or p.read_text(encoding="utf-8") != text:
-            write_atomic(p, text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not out.is_dir():
+            raise NotADirectoryError(f"{out} is not a directory")
+        for p, text in outputs.items():
+            if not p.exists() or p.read_text(encoding="utf-8") != text:
+                write_atomic(p, text)
+    except OSError as exc:
+        typer.echo(f"optgen build: cannot write to {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
     for b in built:
         typer.echo(f"built {out / (b.module + '.py')} ({b.program.class_name})")
 
@@ -79,20 +82,42 @@ def build(
 @app.command()
 def check(specs: list[Path] = typer.Argument(..., help="spec files to validate")) -> None:
     """Validate specs; errors are printed as ``file:line:column: field: message``."""
-    from optgen.ir.hoist import hoist
-    from optgen.ir.lower import lower
-    from optgen.spec.loader import load_spec
+    from optgen.render import compile_spec
+    from optgen.smoke import smoke_step
 
     bad = 0
+    names: dict[str, str] = {}
     for p in specs:
         try:
-            hoist(lower(load_spec(p)))
+            built = compile_spec(p)  # the same load, lowering, planning and rendering as `build`
+            _claim_module(names, built)
+            smoke_step(built, built.spec)
             typer.echo(f"{p}: ok")
         except SpecError as exc:
             typer.echo(str(exc), err=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
+
+
+def _claim_module(names: dict[str, str], built) -> None:
+    """One module per spec name in one build: a second spec of the same name is an error."""
+    first = names.setdefault(built.module, built.spec.path)
+    if first != built.spec.path:
+        raise SpecError(built.spec.position("name"), "name",
+                        f"'{built.module}' is also the name of {first}: two specs would write generated/{built.module}.py")
+
+
+def _compile_all(paths: list[Path], compile_spec) -> list:
+    built, names = [], {}
+    for p in paths:
+        try:
+            b = compile_spec(p)
+            _claim_module(names, b)
+        except SpecError as exc:
+            _fail(exc)
+        built.append(b)
+    return built
 
 
 @app.command("list")

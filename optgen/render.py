@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import pprint
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,17 @@ from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.pretty import set_aliases, stmts_text
 from optgen.ir.serial import program_to_data
-from optgen.spec.loader import load_spec
+from optgen.pysource import (
+    Code,
+    comment_text,
+    data_literal,
+    docstring_text,
+    environment,
+    identifier,
+    literal,
+    math_imports,
+)
+from optgen.spec.loader import Spec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -32,6 +39,7 @@ class Built:
     module: str  # module name inside generated/
     text: str
     triton_text: str  # generated/<module>_triton.py
+    spec: Spec
 
     def files(self) -> dict[str, str]:
         """File name -> text of every module this spec renders to."""
@@ -45,7 +53,7 @@ def compile_spec(path: str | Path) -> Built:
     program = hoist(lowered)  # hoisting builds new statement lists; `lowered` keeps the spec's form
     set_aliases(program.hypers)
     text = render_module(program, lower_text=stmts_text(lowered.body))
-    return Built(program, spec.name, text, render_triton_module(program, spec.name))
+    return Built(program, spec.name, text, render_triton_module(program, spec.name), spec)
 
 
 def render_triton_module(program: Program, module: str, fixed: dict[str, bool] | None = None) -> str:
@@ -56,36 +64,38 @@ def render_triton_module(program: Program, module: str, fixed: dict[str, bool] |
         unsupported = None
     except TritonUnsupported as exc:  # the module then says why the backend is unavailable
         kernels, plan, unsupported = [], None, str(exc)
+    plan_text = data_literal(plan)
     text = _env().get_template("triton_kernels.py.j2").render(
-        version=__version__,
-        source=program.source,
-        sha256=program.sha256,
-        class_name=program.class_name,
-        kernels=kernels,
-        plan=pprint.pformat(plan, width=108, sort_dicts=True, indent=1),
-        unsupported=unsupported,
+        **_header(program),
+        kernels=[{"kind": comment_text(k.kind), "text": Code(k.text), "name": identifier(k.name)} for k in kernels],
+        plan=plan_text,
+        math_imports=Code(", ".join(math_imports(plan_text))),
+        unsupported=literal(unsupported),
     )
     return _tidy(text)
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-    )
+    return environment(jinja2.FileSystemLoader(str(TEMPLATES)))
 
 
-def _default_code(h) -> str:
+def _header(program: Program) -> dict[str, Code]:
+    """What the header comment and first docstring line of both modules say."""
+    return {
+        "version": comment_text(__version__),
+        "source": comment_text(program.source),
+        "sha256": comment_text(program.sha256),
+        "class_name": identifier(program.class_name),
+    }
+
+
+def _default_code(h) -> Code:
     value = h.default
-    if h.inferred_type() == "dtype":
-        return f"torch.{value}"
+    if h.inferred_type() == "dtype" and value is not None:
+        return Code(f"torch.{identifier(value)}")  # a name from TORCH_DTYPES (checked at load)
     if h.as_ is not None:
-        return repr(tuple(value))
-    return repr(value)
+        return literal(tuple(value))
+    return literal(value)
 
 
 def render_module(program: Program, lower_text: list[str]) -> str:
@@ -95,25 +105,24 @@ def render_module(program: Program, lower_text: list[str]) -> str:
     for name, h in program.hypers:
         if not h.constructor:
             continue
-        args.append({"name": name, "default": _default_code(h), "doc": (h.doc or name).strip().replace("\n", " "),
-                     "keyword": h.keyword_only})
-    data = pprint.pformat(program_to_data(program), width=108, sort_dicts=True, indent=1)
-    data = "\n".join("    " + line for line in data.splitlines())
+        default = _default_code(h)
+        args.append({"name": identifier(name), "default": default, "default_doc": docstring_text(default),
+                     "doc": docstring_text((h.doc or name).strip()), "keyword": h.keyword_only})
+    data = data_literal(program_to_data(program))
+    non_finite = math_imports(data, *(a["default"] for a in args))
+    data = Code("\n".join("    " + line for line in data.splitlines()))
     matches = None
     if program.matches is not None:
-        matches = f"``{program.matches.class_}`` from ``{program.matches.package}``"
+        matches = docstring_text(f"``{program.matches.class_}`` from ``{program.matches.package}``")
     text = _env().get_template("optimizer.py.j2").render(
-        version=__version__,
-        source=program.source,
-        sha256=program.sha256,
-        class_name=program.class_name,
-        summary=summary.strip() or program.class_name,
-        details=details.strip(),
+        **_header(program),
+        summary=docstring_text(summary.strip() or program.class_name),
+        details=docstring_text(details.strip(), multiline=True),
         matches=matches,
-        equations=lower_text,
+        equations=[docstring_text(line) for line in lower_text],
         program_data=data,
-        non_finite=re.search(r"\binf\b", data) is not None,
-        device_step=render_device_step(program),
+        non_finite=Code(", ".join(non_finite)),
+        device_step=Code(render_device_step(program)),
         args=args,
         positional=[a for a in args if not a["keyword"]],
         keyword=[a for a in args if a["keyword"]],
@@ -130,20 +139,6 @@ def _tidy(text: str) -> str:
             continue
         out.append(line)
     return "\n".join(out).rstrip() + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _ALL = re.compile(r'^__all__ = \["([A-Za-z_][A-Za-z0-9_]*)"\]$', re.M)

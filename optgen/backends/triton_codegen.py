@@ -603,6 +603,8 @@ def default_decisions(program: Program) -> dict[str, bool]:
 
     group = {name: (tuple(h.default) if isinstance(h.default, list) else h.default) for name, h in program.hypers}
     ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+    for g in program.globals:  # conditions on globals (Prodigy's k) read their initial values
+        group[g.name] = evaluate(g.init, ctx)
     out: dict[str, bool] = {}
     for s in program.body:
         if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and all(

@@ -136,6 +136,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 raise ValueError(message)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch raises its own error for a set
+            params = param_group["params"] = list(params)
+            seen: dict[int, int] = {}
+            for i, p in enumerate(params):
+                if id(p) in seen:
+                    raise ValueError(
+                        f"params: param group {len(self.param_groups)} lists the same parameter twice "
+                        f"(positions {seen[id(p)]} and {i}, shape {tuple(getattr(p, 'shape', ()))}); list each parameter once"
+                    )
+                seen[id(p)] = i
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for name, h in self._program.hypers:

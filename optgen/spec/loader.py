@@ -4,6 +4,9 @@ of the ``update:`` statements into expression trees."""
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,11 +109,51 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _load_merged(path: Path, shown: str, seen: tuple[str, ...]) -> tuple[dict, SourceMap, str]:
+#: Bounds on a spec file and its ``extends:`` chain.
+MAX_SPEC_BYTES = 1 << 20
+MAX_EXTENDS_DEPTH = 32
+_SPEC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
+
+
+def read_spec_text(path: Path, shown: str, pos: Position | None = None, field_name: str = "") -> str:
+    """The UTF-8 text of the regular file at ``path``: never blocks (a FIFO), never reads a device
+    or a folder, and stops at :data:`MAX_SPEC_BYTES`."""
+    where = (pos, field_name) if pos is not None else (None, "")
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise SpecError(None, "", f"{shown}: no such spec file") from None
+        raise SpecError(*where, f"{shown}: no such spec file") from None
+    except IsADirectoryError:
+        raise SpecError(*where, f"{shown}: is a directory, not a spec file") from None
+    except (OSError, ValueError) as exc:  # permissions, a name too long, a NUL in the name
+        raise SpecError(*where, f"{shown}: cannot open: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(*where, f"{shown}: is a directory, not a spec file")
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(*where, f"{shown}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(*where, f"{shown}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(Position(shown, 1, 1), "", f"the spec file is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = len(raw[raw.rfind(b"\n", 0, exc.start) + 1: exc.start].decode("utf-8", "replace")) + 1
+        raise SpecError(Position(shown, line, col), "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded") from None
+
+
+def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
+                 opened_at: tuple[Position | None, str] = (None, "")) -> tuple[dict, SourceMap, str]:
+    text = read_spec_text(path, shown, *opened_at)
     data, smap = load_yaml(text, shown)
     if not isinstance(data, dict):
         raise SpecError(smap.at(()), "", "a spec must be a mapping of fields")
@@ -121,15 +164,26 @@ def _load_merged(path: Path, shown: str, seen: tuple[str, ...]) -> tuple[dict, S
     pos = smap.text_at(("extends",))
     if not isinstance(parent_name, str):
         raise SpecError(pos, "extends", "must be the name of another spec")
+    if not _SPEC_NAME.match(parent_name):
+        raise SpecError(pos, "extends", f"{_short(parent_name)} is not a spec name: extends names a spec of "
+                        "the same folder by its name (lower_snake_case, at most 100 characters), not a path")
+    if len(seen) >= MAX_EXTENDS_DEPTH:
+        raise SpecError(pos, "extends", f"extends chain deeper than {MAX_EXTENDS_DEPTH} specs")
     parent_path = path.parent / f"{parent_name}.yaml"
     if parent_name in seen or parent_path.resolve() == path.resolve():
         raise SpecError(pos, "extends", f"circular extends: {' -> '.join((*seen, parent_name))}")
     if not parent_path.exists():
         others = [p.stem for p in path.parent.glob("*.yaml")]
         raise SpecError(pos, "extends", f"unknown spec '{parent_name}'{did_you_mean(parent_name, others)}")
-    pdata, pmap, pdigest = _load_merged(parent_path, _display(parent_path), (*seen, parent_name))
+    if parent_path.resolve().parent != path.parent.resolve():
+        raise SpecError(pos, "extends", f"spec '{parent_name}' is a link to a file outside the spec folder")
+    pdata, pmap, pdigest = _load_merged(parent_path, _display(parent_path), (*seen, parent_name), (pos, "extends"))
     merged, mmap = _merge(pdata, pmap, data, smap)
     return merged, mmap, hashlib.sha256((pdigest + digest).encode()).hexdigest()
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 _ENTRY_MERGED = ("hyperparameters", "state")

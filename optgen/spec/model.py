@@ -21,9 +21,42 @@ RESERVED = {
 }
 
 
+#: Names a hyperparameter cannot take: the generated constructor's own arguments and the names it
+#: calls, the generated module's globals, and the attributes of ``torch.optim.Optimizer`` (an
+#: optimizer-wide hyperparameter is an attribute of the optimizer). tests/test_hostile_specs.py
+#: checks this list against the runtime's classes.
+RESERVED_HYPERPARAMETERS = {
+    "self", "params", "backend", "super", "defaults", "state", "param_groups",
+    "F", "torch", "GeneratedOptimizer", "program_from_data", "annotations", "inf", "nan",
+    "step", "zero_grad", "state_dict", "load_state_dict", "add_param_group", "profile_hook_step",
+    "register_step_pre_hook", "register_step_post_hook", "register_state_dict_pre_hook",
+    "register_state_dict_post_hook", "register_load_state_dict_pre_hook",
+    "register_load_state_dict_post_hook", "OptimizerPreHook", "OptimizerPostHook",
+}
+
+#: Names a spec's class cannot take: the globals of the modules it is rendered into.
+RESERVED_CLASS_NAMES = {
+    "F", "torch", "triton", "tl", "L", "GeneratedOptimizer", "program_from_data", "annotations", "inf", "nan",
+    "KERNELS", "PLAN", "UNSUPPORTED",
+}
+
+#: The dtype names a ``type: dtype`` default may take (rendered as ``torch.<name>``).
+TORCH_DTYPES = {
+    "float16", "float32", "float64", "bfloat16", "half", "float", "double",
+    "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "int16", "int32", "int64",
+}
+
+#: Longest spec or class name (its files are ``<name>_triton.py`` and cached ``<name>_<hash>.py``).
+MAX_NAME = 100
+
+
 def _check_ident(name: str, what: str) -> str:
     if not isinstance(name, str) or not IDENT.match(name) or keyword.iskeyword(name):
         raise ValueError(f"{what} {name!r} is not a valid identifier")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"{what} {name[:20]!r}... is longer than {MAX_NAME} characters")
+    if name.startswith("_"):
+        raise ValueError(f"{what} {name!r}: names starting with '_' are reserved for optgen")
     return name
 
 
@@ -86,6 +119,9 @@ class HyperparameterSpec(_Strict):
                 raise ValueError(f"default {v!r} is not an integer")
             if kind == "bool" and not isinstance(v, bool):
                 raise ValueError(f"default {v!r} is not true or false")
+            if kind == "dtype" and v is not None and v not in TORCH_DTYPES:
+                raise ValueError(f"default {v!r} is not a torch dtype name "
+                                 f"(one of {', '.join(sorted(TORCH_DTYPES))})")
         return self
 
     def inferred_type(self) -> str:
@@ -224,14 +260,23 @@ class SpecModel(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(r"^[a-z][a-z0-9_]*$", v or ""):
+        if not isinstance(v, str) or not re.match(r"^[a-z][a-z0-9_]*$", v):
             raise ValueError(f"name {v!r} must be lower_snake_case")
+        if len(v) > MAX_NAME:
+            raise ValueError(f"name {v[:20]!r}... is longer than {MAX_NAME} characters")
+        if keyword.iskeyword(v) or keyword.issoftkeyword(v):
+            raise ValueError(f"name {v!r} is a Python keyword: its module could not be imported by name")
+        if v.endswith("_triton"):
+            raise ValueError(f"name {v!r}: the suffix '_triton' names the kernel module of spec {v[:-7]!r}")
         return v
 
     @field_validator("class_")
     @classmethod
     def _class(cls, v: str) -> str:
-        return _check_ident(v, "class name")
+        _check_ident(v, "class name")
+        if v in RESERVED_CLASS_NAMES:
+            raise ValueError(f"class name {v!r} is a name the generated module uses")
+        return v
 
     @field_validator("hyperparameters", "state", "facts", "globals", "accumulators")
     @classmethod
@@ -240,4 +285,12 @@ class SpecModel(_Strict):
             _check_ident(n, "name")
             if n in RESERVED:
                 raise ValueError(f"'{n}' is reserved")
+        return v
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _hyper_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for n in v:
+            if n in RESERVED_HYPERPARAMETERS:
+                raise ValueError(f"'{n}' is reserved: the generated optimizer uses this name")
         return v

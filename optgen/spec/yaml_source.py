@@ -43,47 +43,144 @@ class SourceMap:
         return pos.shifted(self.text_offsets.get(tuple(path), 0))
 
 
+#: Bounds on what a spec file may make the loader do (a spec is data, and may come from anyone).
+MAX_DEPTH = 64  # nested mappings / sequences
+MAX_NODES = 100_000  # nodes after expanding aliases (a "billion laughs" document stops here)
+MAX_INT = 2**63 - 1  # integer magnitude; larger numbers are written as floats (1.0e30)
+
+#: The only tags a spec may carry (explicit ``!!str`` resolves to these too).
+_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+def _pos(file: str, mark) -> Position:
+    return Position(file, mark.line + 1, mark.column + 1) if mark is not None else Position(file, 1, 1)
+
+
+def _bounded_events(text: str, file: str) -> None:
+    """Walk the YAML event stream once (iteratively, so it cannot recurse or expand anything) and
+    refuse what would make composing it deep, huge or typed beyond plain data."""
+    depth = 0
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    open_: list[tuple[str | None, int]] = []  # (anchor, nodes so far) per open collection
+    total = 0
+    documents = 0
+    try:
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise SpecError(_pos(file, ev.start_mark), "", "a spec file holds one YAML document")
+            tag = getattr(ev, "tag", None)
+            if tag is not None and tag not in _TAGS:
+                raise SpecError(_pos(file, ev.start_mark), "", f"YAML tag {tag!r} is not allowed in a spec")
+            if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(_pos(file, ev.start_mark), "", f"nested deeper than {MAX_DEPTH} levels")
+                open_.append((ev.anchor, 1))
+                continue
+            if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+                anchor, n = open_.pop()
+                added = n
+            elif isinstance(ev, yaml.ScalarEvent):
+                if ev.style is None and ev.value == "<<":
+                    raise SpecError(_pos(file, ev.start_mark), "", "YAML merge keys ('<<') are not supported in a spec")
+                anchor, added = ev.anchor, 1
+            elif isinstance(ev, yaml.AliasEvent):
+                anchor, added = None, sizes.get(ev.anchor, 1)
+            else:
+                continue
+            if anchor is not None:
+                sizes[anchor] = added
+            total += added
+            if total > MAX_NODES:
+                raise SpecError(_pos(file, ev.start_mark), "",
+                                f"the document expands to more than {MAX_NODES} nodes (through aliases?)")
+            if open_:
+                a, n = open_[-1]
+                open_[-1] = (a, n + added)
+    except yaml.MarkedYAMLError as exc:
+        raise SpecError(_pos(file, exc.problem_mark or exc.context_mark), "", f"invalid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:  # the reader: a character YAML does not accept (NUL, ...)
+        raise SpecError(_offset_position(text, file, getattr(exc, "position", 0)), "", f"invalid YAML: {_reader_reason(exc)}") from None
+
+
+def _reader_reason(exc: yaml.YAMLError) -> str:
+    ch = getattr(exc, "character", None)
+    if isinstance(ch, str):
+        return f"unacceptable character {ch!r}"
+    return str(exc).splitlines()[0]
+
+
+def _offset_position(text: str, file: str, offset: int) -> Position:
+    """The 1-based line and column of character ``offset`` of ``text``."""
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return Position(file, line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
-    """Parse one YAML document into data and a :class:`SourceMap`."""
+    """Parse one YAML document into data and a :class:`SourceMap`.
+
+    Only plain data is accepted: strings, numbers, booleans, null, lists and mappings, within the
+    bounds above; anything else is a :class:`SpecError` with a position, never a traceback.
+    """
     smap = SourceMap(file)
+    _bounded_events(text, file)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        pos = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
-        raise SpecError(pos, "", f"invalid YAML: {exc.problem or exc}") from None
+        raise SpecError(_pos(file, exc.problem_mark or exc.context_mark), "", f"invalid YAML: {exc.problem or exc}") from None
     finally:
         loader.dispose()
     if node is None:
         raise SpecError(Position(file, 1, 1), "", "the spec is empty")
+
+    def scalar(n: yaml.Node, path: Path) -> Any:
+        here = smap.positions[path]
+        try:
+            value = yaml.SafeLoader.construct_object(loader, n)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            raise SpecError(here, _dotted(path), f"invalid value {n.value[:40]!r}: {str(exc).splitlines()[0]}") from None
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise SpecError(here, _dotted(path),
+                            f"{n.value[:40]!r} reads as a {type(value).__name__}: quote it to make it a string")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise SpecError(here, _dotted(path), "integer out of range (write large numbers as floats, e.g. 1.0e30)")
+        return value
 
     def walk(n: yaml.Node, path: Path) -> Any:
         smap.positions[path] = Position(file, n.start_mark.line + 1, n.start_mark.column + 1)
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
-                key = yaml.SafeLoader.construct_object(loader, key_node)
-                if not isinstance(key, (str, int, float, bool)):
-                    raise SpecError(smap.positions[path], _dotted(path), "mapping keys must be scalars")
+                kpos = Position(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise SpecError(kpos, _dotted(path), "mapping keys must be scalars")
+                smap.positions[path + ("<key>",)] = kpos
+                key = scalar(key_node, path + ("<key>",))
+                del smap.positions[path + ("<key>",)]
+                if key is None:
+                    raise SpecError(kpos, _dotted(path), "mapping keys must be scalars")
                 if key in out:
-                    kpos = Position(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                     raise SpecError(kpos, _dotted(path + (key,)), f"duplicate key '{key}'")
                 out[key] = walk(value_node, path + (key,))
                 # A key's own position is more useful than its value's for "unknown key" errors.
-                smap.positions[path + (key, "<key>")] = Position(
-                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1
-                )
+                smap.positions[path + (key, "<key>")] = kpos
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(v, path + (i,)) for i, v in enumerate(n.value)]
         if n.style in ("'", '"'):
             smap.text_offsets[path] = 1
-        return yaml.SafeLoader.construct_object(loader, n)
+        return scalar(n, path)
 
     loader = yaml.SafeLoader("")
-    data = walk(node, ())
-    loader.dispose()
+    try:
+        data = walk(node, ())
+    finally:
+        loader.dispose()
     return data, smap
 
 
