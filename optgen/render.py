@@ -159,7 +159,7 @@ def render_init(modules: dict[str, str]) -> str:
         if cls not in exported or mod == cls.lower():
             exported[cls] = mod
     for mod in sorted(exported.values()):
-        lines.append(f"from generated.{mod} import {modules[mod]}")
+        lines.append(f"from .{mod} import {modules[mod]}")
     lines.append("")
     lines.append("__all__ = [")
     for cls in sorted(exported):

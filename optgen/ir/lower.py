@@ -453,6 +453,9 @@ def _ordered_hypers(spec: Spec, extra: list[tuple[str, HyperparameterSpec]]) -> 
         if n not in by_name:
             raise SpecError(spec.source.at(("constructor_order", i)), f"constructor_order[{i}]",
                             f"unknown hyperparameter '{n}'{did_you_mean(n, by_name)}")
+        if n in order[:i]:
+            raise SpecError(spec.source.at(("constructor_order", i)), f"constructor_order[{i}]",
+                            f"'{n}' is listed twice")
     missing = [n for n, _ in hypers if n not in order]
     if missing:
         raise SpecError(pos, "constructor_order", f"missing hyperparameters: {', '.join(missing)}")

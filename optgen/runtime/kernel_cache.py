@@ -32,7 +32,11 @@ from optgen.ir.nodes import Program
 _HEADER = "# optgen kernel cache: sha256 "
 
 
-class UntrustedCache(RuntimeError):
+class KernelCacheError(RuntimeError):
+    """The kernel cache cannot be used (not writable, or not trusted)."""
+
+
+class UntrustedCache(KernelCacheError):
     """The kernel cache folder may hold code written by someone else."""
 
 
@@ -83,7 +87,7 @@ def _folder() -> Path:
         try:
             return _trusted(Path(tempfile.gettempdir()) / f"optgen-triton-{uid}", private=True)
         except OSError as exc:
-            raise UntrustedCache(f"no writable kernel cache: {cache_dir()} and the temporary folder failed "
+            raise KernelCacheError(f"no writable kernel cache: {cache_dir()} and the temporary folder failed "
                                  f"({exc.strerror or exc}); set OPTGEN_CACHE_DIR to a writable folder") from None
 
 
@@ -123,7 +127,11 @@ def load_path_module(program: Program, module_name: str, key: tuple) -> ModuleTy
         from optgen.render import render_triton_module
 
         text = _stamped(render_triton_module(program, name, fixed=dict(key)))
-        write_atomic(path, text)
+        try:
+            write_atomic(path, text)
+        except OSError as exc:
+            raise KernelCacheError(f"cannot write the kernel cache {path.parent}: {exc.strerror or exc}; set "
+                                   "OPTGEN_CACHE_DIR to a writable folder of your own") from None
     mod = ModuleType(full)
     mod.__file__ = str(path)
     # Triton reads a kernel's source through inspect/linecache: it reads the verified text too

@@ -108,9 +108,10 @@ def _bounded_events(text: str, file: str) -> None:
 
 def _reader_reason(exc: yaml.YAMLError) -> str:
     ch = getattr(exc, "character", None)
-    if isinstance(ch, str):
-        return f"unacceptable character {ch!r}"
-    return str(exc).splitlines()[0]
+    if ch is None:
+        return str(exc).splitlines()[0]
+    code = ord(ch) if isinstance(ch, str) else int(ch)
+    return f"unacceptable character #x{code:04x} (control characters are not allowed)"
 
 
 def _offset_position(text: str, file: str, offset: int) -> Position:
