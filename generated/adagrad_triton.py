@@ -82,6 +82,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_k2', 'clr'],
+ 'group_conditions': ['_c0', '_c1'],
  'hyper_slots': [['eps', None],
                  ['lr', None],
                  ['lr_decay', None],
@@ -101,7 +102,7 @@ PLAN = {'dynamic': ['_k2', 'clr'],
                                               'launches': [('_adagrad_prologue0', 'prologue'),
                                                            ('_adagrad_flat0', 'flat')],
                                               'temps': []}},
- 'static_hypers': ['eps', 'maximize', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

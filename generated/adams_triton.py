@@ -362,6 +362,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_k5', '_k6', 'bias_correction1', 'bias_correction2', 'step_size'],
+ 'group_conditions': ['_c0'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['lr', None],
@@ -413,7 +414,7 @@ PLAN = {'dynamic': ['_k5', '_k6', 'bias_correction1', 'bias_correction2', 'step_
                                                       ('v', 'col', False),
                                                       ('wv', 'row', False),
                                                       ('s', 'matrix', False)]}},
- 'static_hypers': ['betas', 'lr', 'scalar_vector_weight_decay', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

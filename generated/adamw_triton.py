@@ -108,6 +108,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correction2_sqrt', 'step_size'],
+ 'group_conditions': ['_c0', '_c1', '_c2', '_c3'],
  'hyper_slots': [['amsgrad', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -140,7 +141,7 @@ PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correct
                                                                                          ('_adamw_flat0',
                                                                                           'flat')],
                                                                             'temps': []}},
- 'static_hypers': ['amsgrad', 'betas', 'decoupled_weight_decay', 'eps', 'lr', 'maximize', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -228,6 +228,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_c0', '_c2', '_k1', '_k10', '_k11', '_k7', '_k8', '_k9', 'clip', 'lr_sim'],
+ 'group_conditions': ['_c1', '_c3', '_c4', '_c5', '_c7', '_c8'],
  'hyper_slots': [['Simplified_AdEMAMix', None],
                  ['alpha_grad', None],
                  ['betas', 0],
@@ -289,15 +290,7 @@ PLAN = {'dynamic': ['_c0', '_c2', '_k1', '_k10', '_k11', '_k7', '_k8', '_k9', 'c
                                                                                                                         ('_adopt_adv_2_2_3_simplified_flat0',
                                                                                                                          'flat')],
                                                                                                            'temps': []}},
- 'static_hypers': ['Simplified_AdEMAMix',
-                   'alpha_grad',
-                   'betas',
-                   'cautious_wd',
-                   'clip_lambda',
-                   'eps',
-                   'orthogonal_gradient',
-                   'stochastic_rounding',
-                   'weight_decay']}
+ 'static_hypers': ['stochastic_rounding']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -345,6 +345,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_k19', '_k30', '_k8'],
+ 'group_conditions': ['_c0', '_c2', '_c4', '_c6', '_c7'],
  'hyper_slots': [['auto_kappa_p', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -459,16 +460,7 @@ PLAN = {'dynamic': ['_k19', '_k30', '_k8'],
                                                                                                       ('update',
                                                                                                        'element',
                                                                                                        False)]}},
- 'static_hypers': ['auto_kappa_p',
-                   'betas',
-                   'cautious_wd',
-                   'kappa_p',
-                   'lr',
-                   'nnmf_factor',
-                   'orthogonal_gradient',
-                   'stochastic_rounding',
-                   'vector_reshape',
-                   'weight_decay']}
+ 'static_hypers': ['auto_kappa_p', 'kappa_p', 'nnmf_factor', 'stochastic_rounding', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -111,6 +111,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_product', 'mu_product_next'],
+ 'group_conditions': ['_c0', '_c1', '_c2'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['decoupled_weight_decay', None],
@@ -140,7 +141,7 @@ PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_produ
                                               'launches': [('_nadam_prologue0', 'prologue'),
                                                            ('_nadam_flat0', 'flat')],
                                               'temps': []}},
- 'static_hypers': ['betas', 'decoupled_weight_decay', 'eps', 'lr', 'maximize', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -123,6 +123,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect', 'rho_t'],
+ 'group_conditions': ['_c0', '_c1', '_c2'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['decoupled_weight_decay', None],
@@ -154,7 +155,7 @@ PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect'
                                               'launches': [('_radam_prologue0', 'prologue'),
                                                            ('_radam_flat0', 'flat')],
                                               'temps': []}},
- 'static_hypers': ['betas', 'decoupled_weight_decay', 'eps', 'lr', 'maximize', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

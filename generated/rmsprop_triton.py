@@ -88,6 +88,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': [],
+ 'group_conditions': ['_c0', '_c1', '_c2', '_c3'],
  'hyper_slots': [['alpha', None],
                  ['centered', None],
                  ['eps', None],
@@ -116,7 +117,7 @@ PLAN = {'dynamic': [],
                                                                                            ('_rmsprop_flat0',
                                                                                             'flat')],
                                                                               'temps': []}},
- 'static_hypers': ['alpha', 'centered', 'eps', 'lr', 'maximize', 'momentum', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -68,6 +68,7 @@ KERNELS = {
 }
 
 PLAN = {'dynamic': [],
+ 'group_conditions': ['_c0', '_c1', '_c2', '_c4'],
  'hyper_slots': [['dampening', None],
                  ['lr', None],
                  ['maximize', None],
@@ -88,7 +89,7 @@ PLAN = {'dynamic': [],
                                                               'launches': [('_sgd_prologue0', 'prologue'),
                                                                            ('_sgd_flat0', 'flat')],
                                                               'temps': []}},
- 'static_hypers': ['dampening', 'lr', 'maximize', 'momentum', 'nesterov', 'weight_decay']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -253,6 +253,7 @@ PLAN = {'dynamic': ['_c11',
              'sqrt_den_eps',
              'sqrt_den_num',
              'warm'],
+ 'group_conditions': ['_c0', '_c10', '_c2', '_c3', '_c4', '_c6', '_c7', '_c9'],
  'hyper_slots': [['Simplified_AdEMAMix', None],
                  ['alpha_grad', None],
                  ['beta1_warmup', None],
@@ -325,18 +326,7 @@ PLAN = {'dynamic': ['_c11',
                                                                                                                                                         ('_simplified_ademamix_flat0',
                                                                                                                                                          'flat')],
                                                                                                                                            'temps': []}},
- 'static_hypers': ['Simplified_AdEMAMix',
-                   'alpha_grad',
-                   'beta1_warmup',
-                   'betas',
-                   'cautious_wd',
-                   'kourkoutas_beta',
-                   'nnmf_factor',
-                   'orthogonal_gradient',
-                   'stochastic_rounding',
-                   'use_bias_correction',
-                   'vector_reshape',
-                   'weight_decay']}
+ 'static_hypers': ['nnmf_factor', 'stochastic_rounding', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

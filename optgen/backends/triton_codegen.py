@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from optgen.backends.triton_plan import (
+    CALLS,
     PathPlan,
     Stage,
     TritonUnsupported,
@@ -25,7 +26,7 @@ from optgen.backends.triton_plan import (
     global_conditions,
     plan_path,
 )
-from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
 META_COLUMNS = ("numel", "B", "M", "N", "ndim", "gidx")
@@ -597,6 +598,52 @@ def hyper_slots(program: Program) -> list[tuple]:
     return sorted(found, key=lambda a: (a[0], -1 if a[1] is None else a[1]))
 
 
+def _group_decided(value) -> bool:
+    """A condition of hyperparameters (and globals) alone: the same for every parameter of a group."""
+    return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
+
+
+def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
+    """What decides a group's tables, as opposed to the runtime values its kernels read.
+
+    The prologue computes every host value from the hyperparameter slots on the device, so a
+    hyperparameter that only feeds host values (``lr``, betas, ``weight_decay`` in ``1 - lr * wd``)
+    is a runtime value: a scheduler moving it re-uploads the slots and rebuilds nothing. What the
+    tables depend on is (a) the outcome of each static condition (a condition of hyperparameters
+    alone is re-evaluated per group: ``group_conditions``) and (b) the values of the hyperparameters
+    that reach a condition that also reads parameter facts or state, a call stage's host
+    arguments, a matrix view rule or the slice stride (``static_hypers``, compared by value).
+    """
+    defs: dict[str, list] = {}
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.value.is_host:
+            defs.setdefault(s.target, []).append(s.value)
+    globals_ = {g.name for g in program.globals}
+    by_value: list = []  # nodes whose hyperparameters are compared by value
+    conditions: list[str] = []
+    for s in walk_stmts(program.body):
+        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
+            values = defs.get(s.cond.attr, [])
+            if s.cond.attr.startswith("_c") and values and all(_group_decided(v) for v in values):
+                conditions.append(s.cond.attr)
+            else:
+                by_value += values
+        elif isinstance(s, Assign):
+            by_value += [a for n in walk_nodes(s.value) if n.op in CALLS for a in n.args[1:] if a.is_host]
+    by_value += [cond for cond, _ in program.matrix_views]
+    found: set[str] = {program.slice_stride} if program.slice_stride else set()
+    seen: set[str] = set()
+    stack = list(by_value)
+    while stack:
+        for n in walk_nodes(stack.pop()):
+            if n.op == "hyper" and n.attr[0] not in globals_:
+                found.add(n.attr[0])
+            elif n.op == "var" and n.attr not in seen and n.attr not in dyn:
+                seen.add(n.attr)
+                stack += defs.get(n.attr, [])
+    return sorted(found), sorted(set(conditions) - set(global_conditions(program)))
+
+
 def default_decisions(program: Program) -> dict[str, bool]:
     """The static conditions decided by hyperparameters alone, at their defaults."""
     from optgen.runtime.host import HostContext, evaluate
@@ -671,19 +718,13 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         }
     if len(unsupported) == len(paths):
         raise TritonUnsupported(unsupported[0])
-    global_names = {g.name for g in program.globals}
-    static_hypers = sorted({
-        n.attr[0]
-        for s in walk_stmts(program.body)
-        if isinstance(s, Assign) and s.value.is_host and s.target not in dyn
-        for n in walk_nodes(s.value)
-        if n.op == "hyper" and n.attr[0] not in global_names
-    })
+    static_hypers, group_conditions = decisions(program, dyn)
     data = {
         "dynamic": sorted(dyn),
         "hyper_slots": [list(s) for s in slots],
         "inputs": program_inputs(program),
         "static_hypers": static_hypers,
+        **({"group_conditions": group_conditions} if group_conditions else {}),
         **({"global_conditions": global_conditions(program)} if program.globals else {}),
         "paths": paths,
     }

@@ -130,10 +130,13 @@ class TritonRunner:
         self.kernels = dict(self.module.KERNELS)
         self.module_name = module_name
         self.dynamic = set(self.plan["dynamic"])
-        # the hoisted conditions on globals a table's path depends on (re-evaluated per step)
-        conds = self.plan.get("global_conditions") or []
+        # the hoisted conditions of hyperparameters (and globals) alone that a table's path depends
+        # on: their outcomes, not the values they read, are part of a table's snapshot (re-evaluated
+        # per step), so a scheduler moving betas or lr never rebuilds a table
+        conds = (self.plan.get("group_conditions") or []) + (self.plan.get("global_conditions") or [])
         found = {s.target: s.value for s in program.body if isinstance(s, Assign) and s.target in conds}
-        self.global_conditions = [found[c] for c in conds]
+        self.group_conditions = [found[c] for c in conds]
+        self.builds = 0  # tables built (for tests: a scheduler must not rebuild them)
         # by (group index, ids of the stepped parameters): the whole group for step(), one
         # parameter at a time for the fused backward pass
         self.caches: dict[tuple[int, tuple[int, ...]], _GroupCache] = {}
@@ -163,11 +166,10 @@ class TritonRunner:
         """What a group's tables depend on: its static hyperparameters, and the conditions on
         optimizer-wide globals (not the globals themselves, which change every step)."""
         values = tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
-        conds = self.plan.get("global_conditions")
-        if not conds:
+        if not self.group_conditions:
             return values
         ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
-        return values + tuple(bool(evaluate(node, ctx)) for node in self.global_conditions)
+        return values + tuple(bool(evaluate(node, ctx)) for node in self.group_conditions)
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
         return self._static_env(group, p, state)[0]
@@ -339,6 +341,7 @@ class TritonRunner:
             for key in [k for k in self.caches if mine.intersection(k[1])]:
                 del self.caches[key]
             cache = self._build(group, params, states)
+            self.builds += 1
             self.caches[(gi, ids)] = cache
         device = params[0].device
         hyp = self._hypers(cache, group, device)
