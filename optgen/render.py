@@ -29,8 +29,8 @@ from optgen.pysource import (
 )
 from optgen.spec.loader import Spec, load_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
+#: The Jinja templates, package data of optgen (so a plain install or a wheel renders too).
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 @dataclass

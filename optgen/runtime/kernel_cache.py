@@ -51,9 +51,7 @@ def generator_hash() -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     files = sorted([*root.glob("ir/*.py"), *root.glob("backends/*.py"), *root.glob("features/*.py"),
-                    root / "render.py", root / "pysource.py"])
-    templates = root.parent / "templates"
-    files += sorted(templates.glob("*.j2")) if templates.is_dir() else []
+                    root / "render.py", root / "pysource.py", *root.glob("templates/*.j2")])
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
