@@ -307,7 +307,11 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self.state[p][d.name] = value.to(dtype=dtype, device=device, copy=True)
 
     # -- the step ------------------------------------------------------------------------------
+    # Under torch.compile the step is one deliberate graph break: it runs eagerly (the generated
+    # multi-tensor code or the fused kernels, exactly as without compile), so a compiled training
+    # step breaks once here, traces no per-parameter host values and guards on no parameter.
     @torch.no_grad()
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
