@@ -102,3 +102,26 @@ def test_a_flag_change_still_takes_another_path() -> None:
     opt.step()
     opt.step()
     assert opt._triton_runner().builds == len(opt.param_groups) + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("spec", ["adamw", "adams", "adamw_adv"])
+def test_no_host_sync_under_a_scheduler(spec: str) -> None:
+    """20 steps with LambdaLR after warm-up: no step synchronises with the device."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = _cls(spec)(params, backend="triton", **SPECS[spec])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    for _ in range(2):  # tables, kernels and the first step's states
+        opt.step()
+        sched.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            opt.step()
+            sched.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt._triton_runner().builds == 1
