@@ -144,7 +144,7 @@ def measure(make: Callable[[list], torch.optim.Optimizer], shapes: list, dtype: 
     peak = torch.cuda.max_memory_allocated() - base
     out = {"ms": ms, "peak_bytes": float(peak), "traffic": float(_traffic(opt, params))}
     out["launches"] = float(count_kernels(step))
-    del opt, params
+    opt = sched = params = None  # freed before the next case
     torch.cuda.empty_cache()
     return out
 
