@@ -24,21 +24,9 @@ from optgen.render import compile_spec
 from optgen.smoke import import_built, smoke_step
 from optgen.spec.loader import load_spec
 from optgen.spec.model import RESERVED_HYPERPARAMETERS
+from tests.test_bad_specs import BASE  # the small spec every case mutates
 
 ROOT = Path(__file__).resolve().parent.parent
-
-BASE = """\
-name: demo
-class: Demo
-hyperparameters:
-  lr: {default: 1.0e-3, min: 0}
-  betas: {default: [0.9, 0.999], as: [beta1, beta2]}
-state:
-  m: {kind: element}
-update:
-  - m = lerp(m, grad, 1 - beta1)
-  - param = param - lr * m
-"""
 
 PAYLOAD = 'm""" ; open("CANARY", "w") ; """'
 
