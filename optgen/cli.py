@@ -15,8 +15,15 @@ SPECS = Path("specs")
 OUT = Path("generated")
 
 
+def _shown(text: object) -> str:
+    """Spec text for the terminal: control characters (escape sequences, CR) as their escapes."""
+    from optgen.pysource import comment_text
+
+    return str(comment_text(str(text)))
+
+
 def _fail(exc: SpecError) -> None:
-    typer.echo(str(exc), err=True)
+    typer.echo(_shown(exc), err=True)
     raise typer.Exit(2)
 
 
@@ -94,7 +101,7 @@ def check(specs: list[Path] = typer.Argument(..., help="spec files to validate")
             smoke_step(built, built.spec)
             typer.echo(f"{p}: ok")
         except SpecError as exc:
-            typer.echo(str(exc), err=True)
+            typer.echo(_shown(exc), err=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
@@ -130,10 +137,10 @@ def list_(spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
         try:
             s = load_spec(p)
         except SpecError as exc:
-            rows.append((p.stem, "(invalid)", str(exc)))
+            rows.append((p.stem, "(invalid)", _shown(exc)))
             continue
         m = s.model.matches
-        rows.append((s.name, s.model.class_, f"{m.package} {m.class_}" if m else "-"))
+        rows.append((s.name, s.model.class_, _shown(f"{m.package} {m.class_}") if m else "-"))
     w0 = max((len(r[0]) for r in rows), default=0)
     w1 = max((len(r[1]) for r in rows), default=0)
     for name, cls, match in rows:
@@ -159,11 +166,11 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
         _fail(exc)
     m = spec.model
     set_aliases(program.hypers)
-    typer.echo(f"{m.class_}  ({spec.path})")
+    typer.echo(f"{m.class_}  ({_shown(spec.path)})")
     if m.doc:
-        typer.echo("  " + m.doc.strip().replace("\n", "\n  "))
+        typer.echo("\n".join("  " + _shown(line) for line in m.doc.strip().splitlines()))
     if m.matches:
-        typer.echo(f"\nmatches: {m.matches.class_} from {m.matches.package}")
+        typer.echo(f"\nmatches: {_shown(m.matches.class_)} from {_shown(m.matches.package)}")
     typer.echo("\nhyperparameters:")
     for n, h in program.hypers:
         rng = []
@@ -177,7 +184,7 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
             rng.append(f"< {h.max_exclusive}")
         alias = f" as ({', '.join(h.as_)})" if h.as_ else ""
         fixed = "" if h.constructor else "  [fixed]"
-        typer.echo(f"  {n} = {h.default!r}{alias}  {' and '.join(rng)}{fixed}  {h.doc}".rstrip())
+        typer.echo(f"  {n} = {h.default!r}{alias}  {' and '.join(rng)}{fixed}  {_shown(h.doc)}".rstrip())
     typer.echo("\nstate:")
     if program.step_store == "tensor":
         typer.echo("  step: per-tensor counter (0-d tensor, incremented before the update)")

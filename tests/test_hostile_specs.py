@@ -514,3 +514,16 @@ def test_parameter_listed_twice(backend) -> None:
     with pytest.raises(ValueError, match="param group 1 lists the same parameter twice"):
         opt.add_param_group({"params": [p, p]})
     AdamW(iter([p, q]), backend=backend)  # an iterator is read once, as torch reads it
+
+
+def test_terminal_escapes_are_shown_escaped(tmp_path) -> None:
+    text = BASE.replace("class: Demo", 'class: Demo\ndoc: "evil \\x1b[31mred\\x1b]0;title\\x07"')
+    r = _cli("show", str(_write(tmp_path, text)))
+    assert r.returncode == 0 and "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "evil \\x1b[31mred\\x1b]0;title\\x07" in r.stdout
+
+
+def test_global_named_like_a_group_key(tmp_path) -> None:
+    text = BASE.replace("update:", "globals:\n  params: {init: 1.0}\nupdate:")
+    with pytest.raises(SpecError, match="globals: 'params' is reserved: the generated optimizer uses this name"):
+        load_spec(_write(tmp_path, text))

@@ -287,7 +287,7 @@ class SpecModel(_Strict):
                 raise ValueError(f"'{n}' is reserved")
         return v
 
-    @field_validator("hyperparameters")
+    @field_validator("hyperparameters", "globals")  # globals live in param groups too
     @classmethod
     def _hyper_names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for n in v:
