@@ -8,7 +8,9 @@ hooks) comes from :class:`torch.optim.Optimizer` plus the code here.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -18,6 +20,7 @@ from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
 from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
+from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -84,8 +87,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any] = {}
         for name, h in prog.hypers:
             value = hyperparameters.get(name, h.default) if h.constructor else h.default
-            if h.as_ is not None and isinstance(value, list):
-                value = tuple(value)
+            if h.as_ is not None and isinstance(value, (list, tuple)):
+                value = tuple(map(_to_scalar, value))  # tensor betas as 0-d tensors, as torch.optim.Adam
             _validate_hyper(name, h, value)
             if h.per_group:
                 defaults[name] = value
@@ -100,6 +103,24 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+        self._init_transient()
+        if "stochastic_rounding" in prog.features:
+            # adv_optm re-seeds its per-device generator at every construction with bf16 params
+            stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
+                               if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
+
+    #: attributes a copy (pickle, ``copy.deepcopy``) rebuilds instead of copying: the triton runner
+    #: (compiled kernels), caches keyed by ``id()`` of parameters, one step's partial sums and
+    #: tables derived from the program
+    _TRANSIENT: ClassVar[tuple[str, ...]] = (
+        "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
+        "_parts", "_part_vectors", "_positions", "_position_index",
+    )
+
+    def _init_transient(self) -> None:
+        """Set up what :attr:`_TRANSIENT` names from the program and the current param groups."""
+        prog = self._program
+        self._triton = None
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
@@ -114,6 +135,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             for d in prog.state
             if d.cond is not None and any(n.op == "hyper" and n.attr[0] in names for n in walk_nodes(d.cond))
         ]
+        #: a step may leave a parameter without any state (SGD without momentum): torch.optim then
+        #: keeps no entry for it in ``self.state``
+        self._prune_empty = prog.step_store != "tensor" and all(d.init == "absent" or d.cond is not None
+                                                                 for d in prog.state)
         #: one step's contributions to the program's accumulators, by parameter position
         self._parts: dict[str, dict[int, list[Any]]] = {}
         self._part_vectors: dict[str, torch.Tensor] = {}  # the triton backend's, position-indexed
@@ -123,10 +148,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             from optgen.runtime.kourkoutas import Kourkoutas
 
             self._kourkoutas = Kourkoutas(self, self.param_groups[0].get("kourkoutas_warmup", "blend"))
-        if "stochastic_rounding" in prog.features:
-            # adv_optm re-seeds its per-device generator at every construction with bf16 params
-            stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
-                               if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
 
     # -- groups and validation ---------------------------------------------------------------
     def _run_checks(self, group: dict[str, Any]) -> None:
@@ -158,7 +179,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._init_globals(group)
         if self._program.state_init == "eager":
             for p in group["params"]:
-                if not self.state[p]:
+                if not self.state.get(p):
                     self._init_state(p, group)
 
     def _init_globals(self, group: dict[str, Any]) -> None:
@@ -268,7 +289,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     # -- state ---------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         prog = self._program
-        state = self.state[p]
+        state = self.state.get(p, {})  # entered only when it holds something (torch.optim.SGD's)
         if prog.step_store == "tensor":
             state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
         ctx = HostContext(group, p, state, tensor_math=False)
@@ -280,31 +301,135 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
             state[decl.name] = _new_state(decl, p, group, view, ctx, stride)
+        if state:
+            self.state[p] = state
+
+    # -- checkpoints and copies ----------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickle and ``copy.deepcopy`` keep: torch's ``defaults``, ``state`` and
+        ``param_groups`` plus the backend and the optimizer-wide settings. Hooks are dropped (as
+        torch.optim drops them); the triton runner and the caches are rebuilt by the copy."""
+        drop = set(self._TRANSIENT)
+        return {k: v for k, v in self.__dict__.items() if k not in drop and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and the end of :meth:`load_state_dict` (``state`` and ``param_groups`` only).
+
+        Groups saved before a hyperparameter existed get the spec's default (torch.optim's
+        ``setdefault``s), values the spec fixes (``constructor: false`` with a default) win over the
+        saved ones, globals missing from a group start from its hyperparameters.
+        """
+        triton = self.__dict__.get("_triton")
+        super().__setstate__(state)
+        prog = self._program
+        if "backend" not in self.__dict__:  # a pickle of torch.optim's three entries only
+            self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+        for name, h in prog.hypers:
+            if not h.per_group and name not in self.__dict__:
+                setattr(self, name, _default_value(h))
+        for group in self.param_groups:
+            self._complete_group(group)
+        self._init_transient()
+        if triton is not None:  # a load: the runner's kernels stay valid, its tables do not
+            triton.invalidate()
+            self._triton = triton
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Fill a loaded group's missing hyperparameters and globals; fixed values win."""
+        for name, h in self._program.hypers:
+            if not h.per_group:
+                continue
+            # None marks a key users set per group (adv_optm's ``optim_type``), not a fixed value
+            if not h.constructor and h.default is not None:
+                group[name] = _default_value(h)
+            elif name not in group:
+                group[name] = _default_value(h)
+        self._init_globals(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts every non-step state tensor to the param's dtype (a float64 host scalar of a
-        # float32 param would lose its precision): host scalars and buffers with a declared dtype
-        # are taken from the saved values themselves.
-        fixed = [d for d in self._program.state if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved: list[tuple[torch.Tensor, StateDecl, torch.Tensor]] = []
-        for pid, p in zip(ids, params):
-            st = state_dict["state"].get(pid, {})
-            saved += [(p, d, st[d.name]) for d in fixed if isinstance(st.get(d.name), torch.Tensor)]
-        super().load_state_dict(state_dict)
-        if self._triton is not None:
-            self._triton.invalidate()
-        self._parts = {}  # the next step starts its accumulators from the loaded globals
-        self._positions = None
-        self._position_index = {}
-        for group in self.param_groups:
-            self._init_globals(group)
-        for p, d, value in saved:
-            device = torch.device("cpu") if d.kind == Kind.HOST else p.device
-            # a conditional dtype: the saved buffer has the one its condition chose
-            dtype = value.dtype if d.dtype_when else _dtype(d.dtype, p)
-            self.state[p][d.name] = value.to(dtype=dtype, device=device, copy=True)
+        """Load a state dict of this class, of the torch.optim / published class it reproduces, or
+        of an older version of either (missing group keys take the spec's defaults, a ``step``
+        saved as a number is converted).
+
+        The order is torch.optim's: load-state-dict pre hooks (a returned dict replaces the loaded
+        one), validation, the new state and groups, post hooks. Unlike torch, every saved state of a
+        declared buffer is checked against its parameter's shape (a ValueError names the parameter
+        and the key), and buffers with a declared dtype keep it (torch casts every non-``step``
+        tensor to the parameter's dtype: a float64 host scalar of a float32 parameter would lose its
+        precision).
+        """
+        state_dict = state_dict.copy()  # shallow, as torch: a pre hook may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, range(len(params))))
+        new_groups = []
+        for g, s in zip(groups, saved_groups):
+            s["params"] = g["params"]
+            if "param_names" in g and "param_names" not in s:
+                s["param_names"] = g["param_names"]
+            self._complete_group(s)
+            new_groups.append(s)
+        group_of = [g for g in new_groups for _ in g["params"]]
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k in id_map:
+                i = id_map[k]
+                state[params[i]] = self._loaded_state(i, params[i], v, group_of[i])
+            else:  # kept as it is, as torch does
+                state[k] = v
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_state(self, index: int, p: torch.Tensor, saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's saved state, checked against ``p`` and cast to what the runtime steps."""
+        prog = self._program
+        decls = {d.name: d for d in prog.state}
+        if "step" in saved and "step" not in decls and prog.step_store == "tensor":
+            # older torch and adv_optm save a number; torch's fused/capturable a device float32
+            saved = {**saved, "step": torch.as_tensor(saved["step"]).to(dtype=torch.get_default_dtype(), device="cpu")}
+        view = view_shape(prog, p, group, saved)
+        stride = group[prog.slice_stride] if prog.slice_stride else None
+        out: dict[str, Any] = {}
+        for key, value in saved.items():
+            d = decls.get(key)
+            if key == "step" and d is None and prog.step_store == "tensor":
+                out[key] = value
+                continue
+            if key == R_EMA and d is None and isinstance(value, torch.Tensor) and "kourkoutas_beta" in prog.features:
+                # Kourkoutas-beta's running norm (the runtime's, undeclared) is float32 whatever the
+                # parameter's dtype; each parameter gets its own, prepare() shares the first again
+                out[key] = value.to(dtype=torch.float32, device=p.device, copy=True)
+                continue
+            if d is None or not isinstance(value, torch.Tensor):
+                out[key] = _cast_like_torch(p, value, key)
+                continue
+            where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
+            try:
+                expected = _saved_shapes(d, p, view, stride)
+            except RuntimeError as exc:
+                raise ValueError(f"{where} cannot exist for {type(self).__name__}: {exc}") from None
+            if tuple(value.shape) not in expected:
+                raise ValueError(f"{where} has shape {tuple(value.shape)}, expected "
+                                 f"{' or '.join(map(str, expected))} (a {d.kind.label} state of {type(self).__name__})")
+            if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when:
+                device = torch.device("cpu") if d.kind == Kind.HOST else p.device
+                # a conditional dtype: the saved buffer has the one its condition chose
+                dtype = value.dtype if d.dtype_when else _dtype(d.dtype, p)
+                out[key] = value.to(dtype=dtype, device=device, copy=True)
+            else:
+                out[key] = _cast_like_torch(p, value, key)
+        return out
 
     # -- the step ------------------------------------------------------------------------------
     # Under torch.compile the step is one deliberate graph break: it runs eagerly (the generated
@@ -342,6 +467,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if self.backend == "triton":
             sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
             self._accumulate_vector(params, sums)
+            self._drop_empty_states(params)
             return
         if self._program.step_store == "tensor":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
@@ -354,6 +480,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._torch_step(group, params, parts)
         if self._program.accumulators:
             self._accumulate(params, parts)
+        self._drop_empty_states(params)
+
+    def _drop_empty_states(self, params: list[torch.Tensor]) -> None:
+        """No ``self.state`` entry for a parameter the step gave no state (torch.optim.SGD without
+        momentum); the backends' ``self.state[p]`` lookups create them."""
+        if self._prune_empty:
+            for p in params:
+                if not self.state.get(p, True):
+                    del self.state[p]
 
     # -- fused backward pass -------------------------------------------------------------------
     @torch.no_grad()
@@ -408,7 +543,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-            if not self.state[p]:
+            if not self.state.get(p):
                 self._init_state(p, group)
             out.append(p)
         return out
@@ -631,12 +766,52 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
     return torch.full(shape, value, dtype=dtype, device=device)
 
 
+def _default_value(h: Any) -> Any:
+    """A hyperparameter's spec default as a group holds it (a fresh copy; ``as`` lists as tuples)."""
+    value = copy.deepcopy(h.default)
+    return tuple(value) if h.as_ is not None and isinstance(value, list) else value
+
+
+def _saved_shapes(d: StateDecl, p: torch.Tensor, view: tuple[int, int] | None, stride: int | None) -> list[tuple[int, ...]]:
+    """The shapes a saved state ``d`` of ``p`` may have (``view``: the matrix view ``p`` steps as)."""
+    if d.dtype == "bits":
+        shape = packed_shape(view or tuple(p.shape))
+    elif d.kind == Kind.ELEMENT:
+        shape = tuple(p.shape)  # stored in the parameter's shape, stepped as its view
+    else:
+        shape = state_shape(d.kind, p, d.name, view, stride)  # RuntimeError: no such state for p
+    return [shape, ()] if d.scalar_if_zero and shape != () else [shape]
+
+
+def _cast_like_torch(p: torch.Tensor, value: Any, key: Any) -> Any:
+    """torch.optim's cast of a loaded value: floating tensors to the parameter's dtype and device
+    (``step`` keeps its own), containers element by element, anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if key == "step":
+            return value
+        return value.to(dtype=p.dtype, device=p.device) if p.is_floating_point() else value.to(device=p.device)
+    if isinstance(value, dict):
+        return {k: _cast_like_torch(p, v, k) for k, v in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return type(value)(_cast_like_torch(p, v, None) for v in value)  # type: ignore[call-arg]
+    return value
+
+
+def _to_scalar(v: Any) -> Any:
+    """torch.optim's ``_to_scalar``: a 1-element tensor as a 0-d tensor, anything else as it is."""
+    return v.squeeze() if isinstance(v, torch.Tensor) and v.dim() != 0 and v.numel() == 1 else v
+
+
 def _validate_hyper(name: str, h: Any, value: Any) -> None:
     kind = h.inferred_type()
     if h.as_ is not None:
         if not isinstance(value, (tuple, list)) or len(value) != len(h.as_):
             raise ValueError(f"Invalid {name}: expected {len(h.as_)} values, got {value!r}")
         items = list(enumerate(value))
+        tensors = [isinstance(v, torch.Tensor) for v in value]
+        if h.tensor_ok and any(tensors) and not all(tensors):
+            raise ValueError(f"{name} must be either {'both' if len(value) == 2 else 'all'} floats or "
+                             f"{'both' if len(value) == 2 else 'all'} Tensors")
     else:
         items = [(None, value)]
     if h.choices is not None and value not in h.choices:
@@ -652,7 +827,7 @@ def _validate_hyper(name: str, h: Any, value: Any) -> None:
             if not h.tensor_ok:
                 raise TypeError(f"{name} must be a number, not a Tensor")
             if v.numel() != 1:
-                raise ValueError(f"Tensor {name} must be 1-element")
+                raise ValueError(f"Tensor {name if idx is None else f'{name}[{idx}]'} must be 1-element")
             v = v.item()
         if kind == "bool":
             if not isinstance(v, bool):
