@@ -7062,7 +7062,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _48 = F.mul(t_update_fp32, t_param_fp32)
                             _49 = F.ge(_48, 0)
-                            _50 = F.where(_49, 1.0, 0.0)
+                            _50 = F.where(_49, 1.0, 0.0, like=param)
                             _51 = F.addcmul(t_param_fp32, t_param_fp32, _50, h["_k23"])
                             t_param_fp32 = _51
                         else:
@@ -7077,7 +7077,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _55 = F.mul(t_update, param)
                             _56 = F.ge(_55, 0)
-                            _57 = F.where(_56, 1.0, 0.0)
+                            _57 = F.where(_56, 1.0, 0.0, like=param)
                             _58 = F.addcmul(param, param, _57, h["_k26"])
                             F.assign_(param, _58)
                         else:
@@ -7113,7 +7113,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _65 = F.mul(t_update_fp32, t_param_fp32)
                             _66 = F.ge(_65, 0)
-                            _67 = F.where(_66, 1.0, 0.0)
+                            _67 = F.where(_66, 1.0, 0.0, like=param)
                             _68 = F.addcmul(t_param_fp32, t_param_fp32, _67, h["_k31"])
                             t_param_fp32 = _68
                         else:
@@ -7128,7 +7128,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _72 = F.mul(t_update, param)
                             _73 = F.ge(_72, 0)
-                            _74 = F.where(_73, 1.0, 0.0)
+                            _74 = F.where(_73, 1.0, 0.0, like=param)
                             _75 = F.addcmul(param, param, _74, h["_k34"])
                             F.assign_(param, _75)
                         else:
@@ -7238,7 +7238,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _106 = F.mul(t_update_fp32, t_param_fp32)
                             _107 = F.ge(_106, 0)
-                            _108 = F.where(_107, 1.0, 0.0)
+                            _108 = F.where(_107, 1.0, 0.0, like=param)
                             _109 = F.addcmul(t_param_fp32, t_param_fp32, _108, h["_k59"])
                             t_param_fp32 = _109
                         else:
@@ -7253,7 +7253,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _113 = F.mul(t_update, param)
                             _114 = F.ge(_113, 0)
-                            _115 = F.where(_114, 1.0, 0.0)
+                            _115 = F.where(_114, 1.0, 0.0, like=param)
                             _116 = F.addcmul(param, param, _115, h["_k62"])
                             F.assign_(param, _116)
                         else:
@@ -7289,7 +7289,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _123 = F.mul(t_update_fp32, t_param_fp32)
                             _124 = F.ge(_123, 0)
-                            _125 = F.where(_124, 1.0, 0.0)
+                            _125 = F.where(_124, 1.0, 0.0, like=param)
                             _126 = F.addcmul(t_param_fp32, t_param_fp32, _125, h["_k67"])
                             t_param_fp32 = _126
                         else:
@@ -7304,7 +7304,7 @@ def _device_step(h, param, grad, S):
                         if h["_c20"]:
                             _130 = F.mul(t_update, param)
                             _131 = F.ge(_130, 0)
-                            _132 = F.where(_131, 1.0, 0.0)
+                            _132 = F.where(_131, 1.0, 0.0, like=param)
                             _133 = F.addcmul(param, param, _132, h["_k70"])
                             F.assign_(param, _133)
                         else:
@@ -7411,7 +7411,7 @@ def _device_step(h, param, grad, S):
                     if h["_c20"]:
                         _163 = F.mul(t_update_fp32, t_param_fp32)
                         _164 = F.ge(_163, 0)
-                        _165 = F.where(_164, 1.0, 0.0)
+                        _165 = F.where(_164, 1.0, 0.0, like=param)
                         _166 = F.addcmul(t_param_fp32, t_param_fp32, _165, h["_k95"])
                         t_param_fp32 = _166
                     else:
@@ -7426,7 +7426,7 @@ def _device_step(h, param, grad, S):
                     if h["_c20"]:
                         _170 = F.mul(t_update, param)
                         _171 = F.ge(_170, 0)
-                        _172 = F.where(_171, 1.0, 0.0)
+                        _172 = F.where(_171, 1.0, 0.0, like=param)
                         _173 = F.addcmul(param, param, _172, h["_k98"])
                         F.assign_(param, _173)
                     else:
@@ -7462,7 +7462,7 @@ def _device_step(h, param, grad, S):
                     if h["_c20"]:
                         _180 = F.mul(t_update_fp32, t_param_fp32)
                         _181 = F.ge(_180, 0)
-                        _182 = F.where(_181, 1.0, 0.0)
+                        _182 = F.where(_181, 1.0, 0.0, like=param)
                         _183 = F.addcmul(t_param_fp32, t_param_fp32, _182, h["_k103"])
                         t_param_fp32 = _183
                     else:
@@ -7477,7 +7477,7 @@ def _device_step(h, param, grad, S):
                     if h["_c20"]:
                         _187 = F.mul(t_update, param)
                         _188 = F.ge(_187, 0)
-                        _189 = F.where(_188, 1.0, 0.0)
+                        _189 = F.where(_188, 1.0, 0.0, like=param)
                         _190 = F.addcmul(param, param, _189, h["_k106"])
                         F.assign_(param, _190)
                     else:

@@ -4151,7 +4151,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _52 = F.mul(t_update_fp32, t_param_fp32)
                             _53 = F.ge(_52, 0)
-                            _54 = F.where(_53, 1.0, 0.0)
+                            _54 = F.where(_53, 1.0, 0.0, like=param)
                             F.mul_(_54, t_fisher)
                             _55 = F.addcmul(t_param_fp32, t_param_fp32, _54, -1.0)
                             t_param_fp32 = _55
@@ -4162,7 +4162,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _57 = F.mul(t_update_fp32, t_param_fp32)
                             _58 = F.ge(_57, 0)
-                            _59 = F.where(_58, 1.0, 0.0)
+                            _59 = F.where(_58, 1.0, 0.0, like=param)
                             _60 = F.addcmul(t_param_fp32, t_param_fp32, _59, h["_k9"])
                             t_param_fp32 = _60
                         else:
@@ -4194,7 +4194,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _69 = F.mul(t_update, param)
                             _70 = F.ge(_69, 0)
-                            _71 = F.where(_70, 1.0, 0.0)
+                            _71 = F.where(_70, 1.0, 0.0, like=param)
                             F.mul_(_71, t_fisher)
                             _72 = F.addcmul(param, param, _71, -1.0)
                             F.assign_(param, _72)
@@ -4205,7 +4205,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _74 = F.mul(t_update, param)
                             _75 = F.ge(_74, 0)
-                            _76 = F.where(_75, 1.0, 0.0)
+                            _76 = F.where(_75, 1.0, 0.0, like=param)
                             _77 = F.addcmul(param, param, _76, h["_k13"])
                             F.assign_(param, _77)
                         else:
@@ -4312,7 +4312,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _105 = F.mul(t_update_fp32, t_param_fp32)
                             _106 = F.ge(_105, 0)
-                            _107 = F.where(_106, 1.0, 0.0)
+                            _107 = F.where(_106, 1.0, 0.0, like=param)
                             F.mul_(_107, t_fisher)
                             _108 = F.addcmul(t_param_fp32, t_param_fp32, _107, -1.0)
                             t_param_fp32 = _108
@@ -4323,7 +4323,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _110 = F.mul(t_update_fp32, t_param_fp32)
                             _111 = F.ge(_110, 0)
-                            _112 = F.where(_111, 1.0, 0.0)
+                            _112 = F.where(_111, 1.0, 0.0, like=param)
                             _113 = F.addcmul(t_param_fp32, t_param_fp32, _112, h["_k24"])
                             t_param_fp32 = _113
                         else:
@@ -4355,7 +4355,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _122 = F.mul(t_update, param)
                             _123 = F.ge(_122, 0)
-                            _124 = F.where(_123, 1.0, 0.0)
+                            _124 = F.where(_123, 1.0, 0.0, like=param)
                             F.mul_(_124, t_fisher)
                             _125 = F.addcmul(param, param, _124, -1.0)
                             F.assign_(param, _125)
@@ -4366,7 +4366,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _127 = F.mul(t_update, param)
                             _128 = F.ge(_127, 0)
-                            _129 = F.where(_128, 1.0, 0.0)
+                            _129 = F.where(_128, 1.0, 0.0, like=param)
                             _130 = F.addcmul(param, param, _129, h["_k28"])
                             F.assign_(param, _130)
                         else:
@@ -4471,7 +4471,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _157 = F.mul(t_update_fp32, t_param_fp32)
                         _158 = F.ge(_157, 0)
-                        _159 = F.where(_158, 1.0, 0.0)
+                        _159 = F.where(_158, 1.0, 0.0, like=param)
                         F.mul_(_159, t_fisher)
                         _160 = F.addcmul(t_param_fp32, t_param_fp32, _159, -1.0)
                         t_param_fp32 = _160
@@ -4482,7 +4482,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _162 = F.mul(t_update_fp32, t_param_fp32)
                         _163 = F.ge(_162, 0)
-                        _164 = F.where(_163, 1.0, 0.0)
+                        _164 = F.where(_163, 1.0, 0.0, like=param)
                         _165 = F.addcmul(t_param_fp32, t_param_fp32, _164, h["_k39"])
                         t_param_fp32 = _165
                     else:
@@ -4514,7 +4514,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _174 = F.mul(t_update, param)
                         _175 = F.ge(_174, 0)
-                        _176 = F.where(_175, 1.0, 0.0)
+                        _176 = F.where(_175, 1.0, 0.0, like=param)
                         F.mul_(_176, t_fisher)
                         _177 = F.addcmul(param, param, _176, -1.0)
                         F.assign_(param, _177)
@@ -4525,7 +4525,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _179 = F.mul(t_update, param)
                         _180 = F.ge(_179, 0)
-                        _181 = F.where(_180, 1.0, 0.0)
+                        _181 = F.where(_180, 1.0, 0.0, like=param)
                         _182 = F.addcmul(param, param, _181, h["_k43"])
                         F.assign_(param, _182)
                     else:

@@ -2884,7 +2884,7 @@ def _device_step(h, param, grad, S):
                     if h["_c6"]:
                         _22 = F.mul(t_exp_avg_full, grad)
                         _23 = F.gt(_22, 0)
-                        _24 = F.where(_23, 1.0, 0.0)
+                        _24 = F.where(_23, 1.0, 0.0, like=param)
                         _25 = F.cast(_24, grad)
                         t_mask = _25
                         _26 = F.mean(t_mask)
@@ -2983,7 +2983,7 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         _63 = F.mul(t_update_fp32, t_param_fp32)
                         _64 = F.ge(_63, 0)
-                        _65 = F.where(_64, 1.0, 0.0)
+                        _65 = F.where(_64, 1.0, 0.0, like=param)
                         _66 = F.addcmul(t_param_fp32, t_param_fp32, _65, h["_k9"])
                         t_param_fp32 = _66
                     else:
@@ -2998,7 +2998,7 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         _70 = F.mul(t_update, param)
                         _71 = F.ge(_70, 0)
-                        _72 = F.where(_71, 1.0, 0.0)
+                        _72 = F.where(_71, 1.0, 0.0, like=param)
                         _73 = F.addcmul(param, param, _72, h["_k12"])
                         F.assign_(param, _73)
                     else:
@@ -3034,7 +3034,7 @@ def _device_step(h, param, grad, S):
                     if h["_c6"]:
                         _84 = F.mul(st_exp_avg, grad)
                         _85 = F.gt(_84, 0)
-                        _86 = F.where(_85, 1.0, 0.0)
+                        _86 = F.where(_85, 1.0, 0.0, like=param)
                         _87 = F.cast(_86, grad)
                         t_mask = _87
                         _88 = F.mean(t_mask)
@@ -3088,7 +3088,7 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         _100 = F.mul(t_update_fp32, t_param_fp32)
                         _101 = F.ge(_100, 0)
-                        _102 = F.where(_101, 1.0, 0.0)
+                        _102 = F.where(_101, 1.0, 0.0, like=param)
                         _103 = F.addcmul(t_param_fp32, t_param_fp32, _102, h["_k23"])
                         t_param_fp32 = _103
                     else:
@@ -3103,7 +3103,7 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         _107 = F.mul(t_update, param)
                         _108 = F.ge(_107, 0)
-                        _109 = F.where(_108, 1.0, 0.0)
+                        _109 = F.where(_108, 1.0, 0.0, like=param)
                         _110 = F.addcmul(param, param, _109, h["_k26"])
                         F.assign_(param, _110)
                     else:
@@ -3139,7 +3139,7 @@ def _device_step(h, param, grad, S):
                 if h["_c6"]:
                     _121 = F.mul(st_exp_avg, grad)
                     _122 = F.gt(_121, 0)
-                    _123 = F.where(_122, 1.0, 0.0)
+                    _123 = F.where(_122, 1.0, 0.0, like=param)
                     _124 = F.cast(_123, grad)
                     t_mask = _124
                     _125 = F.mean(t_mask)
@@ -3193,7 +3193,7 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     _137 = F.mul(t_update_fp32, t_param_fp32)
                     _138 = F.ge(_137, 0)
-                    _139 = F.where(_138, 1.0, 0.0)
+                    _139 = F.where(_138, 1.0, 0.0, like=param)
                     _140 = F.addcmul(t_param_fp32, t_param_fp32, _139, h["_k37"])
                     t_param_fp32 = _140
                 else:
@@ -3208,7 +3208,7 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     _144 = F.mul(t_update, param)
                     _145 = F.ge(_144, 0)
-                    _146 = F.where(_145, 1.0, 0.0)
+                    _146 = F.where(_145, 1.0, 0.0, like=param)
                     _147 = F.addcmul(param, param, _146, h["_k40"])
                     F.assign_(param, _147)
                 else:

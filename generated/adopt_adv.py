@@ -4474,7 +4474,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _61 = F.mul(t_update_fp32, t_param_fp32)
                                 _62 = F.ge(_61, 0)
-                                _63 = F.where(_62, 1.0, 0.0)
+                                _63 = F.where(_62, 1.0, 0.0, like=param)
                                 F.mul_(_63, t_fisher)
                                 _64 = F.addcmul(t_param_fp32, t_param_fp32, _63, -1.0)
                                 t_param_fp32 = _64
@@ -4485,7 +4485,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _66 = F.mul(t_update_fp32, t_param_fp32)
                                 _67 = F.ge(_66, 0)
-                                _68 = F.where(_67, 1.0, 0.0)
+                                _68 = F.where(_67, 1.0, 0.0, like=param)
                                 _69 = F.addcmul(t_param_fp32, t_param_fp32, _68, h["_k11"])
                                 t_param_fp32 = _69
                             else:
@@ -4517,7 +4517,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _78 = F.mul(t_update, param)
                                 _79 = F.ge(_78, 0)
-                                _80 = F.where(_79, 1.0, 0.0)
+                                _80 = F.where(_79, 1.0, 0.0, like=param)
                                 F.mul_(_80, t_fisher)
                                 _81 = F.addcmul(param, param, _80, -1.0)
                                 F.assign_(param, _81)
@@ -4528,7 +4528,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _83 = F.mul(t_update, param)
                                 _84 = F.ge(_83, 0)
-                                _85 = F.where(_84, 1.0, 0.0)
+                                _85 = F.where(_84, 1.0, 0.0, like=param)
                                 _86 = F.addcmul(param, param, _85, h["_k15"])
                                 F.assign_(param, _86)
                             else:
@@ -4633,7 +4633,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _117 = F.mul(t_update_fp32, t_param_fp32)
                                 _118 = F.ge(_117, 0)
-                                _119 = F.where(_118, 1.0, 0.0)
+                                _119 = F.where(_118, 1.0, 0.0, like=param)
                                 F.mul_(_119, t_fisher)
                                 _120 = F.addcmul(t_param_fp32, t_param_fp32, _119, -1.0)
                                 t_param_fp32 = _120
@@ -4644,7 +4644,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _122 = F.mul(t_update_fp32, t_param_fp32)
                                 _123 = F.ge(_122, 0)
-                                _124 = F.where(_123, 1.0, 0.0)
+                                _124 = F.where(_123, 1.0, 0.0, like=param)
                                 _125 = F.addcmul(t_param_fp32, t_param_fp32, _124, h["_k28"])
                                 t_param_fp32 = _125
                             else:
@@ -4676,7 +4676,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _134 = F.mul(t_update, param)
                                 _135 = F.ge(_134, 0)
-                                _136 = F.where(_135, 1.0, 0.0)
+                                _136 = F.where(_135, 1.0, 0.0, like=param)
                                 F.mul_(_136, t_fisher)
                                 _137 = F.addcmul(param, param, _136, -1.0)
                                 F.assign_(param, _137)
@@ -4687,7 +4687,7 @@ def _device_step(h, param, grad, S):
                             if h["_c15"]:
                                 _139 = F.mul(t_update, param)
                                 _140 = F.ge(_139, 0)
-                                _141 = F.where(_140, 1.0, 0.0)
+                                _141 = F.where(_140, 1.0, 0.0, like=param)
                                 _142 = F.addcmul(param, param, _141, h["_k32"])
                                 F.assign_(param, _142)
                             else:
@@ -4790,7 +4790,7 @@ def _device_step(h, param, grad, S):
                         if h["_c15"]:
                             _172 = F.mul(t_update_fp32, t_param_fp32)
                             _173 = F.ge(_172, 0)
-                            _174 = F.where(_173, 1.0, 0.0)
+                            _174 = F.where(_173, 1.0, 0.0, like=param)
                             F.mul_(_174, t_fisher)
                             _175 = F.addcmul(t_param_fp32, t_param_fp32, _174, -1.0)
                             t_param_fp32 = _175
@@ -4801,7 +4801,7 @@ def _device_step(h, param, grad, S):
                         if h["_c15"]:
                             _177 = F.mul(t_update_fp32, t_param_fp32)
                             _178 = F.ge(_177, 0)
-                            _179 = F.where(_178, 1.0, 0.0)
+                            _179 = F.where(_178, 1.0, 0.0, like=param)
                             _180 = F.addcmul(t_param_fp32, t_param_fp32, _179, h["_k45"])
                             t_param_fp32 = _180
                         else:
@@ -4833,7 +4833,7 @@ def _device_step(h, param, grad, S):
                         if h["_c15"]:
                             _189 = F.mul(t_update, param)
                             _190 = F.ge(_189, 0)
-                            _191 = F.where(_190, 1.0, 0.0)
+                            _191 = F.where(_190, 1.0, 0.0, like=param)
                             F.mul_(_191, t_fisher)
                             _192 = F.addcmul(param, param, _191, -1.0)
                             F.assign_(param, _192)
@@ -4844,7 +4844,7 @@ def _device_step(h, param, grad, S):
                         if h["_c15"]:
                             _194 = F.mul(t_update, param)
                             _195 = F.ge(_194, 0)
-                            _196 = F.where(_195, 1.0, 0.0)
+                            _196 = F.where(_195, 1.0, 0.0, like=param)
                             _197 = F.addcmul(param, param, _196, h["_k49"])
                             F.assign_(param, _197)
                         else:

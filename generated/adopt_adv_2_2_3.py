@@ -916,7 +916,7 @@ def _device_step(h, param, grad, S):
                 if h["_c7"]:
                     _16 = F.mul(st_exp_avg, grad)
                     _17 = F.gt(_16, 0)
-                    _18 = F.where(_17, 1.0, 0.0)
+                    _18 = F.where(_17, 1.0, 0.0, like=param)
                     _19 = F.cast(_18, grad)
                     t_mask = _19
                     _20 = F.mean(t_mask)
@@ -956,7 +956,7 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     _29 = F.mul(t_update_fp32, t_param_fp32)
                     _30 = F.ge(_29, 0)
-                    _31 = F.where(_30, 1.0, 0.0)
+                    _31 = F.where(_30, 1.0, 0.0, like=param)
                     _32 = F.addcmul(t_param_fp32, t_param_fp32, _31, h["_k11"])
                     t_param_fp32 = _32
                 else:
@@ -971,7 +971,7 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     _36 = F.mul(t_update, param)
                     _37 = F.ge(_36, 0)
-                    _38 = F.where(_37, 1.0, 0.0)
+                    _38 = F.where(_37, 1.0, 0.0, like=param)
                     _39 = F.addcmul(param, param, _38, h["_k14"])
                     F.assign_(param, _39)
                 else:

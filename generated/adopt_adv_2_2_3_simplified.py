@@ -735,7 +735,7 @@ def _device_step(h, param, grad, S):
                 if h["_c8"]:
                     _17 = F.mul(t_update_fp32, t_param_fp32)
                     _18 = F.ge(_17, 0)
-                    _19 = F.where(_18, 1.0, 0.0)
+                    _19 = F.where(_18, 1.0, 0.0, like=param)
                     _20 = F.addcmul(t_param_fp32, t_param_fp32, _19, h["_k7"])
                     t_param_fp32 = _20
                 else:
@@ -750,7 +750,7 @@ def _device_step(h, param, grad, S):
                 if h["_c8"]:
                     _24 = F.mul(t_update, param)
                     _25 = F.ge(_24, 0)
-                    _26 = F.where(_25, 1.0, 0.0)
+                    _26 = F.where(_25, 1.0, 0.0, like=param)
                     _27 = F.addcmul(param, param, _26, h["_k10"])
                     F.assign_(param, _27)
                 else:

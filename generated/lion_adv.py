@@ -1815,7 +1815,7 @@ def _device_step(h, param, grad, S):
                     if h["_c7"]:
                         _29 = F.mul(t_update_fp32, t_param_fp32)
                         _30 = F.ge(_29, 0)
-                        _31 = F.where(_30, 1.0, 0.0)
+                        _31 = F.where(_30, 1.0, 0.0, like=param)
                         _32 = F.addcmul(t_param_fp32, t_param_fp32, _31, h["_k6"])
                         t_param_fp32 = _32
                     else:
@@ -1830,7 +1830,7 @@ def _device_step(h, param, grad, S):
                     if h["_c7"]:
                         _36 = F.mul(t_update, param)
                         _37 = F.ge(_36, 0)
-                        _38 = F.where(_37, 1.0, 0.0)
+                        _38 = F.where(_37, 1.0, 0.0, like=param)
                         _39 = F.addcmul(param, param, _38, h["_k9"])
                         F.assign_(param, _39)
                     else:
@@ -1886,7 +1886,7 @@ def _device_step(h, param, grad, S):
                     if h["_c7"]:
                         _57 = F.mul(t_update_fp32, t_param_fp32)
                         _58 = F.ge(_57, 0)
-                        _59 = F.where(_58, 1.0, 0.0)
+                        _59 = F.where(_58, 1.0, 0.0, like=param)
                         _60 = F.addcmul(t_param_fp32, t_param_fp32, _59, h["_k17"])
                         t_param_fp32 = _60
                     else:
@@ -1901,7 +1901,7 @@ def _device_step(h, param, grad, S):
                     if h["_c7"]:
                         _64 = F.mul(t_update, param)
                         _65 = F.ge(_64, 0)
-                        _66 = F.where(_65, 1.0, 0.0)
+                        _66 = F.where(_65, 1.0, 0.0, like=param)
                         _67 = F.addcmul(param, param, _66, h["_k20"])
                         F.assign_(param, _67)
                     else:
@@ -1957,7 +1957,7 @@ def _device_step(h, param, grad, S):
                 if h["_c7"]:
                     _85 = F.mul(t_update_fp32, t_param_fp32)
                     _86 = F.ge(_85, 0)
-                    _87 = F.where(_86, 1.0, 0.0)
+                    _87 = F.where(_86, 1.0, 0.0, like=param)
                     _88 = F.addcmul(t_param_fp32, t_param_fp32, _87, h["_k28"])
                     t_param_fp32 = _88
                 else:
@@ -1972,7 +1972,7 @@ def _device_step(h, param, grad, S):
                 if h["_c7"]:
                     _92 = F.mul(t_update, param)
                     _93 = F.ge(_92, 0)
-                    _94 = F.where(_93, 1.0, 0.0)
+                    _94 = F.where(_93, 1.0, 0.0, like=param)
                     _95 = F.addcmul(param, param, _94, h["_k31"])
                     F.assign_(param, _95)
                 else:

@@ -3036,7 +3036,7 @@ def _device_step(h, param, grad, S, A):
             if h["_c8"]:
                 _25 = F.mul(t_update, grad)
                 _26 = F.gt(_25, 0)
-                _27 = F.where(_26, 1.0, 0.0)
+                _27 = F.where(_26, 1.0, 0.0, like=param)
                 _28 = F.cast(_27, grad)
                 t_mask = _28
                 _29 = F.mean(t_mask)
@@ -3093,7 +3093,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c14"]:
                         _50 = F.mul(t_update_fp32, t_param_fp32)
                         _51 = F.ge(_50, 0)
-                        _52 = F.where(_51, 1.0, 0.0)
+                        _52 = F.where(_51, 1.0, 0.0, like=param)
                         _53 = F.addcmul(t_param_fp32, t_param_fp32, _52, h["_k13"])
                         t_param_fp32 = _53
                     else:
@@ -3108,7 +3108,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c14"]:
                         _57 = F.mul(t_update, param)
                         _58 = F.ge(_57, 0)
-                        _59 = F.where(_58, 1.0, 0.0)
+                        _59 = F.where(_58, 1.0, 0.0, like=param)
                         _60 = F.addcmul(param, param, _59, h["_k16"])
                         F.assign_(param, _60)
                     else:
@@ -3170,7 +3170,7 @@ def _device_step(h, param, grad, S, A):
             if h["_c8"]:
                 _82 = F.mul(t_update, grad)
                 _83 = F.gt(_82, 0)
-                _84 = F.where(_83, 1.0, 0.0)
+                _84 = F.where(_83, 1.0, 0.0, like=param)
                 _85 = F.cast(_84, grad)
                 t_mask = _85
                 _86 = F.mean(t_mask)
@@ -3213,7 +3213,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c14"]:
                         _99 = F.mul(t_update_fp32, t_param_fp32)
                         _100 = F.ge(_99, 0)
-                        _101 = F.where(_100, 1.0, 0.0)
+                        _101 = F.where(_100, 1.0, 0.0, like=param)
                         _102 = F.addcmul(t_param_fp32, t_param_fp32, _101, h["_k31"])
                         t_param_fp32 = _102
                     else:
@@ -3228,7 +3228,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c14"]:
                         _106 = F.mul(t_update, param)
                         _107 = F.ge(_106, 0)
-                        _108 = F.where(_107, 1.0, 0.0)
+                        _108 = F.where(_107, 1.0, 0.0, like=param)
                         _109 = F.addcmul(param, param, _108, h["_k34"])
                         F.assign_(param, _109)
                     else:
@@ -3290,7 +3290,7 @@ def _device_step(h, param, grad, S, A):
         if h["_c8"]:
             _131 = F.mul(t_update, grad)
             _132 = F.gt(_131, 0)
-            _133 = F.where(_132, 1.0, 0.0)
+            _133 = F.where(_132, 1.0, 0.0, like=param)
             _134 = F.cast(_133, grad)
             t_mask = _134
             _135 = F.mean(t_mask)
@@ -3333,7 +3333,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c14"]:
                     _148 = F.mul(t_update_fp32, t_param_fp32)
                     _149 = F.ge(_148, 0)
-                    _150 = F.where(_149, 1.0, 0.0)
+                    _150 = F.where(_149, 1.0, 0.0, like=param)
                     _151 = F.addcmul(t_param_fp32, t_param_fp32, _150, h["_k49"])
                     t_param_fp32 = _151
                 else:
@@ -3348,7 +3348,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c14"]:
                     _155 = F.mul(t_update, param)
                     _156 = F.ge(_155, 0)
-                    _157 = F.where(_156, 1.0, 0.0)
+                    _157 = F.where(_156, 1.0, 0.0, like=param)
                     _158 = F.addcmul(param, param, _157, h["_k52"])
                     F.assign_(param, _158)
                 else:

@@ -5815,7 +5815,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _36 = F.mul(t_update_fp32, t_param_fp32)
                             _37 = F.ge(_36, 0)
-                            _38 = F.where(_37, 1.0, 0.0)
+                            _38 = F.where(_37, 1.0, 0.0, like=param)
                             _39 = F.addcmul(t_param_fp32, t_param_fp32, _38, h["_k21"])
                             t_param_fp32 = _39
                         else:
@@ -5830,7 +5830,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _43 = F.mul(t_update, param)
                             _44 = F.ge(_43, 0)
-                            _45 = F.where(_44, 1.0, 0.0)
+                            _45 = F.where(_44, 1.0, 0.0, like=param)
                             _46 = F.addcmul(param, param, _45, h["_k24"])
                             F.assign_(param, _46)
                         else:
@@ -5866,7 +5866,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _53 = F.mul(t_update_fp32, t_param_fp32)
                             _54 = F.ge(_53, 0)
-                            _55 = F.where(_54, 1.0, 0.0)
+                            _55 = F.where(_54, 1.0, 0.0, like=param)
                             _56 = F.addcmul(t_param_fp32, t_param_fp32, _55, h["_k29"])
                             t_param_fp32 = _56
                         else:
@@ -5881,7 +5881,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _60 = F.mul(t_update, param)
                             _61 = F.ge(_60, 0)
-                            _62 = F.where(_61, 1.0, 0.0)
+                            _62 = F.where(_61, 1.0, 0.0, like=param)
                             _63 = F.addcmul(param, param, _62, h["_k32"])
                             F.assign_(param, _63)
                         else:
@@ -5971,7 +5971,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _89 = F.mul(t_update_fp32, t_param_fp32)
                             _90 = F.ge(_89, 0)
-                            _91 = F.where(_90, 1.0, 0.0)
+                            _91 = F.where(_90, 1.0, 0.0, like=param)
                             _92 = F.addcmul(t_param_fp32, t_param_fp32, _91, h["_k55"])
                             t_param_fp32 = _92
                         else:
@@ -5986,7 +5986,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _96 = F.mul(t_update, param)
                             _97 = F.ge(_96, 0)
-                            _98 = F.where(_97, 1.0, 0.0)
+                            _98 = F.where(_97, 1.0, 0.0, like=param)
                             _99 = F.addcmul(param, param, _98, h["_k58"])
                             F.assign_(param, _99)
                         else:
@@ -6022,7 +6022,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _106 = F.mul(t_update_fp32, t_param_fp32)
                             _107 = F.ge(_106, 0)
-                            _108 = F.where(_107, 1.0, 0.0)
+                            _108 = F.where(_107, 1.0, 0.0, like=param)
                             _109 = F.addcmul(t_param_fp32, t_param_fp32, _108, h["_k63"])
                             t_param_fp32 = _109
                         else:
@@ -6037,7 +6037,7 @@ def _device_step(h, param, grad, S):
                         if h["_c16"]:
                             _113 = F.mul(t_update, param)
                             _114 = F.ge(_113, 0)
-                            _115 = F.where(_114, 1.0, 0.0)
+                            _115 = F.where(_114, 1.0, 0.0, like=param)
                             _116 = F.addcmul(param, param, _115, h["_k66"])
                             F.assign_(param, _116)
                         else:
@@ -6124,7 +6124,7 @@ def _device_step(h, param, grad, S):
                     if h["_c16"]:
                         _141 = F.mul(t_update_fp32, t_param_fp32)
                         _142 = F.ge(_141, 0)
-                        _143 = F.where(_142, 1.0, 0.0)
+                        _143 = F.where(_142, 1.0, 0.0, like=param)
                         _144 = F.addcmul(t_param_fp32, t_param_fp32, _143, h["_k89"])
                         t_param_fp32 = _144
                     else:
@@ -6139,7 +6139,7 @@ def _device_step(h, param, grad, S):
                     if h["_c16"]:
                         _148 = F.mul(t_update, param)
                         _149 = F.ge(_148, 0)
-                        _150 = F.where(_149, 1.0, 0.0)
+                        _150 = F.where(_149, 1.0, 0.0, like=param)
                         _151 = F.addcmul(param, param, _150, h["_k92"])
                         F.assign_(param, _151)
                     else:
@@ -6175,7 +6175,7 @@ def _device_step(h, param, grad, S):
                     if h["_c16"]:
                         _158 = F.mul(t_update_fp32, t_param_fp32)
                         _159 = F.ge(_158, 0)
-                        _160 = F.where(_159, 1.0, 0.0)
+                        _160 = F.where(_159, 1.0, 0.0, like=param)
                         _161 = F.addcmul(t_param_fp32, t_param_fp32, _160, h["_k97"])
                         t_param_fp32 = _161
                     else:
@@ -6190,7 +6190,7 @@ def _device_step(h, param, grad, S):
                     if h["_c16"]:
                         _165 = F.mul(t_update, param)
                         _166 = F.ge(_165, 0)
-                        _167 = F.where(_166, 1.0, 0.0)
+                        _167 = F.where(_166, 1.0, 0.0, like=param)
                         _168 = F.addcmul(param, param, _167, h["_k100"])
                         F.assign_(param, _168)
                     else:

@@ -4738,7 +4738,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _59 = F.mul(t_update_fp32, t_param_fp32)
                             _60 = F.ge(_59, 0)
-                            _61 = F.where(_60, 1.0, 0.0)
+                            _61 = F.where(_60, 1.0, 0.0, like=param)
                             F.mul_(_61, t_fisher)
                             _62 = F.addcmul(t_param_fp32, t_param_fp32, _61, -1.0)
                             t_param_fp32 = _62
@@ -4749,7 +4749,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _64 = F.mul(t_update_fp32, t_param_fp32)
                             _65 = F.ge(_64, 0)
-                            _66 = F.where(_65, 1.0, 0.0)
+                            _66 = F.where(_65, 1.0, 0.0, like=param)
                             _67 = F.addcmul(t_param_fp32, t_param_fp32, _66, h["_k17"])
                             t_param_fp32 = _67
                         else:
@@ -4781,7 +4781,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _76 = F.mul(t_update, param)
                             _77 = F.ge(_76, 0)
-                            _78 = F.where(_77, 1.0, 0.0)
+                            _78 = F.where(_77, 1.0, 0.0, like=param)
                             F.mul_(_78, t_fisher)
                             _79 = F.addcmul(param, param, _78, -1.0)
                             F.assign_(param, _79)
@@ -4792,7 +4792,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _81 = F.mul(t_update, param)
                             _82 = F.ge(_81, 0)
-                            _83 = F.where(_82, 1.0, 0.0)
+                            _83 = F.where(_82, 1.0, 0.0, like=param)
                             _84 = F.addcmul(param, param, _83, h["_k21"])
                             F.assign_(param, _84)
                         else:
@@ -4909,7 +4909,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _119 = F.mul(t_update_fp32, t_param_fp32)
                             _120 = F.ge(_119, 0)
-                            _121 = F.where(_120, 1.0, 0.0)
+                            _121 = F.where(_120, 1.0, 0.0, like=param)
                             F.mul_(_121, t_fisher)
                             _122 = F.addcmul(t_param_fp32, t_param_fp32, _121, -1.0)
                             t_param_fp32 = _122
@@ -4920,7 +4920,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _124 = F.mul(t_update_fp32, t_param_fp32)
                             _125 = F.ge(_124, 0)
-                            _126 = F.where(_125, 1.0, 0.0)
+                            _126 = F.where(_125, 1.0, 0.0, like=param)
                             _127 = F.addcmul(t_param_fp32, t_param_fp32, _126, h["_k40"])
                             t_param_fp32 = _127
                         else:
@@ -4952,7 +4952,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _136 = F.mul(t_update, param)
                             _137 = F.ge(_136, 0)
-                            _138 = F.where(_137, 1.0, 0.0)
+                            _138 = F.where(_137, 1.0, 0.0, like=param)
                             F.mul_(_138, t_fisher)
                             _139 = F.addcmul(param, param, _138, -1.0)
                             F.assign_(param, _139)
@@ -4963,7 +4963,7 @@ def _device_step(h, param, grad, S, A):
                         if h["_c15"]:
                             _141 = F.mul(t_update, param)
                             _142 = F.ge(_141, 0)
-                            _143 = F.where(_142, 1.0, 0.0)
+                            _143 = F.where(_142, 1.0, 0.0, like=param)
                             _144 = F.addcmul(param, param, _143, h["_k44"])
                             F.assign_(param, _144)
                         else:
@@ -5078,7 +5078,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _178 = F.mul(t_update_fp32, t_param_fp32)
                         _179 = F.ge(_178, 0)
-                        _180 = F.where(_179, 1.0, 0.0)
+                        _180 = F.where(_179, 1.0, 0.0, like=param)
                         F.mul_(_180, t_fisher)
                         _181 = F.addcmul(t_param_fp32, t_param_fp32, _180, -1.0)
                         t_param_fp32 = _181
@@ -5089,7 +5089,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _183 = F.mul(t_update_fp32, t_param_fp32)
                         _184 = F.ge(_183, 0)
-                        _185 = F.where(_184, 1.0, 0.0)
+                        _185 = F.where(_184, 1.0, 0.0, like=param)
                         _186 = F.addcmul(t_param_fp32, t_param_fp32, _185, h["_k63"])
                         t_param_fp32 = _186
                     else:
@@ -5121,7 +5121,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _195 = F.mul(t_update, param)
                         _196 = F.ge(_195, 0)
-                        _197 = F.where(_196, 1.0, 0.0)
+                        _197 = F.where(_196, 1.0, 0.0, like=param)
                         F.mul_(_197, t_fisher)
                         _198 = F.addcmul(param, param, _197, -1.0)
                         F.assign_(param, _198)
@@ -5132,7 +5132,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _200 = F.mul(t_update, param)
                         _201 = F.ge(_200, 0)
-                        _202 = F.where(_201, 1.0, 0.0)
+                        _202 = F.where(_201, 1.0, 0.0, like=param)
                         _203 = F.addcmul(param, param, _202, h["_k67"])
                         F.assign_(param, _203)
                     else:

@@ -3672,7 +3672,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c7"]:
                         _22 = F.mul(t_exp_avg_full, grad)
                         _23 = F.gt(_22, 0)
-                        _24 = F.where(_23, 1.0, 0.0)
+                        _24 = F.where(_23, 1.0, 0.0, like=param)
                         _25 = F.cast(_24, grad)
                         t_mask = _25
                         _26 = F.mean(t_mask)
@@ -3791,7 +3791,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _72 = F.mul(t_update_fp32, t_param_fp32)
                         _73 = F.ge(_72, 0)
-                        _74 = F.where(_73, 1.0, 0.0)
+                        _74 = F.where(_73, 1.0, 0.0, like=param)
                         _75 = F.addcmul(t_param_fp32, t_param_fp32, _74, h["_k17"])
                         t_param_fp32 = _75
                     else:
@@ -3806,7 +3806,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _79 = F.mul(t_update, param)
                         _80 = F.ge(_79, 0)
-                        _81 = F.where(_80, 1.0, 0.0)
+                        _81 = F.where(_80, 1.0, 0.0, like=param)
                         _82 = F.addcmul(param, param, _81, h["_k20"])
                         F.assign_(param, _82)
                     else:
@@ -3845,7 +3845,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c7"]:
                         _93 = F.mul(st_exp_avg, grad)
                         _94 = F.gt(_93, 0)
-                        _95 = F.where(_94, 1.0, 0.0)
+                        _95 = F.where(_94, 1.0, 0.0, like=param)
                         _96 = F.cast(_95, grad)
                         t_mask = _96
                         _97 = F.mean(t_mask)
@@ -3919,7 +3919,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _118 = F.mul(t_update_fp32, t_param_fp32)
                         _119 = F.ge(_118, 0)
-                        _120 = F.where(_119, 1.0, 0.0)
+                        _120 = F.where(_119, 1.0, 0.0, like=param)
                         _121 = F.addcmul(t_param_fp32, t_param_fp32, _120, h["_k39"])
                         t_param_fp32 = _121
                     else:
@@ -3934,7 +3934,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c15"]:
                         _125 = F.mul(t_update, param)
                         _126 = F.ge(_125, 0)
-                        _127 = F.where(_126, 1.0, 0.0)
+                        _127 = F.where(_126, 1.0, 0.0, like=param)
                         _128 = F.addcmul(param, param, _127, h["_k42"])
                         F.assign_(param, _128)
                     else:
@@ -3973,7 +3973,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c7"]:
                     _139 = F.mul(st_exp_avg, grad)
                     _140 = F.gt(_139, 0)
-                    _141 = F.where(_140, 1.0, 0.0)
+                    _141 = F.where(_140, 1.0, 0.0, like=param)
                     _142 = F.cast(_141, grad)
                     t_mask = _142
                     _143 = F.mean(t_mask)
@@ -4047,7 +4047,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c15"]:
                     _164 = F.mul(t_update_fp32, t_param_fp32)
                     _165 = F.ge(_164, 0)
-                    _166 = F.where(_165, 1.0, 0.0)
+                    _166 = F.where(_165, 1.0, 0.0, like=param)
                     _167 = F.addcmul(t_param_fp32, t_param_fp32, _166, h["_k61"])
                     t_param_fp32 = _167
                 else:
@@ -4062,7 +4062,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c15"]:
                     _171 = F.mul(t_update, param)
                     _172 = F.ge(_171, 0)
-                    _173 = F.where(_172, 1.0, 0.0)
+                    _173 = F.where(_172, 1.0, 0.0, like=param)
                     _174 = F.addcmul(param, param, _173, h["_k64"])
                     F.assign_(param, _174)
                 else:

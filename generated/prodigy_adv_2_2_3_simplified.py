@@ -3405,7 +3405,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c12"]:
                         _62 = F.mul(t_update_fp32, t_param_fp32)
                         _63 = F.ge(_62, 0)
-                        _64 = F.where(_63, 1.0, 0.0)
+                        _64 = F.where(_63, 1.0, 0.0, like=param)
                         _65 = F.addcmul(t_param_fp32, t_param_fp32, _64, h["_k16"])
                         t_param_fp32 = _65
                     else:
@@ -3420,7 +3420,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c12"]:
                         _69 = F.mul(t_update, param)
                         _70 = F.ge(_69, 0)
-                        _71 = F.where(_70, 1.0, 0.0)
+                        _71 = F.where(_70, 1.0, 0.0, like=param)
                         _72 = F.addcmul(param, param, _71, h["_k19"])
                         F.assign_(param, _72)
                     else:
@@ -3509,7 +3509,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c12"]:
                         _98 = F.mul(t_update_fp32, t_param_fp32)
                         _99 = F.ge(_98, 0)
-                        _100 = F.where(_99, 1.0, 0.0)
+                        _100 = F.where(_99, 1.0, 0.0, like=param)
                         _101 = F.addcmul(t_param_fp32, t_param_fp32, _100, h["_k37"])
                         t_param_fp32 = _101
                     else:
@@ -3524,7 +3524,7 @@ def _device_step(h, param, grad, S, A):
                     if h["_c12"]:
                         _105 = F.mul(t_update, param)
                         _106 = F.ge(_105, 0)
-                        _107 = F.where(_106, 1.0, 0.0)
+                        _107 = F.where(_106, 1.0, 0.0, like=param)
                         _108 = F.addcmul(param, param, _107, h["_k40"])
                         F.assign_(param, _108)
                     else:
@@ -3613,7 +3613,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c12"]:
                     _134 = F.mul(t_update_fp32, t_param_fp32)
                     _135 = F.ge(_134, 0)
-                    _136 = F.where(_135, 1.0, 0.0)
+                    _136 = F.where(_135, 1.0, 0.0, like=param)
                     _137 = F.addcmul(t_param_fp32, t_param_fp32, _136, h["_k58"])
                     t_param_fp32 = _137
                 else:
@@ -3628,7 +3628,7 @@ def _device_step(h, param, grad, S, A):
                 if h["_c12"]:
                     _141 = F.mul(t_update, param)
                     _142 = F.ge(_141, 0)
-                    _143 = F.where(_142, 1.0, 0.0)
+                    _143 = F.where(_142, 1.0, 0.0, like=param)
                     _144 = F.addcmul(param, param, _143, h["_k61"])
                     F.assign_(param, _144)
                 else:

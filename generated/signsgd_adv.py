@@ -3875,7 +3875,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _51 = F.mul(t_update_fp32, t_param_fp32)
                             _52 = F.ge(_51, 0)
-                            _53 = F.where(_52, 1.0, 0.0)
+                            _53 = F.where(_52, 1.0, 0.0, like=param)
                             _54 = F.addcmul(t_param_fp32, t_wd_target, _53, h["_k6"])
                             t_param_fp32 = _54
                         else:
@@ -3885,7 +3885,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _56 = F.mul(t_update_fp32, t_param_fp32)
                             _57 = F.ge(_56, 0)
-                            _58 = F.where(_57, 1.0, 0.0)
+                            _58 = F.where(_57, 1.0, 0.0, like=param)
                             _59 = F.addcmul(t_param_fp32, t_param_fp32, _58, h["_k8"])
                             t_param_fp32 = _59
                         else:
@@ -3917,7 +3917,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _70 = F.mul(t_update, param)
                             _71 = F.ge(_70, 0)
-                            _72 = F.where(_71, 1.0, 0.0)
+                            _72 = F.where(_71, 1.0, 0.0, like=param)
                             _73 = F.addcmul(param, t_wd_target, _72, h["_k13"])
                             F.assign_(param, _73)
                         else:
@@ -3926,7 +3926,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _74 = F.mul(t_update, param)
                             _75 = F.ge(_74, 0)
-                            _76 = F.where(_75, 1.0, 0.0)
+                            _76 = F.where(_75, 1.0, 0.0, like=param)
                             _77 = F.addcmul(param, param, _76, h["_k15"])
                             F.assign_(param, _77)
                         else:
@@ -4021,7 +4021,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _104 = F.mul(t_update_fp32, t_param_fp32)
                             _105 = F.ge(_104, 0)
-                            _106 = F.where(_105, 1.0, 0.0)
+                            _106 = F.where(_105, 1.0, 0.0, like=param)
                             _107 = F.addcmul(t_param_fp32, t_wd_target, _106, h["_k23"])
                             t_param_fp32 = _107
                         else:
@@ -4031,7 +4031,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _109 = F.mul(t_update_fp32, t_param_fp32)
                             _110 = F.ge(_109, 0)
-                            _111 = F.where(_110, 1.0, 0.0)
+                            _111 = F.where(_110, 1.0, 0.0, like=param)
                             _112 = F.addcmul(t_param_fp32, t_param_fp32, _111, h["_k25"])
                             t_param_fp32 = _112
                         else:
@@ -4063,7 +4063,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _123 = F.mul(t_update, param)
                             _124 = F.ge(_123, 0)
-                            _125 = F.where(_124, 1.0, 0.0)
+                            _125 = F.where(_124, 1.0, 0.0, like=param)
                             _126 = F.addcmul(param, t_wd_target, _125, h["_k30"])
                             F.assign_(param, _126)
                         else:
@@ -4072,7 +4072,7 @@ def _device_step(h, param, grad, S):
                         if h["_c14"]:
                             _127 = F.mul(t_update, param)
                             _128 = F.ge(_127, 0)
-                            _129 = F.where(_128, 1.0, 0.0)
+                            _129 = F.where(_128, 1.0, 0.0, like=param)
                             _130 = F.addcmul(param, param, _129, h["_k32"])
                             F.assign_(param, _130)
                         else:
@@ -4164,7 +4164,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _156 = F.mul(t_update_fp32, t_param_fp32)
                         _157 = F.ge(_156, 0)
-                        _158 = F.where(_157, 1.0, 0.0)
+                        _158 = F.where(_157, 1.0, 0.0, like=param)
                         _159 = F.addcmul(t_param_fp32, t_wd_target, _158, h["_k40"])
                         t_param_fp32 = _159
                     else:
@@ -4174,7 +4174,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _161 = F.mul(t_update_fp32, t_param_fp32)
                         _162 = F.ge(_161, 0)
-                        _163 = F.where(_162, 1.0, 0.0)
+                        _163 = F.where(_162, 1.0, 0.0, like=param)
                         _164 = F.addcmul(t_param_fp32, t_param_fp32, _163, h["_k42"])
                         t_param_fp32 = _164
                     else:
@@ -4206,7 +4206,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _175 = F.mul(t_update, param)
                         _176 = F.ge(_175, 0)
-                        _177 = F.where(_176, 1.0, 0.0)
+                        _177 = F.where(_176, 1.0, 0.0, like=param)
                         _178 = F.addcmul(param, t_wd_target, _177, h["_k47"])
                         F.assign_(param, _178)
                     else:
@@ -4215,7 +4215,7 @@ def _device_step(h, param, grad, S):
                     if h["_c14"]:
                         _179 = F.mul(t_update, param)
                         _180 = F.ge(_179, 0)
-                        _181 = F.where(_180, 1.0, 0.0)
+                        _181 = F.where(_180, 1.0, 0.0, like=param)
                         _182 = F.addcmul(param, param, _181, h["_k49"])
                         F.assign_(param, _182)
                     else:

@@ -2911,7 +2911,7 @@ def _device_step(h, param, grad, S):
                     if h["_c10"]:
                         _52 = F.mul(t_update_fp32, t_param_fp32)
                         _53 = F.ge(_52, 0)
-                        _54 = F.where(_53, 1.0, 0.0)
+                        _54 = F.where(_53, 1.0, 0.0, like=param)
                         _55 = F.addcmul(t_param_fp32, t_param_fp32, _54, h["_k7"])
                         t_param_fp32 = _55
                     else:
@@ -2926,7 +2926,7 @@ def _device_step(h, param, grad, S):
                     if h["_c10"]:
                         _59 = F.mul(t_update, param)
                         _60 = F.ge(_59, 0)
-                        _61 = F.where(_60, 1.0, 0.0)
+                        _61 = F.where(_60, 1.0, 0.0, like=param)
                         _62 = F.addcmul(param, param, _61, h["_k10"])
                         F.assign_(param, _62)
                     else:
@@ -2991,7 +2991,7 @@ def _device_step(h, param, grad, S):
                     if h["_c10"]:
                         _78 = F.mul(t_update_fp32, t_param_fp32)
                         _79 = F.ge(_78, 0)
-                        _80 = F.where(_79, 1.0, 0.0)
+                        _80 = F.where(_79, 1.0, 0.0, like=param)
                         _81 = F.addcmul(t_param_fp32, t_param_fp32, _80, h["_k19"])
                         t_param_fp32 = _81
                     else:
@@ -3006,7 +3006,7 @@ def _device_step(h, param, grad, S):
                     if h["_c10"]:
                         _85 = F.mul(t_update, param)
                         _86 = F.ge(_85, 0)
-                        _87 = F.where(_86, 1.0, 0.0)
+                        _87 = F.where(_86, 1.0, 0.0, like=param)
                         _88 = F.addcmul(param, param, _87, h["_k22"])
                         F.assign_(param, _88)
                     else:
@@ -3071,7 +3071,7 @@ def _device_step(h, param, grad, S):
                 if h["_c10"]:
                     _104 = F.mul(t_update_fp32, t_param_fp32)
                     _105 = F.ge(_104, 0)
-                    _106 = F.where(_105, 1.0, 0.0)
+                    _106 = F.where(_105, 1.0, 0.0, like=param)
                     _107 = F.addcmul(t_param_fp32, t_param_fp32, _106, h["_k31"])
                     t_param_fp32 = _107
                 else:
@@ -3086,7 +3086,7 @@ def _device_step(h, param, grad, S):
                 if h["_c10"]:
                     _111 = F.mul(t_update, param)
                     _112 = F.ge(_111, 0)
-                    _113 = F.where(_112, 1.0, 0.0)
+                    _113 = F.where(_112, 1.0, 0.0, like=param)
                     _114 = F.addcmul(param, param, _113, h["_k34"])
                     F.assign_(param, _114)
                 else:

@@ -116,6 +116,10 @@ def _eval(n: Node, f: _Frame) -> Any:
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
     if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
+    if n.op == "where" and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
+        # a choice between two numbers: numbers take the parameter's dtype, as a Python scalar
+        # does against a tensor (torch.where of two scalars would give the default dtype)
+        raw[1] = torch.tensor(raw[1], dtype=f.param.dtype, device=f.param.device)
     return _OPS[n.op](*raw)
 
 

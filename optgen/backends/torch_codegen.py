@@ -84,8 +84,11 @@ class TorchEmitter:
         if first_fresh and n.op in INPLACE and n.args[0].kind == n.kind:
             self.emit(f"F.{n.op}_({first}{', ' + rest if rest else ''})")
             return first, True
+        codes = [code for code, _ in args]
+        if n.op == "where" and all(a.is_host for a in n.args[1:]):
+            codes.append("like=param")  # two numbers: the result takes the parameters' dtype
         name = self.fresh()
-        self.emit(f"{name} = F.{n.op}({', '.join(code for code, _ in args)})")
+        self.emit(f"{name} = F.{n.op}({', '.join(codes)})")
         return name, n.op not in _MAY_ALIAS
 
     # -- statements ----------------------------------------------------------------------------

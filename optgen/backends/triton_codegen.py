@@ -38,11 +38,33 @@ _BINARY = {"add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})"}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
+#: Where an emitted kernel's own name goes. Emitters write this hole, never a name, and
+#: ``render_kernels`` joins the text's pieces with the final name once the kernel is deduplicated:
+#: NUL is in no identifier, number or operator the emitters write, so no spec-derived text can
+#: be mistaken for the name (as ``str.replace`` of a name would).
+_NAME_HOLE = "\x00"
+
+
 @dataclass
 class KernelSource:
     name: str
     kind: str  # prologue | flat | tiled | vec
     text: str
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """An emitted kernel whose name is not chosen yet: its text split at the name's places."""
+
+    kind: str
+    parts: tuple[str, ...]
+
+    @staticmethod
+    def of(kind: str, text: str) -> _Draft:
+        return _Draft(kind, tuple(text.split(_NAME_HOLE)))
+
+    def named(self, name: str) -> KernelSource:
+        return KernelSource(name, self.kind, name.join(self.parts))
 
 
 def table_columns(program: Program, plan: PathPlan) -> list[str]:
@@ -88,7 +110,7 @@ class KernelEmitter:
     def input_names(self) -> list[str]:
         return program_inputs(self.program)
 
-    def signature(self, name: str) -> str:
+    def signature(self, name: str = _NAME_HOLE) -> str:
         hs = "".join(f", hs_{d.name}" for d in self.program.state if d.kind == Kind.HOST)
         hs = (", inp" if self.input_names else "") + hs
         dts = "".join(f", {n}: tl.constexpr" for n in self.state_dtypes)
@@ -115,7 +137,7 @@ class KernelEmitter:
         return "tl.float32"
 
     # -- prologue: host scalars in float64 ---------------------------------------------------
-    def prologue(self, name: str) -> KernelSource:
+    def prologue(self) -> _Draft:
         b = _Body()
         b.emit("t = tl.program_id(0)")
         b.emit(f"gidx = {self.col('gidx')}")
@@ -138,7 +160,7 @@ class KernelEmitter:
             env[s.target] = local
         for i, n in enumerate(self.plan.hv):
             b.emit(f"tl.store(hv + t * NH + {i}, ({env[n]}).to(tl.float32))")
-        return KernelSource(name, "prologue", self.signature(name) + "\n".join(b.lines) + "\n")
+        return _Draft.of("prologue", self.signature() + "\n".join(b.lines) + "\n")
 
     def host_expr(self, n: Node, b: _Body, env: dict[str, str]) -> str:
         op = n.op
@@ -279,7 +301,7 @@ class KernelEmitter:
         return name
 
     # -- passes ------------------------------------------------------------------------------
-    def pass_kernel(self, name: str, stage: Stage, index: int) -> KernelSource:
+    def pass_kernel(self, stage: Stage, index: int) -> _Draft:
         tiled = stage.layout == "tiled"
         body = _Body(indent=1)
         ctx = _DeviceCtx(self, body, "tiled" if tiled else "flat")
@@ -297,16 +319,18 @@ class KernelEmitter:
                 ctx.store(target, ctx.locals[target], kind)
         header = ctx.header()
         if tiled:
-            text = self.signature(name) + "\n".join(header + body.lines) + "\n"
-            return KernelSource(name, "tiled", text)
+            return _Draft.of("tiled", self.signature() + "\n".join(header + body.lines) + "\n")
         # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
-        block_name = f"{name}_block"
+        block_name = f"{_NAME_HOLE}_block"
         constexprs = ["TBL_W", "NH", "ALIGNED", "P_DT", *self.state_dtypes]
-        runtime = "t, offs, mask, tab, gptr, hv, ws"
-        args = ", ".join([runtime, *constexprs])
-        params = ", ".join([runtime, *(f"{c}: tl.constexpr" for c in constexprs)])
+        runtime = ["t", "offs", "mask", "tab", "gptr", "hv", "ws"]
+        params = ", ".join([*runtime, *(f"{c}: tl.constexpr" for c in constexprs)])
+
+        def call(mask: str) -> str:  # the block's arguments, written out (not edited from `params`)
+            return ", ".join(["t", "offs", mask, *runtime[3:], *constexprs])
+
         inner = f"@triton.jit\ndef {block_name}({params}):\n" + "\n".join(header + body.lines) + "\n"
-        outer = self.signature(name) + "\n".join(
+        outer = self.signature() + "\n".join(
             [
                 "    pid = tl.program_id(0)",
                 "    t = tl.load(chunks + 2 * pid)",
@@ -316,12 +340,12 @@ class KernelEmitter:
                 "    if ALIGNED:",
                 "        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)",
                 "    if start + BLOCK <= n:",
-                f"        {block_name}({args.replace('mask', 'None')})",
+                f"        {block_name}({call('None')})",
                 "    else:",
-                f"        {block_name}({args.replace('mask', 'offs < n')})",
+                f"        {block_name}({call('offs < n')})",
             ]
         ) + "\n"
-        return KernelSource(name, "flat", inner + "\n\n" + outer)
+        return _Draft.of("flat", inner + "\n\n" + outer)
 
     def reduce(self, s: Assign, ctx: _DeviceCtx) -> None:
         n = s.value
@@ -347,7 +371,7 @@ class KernelEmitter:
             body.emit(f"tl.atomic_add({base}, tl.sum(tl.sum({part}, axis=1), axis=0))")
 
     # -- vector stages -----------------------------------------------------------------------
-    def vec_kernel(self, name: str, stage: Stage) -> KernelSource:
+    def vec_kernel(self, stage: Stage) -> _Draft:
         body = _Body(indent=1)
         body.emit("t = tl.program_id(0)")
         body.emit(f"B = {self.col('B')}")
@@ -357,7 +381,7 @@ class KernelEmitter:
             body.emit(f"# {s.target} ({s.value.kind.label})")
             self.vec_statement(s, body)
             body.emit("tl.debug_barrier()")
-        return KernelSource(name, "vec", self.signature(name) + "\n".join(body.lines) + "\n")
+        return _Draft.of("vec", self.signature() + "\n".join(body.lines) + "\n")
 
     def vec_statement(self, s: Assign, body: _Body) -> None:
         kind = s.value.kind
@@ -651,13 +675,22 @@ def default_decisions(program: Program) -> dict[str, bool]:
     group = {name: (tuple(h.default) if isinstance(h.default, list) else h.default) for name, h in program.hypers}
     ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
     for g in program.globals:  # conditions on globals (Prodigy's k) read their initial values
-        group[g.name] = evaluate(g.init, ctx)
+        try:
+            group[g.name] = evaluate(g.init, ctx)
+        except (ArithmeticError, ValueError):
+            pass  # the conditions reading it stay undecided (below)
     out: dict[str, bool] = {}
     for s in program.body:
         if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and all(
             n.op in ("hyper", "const") or n.args for n in walk_nodes(s.value)
         ):
-            out[s.target] = bool(evaluate(s.value, ctx))
+            try:
+                out[s.target] = bool(evaluate(s.value, ctx))
+            except (ArithmeticError, ValueError, KeyError):
+                # host maths that fails at the defaults (an overflowing power of a global, or a
+                # global whose init failed): the condition stays undecided, both branches are
+                # rendered, and stepping reports the error (`optgen check`'s smoke step)
+                continue
     return out
 
 
@@ -671,19 +704,17 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
     """
     dyn = dynamic_names(program)
     kernels: list[KernelSource] = []
-    by_text: dict[str, str] = {}
+    by_text: dict[_Draft, str] = {}
     slots: list = hyper_slots(program)
     paths = {}
 
-    def add(src: KernelSource) -> str:
-        key = src.text.replace(src.name, "@")
-        if key in by_text:
-            return by_text[key]
-        src_name = f"{prefix}_{src.kind}{sum(k.kind == src.kind for k in kernels)}"
-        src = KernelSource(src_name, src.kind, src.text.replace(src.name, src_name))
-        kernels.append(src)
-        by_text[key] = src_name
-        return src_name
+    def add(draft: _Draft) -> str:
+        if draft in by_text:  # the same kernel up to its name: launched under the first one's
+            return by_text[draft]
+        name = f"{prefix}_{draft.kind}{sum(k.kind == draft.kind for k in kernels)}"
+        kernels.append(draft.named(name))
+        by_text[draft] = name
+        return name
 
     unsupported: list[str] = []
     for key, stmts in enumerate_paths(program.body, dyn, fixed=default_decisions(program) if fixed is None else fixed):
@@ -692,16 +723,16 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         try:
             plan = plan_path(program, key, stmts, dyn)
             em = KernelEmitter(program, plan, slots)
-            sources: list = [(em.prologue("_KP"), "prologue")]
+            sources: list = [(em.prologue(), "prologue")]
             calls = []
             for i, st in enumerate(plan.stages):
                 if st.kind == "pass":
-                    sources.append((em.pass_kernel("_KS", st, i), st.layout))
+                    sources.append((em.pass_kernel(st, i), st.layout))
                 elif st.kind == "call":
                     sources.append((f"call{len(calls)}", "call"))
                     calls.append(call_data(st.statements[0]))
                 else:
-                    sources.append((em.vec_kernel("_KS", st), "vec"))
+                    sources.append((em.vec_kernel(st), "vec"))
         except TritonUnsupported as exc:
             paths[key] = {"unsupported": str(exc)}
             unsupported.append(str(exc))

@@ -32,9 +32,13 @@ def hoist(program: Program) -> Program:
         counter[prefix] += 1
         return f"_{prefix}{n}"
 
+    # A host state is a 0-d tensor in the state, not a host temporary: a device expression reads
+    # it through a temporary (``_k<n> = state``), the host values every backend hands its device code.
+    host_states = {d.name for d in program.state if d.kind == Kind.HOST}
+
     def rewrite(node: Node, out: list[Stmt]) -> Node:
         if node.is_host:
-            if node.op in ("const", "var"):
+            if node.op == "const" or (node.op == "var" and node.attr not in host_states):
                 return node
             name = fresh("k")
             out.append(Assign(name, node, role="temp"))

@@ -28,6 +28,12 @@ def _each(s: Scalar, n: int) -> list:
     return s if isinstance(s, list) else [s] * n
 
 
+def _tensors(b: Any) -> bool:
+    """Whether ``b`` is one tensor per parameter (as opposed to a host scalar or scalar list).
+    ``torch._foreach_*`` ops return tuples, so a computed operand may be a tuple, not a list."""
+    return isinstance(b, (list, tuple)) and len(b) > 0 and isinstance(b[0], torch.Tensor)
+
+
 # -- alignment of shape kinds ------------------------------------------------------------
 _ALIGN = {
     ("matrix", "row"): (-1,),
@@ -56,21 +62,21 @@ def _binary(name: str):
     single = getattr(torch, name)
 
     def op(a: Tensors, b: Tensors | Scalar) -> Tensors:
-        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+        if _tensors(b):
             if all(x.shape == y.shape for x, y in zip(a, b)):
                 return fe(a, b)
             return [single(x, y) for x, y in zip(a, b)]
         return fe(a, b)
 
     def op_(a: Tensors, b: Tensors | Scalar) -> Tensors:
-        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) and not all(
+        if _tensors(b) and not all(
             x.shape == y.shape for x, y in zip(a, b)
         ):
             for x, y in zip(a, b):
                 getattr(x, f"{name}_")(y)
             return a
         if name == "mul" and a and a[0].dtype in _REDUCED and a[0].device.type == "cpu" and not (
-                isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor)):
+                _tensors(b)):
             # torch 2.13's CPU _foreach_mul_(bf16/fp16 list, scalar or scalar list) rounds the scalar
             # to the list's dtype first (x.mul_(s) does not): 0.99 becomes 0.98828125 for bf16
             for x, s in zip(a, _each(b, len(a))):
@@ -206,13 +212,13 @@ def lerp_(a: Tensors, b: Tensors, w: Scalar | Tensors) -> Tensors:
 
 
 def maximum(a: Tensors, b: Tensors | Scalar) -> Tensors:
-    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+    if _tensors(b):
         return torch._foreach_maximum(a, b)
     return [x.clamp_min(k) for x, k in zip(a, _each(b, len(a)))]
 
 
 def maximum_(a: Tensors, b: Tensors | Scalar) -> Tensors:
-    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+    if _tensors(b):
         torch._foreach_maximum_(a, b)
     else:
         for x, k in zip(a, _each(b, len(a))):
@@ -221,13 +227,13 @@ def maximum_(a: Tensors, b: Tensors | Scalar) -> Tensors:
 
 
 def minimum(a: Tensors, b: Tensors | Scalar) -> Tensors:
-    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+    if _tensors(b):
         return torch._foreach_minimum(a, b)
     return [x.clamp_max(k) for x, k in zip(a, _each(b, len(a)))]
 
 
 def minimum_(a: Tensors, b: Tensors | Scalar) -> Tensors:
-    if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+    if _tensors(b):
         torch._foreach_minimum_(a, b)
     else:
         for x, k in zip(a, _each(b, len(a))):
@@ -244,16 +250,20 @@ def atan2(a: Tensors, b: Tensors) -> Tensors:
     return [torch.atan2(x, y) for x, y in zip(a, b)]
 
 
-def where(c: Tensors, a: Tensors | Scalar, b: Tensors | Scalar) -> Tensors:
+def where(c: Tensors, a: Tensors | Scalar, b: Tensors | Scalar, like: Tensors | None = None) -> Tensors:
+    """Elementwise choice; between two numbers the result takes ``like``'s dtypes (as a Python
+    scalar does against a tensor) instead of torch's default dtype."""
     n = len(c)
-    a_ = a if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else _each(a, n)
-    b_ = b if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor) else _each(b, n)
+    a_ = a if _tensors(a) else _each(a, n)
+    b_ = b if _tensors(b) else _each(b, n)
+    if like is not None and not _tensors(a) and not _tensors(b):
+        a_ = [torch.tensor(x, dtype=p.dtype, device=p.device) for x, p in zip(a_, like)]
     return [torch.where(m, x, y) for m, x, y in zip(c, a_, b_)]
 
 
 def _compare(fn):
     def op(a: Tensors, b: Tensors | Scalar) -> Tensors:
-        b_ = b if isinstance(b, list) and b and isinstance(b[0], torch.Tensor) else _each(b, len(a))
+        b_ = b if _tensors(b) else _each(b, len(a))
         return [fn(x, y) for x, y in zip(a, b_)]
     return op
 
