@@ -264,6 +264,31 @@ def test_triton_copy_rebuilds_its_runner() -> None:
     assert_same(params_of(model), params_of(m2))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kourkoutas_checkpoint_and_copy_of_float64_params(backend: str) -> None:
+    """Kourkoutas-beta's running norm is the runtime's (no spec state): float32 for float64
+    parameters too, through a load (torch would cast it to the parameter's dtype) and a copy."""
+    model = make_model("transformer", torch.float64)
+    kw = {"kourkoutas_beta": True, "k_warmup_steps": 4}
+    opt = generated.AdamW_adv(model.parameters(), backend=backend, **kw)
+
+    def run(m, o, n, seed0):
+        for i in range(n):
+            o.zero_grad()
+            m.loss(m.batch(torch.float64, seed=seed0 + i)).backward()
+            o.step()
+
+    run(model, opt, 3, 0)
+    m2, opt2 = resumed("adamw_adv", model, saved(opt), backend,
+                       lambda ps: generated.AdamW_adv(ps, backend=backend, **kw))
+    assert all(st["kourkoutas_r_ema"].dtype == torch.float32 for st in opt2.state.values())
+    m3, opt3 = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), (m2, opt2), (m3, opt3)):
+        run(m, o, 3, 3)
+    assert_same(params_of(model), params_of(m2))
+    assert_same(params_of(model), params_of(m3))
+
+
 # -- 4. load-state-dict hooks ----------------------------------------------------------------------
 @pytest.mark.parametrize("spec,backend", CASES)
 def test_load_hooks_are_honoured_for_every_state(spec: str, backend: str) -> None:

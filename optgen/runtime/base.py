@@ -346,6 +346,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 group[name] = _default_value(h)
         self._init_globals(group)
 
+    @torch._disable_dynamo  # as torch.optim.Optimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class, of the torch.optim / published class it reproduces, or
         of an older version of either (missing group keys take the spec's defaults, a ``step``
