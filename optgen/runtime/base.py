@@ -99,7 +99,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__}() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._run_checks(defaults)
         if "process_group" in specs:
-            _require_single_process(type(self).__name__)
+            _require_single_process(type(self).__name__, getattr(self, "process_group", None))
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
@@ -175,6 +175,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 if h.as_ is not None and isinstance(group[name], list):
                     group[name] = tuple(group[name])
                 _validate_hyper(name, h, group[name])
+            if h.param_dtype:
+                _require_param_dtype(name, group[name] if h.per_group else getattr(self, name), group["params"])
         self._run_checks(group)
         self._init_globals(group)
         if self._program.state_init == "eager":
@@ -620,9 +622,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """Broadcast module buffers from rank 0 (as ``adams.Adams_ZeRO.broadcast_buffers``)."""
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = getattr(self, "process_group", None)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             for b in buffers:
-                dist.broadcast(b, src=0)
+                dist.broadcast(b, src=0, group=group)
 
 
 class FusedBackward:
@@ -680,14 +683,27 @@ def _auto_triton(groups: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _require_single_process(name: str) -> None:
+def _require_single_process(name: str, group: Any = None) -> None:
+    """ZeRO sharding is not implemented: the optimizer's process group (the default group when
+    None, as adams-torch reads it) must have one rank."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise NotImplementedError(
-            f"{name}: ZeRO sharding across {dist.get_world_size()} ranks is not implemented yet; "
-            "run one process per model replica with DDP and a non-ZeRO optimizer instead"
-        )
+    if dist.is_available() and dist.is_initialized():
+        size = dist.get_world_size(group)
+        if size > 1:
+            raise NotImplementedError(
+                f"{name}: ZeRO sharding across {size} ranks is not implemented yet; "
+                "run one process per model replica with DDP and a non-ZeRO optimizer instead"
+            )
+
+
+def _require_param_dtype(name: str, dtype: Any, params: list[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        if dtype is not None and p.dtype != dtype:
+            raise ValueError(
+                f"{name}={dtype} differs from the dtype of parameter {i} ({p.dtype}): a master copy in another "
+                f"dtype is not implemented; pass {name}={p.dtype} or parameters of {dtype}"
+            )
 
 
 def _has_nan(values: list[Any]) -> bool:

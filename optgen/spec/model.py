@@ -90,6 +90,9 @@ class HyperparameterSpec(_Strict):
     nullable: bool = False
     #: Every group steps with param_groups[0]'s value (adv_optm's Prodigy reads its betas there).
     first_group: bool = False
+    #: A torch dtype that must be every parameter's dtype (adams' ``master_dtype``: a separate master
+    #: copy in another dtype is not implemented, so another value is refused, never ignored).
+    param_dtype: bool = False
 
     @field_validator("as_")
     @classmethod
