@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from generated.adamuon_adv import AdaMuon_adv
 from generated.adams_zero import Adams_ZeRO
+from generated.adamuon_adv import AdaMuon_adv
 from generated.muon_adv import Muon_adv
 from tests.models import make_model
 
