@@ -14,17 +14,31 @@ from __future__ import annotations
 import importlib
 import itertools
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from optgen.errors import SpecError
 from optgen.render import compile_spec
-from optgen.smoke import smoke_step
+from optgen.smoke import import_built, smoke_step
 
 SHAPES = [(5, 7), (300,), (), (3, 4, 6)]
 _packages = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _forget_kernel_modules():
+    """Drop the modules these specs put in sys.modules (their packages, run-time rendered kernel
+    paths): other tests look the kernel cache's modules up by prefix."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("optgen_kernel_cache.", "langdefect_")):
+            del sys.modules[name]
 
 
 def _build(tmp_path: Path, monkeypatch, text: str, name: str = "demo"):
@@ -313,3 +327,91 @@ def test_failing_default_conditions_do_not_crash_the_build(tmp_path) -> None:
     built = compile_spec(spec)
     with pytest.raises(SpecError, match=r"demo\.yaml:\d+:\d+: update: .*OverflowError"):
         smoke_step(built, built.spec)
+
+
+# --- 6. matches.settings are validated as the constructor validates them -------------------------
+
+SETTINGS = """\
+name: demo
+class: Demo
+matches:
+  package: demo==1.0
+  class: demo.Demo
+  settings:
+    - {}
+    - {lr: 0.1, betas: [0.8, 0.9], mode: b, flag: true}
+    - SETTING
+hyperparameters:
+  lr: {default: 1.0e-3, min: 0}
+  betas: {default: [0.9, 0.999], as: [beta1, beta2], min: 0, max_exclusive: 1}
+  mode: {default: a, type: any, choices: [a, b]}
+  flag: {default: false}
+  fixed: {default: 1.0, constructor: false}
+checks:
+  - check: not flag or lr > 0.01
+    message: flag needs a learning rate above 0.01
+state:
+  m: {kind: element}
+update:
+  - m = lerp(m, grad, 1 - beta1)
+  - param = param - lr * fixed * m
+"""
+
+BAD_SETTINGS = [
+    ("{lrr: 0.1}", "lrr", "'lrr' is not an argument of Demo (did you mean 'lr'?)"),
+    ("{beta1: 0.5}", "beta1", "'beta1' is not an argument of Demo"),
+    ("{fixed: 2.0}", "fixed", "'fixed' is fixed by the class (constructor: false)"),
+    ("{lr: -1.0}", "lr", "Invalid lr: -1.0 (must be >= 0"),
+    ("{lr: fast}", "lr", "lr must be a number, got 'fast'"),
+    ("{betas: [0.9]}", "betas", "Invalid betas: expected 2 values"),
+    ("{betas: [0.9, 1.0]}", "betas", "Invalid betas[1]: 1.0 (must be >= 0"),
+    ("{mode: c}", "mode", "mode='c' is not supported; supported: 'a', 'b'"),
+    ("{flag: 1}", "flag", "flag must be True or False, got 1"),
+    ("{flag: true}", None, "flag needs a learning rate above 0.01"),
+]
+
+
+@pytest.mark.parametrize("setting,key,message", BAD_SETTINGS, ids=[b[0] for b in BAD_SETTINGS])
+def test_settings_are_validated_like_the_constructor(tmp_path, setting: str, key: str | None, message: str) -> None:
+    text = SETTINGS.replace("SETTING", setting)
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(text, encoding="utf-8")
+    line = text.splitlines().index(f"    - {setting}") + 1
+    field = "matches.settings[2]" + (f".{key}" if key else "")
+    with pytest.raises(SpecError) as err:
+        compile_spec(spec)
+    text_of = str(err.value)
+    assert re.match(rf"(.*/)?demo\.yaml:{line}:\d+: {re.escape(field)}: ", text_of), text_of
+    assert message in text_of, text_of
+    # and the constructor does refuse it (the check runs the constructor's own validation)
+    good = compile_spec(_write_spec(tmp_path / "ok", SETTINGS.replace("    - SETTING\n", "")))
+    cls = import_built(good.text, "demo").Demo
+    kwargs = _yaml_flow(setting)
+    with pytest.raises((TypeError, ValueError)):
+        cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_valid_settings_pass_check(tmp_path) -> None:
+    spec = _write_spec(tmp_path, SETTINGS.replace("SETTING", "{lr: 0.5, flag: true, betas: [0.0, 0.5]}"))
+    built = compile_spec(spec)
+    smoke_step(built, built.spec)
+
+
+def test_check_reports_a_bad_setting_without_a_traceback(tmp_path) -> None:
+    spec = _write_spec(tmp_path, SETTINGS.replace("SETTING", "{mode: c}"))
+    r = subprocess.run([sys.executable, "-m", "optgen.cli", "check", str(spec)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "matches.settings[2].mode: Demo() would refuse it" in r.stderr, r.stderr
+
+
+def _write_spec(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "demo.yaml"
+    spec.write_text(text, encoding="utf-8")
+    return spec
+
+
+def _yaml_flow(text: str) -> dict:
+    value = yaml.safe_load(text)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}

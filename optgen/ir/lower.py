@@ -7,6 +7,8 @@ the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmu
 
 from __future__ import annotations
 
+from typing import Any
+
 from optgen.errors import SpecError, did_you_mean
 from optgen.ir.library import COMPARISONS, FUNCTIONS, ORTHOGONALISERS
 from optgen.ir.nodes import (
@@ -565,4 +567,41 @@ def lower(spec: Spec) -> Program:
             program = f.apply(program)
         except FeatureError as exc:
             raise SpecError(spec.source.text_at(("features", i)), f"features[{i}]", str(exc)) from None
+    _check_settings(spec, program)
     return program
+
+
+def _check_settings(spec: Spec, program: Program) -> None:
+    """Each ``matches.settings`` entry is a constructor call the equivalence tests make: it must be
+    one the generated constructor accepts (argument names, then each value's type, range and
+    choices, then the spec's checks), reported at the entry instead of failing in a test."""
+    import torch
+
+    from optgen.runtime.base import _validate_hyper  # the constructor's own validation, not a copy
+    from optgen.runtime.host import HostContext, evaluate
+
+    if spec.model.matches is None:
+        return
+    hypers = dict(program.hypers)
+    accepted = [n for n, h in program.hypers if h.constructor]
+    for i, setting in enumerate(spec.model.matches.settings):
+        entry = ("matches", "settings", i)
+        group: dict[str, Any] = {n: tuple(h.default) if isinstance(h.default, list) else h.default
+                                 for n, h in program.hypers}
+        for key, value in setting.items():
+            pos, field = spec.source.at((*entry, key)), f"matches.settings[{i}].{key}"
+            h = hypers.get(key)
+            if h is None or not h.constructor:
+                why = "is not an argument" if h is None else "is fixed by the class (constructor: false), not an argument"
+                raise SpecError(pos, field, f"'{key}' {why} of {program.class_name}{did_you_mean(key, accepted)}")
+            value = tuple(value) if isinstance(value, list) else value
+            try:
+                _validate_hyper(key, h, value)
+            except (TypeError, ValueError) as exc:
+                raise SpecError(pos, field, f"{program.class_name}() would refuse it: {exc}") from None
+            group[key] = value
+        ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+        for node, message in program.checks:
+            if not evaluate(node, ctx):
+                raise SpecError(spec.source.at(entry), f"matches.settings[{i}]",
+                                f"{program.class_name}() would refuse it: {message}")
