@@ -411,7 +411,10 @@ def _path_module(monkeypatch):
     key = tuple(sorted({**default_decisions(program), **{k: True for k in default_decisions(program)}}.items()))
     # every load below is a fresh import (the module table caches a loaded path per process)
     monkeypatch.setattr(sys, "modules", dict(sys.modules))
-    return lambda: kernel_cache.load_path_module(program, "generated.adamw_triton", key)
+    load = lambda: kernel_cache.load_path_module(program, "generated.adamw_triton", key)  # noqa: E731
+    load.forget = lambda: [sys.modules.pop(k) for k in list(sys.modules)  # this path's module only
+                           if k.startswith("optgen_kernel_cache.adamw_triton_")]
+    return load
 
 
 def test_cache_modules_are_verified(cache, monkeypatch) -> None:
@@ -432,7 +435,7 @@ def test_cache_modules_are_verified(cache, monkeypatch) -> None:
     }
     for what, text in tampered.items():
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
-        sys.modules.pop(next((k for k in sys.modules if k.startswith("optgen_kernel_cache.")), ""), None)
+        load.forget()
         mod = load()
         assert path.read_text() == good, what  # rendered again, not imported as it stood
         assert mod.KERNELS and not Path("CANARY").exists(), what
@@ -456,7 +459,7 @@ def test_cache_never_runs_planted_bytecode(cache, monkeypatch, tmp_path) -> None
     pyc = cache / "__pycache__" / f"{path.stem}.{sys.implementation.cache_tag}.pyc"
     pyc.parent.mkdir()
     py_compile.compile(str(evil), cfile=str(pyc))
-    sys.modules.pop(next(k for k in sys.modules if k.startswith("optgen_kernel_cache.")))
+    load.forget()
     load()
     assert not canary.exists()
 

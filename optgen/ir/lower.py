@@ -577,8 +577,8 @@ def _check_settings(spec: Spec, program: Program) -> None:
     choices, then the spec's checks), reported at the entry instead of failing in a test."""
     import torch
 
-    from optgen.runtime.base import _validate_hyper  # the constructor's own validation, not a copy
     from optgen.runtime.host import HostContext, evaluate
+    from optgen.spec.values import validate_hyperparameter as _validate_hyper  # the constructor's own rule
 
     if spec.model.matches is None:
         return

@@ -22,6 +22,7 @@ from optgen.runtime import stochastic
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
+from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -817,62 +818,3 @@ def _cast_like_torch(p: torch.Tensor, value: Any, key: Any) -> Any:
 def _to_scalar(v: Any) -> Any:
     """torch.optim's ``_to_scalar``: a 1-element tensor as a 0-d tensor, anything else as it is."""
     return v.squeeze() if isinstance(v, torch.Tensor) and v.dim() != 0 and v.numel() == 1 else v
-
-
-def _validate_hyper(name: str, h: Any, value: Any) -> None:
-    kind = h.inferred_type()
-    if h.as_ is not None:
-        if not isinstance(value, (tuple, list)) or len(value) != len(h.as_):
-            raise ValueError(f"Invalid {name}: expected {len(h.as_)} values, got {value!r}")
-        items = list(enumerate(value))
-        tensors = [isinstance(v, torch.Tensor) for v in value]
-        if h.tensor_ok and any(tensors) and not all(tensors):
-            raise ValueError(f"{name} must be either {'both' if len(value) == 2 else 'all'} floats or "
-                             f"{'both' if len(value) == 2 else 'all'} Tensors")
-    else:
-        items = [(None, value)]
-    if h.choices is not None and value not in h.choices:
-        raise ValueError(f"{name}={value!r} is not supported; supported: {', '.join(map(repr, h.choices))}")
-    for idx, v in items:
-        if v is None and (h.default is None or h.nullable) and h.as_ is None:
-            continue  # an optional number left unset
-        if kind in ("any", "dtype"):
-            if kind == "dtype" and not isinstance(v, torch.dtype):
-                raise TypeError(f"{name} must be a torch.dtype, got {v!r}")
-            continue
-        if isinstance(v, torch.Tensor):
-            if not h.tensor_ok:
-                raise TypeError(f"{name} must be a number, not a Tensor")
-            if v.numel() != 1:
-                raise ValueError(f"Tensor {name if idx is None else f'{name}[{idx}]'} must be 1-element")
-            v = v.item()
-        if kind == "bool":
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be True or False, got {v!r}")
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a number, got {v!r}")
-        bad = (
-            (h.min is not None and not v >= h.min)
-            or (h.max is not None and not v <= h.max)
-            or (h.min_exclusive is not None and not v > h.min_exclusive)
-            or (h.max_exclusive is not None and not v < h.max_exclusive)
-        )
-        if bad:
-            if h.message:
-                raise ValueError(h.message.format(value=v, index=idx))
-            where = f"{name}[{idx}]" if idx is not None else name
-            raise ValueError(f"Invalid {where}: {v} (must be {_range_text(h)})")
-
-
-def _range_text(h: Any) -> str:
-    parts = []
-    if h.min is not None:
-        parts.append(f">= {h.min}")
-    if h.min_exclusive is not None:
-        parts.append(f"> {h.min_exclusive}")
-    if h.max is not None:
-        parts.append(f"<= {h.max}")
-    if h.max_exclusive is not None:
-        parts.append(f"< {h.max_exclusive}")
-    return " and ".join(parts)

@@ -156,6 +156,8 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
             return a**b
         except ZeroDivisionError:
             return math.inf
+        except OverflowError:  # a float power past float64's range: IEEE's (and torch's) inf
+            return math.inf if a > 0 or float(b) % 2 == 0 else -math.inf
     if op in _CMP:
         return bool(_CMP[op](a, b))
     if op == "max":
