@@ -70,8 +70,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         params: iterable of parameters or of dicts defining parameter groups.
         hyperparameters: constructor values by published name (filled in by the generated class).
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused multi-tensor
-            Triton kernels), ``"torch"`` (generated multi-tensor torch code) or ``"reference"``
-            (the IR interpreter, one parameter at a time).
+            Triton kernels), ``"torch"`` (generated multi-tensor torch code), ``"compiled"`` (that
+            code compiled by torch.compile/inductor, one fused loop per tensor; optgen.runtime.compiled)
+            or ``"reference"`` (the IR interpreter, one parameter at a time).
     """
 
     _program: ClassVar[Program]
@@ -115,13 +116,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     #: tables derived from the program
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
         "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
-        "_parts", "_part_vectors", "_positions", "_position_index",
+        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled",
     )
 
     def _init_transient(self) -> None:
         """Set up what :attr:`_TRANSIENT` names from the program and the current param groups."""
         prog = self._program
         self._triton = None
+        self._compiled = None  # the compiled backend's entry (optgen.runtime.compiled), on first step
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
@@ -573,7 +575,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             chunks = [(where[id(p)][0], [where[id(p)][1]]) for p in params]
         else:
             ahead = self._random_bits_ahead(buckets, params)
-            chunks = [(path, chunk) for path, items in buckets.items() for chunk in _cache_chunks(items)]
+            # compiled: one graph per bucket already makes one pass; cache chunks would only add graphs
+            chunks = [(path, chunk) for path, items in buckets.items()
+                      for chunk in ([items] if self.backend == "compiled" else _cache_chunks(items))]
         for path, items in chunks:
             h: dict[str, Any] = dict(path)
             for name in items[0][1]:
@@ -587,7 +591,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             states = {n: [v.view.get(n) for v in viewed] for n in device_state}
             acc: list[tuple[str, list]] = []
             with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]):
-                if prog.accumulators:
+                if self.backend == "compiled" and self._step_compiled(path, h, ps, grads, states, acc):
+                    pass
+                elif prog.accumulators:
                     type(self)._device_step(h, ps, grads, states, acc)
                 else:
                     type(self)._device_step(h, ps, grads, states)
@@ -600,6 +606,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         v.view[n] = t
             for v in viewed:
                 v.write_back()
+
+    def _step_compiled(self, path: tuple, h: dict[str, Any], ps: list, grads: list, states: dict[str, list],
+                       acc: list) -> bool:
+        """The compiled backend's bucket step; False: step it eagerly (stochastic rounding and
+        low-rank sketches draw from a random stream eagerly, or it failed to compile)."""
+        if self._sketches or self._path_rounds(path):
+            return False
+        if self._compiled is None:
+            from optgen.runtime.compiled import CompiledSteps
+
+            self._compiled = CompiledSteps(type(self)._device_step, bool(self._program.accumulators))
+        return self._compiled.run(h, ps, grads, states, acc)
 
     def _random_bits_ahead(self, buckets: dict[tuple, list], params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """Stochastic-rounding bits drawn in parameter order (adv_optm's stream), when more than one
