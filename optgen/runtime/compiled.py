@@ -92,11 +92,14 @@ class CompiledSteps:
         n = len(ps)
         names = tuple(k for k, v in h.items() if _is_float(v))
         consts = tuple((k, v) for k, v in h.items() if k not in names)
-        key = (self.step, consts, names, n, tuple(map(_meta, ps)), tuple(map(_meta, grads)),
+        # per-tensor non-float values (bool lists) are constants too: keyed as tuples
+        key = (self.step, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in consts), names, n,
+               tuple(map(_meta, ps)), tuple(map(_meta, grads)),
                tuple((s, tuple(map(_meta, ts))) for s, ts in states.items()))
         try:
             fn = _CACHE.get(key)
-        except TypeError:  # an unhashable host value: not a structure we can key on
+        except TypeError as exc:  # an unhashable host value: not a structure we can key on
+            self._warn(exc)
             return False
         if fn is _FAILED:
             self._warn(None)
