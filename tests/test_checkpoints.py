@@ -173,7 +173,8 @@ def test_step_saved_as_a_number(spec: str, backend: str, kind: type) -> None:
         return
     assert steps
     for st in steps:
-        st["step"] = kind(st["step"].item())
+        step = st["step"]  # adv_optm's layout (matches.state_dict) already saves an int
+        st["step"] = kind(step.item() if isinstance(step, torch.Tensor) else step)
     m2, opt2 = resumed(spec, model, sd, backend)
     for p in m2.parameters():
         step = opt2.state[p]["step"]

@@ -567,6 +567,13 @@ def lower(spec: Spec) -> Program:
             program = f.apply(program)
         except FeatureError as exc:
             raise SpecError(spec.source.text_at(("features", i)), f"features[{i}]", str(exc)) from None
+    if m.matches is not None and m.matches.state_dict is not None:
+        from optgen.ir.published import lower_published
+
+        # after the features: their hyperparameters and states (nnmf_factor, the factors) are names here
+        plw = Lowerer(spec.path, program.hypers, program.state, m.step.store, globals_, accs, m.slice_stride)
+        plw.facts = lw.facts
+        program = program.copy(published=lower_published(spec, plw, program.state))
     _check_settings(spec, program)
     return program
 

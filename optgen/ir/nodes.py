@@ -131,6 +131,32 @@ class AccumulatorDecl:
 
 
 @dataclass
+class PublishedEntry:
+    """A per-parameter entry of the published state dict that is not a state (a flag, a shape)."""
+
+    name: str
+    #: host expressions; several make a tuple (or a tensor of ``dtype``)
+    values: list[Node]
+    is_list: bool = False
+    cond: Node | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class PublishedLayout:
+    """The published class's state-dict layout (``matches.state_dict``), lowered: applied by
+    :mod:`optgen.runtime.published_layout` in ``state_dict()`` and ``load_state_dict``."""
+
+    step: str = "tensor"  # tensor | int
+    step_if: Node | None = None
+    group: list[tuple[str, Node]] = field(default_factory=list)
+    state: list[PublishedEntry] = field(default_factory=list)
+    flat: list[str] = field(default_factory=list)
+    master: str | None = None
+    none_if_absent: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Program:
     """The lowered optimizer: declarations plus the ordered per-parameter step."""
 
@@ -160,6 +186,8 @@ class Program:
     accumulators: list[AccumulatorDecl] = field(default_factory=list)
     #: host statements run once after every parameter of a step: read accumulators, write globals
     finalize: list[Stmt] = field(default_factory=list)
+    #: the published class's state-dict layout, where it is not torch.optim's
+    published: PublishedLayout | None = None
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from optgen.ir.nodes import AccumulatorDecl, Assign, GlobalDecl, If, Kind, Node, Program, StateDecl, Stmt
+from optgen.ir.nodes import (
+    AccumulatorDecl,
+    Assign,
+    GlobalDecl,
+    If,
+    Kind,
+    Node,
+    Program,
+    PublishedEntry,
+    PublishedLayout,
+    StateDecl,
+    Stmt,
+)
 from optgen.spec.model import HyperparameterSpec, MatchSpec
 
 
@@ -70,14 +82,56 @@ def program_to_data(p: Program) -> dict[str, Any]:
             for s in p.state
         ],
         "body": _stmts_to_data(p.body),
-        "matches": p.matches.model_dump(by_alias=True) if p.matches is not None else None,
+        "matches": _matches_to_data(p.matches),
         "features": list(p.features),
         **({"matrix_views": [[node_to_data(c), shape] for c, shape in p.matrix_views]} if p.matrix_views else {}),
         **({"slice_stride": p.slice_stride} if p.slice_stride else {}),
         **({"globals": [[g.name, node_to_data(g.init)] for g in p.globals]} if p.globals else {}),
         **({"accumulators": [[a.name, node_to_data(a.init)] for a in p.accumulators]} if p.accumulators else {}),
         **({"finalize": _stmts_to_data(p.finalize)} if p.finalize else {}),
+        **({"published": _layout_to_data(p.published)} if p.published is not None else {}),
     }
+
+
+def _matches_to_data(m: Any) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    d = m.model_dump(by_alias=True)
+    if d.get("state_dict") is None:
+        d.pop("state_dict", None)  # the modules of specs without one stay as they were
+    return d
+
+
+def _opt(n: Node | None) -> list | None:
+    return node_to_data(n) if n is not None else None
+
+
+def _layout_to_data(lay: PublishedLayout) -> dict[str, Any]:
+    return {
+        "step": lay.step,
+        "step_if": _opt(lay.step_if),
+        "group": [[k, node_to_data(v)] for k, v in lay.group],
+        "state": [{"name": e.name, "values": [node_to_data(v) for v in e.values], "is_list": e.is_list,
+                   "cond": _opt(e.cond), "dtype": e.dtype} for e in lay.state],
+        "flat": list(lay.flat),
+        "master": lay.master,
+        "none_if_absent": list(lay.none_if_absent),
+    }
+
+
+def _layout_from_data(d: dict[str, Any] | None) -> PublishedLayout | None:
+    if d is None:
+        return None
+    def opt(x: list | None) -> Node | None:
+        return node_from_data(x) if x is not None else None
+
+    return PublishedLayout(
+        step=d["step"], step_if=opt(d["step_if"]),
+        group=[(k, node_from_data(v)) for k, v in d["group"]],
+        state=[PublishedEntry(e["name"], [node_from_data(v) for v in e["values"]], e["is_list"], opt(e["cond"]),
+                              e["dtype"]) for e in d["state"]],
+        flat=list(d["flat"]), master=d["master"], none_if_absent=list(d["none_if_absent"]),
+    )
 
 
 def program_from_data(d: dict[str, Any]) -> Program:
@@ -112,4 +166,5 @@ def program_from_data(d: dict[str, Any]) -> Program:
         globals=[GlobalDecl(n, node_from_data(i)) for n, i in d.get("globals", [])],
         accumulators=[AccumulatorDecl(n, node_from_data(i)) for n, i in d.get("accumulators", [])],
         finalize=_stmts_from_data(d.get("finalize", [])),
+        published=_layout_from_data(d.get("published")),
     )

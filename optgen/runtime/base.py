@@ -18,7 +18,7 @@ import torch
 
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
-from optgen.runtime import stochastic
+from optgen.runtime import published_layout, stochastic
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
@@ -351,6 +351,14 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 group[name] = _default_value(h)
         self._init_globals(group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, in the published class's layout where the spec declares one
+        (``matches.state_dict``), so that class loads it."""
+        sd = super().state_dict()
+        if self._program.published is None:
+            return sd
+        return published_layout.to_published(self, sd)
+
     @torch._disable_dynamo  # as torch.optim.Optimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class, of the torch.optim / published class it reproduces, or
@@ -369,6 +377,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if self._program.published is not None:  # the published class's layout, or this class's own
+            state_dict = published_layout.from_published(self, state_dict)
         groups = self.param_groups
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):

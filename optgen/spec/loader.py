@@ -260,11 +260,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
         ("accumulators",): m.AccumulatorSpec,
         ("step",): m.StepSpec,
         ("matches",): m.MatchSpec,
+        ("matches", "state_dict"): m.PublishedStateDictSpec,
         ("checks",): m.CheckSpec,
     }
     key = tuple(x for x in loc if not isinstance(x, int))
     if key and key[0] in ("hyperparameters", "state", "globals", "accumulators"):
         key = key[:1]
+    if key[:3] == ("matches", "state_dict", "state") and len(key) == 4:
+        return [f.alias or n for n, f in m.PublishedEntrySpec.model_fields.items()]
     cls = table.get(key)
     if cls is None:
         return []

@@ -212,6 +212,41 @@ class CheckSpec(_Strict):
     message: str
 
 
+class PublishedEntrySpec(_Strict):
+    """One per-parameter entry of the published state dict that is not a declared state."""
+
+    #: a host expression (of hyperparameters, facts about the parameter and ``has(state)``), or a list
+    #: of them (saved as a tuple, or as a tensor of ``dtype``)
+    value: str | list[str]
+    #: saved only for parameters meeting this host condition
+    if_: str | None = Field(None, alias="if")
+    #: save the value as a tensor of this dtype on the parameter's device (adv_optm's ``shifter``)
+    dtype: str | None = None
+
+
+class PublishedStateDictSpec(_Strict):
+    """How the published class's state dict differs from this class's own (``matches.state_dict``).
+
+    ``state_dict()`` writes this layout and ``load_state_dict`` accepts it (and this class's own).
+    """
+
+    #: the per-parameter ``step`` as the published class keeps it: a 0-d tensor (torch's) or a Python int
+    step: Literal["tensor", "int"] = "tensor"
+    #: the published class keeps a step only for parameters meeting this host condition
+    step_if: str | None = None
+    #: group entries that are not hyperparameters: name -> host expression of hyperparameters
+    group: dict[str, str] = Field(default_factory=dict)
+    #: per-parameter entries that are not states (flags, shapes): name -> expression or entry
+    state: dict[str, str | PublishedEntrySpec] = Field(default_factory=dict)
+    #: element states the published class keeps flat, ``(numel,)``, one process's whole shard
+    flat: list[str] = Field(default_factory=list)
+    #: the published key of a flat copy of the parameter (a master copy): this class steps the
+    #: parameter itself
+    master: str | None = None
+    #: states the published class saves as None where this class keeps none
+    none_if_absent: list[str] = Field(default_factory=list)
+
+
 class MatchSpec(_Strict):
     """The published implementation a spec reproduces."""
 
@@ -223,6 +258,8 @@ class MatchSpec(_Strict):
     settings: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
     #: the published constructor argument that must equal the parameters' dtype (adams' master_dtype)
     dtype_argument: str | None = None
+    #: the published state-dict layout, where it is not this class's own (torch.optim's)
+    state_dict: PublishedStateDictSpec | None = None
     notes: str = ""
 
     @field_validator("package")
