@@ -86,6 +86,10 @@ def test_state_dict_crosses(spec: str, setting: dict, kind: str, direction: str,
     if spec == "prodigy_adv" and direction != "published->ours":
         pytest.xfail("adv_optm's Prodigy_adv does not continue bit-identically from its own state dict either "
                      "(1-ulp differences): its load, not the layout")
+    if spec == "lion_adv" and direction == "published->published":
+        with pytest.raises(KeyError, match="actual_state_precision"):  # ours declares the key it reads
+            crossed(published_factory(spec, setting), published_factory(spec, setting), kind)
+        return  # adv_optm's Lion_adv never sets the group key its own load reads
     if spec == "adams_zero" and direction != "ours->published":
         pytest.xfail(ADAMS_VIEW)
     pub, ours = published_factory(spec, setting), ours_factory(spec, setting, backend)
