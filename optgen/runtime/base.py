@@ -24,7 +24,7 @@ from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "compiled", "reference")
 
 
 def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
