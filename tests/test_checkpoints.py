@@ -549,7 +549,7 @@ def test_sgd_state_entries_as_torch(momentum: float, backend: str) -> None:
 # -- a checkpoint from another process ---------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, torch
-    torch.set_num_threads(1)  # tiny tensors: threads only contend
+    torch.set_num_threads({threads})  # the parent's: reductions in backward follow the thread count
     sys.path.insert(0, {root!r})
     import generated
     from tests.models import make_model
@@ -576,7 +576,8 @@ def test_a_checkpoint_from_another_process(tmp_path) -> None:
     this module, to start fast)."""
     specs = ["adamw", "sgd", "nadam", "adamw_adv", "prodigy_adv", "muon_adv"]
     out = str(tmp_path) + "/"
-    code = CHILD.format(root=str(ROOT), settings={s: SETTINGS[s] for s in specs}, out=out)
+    code = CHILD.format(root=str(ROOT), settings={s: SETTINGS[s] for s in specs}, out=out,
+                        threads=torch.get_num_threads())
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
     for spec in specs:
         ckpt = torch.load(out + spec + ".pt", weights_only=True)
