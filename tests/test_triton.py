@@ -47,9 +47,14 @@ def _cls(spec: str):
     return getattr(importlib.import_module(f"generated.{spec}"), SPECS[spec])
 
 
-def _extra(spec: str, setting: dict) -> dict:
+def _extra(spec: str, setting: dict, dtype: torch.dtype | None = None) -> dict:
     # SGD's first setting has no momentum: give every SGD case some so the buffer path runs.
-    return {"momentum": 0.9} | setting if spec == "sgd" and "momentum" not in setting else setting
+    setting = {"momentum": 0.9} | setting if spec == "sgd" and "momentum" not in setting else setting
+    # a published argument that must equal the parameters' dtype (adams' master_dtype)
+    match = load_spec(ROOT / "specs" / f"{spec}.yaml").model.matches
+    if dtype is not None and match is not None and match.dtype_argument:
+        setting = {**setting, match.dtype_argument: dtype}
+    return setting
 
 
 def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate: torch.dtype | None = None,
@@ -60,7 +65,7 @@ def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate:
     if emulate is not None:
         init = [x.to(emulate).float() for x in init]
     params = [torch.nn.Parameter(x.to(dtype).to(DEVICE if backend == "triton" else "cpu")) for x in init]
-    opt = _cls(spec)(params, backend=backend, **_extra(spec, setting))
+    opt = _cls(spec)(params, backend=backend, **_extra(spec, setting, dtype))
     for _ in range(steps):
         for p in params:
             g = torch.randn(p.shape, generator=gen)
