@@ -353,7 +353,8 @@ class Adam(GeneratedOptimizer):
         fused: accepted for torch compatibility; unused (default: ``None``)
         decoupled_weight_decay: decay the weights directly (AdamW) (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

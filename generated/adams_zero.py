@@ -410,7 +410,8 @@ class Adams_ZeRO(GeneratedOptimizer):
         weight_decay: spectral decay of matrices; 0 switches every decay off (default: ``0.1``)
         scalar_vector_weight_decay: decoupled L2 decay of params without spectral state (default: ``0.1``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

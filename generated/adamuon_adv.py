@@ -8170,7 +8170,8 @@ class AdaMuon_adv(GeneratedOptimizer):
         adam_nnmf_factor: not implemented yet (default: ``False``)
         adam_factored_2nd: not implemented yet (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

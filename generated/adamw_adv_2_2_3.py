@@ -3247,7 +3247,8 @@ class AdamW_adv(GeneratedOptimizer):
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

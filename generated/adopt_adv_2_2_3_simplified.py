@@ -791,7 +791,8 @@ class Adopt_adv(GeneratedOptimizer):
         vector_reshape: unused without factored states (default: ``False``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

@@ -2111,7 +2111,8 @@ class Lion_adv(GeneratedOptimizer):
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)
         compiled_optimizer: accepted and ignored (as adv_optm 2.5.16) (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

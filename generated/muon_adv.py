@@ -6864,7 +6864,8 @@ class Muon_adv(GeneratedOptimizer):
         adam_factored_2nd: not implemented yet (default: ``False``)
         compat_unscaled_factored: reproduce adv_optm 2.5.16's factored matrix path, which skips lr and the RMS rescale (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

@@ -5365,7 +5365,8 @@ class Prodigy_adv(GeneratedOptimizer):
         centered_wd_mode: unused without centered_wd (default: ``'float8'``)
         spectral_normalization: not implemented yet (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

@@ -4109,7 +4109,8 @@ class Prodigy_adv(GeneratedOptimizer):
         k_logging: accepted; unused (as in adv_optm) (default: ``0``)
         layer_key_fn: parameter -> bucket key (default: its shape) (default: ``None``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

@@ -442,7 +442,8 @@ class RAdam(GeneratedOptimizer):
         capturable: accepted for torch compatibility; unused (default: ``False``)
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

@@ -305,7 +305,8 @@ class RMSprop(GeneratedOptimizer):
         maximize: maximise the objective instead of minimising it (default: ``False``)
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM

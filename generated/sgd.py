@@ -254,7 +254,8 @@ class SGD(GeneratedOptimizer):
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
         fused: accepted for torch compatibility; unused (default: ``None``)
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
-            ``"torch"`` (multi-tensor torch code) or ``"reference"`` (IR interpreter).
+            ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
+            inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """
 
     _program = _PROGRAM
