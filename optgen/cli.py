@@ -172,19 +172,12 @@ def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
     if m.matches:
         typer.echo(f"\nmatches: {_shown(m.matches.class_)} from {_shown(m.matches.package)}")
     typer.echo("\nhyperparameters:")
+    from optgen.spec.values import range_text
+
     for n, h in program.hypers:
-        rng = []
-        if h.min is not None:
-            rng.append(f">= {h.min}")
-        if h.min_exclusive is not None:
-            rng.append(f"> {h.min_exclusive}")
-        if h.max is not None:
-            rng.append(f"<= {h.max}")
-        if h.max_exclusive is not None:
-            rng.append(f"< {h.max_exclusive}")
         alias = f" as ({', '.join(h.as_)})" if h.as_ else ""
         fixed = "" if h.constructor else "  [fixed]"
-        typer.echo(f"  {n} = {h.default!r}{alias}  {' and '.join(rng)}{fixed}  {_shown(h.doc)}".rstrip())
+        typer.echo(f"  {n} = {h.default!r}{alias}  {range_text(h)}{fixed}  {_shown(h.doc)}".rstrip())
     typer.echo("\nstate:")
     if program.step_store == "tensor":
         typer.echo("  step: per-tensor counter (0-d tensor, incremented before the update)")

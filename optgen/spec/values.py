@@ -53,10 +53,11 @@ def validate_hyperparameter(name: str, h: Any, value: Any) -> None:
             if h.message:
                 raise ValueError(h.message.format(value=v, index=idx))
             where = f"{name}[{idx}]" if idx is not None else name
-            raise ValueError(f"Invalid {where}: {v} (must be {_range_text(h)})")
+            raise ValueError(f"Invalid {where}: {v} (must be {range_text(h)})")
 
 
-def _range_text(h: Any) -> str:
+def range_text(h: Any) -> str:
+    """A hyperparameter's range as ``>= 0 and < 1`` (empty when unbounded)."""
     parts = []
     if h.min is not None:
         parts.append(f">= {h.min}")
