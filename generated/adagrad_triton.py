@@ -101,6 +101,7 @@ PLAN = {'dynamic': ['_k2', 'clr'],
                                               'hv': ['_k1', '_k2'],
                                               'launches': [('_adagrad_prologue0', 'prologue'),
                                                            ('_adagrad_flat0', 'flat')],
+                                              'states': ['sum'],
                                               'temps': []}},
  'static_hypers': []}
 

@@ -133,6 +133,7 @@ PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correct
                                                                      '_k7'],
                                                               'launches': [('_adam_prologue0', 'prologue'),
                                                                            ('_adam_flat0', 'flat')],
+                                                              'states': ['exp_avg', 'exp_avg_sq'],
                                                               'temps': []}},
  'static_hypers': []}
 

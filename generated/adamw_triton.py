@@ -140,6 +140,8 @@ PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correct
                                                                                           'prologue'),
                                                                                          ('_adamw_flat0',
                                                                                           'flat')],
+                                                                            'states': ['exp_avg',
+                                                                                       'exp_avg_sq'],
                                                                             'temps': []}},
  'static_hypers': []}
 

@@ -264,6 +264,8 @@ PLAN = {'dynamic': ['_c0', '_c2', '_k1', '_k10', '_k11', '_k7', '_k8', '_k9', 'c
                                                                                                                           'prologue'),
                                                                                                                          ('_adopt_adv_2_2_3_simplified_flat1',
                                                                                                                           'flat')],
+                                                                                                            'states': ['exp_avg',
+                                                                                                                       'exp_avg_sq'],
                                                                                                             'temps': []},
            (('_c1', False), ('_c3', False), ('_c4', True), ('_c5', True), ('_c6', True), ('_c7', False)): {'columns': ['param',
                                                                                                                        'state:exp_avg',
@@ -289,6 +291,8 @@ PLAN = {'dynamic': ['_c0', '_c2', '_k1', '_k10', '_k11', '_k7', '_k8', '_k9', 'c
                                                                                                                          'prologue'),
                                                                                                                         ('_adopt_adv_2_2_3_simplified_flat0',
                                                                                                                          'flat')],
+                                                                                                           'states': ['exp_avg',
+                                                                                                                      'exp_avg_sq'],
                                                                                                            'temps': []}},
  'static_hypers': ['stochastic_rounding']}
 

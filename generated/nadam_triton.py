@@ -140,6 +140,7 @@ PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_produ
                                                      '_k7'],
                                               'launches': [('_nadam_prologue0', 'prologue'),
                                                            ('_nadam_flat0', 'flat')],
+                                              'states': ['exp_avg', 'exp_avg_sq'],
                                               'temps': []}},
  'static_hypers': []}
 

@@ -154,6 +154,7 @@ PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect'
                                                      '_c3'],
                                               'launches': [('_radam_prologue0', 'prologue'),
                                                            ('_radam_flat0', 'flat')],
+                                              'states': ['exp_avg', 'exp_avg_sq'],
                                               'temps': []}},
  'static_hypers': []}
 

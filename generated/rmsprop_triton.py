@@ -116,6 +116,7 @@ PLAN = {'dynamic': [],
                                                                                             'prologue'),
                                                                                            ('_rmsprop_flat0',
                                                                                             'flat')],
+                                                                              'states': ['square_avg'],
                                                                               'temps': []}},
  'static_hypers': []}
 

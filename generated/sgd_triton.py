@@ -88,6 +88,7 @@ PLAN = {'dynamic': [],
                                                               'hv': ['_k4'],
                                                               'launches': [('_sgd_prologue0', 'prologue'),
                                                                            ('_sgd_flat0', 'flat')],
+                                                              'states': [],
                                                               'temps': []}},
  'static_hypers': []}
 

@@ -52,8 +52,9 @@ def run(opt, params, steps: int, seed0: int = 0) -> None:
 
 def _dtype_argument(name: str, dtype: torch.dtype) -> dict:
     """The published argument that must equal the parameters' dtype (adams' master_dtype)."""
-    match = load_spec(SPECS / f"{name}.yaml").model.matches
-    return {match.dtype_argument: dtype} if match is not None and match.dtype_argument else {}
+    model = load_spec(SPECS / f"{name}.yaml").model
+    arg = model.matches.dtype_argument if model.matches is not None else None
+    return {arg: dtype} if arg in model.hyperparameters else {}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))

@@ -125,3 +125,15 @@ def test_no_host_sync_under_a_scheduler(spec: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt._triton_runner().builds == 1
+
+
+def test_a_flag_needing_an_unallocated_state_is_refused() -> None:
+    """amsgrad switched on after the first step: its max_exp_avg_sq was never allocated. The runner
+    refuses the path clearly (it read a null pointer before: a segfault)."""
+    params, opt = _train("adamw", "triton", "none")
+    opt.param_groups[0]["amsgrad"] = True
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="state 'max_exp_avg_sq' of parameter 0 .* does not exist, but the "
+                                           "branch path its group takes now reads it"):
+        opt.step()

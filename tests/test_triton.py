@@ -51,8 +51,9 @@ def _extra(spec: str, setting: dict, dtype: torch.dtype | None = None) -> dict:
     # SGD's first setting has no momentum: give every SGD case some so the buffer path runs.
     setting = {"momentum": 0.9} | setting if spec == "sgd" and "momentum" not in setting else setting
     # a published argument that must equal the parameters' dtype (adams' master_dtype)
-    match = load_spec(ROOT / "specs" / f"{spec}.yaml").model.matches
-    if dtype is not None and match is not None and match.dtype_argument:
+    model = load_spec(ROOT / "specs" / f"{spec}.yaml").model
+    match = model.matches
+    if dtype is not None and match is not None and match.dtype_argument in model.hyperparameters:
         setting = {**setting, match.dtype_argument: dtype}
     return setting
 

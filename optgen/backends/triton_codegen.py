@@ -622,6 +622,18 @@ def hyper_slots(program: Program) -> list[tuple]:
     return sorted(found, key=lambda a: (a[0], -1 if a[1] is None else a[1]))
 
 
+def path_states(program: Program, stmts: list) -> list[str]:
+    """The device (non-host) states a branch path's statements read or assign."""
+    device = {d.name for d in program.state if d.kind != Kind.HOST}
+    found = set()
+    for s in walk_stmts(stmts):
+        if isinstance(s, Assign):
+            found |= {n.attr for n in walk_nodes(s.value) if n.op == "var" and n.attr in device}
+            if s.target in device:
+                found.add(s.target)
+    return sorted(found)
+
+
 def _group_decided(value) -> bool:
     """A condition of hyperparameters (and globals) alone: the same for every parameter of a group."""
     return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
@@ -745,6 +757,9 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
             "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
             "hv": plan.hv,
             "creates": plan.creates,
+            # the device states this path reads or writes: the runner refuses a missing one
+            # (a flag switched on after its state would have been allocated) instead of a null pointer
+            "states": path_states(program, stmts),
             **({"accumulates": plan.accumulates} if plan.accumulates else {}),
         }
     if len(unsupported) == len(paths):

@@ -252,6 +252,12 @@ class TritonRunner:
                     row.append(p.data_ptr())
                 elif col.startswith("state:"):
                     buf = st.get(col[6:])
+                    if buf is None and col[6:] in path.get("states", ()) and col[6:] not in path["creates"]:
+                        raise RuntimeError(
+                            f"{prog.class_name}: state '{col[6:]}' of parameter {i} (shape {tuple(p.shape)}) does "
+                            "not exist, but the branch path its group takes now reads it: a flag that needs "
+                            "this state was switched on after the state was allocated (torch.optim raises a "
+                            "KeyError there); set the flag when the optimizer is built")
                     n_slice = -(-p.numel() // stride)
                     if kinds[col[6:]] == Kind.SLICE and isinstance(buf, torch.Tensor) and buf.numel() != n_slice:
                         # a per-slice state stored as a 0-d value (Prodigy's p0 of an all-zero
