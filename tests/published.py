@@ -78,12 +78,19 @@ def published_factory(spec_name: str, setting: dict[str, Any], dtype: torch.dtyp
     return make
 
 
+def dtype_argument(spec_name: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The published argument that must equal the parameters' dtype (adams' master_dtype), for the
+    classes that take it."""
+    model = load_spec(SPECS / f"{spec_name}.yaml").model
+    arg = model.matches.dtype_argument if model.matches is not None else None
+    return {arg: dtype} if arg in model.hyperparameters else {}
+
+
 def ours_factory(spec_name: str, setting: dict[str, Any], backend: str, dtype: torch.dtype = torch.float32):
     spec = load_spec(SPECS / f"{spec_name}.yaml")
     cls = getattr(importlib.import_module(f"generated.{spec_name}"), spec.model.class_)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()}
-    if spec.model.matches.dtype_argument in spec.model.hyperparameters:
-        kwargs[spec.model.matches.dtype_argument] = dtype
+    kwargs.update(dtype_argument(spec_name, dtype))
     return lambda params: cls(params, backend=backend, **kwargs)
 
 

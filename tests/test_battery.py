@@ -11,7 +11,7 @@ import torch
 
 import generated
 from optgen.spec.loader import load_spec
-from tests.published import SPECS, matched_specs, published_factory
+from tests.published import SPECS, dtype_argument, matched_specs, published_factory
 
 CLASSES = {p.stem: getattr(importlib.import_module(f"generated.{p.stem}"), load_spec(p).model.class_)
            for p in sorted(SPECS.glob("*.yaml"))}
@@ -50,18 +50,11 @@ def run(opt, params, steps: int, seed0: int = 0) -> None:
         opt.step()
 
 
-def _dtype_argument(name: str, dtype: torch.dtype) -> dict:
-    """The published argument that must equal the parameters' dtype (adams' master_dtype)."""
-    model = load_spec(SPECS / f"{name}.yaml").model
-    arg = model.matches.dtype_argument if model.matches is not None else None
-    return {arg: dtype} if arg in model.hyperparameters else {}
-
-
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_backends_agree_on_every_shape(name: str) -> None:
     """0-D, 1-D, 2-D, batched 3-D, empty and (M,1)/(1,N) tensors: torch backend == reference."""
     cls = CLASSES[name]
-    kw = {**RICH.get(name, {}), **_dtype_argument(name, torch.float64)}
+    kw = {**RICH.get(name, {}), **dtype_argument(name, torch.float64)}
     a, b = shapes_params(torch.float64), shapes_params(torch.float64)
     run(cls(a, backend="torch", **kw), a, 10)
     run(cls(b, backend="reference", **kw), b, 10)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from optgen.spec.loader import load_spec
-from tests.published import ROOT, matched_specs, settings
+from tests.published import ROOT, dtype_argument, matched_specs, settings
 
 pytest.importorskip("triton")
 
@@ -51,11 +51,7 @@ def _extra(spec: str, setting: dict, dtype: torch.dtype | None = None) -> dict:
     # SGD's first setting has no momentum: give every SGD case some so the buffer path runs.
     setting = {"momentum": 0.9} | setting if spec == "sgd" and "momentum" not in setting else setting
     # a published argument that must equal the parameters' dtype (adams' master_dtype)
-    model = load_spec(ROOT / "specs" / f"{spec}.yaml").model
-    match = model.matches
-    if dtype is not None and match is not None and match.dtype_argument in model.hyperparameters:
-        setting = {**setting, match.dtype_argument: dtype}
-    return setting
+    return {**setting, **dtype_argument(spec, dtype)} if dtype is not None else setting
 
 
 def _run(spec: str, setting: dict, backend: str, dtype: torch.dtype, *, emulate: torch.dtype | None = None,

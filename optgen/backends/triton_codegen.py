@@ -24,6 +24,7 @@ from optgen.backends.triton_plan import (
     dynamic_names,
     enumerate_paths,
     global_conditions,
+    group_decided,
     plan_path,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
@@ -634,11 +635,6 @@ def path_states(program: Program, stmts: list) -> list[str]:
     return sorted(found)
 
 
-def _group_decided(value) -> bool:
-    """A condition of hyperparameters (and globals) alone: the same for every parameter of a group."""
-    return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
-
-
 def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
     """What decides a group's tables, as opposed to the runtime values its kernels read.
 
@@ -660,7 +656,7 @@ def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
     for s in walk_stmts(program.body):
         if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
             values = defs.get(s.cond.attr, [])
-            if s.cond.attr.startswith("_c") and values and all(_group_decided(v) for v in values):
+            if s.cond.attr.startswith("_c") and values and all(group_decided(v) for v in values):
                 conditions.append(s.cond.attr)
             else:
                 by_value += values
@@ -693,9 +689,8 @@ def default_decisions(program: Program) -> dict[str, bool]:
             pass  # the conditions reading it stay undecided (below)
     out: dict[str, bool] = {}
     for s in program.body:
-        if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and all(
-            n.op in ("hyper", "const") or n.args for n in walk_nodes(s.value)
-        ):
+        if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and \
+                group_decided(s.value):
             try:
                 out[s.target] = bool(evaluate(s.value, ctx))
             except (ArithmeticError, ValueError, KeyError):

@@ -47,6 +47,12 @@ class PathPlan:
     accumulates: list[tuple[str, str]] = field(default_factory=list)
 
 
+def group_decided(value: Node) -> bool:
+    """A value of hyperparameters (and globals) and constants alone: the same for every parameter
+    of a group."""
+    return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
+
+
 def global_conditions(program: Program) -> list[str]:
     """Hoisted conditions on globals and hyperparameters alone (Prodigy's ``k < prodigy_steps``):
     static, so they choose the branch path, but re-evaluated per group at every step."""
@@ -54,8 +60,7 @@ def global_conditions(program: Program) -> list[str]:
     out = []
     for s in program.body:
         if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and any(
-                n.op == "hyper" and n.attr[0] in names for n in walk_nodes(s.value)) and all(
-                n.op in ("hyper", "const") or n.args for n in walk_nodes(s.value)):
+                n.op == "hyper" and n.attr[0] in names for n in walk_nodes(s.value)) and group_decided(s.value):
             out.append(s.target)
     return out
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from optgen.ir.nodes import Assign, If, Kind, Program, Stmt
+from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
 from optgen.runtime.base import storage_dtype
 from optgen.runtime.host import HostContext, evaluate
 from optgen.runtime.matrix_view import view_shape
@@ -136,6 +136,10 @@ class TritonRunner:
         conds = (self.plan.get("group_conditions") or []) + (self.plan.get("global_conditions") or [])
         found = {s.target: s.value for s in program.body if isinstance(s, Assign) and s.target in conds}
         self.group_conditions = [found[c] for c in conds]
+        # their outcomes change only when a value they read does: remembered per those values
+        self._condition_reads = sorted({n.attr[0] for v in self.group_conditions for n in walk_nodes(v)
+                                        if n.op == "hyper"})
+        self._outcomes: dict[tuple, tuple[bool, ...]] = {}
         self.builds = 0  # tables built (for tests: a scheduler must not rebuild them)
         # by (group index, ids of the stepped parameters): the whole group for step(), one
         # parameter at a time for the fused backward pass
@@ -168,8 +172,18 @@ class TritonRunner:
         values = tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
         if not self.group_conditions:
             return values
-        ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
-        return values + tuple(bool(evaluate(node, ctx)) for node in self.group_conditions)
+        raw = [group.get(name) for name in self._condition_reads]
+        # a tensor value can change in place: never remembered
+        read = None if any(_holds_tensor(v) for v in raw) else tuple(_hashable(v) for v in raw)
+        outcomes = self._outcomes.get(read) if read is not None else None
+        if outcomes is None:
+            if len(self._outcomes) > 64:  # a scheduler moving a value they read: keep it bounded
+                self._outcomes.clear()
+            ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
+            outcomes = tuple(bool(evaluate(node, ctx)) for node in self.group_conditions)
+            if read is not None:
+                self._outcomes[read] = outcomes
+        return values + outcomes
 
     def _path_key(self, group: dict, p: torch.Tensor, state: dict) -> tuple:
         return self._static_env(group, p, state)[0]
@@ -473,6 +487,10 @@ def _run_call(work: list[tuple], ws: torch.Tensor) -> None:
         y = y.reshape(len(offsets), size)
         for k, (_, o) in enumerate(offsets):
             ws[o:o + size].copy_(y[k])
+
+
+def _holds_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
 
 
 def _hashable(v: Any) -> Any:
