@@ -18,7 +18,7 @@ import torch
 
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
-from optgen.runtime import published_layout, stochastic
+from optgen.runtime import published_layout, stochastic, zero1
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
@@ -110,6 +110,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
             stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
                                if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
+        zero1.attach(self)  # as ZeroRedundancyOptimizer's local optimizer: refusals, raw loaded states
 
     #: attributes a copy (pickle, ``copy.deepcopy``) rebuilds instead of copying: the triton runner
     #: (compiled kernels), caches keyed by ``id()`` of parameters, one step's partial sums and
