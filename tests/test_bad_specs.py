@@ -104,6 +104,9 @@ CASES = [
      .replace("lr * m", "group * m"), "update[1]: hyperparameter 'group' is not a number"),
     ("unpinned match", BASE.replace("class: Demo", "class: Demo\nmatches: {package: torch, class: torch.optim.SGD}"),
      "matches.package: package 'torch' must be pinned as name==version"),
+    ("published attribute not a hyperparameter", BASE.replace("class: Demo", "class: Demo\nmatches:\n"
+     "  package: torch==2.0.0\n  class: torch.optim.SGD\n  state_dict: {attributes: [nesterov]}"),
+     "matches.state_dict.attributes[0]: 'nesterov' is not a per-group hyperparameter of Demo"),
     ("device exponent", BASE.replace("lr * m", "lr * 2 ** m"), "10:31: update[1]: the exponent of a device value must be a host scalar"),
     ("condition not boolean", BASE.replace("  - param = param - lr * m", "  - if: lr\n    then: [param = param - lr * m]"),
      "10:9: update[1].if: a condition must be true or false"),

@@ -36,9 +36,28 @@ CASES: list[tuple[str, dict]] = [
     ("adamuon_adv", {}),
     ("adams_zero", {}),
     ("adams_zero", {"lr": 0.01, "betas": [0.8, 0.99], "weight_decay": 1.0, "scalar_vector_weight_decay": 0.3}),
+    # adv_optm 2.2.3 (its side install): an int step, no group key of its own, factored without a shifter
+    ("adamw_adv_2_2_3", {"weight_decay": 0.1}),
+    ("adamw_adv_2_2_3", {"use_AdEMAMix": True, "nnmf_factor": True}),
+    ("adopt_adv_2_2_3", {}),
+    ("adopt_adv_2_2_3", {"use_AdEMAMix": True, "grams_moment": True}),
+    ("adopt_adv_2_2_3_simplified", {"lr": 0.001, "Simplified_AdEMAMix": True}),
+    ("prodigy_adv_2_2_3", {"lr": 0.3}),
+    ("prodigy_adv_2_2_3", {"use_AdEMAMix": True, "nnmf_factor": True}),
+    ("prodigy_adv_2_2_3_simplified", {"Simplified_AdEMAMix": True, "lr": 0.3}),
+    ("prodigy_adv_2_2_3_simplified", {"Simplified_AdEMAMix": True, "nnmf_factor": True, "lr": 0.3}),
+    ("lion_prodigy_adv", {"weight_decay": 0.1, "lr": 0.3}),
+    ("lion_prodigy_adv", {"nnmf_factor": True, "compat_factored_beta1": True}),
 ]
 IDS = [f"{s}-{'-'.join(f'{k}={v}' for k, v in st.items()) or 'default'}" for s, st in CASES]
 MODELS = ["mlp", "transformer"]
+#: adv_optm's Prodigy_adv (2.5.16 and 2.2.3) does not continue bit-identically from its own state dict:
+#: a fresh optimizer's first step takes the group's ``d_numerator`` as it is, where an uninterrupted
+#: one has decayed it by beta3 in ``init_step`` (up to 4e-6 after 3 + 3 steps). Its load, not the layout:
+#: ours -> published is checked against published -> published instead, bit for bit
+PRODIGY_LOAD = {"prodigy_adv", "prodigy_adv_2_2_3", "prodigy_adv_2_2_3_simplified"}
+PRODIGY_LOAD_REASON = ("adv_optm's Prodigy_adv loads d_numerator without the beta3 decay its init_step applies "
+                       "(a fresh optimizer has no d_denom yet): its own state dict does not continue exactly")
 
 
 def checkpoint(sd: dict) -> dict:
@@ -92,9 +111,8 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 def test_state_dict_crosses(spec: str, setting: dict, kind: str, direction: str, backend: str) -> None:
     if direction == "published->published" and backend == "reference":
         pytest.skip("the control has no backend of ours")
-    if spec == "prodigy_adv" and direction != "published->ours":
-        pytest.xfail("adv_optm's Prodigy_adv does not continue bit-identically from its own state dict either "
-                     "(1-ulp differences): its load, not the layout")
+    if spec in PRODIGY_LOAD and direction == "published->published":
+        pytest.xfail(PRODIGY_LOAD_REASON)
     if spec == "lion_adv" and direction == "published->published":
         with pytest.raises(KeyError, match="actual_state_precision"):  # ours declares the key it reads
             crossed(published_factory(spec, setting), published_factory(spec, setting), kind)
@@ -103,6 +121,9 @@ def test_state_dict_crosses(spec: str, setting: dict, kind: str, direction: str,
     first, second = {"ours->published": (ours, pub), "published->ours": (pub, ours),
                      "published->published": (pub, pub)}[direction]
     a, b = crossed(first, second, kind)
+    if spec in PRODIGY_LOAD and direction == "ours->published":
+        # the published class continues from our state dict exactly as from its own (same load)
+        a = crossed(pub, pub, kind)[1]
     assert_same(a, b)
 
 
@@ -127,6 +148,8 @@ def test_adv_layout(spec: str, setting: dict) -> None:
         assert set(st) <= set(so), f"parameter {k}: published keys missing: {set(st) - set(so)}"
         for key, v in st.items():
             assert type(so[key]) is type(v), f"parameter {k} '{key}': {type(so[key]).__name__}, not {type(v).__name__}"
+            if key == "step" and spec == "lion_prodigy_adv":
+                continue  # adv_optm 2.2.3's Lion_Prodigy_adv never counts it (0 forever; it only marks init)
             if not isinstance(v, torch.Tensor):
                 assert so[key] == v, f"parameter {k} '{key}': {so[key]!r}, published {v!r}"
 

@@ -154,6 +154,7 @@ class PublishedLayout:
     flat: list[str] = field(default_factory=list)
     master: str | None = None
     none_if_absent: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -50,6 +50,11 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
             if n not in names:
                 raise SpecError(spec.source.text_at((*base, section, i)), f"matches.state_dict.{section}[{i}]",
                                 f"'{n}' is not a state of {spec.model.class_}")
+    per_group = {n for n, h in lw.hypers.items() if h.per_group}  # the features' too (stochastic_rounding)
+    for i, n in enumerate(sd.attributes):
+        if n not in per_group:
+            raise SpecError(spec.source.text_at((*base, "attributes", i)), f"matches.state_dict.attributes[{i}]",
+                            f"'{n}' is not a per-group hyperparameter of {spec.model.class_}")
     entries = []
     for name, item in sd.state.items():
         item = item if isinstance(item, PublishedEntrySpec) else PublishedEntrySpec(value=item)
@@ -68,6 +73,7 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
         step_if=cond(sd.step_if, ("step_if",), "matches.state_dict.step_if"),
         group=[(k, value(v, ("group", k), f"matches.state_dict.group.{k}", False)) for k, v in sd.group.items()],
         state=entries, flat=list(sd.flat), master=sd.master, none_if_absent=list(sd.none_if_absent),
+        attributes=list(sd.attributes),
     )
 
 

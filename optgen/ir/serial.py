@@ -99,6 +99,8 @@ def _matches_to_data(m: Any) -> dict[str, Any] | None:
     d = m.model_dump(by_alias=True)
     if d.get("state_dict") is None:
         d.pop("state_dict", None)  # the modules of specs without one stay as they were
+    elif not d["state_dict"].get("attributes"):
+        d["state_dict"].pop("attributes", None)  # as those of layouts without attributes
     return d
 
 
@@ -116,6 +118,7 @@ def _layout_to_data(lay: PublishedLayout) -> dict[str, Any]:
         "flat": list(lay.flat),
         "master": lay.master,
         "none_if_absent": list(lay.none_if_absent),
+        **({"attributes": list(lay.attributes)} if lay.attributes else {}),  # older modules stay as they were
     }
 
 
@@ -131,6 +134,7 @@ def _layout_from_data(d: dict[str, Any] | None) -> PublishedLayout | None:
         state=[PublishedEntry(e["name"], [node_from_data(v) for v in e["values"]], e["is_list"], opt(e["cond"]),
                               e["dtype"]) for e in d["state"]],
         flat=list(d["flat"]), master=d["master"], none_if_absent=list(d["none_if_absent"]),
+        attributes=list(d.get("attributes", [])),
     )
 
 

@@ -79,6 +79,10 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
     group_keys = {k for k, _ in lay.group}
     entry_keys = {e.name for e in lay.state} - declared
     groups = [{k: v for k, v in g.items() if k not in group_keys} for g in sd["param_groups"]]
+    for saved, own in zip(groups, opt.param_groups):  # the published class's attributes: this optimizer's
+        for key in lay.attributes:
+            if key not in saved and key in own:
+                saved[key] = own[key]
     saved_ids = [i for g in groups for i in g["params"]]
     params = [p for g in opt.param_groups for p in g["params"]]
     id_map = dict(zip(saved_ids, params)) if len(saved_ids) == len(params) else {}

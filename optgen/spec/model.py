@@ -245,6 +245,10 @@ class PublishedStateDictSpec(_Strict):
     master: str | None = None
     #: states the published class saves as None where this class keeps none
     none_if_absent: list[str] = Field(default_factory=list)
+    #: per-group hyperparameters the published class keeps as attributes of the optimizer, not in
+    #: its param groups (adv_optm 2.2.3's flags): its state dicts lack them, so a load of one keeps
+    #: this optimizer's own values instead of taking the defaults
+    attributes: list[str] = Field(default_factory=list)
 
 
 class MatchSpec(_Strict):
