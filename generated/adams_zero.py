@@ -374,13 +374,13 @@ def _device_step(h, param, grad, S):
     if h["_c0"]:
         if h["_c1"]:
             _1 = F.matvec_t(param, st_u)
-            _2 = F.normalize(_1)
+            _2 = F.normalize(_1, kind="col")
             t_v = _2
             _3 = F.matvec(param, t_v)
             t_wv = _3
-            _4 = F.normalize(t_wv)
+            _4 = F.normalize(t_wv, kind="row")
             F.assign_(st_u, _4)
-            _5 = F.dot(st_u, t_wv)
+            _5 = F.dot(st_u, t_wv, kind="row")
             t_s = _5
             F.assign_(st_sigma, t_s)
             _6 = F.mul(F.align(t_s, "matrix", "row"), st_u)

@@ -7598,7 +7598,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_mbuf_nmf, _17)
                 _18 = F.colsum(t_momentum_buffer_abs)
                 t_momentum_buffer_colsum = _18
-                _19 = F.sum(t_momentum_buffer_colsum)
+                _19 = F.sum(t_momentum_buffer_colsum, kind="col")
                 F.maximum_(_19, 1e-12)
                 _20 = F.div(t_momentum_buffer_colsum, _19)
                 F.assign_(st_mv_mbuf_nmf, _20)
@@ -7655,7 +7655,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_vbuf_nmf, _35)
                     _36 = F.colsum(t_second_momentum_buffer_abs)
                     t_second_momentum_buffer_colsum = _36
-                    _37 = F.sum(t_second_momentum_buffer_colsum)
+                    _37 = F.sum(t_second_momentum_buffer_colsum, kind="col")
                     F.maximum_(_37, 1e-12)
                     _38 = F.div(t_second_momentum_buffer_colsum, _37)
                     F.assign_(st_mv_vbuf_nmf, _38)

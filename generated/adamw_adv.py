@@ -4224,7 +4224,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _14)
                 _15 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _15
-                _16 = F.sum(t_exp_avg_sq_colsum)
+                _16 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_16, 1e-12)
                 _17 = F.div(t_exp_avg_sq_colsum, _16)
                 F.assign_(st_mv_v_nmf, _17)
@@ -4240,7 +4240,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _21)
                 _22 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _22
-                _23 = F.sum(t_exp_avg_sq_colsum)
+                _23 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_23, 1e-12)
                 _24 = F.div(t_exp_avg_sq_colsum, _23)
                 F.assign_(st_mv_v_nmf, _24)
@@ -4279,7 +4279,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_m_nmf, _36)
                 _37 = F.colsum(t_exp_avg_abs)
                 t_exp_avg_colsum = _37
-                _38 = F.sum(t_exp_avg_colsum)
+                _38 = F.sum(t_exp_avg_colsum, kind="col")
                 F.maximum_(_38, 1e-12)
                 _39 = F.div(t_exp_avg_colsum, _38)
                 F.assign_(st_mv_m_nmf, _39)

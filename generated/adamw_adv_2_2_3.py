@@ -2947,7 +2947,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_m_nmf, _16)
                 _17 = F.colsum(t_exp_avg_abs)
                 t_exp_avg_colsum = _17
-                _18 = F.sum(t_exp_avg_colsum)
+                _18 = F.sum(t_exp_avg_colsum, kind="col")
                 F.maximum_(_18, 1e-12)
                 _19 = F.div(t_exp_avg_colsum, _18)
                 F.assign_(st_mv_m_nmf, _19)
@@ -2990,7 +2990,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _36)
                 _37 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _37
-                _38 = F.sum(t_exp_avg_sq_colsum)
+                _38 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_38, 1e-12)
                 _39 = F.div(t_exp_avg_sq_colsum, _38)
                 F.assign_(st_mv_v_nmf, _39)
@@ -3006,7 +3006,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _43)
                 _44 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _44
-                _45 = F.sum(t_exp_avg_sq_colsum)
+                _45 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_45, 1e-12)
                 _46 = F.div(t_exp_avg_sq_colsum, _45)
                 F.assign_(st_mv_v_nmf, _46)
@@ -3036,7 +3036,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_m_slow_nmf, _56)
                 _57 = F.colsum(t_exp_avg_slow_abs)
                 t_exp_avg_slow_colsum = _57
-                _58 = F.sum(t_exp_avg_slow_colsum)
+                _58 = F.sum(t_exp_avg_slow_colsum, kind="col")
                 F.maximum_(_58, 1e-12)
                 _59 = F.div(t_exp_avg_slow_colsum, _58)
                 F.assign_(st_mv_m_slow_nmf, _59)

@@ -4514,7 +4514,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _4)
                 _5 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _5
-                _6 = F.sum(t_exp_avg_sq_colsum)
+                _6 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_6, 1e-12)
                 _7 = F.div(t_exp_avg_sq_colsum, _6)
                 F.assign_(st_mv_v_nmf, _7)
@@ -4579,7 +4579,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_m_nmf, _32)
                     _33 = F.colsum(t_exp_avg_abs)
                     t_exp_avg_colsum = _33
-                    _34 = F.sum(t_exp_avg_colsum)
+                    _34 = F.sum(t_exp_avg_colsum, kind="col")
                     F.maximum_(_34, 1e-12)
                     _35 = F.div(t_exp_avg_colsum, _34)
                     F.assign_(st_mv_m_nmf, _35)
@@ -4609,7 +4609,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_v_nmf, _44)
                     _45 = F.colsum(t_exp_avg_sq_abs)
                     t_exp_avg_sq_colsum = _45
-                    _46 = F.sum(t_exp_avg_sq_colsum)
+                    _46 = F.sum(t_exp_avg_sq_colsum, kind="col")
                     F.maximum_(_46, 1e-12)
                     _47 = F.div(t_exp_avg_sq_colsum, _46)
                     F.assign_(st_mv_v_nmf, _47)
@@ -4623,7 +4623,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_v_nmf, _50)
                     _51 = F.colsum(t_exp_avg_sq_abs)
                     t_exp_avg_sq_colsum = _51
-                    _52 = F.sum(t_exp_avg_sq_colsum)
+                    _52 = F.sum(t_exp_avg_sq_colsum, kind="col")
                     F.maximum_(_52, 1e-12)
                     _53 = F.div(t_exp_avg_sq_colsum, _52)
                     F.assign_(st_mv_v_nmf, _53)

@@ -1890,7 +1890,7 @@ def _device_step(h, param, grad, S):
             F.assign_(st_mu_m_nmf, _17)
             _18 = F.colsum(t_exp_avg_abs)
             t_exp_avg_colsum = _18
-            _19 = F.sum(t_exp_avg_colsum)
+            _19 = F.sum(t_exp_avg_colsum, kind="col")
             F.maximum_(_19, 1e-12)
             _20 = F.div(t_exp_avg_colsum, _19)
             F.assign_(st_mv_m_nmf, _20)

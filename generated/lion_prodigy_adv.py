@@ -3138,7 +3138,7 @@ def _device_step(h, param, grad, S, A):
             F.assign_(st_mu_m_nmf, _35)
             _36 = F.colsum(t_exp_avg_abs)
             t_exp_avg_colsum = _36
-            _37 = F.sum(t_exp_avg_colsum)
+            _37 = F.sum(t_exp_avg_colsum, kind="col")
             F.maximum_(_37, 1e-12)
             _38 = F.div(t_exp_avg_colsum, _37)
             F.assign_(st_mv_m_nmf, _38)
@@ -3151,7 +3151,7 @@ def _device_step(h, param, grad, S, A):
                 t_ps = _42
                 _43 = F.float32(st_p0)
                 _44 = F.sub(_43, t_ps)
-                _45 = F.vdot(t_gs, _44)
+                _45 = F.vdot(t_gs, _44, kind="slice")
                 F.mul_(_45, h["_k10"])
                 A.append(("num", _45))
                 if h["_c11"]:
@@ -3161,7 +3161,7 @@ def _device_step(h, param, grad, S, A):
                     F.mul_(st_s, h["b3"])
                     F.axpy_(st_s, t_gs, h["_k12"])
                 _46 = F.abs(st_s)
-                _47 = F.sum(_46)
+                _47 = F.sum(_46, kind="slice")
                 A.append(("den", _47))
             if h["_c12"]:
                 _48 = F.float32(param)
@@ -3271,7 +3271,7 @@ def _device_step(h, param, grad, S, A):
                 t_ps = _91
                 _92 = F.float32(st_p0)
                 _93 = F.sub(_92, t_ps)
-                _94 = F.vdot(t_gs, _93)
+                _94 = F.vdot(t_gs, _93, kind="slice")
                 F.mul_(_94, h["_k28"])
                 A.append(("num", _94))
                 if h["_c11"]:
@@ -3281,7 +3281,7 @@ def _device_step(h, param, grad, S, A):
                     F.mul_(st_s, h["b3"])
                     F.axpy_(st_s, t_gs, h["_k30"])
                 _95 = F.abs(st_s)
-                _96 = F.sum(_95)
+                _96 = F.sum(_95, kind="slice")
                 A.append(("den", _96))
             if h["_c12"]:
                 _97 = F.float32(param)
@@ -3391,7 +3391,7 @@ def _device_step(h, param, grad, S, A):
             t_ps = _140
             _141 = F.float32(st_p0)
             _142 = F.sub(_141, t_ps)
-            _143 = F.vdot(t_gs, _142)
+            _143 = F.vdot(t_gs, _142, kind="slice")
             F.mul_(_143, h["_k46"])
             A.append(("num", _143))
             if h["_c11"]:
@@ -3401,7 +3401,7 @@ def _device_step(h, param, grad, S, A):
                 F.mul_(st_s, h["b3"])
                 F.axpy_(st_s, t_gs, h["_k48"])
             _144 = F.abs(st_s)
-            _145 = F.sum(_144)
+            _145 = F.sum(_144, kind="slice")
             A.append(("den", _145))
         if h["_c12"]:
             _146 = F.float32(param)

@@ -6367,7 +6367,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_mbuf_nmf, _17)
                 _18 = F.colsum(t_momentum_buffer_abs)
                 t_momentum_buffer_colsum = _18
-                _19 = F.sum(t_momentum_buffer_colsum)
+                _19 = F.sum(t_momentum_buffer_colsum, kind="col")
                 F.maximum_(_19, 1e-12)
                 _20 = F.div(t_momentum_buffer_colsum, _19)
                 F.assign_(st_mv_mbuf_nmf, _20)

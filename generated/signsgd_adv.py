@@ -3957,7 +3957,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_m_nmf, _22)
                     _23 = F.colsum(t_exp_avg_abs)
                     t_exp_avg_colsum = _23
-                    _24 = F.sum(t_exp_avg_colsum)
+                    _24 = F.sum(t_exp_avg_colsum, kind="col")
                     F.maximum_(_24, 1e-12)
                     _25 = F.div(t_exp_avg_colsum, _24)
                     F.assign_(st_mv_m_nmf, _25)
@@ -3980,7 +3980,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(st_mu_m_nmf, _34)
                     _35 = F.colsum(t_exp_avg_abs)
                     t_exp_avg_colsum = _35
-                    _36 = F.sum(t_exp_avg_colsum)
+                    _36 = F.sum(t_exp_avg_colsum, kind="col")
                     F.maximum_(_36, 1e-12)
                     _37 = F.div(t_exp_avg_colsum, _36)
                     F.assign_(st_mv_m_nmf, _37)

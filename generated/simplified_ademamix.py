@@ -2832,7 +2832,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_m_nmf, _18)
                 _19 = F.colsum(t_exp_avg_abs)
                 t_exp_avg_colsum = _19
-                _20 = F.sum(t_exp_avg_colsum)
+                _20 = F.sum(t_exp_avg_colsum, kind="col")
                 F.maximum_(_20, 1e-12)
                 _21 = F.div(t_exp_avg_colsum, _20)
                 F.assign_(st_mv_m_nmf, _21)
@@ -2853,7 +2853,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_m_nmf, _29)
                 _30 = F.colsum(t_exp_avg_abs)
                 t_exp_avg_colsum = _30
-                _31 = F.sum(t_exp_avg_colsum)
+                _31 = F.sum(t_exp_avg_colsum, kind="col")
                 F.maximum_(_31, 1e-12)
                 _32 = F.div(t_exp_avg_colsum, _31)
                 F.assign_(st_mv_m_nmf, _32)
@@ -2875,7 +2875,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _38)
                 _39 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _39
-                _40 = F.sum(t_exp_avg_sq_colsum)
+                _40 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_40, 1e-12)
                 _41 = F.div(t_exp_avg_sq_colsum, _40)
                 F.assign_(st_mv_v_nmf, _41)
@@ -2891,7 +2891,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(st_mu_v_nmf, _45)
                 _46 = F.colsum(t_exp_avg_sq_abs)
                 t_exp_avg_sq_colsum = _46
-                _47 = F.sum(t_exp_avg_sq_colsum)
+                _47 = F.sum(t_exp_avg_sq_colsum, kind="col")
                 F.maximum_(_47, 1e-12)
                 _48 = F.div(t_exp_avg_sq_colsum, _47)
                 F.assign_(st_mv_v_nmf, _48)

@@ -21,7 +21,10 @@ INPLACE = {
 _NO_ALIGN = {"strided", "cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
 _MAY_ALIAS = {"float32", "cast", "contiguous", "strided"}
-_KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element"}
+_KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element", Kind.SLICE: "slice"}
+#: reductions told their operand's kind (under sharded parameters it says which dims span ranks)
+_OPERAND_KIND = {"normalize": None, "dot": None, "sum": Kind.ELEMENT, "mean": Kind.ELEMENT, "norm": Kind.ELEMENT,
+                 "vdot": Kind.ELEMENT}
 
 
 class TorchEmitter:
@@ -87,6 +90,8 @@ class TorchEmitter:
         codes = [code for code, _ in args]
         if n.op == "where" and all(a.is_host for a in n.args[1:]):
             codes.append("like=param")  # two numbers: the result takes the parameters' dtype
+        if n.op in _OPERAND_KIND and n.args[0].kind != _OPERAND_KIND[n.op]:
+            codes.append(f'kind="{_KIND_NAME[n.args[0].kind]}"')
         name = self.fresh()
         self.emit(f"{name} = F.{n.op}({', '.join(codes)})")
         return name, n.op not in _MAY_ALIAS

@@ -18,7 +18,7 @@ import torch
 
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
-from optgen.runtime import published_layout, stochastic, zero1
+from optgen.runtime import published_layout, sharding, stochastic, zero1
 from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
 from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
@@ -117,7 +117,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     #: tables derived from the program
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
         "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
-        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled",
+        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts",
     )
 
     def _init_transient(self) -> None:
@@ -125,6 +125,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         prog = self._program
         self._triton = None
         self._compiled = None  # the compiled backend's entry (optgen.runtime.compiled), on first step
+        self._layouts: dict[int, sharding.Layout] = {}  # how each DTensor parameter is stepped
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
@@ -293,6 +294,19 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             self._triton.invalidate()
 
     # -- state ---------------------------------------------------------------------------------
+    def _layout(self, p: torch.Tensor, group: dict[str, Any]) -> sharding.Layout:
+        """How ``p`` is stepped: plain, or as a DTensor's local rows or whole (optgen.runtime.sharding)."""
+        layouts = self.__dict__.setdefault("_layouts", {})  # eager states are made before _init_transient
+        lay = layouts.get(id(p))
+        if lay is None:
+            lay = sharding.PLAIN
+            if sharding.is_dtensor(p):
+                whole = self.backend == "reference" or self._program.slice_stride is not None
+                position = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+                lay = sharding.layout_of(p, position, view_shape(self._program, p, group, {}), whole)
+            layouts[id(p)] = lay
+        return lay
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         prog = self._program
         state = self.state.get(p, {})  # entered only when it holds something (torch.optim.SGD's)
@@ -301,12 +315,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         ctx = HostContext(group, p, state, tensor_math=False)
         view = view_shape(prog, p, group, state)
         stride = group[prog.slice_stride] if prog.slice_stride else None
+        target, view = p, view
+        if sharding.is_dtensor(p):  # states of the local rows, or of the whole (gathered) parameter
+            lay = self._layout(p, group)
+            target = sharding.allocation_target(p, lay)
+            view = sharding.stepped_view(lay, target, view)
         for decl in prog.state:
             if decl.init == "absent":
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            state[decl.name] = _new_state(decl, p, group, view, ctx, stride)
+            state[decl.name] = _new_state(decl, target, group, view, ctx, stride)
         if state:
             self.state[p] = state
 
@@ -356,9 +375,34 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """torch.optim's state dict, in the published class's layout where the spec declares one
         (``matches.state_dict``), so that class loads it."""
         sd = super().state_dict()
+        if any(sharding.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            sd = self._sharded_state_dict(sd)
         if self._program.published is None:
             return sd
         return published_layout.to_published(self, sd)
+
+    def _sharded_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """States of local rows as DTensors sharded like their parameters, so that
+        torch.distributed.checkpoint saves and reshards them (other states stay as they are)."""
+        decls = {d.name: d for d in self._program.state}
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        state = dict(sd["state"])
+        for i, st in state.items():
+            if not isinstance(i, int) or i >= len(params):
+                continue
+            p, group = params[i]
+            if self._layout(p, group).mode != "sharded":
+                continue
+            ndim = self._stepped_ndim(p, group, st)
+            state[i] = {k: sharding.to_dtensor(v, p)
+                        if k in decls and isinstance(v, torch.Tensor) and not sharding.is_dtensor(v)
+                        and sharding.state_sharded(decls[k].kind, ndim, decls[k].dtype == "bits") else v
+                        for k, v in st.items()}
+        return {**sd, "state": state}
+
+    def _stepped_ndim(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> int:
+        view = view_shape(self._program, p, group, state)
+        return len(view) if view is not None else p.dim()
 
     @torch._disable_dynamo  # as torch.optim.Optimizer.load_state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -417,9 +461,18 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             saved = {**saved, "step": torch.as_tensor(saved["step"]).to(dtype=torch.get_default_dtype(), device="cpu")}
         view = view_shape(prog, p, group, saved)
         stride = group[prog.slice_stride] if prog.slice_stride else None
+        target, rows, ndim = p, False, 0  # what states are shaped after; DTensor parameters: local rows
+        if sharding.is_dtensor(p) and self._layout(p, group).mode == "sharded":
+            rows = True
+            target = sharding.local(p)
+            ndim = len(view) if view is not None else p.dim()
+            view = sharding.stepped_view(self._layout(p, group), target, view)
         out: dict[str, Any] = {}
         for key, value in saved.items():
             d = decls.get(key)
+            if sharding.is_dtensor(value):  # torch.distributed.checkpoint's, resharded to this world
+                value = sharding.from_dtensor(value, p, rows and d is not None
+                                              and sharding.state_sharded(d.kind, ndim, d.dtype == "bits"))
             if key == "step" and d is None and prog.step_store == "tensor":
                 out[key] = value
                 continue
@@ -433,7 +486,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 continue
             where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
             try:
-                expected = _saved_shapes(d, p, view, stride)
+                expected = _saved_shapes(d, target, view, stride)
             except RuntimeError as exc:
                 raise ValueError(f"{where} cannot exist for {type(self).__name__}: {exc}") from None
             if tuple(value.shape) not in expected:
@@ -481,7 +534,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         group = self._stepping_group(gi, group)
-        if self.backend == "triton":
+        if self.backend == "triton" and not any(map(sharding.is_dtensor, params)):
             sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
             self._accumulate_vector(params, sums)
             self._drop_empty_states(params)
@@ -492,7 +545,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if self.backend == "reference":
             for p in params:
                 parts[id(p)] = []
-                reference.run(self._program, p, p.grad, self.state[p], group, self._inputs(p), parts[id(p)])
+                lay = self._layout(p, group)  # a DTensor parameter is stepped whole (gathered)
+                param, grad, _ = sharding.stepped(p, lay, None)
+                reference.run(self._program, param, grad, self.state[p], group, self._inputs(p), parts[id(p)])
+                sharding.keep_rows(p, lay, param)
         else:
             self._torch_step(group, params, parts)
         if self._program.accumulators:
@@ -569,6 +625,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     parts: dict[int, list[tuple[str, Any]]]) -> None:
         prog = self._program
         tensor_math = prog.step_math == "tensor"
+        distributed = any(map(sharding.is_dtensor, params))
         buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
         for p in params:
             view = view_shape(prog, p, group, self.state[p])
@@ -596,13 +653,22 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 first = values[0]
                 h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
             # factored parameters are stepped as matrix views, their 1-bit states unpacked
-            viewed = [ViewedState(prog, self.state[p], view, p) for p, _, view in items]
-            ps = [as_view(p, view, "parameter") for p, _, view in items]
-            grads = [as_view(p.grad, view, "gradient") for p, _, view in items]
+            if distributed:  # DTensor parameters: their local rows, or the whole parameter gathered
+                lays = [self._layout(p, group) for p, _, _ in items]
+                stepped = [sharding.stepped(p, lay, view) for (p, _, view), lay in zip(items, lays)]
+            else:
+                stepped = [(p, p.grad, view) for p, _, view in items]
+            viewed = [ViewedState(prog, self.state[p], view, t) for (p, _, _), (t, _, view) in zip(items, stepped)]
+            ps = [as_view(t, view, "parameter") for t, _, view in stepped]
+            grads = [as_view(g, view, "gradient") for _, g, view in stepped]
             states = {n: [v.view.get(n) for v in viewed] for n in device_state}
             acc: list[tuple[str, list]] = []
-            with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]):
-                if self.backend == "compiled" and self._step_compiled(path, h, ps, grads, states, acc):
+            shards = [lay.shard if lay.mode == "sharded" else None for lay in lays] if distributed else []
+            layout = sharding.RowBucket(shards) if any(shards) else None
+            with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]), sharding.bucket(layout):
+                if layout is not None:  # collectives inside: the eager multi-tensor code
+                    type(self)._device_step(h, ps, grads, states, *([acc] if prog.accumulators else []))
+                elif self.backend == "compiled" and self._step_compiled(path, h, ps, grads, states, acc):
                     pass
                 elif prog.accumulators:
                     type(self)._device_step(h, ps, grads, states, acc)
@@ -617,6 +683,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         v.view[n] = t
             for v in viewed:
                 v.write_back()
+            if distributed:
+                for (p, _, _), lay, (t, _, _) in zip(items, lays, stepped):
+                    sharding.keep_rows(p, lay, t)
 
     def _step_compiled(self, path: tuple, h: dict[str, Any], ps: list, grads: list, states: dict[str, list],
                        acc: list) -> bool:
@@ -645,6 +714,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if path not in self._rounds:
             self._rounds[path] = _path_rounds(self._program.body, dict(path))
         return self._rounds[path]
+
+    def _path_draws(self, path: tuple) -> bool:
+        """Whether the branch path draws random numbers (stochastic rounding, low-rank sketches)."""
+        key = ("draws", path)
+        if key not in self._rounds:
+            self._rounds[key] = _path_rounds(self._program.body, dict(path), sketches=True)
+        return self._rounds[key]
 
     # -- torch.distributed helpers (single process: no-ops) ------------------------------------
     @torch.no_grad()

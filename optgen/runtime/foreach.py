@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.runtime import newton_schulz as ns
-from optgen.runtime import stochastic
+from optgen.runtime import sharding, stochastic
 
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]
@@ -52,6 +52,8 @@ def align(xs: Tensors, src: str, dst: str) -> Tensors:
         for d in dims:
             x = x.unsqueeze(d)
         out.append(x)
+    if dst == "element" and (b := sharding.active()) is not None:
+        return b.to_elements(out)  # ZeRO's flat shards: this rank's part of the broadcast value
     return out
 
 
@@ -272,45 +274,88 @@ eq, ne, lt, le, gt, ge = (_compare(f) for f in (torch.eq, torch.ne, torch.lt, to
 
 
 # -- per-row / per-matrix linear algebra and reductions --------------------------------------
+# Under sharded parameters (optgen.runtime.sharding) these ops run through the bucket's layout:
+# FSDP2's rows sum partial results over ranks, ZeRO's flat shards read the whole tensors. ``kind``
+# names the operand's shape kind.
+def _matvec(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("...nm,...m->...n", x, y)
+
+
+def _matvec_t(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("...nm,...n->...m", x, y)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("...n,...n->...", x, y)
+
+
+def _outer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("...n,...m->...nm", x, y)
+
+
+def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
 def matvec(w: Tensors, v: Tensors) -> Tensors:
     """``W v`` batched over leading dims (the einsum adams-torch uses)."""
-    return [torch.einsum("...nm,...m->...n", x, y) for x, y in zip(w, v)]
+    if (b := sharding.active()) is not None:
+        return b.matvec(w, v, _matvec)
+    return [_matvec(x, y) for x, y in zip(w, v)]
 
 
 def matvec_t(w: Tensors, u: Tensors) -> Tensors:
     """``W^T u`` batched over leading dims."""
-    return [torch.einsum("...nm,...n->...m", x, y) for x, y in zip(w, u)]
+    if (b := sharding.active()) is not None:
+        return b.matvec_t(w, u, _matvec_t)
+    return [_matvec_t(x, y) for x, y in zip(w, u)]
 
 
-def normalize(x: Tensors) -> Tensors:
+def normalize(x: Tensors, kind: str = "row") -> Tensors:
+    if (b := sharding.active()) is not None:
+        return b.normalize(x, kind)
     return [TF.normalize(t, dim=-1) for t in x]
 
 
-def dot(a: Tensors, b: Tensors) -> Tensors:
-    return [torch.einsum("...n,...n->...", x, y) for x, y in zip(a, b)]
+def dot(a: Tensors, b: Tensors, kind: str = "row") -> Tensors:
+    if (lay := sharding.active()) is not None:
+        return lay.dot(a, b, kind, _dot)
+    return [_dot(x, y) for x, y in zip(a, b)]
 
 
 def outer(a: Tensors, b: Tensors) -> Tensors:
-    return [torch.einsum("...n,...m->...nm", x, y) for x, y in zip(a, b)]
+    if (lay := sharding.active()) is not None:
+        return lay.outer(a, b, _outer)
+    return [_outer(x, y) for x, y in zip(a, b)]
 
 
 def rowsum(x: Tensors) -> Tensors:
+    if (b := sharding.active()) is not None:
+        return b.rowsum(x)
     return [t.sum(-1) for t in x]
 
 
 def colsum(x: Tensors) -> Tensors:
+    if (b := sharding.active()) is not None:
+        return b.colsum(x)
     return [t.sum(-2) for t in x]
 
 
-def sum(x: Tensors) -> Tensors:  # noqa: A001
+def sum(x: Tensors, kind: str = "element") -> Tensors:  # noqa: A001
+    if (b := sharding.active()) is not None:
+        return b.total(x, kind, "sum")
     return [t.sum() for t in x]
 
 
-def mean(x: Tensors) -> Tensors:
+def mean(x: Tensors, kind: str = "element") -> Tensors:
+    if (b := sharding.active()) is not None:
+        return b.total(x, kind, "mean")
     return [t.mean() for t in x]
 
 
-def norm(x: Tensors) -> Tensors:
+def norm(x: Tensors, kind: str = "element") -> Tensors:
+    if (b := sharding.active()) is not None:
+        return b.total(x, kind, "norm")
     return list(torch._foreach_norm(x))
 
 
@@ -338,6 +383,8 @@ def _orthogonaliser(op: str):
         adv_optm's eager products and random stream, bit for bit)."""
         n = len(x)
         per = [_each(a, n) for a in args]
+        if (b := sharding.active()) is not None:  # each matrix whole on one rank
+            return b.whole(x, lambda t, i: ns.rows(fn, t, *(a[i] for a in per)))
         return [ns.rows(fn, t, *(a[i] for a in per)) for i, t in enumerate(x)]
 
     apply.__name__ = op
@@ -355,8 +402,10 @@ def strided(x: Tensors, k: Scalar) -> Tensors:
     return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
 
 
-def vdot(a: Tensors, b: Tensors) -> Tensors:
-    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
+def vdot(a: Tensors, b: Tensors, kind: str = "element") -> Tensors:
+    if (lay := sharding.active()) is not None:
+        return lay.vdot(a, b, kind, _vdot)
+    return [_vdot(x, y) for x, y in zip(a, b)]
 
 
 # -- writes -----------------------------------------------------------------------------------
