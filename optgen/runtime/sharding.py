@@ -163,7 +163,7 @@ class RowBucket:
 
     def reduce(self, parts: list[torch.Tensor], spans: list[bool]) -> list[torch.Tensor]:
         """Each partial result summed over the ranks where ``spans[i]`` (its reduced dims are split)."""
-        across = [(i, t) for i, t in enumerate(parts) if spans[i]]
+        across = [(i, t) for i, t in enumerate(parts) if spans[i] and self.shards[i] is not None]
         summed = _all_reduce_sum(across, self.shards) if across else {}
         return [summed.get(i, t) for i, t in enumerate(parts)]
 
