@@ -34,10 +34,11 @@ KOURKOUTAS = {s: i for s in PARTITIONABLE for i, st in enumerate(spec_settings(s
 
 def _check(results: dict, world: int, key, *, checkpoint: bool = True) -> dict:
     rs = [results[(r, key)] for r in range(world)]
+    key = (key, rs)  # every rank's figures in a failure's message
     for r in rs:
-        assert "error" not in r, f"{key}: {r.get('traceback', r.get('error'))}"
+        assert "error" not in r, f"{key[0]}: {r.get('traceback', r.get('error'))}"
     r0 = rs[0]
-    assert r0["max_diff"] == 0.0, (key, r0)
+    assert r0["max_diff"] == 0.0, key
     assert r0["ranks_equal"], key
     assert all(r["full_state_bytes"] == r0["full_state_bytes"] for r in rs)
     assert sum(r["local_state_bytes"] for r in rs) == r0["full_state_bytes"], key  # every state on one rank
@@ -62,12 +63,16 @@ def test_every_spec_on_two_ranks() -> None:
     cases.append((("lion_prodigy_adv", "mlp"), ("lion_prodigy_adv", spec_settings("lion_prodigy_adv")[0], "mlp", 2, False)))
     k = "simplified_ademamix"
     cases.append(((k, "kourkoutas", "transformer"), (k, spec_settings(k)[KOURKOUTAS[k]], "transformer", 2, False)))
-    # ... but not where every layer is on one rank (the MLP's parameters all differ in shape)
+    # ... but not where every layer is on one rank (the MLP's parameters all differ in shape), nor
+    # with a layer per parameter
     cases.append(((k, "kourkoutas", "mlp"), (k, spec_settings(k)[KOURKOUTAS[k]], "mlp", 10, True)))
+    own = {**spec_settings(k)[KOURKOUTAS[k]], "layer_key_fn": id}
+    cases.append(((k, "kourkoutas", "layer_key_fn=id"), (k, own, "transformer", 10, True)))
     results = spawn(2, cases, timeout=240)
     for s in PARTITIONABLE:
         _check(results, 2, (s, "transformer"))
     _check(results, 2, (k, "kourkoutas", "mlp"))
+    _check(results, 2, (k, "kourkoutas", "layer_key_fn=id"))
     _refused(results, 2, ("lion_prodigy_adv", "mlp"), "sums (num, den) over every parameter")
     _refused(results, 2, (k, "kourkoutas", "transformer"), "are owned by different ranks")
 
