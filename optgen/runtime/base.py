@@ -100,8 +100,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._run_checks(defaults)
-        if "process_group" in specs:
-            _require_single_process(type(self).__name__, getattr(self, "process_group", None))
+        #: adams-torch's ZeRO layout when the spec has a process group of several ranks
+        self._zero = _flat_group(self) if "process_group" in specs else None
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
@@ -117,7 +117,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     #: tables derived from the program
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
         "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
-        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts",
+        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts", "_zero",
     )
 
     def _init_transient(self) -> None:
@@ -126,6 +126,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._triton = None
         self._compiled = None  # the compiled backend's entry (optgen.runtime.compiled), on first step
         self._layouts: dict[int, sharding.Layout] = {}  # how each DTensor parameter is stepped
+        self._zero = _flat_group(self) if any(n == "process_group" for n, _ in prog.hypers) else None
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
@@ -207,7 +208,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     # whatever order the parameters were stepped in (buckets, or the fused backward pass's hooks):
     # the same sums, bit for bit, as adv_optm's step() adds them.
     def _position(self, p: torch.Tensor) -> int:
-        if self._positions is None or id(p) not in self._positions:
+        if self.__dict__.get("_positions") is None or id(p) not in self._positions:  # (eager states: before _init_transient)
             self._positions = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
         return self._positions[id(p)]
 
@@ -315,17 +316,21 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         ctx = HostContext(group, p, state, tensor_math=False)
         view = view_shape(prog, p, group, state)
         stride = group[prog.slice_stride] if prog.slice_stride else None
-        target, view = p, view
+        target = elements = p
         if sharding.is_dtensor(p):  # states of the local rows, or of the whole (gathered) parameter
             lay = self._layout(p, group)
-            target = sharding.allocation_target(p, lay)
+            target = elements = sharding.allocation_target(p, lay)
             view = sharding.stepped_view(lay, target, view)
+        elif self.__dict__.get("_zero") is not None:  # ZeRO: per-element states are flat shards
+            self._zero.check(self._position(p), p)
+            elements = state[sharding.MASTER] = self._zero.init_master(p, p.dtype)
         for decl in prog.state:
             if decl.init == "absent":
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            state[decl.name] = _new_state(decl, target, group, view, ctx, stride)
+            on = elements if decl.kind == Kind.ELEMENT else target
+            state[decl.name] = _new_state(decl, on, group, view, ctx, stride)
         if state:
             self.state[p] = state
 
@@ -449,6 +454,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             else:  # kept as it is, as torch does
                 state[k] = v
         self.__setstate__({"state": state, "param_groups": new_groups})
+        if self._zero is not None:  # as adams-torch's __setstate__: every rank's master shards into the parameters
+            for p in params:
+                if sharding.MASTER in self.state.get(p, {}):
+                    self._zero.write(p, self.state[p][sharding.MASTER])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -487,6 +496,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
             try:
                 expected = _saved_shapes(d, target, view, stride)
+                if self._zero is not None and d.kind == Kind.ELEMENT:  # this rank's flat shard
+                    expected = [(p.numel() // self._zero.world,)]
             except RuntimeError as exc:
                 raise ValueError(f"{where} cannot exist for {type(self).__name__}: {exc}") from None
             if tuple(value.shape) not in expected:
@@ -534,7 +545,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         group = self._stepping_group(gi, group)
-        if self.backend == "triton" and not any(map(sharding.is_dtensor, params)):
+        distributed = self._zero is not None or any(map(sharding.is_dtensor, params))
+        if self.backend == "triton" and not distributed:
             sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
             self._accumulate_vector(params, sums)
             self._drop_empty_states(params)
@@ -542,7 +554,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if self._program.step_store == "tensor":
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         parts: dict[int, list[tuple[str, Any]]] = {}
-        if self.backend == "reference":
+        if self.backend == "reference" and self._zero is None:
             for p in params:
                 parts[id(p)] = []
                 lay = self._layout(p, group)  # a DTensor parameter is stepped whole (gathered)
@@ -653,7 +665,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 first = values[0]
                 h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
             # factored parameters are stepped as matrix views, their 1-bit states unpacked
-            if distributed:  # DTensor parameters: their local rows, or the whole parameter gathered
+            if self._zero is not None:  # ZeRO: the master shards and the reduce-scattered gradients
+                lays = [sharding.PLAIN for _ in items]
+                stepped = [(self.state[p][sharding.MASTER], self._zero.grad(p, p.dtype), None) for p, _, _ in items]
+            elif distributed:  # DTensor parameters: their local rows, or the whole parameter gathered
                 lays = [self._layout(p, group) for p, _, _ in items]
                 stepped = [sharding.stepped(p, lay, view) for (p, _, view), lay in zip(items, lays)]
             else:
@@ -665,6 +680,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             acc: list[tuple[str, list]] = []
             shards = [lay.shard if lay.mode == "sharded" else None for lay in lays] if distributed else []
             layout = sharding.RowBucket(shards) if any(shards) else None
+            if self._zero is not None:
+                layout = sharding.FlatBucket(self._zero, [p for p, _, _ in items], [t for t, _, _ in stepped])
             with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]), sharding.bucket(layout):
                 if layout is not None:  # collectives inside: the eager multi-tensor code
                     type(self)._device_step(h, ps, grads, states, *([acc] if prog.accumulators else []))
@@ -683,7 +700,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                         v.view[n] = t
             for v in viewed:
                 v.write_back()
-            if distributed:
+            if self._zero is not None:  # every rank's stepped shards into the parameters
+                for (p, _, _), (t, _, _) in zip(items, stepped):
+                    self._zero.write(p, t)
+            elif distributed:
                 for (p, _, _), lay, (t, _, _) in zip(items, lays, stepped):
                     sharding.keep_rows(p, lay, t)
 
@@ -789,18 +809,16 @@ def _auto_triton(groups: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _require_single_process(name: str, group: Any = None) -> None:
-    """ZeRO sharding is not implemented: the optimizer's process group (the default group when
-    None, as adams-torch reads it) must have one rank."""
+def _flat_group(opt: Any) -> sharding.FlatGroup | None:
+    """The ZeRO layout of an optimizer with a ``process_group`` (the default group when None, as
+    adams-torch reads it), or None when that group has one rank (or torch.distributed is not
+    initialised): then the parameters are stepped in place."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        size = dist.get_world_size(group)
-        if size > 1:
-            raise NotImplementedError(
-                f"{name}: ZeRO sharding across {size} ranks is not implemented yet; "
-                "run one process per model replica with DDP and a non-ZeRO optimizer instead"
-            )
+    group = getattr(opt, "process_group", None)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        return sharding.FlatGroup(group, type(opt).__name__)
+    return None
 
 
 def _require_param_dtype(name: str, dtype: Any, params: list[torch.Tensor]) -> None:

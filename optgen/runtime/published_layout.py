@@ -59,8 +59,8 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
         for name in lay.flat:
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].reshape(-1)
-        if lay.master is not None:
-            st[lay.master] = p.detach().reshape(-1)  # this class's master copy is the parameter itself
+        if lay.master is not None and lay.master not in st:  # ZeRO keeps a master shard of its own
+            st[lay.master] = p.detach().reshape(-1)  # in one process the master copy is the parameter itself
         for name in lay.none_if_absent:
             st.setdefault(name, None)
         state[k] = st
@@ -103,6 +103,9 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
                 del st[key]
         if lay.step_if is not None and "step" not in st and prog.step_store == "tensor":
             st["step"] = torch.tensor(fill, dtype=torch.get_default_dtype())
+        if getattr(opt, "_zero", None) is not None:  # ZeRO across ranks: flat shards and master, as saved
+            state[k] = st
+            continue
         for key in lay.flat:
             if isinstance(st.get(key), torch.Tensor):
                 st[key] = _unflatten(st[key], p, f"{where}: state '{key}'", name)

@@ -361,3 +361,129 @@ def from_dtensor(value: Any, p: torch.Tensor, rows: bool) -> Any:
     full = value.full_tensor()
     s = shard_of(p, 0)
     return full if s is None else full[s.start:s.start + s.rows].clone()
+
+
+# -- ZeRO: flat shards of whole parameters (adams-torch's Adams_ZeRO) ------------------------------
+#: the runtime's state of a ZeRO master shard (adams-torch's key)
+MASTER = "master_param"
+
+
+class FlatGroup:
+    """adams-torch's ZeRO layout over ``group``: rank ``r`` owns the flat elements
+    ``[r * n / W, (r + 1) * n / W)`` of every parameter; the per-element states and a master copy
+    are those shards, the other states are whole on every rank (math/torch-adams-adamw-family.md §1.5)."""
+
+    def __init__(self, group: Any, name: str) -> None:
+        import torch.distributed as dist
+
+        self.group, self.name = group, name
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.root = 0 if group is None else dist.get_global_rank(group, 0)  # the group's rank 0
+
+    def check(self, i: int, p: torch.Tensor) -> None:
+        if not p.is_contiguous():
+            raise ValueError(f"{self.name}: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
+                             f"ZeRO sharding steps flat views of the parameters")
+        if p.numel() % self.world:
+            raise ValueError(f"{self.name}: parameter {i} has {p.numel()} elements, which do not divide into "
+                             f"{self.world} equal shards (adams-torch's ZeRO layout needs numel % world_size == 0)")
+
+    def bounds(self, p: torch.Tensor) -> tuple[int, int]:
+        n = p.numel() // self.world
+        return self.rank * n, (self.rank + 1) * n
+
+    def init_master(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rank 0's values of this rank's shard (scattered), in ``dtype``; every rank's ``p`` becomes
+        rank 0's parameter, passed through ``dtype``."""
+        import torch.distributed as dist
+
+        shard = torch.empty(p.numel() // self.world, dtype=p.dtype, device=p.device)
+        chunks = list(p.detach().view(-1).chunk(self.world)) if self.rank == 0 else None
+        SENT["bytes"] += 0 if chunks is None else sum(c.numel() * c.element_size() for c in chunks[1:])
+        dist.scatter(shard, chunks, src=self.root, group=self.group)
+        master = shard.to(dtype)
+        self.write(p, master)
+        return master
+
+    def grad(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's shard of the gradient summed over the ranks (reduce-scatter, SUM)."""
+        import torch.distributed as dist
+
+        out = torch.empty(p.numel() // self.world, dtype=dtype, device=p.device)
+        g = p.grad.view(-1).to(dtype)
+        SENT["bytes"] += g.numel() * g.element_size()
+        dist.reduce_scatter_tensor(out, g, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def write(self, p: torch.Tensor, master: torch.Tensor) -> None:
+        """Every rank's master shard gathered into ``p``."""
+        import torch.distributed as dist
+
+        m = master.to(p.dtype)
+        SENT["bytes"] += m.numel() * m.element_size()
+        with torch.no_grad():
+            dist.all_gather_into_tensor(p.view(-1), m, group=self.group)
+
+
+class FlatBucket:
+    """The ops' layout for a bucket of ZeRO shards: per-element values are this rank's flat shard,
+    every other kind is whole. A reduction reads whole tensors (the parameter itself, which every
+    rank holds, or an all_gather of a shard), as adams-torch computes the power iteration on the
+    full matrix on every rank; a per-element result keeps this rank's shard."""
+
+    def __init__(self, zero: FlatGroup, params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
+        self.zero, self.params, self.masters = zero, params, masters
+
+    def _full(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        if x is self.masters[i]:
+            return p  # the parameter is every rank's master shards gathered (same dtype)
+        import torch.distributed as dist
+
+        out = torch.empty(p.numel(), dtype=x.dtype, device=x.device)
+        SENT["bytes"] += x.numel() * x.element_size()
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.zero.group)
+        return out.view(p.shape)
+
+    def _mine(self, full: torch.Tensor, i: int) -> torch.Tensor:
+        lo, hi = self.zero.bounds(self.params[i])
+        return full.reshape(-1)[lo:hi]
+
+    def matvec(self, w: list, v: list, fn: Callable) -> list:
+        return [fn(self._full(x, i), y) for i, (x, y) in enumerate(zip(w, v))]
+
+    matvec_t = matvec
+
+    def colsum(self, xs: list) -> list:
+        return [self._full(t, i).sum(-2) for i, t in enumerate(xs)]
+
+    def rowsum(self, xs: list) -> list:
+        return [self._full(t, i).sum(-1) for i, t in enumerate(xs)]
+
+    def dot(self, a: list, b: list, kind: str, fn: Callable) -> list:
+        return [fn(x, y) for x, y in zip(a, b)]
+
+    def normalize(self, xs: list, kind: str) -> list:
+        import torch.nn.functional as TF
+
+        return [TF.normalize(t, dim=-1) for t in xs]
+
+    def vdot(self, a: list, b: list, kind: str, fn: Callable) -> list:
+        if kind != "element":
+            return [fn(x, y) for x, y in zip(a, b)]
+        return [fn(self._full(x, i), self._full(y, i)) for i, (x, y) in enumerate(zip(a, b))]
+
+    def total(self, xs: list, kind: str, how: str) -> list:
+        full = [self._full(t, i) if kind == "element" else t for i, t in enumerate(xs)]
+        if how == "norm":
+            return list(torch._foreach_norm(full))
+        return [t.sum() if how == "sum" else t.mean() for t in full]
+
+    def outer(self, a: list, b: list, fn: Callable) -> list:
+        return [self._mine(fn(x, y), i) for i, (x, y) in enumerate(zip(a, b))]
+
+    def to_elements(self, xs: list) -> list:
+        return [self._mine(x.expand(self.params[i].shape), i) for i, x in enumerate(xs)]
+
+    def whole(self, xs: list, fn: Callable) -> list:
+        return [self._mine(fn(self._full(x, i), i), i) for i, x in enumerate(xs)]
