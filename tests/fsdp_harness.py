@@ -190,3 +190,64 @@ def ratio(r: dict[str, Any]) -> float:
 
 
 __all__ = ["spawn", "run_case", "real_fsdp", "ulps", "ratio", "math"]
+
+
+# -- torch.distributed.checkpoint: save on N ranks, load on M -----------------------------------
+def _fsdp_mlp(mesh: Any, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.models import make_model
+
+    model = make_model("mlp", dtype, seed=seed)
+    for layer in model.net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, start: int, steps: int, dtype: torch.dtype) -> None:
+    for i in range(start, start + steps):
+        opt.zero_grad()
+        model.loss(model.batch(dtype, seed=i)).backward()
+        opt.step()
+
+
+def dcp_save(spec: str, setting: dict, steps: int, path: str, mesh: Any, dtype: torch.dtype = torch.float32) -> dict:
+    """Train an FSDP2 MLP ``steps`` steps and save model and optimizer with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _fsdp_mlp(mesh, dtype)
+    opt = optimizer_class(spec)(model.parameters(), **setting, backend="torch")
+    _train_steps(model, opt, 0, steps, dtype)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    return {"saved": True}
+
+
+def dcp_load(spec: str, setting: dict, steps: int, path: str, mesh: Any, dtype: torch.dtype = torch.float32) -> dict:
+    """Load :func:`dcp_save`'s checkpoint on this world (another init), train ``steps`` more; the
+    largest difference from one process training ``2 * steps`` steps uninterrupted."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from tests.models import make_model
+
+    cls = optimizer_class(spec)
+    ref = make_model("mlp", dtype)
+    ref_opt = cls(ref.parameters(), **setting, backend="torch")
+    _train_steps(ref, ref_opt, 0, 2 * steps, dtype)
+    model = _fsdp_mlp(mesh, dtype, seed=123)
+    opt = cls(model.parameters(), **setting, backend="torch")
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    _train_steps(model, opt, steps, steps, dtype)
+    worst = max((_full(q.detach()) - p.detach()).abs().max().item() for p, q in zip(ref.parameters(), model.parameters()))
+    return {"max_diff": worst}
