@@ -174,6 +174,12 @@ def spawn(world: int, cases: list[tuple[str, tuple]], out: str, timeout: float =
     """Run ``cases`` (``(key, (fn, args))``) on ``world`` spawned gloo ranks; results per rank."""
     ctx = mp.start_processes(_rank, args=(world, free_port(), cases, out), nprocs=world, join=False,
                              start_method="spawn")
+    join_bounded(ctx, timeout, f"{world} gloo ranks running {len(cases)} cases")
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def join_bounded(ctx: Any, timeout: float, what: str) -> None:
+    """Wait for spawned processes; kill them and fail after ``timeout`` seconds (a hang fails)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -181,8 +187,7 @@ def spawn(world: int, cases: list[tuple[str, tuple]], out: str, timeout: float =
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            raise TimeoutError(f"{world} gloo ranks did not finish {len(cases)} cases within {timeout} s")
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+            raise TimeoutError(f"{what} did not finish within {timeout} s")
 
 
 def ratio(r: dict[str, Any]) -> float:

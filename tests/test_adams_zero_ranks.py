@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.fsdp_harness import free_port
+from tests.fsdp_harness import free_port, join_bounded
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 100
@@ -96,14 +96,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 def _spawn(world: int, out: str) -> list[dict]:
     ctx = mp.start_processes(_rank, args=(world, free_port(), out), nprocs=world, join=False, start_method="spawn")
-    import time
-
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"{world} ranks did not finish within 600 s")
+    join_bounded(ctx, 600, f"{world} gloo ranks training Adams_ZeRO")
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
