@@ -210,7 +210,8 @@ class Adagrad(GeneratedOptimizer):
         maximize: maximise the objective instead of minimising it (default: ``False``)
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
         fused: accepted for torch compatibility; unused (default: ``None``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

@@ -352,7 +352,8 @@ class Adam(GeneratedOptimizer):
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
         fused: accepted for torch compatibility; unused (default: ``None``)
         decoupled_weight_decay: decay the weights directly (AdamW) (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

@@ -390,7 +390,8 @@ class Adams(GeneratedOptimizer):
         betas: coefficients of the running averages of the gradient and its square (default: ``(0.9, 0.95)``)
         weight_decay: spectral decay of matrices; 0 switches every decay off (default: ``0.1``)
         scalar_vector_weight_decay: decoupled L2 decay of params without spectral state (default: ``0.1``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

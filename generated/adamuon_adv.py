@@ -8169,7 +8169,8 @@ class AdaMuon_adv(GeneratedOptimizer):
         adam_state_precision: not implemented yet (default: ``'auto'``)
         adam_nnmf_factor: not implemented yet (default: ``False``)
         adam_factored_2nd: not implemented yet (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

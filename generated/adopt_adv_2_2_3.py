@@ -1098,7 +1098,8 @@ class Adopt_adv(GeneratedOptimizer):
         nnmf_factor: not implemented yet (default: ``False``)
         vector_reshape: unused without factored states (default: ``False``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

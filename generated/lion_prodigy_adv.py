@@ -3464,7 +3464,8 @@ class Lion_Prodigy_adv(GeneratedOptimizer):
         prodigy_steps: > 0: d is frozen from this step on and s, p0 are freed (default: ``0``)
         d_limiter: the estimate grows by at most 2^0.25 per step (default: ``True``)
         compat_factored_beta1: adv_optm 2.2.3's defect: a factored momentum decays with beta1, not beta2 (reproduce it) (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

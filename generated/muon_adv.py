@@ -6863,7 +6863,8 @@ class Muon_adv(GeneratedOptimizer):
         adam_nnmf_factor: not implemented yet (default: ``False``)
         adam_factored_2nd: not implemented yet (default: ``False``)
         compat_unscaled_factored: reproduce adv_optm 2.5.16's factored matrix path, which skips lr and the RMS rescale (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

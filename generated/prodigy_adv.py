@@ -5346,7 +5346,8 @@ class Prodigy_adv(GeneratedOptimizer):
         centered_wd: not implemented yet (default: ``0.0``)
         centered_wd_mode: unused without centered_wd (default: ``'float8'``)
         spectral_normalization: not implemented yet (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

@@ -4163,7 +4163,8 @@ class Prodigy_adv(GeneratedOptimizer):
         k_warmup_steps: warm-up steps of the dynamic beta2 (default: ``0``)
         k_logging: accepted; unused (as in adv_optm) (default: ``0``)
         layer_key_fn: parameter -> bucket key (default: its shape) (default: ``None``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

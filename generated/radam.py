@@ -441,7 +441,8 @@ class RAdam(GeneratedOptimizer):
         maximize: maximise the objective instead of minimising it (default: ``False``)
         capturable: accepted for torch compatibility; unused (default: ``False``)
         differentiable: must be False: optgen does not support differentiable optimizers (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

@@ -3121,7 +3121,8 @@ class Simplified_AdEMAMix(GeneratedOptimizer):
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused Triton kernels),
+        backend: ``"auto"`` (triton on CUDA; on CPU the compiled backend where inductor finds a
+            C++ compiler, else torch with a warning), ``"triton"`` (fused Triton kernels),
             ``"torch"`` (multi-tensor torch code), ``"compiled"`` (the torch code compiled by
             inductor into fused loops, CPU) or ``"reference"`` (IR interpreter).
     """

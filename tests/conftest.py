@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+# backend="auto" on CPU means the compiled backend (inductor, 10-20 s per new bucket structure):
+# tests that do not test compilation step eagerly (tests/test_compiled_cpu.py turns it back on).
+os.environ.setdefault("OPTGEN_AUTO_COMPILE", "0")
+
 # Kernels of branch paths away from the defaults are rendered at run time into this cache: a fresh
 # one per test session, so the suite exercises the rendering and leaves nothing in the home folder.
 os.environ.setdefault("OPTGEN_CACHE_DIR", tempfile.mkdtemp(prefix="optgen-kernels-"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ import torch
 from optgen.backends import reference
 from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
 from optgen.runtime import published_layout, sharding, stochastic, zero1
-from optgen.runtime.host import HostContext, evaluate, run_host_block, to_device_scalar
+from optgen.runtime.host import HostContext, evaluate, meta_value, run_host_block, to_device_scalar
 from optgen.runtime.kourkoutas import R_EMA
 from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
@@ -69,7 +70,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         hyperparameters: constructor values by published name (filled in by the generated class).
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (fused multi-tensor
+        backend: ``"auto"`` (triton on CUDA; compiled on CPU where inductor finds a C++ compiler,
+            else torch with a warning; torch elsewhere), ``"triton"`` (fused multi-tensor
             Triton kernels), ``"torch"`` (generated multi-tensor torch code), ``"compiled"`` (that
             code compiled by torch.compile/inductor, one fused loop per tensor; optgen.runtime.compiled)
             or ``"reference"`` (the IR interpreter, one parameter at a time).
@@ -104,7 +106,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._zero = _flat_group(self) if "process_group" in specs else None
         super().__init__(params, defaults)
         if self.backend == "auto":
-            self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+            self.backend = _auto_backend(self.param_groups, self._zero is None)
         self._init_transient()
         if "stochastic_rounding" in prog.features:
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
@@ -117,7 +119,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     #: tables derived from the program
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
         "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
-        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts", "_zero",
+        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts", "_zero", "_host_reads",
     )
 
     def _init_transient(self) -> None:
@@ -129,6 +131,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._zero = _flat_group(self) if any(n == "process_group" for n, _ in prog.hypers) else None
         self._kourkoutas = None
         self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
+        #: what the host pass reads per parameter (its results are shared by parameters that agree)
+        self._host_reads = _host_reads(prog)
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
         self._sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
                              for n in walk_nodes(s.value))
@@ -353,7 +357,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         prog = self._program
         if "backend" not in self.__dict__:  # a pickle of torch.optim's three entries only
-            self.backend = "triton" if _auto_triton(self.param_groups) else "torch"
+            self.backend = _auto_backend(self.param_groups, self.__dict__.get("_zero") is None)
         for name, h in prog.hypers:
             if not h.per_group and name not in self.__dict__:
                 setattr(self, name, _default_value(h))
@@ -639,13 +643,24 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         tensor_math = prog.step_math == "tensor"
         distributed = any(map(sharding.is_dtensor, params))
         buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
+        reads = self._host_reads
+        done: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # one host pass per distinct reads
         for p in params:
-            view = view_shape(prog, p, group, self.state[p])
-            ctx = HostContext(group, p, self.state[p], tensor_math, view)
+            state = self.state[p]
+            view = view_shape(prog, p, group, state)
+            if reads is not None:
+                key = _host_key(reads, p, state, view)
+                if key in done:
+                    path_, env = done[key]
+                    buckets[path_].append((p, env, view))
+                    continue
+            ctx = HostContext(group, p, state, tensor_math, view)
             ctx.inputs = self._inputs(p)
             path: list[tuple[str, bool]] = []
             _host_pass(prog.body, ctx, path)
             buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
+            if reads is not None:
+                done[key] = (tuple(path), ctx.env)
         device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
         if self._sketches and any(p.dtype == torch.bfloat16 for p in params):
             # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
@@ -660,7 +675,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                       for chunk in ([items] if self.backend == "compiled" else _cache_chunks(items))]
         for path, items in chunks:
             h: dict[str, Any] = dict(path)
-            for name in items[0][1]:
+            env0 = items[0][1]
+            shared = all(env is env0 for _, env, _ in items)  # one host pass served them all
+            for name in env0:
+                if shared:
+                    v = to_device_scalar(env0[name])
+                    h[name] = [v] * len(items) if _has_nan([v]) else v
+                    continue
                 values = [to_device_scalar(env[name]) for _, env, _ in items]
                 first = values[0]
                 h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
@@ -711,12 +732,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                        acc: list) -> bool:
         """The compiled backend's bucket step; False: step it eagerly (stochastic rounding and
         low-rank sketches draw from a random stream eagerly, or it failed to compile)."""
-        if self._sketches or self._path_rounds(path):
+        if self._path_draws(path):
             return False
         if self._compiled is None:
-            from optgen.runtime.compiled import CompiledSteps
+            from optgen.runtime.compiled import CompiledSteps, number_args
 
-            self._compiled = CompiledSteps(type(self)._device_step, bool(self._program.accumulators))
+            self._compiled = CompiledSteps(type(self)._device_step, bool(self._program.accumulators),
+                                           number_args(self._program))
         return self._compiled.run(h, ps, grads, states, acc)
 
     def _random_bits_ahead(self, buckets: dict[tuple, list], params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -797,6 +819,24 @@ def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch
     return runner.step(gi, group, params, state, inputs)
 
 
+def _auto_backend(groups: list[dict[str, Any]], local: bool = True) -> str:
+    """``backend="auto"``: triton on CUDA; on CPU the compiled backend when inductor has a C++
+    compiler (else one warning, then torch), unless ``OPTGEN_AUTO_COMPILE=0`` (the test suite's
+    setting) or the parameters are sharded (DTensor, a ZeRO group: ``local`` False); torch otherwise."""
+    if _auto_triton(groups):
+        return "triton"
+    params = [p for g in groups for p in g["params"]]
+    if (not local or not params or os.environ.get("OPTGEN_AUTO_COMPILE", "1") == "0"
+            or any(p.device.type != "cpu" or sharding.is_dtensor(p) for p in params)):
+        return "torch"
+    from optgen.runtime.compiled import cxx_available, warn_no_cxx
+
+    if cxx_available():
+        return "compiled"
+    warn_no_cxx()
+    return "torch"
+
+
 def _auto_triton(groups: list[dict[str, Any]]) -> bool:
     """``backend="auto"``: triton when the parameters are on CUDA and triton imports."""
     params = [p for g in groups for p in g["params"]]
@@ -855,16 +895,59 @@ def _cache_chunks(items: list[tuple]) -> list[list[tuple]]:
     return chunks
 
 
-def _path_rounds(stmts: list[Stmt], taken: dict[str, bool]) -> bool:
-    """Whether the branch path ``taken`` reaches a stochastic rounding."""
+def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = False) -> bool:
+    """Whether the branch path ``taken`` reaches a stochastic rounding (or, with ``sketches``, a
+    low-rank sketch: both draw from adv_optm's random stream)."""
     for s in stmts:
         if isinstance(s, If):
             branch = s.then if taken.get(s.cond.attr, False) else s.orelse
-            if _path_rounds(branch, taken):
+            if _path_rounds(branch, taken, sketches):
                 return True
-        elif any(n.op == "stochastic_round" for n in walk_nodes(s.value)):
+        elif any(n.op == "stochastic_round" or (sketches and n.op.startswith("low_rank_")) for n in walk_nodes(s.value)):
             return True
     return False
+
+
+def _host_reads(prog: Program) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:
+    """The per-parameter facts the host pass reads besides the group and the step (``meta``
+    names, ``has`` states, host states), or None when it writes host states or reads runtime
+    inputs or parameter attributes: then it runs for every parameter."""
+    host_states = {d.name for d in prog.state}  # a host read of any state's value
+    metas: set[str] = set()
+    has: set[str] = set()
+    states: set[str] = set()
+    for s in walk_stmts(prog.body):
+        if isinstance(s, If):
+            root = s.cond
+        elif isinstance(s, Assign) and s.value.is_host:
+            if s.role == "host_state":
+                return None
+            root = s.value
+        else:
+            continue
+        for n in walk_nodes(root):
+            if n.op in ("input", "param_attr"):
+                return None
+            if n.op == "meta":
+                metas.add(n.attr)
+            elif n.op == "has":
+                has.add(n.attr)
+            elif n.op == "var" and n.attr in host_states:
+                states.add(n.attr)
+    return tuple(sorted(metas)), tuple(sorted(has)), tuple(sorted(states))
+
+
+def _host_key(reads: tuple, p: torch.Tensor, state: dict, view: tuple[int, int] | None) -> tuple:
+    """What one parameter's host pass depends on besides its group: equal keys, equal results."""
+    metas, has, states = reads
+    return (_scalar_key(state.get("step")), view, p.dtype, p.device, tuple(meta_value(m, p, view) for m in metas),
+            tuple(state.get(n) is not None for n in has), tuple(_scalar_key(state.get(n)) for n in states))
+
+
+def _scalar_key(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (v.item(), v.dtype) if v.numel() == 1 else id(v)  # a tensor read whole: never shared
+    return v
 
 
 def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]) -> None:

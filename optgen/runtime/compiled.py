@@ -13,8 +13,8 @@ torch backend, after one warning per optimizer.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import shutil
 import sys
 import types
 import warnings
@@ -32,9 +32,31 @@ _rebound: dict[Callable, Callable] = {}
 _names = itertools.count()
 
 
+@functools.cache
 def cxx_available() -> bool:
-    """Whether inductor's CPU code generation has a C++ compiler to call."""
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    """Whether inductor's CPU code generation has a C++ compiler to call (its own toolchain
+    search: ``torch._inductor.config.cpp.cxx``, ``$CXX``, then g++/clang++ on the PATH)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return bool(get_cpp_compiler())
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or an inductor that cannot be imported
+        return False
+
+
+_warned_no_cxx = False
+
+
+def warn_no_cxx() -> None:
+    """``backend="auto"`` on CPU without a C++ compiler: one warning per process."""
+    global _warned_no_cxx
+    if not _warned_no_cxx:
+        _warned_no_cxx = True
+        warnings.warn("backend='auto': no C++ compiler found for torch.compile's CPU code generation "
+                      "(inductor looks for $CXX, g++ or clang++), so the optimizer steps with the eager torch "
+                      "backend (several memory passes per step instead of one); install a compiler for the "
+                      "compiled backend, or pass backend='torch' to choose it and silence this warning",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _with_compiled_ops(step: Callable) -> Callable:
@@ -57,17 +79,23 @@ def _is_float(v: Any) -> bool:
     return isinstance(v, float) or (isinstance(v, list) and any(isinstance(x, float) for x in v))
 
 
-def _meta(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device.type)
+def _structure(ps: list, states: dict[str, list]) -> tuple:
+    """The cheap part of a bucket's tensor structure: shapes, dtype, device, which states exist.
+    Strides and the rest are guarded by dynamo itself (a change there recompiles that graph)."""
+    p0 = ps[0]
+    return (tuple(p.shape for p in ps), p0.dtype, p0.device,
+            tuple((s, tuple(t is None for t in ts)) for s, ts in states.items()))
 
 
-def _build(step: Callable, consts: tuple, names: tuple[str, ...], n: int, with_acc: bool) -> Callable:
+def _build(step: Callable, consts: tuple, names: tuple[str, ...], per: tuple[bool, ...], n: int,
+           with_acc: bool) -> Callable:
     inner = _with_compiled_ops(step)
+    offsets = list(itertools.accumulate((n if p else 1 for p in per), initial=0))
 
     def bucket(H: torch.Tensor, ps: list, grads: list, states: dict, acc: list) -> None:
         h = dict(consts)
-        for k, name in enumerate(names):
-            h[name] = [H[k, i] for i in range(n)]
+        for name, p, k in zip(names, per, offsets):
+            h[name] = [H[k + i] for i in range(n)] if p else H[k]
         if with_acc:
             inner(h, ps, grads, states, acc)
         else:
@@ -79,23 +107,37 @@ def _build(step: Callable, consts: tuple, names: tuple[str, ...], n: int, with_a
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def number_args(program: Any) -> frozenset[str]:
+    """Host values that ops take as Python numbers (the orthogonalisers' steps and coefficients:
+    ``addmm``'s ``beta``/``alpha``): constants of the graph, not entries of ``H``. They are
+    hyperparameters a scheduler does not move; a new value compiles a new graph."""
+    from optgen.ir.library import ORTHOGONALISERS
+    from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
+
+    return frozenset(a.attr for s in walk_stmts(program.body) if isinstance(s, Assign)
+                     for n in walk_nodes(s.value) if n.op in ORTHOGONALISERS
+                     for a in n.args[1:] if a.op == "var" and a.is_host)
+
+
 class CompiledSteps:
     """One optimizer's entry to the compiled bucket functions of its class."""
 
-    def __init__(self, step: Callable, with_acc: bool) -> None:
+    def __init__(self, step: Callable, with_acc: bool, numbers: frozenset[str] = frozenset()) -> None:
         self.step = step
         self.with_acc = with_acc
+        self.numbers = numbers
         self.warned = False
 
     def run(self, h: dict[str, Any], ps: list, grads: list, states: dict[str, list], acc: list) -> bool:
         """Step one bucket compiled; False when it cannot be (the caller then steps it eagerly)."""
         n = len(ps)
-        names = tuple(k for k, v in h.items() if _is_float(v))
+        names = tuple(k for k, v in h.items() if _is_float(v) and k not in self.numbers)
         consts = tuple((k, v) for k, v in h.items() if k not in names)
-        # per-tensor non-float values (bool lists) are constants too: keyed as tuples
-        key = (self.step, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in consts), names, n,
-               tuple(map(_meta, ps)), tuple(map(_meta, grads)),
-               tuple((s, tuple(map(_meta, ts))) for s, ts in states.items()))
+        per = tuple(isinstance(h[k], list) for k in names)  # per-tensor values, or one for all
+        # per-tensor non-float values (bool lists) are constants too: keyed as tuples. The thread
+        # count is part of the structure: inductor specialises its C++ loops on it (OpenMP or not)
+        key = (self.step, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in consts), names, per, n,
+               torch.get_num_threads(), _structure(ps, states))
         try:
             fn = _CACHE.get(key)
         except TypeError as exc:  # an unhashable host value: not a structure we can key on
@@ -104,10 +146,16 @@ class CompiledSteps:
         if fn is _FAILED:
             self._warn(None)
             return False
-        rows = [[float(x) for x in (v if isinstance(v, list) else [v] * n)] for v in (h[k] for k in names)]
-        H = torch.tensor(rows, dtype=torch.float64) if rows else torch.zeros(0, n, dtype=torch.float64)
+        flat: list[float] = []
+        for k, p in zip(names, per):
+            v = h[k]
+            if p:
+                flat.extend(map(float, v))
+            else:
+                flat.append(float(v))
+        H = torch.tensor(flat, dtype=torch.float64)
         if fn is None:
-            fn = _CACHE[key] = _build(self.step, consts, names, n, self.with_acc)
+            fn = _CACHE[key] = _build(self.step, consts, names, per, n, self.with_acc)
         try:
             fn(H, ps, grads, states, acc)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the eager step instead

@@ -212,3 +212,45 @@ def _compare(name: str):
 
 
 eq, ne, lt, le, gt, ge = (_compare(f) for f in ("eq", "ne", "lt", "le", "gt", "ge"))
+
+
+# Muon's orthogonalisations run inside the graph as opaque custom ops: their bfloat16 addmm
+# chain is the eager one (adv_optm's products, bit for bit), which inductor would decompose and
+# round otherwise; the element-wise ops around them still fuse. Their host arguments are numbers
+# (constants of the graph: optgen.runtime.compiled.number_args).
+@torch.library.custom_op("optgen::newton_schulz", mutates_args=())
+def _newton_schulz(g: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
+    from optgen.runtime import newton_schulz as ns
+
+    # clone: eager writes a bf16 input in place; contiguous: the fake's layout
+    return ns.rows(ns.newton_schulz, g.clone(), steps, eps, a, b, c).contiguous()
+
+
+@torch.library.custom_op("optgen::cans", mutates_args=())
+def _cans(g: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
+    from optgen.runtime import newton_schulz as ns
+
+    return ns.rows(ns.cans, g.clone(), steps, eps, lower_bound).contiguous()
+
+
+@_newton_schulz.register_fake
+def _(g, steps, eps, a, b, c):
+    return g.new_empty(g.shape)
+
+
+@_cans.register_fake
+def _(g, steps, eps, lower_bound):
+    return g.new_empty(g.shape)
+
+
+def _orthogonaliser(op):
+    def apply(x: Tensors, steps: Any, *args: Any) -> Tensors:
+        n = len(x)
+        per = [_fe._each(a, n) for a in (steps, *args)]
+        return [op(t, int(per[0][i]), *(float(a[i]) for a in per[1:])) for i, t in enumerate(x)]
+
+    return apply
+
+
+newton_schulz = _orthogonaliser(_newton_schulz)
+cans = _orthogonaliser(_cans)

@@ -82,14 +82,27 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits if bits.shape[-1] == n else bits[..., :n].contiguous()
 
 
+_DECLS: dict[int, tuple[Program, tuple[str, ...], frozenset[str]]] = {}
+
+
+def _decls(program: Program) -> tuple[tuple[str, ...], frozenset[str]]:
+    """A program's 1-bit states and its other per-element states (computed once per program)."""
+    hit = _DECLS.get(id(program))
+    if hit is None or hit[0] is not program:
+        hit = _DECLS[id(program)] = (program, tuple(d.name for d in program.state if d.dtype == "bits"),
+                                     frozenset(d.name for d in program.state if d.kind == Kind.ELEMENT
+                                               and d.dtype != "bits"))
+    return hit[1], hit[2]
+
+
 class ViewedState:
     """A parameter's state as the backends see it under its view: per-element states viewed, 1-bit
     states unpacked. :meth:`write_back` packs the bits again and keeps states created meanwhile."""
 
     def __init__(self, program: Program, state: dict, shape: tuple[int, int] | None, p: torch.Tensor):
         self.program, self.state, self.shape, self.param = program, state, shape, p
-        self.bits = [d.name for d in program.state if d.dtype == "bits" and state.get(d.name) is not None]
-        self.elements = {d.name for d in program.state if d.kind == Kind.ELEMENT and d.dtype != "bits"}
+        bits, self.elements = _decls(program)
+        self.bits = [n for n in bits if state.get(n) is not None]
         if shape is None and not self.bits:  # the common case, on the hot path: the state itself
             self.view = state
             return
