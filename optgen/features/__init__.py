@@ -7,9 +7,14 @@ Features that adv_optm exposes as constructor flags (``use_atan2``, ``nesterov``
 they rewrite in ``if <flag>:`` with the original statement as the other branch: the flag is a
 per-group hyperparameter, and every backend specialises each combination used (the torch backend
 buckets parameters by branch path, the triton backend renders one kernel set per path), so no
-element ever branches on it. Features apply in the order the spec lists them.
+element ever branches on it. Features apply in the order the spec lists them; a feature's
+``after``/``before`` say which orders it needs, and the resolver checks them.
 
-Conventions a base spec follows so that features can find what they rewrite: the denominator is
+A base spec names what features rewrite under ``roles:`` (see ``optgen.features.rewrite.ROLES``:
+``first_moment``, ``direction``, ``denominator``, ``step_size``, ``decay``, ...), each bound to
+exactly one statement; atan2, cautious, grams, cautious_wd and spectral_decay match those
+statements by structure. A role a spec does not declare is inferred from today's dialect: the
+denominator is
 a temporary ``denom`` (``denom = ... + eps``), the direction is ``update`` (divided by ``denom``,
 then ``update = update * step_size``), the first moment is ``exp_avg = lerp(exp_avg, grad, w)``
 followed by ``update = copy(exp_avg)``, and decoupled decay is ``param = param + s * param``.
@@ -33,6 +38,9 @@ class Feature:
     hyperparameters: dict[str, HyperparameterSpec] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
+    #: features this one must come after / before where both are listed (the resolver checks it)
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
 
     def apply(self, program: Program) -> Program:
         return self.transform(program)
@@ -80,6 +88,14 @@ def resolve_features(spec) -> list[Feature]:
                 raise SpecError(pos, f"features[{i}]", f"feature '{name}' needs feature '{need}'")
         if name in names[:i]:
             raise SpecError(pos, f"features[{i}]", f"feature '{name}' is listed twice")
+        for other in f.after:
+            if other in names[i + 1:]:
+                raise SpecError(pos, f"features[{i}]", f"feature '{name}' must come after '{other}' "
+                                f"(features[{names.index(other)}])")
+        for other in f.before:
+            if other in names[:i]:
+                raise SpecError(pos, f"features[{i}]", f"feature '{name}' must come before '{other}' "
+                                f"(features[{names.index(other)}])")
         out.append(f)
     return out
 

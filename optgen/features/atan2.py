@@ -3,6 +3,10 @@
 Every division by the denominator becomes ``atan2(x, denom)``, the denominator loses its ``+ eps``
 and the step size is multiplied by 4/pi, so ``|update| <= 2 * step_size`` (adv_optm 2.5.16, §2.8 of
 math/adv-optm.md: the angle is scaled, bias correction 1 stays outside).
+
+Roles: ``denominator`` (``d = x + eps`` or ``d = eps + x``), ``step_size`` (``u = u * s`` or
+``u = s * u``), each exactly one statement; every division by the denominator's name is rewritten.
+Undeclared, they are the dialect's ``denom = ... + eps`` and ``update = update * s``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 
 from optgen.features import Feature
-from optgen.features.rewrite import is_var, replace_assigns, require, switch
+from optgen.features.rewrite import is_var, rewrite_role, role_target, switch
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -19,31 +23,48 @@ SCALE = 4 / math.pi
 
 
 def _apply(program: Program) -> Program:
+    d = role_target(program, "denominator", "denom")
+
     def denom(s: Assign):
-        if s.target == "denom" and s.value.op == "add" and s.value.args[1].is_host:
-            return [switch(FLAG, [Assign("denom", s.value.args[0], s.pos, s.role)], [s], s.pos)]
-        return None
+        v = s.value
+        if v.op != "add":
+            return None
+        if v.args[1].is_host and not v.args[0].is_host:
+            x = v.args[0]
+        elif v.args[0].is_host and not v.args[1].is_host:
+            x = v.args[1]
+        else:
+            return None
+        return [switch(FLAG, [Assign(s.target, x, s.pos, s.role)], [s], s.pos)]
 
     def divide(s: Assign):
         v = s.value
-        if v.op == "div" and is_var(v.args[1], "denom"):
+        if v.op == "div" and is_var(v.args[1], d):
             return [switch(FLAG, [Assign(s.target, Node("atan2", v.args, kind=v.kind), s.pos, s.role)], [s], s.pos)]
         return None
 
     def scale(s: Assign):
         v = s.value
-        if s.target == "update" and v.op == "mul" and is_var(v.args[0], "update") and v.args[1].is_host:
-            factor = Node("mul", (v.args[1], Node("const", attr=SCALE)), kind=Kind.HOST)
-            on = Assign(s.target, Node("mul", (v.args[0], factor), kind=v.kind), s.pos, s.role)
-            return [switch(FLAG, [on], [s], s.pos)]
-        return None
+        if v.op != "mul":
+            return None
+        if is_var(v.args[0], s.target) and v.args[1].is_host:
+            x, step = v.args
+        elif is_var(v.args[1], s.target) and v.args[0].is_host:
+            step, x = v.args
+        else:
+            return None
+        factor = Node("mul", (step, Node("const", attr=SCALE)), kind=Kind.HOST)
+        on = Assign(s.target, Node("mul", (x, factor), kind=v.kind), s.pos, s.role)
+        return [switch(FLAG, [on], [s], s.pos)]
 
-    body, n = replace_assigns(program.body, denom)
-    require(n, "atan2", "a 'denom = ... + eps' statement")
-    body, n = replace_assigns(body, divide)
-    require(n, "atan2", "a division by 'denom'")
-    body, n = replace_assigns(body, scale)
-    require(n, "atan2", "an 'update = update * step_size' statement")
+    body = rewrite_role(program, program.body, "atan2", "denominator", lambda s: s.target == "denom", denom,
+                        "a denominator 'd = x + eps'")
+    body = rewrite_role(program, body, "atan2", "division", lambda s: True, divide,
+                        f"a division by the denominator '{d}'", many=True)
+    body = rewrite_role(program, body, "atan2", "step_size",
+                        lambda s: s.target == "update" and is_var(s.value.args[0] if s.value.args else s.value,
+                                                                  "update"),
+                        scale, "a step size 'update = update * step_size'")
     return program.copy(body=body)
 
 

@@ -3,14 +3,23 @@
 Where the momentum and the gradient disagree in sign the direction is zeroed, and the mask is
 renormalised by its mean as adv_optm does (``mask / max(mean(mask), 1e-3)``, not C-Optim's
 ``numel / (sum + 1)``): ``update = exp_avg * mask`` with ``mask = float(exp_avg * grad > 0)``
-(strict). The stored moment is unchanged (math/adv-optm.md §6.2). List it after ``grams``: where
-both flags are on, Grams wins (adv_optm disables the mask then).
+(strict). The stored moment is unchanged (math/adv-optm.md §6.2). It comes after ``grams`` (the
+resolver checks it): where both flags are on, Grams wins (adv_optm disables the mask then).
+Role: ``direction`` (``d = copy(m)`` or ``d = m``); its temporary takes a name the spec does not use.
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import first_moment_direction, indicator, replace_assigns, require, switch, var
+from optgen.features.rewrite import (
+    direction_source,
+    first_moment_direction,
+    fresh,
+    indicator,
+    rewrite_role,
+    switch,
+    var,
+)
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -19,25 +28,28 @@ FLOOR = 1e-3
 
 
 def _apply(program: Program) -> Program:
-    def cautious(s: Assign):
-        if first_moment_direction(s):
-            m = s.value.args[0]
-            agree = Node("gt", (Node("mul", (m, var("grad")), kind=Kind.ELEMENT), Node("const", attr=0)),
-                         kind=Kind.ELEMENT, boolean=True)
-            # the mask in the gradient's dtype, as adv_optm's (m * g > 0).to(g.dtype)
-            mask = Node("cast", (indicator(agree), var("grad")), kind=Kind.ELEMENT)
-            scale = Node("maximum", (Node("mean", (var("mask"),), kind=Kind.TENSOR),
-                                     Node("const", attr=FLOOR)), kind=Kind.TENSOR)
-            on = [
-                Assign("mask", mask, s.pos, "temp"),
-                Assign("mask", Node("div", (var("mask"), scale), kind=Kind.ELEMENT), s.pos, "temp"),
-                Assign("update", Node("mul", (m, var("mask")), kind=Kind.ELEMENT), s.pos, s.role),
-            ]
-            return [switch(FLAG, on, [s], s.pos)]
-        return None
+    source = direction_source(program)
+    name = fresh(program, "mask")  # capture-free: a base's own 'mask' is left alone
 
-    body, n = replace_assigns(program.body, cautious)
-    require(n, "cautious", "an 'update = copy(exp_avg)' statement")
+    def cautious(s: Assign):
+        m = source(s)
+        if m is None:
+            return None
+        agree = Node("gt", (Node("mul", (m, var("grad")), kind=Kind.ELEMENT), Node("const", attr=0)),
+                     kind=Kind.ELEMENT, boolean=True)
+        # the mask in the gradient's dtype, as adv_optm's (m * g > 0).to(g.dtype)
+        mask = Node("cast", (indicator(agree), var("grad")), kind=Kind.ELEMENT)
+        scale = Node("maximum", (Node("mean", (var(name),), kind=Kind.TENSOR),
+                                 Node("const", attr=FLOOR)), kind=Kind.TENSOR)
+        on = [
+            Assign(name, mask, s.pos, "temp"),
+            Assign(name, Node("div", (var(name), scale), kind=Kind.ELEMENT), s.pos, "temp"),
+            Assign(s.target, Node("mul", (m, var(name)), kind=Kind.ELEMENT), s.pos, s.role),
+        ]
+        return [switch(FLAG, on, [s], s.pos)]
+
+    body = rewrite_role(program, program.body, "cautious", "direction", first_moment_direction, cautious,
+                        "a direction taken from the first moment 'update = copy(exp_avg)'")
     return program.copy(body=body)
 
 
@@ -45,6 +57,7 @@ FEATURE = Feature(
     name="cautious",
     doc="Cautious mask: zero the direction where momentum and gradient disagree, renormalised by the mean.",
     transform=_apply,
+    after=("grams",),
     hyperparameters={FLAG: HyperparameterSpec(default=False, type="bool",
                                               doc="mask the update where momentum and gradient disagree")},
 )

@@ -2,13 +2,16 @@
 
 adv_optm's ``cautious_wd`` (math/adv-optm.md §2.2, §2.10): ``mask = float(update * param >= 0)``
 (zeros included, not renormalised) and the decay ``param + s * param`` becomes
-``addcmul(param, param, mask, value=s)``.
+``addcmul(param, param, mask, value=s)``; torch's spelling ``param * (1 - s)`` becomes
+``param * (1 - s * mask)``. Role ``decay`` (one statement per path; undeclared: every such
+decay of the parameter); the direction in the mask is the target of role ``step_size`` (else
+``direction``, else the dialect's ``update``).
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import indicator, is_var, replace_assigns, require, switch, var
+from optgen.features.rewrite import indicator, is_var, rewrite_role, role_target, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -16,13 +19,25 @@ FLAG = "cautious_wd"
 
 
 def _apply(program: Program) -> Program:
+    upd = role_target(program, "step_size", role_target(program, "direction", "update"))
     # update and parameter agree in sign (zeros included)
-    mask = indicator(Node("ge", (Node("mul", (var("update"), var("param")), kind=Kind.ELEMENT),
+    mask = indicator(Node("ge", (Node("mul", (var(upd), var("param")), kind=Kind.ELEMENT),
                                  Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
 
     def decay(s: Assign):
         v = s.value
-        if s.target != "param" or not v.args or not is_var(v.args[0], "param"):
+        if s.target != "param" or not v.args:
+            return None
+        one = Node("const", attr=1)
+        # param * (1 - s) or (1 - s) * param, s a host value (torch's spelling)
+        if v.op == "mul" and any(is_var(a, "param") for a in v.args):
+            k = v.args[1] if is_var(v.args[0], "param") else v.args[0]
+            if k.op == "sub" and k.args[0].op == "const" and k.args[0].attr == 1 and k.args[1].is_host:
+                masked = Node("sub", (one, Node("mul", (k.args[1], mask), kind=Kind.ELEMENT)), kind=Kind.ELEMENT)
+                on = Node("mul", (var("param"), masked), kind=v.kind)
+                return [switch(FLAG, [Assign("param", on, s.pos, s.role)], [s], s.pos)]
+            return None
+        if not is_var(v.args[0], "param"):
             return None
         # param + s * T, T the parameter itself or a decay target (SignSGD's geometric decay)
         if v.op == "axpy" and (is_var(v.args[1], "param") or is_var(v.args[1], "wd_target")):
@@ -35,8 +50,8 @@ def _apply(program: Program) -> Program:
             return None
         return [switch(FLAG, [Assign("param", on, s.pos, s.role)], [s], s.pos)]
 
-    body, n = replace_assigns(program.body, decay)
-    require(n, "cautious_wd", "a decoupled decay 'param = param + s * param'")
+    body = rewrite_role(program, program.body, "cautious_wd", "decay", lambda s: s.target == "param", decay,
+                        "a decoupled decay 'param = param + s * param' or 'param = param * (1 - s)'", many=True)
     return program.copy(body=body)
 
 

@@ -69,6 +69,7 @@ FEATURE = Feature(
     name="fisher_wd",
     doc="Fisher weight decay: the decay scaled per element by 1/denom, RMS-clipped (adv_optm's fisher_wd).",
     transform=_apply,
+    before=("cautious_wd",),
     hyperparameters={FLAG: HyperparameterSpec(
         default=False, type="bool", doc="FAdam-style decay scaled by 1/denom (RMS-clipped) or 4/pi atan2(1, denom)")},
 )

@@ -12,11 +12,121 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from optgen.ir.nodes import Assign, If, Kind, Node, Stmt
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 
 
 class FeatureError(Exception):
-    """The base program does not have the shape a feature rewrites."""
+    """The base program does not have the shape a feature rewrites; ``pos``: the spec statement
+    concerned, where there is one (the error is reported there instead of at the feature's entry)."""
+
+    def __init__(self, message: str, pos=None):
+        super().__init__(message)
+        self.pos = pos
+
+
+#: The roles a base spec declares under ``roles:`` (role -> a statement) for features to rewrite.
+#: A role the spec does not declare is inferred from the dialect of today's specs (the names in
+#: :mod:`optgen.features`), with the same exact cardinality.
+ROLES = {
+    "first_moment": "the first-moment EMA of a state: m = lerp(m, g, w) or m * b1 + c * (1 - b1) * g",
+    "second_moment": "the second-moment EMA of a state",
+    "direction": "the direction taken from the first moment: d = copy(m) or d = m",
+    "denominator": "the denominator with its epsilon: d = x + eps or d = eps + x (eps a host value)",
+    "step_size": "the direction scaled by the step size: d = d * s or d = s * d (s a host value)",
+    "decay": "decoupled weight decay: param = param + s * param or param = param * (1 - s)",
+    "param_write": "the parameter's update by the direction",
+}
+#: roles that may bind several statements (one per path of the spec: Muon's matrix and Adam paths)
+MULTI_ROLES = ("decay", "param_write")
+
+
+def where(pos) -> str:
+    return f"line {pos.line}" if pos is not None else "a feature's statement"
+
+
+def role_sites(program: Program, role: str, legacy: Callable[[Assign], bool]) -> Callable[[Assign], bool]:
+    """A test of an assignment for ``role``: the statements the spec binds under ``roles:``, else
+    ``legacy`` (the dialect: names of today's specs)."""
+    bound = program.roles.get(role)
+    if bound is None:
+        return legacy
+    keys = set(bound)
+    return lambda s: (s.target, s.pos) in keys
+
+
+def role_target(program: Program, role: str, default: str) -> str:
+    """The name the statement bound to ``role`` assigns (``default``, the dialect's, if undeclared)."""
+    bound = program.roles.get(role)
+    return bound[0][0] if bound else default
+
+
+def rewrite_role(program: Program, body: list[Stmt], feature: str, role: str, legacy: Callable[[Assign], bool],
+                 fn: Callable[[Assign], list[Stmt] | None], what: str, many: bool = False) -> list[Stmt]:
+    """``body`` with ``fn`` applied to the statements of ``role`` (see :func:`role_sites`), with exact
+    cardinality: one spec statement (copies of it on a feature's flag paths count once), or with
+    ``many`` at least one. A declared statement ``fn`` refuses (None) is an error at its line; a
+    dialect statement ``fn`` refuses is not the role."""
+    match = role_sites(program, role, legacy)
+    declared = role in program.roles
+    hits: dict = {}
+    refused: dict = {}
+
+    def each(s: Assign):
+        if not match(s):
+            return None
+        new = fn(s)
+        if new is None:
+            refused.setdefault(s.pos, s)
+            return None
+        hits.setdefault(s.pos, s)
+        return new
+
+    out, _ = replace_assigns(body, each)
+    # a declared statement none of whose copies has the form (an earlier feature's flag path may
+    # hold a rewritten copy of it, which this feature leaves alone)
+    for p, s in refused.items():
+        if declared and p not in hits:
+            raise FeatureError(f"feature '{feature}': the statement of role '{role}' ({where(p)}, "
+                               f"'{s.target} = ...') is not {what}", p)
+    if not hits:
+        raise FeatureError(f"feature '{feature}' needs {what} (role '{role}': declare it under roles:)")
+    if len(hits) > 1 and not many:
+        lines = ", ".join(where(p) for p in hits)
+        raise FeatureError(f"feature '{feature}': role '{role}' ({what}) matches several statements ({lines}); "
+                           f"declare the one it means under roles: {{{role}: name}}", next(iter(hits)))
+    return out
+
+
+def names_in(program: Program) -> set[str]:
+    """Every name the program uses: targets, variables, states, hyperparameters and globals."""
+    from optgen.ir.nodes import walk_nodes, walk_stmts
+
+    names = {"param", "grad"} | {s.name for s in program.state} | {g.name for g in program.globals}
+    names |= {a.name for a in program.accumulators}
+    for n, h in program.hypers:
+        names.add(n)
+        names.update(h.as_ or ())
+    for s in walk_stmts([*program.body, *program.finalize]):
+        if isinstance(s, Assign):
+            names.add(s.target)
+            nodes = walk_nodes(s.value)
+        else:
+            nodes = walk_nodes(s.cond)
+        names.update(n.attr for n in nodes if n.op == "var")
+    return names
+
+
+def fresh(program: Program, name: str, taken: set[str] = frozenset()) -> str:
+    """A temporary's name that captures none of the program's: ``name`` where the program does not
+    use it (today's generated code keeps its names), else ``_name``, ``_name2``, ... (names with a
+    leading underscore are optgen's: a spec cannot write them)."""
+    used = names_in(program) | set(taken)
+    if name not in used:
+        return name
+    candidate, k = f"_{name}", 2
+    while candidate in used:
+        candidate, k = f"_{name}{k}", k + 1
+    return candidate
 
 
 def flag(name: str) -> Node:
@@ -189,3 +299,26 @@ def placed(edit: Callable[[list[Stmt]], list[Stmt] | None], where: Callable[[lis
         return [*stmts[:at], *done[: len(done) - len(stmts)], *stmts[at:]]
 
     return moved
+
+
+def direction_source(program: Program) -> Callable[[Assign], Node | None]:
+    """For role ``direction``: the first-moment variable that a statement ``d = copy(m)`` (or
+    ``d = m``) takes the direction from, or None. ``m`` is the ``first_moment`` role's state where
+    declared, any state where only ``direction`` is, else the dialect's ``exp_avg``."""
+    states = {s.name for s in program.state}
+    if "first_moment" in program.roles:
+        ok = {role_target(program, "first_moment", "exp_avg")}
+    elif "direction" in program.roles:
+        ok = states
+    else:
+        ok = {"exp_avg"}
+
+    def source(s: Assign) -> Node | None:
+        v = s.value
+        if v.op == "copy" and v.args[0].op == "var" and v.args[0].attr in ok:
+            return v.args[0]
+        if v.op == "var" and v.attr in ok:
+            return v
+        return None
+
+    return source

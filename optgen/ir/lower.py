@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from optgen.errors import SpecError, did_you_mean
-from optgen.ir.library import COMPARISONS, FUNCTIONS, ORTHOGONALISERS
+from optgen.ir.library import COMPARISONS, FUNCTIONS, ORTHOGONALISERS, nearest_functions
 from optgen.ir.nodes import (
     AccumulatorDecl,
     Assign,
@@ -178,7 +178,7 @@ class Lowerer:
                                           f"{n.kind.label} (use where() for elementwise choices)")
 
     def binary(self, op: str, a: Node, b: Node, e: E.Binary, field: str) -> Node:
-        name = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}[op]
+        name = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "%": "mod"}[op]
         if a.is_host and b.is_host:
             return Node(name, (a, b))
         kind = self._join(a, b, e, field)
@@ -197,6 +197,8 @@ class Lowerer:
             if a.is_host:
                 return Node("mul", (b, a), kind=kind, attr="scalar_first")
             return Node("mul", (a, b), kind=kind)
+        if op == "%":  # Python's % / torch.remainder: the result takes the divisor's sign
+            return Node("rmod", (b, a), kind=kind) if a.is_host else Node("mod", (a, b), kind=kind)
         # division
         if a.is_host:
             return Node("rdiv", (b, a), kind=kind)
@@ -232,7 +234,7 @@ class Lowerer:
     def call(self, e: E.Call, field: str) -> Node:
         f = FUNCTIONS.get(e.func)
         if f is None:
-            raise SpecError(e.pos, field, f"unknown function '{e.func}'{did_you_mean(e.func, FUNCTIONS)}")
+            raise SpecError(e.pos, field, f"unknown function '{e.func}'{nearest_functions(e.func)}")
         lo, hi = f.arity
         if not lo <= len(e.args) <= hi:
             want = str(lo) if lo == hi else f"{lo} to {hi}"
@@ -242,6 +244,12 @@ class Lowerer:
             if not isinstance(arg, E.Name) or arg.id not in self.state:
                 raise SpecError(arg.pos, field, "has() takes the name of a state buffer")
             return Node("has", attr=arg.id, boolean=True)
+        if e.func == "eps_of":
+            arg = e.args[0]
+            if not (isinstance(arg, E.Name) and arg.id == "param"):
+                raise SpecError(arg.pos, field, "eps_of() takes 'param': eps_of(param) is the parameter "
+                                "dtype's torch.finfo(dtype).eps")
+            return Node("meta", attr="eps")
         if e.func == "param_attr":
             attr, default = e.args
             if not (isinstance(attr, E.Const) and isinstance(attr.value, str)):
@@ -295,7 +303,14 @@ class Lowerer:
                 raise SpecError(e.pos, field, "strided() needs 'slice_stride:' (the hyperparameter k) in the spec")
             # the stride travels as a host argument, so every backend reads it like any host value
             return Node(fn, (args[0], Node("hyper", attr=(self.slice_stride, None))), kind=Kind.SLICE)
-        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32"):
+        if fn == "div":
+            for a, x in zip(args, e.args):
+                self._need_number(a, x, field)
+            if args[0].is_host:  # a host scalar over a device value: a true division, not reciprocal * s
+                return Node("sdiv", (args[1], args[0]), kind=args[1].kind)
+            return Node("div", tuple(args), kind=joined(0, 1))
+        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32",
+                  "cos", "sin", "floor"):
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("atan2", "maximum", "minimum"):
             if args[0].is_host:
@@ -339,6 +354,12 @@ class Lowerer:
         if fn in ("rowsum", "colsum"):
             need(0, Kind.ELEMENT)
             return Node(fn, tuple(args), kind=Kind.ROW if fn == "rowsum" else Kind.COL)
+        if fn in ("rownorm", "colnorm"):
+            need(0, Kind.ELEMENT)
+            return Node(fn, tuple(args), kind=Kind.ROW if fn == "rownorm" else Kind.COL)
+        if fn == "matmean":
+            need(0, Kind.ROW, Kind.COL)
+            return Node(fn, tuple(args), kind=Kind.MATRIX)
         if fn in ("sum", "mean", "norm"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         if fn == "vdot":
@@ -559,6 +580,7 @@ def lower(spec: Spec) -> Program:
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
         checks=checks, state=state, body=body, matches=m.matches, features=list(m.features), matrix_views=views,
         slice_stride=m.slice_stride, globals=global_decls, accumulators=acc_decls, finalize=finalize,
+        roles=_bind_roles(spec),
     )
     from optgen.features.rewrite import FeatureError
 
@@ -566,7 +588,9 @@ def lower(spec: Spec) -> Program:
         try:
             program = f.apply(program)
         except FeatureError as exc:
-            raise SpecError(spec.source.text_at(("features", i)), f"features[{i}]", str(exc)) from None
+            # at the statement it concerns where there is one, else at the feature's entry
+            at = exc.pos if exc.pos is not None else spec.source.text_at(("features", i))
+            raise SpecError(at, f"features[{i}]", str(exc)) from None
     if m.matches is not None and m.matches.state_dict is not None:
         from optgen.ir.published import lower_published
 
@@ -576,6 +600,61 @@ def lower(spec: Spec) -> Program:
         program = program.copy(published=lower_published(spec, plw, program.state))
     _check_settings(spec, program)
     return program
+
+
+def _bind_roles(spec: Spec) -> dict[str, list[tuple[str, Any]]]:
+    """The spec's ``roles:``, each reference bound to exactly one assignment of ``update:``:
+    ``name`` (the one statement assigning it), ``name#k`` (its k-th assignment in source order)."""
+    import re
+
+    from optgen.features.rewrite import MULTI_ROLES, ROLES
+
+    assigns: list[SAssign] = []
+
+    def collect(stmts: list[SAssign | SIf]) -> None:
+        for s in stmts:
+            if isinstance(s, SAssign):
+                assigns.append(s)
+            else:
+                collect(s.then)
+                collect(s.orelse)
+
+    collect(spec.update)
+    out: dict[str, list[tuple[str, Any]]] = {}
+    for role, refs in spec.model.roles.items():
+        field = f"roles.{role}"
+        if role not in ROLES:
+            raise SpecError(spec.source.at(("roles", role, "<key>")), field,
+                            f"unknown role '{role}'{did_you_mean(role, ROLES)}; roles: {', '.join(ROLES)}")
+        many = isinstance(refs, list)
+        if many and role not in MULTI_ROLES:
+            raise SpecError(spec.source.at(("roles", role)), field, f"role '{role}' binds one statement, not a list")
+        bound = []
+        for j, ref in enumerate(refs if many else [refs]):
+            path = ("roles", role, j) if many else ("roles", role)
+            pos = spec.source.text_at(path)
+            where = f"{field}[{j}]" if many else field
+            found = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:#([0-9]+))?", ref.strip()) if isinstance(ref, str) else None
+            if found is None:
+                raise SpecError(pos, where, f"a role names a statement as 'name' or 'name#k' (its k-th assignment), "
+                                f"got {ref!r}")
+            name, k = found.group(1), found.group(2)
+            hits = [a for a in assigns if a.target == name]
+            if not hits:
+                raise SpecError(pos, where, f"no statement of update: assigns '{name}'"
+                                f"{did_you_mean(name, [a.target for a in assigns])}")
+            if k is None and len(hits) > 1:
+                lines = ", ".join(str(a.pos.line) for a in hits)
+                raise SpecError(pos, where, f"'{name}' is assigned on lines {lines}: a role binds one statement "
+                                f"(write '{name}#1' ... '{name}#{len(hits)}')")
+            if k is not None and not 1 <= int(k) <= len(hits):
+                raise SpecError(pos, where, f"'{name}' is assigned {len(hits)} time(s), there is no '{ref}'")
+            hit = hits[0] if k is None else hits[int(k) - 1]
+            if (hit.target, hit.pos) in bound:
+                raise SpecError(pos, where, f"'{ref}' is listed twice")
+            bound.append((hit.target, hit.pos))
+        out[role] = bound
+    return out
 
 
 def _check_settings(spec: Spec, program: Program) -> None:

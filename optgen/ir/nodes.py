@@ -189,6 +189,9 @@ class Program:
     finalize: list[Stmt] = field(default_factory=list)
     #: the published class's state-dict layout, where it is not torch.optim's
     published: PublishedLayout | None = None
+    #: the spec's declared ``roles:``: role -> the (target, position) of each statement it binds;
+    #: a role not here is inferred from the dialect by the feature (not serialised: features only)
+    roles: dict[str, list[tuple[str, Position | None]]] = field(default_factory=dict)
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

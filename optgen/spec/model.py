@@ -296,6 +296,9 @@ class SpecModel(_Strict):
     accumulators: dict[str, AccumulatorSpec] = Field(default_factory=dict)
     checks: list[CheckSpec] = Field(default_factory=list)
     features: list[str] = Field(default_factory=list)
+    #: what features rewrite, by role: ``role: name`` (the one statement assigning ``name``),
+    #: ``name#k`` (its k-th assignment in source order) or a list of those (a role on several paths)
+    roles: dict[str, str | list[str]] = Field(default_factory=dict)
     state: dict[str, StateSpec] = Field(default_factory=dict)
     update: list[Any]
     #: host statements after every parameter of a step: read accumulators, assign globals
