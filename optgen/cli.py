@@ -148,8 +148,19 @@ def list_(spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
 
 
 @app.command()
-def show(name: str, spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
-    """Show one spec: hyperparameters, state, the step as equations, its phases, and what it matches."""
+def show(name: str | None = typer.Argument(None, help="a spec name or file"),
+         spec_dir: Path = typer.Option(SPECS, "--specs"),
+         functions: bool = typer.Option(False, "--functions", help="list the expression language's functions")) -> None:
+    """Show one spec: hyperparameters, state, the step as equations, its phases, and what it matches
+    (``--functions``: the function library: name, arguments, host/device, what it computes)."""
+    if functions:
+        from optgen.ir.library import functions_table
+
+        typer.echo("\n".join(functions_table()))
+        return
+    if name is None:
+        typer.echo("optgen show: name a spec, or pass --functions", err=True)
+        raise typer.Exit(2)
     from optgen.ir.hoist import hoist
     from optgen.ir.lower import lower
     from optgen.ir.pretty import set_aliases, stmts_text

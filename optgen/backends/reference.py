@@ -114,7 +114,8 @@ def _eval(n: Node, f: _Frame) -> Any:
     if n.op == "strided":
         return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot"):
+    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot",
+                    "rownorm", "colnorm", "matmean"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     if n.op == "where" and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
         # a choice between two numbers: numbers take the parameter's dtype, as a Python scalar
@@ -138,6 +139,12 @@ _OPS = {
     "div": lambda a, b: a / b,
     "rdiv": lambda t, s: s / t,
     "rsub": lambda t, s: s - t,
+    "sdiv": lambda t, s: torch.div(s, t),
+    "mod": torch.remainder,
+    "rmod": lambda t, s: torch.remainder(s, t),
+    "cos": torch.cos,
+    "sin": torch.sin,
+    "floor": torch.floor,
     "neg": lambda a: -a,
     "pow": lambda a, s: torch.pow(a, s),
     "sqrt": torch.sqrt,
@@ -174,6 +181,9 @@ _OPS = {
     "sum": lambda x: x.sum(),
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),
+    "rownorm": lambda x: x.norm(dim=-1),
+    "colnorm": lambda x: x.norm(dim=-2),
+    "matmean": lambda x: x.mean(dim=-1),
     "vdot": lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1)),
     "float32": lambda a: a.float(),
     "cast": lambda a, like: a.to(like.dtype),

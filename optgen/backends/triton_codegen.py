@@ -180,6 +180,8 @@ class KernelEmitter:
             return f"tl.load(inp + gidx * {len(names)} + {names.index(n.attr)})"
         if op == "step":
             return "step"
+        if op == "meta" and n.attr == "eps":  # eps_of(param)
+            return "L.finfo_eps(P_DT)"
         if op == "meta":
             col = {"numel": "numel", "ndim": "ndim", "rows": "M", "cols": "N"}.get(n.attr)
             if col is None:
@@ -204,8 +206,10 @@ class KernelEmitter:
             return f"({args[0]} == 0)"
         if op == "sqrt":
             return f"tl.sqrt({args[0]})"
-        if op in ("exp", "log", "abs"):
+        if op in ("exp", "log", "abs", "cos", "sin", "floor"):
             return f"tl.{op}({args[0]})"
+        if op == "mod":
+            return f"L.remainder({args[0]}, {args[1]})"
         if op == "sign":
             return f"tl.where({args[0]} > 0, 1.0, tl.where({args[0]} < 0, -1.0, {args[0]}))"
         if op in ("max", "min"):
@@ -239,6 +243,12 @@ class KernelEmitter:
             code = f"L.div({a[0]}, {a[1]})"
         elif op == "rdiv":
             code = f"L.div({a[1]}, {a[0]})"
+        elif op == "sdiv":  # a host scalar truly divided by a device value (as rdiv on this backend)
+            code = f"L.div({a[1]}, {a[0]})"
+        elif op == "mod":
+            code = f"L.remainder({a[0]}, {a[1]})"
+        elif op == "rmod":
+            code = f"L.remainder({a[1]}, {a[0]})"
         elif op == "rsub":
             code = f"({a[1]} - {a[0]})"
         elif op == "neg":
@@ -257,7 +267,7 @@ class KernelEmitter:
             code = f"L.div({_F32_CONST.format(v=1.0)}, L.sqrt({a[0]}))"
         elif op == "reciprocal":
             code = f"L.div({_F32_CONST.format(v=1.0)}, {a[0]})"
-        elif op in ("abs", "exp", "log"):
+        elif op in ("abs", "exp", "log", "cos", "sin", "floor"):
             code = f"tl.{op}({a[0]})"
         elif op == "sign":
             code = f"L.sign({a[0]})"
@@ -405,7 +415,7 @@ class KernelEmitter:
             return
         body.emit("for b in range(0, B):")
         body.indent += 1
-        if kind == Kind.MATRIX and n.op != "dot":
+        if kind == Kind.MATRIX and n.op not in ("dot", "matmean"):
             ctx = _DeviceCtx(self, body, "vec", length=None)
             ctx.store(s.target, self.expr(n, ctx), kind)
         elif kind == Kind.MATRIX:  # dot of two rows or two columns
@@ -413,11 +423,15 @@ class KernelEmitter:
             body.emit("acc = tl.zeros((), tl.float32)")
             self._vec_loop(body, length)
             ctx = _DeviceCtx(self, body, "vec", length=length)
-            a, c = self.expr(n.args[0], ctx), self.expr(n.args[1], ctx)
-            body.emit(f"acc += tl.sum(tl.where(j < {length}, {a} * {c}, 0.0), axis=0)")
+            if n.op == "matmean":  # the mean of a row / column: its sum over its length
+                a = self.expr(n.args[0], ctx)
+                body.emit(f"acc += tl.sum(tl.where(j < {length}, {a}, 0.0), axis=0)")
+            else:
+                a, c = self.expr(n.args[0], ctx), self.expr(n.args[1], ctx)
+                body.emit(f"acc += tl.sum(tl.where(j < {length}, {a} * {c}, 0.0), axis=0)")
             body.indent -= 1
             ctx = _DeviceCtx(self, body, "vec", length=None)
-            ctx.store(s.target, "acc", kind)
+            ctx.store(s.target, f"L.div(acc, {length}.to(tl.float32))" if n.op == "matmean" else "acc", kind)
         else:
             length = "M" if kind == Kind.ROW else "N"
             value = n

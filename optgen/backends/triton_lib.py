@@ -73,6 +73,27 @@ def div(a, b):
 
 
 @triton.jit
+def remainder(a, b):
+    """torch.remainder (Python's %): fmod (exact), moved into the divisor's sign."""
+    a, b = tl.broadcast(a, b)
+    m = a % b  # fmod on floats, compiled and interpreted
+    return tl.where((m != 0.0) & ((m < 0.0) != (b < 0.0)), m + b, m)
+
+
+@triton.jit
+def finfo_eps(DT: tl.constexpr):
+    """torch.finfo(DT).eps in float64, for a parameter dtype ``DT``."""
+    if DT == tl.bfloat16:
+        return tl.full((), 0.0078125, tl.float64)
+    elif DT == tl.float16:
+        return tl.full((), 0.0009765625, tl.float64)
+    elif DT == tl.float64:
+        return tl.full((), 2.220446049250313e-16, tl.float64)
+    else:
+        return tl.full((), 1.1920928955078125e-07, tl.float64)
+
+
+@triton.jit
 def sqrt(x):
     """IEEE-rounded fp32 square root."""
     return tl.sqrt_rn(x)

@@ -165,7 +165,7 @@ def _substitute(n: Node, names: dict[str, Node]) -> Node:
     return replace(n, args=tuple(_substitute(a, names) for a in n.args))
 
 
-_SMALL_REDUCTIONS = {"normalize", "dot"}
+_SMALL_REDUCTIONS = {"normalize", "dot", "matmean"}
 #: Ops on whole matrices that no kernel computes: the runtime runs them (see runtime.triton_runner).
 CALLS = set(ORTHOGONALISERS)
 
@@ -200,6 +200,13 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
             counter["s"] += 1
             out.append(Assign(name, n, role="temp"))
             return Node("var", kind=n.kind, attr=name)
+        if n.op in ("rownorm", "colnorm"):  # the square root of a per-row / per-column sum of squares
+            x = n.args[0]
+            sq = Node("rowsum" if n.op == "rownorm" else "colsum", (Node("mul", (x, x), kind=x.kind),), kind=n.kind)
+            name = f"_r{counter['r']}"
+            counter["r"] += 1
+            out.append(Assign(name, sq, role="reduce"))
+            return Node("sqrt", (Node("var", kind=n.kind, attr=name),), kind=n.kind)
         if n.op in FULL_PASS_REDUCTIONS:
             name = f"_r{counter['r']}"
             counter["r"] += 1

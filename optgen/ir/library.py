@@ -27,6 +27,11 @@ FUNCTIONS: dict[str, Function] = {
         Function("sign", (1, 1), "sign (0 at 0)"),
         Function("exp", (1, 1), "e ** x"),
         Function("log", (1, 1), "natural logarithm"),
+        Function("cos", (1, 1), "cosine (radians)"),
+        Function("sin", (1, 1), "sine (radians)"),
+        Function("floor", (1, 1), "largest integer not above x (torch.floor / math.floor, as a float)"),
+        Function("div", (2, 2), "div(a, b): true division a / b, also for a host a over a device b "
+                 "(torch.div; 'a / b' with a host a is torch's 'reciprocal(b) * a')"),
         Function("reciprocal", (1, 1), "1 / x", host=False),
         Function("copy", (1, 1), "a fresh copy (torch.clone)", host=False),
         Function("contiguous", (1, 1), "x in row-major memory order (torch's .contiguous(); reductions "
@@ -49,6 +54,12 @@ FUNCTIONS: dict[str, Function] = {
         Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
         Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
+        Function("rownorm", (1, 1), "Euclidean norm over the last dim of a per-element value -> per-row "
+                 "(torch's x.norm(dim=-1))", host=False),
+        Function("colnorm", (1, 1), "Euclidean norm over the second-to-last dim -> per-column (x.norm(dim=-2))",
+                 host=False),
+        Function("matmean", (1, 1), "mean over the last dim of a per-row/per-column value -> per-matrix "
+                 "(x.mean(dim=-1))", host=False),
         Function("vdot", (2, 2), "sum of a * b over the whole tensor or slice (torch.dot of the flattened tensors) "
                  "-> per-tensor",
                  host=False),
@@ -67,6 +78,7 @@ FUNCTIONS: dict[str, Function] = {
                  host=False),
         Function("low_rank_cans", (5, 5), "low_rank_cans(x, rank, steps, eps, lower_bound): cans of x's "
                  "rank-r projection on a Gaussian sketch", host=False),
+        Function("eps_of", (1, 1), "eps_of(param): torch.finfo(param.dtype).eps, a parameter fact", tensor=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]
@@ -76,10 +88,11 @@ FUNCTIONS: dict[str, Function] = {
 ORTHOGONALISERS = ("newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans")
 
 #: Ops that reduce a larger kind into a smaller one: their results end a phase.
-REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize"}
+REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize",
+              "rownorm", "colnorm", "matmean"}
 
 #: Ops whose reduction reads per-element data (a full pass over the tensor).
-FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot"}
+FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "rownorm", "colnorm"}
 
 #: Kinds that each reduction produces from its (first) argument.
 REDUCTION_RESULT = {
@@ -92,6 +105,35 @@ REDUCTION_RESULT = {
     "norm": Kind.TENSOR,
     "vdot": Kind.TENSOR,
     "dot": Kind.MATRIX,
+    "rownorm": Kind.ROW,
+    "colnorm": Kind.COL,
+    "matmean": Kind.MATRIX,
 }
 
 COMPARISONS = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+
+
+#: Binary operators of the expression language beyond + - * / ** (the IR op each becomes).
+OPERATORS = {"%": "mod"}
+
+
+def nearest_functions(name: str, n: int = 3) -> str:
+    """A ``(did you mean 'a', 'b'?)`` suffix naming the library functions nearest ``name``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(FUNCTIONS), n=n, cutoff=0.6)
+    if not close:
+        return " (optgen show --functions lists the library)"
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)"
+
+
+def functions_table() -> list[str]:
+    """The function library as Markdown table rows (``optgen show --functions``, docs/functions.md)."""
+    rows = ["| function | arguments | host | device | what it computes |", "|---|---|---|---|---|"]
+    for f in FUNCTIONS.values():
+        lo, hi = f.arity
+        arity = str(lo) if lo == hi else f"{lo}-{hi}"
+        rows.append(f"| `{f.name}` | {arity} | {'yes' if f.host else '-'} | {'yes' if f.tensor else '-'} "
+                    f"| {f.doc.replace('|', '/')} |")
+    rows.append("| `a % b` | operator | yes | yes | remainder with the divisor's sign (Python %, torch.remainder) |")
+    return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optgen.ir.nodes import Assign, If, Node, Stmt
 
-_INFIX = {"add": ("+", 5), "sub": ("-", 5), "mul": ("*", 6), "div": ("/", 6), "pow": ("**", 8)}
+_INFIX = {"add": ("+", 5), "sub": ("-", 5), "mul": ("*", 6), "div": ("/", 6), "pow": ("**", 8), "mod": ("%", 6)}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
@@ -68,6 +68,11 @@ def expr_text(n: Node, parent: int = 0) -> str:
     elif op == "rdiv":
         p = 6
         s = f"{expr_text(a[1], p)} / {expr_text(a[0], p + 1)}"
+    elif op == "rmod":
+        p = 6
+        s = f"{expr_text(a[1], p)} % {expr_text(a[0], p + 1)}"
+    elif op == "sdiv":  # a host scalar truly divided by a device value
+        return f"div({expr_text(a[1])}, {expr_text(a[0])})"
     elif op == "rsub":
         p = 5
         s = f"{expr_text(a[1], p)} - {expr_text(a[0], p + 1)}"

@@ -117,6 +117,9 @@ sign, sign_ = _unary("sign")
 exp, exp_ = _unary("exp")
 log, log_ = _unary("log")
 reciprocal, reciprocal_ = _unary("reciprocal")
+cos, cos_ = _unary("cos")
+sin, sin_ = _unary("sin")
+floor, floor_ = _unary("floor")
 
 
 def rsqrt(a: Tensors) -> Tensors:
@@ -140,6 +143,22 @@ def rdiv(a: Tensors, s: Scalar) -> Tensors:
 
 def rdiv_(a: Tensors, s: Scalar) -> Tensors:
     return mul_(reciprocal_(a), s)
+
+
+def sdiv(a: Tensors, s: Scalar) -> Tensors:
+    """``s / a`` as a true division (``torch.div(s, a)``), not torch's ``reciprocal(a) * s``."""
+    return [torch.div(k, x) for x, k in zip(a, _each(s, len(a)))]
+
+
+def mod(a: Tensors, b: Tensors | Scalar) -> Tensors:
+    """``a % b`` with the divisor's sign (torch.remainder, Python's %)."""
+    b_ = b if _tensors(b) else _each(b, len(a))
+    return [torch.remainder(x, y) for x, y in zip(a, b_)]
+
+
+def rmod(a: Tensors, s: Scalar) -> Tensors:
+    """``s % a`` for a host scalar ``s``."""
+    return [torch.remainder(k, x) for x, k in zip(a, _each(s, len(a)))]
 
 
 def rsub(a: Tensors, s: Scalar) -> Tensors:
@@ -357,6 +376,27 @@ def norm(x: Tensors, kind: str = "element") -> Tensors:
     if (b := sharding.active()) is not None:
         return b.total(x, kind, "norm")
     return list(torch._foreach_norm(x))
+
+
+def rownorm(x: Tensors) -> Tensors:
+    """``x.norm(dim=-1)`` of each per-element value: one norm per row."""
+    if (b := sharding.active()) is not None:
+        return b.rownorm(x)
+    return [t.norm(dim=-1) for t in x]
+
+
+def colnorm(x: Tensors) -> Tensors:
+    """``x.norm(dim=-2)``: one norm per column."""
+    if (b := sharding.active()) is not None:
+        return b.colnorm(x)
+    return [t.norm(dim=-2) for t in x]
+
+
+def matmean(x: Tensors, kind: str = "row") -> Tensors:
+    """``x.mean(dim=-1)`` of each per-row / per-column value: one mean per matrix."""
+    if (b := sharding.active()) is not None:
+        return b.matmean(x, kind)
+    return [t.mean(dim=-1) for t in x]
 
 
 def cast(a: Tensors, like: Tensors) -> Tensors:

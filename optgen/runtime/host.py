@@ -40,6 +40,20 @@ def _unary(fn_float, fn_tensor):
     return apply
 
 
+def _floor(x: float) -> float:
+    return float(math.floor(x)) if math.isfinite(x) else float(x)
+
+
+def _mod(a: Any, b: Any) -> Any:
+    """Python's ``a % b`` (the divisor's sign), torch.remainder for 0-d tensors; nan for ``b == 0``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.remainder(torch.as_tensor(a), torch.as_tensor(b))
+    try:
+        return float(a) % float(b)
+    except ZeroDivisionError:
+        return math.nan
+
+
 def _sign(x: float) -> float:
     return float((x > 0) - (x < 0)) if x == x else x
 
@@ -51,14 +65,19 @@ _UNARY = {
     "sign": _unary(_sign, torch.sign),
     "exp": _unary(math.exp, torch.exp),
     "log": _unary(lambda x: -math.inf if x == 0 else math.log(x), torch.log),
+    "cos": _unary(math.cos, torch.cos),
+    "sin": _unary(math.sin, torch.sin),
+    "floor": _unary(_floor, torch.floor),
 }
 
 
-def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = None) -> int:
+def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = None) -> int | float:
     """Static facts about a parameter that specs may use (``rows``/``cols`` of the last two dims, of
     its matrix ``view`` when it is stepped as one)."""
     if name == "numel":
         return param.numel()
+    if name == "eps":  # eps_of(param)
+        return torch.finfo(param.dtype).eps
     if name == "ndim":
         return param.dim()
     shape = tuple(param.shape) if view is None else view
@@ -151,6 +170,8 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
         return a * b
     if op == "div":
         return _div(a, b)
+    if op == "mod":
+        return _mod(a, b)
     if op == "pow":
         try:
             return a**b

@@ -186,6 +186,18 @@ class RowBucket:
     def dot(self, a: list, b: list, kind: str, fn: Callable) -> list:
         return self.reduce([fn(x, y) for x, y in zip(a, b)], self._last(a, kind))
 
+    def rownorm(self, xs: list) -> list:
+        return [t.norm(dim=-1) for t in xs]  # each local row whole, as rowsum
+
+    def colnorm(self, xs: list) -> list:
+        sq = self.reduce([(t * t).sum(-2) for t in xs], [t.dim() == 2 for t in xs])
+        return [t.sqrt() for t in sq]
+
+    def matmean(self, xs: list, kind: str) -> list:
+        spans = self._last(xs, kind)
+        sums = self.reduce([t.sum(-1) for t in xs], spans)
+        return [t / (s.shape[0] if split else x.shape[-1]) for t, x, s, split in zip(sums, xs, self.shards, spans)]
+
     def normalize(self, xs: list, kind: str) -> list:
         sq = self.reduce([(t * t).sum(-1, keepdim=True) for t in xs], self._last(xs, kind))
         return [t / n.sqrt().clamp_min(1e-12) for t, n in zip(xs, sq)]
@@ -462,6 +474,15 @@ class FlatBucket:
 
     def dot(self, a: list, b: list, kind: str, fn: Callable) -> list:
         return [fn(x, y) for x, y in zip(a, b)]
+
+    def rownorm(self, xs: list) -> list:
+        return [self._full(t, i).norm(dim=-1) for i, t in enumerate(xs)]
+
+    def colnorm(self, xs: list) -> list:
+        return [self._full(t, i).norm(dim=-2) for i, t in enumerate(xs)]
+
+    def matmean(self, xs: list, kind: str) -> list:
+        return [t.mean(dim=-1) for t in xs]  # per-row / per-column values are whole here
 
     def normalize(self, xs: list, kind: str) -> list:
         import torch.nn.functional as TF

@@ -35,7 +35,7 @@ class Unary(Expr):
 
 @dataclass(frozen=True)
 class Binary(Expr):
-    op: str  # + - * / **
+    op: str  # + - * / ** %
     left: Expr
     right: Expr
 
@@ -59,7 +59,7 @@ class Call(Expr):
     args: tuple[Expr, ...]
 
 
-_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.Mod: "%"}
 _CMPOPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 _CONSTANT_NAMES = {"true": True, "false": False, "True": True, "False": False, "None": None, "null": None}
 _DESCRIBE = {
@@ -210,6 +210,8 @@ def _constant_value(e: Expr) -> float | None:
             if e.op == "**":
                 r = a**b
                 return None if isinstance(r, complex) else r
+            if e.op == "%":
+                return a % b if b != 0 else None
             return {"+": a + b, "-": a - b, "*": a * b}.get(e.op, a / b if e.op == "/" and b != 0 else None)
         except OverflowError:
             return float("inf")
@@ -253,7 +255,7 @@ def children(e: Expr) -> tuple[Expr, ...]:
     return ()
 
 
-_PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "+": 5, "-": 5, "*": 6, "/": 6, "neg": 7, "**": 8}
+_PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "+": 5, "-": 5, "*": 6, "/": 6, "%": 6, "neg": 7, "**": 8}
 
 
 def unparse(e: Expr, parent: int = 0) -> str:
