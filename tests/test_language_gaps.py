@@ -332,3 +332,74 @@ def test_rownorm_of_a_row_is_refused(tmp_path) -> None:
     assert ":11:" in msg and "colnorm() argument 1 must be per-element, got per-row" in msg
     msg = _error(tmp_path, NORMS.replace("matmean(r)", "matmean(grad)"))
     assert "matmean() argument 1 must be per-row or per-column, got per-element" in msg
+
+
+# --- backend restrictions reported by `optgen check` at the spec line ----------------------------
+
+HOST_IN_IF = """\
+name: demo
+class: HostIf
+hyperparameters:
+  lr: {default: 0.1, min: 0}
+state:
+  h: {kind: host, init: 0}
+update:
+  - if: step > 2
+    then:
+      - h = h + 1
+  - param = param - lr * grad
+"""
+
+
+def test_check_reports_a_triton_refusal_at_the_spec_line(tmp_path) -> None:
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(HOST_IN_IF, encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "optgen.cli", "check", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # valid for the other backends
+    assert f"{spec}:10:9: triton backend: host state updated inside a step-dependent condition ('h'" in r.stderr, r.stderr
+    assert "the condition at line 8" in r.stderr
+    spec.write_text(HOST_IN_IF.replace("if: step > 2", "if: lr > 2"), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "optgen.cli", "check", str(spec)], capture_output=True, text=True)
+    assert r.returncode == 0 and "triton backend" not in r.stderr, r.stderr
+
+
+# --- a host value rounded to float32 --------------------------------------------------------------
+
+F32 = """\
+name: demo
+class: F32
+hyperparameters:
+  lr: {default: 0.1, min: 0}
+update:
+  - s = float32(1 / 3) * 3 - 1
+  - param = param - lr * grad - 1.0e3 * s * param
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_of_a_host_value(tmp_path, monkeypatch, dtype) -> None:
+    _, module = _build(tmp_path, monkeypatch, F32)
+    s = torch.tensor(1 / 3, dtype=torch.float32).item() * 3 - 1  # 2.98e-8, not 0 as in float64
+    assert s != 0.0
+
+    def expect(params, grads):
+        out = []
+        for i, p in enumerate(params):
+            p = p.clone()
+            for g in (gs[i] for gs in grads):
+                p = p - 0.1 * g - (1.0e3 * s) * p
+            out.append(p)
+        return out
+
+    params0, grads = _data(SHAPES, 2, dtype)
+    expected = expect(params0, grads)
+    for backend in BACKENDS:
+        if backend == "triton" and dtype == torch.float64:
+            continue
+        got, _ = _run(module.F32, backend, dtype, 2)
+        _check(backend, expected, got, "float32")
+
+
+def test_float32_takes_one_value(tmp_path) -> None:
+    msg = _error(tmp_path, BASE.replace("EXPR", "float32(lr, 2)"))
+    assert ":9:26: update[1]: float32() takes 1 arguments, got 2" in msg

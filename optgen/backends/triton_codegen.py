@@ -210,6 +210,8 @@ class KernelEmitter:
             return f"tl.{op}({args[0]})"
         if op == "mod":
             return f"L.remainder({args[0]}, {args[1]})"
+        if op == "float32":  # a host value rounded to float32
+            return f"({args[0]}).to(tl.float32).to(tl.float64)"
         if op == "sign":
             return f"tl.where({args[0]} > 0, 1.0, tl.where({args[0]} < 0, -1.0, {args[0]}))"
         if op in ("max", "min"):

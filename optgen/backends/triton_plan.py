@@ -81,6 +81,29 @@ def dynamic_names(program: Program) -> set[str]:
     return dyn
 
 
+def restrictions(program: Program) -> list[tuple[object, str]]:
+    """What the triton backend refuses in a hoisted program, found from its structure at build
+    time (``optgen check`` reports each at its spec line): ``(position, message)`` pairs, the
+    messages those the runner would raise when a parameter group takes the path."""
+    dyn = dynamic_names(program)
+    found: list[tuple[object, str]] = []
+
+    def walk(stmts: list[Stmt], inside: If | None) -> None:
+        for s in stmts:
+            if isinstance(s, If):
+                dynamic = inside if inside is not None else (s if s.cond.attr in dyn else None)
+                walk(s.then, dynamic)
+                walk(s.orelse, dynamic)
+            elif inside is not None and s.role in ("host_state", "accumulate"):
+                what = ("host state updated inside a step-dependent condition" if s.role == "host_state"
+                        else "an accumulation inside a step-dependent condition")
+                found.append((s.pos or inside.pos, f"{what} ('{s.target}'; the condition at line "
+                              f"{inside.pos.line if inside.pos else '?'}): compute it with where() instead"))
+
+    walk(program.body, None)
+    return found
+
+
 def enumerate_paths(stmts: list[Stmt], dyn: set[str], decided: tuple = (),
                     fixed: dict[str, bool] | None = None) -> list[tuple[tuple, list[Stmt]]]:
     """Every feasible combination of static conditions, with the straight-line statements it runs.

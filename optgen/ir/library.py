@@ -66,7 +66,8 @@ FUNCTIONS: dict[str, Function] = {
         Function("strided", (1, 1), "every k-th element of the flattened x (x.flatten()[::k], k the spec's "
                  "slice_stride) -> per-slice", host=False),
         Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
-        Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values)", host=False),
+        Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values); of a host value: "
+                 "the value rounded to float32 (a published float32 scalar)"),
         Function("stochastic_round", (2, 2), "stochastic_round(x, seed): float32 x to bfloat16 by adding random low "
                  "16 bits and truncating (adv_optm's stream on CPU backends; seeded Philox in triton)", host=False),
         Function("newton_schulz", (6, 6), "newton_schulz(x, steps, eps, a, b, c): Muon's quintic Newton-Schulz "

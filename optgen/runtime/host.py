@@ -40,6 +40,11 @@ def _unary(fn_float, fn_tensor):
     return apply
 
 
+def _float32(x: float) -> float:
+    """A host value rounded to float32 (as a published ``torch.tensor(x, dtype=torch.float32)``)."""
+    return torch.tensor(float(x), dtype=torch.float32).item()
+
+
 def _floor(x: float) -> float:
     return float(math.floor(x)) if math.isfinite(x) else float(x)
 
@@ -68,6 +73,7 @@ _UNARY = {
     "cos": _unary(math.cos, torch.cos),
     "sin": _unary(math.sin, torch.sin),
     "floor": _unary(_floor, torch.floor),
+    "float32": _unary(_float32, lambda t: t.float()),
 }
 
 
