@@ -1,4 +1,4 @@
-"""The ``optgen`` command line: build, check, list, show."""
+"""The ``optgen`` command line: build, check, list, show, bench, and for authors new, test, doc."""
 
 from __future__ import annotations
 
@@ -99,23 +99,12 @@ def check(specs: list[Path] = typer.Argument(..., help="spec files to validate")
             built = compile_spec(p)  # the same load, lowering, planning and rendering as `build`
             _claim_module(names, built)
             smoke_step(built, built.spec)
-            for pos, message in _backend_restrictions(built):
-                typer.echo(_shown(f"{pos}: triton backend: {message}" if pos else f"{p}: triton backend: {message}"),
-                           err=True)
             typer.echo(f"{p}: ok")
         except SpecError as exc:
             typer.echo(_shown(exc), err=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
-
-
-def _backend_restrictions(built) -> list:
-    """What a backend refuses in this spec (the triton backend's step-time refusals, found at
-    build time), each at its spec line; the spec stays valid for the other backends."""
-    from optgen.backends.triton_plan import restrictions
-
-    return restrictions(built.program)  # built.program is the hoisted program
 
 
 def _claim_module(names: dict[str, str], built) -> None:
@@ -161,7 +150,12 @@ def list_(spec_dir: Path = typer.Option(SPECS, "--specs")) -> None:
 @app.command()
 def show(name: str | None = typer.Argument(None, help="a spec name or file"),
          spec_dir: Path = typer.Option(SPECS, "--specs"),
-         functions: bool = typer.Option(False, "--functions", help="list the expression language's functions")) -> None:
+         functions: bool = typer.Option(False, "--functions", help="list the expression language's functions"),
+         bandwidth: float | None = typer.Option(None, "--bandwidth", help="copy bandwidth in GB/s for the roofline "
+                                                "(default: the measured one of the bench results or BENCHMARKS.md)"),
+         bench_json: Path | None = typer.Option(None, "--bench-json", help="`optgen bench --json` results to show "
+                                                "measured step times from"),
+         cost: bool = typer.Option(True, "--cost/--no-cost", help="print the cost model")) -> None:
     """Show one spec: hyperparameters, state, the step as equations, its phases, and what it matches
     (``--functions``: the function library: name, arguments, host/device, what it computes)."""
     if functions:
@@ -230,6 +224,90 @@ def show(name: str | None = typer.Argument(None, help="a spec name or file"),
         targets = ", ".join(s.target for s in ph.statements)
         extra = f"; reduces {', '.join(ph.produces)}" if ph.produces else ""
         typer.echo(f"  phase {ph.index}: {targets}{extra}")
+    if cost:
+        from optgen.authoring.commands import show_cost
+
+        try:
+            typer.echo("\n" + "\n".join(show_cost(path, bandwidth, bench_json)))
+        except SpecError as exc:
+            _fail(exc)
+
+
+@app.command()
+def new(
+    name: str = typer.Argument(..., help="the new spec's name (lower_snake_case)"),
+    base: str = typer.Option(..., "--from", help="the base spec (a name in --specs, or a .yaml file)"),
+    with_: str = typer.Option("", "--with", help="features to add, comma-separated"),
+    out: Path | None = typer.Option(None, "--out", help="where to write (default: SPECS/NAME.yaml)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file"),
+    spec_dir: Path = typer.Option(SPECS, "--specs"),
+) -> None:
+    """Write a spec extending BASE with features; it is checked (built and stepped) before it is written."""
+    from optgen.authoring.new import NewError, new_spec
+
+    features = [f.strip() for f in with_.split(",") if f.strip()]
+    try:
+        target = new_spec(name, base, features, out, spec_dir, force)
+    except NewError as exc:
+        typer.echo(f"optgen new: {_shown(exc)}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {target} (checks: build it with `optgen build {target}`)")
+
+
+@app.command("test")
+def test_(
+    spec: Path = typer.Argument(..., help="spec file (or name in --specs)"),
+    steps: int = typer.Option(20, "--steps", min=1, help="training steps per model"),
+    backends: str | None = typer.Option(None, "--backends", help="comma-separated (default: every available one)"),
+    models: str | None = typer.Option(None, "--models", help="comma-separated built-in models (mlp, transformer)"),
+    tolerance: float | None = typer.Option(None, "--tol", help="max relative difference allowed (default 1e-5)"),
+    setting: str | None = typer.Option(None, "--setting", help="hyperparameters as a JSON object"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the results as JSON (for optgen doc)"),
+    spec_dir: Path = typer.Option(SPECS, "--specs"),
+) -> None:
+    """Every available backend against the reference and the published class, on small models; exit 1
+    when one differs beyond the tolerance."""
+    from optgen.authoring.commands import run_test
+    from optgen.authoring.test_runner import TOLERANCE
+
+    if not spec.exists() and (spec_dir / f"{spec}.yaml").exists():
+        spec = spec_dir / f"{spec}.yaml"
+
+    def split(v: str | None) -> list[str] | None:
+        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+    try:
+        text, ok = run_test(spec, steps, split(backends), split(models), TOLERANCE if tolerance is None else tolerance,
+                            setting, json_out)
+    except SpecError as exc:
+        _fail(exc)
+    except (ValueError, KeyError) as exc:
+        typer.echo(f"optgen test: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def doc(
+    specs: list[Path] = typer.Argument(None, help="specs to document (default: every spec in --specs)"),
+    out: Path = typer.Option(Path("site_docs"), "--out", help="site folder: mkdocs.yml and docs/"),
+    results: list[Path] = typer.Option([], "--results", help="`optgen test --json` files to show"),
+    test: bool = typer.Option(False, "--test", help="run `optgen test` (torch backend) for specs without results"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="loss-curve PNGs (needs matplotlib)"),
+    spec_dir: Path = typer.Option(SPECS, "--specs"),
+) -> None:
+    """Write a documentation site (mkdocs layout), one page per spec."""
+    from optgen.authoring.commands import run_doc
+
+    paths = specs or sorted(spec_dir.glob("*.yaml"))
+    try:
+        written = run_doc(paths, out, results, test, plots, lambda m: typer.echo(_shown(m), err=True))
+    except OSError as exc:
+        typer.echo(f"optgen doc: cannot write to {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {len(written)} files under {out}/ (render: mkdocs build -f {out / 'mkdocs.yml'})")
 
 
 @app.command()

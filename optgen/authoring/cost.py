@@ -79,14 +79,12 @@ def state_bytes(program: Program, param_bytes: float) -> tuple[float, list[str]]
     return total, small
 
 
-def _path_for(built: Built, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple, Any, float]:
+def _path_for(built: Built, cls: type, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple, Any, float]:
     """The branch path one parameter of ``shape`` takes at the defaults, after one step."""
-    from optgen.authoring.load import build_class
     from optgen.runtime.host import HostContext
     from optgen.runtime.matrix_view import view_shape
     from optgen.runtime.triton_runner import _static_pass
 
-    _, cls = build_class(built.spec.path)
     p = torch.nn.Parameter(torch.randn(shape, dtype=dtype))
     opt = cls([p], backend="torch")
     p.grad = torch.randn(shape, dtype=dtype)
@@ -153,10 +151,13 @@ def path_cost(program: Program, label: str, key: tuple, dyn: set[str], param_byt
 def cost_model(built: Built, dtype: torch.dtype = torch.float32) -> CostModel:
     program = built.program
     pb = float(torch.empty((), dtype=dtype).element_size())
+    from optgen.authoring.load import import_class
+
     _, small = state_bytes(program, pb)
+    cls = import_class(built)
     paths = []
     for label, shape in SHAPES.items():
-        key, dyn, held = _path_for(built, shape, dtype)
+        key, dyn, held = _path_for(built, cls, shape, dtype)
         pc = path_cost(program, label, key, dyn, pb)
         pc.state_bytes = held
         paths.append(pc)

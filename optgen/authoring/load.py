@@ -21,6 +21,11 @@ _counter = [0]
 def build_class(spec_path: str | Path) -> tuple[Built, type]:
     """Compile ``spec_path`` and import its optimizer class from a fresh temporary package."""
     built = compile_spec(spec_path)
+    return built, import_class(built)
+
+
+def import_class(built: Built) -> type:
+    """Import a compiled spec's optimizer class from a fresh temporary package."""
     _counter[0] += 1
     tmp = Path(tempfile.mkdtemp(prefix="optgen_author_"))
     pkg_name = f"optgen_author_{_counter[0]}_{built.module}"
@@ -33,7 +38,7 @@ def build_class(spec_path: str | Path) -> tuple[Built, type]:
         module = importlib.import_module(f"{pkg_name}.{built.module}")
     finally:
         sys.path.remove(str(tmp))
-    return built, getattr(module, built.program.class_name)
+    return getattr(module, built.program.class_name)
 
 
 def _base_version(v: str) -> str:
