@@ -99,12 +99,23 @@ def check(specs: list[Path] = typer.Argument(..., help="spec files to validate")
             built = compile_spec(p)  # the same load, lowering, planning and rendering as `build`
             _claim_module(names, built)
             smoke_step(built, built.spec)
+            for pos, message in _backend_restrictions(built):
+                typer.echo(_shown(f"{pos}: triton backend: {message}" if pos else f"{p}: triton backend: {message}"),
+                           err=True)
             typer.echo(f"{p}: ok")
         except SpecError as exc:
             typer.echo(_shown(exc), err=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
+
+
+def _backend_restrictions(built) -> list:
+    """What a backend refuses in this spec (the triton backend's step-time refusals, found at
+    build time), each at its spec line; the spec stays valid for the other backends."""
+    from optgen.backends.triton_plan import restrictions
+
+    return restrictions(built.program)  # built.program is the hoisted program
 
 
 def _claim_module(names: dict[str, str], built) -> None:
