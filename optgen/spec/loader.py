@@ -9,11 +9,12 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
 from optgen.errors import Position, SpecError, did_you_mean
+from optgen.spec.blocks import BLOCKS_FOLDER, Composition, Include, declares, rename_target, substitute
 from optgen.spec.expr import Expr, parse_assignment, parse_expression
 from optgen.spec.model import SpecModel
 from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
@@ -76,29 +77,35 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
     """Load, merge (``extends:``), validate and parse the spec at ``path``."""
     path = Path(path)
     shown = display_path or _display(path)
-    data, smap, digest = _load_merged(path, shown, seen=())
+    comp = Composition(path.parent / BLOCKS_FOLDER)
+    data, smap, digest = _load_merged(path, shown, seen=(), comp=comp)
     model = _validate(data, smap)
-    update = _parse_statements(data["update"], ("update",), smap)
+    ctx = _Scope(comp, "update", [], (), comp.includes)
+    update = _parse_statements(data["update"], ("update",), smap, ctx)
     spec = Spec(model=model, update=update, source=smap, path=shown, sha256=digest)
     if model.finalize:
-        spec.finalize = _parse_statements(data["finalize"], ("finalize",), smap)
+        spec.finalize = _parse_statements(data["finalize"], ("finalize",), smap, ctx._replace(section="finalize"))
+
+    def decl_expr(text: str, path: tuple, name: str) -> Expr:
+        e = parse_expression(text, smap.text_at(path), name)
+        return substitute(e, comp.substitutions.get(path[:2], []))
+
     for section, inits in (("globals", spec.global_inits), ("accumulators", spec.accumulator_inits)):
         for name, decl in getattr(model, section).items():
-            p = smap.text_at((section, name, "init"))
             text = decl.init if isinstance(decl.init, str) else repr(decl.init)
-            inits[name] = parse_expression(text, p, f"{section}.{name}.init")
+            inits[name] = decl_expr(text, (section, name, "init"), f"{section}.{name}.init")
     for name, st in model.state.items():
         if st.if_ is not None:
-            p = smap.text_at(("state", name, "if"))
-            spec.state_conditions[name] = parse_expression(st.if_, p, f"state.{name}.if")
+            spec.state_conditions[name] = decl_expr(st.if_, ("state", name, "if"), f"state.{name}.if")
     for name, text in model.facts.items():
-        spec.facts[name] = parse_expression(text, smap.text_at(("facts", name)), f"facts.{name}")
+        spec.facts[name] = decl_expr(text, ("facts", name), f"facts.{name}")
     if model.matrix_view is not None:
         p = smap.text_at(("matrix_view", "if"))
         spec.view_condition = parse_expression(model.matrix_view.if_, p, "matrix_view.if")
     for i, chk in enumerate(model.checks):
         p = smap.text_at(("checks", i, "check"))
         spec.checks.append((parse_expression(chk.check, p, f"checks[{i}].check"), chk.message))
+    spec.sha256 = comp.digest(digest)  # a spec built from blocks hashes them too (the kernel cache's key)
     return spec
 
 
@@ -152,14 +159,20 @@ def read_spec_text(path: Path, shown: str, pos: Position | None = None, field_na
 
 
 def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
-                 opened_at: tuple[Position | None, str] = (None, "")) -> tuple[dict, SourceMap, str]:
+                 opened_at: tuple[Position | None, str] = (None, ""),
+                 comp: Composition | None = None) -> tuple[dict, SourceMap, str]:
     text = read_spec_text(path, shown, *opened_at)
     data, smap = load_yaml(text, shown)
     if not isinstance(data, dict):
         raise SpecError(smap.at(()), "", "a spec must be a mapping of fields")
     digest = hashlib.sha256(text.encode()).hexdigest()
+    if comp is None:
+        comp = Composition(path.parent / BLOCKS_FOLDER)
+    includes = comp.read_includes(data, smap)
     parent_name = data.get("extends")
     if parent_name is None:
+        comp.merge_declarations(data, smap, includes, comp.substitutions)
+        comp.includes.extend(includes)
         return data, smap, digest
     pos = smap.text_at(("extends",))
     if not isinstance(parent_name, str):
@@ -177,8 +190,11 @@ def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
         raise SpecError(pos, "extends", f"unknown spec '{parent_name}'{did_you_mean(parent_name, others)}")
     if parent_path.resolve().parent != path.parent.resolve():
         raise SpecError(pos, "extends", f"spec '{parent_name}' is a link to a file outside the spec folder")
-    pdata, pmap, pdigest = _load_merged(parent_path, _display(parent_path), (*seen, parent_name), (pos, "extends"))
+    pdata, pmap, pdigest = _load_merged(parent_path, _display(parent_path), (*seen, parent_name), (pos, "extends"),
+                                        comp)
     merged, mmap = _merge(pdata, pmap, data, smap)
+    comp.merge_declarations(merged, mmap, includes, comp.substitutions)
+    comp.includes.extend(includes)
     return merged, mmap, hashlib.sha256((pdigest + digest).encode()).hexdigest()
 
 
@@ -187,7 +203,7 @@ def _short(text: str, n: int = 40) -> str:
 
 
 _ENTRY_MERGED = ("hyperparameters", "state")
-_NOT_INHERITED = ("matches", "extends", "constructor_order", "doc")
+_NOT_INHERITED = ("matches", "extends", "constructor_order", "doc", "include")
 
 
 def _merge(parent: dict, pmap: SourceMap, child: dict, cmap: SourceMap) -> tuple[dict, SourceMap]:
@@ -252,6 +268,8 @@ def _model_to_yaml_key(x: Any) -> Any:
 def _allowed_keys(loc: tuple) -> list[str]:
     from optgen.spec import model as m
 
+    if not loc:
+        return [*(f.alias or n for n, f in m.SpecModel.model_fields.items()), "include"]
     table = {
         (): m.SpecModel,
         ("hyperparameters",): m.HyperparameterSpec,
@@ -274,17 +292,34 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return [f.alias or n for n, f in cls.model_fields.items()]
 
 
-def _parse_statements(items: Any, path: tuple, smap: SourceMap) -> list[Statement]:
+class _Scope(NamedTuple):
+    """Where statements are parsed: the composition, the section (``update`` or ``finalize``), the
+    substitutions in effect (a block's ``with:``, then its users'), the blocks being expanded and
+    the includes visible there."""
+
+    comp: Composition | None
+    section: str
+    mappings: list
+    stack: tuple[str, ...]
+    includes: list[Include]
+
+
+def _parse_statements(items: Any, path: tuple, smap: SourceMap, ctx: _Scope | None = None) -> list[Statement]:
     field_name = dotted(path)
     if not isinstance(items, list):
         raise SpecError(smap.at(path), field_name, "must be a list of statements")
+    maps = ctx.mappings if ctx is not None else []
     out: list[Statement] = []
     for i, item in enumerate(items):
         here = path + (i,)
         name = dotted(here)
         if isinstance(item, str):
             target, expr, tpos, accumulate = parse_assignment(item, smap.text_at(here), name)
+            if maps:
+                target, expr = rename_target(target, maps, tpos, name), substitute(expr, maps)
             out.append(SAssign(target, expr, tpos, name, accumulate))
+        elif isinstance(item, dict) and "use" in item:
+            out.extend(_use(item, here, smap, ctx))
         elif isinstance(item, dict):
             unknown = set(item) - {"if", "then", "else"}
             if unknown:
@@ -296,10 +331,38 @@ def _parse_statements(items: Any, path: tuple, smap: SourceMap) -> list[Statemen
             cond_text = item["if"]
             if isinstance(cond_text, bool):
                 cond_text = str(cond_text)
-            cond = parse_expression(cond_text, smap.text_at(here + ("if",)), f"{name}.if")
-            then = _parse_statements(item["then"], here + ("then",), smap)
-            orelse = _parse_statements(item.get("else", []) or [], here + ("else",), smap)
+            cond = substitute(parse_expression(cond_text, smap.text_at(here + ("if",)), f"{name}.if"), maps)
+            then = _parse_statements(item["then"], here + ("then",), smap, ctx)
+            orelse = _parse_statements(item.get("else", []) or [], here + ("else",), smap, ctx)
             out.append(SIf(cond, then, orelse, smap.at(here), name))
         else:
-            raise SpecError(smap.at(here), name, "a statement is 'name = expression' or an if: block")
+            raise SpecError(smap.at(here), name, "a statement is 'name = expression', an if: block or a use: of a block")
     return out
+
+
+def _use(item: dict, here: tuple, smap: SourceMap, ctx: _Scope | None) -> list[Statement]:
+    """``{use: block, with: {...}}``: the block's statements of this section, substituted."""
+    name = dotted(here)
+    unknown = set(item) - {"use", "with"}
+    if unknown:
+        bad = sorted(unknown, key=str)[0]
+        raise SpecError(smap.at(here + (bad, "<key>")), name,
+                        f"unknown field '{bad}' in a use of a block{did_you_mean(str(bad), ['use', 'with'])}")
+    pos = smap.text_at(here + ("use",))
+    if ctx is None or ctx.comp is None:
+        raise SpecError(pos, name, "use: expands a block of a spec folder's blocks/: not available here")
+    block = ctx.comp.block(item["use"], pos, name, ctx.stack)
+    inc = next((x for x in ctx.includes if x.name == block.name), None)
+    if declares(block) and inc is None:
+        raise SpecError(pos, name, f"block '{block.name}' declares names (its hyperparameters, state, ...): "
+                        f"list it under include: to use it")
+    if "with" in item:
+        mapping = ctx.comp.read_with(item["with"], here + ("with",), smap, block)
+    else:
+        mapping = inc.mapping if inc is not None else {}
+    body = block.data.get(ctx.section)
+    if not body:
+        raise SpecError(pos, name, f"block '{block.name}' has no {ctx.section}: statements")
+    inner = _Scope(ctx.comp, ctx.section, [mapping, *ctx.mappings], (*ctx.stack, block.name),
+                   block.data.get("_includes", []))
+    return _parse_statements(body, (ctx.section,), block.smap, inner)
