@@ -62,11 +62,12 @@ def _registry() -> dict[str, Feature]:
         normed_momentum,
         orthograd,
         simplified_ademamix,
+        spectral_decay,
         stochastic_rounding,
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored)
+            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 
