@@ -13,6 +13,7 @@ about 40 s on 2 cores). Set it higher to fuzz for longer locally.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ def test_check_pipeline_on_mutated_specs(tmp_path_factory, text: str) -> None:
     folder = tmp_path_factory.mktemp("fuzz")
     for base in BASES:  # extends: between the bases resolves inside this folder
         (folder / f"{base}.yaml").write_text((ROOT / "specs" / f"{base}.yaml").read_text())
+    if not (folder / "blocks").exists():  # the blocks the bases include
+        shutil.copytree(ROOT / "specs" / "blocks", folder / "blocks")
     path = folder / "mutant.yaml"
     path.write_text(text, encoding="utf-8")
     cwd = os.getcwd()

@@ -7,6 +7,7 @@ that would become code, names that would collide, inputs that made the loader tr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def test_large_exponent_is_bounded_at_build_time(tmp_path) -> None:
 def test_prodigy_steps_variant_checks_builds_and_steps(tmp_path) -> None:
     for f in ("prodigy_adv.yaml",):
         (tmp_path / f).write_text((ROOT / "specs" / f).read_text())
+    shutil.copytree(ROOT / "specs" / "blocks", tmp_path / "blocks")  # the blocks it includes
     variant = _write(tmp_path, "name: my_prodigy\nclass: MyProdigy\nextends: prodigy_adv\nhyperparameters:\n"
                                "  prodigy_steps: {default: 5}\n", "my_prodigy.yaml")
     r = _cli("check", str(variant))

@@ -5,6 +5,7 @@ a non-default branch path at run time."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,7 @@ def installed(tmp_path_factory) -> Path:
 
 def test_wheel_builds_imports_and_renders_paths(installed: Path, tmp_path: Path) -> None:
     (tmp_path / "adam.yaml").write_text((ROOT / "specs" / "adam.yaml").read_text())  # adamw extends it
+    shutil.copytree(ROOT / "specs" / "blocks", tmp_path / "blocks")  # adam includes blocks
     spec = tmp_path / "my_adamw.yaml"
     spec.write_text((ROOT / "specs" / "adamw.yaml").read_text().replace("name: adamw", "name: my_adamw")
                     .replace("class: AdamW", "class: MyAdamW"))

@@ -36,9 +36,12 @@ def class_name(name: str) -> str:
 
 
 def spec_text(name: str, base_path: Path, features: list[str], out: Path) -> str:
+    from optgen.spec.blocks import BLOCKS_FOLDER, Composition
+    from optgen.spec.expr import unparse
     from optgen.spec.loader import _load_merged
 
-    data, _, _ = _load_merged(base_path, str(base_path), seen=())
+    comp = Composition(base_path.parent / BLOCKS_FOLDER)
+    data, _, _ = _load_merged(base_path, str(base_path), seen=(), comp=comp)
     have = list(data.get("features") or [])
     merged = have + [f for f in features if f not in have]
     header = (f"# written by `optgen new {name} --from {base_path.stem}"
@@ -51,6 +54,9 @@ def spec_text(name: str, base_path: Path, features: list[str], out: Path) -> str
         return header + yaml.safe_dump(body, sort_keys=False, width=100)
     full = {"name": name, "class": class_name(name), "doc": doc}
     full.update({k: v for k, v in data.items() if k not in ("name", "class", "doc", "extends", "matches", "constructor_order")})
+    if comp.includes:  # the blocks stay blocks: their declarations (written out above) refine to themselves
+        full["include"] = [{"block": i.name, "with": {k: unparse(v) for k, v in i.mapping.items()}} if i.mapping
+                           else i.name for i in comp.includes]
     if merged:
         full["features"] = merged
     return header + f"# the fields of {base_path} (with its parents) written out: extends names specs of one folder\n" \
@@ -85,7 +91,19 @@ def new_spec(name: str, base: str, features: list[str], out: Path | None, spec_d
     if target.exists() and not target.is_file():
         raise NewError(f"{target} is not a file")
     text = spec_text(name, base_path, features, target)
-    _check_text(text, target)
+    # a spec written out elsewhere still includes and uses the base's blocks: copy them beside it
+    blocks, there = base_path.parent / "blocks", target.parent / "blocks"
+    copied = blocks.is_dir() and not there.exists() and target.parent.resolve() != base_path.parent.resolve()
+    if copied:
+        import shutil
+
+        shutil.copytree(blocks, there)
+    try:
+        _check_text(text, target)
+    except BaseException:
+        if copied:
+            shutil.rmtree(there, ignore_errors=True)
+        raise
     write_atomic(target, text)
     return target
 

@@ -6,15 +6,18 @@ A block is a YAML file ``blocks/<name>.yaml`` in the spec folder. It may declare
 block may replace (``with:``).
 
 * ``include: [name, {block: name, with: {param: expression}}]`` (a spec's or a block's) merges the
-  block's declarations into the includer's. Merge rules: the includer's own entries come first, in
+  block's declarations into the includer's (and its ``matches:``, mapping by mapping, the
+  includer's values winning: a published API's state-dict layout shared by several specs). Merge rules: the includer's own entries come first, in
   their order, then each included block's other entries, in include order. An own entry with the
   name of an included one refines it field by field (the rule of ``extends:``): the includer's
-  fields win. Two included blocks that declare the same name differently are an error naming both
+  fields win (an empty own entry, ``name: {}``, only places an included one in the includer's
+  order, which is the order of the IR's state, globals and accumulators). Two included blocks that declare the same name differently are an error naming both
   places; declaring it identically is allowed (one entry). ``with:`` rewrites the block's
   expressions (state conditions, inits, facts) and is inherited by the block's ``use:``.
 * ``- use: name`` or ``- {use: name, with: {param: expression}}`` in a statement list stands for
   the block's ``update:`` statements (inside ``update:``) or its ``finalize:`` statements (inside
-  ``finalize:``), in place. A block that declares anything must be included to be used. Each
+  ``finalize:``), in place. A block that declares anything must be included to be used (by the
+  block or the spec that uses it; a use inherits that include's ``with:`` unless it has one). Each
   ``with:`` entry replaces every use of the parameter by the expression (as a tree, so no
   parentheses are needed); a parameter that the block assigns must be given a plain name.
   Other names in a block are the includer's names (``grad``, ``param``, ``lr``, ...): where a block
@@ -38,7 +41,7 @@ from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
 
 BLOCKS_FOLDER = "blocks"
 DECLARATIONS = ("hyperparameters", "state", "globals", "accumulators", "facts")
-BLOCK_FIELDS = ("block", "doc", "params", "include", *DECLARATIONS, "update", "finalize")
+BLOCK_FIELDS = ("block", "doc", "params", "include", "matches", *DECLARATIONS, "update", "finalize")
 MAX_BLOCK_DEPTH = 16
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 
@@ -211,6 +214,22 @@ class Composition:
                         subst[(section, name)] = chain
             if merged or section in data:
                 data[section] = merged
+        # matches: (the published class and its test plan): merged deeply, the includer's values win
+        found = [self.blocks[inc.name] for inc in includes if isinstance(self.blocks[inc.name].data.get("matches"), dict)]
+        if found:
+            merged_matches: dict = {}
+            for block in found:
+                merged_matches = _deep_merge(merged_matches, block.data["matches"])
+                _take(smap, block.smap, ("matches",), keep_existing=True)
+            own = data.get("matches")
+            data["matches"] = _deep_merge(merged_matches, own) if isinstance(own, dict) else merged_matches
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _take(dst: SourceMap, src: SourceMap, prefix: tuple, keep_existing: bool) -> None:

@@ -353,6 +353,8 @@ def _use(item: dict, here: tuple, smap: SourceMap, ctx: _Scope | None) -> list[S
         raise SpecError(pos, name, "use: expands a block of a spec folder's blocks/: not available here")
     block = ctx.comp.block(item["use"], pos, name, ctx.stack)
     inc = next((x for x in ctx.includes if x.name == block.name), None)
+    if inc is None:  # a block may use what its user includes
+        inc = next((x for x in ctx.comp.includes if x.name == block.name), None)
     if declares(block) and inc is None:
         raise SpecError(pos, name, f"block '{block.name}' declares names (its hyperparameters, state, ...): "
                         f"list it under include: to use it")
