@@ -64,7 +64,8 @@ def test_check_command_reports_position(tmp_path: Path) -> None:
     result = in_root(["check", str(bad)])
     assert result.exit_code == 2
     assert "unknown name 'lrr' (did you mean 'lr'?)" in result.output
-    assert ":43:21: update[2]:" in result.output
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if "lrr" in t)
+    assert f":{line}:21: update[2]:" in result.output
 
 
 def test_list_and_show() -> None:

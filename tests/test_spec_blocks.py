@@ -204,3 +204,26 @@ def test_an_empty_own_entry_places_an_included_one(tmp_path):
     prog = lower(load_spec(_folder(tmp_path, spec, momentum=MOMENTUM)))
     assert [s.name for s in prog.state] == ["m", "buf"]
 
+
+
+def test_published_section_unfolds(tmp_path):
+    spec = PLAIN + ("published:\n  constructor_order: [lr, eps, weight_decay, foreach]\n"
+                    "  hyperparameters:\n    lr: {message: \"bad lr {value}\"}\n    foreach: {default: null, type: any}\n")
+    (tmp_path / "demo.yaml").write_text(spec)
+    prog = lower(load_spec(tmp_path / "demo.yaml"))
+    h = dict(prog.hypers)
+    assert [n for n, _ in prog.hypers] == ["lr", "eps", "weight_decay", "foreach"]
+    assert h["lr"].message == "bad lr {value}" and h["lr"].default == 0.1
+
+
+@pytest.mark.parametrize("tail, where, message", [
+    ("published:\n  update: []\n", (17, 3), "unknown field 'update' in published:"),
+    ("published:\n  hyperparameters:\n    lr: {default: 0.2}\n", (18, 10), "'default' of 'lr' is given twice"),
+    ("published:\n  hyperparameters:\n    lr: 1\n", (18, 5), "'lr' is given twice"),
+    ("published:\n  constructor_order: [lr, eps, weight_decay, nope]\n", (17, 46), "unknown hyperparameter 'nope'"),
+])
+def test_published_errors(tmp_path, tail, where, message):
+    (tmp_path / "demo.yaml").write_text(PLAIN + tail)
+    err = _error(tmp_path / "demo.yaml")
+    assert (err.position.line, err.position.column) == where, str(err)
+    assert message in err.message, str(err)

@@ -168,6 +168,7 @@ def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
     digest = hashlib.sha256(text.encode()).hexdigest()
     if comp is None:
         comp = Composition(path.parent / BLOCKS_FOLDER)
+    _unfold_published(data, smap)
     includes = comp.read_includes(data, smap)
     parent_name = data.get("extends")
     if parent_name is None:
@@ -196,6 +197,69 @@ def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
     comp.merge_declarations(merged, mmap, includes, comp.substitutions)
     comp.includes.extend(includes)
     return merged, mmap, hashlib.sha256((pdigest + digest).encode()).hexdigest()
+
+
+#: What ``published:`` may hold: the published API surface and the test plan, apart from the maths.
+PUBLISHED_FIELDS = ("matches", "constructor_order", "hyperparameters")
+
+
+def _unfold_published(data: dict, smap: SourceMap) -> None:
+    """``published:`` holds what a spec publishes rather than computes: ``matches`` (the published
+    class and the settings the equivalence tests run), ``constructor_order``, and hyperparameter
+    fields of the API surface (arguments accepted but unused or not implemented, torch's messages).
+    It unfolds into the top level: its hyperparameter entries add to (or add fields to) the maths'
+    ones, and giving a field in both places is an error."""
+    pub = data.pop("published", None)
+    if pub is None:
+        return
+    if not isinstance(pub, dict):
+        raise SpecError(smap.at(("published",)), "published", "must be a mapping of "
+                        + ", ".join(PUBLISHED_FIELDS))
+
+    def move(old: tuple, new: tuple) -> None:
+        for table in (smap.positions, smap.text_offsets):
+            for p in [p for p in table if p[: len(old)] == old]:
+                table[new + p[len(old):]] = table.pop(p)
+
+    for key, value in pub.items():
+        if key not in PUBLISHED_FIELDS:
+            raise SpecError(smap.at(("published", key, "<key>")), f"published.{key}",
+                            f"unknown field '{key}' in published:{did_you_mean(str(key), PUBLISHED_FIELDS)} "
+                            "(the maths stay at the top level)")
+        if key != "hyperparameters":
+            if key in data:
+                raise SpecError(smap.at(("published", key, "<key>")), f"published.{key}",
+                                f"'{key}' is given twice: at the top level and under published:")
+            data[key] = value
+            move(("published", key), (key,))
+            continue
+        own = data.setdefault("hyperparameters", {})
+        if not isinstance(value, dict) or not isinstance(own, dict):
+            continue  # validation reports it
+        for name, entry in value.items():
+            if isinstance(entry, dict) and isinstance(own.get(name), dict):
+                twice = sorted(set(entry) & set(own[name]))
+                if twice:
+                    raise SpecError(smap.at(("published", key, name, twice[0], "<key>")),
+                                    f"published.hyperparameters.{name}.{twice[0]}",
+                                    f"'{twice[0]}' of '{name}' is given twice: in hyperparameters: and under published:")
+                own[name] = {**own[name], **entry}
+                move(("published", key, name), ("hyperparameters", name, "<published>"))
+                for p in [p for p in list(smap.positions) if p[:3] == ("hyperparameters", name, "<published>")]:
+                    if len(p) > 3:
+                        smap.positions[("hyperparameters", name) + p[3:]] = smap.positions.pop(p)
+                        if p in smap.text_offsets:
+                            smap.text_offsets[("hyperparameters", name) + p[3:]] = smap.text_offsets.pop(p)
+                    else:
+                        del smap.positions[p]
+                        smap.text_offsets.pop(p, None)
+            elif name in own:
+                raise SpecError(smap.at(("published", key, name, "<key>")), f"published.hyperparameters.{name}",
+                                f"'{name}' is given twice: in hyperparameters: and under published:")
+            else:
+                own[name] = entry
+                move(("published", key, name), ("hyperparameters", name))
+    smap.positions.pop(("published",), None)
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -269,7 +333,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     from optgen.spec import model as m
 
     if not loc:
-        return [*(f.alias or n for n, f in m.SpecModel.model_fields.items()), "include"]
+        return [*(f.alias or n for n, f in m.SpecModel.model_fields.items()), "include", "published"]
     table = {
         (): m.SpecModel,
         ("hyperparameters",): m.HyperparameterSpec,
