@@ -60,9 +60,9 @@ def test_round_bf16_is_unbiased_and_exact_on_bf16_values() -> None:
 def test_cpu_cache_chunks_keep_results_and_random_stream(monkeypatch, spec: str, index: int) -> None:
     """The torch backend steps CPU buckets in cache-sized chunks: tiny chunks (every tensor alone)
     must give adv_optm's bits too, random stream included."""
-    from optgen.runtime import base
+    from optgen.runtime import executors
 
-    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(executors, "CPU_CHUNK_ELEMENTS", 64)
     setting = settings(spec)[index]
     torch.set_default_dtype(torch.float32)
     expected, _ = train(make_model("transformer", torch.bfloat16), published_factory(spec, setting), 30, torch.bfloat16)

@@ -9,7 +9,6 @@ hooks) comes from :class:`torch.optim.Optimizer` plus the code here.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -17,12 +16,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.backends import reference
-from optgen.ir.nodes import Assign, If, Kind, Program, StateDecl, Stmt, walk_nodes, walk_stmts
+from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
 from optgen.runtime import published_layout, sharding, stochastic, zero1
-from optgen.runtime.host import HostContext, evaluate, meta_value, run_host_block, to_device_scalar
+from optgen.runtime.executors import executor_for
+from optgen.runtime.host import HostContext, evaluate, run_host_block
 from optgen.runtime.kourkoutas import R_EMA
-from optgen.runtime.matrix_view import ViewedState, as_view, packed_shape, view_shape
+from optgen.runtime.matrix_view import packed_shape, view_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
 BACKENDS = ("auto", "triton", "torch", "compiled", "reference")
@@ -118,24 +117,19 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     #: (compiled kernels), caches keyed by ``id()`` of parameters, one step's partial sums and
     #: tables derived from the program
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
-        "_triton", "_kourkoutas", "_rounds", "_sketches", "_first_group", "_global_state_conds", "_prune_empty",
-        "_parts", "_part_vectors", "_positions", "_position_index", "_compiled", "_layouts", "_zero", "_host_reads",
+        "_triton", "_kourkoutas", "_first_group", "_global_state_conds", "_prune_empty",
+        "_parts", "_part_vectors", "_positions", "_position_index", "_layouts", "_zero", "_executors",
     )
 
     def _init_transient(self) -> None:
         """Set up what :attr:`_TRANSIENT` names from the program and the current param groups."""
         prog = self._program
         self._triton = None
-        self._compiled = None  # the compiled backend's entry (optgen.runtime.compiled), on first step
+        #: the step's backends (optgen.runtime.executors), by (backend, sharded), made on first use
+        self._executors: dict[tuple[str, bool], Any] = {}
         self._layouts: dict[int, sharding.Layout] = {}  # how each DTensor parameter is stepped
         self._zero = _flat_group(self) if any(n == "process_group" for n, _ in prog.hypers) else None
         self._kourkoutas = None
-        self._rounds: dict[tuple, bool] = {}  # branch path -> whether it stochastically rounds
-        #: what the host pass reads per parameter (its results are shared by parameters that agree)
-        self._host_reads = _host_reads(prog)
-        #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
-        self._sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
-                             for n in walk_nodes(s.value))
         #: hyperparameters every group reads from group 0 (``first_group``)
         self._first_group = [n for n, h in prog.hypers if h.first_group]
         #: states whose condition reads a global, and whether it also reads parameter facts
@@ -549,26 +543,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         group = self._stepping_group(gi, group)
-        distributed = self._zero is not None or any(map(sharding.is_dtensor, params))
-        if self.backend == "triton" and not distributed:
-            sums = _triton_step(self._triton_runner(), gi, group, params, self.state, self._inputs)
-            self._accumulate_vector(params, sums)
-            self._drop_empty_states(params)
-            return
-        if self._program.step_store == "tensor":
-            torch._foreach_add_([self.state[p]["step"] for p in params], 1)
-        parts: dict[int, list[tuple[str, Any]]] = {}
-        if self.backend == "reference" and self._zero is None:
-            for p in params:
-                parts[id(p)] = []
-                lay = self._layout(p, group)  # a DTensor parameter is stepped whole (gathered)
-                param, grad, _ = sharding.stepped(p, lay, None)
-                reference.run(self._program, param, grad, self.state[p], group, self._inputs(p), parts[id(p)])
-                sharding.keep_rows(p, lay, param)
-        else:
-            self._torch_step(group, params, parts)
-        if self._program.accumulators:
-            self._accumulate(params, parts)
+        sharded = self._zero is not None or any(map(sharding.is_dtensor, params))
+        key = (self.backend, sharded)
+        executor = self._executors.get(key)
+        if executor is None:  # (optgen.runtime.executors: the backends behind one interface)
+            executor = self._executors[key] = executor_for(self, self.backend, sharded)
+        executor.step(gi, group, params)
         self._drop_empty_states(params)
 
     def _drop_empty_states(self, params: list[torch.Tensor]) -> None:
@@ -637,133 +617,6 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             out.append(p)
         return out
 
-    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor],
-                    parts: dict[int, list[tuple[str, Any]]]) -> None:
-        prog = self._program
-        tensor_math = prog.step_math == "tensor"
-        distributed = any(map(sharding.is_dtensor, params))
-        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
-        reads = self._host_reads
-        done: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # one host pass per distinct reads
-        for p in params:
-            state = self.state[p]
-            view = view_shape(prog, p, group, state)
-            if reads is not None:
-                key = _host_key(reads, p, state, view)
-                if key in done:
-                    path_, env = done[key]
-                    buckets[path_].append((p, env, view))
-                    continue
-            ctx = HostContext(group, p, state, tensor_math, view)
-            ctx.inputs = self._inputs(p)
-            path: list[tuple[str, bool]] = []
-            _host_pass(prog.body, ctx, path)
-            buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
-            if reads is not None:
-                done[key] = (tuple(path), ctx.env)
-        device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
-        if self._sketches and any(p.dtype == torch.bfloat16 for p in params):
-            # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
-            # parameter (its sketch, then its rounding): step the parameters one at a time, in order
-            where = {id(item[0]): (path, item) for path, items in buckets.items() for item in items}
-            ahead: dict[int, torch.Tensor] = {}
-            chunks = [(where[id(p)][0], [where[id(p)][1]]) for p in params]
-        else:
-            ahead = self._random_bits_ahead(buckets, params)
-            # compiled: one graph per bucket already makes one pass; cache chunks would only add graphs
-            chunks = [(path, chunk) for path, items in buckets.items()
-                      for chunk in ([items] if self.backend == "compiled" else _cache_chunks(items))]
-        for path, items in chunks:
-            h: dict[str, Any] = dict(path)
-            env0 = items[0][1]
-            shared = all(env is env0 for _, env, _ in items)  # one host pass served them all
-            for name in env0:
-                if shared:
-                    v = to_device_scalar(env0[name])
-                    h[name] = [v] * len(items) if _has_nan([v]) else v
-                    continue
-                values = [to_device_scalar(env[name]) for _, env, _ in items]
-                first = values[0]
-                h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
-            # factored parameters are stepped as matrix views, their 1-bit states unpacked
-            if self._zero is not None:  # ZeRO: the master shards and the reduce-scattered gradients
-                lays = [sharding.PLAIN for _ in items]
-                stepped = [(self.state[p][sharding.MASTER], self._zero.grad(p, p.dtype), None) for p, _, _ in items]
-            elif distributed:  # DTensor parameters: their local rows, or the whole parameter gathered
-                lays = [self._layout(p, group) for p, _, _ in items]
-                stepped = [sharding.stepped(p, lay, view) for (p, _, view), lay in zip(items, lays)]
-            else:
-                stepped = [(p, p.grad, view) for p, _, view in items]
-            viewed = [ViewedState(prog, self.state[p], view, t) for (p, _, _), (t, _, view) in zip(items, stepped)]
-            ps = [as_view(t, view, "parameter") for t, _, view in stepped]
-            grads = [as_view(g, view, "gradient") for _, g, view in stepped]
-            states = {n: [v.view.get(n) for v in viewed] for n in device_state}
-            acc: list[tuple[str, list]] = []
-            shards = [lay.shard if lay.mode == "sharded" else None for lay in lays] if distributed else []
-            layout = sharding.RowBucket(shards) if any(shards) else None
-            if self._zero is not None:
-                layout = sharding.FlatBucket(self._zero, [p for p, _, _ in items], [t for t, _, _ in stepped])
-            with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]), sharding.bucket(layout):
-                if layout is not None:  # collectives inside: the eager multi-tensor code
-                    type(self)._device_step(h, ps, grads, states, *([acc] if prog.accumulators else []))
-                elif self.backend == "compiled" and self._step_compiled(path, h, ps, grads, states, acc):
-                    pass
-                elif prog.accumulators:
-                    type(self)._device_step(h, ps, grads, states, acc)
-                else:
-                    type(self)._device_step(h, ps, grads, states)
-            for name, values in acc:
-                for (p, _, _), value in zip(items, values if isinstance(values, list) else [values] * len(items)):
-                    parts.setdefault(id(p), []).append((name, value))
-            for n in device_state:
-                for v, t in zip(viewed, states[n]):
-                    if t is not None and v.view.get(n) is None:
-                        v.view[n] = t
-            for v in viewed:
-                v.write_back()
-            if self._zero is not None:  # every rank's stepped shards into the parameters
-                for (p, _, _), (t, _, _) in zip(items, stepped):
-                    self._zero.write(p, t)
-            elif distributed:
-                for (p, _, _), lay, (t, _, _) in zip(items, lays, stepped):
-                    sharding.keep_rows(p, lay, t)
-
-    def _step_compiled(self, path: tuple, h: dict[str, Any], ps: list, grads: list, states: dict[str, list],
-                       acc: list) -> bool:
-        """The compiled backend's bucket step; False: step it eagerly (stochastic rounding and
-        low-rank sketches draw from a random stream eagerly, or it failed to compile)."""
-        if self._path_draws(path):
-            return False
-        if self._compiled is None:
-            from optgen.runtime.compiled import CompiledSteps, number_args
-
-            self._compiled = CompiledSteps(type(self)._device_step, bool(self._program.accumulators),
-                                           number_args(self._program))
-        return self._compiled.run(h, ps, grads, states, acc)
-
-    def _random_bits_ahead(self, buckets: dict[tuple, list], params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Stochastic-rounding bits drawn in parameter order (adv_optm's stream), when more than one
-        bucket rounds: buckets would draw them out of order."""
-        if "stochastic_rounding" not in self._program.features or len(buckets) < 2:
-            return {}
-        paths = [items for path, items in buckets.items() if self._path_rounds(path)]
-        if len(paths) < 2:
-            return {}
-        rounding = {id(p) for items in paths for p, _, _ in items}
-        return {id(p): stochastic.draw(p) for p in params if id(p) in rounding}
-
-    def _path_rounds(self, path: tuple) -> bool:
-        if path not in self._rounds:
-            self._rounds[path] = _path_rounds(self._program.body, dict(path))
-        return self._rounds[path]
-
-    def _path_draws(self, path: tuple) -> bool:
-        """Whether the branch path draws random numbers (stochastic rounding, low-rank sketches)."""
-        key = ("draws", path)
-        if key not in self._rounds:
-            self._rounds[key] = _path_rounds(self._program.body, dict(path), sketches=True)
-        return self._rounds[key]
-
     # -- torch.distributed helpers (single process: no-ops) ------------------------------------
     @torch.no_grad()
     def broadcast_buffers(self, buffers: Iterable[torch.Tensor]) -> None:
@@ -809,14 +662,6 @@ class FusedBackward:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-@torch.compiler.disable
-def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any,
-                 inputs: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, torch.Tensor]:
-    # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
-    # which a traced graph cannot hold; forward and backward stay compiled around it.
-    return runner.step(gi, group, params, state, inputs)
 
 
 def _auto_backend(groups: list[dict[str, Any]], local: bool = True) -> str:
@@ -868,103 +713,6 @@ def _require_param_dtype(name: str, dtype: Any, params: list[torch.Tensor]) -> N
                 f"{name}={dtype} differs from the dtype of parameter {i} ({p.dtype}): a master copy in another "
                 f"dtype is not implemented; pass {name}={p.dtype} or parameters of {dtype}"
             )
-
-
-def _has_nan(values: list[Any]) -> bool:
-    return any(isinstance(v, float) and math.isnan(v) for v in values)
-
-
-#: On CPU a bucket is stepped in chunks of at most this many elements: one op at a time over every
-#: tensor streams them all through memory, while a chunk's buffers stay in cache between its ops.
-CPU_CHUNK_ELEMENTS = 1 << 18
-
-
-def _cache_chunks(items: list[tuple]) -> list[list[tuple]]:
-    """A bucket's parameters in chunks that fit in cache (CPU), or whole (other devices)."""
-    if not items or items[0][0].device.type != "cpu":
-        return [items]
-    chunks: list[list[tuple]] = [[]]
-    size = 0
-    for item in items:
-        n = item[0].numel()
-        if chunks[-1] and size + n > CPU_CHUNK_ELEMENTS:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(item)
-        size += n
-    return chunks
-
-
-def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = False) -> bool:
-    """Whether the branch path ``taken`` reaches a stochastic rounding (or, with ``sketches``, a
-    low-rank sketch: both draw from adv_optm's random stream)."""
-    for s in stmts:
-        if isinstance(s, If):
-            branch = s.then if taken.get(s.cond.attr, False) else s.orelse
-            if _path_rounds(branch, taken, sketches):
-                return True
-        elif any(n.op == "stochastic_round" or (sketches and n.op.startswith("low_rank_")) for n in walk_nodes(s.value)):
-            return True
-    return False
-
-
-def _host_reads(prog: Program) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:
-    """The per-parameter facts the host pass reads besides the group and the step (``meta``
-    names, ``has`` states, host states), or None when it writes host states or reads runtime
-    inputs or parameter attributes: then it runs for every parameter."""
-    host_states = {d.name for d in prog.state}  # a host read of any state's value
-    metas: set[str] = set()
-    has: set[str] = set()
-    states: set[str] = set()
-    for s in walk_stmts(prog.body):
-        if isinstance(s, If):
-            root = s.cond
-        elif isinstance(s, Assign) and s.value.is_host:
-            if s.role == "host_state":
-                return None
-            root = s.value
-        else:
-            continue
-        for n in walk_nodes(root):
-            if n.op in ("input", "param_attr"):
-                return None
-            if n.op == "meta":
-                metas.add(n.attr)
-            elif n.op == "has":
-                has.add(n.attr)
-            elif n.op == "var" and n.attr in host_states:
-                states.add(n.attr)
-    return tuple(sorted(metas)), tuple(sorted(has)), tuple(sorted(states))
-
-
-def _host_key(reads: tuple, p: torch.Tensor, state: dict, view: tuple[int, int] | None) -> tuple:
-    """What one parameter's host pass depends on besides its group: equal keys, equal results."""
-    metas, has, states = reads
-    return (_scalar_key(state.get("step")), view, p.dtype, p.device, tuple(meta_value(m, p, view) for m in metas),
-            tuple(state.get(n) is not None for n in has), tuple(_scalar_key(state.get(n)) for n in states))
-
-
-def _scalar_key(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return (v.item(), v.dtype) if v.numel() == 1 else id(v)  # a tensor read whole: never shared
-    return v
-
-
-def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]) -> None:
-    """Evaluate the host statements of one parameter and record which branches it takes."""
-    for s in stmts:
-        if isinstance(s, If):
-            taken = bool(ctx.env[s.cond.attr]) if s.cond.op == "var" else bool(evaluate(s.cond, ctx))
-            path.append((s.cond.attr, taken))
-            _host_pass(s.then if taken else s.orelse, ctx, path)
-        elif isinstance(s, Assign) and s.value.is_host:
-            if s.role == "host_state":
-                ctx.self_ref = s.target
-                value = evaluate(s.value, ctx)
-                ctx.self_ref = None
-                ctx.state[s.target].copy_(torch.as_tensor(value))
-            else:
-                ctx.env[s.target] = evaluate(s.value, ctx)
 
 
 def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tuple[int, int] | None,

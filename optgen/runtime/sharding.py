@@ -313,8 +313,8 @@ def layout_of(p: torch.Tensor, position: int, view: tuple[int, int] | None, whol
     return Layout("sharded", s)
 
 
-def stepped(p: torch.Tensor, lay: Layout, view: tuple[int, int] | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+def stepped_tensors(p: torch.Tensor, lay: Layout, view: tuple[int, int] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
     """The parameter, gradient and view the backend steps for ``p``."""
     grad = p.grad
     if lay.mode == "plain":
@@ -508,3 +508,41 @@ class FlatBucket:
 
     def whole(self, xs: list, fn: Callable) -> list:
         return [self._mine(fn(self._full(x, i), i), i) for i, x in enumerate(xs)]
+
+
+# -- the layer the executors ask for the tensors they step -----------------------------------------
+def _nothing() -> None:
+    return None
+
+
+def bucket_tensors(opt: Any, group: dict[str, Any], items: list[tuple]) -> tuple[list[tuple], Any, Callable[[], None]]:
+    """For a bucket's ``(param, host values, view)`` items: the ``(tensor, gradient, view)`` the
+    backend steps for each, the ops' layout (None: nothing spans ranks) and what to run after the
+    step (write the shards back)."""
+    zero = opt._zero
+    if zero is not None:  # ZeRO: the master shards and the reduce-scattered gradients
+        stepped = [(opt.state[p][MASTER], zero.grad(p, p.dtype), None) for p, _, _ in items]
+
+        def gathered() -> None:  # every rank's stepped shards into the parameters
+            for (p, _, _), (t, _, _) in zip(items, stepped):
+                zero.write(p, t)
+
+        return stepped, FlatBucket(zero, [p for p, _, _ in items], [t for t, _, _ in stepped]), gathered
+    if not any(is_dtensor(p) for p, _, _ in items):
+        return [(p, p.grad, view) for p, _, view in items], None, _nothing
+    lays = [opt._layout(p, group) for p, _, _ in items]  # DTensors: their local rows, or gathered
+    stepped = [stepped_tensors(p, lay, view) for (p, _, view), lay in zip(items, lays)]
+    shards = [lay.shard if lay.mode == "sharded" else None for lay in lays]
+
+    def kept() -> None:
+        for (p, _, _), lay, (t, _, _) in zip(items, lays, stepped):
+            keep_rows(p, lay, t)
+
+    return stepped, RowBucket(shards) if any(shards) else None, kept
+
+
+def whole_tensors(opt: Any, group: dict[str, Any], p: torch.Tensor) -> tuple[torch.Tensor, Any, Callable[[], None]]:
+    """The whole parameter and gradient (a DTensor's gathered) and what to run after its step."""
+    lay = opt._layout(p, group)
+    param, grad, _ = stepped_tensors(p, lay, None)
+    return param, grad, lambda: keep_rows(p, lay, param)

@@ -1,0 +1,320 @@
+"""The step's backends behind one interface: an executor steps one param group's parameters.
+
+:class:`optgen.runtime.base.GeneratedOptimizer` keeps torch.optim's contract (param groups, state
+allocation, checkpoints and copies, optimizer-wide values); an executor turns the parameters of
+one group that have gradients into updated parameters and states, and hands each parameter's
+contributions to the program's accumulators back to the optimizer. Three executors:
+
+- :class:`ReferenceExecutor`: the IR interpreter, one parameter at a time (the oracle);
+- :class:`TorchExecutor`: the generated multi-tensor step per bucket of parameters that take the
+  same branches (``compiled=True``: each bucket compiled by inductor into one fused loop);
+- :class:`TritonExecutor`: the generated fused kernels, through the triton runner.
+
+Sharded parameters are a layer the executors ask for the tensors they step
+(:func:`optgen.runtime.sharding.bucket_tensors`, :func:`optgen.runtime.sharding.whole_tensors`):
+a DTensor's local rows or its gathered whole, a ZeRO master shard; nothing here branches on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from optgen.backends import reference
+from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes, walk_stmts
+from optgen.runtime import sharding, stochastic
+from optgen.runtime.host import HostContext, evaluate, meta_value, to_device_scalar
+from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
+
+if TYPE_CHECKING:
+    from optgen.runtime.base import GeneratedOptimizer
+
+#: On CPU a bucket is stepped in chunks of at most this many elements: one op at a time over every
+#: tensor streams them all through memory, while a chunk's buffers stay in cache between its ops.
+CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+class Executor:
+    """Steps the parameters of one group (all with gradients and states) of ``opt``."""
+
+    def __init__(self, opt: GeneratedOptimizer) -> None:
+        self.opt = opt
+        self.program: Program = opt._program
+
+    def step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        opt = self.opt
+        if self.program.step_store == "tensor":
+            torch._foreach_add_([opt.state[p]["step"] for p in params], 1)
+        parts: dict[int, list[tuple[str, Any]]] = {}
+        self.run(group, params, parts)
+        if self.program.accumulators:
+            opt._accumulate(params, parts)
+
+    def run(self, group: dict[str, Any], params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+
+class ReferenceExecutor(Executor):
+    def run(self, group: dict[str, Any], params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
+        opt = self.opt
+        for p in params:
+            parts[id(p)] = []
+            param, grad, done = sharding.whole_tensors(opt, group, p)
+            reference.run(self.program, param, grad, opt.state[p], group, opt._inputs(p), parts[id(p)])
+            done()
+
+
+class TritonExecutor(Executor):
+    def step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        opt = self.opt
+        sums = _triton_step(opt._triton_runner(), gi, group, params, opt.state, opt._inputs)
+        opt._accumulate_vector(params, sums)
+
+
+class TorchExecutor(Executor):
+    """The generated ``_device_step`` over buckets of parameters that take the same branches."""
+
+    def __init__(self, opt: GeneratedOptimizer, compiled: bool = False) -> None:
+        super().__init__(opt)
+        prog = self.program
+        self.compiled_backend = compiled
+        self.device_step = type(opt)._device_step
+        self.device_state = [d.name for d in prog.state if d.kind != Kind.HOST]
+        self.rounds: dict[Any, bool] = {}  # branch path -> whether it stochastically rounds (or draws)
+        #: what the host pass reads per parameter (its results are shared by parameters that agree)
+        self.host_reads = _host_reads(prog)
+        #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
+        self.sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
+                            for n in walk_nodes(s.value))
+        self.compiled = None  # optgen.runtime.compiled's entry, on the first compiled bucket
+
+    def buckets(self, group: dict[str, Any], params: list[torch.Tensor]) -> dict[tuple, list[tuple]]:
+        """Parameters by branch path, each with its host values and matrix view."""
+        opt, prog = self.opt, self.program
+        tensor_math = prog.step_math == "tensor"
+        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]]] = {}
+        reads = self.host_reads
+        done: dict[tuple, tuple[tuple, dict[str, Any]]] = {}  # one host pass per distinct reads
+        for p in params:
+            state = opt.state[p]
+            view = view_shape(prog, p, group, state)
+            if reads is not None:
+                key = _host_key(reads, p, state, view)
+                if key in done:
+                    path_, env = done[key]
+                    buckets[path_].append((p, env, view))
+                    continue
+            ctx = HostContext(group, p, state, tensor_math, view)
+            ctx.inputs = opt._inputs(p)
+            path: list[tuple[str, bool]] = []
+            _host_pass(prog.body, ctx, path)
+            buckets.setdefault(tuple(path), []).append((p, ctx.env, view))
+            if reads is not None:
+                done[key] = (tuple(path), ctx.env)
+        return buckets
+
+    def run(self, group: dict[str, Any], params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
+        opt, prog = self.opt, self.program
+        buckets = self.buckets(group, params)
+        if self.sketches and any(p.dtype == torch.bfloat16 for p in params):
+            # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
+            # parameter (its sketch, then its rounding): step the parameters one at a time, in order
+            where = {id(item[0]): (path, item) for path, items in buckets.items() for item in items}
+            ahead: dict[int, torch.Tensor] = {}
+            chunks = [(where[id(p)][0], [where[id(p)][1]]) for p in params]
+        else:
+            ahead = self.random_bits_ahead(buckets, params)
+            # compiled: one graph per bucket already makes one pass; cache chunks would only add graphs
+            chunks = [(path, chunk) for path, items in buckets.items()
+                      for chunk in ([items] if self.compiled_backend else _cache_chunks(items))]
+        for path, items in chunks:
+            h = _host_values(path, items)
+            stepped, layout, finish = sharding.bucket_tensors(opt, group, items)
+            # factored parameters are stepped as matrix views, their 1-bit states unpacked
+            viewed = [ViewedState(prog, opt.state[p], view, t) for (p, _, _), (t, _, view) in zip(items, stepped)]
+            ps = [as_view(t, view, "parameter") for t, _, view in stepped]
+            grads = [as_view(g, view, "gradient") for _, g, view in stepped]
+            states = {n: [v.view.get(n) for v in viewed] for n in self.device_state}
+            acc: list[tuple[str, list]] = []
+            with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]), sharding.bucket(layout):
+                if layout is None and self.compiled_backend and self.step_compiled(path, h, ps, grads, states, acc):
+                    pass
+                elif prog.accumulators:
+                    self.device_step(h, ps, grads, states, acc)
+                else:
+                    self.device_step(h, ps, grads, states)
+            for name, values in acc:
+                for (p, _, _), value in zip(items, values if isinstance(values, list) else [values] * len(items)):
+                    parts.setdefault(id(p), []).append((name, value))
+            for n in self.device_state:
+                for v, t in zip(viewed, states[n]):
+                    if t is not None and v.view.get(n) is None:
+                        v.view[n] = t
+            for v in viewed:
+                v.write_back()
+            finish()
+
+    def step_compiled(self, path: tuple, h: dict[str, Any], ps: list, grads: list, states: dict[str, list],
+                      acc: list) -> bool:
+        """The compiled backend's bucket step; False: step it eagerly (stochastic rounding and
+        low-rank sketches draw from a random stream eagerly, or it failed to compile)."""
+        if self.path_draws(path):
+            return False
+        if self.compiled is None:
+            from optgen.runtime.compiled import CompiledSteps, number_args
+
+            self.compiled = CompiledSteps(self.device_step, bool(self.program.accumulators), number_args(self.program))
+        return self.compiled.run(h, ps, grads, states, acc)
+
+    def random_bits_ahead(self, buckets: dict[tuple, list], params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Stochastic-rounding bits drawn in parameter order (adv_optm's stream), when more than one
+        bucket rounds: buckets would draw them out of order."""
+        if "stochastic_rounding" not in self.program.features or len(buckets) < 2:
+            return {}
+        paths = [items for path, items in buckets.items() if self.path_rounds(path)]
+        if len(paths) < 2:
+            return {}
+        rounding = {id(p) for items in paths for p, _, _ in items}
+        return {id(p): stochastic.draw(p) for p in params if id(p) in rounding}
+
+    def path_rounds(self, path: tuple) -> bool:
+        if path not in self.rounds:
+            self.rounds[path] = _path_rounds(self.program.body, dict(path))
+        return self.rounds[path]
+
+    def path_draws(self, path: tuple) -> bool:
+        """Whether the branch path draws random numbers (stochastic rounding, low-rank sketches)."""
+        key = ("draws", path)
+        if key not in self.rounds:
+            self.rounds[key] = _path_rounds(self.program.body, dict(path), sketches=True)
+        return self.rounds[key]
+
+
+def executor_for(opt: GeneratedOptimizer, backend: str, sharded: bool) -> Executor:
+    """The executor of ``backend``; sharded parameters step through the torch executor's code
+    (collectives run between its ops), whatever the backend."""
+    if sharded:
+        return ReferenceExecutor(opt) if backend == "reference" and opt._zero is None else TorchExecutor(opt)
+    if backend == "triton":
+        return TritonExecutor(opt)
+    if backend == "reference":
+        return ReferenceExecutor(opt)
+    return TorchExecutor(opt, compiled=backend == "compiled")
+
+
+@torch.compiler.disable
+def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any,
+                 inputs: Any) -> dict[str, torch.Tensor]:
+    # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
+    # which a traced graph cannot hold; forward and backward stay compiled around it.
+    return runner.step(gi, group, params, state, inputs)
+
+
+def _host_values(path: tuple, items: list[tuple]) -> dict[str, Any]:
+    """A bucket's host values: one number where its parameters agree, else one per parameter."""
+    h: dict[str, Any] = dict(path)
+    env0 = items[0][1]
+    shared = all(env is env0 for _, env, _ in items)  # one host pass served them all
+    for name in env0:
+        if shared:
+            v = to_device_scalar(env0[name])
+            h[name] = [v] * len(items) if _has_nan([v]) else v
+            continue
+        values = [to_device_scalar(env[name]) for _, env, _ in items]
+        first = values[0]
+        h[name] = first if all(v == first for v in values) and not _has_nan(values) else values
+    return h
+
+
+def _has_nan(values: list[Any]) -> bool:
+    return any(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def _cache_chunks(items: list[tuple]) -> list[list[tuple]]:
+    """A bucket's parameters in chunks that fit in cache (CPU), or whole (other devices)."""
+    if not items or items[0][0].device.type != "cpu":
+        return [items]
+    chunks: list[list[tuple]] = [[]]
+    size = 0
+    for item in items:
+        n = item[0].numel()
+        if chunks[-1] and size + n > CPU_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
+def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = False) -> bool:
+    """Whether the branch path ``taken`` reaches a stochastic rounding (or, with ``sketches``, a
+    low-rank sketch: both draw from adv_optm's random stream)."""
+    for s in stmts:
+        if isinstance(s, If):
+            branch = s.then if taken.get(s.cond.attr, False) else s.orelse
+            if _path_rounds(branch, taken, sketches):
+                return True
+        elif any(n.op == "stochastic_round" or (sketches and n.op.startswith("low_rank_")) for n in walk_nodes(s.value)):
+            return True
+    return False
+
+
+def _host_reads(prog: Program) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:
+    """The per-parameter facts the host pass reads besides the group and the step (``meta``
+    names, ``has`` states, host states), or None when it writes host states or reads runtime
+    inputs or parameter attributes: then it runs for every parameter."""
+    host_states = {d.name for d in prog.state}  # a host read of any state's value
+    metas: set[str] = set()
+    has: set[str] = set()
+    states: set[str] = set()
+    for s in walk_stmts(prog.body):
+        if isinstance(s, If):
+            root = s.cond
+        elif isinstance(s, Assign) and s.value.is_host:
+            if s.role == "host_state":
+                return None
+            root = s.value
+        else:
+            continue
+        for n in walk_nodes(root):
+            if n.op in ("input", "param_attr"):
+                return None
+            if n.op == "meta":
+                metas.add(n.attr)
+            elif n.op == "has":
+                has.add(n.attr)
+            elif n.op == "var" and n.attr in host_states:
+                states.add(n.attr)
+    return tuple(sorted(metas)), tuple(sorted(has)), tuple(sorted(states))
+
+
+def _host_key(reads: tuple, p: torch.Tensor, state: dict, view: tuple[int, int] | None) -> tuple:
+    """What one parameter's host pass depends on besides its group: equal keys, equal results."""
+    metas, has, states = reads
+    return (_scalar_key(state.get("step")), view, p.dtype, p.device, tuple(meta_value(m, p, view) for m in metas),
+            tuple(state.get(n) is not None for n in has), tuple(_scalar_key(state.get(n)) for n in states))
+
+
+def _scalar_key(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (v.item(), v.dtype) if v.numel() == 1 else id(v)  # a tensor read whole: never shared
+    return v
+
+
+def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]) -> None:
+    """Evaluate the host statements of one parameter and record which branches it takes."""
+    for s in stmts:
+        if isinstance(s, If):
+            taken = bool(ctx.env[s.cond.attr]) if s.cond.op == "var" else bool(evaluate(s.cond, ctx))
+            path.append((s.cond.attr, taken))
+            _host_pass(s.then if taken else s.orelse, ctx, path)
+        elif isinstance(s, Assign) and s.value.is_host:
+            if s.role == "host_state":
+                ctx.self_ref = s.target
+                value = evaluate(s.value, ctx)
+                ctx.self_ref = None
+                ctx.state[s.target].copy_(torch.as_tensor(value))
+            else:
+                ctx.env[s.target] = evaluate(s.value, ctx)
