@@ -78,7 +78,7 @@ CASES = [
     ("unknown feature", BASE.replace("class: Demo", "class: Demo\nfeatures: [maximise]"),
      "3:12: features[0]: unknown feature 'maximise' (did you mean 'maximize'?)"),
     ("feature without its anchors", BASE.replace("class: Demo", "class: Demo\nfeatures: [maximize, atan2]"),
-     "3:22: features[1]: feature 'atan2' needs a 'denom = ... + eps' statement"),
+     "3:22: features[1]: feature 'atan2' needs a denominator 'd = x + eps' (role 'denominator': declare it under roles:)"),
     ("nesterov without an EMA", BASE.replace("class: Demo", "class: Demo\nfeatures: [nesterov]"),
      "3:12: features[0]: feature 'nesterov' needs an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * "),
     ("simplified_ademamix with grams", BASE.replace("class: Demo", "class: Demo\nfeatures: [grams, simplified_ademamix]"),

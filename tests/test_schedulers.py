@@ -32,7 +32,7 @@ SPECS = {
     "nadam": {},
     "adams": {},
     "adamw_adv": {"weight_decay": 0.1},
-    "prodigy_adv": {"weight_decay": 0.1},
+    "prodigy_adv": {"weight_decay": 0.1, "lr": 0.1},  # OneCycleLR peaks at 10x lr: Prodigy at lr 10 diverges
     "muon_adv": {},
 }
 

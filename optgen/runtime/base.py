@@ -189,10 +189,13 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     self._init_state(p, group)
 
     def _init_globals(self, group: dict[str, Any]) -> None:
-        """Optimizer-wide values (Prodigy's ``d``) start in each group from its hyperparameters."""
+        """Optimizer-wide values (Prodigy's ``d``) start in each group from its hyperparameters,
+        those marked ``first_group`` taken from group 0 as the step reads them (adv_optm's latched betas)."""
+        first = self.param_groups[0] if self.param_groups else group
+        values = {**group, **{n: first[n] for n, h in self._program.hypers if h.first_group and n in first}}
         for g in self._program.globals:
             if g.name not in group:
-                group[g.name] = evaluate(g.init, HostContext(group, torch.empty(0), {}, tensor_math=False))
+                group[g.name] = evaluate(g.init, HostContext(values, torch.empty(0), {}, tensor_math=False))
 
     def _stepping_group(self, gi: int, group: dict[str, Any]) -> dict[str, Any]:
         """The values a group steps with: hyperparameters marked ``first_group`` come from group 0."""
