@@ -28,7 +28,7 @@ SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml") if p.stem != "ada
 #: specs whose step sums over a dim split across ranks (all_reduce: the order of the sum changes)
 REDUCED = {"adams", "muon_adv", "adamuon_adv"}
 #: specs stepped on whole (gathered) parameters: exact, state replicated
-GATHERED = {"prodigy_adv", "prodigy_adv_2_2_3", "prodigy_adv_2_2_3_simplified", "lion_prodigy_adv"}
+GATHERED = {"prodigy_adv", "prodigy_adv_2_2_3", "lion_prodigy_adv"}
 ULPS = 8
 
 

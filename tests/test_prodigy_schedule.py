@@ -22,7 +22,7 @@ CASES = [
     ("prodigy_adv", {"nesterov": True, "weight_decay": 0.01}),
     ("prodigy_adv", {"state_precision": "factored"}),
     ("prodigy_adv_2_2_3", {"use_AdEMAMix": True}),
-    ("prodigy_adv_2_2_3_simplified", {"Simplified_AdEMAMix": True}),
+    ("prodigy_adv_2_2_3", {"Simplified_AdEMAMix": True}),
 ]
 IDS = [f"{s}-{'-'.join(f'{k}={v}' for k, v in st.items()) or 'default'}" for s, st in CASES]
 

@@ -41,11 +41,11 @@ CASES: list[tuple[str, dict]] = [
     ("adamw_adv_2_2_3", {"use_AdEMAMix": True, "nnmf_factor": True}),
     ("adopt_adv_2_2_3", {}),
     ("adopt_adv_2_2_3", {"use_AdEMAMix": True, "grams_moment": True}),
-    ("adopt_adv_2_2_3_simplified", {"lr": 0.001, "Simplified_AdEMAMix": True}),
+    ("adopt_adv_2_2_3", {"lr": 0.001, "Simplified_AdEMAMix": True}),
     ("prodigy_adv_2_2_3", {"lr": 0.3}),
     ("prodigy_adv_2_2_3", {"use_AdEMAMix": True, "nnmf_factor": True}),
-    ("prodigy_adv_2_2_3_simplified", {"Simplified_AdEMAMix": True, "lr": 0.3}),
-    ("prodigy_adv_2_2_3_simplified", {"Simplified_AdEMAMix": True, "nnmf_factor": True, "lr": 0.3}),
+    ("prodigy_adv_2_2_3", {"Simplified_AdEMAMix": True, "lr": 0.3}),
+    ("prodigy_adv_2_2_3", {"Simplified_AdEMAMix": True, "nnmf_factor": True, "lr": 0.3}),
     ("lion_prodigy_adv", {"weight_decay": 0.1, "lr": 0.3}),
     ("lion_prodigy_adv", {"nnmf_factor": True, "compat_factored_beta1": True}),
 ]
@@ -55,7 +55,7 @@ MODELS = ["mlp", "transformer"]
 #: a fresh optimizer's first step takes the group's ``d_numerator`` as it is, where an uninterrupted
 #: one has decayed it by beta3 in ``init_step`` (up to 4e-6 after 3 + 3 steps). Its load, not the layout:
 #: ours -> published is checked against published -> published instead, bit for bit
-PRODIGY_LOAD = {"prodigy_adv", "prodigy_adv_2_2_3", "prodigy_adv_2_2_3_simplified"}
+PRODIGY_LOAD = {"prodigy_adv", "prodigy_adv_2_2_3"}
 PRODIGY_LOAD_REASON = ("adv_optm's Prodigy_adv loads d_numerator without the beta3 decay its init_step applies "
                        "(a fresh optimizer has no d_denom yet): its own state dict does not continue exactly")
 

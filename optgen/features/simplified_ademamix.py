@@ -6,7 +6,13 @@ alpha_grad * x`` (Prodigy: ``alpha_grad * d``), and the learning rate (in the up
 decay) becomes adv_optm's ``lr_eff = lr * (1 / ((1 - beta1^step) / (1 - beta1) + alpha_grad))``; where
 the spec forms a step size from lr in one host statement (Prodigy's ``dlr = d * lr``), that step
 size is scaled instead, as adv_optm scales dlr (math/adv-optm.md §6.3/6.4).
-It excludes Grams, the Cautious mask and atan2, as adv_optm does.
+
+It lists beside Grams, the Cautious mask, AdEMAMix and atan2 (one published class, one generated
+class): the features come first, so their flags wrap the EMA direction this feature rewrites in
+their own ``else`` branches. adv_optm 2.2.3 turns ``use_AdEMAMix``, ``grams_moment``,
+``cautious_mask`` and ``use_atan2`` off under ``Simplified_AdEMAMix`` (Adopt_adv turns atan2 off
+without a word, the others with a print); this feature instead adds a construction-time check for
+each of those flags the spec has, a ValueError naming both flags, so no flag is silently ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from optgen.features import Feature
 from optgen.features.rewrite import (
     ema_form,
     first_moment_direction,
+    flag,
     replace_assigns,
     require,
     substitute,
@@ -25,6 +32,8 @@ from optgen.spec.model import HyperparameterSpec
 
 FLAG = "Simplified_AdEMAMix"
 LR = "lr_sim"
+#: the features adv_optm 2.2.3 turns off under the flag, by their flags (checked at construction)
+EXCLUDES = {"ademamix": "use_AdEMAMix", "grams": "grams_moment", "cautious": "cautious_mask", "atan2": "use_atan2"}
 
 
 def _host(op: str, *args: Node) -> Node:
@@ -40,7 +49,20 @@ def _relr(s: Assign) -> list[Stmt]:
     return [Assign(s.target, substitute(s.value, _uses_lr), s.pos, s.role)]
 
 
+def _exclusion_checks(program: Program) -> list[tuple[Node, str]]:
+    """``not (Simplified_AdEMAMix and <flag>)`` for each excluded feature the spec lists."""
+    out = []
+    for feature, other in EXCLUDES.items():
+        if feature in program.features:
+            both = Node("and", (flag(FLAG), flag(other)), boolean=True)
+            out.append((Node("not", (both,), boolean=True),
+                        f"{FLAG}=True and {other}=True cannot be combined: adv_optm 2.2.3 turns {other} off under "
+                        f"{FLAG}; pass {other}=False"))
+    return out
+
+
 def _apply(program: Program) -> Program:
+    program = program.copy(checks=[*program.checks, *_exclusion_checks(program)])
     found: dict[str, Node] = {}
 
     def accumulate(s: Assign):
@@ -109,5 +131,5 @@ FEATURE = Feature(
         FLAG: HyperparameterSpec(default=False, type="bool", doc="Simplified AdEMAMix (accumulator momentum)"),
         "alpha_grad": HyperparameterSpec(default=100.0, min=0, doc="weight of the current gradient in the update"),
     },
-    conflicts=("grams", "cautious", "atan2", "ademamix"),
+    after=tuple(EXCLUDES),
 )
