@@ -53,6 +53,7 @@ def _registry() -> dict[str, Feature]:
         atan2,
         cautious,
         cautious_wd,
+        clip_grad,
         factored,
         fisher_wd,
         grams,
@@ -67,7 +68,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay)
+            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
-from optgen.runtime import published_layout, sharding, stochastic, zero1
+from optgen.runtime import clipping, published_layout, sharding, stochastic, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.host import HostContext, evaluate, run_host_block
 from optgen.runtime.kourkoutas import R_EMA
@@ -526,12 +526,15 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = [(gi, group, self._params_with_grad(group)) for gi, group in enumerate(self.param_groups)]
-        if self._kourkoutas is not None:
-            first = next((ps[0] for _, _, ps in stepped if ps), None)
-            if first is not None:
-                self._kourkoutas.maybe_prepare(self._completed_steps(first))
-        for gi, group, params in stepped:
-            self._step_params(gi, group, params)
+        # the clip_grad feature's first phase: a reduction over every group's gradients, consumed
+        # by this step (the executors step scaled copies; .grad is restored)
+        with clipping.clipped_gradients(self, [p for _, _, ps in stepped for p in ps]):
+            if self._kourkoutas is not None:
+                first = next((ps[0] for _, _, ps in stepped if ps), None)
+                if first is not None:
+                    self._kourkoutas.maybe_prepare(self._completed_steps(first))
+            for gi, group, params in stepped:
+                self._step_params(gi, group, params)
         self.finish_step()
         return loss
 
@@ -572,6 +575,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """
         if p.grad is None:
             return
+        if clipping.active(self):
+            raise RuntimeError(f"{type(self).__name__}: gradient clipping (max_grad_norm, clip_grad_value) reduces over "
+                               "every parameter's gradient before the step: call step(), not step_parameter() or "
+                               "attach_fused_backward()")
         gi = self._group_index(p) if group is None else next(k for k, g in enumerate(self.param_groups) if g is group)
         group = self.param_groups[gi]
         params = self._params_with_grad(group, [p])
