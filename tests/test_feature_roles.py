@@ -241,7 +241,9 @@ def test_spectral_decay_on_other_bases_matches_math(tmp_path, model, base, wd) -
     ours, _ = train(make_model(model, dtype), lambda ps: cls(ps, **hp), 25, dtype)
     ref, _ = train(make_model(model, dtype), lambda ps: _Ref(ps, base, lr, wd, 0.3, b1=0.9), 25, dtype)
     base_only, _ = train(make_model(model, dtype), lambda ps: _Ref(ps, base, lr, 0.0, 0.0, b1=0.9), 25, dtype)
-    assert max_diffs(ours, ref)[0] < 1e-10
+    # float64, 25 steps; the reference's op order differs from the generated step's (m / d * clip * s):
+    # up to 1.6e-10 measured, depending on the tests run before in the process
+    assert max_diffs(ours, ref)[0] < 1e-9
     if wd:
         assert max_diffs(ours, base_only)[0] > 1e-4  # the decay did something
 
