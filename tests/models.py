@@ -2,77 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return ((self.net(x) - y) ** 2).mean()
-
-    @staticmethod
-    def batch(dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(32, 8, generator=g, dtype=dtype)
-        y = torch.randn(32, 4, generator=g, dtype=dtype)
-        return x, y
-
-
-class TinyTransformer(nn.Module):
-    """One attention + MLP block with batched (3, d, d) QKV weights, a 0-D gate, an (d, 1) column
-    and a matrix opted out of spectral decay: every parameter shape the optimizers special-case."""
-
-    def __init__(self, d: int = 8, vocab: int = 13) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Parameter(torch.randn(3, d, d) / math.sqrt(d))
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-        self.gate = nn.Parameter(torch.tensor(0.5))
-        self.col = nn.Parameter(torch.randn(d, 1) * 0.1)
-        self.head = nn.Linear(d, vocab)
-        self.proj.weight.use_spectral_decay = False
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.emb(tokens)
-        h = self.ln1(x)
-        q, k, v = torch.einsum("btd,sde->sbte", h, self.qkv).unbind(0)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        x = x + self.gate * self.proj(att @ v)
-        x = x + self.mlp(self.ln2(x))
-        return self.head(x) + x @ self.col
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        tokens, targets = batch
-        logits = self(tokens)
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-    @staticmethod
-    def batch(dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, 13, (4, 6), generator=g)
-        return tokens, torch.roll(tokens, -1, dims=1)
-
-
-MODELS = {"mlp": MLP, "transformer": TinyTransformer}
-
-
-def make_model(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = MODELS[name]().to(dtype)
-    if name == "transformer":
-        model.proj.weight.use_spectral_decay = False  # .to() keeps the Parameter objects
-    return model
+# the models are the package's own (``optgen test`` trains them too): one definition
+from optgen.authoring.models import MLP, MODELS, TinyTransformer, make_model  # noqa: F401
 
 
 def train(model: nn.Module, make_opt: Callable, steps: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[float]]:
