@@ -472,11 +472,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         view = view_shape(prog, p, group, saved)
         stride = group[prog.slice_stride] if prog.slice_stride else None
         target, rows, ndim = p, False, 0  # what states are shaped after; DTensor parameters: local rows
-        if sharding.is_dtensor(p) and self._layout(p, group).mode == "sharded":
+        lay = self._layout(p, group)
+        if lay.mode == "sharded":
             rows = True
             target = sharding.local(p)
             ndim = len(view) if view is not None else p.dim()
-            view = sharding.stepped_view(self._layout(p, group), target, view)
+            view = sharding.stepped_view(lay, target, view)
         out: dict[str, Any] = {}
         for key, value in saved.items():
             d = decls.get(key)

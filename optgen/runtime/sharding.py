@@ -60,14 +60,7 @@ class Shard:
     def sharded(self, kind: str, ndim: int | None = None) -> bool:
         """Whether a value of ``kind`` ('element', 'row', 'col', 'matrix', 'tensor') is split
         along its first dim (``ndim``: of the tensor the parameter is stepped as)."""
-        n = len(self.shape) if ndim is None else ndim
-        if kind == "element":
-            return n >= 1
-        if kind == "row":
-            return n >= 2
-        if kind in ("col", "matrix"):
-            return n >= 3
-        return False
+        return split_first_dim(kind, len(self.shape) if ndim is None else ndim)
 
     def chunk(self) -> int:
         return -(-self.shape[0] // self.world) if self.shape else 0
@@ -106,9 +99,10 @@ def shard_of(p: torch.Tensor, position: int) -> Shard | None:
     return Shard(mesh.get_group(), rank, world, shape, start, rows, position % world)
 
 
-def replicated(p: torch.Tensor) -> bool:
-    """A DTensor on a 1-D mesh with a ``Replicate`` placement (stepped as a plain tensor on every rank)."""
-    return is_dtensor(p) and shard_of(p, 0) is None
+def split_first_dim(kind: str, ndim: int) -> bool:
+    """Whether a value of ``kind`` ('element', 'row', 'col', 'matrix', 'tensor') of a parameter
+    stepped as an ``ndim``-dim tensor starts with the parameter's (split) dim 0."""
+    return ndim >= {"element": 1, "row": 2, "col": 3, "matrix": 3}.get(kind, ndim + 1)
 
 
 @contextlib.contextmanager
@@ -285,7 +279,7 @@ def state_sharded(kind: Kind, ndim: int, bits: bool) -> bool:
     if kind == Kind.ELEMENT:
         return ndim >= (2 if bits else 1)  # 1-bit states are packed along the last dim
     name = {Kind.ROW: "row", Kind.COL: "col", Kind.MATRIX: "matrix"}.get(kind)
-    return name is not None and Shard(None, 0, 1, (1,) * ndim, 0, 0, 0).sharded(name)
+    return name is not None and split_first_dim(name, ndim)
 
 
 # -- how the runtime steps one parameter ---------------------------------------------------------
