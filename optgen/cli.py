@@ -177,10 +177,8 @@ def show(name: str | None = typer.Argument(None, help="a spec name or file"),
     if name is None:
         typer.echo("optgen show: name a spec, or pass --functions", err=True)
         raise typer.Exit(2)
-    from optgen.ir.hoist import hoist
     from optgen.ir.lower import lower
     from optgen.ir.pretty import set_aliases, stmts_text
-    from optgen.ir.schedule import schedule, specialize
     from optgen.spec.loader import load_spec
 
     path = Path(name)
@@ -227,14 +225,6 @@ def show(name: str | None = typer.Argument(None, help="a spec name or file"),
         typer.echo("\nafter the last parameter (finalize):")
         for line in stmts_text(program.finalize, "  "):
             typer.echo(line)
-    hoisted = hoist(program)
-    straight = specialize(hoisted.body, lambda c: True)
-    phases = schedule(straight)
-    typer.echo(f"\nphases (all conditions true): {len(phases)}")
-    for ph in phases:
-        targets = ", ".join(s.target for s in ph.statements)
-        extra = f"; reduces {', '.join(ph.produces)}" if ph.produces else ""
-        typer.echo(f"  phase {ph.index}: {targets}{extra}")
     if cost:
         from optgen.authoring.commands import show_cost
 

@@ -75,7 +75,8 @@ def test_list_and_show() -> None:
     shown = in_root(["show", "adams"])
     assert shown.exit_code == 0, shown.output
     for needle in ("hyperparameters:", "betas = [0.9, 0.95] as (beta1, beta2)", "u: per-row, init ones",
-                   "v = normalize(matvec_t(param, u))", "phases (all conditions true): 3"):
+                   "v = normalize(matvec_t(param, u))",
+                   "3 element pass(es), 6 kernel launches", "5. element pass (tiled): param, exp_avg"):
         assert needle in shown.output, shown.output
 
 

@@ -38,6 +38,8 @@ class PathCost:
     passes: int = 0
     calls: int = 0
     unsupported: str = ""
+    #: one line per stage of the plan, in launch order: what the triton backend runs for this path
+    kernels: list[str] = field(default_factory=list)
     state_bytes: float = 0.0  # the states the runtime allocates for this parameter, bytes per element
 
     @property
@@ -101,6 +103,16 @@ def _path_for(built: Built, cls: type, shape: tuple[int, ...], dtype: torch.dtyp
     return tuple(key), dyn, held / p.numel()
 
 
+_STAGE_LABELS = {"pass": "element pass", "vec": "vector stage", "call": "torch call"}
+
+
+def _stage_line(st: Any) -> str:
+    label = _STAGE_LABELS[st.kind] + (f" ({st.layout})" if st.kind == "pass" else "")
+    targets = list(dict.fromkeys(s.target for s in st.statements))
+    reduced = [s.target for s in st.statements if s.role == "reduce"]
+    return f"{label}: {', '.join(targets)}" + (f"; reduces {', '.join(reduced)}" if reduced else "")
+
+
 def path_cost(program: Program, label: str, key: tuple, dyn: set[str], param_bytes: float) -> PathCost:
     from optgen.backends.triton_plan import TritonUnsupported, enumerate_paths, plan_path
 
@@ -118,6 +130,7 @@ def path_cost(program: Program, label: str, key: tuple, dyn: set[str], param_byt
     spilled: set[str] = set()
     cost.launches = 1 + (1 if plan.accumulates else 0)  # the prologue; zeroing the accumulators
     for i, st in enumerate(plan.stages):
+        cost.kernels.append(_stage_line(st))
         if st.kind == "call":
             cost.calls += 1
             continue  # a torch op between kernels (Newton-Schulz): launches of its own, not counted
@@ -216,6 +229,7 @@ def format_cost(cm: CostModel, bandwidth_gbps: float | None, source: str, bench:
                      f"{pc.passes} element pass(es), {pc.launches} kernel launches per step per bucket"
                      + (f" plus {pc.calls} torch call stage(s) (Newton-Schulz and the like: not counted)"
                         if pc.calls else ""))
+        lines += [f"    {i}. {k}" for i, k in enumerate(pc.kernels, 1)]
     lines.append(f"  branch paths rendered at the defaults: {cm.n_paths_rendered}")
     if bandwidth_gbps:
         lines.append(f"  roofline at {bandwidth_gbps:.0f} GB/s copy bandwidth ({source}):")
