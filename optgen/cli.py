@@ -177,8 +177,8 @@ def show(name: str | None = typer.Argument(None, help="a spec name or file"),
     if name is None:
         typer.echo("optgen show: name a spec, or pass --functions", err=True)
         raise typer.Exit(2)
-    from optgen.ir.lower import lower
     from optgen.ir.pretty import set_aliases, stmts_text
+    from optgen.pipeline import lower
     from optgen.spec.loader import load_spec
 
     path = Path(name)

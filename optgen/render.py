@@ -13,10 +13,10 @@ from optgen.backends.torch_codegen import render_device_step
 from optgen.backends.triton_codegen import render_kernels
 from optgen.backends.triton_plan import TritonUnsupported
 from optgen.ir.hoist import hoist
-from optgen.ir.lower import lower
 from optgen.ir.nodes import Program
 from optgen.ir.pretty import set_aliases, stmts_text
 from optgen.ir.serial import program_to_data
+from optgen.pipeline import lower
 from optgen.pysource import (
     Code,
     comment_text,

@@ -8,7 +8,7 @@ import pytest
 
 from optgen.errors import SpecError
 from optgen.ir.hoist import hoist
-from optgen.ir.lower import lower
+from optgen.pipeline import lower
 from optgen.spec.loader import load_spec
 
 BASE = """\

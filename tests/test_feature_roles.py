@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from optgen.errors import SpecError
-from optgen.ir.lower import lower
 from optgen.ir.nodes import Assign, If, walk_nodes, walk_stmts
+from optgen.pipeline import lower
 from optgen.render import compile_spec
 from optgen.smoke import import_built
 from optgen.spec.loader import load_spec

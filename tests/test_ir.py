@@ -7,8 +7,8 @@ from pathlib import Path
 
 from optgen.backends.triton_plan import dynamic_names, enumerate_paths, plan_path
 from optgen.ir.hoist import hoist
-from optgen.ir.lower import lower
 from optgen.ir.nodes import Assign, If, Kind, walk_stmts
+from optgen.pipeline import lower
 from optgen.spec.loader import load_spec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"

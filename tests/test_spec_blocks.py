@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from optgen.errors import SpecError
-from optgen.ir.lower import lower
 from optgen.ir.serial import program_to_data
+from optgen.pipeline import lower
 from optgen.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

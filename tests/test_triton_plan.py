@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from optgen.backends.triton_plan import dynamic_names, plan_program
 from optgen.cli import app
 from optgen.ir.hoist import hoist
-from optgen.ir.lower import lower
+from optgen.pipeline import lower
 from optgen.render import compile_spec
 from optgen.spec.loader import load_spec
 

@@ -89,7 +89,7 @@ def spec_page(spec_path: Path, results: dict[str, Any] | None, plot: str | None)
 
     built = compile_spec(spec_path)
     spec = load_spec(spec_path)
-    from optgen.ir.lower import lower
+    from optgen.pipeline import lower
 
     lowered = lower(spec)
     set_aliases(lowered.hypers)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.ir.roles import MULTI_ROLES, ROLES  # noqa: F401  (the vocabulary features bind)
 
 
 class FeatureError(Exception):
@@ -24,20 +25,6 @@ class FeatureError(Exception):
         self.pos = pos
 
 
-#: The roles a base spec declares under ``roles:`` (role -> a statement) for features to rewrite.
-#: A role the spec does not declare is inferred from the dialect of today's specs (the names in
-#: :mod:`optgen.features`), with the same exact cardinality.
-ROLES = {
-    "first_moment": "the first-moment EMA of a state: m = lerp(m, g, w) or m * b1 + c * (1 - b1) * g",
-    "second_moment": "the second-moment EMA of a state",
-    "direction": "the direction taken from the first moment: d = copy(m) or d = m",
-    "denominator": "the denominator with its epsilon: d = x + eps or d = eps + x (eps a host value)",
-    "step_size": "the direction scaled by the step size: d = d * s or d = s * d (s a host value)",
-    "decay": "decoupled weight decay: param = param + s * param or param = param * (1 - s)",
-    "param_write": "the parameter's update by the direction",
-}
-#: roles that may bind several statements (one per path of the spec: Muon's matrix and Adam paths)
-MULTI_ROLES = ("decay", "param_write")
 
 
 def where(pos) -> str:

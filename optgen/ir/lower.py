@@ -485,15 +485,10 @@ def _ordered_hypers(spec: Spec, extra: list[tuple[str, HyperparameterSpec]]) -> 
     return [(n, by_name[n]) for n in order]
 
 
-def lower(spec: Spec) -> Program:
-    """Lower a loaded spec (features applied) into an IR :class:`Program`."""
-    from optgen.features import resolve_features
-
-    features = resolve_features(spec)
-    # A spec may re-declare a feature's hyperparameter (to place it or change its default): the
-    # spec's declaration wins.
-    extra_hypers = [(n, h) for f in features for n, h in f.hyperparameters.items()
-                    if n not in spec.model.hyperparameters]
+def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -> tuple[Program, dict[str, Node]]:
+    """Lower a loaded spec into an IR :class:`Program`, before its features are applied
+    (``extra_hypers``: the features' hyperparameters, which the spec's statements may read), and
+    the spec's ``facts:`` as nodes. :func:`optgen.pipeline.lower` runs this, then the features."""
     hypers = _ordered_hypers(spec, extra_hypers)
 
     state: list[StateDecl] = []
@@ -582,24 +577,21 @@ def lower(spec: Spec) -> Program:
         slice_stride=m.slice_stride, globals=global_decls, accumulators=acc_decls, finalize=finalize,
         roles=_bind_roles(spec),
     )
-    from optgen.features.rewrite import FeatureError
+    return program, lw.facts
 
-    for i, f in enumerate(features):
-        try:
-            program = f.apply(program)
-        except FeatureError as exc:
-            # at the statement it concerns where there is one, else at the feature's entry
-            at = exc.pos if exc.pos is not None else spec.source.text_at(("features", i))
-            raise SpecError(at, f"features[{i}]", str(exc)) from None
-    if m.matches is not None and m.matches.state_dict is not None:
-        from optgen.ir.published import lower_published
 
-        # after the features: their hyperparameters and states (nnmf_factor, the factors) are names here
-        plw = Lowerer(spec.path, program.hypers, program.state, m.step.store, globals_, accs, m.slice_stride)
-        plw.facts = lw.facts
-        program = program.copy(published=lower_published(spec, plw, program.state))
-    _check_settings(spec, program)
-    return program
+def attach_published(spec: Spec, program: Program, facts: dict[str, Node]) -> Program:
+    """The ``published:`` state-dict layout lowered against the featured program (the features'
+    hyperparameters and states, such as ``nnmf_factor`` and the factors, are names here)."""
+    m = spec.model
+    if m.matches is None or m.matches.state_dict is None:
+        return program
+    from optgen.ir.published import lower_published
+
+    plw = Lowerer(spec.path, program.hypers, program.state, m.step.store, tuple(m.globals),
+                  tuple(m.accumulators), m.slice_stride)
+    plw.facts = facts
+    return program.copy(published=lower_published(spec, plw, program.state))
 
 
 def _bind_roles(spec: Spec) -> dict[str, list[tuple[str, Any]]]:
@@ -607,7 +599,7 @@ def _bind_roles(spec: Spec) -> dict[str, list[tuple[str, Any]]]:
     ``name`` (the one statement assigning it), ``name#k`` (its k-th assignment in source order)."""
     import re
 
-    from optgen.features.rewrite import MULTI_ROLES, ROLES
+    from optgen.ir.roles import MULTI_ROLES, ROLES
 
     assigns: list[SAssign] = []
 
@@ -655,39 +647,3 @@ def _bind_roles(spec: Spec) -> dict[str, list[tuple[str, Any]]]:
             bound.append((hit.target, hit.pos))
         out[role] = bound
     return out
-
-
-def _check_settings(spec: Spec, program: Program) -> None:
-    """Each ``matches.settings`` entry is a constructor call the equivalence tests make: it must be
-    one the generated constructor accepts (argument names, then each value's type, range and
-    choices, then the spec's checks), reported at the entry instead of failing in a test."""
-    import torch
-
-    from optgen.runtime.host import HostContext, evaluate
-    from optgen.spec.values import validate_hyperparameter as _validate_hyper  # the constructor's own rule
-
-    if spec.model.matches is None:
-        return
-    hypers = dict(program.hypers)
-    accepted = [n for n, h in program.hypers if h.constructor]
-    for i, setting in enumerate(spec.model.matches.settings):
-        entry = ("matches", "settings", i)
-        group: dict[str, Any] = {n: tuple(h.default) if isinstance(h.default, list) else h.default
-                                 for n, h in program.hypers}
-        for key, value in setting.items():
-            pos, field = spec.source.at((*entry, key)), f"matches.settings[{i}].{key}"
-            h = hypers.get(key)
-            if h is None or not h.constructor:
-                why = "is not an argument" if h is None else "is fixed by the class (constructor: false), not an argument"
-                raise SpecError(pos, field, f"'{key}' {why} of {program.class_name}{did_you_mean(key, accepted)}")
-            value = tuple(value) if isinstance(value, list) else value
-            try:
-                _validate_hyper(key, h, value)
-            except (TypeError, ValueError) as exc:
-                raise SpecError(pos, field, f"{program.class_name}() would refuse it: {exc}") from None
-            group[key] = value
-        ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
-        for node, message in program.checks:
-            if not evaluate(node, ctx):
-                raise SpecError(spec.source.at(entry), f"matches.settings[{i}]",
-                                f"{program.class_name}() would refuse it: {message}")
