@@ -42,19 +42,24 @@ class _Frame:
         self.locals: dict[str, Any] = {"grad": as_view(grad, view, "gradient")}
         self.host = HostContext(group, param, state, program.step_math == "tensor", view)
         self.acc: list[tuple[str, Any]] = []
+        #: this step's optimizer-wide reductions (``reductions:``), by name
+        self.reduced: dict[str, Any] = {}
 
 
 def run(program: Program, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
-        inputs: dict[str, Any] | None = None, acc: list[tuple[str, Any]] | None = None) -> None:
+        inputs: dict[str, Any] | None = None, acc: list[tuple[str, Any]] | None = None,
+        reduced: dict[str, Any] | None = None) -> None:
     """Apply one step of ``program`` to ``param`` (in place), updating ``state``; ``inputs`` are the
     per-parameter values the runtime computed for this step; the values of ``acc += value``
-    statements are appended to ``acc`` as ``(accumulator, value)``. A parameter the program steps
+    statements are appended to ``acc`` as ``(accumulator, value)``; ``reduced`` holds the step's
+    optimizer-wide reductions (0-d tensors). A parameter the program steps
     as a matrix view (feature ``factored``) is stepped on views of it and of its state."""
     view = view_shape(program, param, group, state)
     viewed = ViewedState(program, state, view, param)
     frame = _Frame(program, param, grad, viewed.view, group, view)
     frame.host.inputs = inputs or {}
     frame.acc = acc if acc is not None else []
+    frame.reduced = reduced or {}
     _block(program.body, frame)
     viewed.write_back()
 
@@ -110,6 +115,8 @@ def _eval(n: Node, f: _Frame) -> Any:
         return to_device_scalar(evaluate(n, f.host))
     if n.op == "var":
         return _read(n.attr, n.kind, f)
+    if n.op == "reduced":
+        return f.reduced[n.attr]
     raw = [_eval(a, f) for a in n.args]
     if n.op == "strided":
         return raw[0].reshape(-1)[:: int(raw[1])]

@@ -82,6 +82,8 @@ class TorchEmitter:
         """Code for a device value and whether it is a fresh temporary."""
         if n.op == "var":
             return self.local(n.attr), False
+        if n.op == "reduced":  # an optimizer-wide reduction: the runtime puts one per tensor in S
+            return f'S["{n.attr}"]', False
         args = [self.arg(a, n) for a in n.args]
         first, first_fresh = args[0]
         rest = ", ".join(code for code, _ in args[1:])

@@ -114,6 +114,8 @@ class KernelEmitter:
     def signature(self, name: str = _NAME_HOLE) -> str:
         hs = "".join(f", hs_{d.name}" for d in self.program.state if d.kind == Kind.HOST)
         hs = (", inp" if self.input_names else "") + hs
+        if self.program.reductions:  # the step's optimizer-wide reductions, one float32 each
+            hs += ", red"
         dts = "".join(f", {n}: tl.constexpr" for n in self.state_dtypes)
         return (
             "@triton.jit\n"
@@ -236,6 +238,9 @@ class KernelEmitter:
             return ctx.read(n.attr, n.kind)
         if op == "meta":
             return f"{self.col('numel')}.to(tl.float32)"
+        if op == "reduced":  # an optimizer-wide reduction of this step (its first phase)
+            slot = [r.name for r in self.program.reductions].index(n.attr)
+            return f"tl.load(red + {slot})"
         if n.is_host:
             raise TritonUnsupported(f"unhoisted host expression '{op}'")
         a = [self.expr(x, ctx) for x in n.args]
@@ -336,7 +341,7 @@ class KernelEmitter:
         # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
         block_name = f"{_NAME_HOLE}_block"
         constexprs = ["TBL_W", "NH", "ALIGNED", "P_DT", *self.state_dtypes]
-        runtime = ["t", "offs", "mask", "tab", "gptr", "hv", "ws"]
+        runtime = ["t", "offs", "mask", "tab", "gptr", "hv", "ws", *(["red"] if self.program.reductions else [])]
         params = ", ".join([*runtime, *(f"{c}: tl.constexpr" for c in constexprs)])
 
         def call(mask: str) -> str:  # the block's arguments, written out (not edited from `params`)

@@ -312,6 +312,22 @@ def make_stages(device: list[Assign], bits: frozenset[str] = frozenset()) -> lis
     return stages
 
 
+def inline_reduced(device: list[Assign]) -> list[Assign]:
+    """Temporaries computed from the step's optimizer-wide reductions, host values and constants
+    alone (a clipping coefficient): the same for every tensor, so each pass computes them from the
+    reductions it loads instead of a vector stage storing them (one launch fewer)."""
+    known: dict[str, Node] = {}
+    out: list[Assign] = []
+    for s in device:
+        value = _substitute(s.value, known) if known else s.value
+        if s.role == "temp" and all(n.op in ("reduced", "const") or n.is_host or n.args for n in walk_nodes(value)) \
+                and any(n.op == "reduced" for n in walk_nodes(value)):
+            known[s.target] = value
+            continue
+        out.append(s if value is s.value else Assign(s.target, value, s.pos, s.role))
+    return out
+
+
 def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) -> PathPlan:
     kinds: dict[str, Kind] = {}
     straight = if_convert(stmts, kinds, [0])
@@ -325,6 +341,8 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
             name = f"_acc{len(accumulates)}_{s.target}"
             accumulates.append((s.target, name))
             device[i] = Assign(name, s.value, s.pos, "temp")
+    if program.reductions:
+        device = inline_reduced(device)
     stages = make_stages(device, frozenset(d.name for d in program.state if d.dtype == "bits"))
 
     # Host values the device code reads, and the host statements they need.

@@ -63,6 +63,8 @@ class Lowerer:
         for g in globals_:
             self.scalars[g] = (g, None, "float")
         self.accumulators = set(accumulators)
+        #: optimizer-wide values of the step's first phase (``reductions:``), read as per-tensor values
+        self.reductions: set[str] = set()
         self.slice_stride = slice_stride
         self.temps: dict[str, tuple[Kind, bool]] = {}
         self.partial: set[str] = set()
@@ -95,6 +97,8 @@ class Lowerer:
             raise SpecError(e.pos, field, f"'{n}' is assigned in only one branch of a conditional above")
         if n in self.state:
             return Node("var", kind=self.state[n].kind, attr=n)
+        if n in self.reductions:
+            return Node("reduced", kind=Kind.TENSOR, attr=n)
         if n in self.accumulators:
             raise SpecError(e.pos, field, f"accumulator '{n}' is only added to here ('{n} += value'); "
                                           "finalize: reads its sum")
@@ -566,6 +570,9 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
             raise SpecError(spec.view_condition.pos, "matrix_view.if", "a view condition must be a true/false host "
                             "expression of hyperparameters and facts about the parameter")
         views.append((node, spec.model.matrix_view.shape))
+    from optgen.ir.reductions import lower_reductions
+
+    reductions = lower_reductions(spec, lw)  # before update: its statements read them
     body = lw.statements(spec.update)
     finalize = FinalizeLowerer(spec.path, hypers, state, m.step.store, globals_, accs).statements(spec.finalize)
     if (accs or globals_) and not finalize:
@@ -573,7 +580,7 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
     program = Program(
         name=m.name, class_name=m.class_, doc=m.doc, source=spec.path, sha256=spec.sha256,
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
-        checks=checks, state=state, body=body, matches=m.matches, features=list(m.features), matrix_views=views,
+        checks=checks, state=state, body=body, reductions=reductions, matches=m.matches, features=list(m.features), matrix_views=views,
         slice_stride=m.slice_stride, globals=global_decls, accumulators=acc_decls, finalize=finalize,
         roles=_bind_roles(spec),
     )

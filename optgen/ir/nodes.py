@@ -131,6 +131,29 @@ class AccumulatorDecl:
 
 
 @dataclass
+class ReductionDecl:
+    """An optimizer-wide device value the same step consumes (``reductions:``): computed as the
+    step's first phase over every selected parameter of every group, then read by the update of
+    every parameter as a per-tensor value (node ``reduced``).
+
+    ``over``: ``norm`` (torch.nn.utils.get_total_norm of the per-tensor values: each tensor's
+    ``order``-norm, then the norm of those norms), ``sum``, ``max``, ``min`` (of each tensor's, then
+    of those), ``kthvalue`` (the ``k``-th smallest element of the concatenation) or ``quantile``
+    (torch.quantile of the concatenation at ``q``).
+    """
+
+    name: str
+    of: Node  # per-element or per-tensor value of one parameter
+    over: str
+    order: Node | None = None  # host expression (norm)
+    k: Node | None = None  # host expression of hyperparameters, globals and ``count`` (kthvalue)
+    q: Node | None = None  # host expression (quantile)
+    select: Node | None = None  # per-parameter host condition: which parameters take part
+    cond: Node | None = None  # host condition of group 0's hyperparameters: computed at all
+    doc: str = ""
+
+
+@dataclass
 class PublishedEntry:
     """A per-parameter entry of the published state dict that is not a state (a flag, a shape)."""
 
@@ -185,6 +208,8 @@ class Program:
     slice_stride: str | None = None
     globals: list[GlobalDecl] = field(default_factory=list)
     accumulators: list[AccumulatorDecl] = field(default_factory=list)
+    #: optimizer-wide values computed as the step's first phase and read by the same step
+    reductions: list[ReductionDecl] = field(default_factory=list)
     #: host statements run once after every parameter of a step: read accumulators, write globals
     finalize: list[Stmt] = field(default_factory=list)
     #: the published class's state-dict layout, where it is not torch.optim's

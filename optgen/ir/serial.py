@@ -15,6 +15,7 @@ from optgen.ir.nodes import (
     Program,
     PublishedEntry,
     PublishedLayout,
+    ReductionDecl,
     StateDecl,
     Stmt,
 )
@@ -89,8 +90,26 @@ def program_to_data(p: Program) -> dict[str, Any]:
         **({"globals": [[g.name, node_to_data(g.init)] for g in p.globals]} if p.globals else {}),
         **({"accumulators": [[a.name, node_to_data(a.init)] for a in p.accumulators]} if p.accumulators else {}),
         **({"finalize": _stmts_to_data(p.finalize)} if p.finalize else {}),
+        **({"reductions": [_reduction_to_data(r) for r in p.reductions]} if p.reductions else {}),
         **({"published": _layout_to_data(p.published)} if p.published is not None else {}),
     }
+
+
+_REDUCTION_NODES = ("of", "order", "k", "q", "select", "cond")
+
+
+def _reduction_to_data(r: ReductionDecl) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": r.name, "over": r.over}
+    for key in _REDUCTION_NODES:
+        node = getattr(r, key)
+        if node is not None:
+            out[key] = node_to_data(node)
+    return out
+
+
+def _reduction_from_data(d: dict[str, Any]) -> ReductionDecl:
+    nodes = {k: node_from_data(d[k]) for k in _REDUCTION_NODES if k in d}
+    return ReductionDecl(d["name"], over=d["over"], **nodes)
 
 
 def _matches_to_data(m: Any) -> dict[str, Any] | None:
@@ -170,5 +189,6 @@ def program_from_data(d: dict[str, Any]) -> Program:
         globals=[GlobalDecl(n, node_from_data(i)) for n, i in d.get("globals", [])],
         accumulators=[AccumulatorDecl(n, node_from_data(i)) for n, i in d.get("accumulators", [])],
         finalize=_stmts_from_data(d.get("finalize", [])),
+        reductions=[_reduction_from_data(r) for r in d.get("reductions", [])],
         published=_layout_from_data(d.get("published")),
     )

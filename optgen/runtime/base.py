@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
-from optgen.runtime import clipping, published_layout, sharding, stochastic, zero1
+from optgen.runtime import clipping, published_layout, reductions, sharding, stochastic, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.host import HostContext, evaluate, run_host_block
 from optgen.runtime.kourkoutas import R_EMA
@@ -530,6 +530,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         # the clip_grad feature's first phase: a reduction over every group's gradients, consumed
         # by this step (the executors step scaled copies; .grad is restored)
         with clipping.clipped_gradients(self, [p for _, _, ps in stepped for p in ps]):
+            # the program's optimizer-wide reductions (reductions:): the step's first phase, read by
+            # every parameter's update below (optgen.runtime.reductions; no host sync)
+            self._reduced = reductions.compute(self, stepped)
             if self._kourkoutas is not None:
                 first = next((ps[0] for _, _, ps in stepped if ps), None)
                 if first is not None:
@@ -576,6 +579,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         """
         if p.grad is None:
             return
+        reductions.refuse_partial(self)
         if clipping.active(self):
             raise RuntimeError(f"{type(self).__name__}: gradient clipping (max_grad_norm, clip_grad_value) reduces over "
                                "every parameter's gradient before the step: call step(), not step_parameter() or "

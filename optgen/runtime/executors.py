@@ -62,14 +62,16 @@ class ReferenceExecutor(Executor):
         for p in params:
             parts[id(p)] = []
             param, grad, done = sharding.whole_tensors(opt, group, p)
-            reference.run(self.program, param, grad, opt.state[p], group, opt._inputs(p), parts[id(p)])
+            reference.run(self.program, param, grad, opt.state[p], group, opt._inputs(p), parts[id(p)],
+                          opt.__dict__.get("_reduced"))
             done()
 
 
 class TritonExecutor(Executor):
     def step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         opt = self.opt
-        sums = _triton_step(opt._triton_runner(), gi, group, params, opt.state, opt._inputs)
+        sums = _triton_step(opt._triton_runner(), gi, group, params, opt.state, opt._inputs,
+                            opt.__dict__.get("_reduced"))
         opt._accumulate_vector(params, sums)
 
 
@@ -137,6 +139,12 @@ class TorchExecutor(Executor):
             ps = [as_view(t, view, "parameter") for t, _, view in stepped]
             grads = [as_view(g, view, "gradient") for _, g, view in stepped]
             states = {n: [v.view.get(n) for v in viewed] for n in self.device_state}
+            if prog.reductions:  # the step's optimizer-wide values: one (shared) 0-d tensor per tensor
+                if layout is not None:
+                    raise RuntimeError(f"{prog.class_name}: optimizer-wide reductions (reductions:) are not "
+                                       "implemented for sharded parameters (FSDP2, ZeRO) yet")
+                for name, value in opt.__dict__.get("_reduced", {}).items():
+                    states[name] = [value] * len(ps)
             acc: list[tuple[str, list]] = []
             with stochastic.drawn([ahead[id(p)] for p, _, _ in items if id(p) in ahead]), sharding.bucket(layout):
                 if layout is None and self.compiled_backend and self.step_compiled(path, h, ps, grads, states, acc):
@@ -206,9 +214,11 @@ def executor_for(opt: GeneratedOptimizer, backend: str, sharded: bool) -> Execut
 
 @torch.compiler.disable
 def _triton_step(runner: Any, gi: int, group: dict[str, Any], params: list[torch.Tensor], state: Any,
-                 inputs: Any) -> dict[str, torch.Tensor]:
+                 inputs: Any, reduced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     # A deliberate graph break under torch.compile: the launch needs pointers of the live tensors,
     # which a traced graph cannot hold; forward and backward stay compiled around it.
+    if reduced:
+        return runner.step(gi, group, params, state, inputs, reduced=reduced)
     return runner.step(gi, group, params, state, inputs)
 
 

@@ -348,9 +348,11 @@ class TritonRunner:
 
     # -- stepping ------------------------------------------------------------------------------
     def step(self, gi: int, group: dict, params: list[torch.Tensor], states: dict,
-             inputs: Callable[[torch.Tensor], dict] | None = None) -> dict[str, torch.Tensor]:
+             inputs: Callable[[torch.Tensor], dict] | None = None,
+             reduced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """One step of the parameters of group ``gi`` that have gradients; ``inputs(p)`` gives the
-        per-parameter runtime values the kernels read (Kourkoutas-beta's beta2). Returns, per
+        per-parameter runtime values the kernels read (Kourkoutas-beta's beta2), ``reduced`` the
+        step's optimizer-wide reductions (0-d device tensors; read from one float32 vector). Returns, per
         accumulator, the parameters' contributions in ``params`` order (a device vector, no sync)."""
         ids = tuple(map(id, params))
         cache = self.caches.get((gi, ids))
@@ -373,6 +375,10 @@ class TritonRunner:
             host = torch.tensor(values, dtype=torch.float64)
             hs_args["inp"] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         steps = cache.steps if cache.steps is not None else hyp
+        if self.program.reductions:  # one device vector, stacked on the device: no sync
+            nan = torch.full((), math.nan, dtype=torch.float32, device=device)
+            hs_args["red"] = torch.stack([(reduced or {}).get(r.name, nan).to(device=device, dtype=torch.float32)
+                                          for r in self.program.reductions])
         sums: dict[str, torch.Tensor] = {}
         for bucket in cache.buckets:
             gptr = self._grad_pointers(bucket, params)

@@ -40,7 +40,7 @@ from optgen.spec import expr as E
 from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
 
 BLOCKS_FOLDER = "blocks"
-DECLARATIONS = ("hyperparameters", "state", "globals", "accumulators", "facts")
+DECLARATIONS = ("hyperparameters", "state", "globals", "accumulators", "reductions", "facts")
 BLOCK_FIELDS = ("block", "doc", "params", "include", "matches", *DECLARATIONS, "update", "finalize")
 MAX_BLOCK_DEPTH = 16
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from optgen.errors import Position, SpecError, did_you_mean
 from optgen.spec.blocks import BLOCKS_FOLDER, Composition, Include, declares, rename_target, substitute
-from optgen.spec.expr import Expr, parse_assignment, parse_expression
+from optgen.spec.expr import Const, Expr, parse_assignment, parse_expression
 from optgen.spec.model import SpecModel
 from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
 
@@ -64,6 +64,8 @@ class Spec:
     finalize: list[Statement] = field(default_factory=list)
     global_inits: dict[str, Expr] = field(default_factory=dict)
     accumulator_inits: dict[str, Expr] = field(default_factory=dict)
+    #: ``reductions:``: name -> {field: parsed expression} (of, order, k, q, select, if)
+    reduction_exprs: dict[str, dict[str, Expr]] = field(default_factory=dict)
 
     def position(self, *path: Any) -> Position | None:
         return self.source.at(path)
@@ -94,6 +96,17 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
         for name, decl in getattr(model, section).items():
             text = decl.init if isinstance(decl.init, str) else repr(decl.init)
             inits[name] = decl_expr(text, (section, name, "init"), f"{section}.{name}.init")
+    for name, red in model.reductions.items():
+        parsed = spec.reduction_exprs[name] = {}
+        for key in ("of", "order", "k", "q", "select", "if_"):
+            value = getattr(red, key)
+            if value is not None:
+                yaml_key = "if" if key == "if_" else key
+                at = ("reductions", name, yaml_key)
+                if isinstance(value, str):
+                    parsed[yaml_key] = decl_expr(value, at, f"reductions.{name}.{yaml_key}")
+                else:  # a number (inf included, which no expression spells)
+                    parsed[yaml_key] = Const(float(value), pos=smap.text_at(at))
     for name, st in model.state.items():
         if st.if_ is not None:
             spec.state_conditions[name] = decl_expr(st.if_, ("state", name, "if"), f"state.{name}.if")
@@ -340,13 +353,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
         ("state",): m.StateSpec,
         ("globals",): m.GlobalSpec,
         ("accumulators",): m.AccumulatorSpec,
+        ("reductions",): m.ReductionSpec,
         ("step",): m.StepSpec,
         ("matches",): m.MatchSpec,
         ("matches", "state_dict"): m.PublishedStateDictSpec,
         ("checks",): m.CheckSpec,
     }
     key = tuple(x for x in loc if not isinstance(x, int))
-    if key and key[0] in ("hyperparameters", "state", "globals", "accumulators"):
+    if key and key[0] in ("hyperparameters", "state", "globals", "accumulators", "reductions"):
         key = key[:1]
     if key[:3] == ("matches", "state_dict", "state") and len(key) == 4:
         return [f.alias or n for n, f in m.PublishedEntrySpec.model_fields.items()]

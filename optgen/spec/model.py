@@ -187,6 +187,28 @@ class AccumulatorSpec(_Strict):
     doc: str = ""
 
 
+class ReductionSpec(_Strict):
+    """An optimizer-wide value the same step consumes: a reduction over every selected parameter of
+    the optimizer, computed as the step's first phase (see :class:`optgen.ir.nodes.ReductionDecl`)."""
+
+    #: the per-element (or per-tensor) value of one parameter: an expression of param, grad, its
+    #: states and hyperparameters (and earlier reductions)
+    of: str
+    over: Literal["norm", "sum", "max", "min", "kthvalue", "quantile"]
+    #: norm: its order (a number or a host expression; inf for the max norm)
+    order: float | int | str = 2.0
+    #: kthvalue: k, a host expression of hyperparameters, globals and ``count`` (the number of
+    #: elements reduced); k < 1 gives -inf, k > count +inf
+    k: float | int | str | None = None
+    #: quantile: q in [0, 1]
+    q: float | int | str | None = None
+    #: per-parameter host condition: which parameters take part (default: all)
+    select: str | None = None
+    #: host condition of group 0's hyperparameters: whether it is computed at all this step
+    if_: str | None = Field(default=None, alias="if")
+    doc: str = ""
+
+
 class MatrixViewSpec(_Strict):
     """Step the parameters that meet a condition as a 2-D view of their flat memory."""
 
@@ -294,6 +316,8 @@ class SpecModel(_Strict):
     hyperparameters: dict[str, HyperparameterSpec] = Field(default_factory=dict)
     globals: dict[str, GlobalSpec] = Field(default_factory=dict)
     accumulators: dict[str, AccumulatorSpec] = Field(default_factory=dict)
+    #: optimizer-wide values computed as the step's first phase and read by the same step
+    reductions: dict[str, ReductionSpec] = Field(default_factory=dict)
     checks: list[CheckSpec] = Field(default_factory=list)
     features: list[str] = Field(default_factory=list)
     #: what features rewrite, by role: ``role: name`` (the one statement assigning ``name``),
@@ -325,7 +349,7 @@ class SpecModel(_Strict):
             raise ValueError(f"class name {v!r} is a name the generated module uses")
         return v
 
-    @field_validator("hyperparameters", "state", "facts", "globals", "accumulators")
+    @field_validator("hyperparameters", "state", "facts", "globals", "accumulators", "reductions")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for n in v:

@@ -1,0 +1,107 @@
+"""The step's first phase: optimizer-wide reductions the same step consumes (``reductions:``).
+
+:func:`compute` runs before any parameter is stepped, over every parameter with a gradient of
+every param group (those its ``select`` condition admits), and returns one 0-d device tensor per
+reduction; every backend's update then reads them (the reference interpreter and the torch code
+as tensors, the triton kernels from one float32 device vector). Nothing here syncs with the host:
+``k`` and ``q`` are host expressions of hyperparameters, globals and the element count.
+
+The combinations are torch's own, so a spec can reproduce published code that calls them:
+``norm`` is ``torch.nn.utils.get_total_norm`` of the per-parameter values (``_foreach_norm`` per
+device and dtype, then the norm of the stacked norms: ``clip_grad_norm_``'s total), ``sum`` /
+``max`` / ``min`` reduce each tensor and then the stacked per-tensor results (in parameter order),
+``kthvalue`` and ``quantile`` are ``torch.kthvalue`` / ``torch.quantile`` of the concatenation of
+the flattened per-element values (parameter order).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from optgen.backends import reference
+from optgen.ir.nodes import Program, ReductionDecl
+from optgen.runtime.host import HostContext, evaluate
+from optgen.runtime.matrix_view import view_shape
+
+if TYPE_CHECKING:
+    from optgen.runtime.base import GeneratedOptimizer
+
+
+def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]]
+            ) -> dict[str, torch.Tensor]:
+    """The program's reductions over ``stepped`` ((group index, group, parameters with gradients)),
+    in declaration order (a later one may read an earlier one)."""
+    prog: Program = opt._program
+    out: dict[str, torch.Tensor] = {}
+    if not prog.reductions:
+        return out
+    params = [(opt._stepping_group(gi, g), p) for gi, g, ps in stepped for p in ps]
+    first = dict(opt.param_groups[0]) if opt.param_groups else {}
+    # optimizer-wide hyperparameters (per_group: false) are attributes of the optimizer
+    first.update({n: getattr(opt, n) for n, h in prog.hypers if not h.per_group and hasattr(opt, n)})
+    whole = HostContext(first, torch.empty(0), {}, tensor_math=False)
+    device = params[0][1].device if params else torch.device("cpu")
+    for r in prog.reductions:
+        if r.cond is not None and not evaluate(r.cond, whole):
+            continue
+        values = []
+        for group, p in params:
+            state = opt.state[p]
+            view = view_shape(prog, p, group, state)
+            if r.select is not None and not evaluate(r.select, HostContext(group, p, state, False, view)):
+                continue
+            values.append(_value(prog, r, p, group, state, view, opt, out))
+        out[r.name] = combine(r, values, whole, device)
+    return out
+
+
+def _value(prog: Program, r: ReductionDecl, p: torch.Tensor, group: dict, state: dict, view: Any,
+           opt: GeneratedOptimizer, done: dict[str, torch.Tensor]) -> torch.Tensor:
+    if r.of.op == "var" and r.of.attr == "grad":
+        return p.grad  # read as it is: no copy
+    frame = reference._Frame(prog, p, p.grad, state, group, view)
+    frame.host.inputs = opt._inputs(p)
+    frame.reduced = done
+    return reference._eval(r.of, frame)
+
+
+def combine(r: ReductionDecl, values: list[torch.Tensor], ctx: HostContext, device: torch.device) -> torch.Tensor:
+    """Reduce the per-parameter values of ``r`` (torch's ops; see the module docstring)."""
+    over = r.over
+    if over == "norm":
+        order = float(evaluate(r.order, ctx)) if r.order is not None else 2.0
+        return torch.nn.utils.get_total_norm(values, order, False, None).to(device)
+    if over == "sum":
+        if not values:
+            return torch.zeros((), device=device)
+        return torch.stack([v.sum().to(device) for v in values]).sum()
+    if over in ("max", "min"):
+        parts = [(v.amax() if over == "max" else v.amin()).to(device) for v in values if v.numel()]
+        if not parts:
+            return torch.tensor(-math.inf if over == "max" else math.inf, device=device)
+        stacked = torch.stack(parts)
+        return stacked.amax() if over == "max" else stacked.amin()
+    flat = torch.cat([v.reshape(-1).to(device) for v in values]) if values else torch.zeros(0, device=device)
+    ctx.env["count"] = flat.numel()
+    if over == "kthvalue":
+        k = evaluate(r.k, ctx)
+        if k < 1:
+            return torch.tensor(-math.inf, dtype=flat.dtype, device=device)
+        if k > flat.numel():
+            return torch.tensor(math.inf, dtype=flat.dtype, device=device)
+        return torch.kthvalue(flat, int(k)).values
+    if over == "quantile":
+        return torch.quantile(flat, float(evaluate(r.q, ctx)))
+    raise ValueError(f"unknown reduction {over!r}")  # pragma: no cover - the spec model restricts it
+
+
+def refuse_partial(opt: GeneratedOptimizer) -> None:
+    """A step of some parameters only (``step_parameter``, the fused backward pass) cannot compute
+    reductions over all of them."""
+    if opt._program.reductions:
+        names = ", ".join(r.name for r in opt._program.reductions)
+        raise RuntimeError(f"{type(opt).__name__}: its optimizer-wide reductions ({names}) reduce over every "
+                           "parameter before the step: call step(), not step_parameter() or attach_fused_backward()")
