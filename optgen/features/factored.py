@@ -21,6 +21,16 @@ per-element states as ``(d1, d2)`` views, so per-row/per-column values are the f
 backend needs to know about the reshape. A parameter is factored when factored states are requested and it is not 1-D (unless ``vector_reshape``); 0-d parameters
 are factored as ``(1, 1)``, as in adv_optm. List it last under ``features:``: it rewrites the
 statements the other features produced.
+
+A spec that declares adv_optm's ``factored_2nd`` hyperparameter gets a third path: with
+``factored_2nd`` on (and the parameter not factored as a whole, not a vector) only the unsigned
+factored states (the second moments) are factored; the first moment stays dense in the parameter's
+dtype and the gradient is not upcast (adv_optm's ``factored_2nd``, math §2.5). The factored state's
+update reads its per-element operands in float32 (adv_optm's ``grad.float()``); every other read of the
+denominator takes it in the gradient's dtype (adv_optm's ``denom.to(update.dtype)``); where the
+state is read before its update in the step (ADOPT's ``v_{t-1}``), the reconstructed state is taken
+in the gradient's dtype first (adv_optm's ``.to(grad.dtype)``) and upcast again for the update. All
+of these are no-ops for float32 parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from optgen.features.rewrite import (
     element,
     flag,
     placed,
+    role_target,
     var,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
@@ -62,10 +73,13 @@ def _and(a: Node | None, b: Node) -> Node:
 
 
 class _Factoring:
-    """The rewrite of one program's body for its factored states."""
+    """The rewrite of one program's body for its factored states; ``second``: adv_optm's
+    ``factored_2nd`` dense path (see the module's docstring; ``denom`` the denominator's name)."""
 
-    def __init__(self, decls: list[StateDecl], taken: set[str]):
+    def __init__(self, decls: list[StateDecl], taken: set[str], second: bool = False, denom: str = "denom"):
         self.decls = {d.name: d for d in decls}
+        self.second = second
+        self.denom = denom
         self.full = {}
         for d in decls:
             name = f"{d.name}_full"
@@ -79,6 +93,26 @@ class _Factoring:
         if not n.args:
             return n
         return Node(n.op, tuple(self._rename(a) for a in n.args), n.kind, n.attr, n.boolean)
+
+    def _second(self, s: Assign, value: Node) -> Node:
+        """adv_optm's casts on the factored_2nd path: the factored state's update in float32, the
+        denominator elsewhere in the gradient's dtype (not in Fisher decay's scale, which reads the
+        float32 one)."""
+        reads = {n.attr for n in walk_nodes(value) if n.op == "var"}
+        if s.target in self.full and s.target in reads:  # its update (ADOPT's init squares the raw gradient)
+            def up(n: Node) -> Node:
+                if n.op == "var" and n.kind == Kind.ELEMENT:
+                    return element("float32", n)
+                return Node(n.op, tuple(up(a) for a in n.args), n.kind, n.attr, n.boolean) if n.args else n
+            return up(value)
+        if s.target in self.full or s.target in ("fisher", self.denom):
+            return value
+
+        def cast(n: Node) -> Node:
+            if n.op == "var" and n.attr == self.denom:
+                return element("cast", n, var("grad"))
+            return Node(n.op, tuple(cast(a) for a in n.args), n.kind, n.attr, n.boolean) if n.args else n
+        return cast(value)
 
     def reconstruct(self, name: str) -> list[Stmt]:
         row, col, sign = self.decls[name].factored
@@ -127,10 +161,14 @@ class _Factoring:
             reads = {n.attr for n in walk_nodes(s.value) if n.op == "var"} & set(self.full)
             for name in sorted(reads - ready):
                 out += self.reconstruct(name)
+                if self.second and s.target != name:  # read before its update (ADOPT's v_{t-1})
+                    out.append(Assign(self.full[name], element("cast", var(self.full[name]), var("grad")), None,
+                                      "temp"))
                 ready.add(name)
             target = self.full.get(s.target, s.target)
             role = "temp" if s.target in self.full else s.role
-            out.append(Assign(target, self._rename(s.value), s.pos, role))
+            value = self._second(s, s.value) if self.second else s.value
+            out.append(Assign(target, self._rename(value), s.pos, role))
             if s.target in self.full:
                 out += self.refactor(s.target)
                 ready.add(s.target)
@@ -177,15 +215,31 @@ def _apply(program: Program) -> Program:
         dense_body, ok = edit_nested(dense_body, upcast)
     if not ok:
         raise FeatureError("feature 'factored' needs a 'param = ...' statement")
-    body = [If(requested, [If(_shaped(), factored, dense_body)], program.body)]
+    otherwise: list[Stmt] = program.body
+    second = [d for d in decls if d.factored[2] is None]
+    view2 = None
+    # (not where the program steps its parameters as another view: AdaMuon orthogonalises the
+    # (rows, -1) matrix and factors its v as the square one, which one view cannot give)
+    if "factored_2nd" in dict(program.hypers) and second and not program.matrix_views:
+        # adv_optm's factored_2nd: only the second moments factored, the rest dense, no upcast
+        denom = role_target(program, "denominator", "denom")
+        fact2 = _Factoring(second, taken, second=True, denom=denom)
+        factored2, _ = fact2.block(program.body, set())
+        otherwise = [If(flag("factored_2nd"), [If(_shaped(), factored2, program.body)], program.body)]
+        view2 = Node("and", (Node("not", (requested,), boolean=True),
+                             Node("and", (flag("factored_2nd"), _shaped()), boolean=True)), boolean=True)
+        for d in second:
+            view2 = _and(d.cond, view2)
+    body = [If(requested, [If(_shaped(), factored, dense_body)], otherwise)]
     state: list[StateDecl] = []
-    dense = Node("not", (view,), boolean=True)
     for d in program.state:
         if d.factored is None:
             state.append(d)
             continue
         row, col, sign = d.factored
-        on = _and(d.cond, view)
+        own_view = view if view2 is None or sign is not None else Node("or", (view, view2), boolean=True)
+        on = _and(d.cond, own_view)
+        dense = Node("not", (own_view,), boolean=True)
         # adv_optm keeps the dense states of parameters it does not factor in float32 too
         state.append(StateDecl(d.name, d.kind, d.init, d.dtype, _and(d.cond, dense), d.doc,
                                dtype_when=(requested, "float32") if precision_api else None))
@@ -193,7 +247,8 @@ def _apply(program: Program) -> Program:
         state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|"))
         if sign is not None:
             state.append(StateDecl(sign, Kind.ELEMENT, "zeros", "bits", on, f"sign of {d.name}, 1 bit per element"))
-    return program.copy(body=body, state=state, matrix_views=[(view, "square"), *program.matrix_views])
+    views = [(view, "square")] + ([(view2, "square")] if view2 is not None else [])
+    return program.copy(body=body, state=state, matrix_views=[*views, *program.matrix_views])
 
 
 FEATURE = Feature(
