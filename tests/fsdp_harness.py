@@ -88,7 +88,8 @@ def run_case(spec: str, setting: dict, kind: str, steps: int, backend: str, mesh
     model = make_model(kind, dtype)
     params = list(model.parameters())
     sharded = _sharded(model, mesh)
-    opt1 = cls(params, **setting, backend="torch")
+    # the one-process oracle: the same backend, except the reference backend's (torch's: exact there)
+    opt1 = cls(params, **setting, backend="triton" if backend == "triton" else "torch")
     opt2 = cls(sharded, **setting, backend=backend)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0 / (1 + 0.1 * i)) for o in (opt1, opt2)]
     worst, worst_ulps = 0.0, 0.0

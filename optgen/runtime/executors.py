@@ -75,6 +75,62 @@ class TritonExecutor(Executor):
         opt._accumulate_vector(params, sums)
 
 
+class ShardedTritonExecutor(Executor):
+    """The fused kernels over DTensor parameters: each steps as a stand-in, its local rows (a
+    detached alias of the local tensor, given the local gradient) or its gathered whole, through
+    :class:`optgen.runtime.sharded_triton.ShardedTritonRunner` (collectives between the stages)."""
+
+    def __init__(self, opt: GeneratedOptimizer) -> None:
+        super().__init__(opt)
+        self.stand_ins: dict[int, torch.Tensor] = {}  # by id(parameter): stable, so the tables are cached
+
+    def runner(self) -> Any:
+        from optgen.runtime.sharded_triton import ShardedTritonRunner
+        from optgen.runtime.triton_runner import check_available
+
+        opt = self.opt
+        if not isinstance(opt._triton, ShardedTritonRunner):  # it also steps plain tensors as the plain runner
+            check_available(opt.param_groups[0]["params"][0].device)
+            opt._triton = ShardedTritonRunner(self.program, opt._triton_module)
+        return opt._triton
+
+    def stand_in(self, p: torch.Tensor, lay: sharding.Layout) -> torch.Tensor:
+        if not sharding.is_dtensor(p):
+            return p
+        t = self.stand_ins.get(id(p))
+        if lay.mode == "gathered":
+            full = sharding.gather_full(sharding.local(p), lay.shard)
+            if t is None or t.shape != full.shape:
+                t = full
+            else:
+                t.copy_(full)
+            t.grad = sharding.gather_full(sharding.local(p.grad), lay.shard)
+        else:
+            lt = sharding.local(p)
+            if t is None or t.data_ptr() != lt.data_ptr() or t.shape != lt.shape:
+                t = lt.detach()  # shares the local rows' memory: the kernels write the parameter
+            t.grad = sharding.local(p.grad)
+        self.stand_ins[id(p)] = t
+        return t
+
+    def step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        opt = self.opt
+        runner = self.runner()
+        lays = [opt._layout(p, group) for p in params]
+        stand = [self.stand_in(p, lay) for p, lay in zip(params, lays)]
+        runner.bound = {id(t): (p, lay) for t, p, lay in zip(stand, params, lays) if t is not p}
+        of = {id(t): p for t, p in zip(stand, params)}
+        states = {t: opt.state[p] for t, p in zip(stand, params)}
+        try:
+            sums = _triton_step(runner, gi, group, stand, states, lambda t: opt._inputs(of[id(t)]))
+        finally:
+            for t, p, lay in zip(stand, params, lays):
+                if t is not p:
+                    sharding.keep_rows(p, lay, t)
+                    t.grad = None
+        opt._accumulate_vector(params, sums)
+
+
 class TorchExecutor(Executor):
     """The generated ``_device_step`` over buckets of parameters that take the same branches."""
 
@@ -202,9 +258,12 @@ class TorchExecutor(Executor):
 
 def executor_for(opt: GeneratedOptimizer, backend: str, sharded: bool) -> Executor:
     """The executor of ``backend``; sharded parameters step through the torch executor's code
-    (collectives run between its ops), whatever the backend."""
-    if sharded:
-        return ReferenceExecutor(opt) if backend == "reference" and opt._zero is None else TorchExecutor(opt)
+    (collectives run between its ops), DTensors on the triton backend through its kernels on
+    their local rows (collectives between the stages)."""
+    if sharded and opt._zero is None and backend in ("reference", "triton"):
+        return ReferenceExecutor(opt) if backend == "reference" else ShardedTritonExecutor(opt)
+    if sharded:  # ZeRO's flat shards, and DTensors on the torch / compiled backends
+        return TorchExecutor(opt)
     if backend == "triton":
         return TritonExecutor(opt)
     if backend == "reference":

@@ -104,6 +104,9 @@ class _Bucket:
     #: workspace temp of an accumulation -> the workspace offsets of its per-tensor values
     sums: dict = field(default_factory=dict)
     positions: torch.Tensor | None = None  # idx on the device
+    key: tuple = ()  # the branch path's key (sharded runners re-plan it: optgen.runtime.sharded_triton)
+    envs: list = field(default_factory=list)  # per tensor: its static host values
+    views: list = field(default_factory=list)  # per tensor: the matrix view it is stepped as
 
 
 @dataclass
@@ -238,10 +241,11 @@ class TritonRunner:
                     if states[params[i]].get(name) is None:
                         states[params[i]][name] = torch.zeros_like(params[i])
                         cache.dirty = True  # has(name) flips: the next step takes another path
-            views = [view_shape(prog, params[i], group, states[params[i]]) for i in idx]
+            views = [self._view(group, params[i], states[params[i]]) for i in idx]
             stride = group[prog.slice_stride] if prog.slice_stride else 1
             bucket = self._bucket(path, idx, dtype, params, states, cfg, device, views, stride)
             bucket.calls = [_call_plan(call, path, bucket, idx, envs, views, params) for call in path.get("calls", [])]
+            bucket.key, bucket.envs, bucket.views = key, [envs[i] for i in idx], views
             cache.buckets.append(bucket)
         return cache
 
@@ -385,30 +389,39 @@ class TritonRunner:
             if bucket.acc_size:
                 bucket.ws[: bucket.acc_size].zero_()
                 self.launches += 1
-            for kernel_name, kind in bucket.path["launches"]:
-                if kind == "flat":
-                    chunks, grid = bucket.flat_chunks, 0 if bucket.flat_chunks is None else len(bucket.flat_chunks)
-                elif kind == "tiled":
-                    chunks, grid = bucket.tiled_chunks, 0 if bucket.tiled_chunks is None else len(bucket.tiled_chunks)
-                else:
-                    chunks, grid = bucket.table, len(bucket.idx)
-                if kind == "call":
-                    _run_call(bucket.calls[int(kernel_name[4:])], bucket.ws)
-                    continue
-                if grid == 0:
-                    continue
-                kernel = self.kernels[kernel_name]
-                kernel[(grid,)](
-                    bucket.table, chunks, gptr, bucket.hv, bucket.ws, hyp, steps, **hs_args,
-                    ALIGNED=bucket.aligned and (kind == "flat" or (kind == "tiled" and bucket.n_aligned)),
-                    **bucket.consts,
-                )
-                self.launches += 1
+            for index, (kernel_name, kind) in enumerate(bucket.path["launches"]):
+                self._launch(bucket, index, kernel_name, kind, bucket.table, bucket.ws, gptr, hyp, steps, hs_args)
             for acc, temp in bucket.path.get("accumulates", []):
                 if acc not in sums:
                     sums[acc] = torch.zeros(len(params), dtype=torch.float32, device=device)
                 sums[acc][bucket.positions] += bucket.ws[bucket.sums[temp]]
         return sums
+
+    def _launch(self, bucket: _Bucket, index: int, kernel_name: str, kind: str, table: torch.Tensor,
+                ws: torch.Tensor, gptr: torch.Tensor, hyp: torch.Tensor, steps: torch.Tensor, hs_args: dict) -> None:
+        """Launch stage ``index`` of a bucket's path (``table``/``ws``: the tables it reads; a
+        sharded runner passes others and adds collectives between stages)."""
+        if kind == "call":
+            _run_call(bucket.calls[int(kernel_name[4:])], ws)
+            return
+        if kind == "flat":
+            chunks, grid = bucket.flat_chunks, 0 if bucket.flat_chunks is None else len(bucket.flat_chunks)
+        elif kind == "tiled":
+            chunks, grid = bucket.tiled_chunks, 0 if bucket.tiled_chunks is None else len(bucket.tiled_chunks)
+        else:
+            chunks, grid = table, len(bucket.idx)
+        if grid == 0:
+            return
+        self.kernels[kernel_name][(grid,)](
+            table, chunks, gptr, bucket.hv, ws, hyp, steps, **hs_args,
+            ALIGNED=bucket.aligned and (kind == "flat" or (kind == "tiled" and bucket.n_aligned)),
+            **bucket.consts,
+        )
+        self.launches += 1
+
+    def _view(self, group: dict, p: torch.Tensor, state: dict) -> tuple[int, int] | None:
+        """The matrix view the kernels step ``p`` as."""
+        return view_shape(self.program, p, group, state)
 
     def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:
         values = []
