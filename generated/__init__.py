@@ -9,6 +9,7 @@ from .adamuon_adv import AdaMuon_adv
 from .adamw import AdamW
 from .adamw_adv import AdamW_adv
 from .adopt_adv import Adopt_adv
+from .coupled_adam import CoupledAdam
 from .lion_adv import Lion_adv
 from .lion_prodigy_adv import Lion_Prodigy_adv
 from .muon_adv import Muon_adv
@@ -29,6 +30,7 @@ __all__ = [
     "Adams",
     "Adams_ZeRO",
     "Adopt_adv",
+    "CoupledAdam",
     "Lion_Prodigy_adv",
     "Lion_adv",
     "Muon_adv",

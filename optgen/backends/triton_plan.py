@@ -180,6 +180,28 @@ def if_convert(stmts: list[Stmt], kinds: dict[str, Kind], counter: list[int]) ->
     return out
 
 
+def _var_kinds(stmts: list[Assign]) -> list[Assign]:
+    """Reads of a temporary take the kind its assignment on this path has: a feature may give a
+    temporary another kind on one flag path (Coupled Adam's per-column denominator), while the
+    statements after the conditional keep the node kind of the other path."""
+    kinds: dict[str, Kind] = {}
+
+    def fix(n: Node) -> Node:
+        if n.op == "var" and n.attr in kinds and kinds[n.attr] != n.kind:
+            return replace(n, kind=kinds[n.attr])
+        return replace(n, args=tuple(fix(a) for a in n.args)) if n.args else n
+
+    out = []
+    for s in stmts:
+        v = fix(s.value)
+        out.append(s if v == s.value else Assign(s.target, v, s.pos, s.role))
+        if s.role == "temp":
+            kinds[s.target] = v.kind
+        else:
+            kinds.pop(s.target, None)
+    return out
+
+
 def _substitute(n: Node, names: dict[str, Node]) -> Node:
     if n.op == "var" and n.attr in names:
         return names[n.attr]
@@ -330,7 +352,7 @@ def inline_reduced(device: list[Assign]) -> list[Assign]:
 
 def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) -> PathPlan:
     kinds: dict[str, Kind] = {}
-    straight = if_convert(stmts, kinds, [0])
+    straight = _var_kinds(if_convert(stmts, kinds, [0]))
     straight = split_reductions(straight)
     host = [s for s in straight if s.value.is_host]
     device = [s for s in straight if not s.value.is_host]

@@ -54,6 +54,7 @@ def _registry() -> dict[str, Feature]:
         cautious,
         cautious_wd,
         clip_grad,
+        coupled,
         factored,
         fisher_wd,
         grams,
@@ -68,7 +69,8 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad)
+            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
+            coupled)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 
