@@ -2,10 +2,13 @@
 
     torchrun --nproc_per_node 2 examples/fsdp2_gloo.py [--optimizer Muon_adv] [--steps 30] [--check]
     torchrun --nproc_per_node 2 examples/fsdp2_gloo.py --optimizer Adams_ZeRO [--check]
+    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 examples/fsdp2_gloo.py --opt-backend triton --steps 3 --check
 
 FSDP2 (``fully_shard``) hands the optimizer DTensor parameters sharded on dim 0; the generated
 optimizer steps each rank's rows with its own fused code and keeps optimizer state for those rows
-only, reducing across ranks only what spans them (optgen.runtime.sharding). ``Adams_ZeRO`` is not
+only, reducing across ranks only what spans them (optgen.runtime.sharding; with ``--opt-backend
+triton``, the default on CUDA, the fused Triton kernels on the local rows:
+optgen.runtime.sharded_triton). ``Adams_ZeRO`` is not
 used with FSDP: it shards the optimizer itself as adams-torch does (plain parameters, the same on
 every rank; its step reduce-scatters the gradients and all-gathers the parameters), so its
 gradients must not also be averaged by DDP. Every rank trains on the same batches here, so that
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--opt-backend", default="auto", help="the optimizer's backend (auto: triton on CUDA)")
     ap.add_argument("--check", action="store_true", help="also train in this process alone and compare")
     args = ap.parse_args()
 
@@ -62,13 +66,13 @@ def main() -> None:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     params = [p for p in model.parameters() if not zero or p.numel() % world == 0]
-    opt = cls(params, lr=args.lr)
+    opt = cls(params, lr=args.lr, backend=args.opt_backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     if args.check:  # one process alone, from the same start (Adams_ZeRO: alone in a one-rank group)
         ref = make_model().to(device)
         alone = dist.new_group([rank]) if zero else None
         ref_params = [p for p in ref.parameters() if not zero or p.numel() % world == 0]
-        ref_opt = cls(ref_params, lr=args.lr, **({"process_group": alone} if zero else {}))
+        ref_opt = cls(ref_params, lr=args.lr, backend=args.opt_backend, **({"process_group": alone} if zero else {}))
         ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     g = torch.Generator().manual_seed(1)  # the same batches on every rank
     sharding.SENT["bytes"] = 0

@@ -5,11 +5,13 @@ DDP + ZeRO with the generated class against DDP + the unsharded generated optimi
 a LambdaLR that moves lr every step: parameters bit-identical on every rank, ZeRO's consolidated
 state dict equal to the unsharded optimizer's, that state dict loaded into an unsharded optimizer
 in one process and back into ZeRO on every rank continuing bit-identically, and each rank's state
-smaller than the unsharded optimizer's. Specs whose step pools several parameters are refused
-(optgen.runtime.zero1).
+smaller than the unsharded optimizer's. Specs whose step pools several parameters (Prodigy's
+``d``, Kourkoutas-beta's per-layer norm with a layer split across ranks) gather every rank's
+per-parameter contributions and add them in the unsharded order (optgen.runtime.zero1): also
+bit-identical.
 
 The default run (CI) checks every spec's first setting on the transformer (every parameter shape
-the specs special-case) on 2 ranks, and the refusals. ``pytest -m distributed tests/test_zero1.py``
+the specs special-case) on 2 ranks, and the pooled cases. ``pytest -m distributed tests/test_zero1.py``
 runs the whole matrix: every setting of every spec on both test models on 2 ranks, and a subset on
 4 ranks (a few minutes on 2 cores).
 """
@@ -24,11 +26,9 @@ from tests.zero1_harness import spawn, spec_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
-#: Prodigy's d is updated from sums over every parameter: refused under ZeRO with more than one rank
-POOLED = [s for s in ALL if "prodigy" in s]
 #: itself ZeRO-sharded (item 1 of issue 14): ZeroRedundancyOptimizer wraps its maths as ``Adams``
 EXCLUDED = ["adams_zero"]
-PARTITIONABLE = [s for s in ALL if s not in POOLED and s not in EXCLUDED]
+PARTITIONABLE = [s for s in ALL if s not in EXCLUDED]
 KOURKOUTAS = {s: i for s in PARTITIONABLE for i, st in enumerate(spec_settings(s)) if st.get("kourkoutas_beta")}
 
 
@@ -51,53 +51,37 @@ def _check(results: dict, world: int, key, *, checkpoint: bool = True) -> dict:
     return r0
 
 
-def _refused(results: dict, world: int, key, match: str) -> None:
-    for r in range(world):
-        assert match in results[(r, key)].get("error", ""), results[(r, key)]
-
-
 def test_every_spec_on_two_ranks() -> None:
     cases = [((s, "transformer"), (s, spec_settings(s)[0], "transformer", 10, True)) for s in PARTITIONABLE]
-    # refused: Prodigy's d (any model); Kourkoutas-beta where one layer's parameters (the
-    # transformer's same-shaped biases and norms) are owned by both ranks ...
-    cases.append((("lion_prodigy_adv", "mlp"), ("lion_prodigy_adv", spec_settings("lion_prodigy_adv")[0], "mlp", 2, False)))
+    # Kourkoutas-beta where one layer's parameters (the transformer's same-shaped biases and
+    # norms) are owned by both ranks: pooled; where every layer is on one rank (the MLP's
+    # parameters all differ in shape) and with a layer per parameter: nothing to pool
     k = "simplified_ademamix"
-    cases.append(((k, "kourkoutas", "transformer"), (k, spec_settings(k)[KOURKOUTAS[k]], "transformer", 2, False)))
-    # ... but not where every layer is on one rank (the MLP's parameters all differ in shape), nor
-    # with a layer per parameter
-    cases.append(((k, "kourkoutas", "mlp"), (k, spec_settings(k)[KOURKOUTAS[k]], "mlp", 10, True)))
+    for model in ("transformer", "mlp"):
+        cases.append(((k, "kourkoutas", model), (k, spec_settings(k)[KOURKOUTAS[k]], model, 10, True)))
     own = {**spec_settings(k)[KOURKOUTAS[k]], "layer_key_fn": id}
     cases.append(((k, "kourkoutas", "layer_key_fn=id"), (k, own, "transformer", 10, True)))
-    results = spawn(2, cases, timeout=240)
-    for s in PARTITIONABLE:
-        _check(results, 2, (s, "transformer"))
-    _check(results, 2, (k, "kourkoutas", "mlp"))
-    _check(results, 2, (k, "kourkoutas", "layer_key_fn=id"))
-    _refused(results, 2, ("lion_prodigy_adv", "mlp"), "sums (num, den) over every parameter")
-    _refused(results, 2, (k, "kourkoutas", "transformer"), "are owned by different ranks")
+    # Prodigy with Kourkoutas-beta: both pooled
+    p = "prodigy_adv"
+    cases.append(((p, "kourkoutas", "transformer"), (p, spec_settings(p)[KOURKOUTAS[p]], "transformer", 10, True)))
+    results = spawn(2, cases, timeout=300)
+    for key, _ in cases:
+        _check(results, 2, key)
 
 
 @pytest.mark.distributed
 def test_every_setting_on_two_ranks() -> None:
-    cases, refused = [], []
-    for s in PARTITIONABLE + POOLED:
-        for i, setting in enumerate(spec_settings(s)):
-            for model in ("mlp", "transformer"):
-                key = (s, i, model)
-                cases.append((key, (s, setting, model, 10, True)))
-                pooled = s in POOLED or (setting.get("kourkoutas_beta") and model == "transformer")
-                (refused if pooled else []).append(key)
-    results = spawn(2, cases, timeout=1500)
+    cases = [((s, i, model), (s, setting, model, 10, True)) for s in PARTITIONABLE
+             for i, setting in enumerate(spec_settings(s)) for model in ("mlp", "transformer")]
+    results = spawn(2, cases, timeout=1800)
     for key, _ in cases:
-        if key in refused:
-            assert "NotImplementedError" in results[(0, key)].get("error", ""), results[(0, key)]
-        else:
-            _check(results, 2, key)
+        _check(results, 2, key)
 
 
 @pytest.mark.distributed
 def test_four_ranks() -> None:
-    specs = ["adamw", "adams", "adamw_adv", "muon_adv", "adamuon_adv", "lion_adv", "sgd", "adopt_adv"]
+    specs = ["adamw", "adams", "adamw_adv", "muon_adv", "adamuon_adv", "lion_adv", "sgd", "adopt_adv", "prodigy_adv",
+             "lion_prodigy_adv"]
     cases = [((s, m), (s, spec_settings(s)[0], m, 10, True)) for s in specs for m in ("mlp", "transformer")]
     results = spawn(4, cases, timeout=900)
     for key, _ in cases:

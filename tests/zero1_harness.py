@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import socket
 import time
 import traceback
@@ -201,10 +200,6 @@ def run_case(rank: int, world: int, spec: str, setting: dict[str, Any], model_na
 
 def worker(rank: int, world: int, port: int, cases: list[tuple], results) -> None:
     torch.set_num_threads(1)
-    if os.environ.get("OPTGEN_ZERO1_MEASURE_REFUSED"):  # measuring what the refusals prevent
-        from optgen.runtime import zero1
-
-        zero1.refuse_unpartitionable = lambda opt, zero: None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:

@@ -119,6 +119,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
     _TRANSIENT: ClassVar[tuple[str, ...]] = (
         "_triton", "_kourkoutas", "_first_group", "_global_state_conds", "_prune_empty",
         "_parts", "_part_vectors", "_positions", "_position_index", "_layouts", "_zero", "_executors",
+        "_zero1_pool", "_zero1_layers",
     )
 
     def _init_transient(self) -> None:
@@ -236,6 +237,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             buf.index_copy_(0, index, values.to(torch.float32))
 
     def _accumulator_sums(self, device: torch.device) -> dict[str, torch.Tensor]:
+        pool = self.__dict__.get("_zero1_pool")
+        if pool is not None:  # ZeRO-1's local optimizer: every rank's contributions (optgen.runtime.zero1)
+            self._parts, self._part_vectors = pool.gather(self, self._parts, self._part_vectors)
         ctx = HostContext(self.param_groups[0], torch.empty(0), {}, tensor_math=False)
         acc = {}
         for a in self._program.accumulators:
@@ -303,7 +307,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         if lay is None:
             lay = sharding.PLAIN
             if sharding.is_dtensor(p):
-                whole = self.backend == "reference" or self._program.slice_stride is not None
+                # per-slice statistics (Prodigy) step on local rows except in the triton kernels
+                whole = self.backend == "reference" or (self._program.slice_stride is not None
+                                                        and self.backend == "triton")
                 position = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
                 lay = sharding.layout_of(p, position, view_shape(self._program, p, group, {}), whole)
             layouts[id(p)] = lay
@@ -317,11 +323,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         ctx = HostContext(group, p, state, tensor_math=False)
         view = view_shape(prog, p, group, state)
         stride = group[prog.slice_stride] if prog.slice_stride else None
-        target = elements = p
+        target = elements = sliced = p
         if sharding.is_dtensor(p):  # states of the local rows, or of the whole (gathered) parameter
             lay = self._layout(p, group)
-            target = elements = sharding.allocation_target(p, lay)
+            target = elements = sliced = sharding.allocation_target(p, lay)
             view = sharding.stepped_view(lay, target, view)
+            sliced = sharding.slice_source(lay, target, stride)  # the local part of the global slice
         elif self.__dict__.get("_zero") is not None:  # ZeRO: per-element states are flat shards
             self._zero.check(self._position(p), p)
             elements = state[sharding.MASTER] = self._zero.init_master(p, p.dtype)
@@ -330,7 +337,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            on = elements if decl.kind == Kind.ELEMENT else target
+            on = elements if decl.kind == Kind.ELEMENT else sliced if decl.kind == Kind.SLICE else target
             state[decl.name] = _new_state(decl, on, group, view, ctx, stride)
         if state:
             self.state[p] = state
@@ -400,9 +407,12 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if self._layout(p, group).mode != "sharded":
                 continue
             ndim = self._stepped_ndim(p, group, st)
+            stride = group[self._program.slice_stride] if self._program.slice_stride else None
             state[i] = {k: sharding.to_dtensor(v, p)
                         if k in decls and isinstance(v, torch.Tensor) and not sharding.is_dtensor(v)
-                        and sharding.state_sharded(decls[k].kind, ndim, decls[k].dtype == "bits") else v
+                        and sharding.state_sharded(decls[k].kind, ndim, decls[k].dtype == "bits")
+                        else sharding.whole_slice(v, self._layout(p, group), stride)
+                        if k in decls and decls[k].kind == Kind.SLICE else v
                         for k, v in st.items()}
         return {**sd, "state": state}
 
@@ -484,6 +494,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if sharding.is_dtensor(value):  # torch.distributed.checkpoint's, resharded to this world
                 value = sharding.from_dtensor(value, p, rows and d is not None
                                               and sharding.state_sharded(d.kind, ndim, d.dtype == "bits"))
+            if d is not None and d.kind == Kind.SLICE:  # a shard's part of the whole slice
+                value = sharding.local_slice(value, lay, stride)
             if key == "step" and d is None and prog.step_store == "tensor":
                 out[key] = value
                 continue
@@ -498,6 +510,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
             try:
                 expected = _saved_shapes(d, target, view, stride)
+                if d.kind == Kind.SLICE and lay.mode == "sharded":  # its part of the whole slice
+                    expected = _saved_shapes(d, sharding.slice_source(lay, target, stride), view, stride)
                 if self._zero is not None and d.kind == Kind.ELEMENT:  # this rank's flat shard
                     expected = [(p.numel() // self._zero.world,)]
             except RuntimeError as exc:

@@ -439,6 +439,8 @@ low_rank_cans = _orthogonaliser("low_rank_cans")
 
 def strided(x: Tensors, k: Scalar) -> Tensors:
     """Every k-th element of each flattened tensor (views where the memory allows)."""
+    if (lay := sharding.active()) is not None and hasattr(lay, "strided"):  # the slice of the whole
+        return lay.strided(x, _each(k, len(x)))
     return [t.reshape(-1)[:: int(s)] for t, s in zip(x, _each(k, len(x)))]
 
 

@@ -67,6 +67,7 @@ class _BucketShards:
     ndims: list[int]
     local_dims: list[tuple[int, int, int]]
     global_dims: list[tuple[int, int, int]]
+    host: torch.Tensor  # the bucket's table on the host (workspace offsets read without a sync)
     meta_table: torch.Tensor  # the prologue's: global shape columns
     numel_table: torch.Tensor  # tiled passes' and vector stages': the global numel
     stages: list[Any]  # the path plan's stages (launch i + 1 runs stage i)
@@ -157,7 +158,7 @@ class ShardedTritonRunner(TritonRunner):
         plan = self._plan(bucket.key)
         if len(plan.stages) + 1 != len(bucket.path["launches"]):  # pragma: no cover - one launch per stage
             raise RuntimeError(f"{self.program.class_name}: a sharded step's plan does not match its kernels")
-        info = _BucketShards(shards, ndims, local_dims, global_dims, meta, numel, plan.stages)
+        info = _BucketShards(shards, ndims, local_dims, global_dims, bucket.table.cpu(), meta, numel, plan.stages)
         for k, st in enumerate(plan.stages):
             if st.kind == "pass":
                 info.reduces[k] = [(s.target, s.value.kind) for s in st.statements if s.role == "reduce"]
@@ -209,7 +210,7 @@ class ShardedTritonRunner(TritonRunner):
                                               "parameter on the triton backend")
                 if _split(kind, info.ndims[t]):
                     continue  # whole rows (a row sum) or batched matrices: local
-                off = int(bucket.table[t, cols.index(f"ws:{name}")])
+                off = int(info.host[t, cols.index(f"ws:{name}")])
                 part = ws[off:off + _size(kind, *info.local_dims[t])]
                 parts.append((t, part))
                 if name in info.flat_means:
@@ -220,10 +221,9 @@ class ShardedTritonRunner(TritonRunner):
                                           [info.shards[t] for t, _ in parts])
         for k, (_, part) in enumerate(parts):
             part.copy_(summed[k])
-        numel = bucket.path["columns"].index("numel")
         for t, part in means:
-            p = self._params[bucket.idx[t]]
-            part.copy_(_local_mean_numerator(part, p.numel(), info.meta_table[t, numel]))
+            p, orig = self._params[bucket.idx[t]], self._orig(self._params[bucket.idx[t]])[0]
+            part.copy_(_local_mean_numerator(part, p.numel(), math.prod(orig.shape)))
 
     def _call(self, bucket: _Bucket, info: _BucketShards, c: int, ws: torch.Tensor) -> None:
         """A whole-matrix call: local tensors batched as one process does, sharded ones on an owner."""
@@ -235,8 +235,8 @@ class ShardedTritonRunner(TritonRunner):
         cin, cout = cols.index(f"ws:{call['input']}"), cols.index(f"ws:{call['output']}")
         local_work = []
         for op, args, shape, offsets in bucket.calls[c]:
-            keep = [(i, o) for i, o in offsets
-                    if not any(s is not None and int(bucket.table[t, cin]) == i for t, s in enumerate(info.shards))]
+            sharded = {int(info.host[t, cin]) for t, s in enumerate(info.shards) if s is not None}
+            keep = [(i, o) for i, o in offsets if i not in sharded]
             if keep:
                 local_work.append((op, args, shape, keep))
         _run_call(local_work, ws)
@@ -248,7 +248,7 @@ class ShardedTritonRunner(TritonRunner):
             b, m, n = info.local_dims[t]
             env = bucket.envs[t]
             args = tuple(env[v] if kind == "var" else v for kind, v in call["args"])
-            i, o = int(bucket.table[t, cin]), int(bucket.table[t, cout])
+            i, o = int(info.host[t, cin]), int(info.host[t, cout])
             xs.append(ws[i:i + b * m * n].view(b * m, n) if p.numel() else ws[i:i].view(0, n))
             shards.append(s)
             outs.append(o)
@@ -307,7 +307,7 @@ class ShardedTritonRunner(TritonRunner):
                 size = _size(kind, *info.local_dims[t])
                 split = s is not None and _split(kind, nd)
                 gsize = _size(kind, *info.global_dims[t]) if split else size
-                temps.append((t, int(bucket.table[t, c]), offset, size, gsize, split))
+                temps.append((t, int(info.host[t, c]), offset, size, gsize, split))
                 table[t, c] = offset
                 offset += -(-gsize // 4) * 4
             if s is None:
@@ -340,10 +340,10 @@ def _vec_spans(stage: Any, ndim: int) -> bool:
     return False
 
 
-def _local_mean_numerator(total: torch.Tensor, local_numel: int, global_numel: Any) -> torch.Tensor:
+def _local_mean_numerator(total: torch.Tensor, local_numel: int, global_numel: int) -> torch.Tensor:
     """The float32 value ``x`` with ``x / local_numel == total / global_numel`` in float32 (IEEE
     division, as the kernels' ``L.div``): a flat pass divides a mean's sum by the local count."""
-    n_g = float(int(global_numel))
+    n_g = float(global_numel)
     target = (total / n_g).to(torch.float32)
     x = (target.double() * local_numel).to(torch.float32)
     n_l = torch.tensor(float(local_numel), dtype=torch.float32)

@@ -151,7 +151,10 @@ class RowBucket:
         self.shards = shards
 
     def split(self, xs: list[torch.Tensor], kind: str) -> list[bool]:
-        """Whether each value of ``kind`` is split across ranks along its first dim."""
+        """Whether each value of ``kind`` is split across ranks along its first dim (a per-slice
+        value of a sharded parameter: every rank holds the slice elements of its rows)."""
+        if kind == "slice":
+            return [s is not None for s in self.shards]
         fewer = _FEWER[kind]
         return [s is not None and fewer is not None and s.sharded(kind, x.dim() + fewer) for s, x in zip(self.shards, xs)]
 
@@ -207,6 +210,8 @@ class RowBucket:
             return sums
         if how == "norm":
             return [t.sqrt() for t in sums]
+        if kind == "slice" and any(spans):
+            raise NotImplementedError("the mean of a per-slice value of a sharded parameter")
         return [t / (math.prod(x.shape[1:]) * s.shape[0] if split else x.numel())
                 for t, x, s, split in zip(sums, xs, self.shards, spans)]
 
@@ -218,6 +223,62 @@ class RowBucket:
 
     def whole(self, xs: list, fn: Callable) -> list:
         return whole(xs, self.shards, fn)
+
+    def strided(self, xs: list, ks: list) -> list:
+        """Every k-th element of each parameter's flat memory, as one process takes them
+        (``flatten()[::k]`` of the whole): a shard's own elements of that slice."""
+        return [t.reshape(-1)[slice_offset(s, int(k)):: int(k)] for t, s, k in zip(xs, self.shards, ks)]
+
+
+def slice_offset(s: Shard | None, k: int) -> int:
+    """The first local flat index of a shard that falls on the global ``[::k]`` slice."""
+    if s is None:
+        return 0
+    return (-s.start * math.prod(s.shape[1:])) % k
+
+
+def _slice_bounds(s: Shard, rank: int, k: int) -> tuple[int, int]:
+    """The indices in the whole parameter's ``[::k]`` slice of the elements ``rank``'s rows hold."""
+    rowlen, chunk = math.prod(s.shape[1:]), s.chunk()
+    a, b = min(rank * chunk, s.shape[0]) * rowlen, min((rank + 1) * chunk, s.shape[0]) * rowlen
+    return -(-a // k), -(-b // k)
+
+
+def whole_slice(value: Any, lay: Layout, k: int | None) -> Any:
+    """A per-slice state of a shard as the whole parameter's (all_gather: every rank calls it), so a
+    checkpoint holds one process's slice whatever the world (it is not a torch.chunk of rows)."""
+    import torch.distributed as dist
+
+    if lay.mode != "sharded" or not k or not isinstance(value, torch.Tensor):
+        return value
+    s = lay.shard
+    counts = [hi - lo for lo, hi in (_slice_bounds(s, r, k) for r in range(s.world))]
+    mine = value.reshape(()).expand(counts[s.rank]) if value.dim() == 0 else value  # a 0-d zero p0
+    padded = torch.zeros(max(counts), dtype=value.dtype, device=value.device)
+    padded[: counts[s.rank]] = mine
+    pieces = [torch.empty_like(padded) for _ in range(s.world)]
+    SENT["bytes"] += padded.numel() * padded.element_size()
+    dist.all_gather(pieces, padded, group=s.group)
+    return torch.cat([q[:c] for q, c in zip(pieces, counts)])
+
+
+def local_slice(value: Any, lay: Layout, k: int | None) -> Any:
+    """A loaded per-slice state of the whole parameter (:func:`whole_slice`) as this shard's part."""
+    if lay.mode != "sharded" or not k or not isinstance(value, torch.Tensor) or value.dim() != 1:
+        return value
+    s = lay.shard
+    if value.numel() != -(-math.prod(s.shape) // k):
+        return value  # already this shard's (a state dict of this world)
+    lo, hi = _slice_bounds(s, s.rank, k)
+    return value[lo:hi].clone()
+
+
+def slice_source(lay: Layout, target: torch.Tensor, k: int | None) -> torch.Tensor:
+    """What a per-slice state of ``target`` (a parameter's local rows) is taken from with
+    ``flatten()[::k]``: its flat memory from the first element on the global slice."""
+    if lay.mode != "sharded" or not k:
+        return target
+    return target.reshape(-1)[slice_offset(lay.shard, k):]
 
 
 def whole(xs: list[torch.Tensor], shards: list[Shard | None], fn: Callable[[torch.Tensor, int], torch.Tensor]

@@ -7,10 +7,12 @@ For a spec whose maths is per parameter this is bit-identical to DDP with the un
 Two things need the generated class's help, both done here when ZeRO constructs it (:func:`attach`,
 called from ``GeneratedOptimizer.__init__``):
 
-* Specs whose step reads values pooled over several parameters cannot be partitioned by parameter:
-  Prodigy's ``d`` (its ``num``/``den`` sums run over every parameter of the optimizer) and
-  Kourkoutas-beta's per-layer norm when one layer's parameters land on different ranks. Those are
-  refused with a NotImplementedError that says why, instead of silently training differently.
+* Specs whose step pools values over several parameters: Prodigy's ``d`` (its ``num``/``den``
+  sums run over every parameter of the optimizer) and Kourkoutas-beta's per-layer gradient norm
+  when one layer's parameters land on different ranks. Each rank's contributions (one 0-d value
+  per parameter) are gathered at the step's finish (Prodigy) or before the next step's beta2
+  (Kourkoutas) and added in the unsharded optimizer's parameter order on every rank: the same
+  float32 additions as one process, so bit-identical to DDP with the unsharded optimizer.
 * ``ZeroRedundancyOptimizer.load_state_dict`` writes each owned entry of the consolidated state dict
   straight into ``local_optimizer.state[p]``. A spec with a published state-dict layout
   (adv_optm's int ``step`` and ``factored`` flags) saves that layout, so the raw entries are turned
@@ -51,46 +53,123 @@ def attach(opt: GeneratedOptimizer) -> None:
     zero = constructing_zero(opt)
     if zero is None:
         return
-    refuse_unpartitionable(opt, zero)
+    if zero.world_size > 1 and opt._program.accumulators:
+        opt._zero1_pool = Pool(zero)  # read by GeneratedOptimizer._accumulator_sums
     if opt._program.published is not None:
         opt._zero1_adopted = {}
         opt.register_step_pre_hook(lambda o, args, kwargs: adopt_loaded_states(o))
+    if zero.world_size > 1 and split_layers(opt, zero):
+        opt._zero1_layers = zero
+        pool_kourkoutas(opt)
+        # after the adoption hook: a load rebuilds the Kourkoutas object
+        opt.register_step_pre_hook(lambda o, args, kwargs: pool_kourkoutas(o))
 
 
-def refuse_unpartitionable(opt: GeneratedOptimizer, zero: Any) -> None:
-    """NotImplementedError when partitioning ``zero``'s parameters by rank changes ``opt``'s maths."""
-    prog = opt._program
-    name = type(opt).__name__
-    if zero.world_size > 1 and prog.accumulators:
-        sums = ", ".join(a.name for a in prog.accumulators)
-        raise NotImplementedError(
-            f"{name} under ZeroRedundancyOptimizer ({zero.world_size} ranks): its optimizer-wide values "
-            f"({', '.join(g.name for g in prog.globals)}) are updated from sums ({sums}) over every parameter of "
-            "the optimizer, and ZeRO gives each rank's local optimizer only the parameters it owns, so every rank "
-            "would compute its own d from its shard. Use DDP with the unsharded optimizer instead")
+def split_layers(opt: GeneratedOptimizer, zero: Any) -> list[Any]:
+    """Kourkoutas-beta's layers whose parameters are owned by different ranks."""
     kourkoutas = getattr(opt, "_kourkoutas", None)
-    if kourkoutas is None or zero.world_size == 1:
-        return
+    if kourkoutas is None:
+        return []
     ranks: dict[Any, set[int]] = {}
-    shapes: dict[Any, tuple[int, ...]] = {}
     default_on = opt.defaults.get("kourkoutas_beta")
     for rank, groups in enumerate(zero._partition_parameters()):
         for group in groups:
             if not group.get("kourkoutas_beta", default_on):
                 continue
             for p in group["params"]:
-                key = kourkoutas.key_fn(p)
-                ranks.setdefault(key, set()).add(rank)
-                shapes.setdefault(key, tuple(p.shape))
-    split = [key for key, rs in ranks.items() if len(rs) > 1]
-    if split:
-        raise NotImplementedError(
-            f"{name} with kourkoutas_beta under ZeroRedundancyOptimizer ({zero.world_size} ranks): Kourkoutas-beta "
-            f"pools the gradient norm of every parameter of a layer (by default every parameter of the same shape), "
-            f"and the parameters of {len(split)} layer(s) (the first of shape {shapes[split[0]]}) are owned by "
-            "different ranks, which would each pool only their own. Give each parameter its own layer "
-            "(layer_key_fn=id, in the unsharded run too), switch kourkoutas_beta off, or use DDP with the "
-            "unsharded optimizer")
+                ranks.setdefault(kourkoutas.key_fn(p), set()).add(rank)
+    return [key for key, rs in ranks.items() if len(rs) > 1]
+
+
+def _gather(zero: Any, mine: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * zero.world_size
+    dist.all_gather_object(out, mine, group=zero.process_group)
+    return out
+
+
+class Pool:
+    """Every rank's contributions to the optimizer-wide accumulators, by the position of their
+    parameter in the unsharded optimizer (``ZeroRedundancyOptimizer``'s parameter order)."""
+
+    def __init__(self, zero: Any) -> None:
+        self.zero = zero
+        self.index = {id(p): i for i, p in enumerate(zero._all_params)}
+
+    def gather(self, opt: GeneratedOptimizer, parts: dict[str, dict[int, list[Any]]],
+               vectors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[int, list[Any]]], dict[str, torch.Tensor]]:
+        """``opt._parts`` / ``opt._part_vectors`` of every rank, by global position (exact values)."""
+        local = [q for g in opt.param_groups for q in g["params"]]
+        mine = ({name: {self.index[id(local[pos])]: [(float(v), v.dtype) if isinstance(v, torch.Tensor) else (v, None)
+                                                      for v in values] for pos, values in by_pos.items()}
+                 for name, by_pos in parts.items()},
+                {name: {self.index[id(local[pos])]: float(x) for pos, x in enumerate(buf.tolist())}
+                 for name, buf in vectors.items()})
+        merged: dict[str, dict[int, list[Any]]] = {}
+        dense: dict[str, torch.Tensor] = {}
+        n = len(self.zero._all_params)
+        for rank_parts, rank_vectors in _gather(self.zero, mine):
+            for name, by_pos in rank_parts.items():
+                for pos, values in by_pos.items():
+                    merged.setdefault(name, {})[pos] = [v if dt is None else torch.tensor(v, dtype=dt)
+                                                        for v, dt in values]
+            for name, by_pos in rank_vectors.items():
+                buf = dense.setdefault(name, torch.zeros(n, dtype=torch.float32, device=vectors[name].device))
+                for pos, x in by_pos.items():
+                    if x != 0.0:
+                        buf[pos] = x
+        return merged, dense
+
+
+def pool_kourkoutas(opt: GeneratedOptimizer) -> None:
+    """Make Kourkoutas-beta's per-layer norm pool the layer's parameters of every rank."""
+    k = getattr(opt, "_kourkoutas", None)
+    if k is None or getattr(k, "_zero1_pooled", False):
+        return
+    prepare = k.prepare
+
+    def pooled(t: int) -> None:
+        _pool_squares(opt, opt._zero1_layers, k)
+        prepare(t)
+
+    k.prepare = pooled
+    k._zero1_pooled = True
+
+
+def _pool_squares(opt: GeneratedOptimizer, zero: Any, k: Any) -> None:
+    """Each split layer's ``sum(g^2)`` summed over its parameters of every rank in the unsharded
+    order (float32, as Kourkoutas.prepare adds them), left in this rank's first parameter's state
+    (the others' zeroed), so the local prepare reads the layer's whole sum."""
+    from optgen.runtime.kourkoutas import SQ
+
+    index = {id(p): i for i, p in enumerate(zero._all_params)}
+    mine = {}
+    for b in k.buckets.values():
+        for p in b["params"]:
+            sq = opt.state[p].get(SQ) if p in opt.state else None
+            if isinstance(sq, torch.Tensor):
+                mine[index[id(p)]] = (float(sq), sq.dtype)
+    squares: dict[int, tuple[float, torch.dtype]] = {}
+    for theirs in _gather(zero, mine):
+        squares.update(theirs)
+    on = {id(p) for g in zero.param_groups if g.get("kourkoutas_beta", opt.defaults.get("kourkoutas_beta"))
+          for p in g["params"]}
+    members: dict[Any, list[int]] = {}
+    for i, q in enumerate(zero._all_params):
+        if id(q) in on:
+            members.setdefault(k.key_fn(q), []).append(i)
+    for key, b in k.buckets.items():
+        acc = torch.zeros((), dtype=torch.float32)
+        for i in members.get(key, []):
+            if i in squares:
+                acc += torch.tensor(squares[i][0], dtype=squares[i][1])
+        first = True
+        for p in b["params"]:
+            sq = opt.state[p].get(SQ) if p in opt.state else None
+            if isinstance(sq, torch.Tensor):
+                sq.fill_(acc if first else 0.0)
+                first = False
 
 
 def _looks_published(opt: GeneratedOptimizer, p: torch.Tensor, st: dict[str, Any]) -> bool:
