@@ -3,6 +3,7 @@
 
 from .adagrad import Adagrad
 from .adam import Adam
+from .adamax import Adamax
 from .adams import Adams
 from .adams_zero import Adams_ZeRO
 from .adamuon_adv import AdaMuon_adv
@@ -27,6 +28,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "AdamW_adv",
+    "Adamax",
     "Adams",
     "Adams_ZeRO",
     "Adopt_adv",
