@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.runtime import newton_schulz as ns
@@ -83,6 +84,9 @@ def _assign(s: Assign, f: _Frame) -> None:
         else:
             f.host.env[s.target] = evaluate(s.value, f.host)
         return
+    if s.value.op == "encode":  # a coded state's write: every tensor its codec stores
+        _encode(s.target, s.value, f)
+        return
     value = _eval(s.value, f)
     if s.role == "accumulate":
         f.acc.append((s.target, value))
@@ -110,11 +114,28 @@ def _read(name: str, kind: Kind, f: _Frame) -> Any:
     return f.state[name]
 
 
+def _encode(name: str, n: Node, f: _Frame) -> None:
+    codec, non_neg = codec_for(n.attr[0]), n.attr[1]
+    x = _eval(n.args[0], f)
+    shape = codec.draws(x.numel())
+    bits = stochastic.draw_bits(shape, x.device) if shape is not None else None
+    for suffix, value in codec.encode(x, non_neg, bits).items():
+        f.state[name + suffix].copy_(value)
+
+
+def _decode(n: Node, f: _Frame) -> Any:
+    codec, name, non_neg = codec_for(n.attr[0]), n.attr[1], n.attr[2]
+    stored = {suffix: f.state[key] for suffix, key in stored_names(name, codec, non_neg).items()}
+    return codec.decode(stored, tuple(f.state[name].shape), non_neg)
+
+
 def _eval(n: Node, f: _Frame) -> Any:
     if n.is_host:
         return to_device_scalar(evaluate(n, f.host))
     if n.op == "var":
         return _read(n.attr, n.kind, f)
+    if n.op == "decode":
+        return _decode(n, f)
     if n.op == "reduced":
         return f.reduced[n.attr]
     raw = [_eval(a, f) for a in n.args]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 
@@ -78,10 +79,20 @@ class TorchEmitter:
             return f'F.align({code}, "{_KIND_NAME[a.kind]}", "{_KIND_NAME[parent.kind]}")', False
         return code, fresh
 
+    def stored(self, state: str, codec: str, non_neg: bool) -> str:
+        """A coded state's stored tensors (feature state_precision) by suffix."""
+        names = stored_names(state, codec_for(codec), non_neg)
+        return "{" + ", ".join(f'"{k}": {self.local(v)}' for k, v in names.items()) + "}"
+
     def expr(self, n: Node) -> tuple[str, bool]:
         """Code for a device value and whether it is a fresh temporary."""
         if n.op == "var":
             return self.local(n.attr), False
+        if n.op == "decode":
+            codec, state, non_neg = n.attr
+            name = self.fresh()
+            self.emit(f'{name} = F.decode("{codec}", {non_neg}, {self.stored(state, codec, non_neg)})')
+            return name, True
         if n.op == "reduced":  # an optimizer-wide reduction: the runtime puts one per tensor in S
             return f'S["{n.attr}"]', False
         args = [self.arg(a, n) for a in n.args]
@@ -151,6 +162,11 @@ class TorchEmitter:
                 self.owned.add(s.target)
             else:
                 self.owned.discard(s.target)
+            return
+        if v.op == "encode":
+            code, _ = self.expr(v.args[0])
+            codec, non_neg = v.attr
+            self.emit(f'F.encode_("{codec}", {non_neg}, {self.stored(s.target, codec, non_neg)}, {code})')
             return
         spine = self._spine(v, s.target)
         if spine is not None:

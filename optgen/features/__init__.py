@@ -65,12 +65,13 @@ def _registry() -> dict[str, Feature]:
         orthograd,
         simplified_ademamix,
         spectral_decay,
+        state_precision,
         stochastic_rounding,
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
             atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
-            coupled)
+            coupled, state_precision)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

@@ -23,6 +23,7 @@ class Kind(enum.IntEnum):
     COL = 4  # one value per column of the last two dims: shape (*B, N)
     ELEMENT = 5  # the parameter's own shape
     SLICE = 6  # every k-th element of the flattened parameter (Prodigy's statistics): shape (ceil(numel/k),)
+    BLOCK = 7  # one value per block of consecutive flat elements (a codec's scales): shape (ceil(numel/block),)
 
     @property
     def label(self) -> str:
@@ -34,6 +35,7 @@ class Kind(enum.IntEnum):
             Kind.COL: "per-column",
             Kind.ELEMENT: "per-element",
             Kind.SLICE: "per-slice-element",
+            Kind.BLOCK: "per-block",
         }[self]
 
 
@@ -107,6 +109,11 @@ class StateDecl:
     dtype_when: tuple[Node, str] | None = None
     #: init "param" of an all-zero parameter stores a 0-d zero instead (adv_optm's Prodigy ``p0``)
     scalar_if_zero: bool = False
+    #: (condition, dtype) rules before ``dtype_when``, the first that holds wins (feature
+    #: ``state_precision``: a codec's storage dtype, or float32 for tensors it leaves alone)
+    dtype_rules: list[tuple[Node, str]] = field(default_factory=list)
+    #: elements per block of a per-block state (Kind.BLOCK)
+    block: int | None = None
 
 
 @dataclass

@@ -79,6 +79,8 @@ def program_to_data(p: Program) -> dict[str, Any]:
                 "cond": node_to_data(s.cond) if s.cond is not None else None,
                 **({"dtype_when": [node_to_data(s.dtype_when[0]), s.dtype_when[1]]} if s.dtype_when else {}),
                 **({"scalar_if_zero": True} if s.scalar_if_zero else {}),
+                **({"dtype_rules": [[node_to_data(c), t] for c, t in s.dtype_rules]} if s.dtype_rules else {}),
+                **({"block": s.block} if s.block else {}),
             }
             for s in p.state
         ],
@@ -178,6 +180,8 @@ def program_from_data(d: dict[str, Any]) -> Program:
                 node_from_data(s["cond"]) if s["cond"] is not None else None,
                 dtype_when=(node_from_data(s["dtype_when"][0]), s["dtype_when"][1]) if "dtype_when" in s else None,
                 scalar_if_zero=s.get("scalar_if_zero", False),
+                dtype_rules=[(node_from_data(c), t) for c, t in s.get("dtype_rules", [])],
+                block=s.get("block"),
             )
             for s in d["state"]
         ],

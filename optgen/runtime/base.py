@@ -35,6 +35,11 @@ def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
         "float64": torch.float64,
         "default": torch.get_default_dtype(),
         "bits": torch.uint8,
+        # the storage dtypes of state precisions (docs/state_precision.md)
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "int8": torch.int8,
+        "uint8": torch.uint8,
     }[name]
 
 
@@ -50,6 +55,8 @@ def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...
     if kind == Kind.ELEMENT:
         return shape
     if kind == Kind.SLICE:
+        return (-(-param.numel() // stride),)
+    if kind == Kind.BLOCK:  # a codec's per-block values; ``stride``: the block size
         return (-(-param.numel() // stride),)
     if kind in (Kind.TENSOR, Kind.HOST):
         return ()
@@ -337,8 +344,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 continue
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
-            on = elements if decl.kind == Kind.ELEMENT else sliced if decl.kind == Kind.SLICE else target
-            state[decl.name] = _new_state(decl, on, group, view, ctx, stride)
+            on = elements if decl.kind in (Kind.ELEMENT, Kind.BLOCK) else sliced if decl.kind == Kind.SLICE else target
+            state[decl.name] = _new_state(decl, on, group, view, ctx, decl.block or stride)
         if state:
             self.state[p] = state
 
@@ -509,7 +516,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                 continue
             where = f"loaded state dict: state '{key}' of parameter {index} (shape {tuple(p.shape)})"
             try:
-                expected = _saved_shapes(d, target, view, stride)
+                expected = _saved_shapes(d, target, view, d.block or stride)
                 if d.kind == Kind.SLICE and lay.mode == "sharded":  # its part of the whole slice
                     expected = _saved_shapes(d, sharding.slice_source(lay, target, stride), view, stride)
                 if self._zero is not None and d.kind == Kind.ELEMENT:  # this rank's flat shard
@@ -519,10 +526,10 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if tuple(value.shape) not in expected:
                 raise ValueError(f"{where} has shape {tuple(value.shape)}, expected "
                                  f"{' or '.join(map(str, expected))} (a {d.kind.label} state of {type(self).__name__})")
-            if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when:
+            if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when or d.dtype_rules:
                 device = torch.device("cpu") if d.kind == Kind.HOST else p.device
                 # a conditional dtype: the saved buffer has the one its condition chose
-                dtype = value.dtype if d.dtype_when else _dtype(d.dtype, p)
+                dtype = value.dtype if d.dtype_when or d.dtype_rules else _dtype(d.dtype, p)
                 out[key] = value.to(dtype=dtype, device=device, copy=True)
             else:
                 out[key] = _cast_like_torch(p, value, key)
@@ -747,7 +754,10 @@ def _require_param_dtype(name: str, dtype: Any, params: list[torch.Tensor]) -> N
 def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tuple[int, int] | None,
                ctx: HostContext, stride: int | None) -> torch.Tensor:
     dtype = _dtype(decl.dtype, p)
-    if decl.dtype_when is not None and evaluate(decl.dtype_when[0], ctx):
+    rule = next((t for c, t in decl.dtype_rules if evaluate(c, ctx)), None)
+    if rule is not None:
+        dtype = _dtype(rule, p)
+    elif decl.dtype_when is not None and evaluate(decl.dtype_when[0], ctx):
         dtype = _dtype(decl.dtype_when[1], p)
     device = torch.device("cpu") if decl.kind == Kind.HOST else p.device
     init = decl.init

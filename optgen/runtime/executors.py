@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from optgen.backends import reference
-from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.codecs import codec_for
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 from optgen.runtime import sharding, stochastic
 from optgen.runtime.host import HostContext, evaluate, meta_value, to_device_scalar
 from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
@@ -176,7 +177,7 @@ class TorchExecutor(Executor):
     def run(self, group: dict[str, Any], params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
         opt, prog = self.opt, self.program
         buckets = self.buckets(group, params)
-        if self.sketches and any(p.dtype == torch.bfloat16 for p in params):
+        if (self.sketches and any(p.dtype == torch.bfloat16 for p in params)) or self.draws_twice(buckets):
             # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
             # parameter (its sketch, then its rounding): step the parameters one at a time, in order
             where = {id(item[0]): (path, item) for path, items in buckets.items() for item in items}
@@ -247,6 +248,19 @@ class TorchExecutor(Executor):
         if path not in self.rounds:
             self.rounds[path] = _path_rounds(self.program.body, dict(path))
         return self.rounds[path]
+
+    def draws_twice(self, buckets: dict[tuple, list]) -> bool:
+        """Whether a bucket of several parameters draws from adv_optm's stream more than once per
+        parameter (stochastically rounded state writes): multi-tensor ops would draw them
+        tensor by tensor, adv_optm draws them parameter by parameter."""
+        for path, items in buckets.items():
+            if len(items) > 1 or len(buckets) > 1:
+                key = ("count", path)
+                if key not in self.rounds:
+                    self.rounds[key] = _path_draw_count(self.program.body, dict(path)) > 1
+                if self.rounds[key]:
+                    return True
+        return False
 
     def path_draws(self, path: tuple) -> bool:
         """Whether the branch path draws random numbers (stochastic rounding, low-rank sketches)."""
@@ -325,9 +339,26 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
             branch = s.then if taken.get(s.cond.attr, False) else s.orelse
             if _path_rounds(branch, taken, sketches):
                 return True
-        elif any(n.op == "stochastic_round" or (sketches and n.op.startswith("low_rank_")) for n in walk_nodes(s.value)):
+        elif any(n.op == "stochastic_round" or _draws(n) or (sketches and n.op.startswith("low_rank_"))
+                 for n in walk_nodes(s.value)):
             return True
     return False
+
+
+def _draws(n: Node) -> bool:
+    """A stochastic state codec's encode (feature state_precision) draws random bits."""
+    return n.op == "encode" and codec_for(n.attr[0]).stochastic
+
+
+def _path_draw_count(stmts: list[Stmt], taken: dict[str, bool]) -> int:
+    """How many draws from adv_optm's stream the branch path ``taken`` makes per parameter."""
+    count = 0
+    for s in stmts:
+        if isinstance(s, If):
+            count += _path_draw_count(s.then if taken.get(s.cond.attr, False) else s.orelse, taken)
+        else:
+            count += sum(1 for n in walk_nodes(s.value) if n.op == "stochastic_round" or _draws(n))
+    return count
 
 
 def _host_reads(prog: Program) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:

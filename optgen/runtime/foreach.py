@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
+from optgen.ir.codecs import FloatCodec, codec_for
 from optgen.runtime import newton_schulz as ns
 from optgen.runtime import sharding, stochastic
 
@@ -409,6 +410,29 @@ def contiguous(a: Tensors) -> Tensors:
 
 def float32(a: Tensors) -> Tensors:
     return [x.float() for x in a]
+
+
+def decode(codec: str, non_neg: bool, stored: dict[str, Tensors]) -> Tensors:
+    """The float32 values of a coded state (feature state_precision), one tensor per parameter."""
+    c = codec_for(codec)
+    if isinstance(c, FloatCodec):
+        return [x.float() for x in stored[""]]
+    return [c.decode({k: v[i] for k, v in stored.items()}, tuple(x.shape), non_neg)
+            for i, x in enumerate(stored[""])]
+
+
+def encode_(codec: str, non_neg: bool, stored: dict[str, Tensors], value: Tensors) -> None:
+    """Write float32 ``value`` into a coded state's stored tensors (random bits, where the codec
+    takes them, drawn from adv_optm's stream tensor by tensor)."""
+    c = codec_for(codec)
+    if isinstance(c, FloatCodec) and not c.stochastic:
+        torch._foreach_copy_(stored[""], value)  # round to nearest even
+        return
+    for i, x in enumerate(value):
+        shape = c.draws(x.numel())
+        bits = stochastic.draw_bits(shape, x.device) if shape is not None else None
+        for suffix, v in c.encode(x, non_neg, bits).items():
+            stored[suffix][i].copy_(v)
 
 
 def stochastic_round(a: Tensors, seed: Scalar) -> Tensors:

@@ -44,6 +44,12 @@ def draw(x: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32, generator=generator(x.device))
 
 
+def draw_bits(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``shape`` random 16-bit integers (int32) from the device's stream: a stochastic state
+    codec's draw (adv_optm's ``_get_random_int_for_sr`` / ``_get_random_int_for_8bit_sr``)."""
+    return torch.randint(0, 1 << 16, shape, device=device, dtype=torch.int32, generator=generator(device))
+
+
 def sketch(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A Gaussian sketch of ``shape`` in ``like``'s dtype and device, from the same stream
     (adv_optm's low-rank orthogonalisation draws it there, before the parameter's rounding)."""

@@ -1,0 +1,227 @@
+"""State codecs: how a per-element state is stored at a lower precision (docs/state_precision.md).
+
+A codec names the tensors it stores for one state (the codes under the state's own key, per-block
+scales under ``key + suffix``), its block size, and its encode/decode in torch (the reference,
+torch and compiled backends) and in Triton (in registers, inside the pass). Codecs are pure:
+they import torch only, so the IR, the features, the backends and the runtime may all use them.
+Random bits for a stochastic encode are drawn by the caller (adv_optm's stream lives in
+:mod:`optgen.runtime.stochastic`) and passed in, so the same codec serves every backend.
+
+The built-in codecs are adv_optm 2.5.16's (``bf16_sr``, ``int8_sr``: ``util/state_util.py``,
+``util/param_update.py``; math/adv-optm.md §2.3-2.4) and the plain float ones (``bf16``,
+``fp16``: round to nearest even). Other packages register theirs with :func:`register`
+(``optgen.quant``: bitsandbytes' and torchao's).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor a codec stores for a state."""
+
+    suffix: str  # "" : the state's own key (the codes); else the key's suffix ("_scale")
+    dtype: str  # a storage dtype name (optgen.runtime.base.storage_dtype)
+    shape: str  # "element" (the parameter's shape) | "blocks" ((ceil(numel / block),))
+    init: float = 0.0
+
+
+class Codec:
+    """The interface (see docs/state_precision.md). Subclasses set the class attributes."""
+
+    name: str = ""
+    #: elements per scale block (None: an elementwise codec)
+    block: int | None = None
+    #: encode consumes random bits (drawn by the caller, see :meth:`draws`)
+    stochastic: bool = False
+    #: the triton helpers the kernels include (jit functions), "" where the codec needs none
+    triton_source: str = ""
+
+    def stored(self, non_neg: bool) -> list[Stored]:
+        raise NotImplementedError
+
+    def applies(self) -> Any:
+        """An IR host condition under which the codec stores a state (None: always); where it
+        does not hold the state stays float32 (the published small-tensor rules)."""
+        return None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Hyperparameters :meth:`applies` reads (name -> HyperparameterSpec)."""
+        return {}
+
+    def draws(self, numel: int) -> tuple[int, ...] | None:
+        """The shape of the int32 draw in [0, 2**16) one encode of ``numel`` elements takes."""
+        return None
+
+    def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        raise NotImplementedError(f"codec '{self.name}' has no triton decode")
+
+    def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
+                      non_neg: bool) -> list[str]:
+        raise NotImplementedError(f"codec '{self.name}' has no triton encode")
+
+
+class FloatCodec(Codec):
+    """A narrower float dtype, decoded by widening and encoded by round to nearest even."""
+
+    def __init__(self, name: str, dtype: str, tl_dtype: str):
+        self.name, self.dtype, self.tl_dtype = name, dtype, tl_dtype
+
+    def stored(self, non_neg: bool) -> list[Stored]:
+        return [Stored("", self.dtype, "element")]
+
+    def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
+        return stored[""].float()
+
+    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"": x.to(getattr(torch, self.dtype))}
+
+    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        return f"tl.load({ptr['']} + {offs}, mask={mask}).to(tl.float32)"
+
+    def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
+                      non_neg: bool) -> list[str]:
+        return [f"tl.store({ptr['']} + {offs}, {x}.to({self.tl_dtype}), mask={mask})"]
+
+
+class Bf16SR(FloatCodec):
+    """adv_optm's ``bf16_sr`` (math/adv-optm.md §2.3): add 16 random low bits, truncate."""
+
+    stochastic = True
+    triton_source = '''
+@triton.jit
+def _sr_bf16(x, r):
+    b = (x.to(tl.int32, bitcast=True) + r) & -65536
+    return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
+'''
+
+    def __init__(self) -> None:
+        super().__init__("bf16_sr", "bfloat16", "tl.bfloat16")
+
+    def draws(self, numel: int) -> tuple[int, ...] | None:
+        return (numel,)
+
+    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        assert bits is not None
+        r = bits.view(x.shape) + x.contiguous().view(torch.int32)
+        r.bitwise_and_(-65536)
+        return {"": r.view(torch.float32).to(torch.bfloat16)}
+
+    def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
+                      non_neg: bool) -> list[str]:
+        return [f"tl.store({ptr['']} + {offs}, _sr_bf16({x}, {bits}), mask={mask})"]
+
+
+class Int8SR(Codec):
+    """adv_optm's ``int8_sr`` (math/adv-optm.md §2.4): blocks of 2048 flat elements (the last one
+    padded by repeating the last value), scale ``absmax / 127`` (non-negative states:
+    ``max / 255`` into uint8), codes ``clamp(floor(x / max(scale, 1e-12) + r / 2**16))`` with one
+    random 16-bit draw per padded element; decoded as ``code * scale``. Every size is quantised."""
+
+    name = "int8_sr"
+    block = 2048
+    stochastic = True
+    triton_source = '''
+@triton.jit
+def _int8_sr_codes(x, scale, r, lo, hi):
+    q = tl.floor(x / tl.maximum(scale, 1e-12) + r.to(tl.float32) * (1.0 / 65536))
+    return tl.minimum(tl.maximum(q, lo), hi)
+'''
+
+    def stored(self, non_neg: bool) -> list[Stored]:
+        return [Stored("", "uint8" if non_neg else "int8", "element"), Stored("_scale", "float32", "blocks", 1.0)]
+
+    def draws(self, numel: int) -> tuple[int, ...] | None:
+        return (-(-numel // self.block) * self.block,)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        pad = -(-n // self.block) * self.block - n
+        flat = x.reshape(1, -1).float()
+        if pad and n:
+            flat = TF.pad(flat, (0, pad), mode="replicate")
+        return flat.view(-1, self.block)
+
+    def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
+        codes, scale = stored[""], stored["_scale"]
+        n = codes.numel()
+        if n == 0:
+            return torch.zeros(shape, dtype=torch.float32, device=codes.device)
+        blocks = self._blocks(codes)  # the padding decodes to values nobody reads
+        return (blocks * scale.unsqueeze(1)).view(-1)[:n].view(shape)
+
+    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        assert bits is not None
+        n = x.numel()
+        if n == 0:
+            return {"": torch.zeros(x.shape, dtype=torch.uint8 if non_neg else torch.int8, device=x.device),
+                    "_scale": torch.ones(0, dtype=torch.float32, device=x.device)}
+        blocks = self._blocks(x)
+        if non_neg:
+            scale = blocks.amax(dim=1, keepdim=True).div_(255.0)
+            lo, hi, dtype = 0, 255, torch.uint8
+        else:
+            scale = blocks.abs().amax(dim=1, keepdim=True).div_(127.0)
+            lo, hi, dtype = -127, 127, torch.int8
+        normalised = blocks / scale.clamp_min(1e-12)
+        normalised = normalised + bits.reshape(blocks.shape).float().mul_(1.0 / (1 << 16))
+        codes = normalised.floor_().clamp_(lo, hi).to(dtype)
+        return {"": codes.view(-1)[:n].view(x.shape), "_scale": scale.squeeze(1)}
+
+    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        return (f"tl.load({ptr['']} + {offs}, mask={mask}).to(tl.float32) * "
+                f"tl.load({ptr['_scale']} + {offs} // {self.block}, mask={mask})")
+
+    def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
+                      non_neg: bool) -> list[str]:
+        raise NotImplementedError("int8_sr in triton kernels is not implemented yet")
+
+
+_CODECS: dict[str, Codec] = {}
+_PLUGINS_LOADED = False
+
+
+def register(codec: Codec) -> None:
+    """Make ``codec`` available as a state precision by its name."""
+    _CODECS[codec.name] = codec
+
+
+def codec_for(name: str) -> Codec:
+    """The codec registered as ``name`` (KeyError: none is); loads ``optgen.quant``'s once."""
+    global _PLUGINS_LOADED
+    if name not in _CODECS and not _PLUGINS_LOADED:
+        _PLUGINS_LOADED = True
+        try:
+            importlib.import_module("optgen.quant")
+        except ModuleNotFoundError as exc:
+            if exc.name != "optgen.quant":
+                raise
+    return _CODECS[name]
+
+
+def codec_names() -> list[str]:
+    codec_for("bf16")  # the plugins too
+    return list(_CODECS)
+
+
+def stored_names(state: str, codec: Codec, non_neg: bool) -> dict[str, str]:
+    """suffix -> state-dict key of each tensor ``codec`` stores for ``state``."""
+    return {s.suffix: state + s.suffix for s in codec.stored(non_neg)}
+
+
+for _c in (FloatCodec("bf16", "bfloat16", "tl.bfloat16"), Bf16SR(), FloatCodec("fp16", "float16", "tl.float16"),
+           Int8SR()):
+    register(_c)

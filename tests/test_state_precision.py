@@ -1,0 +1,195 @@
+"""Feature state_precision (docs/state_precision.md) against its oracles.
+
+- adv_optm 2.5.16 (installed) is the oracle of its ``state_precision`` values: the codecs against
+  ``util/state_util.py``'s ``set_state``/``get_state`` on odd shapes, and every adv_optm spec that
+  takes them trained against the published class with the same random stream, bit for bit.
+- For another spec (the adamw spec with the feature listed), the oracle is
+  ``torch.optim.AdamW`` stepped on the decoded float32 states, its new states then rounded to
+  bfloat16 / float16 (round to nearest even): what storing them in that dtype means.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optgen.ir.codecs import codec_for
+from optgen.render import compile_spec
+from optgen.runtime import stochastic
+from tests.models import make_model, max_diffs, train
+from tests.published import ours_factory, published_factory
+
+su = pytest.importorskip("adv_optm.util.state_util")
+pu = pytest.importorskip("adv_optm.util.param_update")
+
+CPU = torch.device("cpu")
+SHAPES = [(), (0,), (1,), (7,), (2048,), (3, 700), (2, 3, 1001)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _seed_both() -> None:
+    pu.set_seed(CPU)
+    stochastic.reseed({CPU})
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("non_neg", [False, True])
+@pytest.mark.parametrize("precision", ["int8_sr", "bf16_sr"])
+def test_codec_matches_adv_optm_set_and_get_state(precision: str, non_neg: bool, shape: tuple) -> None:
+    codec = codec_for(precision)
+    g = torch.Generator().manual_seed(len(shape) * 7 + non_neg)
+    x = torch.randn(shape, generator=g) * 3
+    if non_neg:
+        x = x.abs()
+    st: dict = {}
+    su.init_state_tensor(st, "k", x.shape, precision, CPU, torch.float32, non_neg=non_neg)
+    pu.set_seed(CPU)
+    if precision == "int8_sr" and x.numel() == 0:
+        # adv_optm's replicate padding refuses an empty tensor; ours stores empty codes and scales
+        with pytest.raises(RuntimeError):
+            su.set_state(st, "k", x, precision, None, non_neg=non_neg)
+        out = codec.encode(x, non_neg, torch.zeros(0, dtype=torch.int32))
+        assert out[""].shape == x.shape and out["_scale"].shape == (0,) == st["k_scale"].shape
+        assert codec.decode(out, tuple(x.shape), non_neg).shape == x.shape
+        return
+    su.set_state(st, "k", x, precision, None, non_neg=non_neg)
+    pu.set_seed(CPU)  # the same stream for ours
+    size = codec.draws(x.numel())
+    bits = torch.randint(0, 1 << 16, size, dtype=torch.int32, generator=pu.get_generator(CPU))
+    ours = codec.encode(x, non_neg, bits)
+    for suffix, value in ours.items():
+        theirs = st["k" + suffix]
+        assert value.dtype == theirs.dtype and torch.equal(value, theirs), suffix
+    decoded = codec.decode(ours, tuple(x.shape), non_neg)
+    assert torch.equal(decoded, su.get_state(st, "k", precision))
+    if x.numel() > 4:
+        assert not torch.equal(decoded, x)  # the codes do round: the comparison can fail
+
+
+def _matches(spec: str, precision: str, model: str, steps: int, dtype: torch.dtype, backends, setting=None) -> None:
+    setting = {"state_precision": precision, **(setting or {})}
+    _seed_both()
+    expected, losses = train(make_model(model, dtype), published_factory(spec, setting), steps, dtype)
+    _seed_both()
+    plain, _ = train(make_model(model, dtype), published_factory(spec, {k: v for k, v in setting.items()
+                                                                         if k != "state_precision"}), steps, dtype)
+    if precision not in ("fp32", "fp16"):
+        assert max_diffs(plain, expected)[0] > 0, "the precision made no difference: the test cannot fail"
+    for backend in backends:
+        _seed_both()
+        got, ours = train(make_model(model, dtype), ours_factory(spec, setting, backend), steps, dtype)
+        d = max_diffs(got, expected)
+        assert d[0] == 0.0, f"{spec} {precision} {backend}: max diffs {d} after {steps} steps"
+        assert ours == losses
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_sr", "int8_sr"])
+def test_adamw_adv_matches_adv_optm(precision: str) -> None:
+    _matches("adamw_adv", precision, "mlp", 5, torch.float32, ("torch", "reference"))
+
+
+def test_adamw_adv_fp16_matches_adv_optm_on_fp16_params() -> None:
+    """adv_optm's fp16 keeps the state float16 and runs the maths in it (with float32 parameters
+    its lerp_ refuses the mixed dtypes): float16 parameters."""
+    _matches("adamw_adv", "fp16", "mlp", 10, torch.float16, ("torch",), {"eps": 1e-4})  # 1e-8 is 0 in fp16
+
+
+def test_bf16_params_round_states_then_params_in_adv_optm_order() -> None:
+    """bf16 parameters: two state draws then the parameter's own, per parameter (the torch
+    backend steps such a bucket parameter by parameter)."""
+    _matches("adamw_adv", "bf16_sr", "mlp", 10, torch.bfloat16, ("torch", "reference"))
+
+
+ADV = [("adopt_adv", {}), ("prodigy_adv", {}), ("signsgd_adv", {"momentum": 0.9}), ("muon_adv", {}),
+       ("adamuon_adv", {})]
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_sr", "int8_sr"])
+@pytest.mark.parametrize(("spec", "setting"), [("adamw_adv", {}), *ADV], ids=lambda x: x if isinstance(x, str) else "")
+def test_every_adv_spec_matches_adv_optm_100_steps(spec: str, setting: dict, precision: str, model: str) -> None:
+    _matches(spec, precision, model, 100, torch.float32, ("torch", "reference"), setting)
+
+
+@pytest.mark.parametrize(("spec", "setting"), ADV, ids=[s for s, _ in ADV])
+def test_other_adv_specs_int8_sr_sample(spec: str, setting: dict) -> None:
+    _matches(spec, "int8_sr", "mlp", 5, torch.float32, ("torch",), setting)
+
+
+def test_state_dict_has_adv_optm_layout_and_round_trips() -> None:
+    setting = {"state_precision": "int8_sr"}
+    _seed_both()
+    model = make_model("mlp", torch.float32)
+    theirs = published_factory("adamw_adv", setting)(model.parameters())
+    train(model, lambda ps: theirs, 3, torch.float32)
+    model2 = make_model("mlp", torch.float32)
+    ours = ours_factory("adamw_adv", setting, "torch")(model2.parameters())
+    train(model2, lambda ps: ours, 3, torch.float32)
+    a, b = theirs.state_dict(), ours.state_dict()
+    for i, s in a["state"].items():
+        o = b["state"][i]
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                assert o[k].dtype == v.dtype and o[k].shape == v.shape, k
+        assert {k for k in s if isinstance(s[k], torch.Tensor)} <= set(o)
+    fresh = ours_factory("adamw_adv", setting, "torch")(make_model("mlp", torch.float32).parameters())
+    fresh.load_state_dict(b)
+    for p, q in zip(fresh.state.values(), ours.state.values()):
+        for k, v in q.items():
+            if isinstance(v, torch.Tensor):
+                assert p[k].dtype == v.dtype and torch.equal(p[k], v), k
+
+
+# -- another spec: adamw with the feature listed -------------------------------------------------
+def _adamw_with_feature(tmp_path: Path):
+    """specs/adamw.yaml with feature state_precision listed (after adam's two) and its argument placed
+    last in the constructor order: nothing else changes."""
+    shutil.copytree(ROOT / "specs" / "blocks", tmp_path / "blocks")
+    shutil.copy(ROOT / "specs" / "adam.yaml", tmp_path / "adam.yaml")
+    text = (ROOT / "specs" / "adamw.yaml").read_text()
+    assert "features:" not in text
+    path = tmp_path / "adamw.yaml"
+    text = text.replace("class: AdamW\n", "class: AdamW\nfeatures: [maximize, amsgrad, state_precision]\n", 1)
+    path.write_text(text.replace("decoupled_weight_decay]", "decoupled_weight_decay, state_precision]", 1))
+    built = compile_spec(path)
+    pkg = tmp_path / f"sp_pkg_{tmp_path.name}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, body in built.files().items():
+        (pkg / name).write_text(body)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(f"{pkg.name}.{built.module}")
+    finally:
+        sys.path.remove(str(tmp_path))
+    return getattr(module, built.program.class_name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_another_spec_takes_the_precision_by_naming_it(tmp_path, precision: str) -> None:
+    cls = _adamw_with_feature(tmp_path)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    hp = dict(lr=1e-2, weight_decay=0.1)
+    model = make_model("mlp", torch.float32)
+    ours = cls(model.parameters(), state_precision=precision, backend="torch", **hp)
+    ref_model = make_model("mlp", torch.float32)
+    ref = torch.optim.AdamW(ref_model.parameters(), **hp)
+    batch = type(model).batch(torch.float32)
+    for _ in range(10):
+        for m, o in ((model, ours), (ref_model, ref)):
+            o.zero_grad()
+            m.loss(batch).backward()
+            o.step()
+        for st in ref.state.values():  # the oracle's states, stored in dtype
+            for k in ("exp_avg", "exp_avg_sq"):
+                st[k].copy_(st[k].to(dtype).float())
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        assert ours.state[p]["exp_avg"].dtype == dtype
+        assert torch.equal(ours.state[p]["exp_avg"].float(), ref.state[q]["exp_avg"])
