@@ -25,7 +25,7 @@ from tests.fsdp_harness import ratio, spawn
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml") if p.stem != "adams_zero")
 #: specs whose step sums over a dim split across ranks (all_reduce: the order of the sum changes)
-REDUCED = {"adams", "muon_adv", "adamuon_adv", "prodigy_adv", "prodigy_adv_2_2_3", "lion_prodigy_adv"}
+REDUCED = {"adams", "muon_adv", "adamuon_adv", "prodigy_adv", "prodigy_adv_2_2_3", "lion_prodigy_adv", "coupled_adam"}
 ULPS = 8
 
 

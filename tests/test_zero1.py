@@ -64,9 +64,15 @@ def test_every_spec_on_two_ranks() -> None:
     # Prodigy with Kourkoutas-beta: both pooled
     p = "prodigy_adv"
     cases.append(((p, "kourkoutas", "transformer"), (p, spec_settings(p)[KOURKOUTAS[p]], "transformer", 10, True)))
+    # Adams_ZeRO shards itself: refused (wrap Adams)
+    cases.append((("adams_zero", "refused"), ("adams_zero", {}, "mlp", 1, False)))
     results = spawn(2, cases, timeout=300)
     for key, _ in cases:
-        _check(results, 2, key)
+        if key[1] == "refused":
+            for r in range(2):
+                assert "wrap Adams" in results[(r, key)].get("error", ""), results[(r, key)]
+        else:
+            _check(results, 2, key)
 
 
 @pytest.mark.distributed

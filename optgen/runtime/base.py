@@ -110,6 +110,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         self._run_checks(defaults)
         #: adams-torch's ZeRO layout when the spec has a process group of several ranks
         self._zero = _flat_group(self) if "process_group" in specs else None
+        zero1.refuse_self_sharded(self)
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = _auto_backend(self.param_groups, self._zero is None)

@@ -48,6 +48,16 @@ def constructing_zero(opt: Any) -> Any:
     return None
 
 
+def refuse_self_sharded(opt: GeneratedOptimizer) -> None:
+    """Called before the groups are built: a class that shards itself (``Adams_ZeRO`` with a process
+    group of several ranks) cannot be ZeroRedundancyOptimizer's local optimizer."""
+    if opt._zero is not None and constructing_zero(opt) is not None:
+        name = type(opt).__name__
+        raise NotImplementedError(
+            f"{name} under ZeroRedundancyOptimizer: {name} shards its own state across its process_group "
+            f"(adams-torch's ZeRO); wrap Adams (the same maths) in ZeroRedundancyOptimizer, or use {name} alone")
+
+
 def attach(opt: GeneratedOptimizer) -> None:
     """Called at the end of ``GeneratedOptimizer.__init__``: nothing unless ZeRO is constructing ``opt``."""
     zero = constructing_zero(opt)
