@@ -283,3 +283,28 @@ def test_triton_fp8_conversion_every_rounding_case():
     assert torch.equal(codes, ref.view(torch.uint8))
     assert torch.equal(back.view(torch.int32)[~back.isnan()], ref.float().view(torch.int32)[~back.isnan()])
     assert torch.equal(back.isnan(), ref.float().isnan())
+
+
+def test_registered_codecs_store_the_published_tensors():
+    """The state-precision codecs (optgen.quant.registry) encode and decode as the functions do."""
+    codecs = pytest.importorskip("optgen.ir.codecs")
+    x = _sample((4096,), 51)
+    for name, non_neg in (("8bit", False), ("8bit", True), ("8bit_cuda", False)):
+        c = codecs.codec_for(name)
+        xx = x.abs() if non_neg else x
+        book = Q.qmap("unsigned" if non_neg else "signed")
+        stored = c.encode(xx, non_neg, None)
+        codes, absmax = Q.bnb_quantize(xx, book, signed=not non_neg, encoder="cpu" if name == "8bit" else "nearest")
+        assert torch.equal(stored[""], codes) and torch.equal(stored["_absmax"], absmax)
+        assert torch.equal(c.decode(stored, (64, 64), non_neg), Q.bnb_dequantize(codes, absmax, book).view(64, 64))
+        assert [s.suffix for s in c.stored(non_neg)] == ["", "_absmax"]
+    for name, bits in (("ao_8bit", 8), ("4bit", 4)):
+        c = codecs.codec_for(name)
+        block = 128 if bits == 4 else 256
+        stored = c.encode(x.abs(), True, None)
+        book = Q.qmap("unsigned4" if bits == 4 else "unsigned")
+        codes, scale = Q.ao_quantize(x.abs(), book, bits, block)
+        assert torch.equal(stored[""], codes) and torch.equal(stored["_scale"], scale)
+        assert torch.equal(c.decode(stored, (4096,), True), Q.ao_dequantize(codes, scale, book, (4096,), bits, block))
+    stored = codecs.codec_for("fp8").encode(x, False, None)
+    assert torch.equal(stored[""].view(torch.uint8), Q.fp8_quantize(x)[0].view(torch.uint8))
