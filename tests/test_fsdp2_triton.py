@@ -56,12 +56,16 @@ def test_adams_two_ranks_triton_kernels(tmp_path) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_triton_kernels_on_local_shards(tmp_path, world: int) -> None:
-    cases = [(f"{k}/{m}", ("case", (*CASES[k], m, 4, "triton"))) for k in CASES for m in ("mlp", "transformer")]
-    res = spawn(world, cases, str(tmp_path / "r"), timeout=1800)[0]
+    """Both models on 2 ranks, the MLP on 4 (the interpreter on 4 ranks of 2 cores is slow)."""
+    models = ("mlp", "transformer") if world == 2 else ("mlp",)
+    steps = 4 if world == 2 else 3
+    cases = [(f"{k}/{m}", ("case", (*CASES[k], m, steps, "triton"))) for k in CASES for m in models]
+    res = spawn(world, cases, str(tmp_path / "r"), timeout=2400)[0]
     for k in CASES:
-        for m in ("mlp", "transformer"):
+        for m in models:
             r = res[f"{k}/{m}"]
             _check(r, exact=k in ("adamw", "prodigy_adv"))
-            if k == "prodigy_adv":
+            if k == "prodigy_adv":  # gathered on the triton backend: its slices are replicated
                 continue
-            assert ratio(r) < {2: 0.75, 4: 0.6}[world] if k.endswith("factored") else ratio(r) < {2: 0.6, 4: 0.45}[world], r
+            limit = {2: 0.75, 4: 0.6}[world] if k.endswith("factored") else {2: 0.6, 4: 0.45}[world]
+            assert ratio(r) < limit, r

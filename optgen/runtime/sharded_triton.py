@@ -269,13 +269,15 @@ class ShardedTritonRunner(TritonRunner):
             src = ws[off:off + size]
             if split:
                 s = info.shards[t]
-                g.ws[soff:soff + gsize].copy_(sharding.gather_full(src.view(s.rows, -1), s).reshape(-1))
+                per = gsize // s.shape[0] if s.shape[0] else 0  # values per index of dim 0
+                g.ws[soff:soff + gsize].copy_(sharding.gather_full(src.view(s.rows, per), s).reshape(-1))
             else:
                 g.ws[soff:soff + size].copy_(src)
         for t, name, buf in g.states:
             s = info.shards[t]
             st = self._states[self._params[bucket.idx[t]]][name]
-            buf.copy_(sharding.gather_full(st.reshape(s.rows, -1), s).reshape(buf.shape))
+            per = buf.numel() // s.shape[0] if s.shape[0] else 0
+            buf.copy_(sharding.gather_full(st.reshape(s.rows, per), s).reshape(buf.shape))
         super()._launch(bucket, index, kernel_name, "vec", g.table, g.ws, gptr, hyp, steps, hs_args)
         for t, off, soff, size, gsize, split in g.temps:
             if split:
