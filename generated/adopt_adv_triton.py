@@ -24,26 +24,26 @@ def _adopt_adv_prologue0(
     gidx = tl.load(tab + t * TBL_W + 17)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c39 = (step == tl.full((), 1.0, tl.float64))
-    h__c40 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
-    h_eps_eff__b2 = tl.load(hyp + 4)
-    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k221__b6 = (-h_clip__b5)
-    h__k222__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k227__b11 = tl.load(hyp + 1)
-    h__k228__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k230__b14 = tl.load(hyp + 8)
-    h__k234__b19 = step
-    tl.store(hv + t * NH + 0, (h__c39).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k221__b6).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k222__b8).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k227__b11).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k228__b12).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k230__b14).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k234__b19).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__c40).to(tl.float32))
+    h__c35 = (step == tl.full((), 1.0, tl.float64))
+    h__c36 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
+    h_eps_eff__b3 = tl.load(hyp + 4)
+    h_clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    h__k188__b7 = (-h_clip__b6)
+    h__k189__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k194__b12 = tl.load(hyp + 1)
+    h__k195__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k197__b15 = tl.load(hyp + 8)
+    h__k201__b20 = step
+    tl.store(hv + t * NH + 0, (h__c35).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h_eps_eff__b3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k188__b7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_clip__b6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k189__b9).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k194__b12).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k195__b13).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k197__b15).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k201__b20).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h__c36).to(tl.float32))
 
 
 # flat
@@ -52,51 +52,53 @@ def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c39 = tl.load(hv + t * NH + 0)
+    h__c35 = tl.load(hv + t * NH + 0)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
-    h__k221__b6 = tl.load(hv + t * NH + 2)
-    h_clip__b5 = tl.load(hv + t * NH + 3)
+    h_eps_eff__b3 = tl.load(hv + t * NH + 1)
+    h__k188__b7 = tl.load(hv + t * NH + 2)
+    h_clip__b6 = tl.load(hv + t * NH + 3)
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k222__b8 = tl.load(hv + t * NH + 4)
-    h__k227__b11 = tl.load(hv + t * NH + 5)
-    h__k228__b12 = tl.load(hv + t * NH + 6)
-    h__k230__b14 = tl.load(hv + t * NH + 7)
+    h__k189__b9 = tl.load(hv + t * NH + 4)
+    h__k194__b12 = tl.load(hv + t * NH + 5)
+    h__k195__b13 = tl.load(hv + t * NH + 6)
+    h__k197__b15 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k234__b19 = tl.load(hv + t * NH + 8)
-    h__c40 = tl.load(hv + t * NH + 9)
+    h__k201__b20 = tl.load(hv + t * NH + 8)
+    h__c36 = tl.load(hv + t * NH + 9)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = (v1 * v1)
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c39 != 0), x2, v3)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h_eps_eff__b2)
-    x7 = L.div(v1, x6)
-    x8 = L.minimum(L.maximum(x7, h__k221__b6), h_clip__b5)
-    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v9, x8, h__k222__b8)
-    x11 = x10
-    x12 = (x4 * h__k227__b11)
-    x13 = (x12 + h__k228__b12 * v1 * v1)
-    x14 = (x11 * h__k230__b14)
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x14
-    x18 = (-x17)
-    x19 = (x16 + x18)
-    x20 = L.sr_bf16(x19, (h__k234__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 17), offs)
-    x21 = tl.where((h__c40 != 0), x10, v9)
-    x22 = tl.where((h__c40 != 0), x13, x4)
-    x23 = tl.where((h__c40 != 0), x20, v15)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x22, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x21, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
+    x4 = tl.where((h__c35 != 0), x2, v3)
+    x5 = v1
+    x6 = L.sqrt(x4)
+    x7 = (x6 + h_eps_eff__b3)
+    x8 = L.div(x5, x7)
+    x9 = L.minimum(L.maximum(x8, h__k188__b7), h_clip__b6)
+    v10 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x11 = L.lerp(v10, x9, h__k189__b9)
+    x12 = x11
+    x13 = (x4 * h__k194__b12)
+    x14 = (x13 + h__k195__b13 * x5 * x5)
+    x15 = (x12 * h__k197__b15)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = v16
+    x18 = x15
+    x19 = (-x18)
+    x20 = (x17 + x19)
+    x21 = L.sr_bf16(x20, (h__k201__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 17), offs)
+    x22 = tl.where((h__c36 != 0), x5, v1)
+    x23 = tl.where((h__c36 != 0), x11, v10)
+    x24 = tl.where((h__c36 != 0), x14, x4)
+    x25 = tl.where((h__c36 != 0), x21, v16)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x24, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(x23, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
 
 
 @triton.jit
@@ -131,24 +133,24 @@ def _adopt_adv_prologue1(
     gidx = tl.load(tab + t * TBL_W + 17)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c39 = (step == tl.full((), 1.0, tl.float64))
-    h__c40 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
-    h_eps_eff__b2 = tl.load(hyp + 4)
-    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k221__b6 = (-h_clip__b5)
-    h__k222__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k227__b11 = tl.load(hyp + 1)
-    h__k228__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k230__b14 = tl.load(hyp + 8)
-    tl.store(hv + t * NH + 0, (h__c39).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k221__b6).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k222__b8).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k227__b11).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k228__b12).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k230__b14).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__c40).to(tl.float32))
+    h__c35 = (step == tl.full((), 1.0, tl.float64))
+    h__c36 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
+    h_eps_eff__b3 = tl.load(hyp + 4)
+    h_clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    h__k188__b7 = (-h_clip__b6)
+    h__k189__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k194__b12 = tl.load(hyp + 1)
+    h__k195__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k197__b15 = tl.load(hyp + 8)
+    tl.store(hv + t * NH + 0, (h__c35).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h_eps_eff__b3).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k188__b7).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_clip__b6).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k189__b9).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k194__b12).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k195__b13).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k197__b15).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__c36).to(tl.float32))
 
 
 # flat
@@ -157,47 +159,49 @@ def _adopt_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c39 = tl.load(hv + t * NH + 0)
+    h__c35 = tl.load(hv + t * NH + 0)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
-    h__k221__b6 = tl.load(hv + t * NH + 2)
-    h_clip__b5 = tl.load(hv + t * NH + 3)
+    h_eps_eff__b3 = tl.load(hv + t * NH + 1)
+    h__k188__b7 = tl.load(hv + t * NH + 2)
+    h_clip__b6 = tl.load(hv + t * NH + 3)
     p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k222__b8 = tl.load(hv + t * NH + 4)
-    h__k227__b11 = tl.load(hv + t * NH + 5)
-    h__k228__b12 = tl.load(hv + t * NH + 6)
-    h__k230__b14 = tl.load(hv + t * NH + 7)
+    h__k189__b9 = tl.load(hv + t * NH + 4)
+    h__k194__b12 = tl.load(hv + t * NH + 5)
+    h__k195__b13 = tl.load(hv + t * NH + 6)
+    h__k197__b15 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__c40 = tl.load(hv + t * NH + 8)
+    h__c36 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     x2 = (v1 * v1)
     v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c39 != 0), x2, v3)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h_eps_eff__b2)
-    x7 = L.div(v1, x6)
-    x8 = L.minimum(L.maximum(x7, h__k221__b6), h_clip__b5)
-    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v9, x8, h__k222__b8)
-    x11 = x10
-    x12 = (x4 * h__k227__b11)
-    x13 = (x12 + h__k228__b12 * v1 * v1)
-    x14 = (x11 * h__k230__b14)
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = (-x14)
-    x17 = (v15 + x16)
-    x18 = tl.where((h__c40 != 0), x10, v9)
-    x19 = tl.where((h__c40 != 0), x13, x4)
-    x20 = tl.where((h__c40 != 0), x17, v15)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x19, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x18, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    x4 = tl.where((h__c35 != 0), x2, v3)
+    x5 = v1
+    x6 = L.sqrt(x4)
+    x7 = (x6 + h_eps_eff__b3)
+    x8 = L.div(x5, x7)
+    x9 = L.minimum(L.maximum(x8, h__k188__b7), h_clip__b6)
+    v10 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x11 = L.lerp(v10, x9, h__k189__b9)
+    x12 = x11
+    x13 = (x4 * h__k194__b12)
+    x14 = (x13 + h__k195__b13 * x5 * x5)
+    x15 = (x12 * h__k197__b15)
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = (-x15)
+    x18 = (v16 + x17)
+    x19 = tl.where((h__c36 != 0), x5, v1)
+    x20 = tl.where((h__c36 != 0), x11, v10)
+    x21 = tl.where((h__c36 != 0), x14, x4)
+    x22 = tl.where((h__c36 != 0), x18, v16)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x21, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(x20, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
 
 
 @triton.jit
@@ -220,11 +224,223 @@ def _adopt_adv_flat1(
         _adopt_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
+# prologue
+@triton.jit
+def _adopt_adv_prologue2(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 17)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h__c35 = (step == tl.full((), 1.0, tl.float64))
+    h__c36 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
+    h_eps_eff__b2 = tl.load(hyp + 4)
+    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    h__k188__b6 = (-h_clip__b5)
+    h__k189__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k194__b11 = tl.load(hyp + 1)
+    h__k195__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k197__b14 = tl.load(hyp + 8)
+    h__k201__b19 = step
+    tl.store(hv + t * NH + 0, (h__c35).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k188__b6).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k189__b8).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k194__b11).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k195__b12).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k197__b14).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k201__b19).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h__c36).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__c35 = tl.load(hv + t * NH + 0)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
+    h__k188__b6 = tl.load(hv + t * NH + 2)
+    h_clip__b5 = tl.load(hv + t * NH + 3)
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k189__b8 = tl.load(hv + t * NH + 4)
+    h__k194__b11 = tl.load(hv + t * NH + 5)
+    h__k195__b12 = tl.load(hv + t * NH + 6)
+    h__k197__b14 = tl.load(hv + t * NH + 7)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k201__b19 = tl.load(hv + t * NH + 8)
+    h__c36 = tl.load(hv + t * NH + 9)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * v1)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = tl.where((h__c35 != 0), x2, v3)
+    x5 = L.sqrt(x4)
+    x6 = (x5 + h_eps_eff__b2)
+    x7 = L.div(v1, x6)
+    x8 = L.minimum(L.maximum(x7, h__k188__b6), h_clip__b5)
+    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x10 = L.lerp(v9, x8, h__k189__b8)
+    x11 = x10
+    x12 = (x4 * h__k194__b11)
+    x13 = (x12 + h__k195__b12 * v1 * v1)
+    x14 = (x11 * h__k197__b14)
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = v15
+    x17 = x14
+    x18 = (-x17)
+    x19 = (x16 + x18)
+    x20 = L.sr_bf16(x19, (h__k201__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 17), offs)
+    x21 = tl.where((h__c36 != 0), x10, v9)
+    x22 = tl.where((h__c36 != 0), x13, x4)
+    x23 = tl.where((h__c36 != 0), x20, v15)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x22, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(x21, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
+
+
+@triton.jit
+def _adopt_adv_flat2(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 12)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adopt_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+    else:
+        _adopt_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+
+
+# prologue
+@triton.jit
+def _adopt_adv_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 17)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h__c35 = (step == tl.full((), 1.0, tl.float64))
+    h__c36 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 15) != 0))
+    h_eps_eff__b2 = tl.load(hyp + 4)
+    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    h__k188__b6 = (-h_clip__b5)
+    h__k189__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k194__b11 = tl.load(hyp + 1)
+    h__k195__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k197__b14 = tl.load(hyp + 8)
+    tl.store(hv + t * NH + 0, (h__c35).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k188__b6).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k189__b8).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k194__b11).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k195__b12).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k197__b14).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__c36).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__c35 = tl.load(hv + t * NH + 0)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
+    h__k188__b6 = tl.load(hv + t * NH + 2)
+    h_clip__b5 = tl.load(hv + t * NH + 3)
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k189__b8 = tl.load(hv + t * NH + 4)
+    h__k194__b11 = tl.load(hv + t * NH + 5)
+    h__k195__b12 = tl.load(hv + t * NH + 6)
+    h__k197__b14 = tl.load(hv + t * NH + 7)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__c36 = tl.load(hv + t * NH + 8)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * v1)
+    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x4 = tl.where((h__c35 != 0), x2, v3)
+    x5 = L.sqrt(x4)
+    x6 = (x5 + h_eps_eff__b2)
+    x7 = L.div(v1, x6)
+    x8 = L.minimum(L.maximum(x7, h__k188__b6), h_clip__b5)
+    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x10 = L.lerp(v9, x8, h__k189__b8)
+    x11 = x10
+    x12 = (x4 * h__k194__b11)
+    x13 = (x12 + h__k195__b12 * v1 * v1)
+    x14 = (x11 * h__k197__b14)
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = (-x14)
+    x17 = (v15 + x16)
+    x18 = tl.where((h__c36 != 0), x10, v9)
+    x19 = tl.where((h__c36 != 0), x13, x4)
+    x20 = tl.where((h__c36 != 0), x17, v15)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x19, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(x18, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+
+
+@triton.jit
+def _adopt_adv_flat3(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 12)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adopt_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+    else:
+        _adopt_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+
+
 KERNELS = {
     "_adopt_adv_prologue0": _adopt_adv_prologue0,
     "_adopt_adv_flat0": _adopt_adv_flat0,
     "_adopt_adv_prologue1": _adopt_adv_prologue1,
     "_adopt_adv_flat1": _adopt_adv_flat1,
+    "_adopt_adv_prologue2": _adopt_adv_prologue2,
+    "_adopt_adv_flat2": _adopt_adv_flat2,
+    "_adopt_adv_prologue3": _adopt_adv_prologue3,
+    "_adopt_adv_flat3": _adopt_adv_flat3,
 }
 
 PLAN = {'dynamic': ['_c16',
@@ -244,66 +460,68 @@ PLAN = {'dynamic': ['_c16',
              '_c34',
              '_c35',
              '_c36',
-             '_c37',
-             '_c38',
-             '_c39',
              '_c4',
-             '_c40',
              '_k0',
-             '_k102',
-             '_k106',
-             '_k107',
+             '_k104',
+             '_k108',
+             '_k109',
+             '_k111',
+             '_k114',
              '_k115',
+             '_k116',
              '_k119',
-             '_k123',
-             '_k124',
+             '_k125',
+             '_k129',
              '_k13',
-             '_k132',
-             '_k136',
-             '_k140',
-             '_k141',
+             '_k133',
+             '_k134',
+             '_k142',
+             '_k146',
+             '_k147',
              '_k149',
+             '_k152',
              '_k153',
+             '_k154',
              '_k157',
-             '_k158',
-             '_k166',
+             '_k163',
+             '_k167',
+             '_k168',
              '_k17',
              '_k170',
+             '_k173',
              '_k174',
              '_k175',
-             '_k183',
-             '_k187',
-             '_k191',
+             '_k178',
+             '_k184',
+             '_k188',
              '_k192',
-             '_k200',
-             '_k204',
-             '_k208',
-             '_k209',
+             '_k193',
+             '_k201',
              '_k21',
-             '_k217',
              '_k22',
-             '_k221',
-             '_k225',
-             '_k226',
-             '_k234',
              '_k30',
              '_k34',
-             '_k38',
+             '_k36',
              '_k39',
              '_k4',
-             '_k47',
+             '_k40',
+             '_k48',
              '_k5',
-             '_k51',
-             '_k55',
-             '_k56',
-             '_k64',
-             '_k68',
-             '_k72',
-             '_k73',
-             '_k81',
-             '_k85',
-             '_k89',
+             '_k52',
+             '_k54',
+             '_k57',
+             '_k58',
+             '_k66',
+             '_k70',
+             '_k74',
+             '_k75',
+             '_k83',
+             '_k87',
+             '_k88',
              '_k90',
+             '_k93',
+             '_k94',
+             '_k95',
              '_k98',
              'clip'],
  'group_conditions': ['_c0',
@@ -315,7 +533,6 @@ PLAN = {'dynamic': ['_c16',
                       '_c18',
                       '_c21',
                       '_c23',
-                      '_c24',
                       '_c3',
                       '_c5',
                       '_c6',
@@ -341,7 +558,7 @@ PLAN = {'dynamic': ['_c16',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': ['kourkoutas_beta2'],
- 'paths': {(('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c3', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', False), ('_c13', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', False), ('_c13', False)): {'columns': ['param',
                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                'state:mu_m_nmf',
                                                                                                                                                                                                                                                                'state:mv_m_nmf',
@@ -360,23 +577,23 @@ PLAN = {'dynamic': ['_c16',
                                                                                                                                                                                                                                                                'ndim',
                                                                                                                                                                                                                                                                'gidx'],
                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                   'hv': ['_c39',
+                                                                                                                                                                                                                                                   'hv': ['_c35',
                                                                                                                                                                                                                                                           'eps_eff__b2',
-                                                                                                                                                                                                                                                          '_k221__b6',
+                                                                                                                                                                                                                                                          '_k188__b6',
                                                                                                                                                                                                                                                           'clip__b5',
-                                                                                                                                                                                                                                                          '_k222__b8',
-                                                                                                                                                                                                                                                          '_k227__b11',
-                                                                                                                                                                                                                                                          '_k228__b12',
-                                                                                                                                                                                                                                                          '_k230__b14',
-                                                                                                                                                                                                                                                          '_c40'],
-                                                                                                                                                                                                                                                   'launches': [('_adopt_adv_prologue1',
+                                                                                                                                                                                                                                                          '_k189__b8',
+                                                                                                                                                                                                                                                          '_k194__b11',
+                                                                                                                                                                                                                                                          '_k195__b12',
+                                                                                                                                                                                                                                                          '_k197__b14',
+                                                                                                                                                                                                                                                          '_c36'],
+                                                                                                                                                                                                                                                   'launches': [('_adopt_adv_prologue3',
                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                ('_adopt_adv_flat1',
+                                                                                                                                                                                                                                                                ('_adopt_adv_flat3',
                                                                                                                                                                                                                                                                  'flat')],
                                                                                                                                                                                                                                                    'states': ['exp_avg',
                                                                                                                                                                                                                                                               'exp_avg_sq'],
                                                                                                                                                                                                                                                    'temps': []},
-           (('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c24', False), ('_c3', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', True), ('_c13', False)): {'columns': ['param',
+           (('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', False), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', True), ('_c13', False)): {'columns': ['param',
                                                                                                                                                                                                                                                               'state:exp_avg',
                                                                                                                                                                                                                                                               'state:mu_m_nmf',
                                                                                                                                                                                                                                                               'state:mv_m_nmf',
@@ -395,23 +612,94 @@ PLAN = {'dynamic': ['_c16',
                                                                                                                                                                                                                                                               'ndim',
                                                                                                                                                                                                                                                               'gidx'],
                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                  'hv': ['_c39',
+                                                                                                                                                                                                                                                  'hv': ['_c35',
                                                                                                                                                                                                                                                          'eps_eff__b2',
-                                                                                                                                                                                                                                                         '_k221__b6',
+                                                                                                                                                                                                                                                         '_k188__b6',
                                                                                                                                                                                                                                                          'clip__b5',
-                                                                                                                                                                                                                                                         '_k222__b8',
-                                                                                                                                                                                                                                                         '_k227__b11',
-                                                                                                                                                                                                                                                         '_k228__b12',
-                                                                                                                                                                                                                                                         '_k230__b14',
-                                                                                                                                                                                                                                                         '_k234__b19',
-                                                                                                                                                                                                                                                         '_c40'],
-                                                                                                                                                                                                                                                  'launches': [('_adopt_adv_prologue0',
+                                                                                                                                                                                                                                                         '_k189__b8',
+                                                                                                                                                                                                                                                         '_k194__b11',
+                                                                                                                                                                                                                                                         '_k195__b12',
+                                                                                                                                                                                                                                                         '_k197__b14',
+                                                                                                                                                                                                                                                         '_k201__b19',
+                                                                                                                                                                                                                                                         '_c36'],
+                                                                                                                                                                                                                                                  'launches': [('_adopt_adv_prologue2',
                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                               ('_adopt_adv_flat0',
+                                                                                                                                                                                                                                                               ('_adopt_adv_flat2',
                                                                                                                                                                                                                                                                 'flat')],
                                                                                                                                                                                                                                                   'states': ['exp_avg',
                                                                                                                                                                                                                                                              'exp_avg_sq'],
-                                                                                                                                                                                                                                                  'temps': []}},
+                                                                                                                                                                                                                                                  'temps': []},
+           (('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', False), ('_c13', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                              'state:exp_avg',
+                                                                                                                                                                                                                                                              'state:mu_m_nmf',
+                                                                                                                                                                                                                                                              'state:mv_m_nmf',
+                                                                                                                                                                                                                                                              'state:sign',
+                                                                                                                                                                                                                                                              'state:exp_avg_sq',
+                                                                                                                                                                                                                                                              'state:mu_v_nmf',
+                                                                                                                                                                                                                                                              'state:mv_v_nmf',
+                                                                                                                                                                                                                                                              'state:wd_scaler',
+                                                                                                                                                                                                                                                              'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                              'state:exp_avg_scale',
+                                                                                                                                                                                                                                                              'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                              'numel',
+                                                                                                                                                                                                                                                              'B',
+                                                                                                                                                                                                                                                              'M',
+                                                                                                                                                                                                                                                              'N',
+                                                                                                                                                                                                                                                              'ndim',
+                                                                                                                                                                                                                                                              'gidx'],
+                                                                                                                                                                                                                                                  'creates': [],
+                                                                                                                                                                                                                                                  'hv': ['_c35',
+                                                                                                                                                                                                                                                         'eps_eff__b3',
+                                                                                                                                                                                                                                                         '_k188__b7',
+                                                                                                                                                                                                                                                         'clip__b6',
+                                                                                                                                                                                                                                                         '_k189__b9',
+                                                                                                                                                                                                                                                         '_k194__b12',
+                                                                                                                                                                                                                                                         '_k195__b13',
+                                                                                                                                                                                                                                                         '_k197__b15',
+                                                                                                                                                                                                                                                         '_c36'],
+                                                                                                                                                                                                                                                  'launches': [('_adopt_adv_prologue1',
+                                                                                                                                                                                                                                                                'prologue'),
+                                                                                                                                                                                                                                                               ('_adopt_adv_flat1',
+                                                                                                                                                                                                                                                                'flat')],
+                                                                                                                                                                                                                                                  'states': ['exp_avg',
+                                                                                                                                                                                                                                                             'exp_avg_sq'],
+                                                                                                                                                                                                                                                  'temps': []},
+           (('_c0', False), ('_c18', False), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', True), ('_c5', False), ('_c6', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', True), ('_c13', False)): {'columns': ['param',
+                                                                                                                                                                                                                                                             'state:exp_avg',
+                                                                                                                                                                                                                                                             'state:mu_m_nmf',
+                                                                                                                                                                                                                                                             'state:mv_m_nmf',
+                                                                                                                                                                                                                                                             'state:sign',
+                                                                                                                                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                                                                                                                                             'state:mu_v_nmf',
+                                                                                                                                                                                                                                                             'state:mv_v_nmf',
+                                                                                                                                                                                                                                                             'state:wd_scaler',
+                                                                                                                                                                                                                                                             'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                             'state:exp_avg_scale',
+                                                                                                                                                                                                                                                             'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                             'numel',
+                                                                                                                                                                                                                                                             'B',
+                                                                                                                                                                                                                                                             'M',
+                                                                                                                                                                                                                                                             'N',
+                                                                                                                                                                                                                                                             'ndim',
+                                                                                                                                                                                                                                                             'gidx'],
+                                                                                                                                                                                                                                                 'creates': [],
+                                                                                                                                                                                                                                                 'hv': ['_c35',
+                                                                                                                                                                                                                                                        'eps_eff__b3',
+                                                                                                                                                                                                                                                        '_k188__b7',
+                                                                                                                                                                                                                                                        'clip__b6',
+                                                                                                                                                                                                                                                        '_k189__b9',
+                                                                                                                                                                                                                                                        '_k194__b12',
+                                                                                                                                                                                                                                                        '_k195__b13',
+                                                                                                                                                                                                                                                        '_k197__b15',
+                                                                                                                                                                                                                                                        '_k201__b20',
+                                                                                                                                                                                                                                                        '_c36'],
+                                                                                                                                                                                                                                                 'launches': [('_adopt_adv_prologue0',
+                                                                                                                                                                                                                                                               'prologue'),
+                                                                                                                                                                                                                                                              ('_adopt_adv_flat0',
+                                                                                                                                                                                                                                                               'flat')],
+                                                                                                                                                                                                                                                 'states': ['exp_avg',
+                                                                                                                                                                                                                                                            'exp_avg_sq'],
+                                                                                                                                                                                                                                                 'temps': []}},
  'static_hypers': ['betas',
                    'factored_2nd',
                    'nnmf_factor',

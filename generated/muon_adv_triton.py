@@ -24,46 +24,47 @@ def _muon_adv_prologue0(
     gidx = tl.load(tab + t * TBL_W + 15)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k147 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
-    h__k148 = tl.load(hyp + 7)
+    h__k123 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
+    h__k124 = tl.load(hyp + 7)
     h_ns_eps_eff = tl.load(hyp + 23)
-    h__k158 = tl.load(hyp + 24)
-    h__k159 = tl.load(hyp + 20)
-    h__k160 = tl.load(hyp + 21)
-    h__k161 = tl.load(hyp + 22)
-    h__k165 = ((tl.load(hyp + 13) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 10).to(tl.float64)))
-    h__k169 = step
-    tl.store(hv + t * NH + 0, (h__k147).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k148).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k158).to(tl.float32))
+    h__k134 = tl.load(hyp + 24)
+    h__k135 = tl.load(hyp + 20)
+    h__k136 = tl.load(hyp + 21)
+    h__k137 = tl.load(hyp + 22)
+    h__k141 = ((tl.load(hyp + 13) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 10).to(tl.float64)))
+    h__k145 = step
+    tl.store(hv + t * NH + 0, (h__k123).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k124).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k134).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k159).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k160).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k161).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k165).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k169).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k135).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k136).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k137).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k141).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k145).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
-    if ALIGNED:
-        p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k147 = tl.load(hv + t * NH + 0)
-    h__k148 = tl.load(hv + t * NH + 1)
+    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
+    if ALIGNED:
+        p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
+    h__k123 = tl.load(hv + t * NH + 0)
+    h__k124 = tl.load(hv + t * NH + 1)
     p_update = ws + tl.load(tab + t * TBL_W + 18)
     p__x0 = ws + tl.load(tab + t * TBL_W + 19)
-    v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k147)
-    x4 = L.lerp(v2, x3, h__k148)
-    tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
-    tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
+    x4 = L.lerp(v3, x2, h__k123)
+    x5 = L.lerp(x2, x4, h__k124)
+    tl.store(p_momentum_buffer + offs, L.to_storage(x4, DT_momentum_buffer), mask=mask)
+    tl.store(p_update + offs, L.to_storage(x5, tl.float32), mask=mask)
+    tl.store(p__x0 + offs, L.to_storage(x5, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -122,23 +123,23 @@ def _muon_adv_flat1(
 def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 18)
     p__r0 = ws + tl.load(tab + t * TBL_W + 16)
-    h__k165 = tl.load(hv + t * NH + 7)
+    h__k141 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k169 = tl.load(hv + t * NH + 8)
+    h__k145 = tl.load(hv + t * NH + 8)
     v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k165, x4)
+    x5 = L.div(h__k141, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = v7
     x9 = x6
     x10 = (-x9)
     x11 = (x8 + x10)
-    x12 = L.sr_bf16(x11, (h__k169).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 15), offs)
+    x12 = L.sr_bf16(x11, (h__k145).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 15), offs)
     tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
 
 
@@ -174,22 +175,22 @@ def _muon_adv_prologue1(
     gidx = tl.load(tab + t * TBL_W + 15)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k147 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
-    h__k148 = tl.load(hyp + 7)
+    h__k123 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
+    h__k124 = tl.load(hyp + 7)
     h_ns_eps_eff = tl.load(hyp + 23)
-    h__k158 = tl.load(hyp + 24)
-    h__k159 = tl.load(hyp + 20)
-    h__k160 = tl.load(hyp + 21)
-    h__k161 = tl.load(hyp + 22)
-    h__k165 = ((tl.load(hyp + 13) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 10).to(tl.float64)))
-    tl.store(hv + t * NH + 0, (h__k147).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k148).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k158).to(tl.float32))
+    h__k134 = tl.load(hyp + 24)
+    h__k135 = tl.load(hyp + 20)
+    h__k136 = tl.load(hyp + 21)
+    h__k137 = tl.load(hyp + 22)
+    h__k141 = ((tl.load(hyp + 13) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 10).to(tl.float64)))
+    tl.store(hv + t * NH + 0, (h__k123).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k124).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k134).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k159).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k160).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k161).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k165).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k135).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k136).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k137).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k141).to(tl.float32))
 
 
 # flat
@@ -197,7 +198,7 @@ def _muon_adv_prologue1(
 def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     p_update = ws + tl.load(tab + t * TBL_W + 18)
     p__r0 = ws + tl.load(tab + t * TBL_W + 16)
-    h__k165 = tl.load(hv + t * NH + 7)
+    h__k141 = tl.load(hv + t * NH + 7)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -205,7 +206,7 @@ def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     v2 = tl.load(p__r0 + 0).to(tl.float32)
     x3 = L.sqrt(v2)
     x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k165, x4)
+    x5 = L.div(h__k141, x4)
     x6 = (v1 * x5)
     v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
     x8 = (-x6)
@@ -233,78 +234,26 @@ def _muon_adv_flat3(
         _muon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_momentum_buffer_scale)
 
 
-# prologue
-@triton.jit
-def _muon_adv_prologue2(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 15)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)), tl.full((), 0.5, tl.float64))
-    h_step_size = (tl.load(hyp + 13) / h_bias_correction1)
-    h__k172 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k173 = tl.load(hyp + 2)
-    h__k174 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_eps_eff = tl.load(hyp + 3)
-    h__k177 = step
-    tl.store(hv + t * NH + 0, (h__k172).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k173).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k174).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k177).to(tl.float32))
-
-
 # flat
 @triton.jit
 def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg))
+    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+        p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k172 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k173 = tl.load(hv + t * NH + 1)
-    h__k174 = tl.load(hv + t * NH + 2)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h_eps_eff = tl.load(hv + t * NH + 4)
-    h_step_size = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    h__k177 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    h__k123 = tl.load(hv + t * NH + 0)
+    h__k124 = tl.load(hv + t * NH + 1)
+    p_update = ws + tl.load(tab + t * TBL_W + 18)
+    p__x0 = ws + tl.load(tab + t * TBL_W + 19)
+    v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k172)
-    x4 = x3
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k173)
-    x7 = (x6 + h__k174 * v2 * v2)
-    x8 = L.sqrt(x7)
-    x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h_eps_eff)
-    x11 = L.div(x4, x10)
-    x12 = (x11 * h_step_size)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = v13
-    x15 = x12
-    x16 = (-x15)
-    x17 = (x14 + x16)
-    x18 = L.sr_bf16(x17, (h__k177).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 15), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    x3 = L.lerp(v1, v2, h__k123)
+    x4 = L.lerp(v2, x3, h__k124)
+    tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
+    tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
+    tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -329,7 +278,7 @@ def _muon_adv_flat4(
 
 # prologue
 @triton.jit
-def _muon_adv_prologue3(
+def _muon_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -342,16 +291,18 @@ def _muon_adv_prologue3(
     h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
     h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)), tl.full((), 0.5, tl.float64))
     h_step_size = (tl.load(hyp + 13) / h_bias_correction1)
-    h__k172 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k173 = tl.load(hyp + 2)
-    h__k174 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
+    h__k148 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k149 = tl.load(hyp + 2)
+    h__k150 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
     h_eps_eff = tl.load(hyp + 3)
-    tl.store(hv + t * NH + 0, (h__k172).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k173).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k174).to(tl.float32))
+    h__k153 = step
+    tl.store(hv + t * NH + 0, (h__k148).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k149).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k150).to(tl.float32))
     tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k153).to(tl.float32))
 
 
 # flat
@@ -363,36 +314,40 @@ def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k172 = tl.load(hv + t * NH + 0)
+    h__k148 = tl.load(hv + t * NH + 0)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k173 = tl.load(hv + t * NH + 1)
-    h__k174 = tl.load(hv + t * NH + 2)
+    h__k149 = tl.load(hv + t * NH + 1)
+    h__k150 = tl.load(hv + t * NH + 2)
     h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
     h_eps_eff = tl.load(hv + t * NH + 4)
     h_step_size = tl.load(hv + t * NH + 5)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    h__k153 = tl.load(hv + t * NH + 6)
     v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k172)
+    x3 = L.lerp(v1, v2, h__k148)
     x4 = x3
     v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k173)
-    x7 = (x6 + h__k174 * v2 * v2)
+    x6 = (v5 * h__k149)
+    x7 = (x6 + h__k150 * v2 * v2)
     x8 = L.sqrt(x7)
     x9 = L.div(x8, h_sqrt_bias_correction2)
     x10 = (x9 + h_eps_eff)
     x11 = L.div(x4, x10)
     x12 = (x11 * h_step_size)
     v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (-x12)
-    x15 = (v13 + x14)
+    x14 = v13
+    x15 = x12
+    x16 = (-x15)
+    x17 = (x14 + x16)
+    x18 = L.sr_bf16(x17, (h__k153).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 15), offs)
     tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
 
 
 @triton.jit
@@ -415,6 +370,94 @@ def _muon_adv_flat5(
         _muon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_momentum_buffer_scale)
 
 
+# prologue
+@triton.jit
+def _muon_adv_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 15)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)), tl.full((), 0.5, tl.float64))
+    h_step_size = (tl.load(hyp + 13) / h_bias_correction1)
+    h__k148 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k149 = tl.load(hyp + 2)
+    h__k150 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
+    h_eps_eff = tl.load(hyp + 3)
+    tl.store(hv + t * NH + 0, (h__k148).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k149).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k150).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k148 = tl.load(hv + t * NH + 0)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k149 = tl.load(hv + t * NH + 1)
+    h__k150 = tl.load(hv + t * NH + 2)
+    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
+    h_eps_eff = tl.load(hv + t * NH + 4)
+    h_step_size = tl.load(hv + t * NH + 5)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x3 = L.lerp(v1, v2, h__k148)
+    x4 = x3
+    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x6 = (v5 * h__k149)
+    x7 = (x6 + h__k150 * v2 * v2)
+    x8 = L.sqrt(x7)
+    x9 = L.div(x8, h_sqrt_bias_correction2)
+    x10 = (x9 + h_eps_eff)
+    x11 = L.div(x4, x10)
+    x12 = (x11 * h_step_size)
+    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x14 = (-x12)
+    x15 = (v13 + x14)
+    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+
+
+@triton.jit
+def _muon_adv_flat6(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 10)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _muon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_momentum_buffer_scale)
+    else:
+        _muon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_momentum_buffer_scale)
+
+
 KERNELS = {
     "_muon_adv_prologue0": _muon_adv_prologue0,
     "_muon_adv_flat0": _muon_adv_flat0,
@@ -422,21 +465,23 @@ KERNELS = {
     "_muon_adv_flat2": _muon_adv_flat2,
     "_muon_adv_prologue1": _muon_adv_prologue1,
     "_muon_adv_flat3": _muon_adv_flat3,
-    "_muon_adv_prologue2": _muon_adv_prologue2,
     "_muon_adv_flat4": _muon_adv_flat4,
-    "_muon_adv_prologue3": _muon_adv_prologue3,
+    "_muon_adv_prologue2": _muon_adv_prologue2,
     "_muon_adv_flat5": _muon_adv_flat5,
+    "_muon_adv_prologue3": _muon_adv_prologue3,
+    "_muon_adv_flat6": _muon_adv_flat6,
 }
 
-PLAN = {'dynamic': ['_k117',
-             '_k143',
-             '_k169',
-             '_k177',
+PLAN = {'dynamic': ['_k119',
+             '_k145',
+             '_k153',
              '_k23',
              '_k31',
              '_k57',
              '_k65',
-             '_k91',
+             '_k70',
+             '_k92',
+             '_k97',
              'bias_correction1',
              'sqrt_bias_correction2',
              'step_size'],
@@ -453,7 +498,6 @@ PLAN = {'dynamic': ['_k117',
                       '_c20',
                       '_c21',
                       '_c23',
-                      '_c24',
                       '_c3',
                       '_c4',
                       '_c5',
@@ -513,15 +557,15 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                              'ndim',
                                                                                                                                              'gidx'],
                                                                                                                                  'creates': [],
-                                                                                                                                 'hv': ['_k172',
-                                                                                                                                        '_k173',
-                                                                                                                                        '_k174',
+                                                                                                                                 'hv': ['_k148',
+                                                                                                                                        '_k149',
+                                                                                                                                        '_k150',
                                                                                                                                         'sqrt_bias_correction2',
                                                                                                                                         'eps_eff',
                                                                                                                                         'step_size'],
                                                                                                                                  'launches': [('_muon_adv_prologue3',
                                                                                                                                                'prologue'),
-                                                                                                                                              ('_muon_adv_flat5',
+                                                                                                                                              ('_muon_adv_flat6',
                                                                                                                                                'flat')],
                                                                                                                                  'states': ['exp_avg',
                                                                                                                                             'exp_avg_sq'],
@@ -543,30 +587,30 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                             'ndim',
                                                                                                                                             'gidx'],
                                                                                                                                 'creates': [],
-                                                                                                                                'hv': ['_k172',
-                                                                                                                                       '_k173',
-                                                                                                                                       '_k174',
+                                                                                                                                'hv': ['_k148',
+                                                                                                                                       '_k149',
+                                                                                                                                       '_k150',
                                                                                                                                        'sqrt_bias_correction2',
                                                                                                                                        'eps_eff',
                                                                                                                                        'step_size',
-                                                                                                                                       '_k177'],
+                                                                                                                                       '_k153'],
                                                                                                                                 'launches': [('_muon_adv_prologue2',
                                                                                                                                               'prologue'),
-                                                                                                                                             ('_muon_adv_flat4',
+                                                                                                                                             ('_muon_adv_flat5',
                                                                                                                                               'flat')],
                                                                                                                                 'states': ['exp_avg',
                                                                                                                                            'exp_avg_sq'],
                                                                                                                                 'temps': []},
-           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c24', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                       '_k158'],
+           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                       '_k134'],
                                                                                                                                                                                                                                                                                                                       ['var',
                                                                                                                                                                                                                                                                                                                        'ns_eps_eff'],
                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                       '_k159'],
+                                                                                                                                                                                                                                                                                                                       '_k135'],
                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                       '_k160'],
+                                                                                                                                                                                                                                                                                                                       '_k136'],
                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                       '_k161']],
+                                                                                                                                                                                                                                                                                                                       '_k137']],
                                                                                                                                                                                                                                                                                                              'input': '_x0',
                                                                                                                                                                                                                                                                                                              'op': 'newton_schulz',
                                                                                                                                                                                                                                                                                                              'output': '_n0'}],
@@ -591,17 +635,17 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                                                                                                                                                                                               'ws:update',
                                                                                                                                                                                                                                                                                                               'ws:_x0'],
                                                                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                                                                  'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                         '_k148',
-                                                                                                                                                                                                                                                                                                         '_k158',
+                                                                                                                                                                                                                                                                                                  'hv': ['_k123',
+                                                                                                                                                                                                                                                                                                         '_k124',
+                                                                                                                                                                                                                                                                                                         '_k134',
                                                                                                                                                                                                                                                                                                          'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                         '_k159',
-                                                                                                                                                                                                                                                                                                         '_k160',
-                                                                                                                                                                                                                                                                                                         '_k161',
-                                                                                                                                                                                                                                                                                                         '_k165'],
+                                                                                                                                                                                                                                                                                                         '_k135',
+                                                                                                                                                                                                                                                                                                         '_k136',
+                                                                                                                                                                                                                                                                                                         '_k137',
+                                                                                                                                                                                                                                                                                                         '_k141'],
                                                                                                                                                                                                                                                                                                   'launches': [('_muon_adv_prologue1',
                                                                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat4',
                                                                                                                                                                                                                                                                                                                 'flat'),
                                                                                                                                                                                                                                                                                                                ('call0',
                                                                                                                                                                                                                                                                                                                 'call'),
@@ -622,16 +666,16 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                                                                                                                                                                                             ('_x0',
                                                                                                                                                                                                                                                                                                              'element',
                                                                                                                                                                                                                                                                                                              False)]},
-           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c24', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                      '_k158'],
+           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                      '_k134'],
                                                                                                                                                                                                                                                                                                                      ['var',
                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                      '_k159'],
+                                                                                                                                                                                                                                                                                                                      '_k135'],
                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                      '_k160'],
+                                                                                                                                                                                                                                                                                                                      '_k136'],
                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                      '_k161']],
+                                                                                                                                                                                                                                                                                                                      '_k137']],
                                                                                                                                                                                                                                                                                                             'input': '_x0',
                                                                                                                                                                                                                                                                                                             'op': 'newton_schulz',
                                                                                                                                                                                                                                                                                                             'output': '_n0'}],
@@ -656,18 +700,18 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                                                                                                                                                                                              'ws:update',
                                                                                                                                                                                                                                                                                                              'ws:_x0'],
                                                                                                                                                                                                                                                                                                  'creates': [],
-                                                                                                                                                                                                                                                                                                 'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                        '_k148',
-                                                                                                                                                                                                                                                                                                        '_k158',
+                                                                                                                                                                                                                                                                                                 'hv': ['_k123',
+                                                                                                                                                                                                                                                                                                        '_k124',
+                                                                                                                                                                                                                                                                                                        '_k134',
                                                                                                                                                                                                                                                                                                         'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                        '_k159',
-                                                                                                                                                                                                                                                                                                        '_k160',
-                                                                                                                                                                                                                                                                                                        '_k161',
-                                                                                                                                                                                                                                                                                                        '_k165',
-                                                                                                                                                                                                                                                                                                        '_k169'],
+                                                                                                                                                                                                                                                                                                        '_k135',
+                                                                                                                                                                                                                                                                                                        '_k136',
+                                                                                                                                                                                                                                                                                                        '_k137',
+                                                                                                                                                                                                                                                                                                        '_k141',
+                                                                                                                                                                                                                                                                                                        '_k145'],
                                                                                                                                                                                                                                                                                                  'launches': [('_muon_adv_prologue0',
                                                                                                                                                                                                                                                                                                                'prologue'),
-                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat4',
                                                                                                                                                                                                                                                                                                                'flat'),
                                                                                                                                                                                                                                                                                                               ('call0',
                                                                                                                                                                                                                                                                                                                'call'),
@@ -687,7 +731,138 @@ PLAN = {'dynamic': ['_k117',
                                                                                                                                                                                                                                                                                                             False),
                                                                                                                                                                                                                                                                                                            ('_x0',
                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                            False)]}},
+                                                                                                                                                                                                                                                                                                            False)]},
+           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                      '_k134'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k135'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k136'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k137']],
+                                                                                                                                                                                                                                                                                                            'input': '_x0',
+                                                                                                                                                                                                                                                                                                            'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                            'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                 'columns': ['param',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:sign_buf',
+                                                                                                                                                                                                                                                                                                             'state:normuon_v',
+                                                                                                                                                                                                                                                                                                             'state:last_grad',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                             'numel',
+                                                                                                                                                                                                                                                                                                             'B',
+                                                                                                                                                                                                                                                                                                             'M',
+                                                                                                                                                                                                                                                                                                             'N',
+                                                                                                                                                                                                                                                                                                             'ndim',
+                                                                                                                                                                                                                                                                                                             'gidx',
+                                                                                                                                                                                                                                                                                                             'ws:_r0',
+                                                                                                                                                                                                                                                                                                             'ws:_n0',
+                                                                                                                                                                                                                                                                                                             'ws:update',
+                                                                                                                                                                                                                                                                                                             'ws:_x0'],
+                                                                                                                                                                                                                                                                                                 'creates': [],
+                                                                                                                                                                                                                                                                                                 'hv': ['_k123',
+                                                                                                                                                                                                                                                                                                        '_k124',
+                                                                                                                                                                                                                                                                                                        '_k134',
+                                                                                                                                                                                                                                                                                                        'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                        '_k135',
+                                                                                                                                                                                                                                                                                                        '_k136',
+                                                                                                                                                                                                                                                                                                        '_k137',
+                                                                                                                                                                                                                                                                                                        '_k141'],
+                                                                                                                                                                                                                                                                                                 'launches': [('_muon_adv_prologue1',
+                                                                                                                                                                                                                                                                                                               'prologue'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('call0',
+                                                                                                                                                                                                                                                                                                               'call'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat3',
+                                                                                                                                                                                                                                                                                                               'flat')],
+                                                                                                                                                                                                                                                                                                 'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                 'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                                                            True),
+                                                                                                                                                                                                                                                                                                           ('_n0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('update',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('_x0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False)]},
+           (('_c0', False), ('_c2', True), ('_c21', False), ('_c23', False), ('_c3', False), ('_c24', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                     '_k134'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k135'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k136'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k137']],
+                                                                                                                                                                                                                                                                                                           'input': '_x0',
+                                                                                                                                                                                                                                                                                                           'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                           'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                'columns': ['param',
+                                                                                                                                                                                                                                                                                                            'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                            'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                            'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                            'state:sign_buf',
+                                                                                                                                                                                                                                                                                                            'state:normuon_v',
+                                                                                                                                                                                                                                                                                                            'state:last_grad',
+                                                                                                                                                                                                                                                                                                            'state:exp_avg',
+                                                                                                                                                                                                                                                                                                            'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                            'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                            'numel',
+                                                                                                                                                                                                                                                                                                            'B',
+                                                                                                                                                                                                                                                                                                            'M',
+                                                                                                                                                                                                                                                                                                            'N',
+                                                                                                                                                                                                                                                                                                            'ndim',
+                                                                                                                                                                                                                                                                                                            'gidx',
+                                                                                                                                                                                                                                                                                                            'ws:_r0',
+                                                                                                                                                                                                                                                                                                            'ws:_n0',
+                                                                                                                                                                                                                                                                                                            'ws:update',
+                                                                                                                                                                                                                                                                                                            'ws:_x0'],
+                                                                                                                                                                                                                                                                                                'creates': [],
+                                                                                                                                                                                                                                                                                                'hv': ['_k123',
+                                                                                                                                                                                                                                                                                                       '_k124',
+                                                                                                                                                                                                                                                                                                       '_k134',
+                                                                                                                                                                                                                                                                                                       'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                       '_k135',
+                                                                                                                                                                                                                                                                                                       '_k136',
+                                                                                                                                                                                                                                                                                                       '_k137',
+                                                                                                                                                                                                                                                                                                       '_k141',
+                                                                                                                                                                                                                                                                                                       '_k145'],
+                                                                                                                                                                                                                                                                                                'launches': [('_muon_adv_prologue0',
+                                                                                                                                                                                                                                                                                                              'prologue'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                              'flat'),
+                                                                                                                                                                                                                                                                                                             ('call0',
+                                                                                                                                                                                                                                                                                                              'call'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                              'flat'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat2',
+                                                                                                                                                                                                                                                                                                              'flat')],
+                                                                                                                                                                                                                                                                                                'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                                                                                           True),
+                                                                                                                                                                                                                                                                                                          ('_n0',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False),
+                                                                                                                                                                                                                                                                                                          ('update',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False),
+                                                                                                                                                                                                                                                                                                          ('_x0',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False)]}},
  'static_hypers': ['cns_a_bound',
                    'nnmf_factor',
                    'ns_coeffs',

@@ -26,54 +26,54 @@ def _prodigy_adv_prologue0(
     tl.store(steps + gidx, step.to(STEP_DT))
     h_dlr = (tl.load(hyp + 5) * tl.load(hyp + 12))
     h_eps_eff = tl.load(hyp + 7)
-    h__k325 = tl.load(hyp + 0)
-    h__k326 = (tl.load(hyp + 5) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
-    h__k332 = tl.load(hyp + 3)
-    h__k333 = ((tl.load(hyp + 5) * tl.load(hyp + 5)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
-    h__k334 = (tl.load(hyp + 5) * h_eps_eff)
-    h__k336 = tl.load(hyp + 19)
-    h__k337 = tl.load(hyp + 19)
-    h__k338 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
-    h__k341 = tl.load(hyp + 1)
-    h__k342 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
-    h__k346 = step
-    tl.store(hv + t * NH + 0, (h__k325).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k326).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k332).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k333).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k334).to(tl.float32))
+    h__k264 = tl.load(hyp + 0)
+    h__k265 = (tl.load(hyp + 5) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
+    h__k271 = tl.load(hyp + 3)
+    h__k272 = ((tl.load(hyp + 5) * tl.load(hyp + 5)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
+    h__k273 = (tl.load(hyp + 5) * h_eps_eff)
+    h__k275 = tl.load(hyp + 19)
+    h__k276 = tl.load(hyp + 19)
+    h__k277 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
+    h__k280 = tl.load(hyp + 1)
+    h__k281 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
+    h__k285 = step
+    tl.store(hv + t * NH + 0, (h__k264).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k265).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k271).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k272).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k273).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k336).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k337).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k338).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k341).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k342).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k346).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k275).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k276).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k277).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h__k280).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k281).to(tl.float32))
+    tl.store(hv + t * NH + 11, (h__k285).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k325 = tl.load(hv + t * NH + 0)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k326 = tl.load(hv + t * NH + 1)
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k264 = tl.load(hv + t * NH + 0)
+    h__k265 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k332 = tl.load(hv + t * NH + 2)
-    h__k333 = tl.load(hv + t * NH + 3)
-    h__k334 = tl.load(hv + t * NH + 4)
+    h__k271 = tl.load(hv + t * NH + 2)
+    h__k272 = tl.load(hv + t * NH + 3)
+    h__k273 = tl.load(hv + t * NH + 4)
     h_dlr = tl.load(hv + t * NH + 5)
-    h__k336 = tl.load(hv + t * NH + 6)
+    h__k275 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k337 = tl.load(hv + t * NH + 7)
+    h__k276 = tl.load(hv + t * NH + 7)
     p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
@@ -83,46 +83,47 @@ def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k341 = tl.load(hv + t * NH + 9)
-    h__k342 = tl.load(hv + t * NH + 10)
-    h__k346 = tl.load(hv + t * NH + 11)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k325)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k326 * v3)
-    x5 = x4
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k332)
-    x8 = (x7 + h__k333 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h__k334)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h_dlr)
-    x13 = v3
-    x14 = x13
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x16
-    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = v18
-    x20 = (x19 - x17)
-    part21 = L.masked((x14 * x20), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part21, axis=0))
-    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x23 = (v22 * h__k341)
-    x24 = (x23 + h__k342 * x14)
-    x25 = tl.abs(x24)
-    part26 = L.masked(x25, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part26, axis=0))
-    x27 = v15
-    x28 = x12
-    x29 = (-x28)
-    x30 = (x27 + x29)
-    x31 = L.sr_bf16(x30, (h__k346).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 19), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x31, P_DT), mask=mask)
+    h__k280 = tl.load(hv + t * NH + 9)
+    h__k281 = tl.load(hv + t * NH + 10)
+    h__k285 = tl.load(hv + t * NH + 11)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k264)
+    x5 = (x4 + h__k265 * x2)
+    x6 = x5
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k271)
+    x9 = (x8 + h__k272 * x2 * x2)
+    x10 = L.sqrt(x9)
+    x11 = (x10 + h__k273)
+    x12 = L.div(x6, x11)
+    x13 = (x12 * h_dlr)
+    x14 = x2
+    x15 = x14
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = v16
+    x18 = x17
+    v19 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x20 = v19
+    x21 = (x20 - x18)
+    part22 = L.masked((x15 * x21), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part22, axis=0))
+    v23 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x24 = (v23 * h__k280)
+    x25 = (x24 + h__k281 * x15)
+    x26 = tl.abs(x25)
+    part27 = L.masked(x26, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part27, axis=0))
+    x28 = v16
+    x29 = x13
+    x30 = (-x29)
+    x31 = (x28 + x30)
+    x32 = L.sr_bf16(x31, (h__k285).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 19), offs)
+    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x25, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x32, P_DT), mask=mask)
 
 
 @triton.jit
@@ -186,52 +187,52 @@ def _prodigy_adv_prologue1(
     tl.store(steps + gidx, step.to(STEP_DT))
     h_dlr = (tl.load(hyp + 5) * tl.load(hyp + 12))
     h_eps_eff = tl.load(hyp + 7)
-    h__k325 = tl.load(hyp + 0)
-    h__k326 = (tl.load(hyp + 5) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
-    h__k332 = tl.load(hyp + 3)
-    h__k333 = ((tl.load(hyp + 5) * tl.load(hyp + 5)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
-    h__k334 = (tl.load(hyp + 5) * h_eps_eff)
-    h__k336 = tl.load(hyp + 19)
-    h__k337 = tl.load(hyp + 19)
-    h__k338 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
-    h__k341 = tl.load(hyp + 1)
-    h__k342 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k325).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k326).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k332).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k333).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k334).to(tl.float32))
+    h__k264 = tl.load(hyp + 0)
+    h__k265 = (tl.load(hyp + 5) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
+    h__k271 = tl.load(hyp + 3)
+    h__k272 = ((tl.load(hyp + 5) * tl.load(hyp + 5)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
+    h__k273 = (tl.load(hyp + 5) * h_eps_eff)
+    h__k275 = tl.load(hyp + 19)
+    h__k276 = tl.load(hyp + 19)
+    h__k277 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
+    h__k280 = tl.load(hyp + 1)
+    h__k281 = ((tl.load(hyp + 5) / tl.load(hyp + 6)) * h_dlr)
+    tl.store(hv + t * NH + 0, (h__k264).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k265).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k271).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k272).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k273).to(tl.float32))
     tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k336).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k337).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k338).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k341).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k342).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k275).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k276).to(tl.float32))
+    tl.store(hv + t * NH + 8, (h__k277).to(tl.float32))
+    tl.store(hv + t * NH + 9, (h__k280).to(tl.float32))
+    tl.store(hv + t * NH + 10, (h__k281).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k325 = tl.load(hv + t * NH + 0)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k326 = tl.load(hv + t * NH + 1)
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k264 = tl.load(hv + t * NH + 0)
+    h__k265 = tl.load(hv + t * NH + 1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k332 = tl.load(hv + t * NH + 2)
-    h__k333 = tl.load(hv + t * NH + 3)
-    h__k334 = tl.load(hv + t * NH + 4)
+    h__k271 = tl.load(hv + t * NH + 2)
+    h__k272 = tl.load(hv + t * NH + 3)
+    h__k273 = tl.load(hv + t * NH + 4)
     h_dlr = tl.load(hv + t * NH + 5)
-    h__k336 = tl.load(hv + t * NH + 6)
+    h__k275 = tl.load(hv + t * NH + 6)
     p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k337 = tl.load(hv + t * NH + 7)
+    h__k276 = tl.load(hv + t * NH + 7)
     p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
@@ -241,42 +242,43 @@ def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k341 = tl.load(hv + t * NH + 9)
-    h__k342 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k325)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k326 * v3)
-    x5 = x4
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k332)
-    x8 = (x7 + h__k333 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h__k334)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h_dlr)
-    x13 = v3
-    x14 = x13
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x16
-    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = v18
-    x20 = (x19 - x17)
-    part21 = L.masked((x14 * x20), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part21, axis=0))
-    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x23 = (v22 * h__k341)
-    x24 = (x23 + h__k342 * x14)
-    x25 = tl.abs(x24)
-    part26 = L.masked(x25, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part26, axis=0))
-    x27 = (-x12)
-    x28 = (v15 + x27)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x28, P_DT), mask=mask)
+    h__k280 = tl.load(hv + t * NH + 9)
+    h__k281 = tl.load(hv + t * NH + 10)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x4 = (v3 * h__k264)
+    x5 = (x4 + h__k265 * x2)
+    x6 = x5
+    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x8 = (v7 * h__k271)
+    x9 = (x8 + h__k272 * x2 * x2)
+    x10 = L.sqrt(x9)
+    x11 = (x10 + h__k273)
+    x12 = L.div(x6, x11)
+    x13 = (x12 * h_dlr)
+    x14 = x2
+    x15 = x14
+    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x17 = v16
+    x18 = x17
+    v19 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x20 = v19
+    x21 = (x20 - x18)
+    part22 = L.masked((x15 * x21), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part22, axis=0))
+    v23 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x24 = (v23 * h__k280)
+    x25 = (x24 + h__k281 * x15)
+    x26 = tl.abs(x25)
+    part27 = L.masked(x26, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part27, axis=0))
+    x28 = (-x13)
+    x29 = (v16 + x28)
+    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x25, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x29, P_DT), mask=mask)
 
 
 @triton.jit
@@ -299,12 +301,198 @@ def _prodigy_adv_flat1(
         _prodigy_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
+# flat
+@triton.jit
+def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k264 = tl.load(hv + t * NH + 0)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k265 = tl.load(hv + t * NH + 1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k271 = tl.load(hv + t * NH + 2)
+    h__k272 = tl.load(hv + t * NH + 3)
+    h__k273 = tl.load(hv + t * NH + 4)
+    h_dlr = tl.load(hv + t * NH + 5)
+    h__k275 = tl.load(hv + t * NH + 6)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k276 = tl.load(hv + t * NH + 7)
+    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    if ALIGNED:
+        p_p0 = tl.multiple_of(p_p0, 16)
+    sp = tl.load(tab + t * TBL_W + 20)
+    sl_mask = L.slice_lanes(offs, sp, mask)
+    sl_offs = offs // sp
+    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    if ALIGNED:
+        p_s = tl.multiple_of(p_s, 16)
+    h__k280 = tl.load(hv + t * NH + 9)
+    h__k281 = tl.load(hv + t * NH + 10)
+    h__k285 = tl.load(hv + t * NH + 11)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * h__k264)
+    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x4 = (x2 + h__k265 * v3)
+    x5 = x4
+    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x7 = (v6 * h__k271)
+    x8 = (x7 + h__k272 * v3 * v3)
+    x9 = L.sqrt(x8)
+    x10 = (x9 + h__k273)
+    x11 = L.div(x5, x10)
+    x12 = (x11 * h_dlr)
+    x13 = v3
+    x14 = x13
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = v15
+    x17 = x16
+    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x19 = v18
+    x20 = (x19 - x17)
+    part21 = L.masked((x14 * x20), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part21, axis=0))
+    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x23 = (v22 * h__k280)
+    x24 = (x23 + h__k281 * x14)
+    x25 = tl.abs(x24)
+    part26 = L.masked(x25, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part26, axis=0))
+    x27 = v15
+    x28 = x12
+    x29 = (-x28)
+    x30 = (x27 + x29)
+    x31 = L.sr_bf16(x30, (h__k285).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 19), offs)
+    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x31, P_DT), mask=mask)
+
+
+@triton.jit
+def _prodigy_adv_flat2(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 14)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _prodigy_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+    else:
+        _prodigy_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+
+
+# flat
+@triton.jit
+def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    h__k264 = tl.load(hv + t * NH + 0)
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    h__k265 = tl.load(hv + t * NH + 1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    h__k271 = tl.load(hv + t * NH + 2)
+    h__k272 = tl.load(hv + t * NH + 3)
+    h__k273 = tl.load(hv + t * NH + 4)
+    h_dlr = tl.load(hv + t * NH + 5)
+    h__k275 = tl.load(hv + t * NH + 6)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k276 = tl.load(hv + t * NH + 7)
+    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    if ALIGNED:
+        p_p0 = tl.multiple_of(p_p0, 16)
+    sp = tl.load(tab + t * TBL_W + 20)
+    sl_mask = L.slice_lanes(offs, sp, mask)
+    sl_offs = offs // sp
+    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    if ALIGNED:
+        p_s = tl.multiple_of(p_s, 16)
+    h__k280 = tl.load(hv + t * NH + 9)
+    h__k281 = tl.load(hv + t * NH + 10)
+    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    x2 = (v1 * h__k264)
+    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x4 = (x2 + h__k265 * v3)
+    x5 = x4
+    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    x7 = (v6 * h__k271)
+    x8 = (x7 + h__k272 * v3 * v3)
+    x9 = L.sqrt(x8)
+    x10 = (x9 + h__k273)
+    x11 = L.div(x5, x10)
+    x12 = (x11 * h_dlr)
+    x13 = v3
+    x14 = x13
+    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x16 = v15
+    x17 = x16
+    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x19 = v18
+    x20 = (x19 - x17)
+    part21 = L.masked((x14 * x20), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 21), tl.sum(part21, axis=0))
+    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    x23 = (v22 * h__k280)
+    x24 = (x23 + h__k281 * x14)
+    x25 = tl.abs(x24)
+    part26 = L.masked(x25, sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part26, axis=0))
+    x27 = (-x12)
+    x28 = (v15 + x27)
+    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(x28, P_DT), mask=mask)
+
+
+@triton.jit
+def _prodigy_adv_flat3(
+    tab, chunks, gptr, hv, ws, hyp, steps, inp,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 14)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _prodigy_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+    else:
+        _prodigy_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_mu_m_nmf, DT_mv_m_nmf, DT_sign, DT_exp_avg_sq, DT_mu_v_nmf, DT_mv_v_nmf, DT_s, DT_p0, DT_wd_scaler, DT_kourkoutas_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+
+
 KERNELS = {
     "_prodigy_adv_prologue0": _prodigy_adv_prologue0,
     "_prodigy_adv_flat0": _prodigy_adv_flat0,
     "_prodigy_adv_vec0": _prodigy_adv_vec0,
     "_prodigy_adv_prologue1": _prodigy_adv_prologue1,
     "_prodigy_adv_flat1": _prodigy_adv_flat1,
+    "_prodigy_adv_flat2": _prodigy_adv_flat2,
+    "_prodigy_adv_flat3": _prodigy_adv_flat3,
 }
 
 PLAN = {'dynamic': ['_k0',
@@ -313,14 +501,14 @@ PLAN = {'dynamic': ['_k0',
              '_k100',
              '_k101',
              '_k102',
+             '_k103',
              '_k104',
-             '_k105',
              '_k106',
+             '_k107',
              '_k108',
-             '_k109',
              '_k110',
-             '_k113',
-             '_k114',
+             '_k111',
+             '_k112',
              '_k115',
              '_k116',
              '_k117',
@@ -334,19 +522,19 @@ PLAN = {'dynamic': ['_k0',
              '_k125',
              '_k126',
              '_k127',
+             '_k128',
              '_k129',
              '_k13',
              '_k130',
-             '_k131',
+             '_k132',
              '_k133',
              '_k134',
              '_k135',
+             '_k137',
              '_k138',
              '_k139',
              '_k14',
              '_k140',
-             '_k141',
-             '_k142',
              '_k143',
              '_k144',
              '_k145',
@@ -358,22 +546,22 @@ PLAN = {'dynamic': ['_k0',
              '_k150',
              '_k151',
              '_k152',
+             '_k153',
              '_k154',
              '_k155',
              '_k156',
+             '_k157',
              '_k158',
-             '_k159',
              '_k16',
              '_k160',
+             '_k161',
+             '_k162',
              '_k163',
-             '_k164',
              '_k165',
              '_k166',
              '_k167',
              '_k168',
-             '_k169',
              '_k17',
-             '_k170',
              '_k171',
              '_k172',
              '_k173',
@@ -381,22 +569,22 @@ PLAN = {'dynamic': ['_k0',
              '_k175',
              '_k176',
              '_k177',
+             '_k178',
              '_k179',
              '_k18',
              '_k180',
              '_k181',
+             '_k182',
              '_k183',
              '_k184',
              '_k185',
+             '_k187',
              '_k188',
              '_k189',
              '_k19',
-             '_k190',
              '_k191',
              '_k192',
              '_k193',
-             '_k194',
-             '_k195',
              '_k196',
              '_k197',
              '_k198',
@@ -406,141 +594,92 @@ PLAN = {'dynamic': ['_k0',
              '_k200',
              '_k201',
              '_k202',
+             '_k203',
              '_k204',
              '_k205',
              '_k206',
+             '_k207',
              '_k208',
              '_k209',
              '_k21',
              '_k210',
+             '_k211',
              '_k213',
              '_k214',
              '_k215',
              '_k216',
-             '_k217',
              '_k218',
              '_k219',
              '_k22',
              '_k220',
              '_k221',
-             '_k222',
-             '_k223',
              '_k224',
              '_k225',
              '_k226',
              '_k227',
+             '_k228',
              '_k229',
              '_k23',
              '_k230',
              '_k231',
+             '_k232',
              '_k233',
              '_k234',
              '_k235',
+             '_k236',
+             '_k237',
              '_k238',
              '_k239',
              '_k24',
-             '_k240',
              '_k241',
              '_k242',
              '_k243',
              '_k244',
-             '_k245',
              '_k246',
              '_k247',
              '_k248',
              '_k249',
              '_k25',
-             '_k250',
-             '_k251',
              '_k252',
+             '_k253',
              '_k254',
              '_k255',
              '_k256',
+             '_k257',
              '_k258',
              '_k259',
              '_k26',
              '_k260',
+             '_k261',
+             '_k262',
              '_k263',
              '_k264',
              '_k265',
              '_k266',
-             '_k267',
              '_k268',
              '_k269',
              '_k27',
              '_k270',
-             '_k271',
              '_k272',
              '_k273',
              '_k274',
-             '_k275',
-             '_k276',
              '_k277',
+             '_k278',
              '_k279',
              '_k280',
              '_k281',
+             '_k282',
              '_k283',
              '_k284',
              '_k285',
+             '_k286',
+             '_k287',
              '_k288',
-             '_k289',
              '_k29',
-             '_k290',
-             '_k291',
-             '_k292',
-             '_k293',
-             '_k294',
-             '_k295',
-             '_k296',
-             '_k297',
-             '_k298',
-             '_k299',
              '_k30',
-             '_k300',
-             '_k301',
-             '_k302',
-             '_k304',
-             '_k305',
-             '_k306',
-             '_k308',
-             '_k309',
              '_k31',
-             '_k310',
-             '_k313',
-             '_k314',
-             '_k315',
-             '_k316',
-             '_k317',
-             '_k318',
-             '_k319',
-             '_k320',
-             '_k321',
-             '_k322',
-             '_k323',
-             '_k324',
-             '_k325',
-             '_k326',
-             '_k327',
-             '_k329',
              '_k33',
-             '_k330',
-             '_k331',
-             '_k333',
-             '_k334',
-             '_k335',
-             '_k338',
-             '_k339',
              '_k34',
-             '_k340',
-             '_k341',
-             '_k342',
-             '_k343',
-             '_k344',
-             '_k345',
-             '_k346',
-             '_k347',
-             '_k348',
-             '_k349',
              '_k35',
              '_k38',
              '_k39',
@@ -559,14 +698,14 @@ PLAN = {'dynamic': ['_k0',
              '_k50',
              '_k51',
              '_k52',
-             '_k54',
+             '_k53',
              '_k55',
              '_k56',
-             '_k58',
+             '_k57',
              '_k59',
              '_k6',
              '_k60',
-             '_k63',
+             '_k61',
              '_k64',
              '_k65',
              '_k66',
@@ -581,15 +720,15 @@ PLAN = {'dynamic': ['_k0',
              '_k75',
              '_k76',
              '_k77',
+             '_k78',
              '_k79',
              '_k8',
-             '_k80',
              '_k81',
+             '_k82',
              '_k83',
-             '_k84',
              '_k85',
-             '_k88',
-             '_k89',
+             '_k86',
+             '_k87',
              '_k9',
              '_k90',
              '_k91',
@@ -611,7 +750,6 @@ PLAN = {'dynamic': ['_k0',
                       '_c15',
                       '_c16',
                       '_c18',
-                      '_c19',
                       '_c2',
                       '_c3',
                       '_c4',
@@ -675,20 +813,20 @@ PLAN = {'dynamic': ['_k0',
                                                                                                                                                                                                                                                                                'ws:_acc0_num',
                                                                                                                                                                                                                                                                                'ws:_acc1_den'],
                                                                                                                                                                                                                                                                    'creates': [],
-                                                                                                                                                                                                                                                                   'hv': ['_k325',
-                                                                                                                                                                                                                                                                          '_k326',
-                                                                                                                                                                                                                                                                          '_k332',
-                                                                                                                                                                                                                                                                          '_k333',
-                                                                                                                                                                                                                                                                          '_k334',
+                                                                                                                                                                                                                                                                   'hv': ['_k264',
+                                                                                                                                                                                                                                                                          '_k265',
+                                                                                                                                                                                                                                                                          '_k271',
+                                                                                                                                                                                                                                                                          '_k272',
+                                                                                                                                                                                                                                                                          '_k273',
                                                                                                                                                                                                                                                                           'dlr',
-                                                                                                                                                                                                                                                                          '_k336',
-                                                                                                                                                                                                                                                                          '_k337',
-                                                                                                                                                                                                                                                                          '_k338',
-                                                                                                                                                                                                                                                                          '_k341',
-                                                                                                                                                                                                                                                                          '_k342'],
+                                                                                                                                                                                                                                                                          '_k275',
+                                                                                                                                                                                                                                                                          '_k276',
+                                                                                                                                                                                                                                                                          '_k277',
+                                                                                                                                                                                                                                                                          '_k280',
+                                                                                                                                                                                                                                                                          '_k281'],
                                                                                                                                                                                                                                                                    'launches': [('_prodigy_adv_prologue1',
                                                                                                                                                                                                                                                                                  'prologue'),
-                                                                                                                                                                                                                                                                                ('_prodigy_adv_flat1',
+                                                                                                                                                                                                                                                                                ('_prodigy_adv_flat3',
                                                                                                                                                                                                                                                                                  'flat'),
                                                                                                                                                                                                                                                                                 ('_prodigy_adv_vec0',
                                                                                                                                                                                                                                                                                  'vec')],
@@ -738,21 +876,21 @@ PLAN = {'dynamic': ['_k0',
                                                                                                                                                                                                                                                                               'ws:_acc0_num',
                                                                                                                                                                                                                                                                               'ws:_acc1_den'],
                                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                                  'hv': ['_k325',
-                                                                                                                                                                                                                                                                         '_k326',
-                                                                                                                                                                                                                                                                         '_k332',
-                                                                                                                                                                                                                                                                         '_k333',
-                                                                                                                                                                                                                                                                         '_k334',
+                                                                                                                                                                                                                                                                  'hv': ['_k264',
+                                                                                                                                                                                                                                                                         '_k265',
+                                                                                                                                                                                                                                                                         '_k271',
+                                                                                                                                                                                                                                                                         '_k272',
+                                                                                                                                                                                                                                                                         '_k273',
                                                                                                                                                                                                                                                                          'dlr',
-                                                                                                                                                                                                                                                                         '_k336',
-                                                                                                                                                                                                                                                                         '_k337',
-                                                                                                                                                                                                                                                                         '_k338',
-                                                                                                                                                                                                                                                                         '_k341',
-                                                                                                                                                                                                                                                                         '_k342',
-                                                                                                                                                                                                                                                                         '_k346'],
+                                                                                                                                                                                                                                                                         '_k275',
+                                                                                                                                                                                                                                                                         '_k276',
+                                                                                                                                                                                                                                                                         '_k277',
+                                                                                                                                                                                                                                                                         '_k280',
+                                                                                                                                                                                                                                                                         '_k281',
+                                                                                                                                                                                                                                                                         '_k285'],
                                                                                                                                                                                                                                                                   'launches': [('_prodigy_adv_prologue0',
                                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                                               ('_prodigy_adv_flat0',
+                                                                                                                                                                                                                                                                               ('_prodigy_adv_flat2',
                                                                                                                                                                                                                                                                                 'flat'),
                                                                                                                                                                                                                                                                                ('_prodigy_adv_vec0',
                                                                                                                                                                                                                                                                                 'vec')],
@@ -771,7 +909,134 @@ PLAN = {'dynamic': ['_k0',
                                                                                                                                                                                                                                                                              False),
                                                                                                                                                                                                                                                                             ('_acc1_den',
                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                             False)]}},
+                                                                                                                                                                                                                                                                             False)]},
+           (('_c0', False), ('_c15', False), ('_c16', False), ('_c18', False), ('_c19', True), ('_c2', False), ('_c3', False), ('_c4', True), ('_c5', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', False), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                   '_acc0_num'),
+                                                                                                                                                                                                                                                                                  ('den',
+                                                                                                                                                                                                                                                                                   '_acc1_den')],
+                                                                                                                                                                                                                                                                  'columns': ['param',
+                                                                                                                                                                                                                                                                              'state:exp_avg',
+                                                                                                                                                                                                                                                                              'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                              'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                              'state:sign',
+                                                                                                                                                                                                                                                                              'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                              'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                              'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                              'state:s',
+                                                                                                                                                                                                                                                                              'state:p0',
+                                                                                                                                                                                                                                                                              'state:wd_scaler',
+                                                                                                                                                                                                                                                                              'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                              'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                              'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                              'numel',
+                                                                                                                                                                                                                                                                              'B',
+                                                                                                                                                                                                                                                                              'M',
+                                                                                                                                                                                                                                                                              'N',
+                                                                                                                                                                                                                                                                              'ndim',
+                                                                                                                                                                                                                                                                              'gidx',
+                                                                                                                                                                                                                                                                              'stride',
+                                                                                                                                                                                                                                                                              'ws:_r0',
+                                                                                                                                                                                                                                                                              'ws:_r1',
+                                                                                                                                                                                                                                                                              'ws:_acc0_num',
+                                                                                                                                                                                                                                                                              'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                  'creates': [],
+                                                                                                                                                                                                                                                                  'hv': ['_k264',
+                                                                                                                                                                                                                                                                         '_k265',
+                                                                                                                                                                                                                                                                         '_k271',
+                                                                                                                                                                                                                                                                         '_k272',
+                                                                                                                                                                                                                                                                         '_k273',
+                                                                                                                                                                                                                                                                         'dlr',
+                                                                                                                                                                                                                                                                         '_k275',
+                                                                                                                                                                                                                                                                         '_k276',
+                                                                                                                                                                                                                                                                         '_k277',
+                                                                                                                                                                                                                                                                         '_k280',
+                                                                                                                                                                                                                                                                         '_k281'],
+                                                                                                                                                                                                                                                                  'launches': [('_prodigy_adv_prologue1',
+                                                                                                                                                                                                                                                                                'prologue'),
+                                                                                                                                                                                                                                                                               ('_prodigy_adv_flat1',
+                                                                                                                                                                                                                                                                                'flat'),
+                                                                                                                                                                                                                                                                               ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                                'vec')],
+                                                                                                                                                                                                                                                                  'states': ['exp_avg',
+                                                                                                                                                                                                                                                                             'exp_avg_sq',
+                                                                                                                                                                                                                                                                             'p0',
+                                                                                                                                                                                                                                                                             's'],
+                                                                                                                                                                                                                                                                  'temps': [('_r0',
+                                                                                                                                                                                                                                                                             'tensor',
+                                                                                                                                                                                                                                                                             True),
+                                                                                                                                                                                                                                                                            ('_r1',
+                                                                                                                                                                                                                                                                             'tensor',
+                                                                                                                                                                                                                                                                             True),
+                                                                                                                                                                                                                                                                            ('_acc0_num',
+                                                                                                                                                                                                                                                                             'tensor',
+                                                                                                                                                                                                                                                                             False),
+                                                                                                                                                                                                                                                                            ('_acc1_den',
+                                                                                                                                                                                                                                                                             'tensor',
+                                                                                                                                                                                                                                                                             False)]},
+           (('_c0', False), ('_c15', False), ('_c16', False), ('_c18', False), ('_c19', True), ('_c2', False), ('_c3', False), ('_c4', True), ('_c5', False), ('_c7', False), ('_c8', False), ('_c9', True), ('_c10', False), ('_c11', True), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                                                  '_acc0_num'),
+                                                                                                                                                                                                                                                                                 ('den',
+                                                                                                                                                                                                                                                                                  '_acc1_den')],
+                                                                                                                                                                                                                                                                 'columns': ['param',
+                                                                                                                                                                                                                                                                             'state:exp_avg',
+                                                                                                                                                                                                                                                                             'state:mu_m_nmf',
+                                                                                                                                                                                                                                                                             'state:mv_m_nmf',
+                                                                                                                                                                                                                                                                             'state:sign',
+                                                                                                                                                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                             'state:mu_v_nmf',
+                                                                                                                                                                                                                                                                             'state:mv_v_nmf',
+                                                                                                                                                                                                                                                                             'state:s',
+                                                                                                                                                                                                                                                                             'state:p0',
+                                                                                                                                                                                                                                                                             'state:wd_scaler',
+                                                                                                                                                                                                                                                                             'state:kourkoutas_sq',
+                                                                                                                                                                                                                                                                             'state:exp_avg_scale',
+                                                                                                                                                                                                                                                                             'state:exp_avg_sq_scale',
+                                                                                                                                                                                                                                                                             'numel',
+                                                                                                                                                                                                                                                                             'B',
+                                                                                                                                                                                                                                                                             'M',
+                                                                                                                                                                                                                                                                             'N',
+                                                                                                                                                                                                                                                                             'ndim',
+                                                                                                                                                                                                                                                                             'gidx',
+                                                                                                                                                                                                                                                                             'stride',
+                                                                                                                                                                                                                                                                             'ws:_r0',
+                                                                                                                                                                                                                                                                             'ws:_r1',
+                                                                                                                                                                                                                                                                             'ws:_acc0_num',
+                                                                                                                                                                                                                                                                             'ws:_acc1_den'],
+                                                                                                                                                                                                                                                                 'creates': [],
+                                                                                                                                                                                                                                                                 'hv': ['_k264',
+                                                                                                                                                                                                                                                                        '_k265',
+                                                                                                                                                                                                                                                                        '_k271',
+                                                                                                                                                                                                                                                                        '_k272',
+                                                                                                                                                                                                                                                                        '_k273',
+                                                                                                                                                                                                                                                                        'dlr',
+                                                                                                                                                                                                                                                                        '_k275',
+                                                                                                                                                                                                                                                                        '_k276',
+                                                                                                                                                                                                                                                                        '_k277',
+                                                                                                                                                                                                                                                                        '_k280',
+                                                                                                                                                                                                                                                                        '_k281',
+                                                                                                                                                                                                                                                                        '_k285'],
+                                                                                                                                                                                                                                                                 'launches': [('_prodigy_adv_prologue0',
+                                                                                                                                                                                                                                                                               'prologue'),
+                                                                                                                                                                                                                                                                              ('_prodigy_adv_flat0',
+                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                              ('_prodigy_adv_vec0',
+                                                                                                                                                                                                                                                                               'vec')],
+                                                                                                                                                                                                                                                                 'states': ['exp_avg',
+                                                                                                                                                                                                                                                                            'exp_avg_sq',
+                                                                                                                                                                                                                                                                            'p0',
+                                                                                                                                                                                                                                                                            's'],
+                                                                                                                                                                                                                                                                 'temps': [('_r0',
+                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                            True),
+                                                                                                                                                                                                                                                                           ('_r1',
+                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                            True),
+                                                                                                                                                                                                                                                                           ('_acc0_num',
+                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                           ('_acc1_den',
+                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                            False)]}},
  'static_hypers': ['betas',
                    'factored_2nd',
                    'nnmf_factor',

@@ -27,6 +27,7 @@ from optgen.backends.triton_plan import (
     group_decided,
     plan_path,
 )
+from optgen.ir.codecs import FloatCodec, codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
@@ -241,6 +242,8 @@ class KernelEmitter:
         if op == "reduced":  # an optimizer-wide reduction of this step (its first phase)
             slot = [r.name for r in self.program.reductions].index(n.attr)
             return f"tl.load(red + {slot})"
+        if op in ("decode", "encode"):
+            return self.coded(n, ctx)
         if n.is_host:
             raise TritonUnsupported(f"unhoisted host expression '{op}'")
         a = [self.expr(x, ctx) for x in n.args]
@@ -316,6 +319,27 @@ class KernelEmitter:
             raise TritonUnsupported(f"operation '{op}' in an element expression")
         name = ctx.body.fresh()
         ctx.body.emit(f"{name} = {code}")
+        return name
+
+    def coded(self, n: Node, ctx: _DeviceCtx) -> str:
+        """A coded state's read or write (feature state_precision) in registers: float codecs
+        are the state's own load and its round-to-nearest store; bf16_sr rounds with Philox
+        numbers (adv_optm's method, another stream), as stochastic parameter rounding does here."""
+        codec = codec_for(n.attr[0])
+        if not isinstance(codec, FloatCodec):
+            raise TritonUnsupported(f"state precision '{codec.name}' in triton kernels (not implemented yet: "
+                                    "use backend='torch' or 'reference')")
+        if n.op == "decode":
+            return ctx.read(n.attr[1], Kind.ELEMENT)
+        x = self.expr(n.args[0], ctx)
+        if not codec.stochastic:
+            return x  # the store rounds to the state's dtype
+        off, _ = ctx.index(Kind.ELEMENT)
+        step = self.expr(n.args[1], ctx) if len(n.args) > 1 else "0"
+        name = ctx.body.fresh()
+        # its own Philox stream: per step, tensor and state (salted apart from the parameter's)
+        salt = 1 + sum(map(ord, str(n.attr))) % 9973
+        ctx.body.emit(f"{name} = L.sr_bf16({x}, ({step}).to(tl.int32) * 65599 + {self.col('gidx')} + {salt} * 7919, {off})")
         return name
 
     # -- passes ------------------------------------------------------------------------------

@@ -96,8 +96,9 @@ class _Coding:
                 ready.add(name)
             if s.target in self.coded:
                 out.append(Assign(work_name(s.target), self._rename(s.value), s.pos, "temp"))
-                encode = Node("encode", (var(work_name(s.target)),), Kind.ELEMENT,
-                              (self.codec.name, self.coded[s.target]))
+                # a stochastic codec's encode also takes the step (the triton backend's Philox seed)
+                args = (var(work_name(s.target)), *((Node("step"),) if self.codec.stochastic else ()))
+                encode = Node("encode", args, Kind.ELEMENT, (self.codec.name, self.coded[s.target]))
                 out.append(Assign(s.target, encode, s.pos, "state"))
                 ready.add(s.target)
             else:
@@ -208,13 +209,15 @@ def _collect_temps(stmts: list[Stmt], temps: dict[str, Node]) -> None:
 
 
 # -- the transform -----------------------------------------------------------------------------
-def _upcast(stmts: list[Stmt], conds: list[Node | None]) -> list[Stmt]:
+def _upcast(stmts: list[Stmt], conds: list[Node | None], when: Node | None = None) -> list[Stmt]:
     """adv_optm's gradient upcast where it upcasts (before OrthoGrad, in the parameter's block),
-    for the parameters that keep one of the coded states."""
+    for the parameters that keep one of the coded states (and where ``when`` holds)."""
     cast: list[Stmt] = [Assign("grad", element("float32", var("grad")), None, "grad")]
     if all(c is not None for c in conds):
         either = conds[0] if len(conds) == 1 else Node("or", tuple(conds), boolean=True)
-        cast = [If(either, cast, [])]
+        when = _and(when, either)
+    if when is not None:
+        cast = [If(when, cast, [])]
     out, ok = edit_nested(stmts, placed(at_start_of_param_block(cast, True), _before_orthograd))
     if not ok:
         raise FeatureError("feature 'state_precision' needs a 'param = ...' statement")
@@ -265,7 +268,7 @@ def _apply(program: Program) -> Program:
     def make(stmts: list[Stmt]) -> list[Stmt]:
         plain = stmts
         if adv and "fp32" in dtypes:
-            plain = [If(is_("fp32"), _upcast(stmts, conds), stmts)]
+            plain = _upcast(stmts, conds, is_("fp32"))  # the body itself: fp32 is a dtype
         for c in reversed(codecs):
             coded, _ = _Coding(by_name[c], non_neg).block(stmts, set())
             if adv and c in ADV_UPCAST:
