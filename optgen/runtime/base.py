@@ -167,7 +167,21 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)
         for node, message in self._program.checks:
             if not evaluate(node, ctx):
-                raise ValueError(message)
+                raise ValueError(self._check_message(message, group))
+
+    def _check_message(self, message: str, group: dict[str, Any]) -> str:
+        """A check's message with ``{name}`` filled in from the group (hyperparameters and the
+        names their ``as:`` pairs give), as torch's messages quote the values they refuse."""
+        values: dict[str, Any] = {}
+        for name, h in self._program.hypers:
+            v = group.get(name)
+            values[name] = v
+            if h.as_ and isinstance(v, (tuple, list)):
+                values.update(zip(h.as_, v))
+        try:
+            return message.format_map(values)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            return message  # not a template (a literal brace): as written
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
