@@ -227,3 +227,16 @@ def test_triton_refuses_int8_sr_clearly() -> None:
 
     with pytest.raises(RuntimeError, match="int8_sr.*not implemented yet.*backend='torch'"):
         AdamW_adv([p], state_precision="int8_sr", backend="triton").step()
+
+
+def test_with_factored_2nd_sample() -> None:
+    """adv_optm's factored_2nd: the second moment factored, the first moment coded."""
+    _matches("adamw_adv", "int8_sr", "mlp", 3, torch.float32, ("torch",), {"factored_2nd": True})
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("precision", ["bf16_sr", "int8_sr"])
+@pytest.mark.parametrize("spec", ["adamw_adv", "adopt_adv", "prodigy_adv"])
+def test_with_factored_2nd_100_steps(spec: str, precision: str, model: str) -> None:
+    _matches(spec, precision, model, 100, torch.float32, ("torch", "reference"), {"factored_2nd": True})

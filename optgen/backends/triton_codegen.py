@@ -27,7 +27,7 @@ from optgen.backends.triton_plan import (
     group_decided,
     plan_path,
 )
-from optgen.ir.codecs import FloatCodec, codec_for
+from optgen.ir.codecs import Codec, FloatCodec, codec_for, stored_names
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
@@ -327,8 +327,7 @@ class KernelEmitter:
         numbers (adv_optm's method, another stream), as stochastic parameter rounding does here."""
         codec = codec_for(n.attr[0])
         if not isinstance(codec, FloatCodec):
-            raise TritonUnsupported(f"state precision '{codec.name}' in triton kernels (not implemented yet: "
-                                    "use backend='torch' or 'reference')")
+            return self.coded_blocks(codec, n, ctx)
         if n.op == "decode":
             return ctx.read(n.attr[1], Kind.ELEMENT)
         x = self.expr(n.args[0], ctx)
@@ -342,6 +341,41 @@ class KernelEmitter:
         ctx.body.emit(f"{name} = L.sr_bf16({x}, ({step}).to(tl.int32) * 65599 + {self.col('gidx')} + {salt} * 7919, {off})")
         return name
 
+    def coded_blocks(self, codec: Codec, n: Node, ctx: _DeviceCtx) -> str:
+        """A codec's own triton decode/encode (docs/state_precision.md) in a flat pass, whose tile
+        holds whole scale blocks (BLOCK a multiple of the codec's block)."""
+        unsupported = TritonUnsupported(f"state precision '{codec.name}' in triton kernels (not implemented yet: "
+                                        "use backend='torch' or 'reference')")
+        if ctx.mode != "flat":
+            raise unsupported
+        if n.op == "decode":
+            _, state, non_neg = n.attr
+        else:
+            state, non_neg = ctx.encoding, n.attr[1]
+        ptr = {k: ctx.pointer(v) for k, v in stored_names(state, codec, non_neg).items()}
+        try:
+            if n.op == "decode":
+                name = ctx.body.fresh()
+                ctx.body.emit(f"{name} = {codec.triton_decode(ptr, 'offs', 'mask', non_neg)}")
+                ctx.locals[state] = name
+                return name
+            x = self.expr(n.args[0], ctx)
+            bits = None
+            if codec.stochastic:
+                step = self.expr(n.args[1], ctx)
+                bits = ctx.body.fresh("bits")
+                ctx.body.emit(f"{bits} = (tl.randint(({step}).to(tl.int32) * 65599 + {self.col('gidx')} + "
+                              f"{1 + sum(map(ord, state)) % 9973} * 7919, offs) & 0xFFFF).to(tl.int32)")
+            lines = codec.triton_encode(ptr, "offs", "mask", x, bits, non_neg)
+        except NotImplementedError:
+            raise unsupported from None
+        if codec.block:
+            ctx.body.emit(f"tl.static_assert(BLOCK % {codec.block} == 0)")
+        for line in lines:
+            ctx.body.emit(line)
+        ctx.codec_stored.add(state)
+        return x
+
     # -- passes ------------------------------------------------------------------------------
     def pass_kernel(self, stage: Stage, index: int) -> _Draft:
         tiled = stage.layout == "tiled"
@@ -351,11 +385,14 @@ class KernelEmitter:
             if s.role == "reduce":
                 self.reduce(s, ctx)
                 continue
+            ctx.encoding = s.target  # an encode's state (its codec stores it itself)
             value = self.expr(s.value, ctx)
             ctx.locals[s.target] = value
             ctx.written.append(s.target)
         kinds = {s.target: s.value.kind for s in stage.statements}
         for target in dict.fromkeys(ctx.written):
+            if target in ctx.codec_stored:
+                continue
             if target == "param" or target in self.states or target in self.plan.spills.get(index, []):
                 kind = Kind.SLICE if kinds[target] == Kind.SLICE else Kind.ELEMENT
                 ctx.store(target, ctx.locals[target], kind)
@@ -506,6 +543,8 @@ class _DeviceCtx:
         self.header_lines: list[str] = []
         self.hv_loaded: dict[str, str] = {}
         self.slice_lanes = False  # the per-slice lanes and offsets are set up in the header
+        self.encoding: str | None = None  # the target of the statement being emitted
+        self.codec_stored: set[str] = set()  # coded states whose codec's encode stored them
 
     def header(self) -> list[str]:
         lines = []
