@@ -240,3 +240,62 @@ def test_with_factored_2nd_sample() -> None:
 @pytest.mark.parametrize("spec", ["adamw_adv", "adopt_adv", "prodigy_adv"])
 def test_with_factored_2nd_100_steps(spec: str, precision: str, model: str) -> None:
     _matches(spec, precision, model, 100, torch.float32, ("torch", "reference"), {"factored_2nd": True})
+
+
+def _with_feature(tmp_path: Path, spec: str):
+    """specs/<spec>.yaml with feature state_precision listed last and its argument placed last in
+    the constructor order: nothing else changes."""
+    import re
+
+    for f in (ROOT / "specs").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    if not (tmp_path / "blocks").exists():
+        shutil.copytree(ROOT / "specs" / "blocks", tmp_path / "blocks")
+    path = tmp_path / f"{spec}.yaml"
+    text = path.read_text()
+    text, n = re.subn(r"^features: \[([^\]]*)\]", r"features: [\1, state_precision]", text, count=1, flags=re.M)
+    assert n == 1
+    text = re.sub(r"(constructor_order: \[[^\]]*)\]", r"\1, state_precision]", text, count=1)
+    path.write_text(text)
+    built = compile_spec(path)
+    pkg = tmp_path / f"sp_{spec}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, body in built.files().items():
+        (pkg / name).write_text(body)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(f"{pkg.name}.{built.module}")
+    finally:
+        sys.path.remove(str(tmp_path))
+    return getattr(module, built.program.class_name)
+
+
+GENERIC = [("lion_adv", ("exp_avg",), {"lr": 1e-3}), ("adams", ("exp_avg", "exp_avg_sq"), {"lr": 1e-3})]
+
+
+@pytest.mark.parametrize(("spec", "keys", "hp"), GENERIC, ids=[g[0] for g in GENERIC])
+def test_other_specs_take_bf16_by_naming_it(tmp_path, spec: str, keys: tuple, hp: dict) -> None:
+    """The published class, its states rounded to bfloat16 (nearest even) after every step, is
+    the oracle of ``state_precision='bf16'`` on a spec that only lists the feature."""
+    cls = _with_feature(tmp_path, spec)
+    published = published_factory(spec, hp)
+    model, ref_model = make_model("mlp", torch.float32), make_model("mlp", torch.float32)
+    ours = cls(model.parameters(), state_precision="bf16", backend="torch", **hp)
+    ref = published(ref_model.parameters())
+    batch = type(model).batch(torch.float32)
+    for _ in range(5):
+        for m, o in ((model, ours), (ref_model, ref)):
+            o.zero_grad()
+            m.loss(batch).backward()
+            o.step()
+        for st in ref.state.values():
+            for k in keys:
+                if k in st:
+                    st[k].copy_(st[k].to(torch.bfloat16).float())
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        for k in keys:
+            if k in ref.state[q]:
+                assert ours.state[p][k].dtype == torch.bfloat16
+                assert torch.equal(ours.state[p][k].float(), ref.state[q][k].reshape(p.shape))  # adams: flat
