@@ -10,6 +10,7 @@ from .adams_zero import Adams_ZeRO
 from .adamuon_adv import AdaMuon_adv
 from .adamw import AdamW
 from .adamw_adv import AdamW_adv
+from .adamwadv import AdamWAdv
 from .adopt_adv import Adopt_adv
 from .asgd import ASGD
 from .coupled_adam import CoupledAdam
@@ -24,6 +25,7 @@ from .rprop import Rprop
 from .sgd import SGD
 from .signsgd_adv import SignSGD_adv
 from .simplified_ademamix import Simplified_AdEMAMix
+from .spam import SPAM
 
 __all__ = [
     "ASGD",
@@ -32,6 +34,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWAdv",
     "AdamW_adv",
     "Adamax",
     "Adams",
@@ -47,6 +50,7 @@ __all__ = [
     "RMSprop",
     "Rprop",
     "SGD",
+    "SPAM",
     "SignSGD_adv",
     "Simplified_AdEMAMix",
 ]

@@ -22,6 +22,7 @@ RICH = {
     "rmsprop": {"momentum": 0.9, "centered": True},
     "adam": {"amsgrad": True, "weight_decay": 0.01},
     "adamw": {"amsgrad": True},
+    "adamwadv": {"max_grad_norm": None, "amsgrad": True},  # torch.optim.AdamW has no clipping to compare
     "adamw_adv": {"weight_decay": 0.01, "cautious_wd": True, "nesterov": True, "orthogonal_gradient": "flattened",
                   "kourkoutas_beta": True},
     "adamw_adv_2_2_3": {"use_AdEMAMix": True, "cautious_mask": True, "weight_decay": 0.01},

@@ -1,5 +1,5 @@
 """Every spec with ``matches:`` against the published implementation it names: 200 steps (100 for
-adv_optm's) on two real small models, every listed hyperparameter setting, float64 and float32,
+adv_optm's and pytorch-optimizer's) on two real small models, every listed hyperparameter setting, float64 and float32,
 both backends (adv_optm's many settings: the first on both models and dtypes, the others on one
 model, see ``_cases``).
 
@@ -18,12 +18,16 @@ from tests.models import make_model, max_diffs, train
 from tests.published import matched_specs, ours_factory, published_factory, settings, spec_package
 
 STEPS = 200
-#: adv_optm specs have many flag settings each: 100 steps (the issue's floor) keeps CI time in check
+#: adv_optm specs have many flag settings each: 100 steps (the issue's floor) keeps CI time in check;
+#: pytorch-optimizer's (Python loops per parameter) are run the same way
 ADV_STEPS = 100
 #: torch.optim classes added by issue 16: the default run keeps one case of each (this setting, the
 #: one with the most options, on the mlp in float64, 200 steps); the rest of the matrix (every
 #: setting, both models, both dtypes) is marked extended (bash .ci/extended)
-SAMPLED = {"adamax": 1, "adadelta": 1, "rprop": 1, "asgd": 1, "adafactor": 1, "muon": 1}
+SAMPLED = {"adamax": 1, "adadelta": 1, "rprop": 1, "asgd": 1, "adafactor": 1, "muon": 1,
+           "adamwadv": 1, "spam": 0}  # issue 16 item 2 (spam: tests/test_adamw_family.py samples density < 1)
+#: packages whose settings after the first run on one model in float32, and 100 steps
+FEW_STEPS = ("adv-optm", "pytorch-optimizer")
 
 
 def _dtype_sensitive(setting: dict) -> bool:
@@ -38,7 +42,7 @@ def _cases() -> list:
     (factored states: the full matrix). torch.optim and adams specs run the full matrix."""
     out = []
     for spec in matched_specs():
-        adv = spec_package(spec).startswith("adv-optm")
+        adv = spec_package(spec).startswith(FEW_STEPS)
         for i, setting in enumerate(settings(spec)):
             for model in ("mlp", "transformer"):
                 for dtype in (torch.float64, torch.float32):
@@ -60,7 +64,7 @@ def test_matches_published(spec: str, index: int, setting: dict, model: str, dty
         pytest.skip("adv_optm computes OrthoGrad in float32 whatever the dtype; optgen in the parameter's "
                     "precision (a documented deviation): compared in float32 only")
     torch.set_default_dtype(dtype)  # published optimizers keep `step` in the default dtype
-    steps = ADV_STEPS if spec_package(spec).startswith("adv-optm") else STEPS
+    steps = ADV_STEPS if spec_package(spec).startswith(FEW_STEPS) else STEPS
     expected, ref_losses = train(make_model(model, dtype), published_factory(spec, setting, dtype), steps, dtype)
     assert all(x == x for x in ref_losses), "the published optimizer diverged: a bad setting"
     went_down = ref_losses[-1] < ref_losses[0]

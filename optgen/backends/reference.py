@@ -214,6 +214,7 @@ _OPS = {
     "matmean": lambda x: x.mean(dim=-1),
     "vdot": lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1)),
     "float32": lambda a: a.float(),
+    "rand_like": lambda x, seed=None: torch.rand_like(x),
     "cast": lambda a, like: a.to(like.dtype),
     "stochastic_round": lambda x, seed: stochastic.round_bf16(x),
     **{op: (lambda x, *args, _f=getattr(ns, op): ns.rows(_f, x, *args)) for op in ORTHOGONALISERS},

@@ -288,6 +288,10 @@ class KernelEmitter:
             off, _ = ctx.index(Kind.ELEMENT)
             # a different Philox stream per step and per tensor
             code = f"L.sr_bf16({a[0]}, ({a[1]}).to(tl.int32) * 65599 + {self.col('gidx')}, {off})"
+        elif op == "rand_like":  # seeded Philox per (seed, tensor): not torch's stream
+            off, _ = ctx.index(Kind.ELEMENT)
+            seed = f"({a[1]}).to(tl.int32)" if len(a) > 1 else "0"
+            code = f"tl.rand({seed} * 65599 + {self.col('gidx')}, {off})"
         elif op == "atan2":
             code = f"L.atan2({a[0]}, {a[1]})"
         elif op in ("maximum", "minimum"):
@@ -669,7 +673,11 @@ class _DeviceCtx:
         m = ""
         if mask is not None:
             m = f", mask={mask}" if self.mode == "flat" and kind != Kind.SLICE else f", mask={mask}, other=0.0"
-        self.body.emit(f"{local} = tl.load({ptr} + {off}{m}).to(tl.float32)")
+        decl = self.em.states.get(name)
+        if decl is not None and decl.dtype == "bool":  # a mask state: an elementwise condition
+            self.body.emit(f"{local} = tl.load({ptr} + {off}{m}) != 0")
+        else:
+            self.body.emit(f"{local} = tl.load({ptr} + {off}{m}).to(tl.float32)")
         if self.mode != "vec":
             self.locals[name] = local
         return local

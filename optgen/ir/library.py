@@ -65,6 +65,9 @@ FUNCTIONS: dict[str, Function] = {
                  host=False),
         Function("strided", (1, 1), "every k-th element of the flattened x (x.flatten()[::k], k the spec's "
                  "slice_stride) -> per-slice", host=False),
+        Function("rand_like", (1, 2), "rand_like(x[, seed]): uniform random numbers in [0, 1) of x's shape and dtype "
+                 "(torch.rand_like from torch's default generator, in parameter order, on the torch and reference "
+                 "backends; seeded Philox, per seed and tensor, in triton)", host=False),
         Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
         Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values); of a host value: "
                  "the value rounded to float32 (a published float32 scalar)"),

@@ -7,6 +7,7 @@ the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmu
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from optgen.errors import SpecError, did_you_mean
@@ -95,8 +96,8 @@ class Lowerer:
             return Node("var", kind=kind, attr=n, boolean=boolean)
         if n in self.partial:
             raise SpecError(e.pos, field, f"'{n}' is assigned in only one branch of a conditional above")
-        if n in self.state:
-            return Node("var", kind=self.state[n].kind, attr=n)
+        if n in self.state:  # a bool state (a mask) reads as an elementwise condition
+            return Node("var", kind=self.state[n].kind, attr=n, boolean=self.state[n].dtype == "bool")
         if n in self.reductions:
             return Node("reduced", kind=Kind.TENSOR, attr=n)
         if n in self.accumulators:
@@ -298,6 +299,11 @@ class Lowerer:
             for i in range(1, len(args)):
                 if not args[i].is_host:
                     raise SpecError(e.args[i].pos, field, f"{fn}()'s steps and coefficients must be host scalars")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn == "rand_like":
+            need(0, Kind.ELEMENT)
+            if len(args) > 1 and not args[1].is_host:
+                raise SpecError(e.args[1].pos, field, "rand_like()'s seed must be a host scalar")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
@@ -505,7 +511,13 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
         if st.scalar_if_zero and init != "param":
             raise SpecError(spec.source.at(("state", name, "scalar_if_zero")), f"state.{name}.scalar_if_zero",
                             "scalar_if_zero applies to init: param only")
-        if isinstance(init, str) and init not in ("zeros", "ones", "absent", "param"):
+        subset = re.fullmatch(r"random_subset\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)", init) if isinstance(init, str) else None
+        if subset is not None:
+            if subset.group(1) not in dict(hypers) or st.kind != "element" or st.dtype != "bool":
+                raise SpecError(pos, f"state.{name}.init", "random_subset(HYPER) initialises a per-element bool "
+                                "state (dtype: bool) from a hyperparameter's fraction")
+            init = ("random_subset", subset.group(1))
+        elif isinstance(init, str) and init not in ("zeros", "ones", "absent", "param"):
             if init not in dict(hypers):
                 raise SpecError(pos, f"state.{name}.init", f"init must be zeros, ones, absent, param, a number or a "
                                 f"hyperparameter name, got '{init}'{did_you_mean(init, ['zeros', 'ones', 'absent', *dict(hypers)])}")

@@ -182,6 +182,8 @@ class PublishedLayout:
     group: list[tuple[str, Node]] = field(default_factory=list)
     state: list[PublishedEntry] = field(default_factory=list)
     flat: list[str] = field(default_factory=list)
+    #: (state, bool mask state): saved as the 1-D vector of the masked elements
+    masked: list[tuple[str, str]] = field(default_factory=list)
     master: str | None = None
     none_if_absent: list[str] = field(default_factory=list)
     attributes: list[str] = field(default_factory=list)

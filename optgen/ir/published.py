@@ -50,6 +50,11 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
             if n not in names:
                 raise SpecError(spec.source.text_at((*base, section, i)), f"matches.state_dict.{section}[{i}]",
                                 f"'{n}' is not a state of {spec.model.class_}")
+    bools = {d.name for d in state if d.dtype == "bool"}
+    for n, m in sd.masked.items():
+        if n not in names or m not in bools:
+            raise SpecError(spec.source.text_at((*base, "masked", n)), f"matches.state_dict.masked.{n}",
+                            f"'{n}: {m}' must map a state of {spec.model.class_} to a bool state (its mask)")
     per_group = {n for n, h in lw.hypers.items() if h.per_group}  # the features' too (stochastic_rounding)
     for i, n in enumerate(sd.attributes):
         if n not in per_group:
@@ -73,7 +78,7 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
         step_if=cond(sd.step_if, ("step_if",), "matches.state_dict.step_if"),
         group=[(k, value(v, ("group", k), f"matches.state_dict.group.{k}", False)) for k, v in sd.group.items()],
         state=entries, flat=list(sd.flat), master=sd.master, none_if_absent=list(sd.none_if_absent),
-        attributes=list(sd.attributes),
+        attributes=list(sd.attributes), masked=list(sd.masked.items()),
     )
 
 

@@ -122,6 +122,8 @@ def _matches_to_data(m: Any) -> dict[str, Any] | None:
         d.pop("state_dict", None)  # the modules of specs without one stay as they were
     elif not d["state_dict"].get("attributes"):
         d["state_dict"].pop("attributes", None)  # as those of layouts without attributes
+    if d.get("state_dict") is not None and not d["state_dict"].get("masked"):
+        d["state_dict"].pop("masked", None)  # as those of layouts without masked states
     return d
 
 
@@ -140,6 +142,7 @@ def _layout_to_data(lay: PublishedLayout) -> dict[str, Any]:
         "master": lay.master,
         "none_if_absent": list(lay.none_if_absent),
         **({"attributes": list(lay.attributes)} if lay.attributes else {}),  # older modules stay as they were
+        **({"masked": [list(m) for m in lay.masked]} if lay.masked else {}),
     }
 
 
@@ -156,6 +159,7 @@ def _layout_from_data(d: dict[str, Any] | None) -> PublishedLayout | None:
                               e["dtype"]) for e in d["state"]],
         flat=list(d["flat"]), master=d["master"], none_if_absent=list(d["none_if_absent"]),
         attributes=list(d.get("attributes", [])),
+        masked=[(s, m) for s, m in d.get("masked", [])],
     )
 
 

@@ -40,6 +40,7 @@ def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
         "float16": torch.float16,
         "int8": torch.int8,
         "uint8": torch.uint8,
+        "bool": torch.bool,  # a mask state (dtype: bool)
     }[name]
 
 
@@ -781,6 +782,8 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
             return torch.tensor(0, dtype=dtype, device=device)
         src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
         return src.to(dtype=dtype, copy=True).contiguous()
+    if isinstance(init, tuple) and init[0] == "random_subset":
+        return _random_subset(p, group[init[1]], device)
     if isinstance(init, tuple):
         init = group[init[1]]
     value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
@@ -790,6 +793,17 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
         return torch.full_like(p, value, memory_format=torch.preserve_format)
     shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
     return torch.full(shape, value, dtype=dtype, device=device)
+
+
+def _random_subset(p: torch.Tensor, fraction: float, device: torch.device) -> torch.Tensor:
+    """A bool mask of ``p``'s shape with ``int(fraction * numel)`` true elements, at the first
+    positions of ``torch.randperm(numel)`` (pytorch-optimizer's SPAM masks: the same random stream)."""
+    n = p.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    k = int(fraction * n)
+    if k > 0:
+        mask[torch.randperm(n, device=device)[:k]] = True
+    return mask.view(p.shape)
 
 
 def _default_value(h: Any) -> Any:

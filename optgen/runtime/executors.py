@@ -339,7 +339,8 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
             branch = s.then if taken.get(s.cond.attr, False) else s.orelse
             if _path_rounds(branch, taken, sketches):
                 return True
-        elif any(n.op == "stochastic_round" or _draws(n) or (sketches and n.op.startswith("low_rank_"))
+        elif any(n.op == "stochastic_round" or _draws(n)
+                 or (sketches and (n.op.startswith("low_rank_") or n.op == "rand_like"))
                  for n in walk_nodes(s.value)):
             return True
     return False

@@ -133,6 +133,12 @@ def rsqrt_(a: Tensors) -> Tensors:
     return a
 
 
+def rand_like(a: Tensors, seed: Scalar = None) -> Tensors:
+    """torch.rand_like of each tensor, in list order (the default generator's stream; ``seed`` is
+    the triton backend's)."""
+    return [torch.rand_like(x) for x in a]
+
+
 def copy(a: Tensors) -> Tensors:
     return [x.clone() for x in a]
 

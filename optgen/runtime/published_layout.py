@@ -59,6 +59,9 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
         for name in lay.flat:
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].reshape(-1)
+        for name, mask in lay.masked:  # the published 1-D vectors of the masked elements
+            if isinstance(st.get(name), torch.Tensor) and isinstance(st.get(mask), torch.Tensor):
+                st[name] = st[name][st[mask]]
         if lay.master is not None and lay.master not in st:  # ZeRO keeps a master shard of its own
             st[lay.master] = p.detach().reshape(-1)  # in one process the master copy is the parameter itself
         for name in lay.none_if_absent:
@@ -109,6 +112,16 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
         for key in lay.flat:
             if isinstance(st.get(key), torch.Tensor):
                 st[key] = _unflatten(st[key], p, f"{where}: state '{key}'", name)
+        for key, mask in lay.masked:
+            value, m = st.get(key), st.get(mask)
+            if isinstance(value, torch.Tensor) and isinstance(m, torch.Tensor) and tuple(value.shape) != tuple(p.shape):
+                m = m.to(dtype=torch.bool, device=value.device)
+                if value.dim() != 1 or value.numel() != int(m.sum()) or tuple(m.shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: state '{key}' has shape {tuple(value.shape)}, expected the "
+                                     f"{int(m.sum())} elements its mask '{mask}' selects or {tuple(p.shape)}")
+                full = torch.zeros(p.shape, dtype=value.dtype, device=value.device)
+                full[m] = value
+                st[key] = full
         if lay.master is not None and lay.master in st:
             master = st.pop(lay.master)
             if isinstance(master, torch.Tensor):

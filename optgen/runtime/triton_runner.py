@@ -70,6 +70,7 @@ def _tl_dtype(dtype: torch.dtype):
         torch.float16: tl.float16,
         torch.float64: tl.float64,
         torch.uint8: tl.uint8,
+        torch.bool: tl.int1,  # a mask state (dtype: bool): one byte per element
     }[dtype]
 
 

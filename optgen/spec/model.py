@@ -158,10 +158,12 @@ class StateSpec(_Strict):
     #: slice: every k-th element of the flattened parameter, k the spec's ``slice_stride``
     kind: Literal["element", "row", "col", "matrix", "tensor", "host", "slice"] = "element"
     #: zeros | ones | absent (created by its first assignment) | param (a copy of the parameter,
-    #: or of its slice) | a number | a hyperparameter name
+    #: or of its slice) | a number | a hyperparameter name | random_subset(HYPER) (a bool mask with
+    #: int(HYPER * numel) true elements at torch.randperm(numel)'s first positions)
     init: float | int | str = "zeros"
     #: param: the parameter's dtype; default: torch's default dtype (used for host scalars)
-    dtype: Literal["param", "float32", "float64", "default"] = "param"
+    #: bool: a mask (its reads are elementwise conditions, as comparisons are)
+    dtype: Literal["param", "float32", "float64", "default", "bool"] = "param"
     if_: str | None = Field(default=None, alias="if")
     doc: str = ""
     #: its factored form, used by feature ``factored`` (per-element states only)
@@ -262,6 +264,9 @@ class PublishedStateDictSpec(_Strict):
     state: dict[str, str | PublishedEntrySpec] = Field(default_factory=dict)
     #: element states the published class keeps flat, ``(numel,)``, one process's whole shard
     flat: list[str] = Field(default_factory=list)
+    #: per-element states the published class keeps as 1-D vectors of the elements a bool mask state
+    #: selects (pytorch-optimizer's SPAM): state -> mask state
+    masked: dict[str, str] = Field(default_factory=dict)
     #: the published key of a flat copy of the parameter (a master copy): this class steps the
     #: parameter itself
     master: str | None = None
