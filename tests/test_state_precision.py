@@ -299,3 +299,26 @@ def test_other_specs_take_bf16_by_naming_it(tmp_path, spec: str, keys: tuple, hp
             if k in ref.state[q]:
                 assert ours.state[p][k].dtype == torch.bfloat16
                 assert torch.equal(ours.state[p][k].float(), ref.state[q][k].reshape(p.shape))  # adams: flat
+
+
+def test_compiled_backend_steps_stochastic_codecs_eagerly_and_exactly() -> None:
+    """backend='compiled': a path that draws adv_optm's stream runs the eager step (as stochastic
+    parameter rounding does), so it stays bit-identical."""
+    _matches("adamw_adv", "int8_sr", "mlp", 3, torch.float32, ("compiled",))
+
+
+@pytest.mark.extended  # inductor's compile of the step: ~25 s
+def test_compiled_backend_compiles_the_float_codecs(tmp_path) -> None:
+    """bf16 states through inductor: the stored states equal the eager torch backend's after one
+    step, to one bf16 rounding of the float32 maths (inductor may fuse differently)."""
+    cls = _adamw_with_feature(tmp_path)
+    runs = []
+    for backend in ("torch", "compiled"):
+        model = make_model("mlp", torch.float32)
+        opt = cls(model.parameters(), state_precision="bf16", backend=backend, lr=1e-2)
+        train(model, lambda ps, o=opt: o, 2, torch.float32)
+        runs.append((list(model.parameters()), opt))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        s, t = runs[0][1].state[a]["exp_avg"], runs[1][1].state[b]["exp_avg"]
+        assert t.dtype == torch.bfloat16
+        assert (s.float() - t.float()).abs().max() <= s.float().abs().max() * 2 ** -7
