@@ -26,6 +26,7 @@ from .sgd import SGD
 from .signsgd_adv import SignSGD_adv
 from .simplified_ademamix import Simplified_AdEMAMix
 from .spam import SPAM
+from .spam_official import SPAMOfficial
 
 __all__ = [
     "ASGD",
@@ -51,6 +52,7 @@ __all__ = [
     "Rprop",
     "SGD",
     "SPAM",
+    "SPAMOfficial",
     "SignSGD_adv",
     "Simplified_AdEMAMix",
 ]

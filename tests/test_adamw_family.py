@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,3 +151,114 @@ def test_spam_triton_matches_reference_before_the_redraw():
         runs.append([p.detach().clone() for p in params])
     for e, g in zip(*runs):
         assert torch.allclose(g, e, rtol=2e-6, atol=2e-6)
+
+
+class _OfficialSPAM(torch.optim.Optimizer):
+    """The official SPAM, written here from /work/shared/math/torch-adams-adamw-family.md §3.3
+    (galore_torch/SPAM.py is not a package): the reference SPAMOfficial is compared with. Masks
+    are drawn as pytorch-optimizer draws them (torch.randperm at construction, torch.rand_like at
+    redraws); the grad copy of a masked parameter, the in-place clipping of p.grad and the
+    weight decay of a copy (a no-op) are the published code's, as §3.3 records them."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True,
+                 warmup_steps=150, threshold=5000, DeltaT=500, grad_accu_steps=20):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      correct_bias=correct_bias))
+        self.warmup_steps, self.threshold, self.DeltaT, self.grad_accu_steps = warmup_steps, threshold, DeltaT, \
+            grad_accu_steps
+        self.total_step, self.current_step = 0, warmup_steps + 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "density" in group and p.dim() == 2:
+                    self.state[p]["mask"] = _randperm_mask(p, group["density"])
+
+    def _death_rate(self, c: int) -> float:
+        if c >= self.warmup_steps:
+            return 0.0
+        return 0.0 + (0.99 - 0.0) * (1 + math.cos(math.pi * c / (self.warmup_steps + 1))) / 2
+
+    @torch.no_grad()
+    def step(self):
+        scale = 1 - self._death_rate(self.current_step)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state.setdefault("step", 0)
+                mask = state.get("mask")
+                g = p.grad[mask] if mask is not None else p.grad
+                if "exp_avg" not in state or (self.total_step + 1) % self.DeltaT == 0:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                k = self.total_step + 1
+                if self.threshold != 0 and k >= self.grad_accu_steps and k % self.DeltaT >= self.grad_accu_steps:
+                    spike = g ** 2 > self.threshold * v
+                    g[spike] = g[spike].sign() * torch.sqrt(v[spike] * self.threshold)
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = v.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+                norm_grad = m / denom
+                if mask is not None:
+                    full = torch.zeros_like(p)
+                    full[mask] = norm_grad
+                    p.add_(full * scale, alpha=-step_size)
+                else:
+                    p.add_(norm_grad, alpha=-step_size * scale)
+                if group["weight_decay"] > 0.0:
+                    target = p[mask] if mask is not None else p  # a copy for masked ones: no decay
+                    target.add_(target, alpha=-group["lr"] * group["weight_decay"])
+        self.total_step += 1
+        self.current_step += 1
+        if self.total_step != 0 and (self.total_step + 1) % self.DeltaT == 0:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state[p]
+                    if "mask" in st:
+                        new = torch.rand_like(p) < group["density"]
+                        both = new & st["mask"]
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            fresh = torch.zeros_like(p[new])
+                            fresh[both[new]] = st[key][both[st["mask"]]]
+                            st[key] = fresh
+                        st["mask"] = new
+            self.current_step = 0
+
+
+def _randperm_mask(p: torch.Tensor, density: float) -> torch.Tensor:
+    n = p.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=p.device)
+    if int(density * n) > 0:
+        mask[torch.randperm(n, device=p.device)[: int(density * n)]] = True
+    return mask.view(p.shape)
+
+
+OFFICIAL = {"DeltaT": 9, "warmup_steps": 4, "grad_accu_steps": 3, "threshold": 50, "weight_decay": 0.1, "lr": 0.01}
+OFFICIAL_CASES = [("torch", "transformer", torch.float32, 20), ("reference", "mlp", torch.float64, 20),
+                  *(pytest.param(*c, 100, marks=EXT) for c in [
+                      ("torch", "mlp", torch.float64), ("torch", "transformer", torch.float64),
+                      ("reference", "transformer", torch.float32), ("torch", "mlp", torch.float32)])]
+
+
+@pytest.mark.parametrize(("backend", "model_name", "dtype", "steps"), OFFICIAL_CASES)
+def test_official_spam_matches_the_reference(backend, model_name, dtype, steps):
+    from generated import SPAMOfficial
+
+    runs = []
+    for make in (lambda g: SPAMOfficial(g, backend=backend, **OFFICIAL), lambda g: _OfficialSPAM(g, **OFFICIAL)):
+        model = make_model(model_name, dtype)
+        matrices = [p for p in model.parameters() if p.dim() == 2]
+        rest = [p for p in model.parameters() if p.dim() != 2]
+        torch.manual_seed(99)
+        opt = make([{"params": matrices, "density": 0.5}, {"params": rest}])
+        losses = _train(model, opt, steps, dtype)
+        runs.append(([p.detach().clone() for p in model.parameters()], losses))
+    (ours, l1), (ref, l2) = runs
+    assert l1 == l2
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
