@@ -40,10 +40,12 @@ class Built:
     text: str
     triton_text: str  # generated/<module>_triton.py
     spec: Spec
+    ir_text: str = ""  # generated/<module>_ir.py: the program as data, which <module>.py loads
 
     def files(self) -> dict[str, str]:
         """File name -> text of every module this spec renders to."""
-        return {f"{self.module}.py": self.text, f"{self.module}_triton.py": self.triton_text}
+        return {f"{self.module}.py": self.text, f"{self.module}_ir.py": self.ir_text,
+                f"{self.module}_triton.py": self.triton_text}
 
 
 def compile_spec(path: str | Path) -> Built:
@@ -53,7 +55,7 @@ def compile_spec(path: str | Path) -> Built:
     program = hoist(lowered)  # hoisting builds new statement lists; `lowered` keeps the spec's form
     set_aliases(program.hypers)
     text = render_module(program, lower_text=stmts_text(lowered.body))
-    return Built(program, spec.name, text, render_triton_module(program, spec.name), spec)
+    return Built(program, spec.name, text, render_triton_module(program, spec.name), spec, render_ir_module(program))
 
 
 def render_triton_module(program: Program, module: str, fixed: dict[str, bool] | None = None) -> str:
@@ -108,9 +110,7 @@ def render_module(program: Program, lower_text: list[str]) -> str:
         default = _default_code(h)
         args.append({"name": identifier(name), "default": default, "default_doc": docstring_text(default),
                      "doc": docstring_text((h.doc or name).strip()), "keyword": h.keyword_only})
-    data = data_literal(program_to_data(program))
-    non_finite = math_imports(data, *(a["default"] for a in args))
-    data = Code("\n".join("    " + line for line in data.splitlines()))
+    non_finite = math_imports(*(a["default"] for a in args))
     matches = None
     if program.matches is not None:
         matches = docstring_text(f"``{program.matches.class_}`` from ``{program.matches.package}``")
@@ -120,12 +120,25 @@ def render_module(program: Program, lower_text: list[str]) -> str:
         details=docstring_text(details.strip(), multiline=True),
         matches=matches,
         equations=[docstring_text(line) for line in lower_text],
-        program_data=data,
+        module=identifier(program.name),
         non_finite=Code(", ".join(non_finite)),
         device_step=Code(render_device_step(program)),
         args=args,
         positional=[a for a in args if not a["keyword"]],
         keyword=[a for a in args if a["keyword"]],
+    )
+    return _tidy(text)
+
+
+def render_ir_module(program: Program) -> str:
+    """``<module>_ir.py``: the hoisted program as plain data (the interpreter's and the runtime's
+    input), apart from the optimizer module so that one reads as code."""
+    data = data_literal(program_to_data(program))
+    text = _env().get_template("optimizer_ir.py.j2").render(
+        **_header(program),
+        module=identifier(program.name),
+        non_finite=Code(", ".join(math_imports(data))),
+        program_data=Code("\n".join("    " + line for line in data.splitlines())),
     )
     return _tidy(text)
 

@@ -5,7 +5,10 @@ steps."""
 
 from __future__ import annotations
 
+import itertools
+import sys
 import types
+from typing import Any
 
 import torch
 
@@ -15,11 +18,28 @@ from optgen.errors import SpecError
 SHAPES = ((3, 4), (5,), (2, 3, 2), ())
 
 
-def import_built(text: str, name: str) -> types.ModuleType:
-    """Execute a rendered module's text as a fresh module (it is not put in ``sys.modules``)."""
-    module = types.ModuleType(f"optgen_check.{name}")
-    module.__dict__["__file__"] = f"<optgen check {name}>"
-    exec(compile(text, module.__dict__["__file__"], "exec"), module.__dict__)
+_PACKAGES = itertools.count()
+
+
+def import_built(built: Any, name: str | None = None) -> types.ModuleType:
+    """Execute a rendered optimizer module (a :class:`optgen.render.Built`) as a fresh module,
+    from memory: its program-data module first, in a throwaway package that the relative import
+    of the optimizer module finds and that leaves ``sys.modules`` once both are loaded."""
+    name = name or built.module
+    package = f"optgen_check_{next(_PACKAGES)}"
+    pkg = types.ModuleType(package)
+    pkg.__path__ = []
+    modules = {package: pkg}
+    try:
+        for mod_name, text in ((f"{built.module}_ir", built.ir_text), (name, built.text)):
+            module = types.ModuleType(f"{package}.{mod_name}")
+            module.__dict__.update(__file__=f"<optgen check {mod_name}>", __package__=package)
+            modules[module.__name__] = module
+            sys.modules.update(modules)
+            exec(compile(text, module.__file__, "exec"), module.__dict__)
+    finally:
+        for key in modules:
+            sys.modules.pop(key, None)
     return module
 
 
@@ -28,7 +48,7 @@ def smoke_step(built, spec) -> None:
     any failure is a :class:`SpecError` at the spec's ``update:``."""
     where = spec.position("update") or spec.position()
     try:
-        module = import_built(built.text, built.module)
+        module = import_built(built)
     except Exception as exc:  # a render bug: the module must always import
         raise SpecError(where, "update", f"the generated module does not import: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, built.program.class_name)

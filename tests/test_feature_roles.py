@@ -233,7 +233,7 @@ def test_spectral_decay_on_other_bases_matches_math(tmp_path, model, base, wd) -
     template = ODD_ADAM if base == "adam" else HEAVY_BALL
     path = _spec(tmp_path, template, ["spectral_decay"], name=f"sd_{base}")
     built = compile_spec(path)
-    cls = getattr(import_built(built.text, built.module), built.program.class_name)
+    cls = getattr(import_built(built, built.module), built.program.class_name)
     lr = 1e-2
     hp = dict(lr=lr, weight_decay=wd, scalar_vector_weight_decay=0.3)
     hp.update(dict(wd=0.0) if base == "adam" else dict(beta=0.9))  # the base's own decay is replaced

@@ -77,7 +77,7 @@ def test_spec_strings_never_run(tmp_path, monkeypatch, text: str, echo: str | No
     built = compile_spec(_write(tmp_path, text))
     compile(built.text, "demo.py", "exec")  # both modules are valid Python
     compile(built.triton_text, "demo_triton.py", "exec")
-    module = import_built(built.text, "demo")
+    module = import_built(built, "demo")
     assert not (tmp_path / "CANARY").exists()
     cls = module.Demo
     if echo is not None:  # the string comes back as data, unchanged, through the module
@@ -89,7 +89,7 @@ def test_spec_strings_never_run(tmp_path, monkeypatch, text: str, echo: str | No
 
 def test_nan_and_inf_defaults_import_as_floats(tmp_path) -> None:
     built = compile_spec(_write(tmp_path, _hyper("{default: .nan}").replace("state:", "  y: {default: -.inf}\nstate:")))
-    module = import_built(built.text, "demo")
+    module = import_built(built, "demo")
     import inspect
 
     sig = inspect.signature(module.Demo.__init__)
@@ -115,7 +115,7 @@ def test_file_name_is_escaped_in_comments(tmp_path, monkeypatch, file_name: str)
     for text in (built.text, built.triton_text):
         compile(text, "m.py", "exec")
         assert all(line.startswith("#") for line in text.splitlines()[:2])
-    assert import_built(built.text, "demo").Demo._program.source == file_name
+    assert import_built(built, "demo").Demo._program.source == file_name
 
 
 def test_templates_refuse_unescaped_strings() -> None:
@@ -148,6 +148,8 @@ NAME_CASES = [
     ("name keyword", BASE.replace("name: demo", "name: import"), "name: name 'import' is a Python keyword"),
     ("name _triton", BASE.replace("name: demo", "name: sgd_triton"),
      "demo.yaml:1:7: name: name 'sgd_triton': the suffix '_triton' names the kernel module of spec 'sgd'"),
+    ("name _ir", BASE.replace("name: demo", "name: sgd_ir"),
+     "demo.yaml:1:7: name: name 'sgd_ir': the suffix '_ir' names the program-data module of spec 'sgd'"),
     ("name too long", BASE.replace("name: demo", "name: d" + "x" * 300), "is longer than 100 characters"),
     ("as name _", BASE.replace("as: [beta1, beta2]", "as: [_b1, beta2]"), "name '_b1': names starting with '_'"),
 ]
@@ -297,7 +299,7 @@ def test_prodigy_steps_variant_checks_builds_and_steps(tmp_path) -> None:
     r = _cli("check", str(variant))
     assert r.returncode == 0, r.stderr
     built = compile_spec(variant)
-    module = import_built(built.text, "my_prodigy")
+    module = import_built(built, "my_prodigy")
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = module.MyProdigy([p])
     for _ in range(7):
@@ -327,7 +329,7 @@ def test_build_keeps_the_umask(tmp_path) -> None:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         files = sorted(out.iterdir())
-        assert [f.name for f in files] == ["__init__.py", "demo.py", "demo_triton.py"]
+        assert [f.name for f in files] == ["__init__.py", "demo.py", "demo_ir.py", "demo_triton.py"]
         assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(mode)}
 
 
@@ -379,7 +381,7 @@ def test_killed_build_leaves_no_temporaries(tmp_path) -> None:
             proc.kill()
     assert [p.name for p in out.iterdir()] == []  # nothing named, nothing half-written
     r = _cli("build", str(spec), "--out", str(out))
-    assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["__init__.py", "demo.py", "demo_triton.py"]
+    assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["__init__.py", "demo.py", "demo_ir.py", "demo_triton.py"]
 
 
 def test_stale_named_temporaries_are_swept(tmp_path) -> None:

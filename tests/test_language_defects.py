@@ -326,7 +326,7 @@ def test_failing_default_conditions_do_not_crash_the_build(tmp_path) -> None:
     spec.write_text(text, encoding="utf-8")
     built = compile_spec(spec)
     smoke_step(built, built.spec)
-    cls = import_built(built.text, "demo").Demo
+    cls = import_built(built, "demo").Demo
     for backend in ("reference", "torch"):
         p = torch.nn.Parameter(torch.zeros(5))
         p.grad = torch.ones(5)
@@ -391,7 +391,7 @@ def test_settings_are_validated_like_the_constructor(tmp_path, setting: str, key
     assert message in text_of, text_of
     # and the constructor does refuse it (the check runs the constructor's own validation)
     good = compile_spec(_write_spec(tmp_path / "ok", SETTINGS.replace("    - SETTING\n", "")))
-    cls = import_built(good.text, "demo").Demo
+    cls = import_built(good, "demo").Demo
     kwargs = _yaml_flow(setting)
     with pytest.raises((TypeError, ValueError)):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)

@@ -68,9 +68,9 @@ def new_spec(name: str, base: str, features: list[str], out: Path | None, spec_d
     """Write the new spec; return its path. Raises NewError or SpecError."""
     from optgen.features import available
 
-    if not _NAME.match(name) or name.endswith("_triton") or len(name) > 100:
+    if not _NAME.match(name) or name.endswith(("_triton", "_ir")) or len(name) > 100:
         raise NewError(f"invalid NAME {name!r}: a spec name is lower_snake_case (a-z, 0-9, _), starts with a "
-                       "letter, at most 100 characters, and does not end in '_triton'")
+                       "letter, at most 100 characters, and does not end in '_triton' or '_ir'")
     import keyword
 
     if keyword.iskeyword(name) or keyword.issoftkeyword(name):

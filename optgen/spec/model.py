@@ -344,6 +344,8 @@ class SpecModel(_Strict):
             raise ValueError(f"name {v!r} is a Python keyword: its module could not be imported by name")
         if v.endswith("_triton"):
             raise ValueError(f"name {v!r}: the suffix '_triton' names the kernel module of spec {v[:-7]!r}")
+        if v.endswith("_ir"):
+            raise ValueError(f"name {v!r}: the suffix '_ir' names the program-data module of spec {v[:-3]!r}")
         return v
 
     @field_validator("class_")
