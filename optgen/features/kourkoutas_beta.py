@@ -28,10 +28,13 @@ from optgen.features.rewrite import (
     var,
 )
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, Stmt, walk_nodes
-from optgen.runtime.kourkoutas import BETA2, SQ
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "kourkoutas_beta"
+#: the runtime input (per-parameter beta2) and the per-tensor state (sum of squares) this feature
+#: adds; optgen.runtime.kourkoutas computes and reads them by these names
+BETA2 = "kourkoutas_beta2"
+SQ = "kourkoutas_sq"
 
 
 def _second_moment(s: Stmt) -> bool:

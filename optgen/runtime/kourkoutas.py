@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-BETA2 = "kourkoutas_beta2"
-SQ = "kourkoutas_sq"
+from optgen.features.kourkoutas_beta import BETA2, SQ
+
 R_EMA = "kourkoutas_r_ema"
 _TAGS = ("_is_oft", "_is_lora_A", "_is_lora_B", "_is_dora_scale")
 
