@@ -4,13 +4,21 @@
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam
+from .adam4bit_ao import Adam4bit
+from .adam8bit_ao import Adam8bit_ao
+from .adam8bit_bnb import Adam8bit
 from .adamax import Adamax
+from .adamfp8_ao import AdamFp8
 from .adams import Adams
 from .adams_zero import Adams_ZeRO
 from .adamuon_adv import AdaMuon_adv
 from .adamw import AdamW
+from .adamw4bit_ao import AdamW4bit
+from .adamw8bit_ao import AdamW8bit_ao
+from .adamw8bit_bnb import AdamW8bit
 from .adamw_adv import AdamW_adv
 from .adamwadv import AdamWAdv
+from .adamwfp8_ao import AdamWFp8
 from .adopt_adv import Adopt_adv
 from .asgd import ASGD
 from .coupled_adam import CoupledAdam
@@ -34,8 +42,16 @@ __all__ = [
     "Adadelta",
     "Adagrad",
     "Adam",
+    "Adam4bit",
+    "Adam8bit",
+    "Adam8bit_ao",
+    "AdamFp8",
     "AdamW",
+    "AdamW4bit",
+    "AdamW8bit",
+    "AdamW8bit_ao",
     "AdamWAdv",
+    "AdamWFp8",
     "AdamW_adv",
     "Adamax",
     "Adams",

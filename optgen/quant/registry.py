@@ -7,7 +7,7 @@ Registered by name with :func:`optgen.ir.codecs.register` when :mod:`optgen.quan
 | ``8bit`` | bnb blockwise dynamic, CPU library encoding (what ``Adam8bit`` runs on CPU) | ``numel < min_8bit_size`` |
 | ``8bit_cuda`` | bnb blockwise dynamic, CUDA kernel encoding (nearest code + sign fix) | same |
 | ``ao_8bit`` | torchao ``OptimState8bit`` (block 256) | ``numel < 4096`` or not a multiple of 256 |
-| ``4bit`` | torchao ``OptimState4bit`` (block 128, two codes per byte) | ``numel < 4096`` or not a multiple of 128 |
+| ``4bit`` | torchao ``OptimState4bit`` codes (block 128; one code per byte until packed storage exists) | ``numel < 4096`` or not a multiple of 128 |
 | ``fp8`` | torchao ``OptimStateFp8`` (block 256, E4M3FN, scale absmax/448) | as ``ao_8bit`` |
 
 A state proven non-negative takes the unsigned map (bnb's ``state2``, torchao's ``exp_avg_sq``).
@@ -51,6 +51,14 @@ def _ge(a: Node, b: Node) -> Node:
 
 
 _NUMEL = Node("meta", attr="numel")
+
+
+def _tables_in(ptr: dict[str, str], *names: str) -> None:
+    """The kernel must hand the code-book tables over with the state's tensors (not yet done by
+    the triton backend: such a codec is refused there, and runs on the torch and reference ones)."""
+    missing = [n for n in names if n not in ptr]
+    if missing:
+        raise NotImplementedError(f"the kernel has no pointer to the code-book table(s) {', '.join(missing)}")
 _TRITON_IMPORT = "from optgen.quant import triton_codecs as _oq\n"
 
 
@@ -93,12 +101,14 @@ class BnbBlockwise(Codec):
         return {"": codes, "_absmax": absmax}
 
     def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        _tables_in(ptr, "qmap")
         codes = f"tl.load({ptr['']} + {offs}, mask={mask}, other=0)"
         scale = f"tl.load({ptr['_absmax']} + {offs} // {self.block}, mask={mask}, other=0.0)"
         return f"(tl.load({ptr['qmap']} + {codes}.to(tl.int32)) * {scale})"
 
     def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
                       non_neg: bool) -> list[str]:
+        _tables_in(ptr, "qmap", "lut") if self.encoder == "cpu" else _tables_in(ptr, "qmap")
         b = self.block
         tile = f"tl.reshape(tl.where({mask}, {x}, 0.0), (BLOCK // {b}, {b}))"
         if self.encoder == "cpu":
@@ -122,15 +132,23 @@ class TorchaoBlockwise(Codec):
 
     triton_source = _TRITON_IMPORT
 
-    def __init__(self, name: str, kind: str):
+    def __init__(self, name: str, kind: str, packed: bool = False):
         self.name, self.kind = name, kind
         self.block = C.AO_4BIT_BLOCK if kind == "4bit" else C.AO_BLOCK
-        self.per_byte = 2 if kind == "4bit" else 1
+        # 4-bit codes two per byte need "packed" storage, which the state-precision feature does not
+        # allocate yet: until it does, the registered 4bit codec keeps one code per byte (the same
+        # codes and values as torchao's, twice its code bytes)
+        self.packed = packed and kind == "4bit"
+        self.per_byte = 2 if self.packed else 1
 
     def stored(self, non_neg: bool) -> list[Stored]:
-        codes = {"8bit": Stored("", "uint8", "element"), "4bit": Stored("", "uint8", "packed"),
-                 "fp8": Stored("", "float8_e4m3fn", "element")}[self.kind]
+        codes = {"8bit": Stored("", "uint8", "element"), "fp8": Stored("", "float8_e4m3fn", "element"),
+                 "4bit": Stored("", "uint8", "packed" if self.packed else "element")}[self.kind]
         return [codes, Stored("_scale", "float32", "blocks", 0.0)]
+
+    @property
+    def _bits(self) -> int:
+        return 4 if self.packed else 8  # the unpacked 4-bit codes take the 8-bit layout
 
     def applies(self) -> Node:
         big = _ge(_NUMEL, Node("const", attr=C.MIN_QUANT_SIZE))
@@ -146,15 +164,14 @@ class TorchaoBlockwise(Codec):
         if self.kind == "fp8":
             return C.fp8_dequantize(codes, scale, self.block).view(shape)
         code = tables(self.book(non_neg), codes.device)["qmap"]
-        bits = 4 if self.kind == "4bit" else 8
-        return C.ao_dequantize(codes, scale, code, tuple(shape), bits, self.block)
+        return C.ao_dequantize(codes, scale, code, tuple(shape), self._bits, self.block)
 
     def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.kind == "fp8":
             codes, scale = C.fp8_quantize(x, self.block)
         else:
             code = tables(self.book(non_neg), x.device)["qmap"]
-            codes, scale = C.ao_quantize(x, code, 4 if self.kind == "4bit" else 8, self.block)
+            codes, scale = C.ao_quantize(x, code, self._bits, self.block)
         return {"": codes, "_scale": scale}
 
     def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
@@ -162,7 +179,8 @@ class TorchaoBlockwise(Codec):
         if self.kind == "fp8":
             raw = f"tl.load({ptr['']} + {offs}, mask={mask}, other=0.0).to(tl.uint8, bitcast=True)"
             return f"(_oq.fp8_e4m3_decode({raw}) * {scale})"
-        if self.kind == "4bit":
+        _tables_in(ptr, "qmap")
+        if self.packed:
             byte = f"tl.load({ptr['']} + {offs} // 2, mask={mask}, other=0).to(tl.int32)"
             code = f"tl.where({offs} % 2 == 0, {byte} >> 4, {byte} & 15)"
         else:
@@ -171,6 +189,8 @@ class TorchaoBlockwise(Codec):
 
     def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
                       non_neg: bool) -> list[str]:
+        if self.kind != "fp8":
+            _tables_in(ptr, "qmap")
         b = self.block
         rows = f"(BLOCK // {b}, {b})"
         out = [f"_qt = tl.reshape(tl.where({mask}, {x}, 0.0), {rows})",
@@ -180,7 +200,7 @@ class TorchaoBlockwise(Codec):
         else:
             size, log2 = (16, 4) if self.kind == "4bit" else (256, 8)
             out.append(f"_qc = _oq.ao_encode(_qt, _qs, {ptr['qmap']}, {size}, {log2})")
-        if self.kind == "4bit":
+        if self.packed:
             out += [f"_qc = _oq.pack_nibbles(tl.where(tl.reshape({mask}, {rows}), _qc, 0), BLOCK // {b}, {b})",
                     f"_qo = tl.reshape({offs}, (BLOCK // 2, 2))",
                     f"tl.store({ptr['']} + tl.reshape(tl.max(_qo, axis=1) // 2, (BLOCK // {b}, {b // 2})), _qc, "

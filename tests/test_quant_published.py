@@ -1,0 +1,157 @@
+"""The block-quantised published classes against their pinned packages, 100 steps on real models.
+
+bitsandbytes 0.50.2 ``Adam8bit``/``AdamW8bit`` run on CPU here (its CPU library quantises, the
+step is ``backends/cpu/ops.py``): the specs must give the same parameters and the same 8-bit
+codes and absmax, bit for bit. The test models' tensors are below bnb's default
+``min_8bit_size`` (4096), so the settings lower it to put most of them on the 8-bit path (with
+partial last blocks) and leave the smallest on the 32-bit one.
+
+torchao 0.18.0 compiles its per-parameter step with ``torch.compile``; the oracle here is the same
+function run eagerly (``torch.compile`` patched to the identity), whose rounding the specs follow
+op for op. torchao quantises only tensors of at least 4096 elements (not configurable), so a third
+model with 4096-element weights is trained beside the two test models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from tests.models import make_model, train
+
+bnb = pytest.importorskip("bitsandbytes")
+ao = pytest.importorskip("torchao.optim")
+
+STEPS = 100
+#: the default run's sample: fewer steps (CI time); the extended run takes all cases at STEPS
+QUICK = 25
+
+
+class Wide(nn.Module):
+    """An MLP whose two big weights (16x256, 256x16) torchao quantises."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 256), nn.Linear(256, 16), nn.Linear(16, 4)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    @staticmethod
+    def batch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(64, 16, generator=g).to(dtype), torch.randn(64, 4, generator=g).to(dtype)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return ((self(x) - y) ** 2).mean()
+
+
+def _model(name: str) -> nn.Module:
+    return Wide() if name == "wide" else make_model(name, torch.float32)
+
+
+def _ours(module: str):
+    mod = importlib.import_module(f"generated.{module}")
+    return next(v for v in vars(mod).values() if isinstance(v, type) and v.__module__ == mod.__name__
+                and issubclass(v, torch.optim.Optimizer))
+
+
+def _run(model: str, make, steps: int = STEPS):
+    m = _model(model)
+    opts = []
+
+    def factory(ps):
+        opts.append(make(ps))
+        return opts[0]
+
+    params, losses = train(m, factory, steps, torch.float32)
+    return params, losses, opts[0]
+
+
+def _assert_same(ref, got):
+    assert len(ref) == len(got)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b), f"parameter {i}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
+# --- bitsandbytes ----------------------------------------------------------------------------------
+
+BNB_CASES = [
+    pytest.param("adamw8bit_bnb", "AdamW8bit", "mlp", {"min_8bit_size": 64}, "torch", QUICK, id="adamw-mlp-quick"),
+    pytest.param("adamw8bit_bnb", "AdamW8bit", "mlp", {"min_8bit_size": 64}, "torch", STEPS, id="adamw-mlp",
+                 marks=pytest.mark.extended),
+    pytest.param("adam8bit_bnb", "Adam8bit", "transformer", {"lr": 3e-3, "weight_decay": 0.1, "min_8bit_size": 16},
+                 "torch", STEPS, id="adam-transformer-wd", marks=pytest.mark.extended),
+    pytest.param("adamw8bit_bnb", "AdamW8bit", "transformer", {"min_8bit_size": 64}, "reference", STEPS,
+                 id="adamw-transformer-reference", marks=pytest.mark.extended),
+    pytest.param("adam8bit_bnb", "Adam8bit", "mlp", {"lr": 3e-3, "weight_decay": 0.1, "min_8bit_size": 16},
+                 "reference", STEPS, id="adam-mlp-reference", marks=pytest.mark.extended),
+    pytest.param("adamw8bit_bnb", "AdamW8bit", "transformer", {}, "torch", STEPS, id="adamw-transformer-32bit",
+                 marks=pytest.mark.extended),
+    pytest.param("adamw8bit_bnb", "AdamW8bit", "wide", {"weight_decay": 0.1}, "torch", STEPS, id="adamw-wide-default",
+                 marks=pytest.mark.extended),
+]
+
+
+@pytest.mark.parametrize("module,cls,model,setting,backend,steps", BNB_CASES)
+def test_bitsandbytes_8bit_bit_identical(module, cls, model, setting, backend, steps):
+    ref, ref_losses, theirs = _run(model, lambda ps: getattr(bnb.optim, cls)(ps, **setting), steps)
+    got, losses, ours = _run(model, lambda ps: _ours(module)(ps, backend=backend, **setting), steps)
+    _assert_same(ref, got)
+    assert losses == ref_losses
+    coded = 0
+    for p_ref, p in zip(theirs.state, ours.state):
+        s_ref, s = theirs.state[p_ref], ours.state[p]
+        for k in ("state1", "state2"):
+            assert s[k].dtype == s_ref[k].dtype and torch.equal(s[k], s_ref[k]), k
+        if s_ref["state1"].dtype == torch.uint8:
+            coded += 1
+            assert torch.equal(s["state1_absmax"], s_ref["absmax1"])
+            assert torch.equal(s["state2_absmax"], s_ref["absmax2"])
+    assert coded > 0 or not setting, "no tensor took the 8-bit path"
+
+
+# --- torchao ---------------------------------------------------------------------------------------
+
+AO = [("adamw8bit_ao", "AdamW8bit"), ("adam8bit_ao", "Adam8bit"), ("adamw4bit_ao", "AdamW4bit"),
+      ("adam4bit_ao", "Adam4bit"), ("adamwfp8_ao", "AdamWFp8"), ("adamfp8_ao", "AdamFp8")]
+AO_CASES = [pytest.param(m, c, "wide", QUICK, id=f"{c}-wide-quick") for m, c in AO if c in ("AdamW8bit", "AdamW4bit")]
+AO_CASES += [pytest.param(m, c, model, STEPS, id=f"{c}-{model}", marks=pytest.mark.extended)
+             for m, c in AO for model in ("wide", "mlp", "transformer")]
+
+
+def _eager():
+    return mock.patch("torch.compile", lambda fn, **kw: fn)
+
+
+@pytest.mark.parametrize("module,cls,model,steps", AO_CASES)
+def test_torchao_low_bit_bit_identical_to_its_eager_step(module, cls, model, steps):
+    setting = {"lr": 3e-3, "weight_decay": 0.1}
+    with _eager():
+        ref, ref_losses, theirs = _run(model, lambda ps: getattr(ao, cls)(ps, **setting), steps)
+    got, losses, ours = _run(model, lambda ps: _ours(module)(ps, backend="torch", **setting), steps)
+    _assert_same(ref, got)
+    assert losses == ref_losses
+    coded = 0
+    for p_ref, p in zip(theirs.state, ours.state):
+        s_ref, s = theirs.state[p_ref], ours.state[p]
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = s_ref[k]
+            if type(t) is torch.Tensor:
+                assert torch.equal(s[k], t)
+                continue
+            coded += 1
+            assert torch.equal(s[k + "_scale"], t.scale)
+            codes = t.codes.view(torch.uint8) if t.codes.dtype != torch.uint8 else t.codes
+            mine = s[k].view(torch.uint8).reshape(-1)
+            if "4bit" in module:  # torchao packs two per byte; the codec keeps one (unpacked)
+                codes = torch.stack([codes >> 4, codes & 0xF], dim=-1)
+            assert torch.equal(mine, codes.reshape(-1))
+    assert coded > 0 or model != "wide"
