@@ -357,10 +357,12 @@ class KernelEmitter:
         else:
             state, non_neg = ctx.encoding, n.attr[1]
         ptr = {k: ctx.pointer(v) for k, v in stored_names(state, codec, non_neg).items()}
+        live = ctx.body.fresh("live")  # a mask that exists in full chunks too
+        ctx.body.emit(f"{live} = offs < {self.col('numel')}")
         try:
             if n.op == "decode":
                 name = ctx.body.fresh()
-                ctx.body.emit(f"{name} = {codec.triton_decode(ptr, 'offs', 'mask', non_neg)}")
+                ctx.body.emit(f"{name} = {codec.triton_decode(ptr, 'offs', live, non_neg)}")
                 ctx.locals[state] = name
                 return name
             x = self.expr(n.args[0], ctx)
@@ -370,7 +372,7 @@ class KernelEmitter:
                 bits = ctx.body.fresh("bits")
                 ctx.body.emit(f"{bits} = (tl.randint(({step}).to(tl.int32) * 65599 + {self.col('gidx')} + "
                               f"{1 + sum(map(ord, state)) % 9973} * 7919, offs) & 0xFFFF).to(tl.int32)")
-            lines = codec.triton_encode(ptr, "offs", "mask", x, bits, non_neg)
+            lines = codec.triton_encode(ptr, "offs", live, x, bits, non_neg)
         except NotImplementedError:
             raise unsupported from None
         if codec.block:
@@ -405,7 +407,9 @@ class KernelEmitter:
             return _Draft.of("tiled", self.signature() + "\n".join(header + body.lines) + "\n")
         # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
         block_name = f"{_NAME_HOLE}_block"
-        constexprs = ["TBL_W", "NH", "ALIGNED", "P_DT", *self.state_dtypes]
+        # BLOCK in the block function only where a codec reshapes the tile into its scale blocks
+        constexprs = ["TBL_W", "NH", "ALIGNED", "P_DT", *self.state_dtypes,
+                      *(["BLOCK"] if _codec_block(stage.statements) else [])]
         runtime = ["t", "offs", "mask", "tab", "gptr", "hv", "ws", *(["red"] if self.program.reductions else [])]
         params = ", ".join([*runtime, *(f"{c}: tl.constexpr" for c in constexprs)])
 
@@ -692,6 +696,12 @@ class _DeviceCtx:
         self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
 
 
+def _codec_block(stmts: list) -> int:
+    """The largest scale block of the codecs a path decodes or encodes (0: none)."""
+    return max((codec_for(n.attr[0]).block or 0 for s in walk_stmts(stmts) if isinstance(s, Assign)
+                for n in walk_nodes(s.value) if n.op in ("decode", "encode")), default=0)
+
+
 def call_data(s: Assign) -> dict:
     """What the runtime needs to run a call stage: the op, its workspace input and output, and its
     host arguments (a host value's name, or a constant)."""
@@ -844,6 +854,8 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
             "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
             "hv": plan.hv,
             "creates": plan.creates,
+            # the tile a codec with scale blocks needs (feature state_precision)
+            **({"block": blocks} if (blocks := _codec_block(stmts)) else {}),
             # the device states this path reads or writes: the runner refuses a missing one
             # (a flag switched on after its state would have been allocated) instead of a null pointer
             "states": path_states(program, stmts),

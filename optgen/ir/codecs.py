@@ -134,12 +134,6 @@ class Int8SR(Codec):
     name = "int8_sr"
     block = 2048
     stochastic = True
-    triton_source = '''
-@triton.jit
-def _int8_sr_codes(x, scale, r, lo, hi):
-    q = tl.floor(x / tl.maximum(scale, 1e-12) + r.to(tl.float32) * (1.0 / 65536))
-    return tl.minimum(tl.maximum(q, lo), hi)
-'''
 
     def stored(self, non_neg: bool) -> list[Stored]:
         return [Stored("", "uint8" if non_neg else "int8", "element"), Stored("_scale", "float32", "blocks", 1.0)]
@@ -187,7 +181,23 @@ def _int8_sr_codes(x, scale, r, lo, hi):
 
     def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
                       non_neg: bool) -> list[str]:
-        raise NotImplementedError("int8_sr in triton kernels is not implemented yet")
+        # the tile holds BLOCK // 2048 whole blocks: each block's (abs)max is a row reduction of
+        # the tile reshaped (rows, 2048); lanes past the end do not count (adv_optm's replicate
+        # padding repeats a value the block holds, so its maximum is the same)
+        rows, b = f"(BLOCK // {self.block}, )", self.block
+        lo, hi, dt = ("0.0", "255.0", "tl.uint8") if non_neg else ("-127.0", "127.0", "tl.int8")
+        mag = f"tl.where({mask}, {x}, 0.0)" if non_neg else f"tl.where({mask}, tl.abs({x}), 0.0)"
+        return [
+            f"q_max = tl.max(tl.reshape({mag}, (BLOCK // {b}, {b})), axis=1)",
+            f"q_scale = L.div(q_max, tl.full({rows}, {'255.0' if non_neg else '127.0'}, tl.float32))",
+            f"q_s = tl.reshape(tl.broadcast_to(q_scale[:, None], (BLOCK // {b}, {b})), (BLOCK,))",
+            f"q = tl.floor(L.div({x}, tl.maximum(q_s, 1e-12)) + {bits}.to(tl.float32) * (1.0 / 65536))",
+            f"q = tl.minimum(tl.maximum(q, {lo}), {hi})",
+            f"tl.store({ptr['']} + {offs}, q.to({dt}), mask={mask})",
+            f"q_block = tl.max(tl.reshape({offs}, (BLOCK // {b}, {b})), axis=1) // {b}",
+            f"q_live = tl.max(tl.reshape({mask}.to(tl.int32), (BLOCK // {b}, {b})), axis=1) > 0",
+            f"tl.store({ptr['_scale']} + q_block, q_scale, mask=q_live)",
+        ]
 
 
 _CODECS: dict[str, Codec] = {}

@@ -70,6 +70,7 @@ def _tl_dtype(dtype: torch.dtype):
         torch.float16: tl.float16,
         torch.float64: tl.float64,
         torch.uint8: tl.uint8,
+        torch.int8: tl.int8,  # int8_sr codes (feature state_precision)
         torch.bool: tl.int1,  # a mask state (dtype: bool): one byte per element
     }[dtype]
 
@@ -253,6 +254,8 @@ class TritonRunner:
     def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
                 states: dict, cfg: dict, device: torch.device, views: list, stride: int) -> _Bucket:
         prog = self.program
+        # a path that codes states in blocks (feature state_precision) tiles by whole blocks
+        block = max(cfg["BLOCK"], path.get("block", 0))
         kinds = {d.name: d.kind for d in prog.state}
         keep: list[torch.Tensor] = []  # buffers the table points at that no state holds
         temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path["temps"]]
@@ -301,7 +304,7 @@ class TritonRunner:
             rows.append(row)
             if p.data_ptr() % 16:
                 aligned = False
-            for s in range(0, p.numel(), cfg["BLOCK"]):
+            for s in range(0, p.numel(), block):
                 flat.append((t, s))
             if p.numel():
                 for bb in range(b):
@@ -325,7 +328,7 @@ class TritonRunner:
         table = torch.tensor(rows, dtype=torch.int64).reshape(len(idx), len(path["columns"])).to(device)
         nh = max(len(path["hv"]), 1)
         consts = {
-            "TBL_W": len(path["columns"]), "NH": nh, "BLOCK": cfg["BLOCK"], "BM": cfg["BM"], "BN": cfg["BN"],
+            "TBL_W": len(path["columns"]), "NH": nh, "BLOCK": block, "BM": cfg["BM"], "BN": cfg["BN"],
             "VB": cfg["VB"], "P_DT": _tl_dtype(dtype), "num_warps": cfg["num_warps"],
             "STEP_DT": _tl_dtype(states[params[0]]["step"].dtype if prog.step_store == "tensor" else torch.float32),
         }
