@@ -88,7 +88,7 @@ class Composition:
             raise SpecError(pos, field_name, f"blocks nested deeper than {MAX_BLOCK_DEPTH}")
         if name in self.blocks:
             return self.blocks[name]
-        from optgen.spec.loader import _display, read_spec_text
+        from optgen.spec.files import _display, read_spec_text
 
         path = self.folder / f"{name}.yaml"
         if not path.is_file():

@@ -4,9 +4,7 @@ of the ``update:`` statements into expression trees."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +14,7 @@ from pydantic import ValidationError
 from optgen.errors import Position, SpecError, did_you_mean
 from optgen.spec.blocks import BLOCKS_FOLDER, Composition, Include, declares, rename_target, substitute
 from optgen.spec.expr import Const, Expr, parse_assignment, parse_expression
+from optgen.spec.files import MAX_SPEC_BYTES, _display, read_spec_text  # noqa: F401  (re-exported)
 from optgen.spec.model import SpecModel
 from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
 
@@ -122,53 +121,9 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
     return spec
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 #: Bounds on a spec file and its ``extends:`` chain.
-MAX_SPEC_BYTES = 1 << 20
 MAX_EXTENDS_DEPTH = 32
 _SPEC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
-
-
-def read_spec_text(path: Path, shown: str, pos: Position | None = None, field_name: str = "") -> str:
-    """The UTF-8 text of the regular file at ``path``: never blocks (a FIFO), never reads a device
-    or a folder, and stops at :data:`MAX_SPEC_BYTES`."""
-    where = (pos, field_name) if pos is not None else (None, "")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise SpecError(*where, f"{shown}: no such spec file") from None
-    except IsADirectoryError:
-        raise SpecError(*where, f"{shown}: is a directory, not a spec file") from None
-    except (OSError, ValueError) as exc:  # permissions, a name too long, a NUL in the name
-        raise SpecError(*where, f"{shown}: cannot open: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise SpecError(*where, f"{shown}: is a directory, not a spec file")
-        if not stat.S_ISREG(st.st_mode):
-            raise SpecError(*where, f"{shown}: not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            raw = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as exc:
-        raise SpecError(*where, f"{shown}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(Position(shown, 1, 1), "", f"the spec file is larger than {MAX_SPEC_BYTES} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        col = len(raw[raw.rfind(b"\n", 0, exc.start) + 1: exc.start].decode("utf-8", "replace")) + 1
-        raise SpecError(Position(shown, line, col), "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded") from None
 
 
 def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
