@@ -5,8 +5,8 @@ Bytes are counted from the state tensors (every tensor in ``optimizer.state`` bu
 shared ``qmap1``/``qmap2`` tables once per parameter, as its state holds them; torchao's quantised
 subclasses by their ``codes`` and ``scale``) on the GPT-2-small parameter list (124.4M, 148
 tensors), allocated as each class allocates on its first step, without stepping. Step times: one
-interleaved run (theirs, ours, theirs, ...) on 7.1M parameters in the 8 tensors of a GPT-2 block
-plus 4 vectors, fp32, fixed gradients, median of the rounds; torchao runs its compiled step
+interleaved run (theirs, ours, theirs, ...) on 12.4M parameters in 7 matrices of GPT-2-block shapes
+and 3 vectors, fp32, fixed gradients, median of the rounds; torchao runs its compiled step
 (compile time excluded by warm-up steps).
 
     python benchmarks/quant_published.py [--time] [--repeats 7]
@@ -92,8 +92,9 @@ def bytes_table() -> None:
 
 def block_params() -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(0)
-    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 768), (1024, 768), (768, 768), (256, 768),
-              (2304,), (3072,), (768,), (768,)]
+    # a GPT-2 block's matrices and vectors (few distinct shapes: torchao compiles its step per shape)
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 768), (768, 3072), (3072, 768),
+              (2304,), (768,), (768,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g) * 1e-3

@@ -155,3 +155,42 @@ def test_torchao_low_bit_bit_identical_to_its_eager_step(module, cls, model, ste
                 codes = torch.stack([codes >> 4, codes & 0xF], dim=-1)
             assert torch.equal(mine, codes.reshape(-1))
     assert coded > 0 or model != "wide"
+
+
+def test_bitsandbytes_cuda_kernel_form():
+    """state_precision='8bit_cuda' against a reference written here from math §6.1.2 (the CUDA
+    kernel cannot run without a GPU): nearest-code encoding with the sign fix, decay after the
+    update, a non-finite gradient element resetting its moments and keeping its parameter."""
+    from optgen import quant as Q
+
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(300, generator=g)
+    ours_p = p0.clone().requires_grad_(True)
+    opt = _ours("adamw8bit_bnb")([ours_p], lr=1e-2, weight_decay=0.1, min_8bit_size=64, state_precision="8bit_cuda",
+                                 backend="torch")
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.1
+    signed, unsigned = Q.qmap("signed"), Q.qmap("unsigned")
+    p = p0.clone()
+    c1 = torch.zeros(300, dtype=torch.uint8)
+    c2 = torch.zeros(300, dtype=torch.uint8)
+    a1 = torch.zeros(2)
+    a2 = torch.zeros(2)
+    for t in range(1, 9):
+        grad = torch.randn(300, generator=g)
+        if t in (3, 6):
+            grad[5], grad[290] = float("nan"), float("inf")
+        ours_p.grad = grad.clone()
+        opt.step()
+        m, v = Q.bnb_dequantize(c1, a1, signed), Q.bnb_dequantize(c2, a2, unsigned)
+        finite = grad.isfinite()
+        v = torch.where(finite, v.mul(b2).addcmul(grad, grad, value=1 - b2), 0.0)
+        m = torch.where(finite, m.mul(b1).add(grad, alpha=1 - b1), 0.0)
+        k1, k2 = 1 - b1**t, (1 - b2**t) ** 0.5
+        p = torch.where(finite, p.add(m / (v.sqrt() + k2 * eps), alpha=-lr * k2 / k1), p)
+        p = torch.where(finite, p * (1 - lr * wd), p)
+        c1, a1 = Q.bnb_quantize(m, signed, signed=True, encoder="nearest")
+        c2, a2 = Q.bnb_quantize(v, unsigned, signed=False, encoder="nearest")
+        st = opt.state[ours_p]
+        assert torch.equal(st["state1"], c1) and torch.equal(st["state2"], c2)
+        assert torch.equal(st["state1_absmax"], a1) and torch.equal(st["state2_absmax"], a2)
+        assert torch.equal(ours_p.detach(), p), t
