@@ -24,6 +24,7 @@ from .asgd import ASGD
 from .coupled_adam import CoupledAdam
 from .lion_adv import Lion_adv
 from .lion_prodigy_adv import Lion_Prodigy_adv
+from .muon import Muon
 from .muon_adv import Muon_adv
 from .nadam import NAdam
 from .prodigy_adv import Prodigy_adv
@@ -60,6 +61,7 @@ __all__ = [
     "CoupledAdam",
     "Lion_Prodigy_adv",
     "Lion_adv",
+    "Muon",
     "Muon_adv",
     "NAdam",
     "Prodigy_adv",

@@ -73,9 +73,26 @@ def published_factory(spec_name: str, setting: dict[str, Any], dtype: torch.dtyp
     def make(params):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # adams-torch warns about single-process mode
-            return cls(params, **kwargs)
+            return cls(handed(spec_name, params), **kwargs)
 
     return make
+
+
+def handed(spec_name: str, params) -> list:
+    """The parameters the tests hand both classes: every one, the 2-D ones where the published class
+    refuses others (``matches.parameters: matrices``, torch.optim.Muon), the non-empty ones where
+    it fails on empty ones (``nonempty``, torch.optim.Adafactor)."""
+    params = list(params)
+    which = load_spec(SPECS / f"{spec_name}.yaml").model.matches.parameters
+    if which == "all":
+        return params
+
+    def keep(p: torch.Tensor) -> bool:
+        return p.dim() == 2 if which == "matrices" else p.numel() > 0
+
+    if params and isinstance(params[0], dict):  # param groups
+        return [{**g, "params": [p for p in g["params"] if keep(p)]} for g in params]
+    return [p for p in params if keep(p)]
 
 
 def dtype_argument(spec_name: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -91,7 +108,7 @@ def ours_factory(spec_name: str, setting: dict[str, Any], backend: str, dtype: t
     cls = getattr(importlib.import_module(f"generated.{spec_name}"), spec.model.class_)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()}
     kwargs.update(dtype_argument(spec_name, dtype))
-    return lambda params: cls(params, backend=backend, **kwargs)
+    return lambda params: cls(handed(spec_name, params), backend=backend, **kwargs)
 
 
 def spec_package(spec_name: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 import generated
 from optgen.spec.loader import load_spec
-from tests.published import SPECS, dtype_argument, matched_specs, published_factory
+from tests.published import SPECS, dtype_argument, handed, matched_specs, published_factory
 
 CLASSES = {p.stem: getattr(importlib.import_module(f"generated.{p.stem}"), load_spec(p).model.class_)
            for p in sorted(SPECS.glob("*.yaml"))}
@@ -101,12 +101,12 @@ def test_state_dict_interchange_with_torch(name: str) -> None:
     for first_is_torch in (True, False):
         p1 = shapes_params()
         p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
-        src = make_torch(p1) if first_is_torch else CLASSES[name](p1, **kw)
+        src = make_torch(p1) if first_is_torch else CLASSES[name](handed(name, p1), **kw)
         run(src, p1, 5)
         with torch.no_grad():
             for a, b in zip(p1, p2):
                 b.copy_(a)
-        dst = CLASSES[name](p2, **kw) if first_is_torch else make_torch(p2)
+        dst = CLASSES[name](handed(name, p2), **kw) if first_is_torch else make_torch(p2)
         dst.load_state_dict(copy.deepcopy(src.state_dict()))
         run(src, p1, 5, seed0=50)
         run(dst, p2, 5, seed0=50)
@@ -119,11 +119,11 @@ def test_param_groups_scheduler_and_tensor_lr(name: str) -> None:
     """Per-group hyperparameters, add_param_group, a scheduler and a tensor lr, vs torch.optim."""
     kw = RICH.get(name, {})
     results = []
-    for make in (lambda groups: published_factory(name, kw)(groups), lambda groups: CLASSES[name](groups, **kw)):
+    for make in (lambda groups: published_factory(name, kw)(groups), lambda groups: CLASSES[name](handed(name, groups), **kw)):
         params = shapes_params()
         groups = [{"params": params[:3]}, {"params": params[3:6], "lr": torch.tensor(0.003)}]
         opt = make(groups)
-        opt.add_param_group({"params": params[6:], "lr": 0.02})
+        opt.add_param_group(handed(name, [{"params": params[6:], "lr": 0.02}])[0])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         for i in range(8):
             set_grads(params, i)

@@ -40,7 +40,7 @@ STEPS = 20
 #: to the other bf16 neighbour and move that update element by 2^-8 of the update (RMS 0.2 lr).
 #: Prodigy's d is a ratio of sums over every parameter, summed in another order (atomics) than the
 #: reference's: 1e-7 relative in d moves updates that grow with d (params reach |100| here).
-TOLERANCE = {"muon_adv": 5e-5, "prodigy_adv": 2e-5}
+TOLERANCE = {"muon_adv": 5e-5, "muon": 5e-5, "prodigy_adv": 2e-5}
 
 
 def _cls(spec: str):

@@ -124,6 +124,8 @@ def _matches_to_data(m: Any) -> dict[str, Any] | None:
         d["state_dict"].pop("attributes", None)  # as those of layouts without attributes
     if d.get("state_dict") is not None and not d["state_dict"].get("masked"):
         d["state_dict"].pop("masked", None)  # as those of layouts without masked states
+    if d.get("parameters") == "all":
+        d.pop("parameters")  # the modules of specs that train every parameter stay as they were
     return d
 
 

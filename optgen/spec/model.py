@@ -292,6 +292,10 @@ class MatchSpec(_Strict):
     #: the published state-dict layout, where it is not this class's own (torch.optim's)
     state_dict: PublishedStateDictSpec | None = None
     notes: str = ""
+    #: the model parameters the tests hand both classes: "matrices" where the published class refuses
+    #: any other (torch.optim.Muon: 2-D only), "nonempty" where it fails on empty ones (torch.optim.Adafactor
+    #: divides by numel ** 0.5); the others are left untouched
+    parameters: Literal["all", "matrices", "nonempty"] = "all"
 
     @field_validator("package")
     @classmethod
