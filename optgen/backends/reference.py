@@ -142,7 +142,7 @@ def _eval(n: Node, f: _Frame) -> Any:
     if n.op == "strided":
         return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot",
+    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot",
                     "rownorm", "colnorm", "matmean"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     if n.op == "where" and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
@@ -209,12 +209,12 @@ _OPS = {
     "sum": lambda x: x.sum(),
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),
-    "maxabs": lambda x: torch.max(x.abs()) if x.numel() else x.new_zeros(()),  # 0 for an empty tensor
     "rownorm": lambda x: x.norm(dim=-1),
     "colnorm": lambda x: x.norm(dim=-2),
     "matmean": lambda x: x.mean(dim=-1),
     "vdot": lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1)),
     "float32": lambda a: a.float(),
+    "float64": lambda a: a.double(),
     "rand_like": lambda x, seed=None: torch.rand_like(x),
     "cast": lambda a, like: a.to(like.dtype),
     "stochastic_round": lambda x, seed: stochastic.round_bf16(x),

@@ -213,6 +213,8 @@ class KernelEmitter:
             return f"tl.{op}({args[0]})"
         if op == "mod":
             return f"L.remainder({args[0]}, {args[1]})"
+        if op == "float64":  # host values are float64 already
+            return f"({args[0]})"
         if op == "float32":  # a host value rounded to float32
             return f"({args[0]}).to(tl.float32).to(tl.float64)"
         if op == "sign":
@@ -281,7 +283,7 @@ class KernelEmitter:
             code = f"tl.{op}({a[0]})"
         elif op == "sign":
             code = f"L.sign({a[0]})"
-        elif op in ("copy", "contiguous", "float32", "cast", "strided"):
+        elif op in ("copy", "contiguous", "float32", "float64", "cast", "strided"):
             # device math is float32 already; a slice is its element lanes (see _DeviceCtx.index)
             code = a[0]
         elif op == "stochastic_round":
@@ -443,17 +445,12 @@ class KernelEmitter:
             x = f"({x} * {v})"
         elif op == "sumsq":
             x = f"({x} * {x})"
-        elif op == "maxabs":
-            x = f"tl.abs({x})"
         body = ctx.body
         part = body.fresh("part")
         lanes = ctx.index(Kind.SLICE)[1] if n.args[0].kind == Kind.SLICE else "mask"
         body.emit(f"{part} = L.masked({x}, {lanes})")
         base = f"ws + {self.col('ws:' + s.target)}"
-        if op == "maxabs":  # |x| >= 0: masked lanes (0) and the zeroed workspace are neutral
-            inner = f"tl.max({part}, axis=0)" if ctx.mode == "flat" else f"tl.max(tl.max({part}, axis=1), axis=0)"
-            body.emit(f"tl.atomic_max({base}, {inner})")
-        elif ctx.mode == "flat":
+        if ctx.mode == "flat":
             body.emit(f"tl.atomic_add({base}, tl.sum({part}, axis=0))")
         elif op in ("matvec", "rowsum"):
             body.emit(f"tl.atomic_add({base} + b * M + rows, tl.sum({part}, axis=1), mask=rows < M)")

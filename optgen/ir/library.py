@@ -54,8 +54,6 @@ FUNCTIONS: dict[str, Function] = {
         Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
         Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
-        Function("maxabs", (1, 1), "largest |x| over the whole tensor (torch.max(x.abs()); 0 for an empty "
-                 "tensor) -> per-tensor", host=False),
         Function("rownorm", (1, 1), "Euclidean norm over the last dim of a per-element value -> per-row "
                  "(torch's x.norm(dim=-1))", host=False),
         Function("colnorm", (1, 1), "Euclidean norm over the second-to-last dim -> per-column (x.norm(dim=-2))",
@@ -73,6 +71,11 @@ FUNCTIONS: dict[str, Function] = {
         Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
         Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values); of a host value: "
                  "the value rounded to float32 (a published float32 scalar)"),
+        Function("float64", (1, 1), "x computed on in float64 (a per-tensor value read to the host as a Python "
+                 "float, as published code's x.item() maths; the triton backend computes on in float32); of a host "
+                 "value: the value itself"),
+        Function("axpy", (3, 3), "axpy(a, x, s): a + s * x with torch's a.add(x, alpha=s) rounding, s a host or "
+                 "per-tensor value (alpha = s.item(), as published code passes a host-computed scalar)", host=False),
         Function("stochastic_round", (2, 2), "stochastic_round(x, seed): float32 x to bfloat16 by adding random low "
                  "16 bits and truncating (adv_optm's stream on CPU backends; seeded Philox in triton)", host=False),
         Function("newton_schulz", (6, 6), "newton_schulz(x, steps, eps, a, b, c): Muon's quintic Newton-Schulz "
@@ -94,11 +97,11 @@ FUNCTIONS: dict[str, Function] = {
 ORTHOGONALISERS = ("newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans")
 
 #: Ops that reduce a larger kind into a smaller one: their results end a phase.
-REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "dot", "normalize",
+REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize",
               "rownorm", "colnorm", "matmean"}
 
 #: Ops whose reduction reads per-element data (a full pass over the tensor).
-FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "rownorm", "colnorm"}
+FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "rownorm", "colnorm"}
 
 #: Kinds that each reduction produces from its (first) argument.
 REDUCTION_RESULT = {
@@ -109,7 +112,6 @@ REDUCTION_RESULT = {
     "sum": Kind.TENSOR,
     "mean": Kind.TENSOR,
     "norm": Kind.TENSOR,
-    "maxabs": Kind.TENSOR,
     "vdot": Kind.TENSOR,
     "dot": Kind.MATRIX,
     "rownorm": Kind.ROW,

@@ -319,7 +319,14 @@ class Lowerer:
             if args[0].is_host:  # a host scalar over a device value: a true division, not reciprocal * s
                 return Node("sdiv", (args[1], args[0]), kind=args[1].kind)
             return Node("div", tuple(args), kind=joined(0, 1))
-        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32",
+        if fn == "axpy":
+            if args[0].is_host or args[0].kind != joined(0, 1, 2):
+                raise SpecError(e.args[0].pos, field, "axpy()'s first argument must be a device value of the result's kind")
+            if args[2].kind not in (Kind.HOST, Kind.TENSOR):
+                raise SpecError(e.args[2].pos, field, f"axpy()'s scale must be a host or per-tensor value, got "
+                                f"{args[2].kind.label}")
+            return Node(fn, tuple(args), kind=args[0].kind)
+        if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32", "float64",
                   "cos", "sin", "floor"):
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("atan2", "maximum", "minimum"):
@@ -370,7 +377,7 @@ class Lowerer:
         if fn == "matmean":
             need(0, Kind.ROW, Kind.COL)
             return Node(fn, tuple(args), kind=Kind.MATRIX)
-        if fn in ("sum", "mean", "norm", "maxabs"):
+        if fn in ("sum", "mean", "norm"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         if fn == "vdot":
             need(0, Kind.ELEMENT, Kind.SLICE)

@@ -182,6 +182,8 @@ class PublishedLayout:
     group: list[tuple[str, Node]] = field(default_factory=list)
     state: list[PublishedEntry] = field(default_factory=list)
     flat: list[str] = field(default_factory=list)
+    #: per-row / per-column states saved with the reduced dim kept as size 1 ((*B, M, 1) / (*B, 1, N))
+    keepdim: list[str] = field(default_factory=list)
     #: (state, bool mask state): saved as the 1-D vector of the masked elements
     masked: list[tuple[str, str]] = field(default_factory=list)
     master: str | None = None

@@ -45,7 +45,11 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
         return node
 
     names = {d.name for d in state}
-    for section in ("flat", "none_if_absent"):
+    for i, n in enumerate(sd.keepdim):
+        if n in names and next(d for d in state if d.name == n).kind not in (Kind.ROW, Kind.COL):
+            raise SpecError(spec.source.text_at((*base, "keepdim", i)), f"matches.state_dict.keepdim[{i}]",
+                            f"'{n}' is not a per-row or per-column state: only those keep a reduced dim")
+    for section in ("flat", "none_if_absent", "keepdim"):
         for i, n in enumerate(getattr(sd, section)):
             if n not in names:
                 raise SpecError(spec.source.text_at((*base, section, i)), f"matches.state_dict.{section}[{i}]",
@@ -78,7 +82,7 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
         step_if=cond(sd.step_if, ("step_if",), "matches.state_dict.step_if"),
         group=[(k, value(v, ("group", k), f"matches.state_dict.group.{k}", False)) for k, v in sd.group.items()],
         state=entries, flat=list(sd.flat), master=sd.master, none_if_absent=list(sd.none_if_absent),
-        attributes=list(sd.attributes), masked=list(sd.masked.items()),
+        attributes=list(sd.attributes), masked=list(sd.masked.items()), keepdim=list(sd.keepdim),
     )
 
 

@@ -124,6 +124,8 @@ def _matches_to_data(m: Any) -> dict[str, Any] | None:
         d["state_dict"].pop("attributes", None)  # as those of layouts without attributes
     if d.get("state_dict") is not None and not d["state_dict"].get("masked"):
         d["state_dict"].pop("masked", None)  # as those of layouts without masked states
+    if d.get("state_dict") is not None and not d["state_dict"].get("keepdim"):
+        d["state_dict"].pop("keepdim", None)  # as those of layouts without kept dims
     if d.get("parameters") == "all":
         d.pop("parameters")  # the modules of specs that train every parameter stay as they were
     return d
@@ -145,6 +147,7 @@ def _layout_to_data(lay: PublishedLayout) -> dict[str, Any]:
         "none_if_absent": list(lay.none_if_absent),
         **({"attributes": list(lay.attributes)} if lay.attributes else {}),  # older modules stay as they were
         **({"masked": [list(m) for m in lay.masked]} if lay.masked else {}),
+        **({"keepdim": list(lay.keepdim)} if lay.keepdim else {}),
     }
 
 
@@ -161,7 +164,7 @@ def _layout_from_data(d: dict[str, Any] | None) -> PublishedLayout | None:
                               e["dtype"]) for e in d["state"]],
         flat=list(d["flat"]), master=d["master"], none_if_absent=list(d["none_if_absent"]),
         attributes=list(d.get("attributes", [])),
-        masked=[(s, m) for s, m in d.get("masked", [])],
+        masked=[(s, m) for s, m in d.get("masked", [])], keepdim=list(d.get("keepdim", [])),
     )
 
 

@@ -187,14 +187,15 @@ def pow_(a: Tensors, s: Scalar) -> Tensors:
 
 
 def axpy(a: Tensors, b: Tensors, s: Scalar) -> Tensors:
-    """``a + s * b`` with torch's ``add(alpha=s)`` rounding."""
-    if isinstance(s, list):
+    """``a + s * b`` with torch's ``add(alpha=s)`` rounding (``s``: one number, or one per tensor:
+    numbers or 0-d tensors, which torch reads as their ``.item()``)."""
+    if isinstance(s, (list, tuple)):
         return [torch.add(x, y, alpha=k) for x, y, k in zip(a, b, s)]
     return torch._foreach_add(a, b, alpha=s)
 
 
 def axpy_(a: Tensors, b: Tensors, s: Scalar) -> Tensors:
-    if isinstance(s, list):
+    if isinstance(s, (list, tuple)):
         for x, y, k in zip(a, b, s):
             x.add_(y, alpha=k)
     else:
@@ -379,13 +380,6 @@ def mean(x: Tensors, kind: str = "element") -> Tensors:
     return [t.mean() for t in x]
 
 
-def maxabs(x: Tensors, kind: str = "element") -> Tensors:
-    """``torch.max(t.abs())`` of each tensor (StableSPAM's largest gradient magnitude)."""
-    if sharding.active() is not None:
-        raise NotImplementedError("maxabs() of a sharded parameter: the max across ranks is not implemented yet")
-    return [torch.max(t.abs()) if t.numel() else t.new_zeros(()) for t in x]  # 0 for an empty tensor
-
-
 def norm(x: Tensors, kind: str = "element") -> Tensors:
     if (b := sharding.active()) is not None:
         return b.total(x, kind, "norm")
@@ -423,6 +417,10 @@ def contiguous(a: Tensors) -> Tensors:
 
 def float32(a: Tensors) -> Tensors:
     return [x.float() for x in a]
+
+
+def float64(a: Tensors) -> Tensors:
+    return [x.double() for x in a]
 
 
 def decode(codec: str, non_neg: bool, stored: dict[str, Tensors]) -> Tensors:

@@ -74,6 +74,7 @@ _UNARY = {
     "sin": _unary(math.sin, torch.sin),
     "floor": _unary(_floor, torch.floor),
     "float32": _unary(_float32, lambda t: t.float()),
+    "float64": _unary(float, lambda t: t.double()),
 }
 
 

@@ -59,6 +59,9 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
         for name in lay.flat:
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].reshape(-1)
+        for name in lay.keepdim:  # a view: the saved tensor is the live state, as torch's are
+            if isinstance(st.get(name), torch.Tensor):
+                st[name] = st[name].unsqueeze(_kept_dim(prog, name))
         for name, mask in lay.masked:  # the published 1-D vectors of the masked elements
             if isinstance(st.get(name), torch.Tensor) and isinstance(st.get(mask), torch.Tensor):
                 st[name] = st[name][st[mask]]
@@ -112,6 +115,11 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
         for key in lay.flat:
             if isinstance(st.get(key), torch.Tensor):
                 st[key] = _unflatten(st[key], p, f"{where}: state '{key}'", name)
+        for key in lay.keepdim:  # saved (*B, M, 1) / (*B, 1, N): the shape check of the load follows
+            t = st.get(key)
+            dim = _kept_dim(prog, key) if isinstance(t, torch.Tensor) else None
+            if dim is not None and t.dim() == p.dim() and t.size(dim) == 1:
+                st[key] = t.squeeze(dim)
         for key, mask in lay.masked:
             value, m = st.get(key), st.get(mask)
             if isinstance(value, torch.Tensor) and isinstance(m, torch.Tensor) and tuple(value.shape) != tuple(p.shape):
@@ -135,6 +143,13 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
                     p.copy_(master)
         state[k] = st
     return {**sd, "param_groups": groups, "state": state}
+
+
+def _kept_dim(prog: Any, name: str) -> int:
+    """Where a per-row (-1) or per-column (-2) state keeps its reduced dim in the published layout."""
+    from optgen.ir.nodes import Kind
+
+    return -1 if prog.state_decl(name).kind == Kind.ROW else -2
 
 
 def _unflatten(t: torch.Tensor, p: torch.Tensor, where: str, name: str) -> torch.Tensor:

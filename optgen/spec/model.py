@@ -114,7 +114,7 @@ class HyperparameterSpec(_Strict):
         else:
             values = [self.default]
         for v in values:
-            if v is None and self.as_ is None and kind in ("float", "int"):
+            if v is None and (self.as_ is None or self.nullable) and kind in ("float", "int"):
                 continue  # an optional number: None means "not given" (conditions test `== None`)
             if kind == "float" and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
                 raise ValueError(f"default {v!r} is not a number")
@@ -264,6 +264,9 @@ class PublishedStateDictSpec(_Strict):
     state: dict[str, str | PublishedEntrySpec] = Field(default_factory=dict)
     #: element states the published class keeps flat, ``(numel,)``, one process's whole shard
     flat: list[str] = Field(default_factory=list)
+    #: per-row / per-column states the published class keeps with the reduced dim as a size-1 dim:
+    #: per-row ``(*B, M)`` saved as ``(*B, M, 1)``, per-column ``(*B, N)`` as ``(*B, 1, N)`` (torch's Adafactor)
+    keepdim: list[str] = Field(default_factory=list)
     #: per-element states the published class keeps as 1-D vectors of the elements a bool mask state
     #: selects (pytorch-optimizer's SPAM): state -> mask state
     masked: dict[str, str] = Field(default_factory=dict)

@@ -25,7 +25,7 @@ def validate_hyperparameter(name: str, h: Any, value: Any) -> None:
     if h.choices is not None and value not in h.choices:
         raise ValueError(f"{name}={value!r} is not supported; supported: {', '.join(map(repr, h.choices))}")
     for idx, v in items:
-        if v is None and (h.default is None or h.nullable) and h.as_ is None:
+        if v is None and (h.nullable if h.as_ is not None else (h.default is None or h.nullable)):
             continue  # an optional number left unset
         if kind in ("any", "dtype"):
             if kind == "dtype" and not isinstance(v, torch.dtype):
