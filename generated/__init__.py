@@ -36,6 +36,7 @@ from .signsgd_adv import SignSGD_adv
 from .simplified_ademamix import Simplified_AdEMAMix
 from .spam import SPAM
 from .spam_official import SPAMOfficial
+from .stable_spam import StableSPAM
 
 __all__ = [
     "ASGD",
@@ -73,4 +74,5 @@ __all__ = [
     "SPAMOfficial",
     "SignSGD_adv",
     "Simplified_AdEMAMix",
+    "StableSPAM",
 ]

@@ -98,6 +98,11 @@ def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> 
         assert "step" not in st or st["step"].item() == steps
 
 
+#: StableSPAM rescales every element by per-tensor scalars kept in 0-d bf16 states, which the oracle's
+#: storage rule (states of the parameter's rank) leaves in fp32: 1.36% of one matrix flipped (interpreter)
+FLIPS = {"stable_spam": 0.03}
+
+
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_triton_matches_reference_bf16(spec: str) -> None:
     setting = settings(spec)[0]
@@ -118,7 +123,7 @@ def test_triton_matches_reference_bf16(spec: str) -> None:
         bound = 2 * ulp * (e16.abs() + (0.02 if DEVICE == "cpu" else 0.25))
         assert torch.all(diff <= bound), f"{shape}: max diff {diff.max():.3e}"
         flips = (diff > 0).float().mean()
-        assert flips <= 0.01 or diff.numel() < 100, f"{shape}: {flips:.2%} of the values flipped"
+        assert flips <= FLIPS.get(spec, 0.01) or diff.numel() < 100, f"{shape}: {flips:.2%} of the values flipped"
 
 
 @pytest.mark.parametrize("sr", [True, False], ids=["stochastic", "nearest"])

@@ -142,7 +142,7 @@ def _eval(n: Node, f: _Frame) -> Any:
     if n.op == "strided":
         return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot",
+    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot",
                     "rownorm", "colnorm", "matmean"):
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
     if n.op == "where" and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
@@ -209,6 +209,7 @@ _OPS = {
     "sum": lambda x: x.sum(),
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),
+    "maxabs": lambda x: torch.max(x.abs()) if x.numel() else x.new_zeros(()),  # 0 for an empty tensor
     "rownorm": lambda x: x.norm(dim=-1),
     "colnorm": lambda x: x.norm(dim=-2),
     "matmean": lambda x: x.mean(dim=-1),

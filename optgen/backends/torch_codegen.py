@@ -19,13 +19,13 @@ INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy", "cos", "sin", "floor",
 }
-_NO_ALIGN = {"strided", "cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "vdot",
+_NO_ALIGN = {"strided", "cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot",
              "rownorm", "colnorm", "matmean"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
 _MAY_ALIAS = {"float32", "float64", "cast", "contiguous", "strided"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element", Kind.SLICE: "slice"}
 #: reductions told their operand's kind (under sharded parameters it says which dims span ranks)
-_OPERAND_KIND = {"normalize": None, "dot": None, "matmean": None, "sum": Kind.ELEMENT, "mean": Kind.ELEMENT, "norm": Kind.ELEMENT,
+_OPERAND_KIND = {"normalize": None, "dot": None, "matmean": None, "sum": Kind.ELEMENT, "mean": Kind.ELEMENT, "norm": Kind.ELEMENT, "maxabs": Kind.ELEMENT,
                  "vdot": Kind.ELEMENT}
 
 

@@ -445,12 +445,17 @@ class KernelEmitter:
             x = f"({x} * {v})"
         elif op == "sumsq":
             x = f"({x} * {x})"
+        elif op == "maxabs":
+            x = f"tl.abs({x})"
         body = ctx.body
         part = body.fresh("part")
         lanes = ctx.index(Kind.SLICE)[1] if n.args[0].kind == Kind.SLICE else "mask"
         body.emit(f"{part} = L.masked({x}, {lanes})")
         base = f"ws + {self.col('ws:' + s.target)}"
-        if ctx.mode == "flat":
+        if op == "maxabs":  # |x| >= 0: masked lanes (0) and the zeroed workspace are neutral
+            inner = f"tl.max({part}, axis=0)" if ctx.mode == "flat" else f"tl.max(tl.max({part}, axis=1), axis=0)"
+            body.emit(f"tl.atomic_max({base}, {inner})")
+        elif ctx.mode == "flat":
             body.emit(f"tl.atomic_add({base}, tl.sum({part}, axis=0))")
         elif op in ("matvec", "rowsum"):
             body.emit(f"tl.atomic_add({base} + b * M + rows, tl.sum({part}, axis=1), mask=rows < M)")

@@ -54,6 +54,8 @@ FUNCTIONS: dict[str, Function] = {
         Function("sum", (1, 1), "sum over the whole tensor -> per-tensor", host=False),
         Function("mean", (1, 1), "mean over the whole tensor -> per-tensor", host=False),
         Function("norm", (1, 1), "Euclidean norm of the whole tensor -> per-tensor", host=False),
+        Function("maxabs", (1, 1), "largest |x| over the whole tensor (torch.max(x.abs()); 0 for an empty "
+                 "tensor) -> per-tensor", host=False),
         Function("rownorm", (1, 1), "Euclidean norm over the last dim of a per-element value -> per-row "
                  "(torch's x.norm(dim=-1))", host=False),
         Function("colnorm", (1, 1), "Euclidean norm over the second-to-last dim -> per-column (x.norm(dim=-2))",
@@ -97,11 +99,11 @@ FUNCTIONS: dict[str, Function] = {
 ORTHOGONALISERS = ("newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans")
 
 #: Ops that reduce a larger kind into a smaller one: their results end a phase.
-REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "dot", "normalize",
+REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "dot", "normalize",
               "rownorm", "colnorm", "matmean"}
 
 #: Ops whose reduction reads per-element data (a full pass over the tensor).
-FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "vdot", "rownorm", "colnorm"}
+FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "rownorm", "colnorm"}
 
 #: Kinds that each reduction produces from its (first) argument.
 REDUCTION_RESULT = {
@@ -112,6 +114,7 @@ REDUCTION_RESULT = {
     "sum": Kind.TENSOR,
     "mean": Kind.TENSOR,
     "norm": Kind.TENSOR,
+    "maxabs": Kind.TENSOR,
     "vdot": Kind.TENSOR,
     "dot": Kind.MATRIX,
     "rownorm": Kind.ROW,

@@ -377,7 +377,7 @@ class Lowerer:
         if fn == "matmean":
             need(0, Kind.ROW, Kind.COL)
             return Node(fn, tuple(args), kind=Kind.MATRIX)
-        if fn in ("sum", "mean", "norm"):
+        if fn in ("sum", "mean", "norm", "maxabs"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         if fn == "vdot":
             need(0, Kind.ELEMENT, Kind.SLICE)

@@ -380,6 +380,13 @@ def mean(x: Tensors, kind: str = "element") -> Tensors:
     return [t.mean() for t in x]
 
 
+def maxabs(x: Tensors, kind: str = "element") -> Tensors:
+    """``torch.max(t.abs())`` of each tensor (StableSPAM's largest gradient magnitude)."""
+    if sharding.active() is not None:
+        raise NotImplementedError("maxabs() of a sharded parameter: the max across ranks is not implemented yet")
+    return [torch.max(t.abs()) if t.numel() else t.new_zeros(()) for t in x]  # 0 for an empty tensor
+
+
 def norm(x: Tensors, kind: str = "element") -> Tensors:
     if (b := sharding.active()) is not None:
         return b.total(x, kind, "norm")
