@@ -43,7 +43,7 @@ def _adamwfp8_ao_prologue0(
 
 # flat
 @triton.jit
-def _adamwfp8_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adamwfp8_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr, BLOCK: tl.constexpr):
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -75,29 +75,33 @@ def _adamwfp8_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     x4 = v3
     x5 = (x4 * h__k0)
     x6 = (x4 - x5)
-    x7 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.uint8, bitcast=True)) * tl.load(p_exp_avg_scale + offs // 256, mask=mask, other=0.0))
-    x8 = L.lerp(x7, x2, h__k2)
+    live7 = offs < tl.load(tab + t * TBL_W + 5)
+    x8 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg + offs, mask=live7, other=0)) * tl.load(p_exp_avg_scale + offs // 256, mask=live7, other=0.0))
+    x9 = L.lerp(x8, x2, h__k2)
+    live10 = offs < tl.load(tab + t * TBL_W + 5)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(mask, x8, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live10, x9, 0.0), (BLOCK // 256, 256))
     _qs = _oq.ao_scale(_oq.block_absmax(_qt), True)
     _qc = _oq.fp8_e4m3_encode(tl.math.div_rn(_qt, _qs[:, None]))
-    tl.store(p_exp_avg + offs, tl.reshape(_qc, (BLOCK,)).to(tl.float8e4nv, bitcast=True), mask=mask)
-    tl.store(p_exp_avg_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(mask, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x9 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.uint8, bitcast=True)) * tl.load(p_exp_avg_sq_scale + offs // 256, mask=mask, other=0.0))
-    x10 = (x2 * x2)
-    x11 = L.lerp(x9, x10, h__k3)
+    tl.store(p_exp_avg + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live10)
+    tl.store(p_exp_avg_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live10, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    live11 = offs < tl.load(tab + t * TBL_W + 5)
+    x12 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg_sq + offs, mask=live11, other=0)) * tl.load(p_exp_avg_sq_scale + offs // 256, mask=live11, other=0.0))
+    x13 = (x2 * x2)
+    x14 = L.lerp(x12, x13, h__k3)
+    live15 = offs < tl.load(tab + t * TBL_W + 5)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(mask, x11, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live15, x14, 0.0), (BLOCK // 256, 256))
     _qs = _oq.ao_scale(_oq.block_absmax(_qt), True)
     _qc = _oq.fp8_e4m3_encode(tl.math.div_rn(_qt, _qs[:, None]))
-    tl.store(p_exp_avg_sq + offs, tl.reshape(_qc, (BLOCK,)).to(tl.float8e4nv, bitcast=True), mask=mask)
-    tl.store(p_exp_avg_sq_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(mask, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x12 = L.sqrt(x11)
-    x13 = L.div(x12, h__k4)
-    x14 = (x13 + h__k5)
-    x15 = L.div(x8, h_bias_correction1)
-    x16 = (x6 + h__k6 * L.div(x15, x14))
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live15)
+    tl.store(p_exp_avg_sq_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live15, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    x16 = L.sqrt(x14)
+    x17 = L.div(x16, h__k4)
+    x18 = (x17 + h__k5)
+    x19 = L.div(x9, h_bias_correction1)
+    x20 = (x6 + h__k6 * L.div(x19, x18))
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
 
 
 @triton.jit
@@ -115,9 +119,9 @@ def _adamwfp8_ao_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamwfp8_ao_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adamwfp8_ao_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
     else:
-        _adamwfp8_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adamwfp8_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
 
 
 # prologue
@@ -252,7 +256,8 @@ PLAN = {'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
                                                           ('_adamwfp8_ao_flat1', 'flat')],
                                              'states': ['exp_avg', 'exp_avg_sq'],
                                              'temps': []},
-           (('_c0', True), ('_c1', True)): {'columns': ['param',
+           (('_c0', True), ('_c1', True)): {'block': 256,
+                                            'columns': ['param',
                                                         'state:exp_avg',
                                                         'state:exp_avg_sq',
                                                         'state:exp_avg_scale',

@@ -8,7 +8,7 @@ Registered by name with :func:`optgen.ir.codecs.register` when :mod:`optgen.quan
 | ``8bit_cuda`` | bnb blockwise dynamic, CUDA kernel encoding (nearest code + sign fix) | same |
 | ``ao_8bit`` | torchao ``OptimState8bit`` (block 256) | ``numel < 4096`` or not a multiple of 256 |
 | ``4bit`` | torchao ``OptimState4bit`` codes (block 128; one code per byte until packed storage exists) | ``numel < 4096`` or not a multiple of 128 |
-| ``fp8`` | torchao ``OptimStateFp8`` (block 256, E4M3FN, scale absmax/448) | as ``ao_8bit`` |
+| ``fp8`` | torchao ``OptimStateFp8`` (block 256, E4M3FN codes kept as uint8 bits, scale absmax/448) | as ``ao_8bit`` |
 
 A state proven non-negative takes the unsigned map (bnb's ``state2``, torchao's ``exp_avg_sq``).
 Triton: the decode and encode expressions call :mod:`optgen.quant.triton_codecs` on the tile
@@ -142,7 +142,8 @@ class TorchaoBlockwise(Codec):
         self.per_byte = 2 if self.packed else 1
 
     def stored(self, non_neg: bool) -> list[Stored]:
-        codes = {"8bit": Stored("", "uint8", "element"), "fp8": Stored("", "float8_e4m3fn", "element"),
+        # FP8 codes are kept as their bits (uint8): the same bytes as torchao's float8_e4m3fn codes
+        codes = {"8bit": Stored("", "uint8", "element"), "fp8": Stored("", "uint8", "element"),
                  "4bit": Stored("", "uint8", "packed" if self.packed else "element")}[self.kind]
         return [codes, Stored("_scale", "float32", "blocks", 0.0)]
 
@@ -162,13 +163,14 @@ class TorchaoBlockwise(Codec):
     def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
         codes, scale = stored[""], stored["_scale"]
         if self.kind == "fp8":
-            return C.fp8_dequantize(codes, scale, self.block).view(shape)
+            return C.fp8_dequantize(codes.view(torch.float8_e4m3fn), scale, self.block).view(shape)
         code = tables(self.book(non_neg), codes.device)["qmap"]
         return C.ao_dequantize(codes, scale, code, tuple(shape), self._bits, self.block)
 
     def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.kind == "fp8":
             codes, scale = C.fp8_quantize(x, self.block)
+            codes = codes.view(torch.uint8)
         else:
             code = tables(self.book(non_neg), x.device)["qmap"]
             codes, scale = C.ao_quantize(x, code, self._bits, self.block)
@@ -177,7 +179,7 @@ class TorchaoBlockwise(Codec):
     def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
         scale = f"tl.load({ptr['_scale']} + {offs} // {self.block}, mask={mask}, other=0.0)"
         if self.kind == "fp8":
-            raw = f"tl.load({ptr['']} + {offs}, mask={mask}, other=0.0).to(tl.uint8, bitcast=True)"
+            raw = f"tl.load({ptr['']} + {offs}, mask={mask}, other=0)"
             return f"(_oq.fp8_e4m3_decode({raw}) * {scale})"
         _tables_in(ptr, "qmap")
         if self.packed:
@@ -207,9 +209,7 @@ class TorchaoBlockwise(Codec):
                     f"mask=tl.reshape(tl.max(tl.reshape({mask}, (BLOCK // 2, 2)).to(tl.int32), axis=1) > 0, "
                     f"(BLOCK // {b}, {b // 2})))"]
         else:
-            store = "tl.reshape(_qc, (BLOCK,))" + (".to(tl.float8e4nv, bitcast=True)" if self.kind == "fp8" else
-                                                   ".to(tl.uint8)")
-            out.append(f"tl.store({ptr['']} + {offs}, {store}, mask={mask})")
+            out.append(f"tl.store({ptr['']} + {offs}, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask={mask})")
         out.append(f"tl.store({ptr['_scale']} + tl.reshape(tl.max(tl.reshape({offs} // {b}, {rows}), axis=1), "
                    f"(BLOCK // {b},)), _qs, mask=tl.max(tl.reshape({mask}, {rows}).to(tl.int32), axis=1) > 0)")
         return out
