@@ -54,9 +54,10 @@ _NUMEL = Node("meta", attr="numel")
 
 
 def _tables_in(ptr: dict[str, str], *names: str) -> None:
-    """The kernel must hand the code-book tables over with the state's tensors (not yet done by
-    the triton backend: such a codec is refused there, and runs on the torch and reference ones)."""
-    missing = [n for n in names if n not in ptr]
+    """The kernel must hand the code-book tables over with the state's tensors and include
+    :mod:`optgen.quant.triton_codecs` (``ptr['_oq']``): the triton backend does neither yet, so these
+    codecs are refused there (TritonUnsupported) and run on the torch and reference backends."""
+    missing = [n for n in (*names, "_oq") if n not in ptr]
     if missing:
         raise NotImplementedError(f"the kernel has no pointer to the code-book table(s) {', '.join(missing)}")
 _TRITON_IMPORT = "from optgen.quant import triton_codecs as _oq\n"
@@ -177,11 +178,11 @@ class TorchaoBlockwise(Codec):
         return {"": codes, "_scale": scale}
 
     def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        _tables_in(ptr, *(() if self.kind == "fp8" else ("qmap",)))
         scale = f"tl.load({ptr['_scale']} + {offs} // {self.block}, mask={mask}, other=0.0)"
         if self.kind == "fp8":
             raw = f"tl.load({ptr['']} + {offs}, mask={mask}, other=0)"
             return f"(_oq.fp8_e4m3_decode({raw}) * {scale})"
-        _tables_in(ptr, "qmap")
         if self.packed:
             byte = f"tl.load({ptr['']} + {offs} // 2, mask={mask}, other=0).to(tl.int32)"
             code = f"tl.where({offs} % 2 == 0, {byte} >> 4, {byte} & 15)"
@@ -191,8 +192,7 @@ class TorchaoBlockwise(Codec):
 
     def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
                       non_neg: bool) -> list[str]:
-        if self.kind != "fp8":
-            _tables_in(ptr, "qmap")
+        _tables_in(ptr, *(() if self.kind == "fp8" else ("qmap",)))
         b = self.block
         rows = f"(BLOCK // {b}, {b})"
         out = [f"_qt = tl.reshape(tl.where({mask}, {x}, 0.0), {rows})",
