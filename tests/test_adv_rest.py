@@ -30,9 +30,18 @@ CASES: list[tuple[str, dict]] = [
     ("adopt_adv", {"lr": 0.001, "factored_2nd": True, "use_atan2": True, "nesterov": True}),
     ("prodigy_adv", {"lr": 0.1, "factored_2nd": True, "weight_decay": 0.1}),
     ("prodigy_adv", {"lr": 0.1, "factored_2nd": True, "use_atan2": True}),
+    ("adamw_adv", {"centered_wd": 0.5, "weight_decay": 0.1, "cautious_wd": True, "lr": 0.01}),
+    ("adamw_adv", {"centered_wd": 0.5, "centered_wd_mode": "full", "lr": 0.01}),
+    ("adopt_adv", {"centered_wd": 0.5, "weight_decay": 0.1, "lr": 0.003}),
+    ("prodigy_adv", {"centered_wd": 0.5, "weight_decay": 0.1, "lr": 1.0}),
+    ("lion_adv", {"centered_wd": 0.5, "centered_wd_mode": "full", "lr": 0.001}),
+    ("signsgd_adv", {"centered_wd": 0.5, "cautious_wd": True, "lr": 0.001}),
+    ("muon_adv", {"centered_wd": 0.5, "weight_decay": 0.1, "cautious_wd": True, "lr": 0.01}),
+    ("adamuon_adv", {"centered_wd": 0.5, "centered_wd_mode": "full", "lr": 0.01}),
 ]
 #: the default run's sample: (case index, model, dtype)
-SAMPLE = [(0, "mlp", torch.bfloat16), (3, "mlp", torch.float32), (5, "mlp", torch.bfloat16)]
+SAMPLE = [(0, "mlp", torch.bfloat16), (3, "mlp", torch.float32), (5, "mlp", torch.bfloat16),
+          (7, "mlp", torch.bfloat16), (13, "mlp", torch.float32)]
 
 
 def _ident(i: int) -> str:
@@ -82,7 +91,7 @@ def _triton(index: int, steps: int) -> None:
 
 
 #: the default run's triton sample (the interpreter is slow)
-TRITON_SAMPLE = [0]
+TRITON_SAMPLE = [0, 7]
 
 
 @pytest.mark.parametrize("index", TRITON_SAMPLE, ids=[_ident(i) for i in TRITON_SAMPLE])

@@ -53,6 +53,7 @@ def _registry() -> dict[str, Feature]:
         atan2,
         cautious,
         cautious_wd,
+        centered_wd,
         clip_grad,
         coupled,
         factored,
@@ -70,7 +71,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
+            atan2, fisher_wd, cautious_wd, centered_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
             coupled, state_precision)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 

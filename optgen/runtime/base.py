@@ -35,6 +35,7 @@ def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
         "float64": torch.float64,
         "default": torch.get_default_dtype(),
         "bits": torch.uint8,
+        "float8_e4m3fn": torch.float8_e4m3fn,  # adv_optm's centered-decay anchor (feature centered_wd)
         # the storage dtypes of state precisions (docs/state_precision.md)
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,

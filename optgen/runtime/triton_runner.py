@@ -70,6 +70,7 @@ def _tl_dtype(dtype: torch.dtype):
         torch.float16: tl.float16,
         torch.float64: tl.float64,
         torch.uint8: tl.uint8,
+        torch.float8_e4m3fn: tl.float8e4nv,  # adv_optm's centered-decay anchor
         torch.int8: tl.int8,  # int8_sr codes (feature state_precision)
         torch.bool: tl.int1,  # a mask state (dtype: bool): one byte per element
     }[dtype]

@@ -1,0 +1,125 @@
+"""``centered_wd``: adv_optm 2.5.16's centered weight decay, a pull toward the initial parameter.
+
+math/adv-optm.md §2.2 step 5 and §2.10: the anchor is the parameter at state initialisation,
+stored as ``anchor_data`` (``centered_wd_mode='full'``: a copy in the parameter's dtype;
+``'float8'``, the published default: ``p.to(float8_e4m3fn)``, unscaled, so it saturates at +-448
+and flushes magnitudes below about 2^-10). After the standard decoupled decay (role ``decay``,
+whose rate ``-(weight_decay * s)`` gives the scale ``s``), before the parameter write:
+``target = param - anchor`` (the anchor taken in the dtype of the parameter being written, the
+float32 copy under stochastic rounding) and ``param = param + (-(centered_wd * s)) * target``,
+with cautious decay (where the spec has ``cautious_wd``) masking where ``update * target >= 0``:
+``addcmul(param, target, mask, -(centered_wd * s))``. ``centered_wd = 0`` (the default) keeps no
+anchor and runs the base step unchanged.
+
+Not implemented (refused at construction): the blockwise ``'int8'`` / ``'int4'`` anchor modes,
+centered decay together with ``fisher_wd`` (adv_optm scales both decays by the Fisher scale) or
+with SignSGD's ``geometric_wd`` (a sign-shaped centered target).
+List it after ``cautious_wd`` and before ``stochastic_rounding``.
+"""
+
+from __future__ import annotations
+
+from optgen.features import Feature
+from optgen.features.rewrite import FeatureError, flag, indicator, is_var, role_sites, var
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
+from optgen.spec.model import HyperparameterSpec
+
+COEF, MODE, ANCHOR = "centered_wd", "centered_wd_mode", "anchor_data"
+TARGET = "cwd_target"
+
+
+def _h(name: str) -> Node:
+    return Node("hyper", attr=(name, None))
+
+
+def _rate(s: Assign) -> Node | None:
+    """The scale ``s`` of a standard decay ``param + (-(weight_decay * s)) * param`` (or of its
+    cautious / Fisher forms), or None."""
+    v = s.value
+    if s.target != "param" or v.op not in ("axpy", "addcmul") or not is_var(v.args[0], "param"):
+        return None
+    r = v.args[-1]
+    if r.op == "neg" and r.args[0].op == "mul" and r.args[0].args[0].op == "hyper":
+        return r.args[0].args[1]
+    return None
+
+
+def _contains(s: Stmt, match) -> Node | None:
+    if isinstance(s, Assign):
+        return _rate(s) if match(s) else None
+    for x in [*s.then, *s.orelse]:
+        found = _contains(x, match)
+        if found is not None:
+            return found
+    return None
+
+
+def _centered(rate: Node, upd: str, cautious: bool) -> list[Stmt]:
+    anchor = Node("cast", (var(ANCHOR), var("param")), kind=Kind.ELEMENT)
+    scale = Node("neg", (Node("mul", (_h(COEF), rate), kind=Kind.HOST),), kind=Kind.HOST)
+    target = Assign(TARGET, Node("sub", (var("param"), anchor), kind=Kind.ELEMENT), None, "temp")
+    plain = Assign("param", Node("axpy", (var("param"), var(TARGET), scale), kind=Kind.ELEMENT), None, "param")
+    body: list[Stmt] = [target, plain]
+    if cautious:
+        mask = indicator(Node("ge", (Node("mul", (var(upd), var(TARGET)), kind=Kind.ELEMENT),
+                                     Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
+        masked = Assign("param", Node("addcmul", (var("param"), var(TARGET), mask, scale), kind=Kind.ELEMENT),
+                        None, "param")
+        body = [target, If(flag("cautious_wd"), [masked], [plain])]
+    on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
+    return [If(on, body, [])]
+
+
+def _apply(program: Program) -> Program:
+    hypers = dict(program.hypers)
+    bound = program.roles.get("step_size") or program.roles.get("direction")
+    upd = bound[0][0] if bound else "update"
+    match = role_sites(program, "decay", lambda s: s.target == "param")
+    cautious = "cautious_wd" in hypers
+    count = 0
+
+    def edit(stmts: list[Stmt]) -> list[Stmt]:
+        """Before the last parameter write of the list that holds it (the update, after the
+        standard decay found earlier in the same list); other lists: their conditionals."""
+        nonlocal count
+        writes = [i for i, s in enumerate(stmts) if isinstance(s, Assign) and s.target == "param" and _rate(s) is None]
+        rate = next((r for s in stmts[:writes[-1]] if (r := _contains(s, match)) is not None), None) if writes else None
+        if rate is not None:
+            count += 1
+            last = writes[-1]
+            return [*stmts[:last], *_centered(rate, upd, cautious), *stmts[last:]]
+        return [If(s.cond, edit(s.then), edit(s.orelse), s.pos) if isinstance(s, If) else s for s in stmts]
+
+    body = edit(program.body)
+    if not count:
+        raise FeatureError("feature 'centered_wd' needs a decoupled decay 'param = param + (-(weight_decay * s)) * param'")
+    on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
+    fp8 = Node("eq", (_h(MODE), Node("const", attr="float8")), boolean=True)
+    decl = StateDecl(ANCHOR, Kind.ELEMENT, "param", "param", on, "the parameter at initialisation (centered decay)",
+                     dtype_when=(fp8, "float8_e4m3fn"))
+    checks = list(program.checks)
+    if "fisher_wd" in hypers:
+        both = Node("and", (on, flag("fisher_wd")), boolean=True)
+        checks.append((Node("not", (both,), boolean=True),
+                       "centered_wd with fisher_wd=True is not implemented; pass fisher_wd=False or centered_wd=0"))
+    if "geometric_wd" in hypers:  # SignSGD's geometric decay centres a sign-shaped target instead
+        both = Node("and", (on, flag("geometric_wd")), boolean=True)
+        checks.append((Node("not", (both,), boolean=True),
+                       "centered_wd with geometric_wd=True is not implemented; pass geometric_wd=False or centered_wd=0"))
+    return program.copy(body=body, state=[*program.state, decl], checks=checks)
+
+
+FEATURE = Feature(
+    name="centered_wd",
+    doc="Centered weight decay: after the decay, a pull toward the parameter at initialisation (adv_optm).",
+    transform=_apply,
+    after=("cautious_wd", "fisher_wd"),
+    before=("stochastic_rounding",),
+    hyperparameters={
+        COEF: HyperparameterSpec(default=0.0, min=0, doc="centered decay coefficient (a pull toward the initial "
+                                 "parameter, scaled like weight_decay); 0: off"),
+        MODE: HyperparameterSpec(default="float8", type="any", choices=["float8", "full"],
+                                 doc="the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the "
+                                 "parameter's dtype); 'int8', 'int4' are not implemented yet"),
+    },
+)
