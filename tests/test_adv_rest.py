@@ -40,8 +40,8 @@ CASES: list[tuple[str, dict]] = [
     ("adamuon_adv", {"centered_wd": 0.5, "centered_wd_mode": "full", "lr": 0.01}),
 ]
 #: the default run's sample: (case index, model, dtype)
-SAMPLE = [(0, "mlp", torch.bfloat16), (3, "mlp", torch.float32), (5, "mlp", torch.bfloat16),
-          (7, "mlp", torch.bfloat16), (13, "mlp", torch.float32)]
+SAMPLE = [(0, "mlp", torch.bfloat16), (3, "mlp", torch.float32), (7, "mlp", torch.bfloat16),
+          (11, "mlp", torch.float32)]
 
 
 def _ident(i: int) -> str:
@@ -91,7 +91,7 @@ def _triton(index: int, steps: int) -> None:
 
 
 #: the default run's triton sample (the interpreter is slow)
-TRITON_SAMPLE = [0, 7]
+TRITON_SAMPLE = [7]
 
 
 @pytest.mark.parametrize("index", TRITON_SAMPLE, ids=[_ident(i) for i in TRITON_SAMPLE])
