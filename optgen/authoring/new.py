@@ -35,6 +35,26 @@ def class_name(name: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part) or "Optimizer"
 
 
+def _placed(have: list[str], new: list[str]) -> list[str]:
+    """``have`` with each of ``new`` inserted before the first listed feature that must come after
+    it (its ``before:``, or the other's ``after:``), else appended: the order the resolver checks."""
+    from optgen.features import available
+
+    registry = available()
+    out = list(have)
+    for f in new:
+        if f in out:
+            continue
+        at = len(out)
+        for j, g in enumerate(out):
+            fg, ff = registry.get(g), registry.get(f)
+            if (fg is not None and f in fg.after) or (ff is not None and g in ff.before):
+                at = j
+                break
+        out.insert(at, f)
+    return out
+
+
 def spec_text(name: str, base_path: Path, features: list[str], out: Path) -> str:
     from optgen.spec.blocks import BLOCKS_FOLDER, Composition
     from optgen.spec.expr import unparse
@@ -43,7 +63,7 @@ def spec_text(name: str, base_path: Path, features: list[str], out: Path) -> str
     comp = Composition(base_path.parent / BLOCKS_FOLDER)
     data, _, _ = _load_merged(base_path, str(base_path), seen=(), comp=comp)
     have = list(data.get("features") or [])
-    merged = have + [f for f in features if f not in have]
+    merged = _placed(have, features)
     header = (f"# written by `optgen new {name} --from {base_path.stem}"
               + (f" --with {','.join(features)}`" if features else "`") + "\n")
     doc = f"{class_name(name)}: {base_path.stem}" + (f" with {', '.join(features)}" if features else "") + "."
