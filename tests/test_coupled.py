@@ -184,7 +184,7 @@ def test_coupled_feature_on_another_base(tmp_path, coupled: bool) -> None:
     path = tmp_path / "odd_coupled.yaml"
     path.write_text(textwrap.dedent(ODD_ADAM))
     built = compile_spec(path)
-    cls = getattr(import_built(built.text, built.module), built.program.class_name)
+    cls = getattr(import_built(built), built.program.class_name)
     dtype = torch.float64
     for backend in ("torch", "reference"):
         ours, _ = train(make_model("transformer", dtype),
