@@ -145,7 +145,7 @@ PLAN = {'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
            (('_c0', True), ('_c1', True)): {'unsupported': "state precision '4bit' in triton kernels (not "
                                                            "implemented yet: use backend='torch' or "
                                                            "'reference')"}},
- 'static_hypers': ['state_precision']}
+ 'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

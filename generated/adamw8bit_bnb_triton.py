@@ -310,7 +310,7 @@ PLAN = {'dynamic': ['_k13',
                                                                           'triton kernels (not implemented '
                                                                           "yet: use backend='torch' or "
                                                                           "'reference')"}},
- 'static_hypers': ['min_8bit_size', 'state_precision']}
+ 'static_hypers': ['min_8bit_size']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -706,12 +706,7 @@ PLAN = {'dynamic': ['_c17',
                                                                                                                                                                                                                                                                   'states': ['exp_avg',
                                                                                                                                                                                                                                                                              'exp_avg_sq'],
                                                                                                                                                                                                                                                                   'temps': []}},
- 'static_hypers': ['betas',
-                   'factored_2nd',
-                   'nnmf_factor',
-                   'state_precision',
-                   'stochastic_rounding',
-                   'vector_reshape']}
+ 'static_hypers': ['factored_2nd', 'nnmf_factor', 'state_precision', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

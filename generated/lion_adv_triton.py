@@ -469,7 +469,7 @@ PLAN = {'dynamic': ['_k10', '_k25', '_k40'],
                                                                                                                       ('update',
                                                                                                                        'element',
                                                                                                                        False)]}},
- 'static_hypers': ['auto_kappa_p', 'kappa_p', 'nnmf_factor', 'stochastic_rounding', 'vector_reshape']}
+ 'static_hypers': ['nnmf_factor', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

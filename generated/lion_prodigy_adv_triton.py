@@ -2174,13 +2174,7 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                       ('update',
                                                                                                                                                                                                                        'element',
                                                                                                                                                                                                                        False)]}},
- 'static_hypers': ['auto_kappa_p',
-                   'compat_factored_beta1',
-                   'kappa_p',
-                   'nnmf_factor',
-                   'slice_p',
-                   'stochastic_rounding',
-                   'vector_reshape']}
+ 'static_hypers': ['nnmf_factor', 'slice_p', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

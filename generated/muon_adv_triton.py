@@ -879,7 +879,6 @@ PLAN = {'dynamic': ['_k110',
                    'optim_type',
                    'ortho_rank',
                    'state_precision',
-                   'stochastic_rounding',
                    'use_muon',
                    'vector_reshape']}
 

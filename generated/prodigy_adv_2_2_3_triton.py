@@ -545,7 +545,7 @@ PLAN = {'dynamic': ['_k0',
                                                                                                                                                                                                                                                           ('_acc1_den',
                                                                                                                                                                                                                                                            'tensor',
                                                                                                                                                                                                                                                            False)]}},
- 'static_hypers': ['nnmf_factor', 'slice_p', 'stochastic_rounding', 'vector_reshape']}
+ 'static_hypers': ['nnmf_factor', 'slice_p', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -1087,13 +1087,7 @@ PLAN = {'dynamic': ['_k0',
                                                                                                                                                                                                                                                                                             ('_acc1_den',
                                                                                                                                                                                                                                                                                              'tensor',
                                                                                                                                                                                                                                                                                              False)]}},
- 'static_hypers': ['betas',
-                   'factored_2nd',
-                   'nnmf_factor',
-                   'slice_p',
-                   'state_precision',
-                   'stochastic_rounding',
-                   'vector_reshape']}
+ 'static_hypers': ['factored_2nd', 'nnmf_factor', 'slice_p', 'state_precision', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

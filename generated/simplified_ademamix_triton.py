@@ -330,7 +330,7 @@ PLAN = {'dynamic': ['_c11',
                                                                                                                                            'states': ['exp_avg',
                                                                                                                                                       'exp_avg_sq'],
                                                                                                                                            'temps': []}},
- 'static_hypers': ['nnmf_factor', 'stochastic_rounding', 'vector_reshape']}
+ 'static_hypers': ['nnmf_factor', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).
 UNSUPPORTED = None

@@ -80,11 +80,6 @@ def _plain_builds(spec: str) -> int:
 @pytest.mark.parametrize("kind", ["lambda", "onecycle", "edits"])
 @pytest.mark.parametrize("spec", sorted(SPECS))
 def test_scheduler_builds_tables_once(spec: str, kind: str) -> None:
-    if kind == "onecycle" and spec in ("prodigy_adv", "adamw_adv"):
-        # a regression of session 8, found in its last minutes, cause not yet found: these specs'
-        # triton tables are rebuilt at every step under OneCycleLR(cycle_momentum) (prodigy_adv:
-        # 100 builds in 50 steps, 2 expected); remove this once the builds are back to one per group
-        pytest.xfail("triton tables rebuilt every step under OneCycleLR (regression, session 8)")
     params, opt = _train(spec, "triton", kind)
     builds = opt._triton_runner().builds
     # One build per group (each group has its own tables), plus one where the first step creates a
@@ -107,6 +102,28 @@ def test_a_flag_change_still_takes_another_path() -> None:
     opt.step()
     opt.step()
     assert opt._triton_runner().builds == len(opt.param_groups) + 1
+
+
+def test_a_moved_part_of_a_mixed_condition_takes_another_path() -> None:
+    """adamw_adv's ``beta1 > 0 and ...ndim...`` is decided by the outcome of ``beta1 > 0``: moving
+    beta1 within (0, 1) rebuilds nothing (above), setting it to 0 rebuilds once and drops the first
+    moment exactly as the reference backend does."""
+    def run(backend: str):
+        params, opt = _train("adamw_adv", backend, "lambda")
+        for g in opt.param_groups:
+            g["betas"] = (0.0, g["betas"][1])
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+        return params, opt
+
+    params, opt = run("triton")
+    assert opt._triton_runner().builds == 2 * len(opt.param_groups)
+    ref, _ = run("reference")
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.detach().cpu(), r.detach().cpu(), atol=2e-6, rtol=2e-6), (p - r).abs().max()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

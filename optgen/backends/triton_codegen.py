@@ -26,6 +26,7 @@ from optgen.backends.triton_plan import (
     global_conditions,
     group_decided,
     plan_path,
+    split_condition,
 )
 from optgen.ir.codecs import Codec, FloatCodec, codec_for, stored_names
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
@@ -768,7 +769,9 @@ def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
             if s.cond.attr.startswith("_c") and values and all(group_decided(v) for v in values):
                 conditions.append(s.cond.attr)
             else:
-                by_value += values
+                # a condition that also reads parameter facts: its hyperparameter-only parts are
+                # decided by their outcomes (decision_atoms), the rest by the values it reads
+                by_value += [leaf for v in values for leaf in split_condition(v)[1]]
         elif isinstance(s, Assign):
             by_value += [a for n in walk_nodes(s.value) if n.op in CALLS for a in n.args[1:] if a.is_host]
     by_value += [cond for cond, _ in program.matrix_views]

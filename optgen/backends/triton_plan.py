@@ -53,6 +53,41 @@ def group_decided(value: Node) -> bool:
     return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
 
 
+def split_condition(value: Node) -> tuple[list[Node], list[Node]]:
+    """A condition's maximal boolean parts of hyperparameters alone (``betas[0] > 0``), and the
+    parts that read parameter facts or state (``ndim != 1``), through ``and`` / ``or`` / ``not``."""
+    if value.boolean and group_decided(value):
+        return [value], []
+    if value.op in ("and", "or", "not"):
+        atoms: list[Node] = []
+        rest: list[Node] = []
+        for a in value.args:
+            at, re_ = split_condition(a)
+            atoms += at
+            rest += re_
+        return atoms, rest
+    return [], [value]
+
+
+def decision_atoms(program: Program, dyn: set[str]) -> list[Node]:
+    """The hyperparameter-only parts of the static conditions that also read parameter facts.
+
+    With the parameter facts fixed, such a condition changes only when one of these parts does, so
+    a group's snapshot holds their outcomes rather than the values they read: a scheduler moving
+    ``beta1`` in ``beta1 > 0 and ndim != 1`` rebuilds nothing while it stays positive."""
+    defs: dict[str, list] = {}
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.value.is_host:
+            defs.setdefault(s.target, []).append(s.value)
+    atoms: list[Node] = []
+    for s in walk_stmts(program.body):
+        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
+            values = defs.get(s.cond.attr, [])
+            if not (s.cond.attr.startswith("_c") and values and all(group_decided(v) for v in values)):
+                atoms += [a for v in values for a in split_condition(v)[0] if a not in atoms]
+    return atoms
+
+
 def global_conditions(program: Program) -> list[str]:
     """Hoisted conditions on globals and hyperparameters alone (Prodigy's ``k < prodigy_steps``):
     static, so they choose the branch path, but re-evaluated per group at every step."""

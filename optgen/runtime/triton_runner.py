@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from optgen.backends.triton_plan import decision_atoms
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
 from optgen.runtime.base import storage_dtype
 from optgen.runtime.host import HostContext, evaluate
@@ -141,7 +142,8 @@ class TritonRunner:
         # per step), so a scheduler moving betas or lr never rebuilds a table
         conds = (self.plan.get("group_conditions") or []) + (self.plan.get("global_conditions") or [])
         found = {s.target: s.value for s in program.body if isinstance(s, Assign) and s.target in conds}
-        self.group_conditions = [found[c] for c in conds]
+        # and the hyperparameter-only parts of the conditions that also read parameter facts
+        self.group_conditions = [found[c] for c in conds] + decision_atoms(program, self.dynamic)
         # their outcomes change only when a value they read does: remembered per those values
         self._condition_reads = sorted({n.attr[0] for v in self.group_conditions for n in walk_nodes(v)
                                         if n.op == "hyper"})
