@@ -51,6 +51,7 @@ def _registry() -> dict[str, Feature]:
         ademamix,
         amsgrad,
         atan2,
+        atan2_adams,
         cautious,
         cautious_wd,
         centered_wd,
@@ -71,7 +72,7 @@ def _registry() -> dict[str, Feature]:
     )
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
-            atan2, fisher_wd, cautious_wd, centered_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
+            atan2, atan2_adams, fisher_wd, cautious_wd, centered_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
             coupled, state_precision)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 

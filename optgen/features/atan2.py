@@ -22,6 +22,14 @@ FLAG = "use_atan2"
 SCALE = 4 / math.pi
 
 
+def atan2_of_division(s: Assign, denominator: str) -> Assign | None:
+    """``t = x / d`` as ``t = atan2(x, d)`` where ``d`` is the denominator's name (else None)."""
+    v = s.value
+    if v.op == "div" and is_var(v.args[1], denominator):
+        return Assign(s.target, Node("atan2", v.args, kind=v.kind), s.pos, s.role)
+    return None
+
+
 def _apply(program: Program) -> Program:
     d = role_target(program, "denominator", "denom")
 
@@ -38,10 +46,8 @@ def _apply(program: Program) -> Program:
         return [switch(FLAG, [Assign(s.target, x, s.pos, s.role)], [s], s.pos)]
 
     def divide(s: Assign):
-        v = s.value
-        if v.op == "div" and is_var(v.args[1], d):
-            return [switch(FLAG, [Assign(s.target, Node("atan2", v.args, kind=v.kind), s.pos, s.role)], [s], s.pos)]
-        return None
+        on = atan2_of_division(s, d)
+        return None if on is None else [switch(FLAG, [on], [s], s.pos)]
 
     def scale(s: Assign):
         v = s.value
@@ -72,6 +78,7 @@ FEATURE = Feature(
     name="atan2",
     doc="Bounded update: x / denom becomes (4/pi) atan2(x, denom) without eps (adv_optm's use_atan2).",
     transform=_apply,
+    conflicts=("atan2_adams",),
     hyperparameters={
         FLAG: HyperparameterSpec(default=False, type="bool", doc="update = 4/pi * atan2(m, denom), no eps"),
     },
