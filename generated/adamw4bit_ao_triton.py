@@ -10,11 +10,126 @@ import triton
 import triton.language as tl
 
 from optgen.backends import triton_lib as L
+from optgen.quant import triton_codecs as _oq
 
 
 # prologue
 @triton.jit
 def _adamw4bit_ao_prologue0(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 10)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h__k0 = (((tl.load(hyp + 4)).to(tl.float32).to(tl.float64) * (tl.load(hyp + 6)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
+    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
+    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k4 = tl.sqrt(h_bias_correction2)
+    h__k5 = tl.load(hyp + 2)
+    h__k6 = (-(tl.load(hyp + 4)).to(tl.float32).to(tl.float64))
+    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_bias_correction1).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamw4bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr, BLOCK: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    h__k0 = tl.load(hv + t * NH + 0)
+    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    p_exp_avg_scale = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_scale))
+    if ALIGNED:
+        p_exp_avg_scale = tl.multiple_of(p_exp_avg_scale, 16)
+    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
+    h__k2 = tl.load(hv + t * NH + 1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    p_exp_avg_sq_scale = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_exp_avg_sq_scale))
+    if ALIGNED:
+        p_exp_avg_sq_scale = tl.multiple_of(p_exp_avg_sq_scale, 16)
+    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.float32))
+    h__k3 = tl.load(hv + t * NH + 2)
+    h__k4 = tl.load(hv + t * NH + 3)
+    h__k5 = tl.load(hv + t * NH + 4)
+    h_bias_correction1 = tl.load(hv + t * NH + 5)
+    h__k6 = tl.load(hv + t * NH + 6)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x4 = v3
+    x5 = (x4 * h__k0)
+    x6 = (x4 - x5)
+    live7 = offs < tl.load(tab + t * TBL_W + 5)
+    x8 = (tl.load(p_book0 + tl.load(p_exp_avg + offs, mask=live7, other=0).to(tl.int32)) * tl.load(p_exp_avg_scale + offs // 128, mask=live7, other=0.0))
+    x9 = L.lerp(x8, x2, h__k2)
+    live10 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 128 == 0)
+    _qt = tl.reshape(tl.where(live10, x9, 0.0), (BLOCK // 128, 128))
+    _qs = _oq.ao_scale(_oq.block_absmax(_qt), False)
+    _qc = _oq.ao_encode(_qt, _qs, p_book0, 16, 4)
+    tl.store(p_exp_avg + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live10)
+    tl.store(p_exp_avg_scale + tl.reshape(tl.max(tl.reshape(offs // 128, (BLOCK // 128, 128)), axis=1), (BLOCK // 128,)), _qs, mask=tl.max(tl.reshape(live10, (BLOCK // 128, 128)).to(tl.int32), axis=1) > 0)
+    live11 = offs < tl.load(tab + t * TBL_W + 5)
+    x12 = (tl.load(p_book1 + tl.load(p_exp_avg_sq + offs, mask=live11, other=0).to(tl.int32)) * tl.load(p_exp_avg_sq_scale + offs // 128, mask=live11, other=0.0))
+    x13 = (x2 * x2)
+    x14 = L.lerp(x12, x13, h__k3)
+    live15 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 128 == 0)
+    _qt = tl.reshape(tl.where(live15, x14, 0.0), (BLOCK // 128, 128))
+    _qs = _oq.ao_scale(_oq.block_absmax(_qt), False)
+    _qc = _oq.ao_encode(_qt, _qs, p_book1, 16, 4)
+    tl.store(p_exp_avg_sq + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live15)
+    tl.store(p_exp_avg_sq_scale + tl.reshape(tl.max(tl.reshape(offs // 128, (BLOCK // 128, 128)), axis=1), (BLOCK // 128,)), _qs, mask=tl.max(tl.reshape(live15, (BLOCK // 128, 128)).to(tl.int32), axis=1) > 0)
+    x16 = L.sqrt(x14)
+    x17 = L.div(x16, h__k4)
+    x18 = (x17 + h__k5)
+    x19 = L.div(x9, h_bias_correction1)
+    x20 = (x6 + h__k6 * L.div(x19, x18))
+    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamw4bit_ao_flat0(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 5)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamw4bit_ao_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
+    else:
+        _adamw4bit_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
+
+
+# prologue
+@triton.jit
+def _adamw4bit_ao_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -43,7 +158,7 @@ def _adamw4bit_ao_prologue0(
 
 # flat
 @triton.jit
-def _adamw4bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+def _adamw4bit_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -85,7 +200,7 @@ def _adamw4bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
 
 
 @triton.jit
-def _adamw4bit_ao_flat0(
+def _adamw4bit_ao_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -99,17 +214,20 @@ def _adamw4bit_ao_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamw4bit_ao_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adamw4bit_ao_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
     else:
-        _adamw4bit_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
+        _adamw4bit_ao_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale)
 
 
 KERNELS = {
     "_adamw4bit_ao_prologue0": _adamw4bit_ao_prologue0,
     "_adamw4bit_ao_flat0": _adamw4bit_ao_flat0,
+    "_adamw4bit_ao_prologue1": _adamw4bit_ao_prologue1,
+    "_adamw4bit_ao_flat1": _adamw4bit_ao_flat1,
 }
 
-PLAN = {'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
+PLAN = {'codecs': ['4bit'],
+ 'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
  'group_conditions': ['_c1'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
@@ -138,13 +256,36 @@ PLAN = {'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
                                                     '_k12',
                                                     'bias_correction1',
                                                     '_k13'],
-                                             'launches': [('_adamw4bit_ao_prologue0', 'prologue'),
-                                                          ('_adamw4bit_ao_flat0', 'flat')],
+                                             'launches': [('_adamw4bit_ao_prologue1', 'prologue'),
+                                                          ('_adamw4bit_ao_flat1', 'flat')],
                                              'states': ['exp_avg', 'exp_avg_sq'],
                                              'temps': []},
-           (('_c0', True), ('_c1', True)): {'unsupported': "state precision '4bit' in triton kernels (not "
-                                                           "implemented yet: use backend='torch' or "
-                                                           "'reference')"}},
+           (('_c0', True), ('_c1', True)): {'block': 128,
+                                            'columns': ['param',
+                                                        'state:exp_avg',
+                                                        'state:exp_avg_sq',
+                                                        'state:exp_avg_scale',
+                                                        'state:exp_avg_sq_scale',
+                                                        'numel',
+                                                        'B',
+                                                        'M',
+                                                        'N',
+                                                        'ndim',
+                                                        'gidx',
+                                                        'book:4bit:0:qmap',
+                                                        'book:4bit:1:qmap'],
+                                            'creates': [],
+                                            'hv': ['_k0',
+                                                   '_k2',
+                                                   '_k3',
+                                                   '_k4',
+                                                   '_k5',
+                                                   'bias_correction1',
+                                                   '_k6'],
+                                            'launches': [('_adamw4bit_ao_prologue0', 'prologue'),
+                                                         ('_adamw4bit_ao_flat0', 'flat')],
+                                            'states': ['exp_avg', 'exp_avg_sq'],
+                                            'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -10,11 +10,488 @@ import triton
 import triton.language as tl
 
 from optgen.backends import triton_lib as L
+from optgen.quant import triton_codecs as _oq
 
 
 # prologue
 @triton.jit
 def _adamw8bit_bnb_prologue0(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 10)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
+    h__k0 = tl.load(hyp + 1)
+    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k2 = tl.load(hyp + 0)
+    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k4 = (h_correction2 * tl.load(hyp + 2))
+    h__k5 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
+    h__k6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
+    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    if ALIGNED:
+        p_state2 = tl.multiple_of(p_state2, 16)
+    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    if ALIGNED:
+        p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
+    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
+    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
+    h__k0 = tl.load(hv + t * NH + 0)
+    h__k1 = tl.load(hv + t * NH + 1)
+    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    if ALIGNED:
+        p_state1 = tl.multiple_of(p_state1, 16)
+    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    if ALIGNED:
+        p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
+    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
+    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
+    h__k2 = tl.load(hv + t * NH + 2)
+    h__k3 = tl.load(hv + t * NH + 3)
+    h__k4 = tl.load(hv + t * NH + 4)
+    h__k5 = tl.load(hv + t * NH + 5)
+    h__k6 = tl.load(hv + t * NH + 6)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x4 = v3
+    x5 = tl.abs(x2)
+    x6 = (x5 <= tl.full((), 3.4028234663852886e+38, tl.float32))
+    live7 = offs < tl.load(tab + t * TBL_W + 5)
+    x8 = (tl.load(p_book0 + tl.load(p_state2 + offs, mask=live7, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live7, other=0.0))
+    x9 = (x8 * h__k0)
+    x10 = (x9 + h__k1 * x2 * x2)
+    x11 = tl.where(x6, x10, tl.full((), 0.0, tl.float32))
+    live12 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live12, x11, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live12)
+    _qb = offs // 256
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live12, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    live13 = offs < tl.load(tab + t * TBL_W + 5)
+    x14 = (tl.load(p_book2 + tl.load(p_state1 + offs, mask=live13, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live13, other=0.0))
+    x15 = (x14 * h__k2)
+    x16 = (x15 + h__k3 * x2)
+    x17 = tl.where(x6, x16, tl.full((), 0.0, tl.float32))
+    live18 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live18, x17, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live18)
+    _qb = offs // 256
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live18, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    x19 = L.sqrt(x11)
+    x20 = (x19 + h__k4)
+    x21 = L.div(x17, x20)
+    x22 = (x4 + h__k5 * x21)
+    x23 = tl.where(x6, x22, x4)
+    x24 = (x23 * h__k6)
+    x25 = tl.where(x6, x24, x23)
+    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamw8bit_bnb_flat0(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 5)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamw8bit_bnb_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+    else:
+        _adamw8bit_bnb_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+
+
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue1(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 10)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
+    h__k7 = tl.load(hyp + 0)
+    h__k8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k9 = tl.load(hyp + 1)
+    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k11 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
+    h__k12 = tl.load(hyp + 2)
+    h__k13 = (-(tl.load(hyp + 3) / h_correction1))
+    tl.store(hv + t * NH + 0, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k9).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k10).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k11).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h_correction2).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k12).to(tl.float32))
+    tl.store(hv + t * NH + 7, (h__k13).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    if ALIGNED:
+        p_state1 = tl.multiple_of(p_state1, 16)
+    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    if ALIGNED:
+        p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
+    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
+    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
+    h__k7 = tl.load(hv + t * NH + 0)
+    h__k8 = tl.load(hv + t * NH + 1)
+    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    if ALIGNED:
+        p_state2 = tl.multiple_of(p_state2, 16)
+    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    if ALIGNED:
+        p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
+    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
+    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
+    h__k9 = tl.load(hv + t * NH + 2)
+    h__k10 = tl.load(hv + t * NH + 3)
+    h__k11 = tl.load(hv + t * NH + 4)
+    h_correction2 = tl.load(hv + t * NH + 5)
+    h__k12 = tl.load(hv + t * NH + 6)
+    h__k13 = tl.load(hv + t * NH + 7)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x4 = v3
+    live5 = offs < tl.load(tab + t * TBL_W + 5)
+    x6 = (tl.load(p_book0 + tl.load(p_state1 + offs, mask=live5, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live5, other=0.0))
+    x7 = (x6 * h__k7)
+    x8 = (x7 + h__k8 * x2)
+    live9 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live9, x8, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live9)
+    _qb = offs // 256
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live9, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    live10 = offs < tl.load(tab + t * TBL_W + 5)
+    x11 = (tl.load(p_book2 + tl.load(p_state2 + offs, mask=live10, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live10, other=0.0))
+    x12 = (x11 * h__k9)
+    x13 = (x12 + h__k10 * x2 * x2)
+    live14 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live14, x13, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live14)
+    _qb = offs // 256
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live14, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    x15 = (x4 * h__k11)
+    x16 = L.sqrt(x13)
+    x17 = L.div(x16, h_correction2)
+    x18 = (x17 + h__k12)
+    x19 = (x15 + h__k13 * L.div(x8, x18))
+    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamw8bit_bnb_flat1(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 5)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamw8bit_bnb_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+    else:
+        _adamw8bit_bnb_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+
+
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue2(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 10)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
+    h__k7 = tl.load(hyp + 0)
+    h__k8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k9 = tl.load(hyp + 1)
+    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k11 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
+    h__k14 = (tl.load(hyp + 2) * h_correction2)
+    h__k15 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
+    tl.store(hv + t * NH + 0, (h__k7).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k8).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k9).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k10).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k11).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k14).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k15).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamw8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    if ALIGNED:
+        p_state1 = tl.multiple_of(p_state1, 16)
+    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    if ALIGNED:
+        p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
+    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
+    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
+    h__k7 = tl.load(hv + t * NH + 0)
+    h__k8 = tl.load(hv + t * NH + 1)
+    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    if ALIGNED:
+        p_state2 = tl.multiple_of(p_state2, 16)
+    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    if ALIGNED:
+        p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
+    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
+    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
+    h__k9 = tl.load(hv + t * NH + 2)
+    h__k10 = tl.load(hv + t * NH + 3)
+    h__k11 = tl.load(hv + t * NH + 4)
+    h__k14 = tl.load(hv + t * NH + 5)
+    h__k15 = tl.load(hv + t * NH + 6)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x4 = v3
+    live5 = offs < tl.load(tab + t * TBL_W + 5)
+    x6 = (tl.load(p_book0 + tl.load(p_state1 + offs, mask=live5, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live5, other=0.0))
+    x7 = (x6 * h__k7)
+    x8 = (x7 + h__k8 * x2)
+    live9 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live9, x8, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live9)
+    _qb = offs // 256
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live9, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    live10 = offs < tl.load(tab + t * TBL_W + 5)
+    x11 = (tl.load(p_book2 + tl.load(p_state2 + offs, mask=live10, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live10, other=0.0))
+    x12 = (x11 * h__k9)
+    x13 = (x12 + h__k10 * x2 * x2)
+    live14 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live14, x13, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live14)
+    _qb = offs // 256
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live14, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    x15 = (x4 * h__k11)
+    x16 = L.sqrt(x13)
+    x17 = (x16 + h__k14)
+    x18 = L.div(x8, x17)
+    x19 = (x15 + h__k15 * x18)
+    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamw8bit_bnb_flat2(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 5)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamw8bit_bnb_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+    else:
+        _adamw8bit_bnb_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+
+
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + 10)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
+    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
+    h__k16 = tl.load(hyp + 1)
+    h__k17 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
+    h__k18 = tl.load(hyp + 0)
+    h__k19 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
+    h__k20 = (h_correction2 * tl.load(hyp + 2))
+    h__k21 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
+    h__k22 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
+    tl.store(hv + t * NH + 0, (h__k16).to(tl.float32))
+    tl.store(hv + t * NH + 1, (h__k17).to(tl.float32))
+    tl.store(hv + t * NH + 2, (h__k18).to(tl.float32))
+    tl.store(hv + t * NH + 3, (h__k19).to(tl.float32))
+    tl.store(hv + t * NH + 4, (h__k20).to(tl.float32))
+    tl.store(hv + t * NH + 5, (h__k21).to(tl.float32))
+    tl.store(hv + t * NH + 6, (h__k22).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    if ALIGNED:
+        p_state2 = tl.multiple_of(p_state2, 16)
+    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    if ALIGNED:
+        p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
+    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
+    h__k16 = tl.load(hv + t * NH + 0)
+    h__k17 = tl.load(hv + t * NH + 1)
+    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    if ALIGNED:
+        p_state1 = tl.multiple_of(p_state1, 16)
+    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    if ALIGNED:
+        p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
+    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.float32))
+    h__k18 = tl.load(hv + t * NH + 2)
+    h__k19 = tl.load(hv + t * NH + 3)
+    h__k20 = tl.load(hv + t * NH + 4)
+    h__k21 = tl.load(hv + t * NH + 5)
+    h__k22 = tl.load(hv + t * NH + 6)
+    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    x2 = v1
+    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    x4 = v3
+    x5 = tl.abs(x2)
+    x6 = (x5 <= tl.full((), 3.4028234663852886e+38, tl.float32))
+    live7 = offs < tl.load(tab + t * TBL_W + 5)
+    x8 = (tl.load(p_book0 + tl.load(p_state2 + offs, mask=live7, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live7, other=0.0))
+    x9 = (x8 * h__k16)
+    x10 = (x9 + h__k17 * x2 * x2)
+    x11 = tl.where(x6, x10, tl.full((), 0.0, tl.float32))
+    live12 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live12, x11, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_book0, False), (BLOCK,)), mask=live12)
+    _qb = offs // 256
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live12, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    live13 = offs < tl.load(tab + t * TBL_W + 5)
+    x14 = (tl.load(p_book1 + tl.load(p_state1 + offs, mask=live13, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live13, other=0.0))
+    x15 = (x14 * h__k18)
+    x16 = (x15 + h__k19 * x2)
+    x17 = tl.where(x6, x16, tl.full((), 0.0, tl.float32))
+    live18 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.static_assert(BLOCK % 256 == 0)
+    _qt = tl.reshape(tl.where(live18, x17, 0.0), (BLOCK // 256, 256))
+    _qa = _oq.block_absmax(_qt)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_book1, True), (BLOCK,)), mask=live18)
+    _qb = offs // 256
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live18, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    x19 = L.sqrt(x11)
+    x20 = (x19 + h__k20)
+    x21 = L.div(x17, x20)
+    x22 = (x4 + h__k21 * x21)
+    x23 = tl.where(x6, x22, x4)
+    x24 = (x23 * h__k22)
+    x25 = tl.where(x6, x24, x23)
+    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+
+
+@triton.jit
+def _adamw8bit_bnb_flat3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + 5)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adamw8bit_bnb_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+    else:
+        _adamw8bit_bnb_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
+
+
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -45,7 +522,7 @@ def _adamw8bit_bnb_prologue0(
 
 # flat
 @triton.jit
-def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
+def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -87,7 +564,7 @@ def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
 
 
 @triton.jit
-def _adamw8bit_bnb_flat0(
+def _adamw8bit_bnb_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -101,14 +578,14 @@ def _adamw8bit_bnb_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamw8bit_bnb_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
+        _adamw8bit_bnb_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
     else:
-        _adamw8bit_bnb_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
+        _adamw8bit_bnb_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
 
 
 # prologue
 @triton.jit
-def _adamw8bit_bnb_prologue1(
+def _adamw8bit_bnb_prologue5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -138,7 +615,7 @@ def _adamw8bit_bnb_prologue1(
 
 # flat
 @triton.jit
-def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
+def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -179,7 +656,7 @@ def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
 
 
 @triton.jit
-def _adamw8bit_bnb_flat1(
+def _adamw8bit_bnb_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
@@ -193,9 +670,9 @@ def _adamw8bit_bnb_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamw8bit_bnb_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
+        _adamw8bit_bnb_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
     else:
-        _adamw8bit_bnb_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
+        _adamw8bit_bnb_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
 
 
 KERNELS = {
@@ -203,9 +680,18 @@ KERNELS = {
     "_adamw8bit_bnb_flat0": _adamw8bit_bnb_flat0,
     "_adamw8bit_bnb_prologue1": _adamw8bit_bnb_prologue1,
     "_adamw8bit_bnb_flat1": _adamw8bit_bnb_flat1,
+    "_adamw8bit_bnb_prologue2": _adamw8bit_bnb_prologue2,
+    "_adamw8bit_bnb_flat2": _adamw8bit_bnb_flat2,
+    "_adamw8bit_bnb_prologue3": _adamw8bit_bnb_prologue3,
+    "_adamw8bit_bnb_flat3": _adamw8bit_bnb_flat3,
+    "_adamw8bit_bnb_prologue4": _adamw8bit_bnb_prologue4,
+    "_adamw8bit_bnb_flat4": _adamw8bit_bnb_flat4,
+    "_adamw8bit_bnb_prologue5": _adamw8bit_bnb_prologue5,
+    "_adamw8bit_bnb_flat5": _adamw8bit_bnb_flat5,
 }
 
-PLAN = {'dynamic': ['_k13',
+PLAN = {'codecs': ['8bit', '8bit_cuda'],
+ 'dynamic': ['_k13',
              '_k14',
              '_k15',
              '_k20',
@@ -250,9 +736,9 @@ PLAN = {'dynamic': ['_k13',
                                                                                     '_k43',
                                                                                     '_k46',
                                                                                     '_k47'],
-                                                                             'launches': [('_adamw8bit_bnb_prologue1',
+                                                                             'launches': [('_adamw8bit_bnb_prologue5',
                                                                                            'prologue'),
-                                                                                          ('_adamw8bit_bnb_flat1',
+                                                                                          ('_adamw8bit_bnb_flat5',
                                                                                            'flat')],
                                                                              'states': ['state1', 'state2'],
                                                                              'temps': []},
@@ -276,40 +762,129 @@ PLAN = {'dynamic': ['_k13',
                                                                                    'correction2',
                                                                                    '_k44',
                                                                                    '_k45'],
-                                                                            'launches': [('_adamw8bit_bnb_prologue0',
+                                                                            'launches': [('_adamw8bit_bnb_prologue4',
                                                                                           'prologue'),
-                                                                                         ('_adamw8bit_bnb_flat0',
+                                                                                         ('_adamw8bit_bnb_flat4',
                                                                                           'flat')],
                                                                             'states': ['state1', 'state2'],
                                                                             'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', True)): {'unsupported': "state precision '8bit_cuda' in "
-                                                                           'triton kernels (not '
-                                                                           'implemented yet: use '
-                                                                           "backend='torch' or "
-                                                                           "'reference')"},
-           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', False)): {'unsupported': 'state '
-                                                                                           'precision '
-                                                                                           "'8bit' in "
-                                                                                           'triton kernels '
-                                                                                           '(not '
-                                                                                           'implemented '
-                                                                                           'yet: use '
-                                                                                           "backend='torch' "
-                                                                                           'or '
-                                                                                           "'reference')"},
-           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', True)): {'unsupported': 'state precision '
-                                                                                          "'8bit' in "
-                                                                                          'triton kernels '
-                                                                                          '(not '
-                                                                                          'implemented '
-                                                                                          'yet: use '
-                                                                                          "backend='torch' "
-                                                                                          'or '
-                                                                                          "'reference')"},
-           (('_c0', True), ('_c1', True), ('_c2', True)): {'unsupported': "state precision '8bit' in "
-                                                                          'triton kernels (not implemented '
-                                                                          "yet: use backend='torch' or "
-                                                                          "'reference')"}},
+           (('_c0', False), ('_c1', True), ('_c2', True)): {'block': 256,
+                                                            'columns': ['param',
+                                                                        'state:state1',
+                                                                        'state:state2',
+                                                                        'state:state1_absmax',
+                                                                        'state:state2_absmax',
+                                                                        'numel',
+                                                                        'B',
+                                                                        'M',
+                                                                        'N',
+                                                                        'ndim',
+                                                                        'gidx',
+                                                                        'book:8bit_cuda:1:qmap',
+                                                                        'book:8bit_cuda:0:qmap'],
+                                                            'creates': [],
+                                                            'hv': ['_k16',
+                                                                   '_k17',
+                                                                   '_k18',
+                                                                   '_k19',
+                                                                   '_k20',
+                                                                   '_k21',
+                                                                   '_k22'],
+                                                            'launches': [('_adamw8bit_bnb_prologue3',
+                                                                          'prologue'),
+                                                                         ('_adamw8bit_bnb_flat3', 'flat')],
+                                                            'states': ['state1', 'state2'],
+                                                            'temps': []},
+           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', False)): {'block': 256,
+                                                                            'columns': ['param',
+                                                                                        'state:state1',
+                                                                                        'state:state2',
+                                                                                        'state:state1_absmax',
+                                                                                        'state:state2_absmax',
+                                                                                        'numel',
+                                                                                        'B',
+                                                                                        'M',
+                                                                                        'N',
+                                                                                        'ndim',
+                                                                                        'gidx',
+                                                                                        'book:8bit:0:qmap',
+                                                                                        'book:8bit:0:lut',
+                                                                                        'book:8bit:1:qmap',
+                                                                                        'book:8bit:1:lut'],
+                                                                            'creates': [],
+                                                                            'hv': ['_k7',
+                                                                                   '_k8',
+                                                                                   '_k9',
+                                                                                   '_k10',
+                                                                                   '_k11',
+                                                                                   '_k14',
+                                                                                   '_k15'],
+                                                                            'launches': [('_adamw8bit_bnb_prologue2',
+                                                                                          'prologue'),
+                                                                                         ('_adamw8bit_bnb_flat2',
+                                                                                          'flat')],
+                                                                            'states': ['state1', 'state2'],
+                                                                            'temps': []},
+           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', True)): {'block': 256,
+                                                                           'columns': ['param',
+                                                                                       'state:state1',
+                                                                                       'state:state2',
+                                                                                       'state:state1_absmax',
+                                                                                       'state:state2_absmax',
+                                                                                       'numel',
+                                                                                       'B',
+                                                                                       'M',
+                                                                                       'N',
+                                                                                       'ndim',
+                                                                                       'gidx',
+                                                                                       'book:8bit:0:qmap',
+                                                                                       'book:8bit:0:lut',
+                                                                                       'book:8bit:1:qmap',
+                                                                                       'book:8bit:1:lut'],
+                                                                           'creates': [],
+                                                                           'hv': ['_k7',
+                                                                                  '_k8',
+                                                                                  '_k9',
+                                                                                  '_k10',
+                                                                                  '_k11',
+                                                                                  'correction2',
+                                                                                  '_k12',
+                                                                                  '_k13'],
+                                                                           'launches': [('_adamw8bit_bnb_prologue1',
+                                                                                         'prologue'),
+                                                                                        ('_adamw8bit_bnb_flat1',
+                                                                                         'flat')],
+                                                                           'states': ['state1', 'state2'],
+                                                                           'temps': []},
+           (('_c0', True), ('_c1', True), ('_c2', True)): {'block': 256,
+                                                           'columns': ['param',
+                                                                       'state:state1',
+                                                                       'state:state2',
+                                                                       'state:state1_absmax',
+                                                                       'state:state2_absmax',
+                                                                       'numel',
+                                                                       'B',
+                                                                       'M',
+                                                                       'N',
+                                                                       'ndim',
+                                                                       'gidx',
+                                                                       'book:8bit:1:qmap',
+                                                                       'book:8bit:1:lut',
+                                                                       'book:8bit:0:qmap',
+                                                                       'book:8bit:0:lut'],
+                                                           'creates': [],
+                                                           'hv': ['_k0',
+                                                                  '_k1',
+                                                                  '_k2',
+                                                                  '_k3',
+                                                                  '_k4',
+                                                                  '_k5',
+                                                                  '_k6'],
+                                                           'launches': [('_adamw8bit_bnb_prologue0',
+                                                                         'prologue'),
+                                                                        ('_adamw8bit_bnb_flat0', 'flat')],
+                                                           'states': ['state1', 'state2'],
+                                                           'temps': []}},
  'static_hypers': ['min_8bit_size']}
 
 #: Why this spec has no triton kernels (None: it has them).

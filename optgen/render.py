@@ -12,6 +12,7 @@ from optgen import __version__
 from optgen.backends.torch_codegen import render_device_step
 from optgen.backends.triton_codegen import render_kernels
 from optgen.backends.triton_plan import TritonUnsupported
+from optgen.ir.codecs import codec_for
 from optgen.ir.hoist import hoist
 from optgen.ir.nodes import Program
 from optgen.ir.pretty import set_aliases, stmts_text
@@ -67,8 +68,11 @@ def render_triton_module(program: Program, module: str, fixed: dict[str, bool] |
     except TritonUnsupported as exc:  # the module then says why the backend is unavailable
         kernels, plan, unsupported = [], None, str(exc)
     plan_text = data_literal(plan)
+    # module-level source of the codecs the kernels call (feature state_precision: an import)
+    preamble = "".join(dict.fromkeys(codec_for(c).triton_source for c in (plan or {}).get("codecs", [])))
     text = _env().get_template("triton_kernels.py.j2").render(
         **_header(program),
+        preamble=Code(preamble.strip()),
         kernels=[{"kind": comment_text(k.kind), "text": Code(k.text), "name": identifier(k.name)} for k in kernels],
         plan=plan_text,
         math_imports=Code(", ".join(math_imports(plan_text))),

@@ -73,7 +73,21 @@ class _Draft:
 def table_columns(program: Program, plan: PathPlan) -> list[str]:
     cols = ["param"] + [f"state:{d.name}" for d in program.state if d.kind != Kind.HOST]
     stride = ["stride"] if program.slice_stride else []  # k of per-slice values
-    return cols + list(META_COLUMNS) + stride + [f"ws:{t.name}" for t in plan.temps]
+    return cols + list(META_COLUMNS) + stride + [f"ws:{t.name}" for t in plan.temps] + codec_tables(plan)
+
+
+def codec_tables(plan: PathPlan) -> list[str]:
+    """Columns ``book:<codec>:<0|1 non-negative>:<key>`` of the code books the path's codecs
+    gather from (feature state_precision): the runner fills them with :meth:`Codec.table`."""
+    found: dict[str, None] = {}
+    for st in plan.stages:
+        for s in st.statements:
+            for n in walk_nodes(s.value):
+                if n.op in ("decode", "encode"):
+                    non_neg = n.attr[2] if n.op == "decode" else n.attr[1]
+                    for key in codec_for(n.attr[0]).triton_tables(non_neg):
+                        found[f"book:{n.attr[0]}:{int(non_neg)}:{key}"] = None
+    return list(found)
 
 
 class _Body:
@@ -104,6 +118,8 @@ class KernelEmitter:
         self.states = {d.name: d for d in program.state}
         self.temps = {t.name: t for t in plan.temps}
         self.hv = {name: i for i, name in enumerate(plan.hv)}
+        #: the codecs whose own triton code the kernels hold (their triton_source joins the module)
+        self.codecs: set[str] = set()
 
     # -- common ------------------------------------------------------------------------------
     def col(self, name: str) -> str:
@@ -360,6 +376,10 @@ class KernelEmitter:
         else:
             state, non_neg = ctx.encoding, n.attr[1]
         ptr = {k: ctx.pointer(v) for k, v in stored_names(state, codec, non_neg).items()}
+        for key, dtype in codec.triton_tables(non_neg).items():
+            ptr[key] = ctx.table_pointer(f"book:{codec.name}:{int(non_neg)}:{key}", dtype)
+        if codec.triton_source:
+            self.codecs.add(codec.name)
         live = ctx.body.fresh("live")  # a mask that exists in full chunks too
         ctx.body.emit(f"{live} = offs < {self.col('numel')}")
         try:
@@ -608,6 +628,14 @@ class _DeviceCtx:
         self.pointers[name] = local
         return local
 
+    def table_pointer(self, column: str, dtype: str) -> str:
+        """The local holding a codec table's pointer (a ``book:`` column), loaded in the header."""
+        if column not in self.pointers:
+            local = f"p_book{len([k for k in self.pointers if k.startswith('book:')])}"
+            self.header_lines.append(f"    {local} = {self.em.col(column)}.to(tl.pointer_type(tl.{dtype}))")
+            self.pointers[column] = local
+        return self.pointers[column]
+
     def index(self, kind: Kind) -> tuple[str, str | None]:
         """Offset and mask of a value of ``kind`` in this context."""
         if kind == Kind.TENSOR:
@@ -836,6 +864,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         return name
 
     unsupported: list[str] = []
+    emitters: list[KernelEmitter] = []
     for key, stmts in enumerate_paths(program.body, dyn, fixed=default_decisions(program) if fixed is None else fixed):
         # A path the backend cannot run (a feature not written for it yet) is recorded with the
         # reason; the runtime raises it if a parameter group takes that path.
@@ -856,6 +885,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
             paths[key] = {"unsupported": str(exc)}
             unsupported.append(str(exc))
             continue
+        emitters.append(em)
         launches = [(src if kind == "call" else add(src), kind) for src, kind in sources]
         paths[plan.key] = {
             "launches": launches,
@@ -883,4 +913,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         **({"global_conditions": global_conditions(program)} if program.globals else {}),
         "paths": paths,
     }
+    codecs = sorted(set().union(*(em.codecs for em in emitters)))
+    if codecs:  # the codecs whose triton_source the module includes (render_triton_module)
+        data["codecs"] = codecs
     return kernels, data

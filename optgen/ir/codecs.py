@@ -66,6 +66,16 @@ class Codec:
     def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def triton_tables(self, non_neg: bool) -> dict[str, str]:
+        """The read-only tables (code books) the triton decode/encode gather from, as
+        ``key -> element dtype`` ("float32", "uint8"): the kernel gets ``ptr[key]``, a pointer to
+        :meth:`table` on the parameter's device, handed over with the state's tensors."""
+        return {}
+
+    def table(self, key: str, non_neg: bool, device: torch.device) -> torch.Tensor:
+        """The contiguous table ``key`` of :meth:`triton_tables` on ``device`` (built once)."""
+        raise KeyError(f"codec '{self.name}' has no table {key!r}")
+
     def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
         raise NotImplementedError(f"codec '{self.name}' has no triton decode")
 

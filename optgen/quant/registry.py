@@ -11,10 +11,11 @@ Registered by name with :func:`optgen.ir.codecs.register` when :mod:`optgen.quan
 | ``fp8`` | torchao ``OptimStateFp8`` (block 256, E4M3FN codes kept as uint8 bits, scale absmax/448) | as ``ao_8bit`` |
 
 A state proven non-negative takes the unsigned map (bnb's ``state2``, torchao's ``exp_avg_sq``).
-Triton: the decode and encode expressions call :mod:`optgen.quant.triton_codecs` on the tile
-reshaped to ``(BLOCK // block, block)``; the 8- and 4-bit ones read the code book from
-``ptr['qmap']`` (and bnb's CPU encoding its lookup table from ``ptr['lut']``), tables the kernel
-is handed with the state's tensors (:func:`tables`).
+Triton: the decode and encode expressions call :mod:`optgen.quant.triton_codecs` (imported by
+the kernel modules through ``triton_source``) on the tile reshaped to ``(BLOCK // block, block)``;
+the 8- and 4-bit ones read the code book from ``ptr['qmap']`` (and bnb's CPU encoding its lookup
+table from ``ptr['lut']``), tables the kernel is handed with the state's tensors
+(``triton_tables``/``table``, from :func:`tables`).
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ _NUMEL = Node("meta", attr="numel")
 
 
 def _tables_in(ptr: dict[str, str], *names: str) -> None:
-    """The kernel must hand the code-book tables over with the state's tensors and include
-    :mod:`optgen.quant.triton_codecs` (``ptr['_oq']``): the triton backend does neither yet, so these
-    codecs are refused there (TritonUnsupported) and run on the torch and reference backends."""
-    missing = [n for n in (*names, "_oq") if n not in ptr]
+    """The kernel hands the code-book tables over with the state's tensors (``triton_tables``)."""
+    missing = [n for n in names if n not in ptr]
     if missing:
         raise NotImplementedError(f"the kernel has no pointer to the code-book table(s) {', '.join(missing)}")
+
+
 _TRITON_IMPORT = "from optgen.quant import triton_codecs as _oq\n"
 
 
@@ -86,6 +87,12 @@ class BnbBlockwise(Codec):
     @staticmethod
     def book(non_neg: bool) -> str:
         return "unsigned" if non_neg else "signed"
+
+    def triton_tables(self, non_neg: bool) -> dict[str, str]:
+        return {"qmap": "float32", **({"lut": "uint8"} if self.encoder == "cpu" else {})}
+
+    def table(self, key: str, non_neg: bool, device: torch.device) -> torch.Tensor:
+        return tables(self.book(non_neg), device)[key]
 
     def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
         codes = stored[""]
@@ -160,6 +167,12 @@ class TorchaoBlockwise(Codec):
 
     def book(self, non_neg: bool) -> str:
         return ("unsigned" if non_neg else "signed") + ("4" if self.kind == "4bit" else "")
+
+    def triton_tables(self, non_neg: bool) -> dict[str, str]:
+        return {} if self.kind == "fp8" else {"qmap": "float32"}
+
+    def table(self, key: str, non_neg: bool, device: torch.device) -> torch.Tensor:
+        return tables(self.book(non_neg), device)[key]
 
     def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
         codes, scale = stored[""], stored["_scale"]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from optgen.backends.triton_plan import decision_atoms
+from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
 from optgen.runtime.base import storage_dtype
 from optgen.runtime.host import HostContext, evaluate
@@ -302,6 +303,11 @@ class TritonRunner:
                     row.append(i)
                 elif col == "stride":
                     row.append(stride)
+                elif col.startswith("book:"):  # a codec's code book (feature state_precision)
+                    _, name, non_neg, key = col.split(":")
+                    book = codec_for(name).table(key, non_neg == "1", device)
+                    keep.append(book)
+                    row.append(book.data_ptr())
                 else:
                     row.append(-1)  # workspace offsets, filled below
             rows.append(row)
