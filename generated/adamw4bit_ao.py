@@ -77,11 +77,11 @@ def _device_step(h, param, grad, S):
             _5 = F.mul(t_p32, h["_k1"])
             _6 = F.add(grad, _5)
             grad = _6
-        _7 = F.decode("4bit", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
+        _7 = F.decode("4bit", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, param)
         t_exp_avg_work = _7
         F.lerp_(t_exp_avg_work, grad, h["_k2"])
         F.encode_("4bit", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
-        _8 = F.decode("4bit", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
+        _8 = F.decode("4bit", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, param)
         t_exp_avg_sq_work = _8
         _9 = F.mul(grad, grad)
         F.lerp_(t_exp_avg_sq_work, _9, h["_k3"])

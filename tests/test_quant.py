@@ -304,10 +304,11 @@ def test_registered_codecs_store_the_published_tensors():
         stored = c.encode(x.abs(), True, None)
         book = Q.qmap("unsigned4" if bits == 4 else "unsigned")
         codes, scale = Q.ao_quantize(x.abs(), book, bits, block)
-        if bits == 4:  # one code per byte until the feature allocates packed storage
-            codes = Q.unpack_nibbles(codes, 4096)
-            assert not c.packed
+        if bits == 4:  # torchao's layout: two codes per byte
+            assert c.packed and c.per_byte == 2 and codes.shape == (2048,)
+            assert [s.shape for s in c.stored(True)] == ["packed", "blocks"]
         assert torch.equal(stored[""], codes) and torch.equal(stored["_scale"], scale)
-        assert torch.equal(c.decode(stored, (4096,), True), Q.ao_dequantize(codes, scale, book, (4096,), 8, block))
+        assert torch.equal(c.decode(stored, (64, 64), True),
+                           Q.ao_dequantize(codes, scale, book, (64, 64), bits, block))
     stored = codecs.codec_for("fp8").encode(x, False, None)
     assert torch.equal(stored[""].view(torch.uint8), Q.fp8_quantize(x)[0].view(torch.uint8))

@@ -84,6 +84,11 @@ def _compare(module: str, precision: str | None) -> dict:
             torch.testing.assert_close(b, a, rtol=ULPS_PER_STEP * step * EPS32, atol=ULPS_PER_STEP * step * EPS32 * LR,
                                        msg=lambda m, i=i, step=step: f"step {step}, shape {SHAPES[i]}: {m}")
     assert coded, "no state took the 8-/4-bit path: the comparison tested nothing quantised"
+    if "4bit" in module:  # torchao's layout: two codes per byte, flat
+        for p, st in zip(SHAPES, tri[-1][1]):
+            n = torch.Size(p).numel()
+            if st["exp_avg"].dtype == torch.uint8:
+                assert st["exp_avg"].shape == st["exp_avg_sq"].shape == (n // 2,)
     return {"param_max_abs": worst}
 
 

@@ -126,7 +126,9 @@ def _encode(name: str, n: Node, f: _Frame) -> None:
 def _decode(n: Node, f: _Frame) -> Any:
     codec, name, non_neg = codec_for(n.attr[0]), n.attr[1], n.attr[2]
     stored = {suffix: f.state[key] for suffix, key in stored_names(name, codec, non_neg).items()}
-    return codec.decode(stored, tuple(f.state[name].shape), non_neg)
+    # packed codes (two per byte) do not have the parameter's shape
+    shape = f.param.shape if codec.per_byte > 1 else f.state[name].shape
+    return codec.decode(stored, tuple(shape), non_neg)
 
 
 def _eval(n: Node, f: _Frame) -> Any:

@@ -91,7 +91,9 @@ class TorchEmitter:
         if n.op == "decode":
             codec, state, non_neg = n.attr
             name = self.fresh()
-            self.emit(f'{name} = F.decode("{codec}", {non_neg}, {self.stored(state, codec, non_neg)})')
+            # packed codes do not have the parameter's shape: the decode takes the parameters'
+            like = ", param" if codec_for(codec).per_byte > 1 else ""
+            self.emit(f'{name} = F.decode("{codec}", {non_neg}, {self.stored(state, codec, non_neg)}{like})')
             return name, True
         if n.op == "reduced":  # an optimizer-wide reduction: the runtime puts one per tensor in S
             return f'S["{n.attr}"]', False

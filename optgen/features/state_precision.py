@@ -32,7 +32,7 @@ from __future__ import annotations
 from optgen.features import Feature
 from optgen.features.factored import _before_orthograd
 from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, placed, var
-from optgen.ir.codecs import Codec, codec_for
+from optgen.ir.codecs import PACKED_UINT4, Codec, codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
@@ -288,7 +288,10 @@ def _apply(program: Program) -> Program:
             codec = by_name[c]
             stored = codec.stored(non_neg[d.name])
             own = next(s for s in stored if s.suffix == "")
-            rules.append((when(c), own.dtype))
+            if own.shape == "packed" and (codec.per_byte, own.dtype) != (2, "uint8"):
+                raise FeatureError(f"state_precision: codec '{c}' packs {codec.per_byte} codes per {own.dtype}: "
+                                   "only two 4-bit codes per uint8 are stored packed")
+            rules.append((when(c), PACKED_UINT4 if own.shape == "packed" else own.dtype))
             if codec.applies() is not None:
                 rules.append((is_(c), "float32"))  # the small tensors it leaves alone
             for s in stored:

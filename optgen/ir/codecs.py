@@ -30,6 +30,7 @@ class Stored:
     suffix: str  # "" : the state's own key (the codes); else the key's suffix ("_scale")
     dtype: str  # a storage dtype name (optgen.runtime.base.storage_dtype)
     shape: str  # "element" (the parameter's shape) | "blocks" ((ceil(numel / block),))
+    #             | "packed" ((ceil(numel / per_byte),) uint8: codes packed per byte, flat)
     init: float = 0.0
 
 
@@ -39,6 +40,8 @@ class Codec:
     name: str = ""
     #: elements per scale block (None: an elementwise codec)
     block: int | None = None
+    #: codes per stored byte of a "packed" code tensor (torchao's 4-bit: 2)
+    per_byte: int = 1
     #: encode consumes random bits (drawn by the caller, see :meth:`draws`)
     stochastic: bool = False
     #: the triton helpers the kernels include (jit functions), "" where the codec needs none
@@ -235,6 +238,11 @@ def codec_for(name: str) -> Codec:
 def codec_names() -> list[str]:
     codec_for("bf16")  # the plugins too
     return list(_CODECS)
+
+
+#: the storage dtype name of a code tensor packed two 4-bit codes per byte (flat uint8 of
+#: ``ceil(numel / 2)`` bytes; optgen.runtime.base allocates and loads it in that shape)
+PACKED_UINT4 = "packed_uint4"
 
 
 def stored_names(state: str, codec: Codec, non_neg: bool) -> dict[str, str]:

@@ -7,7 +7,7 @@ Registered by name with :func:`optgen.ir.codecs.register` when :mod:`optgen.quan
 | ``8bit`` | bnb blockwise dynamic, CPU library encoding (what ``Adam8bit`` runs on CPU) | ``numel < min_8bit_size`` |
 | ``8bit_cuda`` | bnb blockwise dynamic, CUDA kernel encoding (nearest code + sign fix) | same |
 | ``ao_8bit`` | torchao ``OptimState8bit`` (block 256) | ``numel < 4096`` or not a multiple of 256 |
-| ``4bit`` | torchao ``OptimState4bit`` codes (block 128; one code per byte until packed storage exists) | ``numel < 4096`` or not a multiple of 128 |
+| ``4bit`` | torchao ``OptimState4bit`` (block 128, two codes per byte: flat uint8 of ``numel / 2``) | ``numel < 4096`` or not a multiple of 128 |
 | ``fp8`` | torchao ``OptimStateFp8`` (block 256, E4M3FN codes kept as uint8 bits, scale absmax/448) | as ``ao_8bit`` |
 
 A state proven non-negative takes the unsigned map (bnb's ``state2``, torchao's ``exp_avg_sq``).
@@ -140,12 +140,10 @@ class TorchaoBlockwise(Codec):
 
     triton_source = _TRITON_IMPORT
 
-    def __init__(self, name: str, kind: str, packed: bool = False):
+    def __init__(self, name: str, kind: str, packed: bool = True):
         self.name, self.kind = name, kind
         self.block = C.AO_4BIT_BLOCK if kind == "4bit" else C.AO_BLOCK
-        # 4-bit codes two per byte need "packed" storage, which the state-precision feature does not
-        # allocate yet: until it does, the registered 4bit codec keeps one code per byte (the same
-        # codes and values as torchao's, twice its code bytes)
+        # 4-bit codes two per byte (torchao's layout); packed=False keeps one per byte
         self.packed = packed and kind == "4bit"
         self.per_byte = 2 if self.packed else 1
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from optgen.ir.codecs import PACKED_UINT4
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
 from optgen.runtime import clipping, published_layout, reductions, sharding, stochastic, zero1
 from optgen.runtime.executors import executor_for
@@ -41,6 +42,7 @@ def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
         "float16": torch.float16,
         "int8": torch.int8,
         "uint8": torch.uint8,
+        PACKED_UINT4: torch.uint8,  # two 4-bit codes per byte (feature state_precision)
         "bool": torch.bool,  # a mask state (dtype: bool)
     }[name]
 
@@ -790,6 +792,8 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
     value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
     if decl.dtype == "bits":
         return torch.full(packed_shape(view or tuple(p.shape)), value, dtype=dtype, device=device)
+    if rule == PACKED_UINT4:
+        return torch.full((-(-p.numel() // 2),), value, dtype=dtype, device=device)
     if decl.kind == Kind.ELEMENT and dtype == p.dtype:
         return torch.full_like(p, value, memory_format=torch.preserve_format)
     shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
@@ -821,6 +825,8 @@ def _saved_shapes(d: StateDecl, p: torch.Tensor, view: tuple[int, int] | None, s
         shape = tuple(p.shape)  # stored in the parameter's shape, stepped as its view
     else:
         shape = state_shape(d.kind, p, d.name, view, stride)  # RuntimeError: no such state for p
+    if any(t == PACKED_UINT4 for _, t in d.dtype_rules):  # 4-bit codes packed two per byte
+        return [shape, (-(-p.numel() // 2),)]
     return [shape, ()] if d.scalar_if_zero and shape != () else [shape]
 
 

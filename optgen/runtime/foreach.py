@@ -430,13 +430,15 @@ def float64(a: Tensors) -> Tensors:
     return [x.double() for x in a]
 
 
-def decode(codec: str, non_neg: bool, stored: dict[str, Tensors]) -> Tensors:
-    """The float32 values of a coded state (feature state_precision), one tensor per parameter."""
+def decode(codec: str, non_neg: bool, stored: dict[str, Tensors], like: Tensors | None = None) -> Tensors:
+    """The float32 values of a coded state (feature state_precision), one tensor per parameter,
+    of the codes' shapes (``like``'s, the parameters', for codes packed per byte)."""
     c = codec_for(codec)
     if isinstance(c, FloatCodec):
         return [x.float() for x in stored[""]]
+    shapes = like if like is not None else stored[""]
     return [c.decode({k: v[i] for k, v in stored.items()}, tuple(x.shape), non_neg)
-            for i, x in enumerate(stored[""])]
+            for i, x in enumerate(shapes)]
 
 
 def encode_(codec: str, non_neg: bool, stored: dict[str, Tensors], value: Tensors) -> None:
