@@ -9,38 +9,51 @@ gradient in ADOPT, Prodigy's d-scaled gradient) is added to the direction:
 scaling), so the slow EMA is divided by the same
 bias correction as m (adv_optm's code, not the paper; no alpha/beta3 warm-up schedulers;
 math/adv-optm.md §6.1).
+
+Roles: ``first_moment`` (exactly one EMA statement, whose input and form the slow EMA copies)
+and ``direction`` (its target is the direction extended); undeclared, the dialect's ``exp_avg``
+and ``update``. The slow EMA is the state ``exp_avg_slow`` (adv_optm's key; the spec must not
+declare it).
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, edit_nested, ema_form, flag, is_var, switch, var
-from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes, walk_stmts
+from optgen.features.rewrite import (
+    FeatureError,
+    direction_target,
+    edit_nested,
+    first_moment,
+    flag,
+    is_var,
+    own_state,
+    switch,
+    var,
+)
+from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_AdEMAMix"
 SLOW = "exp_avg_slow"
 
 
-def _uses_direction(s) -> bool:
-    """The first use of the finished direction: ``update = f(update, ...)`` (the division or scaling)."""
-    return isinstance(s, Assign) and s.target == "update" and any(is_var(n, "update") for n in walk_nodes(s.value))
+def _before_first_use(extra: list, d: str):
+    """Returns an edit: ``extra`` just before the first use of the direction ``d`` in a statement
+    list, ``d = f(d, ...)`` (the division by the denominator or the scaling)."""
+    def uses(s) -> bool:
+        return isinstance(s, Assign) and s.target == d and any(is_var(n, d) for n in walk_nodes(s.value))
 
-
-def _before_first_use(extra: list):
-    """Returns an edit: ``extra`` just before the first use of the direction in a statement list."""
     def edit(stmts: list) -> list | None:
-        i = next((i for i, s in enumerate(stmts) if _uses_direction(s)), None)
+        i = next((i for i, s in enumerate(stmts) if uses(s)), None)
         return None if i is None else [*stmts[:i], *extra, *stmts[i:]]
 
     return edit
 
 
 def _apply(program: Program) -> Program:
-    ema = next((e for e in map(ema_form, walk_stmts(program.body)) if e is not None), None)
-    if ema is None:
-        raise FeatureError("feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 "
-                           "+ (c * (1 - beta1)) * x' statement")
+    own_state(program, "ademamix", SLOW)
+    _, ema = first_moment(program, program.body, "ademamix")
+    d = direction_target(program)
     x, scale = ema.x, ema.scale
     one = Node("const", attr=1)
     beta3 = Node("hyper", attr=("beta3_ema", None))
@@ -52,12 +65,12 @@ def _apply(program: Program) -> Program:
                         kind=Kind.ELEMENT)
     slow = [
         Assign(SLOW, slow_ema, None, "state"),
-        Assign("update", Node("axpy", (var("update"), var(SLOW), Node("hyper", attr=("alpha", None))),
-                              kind=Kind.ELEMENT), None, "temp"),
+        Assign(d, Node("axpy", (var(d), var(SLOW), Node("hyper", attr=("alpha", None))),
+                       kind=Kind.ELEMENT), None, "temp"),
     ]
-    body, found = edit_nested(program.body, _before_first_use([switch(FLAG, slow, [])]))
+    body, found = edit_nested(program.body, _before_first_use([switch(FLAG, slow, [])], d))
     if not found:
-        raise FeatureError("feature 'ademamix' needs an 'update = copy(exp_avg)' statement")
+        raise FeatureError(f"feature 'ademamix' needs a use 'd = f(d, ...)' of the direction '{d}' after it is formed")
     state = [*program.state, StateDecl(SLOW, Kind.ELEMENT, "zeros", "param", flag(FLAG), "AdEMAMix's slow EMA",
                                            # its factored form under feature 'factored' (adv_optm 2.2.3's keys)
                                            factored=("mu_m_slow_nmf", "mv_m_slow_nmf", "sign_slow"))]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.rewrite import (
+    DIRECTION,
+    direction_sites,
     direction_source,
-    first_moment_direction,
     fresh,
     indicator,
     rewrite_role,
@@ -48,8 +49,8 @@ def _apply(program: Program) -> Program:
         ]
         return [switch(FLAG, on, [s], s.pos)]
 
-    body = rewrite_role(program, program.body, "cautious", "direction", first_moment_direction, cautious,
-                        "a direction taken from the first moment 'update = copy(exp_avg)'")
+    body = rewrite_role(program, program.body, "cautious", "direction", direction_sites(program), cautious,
+                        DIRECTION)
     return program.copy(body=body)
 
 

@@ -4,7 +4,7 @@ adv_optm's ``cautious_wd`` (math/adv-optm.md §2.2, §2.10): ``mask = float(upda
 (zeros included, not renormalised) and the decay ``param + s * param`` becomes
 ``addcmul(param, param, mask, value=s)``; torch's spelling ``param * (1 - s)`` becomes
 ``param * (1 - s * mask)``. Role ``decay`` (one statement per path; undeclared: every such
-decay of the parameter); the direction in the mask is the target of role ``step_size`` (else
+decay of the parameter itself; declared, also ``param + s * T`` toward a target ``T``); the direction in the mask is the target of role ``step_size`` (else
 ``direction``, else the dialect's ``update``).
 """
 
@@ -20,6 +20,7 @@ FLAG = "cautious_wd"
 
 def _apply(program: Program) -> Program:
     upd = role_target(program, "step_size", role_target(program, "direction", "update"))
+    declared = "decay" in program.roles
     # update and parameter agree in sign (zeros included)
     mask = indicator(Node("ge", (Node("mul", (var(upd), var("param")), kind=Kind.ELEMENT),
                                  Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
@@ -39,8 +40,9 @@ def _apply(program: Program) -> Program:
             return None
         if not is_var(v.args[0], "param"):
             return None
-        # param + s * T, T the parameter itself or a decay target (SignSGD's geometric decay)
-        if v.op == "axpy" and (is_var(v.args[1], "param") or is_var(v.args[1], "wd_target")):
+        # param + s * T, T the parameter itself or, where the spec declares the decay, a decay
+        # target (SignSGD's geometric decay toward sign(param) * ||param|| / sqrt(numel))
+        if v.op == "axpy" and v.args[2].is_host and (is_var(v.args[1], "param") or declared):
             on = Node("addcmul", (v.args[0], v.args[1], mask, v.args[2]), kind=v.kind)
         # param + s * param * X (Fisher decay: X the per-element decay scale): the mask joins X
         elif v.op == "addcmul" and is_var(v.args[1], "param"):

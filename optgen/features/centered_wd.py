@@ -14,18 +14,35 @@ anchor and runs the base step unchanged.
 Not implemented (refused at construction): the blockwise ``'int8'`` / ``'int4'`` anchor modes,
 centered decay together with ``fisher_wd`` (adv_optm scales both decays by the Fisher scale) or
 with SignSGD's ``geometric_wd`` (a sign-shaped centered target).
-List it after ``cautious_wd`` and before ``stochastic_rounding``.
+It comes after ``cautious_wd`` and ``fisher_wd`` and before ``stochastic_rounding`` (the resolver
+checks it).
+
+Roles: ``decay`` (one statement per path; undeclared: every such decay of the parameter) and the
+direction in the cautious mask, the target of ``step_size`` (else ``direction``, else the
+dialect's ``update``). The centred target is a temporary with a fresh name; ``anchor_data`` is
+adv_optm's state key (the spec must not declare it).
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import FeatureError, flag, indicator, is_var, role_sites, var
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
+from optgen.features.rewrite import (
+    FeatureError,
+    flag,
+    fresh,
+    indicator,
+    is_var,
+    own_state,
+    role_sites,
+    role_target,
+    var,
+    where,
+)
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_stmts
 from optgen.spec.model import HyperparameterSpec
 
 COEF, MODE, ANCHOR = "centered_wd", "centered_wd_mode", "anchor_data"
-TARGET = "cwd_target"
+TARGET = "cwd_target"  # the temporary's name where the spec does not use it
 
 
 def _h(name: str) -> Node:
@@ -54,16 +71,16 @@ def _contains(s: Stmt, match) -> Node | None:
     return None
 
 
-def _centered(rate: Node, upd: str, cautious: bool) -> list[Stmt]:
+def _centered(rate: Node, upd: str, cautious: bool, t: str) -> list[Stmt]:
     anchor = Node("cast", (var(ANCHOR), var("param")), kind=Kind.ELEMENT)
     scale = Node("neg", (Node("mul", (_h(COEF), rate), kind=Kind.HOST),), kind=Kind.HOST)
-    target = Assign(TARGET, Node("sub", (var("param"), anchor), kind=Kind.ELEMENT), None, "temp")
-    plain = Assign("param", Node("axpy", (var("param"), var(TARGET), scale), kind=Kind.ELEMENT), None, "param")
+    target = Assign(t, Node("sub", (var("param"), anchor), kind=Kind.ELEMENT), None, "temp")
+    plain = Assign("param", Node("axpy", (var("param"), var(t), scale), kind=Kind.ELEMENT), None, "param")
     body: list[Stmt] = [target, plain]
     if cautious:
-        mask = indicator(Node("ge", (Node("mul", (var(upd), var(TARGET)), kind=Kind.ELEMENT),
+        mask = indicator(Node("ge", (Node("mul", (var(upd), var(t)), kind=Kind.ELEMENT),
                                      Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
-        masked = Assign("param", Node("addcmul", (var("param"), var(TARGET), mask, scale), kind=Kind.ELEMENT),
+        masked = Assign("param", Node("addcmul", (var("param"), var(t), mask, scale), kind=Kind.ELEMENT),
                         None, "param")
         body = [target, If(flag("cautious_wd"), [masked], [plain])]
     on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
@@ -71,10 +88,17 @@ def _centered(rate: Node, upd: str, cautious: bool) -> list[Stmt]:
 
 
 def _apply(program: Program) -> Program:
+    own_state(program, "centered_wd", ANCHOR)
     hypers = dict(program.hypers)
-    bound = program.roles.get("step_size") or program.roles.get("direction")
-    upd = bound[0][0] if bound else "update"
+    upd = role_target(program, "step_size", role_target(program, "direction", "update"))
+    t = fresh(program, TARGET)
     match = role_sites(program, "decay", lambda s: s.target == "param")
+    for name, pos in program.roles.get("decay", []):  # a declared decay must have the standard form
+        s = next((s for s in walk_stmts(program.body) if isinstance(s, Assign) and (s.target, s.pos) == (name, pos)),
+                 None)
+        if s is not None and _rate(s) is None:
+            raise FeatureError(f"feature 'centered_wd': the statement of role 'decay' ({where(pos)}) is not a "
+                               "decoupled decay 'param = param + (-(weight_decay * s)) * param'", pos)
     cautious = "cautious_wd" in hypers
     count = 0
 
@@ -87,7 +111,7 @@ def _apply(program: Program) -> Program:
         if rate is not None:
             count += 1
             last = writes[-1]
-            return [*stmts[:last], *_centered(rate, upd, cautious), *stmts[last:]]
+            return [*stmts[:last], *_centered(rate, upd, cautious, t), *stmts[last:]]
         return [If(s.cond, edit(s.then), edit(s.orelse), s.pos) if isinstance(s, If) else s for s in stmts]
 
     body = edit(program.body)

@@ -36,6 +36,7 @@ of these are no-ops for float32 parameters.
 from __future__ import annotations
 
 from optgen.features import Feature
+from optgen.features.fisher_wd import is_scale
 from optgen.features.orthograd import is_orthograd_block
 from optgen.features.rewrite import (
     FeatureError,
@@ -43,6 +44,7 @@ from optgen.features.rewrite import (
     edit_nested,
     element,
     flag,
+    names_in,
     placed,
     role_target,
     var,
@@ -82,10 +84,12 @@ class _Factoring:
         self.denom = denom
         self.full = {}
         for d in decls:
-            name = f"{d.name}_full"
-            if name in taken:
-                raise FeatureError(f"feature 'factored' names the full-size '{d.name}' '{name}', which is taken")
-            self.full[d.name] = name
+            # the temporaries of each state (derived from its name, so the generated code reads):
+            # a spec name among them is an error, never captured
+            for name in (f"{d.name}_full", f"{d.name}_magnitude", f"{d.name}_abs", f"{d.name}_colsum"):
+                if name in taken:
+                    raise FeatureError(f"feature 'factored' names a temporary of '{d.name}' '{name}', which is taken")
+            self.full[d.name] = f"{d.name}_full"
 
     def _rename(self, n: Node) -> Node:
         if n.op == "var" and n.attr in self.full:
@@ -105,7 +109,7 @@ class _Factoring:
                     return element("float32", n)
                 return Node(n.op, tuple(up(a) for a in n.args), n.kind, n.attr, n.boolean) if n.args else n
             return up(value)
-        if s.target in self.full or s.target in ("fisher", self.denom):
+        if s.target in self.full or s.target == self.denom or is_scale(s, self.denom):
             return value
 
         def cast(n: Node) -> Node:
@@ -191,6 +195,7 @@ def _apply(program: Program) -> Program:
             if name is not None and name in taken:
                 raise FeatureError(f"state '{d.name}': factored state name '{name}' is already a state")
             taken.add(name)
+    taken |= names_in(program)
     # adv_optm's state_precision API (AdamW, Adopt, SignSGD) keeps every state in float32 and
     # upcasts the gradient once factored states are requested; with only nnmf_factor (Lion), the
     # parameters it does not factor keep their dtype.

@@ -6,6 +6,11 @@ denominator (math/adv-optm.md §2.10): ``fisher = 1 / denom`` divided by ``max(r
 or, where the spec has ``use_atan2`` and it is on, ``fisher = 4/pi * atan2(wd_scaler, denom)``
 (``wd_scaler`` is adv_optm's stored 1.0). List it before ``cautious_wd``, which then masks the
 scale.
+
+Roles: ``decay`` (one statement per path, ``param + (-(rate)) * param``; undeclared: every such
+decay of the parameter) and ``denominator`` (its target is the scale's divisor; undeclared, the
+dialect's ``denom``). The scale is a temporary with a fresh name; ``wd_scaler`` is adv_optm's
+state key (the spec must not declare it).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 
 from optgen.features import Feature
-from optgen.features.rewrite import flag, is_var, replace_assigns, require, switch, var
+from optgen.features.rewrite import flag, fresh, is_var, own_state, rewrite_role, role_target, switch, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl
 from optgen.spec.model import HyperparameterSpec
 
@@ -29,38 +34,52 @@ def _t(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.TENSOR)
 
 
-def _scale(with_atan2: bool) -> list:
-    f, one = var("fisher"), Node("const", attr=1.0)
+def _scale(f_name: str, denom: str, with_atan2: bool) -> list:
+    f, one = var(f_name), Node("const", attr=1.0)
     rms = _t("sqrt", _t("mean", _e("pow", _e("mul", var("param"), f), Node("const", attr=2))))
     clipped = [
-        Assign("fisher", _e("rdiv", var("denom"), Node("const", attr=1)), None, "temp"),
-        Assign("fisher", _e("div", f, _t("maximum", _t("div", rms, one), one)), None, "temp"),
+        Assign(f_name, _e("rdiv", var(denom), Node("const", attr=1)), None, "temp"),
+        Assign(f_name, _e("div", f, _t("maximum", _t("div", rms, one), one)), None, "temp"),
     ]
     if not with_atan2:
         return clipped
-    angle = _e("mul", _e("atan2", var(SCALER, Kind.TENSOR), var("denom")), Node("const", attr=4 / math.pi))
-    return [If(flag("use_atan2"), [Assign("fisher", angle, None, "temp")], clipped)]
+    angle = _e("mul", _e("atan2", var(SCALER, Kind.TENSOR), var(denom)), Node("const", attr=4 / math.pi))
+    return [If(flag("use_atan2"), [Assign(f_name, angle, None, "temp")], clipped)]
+
+
+def is_scale(s: Assign, denom: str) -> bool:
+    """Whether ``s`` is this feature's scale read from the denominator ``denom`` (``1 / denom`` or
+    ``4/pi * atan2(wd_scaler, denom)``; feature ``factored`` keeps it in float32, as adv_optm does)."""
+    v = s.value
+    if s.role != "temp" or s.pos is not None:
+        return False
+    if v.op == "rdiv":
+        return is_var(v.args[0], denom) and v.args[1] == Node("const", attr=1)
+    return v.op == "mul" and v.args[0].op == "atan2" and is_var(v.args[0].args[0], SCALER) \
+        and is_var(v.args[0].args[1], denom)
 
 
 def _apply(program: Program) -> Program:
+    own_state(program, "fisher_wd", SCALER)
     with_atan2 = "use_atan2" in dict(program.hypers)
+    denom = role_target(program, "denominator", "denom")
+    f_name = fresh(program, "fisher")
 
     def decay(s: Assign):
         v = s.value
-        if s.target == "param" and v.op == "axpy" and is_var(v.args[0], "param") and is_var(v.args[1], "param") \
-                and v.args[2].op == "neg":
+        if v.op == "axpy" and is_var(v.args[0], "param") and is_var(v.args[1], "param") and v.args[2].op == "neg":
             rate = v.args[2].args[0]  # wd * lr, as adv_optm multiplies it into the scale
             on = [
-                *_scale(with_atan2),
-                Assign("fisher", _e("mul", var("fisher"), rate, attr="scalar_first"), s.pos, "temp"),
-                Assign("param", Node("addcmul", (v.args[0], v.args[1], var("fisher"), Node("const", attr=-1.0)),
+                *_scale(f_name, denom, with_atan2),
+                Assign(f_name, _e("mul", var(f_name), rate, attr="scalar_first"), s.pos, "temp"),
+                Assign("param", Node("addcmul", (v.args[0], v.args[1], var(f_name), Node("const", attr=-1.0)),
                                      kind=v.kind), s.pos, s.role),
             ]
             return [switch(FLAG, on, [s], s.pos)]
         return None
 
-    body, n = replace_assigns(program.body, decay)
-    require(n, "fisher_wd", "a decoupled decay 'param = param + (-(wd * lr)) * param'")
+    body = rewrite_role(program, program.body, "fisher_wd", "decay", lambda s: s.target == "param", decay,
+                        "a decoupled decay 'param = param + (-(wd * lr)) * param'", many=True)
     decl = StateDecl(SCALER, Kind.TENSOR, "ones", "float32", flag(FLAG), "Fisher decay's stored scaler (1.0)")
     return program.copy(body=body, state=[*program.state, decl])
 

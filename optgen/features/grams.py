@@ -9,7 +9,7 @@ Role: ``direction`` (``d = copy(m)`` or ``d = m``, exactly one statement).
 from __future__ import annotations
 
 from optgen.features import Feature
-from optgen.features.rewrite import direction_source, first_moment_direction, rewrite_role, switch, var
+from optgen.features.rewrite import DIRECTION, direction_sites, direction_source, rewrite_role, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program
 from optgen.spec.model import HyperparameterSpec
 
@@ -27,8 +27,8 @@ def _apply(program: Program) -> Program:
                              Node("abs", (m,), kind=Kind.ELEMENT)), kind=Kind.ELEMENT)
         return [switch(FLAG, [Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
 
-    body = rewrite_role(program, program.body, "grams", "direction", first_moment_direction, grams,
-                        "a direction taken from the first moment 'update = copy(exp_avg)'")
+    body = rewrite_role(program, program.body, "grams", "direction", direction_sites(program), grams,
+                        DIRECTION)
     return program.copy(body=body)
 
 

@@ -11,6 +11,11 @@ then). A spec that declares ``kourkoutas_pool: raw`` pools the gradient as the s
 before OrthoGrad and the upcast (adv_optm 2.2.3's Simplified_AdEMAMix); ``updates`` pools only the
 gradients of steps that update (2.2.3's ADOPT skips its init-only step). Needs ``betas[1] >
 beta2_min`` (a ValueError otherwise).
+
+Role: ``second_moment`` (exactly one EMA statement ``v = v * beta2 + c * x * x``; undeclared, the
+dialect's ``exp_avg_sq``); an init-only write ``v = grad * grad`` of the same state pools too. The
+state ``kourkoutas_sq`` and the input ``kourkoutas_beta2`` are the runtime's names: the spec must
+not use them.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from optgen.features.rewrite import (
     FeatureError,
     at_start_of_param_block,
     edit_nested,
+    find_role,
     flag,
     is_var,
+    names_in,
+    own_state,
     replace_assigns,
+    role_target,
     substitute,
     switch,
     var,
@@ -37,14 +46,17 @@ BETA2 = "kourkoutas_beta2"
 SQ = "kourkoutas_sq"
 
 
-def _second_moment(s: Stmt) -> bool:
-    return isinstance(s, Assign) and s.target == "exp_avg_sq" and s.value.op == "addcmul" and \
-        s.value.args[0].op == "mul" and is_var(s.value.args[0].args[0], "exp_avg_sq")
+def _beta2(s: Assign) -> Node | None:
+    """The old value's factor of a second-moment EMA ``v = v * beta2 + c * x * x`` (addcmul), or None."""
+    v = s.value
+    if v.op == "addcmul" and v.args[0].op == "mul" and is_var(v.args[0].args[0], s.target):
+        return v.args[0].args[1]
+    return None
 
 
-def _initialises_second_moment(s: Stmt) -> bool:
-    """ADOPT's init-only first step, ``exp_avg_sq = grad * grad``: adv_optm pools that gradient too."""
-    return isinstance(s, Assign) and s.target == "exp_avg_sq" and s.value.op == "mul" and all(
+def _initialises(s: Stmt, v: str) -> bool:
+    """ADOPT's init-only first step, ``v = grad * grad``: adv_optm pools that gradient too."""
+    return isinstance(s, Assign) and s.target == v and s.value.op == "mul" and all(
         is_var(a, "grad") for a in s.value.args)
 
 
@@ -54,35 +66,32 @@ def _sq(s: Stmt | None) -> Assign:
                   s.pos if s is not None else None, "state")
 
 
-def _rewrite(found: list[Node], raw: bool, at_init: bool):
-    def fn(s: Assign) -> list[Stmt] | None:
-        if _second_moment(s):
-            beta2 = s.value.args[0].args[1]
-            found.append(beta2)
-            value = substitute(s.value, lambda n: Node("input", attr=BETA2) if n == beta2 else None)
-            pool = [] if raw else [_sq(s)]
-            return [switch(FLAG, [*pool, Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
-        if _initialises_second_moment(s) and not raw and at_init:
-            return [s, switch(FLAG, [_sq(s)], [], s.pos)]
-        return None
-
-    return fn
-
-
 def _apply(program: Program) -> Program:
-    found: list[Node] = []
+    own_state(program, "kourkoutas_beta", SQ)
+    if BETA2 in names_in(program):
+        raise FeatureError(f"feature 'kourkoutas_beta' reads the runtime input '{BETA2}': the spec uses the name")
+    v = role_target(program, "second_moment", "exp_avg_sq")
+    (ema, beta2), = find_role(program, program.body, "kourkoutas_beta", "second_moment",
+                              lambda s: s.target == v, _beta2,
+                              f"a second-moment EMA '{v} = {v} * beta2 + (1 - beta2) * grad * grad'")
+    if any(n.op == "var" for n in walk_nodes(beta2)):
+        raise FeatureError("feature 'kourkoutas_beta' needs beta2 to be a hyperparameter", ema.pos)
     pool = dict(program.hypers).get("kourkoutas_pool")
     raw = pool is not None and pool.default == "raw"
     at_init = pool is None or pool.default != "updates"
-    body, _ = replace_assigns(program.body, _rewrite(found, raw, at_init))
+
+    def rewrite(s: Assign) -> list[Stmt] | None:
+        if s.target == v and s.pos == ema.pos and _beta2(s) == beta2:
+            value = substitute(s.value, lambda n: Node("input", attr=BETA2) if n == beta2 else None)
+            pooled = [] if raw else [_sq(s)]
+            return [switch(FLAG, [*pooled, Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
+        if _initialises(s, v) and not raw and at_init:
+            return [s, switch(FLAG, [_sq(s)], [], s.pos)]
+        return None
+
+    body, _ = replace_assigns(program.body, rewrite)
     if raw:  # the gradient as the step receives it, before OrthoGrad (adv_optm's Simplified_AdEMAMix)
         body, _ = edit_nested(body, at_start_of_param_block([switch(FLAG, [_sq(None)], [])], True))
-    if not found:
-        raise FeatureError("feature 'kourkoutas_beta' needs an 'exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * "
-                           "grad * grad' statement")
-    beta2 = found[0]
-    if any(n.op == "var" for n in walk_nodes(beta2)):
-        raise FeatureError("feature 'kourkoutas_beta' needs beta2 to be a hyperparameter")
     ok = Node("or", (Node("not", (flag(FLAG),), boolean=True),
                      Node("gt", (beta2, Node("hyper", attr=("beta2_min", None))), boolean=True)), boolean=True)
     checks = [*program.checks, (ok, "For Kourkoutas-β, betas[1] (as beta2_max) must be > beta2_min")]

@@ -12,6 +12,9 @@ math/adv-optm.md §2.6). It runs before anything else reads the gradient, at the
 block that writes the parameter (so ADOPT's init-only first step squares the raw gradient, as
 published). The flag is the spec's ``orthogonal_gradient``: a bool (adv_optm 2.2.3) or a mode
 string (2.5.16: ``'flattened'`` turns it on; ``'iterative'`` is not implemented).
+
+No role: it reads ``param`` and ``grad`` and goes before the first parameter write; its two
+temporaries take names the spec does not use.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from optgen.features.rewrite import (
     edit_nested,
     element,
     flag,
+    fresh,
     placed,
     var,
 )
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "orthogonal_gradient"
@@ -37,13 +41,15 @@ def _t(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.TENSOR)
 
 
-def _statements() -> list[Stmt]:
+def _statements(program: Program) -> list[Stmt]:
+    g_orth = fresh(program, "ortho_g")
+    scale = fresh(program, "ortho_scale", {g_orth})
     w, g, tiny = var("param"), var("grad"), Node("const", attr=TINY)
     proj = _t("div", _t("vdot", w, g), _t("add", _t("vdot", w, w), tiny))
     return [
-        Assign("ortho_g", element("sub", g, element("mul", w, proj)), None, "temp"),
-        Assign("ortho_scale", _t("div", _t("norm", g), _t("add", _t("norm", var("ortho_g")), tiny)), None, "temp"),
-        Assign("grad", element("mul", var("ortho_g"), var("ortho_scale", Kind.TENSOR)), None, "grad"),
+        Assign(g_orth, element("sub", g, element("mul", w, proj)), None, "temp"),
+        Assign(scale, _t("div", _t("norm", g), _t("add", _t("norm", var(g_orth)), tiny)), None, "temp"),
+        Assign("grad", element("mul", var(g_orth), var(scale, Kind.TENSOR)), None, "grad"),
     ]
 
 
@@ -53,7 +59,7 @@ def _apply(program: Program) -> Program:
         cond = Node("eq", (Node("hyper", attr=(FLAG, None)), Node("const", attr="flattened")), boolean=True)
     else:
         cond = flag(FLAG)
-    body, ok = edit_nested(program.body, placed(at_start_of_param_block([If(cond, _statements(), [])]),
+    body, ok = edit_nested(program.body, placed(at_start_of_param_block([If(cond, _statements(program), [])]),
                                                 after_gradient_preprocessing))
     if not ok:
         raise FeatureError("feature 'orthograd' needs a 'param = ...' statement")
@@ -84,8 +90,17 @@ def after_gradient_preprocessing(stmts: list[Stmt]) -> int:
 
 
 def is_orthograd_block(s: Stmt) -> bool:
-    """Whether ``s`` is the conditional this feature inserts."""
-    return isinstance(s, If) and any(isinstance(x, Assign) and x.target == "ortho_g" for x in s.then)
+    """Whether ``s`` is the conditional this feature inserts: on its flag, three statements ending
+    in the gradient's write (found by structure, not by its temporaries' names)."""
+    if not isinstance(s, If) or s.orelse or len(s.then) != 3 or FLAG not in _flags(s.cond):
+        return False
+    last = s.then[-1]
+    return isinstance(last, Assign) and last.target == "grad" and last.pos is None and \
+        all(isinstance(x, Assign) and x.pos is None for x in s.then)
+
+
+def _flags(cond: Node) -> set[str]:
+    return {n.attr[0] for n in walk_nodes(cond) if n.op == "hyper"}
 
 
 FEATURE = Feature(

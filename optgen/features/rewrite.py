@@ -1,19 +1,23 @@
-"""Helpers for features: find the statements a feature rewrites and replace them.
+"""Helpers for features: find the statements a feature rewrites, by role, and replace them.
 
-Features work on conventions a base spec follows (documented in :mod:`optgen.features`): the
-denominator is a temporary named ``denom``, the direction before the step size is ``update``, the
-first moment is the EMA ``exp_avg = lerp(exp_avg, grad, w)``, decoupled weight decay is
-``param = param + s * param``. A feature that cannot find what it needs raises
-:class:`FeatureError`, which the lowering reports at the feature's entry in the spec.
+A feature asks for a role (:data:`optgen.ir.roles.ROLES`) and a form (a test of the statement's
+IR structure); :func:`rewrite_role` and :func:`find_role` bind it with exact cardinality: the
+statements the spec declares under ``roles:``, else those of today's dialect (documented in
+:mod:`optgen.features`: the denominator ``denom``, the direction ``update``, the first moment
+``exp_avg``, ...), and none or several is an error at the spec's lines. A feature's temporaries
+take names from :func:`fresh`, which never captures a spec's name. A feature that cannot find
+what it needs raises :class:`FeatureError`, which the lowering reports at the statement concerned
+or at the feature's entry in the spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
-from optgen.ir.roles import MULTI_ROLES, ROLES  # noqa: F401  (the vocabulary features bind)
+from optgen.ir.roles import MULTI_ROLES, ROLES  # noqa: F401  (MULTI_ROLES: the vocabulary, re-exported)
 
 
 class FeatureError(Exception):
@@ -75,13 +79,73 @@ def rewrite_role(program: Program, body: list[Stmt], feature: str, role: str, le
         if declared and p not in hits:
             raise FeatureError(f"feature '{feature}': the statement of role '{role}' ({where(p)}, "
                                f"'{s.target} = ...') is not {what}", p)
+    # a role a spec cannot declare (atan2's divisions by the denominator) is found by structure only
+    hint = role in ROLES
     if not hits:
-        raise FeatureError(f"feature '{feature}' needs {what} (role '{role}': declare it under roles:)")
+        raise FeatureError(f"feature '{feature}' needs {what}"
+                           + (f" (role '{role}': declare it under roles:)" if hint else ""))
     if len(hits) > 1 and not many:
         lines = ", ".join(where(p) for p in hits)
-        raise FeatureError(f"feature '{feature}': role '{role}' ({what}) matches several statements ({lines}); "
-                           f"declare the one it means under roles: {{{role}: name}}", next(iter(hits)))
+        raise FeatureError(f"feature '{feature}': " + (f"role '{role}' ({what})" if hint else what)
+                           + f" matches several statements ({lines})"
+                           + (f"; declare the one it means under roles: {{{role}: name}}" if hint else ""),
+                           next(iter(hits)))
     return out
+
+
+def find_role(program: Program, body: list[Stmt], feature: str, role: str, legacy: Callable[[Assign], bool],
+              form: Callable[[Assign], Any], what: str, many: bool = False) -> list[tuple[Assign, Any]]:
+    """The statements of ``role`` whose ``form`` (a test of their structure) is not None, each with
+    its form, bound with the cardinality of :func:`rewrite_role` (the same errors); the first copy
+    of each spec statement."""
+    found: dict = {}
+
+    def probe(s: Assign) -> list[Stmt] | None:
+        shape = form(s)
+        if shape is None:
+            return None
+        found.setdefault(s.pos, (s, shape))
+        return [s]
+
+    rewrite_role(program, body, feature, role, legacy, probe, what, many)
+    return list(found.values())
+
+
+FIRST_MOMENT = "a first-moment EMA 'm = lerp(m, x, w)' or 'm = m * beta1 + (c * (1 - beta1)) * x'"
+
+
+def first_moment(program: Program, body: list[Stmt], feature: str, form: Callable[[Assign], Any] | None = None,
+                 ) -> tuple[Assign, Ema]:
+    """The one statement of role ``first_moment`` (undeclared: the EMA of the dialect's
+    ``exp_avg``) and its EMA form; ``form`` narrows the forms the feature takes."""
+    def shape(s: Assign) -> Any:
+        ema = ema_form(s, s.target)
+        return ema if ema is None or form is None else form(s, ema)
+
+    (s, ema), = find_role(program, body, feature, "first_moment", lambda s: s.target == "exp_avg", shape,
+                          FIRST_MOMENT)
+    return s, ema
+
+
+DIRECTION = "a direction taken from the first moment 'd = copy(m)' or 'd = m'"
+
+
+def direction_sites(program: Program) -> Callable[[Assign], bool]:
+    """The dialect's direction: ``update = copy(m)`` (``m``: see :func:`direction_source`)."""
+    source = direction_source(program)
+    return lambda s: s.target == "update" and source(s) is not None
+
+
+def direction_target(program: Program) -> str:
+    """The name the direction statement assigns (the dialect's ``update`` if undeclared)."""
+    return role_target(program, "direction", "update")
+
+
+def own_state(program: Program, feature: str, *names: str) -> None:
+    """A feature's states keep their published names (state-dict keys): the spec must not declare them."""
+    for name in names:
+        if any(d.name == name for d in program.state):
+            raise FeatureError(f"feature '{feature}' keeps state '{name}': the spec declares one too")
 
 
 def names_in(program: Program) -> set[str]:
@@ -164,11 +228,6 @@ def switch(name: str, on: list[Stmt], off: list[Stmt], pos=None) -> If:
 def require(count: int, feature: str, what: str) -> None:
     if count == 0:
         raise FeatureError(f"feature '{feature}' needs {what}")
-
-
-def first_moment_direction(s: Assign) -> bool:
-    """Whether ``s`` is ``update = copy(exp_avg)``: the direction taken from the first moment."""
-    return s.target == "update" and s.value.op == "copy" and is_var(s.value.args[0], "exp_avg")
 
 
 def substitute(n: Node, fn: Callable[[Node], Node | None]) -> Node:

@@ -13,17 +13,25 @@ their own ``else`` branches. adv_optm 2.2.3 turns ``use_AdEMAMix``, ``grams_mome
 ``cautious_mask`` and ``use_atan2`` off under ``Simplified_AdEMAMix`` (Adopt_adv turns atan2 off
 without a word, the others with a print); this feature instead adds a construction-time check for
 each of those flags the spec has, a ValueError naming both flags, so no flag is silently ignored.
+
+Roles: ``first_moment`` (exactly one EMA statement, the lerp or a scaled axpy form) and
+``direction`` (``d = copy(m)`` or ``d = m``); undeclared, the dialect's ``exp_avg`` and
+``update = copy(exp_avg)``. The scaled learning rate is a temporary with a fresh name.
 """
 
 from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.rewrite import (
+    DIRECTION,
+    direction_sites,
+    direction_source,
     ema_form,
-    first_moment_direction,
+    first_moment,
     flag,
+    fresh,
     replace_assigns,
-    require,
+    rewrite_role,
     substitute,
     switch,
 )
@@ -40,13 +48,12 @@ def _host(op: str, *args: Node) -> Node:
     return Node(op, args, kind=Kind.HOST)
 
 
-def _uses_lr(n: Node) -> Node | None:
-    """The hyperparameter ``lr`` read as the scaled ``lr_sim``."""
-    return Node("var", kind=Kind.HOST, attr=LR) if n.op == "hyper" and n.attr == ("lr", None) else None
+def _relr(name: str):
+    """A rewrite of a statement: the hyperparameter ``lr`` read as the scaled temporary ``name``."""
+    def uses_lr(n: Node) -> Node | None:
+        return Node("var", kind=Kind.HOST, attr=name) if n.op == "hyper" and n.attr == ("lr", None) else None
 
-
-def _relr(s: Assign) -> list[Stmt]:
-    return [Assign(s.target, substitute(s.value, _uses_lr), s.pos, s.role)]
+    return lambda s: [Assign(s.target, substitute(s.value, uses_lr), s.pos, s.role)]
 
 
 def _exclusion_checks(program: Program) -> list[tuple[Node, str]]:
@@ -63,37 +70,37 @@ def _exclusion_checks(program: Program) -> list[tuple[Node, str]]:
 
 def _apply(program: Program) -> Program:
     program = program.copy(checks=[*program.checks, *_exclusion_checks(program)])
-    found: dict[str, Node] = {}
+    lr_name = fresh(program, LR)
+    # the lerp form, or an axpy form scaled by something (Prodigy's d): not the unscaled axpy form
+    ema_stmt, ema = first_moment(program, program.body, "simplified_ademamix",
+                                 lambda s, e: None if e.scale is not None and e.scale.op == "const" else e)
+    x, beta1 = ema.x, ema.beta1
 
     def accumulate(s: Assign):
-        ema = ema_form(s)
-        if ema is None or (ema.scale is not None and ema.scale.op == "const"):
-            return None
-        found["x"], found["beta1"] = ema.x, ema.beta1
+        if (s.target, s.pos) != (ema_stmt.target, ema_stmt.pos) or ema_form(s, s.target) != ema:
+            return None  # not the first moment (or a feature's rewritten copy of it)
         m = s.value.args[0]
         if ema.scale is None:  # m = m * beta1 + x
             acc = Node("add", (Node("mul", (m, ema.beta1), kind=s.value.kind), ema.x), kind=s.value.kind)
         else:  # Prodigy: m = m * beta1 + c * x, the accumulator of the scaled input
-            found["c"] = ema.scale
             acc = Node("axpy", (m, ema.x, ema.scale), kind=s.value.kind)
         return [switch(FLAG, [Assign(s.target, acc, s.pos, s.role)], [s], s.pos)]
 
-    body, n = replace_assigns(program.body, accumulate)
-    require(n, "simplified_ademamix", "an 'exp_avg = lerp(exp_avg, x, 1 - beta1)' or 'exp_avg = exp_avg * beta1 + "
-            "(c * (1 - beta1)) * x' statement")
-    x, beta1 = found["x"], found["beta1"]
+    body, _ = replace_assigns(program.body, accumulate)
     alpha_grad = Node("hyper", attr=("alpha_grad", None))
     # the input's weight in the direction: alpha_grad, times the input's scale (Prodigy's d)
-    weight = alpha_grad if "c" not in found else _host("mul", alpha_grad, found["c"])
+    weight = alpha_grad if ema.scale is None else _host("mul", alpha_grad, ema.scale)
+    source = direction_source(program)
 
     def direction(s: Assign):
-        if first_moment_direction(s):
-            value = Node("axpy", (s.value.args[0], x, weight), kind=Kind.ELEMENT)
-            return [switch(FLAG, [Assign("update", value, s.pos, s.role)], [s], s.pos)]
-        return None
+        m = source(s)
+        if m is None:
+            return None
+        value = Node("axpy", (m, x, weight), kind=Kind.ELEMENT)
+        return [switch(FLAG, [Assign(s.target, value, s.pos, s.role)], [s], s.pos)]
 
-    body, n = replace_assigns(body, direction)
-    require(n, "simplified_ademamix", "an 'update = copy(exp_avg)' statement")
+    body = rewrite_role(program, body, "simplified_ademamix", "direction", direction_sites(program), direction,
+                        DIRECTION)
     one = Node("const", attr=1)
     scale = _host("add", _host("div", _host("sub", one, _host("pow", beta1, Node("step"))), _host("sub", one, beta1)),
                   alpha_grad)
@@ -112,10 +119,10 @@ def _apply(program: Program) -> Program:
 
         return program.copy(body=replace_assigns(body, rescale)[0])
     lr_sim = _host("mul", Node("hyper", attr=("lr", None)), factor)
-    scaled = switch(FLAG, [Assign(LR, lr_sim)], [Assign(LR, Node("hyper", attr=("lr", None)))])
+    scaled = switch(FLAG, [Assign(lr_name, lr_sim)], [Assign(lr_name, Node("hyper", attr=("lr", None)))])
     # computed just before the first statement that reads lr, where beta1 (maybe warmed up) is known
     first = next((i for i, s in enumerate(body) if _reads_lr(s)), len(body))
-    return program.copy(body=[*body[:first], scaled, *replace_assigns(body[first:], _relr)[0]])
+    return program.copy(body=[*body[:first], scaled, *replace_assigns(body[first:], _relr(lr_name))[0]])
 
 
 def _reads_lr(s: Stmt) -> bool:

@@ -31,7 +31,15 @@ from __future__ import annotations
 
 from optgen.features import Feature
 from optgen.features.factored import _before_orthograd
-from optgen.features.rewrite import FeatureError, at_start_of_param_block, edit_nested, element, placed, var
+from optgen.features.rewrite import (
+    FeatureError,
+    at_start_of_param_block,
+    edit_nested,
+    element,
+    names_in,
+    placed,
+    var,
+)
 from optgen.ir.codecs import PACKED_UINT4, Codec, codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
 from optgen.spec.model import HyperparameterSpec
@@ -246,8 +254,8 @@ def _apply(program: Program) -> Program:
         raise FeatureError("feature 'state_precision' found no per-element state to store")
     names = {d.name for d in decls}
     taken = {d.name for d in program.state}
-    for d in decls:
-        if work_name(d.name) in taken:
+    for d in decls:  # the working value's name derives from the state's: a spec name is an error
+        if work_name(d.name) in names_in(program):
             raise FeatureError(f"feature 'state_precision' names the working value of '{d.name}' "
                                f"'{work_name(d.name)}', which is taken")
     try:
