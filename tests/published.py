@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from optgen.authoring.load import handed as _handed
 from optgen.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,20 +80,8 @@ def published_factory(spec_name: str, setting: dict[str, Any], dtype: torch.dtyp
 
 
 def handed(spec_name: str, params) -> list:
-    """The parameters the tests hand both classes: every one, the 2-D ones where the published class
-    refuses others (``matches.parameters: matrices``, torch.optim.Muon), the non-empty ones where
-    it fails on empty ones (``nonempty``, torch.optim.Adafactor)."""
-    params = list(params)
-    which = load_spec(SPECS / f"{spec_name}.yaml").model.matches.parameters
-    if which == "all":
-        return params
-
-    def keep(p: torch.Tensor) -> bool:
-        return p.dim() == 2 if which == "matrices" else p.numel() > 0
-
-    if params and isinstance(params[0], dict):  # param groups
-        return [{**g, "params": [p for p in g["params"] if keep(p)]} for g in params]
-    return [p for p in params if keep(p)]
+    """The parameters the tests hand both classes (:func:`optgen.authoring.load.handed`)."""
+    return _handed(load_spec(SPECS / f"{spec_name}.yaml").model.matches, params)
 
 
 def dtype_argument(spec_name: str, dtype: torch.dtype) -> dict[str, torch.dtype]:

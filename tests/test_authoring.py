@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -130,6 +131,28 @@ def test_doc_writes_a_mkdocs_site(tmp_path: Path) -> None:
         assert (out / "docs" / "img" / "adam_loss.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed: loss-curve plots skipped" in r.output
+
+
+def test_doc_site_builds_with_mkdocs_and_plots_a_class_that_refuses_vectors(tmp_path: Path) -> None:
+    """torch.optim.Muon refuses the MLP's biases: both classes are handed its matrices
+    (``matches.parameters: matrices``), so the page gets its plot; the site builds with mkdocs."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("mkdocs")
+    import subprocess
+    import sys
+
+    out = tmp_path / "site"
+    r = runner.invoke(app, ["doc", str(SPECS / "muon.yaml"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "plot without" not in r.output, r.output
+    png = out / "docs" / "img" / "muon_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "img/muon_loss.png" in (out / "docs" / "specs" / "muon.md").read_text()
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(out / "mkdocs.yml"),
+                            "-d", str(tmp_path / "html")], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    html = (tmp_path / "html" / "specs" / "muon" / "index.html").read_text()
+    assert "Muon" in html and "muon_loss.png" in html
 
 
 def test_show_prints_the_cost_model_of_adamw() -> None:

@@ -194,8 +194,11 @@ def write_site(specs: list[Path], out: Path, results: dict[str, dict] | None = N
             png = None
             if do_plots:
                 png = f"{name}_loss.png"
-                note = loss_plot(p, out / "docs" / "img" / png)
-                written.append(out / "docs" / "img" / png)
+                try:
+                    note = loss_plot(p, out / "docs" / "img" / png)
+                    written.append(out / "docs" / "img" / png)
+                except Exception as exc:  # a class failing on the MLP: the page says so, the site goes on
+                    note, png = f"no plot: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
                 if note:
                     echo(f"optgen doc: {name}: plot without the published class ({note})")
             name, cls, text = spec_page(p, res, png)

@@ -78,6 +78,23 @@ def published_class(package: str, class_path: str, root: Path | None = None) -> 
         return None, f"cannot import {class_path}: {type(exc).__name__}: {exc}"
 
 
+def handed(matches: Any, params) -> list:
+    """The parameters both classes are handed in a comparison: every one, the 2-D ones where the
+    published class refuses others (``matches.parameters: matrices``, torch.optim.Muon), the
+    non-empty ones where it fails on empty ones (``nonempty``, torch.optim.Adafactor)."""
+    params = list(params)
+    which = matches.parameters if matches is not None else "all"
+    if which == "all":
+        return params
+
+    def keep(p) -> bool:
+        return p.dim() == 2 if which == "matrices" else p.numel() > 0
+
+    if params and isinstance(params[0], dict):  # param groups
+        return [{**g, "params": [p for p in g["params"] if keep(p)]} for g in params]
+    return [p for p in params if keep(p)]
+
+
 def published_factory(cls: type, matches: Any, setting: dict[str, Any], dtype: Any):
     """A ``params -> optimizer`` of the published class with ``setting`` (our argument names)."""
     kwargs = {}
@@ -91,7 +108,7 @@ def published_factory(cls: type, matches: Any, setting: dict[str, Any], dtype: A
     def make(params):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls(params, **kwargs)
+            return cls(handed(matches, params), **kwargs)
 
     return make
 
@@ -105,6 +122,6 @@ def ours_factory(cls: type, built: Built, setting: dict[str, Any], backend: str,
     def make(params):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls(params, backend=backend, **kwargs)
+            return cls(handed(m, params), backend=backend, **kwargs)
 
     return make
