@@ -17,6 +17,7 @@ from .adamw4bit_ao import AdamW4bit
 from .adamw8bit_ao import AdamW8bit_ao
 from .adamw8bit_bnb import AdamW8bit
 from .adamw_adv import AdamW_adv
+from .adamw_spam import AdamWSPAM
 from .adamwadv import AdamWAdv
 from .adamwfp8_ao import AdamWFp8
 from .adopt_adv import Adopt_adv
@@ -54,6 +55,7 @@ __all__ = [
     "AdamW8bit_ao",
     "AdamWAdv",
     "AdamWFp8",
+    "AdamWSPAM",
     "AdamW_adv",
     "Adamax",
     "Adams",

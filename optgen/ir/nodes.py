@@ -146,7 +146,9 @@ class ReductionDecl:
     ``over``: ``norm`` (torch.nn.utils.get_total_norm of the per-tensor values: each tensor's
     ``order``-norm, then the norm of those norms), ``sum``, ``max``, ``min`` (of each tensor's, then
     of those), ``kthvalue`` (the ``k``-th smallest element of the concatenation) or ``quantile``
-    (torch.quantile of the concatenation at ``q``).
+    (torch.quantile of the concatenation at ``q``). With ``window`` (a window statistic), ``of``
+    is an earlier reduction (node ``reduced``) and ``over`` (``mean``, ``std``, ``count``, ``sum``,
+    ``max``, ``min``) reduces the finite values it took at the last ``window`` earlier steps.
     """
 
     name: str
@@ -157,6 +159,7 @@ class ReductionDecl:
     q: Node | None = None  # host expression (quantile)
     select: Node | None = None  # per-parameter host condition: which parameters take part
     cond: Node | None = None  # host condition of group 0's hyperparameters: computed at all
+    window: Node | None = None  # host expression: the number of earlier steps a window statistic reads
     doc: str = ""
 
 

@@ -36,6 +36,7 @@ _PER_PARAM = ("step", "meta", "has", "param_attr", "input")
 def lower_reductions(spec: Spec, lw: Lowerer) -> list[ReductionDecl]:
     """The spec's ``reductions:`` in declaration order; each becomes a name ``lw`` resolves."""
     out: list[ReductionDecl] = []
+    windowed: set[str] = set()  # window statistics: not the history of another
     m = spec.model
     for name, red in m.reductions.items():
         field = f"reductions.{name}"
@@ -44,6 +45,14 @@ def lower_reductions(spec: Spec, lw: Lowerer) -> list[ReductionDecl]:
             raise SpecError(spec.source.at(("reductions", name)), field,
                             f"'{name}' is declared twice (hyperparameter, state, global, accumulator or reduction)")
         of = lw.expr(exprs["of"], f"{field}.of")
+        if "window" in exprs:
+            out.append(_window(name, red.over, of, exprs, field, lw, red.doc, windowed))
+            lw.reductions.add(name)
+            windowed.add(name)
+            continue
+        if red.over in WINDOWED_ONLY:
+            raise SpecError(exprs["of"].pos, f"{field}.over", f"over: {red.over} is a window statistic: it needs "
+                            "window: (the number of earlier steps) and of: naming an earlier reduction")
         if of.is_host or of.boolean or of.kind not in (Kind.ELEMENT, Kind.TENSOR):
             raise SpecError(exprs["of"].pos, f"{field}.of", "a reduction reduces a per-element or per-tensor "
                             f"number of each parameter, but this is {'a mask' if of.boolean else of.kind.label}")
@@ -83,6 +92,37 @@ def lower_reductions(spec: Spec, lw: Lowerer) -> list[ReductionDecl]:
         out.append(decl)
         lw.reductions.add(name)
     return out
+
+
+#: statistics only a window has (a reduction over parameters has sum, max, min, norm, ...)
+WINDOWED_ONLY = ("mean", "std", "count")
+#: the statistics of a window
+WINDOW_STATISTICS = ("mean", "std", "count", "sum", "max", "min")
+
+
+def _window(name: str, over: str, of: Node, exprs: dict, field: str, lw: Lowerer, doc: str,
+            windowed: set[str]) -> ReductionDecl:
+    """A window statistic: ``over`` of the finite values the reduction ``of`` names took at the last
+    ``window`` earlier steps (optgen.runtime.reductions keeps them on the device)."""
+    if of.op != "reduced" or of.attr in windowed:
+        raise SpecError(exprs["of"].pos, f"{field}.of", "a window statistic reads the history of an earlier "
+                        "reduction over the parameters: of: is that reduction's name")
+    if over not in WINDOW_STATISTICS:
+        raise SpecError(exprs["of"].pos, f"{field}.over", f"a window has no '{over}': over: is one of "
+                        f"{', '.join(WINDOW_STATISTICS)}")
+    for key in ("k", "q", "select"):
+        if key in exprs:
+            raise SpecError(exprs[key].pos, f"{field}.{key}", f"{key}: belongs to reductions over the parameters, "
+                            "not to a window statistic")
+    e = exprs["window"]
+    size = lw.expr(e, f"{field}.window")
+    _whole(size, e, f"{field}.window", "a number of steps")
+    decl = ReductionDecl(name, of, over, window=size, doc=doc)
+    if "if" in exprs:
+        cond = lw.expr(exprs["if"], f"{field}.if")
+        _whole(cond, exprs["if"], f"{field}.if", "a true/false value")
+        decl.cond = cond
+    return decl
 
 
 def _rename_count(n: Node) -> Node:

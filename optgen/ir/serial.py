@@ -97,7 +97,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
     }
 
 
-_REDUCTION_NODES = ("of", "order", "k", "q", "select", "cond")
+_REDUCTION_NODES = ("of", "order", "k", "q", "select", "cond", "window")
 
 
 def _reduction_to_data(r: ReductionDecl) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
     for r in prog.reductions:
         if r.cond is not None and not evaluate(r.cond, whole):
             continue
+        if r.window is not None:  # a statistic of earlier steps' values: no pass over the parameters
+            out[r.name] = _window_statistic(opt, r, whole, device)
+            continue
         values = []
         for group, p in params:
             state = opt.state[p]
@@ -55,7 +58,83 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
                 continue
             values.append(_value(prog, r, p, group, state, view, opt, out))
         out[r.name] = combine(r, values, whole, device)
+    _extend_histories(opt, out, whole, device)
     return out
+
+
+#: the prefix of the ``optimizer.state`` keys that hold the histories window statistics read
+#: (string keys, as torch.optim keeps optimizer-wide entries): ``HISTORY + name`` -> {"values", "count"}
+HISTORY = "history."
+
+
+def _windows(prog: Program, whole: HostContext) -> dict[str, int]:
+    """The reductions whose values a window statistic reads, each with the longest window read."""
+    sizes: dict[str, int] = {}
+    for r in prog.reductions:
+        if r.window is not None:
+            size = evaluate(r.window, whole)
+            if int(size) != size or size < 1:
+                raise ValueError(f"reduction '{r.name}': its window is {size!r} steps: a positive whole number")
+            sizes[r.of.attr] = max(sizes.get(r.of.attr, 0), int(size))
+    return sizes
+
+
+def _history(opt: GeneratedOptimizer, name: str, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The values (float64, oldest first, the last ``count`` of them valid) of reduction ``name``;
+    created empty, moved to ``device`` and resized to ``size`` (the newest kept) where needed."""
+    h = opt.state.get(HISTORY + name)
+    if h is None:
+        h = {"values": torch.zeros(size, dtype=torch.float64, device=device),
+             "count": torch.zeros((), dtype=torch.int64, device=device)}
+    else:
+        h = {k: v.to(device) for k, v in h.items()}
+        old = h["values"]
+        if old.numel() != size:
+            keep = old[max(0, old.numel() - size):]
+            h["values"] = torch.cat([torch.zeros(size - keep.numel(), dtype=torch.float64, device=device), keep])
+            h["count"] = h["count"].clamp(max=keep.numel())
+    return h
+
+
+def _window_statistic(opt: GeneratedOptimizer, r: ReductionDecl, whole: HostContext,
+                      device: torch.device) -> torch.Tensor:
+    """``r.over`` of the valid values among the last ``window`` of its reduction's history (float64,
+    on the device, no host sync): mean and std (population) NaN, max -inf, min +inf when empty."""
+    size = int(evaluate(r.window, whole))
+    h = _history(opt, r.of.attr, _windows(opt._program, whole)[r.of.attr], device)
+    values = h["values"][-size:]
+    n = h["count"].clamp(max=size)
+    valid = torch.arange(size, device=device) >= size - n
+    count = n.to(torch.float64)
+    if r.over == "count":
+        return count
+    if r.over == "max":
+        return torch.where(valid, values, -math.inf).amax()
+    if r.over == "min":
+        return torch.where(valid, values, math.inf).amin()
+    total = torch.where(valid, values, 0.0).sum()
+    if r.over == "sum":
+        return total
+    mean = total / count
+    if r.over == "mean":
+        return mean
+    return (torch.where(valid, values - mean, 0.0).square().sum() / count).sqrt()  # std (ddof 0)
+
+
+def _extend_histories(opt: GeneratedOptimizer, out: dict[str, torch.Tensor], whole: HostContext,
+                      device: torch.device) -> None:
+    """Append this step's value of every reduction a window reads, if it is finite (on the device:
+    the append is a select, not a host decision). New tensors, never in place: a loaded state
+    dict's entries (torch.optim keeps them as they are) stay the loader's."""
+    for name, size in _windows(opt._program, whole).items():
+        if name not in out:  # not computed this step (its if: was false)
+            continue
+        h = _history(opt, name, size, device)
+        v = out[name].to(device=device, dtype=torch.float64).reshape(1)
+        finite = torch.isfinite(v)
+        h = {"values": torch.where(finite, torch.cat([h["values"][1:], v]), h["values"]),
+             "count": h["count"] + finite.reshape(()).to(torch.int64)}
+        opt.state[HISTORY + name] = h
 
 
 def _value(prog: Program, r: ReductionDecl, p: torch.Tensor, group: dict, state: dict, view: Any,

@@ -97,7 +97,7 @@ def load_spec(path: str | Path, display_path: str | None = None) -> Spec:
             inits[name] = decl_expr(text, (section, name, "init"), f"{section}.{name}.init")
     for name, red in model.reductions.items():
         parsed = spec.reduction_exprs[name] = {}
-        for key in ("of", "order", "k", "q", "select", "if_"):
+        for key in ("of", "order", "k", "q", "select", "window", "if_"):
             value = getattr(red, key)
             if value is not None:
                 yaml_key = "if" if key == "if_" else key

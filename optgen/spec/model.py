@@ -196,7 +196,7 @@ class ReductionSpec(_Strict):
     #: the per-element (or per-tensor) value of one parameter: an expression of param, grad, its
     #: states and hyperparameters (and earlier reductions)
     of: str
-    over: Literal["norm", "sum", "max", "min", "kthvalue", "quantile"]
+    over: Literal["norm", "sum", "max", "min", "kthvalue", "quantile", "mean", "std", "count"]
     #: norm: its order (a number or a host expression; inf for the max norm)
     order: float | int | str = 2.0
     #: kthvalue: k, a host expression of hyperparameters, globals and ``count`` (the number of
@@ -206,6 +206,10 @@ class ReductionSpec(_Strict):
     q: float | int | str | None = None
     #: per-parameter host condition: which parameters take part (default: all)
     select: str | None = None
+    #: a window statistic: ``of`` names an earlier reduction and this one reduces (mean, std,
+    #: count, sum, max, min) the finite values that reduction took at the last ``window`` earlier
+    #: steps (a host expression of group 0's hyperparameters), kept on the device
+    window: int | str | None = None
     #: host condition of group 0's hyperparameters: whether it is computed at all this step
     if_: str | None = Field(default=None, alias="if")
     doc: str = ""
