@@ -20,6 +20,7 @@ from .adamw_adv import AdamW_adv
 from .adamw_spam import AdamWSPAM
 from .adamwadv import AdamWAdv
 from .adamwfp8_ao import AdamWFp8
+from .adamwprune import AdamWPrune
 from .adopt_adv import Adopt_adv
 from .asgd import ASGD
 from .coupled_adam import CoupledAdam
@@ -55,6 +56,7 @@ __all__ = [
     "AdamW8bit_ao",
     "AdamWAdv",
     "AdamWFp8",
+    "AdamWPrune",
     "AdamWSPAM",
     "AdamW_adv",
     "Adamax",

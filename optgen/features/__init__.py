@@ -48,6 +48,7 @@ class Feature:
 
 def _registry() -> dict[str, Feature]:
     from optgen.features import (
+        adamw_prune,
         ademamix,
         amsgrad,
         atan2,
@@ -73,7 +74,7 @@ def _registry() -> dict[str, Feature]:
 
     mods = (orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
             atan2, atan2_adams, fisher_wd, cautious_wd, centered_wd, kourkoutas_beta, stochastic_rounding, factored, spectral_decay, clip_grad,
-            coupled, state_precision)
+            coupled, state_precision, adamw_prune)
     return {m.FEATURE.name: m.FEATURE for m in mods}
 
 

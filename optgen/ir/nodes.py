@@ -160,6 +160,9 @@ class ReductionDecl:
     select: Node | None = None  # per-parameter host condition: which parameters take part
     cond: Node | None = None  # host condition of group 0's hyperparameters: computed at all
     window: Node | None = None  # host expression: the number of earlier steps a window statistic reads
+    #: first: the step's first phase, read by the update; post: computed after every parameter's
+    #: update, read by the post-update statements (``Program.post``)
+    phase: str = "first"
     doc: str = ""
 
 
@@ -226,6 +229,10 @@ class Program:
     reductions: list[ReductionDecl] = field(default_factory=list)
     #: host statements run once after every parameter of a step: read accumulators, write globals
     finalize: list[Stmt] = field(default_factory=list)
+    #: the post-update phase: per-parameter statements run after every parameter of the step has
+    #: been updated and the ``phase: post`` reductions computed over the updated values (before
+    #: ``finalize``); AdamWPrune's masks from the stepped moments
+    post: list[Stmt] = field(default_factory=list)
     #: the published class's state-dict layout, where it is not torch.optim's
     published: PublishedLayout | None = None
     #: the spec's declared ``roles:``: role -> the (target, position) of each statement it binds;

@@ -93,6 +93,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
         **({"accumulators": [[a.name, node_to_data(a.init)] for a in p.accumulators]} if p.accumulators else {}),
         **({"finalize": _stmts_to_data(p.finalize)} if p.finalize else {}),
         **({"reductions": [_reduction_to_data(r) for r in p.reductions]} if p.reductions else {}),
+        **({"post": _stmts_to_data(p.post)} if p.post else {}),
         **({"published": _layout_to_data(p.published)} if p.published is not None else {}),
     }
 
@@ -101,7 +102,7 @@ _REDUCTION_NODES = ("of", "order", "k", "q", "select", "cond", "window")
 
 
 def _reduction_to_data(r: ReductionDecl) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": r.name, "over": r.over}
+    out: dict[str, Any] = {"name": r.name, "over": r.over, **({"phase": r.phase} if r.phase != "first" else {})}
     for key in _REDUCTION_NODES:
         node = getattr(r, key)
         if node is not None:
@@ -111,7 +112,7 @@ def _reduction_to_data(r: ReductionDecl) -> dict[str, Any]:
 
 def _reduction_from_data(d: dict[str, Any]) -> ReductionDecl:
     nodes = {k: node_from_data(d[k]) for k in _REDUCTION_NODES if k in d}
-    return ReductionDecl(d["name"], over=d["over"], **nodes)
+    return ReductionDecl(d["name"], over=d["over"], phase=d.get("phase", "first"), **nodes)
 
 
 def _matches_to_data(m: Any) -> dict[str, Any] | None:
@@ -203,5 +204,6 @@ def program_from_data(d: dict[str, Any]) -> Program:
         accumulators=[AccumulatorDecl(n, node_from_data(i)) for n, i in d.get("accumulators", [])],
         finalize=_stmts_from_data(d.get("finalize", [])),
         reductions=[_reduction_from_data(r) for r in d.get("reductions", [])],
+        post=_stmts_from_data(d.get("post", [])),
         published=_layout_from_data(d.get("published")),
     )

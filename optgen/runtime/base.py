@@ -579,6 +579,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
                     self._kourkoutas.maybe_prepare(self._completed_steps(first))
             for gi, group, params in stepped:
                 self._step_params(gi, group, params)
+            if self._program.post:  # after every parameter's update (feature adamw_prune's masks)
+                reductions.post_update(self, stepped)
         self.finish_step()
         return loss
 

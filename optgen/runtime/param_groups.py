@@ -1,4 +1,4 @@
-"""Parameter-group helpers of published training recipes (AdamWPrune's AdamWAdv)."""
+"""Parameter-group helpers of published training recipes (AdamWPrune's AdamWAdv and AdamWPrune)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
             (no_decay if name.endswith("bias") or isinstance(module, NORM_LAYERS) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def mark_prunable(model: nn.Module) -> list[nn.Parameter]:
+    """AdamWPrune's prunable tensors: set ``prunable = True`` on the ``.weight`` of every
+    ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (feature ``adamw_prune`` reads it); returns them."""
+    marked = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(module.weight, nn.Parameter):
+            module.weight.prunable = True
+            marked.append(module.weight)
+    return marked

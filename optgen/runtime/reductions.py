@@ -30,13 +30,14 @@ if TYPE_CHECKING:
     from optgen.runtime.base import GeneratedOptimizer
 
 
-def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]]
-            ) -> dict[str, torch.Tensor]:
-    """The program's reductions over ``stepped`` ((group index, group, parameters with gradients)),
-    in declaration order (a later one may read an earlier one)."""
+def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]],
+            phase: str = "first") -> dict[str, torch.Tensor]:
+    """The program's reductions of ``phase`` over ``stepped`` ((group index, group, parameters with
+    gradients)), in declaration order (a later one may read an earlier one). The ``post`` phase's
+    run after every parameter's update and also see the first phase's values."""
     prog: Program = opt._program
-    out: dict[str, torch.Tensor] = {}
-    if not prog.reductions:
+    out: dict[str, torch.Tensor] = dict(opt.__dict__.get("_reduced", {})) if phase == "post" else {}
+    if not any(r.phase == phase for r in prog.reductions):
         return out
     params = [(opt._stepping_group(gi, g), p) for gi, g, ps in stepped for p in ps]
     first = dict(opt.param_groups[0]) if opt.param_groups else {}
@@ -45,7 +46,7 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
     whole = HostContext(first, torch.empty(0), {}, tensor_math=False)
     device = params[0][1].device if params else torch.device("cpu")
     for r in prog.reductions:
-        if r.cond is not None and not evaluate(r.cond, whole):
+        if r.phase != phase or r.cond is not None and not evaluate(r.cond, whole):
             continue
         if r.window is not None:  # a statistic of earlier steps' values: no pass over the parameters
             out[r.name] = _window_statistic(opt, r, whole, device)
@@ -58,8 +59,23 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
                 continue
             values.append(_value(prog, r, p, group, state, view, opt, out))
         out[r.name] = combine(r, values, whole, device)
-    _extend_histories(opt, out, whole, device)
+    if phase == "first":
+        _extend_histories(opt, out, whole, device)
     return out
+
+
+def post_update(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]]) -> None:
+    """The program's post-update phase (``Program.post``): its ``phase: post`` reductions over the
+    updated parameters and states, then its statements for every stepped parameter. Torch ops on
+    the device on every backend (the reference interpreter, as for the reductions phase); states
+    are written in place, so the triton backend's tables stay valid."""
+    prog: Program = opt._program
+    reduced = compute(opt, stepped, phase="post")
+    post = prog.copy(body=prog.post)
+    for gi, group, params in stepped:
+        g = opt._stepping_group(gi, group)
+        for p in params:
+            reference.run(post, p, p.grad, opt.state[p], g, opt._inputs(p), reduced=reduced)
 
 
 #: the prefix of the ``optimizer.state`` keys that hold the histories window statistics read
@@ -180,7 +196,7 @@ def combine(r: ReductionDecl, values: list[torch.Tensor], ctx: HostContext, devi
 def refuse_partial(opt: GeneratedOptimizer) -> None:
     """A step of some parameters only (``step_parameter``, the fused backward pass) cannot compute
     reductions over all of them."""
-    if opt._program.reductions:
-        names = ", ".join(r.name for r in opt._program.reductions)
+    if opt._program.reductions or opt._program.post:
+        names = ", ".join(r.name for r in opt._program.reductions) or "a post-update phase"
         raise RuntimeError(f"{type(opt).__name__}: its optimizer-wide reductions ({names}) reduce over every "
                            "parameter before the step: call step(), not step_parameter() or attach_fused_backward()")
