@@ -58,11 +58,31 @@ def refuse_self_sharded(opt: GeneratedOptimizer) -> None:
             f"(adams-torch's ZeRO); wrap Adams (the same maths) in ZeroRedundancyOptimizer, or use {name} alone")
 
 
+def global_stream_draws(program: Any) -> list[str]:
+    """What of ``program`` draws from torch's default generator in parameter order (a state
+    initialised by ``random_subset``, a ``rand_like`` in the step)."""
+    from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
+
+    found = [f"state {d.name} (random_subset)" for d in program.state
+             if isinstance(d.init, tuple) and d.init and d.init[0] == "random_subset"]
+    for s in walk_stmts(list(program.body) + list(program.finalize)):
+        if isinstance(s, Assign) and any(n.op == "rand_like" for n in walk_nodes(s.value)):
+            found.append(f"{s.target} = ... rand_like(...)")
+    return list(dict.fromkeys(found))
+
+
 def attach(opt: GeneratedOptimizer) -> None:
     """Called at the end of ``GeneratedOptimizer.__init__``: nothing unless ZeRO is constructing ``opt``."""
     zero = constructing_zero(opt)
     if zero is None:
         return
+    draws = global_stream_draws(opt._program) if zero.world_size > 1 else []
+    if draws:
+        name = type(opt).__name__
+        raise NotImplementedError(
+            f"{name} under ZeroRedundancyOptimizer: {name} draws from torch's default random generator in "
+            f"parameter order ({', '.join(draws)}), so a rank owning part of the parameters would draw other "
+            f"values than one process; use {name} with DDP (every rank steps every parameter) instead")
     if zero.world_size > 1 and opt._program.accumulators:
         opt._zero1_pool = Pool(zero)  # read by GeneratedOptimizer._accumulator_sums
     if opt._program.published is not None:
