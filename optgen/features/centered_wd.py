@@ -94,9 +94,9 @@ def _apply(program: Program) -> Program:
     t = fresh(program, TARGET)
     match = role_sites(program, "decay", lambda s: s.target == "param")
     for name, pos in program.roles.get("decay", []):  # a declared decay must have the standard form
-        s = next((s for s in walk_stmts(program.body) if isinstance(s, Assign) and (s.target, s.pos) == (name, pos)),
-                 None)
-        if s is not None and _rate(s) is None:
+        copies = [s for s in walk_stmts(program.body) if isinstance(s, Assign) and (s.target, s.pos) == (name, pos)]
+        # (one copy at least: an earlier feature's flag path may hold a rewritten one, Fisher's)
+        if copies and all(_rate(s) is None for s in copies):
             raise FeatureError(f"feature 'centered_wd': the statement of role 'decay' ({where(pos)}) is not a "
                                "decoupled decay 'param = param + (-(weight_decay * s)) * param'", pos)
     cautious = "cautious_wd" in hypers

@@ -31,6 +31,10 @@ class FeatureError(Exception):
 
 
 
+#: the structural matches (not roles a spec declares) and the role each is found from
+FOUND_FROM = {"division": "denominator"}
+
+
 def where(pos) -> str:
     return f"line {pos.line}" if pos is not None else "a feature's statement"
 
@@ -79,16 +83,17 @@ def rewrite_role(program: Program, body: list[Stmt], feature: str, role: str, le
         if declared and p not in hits:
             raise FeatureError(f"feature '{feature}': the statement of role '{role}' ({where(p)}, "
                                f"'{s.target} = ...') is not {what}", p)
-    # a role a spec cannot declare (atan2's divisions by the denominator) is found by structure only
-    hint = role in ROLES
+    # a role a spec cannot declare (the divisions by the denominator) is found by structure from
+    # one it can: the hint names that one
+    hint = role if role in ROLES else FOUND_FROM.get(role)
     if not hits:
         raise FeatureError(f"feature '{feature}' needs {what}"
-                           + (f" (role '{role}': declare it under roles:)" if hint else ""))
+                           + (f" (role '{hint}': declare it under roles:)" if hint else ""))
     if len(hits) > 1 and not many:
         lines = ", ".join(where(p) for p in hits)
-        raise FeatureError(f"feature '{feature}': " + (f"role '{role}' ({what})" if hint else what)
-                           + f" matches several statements ({lines})"
-                           + (f"; declare the one it means under roles: {{{role}: name}}" if hint else ""),
+        said = f"role '{role}' ({what})" if role in ROLES else what
+        raise FeatureError(f"feature '{feature}': {said} matches several statements ({lines})"
+                           + (f"; declare the one it means under roles: {{{role}: name}}" if role in ROLES else ""),
                            next(iter(hits)))
     return out
 
