@@ -10,14 +10,19 @@ buckets parameters by branch path, the triton backend renders one kernel set per
 element ever branches on it. Features apply in the order the spec lists them; a feature's
 ``after``/``before`` say which orders it needs, and the resolver checks them.
 
-A base spec names what features rewrite under ``roles:`` (see ``optgen.features.rewrite.ROLES``:
-``first_moment``, ``direction``, ``denominator``, ``step_size``, ``decay``, ...), each bound to
-exactly one statement; atan2, cautious, grams, cautious_wd and spectral_decay match those
-statements by structure. A role a spec does not declare is inferred from today's dialect: the
-denominator is
-a temporary ``denom`` (``denom = ... + eps``), the direction is ``update`` (divided by ``denom``,
-then ``update = update * step_size``), the first moment is ``exp_avg = lerp(exp_avg, grad, w)``
-followed by ``update = copy(exp_avg)``, and decoupled decay is ``param = param + s * param``.
+A base spec names what features rewrite under ``roles:`` (see ``optgen.ir.roles.ROLES``:
+``first_moment``, ``second_moment``, ``direction``, ``denominator``, ``step_size``, ``decay``, ...),
+each bound to exactly one statement (``decay``: one per path). Every feature that rewrites a
+statement of the base finds it by role and matches its IR structure with exact cardinality
+(:func:`optgen.features.rewrite.rewrite_role` / ``find_role``: none or several is an error at the
+spec's lines); its temporaries take names the spec does not use (``rewrite.fresh``), and the
+states it keeps under published keys (``max_exp_avg_sq``, ``exp_avg_slow``, ``anchor_data``, ...)
+are an error where the spec declares them. A role a spec does not declare is inferred from
+today's dialect, with the same cardinality: the denominator is a temporary ``denom``
+(``denom = ... + eps``), the direction is ``update`` (divided by ``denom``, then
+``update = update * step_size``), the first moment is the EMA of ``exp_avg`` followed by
+``update = copy(exp_avg)``, the second moment ``exp_avg_sq``, and decoupled decay is
+``param = param + s * param`` (or ``param * (1 - s)``).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ from __future__ import annotations
 #: :mod:`optgen.features`), with the same exact cardinality.
 ROLES = {
     "first_moment": "the first-moment EMA of a state: m = lerp(m, g, w) or m * b1 + c * (1 - b1) * g",
-    "second_moment": "the second-moment EMA of a state",
+    "second_moment": "the second-moment EMA of a state: v = v * b2 + c * (1 - b2) * g * g",
     "direction": "the direction taken from the first moment: d = copy(m) or d = m",
-    "denominator": "the denominator with its epsilon: d = x + eps or d = eps + x (eps a host value)",
+    "denominator": "the denominator with its epsilon: d = x + eps or d = eps + x (eps a host value); the "
+                   "divisions by it are found from it",
     "step_size": "the direction scaled by the step size: d = d * s or d = s * d (s a host value)",
     "decay": "decoupled weight decay: param = param + s * param or param = param * (1 - s)",
     "param_write": "the parameter's update by the direction",
