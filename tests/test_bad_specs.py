@@ -80,14 +80,16 @@ CASES = [
     ("feature without its anchors", BASE.replace("class: Demo", "class: Demo\nfeatures: [maximize, atan2]"),
      "3:22: features[1]: feature 'atan2' needs a denominator 'd = x + eps' (role 'denominator': declare it under roles:)"),
     ("nesterov without an EMA", BASE.replace("class: Demo", "class: Demo\nfeatures: [nesterov]"),
-     "3:12: features[0]: feature 'nesterov' needs an 'exp_avg = lerp(exp_avg, grad, w)' or 'exp_avg = exp_avg * "),
+     "3:12: features[0]: feature 'nesterov' needs a first-moment EMA 'm = lerp(m, x, w)' or 'm = m * beta1 + "
+     "(c * (1 - beta1)) * x' (role 'first_moment': declare it under roles:)"),
     # the flags' conflicts are construction-time checks (tests/test_simplified_flag.py); the order is the spec's
     ("simplified_ademamix before grams", BASE.replace("class: Demo", "class: Demo\nfeatures: [simplified_ademamix, grams]"),
      "3:12: features[0]: feature 'simplified_ademamix' must come after 'grams' (features[1])"),
     ("simplified_ademamix before atan2", BASE.replace("class: Demo", "class: Demo\nfeatures: [simplified_ademamix, atan2]"),
      "3:12: features[0]: feature 'simplified_ademamix' must come after 'atan2' (features[1])"),
     ("ademamix without a moment", BASE.replace("class: Demo", "class: Demo\nfeatures: [ademamix]"),
-     "3:12: features[0]: feature 'ademamix' needs an 'exp_avg = lerp(exp_avg, x, w)' or 'exp_avg = exp_avg * beta1 + "),
+     "3:12: features[0]: feature 'ademamix' needs a first-moment EMA 'm = lerp(m, x, w)' or 'm = m * beta1 + "
+     "(c * (1 - beta1)) * x' (role 'first_moment': declare it under roles:)"),
     ("string compared with <", BASE.replace("- param = param - lr * m", "- param = param - lr * m\n  - if: lr < 'x'\n    then: [m = m]"),
      "11:9: update[2].if: 'x' can only be compared with == or !="),
     ("string in maths", BASE.replace("lr * m", "'x' * m"),
