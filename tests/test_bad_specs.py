@@ -110,6 +110,12 @@ CASES = [
     ("published attribute not a hyperparameter", BASE.replace("class: Demo", "class: Demo\nmatches:\n"
      "  package: torch==2.0.0\n  class: torch.optim.SGD\n  state_dict: {attributes: [nesterov]}"),
      "matches.state_dict.attributes[0]: 'nesterov' is not a per-group hyperparameter of Demo"),
+    ("published code book of a non-state", BASE.replace("class: Demo", "class: Demo\nstate_dict:\n"
+     "  state: {qmap1: {codebook: m2}}"), "state_dict.state.qmap1.codebook: 'm2' is not a state of Demo"),
+    ("published entry without value or code book", BASE.replace("class: Demo", "class: Demo\nstate_dict:\n"
+     "  state: {qmap1: {if: lr > 0}}"), "state_dict.state.qmap1: an entry takes either a value or a codebook"),
+    ("published rename of a non-state", BASE.replace("class: Demo", "class: Demo\nstate_dict:\n"
+     "  rename: {m_absmax: absmax1}"), "state_dict.rename.m_absmax: 'm_absmax' is not a state of Demo"),
     ("device exponent", BASE.replace("lr * m", "lr * 2 ** m"), "10:31: update[1]: the exponent of a device value must be a host scalar"),
     ("condition not boolean", BASE.replace("  - param = param - lr * m", "  - if: lr\n    then: [param = param - lr * m]"),
      "10:9: update[1].if: a condition must be true or false"),

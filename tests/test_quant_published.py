@@ -193,3 +193,84 @@ def test_bitsandbytes_cuda_kernel_form():
         assert torch.equal(st["state1"], c1) and torch.equal(st["state2"], c2)
         assert torch.equal(st["state1_absmax"], a1) and torch.equal(st["state2_absmax"], a2)
         assert torch.equal(ours_p.detach(), p), t
+
+
+# --- bitsandbytes' state-dict layout ---------------------------------------------------------------
+
+def _same_tree(a, b, path: str = "") -> None:
+    """Two state dicts' ``state`` parts equal: the same keys, nesting, dtypes and values."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, sorted(a), sorted(b) if isinstance(b, dict) else b)
+        for k in a:
+            _same_tree(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    else:
+        assert type(a) is type(b) and a == b, (path, a, b)
+
+
+def _saved(opt) -> dict:
+    """``opt.state_dict()`` through torch.save / torch.load, as a checkpoint takes it."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _continue(pairs, steps: int) -> None:
+    """Step each (model, optimizer) on the same full batch ``steps`` times."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            model.loss(type(model).batch(torch.float32)).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("reference", marks=pytest.mark.extended)])
+def test_bitsandbytes_state_dicts_load_both_ways(backend):
+    """A checkpoint of bnb's AdamW8bit (8-bit and 32-bit parameters, its nested
+    ``__bnb_optimizer_quant_state__``, code books and int steps) loads into the spec's class, which
+    then steps on bit for bit with bnb and saves bnb's layout again; the spec's checkpoint loads
+    into bnb's class, which steps on bit for bit with it."""
+    setting = {"min_8bit_size": 64}
+    theirs_model = make_model("mlp", torch.float32)
+    theirs = bnb.optim.AdamW8bit(theirs_model.parameters(), **setting)
+    _continue([(theirs_model, theirs)], 5)
+    bnb_sd = _saved(theirs)
+    kinds = {st["__bnb_optimizer_quant_state__"]["state1"].dtype for st in bnb_sd["state"].values()}
+    assert kinds == {torch.uint8, torch.float32}, "both of bnb's paths must be in the checkpoint"
+
+    ours_model = make_model("mlp", torch.float32)
+    ours_model.load_state_dict(theirs_model.state_dict())
+    ours = _ours("adamw8bit_bnb")(ours_model.parameters(), backend=backend, **setting)
+    ours.load_state_dict(bnb_sd)
+    mine = ours.state_dict()
+    _same_tree(bnb_sd["state"], mine["state"])  # bnb's layout, bnb's values
+    for g_theirs, g_ours in zip(bnb_sd["param_groups"], mine["param_groups"]):
+        assert all(g_ours[k] == v for k, v in g_theirs.items()), (g_theirs, g_ours)
+    _continue([(theirs_model, theirs), (ours_model, ours)], 5)
+    _assert_same(list(theirs_model.parameters()), list(ours_model.parameters()))
+    _same_tree(theirs.state_dict()["state"], ours.state_dict()["state"])
+
+    # ours into bitsandbytes
+    back_model = make_model("mlp", torch.float32)
+    back_model.load_state_dict(ours_model.state_dict())
+    back = bnb.optim.AdamW8bit(back_model.parameters(), **setting)
+    back.load_state_dict(_saved(ours))
+    _continue([(back_model, back), (ours_model, ours)], 5)
+    _assert_same(list(back_model.parameters()), list(ours_model.parameters()))
+    _same_tree(back.state_dict()["state"], ours.state_dict()["state"])
+
+
+def test_bitsandbytes_state_dict_with_another_code_book_is_refused():
+    model = make_model("mlp", torch.float32)
+    theirs = bnb.optim.AdamW8bit(model.parameters(), min_8bit_size=64)
+    _continue([(model, theirs)], 1)
+    sd = theirs.state_dict()
+    coded = next(i for i, st in sd["state"].items() if "qmap1" in st["__bnb_optimizer_quant_state__"])
+    sd["state"][coded]["__bnb_optimizer_quant_state__"]["qmap1"] = torch.linspace(-1, 1, 256)
+    ours = _ours("adamw8bit_bnb")(make_model("mlp", torch.float32).parameters(), min_8bit_size=64, backend="torch")
+    with pytest.raises(ValueError, match=rf"parameter {coded} .*'qmap1' is not the code book"):
+        ours.load_state_dict(sd)

@@ -610,7 +610,7 @@ def attach_published(spec: Spec, program: Program, facts: dict[str, Node]) -> Pr
     """The ``published:`` state-dict layout lowered against the featured program (the features'
     hyperparameters and states, such as ``nnmf_factor`` and the factors, are names here)."""
     m = spec.model
-    if m.matches is None or m.matches.state_dict is None:
+    if (m.matches is None or m.matches.state_dict is None) and m.state_dict is None:
         return program
     from optgen.ir.published import lower_published
 

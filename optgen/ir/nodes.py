@@ -176,6 +176,8 @@ class PublishedEntry:
     is_list: bool = False
     cond: Node | None = None
     dtype: str | None = None
+    #: the value is the code book of the codec storing this state (``values`` empty)
+    codebook: str | None = None
 
 
 @dataclass
@@ -195,6 +197,10 @@ class PublishedLayout:
     master: str | None = None
     none_if_absent: list[str] = field(default_factory=list)
     attributes: list[str] = field(default_factory=list)
+    #: (this class's state key, the published key)
+    rename: list[tuple[str, str]] = field(default_factory=list)
+    #: (published key of a nested dict, the published entries it holds)
+    wrap: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 @dataclass

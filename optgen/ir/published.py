@@ -1,4 +1,4 @@
-"""Lowering of ``matches.state_dict``: the published class's state-dict layout (issue 13, item 3).
+"""Lowering of ``matches.state_dict`` (or a top-level ``state_dict``): the published class's state-dict layout (issue 13, item 3).
 
 Values are host expressions of hyperparameters and facts about the parameter, lowered as the spec's
 facts are, plus what only a layout needs: a quoted constant on its own (``'auto'``) and
@@ -22,10 +22,16 @@ _DTYPES = ("uint8", "int8", "int32", "int64", "float32", "float64", "bool")
 def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLayout | None:
     """The lowered layout of ``spec``'s ``matches.state_dict``, or None when it declares none."""
     m = spec.model.matches
-    if m is None or m.state_dict is None:
+    if m is not None and m.state_dict is not None and spec.model.state_dict is not None:
+        raise SpecError(spec.source.text_at(("state_dict",)), "state_dict",
+                        "the layout is given twice: under matches: and on its own")
+    if m is not None and m.state_dict is not None:
+        sd, base = m.state_dict, ("matches", "state_dict")
+    elif spec.model.state_dict is not None:  # a class tested outside matches: (bitsandbytes')
+        sd, base = spec.model.state_dict, ("state_dict",)
+    else:
         return None
-    sd = m.state_dict
-    base = ("matches", "state_dict")
+    prefix = ".".join(base)
 
     def value(text: str, path: tuple, field: str, per_param: bool) -> Node:
         e = parse_expression(text, spec.source.text_at((*base, *path)), field)
@@ -47,27 +53,41 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
     names = {d.name for d in state}
     for i, n in enumerate(sd.keepdim):
         if n in names and next(d for d in state if d.name == n).kind not in (Kind.ROW, Kind.COL):
-            raise SpecError(spec.source.text_at((*base, "keepdim", i)), f"matches.state_dict.keepdim[{i}]",
+            raise SpecError(spec.source.text_at((*base, "keepdim", i)), f"{prefix}.keepdim[{i}]",
                             f"'{n}' is not a per-row or per-column state: only those keep a reduced dim")
     for section in ("flat", "none_if_absent", "keepdim"):
         for i, n in enumerate(getattr(sd, section)):
             if n not in names:
-                raise SpecError(spec.source.text_at((*base, section, i)), f"matches.state_dict.{section}[{i}]",
+                raise SpecError(spec.source.text_at((*base, section, i)), f"{prefix}.{section}[{i}]",
                                 f"'{n}' is not a state of {spec.model.class_}")
     bools = {d.name for d in state if d.dtype == "bool"}
     for n, m in sd.masked.items():
         if n not in names or m not in bools:
-            raise SpecError(spec.source.text_at((*base, "masked", n)), f"matches.state_dict.masked.{n}",
+            raise SpecError(spec.source.text_at((*base, "masked", n)), f"{prefix}.masked.{n}",
                             f"'{n}: {m}' must map a state of {spec.model.class_} to a bool state (its mask)")
+    for n in sd.rename:
+        if n not in names:
+            raise SpecError(spec.source.text_at((*base, "rename", n)), f"{prefix}.rename.{n}",
+                            f"'{n}' is not a state of {spec.model.class_}")
     per_group = {n for n, h in lw.hypers.items() if h.per_group}  # the features' too (stochastic_rounding)
     for i, n in enumerate(sd.attributes):
         if n not in per_group:
-            raise SpecError(spec.source.text_at((*base, "attributes", i)), f"matches.state_dict.attributes[{i}]",
+            raise SpecError(spec.source.text_at((*base, "attributes", i)), f"{prefix}.attributes[{i}]",
                             f"'{n}' is not a per-group hyperparameter of {spec.model.class_}")
     entries = []
     for name, item in sd.state.items():
         item = item if isinstance(item, PublishedEntrySpec) else PublishedEntrySpec(value=item)
-        field = f"matches.state_dict.state.{name}"
+        field = f"{prefix}.state.{name}"
+        if (item.value is None) == (item.codebook is None):
+            raise SpecError(spec.source.text_at((*base, "state", name)), field,
+                            "an entry takes either a value or a codebook (the code book of a coded state)")
+        if item.codebook is not None:
+            if item.codebook not in names:
+                raise SpecError(spec.source.text_at((*base, "state", name, "codebook")), f"{field}.codebook",
+                                f"'{item.codebook}' is not a state of {spec.model.class_}")
+            entries.append(PublishedEntry(name, [], False, cond(item.if_, ("state", name, "if"), f"{field}.if"),
+                                          None, item.codebook))
+            continue
         is_list = isinstance(item.value, list)
         texts = item.value if is_list else [item.value]
         path = ("state", name) if isinstance(sd.state[name], str) else ("state", name, "value")
@@ -79,10 +99,11 @@ def lower_published(spec: Spec, lw: Any, state: list[StateDecl]) -> PublishedLay
                                       item.dtype))
     return PublishedLayout(
         step=sd.step,
-        step_if=cond(sd.step_if, ("step_if",), "matches.state_dict.step_if"),
-        group=[(k, value(v, ("group", k), f"matches.state_dict.group.{k}", False)) for k, v in sd.group.items()],
+        step_if=cond(sd.step_if, ("step_if",), f"{prefix}.step_if"),
+        group=[(k, value(v, ("group", k), f"{prefix}.group.{k}", False)) for k, v in sd.group.items()],
         state=entries, flat=list(sd.flat), master=sd.master, none_if_absent=list(sd.none_if_absent),
         attributes=list(sd.attributes), masked=list(sd.masked.items()), keepdim=list(sd.keepdim),
+        rename=list(sd.rename.items()), wrap=[(k, list(v)) for k, v in sd.wrap.items()],
     )
 
 

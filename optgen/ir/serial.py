@@ -127,6 +127,12 @@ def _matches_to_data(m: Any) -> dict[str, Any] | None:
         d["state_dict"].pop("masked", None)  # as those of layouts without masked states
     if d.get("state_dict") is not None and not d["state_dict"].get("keepdim"):
         d["state_dict"].pop("keepdim", None)  # as those of layouts without kept dims
+    for key in ("rename", "wrap"):  # as those of layouts without renamed or nested entries
+        if d.get("state_dict") is not None and not d["state_dict"].get(key):
+            d["state_dict"].pop(key, None)
+    for entry in (d.get("state_dict") or {}).get("state", {}).values():
+        if isinstance(entry, dict) and entry.get("codebook") is None:
+            entry.pop("codebook", None)  # as those of entries with a value
     if d.get("parameters") == "all":
         d.pop("parameters")  # the modules of specs that train every parameter stay as they were
     return d
@@ -142,13 +148,16 @@ def _layout_to_data(lay: PublishedLayout) -> dict[str, Any]:
         "step_if": _opt(lay.step_if),
         "group": [[k, node_to_data(v)] for k, v in lay.group],
         "state": [{"name": e.name, "values": [node_to_data(v) for v in e.values], "is_list": e.is_list,
-                   "cond": _opt(e.cond), "dtype": e.dtype} for e in lay.state],
+                   "cond": _opt(e.cond), "dtype": e.dtype, **({"codebook": e.codebook} if e.codebook else {})}
+                  for e in lay.state],
         "flat": list(lay.flat),
         "master": lay.master,
         "none_if_absent": list(lay.none_if_absent),
         **({"attributes": list(lay.attributes)} if lay.attributes else {}),  # older modules stay as they were
         **({"masked": [list(m) for m in lay.masked]} if lay.masked else {}),
         **({"keepdim": list(lay.keepdim)} if lay.keepdim else {}),
+        **({"rename": [list(r) for r in lay.rename]} if lay.rename else {}),
+        **({"wrap": [[k, list(v)] for k, v in lay.wrap]} if lay.wrap else {}),
     }
 
 
@@ -162,10 +171,11 @@ def _layout_from_data(d: dict[str, Any] | None) -> PublishedLayout | None:
         step=d["step"], step_if=opt(d["step_if"]),
         group=[(k, node_from_data(v)) for k, v in d["group"]],
         state=[PublishedEntry(e["name"], [node_from_data(v) for v in e["values"]], e["is_list"], opt(e["cond"]),
-                              e["dtype"]) for e in d["state"]],
+                              e["dtype"], e.get("codebook")) for e in d["state"]],
         flat=list(d["flat"]), master=d["master"], none_if_absent=list(d["none_if_absent"]),
         attributes=list(d.get("attributes", [])),
         masked=[(s, m) for s, m in d.get("masked", [])], keepdim=list(d.get("keepdim", [])),
+        rename=[(a, b) for a, b in d.get("rename", [])], wrap=[(k, list(v)) for k, v in d.get("wrap", [])],
     )
 
 

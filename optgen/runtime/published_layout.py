@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from optgen.ir.codecs import codec_for
+from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
 from optgen.runtime.host import HostContext, evaluate
 from optgen.runtime.matrix_view import view_shape
 
@@ -36,6 +38,7 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
             saved[name] = evaluate(node, ctx)
     params = [(p, g) for g in opt.param_groups for p in g["params"]]
     state = {}
+    books: dict[tuple, torch.Tensor] = {}  # one saved copy of each code book, shared as bnb shares its own
     for k, v in sd["state"].items():
         if not isinstance(k, int) or k >= len(params):
             state[k] = v
@@ -50,6 +53,12 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
             st["step"] = int(st["step"].item())
         for e in lay.state:
             if e.cond is not None and not evaluate(e.cond, ctx):
+                continue
+            if e.codebook is not None:
+                key = (*_book_of(prog, group, e.codebook), p.device)
+                if key not in books:
+                    books[key] = codec_for(key[0]).table("qmap", key[1], p.device).clone()
+                st[e.name] = books[key]
                 continue
             vals = [evaluate(n, ctx) for n in e.values]
             if e.dtype is not None:
@@ -69,8 +78,27 @@ def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
             st[lay.master] = p.detach().reshape(-1)  # in one process the master copy is the parameter itself
         for name in lay.none_if_absent:
             st.setdefault(name, None)
+        for ours, theirs in lay.rename:
+            if ours in st:
+                st[theirs] = st.pop(ours)
+        for key, names in lay.wrap:  # nested last: the entries under their published names
+            inner = {n: st.pop(n) for n in names if n in st}
+            if inner:
+                st[key] = inner
         state[k] = st
     return {**sd, "state": state}
+
+
+def _book_of(prog: Any, group: dict, state: str) -> tuple[str, bool]:
+    """(codec, non-negative) of the codec that stores ``state`` for ``group``: the one its
+    ``state_precision`` names (feature state_precision), as the step's decode of it reads it."""
+    name = group.get("state_precision")
+    for s in walk_stmts(prog.body):
+        if isinstance(s, Assign):
+            for n in walk_nodes(s.value):
+                if n.op == "decode" and n.attr[0] == name and n.attr[1] == state:
+                    return name, n.attr[2]
+    raise ValueError(f"{prog.class_name}: state_precision={name!r} does not code state '{state}': it has no code book")
 
 
 def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +131,22 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
             continue
         index = saved_ids.index(k)
         where = f"loaded state dict: parameter {index} (shape {tuple(p.shape)})"
+        v = dict(v)
+        for key, _ in lay.wrap:  # bitsandbytes' nested entries, back at the top level
+            if isinstance(v.get(key), dict):
+                v.update(v.pop(key))
+        for ours, theirs in lay.rename:
+            if theirs in v and ours not in v:
+                v[ours] = v.pop(theirs)
+        group = opt.param_groups[next(i for i, g in enumerate(sd["param_groups"]) if k in g["params"])]
+        for e in lay.state:  # a saved code book must be the one this class decodes with
+            saved = v.get(e.name)
+            if e.codebook is not None and isinstance(saved, torch.Tensor):
+                codec, non_neg = _book_of(prog, {**group, **_saved_group(sd, k)}, e.codebook)
+                if not torch.equal(saved.to("cpu", torch.float32), codec_for(codec).table("qmap", non_neg, "cpu")):
+                    raise ValueError(f"{where}: '{e.name}' is not the code book {name} decodes '{e.codebook}' with "
+                                     f"(state_precision={codec!r}): a state quantised with another map cannot be "
+                                     "loaded")
         st = {key: val for key, val in v.items() if key not in entry_keys}
         for key in lay.none_if_absent:
             if key in st and st[key] is None:
@@ -143,6 +187,11 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
                     p.copy_(master)
         state[k] = st
     return {**sd, "param_groups": groups, "state": state}
+
+
+def _saved_group(sd: dict[str, Any], k: Any) -> dict:
+    """The saved param group holding parameter id ``k`` (its state_precision, where it has one)."""
+    return next((g for g in sd["param_groups"] if k in g["params"]), {})
 
 
 def _kept_dim(prog: Any, name: str) -> int:

@@ -168,7 +168,7 @@ def _load_merged(path: Path, shown: str, seen: tuple[str, ...],
 
 
 #: What ``published:`` may hold: the published API surface and the test plan, apart from the maths.
-PUBLISHED_FIELDS = ("matches", "constructor_order", "hyperparameters")
+PUBLISHED_FIELDS = ("matches", "constructor_order", "hyperparameters", "state_dict")
 
 
 def _unfold_published(data: dict, smap: SourceMap) -> None:

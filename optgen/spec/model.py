@@ -245,7 +245,10 @@ class PublishedEntrySpec(_Strict):
 
     #: a host expression (of hyperparameters, facts about the parameter and ``has(state)``), or a list
     #: of them (saved as a tuple, or as a tensor of ``dtype``)
-    value: str | list[str]
+    value: str | list[str] | None = None
+    #: instead of ``value``: the code book (``qmap``) of the codec that stores this state for the
+    #: parameter (feature state_precision; bitsandbytes' ``qmap1``/``qmap2``)
+    codebook: str | None = None
     #: saved only for parameters meeting this host condition
     if_: str | None = Field(None, alias="if")
     #: save the value as a tensor of this dtype on the parameter's device (adv_optm's ``shifter``)
@@ -283,6 +286,12 @@ class PublishedStateDictSpec(_Strict):
     #: its param groups (adv_optm 2.2.3's flags): its state dicts lack them, so a load of one keeps
     #: this optimizer's own values instead of taking the defaults
     attributes: list[str] = Field(default_factory=list)
+    #: states the published class keeps under another key: this class's name -> the published one
+    #: (bitsandbytes' ``absmax1`` for ``state1_absmax``)
+    rename: dict[str, str] = Field(default_factory=dict)
+    #: per-parameter entries (published names) the published class nests in a dict under one key:
+    #: that key -> the entries (bitsandbytes' ``__bnb_optimizer_quant_state__``)
+    wrap: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class MatchSpec(_Strict):
@@ -320,6 +329,9 @@ class SpecModel(_Strict):
     doc: str = ""
     extends: str | None = None
     matches: MatchSpec | None = None
+    #: the published state-dict layout of a class whose equivalence tests are not ``matches:``'
+    #: (bitsandbytes' 8-bit classes: tests/test_quant_published.py)
+    state_dict: PublishedStateDictSpec | None = None
     step: StepSpec = StepSpec()
     state_init: Literal["lazy", "eager"] = "lazy"
     #: named host expressions of hyperparameters and parameter facts, usable wherever those are
