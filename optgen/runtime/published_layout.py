@@ -138,11 +138,11 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
         for ours, theirs in lay.rename:
             if theirs in v and ours not in v:
                 v[ours] = v.pop(theirs)
-        group = opt.param_groups[next(i for i, g in enumerate(sd["param_groups"]) if k in g["params"])]
         for e in lay.state:  # a saved code book must be the one this class decodes with
             saved = v.get(e.name)
             if e.codebook is not None and isinstance(saved, torch.Tensor):
-                codec, non_neg = _book_of(prog, {**group, **_saved_group(sd, k)}, e.codebook)
+                gi = next(i for i, g in enumerate(sd["param_groups"]) if k in g["params"])
+                codec, non_neg = _book_of(prog, {**opt.param_groups[gi], **sd["param_groups"][gi]}, e.codebook)
                 if not torch.equal(saved.to("cpu", torch.float32), codec_for(codec).table("qmap", non_neg, "cpu")):
                     raise ValueError(f"{where}: '{e.name}' is not the code book {name} decodes '{e.codebook}' with "
                                      f"(state_precision={codec!r}): a state quantised with another map cannot be "
@@ -187,11 +187,6 @@ def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any
                     p.copy_(master)
         state[k] = st
     return {**sd, "param_groups": groups, "state": state}
-
-
-def _saved_group(sd: dict[str, Any], k: Any) -> dict:
-    """The saved param group holding parameter id ``k`` (its state_precision, where it has one)."""
-    return next((g for g in sd["param_groups"] if k in g["params"]), {})
 
 
 def _kept_dim(prog: Any, name: str) -> int:
