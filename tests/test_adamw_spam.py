@@ -40,14 +40,15 @@ EXT = pytest.mark.extended
 class _AdamWPruneLoop:
     """AdamWPrune's AdamWSPAM iteration (math §3.2 steps 3-6), around torch.optim.AdamW(amsgrad).
 
-    ``count_steps_twice`` and ``resets_keep_max`` select the published behaviour (True) or its fix;
-    the lr scale of the warm-up is applied for the step and then undone (the published code writes
-    ``group['lr'] = base_lr * scale`` with ``base_lr`` never set; the class scales the step's lr and
-    never writes the group's: the gpt2 trainer's behaviour, which re-sets the lr every iteration).
+    ``count_steps_twice``, ``resets_keep_max`` and ``compound_warmup_lr`` select the published
+    behaviour (True) or its fix. Published, the warm-up writes ``group['lr'] = base_lr * scale``
+    with ``base_lr`` never set, so the scale compounds; fixed, the scaled lr is used for the step
+    and the group's lr restored (what the gpt2 trainer gets, which re-sets the lr every iteration).
     """
 
     def __init__(self, groups, *, lr, theta=50.0, interval=0, warmup_steps=0, enable_clip=False,
-                 spike_threshold=2.0, max_grad_norm=1.0, count_steps_twice=False, resets_keep_max=False, **kw):
+                 spike_threshold=2.0, max_grad_norm=1.0, count_steps_twice=False, resets_keep_max=False,
+                 compound_warmup_lr=False, **kw):
         self.opt = torch.optim.AdamW(groups, lr=lr, amsgrad=True, **kw)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.norms: collections.deque = collections.deque(maxlen=100)
@@ -55,7 +56,7 @@ class _AdamWPruneLoop:
         self.warmup_until = 0
         self.theta, self.interval, self.warmup_steps = theta, interval, warmup_steps
         self.enable_clip, self.spike_threshold, self.max_grad_norm = enable_clip, spike_threshold, max_grad_norm
-        self.twice, self.keep_max = count_steps_twice, resets_keep_max
+        self.twice, self.keep_max, self.compound = count_steps_twice, resets_keep_max, compound_warmup_lr
         self.events = collections.Counter()
         self.param_groups = self.opt.param_groups
 
@@ -114,14 +115,15 @@ class _AdamWPruneLoop:
                 g["lr"] = g["lr"] * scale
         # 6. the AdamW (amsgrad) step
         self.opt.step()
-        for g, lr in zip(self.opt.param_groups, base):
-            g["lr"] = lr
+        if not self.compound:
+            for g, lr in zip(self.opt.param_groups, base):
+                g["lr"] = lr
 
 
 SETTINGS = {  # spikes, clipping, resets and warm-ups all happen within 40 steps of both models
     "clip": dict(lr=0.01, weight_decay=0.1, enable_clip=True, theta=300.0, interval=12, warmup_steps=4),
     "quirks": dict(lr=0.01, enable_clip=True, theta=600.0, interval=10, warmup_steps=6, spike_threshold=0.3,
-                   count_steps_twice=True, resets_keep_max=True, max_grad_norm=0.5),
+                   count_steps_twice=True, resets_keep_max=True, compound_warmup_lr=True, max_grad_norm=0.5),
     "defaults": dict(lr=0.01),
 }
 
@@ -130,8 +132,9 @@ CASES = [("torch", "mlp", "clip", 30), ("reference", "transformer", "quirks", 25
            for s in SETTINGS)]
 
 
-def _train(model, opt, steps: int) -> list[float]:
-    """Full-batch steps; every 7th loss from step 11 on is scaled by 30: a gradient spike."""
+def _train(model, opt, steps: int, sched=None) -> list[float]:
+    """Full-batch steps; every 7th loss from step 11 on is scaled by 30: a gradient spike; ``sched``
+    is stepped every 5 steps (an epoch)."""
     batch = type(model).batch(torch.float32)
     losses = []
     for k in range(steps):
@@ -139,6 +142,8 @@ def _train(model, opt, steps: int) -> list[float]:
         loss = model.loss(batch)
         (loss * (30.0 if k >= 10 and k % 7 == 3 else 1.0)).backward()
         opt.step()
+        if sched is not None and (k + 1) % 5 == 0:
+            sched.step()
         losses.append(loss.item())
     return losses
 
@@ -150,7 +155,9 @@ def test_adamw_spam_matches_the_reference(backend, model_name, setting, steps):
     for make in (lambda g: AdamWSPAM(g, backend=backend, **kw), lambda g: _AdamWPruneLoop(g, **kw)):
         model = make_model(model_name, torch.float32)
         opt = make(param_groups_for_weight_decay(model, 5e-4))
-        losses = _train(model, opt, steps)
+        # AdamWPrune's recursive CosineAnnealingLR per epoch: it reads back the lr a compounding warm-up wrote
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(getattr(opt, "opt", opt), T_max=20, eta_min=1e-6)
+        losses = _train(model, opt, steps, sched)
         runs.append(([p.detach().clone() for p in model.parameters()], losses, opt))
     (ours, l1, opt), (want, l2, ref) = runs
     assert l1 == l2
@@ -159,6 +166,7 @@ def test_adamw_spam_matches_the_reference(backend, model_name, setting, steps):
     if setting != "defaults":  # the settings exercise what they are for
         assert ref.events["spike"] and ref.events["clipped"] and ref.events["reset"] and ref.events["warmup"], ref.events
     assert opt.param_groups[0]["global_step"] == ref.global_step
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]  # compounded or not
     hist = opt.state["history.spike_norm"]
     n = min(int(hist["count"]), hist["values"].numel())
     got = hist["values"][hist["values"].numel() - n:].tolist()

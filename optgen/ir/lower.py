@@ -468,8 +468,13 @@ class FinalizeLowerer(Lowerer):
         value = self.expr(s.expr, field)
         if t in self.globals:
             return Assign(t, value, s.pos, role="global")
+        if t in self.hypers and self.hypers[t].written and self.scalars.get(t, (None,))[0] == t:
+            if not value.is_host:
+                raise SpecError(s.pos, field, f"'{t}' is a hyperparameter: its value is a host expression")
+            return Assign(t, value, s.pos, role="group")  # run per param group (host.run_host_block)
         if t in self.scalars or t in self.accumulators:
-            raise SpecError(s.pos, field, f"finalize: assigns globals and temporaries, not '{t}'")
+            raise SpecError(s.pos, field, f"finalize: assigns globals, temporaries and hyperparameters marked "
+                            f"written: true, not '{t}'")
         self.temps[t] = (Kind.HOST, value.boolean)
         self.partial.discard(t)
         return Assign(t, value, s.pos, role="temp")

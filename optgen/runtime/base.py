@@ -299,7 +299,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         ctx = HostContext(dict(first), torch.empty(0), {}, tensor_math=False)
         if acc:
             ctx.env.update(zip(acc, torch.stack(list(acc.values())).tolist()))
-        for name in run_host_block(prog.finalize, ctx):
+        for name in run_host_block(prog.finalize, ctx, self.param_groups):
             for g in self.param_groups:
                 g[name] = ctx.group[name]
         self._drop_states_out_of_condition()

@@ -197,16 +197,26 @@ def evaluate(node: Node, ctx: HostContext) -> Any:
     raise NotImplementedError(f"host op {op}")  # pragma: no cover
 
 
-def run_host_block(stmts: list, ctx: HostContext) -> list[str]:
+def run_host_block(stmts: list, ctx: HostContext, groups: list[dict] | None = None) -> list[str]:
     """Run host-only statements (a program's ``finalize``): temporaries go to ``ctx.env``, globals
-    into ``ctx.group`` (later statements read the new value). Returns the globals written."""
+    into ``ctx.group`` (later statements read the new value), a hyperparameter marked ``written``
+    into each of ``groups``, computed from that group's values (and the globals and temporaries
+    so far). Returns the globals written."""
     from optgen.ir.nodes import If
 
     written: list[str] = []
     for s in stmts:
         if isinstance(s, If):
             branch = s.then if bool(evaluate(s.cond, ctx)) else s.orelse
-            written += [w for w in run_host_block(branch, ctx) if w not in written]
+            written += [w for w in run_host_block(branch, ctx, groups) if w not in written]
+        elif s.role == "group":
+            for g in groups if groups is not None else [ctx.group]:
+                own = HostContext({**g, **{k: ctx.group[k] for k in written}}, torch.empty(0), {},
+                                  tensor_math=False)
+                own.env.update(ctx.env)
+                g[s.target] = evaluate(s.value, own)
+            if groups is not None and s.target in ctx.group:
+                ctx.group[s.target] = groups[0][s.target]
         elif s.role == "global":
             ctx.group[s.target] = evaluate(s.value, ctx)
             if s.target not in written:

@@ -93,6 +93,9 @@ class HyperparameterSpec(_Strict):
     #: A torch dtype that must be every parameter's dtype (adams' ``master_dtype``: a separate master
     #: copy in another dtype is not implemented, so another value is refused, never ignored).
     param_dtype: bool = False
+    #: ``finalize:`` may assign it: the statement runs for every param group with that group's
+    #: values (published code that writes ``group['lr']``, AdamWPrune's SPAM warm-up)
+    written: bool = False
 
     @field_validator("as_")
     @classmethod
