@@ -274,3 +274,31 @@ def test_bitsandbytes_state_dict_with_another_code_book_is_refused():
     ours = _ours("adamw8bit_bnb")(make_model("mlp", torch.float32).parameters(), min_8bit_size=64, backend="torch")
     with pytest.raises(ValueError, match=rf"parameter {coded} .*'qmap1' is not the code book"):
         ours.load_state_dict(sd)
+
+
+@pytest.mark.extended  # the interpreter: ~30 s
+def test_bitsandbytes_state_dict_steps_on_the_triton_backend():
+    """A bnb checkpoint in the triton kernels: saved back unchanged before a step, then three steps
+    within float32 rounding of bnb (fused against unfused multiply-adds: tests/test_quant_triton.py),
+    the codes within one of bnb's."""
+    pytest.importorskip("triton")
+    setting = {"min_8bit_size": 64}
+    theirs_model = make_model("mlp", torch.float32)
+    theirs = bnb.optim.AdamW8bit(theirs_model.parameters(), **setting)
+    _continue([(theirs_model, theirs)], 3)
+    ours_model = make_model("mlp", torch.float32)
+    ours_model.load_state_dict(theirs_model.state_dict())
+    ours = _ours("adamw8bit_bnb")(ours_model.parameters(), backend="triton", **setting)
+    ours.load_state_dict(_saved(theirs))
+    _same_tree(theirs.state_dict()["state"], ours.state_dict()["state"])
+    _continue([(theirs_model, theirs), (ours_model, ours)], 3)
+    for a, b in zip(theirs_model.parameters(), ours_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for s_ref, s in zip(theirs.state_dict()["state"].values(), ours.state_dict()["state"].values()):
+        q_ref, q = s_ref["__bnb_optimizer_quant_state__"], s["__bnb_optimizer_quant_state__"]
+        assert q.keys() == q_ref.keys()
+        for k, v in q_ref.items():
+            if v.dtype == torch.uint8:
+                assert (q[k].int() - v.int()).abs().max() <= 1, k
+            else:
+                torch.testing.assert_close(q[k], v, rtol=1e-5, atol=1e-7)
