@@ -28,7 +28,9 @@ SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml") if p.stem != "ada
 REDUCED = {"adams", "muon_adv", "adamuon_adv", "prodigy_adv", "prodigy_adv_2_2_3", "lion_prodigy_adv", "coupled_adam"}
 ULPS = 8
 #: specs refused on sharded parameters, with the error they must raise (not a silent difference)
-REFUSED = {"stable_spam": "maxabs() of a sharded parameter", "stable_spam_official": "maxabs() of a sharded parameter"}
+REDUCES = "optimizer-wide reductions (reductions:) are not implemented for sharded parameters"
+REFUSED = {"stable_spam": "maxabs() of a sharded parameter", "stable_spam_official": "maxabs() of a sharded parameter",
+           "adamw_spam": REDUCES, "adamwprune": REDUCES}
 
 
 @pytest.fixture(scope="module")

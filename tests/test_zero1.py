@@ -31,7 +31,10 @@ ALL = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
 #: global random stream in parameter order at construction and at each reset (a rank owning part
 #: of the parameters would draw other masks than one process)
 REFUSED = {"adams_zero": "wrap Adams", "spam": "draws from torch's default random generator",
-           "spam_official": "draws from torch's default random generator"}
+           "spam_official": "draws from torch's default random generator",
+           # optimizer-wide reductions over a rank's own parameters only
+           "adamw_spam": "reduces over every parameter of the optimizer",
+           "adamwprune": "reduces over every parameter of the optimizer"}
 EXCLUDED = list(REFUSED)
 PARTITIONABLE = [s for s in ALL if s not in EXCLUDED]
 KOURKOUTAS = {s: i for s in PARTITIONABLE for i, st in enumerate(spec_settings(s)) if st.get("kourkoutas_beta")}

@@ -90,23 +90,24 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _same(x: Any, y: Any) -> bool:
+    """Equal values, tensors bit for bit, through nested dicts and lists (bitsandbytes' layout nests
+    its quantisation state in a dict per parameter)."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and \
+            torch.equal(x, y)
+    if isinstance(x, dict) or isinstance(y, dict):
+        return isinstance(x, dict) and isinstance(y, dict) and sorted(x) == sorted(y) and \
+            all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+        return isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y) and \
+            all(_same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
 def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two state dicts hold the same per-parameter entries, tensors bit for bit."""
-    if sorted(a["state"]) != sorted(b["state"]):
-        return False
-    for k in a["state"]:
-        x, y = a["state"][k], b["state"][k]
-        if sorted(x) != sorted(y):
-            return False
-        for name in x:
-            if isinstance(x[name], torch.Tensor) != isinstance(y[name], torch.Tensor):
-                return False
-            if isinstance(x[name], torch.Tensor):
-                if x[name].shape != y[name].shape or not torch.equal(x[name], y[name]):
-                    return False
-            elif x[name] != y[name]:
-                return False
-    return True
+    return sorted(a["state"]) == sorted(b["state"]) and all(_same(a["state"][k], b["state"][k]) for k in a["state"])
 
 
 def _step(ddp: nn.Module, opt, sched, batch) -> None:
@@ -153,23 +154,11 @@ def run_case(rank: int, world: int, spec: str, setting: dict[str, Any], model_na
     zero.consolidate_state_dict(to=0)
     more = max(steps // 2, 3)
     if rank == 0:
-        sd = copy.deepcopy(zero.state_dict())
-        out["state_dict_equal"] = _same_state(sd, ref.state_dict())
-        # loaded into an unsharded optimizer in one process, it continues as the unsharded one does
-        runs = []
-        for saved in (copy.deepcopy(sd), copy.deepcopy(ref.state_dict())):  # loads share tensors
-            m = make_model(model_name, torch.float32)
-            with torch.no_grad():
-                for p, q in zip(m.parameters(), ours):
-                    p.copy_(q)
-            o = cls(m.parameters(), **kw)
-            s = torch.optim.lr_scheduler.LambdaLR(o, lr_lambda)  # resuming: scheduler, then both loads
-            o.load_state_dict(saved)
-            s.load_state_dict(ref_sched.state_dict())
-            for _ in range(more):
-                _step(_Loss(m), o, s, batch)
-            runs.append(_params(m))
-        out["one_process_continue_diff"] = _max_diff(*runs)
+        try:  # a failure here must still reach the broadcast below, or the other ranks wait there
+            sd = _rank0_checks(out, zero, ref, ref_sched, cls, kw, model_name, ours, batch, more)
+        except Exception as e:  # noqa: BLE001 - every rank fails the case at the load below instead
+            out["rank0_error"] = traceback.format_exc()
+            sd = {"rank0_error": f"{type(e).__name__}: {e}"}
     else:
         sd = None
     # ZeRO's load_state_dict on every rank: a fresh ZeRO optimizer loaded from rank 0's state dict
@@ -179,6 +168,8 @@ def run_case(rank: int, world: int, spec: str, setting: dict[str, Any], model_na
     box = [sd]
     dist.broadcast_object_list(box, src=0)
     sd = box[0]
+    if "rank0_error" in sd:
+        raise RuntimeError(f"rank 0's state-dict checks failed: {sd['rank0_error']}")
     runs = []
     for sharded, saved in ((True, sd), (False, ref.state_dict())):
         m = make_model(model_name, torch.float32)
@@ -196,6 +187,29 @@ def run_case(rank: int, world: int, spec: str, setting: dict[str, Any], model_na
             _step(ddp, o, s, batch)
     out["zero_load_continue_diff"] = _max_diff(_params(runs[0][0]), _params(runs[1][0]))
     return out
+
+
+def _rank0_checks(out: dict[str, Any], zero, ref, ref_sched, cls, kw: dict[str, Any], model_name: str,
+                  ours: list[torch.Tensor], batch, more: int) -> dict[str, Any]:
+    """Rank 0's checks of the consolidated state dict; returns it (for every rank's load)."""
+    sd = copy.deepcopy(zero.state_dict())
+    out["state_dict_equal"] = _same_state(sd, ref.state_dict())
+    # loaded into an unsharded optimizer in one process, it continues as the unsharded one does
+    runs = []
+    for saved in (copy.deepcopy(sd), copy.deepcopy(ref.state_dict())):  # loads share tensors
+        m = make_model(model_name, torch.float32)
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), ours):
+                p.copy_(q)
+        o = cls(m.parameters(), **kw)
+        s = torch.optim.lr_scheduler.LambdaLR(o, lr_lambda)  # resuming: scheduler, then both loads
+        o.load_state_dict(saved)
+        s.load_state_dict(ref_sched.state_dict())
+        for _ in range(more):
+            _step(_Loss(m), o, s, batch)
+        runs.append(_params(m))
+    out["one_process_continue_diff"] = _max_diff(*runs)
+    return sd
 
 
 def worker(rank: int, world: int, port: int, cases: list[tuple], results) -> None:

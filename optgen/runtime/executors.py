@@ -198,8 +198,7 @@ class TorchExecutor(Executor):
             states = {n: [v.view.get(n) for v in viewed] for n in self.device_state}
             if prog.reductions:  # the step's optimizer-wide values: one (shared) 0-d tensor per tensor
                 if layout is not None:
-                    raise RuntimeError(f"{prog.class_name}: optimizer-wide reductions (reductions:) are not "
-                                       "implemented for sharded parameters (FSDP2, ZeRO) yet")
+                    raise sharding.refuse_reductions(prog.class_name)
                 for name, value in opt.__dict__.get("_reduced", {}).items():
                     states[name] = [value] * len(ps)
             acc: list[tuple[str, list]] = []

@@ -23,6 +23,7 @@ import torch
 
 from optgen.backends import reference
 from optgen.ir.nodes import Program, ReductionDecl
+from optgen.runtime import sharding
 from optgen.runtime.host import HostContext, evaluate
 from optgen.runtime.matrix_view import view_shape
 
@@ -40,6 +41,8 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
     if not any(r.phase == phase for r in prog.reductions):
         return out
     params = [(opt._stepping_group(gi, g), p) for gi, g, ps in stepped for p in ps]
+    if any(sharding.is_dtensor(p) for _, p in params):  # before any reduction mixes local and whole tensors
+        raise sharding.refuse_reductions(prog.class_name)
     first = dict(opt.param_groups[0]) if opt.param_groups else {}
     # optimizer-wide hyperparameters (per_group: false) are attributes of the optimizer
     first.update({n: getattr(opt, n) for n, h in prog.hypers if not h.per_group and hasattr(opt, n)})

@@ -70,6 +70,12 @@ def is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
+def refuse_reductions(class_name: str) -> RuntimeError:
+    """The error of a spec with optimizer-wide reductions stepped on sharded parameters."""
+    return RuntimeError(f"{class_name}: optimizer-wide reductions (reductions:) are not implemented for sharded "
+                        "parameters (FSDP2, ZeRO) yet")
+
+
 def local(t: Any) -> Any:
     """The local tensor of a DTensor (the tensor itself otherwise)."""
     return t._local_tensor if is_dtensor(t) else t

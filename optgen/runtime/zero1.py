@@ -71,18 +71,32 @@ def global_stream_draws(program: Any) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def refuse_partition(opt: GeneratedOptimizer) -> None:
+    """What a partition of the parameters between ranks would silently change: draws from torch's
+    default generator in parameter order, and optimizer-wide reductions (each rank would reduce over
+    the parameters it owns only)."""
+    name = type(opt).__name__
+    why = ""
+    draws = global_stream_draws(opt._program)
+    if draws:
+        why = (f"draws from torch's default random generator in parameter order ({', '.join(draws)}), so a rank "
+               "owning part of the parameters would draw other values than one process")
+    elif opt._program.reductions:
+        names = ", ".join(r.name for r in opt._program.reductions)
+        why = (f"reduces over every parameter of the optimizer ({names}), and a rank owns only part of them "
+               "(optimizer-wide reductions are not pooled between ranks yet)")
+    if why:
+        raise NotImplementedError(f"{name} under ZeroRedundancyOptimizer: {name} {why}; use {name} with DDP "
+                                  "(every rank steps every parameter) instead")
+
+
 def attach(opt: GeneratedOptimizer) -> None:
     """Called at the end of ``GeneratedOptimizer.__init__``: nothing unless ZeRO is constructing ``opt``."""
     zero = constructing_zero(opt)
     if zero is None:
         return
-    draws = global_stream_draws(opt._program) if zero.world_size > 1 else []
-    if draws:
-        name = type(opt).__name__
-        raise NotImplementedError(
-            f"{name} under ZeroRedundancyOptimizer: {name} draws from torch's default random generator in "
-            f"parameter order ({', '.join(draws)}), so a rank owning part of the parameters would draw other "
-            f"values than one process; use {name} with DDP (every rank steps every parameter) instead")
+    if zero.world_size > 1:
+        refuse_partition(opt)
     if zero.world_size > 1 and opt._program.accumulators:
         opt._zero1_pool = Pool(zero)  # read by GeneratedOptimizer._accumulator_sums
     if opt._program.published is not None:
