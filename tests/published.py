@@ -84,6 +84,21 @@ def handed(spec_name: str, params) -> list:
     return _handed(load_spec(SPECS / f"{spec_name}.yaml").model.matches, params)
 
 
+def same_value(x: Any, y: Any) -> bool:
+    """Two state-dict values are equal: tensors bit for bit (shape, dtype and device too), through
+    nested dicts and lists (bitsandbytes' layout nests its quantisation state in a dict per
+    parameter), other values of one type and equal."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and \
+            x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+    if isinstance(x, dict) or isinstance(y, dict):
+        return isinstance(x, dict) and isinstance(y, dict) and sorted(x) == sorted(y) and \
+            all(same_value(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(same_value(a, b) for a, b in zip(x, y))
+    return type(x) is type(y) and x == y
+
+
 def dtype_argument(spec_name: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """The published argument that must equal the parameters' dtype (adams' master_dtype), for the
     classes that take it."""

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from optgen.spec.loader import load_spec
 from tests.models import make_model
-from tests.published import SPECS, dtype_argument
+from tests.published import SPECS, dtype_argument, same_value
 
 
 def lr_lambda(step: int) -> float:
@@ -90,24 +90,9 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _same(x: Any, y: Any) -> bool:
-    """Equal values, tensors bit for bit, through nested dicts and lists (bitsandbytes' layout nests
-    its quantisation state in a dict per parameter)."""
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and \
-            torch.equal(x, y)
-    if isinstance(x, dict) or isinstance(y, dict):
-        return isinstance(x, dict) and isinstance(y, dict) and sorted(x) == sorted(y) and \
-            all(_same(x[k], y[k]) for k in x)
-    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
-        return isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y) and \
-            all(_same(a, b) for a, b in zip(x, y))
-    return x == y
-
-
 def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two state dicts hold the same per-parameter entries, tensors bit for bit."""
-    return sorted(a["state"]) == sorted(b["state"]) and all(_same(a["state"][k], b["state"][k]) for k in a["state"])
+    return sorted(a["state"]) == sorted(b["state"]) and all(same_value(a["state"][k], b["state"][k]) for k in a["state"])
 
 
 def _step(ddp: nn.Module, opt, sched, batch) -> None:
