@@ -25,11 +25,13 @@ from optgen.backends.triton_plan import (
     enumerate_paths,
     global_conditions,
     group_decided,
+    host_definitions,
     plan_path,
     split_condition,
+    static_conditions,
 )
 from optgen.ir.codecs import Codec, FloatCodec, codec_for, stored_names
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
+from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
 META_COLUMNS = ("numel", "B", "M", "N", "ndim", "gidx")
@@ -784,23 +786,19 @@ def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
     that reach a condition that also reads parameter facts or state, a call stage's host
     arguments, a matrix view rule or the slice stride (``static_hypers``, compared by value).
     """
-    defs: dict[str, list] = {}
-    for s in walk_stmts(program.body):
-        if isinstance(s, Assign) and s.value.is_host:
-            defs.setdefault(s.target, []).append(s.value)
+    defs = host_definitions(program)
     globals_ = {g.name for g in program.globals}
     by_value: list = []  # nodes whose hyperparameters are compared by value
     conditions: list[str] = []
+    for name, values, by_group in static_conditions(program, dyn, defs):
+        if by_group:
+            conditions.append(name)
+        else:
+            # a condition that also reads parameter facts: its hyperparameter-only parts are
+            # decided by their outcomes (decision_atoms), the rest by the values it reads
+            by_value += [leaf for v in values for leaf in split_condition(v)[1]]
     for s in walk_stmts(program.body):
-        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
-            values = defs.get(s.cond.attr, [])
-            if s.cond.attr.startswith("_c") and values and all(group_decided(v) for v in values):
-                conditions.append(s.cond.attr)
-            else:
-                # a condition that also reads parameter facts: its hyperparameter-only parts are
-                # decided by their outcomes (decision_atoms), the rest by the values it reads
-                by_value += [leaf for v in values for leaf in split_condition(v)[1]]
-        elif isinstance(s, Assign):
+        if isinstance(s, Assign):
             by_value += [a for n in walk_nodes(s.value) if n.op in CALLS for a in n.args[1:] if a.is_host]
     by_value += [cond for cond, _ in program.matrix_views]
     found: set[str] = {program.slice_stride} if program.slice_stride else set()

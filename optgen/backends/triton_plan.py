@@ -10,6 +10,7 @@ per-column / per-matrix work on the reduced values) between them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from optgen.ir.library import FULL_PASS_REDUCTIONS, ORTHOGONALISERS
@@ -69,22 +70,36 @@ def split_condition(value: Node) -> tuple[list[Node], list[Node]]:
     return [], [value]
 
 
+def host_definitions(program: Program) -> dict[str, list[Node]]:
+    """Every host value assigned to each name in the step (a name may be assigned on several paths)."""
+    defs: dict[str, list[Node]] = {}
+    for s in walk_stmts(program.body):
+        if isinstance(s, Assign) and s.value.is_host:
+            defs.setdefault(s.target, []).append(s.value)
+    return defs
+
+
+def static_conditions(program: Program, dyn: set[str],
+                      defs: dict[str, list[Node]]) -> Iterator[tuple[str, list[Node], bool]]:
+    """Each static ``if`` of the step: its condition's name, the values assigned to it, and whether
+    they are of hyperparameters alone (decided once per group)."""
+    for s in walk_stmts(program.body):
+        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
+            values = defs.get(s.cond.attr, [])
+            yield s.cond.attr, values, bool(s.cond.attr.startswith("_c") and values and
+                                            all(group_decided(v) for v in values))
+
+
 def decision_atoms(program: Program, dyn: set[str]) -> list[Node]:
     """The hyperparameter-only parts of the static conditions that also read parameter facts.
 
     With the parameter facts fixed, such a condition changes only when one of these parts does, so
     a group's snapshot holds their outcomes rather than the values they read: a scheduler moving
     ``beta1`` in ``beta1 > 0 and ndim != 1`` rebuilds nothing while it stays positive."""
-    defs: dict[str, list] = {}
-    for s in walk_stmts(program.body):
-        if isinstance(s, Assign) and s.value.is_host:
-            defs.setdefault(s.target, []).append(s.value)
     atoms: list[Node] = []
-    for s in walk_stmts(program.body):
-        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
-            values = defs.get(s.cond.attr, [])
-            if not (s.cond.attr.startswith("_c") and values and all(group_decided(v) for v in values)):
-                atoms += [a for v in values for a in split_condition(v)[0] if a not in atoms]
+    for _, values, by_group in static_conditions(program, dyn, host_definitions(program)):
+        if not by_group:
+            atoms += [a for v in values for a in split_condition(v)[0] if a not in atoms]
     return atoms
 
 
