@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from optgen.errors import SpecError, did_you_mean
-from optgen.features import resolve_features
+from optgen.features.registry import resolve_features
 from optgen.features.rewrite import FeatureError
 from optgen.ir.hoist import hoist
 from optgen.ir.lower import attach_published, lower_base
@@ -62,7 +62,7 @@ def check_settings(spec: Spec, program: Program) -> None:
     choices, then the spec's checks), reported at the entry instead of failing in a test."""
     import torch
 
-    from optgen.runtime.host import HostContext, evaluate
+    from optgen.numerics.host import HostContext, evaluate
     from optgen.spec.values import validate_hyperparameter as _validate_hyper  # the constructor's own rule
 
     if spec.model.matches is None:

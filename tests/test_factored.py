@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optgen.runtime.matrix_view import effective_shape, pack_bits, unpack_bits
+from optgen.numerics.matrix_view import effective_shape, pack_bits, unpack_bits
 
 adv_fac = pytest.importorskip("adv_optm.util.factorization_util")
 SHIFTER = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

@@ -182,7 +182,7 @@ def test_cos_sin_floor_mod(tmp_path, monkeypatch) -> None:
 
 
 def test_mod_sign_follows_the_divisor() -> None:
-    from optgen.runtime.host import _mod
+    from optgen.numerics.host import _mod
 
     assert _mod(-5.5, 2.0) == 0.5 and _mod(5.5, -2.0) == -0.5 and math.isnan(_mod(1.0, 0.0))
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optgen.runtime.newton_schulz import newton_schulz
+from optgen.numerics.newton_schulz import newton_schulz
 
 muon_util = pytest.importorskip("adv_optm.util.Muon_util")
 
@@ -78,8 +78,8 @@ def test_cans_and_low_rank_are_adv_optm_bit_for_bit(shape: tuple[int, int], low_
     """CANS (adaptive bound) and the low-rank projection, from the same seeded stream as adv_optm's."""
     from adv_optm.util import param_update
 
-    from optgen.runtime import newton_schulz as ns
-    from optgen.runtime import stochastic
+    from optgen.numerics import newton_schulz as ns
+    from optgen.numerics import stochastic
 
     g = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     m, n = shape
@@ -103,7 +103,7 @@ def test_low_rank_ortho_trains_as_adv_optm(spec: str, extra: dict, dtype: torch.
     and reference backends, the Gaussian sketches (and bf16 rounding) drawn from the same stream."""
     from adv_optm.util import param_update
 
-    from optgen.runtime import stochastic
+    from optgen.numerics import stochastic
     from tests.models import make_model, max_diffs, train
     from tests.published import ours_factory, published_factory
 

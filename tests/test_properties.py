@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from optgen.errors import Position, SpecError
 from optgen.ir.nodes import Node
-from optgen.runtime.host import HostContext, evaluate
+from optgen.numerics.host import HostContext, evaluate
 from optgen.spec.expr import Expr, parse_expression, unparse
 
 POS = Position("p.yaml", 1, 1)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from optgen.ir.codecs import codec_for
+from optgen.numerics import stochastic
 from optgen.render import compile_spec
-from optgen.runtime import stochastic
 from tests.models import make_model, max_diffs, train
 from tests.published import ours_factory, published_factory
 

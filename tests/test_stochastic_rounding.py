@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optgen.runtime import stochastic
+from optgen.numerics import stochastic
 from tests.models import make_model, max_diffs, train
 from tests.published import ours_factory, published_factory, settings
 

@@ -83,8 +83,8 @@ def state_bytes(program: Program, param_bytes: float) -> tuple[float, list[str]]
 
 def _path_for(built: Built, cls: type, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple, Any, float]:
     """The branch path one parameter of ``shape`` takes at the defaults, after one step."""
-    from optgen.runtime.host import HostContext
-    from optgen.runtime.matrix_view import view_shape
+    from optgen.numerics.host import HostContext
+    from optgen.numerics.matrix_view import view_shape
     from optgen.runtime.triton_runner import _static_pass
 
     p = torch.nn.Parameter(torch.randn(shape, dtype=dtype))

@@ -81,7 +81,7 @@ def spec_page(spec_path: Path, results: dict[str, Any] | None, plot: str | None)
     import torch
 
     from optgen.authoring.cost import cost_model
-    from optgen.features import available
+    from optgen.features.registry import available
     from optgen.ir.pretty import expr_text, set_aliases, stmts_text
     from optgen.render import compile_spec
     from optgen.spec.loader import load_spec

@@ -38,7 +38,7 @@ def class_name(name: str) -> str:
 def _placed(have: list[str], new: list[str]) -> list[str]:
     """``have`` with each of ``new`` inserted before the first listed feature that must come after
     it (its ``before:``, or the other's ``after:``), else appended: the order the resolver checks."""
-    from optgen.features import available
+    from optgen.features.registry import available
 
     registry = available()
     out = list(have)
@@ -86,7 +86,7 @@ def spec_text(name: str, base_path: Path, features: list[str], out: Path) -> str
 def new_spec(name: str, base: str, features: list[str], out: Path | None, spec_dir: Path,
              force: bool = False) -> Path:
     """Write the new spec; return its path. Raises NewError or SpecError."""
-    from optgen.features import available
+    from optgen.features.registry import available
 
     if not _NAME.match(name) or name.endswith(("_triton", "_ir")) or len(name) > 100:
         raise NewError(f"invalid NAME {name!r}: a spec name is lower_snake_case (a-z, 0-9, _), starts with a "

@@ -15,10 +15,10 @@ import torch.nn.functional as TF
 from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
-from optgen.runtime import newton_schulz as ns
-from optgen.runtime import stochastic
-from optgen.runtime.host import HostContext, evaluate, to_device_scalar
-from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
+from optgen.numerics import newton_schulz as ns
+from optgen.numerics import stochastic
+from optgen.numerics.host import HostContext, evaluate, to_device_scalar
+from optgen.numerics.matrix_view import ViewedState, as_view, view_shape
 
 
 def _align(x: Any, src: Kind, dst: Kind) -> Any:

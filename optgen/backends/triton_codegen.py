@@ -816,7 +816,7 @@ def decisions(program: Program, dyn: set[str]) -> tuple[list[str], list[str]]:
 
 def default_decisions(program: Program) -> dict[str, bool]:
     """The static conditions decided by hyperparameters alone, at their defaults."""
-    from optgen.runtime.host import HostContext, evaluate
+    from optgen.numerics.host import HostContext, evaluate
 
     group = {name: (tuple(h.default) if isinstance(h.default, list) else h.default) for name, h in program.hypers}
     ctx = HostContext(group, torch.empty(0), {}, tensor_math=False)

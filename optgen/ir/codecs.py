@@ -5,86 +5,23 @@ scales under ``key + suffix``), its block size, and its encode/decode in torch (
 torch and compiled backends) and in Triton (in registers, inside the pass). Codecs are pure:
 they import torch only, so the IR, the features, the backends and the runtime may all use them.
 Random bits for a stochastic encode are drawn by the caller (adv_optm's stream lives in
-:mod:`optgen.runtime.stochastic`) and passed in, so the same codec serves every backend.
+:mod:`optgen.numerics.stochastic`) and passed in, so the same codec serves every backend.
 
 The built-in codecs are adv_optm 2.5.16's (``bf16_sr``, ``int8_sr``: ``util/state_util.py``,
 ``util/param_update.py``; math/adv-optm.md §2.3-2.4) and the plain float ones (``bf16``,
-``fp16``: round to nearest even). Other packages register theirs with :func:`register`
-(``optgen.quant``: bitsandbytes' and torchao's).
+``fp16``: round to nearest even), then bitsandbytes' and torchao's (:mod:`optgen.quant.registry`);
+others register theirs with :func:`register`.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as TF
 
+from optgen.ir.codec_base import Codec, Stored
+from optgen.quant.registry import CODECS as QUANT_CODECS
 
-@dataclass(frozen=True)
-class Stored:
-    """One tensor a codec stores for a state."""
-
-    suffix: str  # "" : the state's own key (the codes); else the key's suffix ("_scale")
-    dtype: str  # a storage dtype name (optgen.runtime.base.storage_dtype)
-    shape: str  # "element" (the parameter's shape) | "blocks" ((ceil(numel / block),))
-    #             | "packed" ((ceil(numel / per_byte),) uint8: codes packed per byte, flat)
-    init: float = 0.0
-
-
-class Codec:
-    """The interface (see docs/state_precision.md). Subclasses set the class attributes."""
-
-    name: str = ""
-    #: elements per scale block (None: an elementwise codec)
-    block: int | None = None
-    #: codes per stored byte of a "packed" code tensor (torchao's 4-bit: 2)
-    per_byte: int = 1
-    #: encode consumes random bits (drawn by the caller, see :meth:`draws`)
-    stochastic: bool = False
-    #: the triton helpers the kernels include (jit functions), "" where the codec needs none
-    triton_source: str = ""
-
-    def stored(self, non_neg: bool) -> list[Stored]:
-        raise NotImplementedError
-
-    def applies(self) -> Any:
-        """An IR host condition under which the codec stores a state (None: always); where it
-        does not hold the state stays float32 (the published small-tensor rules)."""
-        return None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """Hyperparameters :meth:`applies` reads (name -> HyperparameterSpec)."""
-        return {}
-
-    def draws(self, numel: int) -> tuple[int, ...] | None:
-        """The shape of the int32 draw in [0, 2**16) one encode of ``numel`` elements takes."""
-        return None
-
-    def decode(self, stored: dict[str, torch.Tensor], shape: tuple[int, ...], non_neg: bool) -> torch.Tensor:
-        raise NotImplementedError
-
-    def encode(self, x: torch.Tensor, non_neg: bool, bits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def triton_tables(self, non_neg: bool) -> dict[str, str]:
-        """The read-only tables (code books) the triton decode/encode gather from, as
-        ``key -> element dtype`` ("float32", "uint8"): the kernel gets ``ptr[key]``, a pointer to
-        :meth:`table` on the parameter's device, handed over with the state's tensors."""
-        return {}
-
-    def table(self, key: str, non_neg: bool, device: torch.device) -> torch.Tensor:
-        """The contiguous table ``key`` of :meth:`triton_tables` on ``device`` (built once)."""
-        raise KeyError(f"codec '{self.name}' has no table {key!r}")
-
-    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
-        raise NotImplementedError(f"codec '{self.name}' has no triton decode")
-
-    def triton_encode(self, ptr: dict[str, str], offs: str, mask: str, x: str, bits: str | None,
-                      non_neg: bool) -> list[str]:
-        raise NotImplementedError(f"codec '{self.name}' has no triton encode")
+__all__ = ["Codec", "FloatCodec", "Stored", "codec_for", "codec_names", "register", "stored_names"]
 
 
 class FloatCodec(Codec):
@@ -214,7 +151,6 @@ class Int8SR(Codec):
 
 
 _CODECS: dict[str, Codec] = {}
-_PLUGINS_LOADED = False
 
 
 def register(codec: Codec) -> None:
@@ -223,20 +159,11 @@ def register(codec: Codec) -> None:
 
 
 def codec_for(name: str) -> Codec:
-    """The codec registered as ``name`` (KeyError: none is); loads ``optgen.quant``'s once."""
-    global _PLUGINS_LOADED
-    if name not in _CODECS and not _PLUGINS_LOADED:
-        _PLUGINS_LOADED = True
-        try:
-            importlib.import_module("optgen.quant")
-        except ModuleNotFoundError as exc:
-            if exc.name != "optgen.quant":
-                raise
+    """The codec registered as ``name`` (KeyError: none is)."""
     return _CODECS[name]
 
 
 def codec_names() -> list[str]:
-    codec_for("bf16")  # the plugins too
     return list(_CODECS)
 
 
@@ -250,6 +177,7 @@ def stored_names(state: str, codec: Codec, non_neg: bool) -> dict[str, str]:
     return {s.suffix: state + s.suffix for s in codec.stored(non_neg)}
 
 
+# the built-in codecs, then bitsandbytes' and torchao's (optgen.quant.registry)
 for _c in (FloatCodec("bf16", "bfloat16", "tl.bfloat16"), Bf16SR(), FloatCodec("fp16", "float16", "tl.float16"),
-           Int8SR()):
+           Int8SR(), *QUANT_CODECS):
     register(_c)

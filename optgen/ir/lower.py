@@ -25,6 +25,7 @@ from optgen.ir.nodes import (
     join,
     walk_nodes,
 )
+from optgen.ir.reductions import lower_reductions
 from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
 from optgen.spec.model import HyperparameterSpec
@@ -594,7 +595,6 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
             raise SpecError(spec.view_condition.pos, "matrix_view.if", "a view condition must be a true/false host "
                             "expression of hyperparameters and facts about the parameter")
         views.append((node, spec.model.matrix_view.shape))
-    from optgen.ir.reductions import lower_reductions
 
     reductions = lower_reductions(spec, lw)  # before update: its statements read them
     body = lw.statements(spec.update)

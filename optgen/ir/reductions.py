@@ -20,20 +20,31 @@ skipped, and must not be read, when it is false); ``order``/``k``/``q`` host exp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from optgen.errors import SpecError
 from optgen.ir.nodes import Kind, Node, ReductionDecl, walk_nodes
-
-if TYPE_CHECKING:
-    from optgen.ir.lower import Lowerer
-    from optgen.spec.loader import Spec
+from optgen.spec import expr as E
+from optgen.spec.loader import Spec
 
 #: per-parameter leaves a whole-optimizer host expression (order, k, q, if) may not read
 _PER_PARAM = ("step", "meta", "has", "param_attr", "input")
 
 
-def lower_reductions(spec: Spec, lw: Lowerer) -> list[ReductionDecl]:
+class ExprLowerer(Protocol):
+    """What lowering a reduction needs of :class:`optgen.ir.lower.Lowerer` (which calls it)."""
+
+    scalars: dict[str, tuple[str, int | None, str]]
+    globals: set[str]
+    accumulators: set[str]
+    reductions: set[str]
+
+    def known_names(self) -> list[str]: ...
+
+    def expr(self, e: E.Expr, field: str) -> Node: ...
+
+
+def lower_reductions(spec: Spec, lw: ExprLowerer) -> list[ReductionDecl]:
     """The spec's ``reductions:`` in declaration order; each becomes a name ``lw`` resolves."""
     out: list[ReductionDecl] = []
     windowed: set[str] = set()  # window statistics: not the history of another
@@ -100,7 +111,7 @@ WINDOWED_ONLY = ("mean", "std", "count")
 WINDOW_STATISTICS = ("mean", "std", "count", "sum", "max", "min")
 
 
-def _window(name: str, over: str, of: Node, exprs: dict, field: str, lw: Lowerer, doc: str,
+def _window(name: str, over: str, of: Node, exprs: dict, field: str, lw: ExprLowerer, doc: str,
             windowed: set[str]) -> ReductionDecl:
     """A window statistic: ``over`` of the finite values the reduction ``of`` names took at the last
     ``window`` earlier steps (optgen.runtime.reductions keeps them on the device)."""

@@ -44,12 +44,6 @@ from optgen.quant.codecs import (
 )
 from optgen.quant.maps import ao_unsigned_4bit_map, cpu_lookup_table, dynamic_map, qmap
 
-try:  # the state-precision codecs (docs/state_precision.md), where the codec interface exists
-    from optgen.quant import registry as _registry  # noqa: F401  (registers the codecs)
-except ModuleNotFoundError as _exc:  # pragma: no cover - an optgen without optgen.ir.codecs
-    if _exc.name != "optgen.ir.codecs":
-        raise
-
 __all__ = [
     "AO_4BIT_BLOCK", "AO_BLOCK", "BNB_BLOCK", "FP8_MAX", "MIN_QUANT_SIZE", "Format",
     "ao_dequantize", "ao_quantize", "ao_quantized", "ao_unsigned_4bit_map",

@@ -1,6 +1,6 @@
 """bitsandbytes' and torchao's formats as state-precision codecs (docs/state_precision.md).
 
-Registered by name with :func:`optgen.ir.codecs.register` when :mod:`optgen.quant` is imported:
+Listed by name in :mod:`optgen.ir.codecs` beside the built-in codecs:
 
 | name | format | small tensors (left float32) |
 |---|---|---|
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from optgen.ir.codecs import Codec, Stored, register
+from optgen.ir.codec_base import Codec, Stored
 from optgen.ir.nodes import Node
 from optgen.quant import codecs as C
 from optgen.quant.maps import cpu_lookup_table, qmap
@@ -228,6 +228,3 @@ class TorchaoBlockwise(Codec):
 
 CODECS = [BnbBlockwise("8bit", "cpu"), BnbBlockwise("8bit_cuda", "nearest"), TorchaoBlockwise("ao_8bit", "8bit"),
           TorchaoBlockwise("4bit", "4bit"), TorchaoBlockwise("fp8", "fp8")]
-
-for _codec in CODECS:
-    register(_codec)

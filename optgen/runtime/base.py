@@ -18,33 +18,16 @@ import torch
 
 from optgen.ir.codecs import PACKED_UINT4
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
-from optgen.runtime import clipping, published_layout, reductions, sharding, stochastic, zero1
+from optgen.numerics import stochastic
+from optgen.numerics.dtypes import storage_dtype
+from optgen.numerics.host import HostContext, evaluate, run_host_block
+from optgen.numerics.matrix_view import packed_shape, view_shape
+from optgen.runtime import clipping, published_layout, reductions, sharding, zero1
 from optgen.runtime.executors import executor_for
-from optgen.runtime.host import HostContext, evaluate, run_host_block
 from optgen.runtime.kourkoutas import R_EMA
-from optgen.runtime.matrix_view import packed_shape, view_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
 BACKENDS = ("auto", "triton", "torch", "compiled", "reference")
-
-
-def storage_dtype(name: str, param_dtype: torch.dtype) -> torch.dtype:
-    """The torch dtype of a state declared with dtype ``name`` for a parameter of ``param_dtype``."""
-    return {
-        "param": param_dtype,
-        "float32": torch.float32,
-        "float64": torch.float64,
-        "default": torch.get_default_dtype(),
-        "bits": torch.uint8,
-        "float8_e4m3fn": torch.float8_e4m3fn,  # adv_optm's centered-decay anchor (feature centered_wd)
-        # the storage dtypes of state precisions (docs/state_precision.md)
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-        "int8": torch.int8,
-        "uint8": torch.uint8,
-        PACKED_UINT4: torch.uint8,  # two 4-bit codes per byte (feature state_precision)
-        "bool": torch.bool,  # a mask state (dtype: bool)
-    }[name]
 
 
 def _dtype(name: str, param: torch.Tensor) -> torch.dtype:

@@ -220,7 +220,7 @@ eq, ne, lt, le, gt, ge = (_compare(f) for f in ("eq", "ne", "lt", "le", "gt", "g
 # (constants of the graph: optgen.runtime.compiled.number_args).
 @torch.library.custom_op("optgen::newton_schulz", mutates_args=())
 def _newton_schulz(g: torch.Tensor, steps: int, eps: float, a: float, b: float, c: float) -> torch.Tensor:
-    from optgen.runtime import newton_schulz as ns
+    from optgen.numerics import newton_schulz as ns
 
     # clone: eager writes a bf16 input in place; contiguous: the fake's layout
     return ns.rows(ns.newton_schulz, g.clone(), steps, eps, a, b, c).contiguous()
@@ -228,7 +228,7 @@ def _newton_schulz(g: torch.Tensor, steps: int, eps: float, a: float, b: float, 
 
 @torch.library.custom_op("optgen::cans", mutates_args=())
 def _cans(g: torch.Tensor, steps: int, eps: float, lower_bound: float) -> torch.Tensor:
-    from optgen.runtime import newton_schulz as ns
+    from optgen.numerics import newton_schulz as ns
 
     return ns.rows(ns.cans, g.clone(), steps, eps, lower_bound).contiguous()
 

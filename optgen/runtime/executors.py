@@ -18,19 +18,18 @@ a DTensor's local rows or its gathered whole, a ZeRO master shard; nothing here 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this module, not the reverse
 
 from optgen.backends import reference
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
-from optgen.runtime import sharding, stochastic
-from optgen.runtime.host import HostContext, evaluate, meta_value, to_device_scalar
-from optgen.runtime.matrix_view import ViewedState, as_view, view_shape
-
-if TYPE_CHECKING:
-    from optgen.runtime.base import GeneratedOptimizer
+from optgen.numerics import stochastic
+from optgen.numerics.host import HostContext, evaluate, meta_value, to_device_scalar
+from optgen.numerics.matrix_view import ViewedState, as_view, view_shape
+from optgen.runtime import sharding
 
 #: On CPU a bucket is stepped in chunks of at most this many elements: one op at a time over every
 #: tensor streams them all through memory, while a chunk's buffers stay in cache between its ops.
@@ -40,7 +39,7 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 class Executor:
     """Steps the parameters of one group (all with gradients and states) of ``opt``."""
 
-    def __init__(self, opt: GeneratedOptimizer) -> None:
+    def __init__(self, opt: Optimizer) -> None:
         self.opt = opt
         self.program: Program = opt._program
 
@@ -81,7 +80,7 @@ class ShardedTritonExecutor(Executor):
     detached alias of the local tensor, given the local gradient) or its gathered whole, through
     :class:`optgen.runtime.sharded_triton.ShardedTritonRunner` (collectives between the stages)."""
 
-    def __init__(self, opt: GeneratedOptimizer) -> None:
+    def __init__(self, opt: Optimizer) -> None:
         super().__init__(opt)
         self.stand_ins: dict[int, torch.Tensor] = {}  # by id(parameter): stable, so the tables are cached
 
@@ -135,7 +134,7 @@ class ShardedTritonExecutor(Executor):
 class TorchExecutor(Executor):
     """The generated ``_device_step`` over buckets of parameters that take the same branches."""
 
-    def __init__(self, opt: GeneratedOptimizer, compiled: bool = False) -> None:
+    def __init__(self, opt: Optimizer, compiled: bool = False) -> None:
         super().__init__(opt)
         prog = self.program
         self.compiled_backend = compiled
@@ -269,7 +268,7 @@ class TorchExecutor(Executor):
         return self.rounds[key]
 
 
-def executor_for(opt: GeneratedOptimizer, backend: str, sharded: bool) -> Executor:
+def executor_for(opt: Optimizer, backend: str, sharded: bool) -> Executor:
     """The executor of ``backend``; sharded parameters step through the torch executor's code
     (collectives run between its ops), DTensors on the triton backend through its kernels on
     their local rows (collectives between the stages)."""

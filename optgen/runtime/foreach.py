@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.ir.codecs import FloatCodec, codec_for
-from optgen.runtime import newton_schulz as ns
-from optgen.runtime import sharding, stochastic
+from optgen.numerics import newton_schulz as ns
+from optgen.numerics import stochastic
+from optgen.runtime import sharding
 
 Tensors = list[torch.Tensor]
 Scalar = Any  # float | bool | list[float]

@@ -13,18 +13,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this module, not the reverse
 
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
-from optgen.runtime.host import HostContext, evaluate
-from optgen.runtime.matrix_view import view_shape
+from optgen.numerics.host import HostContext, evaluate
+from optgen.numerics.matrix_view import view_shape
 
 if TYPE_CHECKING:
     from optgen.ir.nodes import PublishedLayout
-    from optgen.runtime.base import GeneratedOptimizer
 
 
-def to_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
+def to_published(opt: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
     """``sd`` (torch's ``state_dict()`` of ``opt``) in the published layout.
 
     torch's packed groups are fresh dicts, its per-parameter states the live ones: those are copied
@@ -101,7 +101,7 @@ def _book_of(prog: Any, group: dict, state: str) -> tuple[str, bool]:
     raise ValueError(f"{prog.class_name}: state_precision={name!r} does not code state '{state}': it has no code book")
 
 
-def from_published(opt: GeneratedOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
+def from_published(opt: Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
     """``sd`` (published layout or this class's own) in this class's own layout; ``sd`` is not changed.
 
     A saved group or parameter count that does not match is left for ``load_state_dict`` to refuse.

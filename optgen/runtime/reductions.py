@@ -17,21 +17,19 @@ the flattened per-element values (parameter order).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this module, not the reverse
 
 from optgen.backends import reference
 from optgen.ir.nodes import Program, ReductionDecl
 from optgen.runtime import sharding
-from optgen.runtime.host import HostContext, evaluate
-from optgen.runtime.matrix_view import view_shape
-
-if TYPE_CHECKING:
-    from optgen.runtime.base import GeneratedOptimizer
+from optgen.numerics.host import HostContext, evaluate
+from optgen.numerics.matrix_view import view_shape
 
 
-def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]],
+def compute(opt: Optimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]],
             phase: str = "first") -> dict[str, torch.Tensor]:
     """The program's reductions of ``phase`` over ``stepped`` ((group index, group, parameters with
     gradients)), in declaration order (a later one may read an earlier one). The ``post`` phase's
@@ -67,7 +65,7 @@ def compute(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], li
     return out
 
 
-def post_update(opt: GeneratedOptimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]]) -> None:
+def post_update(opt: Optimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]]) -> None:
     """The program's post-update phase (``Program.post``): its ``phase: post`` reductions over the
     updated parameters and states, then its statements for every stepped parameter. Torch ops on
     the device on every backend (the reference interpreter, as for the reductions phase); states
@@ -98,7 +96,7 @@ def _windows(prog: Program, whole: HostContext) -> dict[str, int]:
     return sizes
 
 
-def _history(opt: GeneratedOptimizer, name: str, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _history(opt: Optimizer, name: str, size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """The values (float64, oldest first, the last ``count`` of them valid) of reduction ``name``;
     created empty, moved to ``device`` and resized to ``size`` (the newest kept) where needed."""
     h = opt.state.get(HISTORY + name)
@@ -115,7 +113,7 @@ def _history(opt: GeneratedOptimizer, name: str, size: int, device: torch.device
     return h
 
 
-def _window_statistic(opt: GeneratedOptimizer, r: ReductionDecl, whole: HostContext,
+def _window_statistic(opt: Optimizer, r: ReductionDecl, whole: HostContext,
                       device: torch.device) -> torch.Tensor:
     """``r.over`` of the valid values among the last ``window`` of its reduction's history (float64,
     on the device, no host sync): mean and std (population) NaN, max -inf, min +inf when empty."""
@@ -140,7 +138,7 @@ def _window_statistic(opt: GeneratedOptimizer, r: ReductionDecl, whole: HostCont
     return (torch.where(valid, values - mean, 0.0).square().sum() / count).sqrt()  # std (ddof 0)
 
 
-def _extend_histories(opt: GeneratedOptimizer, out: dict[str, torch.Tensor], whole: HostContext,
+def _extend_histories(opt: Optimizer, out: dict[str, torch.Tensor], whole: HostContext,
                       device: torch.device) -> None:
     """Append this step's value of every reduction a window reads, if it is finite (on the device:
     the append is a select, not a host decision). New tensors, never in place: a loaded state
@@ -157,7 +155,7 @@ def _extend_histories(opt: GeneratedOptimizer, out: dict[str, torch.Tensor], who
 
 
 def _value(prog: Program, r: ReductionDecl, p: torch.Tensor, group: dict, state: dict, view: Any,
-           opt: GeneratedOptimizer, done: dict[str, torch.Tensor]) -> torch.Tensor:
+           opt: Optimizer, done: dict[str, torch.Tensor]) -> torch.Tensor:
     if r.of.op == "var" and r.of.attr == "grad":
         return p.grad  # read as it is: no copy
     frame = reference._Frame(prog, p, p.grad, state, group, view)
@@ -196,7 +194,7 @@ def combine(r: ReductionDecl, values: list[torch.Tensor], ctx: HostContext, devi
     raise ValueError(f"unknown reduction {over!r}")  # pragma: no cover - the spec model restricts it
 
 
-def refuse_partial(opt: GeneratedOptimizer) -> None:
+def refuse_partial(opt: Optimizer) -> None:
     """A step of some parameters only (``step_parameter``, the fused backward pass) cannot compute
     reductions over all of them."""
     if opt._program.reductions or opt._program.post:

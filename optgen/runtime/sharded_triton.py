@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Kind, walk_nodes
+from optgen.numerics.host import HostContext
+from optgen.numerics.matrix_view import view_shape
 from optgen.runtime import sharding
-from optgen.runtime.host import HostContext
-from optgen.runtime.matrix_view import view_shape
 from optgen.runtime.triton_runner import TritonRunner, _Bucket, _dims, _static_pass
 
 _KIND_NAME = {Kind.ROW: "row", Kind.COL: "col", Kind.MATRIX: "matrix", Kind.TENSOR: "tensor"}
@@ -227,7 +227,7 @@ class ShardedTritonRunner(TritonRunner):
 
     def _call(self, bucket: _Bucket, info: _BucketShards, c: int, ws: torch.Tensor) -> None:
         """A whole-matrix call: local tensors batched as one process does, sharded ones on an owner."""
-        from optgen.runtime import newton_schulz as ns
+        from optgen.numerics import newton_schulz as ns
         from optgen.runtime.triton_runner import _run_call
 
         call = bucket.path["calls"][c]

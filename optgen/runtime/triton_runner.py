@@ -27,9 +27,9 @@ import torch
 from optgen.backends.triton_plan import decision_atoms
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
-from optgen.runtime.base import storage_dtype
-from optgen.runtime.host import HostContext, evaluate
-from optgen.runtime.matrix_view import view_shape
+from optgen.numerics.dtypes import storage_dtype
+from optgen.numerics.host import HostContext, evaluate
+from optgen.numerics.matrix_view import view_shape
 
 #: Elements per program of a flat pass, and the tile of a tiled pass (GPU / interpreter).
 GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 4096, "num_warps": 4}
@@ -510,7 +510,7 @@ def _call_plan(call: dict, path: dict, bucket: _Bucket, idx: list[int], envs: li
 
 def _run_call(work: list[tuple], ws: torch.Tensor) -> None:
     """Run a call stage on the workspace: every matrix of one shape in one batched call."""
-    from optgen.runtime import newton_schulz as ns
+    from optgen.numerics import newton_schulz as ns
 
     for op, args, (m, n), offsets in work:
         size = m * n

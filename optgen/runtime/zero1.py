@@ -23,14 +23,12 @@ called from ``GeneratedOptimizer.__init__``):
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this module, not the reverse
 
 from optgen.runtime import published_layout
-
-if TYPE_CHECKING:
-    from optgen.runtime.base import GeneratedOptimizer
 
 
 def constructing_zero(opt: Any) -> Any:
@@ -48,7 +46,7 @@ def constructing_zero(opt: Any) -> Any:
     return None
 
 
-def refuse_self_sharded(opt: GeneratedOptimizer) -> None:
+def refuse_self_sharded(opt: Optimizer) -> None:
     """Called before the groups are built: a class that shards itself (``Adams_ZeRO`` with a process
     group of several ranks) cannot be ZeroRedundancyOptimizer's local optimizer."""
     if opt._zero is not None and constructing_zero(opt) is not None:
@@ -71,7 +69,7 @@ def global_stream_draws(program: Any) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def refuse_partition(opt: GeneratedOptimizer) -> None:
+def refuse_partition(opt: Optimizer) -> None:
     """What a partition of the parameters between ranks would silently change: draws from torch's
     default generator in parameter order, and optimizer-wide reductions (each rank would reduce over
     the parameters it owns only)."""
@@ -90,7 +88,7 @@ def refuse_partition(opt: GeneratedOptimizer) -> None:
                                   "(every rank steps every parameter) instead")
 
 
-def attach(opt: GeneratedOptimizer) -> None:
+def attach(opt: Optimizer) -> None:
     """Called at the end of ``GeneratedOptimizer.__init__``: nothing unless ZeRO is constructing ``opt``."""
     zero = constructing_zero(opt)
     if zero is None:
@@ -109,7 +107,7 @@ def attach(opt: GeneratedOptimizer) -> None:
         opt.register_step_pre_hook(lambda o, args, kwargs: pool_kourkoutas(o))
 
 
-def split_layers(opt: GeneratedOptimizer, zero: Any) -> list[Any]:
+def split_layers(opt: Optimizer, zero: Any) -> list[Any]:
     """Kourkoutas-beta's layers whose parameters are owned by different ranks."""
     kourkoutas = getattr(opt, "_kourkoutas", None)
     if kourkoutas is None:
@@ -141,7 +139,7 @@ class Pool:
         self.zero = zero
         self.index = {id(p): i for i, p in enumerate(zero._all_params)}
 
-    def gather(self, opt: GeneratedOptimizer, parts: dict[str, dict[int, list[Any]]],
+    def gather(self, opt: Optimizer, parts: dict[str, dict[int, list[Any]]],
                vectors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[int, list[Any]]], dict[str, torch.Tensor]]:
         """``opt._parts`` / ``opt._part_vectors`` of every rank, by global position (exact values)."""
         local = [q for g in opt.param_groups for q in g["params"]]
@@ -166,7 +164,7 @@ class Pool:
         return merged, dense
 
 
-def pool_kourkoutas(opt: GeneratedOptimizer) -> None:
+def pool_kourkoutas(opt: Optimizer) -> None:
     """Make Kourkoutas-beta's per-layer norm pool the layer's parameters of every rank."""
     k = getattr(opt, "_kourkoutas", None)
     if k is None or getattr(k, "_zero1_pooled", False):
@@ -181,7 +179,7 @@ def pool_kourkoutas(opt: GeneratedOptimizer) -> None:
     k._zero1_pooled = True
 
 
-def _pool_squares(opt: GeneratedOptimizer, zero: Any, k: Any) -> None:
+def _pool_squares(opt: Optimizer, zero: Any, k: Any) -> None:
     """Each split layer's ``sum(g^2)`` summed over its parameters of every rank in the unsharded
     order (float32, as Kourkoutas.prepare adds them), left in this rank's first parameter's state
     (the others' zeroed), so the local prepare reads the layer's whole sum."""
@@ -216,7 +214,7 @@ def _pool_squares(opt: GeneratedOptimizer, zero: Any, k: Any) -> None:
                 first = False
 
 
-def _looks_published(opt: GeneratedOptimizer, p: torch.Tensor, st: dict[str, Any]) -> bool:
+def _looks_published(opt: Optimizer, p: torch.Tensor, st: dict[str, Any]) -> bool:
     prog = opt._program
     lay = prog.published
     declared = {d.name for d in prog.state}
@@ -231,7 +229,7 @@ def _looks_published(opt: GeneratedOptimizer, p: torch.Tensor, st: dict[str, Any
     return any(isinstance(st.get(k), torch.Tensor) and st[k].dim() == 1 and p.dim() != 1 for k in lay.flat)
 
 
-def adopt_loaded_states(opt: GeneratedOptimizer) -> None:
+def adopt_loaded_states(opt: Optimizer) -> None:
     """Turn states written into ``opt.state`` directly (``ZeroRedundancyOptimizer.load_state_dict``)
     in the published layout into this class's own, as ``load_state_dict`` would have loaded them.
 

@@ -69,7 +69,7 @@ def low_rank(g: torch.Tensor, rank: int, ortho, *args) -> torch.Tensor:
     QR of ``g`` times a Gaussian sketch ``(n, r)`` (``r = min(rank, m, n)``, drawn from adv_optm's
     per-device stream in ``g``'s dtype), then ``Q ortho(Q^T g)`` with ``ortho`` Newton-Schulz or
     CANS and its arguments (math/adv-optm.md §5.3)."""
-    from optgen.runtime import stochastic
+    from optgen.numerics import stochastic
 
     r = min(int(rank), g.size(-2), g.size(-1))
     if r <= 0:

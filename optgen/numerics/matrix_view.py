@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Kind, Program
-from optgen.runtime.host import HostContext, evaluate
+from optgen.numerics.host import HostContext, evaluate
 
 _SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
