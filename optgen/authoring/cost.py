@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Assign, Kind, Program, walk_nodes
+from optgen.ir.ops import Op
 from optgen.render import Built
 
 #: Parameter shapes the cost model reports on: a matrix and a vector.
@@ -144,7 +145,7 @@ def path_cost(program: Program, label: str, key: tuple, dyn: set[str], param_byt
         written: set[str] = set()
         for s in st.statements:
             for n in walk_nodes(s.value):
-                if n.op == "var" and n.kind == Kind.ELEMENT and n.attr in memory and n.attr not in assigned:
+                if n.op == Op.VAR and n.kind == Kind.ELEMENT and n.attr in memory and n.attr not in assigned:
                     read.add(n.attr)
             if isinstance(s, Assign):
                 assigned.add(s.target)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.ir.codecs import codec_for, stored_names
-from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.ir.ops import CALLS, OWN_SHAPE, Op
 from optgen.numerics import newton_schulz as ns
 from optgen.numerics import stochastic
 from optgen.numerics.host import HostContext, evaluate, to_device_scalar
@@ -84,7 +84,7 @@ def _assign(s: Assign, f: _Frame) -> None:
         else:
             f.host.env[s.target] = evaluate(s.value, f.host)
         return
-    if s.value.op == "encode":  # a coded state's write: every tensor its codec stores
+    if s.value.op == Op.ENCODE:  # a coded state's write: every tensor its codec stores
         _encode(s.target, s.value, f)
         return
     value = _eval(s.value, f)
@@ -134,20 +134,19 @@ def _decode(n: Node, f: _Frame) -> Any:
 def _eval(n: Node, f: _Frame) -> Any:
     if n.is_host:
         return to_device_scalar(evaluate(n, f.host))
-    if n.op == "var":
+    if n.op == Op.VAR:
         return _read(n.attr, n.kind, f)
-    if n.op == "decode":
+    if n.op == Op.DECODE:
         return _decode(n, f)
-    if n.op == "reduced":
+    if n.op == Op.REDUCED:
         return f.reduced[n.attr]
     raw = [_eval(a, f) for a in n.args]
-    if n.op == "strided":
+    if n.op == Op.STRIDED:
         return raw[0].reshape(-1)[:: int(raw[1])]
     # Broadcast smaller kinds against the result's kind, except for ops with their own shape rules.
-    if n.op not in ("cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot",
-                    "rownorm", "colnorm", "matmean"):
+    if n.op not in OWN_SHAPE:
         raw = [_align(v, a.kind, n.kind) for v, a in zip(raw, n.args)]
-    if n.op == "where" and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
+    if n.op == Op.WHERE and not any(isinstance(v, torch.Tensor) for v in raw[1:]):
         # a choice between two numbers: numbers take the parameter's dtype, as a Python scalar
         # does against a tensor (torch.where of two scalars would give the default dtype)
         raw[1] = torch.tensor(raw[1], dtype=f.param.dtype, device=f.param.device)
@@ -221,5 +220,5 @@ _OPS = {
     "rand_like": lambda x, seed=None: torch.rand_like(x),
     "cast": lambda a, like: a.to(like.dtype),
     "stochastic_round": lambda x, seed: stochastic.round_bf16(x),
-    **{op: (lambda x, *args, _f=getattr(ns, op): ns.rows(_f, x, *args)) for op in ORTHOGONALISERS},
+    **{op: (lambda x, *args, _f=getattr(ns, op): ns.rows(_f, x, *args)) for op in CALLS},
 }

@@ -12,15 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from optgen.ir.codecs import codec_for, stored_names
-from optgen.ir.library import ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.ops import OWN_SHAPE, Op
 
 INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
     "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy", "cos", "sin", "floor",
 }
-_NO_ALIGN = {"strided", "cast", *ORTHOGONALISERS, "matvec", "matvec_t", "dot", "outer", "normalize", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot",
-             "rownorm", "colnorm", "matmean"}
 #: ops that may return their argument itself (no copy when the dtype already matches)
 _MAY_ALIAS = {"float32", "float64", "cast", "contiguous", "strided"}
 _KIND_NAME = {Kind.MATRIX: "matrix", Kind.ROW: "row", Kind.COL: "col", Kind.ELEMENT: "element", Kind.SLICE: "slice"}
@@ -65,9 +63,9 @@ class TorchEmitter:
 
     # -- expressions ---------------------------------------------------------------------------
     def host(self, n: Node) -> str:
-        if n.op == "const":
+        if n.op == Op.CONST:
             return repr(n.attr)
-        if n.op == "var":
+        if n.op == Op.VAR:
             return f'h["{n.attr}"]'
         raise AssertionError(f"unhoisted host expression {n.op}")  # pragma: no cover
 
@@ -75,7 +73,7 @@ class TorchEmitter:
         if a.is_host:
             return self.host(a), False
         code, fresh = self.expr(a)
-        if parent.op not in _NO_ALIGN and a.kind != parent.kind and a.kind != Kind.TENSOR:
+        if parent.op not in OWN_SHAPE and a.kind != parent.kind and a.kind != Kind.TENSOR:
             return f'F.align({code}, "{_KIND_NAME[a.kind]}", "{_KIND_NAME[parent.kind]}")', False
         return code, fresh
 
@@ -86,16 +84,16 @@ class TorchEmitter:
 
     def expr(self, n: Node) -> tuple[str, bool]:
         """Code for a device value and whether it is a fresh temporary."""
-        if n.op == "var":
+        if n.op == Op.VAR:
             return self.local(n.attr), False
-        if n.op == "decode":
+        if n.op == Op.DECODE:
             codec, state, non_neg = n.attr
             name = self.fresh()
             # packed codes do not have the parameter's shape: the decode takes the parameters'
             like = ", param" if codec_for(codec).per_byte > 1 else ""
             self.emit(f'{name} = F.decode("{codec}", {non_neg}, {self.stored(state, codec, non_neg)}{like})')
             return name, True
-        if n.op == "reduced":  # an optimizer-wide reduction: the runtime puts one per tensor in S
+        if n.op == Op.REDUCED:  # an optimizer-wide reduction: the runtime puts one per tensor in S
             return f'S["{n.attr}"]', False
         args = [self.arg(a, n) for a in n.args]
         first, first_fresh = args[0]
@@ -104,7 +102,7 @@ class TorchEmitter:
             self.emit(f"F.{n.op}_({first}{', ' + rest if rest else ''})")
             return first, True
         codes = [code for code, _ in args]
-        if n.op == "where" and all(a.is_host for a in n.args[1:]):
+        if n.op == Op.WHERE and all(a.is_host for a in n.args[1:]):
             codes.append("like=param")  # two numbers: the result takes the parameters' dtype
         if n.op in _OPERAND_KIND and n.args[0].kind != _OPERAND_KIND[n.op]:
             codes.append(f'kind="{_KIND_NAME[n.args[0].kind]}"')
@@ -155,17 +153,17 @@ class TorchEmitter:
                     self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
                 return
             code, fresh = self.expr(v)
-            if v.op == "var" and v.attr in (*self.device_state, "param") and v.attr in self.writes_after[id(s)]:
+            if v.op == Op.VAR and v.attr in (*self.device_state, "param") and v.attr in self.writes_after[id(s)]:
                 code, fresh = f"F.copy({code})", True  # the source is written later: keep this value
             self.emit(f"{target} = {code}")
-            if v.op == "var":
+            if v.op == Op.VAR:
                 self.owned.discard(v.attr)  # now an alias
             if fresh:
                 self.owned.add(s.target)
             else:
                 self.owned.discard(s.target)
             return
-        if v.op == "encode":
+        if v.op == Op.ENCODE:
             code, _ = self.expr(v.args[0])
             codec, non_neg = v.attr
             self.emit(f'F.encode_("{codec}", {non_neg}, {self.stored(s.target, codec, non_neg)}, {code})')
@@ -177,7 +175,7 @@ class TorchEmitter:
                 self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
             return
         code, _ = self.expr(v)
-        if v.op == "var":
+        if v.op == Op.VAR:
             self.owned.discard(v.attr)  # stored by reference below, or copied: no longer private
         if s.target in self.absent_ok:
             self.emit(f'{target} = F.store(S, "{s.target}", {code})')
@@ -191,11 +189,11 @@ class TorchEmitter:
         while node.op in INPLACE and node.args and node.args[0].kind == node.kind:
             spine.append(node)
             node = node.args[0]
-        if not spine or not (node.op == "var" and node.attr == target):
+        if not spine or not (node.op == Op.VAR and node.attr == target):
             return None
         for n in spine:
             for a in n.args[1:]:
-                if any(x.op == "var" and x.attr == target for x in walk_nodes(a)):
+                if any(x.op == Op.VAR and x.attr == target for x in walk_nodes(a)):
                     return None
         return spine
 
@@ -205,7 +203,7 @@ def _peephole(n: Node) -> Node:
     without materialising ``-b``."""
     if n.args:
         n = replace(n, args=tuple(_peephole(a) for a in n.args))
-    if n.op == "add" and len(n.args) == 2 and n.args[1].op == "neg" and not n.args[1].is_host \
+    if n.op == Op.ADD and len(n.args) == 2 and n.args[1].op == Op.NEG and not n.args[1].is_host \
             and n.args[1].kind == n.kind:
         return replace(n, op="sub", args=(n.args[0], n.args[1].args[0]))
     return n

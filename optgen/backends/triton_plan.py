@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from optgen.ir.library import FULL_PASS_REDUCTIONS, ORTHOGONALISERS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.ops import CALLS, FULL_PASS_REDUCTIONS, REDUCTIONS, Op
 
 
 class TritonUnsupported(Exception):
@@ -51,7 +51,7 @@ class PathPlan:
 def group_decided(value: Node) -> bool:
     """A value of hyperparameters (and globals) and constants alone: the same for every parameter
     of a group."""
-    return all(n.op in ("hyper", "const") or n.args for n in walk_nodes(value))
+    return all(n.op in (Op.HYPER, Op.CONST) or n.args for n in walk_nodes(value))
 
 
 def split_condition(value: Node) -> tuple[list[Node], list[Node]]:
@@ -59,7 +59,7 @@ def split_condition(value: Node) -> tuple[list[Node], list[Node]]:
     parts that read parameter facts or state (``ndim != 1``), through ``and`` / ``or`` / ``not``."""
     if value.boolean and group_decided(value):
         return [value], []
-    if value.op in ("and", "or", "not"):
+    if value.op in (Op.AND, Op.OR, Op.NOT):
         atoms: list[Node] = []
         rest: list[Node] = []
         for a in value.args:
@@ -84,7 +84,7 @@ def static_conditions(program: Program, dyn: set[str],
     """Each static ``if`` of the step: its condition's name, the values assigned to it, and whether
     they are of hyperparameters alone (decided once per group)."""
     for s in walk_stmts(program.body):
-        if isinstance(s, If) and s.cond.op == "var" and s.cond.attr not in dyn:
+        if isinstance(s, If) and s.cond.op == Op.VAR and s.cond.attr not in dyn:
             values = defs.get(s.cond.attr, [])
             yield s.cond.attr, values, bool(s.cond.attr.startswith("_c") and values and
                                             all(group_decided(v) for v in values))
@@ -110,7 +110,7 @@ def global_conditions(program: Program) -> list[str]:
     out = []
     for s in program.body:
         if isinstance(s, Assign) and s.value.is_host and s.value.boolean and s.target.startswith("_c") and any(
-                n.op == "hyper" and n.attr[0] in names for n in walk_nodes(s.value)) and group_decided(s.value):
+                n.op == Op.HYPER and n.attr[0] in names for n in walk_nodes(s.value)) and group_decided(s.value):
             out.append(s.target)
     return out
 
@@ -124,7 +124,7 @@ def dynamic_names(program: Program) -> set[str]:
     for s in walk_stmts(program.body):
         if isinstance(s, Assign) and s.value.is_host and s.target not in conds:
             if s.role == "host_state" or any(
-                n.op in ("step", "input") or (n.op == "var" and n.attr in dyn) or (n.op == "hyper" and n.attr[0] in names)
+                n.op in (Op.STEP, Op.INPUT) or (n.op == Op.VAR and n.attr in dyn) or (n.op == Op.HYPER and n.attr[0] in names)
                 for n in walk_nodes(s.value)
             ):
                 dyn.add(s.target)
@@ -237,7 +237,7 @@ def _var_kinds(stmts: list[Assign]) -> list[Assign]:
     kinds: dict[str, Kind] = {}
 
     def fix(n: Node) -> Node:
-        if n.op == "var" and n.attr in kinds and kinds[n.attr] != n.kind:
+        if n.op == Op.VAR and n.attr in kinds and kinds[n.attr] != n.kind:
             return replace(n, kind=kinds[n.attr])
         return replace(n, args=tuple(fix(a) for a in n.args)) if n.args else n
 
@@ -253,16 +253,15 @@ def _var_kinds(stmts: list[Assign]) -> list[Assign]:
 
 
 def _substitute(n: Node, names: dict[str, Node]) -> Node:
-    if n.op == "var" and n.attr in names:
+    if n.op == Op.VAR and n.attr in names:
         return names[n.attr]
     if not n.args:
         return n
     return replace(n, args=tuple(_substitute(a, names) for a in n.args))
 
 
-_SMALL_REDUCTIONS = {"normalize", "dot", "matmean"}
-#: Ops on whole matrices that no kernel computes: the runtime runs them (see runtime.triton_runner).
-CALLS = set(ORTHOGONALISERS)
+#: reductions of per-row / per-column values (normalize, dot, matmean): vector-stage work, no pass
+_SMALL_REDUCTIONS = REDUCTIONS - FULL_PASS_REDUCTIONS
 
 
 def split_reductions(stmts: list[Assign]) -> list[Assign]:
@@ -283,21 +282,21 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
             out.append(Assign(name, x, role="temp"))  # a workspace copy the runtime reads
             x = Node("var", kind=x.kind, attr=name)
             for a in n.args[1:]:
-                if a.op not in ("var", "const") or not a.is_host:
+                if a.op not in (Op.VAR, Op.CONST) or not a.is_host:
                     raise TritonUnsupported(f"{n.op}()'s host arguments must be simple values")
             name = f"_n{counter['n']}"
             counter["n"] += 1
             out.append(Assign(name, replace(n, args=(x, *n.args[1:])), role="call"))
             return Node("var", kind=n.kind, attr=name)
-        if n.op == "sum" and n.args[0].kind not in (Kind.ELEMENT, Kind.SLICE):
+        if n.op == Op.SUM and n.args[0].kind not in (Kind.ELEMENT, Kind.SLICE):
             # the sum of a per-row / per-column vector: vector-stage work, not a pass
             name = f"_s{counter['s']}"
             counter["s"] += 1
             out.append(Assign(name, n, role="temp"))
             return Node("var", kind=n.kind, attr=name)
-        if n.op in ("rownorm", "colnorm"):  # the square root of a per-row / per-column sum of squares
+        if n.op in (Op.ROWNORM, Op.COLNORM):  # the square root of a per-row / per-column sum of squares
             x = n.args[0]
-            sq = Node("rowsum" if n.op == "rownorm" else "colsum", (Node("mul", (x, x), kind=x.kind),), kind=n.kind)
+            sq = Node("rowsum" if n.op == Op.ROWNORM else "colsum", (Node("mul", (x, x), kind=x.kind),), kind=n.kind)
             name = f"_r{counter['r']}"
             counter["r"] += 1
             out.append(Assign(name, sq, role="reduce"))
@@ -308,9 +307,9 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
             op = {"mean": "sum", "norm": "sumsq"}.get(n.op, n.op)
             out.append(Assign(name, replace(n, op=op), role="reduce"))
             ref = Node("var", kind=n.kind, attr=name)
-            if n.op == "mean":
+            if n.op == Op.MEAN:
                 return Node("div", (ref, Node("meta", attr="numel")), kind=n.kind)
-            if n.op == "norm":
+            if n.op == Op.NORM:
                 return Node("sqrt", (ref,), kind=n.kind)
             return ref
         if n.op in _SMALL_REDUCTIONS and not top:
@@ -330,7 +329,7 @@ def split_reductions(stmts: list[Assign]) -> list[Assign]:
 
 
 def _reads(n: Node) -> set[str]:
-    return {x.attr for x in walk_nodes(n) if x.op == "var" and not x.is_host}
+    return {x.attr for x in walk_nodes(n) if x.op == Op.VAR and not x.is_host}
 
 
 def is_small(s: Assign) -> bool:
@@ -377,7 +376,7 @@ def make_stages(device: list[Assign], bits: frozenset[str] = frozenset()) -> lis
     for st in stages:
         if st.kind == "pass":
             tiled = any(
-                n.kind in (Kind.ROW, Kind.COL, Kind.MATRIX) or (n.op == "var" and n.attr in bits)
+                n.kind in (Kind.ROW, Kind.COL, Kind.MATRIX) or (n.op == Op.VAR and n.attr in bits)
                 for a in st.statements for n in walk_nodes(a.value)
             ) or any(a.target in bits for a in st.statements)
             st.layout = "tiled" if tiled else "flat"
@@ -392,8 +391,8 @@ def inline_reduced(device: list[Assign]) -> list[Assign]:
     out: list[Assign] = []
     for s in device:
         value = _substitute(s.value, known) if known else s.value
-        if s.role == "temp" and all(n.op in ("reduced", "const") or n.is_host or n.args for n in walk_nodes(value)) \
-                and any(n.op == "reduced" for n in walk_nodes(value)):
+        if s.role == "temp" and all(n.op in (Op.REDUCED, Op.CONST) or n.is_host or n.args for n in walk_nodes(value)) \
+                and any(n.op == Op.REDUCED for n in walk_nodes(value)):
             known[s.target] = value
             continue
         out.append(s if value is s.value else Assign(s.target, value, s.pos, s.role))
@@ -421,18 +420,18 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
     hv: list[str] = []
     for s in device:
         for n in walk_nodes(s.value):
-            if n.op == "var" and n.is_host and n.attr not in hv:
+            if n.op == Op.VAR and n.is_host and n.attr not in hv:
                 hv.append(n.attr)
     needed = set(hv)
     keep: list[Assign] = []
     for s in reversed(host):
         if s.target in needed or s.role == "host_state":
             keep.append(s)
-            needed |= {n.attr for n in walk_nodes(s.value) if n.op == "var"}
+            needed |= {n.attr for n in walk_nodes(s.value) if n.op == Op.VAR}
     keep.reverse()
     for s in keep:
         for n in walk_nodes(s.value):
-            if n.op in ("has", "param_attr"):
+            if n.op in (Op.HAS, Op.PARAM_ATTR):
                 raise TritonUnsupported(f"'{n.op}' used as a value (only in conditions) in '{s.target}'")
 
     # Workspace: reduction accumulators, vector-stage temporaries, element temps crossing stages.

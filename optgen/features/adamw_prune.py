@@ -33,6 +33,7 @@ from optgen.errors import Position
 from optgen.features import Feature
 from optgen.features.rewrite import FeatureError, names_in, role_target
 from optgen.ir.nodes import GlobalDecl, Kind, Node, Program, ReductionDecl, StateDecl, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "adamwprune_enable_pruning"
@@ -91,7 +92,7 @@ def _apply(program: Program) -> Program:
     if taken:
         raise FeatureError(f"adamw_prune: the spec already uses the name(s) {', '.join(sorted(taken))}")
     reading = [r.name for r in program.reductions
-               if any(n.op == "var" and n.attr == "grad" for n in walk_nodes(r.of))]
+               if any(n.op == Op.VAR and n.attr == "grad" for n in walk_nodes(r.of))]
     if reading:
         raise FeatureError(f"adamw_prune: the reductions {', '.join(reading)} read the gradient before the step; "
                            "the pruning mask of the gradient would not reach them (not supported)")

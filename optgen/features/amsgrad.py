@@ -15,6 +15,7 @@ from __future__ import annotations
 from optgen.features import Feature
 from optgen.features.rewrite import flag, own_state, rewrite_role, role_target, substitute, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "amsgrad"
@@ -27,7 +28,7 @@ def _apply(program: Program) -> Program:
     d = role_target(program, "denominator", "denom")
 
     def reads_v(n: Node) -> bool:
-        return n.op == "var" and n.attr == v
+        return n.op == Op.VAR and n.attr == v
 
     def denom(s: Assign):
         if not any(reads_v(n) for n in walk_nodes(s.value)):

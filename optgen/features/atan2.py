@@ -16,6 +16,7 @@ import math
 from optgen.features import Feature
 from optgen.features.rewrite import is_var, rewrite_role, role_target, switch
 from optgen.ir.nodes import Assign, Kind, Node, Program
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "use_atan2"
@@ -25,7 +26,7 @@ SCALE = 4 / math.pi
 def atan2_of_division(s: Assign, denominator: str) -> Assign | None:
     """``t = x / d`` as ``t = atan2(x, d)`` where ``d`` is the denominator's name (else None)."""
     v = s.value
-    if v.op == "div" and is_var(v.args[1], denominator):
+    if v.op == Op.DIV and is_var(v.args[1], denominator):
         return Assign(s.target, Node("atan2", v.args, kind=v.kind), s.pos, s.role)
     return None
 
@@ -35,7 +36,7 @@ def _apply(program: Program) -> Program:
 
     def denom(s: Assign):
         v = s.value
-        if v.op != "add":
+        if v.op != Op.ADD:
             return None
         if v.args[1].is_host and not v.args[0].is_host:
             x = v.args[0]
@@ -51,7 +52,7 @@ def _apply(program: Program) -> Program:
 
     def scale(s: Assign):
         v = s.value
-        if v.op != "mul":
+        if v.op != Op.MUL:
             return None
         if is_var(v.args[0], s.target) and v.args[1].is_host:
             x, step = v.args

@@ -14,13 +14,14 @@ from __future__ import annotations
 from optgen.features import Feature
 from optgen.features.rewrite import is_var, rewrite_role, role_target, substitute
 from optgen.ir.nodes import Assign, Node, Program
+from optgen.ir.ops import Op
 
 
 def _apply(program: Program) -> Program:
     d = role_target(program, "denominator", "denom")
 
     def atan2_of(n: Node) -> Node | None:
-        if n.op == "div" and is_var(n.args[1], d):
+        if n.op == Op.DIV and is_var(n.args[1], d):
             return Node("atan2", tuple(substitute(a, atan2_of) for a in n.args), kind=n.kind)
         return None
 

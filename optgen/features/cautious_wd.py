@@ -13,6 +13,7 @@ from __future__ import annotations
 from optgen.features import Feature
 from optgen.features.rewrite import indicator, is_var, rewrite_role, role_target, switch, var
 from optgen.ir.nodes import Assign, Kind, Node, Program
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "cautious_wd"
@@ -31,9 +32,9 @@ def _apply(program: Program) -> Program:
             return None
         one = Node("const", attr=1)
         # param * (1 - s) or (1 - s) * param, s a host value (torch's spelling)
-        if v.op == "mul" and any(is_var(a, "param") for a in v.args):
+        if v.op == Op.MUL and any(is_var(a, "param") for a in v.args):
             k = v.args[1] if is_var(v.args[0], "param") else v.args[0]
-            if k.op == "sub" and k.args[0].op == "const" and k.args[0].attr == 1 and k.args[1].is_host:
+            if k.op == Op.SUB and k.args[0].op == Op.CONST and k.args[0].attr == 1 and k.args[1].is_host:
                 masked = Node("sub", (one, Node("mul", (k.args[1], mask), kind=Kind.ELEMENT)), kind=Kind.ELEMENT)
                 on = Node("mul", (var("param"), masked), kind=v.kind)
                 return [switch(FLAG, [Assign("param", on, s.pos, s.role)], [s], s.pos)]
@@ -42,10 +43,10 @@ def _apply(program: Program) -> Program:
             return None
         # param + s * T, T the parameter itself or, where the spec declares the decay, a decay
         # target (SignSGD's geometric decay toward sign(param) * ||param|| / sqrt(numel))
-        if v.op == "axpy" and v.args[2].is_host and (is_var(v.args[1], "param") or declared):
+        if v.op == Op.AXPY and v.args[2].is_host and (is_var(v.args[1], "param") or declared):
             on = Node("addcmul", (v.args[0], v.args[1], mask, v.args[2]), kind=v.kind)
         # param + s * param * X (Fisher decay: X the per-element decay scale): the mask joins X
-        elif v.op == "addcmul" and is_var(v.args[1], "param"):
+        elif v.op == Op.ADDCMUL and is_var(v.args[1], "param"):
             scaled = Node("mul", (mask, v.args[2]), kind=Kind.ELEMENT)
             on = Node("addcmul", (v.args[0], v.args[1], scaled, v.args[3]), kind=v.kind)
         else:

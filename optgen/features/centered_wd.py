@@ -39,6 +39,7 @@ from optgen.features.rewrite import (
     where,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_stmts
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 COEF, MODE, ANCHOR = "centered_wd", "centered_wd_mode", "anchor_data"
@@ -53,10 +54,10 @@ def _rate(s: Assign) -> Node | None:
     """The scale ``s`` of a standard decay ``param + (-(weight_decay * s)) * param`` (or of its
     cautious / Fisher forms), or None."""
     v = s.value
-    if s.target != "param" or v.op not in ("axpy", "addcmul") or not is_var(v.args[0], "param"):
+    if s.target != "param" or v.op not in (Op.AXPY, Op.ADDCMUL) or not is_var(v.args[0], "param"):
         return None
     r = v.args[-1]
-    if r.op == "neg" and r.args[0].op == "mul" and r.args[0].args[0].op == "hyper":
+    if r.op == Op.NEG and r.args[0].op == Op.MUL and r.args[0].args[0].op == Op.HYPER:
         return r.args[0].args[1]
     return None
 

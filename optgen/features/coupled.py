@@ -29,8 +29,8 @@ from dataclasses import replace
 from optgen.errors import Position
 from optgen.features import Feature
 from optgen.features.rewrite import FeatureError, is_var, rewrite_role, role_target, substitute, switch
-from optgen.ir.library import REDUCTIONS
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, join, walk_nodes
+from optgen.ir.ops import REDUCTIONS
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "coupled"

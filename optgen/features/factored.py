@@ -50,6 +50,7 @@ from optgen.features.rewrite import (
     var,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 #: The column factor's normaliser floor (adv_optm's ``EPSILON``).
@@ -92,7 +93,7 @@ class _Factoring:
             self.full[d.name] = f"{d.name}_full"
 
     def _rename(self, n: Node) -> Node:
-        if n.op == "var" and n.attr in self.full:
+        if n.op == Op.VAR and n.attr in self.full:
             return Node("var", kind=Kind.ELEMENT, attr=self.full[n.attr])
         if not n.args:
             return n
@@ -102,10 +103,10 @@ class _Factoring:
         """adv_optm's casts on the factored_2nd path: the factored state's update in float32, the
         denominator elsewhere in the gradient's dtype (not in Fisher decay's scale, which reads the
         float32 one)."""
-        reads = {n.attr for n in walk_nodes(value) if n.op == "var"}
+        reads = {n.attr for n in walk_nodes(value) if n.op == Op.VAR}
         if s.target in self.full and s.target in reads:  # its update (ADOPT's init squares the raw gradient)
             def up(n: Node) -> Node:
-                if n.op == "var" and n.kind == Kind.ELEMENT:
+                if n.op == Op.VAR and n.kind == Kind.ELEMENT:
                     return element("float32", n)
                 return Node(n.op, tuple(up(a) for a in n.args), n.kind, n.attr, n.boolean) if n.args else n
             return up(value)
@@ -113,7 +114,7 @@ class _Factoring:
             return value
 
         def cast(n: Node) -> Node:
-            if n.op == "var" and n.attr == self.denom:
+            if n.op == Op.VAR and n.attr == self.denom:
                 return element("cast", n, var("grad"))
             return Node(n.op, tuple(cast(a) for a in n.args), n.kind, n.attr, n.boolean) if n.args else n
         return cast(value)
@@ -162,7 +163,7 @@ class _Factoring:
                 out.append(If(s.cond, then, orelse, s.pos))
                 ready = r1 & r2
                 continue
-            reads = {n.attr for n in walk_nodes(s.value) if n.op == "var"} & set(self.full)
+            reads = {n.attr for n in walk_nodes(s.value) if n.op == Op.VAR} & set(self.full)
             for name in sorted(reads - ready):
                 out += self.reconstruct(name)
                 if self.second and s.target != name:  # read before its update (ADOPT's v_{t-1})

@@ -20,6 +20,7 @@ import math
 from optgen.features import Feature
 from optgen.features.rewrite import flag, fresh, is_var, own_state, rewrite_role, role_target, switch, var
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "fisher_wd"
@@ -53,9 +54,9 @@ def is_scale(s: Assign, denom: str) -> bool:
     v = s.value
     if s.role != "temp" or s.pos is not None:
         return False
-    if v.op == "rdiv":
+    if v.op == Op.RDIV:
         return is_var(v.args[0], denom) and v.args[1] == Node("const", attr=1)
-    return v.op == "mul" and v.args[0].op == "atan2" and is_var(v.args[0].args[0], SCALER) \
+    return v.op == Op.MUL and v.args[0].op == Op.ATAN2 and is_var(v.args[0].args[0], SCALER) \
         and is_var(v.args[0].args[1], denom)
 
 
@@ -67,7 +68,7 @@ def _apply(program: Program) -> Program:
 
     def decay(s: Assign):
         v = s.value
-        if v.op == "axpy" and is_var(v.args[0], "param") and is_var(v.args[1], "param") and v.args[2].op == "neg":
+        if v.op == Op.AXPY and is_var(v.args[0], "param") and is_var(v.args[1], "param") and v.args[2].op == Op.NEG:
             rate = v.args[2].args[0]  # wd * lr, as adv_optm multiplies it into the scale
             on = [
                 *_scale(f_name, denom, with_atan2),

@@ -37,6 +37,7 @@ from optgen.features.rewrite import (
     var,
 )
 from optgen.ir.nodes import Assign, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "kourkoutas_beta"
@@ -49,14 +50,14 @@ SQ = "kourkoutas_sq"
 def _beta2(s: Assign) -> Node | None:
     """The old value's factor of a second-moment EMA ``v = v * beta2 + c * x * x`` (addcmul), or None."""
     v = s.value
-    if v.op == "addcmul" and v.args[0].op == "mul" and is_var(v.args[0].args[0], s.target):
+    if v.op == Op.ADDCMUL and v.args[0].op == Op.MUL and is_var(v.args[0].args[0], s.target):
         return v.args[0].args[1]
     return None
 
 
 def _initialises(s: Stmt, v: str) -> bool:
     """ADOPT's init-only first step, ``v = grad * grad``: adv_optm pools that gradient too."""
-    return isinstance(s, Assign) and s.target == v and s.value.op == "mul" and all(
+    return isinstance(s, Assign) and s.target == v and s.value.op == Op.MUL and all(
         is_var(a, "grad") for a in s.value.args)
 
 
@@ -74,7 +75,7 @@ def _apply(program: Program) -> Program:
     (ema, beta2), = find_role(program, program.body, "kourkoutas_beta", "second_moment",
                               lambda s: s.target == v, _beta2,
                               f"a second-moment EMA '{v} = {v} * beta2 + (1 - beta2) * grad * grad'")
-    if any(n.op == "var" for n in walk_nodes(beta2)):
+    if any(n.op == Op.VAR for n in walk_nodes(beta2)):
         raise FeatureError("feature 'kourkoutas_beta' needs beta2 to be a hyperparameter", ema.pos)
     pool = dict(program.hypers).get("kourkoutas_pool")
     raw = pool is not None and pool.default == "raw"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from optgen.features import Feature
 from optgen.features.rewrite import is_var, rewrite_role, role_target, switch, var
 from optgen.ir.nodes import Assign, Node, Program
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "normed_momentum"
@@ -28,7 +29,7 @@ def _apply(program: Program) -> Program:
 
     def drop_division(s: Assign):
         v = s.value
-        if v.op == "div" and is_var(v.args[0], s.target) and is_var(v.args[1], d):
+        if v.op == Op.DIV and is_var(v.args[0], s.target) and is_var(v.args[1], d):
             return [switch(FLAG, [], [s], s.pos)]
         return None
 

@@ -31,6 +31,7 @@ from optgen.features.rewrite import (
     var,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "orthogonal_gradient"
@@ -100,7 +101,7 @@ def is_orthograd_block(s: Stmt) -> bool:
 
 
 def _flags(cond: Node) -> set[str]:
-    return {n.attr[0] for n in walk_nodes(cond) if n.op == "hyper"}
+    return {n.attr[0] for n in walk_nodes(cond) if n.op == Op.HYPER}
 
 
 FEATURE = Feature(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
+from optgen.ir.ops import Op
 from optgen.ir.roles import MULTI_ROLES, ROLES  # noqa: F401  (MULTI_ROLES: the vocabulary, re-exported)
 
 
@@ -168,7 +169,7 @@ def names_in(program: Program) -> set[str]:
             nodes = walk_nodes(s.value)
         else:
             nodes = walk_nodes(s.cond)
-        names.update(n.attr for n in nodes if n.op == "var")
+        names.update(n.attr for n in nodes if n.op == Op.VAR)
     return names
 
 
@@ -200,7 +201,7 @@ def element(op: str, *args: Node, boolean: bool = False) -> Node:
 
 
 def is_var(n: Node, name: str) -> bool:
-    return n.op == "var" and n.attr == name
+    return n.op == Op.VAR and n.attr == name
 
 
 def replace_assigns(stmts: list[Stmt], fn: Callable[[Assign], list[Stmt] | None]) -> tuple[list[Stmt], int]:
@@ -323,17 +324,17 @@ def ema_form(s: Stmt, target: str = "exp_avg") -> Ema | None:
     if not isinstance(s, Assign) or s.target != target:
         return None
     v = s.value
-    if v.op == "lerp" and is_var(v.args[0], target):
+    if v.op == Op.LERP and is_var(v.args[0], target):
         w = v.args[2]
-        one = w.op == "sub" and w.args[0].op == "const" and w.args[0].attr == 1
+        one = w.op == Op.SUB and w.args[0].op == Op.CONST and w.args[0].attr == 1
         beta1 = w.args[1] if one else Node("sub", (Node("const", attr=1), w))
         return Ema(v.args[1], w, beta1, None)
-    if v.op == "axpy" and v.args[0].op == "mul" and is_var(v.args[0].args[0], target) and v.args[0].args[1].is_host:
+    if v.op == Op.AXPY and v.args[0].op == Op.MUL and is_var(v.args[0].args[0], target) and v.args[0].args[1].is_host:
         beta1, w = v.args[0].args[1], v.args[2]
         rest = Node("sub", (Node("const", attr=1), beta1))
         if w == rest:
             return Ema(v.args[1], rest, beta1, Node("const", attr=1))
-        if w.op == "mul" and w.args[1] == rest:
+        if w.op == Op.MUL and w.args[1] == rest:
             return Ema(v.args[1], rest, beta1, w.args[0])
     return None
 
@@ -366,9 +367,9 @@ def direction_source(program: Program) -> Callable[[Assign], Node | None]:
 
     def source(s: Assign) -> Node | None:
         v = s.value
-        if v.op == "copy" and v.args[0].op == "var" and v.args[0].attr in ok:
+        if v.op == Op.COPY and v.args[0].op == Op.VAR and v.args[0].attr in ok:
             return v.args[0]
-        if v.op == "var" and v.attr in ok:
+        if v.op == Op.VAR and v.attr in ok:
             return v
         return None
 

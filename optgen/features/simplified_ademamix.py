@@ -36,6 +36,7 @@ from optgen.features.rewrite import (
     switch,
 )
 from optgen.ir.nodes import Assign, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "Simplified_AdEMAMix"
@@ -51,7 +52,7 @@ def _host(op: str, *args: Node) -> Node:
 def _relr(name: str):
     """A rewrite of a statement: the hyperparameter ``lr`` read as the scaled temporary ``name``."""
     def uses_lr(n: Node) -> Node | None:
-        return Node("var", kind=Kind.HOST, attr=name) if n.op == "hyper" and n.attr == ("lr", None) else None
+        return Node("var", kind=Kind.HOST, attr=name) if n.op == Op.HYPER and n.attr == ("lr", None) else None
 
     return lambda s: [Assign(s.target, substitute(s.value, uses_lr), s.pos, s.role)]
 
@@ -73,7 +74,7 @@ def _apply(program: Program) -> Program:
     lr_name = fresh(program, LR)
     # the lerp form, or an axpy form scaled by something (Prodigy's d): not the unscaled axpy form
     ema_stmt, ema = first_moment(program, program.body, "simplified_ademamix",
-                                 lambda s, e: None if e.scale is not None and e.scale.op == "const" else e)
+                                 lambda s, e: None if e.scale is not None and e.scale.op == Op.CONST else e)
     x, beta1 = ema.x, ema.beta1
 
     def accumulate(s: Assign):
@@ -126,7 +127,7 @@ def _apply(program: Program) -> Program:
 
 
 def _reads_lr(s: Stmt) -> bool:
-    return any(n.op == "hyper" and n.attr == ("lr", None)
+    return any(n.op == Op.HYPER and n.attr == ("lr", None)
                for a in walk_stmts([s]) if isinstance(a, Assign) for n in walk_nodes(a.value))
 
 

@@ -32,6 +32,7 @@ from optgen.features.rewrite import (
     role_sites,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_stmts
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 SPECTRAL = "ndim >= 2 and rows != 1 and cols != 1 and param_attr('use_spectral_decay', true)"
@@ -42,9 +43,9 @@ def _is_decay(s: Assign) -> bool:
     v = s.value
     if s.target != "param" or not v.args:
         return False
-    if v.op == "axpy":
+    if v.op == Op.AXPY:
         return is_var(v.args[0], "param") and is_var(v.args[1], "param") and v.args[2].is_host
-    if v.op == "mul" and len(v.args) == 2:
+    if v.op == Op.MUL and len(v.args) == 2:
         k = v.args[1] if is_var(v.args[0], "param") else v.args[0] if is_var(v.args[1], "param") else None
         return k is not None and k.is_host
     return False
@@ -90,7 +91,7 @@ def _block(program: Program, state: list[StateDecl]) -> list[Stmt]:
 
 def _renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
     def node(n: Node) -> Node:
-        if n.op == "var" and n.attr in names:
+        if n.op == Op.VAR and n.attr in names:
             return replace(n, attr=names[n.attr])
         return replace(n, args=tuple(node(a) for a in n.args)) if n.args else n
 

@@ -42,6 +42,7 @@ from optgen.features.rewrite import (
 )
 from optgen.ir.codecs import PACKED_UINT4, Codec, codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 HYPER = "state_precision"
@@ -82,7 +83,7 @@ class _Coding:
         self.coded = coded
 
     def _rename(self, n: Node) -> Node:
-        if n.op == "var" and n.attr in self.coded:
+        if n.op == Op.VAR and n.attr in self.coded:
             return Node("var", kind=Kind.ELEMENT, attr=work_name(n.attr))
         if not n.args:
             return n
@@ -97,7 +98,7 @@ class _Coding:
                 out.append(If(s.cond, then, orelse, s.pos))
                 ready = r1 & r2  # after a conditional only what both branches decoded or wrote
                 continue
-            reads = {n.attr for n in walk_nodes(s.value) if n.op == "var"} & set(self.coded)
+            reads = {n.attr for n in walk_nodes(s.value) if n.op == Op.VAR} & set(self.coded)
             for name in sorted(reads - ready):
                 decode = Node("decode", (), Kind.ELEMENT, (self.codec.name, name, self.coded[name]))
                 out.append(Assign(work_name(name), decode, None, "temp"))
@@ -117,12 +118,12 @@ class _Coding:
 def _touches(s: Stmt, names: set[str]) -> bool:
     if isinstance(s, If):
         return any(_touches(x, names) for x in s.then + s.orelse)
-    return s.target in names or any(n.op == "var" and n.attr in names for n in walk_nodes(s.value))
+    return s.target in names or any(n.op == Op.VAR and n.attr in names for n in walk_nodes(s.value))
 
 
 def _factored_request(cond: Node) -> bool:
     """``cond`` is feature factored's request (its branch runs with state_precision='factored')."""
-    return any(n.op == "const" and n.attr == "factored" for n in walk_nodes(cond))
+    return any(n.op == Op.CONST and n.attr == "factored" for n in walk_nodes(cond))
 
 
 def _wrap(stmts: list[Stmt], names: set[str], make) -> list[Stmt]:
@@ -144,16 +145,16 @@ def _wrap(stmts: list[Stmt], names: set[str], make) -> list[Stmt]:
 
 # -- non-negativity of a state's writes (generic dialect) --------------------------------------
 def _host_nonneg(n: Node, hypers: dict) -> bool:
-    if n.op == "const":
+    if n.op == Op.CONST:
         return isinstance(n.attr, (int, float)) and not isinstance(n.attr, bool) and n.attr >= 0
-    if n.op == "hyper":
+    if n.op == Op.HYPER:
         h = hypers.get(n.attr[0])
         return h is not None and h.min is not None and h.min >= 0
-    if n.op == "sub" and n.args[0].op == "const" and n.args[0].attr == 1 and n.args[1].op == "hyper":
+    if n.op == Op.SUB and n.args[0].op == Op.CONST and n.args[0].attr == 1 and n.args[1].op == Op.HYPER:
         h = hypers.get(n.args[1].attr[0])
         return h is not None and ((h.max is not None and h.max <= 1) or (h.max_exclusive is not None
                                                                             and h.max_exclusive <= 1))
-    if n.op in ("mul", "div", "add", "sqrt", "max", "pow") and n.args:
+    if n.op in (Op.MUL, Op.DIV, Op.ADD, Op.SQRT, Op.MAX, Op.POW) and n.args:
         return all(_host_nonneg(a, hypers) for a in n.args)
     return False
 
@@ -164,22 +165,22 @@ def _nonneg(n: Node, name: str, temps: dict[str, Node], hypers: dict, depth: int
     if n.is_host:
         return _host_nonneg(n, hypers)
     rec = lambda a: _nonneg(a, name, temps, hypers, depth + 1)  # noqa: E731
-    if n.op == "var":
+    if n.op == Op.VAR:
         if n.attr == name:
             return True  # by induction: the state starts at zero
         return n.attr in temps and rec(temps[n.attr])
-    if n.op in ("abs", "sqrt", "exp"):
+    if n.op in (Op.ABS, Op.SQRT, Op.EXP):
         return True
-    if n.op == "mul":
+    if n.op == Op.MUL:
         return n.args[0] == n.args[1] or all(rec(a) for a in n.args)
-    if n.op == "addcmul":
+    if n.op == Op.ADDCMUL:
         a, b, c, s = n.args
         return rec(a) and (b == c or (rec(b) and rec(c))) and rec(s)
-    if n.op in ("add", "div", "lerp", "float32", "copy", "contiguous"):
+    if n.op in (Op.ADD, Op.DIV, Op.LERP, Op.FLOAT32, Op.COPY, Op.CONTIGUOUS):
         return all(rec(a) for a in n.args[:2])
-    if n.op == "maximum":
+    if n.op == Op.MAXIMUM:
         return any(rec(a) for a in n.args)
-    if n.op == "where":
+    if n.op == Op.WHERE:
         return rec(n.args[1]) and rec(n.args[2])
     return False
 
@@ -241,7 +242,7 @@ def _apply(program: Program) -> Program:
     adv = "factored" in choices  # adv_optm's API: its values include feature factored's
     if adv:
         decls = [d for d in program.state if d.kind == Kind.ELEMENT and d.dtype != "bits" and d.dtype_when is not None
-                 and any(n.op == "hyper" and n.attr[0] == HYPER for n in walk_nodes(d.dtype_when[0]))]
+                 and any(n.op == Op.HYPER and n.attr[0] == HYPER for n in walk_nodes(d.dtype_when[0]))]
         codecs = [c for c in choices if c in ADV_CODECS]
         dtypes = {c: t for c, t in ADV_DTYPES.items() if c in choices}
         non_neg = {d.name: d.name in ADV_NON_NEG for d in decls}

@@ -27,6 +27,7 @@ from optgen.features.rewrite import (
     var,
 )
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
 FLAG = "stochastic_rounding"
@@ -40,7 +41,7 @@ def _writes_param(s: Stmt) -> bool:
 
 
 def _reads(stmts: list[Stmt], name: str) -> bool:
-    return any(isinstance(s, Assign) and any(n.op == "var" and n.attr == name for n in walk_nodes(s.value))
+    return any(isinstance(s, Assign) and any(n.op == Op.VAR and n.attr == name for n in walk_nodes(s.value))
                for s in walk_stmts(stmts))
 
 
@@ -48,7 +49,7 @@ def _in_fp32(upd: str, p32: str, u32: str):
     """An edit: in the statement list holding the last parameter write, the writes from the first
     one on in fp32, then one stochastic rounding (None where no parameter write is direct)."""
     def to_fp32(n: Node) -> Node | None:
-        if n.op == "var" and n.attr in ("param", upd):
+        if n.op == Op.VAR and n.attr in ("param", upd):
             return var(p32 if n.attr == "param" else u32)
         return None
 

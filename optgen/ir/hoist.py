@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes
+from optgen.ir.ops import Op
 
 _PURE_LEAVES = {"const", "hyper", "meta", "has", "param_attr"}
 
@@ -38,7 +39,7 @@ def hoist(program: Program) -> Program:
 
     def rewrite(node: Node, out: list[Stmt]) -> Node:
         if node.is_host:
-            if node.op == "const" or (node.op == "var" and node.attr not in host_states):
+            if node.op == Op.CONST or (node.op == Op.VAR and node.attr not in host_states):
                 return node
             name = fresh("k")
             out.append(Assign(name, node, role="temp"))
@@ -50,12 +51,12 @@ def hoist(program: Program) -> Program:
         for s in stmts:
             if isinstance(s, If):
                 cond = s.cond
-                if cond.op != "var" and _pure(cond):
+                if cond.op != Op.VAR and _pure(cond):
                     if cond not in pure:
                         pure[cond] = fresh("c")
                         head.append(Assign(pure[cond], cond, s.pos, role="temp"))
                     cond = Node("var", kind=Kind.HOST, attr=pure[cond], boolean=True)
-                elif cond.op != "var":
+                elif cond.op != Op.VAR:
                     name = fresh("c")
                     out.append(Assign(name, cond, s.pos, role="temp"))
                     cond = Node("var", kind=Kind.HOST, attr=name, boolean=True)

@@ -1,10 +1,9 @@
-"""The fixed function library of the expression language, and facts about every IR op."""
+"""The fixed function library of the expression language (the facts about every IR op are in
+:mod:`optgen.ir.ops`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from optgen.ir.nodes import Kind
 
 
 @dataclass(frozen=True)
@@ -93,33 +92,6 @@ FUNCTIONS: dict[str, Function] = {
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]
-}
-
-#: Whole-matrix orthogonalisations (Muon): a matrix plus host arguments, run with torch by every backend.
-ORTHOGONALISERS = ("newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans")
-
-#: Ops that reduce a larger kind into a smaller one: their results end a phase.
-REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "dot", "normalize",
-              "rownorm", "colnorm", "matmean"}
-
-#: Ops whose reduction reads per-element data (a full pass over the tensor).
-FULL_PASS_REDUCTIONS = {"matvec", "matvec_t", "rowsum", "colsum", "sum", "mean", "norm", "maxabs", "vdot", "rownorm", "colnorm"}
-
-#: Kinds that each reduction produces from its (first) argument.
-REDUCTION_RESULT = {
-    "matvec": Kind.ROW,
-    "matvec_t": Kind.COL,
-    "rowsum": Kind.ROW,
-    "colsum": Kind.COL,
-    "sum": Kind.TENSOR,
-    "mean": Kind.TENSOR,
-    "norm": Kind.TENSOR,
-    "maxabs": Kind.TENSOR,
-    "vdot": Kind.TENSOR,
-    "dot": Kind.MATRIX,
-    "rownorm": Kind.ROW,
-    "colnorm": Kind.COL,
-    "matmean": Kind.MATRIX,
 }
 
 COMPARISONS = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from optgen.errors import SpecError, did_you_mean
-from optgen.ir.library import COMPARISONS, FUNCTIONS, ORTHOGONALISERS, nearest_functions
+from optgen.ir.library import COMPARISONS, FUNCTIONS, nearest_functions
 from optgen.ir.nodes import (
     AccumulatorDecl,
     Assign,
@@ -25,6 +25,7 @@ from optgen.ir.nodes import (
     join,
     walk_nodes,
 )
+from optgen.ir.ops import CALLS, Op
 from optgen.ir.reductions import lower_reductions
 from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
@@ -122,7 +123,7 @@ class Lowerer:
             return self.name(e, field)
         if isinstance(e, E.Unary):
             a = self.expr(e.operand, field)
-            if e.op == "not":
+            if e.op == Op.NOT:
                 self._need_host_bool(a, e.operand, field, "'not'")
                 return Node("not", (a,), boolean=True)
             self._need_number(a, e.operand, field)
@@ -223,17 +224,17 @@ class Lowerer:
         # Only ``s * x`` written scalar-first fuses: that is how torch code spells value=/alpha=,
         # while ``x * s`` is a separate multiply in the published code.
         def split_scaled(n: Node) -> tuple[Node, Node | None]:
-            if n.op == "mul" and n.args[1].is_host and n.attr == "scalar_first":
+            if n.op == Op.MUL and n.args[1].is_host and n.attr == "scalar_first":
                 return n.args[0], n.args[1]
             return n, None
 
-        if b.op == "mul" and not b.args[1].is_host and not b.args[0].is_host:
+        if b.op == Op.MUL and not b.args[1].is_host and not b.args[0].is_host:
             x, s = split_scaled(b.args[0])
             return Node("addcmul", (a, x, b.args[1], scale(s)), kind=kind)
-        if b.op == "div" and not b.args[1].is_host and not b.args[0].is_host:
+        if b.op == Op.DIV and not b.args[1].is_host and not b.args[0].is_host:
             x, s = split_scaled(b.args[0])
             return Node("addcdiv", (a, x, b.args[1], scale(s)), kind=kind)
-        if b.op == "mul" and b.args[1].is_host and b.attr == "scalar_first":
+        if b.op == Op.MUL and b.args[1].is_host and b.attr == "scalar_first":
             return Node("axpy", (a, b.args[0], scale(b.args[1])), kind=kind)
         return None
 
@@ -295,7 +296,7 @@ class Lowerer:
             if not args[1].is_host:
                 raise SpecError(e.args[1].pos, field, "stochastic_round()'s seed must be a host scalar")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
-        if fn in ORTHOGONALISERS:
+        if fn in CALLS:
             need(0, Kind.ELEMENT)
             for i in range(1, len(args)):
                 if not args[i].is_host:
@@ -483,7 +484,7 @@ class FinalizeLowerer(Lowerer):
 
 def _host_init(lw: Lowerer, e: E.Expr, field: str) -> Node:
     node = lw.expr(e, field)
-    if not node.is_host or any(n.op in ("step", "var", "meta", "has", "param_attr", "input") for n in walk_nodes(node)):
+    if not node.is_host or any(n.op in (Op.STEP, Op.VAR, Op.META, Op.HAS, Op.PARAM_ATTR, Op.INPUT) for n in walk_nodes(node)):
         raise SpecError(e.pos, field, "an init is a host expression of hyperparameters (and globals)")
     return node
 
@@ -569,7 +570,7 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
         if name in lw.known_names():
             raise SpecError(e.pos, field, f"fact '{name}' shadows another name")
         node = lw.expr(e, field)
-        if not node.is_host or any(n.op in ("step", "var", "input", "has") for n in walk_nodes(node)):
+        if not node.is_host or any(n.op in (Op.STEP, Op.VAR, Op.INPUT, Op.HAS) for n in walk_nodes(node)):
             raise SpecError(e.pos, field, "a fact is a host expression of hyperparameters and facts about the "
                             "parameter (not of the step, state or runtime inputs)")
         lw.facts[name] = node

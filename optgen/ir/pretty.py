@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from optgen.ir.nodes import Assign, If, Node, Stmt
+from optgen.ir.ops import Op
 
 _INFIX = {"add": ("+", 5), "sub": ("-", 5), "mul": ("*", 6), "div": ("/", 6), "pow": ("**", 8), "mod": ("%", 6)}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
@@ -21,33 +22,33 @@ def set_aliases(hypers) -> None:
 
 
 def _scaled(base: str, scale: Node, rest: str) -> str:
-    if scale.op == "neg":
+    if scale.op == Op.NEG:
         return f"{base} - {expr_text(scale.args[0], 6)} * {rest}"
-    if scale.op == "const" and scale.attr == -1:
+    if scale.op == Op.CONST and scale.attr == -1:
         return f"{base} - {rest}"
-    if scale.op == "const" and scale.attr == 1:
+    if scale.op == Op.CONST and scale.attr == 1:
         return f"{base} + {rest}"
     return f"{base} + {expr_text(scale, 6)} * {rest}"
 
 
 def expr_text(n: Node, parent: int = 0) -> str:
     op = n.op
-    if op == "const":
+    if op == Op.CONST:
         return repr(n.attr)
-    if op == "var":
+    if op == Op.VAR:
         return n.attr
-    if op == "hyper":
+    if op == Op.HYPER:
         name, idx = n.attr
         if idx is None:
             return name
         return ALIASES.get((name, idx), f"{name}[{idx}]")
-    if op == "step":
+    if op == Op.STEP:
         return "step"
-    if op == "meta":
+    if op == Op.META:
         return n.attr
-    if op == "has":
+    if op == Op.HAS:
         return f"has({n.attr})"
-    if op == "param_attr":
+    if op == Op.PARAM_ATTR:
         return f"param_attr({n.attr[0]!r}, {n.attr[1]!r})"
     a = n.args
     if op in _INFIX:
@@ -56,32 +57,32 @@ def expr_text(n: Node, parent: int = 0) -> str:
     elif op in _CMP:
         p = 4
         s = f"{expr_text(a[0], p + 1)} {_CMP[op]} {expr_text(a[1], p + 1)}"
-    elif op in ("and", "or"):
-        p = 2 if op == "and" else 1
+    elif op in (Op.AND, Op.OR):
+        p = 2 if op == Op.AND else 1
         s = f" {op} ".join(expr_text(x, p + 1) for x in a)
-    elif op == "not":
+    elif op == Op.NOT:
         p = 3
         s = f"not {expr_text(a[0], p)}"
-    elif op == "neg":
+    elif op == Op.NEG:
         p = 7
         s = f"-{expr_text(a[0], p)}"
-    elif op == "rdiv":
+    elif op == Op.RDIV:
         p = 6
         s = f"{expr_text(a[1], p)} / {expr_text(a[0], p + 1)}"
-    elif op == "rmod":
+    elif op == Op.RMOD:
         p = 6
         s = f"{expr_text(a[1], p)} % {expr_text(a[0], p + 1)}"
-    elif op == "sdiv":  # a host scalar truly divided by a device value
+    elif op == Op.SDIV:  # a host scalar truly divided by a device value
         return f"div({expr_text(a[1])}, {expr_text(a[0])})"
-    elif op == "rsub":
+    elif op == Op.RSUB:
         p = 5
         s = f"{expr_text(a[1], p)} - {expr_text(a[0], p + 1)}"
-    elif op == "axpy":
+    elif op == Op.AXPY:
         p = 5
         s = _scaled(expr_text(a[0], p), a[2], expr_text(a[1], 7))
-    elif op in ("addcmul", "addcdiv"):
+    elif op in (Op.ADDCMUL, Op.ADDCDIV):
         p = 5
-        sym = "*" if op == "addcmul" else "/"
+        sym = "*" if op == Op.ADDCMUL else "/"
         s = _scaled(expr_text(a[0], p), a[3], f"{expr_text(a[1], 7)} {sym} {expr_text(a[2], 7)}")
     else:
         return f"{op}({', '.join(expr_text(x) for x in a)})"

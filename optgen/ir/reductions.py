@@ -24,6 +24,7 @@ from typing import Protocol
 
 from optgen.errors import SpecError
 from optgen.ir.nodes import Kind, Node, ReductionDecl, walk_nodes
+from optgen.ir.ops import Op
 from optgen.spec import expr as E
 from optgen.spec.loader import Spec
 
@@ -89,7 +90,7 @@ def lower_reductions(spec: Spec, lw: ExprLowerer) -> list[ReductionDecl]:
         if "select" in exprs:
             e = exprs["select"]
             node = lw.expr(e, f"{field}.select")
-            if not node.is_host or not node.boolean or any(n.op in ("step", "input") for n in walk_nodes(node)):
+            if not node.is_host or not node.boolean or any(n.op in (Op.STEP, Op.INPUT) for n in walk_nodes(node)):
                 raise SpecError(e.pos, f"{field}.select", "select: is a true/false host condition of the "
                                 "parameter's hyperparameters and facts (ndim, numel, param_attr(...), has(...))")
             decl.select = node
@@ -115,7 +116,7 @@ def _window(name: str, over: str, of: Node, exprs: dict, field: str, lw: ExprLow
             windowed: set[str]) -> ReductionDecl:
     """A window statistic: ``over`` of the finite values the reduction ``of`` names took at the last
     ``window`` earlier steps (optgen.runtime.reductions keeps them on the device)."""
-    if of.op != "reduced" or of.attr in windowed:
+    if of.op != Op.REDUCED or of.attr in windowed:
         raise SpecError(exprs["of"].pos, f"{field}.of", "a window statistic reads the history of an earlier "
                         "reduction over the parameters: of: is that reduction's name")
     if over not in WINDOW_STATISTICS:
@@ -137,7 +138,7 @@ def _window(name: str, over: str, of: Node, exprs: dict, field: str, lw: ExprLow
 
 
 def _rename_count(n: Node) -> Node:
-    if n.op == "hyper" and n.attr == ("count", None):
+    if n.op == Op.HYPER and n.attr == ("count", None):
         return Node("var", attr="count")
     if not n.args:
         return n
@@ -145,6 +146,6 @@ def _rename_count(n: Node) -> Node:
 
 
 def _whole(node: Node, e, field: str, what: str) -> None:
-    if not node.is_host or any(n.op in _PER_PARAM or (n.op == "var" and n.attr != "count") for n in walk_nodes(node)):
+    if not node.is_host or any(n.op in _PER_PARAM or (n.op == Op.VAR and n.attr != "count") for n in walk_nodes(node)):
         raise SpecError(e.pos, field, f"{field.rsplit('.', 1)[1]}: is {what} computed once per step: a host "
                         "expression of hyperparameters and globals (group 0's)")

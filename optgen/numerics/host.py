@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Node
+from optgen.ir.ops import Op
 
-_CMP = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
-        "ge": operator.ge}
+_CMP = {Op.EQ: operator.eq, Op.NE: operator.ne, Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt,
+        Op.GE: operator.ge}
 
 
 def _div(a: Any, b: Any) -> Any:
@@ -64,17 +65,17 @@ def _sign(x: float) -> float:
 
 
 _UNARY = {
-    "neg": _unary(operator.neg, torch.neg),
-    "sqrt": _unary(math.sqrt, torch.sqrt),
-    "abs": _unary(abs, torch.abs),
-    "sign": _unary(_sign, torch.sign),
-    "exp": _unary(math.exp, torch.exp),
-    "log": _unary(lambda x: -math.inf if x == 0 else math.log(x), torch.log),
-    "cos": _unary(math.cos, torch.cos),
-    "sin": _unary(math.sin, torch.sin),
-    "floor": _unary(_floor, torch.floor),
-    "float32": _unary(_float32, lambda t: t.float()),
-    "float64": _unary(float, lambda t: t.double()),
+    Op.NEG: _unary(operator.neg, torch.neg),
+    Op.SQRT: _unary(math.sqrt, torch.sqrt),
+    Op.ABS: _unary(abs, torch.abs),
+    Op.SIGN: _unary(_sign, torch.sign),
+    Op.EXP: _unary(math.exp, torch.exp),
+    Op.LOG: _unary(lambda x: -math.inf if x == 0 else math.log(x), torch.log),
+    Op.COS: _unary(math.cos, torch.cos),
+    Op.SIN: _unary(math.sin, torch.sin),
+    Op.FLOOR: _unary(_floor, torch.floor),
+    Op.FLOAT32: _unary(_float32, lambda t: t.float()),
+    Op.FLOAT64: _unary(float, lambda t: t.double()),
 }
 
 
@@ -127,73 +128,90 @@ class HostContext:
         self.inputs: dict[str, Any] = {}
 
 
+def _var(node: Node, ctx: HostContext) -> Any:
+    name = node.attr
+    if name in ctx.env:
+        return ctx.env[name]
+    value = ctx.state[name]  # a host-state buffer: 0-d tensor
+    if ctx.tensor_math or ctx.self_ref == name:
+        return value
+    return value.item()
+
+
+def _hyper(node: Node, ctx: HostContext) -> Any:
+    name, idx = node.attr
+    value = ctx.group[name]
+    return value[idx] if idx is not None else value
+
+
+def _input(node: Node, ctx: HostContext) -> Any:
+    if node.attr not in ctx.inputs:
+        raise RuntimeError(f"the runtime provided no '{node.attr}' for this parameter")
+    return ctx.inputs[node.attr]
+
+
+def _param_attr(node: Node, ctx: HostContext) -> Any:
+    name, default = node.attr
+    return getattr(ctx.param, name, default)
+
+
+def _pow(a: Any, b: Any) -> Any:
+    try:
+        return a**b
+    except ZeroDivisionError:
+        return math.inf
+    except OverflowError:  # a float power past float64's range: IEEE's (and torch's) inf
+        return math.inf if a > 0 or float(b) % 2 == 0 else -math.inf
+
+
+def _atan2(a: Any, b: Any) -> Any:
+    return math.atan2(a, b) if not isinstance(a, torch.Tensor) else torch.atan2(a, torch.as_tensor(b))
+
+
+#: ops that read their node (leaves, and the logic that evaluates only some arguments)
+_NODE_OPS: dict[str, Any] = {
+    Op.CONST: lambda node, ctx: node.attr,
+    Op.VAR: _var,
+    Op.HYPER: _hyper,
+    Op.STEP: lambda node, ctx: ctx.step,
+    Op.META: lambda node, ctx: meta_value(node.attr, ctx.param, ctx.view),
+    Op.HAS: lambda node, ctx: ctx.state.get(node.attr) is not None,
+    Op.INPUT: _input,
+    Op.PARAM_ATTR: _param_attr,
+    Op.AND: lambda node, ctx: all(bool(evaluate(a, ctx)) for a in node.args),
+    Op.OR: lambda node, ctx: any(bool(evaluate(a, ctx)) for a in node.args),
+    Op.NOT: lambda node, ctx: not bool(evaluate(node.args[0], ctx)),
+    # only the chosen side is evaluated (the other may be None)
+    Op.WHERE: lambda node, ctx: evaluate(node.args[1] if bool(evaluate(node.args[0], ctx)) else node.args[2], ctx),
+}
+
+#: ops of two evaluated arguments
+_BINARY: dict[str, Any] = {
+    Op.ADD: operator.add,
+    Op.SUB: operator.sub,
+    Op.MUL: operator.mul,
+    Op.DIV: _div,
+    Op.MOD: _mod,
+    Op.POW: _pow,
+    **{op: (lambda a, b, _f=f: bool(_f(a, b))) for op, f in _CMP.items()},
+    Op.MAX: max,
+    Op.MIN: min,
+    Op.ATAN2: _atan2,
+}
+
+
 def evaluate(node: Node, ctx: HostContext) -> Any:
-    """Evaluate a host-kind node."""
+    """Evaluate a host-kind node (the ops with ``host`` facts in :data:`optgen.ir.ops.OPS`)."""
     op = node.op
-    if op == "const":
-        return node.attr
-    if op == "var":
-        name = node.attr
-        if name in ctx.env:
-            return ctx.env[name]
-        value = ctx.state[name]  # a host-state buffer: 0-d tensor
-        if ctx.tensor_math or ctx.self_ref == name:
-            return value
-        return value.item()
-    if op == "hyper":
-        name, idx = node.attr
-        value = ctx.group[name]
-        return value[idx] if idx is not None else value
-    if op == "step":
-        return ctx.step
-    if op == "meta":
-        return meta_value(node.attr, ctx.param, ctx.view)
-    if op == "has":
-        return ctx.state.get(node.attr) is not None
-    if op == "input":
-        if node.attr not in ctx.inputs:
-            raise RuntimeError(f"the runtime provided no '{node.attr}' for this parameter")
-        return ctx.inputs[node.attr]
-    if op == "param_attr":
-        name, default = node.attr
-        return getattr(ctx.param, name, default)
-    if op == "and":
-        return all(bool(evaluate(a, ctx)) for a in node.args)
-    if op == "or":
-        return any(bool(evaluate(a, ctx)) for a in node.args)
-    if op == "not":
-        return not bool(evaluate(node.args[0], ctx))
-    if op == "where":  # only the chosen side is evaluated (the other may be None)
-        return evaluate(node.args[1] if bool(evaluate(node.args[0], ctx)) else node.args[2], ctx)
-    args = [evaluate(a, ctx) for a in node.args]
-    if op in _UNARY:
-        return _UNARY[op](args[0])
-    a, b = args[0], args[1] if len(args) > 1 else None
-    if op == "add":
-        return a + b
-    if op == "sub":
-        return a - b
-    if op == "mul":
-        return a * b
-    if op == "div":
-        return _div(a, b)
-    if op == "mod":
-        return _mod(a, b)
-    if op == "pow":
-        try:
-            return a**b
-        except ZeroDivisionError:
-            return math.inf
-        except OverflowError:  # a float power past float64's range: IEEE's (and torch's) inf
-            return math.inf if a > 0 or float(b) % 2 == 0 else -math.inf
-    if op in _CMP:
-        return bool(_CMP[op](a, b))
-    if op == "max":
-        return max(a, b)
-    if op == "min":
-        return min(a, b)
-    if op == "atan2":
-        return math.atan2(a, b) if not isinstance(a, torch.Tensor) else torch.atan2(a, torch.as_tensor(b))
+    f = _NODE_OPS.get(op)
+    if f is not None:
+        return f(node, ctx)
+    f = _UNARY.get(op)
+    if f is not None:
+        return f(evaluate(node.args[0], ctx))
+    f = _BINARY.get(op)
+    if f is not None:
+        return f(evaluate(node.args[0], ctx), evaluate(node.args[1], ctx))
     raise NotImplementedError(f"host op {op}")  # pragma: no cover
 
 

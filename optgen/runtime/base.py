@@ -18,6 +18,7 @@ import torch
 
 from optgen.ir.codecs import PACKED_UINT4
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
+from optgen.ir.ops import Op
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate, run_host_block
@@ -131,9 +132,9 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         #: states whose condition reads a global, and whether it also reads parameter facts
         names = {g.name for g in prog.globals}
         self._global_state_conds = [
-            (d, any(n.op in ("meta", "has", "param_attr") for n in walk_nodes(d.cond)))
+            (d, any(n.op in (Op.META, Op.HAS, Op.PARAM_ATTR) for n in walk_nodes(d.cond)))
             for d in prog.state
-            if d.cond is not None and any(n.op == "hyper" and n.attr[0] in names for n in walk_nodes(d.cond))
+            if d.cond is not None and any(n.op == Op.HYPER and n.attr[0] in names for n in walk_nodes(d.cond))
         ]
         #: a step may leave a parameter without any state (SGD without momentum): torch.optim then
         #: keeps no entry for it in ``self.state``

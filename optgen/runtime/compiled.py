@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from optgen.ir.ops import Op
 from optgen.runtime import compiled_ops
 
 _FAILED = object()
@@ -111,12 +112,12 @@ def number_args(program: Any) -> frozenset[str]:
     """Host values that ops take as Python numbers (the orthogonalisers' steps and coefficients:
     ``addmm``'s ``beta``/``alpha``): constants of the graph, not entries of ``H``. They are
     hyperparameters a scheduler does not move; a new value compiles a new graph."""
-    from optgen.ir.library import ORTHOGONALISERS
     from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
+    from optgen.ir.ops import CALLS
 
     return frozenset(a.attr for s in walk_stmts(program.body) if isinstance(s, Assign)
-                     for n in walk_nodes(s.value) if n.op in ORTHOGONALISERS
-                     for a in n.args[1:] if a.op == "var" and a.is_host)
+                     for n in walk_nodes(s.value) if n.op in CALLS
+                     for a in n.args[1:] if a.op == Op.VAR and a.is_host)
 
 
 class CompiledSteps:

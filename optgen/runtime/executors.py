@@ -26,6 +26,7 @@ from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this 
 from optgen.backends import reference
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
+from optgen.ir.ops import Op
 from optgen.numerics import stochastic
 from optgen.numerics.host import HostContext, evaluate, meta_value, to_device_scalar
 from optgen.numerics.matrix_view import ViewedState, as_view, view_shape
@@ -337,8 +338,8 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
             branch = s.then if taken.get(s.cond.attr, False) else s.orelse
             if _path_rounds(branch, taken, sketches):
                 return True
-        elif any(n.op == "stochastic_round" or _draws(n)
-                 or (sketches and (n.op.startswith("low_rank_") or n.op == "rand_like"))
+        elif any(n.op == Op.STOCHASTIC_ROUND or _draws(n)
+                 or (sketches and (n.op.startswith("low_rank_") or n.op == Op.RAND_LIKE))
                  for n in walk_nodes(s.value)):
             return True
     return False
@@ -346,7 +347,7 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
 
 def _draws(n: Node) -> bool:
     """A stochastic state codec's encode (feature state_precision) draws random bits."""
-    return n.op == "encode" and codec_for(n.attr[0]).stochastic
+    return n.op == Op.ENCODE and codec_for(n.attr[0]).stochastic
 
 
 def _path_draw_count(stmts: list[Stmt], taken: dict[str, bool]) -> int:
@@ -356,7 +357,7 @@ def _path_draw_count(stmts: list[Stmt], taken: dict[str, bool]) -> int:
         if isinstance(s, If):
             count += _path_draw_count(s.then if taken.get(s.cond.attr, False) else s.orelse, taken)
         else:
-            count += sum(1 for n in walk_nodes(s.value) if n.op == "stochastic_round" or _draws(n))
+            count += sum(1 for n in walk_nodes(s.value) if n.op == Op.STOCHASTIC_ROUND or _draws(n))
     return count
 
 
@@ -378,13 +379,13 @@ def _host_reads(prog: Program) -> tuple[tuple[str, ...], tuple[str, ...], tuple[
         else:
             continue
         for n in walk_nodes(root):
-            if n.op in ("input", "param_attr"):
+            if n.op in (Op.INPUT, Op.PARAM_ATTR):
                 return None
-            if n.op == "meta":
+            if n.op == Op.META:
                 metas.add(n.attr)
-            elif n.op == "has":
+            elif n.op == Op.HAS:
                 has.add(n.attr)
-            elif n.op == "var" and n.attr in host_states:
+            elif n.op == Op.VAR and n.attr in host_states:
                 states.add(n.attr)
     return tuple(sorted(metas)), tuple(sorted(has)), tuple(sorted(states))
 
@@ -406,7 +407,7 @@ def _host_pass(stmts: list[Stmt], ctx: HostContext, path: list[tuple[str, bool]]
     """Evaluate the host statements of one parameter and record which branches it takes."""
     for s in stmts:
         if isinstance(s, If):
-            taken = bool(ctx.env[s.cond.attr]) if s.cond.op == "var" else bool(evaluate(s.cond, ctx))
+            taken = bool(ctx.env[s.cond.attr]) if s.cond.op == Op.VAR else bool(evaluate(s.cond, ctx))
             path.append((s.cond.attr, taken))
             _host_pass(s.then if taken else s.orelse, ctx, path)
         elif isinstance(s, Assign) and s.value.is_host:

@@ -17,6 +17,7 @@ from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this 
 
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, walk_nodes, walk_stmts
+from optgen.ir.ops import Op
 from optgen.numerics.host import HostContext, evaluate
 from optgen.numerics.matrix_view import view_shape
 
@@ -96,7 +97,7 @@ def _book_of(prog: Any, group: dict, state: str) -> tuple[str, bool]:
     for s in walk_stmts(prog.body):
         if isinstance(s, Assign):
             for n in walk_nodes(s.value):
-                if n.op == "decode" and n.attr[0] == name and n.attr[1] == state:
+                if n.op == Op.DECODE and n.attr[0] == name and n.attr[1] == state:
                     return name, n.attr[2]
     raise ValueError(f"{prog.class_name}: state_precision={name!r} does not code state '{state}': it has no code book")
 

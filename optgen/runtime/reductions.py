@@ -24,9 +24,10 @@ from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this 
 
 from optgen.backends import reference
 from optgen.ir.nodes import Program, ReductionDecl
-from optgen.runtime import sharding
+from optgen.ir.ops import Op
 from optgen.numerics.host import HostContext, evaluate
 from optgen.numerics.matrix_view import view_shape
+from optgen.runtime import sharding
 
 
 def compute(opt: Optimizer, stepped: list[tuple[int, dict[str, Any], list[torch.Tensor]]],
@@ -156,7 +157,7 @@ def _extend_histories(opt: Optimizer, out: dict[str, torch.Tensor], whole: HostC
 
 def _value(prog: Program, r: ReductionDecl, p: torch.Tensor, group: dict, state: dict, view: Any,
            opt: Optimizer, done: dict[str, torch.Tensor]) -> torch.Tensor:
-    if r.of.op == "var" and r.of.attr == "grad":
+    if r.of.op == Op.VAR and r.of.attr == "grad":
         return p.grad  # read as it is: no copy
     frame = reference._Frame(prog, p, p.grad, state, group, view)
     frame.host.inputs = opt._inputs(p)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from optgen.ir.nodes import Kind, walk_nodes
+from optgen.ir.ops import Op
 from optgen.numerics.host import HostContext
 from optgen.numerics.matrix_view import view_shape
 from optgen.runtime import sharding
@@ -165,7 +166,7 @@ class ShardedTritonRunner(TritonRunner):
                 if st.layout == "flat":
                     for s in st.statements:
                         for node in walk_nodes(s.value):
-                            if node.op == "div" and node.args[1].op == "meta" and node.args[0].op == "var":
+                            if node.op == Op.DIV and node.args[1].op == Op.META and node.args[0].op == Op.VAR:
                                 info.flat_means.add(node.args[0].attr)
             elif st.kind == "vec":
                 info.global_vec[k] = any(s is not None and _vec_spans(st, nd) for s, nd in zip(shards, ndims))
@@ -335,9 +336,9 @@ def _vec_spans(stage: Any, ndim: int) -> bool:
     a row vector's norm / dot / mean of a matrix, or a sum over split values."""
     for s in stage.statements:
         for n in walk_nodes(s.value):
-            if n.op in ("normalize", "dot", "matmean") and ndim == 2 and n.args[0].kind == Kind.ROW:
+            if n.op in (Op.NORMALIZE, Op.DOT, Op.MATMEAN) and ndim == 2 and n.args[0].kind == Kind.ROW:
                 return True
-            if n.op == "sum" and _split(n.args[0].kind, ndim):
+            if n.op == Op.SUM and _split(n.args[0].kind, ndim):
                 return True
     return False
 

@@ -27,6 +27,7 @@ import torch
 from optgen.backends.triton_plan import decision_atoms
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
+from optgen.ir.ops import Op
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate
 from optgen.numerics.matrix_view import view_shape
@@ -147,7 +148,7 @@ class TritonRunner:
         self.group_conditions = [found[c] for c in conds] + decision_atoms(program, self.dynamic)
         # their outcomes change only when a value they read does: remembered per those values
         self._condition_reads = sorted({n.attr[0] for v in self.group_conditions for n in walk_nodes(v)
-                                        if n.op == "hyper"})
+                                        if n.op == Op.HYPER})
         self._outcomes: dict[tuple, tuple[bool, ...]] = {}
         self.builds = 0  # tables built (for tests: a scheduler must not rebuild them)
         # by (group index, ids of the stepped parameters): the whole group for step(), one

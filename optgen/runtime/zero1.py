@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer  # a GeneratedOptimizer: base.py imports this module, not the reverse
 
+from optgen.ir.ops import Op
 from optgen.runtime import published_layout
 
 
@@ -64,7 +65,7 @@ def global_stream_draws(program: Any) -> list[str]:
     found = [f"state {d.name} (random_subset)" for d in program.state
              if isinstance(d.init, tuple) and d.init and d.init[0] == "random_subset"]
     for s in walk_stmts(list(program.body) + list(program.finalize)):
-        if isinstance(s, Assign) and any(n.op == "rand_like" for n in walk_nodes(s.value)):
+        if isinstance(s, Assign) and any(n.op == Op.RAND_LIKE for n in walk_nodes(s.value)):
             found.append(f"{s.target} = ... rand_like(...)")
     return list(dict.fromkeys(found))
 
