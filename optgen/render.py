@@ -67,9 +67,9 @@ def render_triton_module(program: Program, module: str, fixed: dict[str, bool] |
         unsupported = None
     except TritonUnsupported as exc:  # the module then says why the backend is unavailable
         kernels, plan, unsupported = [], None, str(exc)
-    plan_text = data_literal(plan)
+    plan_text = data_literal(plan.to_data() if plan is not None else None)
     # module-level source of the codecs the kernels call (feature state_precision: an import)
-    preamble = "".join(dict.fromkeys(codec_for(c).triton_source for c in (plan or {}).get("codecs", [])))
+    preamble = "".join(dict.fromkeys(codec_for(c).triton_source for c in (plan.codecs if plan is not None else ())))
     text = _env().get_template("triton_kernels.py.j2").render(
         **_header(program),
         preamble=Code(preamble.strip()),

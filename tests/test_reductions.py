@@ -152,8 +152,8 @@ def test_triton_reads_the_reductions(clip_cls):
     for g, e in zip(got, want):
         assert torch.allclose(g, e, rtol=2e-6, atol=2e-6)
     # the clipping coefficient is computed inside the passes from the loaded total: no vector stage
-    path = next(iter(opt._triton.plan["paths"].values()))
-    assert [kind for _, kind in path["launches"]] == ["prologue", "flat"]
+    path = next(iter(opt._triton.plan.paths.values()))
+    assert [kind for _, kind in path.launches] == ["prologue", "flat"]
 
 
 def _stats_by_hand(params: list[torch.Tensor], grads: list[torch.Tensor], frac: float) -> list[torch.Tensor]:

@@ -158,7 +158,7 @@ def test_paths_away_from_the_defaults_are_rendered_once_into_the_cache() -> None
     opt = _cls("signsgd_adv")([p], backend="triton", **kwargs)
     p.grad = torch.ones_like(p)
     opt.step()
-    (key,) = [k for k in opt._triton.plan["paths"] if k not in shipped]
+    (key,) = [k for k in opt._triton.plan.paths if k not in shipped]
     files = sorted(cache.glob("signsgd_adv_triton_*.py"))
     assert files, "the path's kernels were not written to the cache"
     stamp = [f.stat().st_mtime_ns for f in files]
@@ -169,7 +169,7 @@ def test_paths_away_from_the_defaults_are_rendered_once_into_the_cache() -> None
     assert sorted(cache.glob("signsgd_adv_triton_*.py")) == files
     assert [f.stat().st_mtime_ns for f in files] == stamp  # imported, not rendered again
     assert torch.equal(p.detach(), q.detach())
-    assert key in opt2._triton.plan["paths"]
+    assert key in opt2._triton.plan.paths
 
 
 def test_many_tensors_one_launch_per_stage() -> None:

@@ -122,6 +122,27 @@ def test_a_path_the_backend_cannot_run_is_recorded_not_fatal(tmp_path: Path) -> 
     )
     prog = hoist(lower(load_spec(spec)))
     _, plan = render_kernels(prog, "_demo", fixed={})
-    reasons = [p["unsupported"] for p in plan["paths"].values() if "unsupported" in p]
-    assert len(plan["paths"]) == 2 and len(reasons) == 1
+    reasons = [p.unsupported for p in plan.paths.values() if p.unsupported is not None]
+    assert len(plan.paths) == 2 and len(reasons) == 1
     assert "'param_attr' used as a value" in reasons[0]
+
+
+def test_the_typed_plan_round_trips_every_generated_plan() -> None:
+    """The generated modules keep the plan as plain data; the runner reads it as a TritonPlan: the
+    typed form holds every field (its data is the generated literal, byte for byte)."""
+    import importlib
+
+    from optgen.backends.launch_plan import PathLaunch, TritonPlan
+    from optgen.pysource import data_literal
+
+    generated = Path(__file__).resolve().parent.parent / "generated"
+    checked = 0
+    for path in sorted(generated.glob("*_triton.py")):
+        data = importlib.import_module(f"generated.{path.stem}").PLAN
+        if data is None:
+            continue
+        plan = TritonPlan.from_data(data)
+        assert data_literal(plan.to_data()) == data_literal(data), path.name
+        assert all(isinstance(p, PathLaunch) for p in plan.paths.values())
+        checked += 1
+    assert checked > 30

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optgen.backends.launch_plan import CallPlan, PathLaunch, TritonPlan
 from optgen.backends.triton_plan import (
     CALLS,
     PathPlan,
@@ -740,14 +741,12 @@ def _codec_block(stmts: list) -> int:
                 for n in walk_nodes(s.value) if n.op in ("decode", "encode")), default=0)
 
 
-def call_data(s: Assign) -> dict:
+def call_plan(s: Assign) -> CallPlan:
     """What the runtime needs to run a call stage: the op, its workspace input and output, and its
     host arguments (a host value's name, or a constant)."""
     x = s.value.args[0]
-    return {
-        "op": s.value.op, "input": x.attr, "output": s.target,
-        "args": [["var", a.attr] if a.op == "var" else ["const", a.attr] for a in s.value.args[1:]],
-    }
+    return CallPlan(s.value.op, x.attr, s.target,
+                    tuple(("var", a.attr) if a.op == "var" else ("const", a.attr) for a in s.value.args[1:]))
 
 
 def program_inputs(program: Program) -> list[str]:
@@ -840,7 +839,7 @@ def default_decisions(program: Program) -> dict[str, bool]:
 
 
 def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None = None,
-                   ) -> tuple[list[KernelSource], dict]:
+                   ) -> tuple[list[KernelSource], TritonPlan]:
     """The kernels of a hoisted program's branch paths plus the plan data the runtime needs.
 
     ``fixed`` decides conditions ahead: the generated module renders the paths reachable with
@@ -851,7 +850,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
     kernels: list[KernelSource] = []
     by_text: dict[_Draft, str] = {}
     slots: list = hyper_slots(program)
-    paths = {}
+    paths: dict[tuple, PathLaunch] = {}
 
     def add(draft: _Draft) -> str:
         if draft in by_text:  # the same kernel up to its name: launched under the first one's
@@ -876,42 +875,41 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
                     sources.append((em.pass_kernel(st, i), st.layout))
                 elif st.kind == "call":
                     sources.append((f"call{len(calls)}", "call"))
-                    calls.append(call_data(st.statements[0]))
+                    calls.append(call_plan(st.statements[0]))
                 else:
                     sources.append((em.vec_kernel(st), "vec"))
         except TritonUnsupported as exc:
-            paths[key] = {"unsupported": str(exc)}
+            paths[key] = PathLaunch(unsupported=str(exc))
             unsupported.append(str(exc))
             continue
         emitters.append(em)
         launches = [(src if kind == "call" else add(src), kind) for src, kind in sources]
-        paths[plan.key] = {
-            "launches": launches,
-            **({"calls": calls} if calls else {}),
-            "columns": table_columns(program, plan),
-            "temps": [(t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps],
-            "hv": plan.hv,
-            "creates": plan.creates,
+        paths[plan.key] = PathLaunch(
+            launches=tuple(launches),
+            calls=tuple(calls),
+            columns=tuple(table_columns(program, plan)),
+            temps=tuple((t.name, t.kind.name.lower(), t.accumulator) for t in plan.temps),
+            hv=tuple(plan.hv),
+            creates=tuple(plan.creates),
             # the tile a codec with scale blocks needs (feature state_precision)
-            **({"block": blocks} if (blocks := _codec_block(stmts)) else {}),
+            block=_codec_block(stmts),
             # the device states this path reads or writes: the runner refuses a missing one
             # (a flag switched on after its state would have been allocated) instead of a null pointer
-            "states": path_states(program, stmts),
-            **({"accumulates": plan.accumulates} if plan.accumulates else {}),
-        }
+            states=tuple(path_states(program, stmts)),
+            accumulates=tuple(plan.accumulates),
+        )
     if len(unsupported) == len(paths):
         raise TritonUnsupported(unsupported[0])
     static_hypers, group_conditions = decisions(program, dyn)
-    data = {
-        "dynamic": sorted(dyn),
-        "hyper_slots": [list(s) for s in slots],
-        "inputs": program_inputs(program),
-        "static_hypers": static_hypers,
-        **({"group_conditions": group_conditions} if group_conditions else {}),
-        **({"global_conditions": global_conditions(program)} if program.globals else {}),
-        "paths": paths,
-    }
-    codecs = sorted(set().union(*(em.codecs for em in emitters)))
-    if codecs:  # the codecs whose triton_source the module includes (render_triton_module)
-        data["codecs"] = codecs
-    return kernels, data
+    launch_plan = TritonPlan(
+        dynamic=tuple(sorted(dyn)),
+        hyper_slots=tuple(tuple(s) for s in slots),
+        inputs=tuple(program_inputs(program)),
+        static_hypers=tuple(static_hypers),
+        group_conditions=tuple(group_conditions),
+        global_conditions=tuple(global_conditions(program)) if program.globals else None,
+        paths=paths,
+        # the codecs whose triton_source the module includes (render_triton_module)
+        codecs=tuple(sorted(set().union(*(em.codecs for em in emitters)))),
+    )
+    return kernels, launch_plan

@@ -146,7 +146,7 @@ class ShardedTritonRunner(TritonRunner):
 
     def _describe(self, bucket: _Bucket, shards: list, ndims: list[int], local_dims: list, global_dims: list
                   ) -> _BucketShards:
-        cols = bucket.path["columns"]
+        cols = bucket.path.columns
         meta, numel = bucket.table.clone(), bucket.table.clone()
         for t, s in enumerate(shards):
             if s is None:
@@ -157,7 +157,7 @@ class ShardedTritonRunner(TritonRunner):
                 meta[t, cols.index(name)] = value
             numel[t, cols.index("numel")] = total
         plan = self._plan(bucket.key)
-        if len(plan.stages) + 1 != len(bucket.path["launches"]):  # pragma: no cover - one launch per stage
+        if len(plan.stages) + 1 != len(bucket.path.launches):  # pragma: no cover - one launch per stage
             raise RuntimeError(f"{self.program.class_name}: a sharded step's plan does not match its kernels")
         info = _BucketShards(shards, ndims, local_dims, global_dims, bucket.table.cpu(), meta, numel, plan.stages)
         for k, st in enumerate(plan.stages):
@@ -199,7 +199,7 @@ class ShardedTritonRunner(TritonRunner):
 
     def _reduce(self, bucket: _Bucket, info: _BucketShards, stage: int, ws: torch.Tensor) -> None:
         """Sum the partial reductions of this pass whose reduced dims include the split dim 0."""
-        cols = bucket.path["columns"]
+        cols = bucket.path.columns
         parts: list[tuple[int, torch.Tensor]] = []
         means: list[tuple[int, torch.Tensor]] = []
         for t, s in enumerate(info.shards):
@@ -231,9 +231,9 @@ class ShardedTritonRunner(TritonRunner):
         from optgen.numerics import newton_schulz as ns
         from optgen.runtime.triton_runner import _run_call
 
-        call = bucket.path["calls"][c]
-        cols = bucket.path["columns"]
-        cin, cout = cols.index(f"ws:{call['input']}"), cols.index(f"ws:{call['output']}")
+        call = bucket.path.calls[c]
+        cols = bucket.path.columns
+        cin, cout = cols.index(f"ws:{call.input}"), cols.index(f"ws:{call.output}")
         local_work = []
         for op, args, shape, offsets in bucket.calls[c]:
             sharded = {int(info.host[t, cin]) for t, s in enumerate(info.shards) if s is not None}
@@ -248,7 +248,7 @@ class ShardedTritonRunner(TritonRunner):
                 continue
             b, m, n = info.local_dims[t]
             env = bucket.envs[t]
-            args = tuple(env[v] if kind == "var" else v for kind, v in call["args"])
+            args = tuple(env[v] if kind == "var" else v for kind, v in call.args)
             i, o = int(info.host[t, cin]), int(info.host[t, cout])
             xs.append(ws[i:i + b * m * n].view(b * m, n) if p.numel() else ws[i:i].view(0, n))
             shards.append(s)
@@ -256,7 +256,7 @@ class ShardedTritonRunner(TritonRunner):
             argv.append(args)
         if not xs:
             return
-        results = sharding.whole(xs, shards, lambda full, k: getattr(ns, call["op"])(full, *argv[k]))
+        results = sharding.whole(xs, shards, lambda full, k: getattr(ns, call.op)(full, *argv[k]))
         for x, o, y in zip(xs, outs, results):
             ws[o:o + x.numel()].copy_(y.reshape(-1))
 
@@ -294,7 +294,7 @@ class ShardedTritonRunner(TritonRunner):
             st.view(-1).copy_(buf.view(-1)[s.start * per:s.start * per + st.numel()])
 
     def _vec_layout(self, bucket: _Bucket, info: _BucketShards) -> _VecGlobal:
-        cols = bucket.path["columns"]
+        cols = bucket.path.columns
         table = info.meta_table.clone()
         kinds = {d.name: d.kind for d in self.program.state}
         temps, states = [], []
@@ -302,7 +302,7 @@ class ShardedTritonRunner(TritonRunner):
         for t in range(len(bucket.idx)):
             s = info.shards[t]
             nd = info.ndims[t]
-            for name, kind_name, _ in bucket.path["temps"]:
+            for name, kind_name, _ in bucket.path.temps:
                 kind = Kind[kind_name.upper()]
                 if kind in (Kind.ELEMENT, Kind.SLICE):
                     continue

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from optgen.backends.launch_plan import CallPlan, PathLaunch, TritonPlan
 from optgen.backends.triton_plan import decision_atoms
 from optgen.ir.codecs import codec_for
 from optgen.ir.nodes import Assign, If, Kind, Program, Stmt, walk_nodes
@@ -90,7 +91,7 @@ def _dims(p: torch.Tensor, view: tuple[int, int] | None = None) -> tuple[int, in
 
 @dataclass
 class _Bucket:
-    path: dict
+    path: PathLaunch
     idx: list[int]  # positions in the group's parameter list
     dtype: torch.dtype
     table: torch.Tensor
@@ -135,14 +136,14 @@ class TritonRunner:
         self.module = importlib.import_module(module_name)
         if self.module.PLAN is None:
             raise RuntimeError(f"{program.class_name} has no triton kernels: {self.module.UNSUPPORTED}")
-        self.plan = {**self.module.PLAN, "paths": dict(self.module.PLAN["paths"])}
+        self.plan = TritonPlan.from_data(self.module.PLAN)
         self.kernels = dict(self.module.KERNELS)
         self.module_name = module_name
-        self.dynamic = set(self.plan["dynamic"])
+        self.dynamic = set(self.plan.dynamic)
         # the hoisted conditions of hyperparameters (and globals) alone that a table's path depends
         # on: their outcomes, not the values they read, are part of a table's snapshot (re-evaluated
         # per step), so a scheduler moving betas or lr never rebuilds a table
-        conds = (self.plan.get("group_conditions") or []) + (self.plan.get("global_conditions") or [])
+        conds = [*self.plan.group_conditions, *(self.plan.global_conditions or ())]
         found = {s.target: s.value for s in program.body if isinstance(s, Assign) and s.target in conds}
         # and the hyperparameter-only parts of the conditions that also read parameter facts
         self.group_conditions = [found[c] for c in conds] + decision_atoms(program, self.dynamic)
@@ -157,7 +158,7 @@ class TritonRunner:
         self.config: dict[str, int] | None = None
         self.launches = 0  # kernel launches issued (for tests and the benchmark)
 
-    def _render_path(self, key: tuple) -> dict:
+    def _render_path(self, key: tuple) -> PathLaunch:
         """Kernels for a branch path the generated module does not carry (hyperparameters away from
         their defaults): rendered once, written to the cache folder, imported."""
         from optgen.runtime.kernel_cache import load_path_module
@@ -165,10 +166,10 @@ class TritonRunner:
         mod = load_path_module(self.program, self.module_name, key)
         self.kernels.update(mod.KERNELS)
         if mod.PLAN is None:
-            path = {"unsupported": mod.UNSUPPORTED}
+            path = PathLaunch(unsupported=mod.UNSUPPORTED)
         else:
-            path = mod.PLAN["paths"][key]
-        self.plan["paths"][key] = path
+            path = PathLaunch.from_data(mod.PLAN["paths"][key])
+        self.plan.paths[key] = path
         return path
 
     def invalidate(self) -> None:
@@ -179,7 +180,7 @@ class TritonRunner:
     def _snapshot(self, group: dict) -> tuple:
         """What a group's tables depend on: its static hyperparameters, and the conditions on
         optimizer-wide globals (not the globals themselves, which change every step)."""
-        values = tuple(_hashable(group[h]) for h in self.plan["static_hypers"])
+        values = tuple(_hashable(group[h]) for h in self.plan.static_hypers)
         if not self.group_conditions:
             return values
         raw = [group.get(name) for name in self._condition_reads]
@@ -240,10 +241,10 @@ class TritonRunner:
             groups.setdefault((key, p.dtype), []).append(i)
         cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
         for (key, dtype), idx in groups.items():
-            path = self.plan["paths"].get(key) or self._render_path(key)
-            if "unsupported" in path:
-                raise RuntimeError(f"{self.program.class_name} on the triton backend: {path['unsupported']}")
-            for name in path["creates"]:
+            path = self.plan.paths.get(key) or self._render_path(key)
+            if path.unsupported is not None:
+                raise RuntimeError(f"{self.program.class_name} on the triton backend: {path.unsupported}")
+            for name in path.creates:
                 for i in idx:
                     if states[params[i]].get(name) is None:
                         states[params[i]][name] = torch.zeros_like(params[i])
@@ -251,19 +252,19 @@ class TritonRunner:
             views = [self._view(group, params[i], states[params[i]]) for i in idx]
             stride = group[prog.slice_stride] if prog.slice_stride else 1
             bucket = self._bucket(path, idx, dtype, params, states, cfg, device, views, stride)
-            bucket.calls = [_call_plan(call, path, bucket, idx, envs, views, params) for call in path.get("calls", [])]
+            bucket.calls = [_call_plan(call, path, bucket, idx, envs, views, params) for call in path.calls]
             bucket.key, bucket.envs, bucket.views = key, [envs[i] for i in idx], views
             cache.buckets.append(bucket)
         return cache
 
-    def _bucket(self, path: dict, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
+    def _bucket(self, path: PathLaunch, idx: list[int], dtype: torch.dtype, params: list[torch.Tensor],
                 states: dict, cfg: dict, device: torch.device, views: list, stride: int) -> _Bucket:
         prog = self.program
         # a path that codes states in blocks (feature state_precision) tiles by whole blocks
-        block = max(cfg["BLOCK"], path.get("block", 0))
+        block = max(cfg["BLOCK"], path.block)
         kinds = {d.name: d.kind for d in prog.state}
         keep: list[torch.Tensor] = []  # buffers the table points at that no state holds
-        temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path["temps"]]
+        temps = [(name, Kind[kind.upper()], acc) for name, kind, acc in path.temps]
         rows: list[list[int]] = []
         ws_size = 0
         acc_size = 0
@@ -274,12 +275,12 @@ class TritonRunner:
             st = states[p]
             b, m, n = _dims(p, views[t])
             row = []
-            for col in path["columns"]:
+            for col in path.columns:
                 if col == "param":
                     row.append(p.data_ptr())
                 elif col.startswith("state:"):
                     buf = st.get(col[6:])
-                    if buf is None and col[6:] in path.get("states", ()) and col[6:] not in path["creates"]:
+                    if buf is None and col[6:] in path.states and col[6:] not in path.creates:
                         raise RuntimeError(
                             f"{prog.class_name}: state '{col[6:]}' of parameter {i} (shape {tuple(p.shape)}) does "
                             "not exist, but the branch path its group takes now reads it: a flag that needs "
@@ -326,7 +327,7 @@ class TritonRunner:
             for name, kind, acc in temps:
                 if acc != acc_pass:
                     continue
-                c = path["columns"].index(f"ws:{name}")
+                c = path.columns.index(f"ws:{name}")
                 for t, i in enumerate(idx):
                     b, m, n = _dims(params[i], views[t])
                     size = {Kind.ELEMENT: params[i].numel(), Kind.ROW: b * m, Kind.COL: b * n,
@@ -335,10 +336,10 @@ class TritonRunner:
                     ws_size += -(-size // 4) * 4
             if acc_pass:
                 acc_size = ws_size
-        table = torch.tensor(rows, dtype=torch.int64).reshape(len(idx), len(path["columns"])).to(device)
-        nh = max(len(path["hv"]), 1)
+        table = torch.tensor(rows, dtype=torch.int64).reshape(len(idx), len(path.columns)).to(device)
+        nh = max(len(path.hv), 1)
         consts = {
-            "TBL_W": len(path["columns"]), "NH": nh, "BLOCK": block, "BM": cfg["BM"], "BN": cfg["BN"],
+            "TBL_W": len(path.columns), "NH": nh, "BLOCK": block, "BM": cfg["BM"], "BN": cfg["BN"],
             "VB": cfg["VB"], "P_DT": _tl_dtype(dtype), "num_warps": cfg["num_warps"],
             "STEP_DT": _tl_dtype(states[params[0]]["step"].dtype if prog.step_store == "tensor" else torch.float32),
         }
@@ -351,8 +352,8 @@ class TritonRunner:
             return torch.tensor(entries, dtype=torch.int64).to(device) if entries else None
 
         sums = {}  # per accumulation: the workspace offsets of its per-tensor values
-        for _, temp in path.get("accumulates", []):
-            c = path["columns"].index(f"ws:{temp}")
+        for _, temp in path.accumulates:
+            c = path.columns.index(f"ws:{temp}")
             sums[temp] = torch.tensor([r[c] for r in rows], dtype=torch.int64).to(device)
         return _Bucket(
             keep=keep, sums=sums, positions=torch.tensor(idx, dtype=torch.int64).to(device),
@@ -386,7 +387,7 @@ class TritonRunner:
         device = params[0].device
         hyp = self._hypers(cache, group, device)
         hs_args = {f"hs_{name}": t for name, t in cache.host_states.items()}
-        names = self.plan.get("inputs") or []
+        names = self.plan.inputs
         if names:
             given = [inputs(p) if inputs is not None else {} for p in params]
             values = [g.get(n, float("nan")) for g in given for n in names]
@@ -403,9 +404,9 @@ class TritonRunner:
             if bucket.acc_size:
                 bucket.ws[: bucket.acc_size].zero_()
                 self.launches += 1
-            for index, (kernel_name, kind) in enumerate(bucket.path["launches"]):
+            for index, (kernel_name, kind) in enumerate(bucket.path.launches):
                 self._launch(bucket, index, kernel_name, kind, bucket.table, bucket.ws, gptr, hyp, steps, hs_args)
-            for acc, temp in bucket.path.get("accumulates", []):
+            for acc, temp in bucket.path.accumulates:
                 if acc not in sums:
                     sums[acc] = torch.zeros(len(params), dtype=torch.float32, device=device)
                 sums[acc][bucket.positions] += bucket.ws[bucket.sums[temp]]
@@ -440,7 +441,7 @@ class TritonRunner:
     def _hypers(self, cache: _GroupCache, group: dict, device: torch.device) -> torch.Tensor:
         values = []
         device_tensors = []
-        for slot, (name, idx) in enumerate(self.plan["hyper_slots"]):
+        for slot, (name, idx) in enumerate(self.plan.hyper_slots):
             v = group[name]
             if idx is not None:
                 v = v[idx]
@@ -488,23 +489,23 @@ class TritonRunner:
         return bucket.gptr
 
 
-def _call_plan(call: dict, path: dict, bucket: _Bucket, idx: list[int], envs: list[dict], views: list,
+def _call_plan(call: CallPlan, path: PathLaunch, bucket: _Bucket, idx: list[int], envs: list[dict], views: list,
                params: list[torch.Tensor]) -> list[tuple]:
     """A call stage's work, grouped: (args, (M, N), [(input offset, output offset)]) per distinct
     matrix shape and argument values, so each group runs as one batched torch call."""
-    cin, cout = path["columns"].index(f"ws:{call['input']}"), path["columns"].index(f"ws:{call['output']}")
+    cin, cout = path.columns.index(f"ws:{call.input}"), path.columns.index(f"ws:{call.output}")
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for t, i in enumerate(idx):
         p, env = params[i], envs[i]
         if not p.numel():
             continue
         args = []
-        for kind, value in call["args"]:
+        for kind, value in call.args:
             if kind == "var" and value not in env:
-                raise RuntimeError(f"{call['op']}()'s arguments must not depend on the step on the triton backend")
+                raise RuntimeError(f"{call.op}()'s arguments must not depend on the step on the triton backend")
             args.append(env[value] if kind == "var" else value)
         b, m, n = _dims(p, views[t])
-        groups.setdefault((call["op"], tuple(args), (b * m, n)), []).append(
+        groups.setdefault((call.op, tuple(args), (b * m, n)), []).append(
             (int(bucket.table[t, cin]), int(bucket.table[t, cout])))
     return [(op, args, shape, offsets) for (op, args, shape), offsets in groups.items()]
 
