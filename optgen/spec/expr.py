@@ -10,7 +10,6 @@ import ast
 from dataclasses import dataclass, field
 
 from optgen.errors import Position, SpecError
-from optgen.ir.ops import Op
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,7 @@ def _constant_value(e: Expr) -> float | None:
     """The value of an arithmetic expression of numeric constants, in float64, or None."""
     if isinstance(e, Const):
         return float(e.value) if isinstance(e.value, (int, float)) and not isinstance(e.value, bool) else None
-    if isinstance(e, Unary) and e.op == Op.NEG:
+    if isinstance(e, Unary) and e.op == "neg":
         v = _constant_value(e.operand)
         return None if v is None else -v
     if isinstance(e, Binary):
@@ -269,7 +268,7 @@ def unparse(e: Expr, parent: int = 0) -> str:
         return f"{e.func}({', '.join(unparse(a) for a in e.args)})"
     if isinstance(e, Unary):
         p = _PREC[e.op]
-        s = ("-" if e.op == Op.NEG else "not ") + unparse(e.operand, p)
+        s = ("-" if e.op == "neg" else "not ") + unparse(e.operand, p)
     elif isinstance(e, Binary):
         p = _PREC[e.op]
         if e.op == "**":
