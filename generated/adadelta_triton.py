@@ -20,66 +20,92 @@ def _adadelta_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_acc_delta: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 8
+    HV_RHO: tl.constexpr = 0
+    HV_ONE_MINUS_RHO: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_EPS_1: tl.constexpr = 3
+    HV_RHO_1: tl.constexpr = 4
+    HV_ONE_MINUS_RHO_1: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
+    HYP_EPS: tl.constexpr = 0
+    HYP_LR: tl.constexpr = 1
+    HYP_RHO: tl.constexpr = 3
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = tl.load(hyp + 3)
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k3 = tl.load(hyp + 0)
-    h__k4 = tl.load(hyp + 0)
-    h__k5 = tl.load(hyp + 3)
-    h__k6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k7 = (-tl.load(hyp + 1))
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
+    rho = tl.load(hyp + HYP_RHO)
+    one_minus_rho = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_RHO))
+    eps = tl.load(hyp + HYP_EPS)
+    eps_1 = tl.load(hyp + HYP_EPS)
+    rho_1 = tl.load(hyp + HYP_RHO)
+    one_minus_rho_1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_RHO))
+    neg_lr = (-tl.load(hyp + HYP_LR))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_RHO, (rho).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_RHO, (one_minus_rho).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_1, (eps_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_RHO_1, (rho_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_RHO_1, (one_minus_rho_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adadelta_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_acc_delta: tl.constexpr):
-    p_square_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_square_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_SQUARE_AVG: tl.constexpr = 1
+    COL_ACC_DELTA: tl.constexpr = 2
+    HV_RHO: tl.constexpr = 0
+    HV_ONE_MINUS_RHO: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_EPS_1: tl.constexpr = 3
+    HV_RHO_1: tl.constexpr = 4
+    HV_ONE_MINUS_RHO_1: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
+    p_square_avg = tl.load(tab + t * TBL_W + COL_SQUARE_AVG).to(tl.pointer_type(DT_square_avg))
     if ALIGNED:
         p_square_avg = tl.multiple_of(p_square_avg, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
+    rho = tl.load(hv + t * NH + HV_RHO)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    h__k3 = tl.load(hv + t * NH + 2)
-    p_acc_delta = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_acc_delta))
+    one_minus_rho = tl.load(hv + t * NH + HV_ONE_MINUS_RHO)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_acc_delta = tl.load(tab + t * TBL_W + COL_ACC_DELTA).to(tl.pointer_type(DT_acc_delta))
     if ALIGNED:
         p_acc_delta = tl.multiple_of(p_acc_delta, 16)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    h__k6 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    eps_1 = tl.load(hv + t * NH + HV_EPS_1)
+    rho_1 = tl.load(hv + t * NH + HV_RHO_1)
+    one_minus_rho_1 = tl.load(hv + t * NH + HV_ONE_MINUS_RHO_1)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k1)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k2 * v3 * v3)
-    x5 = (x4 + h__k3)
-    x6 = L.sqrt(x5)
-    v7 = tl.load(p_acc_delta + offs, mask=mask).to(tl.float32)
-    x8 = (v7 + h__k4)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, x6)
-    x11 = (x10 * v3)
-    x12 = (v7 * h__k5)
-    x13 = (x12 + h__k6 * x11 * x11)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = (v14 + h__k7 * x11)
-    tl.store(p_square_avg + offs, L.to_storage(x4, DT_square_avg), mask=mask)
-    tl.store(p_acc_delta + offs, L.to_storage(x13, DT_acc_delta), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # square_avg = square_avg * rho + (1 - rho) * grad * grad
+    square_avg = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    square_avg_1 = ((square_avg * rho) + one_minus_rho * grad * grad)
+    # std = sqrt(square_avg + eps)
+    std = L.sqrt((square_avg_1 + eps))
+    # delta = sqrt(acc_delta + eps) / std * grad
+    acc_delta = tl.load(p_acc_delta + offs, mask=mask).to(tl.float32)
+    delta = (L.div(L.sqrt((acc_delta + eps_1)), std) * grad)
+    # acc_delta = acc_delta * rho + (1 - rho) * delta * delta
+    acc_delta_1 = ((acc_delta * rho_1) + one_minus_rho_1 * delta * delta)
+    # param = param - lr * delta
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_lr * delta)
+    # store square_avg, acc_delta, param
+    tl.store(p_square_avg + offs, L.to_storage(square_avg_1, DT_square_avg), mask=mask)
+    tl.store(p_acc_delta + offs, L.to_storage(acc_delta_1, DT_acc_delta), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -89,10 +115,15 @@ def _adadelta_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_acc_delta: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads square_avg, grad, acc_delta, param; writes square_avg, acc_delta, param.
+    """
+    COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,40 +20,59 @@ def _adagrad_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 2 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 7
+    HV_EPS: tl.constexpr = 0
+    HV_NEG_CLR: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 0
+    HYP_LR: tl.constexpr = 1
+    HYP_LR_DECAY: tl.constexpr = 2
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_clr = (tl.load(hyp + 1) / (tl.full((), 1.0, tl.float64) + ((step - tl.full((), 1.0, tl.float64)) * tl.load(hyp + 2))))
-    h__k1 = tl.load(hyp + 0)
-    h__k2 = (-h_clr)
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
+    # clr = lr / (1 + (step - 1) * lr_decay)
+    clr = (tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) + ((step - tl.full((), 1.0, tl.float64)) * tl.load(hyp + HYP_LR_DECAY))))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_clr = (-clr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_CLR, (neg_clr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adagrad_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_sum: tl.constexpr):
-    p_sum = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_sum))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_SUM: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 0
+    HV_NEG_CLR: tl.constexpr = 1
+    p_sum = tl.load(tab + t * TBL_W + COL_SUM).to(tl.pointer_type(DT_sum))
     if ALIGNED:
         p_sum = tl.multiple_of(p_sum, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    v1 = tl.load(p_sum + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = (v1 + tl.full((), 1.0, tl.float32) * v2 * v2)
-    x4 = L.sqrt(x3)
-    x5 = (x4 + h__k1)
-    v6 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x7 = (v6 + h__k2 * L.div(v2, x5))
-    tl.store(p_sum + offs, L.to_storage(x3, DT_sum), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x7, P_DT), mask=mask)
+    neg_clr = tl.load(hv + t * NH + HV_NEG_CLR)
+    # sum = sum + grad * grad
+    sum = tl.load(p_sum + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    sum_1 = (sum + tl.full((), 1.0, tl.float32) * grad * grad)
+    # std = sqrt(sum) + eps
+    std = (L.sqrt(sum_1) + eps)
+    # param = param - clr * grad / std
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_clr * L.div(grad, std))
+    # store sum, param
+    tl.store(p_sum + offs, L.to_storage(sum_1, DT_sum), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -63,10 +82,15 @@ def _adagrad_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads sum, grad, param; writes sum, param.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,53 +20,76 @@ def _adamax_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_inf: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 4 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 8
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_NEG_CLR: tl.constexpr = 3
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k2 = tl.load(hyp + 1)
-    h__k3 = tl.load(hyp + 2)
-    h_clr = (tl.load(hyp + 3) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step)))
-    h__k4 = (-h_clr)
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    eps = tl.load(hyp + HYP_EPS)
+    # clr = lr / (1 - beta1 ** step)
+    clr = (tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step)))
+    neg_clr = (-clr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_CLR, (neg_clr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamax_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_inf: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_INF: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_NEG_CLR: tl.constexpr = 3
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_inf = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_inf))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_inf = tl.load(tab + t * TBL_W + COL_EXP_INF).to(tl.pointer_type(DT_exp_inf))
     if ALIGNED:
         p_exp_inf = tl.multiple_of(p_exp_inf, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    h__k3 = tl.load(hv + t * NH + 2)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k4 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k1)
-    v4 = tl.load(p_exp_inf + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k2)
-    x6 = tl.abs(v2)
-    x7 = (x6 + h__k3)
-    x8 = L.maximum(x5, x7)
-    v9 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x10 = (v9 + h__k4 * L.div(x3, x8))
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_inf + offs, L.to_storage(x8, DT_exp_inf), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x10, P_DT), mask=mask)
+    neg_clr = tl.load(hv + t * NH + HV_NEG_CLR)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_inf = maximum(exp_inf * beta2, abs(grad) + eps)
+    exp_inf = tl.load(p_exp_inf + offs, mask=mask).to(tl.float32)
+    exp_inf_1 = L.maximum((exp_inf * beta2), (tl.abs(grad) + eps))
+    # param = param - clr * exp_avg / exp_inf
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_clr * L.div(exp_avg_1, exp_inf_1))
+    # store exp_avg, exp_inf, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_inf + offs, L.to_storage(exp_inf_1, DT_exp_inf), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -76,10 +99,15 @@ def _adamax_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_inf: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_inf, param; writes exp_avg, exp_inf, param.
+    """
+    COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

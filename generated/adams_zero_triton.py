@@ -20,25 +20,45 @@ def _adams_zero_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+    """
+    COL_M: tl.constexpr = 7
+    COL_GIDX: tl.constexpr = 10
+    HV_K: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_LR: tl.constexpr = 2
+    HYP_WEIGHT_DECAY: tl.constexpr = 4
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (-((L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + 2)) * tl.load(hyp + 4)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k5 = tl.sqrt(h_bias_correction2)
-    h__k6 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
+    # k = -(rows ** 0.5 * lr * weight_decay)
+    k = (-((L.pow64(tl.load(tab + t * TBL_W + COL_M).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + HYP_LR)) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    sqrt_bias_correction2 = tl.sqrt(bias_correction2)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # tiled
@@ -49,13 +69,23 @@ def _adams_zero_tiled0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
+    column reductions).
+
+    Reads param, u; accumulates _r0.
+    """
+    COL_PARAM: tl.constexpr = 0
+    COL_U: tl.constexpr = 3
+    COL_M: tl.constexpr = 7
+    COL_N: tl.constexpr = 8
+    COL_WS__R0: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
     rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
-    M = tl.load(tab + t * TBL_W + 7)
-    N = tl.load(tab + t * TBL_W + 8)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
     if ALIGNED:
         N = tl.multiple_of(N, 16)
         cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
@@ -63,16 +93,17 @@ def _adams_zero_tiled0(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
+    p_u = tl.load(tab + t * TBL_W + COL_U).to(tl.pointer_type(DT_u))
     if ALIGNED:
         p_u = tl.multiple_of(p_u, 16)
-    v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    v2 = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
-    part3 = L.masked((v1 * v2), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 11) + b * N + cols, tl.sum(part3, axis=0), mask=cols < N)
+    # _r0 = matvec_t(param, u)
+    param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
+    r0_part = L.masked((param * u), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
 
 
 # vec
@@ -83,25 +114,36 @@ def _adams_zero_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0; writes v.
+    """
+    COL_B: tl.constexpr = 6
+    COL_M: tl.constexpr = 7
+    COL_N: tl.constexpr = 8
+    COL_WS__R0: tl.constexpr = 11
+    COL_WS_V: tl.constexpr = 13
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 6)
-    M = tl.load(tab + t * TBL_W + 7)
-    N = tl.load(tab + t * TBL_W + 8)
-    # v (per-column)
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # v = normalize(_r0)  (per-column)
     for b in range(0, B):
         acc = tl.zeros((), tl.float32)
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + 11)
-            v1 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(j < N, v1 * v1, 0.0), axis=0)
+            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+            r0 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(j < N, r0 * r0, 0.0), axis=0)
         scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + 11)
-            v2 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
-            p_v = ws + tl.load(tab + t * TBL_W + 13)
-            tl.store(p_v + (b * N + j), L.to_storage(L.div(v2, scale), tl.float32), mask=(j < N))
+            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+            r0_1 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            v = L.div(r0_1, scale)
+            p_v = ws + tl.load(tab + t * TBL_W + COL_WS_V)
+            tl.store(p_v + (b * N + j), L.to_storage(v, tl.float32), mask=(j < N))
     tl.debug_barrier()
 
 
@@ -113,13 +155,23 @@ def _adams_zero_tiled1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
+    column reductions).
+
+    Reads param, v; accumulates _r1.
+    """
+    COL_PARAM: tl.constexpr = 0
+    COL_M: tl.constexpr = 7
+    COL_N: tl.constexpr = 8
+    COL_WS__R1: tl.constexpr = 12
+    COL_WS_V: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
     rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
-    M = tl.load(tab + t * TBL_W + 7)
-    N = tl.load(tab + t * TBL_W + 8)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
     if ALIGNED:
         N = tl.multiple_of(N, 16)
         cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
@@ -127,14 +179,15 @@ def _adams_zero_tiled1(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_v = ws + tl.load(tab + t * TBL_W + 13)
-    v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    v2 = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
-    part3 = L.masked((v1 * v2), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 12) + b * M + rows, tl.sum(part3, axis=1), mask=rows < M)
+    p_v = ws + tl.load(tab + t * TBL_W + COL_WS_V)
+    # _r1 = matvec(param, v)
+    param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
+    r1_part = L.masked((param * v), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1) + b * M + rows, tl.sum(r1_part, axis=1), mask=rows < M)
 
 
 # vec
@@ -145,54 +198,68 @@ def _adams_zero_vec1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r1, wv, u, s; writes wv, u, s, sigma.
+    """
+    COL_U: tl.constexpr = 3
+    COL_SIGMA: tl.constexpr = 4
+    COL_B: tl.constexpr = 6
+    COL_M: tl.constexpr = 7
+    COL_N: tl.constexpr = 8
+    COL_WS__R1: tl.constexpr = 12
+    COL_WS_WV: tl.constexpr = 14
+    COL_WS_S: tl.constexpr = 15
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 6)
-    M = tl.load(tab + t * TBL_W + 7)
-    N = tl.load(tab + t * TBL_W + 8)
-    # wv (per-row)
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # wv = _r1  (per-row)
     for b in range(0, B):
         for j0 in range(0, M, VB):
             j = j0 + tl.arange(0, VB)
-            p__r1 = ws + tl.load(tab + t * TBL_W + 12)
-            v1 = tl.load(p__r1 + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
-            p_wv = ws + tl.load(tab + t * TBL_W + 14)
-            tl.store(p_wv + (b * M + j), L.to_storage(v1, tl.float32), mask=(j < M))
+            p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+            r1 = tl.load(p__r1 + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            p_wv = ws + tl.load(tab + t * TBL_W + COL_WS_WV)
+            tl.store(p_wv + (b * M + j), L.to_storage(r1, tl.float32), mask=(j < M))
     tl.debug_barrier()
-    # u (per-row)
+    # u = normalize(wv)  (per-row)
     for b in range(0, B):
         acc = tl.zeros((), tl.float32)
         for j0 in range(0, M, VB):
             j = j0 + tl.arange(0, VB)
-            p_wv = ws + tl.load(tab + t * TBL_W + 14)
-            v2 = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(j < M, v2 * v2, 0.0), axis=0)
+            p_wv = ws + tl.load(tab + t * TBL_W + COL_WS_WV)
+            wv = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(j < M, wv * wv, 0.0), axis=0)
         scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)
         for j0 in range(0, M, VB):
             j = j0 + tl.arange(0, VB)
-            p_wv = ws + tl.load(tab + t * TBL_W + 14)
-            v3 = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
-            p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
-            tl.store(p_u + (b * M + j), L.to_storage(L.div(v3, scale), DT_u), mask=(j < M))
+            p_wv = ws + tl.load(tab + t * TBL_W + COL_WS_WV)
+            wv_1 = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            u = L.div(wv_1, scale)
+            p_u = tl.load(tab + t * TBL_W + COL_U).to(tl.pointer_type(DT_u))
+            tl.store(p_u + (b * M + j), L.to_storage(u, DT_u), mask=(j < M))
     tl.debug_barrier()
-    # s (per-matrix)
+    # s = dot(u, wv)  (per-matrix)
     for b in range(0, B):
         acc = tl.zeros((), tl.float32)
         for j0 in range(0, M, VB):
             j = j0 + tl.arange(0, VB)
-            p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
-            v4 = tl.load(p_u + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
-            p_wv = ws + tl.load(tab + t * TBL_W + 14)
-            v5 = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(j < M, v4 * v5, 0.0), axis=0)
-        p_s = ws + tl.load(tab + t * TBL_W + 15)
+            p_u = tl.load(tab + t * TBL_W + COL_U).to(tl.pointer_type(DT_u))
+            u_1 = tl.load(p_u + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            p_wv = ws + tl.load(tab + t * TBL_W + COL_WS_WV)
+            wv_2 = tl.load(p_wv + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(j < M, u_1 * wv_2, 0.0), axis=0)
+        p_s = ws + tl.load(tab + t * TBL_W + COL_WS_S)
         tl.store(p_s + b, L.to_storage(acc, tl.float32))
     tl.debug_barrier()
-    # sigma (per-matrix)
+    # sigma = s  (per-matrix)
     for b in range(0, B):
-        p_s = ws + tl.load(tab + t * TBL_W + 15)
-        v6 = tl.load(p_s + b).to(tl.float32)
-        p_sigma = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_sigma))
-        tl.store(p_sigma + b, L.to_storage(v6, DT_sigma))
+        p_s = ws + tl.load(tab + t * TBL_W + COL_WS_S)
+        s = tl.load(p_s + b).to(tl.float32)
+        p_sigma = tl.load(tab + t * TBL_W + COL_SIGMA).to(tl.pointer_type(DT_sigma))
+        tl.store(p_sigma + b, L.to_storage(s, DT_sigma))
     tl.debug_barrier()
 
 
@@ -204,13 +271,32 @@ def _adams_zero_tiled2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
+    column reductions).
+
+    Reads param, s, u, v, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
+    """
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_U: tl.constexpr = 3
+    COL_M: tl.constexpr = 7
+    COL_N: tl.constexpr = 8
+    COL_WS_V: tl.constexpr = 13
+    COL_WS_S: tl.constexpr = 15
+    HV_K: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
     rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
-    M = tl.load(tab + t * TBL_W + 7)
-    N = tl.load(tab + t * TBL_W + 8)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
     if ALIGNED:
         N = tl.multiple_of(N, 16)
         cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
@@ -218,49 +304,50 @@ def _adams_zero_tiled2(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_s = ws + tl.load(tab + t * TBL_W + 15)
-    p_u = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_u))
+    p_s = ws + tl.load(tab + t * TBL_W + COL_WS_S)
+    p_u = tl.load(tab + t * TBL_W + COL_U).to(tl.pointer_type(DT_u))
     if ALIGNED:
         p_u = tl.multiple_of(p_u, 16)
-    p_v = ws + tl.load(tab + t * TBL_W + 13)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_v = ws + tl.load(tab + t * TBL_W + COL_WS_V)
+    k = tl.load(hv + t * NH + HV_K)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    h__k6 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    v2 = tl.load(p_s + b).to(tl.float32)
-    v3 = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
-    x4 = (v2 * v3)
-    v5 = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
-    x6 = (x4 * v5)
-    x7 = (v1 + h__k0 * x6)
-    v8 = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
-    v9 = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
-    x10 = L.lerp(v8, v9, h__k2)
-    v11 = tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
-    x12 = (v11 * h__k3)
-    x13 = (x12 + h__k4 * v9 * v9)
-    x14 = L.sqrt(x13)
-    x15 = L.div(x14, h__k5)
-    x16 = L.atan2(x10, x15)
-    x17 = (x7 + h__k6 * x16)
-    tl.store(p_param + offs, L.to_storage(x17, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x10, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x13, DT_exp_avg_sq), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # param = param - rows ** 0.5 * lr * weight_decay * outer(s * u, v)
+    param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(p_s + b).to(tl.float32)
+    u = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
+    v = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
+    param_1 = (param + k * ((s * u) * v))
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2)
+    denom = L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2)
+    # param = param - step_size * atan2(exp_avg, denom)
+    param_2 = (param_1 + neg_step_size * L.atan2(exp_avg_1, denom))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
 
 # prologue
@@ -271,63 +358,95 @@ def _adams_zero_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_K: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_LR: tl.constexpr = 2
+    HYP_SCALAR_VECTOR_WEIGHT_DECAY: tl.constexpr = 3
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 2) * tl.load(hyp + 3)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_step_size = (tl.load(hyp + 2) / h_bias_correction1)
-    h__k5 = tl.sqrt(h_bias_correction2)
-    h__k6 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
+    # k = 1 - lr * scalar_vector_weight_decay
+    k = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_SCALAR_VECTOR_WEIGHT_DECAY)))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    sqrt_bias_correction2 = tl.sqrt(bias_correction2)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adams_zero_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    HV_K: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    k = tl.load(hv + t * NH + HV_K)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    h__k6 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k1)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v4 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v3, v4, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v4 * v4)
-    x9 = L.sqrt(x8)
-    x10 = L.div(x9, h__k5)
-    x11 = L.atan2(x5, x10)
-    x12 = (x2 + h__k6 * x11)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # param = param * (1 - lr * scalar_vector_weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * k)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2)
+    denom = L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2)
+    # param = param - step_size * atan2(exp_avg, denom)
+    param_2 = (param_1 + neg_step_size * L.atan2(exp_avg_1, denom))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
 
 @triton.jit
@@ -337,10 +456,15 @@ def _adams_zero_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_u: tl.constexpr, DT_sigma: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,85 +20,142 @@ def _adopt_adv_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 10 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B3: tl.constexpr = 1
+    HV_K228__B7: tl.constexpr = 2
+    HV_CLIP__B6: tl.constexpr = 3
+    HV_K229__B9: tl.constexpr = 4
+    HV_K234__B12: tl.constexpr = 5
+    HV_K235__B13: tl.constexpr = 6
+    HV_K237__B15: tl.constexpr = 7
+    HV_K243__B20: tl.constexpr = 8
+    HV_C_1: tl.constexpr = 9
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 9
+    HYP_USE_ATAN2: tl.constexpr = 16
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 18)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c36 = (step == tl.full((), 1.0, tl.float64))
-    h__c37 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 16) != 0))
-    h_eps_eff__b3 = tl.load(hyp + 5)
-    h_clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k228__b7 = (-h_clip__b6)
-    h__k229__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k234__b12 = tl.load(hyp + 1)
-    h__k235__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k237__b15 = tl.load(hyp + 9)
-    h__k243__b20 = step
-    tl.store(hv + t * NH + 0, (h__c36).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k228__b7).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k229__b9).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k234__b12).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k235__b13).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k237__b15).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k243__b20).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__c37).to(tl.float32))
+    # c = step == 1
+    c = (step == tl.full((), 1.0, tl.float64))
+    # c_1 = step > 1 or use_atan2
+    c_1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + HYP_USE_ATAN2) != 0))
+    # eps_eff__b3 = eps
+    eps_eff__b3 = tl.load(hyp + HYP_EPS)
+    # clip__b6 = (step - 1) ** 0.25
+    clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    # _k228__b7 = -clip__b6
+    k228__b7 = (-clip__b6)
+    # _k229__b9 = 1 - beta1
+    k229__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k234__b12 = beta2
+    k234__b12 = tl.load(hyp + HYP_BETA2)
+    # _k235__b13 = 1 - beta2
+    k235__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k237__b15 = lr
+    k237__b15 = tl.load(hyp + HYP_LR)
+    # _k243__b20 = step
+    k243__b20 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF__B3, (eps_eff__b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_K228__B7, (k228__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CLIP__B6, (clip__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K229__B9, (k229__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K234__B12, (k234__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K235__B13, (k235__b13).to(tl.float32))
+    tl.store(hv + t * NH + HV_K237__B15, (k237__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_K243__B20, (k243__b20).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B3: tl.constexpr = 1
+    HV_K228__B7: tl.constexpr = 2
+    HV_CLIP__B6: tl.constexpr = 3
+    HV_K229__B9: tl.constexpr = 4
+    HV_K234__B12: tl.constexpr = 5
+    HV_K235__B13: tl.constexpr = 6
+    HV_K237__B15: tl.constexpr = 7
+    HV_K243__B20: tl.constexpr = 8
+    HV_C_1: tl.constexpr = 9
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c36 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b3 = tl.load(hv + t * NH + 1)
-    h__k228__b7 = tl.load(hv + t * NH + 2)
-    h_clip__b6 = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    eps_eff__b3 = tl.load(hv + t * NH + HV_EPS_EFF__B3)
+    k228__b7 = tl.load(hv + t * NH + HV_K228__B7)
+    clip__b6 = tl.load(hv + t * NH + HV_CLIP__B6)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k229__b9 = tl.load(hv + t * NH + 4)
-    h__k234__b12 = tl.load(hv + t * NH + 5)
-    h__k235__b13 = tl.load(hv + t * NH + 6)
-    h__k237__b15 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    k229__b9 = tl.load(hv + t * NH + HV_K229__B9)
+    k234__b12 = tl.load(hv + t * NH + HV_K234__B12)
+    k235__b13 = tl.load(hv + t * NH + HV_K235__B13)
+    k237__b15 = tl.load(hv + t * NH + HV_K237__B15)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k243__b20 = tl.load(hv + t * NH + 8)
-    h__c37 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * v1)
-    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c36 != 0), x2, v3)
-    x5 = v1
-    x6 = L.sqrt(x4)
-    x7 = (x6 + h_eps_eff__b3)
-    x8 = L.div(x5, x7)
-    x9 = L.minimum(L.maximum(x8, h__k228__b7), h_clip__b6)
-    v10 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x11 = L.lerp(v10, x9, h__k229__b9)
-    x12 = x11
-    x13 = (x4 * h__k234__b12)
-    x14 = (x13 + h__k235__b13 * x5 * x5)
-    x15 = (x12 * h__k237__b15)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = v16
-    x18 = x15
-    x19 = (-x18)
-    x20 = (x17 + x19)
-    x21 = L.sr_bf16(x20, (h__k243__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 18), offs)
-    x22 = tl.where((h__c37 != 0), x5, v1)
-    x23 = tl.where((h__c37 != 0), x11, v10)
-    x24 = tl.where((h__c37 != 0), x14, x4)
-    x25 = tl.where((h__c37 != 0), x21, v16)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x24, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x23, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+    k243__b20 = tl.load(hv + t * NH + HV_K243__B20)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # exp_avg_sq__b1 = grad * grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b1 = (grad * grad)
+    # exp_avg_sq = where(step == 1, exp_avg_sq__b1, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b1, exp_avg_sq)
+    # grad__b2 = float32(grad)
+    # denom__b4 = sqrt(exp_avg_sq) + eps_eff__b3
+    denom__b4 = (L.sqrt(exp_avg_sq_1) + eps_eff__b3)
+    # normalized__b5 = grad__b2 / denom__b4
+    normalized__b5 = L.div(grad, denom__b4)
+    # normalized__b8 = clamp(normalized__b5, _k228__b7, clip__b6)
+    normalized__b8 = L.minimum(L.maximum(normalized__b5, k228__b7), clip__b6)
+    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k229__b9)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k229__b9)
+    # update__b11 = copy(exp_avg__b10)
+    # exp_avg_sq__b14 = exp_avg_sq * _k234__b12 + _k235__b13 * grad__b2 * grad__b2
+    exp_avg_sq__b14 = ((exp_avg_sq_1 * k234__b12) + k235__b13 * grad * grad)
+    # update__b16 = update__b11 * _k237__b15
+    update__b16 = (exp_avg__b10 * k237__b15)
+    # param_fp32__b17 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32__b18 = float32(update__b16)
+    # param_fp32__b19 = param_fp32__b17 + -update_fp32__b18
+    param_fp32__b19 = (param + (-update__b16))
+    # param__b21 = stochastic_round(param_fp32__b19, _k243__b20)
+    param__b21_stochastic_round = L.sr_bf16(param_fp32__b19, (k243__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # grad = where(step > 1 or use_atan2, grad__b2, grad)
+    grad_1 = tl.where((c_1 != 0), grad, grad)
+    # exp_avg = where(step > 1 or use_atan2, exp_avg__b10, exp_avg)
+    exp_avg_1 = tl.where((c_1 != 0), exp_avg__b10, exp_avg)
+    # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b14, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b14, exp_avg_sq_1)
+    # param = where(step > 1 or use_atan2, param__b21, param)
+    param_1 = tl.where((c_1 != 0), param__b21_stochastic_round, param)
+    # store exp_avg_sq, exp_avg, param
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -108,10 +165,15 @@ def _adopt_adv_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 13)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -129,79 +191,131 @@ def _adopt_adv_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B3: tl.constexpr = 1
+    HV_K228__B7: tl.constexpr = 2
+    HV_CLIP__B6: tl.constexpr = 3
+    HV_K229__B9: tl.constexpr = 4
+    HV_K234__B12: tl.constexpr = 5
+    HV_K235__B13: tl.constexpr = 6
+    HV_K237__B15: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 9
+    HYP_USE_ATAN2: tl.constexpr = 16
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 18)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c36 = (step == tl.full((), 1.0, tl.float64))
-    h__c37 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 16) != 0))
-    h_eps_eff__b3 = tl.load(hyp + 5)
-    h_clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k228__b7 = (-h_clip__b6)
-    h__k229__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k234__b12 = tl.load(hyp + 1)
-    h__k235__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k237__b15 = tl.load(hyp + 9)
-    tl.store(hv + t * NH + 0, (h__c36).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k228__b7).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b6).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k229__b9).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k234__b12).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k235__b13).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k237__b15).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__c37).to(tl.float32))
+    # c = step == 1
+    c = (step == tl.full((), 1.0, tl.float64))
+    # c_1 = step > 1 or use_atan2
+    c_1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + HYP_USE_ATAN2) != 0))
+    # eps_eff__b3 = eps
+    eps_eff__b3 = tl.load(hyp + HYP_EPS)
+    # clip__b6 = (step - 1) ** 0.25
+    clip__b6 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    # _k228__b7 = -clip__b6
+    k228__b7 = (-clip__b6)
+    # _k229__b9 = 1 - beta1
+    k229__b9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k234__b12 = beta2
+    k234__b12 = tl.load(hyp + HYP_BETA2)
+    # _k235__b13 = 1 - beta2
+    k235__b13 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k237__b15 = lr
+    k237__b15 = tl.load(hyp + HYP_LR)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF__B3, (eps_eff__b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_K228__B7, (k228__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CLIP__B6, (clip__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K229__B9, (k229__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K234__B12, (k234__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K235__B13, (k235__b13).to(tl.float32))
+    tl.store(hv + t * NH + HV_K237__B15, (k237__b15).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adopt_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B3: tl.constexpr = 1
+    HV_K228__B7: tl.constexpr = 2
+    HV_CLIP__B6: tl.constexpr = 3
+    HV_K229__B9: tl.constexpr = 4
+    HV_K234__B12: tl.constexpr = 5
+    HV_K235__B13: tl.constexpr = 6
+    HV_K237__B15: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c36 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b3 = tl.load(hv + t * NH + 1)
-    h__k228__b7 = tl.load(hv + t * NH + 2)
-    h_clip__b6 = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    eps_eff__b3 = tl.load(hv + t * NH + HV_EPS_EFF__B3)
+    k228__b7 = tl.load(hv + t * NH + HV_K228__B7)
+    clip__b6 = tl.load(hv + t * NH + HV_CLIP__B6)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k229__b9 = tl.load(hv + t * NH + 4)
-    h__k234__b12 = tl.load(hv + t * NH + 5)
-    h__k235__b13 = tl.load(hv + t * NH + 6)
-    h__k237__b15 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    k229__b9 = tl.load(hv + t * NH + HV_K229__B9)
+    k234__b12 = tl.load(hv + t * NH + HV_K234__B12)
+    k235__b13 = tl.load(hv + t * NH + HV_K235__B13)
+    k237__b15 = tl.load(hv + t * NH + HV_K237__B15)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__c37 = tl.load(hv + t * NH + 8)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * v1)
-    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c36 != 0), x2, v3)
-    x5 = v1
-    x6 = L.sqrt(x4)
-    x7 = (x6 + h_eps_eff__b3)
-    x8 = L.div(x5, x7)
-    x9 = L.minimum(L.maximum(x8, h__k228__b7), h_clip__b6)
-    v10 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x11 = L.lerp(v10, x9, h__k229__b9)
-    x12 = x11
-    x13 = (x4 * h__k234__b12)
-    x14 = (x13 + h__k235__b13 * x5 * x5)
-    x15 = (x12 * h__k237__b15)
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = (-x15)
-    x18 = (v16 + x17)
-    x19 = tl.where((h__c37 != 0), x5, v1)
-    x20 = tl.where((h__c37 != 0), x11, v10)
-    x21 = tl.where((h__c37 != 0), x14, x4)
-    x22 = tl.where((h__c37 != 0), x18, v16)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x21, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x20, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x22, P_DT), mask=mask)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # exp_avg_sq__b1 = grad * grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b1 = (grad * grad)
+    # exp_avg_sq = where(step == 1, exp_avg_sq__b1, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b1, exp_avg_sq)
+    # grad__b2 = float32(grad)
+    # denom__b4 = sqrt(exp_avg_sq) + eps_eff__b3
+    denom__b4 = (L.sqrt(exp_avg_sq_1) + eps_eff__b3)
+    # normalized__b5 = grad__b2 / denom__b4
+    normalized__b5 = L.div(grad, denom__b4)
+    # normalized__b8 = clamp(normalized__b5, _k228__b7, clip__b6)
+    normalized__b8 = L.minimum(L.maximum(normalized__b5, k228__b7), clip__b6)
+    # exp_avg__b10 = lerp(exp_avg, normalized__b8, _k229__b9)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b10 = L.lerp(exp_avg, normalized__b8, k229__b9)
+    # update__b11 = copy(exp_avg__b10)
+    # exp_avg_sq__b14 = exp_avg_sq * _k234__b12 + _k235__b13 * grad__b2 * grad__b2
+    exp_avg_sq__b14 = ((exp_avg_sq_1 * k234__b12) + k235__b13 * grad * grad)
+    # update__b16 = update__b11 * _k237__b15
+    update__b16 = (exp_avg__b10 * k237__b15)
+    # param__b17 = param + -update__b16
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b17 = (param + (-update__b16))
+    # grad = where(step > 1 or use_atan2, grad__b2, grad)
+    grad_1 = tl.where((c_1 != 0), grad, grad)
+    # exp_avg = where(step > 1 or use_atan2, exp_avg__b10, exp_avg)
+    exp_avg_1 = tl.where((c_1 != 0), exp_avg__b10, exp_avg)
+    # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b14, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b14, exp_avg_sq_1)
+    # param = where(step > 1 or use_atan2, param__b17, param)
+    param_1 = tl.where((c_1 != 0), param__b17, param)
+    # store exp_avg_sq, exp_avg, param
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -211,10 +325,15 @@ def _adopt_adv_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 13)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -232,83 +351,139 @@ def _adopt_adv_prologue2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 10 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B2: tl.constexpr = 1
+    HV_K228__B6: tl.constexpr = 2
+    HV_CLIP__B5: tl.constexpr = 3
+    HV_K229__B8: tl.constexpr = 4
+    HV_K234__B11: tl.constexpr = 5
+    HV_K235__B12: tl.constexpr = 6
+    HV_K237__B14: tl.constexpr = 7
+    HV_K243__B19: tl.constexpr = 8
+    HV_C_1: tl.constexpr = 9
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 9
+    HYP_USE_ATAN2: tl.constexpr = 16
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 18)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c36 = (step == tl.full((), 1.0, tl.float64))
-    h__c37 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 16) != 0))
-    h_eps_eff__b2 = tl.load(hyp + 5)
-    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k228__b6 = (-h_clip__b5)
-    h__k229__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k234__b11 = tl.load(hyp + 1)
-    h__k235__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k237__b14 = tl.load(hyp + 9)
-    h__k243__b19 = step
-    tl.store(hv + t * NH + 0, (h__c36).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k228__b6).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k229__b8).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k234__b11).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k235__b12).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k237__b14).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k243__b19).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__c37).to(tl.float32))
+    # c = step == 1
+    c = (step == tl.full((), 1.0, tl.float64))
+    # c_1 = step > 1 or use_atan2
+    c_1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + HYP_USE_ATAN2) != 0))
+    # eps_eff__b2 = eps
+    eps_eff__b2 = tl.load(hyp + HYP_EPS)
+    # clip__b5 = (step - 1) ** 0.25
+    clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    # _k228__b6 = -clip__b5
+    k228__b6 = (-clip__b5)
+    # _k229__b8 = 1 - beta1
+    k229__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k234__b11 = beta2
+    k234__b11 = tl.load(hyp + HYP_BETA2)
+    # _k235__b12 = 1 - beta2
+    k235__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k237__b14 = lr
+    k237__b14 = tl.load(hyp + HYP_LR)
+    # _k243__b19 = step
+    k243__b19 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF__B2, (eps_eff__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K228__B6, (k228__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_CLIP__B5, (clip__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K229__B8, (k229__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_K234__B11, (k234__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K235__B12, (k235__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K237__B14, (k237__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K243__B19, (k243__b19).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B2: tl.constexpr = 1
+    HV_K228__B6: tl.constexpr = 2
+    HV_CLIP__B5: tl.constexpr = 3
+    HV_K229__B8: tl.constexpr = 4
+    HV_K234__B11: tl.constexpr = 5
+    HV_K235__B12: tl.constexpr = 6
+    HV_K237__B14: tl.constexpr = 7
+    HV_K243__B19: tl.constexpr = 8
+    HV_C_1: tl.constexpr = 9
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c36 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
-    h__k228__b6 = tl.load(hv + t * NH + 2)
-    h_clip__b5 = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    eps_eff__b2 = tl.load(hv + t * NH + HV_EPS_EFF__B2)
+    k228__b6 = tl.load(hv + t * NH + HV_K228__B6)
+    clip__b5 = tl.load(hv + t * NH + HV_CLIP__B5)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k229__b8 = tl.load(hv + t * NH + 4)
-    h__k234__b11 = tl.load(hv + t * NH + 5)
-    h__k235__b12 = tl.load(hv + t * NH + 6)
-    h__k237__b14 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    k229__b8 = tl.load(hv + t * NH + HV_K229__B8)
+    k234__b11 = tl.load(hv + t * NH + HV_K234__B11)
+    k235__b12 = tl.load(hv + t * NH + HV_K235__B12)
+    k237__b14 = tl.load(hv + t * NH + HV_K237__B14)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k243__b19 = tl.load(hv + t * NH + 8)
-    h__c37 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * v1)
-    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c36 != 0), x2, v3)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h_eps_eff__b2)
-    x7 = L.div(v1, x6)
-    x8 = L.minimum(L.maximum(x7, h__k228__b6), h_clip__b5)
-    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v9, x8, h__k229__b8)
-    x11 = x10
-    x12 = (x4 * h__k234__b11)
-    x13 = (x12 + h__k235__b12 * v1 * v1)
-    x14 = (x11 * h__k237__b14)
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x14
-    x18 = (-x17)
-    x19 = (x16 + x18)
-    x20 = L.sr_bf16(x19, (h__k243__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 18), offs)
-    x21 = tl.where((h__c37 != 0), x10, v9)
-    x22 = tl.where((h__c37 != 0), x13, x4)
-    x23 = tl.where((h__c37 != 0), x20, v15)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x22, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x21, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x23, P_DT), mask=mask)
+    k243__b19 = tl.load(hv + t * NH + HV_K243__B19)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # exp_avg_sq__b1 = grad * grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b1 = (grad * grad)
+    # exp_avg_sq = where(step == 1, exp_avg_sq__b1, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b1, exp_avg_sq)
+    # denom__b3 = sqrt(exp_avg_sq) + eps_eff__b2
+    denom__b3 = (L.sqrt(exp_avg_sq_1) + eps_eff__b2)
+    # normalized__b4 = grad / denom__b3
+    normalized__b4 = L.div(grad, denom__b3)
+    # normalized__b7 = clamp(normalized__b4, _k228__b6, clip__b5)
+    normalized__b7 = L.minimum(L.maximum(normalized__b4, k228__b6), clip__b5)
+    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k229__b8)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k229__b8)
+    # update__b10 = copy(exp_avg__b9)
+    # exp_avg_sq__b13 = exp_avg_sq * _k234__b11 + _k235__b12 * grad * grad
+    exp_avg_sq__b13 = ((exp_avg_sq_1 * k234__b11) + k235__b12 * grad * grad)
+    # update__b15 = update__b10 * _k237__b14
+    update__b15 = (exp_avg__b9 * k237__b14)
+    # param_fp32__b16 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32__b17 = float32(update__b15)
+    # param_fp32__b18 = param_fp32__b16 + -update_fp32__b17
+    param_fp32__b18 = (param + (-update__b15))
+    # param__b20 = stochastic_round(param_fp32__b18, _k243__b19)
+    param__b20_stochastic_round = L.sr_bf16(param_fp32__b18, (k243__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # exp_avg = where(step > 1 or use_atan2, exp_avg__b9, exp_avg)
+    exp_avg_1 = tl.where((c_1 != 0), exp_avg__b9, exp_avg)
+    # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b13, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b13, exp_avg_sq_1)
+    # param = where(step > 1 or use_atan2, param__b20, param)
+    param_1 = tl.where((c_1 != 0), param__b20_stochastic_round, param)
+    # store exp_avg_sq, exp_avg, param
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -318,10 +493,15 @@ def _adopt_adv_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 13)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -339,77 +519,128 @@ def _adopt_adv_prologue3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 18
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B2: tl.constexpr = 1
+    HV_K228__B6: tl.constexpr = 2
+    HV_CLIP__B5: tl.constexpr = 3
+    HV_K229__B8: tl.constexpr = 4
+    HV_K234__B11: tl.constexpr = 5
+    HV_K235__B12: tl.constexpr = 6
+    HV_K237__B14: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 9
+    HYP_USE_ATAN2: tl.constexpr = 16
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 18)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c36 = (step == tl.full((), 1.0, tl.float64))
-    h__c37 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + 16) != 0))
-    h_eps_eff__b2 = tl.load(hyp + 5)
-    h_clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
-    h__k228__b6 = (-h_clip__b5)
-    h__k229__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k234__b11 = tl.load(hyp + 1)
-    h__k235__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k237__b14 = tl.load(hyp + 9)
-    tl.store(hv + t * NH + 0, (h__c36).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h_eps_eff__b2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k228__b6).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_clip__b5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k229__b8).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k234__b11).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k235__b12).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k237__b14).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__c37).to(tl.float32))
+    # c = step == 1
+    c = (step == tl.full((), 1.0, tl.float64))
+    # c_1 = step > 1 or use_atan2
+    c_1 = ((step > tl.full((), 1.0, tl.float64)) | (tl.load(hyp + HYP_USE_ATAN2) != 0))
+    # eps_eff__b2 = eps
+    eps_eff__b2 = tl.load(hyp + HYP_EPS)
+    # clip__b5 = (step - 1) ** 0.25
+    clip__b5 = L.pow64((step - tl.full((), 1.0, tl.float64)), tl.full((), 0.25, tl.float64))
+    # _k228__b6 = -clip__b5
+    k228__b6 = (-clip__b5)
+    # _k229__b8 = 1 - beta1
+    k229__b8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    # _k234__b11 = beta2
+    k234__b11 = tl.load(hyp + HYP_BETA2)
+    # _k235__b12 = 1 - beta2
+    k235__b12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k237__b14 = lr
+    k237__b14 = tl.load(hyp + HYP_LR)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF__B2, (eps_eff__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K228__B6, (k228__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_CLIP__B5, (clip__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K229__B8, (k229__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_K234__B11, (k234__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_K235__B12, (k235__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K237__B14, (k237__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adopt_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    HV_C: tl.constexpr = 0
+    HV_EPS_EFF__B2: tl.constexpr = 1
+    HV_K228__B6: tl.constexpr = 2
+    HV_CLIP__B5: tl.constexpr = 3
+    HV_K229__B8: tl.constexpr = 4
+    HV_K234__B11: tl.constexpr = 5
+    HV_K235__B12: tl.constexpr = 6
+    HV_K237__B14: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c36 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h_eps_eff__b2 = tl.load(hv + t * NH + 1)
-    h__k228__b6 = tl.load(hv + t * NH + 2)
-    h_clip__b5 = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    eps_eff__b2 = tl.load(hv + t * NH + HV_EPS_EFF__B2)
+    k228__b6 = tl.load(hv + t * NH + HV_K228__B6)
+    clip__b5 = tl.load(hv + t * NH + HV_CLIP__B5)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k229__b8 = tl.load(hv + t * NH + 4)
-    h__k234__b11 = tl.load(hv + t * NH + 5)
-    h__k235__b12 = tl.load(hv + t * NH + 6)
-    h__k237__b14 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    k229__b8 = tl.load(hv + t * NH + HV_K229__B8)
+    k234__b11 = tl.load(hv + t * NH + HV_K234__B11)
+    k235__b12 = tl.load(hv + t * NH + HV_K235__B12)
+    k237__b14 = tl.load(hv + t * NH + HV_K237__B14)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__c37 = tl.load(hv + t * NH + 8)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * v1)
-    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = tl.where((h__c36 != 0), x2, v3)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h_eps_eff__b2)
-    x7 = L.div(v1, x6)
-    x8 = L.minimum(L.maximum(x7, h__k228__b6), h_clip__b5)
-    v9 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x10 = L.lerp(v9, x8, h__k229__b8)
-    x11 = x10
-    x12 = (x4 * h__k234__b11)
-    x13 = (x12 + h__k235__b12 * v1 * v1)
-    x14 = (x11 * h__k237__b14)
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = (-x14)
-    x17 = (v15 + x16)
-    x18 = tl.where((h__c37 != 0), x10, v9)
-    x19 = tl.where((h__c37 != 0), x13, x4)
-    x20 = tl.where((h__c37 != 0), x17, v15)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x19, DT_exp_avg_sq), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x18, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # exp_avg_sq__b1 = grad * grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b1 = (grad * grad)
+    # exp_avg_sq = where(step == 1, exp_avg_sq__b1, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b1, exp_avg_sq)
+    # denom__b3 = sqrt(exp_avg_sq) + eps_eff__b2
+    denom__b3 = (L.sqrt(exp_avg_sq_1) + eps_eff__b2)
+    # normalized__b4 = grad / denom__b3
+    normalized__b4 = L.div(grad, denom__b3)
+    # normalized__b7 = clamp(normalized__b4, _k228__b6, clip__b5)
+    normalized__b7 = L.minimum(L.maximum(normalized__b4, k228__b6), clip__b5)
+    # exp_avg__b9 = lerp(exp_avg, normalized__b7, _k229__b8)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b9 = L.lerp(exp_avg, normalized__b7, k229__b8)
+    # update__b10 = copy(exp_avg__b9)
+    # exp_avg_sq__b13 = exp_avg_sq * _k234__b11 + _k235__b12 * grad * grad
+    exp_avg_sq__b13 = ((exp_avg_sq_1 * k234__b11) + k235__b12 * grad * grad)
+    # update__b15 = update__b10 * _k237__b14
+    update__b15 = (exp_avg__b9 * k237__b14)
+    # param__b16 = param + -update__b15
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b16 = (param + (-update__b15))
+    # exp_avg = where(step > 1 or use_atan2, exp_avg__b9, exp_avg)
+    exp_avg_1 = tl.where((c_1 != 0), exp_avg__b9, exp_avg)
+    # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b13, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b13, exp_avg_sq_1)
+    # param = where(step > 1 or use_atan2, param__b16, param)
+    param_1 = tl.where((c_1 != 0), param__b16, param)
+    # store exp_avg_sq, exp_avg, param
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -419,10 +650,15 @@ def _adopt_adv_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg_sq, exp_avg, param; writes exp_avg_sq, exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 13)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

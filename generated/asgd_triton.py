@@ -20,54 +20,83 @@ def _asgd_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_eta: tl.constexpr, DT_mu: tl.constexpr, DT_ax: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 4 the passes read to hv.
+
+    Reads eta, mu; writes eta, mu.
+    """
+    COL_GIDX: tl.constexpr = 7
+    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 0
+    HV_NEG_ETA: tl.constexpr = 1
+    HV_K3__B1: tl.constexpr = 2
+    HV_C: tl.constexpr = 3
+    HYP_ALPHA: tl.constexpr = 0
+    HYP_LAMBD: tl.constexpr = 1
+    HYP_LR: tl.constexpr = 2
+    HYP_T0: tl.constexpr = 4
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_eta = tl.load(hs_eta + gidx).to(tl.float64)
-    h_mu = tl.load(hs_mu + gidx).to(tl.float64)
-    h__k1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 1) * h_eta))
-    h__k2 = (-h_eta)
-    h__c2 = (h_mu != tl.full((), 1.0, tl.float64))
-    h__k3__b1 = h_mu
-    h_eta = ((tl.load(hyp + 2) / L.pow64((tl.full((), 1.0, tl.float64) + ((tl.load(hyp + 1) * tl.load(hyp + 2)) * step)), tl.load(hyp + 0)))).to(DT_eta).to(tl.float64)
-    tl.store(hs_eta + gidx, h_eta.to(DT_eta))
-    h_mu = ((tl.full((), 1.0, tl.float64) / tl.maximum(tl.full((), 1.0, tl.float64), (step - tl.load(hyp + 4))))).to(DT_mu).to(tl.float64)
-    tl.store(hs_mu + gidx, h_mu.to(DT_mu))
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3__b1).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__c2).to(tl.float32))
+    eta = tl.load(hs_eta + gidx).to(tl.float64)
+    mu = tl.load(hs_mu + gidx).to(tl.float64)
+    one_minus_lambd_times_eta = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LAMBD) * eta))
+    neg_eta = (-eta)
+    # c = mu != 1
+    c = (mu != tl.full((), 1.0, tl.float64))
+    # _k3__b1 = mu
+    k3__b1 = mu
+    # eta = lr / (1 + lambd * lr * step) ** alpha
+    eta_1 = ((tl.load(hyp + HYP_LR) / L.pow64((tl.full((), 1.0, tl.float64) + ((tl.load(hyp + HYP_LAMBD) * tl.load(hyp + HYP_LR)) * step)), tl.load(hyp + HYP_ALPHA)))).to(DT_eta).to(tl.float64)
+    tl.store(hs_eta + gidx, eta_1.to(DT_eta))
+    # mu = 1 / max(1, step - t0)
+    mu_1 = ((tl.full((), 1.0, tl.float64) / tl.maximum(tl.full((), 1.0, tl.float64), (step - tl.load(hyp + HYP_T0))))).to(DT_mu).to(tl.float64)
+    tl.store(hs_mu + gidx, mu_1.to(DT_mu))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_LAMBD_TIMES_ETA, (one_minus_lambd_times_eta).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_ETA, (neg_eta).to(tl.float32))
+    tl.store(hv + t * NH + HV_K3__B1, (k3__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _asgd_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_eta: tl.constexpr, DT_mu: tl.constexpr, DT_ax: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_AX: tl.constexpr = 1
+    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 0
+    HV_NEG_ETA: tl.constexpr = 1
+    HV_K3__B1: tl.constexpr = 2
+    HV_C: tl.constexpr = 3
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
+    one_minus_lambd_times_eta = tl.load(hv + t * NH + HV_ONE_MINUS_LAMBD_TIMES_ETA)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_ax = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_ax))
+    neg_eta = tl.load(hv + t * NH + HV_NEG_ETA)
+    p_ax = tl.load(tab + t * TBL_W + COL_AX).to(tl.pointer_type(DT_ax))
     if ALIGNED:
         p_ax = tl.multiple_of(p_ax, 16)
-    h__k3__b1 = tl.load(hv + t * NH + 2)
-    h__c2 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k1)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k2 * v3)
-    v5 = tl.load(p_ax + offs, mask=mask).to(tl.float32)
-    x6 = (x4 - v5)
-    x7 = (x6 * h__k3__b1)
-    x8 = (v5 + x7)
-    x9 = x4
-    x10 = tl.where((h__c2 != 0), x8, x9)
-    tl.store(p_param + offs, L.to_storage(x4, P_DT), mask=mask)
-    tl.store(p_ax + offs, L.to_storage(x10, DT_ax), mask=mask)
+    k3__b1 = tl.load(hv + t * NH + HV_K3__B1)
+    c = tl.load(hv + t * NH + HV_C)
+    # param = param * (1 - lambd * eta)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * one_minus_lambd_times_eta)
+    # param = param - eta * grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    param_2 = (param_1 + neg_eta * grad)
+    # ax__b2 = ax + (param - ax) * _k3__b1
+    ax = tl.load(p_ax + offs, mask=mask).to(tl.float32)
+    ax__b2 = (ax + ((param_2 - ax) * k3__b1))
+    # ax__b3 = copy(param)
+    # ax = where(mu != 1, ax__b2, ax__b3)
+    ax_1 = tl.where((c != 0), ax__b2, param_2)
+    # store param, ax
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
+    tl.store(p_ax + offs, L.to_storage(ax_1, DT_ax), mask=mask)
 
 
 @triton.jit
@@ -77,10 +106,15 @@ def _asgd_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_eta: tl.constexpr, DT_mu: tl.constexpr, DT_ax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, grad, ax; writes param, ax.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,31 +20,56 @@ def _coupled_adam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_M: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 9
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ROWS: tl.constexpr = 4
+    HV_AVG_SCALE: tl.constexpr = 5
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_STEP_SIZE: tl.constexpr = 8
+    HYP_AVG_SCALE: tl.constexpr = 1
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 7) * tl.load(hyp + 9)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 7) / h_bias_correction1)
-    h_bias_correction2_sqrt = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k6 = tl.load(tab + t * TBL_W + 6).to(tl.float64)
-    h__k7 = tl.load(hyp + 1)
-    h__k8 = tl.load(hyp + 6)
-    h__k12 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h_bias_correction2_sqrt).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k12).to(tl.float32))
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    # bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    rows_1 = tl.load(tab + t * TBL_W + COL_M).to(tl.float64)
+    avg_scale = tl.load(hyp + HYP_AVG_SCALE)
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ROWS, (rows_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_AVG_SCALE, (avg_scale).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2_SQRT, (bias_correction2_sqrt).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # tiled
@@ -55,13 +80,28 @@ def _coupled_adam_tiled0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
+    column reductions).
+
+    Reads param, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
+    """
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_M: tl.constexpr = 6
+    COL_N: tl.constexpr = 7
+    COL_WS__R0: tl.constexpr = 10
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
     rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
-    M = tl.load(tab + t * TBL_W + 6)
-    N = tl.load(tab + t * TBL_W + 7)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
     if ALIGNED:
         N = tl.multiple_of(N, 16)
         cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
@@ -69,35 +109,39 @@ def _coupled_adam_tiled0(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = (v1 * h__k0)
-    v3 = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
-    v4 = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
-    x5 = L.lerp(v3, v4, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v4 * v4)
-    part9 = L.masked(x8, mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 10) + b * N + cols, tl.sum(part9, axis=0), mask=cols < N)
-    tl.store(p_param + offs, L.to_storage(x2, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    # param = param * (1 - lr * weight_decay)
+    param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
+    param_1 = (param * one_minus_lr_times_weight_decay)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # _r0 = colsum(exp_avg_sq)
+    r0_part = L.masked(exp_avg_sq_1, mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
 
 # vec
@@ -108,23 +152,34 @@ def _coupled_adam_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0; writes denom.
+    """
+    COL_B: tl.constexpr = 5
+    COL_M: tl.constexpr = 6
+    COL_N: tl.constexpr = 7
+    COL_WS__R0: tl.constexpr = 10
+    COL_WS_DENOM: tl.constexpr = 11
+    HV_ROWS: tl.constexpr = 4
+    HV_AVG_SCALE: tl.constexpr = 5
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 5)
-    M = tl.load(tab + t * TBL_W + 6)
-    N = tl.load(tab + t * TBL_W + 7)
-    # denom (per-column)
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # denom = sqrt(_r0 / rows * avg_scale) / bias_correction2_sqrt + eps  (per-column)
     for b in range(0, B):
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + 10)
-            v1 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
-            x2 = L.div(v1, tl.load(hv + t * NH + 4))
-            x3 = (x2 * tl.load(hv + t * NH + 5))
-            x4 = L.sqrt(x3)
-            x5 = L.div(x4, tl.load(hv + t * NH + 6))
-            x6 = (x5 + tl.load(hv + t * NH + 7))
-            p_denom = ws + tl.load(tab + t * TBL_W + 11)
-            tl.store(p_denom + (b * N + j), L.to_storage(x6, tl.float32), mask=(j < N))
+            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+            r0 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            denom_sqrt = L.sqrt((L.div(r0, tl.load(hv + t * NH + HV_ROWS)) * tl.load(hv + t * NH + HV_AVG_SCALE)))
+            denom_add = (L.div(denom_sqrt, tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)) + tl.load(hv + t * NH + HV_EPS))
+            p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)
+            tl.store(p_denom + (b * N + j), L.to_storage(denom_add, tl.float32), mask=(j < N))
     tl.debug_barrier()
 
 
@@ -136,13 +191,24 @@ def _coupled_adam_tiled1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
+    column reductions).
+
+    Reads param, exp_avg, denom; writes param.
+    """
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_M: tl.constexpr = 6
+    COL_N: tl.constexpr = 7
+    COL_WS_DENOM: tl.constexpr = 11
+    HV_NEG_STEP_SIZE: tl.constexpr = 8
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
     rows = tl.load(chunks + 4 * pid + 2) + tl.arange(0, BM)
     cols = tl.load(chunks + 4 * pid + 3) + tl.arange(0, BN)
-    M = tl.load(tab + t * TBL_W + 6)
-    N = tl.load(tab + t * TBL_W + 7)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
     if ALIGNED:
         N = tl.multiple_of(N, 16)
         cols = tl.max_contiguous(tl.multiple_of(cols, BN), BN)
@@ -150,19 +216,21 @@ def _coupled_adam_tiled1(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_denom = ws + tl.load(tab + t * TBL_W + 11)
-    h__k12 = tl.load(hv + t * NH + 8)
-    v1 = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    v2 = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
-    v3 = tl.load(p_denom + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
-    x4 = (v1 + h__k12 * L.div(v2, v3))
-    tl.store(p_param + offs, L.to_storage(x4, P_DT), mask=mask)
+    p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # param = param - step_size * exp_avg / denom
+    param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
+    denom = tl.load(p_denom + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
+    param_1 = (param + neg_step_size * L.div(exp_avg, denom))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 # prologue
@@ -173,63 +241,99 @@ def _coupled_adam_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_AVG_SCALE: tl.constexpr = 4
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_NEG_STEP_SIZE: tl.constexpr = 7
+    HYP_AVG_SCALE: tl.constexpr = 1
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 7) * tl.load(hyp + 9)))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 7) / h_bias_correction1)
-    h_bias_correction2_sqrt = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k9 = tl.load(hyp + 1)
-    h__k10 = tl.load(hyp + 6)
-    h__k12 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_bias_correction2_sqrt).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k12).to(tl.float32))
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    # bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    avg_scale = tl.load(hyp + HYP_AVG_SCALE)
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_AVG_SCALE, (avg_scale).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2_SQRT, (bias_correction2_sqrt).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _coupled_adam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_WS__R0: tl.constexpr = 10
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k0)
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v4 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x5 = L.lerp(v3, v4, h__k2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v4 * v4)
-    part9 = L.masked(x8, mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 10), tl.sum(part9, axis=0))
-    tl.store(p_param + offs, L.to_storage(x2, P_DT), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    # param = param * (1 - lr * weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * one_minus_lr_times_weight_decay)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # _r0 = sum(exp_avg_sq)
+    r0_part = L.masked(exp_avg_sq_1, mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
 
 @triton.jit
@@ -239,10 +343,15 @@ def _coupled_adam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -260,39 +369,57 @@ def _coupled_adam_vec1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0; writes denom.
+    """
+    COL_NUMEL: tl.constexpr = 4
+    COL_B: tl.constexpr = 5
+    COL_M: tl.constexpr = 6
+    COL_N: tl.constexpr = 7
+    COL_WS__R0: tl.constexpr = 10
+    COL_WS_DENOM: tl.constexpr = 11
+    HV_AVG_SCALE: tl.constexpr = 4
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 5)
-    M = tl.load(tab + t * TBL_W + 6)
-    N = tl.load(tab + t * TBL_W + 7)
-    # denom (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 10)
-    v1 = tl.load(p__r0 + 0).to(tl.float32)
-    x2 = L.div(v1, tl.load(tab + t * TBL_W + 4).to(tl.float32))
-    x3 = (x2 * tl.load(hv + t * NH + 4))
-    x4 = L.sqrt(x3)
-    x5 = L.div(x4, tl.load(hv + t * NH + 5))
-    x6 = (x5 + tl.load(hv + t * NH + 6))
-    p_denom = ws + tl.load(tab + t * TBL_W + 11)
-    tl.store(p_denom + 0, L.to_storage(x6, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # denom = sqrt(_r0 / numel * avg_scale) / bias_correction2_sqrt + eps  (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    denom_mul = (L.div(r0, tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float32)) * tl.load(hv + t * NH + HV_AVG_SCALE))
+    denom_add = (L.div(L.sqrt(denom_mul), tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)) + tl.load(hv + t * NH + HV_EPS))
+    p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)
+    tl.store(p_denom + 0, L.to_storage(denom_add, tl.float32))
     tl.debug_barrier()
 
 
 # flat
 @triton.jit
 def _coupled_adam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_WS_DENOM: tl.constexpr = 11
+    HV_NEG_STEP_SIZE: tl.constexpr = 7
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_denom = ws + tl.load(tab + t * TBL_W + 11)
-    h__k12 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v3 = tl.load(p_denom + 0).to(tl.float32)
-    x4 = (v1 + h__k12 * L.div(v2, v3))
-    tl.store(p_param + offs, L.to_storage(x4, P_DT), mask=mask)
+    p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # param = param - step_size * exp_avg / denom
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    denom = tl.load(p_denom + 0).to(tl.float32)
+    param_1 = (param + neg_step_size * L.div(exp_avg, denom))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -302,10 +429,15 @@ def _coupled_adam_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, exp_avg, denom; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

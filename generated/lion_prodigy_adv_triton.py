@@ -20,57 +20,92 @@ def _lion_prodigy_adv_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 12 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 7
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h__k40 = L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h_b_m = tl.load(hyp + 2)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k51 = step
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k51).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    # b_m = beta1
+    b_m = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS_UPDATE: tl.constexpr = 20
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
-    h__k39 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 20)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k38)
-    x5 = (x4 + h__k39 * x2)
-    part6 = L.masked((x5 * x5), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part6, axis=0))
-    tl.store(p_grad + offs, L.to_storage(x2, P_DT), mask=mask)
-    tl.store(p_update + offs, L.to_storage(x5, tl.float32), mask=mask)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # _r0 = sumsq(update)
+    r0_part = L.masked((update * update), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # store grad, update
+    tl.store(p_grad + offs, L.to_storage(grad, P_DT), mask=mask)
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -80,10 +115,15 @@ def _lion_prodigy_adv_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg; writes grad, update; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -96,70 +136,90 @@ def _lion_prodigy_adv_flat0(
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 20)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k40 = tl.load(hv + t * NH + 2)
-    h_dlr = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 12
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__R2: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 20
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b_m = tl.load(hv + t * NH + 4)
+    b_m = tl.load(hv + t * NH + HV_B_M)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k43 = tl.load(hv + t * NH + 5)
-    h__k44 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 9)
-    h__k48 = tl.load(hv + t * NH + 10)
-    h__k51 = tl.load(hv + t * NH + 11)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k40)
-    x7 = (x6 * h_dlr)
-    v8 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h_b_m)
-    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k43 * v10)
-    x12 = v10
-    x13 = x12
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = v14
-    x16 = x15
-    v17 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x18 = v17
-    x19 = (x18 - x16)
-    part20 = L.masked((x13 * x19), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part20, axis=0))
-    v21 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x22 = (v21 * h_b3)
-    x23 = (x22 + h__k48 * x13)
-    x24 = tl.abs(x23)
-    part25 = L.masked(x24, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 16), tl.sum(part25, axis=0))
-    x26 = v14
-    x27 = x7
-    x28 = (-x27)
-    x29 = (x26 + x28)
-    x30 = L.sr_bf16(x29, (h__k51).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 12), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x11, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x23, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x30, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * dlr
+    update_3 = (update_2 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r1 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r1_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r2 = sum(abs(s))
+    r2_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_3))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -169,10 +229,15 @@ def _lion_prodigy_adv_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r1, _r2.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -190,22 +255,35 @@ def _lion_prodigy_adv_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r1, _r2; writes _acc0_num, _acc1_den.
+    """
+    COL_B: tl.constexpr = 8
+    COL_M: tl.constexpr = 9
+    COL_N: tl.constexpr = 10
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__R2: tl.constexpr = 16
+    COL_WS__ACC0_NUM: tl.constexpr = 17
+    COL_WS__ACC1_DEN: tl.constexpr = 18
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 8)
-    M = tl.load(tab + t * TBL_W + 9)
-    N = tl.load(tab + t * TBL_W + 10)
-    # _acc0_num (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + 15)
-    v1 = tl.load(p__r1 + 0).to(tl.float32)
-    x2 = (v1 * tl.load(hv + t * NH + 8))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + 17)
-    tl.store(p__acc0_num + 0, L.to_storage(x2, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # _acc0_num = _r1 * (d / d0 * dlr)  (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    acc0_num = (r1 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
+    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
+    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
-    # _acc1_den (per-tensor)
-    p__r2 = ws + tl.load(tab + t * TBL_W + 16)
-    v3 = tl.load(p__r2 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + 18)
-    tl.store(p__acc1_den + 0, L.to_storage(v3, tl.float32))
+    # _acc1_den = _r2  (per-tensor)
+    p__r2 = ws + tl.load(tab + t * TBL_W + COL_WS__R2)
+    r2 = tl.load(p__r2 + 0).to(tl.float32)
+    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
+    tl.store(p__acc1_den + 0, L.to_storage(r2, tl.float32))
     tl.debug_barrier()
 
 
@@ -217,97 +295,140 @@ def _lion_prodigy_adv_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 11 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 7
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h__k40 = L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h_b_m = tl.load(hyp + 2)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k48).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    # b_m = beta1
+    b_m = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 20)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k40 = tl.load(hv + t * NH + 2)
-    h_dlr = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__R2: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 20
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b_m = tl.load(hv + t * NH + 4)
+    b_m = tl.load(hv + t * NH + HV_B_M)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k43 = tl.load(hv + t * NH + 5)
-    h__k44 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 9)
-    h__k48 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k40)
-    x7 = (x6 * h_dlr)
-    v8 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h_b_m)
-    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k43 * v10)
-    x12 = v10
-    x13 = x12
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = v14
-    x16 = x15
-    v17 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x18 = v17
-    x19 = (x18 - x16)
-    part20 = L.masked((x13 * x19), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part20, axis=0))
-    v21 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x22 = (v21 * h_b3)
-    x23 = (x22 + h__k48 * x13)
-    x24 = tl.abs(x23)
-    part25 = L.masked(x24, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 16), tl.sum(part25, axis=0))
-    x26 = (-x7)
-    x27 = (v14 + x26)
-    tl.store(p_exp_avg + offs, L.to_storage(x11, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x23, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x27, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * dlr
+    update_3 = (update_2 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r1 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r1_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r2 = sum(abs(s))
+    r2_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_3))
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -317,10 +438,15 @@ def _lion_prodigy_adv_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r1, _r2.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -338,34 +464,61 @@ def _lion_prodigy_adv_prologue2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 12 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 7
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h__k40 = L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h_b_m = tl.load(hyp + 3)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k51 = step
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k51).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    # b_m = beta2
+    b_m = tl.load(hyp + HYP_BETA2)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # prologue
@@ -376,32 +529,58 @@ def _lion_prodigy_adv_prologue3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 11 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 7
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h__k40 = L.pow64(tl.load(tab + t * TBL_W + 7).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h_b_m = tl.load(hyp + 3)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k48).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    # b_m = beta2
+    b_m = tl.load(hyp + HYP_BETA2)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
 
 
 # prologue
@@ -412,98 +591,143 @@ def _lion_prodigy_adv_prologue4(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 11 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h_b_m = tl.load(hyp + 2)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k51 = step
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k51).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    # b_m = beta1
+    b_m = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 12
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
-    h__k39 = tl.load(hv + t * NH + 1)
-    h_dlr = tl.load(hv + t * NH + 2)
-    h_b_m = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h__k44 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    b_m = tl.load(hv + t * NH + HV_B_M)
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 6)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 8)
-    h__k48 = tl.load(hv + t * NH + 9)
-    h__k51 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k38)
-    x5 = (x4 + h__k39 * x2)
-    x6 = L.sign(x5)
-    x7 = (x6 * h_dlr)
-    x8 = (v3 * h_b_m)
-    x9 = (x8 + h__k43 * x2)
-    x10 = x2
-    x11 = x10
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = v12
-    x14 = x13
-    v15 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x16 = v15
-    x17 = (x16 - x14)
-    part18 = L.masked((x11 * x17), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part18, axis=0))
-    v19 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x20 = (v19 * h_b3)
-    x21 = (x20 + h__k48 * x11)
-    x22 = tl.abs(x21)
-    part23 = L.masked(x22, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part23, axis=0))
-    x24 = v12
-    x25 = x7
-    x26 = (-x25)
-    x27 = (x24 + x26)
-    x28 = L.sr_bf16(x27, (h__k51).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 12), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x9, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x21, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x28, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * dlr
+    update_2 = (update_1 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_2))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -513,10 +737,15 @@ def _lion_prodigy_adv_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, param, p0, s; writes exp_avg, s, param; accumulates _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -534,22 +763,35 @@ def _lion_prodigy_adv_vec1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0, _r1; writes _acc0_num, _acc1_den.
+    """
+    COL_B: tl.constexpr = 8
+    COL_M: tl.constexpr = 9
+    COL_N: tl.constexpr = 10
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__ACC0_NUM: tl.constexpr = 16
+    COL_WS__ACC1_DEN: tl.constexpr = 17
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 8)
-    M = tl.load(tab + t * TBL_W + 9)
-    N = tl.load(tab + t * TBL_W + 10)
-    # _acc0_num (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    v1 = tl.load(p__r0 + 0).to(tl.float32)
-    x2 = (v1 * tl.load(hv + t * NH + 7))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + 16)
-    tl.store(p__acc0_num + 0, L.to_storage(x2, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # _acc0_num = _r0 * (d / d0 * dlr)  (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    acc0_num = (r0 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
+    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
+    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
-    # _acc1_den (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + 15)
-    v3 = tl.load(p__r1 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + 17)
-    tl.store(p__acc1_den + 0, L.to_storage(v3, tl.float32))
+    # _acc1_den = _r1  (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
+    tl.store(p__acc1_den + 0, L.to_storage(r1, tl.float32))
     tl.debug_barrier()
 
 
@@ -561,92 +803,133 @@ def _lion_prodigy_adv_prologue5(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 10 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h_b_m = tl.load(hyp + 2)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k48).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    # b_m = beta1
+    b_m = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
-    h__k39 = tl.load(hv + t * NH + 1)
-    h_dlr = tl.load(hv + t * NH + 2)
-    h_b_m = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h__k44 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    b_m = tl.load(hv + t * NH + HV_B_M)
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 6)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 8)
-    h__k48 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k38)
-    x5 = (x4 + h__k39 * x2)
-    x6 = L.sign(x5)
-    x7 = (x6 * h_dlr)
-    x8 = (v3 * h_b_m)
-    x9 = (x8 + h__k43 * x2)
-    x10 = x2
-    x11 = x10
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = v12
-    x14 = x13
-    v15 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x16 = v15
-    x17 = (x16 - x14)
-    part18 = L.masked((x11 * x17), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part18, axis=0))
-    v19 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x20 = (v19 * h_b3)
-    x21 = (x20 + h__k48 * x11)
-    x22 = tl.abs(x21)
-    part23 = L.masked(x22, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part23, axis=0))
-    x24 = (-x7)
-    x25 = (v12 + x24)
-    tl.store(p_exp_avg + offs, L.to_storage(x9, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x21, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * dlr
+    update_2 = (update_1 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_2))
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -656,10 +939,15 @@ def _lion_prodigy_adv_flat4(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, param, p0, s; writes exp_avg, s, param; accumulates _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -677,32 +965,57 @@ def _lion_prodigy_adv_prologue6(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 11 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h_b_m = tl.load(hyp + 3)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k51 = step
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k48).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k51).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    # b_m = beta2
+    b_m = tl.load(hyp + HYP_BETA2)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # prologue
@@ -713,51 +1026,83 @@ def _lion_prodigy_adv_prologue7(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 10 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 12
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 8
+    HYP_D0: tl.constexpr = 9
+    HYP_LR: tl.constexpr = 12
+    HYP_SLICE_P: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 8) * tl.load(hyp + 12))
-    h_b3 = tl.sqrt(tl.load(hyp + 3))
-    h__k38 = tl.load(hyp + 2)
-    h__k39 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2)))
-    h_b_m = tl.load(hyp + 3)
-    h__k43 = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) - h_b_m))
-    h__k44 = tl.load(hyp + 17)
-    h__k45 = tl.load(hyp + 17)
-    h__k46 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    h__k48 = ((tl.load(hyp + 8) / tl.load(hyp + 9)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_b_m).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k45).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h_b3).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k48).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # b3 = sqrt(beta2)
+    b3 = tl.sqrt(tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    d_times_one_minus_beta1 = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1)))
+    # b_m = beta2
+    b_m = tl.load(hyp + HYP_BETA2)
+    d_times_one_minus_b_m = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - b_m))
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B_M, (b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M, (d_times_one_minus_b_m).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k39 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k38)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k39 * v3)
-    part5 = L.masked((x4 * x4), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part5, axis=0))
-    tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # _r0 = sumsq(update)
+    r0_part = L.masked((update * update), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # store update
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -767,10 +1112,15 @@ def _lion_prodigy_adv_flat5(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad; writes update; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -783,70 +1133,90 @@ def _lion_prodigy_adv_flat5(
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k40 = tl.load(hv + t * NH + 2)
-    h_dlr = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 12
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__R2: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b_m = tl.load(hv + t * NH + 4)
+    b_m = tl.load(hv + t * NH + HV_B_M)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k43 = tl.load(hv + t * NH + 5)
-    h__k44 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 9)
-    h__k48 = tl.load(hv + t * NH + 10)
-    h__k51 = tl.load(hv + t * NH + 11)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k40)
-    x7 = (x6 * h_dlr)
-    v8 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h_b_m)
-    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k43 * v10)
-    x12 = v10
-    x13 = x12
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = v14
-    x16 = x15
-    v17 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x18 = v17
-    x19 = (x18 - x16)
-    part20 = L.masked((x13 * x19), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part20, axis=0))
-    v21 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x22 = (v21 * h_b3)
-    x23 = (x22 + h__k48 * x13)
-    x24 = tl.abs(x23)
-    part25 = L.masked(x24, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 16), tl.sum(part25, axis=0))
-    x26 = v14
-    x27 = x7
-    x28 = (-x27)
-    x29 = (x26 + x28)
-    x30 = L.sr_bf16(x29, (h__k51).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 12), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x11, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x23, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x30, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * dlr
+    update_3 = (update_2 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r1 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r1_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r2 = sum(abs(s))
+    r2_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_3))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -856,10 +1226,15 @@ def _lion_prodigy_adv_flat6(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r1, _r2.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -872,66 +1247,83 @@ def _lion_prodigy_adv_flat6(
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 14)
-    h__k40 = tl.load(hv + t * NH + 2)
-    h_dlr = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    COL_WS__R2: tl.constexpr = 16
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_DLR: tl.constexpr = 3
+    HV_B_M: tl.constexpr = 4
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_B3: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b_m = tl.load(hv + t * NH + 4)
+    b_m = tl.load(hv + t * NH + HV_B_M)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k43 = tl.load(hv + t * NH + 5)
-    h__k44 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 9)
-    h__k48 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k40)
-    x7 = (x6 * h_dlr)
-    v8 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h_b_m)
-    v10 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x11 = (x9 + h__k43 * v10)
-    x12 = v10
-    x13 = x12
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = v14
-    x16 = x15
-    v17 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x18 = v17
-    x19 = (x18 - x16)
-    part20 = L.masked((x13 * x19), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part20, axis=0))
-    v21 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x22 = (v21 * h_b3)
-    x23 = (x22 + h__k48 * x13)
-    x24 = tl.abs(x23)
-    part25 = L.masked(x24, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 16), tl.sum(part25, axis=0))
-    x26 = (-x7)
-    x27 = (v14 + x26)
-    tl.store(p_exp_avg + offs, L.to_storage(x11, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x23, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x27, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * dlr
+    update_3 = (update_2 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r1 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r1_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r2 = sum(abs(s))
+    r2_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_3))
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -941,10 +1333,15 @@ def _lion_prodigy_adv_flat7(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r1, _r2.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -957,66 +1354,86 @@ def _lion_prodigy_adv_flat7(
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 12
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k39 = tl.load(hv + t * NH + 1)
-    h_dlr = tl.load(hv + t * NH + 2)
-    h_b_m = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h__k44 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    b_m = tl.load(hv + t * NH + HV_B_M)
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 6)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 8)
-    h__k48 = tl.load(hv + t * NH + 9)
-    h__k51 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k38)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k39 * v3)
-    x5 = L.sign(x4)
-    x6 = (x5 * h_dlr)
-    x7 = (v1 * h_b_m)
-    x8 = (x7 + h__k43 * v3)
-    x9 = v3
-    x10 = x9
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x12 = v11
-    x13 = x12
-    v14 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x15 = v14
-    x16 = (x15 - x13)
-    part17 = L.masked((x10 * x16), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part17, axis=0))
-    v18 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = (v18 * h_b3)
-    x20 = (x19 + h__k48 * x10)
-    x21 = tl.abs(x20)
-    part22 = L.masked(x21, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part22, axis=0))
-    x23 = v11
-    x24 = x6
-    x25 = (-x24)
-    x26 = (x23 + x25)
-    x27 = L.sr_bf16(x26, (h__k51).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 12), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x8, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x20, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x27, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * dlr
+    update_2 = (update_1 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_2))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1026,10 +1443,15 @@ def _lion_prodigy_adv_flat8(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -1042,62 +1464,79 @@ def _lion_prodigy_adv_flat8(
 # flat
 @triton.jit
 def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_S: tl.constexpr = 5
+    COL_P0: tl.constexpr = 6
+    COL_STRIDE: tl.constexpr = 13
+    COL_WS__R0: tl.constexpr = 14
+    COL_WS__R1: tl.constexpr = 15
+    HV_BETA1: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_DLR: tl.constexpr = 2
+    HV_B_M: tl.constexpr = 3
+    HV_D_TIMES_ONE_MINUS_B_M: tl.constexpr = 4
+    HV_SLICE_P: tl.constexpr = 5
+    HV_SLICE_P_1: tl.constexpr = 6
+    HV_B3: tl.constexpr = 8
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k38 = tl.load(hv + t * NH + 0)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k39 = tl.load(hv + t * NH + 1)
-    h_dlr = tl.load(hv + t * NH + 2)
-    h_b_m = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h__k44 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    d_times_one_minus_beta1 = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    b_m = tl.load(hv + t * NH + HV_B_M)
+    d_times_one_minus_b_m = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_B_M)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k45 = tl.load(hv + t * NH + 6)
-    p_p0 = tl.load(tab + t * TBL_W + 6).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 13)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h_b3 = tl.load(hv + t * NH + 8)
-    h__k48 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k38)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k39 * v3)
-    x5 = L.sign(x4)
-    x6 = (x5 * h_dlr)
-    x7 = (v1 * h_b_m)
-    x8 = (x7 + h__k43 * v3)
-    x9 = v3
-    x10 = x9
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x12 = v11
-    x13 = x12
-    v14 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x15 = v14
-    x16 = (x15 - x13)
-    part17 = L.masked((x10 * x16), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part17, axis=0))
-    v18 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = (v18 * h_b3)
-    x20 = (x19 + h__k48 * x10)
-    x21 = tl.abs(x20)
-    part22 = L.masked(x21, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 15), tl.sum(part22, axis=0))
-    x23 = (-x6)
-    x24 = (v11 + x23)
-    tl.store(p_exp_avg + offs, L.to_storage(x8, DT_exp_avg), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x20, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x24, P_DT), mask=mask)
+    b3 = tl.load(hv + t * NH + HV_B3)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # update = exp_avg * beta1 + d * (1 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * dlr
+    update_2 = (update_1 * dlr)
+    # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+    exp_avg_1 = ((exp_avg * b_m) + d_times_one_minus_b_m * grad)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * b3 + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_2))
+    # store exp_avg, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1107,10 +1546,15 @@ def _lion_prodigy_adv_flat9(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, param, p0, s; writes exp_avg, s, param; accumulates _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

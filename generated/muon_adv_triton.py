@@ -20,51 +20,85 @@ def _muon_adv_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 11
+    COL_GIDX: tl.constexpr = 16
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA1: tl.constexpr = 1
+    HV_NS_STEPS: tl.constexpr = 2
+    HV_NS_EPS_EFF: tl.constexpr = 3
+    HV_NS_A: tl.constexpr = 4
+    HV_NS_B: tl.constexpr = 5
+    HV_NS_C: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 7
+    HYP_LR: tl.constexpr = 14
+    HYP_NS_A: tl.constexpr = 21
+    HYP_NS_B: tl.constexpr = 22
+    HYP_NS_C: tl.constexpr = 23
+    HYP_NS_EPS: tl.constexpr = 24
+    HYP_NS_STEPS: tl.constexpr = 25
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 16)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k147 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
-    h__k148 = tl.load(hyp + 7)
-    h_ns_eps_eff = tl.load(hyp + 24)
-    h__k158 = tl.load(hyp + 25)
-    h__k159 = tl.load(hyp + 21)
-    h__k160 = tl.load(hyp + 22)
-    h__k161 = tl.load(hyp + 23)
-    h__k165 = ((tl.load(hyp + 14) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
-    h__k171 = step
-    tl.store(hv + t * NH + 0, (h__k147).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k148).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k158).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k159).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k160).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k161).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k165).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k171).to(tl.float32))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    # ns_eps_eff = ns_eps
+    ns_eps_eff = tl.load(hyp + HYP_NS_EPS)
+    ns_steps = tl.load(hyp + HYP_NS_STEPS)
+    ns_a = tl.load(hyp + HYP_NS_A)
+    ns_b = tl.load(hyp + HYP_NS_B)
+    ns_c = tl.load(hyp + HYP_NS_C)
+    # k = lr * 0.2 * sqrt(numel)
+    k = ((tl.load(hyp + HYP_LR) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64)))
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_STEPS, (ns_steps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_EPS_EFF, (ns_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_A, (ns_a).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_B, (ns_b).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_C, (ns_c).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_MOMENTUM_BUFFER: tl.constexpr = 1
+    COL_WS_UPDATE: tl.constexpr = 19
+    COL_WS__X0: tl.constexpr = 20
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
+    p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
-    h__k147 = tl.load(hv + t * NH + 0)
-    h__k148 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__x0 = ws + tl.load(tab + t * TBL_W + 20)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v3, x2, h__k147)
-    x5 = L.lerp(x2, x4, h__k148)
-    tl.store(p_momentum_buffer + offs, L.to_storage(x4, DT_momentum_buffer), mask=mask)
-    tl.store(p_update + offs, L.to_storage(x5, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(x5, tl.float32), mask=mask)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+    momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
+    momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_beta1)
+    # update = lerp(grad, momentum_buffer, beta1)
+    update = L.lerp(grad, momentum_buffer_1, beta1)
+    # _x0 = update
+    # store momentum_buffer, update, _x0
+    tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -74,10 +108,15 @@ def _muon_adv_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -90,12 +129,19 @@ def _muon_adv_flat0(
 # flat
 @triton.jit
 def _muon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p__n0 = ws + tl.load(tab + t * TBL_W + 18)
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    v1 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
-    part2 = L.masked((v1 * v1), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 17), tl.sum(part2, axis=0))
-    tl.store(p_update + offs, L.to_storage(v1, tl.float32), mask=mask)
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_WS__R0: tl.constexpr = 17
+    COL_WS__N0: tl.constexpr = 18
+    COL_WS_UPDATE: tl.constexpr = 19
+    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    # update = _n0
+    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    # _r0 = sumsq(update)
+    r0_part = L.masked((n0 * n0), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # store update
+    tl.store(p_update + offs, L.to_storage(n0, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -105,10 +151,15 @@ def _muon_adv_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads _n0; writes update; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -121,26 +172,33 @@ def _muon_adv_flat1(
 # flat
 @triton.jit
 def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 17)
-    h__k165 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_GIDX: tl.constexpr = 16
+    COL_WS__R0: tl.constexpr = 17
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_K: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    k = tl.load(hv + t * NH + HV_K)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k171 = tl.load(hv + t * NH + 8)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k165, x4)
-    x6 = (v1 * x5)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = v7
-    x9 = x6
-    x10 = (-x9)
-    x11 = (x8 + x10)
-    x12 = L.sr_bf16(x11, (h__k171).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 16), offs)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
+    # param_fp32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_1))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -150,10 +208,15 @@ def _muon_adv_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, param; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -171,47 +234,74 @@ def _muon_adv_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 11
+    COL_GIDX: tl.constexpr = 16
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA1: tl.constexpr = 1
+    HV_NS_STEPS: tl.constexpr = 2
+    HV_NS_EPS_EFF: tl.constexpr = 3
+    HV_NS_A: tl.constexpr = 4
+    HV_NS_B: tl.constexpr = 5
+    HV_NS_C: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 7
+    HYP_LR: tl.constexpr = 14
+    HYP_NS_A: tl.constexpr = 21
+    HYP_NS_B: tl.constexpr = 22
+    HYP_NS_C: tl.constexpr = 23
+    HYP_NS_EPS: tl.constexpr = 24
+    HYP_NS_STEPS: tl.constexpr = 25
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 16)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k147 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
-    h__k148 = tl.load(hyp + 7)
-    h_ns_eps_eff = tl.load(hyp + 24)
-    h__k158 = tl.load(hyp + 25)
-    h__k159 = tl.load(hyp + 21)
-    h__k160 = tl.load(hyp + 22)
-    h__k161 = tl.load(hyp + 23)
-    h__k165 = ((tl.load(hyp + 14) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + 11).to(tl.float64)))
-    tl.store(hv + t * NH + 0, (h__k147).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k148).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k158).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_ns_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k159).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k160).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k161).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k165).to(tl.float32))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    # ns_eps_eff = ns_eps
+    ns_eps_eff = tl.load(hyp + HYP_NS_EPS)
+    ns_steps = tl.load(hyp + HYP_NS_STEPS)
+    ns_a = tl.load(hyp + HYP_NS_A)
+    ns_b = tl.load(hyp + HYP_NS_B)
+    ns_c = tl.load(hyp + HYP_NS_C)
+    # k = lr * 0.2 * sqrt(numel)
+    k = ((tl.load(hyp + HYP_LR) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64)))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_STEPS, (ns_steps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_EPS_EFF, (ns_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_A, (ns_a).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_B, (ns_b).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_C, (ns_c).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 17)
-    h__k165 = tl.load(hv + t * NH + 7)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_WS__R0: tl.constexpr = 17
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_K: tl.constexpr = 7
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    k = tl.load(hv + t * NH + HV_K)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-08, tl.float32))
-    x5 = L.div(h__k165, x4)
-    x6 = (v1 * x5)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = (-x6)
-    x9 = (v7 + x8)
-    tl.store(p_param + offs, L.to_storage(x9, P_DT), mask=mask)
+    # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
+    # param = param + -update
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + (-update_1))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -221,10 +311,15 @@ def _muon_adv_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, param; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -237,23 +332,33 @@ def _muon_adv_flat3(
 # flat
 @triton.jit
 def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_MOMENTUM_BUFFER: tl.constexpr = 1
+    COL_WS_UPDATE: tl.constexpr = 19
+    COL_WS__X0: tl.constexpr = 20
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA1: tl.constexpr = 1
+    p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k147 = tl.load(hv + t * NH + 0)
-    h__k148 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 19)
-    p__x0 = ws + tl.load(tab + t * TBL_W + 20)
-    v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k147)
-    x4 = L.lerp(v2, x3, h__k148)
-    tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
-    tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+    momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_beta1)
+    # update = lerp(grad, momentum_buffer, beta1)
+    update = L.lerp(grad, momentum_buffer_1, beta1)
+    # _x0 = update
+    # store momentum_buffer, update, _x0
+    tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -263,10 +368,15 @@ def _muon_adv_flat4(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -284,70 +394,106 @@ def _muon_adv_prologue2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 16
+    HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
+    HV_ADAM_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS_EFF: tl.constexpr = 4
+    HV_STEP_SIZE: tl.constexpr = 5
+    HV_STEP: tl.constexpr = 6
+    HYP_ADAM_BETA1: tl.constexpr = 1
+    HYP_ADAM_BETA2: tl.constexpr = 2
+    HYP_ADAM_EPS: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 14
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 16)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)), tl.full((), 0.5, tl.float64))
-    h_step_size = (tl.load(hyp + 14) / h_bias_correction1)
-    h__k176 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k177 = tl.load(hyp + 2)
-    h__k178 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_eps_eff = tl.load(hyp + 3)
-    h__k183 = step
-    tl.store(hv + t * NH + 0, (h__k176).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k177).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k178).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k183).to(tl.float32))
+    # bias_correction1 = 1 - adam_beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
+    # sqrt_bias_correction2 = (1 - adam_beta2 ** step) ** 0.5
+    sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    one_minus_adam_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA1))
+    adam_beta2 = tl.load(hyp + HYP_ADAM_BETA2)
+    one_minus_adam_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA2))
+    # eps_eff = adam_eps
+    eps_eff = tl.load(hyp + HYP_ADAM_EPS)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1, (one_minus_adam_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ADAM_BETA2, (adam_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA2, (one_minus_adam_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF, (eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP_SIZE, (step_size).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 7
+    COL_EXP_AVG_SQ: tl.constexpr = 8
+    COL_GIDX: tl.constexpr = 16
+    HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
+    HV_ADAM_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS_EFF: tl.constexpr = 4
+    HV_STEP_SIZE: tl.constexpr = 5
+    HV_STEP: tl.constexpr = 6
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k176 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_adam_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k177 = tl.load(hv + t * NH + 1)
-    h__k178 = tl.load(hv + t * NH + 2)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h_eps_eff = tl.load(hv + t * NH + 4)
-    h_step_size = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    adam_beta2 = tl.load(hv + t * NH + HV_ADAM_BETA2)
+    one_minus_adam_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_ADAM_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    eps_eff = tl.load(hv + t * NH + HV_EPS_EFF)
+    step_size = tl.load(hv + t * NH + HV_STEP_SIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k183 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k176)
-    x4 = x3
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k177)
-    x7 = (x6 + h__k178 * v2 * v2)
-    x8 = L.sqrt(x7)
-    x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h_eps_eff)
-    x11 = L.div(x4, x10)
-    x12 = (x11 * h_step_size)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = v13
-    x15 = x12
-    x16 = (-x15)
-    x17 = (x14 + x16)
-    x18 = L.sr_bf16(x17, (h__k183).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 16), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_adam_beta1)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * adam_beta2) + one_minus_adam_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+    denom = (L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2) + eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * step_size
+    update_1 = (update * step_size)
+    # param_fp32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_1))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -357,10 +503,15 @@ def _muon_adv_flat5(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -378,64 +529,96 @@ def _muon_adv_prologue3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 16
+    HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
+    HV_ADAM_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS_EFF: tl.constexpr = 4
+    HV_STEP_SIZE: tl.constexpr = 5
+    HYP_ADAM_BETA1: tl.constexpr = 1
+    HYP_ADAM_BETA2: tl.constexpr = 2
+    HYP_ADAM_EPS: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 14
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 16)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)), tl.full((), 0.5, tl.float64))
-    h_step_size = (tl.load(hyp + 14) / h_bias_correction1)
-    h__k176 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k177 = tl.load(hyp + 2)
-    h__k178 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_eps_eff = tl.load(hyp + 3)
-    tl.store(hv + t * NH + 0, (h__k176).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k177).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k178).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_sqrt_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_eps_eff).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_step_size).to(tl.float32))
+    # bias_correction1 = 1 - adam_beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
+    # sqrt_bias_correction2 = (1 - adam_beta2 ** step) ** 0.5
+    sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    one_minus_adam_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA1))
+    adam_beta2 = tl.load(hyp + HYP_ADAM_BETA2)
+    one_minus_adam_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA2))
+    # eps_eff = adam_eps
+    eps_eff = tl.load(hyp + HYP_ADAM_EPS)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1, (one_minus_adam_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ADAM_BETA2, (adam_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA2, (one_minus_adam_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_EFF, (eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP_SIZE, (step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 7).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 7
+    COL_EXP_AVG_SQ: tl.constexpr = 8
+    HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
+    HV_ADAM_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS_EFF: tl.constexpr = 4
+    HV_STEP_SIZE: tl.constexpr = 5
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k176 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_adam_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k177 = tl.load(hv + t * NH + 1)
-    h__k178 = tl.load(hv + t * NH + 2)
-    h_sqrt_bias_correction2 = tl.load(hv + t * NH + 3)
-    h_eps_eff = tl.load(hv + t * NH + 4)
-    h_step_size = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    adam_beta2 = tl.load(hv + t * NH + HV_ADAM_BETA2)
+    one_minus_adam_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_ADAM_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    eps_eff = tl.load(hv + t * NH + HV_EPS_EFF)
+    step_size = tl.load(hv + t * NH + HV_STEP_SIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k176)
-    x4 = x3
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k177)
-    x7 = (x6 + h__k178 * v2 * v2)
-    x8 = L.sqrt(x7)
-    x9 = L.div(x8, h_sqrt_bias_correction2)
-    x10 = (x9 + h_eps_eff)
-    x11 = L.div(x4, x10)
-    x12 = (x11 * h_step_size)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (-x12)
-    x15 = (v13 + x14)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_adam_beta1)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * adam_beta2) + one_minus_adam_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+    denom = (L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2) + eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * step_size
+    update_1 = (update * step_size)
+    # param = param + -update
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + (-update_1))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -445,10 +628,15 @@ def _muon_adv_flat6(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 11)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,49 +20,84 @@ def _muon_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 9 the
+    passes read to hv.
+    """
+    COL_M: tl.constexpr = 4
+    COL_N: tl.constexpr = 5
+    COL_GIDX: tl.constexpr = 7
+    HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
+    HV_MOMENTUM: tl.constexpr = 1
+    HV_NS_STEPS: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NS_A: tl.constexpr = 4
+    HV_NS_B: tl.constexpr = 5
+    HV_NS_C: tl.constexpr = 6
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 7
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 8
+    HYP_EPS: tl.constexpr = 1
+    HYP_LR: tl.constexpr = 2
+    HYP_MOMENTUM: tl.constexpr = 3
+    HYP_NS_A: tl.constexpr = 5
+    HYP_NS_B: tl.constexpr = 6
+    HYP_NS_C: tl.constexpr = 7
+    HYP_NS_STEPS: tl.constexpr = 8
+    HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
-    h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k1 = tl.load(hyp + 3)
-    h__k2 = tl.load(hyp + 8)
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = tl.load(hyp + 5)
-    h__k5 = tl.load(hyp + 6)
-    h__k6 = tl.load(hyp + 7)
-    h_adjusted_lr = (tl.load(hyp + 2) * tl.sqrt(tl.maximum(tl.full((), 1.0, tl.float64), (tl.load(tab + t * TBL_W + 4).to(tl.float64) / tl.load(tab + t * TBL_W + 5).to(tl.float64)))))
-    h__k7 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 2) * tl.load(hyp + 9)))
-    h__k8 = (-h_adjusted_lr)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    one_minus_momentum = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_MOMENTUM))
+    momentum = tl.load(hyp + HYP_MOMENTUM)
+    ns_steps = tl.load(hyp + HYP_NS_STEPS)
+    eps = tl.load(hyp + HYP_EPS)
+    ns_a = tl.load(hyp + HYP_NS_A)
+    ns_b = tl.load(hyp + HYP_NS_B)
+    ns_c = tl.load(hyp + HYP_NS_C)
+    # adjusted_lr = lr * sqrt(max(1, rows / cols))
+    adjusted_lr = (tl.load(hyp + HYP_LR) * tl.sqrt(tl.maximum(tl.full((), 1.0, tl.float64), (tl.load(tab + t * TBL_W + COL_M).to(tl.float64) / tl.load(tab + t * TBL_W + COL_N).to(tl.float64)))))
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    neg_adjusted_lr = (-adjusted_lr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_MOMENTUM, (one_minus_momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_MOMENTUM, (momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_STEPS, (ns_steps).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_A, (ns_a).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_B, (ns_b).to(tl.float32))
+    tl.store(hv + t * NH + HV_NS_C, (ns_c).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_ADJUSTED_LR, (neg_adjusted_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
-    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_MOMENTUM_BUFFER: tl.constexpr = 1
+    COL_WS_UPDATE: tl.constexpr = 9
+    COL_WS__X0: tl.constexpr = 10
+    HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
+    HV_MOMENTUM: tl.constexpr = 1
+    p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    h__k1 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 9)
-    p__x0 = ws + tl.load(tab + t * TBL_W + 10)
-    v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k0)
-    x4 = L.lerp(v2, x3, h__k1)
-    tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
-    tl.store(p_update + offs, L.to_storage(x4, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(x4, tl.float32), mask=mask)
+    one_minus_momentum = tl.load(hv + t * NH + HV_ONE_MINUS_MOMENTUM)
+    momentum = tl.load(hv + t * NH + HV_MOMENTUM)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
+    momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_momentum)
+    # update = lerp(grad, momentum_buffer, momentum)
+    update = L.lerp(grad, momentum_buffer_1, momentum)
+    # _x0 = update
+    # store momentum_buffer, update, _x0
+    tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -72,10 +107,15 @@ def _muon_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -88,17 +128,26 @@ def _muon_flat0(
 # flat
 @triton.jit
 def _muon_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
-    p__n0 = ws + tl.load(tab + t * TBL_W + 8)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_WS__N0: tl.constexpr = 8
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 7
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 8
+    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 7)
-    h__k8 = tl.load(hv + t * NH + 8)
-    v1 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x3 = (v2 * h__k7)
-    x4 = (x3 + h__k8 * v1)
-    tl.store(p_param + offs, L.to_storage(x4, P_DT), mask=mask)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    neg_adjusted_lr = tl.load(hv + t * NH + HV_NEG_ADJUSTED_LR)
+    # update = _n0
+    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    # param = param * (1 - lr * weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * one_minus_lr_times_weight_decay)
+    # param = param - adjusted_lr * update
+    param_2 = (param_1 + neg_adjusted_lr * n0)
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -108,10 +157,15 @@ def _muon_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads _n0, param; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -129,44 +183,69 @@ def _muon_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 4 the
+    passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 7
+    HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
+    HV_MOMENTUM: tl.constexpr = 1
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 2
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 2
+    HYP_MOMENTUM: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
-    h__k0 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h__k1 = tl.load(hyp + 3)
-    h_adjusted_lr = tl.load(hyp + 2)
-    h__k7 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 2) * tl.load(hyp + 9)))
-    h__k8 = (-h_adjusted_lr)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k8).to(tl.float32))
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    one_minus_momentum = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_MOMENTUM))
+    momentum = tl.load(hyp + HYP_MOMENTUM)
+    # adjusted_lr = lr
+    adjusted_lr = tl.load(hyp + HYP_LR)
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    neg_adjusted_lr = (-adjusted_lr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_MOMENTUM, (one_minus_momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_MOMENTUM, (momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_ADJUSTED_LR, (neg_adjusted_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _muon_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
-    p_momentum_buffer = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_momentum_buffer))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_MOMENTUM_BUFFER: tl.constexpr = 1
+    HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
+    HV_MOMENTUM: tl.constexpr = 1
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 2
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 3
+    p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    h__k1 = tl.load(hv + t * NH + 1)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    one_minus_momentum = tl.load(hv + t * NH + HV_ONE_MINUS_MOMENTUM)
+    momentum = tl.load(hv + t * NH + HV_MOMENTUM)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 2)
-    h__k8 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k0)
-    x4 = L.lerp(v2, x3, h__k1)
-    v5 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k7)
-    x7 = (x6 + h__k8 * x4)
-    tl.store(p_momentum_buffer + offs, L.to_storage(x3, DT_momentum_buffer), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x7, P_DT), mask=mask)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    neg_adjusted_lr = tl.load(hv + t * NH + HV_NEG_ADJUSTED_LR)
+    # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
+    momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_momentum)
+    # update = lerp(grad, momentum_buffer, momentum)
+    update = L.lerp(grad, momentum_buffer_1, momentum)
+    # param = param * (1 - lr * weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * one_minus_lr_times_weight_decay)
+    # param = param - adjusted_lr * update
+    param_2 = (param_1 + neg_adjusted_lr * update)
+    # store momentum_buffer, param
+    tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -176,10 +255,15 @@ def _muon_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads momentum_buffer, grad, param; writes momentum_buffer, param.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

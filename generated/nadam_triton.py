@@ -20,69 +20,111 @@ def _nadam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+
+    Reads mu_product; writes mu_product.
+    """
+    COL_GIDX: tl.constexpr = 8
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_K_1: tl.constexpr = 6
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 4
+    HYP_MOMENTUM_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_mu = (tl.load(hyp + 0) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + 6))))))
-    h_mu_next = (tl.load(hyp + 0) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + 6))))))
-    h_mu_product = ((h_mu_product * h_mu)).to(DT_mu_product).to(tl.float64)
-    tl.store(hs_mu_product + gidx, h_mu_product.to(DT_mu_product))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h_mu_product_next = (h_mu_product * h_mu_next)
-    h__k5 = tl.load(hyp + 3)
-    h__k6 = (((-tl.load(hyp + 4)) * (tl.full((), 1.0, tl.float64) - h_mu)) / (tl.full((), 1.0, tl.float64) - h_mu_product))
-    h__k7 = (((-tl.load(hyp + 4)) * h_mu_next) / (tl.full((), 1.0, tl.float64) - h_mu_product_next))
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_bias_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
+    mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu = (tl.load(hyp + HYP_BETA1) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + HYP_MOMENTUM_DECAY))))))
+    # mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_next = (tl.load(hyp + HYP_BETA1) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), ((step + tl.full((), 1.0, tl.float64)) * tl.load(hyp + HYP_MOMENTUM_DECAY))))))
+    # mu_product = mu_product * mu
+    mu_product_1 = ((mu_product * mu)).to(DT_mu_product).to(tl.float64)
+    tl.store(hs_mu_product + gidx, mu_product_1.to(DT_mu_product))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # mu_product_next = mu_product * mu_next
+    mu_product_next = (mu_product_1 * mu_next)
+    eps = tl.load(hyp + HYP_EPS)
+    # k = -lr * (1.0 - mu) / (1.0 - mu_product)
+    k = (((-tl.load(hyp + HYP_LR)) * (tl.full((), 1.0, tl.float64) - mu)) / (tl.full((), 1.0, tl.float64) - mu_product_1))
+    # k_1 = -lr * mu_next / (1.0 - mu_product_next)
+    k_1 = (((-tl.load(hyp + HYP_LR)) * mu_next) / (tl.full((), 1.0, tl.float64) - mu_product_next))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2, (bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K_1, (k_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _nadam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_K_1: tl.constexpr = 6
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction2 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction2 = tl.load(hv + t * NH + HV_BIAS_CORRECTION2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k6 = tl.load(hv + t * NH + 5)
-    h__k7 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k2)
-    v4 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k3)
-    x6 = (x5 + h__k4 * v2 * v2)
-    x7 = L.div(x6, h_bias_correction2)
-    x8 = L.sqrt(x7)
-    x9 = (x8 + h__k5)
-    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x11 = (v10 + h__k6 * L.div(v2, x9))
-    x12 = (x11 + h__k7 * L.div(x3, x9))
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
+    k = tl.load(hv + t * NH + HV_K)
+    k_1 = tl.load(hv + t * NH + HV_K_1)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq / bias_correction2)
+    denom = L.sqrt(L.div(exp_avg_sq_1, bias_correction2))
+    # denom = denom + eps
+    denom_1 = (denom + eps)
+    # param = param + -lr * (1.0 - mu) / (1.0 - mu_product) * grad / denom
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + k * L.div(grad, denom_1))
+    # param = param + -lr * mu_next / (1.0 - mu_product_next) * exp_avg / denom
+    param_2 = (param_1 + k_1 * L.div(exp_avg_1, denom_1))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -92,10 +134,15 @@ def _nadam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

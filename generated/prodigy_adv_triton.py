@@ -20,110 +20,159 @@ def _prodigy_adv_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 12 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 20
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    HYP_BETA1_USED: tl.constexpr = 0
+    HYP_BETA3_USED: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 6
+    HYP_D0: tl.constexpr = 7
+    HYP_EPS: tl.constexpr = 8
+    HYP_LR: tl.constexpr = 13
+    HYP_SLICE_P: tl.constexpr = 20
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 20)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 6) * tl.load(hyp + 13))
-    h_eps_eff = tl.load(hyp + 8)
-    h__k304 = tl.load(hyp + 0)
-    h__k305 = (tl.load(hyp + 6) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
-    h__k311 = tl.load(hyp + 3)
-    h__k312 = ((tl.load(hyp + 6) * tl.load(hyp + 6)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
-    h__k313 = (tl.load(hyp + 6) * h_eps_eff)
-    h__k315 = tl.load(hyp + 20)
-    h__k316 = tl.load(hyp + 20)
-    h__k317 = ((tl.load(hyp + 6) / tl.load(hyp + 7)) * h_dlr)
-    h__k320 = tl.load(hyp + 1)
-    h__k321 = ((tl.load(hyp + 6) / tl.load(hyp + 7)) * h_dlr)
-    h__k327 = step
-    tl.store(hv + t * NH + 0, (h__k304).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k305).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k311).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k312).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k313).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k315).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k316).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k317).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k320).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k321).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k327).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # eps_eff = eps
+    eps_eff = tl.load(hyp + HYP_EPS)
+    beta1_used = tl.load(hyp + HYP_BETA1_USED)
+    d_times_one_minus_beta1_used = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1_USED)))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    d_times_d_times_one_minus_beta2 = ((tl.load(hyp + HYP_D) * tl.load(hyp + HYP_D)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2)))
+    d_times_eps_eff = (tl.load(hyp + HYP_D) * eps_eff)
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    beta3_used = tl.load(hyp + HYP_BETA3_USED)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1_USED, (beta1_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED, (d_times_one_minus_beta1_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2, (d_times_d_times_one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_EPS_EFF, (d_times_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA3_USED, (beta3_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_S: tl.constexpr = 8
+    COL_P0: tl.constexpr = 9
+    COL_GIDX: tl.constexpr = 20
+    COL_STRIDE: tl.constexpr = 21
+    COL_WS__R0: tl.constexpr = 22
+    COL_WS__R1: tl.constexpr = 23
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k304 = tl.load(hv + t * NH + 0)
-    h__k305 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    beta1_used = tl.load(hv + t * NH + HV_BETA1_USED)
+    d_times_one_minus_beta1_used = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k311 = tl.load(hv + t * NH + 2)
-    h__k312 = tl.load(hv + t * NH + 3)
-    h__k313 = tl.load(hv + t * NH + 4)
-    h_dlr = tl.load(hv + t * NH + 5)
-    h__k315 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    d_times_d_times_one_minus_beta2 = tl.load(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2)
+    d_times_eps_eff = tl.load(hv + t * NH + HV_D_TIMES_EPS_EFF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k316 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 21)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k320 = tl.load(hv + t * NH + 9)
-    h__k321 = tl.load(hv + t * NH + 10)
-    h__k327 = tl.load(hv + t * NH + 11)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k304)
-    x5 = (x4 + h__k305 * x2)
-    x6 = x5
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k311)
-    x9 = (x8 + h__k312 * x2 * x2)
-    x10 = L.sqrt(x9)
-    x11 = (x10 + h__k313)
-    x12 = L.div(x6, x11)
-    x13 = (x12 * h_dlr)
-    x14 = x2
-    x15 = x14
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = v16
-    x18 = x17
-    v19 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x20 = v19
-    x21 = (x20 - x18)
-    part22 = L.masked((x15 * x21), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part22, axis=0))
-    v23 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x24 = (v23 * h__k320)
-    x25 = (x24 + h__k321 * x15)
-    x26 = tl.abs(x25)
-    part27 = L.masked(x26, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 23), tl.sum(part27, axis=0))
-    x28 = v16
-    x29 = x13
-    x30 = (-x29)
-    x31 = (x28 + x30)
-    x32 = L.sr_bf16(x31, (h__k327).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 20), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x25, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x32, P_DT), mask=mask)
+    beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1_used) + d_times_one_minus_beta1_used * grad)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + d_times_d_times_one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + d * eps_eff
+    denom = (L.sqrt(exp_avg_sq_1) + d_times_eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * dlr
+    update_1 = (update * dlr)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * beta3_used + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_1))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, exp_avg_sq, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -133,10 +182,16 @@ def _prodigy_adv_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
+    _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 15)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -154,22 +209,35 @@ def _prodigy_adv_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0, _r1; writes _acc0_num, _acc1_den.
+    """
+    COL_B: tl.constexpr = 16
+    COL_M: tl.constexpr = 17
+    COL_N: tl.constexpr = 18
+    COL_WS__R0: tl.constexpr = 22
+    COL_WS__R1: tl.constexpr = 23
+    COL_WS__ACC0_NUM: tl.constexpr = 24
+    COL_WS__ACC1_DEN: tl.constexpr = 25
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 16)
-    M = tl.load(tab + t * TBL_W + 17)
-    N = tl.load(tab + t * TBL_W + 18)
-    # _acc0_num (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 22)
-    v1 = tl.load(p__r0 + 0).to(tl.float32)
-    x2 = (v1 * tl.load(hv + t * NH + 8))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + 24)
-    tl.store(p__acc0_num + 0, L.to_storage(x2, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # _acc0_num = _r0 * (d / d0 * dlr)  (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    acc0_num = (r0 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
+    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
+    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
-    # _acc1_den (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + 23)
-    v3 = tl.load(p__r1 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + 25)
-    tl.store(p__acc1_den + 0, L.to_storage(v3, tl.float32))
+    # _acc1_den = _r1  (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
+    tl.store(p__acc1_den + 0, L.to_storage(r1, tl.float32))
     tl.debug_barrier()
 
 
@@ -181,104 +249,149 @@ def _prodigy_adv_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 11 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 20
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HYP_BETA1_USED: tl.constexpr = 0
+    HYP_BETA3_USED: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 3
+    HYP_D: tl.constexpr = 6
+    HYP_D0: tl.constexpr = 7
+    HYP_EPS: tl.constexpr = 8
+    HYP_LR: tl.constexpr = 13
+    HYP_SLICE_P: tl.constexpr = 20
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 20)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_dlr = (tl.load(hyp + 6) * tl.load(hyp + 13))
-    h_eps_eff = tl.load(hyp + 8)
-    h__k304 = tl.load(hyp + 0)
-    h__k305 = (tl.load(hyp + 6) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0)))
-    h__k311 = tl.load(hyp + 3)
-    h__k312 = ((tl.load(hyp + 6) * tl.load(hyp + 6)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3)))
-    h__k313 = (tl.load(hyp + 6) * h_eps_eff)
-    h__k315 = tl.load(hyp + 20)
-    h__k316 = tl.load(hyp + 20)
-    h__k317 = ((tl.load(hyp + 6) / tl.load(hyp + 7)) * h_dlr)
-    h__k320 = tl.load(hyp + 1)
-    h__k321 = ((tl.load(hyp + 6) / tl.load(hyp + 7)) * h_dlr)
-    tl.store(hv + t * NH + 0, (h__k304).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k305).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k311).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k312).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k313).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_dlr).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k315).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k316).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k317).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k320).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k321).to(tl.float32))
+    # dlr = d * lr
+    dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
+    # eps_eff = eps
+    eps_eff = tl.load(hyp + HYP_EPS)
+    beta1_used = tl.load(hyp + HYP_BETA1_USED)
+    d_times_one_minus_beta1_used = (tl.load(hyp + HYP_D) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1_USED)))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    d_times_d_times_one_minus_beta2 = ((tl.load(hyp + HYP_D) * tl.load(hyp + HYP_D)) * (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2)))
+    d_times_eps_eff = (tl.load(hyp + HYP_D) * eps_eff)
+    slice_p = tl.load(hyp + HYP_SLICE_P)
+    slice_p_1 = tl.load(hyp + HYP_SLICE_P)
+    d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    beta3_used = tl.load(hyp + HYP_BETA3_USED)
+    d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1_USED, (beta1_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED, (d_times_one_minus_beta1_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2, (d_times_d_times_one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_TIMES_EPS_EFF, (d_times_eps_eff).to(tl.float32))
+    tl.store(hv + t * NH + HV_DLR, (dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P, (slice_p).to(tl.float32))
+    tl.store(hv + t * NH + HV_SLICE_P_1, (slice_p_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA3_USED, (beta3_used).to(tl.float32))
+    tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_S: tl.constexpr = 8
+    COL_P0: tl.constexpr = 9
+    COL_STRIDE: tl.constexpr = 21
+    COL_WS__R0: tl.constexpr = 22
+    COL_WS__R1: tl.constexpr = 23
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k304 = tl.load(hv + t * NH + 0)
-    h__k305 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    beta1_used = tl.load(hv + t * NH + HV_BETA1_USED)
+    d_times_one_minus_beta1_used = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k311 = tl.load(hv + t * NH + 2)
-    h__k312 = tl.load(hv + t * NH + 3)
-    h__k313 = tl.load(hv + t * NH + 4)
-    h_dlr = tl.load(hv + t * NH + 5)
-    h__k315 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    d_times_d_times_one_minus_beta2 = tl.load(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2)
+    d_times_eps_eff = tl.load(hv + t * NH + HV_D_TIMES_EPS_EFF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k316 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 21)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k320 = tl.load(hv + t * NH + 9)
-    h__k321 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * h__k304)
-    x5 = (x4 + h__k305 * x2)
-    x6 = x5
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k311)
-    x9 = (x8 + h__k312 * x2 * x2)
-    x10 = L.sqrt(x9)
-    x11 = (x10 + h__k313)
-    x12 = L.div(x6, x11)
-    x13 = (x12 * h_dlr)
-    x14 = x2
-    x15 = x14
-    v16 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x17 = v16
-    x18 = x17
-    v19 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x20 = v19
-    x21 = (x20 - x18)
-    part22 = L.masked((x15 * x21), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part22, axis=0))
-    v23 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x24 = (v23 * h__k320)
-    x25 = (x24 + h__k321 * x15)
-    x26 = tl.abs(x25)
-    part27 = L.masked(x26, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 23), tl.sum(part27, axis=0))
-    x28 = (-x13)
-    x29 = (v16 + x28)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x25, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x29, P_DT), mask=mask)
+    beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1_used) + d_times_one_minus_beta1_used * grad)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + d_times_d_times_one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + d * eps_eff
+    denom = (L.sqrt(exp_avg_sq_1) + d_times_eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * dlr
+    update_1 = (update * dlr)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * beta3_used + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_1))
+    # store exp_avg, exp_avg_sq, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -288,10 +401,16 @@ def _prodigy_adv_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
+    _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 15)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -304,75 +423,97 @@ def _prodigy_adv_flat1(
 # flat
 @triton.jit
 def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_S: tl.constexpr = 8
+    COL_P0: tl.constexpr = 9
+    COL_GIDX: tl.constexpr = 20
+    COL_STRIDE: tl.constexpr = 21
+    COL_WS__R0: tl.constexpr = 22
+    COL_WS__R1: tl.constexpr = 23
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_STEP: tl.constexpr = 11
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k304 = tl.load(hv + t * NH + 0)
+    beta1_used = tl.load(hv + t * NH + HV_BETA1_USED)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k305 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    d_times_one_minus_beta1_used = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k311 = tl.load(hv + t * NH + 2)
-    h__k312 = tl.load(hv + t * NH + 3)
-    h__k313 = tl.load(hv + t * NH + 4)
-    h_dlr = tl.load(hv + t * NH + 5)
-    h__k315 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    d_times_d_times_one_minus_beta2 = tl.load(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2)
+    d_times_eps_eff = tl.load(hv + t * NH + HV_D_TIMES_EPS_EFF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k316 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 21)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k320 = tl.load(hv + t * NH + 9)
-    h__k321 = tl.load(hv + t * NH + 10)
-    h__k327 = tl.load(hv + t * NH + 11)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k304)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k305 * v3)
-    x5 = x4
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k311)
-    x8 = (x7 + h__k312 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h__k313)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h_dlr)
-    x13 = v3
-    x14 = x13
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x16
-    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = v18
-    x20 = (x19 - x17)
-    part21 = L.masked((x14 * x20), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part21, axis=0))
-    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x23 = (v22 * h__k320)
-    x24 = (x23 + h__k321 * x14)
-    x25 = tl.abs(x24)
-    part26 = L.masked(x25, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 23), tl.sum(part26, axis=0))
-    x27 = v15
-    x28 = x12
-    x29 = (-x28)
-    x30 = (x27 + x29)
-    x31 = L.sr_bf16(x30, (h__k327).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 20), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x31, P_DT), mask=mask)
+    beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1_used) + d_times_one_minus_beta1_used * grad)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + d_times_d_times_one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + d * eps_eff
+    denom = (L.sqrt(exp_avg_sq_1) + d_times_eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * dlr
+    update_1 = (update * dlr)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * beta3_used + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param_fp32 = float32(param)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_1))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, exp_avg_sq, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -382,10 +523,16 @@ def _prodigy_adv_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
+    _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 15)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -398,71 +545,90 @@ def _prodigy_adv_flat2(
 # flat
 @triton.jit
 def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_S: tl.constexpr = 8
+    COL_P0: tl.constexpr = 9
+    COL_STRIDE: tl.constexpr = 21
+    COL_WS__R0: tl.constexpr = 22
+    COL_WS__R1: tl.constexpr = 23
+    HV_BETA1_USED: tl.constexpr = 0
+    HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_D_TIMES_EPS_EFF: tl.constexpr = 4
+    HV_DLR: tl.constexpr = 5
+    HV_SLICE_P: tl.constexpr = 6
+    HV_SLICE_P_1: tl.constexpr = 7
+    HV_BETA3_USED: tl.constexpr = 9
+    HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k304 = tl.load(hv + t * NH + 0)
+    beta1_used = tl.load(hv + t * NH + HV_BETA1_USED)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k305 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    d_times_one_minus_beta1_used = tl.load(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k311 = tl.load(hv + t * NH + 2)
-    h__k312 = tl.load(hv + t * NH + 3)
-    h__k313 = tl.load(hv + t * NH + 4)
-    h_dlr = tl.load(hv + t * NH + 5)
-    h__k315 = tl.load(hv + t * NH + 6)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    d_times_d_times_one_minus_beta2 = tl.load(hv + t * NH + HV_D_TIMES_D_TIMES_ONE_MINUS_BETA2)
+    d_times_eps_eff = tl.load(hv + t * NH + HV_D_TIMES_EPS_EFF)
+    dlr = tl.load(hv + t * NH + HV_DLR)
+    slice_p = tl.load(hv + t * NH + HV_SLICE_P)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k316 = tl.load(hv + t * NH + 7)
-    p_p0 = tl.load(tab + t * TBL_W + 9).to(tl.pointer_type(DT_p0))
+    slice_p_1 = tl.load(hv + t * NH + HV_SLICE_P_1)
+    p_p0 = tl.load(tab + t * TBL_W + COL_P0).to(tl.pointer_type(DT_p0))
     if ALIGNED:
         p_p0 = tl.multiple_of(p_p0, 16)
-    sp = tl.load(tab + t * TBL_W + 21)
+    sp = tl.load(tab + t * TBL_W + COL_STRIDE)
     sl_mask = L.slice_lanes(offs, sp, mask)
     sl_offs = offs // sp
-    p_s = tl.load(tab + t * TBL_W + 8).to(tl.pointer_type(DT_s))
+    p_s = tl.load(tab + t * TBL_W + COL_S).to(tl.pointer_type(DT_s))
     if ALIGNED:
         p_s = tl.multiple_of(p_s, 16)
-    h__k320 = tl.load(hv + t * NH + 9)
-    h__k321 = tl.load(hv + t * NH + 10)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k304)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k305 * v3)
-    x5 = x4
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k311)
-    x8 = (x7 + h__k312 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h__k313)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h_dlr)
-    x13 = v3
-    x14 = x13
-    v15 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x16 = v15
-    x17 = x16
-    v18 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x19 = v18
-    x20 = (x19 - x17)
-    part21 = L.masked((x14 * x20), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 22), tl.sum(part21, axis=0))
-    v22 = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
-    x23 = (v22 * h__k320)
-    x24 = (x23 + h__k321 * x14)
-    x25 = tl.abs(x24)
-    part26 = L.masked(x25, sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 23), tl.sum(part26, axis=0))
-    x27 = (-x12)
-    x28 = (v15 + x27)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_s + sl_offs, L.to_storage(x24, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(x28, P_DT), mask=mask)
+    beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
+    d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1_used) + d_times_one_minus_beta1_used * grad)
+    # update = copy(exp_avg)
+    # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + d_times_d_times_one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + d * eps_eff
+    denom = (L.sqrt(exp_avg_sq_1) + d_times_eps_eff)
+    # update = update / denom
+    update = L.div(exp_avg_1, denom)
+    # update = update * dlr
+    update_1 = (update * dlr)
+    # gs = float32(strided(grad, slice_p))
+    # ps = float32(strided(param, slice_p))
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # _r0 = vdot(gs, float32(p0) - ps)
+    p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    r0_part = L.masked((grad * (p0 - param)), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    # s = s * beta3_used + d / d0 * dlr * gs
+    s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
+    s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
+    # _r1 = sum(abs(s))
+    r1_part = L.masked(tl.abs(s_1), sl_mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # param = param + -update
+    param_1 = (param + (-update_1))
+    # store exp_avg, exp_avg_sq, s, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -472,10 +638,16 @@ def _prodigy_adv_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_wd_scaler: tl.constexpr, DT_anchor_data: tl.constexpr, DT_kourkoutas_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param, p0, s; writes exp_avg, exp_avg_sq, s, param; accumulates
+    _r0, _r1.
+    """
+    COL_NUMEL: tl.constexpr = 15
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 15)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,81 +20,125 @@ def _radam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 10 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 8
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION1: tl.constexpr = 3
+    HV_K5__B2: tl.constexpr = 4
+    HV_K6__B3: tl.constexpr = 5
+    HV_K7__B5: tl.constexpr = 6
+    HV_RECT__B1: tl.constexpr = 7
+    HV_K8__B7: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 4
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))) - tl.full((), 1.0, tl.float64))
-    h_rho_t = (h_rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + 1), step)) / h_bias_correction2))
-    h__c3 = (h_rho_t > tl.full((), 5.0, tl.float64))
-    h_rect__b1 = L.pow64(((((h_rho_t - tl.full((), 4.0, tl.float64)) * (h_rho_t - tl.full((), 2.0, tl.float64))) * h_rho_inf) / (((h_rho_inf - tl.full((), 4.0, tl.float64)) * (h_rho_inf - tl.full((), 2.0, tl.float64))) * h_rho_t)), tl.full((), 0.5, tl.float64))
-    h__k5__b2 = tl.load(hyp + 3)
-    h__k6__b3 = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k7__b5 = tl.load(hyp + 4)
-    h__k8__b7 = tl.load(hyp + 4)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5__b2).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k6__b3).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k7__b5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h_rect__b1).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k8__b7).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__c3).to(tl.float32))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # rho_inf = 2 / (1 - beta2) - 1
+    rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))) - tl.full((), 1.0, tl.float64))
+    # rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2
+    rho_t = (rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + HYP_BETA2), step)) / bias_correction2))
+    # c = rho_t > 5.0
+    c = (rho_t > tl.full((), 5.0, tl.float64))
+    # rect__b1 = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    rect__b1 = L.pow64(((((rho_t - tl.full((), 4.0, tl.float64)) * (rho_t - tl.full((), 2.0, tl.float64))) * rho_inf) / (((rho_inf - tl.full((), 4.0, tl.float64)) * (rho_inf - tl.full((), 2.0, tl.float64))) * rho_t)), tl.full((), 0.5, tl.float64))
+    # _k5__b2 = eps
+    k5__b2 = tl.load(hyp + HYP_EPS)
+    # _k6__b3 = bias_correction2 ** 0.5
+    k6__b3 = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    # _k7__b5 = lr
+    k7__b5 = tl.load(hyp + HYP_LR)
+    # _k8__b7 = lr
+    k8__b7 = tl.load(hyp + HYP_LR)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION1, (bias_correction1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K5__B2, (k5__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K6__B3, (k6__b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_K7__B5, (k7__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_RECT__B1, (rect__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K8__B7, (k8__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _radam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION1: tl.constexpr = 3
+    HV_K5__B2: tl.constexpr = 4
+    HV_K6__B3: tl.constexpr = 5
+    HV_K7__B5: tl.constexpr = 6
+    HV_RECT__B1: tl.constexpr = 7
+    HV_K8__B7: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction1 = tl.load(hv + t * NH + 3)
-    h__k5__b2 = tl.load(hv + t * NH + 4)
-    h__k6__b3 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction1 = tl.load(hv + t * NH + HV_BIAS_CORRECTION1)
+    k5__b2 = tl.load(hv + t * NH + HV_K5__B2)
+    k6__b3 = tl.load(hv + t * NH + HV_K6__B3)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7__b5 = tl.load(hv + t * NH + 6)
-    h_rect__b1 = tl.load(hv + t * NH + 7)
-    h__k8__b7 = tl.load(hv + t * NH + 8)
-    h__c3 = tl.load(hv + t * NH + 9)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k2)
-    v4 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k3)
-    x6 = (x5 + h__k4 * v2 * v2)
-    x7 = L.div(x3, h_bias_correction1)
-    x8 = L.sqrt(x6)
-    x9 = (x8 + h__k5__b2)
-    x10 = L.div(h__k6__b3, x9)
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x12 = (x7 * h__k7__b5)
-    x13 = (x12 * x10)
-    x14 = (x13 * h_rect__b1)
-    x15 = (v11 - x14)
-    x16 = (x7 * h__k8__b7)
-    x17 = (v11 - x16)
-    x18 = tl.where((h__c3 != 0), x15, x17)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    k7__b5 = tl.load(hv + t * NH + HV_K7__B5)
+    rect__b1 = tl.load(hv + t * NH + HV_RECT__B1)
+    k8__b7 = tl.load(hv + t * NH + HV_K8__B7)
+    c = tl.load(hv + t * NH + HV_C)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # bias_corrected_exp_avg = exp_avg / bias_correction1
+    bias_corrected_exp_avg = L.div(exp_avg_1, bias_correction1)
+    # adaptive_lr__b4 = _k6__b3 / (sqrt(exp_avg_sq) + _k5__b2)
+    adaptive_lr__b4 = L.div(k6__b3, (L.sqrt(exp_avg_sq_1) + k5__b2))
+    # param__b6 = param - bias_corrected_exp_avg * _k7__b5 * adaptive_lr__b4 * rect__b1
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b6 = (param - (((bias_corrected_exp_avg * k7__b5) * adaptive_lr__b4) * rect__b1))
+    # param__b8 = param - bias_corrected_exp_avg * _k8__b7
+    param__b8 = (param - (bias_corrected_exp_avg * k8__b7))
+    # param = where(rho_t > 5.0, param__b6, param__b8)
+    param_1 = tl.where((c != 0), param__b6, param__b8)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -104,10 +148,15 @@ def _radam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,46 +20,67 @@ def _rmsprop_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_grad_avg: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 4 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_ALPHA: tl.constexpr = 0
+    HV_ONE_MINUS_ALPHA: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_NEG_LR: tl.constexpr = 3
+    HYP_ALPHA: tl.constexpr = 0
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k1 = tl.load(hyp + 0)
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k6 = tl.load(hyp + 2)
-    h__k9 = (-tl.load(hyp + 3))
-    tl.store(hv + t * NH + 0, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k9).to(tl.float32))
+    alpha = tl.load(hyp + HYP_ALPHA)
+    one_minus_alpha = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ALPHA))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr = (-tl.load(hyp + HYP_LR))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ALPHA, (alpha).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_ALPHA, (one_minus_alpha).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _rmsprop_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_grad_avg: tl.constexpr):
-    p_square_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_square_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_SQUARE_AVG: tl.constexpr = 1
+    HV_ALPHA: tl.constexpr = 0
+    HV_ONE_MINUS_ALPHA: tl.constexpr = 1
+    HV_EPS: tl.constexpr = 2
+    HV_NEG_LR: tl.constexpr = 3
+    p_square_avg = tl.load(tab + t * TBL_W + COL_SQUARE_AVG).to(tl.pointer_type(DT_square_avg))
     if ALIGNED:
         p_square_avg = tl.multiple_of(p_square_avg, 16)
-    h__k1 = tl.load(hv + t * NH + 0)
+    alpha = tl.load(hv + t * NH + HV_ALPHA)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    h__k6 = tl.load(hv + t * NH + 2)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    one_minus_alpha = tl.load(hv + t * NH + HV_ONE_MINUS_ALPHA)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k9 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k1)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k2 * v3 * v3)
-    x5 = L.sqrt(x4)
-    x6 = (x5 + h__k6)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = (v7 + h__k9 * L.div(v3, x6))
-    tl.store(p_square_avg + offs, L.to_storage(x4, DT_square_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x8, P_DT), mask=mask)
+    neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # square_avg = square_avg * alpha + (1 - alpha) * grad * grad
+    square_avg = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    square_avg_1 = ((square_avg * alpha) + one_minus_alpha * grad * grad)
+    # avg = sqrt(square_avg) + eps
+    avg = (L.sqrt(square_avg_1) + eps)
+    # param = param - lr * grad / avg
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_lr * L.div(grad, avg))
+    # store square_avg, param
+    tl.store(p_square_avg + offs, L.to_storage(square_avg_1, DT_square_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -69,10 +90,15 @@ def _rmsprop_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_grad_avg: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads square_avg, grad, param; writes square_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,62 +20,84 @@ def _rprop_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_prev: tl.constexpr, DT_step_size: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 5 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 8
+    HV_ETAPLUS: tl.constexpr = 0
+    HV_ETAMINUS: tl.constexpr = 1
+    HV_STEP_SIZE_MIN: tl.constexpr = 2
+    HV_STEP_SIZE_MAX: tl.constexpr = 3
+    HV_ETAMINUS_1: tl.constexpr = 4
+    HYP_ETAMINUS: tl.constexpr = 0
+    HYP_ETAPLUS: tl.constexpr = 1
+    HYP_STEP_SIZE_MIN: tl.constexpr = 3
+    HYP_STEP_SIZE_MAX: tl.constexpr = 4
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 8)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = tl.load(hyp + 1)
-    h__k1 = tl.load(hyp + 0)
-    h__k2 = tl.load(hyp + 3)
-    h__k3 = tl.load(hyp + 4)
-    h__k4 = tl.load(hyp + 0)
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
+    etaplus = tl.load(hyp + HYP_ETAPLUS)
+    etaminus = tl.load(hyp + HYP_ETAMINUS)
+    step_size_min = tl.load(hyp + HYP_STEP_SIZE_MIN)
+    step_size_max = tl.load(hyp + HYP_STEP_SIZE_MAX)
+    etaminus_1 = tl.load(hyp + HYP_ETAMINUS)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ETAPLUS, (etaplus).to(tl.float32))
+    tl.store(hv + t * NH + HV_ETAMINUS, (etaminus).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP_SIZE_MIN, (step_size_min).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP_SIZE_MAX, (step_size_max).to(tl.float32))
+    tl.store(hv + t * NH + HV_ETAMINUS_1, (etaminus_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _rprop_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_prev: tl.constexpr, DT_step_size: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_PREV: tl.constexpr = 1
+    COL_STEP_SIZE: tl.constexpr = 2
+    HV_ETAPLUS: tl.constexpr = 0
+    HV_ETAMINUS: tl.constexpr = 1
+    HV_STEP_SIZE_MIN: tl.constexpr = 2
+    HV_STEP_SIZE_MAX: tl.constexpr = 3
+    HV_ETAMINUS_1: tl.constexpr = 4
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_prev = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_prev))
+    p_prev = tl.load(tab + t * TBL_W + COL_PREV).to(tl.pointer_type(DT_prev))
     if ALIGNED:
         p_prev = tl.multiple_of(p_prev, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    h__k1 = tl.load(hv + t * NH + 1)
-    p_step_size = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_step_size))
+    etaplus = tl.load(hv + t * NH + HV_ETAPLUS)
+    etaminus = tl.load(hv + t * NH + HV_ETAMINUS)
+    p_step_size = tl.load(tab + t * TBL_W + COL_STEP_SIZE).to(tl.pointer_type(DT_step_size))
     if ALIGNED:
         p_step_size = tl.multiple_of(p_step_size, 16)
-    h__k2 = tl.load(hv + t * NH + 2)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    step_size_min = tl.load(hv + t * NH + HV_STEP_SIZE_MIN)
+    step_size_max = tl.load(hv + t * NH + HV_STEP_SIZE_MAX)
+    etaminus_1 = tl.load(hv + t * NH + HV_ETAMINUS_1)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_prev + offs, mask=mask).to(tl.float32)
-    x3 = (v1 * v2)
-    x4 = L.sign(x3)
-    x5 = (x4 > tl.full((), 0.0, tl.float32))
-    x6 = (x4 < tl.full((), 0.0, tl.float32))
-    x7 = tl.where(x6, h__k1, tl.full((), 1.0, tl.float32))
-    x8 = tl.where(x5, h__k0, x7)
-    v9 = tl.load(p_step_size + offs, mask=mask).to(tl.float32)
-    x10 = (v9 * x8)
-    x11 = L.minimum(L.maximum(x10, h__k2), h__k3)
-    x12 = (x8 == h__k4)
-    x13 = tl.where(x12, tl.full((), 0.0, tl.float32), v1)
-    v14 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x15 = L.sign(x13)
-    x16 = (v14 + tl.full((), -1.0, tl.float32) * x15 * x11)
-    x17 = x13
-    tl.store(p_step_size + offs, L.to_storage(x11, DT_step_size), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
-    tl.store(p_prev + offs, L.to_storage(x17, DT_prev), mask=mask)
+    # s = sign(grad * prev)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    prev = tl.load(p_prev + offs, mask=mask).to(tl.float32)
+    s = L.sign((grad * prev))
+    # factor = where(s > 0, etaplus, where(s < 0, etaminus, 1))
+    factor_where = tl.where((s > tl.full((), 0.0, tl.float32)), etaplus, tl.where((s < tl.full((), 0.0, tl.float32)), etaminus, tl.full((), 1.0, tl.float32)))
+    # step_size = clamp(step_size * factor, step_size_min, step_size_max)
+    step_size = tl.load(p_step_size + offs, mask=mask).to(tl.float32)
+    step_size_1 = L.minimum(L.maximum((step_size * factor_where), step_size_min), step_size_max)
+    # g = where(factor == etaminus, 0, grad)
+    g = tl.where((factor_where == etaminus_1), tl.full((), 0.0, tl.float32), grad)
+    # param = param - sign(g) * step_size
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + tl.full((), -1.0, tl.float32) * L.sign(g) * step_size_1)
+    # prev = copy(g)
+    # store step_size, param, prev
+    tl.store(p_step_size + offs, L.to_storage(step_size_1, DT_step_size), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_prev + offs, L.to_storage(g, DT_prev), mask=mask)
 
 
 @triton.jit
@@ -85,10 +107,15 @@ def _rprop_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_prev: tl.constexpr, DT_step_size: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, prev, step_size, param; writes step_size, param, prev.
+    """
+    COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 3)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

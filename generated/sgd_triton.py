@@ -20,26 +20,38 @@ def _sgd_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 1 the
+    passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 7
+    HV_NEG_LR: tl.constexpr = 0
+    HYP_LR: tl.constexpr = 1
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 7)
-    h__k4 = (-tl.load(hyp + 1))
-    tl.store(hv + t * NH + 0, (h__k4).to(tl.float32))
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    neg_lr = (-tl.load(hyp + HYP_LR))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _sgd_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    HV_NEG_LR: tl.constexpr = 0
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k4 = tl.load(hv + t * NH + 0)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = (v1 + h__k4 * v2)
-    tl.store(p_param + offs, L.to_storage(x3, P_DT), mask=mask)
+    neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # param = param - lr * grad
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_lr * grad)
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -49,10 +61,15 @@ def _sgd_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, grad; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 2)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,77 +20,119 @@ def _simplified_ademamix_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+
+    Reads num_sum, den_sum; writes num_sum, den_sum.
+    """
+    COL_GIDX: tl.constexpr = 14
+    HV_B1: tl.constexpr = 0
+    HV_ALPHA_GRAD: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_DEN_EPS: tl.constexpr = 4
+    HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    HV_STEP: tl.constexpr = 6
+    HYP_ALPHA_GRAD: tl.constexpr = 1
+    HYP_BETA1: tl.constexpr = 3
+    HYP_BETA2: tl.constexpr = 4
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 8
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 14)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
-    h_den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
-    h_b1 = tl.load(hyp + 3)
-    h_num_sum = (((h_b1 * h_num_sum) + tl.full((), 1.0, tl.float64))).to(DT_num_sum).to(tl.float64)
-    tl.store(hs_num_sum + gidx, h_num_sum.to(DT_num_sum))
-    h_den_sum = (((tl.load(hyp + 4) * h_den_sum) + (tl.full((), 1.0, tl.float64) - tl.load(hyp + 4)))).to(DT_den_sum).to(tl.float64)
-    tl.store(hs_den_sum + gidx, h_den_sum.to(DT_den_sum))
-    h_sqrt_den_eps = (tl.sqrt(h_den_sum) * tl.load(hyp + 6))
-    h_sqrt_den_num = tl.sqrt((h_den_sum / h_num_sum))
-    h__k25 = tl.load(hyp + 1)
-    h__k28 = tl.load(hyp + 4)
-    h__k29 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 4))
-    h_lr_sim = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(h_b1, step)) / (tl.full((), 1.0, tl.float64) - h_b1)) + tl.load(hyp + 1))))
-    h__k30 = (h_lr_sim * h_sqrt_den_num)
-    h__k33 = step
-    tl.store(hv + t * NH + 0, (h_b1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k25).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k28).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k29).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_den_eps).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k30).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k33).to(tl.float32))
+    num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
+    den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
+    # b1 = beta1
+    b1 = tl.load(hyp + HYP_BETA1)
+    # num_sum = b1 * num_sum + 1.0
+    num_sum_1 = (((b1 * num_sum) + tl.full((), 1.0, tl.float64))).to(DT_num_sum).to(tl.float64)
+    tl.store(hs_num_sum + gidx, num_sum_1.to(DT_num_sum))
+    # den_sum = beta2 * den_sum + (1.0 - beta2)
+    den_sum_1 = (((tl.load(hyp + HYP_BETA2) * den_sum) + (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2)))).to(DT_den_sum).to(tl.float64)
+    tl.store(hs_den_sum + gidx, den_sum_1.to(DT_den_sum))
+    # sqrt_den_eps = sqrt(den_sum) * eps
+    sqrt_den_eps = (tl.sqrt(den_sum_1) * tl.load(hyp + HYP_EPS))
+    # sqrt_den_num = sqrt(den_sum / num_sum)
+    sqrt_den_num = tl.sqrt((den_sum_1 / num_sum_1))
+    alpha_grad = tl.load(hyp + HYP_ALPHA_GRAD)
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # lr_sim = lr * (1 / ((1 - b1 ** step) / (1 - b1) + alpha_grad))
+    lr_sim = (tl.load(hyp + HYP_LR) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(b1, step)) / (tl.full((), 1.0, tl.float64) - b1)) + tl.load(hyp + HYP_ALPHA_GRAD))))
+    lr_sim_times_sqrt_den_num = (lr_sim * sqrt_den_num)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_B1, (b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ALPHA_GRAD, (alpha_grad).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_DEN_EPS, (sqrt_den_eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM, (lr_sim_times_sqrt_den_num).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _simplified_ademamix_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    COL_GIDX: tl.constexpr = 14
+    HV_B1: tl.constexpr = 0
+    HV_ALPHA_GRAD: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_DEN_EPS: tl.constexpr = 4
+    HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    HV_STEP: tl.constexpr = 6
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b1 = tl.load(hv + t * NH + 0)
+    b1 = tl.load(hv + t * NH + HV_B1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k25 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    alpha_grad = tl.load(hv + t * NH + HV_ALPHA_GRAD)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k28 = tl.load(hv + t * NH + 2)
-    h__k29 = tl.load(hv + t * NH + 3)
-    h_sqrt_den_eps = tl.load(hv + t * NH + 4)
-    h__k30 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_den_eps = tl.load(hv + t * NH + HV_SQRT_DEN_EPS)
+    lr_sim_times_sqrt_den_num = tl.load(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k33 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h_b1)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + v3)
-    x5 = (x4 + h__k25 * v3)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k28)
-    x8 = (x7 + h__k29 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h_sqrt_den_eps)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h__k30)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = v13
-    x15 = x12
-    x16 = (-x15)
-    x17 = (x14 + x16)
-    x18 = L.sr_bf16(x17, (h__k33).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 14), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x18, P_DT), mask=mask)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # exp_avg = exp_avg * b1 + grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b1) + grad)
+    # update = exp_avg + alpha_grad * grad
+    update = (exp_avg_1 + alpha_grad * grad)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + sqrt_den_eps
+    denom = (L.sqrt(exp_avg_sq_1) + sqrt_den_eps)
+    # update = update / denom
+    update_1 = L.div(update, denom)
+    # update = update * (lr_sim * sqrt_den_num)
+    update_2 = (update_1 * lr_sim_times_sqrt_den_num)
+    # param_fp32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_2))
+    # param = stochastic_round(param_fp32, step)
+    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
 
 
 @triton.jit
@@ -100,10 +142,15 @@ def _simplified_ademamix_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 9
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 9)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -121,71 +168,109 @@ def _simplified_ademamix_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+
+    Reads num_sum, den_sum; writes num_sum, den_sum.
+    """
+    COL_GIDX: tl.constexpr = 14
+    HV_B1: tl.constexpr = 0
+    HV_ALPHA_GRAD: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_DEN_EPS: tl.constexpr = 4
+    HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    HYP_ALPHA_GRAD: tl.constexpr = 1
+    HYP_BETA1: tl.constexpr = 3
+    HYP_BETA2: tl.constexpr = 4
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 8
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 14)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
-    h_den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
-    h_b1 = tl.load(hyp + 3)
-    h_num_sum = (((h_b1 * h_num_sum) + tl.full((), 1.0, tl.float64))).to(DT_num_sum).to(tl.float64)
-    tl.store(hs_num_sum + gidx, h_num_sum.to(DT_num_sum))
-    h_den_sum = (((tl.load(hyp + 4) * h_den_sum) + (tl.full((), 1.0, tl.float64) - tl.load(hyp + 4)))).to(DT_den_sum).to(tl.float64)
-    tl.store(hs_den_sum + gidx, h_den_sum.to(DT_den_sum))
-    h_sqrt_den_eps = (tl.sqrt(h_den_sum) * tl.load(hyp + 6))
-    h_sqrt_den_num = tl.sqrt((h_den_sum / h_num_sum))
-    h__k25 = tl.load(hyp + 1)
-    h__k28 = tl.load(hyp + 4)
-    h__k29 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 4))
-    h_lr_sim = (tl.load(hyp + 8) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(h_b1, step)) / (tl.full((), 1.0, tl.float64) - h_b1)) + tl.load(hyp + 1))))
-    h__k30 = (h_lr_sim * h_sqrt_den_num)
-    tl.store(hv + t * NH + 0, (h_b1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k25).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k28).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k29).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_sqrt_den_eps).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k30).to(tl.float32))
+    num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
+    den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
+    # b1 = beta1
+    b1 = tl.load(hyp + HYP_BETA1)
+    # num_sum = b1 * num_sum + 1.0
+    num_sum_1 = (((b1 * num_sum) + tl.full((), 1.0, tl.float64))).to(DT_num_sum).to(tl.float64)
+    tl.store(hs_num_sum + gidx, num_sum_1.to(DT_num_sum))
+    # den_sum = beta2 * den_sum + (1.0 - beta2)
+    den_sum_1 = (((tl.load(hyp + HYP_BETA2) * den_sum) + (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2)))).to(DT_den_sum).to(tl.float64)
+    tl.store(hs_den_sum + gidx, den_sum_1.to(DT_den_sum))
+    # sqrt_den_eps = sqrt(den_sum) * eps
+    sqrt_den_eps = (tl.sqrt(den_sum_1) * tl.load(hyp + HYP_EPS))
+    # sqrt_den_num = sqrt(den_sum / num_sum)
+    sqrt_den_num = tl.sqrt((den_sum_1 / num_sum_1))
+    alpha_grad = tl.load(hyp + HYP_ALPHA_GRAD)
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # lr_sim = lr * (1 / ((1 - b1 ** step) / (1 - b1) + alpha_grad))
+    lr_sim = (tl.load(hyp + HYP_LR) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(b1, step)) / (tl.full((), 1.0, tl.float64) - b1)) + tl.load(hyp + HYP_ALPHA_GRAD))))
+    lr_sim_times_sqrt_den_num = (lr_sim * sqrt_den_num)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_B1, (b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ALPHA_GRAD, (alpha_grad).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_DEN_EPS, (sqrt_den_eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM, (lr_sim_times_sqrt_den_num).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _simplified_ademamix_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 5
+    HV_B1: tl.constexpr = 0
+    HV_ALPHA_GRAD: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_SQRT_DEN_EPS: tl.constexpr = 4
+    HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b1 = tl.load(hv + t * NH + 0)
+    b1 = tl.load(hv + t * NH + HV_B1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k25 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_exp_avg_sq))
+    alpha_grad = tl.load(hv + t * NH + HV_ALPHA_GRAD)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k28 = tl.load(hv + t * NH + 2)
-    h__k29 = tl.load(hv + t * NH + 3)
-    h_sqrt_den_eps = tl.load(hv + t * NH + 4)
-    h__k30 = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_den_eps = tl.load(hv + t * NH + HV_SQRT_DEN_EPS)
+    lr_sim_times_sqrt_den_num = tl.load(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h_b1)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + v3)
-    x5 = (x4 + h__k25 * v3)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k28)
-    x8 = (x7 + h__k29 * v3 * v3)
-    x9 = L.sqrt(x8)
-    x10 = (x9 + h_sqrt_den_eps)
-    x11 = L.div(x5, x10)
-    x12 = (x11 * h__k30)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (-x12)
-    x15 = (v13 + x14)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x8, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    # exp_avg = exp_avg * b1 + grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b1) + grad)
+    # update = exp_avg + alpha_grad * grad
+    update = (exp_avg_1 + alpha_grad * grad)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + sqrt_den_eps
+    denom = (L.sqrt(exp_avg_sq_1) + sqrt_den_eps)
+    # update = update / denom
+    update_1 = L.div(update, denom)
+    # update = update * (lr_sim * sqrt_den_num)
+    update_2 = (update_1 * lr_sim_times_sqrt_den_num)
+    # param = param + -update
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + (-update_2))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -195,10 +280,15 @@ def _simplified_ademamix_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 9
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 9)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,70 +20,102 @@ def _spam_official_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_SCALE: tl.constexpr = 5
+    HV_NEG_STEP_SIZE: tl.constexpr = 6
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_CORRECT_BIAS: tl.constexpr = 3
+    HYP_CURRENT_STEP: tl.constexpr = 4
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 8
+    HYP_WARMUP_STEPS: tl.constexpr = 11
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_scale = (tl.full((), 1.0, tl.float64) - tl.where((tl.load(hyp + 4) < tl.load(hyp + 11)) != 0, (tl.full((), 0.0, tl.float64) + ((tl.full((), 0.99, tl.float64) * (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + 4)) / (tl.load(hyp + 11) + tl.full((), 1.0, tl.float64)))))) / tl.full((), 2.0, tl.float64))), tl.full((), 0.0, tl.float64)))
-    h__k2 = tl.load(hyp + 1)
-    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k4 = tl.load(hyp + 2)
-    h__k5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_step_size = tl.where(tl.load(hyp + 3) != 0, ((tl.load(hyp + 8) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))), tl.load(hyp + 8))
-    h__k6 = tl.load(hyp + 6)
-    h__k7 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_scale).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k7).to(tl.float32))
+    # scale = 1.0 - where(current_step < warmup_steps, 0.0 + 0.99 * (1 + cos(3.141592653589793 * current_step / (warmup_steps + 1))) / 2, 0.0)
+    scale_1 = (tl.full((), 1.0, tl.float64) - tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_STEPS)) != 0, (tl.full((), 0.0, tl.float64) + ((tl.full((), 0.99, tl.float64) * (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_STEPS) + tl.full((), 1.0, tl.float64)))))) / tl.full((), 2.0, tl.float64))), tl.full((), 0.0, tl.float64)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # step_size = where(correct_bias, lr * sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step), lr)
+    step_size = tl.where(tl.load(hyp + HYP_CORRECT_BIAS) != 0, ((tl.load(hyp + HYP_LR) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))), tl.load(hyp + HYP_LR))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_SCALE, (scale_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _spam_official_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_MASK: tl.constexpr = 1
+    COL_EXP_AVG: tl.constexpr = 2
+    COL_EXP_AVG_SQ: tl.constexpr = 3
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_SCALE: tl.constexpr = 5
+    HV_NEG_STEP_SIZE: tl.constexpr = 6
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_mask = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_mask))
+    p_mask = tl.load(tab + t * TBL_W + COL_MASK).to(tl.pointer_type(DT_mask))
     if ALIGNED:
         p_mask = tl.multiple_of(p_mask, 16)
-    h_scale = tl.load(hv + t * NH + 5)
-    h__k7 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k2)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k3 * v3)
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k4)
-    x7 = (x6 + h__k5 * v3 * v3)
-    x8 = L.sqrt(x7)
-    x9 = (x8 + h__k6)
-    x10 = L.div(x4, x9)
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    v12 = tl.load(p_mask + offs, mask=mask) != 0
-    x13 = tl.where(v12, x10, tl.full((), 0.0, tl.float32))
-    x14 = (x13 * h_scale)
-    x15 = (v11 + h__k7 * x14)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    scale_1 = tl.load(hv + t * NH + HV_SCALE)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # exp_avg = exp_avg * beta1 + (1.0 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1) + one_minus_beta1 * grad)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # norm_grad = exp_avg / (sqrt(exp_avg_sq) + eps)
+    norm_grad = L.div(exp_avg_1, (L.sqrt(exp_avg_sq_1) + eps))
+    # param = param - step_size * (where(mask, norm_grad, 0.0) * scale)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    mask_1 = tl.load(p_mask + offs, mask=mask) != 0
+    param_axpy = (param + neg_step_size * (tl.where(mask_1, norm_grad, tl.full((), 0.0, tl.float32)) * scale_1))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_axpy, P_DT), mask=mask)
 
 
 @triton.jit
@@ -93,10 +125,15 @@ def _spam_official_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param, mask; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -114,62 +151,93 @@ def _spam_official_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_CORRECT_BIAS: tl.constexpr = 3
+    HYP_CURRENT_STEP: tl.constexpr = 4
+    HYP_EPS: tl.constexpr = 6
+    HYP_LR: tl.constexpr = 8
+    HYP_WARMUP_STEPS: tl.constexpr = 11
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_scale = (tl.full((), 1.0, tl.float64) - tl.where((tl.load(hyp + 4) < tl.load(hyp + 11)) != 0, (tl.full((), 0.0, tl.float64) + ((tl.full((), 0.99, tl.float64) * (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + 4)) / (tl.load(hyp + 11) + tl.full((), 1.0, tl.float64)))))) / tl.full((), 2.0, tl.float64))), tl.full((), 0.0, tl.float64)))
-    h__k2 = tl.load(hyp + 1)
-    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k4 = tl.load(hyp + 2)
-    h__k5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_step_size = tl.where(tl.load(hyp + 3) != 0, ((tl.load(hyp + 8) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step)))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))), tl.load(hyp + 8))
-    h__k6 = tl.load(hyp + 6)
-    h__k10 = ((-h_step_size) * h_scale)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k10).to(tl.float32))
+    # scale = 1.0 - where(current_step < warmup_steps, 0.0 + 0.99 * (1 + cos(3.141592653589793 * current_step / (warmup_steps + 1))) / 2, 0.0)
+    scale_1 = (tl.full((), 1.0, tl.float64) - tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_STEPS)) != 0, (tl.full((), 0.0, tl.float64) + ((tl.full((), 0.99, tl.float64) * (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_STEPS) + tl.full((), 1.0, tl.float64)))))) / tl.full((), 2.0, tl.float64))), tl.full((), 0.0, tl.float64)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # step_size = where(correct_bias, lr * sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step), lr)
+    step_size = tl.where(tl.load(hyp + HYP_CORRECT_BIAS) != 0, ((tl.load(hyp + HYP_LR) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))), tl.load(hyp + HYP_LR))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size_times_scale = ((-step_size) * scale_1)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE, (neg_step_size_times_scale).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 2
+    COL_EXP_AVG_SQ: tl.constexpr = 3
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k10 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k2)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = (x2 + h__k3 * v3)
-    v5 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k4)
-    x7 = (x6 + h__k5 * v3 * v3)
-    x8 = L.sqrt(x7)
-    x9 = (x8 + h__k6)
-    x10 = L.div(x4, x9)
-    v11 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x12 = (v11 + h__k10 * x10)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x7, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
+    neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
+    # exp_avg = exp_avg * beta1 + (1.0 - beta1) * grad
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * beta1) + one_minus_beta1 * grad)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # norm_grad = exp_avg / (sqrt(exp_avg_sq) + eps)
+    norm_grad = L.div(exp_avg_1, (L.sqrt(exp_avg_sq_1) + eps))
+    # param = param + -step_size * scale * norm_grad
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_step_size_times_scale * norm_grad)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -179,10 +247,15 @@ def _spam_official_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,64 +20,94 @@ def _spam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 5 the
+    passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_CURRENT_STEP: tl.constexpr = 2
+    HYP_DEATH_LR: tl.constexpr = 3
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 7
+    HYP_TOTAL_STEP: tl.constexpr = 10
+    HYP_WARMUP_EPOCH: tl.constexpr = 12
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
-    h_death = tl.where((tl.load(hyp + 2) < tl.load(hyp + 12)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + 2) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + 12) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + 2)) / (tl.load(hyp + 12) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + 3)), tl.full((), 0.0, tl.float64))
-    h_scale = (tl.full((), 1.0, tl.float64) - h_death)
-    h_step_size = ((tl.load(hyp + 7) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), (tl.load(hyp + 10) + tl.full((), 1.0, tl.float64)))))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), (tl.load(hyp + 10) + tl.full((), 1.0, tl.float64)))))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = tl.load(hyp + 1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k5 = tl.load(hyp + 5)
-    h__k6 = ((-h_step_size) * h_scale)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    # death = where(current_step < warmup_epoch, (1 + cos(3.141592653589793 * (current_step + 1) / (warmup_epoch + 1))) / (1 + cos(3.141592653589793 * current_step / (warmup_epoch + 1))) * death_lr, 0.0)
+    death = tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_EPOCH)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + HYP_CURRENT_STEP) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + HYP_DEATH_LR)), tl.full((), 0.0, tl.float64))
+    # scale = 1.0 - death
+    scale_1 = (tl.full((), 1.0, tl.float64) - death)
+    # step_size = lr * sqrt(1 - beta2 ** (total_step + 1)) / (1 - beta1 ** (total_step + 1))
+    step_size = ((tl.load(hyp + HYP_LR) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), (tl.load(hyp + HYP_TOTAL_STEP) + tl.full((), 1.0, tl.float64)))))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), (tl.load(hyp + HYP_TOTAL_STEP) + tl.full((), 1.0, tl.float64)))))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size_times_scale = ((-step_size) * scale_1)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE, (neg_step_size_times_scale).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_mask = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_mask))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_MASK: tl.constexpr = 1
+    COL_EXP_AVG: tl.constexpr = 2
+    COL_EXP_AVG_SQ: tl.constexpr = 3
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    p_mask = tl.load(tab + t * TBL_W + COL_MASK).to(tl.pointer_type(DT_mask))
     if ALIGNED:
         p_mask = tl.multiple_of(p_mask, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h__k5 = tl.load(hv + t * NH + 3)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k6 = tl.load(hv + t * NH + 4)
-    v1 = tl.load(p_mask + offs, mask=mask) != 0
-    v2 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x4 = L.lerp(v2, v3, h__k2)
-    x5 = tl.where(v1, x4, v2)
-    v6 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x7 = (v6 * h__k3)
-    x8 = (x7 + h__k4 * v3 * v3)
-    x9 = tl.where(v1, x8, v6)
-    x10 = L.sqrt(x9)
-    x11 = (x10 + h__k5)
-    v12 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x13 = L.div(x5, x11)
-    x14 = tl.where(v1, x13, tl.full((), 0.0, tl.float32))
-    x15 = (v12 + h__k6 * x14)
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
+    # exp_avg = where(mask, lerp(exp_avg, grad, 1 - beta1), exp_avg)
+    mask_1 = tl.load(p_mask + offs, mask=mask) != 0
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = tl.where(mask_1, L.lerp(exp_avg, grad, one_minus_beta1), exp_avg)
+    # exp_avg_sq = where(mask, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where(mask_1, ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad), exp_avg_sq)
+    # denom = sqrt(exp_avg_sq) + eps
+    denom = (L.sqrt(exp_avg_sq_1) + eps)
+    # param = param + -step_size * scale * where(mask, exp_avg / denom, 0.0)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_axpy = (param + neg_step_size_times_scale * tl.where(mask_1, L.div(exp_avg_1, denom), tl.full((), 0.0, tl.float32)))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_axpy, P_DT), mask=mask)
 
 
 @triton.jit
@@ -87,10 +117,15 @@ def _spam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads mask, exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -108,60 +143,97 @@ def _spam_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 6 the
+    passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 5
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_CURRENT_STEP: tl.constexpr = 2
+    HYP_DEATH_LR: tl.constexpr = 3
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 7
+    HYP_TOTAL_STEP: tl.constexpr = 10
+    HYP_WARMUP_EPOCH: tl.constexpr = 12
+    HYP_WEIGHT_DECAY: tl.constexpr = 13
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
-    h_death = tl.where((tl.load(hyp + 2) < tl.load(hyp + 12)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + 2) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + 12) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + 2)) / (tl.load(hyp + 12) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + 3)), tl.full((), 0.0, tl.float64))
-    h_scale = (tl.full((), 1.0, tl.float64) - h_death)
-    h_step_size = ((tl.load(hyp + 7) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), (tl.load(hyp + 10) + tl.full((), 1.0, tl.float64)))))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), (tl.load(hyp + 10) + tl.full((), 1.0, tl.float64)))))
-    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k11 = tl.load(hyp + 1)
-    h__k12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k13 = tl.load(hyp + 5)
-    h__k14 = ((-h_step_size) * h_scale)
-    h__k15 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 13) * tl.load(hyp + 7)))
-    tl.store(hv + t * NH + 0, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k12).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k13).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k14).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k15).to(tl.float32))
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    # death = where(current_step < warmup_epoch, (1 + cos(3.141592653589793 * (current_step + 1) / (warmup_epoch + 1))) / (1 + cos(3.141592653589793 * current_step / (warmup_epoch + 1))) * death_lr, 0.0)
+    death = tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_EPOCH)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + HYP_CURRENT_STEP) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + HYP_DEATH_LR)), tl.full((), 0.0, tl.float64))
+    # scale = 1.0 - death
+    scale_1 = (tl.full((), 1.0, tl.float64) - death)
+    # step_size = lr * sqrt(1 - beta2 ** (total_step + 1)) / (1 - beta1 ** (total_step + 1))
+    step_size = ((tl.load(hyp + HYP_LR) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), (tl.load(hyp + HYP_TOTAL_STEP) + tl.full((), 1.0, tl.float64)))))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), (tl.load(hyp + HYP_TOTAL_STEP) + tl.full((), 1.0, tl.float64)))))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size_times_scale = ((-step_size) * scale_1)
+    one_minus_weight_decay_times_lr = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE, (neg_step_size_times_scale).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR, (one_minus_weight_decay_times_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _spam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 2
+    COL_EXP_AVG_SQ: tl.constexpr = 3
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 5
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k10 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k11 = tl.load(hv + t * NH + 1)
-    h__k12 = tl.load(hv + t * NH + 2)
-    h__k13 = tl.load(hv + t * NH + 3)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k14 = tl.load(hv + t * NH + 4)
-    h__k15 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k10)
-    v4 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k11)
-    x6 = (x5 + h__k12 * v2 * v2)
-    x7 = L.sqrt(x6)
-    x8 = (x7 + h__k13)
-    v9 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x10 = (v9 + h__k14 * L.div(x3, x8))
-    x11 = (x10 * h__k15)
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x11, P_DT), mask=mask)
+    neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
+    one_minus_weight_decay_times_lr = tl.load(hv + t * NH + HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) + eps
+    denom = (L.sqrt(exp_avg_sq_1) + eps)
+    # param = param + -step_size * scale * exp_avg / denom
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_step_size_times_scale * L.div(exp_avg_1, denom))
+    # param = param * (1.0 - weight_decay * lr)
+    param_2 = (param_1 * one_minus_weight_decay_times_lr)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -171,10 +243,15 @@ def _spam_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

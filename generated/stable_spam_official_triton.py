@@ -20,72 +20,120 @@ def _stable_spam_official_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 19 the passes read to hv.
+
+    Reads moment_step; writes moment_step.
+    """
+    COL_GIDX: tl.constexpr = 12
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_GAMMA3: tl.constexpr = 1
+    HV_ONE_MINUS_GAMMA3: tl.constexpr = 2
+    HV_ONE_MINUS_GAMMA3_POW_MOMENT_STEP: tl.constexpr = 3
+    HV_G1: tl.constexpr = 4
+    HV_ONE_MINUS_G1: tl.constexpr = 5
+    HV_GAMMA2: tl.constexpr = 6
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 7
+    HV_ONE_MINUS_G1_POW_MOMENT_STEP: tl.constexpr = 8
+    HV_ONE_MINUS_GAMMA2_POW_MOMENT_STEP: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
+    HV_B1: tl.constexpr = 11
+    HV_ONE_MINUS_B1: tl.constexpr = 12
+    HV_BETA2: tl.constexpr = 13
+    HV_ONE_MINUS_BETA2: tl.constexpr = 14
+    HV_SQRT_ONE_MINUS_BETA2_POW_MOMENT_STEP: tl.constexpr = 15
+    HV_EPS_1: tl.constexpr = 16
+    HV_NEG_LR_OVER_ONE_MINUS_B1_POW_MOMENT_STEP: tl.constexpr = 17
+    HV_RESET: tl.constexpr = 18
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_EPS: tl.constexpr = 3
+    HYP_GAMMA1: tl.constexpr = 5
+    HYP_GAMMA2: tl.constexpr = 6
+    HYP_GAMMA3: tl.constexpr = 7
+    HYP_LR: tl.constexpr = 8
+    HYP_UPDATE_PROJ_GAP: tl.constexpr = 10
+    HYP_WEIGHT_DECAY: tl.constexpr = 11
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 12)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_moment_step = tl.load(hs_moment_step + gidx).to(tl.float64)
-    h__k0 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 8) * tl.load(hyp + 11)))
-    h_scale = tl.full((), 1.0, tl.float64)
-    h_g1 = (tl.where((tl.load(hyp + 5) == (-tl.full((), 1.0, tl.float64))) != 0, tl.load(hyp + 1), tl.load(hyp + 5)) * h_scale)
-    h_moment_step = ((h_moment_step + tl.full((), 1.0, tl.float64))).to(DT_moment_step).to(tl.float64)
-    tl.store(hs_moment_step + gidx, h_moment_step.to(DT_moment_step))
-    h__k1 = tl.load(hyp + 7)
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 7))
-    h__k3 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 7), h_moment_step))
-    h__k4 = (tl.full((), 1.0, tl.float64) - h_g1)
-    h__k5 = tl.load(hyp + 6)
-    h__k6 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 6))
-    h__k7 = (tl.full((), 1.0, tl.float64) - L.pow64(h_g1, h_moment_step))
-    h__k8 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 6), h_moment_step))
-    h__k9 = tl.load(hyp + 3)
-    h_reset = ((tl.load(hyp + 10) != tl.full((), 0.0, tl.float64)) & (L.remainder(step, tl.load(hyp + 10)) == tl.full((), 0.0, tl.float64)))
-    h_moment_step = (tl.where(h_reset != 0, tl.full((), 1.0, tl.float64), h_moment_step)).to(DT_moment_step).to(tl.float64)
-    tl.store(hs_moment_step + gidx, h_moment_step.to(DT_moment_step))
-    h_b1 = (tl.load(hyp + 1) * h_scale)
-    h__k10 = (tl.full((), 1.0, tl.float64) - h_b1)
-    h__k11 = tl.load(hyp + 2)
-    h__k12 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k15 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), h_moment_step)))
-    h__k16 = tl.load(hyp + 3)
-    h__k17 = (-(tl.load(hyp + 8) / (tl.full((), 1.0, tl.float64) - L.pow64(h_b1, h_moment_step))))
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h_g1).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h_b1).to(tl.float32))
-    tl.store(hv + t * NH + 12, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 13, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 14, (h__k12).to(tl.float32))
-    tl.store(hv + t * NH + 15, (h__k15).to(tl.float32))
-    tl.store(hv + t * NH + 16, (h__k16).to(tl.float32))
-    tl.store(hv + t * NH + 17, (h__k17).to(tl.float32))
-    tl.store(hv + t * NH + 18, (h_reset).to(tl.float32))
+    moment_step = tl.load(hs_moment_step + gidx).to(tl.float64)
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # scale = 1.0
+    scale_1 = tl.full((), 1.0, tl.float64)
+    # g1 = where(gamma1 == -1, beta1, gamma1) * scale
+    g1 = (tl.where((tl.load(hyp + HYP_GAMMA1) == (-tl.full((), 1.0, tl.float64))) != 0, tl.load(hyp + HYP_BETA1), tl.load(hyp + HYP_GAMMA1)) * scale_1)
+    # moment_step = moment_step + 1
+    moment_step_1 = ((moment_step + tl.full((), 1.0, tl.float64))).to(DT_moment_step).to(tl.float64)
+    tl.store(hs_moment_step + gidx, moment_step_1.to(DT_moment_step))
+    gamma3 = tl.load(hyp + HYP_GAMMA3)
+    one_minus_gamma3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_GAMMA3))
+    one_minus_gamma3_pow_moment_step = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_GAMMA3), moment_step_1))
+    one_minus_g1 = (tl.full((), 1.0, tl.float64) - g1)
+    gamma2 = tl.load(hyp + HYP_GAMMA2)
+    one_minus_gamma2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_GAMMA2))
+    one_minus_g1_pow_moment_step = (tl.full((), 1.0, tl.float64) - L.pow64(g1, moment_step_1))
+    one_minus_gamma2_pow_moment_step = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_GAMMA2), moment_step_1))
+    eps = tl.load(hyp + HYP_EPS)
+    # reset = update_proj_gap != 0 and step % update_proj_gap == 0
+    reset = ((tl.load(hyp + HYP_UPDATE_PROJ_GAP) != tl.full((), 0.0, tl.float64)) & (L.remainder(step, tl.load(hyp + HYP_UPDATE_PROJ_GAP)) == tl.full((), 0.0, tl.float64)))
+    # moment_step = where(reset, 1.0, moment_step)
+    moment_step_2 = (tl.where(reset != 0, tl.full((), 1.0, tl.float64), moment_step_1)).to(DT_moment_step).to(tl.float64)
+    tl.store(hs_moment_step + gidx, moment_step_2.to(DT_moment_step))
+    # b1 = beta1 * scale
+    b1 = (tl.load(hyp + HYP_BETA1) * scale_1)
+    one_minus_b1 = (tl.full((), 1.0, tl.float64) - b1)
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    sqrt_one_minus_beta2_pow_moment_step = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), moment_step_2)))
+    eps_1 = tl.load(hyp + HYP_EPS)
+    neg_lr_over_one_minus_b1_pow_moment_step = (-(tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) - L.pow64(b1, moment_step_2))))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_GAMMA3, (gamma3).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA3, (one_minus_gamma3).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA3_POW_MOMENT_STEP, (one_minus_gamma3_pow_moment_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_G1, (g1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_G1, (one_minus_g1).to(tl.float32))
+    tl.store(hv + t * NH + HV_GAMMA2, (gamma2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA2, (one_minus_gamma2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_G1_POW_MOMENT_STEP, (one_minus_g1_pow_moment_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA2_POW_MOMENT_STEP, (one_minus_gamma2_pow_moment_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_B1, (b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_B1, (one_minus_b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_ONE_MINUS_BETA2_POW_MOMENT_STEP, (sqrt_one_minus_beta2_pow_moment_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_1, (eps_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR_OVER_ONE_MINUS_B1_POW_MOMENT_STEP, (neg_lr_over_one_minus_b1_pow_moment_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_RESET, (reset).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _stable_spam_official_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_WS__R0: tl.constexpr = 13
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    v1 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * h__k0)
-    v3 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    part4 = L.masked(tl.abs(v3), mask)
-    tl.atomic_max(ws + tl.load(tab + t * TBL_W + 13), tl.max(part4, axis=0))
-    tl.store(p_param + offs, L.to_storage(x2, P_DT), mask=mask)
+    # param = param * (1 - lr * weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * one_minus_lr_times_weight_decay)
+    # _r0 = maxabs(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    r0_part = L.masked(tl.abs(grad), mask)
+    tl.atomic_max(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.max(r0_part, axis=0))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -95,10 +143,15 @@ def _stable_spam_official_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads param, grad; writes param; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -116,55 +169,72 @@ def _stable_spam_official_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0, m_max_t, gmax; writes gmax, m_max_t, m_max_hat.
+    """
+    COL_M_MAX_T: tl.constexpr = 5
+    COL_B: tl.constexpr = 8
+    COL_M: tl.constexpr = 9
+    COL_N: tl.constexpr = 10
+    COL_WS__R0: tl.constexpr = 13
+    COL_WS_GMAX: tl.constexpr = 15
+    COL_WS_M_MAX_HAT: tl.constexpr = 16
+    HV_GAMMA3: tl.constexpr = 1
+    HV_ONE_MINUS_GAMMA3: tl.constexpr = 2
+    HV_ONE_MINUS_GAMMA3_POW_MOMENT_STEP: tl.constexpr = 3
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 8)
-    M = tl.load(tab + t * TBL_W + 9)
-    N = tl.load(tab + t * TBL_W + 10)
-    # gmax (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 13)
-    v1 = tl.load(p__r0 + 0).to(tl.float32)
-    p_gmax = ws + tl.load(tab + t * TBL_W + 15)
-    tl.store(p_gmax + 0, L.to_storage(v1, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # gmax = _r0  (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    tl.store(p_gmax + 0, L.to_storage(r0, tl.float32))
     tl.debug_barrier()
-    # m_max_t (per-tensor)
-    p_m_max_t = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_m_max_t))
-    v2 = tl.load(p_m_max_t + 0).to(tl.float32)
-    x3 = (v2 * tl.load(hv + t * NH + 1))
-    p_gmax = ws + tl.load(tab + t * TBL_W + 15)
-    v4 = tl.load(p_gmax + 0).to(tl.float32)
-    x5 = (v4 * tl.load(hv + t * NH + 2))
-    x6 = (x3 + x5)
-    tl.store(p_m_max_t + 0, L.to_storage(x6, DT_m_max_t))
+    # m_max_t = m_max_t * gamma3 + gmax * (1 - gamma3)  (per-tensor)
+    p_m_max_t = tl.load(tab + t * TBL_W + COL_M_MAX_T).to(tl.pointer_type(DT_m_max_t))
+    m_max_t = tl.load(p_m_max_t + 0).to(tl.float32)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    gmax = tl.load(p_gmax + 0).to(tl.float32)
+    m_max_t_add = ((m_max_t * tl.load(hv + t * NH + HV_GAMMA3)) + (gmax * tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA3)))
+    tl.store(p_m_max_t + 0, L.to_storage(m_max_t_add, DT_m_max_t))
     tl.debug_barrier()
-    # m_max_hat (per-tensor)
-    p_m_max_t = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_m_max_t))
-    v7 = tl.load(p_m_max_t + 0).to(tl.float32)
-    x8 = L.div(v7, tl.load(hv + t * NH + 3))
-    p_m_max_hat = ws + tl.load(tab + t * TBL_W + 16)
-    tl.store(p_m_max_hat + 0, L.to_storage(x8, tl.float32))
+    # m_max_hat = m_max_t / (1 - gamma3 ** moment_step)  (per-tensor)
+    p_m_max_t = tl.load(tab + t * TBL_W + COL_M_MAX_T).to(tl.pointer_type(DT_m_max_t))
+    m_max_t_1 = tl.load(p_m_max_t + 0).to(tl.float32)
+    m_max_hat = L.div(m_max_t_1, tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA3_POW_MOMENT_STEP))
+    p_m_max_hat = ws + tl.load(tab + t * TBL_W + COL_WS_M_MAX_HAT)
+    tl.store(p_m_max_hat + 0, L.to_storage(m_max_hat, tl.float32))
     tl.debug_barrier()
 
 
 # flat
 @triton.jit
 def _stable_spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_WS__R1: tl.constexpr = 14
+    COL_WS_GMAX: tl.constexpr = 15
+    COL_WS_M_MAX_HAT: tl.constexpr = 16
+    COL_WS_CLIPPED: tl.constexpr = 19
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_m_max_hat = ws + tl.load(tab + t * TBL_W + 16)
-    p_gmax = ws + tl.load(tab + t * TBL_W + 15)
-    p_clipped = ws + tl.load(tab + t * TBL_W + 19)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = tl.abs(v1)
-    v3 = tl.load(p_m_max_hat + 0).to(tl.float32)
-    x4 = (x2 > v3)
-    v5 = tl.load(p_gmax + 0).to(tl.float32)
-    x6 = L.div(v1, v5)
-    x7 = (x6 * v3)
-    x8 = tl.where(x4, x7, v1)
-    part9 = L.masked((x8 * x8), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 14), tl.sum(part9, axis=0))
-    tl.store(p_clipped + offs, L.to_storage(x8, tl.float32), mask=mask)
+    p_m_max_hat = ws + tl.load(tab + t * TBL_W + COL_WS_M_MAX_HAT)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    p_clipped = ws + tl.load(tab + t * TBL_W + COL_WS_CLIPPED)
+    # clipped = where(abs(grad) > m_max_hat, grad / gmax * m_max_hat, grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    m_max_hat = tl.load(p_m_max_hat + 0).to(tl.float32)
+    gmax = tl.load(p_gmax + 0).to(tl.float32)
+    clipped = tl.where((tl.abs(grad) > m_max_hat), (L.div(grad, gmax) * m_max_hat), grad)
+    # _r1 = sumsq(clipped)
+    r1_part = L.masked((clipped * clipped), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # store clipped
+    tl.store(p_clipped + offs, L.to_storage(clipped, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -174,10 +244,15 @@ def _stable_spam_official_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, m_max_hat, gmax; writes clipped; accumulates _r1.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -195,103 +270,134 @@ def _stable_spam_official_vec1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r1, m_norm_t, n, v_norm_t; writes n, m_norm_t, v_norm_t, c_norm.
+    """
+    COL_M_NORM_T: tl.constexpr = 3
+    COL_V_NORM_T: tl.constexpr = 4
+    COL_B: tl.constexpr = 8
+    COL_M: tl.constexpr = 9
+    COL_N: tl.constexpr = 10
+    COL_WS__R1: tl.constexpr = 14
+    COL_WS_N: tl.constexpr = 17
+    COL_WS_C_NORM: tl.constexpr = 18
+    HV_G1: tl.constexpr = 4
+    HV_ONE_MINUS_G1: tl.constexpr = 5
+    HV_GAMMA2: tl.constexpr = 6
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 7
+    HV_ONE_MINUS_G1_POW_MOMENT_STEP: tl.constexpr = 8
+    HV_ONE_MINUS_GAMMA2_POW_MOMENT_STEP: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 8)
-    M = tl.load(tab + t * TBL_W + 9)
-    N = tl.load(tab + t * TBL_W + 10)
-    # n (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + 14)
-    v1 = tl.load(p__r1 + 0).to(tl.float32)
-    x2 = L.sqrt(v1)
-    p_n = ws + tl.load(tab + t * TBL_W + 17)
-    tl.store(p_n + 0, L.to_storage(x2, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # n = sqrt(_r1)  (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    n_1 = L.sqrt(r1)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    tl.store(p_n + 0, L.to_storage(n_1, tl.float32))
     tl.debug_barrier()
-    # m_norm_t (per-tensor)
-    p_m_norm_t = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_m_norm_t))
-    v3 = tl.load(p_m_norm_t + 0).to(tl.float32)
-    x4 = (v3 * tl.load(hv + t * NH + 4))
-    p_n = ws + tl.load(tab + t * TBL_W + 17)
-    v5 = tl.load(p_n + 0).to(tl.float32)
-    x6 = (v5 * tl.load(hv + t * NH + 5))
-    x7 = (x4 + x6)
-    tl.store(p_m_norm_t + 0, L.to_storage(x7, DT_m_norm_t))
+    # m_norm_t = m_norm_t * g1 + n * (1 - g1)  (per-tensor)
+    p_m_norm_t = tl.load(tab + t * TBL_W + COL_M_NORM_T).to(tl.pointer_type(DT_m_norm_t))
+    m_norm_t = tl.load(p_m_norm_t + 0).to(tl.float32)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    n_2 = tl.load(p_n + 0).to(tl.float32)
+    m_norm_t_add = ((m_norm_t * tl.load(hv + t * NH + HV_G1)) + (n_2 * tl.load(hv + t * NH + HV_ONE_MINUS_G1)))
+    tl.store(p_m_norm_t + 0, L.to_storage(m_norm_t_add, DT_m_norm_t))
     tl.debug_barrier()
-    # v_norm_t (per-tensor)
-    p_v_norm_t = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_v_norm_t))
-    v8 = tl.load(p_v_norm_t + 0).to(tl.float32)
-    x9 = (v8 * tl.load(hv + t * NH + 6))
-    p_n = ws + tl.load(tab + t * TBL_W + 17)
-    v10 = tl.load(p_n + 0).to(tl.float32)
-    v11 = tl.load(p_n + 0).to(tl.float32)
-    x12 = (v10 * v11)
-    x13 = (x12 * tl.load(hv + t * NH + 7))
-    x14 = (x9 + x13)
-    tl.store(p_v_norm_t + 0, L.to_storage(x14, DT_v_norm_t))
+    # v_norm_t = v_norm_t * gamma2 + n * n * (1 - gamma2)  (per-tensor)
+    p_v_norm_t = tl.load(tab + t * TBL_W + COL_V_NORM_T).to(tl.pointer_type(DT_v_norm_t))
+    v_norm_t = tl.load(p_v_norm_t + 0).to(tl.float32)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    n_3 = tl.load(p_n + 0).to(tl.float32)
+    n_4 = tl.load(p_n + 0).to(tl.float32)
+    v_norm_t_add = ((v_norm_t * tl.load(hv + t * NH + HV_GAMMA2)) + ((n_3 * n_4) * tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA2)))
+    tl.store(p_v_norm_t + 0, L.to_storage(v_norm_t_add, DT_v_norm_t))
     tl.debug_barrier()
-    # c_norm (per-tensor)
-    p_m_norm_t = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_m_norm_t))
-    v15 = tl.load(p_m_norm_t + 0).to(tl.float32)
-    x16 = L.div(v15, tl.load(hv + t * NH + 8))
-    p_v_norm_t = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_v_norm_t))
-    v17 = tl.load(p_v_norm_t + 0).to(tl.float32)
-    x18 = L.div(v17, tl.load(hv + t * NH + 9))
-    x19 = L.sqrt(x18)
-    x20 = (x19 + tl.load(hv + t * NH + 10))
-    x21 = L.div(x16, x20)
-    p_c_norm = ws + tl.load(tab + t * TBL_W + 18)
-    tl.store(p_c_norm + 0, L.to_storage(x21, tl.float32))
+    # c_norm = m_norm_t / (1 - g1 ** moment_step) / (sqrt(v_norm_t / (1 - gamma2 ** moment_step)) + eps)  (per-tensor)
+    p_m_norm_t = tl.load(tab + t * TBL_W + COL_M_NORM_T).to(tl.pointer_type(DT_m_norm_t))
+    m_norm_t_1 = tl.load(p_m_norm_t + 0).to(tl.float32)
+    p_v_norm_t = tl.load(tab + t * TBL_W + COL_V_NORM_T).to(tl.pointer_type(DT_v_norm_t))
+    v_norm_t_1 = tl.load(p_v_norm_t + 0).to(tl.float32)
+    c_norm_add = (L.sqrt(L.div(v_norm_t_1, tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA2_POW_MOMENT_STEP))) + tl.load(hv + t * NH + HV_EPS))
+    c_norm_div = L.div(L.div(m_norm_t_1, tl.load(hv + t * NH + HV_ONE_MINUS_G1_POW_MOMENT_STEP)), c_norm_add)
+    p_c_norm = ws + tl.load(tab + t * TBL_W + COL_WS_C_NORM)
+    tl.store(p_c_norm + 0, L.to_storage(c_norm_div, tl.float32))
     tl.debug_barrier()
 
 
 # flat
 @triton.jit
 def _stable_spam_official_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
-    p_n = ws + tl.load(tab + t * TBL_W + 17)
-    p_clipped = ws + tl.load(tab + t * TBL_W + 19)
-    p_c_norm = ws + tl.load(tab + t * TBL_W + 18)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_WS_N: tl.constexpr = 17
+    COL_WS_C_NORM: tl.constexpr = 18
+    COL_WS_CLIPPED: tl.constexpr = 19
+    HV_B1: tl.constexpr = 11
+    HV_ONE_MINUS_B1: tl.constexpr = 12
+    HV_BETA2: tl.constexpr = 13
+    HV_ONE_MINUS_BETA2: tl.constexpr = 14
+    HV_SQRT_ONE_MINUS_BETA2_POW_MOMENT_STEP: tl.constexpr = 15
+    HV_EPS: tl.constexpr = 16
+    HV_NEG_LR_OVER_ONE_MINUS_B1_POW_MOMENT_STEP: tl.constexpr = 17
+    HV_RESET: tl.constexpr = 18
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    p_clipped = ws + tl.load(tab + t * TBL_W + COL_WS_CLIPPED)
+    p_c_norm = ws + tl.load(tab + t * TBL_W + COL_WS_C_NORM)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h_b1 = tl.load(hv + t * NH + 11)
-    h__k10 = tl.load(hv + t * NH + 12)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    b1 = tl.load(hv + t * NH + HV_B1)
+    one_minus_b1 = tl.load(hv + t * NH + HV_ONE_MINUS_B1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k11 = tl.load(hv + t * NH + 13)
-    h__k12 = tl.load(hv + t * NH + 14)
-    h__k15 = tl.load(hv + t * NH + 15)
-    h__k16 = tl.load(hv + t * NH + 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_one_minus_beta2_pow_moment_step = tl.load(hv + t * NH + HV_SQRT_ONE_MINUS_BETA2_POW_MOMENT_STEP)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k17 = tl.load(hv + t * NH + 17)
-    h_reset = tl.load(hv + t * NH + 18)
-    v1 = tl.load(p_n + 0).to(tl.float32)
-    x2 = (v1 > tl.full((), 0.0, tl.float32))
-    v3 = tl.load(p_clipped + offs, mask=mask).to(tl.float32)
-    x4 = L.div(v3, v1)
-    v5 = tl.load(p_c_norm + 0).to(tl.float32)
-    x6 = (x4 * v5)
-    x7 = tl.where(x2, x6, v3)
-    v8 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h_b1)
-    x10 = (x9 + h__k10 * x7)
-    v11 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x12 = (v11 * h__k11)
-    x13 = (x12 + h__k12 * x7 * x7)
-    x14 = L.sqrt(x13)
-    x15 = L.div(x14, h__k15)
-    x16 = (x15 + h__k16)
-    x17 = L.div(x10, x16)
-    v18 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x19 = (v18 + h__k17 * x17)
-    x20 = (x10 * tl.full((), 0.0, tl.float32))
-    x21 = (x13 * tl.full((), 0.0, tl.float32))
-    x22 = tl.where((h_reset != 0), x20, x10)
-    x23 = tl.where((h_reset != 0), x21, x13)
-    tl.store(p_exp_avg + offs, L.to_storage(x22, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x23, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    neg_lr_over_one_minus_b1_pow_moment_step = tl.load(hv + t * NH + HV_NEG_LR_OVER_ONE_MINUS_B1_POW_MOMENT_STEP)
+    reset = tl.load(hv + t * NH + HV_RESET)
+    # scaled = where(n > 0, clipped / n * c_norm, clipped)
+    n_1 = tl.load(p_n + 0).to(tl.float32)
+    clipped = tl.load(p_clipped + offs, mask=mask).to(tl.float32)
+    c_norm = tl.load(p_c_norm + 0).to(tl.float32)
+    scaled = tl.where((n_1 > tl.full((), 0.0, tl.float32)), (L.div(clipped, n_1) * c_norm), clipped)
+    # exp_avg = exp_avg * b1 + (1 - b1) * scaled
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = ((exp_avg * b1) + one_minus_b1 * scaled)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * scaled * scaled
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * scaled * scaled)
+    # denom = sqrt(exp_avg_sq) / sqrt(1 - beta2 ** moment_step) + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_1), sqrt_one_minus_beta2_pow_moment_step) + eps)
+    # direction = exp_avg / denom
+    direction = L.div(exp_avg_1, denom)
+    # param = param - lr / (1 - b1 ** moment_step) * direction
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_lr_over_one_minus_b1_pow_moment_step * direction)
+    # exp_avg__b1 = exp_avg * 0.0
+    exp_avg__b1 = (exp_avg_1 * tl.full((), 0.0, tl.float32))
+    # exp_avg_sq__b2 = exp_avg_sq * 0.0
+    exp_avg_sq__b2 = (exp_avg_sq_1 * tl.full((), 0.0, tl.float32))
+    # exp_avg = where(reset, exp_avg__b1, exp_avg)
+    exp_avg_2 = tl.where((reset != 0), exp_avg__b1, exp_avg_1)
+    # exp_avg_sq = where(reset, exp_avg_sq__b2, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((reset != 0), exp_avg_sq__b2, exp_avg_sq_1)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_2, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -301,10 +407,15 @@ def _stable_spam_official_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads n, clipped, c_norm, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 7)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -20,70 +20,117 @@ def _stable_spam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 14 the passes read to hv.
+
+    Reads death_rate.
+    """
+    COL_GIDX: tl.constexpr = 11
+    HV_C: tl.constexpr = 0
+    HV_ONE_MINUS_THETA: tl.constexpr = 1
+    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 2
+    HV_ONE_MINUS_G1: tl.constexpr = 3
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 4
+    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 5
+    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_ONE_MINUS_B1: tl.constexpr = 8
+    HV_BETA2: tl.constexpr = 9
+    HV_ONE_MINUS_BETA2: tl.constexpr = 10
+    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 11
+    HV_EPS_1: tl.constexpr = 12
+    HV_NEG_STEP_SIZE: tl.constexpr = 13
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_GAMMA1: tl.constexpr = 4
+    HYP_GAMMA2: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 6
+    HYP_THETA: tl.constexpr = 9
+    HYP_UPDATE_PROJ_GAP: tl.constexpr = 10
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 11)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_death_rate = tl.load(hs_death_rate + gidx).to(tl.float64)
-    h__c2 = (L.remainder(step, tl.load(hyp + 10)) == tl.full((), 0.0, tl.float64))
-    h_scale = tl.full((), 1.0, tl.float64)
-    h_b1 = (tl.load(hyp + 0) * h_scale)
-    h_g1 = (tl.where((tl.load(hyp + 4) == (-tl.full((), 1.0, tl.float64))) != 0, tl.load(hyp + 0), tl.load(hyp + 4)) * h_scale)
-    h_group_step = tl.where((step < tl.load(hyp + 10)) != 0, step, (L.remainder(step, tl.load(hyp + 10)) + tl.full((), 1.0, tl.float64)))
-    h_step_size = (tl.load(hyp + 6) / (tl.full((), 1.0, tl.float64) - L.pow64(h_b1, h_group_step)))
-    h_bias_correction2_sq = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), h_group_step)))
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 9))
-    h__k2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 9), step))
-    h__k3 = (tl.full((), 1.0, tl.float64) - h_g1)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 5))
-    h__k5 = (tl.full((), 1.0, tl.float64) - L.pow64(h_g1, step))
-    h__k6 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 5), step))
-    h__k7 = tl.load(hyp + 2)
-    h__k8 = (tl.full((), 1.0, tl.float64) - h_b1)
-    h__k9 = tl.load(hyp + 1)
-    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k11 = tl.load(hyp + 2)
-    h__k12 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__c2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h_bias_correction2_sq).to(tl.float32))
-    tl.store(hv + t * NH + 12, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 13, (h__k12).to(tl.float32))
+    death_rate = tl.load(hs_death_rate + gidx).to(tl.float64)
+    # c = step % update_proj_gap == 0
+    c = (L.remainder(step, tl.load(hyp + HYP_UPDATE_PROJ_GAP)) == tl.full((), 0.0, tl.float64))
+    # scale = 1.0
+    scale_1 = tl.full((), 1.0, tl.float64)
+    # b1 = beta1 * scale
+    b1 = (tl.load(hyp + HYP_BETA1) * scale_1)
+    # g1 = where(gamma1 == -1, beta1, gamma1) * scale
+    g1 = (tl.where((tl.load(hyp + HYP_GAMMA1) == (-tl.full((), 1.0, tl.float64))) != 0, tl.load(hyp + HYP_BETA1), tl.load(hyp + HYP_GAMMA1)) * scale_1)
+    # group_step = where(step < update_proj_gap, step, step % update_proj_gap + 1)
+    group_step = tl.where((step < tl.load(hyp + HYP_UPDATE_PROJ_GAP)) != 0, step, (L.remainder(step, tl.load(hyp + HYP_UPDATE_PROJ_GAP)) + tl.full((), 1.0, tl.float64)))
+    # step_size = lr / (1 - b1 ** group_step)
+    step_size = (tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) - L.pow64(b1, group_step)))
+    # bias_correction2_sq = sqrt(1 - beta2 ** group_step)
+    bias_correction2_sq = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), group_step)))
+    one_minus_theta = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_THETA))
+    one_minus_theta_pow_step = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_THETA), step))
+    one_minus_g1 = (tl.full((), 1.0, tl.float64) - g1)
+    one_minus_gamma2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_GAMMA2))
+    one_minus_g1_pow_step = (tl.full((), 1.0, tl.float64) - L.pow64(g1, step))
+    one_minus_gamma2_pow_step = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_GAMMA2), step))
+    eps = tl.load(hyp + HYP_EPS)
+    one_minus_b1 = (tl.full((), 1.0, tl.float64) - b1)
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    eps_1 = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_THETA, (one_minus_theta).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_THETA_POW_STEP, (one_minus_theta_pow_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_G1, (one_minus_g1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA2, (one_minus_gamma2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_G1_POW_STEP, (one_minus_g1_pow_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_GAMMA2_POW_STEP, (one_minus_gamma2_pow_step).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_B1, (one_minus_b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2_SQ, (bias_correction2_sq).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_1, (eps_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _stable_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_WS__R0: tl.constexpr = 12
+    HV_C: tl.constexpr = 0
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__c2 = tl.load(hv + t * NH + 0)
+    c = tl.load(hv + t * NH + HV_C)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x2 = (v1 * tl.full((), 0.0, tl.float32))
-    v3 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x4 = (v3 * tl.full((), 0.0, tl.float32))
-    x5 = tl.where((h__c2 != 0), x2, v1)
-    x6 = tl.where((h__c2 != 0), x4, v3)
-    v7 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    part8 = L.masked(tl.abs(v7), mask)
-    tl.atomic_max(ws + tl.load(tab + t * TBL_W + 12), tl.max(part8, axis=0))
-    tl.store(p_exp_avg + offs, L.to_storage(x5, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
+    # exp_avg__b1 = exp_avg * 0.0
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b1 = (exp_avg * tl.full((), 0.0, tl.float32))
+    # exp_avg_sq__b2 = exp_avg_sq * 0.0
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b2 = (exp_avg_sq * tl.full((), 0.0, tl.float32))
+    # exp_avg = where(step % update_proj_gap == 0, exp_avg__b1, exp_avg)
+    exp_avg_1 = tl.where((c != 0), exp_avg__b1, exp_avg)
+    # exp_avg_sq = where(step % update_proj_gap == 0, exp_avg_sq__b2, exp_avg_sq)
+    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b2, exp_avg_sq)
+    # _r0 = maxabs(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    r0_part = L.masked(tl.abs(grad), mask)
+    tl.atomic_max(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.max(r0_part, axis=0))
+    # store exp_avg, exp_avg_sq
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
 
 @triton.jit
@@ -93,10 +140,15 @@ def _stable_spam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, exp_avg_sq, grad; writes exp_avg, exp_avg_sq; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -114,53 +166,71 @@ def _stable_spam_vec0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r0, m_max_t, gmax; writes gmax, m_max_t, m_max_hat.
+    """
+    COL_M_MAX_T: tl.constexpr = 5
+    COL_B: tl.constexpr = 7
+    COL_M: tl.constexpr = 8
+    COL_N: tl.constexpr = 9
+    COL_WS__R0: tl.constexpr = 12
+    COL_WS_GMAX: tl.constexpr = 14
+    COL_WS_M_MAX_HAT: tl.constexpr = 15
+    HV_ONE_MINUS_THETA: tl.constexpr = 1
+    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 2
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 7)
-    M = tl.load(tab + t * TBL_W + 8)
-    N = tl.load(tab + t * TBL_W + 9)
-    # gmax (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 12)
-    v1 = tl.load(p__r0 + 0).to(tl.float32)
-    p_gmax = ws + tl.load(tab + t * TBL_W + 14)
-    tl.store(p_gmax + 0, L.to_storage(v1, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # gmax = _r0  (per-tensor)
+    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    tl.store(p_gmax + 0, L.to_storage(r0, tl.float32))
     tl.debug_barrier()
-    # m_max_t (per-tensor)
-    p_m_max_t = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_m_max_t))
-    v2 = tl.load(p_m_max_t + 0).to(tl.float32)
-    p_gmax = ws + tl.load(tab + t * TBL_W + 14)
-    v3 = tl.load(p_gmax + 0).to(tl.float32)
-    x4 = L.lerp(v2, v3, tl.load(hv + t * NH + 1))
-    tl.store(p_m_max_t + 0, L.to_storage(x4, DT_m_max_t))
+    # m_max_t = lerp(m_max_t, gmax, 1 - theta)  (per-tensor)
+    p_m_max_t = tl.load(tab + t * TBL_W + COL_M_MAX_T).to(tl.pointer_type(DT_m_max_t))
+    m_max_t = tl.load(p_m_max_t + 0).to(tl.float32)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    gmax = tl.load(p_gmax + 0).to(tl.float32)
+    m_max_t_1 = L.lerp(m_max_t, gmax, tl.load(hv + t * NH + HV_ONE_MINUS_THETA))
+    tl.store(p_m_max_t + 0, L.to_storage(m_max_t_1, DT_m_max_t))
     tl.debug_barrier()
-    # m_max_hat (per-tensor)
-    p_m_max_t = tl.load(tab + t * TBL_W + 5).to(tl.pointer_type(DT_m_max_t))
-    v5 = tl.load(p_m_max_t + 0).to(tl.float32)
-    x6 = L.div(v5, tl.load(hv + t * NH + 2))
-    p_m_max_hat = ws + tl.load(tab + t * TBL_W + 15)
-    tl.store(p_m_max_hat + 0, L.to_storage(x6, tl.float32))
+    # m_max_hat = m_max_t / (1 - theta ** step)  (per-tensor)
+    p_m_max_t = tl.load(tab + t * TBL_W + COL_M_MAX_T).to(tl.pointer_type(DT_m_max_t))
+    m_max_t_2 = tl.load(p_m_max_t + 0).to(tl.float32)
+    m_max_hat = L.div(m_max_t_2, tl.load(hv + t * NH + HV_ONE_MINUS_THETA_POW_STEP))
+    p_m_max_hat = ws + tl.load(tab + t * TBL_W + COL_WS_M_MAX_HAT)
+    tl.store(p_m_max_hat + 0, L.to_storage(m_max_hat, tl.float32))
     tl.debug_barrier()
 
 
 # flat
 @triton.jit
 def _stable_spam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_WS__R1: tl.constexpr = 13
+    COL_WS_GMAX: tl.constexpr = 14
+    COL_WS_M_MAX_HAT: tl.constexpr = 15
+    COL_WS_CLIPPED: tl.constexpr = 19
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_m_max_hat = ws + tl.load(tab + t * TBL_W + 15)
-    p_gmax = ws + tl.load(tab + t * TBL_W + 14)
-    p_clipped = ws + tl.load(tab + t * TBL_W + 19)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = tl.abs(v1)
-    v3 = tl.load(p_m_max_hat + 0).to(tl.float32)
-    x4 = (x2 > v3)
-    v5 = tl.load(p_gmax + 0).to(tl.float32)
-    x6 = L.div(v1, v5)
-    x7 = (x6 * v3)
-    x8 = tl.where(x4, x7, v1)
-    part9 = L.masked((x8 * x8), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 13), tl.sum(part9, axis=0))
-    tl.store(p_clipped + offs, L.to_storage(x8, tl.float32), mask=mask)
+    p_m_max_hat = ws + tl.load(tab + t * TBL_W + COL_WS_M_MAX_HAT)
+    p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
+    p_clipped = ws + tl.load(tab + t * TBL_W + COL_WS_CLIPPED)
+    # clipped = where(abs(grad) > m_max_hat, grad / gmax * m_max_hat, grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    m_max_hat = tl.load(p_m_max_hat + 0).to(tl.float32)
+    gmax = tl.load(p_gmax + 0).to(tl.float32)
+    clipped = tl.where((tl.abs(grad) > m_max_hat), (L.div(grad, gmax) * m_max_hat), grad)
+    # _r1 = sumsq(clipped)
+    r1_part = L.masked((clipped * clipped), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    # store clipped
+    tl.store(p_clipped + offs, L.to_storage(clipped, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -170,10 +240,15 @@ def _stable_spam_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, m_max_hat, gmax; writes clipped; accumulates _r1.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -191,109 +266,135 @@ def _stable_spam_vec1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
+    blocks of VB.
+
+    Reads _r1, n, active, m_norm_t, v_norm_t; writes n, active, m_norm_t, v_norm_t, c_norm.
+    """
+    COL_M_NORM_T: tl.constexpr = 3
+    COL_V_NORM_T: tl.constexpr = 4
+    COL_B: tl.constexpr = 7
+    COL_M: tl.constexpr = 8
+    COL_N: tl.constexpr = 9
+    COL_WS__R1: tl.constexpr = 13
+    COL_WS_N: tl.constexpr = 16
+    COL_WS_ACTIVE: tl.constexpr = 17
+    COL_WS_C_NORM: tl.constexpr = 18
+    HV_ONE_MINUS_G1: tl.constexpr = 3
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 4
+    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 5
+    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
     t = tl.program_id(0)
-    B = tl.load(tab + t * TBL_W + 7)
-    M = tl.load(tab + t * TBL_W + 8)
-    N = tl.load(tab + t * TBL_W + 9)
-    # n (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + 13)
-    v1 = tl.load(p__r1 + 0).to(tl.float32)
-    x2 = L.sqrt(v1)
-    p_n = ws + tl.load(tab + t * TBL_W + 16)
-    tl.store(p_n + 0, L.to_storage(x2, tl.float32))
+    B = tl.load(tab + t * TBL_W + COL_B)
+    M = tl.load(tab + t * TBL_W + COL_M)
+    N = tl.load(tab + t * TBL_W + COL_N)
+    # n = sqrt(_r1)  (per-tensor)
+    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
+    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    n_1 = L.sqrt(r1)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    tl.store(p_n + 0, L.to_storage(n_1, tl.float32))
     tl.debug_barrier()
-    # active (per-tensor)
-    p_n = ws + tl.load(tab + t * TBL_W + 16)
-    v3 = tl.load(p_n + 0).to(tl.float32)
-    x4 = (v3 > tl.full((), 0.0, tl.float32))
-    p_active = ws + tl.load(tab + t * TBL_W + 17)
-    tl.store(p_active + 0, L.to_storage(x4, tl.float32))
+    # active = n > 0  (per-tensor)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    n_2 = tl.load(p_n + 0).to(tl.float32)
+    active = (n_2 > tl.full((), 0.0, tl.float32))
+    p_active = ws + tl.load(tab + t * TBL_W + COL_WS_ACTIVE)
+    tl.store(p_active + 0, L.to_storage(active, tl.float32))
     tl.debug_barrier()
-    # m_norm_t (per-tensor)
-    p_active = ws + tl.load(tab + t * TBL_W + 17)
-    v5 = tl.load(p_active + 0).to(tl.float32)
-    p_m_norm_t = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_m_norm_t))
-    v6 = tl.load(p_m_norm_t + 0).to(tl.float32)
-    p_n = ws + tl.load(tab + t * TBL_W + 16)
-    v7 = tl.load(p_n + 0).to(tl.float32)
-    x8 = L.lerp(v6, v7, tl.load(hv + t * NH + 3))
-    v9 = tl.load(p_m_norm_t + 0).to(tl.float32)
-    x10 = tl.where(v5, x8, v9)
-    tl.store(p_m_norm_t + 0, L.to_storage(x10, DT_m_norm_t))
+    # m_norm_t = where(active, lerp(m_norm_t, n, 1 - g1), m_norm_t)  (per-tensor)
+    p_active = ws + tl.load(tab + t * TBL_W + COL_WS_ACTIVE)
+    active_1 = tl.load(p_active + 0).to(tl.float32)
+    p_m_norm_t = tl.load(tab + t * TBL_W + COL_M_NORM_T).to(tl.pointer_type(DT_m_norm_t))
+    m_norm_t = tl.load(p_m_norm_t + 0).to(tl.float32)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    n_3 = tl.load(p_n + 0).to(tl.float32)
+    m_norm_t_1 = tl.load(p_m_norm_t + 0).to(tl.float32)
+    m_norm_t_where = tl.where(active_1, L.lerp(m_norm_t, n_3, tl.load(hv + t * NH + HV_ONE_MINUS_G1)), m_norm_t_1)
+    tl.store(p_m_norm_t + 0, L.to_storage(m_norm_t_where, DT_m_norm_t))
     tl.debug_barrier()
-    # v_norm_t (per-tensor)
-    p_active = ws + tl.load(tab + t * TBL_W + 17)
-    v11 = tl.load(p_active + 0).to(tl.float32)
-    p_v_norm_t = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_v_norm_t))
-    v12 = tl.load(p_v_norm_t + 0).to(tl.float32)
-    p_n = ws + tl.load(tab + t * TBL_W + 16)
-    v13 = tl.load(p_n + 0).to(tl.float32)
-    v14 = tl.load(p_n + 0).to(tl.float32)
-    x15 = (v13 * v14)
-    x16 = L.lerp(v12, x15, tl.load(hv + t * NH + 4))
-    v17 = tl.load(p_v_norm_t + 0).to(tl.float32)
-    x18 = tl.where(v11, x16, v17)
-    tl.store(p_v_norm_t + 0, L.to_storage(x18, DT_v_norm_t))
+    # v_norm_t = where(active, lerp(v_norm_t, n * n, 1 - gamma2), v_norm_t)  (per-tensor)
+    p_active = ws + tl.load(tab + t * TBL_W + COL_WS_ACTIVE)
+    active_2 = tl.load(p_active + 0).to(tl.float32)
+    p_v_norm_t = tl.load(tab + t * TBL_W + COL_V_NORM_T).to(tl.pointer_type(DT_v_norm_t))
+    v_norm_t = tl.load(p_v_norm_t + 0).to(tl.float32)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    n_4 = tl.load(p_n + 0).to(tl.float32)
+    n_5 = tl.load(p_n + 0).to(tl.float32)
+    v_norm_t_1 = tl.load(p_v_norm_t + 0).to(tl.float32)
+    v_norm_t_where = tl.where(active_2, L.lerp(v_norm_t, (n_4 * n_5), tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA2)), v_norm_t_1)
+    tl.store(p_v_norm_t + 0, L.to_storage(v_norm_t_where, DT_v_norm_t))
     tl.debug_barrier()
-    # c_norm (per-tensor)
-    p_m_norm_t = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_m_norm_t))
-    v19 = tl.load(p_m_norm_t + 0).to(tl.float32)
-    x20 = L.div(v19, tl.load(hv + t * NH + 5))
-    p_v_norm_t = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_v_norm_t))
-    v21 = tl.load(p_v_norm_t + 0).to(tl.float32)
-    x22 = L.div(v21, tl.load(hv + t * NH + 6))
-    x23 = L.sqrt(x22)
-    x24 = (x23 + tl.load(hv + t * NH + 7))
-    x25 = L.div(x20, x24)
-    p_c_norm = ws + tl.load(tab + t * TBL_W + 18)
-    tl.store(p_c_norm + 0, L.to_storage(x25, tl.float32))
+    # c_norm = m_norm_t / (1 - g1 ** step) / (sqrt(v_norm_t / (1 - gamma2 ** step)) + eps)  (per-tensor)
+    p_m_norm_t = tl.load(tab + t * TBL_W + COL_M_NORM_T).to(tl.pointer_type(DT_m_norm_t))
+    m_norm_t_2 = tl.load(p_m_norm_t + 0).to(tl.float32)
+    p_v_norm_t = tl.load(tab + t * TBL_W + COL_V_NORM_T).to(tl.pointer_type(DT_v_norm_t))
+    v_norm_t_2 = tl.load(p_v_norm_t + 0).to(tl.float32)
+    c_norm_add = (L.sqrt(L.div(v_norm_t_2, tl.load(hv + t * NH + HV_ONE_MINUS_GAMMA2_POW_STEP))) + tl.load(hv + t * NH + HV_EPS))
+    c_norm = L.div(L.div(m_norm_t_2, tl.load(hv + t * NH + HV_ONE_MINUS_G1_POW_STEP)), c_norm_add)
+    p_c_norm = ws + tl.load(tab + t * TBL_W + COL_WS_C_NORM)
+    tl.store(p_c_norm + 0, L.to_storage(c_norm, tl.float32))
     tl.debug_barrier()
 
 
 # flat
 @triton.jit
 def _stable_spam_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr):
-    p_clipped = ws + tl.load(tab + t * TBL_W + 19)
-    p_n = ws + tl.load(tab + t * TBL_W + 16)
-    p_c_norm = ws + tl.load(tab + t * TBL_W + 18)
-    p_active = ws + tl.load(tab + t * TBL_W + 17)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_WS_N: tl.constexpr = 16
+    COL_WS_ACTIVE: tl.constexpr = 17
+    COL_WS_C_NORM: tl.constexpr = 18
+    COL_WS_CLIPPED: tl.constexpr = 19
+    HV_ONE_MINUS_B1: tl.constexpr = 8
+    HV_BETA2: tl.constexpr = 9
+    HV_ONE_MINUS_BETA2: tl.constexpr = 10
+    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 11
+    HV_EPS: tl.constexpr = 12
+    HV_NEG_STEP_SIZE: tl.constexpr = 13
+    p_clipped = ws + tl.load(tab + t * TBL_W + COL_WS_CLIPPED)
+    p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
+    p_c_norm = ws + tl.load(tab + t * TBL_W + COL_WS_C_NORM)
+    p_active = ws + tl.load(tab + t * TBL_W + COL_WS_ACTIVE)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k8 = tl.load(hv + t * NH + 8)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_b1 = tl.load(hv + t * NH + HV_ONE_MINUS_B1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k9 = tl.load(hv + t * NH + 9)
-    h__k10 = tl.load(hv + t * NH + 10)
-    h_bias_correction2_sq = tl.load(hv + t * NH + 11)
-    h__k11 = tl.load(hv + t * NH + 12)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction2_sq = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQ)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k12 = tl.load(hv + t * NH + 13)
-    v1 = tl.load(p_clipped + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_n + 0).to(tl.float32)
-    x3 = L.div(v1, v2)
-    v4 = tl.load(p_c_norm + 0).to(tl.float32)
-    x5 = (x3 * v4)
-    v6 = tl.load(p_active + 0).to(tl.float32)
-    v7 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, x5, h__k8)
-    x9 = tl.where(v6, x8, v7)
-    v10 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x11 = (v10 * h__k9)
-    x12 = (x11 + h__k10 * x5 * x5)
-    x13 = tl.where(v6, x12, v10)
-    x14 = L.sqrt(x13)
-    x15 = L.div(x14, h_bias_correction2_sq)
-    x16 = (x15 + h__k11)
-    v17 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x18 = (v17 + h__k12 * L.div(x9, x16))
-    x19 = tl.where(v6, x18, v17)
-    tl.store(p_exp_avg + offs, L.to_storage(x9, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x13, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # scaled = clipped / n * c_norm
+    clipped = tl.load(p_clipped + offs, mask=mask).to(tl.float32)
+    n_1 = tl.load(p_n + 0).to(tl.float32)
+    c_norm = tl.load(p_c_norm + 0).to(tl.float32)
+    scaled = (L.div(clipped, n_1) * c_norm)
+    # exp_avg = where(active, lerp(exp_avg, scaled, 1 - b1), exp_avg)
+    active = tl.load(p_active + 0).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = tl.where(active, L.lerp(exp_avg, scaled, one_minus_b1), exp_avg)
+    # exp_avg_sq = where(active, exp_avg_sq * beta2 + (1 - beta2) * scaled * scaled, exp_avg_sq)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = tl.where(active, ((exp_avg_sq * beta2) + one_minus_beta2 * scaled * scaled), exp_avg_sq)
+    # denom = sqrt(exp_avg_sq) / bias_correction2_sq + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_1), bias_correction2_sq) + eps)
+    # param = where(active, param - step_size * exp_avg / denom, param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = tl.where(active, (param + neg_step_size * L.div(exp_avg_1, denom)), param)
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -303,10 +404,15 @@ def _stable_spam_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads clipped, n, c_norm, active, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

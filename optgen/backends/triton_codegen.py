@@ -12,11 +12,14 @@ Element math runs in fp32 whatever the storage dtype; stores round to nearest ev
 
 from __future__ import annotations
 
+import re
+import textwrap
 from dataclasses import dataclass
 
 import torch
 
 from optgen.backends.launch_plan import CallPlan, PathLaunch, TritonPlan
+from optgen.backends.naming import Names, SourceText
 from optgen.backends.triton_plan import (
     CALLS,
     PathPlan,
@@ -32,7 +35,8 @@ from optgen.backends.triton_plan import (
     static_conditions,
 )
 from optgen.ir.codecs import Codec, FloatCodec, codec_for, stored_names
-from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
+from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
+from optgen.pysource import comment_text, docstring_text
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
 META_COLUMNS = ("numel", "B", "M", "N", "ndim", "gidx")
@@ -93,26 +97,92 @@ def codec_tables(plan: PathPlan) -> list[str]:
     return list(found)
 
 
-class _Body:
-    """Lines of one kernel body with fresh local names."""
+#: Names every kernel's fixed code uses (arguments, headers, loops, the builtin codecs' locals):
+#: no local named after an IR value may take one.
+_RESERVED = frozenset({
+    "tab", "chunks", "gptr", "hv", "ws", "hyp", "steps", "inp", "red", "TBL_W", "NH", "BLOCK", "BM", "BN",
+    "VB", "ALIGNED", "P_DT", "STEP_DT", "pid", "t", "b", "rows", "cols", "M", "N", "B", "rows2", "cols2",
+    "offs", "mask", "start", "n", "sp", "sl_mask", "sl_offs", "j", "j0", "acc", "scale", "gidx", "step",
+    "L", "tl", "triton", "range", "None", "True", "False", "inf", "nan",
+    "q", "q_max", "q_scale", "q_s", "q_block", "q_live",
+})
 
-    def __init__(self, indent: int = 1):
+#: The order the named constants are declared in at the top of a kernel.
+_CONSTANT_ORDER = ("COL", "HV", "HYP", "INP", "N", "RED")
+
+#: Longest inline subexpression: a longer one gets a line (and a name) of its own.
+_INLINE = 88
+
+_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=[^=]")
+
+
+class _Scope:
+    """One kernel's names: its locals (:class:`Names`), the named constants of the table columns
+    and slots it indexes (declared ``tl.constexpr`` at its top), and what it reads and writes
+    (for its docstring)."""
+
+    def __init__(self, reserved: list[str]):
+        self.names = Names(_RESERVED | set(reserved))
+        self.constants: dict[tuple[str, str], tuple[str, int]] = {}
+        self.reads: list[str] = []
+        self.writes: list[str] = []
+        self.accumulates: list[str] = []
+        self.pointer_names: dict[str, str] = {}
+
+    def constant(self, family: str, key: str, value: int, stem: str | None = None) -> str:
+        """The constant naming slot ``value`` of ``key`` in ``family`` (``COL_EXP_AVG`` for the
+        table's column ``state:exp_avg``), named ``<family>_<stem>`` in capitals."""
+        if (family, key) not in self.constants:
+            stem = (key if stem is None else stem).replace(":", "_").upper()
+            self.constants[(family, key)] = (self.names.new(f"{family}_{stem}"), value)
+        return self.constants[(family, key)][0]
+
+    def constant_lines(self) -> list[str]:
+        order = sorted(self.constants.items(), key=lambda kv: (_CONSTANT_ORDER.index(kv[0][0]), kv[1][1]))
+        return [f"    {name}: tl.constexpr = {value}" for _, (name, value) in order]
+
+    def touch(self, what: list[str], name: str) -> None:
+        if name not in what:
+            what.append(name)
+
+    def docstring(self, summary: str) -> list[str]:
+        """The kernel's docstring lines: its stage (``summary``), then what it reads, writes and
+        accumulates (IR names: identifiers, escaped all the same)."""
+        io = [f"{verb} {', '.join(names)}" for verb, names in
+              (("Reads", self.reads), ("writes", self.writes), ("accumulates", self.accumulates)) if names]
+        paragraphs = [summary] + (["; ".join(io) + "."] if io else [])
+        lines: list[str] = []
+        for i, p in enumerate(paragraphs):
+            lines += ([""] if i else []) + textwrap.wrap(p, 96, break_long_words=False, break_on_hyphens=False)
+        text = docstring_text("\n".join(lines), multiline=True).split("\n")
+        if len(text) == 1:
+            return [f'    """{text[0]}"""']
+        return [f'    """{text[0]}', *[f"    {x}" if x else "" for x in text[1:]], '    """']
+
+
+class _Body:
+    """Lines of one kernel body; its locals come from the kernel's :class:`_Scope`."""
+
+    def __init__(self, scope: _Scope, indent: int = 1):
         self.lines: list[str] = []
         self.indent = indent
-        self.n = 0
+        self.scope = scope
 
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
 
+    def comment(self, text: str) -> None:
+        """A comment line (``text`` escaped by the caller: optgen.pysource.comment_text)."""
+        self.emit(f"# {text}")
+
     def fresh(self, hint: str = "x") -> str:
-        self.n += 1
-        return f"{hint}{self.n}"
+        return self.scope.names.new(hint)
 
 
 class KernelEmitter:
     """Emits the kernels of one path."""
 
-    def __init__(self, program: Program, plan: PathPlan, hyper_slots: list):
+    def __init__(self, program: Program, plan: PathPlan, hyper_slots: list, text: SourceText | None = None):
         self.program = program
         self.plan = plan
         #: (name, index) of every hyperparameter the prologues read, shared by a program's paths
@@ -123,10 +193,27 @@ class KernelEmitter:
         self.hv = {name: i for i, name in enumerate(plan.hv)}
         #: the codecs whose own triton code the kernels hold (their triton_source joins the module)
         self.codecs: set[str] = set()
+        #: the statements' text (comments) and the host values' names, shared by a program's paths
+        self.text = text if text is not None else SourceText(program)
+        self.scope = self.new_scope()
 
     # -- common ------------------------------------------------------------------------------
+    def new_scope(self) -> _Scope:
+        """The names of the next kernel (the state dtype and host state arguments reserved)."""
+        self.scope = _Scope([*self.state_dtypes, *(f"hs_{d.name}" for d in self.program.state)])
+        return self.scope
+
     def col(self, name: str) -> str:
-        return f"tl.load(tab + t * TBL_W + {self.cols[name]})"
+        stem = name.removeprefix("state:")  # a state's column is named after it, a workspace's WS_<name>
+        return f"tl.load(tab + t * TBL_W + {self.scope.constant('COL', name, self.cols[name], stem)})"
+
+    def hv_slot(self, name: str) -> str:
+        """The named constant of host value ``name``'s slot in ``hv``."""
+        return self.scope.constant("HV", name, self.hv[name], self.text.host_name(name))
+
+    def kernel_text(self, scope: _Scope, summary: str, lines: list[str], name: str = _NAME_HOLE) -> str:
+        """A kernel: its signature, docstring, named constants, then ``lines``."""
+        return self.signature(name) + "\n".join([*scope.docstring(summary), *scope.constant_lines(), *lines]) + "\n"
 
     @property
     def input_names(self) -> list[str]:
@@ -162,7 +249,8 @@ class KernelEmitter:
 
     # -- prologue: host scalars in float64 ---------------------------------------------------
     def prologue(self) -> _Draft:
-        b = _Body()
+        scope = self.new_scope()
+        b = _Body(scope)
         b.emit("t = tl.program_id(0)")
         b.emit(f"gidx = {self.col('gidx')}")
         env: dict[str, str] = {}
@@ -171,20 +259,31 @@ class KernelEmitter:
             b.emit("tl.store(steps + gidx, step.to(STEP_DT))")
         for d in self.program.state:
             if d.kind == Kind.HOST:
-                b.emit(f"h_{d.name} = tl.load(hs_{d.name} + gidx).to(tl.float64)")
-                env[d.name] = f"h_{d.name}"
+                env[d.name] = b.fresh(d.name)
+                b.emit(f"{env[d.name]} = tl.load(hs_{d.name} + gidx).to(tl.float64)")
+                scope.touch(scope.reads, d.name)
         for s in self.plan.host:
             code = self.host_expr(s.value, b, env)
-            local = f"h_{s.target}"
+            local = b.fresh(self.text.host_name(s.target))
+            if s.target not in self.text.hoisted:
+                b.comment(self.text.statement(s))
+            elif local.split("_")[0] in ("k", "c"):  # a hoisted value without a descriptive name
+                b.comment(comment_text(f"{local} = {self.text.expr(s.value)}"))
             if s.role == "host_state":
                 b.emit(f"{local} = ({code}).to(DT_{s.target}).to(tl.float64)")
                 b.emit(f"tl.store(hs_{s.target} + gidx, {local}.to(DT_{s.target}))")
+                scope.touch(scope.writes, s.target)
             else:
                 b.emit(f"{local} = {code}")
             env[s.target] = local
-        for i, n in enumerate(self.plan.hv):
-            b.emit(f"tl.store(hv + t * NH + {i}, ({env[n]}).to(tl.float32))")
-        return _Draft.of("prologue", self.signature() + "\n".join(b.lines) + "\n")
+        if self.plan.hv:
+            b.comment("the host values the passes read, rounded to float32")
+        for n in self.plan.hv:
+            b.emit(f"tl.store(hv + t * NH + {self.hv_slot(n)}, ({env[n]}).to(tl.float32))")
+        what = "counts the step, computes" if self.program.step_store == "tensor" else "computes"
+        summary = (f"Prologue: one program per tensor; {what} the host values in float64 and writes "
+                   f"the {len(self.plan.hv)} the passes read to hv.")
+        return _Draft.of("prologue", self.kernel_text(scope, summary, b.lines))
 
     def host_expr(self, n: Node, b: _Body, env: dict[str, str]) -> str:
         op = n.op
@@ -197,10 +296,12 @@ class KernelEmitter:
                 raise TritonUnsupported(f"host value '{n.attr}' is not computed on this path")
             return env[n.attr]
         if op == "hyper":
-            return f"tl.load(hyp + {self.hyper_slot(n.attr)})"
+            slot = self.scope.constant("HYP", repr(n.attr), self.hyper_slot(n.attr), self.text.hyper_name(n.attr))
+            return f"tl.load(hyp + {slot})"
         if op == "input":  # per-parameter values the runtime uploads each step (Kourkoutas' beta2)
             names = self.input_names
-            return f"tl.load(inp + gidx * {len(names)} + {names.index(n.attr)})"
+            count = self.scope.constant("N", "inputs", len(names))
+            return f"tl.load(inp + gidx * {count} + {self.scope.constant('INP', n.attr, names.index(n.attr))})"
         if op == "step":
             return "step"
         if op == "meta" and n.attr == "eps":  # eps_of(param)
@@ -263,7 +364,7 @@ class KernelEmitter:
             return f"{self.col('numel')}.to(tl.float32)"
         if op == "reduced":  # an optimizer-wide reduction of this step (its first phase)
             slot = [r.name for r in self.program.reductions].index(n.attr)
-            return f"tl.load(red + {slot})"
+            return f"tl.load(red + {self.scope.constant('RED', n.attr, slot)})"
         if op in ("decode", "encode"):
             return self.coded(n, ctx)
         if n.is_host:
@@ -288,7 +389,8 @@ class KernelEmitter:
         elif op == "pow":
             e = n.args[1]
             if e.op == "const" and float(e.attr) == 2.0:
-                code = f"({a[0]} * {a[0]})"
+                x = ctx.named(a[0], "square")
+                code = f"({x} * {x})"
             elif e.op == "const" and float(e.attr) == 0.5:
                 code = f"L.sqrt({a[0]})"
             else:
@@ -343,9 +445,7 @@ class KernelEmitter:
             code = f"({a[0]} * {a[1]})"
         else:
             raise TritonUnsupported(f"operation '{op}' in an element expression")
-        name = ctx.body.fresh()
-        ctx.body.emit(f"{name} = {code}")
-        return name
+        return ctx.value(code, op)
 
     def coded(self, n: Node, ctx: _DeviceCtx) -> str:
         """A coded state's read or write (feature state_precision) in registers: float codecs
@@ -361,11 +461,10 @@ class KernelEmitter:
             return x  # the store rounds to the state's dtype
         off, _ = ctx.index(Kind.ELEMENT)
         step = self.expr(n.args[1], ctx) if len(n.args) > 1 else "0"
-        name = ctx.body.fresh()
         # its own Philox stream: per step, tensor and state (salted apart from the parameter's)
         salt = 1 + sum(map(ord, str(n.attr))) % 9973
-        ctx.body.emit(f"{name} = L.sr_bf16({x}, ({step}).to(tl.int32) * 65599 + {self.col('gidx')} + {salt} * 7919, {off})")
-        return name
+        return ctx.named(f"L.sr_bf16({x}, ({step}).to(tl.int32) * 65599 + {self.col('gidx')} + {salt} * 7919, {off})",
+                         "rounded")
 
     def coded_blocks(self, codec: Codec, n: Node, ctx: _DeviceCtx) -> str:
         """A codec's own triton decode/encode (docs/state_precision.md) in a flat pass, whose tile
@@ -387,11 +486,12 @@ class KernelEmitter:
         ctx.body.emit(f"{live} = offs < {self.col('numel')}")
         try:
             if n.op == "decode":
-                name = ctx.body.fresh()
+                name = ctx.body.fresh(state)
                 ctx.body.emit(f"{name} = {codec.triton_decode(ptr, 'offs', live, non_neg)}")
                 ctx.locals[state] = name
+                self.scope.touch(self.scope.reads, state)
                 return name
-            x = self.expr(n.args[0], ctx)
+            x = ctx.named(self.expr(n.args[0], ctx), state)  # the codec's lines may read it several times
             bits = None
             if codec.stochastic:
                 step = self.expr(n.args[1], ctx)
@@ -404,33 +504,45 @@ class KernelEmitter:
         if codec.block:
             ctx.body.emit(f"tl.static_assert(BLOCK % {codec.block} == 0)")
         for line in lines:
+            # a codec's own locals must not overwrite a value of the kernel (builtin codecs' are
+            # reserved, plugins' start with an underscore)
+            m = _ASSIGNED.match(line)
+            if m and m.group(1) in self.scope.names.taken and m.group(1) not in _RESERVED:
+                raise AssertionError(f"codec '{codec.name}' assigns '{m.group(1)}', a local of the kernel")
             ctx.body.emit(line)
         ctx.codec_stored.add(state)
+        self.scope.touch(self.scope.writes, state)
         return x
 
     # -- passes ------------------------------------------------------------------------------
     def pass_kernel(self, stage: Stage, index: int) -> _Draft:
         tiled = stage.layout == "tiled"
-        body = _Body(indent=1)
+        scope = self.new_scope()
+        body = _Body(scope, indent=1)
         ctx = _DeviceCtx(self, body, "tiled" if tiled else "flat")
         for s in stage.statements:
+            body.comment(self.text.statement(s))
+            ctx.target = s.target  # the stem of the names of its intermediate values
             if s.role == "reduce":
                 self.reduce(s, ctx)
+                scope.touch(scope.accumulates, s.target)
                 continue
             ctx.encoding = s.target  # an encode's state (its codec stores it itself)
-            value = self.expr(s.value, ctx)
-            ctx.locals[s.target] = value
+            ctx.locals[s.target] = ctx.bind(self.expr(s.value, ctx), s.target)
             ctx.written.append(s.target)
         kinds = {s.target: s.value.kind for s in stage.statements}
-        for target in dict.fromkeys(ctx.written):
-            if target in ctx.codec_stored:
-                continue
-            if target == "param" or target in self.states or target in self.plan.spills.get(index, []):
-                kind = Kind.SLICE if kinds[target] == Kind.SLICE else Kind.ELEMENT
-                ctx.store(target, ctx.locals[target], kind)
+        stores = [t for t in dict.fromkeys(ctx.written) if t not in ctx.codec_stored and
+                  (t == "param" or t in self.states or t in self.plan.spills.get(index, []))]
+        if stores:
+            body.comment(f"store {', '.join(stores)}")
+        for target in stores:
+            kind = Kind.SLICE if kinds[target] == Kind.SLICE else Kind.ELEMENT
+            ctx.store(target, ctx.locals[target], kind)
         header = ctx.header()
         if tiled:
-            return _Draft.of("tiled", self.signature() + "\n".join(header + body.lines) + "\n")
+            summary = ("Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column "
+                       "values, row and column reductions).")
+            return _Draft.of("tiled", self.kernel_text(scope, summary, header + body.lines))
         # Flat passes: full chunks run unmasked (vectorised loads), the last chunk masked.
         block_name = f"{_NAME_HOLE}_block"
         # BLOCK in the block function only where a codec reshapes the tile into its scale blocks
@@ -442,23 +554,26 @@ class KernelEmitter:
         def call(mask: str) -> str:  # the block's arguments, written out (not edited from `params`)
             return ", ".join(["t", "offs", mask, *runtime[3:], *constexprs])
 
-        inner = f"@triton.jit\ndef {block_name}({params}):\n" + "\n".join(header + body.lines) + "\n"
-        outer = self.signature() + "\n".join(
-            [
-                "    pid = tl.program_id(0)",
-                "    t = tl.load(chunks + 2 * pid)",
-                "    start = tl.load(chunks + 2 * pid + 1)",
-                f"    n = {self.col('numel')}",
-                "    offs = start + tl.arange(0, BLOCK)",
-                "    if ALIGNED:",
-                "        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)",
-                "    if start + BLOCK <= n:",
-                f"        {block_name}({call('None')})",
-                "    else:",
-                f"        {block_name}({call('offs < n')})",
-            ]
-        ) + "\n"
-        return _Draft.of("flat", inner + "\n\n" + outer)
+        inner = f"@triton.jit\ndef {block_name}({params}):\n" + "\n".join(
+            ['    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""',
+             *scope.constant_lines(), *header, *body.lines]) + "\n"
+        outer_scope = self.new_scope()
+        outer_scope.reads, outer_scope.writes, outer_scope.accumulates = scope.reads, scope.writes, scope.accumulates
+        lines = [
+            "    pid = tl.program_id(0)",
+            "    t = tl.load(chunks + 2 * pid)",
+            "    start = tl.load(chunks + 2 * pid + 1)",
+            f"    n = {self.col('numel')}",
+            "    offs = start + tl.arange(0, BLOCK)",
+            "    if ALIGNED:",
+            "        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)",
+            "    if start + BLOCK <= n:",
+            f"        {block_name}({call('None')})",
+            "    else:",
+            f"        {block_name}({call('offs < n')})",
+        ]
+        summary = "Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor)."
+        return _Draft.of("flat", inner + "\n\n" + self.kernel_text(outer_scope, summary, lines))
 
     def reduce(self, s: Assign, ctx: _DeviceCtx) -> None:
         n = s.value
@@ -468,11 +583,12 @@ class KernelEmitter:
             v = self.expr(n.args[1], ctx)
             x = f"({x} * {v})"
         elif op == "sumsq":
+            x = ctx.named(x, s.target)
             x = f"({x} * {x})"
         elif op == "maxabs":
             x = f"tl.abs({x})"
         body = ctx.body
-        part = body.fresh("part")
+        part = body.fresh(f"{s.target}_part")
         lanes = ctx.index(Kind.SLICE)[1] if n.args[0].kind == Kind.SLICE else "mask"
         body.emit(f"{part} = L.masked({x}, {lanes})")
         base = f"ws + {self.col('ws:' + s.target)}"
@@ -490,16 +606,19 @@ class KernelEmitter:
 
     # -- vector stages -----------------------------------------------------------------------
     def vec_kernel(self, stage: Stage) -> _Draft:
-        body = _Body(indent=1)
+        scope = self.new_scope()
+        body = _Body(scope, indent=1)
         body.emit("t = tl.program_id(0)")
         body.emit(f"B = {self.col('B')}")
         body.emit(f"M = {self.col('M')}")
         body.emit(f"N = {self.col('N')}")
         for s in stage.statements:
-            body.emit(f"# {s.target} ({s.value.kind.label})")
+            body.comment(f"{self.text.statement(s)}  ({s.value.kind.label})")
             self.vec_statement(s, body)
             body.emit("tl.debug_barrier()")
-        return _Draft.of("vec", self.signature() + "\n".join(body.lines) + "\n")
+        summary = ("Vector stage: one program per tensor, looping over its matrices and their rows / columns "
+                   "in blocks of VB.")
+        return _Draft.of("vec", self.kernel_text(scope, summary, body.lines))
 
     def vec_statement(self, s: Assign, body: _Body) -> None:
         kind = s.value.kind
@@ -511,25 +630,25 @@ class KernelEmitter:
             body.emit("for b in range(0, B):")
             body.indent += 1
             self._vec_loop(body, length)
-            ctx = _DeviceCtx(self, body, "vec", length=length)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=length)
             body.emit(f"acc += tl.sum(tl.where(j < {length}, {self.expr(x, ctx)}, 0.0), axis=0)")
             body.indent -= 2
-            _DeviceCtx(self, body, "vec", length=None).store(s.target, "acc", kind)
+            _DeviceCtx(self, body, "vec", target=s.target, length=None).store(s.target, "acc", kind)
             return
         if kind == Kind.TENSOR:
-            ctx = _DeviceCtx(self, body, "vec", length=None)
-            ctx.store(s.target, self.expr(n, ctx), kind)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=None)
+            ctx.store(s.target, ctx.bind(self.expr(n, ctx), s.target), kind)
             return
         body.emit("for b in range(0, B):")
         body.indent += 1
         if kind == Kind.MATRIX and n.op not in ("dot", "matmean"):
-            ctx = _DeviceCtx(self, body, "vec", length=None)
-            ctx.store(s.target, self.expr(n, ctx), kind)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=None)
+            ctx.store(s.target, ctx.bind(self.expr(n, ctx), s.target), kind)
         elif kind == Kind.MATRIX:  # dot of two rows or two columns
             length = "M" if n.args[0].kind == Kind.ROW else "N"
             body.emit("acc = tl.zeros((), tl.float32)")
             self._vec_loop(body, length)
-            ctx = _DeviceCtx(self, body, "vec", length=length)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=length)
             if n.op == "matmean":  # the mean of a row / column: its sum over its length
                 a = self.expr(n.args[0], ctx)
                 body.emit(f"acc += tl.sum(tl.where(j < {length}, {a}, 0.0), axis=0)")
@@ -537,7 +656,7 @@ class KernelEmitter:
                 a, c = self.expr(n.args[0], ctx), self.expr(n.args[1], ctx)
                 body.emit(f"acc += tl.sum(tl.where(j < {length}, {a} * {c}, 0.0), axis=0)")
             body.indent -= 1
-            ctx = _DeviceCtx(self, body, "vec", length=None)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=None)
             ctx.store(s.target, f"L.div(acc, {length}.to(tl.float32))" if n.op == "matmean" else "acc", kind)
         else:
             length = "M" if kind == Kind.ROW else "N"
@@ -546,17 +665,17 @@ class KernelEmitter:
                 value = n.args[0]
                 body.emit("acc = tl.zeros((), tl.float32)")
                 self._vec_loop(body, length)
-                ctx = _DeviceCtx(self, body, "vec", length=length)
-                x = self.expr(value, ctx)
+                ctx = _DeviceCtx(self, body, "vec", target=s.target, length=length)
+                x = ctx.named(self.expr(value, ctx), s.target)
                 body.emit(f"acc += tl.sum(tl.where(j < {length}, {x} * {x}, 0.0), axis=0)")
                 body.indent -= 1
                 body.emit("scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)")
             self._vec_loop(body, length)
-            ctx = _DeviceCtx(self, body, "vec", length=length)
+            ctx = _DeviceCtx(self, body, "vec", target=s.target, length=length)
             x = self.expr(value, ctx)
             if n.op == "normalize":
                 x = f"L.div({x}, scale)"
-            ctx.store(s.target, x, kind)
+            ctx.store(s.target, ctx.bind(x, s.target), kind)
             body.indent -= 1
         body.indent -= 1
 
@@ -571,11 +690,13 @@ class KernelEmitter:
 class _DeviceCtx:
     """Where values live while one device kernel body is emitted."""
 
-    def __init__(self, em: KernelEmitter, body: _Body, mode: str, length: str | None = None):
+    def __init__(self, em: KernelEmitter, body: _Body, mode: str, length: str | None = None,
+                 target: str | None = None):
         self.em = em
         self.body = body
         self.mode = mode  # flat | tiled | vec
         self.length = length  # vec: "M" / "N" inside a vector loop
+        self.target = target  # the statement being emitted: the stem of its values' names
         self.locals: dict[str, str] = {}
         self.written: list[str] = []
         self.pointers: dict[str, str] = {}
@@ -584,6 +705,26 @@ class _DeviceCtx:
         self.slice_lanes = False  # the per-slice lanes and offsets are set up in the header
         self.encoding: str | None = None  # the target of the statement being emitted
         self.codec_stored: set[str] = set()  # coded states whose codec's encode stored them
+
+    def value(self, code: str, op: str) -> str:
+        """An operation's result: inline in the expression of its statement, or on a line of its
+        own (named ``<target>_<op>``) where the expression would grow too long to read."""
+        if len(code) <= _INLINE:
+            return code
+        return self.named(code, f"{self.target}_{op}" if self.target else op)
+
+    def named(self, code: str, hint: str) -> str:
+        """``code`` as a local (for a value read more than once, or handed to a codec)."""
+        if code.isidentifier():
+            return code
+        name = self.body.fresh(hint)
+        self.body.emit(f"{name} = {code}")
+        return name
+
+    def bind(self, code: str, target: str) -> str:
+        """A statement's value, named after its target (a value that is already a local is
+        that local: an alias costs no line)."""
+        return self.named(code, target)
 
     def header(self) -> list[str]:
         lines = []
@@ -611,7 +752,8 @@ class _DeviceCtx:
         if name in self.pointers:
             return self.pointers[name]
         em = self.em
-        local = "p_" + name
+        # one name per buffer and kernel (a vector stage loads a pointer again where it uses it)
+        local = em.scope.pointer_names.get(name) or em.scope.pointer_names.setdefault(name, self.body.fresh("p_" + name))
         if name == "grad":
             src = "tl.load(gptr + t)"
         elif name == "param" or name in em.states:
@@ -634,7 +776,7 @@ class _DeviceCtx:
     def table_pointer(self, column: str, dtype: str) -> str:
         """The local holding a codec table's pointer (a ``book:`` column), loaded in the header."""
         if column not in self.pointers:
-            local = f"p_book{len([k for k in self.pointers if k.startswith('book:')])}"
+            local = self.body.fresh("p_book")
             self.header_lines.append(f"    {local} = {self.em.col(column)}.to(tl.pointer_type(tl.{dtype}))")
             self.pointers[column] = local
         return self.pointers[column]
@@ -680,7 +822,8 @@ class _DeviceCtx:
     def read_bits(self, name: str) -> str:
         """A 1-bit state: bit ``j % 8`` of byte ``j // 8`` of each row, as a boolean."""
         ptr = self.pointer(name)
-        byte, local = self.body.fresh("byte"), self.body.fresh("v")
+        byte, local = self.body.fresh(f"{name}_byte"), self.body.fresh(name)
+        self.em.scope.touch(self.em.scope.reads, name)
         self.body.emit(f"{byte} = tl.load({ptr} + {self._bits_offsets()} + cols2 // 8, mask=mask, other=0)")
         self.body.emit(f"{local} = ((({byte}).to(tl.int32) >> (cols2 % 8)) & 1) != 0")
         self.locals[name] = local
@@ -690,7 +833,8 @@ class _DeviceCtx:
         """Pack the tile's booleans 8 per byte (BN is a multiple of 8; bits past N are 0)."""
         ptr = self.pointer(name)
         b = self.body
-        bits, packed, bcols = b.fresh("bits"), b.fresh("packed"), b.fresh("bcols")
+        bits, packed, bcols = b.fresh(f"{name}_bits"), b.fresh(f"{name}_packed"), b.fresh(f"{name}_bcols")
+        self.em.scope.touch(self.em.scope.writes, name)
         b.emit(f"{bits} = tl.reshape(tl.where(mask, {value}, 0).to(tl.int32), (BM, BN // 8, 8))")
         b.emit(f"{packed} = tl.sum({bits} << tl.arange(0, 8)[None, None, :], axis=2)")
         b.emit(f"{bcols} = tl.load(chunks + 4 * pid + 3) // 8 + tl.arange(0, BN // 8)[None, :]")
@@ -699,12 +843,12 @@ class _DeviceCtx:
 
     def read(self, name: str, kind: Kind) -> str:
         if kind == Kind.HOST:
-            load = f"tl.load(hv + t * NH + {self.em.hv[name]})"
+            load = f"tl.load(hv + t * NH + {self.em.hv_slot(name)})"
             if self.mode == "vec":
                 return load
             if name not in self.hv_loaded:
-                self.hv_loaded[name] = f"h_{name}"
-                self.header_lines.append(f"    h_{name} = {load}")
+                self.hv_loaded[name] = self.body.fresh(self.em.text.host_name(name))
+                self.header_lines.append(f"    {self.hv_loaded[name]} = {load}")
             return self.hv_loaded[name]
         if name in self.locals:
             return self.locals[name]
@@ -712,7 +856,8 @@ class _DeviceCtx:
             return self.read_bits(name)
         ptr = self.pointer(name)
         off, mask = self.index(kind)
-        local = self.body.fresh("v")
+        local = self.body.fresh(name)
+        self.em.scope.touch(self.em.scope.reads, name)
         m = ""
         if mask is not None:
             m = f", mask={mask}" if self.mode == "flat" and kind != Kind.SLICE else f", mask={mask}, other=0.0"
@@ -731,6 +876,7 @@ class _DeviceCtx:
             return
         ptr = self.pointer(name)
         off, mask = self.index(kind)
+        self.em.scope.touch(self.em.scope.writes, name)
         m = f", mask={mask}" if mask is not None else ""
         self.body.emit(f"tl.store({ptr} + {off}, L.to_storage({value}, {self.em.dtype_of(name)}){m})")
 
@@ -860,6 +1006,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         by_text[draft] = name
         return name
 
+    text = SourceText(program)  # comments and host value names, the same on every path
     unsupported: list[str] = []
     emitters: list[KernelEmitter] = []
     for key, stmts in enumerate_paths(program.body, dyn, fixed=default_decisions(program) if fixed is None else fixed):
@@ -867,7 +1014,7 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
         # reason; the runtime raises it if a parameter group takes that path.
         try:
             plan = plan_path(program, key, stmts, dyn)
-            em = KernelEmitter(program, plan, slots)
+            em = KernelEmitter(program, plan, slots, text)
             sources: list = [(em.prologue(), "prologue")]
             calls = []
             for i, st in enumerate(plan.stages):
