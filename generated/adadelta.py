@@ -38,27 +38,33 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_square_avg = S["square_avg"]
-    st_acc_delta = S["acc_delta"]
+    # the states, one list of tensors each
+    square_avg = S["square_avg"]
+    acc_delta = S["acc_delta"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
-    F.mul_(st_square_avg, h["_k1"])
-    F.addcmul_(st_square_avg, grad, grad, h["_k2"])
-    _3 = F.add(st_square_avg, h["_k3"])
-    F.sqrt_(_3)
-    t_std = _3
-    _4 = F.add(st_acc_delta, h["_k4"])
-    F.sqrt_(_4)
-    F.div_(_4, t_std)
-    F.mul_(_4, grad)
-    t_delta = _4
-    F.mul_(st_acc_delta, h["_k5"])
-    F.addcmul_(st_acc_delta, t_delta, t_delta, h["_k6"])
-    F.axpy_(param, t_delta, h["_k7"])
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # square_avg = square_avg * rho + (1 - rho) * grad * grad
+    F.mul_(square_avg, h["_k1"])
+    F.addcmul_(square_avg, grad, grad, h["_k2"])
+    # std = sqrt(square_avg + eps)
+    std = F.add(square_avg, h["_k3"])
+    F.sqrt_(std)
+    # delta = sqrt(acc_delta + eps) / std * grad
+    delta = F.add(acc_delta, h["_k4"])
+    F.sqrt_(delta)
+    F.div_(delta, std)
+    F.mul_(delta, grad)
+    # acc_delta = acc_delta * rho + (1 - rho) * delta * delta
+    F.mul_(acc_delta, h["_k5"])
+    F.addcmul_(acc_delta, delta, delta, h["_k6"])
+    # param = param - lr * delta
+    F.axpy_(param, delta, h["_k7"])
 
 
 class Adadelta(GeneratedOptimizer):

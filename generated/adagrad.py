@@ -37,18 +37,23 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_sum = S["sum"]
+    # the states, one list of tensors each
+    sum = S["sum"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
-    F.addcmul_(st_sum, grad, grad, 1)
-    _3 = F.sqrt(st_sum)
-    F.add_(_3, h["_k1"])
-    t_std = _3
-    F.addcdiv_(param, grad, t_std, h["_k2"])
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # sum = sum + grad * grad
+    F.addcmul_(sum, grad, grad, 1)
+    # std = sqrt(sum) + eps
+    std = F.sqrt(sum)
+    F.add_(std, h["_k1"])
+    # param = param - clr * grad / std
+    F.addcdiv_(param, grad, std, h["_k2"])
 
 
 class Adagrad(GeneratedOptimizer):

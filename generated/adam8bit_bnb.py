@@ -125,188 +125,232 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_state1 = S["state1"]
-    st_state2 = S["state2"]
-    st_state1_absmax = S["state1_absmax"]
-    st_state2_absmax = S["state2_absmax"]
+    # the states, one list of tensors each
+    state1 = S["state1"]
+    state2 = S["state2"]
+    state1_absmax = S["state1_absmax"]
+    state2_absmax = S["state2_absmax"]
+    # if state_precision == '8bit' and numel >= min_8bit_size:
     if h["_c0"]:
-        _1 = F.float32(grad)
-        grad = _1
-        _2 = F.float32(param)
-        t_p32 = _2
+        # grad = float32(grad)
+        grad = F.float32(grad)
+        # p32 = float32(param)
+        p32 = F.float32(param)
+        # if state_precision == '8bit_cuda' and numel >= min_8bit_size:
         if h["_c1"]:
-            _3 = F.abs(grad)
-            _4 = F.le(_3, 3.4028234663852886e+38)
-            t_finite = _4
-            _5 = F.decode("8bit", True, {"": st_state2, "_absmax": st_state2_absmax})
-            t_state2_work = _5
-            _6 = F.mul(t_state2_work, h["_k0"])
-            F.addcmul_(_6, grad, grad, h["_k1"])
-            _7 = F.where(t_finite, _6, 0)
-            t_state2_work = _7
-            F.encode_("8bit", True, {"": st_state2, "_absmax": st_state2_absmax}, t_state2_work)
-            _8 = F.decode("8bit", False, {"": st_state1, "_absmax": st_state1_absmax})
-            t_state1_work = _8
-            _9 = F.mul(t_state1_work, h["_k2"])
-            F.axpy_(_9, grad, h["_k3"])
-            _10 = F.where(t_finite, _9, 0)
-            t_state1_work = _10
-            F.encode_("8bit", False, {"": st_state1, "_absmax": st_state1_absmax}, t_state1_work)
-            _11 = F.sqrt(t_state2_work)
-            F.add_(_11, h["_k4"])
-            _12 = F.div(t_state1_work, _11)
-            t_update = _12
-            _13 = F.axpy(t_p32, t_update, h["_k5"])
-            _14 = F.where(t_finite, _13, t_p32)
-            t_p32 = _14
+            # finite = abs(grad) <= 3.4028234663852886e+38
+            finite_1 = F.abs(grad)
+            finite = F.le(finite_1, 3.4028234663852886e+38)
+            # state2_work = state2
+            state2_work = F.decode("8bit", True, {"": state2, "_absmax": state2_absmax})
+            # state2_work = where(finite, state2_work * beta2 + (1 - beta2) * grad * grad, 0)
+            state2_work_1 = F.mul(state2_work, h["_k0"])
+            F.addcmul_(state2_work_1, grad, grad, h["_k1"])
+            state2_work_2 = F.where(finite, state2_work_1, 0)
+            state2_work = state2_work_2
+            # state2 = state2_work
+            F.encode_("8bit", True, {"": state2, "_absmax": state2_absmax}, state2_work)
+            # state1_work = state1
+            state1_work = F.decode("8bit", False, {"": state1, "_absmax": state1_absmax})
+            # state1_work = where(finite, state1_work * beta1 + (1 - beta1) * grad, 0)
+            state1_work_1 = F.mul(state1_work, h["_k2"])
+            F.axpy_(state1_work_1, grad, h["_k3"])
+            state1_work_2 = F.where(finite, state1_work_1, 0)
+            state1_work = state1_work_2
+            # state1 = state1_work
+            F.encode_("8bit", False, {"": state1, "_absmax": state1_absmax}, state1_work)
+            # update = state1_work / (sqrt(state2_work) + correction2 * eps)
+            update_1 = F.sqrt(state2_work)
+            F.add_(update_1, h["_k4"])
+            update = F.div(state1_work, update_1)
+            # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
+            p32_1 = F.axpy(p32, update, h["_k5"])
+            p32_2 = F.where(finite, p32_1, p32)
+            p32 = p32_2
+            # if weight_decay > 0:
             if h["_c2"]:
-                _15 = F.mul(t_p32, h["_k6"])
-                _16 = F.where(t_finite, _15, t_p32)
-                t_p32 = _16
+                # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
+                p32_3 = F.mul(p32, h["_k6"])
+                p32_4 = F.where(finite, p32_3, p32)
+                p32 = p32_4
         else:
-            _17 = F.decode("8bit", False, {"": st_state1, "_absmax": st_state1_absmax})
-            t_state1_work = _17
-            F.mul_(t_state1_work, h["_k7"])
-            F.axpy_(t_state1_work, grad, h["_k8"])
-            F.encode_("8bit", False, {"": st_state1, "_absmax": st_state1_absmax}, t_state1_work)
-            _18 = F.decode("8bit", True, {"": st_state2, "_absmax": st_state2_absmax})
-            t_state2_work = _18
-            F.mul_(t_state2_work, h["_k9"])
-            F.addcmul_(t_state2_work, grad, grad, h["_k10"])
-            F.encode_("8bit", True, {"": st_state2, "_absmax": st_state2_absmax}, t_state2_work)
+            # state1_work = state1
+            state1_work = F.decode("8bit", False, {"": state1, "_absmax": state1_absmax})
+            # state1_work = state1_work * beta1 + (1 - beta1) * grad
+            F.mul_(state1_work, h["_k7"])
+            F.axpy_(state1_work, grad, h["_k8"])
+            # state1 = state1_work
+            F.encode_("8bit", False, {"": state1, "_absmax": state1_absmax}, state1_work)
+            # state2_work = state2
+            state2_work = F.decode("8bit", True, {"": state2, "_absmax": state2_absmax})
+            # state2_work = state2_work * beta2 + (1 - beta2) * grad * grad
+            F.mul_(state2_work, h["_k9"])
+            F.addcmul_(state2_work, grad, grad, h["_k10"])
+            # state2 = state2_work
+            F.encode_("8bit", True, {"": state2, "_absmax": state2_absmax}, state2_work)
+            # if weight_decay > 0:
             if h["_c2"]:
-                _19 = F.mul(t_p32, h["_k11"])
-                t_p32 = _19
+                # p32 = p32 * (1 - lr * weight_decay)
+                p32 = F.mul(p32, h["_k11"])
+            # if numel >= min_8bit_size:
             if h["_c3"]:
-                _20 = F.sqrt(t_state2_work)
-                F.div_(_20, h["correction2"])
-                F.add_(_20, h["_k12"])
-                t_denom = _20
-                _21 = F.addcdiv(t_p32, t_state1_work, t_denom, h["_k13"])
-                t_p32 = _21
+                # denom = sqrt(state2_work) / correction2 + eps
+                denom = F.sqrt(state2_work)
+                F.div_(denom, h["correction2"])
+                F.add_(denom, h["_k12"])
+                # p32 = p32 - lr / correction1 * state1_work / denom
+                p32 = F.addcdiv(p32, state1_work, denom, h["_k13"])
             else:
-                _22 = F.sqrt(t_state2_work)
-                F.add_(_22, h["_k14"])
-                _23 = F.div(t_state1_work, _22)
-                t_update = _23
-                _24 = F.axpy(t_p32, t_update, h["_k15"])
-                t_p32 = _24
-        F.assign_(param, t_p32)
+                # update = state1_work / (sqrt(state2_work) + eps * correction2)
+                update_2 = F.sqrt(state2_work)
+                F.add_(update_2, h["_k14"])
+                update = F.div(state1_work, update_2)
+                # p32 = p32 + -lr * correction2 / correction1 * update
+                p32 = F.axpy(p32, update, h["_k15"])
+        # param = p32
+        F.assign_(param, p32)
     else:
+        # if state_precision == '8bit_cuda' and numel >= min_8bit_size:
         if h["_c1"]:
-            _25 = F.float32(grad)
-            grad = _25
-            _26 = F.float32(param)
-            t_p32 = _26
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # p32 = float32(param)
+            p32 = F.float32(param)
+            # if state_precision == '8bit_cuda' and numel >= min_8bit_size:
             if h["_c1"]:
-                _27 = F.abs(grad)
-                _28 = F.le(_27, 3.4028234663852886e+38)
-                t_finite = _28
-                _29 = F.decode("8bit_cuda", True, {"": st_state2, "_absmax": st_state2_absmax})
-                t_state2_work = _29
-                _30 = F.mul(t_state2_work, h["_k16"])
-                F.addcmul_(_30, grad, grad, h["_k17"])
-                _31 = F.where(t_finite, _30, 0)
-                t_state2_work = _31
-                F.encode_("8bit_cuda", True, {"": st_state2, "_absmax": st_state2_absmax}, t_state2_work)
-                _32 = F.decode("8bit_cuda", False, {"": st_state1, "_absmax": st_state1_absmax})
-                t_state1_work = _32
-                _33 = F.mul(t_state1_work, h["_k18"])
-                F.axpy_(_33, grad, h["_k19"])
-                _34 = F.where(t_finite, _33, 0)
-                t_state1_work = _34
-                F.encode_("8bit_cuda", False, {"": st_state1, "_absmax": st_state1_absmax}, t_state1_work)
-                _35 = F.sqrt(t_state2_work)
-                F.add_(_35, h["_k20"])
-                _36 = F.div(t_state1_work, _35)
-                t_update = _36
-                _37 = F.axpy(t_p32, t_update, h["_k21"])
-                _38 = F.where(t_finite, _37, t_p32)
-                t_p32 = _38
+                # finite = abs(grad) <= 3.4028234663852886e+38
+                finite_2 = F.abs(grad)
+                finite = F.le(finite_2, 3.4028234663852886e+38)
+                # state2_work = state2
+                state2_work = F.decode("8bit_cuda", True, {"": state2, "_absmax": state2_absmax})
+                # state2_work = where(finite, state2_work * beta2 + (1 - beta2) * grad * grad, 0)
+                state2_work_3 = F.mul(state2_work, h["_k16"])
+                F.addcmul_(state2_work_3, grad, grad, h["_k17"])
+                state2_work_4 = F.where(finite, state2_work_3, 0)
+                state2_work = state2_work_4
+                # state2 = state2_work
+                F.encode_("8bit_cuda", True, {"": state2, "_absmax": state2_absmax}, state2_work)
+                # state1_work = state1
+                state1_work = F.decode("8bit_cuda", False, {"": state1, "_absmax": state1_absmax})
+                # state1_work = where(finite, state1_work * beta1 + (1 - beta1) * grad, 0)
+                state1_work_3 = F.mul(state1_work, h["_k18"])
+                F.axpy_(state1_work_3, grad, h["_k19"])
+                state1_work_4 = F.where(finite, state1_work_3, 0)
+                state1_work = state1_work_4
+                # state1 = state1_work
+                F.encode_("8bit_cuda", False, {"": state1, "_absmax": state1_absmax}, state1_work)
+                # update = state1_work / (sqrt(state2_work) + correction2 * eps)
+                update_3 = F.sqrt(state2_work)
+                F.add_(update_3, h["_k20"])
+                update = F.div(state1_work, update_3)
+                # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
+                p32_5 = F.axpy(p32, update, h["_k21"])
+                p32_6 = F.where(finite, p32_5, p32)
+                p32 = p32_6
+                # if weight_decay > 0:
                 if h["_c2"]:
-                    _39 = F.mul(t_p32, h["_k22"])
-                    _40 = F.where(t_finite, _39, t_p32)
-                    t_p32 = _40
+                    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
+                    p32_7 = F.mul(p32, h["_k22"])
+                    p32_8 = F.where(finite, p32_7, p32)
+                    p32 = p32_8
             else:
-                _41 = F.decode("8bit_cuda", False, {"": st_state1, "_absmax": st_state1_absmax})
-                t_state1_work = _41
-                F.mul_(t_state1_work, h["_k23"])
-                F.axpy_(t_state1_work, grad, h["_k24"])
-                F.encode_("8bit_cuda", False, {"": st_state1, "_absmax": st_state1_absmax}, t_state1_work)
-                _42 = F.decode("8bit_cuda", True, {"": st_state2, "_absmax": st_state2_absmax})
-                t_state2_work = _42
-                F.mul_(t_state2_work, h["_k25"])
-                F.addcmul_(t_state2_work, grad, grad, h["_k26"])
-                F.encode_("8bit_cuda", True, {"": st_state2, "_absmax": st_state2_absmax}, t_state2_work)
+                # state1_work = state1
+                state1_work = F.decode("8bit_cuda", False, {"": state1, "_absmax": state1_absmax})
+                # state1_work = state1_work * beta1 + (1 - beta1) * grad
+                F.mul_(state1_work, h["_k23"])
+                F.axpy_(state1_work, grad, h["_k24"])
+                # state1 = state1_work
+                F.encode_("8bit_cuda", False, {"": state1, "_absmax": state1_absmax}, state1_work)
+                # state2_work = state2
+                state2_work = F.decode("8bit_cuda", True, {"": state2, "_absmax": state2_absmax})
+                # state2_work = state2_work * beta2 + (1 - beta2) * grad * grad
+                F.mul_(state2_work, h["_k25"])
+                F.addcmul_(state2_work, grad, grad, h["_k26"])
+                # state2 = state2_work
+                F.encode_("8bit_cuda", True, {"": state2, "_absmax": state2_absmax}, state2_work)
+                # if weight_decay > 0:
                 if h["_c2"]:
-                    _43 = F.mul(t_p32, h["_k27"])
-                    t_p32 = _43
+                    # p32 = p32 * (1 - lr * weight_decay)
+                    p32 = F.mul(p32, h["_k27"])
+                # if numel >= min_8bit_size:
                 if h["_c3"]:
-                    _44 = F.sqrt(t_state2_work)
-                    F.div_(_44, h["correction2"])
-                    F.add_(_44, h["_k28"])
-                    t_denom = _44
-                    _45 = F.addcdiv(t_p32, t_state1_work, t_denom, h["_k29"])
-                    t_p32 = _45
+                    # denom = sqrt(state2_work) / correction2 + eps
+                    denom = F.sqrt(state2_work)
+                    F.div_(denom, h["correction2"])
+                    F.add_(denom, h["_k28"])
+                    # p32 = p32 - lr / correction1 * state1_work / denom
+                    p32 = F.addcdiv(p32, state1_work, denom, h["_k29"])
                 else:
-                    _46 = F.sqrt(t_state2_work)
-                    F.add_(_46, h["_k30"])
-                    _47 = F.div(t_state1_work, _46)
-                    t_update = _47
-                    _48 = F.axpy(t_p32, t_update, h["_k31"])
-                    t_p32 = _48
-            F.assign_(param, t_p32)
+                    # update = state1_work / (sqrt(state2_work) + eps * correction2)
+                    update_4 = F.sqrt(state2_work)
+                    F.add_(update_4, h["_k30"])
+                    update = F.div(state1_work, update_4)
+                    # p32 = p32 + -lr * correction2 / correction1 * update
+                    p32 = F.axpy(p32, update, h["_k31"])
+            # param = p32
+            F.assign_(param, p32)
         else:
-            _49 = F.float32(grad)
-            grad = _49
-            _50 = F.float32(param)
-            t_p32 = _50
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # p32 = float32(param)
+            p32 = F.float32(param)
+            # if state_precision == '8bit_cuda' and numel >= min_8bit_size:
             if h["_c1"]:
-                _51 = F.abs(grad)
-                _52 = F.le(_51, 3.4028234663852886e+38)
-                t_finite = _52
-                _53 = F.mul(st_state2, h["_k32"])
-                F.addcmul_(_53, grad, grad, h["_k33"])
-                _54 = F.where(t_finite, _53, 0)
-                F.assign_(st_state2, _54)
-                _55 = F.mul(st_state1, h["_k34"])
-                F.axpy_(_55, grad, h["_k35"])
-                _56 = F.where(t_finite, _55, 0)
-                F.assign_(st_state1, _56)
-                _57 = F.sqrt(st_state2)
-                F.add_(_57, h["_k36"])
-                _58 = F.div(st_state1, _57)
-                t_update = _58
-                _59 = F.axpy(t_p32, t_update, h["_k37"])
-                _60 = F.where(t_finite, _59, t_p32)
-                t_p32 = _60
+                # finite = abs(grad) <= 3.4028234663852886e+38
+                finite_3 = F.abs(grad)
+                finite = F.le(finite_3, 3.4028234663852886e+38)
+                # state2 = where(finite, state2 * beta2 + (1 - beta2) * grad * grad, 0)
+                state2_1 = F.mul(state2, h["_k32"])
+                F.addcmul_(state2_1, grad, grad, h["_k33"])
+                state2_2 = F.where(finite, state2_1, 0)
+                F.assign_(state2, state2_2)
+                # state1 = where(finite, state1 * beta1 + (1 - beta1) * grad, 0)
+                state1_1 = F.mul(state1, h["_k34"])
+                F.axpy_(state1_1, grad, h["_k35"])
+                state1_2 = F.where(finite, state1_1, 0)
+                F.assign_(state1, state1_2)
+                # update = state1 / (sqrt(state2) + correction2 * eps)
+                update_5 = F.sqrt(state2)
+                F.add_(update_5, h["_k36"])
+                update = F.div(state1, update_5)
+                # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
+                p32_9 = F.axpy(p32, update, h["_k37"])
+                p32_10 = F.where(finite, p32_9, p32)
+                p32 = p32_10
+                # if weight_decay > 0:
                 if h["_c2"]:
-                    _61 = F.mul(t_p32, h["_k38"])
-                    _62 = F.where(t_finite, _61, t_p32)
-                    t_p32 = _62
+                    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
+                    p32_11 = F.mul(p32, h["_k38"])
+                    p32_12 = F.where(finite, p32_11, p32)
+                    p32 = p32_12
             else:
-                F.mul_(st_state1, h["_k39"])
-                F.axpy_(st_state1, grad, h["_k40"])
-                F.mul_(st_state2, h["_k41"])
-                F.addcmul_(st_state2, grad, grad, h["_k42"])
+                # state1 = state1 * beta1 + (1 - beta1) * grad
+                F.mul_(state1, h["_k39"])
+                F.axpy_(state1, grad, h["_k40"])
+                # state2 = state2 * beta2 + (1 - beta2) * grad * grad
+                F.mul_(state2, h["_k41"])
+                F.addcmul_(state2, grad, grad, h["_k42"])
+                # if weight_decay > 0:
                 if h["_c2"]:
-                    _63 = F.mul(t_p32, h["_k43"])
-                    t_p32 = _63
+                    # p32 = p32 * (1 - lr * weight_decay)
+                    p32 = F.mul(p32, h["_k43"])
+                # if numel >= min_8bit_size:
                 if h["_c3"]:
-                    _64 = F.sqrt(st_state2)
-                    F.div_(_64, h["correction2"])
-                    F.add_(_64, h["_k44"])
-                    t_denom = _64
-                    _65 = F.addcdiv(t_p32, st_state1, t_denom, h["_k45"])
-                    t_p32 = _65
+                    # denom = sqrt(state2) / correction2 + eps
+                    denom = F.sqrt(state2)
+                    F.div_(denom, h["correction2"])
+                    F.add_(denom, h["_k44"])
+                    # p32 = p32 - lr / correction1 * state1 / denom
+                    p32 = F.addcdiv(p32, state1, denom, h["_k45"])
                 else:
-                    _66 = F.sqrt(st_state2)
-                    F.add_(_66, h["_k46"])
-                    _67 = F.div(st_state1, _66)
-                    t_update = _67
-                    _68 = F.axpy(t_p32, t_update, h["_k47"])
-                    t_p32 = _68
-            F.assign_(param, t_p32)
+                    # update = state1 / (sqrt(state2) + eps * correction2)
+                    update_6 = F.sqrt(state2)
+                    F.add_(update_6, h["_k46"])
+                    update = F.div(state1, update_6)
+                    # p32 = p32 + -lr * correction2 / correction1 * update
+                    p32 = F.axpy(p32, update, h["_k47"])
+            # param = p32
+            F.assign_(param, p32)
 
 
 class Adam8bit(GeneratedOptimizer):

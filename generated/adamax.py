@@ -39,20 +39,26 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_inf = S["exp_inf"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_inf = S["exp_inf"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
-    F.lerp_(st_exp_avg, grad, h["_k1"])
-    F.mul_(st_exp_inf, h["_k2"])
-    _3 = F.abs(grad)
-    F.add_(_3, h["_k3"])
-    F.maximum_(st_exp_inf, _3)
-    F.addcdiv_(param, st_exp_avg, st_exp_inf, h["_k4"])
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k1"])
+    # exp_inf = maximum(exp_inf * beta2, abs(grad) + eps)
+    F.mul_(exp_inf, h["_k2"])
+    exp_inf_1 = F.abs(grad)
+    F.add_(exp_inf_1, h["_k3"])
+    F.maximum_(exp_inf, exp_inf_1)
+    # param = param - clr * exp_avg / exp_inf
+    F.addcdiv_(param, exp_avg, exp_inf, h["_k4"])
 
 
 class Adamax(GeneratedOptimizer):

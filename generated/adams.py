@@ -51,35 +51,45 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_u = S["u"]
-    st_sigma = S["sigma"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    u = S["u"]
+    sigma = S["sigma"]
+    # if weight_decay != 0:
     if h["_c0"]:
+        # if has(u):
         if h["_c1"]:
-            _1 = F.matvec_t(param, st_u)
-            _2 = F.normalize(_1, kind="col")
-            t_v = _2
-            _3 = F.matvec(param, t_v)
-            t_wv = _3
-            _4 = F.normalize(t_wv, kind="row")
-            F.assign_(st_u, _4)
-            _5 = F.dot(st_u, t_wv, kind="row")
-            t_s = _5
-            F.assign_(st_sigma, t_s)
-            _6 = F.mul(F.align(t_s, "matrix", "row"), st_u)
-            _7 = F.outer(_6, t_v)
-            F.axpy_(param, _7, h["_k0"])
+            # v = normalize(matvec_t(param, u))
+            v_1 = F.matvec_t(param, u)
+            v = F.normalize(v_1, kind="col")
+            # wv = matvec(param, v)
+            wv = F.matvec(param, v)
+            # u = normalize(wv)
+            u_1 = F.normalize(wv, kind="row")
+            F.assign_(u, u_1)
+            # s = dot(u, wv)
+            s = F.dot(u, wv, kind="row")
+            # sigma = s
+            F.assign_(sigma, s)
+            # param = param - rows ** 0.5 * lr * weight_decay * outer(s * u, v)
+            param_1 = F.mul(F.align(s, "matrix", "row"), u)
+            param_2 = F.outer(param_1, v)
+            F.axpy_(param, param_2, h["_k0"])
         else:
+            # param = param * (1 - lr * scalar_vector_weight_decay)
             F.mul_(param, h["_k1"])
-    F.lerp_(st_exp_avg, grad, h["_k2"])
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
-    _8 = F.sqrt(st_exp_avg_sq)
-    F.div_(_8, h["_k5"])
-    t_denom = _8
-    _9 = F.atan2(st_exp_avg, t_denom)
-    F.axpy_(param, _9, h["_k6"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k2"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k3"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k4"])
+    # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2)
+    denom = F.sqrt(exp_avg_sq)
+    F.div_(denom, h["_k5"])
+    # param = param - step_size * atan2(exp_avg, denom)
+    param_3 = F.atan2(exp_avg, denom)
+    F.axpy_(param, param_3, h["_k6"])
 
 
 class Adams(GeneratedOptimizer):

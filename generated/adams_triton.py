@@ -78,7 +78,7 @@ def _adams_tiled0(
     COL_U: tl.constexpr = 3
     COL_M: tl.constexpr = 7
     COL_N: tl.constexpr = 8
-    COL_WS__R0: tl.constexpr = 11
+    COL_WS_R0: tl.constexpr = 11
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
@@ -103,7 +103,7 @@ def _adams_tiled0(
     param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(p_u + (b * M + rows2), mask=(rows2 < M), other=0.0).to(tl.float32)
     r0_part = L.masked((param * u), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
 
 
 # vec
@@ -122,7 +122,7 @@ def _adams_vec0(
     COL_B: tl.constexpr = 6
     COL_M: tl.constexpr = 7
     COL_N: tl.constexpr = 8
-    COL_WS__R0: tl.constexpr = 11
+    COL_WS_R0: tl.constexpr = 11
     COL_WS_V: tl.constexpr = 13
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
@@ -133,14 +133,14 @@ def _adams_vec0(
         acc = tl.zeros((), tl.float32)
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-            r0 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+            r0 = tl.load(p_r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
             acc += tl.sum(tl.where(j < N, r0 * r0, 0.0), axis=0)
         scale = tl.maximum(tl.sqrt_rn(acc), 1e-12)
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-            r0_1 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+            r0_1 = tl.load(p_r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
             v = L.div(r0_1, scale)
             p_v = ws + tl.load(tab + t * TBL_W + COL_WS_V)
             tl.store(p_v + (b * N + j), L.to_storage(v, tl.float32), mask=(j < N))
@@ -163,7 +163,7 @@ def _adams_tiled1(
     COL_PARAM: tl.constexpr = 0
     COL_M: tl.constexpr = 7
     COL_N: tl.constexpr = 8
-    COL_WS__R1: tl.constexpr = 12
+    COL_WS_R1: tl.constexpr = 12
     COL_WS_V: tl.constexpr = 13
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
@@ -187,7 +187,7 @@ def _adams_tiled1(
     param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(p_v + (b * N + cols2), mask=(cols2 < N), other=0.0).to(tl.float32)
     r1_part = L.masked((param * v), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1) + b * M + rows, tl.sum(r1_part, axis=1), mask=rows < M)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1) + b * M + rows, tl.sum(r1_part, axis=1), mask=rows < M)
 
 
 # vec
@@ -208,7 +208,7 @@ def _adams_vec1(
     COL_B: tl.constexpr = 6
     COL_M: tl.constexpr = 7
     COL_N: tl.constexpr = 8
-    COL_WS__R1: tl.constexpr = 12
+    COL_WS_R1: tl.constexpr = 12
     COL_WS_WV: tl.constexpr = 14
     COL_WS_S: tl.constexpr = 15
     t = tl.program_id(0)
@@ -219,8 +219,8 @@ def _adams_vec1(
     for b in range(0, B):
         for j0 in range(0, M, VB):
             j = j0 + tl.arange(0, VB)
-            p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
-            r1 = tl.load(p__r1 + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
+            p_r1 = ws + tl.load(tab + t * TBL_W + COL_WS_R1)
+            r1 = tl.load(p_r1 + (b * M + j), mask=(j < M), other=0.0).to(tl.float32)
             p_wv = ws + tl.load(tab + t * TBL_W + COL_WS_WV)
             tl.store(p_wv + (b * M + j), L.to_storage(r1, tl.float32), mask=(j < M))
     tl.debug_barrier()

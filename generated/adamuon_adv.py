@@ -677,1035 +677,1339 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_momentum_buffer = S["momentum_buffer"]
-    st_mu_mbuf_nmf = S["mu_mbuf_nmf"]
-    st_mv_mbuf_nmf = S["mv_mbuf_nmf"]
-    st_sign_buf = S["sign_buf"]
-    st_second_momentum_buffer = S["second_momentum_buffer"]
-    st_mu_vbuf_nmf = S["mu_vbuf_nmf"]
-    st_mv_vbuf_nmf = S["mv_vbuf_nmf"]
-    st_normuon_v = S["normuon_v"]
-    st_last_grad = S["last_grad"]
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_anchor_data = S["anchor_data"]
-    st_momentum_buffer_scale = S["momentum_buffer_scale"]
-    st_second_momentum_buffer_scale = S["second_momentum_buffer_scale"]
+    # the states, one list of tensors each
+    momentum_buffer = S["momentum_buffer"]
+    mu_mbuf_nmf = S["mu_mbuf_nmf"]
+    mv_mbuf_nmf = S["mv_mbuf_nmf"]
+    sign_buf = S["sign_buf"]
+    second_momentum_buffer = S["second_momentum_buffer"]
+    mu_vbuf_nmf = S["mu_vbuf_nmf"]
+    mv_vbuf_nmf = S["mv_vbuf_nmf"]
+    normuon_v = S["normuon_v"]
+    last_grad = S["last_grad"]
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    anchor_data = S["anchor_data"]
+    momentum_buffer_scale = S["momentum_buffer_scale"]
+    second_momentum_buffer_scale = S["second_momentum_buffer_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) or (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant:
             if h["_c2"]:
-                _1 = F.float32(grad)
-                grad = _1
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c3"]:
+                # if approx_mars:
                 if h["_c4"]:
-                    _2 = F.sub(grad, st_last_grad)
-                    F.mul_(_2, h["_k0"])
-                    F.add_(_2, grad)
-                    t_mars = _2
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k0"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if orthogonal_gradient == 'flattened':
                 if h["_c5"]:
-                    _3 = F.vdot(param, grad)
-                    _4 = F.vdot(param, param)
-                    F.add_(_4, 1e-30)
-                    F.div_(_3, _4)
-                    _5 = F.mul(param, _3)
-                    _6 = F.sub(grad, _5)
-                    t_ortho_g = _6
-                    _7 = F.norm(grad)
-                    _8 = F.norm(t_ortho_g)
-                    F.add_(_8, 1e-30)
-                    F.div_(_7, _8)
-                    t_ortho_scale = _7
-                    _9 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _9
-                _10 = F.outer(st_mu_mbuf_nmf, st_mv_mbuf_nmf)
-                t_momentum_buffer_magnitude = _10
-                _11 = F.neg(t_momentum_buffer_magnitude)
-                _12 = F.where(st_sign_buf, t_momentum_buffer_magnitude, _11)
-                t_momentum_buffer_full = _12
-                F.lerp_(t_momentum_buffer_full, grad, h["_k1"])
-                _13 = F.float32(t_momentum_buffer_full)
-                _14 = F.gt(_13, 0.0)
-                F.assign_(st_sign_buf, _14)
-                _15 = F.float32(t_momentum_buffer_full)
-                _16 = F.abs(_15)
-                t_momentum_buffer_abs = _16
-                _17 = F.rowsum(t_momentum_buffer_abs)
-                F.assign_(st_mu_mbuf_nmf, _17)
-                _18 = F.colsum(t_momentum_buffer_abs)
-                t_momentum_buffer_colsum = _18
-                _19 = F.sum(t_momentum_buffer_colsum, kind="col")
-                F.maximum_(_19, 1e-12)
-                _20 = F.div(t_momentum_buffer_colsum, _19)
-                F.assign_(st_mv_mbuf_nmf, _20)
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_1 = F.vdot(param, grad)
+                    ortho_g_2 = F.vdot(param, param)
+                    F.add_(ortho_g_2, 1e-30)
+                    F.div_(ortho_g_1, ortho_g_2)
+                    ortho_g_3 = F.mul(param, ortho_g_1)
+                    ortho_g = F.sub(grad, ortho_g_3)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_1 = F.norm(ortho_g)
+                    F.add_(ortho_scale_1, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_1)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer_magnitude = outer(mu_mbuf_nmf, mv_mbuf_nmf)
+                momentum_buffer_magnitude = F.outer(mu_mbuf_nmf, mv_mbuf_nmf)
+                # momentum_buffer_full = where(sign_buf, momentum_buffer_magnitude, -momentum_buffer_magnitude)
+                momentum_buffer_full_1 = F.neg(momentum_buffer_magnitude)
+                momentum_buffer_full = F.where(sign_buf, momentum_buffer_magnitude, momentum_buffer_full_1)
+                # momentum_buffer_full = lerp(momentum_buffer_full, grad, 1 - beta1)
+                F.lerp_(momentum_buffer_full, grad, h["_k1"])
+                # sign_buf = float32(momentum_buffer_full) > 0.0
+                sign_buf_1 = F.float32(momentum_buffer_full)
+                sign_buf_2 = F.gt(sign_buf_1, 0.0)
+                F.assign_(sign_buf, sign_buf_2)
+                # momentum_buffer_abs = abs(float32(momentum_buffer_full))
+                momentum_buffer_abs_1 = F.float32(momentum_buffer_full)
+                momentum_buffer_abs = F.abs(momentum_buffer_abs_1)
+                # mu_mbuf_nmf = rowsum(momentum_buffer_abs)
+                mu_mbuf_nmf_1 = F.rowsum(momentum_buffer_abs)
+                F.assign_(mu_mbuf_nmf, mu_mbuf_nmf_1)
+                # momentum_buffer_colsum = colsum(momentum_buffer_abs)
+                momentum_buffer_colsum = F.colsum(momentum_buffer_abs)
+                # mv_mbuf_nmf = momentum_buffer_colsum / maximum(sum(momentum_buffer_colsum), 1e-12)
+                mv_mbuf_nmf_1 = F.sum(momentum_buffer_colsum, kind="col")
+                F.maximum_(mv_mbuf_nmf_1, 1e-12)
+                mv_mbuf_nmf_2 = F.div(momentum_buffer_colsum, mv_mbuf_nmf_1)
+                F.assign_(mv_mbuf_nmf, mv_mbuf_nmf_2)
+                # if nesterov:
                 if h["_c6"]:
+                    # if nesterov_coef == None:
                     if h["_c7"]:
-                        _21 = F.lerp(grad, t_momentum_buffer_full, h["_k2"])
-                        t_update = _21
+                        # update = lerp(grad, momentum_buffer_full, beta1)
+                        update = F.lerp(grad, momentum_buffer_full, h["_k2"])
                     else:
-                        _22 = F.lerp(grad, t_momentum_buffer_full, h["_k3"])
-                        t_update = _22
+                        # update = lerp(grad, momentum_buffer_full, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer_full, h["_k3"])
                 else:
-                    _23 = F.copy(t_momentum_buffer_full)
-                    t_update = _23
+                    # update = copy(momentum_buffer_full)
+                    update = F.copy(momentum_buffer_full)
+                # if auto_projection and ndim >= 4 or not auto_projection and kappa_p == 2:
                 if h["_c8"]:
                     pass
                 else:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
+                # if ns_eps == None:
                 if h["_c9"]:
                     pass
+                # if accelerated_ns:
                 if h["_c10"]:
+                    # if cns_a_bound == None:
                     if h["_c11"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _24 = F.low_rank_cans(t_update, h["_k4"], h["_k5"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _24
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k4"], h["_k5"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _25 = F.cans(t_update, h["_k6"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _25
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k6"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _26 = F.low_rank_newton_schulz(t_update, h["_k7"], h["_k8"], h["ns_eps_eff"], h["_k9"], h["_k10"], h["_k11"])
-                        t_update = _26
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k7"], h["_k8"], h["ns_eps_eff"], h["_k9"], h["_k10"], h["_k11"])
                     else:
-                        _27 = F.newton_schulz(t_update, h["_k12"], h["ns_eps_eff"], h["_k13"], h["_k14"], h["_k15"])
-                        t_update = _27
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k12"], h["ns_eps_eff"], h["_k13"], h["_k14"], h["_k15"])
+                # if normuon_variant:
                 if h["_c13"]:
-                    _28 = F.mul(t_update, t_update)
-                    _29 = F.float32(_28)
-                    _30 = F.rowsum(_29)
-                    F.div_(_30, h["_k16"])
-                    F.lerp_(st_normuon_v, _30, h["_k17"])
-                    _31 = F.sqrt(st_normuon_v)
-                    F.add_(_31, h["_k18"])
-                    F.div_(t_update, F.align(_31, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2)
+                    normuon_v_1 = F.mul(update, update)
+                    normuon_v_2 = F.float32(normuon_v_1)
+                    normuon_v_3 = F.rowsum(normuon_v_2)
+                    F.div_(normuon_v_3, h["_k16"])
+                    F.lerp_(normuon_v, normuon_v_3, h["_k17"])
+                    # update = update / (sqrt(normuon_v) + eps)
+                    update_1 = F.sqrt(normuon_v)
+                    F.add_(update_1, h["_k18"])
+                    F.div_(update, F.align(update_1, "row", "element"))
                 else:
-                    _32 = F.outer(st_mu_vbuf_nmf, st_mv_vbuf_nmf)
-                    t_second_momentum_buffer_full = _32
-                    F.mul_(t_second_momentum_buffer_full, h["_k19"])
-                    F.addcmul_(t_second_momentum_buffer_full, t_update, t_update, h["_k20"])
-                    _33 = F.float32(t_second_momentum_buffer_full)
-                    _34 = F.abs(_33)
-                    t_second_momentum_buffer_abs = _34
-                    _35 = F.rowsum(t_second_momentum_buffer_abs)
-                    F.assign_(st_mu_vbuf_nmf, _35)
-                    _36 = F.colsum(t_second_momentum_buffer_abs)
-                    t_second_momentum_buffer_colsum = _36
-                    _37 = F.sum(t_second_momentum_buffer_colsum, kind="col")
-                    F.maximum_(_37, 1e-12)
-                    _38 = F.div(t_second_momentum_buffer_colsum, _37)
-                    F.assign_(st_mv_vbuf_nmf, _38)
+                    # second_momentum_buffer_full = outer(mu_vbuf_nmf, mv_vbuf_nmf)
+                    second_momentum_buffer_full = F.outer(mu_vbuf_nmf, mv_vbuf_nmf)
+                    # second_momentum_buffer_full = second_momentum_buffer_full * beta2 + (1 - beta2) * update * update
+                    F.mul_(second_momentum_buffer_full, h["_k19"])
+                    F.addcmul_(second_momentum_buffer_full, update, update, h["_k20"])
+                    # second_momentum_buffer_abs = abs(float32(second_momentum_buffer_full))
+                    second_momentum_buffer_abs_1 = F.float32(second_momentum_buffer_full)
+                    second_momentum_buffer_abs = F.abs(second_momentum_buffer_abs_1)
+                    # mu_vbuf_nmf = rowsum(second_momentum_buffer_abs)
+                    mu_vbuf_nmf_1 = F.rowsum(second_momentum_buffer_abs)
+                    F.assign_(mu_vbuf_nmf, mu_vbuf_nmf_1)
+                    # second_momentum_buffer_colsum = colsum(second_momentum_buffer_abs)
+                    second_momentum_buffer_colsum = F.colsum(second_momentum_buffer_abs)
+                    # mv_vbuf_nmf = second_momentum_buffer_colsum / maximum(sum(second_momentum_buffer_colsum), 1e-12)
+                    mv_vbuf_nmf_1 = F.sum(second_momentum_buffer_colsum, kind="col")
+                    F.maximum_(mv_vbuf_nmf_1, 1e-12)
+                    mv_vbuf_nmf_2 = F.div(second_momentum_buffer_colsum, mv_vbuf_nmf_1)
+                    F.assign_(mv_vbuf_nmf, mv_vbuf_nmf_2)
+                    # if eps == None:
                     if h["_c14"]:
                         pass
+                    # if use_atan2:
                     if h["_c15"]:
-                        _39 = F.sqrt(t_second_momentum_buffer_full)
-                        _40 = F.atan2(t_update, _39)
-                        t_update = _40
+                        # update = atan2(update, sqrt(second_momentum_buffer_full))
+                        update_2 = F.sqrt(second_momentum_buffer_full)
+                        update_3 = F.atan2(update, update_2)
+                        update = update_3
                     else:
-                        _41 = F.sqrt(t_second_momentum_buffer_full)
-                        F.add_(_41, h["eps_eff"])
-                        F.div_(t_update, _41)
+                        # update = update / (sqrt(second_momentum_buffer_full) + eps_eff)
+                        update_4 = F.sqrt(second_momentum_buffer_full)
+                        F.add_(update_4, h["eps_eff"])
+                        F.div_(update, update_4)
+                # if (state_precision == 'factored' or nnmf_factor) and not (ndim == 2 and dim0 == rows):
                 if h["_c16"]:
-                    _42 = F.contiguous(t_update)
-                    t_update = _42
+                    # update = contiguous(update)
+                    update = F.contiguous(update)
+                # if rms_rescaling:
                 if h["_c17"]:
-                    _43 = F.norm(t_update)
-                    F.maximum_(_43, 1e-08)
-                    F.rdiv_(_43, h["_k21"])
-                    _44 = F.mul(t_update, _43)
-                    t_update = _44
+                    # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                    update_5 = F.norm(update)
+                    F.maximum_(update_5, 1e-08)
+                    F.rdiv_(update_5, h["_k21"])
+                    update_6 = F.mul(update, update_5)
+                    update = update_6
                 else:
-                    _45 = F.mul(t_update, h["_k22"])
-                    t_update = _45
+                    # update = update * (step_scale * sqrt(max(1, rows / cols)))
+                    update = F.mul(update, h["_k22"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c18"]:
-                    _46 = F.float32(param)
-                    t_param_fp32 = _46
-                    _47 = F.float32(t_update)
-                    t_update_fp32 = _47
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _48 = F.mul(t_update_fp32, t_param_fp32)
-                            _49 = F.ge(_48, 0)
-                            _50 = F.where(_49, 1.0, 0.0, like=param)
-                            _51 = F.addcmul(t_param_fp32, t_param_fp32, _50, h["_k23"])
-                            t_param_fp32 = _51
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k23"])
+                            param_fp32 = param_fp32_4
                         else:
-                            _52 = F.axpy(t_param_fp32, t_param_fp32, h["_k24"])
-                            t_param_fp32 = _52
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k24"])
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _53 = F.cast(st_anchor_data, t_param_fp32)
-                        _54 = F.sub(t_param_fp32, _53)
-                        t_cwd_target = _54
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _55 = F.mul(t_update_fp32, t_cwd_target)
-                            _56 = F.ge(_55, 0)
-                            _57 = F.where(_56, 1.0, 0.0, like=param)
-                            _58 = F.addcmul(t_param_fp32, t_cwd_target, _57, h["_k25"])
-                            t_param_fp32 = _58
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, cwd_target)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, cwd_target, param_fp32_7, h["_k25"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _59 = F.axpy(t_param_fp32, t_cwd_target, h["_k26"])
-                            t_param_fp32 = _59
-                    _60 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _60
-                    _61 = F.stochastic_round(t_param_fp32, h["_k27"])
-                    F.assign_(param, _61)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k26"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_1 = F.stochastic_round(param_fp32, h["_k27"])
+                    F.assign_(param, param_1)
                 else:
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _62 = F.mul(t_update, param)
-                            _63 = F.ge(_62, 0)
-                            _64 = F.where(_63, 1.0, 0.0, like=param)
-                            _65 = F.addcmul(param, param, _64, h["_k28"])
-                            F.assign_(param, _65)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            param_5 = F.addcmul(param, param, param_4, h["_k28"])
+                            F.assign_(param, param_5)
                         else:
-                            _66 = F.axpy(param, param, h["_k29"])
-                            F.assign_(param, _66)
+                            # param = param - weight_decay * lr * param
+                            param_6 = F.axpy(param, param, h["_k29"])
+                            F.assign_(param, param_6)
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _67 = F.cast(st_anchor_data, param)
-                        _68 = F.sub(param, _67)
-                        t_cwd_target = _68
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_2 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_2)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _69 = F.mul(t_update, t_cwd_target)
-                            _70 = F.ge(_69, 0)
-                            _71 = F.where(_70, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _71, h["_k30"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_7 = F.mul(update, cwd_target)
+                            param_8 = F.ge(param_7, 0)
+                            param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_9, h["_k30"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k31"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k31"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if adam_use_bias_correction:
                 if h["_c22"]:
                     pass
+                # if adam_beta1 > 0:
                 if h["_c23"]:
-                    F.lerp_(st_exp_avg, grad, h["_k32"])
-                    _72 = F.copy(st_exp_avg)
-                    t_update = _72
+                    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                    F.lerp_(exp_avg, grad, h["_k32"])
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
                 else:
-                    _73 = F.copy(grad)
-                    t_update = _73
-                F.mul_(st_exp_avg_sq, h["_k33"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k34"])
+                    # update = copy(grad)
+                    update = F.copy(grad)
+                # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k33"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k34"])
+                # if adam_eps == None:
                 if h["_c24"]:
                     pass
-                _74 = F.sqrt(st_exp_avg_sq)
-                F.div_(_74, h["sqrt_bias_correction2"])
-                F.add_(_74, h["adam_eps_eff"])
-                t_denom = _74
-                F.div_(t_update, t_denom)
-                F.mul_(t_update, h["step_size"])
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["adam_eps_eff"])
+                # update = update / denom
+                F.div_(update, denom)
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c18"]:
-                    _75 = F.float32(param)
-                    t_param_fp32 = _75
-                    _76 = F.float32(t_update)
-                    t_update_fp32 = _76
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if adam_weight_decay != 0:
                     if h["_c25"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _77 = F.mul(t_update_fp32, t_param_fp32)
-                            _78 = F.ge(_77, 0)
-                            _79 = F.where(_78, 1.0, 0.0, like=param)
-                            _80 = F.addcmul(t_param_fp32, t_param_fp32, _79, h["_k35"])
-                            t_param_fp32 = _80
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_9 = F.mul(update_fp32, param_fp32)
+                            param_fp32_10 = F.ge(param_fp32_9, 0)
+                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                            param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k35"])
+                            param_fp32 = param_fp32_12
                         else:
-                            _81 = F.axpy(t_param_fp32, t_param_fp32, h["_k36"])
-                            t_param_fp32 = _81
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k36"])
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _82 = F.cast(st_anchor_data, t_param_fp32)
-                        _83 = F.sub(t_param_fp32, _82)
-                        t_cwd_target = _83
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_3 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _84 = F.mul(t_update_fp32, t_cwd_target)
-                            _85 = F.ge(_84, 0)
-                            _86 = F.where(_85, 1.0, 0.0, like=param)
-                            _87 = F.addcmul(t_param_fp32, t_cwd_target, _86, h["_k37"])
-                            t_param_fp32 = _87
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, cwd_target)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k37"])
+                            param_fp32 = param_fp32_16
                         else:
-                            _88 = F.axpy(t_param_fp32, t_cwd_target, h["_k38"])
-                            t_param_fp32 = _88
-                    _89 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _89
-                    _90 = F.stochastic_round(t_param_fp32, h["_k39"])
-                    F.assign_(param, _90)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k38"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_10 = F.stochastic_round(param_fp32, h["_k39"])
+                    F.assign_(param, param_10)
                 else:
+                    # if adam_weight_decay != 0:
                     if h["_c25"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _91 = F.mul(t_update, param)
-                            _92 = F.ge(_91, 0)
-                            _93 = F.where(_92, 1.0, 0.0, like=param)
-                            _94 = F.addcmul(param, param, _93, h["_k40"])
-                            F.assign_(param, _94)
+                            # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_11 = F.mul(update, param)
+                            param_12 = F.ge(param_11, 0)
+                            param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                            param_14 = F.addcmul(param, param, param_13, h["_k40"])
+                            F.assign_(param, param_14)
                         else:
-                            _95 = F.axpy(param, param, h["_k41"])
-                            F.assign_(param, _95)
+                            # param = param - adam_weight_decay * lr * param
+                            param_15 = F.axpy(param, param, h["_k41"])
+                            F.assign_(param, param_15)
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _96 = F.cast(st_anchor_data, param)
-                        _97 = F.sub(param, _96)
-                        t_cwd_target = _97
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_4 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_4)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _98 = F.mul(t_update, t_cwd_target)
-                            _99 = F.ge(_98, 0)
-                            _100 = F.where(_99, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _100, h["_k42"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_16 = F.mul(update, cwd_target)
+                            param_17 = F.ge(param_16, 0)
+                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_18, h["_k42"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k43"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k43"])
+                    # param = param + -update
+                    F.sub_(param, update)
         else:
+            # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) or (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant:
             if h["_c2"]:
-                _101 = F.float32(grad)
-                grad = _101
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c3"]:
+                # if approx_mars:
                 if h["_c4"]:
-                    _102 = F.sub(grad, st_last_grad)
-                    F.mul_(_102, h["_k44"])
-                    F.add_(_102, grad)
-                    t_mars = _102
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k44"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if orthogonal_gradient == 'flattened':
                 if h["_c5"]:
-                    _103 = F.vdot(param, grad)
-                    _104 = F.vdot(param, param)
-                    F.add_(_104, 1e-30)
-                    F.div_(_103, _104)
-                    _105 = F.mul(param, _103)
-                    _106 = F.sub(grad, _105)
-                    t_ortho_g = _106
-                    _107 = F.norm(grad)
-                    _108 = F.norm(t_ortho_g)
-                    F.add_(_108, 1e-30)
-                    F.div_(_107, _108)
-                    t_ortho_scale = _107
-                    _109 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _109
-                F.lerp_(st_momentum_buffer, grad, h["_k45"])
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_4 = F.vdot(param, grad)
+                    ortho_g_5 = F.vdot(param, param)
+                    F.add_(ortho_g_5, 1e-30)
+                    F.div_(ortho_g_4, ortho_g_5)
+                    ortho_g_6 = F.mul(param, ortho_g_4)
+                    ortho_g = F.sub(grad, ortho_g_6)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_2 = F.norm(ortho_g)
+                    F.add_(ortho_scale_2, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_2)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+                F.lerp_(momentum_buffer, grad, h["_k45"])
+                # if nesterov:
                 if h["_c6"]:
+                    # if nesterov_coef == None:
                     if h["_c7"]:
-                        _110 = F.lerp(grad, st_momentum_buffer, h["_k46"])
-                        t_update = _110
+                        # update = lerp(grad, momentum_buffer, beta1)
+                        update = F.lerp(grad, momentum_buffer, h["_k46"])
                     else:
-                        _111 = F.lerp(grad, st_momentum_buffer, h["_k47"])
-                        t_update = _111
+                        # update = lerp(grad, momentum_buffer, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer, h["_k47"])
                 else:
-                    _112 = F.copy(st_momentum_buffer)
-                    t_update = _112
+                    # update = copy(momentum_buffer)
+                    update = F.copy(momentum_buffer)
+                # if auto_projection and ndim >= 4 or not auto_projection and kappa_p == 2:
                 if h["_c8"]:
                     pass
                 else:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
+                # if ns_eps == None:
                 if h["_c9"]:
                     pass
+                # if accelerated_ns:
                 if h["_c10"]:
+                    # if cns_a_bound == None:
                     if h["_c11"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _113 = F.low_rank_cans(t_update, h["_k48"], h["_k49"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _113
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k48"], h["_k49"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _114 = F.cans(t_update, h["_k50"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _114
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k50"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _115 = F.low_rank_newton_schulz(t_update, h["_k51"], h["_k52"], h["ns_eps_eff"], h["_k53"], h["_k54"], h["_k55"])
-                        t_update = _115
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k51"], h["_k52"], h["ns_eps_eff"], h["_k53"], h["_k54"], h["_k55"])
                     else:
-                        _116 = F.newton_schulz(t_update, h["_k56"], h["ns_eps_eff"], h["_k57"], h["_k58"], h["_k59"])
-                        t_update = _116
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k56"], h["ns_eps_eff"], h["_k57"], h["_k58"], h["_k59"])
+                # if normuon_variant:
                 if h["_c13"]:
-                    _117 = F.mul(t_update, t_update)
-                    _118 = F.float32(_117)
-                    _119 = F.rowsum(_118)
-                    F.div_(_119, h["_k60"])
-                    F.lerp_(st_normuon_v, _119, h["_k61"])
-                    _120 = F.sqrt(st_normuon_v)
-                    F.add_(_120, h["_k62"])
-                    F.div_(t_update, F.align(_120, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2)
+                    normuon_v_4 = F.mul(update, update)
+                    normuon_v_5 = F.float32(normuon_v_4)
+                    normuon_v_6 = F.rowsum(normuon_v_5)
+                    F.div_(normuon_v_6, h["_k60"])
+                    F.lerp_(normuon_v, normuon_v_6, h["_k61"])
+                    # update = update / (sqrt(normuon_v) + eps)
+                    update_7 = F.sqrt(normuon_v)
+                    F.add_(update_7, h["_k62"])
+                    F.div_(update, F.align(update_7, "row", "element"))
                 else:
-                    F.mul_(st_second_momentum_buffer, h["_k63"])
-                    F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k64"])
+                    # second_momentum_buffer = second_momentum_buffer * beta2 + (1 - beta2) * update * update
+                    F.mul_(second_momentum_buffer, h["_k63"])
+                    F.addcmul_(second_momentum_buffer, update, update, h["_k64"])
+                    # if eps == None:
                     if h["_c14"]:
                         pass
+                    # if use_atan2:
                     if h["_c15"]:
-                        _121 = F.sqrt(st_second_momentum_buffer)
-                        _122 = F.atan2(t_update, _121)
-                        t_update = _122
+                        # update = atan2(update, sqrt(second_momentum_buffer))
+                        update_8 = F.sqrt(second_momentum_buffer)
+                        update_9 = F.atan2(update, update_8)
+                        update = update_9
                     else:
-                        _123 = F.sqrt(st_second_momentum_buffer)
-                        F.add_(_123, h["eps_eff"])
-                        F.div_(t_update, _123)
+                        # update = update / (sqrt(second_momentum_buffer) + eps_eff)
+                        update_10 = F.sqrt(second_momentum_buffer)
+                        F.add_(update_10, h["eps_eff"])
+                        F.div_(update, update_10)
+                # if (state_precision == 'factored' or nnmf_factor) and not (ndim == 2 and dim0 == rows):
                 if h["_c16"]:
-                    _124 = F.contiguous(t_update)
-                    t_update = _124
+                    # update = contiguous(update)
+                    update = F.contiguous(update)
+                # if rms_rescaling:
                 if h["_c17"]:
-                    _125 = F.norm(t_update)
-                    F.maximum_(_125, 1e-08)
-                    F.rdiv_(_125, h["_k65"])
-                    _126 = F.mul(t_update, _125)
-                    t_update = _126
+                    # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                    update_11 = F.norm(update)
+                    F.maximum_(update_11, 1e-08)
+                    F.rdiv_(update_11, h["_k65"])
+                    update_12 = F.mul(update, update_11)
+                    update = update_12
                 else:
-                    _127 = F.mul(t_update, h["_k66"])
-                    t_update = _127
+                    # update = update * (step_scale * sqrt(max(1, rows / cols)))
+                    update = F.mul(update, h["_k66"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c18"]:
-                    _128 = F.float32(param)
-                    t_param_fp32 = _128
-                    _129 = F.float32(t_update)
-                    t_update_fp32 = _129
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _130 = F.mul(t_update_fp32, t_param_fp32)
-                            _131 = F.ge(_130, 0)
-                            _132 = F.where(_131, 1.0, 0.0, like=param)
-                            _133 = F.addcmul(t_param_fp32, t_param_fp32, _132, h["_k67"])
-                            t_param_fp32 = _133
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k67"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _134 = F.axpy(t_param_fp32, t_param_fp32, h["_k68"])
-                            t_param_fp32 = _134
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k68"])
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _135 = F.cast(st_anchor_data, t_param_fp32)
-                        _136 = F.sub(t_param_fp32, _135)
-                        t_cwd_target = _136
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_5 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _137 = F.mul(t_update_fp32, t_cwd_target)
-                            _138 = F.ge(_137, 0)
-                            _139 = F.where(_138, 1.0, 0.0, like=param)
-                            _140 = F.addcmul(t_param_fp32, t_cwd_target, _139, h["_k69"])
-                            t_param_fp32 = _140
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_21 = F.mul(update_fp32, cwd_target)
+                            param_fp32_22 = F.ge(param_fp32_21, 0)
+                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                            param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k69"])
+                            param_fp32 = param_fp32_24
                         else:
-                            _141 = F.axpy(t_param_fp32, t_cwd_target, h["_k70"])
-                            t_param_fp32 = _141
-                    _142 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _142
-                    _143 = F.stochastic_round(t_param_fp32, h["_k71"])
-                    F.assign_(param, _143)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k70"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_19 = F.stochastic_round(param_fp32, h["_k71"])
+                    F.assign_(param, param_19)
                 else:
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _144 = F.mul(t_update, param)
-                            _145 = F.ge(_144, 0)
-                            _146 = F.where(_145, 1.0, 0.0, like=param)
-                            _147 = F.addcmul(param, param, _146, h["_k72"])
-                            F.assign_(param, _147)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_20 = F.mul(update, param)
+                            param_21 = F.ge(param_20, 0)
+                            param_22 = F.where(param_21, 1.0, 0.0, like=param)
+                            param_23 = F.addcmul(param, param, param_22, h["_k72"])
+                            F.assign_(param, param_23)
                         else:
-                            _148 = F.axpy(param, param, h["_k73"])
-                            F.assign_(param, _148)
+                            # param = param - weight_decay * lr * param
+                            param_24 = F.axpy(param, param, h["_k73"])
+                            F.assign_(param, param_24)
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _149 = F.cast(st_anchor_data, param)
-                        _150 = F.sub(param, _149)
-                        t_cwd_target = _150
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_6)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _151 = F.mul(t_update, t_cwd_target)
-                            _152 = F.ge(_151, 0)
-                            _153 = F.where(_152, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _153, h["_k74"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_25 = F.mul(update, cwd_target)
+                            param_26 = F.ge(param_25, 0)
+                            param_27 = F.where(param_26, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_27, h["_k74"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k75"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k75"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if adam_use_bias_correction:
                 if h["_c22"]:
                     pass
+                # if adam_beta1 > 0:
                 if h["_c23"]:
-                    F.lerp_(st_exp_avg, grad, h["_k76"])
-                    _154 = F.copy(st_exp_avg)
-                    t_update = _154
+                    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                    F.lerp_(exp_avg, grad, h["_k76"])
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
                 else:
-                    _155 = F.copy(grad)
-                    t_update = _155
-                F.mul_(st_exp_avg_sq, h["_k77"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k78"])
+                    # update = copy(grad)
+                    update = F.copy(grad)
+                # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k77"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k78"])
+                # if adam_eps == None:
                 if h["_c24"]:
                     pass
-                _156 = F.sqrt(st_exp_avg_sq)
-                F.div_(_156, h["sqrt_bias_correction2"])
-                F.add_(_156, h["adam_eps_eff"])
-                t_denom = _156
-                F.div_(t_update, t_denom)
-                F.mul_(t_update, h["step_size"])
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["adam_eps_eff"])
+                # update = update / denom
+                F.div_(update, denom)
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c18"]:
-                    _157 = F.float32(param)
-                    t_param_fp32 = _157
-                    _158 = F.float32(t_update)
-                    t_update_fp32 = _158
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if adam_weight_decay != 0:
                     if h["_c25"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _159 = F.mul(t_update_fp32, t_param_fp32)
-                            _160 = F.ge(_159, 0)
-                            _161 = F.where(_160, 1.0, 0.0, like=param)
-                            _162 = F.addcmul(t_param_fp32, t_param_fp32, _161, h["_k79"])
-                            t_param_fp32 = _162
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_25 = F.mul(update_fp32, param_fp32)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, h["_k79"])
+                            param_fp32 = param_fp32_28
                         else:
-                            _163 = F.axpy(t_param_fp32, t_param_fp32, h["_k80"])
-                            t_param_fp32 = _163
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k80"])
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _164 = F.cast(st_anchor_data, t_param_fp32)
-                        _165 = F.sub(t_param_fp32, _164)
-                        t_cwd_target = _165
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_7 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _166 = F.mul(t_update_fp32, t_cwd_target)
-                            _167 = F.ge(_166, 0)
-                            _168 = F.where(_167, 1.0, 0.0, like=param)
-                            _169 = F.addcmul(t_param_fp32, t_cwd_target, _168, h["_k81"])
-                            t_param_fp32 = _169
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, cwd_target)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k81"])
+                            param_fp32 = param_fp32_32
                         else:
-                            _170 = F.axpy(t_param_fp32, t_cwd_target, h["_k82"])
-                            t_param_fp32 = _170
-                    _171 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _171
-                    _172 = F.stochastic_round(t_param_fp32, h["_k83"])
-                    F.assign_(param, _172)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k82"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_28 = F.stochastic_round(param_fp32, h["_k83"])
+                    F.assign_(param, param_28)
                 else:
+                    # if adam_weight_decay != 0:
                     if h["_c25"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _173 = F.mul(t_update, param)
-                            _174 = F.ge(_173, 0)
-                            _175 = F.where(_174, 1.0, 0.0, like=param)
-                            _176 = F.addcmul(param, param, _175, h["_k84"])
-                            F.assign_(param, _176)
+                            # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_29 = F.mul(update, param)
+                            param_30 = F.ge(param_29, 0)
+                            param_31 = F.where(param_30, 1.0, 0.0, like=param)
+                            param_32 = F.addcmul(param, param, param_31, h["_k84"])
+                            F.assign_(param, param_32)
                         else:
-                            _177 = F.axpy(param, param, h["_k85"])
-                            F.assign_(param, _177)
+                            # param = param - adam_weight_decay * lr * param
+                            param_33 = F.axpy(param, param, h["_k85"])
+                            F.assign_(param, param_33)
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _178 = F.cast(st_anchor_data, param)
-                        _179 = F.sub(param, _178)
-                        t_cwd_target = _179
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_8 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_8)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _180 = F.mul(t_update, t_cwd_target)
-                            _181 = F.ge(_180, 0)
-                            _182 = F.where(_181, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _182, h["_k86"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_34 = F.mul(update, cwd_target)
+                            param_35 = F.ge(param_34, 0)
+                            param_36 = F.where(param_35, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_36, h["_k86"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k87"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k87"])
+                    # param = param + -update
+                    F.sub_(param, update)
     else:
+        # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
         if h["_c3"]:
+            # if state_precision == 'bf16_sr' and not nnmf_factor:
             if h["_c26"]:
+                # if approx_mars:
                 if h["_c4"]:
-                    _183 = F.sub(grad, st_last_grad)
-                    F.mul_(_183, h["_k88"])
-                    F.add_(_183, grad)
-                    t_mars = _183
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k88"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                 if h["_c27"]:
-                    _184 = F.float32(grad)
-                    grad = _184
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c5"]:
-                    _185 = F.vdot(param, grad)
-                    _186 = F.vdot(param, param)
-                    F.add_(_186, 1e-30)
-                    F.div_(_185, _186)
-                    _187 = F.mul(param, _185)
-                    _188 = F.sub(grad, _187)
-                    t_ortho_g = _188
-                    _189 = F.norm(grad)
-                    _190 = F.norm(t_ortho_g)
-                    F.add_(_190, 1e-30)
-                    F.div_(_189, _190)
-                    t_ortho_scale = _189
-                    _191 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _191
-                _192 = F.decode("bf16_sr", False, {"": st_momentum_buffer})
-                t_momentum_buffer_work = _192
-                F.lerp_(t_momentum_buffer_work, grad, h["_k89"])
-                F.encode_("bf16_sr", False, {"": st_momentum_buffer}, t_momentum_buffer_work)
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_7 = F.vdot(param, grad)
+                    ortho_g_8 = F.vdot(param, param)
+                    F.add_(ortho_g_8, 1e-30)
+                    F.div_(ortho_g_7, ortho_g_8)
+                    ortho_g_9 = F.mul(param, ortho_g_7)
+                    ortho_g = F.sub(grad, ortho_g_9)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_3 = F.norm(ortho_g)
+                    F.add_(ortho_scale_3, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_3)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer_work = momentum_buffer
+                momentum_buffer_work = F.decode("bf16_sr", False, {"": momentum_buffer})
+                # momentum_buffer_work = lerp(momentum_buffer_work, grad, 1 - beta1)
+                F.lerp_(momentum_buffer_work, grad, h["_k89"])
+                # momentum_buffer = momentum_buffer_work
+                F.encode_("bf16_sr", False, {"": momentum_buffer}, momentum_buffer_work)
+                # if nesterov:
                 if h["_c6"]:
+                    # if nesterov_coef == None:
                     if h["_c7"]:
-                        _193 = F.lerp(grad, t_momentum_buffer_work, h["_k91"])
-                        t_update = _193
+                        # update = lerp(grad, momentum_buffer_work, beta1)
+                        update = F.lerp(grad, momentum_buffer_work, h["_k91"])
                     else:
-                        _194 = F.lerp(grad, t_momentum_buffer_work, h["_k92"])
-                        t_update = _194
+                        # update = lerp(grad, momentum_buffer_work, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer_work, h["_k92"])
                 else:
-                    _195 = F.copy(t_momentum_buffer_work)
-                    t_update = _195
+                    # update = copy(momentum_buffer_work)
+                    update = F.copy(momentum_buffer_work)
+                # if auto_projection and ndim >= 4 or not auto_projection and kappa_p == 2:
                 if h["_c8"]:
                     pass
                 else:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
+                # if ns_eps == None:
                 if h["_c9"]:
                     pass
+                # if accelerated_ns:
                 if h["_c10"]:
+                    # if cns_a_bound == None:
                     if h["_c11"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _196 = F.low_rank_cans(t_update, h["_k93"], h["_k94"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _196
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k93"], h["_k94"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _197 = F.cans(t_update, h["_k95"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _197
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k95"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c12"]:
-                        _198 = F.low_rank_newton_schulz(t_update, h["_k96"], h["_k97"], h["ns_eps_eff"], h["_k98"], h["_k99"], h["_k100"])
-                        t_update = _198
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k96"], h["_k97"], h["ns_eps_eff"], h["_k98"], h["_k99"], h["_k100"])
                     else:
-                        _199 = F.newton_schulz(t_update, h["_k101"], h["ns_eps_eff"], h["_k102"], h["_k103"], h["_k104"])
-                        t_update = _199
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k101"], h["ns_eps_eff"], h["_k102"], h["_k103"], h["_k104"])
+                # if normuon_variant:
                 if h["_c13"]:
-                    _200 = F.mul(t_update, t_update)
-                    _201 = F.float32(_200)
-                    _202 = F.rowsum(_201)
-                    F.div_(_202, h["_k105"])
-                    F.lerp_(st_normuon_v, _202, h["_k106"])
-                    _203 = F.sqrt(st_normuon_v)
-                    F.add_(_203, h["_k107"])
-                    F.div_(t_update, F.align(_203, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2)
+                    normuon_v_7 = F.mul(update, update)
+                    normuon_v_8 = F.float32(normuon_v_7)
+                    normuon_v_9 = F.rowsum(normuon_v_8)
+                    F.div_(normuon_v_9, h["_k105"])
+                    F.lerp_(normuon_v, normuon_v_9, h["_k106"])
+                    # update = update / (sqrt(normuon_v) + eps)
+                    update_13 = F.sqrt(normuon_v)
+                    F.add_(update_13, h["_k107"])
+                    F.div_(update, F.align(update_13, "row", "element"))
                 else:
-                    _204 = F.decode("bf16_sr", True, {"": st_second_momentum_buffer})
-                    t_second_momentum_buffer_work = _204
-                    F.mul_(t_second_momentum_buffer_work, h["_k108"])
-                    F.addcmul_(t_second_momentum_buffer_work, t_update, t_update, h["_k109"])
-                    F.encode_("bf16_sr", True, {"": st_second_momentum_buffer}, t_second_momentum_buffer_work)
+                    # second_momentum_buffer_work = second_momentum_buffer
+                    second_momentum_buffer_work = F.decode("bf16_sr", True, {"": second_momentum_buffer})
+                    # second_momentum_buffer_work = second_momentum_buffer_work * beta2 + (1 - beta2) * update * update
+                    F.mul_(second_momentum_buffer_work, h["_k108"])
+                    F.addcmul_(second_momentum_buffer_work, update, update, h["_k109"])
+                    # second_momentum_buffer = second_momentum_buffer_work
+                    F.encode_("bf16_sr", True, {"": second_momentum_buffer}, second_momentum_buffer_work)
+                    # if eps == None:
                     if h["_c14"]:
                         pass
+                    # if use_atan2:
                     if h["_c15"]:
-                        _205 = F.sqrt(t_second_momentum_buffer_work)
-                        _206 = F.atan2(t_update, _205)
-                        t_update = _206
+                        # update = atan2(update, sqrt(second_momentum_buffer_work))
+                        update_14 = F.sqrt(second_momentum_buffer_work)
+                        update_15 = F.atan2(update, update_14)
+                        update = update_15
                     else:
-                        _207 = F.sqrt(t_second_momentum_buffer_work)
-                        F.add_(_207, h["eps_eff"])
-                        F.div_(t_update, _207)
+                        # update = update / (sqrt(second_momentum_buffer_work) + eps_eff)
+                        update_16 = F.sqrt(second_momentum_buffer_work)
+                        F.add_(update_16, h["eps_eff"])
+                        F.div_(update, update_16)
+                # if (state_precision == 'factored' or nnmf_factor) and not (ndim == 2 and dim0 == rows):
                 if h["_c16"]:
-                    _208 = F.contiguous(t_update)
-                    t_update = _208
+                    # update = contiguous(update)
+                    update = F.contiguous(update)
+                # if rms_rescaling:
                 if h["_c17"]:
-                    _209 = F.norm(t_update)
-                    F.maximum_(_209, 1e-08)
-                    F.rdiv_(_209, h["_k111"])
-                    _210 = F.mul(t_update, _209)
-                    t_update = _210
+                    # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                    update_17 = F.norm(update)
+                    F.maximum_(update_17, 1e-08)
+                    F.rdiv_(update_17, h["_k111"])
+                    update_18 = F.mul(update, update_17)
+                    update = update_18
                 else:
-                    _211 = F.mul(t_update, h["_k112"])
-                    t_update = _211
+                    # update = update * (step_scale * sqrt(max(1, rows / cols)))
+                    update = F.mul(update, h["_k112"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c18"]:
-                    _212 = F.float32(param)
-                    t_param_fp32 = _212
-                    _213 = F.float32(t_update)
-                    t_update_fp32 = _213
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _214 = F.mul(t_update_fp32, t_param_fp32)
-                            _215 = F.ge(_214, 0)
-                            _216 = F.where(_215, 1.0, 0.0, like=param)
-                            _217 = F.addcmul(t_param_fp32, t_param_fp32, _216, h["_k113"])
-                            t_param_fp32 = _217
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_33 = F.mul(update_fp32, param_fp32)
+                            param_fp32_34 = F.ge(param_fp32_33, 0)
+                            param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                            param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, h["_k113"])
+                            param_fp32 = param_fp32_36
                         else:
-                            _218 = F.axpy(t_param_fp32, t_param_fp32, h["_k114"])
-                            t_param_fp32 = _218
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k114"])
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _219 = F.cast(st_anchor_data, t_param_fp32)
-                        _220 = F.sub(t_param_fp32, _219)
-                        t_cwd_target = _220
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_9 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _221 = F.mul(t_update_fp32, t_cwd_target)
-                            _222 = F.ge(_221, 0)
-                            _223 = F.where(_222, 1.0, 0.0, like=param)
-                            _224 = F.addcmul(t_param_fp32, t_cwd_target, _223, h["_k115"])
-                            t_param_fp32 = _224
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_37 = F.mul(update_fp32, cwd_target)
+                            param_fp32_38 = F.ge(param_fp32_37, 0)
+                            param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                            param_fp32_40 = F.addcmul(param_fp32, cwd_target, param_fp32_39, h["_k115"])
+                            param_fp32 = param_fp32_40
                         else:
-                            _225 = F.axpy(t_param_fp32, t_cwd_target, h["_k116"])
-                            t_param_fp32 = _225
-                    _226 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _226
-                    _227 = F.stochastic_round(t_param_fp32, h["_k117"])
-                    F.assign_(param, _227)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k116"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_37 = F.stochastic_round(param_fp32, h["_k117"])
+                    F.assign_(param, param_37)
                 else:
+                    # if weight_decay != 0:
                     if h["_c19"]:
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _228 = F.mul(t_update, param)
-                            _229 = F.ge(_228, 0)
-                            _230 = F.where(_229, 1.0, 0.0, like=param)
-                            _231 = F.addcmul(param, param, _230, h["_k118"])
-                            F.assign_(param, _231)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_38 = F.mul(update, param)
+                            param_39 = F.ge(param_38, 0)
+                            param_40 = F.where(param_39, 1.0, 0.0, like=param)
+                            param_41 = F.addcmul(param, param, param_40, h["_k118"])
+                            F.assign_(param, param_41)
                         else:
-                            _232 = F.axpy(param, param, h["_k119"])
-                            F.assign_(param, _232)
+                            # param = param - weight_decay * lr * param
+                            param_42 = F.axpy(param, param, h["_k119"])
+                            F.assign_(param, param_42)
+                    # if centered_wd != 0:
                     if h["_c21"]:
-                        _233 = F.cast(st_anchor_data, param)
-                        _234 = F.sub(param, _233)
-                        t_cwd_target = _234
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_10 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_10)
+                        # if cautious_wd:
                         if h["_c20"]:
-                            _235 = F.mul(t_update, t_cwd_target)
-                            _236 = F.ge(_235, 0)
-                            _237 = F.where(_236, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _237, h["_k120"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_43 = F.mul(update, cwd_target)
+                            param_44 = F.ge(param_43, 0)
+                            param_45 = F.where(param_44, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_45, h["_k120"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k121"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k121"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if state_precision == 'int8_sr' and not nnmf_factor:
                 if h["_c28"]:
+                    # if approx_mars:
                     if h["_c4"]:
-                        _238 = F.sub(grad, st_last_grad)
-                        F.mul_(_238, h["_k122"])
-                        F.add_(_238, grad)
-                        t_mars = _238
-                        F.assign_(st_last_grad, grad)
-                        grad = t_mars
+                        # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                        mars = F.sub(grad, last_grad)
+                        F.mul_(mars, h["_k122"])
+                        F.add_(mars, grad)
+                        # last_grad = grad
+                        F.assign_(last_grad, grad)
+                        # grad = mars
+                        grad = mars
+                    # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                     if h["_c27"]:
-                        _239 = F.float32(grad)
-                        grad = _239
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c5"]:
-                        _240 = F.vdot(param, grad)
-                        _241 = F.vdot(param, param)
-                        F.add_(_241, 1e-30)
-                        F.div_(_240, _241)
-                        _242 = F.mul(param, _240)
-                        _243 = F.sub(grad, _242)
-                        t_ortho_g = _243
-                        _244 = F.norm(grad)
-                        _245 = F.norm(t_ortho_g)
-                        F.add_(_245, 1e-30)
-                        F.div_(_244, _245)
-                        t_ortho_scale = _244
-                        _246 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _246
-                    _247 = F.decode("int8_sr", False, {"": st_momentum_buffer, "_scale": st_momentum_buffer_scale})
-                    t_momentum_buffer_work = _247
-                    F.lerp_(t_momentum_buffer_work, grad, h["_k123"])
-                    F.encode_("int8_sr", False, {"": st_momentum_buffer, "_scale": st_momentum_buffer_scale}, t_momentum_buffer_work)
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_10 = F.vdot(param, grad)
+                        ortho_g_11 = F.vdot(param, param)
+                        F.add_(ortho_g_11, 1e-30)
+                        F.div_(ortho_g_10, ortho_g_11)
+                        ortho_g_12 = F.mul(param, ortho_g_10)
+                        ortho_g = F.sub(grad, ortho_g_12)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_4 = F.norm(ortho_g)
+                        F.add_(ortho_scale_4, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_4)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # momentum_buffer_work = momentum_buffer
+                    momentum_buffer_work = F.decode("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale})
+                    # momentum_buffer_work = lerp(momentum_buffer_work, grad, 1 - beta1)
+                    F.lerp_(momentum_buffer_work, grad, h["_k123"])
+                    # momentum_buffer = momentum_buffer_work
+                    F.encode_("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale}, momentum_buffer_work)
+                    # if nesterov:
                     if h["_c6"]:
+                        # if nesterov_coef == None:
                         if h["_c7"]:
-                            _248 = F.lerp(grad, t_momentum_buffer_work, h["_k125"])
-                            t_update = _248
+                            # update = lerp(grad, momentum_buffer_work, beta1)
+                            update = F.lerp(grad, momentum_buffer_work, h["_k125"])
                         else:
-                            _249 = F.lerp(grad, t_momentum_buffer_work, h["_k126"])
-                            t_update = _249
+                            # update = lerp(grad, momentum_buffer_work, nesterov_coef)
+                            update = F.lerp(grad, momentum_buffer_work, h["_k126"])
                     else:
-                        _250 = F.copy(t_momentum_buffer_work)
-                        t_update = _250
+                        # update = copy(momentum_buffer_work)
+                        update = F.copy(momentum_buffer_work)
+                    # if auto_projection and ndim >= 4 or not auto_projection and kappa_p == 2:
                     if h["_c8"]:
                         pass
                     else:
-                        F.sign_(t_update)
+                        # update = sign(update)
+                        F.sign_(update)
+                    # if ns_eps == None:
                     if h["_c9"]:
                         pass
+                    # if accelerated_ns:
                     if h["_c10"]:
+                        # if cns_a_bound == None:
                         if h["_c11"]:
                             pass
+                        # if low_rank_ortho:
                         if h["_c12"]:
-                            _251 = F.low_rank_cans(t_update, h["_k127"], h["_k128"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _251
+                            # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.low_rank_cans(update, h["_k127"], h["_k128"], h["ns_eps_eff"], h["cns_lb"])
                         else:
-                            _252 = F.cans(t_update, h["_k129"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _252
+                            # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.cans(update, h["_k129"], h["ns_eps_eff"], h["cns_lb"])
                     else:
+                        # if low_rank_ortho:
                         if h["_c12"]:
-                            _253 = F.low_rank_newton_schulz(t_update, h["_k130"], h["_k131"], h["ns_eps_eff"], h["_k132"], h["_k133"], h["_k134"])
-                            t_update = _253
+                            # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.low_rank_newton_schulz(update, h["_k130"], h["_k131"], h["ns_eps_eff"], h["_k132"], h["_k133"], h["_k134"])
                         else:
-                            _254 = F.newton_schulz(t_update, h["_k135"], h["ns_eps_eff"], h["_k136"], h["_k137"], h["_k138"])
-                            t_update = _254
+                            # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.newton_schulz(update, h["_k135"], h["ns_eps_eff"], h["_k136"], h["_k137"], h["_k138"])
+                    # if normuon_variant:
                     if h["_c13"]:
-                        _255 = F.mul(t_update, t_update)
-                        _256 = F.float32(_255)
-                        _257 = F.rowsum(_256)
-                        F.div_(_257, h["_k139"])
-                        F.lerp_(st_normuon_v, _257, h["_k140"])
-                        _258 = F.sqrt(st_normuon_v)
-                        F.add_(_258, h["_k141"])
-                        F.div_(t_update, F.align(_258, "row", "element"))
+                        # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2)
+                        normuon_v_10 = F.mul(update, update)
+                        normuon_v_11 = F.float32(normuon_v_10)
+                        normuon_v_12 = F.rowsum(normuon_v_11)
+                        F.div_(normuon_v_12, h["_k139"])
+                        F.lerp_(normuon_v, normuon_v_12, h["_k140"])
+                        # update = update / (sqrt(normuon_v) + eps)
+                        update_19 = F.sqrt(normuon_v)
+                        F.add_(update_19, h["_k141"])
+                        F.div_(update, F.align(update_19, "row", "element"))
                     else:
-                        _259 = F.decode("int8_sr", True, {"": st_second_momentum_buffer, "_scale": st_second_momentum_buffer_scale})
-                        t_second_momentum_buffer_work = _259
-                        F.mul_(t_second_momentum_buffer_work, h["_k142"])
-                        F.addcmul_(t_second_momentum_buffer_work, t_update, t_update, h["_k143"])
-                        F.encode_("int8_sr", True, {"": st_second_momentum_buffer, "_scale": st_second_momentum_buffer_scale}, t_second_momentum_buffer_work)
+                        # second_momentum_buffer_work = second_momentum_buffer
+                        second_momentum_buffer_work = F.decode("int8_sr", True, {"": second_momentum_buffer, "_scale": second_momentum_buffer_scale})
+                        # second_momentum_buffer_work = second_momentum_buffer_work * beta2 + (1 - beta2) * update * update
+                        F.mul_(second_momentum_buffer_work, h["_k142"])
+                        F.addcmul_(second_momentum_buffer_work, update, update, h["_k143"])
+                        # second_momentum_buffer = second_momentum_buffer_work
+                        F.encode_("int8_sr", True, {"": second_momentum_buffer, "_scale": second_momentum_buffer_scale}, second_momentum_buffer_work)
+                        # if eps == None:
                         if h["_c14"]:
                             pass
+                        # if use_atan2:
                         if h["_c15"]:
-                            _260 = F.sqrt(t_second_momentum_buffer_work)
-                            _261 = F.atan2(t_update, _260)
-                            t_update = _261
+                            # update = atan2(update, sqrt(second_momentum_buffer_work))
+                            update_20 = F.sqrt(second_momentum_buffer_work)
+                            update_21 = F.atan2(update, update_20)
+                            update = update_21
                         else:
-                            _262 = F.sqrt(t_second_momentum_buffer_work)
-                            F.add_(_262, h["eps_eff"])
-                            F.div_(t_update, _262)
+                            # update = update / (sqrt(second_momentum_buffer_work) + eps_eff)
+                            update_22 = F.sqrt(second_momentum_buffer_work)
+                            F.add_(update_22, h["eps_eff"])
+                            F.div_(update, update_22)
+                    # if (state_precision == 'factored' or nnmf_factor) and not (ndim == 2 and dim0 == rows):
                     if h["_c16"]:
-                        _263 = F.contiguous(t_update)
-                        t_update = _263
+                        # update = contiguous(update)
+                        update = F.contiguous(update)
+                    # if rms_rescaling:
                     if h["_c17"]:
-                        _264 = F.norm(t_update)
-                        F.maximum_(_264, 1e-08)
-                        F.rdiv_(_264, h["_k145"])
-                        _265 = F.mul(t_update, _264)
-                        t_update = _265
+                        # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                        update_23 = F.norm(update)
+                        F.maximum_(update_23, 1e-08)
+                        F.rdiv_(update_23, h["_k145"])
+                        update_24 = F.mul(update, update_23)
+                        update = update_24
                     else:
-                        _266 = F.mul(t_update, h["_k146"])
-                        t_update = _266
+                        # update = update * (step_scale * sqrt(max(1, rows / cols)))
+                        update = F.mul(update, h["_k146"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c18"]:
-                        _267 = F.float32(param)
-                        t_param_fp32 = _267
-                        _268 = F.float32(t_update)
-                        t_update_fp32 = _268
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c19"]:
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _269 = F.mul(t_update_fp32, t_param_fp32)
-                                _270 = F.ge(_269, 0)
-                                _271 = F.where(_270, 1.0, 0.0, like=param)
-                                _272 = F.addcmul(t_param_fp32, t_param_fp32, _271, h["_k147"])
-                                t_param_fp32 = _272
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                param_fp32_42 = F.ge(param_fp32_41, 0)
+                                param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k147"])
+                                param_fp32 = param_fp32_44
                             else:
-                                _273 = F.axpy(t_param_fp32, t_param_fp32, h["_k148"])
-                                t_param_fp32 = _273
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k148"])
+                        # if centered_wd != 0:
                         if h["_c21"]:
-                            _274 = F.cast(st_anchor_data, t_param_fp32)
-                            _275 = F.sub(t_param_fp32, _274)
-                            t_cwd_target = _275
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _276 = F.mul(t_update_fp32, t_cwd_target)
-                                _277 = F.ge(_276, 0)
-                                _278 = F.where(_277, 1.0, 0.0, like=param)
-                                _279 = F.addcmul(t_param_fp32, t_cwd_target, _278, h["_k149"])
-                                t_param_fp32 = _279
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                param_fp32_46 = F.ge(param_fp32_45, 0)
+                                param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k149"])
+                                param_fp32 = param_fp32_48
                             else:
-                                _280 = F.axpy(t_param_fp32, t_cwd_target, h["_k150"])
-                                t_param_fp32 = _280
-                        _281 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _281
-                        _282 = F.stochastic_round(t_param_fp32, h["_k151"])
-                        F.assign_(param, _282)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k150"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_46 = F.stochastic_round(param_fp32, h["_k151"])
+                        F.assign_(param, param_46)
                     else:
+                        # if weight_decay != 0:
                         if h["_c19"]:
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _283 = F.mul(t_update, param)
-                                _284 = F.ge(_283, 0)
-                                _285 = F.where(_284, 1.0, 0.0, like=param)
-                                _286 = F.addcmul(param, param, _285, h["_k152"])
-                                F.assign_(param, _286)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_47 = F.mul(update, param)
+                                param_48 = F.ge(param_47, 0)
+                                param_49 = F.where(param_48, 1.0, 0.0, like=param)
+                                param_50 = F.addcmul(param, param, param_49, h["_k152"])
+                                F.assign_(param, param_50)
                             else:
-                                _287 = F.axpy(param, param, h["_k153"])
-                                F.assign_(param, _287)
+                                # param = param - weight_decay * lr * param
+                                param_51 = F.axpy(param, param, h["_k153"])
+                                F.assign_(param, param_51)
+                        # if centered_wd != 0:
                         if h["_c21"]:
-                            _288 = F.cast(st_anchor_data, param)
-                            _289 = F.sub(param, _288)
-                            t_cwd_target = _289
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_12 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_12)
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _290 = F.mul(t_update, t_cwd_target)
-                                _291 = F.ge(_290, 0)
-                                _292 = F.where(_291, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _292, h["_k154"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_52 = F.mul(update, cwd_target)
+                                param_53 = F.ge(param_52, 0)
+                                param_54 = F.where(param_53, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_54, h["_k154"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k155"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k155"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if approx_mars:
                     if h["_c4"]:
-                        _293 = F.sub(grad, st_last_grad)
-                        F.mul_(_293, h["_k156"])
-                        F.add_(_293, grad)
-                        t_mars = _293
-                        F.assign_(st_last_grad, grad)
-                        grad = t_mars
+                        # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                        mars = F.sub(grad, last_grad)
+                        F.mul_(mars, h["_k156"])
+                        F.add_(mars, grad)
+                        # last_grad = grad
+                        F.assign_(last_grad, grad)
+                        # grad = mars
+                        grad = mars
+                    # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
                     if h["_c29"]:
-                        _294 = F.float32(grad)
-                        grad = _294
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c5"]:
-                        _295 = F.vdot(param, grad)
-                        _296 = F.vdot(param, param)
-                        F.add_(_296, 1e-30)
-                        F.div_(_295, _296)
-                        _297 = F.mul(param, _295)
-                        _298 = F.sub(grad, _297)
-                        t_ortho_g = _298
-                        _299 = F.norm(grad)
-                        _300 = F.norm(t_ortho_g)
-                        F.add_(_300, 1e-30)
-                        F.div_(_299, _300)
-                        t_ortho_scale = _299
-                        _301 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _301
-                    F.lerp_(st_momentum_buffer, grad, h["_k157"])
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_13 = F.vdot(param, grad)
+                        ortho_g_14 = F.vdot(param, param)
+                        F.add_(ortho_g_14, 1e-30)
+                        F.div_(ortho_g_13, ortho_g_14)
+                        ortho_g_15 = F.mul(param, ortho_g_13)
+                        ortho_g = F.sub(grad, ortho_g_15)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_5 = F.norm(ortho_g)
+                        F.add_(ortho_scale_5, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_5)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+                    F.lerp_(momentum_buffer, grad, h["_k157"])
+                    # if nesterov:
                     if h["_c6"]:
+                        # if nesterov_coef == None:
                         if h["_c7"]:
-                            _302 = F.lerp(grad, st_momentum_buffer, h["_k158"])
-                            t_update = _302
+                            # update = lerp(grad, momentum_buffer, beta1)
+                            update = F.lerp(grad, momentum_buffer, h["_k158"])
                         else:
-                            _303 = F.lerp(grad, st_momentum_buffer, h["_k159"])
-                            t_update = _303
+                            # update = lerp(grad, momentum_buffer, nesterov_coef)
+                            update = F.lerp(grad, momentum_buffer, h["_k159"])
                     else:
-                        _304 = F.copy(st_momentum_buffer)
-                        t_update = _304
+                        # update = copy(momentum_buffer)
+                        update = F.copy(momentum_buffer)
+                    # if auto_projection and ndim >= 4 or not auto_projection and kappa_p == 2:
                     if h["_c8"]:
                         pass
                     else:
-                        F.sign_(t_update)
+                        # update = sign(update)
+                        F.sign_(update)
+                    # if ns_eps == None:
                     if h["_c9"]:
                         pass
+                    # if accelerated_ns:
                     if h["_c10"]:
+                        # if cns_a_bound == None:
                         if h["_c11"]:
                             pass
+                        # if low_rank_ortho:
                         if h["_c12"]:
-                            _305 = F.low_rank_cans(t_update, h["_k160"], h["_k161"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _305
+                            # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.low_rank_cans(update, h["_k160"], h["_k161"], h["ns_eps_eff"], h["cns_lb"])
                         else:
-                            _306 = F.cans(t_update, h["_k162"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _306
+                            # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.cans(update, h["_k162"], h["ns_eps_eff"], h["cns_lb"])
                     else:
+                        # if low_rank_ortho:
                         if h["_c12"]:
-                            _307 = F.low_rank_newton_schulz(t_update, h["_k163"], h["_k164"], h["ns_eps_eff"], h["_k165"], h["_k166"], h["_k167"])
-                            t_update = _307
+                            # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.low_rank_newton_schulz(update, h["_k163"], h["_k164"], h["ns_eps_eff"], h["_k165"], h["_k166"], h["_k167"])
                         else:
-                            _308 = F.newton_schulz(t_update, h["_k168"], h["ns_eps_eff"], h["_k169"], h["_k170"], h["_k171"])
-                            t_update = _308
+                            # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.newton_schulz(update, h["_k168"], h["ns_eps_eff"], h["_k169"], h["_k170"], h["_k171"])
+                    # if normuon_variant:
                     if h["_c13"]:
-                        _309 = F.mul(t_update, t_update)
-                        _310 = F.float32(_309)
-                        _311 = F.rowsum(_310)
-                        F.div_(_311, h["_k172"])
-                        F.lerp_(st_normuon_v, _311, h["_k173"])
-                        _312 = F.sqrt(st_normuon_v)
-                        F.add_(_312, h["_k174"])
-                        F.div_(t_update, F.align(_312, "row", "element"))
+                        # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2)
+                        normuon_v_13 = F.mul(update, update)
+                        normuon_v_14 = F.float32(normuon_v_13)
+                        normuon_v_15 = F.rowsum(normuon_v_14)
+                        F.div_(normuon_v_15, h["_k172"])
+                        F.lerp_(normuon_v, normuon_v_15, h["_k173"])
+                        # update = update / (sqrt(normuon_v) + eps)
+                        update_25 = F.sqrt(normuon_v)
+                        F.add_(update_25, h["_k174"])
+                        F.div_(update, F.align(update_25, "row", "element"))
                     else:
-                        F.mul_(st_second_momentum_buffer, h["_k175"])
-                        F.addcmul_(st_second_momentum_buffer, t_update, t_update, h["_k176"])
+                        # second_momentum_buffer = second_momentum_buffer * beta2 + (1 - beta2) * update * update
+                        F.mul_(second_momentum_buffer, h["_k175"])
+                        F.addcmul_(second_momentum_buffer, update, update, h["_k176"])
+                        # if eps == None:
                         if h["_c14"]:
                             pass
+                        # if use_atan2:
                         if h["_c15"]:
-                            _313 = F.sqrt(st_second_momentum_buffer)
-                            _314 = F.atan2(t_update, _313)
-                            t_update = _314
+                            # update = atan2(update, sqrt(second_momentum_buffer))
+                            update_26 = F.sqrt(second_momentum_buffer)
+                            update_27 = F.atan2(update, update_26)
+                            update = update_27
                         else:
-                            _315 = F.sqrt(st_second_momentum_buffer)
-                            F.add_(_315, h["eps_eff"])
-                            F.div_(t_update, _315)
+                            # update = update / (sqrt(second_momentum_buffer) + eps_eff)
+                            update_28 = F.sqrt(second_momentum_buffer)
+                            F.add_(update_28, h["eps_eff"])
+                            F.div_(update, update_28)
+                    # if (state_precision == 'factored' or nnmf_factor) and not (ndim == 2 and dim0 == rows):
                     if h["_c16"]:
-                        _316 = F.contiguous(t_update)
-                        t_update = _316
+                        # update = contiguous(update)
+                        update = F.contiguous(update)
+                    # if rms_rescaling:
                     if h["_c17"]:
-                        _317 = F.norm(t_update)
-                        F.maximum_(_317, 1e-08)
-                        F.rdiv_(_317, h["_k177"])
-                        _318 = F.mul(t_update, _317)
-                        t_update = _318
+                        # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                        update_29 = F.norm(update)
+                        F.maximum_(update_29, 1e-08)
+                        F.rdiv_(update_29, h["_k177"])
+                        update_30 = F.mul(update, update_29)
+                        update = update_30
                     else:
-                        _319 = F.mul(t_update, h["_k178"])
-                        t_update = _319
+                        # update = update * (step_scale * sqrt(max(1, rows / cols)))
+                        update = F.mul(update, h["_k178"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c18"]:
-                        _320 = F.float32(param)
-                        t_param_fp32 = _320
-                        _321 = F.float32(t_update)
-                        t_update_fp32 = _321
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c19"]:
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _322 = F.mul(t_update_fp32, t_param_fp32)
-                                _323 = F.ge(_322, 0)
-                                _324 = F.where(_323, 1.0, 0.0, like=param)
-                                _325 = F.addcmul(t_param_fp32, t_param_fp32, _324, h["_k179"])
-                                t_param_fp32 = _325
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                param_fp32_50 = F.ge(param_fp32_49, 0)
+                                param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, h["_k179"])
+                                param_fp32 = param_fp32_52
                             else:
-                                _326 = F.axpy(t_param_fp32, t_param_fp32, h["_k180"])
-                                t_param_fp32 = _326
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k180"])
+                        # if centered_wd != 0:
                         if h["_c21"]:
-                            _327 = F.cast(st_anchor_data, t_param_fp32)
-                            _328 = F.sub(t_param_fp32, _327)
-                            t_cwd_target = _328
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_13)
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _329 = F.mul(t_update_fp32, t_cwd_target)
-                                _330 = F.ge(_329, 0)
-                                _331 = F.where(_330, 1.0, 0.0, like=param)
-                                _332 = F.addcmul(t_param_fp32, t_cwd_target, _331, h["_k181"])
-                                t_param_fp32 = _332
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_53 = F.mul(update_fp32, cwd_target)
+                                param_fp32_54 = F.ge(param_fp32_53, 0)
+                                param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                param_fp32_56 = F.addcmul(param_fp32, cwd_target, param_fp32_55, h["_k181"])
+                                param_fp32 = param_fp32_56
                             else:
-                                _333 = F.axpy(t_param_fp32, t_cwd_target, h["_k182"])
-                                t_param_fp32 = _333
-                        _334 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _334
-                        _335 = F.stochastic_round(t_param_fp32, h["_k183"])
-                        F.assign_(param, _335)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k182"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_55 = F.stochastic_round(param_fp32, h["_k183"])
+                        F.assign_(param, param_55)
                     else:
+                        # if weight_decay != 0:
                         if h["_c19"]:
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _336 = F.mul(t_update, param)
-                                _337 = F.ge(_336, 0)
-                                _338 = F.where(_337, 1.0, 0.0, like=param)
-                                _339 = F.addcmul(param, param, _338, h["_k184"])
-                                F.assign_(param, _339)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_56 = F.mul(update, param)
+                                param_57 = F.ge(param_56, 0)
+                                param_58 = F.where(param_57, 1.0, 0.0, like=param)
+                                param_59 = F.addcmul(param, param, param_58, h["_k184"])
+                                F.assign_(param, param_59)
                             else:
-                                _340 = F.axpy(param, param, h["_k185"])
-                                F.assign_(param, _340)
+                                # param = param - weight_decay * lr * param
+                                param_60 = F.axpy(param, param, h["_k185"])
+                                F.assign_(param, param_60)
+                        # if centered_wd != 0:
                         if h["_c21"]:
-                            _341 = F.cast(st_anchor_data, param)
-                            _342 = F.sub(param, _341)
-                            t_cwd_target = _342
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_14 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_14)
+                            # if cautious_wd:
                             if h["_c20"]:
-                                _343 = F.mul(t_update, t_cwd_target)
-                                _344 = F.ge(_343, 0)
-                                _345 = F.where(_344, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _345, h["_k186"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_61 = F.mul(update, cwd_target)
+                                param_62 = F.ge(param_61, 0)
+                                param_63 = F.where(param_62, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_63, h["_k186"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k187"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k187"])
+                        # param = param + -update
+                        F.sub_(param, update)
         else:
+            # if adam_use_bias_correction:
             if h["_c22"]:
                 pass
+            # if adam_beta1 > 0:
             if h["_c23"]:
-                F.lerp_(st_exp_avg, grad, h["_k188"])
-                _346 = F.copy(st_exp_avg)
-                t_update = _346
+                # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                F.lerp_(exp_avg, grad, h["_k188"])
+                # update = copy(exp_avg)
+                update = F.copy(exp_avg)
             else:
-                _347 = F.copy(grad)
-                t_update = _347
-            F.mul_(st_exp_avg_sq, h["_k189"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k190"])
+                # update = copy(grad)
+                update = F.copy(grad)
+            # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k189"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k190"])
+            # if adam_eps == None:
             if h["_c24"]:
                 pass
-            _348 = F.sqrt(st_exp_avg_sq)
-            F.div_(_348, h["sqrt_bias_correction2"])
-            F.add_(_348, h["adam_eps_eff"])
-            t_denom = _348
-            F.div_(t_update, t_denom)
-            F.mul_(t_update, h["step_size"])
+            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
+            denom = F.sqrt(exp_avg_sq)
+            F.div_(denom, h["sqrt_bias_correction2"])
+            F.add_(denom, h["adam_eps_eff"])
+            # update = update / denom
+            F.div_(update, denom)
+            # update = update * step_size
+            F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c18"]:
-                _349 = F.float32(param)
-                t_param_fp32 = _349
-                _350 = F.float32(t_update)
-                t_update_fp32 = _350
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if adam_weight_decay != 0:
                 if h["_c25"]:
+                    # if cautious_wd:
                     if h["_c20"]:
-                        _351 = F.mul(t_update_fp32, t_param_fp32)
-                        _352 = F.ge(_351, 0)
-                        _353 = F.where(_352, 1.0, 0.0, like=param)
-                        _354 = F.addcmul(t_param_fp32, t_param_fp32, _353, h["_k191"])
-                        t_param_fp32 = _354
+                        # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_57 = F.mul(update_fp32, param_fp32)
+                        param_fp32_58 = F.ge(param_fp32_57, 0)
+                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                        param_fp32_60 = F.addcmul(param_fp32, param_fp32, param_fp32_59, h["_k191"])
+                        param_fp32 = param_fp32_60
                     else:
-                        _355 = F.axpy(t_param_fp32, t_param_fp32, h["_k192"])
-                        t_param_fp32 = _355
+                        # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k192"])
+                # if centered_wd != 0:
                 if h["_c21"]:
-                    _356 = F.cast(st_anchor_data, t_param_fp32)
-                    _357 = F.sub(t_param_fp32, _356)
-                    t_cwd_target = _357
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_15 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if cautious_wd:
                     if h["_c20"]:
-                        _358 = F.mul(t_update_fp32, t_cwd_target)
-                        _359 = F.ge(_358, 0)
-                        _360 = F.where(_359, 1.0, 0.0, like=param)
-                        _361 = F.addcmul(t_param_fp32, t_cwd_target, _360, h["_k193"])
-                        t_param_fp32 = _361
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_61 = F.mul(update_fp32, cwd_target)
+                        param_fp32_62 = F.ge(param_fp32_61, 0)
+                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                        param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k193"])
+                        param_fp32 = param_fp32_64
                     else:
-                        _362 = F.axpy(t_param_fp32, t_cwd_target, h["_k194"])
-                        t_param_fp32 = _362
-                _363 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _363
-                _364 = F.stochastic_round(t_param_fp32, h["_k195"])
-                F.assign_(param, _364)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k194"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_64 = F.stochastic_round(param_fp32, h["_k195"])
+                F.assign_(param, param_64)
             else:
+                # if adam_weight_decay != 0:
                 if h["_c25"]:
+                    # if cautious_wd:
                     if h["_c20"]:
-                        _365 = F.mul(t_update, param)
-                        _366 = F.ge(_365, 0)
-                        _367 = F.where(_366, 1.0, 0.0, like=param)
-                        _368 = F.addcmul(param, param, _367, h["_k196"])
-                        F.assign_(param, _368)
+                        # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_65 = F.mul(update, param)
+                        param_66 = F.ge(param_65, 0)
+                        param_67 = F.where(param_66, 1.0, 0.0, like=param)
+                        param_68 = F.addcmul(param, param, param_67, h["_k196"])
+                        F.assign_(param, param_68)
                     else:
-                        _369 = F.axpy(param, param, h["_k197"])
-                        F.assign_(param, _369)
+                        # param = param - adam_weight_decay * lr * param
+                        param_69 = F.axpy(param, param, h["_k197"])
+                        F.assign_(param, param_69)
+                # if centered_wd != 0:
                 if h["_c21"]:
-                    _370 = F.cast(st_anchor_data, param)
-                    _371 = F.sub(param, _370)
-                    t_cwd_target = _371
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_16 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_16)
+                    # if cautious_wd:
                     if h["_c20"]:
-                        _372 = F.mul(t_update, t_cwd_target)
-                        _373 = F.ge(_372, 0)
-                        _374 = F.where(_373, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _374, h["_k198"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_70 = F.mul(update, cwd_target)
+                        param_71 = F.ge(param_70, 0)
+                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_72, h["_k198"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k199"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k199"])
+                # param = param + -update
+                F.sub_(param, update)
 
 
 class AdaMuon_adv(GeneratedOptimizer):

@@ -88,7 +88,7 @@ def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 23
-    COL_WS__X0: tl.constexpr = 24
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -100,7 +100,7 @@ def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
@@ -112,7 +112,7 @@ def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -145,13 +145,13 @@ def _adamuon_adv_flat0(
 def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS__R0: tl.constexpr = 21
-    COL_WS__N0: tl.constexpr = 22
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_N0: tl.constexpr = 22
     COL_WS_UPDATE: tl.constexpr = 23
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
-    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_second_momentum_buffer = tl.load(tab + t * TBL_W + COL_SECOND_MOMENTUM_BUFFER).to(tl.pointer_type(DT_second_momentum_buffer))
     if ALIGNED:
         p_second_momentum_buffer = tl.multiple_of(p_second_momentum_buffer, 16)
@@ -160,7 +160,7 @@ def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     eps_eff = tl.load(hv + t * NH + HV_EPS_EFF)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
-    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    n0 = tl.load(p_n0 + offs, mask=mask).to(tl.float32)
     # second_momentum_buffer = second_momentum_buffer * beta2 + (1 - beta2) * update * update
     second_momentum_buffer = tl.load(p_second_momentum_buffer + offs, mask=mask).to(tl.float32)
     second_momentum_buffer_1 = ((second_momentum_buffer * beta2) + one_minus_beta2 * n0 * n0)
@@ -169,7 +169,7 @@ def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # update = contiguous(update)
     # _r0 = sumsq(update)
     r0_part = L.masked((update * update), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store update, second_momentum_buffer
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
     tl.store(p_second_momentum_buffer + offs, L.to_storage(second_momentum_buffer_1, DT_second_momentum_buffer), mask=mask)
@@ -206,12 +206,12 @@ def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_GIDX: tl.constexpr = 20
-    COL_WS__R0: tl.constexpr = 21
+    COL_WS_R0: tl.constexpr = 21
     COL_WS_UPDATE: tl.constexpr = 23
     HV_K: tl.constexpr = 10
     HV_STEP: tl.constexpr = 11
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -219,7 +219,7 @@ def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -329,18 +329,18 @@ def _adamuon_adv_prologue1(
 def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS__R0: tl.constexpr = 21
+    COL_WS_R0: tl.constexpr = 21
     COL_WS_UPDATE: tl.constexpr = 23
     HV_K: tl.constexpr = 10
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     # update = update * (step_scale * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
     # param = param + -update
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -379,13 +379,13 @@ def _adamuon_adv_flat3(
 def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS__R0: tl.constexpr = 21
-    COL_WS__N0: tl.constexpr = 22
+    COL_WS_R0: tl.constexpr = 21
+    COL_WS_N0: tl.constexpr = 22
     COL_WS_UPDATE: tl.constexpr = 23
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
-    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_second_momentum_buffer = tl.load(tab + t * TBL_W + COL_SECOND_MOMENTUM_BUFFER).to(tl.pointer_type(DT_second_momentum_buffer))
     if ALIGNED:
         p_second_momentum_buffer = tl.multiple_of(p_second_momentum_buffer, 16)
@@ -394,7 +394,7 @@ def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     eps_eff = tl.load(hv + t * NH + HV_EPS_EFF)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
-    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    n0 = tl.load(p_n0 + offs, mask=mask).to(tl.float32)
     # second_momentum_buffer = second_momentum_buffer * beta2 + (1 - beta2) * update * update
     second_momentum_buffer = tl.load(p_second_momentum_buffer + offs, mask=mask).to(tl.float32)
     second_momentum_buffer_1 = ((second_momentum_buffer * beta2) + one_minus_beta2 * n0 * n0)
@@ -402,7 +402,7 @@ def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     update = L.div(n0, (L.sqrt(second_momentum_buffer_1) + eps_eff))
     # _r0 = sumsq(update)
     r0_part = L.masked((update * update), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store update, second_momentum_buffer
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
     tl.store(p_second_momentum_buffer + offs, L.to_storage(second_momentum_buffer_1, DT_second_momentum_buffer), mask=mask)
@@ -439,7 +439,7 @@ def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 23
-    COL_WS__X0: tl.constexpr = 24
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -451,7 +451,7 @@ def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
@@ -465,7 +465,7 @@ def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update_1, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update_1, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update_1, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -499,7 +499,7 @@ def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 23
-    COL_WS__X0: tl.constexpr = 24
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -511,7 +511,7 @@ def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -522,7 +522,7 @@ def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -556,7 +556,7 @@ def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 23
-    COL_WS__X0: tl.constexpr = 24
+    COL_WS_X0: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -568,7 +568,7 @@ def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -581,7 +581,7 @@ def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update_1, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update_1, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update_1, tl.float32), mask=mask)
 
 
 @triton.jit

@@ -1292,2272 +1292,2884 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_wd_scaler = S["wd_scaler"]
-    st_anchor_data = S["anchor_data"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
-    st_exp_avg_scale = S["exp_avg_scale"]
-    st_exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    wd_scaler = S["wd_scaler"]
+    anchor_data = S["anchor_data"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    exp_avg_scale = S["exp_avg_scale"]
+    exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if use_bias_correction:
             if h["_c3"]:
                 pass
+            # if kourkoutas_beta:
             if h["_c4"]:
-                _9 = F.mul(grad, grad)
-                _10 = F.sum(_9)
-                F.assign_(st_kourkoutas_sq, _10)
-                _11 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _11
-                F.mul_(t_exp_avg_sq_full, h["_k0"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k1"])
-                _12 = F.float32(t_exp_avg_sq_full)
-                _13 = F.abs(_12)
-                t_exp_avg_sq_abs = _13
-                _14 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _14)
-                _15 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _15
-                _16 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_16, 1e-12)
-                _17 = F.div(t_exp_avg_sq_colsum, _16)
-                F.assign_(st_mv_v_nmf, _17)
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_1 = F.mul(grad, grad)
+                kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k0"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k1"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
             else:
-                _18 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _18
-                F.mul_(t_exp_avg_sq_full, h["_k2"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k3"])
-                _19 = F.float32(t_exp_avg_sq_full)
-                _20 = F.abs(_19)
-                t_exp_avg_sq_abs = _20
-                _21 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _21)
-                _22 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _22
-                _23 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_23, 1e-12)
-                _24 = F.div(t_exp_avg_sq_colsum, _23)
-                F.assign_(st_mv_v_nmf, _24)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k2"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k3"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_2)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_3, 1e-12)
+                mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                F.assign_(mv_v_nmf, mv_v_nmf_4)
+            # if eps == None:
             if h["_c5"]:
                 pass
+            # if use_atan2:
             if h["_c6"]:
-                _25 = F.sqrt(t_exp_avg_sq_full)
-                F.div_(_25, h["sqrt_bias_correction2"])
-                t_denom = _25
+                # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2
+                denom = F.sqrt(exp_avg_sq_full)
+                F.div_(denom, h["sqrt_bias_correction2"])
             else:
-                _26 = F.sqrt(t_exp_avg_sq_full)
-                F.div_(_26, h["sqrt_bias_correction2"])
-                F.add_(_26, h["eps_eff"])
-                t_denom = _26
+                # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2 + eps_eff
+                denom = F.sqrt(exp_avg_sq_full)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["eps_eff"])
+            # if normed_momentum:
             if h["_c7"]:
+                # if use_atan2:
                 if h["_c6"]:
-                    _27 = F.atan2(grad, t_denom)
-                    grad = _27
+                    # grad = atan2(grad, denom)
+                    grad = F.atan2(grad, denom)
                 else:
-                    _28 = F.div(grad, t_denom)
-                    grad = _28
+                    # grad = grad / denom
+                    grad = F.div(grad, denom)
+            # if beta1 > 0:
             if h["_c8"]:
-                _29 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                t_exp_avg_magnitude = _29
-                _30 = F.neg(t_exp_avg_magnitude)
-                _31 = F.where(st_sign, t_exp_avg_magnitude, _30)
-                t_exp_avg_full = _31
-                F.lerp_(t_exp_avg_full, grad, h["_k4"])
-                _32 = F.float32(t_exp_avg_full)
-                _33 = F.gt(_32, 0.0)
-                F.assign_(st_sign, _33)
-                _34 = F.float32(t_exp_avg_full)
-                _35 = F.abs(_34)
-                t_exp_avg_abs = _35
-                _36 = F.rowsum(t_exp_avg_abs)
-                F.assign_(st_mu_m_nmf, _36)
-                _37 = F.colsum(t_exp_avg_abs)
-                t_exp_avg_colsum = _37
-                _38 = F.sum(t_exp_avg_colsum, kind="col")
-                F.maximum_(_38, 1e-12)
-                _39 = F.div(t_exp_avg_colsum, _38)
-                F.assign_(st_mv_m_nmf, _39)
+                # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                # exp_avg_full = lerp(exp_avg_full, grad, 1 - beta1)
+                F.lerp_(exp_avg_full, grad, h["_k4"])
+                # sign = float32(exp_avg_full) > 0.0
+                sign_1 = F.float32(exp_avg_full)
+                sign_2 = F.gt(sign_1, 0.0)
+                F.assign_(sign, sign_2)
+                # exp_avg_abs = abs(float32(exp_avg_full))
+                exp_avg_abs_1 = F.float32(exp_avg_full)
+                exp_avg_abs = F.abs(exp_avg_abs_1)
+                # mu_m_nmf = rowsum(exp_avg_abs)
+                mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                F.assign_(mu_m_nmf, mu_m_nmf_1)
+                # exp_avg_colsum = colsum(exp_avg_abs)
+                exp_avg_colsum = F.colsum(exp_avg_abs)
+                # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                F.maximum_(mv_m_nmf_1, 1e-12)
+                mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                F.assign_(mv_m_nmf, mv_m_nmf_2)
+                # if nesterov:
                 if h["_c9"]:
+                    # if nesterov_coef == None:
                     if h["_c10"]:
-                        _40 = F.lerp(t_exp_avg_full, grad, h["_k5"])
-                        t_update = _40
+                        # update = lerp(exp_avg_full, grad, 1 - beta1)
+                        update = F.lerp(exp_avg_full, grad, h["_k5"])
                     else:
-                        _41 = F.lerp(t_exp_avg_full, grad, h["_k6"])
-                        t_update = _41
+                        # update = lerp(exp_avg_full, grad, 1 - nesterov_coef)
+                        update = F.lerp(exp_avg_full, grad, h["_k6"])
                 else:
-                    _42 = F.copy(t_exp_avg_full)
-                    t_update = _42
+                    # update = copy(exp_avg_full)
+                    update = F.copy(exp_avg_full)
             else:
-                _43 = F.copy(grad)
-                t_update = _43
+                # update = copy(grad)
+                update = F.copy(grad)
+            # if normed_momentum:
             if h["_c7"]:
                 pass
             else:
+                # if use_atan2:
                 if h["_c6"]:
-                    _44 = F.atan2(t_update, t_denom)
-                    t_update = _44
+                    # update = atan2(update, denom)
+                    update = F.atan2(update, denom)
                 else:
-                    F.div_(t_update, t_denom)
+                    # update = update / denom
+                    F.div_(update, denom)
+            # if use_atan2:
             if h["_c6"]:
-                F.mul_(t_update, h["_k7"])
+                # update = update * (step_size * 1.2732395447351628)
+                F.mul_(update, h["_k7"])
             else:
-                F.mul_(t_update, h["step_size"])
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _45 = F.float32(param)
-                t_param_fp32 = _45
-                _46 = F.float32(t_update)
-                t_update_fp32 = _46
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _47 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_47, 1.2732395447351628)
-                            t_fisher = _47
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _48 = F.rdiv(t_denom, 1)
-                            t_fisher = _48
-                            _49 = F.mul(t_param_fp32, t_fisher)
-                            F.pow_(_49, 2)
-                            _50 = F.mean(_49)
-                            F.sqrt_(_50)
-                            F.div_(_50, 1.0)
-                            F.maximum_(_50, 1.0)
-                            _51 = F.div(t_fisher, _50)
-                            t_fisher = _51
-                        F.mul_(t_fisher, h["_k8"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_1 = F.mul(param_fp32, fisher)
+                            F.pow_(fisher_1, 2)
+                            fisher_2 = F.mean(fisher_1)
+                            F.sqrt_(fisher_2)
+                            F.div_(fisher_2, 1.0)
+                            F.maximum_(fisher_2, 1.0)
+                            fisher_3 = F.div(fisher, fisher_2)
+                            fisher = fisher_3
+                        # fisher = fisher * (weight_decay * lr)
+                        F.mul_(fisher, h["_k8"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _52 = F.mul(t_update_fp32, t_param_fp32)
-                            _53 = F.ge(_52, 0)
-                            _54 = F.where(_53, 1.0, 0.0, like=param)
-                            F.mul_(_54, t_fisher)
-                            _55 = F.addcmul(t_param_fp32, t_param_fp32, _54, -1.0)
-                            t_param_fp32 = _55
+                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_3, fisher)
+                            param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, -1.0)
+                            param_fp32 = param_fp32_4
                         else:
-                            _56 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                            t_param_fp32 = _56
+                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _57 = F.mul(t_update_fp32, t_param_fp32)
-                            _58 = F.ge(_57, 0)
-                            _59 = F.where(_58, 1.0, 0.0, like=param)
-                            _60 = F.addcmul(t_param_fp32, t_param_fp32, _59, h["_k9"])
-                            t_param_fp32 = _60
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, param_fp32)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k9"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _61 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
-                            t_param_fp32 = _61
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k10"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _62 = F.cast(st_anchor_data, t_param_fp32)
-                    _63 = F.sub(t_param_fp32, _62)
-                    t_cwd_target = _63
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _64 = F.mul(t_update_fp32, t_cwd_target)
-                        _65 = F.ge(_64, 0)
-                        _66 = F.where(_65, 1.0, 0.0, like=param)
-                        _67 = F.addcmul(t_param_fp32, t_cwd_target, _66, h["_k11"])
-                        t_param_fp32 = _67
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, cwd_target)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k11"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _68 = F.axpy(t_param_fp32, t_cwd_target, h["_k12"])
-                        t_param_fp32 = _68
-                _69 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _69
-                _70 = F.stochastic_round(t_param_fp32, h["_k13"])
-                F.assign_(param, _70)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k12"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k13"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _71 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_71, 1.2732395447351628)
-                            t_fisher = _71
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _72 = F.rdiv(t_denom, 1)
-                            t_fisher = _72
-                            _73 = F.mul(param, t_fisher)
-                            F.pow_(_73, 2)
-                            _74 = F.mean(_73)
-                            F.sqrt_(_74)
-                            F.div_(_74, 1.0)
-                            F.maximum_(_74, 1.0)
-                            _75 = F.div(t_fisher, _74)
-                            t_fisher = _75
-                        F.mul_(t_fisher, h["_k14"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_4 = F.mul(param, fisher)
+                            F.pow_(fisher_4, 2)
+                            fisher_5 = F.mean(fisher_4)
+                            F.sqrt_(fisher_5)
+                            F.div_(fisher_5, 1.0)
+                            F.maximum_(fisher_5, 1.0)
+                            fisher_6 = F.div(fisher, fisher_5)
+                            fisher = fisher_6
+                        # fisher = fisher * (weight_decay * lr)
+                        F.mul_(fisher, h["_k14"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _76 = F.mul(t_update, param)
-                            _77 = F.ge(_76, 0)
-                            _78 = F.where(_77, 1.0, 0.0, like=param)
-                            F.mul_(_78, t_fisher)
-                            _79 = F.addcmul(param, param, _78, -1.0)
-                            F.assign_(param, _79)
+                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            F.mul_(param_4, fisher)
+                            param_5 = F.addcmul(param, param, param_4, -1.0)
+                            F.assign_(param, param_5)
                         else:
-                            _80 = F.addcmul(param, param, t_fisher, -1.0)
-                            F.assign_(param, _80)
+                            # param = param - param * fisher
+                            param_6 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_6)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _81 = F.mul(t_update, param)
-                            _82 = F.ge(_81, 0)
-                            _83 = F.where(_82, 1.0, 0.0, like=param)
-                            _84 = F.addcmul(param, param, _83, h["_k15"])
-                            F.assign_(param, _84)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_7 = F.mul(update, param)
+                            param_8 = F.ge(param_7, 0)
+                            param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                            param_10 = F.addcmul(param, param, param_9, h["_k15"])
+                            F.assign_(param, param_10)
                         else:
-                            _85 = F.axpy(param, param, h["_k16"])
-                            F.assign_(param, _85)
+                            # param = param - weight_decay * lr * param
+                            param_11 = F.axpy(param, param, h["_k16"])
+                            F.assign_(param, param_11)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _86 = F.cast(st_anchor_data, param)
-                    _87 = F.sub(param, _86)
-                    t_cwd_target = _87
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _88 = F.mul(t_update, t_cwd_target)
-                        _89 = F.ge(_88, 0)
-                        _90 = F.where(_89, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _90, h["_k17"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_12 = F.mul(update, cwd_target)
+                        param_13 = F.ge(param_12, 0)
+                        param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_14, h["_k17"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k18"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k18"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
-            _91 = F.float32(grad)
-            grad = _91
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _92 = F.vdot(param, grad)
-                _93 = F.vdot(param, param)
-                F.add_(_93, 1e-30)
-                F.div_(_92, _93)
-                _94 = F.mul(param, _92)
-                _95 = F.sub(grad, _94)
-                t_ortho_g = _95
-                _96 = F.norm(grad)
-                _97 = F.norm(t_ortho_g)
-                F.add_(_97, 1e-30)
-                F.div_(_96, _97)
-                t_ortho_scale = _96
-                _98 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _98
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if use_bias_correction:
             if h["_c3"]:
                 pass
+            # if kourkoutas_beta:
             if h["_c4"]:
-                _99 = F.mul(grad, grad)
-                _100 = F.sum(_99)
-                F.assign_(st_kourkoutas_sq, _100)
-                F.mul_(st_exp_avg_sq, h["_k19"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k20"])
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_3 = F.mul(grad, grad)
+                kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+                # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq, h["_k19"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k20"])
             else:
-                F.mul_(st_exp_avg_sq, h["_k21"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k22"])
+                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k21"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k22"])
+            # if eps == None:
             if h["_c5"]:
                 pass
+            # if use_atan2:
             if h["_c6"]:
-                _101 = F.sqrt(st_exp_avg_sq)
-                F.div_(_101, h["sqrt_bias_correction2"])
-                t_denom = _101
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
             else:
-                _102 = F.sqrt(st_exp_avg_sq)
-                F.div_(_102, h["sqrt_bias_correction2"])
-                F.add_(_102, h["eps_eff"])
-                t_denom = _102
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["eps_eff"])
+            # if normed_momentum:
             if h["_c7"]:
+                # if use_atan2:
                 if h["_c6"]:
-                    _103 = F.atan2(grad, t_denom)
-                    grad = _103
+                    # grad = atan2(grad, denom)
+                    grad = F.atan2(grad, denom)
                 else:
-                    _104 = F.div(grad, t_denom)
-                    grad = _104
+                    # grad = grad / denom
+                    grad = F.div(grad, denom)
+            # if beta1 > 0:
             if h["_c8"]:
-                F.lerp_(st_exp_avg, grad, h["_k23"])
+                # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+                F.lerp_(exp_avg, grad, h["_k23"])
+                # if nesterov:
                 if h["_c9"]:
+                    # if nesterov_coef == None:
                     if h["_c10"]:
-                        _105 = F.lerp(st_exp_avg, grad, h["_k24"])
-                        t_update = _105
+                        # update = lerp(exp_avg, grad, 1 - beta1)
+                        update = F.lerp(exp_avg, grad, h["_k24"])
                     else:
-                        _106 = F.lerp(st_exp_avg, grad, h["_k25"])
-                        t_update = _106
+                        # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                        update = F.lerp(exp_avg, grad, h["_k25"])
                 else:
-                    _107 = F.copy(st_exp_avg)
-                    t_update = _107
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
             else:
-                _108 = F.copy(grad)
-                t_update = _108
+                # update = copy(grad)
+                update = F.copy(grad)
+            # if normed_momentum:
             if h["_c7"]:
                 pass
             else:
+                # if use_atan2:
                 if h["_c6"]:
-                    _109 = F.atan2(t_update, t_denom)
-                    t_update = _109
+                    # update = atan2(update, denom)
+                    update = F.atan2(update, denom)
                 else:
-                    F.div_(t_update, t_denom)
+                    # update = update / denom
+                    F.div_(update, denom)
+            # if use_atan2:
             if h["_c6"]:
-                F.mul_(t_update, h["_k26"])
+                # update = update * (step_size * 1.2732395447351628)
+                F.mul_(update, h["_k26"])
             else:
-                F.mul_(t_update, h["step_size"])
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _110 = F.float32(param)
-                t_param_fp32 = _110
-                _111 = F.float32(t_update)
-                t_update_fp32 = _111
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _112 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_112, 1.2732395447351628)
-                            t_fisher = _112
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _113 = F.rdiv(t_denom, 1)
-                            t_fisher = _113
-                            _114 = F.mul(t_param_fp32, t_fisher)
-                            F.pow_(_114, 2)
-                            _115 = F.mean(_114)
-                            F.sqrt_(_115)
-                            F.div_(_115, 1.0)
-                            F.maximum_(_115, 1.0)
-                            _116 = F.div(t_fisher, _115)
-                            t_fisher = _116
-                        F.mul_(t_fisher, h["_k27"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_7 = F.mul(param_fp32, fisher)
+                            F.pow_(fisher_7, 2)
+                            fisher_8 = F.mean(fisher_7)
+                            F.sqrt_(fisher_8)
+                            F.div_(fisher_8, 1.0)
+                            F.maximum_(fisher_8, 1.0)
+                            fisher_9 = F.div(fisher, fisher_8)
+                            fisher = fisher_9
+                        # fisher = fisher * (weight_decay * lr)
+                        F.mul_(fisher, h["_k27"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _117 = F.mul(t_update_fp32, t_param_fp32)
-                            _118 = F.ge(_117, 0)
-                            _119 = F.where(_118, 1.0, 0.0, like=param)
-                            F.mul_(_119, t_fisher)
-                            _120 = F.addcmul(t_param_fp32, t_param_fp32, _119, -1.0)
-                            t_param_fp32 = _120
+                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                            param_fp32_13 = F.mul(update_fp32, param_fp32)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_15, fisher)
+                            param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
+                            param_fp32 = param_fp32_16
                         else:
-                            _121 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                            t_param_fp32 = _121
+                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _122 = F.mul(t_update_fp32, t_param_fp32)
-                            _123 = F.ge(_122, 0)
-                            _124 = F.where(_123, 1.0, 0.0, like=param)
-                            _125 = F.addcmul(t_param_fp32, t_param_fp32, _124, h["_k28"])
-                            t_param_fp32 = _125
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k28"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _126 = F.axpy(t_param_fp32, t_param_fp32, h["_k29"])
-                            t_param_fp32 = _126
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k29"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _127 = F.cast(st_anchor_data, t_param_fp32)
-                    _128 = F.sub(t_param_fp32, _127)
-                    t_cwd_target = _128
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _129 = F.mul(t_update_fp32, t_cwd_target)
-                        _130 = F.ge(_129, 0)
-                        _131 = F.where(_130, 1.0, 0.0, like=param)
-                        _132 = F.addcmul(t_param_fp32, t_cwd_target, _131, h["_k30"])
-                        t_param_fp32 = _132
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_21 = F.mul(update_fp32, cwd_target)
+                        param_fp32_22 = F.ge(param_fp32_21, 0)
+                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k30"])
+                        param_fp32 = param_fp32_24
                     else:
-                        _133 = F.axpy(t_param_fp32, t_cwd_target, h["_k31"])
-                        t_param_fp32 = _133
-                _134 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _134
-                _135 = F.stochastic_round(t_param_fp32, h["_k32"])
-                F.assign_(param, _135)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k31"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_15 = F.stochastic_round(param_fp32, h["_k32"])
+                F.assign_(param, param_15)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _136 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_136, 1.2732395447351628)
-                            t_fisher = _136
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _137 = F.rdiv(t_denom, 1)
-                            t_fisher = _137
-                            _138 = F.mul(param, t_fisher)
-                            F.pow_(_138, 2)
-                            _139 = F.mean(_138)
-                            F.sqrt_(_139)
-                            F.div_(_139, 1.0)
-                            F.maximum_(_139, 1.0)
-                            _140 = F.div(t_fisher, _139)
-                            t_fisher = _140
-                        F.mul_(t_fisher, h["_k33"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_10 = F.mul(param, fisher)
+                            F.pow_(fisher_10, 2)
+                            fisher_11 = F.mean(fisher_10)
+                            F.sqrt_(fisher_11)
+                            F.div_(fisher_11, 1.0)
+                            F.maximum_(fisher_11, 1.0)
+                            fisher_12 = F.div(fisher, fisher_11)
+                            fisher = fisher_12
+                        # fisher = fisher * (weight_decay * lr)
+                        F.mul_(fisher, h["_k33"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _141 = F.mul(t_update, param)
-                            _142 = F.ge(_141, 0)
-                            _143 = F.where(_142, 1.0, 0.0, like=param)
-                            F.mul_(_143, t_fisher)
-                            _144 = F.addcmul(param, param, _143, -1.0)
-                            F.assign_(param, _144)
+                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                            param_16 = F.mul(update, param)
+                            param_17 = F.ge(param_16, 0)
+                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                            F.mul_(param_18, fisher)
+                            param_19 = F.addcmul(param, param, param_18, -1.0)
+                            F.assign_(param, param_19)
                         else:
-                            _145 = F.addcmul(param, param, t_fisher, -1.0)
-                            F.assign_(param, _145)
+                            # param = param - param * fisher
+                            param_20 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_20)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _146 = F.mul(t_update, param)
-                            _147 = F.ge(_146, 0)
-                            _148 = F.where(_147, 1.0, 0.0, like=param)
-                            _149 = F.addcmul(param, param, _148, h["_k34"])
-                            F.assign_(param, _149)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_21 = F.mul(update, param)
+                            param_22 = F.ge(param_21, 0)
+                            param_23 = F.where(param_22, 1.0, 0.0, like=param)
+                            param_24 = F.addcmul(param, param, param_23, h["_k34"])
+                            F.assign_(param, param_24)
                         else:
-                            _150 = F.axpy(param, param, h["_k35"])
-                            F.assign_(param, _150)
+                            # param = param - weight_decay * lr * param
+                            param_25 = F.axpy(param, param, h["_k35"])
+                            F.assign_(param, param_25)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _151 = F.cast(st_anchor_data, param)
-                    _152 = F.sub(param, _151)
-                    t_cwd_target = _152
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _153 = F.mul(t_update, t_cwd_target)
-                        _154 = F.ge(_153, 0)
-                        _155 = F.where(_154, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _155, h["_k36"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_26 = F.mul(update, cwd_target)
+                        param_27 = F.ge(param_26, 0)
+                        param_28 = F.where(param_27, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_28, h["_k36"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k37"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k37"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if factored_2nd:
         if h["_c16"]:
+            # if ndim != 1 or vector_reshape:
             if h["_c1"]:
+                # if state_precision == 'bf16_sr' and not nnmf_factor:
                 if h["_c17"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _156 = F.float32(grad)
-                        grad = _156
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _157 = F.vdot(param, grad)
-                        _158 = F.vdot(param, param)
-                        F.add_(_158, 1e-30)
-                        F.div_(_157, _158)
-                        _159 = F.mul(param, _157)
-                        _160 = F.sub(grad, _159)
-                        t_ortho_g = _160
-                        _161 = F.norm(grad)
-                        _162 = F.norm(t_ortho_g)
-                        F.add_(_162, 1e-30)
-                        F.div_(_161, _162)
-                        t_ortho_scale = _161
-                        _163 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _163
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_7 = F.vdot(param, grad)
+                        ortho_g_8 = F.vdot(param, param)
+                        F.add_(ortho_g_8, 1e-30)
+                        F.div_(ortho_g_7, ortho_g_8)
+                        ortho_g_9 = F.mul(param, ortho_g_7)
+                        ortho_g = F.sub(grad, ortho_g_9)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_3 = F.norm(ortho_g)
+                        F.add_(ortho_scale_3, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_3)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if use_bias_correction:
                     if h["_c3"]:
                         pass
+                    # if kourkoutas_beta:
                     if h["_c4"]:
-                        _164 = F.mul(grad, grad)
-                        _165 = F.sum(_164)
-                        F.assign_(st_kourkoutas_sq, _165)
-                        _166 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                        t_exp_avg_sq_full = _166
-                        _167 = F.float32(t_exp_avg_sq_full)
-                        _168 = F.mul(_167, h["_k38"])
-                        _169 = F.float32(grad)
-                        _170 = F.float32(grad)
-                        F.addcmul_(_168, _169, _170, h["_k39"])
-                        t_exp_avg_sq_full = _168
-                        _171 = F.float32(t_exp_avg_sq_full)
-                        _172 = F.abs(_171)
-                        t_exp_avg_sq_abs = _172
-                        _173 = F.rowsum(t_exp_avg_sq_abs)
-                        F.assign_(st_mu_v_nmf, _173)
-                        _174 = F.colsum(t_exp_avg_sq_abs)
-                        t_exp_avg_sq_colsum = _174
-                        _175 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                        F.maximum_(_175, 1e-12)
-                        _176 = F.div(t_exp_avg_sq_colsum, _175)
-                        F.assign_(st_mv_v_nmf, _176)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_5 = F.mul(grad, grad)
+                        kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+                        # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                        exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                        # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                        exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k38"])
+                        exp_avg_sq_full_3 = F.float32(grad)
+                        exp_avg_sq_full_4 = F.float32(grad)
+                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k39"])
+                        exp_avg_sq_full = exp_avg_sq_full_2
+                        # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                        exp_avg_sq_abs_3 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_abs = F.abs(exp_avg_sq_abs_3)
+                        # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                        mu_v_nmf_3 = F.rowsum(exp_avg_sq_abs)
+                        F.assign_(mu_v_nmf, mu_v_nmf_3)
+                        # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                        exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                        # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                        mv_v_nmf_5 = F.sum(exp_avg_sq_colsum, kind="col")
+                        F.maximum_(mv_v_nmf_5, 1e-12)
+                        mv_v_nmf_6 = F.div(exp_avg_sq_colsum, mv_v_nmf_5)
+                        F.assign_(mv_v_nmf, mv_v_nmf_6)
                     else:
-                        _177 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                        t_exp_avg_sq_full = _177
-                        _178 = F.float32(t_exp_avg_sq_full)
-                        _179 = F.mul(_178, h["_k40"])
-                        _180 = F.float32(grad)
-                        _181 = F.float32(grad)
-                        F.addcmul_(_179, _180, _181, h["_k41"])
-                        t_exp_avg_sq_full = _179
-                        _182 = F.float32(t_exp_avg_sq_full)
-                        _183 = F.abs(_182)
-                        t_exp_avg_sq_abs = _183
-                        _184 = F.rowsum(t_exp_avg_sq_abs)
-                        F.assign_(st_mu_v_nmf, _184)
-                        _185 = F.colsum(t_exp_avg_sq_abs)
-                        t_exp_avg_sq_colsum = _185
-                        _186 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                        F.maximum_(_186, 1e-12)
-                        _187 = F.div(t_exp_avg_sq_colsum, _186)
-                        F.assign_(st_mv_v_nmf, _187)
+                        # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                        exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                        # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                        exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k40"])
+                        exp_avg_sq_full_7 = F.float32(grad)
+                        exp_avg_sq_full_8 = F.float32(grad)
+                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k41"])
+                        exp_avg_sq_full = exp_avg_sq_full_6
+                        # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                        exp_avg_sq_abs_4 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_abs = F.abs(exp_avg_sq_abs_4)
+                        # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                        mu_v_nmf_4 = F.rowsum(exp_avg_sq_abs)
+                        F.assign_(mu_v_nmf, mu_v_nmf_4)
+                        # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                        exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                        # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                        mv_v_nmf_7 = F.sum(exp_avg_sq_colsum, kind="col")
+                        F.maximum_(mv_v_nmf_7, 1e-12)
+                        mv_v_nmf_8 = F.div(exp_avg_sq_colsum, mv_v_nmf_7)
+                        F.assign_(mv_v_nmf, mv_v_nmf_8)
+                    # if eps == None:
                     if h["_c5"]:
                         pass
+                    # if use_atan2:
                     if h["_c6"]:
-                        _188 = F.sqrt(t_exp_avg_sq_full)
-                        F.div_(_188, h["sqrt_bias_correction2"])
-                        t_denom = _188
+                        # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2
+                        denom = F.sqrt(exp_avg_sq_full)
+                        F.div_(denom, h["sqrt_bias_correction2"])
                     else:
-                        _189 = F.sqrt(t_exp_avg_sq_full)
-                        F.div_(_189, h["sqrt_bias_correction2"])
-                        F.add_(_189, h["eps_eff"])
-                        t_denom = _189
+                        # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2 + eps_eff
+                        denom = F.sqrt(exp_avg_sq_full)
+                        F.div_(denom, h["sqrt_bias_correction2"])
+                        F.add_(denom, h["eps_eff"])
+                    # if normed_momentum:
                     if h["_c7"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _190 = F.cast(t_denom, grad)
-                            _191 = F.atan2(grad, _190)
-                            grad = _191
+                            # grad = atan2(grad, cast(denom, grad))
+                            grad_1 = F.cast(denom, grad)
+                            grad_2 = F.atan2(grad, grad_1)
+                            grad = grad_2
                         else:
-                            _192 = F.cast(t_denom, grad)
-                            _193 = F.div(grad, _192)
-                            grad = _193
+                            # grad = grad / cast(denom, grad)
+                            grad_3 = F.cast(denom, grad)
+                            grad_4 = F.div(grad, grad_3)
+                            grad = grad_4
+                    # if beta1 > 0:
                     if h["_c8"]:
-                        _194 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                        t_exp_avg_work = _194
-                        F.lerp_(t_exp_avg_work, grad, h["_k42"])
-                        F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                        # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                        F.lerp_(exp_avg_work, grad, h["_k42"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                        # if nesterov:
                         if h["_c9"]:
+                            # if nesterov_coef == None:
                             if h["_c10"]:
-                                _195 = F.lerp(t_exp_avg_work, grad, h["_k44"])
-                                t_update = _195
+                                # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                update = F.lerp(exp_avg_work, grad, h["_k44"])
                             else:
-                                _196 = F.lerp(t_exp_avg_work, grad, h["_k45"])
-                                t_update = _196
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k45"])
                         else:
-                            _197 = F.copy(t_exp_avg_work)
-                            t_update = _197
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _198 = F.copy(grad)
-                        t_update = _198
+                        # update = copy(grad)
+                        update = F.copy(grad)
+                    # if normed_momentum:
                     if h["_c7"]:
                         pass
                     else:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _199 = F.cast(t_denom, grad)
-                            _200 = F.atan2(t_update, _199)
-                            t_update = _200
+                            # update = atan2(update, cast(denom, grad))
+                            update_1 = F.cast(denom, grad)
+                            update_2 = F.atan2(update, update_1)
+                            update = update_2
                         else:
-                            _201 = F.cast(t_denom, grad)
-                            F.div_(t_update, _201)
+                            # update = update / cast(denom, grad)
+                            update_3 = F.cast(denom, grad)
+                            F.div_(update, update_3)
+                    # if use_atan2:
                     if h["_c6"]:
-                        F.mul_(t_update, h["_k46"])
+                        # update = update * (step_size * 1.2732395447351628)
+                        F.mul_(update, h["_k46"])
                     else:
-                        F.mul_(t_update, h["step_size"])
+                        # update = update * step_size
+                        F.mul_(update, h["step_size"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _202 = F.float32(param)
-                        t_param_fp32 = _202
-                        _203 = F.float32(t_update)
-                        t_update_fp32 = _203
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _204 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_204, 1.2732395447351628)
-                                    t_fisher = _204
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _205 = F.rdiv(t_denom, 1)
-                                    t_fisher = _205
-                                    _206 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_206, 2)
-                                    _207 = F.mean(_206)
-                                    F.sqrt_(_207)
-                                    F.div_(_207, 1.0)
-                                    F.maximum_(_207, 1.0)
-                                    _208 = F.div(t_fisher, _207)
-                                    t_fisher = _208
-                                F.mul_(t_fisher, h["_k47"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_13 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_13, 2)
+                                    fisher_14 = F.mean(fisher_13)
+                                    F.sqrt_(fisher_14)
+                                    F.div_(fisher_14, 1.0)
+                                    F.maximum_(fisher_14, 1.0)
+                                    fisher_15 = F.div(fisher, fisher_14)
+                                    fisher = fisher_15
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k47"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _209 = F.mul(t_update_fp32, t_param_fp32)
-                                    _210 = F.ge(_209, 0)
-                                    _211 = F.where(_210, 1.0, 0.0, like=param)
-                                    F.mul_(_211, t_fisher)
-                                    _212 = F.addcmul(t_param_fp32, t_param_fp32, _211, -1.0)
-                                    t_param_fp32 = _212
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_25 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_26 = F.ge(param_fp32_25, 0)
+                                    param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_27, fisher)
+                                    param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
+                                    param_fp32 = param_fp32_28
                                 else:
-                                    _213 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _213
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _214 = F.mul(t_update_fp32, t_param_fp32)
-                                    _215 = F.ge(_214, 0)
-                                    _216 = F.where(_215, 1.0, 0.0, like=param)
-                                    _217 = F.addcmul(t_param_fp32, t_param_fp32, _216, h["_k48"])
-                                    t_param_fp32 = _217
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_29 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_30 = F.ge(param_fp32_29, 0)
+                                    param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                                    param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k48"])
+                                    param_fp32 = param_fp32_32
                                 else:
-                                    _218 = F.axpy(t_param_fp32, t_param_fp32, h["_k49"])
-                                    t_param_fp32 = _218
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k49"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _219 = F.cast(st_anchor_data, t_param_fp32)
-                            _220 = F.sub(t_param_fp32, _219)
-                            t_cwd_target = _220
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _221 = F.mul(t_update_fp32, t_cwd_target)
-                                _222 = F.ge(_221, 0)
-                                _223 = F.where(_222, 1.0, 0.0, like=param)
-                                _224 = F.addcmul(t_param_fp32, t_cwd_target, _223, h["_k50"])
-                                t_param_fp32 = _224
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_33 = F.mul(update_fp32, cwd_target)
+                                param_fp32_34 = F.ge(param_fp32_33, 0)
+                                param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k50"])
+                                param_fp32 = param_fp32_36
                             else:
-                                _225 = F.axpy(t_param_fp32, t_cwd_target, h["_k51"])
-                                t_param_fp32 = _225
-                        _226 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _226
-                        _227 = F.stochastic_round(t_param_fp32, h["_k52"])
-                        F.assign_(param, _227)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k51"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_29 = F.stochastic_round(param_fp32, h["_k52"])
+                        F.assign_(param, param_29)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _228 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_228, 1.2732395447351628)
-                                    t_fisher = _228
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _229 = F.rdiv(t_denom, 1)
-                                    t_fisher = _229
-                                    _230 = F.mul(param, t_fisher)
-                                    F.pow_(_230, 2)
-                                    _231 = F.mean(_230)
-                                    F.sqrt_(_231)
-                                    F.div_(_231, 1.0)
-                                    F.maximum_(_231, 1.0)
-                                    _232 = F.div(t_fisher, _231)
-                                    t_fisher = _232
-                                F.mul_(t_fisher, h["_k53"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_16 = F.mul(param, fisher)
+                                    F.pow_(fisher_16, 2)
+                                    fisher_17 = F.mean(fisher_16)
+                                    F.sqrt_(fisher_17)
+                                    F.div_(fisher_17, 1.0)
+                                    F.maximum_(fisher_17, 1.0)
+                                    fisher_18 = F.div(fisher, fisher_17)
+                                    fisher = fisher_18
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k53"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _233 = F.mul(t_update, param)
-                                    _234 = F.ge(_233, 0)
-                                    _235 = F.where(_234, 1.0, 0.0, like=param)
-                                    F.mul_(_235, t_fisher)
-                                    _236 = F.addcmul(param, param, _235, -1.0)
-                                    F.assign_(param, _236)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_30 = F.mul(update, param)
+                                    param_31 = F.ge(param_30, 0)
+                                    param_32 = F.where(param_31, 1.0, 0.0, like=param)
+                                    F.mul_(param_32, fisher)
+                                    param_33 = F.addcmul(param, param, param_32, -1.0)
+                                    F.assign_(param, param_33)
                                 else:
-                                    _237 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _237)
+                                    # param = param - param * fisher
+                                    param_34 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_34)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _238 = F.mul(t_update, param)
-                                    _239 = F.ge(_238, 0)
-                                    _240 = F.where(_239, 1.0, 0.0, like=param)
-                                    _241 = F.addcmul(param, param, _240, h["_k54"])
-                                    F.assign_(param, _241)
+                                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_35 = F.mul(update, param)
+                                    param_36 = F.ge(param_35, 0)
+                                    param_37 = F.where(param_36, 1.0, 0.0, like=param)
+                                    param_38 = F.addcmul(param, param, param_37, h["_k54"])
+                                    F.assign_(param, param_38)
                                 else:
-                                    _242 = F.axpy(param, param, h["_k55"])
-                                    F.assign_(param, _242)
+                                    # param = param - weight_decay * lr * param
+                                    param_39 = F.axpy(param, param, h["_k55"])
+                                    F.assign_(param, param_39)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _243 = F.cast(st_anchor_data, param)
-                            _244 = F.sub(param, _243)
-                            t_cwd_target = _244
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_6)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _245 = F.mul(t_update, t_cwd_target)
-                                _246 = F.ge(_245, 0)
-                                _247 = F.where(_246, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _247, h["_k56"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_40 = F.mul(update, cwd_target)
+                                param_41 = F.ge(param_40, 0)
+                                param_42 = F.where(param_41, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_42, h["_k56"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k57"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k57"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if state_precision == 'int8_sr' and not nnmf_factor:
                     if h["_c19"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c18"]:
-                            _248 = F.float32(grad)
-                            grad = _248
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _249 = F.vdot(param, grad)
-                            _250 = F.vdot(param, param)
-                            F.add_(_250, 1e-30)
-                            F.div_(_249, _250)
-                            _251 = F.mul(param, _249)
-                            _252 = F.sub(grad, _251)
-                            t_ortho_g = _252
-                            _253 = F.norm(grad)
-                            _254 = F.norm(t_ortho_g)
-                            F.add_(_254, 1e-30)
-                            F.div_(_253, _254)
-                            t_ortho_scale = _253
-                            _255 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _255
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_10 = F.vdot(param, grad)
+                            ortho_g_11 = F.vdot(param, param)
+                            F.add_(ortho_g_11, 1e-30)
+                            F.div_(ortho_g_10, ortho_g_11)
+                            ortho_g_12 = F.mul(param, ortho_g_10)
+                            ortho_g = F.sub(grad, ortho_g_12)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_4 = F.norm(ortho_g)
+                            F.add_(ortho_scale_4, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_4)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if use_bias_correction:
                         if h["_c3"]:
                             pass
+                        # if kourkoutas_beta:
                         if h["_c4"]:
-                            _256 = F.mul(grad, grad)
-                            _257 = F.sum(_256)
-                            F.assign_(st_kourkoutas_sq, _257)
-                            _258 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _258
-                            _259 = F.float32(t_exp_avg_sq_full)
-                            _260 = F.mul(_259, h["_k58"])
-                            _261 = F.float32(grad)
-                            _262 = F.float32(grad)
-                            F.addcmul_(_260, _261, _262, h["_k59"])
-                            t_exp_avg_sq_full = _260
-                            _263 = F.float32(t_exp_avg_sq_full)
-                            _264 = F.abs(_263)
-                            t_exp_avg_sq_abs = _264
-                            _265 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _265)
-                            _266 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _266
-                            _267 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_267, 1e-12)
-                            _268 = F.div(t_exp_avg_sq_colsum, _267)
-                            F.assign_(st_mv_v_nmf, _268)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_7 = F.mul(grad, grad)
+                            kourkoutas_sq_8 = F.sum(kourkoutas_sq_7)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_8)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k58"])
+                            exp_avg_sq_full_11 = F.float32(grad)
+                            exp_avg_sq_full_12 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k59"])
+                            exp_avg_sq_full = exp_avg_sq_full_10
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_5)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_5 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_5)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_9 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_9, 1e-12)
+                            mv_v_nmf_10 = F.div(exp_avg_sq_colsum, mv_v_nmf_9)
+                            F.assign_(mv_v_nmf, mv_v_nmf_10)
                         else:
-                            _269 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _269
-                            _270 = F.float32(t_exp_avg_sq_full)
-                            _271 = F.mul(_270, h["_k60"])
-                            _272 = F.float32(grad)
-                            _273 = F.float32(grad)
-                            F.addcmul_(_271, _272, _273, h["_k61"])
-                            t_exp_avg_sq_full = _271
-                            _274 = F.float32(t_exp_avg_sq_full)
-                            _275 = F.abs(_274)
-                            t_exp_avg_sq_abs = _275
-                            _276 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _276)
-                            _277 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _277
-                            _278 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_278, 1e-12)
-                            _279 = F.div(t_exp_avg_sq_colsum, _278)
-                            F.assign_(st_mv_v_nmf, _279)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k60"])
+                            exp_avg_sq_full_15 = F.float32(grad)
+                            exp_avg_sq_full_16 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k61"])
+                            exp_avg_sq_full = exp_avg_sq_full_14
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_6)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_6 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_6)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_11 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_11, 1e-12)
+                            mv_v_nmf_12 = F.div(exp_avg_sq_colsum, mv_v_nmf_11)
+                            F.assign_(mv_v_nmf, mv_v_nmf_12)
+                        # if eps == None:
                         if h["_c5"]:
                             pass
+                        # if use_atan2:
                         if h["_c6"]:
-                            _280 = F.sqrt(t_exp_avg_sq_full)
-                            F.div_(_280, h["sqrt_bias_correction2"])
-                            t_denom = _280
+                            # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.div_(denom, h["sqrt_bias_correction2"])
                         else:
-                            _281 = F.sqrt(t_exp_avg_sq_full)
-                            F.div_(_281, h["sqrt_bias_correction2"])
-                            F.add_(_281, h["eps_eff"])
-                            t_denom = _281
+                            # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2 + eps_eff
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.div_(denom, h["sqrt_bias_correction2"])
+                            F.add_(denom, h["eps_eff"])
+                        # if normed_momentum:
                         if h["_c7"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _282 = F.cast(t_denom, grad)
-                                _283 = F.atan2(grad, _282)
-                                grad = _283
+                                # grad = atan2(grad, cast(denom, grad))
+                                grad_5 = F.cast(denom, grad)
+                                grad_6 = F.atan2(grad, grad_5)
+                                grad = grad_6
                             else:
-                                _284 = F.cast(t_denom, grad)
-                                _285 = F.div(grad, _284)
-                                grad = _285
+                                # grad = grad / cast(denom, grad)
+                                grad_7 = F.cast(denom, grad)
+                                grad_8 = F.div(grad, grad_7)
+                                grad = grad_8
+                        # if beta1 > 0:
                         if h["_c8"]:
-                            _286 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                            t_exp_avg_work = _286
-                            F.lerp_(t_exp_avg_work, grad, h["_k62"])
-                            F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                            # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                            F.lerp_(exp_avg_work, grad, h["_k62"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                            # if nesterov:
                             if h["_c9"]:
+                                # if nesterov_coef == None:
                                 if h["_c10"]:
-                                    _287 = F.lerp(t_exp_avg_work, grad, h["_k64"])
-                                    t_update = _287
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg_work, grad, h["_k64"])
                                 else:
-                                    _288 = F.lerp(t_exp_avg_work, grad, h["_k65"])
-                                    t_update = _288
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k65"])
                             else:
-                                _289 = F.copy(t_exp_avg_work)
-                                t_update = _289
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _290 = F.copy(grad)
-                            t_update = _290
+                            # update = copy(grad)
+                            update = F.copy(grad)
+                        # if normed_momentum:
                         if h["_c7"]:
                             pass
                         else:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _291 = F.cast(t_denom, grad)
-                                _292 = F.atan2(t_update, _291)
-                                t_update = _292
+                                # update = atan2(update, cast(denom, grad))
+                                update_4 = F.cast(denom, grad)
+                                update_5 = F.atan2(update, update_4)
+                                update = update_5
                             else:
-                                _293 = F.cast(t_denom, grad)
-                                F.div_(t_update, _293)
+                                # update = update / cast(denom, grad)
+                                update_6 = F.cast(denom, grad)
+                                F.div_(update, update_6)
+                        # if use_atan2:
                         if h["_c6"]:
-                            F.mul_(t_update, h["_k66"])
+                            # update = update * (step_size * 1.2732395447351628)
+                            F.mul_(update, h["_k66"])
                         else:
-                            F.mul_(t_update, h["step_size"])
+                            # update = update * step_size
+                            F.mul_(update, h["step_size"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _294 = F.float32(param)
-                            t_param_fp32 = _294
-                            _295 = F.float32(t_update)
-                            t_update_fp32 = _295
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _296 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_296, 1.2732395447351628)
-                                        t_fisher = _296
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _297 = F.rdiv(t_denom, 1)
-                                        t_fisher = _297
-                                        _298 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_298, 2)
-                                        _299 = F.mean(_298)
-                                        F.sqrt_(_299)
-                                        F.div_(_299, 1.0)
-                                        F.maximum_(_299, 1.0)
-                                        _300 = F.div(t_fisher, _299)
-                                        t_fisher = _300
-                                    F.mul_(t_fisher, h["_k67"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_19 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_19, 2)
+                                        fisher_20 = F.mean(fisher_19)
+                                        F.sqrt_(fisher_20)
+                                        F.div_(fisher_20, 1.0)
+                                        F.maximum_(fisher_20, 1.0)
+                                        fisher_21 = F.div(fisher, fisher_20)
+                                        fisher = fisher_21
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k67"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _301 = F.mul(t_update_fp32, t_param_fp32)
-                                        _302 = F.ge(_301, 0)
-                                        _303 = F.where(_302, 1.0, 0.0, like=param)
-                                        F.mul_(_303, t_fisher)
-                                        _304 = F.addcmul(t_param_fp32, t_param_fp32, _303, -1.0)
-                                        t_param_fp32 = _304
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_38 = F.ge(param_fp32_37, 0)
+                                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_39, fisher)
+                                        param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
+                                        param_fp32 = param_fp32_40
                                     else:
-                                        _305 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _305
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _306 = F.mul(t_update_fp32, t_param_fp32)
-                                        _307 = F.ge(_306, 0)
-                                        _308 = F.where(_307, 1.0, 0.0, like=param)
-                                        _309 = F.addcmul(t_param_fp32, t_param_fp32, _308, h["_k68"])
-                                        t_param_fp32 = _309
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_42 = F.ge(param_fp32_41, 0)
+                                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k68"])
+                                        param_fp32 = param_fp32_44
                                     else:
-                                        _310 = F.axpy(t_param_fp32, t_param_fp32, h["_k69"])
-                                        t_param_fp32 = _310
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k69"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _311 = F.cast(st_anchor_data, t_param_fp32)
-                                _312 = F.sub(t_param_fp32, _311)
-                                t_cwd_target = _312
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_7 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_7)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _313 = F.mul(t_update_fp32, t_cwd_target)
-                                    _314 = F.ge(_313, 0)
-                                    _315 = F.where(_314, 1.0, 0.0, like=param)
-                                    _316 = F.addcmul(t_param_fp32, t_cwd_target, _315, h["_k70"])
-                                    t_param_fp32 = _316
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_46 = F.ge(param_fp32_45, 0)
+                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k70"])
+                                    param_fp32 = param_fp32_48
                                 else:
-                                    _317 = F.axpy(t_param_fp32, t_cwd_target, h["_k71"])
-                                    t_param_fp32 = _317
-                            _318 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _318
-                            _319 = F.stochastic_round(t_param_fp32, h["_k72"])
-                            F.assign_(param, _319)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k71"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_43 = F.stochastic_round(param_fp32, h["_k72"])
+                            F.assign_(param, param_43)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _320 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_320, 1.2732395447351628)
-                                        t_fisher = _320
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _321 = F.rdiv(t_denom, 1)
-                                        t_fisher = _321
-                                        _322 = F.mul(param, t_fisher)
-                                        F.pow_(_322, 2)
-                                        _323 = F.mean(_322)
-                                        F.sqrt_(_323)
-                                        F.div_(_323, 1.0)
-                                        F.maximum_(_323, 1.0)
-                                        _324 = F.div(t_fisher, _323)
-                                        t_fisher = _324
-                                    F.mul_(t_fisher, h["_k73"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_22 = F.mul(param, fisher)
+                                        F.pow_(fisher_22, 2)
+                                        fisher_23 = F.mean(fisher_22)
+                                        F.sqrt_(fisher_23)
+                                        F.div_(fisher_23, 1.0)
+                                        F.maximum_(fisher_23, 1.0)
+                                        fisher_24 = F.div(fisher, fisher_23)
+                                        fisher = fisher_24
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k73"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _325 = F.mul(t_update, param)
-                                        _326 = F.ge(_325, 0)
-                                        _327 = F.where(_326, 1.0, 0.0, like=param)
-                                        F.mul_(_327, t_fisher)
-                                        _328 = F.addcmul(param, param, _327, -1.0)
-                                        F.assign_(param, _328)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_44 = F.mul(update, param)
+                                        param_45 = F.ge(param_44, 0)
+                                        param_46 = F.where(param_45, 1.0, 0.0, like=param)
+                                        F.mul_(param_46, fisher)
+                                        param_47 = F.addcmul(param, param, param_46, -1.0)
+                                        F.assign_(param, param_47)
                                     else:
-                                        _329 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _329)
+                                        # param = param - param * fisher
+                                        param_48 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_48)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _330 = F.mul(t_update, param)
-                                        _331 = F.ge(_330, 0)
-                                        _332 = F.where(_331, 1.0, 0.0, like=param)
-                                        _333 = F.addcmul(param, param, _332, h["_k74"])
-                                        F.assign_(param, _333)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_49 = F.mul(update, param)
+                                        param_50 = F.ge(param_49, 0)
+                                        param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                        param_52 = F.addcmul(param, param, param_51, h["_k74"])
+                                        F.assign_(param, param_52)
                                     else:
-                                        _334 = F.axpy(param, param, h["_k75"])
-                                        F.assign_(param, _334)
+                                        # param = param - weight_decay * lr * param
+                                        param_53 = F.axpy(param, param, h["_k75"])
+                                        F.assign_(param, param_53)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _335 = F.cast(st_anchor_data, param)
-                                _336 = F.sub(param, _335)
-                                t_cwd_target = _336
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_8)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _337 = F.mul(t_update, t_cwd_target)
-                                    _338 = F.ge(_337, 0)
-                                    _339 = F.where(_338, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _339, h["_k76"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_54 = F.mul(update, cwd_target)
+                                    param_55 = F.ge(param_54, 0)
+                                    param_56 = F.where(param_55, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_56, h["_k76"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k77"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k77"])
+                            # param = param + -update
+                            F.sub_(param, update)
                     else:
+                        # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                         if h["_c20"]:
-                            _340 = F.float32(grad)
-                            grad = _340
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _341 = F.vdot(param, grad)
-                            _342 = F.vdot(param, param)
-                            F.add_(_342, 1e-30)
-                            F.div_(_341, _342)
-                            _343 = F.mul(param, _341)
-                            _344 = F.sub(grad, _343)
-                            t_ortho_g = _344
-                            _345 = F.norm(grad)
-                            _346 = F.norm(t_ortho_g)
-                            F.add_(_346, 1e-30)
-                            F.div_(_345, _346)
-                            t_ortho_scale = _345
-                            _347 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _347
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_13 = F.vdot(param, grad)
+                            ortho_g_14 = F.vdot(param, param)
+                            F.add_(ortho_g_14, 1e-30)
+                            F.div_(ortho_g_13, ortho_g_14)
+                            ortho_g_15 = F.mul(param, ortho_g_13)
+                            ortho_g = F.sub(grad, ortho_g_15)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_5 = F.norm(ortho_g)
+                            F.add_(ortho_scale_5, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_5)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if use_bias_correction:
                         if h["_c3"]:
                             pass
+                        # if kourkoutas_beta:
                         if h["_c4"]:
-                            _348 = F.mul(grad, grad)
-                            _349 = F.sum(_348)
-                            F.assign_(st_kourkoutas_sq, _349)
-                            _350 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _350
-                            _351 = F.float32(t_exp_avg_sq_full)
-                            _352 = F.mul(_351, h["_k78"])
-                            _353 = F.float32(grad)
-                            _354 = F.float32(grad)
-                            F.addcmul_(_352, _353, _354, h["_k79"])
-                            t_exp_avg_sq_full = _352
-                            _355 = F.float32(t_exp_avg_sq_full)
-                            _356 = F.abs(_355)
-                            t_exp_avg_sq_abs = _356
-                            _357 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _357)
-                            _358 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _358
-                            _359 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_359, 1e-12)
-                            _360 = F.div(t_exp_avg_sq_colsum, _359)
-                            F.assign_(st_mv_v_nmf, _360)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_9 = F.mul(grad, grad)
+                            kourkoutas_sq_10 = F.sum(kourkoutas_sq_9)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_10)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k78"])
+                            exp_avg_sq_full_19 = F.float32(grad)
+                            exp_avg_sq_full_20 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k79"])
+                            exp_avg_sq_full = exp_avg_sq_full_18
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_7)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_7 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_7)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_13 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_13, 1e-12)
+                            mv_v_nmf_14 = F.div(exp_avg_sq_colsum, mv_v_nmf_13)
+                            F.assign_(mv_v_nmf, mv_v_nmf_14)
                         else:
-                            _361 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _361
-                            _362 = F.float32(t_exp_avg_sq_full)
-                            _363 = F.mul(_362, h["_k80"])
-                            _364 = F.float32(grad)
-                            _365 = F.float32(grad)
-                            F.addcmul_(_363, _364, _365, h["_k81"])
-                            t_exp_avg_sq_full = _363
-                            _366 = F.float32(t_exp_avg_sq_full)
-                            _367 = F.abs(_366)
-                            t_exp_avg_sq_abs = _367
-                            _368 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _368)
-                            _369 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _369
-                            _370 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_370, 1e-12)
-                            _371 = F.div(t_exp_avg_sq_colsum, _370)
-                            F.assign_(st_mv_v_nmf, _371)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k80"])
+                            exp_avg_sq_full_23 = F.float32(grad)
+                            exp_avg_sq_full_24 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k81"])
+                            exp_avg_sq_full = exp_avg_sq_full_22
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_8)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_8 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_8)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_15 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_15, 1e-12)
+                            mv_v_nmf_16 = F.div(exp_avg_sq_colsum, mv_v_nmf_15)
+                            F.assign_(mv_v_nmf, mv_v_nmf_16)
+                        # if eps == None:
                         if h["_c5"]:
                             pass
+                        # if use_atan2:
                         if h["_c6"]:
-                            _372 = F.sqrt(t_exp_avg_sq_full)
-                            F.div_(_372, h["sqrt_bias_correction2"])
-                            t_denom = _372
+                            # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.div_(denom, h["sqrt_bias_correction2"])
                         else:
-                            _373 = F.sqrt(t_exp_avg_sq_full)
-                            F.div_(_373, h["sqrt_bias_correction2"])
-                            F.add_(_373, h["eps_eff"])
-                            t_denom = _373
+                            # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2 + eps_eff
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.div_(denom, h["sqrt_bias_correction2"])
+                            F.add_(denom, h["eps_eff"])
+                        # if normed_momentum:
                         if h["_c7"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _374 = F.cast(t_denom, grad)
-                                _375 = F.atan2(grad, _374)
-                                grad = _375
+                                # grad = atan2(grad, cast(denom, grad))
+                                grad_9 = F.cast(denom, grad)
+                                grad_10 = F.atan2(grad, grad_9)
+                                grad = grad_10
                             else:
-                                _376 = F.cast(t_denom, grad)
-                                _377 = F.div(grad, _376)
-                                grad = _377
+                                # grad = grad / cast(denom, grad)
+                                grad_11 = F.cast(denom, grad)
+                                grad_12 = F.div(grad, grad_11)
+                                grad = grad_12
+                        # if beta1 > 0:
                         if h["_c8"]:
-                            F.lerp_(st_exp_avg, grad, h["_k82"])
+                            # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+                            F.lerp_(exp_avg, grad, h["_k82"])
+                            # if nesterov:
                             if h["_c9"]:
+                                # if nesterov_coef == None:
                                 if h["_c10"]:
-                                    _378 = F.lerp(st_exp_avg, grad, h["_k83"])
-                                    t_update = _378
+                                    # update = lerp(exp_avg, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg, grad, h["_k83"])
                                 else:
-                                    _379 = F.lerp(st_exp_avg, grad, h["_k84"])
-                                    t_update = _379
+                                    # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg, grad, h["_k84"])
                             else:
-                                _380 = F.copy(st_exp_avg)
-                                t_update = _380
+                                # update = copy(exp_avg)
+                                update = F.copy(exp_avg)
                         else:
-                            _381 = F.copy(grad)
-                            t_update = _381
+                            # update = copy(grad)
+                            update = F.copy(grad)
+                        # if normed_momentum:
                         if h["_c7"]:
                             pass
                         else:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _382 = F.cast(t_denom, grad)
-                                _383 = F.atan2(t_update, _382)
-                                t_update = _383
+                                # update = atan2(update, cast(denom, grad))
+                                update_7 = F.cast(denom, grad)
+                                update_8 = F.atan2(update, update_7)
+                                update = update_8
                             else:
-                                _384 = F.cast(t_denom, grad)
-                                F.div_(t_update, _384)
+                                # update = update / cast(denom, grad)
+                                update_9 = F.cast(denom, grad)
+                                F.div_(update, update_9)
+                        # if use_atan2:
                         if h["_c6"]:
-                            F.mul_(t_update, h["_k85"])
+                            # update = update * (step_size * 1.2732395447351628)
+                            F.mul_(update, h["_k85"])
                         else:
-                            F.mul_(t_update, h["step_size"])
+                            # update = update * step_size
+                            F.mul_(update, h["step_size"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _385 = F.float32(param)
-                            t_param_fp32 = _385
-                            _386 = F.float32(t_update)
-                            t_update_fp32 = _386
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _387 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_387, 1.2732395447351628)
-                                        t_fisher = _387
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _388 = F.rdiv(t_denom, 1)
-                                        t_fisher = _388
-                                        _389 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_389, 2)
-                                        _390 = F.mean(_389)
-                                        F.sqrt_(_390)
-                                        F.div_(_390, 1.0)
-                                        F.maximum_(_390, 1.0)
-                                        _391 = F.div(t_fisher, _390)
-                                        t_fisher = _391
-                                    F.mul_(t_fisher, h["_k86"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_25 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_25, 2)
+                                        fisher_26 = F.mean(fisher_25)
+                                        F.sqrt_(fisher_26)
+                                        F.div_(fisher_26, 1.0)
+                                        F.maximum_(fisher_26, 1.0)
+                                        fisher_27 = F.div(fisher, fisher_26)
+                                        fisher = fisher_27
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k86"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _392 = F.mul(t_update_fp32, t_param_fp32)
-                                        _393 = F.ge(_392, 0)
-                                        _394 = F.where(_393, 1.0, 0.0, like=param)
-                                        F.mul_(_394, t_fisher)
-                                        _395 = F.addcmul(t_param_fp32, t_param_fp32, _394, -1.0)
-                                        t_param_fp32 = _395
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_50 = F.ge(param_fp32_49, 0)
+                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_51, fisher)
+                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                        param_fp32 = param_fp32_52
                                     else:
-                                        _396 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _396
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _397 = F.mul(t_update_fp32, t_param_fp32)
-                                        _398 = F.ge(_397, 0)
-                                        _399 = F.where(_398, 1.0, 0.0, like=param)
-                                        _400 = F.addcmul(t_param_fp32, t_param_fp32, _399, h["_k87"])
-                                        t_param_fp32 = _400
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_54 = F.ge(param_fp32_53, 0)
+                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k87"])
+                                        param_fp32 = param_fp32_56
                                     else:
-                                        _401 = F.axpy(t_param_fp32, t_param_fp32, h["_k88"])
-                                        t_param_fp32 = _401
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k88"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _402 = F.cast(st_anchor_data, t_param_fp32)
-                                _403 = F.sub(t_param_fp32, _402)
-                                t_cwd_target = _403
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_9 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_9)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _404 = F.mul(t_update_fp32, t_cwd_target)
-                                    _405 = F.ge(_404, 0)
-                                    _406 = F.where(_405, 1.0, 0.0, like=param)
-                                    _407 = F.addcmul(t_param_fp32, t_cwd_target, _406, h["_k89"])
-                                    t_param_fp32 = _407
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_58 = F.ge(param_fp32_57, 0)
+                                    param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                    param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k89"])
+                                    param_fp32 = param_fp32_60
                                 else:
-                                    _408 = F.axpy(t_param_fp32, t_cwd_target, h["_k90"])
-                                    t_param_fp32 = _408
-                            _409 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _409
-                            _410 = F.stochastic_round(t_param_fp32, h["_k91"])
-                            F.assign_(param, _410)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k90"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_57 = F.stochastic_round(param_fp32, h["_k91"])
+                            F.assign_(param, param_57)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _411 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_411, 1.2732395447351628)
-                                        t_fisher = _411
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _412 = F.rdiv(t_denom, 1)
-                                        t_fisher = _412
-                                        _413 = F.mul(param, t_fisher)
-                                        F.pow_(_413, 2)
-                                        _414 = F.mean(_413)
-                                        F.sqrt_(_414)
-                                        F.div_(_414, 1.0)
-                                        F.maximum_(_414, 1.0)
-                                        _415 = F.div(t_fisher, _414)
-                                        t_fisher = _415
-                                    F.mul_(t_fisher, h["_k92"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_28 = F.mul(param, fisher)
+                                        F.pow_(fisher_28, 2)
+                                        fisher_29 = F.mean(fisher_28)
+                                        F.sqrt_(fisher_29)
+                                        F.div_(fisher_29, 1.0)
+                                        F.maximum_(fisher_29, 1.0)
+                                        fisher_30 = F.div(fisher, fisher_29)
+                                        fisher = fisher_30
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k92"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _416 = F.mul(t_update, param)
-                                        _417 = F.ge(_416, 0)
-                                        _418 = F.where(_417, 1.0, 0.0, like=param)
-                                        F.mul_(_418, t_fisher)
-                                        _419 = F.addcmul(param, param, _418, -1.0)
-                                        F.assign_(param, _419)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_58 = F.mul(update, param)
+                                        param_59 = F.ge(param_58, 0)
+                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                        F.mul_(param_60, fisher)
+                                        param_61 = F.addcmul(param, param, param_60, -1.0)
+                                        F.assign_(param, param_61)
                                     else:
-                                        _420 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _420)
+                                        # param = param - param * fisher
+                                        param_62 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_62)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _421 = F.mul(t_update, param)
-                                        _422 = F.ge(_421, 0)
-                                        _423 = F.where(_422, 1.0, 0.0, like=param)
-                                        _424 = F.addcmul(param, param, _423, h["_k93"])
-                                        F.assign_(param, _424)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_63 = F.mul(update, param)
+                                        param_64 = F.ge(param_63, 0)
+                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                        param_66 = F.addcmul(param, param, param_65, h["_k93"])
+                                        F.assign_(param, param_66)
                                     else:
-                                        _425 = F.axpy(param, param, h["_k94"])
-                                        F.assign_(param, _425)
+                                        # param = param - weight_decay * lr * param
+                                        param_67 = F.axpy(param, param, h["_k94"])
+                                        F.assign_(param, param_67)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _426 = F.cast(st_anchor_data, param)
-                                _427 = F.sub(param, _426)
-                                t_cwd_target = _427
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _428 = F.mul(t_update, t_cwd_target)
-                                    _429 = F.ge(_428, 0)
-                                    _430 = F.where(_429, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _430, h["_k95"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_68 = F.mul(update, cwd_target)
+                                    param_69 = F.ge(param_68, 0)
+                                    param_70 = F.where(param_69, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_70, h["_k95"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k96"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k96"])
+                            # param = param + -update
+                            F.sub_(param, update)
             else:
+                # if state_precision == 'bf16_sr' and not nnmf_factor:
                 if h["_c17"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _431 = F.float32(grad)
-                        grad = _431
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _432 = F.vdot(param, grad)
-                        _433 = F.vdot(param, param)
-                        F.add_(_433, 1e-30)
-                        F.div_(_432, _433)
-                        _434 = F.mul(param, _432)
-                        _435 = F.sub(grad, _434)
-                        t_ortho_g = _435
-                        _436 = F.norm(grad)
-                        _437 = F.norm(t_ortho_g)
-                        F.add_(_437, 1e-30)
-                        F.div_(_436, _437)
-                        t_ortho_scale = _436
-                        _438 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _438
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_16 = F.vdot(param, grad)
+                        ortho_g_17 = F.vdot(param, param)
+                        F.add_(ortho_g_17, 1e-30)
+                        F.div_(ortho_g_16, ortho_g_17)
+                        ortho_g_18 = F.mul(param, ortho_g_16)
+                        ortho_g = F.sub(grad, ortho_g_18)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_6 = F.norm(ortho_g)
+                        F.add_(ortho_scale_6, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_6)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if use_bias_correction:
                     if h["_c3"]:
                         pass
+                    # if kourkoutas_beta:
                     if h["_c4"]:
-                        _439 = F.mul(grad, grad)
-                        _440 = F.sum(_439)
-                        F.assign_(st_kourkoutas_sq, _440)
-                        _441 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _441
-                        F.mul_(t_exp_avg_sq_work, h["_k97"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k98"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_11 = F.mul(grad, grad)
+                        kourkoutas_sq_12 = F.sum(kourkoutas_sq_11)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_12)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k97"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k98"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
-                        _442 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _442
-                        F.mul_(t_exp_avg_sq_work, h["_k100"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k101"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k100"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k101"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                    # if eps == None:
                     if h["_c5"]:
                         pass
+                    # if use_atan2:
                     if h["_c6"]:
-                        _443 = F.sqrt(t_exp_avg_sq_work)
-                        F.div_(_443, h["sqrt_bias_correction2"])
-                        t_denom = _443
+                        # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.div_(denom, h["sqrt_bias_correction2"])
                     else:
-                        _444 = F.sqrt(t_exp_avg_sq_work)
-                        F.div_(_444, h["sqrt_bias_correction2"])
-                        F.add_(_444, h["eps_eff"])
-                        t_denom = _444
+                        # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2 + eps_eff
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.div_(denom, h["sqrt_bias_correction2"])
+                        F.add_(denom, h["eps_eff"])
+                    # if normed_momentum:
                     if h["_c7"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _445 = F.atan2(grad, t_denom)
-                            grad = _445
+                            # grad = atan2(grad, denom)
+                            grad = F.atan2(grad, denom)
                         else:
-                            _446 = F.div(grad, t_denom)
-                            grad = _446
+                            # grad = grad / denom
+                            grad = F.div(grad, denom)
+                    # if beta1 > 0:
                     if h["_c8"]:
-                        _447 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                        t_exp_avg_work = _447
-                        F.lerp_(t_exp_avg_work, grad, h["_k103"])
-                        F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                        # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                        F.lerp_(exp_avg_work, grad, h["_k103"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                        # if nesterov:
                         if h["_c9"]:
+                            # if nesterov_coef == None:
                             if h["_c10"]:
-                                _448 = F.lerp(t_exp_avg_work, grad, h["_k105"])
-                                t_update = _448
+                                # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                update = F.lerp(exp_avg_work, grad, h["_k105"])
                             else:
-                                _449 = F.lerp(t_exp_avg_work, grad, h["_k106"])
-                                t_update = _449
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k106"])
                         else:
-                            _450 = F.copy(t_exp_avg_work)
-                            t_update = _450
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _451 = F.copy(grad)
-                        t_update = _451
+                        # update = copy(grad)
+                        update = F.copy(grad)
+                    # if normed_momentum:
                     if h["_c7"]:
                         pass
                     else:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _452 = F.atan2(t_update, t_denom)
-                            t_update = _452
+                            # update = atan2(update, denom)
+                            update = F.atan2(update, denom)
                         else:
-                            F.div_(t_update, t_denom)
+                            # update = update / denom
+                            F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c6"]:
-                        F.mul_(t_update, h["_k107"])
+                        # update = update * (step_size * 1.2732395447351628)
+                        F.mul_(update, h["_k107"])
                     else:
-                        F.mul_(t_update, h["step_size"])
+                        # update = update * step_size
+                        F.mul_(update, h["step_size"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _453 = F.float32(param)
-                        t_param_fp32 = _453
-                        _454 = F.float32(t_update)
-                        t_update_fp32 = _454
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _455 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_455, 1.2732395447351628)
-                                    t_fisher = _455
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _456 = F.rdiv(t_denom, 1)
-                                    t_fisher = _456
-                                    _457 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_457, 2)
-                                    _458 = F.mean(_457)
-                                    F.sqrt_(_458)
-                                    F.div_(_458, 1.0)
-                                    F.maximum_(_458, 1.0)
-                                    _459 = F.div(t_fisher, _458)
-                                    t_fisher = _459
-                                F.mul_(t_fisher, h["_k108"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_31 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_31, 2)
+                                    fisher_32 = F.mean(fisher_31)
+                                    F.sqrt_(fisher_32)
+                                    F.div_(fisher_32, 1.0)
+                                    F.maximum_(fisher_32, 1.0)
+                                    fisher_33 = F.div(fisher, fisher_32)
+                                    fisher = fisher_33
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k108"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _460 = F.mul(t_update_fp32, t_param_fp32)
-                                    _461 = F.ge(_460, 0)
-                                    _462 = F.where(_461, 1.0, 0.0, like=param)
-                                    F.mul_(_462, t_fisher)
-                                    _463 = F.addcmul(t_param_fp32, t_param_fp32, _462, -1.0)
-                                    t_param_fp32 = _463
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_61 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_62 = F.ge(param_fp32_61, 0)
+                                    param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_63, fisher)
+                                    param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
+                                    param_fp32 = param_fp32_64
                                 else:
-                                    _464 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _464
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _465 = F.mul(t_update_fp32, t_param_fp32)
-                                    _466 = F.ge(_465, 0)
-                                    _467 = F.where(_466, 1.0, 0.0, like=param)
-                                    _468 = F.addcmul(t_param_fp32, t_param_fp32, _467, h["_k109"])
-                                    t_param_fp32 = _468
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_66 = F.ge(param_fp32_65, 0)
+                                    param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                    param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k109"])
+                                    param_fp32 = param_fp32_68
                                 else:
-                                    _469 = F.axpy(t_param_fp32, t_param_fp32, h["_k110"])
-                                    t_param_fp32 = _469
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k110"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _470 = F.cast(st_anchor_data, t_param_fp32)
-                            _471 = F.sub(t_param_fp32, _470)
-                            t_cwd_target = _471
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _472 = F.mul(t_update_fp32, t_cwd_target)
-                                _473 = F.ge(_472, 0)
-                                _474 = F.where(_473, 1.0, 0.0, like=param)
-                                _475 = F.addcmul(t_param_fp32, t_cwd_target, _474, h["_k111"])
-                                t_param_fp32 = _475
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_69 = F.mul(update_fp32, cwd_target)
+                                param_fp32_70 = F.ge(param_fp32_69, 0)
+                                param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k111"])
+                                param_fp32 = param_fp32_72
                             else:
-                                _476 = F.axpy(t_param_fp32, t_cwd_target, h["_k112"])
-                                t_param_fp32 = _476
-                        _477 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _477
-                        _478 = F.stochastic_round(t_param_fp32, h["_k113"])
-                        F.assign_(param, _478)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k112"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_71 = F.stochastic_round(param_fp32, h["_k113"])
+                        F.assign_(param, param_71)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _479 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_479, 1.2732395447351628)
-                                    t_fisher = _479
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _480 = F.rdiv(t_denom, 1)
-                                    t_fisher = _480
-                                    _481 = F.mul(param, t_fisher)
-                                    F.pow_(_481, 2)
-                                    _482 = F.mean(_481)
-                                    F.sqrt_(_482)
-                                    F.div_(_482, 1.0)
-                                    F.maximum_(_482, 1.0)
-                                    _483 = F.div(t_fisher, _482)
-                                    t_fisher = _483
-                                F.mul_(t_fisher, h["_k114"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_34 = F.mul(param, fisher)
+                                    F.pow_(fisher_34, 2)
+                                    fisher_35 = F.mean(fisher_34)
+                                    F.sqrt_(fisher_35)
+                                    F.div_(fisher_35, 1.0)
+                                    F.maximum_(fisher_35, 1.0)
+                                    fisher_36 = F.div(fisher, fisher_35)
+                                    fisher = fisher_36
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k114"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _484 = F.mul(t_update, param)
-                                    _485 = F.ge(_484, 0)
-                                    _486 = F.where(_485, 1.0, 0.0, like=param)
-                                    F.mul_(_486, t_fisher)
-                                    _487 = F.addcmul(param, param, _486, -1.0)
-                                    F.assign_(param, _487)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_72 = F.mul(update, param)
+                                    param_73 = F.ge(param_72, 0)
+                                    param_74 = F.where(param_73, 1.0, 0.0, like=param)
+                                    F.mul_(param_74, fisher)
+                                    param_75 = F.addcmul(param, param, param_74, -1.0)
+                                    F.assign_(param, param_75)
                                 else:
-                                    _488 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _488)
+                                    # param = param - param * fisher
+                                    param_76 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_76)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _489 = F.mul(t_update, param)
-                                    _490 = F.ge(_489, 0)
-                                    _491 = F.where(_490, 1.0, 0.0, like=param)
-                                    _492 = F.addcmul(param, param, _491, h["_k115"])
-                                    F.assign_(param, _492)
+                                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_77 = F.mul(update, param)
+                                    param_78 = F.ge(param_77, 0)
+                                    param_79 = F.where(param_78, 1.0, 0.0, like=param)
+                                    param_80 = F.addcmul(param, param, param_79, h["_k115"])
+                                    F.assign_(param, param_80)
                                 else:
-                                    _493 = F.axpy(param, param, h["_k116"])
-                                    F.assign_(param, _493)
+                                    # param = param - weight_decay * lr * param
+                                    param_81 = F.axpy(param, param, h["_k116"])
+                                    F.assign_(param, param_81)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _494 = F.cast(st_anchor_data, param)
-                            _495 = F.sub(param, _494)
-                            t_cwd_target = _495
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_12 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_12)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _496 = F.mul(t_update, t_cwd_target)
-                                _497 = F.ge(_496, 0)
-                                _498 = F.where(_497, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _498, h["_k117"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_82 = F.mul(update, cwd_target)
+                                param_83 = F.ge(param_82, 0)
+                                param_84 = F.where(param_83, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_84, h["_k117"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k118"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k118"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if state_precision == 'int8_sr' and not nnmf_factor:
                     if h["_c19"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c18"]:
-                            _499 = F.float32(grad)
-                            grad = _499
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _500 = F.vdot(param, grad)
-                            _501 = F.vdot(param, param)
-                            F.add_(_501, 1e-30)
-                            F.div_(_500, _501)
-                            _502 = F.mul(param, _500)
-                            _503 = F.sub(grad, _502)
-                            t_ortho_g = _503
-                            _504 = F.norm(grad)
-                            _505 = F.norm(t_ortho_g)
-                            F.add_(_505, 1e-30)
-                            F.div_(_504, _505)
-                            t_ortho_scale = _504
-                            _506 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _506
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_19 = F.vdot(param, grad)
+                            ortho_g_20 = F.vdot(param, param)
+                            F.add_(ortho_g_20, 1e-30)
+                            F.div_(ortho_g_19, ortho_g_20)
+                            ortho_g_21 = F.mul(param, ortho_g_19)
+                            ortho_g = F.sub(grad, ortho_g_21)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_7 = F.norm(ortho_g)
+                            F.add_(ortho_scale_7, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_7)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if use_bias_correction:
                         if h["_c3"]:
                             pass
+                        # if kourkoutas_beta:
                         if h["_c4"]:
-                            _507 = F.mul(grad, grad)
-                            _508 = F.sum(_507)
-                            F.assign_(st_kourkoutas_sq, _508)
-                            _509 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _509
-                            F.mul_(t_exp_avg_sq_work, h["_k119"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k120"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_13 = F.mul(grad, grad)
+                            kourkoutas_sq_14 = F.sum(kourkoutas_sq_13)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_14)
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k119"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k120"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
-                            _510 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _510
-                            F.mul_(t_exp_avg_sq_work, h["_k122"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k123"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k122"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k123"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                        # if eps == None:
                         if h["_c5"]:
                             pass
+                        # if use_atan2:
                         if h["_c6"]:
-                            _511 = F.sqrt(t_exp_avg_sq_work)
-                            F.div_(_511, h["sqrt_bias_correction2"])
-                            t_denom = _511
+                            # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2
+                            denom = F.sqrt(exp_avg_sq_work)
+                            F.div_(denom, h["sqrt_bias_correction2"])
                         else:
-                            _512 = F.sqrt(t_exp_avg_sq_work)
-                            F.div_(_512, h["sqrt_bias_correction2"])
-                            F.add_(_512, h["eps_eff"])
-                            t_denom = _512
+                            # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2 + eps_eff
+                            denom = F.sqrt(exp_avg_sq_work)
+                            F.div_(denom, h["sqrt_bias_correction2"])
+                            F.add_(denom, h["eps_eff"])
+                        # if normed_momentum:
                         if h["_c7"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _513 = F.atan2(grad, t_denom)
-                                grad = _513
+                                # grad = atan2(grad, denom)
+                                grad = F.atan2(grad, denom)
                             else:
-                                _514 = F.div(grad, t_denom)
-                                grad = _514
+                                # grad = grad / denom
+                                grad = F.div(grad, denom)
+                        # if beta1 > 0:
                         if h["_c8"]:
-                            _515 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                            t_exp_avg_work = _515
-                            F.lerp_(t_exp_avg_work, grad, h["_k125"])
-                            F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                            # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                            F.lerp_(exp_avg_work, grad, h["_k125"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                            # if nesterov:
                             if h["_c9"]:
+                                # if nesterov_coef == None:
                                 if h["_c10"]:
-                                    _516 = F.lerp(t_exp_avg_work, grad, h["_k127"])
-                                    t_update = _516
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg_work, grad, h["_k127"])
                                 else:
-                                    _517 = F.lerp(t_exp_avg_work, grad, h["_k128"])
-                                    t_update = _517
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k128"])
                             else:
-                                _518 = F.copy(t_exp_avg_work)
-                                t_update = _518
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _519 = F.copy(grad)
-                            t_update = _519
+                            # update = copy(grad)
+                            update = F.copy(grad)
+                        # if normed_momentum:
                         if h["_c7"]:
                             pass
                         else:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _520 = F.atan2(t_update, t_denom)
-                                t_update = _520
+                                # update = atan2(update, denom)
+                                update = F.atan2(update, denom)
                             else:
-                                F.div_(t_update, t_denom)
+                                # update = update / denom
+                                F.div_(update, denom)
+                        # if use_atan2:
                         if h["_c6"]:
-                            F.mul_(t_update, h["_k129"])
+                            # update = update * (step_size * 1.2732395447351628)
+                            F.mul_(update, h["_k129"])
                         else:
-                            F.mul_(t_update, h["step_size"])
+                            # update = update * step_size
+                            F.mul_(update, h["step_size"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _521 = F.float32(param)
-                            t_param_fp32 = _521
-                            _522 = F.float32(t_update)
-                            t_update_fp32 = _522
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _523 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_523, 1.2732395447351628)
-                                        t_fisher = _523
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _524 = F.rdiv(t_denom, 1)
-                                        t_fisher = _524
-                                        _525 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_525, 2)
-                                        _526 = F.mean(_525)
-                                        F.sqrt_(_526)
-                                        F.div_(_526, 1.0)
-                                        F.maximum_(_526, 1.0)
-                                        _527 = F.div(t_fisher, _526)
-                                        t_fisher = _527
-                                    F.mul_(t_fisher, h["_k130"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_37 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_37, 2)
+                                        fisher_38 = F.mean(fisher_37)
+                                        F.sqrt_(fisher_38)
+                                        F.div_(fisher_38, 1.0)
+                                        F.maximum_(fisher_38, 1.0)
+                                        fisher_39 = F.div(fisher, fisher_38)
+                                        fisher = fisher_39
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k130"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _528 = F.mul(t_update_fp32, t_param_fp32)
-                                        _529 = F.ge(_528, 0)
-                                        _530 = F.where(_529, 1.0, 0.0, like=param)
-                                        F.mul_(_530, t_fisher)
-                                        _531 = F.addcmul(t_param_fp32, t_param_fp32, _530, -1.0)
-                                        t_param_fp32 = _531
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_73 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_74 = F.ge(param_fp32_73, 0)
+                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_75, fisher)
+                                        param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
+                                        param_fp32 = param_fp32_76
                                     else:
-                                        _532 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _532
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _533 = F.mul(t_update_fp32, t_param_fp32)
-                                        _534 = F.ge(_533, 0)
-                                        _535 = F.where(_534, 1.0, 0.0, like=param)
-                                        _536 = F.addcmul(t_param_fp32, t_param_fp32, _535, h["_k131"])
-                                        t_param_fp32 = _536
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_77 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_78 = F.ge(param_fp32_77, 0)
+                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                        param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k131"])
+                                        param_fp32 = param_fp32_80
                                     else:
-                                        _537 = F.axpy(t_param_fp32, t_param_fp32, h["_k132"])
-                                        t_param_fp32 = _537
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k132"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _538 = F.cast(st_anchor_data, t_param_fp32)
-                                _539 = F.sub(t_param_fp32, _538)
-                                t_cwd_target = _539
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_13)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _540 = F.mul(t_update_fp32, t_cwd_target)
-                                    _541 = F.ge(_540, 0)
-                                    _542 = F.where(_541, 1.0, 0.0, like=param)
-                                    _543 = F.addcmul(t_param_fp32, t_cwd_target, _542, h["_k133"])
-                                    t_param_fp32 = _543
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_81 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_82 = F.ge(param_fp32_81, 0)
+                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                    param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k133"])
+                                    param_fp32 = param_fp32_84
                                 else:
-                                    _544 = F.axpy(t_param_fp32, t_cwd_target, h["_k134"])
-                                    t_param_fp32 = _544
-                            _545 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _545
-                            _546 = F.stochastic_round(t_param_fp32, h["_k135"])
-                            F.assign_(param, _546)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k134"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_85 = F.stochastic_round(param_fp32, h["_k135"])
+                            F.assign_(param, param_85)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _547 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_547, 1.2732395447351628)
-                                        t_fisher = _547
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _548 = F.rdiv(t_denom, 1)
-                                        t_fisher = _548
-                                        _549 = F.mul(param, t_fisher)
-                                        F.pow_(_549, 2)
-                                        _550 = F.mean(_549)
-                                        F.sqrt_(_550)
-                                        F.div_(_550, 1.0)
-                                        F.maximum_(_550, 1.0)
-                                        _551 = F.div(t_fisher, _550)
-                                        t_fisher = _551
-                                    F.mul_(t_fisher, h["_k136"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_40 = F.mul(param, fisher)
+                                        F.pow_(fisher_40, 2)
+                                        fisher_41 = F.mean(fisher_40)
+                                        F.sqrt_(fisher_41)
+                                        F.div_(fisher_41, 1.0)
+                                        F.maximum_(fisher_41, 1.0)
+                                        fisher_42 = F.div(fisher, fisher_41)
+                                        fisher = fisher_42
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k136"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _552 = F.mul(t_update, param)
-                                        _553 = F.ge(_552, 0)
-                                        _554 = F.where(_553, 1.0, 0.0, like=param)
-                                        F.mul_(_554, t_fisher)
-                                        _555 = F.addcmul(param, param, _554, -1.0)
-                                        F.assign_(param, _555)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_86 = F.mul(update, param)
+                                        param_87 = F.ge(param_86, 0)
+                                        param_88 = F.where(param_87, 1.0, 0.0, like=param)
+                                        F.mul_(param_88, fisher)
+                                        param_89 = F.addcmul(param, param, param_88, -1.0)
+                                        F.assign_(param, param_89)
                                     else:
-                                        _556 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _556)
+                                        # param = param - param * fisher
+                                        param_90 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_90)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _557 = F.mul(t_update, param)
-                                        _558 = F.ge(_557, 0)
-                                        _559 = F.where(_558, 1.0, 0.0, like=param)
-                                        _560 = F.addcmul(param, param, _559, h["_k137"])
-                                        F.assign_(param, _560)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_91 = F.mul(update, param)
+                                        param_92 = F.ge(param_91, 0)
+                                        param_93 = F.where(param_92, 1.0, 0.0, like=param)
+                                        param_94 = F.addcmul(param, param, param_93, h["_k137"])
+                                        F.assign_(param, param_94)
                                     else:
-                                        _561 = F.axpy(param, param, h["_k138"])
-                                        F.assign_(param, _561)
+                                        # param = param - weight_decay * lr * param
+                                        param_95 = F.axpy(param, param, h["_k138"])
+                                        F.assign_(param, param_95)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _562 = F.cast(st_anchor_data, param)
-                                _563 = F.sub(param, _562)
-                                t_cwd_target = _563
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_14 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_14)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _564 = F.mul(t_update, t_cwd_target)
-                                    _565 = F.ge(_564, 0)
-                                    _566 = F.where(_565, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _566, h["_k139"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_96 = F.mul(update, cwd_target)
+                                    param_97 = F.ge(param_96, 0)
+                                    param_98 = F.where(param_97, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_98, h["_k139"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k140"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k140"])
+                            # param = param + -update
+                            F.sub_(param, update)
                     else:
+                        # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                         if h["_c20"]:
-                            _567 = F.float32(grad)
-                            grad = _567
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _568 = F.vdot(param, grad)
-                            _569 = F.vdot(param, param)
-                            F.add_(_569, 1e-30)
-                            F.div_(_568, _569)
-                            _570 = F.mul(param, _568)
-                            _571 = F.sub(grad, _570)
-                            t_ortho_g = _571
-                            _572 = F.norm(grad)
-                            _573 = F.norm(t_ortho_g)
-                            F.add_(_573, 1e-30)
-                            F.div_(_572, _573)
-                            t_ortho_scale = _572
-                            _574 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _574
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_22 = F.vdot(param, grad)
+                            ortho_g_23 = F.vdot(param, param)
+                            F.add_(ortho_g_23, 1e-30)
+                            F.div_(ortho_g_22, ortho_g_23)
+                            ortho_g_24 = F.mul(param, ortho_g_22)
+                            ortho_g = F.sub(grad, ortho_g_24)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_8 = F.norm(ortho_g)
+                            F.add_(ortho_scale_8, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_8)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if use_bias_correction:
                         if h["_c3"]:
                             pass
+                        # if kourkoutas_beta:
                         if h["_c4"]:
-                            _575 = F.mul(grad, grad)
-                            _576 = F.sum(_575)
-                            F.assign_(st_kourkoutas_sq, _576)
-                            F.mul_(st_exp_avg_sq, h["_k141"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k142"])
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_15 = F.mul(grad, grad)
+                            kourkoutas_sq_16 = F.sum(kourkoutas_sq_15)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_16)
+                            # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k141"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k142"])
                         else:
-                            F.mul_(st_exp_avg_sq, h["_k143"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k144"])
+                            # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k143"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k144"])
+                        # if eps == None:
                         if h["_c5"]:
                             pass
+                        # if use_atan2:
                         if h["_c6"]:
-                            _577 = F.sqrt(st_exp_avg_sq)
-                            F.div_(_577, h["sqrt_bias_correction2"])
-                            t_denom = _577
+                            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
+                            denom = F.sqrt(exp_avg_sq)
+                            F.div_(denom, h["sqrt_bias_correction2"])
                         else:
-                            _578 = F.sqrt(st_exp_avg_sq)
-                            F.div_(_578, h["sqrt_bias_correction2"])
-                            F.add_(_578, h["eps_eff"])
-                            t_denom = _578
+                            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+                            denom = F.sqrt(exp_avg_sq)
+                            F.div_(denom, h["sqrt_bias_correction2"])
+                            F.add_(denom, h["eps_eff"])
+                        # if normed_momentum:
                         if h["_c7"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _579 = F.atan2(grad, t_denom)
-                                grad = _579
+                                # grad = atan2(grad, denom)
+                                grad = F.atan2(grad, denom)
                             else:
-                                _580 = F.div(grad, t_denom)
-                                grad = _580
+                                # grad = grad / denom
+                                grad = F.div(grad, denom)
+                        # if beta1 > 0:
                         if h["_c8"]:
-                            F.lerp_(st_exp_avg, grad, h["_k145"])
+                            # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+                            F.lerp_(exp_avg, grad, h["_k145"])
+                            # if nesterov:
                             if h["_c9"]:
+                                # if nesterov_coef == None:
                                 if h["_c10"]:
-                                    _581 = F.lerp(st_exp_avg, grad, h["_k146"])
-                                    t_update = _581
+                                    # update = lerp(exp_avg, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg, grad, h["_k146"])
                                 else:
-                                    _582 = F.lerp(st_exp_avg, grad, h["_k147"])
-                                    t_update = _582
+                                    # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg, grad, h["_k147"])
                             else:
-                                _583 = F.copy(st_exp_avg)
-                                t_update = _583
+                                # update = copy(exp_avg)
+                                update = F.copy(exp_avg)
                         else:
-                            _584 = F.copy(grad)
-                            t_update = _584
+                            # update = copy(grad)
+                            update = F.copy(grad)
+                        # if normed_momentum:
                         if h["_c7"]:
                             pass
                         else:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _585 = F.atan2(t_update, t_denom)
-                                t_update = _585
+                                # update = atan2(update, denom)
+                                update = F.atan2(update, denom)
                             else:
-                                F.div_(t_update, t_denom)
+                                # update = update / denom
+                                F.div_(update, denom)
+                        # if use_atan2:
                         if h["_c6"]:
-                            F.mul_(t_update, h["_k148"])
+                            # update = update * (step_size * 1.2732395447351628)
+                            F.mul_(update, h["_k148"])
                         else:
-                            F.mul_(t_update, h["step_size"])
+                            # update = update * step_size
+                            F.mul_(update, h["step_size"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _586 = F.float32(param)
-                            t_param_fp32 = _586
-                            _587 = F.float32(t_update)
-                            t_update_fp32 = _587
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _588 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_588, 1.2732395447351628)
-                                        t_fisher = _588
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _589 = F.rdiv(t_denom, 1)
-                                        t_fisher = _589
-                                        _590 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_590, 2)
-                                        _591 = F.mean(_590)
-                                        F.sqrt_(_591)
-                                        F.div_(_591, 1.0)
-                                        F.maximum_(_591, 1.0)
-                                        _592 = F.div(t_fisher, _591)
-                                        t_fisher = _592
-                                    F.mul_(t_fisher, h["_k149"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_43 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_43, 2)
+                                        fisher_44 = F.mean(fisher_43)
+                                        F.sqrt_(fisher_44)
+                                        F.div_(fisher_44, 1.0)
+                                        F.maximum_(fisher_44, 1.0)
+                                        fisher_45 = F.div(fisher, fisher_44)
+                                        fisher = fisher_45
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k149"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _593 = F.mul(t_update_fp32, t_param_fp32)
-                                        _594 = F.ge(_593, 0)
-                                        _595 = F.where(_594, 1.0, 0.0, like=param)
-                                        F.mul_(_595, t_fisher)
-                                        _596 = F.addcmul(t_param_fp32, t_param_fp32, _595, -1.0)
-                                        t_param_fp32 = _596
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_86 = F.ge(param_fp32_85, 0)
+                                        param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_87, fisher)
+                                        param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
+                                        param_fp32 = param_fp32_88
                                     else:
-                                        _597 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _597
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _598 = F.mul(t_update_fp32, t_param_fp32)
-                                        _599 = F.ge(_598, 0)
-                                        _600 = F.where(_599, 1.0, 0.0, like=param)
-                                        _601 = F.addcmul(t_param_fp32, t_param_fp32, _600, h["_k150"])
-                                        t_param_fp32 = _601
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_89 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_90 = F.ge(param_fp32_89, 0)
+                                        param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                        param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k150"])
+                                        param_fp32 = param_fp32_92
                                     else:
-                                        _602 = F.axpy(t_param_fp32, t_param_fp32, h["_k151"])
-                                        t_param_fp32 = _602
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k151"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _603 = F.cast(st_anchor_data, t_param_fp32)
-                                _604 = F.sub(t_param_fp32, _603)
-                                t_cwd_target = _604
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _605 = F.mul(t_update_fp32, t_cwd_target)
-                                    _606 = F.ge(_605, 0)
-                                    _607 = F.where(_606, 1.0, 0.0, like=param)
-                                    _608 = F.addcmul(t_param_fp32, t_cwd_target, _607, h["_k152"])
-                                    t_param_fp32 = _608
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_94 = F.ge(param_fp32_93, 0)
+                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k152"])
+                                    param_fp32 = param_fp32_96
                                 else:
-                                    _609 = F.axpy(t_param_fp32, t_cwd_target, h["_k153"])
-                                    t_param_fp32 = _609
-                            _610 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _610
-                            _611 = F.stochastic_round(t_param_fp32, h["_k154"])
-                            F.assign_(param, _611)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k153"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_99 = F.stochastic_round(param_fp32, h["_k154"])
+                            F.assign_(param, param_99)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c6"]:
-                                        _612 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_612, 1.2732395447351628)
-                                        t_fisher = _612
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _613 = F.rdiv(t_denom, 1)
-                                        t_fisher = _613
-                                        _614 = F.mul(param, t_fisher)
-                                        F.pow_(_614, 2)
-                                        _615 = F.mean(_614)
-                                        F.sqrt_(_615)
-                                        F.div_(_615, 1.0)
-                                        F.maximum_(_615, 1.0)
-                                        _616 = F.div(t_fisher, _615)
-                                        t_fisher = _616
-                                    F.mul_(t_fisher, h["_k155"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_46 = F.mul(param, fisher)
+                                        F.pow_(fisher_46, 2)
+                                        fisher_47 = F.mean(fisher_46)
+                                        F.sqrt_(fisher_47)
+                                        F.div_(fisher_47, 1.0)
+                                        F.maximum_(fisher_47, 1.0)
+                                        fisher_48 = F.div(fisher, fisher_47)
+                                        fisher = fisher_48
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k155"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _617 = F.mul(t_update, param)
-                                        _618 = F.ge(_617, 0)
-                                        _619 = F.where(_618, 1.0, 0.0, like=param)
-                                        F.mul_(_619, t_fisher)
-                                        _620 = F.addcmul(param, param, _619, -1.0)
-                                        F.assign_(param, _620)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_100 = F.mul(update, param)
+                                        param_101 = F.ge(param_100, 0)
+                                        param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                        F.mul_(param_102, fisher)
+                                        param_103 = F.addcmul(param, param, param_102, -1.0)
+                                        F.assign_(param, param_103)
                                     else:
-                                        _621 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _621)
+                                        # param = param - param * fisher
+                                        param_104 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_104)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _622 = F.mul(t_update, param)
-                                        _623 = F.ge(_622, 0)
-                                        _624 = F.where(_623, 1.0, 0.0, like=param)
-                                        _625 = F.addcmul(param, param, _624, h["_k156"])
-                                        F.assign_(param, _625)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_105 = F.mul(update, param)
+                                        param_106 = F.ge(param_105, 0)
+                                        param_107 = F.where(param_106, 1.0, 0.0, like=param)
+                                        param_108 = F.addcmul(param, param, param_107, h["_k156"])
+                                        F.assign_(param, param_108)
                                     else:
-                                        _626 = F.axpy(param, param, h["_k157"])
-                                        F.assign_(param, _626)
+                                        # param = param - weight_decay * lr * param
+                                        param_109 = F.axpy(param, param, h["_k157"])
+                                        F.assign_(param, param_109)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _627 = F.cast(st_anchor_data, param)
-                                _628 = F.sub(param, _627)
-                                t_cwd_target = _628
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_16 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_16)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _629 = F.mul(t_update, t_cwd_target)
-                                    _630 = F.ge(_629, 0)
-                                    _631 = F.where(_630, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _631, h["_k158"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_110 = F.mul(update, cwd_target)
+                                    param_111 = F.ge(param_110, 0)
+                                    param_112 = F.where(param_111, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_112, h["_k158"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k159"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k159"])
+                            # param = param + -update
+                            F.sub_(param, update)
         else:
+            # if state_precision == 'bf16_sr' and not nnmf_factor:
             if h["_c17"]:
+                # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                 if h["_c18"]:
-                    _632 = F.float32(grad)
-                    grad = _632
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c2"]:
-                    _633 = F.vdot(param, grad)
-                    _634 = F.vdot(param, param)
-                    F.add_(_634, 1e-30)
-                    F.div_(_633, _634)
-                    _635 = F.mul(param, _633)
-                    _636 = F.sub(grad, _635)
-                    t_ortho_g = _636
-                    _637 = F.norm(grad)
-                    _638 = F.norm(t_ortho_g)
-                    F.add_(_638, 1e-30)
-                    F.div_(_637, _638)
-                    t_ortho_scale = _637
-                    _639 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _639
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_25 = F.vdot(param, grad)
+                    ortho_g_26 = F.vdot(param, param)
+                    F.add_(ortho_g_26, 1e-30)
+                    F.div_(ortho_g_25, ortho_g_26)
+                    ortho_g_27 = F.mul(param, ortho_g_25)
+                    ortho_g = F.sub(grad, ortho_g_27)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_9 = F.norm(ortho_g)
+                    F.add_(ortho_scale_9, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_9)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # if use_bias_correction:
                 if h["_c3"]:
                     pass
+                # if kourkoutas_beta:
                 if h["_c4"]:
-                    _640 = F.mul(grad, grad)
-                    _641 = F.sum(_640)
-                    F.assign_(st_kourkoutas_sq, _641)
-                    _642 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                    t_exp_avg_sq_work = _642
-                    F.mul_(t_exp_avg_sq_work, h["_k160"])
-                    F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k161"])
-                    F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_17 = F.mul(grad, grad)
+                    kourkoutas_sq_18 = F.sum(kourkoutas_sq_17)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_18)
+                    # exp_avg_sq_work = exp_avg_sq
+                    exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                    # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                    F.mul_(exp_avg_sq_work, h["_k160"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k161"])
+                    # exp_avg_sq = exp_avg_sq_work
+                    F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 else:
-                    _643 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                    t_exp_avg_sq_work = _643
-                    F.mul_(t_exp_avg_sq_work, h["_k163"])
-                    F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k164"])
-                    F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                    # exp_avg_sq_work = exp_avg_sq
+                    exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                    # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                    F.mul_(exp_avg_sq_work, h["_k163"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k164"])
+                    # exp_avg_sq = exp_avg_sq_work
+                    F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                # if eps == None:
                 if h["_c5"]:
                     pass
+                # if use_atan2:
                 if h["_c6"]:
-                    _644 = F.sqrt(t_exp_avg_sq_work)
-                    F.div_(_644, h["sqrt_bias_correction2"])
-                    t_denom = _644
+                    # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2
+                    denom = F.sqrt(exp_avg_sq_work)
+                    F.div_(denom, h["sqrt_bias_correction2"])
                 else:
-                    _645 = F.sqrt(t_exp_avg_sq_work)
-                    F.div_(_645, h["sqrt_bias_correction2"])
-                    F.add_(_645, h["eps_eff"])
-                    t_denom = _645
+                    # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2 + eps_eff
+                    denom = F.sqrt(exp_avg_sq_work)
+                    F.div_(denom, h["sqrt_bias_correction2"])
+                    F.add_(denom, h["eps_eff"])
+                # if normed_momentum:
                 if h["_c7"]:
+                    # if use_atan2:
                     if h["_c6"]:
-                        _646 = F.atan2(grad, t_denom)
-                        grad = _646
+                        # grad = atan2(grad, denom)
+                        grad = F.atan2(grad, denom)
                     else:
-                        _647 = F.div(grad, t_denom)
-                        grad = _647
+                        # grad = grad / denom
+                        grad = F.div(grad, denom)
+                # if beta1 > 0:
                 if h["_c8"]:
-                    _648 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _648
-                    F.lerp_(t_exp_avg_work, grad, h["_k166"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                    F.lerp_(exp_avg_work, grad, h["_k166"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # if nesterov:
                     if h["_c9"]:
+                        # if nesterov_coef == None:
                         if h["_c10"]:
-                            _649 = F.lerp(t_exp_avg_work, grad, h["_k168"])
-                            t_update = _649
+                            # update = lerp(exp_avg_work, grad, 1 - beta1)
+                            update = F.lerp(exp_avg_work, grad, h["_k168"])
                         else:
-                            _650 = F.lerp(t_exp_avg_work, grad, h["_k169"])
-                            t_update = _650
+                            # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                            update = F.lerp(exp_avg_work, grad, h["_k169"])
                     else:
-                        _651 = F.copy(t_exp_avg_work)
-                        t_update = _651
+                        # update = copy(exp_avg_work)
+                        update = F.copy(exp_avg_work)
                 else:
-                    _652 = F.copy(grad)
-                    t_update = _652
+                    # update = copy(grad)
+                    update = F.copy(grad)
+                # if normed_momentum:
                 if h["_c7"]:
                     pass
                 else:
+                    # if use_atan2:
                     if h["_c6"]:
-                        _653 = F.atan2(t_update, t_denom)
-                        t_update = _653
+                        # update = atan2(update, denom)
+                        update = F.atan2(update, denom)
                     else:
-                        F.div_(t_update, t_denom)
+                        # update = update / denom
+                        F.div_(update, denom)
+                # if use_atan2:
                 if h["_c6"]:
-                    F.mul_(t_update, h["_k170"])
+                    # update = update * (step_size * 1.2732395447351628)
+                    F.mul_(update, h["_k170"])
                 else:
-                    F.mul_(t_update, h["step_size"])
+                    # update = update * step_size
+                    F.mul_(update, h["step_size"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c11"]:
-                    _654 = F.float32(param)
-                    t_param_fp32 = _654
-                    _655 = F.float32(t_update)
-                    t_update_fp32 = _655
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if fisher_wd:
                         if h["_c13"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _656 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_656, 1.2732395447351628)
-                                t_fisher = _656
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _657 = F.rdiv(t_denom, 1)
-                                t_fisher = _657
-                                _658 = F.mul(t_param_fp32, t_fisher)
-                                F.pow_(_658, 2)
-                                _659 = F.mean(_658)
-                                F.sqrt_(_659)
-                                F.div_(_659, 1.0)
-                                F.maximum_(_659, 1.0)
-                                _660 = F.div(t_fisher, _659)
-                                t_fisher = _660
-                            F.mul_(t_fisher, h["_k171"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_49 = F.mul(param_fp32, fisher)
+                                F.pow_(fisher_49, 2)
+                                fisher_50 = F.mean(fisher_49)
+                                F.sqrt_(fisher_50)
+                                F.div_(fisher_50, 1.0)
+                                F.maximum_(fisher_50, 1.0)
+                                fisher_51 = F.div(fisher, fisher_50)
+                                fisher = fisher_51
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k171"])
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _661 = F.mul(t_update_fp32, t_param_fp32)
-                                _662 = F.ge(_661, 0)
-                                _663 = F.where(_662, 1.0, 0.0, like=param)
-                                F.mul_(_663, t_fisher)
-                                _664 = F.addcmul(t_param_fp32, t_param_fp32, _663, -1.0)
-                                t_param_fp32 = _664
+                                # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                param_fp32_98 = F.ge(param_fp32_97, 0)
+                                param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_99, fisher)
+                                param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                param_fp32 = param_fp32_100
                             else:
-                                _665 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                t_param_fp32 = _665
+                                # param_fp32 = param_fp32 - param_fp32 * fisher
+                                param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _666 = F.mul(t_update_fp32, t_param_fp32)
-                                _667 = F.ge(_666, 0)
-                                _668 = F.where(_667, 1.0, 0.0, like=param)
-                                _669 = F.addcmul(t_param_fp32, t_param_fp32, _668, h["_k172"])
-                                t_param_fp32 = _669
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                param_fp32_102 = F.ge(param_fp32_101, 0)
+                                param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k172"])
+                                param_fp32 = param_fp32_104
                             else:
-                                _670 = F.axpy(t_param_fp32, t_param_fp32, h["_k173"])
-                                t_param_fp32 = _670
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k173"])
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _671 = F.cast(st_anchor_data, t_param_fp32)
-                        _672 = F.sub(t_param_fp32, _671)
-                        t_cwd_target = _672
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_17 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_17)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _673 = F.mul(t_update_fp32, t_cwd_target)
-                            _674 = F.ge(_673, 0)
-                            _675 = F.where(_674, 1.0, 0.0, like=param)
-                            _676 = F.addcmul(t_param_fp32, t_cwd_target, _675, h["_k174"])
-                            t_param_fp32 = _676
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_105 = F.mul(update_fp32, cwd_target)
+                            param_fp32_106 = F.ge(param_fp32_105, 0)
+                            param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                            param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k174"])
+                            param_fp32 = param_fp32_108
                         else:
-                            _677 = F.axpy(t_param_fp32, t_cwd_target, h["_k175"])
-                            t_param_fp32 = _677
-                    _678 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _678
-                    _679 = F.stochastic_round(t_param_fp32, h["_k176"])
-                    F.assign_(param, _679)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k175"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_113 = F.stochastic_round(param_fp32, h["_k176"])
+                    F.assign_(param, param_113)
                 else:
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if fisher_wd:
                         if h["_c13"]:
+                            # if use_atan2:
                             if h["_c6"]:
-                                _680 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_680, 1.2732395447351628)
-                                t_fisher = _680
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _681 = F.rdiv(t_denom, 1)
-                                t_fisher = _681
-                                _682 = F.mul(param, t_fisher)
-                                F.pow_(_682, 2)
-                                _683 = F.mean(_682)
-                                F.sqrt_(_683)
-                                F.div_(_683, 1.0)
-                                F.maximum_(_683, 1.0)
-                                _684 = F.div(t_fisher, _683)
-                                t_fisher = _684
-                            F.mul_(t_fisher, h["_k177"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_52 = F.mul(param, fisher)
+                                F.pow_(fisher_52, 2)
+                                fisher_53 = F.mean(fisher_52)
+                                F.sqrt_(fisher_53)
+                                F.div_(fisher_53, 1.0)
+                                F.maximum_(fisher_53, 1.0)
+                                fisher_54 = F.div(fisher, fisher_53)
+                                fisher = fisher_54
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k177"])
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _685 = F.mul(t_update, param)
-                                _686 = F.ge(_685, 0)
-                                _687 = F.where(_686, 1.0, 0.0, like=param)
-                                F.mul_(_687, t_fisher)
-                                _688 = F.addcmul(param, param, _687, -1.0)
-                                F.assign_(param, _688)
+                                # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                param_114 = F.mul(update, param)
+                                param_115 = F.ge(param_114, 0)
+                                param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                F.mul_(param_116, fisher)
+                                param_117 = F.addcmul(param, param, param_116, -1.0)
+                                F.assign_(param, param_117)
                             else:
-                                _689 = F.addcmul(param, param, t_fisher, -1.0)
-                                F.assign_(param, _689)
+                                # param = param - param * fisher
+                                param_118 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_118)
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _690 = F.mul(t_update, param)
-                                _691 = F.ge(_690, 0)
-                                _692 = F.where(_691, 1.0, 0.0, like=param)
-                                _693 = F.addcmul(param, param, _692, h["_k178"])
-                                F.assign_(param, _693)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_119 = F.mul(update, param)
+                                param_120 = F.ge(param_119, 0)
+                                param_121 = F.where(param_120, 1.0, 0.0, like=param)
+                                param_122 = F.addcmul(param, param, param_121, h["_k178"])
+                                F.assign_(param, param_122)
                             else:
-                                _694 = F.axpy(param, param, h["_k179"])
-                                F.assign_(param, _694)
+                                # param = param - weight_decay * lr * param
+                                param_123 = F.axpy(param, param, h["_k179"])
+                                F.assign_(param, param_123)
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _695 = F.cast(st_anchor_data, param)
-                        _696 = F.sub(param, _695)
-                        t_cwd_target = _696
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_18 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_18)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _697 = F.mul(t_update, t_cwd_target)
-                            _698 = F.ge(_697, 0)
-                            _699 = F.where(_698, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _699, h["_k180"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_124 = F.mul(update, cwd_target)
+                            param_125 = F.ge(param_124, 0)
+                            param_126 = F.where(param_125, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_126, h["_k180"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k181"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k181"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if state_precision == 'int8_sr' and not nnmf_factor:
                 if h["_c19"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _700 = F.float32(grad)
-                        grad = _700
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _701 = F.vdot(param, grad)
-                        _702 = F.vdot(param, param)
-                        F.add_(_702, 1e-30)
-                        F.div_(_701, _702)
-                        _703 = F.mul(param, _701)
-                        _704 = F.sub(grad, _703)
-                        t_ortho_g = _704
-                        _705 = F.norm(grad)
-                        _706 = F.norm(t_ortho_g)
-                        F.add_(_706, 1e-30)
-                        F.div_(_705, _706)
-                        t_ortho_scale = _705
-                        _707 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _707
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_28 = F.vdot(param, grad)
+                        ortho_g_29 = F.vdot(param, param)
+                        F.add_(ortho_g_29, 1e-30)
+                        F.div_(ortho_g_28, ortho_g_29)
+                        ortho_g_30 = F.mul(param, ortho_g_28)
+                        ortho_g = F.sub(grad, ortho_g_30)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_10 = F.norm(ortho_g)
+                        F.add_(ortho_scale_10, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_10)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if use_bias_correction:
                     if h["_c3"]:
                         pass
+                    # if kourkoutas_beta:
                     if h["_c4"]:
-                        _708 = F.mul(grad, grad)
-                        _709 = F.sum(_708)
-                        F.assign_(st_kourkoutas_sq, _709)
-                        _710 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                        t_exp_avg_sq_work = _710
-                        F.mul_(t_exp_avg_sq_work, h["_k182"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k183"])
-                        F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_19 = F.mul(grad, grad)
+                        kourkoutas_sq_20 = F.sum(kourkoutas_sq_19)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_20)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                        # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k182"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k183"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     else:
-                        _711 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                        t_exp_avg_sq_work = _711
-                        F.mul_(t_exp_avg_sq_work, h["_k185"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k186"])
-                        F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                        # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k185"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k186"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                    # if eps == None:
                     if h["_c5"]:
                         pass
+                    # if use_atan2:
                     if h["_c6"]:
-                        _712 = F.sqrt(t_exp_avg_sq_work)
-                        F.div_(_712, h["sqrt_bias_correction2"])
-                        t_denom = _712
+                        # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.div_(denom, h["sqrt_bias_correction2"])
                     else:
-                        _713 = F.sqrt(t_exp_avg_sq_work)
-                        F.div_(_713, h["sqrt_bias_correction2"])
-                        F.add_(_713, h["eps_eff"])
-                        t_denom = _713
+                        # denom = sqrt(exp_avg_sq_work) / sqrt_bias_correction2 + eps_eff
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.div_(denom, h["sqrt_bias_correction2"])
+                        F.add_(denom, h["eps_eff"])
+                    # if normed_momentum:
                     if h["_c7"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _714 = F.atan2(grad, t_denom)
-                            grad = _714
+                            # grad = atan2(grad, denom)
+                            grad = F.atan2(grad, denom)
                         else:
-                            _715 = F.div(grad, t_denom)
-                            grad = _715
+                            # grad = grad / denom
+                            grad = F.div(grad, denom)
+                    # if beta1 > 0:
                     if h["_c8"]:
-                        _716 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _716
-                        F.lerp_(t_exp_avg_work, grad, h["_k188"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+                        F.lerp_(exp_avg_work, grad, h["_k188"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # if nesterov:
                         if h["_c9"]:
+                            # if nesterov_coef == None:
                             if h["_c10"]:
-                                _717 = F.lerp(t_exp_avg_work, grad, h["_k190"])
-                                t_update = _717
+                                # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                update = F.lerp(exp_avg_work, grad, h["_k190"])
                             else:
-                                _718 = F.lerp(t_exp_avg_work, grad, h["_k191"])
-                                t_update = _718
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k191"])
                         else:
-                            _719 = F.copy(t_exp_avg_work)
-                            t_update = _719
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _720 = F.copy(grad)
-                        t_update = _720
+                        # update = copy(grad)
+                        update = F.copy(grad)
+                    # if normed_momentum:
                     if h["_c7"]:
                         pass
                     else:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _721 = F.atan2(t_update, t_denom)
-                            t_update = _721
+                            # update = atan2(update, denom)
+                            update = F.atan2(update, denom)
                         else:
-                            F.div_(t_update, t_denom)
+                            # update = update / denom
+                            F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c6"]:
-                        F.mul_(t_update, h["_k192"])
+                        # update = update * (step_size * 1.2732395447351628)
+                        F.mul_(update, h["_k192"])
                     else:
-                        F.mul_(t_update, h["step_size"])
+                        # update = update * step_size
+                        F.mul_(update, h["step_size"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _722 = F.float32(param)
-                        t_param_fp32 = _722
-                        _723 = F.float32(t_update)
-                        t_update_fp32 = _723
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _724 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_724, 1.2732395447351628)
-                                    t_fisher = _724
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _725 = F.rdiv(t_denom, 1)
-                                    t_fisher = _725
-                                    _726 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_726, 2)
-                                    _727 = F.mean(_726)
-                                    F.sqrt_(_727)
-                                    F.div_(_727, 1.0)
-                                    F.maximum_(_727, 1.0)
-                                    _728 = F.div(t_fisher, _727)
-                                    t_fisher = _728
-                                F.mul_(t_fisher, h["_k193"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_55 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_55, 2)
+                                    fisher_56 = F.mean(fisher_55)
+                                    F.sqrt_(fisher_56)
+                                    F.div_(fisher_56, 1.0)
+                                    F.maximum_(fisher_56, 1.0)
+                                    fisher_57 = F.div(fisher, fisher_56)
+                                    fisher = fisher_57
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k193"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _729 = F.mul(t_update_fp32, t_param_fp32)
-                                    _730 = F.ge(_729, 0)
-                                    _731 = F.where(_730, 1.0, 0.0, like=param)
-                                    F.mul_(_731, t_fisher)
-                                    _732 = F.addcmul(t_param_fp32, t_param_fp32, _731, -1.0)
-                                    t_param_fp32 = _732
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_109 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_110 = F.ge(param_fp32_109, 0)
+                                    param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_111, fisher)
+                                    param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
+                                    param_fp32 = param_fp32_112
                                 else:
-                                    _733 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _733
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _734 = F.mul(t_update_fp32, t_param_fp32)
-                                    _735 = F.ge(_734, 0)
-                                    _736 = F.where(_735, 1.0, 0.0, like=param)
-                                    _737 = F.addcmul(t_param_fp32, t_param_fp32, _736, h["_k194"])
-                                    t_param_fp32 = _737
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_114 = F.ge(param_fp32_113, 0)
+                                    param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                    param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k194"])
+                                    param_fp32 = param_fp32_116
                                 else:
-                                    _738 = F.axpy(t_param_fp32, t_param_fp32, h["_k195"])
-                                    t_param_fp32 = _738
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k195"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _739 = F.cast(st_anchor_data, t_param_fp32)
-                            _740 = F.sub(t_param_fp32, _739)
-                            t_cwd_target = _740
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_19 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_19)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _741 = F.mul(t_update_fp32, t_cwd_target)
-                                _742 = F.ge(_741, 0)
-                                _743 = F.where(_742, 1.0, 0.0, like=param)
-                                _744 = F.addcmul(t_param_fp32, t_cwd_target, _743, h["_k196"])
-                                t_param_fp32 = _744
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_117 = F.mul(update_fp32, cwd_target)
+                                param_fp32_118 = F.ge(param_fp32_117, 0)
+                                param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k196"])
+                                param_fp32 = param_fp32_120
                             else:
-                                _745 = F.axpy(t_param_fp32, t_cwd_target, h["_k197"])
-                                t_param_fp32 = _745
-                        _746 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _746
-                        _747 = F.stochastic_round(t_param_fp32, h["_k198"])
-                        F.assign_(param, _747)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k197"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_127 = F.stochastic_round(param_fp32, h["_k198"])
+                        F.assign_(param, param_127)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _748 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_748, 1.2732395447351628)
-                                    t_fisher = _748
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _749 = F.rdiv(t_denom, 1)
-                                    t_fisher = _749
-                                    _750 = F.mul(param, t_fisher)
-                                    F.pow_(_750, 2)
-                                    _751 = F.mean(_750)
-                                    F.sqrt_(_751)
-                                    F.div_(_751, 1.0)
-                                    F.maximum_(_751, 1.0)
-                                    _752 = F.div(t_fisher, _751)
-                                    t_fisher = _752
-                                F.mul_(t_fisher, h["_k199"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_58 = F.mul(param, fisher)
+                                    F.pow_(fisher_58, 2)
+                                    fisher_59 = F.mean(fisher_58)
+                                    F.sqrt_(fisher_59)
+                                    F.div_(fisher_59, 1.0)
+                                    F.maximum_(fisher_59, 1.0)
+                                    fisher_60 = F.div(fisher, fisher_59)
+                                    fisher = fisher_60
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k199"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _753 = F.mul(t_update, param)
-                                    _754 = F.ge(_753, 0)
-                                    _755 = F.where(_754, 1.0, 0.0, like=param)
-                                    F.mul_(_755, t_fisher)
-                                    _756 = F.addcmul(param, param, _755, -1.0)
-                                    F.assign_(param, _756)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_128 = F.mul(update, param)
+                                    param_129 = F.ge(param_128, 0)
+                                    param_130 = F.where(param_129, 1.0, 0.0, like=param)
+                                    F.mul_(param_130, fisher)
+                                    param_131 = F.addcmul(param, param, param_130, -1.0)
+                                    F.assign_(param, param_131)
                                 else:
-                                    _757 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _757)
+                                    # param = param - param * fisher
+                                    param_132 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_132)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _758 = F.mul(t_update, param)
-                                    _759 = F.ge(_758, 0)
-                                    _760 = F.where(_759, 1.0, 0.0, like=param)
-                                    _761 = F.addcmul(param, param, _760, h["_k200"])
-                                    F.assign_(param, _761)
+                                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_133 = F.mul(update, param)
+                                    param_134 = F.ge(param_133, 0)
+                                    param_135 = F.where(param_134, 1.0, 0.0, like=param)
+                                    param_136 = F.addcmul(param, param, param_135, h["_k200"])
+                                    F.assign_(param, param_136)
                                 else:
-                                    _762 = F.axpy(param, param, h["_k201"])
-                                    F.assign_(param, _762)
+                                    # param = param - weight_decay * lr * param
+                                    param_137 = F.axpy(param, param, h["_k201"])
+                                    F.assign_(param, param_137)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _763 = F.cast(st_anchor_data, param)
-                            _764 = F.sub(param, _763)
-                            t_cwd_target = _764
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _765 = F.mul(t_update, t_cwd_target)
-                                _766 = F.ge(_765, 0)
-                                _767 = F.where(_766, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _767, h["_k202"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_138 = F.mul(update, cwd_target)
+                                param_139 = F.ge(param_138, 0)
+                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_140, h["_k202"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k203"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k203"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                     if h["_c20"]:
-                        _768 = F.float32(grad)
-                        grad = _768
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _769 = F.vdot(param, grad)
-                        _770 = F.vdot(param, param)
-                        F.add_(_770, 1e-30)
-                        F.div_(_769, _770)
-                        _771 = F.mul(param, _769)
-                        _772 = F.sub(grad, _771)
-                        t_ortho_g = _772
-                        _773 = F.norm(grad)
-                        _774 = F.norm(t_ortho_g)
-                        F.add_(_774, 1e-30)
-                        F.div_(_773, _774)
-                        t_ortho_scale = _773
-                        _775 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _775
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_31 = F.vdot(param, grad)
+                        ortho_g_32 = F.vdot(param, param)
+                        F.add_(ortho_g_32, 1e-30)
+                        F.div_(ortho_g_31, ortho_g_32)
+                        ortho_g_33 = F.mul(param, ortho_g_31)
+                        ortho_g = F.sub(grad, ortho_g_33)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_11 = F.norm(ortho_g)
+                        F.add_(ortho_scale_11, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_11)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if use_bias_correction:
                     if h["_c3"]:
                         pass
+                    # if kourkoutas_beta:
                     if h["_c4"]:
-                        _776 = F.mul(grad, grad)
-                        _777 = F.sum(_776)
-                        F.assign_(st_kourkoutas_sq, _777)
-                        F.mul_(st_exp_avg_sq, h["_k204"])
-                        F.addcmul_(st_exp_avg_sq, grad, grad, h["_k205"])
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_21 = F.mul(grad, grad)
+                        kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_22)
+                        # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq, h["_k204"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k205"])
                     else:
-                        F.mul_(st_exp_avg_sq, h["_k206"])
-                        F.addcmul_(st_exp_avg_sq, grad, grad, h["_k207"])
+                        # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq, h["_k206"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k207"])
+                    # if eps == None:
                     if h["_c5"]:
                         pass
+                    # if use_atan2:
                     if h["_c6"]:
-                        _778 = F.sqrt(st_exp_avg_sq)
-                        F.div_(_778, h["sqrt_bias_correction2"])
-                        t_denom = _778
+                        # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
+                        denom = F.sqrt(exp_avg_sq)
+                        F.div_(denom, h["sqrt_bias_correction2"])
                     else:
-                        _779 = F.sqrt(st_exp_avg_sq)
-                        F.div_(_779, h["sqrt_bias_correction2"])
-                        F.add_(_779, h["eps_eff"])
-                        t_denom = _779
+                        # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+                        denom = F.sqrt(exp_avg_sq)
+                        F.div_(denom, h["sqrt_bias_correction2"])
+                        F.add_(denom, h["eps_eff"])
+                    # if normed_momentum:
                     if h["_c7"]:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _780 = F.atan2(grad, t_denom)
-                            grad = _780
+                            # grad = atan2(grad, denom)
+                            grad = F.atan2(grad, denom)
                         else:
-                            _781 = F.div(grad, t_denom)
-                            grad = _781
+                            # grad = grad / denom
+                            grad = F.div(grad, denom)
+                    # if beta1 > 0:
                     if h["_c8"]:
-                        F.lerp_(st_exp_avg, grad, h["_k208"])
+                        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+                        F.lerp_(exp_avg, grad, h["_k208"])
+                        # if nesterov:
                         if h["_c9"]:
+                            # if nesterov_coef == None:
                             if h["_c10"]:
-                                _782 = F.lerp(st_exp_avg, grad, h["_k209"])
-                                t_update = _782
+                                # update = lerp(exp_avg, grad, 1 - beta1)
+                                update = F.lerp(exp_avg, grad, h["_k209"])
                             else:
-                                _783 = F.lerp(st_exp_avg, grad, h["_k210"])
-                                t_update = _783
+                                # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg, grad, h["_k210"])
                         else:
-                            _784 = F.copy(st_exp_avg)
-                            t_update = _784
+                            # update = copy(exp_avg)
+                            update = F.copy(exp_avg)
                     else:
-                        _785 = F.copy(grad)
-                        t_update = _785
+                        # update = copy(grad)
+                        update = F.copy(grad)
+                    # if normed_momentum:
                     if h["_c7"]:
                         pass
                     else:
+                        # if use_atan2:
                         if h["_c6"]:
-                            _786 = F.atan2(t_update, t_denom)
-                            t_update = _786
+                            # update = atan2(update, denom)
+                            update = F.atan2(update, denom)
                         else:
-                            F.div_(t_update, t_denom)
+                            # update = update / denom
+                            F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c6"]:
-                        F.mul_(t_update, h["_k211"])
+                        # update = update * (step_size * 1.2732395447351628)
+                        F.mul_(update, h["_k211"])
                     else:
-                        F.mul_(t_update, h["step_size"])
+                        # update = update * step_size
+                        F.mul_(update, h["step_size"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _787 = F.float32(param)
-                        t_param_fp32 = _787
-                        _788 = F.float32(t_update)
-                        t_update_fp32 = _788
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _789 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_789, 1.2732395447351628)
-                                    t_fisher = _789
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _790 = F.rdiv(t_denom, 1)
-                                    t_fisher = _790
-                                    _791 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_791, 2)
-                                    _792 = F.mean(_791)
-                                    F.sqrt_(_792)
-                                    F.div_(_792, 1.0)
-                                    F.maximum_(_792, 1.0)
-                                    _793 = F.div(t_fisher, _792)
-                                    t_fisher = _793
-                                F.mul_(t_fisher, h["_k212"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_61 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_61, 2)
+                                    fisher_62 = F.mean(fisher_61)
+                                    F.sqrt_(fisher_62)
+                                    F.div_(fisher_62, 1.0)
+                                    F.maximum_(fisher_62, 1.0)
+                                    fisher_63 = F.div(fisher, fisher_62)
+                                    fisher = fisher_63
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k212"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _794 = F.mul(t_update_fp32, t_param_fp32)
-                                    _795 = F.ge(_794, 0)
-                                    _796 = F.where(_795, 1.0, 0.0, like=param)
-                                    F.mul_(_796, t_fisher)
-                                    _797 = F.addcmul(t_param_fp32, t_param_fp32, _796, -1.0)
-                                    t_param_fp32 = _797
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_121 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_122 = F.ge(param_fp32_121, 0)
+                                    param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_123, fisher)
+                                    param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
+                                    param_fp32 = param_fp32_124
                                 else:
-                                    _798 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _798
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _799 = F.mul(t_update_fp32, t_param_fp32)
-                                    _800 = F.ge(_799, 0)
-                                    _801 = F.where(_800, 1.0, 0.0, like=param)
-                                    _802 = F.addcmul(t_param_fp32, t_param_fp32, _801, h["_k213"])
-                                    t_param_fp32 = _802
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_125 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_126 = F.ge(param_fp32_125, 0)
+                                    param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                    param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k213"])
+                                    param_fp32 = param_fp32_128
                                 else:
-                                    _803 = F.axpy(t_param_fp32, t_param_fp32, h["_k214"])
-                                    t_param_fp32 = _803
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k214"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _804 = F.cast(st_anchor_data, t_param_fp32)
-                            _805 = F.sub(t_param_fp32, _804)
-                            t_cwd_target = _805
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_21)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _806 = F.mul(t_update_fp32, t_cwd_target)
-                                _807 = F.ge(_806, 0)
-                                _808 = F.where(_807, 1.0, 0.0, like=param)
-                                _809 = F.addcmul(t_param_fp32, t_cwd_target, _808, h["_k215"])
-                                t_param_fp32 = _809
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_129 = F.mul(update_fp32, cwd_target)
+                                param_fp32_130 = F.ge(param_fp32_129, 0)
+                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k215"])
+                                param_fp32 = param_fp32_132
                             else:
-                                _810 = F.axpy(t_param_fp32, t_cwd_target, h["_k216"])
-                                t_param_fp32 = _810
-                        _811 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _811
-                        _812 = F.stochastic_round(t_param_fp32, h["_k217"])
-                        F.assign_(param, _812)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k216"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_141 = F.stochastic_round(param_fp32, h["_k217"])
+                        F.assign_(param, param_141)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c6"]:
-                                    _813 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_813, 1.2732395447351628)
-                                    t_fisher = _813
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _814 = F.rdiv(t_denom, 1)
-                                    t_fisher = _814
-                                    _815 = F.mul(param, t_fisher)
-                                    F.pow_(_815, 2)
-                                    _816 = F.mean(_815)
-                                    F.sqrt_(_816)
-                                    F.div_(_816, 1.0)
-                                    F.maximum_(_816, 1.0)
-                                    _817 = F.div(t_fisher, _816)
-                                    t_fisher = _817
-                                F.mul_(t_fisher, h["_k218"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_64 = F.mul(param, fisher)
+                                    F.pow_(fisher_64, 2)
+                                    fisher_65 = F.mean(fisher_64)
+                                    F.sqrt_(fisher_65)
+                                    F.div_(fisher_65, 1.0)
+                                    F.maximum_(fisher_65, 1.0)
+                                    fisher_66 = F.div(fisher, fisher_65)
+                                    fisher = fisher_66
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k218"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _818 = F.mul(t_update, param)
-                                    _819 = F.ge(_818, 0)
-                                    _820 = F.where(_819, 1.0, 0.0, like=param)
-                                    F.mul_(_820, t_fisher)
-                                    _821 = F.addcmul(param, param, _820, -1.0)
-                                    F.assign_(param, _821)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_142 = F.mul(update, param)
+                                    param_143 = F.ge(param_142, 0)
+                                    param_144 = F.where(param_143, 1.0, 0.0, like=param)
+                                    F.mul_(param_144, fisher)
+                                    param_145 = F.addcmul(param, param, param_144, -1.0)
+                                    F.assign_(param, param_145)
                                 else:
-                                    _822 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _822)
+                                    # param = param - param * fisher
+                                    param_146 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_146)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _823 = F.mul(t_update, param)
-                                    _824 = F.ge(_823, 0)
-                                    _825 = F.where(_824, 1.0, 0.0, like=param)
-                                    _826 = F.addcmul(param, param, _825, h["_k219"])
-                                    F.assign_(param, _826)
+                                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_147 = F.mul(update, param)
+                                    param_148 = F.ge(param_147, 0)
+                                    param_149 = F.where(param_148, 1.0, 0.0, like=param)
+                                    param_150 = F.addcmul(param, param, param_149, h["_k219"])
+                                    F.assign_(param, param_150)
                                 else:
-                                    _827 = F.axpy(param, param, h["_k220"])
-                                    F.assign_(param, _827)
+                                    # param = param - weight_decay * lr * param
+                                    param_151 = F.axpy(param, param, h["_k220"])
+                                    F.assign_(param, param_151)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _828 = F.cast(st_anchor_data, param)
-                            _829 = F.sub(param, _828)
-                            t_cwd_target = _829
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_22 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_22)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _830 = F.mul(t_update, t_cwd_target)
-                                _831 = F.ge(_830, 0)
-                                _832 = F.where(_831, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _832, h["_k221"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_152 = F.mul(update, cwd_target)
+                                param_153 = F.ge(param_152, 0)
+                                param_154 = F.where(param_153, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_154, h["_k221"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k222"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k222"])
+                        # param = param + -update
+                        F.sub_(param, update)
 
 
 class AdamW_adv(GeneratedOptimizer):

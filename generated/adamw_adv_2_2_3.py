@@ -247,400 +247,503 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_exp_avg_slow = S["exp_avg_slow"]
-    st_mu_m_slow_nmf = S["mu_m_slow_nmf"]
-    st_mv_m_slow_nmf = S["mv_m_slow_nmf"]
-    st_sign_slow = S["sign_slow"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    exp_avg_slow = S["exp_avg_slow"]
+    mu_m_slow_nmf = S["mu_m_slow_nmf"]
+    mv_m_slow_nmf = S["mv_m_slow_nmf"]
+    sign_slow = S["sign_slow"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient:
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if use_bias_correction:
             if h["_c3"]:
                 pass
+            # if beta1 > 0:
             if h["_c4"]:
-                _9 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                t_exp_avg_magnitude = _9
-                _10 = F.neg(t_exp_avg_magnitude)
-                _11 = F.where(st_sign, t_exp_avg_magnitude, _10)
-                t_exp_avg_full = _11
-                F.lerp_(t_exp_avg_full, grad, h["_k0"])
-                _12 = F.float32(t_exp_avg_full)
-                _13 = F.gt(_12, 0.0)
-                F.assign_(st_sign, _13)
-                _14 = F.float32(t_exp_avg_full)
-                _15 = F.abs(_14)
-                t_exp_avg_abs = _15
-                _16 = F.rowsum(t_exp_avg_abs)
-                F.assign_(st_mu_m_nmf, _16)
-                _17 = F.colsum(t_exp_avg_abs)
-                t_exp_avg_colsum = _17
-                _18 = F.sum(t_exp_avg_colsum, kind="col")
-                F.maximum_(_18, 1e-12)
-                _19 = F.div(t_exp_avg_colsum, _18)
-                F.assign_(st_mv_m_nmf, _19)
+                # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                # exp_avg_full = lerp(exp_avg_full, grad, 1 - beta1)
+                F.lerp_(exp_avg_full, grad, h["_k0"])
+                # sign = float32(exp_avg_full) > 0.0
+                sign_1 = F.float32(exp_avg_full)
+                sign_2 = F.gt(sign_1, 0.0)
+                F.assign_(sign, sign_2)
+                # exp_avg_abs = abs(float32(exp_avg_full))
+                exp_avg_abs_1 = F.float32(exp_avg_full)
+                exp_avg_abs = F.abs(exp_avg_abs_1)
+                # mu_m_nmf = rowsum(exp_avg_abs)
+                mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                F.assign_(mu_m_nmf, mu_m_nmf_1)
+                # exp_avg_colsum = colsum(exp_avg_abs)
+                exp_avg_colsum = F.colsum(exp_avg_abs)
+                # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                F.maximum_(mv_m_nmf_1, 1e-12)
+                mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                F.assign_(mv_m_nmf, mv_m_nmf_2)
+                # if grams_moment:
                 if h["_c5"]:
-                    _20 = F.sign(grad)
-                    _21 = F.abs(t_exp_avg_full)
-                    F.mul_(_20, _21)
-                    t_update = _20
+                    # update = sign(grad) * abs(exp_avg_full)
+                    update = F.sign(grad)
+                    update_1 = F.abs(exp_avg_full)
+                    F.mul_(update, update_1)
                 else:
+                    # if cautious_mask:
                     if h["_c6"]:
-                        _22 = F.mul(t_exp_avg_full, grad)
-                        _23 = F.gt(_22, 0)
-                        _24 = F.where(_23, 1.0, 0.0, like=param)
-                        _25 = F.cast(_24, grad)
-                        t_mask = _25
-                        _26 = F.mean(t_mask)
-                        F.maximum_(_26, 0.001)
-                        _27 = F.div(t_mask, _26)
-                        t_mask = _27
-                        _28 = F.mul(t_exp_avg_full, t_mask)
-                        t_update = _28
+                        # mask = cast(where(exp_avg_full * grad > 0, 1.0, 0.0), grad)
+                        mask_1 = F.mul(exp_avg_full, grad)
+                        mask_2 = F.gt(mask_1, 0)
+                        mask_3 = F.where(mask_2, 1.0, 0.0, like=param)
+                        mask = F.cast(mask_3, grad)
+                        # mask = mask / maximum(mean(mask), 0.001)
+                        mask_4 = F.mean(mask)
+                        F.maximum_(mask_4, 0.001)
+                        mask_5 = F.div(mask, mask_4)
+                        mask = mask_5
+                        # update = exp_avg_full * mask
+                        update = F.mul(exp_avg_full, mask)
                     else:
-                        _29 = F.copy(t_exp_avg_full)
-                        t_update = _29
+                        # update = copy(exp_avg_full)
+                        update = F.copy(exp_avg_full)
             else:
-                _30 = F.copy(grad)
-                t_update = _30
+                # update = copy(grad)
+                update = F.copy(grad)
+            # if kourkoutas_beta:
             if h["_c7"]:
-                _31 = F.mul(grad, grad)
-                _32 = F.sum(_31)
-                F.assign_(st_kourkoutas_sq, _32)
-                _33 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _33
-                F.mul_(t_exp_avg_sq_full, h["_k1"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k2"])
-                _34 = F.float32(t_exp_avg_sq_full)
-                _35 = F.abs(_34)
-                t_exp_avg_sq_abs = _35
-                _36 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _36)
-                _37 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _37
-                _38 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_38, 1e-12)
-                _39 = F.div(t_exp_avg_sq_colsum, _38)
-                F.assign_(st_mv_v_nmf, _39)
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_1 = F.mul(grad, grad)
+                kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k1"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k2"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
             else:
-                _40 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _40
-                F.mul_(t_exp_avg_sq_full, h["_k3"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k4"])
-                _41 = F.float32(t_exp_avg_sq_full)
-                _42 = F.abs(_41)
-                t_exp_avg_sq_abs = _42
-                _43 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _43)
-                _44 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _44
-                _45 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_45, 1e-12)
-                _46 = F.div(t_exp_avg_sq_colsum, _45)
-                F.assign_(st_mv_v_nmf, _46)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k3"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k4"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_2)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_3, 1e-12)
+                mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                F.assign_(mv_v_nmf, mv_v_nmf_4)
+            # if use_atan2:
             if h["_c8"]:
-                _47 = F.sqrt(t_exp_avg_sq_full)
-                F.div_(_47, h["sqrt_bias_correction2"])
-                t_denom = _47
+                # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2
+                denom = F.sqrt(exp_avg_sq_full)
+                F.div_(denom, h["sqrt_bias_correction2"])
             else:
-                _48 = F.sqrt(t_exp_avg_sq_full)
-                F.div_(_48, h["sqrt_bias_correction2"])
-                F.add_(_48, h["_k5"])
-                t_denom = _48
+                # denom = sqrt(exp_avg_sq_full) / sqrt_bias_correction2 + eps
+                denom = F.sqrt(exp_avg_sq_full)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["_k5"])
+            # if use_AdEMAMix:
             if h["_c9"]:
-                _49 = F.outer(st_mu_m_slow_nmf, st_mv_m_slow_nmf)
-                t_exp_avg_slow_magnitude = _49
-                _50 = F.neg(t_exp_avg_slow_magnitude)
-                _51 = F.where(st_sign_slow, t_exp_avg_slow_magnitude, _50)
-                t_exp_avg_slow_full = _51
-                F.lerp_(t_exp_avg_slow_full, grad, h["_k6"])
-                _52 = F.float32(t_exp_avg_slow_full)
-                _53 = F.gt(_52, 0.0)
-                F.assign_(st_sign_slow, _53)
-                _54 = F.float32(t_exp_avg_slow_full)
-                _55 = F.abs(_54)
-                t_exp_avg_slow_abs = _55
-                _56 = F.rowsum(t_exp_avg_slow_abs)
-                F.assign_(st_mu_m_slow_nmf, _56)
-                _57 = F.colsum(t_exp_avg_slow_abs)
-                t_exp_avg_slow_colsum = _57
-                _58 = F.sum(t_exp_avg_slow_colsum, kind="col")
-                F.maximum_(_58, 1e-12)
-                _59 = F.div(t_exp_avg_slow_colsum, _58)
-                F.assign_(st_mv_m_slow_nmf, _59)
-                F.axpy_(t_update, t_exp_avg_slow_full, h["_k7"])
+                # exp_avg_slow_magnitude = outer(mu_m_slow_nmf, mv_m_slow_nmf)
+                exp_avg_slow_magnitude = F.outer(mu_m_slow_nmf, mv_m_slow_nmf)
+                # exp_avg_slow_full = where(sign_slow, exp_avg_slow_magnitude, -exp_avg_slow_magnitude)
+                exp_avg_slow_full_1 = F.neg(exp_avg_slow_magnitude)
+                exp_avg_slow_full = F.where(sign_slow, exp_avg_slow_magnitude, exp_avg_slow_full_1)
+                # exp_avg_slow_full = lerp(exp_avg_slow_full, grad, 1 - beta3_ema)
+                F.lerp_(exp_avg_slow_full, grad, h["_k6"])
+                # sign_slow = float32(exp_avg_slow_full) > 0.0
+                sign_slow_1 = F.float32(exp_avg_slow_full)
+                sign_slow_2 = F.gt(sign_slow_1, 0.0)
+                F.assign_(sign_slow, sign_slow_2)
+                # exp_avg_slow_abs = abs(float32(exp_avg_slow_full))
+                exp_avg_slow_abs_1 = F.float32(exp_avg_slow_full)
+                exp_avg_slow_abs = F.abs(exp_avg_slow_abs_1)
+                # mu_m_slow_nmf = rowsum(exp_avg_slow_abs)
+                mu_m_slow_nmf_1 = F.rowsum(exp_avg_slow_abs)
+                F.assign_(mu_m_slow_nmf, mu_m_slow_nmf_1)
+                # exp_avg_slow_colsum = colsum(exp_avg_slow_abs)
+                exp_avg_slow_colsum = F.colsum(exp_avg_slow_abs)
+                # mv_m_slow_nmf = exp_avg_slow_colsum / maximum(sum(exp_avg_slow_colsum), 1e-12)
+                mv_m_slow_nmf_1 = F.sum(exp_avg_slow_colsum, kind="col")
+                F.maximum_(mv_m_slow_nmf_1, 1e-12)
+                mv_m_slow_nmf_2 = F.div(exp_avg_slow_colsum, mv_m_slow_nmf_1)
+                F.assign_(mv_m_slow_nmf, mv_m_slow_nmf_2)
+                # update = update + alpha * exp_avg_slow_full
+                F.axpy_(update, exp_avg_slow_full, h["_k7"])
+            # if use_atan2:
             if h["_c8"]:
-                _60 = F.atan2(t_update, t_denom)
-                t_update = _60
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c8"]:
-                F.mul_(t_update, h["_k8"])
+                # update = update * (step_size * 1.2732395447351628)
+                F.mul_(update, h["_k8"])
             else:
-                F.mul_(t_update, h["step_size"])
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c10"]:
-                _61 = F.float32(param)
-                t_param_fp32 = _61
-                _62 = F.float32(t_update)
-                t_update_fp32 = _62
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c11"]:
+                    # if cautious_wd:
                     if h["_c12"]:
-                        _63 = F.mul(t_update_fp32, t_param_fp32)
-                        _64 = F.ge(_63, 0)
-                        _65 = F.where(_64, 1.0, 0.0, like=param)
-                        _66 = F.addcmul(t_param_fp32, t_param_fp32, _65, h["_k9"])
-                        t_param_fp32 = _66
+                        # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k9"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _67 = F.axpy(t_param_fp32, t_param_fp32, h["_k10"])
-                        t_param_fp32 = _67
-                _68 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _68
-                _69 = F.stochastic_round(t_param_fp32, h["_k11"])
-                F.assign_(param, _69)
+                        # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k10"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k11"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c11"]:
+                    # if cautious_wd:
                     if h["_c12"]:
-                        _70 = F.mul(t_update, param)
-                        _71 = F.ge(_70, 0)
-                        _72 = F.where(_71, 1.0, 0.0, like=param)
-                        _73 = F.addcmul(param, param, _72, h["_k12"])
-                        F.assign_(param, _73)
+                        # param = param - weight_decay * step_size * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k12"])
+                        F.assign_(param, param_5)
                     else:
-                        _74 = F.axpy(param, param, h["_k13"])
-                        F.assign_(param, _74)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * step_size * param
+                        param_6 = F.axpy(param, param, h["_k13"])
+                        F.assign_(param, param_6)
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if orthogonal_gradient:
             if h["_c2"]:
-                _75 = F.vdot(param, grad)
-                _76 = F.vdot(param, param)
-                F.add_(_76, 1e-30)
-                F.div_(_75, _76)
-                _77 = F.mul(param, _75)
-                _78 = F.sub(grad, _77)
-                t_ortho_g = _78
-                _79 = F.norm(grad)
-                _80 = F.norm(t_ortho_g)
-                F.add_(_80, 1e-30)
-                F.div_(_79, _80)
-                t_ortho_scale = _79
-                _81 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _81
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if use_bias_correction:
             if h["_c3"]:
                 pass
+            # if beta1 > 0:
             if h["_c4"]:
-                F.lerp_(st_exp_avg, grad, h["_k14"])
+                # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+                F.lerp_(exp_avg, grad, h["_k14"])
+                # if grams_moment:
                 if h["_c5"]:
-                    _82 = F.sign(grad)
-                    _83 = F.abs(st_exp_avg)
-                    F.mul_(_82, _83)
-                    t_update = _82
+                    # update = sign(grad) * abs(exp_avg)
+                    update = F.sign(grad)
+                    update_2 = F.abs(exp_avg)
+                    F.mul_(update, update_2)
                 else:
+                    # if cautious_mask:
                     if h["_c6"]:
-                        _84 = F.mul(st_exp_avg, grad)
-                        _85 = F.gt(_84, 0)
-                        _86 = F.where(_85, 1.0, 0.0, like=param)
-                        _87 = F.cast(_86, grad)
-                        t_mask = _87
-                        _88 = F.mean(t_mask)
-                        F.maximum_(_88, 0.001)
-                        _89 = F.div(t_mask, _88)
-                        t_mask = _89
-                        _90 = F.mul(st_exp_avg, t_mask)
-                        t_update = _90
+                        # mask = cast(where(exp_avg * grad > 0, 1.0, 0.0), grad)
+                        mask_6 = F.mul(exp_avg, grad)
+                        mask_7 = F.gt(mask_6, 0)
+                        mask_8 = F.where(mask_7, 1.0, 0.0, like=param)
+                        mask = F.cast(mask_8, grad)
+                        # mask = mask / maximum(mean(mask), 0.001)
+                        mask_9 = F.mean(mask)
+                        F.maximum_(mask_9, 0.001)
+                        mask_10 = F.div(mask, mask_9)
+                        mask = mask_10
+                        # update = exp_avg * mask
+                        update = F.mul(exp_avg, mask)
                     else:
-                        _91 = F.copy(st_exp_avg)
-                        t_update = _91
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
             else:
-                _92 = F.copy(grad)
-                t_update = _92
+                # update = copy(grad)
+                update = F.copy(grad)
+            # if kourkoutas_beta:
             if h["_c7"]:
-                _93 = F.mul(grad, grad)
-                _94 = F.sum(_93)
-                F.assign_(st_kourkoutas_sq, _94)
-                F.mul_(st_exp_avg_sq, h["_k15"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k16"])
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_3 = F.mul(grad, grad)
+                kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+                # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq, h["_k15"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k16"])
             else:
-                F.mul_(st_exp_avg_sq, h["_k17"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k18"])
+                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k17"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k18"])
+            # if use_atan2:
             if h["_c8"]:
-                _95 = F.sqrt(st_exp_avg_sq)
-                F.div_(_95, h["sqrt_bias_correction2"])
-                t_denom = _95
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
             else:
-                _96 = F.sqrt(st_exp_avg_sq)
-                F.div_(_96, h["sqrt_bias_correction2"])
-                F.add_(_96, h["_k19"])
-                t_denom = _96
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["_k19"])
+            # if use_AdEMAMix:
             if h["_c9"]:
-                F.lerp_(st_exp_avg_slow, grad, h["_k20"])
-                F.axpy_(t_update, st_exp_avg_slow, h["_k21"])
+                # exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_ema)
+                F.lerp_(exp_avg_slow, grad, h["_k20"])
+                # update = update + alpha * exp_avg_slow
+                F.axpy_(update, exp_avg_slow, h["_k21"])
+            # if use_atan2:
             if h["_c8"]:
-                _97 = F.atan2(t_update, t_denom)
-                t_update = _97
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c8"]:
-                F.mul_(t_update, h["_k22"])
+                # update = update * (step_size * 1.2732395447351628)
+                F.mul_(update, h["_k22"])
             else:
-                F.mul_(t_update, h["step_size"])
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c10"]:
-                _98 = F.float32(param)
-                t_param_fp32 = _98
-                _99 = F.float32(t_update)
-                t_update_fp32 = _99
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c11"]:
+                    # if cautious_wd:
                     if h["_c12"]:
-                        _100 = F.mul(t_update_fp32, t_param_fp32)
-                        _101 = F.ge(_100, 0)
-                        _102 = F.where(_101, 1.0, 0.0, like=param)
-                        _103 = F.addcmul(t_param_fp32, t_param_fp32, _102, h["_k23"])
-                        t_param_fp32 = _103
+                        # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, param_fp32)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k23"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _104 = F.axpy(t_param_fp32, t_param_fp32, h["_k24"])
-                        t_param_fp32 = _104
-                _105 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _105
-                _106 = F.stochastic_round(t_param_fp32, h["_k25"])
-                F.assign_(param, _106)
+                        # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k24"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_7 = F.stochastic_round(param_fp32, h["_k25"])
+                F.assign_(param, param_7)
             else:
+                # if weight_decay != 0:
                 if h["_c11"]:
+                    # if cautious_wd:
                     if h["_c12"]:
-                        _107 = F.mul(t_update, param)
-                        _108 = F.ge(_107, 0)
-                        _109 = F.where(_108, 1.0, 0.0, like=param)
-                        _110 = F.addcmul(param, param, _109, h["_k26"])
-                        F.assign_(param, _110)
+                        # param = param - weight_decay * step_size * param * where(update * param >= 0, 1.0, 0.0)
+                        param_8 = F.mul(update, param)
+                        param_9 = F.ge(param_8, 0)
+                        param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                        param_11 = F.addcmul(param, param, param_10, h["_k26"])
+                        F.assign_(param, param_11)
                     else:
-                        _111 = F.axpy(param, param, h["_k27"])
-                        F.assign_(param, _111)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * step_size * param
+                        param_12 = F.axpy(param, param, h["_k27"])
+                        F.assign_(param, param_12)
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if orthogonal_gradient:
         if h["_c2"]:
-            _112 = F.vdot(param, grad)
-            _113 = F.vdot(param, param)
-            F.add_(_113, 1e-30)
-            F.div_(_112, _113)
-            _114 = F.mul(param, _112)
-            _115 = F.sub(grad, _114)
-            t_ortho_g = _115
-            _116 = F.norm(grad)
-            _117 = F.norm(t_ortho_g)
-            F.add_(_117, 1e-30)
-            F.div_(_116, _117)
-            t_ortho_scale = _116
-            _118 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _118
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # if use_bias_correction:
         if h["_c3"]:
             pass
+        # if beta1 > 0:
         if h["_c4"]:
-            F.lerp_(st_exp_avg, grad, h["_k28"])
+            # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+            F.lerp_(exp_avg, grad, h["_k28"])
+            # if grams_moment:
             if h["_c5"]:
-                _119 = F.sign(grad)
-                _120 = F.abs(st_exp_avg)
-                F.mul_(_119, _120)
-                t_update = _119
+                # update = sign(grad) * abs(exp_avg)
+                update = F.sign(grad)
+                update_3 = F.abs(exp_avg)
+                F.mul_(update, update_3)
             else:
+                # if cautious_mask:
                 if h["_c6"]:
-                    _121 = F.mul(st_exp_avg, grad)
-                    _122 = F.gt(_121, 0)
-                    _123 = F.where(_122, 1.0, 0.0, like=param)
-                    _124 = F.cast(_123, grad)
-                    t_mask = _124
-                    _125 = F.mean(t_mask)
-                    F.maximum_(_125, 0.001)
-                    _126 = F.div(t_mask, _125)
-                    t_mask = _126
-                    _127 = F.mul(st_exp_avg, t_mask)
-                    t_update = _127
+                    # mask = cast(where(exp_avg * grad > 0, 1.0, 0.0), grad)
+                    mask_11 = F.mul(exp_avg, grad)
+                    mask_12 = F.gt(mask_11, 0)
+                    mask_13 = F.where(mask_12, 1.0, 0.0, like=param)
+                    mask = F.cast(mask_13, grad)
+                    # mask = mask / maximum(mean(mask), 0.001)
+                    mask_14 = F.mean(mask)
+                    F.maximum_(mask_14, 0.001)
+                    mask_15 = F.div(mask, mask_14)
+                    mask = mask_15
+                    # update = exp_avg * mask
+                    update = F.mul(exp_avg, mask)
                 else:
-                    _128 = F.copy(st_exp_avg)
-                    t_update = _128
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
         else:
-            _129 = F.copy(grad)
-            t_update = _129
+            # update = copy(grad)
+            update = F.copy(grad)
+        # if kourkoutas_beta:
         if h["_c7"]:
-            _130 = F.mul(grad, grad)
-            _131 = F.sum(_130)
-            F.assign_(st_kourkoutas_sq, _131)
-            F.mul_(st_exp_avg_sq, h["_k29"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k30"])
+            # kourkoutas_sq = sum(grad * grad)
+            kourkoutas_sq_5 = F.mul(grad, grad)
+            kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+            F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+            # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+            F.mul_(exp_avg_sq, h["_k29"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k30"])
         else:
-            F.mul_(st_exp_avg_sq, h["_k31"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k32"])
+            # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k31"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k32"])
+        # if use_atan2:
         if h["_c8"]:
-            _132 = F.sqrt(st_exp_avg_sq)
-            F.div_(_132, h["sqrt_bias_correction2"])
-            t_denom = _132
+            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2
+            denom = F.sqrt(exp_avg_sq)
+            F.div_(denom, h["sqrt_bias_correction2"])
         else:
-            _133 = F.sqrt(st_exp_avg_sq)
-            F.div_(_133, h["sqrt_bias_correction2"])
-            F.add_(_133, h["_k33"])
-            t_denom = _133
+            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps
+            denom = F.sqrt(exp_avg_sq)
+            F.div_(denom, h["sqrt_bias_correction2"])
+            F.add_(denom, h["_k33"])
+        # if use_AdEMAMix:
         if h["_c9"]:
-            F.lerp_(st_exp_avg_slow, grad, h["_k34"])
-            F.axpy_(t_update, st_exp_avg_slow, h["_k35"])
+            # exp_avg_slow = lerp(exp_avg_slow, grad, 1 - beta3_ema)
+            F.lerp_(exp_avg_slow, grad, h["_k34"])
+            # update = update + alpha * exp_avg_slow
+            F.axpy_(update, exp_avg_slow, h["_k35"])
+        # if use_atan2:
         if h["_c8"]:
-            _134 = F.atan2(t_update, t_denom)
-            t_update = _134
+            # update = atan2(update, denom)
+            update = F.atan2(update, denom)
         else:
-            F.div_(t_update, t_denom)
+            # update = update / denom
+            F.div_(update, denom)
+        # if use_atan2:
         if h["_c8"]:
-            F.mul_(t_update, h["_k36"])
+            # update = update * (step_size * 1.2732395447351628)
+            F.mul_(update, h["_k36"])
         else:
-            F.mul_(t_update, h["step_size"])
+            # update = update * step_size
+            F.mul_(update, h["step_size"])
+        # if stochastic_rounding and bf16 != 0:
         if h["_c10"]:
-            _135 = F.float32(param)
-            t_param_fp32 = _135
-            _136 = F.float32(t_update)
-            t_update_fp32 = _136
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c11"]:
+                # if cautious_wd:
                 if h["_c12"]:
-                    _137 = F.mul(t_update_fp32, t_param_fp32)
-                    _138 = F.ge(_137, 0)
-                    _139 = F.where(_138, 1.0, 0.0, like=param)
-                    _140 = F.addcmul(t_param_fp32, t_param_fp32, _139, h["_k37"])
-                    t_param_fp32 = _140
+                    # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_9 = F.mul(update_fp32, param_fp32)
+                    param_fp32_10 = F.ge(param_fp32_9, 0)
+                    param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                    param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k37"])
+                    param_fp32 = param_fp32_12
                 else:
-                    _141 = F.axpy(t_param_fp32, t_param_fp32, h["_k38"])
-                    t_param_fp32 = _141
-            _142 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _142
-            _143 = F.stochastic_round(t_param_fp32, h["_k39"])
-            F.assign_(param, _143)
+                    # param_fp32 = param_fp32 - weight_decay * step_size * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k38"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_13 = F.stochastic_round(param_fp32, h["_k39"])
+            F.assign_(param, param_13)
         else:
+            # if weight_decay != 0:
             if h["_c11"]:
+                # if cautious_wd:
                 if h["_c12"]:
-                    _144 = F.mul(t_update, param)
-                    _145 = F.ge(_144, 0)
-                    _146 = F.where(_145, 1.0, 0.0, like=param)
-                    _147 = F.addcmul(param, param, _146, h["_k40"])
-                    F.assign_(param, _147)
+                    # param = param - weight_decay * step_size * param * where(update * param >= 0, 1.0, 0.0)
+                    param_14 = F.mul(update, param)
+                    param_15 = F.ge(param_14, 0)
+                    param_16 = F.where(param_15, 1.0, 0.0, like=param)
+                    param_17 = F.addcmul(param, param, param_16, h["_k40"])
+                    F.assign_(param, param_17)
                 else:
-                    _148 = F.axpy(param, param, h["_k41"])
-                    F.assign_(param, _148)
-            F.sub_(param, t_update)
+                    # param = param - weight_decay * step_size * param
+                    param_18 = F.axpy(param, param, h["_k41"])
+                    F.assign_(param, param_18)
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class AdamW_adv(GeneratedOptimizer):

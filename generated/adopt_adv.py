@@ -1227,2266 +1227,2872 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_wd_scaler = S["wd_scaler"]
-    st_anchor_data = S["anchor_data"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
-    st_exp_avg_scale = S["exp_avg_scale"]
-    st_exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    wd_scaler = S["wd_scaler"]
+    anchor_data = S["anchor_data"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    exp_avg_scale = S["exp_avg_scale"]
+    exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if step == 1:
             if h["_c2"]:
-                _1 = F.mul(grad, grad)
-                t_exp_avg_sq_full = _1
-                _2 = F.float32(t_exp_avg_sq_full)
-                _3 = F.abs(_2)
-                t_exp_avg_sq_abs = _3
-                _4 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _4)
-                _5 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _5
-                _6 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_6, 1e-12)
-                _7 = F.div(t_exp_avg_sq_colsum, _6)
-                F.assign_(st_mv_v_nmf, _7)
+                # exp_avg_sq_full = grad * grad
+                exp_avg_sq_full = F.mul(grad, grad)
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
+                # if kourkoutas_beta:
                 if h["_c3"]:
-                    _8 = F.mul(grad, grad)
-                    _9 = F.sum(_8)
-                    F.assign_(st_kourkoutas_sq, _9)
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_1 = F.mul(grad, grad)
+                    kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+            # if step > 1 or use_atan2:
             if h["_c4"]:
-                _10 = F.float32(grad)
-                grad = _10
+                # grad = float32(grad)
+                grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c5"]:
-                    _11 = F.vdot(param, grad)
-                    _12 = F.vdot(param, param)
-                    F.add_(_12, 1e-30)
-                    F.div_(_11, _12)
-                    _13 = F.mul(param, _11)
-                    _14 = F.sub(grad, _13)
-                    t_ortho_g = _14
-                    _15 = F.norm(grad)
-                    _16 = F.norm(t_ortho_g)
-                    F.add_(_16, 1e-30)
-                    F.div_(_15, _16)
-                    t_ortho_scale = _15
-                    _17 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _17
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_1 = F.vdot(param, grad)
+                    ortho_g_2 = F.vdot(param, param)
+                    F.add_(ortho_g_2, 1e-30)
+                    F.div_(ortho_g_1, ortho_g_2)
+                    ortho_g_3 = F.mul(param, ortho_g_1)
+                    ortho_g = F.sub(grad, ortho_g_3)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_1 = F.norm(ortho_g)
+                    F.add_(ortho_scale_1, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_1)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # if eps == None:
                 if h["_c6"]:
                     pass
+                # if use_atan2:
                 if h["_c7"]:
-                    _18 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                    t_exp_avg_sq_full = _18
-                    _19 = F.sqrt(t_exp_avg_sq_full)
-                    t_denom = _19
+                    # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                    exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                    # denom = sqrt(exp_avg_sq_full)
+                    denom = F.sqrt(exp_avg_sq_full)
                 else:
-                    _20 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                    t_exp_avg_sq_full = _20
-                    _21 = F.sqrt(t_exp_avg_sq_full)
-                    F.add_(_21, h["eps_eff"])
-                    t_denom = _21
+                    # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                    exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                    # denom = sqrt(exp_avg_sq_full) + eps_eff
+                    denom = F.sqrt(exp_avg_sq_full)
+                    F.add_(denom, h["eps_eff"])
+                # if use_atan2:
                 if h["_c7"]:
-                    _22 = F.atan2(grad, t_denom)
-                    t_normalized = _22
+                    # normalized = atan2(grad, denom)
+                    normalized = F.atan2(grad, denom)
                 else:
-                    _23 = F.div(grad, t_denom)
-                    t_normalized = _23
+                    # normalized = grad / denom
+                    normalized = F.div(grad, denom)
+                # if clip_lambda == 'step ** 0.25' and not use_atan2:
                 if h["_c8"]:
-                    _24 = F.clamp(t_normalized, h["_k0"], h["clip"])
-                    t_normalized = _24
+                    # normalized = clamp(normalized, -clip, clip)
+                    normalized = F.clamp(normalized, h["_k0"], h["clip"])
+                # if beta1 > 0:
                 if h["_c9"]:
-                    _25 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _25
-                    _26 = F.neg(t_exp_avg_magnitude)
-                    _27 = F.where(st_sign, t_exp_avg_magnitude, _26)
-                    t_exp_avg_full = _27
-                    F.lerp_(t_exp_avg_full, t_normalized, h["_k1"])
-                    _28 = F.float32(t_exp_avg_full)
-                    _29 = F.gt(_28, 0.0)
-                    F.assign_(st_sign, _29)
-                    _30 = F.float32(t_exp_avg_full)
-                    _31 = F.abs(_30)
-                    t_exp_avg_abs = _31
-                    _32 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _32)
-                    _33 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _33
-                    _34 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_34, 1e-12)
-                    _35 = F.div(t_exp_avg_colsum, _34)
-                    F.assign_(st_mv_m_nmf, _35)
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                    # exp_avg_full = lerp(exp_avg_full, normalized, 1 - beta1)
+                    F.lerp_(exp_avg_full, normalized, h["_k1"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_1 = F.float32(exp_avg_full)
+                    sign_2 = F.gt(sign_1, 0.0)
+                    F.assign_(sign, sign_2)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_1 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_1)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_1)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_1, 1e-12)
+                    mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                    F.assign_(mv_m_nmf, mv_m_nmf_2)
+                    # if nesterov:
                     if h["_c10"]:
+                        # if nesterov_coef == None:
                         if h["_c11"]:
-                            _36 = F.lerp(t_exp_avg_full, grad, h["_k2"])
-                            t_update = _36
+                            # update = lerp(exp_avg_full, grad, 1 - beta1)
+                            update = F.lerp(exp_avg_full, grad, h["_k2"])
                         else:
-                            _37 = F.lerp(t_exp_avg_full, grad, h["_k3"])
-                            t_update = _37
+                            # update = lerp(exp_avg_full, grad, 1 - nesterov_coef)
+                            update = F.lerp(exp_avg_full, grad, h["_k3"])
                     else:
-                        _38 = F.copy(t_exp_avg_full)
-                        t_update = _38
+                        # update = copy(exp_avg_full)
+                        update = F.copy(exp_avg_full)
                 else:
-                    _39 = F.copy(t_normalized)
-                    t_update = _39
+                    # update = copy(normalized)
+                    update = F.copy(normalized)
+                # if kourkoutas_beta:
                 if h["_c3"]:
-                    _40 = F.mul(grad, grad)
-                    _41 = F.sum(_40)
-                    F.assign_(st_kourkoutas_sq, _41)
-                    F.mul_(t_exp_avg_sq_full, h["_k4"])
-                    F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k5"])
-                    _42 = F.float32(t_exp_avg_sq_full)
-                    _43 = F.abs(_42)
-                    t_exp_avg_sq_abs = _43
-                    _44 = F.rowsum(t_exp_avg_sq_abs)
-                    F.assign_(st_mu_v_nmf, _44)
-                    _45 = F.colsum(t_exp_avg_sq_abs)
-                    t_exp_avg_sq_colsum = _45
-                    _46 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                    F.maximum_(_46, 1e-12)
-                    _47 = F.div(t_exp_avg_sq_colsum, _46)
-                    F.assign_(st_mv_v_nmf, _47)
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_3 = F.mul(grad, grad)
+                    kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+                    # exp_avg_sq_full = exp_avg_sq_full * input() + (1 - input()) * grad * grad
+                    F.mul_(exp_avg_sq_full, h["_k4"])
+                    F.addcmul_(exp_avg_sq_full, grad, grad, h["_k5"])
+                    # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                    exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                    exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                    # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                    mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                    F.assign_(mu_v_nmf, mu_v_nmf_2)
+                    # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                    exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                    # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                    mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                    F.maximum_(mv_v_nmf_3, 1e-12)
+                    mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                    F.assign_(mv_v_nmf, mv_v_nmf_4)
                 else:
-                    F.mul_(t_exp_avg_sq_full, h["_k6"])
-                    F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k7"])
-                    _48 = F.float32(t_exp_avg_sq_full)
-                    _49 = F.abs(_48)
-                    t_exp_avg_sq_abs = _49
-                    _50 = F.rowsum(t_exp_avg_sq_abs)
-                    F.assign_(st_mu_v_nmf, _50)
-                    _51 = F.colsum(t_exp_avg_sq_abs)
-                    t_exp_avg_sq_colsum = _51
-                    _52 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                    F.maximum_(_52, 1e-12)
-                    _53 = F.div(t_exp_avg_sq_colsum, _52)
-                    F.assign_(st_mv_v_nmf, _53)
+                    # exp_avg_sq_full = exp_avg_sq_full * beta2 + (1 - beta2) * grad * grad
+                    F.mul_(exp_avg_sq_full, h["_k6"])
+                    F.addcmul_(exp_avg_sq_full, grad, grad, h["_k7"])
+                    # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                    exp_avg_sq_abs_3 = F.float32(exp_avg_sq_full)
+                    exp_avg_sq_abs = F.abs(exp_avg_sq_abs_3)
+                    # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                    mu_v_nmf_3 = F.rowsum(exp_avg_sq_abs)
+                    F.assign_(mu_v_nmf, mu_v_nmf_3)
+                    # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                    exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                    # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                    mv_v_nmf_5 = F.sum(exp_avg_sq_colsum, kind="col")
+                    F.maximum_(mv_v_nmf_5, 1e-12)
+                    mv_v_nmf_6 = F.div(exp_avg_sq_colsum, mv_v_nmf_5)
+                    F.assign_(mv_v_nmf, mv_v_nmf_6)
+                # if use_atan2:
                 if h["_c7"]:
-                    F.mul_(t_update, h["_k8"])
+                    # update = update * (lr * 1.2732395447351628)
+                    F.mul_(update, h["_k8"])
                 else:
-                    F.mul_(t_update, h["_k9"])
+                    # update = update * lr
+                    F.mul_(update, h["_k9"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c12"]:
-                    _54 = F.float32(param)
-                    t_param_fp32 = _54
-                    _55 = F.float32(t_update)
-                    t_update_fp32 = _55
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c13"]:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
                             if h["_c7"]:
-                                _56 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_56, 1.2732395447351628)
-                                t_fisher = _56
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _57 = F.rdiv(t_denom, 1)
-                                t_fisher = _57
-                                _58 = F.mul(t_param_fp32, t_fisher)
-                                F.pow_(_58, 2)
-                                _59 = F.mean(_58)
-                                F.sqrt_(_59)
-                                F.div_(_59, 1.0)
-                                F.maximum_(_59, 1.0)
-                                _60 = F.div(t_fisher, _59)
-                                t_fisher = _60
-                            F.mul_(t_fisher, h["_k10"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_1 = F.mul(param_fp32, fisher)
+                                F.pow_(fisher_1, 2)
+                                fisher_2 = F.mean(fisher_1)
+                                F.sqrt_(fisher_2)
+                                F.div_(fisher_2, 1.0)
+                                F.maximum_(fisher_2, 1.0)
+                                fisher_3 = F.div(fisher, fisher_2)
+                                fisher = fisher_3
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k10"])
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _61 = F.mul(t_update_fp32, t_param_fp32)
-                                _62 = F.ge(_61, 0)
-                                _63 = F.where(_62, 1.0, 0.0, like=param)
-                                F.mul_(_63, t_fisher)
-                                _64 = F.addcmul(t_param_fp32, t_param_fp32, _63, -1.0)
-                                t_param_fp32 = _64
+                                # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                param_fp32_1 = F.mul(update_fp32, param_fp32)
+                                param_fp32_2 = F.ge(param_fp32_1, 0)
+                                param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_3, fisher)
+                                param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, -1.0)
+                                param_fp32 = param_fp32_4
                             else:
-                                _65 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                t_param_fp32 = _65
+                                # param_fp32 = param_fp32 - param_fp32 * fisher
+                                param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _66 = F.mul(t_update_fp32, t_param_fp32)
-                                _67 = F.ge(_66, 0)
-                                _68 = F.where(_67, 1.0, 0.0, like=param)
-                                _69 = F.addcmul(t_param_fp32, t_param_fp32, _68, h["_k11"])
-                                t_param_fp32 = _69
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_5 = F.mul(update_fp32, param_fp32)
+                                param_fp32_6 = F.ge(param_fp32_5, 0)
+                                param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                                param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k11"])
+                                param_fp32 = param_fp32_8
                             else:
-                                _70 = F.axpy(t_param_fp32, t_param_fp32, h["_k12"])
-                                t_param_fp32 = _70
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k12"])
+                    # if centered_wd != 0:
                     if h["_c16"]:
-                        _71 = F.cast(st_anchor_data, t_param_fp32)
-                        _72 = F.sub(t_param_fp32, _71)
-                        t_cwd_target = _72
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if cautious_wd:
                         if h["_c15"]:
-                            _73 = F.mul(t_update_fp32, t_cwd_target)
-                            _74 = F.ge(_73, 0)
-                            _75 = F.where(_74, 1.0, 0.0, like=param)
-                            _76 = F.addcmul(t_param_fp32, t_cwd_target, _75, h["_k13"])
-                            t_param_fp32 = _76
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_9 = F.mul(update_fp32, cwd_target)
+                            param_fp32_10 = F.ge(param_fp32_9, 0)
+                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                            param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k13"])
+                            param_fp32 = param_fp32_12
                         else:
-                            _77 = F.axpy(t_param_fp32, t_cwd_target, h["_k14"])
-                            t_param_fp32 = _77
-                    _78 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _78
-                    _79 = F.stochastic_round(t_param_fp32, h["_k15"])
-                    F.assign_(param, _79)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k14"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_1 = F.stochastic_round(param_fp32, h["_k15"])
+                    F.assign_(param, param_1)
                 else:
+                    # if weight_decay != 0:
                     if h["_c13"]:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
                             if h["_c7"]:
-                                _80 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_80, 1.2732395447351628)
-                                t_fisher = _80
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _81 = F.rdiv(t_denom, 1)
-                                t_fisher = _81
-                                _82 = F.mul(param, t_fisher)
-                                F.pow_(_82, 2)
-                                _83 = F.mean(_82)
-                                F.sqrt_(_83)
-                                F.div_(_83, 1.0)
-                                F.maximum_(_83, 1.0)
-                                _84 = F.div(t_fisher, _83)
-                                t_fisher = _84
-                            F.mul_(t_fisher, h["_k16"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_4 = F.mul(param, fisher)
+                                F.pow_(fisher_4, 2)
+                                fisher_5 = F.mean(fisher_4)
+                                F.sqrt_(fisher_5)
+                                F.div_(fisher_5, 1.0)
+                                F.maximum_(fisher_5, 1.0)
+                                fisher_6 = F.div(fisher, fisher_5)
+                                fisher = fisher_6
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k16"])
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _85 = F.mul(t_update, param)
-                                _86 = F.ge(_85, 0)
-                                _87 = F.where(_86, 1.0, 0.0, like=param)
-                                F.mul_(_87, t_fisher)
-                                _88 = F.addcmul(param, param, _87, -1.0)
-                                F.assign_(param, _88)
+                                # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                param_2 = F.mul(update, param)
+                                param_3 = F.ge(param_2, 0)
+                                param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                                F.mul_(param_4, fisher)
+                                param_5 = F.addcmul(param, param, param_4, -1.0)
+                                F.assign_(param, param_5)
                             else:
-                                _89 = F.addcmul(param, param, t_fisher, -1.0)
-                                F.assign_(param, _89)
+                                # param = param - param * fisher
+                                param_6 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_6)
                         else:
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _90 = F.mul(t_update, param)
-                                _91 = F.ge(_90, 0)
-                                _92 = F.where(_91, 1.0, 0.0, like=param)
-                                _93 = F.addcmul(param, param, _92, h["_k17"])
-                                F.assign_(param, _93)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_7 = F.mul(update, param)
+                                param_8 = F.ge(param_7, 0)
+                                param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                                param_10 = F.addcmul(param, param, param_9, h["_k17"])
+                                F.assign_(param, param_10)
                             else:
-                                _94 = F.axpy(param, param, h["_k18"])
-                                F.assign_(param, _94)
+                                # param = param - weight_decay * lr * param
+                                param_11 = F.axpy(param, param, h["_k18"])
+                                F.assign_(param, param_11)
+                    # if centered_wd != 0:
                     if h["_c16"]:
-                        _95 = F.cast(st_anchor_data, param)
-                        _96 = F.sub(param, _95)
-                        t_cwd_target = _96
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_2 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_2)
+                        # if cautious_wd:
                         if h["_c15"]:
-                            _97 = F.mul(t_update, t_cwd_target)
-                            _98 = F.ge(_97, 0)
-                            _99 = F.where(_98, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _99, h["_k19"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_12 = F.mul(update, cwd_target)
+                            param_13 = F.ge(param_12, 0)
+                            param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_14, h["_k19"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k20"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k20"])
+                    # param = param + -update
+                    F.sub_(param, update)
         else:
+            # if step == 1:
             if h["_c17"]:
-                _100 = F.mul(grad, grad)
-                F.assign_(st_exp_avg_sq, _100)
+                # exp_avg_sq = grad * grad
+                exp_avg_sq_1 = F.mul(grad, grad)
+                F.assign_(exp_avg_sq, exp_avg_sq_1)
+                # if kourkoutas_beta:
                 if h["_c3"]:
-                    _101 = F.mul(grad, grad)
-                    _102 = F.sum(_101)
-                    F.assign_(st_kourkoutas_sq, _102)
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_5 = F.mul(grad, grad)
+                    kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+            # if step > 1 or use_atan2:
             if h["_c18"]:
-                _103 = F.float32(grad)
-                grad = _103
+                # grad = float32(grad)
+                grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c5"]:
-                    _104 = F.vdot(param, grad)
-                    _105 = F.vdot(param, param)
-                    F.add_(_105, 1e-30)
-                    F.div_(_104, _105)
-                    _106 = F.mul(param, _104)
-                    _107 = F.sub(grad, _106)
-                    t_ortho_g = _107
-                    _108 = F.norm(grad)
-                    _109 = F.norm(t_ortho_g)
-                    F.add_(_109, 1e-30)
-                    F.div_(_108, _109)
-                    t_ortho_scale = _108
-                    _110 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _110
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_4 = F.vdot(param, grad)
+                    ortho_g_5 = F.vdot(param, param)
+                    F.add_(ortho_g_5, 1e-30)
+                    F.div_(ortho_g_4, ortho_g_5)
+                    ortho_g_6 = F.mul(param, ortho_g_4)
+                    ortho_g = F.sub(grad, ortho_g_6)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_2 = F.norm(ortho_g)
+                    F.add_(ortho_scale_2, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_2)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # if eps == None:
                 if h["_c6"]:
                     pass
+                # if use_atan2:
                 if h["_c7"]:
-                    _111 = F.sqrt(st_exp_avg_sq)
-                    t_denom = _111
+                    # denom = sqrt(exp_avg_sq)
+                    denom = F.sqrt(exp_avg_sq)
                 else:
-                    _112 = F.sqrt(st_exp_avg_sq)
-                    F.add_(_112, h["eps_eff"])
-                    t_denom = _112
+                    # denom = sqrt(exp_avg_sq) + eps_eff
+                    denom = F.sqrt(exp_avg_sq)
+                    F.add_(denom, h["eps_eff"])
+                # if use_atan2:
                 if h["_c7"]:
-                    _113 = F.atan2(grad, t_denom)
-                    t_normalized = _113
+                    # normalized = atan2(grad, denom)
+                    normalized = F.atan2(grad, denom)
                 else:
-                    _114 = F.div(grad, t_denom)
-                    t_normalized = _114
+                    # normalized = grad / denom
+                    normalized = F.div(grad, denom)
+                # if clip_lambda == 'step ** 0.25' and not use_atan2:
                 if h["_c8"]:
-                    _115 = F.clamp(t_normalized, h["_k21"], h["clip"])
-                    t_normalized = _115
+                    # normalized = clamp(normalized, -clip, clip)
+                    normalized = F.clamp(normalized, h["_k21"], h["clip"])
+                # if beta1 > 0:
                 if h["_c9"]:
-                    F.lerp_(st_exp_avg, t_normalized, h["_k22"])
+                    # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
+                    F.lerp_(exp_avg, normalized, h["_k22"])
+                    # if nesterov:
                     if h["_c10"]:
+                        # if nesterov_coef == None:
                         if h["_c11"]:
-                            _116 = F.lerp(st_exp_avg, grad, h["_k23"])
-                            t_update = _116
+                            # update = lerp(exp_avg, grad, 1 - beta1)
+                            update = F.lerp(exp_avg, grad, h["_k23"])
                         else:
-                            _117 = F.lerp(st_exp_avg, grad, h["_k24"])
-                            t_update = _117
+                            # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                            update = F.lerp(exp_avg, grad, h["_k24"])
                     else:
-                        _118 = F.copy(st_exp_avg)
-                        t_update = _118
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
                 else:
-                    _119 = F.copy(t_normalized)
-                    t_update = _119
+                    # update = copy(normalized)
+                    update = F.copy(normalized)
+                # if kourkoutas_beta:
                 if h["_c3"]:
-                    _120 = F.mul(grad, grad)
-                    _121 = F.sum(_120)
-                    F.assign_(st_kourkoutas_sq, _121)
-                    F.mul_(st_exp_avg_sq, h["_k25"])
-                    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k26"])
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_7 = F.mul(grad, grad)
+                    kourkoutas_sq_8 = F.sum(kourkoutas_sq_7)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_8)
+                    # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                    F.mul_(exp_avg_sq, h["_k25"])
+                    F.addcmul_(exp_avg_sq, grad, grad, h["_k26"])
                 else:
-                    F.mul_(st_exp_avg_sq, h["_k27"])
-                    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k28"])
+                    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                    F.mul_(exp_avg_sq, h["_k27"])
+                    F.addcmul_(exp_avg_sq, grad, grad, h["_k28"])
+                # if use_atan2:
                 if h["_c7"]:
-                    F.mul_(t_update, h["_k29"])
+                    # update = update * (lr * 1.2732395447351628)
+                    F.mul_(update, h["_k29"])
                 else:
-                    F.mul_(t_update, h["_k30"])
+                    # update = update * lr
+                    F.mul_(update, h["_k30"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c12"]:
-                    _122 = F.float32(param)
-                    t_param_fp32 = _122
-                    _123 = F.float32(t_update)
-                    t_update_fp32 = _123
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c13"]:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
                             if h["_c7"]:
-                                _124 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_124, 1.2732395447351628)
-                                t_fisher = _124
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _125 = F.rdiv(t_denom, 1)
-                                t_fisher = _125
-                                _126 = F.mul(t_param_fp32, t_fisher)
-                                F.pow_(_126, 2)
-                                _127 = F.mean(_126)
-                                F.sqrt_(_127)
-                                F.div_(_127, 1.0)
-                                F.maximum_(_127, 1.0)
-                                _128 = F.div(t_fisher, _127)
-                                t_fisher = _128
-                            F.mul_(t_fisher, h["_k31"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_7 = F.mul(param_fp32, fisher)
+                                F.pow_(fisher_7, 2)
+                                fisher_8 = F.mean(fisher_7)
+                                F.sqrt_(fisher_8)
+                                F.div_(fisher_8, 1.0)
+                                F.maximum_(fisher_8, 1.0)
+                                fisher_9 = F.div(fisher, fisher_8)
+                                fisher = fisher_9
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k31"])
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _129 = F.mul(t_update_fp32, t_param_fp32)
-                                _130 = F.ge(_129, 0)
-                                _131 = F.where(_130, 1.0, 0.0, like=param)
-                                F.mul_(_131, t_fisher)
-                                _132 = F.addcmul(t_param_fp32, t_param_fp32, _131, -1.0)
-                                t_param_fp32 = _132
+                                # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                param_fp32_13 = F.mul(update_fp32, param_fp32)
+                                param_fp32_14 = F.ge(param_fp32_13, 0)
+                                param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_15, fisher)
+                                param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
+                                param_fp32 = param_fp32_16
                             else:
-                                _133 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                t_param_fp32 = _133
+                                # param_fp32 = param_fp32 - param_fp32 * fisher
+                                param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _134 = F.mul(t_update_fp32, t_param_fp32)
-                                _135 = F.ge(_134, 0)
-                                _136 = F.where(_135, 1.0, 0.0, like=param)
-                                _137 = F.addcmul(t_param_fp32, t_param_fp32, _136, h["_k32"])
-                                t_param_fp32 = _137
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_17 = F.mul(update_fp32, param_fp32)
+                                param_fp32_18 = F.ge(param_fp32_17, 0)
+                                param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                                param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k32"])
+                                param_fp32 = param_fp32_20
                             else:
-                                _138 = F.axpy(t_param_fp32, t_param_fp32, h["_k33"])
-                                t_param_fp32 = _138
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k33"])
+                    # if centered_wd != 0:
                     if h["_c16"]:
-                        _139 = F.cast(st_anchor_data, t_param_fp32)
-                        _140 = F.sub(t_param_fp32, _139)
-                        t_cwd_target = _140
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_3 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if cautious_wd:
                         if h["_c15"]:
-                            _141 = F.mul(t_update_fp32, t_cwd_target)
-                            _142 = F.ge(_141, 0)
-                            _143 = F.where(_142, 1.0, 0.0, like=param)
-                            _144 = F.addcmul(t_param_fp32, t_cwd_target, _143, h["_k34"])
-                            t_param_fp32 = _144
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_21 = F.mul(update_fp32, cwd_target)
+                            param_fp32_22 = F.ge(param_fp32_21, 0)
+                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                            param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k34"])
+                            param_fp32 = param_fp32_24
                         else:
-                            _145 = F.axpy(t_param_fp32, t_cwd_target, h["_k35"])
-                            t_param_fp32 = _145
-                    _146 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _146
-                    _147 = F.stochastic_round(t_param_fp32, h["_k36"])
-                    F.assign_(param, _147)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k35"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_15 = F.stochastic_round(param_fp32, h["_k36"])
+                    F.assign_(param, param_15)
                 else:
+                    # if weight_decay != 0:
                     if h["_c13"]:
+                        # if fisher_wd:
                         if h["_c14"]:
+                            # if use_atan2:
                             if h["_c7"]:
-                                _148 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_148, 1.2732395447351628)
-                                t_fisher = _148
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _149 = F.rdiv(t_denom, 1)
-                                t_fisher = _149
-                                _150 = F.mul(param, t_fisher)
-                                F.pow_(_150, 2)
-                                _151 = F.mean(_150)
-                                F.sqrt_(_151)
-                                F.div_(_151, 1.0)
-                                F.maximum_(_151, 1.0)
-                                _152 = F.div(t_fisher, _151)
-                                t_fisher = _152
-                            F.mul_(t_fisher, h["_k37"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_10 = F.mul(param, fisher)
+                                F.pow_(fisher_10, 2)
+                                fisher_11 = F.mean(fisher_10)
+                                F.sqrt_(fisher_11)
+                                F.div_(fisher_11, 1.0)
+                                F.maximum_(fisher_11, 1.0)
+                                fisher_12 = F.div(fisher, fisher_11)
+                                fisher = fisher_12
+                            # fisher = fisher * (weight_decay * lr)
+                            F.mul_(fisher, h["_k37"])
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _153 = F.mul(t_update, param)
-                                _154 = F.ge(_153, 0)
-                                _155 = F.where(_154, 1.0, 0.0, like=param)
-                                F.mul_(_155, t_fisher)
-                                _156 = F.addcmul(param, param, _155, -1.0)
-                                F.assign_(param, _156)
+                                # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                param_16 = F.mul(update, param)
+                                param_17 = F.ge(param_16, 0)
+                                param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                                F.mul_(param_18, fisher)
+                                param_19 = F.addcmul(param, param, param_18, -1.0)
+                                F.assign_(param, param_19)
                             else:
-                                _157 = F.addcmul(param, param, t_fisher, -1.0)
-                                F.assign_(param, _157)
+                                # param = param - param * fisher
+                                param_20 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_20)
                         else:
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _158 = F.mul(t_update, param)
-                                _159 = F.ge(_158, 0)
-                                _160 = F.where(_159, 1.0, 0.0, like=param)
-                                _161 = F.addcmul(param, param, _160, h["_k38"])
-                                F.assign_(param, _161)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_21 = F.mul(update, param)
+                                param_22 = F.ge(param_21, 0)
+                                param_23 = F.where(param_22, 1.0, 0.0, like=param)
+                                param_24 = F.addcmul(param, param, param_23, h["_k38"])
+                                F.assign_(param, param_24)
                             else:
-                                _162 = F.axpy(param, param, h["_k39"])
-                                F.assign_(param, _162)
+                                # param = param - weight_decay * lr * param
+                                param_25 = F.axpy(param, param, h["_k39"])
+                                F.assign_(param, param_25)
+                    # if centered_wd != 0:
                     if h["_c16"]:
-                        _163 = F.cast(st_anchor_data, param)
-                        _164 = F.sub(param, _163)
-                        t_cwd_target = _164
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_4 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_4)
+                        # if cautious_wd:
                         if h["_c15"]:
-                            _165 = F.mul(t_update, t_cwd_target)
-                            _166 = F.ge(_165, 0)
-                            _167 = F.where(_166, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _167, h["_k40"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_26 = F.mul(update, cwd_target)
+                            param_27 = F.ge(param_26, 0)
+                            param_28 = F.where(param_27, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_28, h["_k40"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k41"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k41"])
+                    # param = param + -update
+                    F.sub_(param, update)
     else:
+        # if factored_2nd:
         if h["_c19"]:
+            # if ndim != 1 or vector_reshape:
             if h["_c1"]:
+                # if step == 1:
                 if h["_c20"]:
-                    _168 = F.mul(grad, grad)
-                    t_exp_avg_sq_full = _168
-                    _169 = F.float32(t_exp_avg_sq_full)
-                    _170 = F.abs(_169)
-                    t_exp_avg_sq_abs = _170
-                    _171 = F.rowsum(t_exp_avg_sq_abs)
-                    F.assign_(st_mu_v_nmf, _171)
-                    _172 = F.colsum(t_exp_avg_sq_abs)
-                    t_exp_avg_sq_colsum = _172
-                    _173 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                    F.maximum_(_173, 1e-12)
-                    _174 = F.div(t_exp_avg_sq_colsum, _173)
-                    F.assign_(st_mv_v_nmf, _174)
+                    # exp_avg_sq_full = grad * grad
+                    exp_avg_sq_full = F.mul(grad, grad)
+                    # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                    exp_avg_sq_abs_4 = F.float32(exp_avg_sq_full)
+                    exp_avg_sq_abs = F.abs(exp_avg_sq_abs_4)
+                    # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                    mu_v_nmf_4 = F.rowsum(exp_avg_sq_abs)
+                    F.assign_(mu_v_nmf, mu_v_nmf_4)
+                    # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                    exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                    # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                    mv_v_nmf_7 = F.sum(exp_avg_sq_colsum, kind="col")
+                    F.maximum_(mv_v_nmf_7, 1e-12)
+                    mv_v_nmf_8 = F.div(exp_avg_sq_colsum, mv_v_nmf_7)
+                    F.assign_(mv_v_nmf, mv_v_nmf_8)
+                    # if kourkoutas_beta:
                     if h["_c3"]:
-                        _175 = F.mul(grad, grad)
-                        _176 = F.sum(_175)
-                        F.assign_(st_kourkoutas_sq, _176)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_9 = F.mul(grad, grad)
+                        kourkoutas_sq_10 = F.sum(kourkoutas_sq_9)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_10)
+                # if step > 1 or use_atan2:
                 if h["_c21"]:
+                    # if state_precision == 'bf16_sr' and not nnmf_factor:
                     if h["_c22"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c23"]:
-                            _177 = F.float32(grad)
-                            grad = _177
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c5"]:
-                            _178 = F.vdot(param, grad)
-                            _179 = F.vdot(param, param)
-                            F.add_(_179, 1e-30)
-                            F.div_(_178, _179)
-                            _180 = F.mul(param, _178)
-                            _181 = F.sub(grad, _180)
-                            t_ortho_g = _181
-                            _182 = F.norm(grad)
-                            _183 = F.norm(t_ortho_g)
-                            F.add_(_183, 1e-30)
-                            F.div_(_182, _183)
-                            t_ortho_scale = _182
-                            _184 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _184
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_7 = F.vdot(param, grad)
+                            ortho_g_8 = F.vdot(param, param)
+                            F.add_(ortho_g_8, 1e-30)
+                            F.div_(ortho_g_7, ortho_g_8)
+                            ortho_g_9 = F.mul(param, ortho_g_7)
+                            ortho_g = F.sub(grad, ortho_g_9)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_3 = F.norm(ortho_g)
+                            F.add_(ortho_scale_3, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_3)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c6"]:
                             pass
+                        # if use_atan2:
                         if h["_c7"]:
-                            _185 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _185
-                            _186 = F.cast(t_exp_avg_sq_full, grad)
-                            t_exp_avg_sq_full = _186
-                            _187 = F.sqrt(t_exp_avg_sq_full)
-                            t_denom = _187
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                            exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                            # denom = sqrt(exp_avg_sq_full)
+                            denom = F.sqrt(exp_avg_sq_full)
                         else:
-                            _188 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _188
-                            _189 = F.cast(t_exp_avg_sq_full, grad)
-                            t_exp_avg_sq_full = _189
-                            _190 = F.sqrt(t_exp_avg_sq_full)
-                            F.add_(_190, h["eps_eff"])
-                            t_denom = _190
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                            exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                            # denom = sqrt(exp_avg_sq_full) + eps_eff
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.add_(denom, h["eps_eff"])
+                        # if use_atan2:
                         if h["_c7"]:
-                            _191 = F.cast(t_denom, grad)
-                            _192 = F.atan2(grad, _191)
-                            t_normalized = _192
+                            # normalized = atan2(grad, cast(denom, grad))
+                            normalized_1 = F.cast(denom, grad)
+                            normalized = F.atan2(grad, normalized_1)
                         else:
-                            _193 = F.cast(t_denom, grad)
-                            _194 = F.div(grad, _193)
-                            t_normalized = _194
+                            # normalized = grad / cast(denom, grad)
+                            normalized_2 = F.cast(denom, grad)
+                            normalized = F.div(grad, normalized_2)
+                        # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c8"]:
-                            _195 = F.clamp(t_normalized, h["_k42"], h["clip"])
-                            t_normalized = _195
+                            # normalized = clamp(normalized, -clip, clip)
+                            normalized = F.clamp(normalized, h["_k42"], h["clip"])
+                        # if beta1 > 0:
                         if h["_c9"]:
-                            _196 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                            t_exp_avg_work = _196
-                            F.lerp_(t_exp_avg_work, t_normalized, h["_k43"])
-                            F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                            # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                            F.lerp_(exp_avg_work, normalized, h["_k43"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                            # if nesterov:
                             if h["_c10"]:
+                                # if nesterov_coef == None:
                                 if h["_c11"]:
-                                    _197 = F.lerp(t_exp_avg_work, grad, h["_k45"])
-                                    t_update = _197
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg_work, grad, h["_k45"])
                                 else:
-                                    _198 = F.lerp(t_exp_avg_work, grad, h["_k46"])
-                                    t_update = _198
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k46"])
                             else:
-                                _199 = F.copy(t_exp_avg_work)
-                                t_update = _199
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _200 = F.copy(t_normalized)
-                            t_update = _200
+                            # update = copy(normalized)
+                            update = F.copy(normalized)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _201 = F.mul(grad, grad)
-                            _202 = F.sum(_201)
-                            F.assign_(st_kourkoutas_sq, _202)
-                            _203 = F.float32(t_exp_avg_sq_full)
-                            _204 = F.mul(_203, h["_k47"])
-                            _205 = F.float32(grad)
-                            _206 = F.float32(grad)
-                            F.addcmul_(_204, _205, _206, h["_k48"])
-                            t_exp_avg_sq_full = _204
-                            _207 = F.float32(t_exp_avg_sq_full)
-                            _208 = F.abs(_207)
-                            t_exp_avg_sq_abs = _208
-                            _209 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _209)
-                            _210 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _210
-                            _211 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_211, 1e-12)
-                            _212 = F.div(t_exp_avg_sq_colsum, _211)
-                            F.assign_(st_mv_v_nmf, _212)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_11 = F.mul(grad, grad)
+                            kourkoutas_sq_12 = F.sum(kourkoutas_sq_11)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_12)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k47"])
+                            exp_avg_sq_full_3 = F.float32(grad)
+                            exp_avg_sq_full_4 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k48"])
+                            exp_avg_sq_full = exp_avg_sq_full_2
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_5)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_5 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_5)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_9 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_9, 1e-12)
+                            mv_v_nmf_10 = F.div(exp_avg_sq_colsum, mv_v_nmf_9)
+                            F.assign_(mv_v_nmf, mv_v_nmf_10)
                         else:
-                            _213 = F.float32(t_exp_avg_sq_full)
-                            _214 = F.mul(_213, h["_k49"])
-                            _215 = F.float32(grad)
-                            _216 = F.float32(grad)
-                            F.addcmul_(_214, _215, _216, h["_k50"])
-                            t_exp_avg_sq_full = _214
-                            _217 = F.float32(t_exp_avg_sq_full)
-                            _218 = F.abs(_217)
-                            t_exp_avg_sq_abs = _218
-                            _219 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _219)
-                            _220 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _220
-                            _221 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_221, 1e-12)
-                            _222 = F.div(t_exp_avg_sq_colsum, _221)
-                            F.assign_(st_mv_v_nmf, _222)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k49"])
+                            exp_avg_sq_full_7 = F.float32(grad)
+                            exp_avg_sq_full_8 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k50"])
+                            exp_avg_sq_full = exp_avg_sq_full_6
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_6)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_6 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_6)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_11 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_11, 1e-12)
+                            mv_v_nmf_12 = F.div(exp_avg_sq_colsum, mv_v_nmf_11)
+                            F.assign_(mv_v_nmf, mv_v_nmf_12)
+                        # if use_atan2:
                         if h["_c7"]:
-                            F.mul_(t_update, h["_k51"])
+                            # update = update * (lr * 1.2732395447351628)
+                            F.mul_(update, h["_k51"])
                         else:
-                            F.mul_(t_update, h["_k52"])
+                            # update = update * lr
+                            F.mul_(update, h["_k52"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c12"]:
-                            _223 = F.float32(param)
-                            t_param_fp32 = _223
-                            _224 = F.float32(t_update)
-                            t_update_fp32 = _224
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _225 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_225, 1.2732395447351628)
-                                        t_fisher = _225
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _226 = F.rdiv(t_denom, 1)
-                                        t_fisher = _226
-                                        _227 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_227, 2)
-                                        _228 = F.mean(_227)
-                                        F.sqrt_(_228)
-                                        F.div_(_228, 1.0)
-                                        F.maximum_(_228, 1.0)
-                                        _229 = F.div(t_fisher, _228)
-                                        t_fisher = _229
-                                    F.mul_(t_fisher, h["_k53"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_13 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_13, 2)
+                                        fisher_14 = F.mean(fisher_13)
+                                        F.sqrt_(fisher_14)
+                                        F.div_(fisher_14, 1.0)
+                                        F.maximum_(fisher_14, 1.0)
+                                        fisher_15 = F.div(fisher, fisher_14)
+                                        fisher = fisher_15
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k53"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _230 = F.mul(t_update_fp32, t_param_fp32)
-                                        _231 = F.ge(_230, 0)
-                                        _232 = F.where(_231, 1.0, 0.0, like=param)
-                                        F.mul_(_232, t_fisher)
-                                        _233 = F.addcmul(t_param_fp32, t_param_fp32, _232, -1.0)
-                                        t_param_fp32 = _233
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_25 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_26 = F.ge(param_fp32_25, 0)
+                                        param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_27, fisher)
+                                        param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
+                                        param_fp32 = param_fp32_28
                                     else:
-                                        _234 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _234
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _235 = F.mul(t_update_fp32, t_param_fp32)
-                                        _236 = F.ge(_235, 0)
-                                        _237 = F.where(_236, 1.0, 0.0, like=param)
-                                        _238 = F.addcmul(t_param_fp32, t_param_fp32, _237, h["_k54"])
-                                        t_param_fp32 = _238
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_29 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_30 = F.ge(param_fp32_29, 0)
+                                        param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                                        param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k54"])
+                                        param_fp32 = param_fp32_32
                                     else:
-                                        _239 = F.axpy(t_param_fp32, t_param_fp32, h["_k55"])
-                                        t_param_fp32 = _239
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k55"])
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _240 = F.cast(st_anchor_data, t_param_fp32)
-                                _241 = F.sub(t_param_fp32, _240)
-                                t_cwd_target = _241
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _242 = F.mul(t_update_fp32, t_cwd_target)
-                                    _243 = F.ge(_242, 0)
-                                    _244 = F.where(_243, 1.0, 0.0, like=param)
-                                    _245 = F.addcmul(t_param_fp32, t_cwd_target, _244, h["_k56"])
-                                    t_param_fp32 = _245
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_33 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_34 = F.ge(param_fp32_33, 0)
+                                    param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                    param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k56"])
+                                    param_fp32 = param_fp32_36
                                 else:
-                                    _246 = F.axpy(t_param_fp32, t_cwd_target, h["_k57"])
-                                    t_param_fp32 = _246
-                            _247 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _247
-                            _248 = F.stochastic_round(t_param_fp32, h["_k58"])
-                            F.assign_(param, _248)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k57"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_29 = F.stochastic_round(param_fp32, h["_k58"])
+                            F.assign_(param, param_29)
                         else:
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _249 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_249, 1.2732395447351628)
-                                        t_fisher = _249
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _250 = F.rdiv(t_denom, 1)
-                                        t_fisher = _250
-                                        _251 = F.mul(param, t_fisher)
-                                        F.pow_(_251, 2)
-                                        _252 = F.mean(_251)
-                                        F.sqrt_(_252)
-                                        F.div_(_252, 1.0)
-                                        F.maximum_(_252, 1.0)
-                                        _253 = F.div(t_fisher, _252)
-                                        t_fisher = _253
-                                    F.mul_(t_fisher, h["_k59"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_16 = F.mul(param, fisher)
+                                        F.pow_(fisher_16, 2)
+                                        fisher_17 = F.mean(fisher_16)
+                                        F.sqrt_(fisher_17)
+                                        F.div_(fisher_17, 1.0)
+                                        F.maximum_(fisher_17, 1.0)
+                                        fisher_18 = F.div(fisher, fisher_17)
+                                        fisher = fisher_18
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k59"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _254 = F.mul(t_update, param)
-                                        _255 = F.ge(_254, 0)
-                                        _256 = F.where(_255, 1.0, 0.0, like=param)
-                                        F.mul_(_256, t_fisher)
-                                        _257 = F.addcmul(param, param, _256, -1.0)
-                                        F.assign_(param, _257)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_30 = F.mul(update, param)
+                                        param_31 = F.ge(param_30, 0)
+                                        param_32 = F.where(param_31, 1.0, 0.0, like=param)
+                                        F.mul_(param_32, fisher)
+                                        param_33 = F.addcmul(param, param, param_32, -1.0)
+                                        F.assign_(param, param_33)
                                     else:
-                                        _258 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _258)
+                                        # param = param - param * fisher
+                                        param_34 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_34)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _259 = F.mul(t_update, param)
-                                        _260 = F.ge(_259, 0)
-                                        _261 = F.where(_260, 1.0, 0.0, like=param)
-                                        _262 = F.addcmul(param, param, _261, h["_k60"])
-                                        F.assign_(param, _262)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_35 = F.mul(update, param)
+                                        param_36 = F.ge(param_35, 0)
+                                        param_37 = F.where(param_36, 1.0, 0.0, like=param)
+                                        param_38 = F.addcmul(param, param, param_37, h["_k60"])
+                                        F.assign_(param, param_38)
                                     else:
-                                        _263 = F.axpy(param, param, h["_k61"])
-                                        F.assign_(param, _263)
+                                        # param = param - weight_decay * lr * param
+                                        param_39 = F.axpy(param, param, h["_k61"])
+                                        F.assign_(param, param_39)
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _264 = F.cast(st_anchor_data, param)
-                                _265 = F.sub(param, _264)
-                                t_cwd_target = _265
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_6 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_6)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _266 = F.mul(t_update, t_cwd_target)
-                                    _267 = F.ge(_266, 0)
-                                    _268 = F.where(_267, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _268, h["_k62"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_40 = F.mul(update, cwd_target)
+                                    param_41 = F.ge(param_40, 0)
+                                    param_42 = F.where(param_41, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_42, h["_k62"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k63"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k63"])
+                            # param = param + -update
+                            F.sub_(param, update)
                     else:
+                        # if state_precision == 'int8_sr' and not nnmf_factor:
                         if h["_c24"]:
+                            # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                             if h["_c23"]:
-                                _269 = F.float32(grad)
-                                grad = _269
+                                # grad = float32(grad)
+                                grad = F.float32(grad)
+                            # if orthogonal_gradient == 'flattened':
                             if h["_c5"]:
-                                _270 = F.vdot(param, grad)
-                                _271 = F.vdot(param, param)
-                                F.add_(_271, 1e-30)
-                                F.div_(_270, _271)
-                                _272 = F.mul(param, _270)
-                                _273 = F.sub(grad, _272)
-                                t_ortho_g = _273
-                                _274 = F.norm(grad)
-                                _275 = F.norm(t_ortho_g)
-                                F.add_(_275, 1e-30)
-                                F.div_(_274, _275)
-                                t_ortho_scale = _274
-                                _276 = F.mul(t_ortho_g, t_ortho_scale)
-                                grad = _276
+                                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                                ortho_g_10 = F.vdot(param, grad)
+                                ortho_g_11 = F.vdot(param, param)
+                                F.add_(ortho_g_11, 1e-30)
+                                F.div_(ortho_g_10, ortho_g_11)
+                                ortho_g_12 = F.mul(param, ortho_g_10)
+                                ortho_g = F.sub(grad, ortho_g_12)
+                                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                                ortho_scale = F.norm(grad)
+                                ortho_scale_4 = F.norm(ortho_g)
+                                F.add_(ortho_scale_4, 1e-30)
+                                F.div_(ortho_scale, ortho_scale_4)
+                                # grad = ortho_g * ortho_scale
+                                grad = F.mul(ortho_g, ortho_scale)
+                            # if eps == None:
                             if h["_c6"]:
                                 pass
+                            # if use_atan2:
                             if h["_c7"]:
-                                _277 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                                t_exp_avg_sq_full = _277
-                                _278 = F.cast(t_exp_avg_sq_full, grad)
-                                t_exp_avg_sq_full = _278
-                                _279 = F.sqrt(t_exp_avg_sq_full)
-                                t_denom = _279
+                                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                                # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                                exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                                # denom = sqrt(exp_avg_sq_full)
+                                denom = F.sqrt(exp_avg_sq_full)
                             else:
-                                _280 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                                t_exp_avg_sq_full = _280
-                                _281 = F.cast(t_exp_avg_sq_full, grad)
-                                t_exp_avg_sq_full = _281
-                                _282 = F.sqrt(t_exp_avg_sq_full)
-                                F.add_(_282, h["eps_eff"])
-                                t_denom = _282
+                                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                                # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                                exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                                # denom = sqrt(exp_avg_sq_full) + eps_eff
+                                denom = F.sqrt(exp_avg_sq_full)
+                                F.add_(denom, h["eps_eff"])
+                            # if use_atan2:
                             if h["_c7"]:
-                                _283 = F.cast(t_denom, grad)
-                                _284 = F.atan2(grad, _283)
-                                t_normalized = _284
+                                # normalized = atan2(grad, cast(denom, grad))
+                                normalized_3 = F.cast(denom, grad)
+                                normalized = F.atan2(grad, normalized_3)
                             else:
-                                _285 = F.cast(t_denom, grad)
-                                _286 = F.div(grad, _285)
-                                t_normalized = _286
+                                # normalized = grad / cast(denom, grad)
+                                normalized_4 = F.cast(denom, grad)
+                                normalized = F.div(grad, normalized_4)
+                            # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c8"]:
-                                _287 = F.clamp(t_normalized, h["_k64"], h["clip"])
-                                t_normalized = _287
+                                # normalized = clamp(normalized, -clip, clip)
+                                normalized = F.clamp(normalized, h["_k64"], h["clip"])
+                            # if beta1 > 0:
                             if h["_c9"]:
-                                _288 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                                t_exp_avg_work = _288
-                                F.lerp_(t_exp_avg_work, t_normalized, h["_k65"])
-                                F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                                # exp_avg_work = exp_avg
+                                exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                                # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                                F.lerp_(exp_avg_work, normalized, h["_k65"])
+                                # exp_avg = exp_avg_work
+                                F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                                # if nesterov:
                                 if h["_c10"]:
+                                    # if nesterov_coef == None:
                                     if h["_c11"]:
-                                        _289 = F.lerp(t_exp_avg_work, grad, h["_k67"])
-                                        t_update = _289
+                                        # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                        update = F.lerp(exp_avg_work, grad, h["_k67"])
                                     else:
-                                        _290 = F.lerp(t_exp_avg_work, grad, h["_k68"])
-                                        t_update = _290
+                                        # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                        update = F.lerp(exp_avg_work, grad, h["_k68"])
                                 else:
-                                    _291 = F.copy(t_exp_avg_work)
-                                    t_update = _291
+                                    # update = copy(exp_avg_work)
+                                    update = F.copy(exp_avg_work)
                             else:
-                                _292 = F.copy(t_normalized)
-                                t_update = _292
+                                # update = copy(normalized)
+                                update = F.copy(normalized)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _293 = F.mul(grad, grad)
-                                _294 = F.sum(_293)
-                                F.assign_(st_kourkoutas_sq, _294)
-                                _295 = F.float32(t_exp_avg_sq_full)
-                                _296 = F.mul(_295, h["_k69"])
-                                _297 = F.float32(grad)
-                                _298 = F.float32(grad)
-                                F.addcmul_(_296, _297, _298, h["_k70"])
-                                t_exp_avg_sq_full = _296
-                                _299 = F.float32(t_exp_avg_sq_full)
-                                _300 = F.abs(_299)
-                                t_exp_avg_sq_abs = _300
-                                _301 = F.rowsum(t_exp_avg_sq_abs)
-                                F.assign_(st_mu_v_nmf, _301)
-                                _302 = F.colsum(t_exp_avg_sq_abs)
-                                t_exp_avg_sq_colsum = _302
-                                _303 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                                F.maximum_(_303, 1e-12)
-                                _304 = F.div(t_exp_avg_sq_colsum, _303)
-                                F.assign_(st_mv_v_nmf, _304)
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_13 = F.mul(grad, grad)
+                                kourkoutas_sq_14 = F.sum(kourkoutas_sq_13)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_14)
+                                # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                                exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k69"])
+                                exp_avg_sq_full_11 = F.float32(grad)
+                                exp_avg_sq_full_12 = F.float32(grad)
+                                F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k70"])
+                                exp_avg_sq_full = exp_avg_sq_full_10
+                                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                                exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_7)
+                                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                                mu_v_nmf_7 = F.rowsum(exp_avg_sq_abs)
+                                F.assign_(mu_v_nmf, mu_v_nmf_7)
+                                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                                mv_v_nmf_13 = F.sum(exp_avg_sq_colsum, kind="col")
+                                F.maximum_(mv_v_nmf_13, 1e-12)
+                                mv_v_nmf_14 = F.div(exp_avg_sq_colsum, mv_v_nmf_13)
+                                F.assign_(mv_v_nmf, mv_v_nmf_14)
                             else:
-                                _305 = F.float32(t_exp_avg_sq_full)
-                                _306 = F.mul(_305, h["_k71"])
-                                _307 = F.float32(grad)
-                                _308 = F.float32(grad)
-                                F.addcmul_(_306, _307, _308, h["_k72"])
-                                t_exp_avg_sq_full = _306
-                                _309 = F.float32(t_exp_avg_sq_full)
-                                _310 = F.abs(_309)
-                                t_exp_avg_sq_abs = _310
-                                _311 = F.rowsum(t_exp_avg_sq_abs)
-                                F.assign_(st_mu_v_nmf, _311)
-                                _312 = F.colsum(t_exp_avg_sq_abs)
-                                t_exp_avg_sq_colsum = _312
-                                _313 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                                F.maximum_(_313, 1e-12)
-                                _314 = F.div(t_exp_avg_sq_colsum, _313)
-                                F.assign_(st_mv_v_nmf, _314)
+                                # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                                exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k71"])
+                                exp_avg_sq_full_15 = F.float32(grad)
+                                exp_avg_sq_full_16 = F.float32(grad)
+                                F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k72"])
+                                exp_avg_sq_full = exp_avg_sq_full_14
+                                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                                exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_8)
+                                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                                mu_v_nmf_8 = F.rowsum(exp_avg_sq_abs)
+                                F.assign_(mu_v_nmf, mu_v_nmf_8)
+                                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                                mv_v_nmf_15 = F.sum(exp_avg_sq_colsum, kind="col")
+                                F.maximum_(mv_v_nmf_15, 1e-12)
+                                mv_v_nmf_16 = F.div(exp_avg_sq_colsum, mv_v_nmf_15)
+                                F.assign_(mv_v_nmf, mv_v_nmf_16)
+                            # if use_atan2:
                             if h["_c7"]:
-                                F.mul_(t_update, h["_k73"])
+                                # update = update * (lr * 1.2732395447351628)
+                                F.mul_(update, h["_k73"])
                             else:
-                                F.mul_(t_update, h["_k74"])
+                                # update = update * lr
+                                F.mul_(update, h["_k74"])
+                            # if stochastic_rounding and bf16 != 0:
                             if h["_c12"]:
-                                _315 = F.float32(param)
-                                t_param_fp32 = _315
-                                _316 = F.float32(t_update)
-                                t_update_fp32 = _316
+                                # param_fp32 = float32(param)
+                                param_fp32 = F.float32(param)
+                                # update_fp32 = float32(update)
+                                update_fp32 = F.float32(update)
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _317 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_317, 1.2732395447351628)
-                                            t_fisher = _317
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _318 = F.rdiv(t_denom, 1)
-                                            t_fisher = _318
-                                            _319 = F.mul(t_param_fp32, t_fisher)
-                                            F.pow_(_319, 2)
-                                            _320 = F.mean(_319)
-                                            F.sqrt_(_320)
-                                            F.div_(_320, 1.0)
-                                            F.maximum_(_320, 1.0)
-                                            _321 = F.div(t_fisher, _320)
-                                            t_fisher = _321
-                                        F.mul_(t_fisher, h["_k75"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_19 = F.mul(param_fp32, fisher)
+                                            F.pow_(fisher_19, 2)
+                                            fisher_20 = F.mean(fisher_19)
+                                            F.sqrt_(fisher_20)
+                                            F.div_(fisher_20, 1.0)
+                                            F.maximum_(fisher_20, 1.0)
+                                            fisher_21 = F.div(fisher, fisher_20)
+                                            fisher = fisher_21
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k75"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _322 = F.mul(t_update_fp32, t_param_fp32)
-                                            _323 = F.ge(_322, 0)
-                                            _324 = F.where(_323, 1.0, 0.0, like=param)
-                                            F.mul_(_324, t_fisher)
-                                            _325 = F.addcmul(t_param_fp32, t_param_fp32, _324, -1.0)
-                                            t_param_fp32 = _325
+                                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                            param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_38 = F.ge(param_fp32_37, 0)
+                                            param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_39, fisher)
+                                            param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
+                                            param_fp32 = param_fp32_40
                                         else:
-                                            _326 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                            t_param_fp32 = _326
+                                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _327 = F.mul(t_update_fp32, t_param_fp32)
-                                            _328 = F.ge(_327, 0)
-                                            _329 = F.where(_328, 1.0, 0.0, like=param)
-                                            _330 = F.addcmul(t_param_fp32, t_param_fp32, _329, h["_k76"])
-                                            t_param_fp32 = _330
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                            param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_42 = F.ge(param_fp32_41, 0)
+                                            param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                            param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k76"])
+                                            param_fp32 = param_fp32_44
                                         else:
-                                            _331 = F.axpy(t_param_fp32, t_param_fp32, h["_k77"])
-                                            t_param_fp32 = _331
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k77"])
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _332 = F.cast(st_anchor_data, t_param_fp32)
-                                    _333 = F.sub(t_param_fp32, _332)
-                                    t_cwd_target = _333
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_7 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_7)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _334 = F.mul(t_update_fp32, t_cwd_target)
-                                        _335 = F.ge(_334, 0)
-                                        _336 = F.where(_335, 1.0, 0.0, like=param)
-                                        _337 = F.addcmul(t_param_fp32, t_cwd_target, _336, h["_k78"])
-                                        t_param_fp32 = _337
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_46 = F.ge(param_fp32_45, 0)
+                                        param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                        param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k78"])
+                                        param_fp32 = param_fp32_48
                                     else:
-                                        _338 = F.axpy(t_param_fp32, t_cwd_target, h["_k79"])
-                                        t_param_fp32 = _338
-                                _339 = F.sub(t_param_fp32, t_update_fp32)
-                                t_param_fp32 = _339
-                                _340 = F.stochastic_round(t_param_fp32, h["_k80"])
-                                F.assign_(param, _340)
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k79"])
+                                # param_fp32 = param_fp32 + -update_fp32
+                                param_fp32 = F.sub(param_fp32, update_fp32)
+                                # param = stochastic_round(param_fp32, step)
+                                param_43 = F.stochastic_round(param_fp32, h["_k80"])
+                                F.assign_(param, param_43)
                             else:
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _341 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_341, 1.2732395447351628)
-                                            t_fisher = _341
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _342 = F.rdiv(t_denom, 1)
-                                            t_fisher = _342
-                                            _343 = F.mul(param, t_fisher)
-                                            F.pow_(_343, 2)
-                                            _344 = F.mean(_343)
-                                            F.sqrt_(_344)
-                                            F.div_(_344, 1.0)
-                                            F.maximum_(_344, 1.0)
-                                            _345 = F.div(t_fisher, _344)
-                                            t_fisher = _345
-                                        F.mul_(t_fisher, h["_k81"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_22 = F.mul(param, fisher)
+                                            F.pow_(fisher_22, 2)
+                                            fisher_23 = F.mean(fisher_22)
+                                            F.sqrt_(fisher_23)
+                                            F.div_(fisher_23, 1.0)
+                                            F.maximum_(fisher_23, 1.0)
+                                            fisher_24 = F.div(fisher, fisher_23)
+                                            fisher = fisher_24
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k81"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _346 = F.mul(t_update, param)
-                                            _347 = F.ge(_346, 0)
-                                            _348 = F.where(_347, 1.0, 0.0, like=param)
-                                            F.mul_(_348, t_fisher)
-                                            _349 = F.addcmul(param, param, _348, -1.0)
-                                            F.assign_(param, _349)
+                                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                            param_44 = F.mul(update, param)
+                                            param_45 = F.ge(param_44, 0)
+                                            param_46 = F.where(param_45, 1.0, 0.0, like=param)
+                                            F.mul_(param_46, fisher)
+                                            param_47 = F.addcmul(param, param, param_46, -1.0)
+                                            F.assign_(param, param_47)
                                         else:
-                                            _350 = F.addcmul(param, param, t_fisher, -1.0)
-                                            F.assign_(param, _350)
+                                            # param = param - param * fisher
+                                            param_48 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_48)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _351 = F.mul(t_update, param)
-                                            _352 = F.ge(_351, 0)
-                                            _353 = F.where(_352, 1.0, 0.0, like=param)
-                                            _354 = F.addcmul(param, param, _353, h["_k82"])
-                                            F.assign_(param, _354)
+                                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                            param_49 = F.mul(update, param)
+                                            param_50 = F.ge(param_49, 0)
+                                            param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                            param_52 = F.addcmul(param, param, param_51, h["_k82"])
+                                            F.assign_(param, param_52)
                                         else:
-                                            _355 = F.axpy(param, param, h["_k83"])
-                                            F.assign_(param, _355)
+                                            # param = param - weight_decay * lr * param
+                                            param_53 = F.axpy(param, param, h["_k83"])
+                                            F.assign_(param, param_53)
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _356 = F.cast(st_anchor_data, param)
-                                    _357 = F.sub(param, _356)
-                                    t_cwd_target = _357
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_8 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_8)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _358 = F.mul(t_update, t_cwd_target)
-                                        _359 = F.ge(_358, 0)
-                                        _360 = F.where(_359, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, t_cwd_target, _360, h["_k84"])
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_54 = F.mul(update, cwd_target)
+                                        param_55 = F.ge(param_54, 0)
+                                        param_56 = F.where(param_55, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_56, h["_k84"])
                                     else:
-                                        F.axpy_(param, t_cwd_target, h["_k85"])
-                                F.sub_(param, t_update)
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k85"])
+                                # param = param + -update
+                                F.sub_(param, update)
                         else:
+                            # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                             if h["_c25"]:
-                                _361 = F.float32(grad)
-                                grad = _361
+                                # grad = float32(grad)
+                                grad = F.float32(grad)
+                            # if orthogonal_gradient == 'flattened':
                             if h["_c5"]:
-                                _362 = F.vdot(param, grad)
-                                _363 = F.vdot(param, param)
-                                F.add_(_363, 1e-30)
-                                F.div_(_362, _363)
-                                _364 = F.mul(param, _362)
-                                _365 = F.sub(grad, _364)
-                                t_ortho_g = _365
-                                _366 = F.norm(grad)
-                                _367 = F.norm(t_ortho_g)
-                                F.add_(_367, 1e-30)
-                                F.div_(_366, _367)
-                                t_ortho_scale = _366
-                                _368 = F.mul(t_ortho_g, t_ortho_scale)
-                                grad = _368
+                                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                                ortho_g_13 = F.vdot(param, grad)
+                                ortho_g_14 = F.vdot(param, param)
+                                F.add_(ortho_g_14, 1e-30)
+                                F.div_(ortho_g_13, ortho_g_14)
+                                ortho_g_15 = F.mul(param, ortho_g_13)
+                                ortho_g = F.sub(grad, ortho_g_15)
+                                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                                ortho_scale = F.norm(grad)
+                                ortho_scale_5 = F.norm(ortho_g)
+                                F.add_(ortho_scale_5, 1e-30)
+                                F.div_(ortho_scale, ortho_scale_5)
+                                # grad = ortho_g * ortho_scale
+                                grad = F.mul(ortho_g, ortho_scale)
+                            # if eps == None:
                             if h["_c6"]:
                                 pass
+                            # if use_atan2:
                             if h["_c7"]:
-                                _369 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                                t_exp_avg_sq_full = _369
-                                _370 = F.cast(t_exp_avg_sq_full, grad)
-                                t_exp_avg_sq_full = _370
-                                _371 = F.sqrt(t_exp_avg_sq_full)
-                                t_denom = _371
+                                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                                # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                                exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                                # denom = sqrt(exp_avg_sq_full)
+                                denom = F.sqrt(exp_avg_sq_full)
                             else:
-                                _372 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                                t_exp_avg_sq_full = _372
-                                _373 = F.cast(t_exp_avg_sq_full, grad)
-                                t_exp_avg_sq_full = _373
-                                _374 = F.sqrt(t_exp_avg_sq_full)
-                                F.add_(_374, h["eps_eff"])
-                                t_denom = _374
+                                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                                # exp_avg_sq_full = cast(exp_avg_sq_full, grad)
+                                exp_avg_sq_full = F.cast(exp_avg_sq_full, grad)
+                                # denom = sqrt(exp_avg_sq_full) + eps_eff
+                                denom = F.sqrt(exp_avg_sq_full)
+                                F.add_(denom, h["eps_eff"])
+                            # if use_atan2:
                             if h["_c7"]:
-                                _375 = F.cast(t_denom, grad)
-                                _376 = F.atan2(grad, _375)
-                                t_normalized = _376
+                                # normalized = atan2(grad, cast(denom, grad))
+                                normalized_5 = F.cast(denom, grad)
+                                normalized = F.atan2(grad, normalized_5)
                             else:
-                                _377 = F.cast(t_denom, grad)
-                                _378 = F.div(grad, _377)
-                                t_normalized = _378
+                                # normalized = grad / cast(denom, grad)
+                                normalized_6 = F.cast(denom, grad)
+                                normalized = F.div(grad, normalized_6)
+                            # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c8"]:
-                                _379 = F.clamp(t_normalized, h["_k86"], h["clip"])
-                                t_normalized = _379
+                                # normalized = clamp(normalized, -clip, clip)
+                                normalized = F.clamp(normalized, h["_k86"], h["clip"])
+                            # if beta1 > 0:
                             if h["_c9"]:
-                                F.lerp_(st_exp_avg, t_normalized, h["_k87"])
+                                # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
+                                F.lerp_(exp_avg, normalized, h["_k87"])
+                                # if nesterov:
                                 if h["_c10"]:
+                                    # if nesterov_coef == None:
                                     if h["_c11"]:
-                                        _380 = F.lerp(st_exp_avg, grad, h["_k88"])
-                                        t_update = _380
+                                        # update = lerp(exp_avg, grad, 1 - beta1)
+                                        update = F.lerp(exp_avg, grad, h["_k88"])
                                     else:
-                                        _381 = F.lerp(st_exp_avg, grad, h["_k89"])
-                                        t_update = _381
+                                        # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                        update = F.lerp(exp_avg, grad, h["_k89"])
                                 else:
-                                    _382 = F.copy(st_exp_avg)
-                                    t_update = _382
+                                    # update = copy(exp_avg)
+                                    update = F.copy(exp_avg)
                             else:
-                                _383 = F.copy(t_normalized)
-                                t_update = _383
+                                # update = copy(normalized)
+                                update = F.copy(normalized)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _384 = F.mul(grad, grad)
-                                _385 = F.sum(_384)
-                                F.assign_(st_kourkoutas_sq, _385)
-                                _386 = F.float32(t_exp_avg_sq_full)
-                                _387 = F.mul(_386, h["_k90"])
-                                _388 = F.float32(grad)
-                                _389 = F.float32(grad)
-                                F.addcmul_(_387, _388, _389, h["_k91"])
-                                t_exp_avg_sq_full = _387
-                                _390 = F.float32(t_exp_avg_sq_full)
-                                _391 = F.abs(_390)
-                                t_exp_avg_sq_abs = _391
-                                _392 = F.rowsum(t_exp_avg_sq_abs)
-                                F.assign_(st_mu_v_nmf, _392)
-                                _393 = F.colsum(t_exp_avg_sq_abs)
-                                t_exp_avg_sq_colsum = _393
-                                _394 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                                F.maximum_(_394, 1e-12)
-                                _395 = F.div(t_exp_avg_sq_colsum, _394)
-                                F.assign_(st_mv_v_nmf, _395)
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_15 = F.mul(grad, grad)
+                                kourkoutas_sq_16 = F.sum(kourkoutas_sq_15)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_16)
+                                # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + (1 - input()) * float32(grad) * float32(grad)
+                                exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k90"])
+                                exp_avg_sq_full_19 = F.float32(grad)
+                                exp_avg_sq_full_20 = F.float32(grad)
+                                F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k91"])
+                                exp_avg_sq_full = exp_avg_sq_full_18
+                                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                                exp_avg_sq_abs_9 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_9)
+                                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                                mu_v_nmf_9 = F.rowsum(exp_avg_sq_abs)
+                                F.assign_(mu_v_nmf, mu_v_nmf_9)
+                                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                                mv_v_nmf_17 = F.sum(exp_avg_sq_colsum, kind="col")
+                                F.maximum_(mv_v_nmf_17, 1e-12)
+                                mv_v_nmf_18 = F.div(exp_avg_sq_colsum, mv_v_nmf_17)
+                                F.assign_(mv_v_nmf, mv_v_nmf_18)
                             else:
-                                _396 = F.float32(t_exp_avg_sq_full)
-                                _397 = F.mul(_396, h["_k92"])
-                                _398 = F.float32(grad)
-                                _399 = F.float32(grad)
-                                F.addcmul_(_397, _398, _399, h["_k93"])
-                                t_exp_avg_sq_full = _397
-                                _400 = F.float32(t_exp_avg_sq_full)
-                                _401 = F.abs(_400)
-                                t_exp_avg_sq_abs = _401
-                                _402 = F.rowsum(t_exp_avg_sq_abs)
-                                F.assign_(st_mu_v_nmf, _402)
-                                _403 = F.colsum(t_exp_avg_sq_abs)
-                                t_exp_avg_sq_colsum = _403
-                                _404 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                                F.maximum_(_404, 1e-12)
-                                _405 = F.div(t_exp_avg_sq_colsum, _404)
-                                F.assign_(st_mv_v_nmf, _405)
+                                # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + (1 - beta2) * float32(grad) * float32(grad)
+                                exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k92"])
+                                exp_avg_sq_full_23 = F.float32(grad)
+                                exp_avg_sq_full_24 = F.float32(grad)
+                                F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k93"])
+                                exp_avg_sq_full = exp_avg_sq_full_22
+                                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                                exp_avg_sq_abs_10 = F.float32(exp_avg_sq_full)
+                                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_10)
+                                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                                mu_v_nmf_10 = F.rowsum(exp_avg_sq_abs)
+                                F.assign_(mu_v_nmf, mu_v_nmf_10)
+                                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                                mv_v_nmf_19 = F.sum(exp_avg_sq_colsum, kind="col")
+                                F.maximum_(mv_v_nmf_19, 1e-12)
+                                mv_v_nmf_20 = F.div(exp_avg_sq_colsum, mv_v_nmf_19)
+                                F.assign_(mv_v_nmf, mv_v_nmf_20)
+                            # if use_atan2:
                             if h["_c7"]:
-                                F.mul_(t_update, h["_k94"])
+                                # update = update * (lr * 1.2732395447351628)
+                                F.mul_(update, h["_k94"])
                             else:
-                                F.mul_(t_update, h["_k95"])
+                                # update = update * lr
+                                F.mul_(update, h["_k95"])
+                            # if stochastic_rounding and bf16 != 0:
                             if h["_c12"]:
-                                _406 = F.float32(param)
-                                t_param_fp32 = _406
-                                _407 = F.float32(t_update)
-                                t_update_fp32 = _407
+                                # param_fp32 = float32(param)
+                                param_fp32 = F.float32(param)
+                                # update_fp32 = float32(update)
+                                update_fp32 = F.float32(update)
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _408 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_408, 1.2732395447351628)
-                                            t_fisher = _408
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _409 = F.rdiv(t_denom, 1)
-                                            t_fisher = _409
-                                            _410 = F.mul(t_param_fp32, t_fisher)
-                                            F.pow_(_410, 2)
-                                            _411 = F.mean(_410)
-                                            F.sqrt_(_411)
-                                            F.div_(_411, 1.0)
-                                            F.maximum_(_411, 1.0)
-                                            _412 = F.div(t_fisher, _411)
-                                            t_fisher = _412
-                                        F.mul_(t_fisher, h["_k96"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_25 = F.mul(param_fp32, fisher)
+                                            F.pow_(fisher_25, 2)
+                                            fisher_26 = F.mean(fisher_25)
+                                            F.sqrt_(fisher_26)
+                                            F.div_(fisher_26, 1.0)
+                                            F.maximum_(fisher_26, 1.0)
+                                            fisher_27 = F.div(fisher, fisher_26)
+                                            fisher = fisher_27
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k96"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _413 = F.mul(t_update_fp32, t_param_fp32)
-                                            _414 = F.ge(_413, 0)
-                                            _415 = F.where(_414, 1.0, 0.0, like=param)
-                                            F.mul_(_415, t_fisher)
-                                            _416 = F.addcmul(t_param_fp32, t_param_fp32, _415, -1.0)
-                                            t_param_fp32 = _416
+                                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                            param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_50 = F.ge(param_fp32_49, 0)
+                                            param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_51, fisher)
+                                            param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                            param_fp32 = param_fp32_52
                                         else:
-                                            _417 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                            t_param_fp32 = _417
+                                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _418 = F.mul(t_update_fp32, t_param_fp32)
-                                            _419 = F.ge(_418, 0)
-                                            _420 = F.where(_419, 1.0, 0.0, like=param)
-                                            _421 = F.addcmul(t_param_fp32, t_param_fp32, _420, h["_k97"])
-                                            t_param_fp32 = _421
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                            param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_54 = F.ge(param_fp32_53, 0)
+                                            param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                            param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k97"])
+                                            param_fp32 = param_fp32_56
                                         else:
-                                            _422 = F.axpy(t_param_fp32, t_param_fp32, h["_k98"])
-                                            t_param_fp32 = _422
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k98"])
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _423 = F.cast(st_anchor_data, t_param_fp32)
-                                    _424 = F.sub(t_param_fp32, _423)
-                                    t_cwd_target = _424
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_9 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_9)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _425 = F.mul(t_update_fp32, t_cwd_target)
-                                        _426 = F.ge(_425, 0)
-                                        _427 = F.where(_426, 1.0, 0.0, like=param)
-                                        _428 = F.addcmul(t_param_fp32, t_cwd_target, _427, h["_k99"])
-                                        t_param_fp32 = _428
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_58 = F.ge(param_fp32_57, 0)
+                                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                        param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k99"])
+                                        param_fp32 = param_fp32_60
                                     else:
-                                        _429 = F.axpy(t_param_fp32, t_cwd_target, h["_k100"])
-                                        t_param_fp32 = _429
-                                _430 = F.sub(t_param_fp32, t_update_fp32)
-                                t_param_fp32 = _430
-                                _431 = F.stochastic_round(t_param_fp32, h["_k101"])
-                                F.assign_(param, _431)
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k100"])
+                                # param_fp32 = param_fp32 + -update_fp32
+                                param_fp32 = F.sub(param_fp32, update_fp32)
+                                # param = stochastic_round(param_fp32, step)
+                                param_57 = F.stochastic_round(param_fp32, h["_k101"])
+                                F.assign_(param, param_57)
                             else:
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _432 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_432, 1.2732395447351628)
-                                            t_fisher = _432
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _433 = F.rdiv(t_denom, 1)
-                                            t_fisher = _433
-                                            _434 = F.mul(param, t_fisher)
-                                            F.pow_(_434, 2)
-                                            _435 = F.mean(_434)
-                                            F.sqrt_(_435)
-                                            F.div_(_435, 1.0)
-                                            F.maximum_(_435, 1.0)
-                                            _436 = F.div(t_fisher, _435)
-                                            t_fisher = _436
-                                        F.mul_(t_fisher, h["_k102"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_28 = F.mul(param, fisher)
+                                            F.pow_(fisher_28, 2)
+                                            fisher_29 = F.mean(fisher_28)
+                                            F.sqrt_(fisher_29)
+                                            F.div_(fisher_29, 1.0)
+                                            F.maximum_(fisher_29, 1.0)
+                                            fisher_30 = F.div(fisher, fisher_29)
+                                            fisher = fisher_30
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k102"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _437 = F.mul(t_update, param)
-                                            _438 = F.ge(_437, 0)
-                                            _439 = F.where(_438, 1.0, 0.0, like=param)
-                                            F.mul_(_439, t_fisher)
-                                            _440 = F.addcmul(param, param, _439, -1.0)
-                                            F.assign_(param, _440)
+                                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                            param_58 = F.mul(update, param)
+                                            param_59 = F.ge(param_58, 0)
+                                            param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                            F.mul_(param_60, fisher)
+                                            param_61 = F.addcmul(param, param, param_60, -1.0)
+                                            F.assign_(param, param_61)
                                         else:
-                                            _441 = F.addcmul(param, param, t_fisher, -1.0)
-                                            F.assign_(param, _441)
+                                            # param = param - param * fisher
+                                            param_62 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_62)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _442 = F.mul(t_update, param)
-                                            _443 = F.ge(_442, 0)
-                                            _444 = F.where(_443, 1.0, 0.0, like=param)
-                                            _445 = F.addcmul(param, param, _444, h["_k103"])
-                                            F.assign_(param, _445)
+                                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                            param_63 = F.mul(update, param)
+                                            param_64 = F.ge(param_63, 0)
+                                            param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                            param_66 = F.addcmul(param, param, param_65, h["_k103"])
+                                            F.assign_(param, param_66)
                                         else:
-                                            _446 = F.axpy(param, param, h["_k104"])
-                                            F.assign_(param, _446)
+                                            # param = param - weight_decay * lr * param
+                                            param_67 = F.axpy(param, param, h["_k104"])
+                                            F.assign_(param, param_67)
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _447 = F.cast(st_anchor_data, param)
-                                    _448 = F.sub(param, _447)
-                                    t_cwd_target = _448
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_10 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_10)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _449 = F.mul(t_update, t_cwd_target)
-                                        _450 = F.ge(_449, 0)
-                                        _451 = F.where(_450, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, t_cwd_target, _451, h["_k105"])
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_68 = F.mul(update, cwd_target)
+                                        param_69 = F.ge(param_68, 0)
+                                        param_70 = F.where(param_69, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_70, h["_k105"])
                                     else:
-                                        F.axpy_(param, t_cwd_target, h["_k106"])
-                                F.sub_(param, t_update)
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k106"])
+                                # param = param + -update
+                                F.sub_(param, update)
             else:
+                # if state_precision == 'bf16_sr' and not nnmf_factor:
                 if h["_c22"]:
+                    # if step == 1:
                     if h["_c26"]:
-                        _452 = F.mul(grad, grad)
-                        t_exp_avg_sq_work = _452
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = grad * grad
+                        exp_avg_sq_work = F.mul(grad, grad)
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _453 = F.mul(grad, grad)
-                            _454 = F.sum(_453)
-                            F.assign_(st_kourkoutas_sq, _454)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_17 = F.mul(grad, grad)
+                            kourkoutas_sq_18 = F.sum(kourkoutas_sq_17)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_18)
+                    # if step > 1 or use_atan2:
                     if h["_c27"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c23"]:
-                            _455 = F.float32(grad)
-                            grad = _455
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c5"]:
-                            _456 = F.vdot(param, grad)
-                            _457 = F.vdot(param, param)
-                            F.add_(_457, 1e-30)
-                            F.div_(_456, _457)
-                            _458 = F.mul(param, _456)
-                            _459 = F.sub(grad, _458)
-                            t_ortho_g = _459
-                            _460 = F.norm(grad)
-                            _461 = F.norm(t_ortho_g)
-                            F.add_(_461, 1e-30)
-                            F.div_(_460, _461)
-                            t_ortho_scale = _460
-                            _462 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _462
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_16 = F.vdot(param, grad)
+                            ortho_g_17 = F.vdot(param, param)
+                            F.add_(ortho_g_17, 1e-30)
+                            F.div_(ortho_g_16, ortho_g_17)
+                            ortho_g_18 = F.mul(param, ortho_g_16)
+                            ortho_g = F.sub(grad, ortho_g_18)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_6 = F.norm(ortho_g)
+                            F.add_(ortho_scale_6, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_6)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c6"]:
                             pass
+                        # if use_atan2:
                         if h["_c7"]:
-                            _463 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                            t_exp_avg_sq_work = _463
-                            _464 = F.sqrt(t_exp_avg_sq_work)
-                            t_denom = _464
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                            # denom = sqrt(exp_avg_sq_work)
+                            denom = F.sqrt(exp_avg_sq_work)
                         else:
-                            _465 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                            t_exp_avg_sq_work = _465
-                            _466 = F.sqrt(t_exp_avg_sq_work)
-                            F.add_(_466, h["eps_eff"])
-                            t_denom = _466
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                            # denom = sqrt(exp_avg_sq_work) + eps_eff
+                            denom = F.sqrt(exp_avg_sq_work)
+                            F.add_(denom, h["eps_eff"])
+                        # if use_atan2:
                         if h["_c7"]:
-                            _467 = F.atan2(grad, t_denom)
-                            t_normalized = _467
+                            # normalized = atan2(grad, denom)
+                            normalized = F.atan2(grad, denom)
                         else:
-                            _468 = F.div(grad, t_denom)
-                            t_normalized = _468
+                            # normalized = grad / denom
+                            normalized = F.div(grad, denom)
+                        # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c8"]:
-                            _469 = F.clamp(t_normalized, h["_k108"], h["clip"])
-                            t_normalized = _469
+                            # normalized = clamp(normalized, -clip, clip)
+                            normalized = F.clamp(normalized, h["_k108"], h["clip"])
+                        # if beta1 > 0:
                         if h["_c9"]:
-                            _470 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                            t_exp_avg_work = _470
-                            F.lerp_(t_exp_avg_work, t_normalized, h["_k109"])
-                            F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                            # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                            F.lerp_(exp_avg_work, normalized, h["_k109"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                            # if nesterov:
                             if h["_c10"]:
+                                # if nesterov_coef == None:
                                 if h["_c11"]:
-                                    _471 = F.lerp(t_exp_avg_work, grad, h["_k111"])
-                                    t_update = _471
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg_work, grad, h["_k111"])
                                 else:
-                                    _472 = F.lerp(t_exp_avg_work, grad, h["_k112"])
-                                    t_update = _472
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k112"])
                             else:
-                                _473 = F.copy(t_exp_avg_work)
-                                t_update = _473
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _474 = F.copy(t_normalized)
-                            t_update = _474
+                            # update = copy(normalized)
+                            update = F.copy(normalized)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _475 = F.mul(grad, grad)
-                            _476 = F.sum(_475)
-                            F.assign_(st_kourkoutas_sq, _476)
-                            F.mul_(t_exp_avg_sq_work, h["_k113"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k114"])
-                            F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_19 = F.mul(grad, grad)
+                            kourkoutas_sq_20 = F.sum(kourkoutas_sq_19)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_20)
+                            # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k113"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k114"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                         else:
-                            F.mul_(t_exp_avg_sq_work, h["_k116"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k117"])
-                            F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                            # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k116"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k117"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                        # if use_atan2:
                         if h["_c7"]:
-                            F.mul_(t_update, h["_k119"])
+                            # update = update * (lr * 1.2732395447351628)
+                            F.mul_(update, h["_k119"])
                         else:
-                            F.mul_(t_update, h["_k120"])
+                            # update = update * lr
+                            F.mul_(update, h["_k120"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c12"]:
-                            _477 = F.float32(param)
-                            t_param_fp32 = _477
-                            _478 = F.float32(t_update)
-                            t_update_fp32 = _478
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _479 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_479, 1.2732395447351628)
-                                        t_fisher = _479
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _480 = F.rdiv(t_denom, 1)
-                                        t_fisher = _480
-                                        _481 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_481, 2)
-                                        _482 = F.mean(_481)
-                                        F.sqrt_(_482)
-                                        F.div_(_482, 1.0)
-                                        F.maximum_(_482, 1.0)
-                                        _483 = F.div(t_fisher, _482)
-                                        t_fisher = _483
-                                    F.mul_(t_fisher, h["_k121"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_31 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_31, 2)
+                                        fisher_32 = F.mean(fisher_31)
+                                        F.sqrt_(fisher_32)
+                                        F.div_(fisher_32, 1.0)
+                                        F.maximum_(fisher_32, 1.0)
+                                        fisher_33 = F.div(fisher, fisher_32)
+                                        fisher = fisher_33
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k121"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _484 = F.mul(t_update_fp32, t_param_fp32)
-                                        _485 = F.ge(_484, 0)
-                                        _486 = F.where(_485, 1.0, 0.0, like=param)
-                                        F.mul_(_486, t_fisher)
-                                        _487 = F.addcmul(t_param_fp32, t_param_fp32, _486, -1.0)
-                                        t_param_fp32 = _487
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_61 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_62 = F.ge(param_fp32_61, 0)
+                                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_63, fisher)
+                                        param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
+                                        param_fp32 = param_fp32_64
                                     else:
-                                        _488 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _488
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _489 = F.mul(t_update_fp32, t_param_fp32)
-                                        _490 = F.ge(_489, 0)
-                                        _491 = F.where(_490, 1.0, 0.0, like=param)
-                                        _492 = F.addcmul(t_param_fp32, t_param_fp32, _491, h["_k122"])
-                                        t_param_fp32 = _492
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_66 = F.ge(param_fp32_65, 0)
+                                        param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                        param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k122"])
+                                        param_fp32 = param_fp32_68
                                     else:
-                                        _493 = F.axpy(t_param_fp32, t_param_fp32, h["_k123"])
-                                        t_param_fp32 = _493
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k123"])
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _494 = F.cast(st_anchor_data, t_param_fp32)
-                                _495 = F.sub(t_param_fp32, _494)
-                                t_cwd_target = _495
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_11 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_11)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _496 = F.mul(t_update_fp32, t_cwd_target)
-                                    _497 = F.ge(_496, 0)
-                                    _498 = F.where(_497, 1.0, 0.0, like=param)
-                                    _499 = F.addcmul(t_param_fp32, t_cwd_target, _498, h["_k124"])
-                                    t_param_fp32 = _499
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_69 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_70 = F.ge(param_fp32_69, 0)
+                                    param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                    param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k124"])
+                                    param_fp32 = param_fp32_72
                                 else:
-                                    _500 = F.axpy(t_param_fp32, t_cwd_target, h["_k125"])
-                                    t_param_fp32 = _500
-                            _501 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _501
-                            _502 = F.stochastic_round(t_param_fp32, h["_k126"])
-                            F.assign_(param, _502)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k125"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_71 = F.stochastic_round(param_fp32, h["_k126"])
+                            F.assign_(param, param_71)
                         else:
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _503 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_503, 1.2732395447351628)
-                                        t_fisher = _503
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _504 = F.rdiv(t_denom, 1)
-                                        t_fisher = _504
-                                        _505 = F.mul(param, t_fisher)
-                                        F.pow_(_505, 2)
-                                        _506 = F.mean(_505)
-                                        F.sqrt_(_506)
-                                        F.div_(_506, 1.0)
-                                        F.maximum_(_506, 1.0)
-                                        _507 = F.div(t_fisher, _506)
-                                        t_fisher = _507
-                                    F.mul_(t_fisher, h["_k127"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_34 = F.mul(param, fisher)
+                                        F.pow_(fisher_34, 2)
+                                        fisher_35 = F.mean(fisher_34)
+                                        F.sqrt_(fisher_35)
+                                        F.div_(fisher_35, 1.0)
+                                        F.maximum_(fisher_35, 1.0)
+                                        fisher_36 = F.div(fisher, fisher_35)
+                                        fisher = fisher_36
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k127"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _508 = F.mul(t_update, param)
-                                        _509 = F.ge(_508, 0)
-                                        _510 = F.where(_509, 1.0, 0.0, like=param)
-                                        F.mul_(_510, t_fisher)
-                                        _511 = F.addcmul(param, param, _510, -1.0)
-                                        F.assign_(param, _511)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_72 = F.mul(update, param)
+                                        param_73 = F.ge(param_72, 0)
+                                        param_74 = F.where(param_73, 1.0, 0.0, like=param)
+                                        F.mul_(param_74, fisher)
+                                        param_75 = F.addcmul(param, param, param_74, -1.0)
+                                        F.assign_(param, param_75)
                                     else:
-                                        _512 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _512)
+                                        # param = param - param * fisher
+                                        param_76 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_76)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _513 = F.mul(t_update, param)
-                                        _514 = F.ge(_513, 0)
-                                        _515 = F.where(_514, 1.0, 0.0, like=param)
-                                        _516 = F.addcmul(param, param, _515, h["_k128"])
-                                        F.assign_(param, _516)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_77 = F.mul(update, param)
+                                        param_78 = F.ge(param_77, 0)
+                                        param_79 = F.where(param_78, 1.0, 0.0, like=param)
+                                        param_80 = F.addcmul(param, param, param_79, h["_k128"])
+                                        F.assign_(param, param_80)
                                     else:
-                                        _517 = F.axpy(param, param, h["_k129"])
-                                        F.assign_(param, _517)
+                                        # param = param - weight_decay * lr * param
+                                        param_81 = F.axpy(param, param, h["_k129"])
+                                        F.assign_(param, param_81)
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _518 = F.cast(st_anchor_data, param)
-                                _519 = F.sub(param, _518)
-                                t_cwd_target = _519
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_12 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_12)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _520 = F.mul(t_update, t_cwd_target)
-                                    _521 = F.ge(_520, 0)
-                                    _522 = F.where(_521, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _522, h["_k130"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_82 = F.mul(update, cwd_target)
+                                    param_83 = F.ge(param_82, 0)
+                                    param_84 = F.where(param_83, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_84, h["_k130"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k131"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k131"])
+                            # param = param + -update
+                            F.sub_(param, update)
                 else:
+                    # if state_precision == 'int8_sr' and not nnmf_factor:
                     if h["_c24"]:
+                        # if step == 1:
                         if h["_c28"]:
-                            _523 = F.mul(grad, grad)
-                            t_exp_avg_sq_work = _523
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # exp_avg_sq_work = grad * grad
+                            exp_avg_sq_work = F.mul(grad, grad)
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _524 = F.mul(grad, grad)
-                                _525 = F.sum(_524)
-                                F.assign_(st_kourkoutas_sq, _525)
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_21 = F.mul(grad, grad)
+                                kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_22)
+                        # if step > 1 or use_atan2:
                         if h["_c29"]:
+                            # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                             if h["_c23"]:
-                                _526 = F.float32(grad)
-                                grad = _526
+                                # grad = float32(grad)
+                                grad = F.float32(grad)
+                            # if orthogonal_gradient == 'flattened':
                             if h["_c5"]:
-                                _527 = F.vdot(param, grad)
-                                _528 = F.vdot(param, param)
-                                F.add_(_528, 1e-30)
-                                F.div_(_527, _528)
-                                _529 = F.mul(param, _527)
-                                _530 = F.sub(grad, _529)
-                                t_ortho_g = _530
-                                _531 = F.norm(grad)
-                                _532 = F.norm(t_ortho_g)
-                                F.add_(_532, 1e-30)
-                                F.div_(_531, _532)
-                                t_ortho_scale = _531
-                                _533 = F.mul(t_ortho_g, t_ortho_scale)
-                                grad = _533
+                                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                                ortho_g_19 = F.vdot(param, grad)
+                                ortho_g_20 = F.vdot(param, param)
+                                F.add_(ortho_g_20, 1e-30)
+                                F.div_(ortho_g_19, ortho_g_20)
+                                ortho_g_21 = F.mul(param, ortho_g_19)
+                                ortho_g = F.sub(grad, ortho_g_21)
+                                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                                ortho_scale = F.norm(grad)
+                                ortho_scale_7 = F.norm(ortho_g)
+                                F.add_(ortho_scale_7, 1e-30)
+                                F.div_(ortho_scale, ortho_scale_7)
+                                # grad = ortho_g * ortho_scale
+                                grad = F.mul(ortho_g, ortho_scale)
+                            # if eps == None:
                             if h["_c6"]:
                                 pass
+                            # if use_atan2:
                             if h["_c7"]:
-                                _534 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                                t_exp_avg_sq_work = _534
-                                _535 = F.sqrt(t_exp_avg_sq_work)
-                                t_denom = _535
+                                # exp_avg_sq_work = exp_avg_sq
+                                exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                                # denom = sqrt(exp_avg_sq_work)
+                                denom = F.sqrt(exp_avg_sq_work)
                             else:
-                                _536 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                                t_exp_avg_sq_work = _536
-                                _537 = F.sqrt(t_exp_avg_sq_work)
-                                F.add_(_537, h["eps_eff"])
-                                t_denom = _537
+                                # exp_avg_sq_work = exp_avg_sq
+                                exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                                # denom = sqrt(exp_avg_sq_work) + eps_eff
+                                denom = F.sqrt(exp_avg_sq_work)
+                                F.add_(denom, h["eps_eff"])
+                            # if use_atan2:
                             if h["_c7"]:
-                                _538 = F.atan2(grad, t_denom)
-                                t_normalized = _538
+                                # normalized = atan2(grad, denom)
+                                normalized = F.atan2(grad, denom)
                             else:
-                                _539 = F.div(grad, t_denom)
-                                t_normalized = _539
+                                # normalized = grad / denom
+                                normalized = F.div(grad, denom)
+                            # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c8"]:
-                                _540 = F.clamp(t_normalized, h["_k133"], h["clip"])
-                                t_normalized = _540
+                                # normalized = clamp(normalized, -clip, clip)
+                                normalized = F.clamp(normalized, h["_k133"], h["clip"])
+                            # if beta1 > 0:
                             if h["_c9"]:
-                                _541 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                                t_exp_avg_work = _541
-                                F.lerp_(t_exp_avg_work, t_normalized, h["_k134"])
-                                F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                                # exp_avg_work = exp_avg
+                                exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                                # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                                F.lerp_(exp_avg_work, normalized, h["_k134"])
+                                # exp_avg = exp_avg_work
+                                F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                                # if nesterov:
                                 if h["_c10"]:
+                                    # if nesterov_coef == None:
                                     if h["_c11"]:
-                                        _542 = F.lerp(t_exp_avg_work, grad, h["_k136"])
-                                        t_update = _542
+                                        # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                        update = F.lerp(exp_avg_work, grad, h["_k136"])
                                     else:
-                                        _543 = F.lerp(t_exp_avg_work, grad, h["_k137"])
-                                        t_update = _543
+                                        # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                        update = F.lerp(exp_avg_work, grad, h["_k137"])
                                 else:
-                                    _544 = F.copy(t_exp_avg_work)
-                                    t_update = _544
+                                    # update = copy(exp_avg_work)
+                                    update = F.copy(exp_avg_work)
                             else:
-                                _545 = F.copy(t_normalized)
-                                t_update = _545
+                                # update = copy(normalized)
+                                update = F.copy(normalized)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _546 = F.mul(grad, grad)
-                                _547 = F.sum(_546)
-                                F.assign_(st_kourkoutas_sq, _547)
-                                F.mul_(t_exp_avg_sq_work, h["_k138"])
-                                F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k139"])
-                                F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_23 = F.mul(grad, grad)
+                                kourkoutas_sq_24 = F.sum(kourkoutas_sq_23)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_24)
+                                # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                                F.mul_(exp_avg_sq_work, h["_k138"])
+                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k139"])
+                                # exp_avg_sq = exp_avg_sq_work
+                                F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                             else:
-                                F.mul_(t_exp_avg_sq_work, h["_k141"])
-                                F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k142"])
-                                F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                                # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                                F.mul_(exp_avg_sq_work, h["_k141"])
+                                F.addcmul_(exp_avg_sq_work, grad, grad, h["_k142"])
+                                # exp_avg_sq = exp_avg_sq_work
+                                F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                            # if use_atan2:
                             if h["_c7"]:
-                                F.mul_(t_update, h["_k144"])
+                                # update = update * (lr * 1.2732395447351628)
+                                F.mul_(update, h["_k144"])
                             else:
-                                F.mul_(t_update, h["_k145"])
+                                # update = update * lr
+                                F.mul_(update, h["_k145"])
+                            # if stochastic_rounding and bf16 != 0:
                             if h["_c12"]:
-                                _548 = F.float32(param)
-                                t_param_fp32 = _548
-                                _549 = F.float32(t_update)
-                                t_update_fp32 = _549
+                                # param_fp32 = float32(param)
+                                param_fp32 = F.float32(param)
+                                # update_fp32 = float32(update)
+                                update_fp32 = F.float32(update)
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _550 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_550, 1.2732395447351628)
-                                            t_fisher = _550
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _551 = F.rdiv(t_denom, 1)
-                                            t_fisher = _551
-                                            _552 = F.mul(t_param_fp32, t_fisher)
-                                            F.pow_(_552, 2)
-                                            _553 = F.mean(_552)
-                                            F.sqrt_(_553)
-                                            F.div_(_553, 1.0)
-                                            F.maximum_(_553, 1.0)
-                                            _554 = F.div(t_fisher, _553)
-                                            t_fisher = _554
-                                        F.mul_(t_fisher, h["_k146"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_37 = F.mul(param_fp32, fisher)
+                                            F.pow_(fisher_37, 2)
+                                            fisher_38 = F.mean(fisher_37)
+                                            F.sqrt_(fisher_38)
+                                            F.div_(fisher_38, 1.0)
+                                            F.maximum_(fisher_38, 1.0)
+                                            fisher_39 = F.div(fisher, fisher_38)
+                                            fisher = fisher_39
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k146"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _555 = F.mul(t_update_fp32, t_param_fp32)
-                                            _556 = F.ge(_555, 0)
-                                            _557 = F.where(_556, 1.0, 0.0, like=param)
-                                            F.mul_(_557, t_fisher)
-                                            _558 = F.addcmul(t_param_fp32, t_param_fp32, _557, -1.0)
-                                            t_param_fp32 = _558
+                                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                            param_fp32_73 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_74 = F.ge(param_fp32_73, 0)
+                                            param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_75, fisher)
+                                            param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
+                                            param_fp32 = param_fp32_76
                                         else:
-                                            _559 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                            t_param_fp32 = _559
+                                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _560 = F.mul(t_update_fp32, t_param_fp32)
-                                            _561 = F.ge(_560, 0)
-                                            _562 = F.where(_561, 1.0, 0.0, like=param)
-                                            _563 = F.addcmul(t_param_fp32, t_param_fp32, _562, h["_k147"])
-                                            t_param_fp32 = _563
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                            param_fp32_77 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_78 = F.ge(param_fp32_77, 0)
+                                            param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                            param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k147"])
+                                            param_fp32 = param_fp32_80
                                         else:
-                                            _564 = F.axpy(t_param_fp32, t_param_fp32, h["_k148"])
-                                            t_param_fp32 = _564
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k148"])
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _565 = F.cast(st_anchor_data, t_param_fp32)
-                                    _566 = F.sub(t_param_fp32, _565)
-                                    t_cwd_target = _566
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_13 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_13)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _567 = F.mul(t_update_fp32, t_cwd_target)
-                                        _568 = F.ge(_567, 0)
-                                        _569 = F.where(_568, 1.0, 0.0, like=param)
-                                        _570 = F.addcmul(t_param_fp32, t_cwd_target, _569, h["_k149"])
-                                        t_param_fp32 = _570
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_81 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_82 = F.ge(param_fp32_81, 0)
+                                        param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                        param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k149"])
+                                        param_fp32 = param_fp32_84
                                     else:
-                                        _571 = F.axpy(t_param_fp32, t_cwd_target, h["_k150"])
-                                        t_param_fp32 = _571
-                                _572 = F.sub(t_param_fp32, t_update_fp32)
-                                t_param_fp32 = _572
-                                _573 = F.stochastic_round(t_param_fp32, h["_k151"])
-                                F.assign_(param, _573)
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k150"])
+                                # param_fp32 = param_fp32 + -update_fp32
+                                param_fp32 = F.sub(param_fp32, update_fp32)
+                                # param = stochastic_round(param_fp32, step)
+                                param_85 = F.stochastic_round(param_fp32, h["_k151"])
+                                F.assign_(param, param_85)
                             else:
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _574 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_574, 1.2732395447351628)
-                                            t_fisher = _574
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _575 = F.rdiv(t_denom, 1)
-                                            t_fisher = _575
-                                            _576 = F.mul(param, t_fisher)
-                                            F.pow_(_576, 2)
-                                            _577 = F.mean(_576)
-                                            F.sqrt_(_577)
-                                            F.div_(_577, 1.0)
-                                            F.maximum_(_577, 1.0)
-                                            _578 = F.div(t_fisher, _577)
-                                            t_fisher = _578
-                                        F.mul_(t_fisher, h["_k152"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_40 = F.mul(param, fisher)
+                                            F.pow_(fisher_40, 2)
+                                            fisher_41 = F.mean(fisher_40)
+                                            F.sqrt_(fisher_41)
+                                            F.div_(fisher_41, 1.0)
+                                            F.maximum_(fisher_41, 1.0)
+                                            fisher_42 = F.div(fisher, fisher_41)
+                                            fisher = fisher_42
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k152"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _579 = F.mul(t_update, param)
-                                            _580 = F.ge(_579, 0)
-                                            _581 = F.where(_580, 1.0, 0.0, like=param)
-                                            F.mul_(_581, t_fisher)
-                                            _582 = F.addcmul(param, param, _581, -1.0)
-                                            F.assign_(param, _582)
+                                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                            param_86 = F.mul(update, param)
+                                            param_87 = F.ge(param_86, 0)
+                                            param_88 = F.where(param_87, 1.0, 0.0, like=param)
+                                            F.mul_(param_88, fisher)
+                                            param_89 = F.addcmul(param, param, param_88, -1.0)
+                                            F.assign_(param, param_89)
                                         else:
-                                            _583 = F.addcmul(param, param, t_fisher, -1.0)
-                                            F.assign_(param, _583)
+                                            # param = param - param * fisher
+                                            param_90 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_90)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _584 = F.mul(t_update, param)
-                                            _585 = F.ge(_584, 0)
-                                            _586 = F.where(_585, 1.0, 0.0, like=param)
-                                            _587 = F.addcmul(param, param, _586, h["_k153"])
-                                            F.assign_(param, _587)
+                                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                            param_91 = F.mul(update, param)
+                                            param_92 = F.ge(param_91, 0)
+                                            param_93 = F.where(param_92, 1.0, 0.0, like=param)
+                                            param_94 = F.addcmul(param, param, param_93, h["_k153"])
+                                            F.assign_(param, param_94)
                                         else:
-                                            _588 = F.axpy(param, param, h["_k154"])
-                                            F.assign_(param, _588)
+                                            # param = param - weight_decay * lr * param
+                                            param_95 = F.axpy(param, param, h["_k154"])
+                                            F.assign_(param, param_95)
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _589 = F.cast(st_anchor_data, param)
-                                    _590 = F.sub(param, _589)
-                                    t_cwd_target = _590
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_14 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_14)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _591 = F.mul(t_update, t_cwd_target)
-                                        _592 = F.ge(_591, 0)
-                                        _593 = F.where(_592, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, t_cwd_target, _593, h["_k155"])
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_96 = F.mul(update, cwd_target)
+                                        param_97 = F.ge(param_96, 0)
+                                        param_98 = F.where(param_97, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_98, h["_k155"])
                                     else:
-                                        F.axpy_(param, t_cwd_target, h["_k156"])
-                                F.sub_(param, t_update)
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k156"])
+                                # param = param + -update
+                                F.sub_(param, update)
                     else:
+                        # if step == 1:
                         if h["_c30"]:
-                            _594 = F.mul(grad, grad)
-                            F.assign_(st_exp_avg_sq, _594)
+                            # exp_avg_sq = grad * grad
+                            exp_avg_sq_2 = F.mul(grad, grad)
+                            F.assign_(exp_avg_sq, exp_avg_sq_2)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _595 = F.mul(grad, grad)
-                                _596 = F.sum(_595)
-                                F.assign_(st_kourkoutas_sq, _596)
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_25 = F.mul(grad, grad)
+                                kourkoutas_sq_26 = F.sum(kourkoutas_sq_25)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_26)
+                        # if step > 1 or use_atan2:
                         if h["_c31"]:
+                            # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                             if h["_c25"]:
-                                _597 = F.float32(grad)
-                                grad = _597
+                                # grad = float32(grad)
+                                grad = F.float32(grad)
+                            # if orthogonal_gradient == 'flattened':
                             if h["_c5"]:
-                                _598 = F.vdot(param, grad)
-                                _599 = F.vdot(param, param)
-                                F.add_(_599, 1e-30)
-                                F.div_(_598, _599)
-                                _600 = F.mul(param, _598)
-                                _601 = F.sub(grad, _600)
-                                t_ortho_g = _601
-                                _602 = F.norm(grad)
-                                _603 = F.norm(t_ortho_g)
-                                F.add_(_603, 1e-30)
-                                F.div_(_602, _603)
-                                t_ortho_scale = _602
-                                _604 = F.mul(t_ortho_g, t_ortho_scale)
-                                grad = _604
+                                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                                ortho_g_22 = F.vdot(param, grad)
+                                ortho_g_23 = F.vdot(param, param)
+                                F.add_(ortho_g_23, 1e-30)
+                                F.div_(ortho_g_22, ortho_g_23)
+                                ortho_g_24 = F.mul(param, ortho_g_22)
+                                ortho_g = F.sub(grad, ortho_g_24)
+                                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                                ortho_scale = F.norm(grad)
+                                ortho_scale_8 = F.norm(ortho_g)
+                                F.add_(ortho_scale_8, 1e-30)
+                                F.div_(ortho_scale, ortho_scale_8)
+                                # grad = ortho_g * ortho_scale
+                                grad = F.mul(ortho_g, ortho_scale)
+                            # if eps == None:
                             if h["_c6"]:
                                 pass
+                            # if use_atan2:
                             if h["_c7"]:
-                                _605 = F.sqrt(st_exp_avg_sq)
-                                t_denom = _605
+                                # denom = sqrt(exp_avg_sq)
+                                denom = F.sqrt(exp_avg_sq)
                             else:
-                                _606 = F.sqrt(st_exp_avg_sq)
-                                F.add_(_606, h["eps_eff"])
-                                t_denom = _606
+                                # denom = sqrt(exp_avg_sq) + eps_eff
+                                denom = F.sqrt(exp_avg_sq)
+                                F.add_(denom, h["eps_eff"])
+                            # if use_atan2:
                             if h["_c7"]:
-                                _607 = F.atan2(grad, t_denom)
-                                t_normalized = _607
+                                # normalized = atan2(grad, denom)
+                                normalized = F.atan2(grad, denom)
                             else:
-                                _608 = F.div(grad, t_denom)
-                                t_normalized = _608
+                                # normalized = grad / denom
+                                normalized = F.div(grad, denom)
+                            # if clip_lambda == 'step ** 0.25' and not use_atan2:
                             if h["_c8"]:
-                                _609 = F.clamp(t_normalized, h["_k157"], h["clip"])
-                                t_normalized = _609
+                                # normalized = clamp(normalized, -clip, clip)
+                                normalized = F.clamp(normalized, h["_k157"], h["clip"])
+                            # if beta1 > 0:
                             if h["_c9"]:
-                                F.lerp_(st_exp_avg, t_normalized, h["_k158"])
+                                # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
+                                F.lerp_(exp_avg, normalized, h["_k158"])
+                                # if nesterov:
                                 if h["_c10"]:
+                                    # if nesterov_coef == None:
                                     if h["_c11"]:
-                                        _610 = F.lerp(st_exp_avg, grad, h["_k159"])
-                                        t_update = _610
+                                        # update = lerp(exp_avg, grad, 1 - beta1)
+                                        update = F.lerp(exp_avg, grad, h["_k159"])
                                     else:
-                                        _611 = F.lerp(st_exp_avg, grad, h["_k160"])
-                                        t_update = _611
+                                        # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                        update = F.lerp(exp_avg, grad, h["_k160"])
                                 else:
-                                    _612 = F.copy(st_exp_avg)
-                                    t_update = _612
+                                    # update = copy(exp_avg)
+                                    update = F.copy(exp_avg)
                             else:
-                                _613 = F.copy(t_normalized)
-                                t_update = _613
+                                # update = copy(normalized)
+                                update = F.copy(normalized)
+                            # if kourkoutas_beta:
                             if h["_c3"]:
-                                _614 = F.mul(grad, grad)
-                                _615 = F.sum(_614)
-                                F.assign_(st_kourkoutas_sq, _615)
-                                F.mul_(st_exp_avg_sq, h["_k161"])
-                                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k162"])
+                                # kourkoutas_sq = sum(grad * grad)
+                                kourkoutas_sq_27 = F.mul(grad, grad)
+                                kourkoutas_sq_28 = F.sum(kourkoutas_sq_27)
+                                F.assign_(kourkoutas_sq, kourkoutas_sq_28)
+                                # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                                F.mul_(exp_avg_sq, h["_k161"])
+                                F.addcmul_(exp_avg_sq, grad, grad, h["_k162"])
                             else:
-                                F.mul_(st_exp_avg_sq, h["_k163"])
-                                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k164"])
+                                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                                F.mul_(exp_avg_sq, h["_k163"])
+                                F.addcmul_(exp_avg_sq, grad, grad, h["_k164"])
+                            # if use_atan2:
                             if h["_c7"]:
-                                F.mul_(t_update, h["_k165"])
+                                # update = update * (lr * 1.2732395447351628)
+                                F.mul_(update, h["_k165"])
                             else:
-                                F.mul_(t_update, h["_k166"])
+                                # update = update * lr
+                                F.mul_(update, h["_k166"])
+                            # if stochastic_rounding and bf16 != 0:
                             if h["_c12"]:
-                                _616 = F.float32(param)
-                                t_param_fp32 = _616
-                                _617 = F.float32(t_update)
-                                t_update_fp32 = _617
+                                # param_fp32 = float32(param)
+                                param_fp32 = F.float32(param)
+                                # update_fp32 = float32(update)
+                                update_fp32 = F.float32(update)
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _618 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_618, 1.2732395447351628)
-                                            t_fisher = _618
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _619 = F.rdiv(t_denom, 1)
-                                            t_fisher = _619
-                                            _620 = F.mul(t_param_fp32, t_fisher)
-                                            F.pow_(_620, 2)
-                                            _621 = F.mean(_620)
-                                            F.sqrt_(_621)
-                                            F.div_(_621, 1.0)
-                                            F.maximum_(_621, 1.0)
-                                            _622 = F.div(t_fisher, _621)
-                                            t_fisher = _622
-                                        F.mul_(t_fisher, h["_k167"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_43 = F.mul(param_fp32, fisher)
+                                            F.pow_(fisher_43, 2)
+                                            fisher_44 = F.mean(fisher_43)
+                                            F.sqrt_(fisher_44)
+                                            F.div_(fisher_44, 1.0)
+                                            F.maximum_(fisher_44, 1.0)
+                                            fisher_45 = F.div(fisher, fisher_44)
+                                            fisher = fisher_45
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k167"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _623 = F.mul(t_update_fp32, t_param_fp32)
-                                            _624 = F.ge(_623, 0)
-                                            _625 = F.where(_624, 1.0, 0.0, like=param)
-                                            F.mul_(_625, t_fisher)
-                                            _626 = F.addcmul(t_param_fp32, t_param_fp32, _625, -1.0)
-                                            t_param_fp32 = _626
+                                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                            param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_86 = F.ge(param_fp32_85, 0)
+                                            param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                            F.mul_(param_fp32_87, fisher)
+                                            param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
+                                            param_fp32 = param_fp32_88
                                         else:
-                                            _627 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                            t_param_fp32 = _627
+                                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _628 = F.mul(t_update_fp32, t_param_fp32)
-                                            _629 = F.ge(_628, 0)
-                                            _630 = F.where(_629, 1.0, 0.0, like=param)
-                                            _631 = F.addcmul(t_param_fp32, t_param_fp32, _630, h["_k168"])
-                                            t_param_fp32 = _631
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                            param_fp32_89 = F.mul(update_fp32, param_fp32)
+                                            param_fp32_90 = F.ge(param_fp32_89, 0)
+                                            param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                            param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k168"])
+                                            param_fp32 = param_fp32_92
                                         else:
-                                            _632 = F.axpy(t_param_fp32, t_param_fp32, h["_k169"])
-                                            t_param_fp32 = _632
+                                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k169"])
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _633 = F.cast(st_anchor_data, t_param_fp32)
-                                    _634 = F.sub(t_param_fp32, _633)
-                                    t_cwd_target = _634
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_15)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _635 = F.mul(t_update_fp32, t_cwd_target)
-                                        _636 = F.ge(_635, 0)
-                                        _637 = F.where(_636, 1.0, 0.0, like=param)
-                                        _638 = F.addcmul(t_param_fp32, t_cwd_target, _637, h["_k170"])
-                                        t_param_fp32 = _638
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                        param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                        param_fp32_94 = F.ge(param_fp32_93, 0)
+                                        param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                        param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k170"])
+                                        param_fp32 = param_fp32_96
                                     else:
-                                        _639 = F.axpy(t_param_fp32, t_cwd_target, h["_k171"])
-                                        t_param_fp32 = _639
-                                _640 = F.sub(t_param_fp32, t_update_fp32)
-                                t_param_fp32 = _640
-                                _641 = F.stochastic_round(t_param_fp32, h["_k172"])
-                                F.assign_(param, _641)
+                                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k171"])
+                                # param_fp32 = param_fp32 + -update_fp32
+                                param_fp32 = F.sub(param_fp32, update_fp32)
+                                # param = stochastic_round(param_fp32, step)
+                                param_99 = F.stochastic_round(param_fp32, h["_k172"])
+                                F.assign_(param, param_99)
                             else:
+                                # if weight_decay != 0:
                                 if h["_c13"]:
+                                    # if fisher_wd:
                                     if h["_c14"]:
+                                        # if use_atan2:
                                         if h["_c7"]:
-                                            _642 = F.atan2(st_wd_scaler, t_denom)
-                                            F.mul_(_642, 1.2732395447351628)
-                                            t_fisher = _642
+                                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                            fisher = F.atan2(wd_scaler, denom)
+                                            F.mul_(fisher, 1.2732395447351628)
                                         else:
-                                            _643 = F.rdiv(t_denom, 1)
-                                            t_fisher = _643
-                                            _644 = F.mul(param, t_fisher)
-                                            F.pow_(_644, 2)
-                                            _645 = F.mean(_644)
-                                            F.sqrt_(_645)
-                                            F.div_(_645, 1.0)
-                                            F.maximum_(_645, 1.0)
-                                            _646 = F.div(t_fisher, _645)
-                                            t_fisher = _646
-                                        F.mul_(t_fisher, h["_k173"])
+                                            # fisher = 1 / denom
+                                            fisher = F.rdiv(denom, 1)
+                                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                            fisher_46 = F.mul(param, fisher)
+                                            F.pow_(fisher_46, 2)
+                                            fisher_47 = F.mean(fisher_46)
+                                            F.sqrt_(fisher_47)
+                                            F.div_(fisher_47, 1.0)
+                                            F.maximum_(fisher_47, 1.0)
+                                            fisher_48 = F.div(fisher, fisher_47)
+                                            fisher = fisher_48
+                                        # fisher = fisher * (weight_decay * lr)
+                                        F.mul_(fisher, h["_k173"])
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _647 = F.mul(t_update, param)
-                                            _648 = F.ge(_647, 0)
-                                            _649 = F.where(_648, 1.0, 0.0, like=param)
-                                            F.mul_(_649, t_fisher)
-                                            _650 = F.addcmul(param, param, _649, -1.0)
-                                            F.assign_(param, _650)
+                                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                            param_100 = F.mul(update, param)
+                                            param_101 = F.ge(param_100, 0)
+                                            param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                            F.mul_(param_102, fisher)
+                                            param_103 = F.addcmul(param, param, param_102, -1.0)
+                                            F.assign_(param, param_103)
                                         else:
-                                            _651 = F.addcmul(param, param, t_fisher, -1.0)
-                                            F.assign_(param, _651)
+                                            # param = param - param * fisher
+                                            param_104 = F.addcmul(param, param, fisher, -1.0)
+                                            F.assign_(param, param_104)
                                     else:
+                                        # if cautious_wd:
                                         if h["_c15"]:
-                                            _652 = F.mul(t_update, param)
-                                            _653 = F.ge(_652, 0)
-                                            _654 = F.where(_653, 1.0, 0.0, like=param)
-                                            _655 = F.addcmul(param, param, _654, h["_k174"])
-                                            F.assign_(param, _655)
+                                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                            param_105 = F.mul(update, param)
+                                            param_106 = F.ge(param_105, 0)
+                                            param_107 = F.where(param_106, 1.0, 0.0, like=param)
+                                            param_108 = F.addcmul(param, param, param_107, h["_k174"])
+                                            F.assign_(param, param_108)
                                         else:
-                                            _656 = F.axpy(param, param, h["_k175"])
-                                            F.assign_(param, _656)
+                                            # param = param - weight_decay * lr * param
+                                            param_109 = F.axpy(param, param, h["_k175"])
+                                            F.assign_(param, param_109)
+                                # if centered_wd != 0:
                                 if h["_c16"]:
-                                    _657 = F.cast(st_anchor_data, param)
-                                    _658 = F.sub(param, _657)
-                                    t_cwd_target = _658
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_16 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_16)
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _659 = F.mul(t_update, t_cwd_target)
-                                        _660 = F.ge(_659, 0)
-                                        _661 = F.where(_660, 1.0, 0.0, like=param)
-                                        F.addcmul_(param, t_cwd_target, _661, h["_k176"])
+                                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                        param_110 = F.mul(update, cwd_target)
+                                        param_111 = F.ge(param_110, 0)
+                                        param_112 = F.where(param_111, 1.0, 0.0, like=param)
+                                        F.addcmul_(param, cwd_target, param_112, h["_k176"])
                                     else:
-                                        F.axpy_(param, t_cwd_target, h["_k177"])
-                                F.sub_(param, t_update)
+                                        # param = param - centered_wd * lr * cwd_target
+                                        F.axpy_(param, cwd_target, h["_k177"])
+                                # param = param + -update
+                                F.sub_(param, update)
         else:
+            # if state_precision == 'bf16_sr' and not nnmf_factor:
             if h["_c22"]:
+                # if step == 1:
                 if h["_c32"]:
-                    _662 = F.mul(grad, grad)
-                    t_exp_avg_sq_work = _662
-                    F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                    # exp_avg_sq_work = grad * grad
+                    exp_avg_sq_work = F.mul(grad, grad)
+                    # exp_avg_sq = exp_avg_sq_work
+                    F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                    # if kourkoutas_beta:
                     if h["_c3"]:
-                        _663 = F.mul(grad, grad)
-                        _664 = F.sum(_663)
-                        F.assign_(st_kourkoutas_sq, _664)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_29 = F.mul(grad, grad)
+                        kourkoutas_sq_30 = F.sum(kourkoutas_sq_29)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_30)
+                # if step > 1 or use_atan2:
                 if h["_c33"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c23"]:
-                        _665 = F.float32(grad)
-                        grad = _665
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c5"]:
-                        _666 = F.vdot(param, grad)
-                        _667 = F.vdot(param, param)
-                        F.add_(_667, 1e-30)
-                        F.div_(_666, _667)
-                        _668 = F.mul(param, _666)
-                        _669 = F.sub(grad, _668)
-                        t_ortho_g = _669
-                        _670 = F.norm(grad)
-                        _671 = F.norm(t_ortho_g)
-                        F.add_(_671, 1e-30)
-                        F.div_(_670, _671)
-                        t_ortho_scale = _670
-                        _672 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _672
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_25 = F.vdot(param, grad)
+                        ortho_g_26 = F.vdot(param, param)
+                        F.add_(ortho_g_26, 1e-30)
+                        F.div_(ortho_g_25, ortho_g_26)
+                        ortho_g_27 = F.mul(param, ortho_g_25)
+                        ortho_g = F.sub(grad, ortho_g_27)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_9 = F.norm(ortho_g)
+                        F.add_(ortho_scale_9, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_9)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if eps == None:
                     if h["_c6"]:
                         pass
+                    # if use_atan2:
                     if h["_c7"]:
-                        _673 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _673
-                        _674 = F.sqrt(t_exp_avg_sq_work)
-                        t_denom = _674
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # denom = sqrt(exp_avg_sq_work)
+                        denom = F.sqrt(exp_avg_sq_work)
                     else:
-                        _675 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _675
-                        _676 = F.sqrt(t_exp_avg_sq_work)
-                        F.add_(_676, h["eps_eff"])
-                        t_denom = _676
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # denom = sqrt(exp_avg_sq_work) + eps_eff
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.add_(denom, h["eps_eff"])
+                    # if use_atan2:
                     if h["_c7"]:
-                        _677 = F.atan2(grad, t_denom)
-                        t_normalized = _677
+                        # normalized = atan2(grad, denom)
+                        normalized = F.atan2(grad, denom)
                     else:
-                        _678 = F.div(grad, t_denom)
-                        t_normalized = _678
+                        # normalized = grad / denom
+                        normalized = F.div(grad, denom)
+                    # if clip_lambda == 'step ** 0.25' and not use_atan2:
                     if h["_c8"]:
-                        _679 = F.clamp(t_normalized, h["_k179"], h["clip"])
-                        t_normalized = _679
+                        # normalized = clamp(normalized, -clip, clip)
+                        normalized = F.clamp(normalized, h["_k179"], h["clip"])
+                    # if beta1 > 0:
                     if h["_c9"]:
-                        _680 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                        t_exp_avg_work = _680
-                        F.lerp_(t_exp_avg_work, t_normalized, h["_k180"])
-                        F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                        # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                        F.lerp_(exp_avg_work, normalized, h["_k180"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                        # if nesterov:
                         if h["_c10"]:
+                            # if nesterov_coef == None:
                             if h["_c11"]:
-                                _681 = F.lerp(t_exp_avg_work, grad, h["_k182"])
-                                t_update = _681
+                                # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                update = F.lerp(exp_avg_work, grad, h["_k182"])
                             else:
-                                _682 = F.lerp(t_exp_avg_work, grad, h["_k183"])
-                                t_update = _682
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k183"])
                         else:
-                            _683 = F.copy(t_exp_avg_work)
-                            t_update = _683
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _684 = F.copy(t_normalized)
-                        t_update = _684
+                        # update = copy(normalized)
+                        update = F.copy(normalized)
+                    # if kourkoutas_beta:
                     if h["_c3"]:
-                        _685 = F.mul(grad, grad)
-                        _686 = F.sum(_685)
-                        F.assign_(st_kourkoutas_sq, _686)
-                        F.mul_(t_exp_avg_sq_work, h["_k184"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k185"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_31 = F.mul(grad, grad)
+                        kourkoutas_sq_32 = F.sum(kourkoutas_sq_31)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_32)
+                        # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k184"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k185"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
-                        F.mul_(t_exp_avg_sq_work, h["_k187"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k188"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k187"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k188"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                    # if use_atan2:
                     if h["_c7"]:
-                        F.mul_(t_update, h["_k190"])
+                        # update = update * (lr * 1.2732395447351628)
+                        F.mul_(update, h["_k190"])
                     else:
-                        F.mul_(t_update, h["_k191"])
+                        # update = update * lr
+                        F.mul_(update, h["_k191"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c12"]:
-                        _687 = F.float32(param)
-                        t_param_fp32 = _687
-                        _688 = F.float32(t_update)
-                        t_update_fp32 = _688
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c13"]:
+                            # if fisher_wd:
                             if h["_c14"]:
+                                # if use_atan2:
                                 if h["_c7"]:
-                                    _689 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_689, 1.2732395447351628)
-                                    t_fisher = _689
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _690 = F.rdiv(t_denom, 1)
-                                    t_fisher = _690
-                                    _691 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_691, 2)
-                                    _692 = F.mean(_691)
-                                    F.sqrt_(_692)
-                                    F.div_(_692, 1.0)
-                                    F.maximum_(_692, 1.0)
-                                    _693 = F.div(t_fisher, _692)
-                                    t_fisher = _693
-                                F.mul_(t_fisher, h["_k192"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_49 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_49, 2)
+                                    fisher_50 = F.mean(fisher_49)
+                                    F.sqrt_(fisher_50)
+                                    F.div_(fisher_50, 1.0)
+                                    F.maximum_(fisher_50, 1.0)
+                                    fisher_51 = F.div(fisher, fisher_50)
+                                    fisher = fisher_51
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k192"])
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _694 = F.mul(t_update_fp32, t_param_fp32)
-                                    _695 = F.ge(_694, 0)
-                                    _696 = F.where(_695, 1.0, 0.0, like=param)
-                                    F.mul_(_696, t_fisher)
-                                    _697 = F.addcmul(t_param_fp32, t_param_fp32, _696, -1.0)
-                                    t_param_fp32 = _697
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_98 = F.ge(param_fp32_97, 0)
+                                    param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_99, fisher)
+                                    param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                    param_fp32 = param_fp32_100
                                 else:
-                                    _698 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _698
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _699 = F.mul(t_update_fp32, t_param_fp32)
-                                    _700 = F.ge(_699, 0)
-                                    _701 = F.where(_700, 1.0, 0.0, like=param)
-                                    _702 = F.addcmul(t_param_fp32, t_param_fp32, _701, h["_k193"])
-                                    t_param_fp32 = _702
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_102 = F.ge(param_fp32_101, 0)
+                                    param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                    param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k193"])
+                                    param_fp32 = param_fp32_104
                                 else:
-                                    _703 = F.axpy(t_param_fp32, t_param_fp32, h["_k194"])
-                                    t_param_fp32 = _703
+                                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k194"])
+                        # if centered_wd != 0:
                         if h["_c16"]:
-                            _704 = F.cast(st_anchor_data, t_param_fp32)
-                            _705 = F.sub(t_param_fp32, _704)
-                            t_cwd_target = _705
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_17 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_17)
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _706 = F.mul(t_update_fp32, t_cwd_target)
-                                _707 = F.ge(_706, 0)
-                                _708 = F.where(_707, 1.0, 0.0, like=param)
-                                _709 = F.addcmul(t_param_fp32, t_cwd_target, _708, h["_k195"])
-                                t_param_fp32 = _709
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_105 = F.mul(update_fp32, cwd_target)
+                                param_fp32_106 = F.ge(param_fp32_105, 0)
+                                param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                                param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k195"])
+                                param_fp32 = param_fp32_108
                             else:
-                                _710 = F.axpy(t_param_fp32, t_cwd_target, h["_k196"])
-                                t_param_fp32 = _710
-                        _711 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _711
-                        _712 = F.stochastic_round(t_param_fp32, h["_k197"])
-                        F.assign_(param, _712)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k196"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_113 = F.stochastic_round(param_fp32, h["_k197"])
+                        F.assign_(param, param_113)
                     else:
+                        # if weight_decay != 0:
                         if h["_c13"]:
+                            # if fisher_wd:
                             if h["_c14"]:
+                                # if use_atan2:
                                 if h["_c7"]:
-                                    _713 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_713, 1.2732395447351628)
-                                    t_fisher = _713
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _714 = F.rdiv(t_denom, 1)
-                                    t_fisher = _714
-                                    _715 = F.mul(param, t_fisher)
-                                    F.pow_(_715, 2)
-                                    _716 = F.mean(_715)
-                                    F.sqrt_(_716)
-                                    F.div_(_716, 1.0)
-                                    F.maximum_(_716, 1.0)
-                                    _717 = F.div(t_fisher, _716)
-                                    t_fisher = _717
-                                F.mul_(t_fisher, h["_k198"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_52 = F.mul(param, fisher)
+                                    F.pow_(fisher_52, 2)
+                                    fisher_53 = F.mean(fisher_52)
+                                    F.sqrt_(fisher_53)
+                                    F.div_(fisher_53, 1.0)
+                                    F.maximum_(fisher_53, 1.0)
+                                    fisher_54 = F.div(fisher, fisher_53)
+                                    fisher = fisher_54
+                                # fisher = fisher * (weight_decay * lr)
+                                F.mul_(fisher, h["_k198"])
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _718 = F.mul(t_update, param)
-                                    _719 = F.ge(_718, 0)
-                                    _720 = F.where(_719, 1.0, 0.0, like=param)
-                                    F.mul_(_720, t_fisher)
-                                    _721 = F.addcmul(param, param, _720, -1.0)
-                                    F.assign_(param, _721)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_114 = F.mul(update, param)
+                                    param_115 = F.ge(param_114, 0)
+                                    param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                    F.mul_(param_116, fisher)
+                                    param_117 = F.addcmul(param, param, param_116, -1.0)
+                                    F.assign_(param, param_117)
                                 else:
-                                    _722 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _722)
+                                    # param = param - param * fisher
+                                    param_118 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_118)
                             else:
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _723 = F.mul(t_update, param)
-                                    _724 = F.ge(_723, 0)
-                                    _725 = F.where(_724, 1.0, 0.0, like=param)
-                                    _726 = F.addcmul(param, param, _725, h["_k199"])
-                                    F.assign_(param, _726)
+                                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_119 = F.mul(update, param)
+                                    param_120 = F.ge(param_119, 0)
+                                    param_121 = F.where(param_120, 1.0, 0.0, like=param)
+                                    param_122 = F.addcmul(param, param, param_121, h["_k199"])
+                                    F.assign_(param, param_122)
                                 else:
-                                    _727 = F.axpy(param, param, h["_k200"])
-                                    F.assign_(param, _727)
+                                    # param = param - weight_decay * lr * param
+                                    param_123 = F.axpy(param, param, h["_k200"])
+                                    F.assign_(param, param_123)
+                        # if centered_wd != 0:
                         if h["_c16"]:
-                            _728 = F.cast(st_anchor_data, param)
-                            _729 = F.sub(param, _728)
-                            t_cwd_target = _729
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_18)
+                            # if cautious_wd:
                             if h["_c15"]:
-                                _730 = F.mul(t_update, t_cwd_target)
-                                _731 = F.ge(_730, 0)
-                                _732 = F.where(_731, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _732, h["_k201"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_124 = F.mul(update, cwd_target)
+                                param_125 = F.ge(param_124, 0)
+                                param_126 = F.where(param_125, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_126, h["_k201"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k202"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k202"])
+                        # param = param + -update
+                        F.sub_(param, update)
             else:
+                # if state_precision == 'int8_sr' and not nnmf_factor:
                 if h["_c24"]:
+                    # if step == 1:
                     if h["_c34"]:
-                        _733 = F.mul(grad, grad)
-                        t_exp_avg_sq_work = _733
-                        F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = grad * grad
+                        exp_avg_sq_work = F.mul(grad, grad)
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _734 = F.mul(grad, grad)
-                            _735 = F.sum(_734)
-                            F.assign_(st_kourkoutas_sq, _735)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_33 = F.mul(grad, grad)
+                            kourkoutas_sq_34 = F.sum(kourkoutas_sq_33)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_34)
+                    # if step > 1 or use_atan2:
                     if h["_c35"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c23"]:
-                            _736 = F.float32(grad)
-                            grad = _736
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c5"]:
-                            _737 = F.vdot(param, grad)
-                            _738 = F.vdot(param, param)
-                            F.add_(_738, 1e-30)
-                            F.div_(_737, _738)
-                            _739 = F.mul(param, _737)
-                            _740 = F.sub(grad, _739)
-                            t_ortho_g = _740
-                            _741 = F.norm(grad)
-                            _742 = F.norm(t_ortho_g)
-                            F.add_(_742, 1e-30)
-                            F.div_(_741, _742)
-                            t_ortho_scale = _741
-                            _743 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _743
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_28 = F.vdot(param, grad)
+                            ortho_g_29 = F.vdot(param, param)
+                            F.add_(ortho_g_29, 1e-30)
+                            F.div_(ortho_g_28, ortho_g_29)
+                            ortho_g_30 = F.mul(param, ortho_g_28)
+                            ortho_g = F.sub(grad, ortho_g_30)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_10 = F.norm(ortho_g)
+                            F.add_(ortho_scale_10, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_10)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c6"]:
                             pass
+                        # if use_atan2:
                         if h["_c7"]:
-                            _744 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _744
-                            _745 = F.sqrt(t_exp_avg_sq_work)
-                            t_denom = _745
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # denom = sqrt(exp_avg_sq_work)
+                            denom = F.sqrt(exp_avg_sq_work)
                         else:
-                            _746 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _746
-                            _747 = F.sqrt(t_exp_avg_sq_work)
-                            F.add_(_747, h["eps_eff"])
-                            t_denom = _747
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # denom = sqrt(exp_avg_sq_work) + eps_eff
+                            denom = F.sqrt(exp_avg_sq_work)
+                            F.add_(denom, h["eps_eff"])
+                        # if use_atan2:
                         if h["_c7"]:
-                            _748 = F.atan2(grad, t_denom)
-                            t_normalized = _748
+                            # normalized = atan2(grad, denom)
+                            normalized = F.atan2(grad, denom)
                         else:
-                            _749 = F.div(grad, t_denom)
-                            t_normalized = _749
+                            # normalized = grad / denom
+                            normalized = F.div(grad, denom)
+                        # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c8"]:
-                            _750 = F.clamp(t_normalized, h["_k204"], h["clip"])
-                            t_normalized = _750
+                            # normalized = clamp(normalized, -clip, clip)
+                            normalized = F.clamp(normalized, h["_k204"], h["clip"])
+                        # if beta1 > 0:
                         if h["_c9"]:
-                            _751 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                            t_exp_avg_work = _751
-                            F.lerp_(t_exp_avg_work, t_normalized, h["_k205"])
-                            F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                            # exp_avg_work = lerp(exp_avg_work, normalized, 1 - beta1)
+                            F.lerp_(exp_avg_work, normalized, h["_k205"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                            # if nesterov:
                             if h["_c10"]:
+                                # if nesterov_coef == None:
                                 if h["_c11"]:
-                                    _752 = F.lerp(t_exp_avg_work, grad, h["_k207"])
-                                    t_update = _752
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg_work, grad, h["_k207"])
                                 else:
-                                    _753 = F.lerp(t_exp_avg_work, grad, h["_k208"])
-                                    t_update = _753
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k208"])
                             else:
-                                _754 = F.copy(t_exp_avg_work)
-                                t_update = _754
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _755 = F.copy(t_normalized)
-                            t_update = _755
+                            # update = copy(normalized)
+                            update = F.copy(normalized)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _756 = F.mul(grad, grad)
-                            _757 = F.sum(_756)
-                            F.assign_(st_kourkoutas_sq, _757)
-                            F.mul_(t_exp_avg_sq_work, h["_k209"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k210"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_35 = F.mul(grad, grad)
+                            kourkoutas_sq_36 = F.sum(kourkoutas_sq_35)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_36)
+                            # exp_avg_sq_work = exp_avg_sq_work * input() + (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k209"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k210"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
-                            F.mul_(t_exp_avg_sq_work, h["_k212"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k213"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # exp_avg_sq_work = exp_avg_sq_work * beta2 + (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k212"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k213"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                        # if use_atan2:
                         if h["_c7"]:
-                            F.mul_(t_update, h["_k215"])
+                            # update = update * (lr * 1.2732395447351628)
+                            F.mul_(update, h["_k215"])
                         else:
-                            F.mul_(t_update, h["_k216"])
+                            # update = update * lr
+                            F.mul_(update, h["_k216"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c12"]:
-                            _758 = F.float32(param)
-                            t_param_fp32 = _758
-                            _759 = F.float32(t_update)
-                            t_update_fp32 = _759
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _760 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_760, 1.2732395447351628)
-                                        t_fisher = _760
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _761 = F.rdiv(t_denom, 1)
-                                        t_fisher = _761
-                                        _762 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_762, 2)
-                                        _763 = F.mean(_762)
-                                        F.sqrt_(_763)
-                                        F.div_(_763, 1.0)
-                                        F.maximum_(_763, 1.0)
-                                        _764 = F.div(t_fisher, _763)
-                                        t_fisher = _764
-                                    F.mul_(t_fisher, h["_k217"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_55 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_55, 2)
+                                        fisher_56 = F.mean(fisher_55)
+                                        F.sqrt_(fisher_56)
+                                        F.div_(fisher_56, 1.0)
+                                        F.maximum_(fisher_56, 1.0)
+                                        fisher_57 = F.div(fisher, fisher_56)
+                                        fisher = fisher_57
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k217"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _765 = F.mul(t_update_fp32, t_param_fp32)
-                                        _766 = F.ge(_765, 0)
-                                        _767 = F.where(_766, 1.0, 0.0, like=param)
-                                        F.mul_(_767, t_fisher)
-                                        _768 = F.addcmul(t_param_fp32, t_param_fp32, _767, -1.0)
-                                        t_param_fp32 = _768
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_109 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_110 = F.ge(param_fp32_109, 0)
+                                        param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_111, fisher)
+                                        param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
+                                        param_fp32 = param_fp32_112
                                     else:
-                                        _769 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _769
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _770 = F.mul(t_update_fp32, t_param_fp32)
-                                        _771 = F.ge(_770, 0)
-                                        _772 = F.where(_771, 1.0, 0.0, like=param)
-                                        _773 = F.addcmul(t_param_fp32, t_param_fp32, _772, h["_k218"])
-                                        t_param_fp32 = _773
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_114 = F.ge(param_fp32_113, 0)
+                                        param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                        param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k218"])
+                                        param_fp32 = param_fp32_116
                                     else:
-                                        _774 = F.axpy(t_param_fp32, t_param_fp32, h["_k219"])
-                                        t_param_fp32 = _774
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k219"])
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _775 = F.cast(st_anchor_data, t_param_fp32)
-                                _776 = F.sub(t_param_fp32, _775)
-                                t_cwd_target = _776
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_19 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_19)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _777 = F.mul(t_update_fp32, t_cwd_target)
-                                    _778 = F.ge(_777, 0)
-                                    _779 = F.where(_778, 1.0, 0.0, like=param)
-                                    _780 = F.addcmul(t_param_fp32, t_cwd_target, _779, h["_k220"])
-                                    t_param_fp32 = _780
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_117 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_118 = F.ge(param_fp32_117, 0)
+                                    param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                    param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k220"])
+                                    param_fp32 = param_fp32_120
                                 else:
-                                    _781 = F.axpy(t_param_fp32, t_cwd_target, h["_k221"])
-                                    t_param_fp32 = _781
-                            _782 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _782
-                            _783 = F.stochastic_round(t_param_fp32, h["_k222"])
-                            F.assign_(param, _783)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k221"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_127 = F.stochastic_round(param_fp32, h["_k222"])
+                            F.assign_(param, param_127)
                         else:
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _784 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_784, 1.2732395447351628)
-                                        t_fisher = _784
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _785 = F.rdiv(t_denom, 1)
-                                        t_fisher = _785
-                                        _786 = F.mul(param, t_fisher)
-                                        F.pow_(_786, 2)
-                                        _787 = F.mean(_786)
-                                        F.sqrt_(_787)
-                                        F.div_(_787, 1.0)
-                                        F.maximum_(_787, 1.0)
-                                        _788 = F.div(t_fisher, _787)
-                                        t_fisher = _788
-                                    F.mul_(t_fisher, h["_k223"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_58 = F.mul(param, fisher)
+                                        F.pow_(fisher_58, 2)
+                                        fisher_59 = F.mean(fisher_58)
+                                        F.sqrt_(fisher_59)
+                                        F.div_(fisher_59, 1.0)
+                                        F.maximum_(fisher_59, 1.0)
+                                        fisher_60 = F.div(fisher, fisher_59)
+                                        fisher = fisher_60
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k223"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _789 = F.mul(t_update, param)
-                                        _790 = F.ge(_789, 0)
-                                        _791 = F.where(_790, 1.0, 0.0, like=param)
-                                        F.mul_(_791, t_fisher)
-                                        _792 = F.addcmul(param, param, _791, -1.0)
-                                        F.assign_(param, _792)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_128 = F.mul(update, param)
+                                        param_129 = F.ge(param_128, 0)
+                                        param_130 = F.where(param_129, 1.0, 0.0, like=param)
+                                        F.mul_(param_130, fisher)
+                                        param_131 = F.addcmul(param, param, param_130, -1.0)
+                                        F.assign_(param, param_131)
                                     else:
-                                        _793 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _793)
+                                        # param = param - param * fisher
+                                        param_132 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_132)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _794 = F.mul(t_update, param)
-                                        _795 = F.ge(_794, 0)
-                                        _796 = F.where(_795, 1.0, 0.0, like=param)
-                                        _797 = F.addcmul(param, param, _796, h["_k224"])
-                                        F.assign_(param, _797)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_133 = F.mul(update, param)
+                                        param_134 = F.ge(param_133, 0)
+                                        param_135 = F.where(param_134, 1.0, 0.0, like=param)
+                                        param_136 = F.addcmul(param, param, param_135, h["_k224"])
+                                        F.assign_(param, param_136)
                                     else:
-                                        _798 = F.axpy(param, param, h["_k225"])
-                                        F.assign_(param, _798)
+                                        # param = param - weight_decay * lr * param
+                                        param_137 = F.axpy(param, param, h["_k225"])
+                                        F.assign_(param, param_137)
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _799 = F.cast(st_anchor_data, param)
-                                _800 = F.sub(param, _799)
-                                t_cwd_target = _800
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _801 = F.mul(t_update, t_cwd_target)
-                                    _802 = F.ge(_801, 0)
-                                    _803 = F.where(_802, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _803, h["_k226"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_138 = F.mul(update, cwd_target)
+                                    param_139 = F.ge(param_138, 0)
+                                    param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_140, h["_k226"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k227"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k227"])
+                            # param = param + -update
+                            F.sub_(param, update)
                 else:
+                    # if step == 1:
                     if h["_c36"]:
-                        _804 = F.mul(grad, grad)
-                        F.assign_(st_exp_avg_sq, _804)
+                        # exp_avg_sq = grad * grad
+                        exp_avg_sq_3 = F.mul(grad, grad)
+                        F.assign_(exp_avg_sq, exp_avg_sq_3)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _805 = F.mul(grad, grad)
-                            _806 = F.sum(_805)
-                            F.assign_(st_kourkoutas_sq, _806)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_37 = F.mul(grad, grad)
+                            kourkoutas_sq_38 = F.sum(kourkoutas_sq_37)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_38)
+                    # if step > 1 or use_atan2:
                     if h["_c37"]:
+                        # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                         if h["_c25"]:
-                            _807 = F.float32(grad)
-                            grad = _807
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c5"]:
-                            _808 = F.vdot(param, grad)
-                            _809 = F.vdot(param, param)
-                            F.add_(_809, 1e-30)
-                            F.div_(_808, _809)
-                            _810 = F.mul(param, _808)
-                            _811 = F.sub(grad, _810)
-                            t_ortho_g = _811
-                            _812 = F.norm(grad)
-                            _813 = F.norm(t_ortho_g)
-                            F.add_(_813, 1e-30)
-                            F.div_(_812, _813)
-                            t_ortho_scale = _812
-                            _814 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _814
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_31 = F.vdot(param, grad)
+                            ortho_g_32 = F.vdot(param, param)
+                            F.add_(ortho_g_32, 1e-30)
+                            F.div_(ortho_g_31, ortho_g_32)
+                            ortho_g_33 = F.mul(param, ortho_g_31)
+                            ortho_g = F.sub(grad, ortho_g_33)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_11 = F.norm(ortho_g)
+                            F.add_(ortho_scale_11, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_11)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c6"]:
                             pass
+                        # if use_atan2:
                         if h["_c7"]:
-                            _815 = F.sqrt(st_exp_avg_sq)
-                            t_denom = _815
+                            # denom = sqrt(exp_avg_sq)
+                            denom = F.sqrt(exp_avg_sq)
                         else:
-                            _816 = F.sqrt(st_exp_avg_sq)
-                            F.add_(_816, h["eps_eff"])
-                            t_denom = _816
+                            # denom = sqrt(exp_avg_sq) + eps_eff
+                            denom = F.sqrt(exp_avg_sq)
+                            F.add_(denom, h["eps_eff"])
+                        # if use_atan2:
                         if h["_c7"]:
-                            _817 = F.atan2(grad, t_denom)
-                            t_normalized = _817
+                            # normalized = atan2(grad, denom)
+                            normalized = F.atan2(grad, denom)
                         else:
-                            _818 = F.div(grad, t_denom)
-                            t_normalized = _818
+                            # normalized = grad / denom
+                            normalized = F.div(grad, denom)
+                        # if clip_lambda == 'step ** 0.25' and not use_atan2:
                         if h["_c8"]:
-                            _819 = F.clamp(t_normalized, h["_k228"], h["clip"])
-                            t_normalized = _819
+                            # normalized = clamp(normalized, -clip, clip)
+                            normalized = F.clamp(normalized, h["_k228"], h["clip"])
+                        # if beta1 > 0:
                         if h["_c9"]:
-                            F.lerp_(st_exp_avg, t_normalized, h["_k229"])
+                            # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
+                            F.lerp_(exp_avg, normalized, h["_k229"])
+                            # if nesterov:
                             if h["_c10"]:
+                                # if nesterov_coef == None:
                                 if h["_c11"]:
-                                    _820 = F.lerp(st_exp_avg, grad, h["_k230"])
-                                    t_update = _820
+                                    # update = lerp(exp_avg, grad, 1 - beta1)
+                                    update = F.lerp(exp_avg, grad, h["_k230"])
                                 else:
-                                    _821 = F.lerp(st_exp_avg, grad, h["_k231"])
-                                    t_update = _821
+                                    # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg, grad, h["_k231"])
                             else:
-                                _822 = F.copy(st_exp_avg)
-                                t_update = _822
+                                # update = copy(exp_avg)
+                                update = F.copy(exp_avg)
                         else:
-                            _823 = F.copy(t_normalized)
-                            t_update = _823
+                            # update = copy(normalized)
+                            update = F.copy(normalized)
+                        # if kourkoutas_beta:
                         if h["_c3"]:
-                            _824 = F.mul(grad, grad)
-                            _825 = F.sum(_824)
-                            F.assign_(st_kourkoutas_sq, _825)
-                            F.mul_(st_exp_avg_sq, h["_k232"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k233"])
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_39 = F.mul(grad, grad)
+                            kourkoutas_sq_40 = F.sum(kourkoutas_sq_39)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_40)
+                            # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k232"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k233"])
                         else:
-                            F.mul_(st_exp_avg_sq, h["_k234"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k235"])
+                            # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k234"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k235"])
+                        # if use_atan2:
                         if h["_c7"]:
-                            F.mul_(t_update, h["_k236"])
+                            # update = update * (lr * 1.2732395447351628)
+                            F.mul_(update, h["_k236"])
                         else:
-                            F.mul_(t_update, h["_k237"])
+                            # update = update * lr
+                            F.mul_(update, h["_k237"])
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c12"]:
-                            _826 = F.float32(param)
-                            t_param_fp32 = _826
-                            _827 = F.float32(t_update)
-                            t_update_fp32 = _827
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _828 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_828, 1.2732395447351628)
-                                        t_fisher = _828
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _829 = F.rdiv(t_denom, 1)
-                                        t_fisher = _829
-                                        _830 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_830, 2)
-                                        _831 = F.mean(_830)
-                                        F.sqrt_(_831)
-                                        F.div_(_831, 1.0)
-                                        F.maximum_(_831, 1.0)
-                                        _832 = F.div(t_fisher, _831)
-                                        t_fisher = _832
-                                    F.mul_(t_fisher, h["_k238"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_61 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_61, 2)
+                                        fisher_62 = F.mean(fisher_61)
+                                        F.sqrt_(fisher_62)
+                                        F.div_(fisher_62, 1.0)
+                                        F.maximum_(fisher_62, 1.0)
+                                        fisher_63 = F.div(fisher, fisher_62)
+                                        fisher = fisher_63
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k238"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _833 = F.mul(t_update_fp32, t_param_fp32)
-                                        _834 = F.ge(_833, 0)
-                                        _835 = F.where(_834, 1.0, 0.0, like=param)
-                                        F.mul_(_835, t_fisher)
-                                        _836 = F.addcmul(t_param_fp32, t_param_fp32, _835, -1.0)
-                                        t_param_fp32 = _836
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_121 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_122 = F.ge(param_fp32_121, 0)
+                                        param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_123, fisher)
+                                        param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
+                                        param_fp32 = param_fp32_124
                                     else:
-                                        _837 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _837
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _838 = F.mul(t_update_fp32, t_param_fp32)
-                                        _839 = F.ge(_838, 0)
-                                        _840 = F.where(_839, 1.0, 0.0, like=param)
-                                        _841 = F.addcmul(t_param_fp32, t_param_fp32, _840, h["_k239"])
-                                        t_param_fp32 = _841
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_125 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_126 = F.ge(param_fp32_125, 0)
+                                        param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                        param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k239"])
+                                        param_fp32 = param_fp32_128
                                     else:
-                                        _842 = F.axpy(t_param_fp32, t_param_fp32, h["_k240"])
-                                        t_param_fp32 = _842
+                                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k240"])
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _843 = F.cast(st_anchor_data, t_param_fp32)
-                                _844 = F.sub(t_param_fp32, _843)
-                                t_cwd_target = _844
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_21 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_21)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _845 = F.mul(t_update_fp32, t_cwd_target)
-                                    _846 = F.ge(_845, 0)
-                                    _847 = F.where(_846, 1.0, 0.0, like=param)
-                                    _848 = F.addcmul(t_param_fp32, t_cwd_target, _847, h["_k241"])
-                                    t_param_fp32 = _848
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_129 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_130 = F.ge(param_fp32_129, 0)
+                                    param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                    param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k241"])
+                                    param_fp32 = param_fp32_132
                                 else:
-                                    _849 = F.axpy(t_param_fp32, t_cwd_target, h["_k242"])
-                                    t_param_fp32 = _849
-                            _850 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _850
-                            _851 = F.stochastic_round(t_param_fp32, h["_k243"])
-                            F.assign_(param, _851)
+                                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k242"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_141 = F.stochastic_round(param_fp32, h["_k243"])
+                            F.assign_(param, param_141)
                         else:
+                            # if weight_decay != 0:
                             if h["_c13"]:
+                                # if fisher_wd:
                                 if h["_c14"]:
+                                    # if use_atan2:
                                     if h["_c7"]:
-                                        _852 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_852, 1.2732395447351628)
-                                        t_fisher = _852
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _853 = F.rdiv(t_denom, 1)
-                                        t_fisher = _853
-                                        _854 = F.mul(param, t_fisher)
-                                        F.pow_(_854, 2)
-                                        _855 = F.mean(_854)
-                                        F.sqrt_(_855)
-                                        F.div_(_855, 1.0)
-                                        F.maximum_(_855, 1.0)
-                                        _856 = F.div(t_fisher, _855)
-                                        t_fisher = _856
-                                    F.mul_(t_fisher, h["_k244"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_64 = F.mul(param, fisher)
+                                        F.pow_(fisher_64, 2)
+                                        fisher_65 = F.mean(fisher_64)
+                                        F.sqrt_(fisher_65)
+                                        F.div_(fisher_65, 1.0)
+                                        F.maximum_(fisher_65, 1.0)
+                                        fisher_66 = F.div(fisher, fisher_65)
+                                        fisher = fisher_66
+                                    # fisher = fisher * (weight_decay * lr)
+                                    F.mul_(fisher, h["_k244"])
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _857 = F.mul(t_update, param)
-                                        _858 = F.ge(_857, 0)
-                                        _859 = F.where(_858, 1.0, 0.0, like=param)
-                                        F.mul_(_859, t_fisher)
-                                        _860 = F.addcmul(param, param, _859, -1.0)
-                                        F.assign_(param, _860)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_142 = F.mul(update, param)
+                                        param_143 = F.ge(param_142, 0)
+                                        param_144 = F.where(param_143, 1.0, 0.0, like=param)
+                                        F.mul_(param_144, fisher)
+                                        param_145 = F.addcmul(param, param, param_144, -1.0)
+                                        F.assign_(param, param_145)
                                     else:
-                                        _861 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _861)
+                                        # param = param - param * fisher
+                                        param_146 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_146)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c15"]:
-                                        _862 = F.mul(t_update, param)
-                                        _863 = F.ge(_862, 0)
-                                        _864 = F.where(_863, 1.0, 0.0, like=param)
-                                        _865 = F.addcmul(param, param, _864, h["_k245"])
-                                        F.assign_(param, _865)
+                                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_147 = F.mul(update, param)
+                                        param_148 = F.ge(param_147, 0)
+                                        param_149 = F.where(param_148, 1.0, 0.0, like=param)
+                                        param_150 = F.addcmul(param, param, param_149, h["_k245"])
+                                        F.assign_(param, param_150)
                                     else:
-                                        _866 = F.axpy(param, param, h["_k246"])
-                                        F.assign_(param, _866)
+                                        # param = param - weight_decay * lr * param
+                                        param_151 = F.axpy(param, param, h["_k246"])
+                                        F.assign_(param, param_151)
+                            # if centered_wd != 0:
                             if h["_c16"]:
-                                _867 = F.cast(st_anchor_data, param)
-                                _868 = F.sub(param, _867)
-                                t_cwd_target = _868
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_22 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_22)
+                                # if cautious_wd:
                                 if h["_c15"]:
-                                    _869 = F.mul(t_update, t_cwd_target)
-                                    _870 = F.ge(_869, 0)
-                                    _871 = F.where(_870, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _871, h["_k247"])
+                                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_152 = F.mul(update, cwd_target)
+                                    param_153 = F.ge(param_152, 0)
+                                    param_154 = F.where(param_153, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_154, h["_k247"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k248"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * lr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k248"])
+                            # param = param + -update
+                            F.sub_(param, update)
 
 
 class Adopt_adv(GeneratedOptimizer):

@@ -111,128 +111,165 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_exp_avg_slow = S["exp_avg_slow"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    exp_avg_slow = S["exp_avg_slow"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    # if step == 1:
     if h["_c0"]:
-        _1 = F.mul(grad, grad)
-        F.assign_(st_exp_avg_sq, _1)
+        # exp_avg_sq = grad * grad
+        exp_avg_sq_1 = F.mul(grad, grad)
+        F.assign_(exp_avg_sq, exp_avg_sq_1)
+    # if Simplified_AdEMAMix:
     if h["_c1"]:
         pass
+    # if step > 1 or use_atan2:
     if h["_c2"]:
+        # if orthogonal_gradient:
         if h["_c3"]:
-            _2 = F.vdot(param, grad)
-            _3 = F.vdot(param, param)
-            F.add_(_3, 1e-30)
-            F.div_(_2, _3)
-            _4 = F.mul(param, _2)
-            _5 = F.sub(grad, _4)
-            t_ortho_g = _5
-            _6 = F.norm(grad)
-            _7 = F.norm(t_ortho_g)
-            F.add_(_7, 1e-30)
-            F.div_(_6, _7)
-            t_ortho_scale = _6
-            _8 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _8
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_1 = F.vdot(param, grad)
+            ortho_g_2 = F.vdot(param, param)
+            F.add_(ortho_g_2, 1e-30)
+            F.div_(ortho_g_1, ortho_g_2)
+            ortho_g_3 = F.mul(param, ortho_g_1)
+            ortho_g = F.sub(grad, ortho_g_3)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_1 = F.norm(ortho_g)
+            F.add_(ortho_scale_1, 1e-30)
+            F.div_(ortho_scale, ortho_scale_1)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # if use_atan2:
         if h["_c4"]:
-            _9 = F.sqrt(st_exp_avg_sq)
-            t_denom = _9
+            # denom = sqrt(exp_avg_sq)
+            denom = F.sqrt(exp_avg_sq)
         else:
-            _10 = F.sqrt(st_exp_avg_sq)
-            F.add_(_10, h["_k0"])
-            t_denom = _10
+            # denom = sqrt(exp_avg_sq) + eps
+            denom = F.sqrt(exp_avg_sq)
+            F.add_(denom, h["_k0"])
+        # if use_atan2:
         if h["_c4"]:
-            _11 = F.atan2(grad, t_denom)
-            t_normalized = _11
+            # normalized = atan2(grad, denom)
+            normalized = F.atan2(grad, denom)
         else:
-            _12 = F.div(grad, t_denom)
-            t_normalized = _12
+            # normalized = grad / denom
+            normalized = F.div(grad, denom)
+        # if clip_lambda == 'step ** 0.25' and not use_atan2:
         if h["_c5"]:
-            _13 = F.clamp(t_normalized, h["_k1"], h["clip"])
-            t_normalized = _13
+            # normalized = clamp(normalized, -clip, clip)
+            normalized = F.clamp(normalized, h["_k1"], h["clip"])
+        # if beta1 > 0:
         if h["_c6"]:
+            # if Simplified_AdEMAMix:
             if h["_c1"]:
-                F.mul_(st_exp_avg, h["_k2"])
-                F.add_(st_exp_avg, t_normalized)
+                # exp_avg = exp_avg * beta1 + normalized
+                F.mul_(exp_avg, h["_k2"])
+                F.add_(exp_avg, normalized)
             else:
-                F.lerp_(st_exp_avg, t_normalized, h["_k3"])
+                # exp_avg = lerp(exp_avg, normalized, 1 - beta1)
+                F.lerp_(exp_avg, normalized, h["_k3"])
+            # if grams_moment:
             if h["_c7"]:
-                _14 = F.sign(grad)
-                _15 = F.abs(st_exp_avg)
-                F.mul_(_14, _15)
-                t_update = _14
+                # update = sign(grad) * abs(exp_avg)
+                update = F.sign(grad)
+                update_1 = F.abs(exp_avg)
+                F.mul_(update, update_1)
             else:
+                # if cautious_mask:
                 if h["_c8"]:
-                    _16 = F.mul(st_exp_avg, grad)
-                    _17 = F.gt(_16, 0)
-                    _18 = F.where(_17, 1.0, 0.0, like=param)
-                    _19 = F.cast(_18, grad)
-                    t_mask = _19
-                    _20 = F.mean(t_mask)
-                    F.maximum_(_20, 0.001)
-                    _21 = F.div(t_mask, _20)
-                    t_mask = _21
-                    _22 = F.mul(st_exp_avg, t_mask)
-                    t_update = _22
+                    # mask = cast(where(exp_avg * grad > 0, 1.0, 0.0), grad)
+                    mask_1 = F.mul(exp_avg, grad)
+                    mask_2 = F.gt(mask_1, 0)
+                    mask_3 = F.where(mask_2, 1.0, 0.0, like=param)
+                    mask = F.cast(mask_3, grad)
+                    # mask = mask / maximum(mean(mask), 0.001)
+                    mask_4 = F.mean(mask)
+                    F.maximum_(mask_4, 0.001)
+                    mask_5 = F.div(mask, mask_4)
+                    mask = mask_5
+                    # update = exp_avg * mask
+                    update = F.mul(exp_avg, mask)
                 else:
+                    # if Simplified_AdEMAMix:
                     if h["_c1"]:
-                        _23 = F.axpy(st_exp_avg, t_normalized, h["_k4"])
-                        t_update = _23
+                        # update = exp_avg + alpha_grad * normalized
+                        update = F.axpy(exp_avg, normalized, h["_k4"])
                     else:
-                        _24 = F.copy(st_exp_avg)
-                        t_update = _24
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
         else:
-            _25 = F.copy(t_normalized)
-            t_update = _25
+            # update = copy(normalized)
+            update = F.copy(normalized)
+        # if kourkoutas_beta:
         if h["_c9"]:
-            _26 = F.mul(grad, grad)
-            _27 = F.sum(_26)
-            F.assign_(st_kourkoutas_sq, _27)
-            F.mul_(st_exp_avg_sq, h["_k5"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k6"])
+            # kourkoutas_sq = sum(grad * grad)
+            kourkoutas_sq_1 = F.mul(grad, grad)
+            kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+            F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+            # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+            F.mul_(exp_avg_sq, h["_k5"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k6"])
         else:
-            F.mul_(st_exp_avg_sq, h["_k7"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k8"])
+            # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k7"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k8"])
+        # if use_AdEMAMix:
         if h["_c10"]:
-            F.lerp_(st_exp_avg_slow, t_normalized, h["_k9"])
-            F.axpy_(t_update, st_exp_avg_slow, h["_k10"])
+            # exp_avg_slow = lerp(exp_avg_slow, normalized, 1 - beta3_ema)
+            F.lerp_(exp_avg_slow, normalized, h["_k9"])
+            # update = update + alpha * exp_avg_slow
+            F.axpy_(update, exp_avg_slow, h["_k10"])
+        # if use_atan2:
         if h["_c4"]:
-            F.mul_(t_update, h["_k11"])
+            # update = update * (lr_sim * 1.2732395447351628)
+            F.mul_(update, h["_k11"])
         else:
-            F.mul_(t_update, h["lr_sim"])
+            # update = update * lr_sim
+            F.mul_(update, h["lr_sim"])
+        # if stochastic_rounding and bf16 != 0:
         if h["_c11"]:
-            _28 = F.float32(param)
-            t_param_fp32 = _28
-            _29 = F.float32(t_update)
-            t_update_fp32 = _29
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c12"]:
+                # if cautious_wd:
                 if h["_c13"]:
-                    _30 = F.mul(t_update_fp32, t_param_fp32)
-                    _31 = F.ge(_30, 0)
-                    _32 = F.where(_31, 1.0, 0.0, like=param)
-                    _33 = F.addcmul(t_param_fp32, t_param_fp32, _32, h["_k12"])
-                    t_param_fp32 = _33
+                    # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_1 = F.mul(update_fp32, param_fp32)
+                    param_fp32_2 = F.ge(param_fp32_1, 0)
+                    param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                    param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k12"])
+                    param_fp32 = param_fp32_4
                 else:
-                    _34 = F.axpy(t_param_fp32, t_param_fp32, h["_k13"])
-                    t_param_fp32 = _34
-            _35 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _35
-            _36 = F.stochastic_round(t_param_fp32, h["_k14"])
-            F.assign_(param, _36)
+                    # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k13"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_1 = F.stochastic_round(param_fp32, h["_k14"])
+            F.assign_(param, param_1)
         else:
+            # if weight_decay != 0:
             if h["_c12"]:
+                # if cautious_wd:
                 if h["_c13"]:
-                    _37 = F.mul(t_update, param)
-                    _38 = F.ge(_37, 0)
-                    _39 = F.where(_38, 1.0, 0.0, like=param)
-                    _40 = F.addcmul(param, param, _39, h["_k15"])
-                    F.assign_(param, _40)
+                    # param = param - weight_decay * lr_sim * param * where(update * param >= 0, 1.0, 0.0)
+                    param_2 = F.mul(update, param)
+                    param_3 = F.ge(param_2, 0)
+                    param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                    param_5 = F.addcmul(param, param, param_4, h["_k15"])
+                    F.assign_(param, param_5)
                 else:
-                    _41 = F.axpy(param, param, h["_k16"])
-                    F.assign_(param, _41)
-            F.sub_(param, t_update)
+                    # param = param - weight_decay * lr_sim * param
+                    param_6 = F.axpy(param, param, h["_k16"])
+                    F.assign_(param, param_6)
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Adopt_adv(GeneratedOptimizer):

@@ -45,23 +45,31 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_ax = S["ax"]
+    # the states, one list of tensors each
+    ax = S["ax"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # param = param * (1 - lambd * eta)
     F.mul_(param, h["_k1"])
+    # param = param - eta * grad
     F.axpy_(param, grad, h["_k2"])
+    # if mu != 1:
     if h["_c2"]:
-        _3 = F.sub(param, st_ax)
-        F.mul_(_3, h["_k3"])
-        _4 = F.add(st_ax, _3)
-        F.assign_(st_ax, _4)
+        # ax = ax + (param - ax) * mu
+        ax_1 = F.sub(param, ax)
+        F.mul_(ax_1, h["_k3"])
+        ax_2 = F.add(ax, ax_1)
+        F.assign_(ax, ax_2)
     else:
-        _5 = F.copy(param)
-        F.assign_(st_ax, _5)
+        # ax = copy(param)
+        ax_3 = F.copy(param)
+        F.assign_(ax, ax_3)
 
 
 class ASGD(GeneratedOptimizer):

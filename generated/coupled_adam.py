@@ -56,50 +56,62 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_max_exp_avg_sq = S["max_exp_avg_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    max_exp_avg_sq = S["max_exp_avg_sq"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
+        # if decoupled_weight_decay:
         if h["_c2"]:
+            # param = param * (1 - lr * weight_decay)
             F.mul_(param, h["_k0"])
         else:
-            _2 = F.axpy(grad, param, h["_k1"])
-            grad = _2
-    F.lerp_(st_exp_avg, grad, h["_k2"])
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
+            # grad = grad + weight_decay * param
+            grad = F.axpy(grad, param, h["_k1"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k2"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k3"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k4"])
+    # if amsgrad:
     if h["_c3"]:
-        F.maximum_(st_max_exp_avg_sq, st_exp_avg_sq)
-        _3 = F.sqrt(st_max_exp_avg_sq)
-        F.div_(_3, h["bias_correction2_sqrt"])
-        F.add_(_3, h["_k5"])
-        t_denom = _3
+        # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        F.maximum_(max_exp_avg_sq, exp_avg_sq)
+        # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = F.sqrt(max_exp_avg_sq)
+        F.div_(denom, h["bias_correction2_sqrt"])
+        F.add_(denom, h["_k5"])
     else:
+        # if coupled:
         if h["_c4"]:
+            # if ndim >= 2:
             if h["_c5"]:
-                _4 = F.colsum(st_exp_avg_sq)
-                F.div_(_4, h["_k6"])
-                F.mul_(_4, h["_k7"])
-                F.sqrt_(_4)
-                F.div_(_4, h["bias_correction2_sqrt"])
-                F.add_(_4, h["_k8"])
-                t_denom = _4
+                # denom = sqrt(colsum(exp_avg_sq) / rows * avg_scale) / bias_correction2_sqrt + eps
+                denom = F.colsum(exp_avg_sq)
+                F.div_(denom, h["_k6"])
+                F.mul_(denom, h["_k7"])
+                F.sqrt_(denom)
+                F.div_(denom, h["bias_correction2_sqrt"])
+                F.add_(denom, h["_k8"])
             else:
-                _5 = F.mean(st_exp_avg_sq)
-                F.mul_(_5, h["_k9"])
-                F.sqrt_(_5)
-                F.div_(_5, h["bias_correction2_sqrt"])
-                F.add_(_5, h["_k10"])
-                t_denom = _5
+                # denom = sqrt(mean(exp_avg_sq) * avg_scale) / bias_correction2_sqrt + eps
+                denom = F.mean(exp_avg_sq)
+                F.mul_(denom, h["_k9"])
+                F.sqrt_(denom)
+                F.div_(denom, h["bias_correction2_sqrt"])
+                F.add_(denom, h["_k10"])
         else:
-            _6 = F.sqrt(st_exp_avg_sq)
-            F.div_(_6, h["bias_correction2_sqrt"])
-            F.add_(_6, h["_k11"])
-            t_denom = _6
-    F.addcdiv_(param, st_exp_avg, t_denom, h["_k12"])
+            # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+            denom = F.sqrt(exp_avg_sq)
+            F.div_(denom, h["bias_correction2_sqrt"])
+            F.add_(denom, h["_k11"])
+    # param = param - step_size * exp_avg / denom
+    F.addcdiv_(param, exp_avg, denom, h["_k12"])
 
 
 class CoupledAdam(GeneratedOptimizer):

@@ -90,7 +90,7 @@ def _coupled_adam_tiled0(
     COL_EXP_AVG_SQ: tl.constexpr = 2
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
-    COL_WS__R0: tl.constexpr = 10
+    COL_WS_R0: tl.constexpr = 10
     HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -137,7 +137,7 @@ def _coupled_adam_tiled0(
     exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
     # _r0 = colsum(exp_avg_sq)
     r0_part = L.masked(exp_avg_sq_1, mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
     # store param, exp_avg, exp_avg_sq
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
@@ -160,7 +160,7 @@ def _coupled_adam_vec0(
     COL_B: tl.constexpr = 5
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
-    COL_WS__R0: tl.constexpr = 10
+    COL_WS_R0: tl.constexpr = 10
     COL_WS_DENOM: tl.constexpr = 11
     HV_ROWS: tl.constexpr = 4
     HV_AVG_SCALE: tl.constexpr = 5
@@ -174,8 +174,8 @@ def _coupled_adam_vec0(
     for b in range(0, B):
         for j0 in range(0, N, VB):
             j = j0 + tl.arange(0, VB)
-            p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-            r0 = tl.load(p__r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
+            p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+            r0 = tl.load(p_r0 + (b * N + j), mask=(j < N), other=0.0).to(tl.float32)
             denom_sqrt = L.sqrt((L.div(r0, tl.load(hv + t * NH + HV_ROWS)) * tl.load(hv + t * NH + HV_AVG_SCALE)))
             denom_add = (L.div(denom_sqrt, tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)) + tl.load(hv + t * NH + HV_EPS))
             p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)
@@ -296,7 +296,7 @@ def _coupled_adam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
-    COL_WS__R0: tl.constexpr = 10
+    COL_WS_R0: tl.constexpr = 10
     HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -329,7 +329,7 @@ def _coupled_adam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
     # _r0 = sum(exp_avg_sq)
     r0_part = L.masked(exp_avg_sq_1, mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store param, exp_avg, exp_avg_sq
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
@@ -378,7 +378,7 @@ def _coupled_adam_vec1(
     COL_B: tl.constexpr = 5
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
-    COL_WS__R0: tl.constexpr = 10
+    COL_WS_R0: tl.constexpr = 10
     COL_WS_DENOM: tl.constexpr = 11
     HV_AVG_SCALE: tl.constexpr = 4
     HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 5
@@ -388,8 +388,8 @@ def _coupled_adam_vec1(
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # denom = sqrt(_r0 / numel * avg_scale) / bias_correction2_sqrt + eps  (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     denom_mul = (L.div(r0, tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float32)) * tl.load(hv + t * NH + HV_AVG_SCALE))
     denom_add = (L.div(L.sqrt(denom_mul), tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)) + tl.load(hv + t * NH + HV_EPS))
     p_denom = ws + tl.load(tab + t * TBL_W + COL_WS_DENOM)

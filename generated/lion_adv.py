@@ -187,318 +187,408 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_anchor_data = S["anchor_data"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    anchor_data = S["anchor_data"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
-            _9 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-            t_exp_avg_magnitude = _9
-            _10 = F.neg(t_exp_avg_magnitude)
-            _11 = F.where(st_sign, t_exp_avg_magnitude, _10)
-            t_exp_avg_full = _11
-            _12 = F.lerp(grad, t_exp_avg_full, h["_k0"])
-            t_update = _12
-            F.lerp_(t_exp_avg_full, grad, h["_k1"])
-            _13 = F.float32(t_exp_avg_full)
-            _14 = F.gt(_13, 0.0)
-            F.assign_(st_sign, _14)
-            _15 = F.float32(t_exp_avg_full)
-            _16 = F.abs(_15)
-            t_exp_avg_abs = _16
-            _17 = F.rowsum(t_exp_avg_abs)
-            F.assign_(st_mu_m_nmf, _17)
-            _18 = F.colsum(t_exp_avg_abs)
-            t_exp_avg_colsum = _18
-            _19 = F.sum(t_exp_avg_colsum, kind="col")
-            F.maximum_(_19, 1e-12)
-            _20 = F.div(t_exp_avg_colsum, _19)
-            F.assign_(st_mv_m_nmf, _20)
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+            exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+            # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+            exp_avg_full_1 = F.neg(exp_avg_magnitude)
+            exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+            # update = lerp(grad, exp_avg_full, beta1)
+            update = F.lerp(grad, exp_avg_full, h["_k0"])
+            # exp_avg_full = lerp(exp_avg_full, grad, 1 - beta2)
+            F.lerp_(exp_avg_full, grad, h["_k1"])
+            # sign = float32(exp_avg_full) > 0.0
+            sign_1 = F.float32(exp_avg_full)
+            sign_2 = F.gt(sign_1, 0.0)
+            F.assign_(sign, sign_2)
+            # exp_avg_abs = abs(float32(exp_avg_full))
+            exp_avg_abs_1 = F.float32(exp_avg_full)
+            exp_avg_abs = F.abs(exp_avg_abs_1)
+            # mu_m_nmf = rowsum(exp_avg_abs)
+            mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+            F.assign_(mu_m_nmf, mu_m_nmf_1)
+            # exp_avg_colsum = colsum(exp_avg_abs)
+            exp_avg_colsum = F.colsum(exp_avg_abs)
+            # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+            mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+            F.maximum_(mv_m_nmf_1, 1e-12)
+            mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+            F.assign_(mv_m_nmf, mv_m_nmf_2)
+            # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
             if h["_c3"]:
-                _21 = F.norm(t_update)
-                F.maximum_(_21, 1e-12)
-                _22 = F.div(t_update, _21)
-                t_update = _22
-                F.mul_(t_update, h["_k2"])
+                # update = update / maximum(norm(update), 1e-12)
+                update_1 = F.norm(update)
+                F.maximum_(update_1, 1e-12)
+                update_2 = F.div(update, update_1)
+                update = update_2
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k2"])
             else:
+                # if auto_kappa_p or kappa_p == 1:
                 if h["_c4"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
                 else:
-                    _23 = F.sign(t_update)
-                    _24 = F.abs(t_update)
-                    F.pow_(_24, h["_k3"])
-                    F.mul_(_23, _24)
-                    t_update = _23
-                    _25 = F.norm(t_update)
-                    F.maximum_(_25, 1e-12)
-                    _26 = F.div(t_update, _25)
-                    t_update = _26
-                    F.mul_(t_update, h["_k4"])
-            F.mul_(t_update, h["_k5"])
+                    # update = sign(update) * abs(update) ** (kappa_p - 1)
+                    update_3 = F.sign(update)
+                    update_4 = F.abs(update)
+                    F.pow_(update_4, h["_k3"])
+                    F.mul_(update_3, update_4)
+                    update = update_3
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_5 = F.norm(update)
+                    F.maximum_(update_5, 1e-12)
+                    update_6 = F.div(update, update_5)
+                    update = update_6
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k4"])
+            # update = update * lr
+            F.mul_(update, h["_k5"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c5"]:
-                _27 = F.float32(param)
-                t_param_fp32 = _27
-                _28 = F.float32(t_update)
-                t_update_fp32 = _28
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c6"]:
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _29 = F.mul(t_update_fp32, t_param_fp32)
-                        _30 = F.ge(_29, 0)
-                        _31 = F.where(_30, 1.0, 0.0, like=param)
-                        _32 = F.addcmul(t_param_fp32, t_param_fp32, _31, h["_k6"])
-                        t_param_fp32 = _32
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k6"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _33 = F.axpy(t_param_fp32, t_param_fp32, h["_k7"])
-                        t_param_fp32 = _33
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k7"])
+                # if centered_wd != 0:
                 if h["_c8"]:
-                    _34 = F.cast(st_anchor_data, t_param_fp32)
-                    _35 = F.sub(t_param_fp32, _34)
-                    t_cwd_target = _35
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _36 = F.mul(t_update_fp32, t_cwd_target)
-                        _37 = F.ge(_36, 0)
-                        _38 = F.where(_37, 1.0, 0.0, like=param)
-                        _39 = F.addcmul(t_param_fp32, t_cwd_target, _38, h["_k8"])
-                        t_param_fp32 = _39
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, cwd_target)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, cwd_target, param_fp32_7, h["_k8"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _40 = F.axpy(t_param_fp32, t_cwd_target, h["_k9"])
-                        t_param_fp32 = _40
-                _41 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _41
-                _42 = F.stochastic_round(t_param_fp32, h["_k10"])
-                F.assign_(param, _42)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k9"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k10"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c6"]:
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _43 = F.mul(t_update, param)
-                        _44 = F.ge(_43, 0)
-                        _45 = F.where(_44, 1.0, 0.0, like=param)
-                        _46 = F.addcmul(param, param, _45, h["_k11"])
-                        F.assign_(param, _46)
+                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k11"])
+                        F.assign_(param, param_5)
                     else:
-                        _47 = F.axpy(param, param, h["_k12"])
-                        F.assign_(param, _47)
+                        # param = param - weight_decay * lr * param
+                        param_6 = F.axpy(param, param, h["_k12"])
+                        F.assign_(param, param_6)
+                # if centered_wd != 0:
                 if h["_c8"]:
-                    _48 = F.cast(st_anchor_data, param)
-                    _49 = F.sub(param, _48)
-                    t_cwd_target = _49
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _50 = F.mul(t_update, t_cwd_target)
-                        _51 = F.ge(_50, 0)
-                        _52 = F.where(_51, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _52, h["_k13"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_7 = F.mul(update, cwd_target)
+                        param_8 = F.ge(param_7, 0)
+                        param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_9, h["_k13"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k14"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k14"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _53 = F.vdot(param, grad)
-                _54 = F.vdot(param, param)
-                F.add_(_54, 1e-30)
-                F.div_(_53, _54)
-                _55 = F.mul(param, _53)
-                _56 = F.sub(grad, _55)
-                t_ortho_g = _56
-                _57 = F.norm(grad)
-                _58 = F.norm(t_ortho_g)
-                F.add_(_58, 1e-30)
-                F.div_(_57, _58)
-                t_ortho_scale = _57
-                _59 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _59
-            _60 = F.lerp(grad, st_exp_avg, h["_k15"])
-            t_update = _60
-            F.lerp_(st_exp_avg, grad, h["_k16"])
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # update = lerp(grad, exp_avg, beta1)
+            update = F.lerp(grad, exp_avg, h["_k15"])
+            # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+            F.lerp_(exp_avg, grad, h["_k16"])
+            # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
             if h["_c3"]:
-                _61 = F.norm(t_update)
-                F.maximum_(_61, 1e-12)
-                _62 = F.div(t_update, _61)
-                t_update = _62
-                F.mul_(t_update, h["_k17"])
+                # update = update / maximum(norm(update), 1e-12)
+                update_7 = F.norm(update)
+                F.maximum_(update_7, 1e-12)
+                update_8 = F.div(update, update_7)
+                update = update_8
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k17"])
             else:
+                # if auto_kappa_p or kappa_p == 1:
                 if h["_c4"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
                 else:
-                    _63 = F.sign(t_update)
-                    _64 = F.abs(t_update)
-                    F.pow_(_64, h["_k18"])
-                    F.mul_(_63, _64)
-                    t_update = _63
-                    _65 = F.norm(t_update)
-                    F.maximum_(_65, 1e-12)
-                    _66 = F.div(t_update, _65)
-                    t_update = _66
-                    F.mul_(t_update, h["_k19"])
-            F.mul_(t_update, h["_k20"])
+                    # update = sign(update) * abs(update) ** (kappa_p - 1)
+                    update_9 = F.sign(update)
+                    update_10 = F.abs(update)
+                    F.pow_(update_10, h["_k18"])
+                    F.mul_(update_9, update_10)
+                    update = update_9
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_11 = F.norm(update)
+                    F.maximum_(update_11, 1e-12)
+                    update_12 = F.div(update, update_11)
+                    update = update_12
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k19"])
+            # update = update * lr
+            F.mul_(update, h["_k20"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c5"]:
-                _67 = F.float32(param)
-                t_param_fp32 = _67
-                _68 = F.float32(t_update)
-                t_update_fp32 = _68
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c6"]:
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _69 = F.mul(t_update_fp32, t_param_fp32)
-                        _70 = F.ge(_69, 0)
-                        _71 = F.where(_70, 1.0, 0.0, like=param)
-                        _72 = F.addcmul(t_param_fp32, t_param_fp32, _71, h["_k21"])
-                        t_param_fp32 = _72
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, param_fp32)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k21"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _73 = F.axpy(t_param_fp32, t_param_fp32, h["_k22"])
-                        t_param_fp32 = _73
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k22"])
+                # if centered_wd != 0:
                 if h["_c8"]:
-                    _74 = F.cast(st_anchor_data, t_param_fp32)
-                    _75 = F.sub(t_param_fp32, _74)
-                    t_cwd_target = _75
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _76 = F.mul(t_update_fp32, t_cwd_target)
-                        _77 = F.ge(_76, 0)
-                        _78 = F.where(_77, 1.0, 0.0, like=param)
-                        _79 = F.addcmul(t_param_fp32, t_cwd_target, _78, h["_k23"])
-                        t_param_fp32 = _79
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_13 = F.mul(update_fp32, cwd_target)
+                        param_fp32_14 = F.ge(param_fp32_13, 0)
+                        param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                        param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k23"])
+                        param_fp32 = param_fp32_16
                     else:
-                        _80 = F.axpy(t_param_fp32, t_cwd_target, h["_k24"])
-                        t_param_fp32 = _80
-                _81 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _81
-                _82 = F.stochastic_round(t_param_fp32, h["_k25"])
-                F.assign_(param, _82)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k24"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_10 = F.stochastic_round(param_fp32, h["_k25"])
+                F.assign_(param, param_10)
             else:
+                # if weight_decay != 0:
                 if h["_c6"]:
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _83 = F.mul(t_update, param)
-                        _84 = F.ge(_83, 0)
-                        _85 = F.where(_84, 1.0, 0.0, like=param)
-                        _86 = F.addcmul(param, param, _85, h["_k26"])
-                        F.assign_(param, _86)
+                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_11 = F.mul(update, param)
+                        param_12 = F.ge(param_11, 0)
+                        param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                        param_14 = F.addcmul(param, param, param_13, h["_k26"])
+                        F.assign_(param, param_14)
                     else:
-                        _87 = F.axpy(param, param, h["_k27"])
-                        F.assign_(param, _87)
+                        # param = param - weight_decay * lr * param
+                        param_15 = F.axpy(param, param, h["_k27"])
+                        F.assign_(param, param_15)
+                # if centered_wd != 0:
                 if h["_c8"]:
-                    _88 = F.cast(st_anchor_data, param)
-                    _89 = F.sub(param, _88)
-                    t_cwd_target = _89
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c7"]:
-                        _90 = F.mul(t_update, t_cwd_target)
-                        _91 = F.ge(_90, 0)
-                        _92 = F.where(_91, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _92, h["_k28"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_16 = F.mul(update, cwd_target)
+                        param_17 = F.ge(param_16, 0)
+                        param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_18, h["_k28"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k29"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k29"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if orthogonal_gradient == 'flattened':
         if h["_c2"]:
-            _93 = F.vdot(param, grad)
-            _94 = F.vdot(param, param)
-            F.add_(_94, 1e-30)
-            F.div_(_93, _94)
-            _95 = F.mul(param, _93)
-            _96 = F.sub(grad, _95)
-            t_ortho_g = _96
-            _97 = F.norm(grad)
-            _98 = F.norm(t_ortho_g)
-            F.add_(_98, 1e-30)
-            F.div_(_97, _98)
-            t_ortho_scale = _97
-            _99 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _99
-        _100 = F.lerp(grad, st_exp_avg, h["_k30"])
-        t_update = _100
-        F.lerp_(st_exp_avg, grad, h["_k31"])
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # update = lerp(grad, exp_avg, beta1)
+        update = F.lerp(grad, exp_avg, h["_k30"])
+        # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+        F.lerp_(exp_avg, grad, h["_k31"])
+        # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
         if h["_c3"]:
-            _101 = F.norm(t_update)
-            F.maximum_(_101, 1e-12)
-            _102 = F.div(t_update, _101)
-            t_update = _102
-            F.mul_(t_update, h["_k32"])
+            # update = update / maximum(norm(update), 1e-12)
+            update_13 = F.norm(update)
+            F.maximum_(update_13, 1e-12)
+            update_14 = F.div(update, update_13)
+            update = update_14
+            # update = update * numel ** 0.5
+            F.mul_(update, h["_k32"])
         else:
+            # if auto_kappa_p or kappa_p == 1:
             if h["_c4"]:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
             else:
-                _103 = F.sign(t_update)
-                _104 = F.abs(t_update)
-                F.pow_(_104, h["_k33"])
-                F.mul_(_103, _104)
-                t_update = _103
-                _105 = F.norm(t_update)
-                F.maximum_(_105, 1e-12)
-                _106 = F.div(t_update, _105)
-                t_update = _106
-                F.mul_(t_update, h["_k34"])
-        F.mul_(t_update, h["_k35"])
+                # update = sign(update) * abs(update) ** (kappa_p - 1)
+                update_15 = F.sign(update)
+                update_16 = F.abs(update)
+                F.pow_(update_16, h["_k33"])
+                F.mul_(update_15, update_16)
+                update = update_15
+                # update = update / maximum(norm(update), 1e-12)
+                update_17 = F.norm(update)
+                F.maximum_(update_17, 1e-12)
+                update_18 = F.div(update, update_17)
+                update = update_18
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k34"])
+        # update = update * lr
+        F.mul_(update, h["_k35"])
+        # if stochastic_rounding and bf16 != 0:
         if h["_c5"]:
-            _107 = F.float32(param)
-            t_param_fp32 = _107
-            _108 = F.float32(t_update)
-            t_update_fp32 = _108
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c6"]:
+                # if cautious_wd:
                 if h["_c7"]:
-                    _109 = F.mul(t_update_fp32, t_param_fp32)
-                    _110 = F.ge(_109, 0)
-                    _111 = F.where(_110, 1.0, 0.0, like=param)
-                    _112 = F.addcmul(t_param_fp32, t_param_fp32, _111, h["_k36"])
-                    t_param_fp32 = _112
+                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_17 = F.mul(update_fp32, param_fp32)
+                    param_fp32_18 = F.ge(param_fp32_17, 0)
+                    param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                    param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k36"])
+                    param_fp32 = param_fp32_20
                 else:
-                    _113 = F.axpy(t_param_fp32, t_param_fp32, h["_k37"])
-                    t_param_fp32 = _113
+                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k37"])
+            # if centered_wd != 0:
             if h["_c8"]:
-                _114 = F.cast(st_anchor_data, t_param_fp32)
-                _115 = F.sub(t_param_fp32, _114)
-                t_cwd_target = _115
+                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                cwd_target = F.sub(param_fp32, cwd_target_5)
+                # if cautious_wd:
                 if h["_c7"]:
-                    _116 = F.mul(t_update_fp32, t_cwd_target)
-                    _117 = F.ge(_116, 0)
-                    _118 = F.where(_117, 1.0, 0.0, like=param)
-                    _119 = F.addcmul(t_param_fp32, t_cwd_target, _118, h["_k38"])
-                    t_param_fp32 = _119
+                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    param_fp32_21 = F.mul(update_fp32, cwd_target)
+                    param_fp32_22 = F.ge(param_fp32_21, 0)
+                    param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                    param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k38"])
+                    param_fp32 = param_fp32_24
                 else:
-                    _120 = F.axpy(t_param_fp32, t_cwd_target, h["_k39"])
-                    t_param_fp32 = _120
-            _121 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _121
-            _122 = F.stochastic_round(t_param_fp32, h["_k40"])
-            F.assign_(param, _122)
+                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k39"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_19 = F.stochastic_round(param_fp32, h["_k40"])
+            F.assign_(param, param_19)
         else:
+            # if weight_decay != 0:
             if h["_c6"]:
+                # if cautious_wd:
                 if h["_c7"]:
-                    _123 = F.mul(t_update, param)
-                    _124 = F.ge(_123, 0)
-                    _125 = F.where(_124, 1.0, 0.0, like=param)
-                    _126 = F.addcmul(param, param, _125, h["_k41"])
-                    F.assign_(param, _126)
+                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                    param_20 = F.mul(update, param)
+                    param_21 = F.ge(param_20, 0)
+                    param_22 = F.where(param_21, 1.0, 0.0, like=param)
+                    param_23 = F.addcmul(param, param, param_22, h["_k41"])
+                    F.assign_(param, param_23)
                 else:
-                    _127 = F.axpy(param, param, h["_k42"])
-                    F.assign_(param, _127)
+                    # param = param - weight_decay * lr * param
+                    param_24 = F.axpy(param, param, h["_k42"])
+                    F.assign_(param, param_24)
+            # if centered_wd != 0:
             if h["_c8"]:
-                _128 = F.cast(st_anchor_data, param)
-                _129 = F.sub(param, _128)
-                t_cwd_target = _129
+                # cwd_target = param - cast(anchor_data, param)
+                cwd_target_6 = F.cast(anchor_data, param)
+                cwd_target = F.sub(param, cwd_target_6)
+                # if cautious_wd:
                 if h["_c7"]:
-                    _130 = F.mul(t_update, t_cwd_target)
-                    _131 = F.ge(_130, 0)
-                    _132 = F.where(_131, 1.0, 0.0, like=param)
-                    F.addcmul_(param, t_cwd_target, _132, h["_k43"])
+                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    param_25 = F.mul(update, cwd_target)
+                    param_26 = F.ge(param_25, 0)
+                    param_27 = F.where(param_26, 1.0, 0.0, like=param)
+                    F.addcmul_(param, cwd_target, param_27, h["_k43"])
                 else:
-                    F.axpy_(param, t_cwd_target, h["_k44"])
-            F.sub_(param, t_update)
+                    # param = param - centered_wd * lr * cwd_target
+                    F.axpy_(param, cwd_target, h["_k44"])
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Lion_adv(GeneratedOptimizer):

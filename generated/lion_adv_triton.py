@@ -55,7 +55,7 @@ def _lion_adv_prologue0(
 def _lion_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS__R0: tl.constexpr = 12
+    COL_WS_R0: tl.constexpr = 12
     COL_WS_UPDATE: tl.constexpr = 13
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
@@ -76,7 +76,7 @@ def _lion_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta2)
     # _r0 = sumsq(update)
     r0_part = L.masked((update * update), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store update, exp_avg
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
@@ -113,13 +113,13 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_GIDX: tl.constexpr = 11
-    COL_WS__R0: tl.constexpr = 12
+    COL_WS_R0: tl.constexpr = 12
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     HV_STEP: tl.constexpr = 4
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     lr = tl.load(hv + t * NH + HV_LR)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
@@ -128,7 +128,7 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)
@@ -210,12 +210,12 @@ def _lion_adv_prologue1(
 def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS__R0: tl.constexpr = 12
+    COL_WS_R0: tl.constexpr = 12
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     lr = tl.load(hv + t * NH + HV_LR)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
@@ -223,7 +223,7 @@ def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
         p_param = tl.multiple_of(p_param, 16)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)

@@ -236,394 +236,505 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S, A):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_s = S["s"]
-    st_p0 = S["p0"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    s = S["s"]
+    p0 = S["p0"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if beta3 == None:
             if h["_c2"]:
                 pass
+            # if nnmf_factor and not (ndim == 1 and not vector_reshape):
             if h["_c3"]:
-                _1 = F.float32(grad)
-                grad = _1
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if clip_threshold > 0:
             if h["_c4"]:
-                _2 = F.norm(grad)
-                t_gnorm = _2
-                _3 = F.gt(t_gnorm, h["_k0"])
-                _4 = F.rdiv(t_gnorm, h["_k1"])
-                _5 = F.mul(grad, _4)
-                _6 = F.where(_3, _5, grad)
-                grad = _6
-            _7 = F.float32(grad)
-            grad = _7
+                # gnorm = norm(grad)
+                gnorm = F.norm(grad)
+                # grad = where(gnorm > clip_threshold, grad * (clip_threshold / gnorm), grad)
+                grad_1 = F.gt(gnorm, h["_k0"])
+                grad_2 = F.rdiv(gnorm, h["_k1"])
+                grad_3 = F.mul(grad, grad_2)
+                grad_4 = F.where(grad_1, grad_3, grad)
+                grad = grad_4
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient:
             if h["_c5"]:
-                _8 = F.vdot(param, grad)
-                _9 = F.vdot(param, param)
-                F.add_(_9, 1e-30)
-                F.div_(_8, _9)
-                _10 = F.mul(param, _8)
-                _11 = F.sub(grad, _10)
-                t_ortho_g = _11
-                _12 = F.norm(grad)
-                _13 = F.norm(t_ortho_g)
-                F.add_(_13, 1e-30)
-                F.div_(_12, _13)
-                t_ortho_scale = _12
-                _14 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _14
-            _15 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-            t_exp_avg_magnitude = _15
-            _16 = F.neg(t_exp_avg_magnitude)
-            _17 = F.where(st_sign, t_exp_avg_magnitude, _16)
-            t_exp_avg_full = _17
-            _18 = F.mul(t_exp_avg_full, h["_k2"])
-            F.axpy_(_18, grad, h["_k3"])
-            t_update = _18
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+            exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+            # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+            exp_avg_full_1 = F.neg(exp_avg_magnitude)
+            exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+            # update = exp_avg_full * beta1 + d * (1 - beta1) * grad
+            update = F.mul(exp_avg_full, h["_k2"])
+            F.axpy_(update, grad, h["_k3"])
+            # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
             if h["_c6"]:
-                _19 = F.norm(t_update)
-                F.maximum_(_19, 1e-12)
-                _20 = F.div(t_update, _19)
-                t_update = _20
-                F.mul_(t_update, h["_k4"])
+                # update = update / maximum(norm(update), 1e-12)
+                update_1 = F.norm(update)
+                F.maximum_(update_1, 1e-12)
+                update_2 = F.div(update, update_1)
+                update = update_2
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k4"])
             else:
+                # if auto_kappa_p or kappa_p == 1:
                 if h["_c7"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
                 else:
-                    _21 = F.sign(t_update)
-                    _22 = F.abs(t_update)
-                    F.pow_(_22, h["_k5"])
-                    F.mul_(_21, _22)
-                    t_update = _21
-                    _23 = F.norm(t_update)
-                    F.maximum_(_23, 1e-12)
-                    _24 = F.div(t_update, _23)
-                    t_update = _24
-                    F.mul_(t_update, h["_k6"])
+                    # update = sign(update) * abs(update) ** (kappa_p - 1)
+                    update_3 = F.sign(update)
+                    update_4 = F.abs(update)
+                    F.pow_(update_4, h["_k5"])
+                    F.mul_(update_3, update_4)
+                    update = update_3
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_5 = F.norm(update)
+                    F.maximum_(update_5, 1e-12)
+                    update_6 = F.div(update, update_5)
+                    update = update_6
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k6"])
+            # if cautious_mask:
             if h["_c8"]:
-                _25 = F.mul(t_update, grad)
-                _26 = F.gt(_25, 0)
-                _27 = F.where(_26, 1.0, 0.0, like=param)
-                _28 = F.cast(_27, grad)
-                t_mask = _28
-                _29 = F.mean(t_mask)
-                F.maximum_(_29, 0.001)
-                _30 = F.div(t_mask, _29)
-                t_mask = _30
-                F.mul_(t_update, t_mask)
-            F.mul_(t_update, h["dlr"])
+                # mask = cast(where(update * grad > 0, 1.0, 0.0), grad)
+                mask_1 = F.mul(update, grad)
+                mask_2 = F.gt(mask_1, 0)
+                mask_3 = F.where(mask_2, 1.0, 0.0, like=param)
+                mask = F.cast(mask_3, grad)
+                # mask = mask / maximum(mean(mask), 0.001)
+                mask_4 = F.mean(mask)
+                F.maximum_(mask_4, 0.001)
+                mask_5 = F.div(mask, mask_4)
+                mask = mask_5
+                # update = update * mask
+                F.mul_(update, mask)
+            # update = update * dlr
+            F.mul_(update, h["dlr"])
+            # if compat_factored_beta1 and nnmf_factor and not (ndim == 1 and not vector_reshape):
             if h["_c9"]:
                 pass
-            F.mul_(t_exp_avg_full, h["b_m"])
-            F.axpy_(t_exp_avg_full, grad, h["_k7"])
-            _31 = F.float32(t_exp_avg_full)
-            _32 = F.gt(_31, 0.0)
-            F.assign_(st_sign, _32)
-            _33 = F.float32(t_exp_avg_full)
-            _34 = F.abs(_33)
-            t_exp_avg_abs = _34
-            _35 = F.rowsum(t_exp_avg_abs)
-            F.assign_(st_mu_m_nmf, _35)
-            _36 = F.colsum(t_exp_avg_abs)
-            t_exp_avg_colsum = _36
-            _37 = F.sum(t_exp_avg_colsum, kind="col")
-            F.maximum_(_37, 1e-12)
-            _38 = F.div(t_exp_avg_colsum, _37)
-            F.assign_(st_mv_m_nmf, _38)
+            # exp_avg_full = exp_avg_full * b_m + d * (1 - b_m) * grad
+            F.mul_(exp_avg_full, h["b_m"])
+            F.axpy_(exp_avg_full, grad, h["_k7"])
+            # sign = float32(exp_avg_full) > 0.0
+            sign_1 = F.float32(exp_avg_full)
+            sign_2 = F.gt(sign_1, 0.0)
+            F.assign_(sign, sign_2)
+            # exp_avg_abs = abs(float32(exp_avg_full))
+            exp_avg_abs_1 = F.float32(exp_avg_full)
+            exp_avg_abs = F.abs(exp_avg_abs_1)
+            # mu_m_nmf = rowsum(exp_avg_abs)
+            mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+            F.assign_(mu_m_nmf, mu_m_nmf_1)
+            # exp_avg_colsum = colsum(exp_avg_abs)
+            exp_avg_colsum = F.colsum(exp_avg_abs)
+            # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+            mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+            F.maximum_(mv_m_nmf_1, 1e-12)
+            mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+            F.assign_(mv_m_nmf, mv_m_nmf_2)
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c10"]:
-                _39 = F.strided(grad, h["_k8"])
-                _40 = F.float32(_39)
-                t_gs = _40
-                _41 = F.strided(param, h["_k9"])
-                _42 = F.float32(_41)
-                t_ps = _42
-                _43 = F.float32(st_p0)
-                _44 = F.sub(_43, t_ps)
-                _45 = F.vdot(t_gs, _44, kind="slice")
-                F.mul_(_45, h["_k10"])
-                A.append(("num", _45))
+                # gs = float32(strided(grad, slice_p))
+                gs_1 = F.strided(grad, h["_k8"])
+                gs = F.float32(gs_1)
+                # ps = float32(strided(param, slice_p))
+                ps_1 = F.strided(param, h["_k9"])
+                ps = F.float32(ps_1)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_1 = F.float32(p0)
+                num_2 = F.sub(num_1, ps)
+                num_3 = F.vdot(gs, num_2, kind="slice")
+                F.mul_(num_3, h["_k10"])
+                A.append(("num", num_3))
+                # if safeguard_warmup:
                 if h["_c11"]:
-                    F.mul_(st_s, h["b3"])
-                    F.axpy_(st_s, t_gs, h["_k11"])
+                    # s = s * b3 + d / d0 * d * gs
+                    F.mul_(s, h["b3"])
+                    F.axpy_(s, gs, h["_k11"])
                 else:
-                    F.mul_(st_s, h["b3"])
-                    F.axpy_(st_s, t_gs, h["_k12"])
-                _46 = F.abs(st_s)
-                _47 = F.sum(_46, kind="slice")
-                A.append(("den", _47))
+                    # s = s * b3 + d / d0 * dlr * gs
+                    F.mul_(s, h["b3"])
+                    F.axpy_(s, gs, h["_k12"])
+                # den += sum(abs(s))
+                den_1 = F.abs(s)
+                den_2 = F.sum(den_1, kind="slice")
+                A.append(("den", den_2))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c12"]:
-                _48 = F.float32(param)
-                t_param_fp32 = _48
-                _49 = F.float32(t_update)
-                t_update_fp32 = _49
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c13"]:
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _50 = F.mul(t_update_fp32, t_param_fp32)
-                        _51 = F.ge(_50, 0)
-                        _52 = F.where(_51, 1.0, 0.0, like=param)
-                        _53 = F.addcmul(t_param_fp32, t_param_fp32, _52, h["_k13"])
-                        t_param_fp32 = _53
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k13"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _54 = F.axpy(t_param_fp32, t_param_fp32, h["_k14"])
-                        t_param_fp32 = _54
-                _55 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _55
-                _56 = F.stochastic_round(t_param_fp32, h["_k15"])
-                F.assign_(param, _56)
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k14"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k15"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c13"]:
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _57 = F.mul(t_update, param)
-                        _58 = F.ge(_57, 0)
-                        _59 = F.where(_58, 1.0, 0.0, like=param)
-                        _60 = F.addcmul(param, param, _59, h["_k16"])
-                        F.assign_(param, _60)
+                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k16"])
+                        F.assign_(param, param_5)
                     else:
-                        _61 = F.axpy(param, param, h["_k17"])
-                        F.assign_(param, _61)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * dlr * param
+                        param_6 = F.axpy(param, param, h["_k17"])
+                        F.assign_(param, param_6)
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if beta3 == None:
             if h["_c2"]:
                 pass
+            # if nnmf_factor and not (ndim == 1 and not vector_reshape):
             if h["_c3"]:
-                _62 = F.float32(grad)
-                grad = _62
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if clip_threshold > 0:
             if h["_c4"]:
-                _63 = F.norm(grad)
-                t_gnorm = _63
-                _64 = F.gt(t_gnorm, h["_k18"])
-                _65 = F.rdiv(t_gnorm, h["_k19"])
-                _66 = F.mul(grad, _65)
-                _67 = F.where(_64, _66, grad)
-                grad = _67
+                # gnorm = norm(grad)
+                gnorm = F.norm(grad)
+                # grad = where(gnorm > clip_threshold, grad * (clip_threshold / gnorm), grad)
+                grad_5 = F.gt(gnorm, h["_k18"])
+                grad_6 = F.rdiv(gnorm, h["_k19"])
+                grad_7 = F.mul(grad, grad_6)
+                grad_8 = F.where(grad_5, grad_7, grad)
+                grad = grad_8
+            # if orthogonal_gradient:
             if h["_c5"]:
-                _68 = F.vdot(param, grad)
-                _69 = F.vdot(param, param)
-                F.add_(_69, 1e-30)
-                F.div_(_68, _69)
-                _70 = F.mul(param, _68)
-                _71 = F.sub(grad, _70)
-                t_ortho_g = _71
-                _72 = F.norm(grad)
-                _73 = F.norm(t_ortho_g)
-                F.add_(_73, 1e-30)
-                F.div_(_72, _73)
-                t_ortho_scale = _72
-                _74 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _74
-            _75 = F.mul(st_exp_avg, h["_k20"])
-            F.axpy_(_75, grad, h["_k21"])
-            t_update = _75
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # update = exp_avg * beta1 + d * (1 - beta1) * grad
+            update = F.mul(exp_avg, h["_k20"])
+            F.axpy_(update, grad, h["_k21"])
+            # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
             if h["_c6"]:
-                _76 = F.norm(t_update)
-                F.maximum_(_76, 1e-12)
-                _77 = F.div(t_update, _76)
-                t_update = _77
-                F.mul_(t_update, h["_k22"])
+                # update = update / maximum(norm(update), 1e-12)
+                update_7 = F.norm(update)
+                F.maximum_(update_7, 1e-12)
+                update_8 = F.div(update, update_7)
+                update = update_8
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k22"])
             else:
+                # if auto_kappa_p or kappa_p == 1:
                 if h["_c7"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
                 else:
-                    _78 = F.sign(t_update)
-                    _79 = F.abs(t_update)
-                    F.pow_(_79, h["_k23"])
-                    F.mul_(_78, _79)
-                    t_update = _78
-                    _80 = F.norm(t_update)
-                    F.maximum_(_80, 1e-12)
-                    _81 = F.div(t_update, _80)
-                    t_update = _81
-                    F.mul_(t_update, h["_k24"])
+                    # update = sign(update) * abs(update) ** (kappa_p - 1)
+                    update_9 = F.sign(update)
+                    update_10 = F.abs(update)
+                    F.pow_(update_10, h["_k23"])
+                    F.mul_(update_9, update_10)
+                    update = update_9
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_11 = F.norm(update)
+                    F.maximum_(update_11, 1e-12)
+                    update_12 = F.div(update, update_11)
+                    update = update_12
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k24"])
+            # if cautious_mask:
             if h["_c8"]:
-                _82 = F.mul(t_update, grad)
-                _83 = F.gt(_82, 0)
-                _84 = F.where(_83, 1.0, 0.0, like=param)
-                _85 = F.cast(_84, grad)
-                t_mask = _85
-                _86 = F.mean(t_mask)
-                F.maximum_(_86, 0.001)
-                _87 = F.div(t_mask, _86)
-                t_mask = _87
-                F.mul_(t_update, t_mask)
-            F.mul_(t_update, h["dlr"])
+                # mask = cast(where(update * grad > 0, 1.0, 0.0), grad)
+                mask_6 = F.mul(update, grad)
+                mask_7 = F.gt(mask_6, 0)
+                mask_8 = F.where(mask_7, 1.0, 0.0, like=param)
+                mask = F.cast(mask_8, grad)
+                # mask = mask / maximum(mean(mask), 0.001)
+                mask_9 = F.mean(mask)
+                F.maximum_(mask_9, 0.001)
+                mask_10 = F.div(mask, mask_9)
+                mask = mask_10
+                # update = update * mask
+                F.mul_(update, mask)
+            # update = update * dlr
+            F.mul_(update, h["dlr"])
+            # if compat_factored_beta1 and nnmf_factor and not (ndim == 1 and not vector_reshape):
             if h["_c9"]:
                 pass
-            F.mul_(st_exp_avg, h["b_m"])
-            F.axpy_(st_exp_avg, grad, h["_k25"])
+            # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+            F.mul_(exp_avg, h["b_m"])
+            F.axpy_(exp_avg, grad, h["_k25"])
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c10"]:
-                _88 = F.strided(grad, h["_k26"])
-                _89 = F.float32(_88)
-                t_gs = _89
-                _90 = F.strided(param, h["_k27"])
-                _91 = F.float32(_90)
-                t_ps = _91
-                _92 = F.float32(st_p0)
-                _93 = F.sub(_92, t_ps)
-                _94 = F.vdot(t_gs, _93, kind="slice")
-                F.mul_(_94, h["_k28"])
-                A.append(("num", _94))
+                # gs = float32(strided(grad, slice_p))
+                gs_2 = F.strided(grad, h["_k26"])
+                gs = F.float32(gs_2)
+                # ps = float32(strided(param, slice_p))
+                ps_2 = F.strided(param, h["_k27"])
+                ps = F.float32(ps_2)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_4 = F.float32(p0)
+                num_5 = F.sub(num_4, ps)
+                num_6 = F.vdot(gs, num_5, kind="slice")
+                F.mul_(num_6, h["_k28"])
+                A.append(("num", num_6))
+                # if safeguard_warmup:
                 if h["_c11"]:
-                    F.mul_(st_s, h["b3"])
-                    F.axpy_(st_s, t_gs, h["_k29"])
+                    # s = s * b3 + d / d0 * d * gs
+                    F.mul_(s, h["b3"])
+                    F.axpy_(s, gs, h["_k29"])
                 else:
-                    F.mul_(st_s, h["b3"])
-                    F.axpy_(st_s, t_gs, h["_k30"])
-                _95 = F.abs(st_s)
-                _96 = F.sum(_95, kind="slice")
-                A.append(("den", _96))
+                    # s = s * b3 + d / d0 * dlr * gs
+                    F.mul_(s, h["b3"])
+                    F.axpy_(s, gs, h["_k30"])
+                # den += sum(abs(s))
+                den_3 = F.abs(s)
+                den_4 = F.sum(den_3, kind="slice")
+                A.append(("den", den_4))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c12"]:
-                _97 = F.float32(param)
-                t_param_fp32 = _97
-                _98 = F.float32(t_update)
-                t_update_fp32 = _98
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c13"]:
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _99 = F.mul(t_update_fp32, t_param_fp32)
-                        _100 = F.ge(_99, 0)
-                        _101 = F.where(_100, 1.0, 0.0, like=param)
-                        _102 = F.addcmul(t_param_fp32, t_param_fp32, _101, h["_k31"])
-                        t_param_fp32 = _102
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, param_fp32)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k31"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _103 = F.axpy(t_param_fp32, t_param_fp32, h["_k32"])
-                        t_param_fp32 = _103
-                _104 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _104
-                _105 = F.stochastic_round(t_param_fp32, h["_k33"])
-                F.assign_(param, _105)
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k32"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_7 = F.stochastic_round(param_fp32, h["_k33"])
+                F.assign_(param, param_7)
             else:
+                # if weight_decay != 0:
                 if h["_c13"]:
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _106 = F.mul(t_update, param)
-                        _107 = F.ge(_106, 0)
-                        _108 = F.where(_107, 1.0, 0.0, like=param)
-                        _109 = F.addcmul(param, param, _108, h["_k34"])
-                        F.assign_(param, _109)
+                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_8 = F.mul(update, param)
+                        param_9 = F.ge(param_8, 0)
+                        param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                        param_11 = F.addcmul(param, param, param_10, h["_k34"])
+                        F.assign_(param, param_11)
                     else:
-                        _110 = F.axpy(param, param, h["_k35"])
-                        F.assign_(param, _110)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * dlr * param
+                        param_12 = F.axpy(param, param, h["_k35"])
+                        F.assign_(param, param_12)
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if beta3 == None:
         if h["_c2"]:
             pass
+        # if nnmf_factor and not (ndim == 1 and not vector_reshape):
         if h["_c3"]:
-            _111 = F.float32(grad)
-            grad = _111
+            # grad = float32(grad)
+            grad = F.float32(grad)
+        # if clip_threshold > 0:
         if h["_c4"]:
-            _112 = F.norm(grad)
-            t_gnorm = _112
-            _113 = F.gt(t_gnorm, h["_k36"])
-            _114 = F.rdiv(t_gnorm, h["_k37"])
-            _115 = F.mul(grad, _114)
-            _116 = F.where(_113, _115, grad)
-            grad = _116
+            # gnorm = norm(grad)
+            gnorm = F.norm(grad)
+            # grad = where(gnorm > clip_threshold, grad * (clip_threshold / gnorm), grad)
+            grad_9 = F.gt(gnorm, h["_k36"])
+            grad_10 = F.rdiv(gnorm, h["_k37"])
+            grad_11 = F.mul(grad, grad_10)
+            grad_12 = F.where(grad_9, grad_11, grad)
+            grad = grad_12
+        # if orthogonal_gradient:
         if h["_c5"]:
-            _117 = F.vdot(param, grad)
-            _118 = F.vdot(param, param)
-            F.add_(_118, 1e-30)
-            F.div_(_117, _118)
-            _119 = F.mul(param, _117)
-            _120 = F.sub(grad, _119)
-            t_ortho_g = _120
-            _121 = F.norm(grad)
-            _122 = F.norm(t_ortho_g)
-            F.add_(_122, 1e-30)
-            F.div_(_121, _122)
-            t_ortho_scale = _121
-            _123 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _123
-        _124 = F.mul(st_exp_avg, h["_k38"])
-        F.axpy_(_124, grad, h["_k39"])
-        t_update = _124
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # update = exp_avg * beta1 + d * (1 - beta1) * grad
+        update = F.mul(exp_avg, h["_k38"])
+        F.axpy_(update, grad, h["_k39"])
+        # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
         if h["_c6"]:
-            _125 = F.norm(t_update)
-            F.maximum_(_125, 1e-12)
-            _126 = F.div(t_update, _125)
-            t_update = _126
-            F.mul_(t_update, h["_k40"])
+            # update = update / maximum(norm(update), 1e-12)
+            update_13 = F.norm(update)
+            F.maximum_(update_13, 1e-12)
+            update_14 = F.div(update, update_13)
+            update = update_14
+            # update = update * numel ** 0.5
+            F.mul_(update, h["_k40"])
         else:
+            # if auto_kappa_p or kappa_p == 1:
             if h["_c7"]:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
             else:
-                _127 = F.sign(t_update)
-                _128 = F.abs(t_update)
-                F.pow_(_128, h["_k41"])
-                F.mul_(_127, _128)
-                t_update = _127
-                _129 = F.norm(t_update)
-                F.maximum_(_129, 1e-12)
-                _130 = F.div(t_update, _129)
-                t_update = _130
-                F.mul_(t_update, h["_k42"])
+                # update = sign(update) * abs(update) ** (kappa_p - 1)
+                update_15 = F.sign(update)
+                update_16 = F.abs(update)
+                F.pow_(update_16, h["_k41"])
+                F.mul_(update_15, update_16)
+                update = update_15
+                # update = update / maximum(norm(update), 1e-12)
+                update_17 = F.norm(update)
+                F.maximum_(update_17, 1e-12)
+                update_18 = F.div(update, update_17)
+                update = update_18
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k42"])
+        # if cautious_mask:
         if h["_c8"]:
-            _131 = F.mul(t_update, grad)
-            _132 = F.gt(_131, 0)
-            _133 = F.where(_132, 1.0, 0.0, like=param)
-            _134 = F.cast(_133, grad)
-            t_mask = _134
-            _135 = F.mean(t_mask)
-            F.maximum_(_135, 0.001)
-            _136 = F.div(t_mask, _135)
-            t_mask = _136
-            F.mul_(t_update, t_mask)
-        F.mul_(t_update, h["dlr"])
+            # mask = cast(where(update * grad > 0, 1.0, 0.0), grad)
+            mask_11 = F.mul(update, grad)
+            mask_12 = F.gt(mask_11, 0)
+            mask_13 = F.where(mask_12, 1.0, 0.0, like=param)
+            mask = F.cast(mask_13, grad)
+            # mask = mask / maximum(mean(mask), 0.001)
+            mask_14 = F.mean(mask)
+            F.maximum_(mask_14, 0.001)
+            mask_15 = F.div(mask, mask_14)
+            mask = mask_15
+            # update = update * mask
+            F.mul_(update, mask)
+        # update = update * dlr
+        F.mul_(update, h["dlr"])
+        # if compat_factored_beta1 and nnmf_factor and not (ndim == 1 and not vector_reshape):
         if h["_c9"]:
             pass
-        F.mul_(st_exp_avg, h["b_m"])
-        F.axpy_(st_exp_avg, grad, h["_k43"])
+        # exp_avg = exp_avg * b_m + d * (1 - b_m) * grad
+        F.mul_(exp_avg, h["b_m"])
+        F.axpy_(exp_avg, grad, h["_k43"])
+        # if prodigy_steps <= 0 or k < prodigy_steps:
         if h["_c10"]:
-            _137 = F.strided(grad, h["_k44"])
-            _138 = F.float32(_137)
-            t_gs = _138
-            _139 = F.strided(param, h["_k45"])
-            _140 = F.float32(_139)
-            t_ps = _140
-            _141 = F.float32(st_p0)
-            _142 = F.sub(_141, t_ps)
-            _143 = F.vdot(t_gs, _142, kind="slice")
-            F.mul_(_143, h["_k46"])
-            A.append(("num", _143))
+            # gs = float32(strided(grad, slice_p))
+            gs_3 = F.strided(grad, h["_k44"])
+            gs = F.float32(gs_3)
+            # ps = float32(strided(param, slice_p))
+            ps_3 = F.strided(param, h["_k45"])
+            ps = F.float32(ps_3)
+            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+            num_7 = F.float32(p0)
+            num_8 = F.sub(num_7, ps)
+            num_9 = F.vdot(gs, num_8, kind="slice")
+            F.mul_(num_9, h["_k46"])
+            A.append(("num", num_9))
+            # if safeguard_warmup:
             if h["_c11"]:
-                F.mul_(st_s, h["b3"])
-                F.axpy_(st_s, t_gs, h["_k47"])
+                # s = s * b3 + d / d0 * d * gs
+                F.mul_(s, h["b3"])
+                F.axpy_(s, gs, h["_k47"])
             else:
-                F.mul_(st_s, h["b3"])
-                F.axpy_(st_s, t_gs, h["_k48"])
-            _144 = F.abs(st_s)
-            _145 = F.sum(_144, kind="slice")
-            A.append(("den", _145))
+                # s = s * b3 + d / d0 * dlr * gs
+                F.mul_(s, h["b3"])
+                F.axpy_(s, gs, h["_k48"])
+            # den += sum(abs(s))
+            den_5 = F.abs(s)
+            den_6 = F.sum(den_5, kind="slice")
+            A.append(("den", den_6))
+        # if stochastic_rounding and bf16 != 0:
         if h["_c12"]:
-            _146 = F.float32(param)
-            t_param_fp32 = _146
-            _147 = F.float32(t_update)
-            t_update_fp32 = _147
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c13"]:
+                # if cautious_wd:
                 if h["_c14"]:
-                    _148 = F.mul(t_update_fp32, t_param_fp32)
-                    _149 = F.ge(_148, 0)
-                    _150 = F.where(_149, 1.0, 0.0, like=param)
-                    _151 = F.addcmul(t_param_fp32, t_param_fp32, _150, h["_k49"])
-                    t_param_fp32 = _151
+                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_9 = F.mul(update_fp32, param_fp32)
+                    param_fp32_10 = F.ge(param_fp32_9, 0)
+                    param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                    param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k49"])
+                    param_fp32 = param_fp32_12
                 else:
-                    _152 = F.axpy(t_param_fp32, t_param_fp32, h["_k50"])
-                    t_param_fp32 = _152
-            _153 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _153
-            _154 = F.stochastic_round(t_param_fp32, h["_k51"])
-            F.assign_(param, _154)
+                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k50"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_13 = F.stochastic_round(param_fp32, h["_k51"])
+            F.assign_(param, param_13)
         else:
+            # if weight_decay != 0:
             if h["_c13"]:
+                # if cautious_wd:
                 if h["_c14"]:
-                    _155 = F.mul(t_update, param)
-                    _156 = F.ge(_155, 0)
-                    _157 = F.where(_156, 1.0, 0.0, like=param)
-                    _158 = F.addcmul(param, param, _157, h["_k52"])
-                    F.assign_(param, _158)
+                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                    param_14 = F.mul(update, param)
+                    param_15 = F.ge(param_14, 0)
+                    param_16 = F.where(param_15, 1.0, 0.0, like=param)
+                    param_17 = F.addcmul(param, param, param_16, h["_k52"])
+                    F.assign_(param, param_17)
                 else:
-                    _159 = F.axpy(param, param, h["_k53"])
-                    F.assign_(param, _159)
-            F.sub_(param, t_update)
+                    # param = param - weight_decay * dlr * param
+                    param_18 = F.axpy(param, param, h["_k53"])
+                    F.assign_(param, param_18)
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Lion_Prodigy_adv(GeneratedOptimizer):

@@ -82,7 +82,7 @@ def _lion_prodigy_adv_prologue0(
 def _lion_prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS__R0: tl.constexpr = 14
+    COL_WS_R0: tl.constexpr = 14
     COL_WS_UPDATE: tl.constexpr = 20
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
@@ -102,7 +102,7 @@ def _lion_prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
     # _r0 = sumsq(update)
     r0_part = L.masked((update * update), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store grad, update
     tl.store(p_grad + offs, L.to_storage(grad, P_DT), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
@@ -143,9 +143,9 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_P0: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 12
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__R2: tl.constexpr = 16
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R2: tl.constexpr = 16
     COL_WS_UPDATE: tl.constexpr = 20
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_DLR: tl.constexpr = 3
@@ -157,7 +157,7 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
     HV_STEP: tl.constexpr = 11
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     dlr = tl.load(hv + t * NH + HV_DLR)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
@@ -187,7 +187,7 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)
@@ -203,13 +203,13 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r1_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -263,27 +263,27 @@ def _lion_prodigy_adv_vec0(
     COL_B: tl.constexpr = 8
     COL_M: tl.constexpr = 9
     COL_N: tl.constexpr = 10
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__R2: tl.constexpr = 16
-    COL_WS__ACC0_NUM: tl.constexpr = 17
-    COL_WS__ACC1_DEN: tl.constexpr = 18
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R2: tl.constexpr = 16
+    COL_WS_ACC0_NUM: tl.constexpr = 17
+    COL_WS_ACC1_DEN: tl.constexpr = 18
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # _acc0_num = _r1 * (d / d0 * dlr)  (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
-    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    p_r1 = ws + tl.load(tab + t * TBL_W + COL_WS_R1)
+    r1 = tl.load(p_r1 + 0).to(tl.float32)
     acc0_num = (r1 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
-    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
+    p_acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS_ACC0_NUM)
+    tl.store(p_acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
     # _acc1_den = _r2  (per-tensor)
-    p__r2 = ws + tl.load(tab + t * TBL_W + COL_WS__R2)
-    r2 = tl.load(p__r2 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
-    tl.store(p__acc1_den + 0, L.to_storage(r2, tl.float32))
+    p_r2 = ws + tl.load(tab + t * TBL_W + COL_WS_R2)
+    r2 = tl.load(p_r2 + 0).to(tl.float32)
+    p_acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS_ACC1_DEN)
+    tl.store(p_acc1_den + 0, L.to_storage(r2, tl.float32))
     tl.debug_barrier()
 
 
@@ -358,9 +358,9 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_S: tl.constexpr = 5
     COL_P0: tl.constexpr = 6
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__R2: tl.constexpr = 16
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R2: tl.constexpr = 16
     COL_WS_UPDATE: tl.constexpr = 20
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_DLR: tl.constexpr = 3
@@ -371,7 +371,7 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     dlr = tl.load(hv + t * NH + HV_DLR)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
@@ -400,7 +400,7 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)
@@ -416,13 +416,13 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r1_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_3))
     # store exp_avg, s, param
@@ -654,8 +654,8 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_P0: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 12
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_DLR: tl.constexpr = 2
@@ -711,13 +711,13 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -771,27 +771,27 @@ def _lion_prodigy_adv_vec1(
     COL_B: tl.constexpr = 8
     COL_M: tl.constexpr = 9
     COL_N: tl.constexpr = 10
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__ACC0_NUM: tl.constexpr = 16
-    COL_WS__ACC1_DEN: tl.constexpr = 17
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_ACC0_NUM: tl.constexpr = 16
+    COL_WS_ACC1_DEN: tl.constexpr = 17
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # _acc0_num = _r0 * (d / d0 * dlr)  (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     acc0_num = (r0 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
-    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
+    p_acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS_ACC0_NUM)
+    tl.store(p_acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
     # _acc1_den = _r1  (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
-    r1 = tl.load(p__r1 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
-    tl.store(p__acc1_den + 0, L.to_storage(r1, tl.float32))
+    p_r1 = ws + tl.load(tab + t * TBL_W + COL_WS_R1)
+    r1 = tl.load(p_r1 + 0).to(tl.float32)
+    p_acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS_ACC1_DEN)
+    tl.store(p_acc1_den + 0, L.to_storage(r1, tl.float32))
     tl.debug_barrier()
 
 
@@ -862,8 +862,8 @@ def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_S: tl.constexpr = 5
     COL_P0: tl.constexpr = 6
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_DLR: tl.constexpr = 2
@@ -917,13 +917,13 @@ def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_2))
     # store exp_avg, s, param
@@ -1081,7 +1081,7 @@ def _lion_prodigy_adv_prologue7(
 def _lion_prodigy_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_EXP_AVG: tl.constexpr = 1
-    COL_WS__R0: tl.constexpr = 14
+    COL_WS_R0: tl.constexpr = 14
     COL_WS_UPDATE: tl.constexpr = 19
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
@@ -1100,7 +1100,7 @@ def _lion_prodigy_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     update = ((exp_avg * beta1) + d_times_one_minus_beta1 * grad)
     # _r0 = sumsq(update)
     r0_part = L.masked((update * update), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store update
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
 
@@ -1140,9 +1140,9 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_P0: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 12
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__R2: tl.constexpr = 16
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R2: tl.constexpr = 16
     COL_WS_UPDATE: tl.constexpr = 19
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_DLR: tl.constexpr = 3
@@ -1154,7 +1154,7 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
     HV_STEP: tl.constexpr = 11
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     dlr = tl.load(hv + t * NH + HV_DLR)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
@@ -1184,7 +1184,7 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)
@@ -1200,13 +1200,13 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r1_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -1253,9 +1253,9 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_S: tl.constexpr = 5
     COL_P0: tl.constexpr = 6
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
-    COL_WS__R2: tl.constexpr = 16
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
+    COL_WS_R2: tl.constexpr = 16
     COL_WS_UPDATE: tl.constexpr = 19
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_DLR: tl.constexpr = 3
@@ -1266,7 +1266,7 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
     dlr = tl.load(hv + t * NH + HV_DLR)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
@@ -1295,7 +1295,7 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
     # update = update * numel ** 0.5
     update_2 = (update_1 * numel_pow_half)
@@ -1311,13 +1311,13 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r1_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R2), tl.sum(r2_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_3))
     # store exp_avg, s, param
@@ -1361,8 +1361,8 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_P0: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 12
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_DLR: tl.constexpr = 2
@@ -1417,13 +1417,13 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -1470,8 +1470,8 @@ def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     COL_S: tl.constexpr = 5
     COL_P0: tl.constexpr = 6
     COL_STRIDE: tl.constexpr = 13
-    COL_WS__R0: tl.constexpr = 14
-    COL_WS__R1: tl.constexpr = 15
+    COL_WS_R0: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 15
     HV_BETA1: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_DLR: tl.constexpr = 2
@@ -1524,13 +1524,13 @@ def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * b3 + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * b3) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_2))
     # store exp_avg, s, param

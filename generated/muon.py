@@ -51,21 +51,28 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_momentum_buffer = S["momentum_buffer"]
-    F.lerp_(st_momentum_buffer, grad, h["_k0"])
+    # the states, one list of tensors each
+    momentum_buffer = S["momentum_buffer"]
+    # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
+    F.lerp_(momentum_buffer, grad, h["_k0"])
+    # if nesterov:
     if h["_c0"]:
-        _1 = F.lerp(grad, st_momentum_buffer, h["_k1"])
-        t_update = _1
+        # update = lerp(grad, momentum_buffer, momentum)
+        update = F.lerp(grad, momentum_buffer, h["_k1"])
     else:
-        _2 = F.copy(st_momentum_buffer)
-        t_update = _2
+        # update = copy(momentum_buffer)
+        update = F.copy(momentum_buffer)
+    # if ndim >= 2:
     if h["_c1"]:
-        _3 = F.newton_schulz(t_update, h["_k2"], h["_k3"], h["_k4"], h["_k5"], h["_k6"])
-        t_update = _3
+        # update = newton_schulz(update, ns_steps, eps, ns_a, ns_b, ns_c)
+        update = F.newton_schulz(update, h["_k2"], h["_k3"], h["_k4"], h["_k5"], h["_k6"])
+        # if adjust_lr_fn == 'match_rms_adamw':
         if h["_c2"]:
             pass
+    # param = param * (1 - lr * weight_decay)
     F.mul_(param, h["_k7"])
-    F.axpy_(param, t_update, h["_k8"])
+    # param = param - adjusted_lr * update
+    F.axpy_(param, update, h["_k8"])
 
 
 class Muon(GeneratedOptimizer):

@@ -583,912 +583,1182 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_momentum_buffer = S["momentum_buffer"]
-    st_mu_mbuf_nmf = S["mu_mbuf_nmf"]
-    st_mv_mbuf_nmf = S["mv_mbuf_nmf"]
-    st_sign_buf = S["sign_buf"]
-    st_normuon_v = S["normuon_v"]
-    st_last_grad = S["last_grad"]
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_anchor_data = S["anchor_data"]
-    st_momentum_buffer_scale = S["momentum_buffer_scale"]
+    # the states, one list of tensors each
+    momentum_buffer = S["momentum_buffer"]
+    mu_mbuf_nmf = S["mu_mbuf_nmf"]
+    mv_mbuf_nmf = S["mv_mbuf_nmf"]
+    sign_buf = S["sign_buf"]
+    normuon_v = S["normuon_v"]
+    last_grad = S["last_grad"]
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    anchor_data = S["anchor_data"]
+    momentum_buffer_scale = S["momentum_buffer_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c2"]:
-                _1 = F.float32(grad)
-                grad = _1
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c2"]:
+                # if approx_mars:
                 if h["_c3"]:
-                    _2 = F.sub(grad, st_last_grad)
-                    F.mul_(_2, h["_k0"])
-                    F.add_(_2, grad)
-                    t_mars = _2
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k0"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if orthogonal_gradient == 'flattened':
                 if h["_c4"]:
-                    _3 = F.vdot(param, grad)
-                    _4 = F.vdot(param, param)
-                    F.add_(_4, 1e-30)
-                    F.div_(_3, _4)
-                    _5 = F.mul(param, _3)
-                    _6 = F.sub(grad, _5)
-                    t_ortho_g = _6
-                    _7 = F.norm(grad)
-                    _8 = F.norm(t_ortho_g)
-                    F.add_(_8, 1e-30)
-                    F.div_(_7, _8)
-                    t_ortho_scale = _7
-                    _9 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _9
-                _10 = F.outer(st_mu_mbuf_nmf, st_mv_mbuf_nmf)
-                t_momentum_buffer_magnitude = _10
-                _11 = F.neg(t_momentum_buffer_magnitude)
-                _12 = F.where(st_sign_buf, t_momentum_buffer_magnitude, _11)
-                t_momentum_buffer_full = _12
-                F.lerp_(t_momentum_buffer_full, grad, h["_k1"])
-                _13 = F.float32(t_momentum_buffer_full)
-                _14 = F.gt(_13, 0.0)
-                F.assign_(st_sign_buf, _14)
-                _15 = F.float32(t_momentum_buffer_full)
-                _16 = F.abs(_15)
-                t_momentum_buffer_abs = _16
-                _17 = F.rowsum(t_momentum_buffer_abs)
-                F.assign_(st_mu_mbuf_nmf, _17)
-                _18 = F.colsum(t_momentum_buffer_abs)
-                t_momentum_buffer_colsum = _18
-                _19 = F.sum(t_momentum_buffer_colsum, kind="col")
-                F.maximum_(_19, 1e-12)
-                _20 = F.div(t_momentum_buffer_colsum, _19)
-                F.assign_(st_mv_mbuf_nmf, _20)
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_1 = F.vdot(param, grad)
+                    ortho_g_2 = F.vdot(param, param)
+                    F.add_(ortho_g_2, 1e-30)
+                    F.div_(ortho_g_1, ortho_g_2)
+                    ortho_g_3 = F.mul(param, ortho_g_1)
+                    ortho_g = F.sub(grad, ortho_g_3)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_1 = F.norm(ortho_g)
+                    F.add_(ortho_scale_1, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_1)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer_magnitude = outer(mu_mbuf_nmf, mv_mbuf_nmf)
+                momentum_buffer_magnitude = F.outer(mu_mbuf_nmf, mv_mbuf_nmf)
+                # momentum_buffer_full = where(sign_buf, momentum_buffer_magnitude, -momentum_buffer_magnitude)
+                momentum_buffer_full_1 = F.neg(momentum_buffer_magnitude)
+                momentum_buffer_full = F.where(sign_buf, momentum_buffer_magnitude, momentum_buffer_full_1)
+                # momentum_buffer_full = lerp(momentum_buffer_full, grad, 1 - beta1)
+                F.lerp_(momentum_buffer_full, grad, h["_k1"])
+                # sign_buf = float32(momentum_buffer_full) > 0.0
+                sign_buf_1 = F.float32(momentum_buffer_full)
+                sign_buf_2 = F.gt(sign_buf_1, 0.0)
+                F.assign_(sign_buf, sign_buf_2)
+                # momentum_buffer_abs = abs(float32(momentum_buffer_full))
+                momentum_buffer_abs_1 = F.float32(momentum_buffer_full)
+                momentum_buffer_abs = F.abs(momentum_buffer_abs_1)
+                # mu_mbuf_nmf = rowsum(momentum_buffer_abs)
+                mu_mbuf_nmf_1 = F.rowsum(momentum_buffer_abs)
+                F.assign_(mu_mbuf_nmf, mu_mbuf_nmf_1)
+                # momentum_buffer_colsum = colsum(momentum_buffer_abs)
+                momentum_buffer_colsum = F.colsum(momentum_buffer_abs)
+                # mv_mbuf_nmf = momentum_buffer_colsum / maximum(sum(momentum_buffer_colsum), 1e-12)
+                mv_mbuf_nmf_1 = F.sum(momentum_buffer_colsum, kind="col")
+                F.maximum_(mv_mbuf_nmf_1, 1e-12)
+                mv_mbuf_nmf_2 = F.div(momentum_buffer_colsum, mv_mbuf_nmf_1)
+                F.assign_(mv_mbuf_nmf, mv_mbuf_nmf_2)
+                # if nesterov:
                 if h["_c5"]:
+                    # if nesterov_coef == None:
                     if h["_c6"]:
-                        _21 = F.lerp(grad, t_momentum_buffer_full, h["_k2"])
-                        t_update = _21
+                        # update = lerp(grad, momentum_buffer_full, beta1)
+                        update = F.lerp(grad, momentum_buffer_full, h["_k2"])
                     else:
-                        _22 = F.lerp(grad, t_momentum_buffer_full, h["_k3"])
-                        t_update = _22
+                        # update = lerp(grad, momentum_buffer_full, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer_full, h["_k3"])
                 else:
-                    _23 = F.copy(t_momentum_buffer_full)
-                    t_update = _23
+                    # update = copy(momentum_buffer_full)
+                    update = F.copy(momentum_buffer_full)
+                # if ns_eps == None:
                 if h["_c7"]:
                     pass
+                # if accelerated_ns:
                 if h["_c8"]:
+                    # if cns_a_bound == None:
                     if h["_c9"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _24 = F.low_rank_cans(t_update, h["_k4"], h["_k5"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _24
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k4"], h["_k5"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _25 = F.cans(t_update, h["_k6"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _25
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k6"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _26 = F.low_rank_newton_schulz(t_update, h["_k7"], h["_k8"], h["ns_eps_eff"], h["_k9"], h["_k10"], h["_k11"])
-                        t_update = _26
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k7"], h["_k8"], h["ns_eps_eff"], h["_k9"], h["_k10"], h["_k11"])
                     else:
-                        _27 = F.newton_schulz(t_update, h["_k12"], h["ns_eps_eff"], h["_k13"], h["_k14"], h["_k15"])
-                        t_update = _27
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k12"], h["ns_eps_eff"], h["_k13"], h["_k14"], h["_k15"])
+                # if normuon_variant:
                 if h["_c11"]:
-                    _28 = F.mul(t_update, t_update)
-                    _29 = F.float32(_28)
-                    _30 = F.rowsum(_29)
-                    F.div_(_30, h["_k16"])
-                    F.lerp_(st_normuon_v, _30, h["_k17"])
-                    _31 = F.sqrt(st_normuon_v)
-                    F.add_(_31, h["_k18"])
-                    F.div_(t_update, F.align(_31, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2_normuon)
+                    normuon_v_1 = F.mul(update, update)
+                    normuon_v_2 = F.float32(normuon_v_1)
+                    normuon_v_3 = F.rowsum(normuon_v_2)
+                    F.div_(normuon_v_3, h["_k16"])
+                    F.lerp_(normuon_v, normuon_v_3, h["_k17"])
+                    # update = update / (sqrt(normuon_v) + normuon_eps)
+                    update_1 = F.sqrt(normuon_v)
+                    F.add_(update_1, h["_k18"])
+                    F.div_(update, F.align(update_1, "row", "element"))
+                # if not (compat_unscaled_factored and (state_precision == 'factored' or nnmf_factor)):
                 if h["_c12"]:
+                    # if rms_rescaling:
                     if h["_c13"]:
-                        _32 = F.norm(t_update)
-                        F.maximum_(_32, 1e-08)
-                        F.rdiv_(_32, h["_k19"])
-                        _33 = F.mul(t_update, _32)
-                        t_update = _33
+                        # update = update * (lr * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                        update_2 = F.norm(update)
+                        F.maximum_(update_2, 1e-08)
+                        F.rdiv_(update_2, h["_k19"])
+                        update_3 = F.mul(update, update_2)
+                        update = update_3
                     else:
-                        F.mul_(t_update, h["_k20"])
+                        # update = update * (lr * sqrt(max(1, rows / cols)))
+                        F.mul_(update, h["_k20"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _34 = F.float32(param)
-                    t_param_fp32 = _34
-                    _35 = F.float32(t_update)
-                    t_update_fp32 = _35
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _36 = F.mul(t_update_fp32, t_param_fp32)
-                            _37 = F.ge(_36, 0)
-                            _38 = F.where(_37, 1.0, 0.0, like=param)
-                            _39 = F.addcmul(t_param_fp32, t_param_fp32, _38, h["_k21"])
-                            t_param_fp32 = _39
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k21"])
+                            param_fp32 = param_fp32_4
                         else:
-                            _40 = F.axpy(t_param_fp32, t_param_fp32, h["_k22"])
-                            t_param_fp32 = _40
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k22"])
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _41 = F.cast(st_anchor_data, t_param_fp32)
-                        _42 = F.sub(t_param_fp32, _41)
-                        t_cwd_target = _42
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _43 = F.mul(t_update_fp32, t_cwd_target)
-                            _44 = F.ge(_43, 0)
-                            _45 = F.where(_44, 1.0, 0.0, like=param)
-                            _46 = F.addcmul(t_param_fp32, t_cwd_target, _45, h["_k23"])
-                            t_param_fp32 = _46
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, cwd_target)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, cwd_target, param_fp32_7, h["_k23"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _47 = F.axpy(t_param_fp32, t_cwd_target, h["_k24"])
-                            t_param_fp32 = _47
-                    _48 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _48
-                    _49 = F.stochastic_round(t_param_fp32, h["_k25"])
-                    F.assign_(param, _49)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k24"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_1 = F.stochastic_round(param_fp32, h["_k25"])
+                    F.assign_(param, param_1)
                 else:
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _50 = F.mul(t_update, param)
-                            _51 = F.ge(_50, 0)
-                            _52 = F.where(_51, 1.0, 0.0, like=param)
-                            _53 = F.addcmul(param, param, _52, h["_k26"])
-                            F.assign_(param, _53)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            param_5 = F.addcmul(param, param, param_4, h["_k26"])
+                            F.assign_(param, param_5)
                         else:
-                            _54 = F.axpy(param, param, h["_k27"])
-                            F.assign_(param, _54)
+                            # param = param - weight_decay * lr * param
+                            param_6 = F.axpy(param, param, h["_k27"])
+                            F.assign_(param, param_6)
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _55 = F.cast(st_anchor_data, param)
-                        _56 = F.sub(param, _55)
-                        t_cwd_target = _56
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_2 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_2)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _57 = F.mul(t_update, t_cwd_target)
-                            _58 = F.ge(_57, 0)
-                            _59 = F.where(_58, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _59, h["_k28"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_7 = F.mul(update, cwd_target)
+                            param_8 = F.ge(param_7, 0)
+                            param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_9, h["_k28"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k29"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k29"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if adam_use_bias_correction:
                 if h["_c18"]:
                     pass
+                # if adam_beta1 > 0:
                 if h["_c19"]:
-                    F.lerp_(st_exp_avg, grad, h["_k30"])
-                    _60 = F.copy(st_exp_avg)
-                    t_update = _60
+                    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                    F.lerp_(exp_avg, grad, h["_k30"])
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
                 else:
-                    _61 = F.copy(grad)
-                    t_update = _61
-                F.mul_(st_exp_avg_sq, h["_k31"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k32"])
+                    # update = copy(grad)
+                    update = F.copy(grad)
+                # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k31"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k32"])
+                # if adam_eps == None:
                 if h["_c20"]:
                     pass
-                _62 = F.sqrt(st_exp_avg_sq)
-                F.div_(_62, h["sqrt_bias_correction2"])
-                F.add_(_62, h["eps_eff"])
-                t_denom = _62
-                F.div_(t_update, t_denom)
-                F.mul_(t_update, h["step_size"])
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["eps_eff"])
+                # update = update / denom
+                F.div_(update, denom)
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _63 = F.float32(param)
-                    t_param_fp32 = _63
-                    _64 = F.float32(t_update)
-                    t_update_fp32 = _64
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if adam_weight_decay != 0:
                     if h["_c21"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _65 = F.mul(t_update_fp32, t_param_fp32)
-                            _66 = F.ge(_65, 0)
-                            _67 = F.where(_66, 1.0, 0.0, like=param)
-                            _68 = F.addcmul(t_param_fp32, t_param_fp32, _67, h["_k33"])
-                            t_param_fp32 = _68
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_9 = F.mul(update_fp32, param_fp32)
+                            param_fp32_10 = F.ge(param_fp32_9, 0)
+                            param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                            param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k33"])
+                            param_fp32 = param_fp32_12
                         else:
-                            _69 = F.axpy(t_param_fp32, t_param_fp32, h["_k34"])
-                            t_param_fp32 = _69
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k34"])
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _70 = F.cast(st_anchor_data, t_param_fp32)
-                        _71 = F.sub(t_param_fp32, _70)
-                        t_cwd_target = _71
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_3 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _72 = F.mul(t_update_fp32, t_cwd_target)
-                            _73 = F.ge(_72, 0)
-                            _74 = F.where(_73, 1.0, 0.0, like=param)
-                            _75 = F.addcmul(t_param_fp32, t_cwd_target, _74, h["_k35"])
-                            t_param_fp32 = _75
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, cwd_target)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k35"])
+                            param_fp32 = param_fp32_16
                         else:
-                            _76 = F.axpy(t_param_fp32, t_cwd_target, h["_k36"])
-                            t_param_fp32 = _76
-                    _77 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _77
-                    _78 = F.stochastic_round(t_param_fp32, h["_k37"])
-                    F.assign_(param, _78)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k36"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_10 = F.stochastic_round(param_fp32, h["_k37"])
+                    F.assign_(param, param_10)
                 else:
+                    # if adam_weight_decay != 0:
                     if h["_c21"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _79 = F.mul(t_update, param)
-                            _80 = F.ge(_79, 0)
-                            _81 = F.where(_80, 1.0, 0.0, like=param)
-                            _82 = F.addcmul(param, param, _81, h["_k38"])
-                            F.assign_(param, _82)
+                            # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_11 = F.mul(update, param)
+                            param_12 = F.ge(param_11, 0)
+                            param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                            param_14 = F.addcmul(param, param, param_13, h["_k38"])
+                            F.assign_(param, param_14)
                         else:
-                            _83 = F.axpy(param, param, h["_k39"])
-                            F.assign_(param, _83)
+                            # param = param - adam_weight_decay * lr * param
+                            param_15 = F.axpy(param, param, h["_k39"])
+                            F.assign_(param, param_15)
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _84 = F.cast(st_anchor_data, param)
-                        _85 = F.sub(param, _84)
-                        t_cwd_target = _85
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_4 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_4)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _86 = F.mul(t_update, t_cwd_target)
-                            _87 = F.ge(_86, 0)
-                            _88 = F.where(_87, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _88, h["_k40"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_16 = F.mul(update, cwd_target)
+                            param_17 = F.ge(param_16, 0)
+                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_18, h["_k40"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k41"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k41"])
+                    # param = param + -update
+                    F.sub_(param, update)
         else:
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c2"]:
-                _89 = F.float32(grad)
-                grad = _89
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
             if h["_c2"]:
+                # if approx_mars:
                 if h["_c3"]:
-                    _90 = F.sub(grad, st_last_grad)
-                    F.mul_(_90, h["_k42"])
-                    F.add_(_90, grad)
-                    t_mars = _90
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k42"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if orthogonal_gradient == 'flattened':
                 if h["_c4"]:
-                    _91 = F.vdot(param, grad)
-                    _92 = F.vdot(param, param)
-                    F.add_(_92, 1e-30)
-                    F.div_(_91, _92)
-                    _93 = F.mul(param, _91)
-                    _94 = F.sub(grad, _93)
-                    t_ortho_g = _94
-                    _95 = F.norm(grad)
-                    _96 = F.norm(t_ortho_g)
-                    F.add_(_96, 1e-30)
-                    F.div_(_95, _96)
-                    t_ortho_scale = _95
-                    _97 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _97
-                F.lerp_(st_momentum_buffer, grad, h["_k43"])
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_4 = F.vdot(param, grad)
+                    ortho_g_5 = F.vdot(param, param)
+                    F.add_(ortho_g_5, 1e-30)
+                    F.div_(ortho_g_4, ortho_g_5)
+                    ortho_g_6 = F.mul(param, ortho_g_4)
+                    ortho_g = F.sub(grad, ortho_g_6)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_2 = F.norm(ortho_g)
+                    F.add_(ortho_scale_2, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_2)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+                F.lerp_(momentum_buffer, grad, h["_k43"])
+                # if nesterov:
                 if h["_c5"]:
+                    # if nesterov_coef == None:
                     if h["_c6"]:
-                        _98 = F.lerp(grad, st_momentum_buffer, h["_k44"])
-                        t_update = _98
+                        # update = lerp(grad, momentum_buffer, beta1)
+                        update = F.lerp(grad, momentum_buffer, h["_k44"])
                     else:
-                        _99 = F.lerp(grad, st_momentum_buffer, h["_k45"])
-                        t_update = _99
+                        # update = lerp(grad, momentum_buffer, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer, h["_k45"])
                 else:
-                    _100 = F.copy(st_momentum_buffer)
-                    t_update = _100
+                    # update = copy(momentum_buffer)
+                    update = F.copy(momentum_buffer)
+                # if ns_eps == None:
                 if h["_c7"]:
                     pass
+                # if accelerated_ns:
                 if h["_c8"]:
+                    # if cns_a_bound == None:
                     if h["_c9"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _101 = F.low_rank_cans(t_update, h["_k46"], h["_k47"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _101
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k46"], h["_k47"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _102 = F.cans(t_update, h["_k48"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _102
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k48"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _103 = F.low_rank_newton_schulz(t_update, h["_k49"], h["_k50"], h["ns_eps_eff"], h["_k51"], h["_k52"], h["_k53"])
-                        t_update = _103
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k49"], h["_k50"], h["ns_eps_eff"], h["_k51"], h["_k52"], h["_k53"])
                     else:
-                        _104 = F.newton_schulz(t_update, h["_k54"], h["ns_eps_eff"], h["_k55"], h["_k56"], h["_k57"])
-                        t_update = _104
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k54"], h["ns_eps_eff"], h["_k55"], h["_k56"], h["_k57"])
+                # if normuon_variant:
                 if h["_c11"]:
-                    _105 = F.mul(t_update, t_update)
-                    _106 = F.float32(_105)
-                    _107 = F.rowsum(_106)
-                    F.div_(_107, h["_k58"])
-                    F.lerp_(st_normuon_v, _107, h["_k59"])
-                    _108 = F.sqrt(st_normuon_v)
-                    F.add_(_108, h["_k60"])
-                    F.div_(t_update, F.align(_108, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2_normuon)
+                    normuon_v_4 = F.mul(update, update)
+                    normuon_v_5 = F.float32(normuon_v_4)
+                    normuon_v_6 = F.rowsum(normuon_v_5)
+                    F.div_(normuon_v_6, h["_k58"])
+                    F.lerp_(normuon_v, normuon_v_6, h["_k59"])
+                    # update = update / (sqrt(normuon_v) + normuon_eps)
+                    update_4 = F.sqrt(normuon_v)
+                    F.add_(update_4, h["_k60"])
+                    F.div_(update, F.align(update_4, "row", "element"))
+                # if not (compat_unscaled_factored and (state_precision == 'factored' or nnmf_factor)):
                 if h["_c12"]:
+                    # if rms_rescaling:
                     if h["_c13"]:
-                        _109 = F.norm(t_update)
-                        F.maximum_(_109, 1e-08)
-                        F.rdiv_(_109, h["_k61"])
-                        _110 = F.mul(t_update, _109)
-                        t_update = _110
+                        # update = update * (lr * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                        update_5 = F.norm(update)
+                        F.maximum_(update_5, 1e-08)
+                        F.rdiv_(update_5, h["_k61"])
+                        update_6 = F.mul(update, update_5)
+                        update = update_6
                     else:
-                        F.mul_(t_update, h["_k62"])
+                        # update = update * (lr * sqrt(max(1, rows / cols)))
+                        F.mul_(update, h["_k62"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _111 = F.float32(param)
-                    t_param_fp32 = _111
-                    _112 = F.float32(t_update)
-                    t_update_fp32 = _112
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _113 = F.mul(t_update_fp32, t_param_fp32)
-                            _114 = F.ge(_113, 0)
-                            _115 = F.where(_114, 1.0, 0.0, like=param)
-                            _116 = F.addcmul(t_param_fp32, t_param_fp32, _115, h["_k63"])
-                            t_param_fp32 = _116
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k63"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _117 = F.axpy(t_param_fp32, t_param_fp32, h["_k64"])
-                            t_param_fp32 = _117
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k64"])
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _118 = F.cast(st_anchor_data, t_param_fp32)
-                        _119 = F.sub(t_param_fp32, _118)
-                        t_cwd_target = _119
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_5 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _120 = F.mul(t_update_fp32, t_cwd_target)
-                            _121 = F.ge(_120, 0)
-                            _122 = F.where(_121, 1.0, 0.0, like=param)
-                            _123 = F.addcmul(t_param_fp32, t_cwd_target, _122, h["_k65"])
-                            t_param_fp32 = _123
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_21 = F.mul(update_fp32, cwd_target)
+                            param_fp32_22 = F.ge(param_fp32_21, 0)
+                            param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                            param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k65"])
+                            param_fp32 = param_fp32_24
                         else:
-                            _124 = F.axpy(t_param_fp32, t_cwd_target, h["_k66"])
-                            t_param_fp32 = _124
-                    _125 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _125
-                    _126 = F.stochastic_round(t_param_fp32, h["_k67"])
-                    F.assign_(param, _126)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k66"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_19 = F.stochastic_round(param_fp32, h["_k67"])
+                    F.assign_(param, param_19)
                 else:
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _127 = F.mul(t_update, param)
-                            _128 = F.ge(_127, 0)
-                            _129 = F.where(_128, 1.0, 0.0, like=param)
-                            _130 = F.addcmul(param, param, _129, h["_k68"])
-                            F.assign_(param, _130)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_20 = F.mul(update, param)
+                            param_21 = F.ge(param_20, 0)
+                            param_22 = F.where(param_21, 1.0, 0.0, like=param)
+                            param_23 = F.addcmul(param, param, param_22, h["_k68"])
+                            F.assign_(param, param_23)
                         else:
-                            _131 = F.axpy(param, param, h["_k69"])
-                            F.assign_(param, _131)
+                            # param = param - weight_decay * lr * param
+                            param_24 = F.axpy(param, param, h["_k69"])
+                            F.assign_(param, param_24)
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _132 = F.cast(st_anchor_data, param)
-                        _133 = F.sub(param, _132)
-                        t_cwd_target = _133
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_6)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _134 = F.mul(t_update, t_cwd_target)
-                            _135 = F.ge(_134, 0)
-                            _136 = F.where(_135, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _136, h["_k70"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_25 = F.mul(update, cwd_target)
+                            param_26 = F.ge(param_25, 0)
+                            param_27 = F.where(param_26, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_27, h["_k70"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k71"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k71"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if adam_use_bias_correction:
                 if h["_c18"]:
                     pass
+                # if adam_beta1 > 0:
                 if h["_c19"]:
-                    F.lerp_(st_exp_avg, grad, h["_k72"])
-                    _137 = F.copy(st_exp_avg)
-                    t_update = _137
+                    # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                    F.lerp_(exp_avg, grad, h["_k72"])
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
                 else:
-                    _138 = F.copy(grad)
-                    t_update = _138
-                F.mul_(st_exp_avg_sq, h["_k73"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k74"])
+                    # update = copy(grad)
+                    update = F.copy(grad)
+                # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k73"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k74"])
+                # if adam_eps == None:
                 if h["_c20"]:
                     pass
-                _139 = F.sqrt(st_exp_avg_sq)
-                F.div_(_139, h["sqrt_bias_correction2"])
-                F.add_(_139, h["eps_eff"])
-                t_denom = _139
-                F.div_(t_update, t_denom)
-                F.mul_(t_update, h["step_size"])
+                # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.div_(denom, h["sqrt_bias_correction2"])
+                F.add_(denom, h["eps_eff"])
+                # update = update / denom
+                F.div_(update, denom)
+                # update = update * step_size
+                F.mul_(update, h["step_size"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _140 = F.float32(param)
-                    t_param_fp32 = _140
-                    _141 = F.float32(t_update)
-                    t_update_fp32 = _141
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if adam_weight_decay != 0:
                     if h["_c21"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _142 = F.mul(t_update_fp32, t_param_fp32)
-                            _143 = F.ge(_142, 0)
-                            _144 = F.where(_143, 1.0, 0.0, like=param)
-                            _145 = F.addcmul(t_param_fp32, t_param_fp32, _144, h["_k75"])
-                            t_param_fp32 = _145
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_25 = F.mul(update_fp32, param_fp32)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, h["_k75"])
+                            param_fp32 = param_fp32_28
                         else:
-                            _146 = F.axpy(t_param_fp32, t_param_fp32, h["_k76"])
-                            t_param_fp32 = _146
+                            # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k76"])
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _147 = F.cast(st_anchor_data, t_param_fp32)
-                        _148 = F.sub(t_param_fp32, _147)
-                        t_cwd_target = _148
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_7 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _149 = F.mul(t_update_fp32, t_cwd_target)
-                            _150 = F.ge(_149, 0)
-                            _151 = F.where(_150, 1.0, 0.0, like=param)
-                            _152 = F.addcmul(t_param_fp32, t_cwd_target, _151, h["_k77"])
-                            t_param_fp32 = _152
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, cwd_target)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, cwd_target, param_fp32_31, h["_k77"])
+                            param_fp32 = param_fp32_32
                         else:
-                            _153 = F.axpy(t_param_fp32, t_cwd_target, h["_k78"])
-                            t_param_fp32 = _153
-                    _154 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _154
-                    _155 = F.stochastic_round(t_param_fp32, h["_k79"])
-                    F.assign_(param, _155)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k78"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_28 = F.stochastic_round(param_fp32, h["_k79"])
+                    F.assign_(param, param_28)
                 else:
+                    # if adam_weight_decay != 0:
                     if h["_c21"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _156 = F.mul(t_update, param)
-                            _157 = F.ge(_156, 0)
-                            _158 = F.where(_157, 1.0, 0.0, like=param)
-                            _159 = F.addcmul(param, param, _158, h["_k80"])
-                            F.assign_(param, _159)
+                            # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_29 = F.mul(update, param)
+                            param_30 = F.ge(param_29, 0)
+                            param_31 = F.where(param_30, 1.0, 0.0, like=param)
+                            param_32 = F.addcmul(param, param, param_31, h["_k80"])
+                            F.assign_(param, param_32)
                         else:
-                            _160 = F.axpy(param, param, h["_k81"])
-                            F.assign_(param, _160)
+                            # param = param - adam_weight_decay * lr * param
+                            param_33 = F.axpy(param, param, h["_k81"])
+                            F.assign_(param, param_33)
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _161 = F.cast(st_anchor_data, param)
-                        _162 = F.sub(param, _161)
-                        t_cwd_target = _162
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_8 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_8)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _163 = F.mul(t_update, t_cwd_target)
-                            _164 = F.ge(_163, 0)
-                            _165 = F.where(_164, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _165, h["_k82"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_34 = F.mul(update, cwd_target)
+                            param_35 = F.ge(param_34, 0)
+                            param_36 = F.where(param_35, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_36, h["_k82"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k83"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k83"])
+                    # param = param + -update
+                    F.sub_(param, update)
     else:
+        # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
         if h["_c2"]:
+            # if state_precision == 'bf16_sr' and not nnmf_factor:
             if h["_c22"]:
+                # if approx_mars:
                 if h["_c3"]:
-                    _166 = F.sub(grad, st_last_grad)
-                    F.mul_(_166, h["_k84"])
-                    F.add_(_166, grad)
-                    t_mars = _166
-                    F.assign_(st_last_grad, grad)
-                    grad = t_mars
+                    # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                    mars = F.sub(grad, last_grad)
+                    F.mul_(mars, h["_k84"])
+                    F.add_(mars, grad)
+                    # last_grad = grad
+                    F.assign_(last_grad, grad)
+                    # grad = mars
+                    grad = mars
+                # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                 if h["_c23"]:
-                    _167 = F.float32(grad)
-                    grad = _167
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c4"]:
-                    _168 = F.vdot(param, grad)
-                    _169 = F.vdot(param, param)
-                    F.add_(_169, 1e-30)
-                    F.div_(_168, _169)
-                    _170 = F.mul(param, _168)
-                    _171 = F.sub(grad, _170)
-                    t_ortho_g = _171
-                    _172 = F.norm(grad)
-                    _173 = F.norm(t_ortho_g)
-                    F.add_(_173, 1e-30)
-                    F.div_(_172, _173)
-                    t_ortho_scale = _172
-                    _174 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _174
-                _175 = F.decode("bf16_sr", False, {"": st_momentum_buffer})
-                t_momentum_buffer_work = _175
-                F.lerp_(t_momentum_buffer_work, grad, h["_k85"])
-                F.encode_("bf16_sr", False, {"": st_momentum_buffer}, t_momentum_buffer_work)
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_7 = F.vdot(param, grad)
+                    ortho_g_8 = F.vdot(param, param)
+                    F.add_(ortho_g_8, 1e-30)
+                    F.div_(ortho_g_7, ortho_g_8)
+                    ortho_g_9 = F.mul(param, ortho_g_7)
+                    ortho_g = F.sub(grad, ortho_g_9)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_3 = F.norm(ortho_g)
+                    F.add_(ortho_scale_3, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_3)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # momentum_buffer_work = momentum_buffer
+                momentum_buffer_work = F.decode("bf16_sr", False, {"": momentum_buffer})
+                # momentum_buffer_work = lerp(momentum_buffer_work, grad, 1 - beta1)
+                F.lerp_(momentum_buffer_work, grad, h["_k85"])
+                # momentum_buffer = momentum_buffer_work
+                F.encode_("bf16_sr", False, {"": momentum_buffer}, momentum_buffer_work)
+                # if nesterov:
                 if h["_c5"]:
+                    # if nesterov_coef == None:
                     if h["_c6"]:
-                        _176 = F.lerp(grad, t_momentum_buffer_work, h["_k87"])
-                        t_update = _176
+                        # update = lerp(grad, momentum_buffer_work, beta1)
+                        update = F.lerp(grad, momentum_buffer_work, h["_k87"])
                     else:
-                        _177 = F.lerp(grad, t_momentum_buffer_work, h["_k88"])
-                        t_update = _177
+                        # update = lerp(grad, momentum_buffer_work, nesterov_coef)
+                        update = F.lerp(grad, momentum_buffer_work, h["_k88"])
                 else:
-                    _178 = F.copy(t_momentum_buffer_work)
-                    t_update = _178
+                    # update = copy(momentum_buffer_work)
+                    update = F.copy(momentum_buffer_work)
+                # if ns_eps == None:
                 if h["_c7"]:
                     pass
+                # if accelerated_ns:
                 if h["_c8"]:
+                    # if cns_a_bound == None:
                     if h["_c9"]:
                         pass
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _179 = F.low_rank_cans(t_update, h["_k89"], h["_k90"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _179
+                        # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.low_rank_cans(update, h["_k89"], h["_k90"], h["ns_eps_eff"], h["cns_lb"])
                     else:
-                        _180 = F.cans(t_update, h["_k91"], h["ns_eps_eff"], h["cns_lb"])
-                        t_update = _180
+                        # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                        update = F.cans(update, h["_k91"], h["ns_eps_eff"], h["cns_lb"])
                 else:
+                    # if low_rank_ortho:
                     if h["_c10"]:
-                        _181 = F.low_rank_newton_schulz(t_update, h["_k92"], h["_k93"], h["ns_eps_eff"], h["_k94"], h["_k95"], h["_k96"])
-                        t_update = _181
+                        # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.low_rank_newton_schulz(update, h["_k92"], h["_k93"], h["ns_eps_eff"], h["_k94"], h["_k95"], h["_k96"])
                     else:
-                        _182 = F.newton_schulz(t_update, h["_k97"], h["ns_eps_eff"], h["_k98"], h["_k99"], h["_k100"])
-                        t_update = _182
+                        # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                        update = F.newton_schulz(update, h["_k97"], h["ns_eps_eff"], h["_k98"], h["_k99"], h["_k100"])
+                # if normuon_variant:
                 if h["_c11"]:
-                    _183 = F.mul(t_update, t_update)
-                    _184 = F.float32(_183)
-                    _185 = F.rowsum(_184)
-                    F.div_(_185, h["_k101"])
-                    F.lerp_(st_normuon_v, _185, h["_k102"])
-                    _186 = F.sqrt(st_normuon_v)
-                    F.add_(_186, h["_k103"])
-                    F.div_(t_update, F.align(_186, "row", "element"))
+                    # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2_normuon)
+                    normuon_v_7 = F.mul(update, update)
+                    normuon_v_8 = F.float32(normuon_v_7)
+                    normuon_v_9 = F.rowsum(normuon_v_8)
+                    F.div_(normuon_v_9, h["_k101"])
+                    F.lerp_(normuon_v, normuon_v_9, h["_k102"])
+                    # update = update / (sqrt(normuon_v) + normuon_eps)
+                    update_7 = F.sqrt(normuon_v)
+                    F.add_(update_7, h["_k103"])
+                    F.div_(update, F.align(update_7, "row", "element"))
+                # if not (compat_unscaled_factored and (state_precision == 'factored' or nnmf_factor)):
                 if h["_c12"]:
+                    # if rms_rescaling:
                     if h["_c13"]:
-                        _187 = F.norm(t_update)
-                        F.maximum_(_187, 1e-08)
-                        F.rdiv_(_187, h["_k104"])
-                        _188 = F.mul(t_update, _187)
-                        t_update = _188
+                        # update = update * (lr * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                        update_8 = F.norm(update)
+                        F.maximum_(update_8, 1e-08)
+                        F.rdiv_(update_8, h["_k104"])
+                        update_9 = F.mul(update, update_8)
+                        update = update_9
                     else:
-                        F.mul_(t_update, h["_k105"])
+                        # update = update * (lr * sqrt(max(1, rows / cols)))
+                        F.mul_(update, h["_k105"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _189 = F.float32(param)
-                    t_param_fp32 = _189
-                    _190 = F.float32(t_update)
-                    t_update_fp32 = _190
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _191 = F.mul(t_update_fp32, t_param_fp32)
-                            _192 = F.ge(_191, 0)
-                            _193 = F.where(_192, 1.0, 0.0, like=param)
-                            _194 = F.addcmul(t_param_fp32, t_param_fp32, _193, h["_k106"])
-                            t_param_fp32 = _194
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_33 = F.mul(update_fp32, param_fp32)
+                            param_fp32_34 = F.ge(param_fp32_33, 0)
+                            param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                            param_fp32_36 = F.addcmul(param_fp32, param_fp32, param_fp32_35, h["_k106"])
+                            param_fp32 = param_fp32_36
                         else:
-                            _195 = F.axpy(t_param_fp32, t_param_fp32, h["_k107"])
-                            t_param_fp32 = _195
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k107"])
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _196 = F.cast(st_anchor_data, t_param_fp32)
-                        _197 = F.sub(t_param_fp32, _196)
-                        t_cwd_target = _197
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_9 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _198 = F.mul(t_update_fp32, t_cwd_target)
-                            _199 = F.ge(_198, 0)
-                            _200 = F.where(_199, 1.0, 0.0, like=param)
-                            _201 = F.addcmul(t_param_fp32, t_cwd_target, _200, h["_k108"])
-                            t_param_fp32 = _201
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_37 = F.mul(update_fp32, cwd_target)
+                            param_fp32_38 = F.ge(param_fp32_37, 0)
+                            param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                            param_fp32_40 = F.addcmul(param_fp32, cwd_target, param_fp32_39, h["_k108"])
+                            param_fp32 = param_fp32_40
                         else:
-                            _202 = F.axpy(t_param_fp32, t_cwd_target, h["_k109"])
-                            t_param_fp32 = _202
-                    _203 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _203
-                    _204 = F.stochastic_round(t_param_fp32, h["_k110"])
-                    F.assign_(param, _204)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k109"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_37 = F.stochastic_round(param_fp32, h["_k110"])
+                    F.assign_(param, param_37)
                 else:
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _205 = F.mul(t_update, param)
-                            _206 = F.ge(_205, 0)
-                            _207 = F.where(_206, 1.0, 0.0, like=param)
-                            _208 = F.addcmul(param, param, _207, h["_k111"])
-                            F.assign_(param, _208)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_38 = F.mul(update, param)
+                            param_39 = F.ge(param_38, 0)
+                            param_40 = F.where(param_39, 1.0, 0.0, like=param)
+                            param_41 = F.addcmul(param, param, param_40, h["_k111"])
+                            F.assign_(param, param_41)
                         else:
-                            _209 = F.axpy(param, param, h["_k112"])
-                            F.assign_(param, _209)
+                            # param = param - weight_decay * lr * param
+                            param_42 = F.axpy(param, param, h["_k112"])
+                            F.assign_(param, param_42)
+                    # if centered_wd != 0:
                     if h["_c17"]:
-                        _210 = F.cast(st_anchor_data, param)
-                        _211 = F.sub(param, _210)
-                        t_cwd_target = _211
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_10 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_10)
+                        # if cautious_wd:
                         if h["_c16"]:
-                            _212 = F.mul(t_update, t_cwd_target)
-                            _213 = F.ge(_212, 0)
-                            _214 = F.where(_213, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _214, h["_k113"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_43 = F.mul(update, cwd_target)
+                            param_44 = F.ge(param_43, 0)
+                            param_45 = F.where(param_44, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_45, h["_k113"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k114"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k114"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if state_precision == 'int8_sr' and not nnmf_factor:
                 if h["_c24"]:
+                    # if approx_mars:
                     if h["_c3"]:
-                        _215 = F.sub(grad, st_last_grad)
-                        F.mul_(_215, h["_k115"])
-                        F.add_(_215, grad)
-                        t_mars = _215
-                        F.assign_(st_last_grad, grad)
-                        grad = t_mars
+                        # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                        mars = F.sub(grad, last_grad)
+                        F.mul_(mars, h["_k115"])
+                        F.add_(mars, grad)
+                        # last_grad = grad
+                        F.assign_(last_grad, grad)
+                        # grad = mars
+                        grad = mars
+                    # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                     if h["_c23"]:
-                        _216 = F.float32(grad)
-                        grad = _216
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c4"]:
-                        _217 = F.vdot(param, grad)
-                        _218 = F.vdot(param, param)
-                        F.add_(_218, 1e-30)
-                        F.div_(_217, _218)
-                        _219 = F.mul(param, _217)
-                        _220 = F.sub(grad, _219)
-                        t_ortho_g = _220
-                        _221 = F.norm(grad)
-                        _222 = F.norm(t_ortho_g)
-                        F.add_(_222, 1e-30)
-                        F.div_(_221, _222)
-                        t_ortho_scale = _221
-                        _223 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _223
-                    _224 = F.decode("int8_sr", False, {"": st_momentum_buffer, "_scale": st_momentum_buffer_scale})
-                    t_momentum_buffer_work = _224
-                    F.lerp_(t_momentum_buffer_work, grad, h["_k116"])
-                    F.encode_("int8_sr", False, {"": st_momentum_buffer, "_scale": st_momentum_buffer_scale}, t_momentum_buffer_work)
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_10 = F.vdot(param, grad)
+                        ortho_g_11 = F.vdot(param, param)
+                        F.add_(ortho_g_11, 1e-30)
+                        F.div_(ortho_g_10, ortho_g_11)
+                        ortho_g_12 = F.mul(param, ortho_g_10)
+                        ortho_g = F.sub(grad, ortho_g_12)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_4 = F.norm(ortho_g)
+                        F.add_(ortho_scale_4, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_4)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # momentum_buffer_work = momentum_buffer
+                    momentum_buffer_work = F.decode("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale})
+                    # momentum_buffer_work = lerp(momentum_buffer_work, grad, 1 - beta1)
+                    F.lerp_(momentum_buffer_work, grad, h["_k116"])
+                    # momentum_buffer = momentum_buffer_work
+                    F.encode_("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale}, momentum_buffer_work)
+                    # if nesterov:
                     if h["_c5"]:
+                        # if nesterov_coef == None:
                         if h["_c6"]:
-                            _225 = F.lerp(grad, t_momentum_buffer_work, h["_k118"])
-                            t_update = _225
+                            # update = lerp(grad, momentum_buffer_work, beta1)
+                            update = F.lerp(grad, momentum_buffer_work, h["_k118"])
                         else:
-                            _226 = F.lerp(grad, t_momentum_buffer_work, h["_k119"])
-                            t_update = _226
+                            # update = lerp(grad, momentum_buffer_work, nesterov_coef)
+                            update = F.lerp(grad, momentum_buffer_work, h["_k119"])
                     else:
-                        _227 = F.copy(t_momentum_buffer_work)
-                        t_update = _227
+                        # update = copy(momentum_buffer_work)
+                        update = F.copy(momentum_buffer_work)
+                    # if ns_eps == None:
                     if h["_c7"]:
                         pass
+                    # if accelerated_ns:
                     if h["_c8"]:
+                        # if cns_a_bound == None:
                         if h["_c9"]:
                             pass
+                        # if low_rank_ortho:
                         if h["_c10"]:
-                            _228 = F.low_rank_cans(t_update, h["_k120"], h["_k121"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _228
+                            # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.low_rank_cans(update, h["_k120"], h["_k121"], h["ns_eps_eff"], h["cns_lb"])
                         else:
-                            _229 = F.cans(t_update, h["_k122"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _229
+                            # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.cans(update, h["_k122"], h["ns_eps_eff"], h["cns_lb"])
                     else:
+                        # if low_rank_ortho:
                         if h["_c10"]:
-                            _230 = F.low_rank_newton_schulz(t_update, h["_k123"], h["_k124"], h["ns_eps_eff"], h["_k125"], h["_k126"], h["_k127"])
-                            t_update = _230
+                            # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.low_rank_newton_schulz(update, h["_k123"], h["_k124"], h["ns_eps_eff"], h["_k125"], h["_k126"], h["_k127"])
                         else:
-                            _231 = F.newton_schulz(t_update, h["_k128"], h["ns_eps_eff"], h["_k129"], h["_k130"], h["_k131"])
-                            t_update = _231
+                            # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.newton_schulz(update, h["_k128"], h["ns_eps_eff"], h["_k129"], h["_k130"], h["_k131"])
+                    # if normuon_variant:
                     if h["_c11"]:
-                        _232 = F.mul(t_update, t_update)
-                        _233 = F.float32(_232)
-                        _234 = F.rowsum(_233)
-                        F.div_(_234, h["_k132"])
-                        F.lerp_(st_normuon_v, _234, h["_k133"])
-                        _235 = F.sqrt(st_normuon_v)
-                        F.add_(_235, h["_k134"])
-                        F.div_(t_update, F.align(_235, "row", "element"))
+                        # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2_normuon)
+                        normuon_v_10 = F.mul(update, update)
+                        normuon_v_11 = F.float32(normuon_v_10)
+                        normuon_v_12 = F.rowsum(normuon_v_11)
+                        F.div_(normuon_v_12, h["_k132"])
+                        F.lerp_(normuon_v, normuon_v_12, h["_k133"])
+                        # update = update / (sqrt(normuon_v) + normuon_eps)
+                        update_10 = F.sqrt(normuon_v)
+                        F.add_(update_10, h["_k134"])
+                        F.div_(update, F.align(update_10, "row", "element"))
+                    # if not (compat_unscaled_factored and (state_precision == 'factored' or nnmf_factor)):
                     if h["_c12"]:
+                        # if rms_rescaling:
                         if h["_c13"]:
-                            _236 = F.norm(t_update)
-                            F.maximum_(_236, 1e-08)
-                            F.rdiv_(_236, h["_k135"])
-                            _237 = F.mul(t_update, _236)
-                            t_update = _237
+                            # update = update * (lr * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                            update_11 = F.norm(update)
+                            F.maximum_(update_11, 1e-08)
+                            F.rdiv_(update_11, h["_k135"])
+                            update_12 = F.mul(update, update_11)
+                            update = update_12
                         else:
-                            F.mul_(t_update, h["_k136"])
+                            # update = update * (lr * sqrt(max(1, rows / cols)))
+                            F.mul_(update, h["_k136"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c14"]:
-                        _238 = F.float32(param)
-                        t_param_fp32 = _238
-                        _239 = F.float32(t_update)
-                        t_update_fp32 = _239
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c15"]:
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _240 = F.mul(t_update_fp32, t_param_fp32)
-                                _241 = F.ge(_240, 0)
-                                _242 = F.where(_241, 1.0, 0.0, like=param)
-                                _243 = F.addcmul(t_param_fp32, t_param_fp32, _242, h["_k137"])
-                                t_param_fp32 = _243
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                param_fp32_42 = F.ge(param_fp32_41, 0)
+                                param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k137"])
+                                param_fp32 = param_fp32_44
                             else:
-                                _244 = F.axpy(t_param_fp32, t_param_fp32, h["_k138"])
-                                t_param_fp32 = _244
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k138"])
+                        # if centered_wd != 0:
                         if h["_c17"]:
-                            _245 = F.cast(st_anchor_data, t_param_fp32)
-                            _246 = F.sub(t_param_fp32, _245)
-                            t_cwd_target = _246
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _247 = F.mul(t_update_fp32, t_cwd_target)
-                                _248 = F.ge(_247, 0)
-                                _249 = F.where(_248, 1.0, 0.0, like=param)
-                                _250 = F.addcmul(t_param_fp32, t_cwd_target, _249, h["_k139"])
-                                t_param_fp32 = _250
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                param_fp32_46 = F.ge(param_fp32_45, 0)
+                                param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k139"])
+                                param_fp32 = param_fp32_48
                             else:
-                                _251 = F.axpy(t_param_fp32, t_cwd_target, h["_k140"])
-                                t_param_fp32 = _251
-                        _252 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _252
-                        _253 = F.stochastic_round(t_param_fp32, h["_k141"])
-                        F.assign_(param, _253)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k140"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_46 = F.stochastic_round(param_fp32, h["_k141"])
+                        F.assign_(param, param_46)
                     else:
+                        # if weight_decay != 0:
                         if h["_c15"]:
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _254 = F.mul(t_update, param)
-                                _255 = F.ge(_254, 0)
-                                _256 = F.where(_255, 1.0, 0.0, like=param)
-                                _257 = F.addcmul(param, param, _256, h["_k142"])
-                                F.assign_(param, _257)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_47 = F.mul(update, param)
+                                param_48 = F.ge(param_47, 0)
+                                param_49 = F.where(param_48, 1.0, 0.0, like=param)
+                                param_50 = F.addcmul(param, param, param_49, h["_k142"])
+                                F.assign_(param, param_50)
                             else:
-                                _258 = F.axpy(param, param, h["_k143"])
-                                F.assign_(param, _258)
+                                # param = param - weight_decay * lr * param
+                                param_51 = F.axpy(param, param, h["_k143"])
+                                F.assign_(param, param_51)
+                        # if centered_wd != 0:
                         if h["_c17"]:
-                            _259 = F.cast(st_anchor_data, param)
-                            _260 = F.sub(param, _259)
-                            t_cwd_target = _260
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_12 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_12)
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _261 = F.mul(t_update, t_cwd_target)
-                                _262 = F.ge(_261, 0)
-                                _263 = F.where(_262, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _263, h["_k144"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_52 = F.mul(update, cwd_target)
+                                param_53 = F.ge(param_52, 0)
+                                param_54 = F.where(param_53, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_54, h["_k144"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k145"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k145"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if approx_mars:
                     if h["_c3"]:
-                        _264 = F.sub(grad, st_last_grad)
-                        F.mul_(_264, h["_k146"])
-                        F.add_(_264, grad)
-                        t_mars = _264
-                        F.assign_(st_last_grad, grad)
-                        grad = t_mars
+                        # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
+                        mars = F.sub(grad, last_grad)
+                        F.mul_(mars, h["_k146"])
+                        F.add_(mars, grad)
+                        # last_grad = grad
+                        F.assign_(last_grad, grad)
+                        # grad = mars
+                        grad = mars
+                    # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
                     if h["_c25"]:
-                        _265 = F.float32(grad)
-                        grad = _265
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c4"]:
-                        _266 = F.vdot(param, grad)
-                        _267 = F.vdot(param, param)
-                        F.add_(_267, 1e-30)
-                        F.div_(_266, _267)
-                        _268 = F.mul(param, _266)
-                        _269 = F.sub(grad, _268)
-                        t_ortho_g = _269
-                        _270 = F.norm(grad)
-                        _271 = F.norm(t_ortho_g)
-                        F.add_(_271, 1e-30)
-                        F.div_(_270, _271)
-                        t_ortho_scale = _270
-                        _272 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _272
-                    F.lerp_(st_momentum_buffer, grad, h["_k147"])
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_13 = F.vdot(param, grad)
+                        ortho_g_14 = F.vdot(param, param)
+                        F.add_(ortho_g_14, 1e-30)
+                        F.div_(ortho_g_13, ortho_g_14)
+                        ortho_g_15 = F.mul(param, ortho_g_13)
+                        ortho_g = F.sub(grad, ortho_g_15)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_5 = F.norm(ortho_g)
+                        F.add_(ortho_scale_5, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_5)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
+                    F.lerp_(momentum_buffer, grad, h["_k147"])
+                    # if nesterov:
                     if h["_c5"]:
+                        # if nesterov_coef == None:
                         if h["_c6"]:
-                            _273 = F.lerp(grad, st_momentum_buffer, h["_k148"])
-                            t_update = _273
+                            # update = lerp(grad, momentum_buffer, beta1)
+                            update = F.lerp(grad, momentum_buffer, h["_k148"])
                         else:
-                            _274 = F.lerp(grad, st_momentum_buffer, h["_k149"])
-                            t_update = _274
+                            # update = lerp(grad, momentum_buffer, nesterov_coef)
+                            update = F.lerp(grad, momentum_buffer, h["_k149"])
                     else:
-                        _275 = F.copy(st_momentum_buffer)
-                        t_update = _275
+                        # update = copy(momentum_buffer)
+                        update = F.copy(momentum_buffer)
+                    # if ns_eps == None:
                     if h["_c7"]:
                         pass
+                    # if accelerated_ns:
                     if h["_c8"]:
+                        # if cns_a_bound == None:
                         if h["_c9"]:
                             pass
+                        # if low_rank_ortho:
                         if h["_c10"]:
-                            _276 = F.low_rank_cans(t_update, h["_k150"], h["_k151"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _276
+                            # update = low_rank_cans(update, ortho_rank, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.low_rank_cans(update, h["_k150"], h["_k151"], h["ns_eps_eff"], h["cns_lb"])
                         else:
-                            _277 = F.cans(t_update, h["_k152"], h["ns_eps_eff"], h["cns_lb"])
-                            t_update = _277
+                            # update = cans(update, ns_steps, ns_eps_eff, cns_lb)
+                            update = F.cans(update, h["_k152"], h["ns_eps_eff"], h["cns_lb"])
                     else:
+                        # if low_rank_ortho:
                         if h["_c10"]:
-                            _278 = F.low_rank_newton_schulz(t_update, h["_k153"], h["_k154"], h["ns_eps_eff"], h["_k155"], h["_k156"], h["_k157"])
-                            t_update = _278
+                            # update = low_rank_newton_schulz(update, ortho_rank, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.low_rank_newton_schulz(update, h["_k153"], h["_k154"], h["ns_eps_eff"], h["_k155"], h["_k156"], h["_k157"])
                         else:
-                            _279 = F.newton_schulz(t_update, h["_k158"], h["ns_eps_eff"], h["_k159"], h["_k160"], h["_k161"])
-                            t_update = _279
+                            # update = newton_schulz(update, ns_steps, ns_eps_eff, ns_a, ns_b, ns_c)
+                            update = F.newton_schulz(update, h["_k158"], h["ns_eps_eff"], h["_k159"], h["_k160"], h["_k161"])
+                    # if normuon_variant:
                     if h["_c11"]:
-                        _280 = F.mul(t_update, t_update)
-                        _281 = F.float32(_280)
-                        _282 = F.rowsum(_281)
-                        F.div_(_282, h["_k162"])
-                        F.lerp_(st_normuon_v, _282, h["_k163"])
-                        _283 = F.sqrt(st_normuon_v)
-                        F.add_(_283, h["_k164"])
-                        F.div_(t_update, F.align(_283, "row", "element"))
+                        # normuon_v = lerp(normuon_v, rowsum(float32(update * update)) / cols, 1 - beta2_normuon)
+                        normuon_v_13 = F.mul(update, update)
+                        normuon_v_14 = F.float32(normuon_v_13)
+                        normuon_v_15 = F.rowsum(normuon_v_14)
+                        F.div_(normuon_v_15, h["_k162"])
+                        F.lerp_(normuon_v, normuon_v_15, h["_k163"])
+                        # update = update / (sqrt(normuon_v) + normuon_eps)
+                        update_13 = F.sqrt(normuon_v)
+                        F.add_(update_13, h["_k164"])
+                        F.div_(update, F.align(update_13, "row", "element"))
+                    # if not (compat_unscaled_factored and (state_precision == 'factored' or nnmf_factor)):
                     if h["_c12"]:
+                        # if rms_rescaling:
                         if h["_c13"]:
-                            _284 = F.norm(t_update)
-                            F.maximum_(_284, 1e-08)
-                            F.rdiv_(_284, h["_k165"])
-                            _285 = F.mul(t_update, _284)
-                            t_update = _285
+                            # update = update * (lr * 0.2 * sqrt(numel) / maximum(norm(update), 1e-08))
+                            update_14 = F.norm(update)
+                            F.maximum_(update_14, 1e-08)
+                            F.rdiv_(update_14, h["_k165"])
+                            update_15 = F.mul(update, update_14)
+                            update = update_15
                         else:
-                            F.mul_(t_update, h["_k166"])
+                            # update = update * (lr * sqrt(max(1, rows / cols)))
+                            F.mul_(update, h["_k166"])
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c14"]:
-                        _286 = F.float32(param)
-                        t_param_fp32 = _286
-                        _287 = F.float32(t_update)
-                        t_update_fp32 = _287
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c15"]:
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _288 = F.mul(t_update_fp32, t_param_fp32)
-                                _289 = F.ge(_288, 0)
-                                _290 = F.where(_289, 1.0, 0.0, like=param)
-                                _291 = F.addcmul(t_param_fp32, t_param_fp32, _290, h["_k167"])
-                                t_param_fp32 = _291
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                param_fp32_50 = F.ge(param_fp32_49, 0)
+                                param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, h["_k167"])
+                                param_fp32 = param_fp32_52
                             else:
-                                _292 = F.axpy(t_param_fp32, t_param_fp32, h["_k168"])
-                                t_param_fp32 = _292
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k168"])
+                        # if centered_wd != 0:
                         if h["_c17"]:
-                            _293 = F.cast(st_anchor_data, t_param_fp32)
-                            _294 = F.sub(t_param_fp32, _293)
-                            t_cwd_target = _294
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_13)
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _295 = F.mul(t_update_fp32, t_cwd_target)
-                                _296 = F.ge(_295, 0)
-                                _297 = F.where(_296, 1.0, 0.0, like=param)
-                                _298 = F.addcmul(t_param_fp32, t_cwd_target, _297, h["_k169"])
-                                t_param_fp32 = _298
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_53 = F.mul(update_fp32, cwd_target)
+                                param_fp32_54 = F.ge(param_fp32_53, 0)
+                                param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                param_fp32_56 = F.addcmul(param_fp32, cwd_target, param_fp32_55, h["_k169"])
+                                param_fp32 = param_fp32_56
                             else:
-                                _299 = F.axpy(t_param_fp32, t_cwd_target, h["_k170"])
-                                t_param_fp32 = _299
-                        _300 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _300
-                        _301 = F.stochastic_round(t_param_fp32, h["_k171"])
-                        F.assign_(param, _301)
+                                # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k170"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_55 = F.stochastic_round(param_fp32, h["_k171"])
+                        F.assign_(param, param_55)
                     else:
+                        # if weight_decay != 0:
                         if h["_c15"]:
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _302 = F.mul(t_update, param)
-                                _303 = F.ge(_302, 0)
-                                _304 = F.where(_303, 1.0, 0.0, like=param)
-                                _305 = F.addcmul(param, param, _304, h["_k172"])
-                                F.assign_(param, _305)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_56 = F.mul(update, param)
+                                param_57 = F.ge(param_56, 0)
+                                param_58 = F.where(param_57, 1.0, 0.0, like=param)
+                                param_59 = F.addcmul(param, param, param_58, h["_k172"])
+                                F.assign_(param, param_59)
                             else:
-                                _306 = F.axpy(param, param, h["_k173"])
-                                F.assign_(param, _306)
+                                # param = param - weight_decay * lr * param
+                                param_60 = F.axpy(param, param, h["_k173"])
+                                F.assign_(param, param_60)
+                        # if centered_wd != 0:
                         if h["_c17"]:
-                            _307 = F.cast(st_anchor_data, param)
-                            _308 = F.sub(param, _307)
-                            t_cwd_target = _308
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_14 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_14)
+                            # if cautious_wd:
                             if h["_c16"]:
-                                _309 = F.mul(t_update, t_cwd_target)
-                                _310 = F.ge(_309, 0)
-                                _311 = F.where(_310, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _311, h["_k174"])
+                                # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_61 = F.mul(update, cwd_target)
+                                param_62 = F.ge(param_61, 0)
+                                param_63 = F.where(param_62, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_63, h["_k174"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k175"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * lr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k175"])
+                        # param = param + -update
+                        F.sub_(param, update)
         else:
+            # if adam_use_bias_correction:
             if h["_c18"]:
                 pass
+            # if adam_beta1 > 0:
             if h["_c19"]:
-                F.lerp_(st_exp_avg, grad, h["_k176"])
-                _312 = F.copy(st_exp_avg)
-                t_update = _312
+                # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
+                F.lerp_(exp_avg, grad, h["_k176"])
+                # update = copy(exp_avg)
+                update = F.copy(exp_avg)
             else:
-                _313 = F.copy(grad)
-                t_update = _313
-            F.mul_(st_exp_avg_sq, h["_k177"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k178"])
+                # update = copy(grad)
+                update = F.copy(grad)
+            # exp_avg_sq = exp_avg_sq * adam_beta2 + (1 - adam_beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k177"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k178"])
+            # if adam_eps == None:
             if h["_c20"]:
                 pass
-            _314 = F.sqrt(st_exp_avg_sq)
-            F.div_(_314, h["sqrt_bias_correction2"])
-            F.add_(_314, h["eps_eff"])
-            t_denom = _314
-            F.div_(t_update, t_denom)
-            F.mul_(t_update, h["step_size"])
+            # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps_eff
+            denom = F.sqrt(exp_avg_sq)
+            F.div_(denom, h["sqrt_bias_correction2"])
+            F.add_(denom, h["eps_eff"])
+            # update = update / denom
+            F.div_(update, denom)
+            # update = update * step_size
+            F.mul_(update, h["step_size"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c14"]:
-                _315 = F.float32(param)
-                t_param_fp32 = _315
-                _316 = F.float32(t_update)
-                t_update_fp32 = _316
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if adam_weight_decay != 0:
                 if h["_c21"]:
+                    # if cautious_wd:
                     if h["_c16"]:
-                        _317 = F.mul(t_update_fp32, t_param_fp32)
-                        _318 = F.ge(_317, 0)
-                        _319 = F.where(_318, 1.0, 0.0, like=param)
-                        _320 = F.addcmul(t_param_fp32, t_param_fp32, _319, h["_k179"])
-                        t_param_fp32 = _320
+                        # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_57 = F.mul(update_fp32, param_fp32)
+                        param_fp32_58 = F.ge(param_fp32_57, 0)
+                        param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                        param_fp32_60 = F.addcmul(param_fp32, param_fp32, param_fp32_59, h["_k179"])
+                        param_fp32 = param_fp32_60
                     else:
-                        _321 = F.axpy(t_param_fp32, t_param_fp32, h["_k180"])
-                        t_param_fp32 = _321
+                        # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k180"])
+                # if centered_wd != 0:
                 if h["_c17"]:
-                    _322 = F.cast(st_anchor_data, t_param_fp32)
-                    _323 = F.sub(t_param_fp32, _322)
-                    t_cwd_target = _323
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_15 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if cautious_wd:
                     if h["_c16"]:
-                        _324 = F.mul(t_update_fp32, t_cwd_target)
-                        _325 = F.ge(_324, 0)
-                        _326 = F.where(_325, 1.0, 0.0, like=param)
-                        _327 = F.addcmul(t_param_fp32, t_cwd_target, _326, h["_k181"])
-                        t_param_fp32 = _327
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_61 = F.mul(update_fp32, cwd_target)
+                        param_fp32_62 = F.ge(param_fp32_61, 0)
+                        param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                        param_fp32_64 = F.addcmul(param_fp32, cwd_target, param_fp32_63, h["_k181"])
+                        param_fp32 = param_fp32_64
                     else:
-                        _328 = F.axpy(t_param_fp32, t_cwd_target, h["_k182"])
-                        t_param_fp32 = _328
-                _329 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _329
-                _330 = F.stochastic_round(t_param_fp32, h["_k183"])
-                F.assign_(param, _330)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k182"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_64 = F.stochastic_round(param_fp32, h["_k183"])
+                F.assign_(param, param_64)
             else:
+                # if adam_weight_decay != 0:
                 if h["_c21"]:
+                    # if cautious_wd:
                     if h["_c16"]:
-                        _331 = F.mul(t_update, param)
-                        _332 = F.ge(_331, 0)
-                        _333 = F.where(_332, 1.0, 0.0, like=param)
-                        _334 = F.addcmul(param, param, _333, h["_k184"])
-                        F.assign_(param, _334)
+                        # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_65 = F.mul(update, param)
+                        param_66 = F.ge(param_65, 0)
+                        param_67 = F.where(param_66, 1.0, 0.0, like=param)
+                        param_68 = F.addcmul(param, param, param_67, h["_k184"])
+                        F.assign_(param, param_68)
                     else:
-                        _335 = F.axpy(param, param, h["_k185"])
-                        F.assign_(param, _335)
+                        # param = param - adam_weight_decay * lr * param
+                        param_69 = F.axpy(param, param, h["_k185"])
+                        F.assign_(param, param_69)
+                # if centered_wd != 0:
                 if h["_c17"]:
-                    _336 = F.cast(st_anchor_data, param)
-                    _337 = F.sub(param, _336)
-                    t_cwd_target = _337
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_16 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_16)
+                    # if cautious_wd:
                     if h["_c16"]:
-                        _338 = F.mul(t_update, t_cwd_target)
-                        _339 = F.ge(_338, 0)
-                        _340 = F.where(_339, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _340, h["_k186"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_70 = F.mul(update, cwd_target)
+                        param_71 = F.ge(param_70, 0)
+                        param_72 = F.where(param_71, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_72, h["_k186"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k187"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k187"])
+                # param = param + -update
+                F.sub_(param, update)
 
 
 class Muon_adv(GeneratedOptimizer):

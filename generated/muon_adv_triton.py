@@ -74,7 +74,7 @@ def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 19
-    COL_WS__X0: tl.constexpr = 20
+    COL_WS_X0: tl.constexpr = 20
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -86,7 +86,7 @@ def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
@@ -98,7 +98,7 @@ def _muon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -130,16 +130,16 @@ def _muon_adv_flat0(
 @triton.jit
 def _muon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
-    COL_WS__R0: tl.constexpr = 17
-    COL_WS__N0: tl.constexpr = 18
+    COL_WS_R0: tl.constexpr = 17
+    COL_WS_N0: tl.constexpr = 18
     COL_WS_UPDATE: tl.constexpr = 19
-    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     # update = _n0
-    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    n0 = tl.load(p_n0 + offs, mask=mask).to(tl.float32)
     # _r0 = sumsq(update)
     r0_part = L.masked((n0 * n0), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # store update
     tl.store(p_update + offs, L.to_storage(n0, tl.float32), mask=mask)
 
@@ -175,12 +175,12 @@ def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_GIDX: tl.constexpr = 16
-    COL_WS__R0: tl.constexpr = 17
+    COL_WS_R0: tl.constexpr = 17
     COL_WS_UPDATE: tl.constexpr = 19
     HV_K: tl.constexpr = 7
     HV_STEP: tl.constexpr = 8
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -188,7 +188,7 @@ def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -284,18 +284,18 @@ def _muon_adv_prologue1(
 def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS__R0: tl.constexpr = 17
+    COL_WS_R0: tl.constexpr = 17
     COL_WS_UPDATE: tl.constexpr = 19
     HV_K: tl.constexpr = 7
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
     # param = param + -update
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
@@ -335,7 +335,7 @@ def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 19
-    COL_WS__X0: tl.constexpr = 20
+    COL_WS_X0: tl.constexpr = 20
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -347,7 +347,7 @@ def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta1 = tl.load(hv + t * NH + HV_BETA1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - beta1)
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -358,7 +358,7 @@ def _muon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit

@@ -74,7 +74,7 @@ def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     COL_WS_UPDATE: tl.constexpr = 9
-    COL_WS__X0: tl.constexpr = 10
+    COL_WS_X0: tl.constexpr = 10
     HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
     HV_MOMENTUM: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -86,7 +86,7 @@ def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     one_minus_momentum = tl.load(hv + t * NH + HV_ONE_MINUS_MOMENTUM)
     momentum = tl.load(hv + t * NH + HV_MOMENTUM)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
-    p__x0 = ws + tl.load(tab + t * TBL_W + COL_WS__X0)
+    p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -97,7 +97,7 @@ def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
-    tl.store(p__x0 + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_x0 + offs, L.to_storage(update, tl.float32), mask=mask)
 
 
 @triton.jit
@@ -130,17 +130,17 @@ def _muon_flat0(
 def _muon_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS__N0: tl.constexpr = 8
+    COL_WS_N0: tl.constexpr = 8
     HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 7
     HV_NEG_ADJUSTED_LR: tl.constexpr = 8
-    p__n0 = ws + tl.load(tab + t * TBL_W + COL_WS__N0)
+    p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
     neg_adjusted_lr = tl.load(hv + t * NH + HV_NEG_ADJUSTED_LR)
     # update = _n0
-    n0 = tl.load(p__n0 + offs, mask=mask).to(tl.float32)
+    n0 = tl.load(p_n0 + offs, mask=mask).to(tl.float32)
     # param = param * (1 - lr * weight_decay)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param * one_minus_lr_times_weight_decay)

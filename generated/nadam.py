@@ -47,26 +47,36 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
+        # if decoupled_weight_decay:
         if h["_c2"]:
+            # param = param * (1 - lr * weight_decay)
             F.mul_(param, h["_k0"])
         else:
-            _2 = F.axpy(grad, param, h["_k1"])
-            grad = _2
-    F.lerp_(st_exp_avg, grad, h["_k2"])
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
-    _3 = F.div(st_exp_avg_sq, h["bias_correction2"])
-    F.sqrt_(_3)
-    t_denom = _3
-    F.add_(t_denom, h["_k5"])
-    F.addcdiv_(param, grad, t_denom, h["_k6"])
-    F.addcdiv_(param, st_exp_avg, t_denom, h["_k7"])
+            # grad = grad + weight_decay * param
+            grad = F.axpy(grad, param, h["_k1"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k2"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k3"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k4"])
+    # denom = sqrt(exp_avg_sq / bias_correction2)
+    denom = F.div(exp_avg_sq, h["bias_correction2"])
+    F.sqrt_(denom)
+    # denom = denom + eps
+    F.add_(denom, h["_k5"])
+    # param = param + -lr * (1.0 - mu) / (1.0 - mu_product) * grad / denom
+    F.addcdiv_(param, grad, denom, h["_k6"])
+    # param = param + -lr * mu_next / (1.0 - mu_product_next) * exp_avg / denom
+    F.addcdiv_(param, exp_avg, denom, h["_k7"])
 
 
 class NAdam(GeneratedOptimizer):

@@ -1245,2356 +1245,2984 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S, A):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_s = S["s"]
-    st_p0 = S["p0"]
-    st_wd_scaler = S["wd_scaler"]
-    st_anchor_data = S["anchor_data"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
-    st_exp_avg_scale = S["exp_avg_scale"]
-    st_exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    s = S["s"]
+    p0 = S["p0"]
+    wd_scaler = S["wd_scaler"]
+    anchor_data = S["anchor_data"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    exp_avg_scale = S["exp_avg_scale"]
+    exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if eps == None:
             if h["_c3"]:
                 pass
+            # if beta1 > 0:
             if h["_c4"]:
-                _9 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                t_exp_avg_magnitude = _9
-                _10 = F.neg(t_exp_avg_magnitude)
-                _11 = F.where(st_sign, t_exp_avg_magnitude, _10)
-                t_exp_avg_full = _11
-                F.mul_(t_exp_avg_full, h["_k0"])
-                F.axpy_(t_exp_avg_full, grad, h["_k1"])
-                _12 = F.float32(t_exp_avg_full)
-                _13 = F.gt(_12, 0.0)
-                F.assign_(st_sign, _13)
-                _14 = F.float32(t_exp_avg_full)
-                _15 = F.abs(_14)
-                t_exp_avg_abs = _15
-                _16 = F.rowsum(t_exp_avg_abs)
-                F.assign_(st_mu_m_nmf, _16)
-                _17 = F.colsum(t_exp_avg_abs)
-                t_exp_avg_colsum = _17
-                _18 = F.sum(t_exp_avg_colsum, kind="col")
-                F.maximum_(_18, 1e-12)
-                _19 = F.div(t_exp_avg_colsum, _18)
-                F.assign_(st_mv_m_nmf, _19)
+                # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                # exp_avg_full = exp_avg_full * beta1_used + d * (1 - beta1_used) * grad
+                F.mul_(exp_avg_full, h["_k0"])
+                F.axpy_(exp_avg_full, grad, h["_k1"])
+                # sign = float32(exp_avg_full) > 0.0
+                sign_1 = F.float32(exp_avg_full)
+                sign_2 = F.gt(sign_1, 0.0)
+                F.assign_(sign, sign_2)
+                # exp_avg_abs = abs(float32(exp_avg_full))
+                exp_avg_abs_1 = F.float32(exp_avg_full)
+                exp_avg_abs = F.abs(exp_avg_abs_1)
+                # mu_m_nmf = rowsum(exp_avg_abs)
+                mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                F.assign_(mu_m_nmf, mu_m_nmf_1)
+                # exp_avg_colsum = colsum(exp_avg_abs)
+                exp_avg_colsum = F.colsum(exp_avg_abs)
+                # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                F.maximum_(mv_m_nmf_1, 1e-12)
+                mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                F.assign_(mv_m_nmf, mv_m_nmf_2)
+                # if nesterov:
                 if h["_c5"]:
+                    # if nesterov_coef == None:
                     if h["_c6"]:
-                        _20 = F.lerp(t_exp_avg_full, grad, h["_k2"])
-                        t_update = _20
+                        # update = lerp(exp_avg_full, grad, 1 - beta1_used)
+                        update = F.lerp(exp_avg_full, grad, h["_k2"])
                     else:
-                        _21 = F.lerp(t_exp_avg_full, grad, h["_k3"])
-                        t_update = _21
+                        # update = lerp(exp_avg_full, grad, 1 - nesterov_coef)
+                        update = F.lerp(exp_avg_full, grad, h["_k3"])
                 else:
-                    _22 = F.copy(t_exp_avg_full)
-                    t_update = _22
+                    # update = copy(exp_avg_full)
+                    update = F.copy(exp_avg_full)
             else:
-                _23 = F.mul(grad, h["_k4"])
-                t_update = _23
+                # update = grad * d
+                update = F.mul(grad, h["_k4"])
+            # if kourkoutas_beta:
             if h["_c7"]:
-                _24 = F.mul(grad, grad)
-                _25 = F.sum(_24)
-                F.assign_(st_kourkoutas_sq, _25)
-                _26 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _26
-                F.mul_(t_exp_avg_sq_full, h["_k5"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k6"])
-                _27 = F.float32(t_exp_avg_sq_full)
-                _28 = F.abs(_27)
-                t_exp_avg_sq_abs = _28
-                _29 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _29)
-                _30 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _30
-                _31 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_31, 1e-12)
-                _32 = F.div(t_exp_avg_sq_colsum, _31)
-                F.assign_(st_mv_v_nmf, _32)
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_1 = F.mul(grad, grad)
+                kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * input() + d * d * (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k5"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k6"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
             else:
-                _33 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _33
-                F.mul_(t_exp_avg_sq_full, h["_k7"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k8"])
-                _34 = F.float32(t_exp_avg_sq_full)
-                _35 = F.abs(_34)
-                t_exp_avg_sq_abs = _35
-                _36 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _36)
-                _37 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _37
-                _38 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_38, 1e-12)
-                _39 = F.div(t_exp_avg_sq_colsum, _38)
-                F.assign_(st_mv_v_nmf, _39)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * beta2 + d * d * (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k7"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k8"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_2)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_3, 1e-12)
+                mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                F.assign_(mv_v_nmf, mv_v_nmf_4)
+            # if use_atan2:
             if h["_c8"]:
-                _40 = F.sqrt(t_exp_avg_sq_full)
-                t_denom = _40
+                # denom = sqrt(exp_avg_sq_full)
+                denom = F.sqrt(exp_avg_sq_full)
             else:
-                _41 = F.sqrt(t_exp_avg_sq_full)
-                F.add_(_41, h["_k9"])
-                t_denom = _41
+                # denom = sqrt(exp_avg_sq_full) + d * eps_eff
+                denom = F.sqrt(exp_avg_sq_full)
+                F.add_(denom, h["_k9"])
+            # if use_atan2:
             if h["_c8"]:
-                _42 = F.atan2(t_update, t_denom)
-                t_update = _42
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c8"]:
-                F.mul_(t_update, h["_k10"])
+                # update = update * (dlr * 1.2732395447351628)
+                F.mul_(update, h["_k10"])
             else:
-                F.mul_(t_update, h["dlr"])
+                # update = update * dlr
+                F.mul_(update, h["dlr"])
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c9"]:
-                _43 = F.strided(grad, h["_k11"])
-                _44 = F.float32(_43)
-                t_gs = _44
-                _45 = F.strided(param, h["_k12"])
-                _46 = F.float32(_45)
-                t_ps = _46
-                _47 = F.float32(st_p0)
-                _48 = F.sub(_47, t_ps)
-                _49 = F.vdot(t_gs, _48, kind="slice")
-                F.mul_(_49, h["_k13"])
-                A.append(("num", _49))
+                # gs = float32(strided(grad, slice_p))
+                gs_1 = F.strided(grad, h["_k11"])
+                gs = F.float32(gs_1)
+                # ps = float32(strided(param, slice_p))
+                ps_1 = F.strided(param, h["_k12"])
+                ps = F.float32(ps_1)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_1 = F.float32(p0)
+                num_2 = F.sub(num_1, ps)
+                num_3 = F.vdot(gs, num_2, kind="slice")
+                F.mul_(num_3, h["_k13"])
+                A.append(("num", num_3))
+                # if safeguard_warmup:
                 if h["_c10"]:
-                    F.mul_(st_s, h["_k14"])
-                    F.axpy_(st_s, t_gs, h["_k15"])
+                    # s = s * beta3_used + d / d0 * d * gs
+                    F.mul_(s, h["_k14"])
+                    F.axpy_(s, gs, h["_k15"])
                 else:
-                    F.mul_(st_s, h["_k16"])
-                    F.axpy_(st_s, t_gs, h["_k17"])
-                _50 = F.abs(st_s)
-                _51 = F.sum(_50, kind="slice")
-                A.append(("den", _51))
+                    # s = s * beta3_used + d / d0 * dlr * gs
+                    F.mul_(s, h["_k16"])
+                    F.axpy_(s, gs, h["_k17"])
+                # den += sum(abs(s))
+                den_1 = F.abs(s)
+                den_2 = F.sum(den_1, kind="slice")
+                A.append(("den", den_2))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _52 = F.float32(param)
-                t_param_fp32 = _52
-                _53 = F.float32(t_update)
-                t_update_fp32 = _53
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c8"]:
-                            _54 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_54, 1.2732395447351628)
-                            t_fisher = _54
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _55 = F.rdiv(t_denom, 1)
-                            t_fisher = _55
-                            _56 = F.mul(t_param_fp32, t_fisher)
-                            F.pow_(_56, 2)
-                            _57 = F.mean(_56)
-                            F.sqrt_(_57)
-                            F.div_(_57, 1.0)
-                            F.maximum_(_57, 1.0)
-                            _58 = F.div(t_fisher, _57)
-                            t_fisher = _58
-                        F.mul_(t_fisher, h["_k18"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_1 = F.mul(param_fp32, fisher)
+                            F.pow_(fisher_1, 2)
+                            fisher_2 = F.mean(fisher_1)
+                            F.sqrt_(fisher_2)
+                            F.div_(fisher_2, 1.0)
+                            F.maximum_(fisher_2, 1.0)
+                            fisher_3 = F.div(fisher, fisher_2)
+                            fisher = fisher_3
+                        # fisher = fisher * (weight_decay * dlr)
+                        F.mul_(fisher, h["_k18"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _59 = F.mul(t_update_fp32, t_param_fp32)
-                            _60 = F.ge(_59, 0)
-                            _61 = F.where(_60, 1.0, 0.0, like=param)
-                            F.mul_(_61, t_fisher)
-                            _62 = F.addcmul(t_param_fp32, t_param_fp32, _61, -1.0)
-                            t_param_fp32 = _62
+                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_3, fisher)
+                            param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, -1.0)
+                            param_fp32 = param_fp32_4
                         else:
-                            _63 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                            t_param_fp32 = _63
+                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _64 = F.mul(t_update_fp32, t_param_fp32)
-                            _65 = F.ge(_64, 0)
-                            _66 = F.where(_65, 1.0, 0.0, like=param)
-                            _67 = F.addcmul(t_param_fp32, t_param_fp32, _66, h["_k19"])
-                            t_param_fp32 = _67
+                            # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, param_fp32)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k19"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _68 = F.axpy(t_param_fp32, t_param_fp32, h["_k20"])
-                            t_param_fp32 = _68
+                            # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k20"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _69 = F.cast(st_anchor_data, t_param_fp32)
-                    _70 = F.sub(t_param_fp32, _69)
-                    t_cwd_target = _70
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _71 = F.mul(t_update_fp32, t_cwd_target)
-                        _72 = F.ge(_71, 0)
-                        _73 = F.where(_72, 1.0, 0.0, like=param)
-                        _74 = F.addcmul(t_param_fp32, t_cwd_target, _73, h["_k21"])
-                        t_param_fp32 = _74
+                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, cwd_target)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k21"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _75 = F.axpy(t_param_fp32, t_cwd_target, h["_k22"])
-                        t_param_fp32 = _75
-                _76 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _76
-                _77 = F.stochastic_round(t_param_fp32, h["_k23"])
-                F.assign_(param, _77)
+                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k22"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k23"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c8"]:
-                            _78 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_78, 1.2732395447351628)
-                            t_fisher = _78
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _79 = F.rdiv(t_denom, 1)
-                            t_fisher = _79
-                            _80 = F.mul(param, t_fisher)
-                            F.pow_(_80, 2)
-                            _81 = F.mean(_80)
-                            F.sqrt_(_81)
-                            F.div_(_81, 1.0)
-                            F.maximum_(_81, 1.0)
-                            _82 = F.div(t_fisher, _81)
-                            t_fisher = _82
-                        F.mul_(t_fisher, h["_k24"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_4 = F.mul(param, fisher)
+                            F.pow_(fisher_4, 2)
+                            fisher_5 = F.mean(fisher_4)
+                            F.sqrt_(fisher_5)
+                            F.div_(fisher_5, 1.0)
+                            F.maximum_(fisher_5, 1.0)
+                            fisher_6 = F.div(fisher, fisher_5)
+                            fisher = fisher_6
+                        # fisher = fisher * (weight_decay * dlr)
+                        F.mul_(fisher, h["_k24"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _83 = F.mul(t_update, param)
-                            _84 = F.ge(_83, 0)
-                            _85 = F.where(_84, 1.0, 0.0, like=param)
-                            F.mul_(_85, t_fisher)
-                            _86 = F.addcmul(param, param, _85, -1.0)
-                            F.assign_(param, _86)
+                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            F.mul_(param_4, fisher)
+                            param_5 = F.addcmul(param, param, param_4, -1.0)
+                            F.assign_(param, param_5)
                         else:
-                            _87 = F.addcmul(param, param, t_fisher, -1.0)
-                            F.assign_(param, _87)
+                            # param = param - param * fisher
+                            param_6 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_6)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _88 = F.mul(t_update, param)
-                            _89 = F.ge(_88, 0)
-                            _90 = F.where(_89, 1.0, 0.0, like=param)
-                            _91 = F.addcmul(param, param, _90, h["_k25"])
-                            F.assign_(param, _91)
+                            # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_7 = F.mul(update, param)
+                            param_8 = F.ge(param_7, 0)
+                            param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                            param_10 = F.addcmul(param, param, param_9, h["_k25"])
+                            F.assign_(param, param_10)
                         else:
-                            _92 = F.axpy(param, param, h["_k26"])
-                            F.assign_(param, _92)
+                            # param = param - weight_decay * dlr * param
+                            param_11 = F.axpy(param, param, h["_k26"])
+                            F.assign_(param, param_11)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _93 = F.cast(st_anchor_data, param)
-                    _94 = F.sub(param, _93)
-                    t_cwd_target = _94
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _95 = F.mul(t_update, t_cwd_target)
-                        _96 = F.ge(_95, 0)
-                        _97 = F.where(_96, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _97, h["_k27"])
+                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_12 = F.mul(update, cwd_target)
+                        param_13 = F.ge(param_12, 0)
+                        param_14 = F.where(param_13, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_14, h["_k27"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k28"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * dlr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k28"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
-            _98 = F.float32(grad)
-            grad = _98
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _99 = F.vdot(param, grad)
-                _100 = F.vdot(param, param)
-                F.add_(_100, 1e-30)
-                F.div_(_99, _100)
-                _101 = F.mul(param, _99)
-                _102 = F.sub(grad, _101)
-                t_ortho_g = _102
-                _103 = F.norm(grad)
-                _104 = F.norm(t_ortho_g)
-                F.add_(_104, 1e-30)
-                F.div_(_103, _104)
-                t_ortho_scale = _103
-                _105 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _105
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if eps == None:
             if h["_c3"]:
                 pass
+            # if beta1 > 0:
             if h["_c4"]:
-                F.mul_(st_exp_avg, h["_k29"])
-                F.axpy_(st_exp_avg, grad, h["_k30"])
+                # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                F.mul_(exp_avg, h["_k29"])
+                F.axpy_(exp_avg, grad, h["_k30"])
+                # if nesterov:
                 if h["_c5"]:
+                    # if nesterov_coef == None:
                     if h["_c6"]:
-                        _106 = F.lerp(st_exp_avg, grad, h["_k31"])
-                        t_update = _106
+                        # update = lerp(exp_avg, grad, 1 - beta1_used)
+                        update = F.lerp(exp_avg, grad, h["_k31"])
                     else:
-                        _107 = F.lerp(st_exp_avg, grad, h["_k32"])
-                        t_update = _107
+                        # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                        update = F.lerp(exp_avg, grad, h["_k32"])
                 else:
-                    _108 = F.copy(st_exp_avg)
-                    t_update = _108
+                    # update = copy(exp_avg)
+                    update = F.copy(exp_avg)
             else:
-                _109 = F.mul(grad, h["_k33"])
-                t_update = _109
+                # update = grad * d
+                update = F.mul(grad, h["_k33"])
+            # if kourkoutas_beta:
             if h["_c7"]:
-                _110 = F.mul(grad, grad)
-                _111 = F.sum(_110)
-                F.assign_(st_kourkoutas_sq, _111)
-                F.mul_(st_exp_avg_sq, h["_k34"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k35"])
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_3 = F.mul(grad, grad)
+                kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+                # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq, h["_k34"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k35"])
             else:
-                F.mul_(st_exp_avg_sq, h["_k36"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k37"])
+                # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k36"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k37"])
+            # if use_atan2:
             if h["_c8"]:
-                _112 = F.sqrt(st_exp_avg_sq)
-                t_denom = _112
+                # denom = sqrt(exp_avg_sq)
+                denom = F.sqrt(exp_avg_sq)
             else:
-                _113 = F.sqrt(st_exp_avg_sq)
-                F.add_(_113, h["_k38"])
-                t_denom = _113
+                # denom = sqrt(exp_avg_sq) + d * eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.add_(denom, h["_k38"])
+            # if use_atan2:
             if h["_c8"]:
-                _114 = F.atan2(t_update, t_denom)
-                t_update = _114
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c8"]:
-                F.mul_(t_update, h["_k39"])
+                # update = update * (dlr * 1.2732395447351628)
+                F.mul_(update, h["_k39"])
             else:
-                F.mul_(t_update, h["dlr"])
+                # update = update * dlr
+                F.mul_(update, h["dlr"])
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c9"]:
-                _115 = F.strided(grad, h["_k40"])
-                _116 = F.float32(_115)
-                t_gs = _116
-                _117 = F.strided(param, h["_k41"])
-                _118 = F.float32(_117)
-                t_ps = _118
-                _119 = F.float32(st_p0)
-                _120 = F.sub(_119, t_ps)
-                _121 = F.vdot(t_gs, _120, kind="slice")
-                F.mul_(_121, h["_k42"])
-                A.append(("num", _121))
+                # gs = float32(strided(grad, slice_p))
+                gs_2 = F.strided(grad, h["_k40"])
+                gs = F.float32(gs_2)
+                # ps = float32(strided(param, slice_p))
+                ps_2 = F.strided(param, h["_k41"])
+                ps = F.float32(ps_2)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_4 = F.float32(p0)
+                num_5 = F.sub(num_4, ps)
+                num_6 = F.vdot(gs, num_5, kind="slice")
+                F.mul_(num_6, h["_k42"])
+                A.append(("num", num_6))
+                # if safeguard_warmup:
                 if h["_c10"]:
-                    F.mul_(st_s, h["_k43"])
-                    F.axpy_(st_s, t_gs, h["_k44"])
+                    # s = s * beta3_used + d / d0 * d * gs
+                    F.mul_(s, h["_k43"])
+                    F.axpy_(s, gs, h["_k44"])
                 else:
-                    F.mul_(st_s, h["_k45"])
-                    F.axpy_(st_s, t_gs, h["_k46"])
-                _122 = F.abs(st_s)
-                _123 = F.sum(_122, kind="slice")
-                A.append(("den", _123))
+                    # s = s * beta3_used + d / d0 * dlr * gs
+                    F.mul_(s, h["_k45"])
+                    F.axpy_(s, gs, h["_k46"])
+                # den += sum(abs(s))
+                den_3 = F.abs(s)
+                den_4 = F.sum(den_3, kind="slice")
+                A.append(("den", den_4))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _124 = F.float32(param)
-                t_param_fp32 = _124
-                _125 = F.float32(t_update)
-                t_update_fp32 = _125
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c8"]:
-                            _126 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_126, 1.2732395447351628)
-                            t_fisher = _126
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _127 = F.rdiv(t_denom, 1)
-                            t_fisher = _127
-                            _128 = F.mul(t_param_fp32, t_fisher)
-                            F.pow_(_128, 2)
-                            _129 = F.mean(_128)
-                            F.sqrt_(_129)
-                            F.div_(_129, 1.0)
-                            F.maximum_(_129, 1.0)
-                            _130 = F.div(t_fisher, _129)
-                            t_fisher = _130
-                        F.mul_(t_fisher, h["_k47"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_7 = F.mul(param_fp32, fisher)
+                            F.pow_(fisher_7, 2)
+                            fisher_8 = F.mean(fisher_7)
+                            F.sqrt_(fisher_8)
+                            F.div_(fisher_8, 1.0)
+                            F.maximum_(fisher_8, 1.0)
+                            fisher_9 = F.div(fisher, fisher_8)
+                            fisher = fisher_9
+                        # fisher = fisher * (weight_decay * dlr)
+                        F.mul_(fisher, h["_k47"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _131 = F.mul(t_update_fp32, t_param_fp32)
-                            _132 = F.ge(_131, 0)
-                            _133 = F.where(_132, 1.0, 0.0, like=param)
-                            F.mul_(_133, t_fisher)
-                            _134 = F.addcmul(t_param_fp32, t_param_fp32, _133, -1.0)
-                            t_param_fp32 = _134
+                            # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                            param_fp32_13 = F.mul(update_fp32, param_fp32)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            F.mul_(param_fp32_15, fisher)
+                            param_fp32_16 = F.addcmul(param_fp32, param_fp32, param_fp32_15, -1.0)
+                            param_fp32 = param_fp32_16
                         else:
-                            _135 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                            t_param_fp32 = _135
+                            # param_fp32 = param_fp32 - param_fp32 * fisher
+                            param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _136 = F.mul(t_update_fp32, t_param_fp32)
-                            _137 = F.ge(_136, 0)
-                            _138 = F.where(_137, 1.0, 0.0, like=param)
-                            _139 = F.addcmul(t_param_fp32, t_param_fp32, _138, h["_k48"])
-                            t_param_fp32 = _139
+                            # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k48"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _140 = F.axpy(t_param_fp32, t_param_fp32, h["_k49"])
-                            t_param_fp32 = _140
+                            # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k49"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _141 = F.cast(st_anchor_data, t_param_fp32)
-                    _142 = F.sub(t_param_fp32, _141)
-                    t_cwd_target = _142
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _143 = F.mul(t_update_fp32, t_cwd_target)
-                        _144 = F.ge(_143, 0)
-                        _145 = F.where(_144, 1.0, 0.0, like=param)
-                        _146 = F.addcmul(t_param_fp32, t_cwd_target, _145, h["_k50"])
-                        t_param_fp32 = _146
+                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_21 = F.mul(update_fp32, cwd_target)
+                        param_fp32_22 = F.ge(param_fp32_21, 0)
+                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k50"])
+                        param_fp32 = param_fp32_24
                     else:
-                        _147 = F.axpy(t_param_fp32, t_cwd_target, h["_k51"])
-                        t_param_fp32 = _147
-                _148 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _148
-                _149 = F.stochastic_round(t_param_fp32, h["_k52"])
-                F.assign_(param, _149)
+                        # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k51"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_15 = F.stochastic_round(param_fp32, h["_k52"])
+                F.assign_(param, param_15)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if fisher_wd:
                     if h["_c13"]:
+                        # if use_atan2:
                         if h["_c8"]:
-                            _150 = F.atan2(st_wd_scaler, t_denom)
-                            F.mul_(_150, 1.2732395447351628)
-                            t_fisher = _150
+                            # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                            fisher = F.atan2(wd_scaler, denom)
+                            F.mul_(fisher, 1.2732395447351628)
                         else:
-                            _151 = F.rdiv(t_denom, 1)
-                            t_fisher = _151
-                            _152 = F.mul(param, t_fisher)
-                            F.pow_(_152, 2)
-                            _153 = F.mean(_152)
-                            F.sqrt_(_153)
-                            F.div_(_153, 1.0)
-                            F.maximum_(_153, 1.0)
-                            _154 = F.div(t_fisher, _153)
-                            t_fisher = _154
-                        F.mul_(t_fisher, h["_k53"])
+                            # fisher = 1 / denom
+                            fisher = F.rdiv(denom, 1)
+                            # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                            fisher_10 = F.mul(param, fisher)
+                            F.pow_(fisher_10, 2)
+                            fisher_11 = F.mean(fisher_10)
+                            F.sqrt_(fisher_11)
+                            F.div_(fisher_11, 1.0)
+                            F.maximum_(fisher_11, 1.0)
+                            fisher_12 = F.div(fisher, fisher_11)
+                            fisher = fisher_12
+                        # fisher = fisher * (weight_decay * dlr)
+                        F.mul_(fisher, h["_k53"])
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _155 = F.mul(t_update, param)
-                            _156 = F.ge(_155, 0)
-                            _157 = F.where(_156, 1.0, 0.0, like=param)
-                            F.mul_(_157, t_fisher)
-                            _158 = F.addcmul(param, param, _157, -1.0)
-                            F.assign_(param, _158)
+                            # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                            param_16 = F.mul(update, param)
+                            param_17 = F.ge(param_16, 0)
+                            param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                            F.mul_(param_18, fisher)
+                            param_19 = F.addcmul(param, param, param_18, -1.0)
+                            F.assign_(param, param_19)
                         else:
-                            _159 = F.addcmul(param, param, t_fisher, -1.0)
-                            F.assign_(param, _159)
+                            # param = param - param * fisher
+                            param_20 = F.addcmul(param, param, fisher, -1.0)
+                            F.assign_(param, param_20)
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _160 = F.mul(t_update, param)
-                            _161 = F.ge(_160, 0)
-                            _162 = F.where(_161, 1.0, 0.0, like=param)
-                            _163 = F.addcmul(param, param, _162, h["_k54"])
-                            F.assign_(param, _163)
+                            # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_21 = F.mul(update, param)
+                            param_22 = F.ge(param_21, 0)
+                            param_23 = F.where(param_22, 1.0, 0.0, like=param)
+                            param_24 = F.addcmul(param, param, param_23, h["_k54"])
+                            F.assign_(param, param_24)
                         else:
-                            _164 = F.axpy(param, param, h["_k55"])
-                            F.assign_(param, _164)
+                            # param = param - weight_decay * dlr * param
+                            param_25 = F.axpy(param, param, h["_k55"])
+                            F.assign_(param, param_25)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _165 = F.cast(st_anchor_data, param)
-                    _166 = F.sub(param, _165)
-                    t_cwd_target = _166
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _167 = F.mul(t_update, t_cwd_target)
-                        _168 = F.ge(_167, 0)
-                        _169 = F.where(_168, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _169, h["_k56"])
+                        # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_26 = F.mul(update, cwd_target)
+                        param_27 = F.ge(param_26, 0)
+                        param_28 = F.where(param_27, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_28, h["_k56"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k57"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * dlr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k57"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if factored_2nd:
         if h["_c16"]:
+            # if ndim != 1 or vector_reshape:
             if h["_c1"]:
+                # if state_precision == 'bf16_sr' and not nnmf_factor:
                 if h["_c17"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _170 = F.float32(grad)
-                        grad = _170
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _171 = F.vdot(param, grad)
-                        _172 = F.vdot(param, param)
-                        F.add_(_172, 1e-30)
-                        F.div_(_171, _172)
-                        _173 = F.mul(param, _171)
-                        _174 = F.sub(grad, _173)
-                        t_ortho_g = _174
-                        _175 = F.norm(grad)
-                        _176 = F.norm(t_ortho_g)
-                        F.add_(_176, 1e-30)
-                        F.div_(_175, _176)
-                        t_ortho_scale = _175
-                        _177 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _177
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_7 = F.vdot(param, grad)
+                        ortho_g_8 = F.vdot(param, param)
+                        F.add_(ortho_g_8, 1e-30)
+                        F.div_(ortho_g_7, ortho_g_8)
+                        ortho_g_9 = F.mul(param, ortho_g_7)
+                        ortho_g = F.sub(grad, ortho_g_9)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_3 = F.norm(ortho_g)
+                        F.add_(ortho_scale_3, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_3)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if eps == None:
                     if h["_c3"]:
                         pass
+                    # if beta1 > 0:
                     if h["_c4"]:
-                        _178 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                        t_exp_avg_work = _178
-                        F.mul_(t_exp_avg_work, h["_k58"])
-                        F.axpy_(t_exp_avg_work, grad, h["_k59"])
-                        F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                        # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                        F.mul_(exp_avg_work, h["_k58"])
+                        F.axpy_(exp_avg_work, grad, h["_k59"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                        # if nesterov:
                         if h["_c5"]:
+                            # if nesterov_coef == None:
                             if h["_c6"]:
-                                _179 = F.lerp(t_exp_avg_work, grad, h["_k61"])
-                                t_update = _179
+                                # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                                update = F.lerp(exp_avg_work, grad, h["_k61"])
                             else:
-                                _180 = F.lerp(t_exp_avg_work, grad, h["_k62"])
-                                t_update = _180
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k62"])
                         else:
-                            _181 = F.copy(t_exp_avg_work)
-                            t_update = _181
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _182 = F.mul(grad, h["_k63"])
-                        t_update = _182
+                        # update = grad * d
+                        update = F.mul(grad, h["_k63"])
+                    # if kourkoutas_beta:
                     if h["_c7"]:
-                        _183 = F.mul(grad, grad)
-                        _184 = F.sum(_183)
-                        F.assign_(st_kourkoutas_sq, _184)
-                        _185 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                        t_exp_avg_sq_full = _185
-                        _186 = F.float32(t_exp_avg_sq_full)
-                        _187 = F.mul(_186, h["_k64"])
-                        _188 = F.float32(grad)
-                        _189 = F.float32(grad)
-                        F.addcmul_(_187, _188, _189, h["_k65"])
-                        t_exp_avg_sq_full = _187
-                        _190 = F.float32(t_exp_avg_sq_full)
-                        _191 = F.abs(_190)
-                        t_exp_avg_sq_abs = _191
-                        _192 = F.rowsum(t_exp_avg_sq_abs)
-                        F.assign_(st_mu_v_nmf, _192)
-                        _193 = F.colsum(t_exp_avg_sq_abs)
-                        t_exp_avg_sq_colsum = _193
-                        _194 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                        F.maximum_(_194, 1e-12)
-                        _195 = F.div(t_exp_avg_sq_colsum, _194)
-                        F.assign_(st_mv_v_nmf, _195)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_5 = F.mul(grad, grad)
+                        kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+                        # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                        exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                        # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
+                        exp_avg_sq_full_1 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_full_2 = F.mul(exp_avg_sq_full_1, h["_k64"])
+                        exp_avg_sq_full_3 = F.float32(grad)
+                        exp_avg_sq_full_4 = F.float32(grad)
+                        F.addcmul_(exp_avg_sq_full_2, exp_avg_sq_full_3, exp_avg_sq_full_4, h["_k65"])
+                        exp_avg_sq_full = exp_avg_sq_full_2
+                        # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                        exp_avg_sq_abs_3 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_abs = F.abs(exp_avg_sq_abs_3)
+                        # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                        mu_v_nmf_3 = F.rowsum(exp_avg_sq_abs)
+                        F.assign_(mu_v_nmf, mu_v_nmf_3)
+                        # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                        exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                        # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                        mv_v_nmf_5 = F.sum(exp_avg_sq_colsum, kind="col")
+                        F.maximum_(mv_v_nmf_5, 1e-12)
+                        mv_v_nmf_6 = F.div(exp_avg_sq_colsum, mv_v_nmf_5)
+                        F.assign_(mv_v_nmf, mv_v_nmf_6)
                     else:
-                        _196 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                        t_exp_avg_sq_full = _196
-                        _197 = F.float32(t_exp_avg_sq_full)
-                        _198 = F.mul(_197, h["_k66"])
-                        _199 = F.float32(grad)
-                        _200 = F.float32(grad)
-                        F.addcmul_(_198, _199, _200, h["_k67"])
-                        t_exp_avg_sq_full = _198
-                        _201 = F.float32(t_exp_avg_sq_full)
-                        _202 = F.abs(_201)
-                        t_exp_avg_sq_abs = _202
-                        _203 = F.rowsum(t_exp_avg_sq_abs)
-                        F.assign_(st_mu_v_nmf, _203)
-                        _204 = F.colsum(t_exp_avg_sq_abs)
-                        t_exp_avg_sq_colsum = _204
-                        _205 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                        F.maximum_(_205, 1e-12)
-                        _206 = F.div(t_exp_avg_sq_colsum, _205)
-                        F.assign_(st_mv_v_nmf, _206)
+                        # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                        exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                        # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
+                        exp_avg_sq_full_5 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_full_6 = F.mul(exp_avg_sq_full_5, h["_k66"])
+                        exp_avg_sq_full_7 = F.float32(grad)
+                        exp_avg_sq_full_8 = F.float32(grad)
+                        F.addcmul_(exp_avg_sq_full_6, exp_avg_sq_full_7, exp_avg_sq_full_8, h["_k67"])
+                        exp_avg_sq_full = exp_avg_sq_full_6
+                        # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                        exp_avg_sq_abs_4 = F.float32(exp_avg_sq_full)
+                        exp_avg_sq_abs = F.abs(exp_avg_sq_abs_4)
+                        # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                        mu_v_nmf_4 = F.rowsum(exp_avg_sq_abs)
+                        F.assign_(mu_v_nmf, mu_v_nmf_4)
+                        # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                        exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                        # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                        mv_v_nmf_7 = F.sum(exp_avg_sq_colsum, kind="col")
+                        F.maximum_(mv_v_nmf_7, 1e-12)
+                        mv_v_nmf_8 = F.div(exp_avg_sq_colsum, mv_v_nmf_7)
+                        F.assign_(mv_v_nmf, mv_v_nmf_8)
+                    # if use_atan2:
                     if h["_c8"]:
-                        _207 = F.sqrt(t_exp_avg_sq_full)
-                        t_denom = _207
+                        # denom = sqrt(exp_avg_sq_full)
+                        denom = F.sqrt(exp_avg_sq_full)
                     else:
-                        _208 = F.sqrt(t_exp_avg_sq_full)
-                        F.add_(_208, h["_k68"])
-                        t_denom = _208
+                        # denom = sqrt(exp_avg_sq_full) + d * eps_eff
+                        denom = F.sqrt(exp_avg_sq_full)
+                        F.add_(denom, h["_k68"])
+                    # if use_atan2:
                     if h["_c8"]:
-                        _209 = F.cast(t_denom, grad)
-                        _210 = F.atan2(t_update, _209)
-                        t_update = _210
+                        # update = atan2(update, cast(denom, grad))
+                        update_1 = F.cast(denom, grad)
+                        update_2 = F.atan2(update, update_1)
+                        update = update_2
                     else:
-                        _211 = F.cast(t_denom, grad)
-                        F.div_(t_update, _211)
+                        # update = update / cast(denom, grad)
+                        update_3 = F.cast(denom, grad)
+                        F.div_(update, update_3)
+                    # if use_atan2:
                     if h["_c8"]:
-                        F.mul_(t_update, h["_k69"])
+                        # update = update * (dlr * 1.2732395447351628)
+                        F.mul_(update, h["_k69"])
                     else:
-                        F.mul_(t_update, h["dlr"])
+                        # update = update * dlr
+                        F.mul_(update, h["dlr"])
+                    # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c9"]:
-                        _212 = F.strided(grad, h["_k70"])
-                        _213 = F.float32(_212)
-                        t_gs = _213
-                        _214 = F.strided(param, h["_k71"])
-                        _215 = F.float32(_214)
-                        t_ps = _215
-                        _216 = F.float32(st_p0)
-                        _217 = F.sub(_216, t_ps)
-                        _218 = F.vdot(t_gs, _217, kind="slice")
-                        F.mul_(_218, h["_k72"])
-                        A.append(("num", _218))
+                        # gs = float32(strided(grad, slice_p))
+                        gs_3 = F.strided(grad, h["_k70"])
+                        gs = F.float32(gs_3)
+                        # ps = float32(strided(param, slice_p))
+                        ps_3 = F.strided(param, h["_k71"])
+                        ps = F.float32(ps_3)
+                        # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                        num_7 = F.float32(p0)
+                        num_8 = F.sub(num_7, ps)
+                        num_9 = F.vdot(gs, num_8, kind="slice")
+                        F.mul_(num_9, h["_k72"])
+                        A.append(("num", num_9))
+                        # if safeguard_warmup:
                         if h["_c10"]:
-                            F.mul_(st_s, h["_k73"])
-                            F.axpy_(st_s, t_gs, h["_k74"])
+                            # s = s * beta3_used + d / d0 * d * gs
+                            F.mul_(s, h["_k73"])
+                            F.axpy_(s, gs, h["_k74"])
                         else:
-                            F.mul_(st_s, h["_k75"])
-                            F.axpy_(st_s, t_gs, h["_k76"])
-                        _219 = F.abs(st_s)
-                        _220 = F.sum(_219, kind="slice")
-                        A.append(("den", _220))
+                            # s = s * beta3_used + d / d0 * dlr * gs
+                            F.mul_(s, h["_k75"])
+                            F.axpy_(s, gs, h["_k76"])
+                        # den += sum(abs(s))
+                        den_5 = F.abs(s)
+                        den_6 = F.sum(den_5, kind="slice")
+                        A.append(("den", den_6))
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _221 = F.float32(param)
-                        t_param_fp32 = _221
-                        _222 = F.float32(t_update)
-                        t_update_fp32 = _222
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _223 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_223, 1.2732395447351628)
-                                    t_fisher = _223
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _224 = F.rdiv(t_denom, 1)
-                                    t_fisher = _224
-                                    _225 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_225, 2)
-                                    _226 = F.mean(_225)
-                                    F.sqrt_(_226)
-                                    F.div_(_226, 1.0)
-                                    F.maximum_(_226, 1.0)
-                                    _227 = F.div(t_fisher, _226)
-                                    t_fisher = _227
-                                F.mul_(t_fisher, h["_k77"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_13 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_13, 2)
+                                    fisher_14 = F.mean(fisher_13)
+                                    F.sqrt_(fisher_14)
+                                    F.div_(fisher_14, 1.0)
+                                    F.maximum_(fisher_14, 1.0)
+                                    fisher_15 = F.div(fisher, fisher_14)
+                                    fisher = fisher_15
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k77"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _228 = F.mul(t_update_fp32, t_param_fp32)
-                                    _229 = F.ge(_228, 0)
-                                    _230 = F.where(_229, 1.0, 0.0, like=param)
-                                    F.mul_(_230, t_fisher)
-                                    _231 = F.addcmul(t_param_fp32, t_param_fp32, _230, -1.0)
-                                    t_param_fp32 = _231
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_25 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_26 = F.ge(param_fp32_25, 0)
+                                    param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_27, fisher)
+                                    param_fp32_28 = F.addcmul(param_fp32, param_fp32, param_fp32_27, -1.0)
+                                    param_fp32 = param_fp32_28
                                 else:
-                                    _232 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _232
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _233 = F.mul(t_update_fp32, t_param_fp32)
-                                    _234 = F.ge(_233, 0)
-                                    _235 = F.where(_234, 1.0, 0.0, like=param)
-                                    _236 = F.addcmul(t_param_fp32, t_param_fp32, _235, h["_k78"])
-                                    t_param_fp32 = _236
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_29 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_30 = F.ge(param_fp32_29, 0)
+                                    param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                                    param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k78"])
+                                    param_fp32 = param_fp32_32
                                 else:
-                                    _237 = F.axpy(t_param_fp32, t_param_fp32, h["_k79"])
-                                    t_param_fp32 = _237
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k79"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _238 = F.cast(st_anchor_data, t_param_fp32)
-                            _239 = F.sub(t_param_fp32, _238)
-                            t_cwd_target = _239
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _240 = F.mul(t_update_fp32, t_cwd_target)
-                                _241 = F.ge(_240, 0)
-                                _242 = F.where(_241, 1.0, 0.0, like=param)
-                                _243 = F.addcmul(t_param_fp32, t_cwd_target, _242, h["_k80"])
-                                t_param_fp32 = _243
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_33 = F.mul(update_fp32, cwd_target)
+                                param_fp32_34 = F.ge(param_fp32_33, 0)
+                                param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                                param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k80"])
+                                param_fp32 = param_fp32_36
                             else:
-                                _244 = F.axpy(t_param_fp32, t_cwd_target, h["_k81"])
-                                t_param_fp32 = _244
-                        _245 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _245
-                        _246 = F.stochastic_round(t_param_fp32, h["_k82"])
-                        F.assign_(param, _246)
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k81"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_29 = F.stochastic_round(param_fp32, h["_k82"])
+                        F.assign_(param, param_29)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _247 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_247, 1.2732395447351628)
-                                    t_fisher = _247
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _248 = F.rdiv(t_denom, 1)
-                                    t_fisher = _248
-                                    _249 = F.mul(param, t_fisher)
-                                    F.pow_(_249, 2)
-                                    _250 = F.mean(_249)
-                                    F.sqrt_(_250)
-                                    F.div_(_250, 1.0)
-                                    F.maximum_(_250, 1.0)
-                                    _251 = F.div(t_fisher, _250)
-                                    t_fisher = _251
-                                F.mul_(t_fisher, h["_k83"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_16 = F.mul(param, fisher)
+                                    F.pow_(fisher_16, 2)
+                                    fisher_17 = F.mean(fisher_16)
+                                    F.sqrt_(fisher_17)
+                                    F.div_(fisher_17, 1.0)
+                                    F.maximum_(fisher_17, 1.0)
+                                    fisher_18 = F.div(fisher, fisher_17)
+                                    fisher = fisher_18
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k83"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _252 = F.mul(t_update, param)
-                                    _253 = F.ge(_252, 0)
-                                    _254 = F.where(_253, 1.0, 0.0, like=param)
-                                    F.mul_(_254, t_fisher)
-                                    _255 = F.addcmul(param, param, _254, -1.0)
-                                    F.assign_(param, _255)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_30 = F.mul(update, param)
+                                    param_31 = F.ge(param_30, 0)
+                                    param_32 = F.where(param_31, 1.0, 0.0, like=param)
+                                    F.mul_(param_32, fisher)
+                                    param_33 = F.addcmul(param, param, param_32, -1.0)
+                                    F.assign_(param, param_33)
                                 else:
-                                    _256 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _256)
+                                    # param = param - param * fisher
+                                    param_34 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_34)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _257 = F.mul(t_update, param)
-                                    _258 = F.ge(_257, 0)
-                                    _259 = F.where(_258, 1.0, 0.0, like=param)
-                                    _260 = F.addcmul(param, param, _259, h["_k84"])
-                                    F.assign_(param, _260)
+                                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_35 = F.mul(update, param)
+                                    param_36 = F.ge(param_35, 0)
+                                    param_37 = F.where(param_36, 1.0, 0.0, like=param)
+                                    param_38 = F.addcmul(param, param, param_37, h["_k84"])
+                                    F.assign_(param, param_38)
                                 else:
-                                    _261 = F.axpy(param, param, h["_k85"])
-                                    F.assign_(param, _261)
+                                    # param = param - weight_decay * dlr * param
+                                    param_39 = F.axpy(param, param, h["_k85"])
+                                    F.assign_(param, param_39)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _262 = F.cast(st_anchor_data, param)
-                            _263 = F.sub(param, _262)
-                            t_cwd_target = _263
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_6)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _264 = F.mul(t_update, t_cwd_target)
-                                _265 = F.ge(_264, 0)
-                                _266 = F.where(_265, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _266, h["_k86"])
+                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_40 = F.mul(update, cwd_target)
+                                param_41 = F.ge(param_40, 0)
+                                param_42 = F.where(param_41, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_42, h["_k86"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k87"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * dlr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k87"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if state_precision == 'int8_sr' and not nnmf_factor:
                     if h["_c19"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c18"]:
-                            _267 = F.float32(grad)
-                            grad = _267
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _268 = F.vdot(param, grad)
-                            _269 = F.vdot(param, param)
-                            F.add_(_269, 1e-30)
-                            F.div_(_268, _269)
-                            _270 = F.mul(param, _268)
-                            _271 = F.sub(grad, _270)
-                            t_ortho_g = _271
-                            _272 = F.norm(grad)
-                            _273 = F.norm(t_ortho_g)
-                            F.add_(_273, 1e-30)
-                            F.div_(_272, _273)
-                            t_ortho_scale = _272
-                            _274 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _274
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_10 = F.vdot(param, grad)
+                            ortho_g_11 = F.vdot(param, param)
+                            F.add_(ortho_g_11, 1e-30)
+                            F.div_(ortho_g_10, ortho_g_11)
+                            ortho_g_12 = F.mul(param, ortho_g_10)
+                            ortho_g = F.sub(grad, ortho_g_12)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_4 = F.norm(ortho_g)
+                            F.add_(ortho_scale_4, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_4)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c3"]:
                             pass
+                        # if beta1 > 0:
                         if h["_c4"]:
-                            _275 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                            t_exp_avg_work = _275
-                            F.mul_(t_exp_avg_work, h["_k88"])
-                            F.axpy_(t_exp_avg_work, grad, h["_k89"])
-                            F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                            # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                            F.mul_(exp_avg_work, h["_k88"])
+                            F.axpy_(exp_avg_work, grad, h["_k89"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                            # if nesterov:
                             if h["_c5"]:
+                                # if nesterov_coef == None:
                                 if h["_c6"]:
-                                    _276 = F.lerp(t_exp_avg_work, grad, h["_k91"])
-                                    t_update = _276
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                                    update = F.lerp(exp_avg_work, grad, h["_k91"])
                                 else:
-                                    _277 = F.lerp(t_exp_avg_work, grad, h["_k92"])
-                                    t_update = _277
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k92"])
                             else:
-                                _278 = F.copy(t_exp_avg_work)
-                                t_update = _278
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _279 = F.mul(grad, h["_k93"])
-                            t_update = _279
+                            # update = grad * d
+                            update = F.mul(grad, h["_k93"])
+                        # if kourkoutas_beta:
                         if h["_c7"]:
-                            _280 = F.mul(grad, grad)
-                            _281 = F.sum(_280)
-                            F.assign_(st_kourkoutas_sq, _281)
-                            _282 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _282
-                            _283 = F.float32(t_exp_avg_sq_full)
-                            _284 = F.mul(_283, h["_k94"])
-                            _285 = F.float32(grad)
-                            _286 = F.float32(grad)
-                            F.addcmul_(_284, _285, _286, h["_k95"])
-                            t_exp_avg_sq_full = _284
-                            _287 = F.float32(t_exp_avg_sq_full)
-                            _288 = F.abs(_287)
-                            t_exp_avg_sq_abs = _288
-                            _289 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _289)
-                            _290 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _290
-                            _291 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_291, 1e-12)
-                            _292 = F.div(t_exp_avg_sq_colsum, _291)
-                            F.assign_(st_mv_v_nmf, _292)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_7 = F.mul(grad, grad)
+                            kourkoutas_sq_8 = F.sum(kourkoutas_sq_7)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_8)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_9 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_10 = F.mul(exp_avg_sq_full_9, h["_k94"])
+                            exp_avg_sq_full_11 = F.float32(grad)
+                            exp_avg_sq_full_12 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_10, exp_avg_sq_full_11, exp_avg_sq_full_12, h["_k95"])
+                            exp_avg_sq_full = exp_avg_sq_full_10
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_5 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_5)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_5 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_5)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_9 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_9, 1e-12)
+                            mv_v_nmf_10 = F.div(exp_avg_sq_colsum, mv_v_nmf_9)
+                            F.assign_(mv_v_nmf, mv_v_nmf_10)
                         else:
-                            _293 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _293
-                            _294 = F.float32(t_exp_avg_sq_full)
-                            _295 = F.mul(_294, h["_k96"])
-                            _296 = F.float32(grad)
-                            _297 = F.float32(grad)
-                            F.addcmul_(_295, _296, _297, h["_k97"])
-                            t_exp_avg_sq_full = _295
-                            _298 = F.float32(t_exp_avg_sq_full)
-                            _299 = F.abs(_298)
-                            t_exp_avg_sq_abs = _299
-                            _300 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _300)
-                            _301 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _301
-                            _302 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_302, 1e-12)
-                            _303 = F.div(t_exp_avg_sq_colsum, _302)
-                            F.assign_(st_mv_v_nmf, _303)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_13 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_14 = F.mul(exp_avg_sq_full_13, h["_k96"])
+                            exp_avg_sq_full_15 = F.float32(grad)
+                            exp_avg_sq_full_16 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_14, exp_avg_sq_full_15, exp_avg_sq_full_16, h["_k97"])
+                            exp_avg_sq_full = exp_avg_sq_full_14
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_6 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_6)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_6 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_6)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_11 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_11, 1e-12)
+                            mv_v_nmf_12 = F.div(exp_avg_sq_colsum, mv_v_nmf_11)
+                            F.assign_(mv_v_nmf, mv_v_nmf_12)
+                        # if use_atan2:
                         if h["_c8"]:
-                            _304 = F.sqrt(t_exp_avg_sq_full)
-                            t_denom = _304
+                            # denom = sqrt(exp_avg_sq_full)
+                            denom = F.sqrt(exp_avg_sq_full)
                         else:
-                            _305 = F.sqrt(t_exp_avg_sq_full)
-                            F.add_(_305, h["_k98"])
-                            t_denom = _305
+                            # denom = sqrt(exp_avg_sq_full) + d * eps_eff
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.add_(denom, h["_k98"])
+                        # if use_atan2:
                         if h["_c8"]:
-                            _306 = F.cast(t_denom, grad)
-                            _307 = F.atan2(t_update, _306)
-                            t_update = _307
+                            # update = atan2(update, cast(denom, grad))
+                            update_4 = F.cast(denom, grad)
+                            update_5 = F.atan2(update, update_4)
+                            update = update_5
                         else:
-                            _308 = F.cast(t_denom, grad)
-                            F.div_(t_update, _308)
+                            # update = update / cast(denom, grad)
+                            update_6 = F.cast(denom, grad)
+                            F.div_(update, update_6)
+                        # if use_atan2:
                         if h["_c8"]:
-                            F.mul_(t_update, h["_k99"])
+                            # update = update * (dlr * 1.2732395447351628)
+                            F.mul_(update, h["_k99"])
                         else:
-                            F.mul_(t_update, h["dlr"])
+                            # update = update * dlr
+                            F.mul_(update, h["dlr"])
+                        # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c9"]:
-                            _309 = F.strided(grad, h["_k100"])
-                            _310 = F.float32(_309)
-                            t_gs = _310
-                            _311 = F.strided(param, h["_k101"])
-                            _312 = F.float32(_311)
-                            t_ps = _312
-                            _313 = F.float32(st_p0)
-                            _314 = F.sub(_313, t_ps)
-                            _315 = F.vdot(t_gs, _314, kind="slice")
-                            F.mul_(_315, h["_k102"])
-                            A.append(("num", _315))
+                            # gs = float32(strided(grad, slice_p))
+                            gs_4 = F.strided(grad, h["_k100"])
+                            gs = F.float32(gs_4)
+                            # ps = float32(strided(param, slice_p))
+                            ps_4 = F.strided(param, h["_k101"])
+                            ps = F.float32(ps_4)
+                            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                            num_10 = F.float32(p0)
+                            num_11 = F.sub(num_10, ps)
+                            num_12 = F.vdot(gs, num_11, kind="slice")
+                            F.mul_(num_12, h["_k102"])
+                            A.append(("num", num_12))
+                            # if safeguard_warmup:
                             if h["_c10"]:
-                                F.mul_(st_s, h["_k103"])
-                                F.axpy_(st_s, t_gs, h["_k104"])
+                                # s = s * beta3_used + d / d0 * d * gs
+                                F.mul_(s, h["_k103"])
+                                F.axpy_(s, gs, h["_k104"])
                             else:
-                                F.mul_(st_s, h["_k105"])
-                                F.axpy_(st_s, t_gs, h["_k106"])
-                            _316 = F.abs(st_s)
-                            _317 = F.sum(_316, kind="slice")
-                            A.append(("den", _317))
+                                # s = s * beta3_used + d / d0 * dlr * gs
+                                F.mul_(s, h["_k105"])
+                                F.axpy_(s, gs, h["_k106"])
+                            # den += sum(abs(s))
+                            den_7 = F.abs(s)
+                            den_8 = F.sum(den_7, kind="slice")
+                            A.append(("den", den_8))
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _318 = F.float32(param)
-                            t_param_fp32 = _318
-                            _319 = F.float32(t_update)
-                            t_update_fp32 = _319
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _320 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_320, 1.2732395447351628)
-                                        t_fisher = _320
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _321 = F.rdiv(t_denom, 1)
-                                        t_fisher = _321
-                                        _322 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_322, 2)
-                                        _323 = F.mean(_322)
-                                        F.sqrt_(_323)
-                                        F.div_(_323, 1.0)
-                                        F.maximum_(_323, 1.0)
-                                        _324 = F.div(t_fisher, _323)
-                                        t_fisher = _324
-                                    F.mul_(t_fisher, h["_k107"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_19 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_19, 2)
+                                        fisher_20 = F.mean(fisher_19)
+                                        F.sqrt_(fisher_20)
+                                        F.div_(fisher_20, 1.0)
+                                        F.maximum_(fisher_20, 1.0)
+                                        fisher_21 = F.div(fisher, fisher_20)
+                                        fisher = fisher_21
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k107"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _325 = F.mul(t_update_fp32, t_param_fp32)
-                                        _326 = F.ge(_325, 0)
-                                        _327 = F.where(_326, 1.0, 0.0, like=param)
-                                        F.mul_(_327, t_fisher)
-                                        _328 = F.addcmul(t_param_fp32, t_param_fp32, _327, -1.0)
-                                        t_param_fp32 = _328
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_38 = F.ge(param_fp32_37, 0)
+                                        param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_39, fisher)
+                                        param_fp32_40 = F.addcmul(param_fp32, param_fp32, param_fp32_39, -1.0)
+                                        param_fp32 = param_fp32_40
                                     else:
-                                        _329 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _329
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _330 = F.mul(t_update_fp32, t_param_fp32)
-                                        _331 = F.ge(_330, 0)
-                                        _332 = F.where(_331, 1.0, 0.0, like=param)
-                                        _333 = F.addcmul(t_param_fp32, t_param_fp32, _332, h["_k108"])
-                                        t_param_fp32 = _333
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_42 = F.ge(param_fp32_41, 0)
+                                        param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                        param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k108"])
+                                        param_fp32 = param_fp32_44
                                     else:
-                                        _334 = F.axpy(t_param_fp32, t_param_fp32, h["_k109"])
-                                        t_param_fp32 = _334
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k109"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _335 = F.cast(st_anchor_data, t_param_fp32)
-                                _336 = F.sub(t_param_fp32, _335)
-                                t_cwd_target = _336
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_7 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_7)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _337 = F.mul(t_update_fp32, t_cwd_target)
-                                    _338 = F.ge(_337, 0)
-                                    _339 = F.where(_338, 1.0, 0.0, like=param)
-                                    _340 = F.addcmul(t_param_fp32, t_cwd_target, _339, h["_k110"])
-                                    t_param_fp32 = _340
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_45 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_46 = F.ge(param_fp32_45, 0)
+                                    param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                                    param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k110"])
+                                    param_fp32 = param_fp32_48
                                 else:
-                                    _341 = F.axpy(t_param_fp32, t_cwd_target, h["_k111"])
-                                    t_param_fp32 = _341
-                            _342 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _342
-                            _343 = F.stochastic_round(t_param_fp32, h["_k112"])
-                            F.assign_(param, _343)
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k111"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_43 = F.stochastic_round(param_fp32, h["_k112"])
+                            F.assign_(param, param_43)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _344 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_344, 1.2732395447351628)
-                                        t_fisher = _344
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _345 = F.rdiv(t_denom, 1)
-                                        t_fisher = _345
-                                        _346 = F.mul(param, t_fisher)
-                                        F.pow_(_346, 2)
-                                        _347 = F.mean(_346)
-                                        F.sqrt_(_347)
-                                        F.div_(_347, 1.0)
-                                        F.maximum_(_347, 1.0)
-                                        _348 = F.div(t_fisher, _347)
-                                        t_fisher = _348
-                                    F.mul_(t_fisher, h["_k113"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_22 = F.mul(param, fisher)
+                                        F.pow_(fisher_22, 2)
+                                        fisher_23 = F.mean(fisher_22)
+                                        F.sqrt_(fisher_23)
+                                        F.div_(fisher_23, 1.0)
+                                        F.maximum_(fisher_23, 1.0)
+                                        fisher_24 = F.div(fisher, fisher_23)
+                                        fisher = fisher_24
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k113"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _349 = F.mul(t_update, param)
-                                        _350 = F.ge(_349, 0)
-                                        _351 = F.where(_350, 1.0, 0.0, like=param)
-                                        F.mul_(_351, t_fisher)
-                                        _352 = F.addcmul(param, param, _351, -1.0)
-                                        F.assign_(param, _352)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_44 = F.mul(update, param)
+                                        param_45 = F.ge(param_44, 0)
+                                        param_46 = F.where(param_45, 1.0, 0.0, like=param)
+                                        F.mul_(param_46, fisher)
+                                        param_47 = F.addcmul(param, param, param_46, -1.0)
+                                        F.assign_(param, param_47)
                                     else:
-                                        _353 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _353)
+                                        # param = param - param * fisher
+                                        param_48 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_48)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _354 = F.mul(t_update, param)
-                                        _355 = F.ge(_354, 0)
-                                        _356 = F.where(_355, 1.0, 0.0, like=param)
-                                        _357 = F.addcmul(param, param, _356, h["_k114"])
-                                        F.assign_(param, _357)
+                                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_49 = F.mul(update, param)
+                                        param_50 = F.ge(param_49, 0)
+                                        param_51 = F.where(param_50, 1.0, 0.0, like=param)
+                                        param_52 = F.addcmul(param, param, param_51, h["_k114"])
+                                        F.assign_(param, param_52)
                                     else:
-                                        _358 = F.axpy(param, param, h["_k115"])
-                                        F.assign_(param, _358)
+                                        # param = param - weight_decay * dlr * param
+                                        param_53 = F.axpy(param, param, h["_k115"])
+                                        F.assign_(param, param_53)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _359 = F.cast(st_anchor_data, param)
-                                _360 = F.sub(param, _359)
-                                t_cwd_target = _360
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_8)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _361 = F.mul(t_update, t_cwd_target)
-                                    _362 = F.ge(_361, 0)
-                                    _363 = F.where(_362, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _363, h["_k116"])
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_54 = F.mul(update, cwd_target)
+                                    param_55 = F.ge(param_54, 0)
+                                    param_56 = F.where(param_55, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_56, h["_k116"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k117"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k117"])
+                            # param = param + -update
+                            F.sub_(param, update)
                     else:
+                        # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                         if h["_c20"]:
-                            _364 = F.float32(grad)
-                            grad = _364
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _365 = F.vdot(param, grad)
-                            _366 = F.vdot(param, param)
-                            F.add_(_366, 1e-30)
-                            F.div_(_365, _366)
-                            _367 = F.mul(param, _365)
-                            _368 = F.sub(grad, _367)
-                            t_ortho_g = _368
-                            _369 = F.norm(grad)
-                            _370 = F.norm(t_ortho_g)
-                            F.add_(_370, 1e-30)
-                            F.div_(_369, _370)
-                            t_ortho_scale = _369
-                            _371 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _371
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_13 = F.vdot(param, grad)
+                            ortho_g_14 = F.vdot(param, param)
+                            F.add_(ortho_g_14, 1e-30)
+                            F.div_(ortho_g_13, ortho_g_14)
+                            ortho_g_15 = F.mul(param, ortho_g_13)
+                            ortho_g = F.sub(grad, ortho_g_15)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_5 = F.norm(ortho_g)
+                            F.add_(ortho_scale_5, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_5)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c3"]:
                             pass
+                        # if beta1 > 0:
                         if h["_c4"]:
-                            F.mul_(st_exp_avg, h["_k118"])
-                            F.axpy_(st_exp_avg, grad, h["_k119"])
+                            # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                            F.mul_(exp_avg, h["_k118"])
+                            F.axpy_(exp_avg, grad, h["_k119"])
+                            # if nesterov:
                             if h["_c5"]:
+                                # if nesterov_coef == None:
                                 if h["_c6"]:
-                                    _372 = F.lerp(st_exp_avg, grad, h["_k120"])
-                                    t_update = _372
+                                    # update = lerp(exp_avg, grad, 1 - beta1_used)
+                                    update = F.lerp(exp_avg, grad, h["_k120"])
                                 else:
-                                    _373 = F.lerp(st_exp_avg, grad, h["_k121"])
-                                    t_update = _373
+                                    # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg, grad, h["_k121"])
                             else:
-                                _374 = F.copy(st_exp_avg)
-                                t_update = _374
+                                # update = copy(exp_avg)
+                                update = F.copy(exp_avg)
                         else:
-                            _375 = F.mul(grad, h["_k122"])
-                            t_update = _375
+                            # update = grad * d
+                            update = F.mul(grad, h["_k122"])
+                        # if kourkoutas_beta:
                         if h["_c7"]:
-                            _376 = F.mul(grad, grad)
-                            _377 = F.sum(_376)
-                            F.assign_(st_kourkoutas_sq, _377)
-                            _378 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _378
-                            _379 = F.float32(t_exp_avg_sq_full)
-                            _380 = F.mul(_379, h["_k123"])
-                            _381 = F.float32(grad)
-                            _382 = F.float32(grad)
-                            F.addcmul_(_380, _381, _382, h["_k124"])
-                            t_exp_avg_sq_full = _380
-                            _383 = F.float32(t_exp_avg_sq_full)
-                            _384 = F.abs(_383)
-                            t_exp_avg_sq_abs = _384
-                            _385 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _385)
-                            _386 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _386
-                            _387 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_387, 1e-12)
-                            _388 = F.div(t_exp_avg_sq_colsum, _387)
-                            F.assign_(st_mv_v_nmf, _388)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_9 = F.mul(grad, grad)
+                            kourkoutas_sq_10 = F.sum(kourkoutas_sq_9)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_10)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * input() + d * d * (1 - input()) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_17 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_18 = F.mul(exp_avg_sq_full_17, h["_k123"])
+                            exp_avg_sq_full_19 = F.float32(grad)
+                            exp_avg_sq_full_20 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_18, exp_avg_sq_full_19, exp_avg_sq_full_20, h["_k124"])
+                            exp_avg_sq_full = exp_avg_sq_full_18
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_7 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_7)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_7 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_7)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_13 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_13, 1e-12)
+                            mv_v_nmf_14 = F.div(exp_avg_sq_colsum, mv_v_nmf_13)
+                            F.assign_(mv_v_nmf, mv_v_nmf_14)
                         else:
-                            _389 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                            t_exp_avg_sq_full = _389
-                            _390 = F.float32(t_exp_avg_sq_full)
-                            _391 = F.mul(_390, h["_k125"])
-                            _392 = F.float32(grad)
-                            _393 = F.float32(grad)
-                            F.addcmul_(_391, _392, _393, h["_k126"])
-                            t_exp_avg_sq_full = _391
-                            _394 = F.float32(t_exp_avg_sq_full)
-                            _395 = F.abs(_394)
-                            t_exp_avg_sq_abs = _395
-                            _396 = F.rowsum(t_exp_avg_sq_abs)
-                            F.assign_(st_mu_v_nmf, _396)
-                            _397 = F.colsum(t_exp_avg_sq_abs)
-                            t_exp_avg_sq_colsum = _397
-                            _398 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                            F.maximum_(_398, 1e-12)
-                            _399 = F.div(t_exp_avg_sq_colsum, _398)
-                            F.assign_(st_mv_v_nmf, _399)
+                            # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                            exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                            # exp_avg_sq_full = float32(exp_avg_sq_full) * beta2 + d * d * (1 - beta2) * float32(grad) * float32(grad)
+                            exp_avg_sq_full_21 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_full_22 = F.mul(exp_avg_sq_full_21, h["_k125"])
+                            exp_avg_sq_full_23 = F.float32(grad)
+                            exp_avg_sq_full_24 = F.float32(grad)
+                            F.addcmul_(exp_avg_sq_full_22, exp_avg_sq_full_23, exp_avg_sq_full_24, h["_k126"])
+                            exp_avg_sq_full = exp_avg_sq_full_22
+                            # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                            exp_avg_sq_abs_8 = F.float32(exp_avg_sq_full)
+                            exp_avg_sq_abs = F.abs(exp_avg_sq_abs_8)
+                            # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                            mu_v_nmf_8 = F.rowsum(exp_avg_sq_abs)
+                            F.assign_(mu_v_nmf, mu_v_nmf_8)
+                            # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                            exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                            # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                            mv_v_nmf_15 = F.sum(exp_avg_sq_colsum, kind="col")
+                            F.maximum_(mv_v_nmf_15, 1e-12)
+                            mv_v_nmf_16 = F.div(exp_avg_sq_colsum, mv_v_nmf_15)
+                            F.assign_(mv_v_nmf, mv_v_nmf_16)
+                        # if use_atan2:
                         if h["_c8"]:
-                            _400 = F.sqrt(t_exp_avg_sq_full)
-                            t_denom = _400
+                            # denom = sqrt(exp_avg_sq_full)
+                            denom = F.sqrt(exp_avg_sq_full)
                         else:
-                            _401 = F.sqrt(t_exp_avg_sq_full)
-                            F.add_(_401, h["_k127"])
-                            t_denom = _401
+                            # denom = sqrt(exp_avg_sq_full) + d * eps_eff
+                            denom = F.sqrt(exp_avg_sq_full)
+                            F.add_(denom, h["_k127"])
+                        # if use_atan2:
                         if h["_c8"]:
-                            _402 = F.cast(t_denom, grad)
-                            _403 = F.atan2(t_update, _402)
-                            t_update = _403
+                            # update = atan2(update, cast(denom, grad))
+                            update_7 = F.cast(denom, grad)
+                            update_8 = F.atan2(update, update_7)
+                            update = update_8
                         else:
-                            _404 = F.cast(t_denom, grad)
-                            F.div_(t_update, _404)
+                            # update = update / cast(denom, grad)
+                            update_9 = F.cast(denom, grad)
+                            F.div_(update, update_9)
+                        # if use_atan2:
                         if h["_c8"]:
-                            F.mul_(t_update, h["_k128"])
+                            # update = update * (dlr * 1.2732395447351628)
+                            F.mul_(update, h["_k128"])
                         else:
-                            F.mul_(t_update, h["dlr"])
+                            # update = update * dlr
+                            F.mul_(update, h["dlr"])
+                        # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c9"]:
-                            _405 = F.strided(grad, h["_k129"])
-                            _406 = F.float32(_405)
-                            t_gs = _406
-                            _407 = F.strided(param, h["_k130"])
-                            _408 = F.float32(_407)
-                            t_ps = _408
-                            _409 = F.float32(st_p0)
-                            _410 = F.sub(_409, t_ps)
-                            _411 = F.vdot(t_gs, _410, kind="slice")
-                            F.mul_(_411, h["_k131"])
-                            A.append(("num", _411))
+                            # gs = float32(strided(grad, slice_p))
+                            gs_5 = F.strided(grad, h["_k129"])
+                            gs = F.float32(gs_5)
+                            # ps = float32(strided(param, slice_p))
+                            ps_5 = F.strided(param, h["_k130"])
+                            ps = F.float32(ps_5)
+                            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                            num_13 = F.float32(p0)
+                            num_14 = F.sub(num_13, ps)
+                            num_15 = F.vdot(gs, num_14, kind="slice")
+                            F.mul_(num_15, h["_k131"])
+                            A.append(("num", num_15))
+                            # if safeguard_warmup:
                             if h["_c10"]:
-                                F.mul_(st_s, h["_k132"])
-                                F.axpy_(st_s, t_gs, h["_k133"])
+                                # s = s * beta3_used + d / d0 * d * gs
+                                F.mul_(s, h["_k132"])
+                                F.axpy_(s, gs, h["_k133"])
                             else:
-                                F.mul_(st_s, h["_k134"])
-                                F.axpy_(st_s, t_gs, h["_k135"])
-                            _412 = F.abs(st_s)
-                            _413 = F.sum(_412, kind="slice")
-                            A.append(("den", _413))
+                                # s = s * beta3_used + d / d0 * dlr * gs
+                                F.mul_(s, h["_k134"])
+                                F.axpy_(s, gs, h["_k135"])
+                            # den += sum(abs(s))
+                            den_9 = F.abs(s)
+                            den_10 = F.sum(den_9, kind="slice")
+                            A.append(("den", den_10))
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _414 = F.float32(param)
-                            t_param_fp32 = _414
-                            _415 = F.float32(t_update)
-                            t_update_fp32 = _415
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _416 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_416, 1.2732395447351628)
-                                        t_fisher = _416
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _417 = F.rdiv(t_denom, 1)
-                                        t_fisher = _417
-                                        _418 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_418, 2)
-                                        _419 = F.mean(_418)
-                                        F.sqrt_(_419)
-                                        F.div_(_419, 1.0)
-                                        F.maximum_(_419, 1.0)
-                                        _420 = F.div(t_fisher, _419)
-                                        t_fisher = _420
-                                    F.mul_(t_fisher, h["_k136"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_25 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_25, 2)
+                                        fisher_26 = F.mean(fisher_25)
+                                        F.sqrt_(fisher_26)
+                                        F.div_(fisher_26, 1.0)
+                                        F.maximum_(fisher_26, 1.0)
+                                        fisher_27 = F.div(fisher, fisher_26)
+                                        fisher = fisher_27
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k136"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _421 = F.mul(t_update_fp32, t_param_fp32)
-                                        _422 = F.ge(_421, 0)
-                                        _423 = F.where(_422, 1.0, 0.0, like=param)
-                                        F.mul_(_423, t_fisher)
-                                        _424 = F.addcmul(t_param_fp32, t_param_fp32, _423, -1.0)
-                                        t_param_fp32 = _424
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_50 = F.ge(param_fp32_49, 0)
+                                        param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_51, fisher)
+                                        param_fp32_52 = F.addcmul(param_fp32, param_fp32, param_fp32_51, -1.0)
+                                        param_fp32 = param_fp32_52
                                     else:
-                                        _425 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _425
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _426 = F.mul(t_update_fp32, t_param_fp32)
-                                        _427 = F.ge(_426, 0)
-                                        _428 = F.where(_427, 1.0, 0.0, like=param)
-                                        _429 = F.addcmul(t_param_fp32, t_param_fp32, _428, h["_k137"])
-                                        t_param_fp32 = _429
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_54 = F.ge(param_fp32_53, 0)
+                                        param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                        param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k137"])
+                                        param_fp32 = param_fp32_56
                                     else:
-                                        _430 = F.axpy(t_param_fp32, t_param_fp32, h["_k138"])
-                                        t_param_fp32 = _430
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k138"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _431 = F.cast(st_anchor_data, t_param_fp32)
-                                _432 = F.sub(t_param_fp32, _431)
-                                t_cwd_target = _432
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_9 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_9)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _433 = F.mul(t_update_fp32, t_cwd_target)
-                                    _434 = F.ge(_433, 0)
-                                    _435 = F.where(_434, 1.0, 0.0, like=param)
-                                    _436 = F.addcmul(t_param_fp32, t_cwd_target, _435, h["_k139"])
-                                    t_param_fp32 = _436
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_57 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_58 = F.ge(param_fp32_57, 0)
+                                    param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                                    param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k139"])
+                                    param_fp32 = param_fp32_60
                                 else:
-                                    _437 = F.axpy(t_param_fp32, t_cwd_target, h["_k140"])
-                                    t_param_fp32 = _437
-                            _438 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _438
-                            _439 = F.stochastic_round(t_param_fp32, h["_k141"])
-                            F.assign_(param, _439)
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k140"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_57 = F.stochastic_round(param_fp32, h["_k141"])
+                            F.assign_(param, param_57)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _440 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_440, 1.2732395447351628)
-                                        t_fisher = _440
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _441 = F.rdiv(t_denom, 1)
-                                        t_fisher = _441
-                                        _442 = F.mul(param, t_fisher)
-                                        F.pow_(_442, 2)
-                                        _443 = F.mean(_442)
-                                        F.sqrt_(_443)
-                                        F.div_(_443, 1.0)
-                                        F.maximum_(_443, 1.0)
-                                        _444 = F.div(t_fisher, _443)
-                                        t_fisher = _444
-                                    F.mul_(t_fisher, h["_k142"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_28 = F.mul(param, fisher)
+                                        F.pow_(fisher_28, 2)
+                                        fisher_29 = F.mean(fisher_28)
+                                        F.sqrt_(fisher_29)
+                                        F.div_(fisher_29, 1.0)
+                                        F.maximum_(fisher_29, 1.0)
+                                        fisher_30 = F.div(fisher, fisher_29)
+                                        fisher = fisher_30
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k142"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _445 = F.mul(t_update, param)
-                                        _446 = F.ge(_445, 0)
-                                        _447 = F.where(_446, 1.0, 0.0, like=param)
-                                        F.mul_(_447, t_fisher)
-                                        _448 = F.addcmul(param, param, _447, -1.0)
-                                        F.assign_(param, _448)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_58 = F.mul(update, param)
+                                        param_59 = F.ge(param_58, 0)
+                                        param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                        F.mul_(param_60, fisher)
+                                        param_61 = F.addcmul(param, param, param_60, -1.0)
+                                        F.assign_(param, param_61)
                                     else:
-                                        _449 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _449)
+                                        # param = param - param * fisher
+                                        param_62 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_62)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _450 = F.mul(t_update, param)
-                                        _451 = F.ge(_450, 0)
-                                        _452 = F.where(_451, 1.0, 0.0, like=param)
-                                        _453 = F.addcmul(param, param, _452, h["_k143"])
-                                        F.assign_(param, _453)
+                                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_63 = F.mul(update, param)
+                                        param_64 = F.ge(param_63, 0)
+                                        param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                                        param_66 = F.addcmul(param, param, param_65, h["_k143"])
+                                        F.assign_(param, param_66)
                                     else:
-                                        _454 = F.axpy(param, param, h["_k144"])
-                                        F.assign_(param, _454)
+                                        # param = param - weight_decay * dlr * param
+                                        param_67 = F.axpy(param, param, h["_k144"])
+                                        F.assign_(param, param_67)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _455 = F.cast(st_anchor_data, param)
-                                _456 = F.sub(param, _455)
-                                t_cwd_target = _456
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _457 = F.mul(t_update, t_cwd_target)
-                                    _458 = F.ge(_457, 0)
-                                    _459 = F.where(_458, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _459, h["_k145"])
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_68 = F.mul(update, cwd_target)
+                                    param_69 = F.ge(param_68, 0)
+                                    param_70 = F.where(param_69, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_70, h["_k145"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k146"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k146"])
+                            # param = param + -update
+                            F.sub_(param, update)
             else:
+                # if state_precision == 'bf16_sr' and not nnmf_factor:
                 if h["_c17"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _460 = F.float32(grad)
-                        grad = _460
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _461 = F.vdot(param, grad)
-                        _462 = F.vdot(param, param)
-                        F.add_(_462, 1e-30)
-                        F.div_(_461, _462)
-                        _463 = F.mul(param, _461)
-                        _464 = F.sub(grad, _463)
-                        t_ortho_g = _464
-                        _465 = F.norm(grad)
-                        _466 = F.norm(t_ortho_g)
-                        F.add_(_466, 1e-30)
-                        F.div_(_465, _466)
-                        t_ortho_scale = _465
-                        _467 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _467
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_16 = F.vdot(param, grad)
+                        ortho_g_17 = F.vdot(param, param)
+                        F.add_(ortho_g_17, 1e-30)
+                        F.div_(ortho_g_16, ortho_g_17)
+                        ortho_g_18 = F.mul(param, ortho_g_16)
+                        ortho_g = F.sub(grad, ortho_g_18)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_6 = F.norm(ortho_g)
+                        F.add_(ortho_scale_6, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_6)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if eps == None:
                     if h["_c3"]:
                         pass
+                    # if beta1 > 0:
                     if h["_c4"]:
-                        _468 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                        t_exp_avg_work = _468
-                        F.mul_(t_exp_avg_work, h["_k147"])
-                        F.axpy_(t_exp_avg_work, grad, h["_k148"])
-                        F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                        # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                        F.mul_(exp_avg_work, h["_k147"])
+                        F.axpy_(exp_avg_work, grad, h["_k148"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                        # if nesterov:
                         if h["_c5"]:
+                            # if nesterov_coef == None:
                             if h["_c6"]:
-                                _469 = F.lerp(t_exp_avg_work, grad, h["_k150"])
-                                t_update = _469
+                                # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                                update = F.lerp(exp_avg_work, grad, h["_k150"])
                             else:
-                                _470 = F.lerp(t_exp_avg_work, grad, h["_k151"])
-                                t_update = _470
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k151"])
                         else:
-                            _471 = F.copy(t_exp_avg_work)
-                            t_update = _471
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _472 = F.mul(grad, h["_k152"])
-                        t_update = _472
+                        # update = grad * d
+                        update = F.mul(grad, h["_k152"])
+                    # if kourkoutas_beta:
                     if h["_c7"]:
-                        _473 = F.mul(grad, grad)
-                        _474 = F.sum(_473)
-                        F.assign_(st_kourkoutas_sq, _474)
-                        _475 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _475
-                        F.mul_(t_exp_avg_sq_work, h["_k153"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k154"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_11 = F.mul(grad, grad)
+                        kourkoutas_sq_12 = F.sum(kourkoutas_sq_11)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_12)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k153"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k154"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                     else:
-                        _476 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                        t_exp_avg_sq_work = _476
-                        F.mul_(t_exp_avg_sq_work, h["_k156"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k157"])
-                        F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                        # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k156"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k157"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                    # if use_atan2:
                     if h["_c8"]:
-                        _477 = F.sqrt(t_exp_avg_sq_work)
-                        t_denom = _477
+                        # denom = sqrt(exp_avg_sq_work)
+                        denom = F.sqrt(exp_avg_sq_work)
                     else:
-                        _478 = F.sqrt(t_exp_avg_sq_work)
-                        F.add_(_478, h["_k159"])
-                        t_denom = _478
+                        # denom = sqrt(exp_avg_sq_work) + d * eps_eff
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.add_(denom, h["_k159"])
+                    # if use_atan2:
                     if h["_c8"]:
-                        _479 = F.atan2(t_update, t_denom)
-                        t_update = _479
+                        # update = atan2(update, denom)
+                        update = F.atan2(update, denom)
                     else:
-                        F.div_(t_update, t_denom)
+                        # update = update / denom
+                        F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c8"]:
-                        F.mul_(t_update, h["_k160"])
+                        # update = update * (dlr * 1.2732395447351628)
+                        F.mul_(update, h["_k160"])
                     else:
-                        F.mul_(t_update, h["dlr"])
+                        # update = update * dlr
+                        F.mul_(update, h["dlr"])
+                    # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c9"]:
-                        _480 = F.strided(grad, h["_k161"])
-                        _481 = F.float32(_480)
-                        t_gs = _481
-                        _482 = F.strided(param, h["_k162"])
-                        _483 = F.float32(_482)
-                        t_ps = _483
-                        _484 = F.float32(st_p0)
-                        _485 = F.sub(_484, t_ps)
-                        _486 = F.vdot(t_gs, _485, kind="slice")
-                        F.mul_(_486, h["_k163"])
-                        A.append(("num", _486))
+                        # gs = float32(strided(grad, slice_p))
+                        gs_6 = F.strided(grad, h["_k161"])
+                        gs = F.float32(gs_6)
+                        # ps = float32(strided(param, slice_p))
+                        ps_6 = F.strided(param, h["_k162"])
+                        ps = F.float32(ps_6)
+                        # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                        num_16 = F.float32(p0)
+                        num_17 = F.sub(num_16, ps)
+                        num_18 = F.vdot(gs, num_17, kind="slice")
+                        F.mul_(num_18, h["_k163"])
+                        A.append(("num", num_18))
+                        # if safeguard_warmup:
                         if h["_c10"]:
-                            F.mul_(st_s, h["_k164"])
-                            F.axpy_(st_s, t_gs, h["_k165"])
+                            # s = s * beta3_used + d / d0 * d * gs
+                            F.mul_(s, h["_k164"])
+                            F.axpy_(s, gs, h["_k165"])
                         else:
-                            F.mul_(st_s, h["_k166"])
-                            F.axpy_(st_s, t_gs, h["_k167"])
-                        _487 = F.abs(st_s)
-                        _488 = F.sum(_487, kind="slice")
-                        A.append(("den", _488))
+                            # s = s * beta3_used + d / d0 * dlr * gs
+                            F.mul_(s, h["_k166"])
+                            F.axpy_(s, gs, h["_k167"])
+                        # den += sum(abs(s))
+                        den_11 = F.abs(s)
+                        den_12 = F.sum(den_11, kind="slice")
+                        A.append(("den", den_12))
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _489 = F.float32(param)
-                        t_param_fp32 = _489
-                        _490 = F.float32(t_update)
-                        t_update_fp32 = _490
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _491 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_491, 1.2732395447351628)
-                                    t_fisher = _491
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _492 = F.rdiv(t_denom, 1)
-                                    t_fisher = _492
-                                    _493 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_493, 2)
-                                    _494 = F.mean(_493)
-                                    F.sqrt_(_494)
-                                    F.div_(_494, 1.0)
-                                    F.maximum_(_494, 1.0)
-                                    _495 = F.div(t_fisher, _494)
-                                    t_fisher = _495
-                                F.mul_(t_fisher, h["_k168"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_31 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_31, 2)
+                                    fisher_32 = F.mean(fisher_31)
+                                    F.sqrt_(fisher_32)
+                                    F.div_(fisher_32, 1.0)
+                                    F.maximum_(fisher_32, 1.0)
+                                    fisher_33 = F.div(fisher, fisher_32)
+                                    fisher = fisher_33
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k168"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _496 = F.mul(t_update_fp32, t_param_fp32)
-                                    _497 = F.ge(_496, 0)
-                                    _498 = F.where(_497, 1.0, 0.0, like=param)
-                                    F.mul_(_498, t_fisher)
-                                    _499 = F.addcmul(t_param_fp32, t_param_fp32, _498, -1.0)
-                                    t_param_fp32 = _499
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_61 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_62 = F.ge(param_fp32_61, 0)
+                                    param_fp32_63 = F.where(param_fp32_62, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_63, fisher)
+                                    param_fp32_64 = F.addcmul(param_fp32, param_fp32, param_fp32_63, -1.0)
+                                    param_fp32 = param_fp32_64
                                 else:
-                                    _500 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _500
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _501 = F.mul(t_update_fp32, t_param_fp32)
-                                    _502 = F.ge(_501, 0)
-                                    _503 = F.where(_502, 1.0, 0.0, like=param)
-                                    _504 = F.addcmul(t_param_fp32, t_param_fp32, _503, h["_k169"])
-                                    t_param_fp32 = _504
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_65 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_66 = F.ge(param_fp32_65, 0)
+                                    param_fp32_67 = F.where(param_fp32_66, 1.0, 0.0, like=param)
+                                    param_fp32_68 = F.addcmul(param_fp32, param_fp32, param_fp32_67, h["_k169"])
+                                    param_fp32 = param_fp32_68
                                 else:
-                                    _505 = F.axpy(t_param_fp32, t_param_fp32, h["_k170"])
-                                    t_param_fp32 = _505
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k170"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _506 = F.cast(st_anchor_data, t_param_fp32)
-                            _507 = F.sub(t_param_fp32, _506)
-                            t_cwd_target = _507
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _508 = F.mul(t_update_fp32, t_cwd_target)
-                                _509 = F.ge(_508, 0)
-                                _510 = F.where(_509, 1.0, 0.0, like=param)
-                                _511 = F.addcmul(t_param_fp32, t_cwd_target, _510, h["_k171"])
-                                t_param_fp32 = _511
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_69 = F.mul(update_fp32, cwd_target)
+                                param_fp32_70 = F.ge(param_fp32_69, 0)
+                                param_fp32_71 = F.where(param_fp32_70, 1.0, 0.0, like=param)
+                                param_fp32_72 = F.addcmul(param_fp32, cwd_target, param_fp32_71, h["_k171"])
+                                param_fp32 = param_fp32_72
                             else:
-                                _512 = F.axpy(t_param_fp32, t_cwd_target, h["_k172"])
-                                t_param_fp32 = _512
-                        _513 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _513
-                        _514 = F.stochastic_round(t_param_fp32, h["_k173"])
-                        F.assign_(param, _514)
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k172"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_71 = F.stochastic_round(param_fp32, h["_k173"])
+                        F.assign_(param, param_71)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _515 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_515, 1.2732395447351628)
-                                    t_fisher = _515
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _516 = F.rdiv(t_denom, 1)
-                                    t_fisher = _516
-                                    _517 = F.mul(param, t_fisher)
-                                    F.pow_(_517, 2)
-                                    _518 = F.mean(_517)
-                                    F.sqrt_(_518)
-                                    F.div_(_518, 1.0)
-                                    F.maximum_(_518, 1.0)
-                                    _519 = F.div(t_fisher, _518)
-                                    t_fisher = _519
-                                F.mul_(t_fisher, h["_k174"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_34 = F.mul(param, fisher)
+                                    F.pow_(fisher_34, 2)
+                                    fisher_35 = F.mean(fisher_34)
+                                    F.sqrt_(fisher_35)
+                                    F.div_(fisher_35, 1.0)
+                                    F.maximum_(fisher_35, 1.0)
+                                    fisher_36 = F.div(fisher, fisher_35)
+                                    fisher = fisher_36
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k174"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _520 = F.mul(t_update, param)
-                                    _521 = F.ge(_520, 0)
-                                    _522 = F.where(_521, 1.0, 0.0, like=param)
-                                    F.mul_(_522, t_fisher)
-                                    _523 = F.addcmul(param, param, _522, -1.0)
-                                    F.assign_(param, _523)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_72 = F.mul(update, param)
+                                    param_73 = F.ge(param_72, 0)
+                                    param_74 = F.where(param_73, 1.0, 0.0, like=param)
+                                    F.mul_(param_74, fisher)
+                                    param_75 = F.addcmul(param, param, param_74, -1.0)
+                                    F.assign_(param, param_75)
                                 else:
-                                    _524 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _524)
+                                    # param = param - param * fisher
+                                    param_76 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_76)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _525 = F.mul(t_update, param)
-                                    _526 = F.ge(_525, 0)
-                                    _527 = F.where(_526, 1.0, 0.0, like=param)
-                                    _528 = F.addcmul(param, param, _527, h["_k175"])
-                                    F.assign_(param, _528)
+                                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_77 = F.mul(update, param)
+                                    param_78 = F.ge(param_77, 0)
+                                    param_79 = F.where(param_78, 1.0, 0.0, like=param)
+                                    param_80 = F.addcmul(param, param, param_79, h["_k175"])
+                                    F.assign_(param, param_80)
                                 else:
-                                    _529 = F.axpy(param, param, h["_k176"])
-                                    F.assign_(param, _529)
+                                    # param = param - weight_decay * dlr * param
+                                    param_81 = F.axpy(param, param, h["_k176"])
+                                    F.assign_(param, param_81)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _530 = F.cast(st_anchor_data, param)
-                            _531 = F.sub(param, _530)
-                            t_cwd_target = _531
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_12 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_12)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _532 = F.mul(t_update, t_cwd_target)
-                                _533 = F.ge(_532, 0)
-                                _534 = F.where(_533, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _534, h["_k177"])
+                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_82 = F.mul(update, cwd_target)
+                                param_83 = F.ge(param_82, 0)
+                                param_84 = F.where(param_83, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_84, h["_k177"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k178"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * dlr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k178"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if state_precision == 'int8_sr' and not nnmf_factor:
                     if h["_c19"]:
+                        # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                         if h["_c18"]:
-                            _535 = F.float32(grad)
-                            grad = _535
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _536 = F.vdot(param, grad)
-                            _537 = F.vdot(param, param)
-                            F.add_(_537, 1e-30)
-                            F.div_(_536, _537)
-                            _538 = F.mul(param, _536)
-                            _539 = F.sub(grad, _538)
-                            t_ortho_g = _539
-                            _540 = F.norm(grad)
-                            _541 = F.norm(t_ortho_g)
-                            F.add_(_541, 1e-30)
-                            F.div_(_540, _541)
-                            t_ortho_scale = _540
-                            _542 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _542
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_19 = F.vdot(param, grad)
+                            ortho_g_20 = F.vdot(param, param)
+                            F.add_(ortho_g_20, 1e-30)
+                            F.div_(ortho_g_19, ortho_g_20)
+                            ortho_g_21 = F.mul(param, ortho_g_19)
+                            ortho_g = F.sub(grad, ortho_g_21)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_7 = F.norm(ortho_g)
+                            F.add_(ortho_scale_7, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_7)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c3"]:
                             pass
+                        # if beta1 > 0:
                         if h["_c4"]:
-                            _543 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                            t_exp_avg_work = _543
-                            F.mul_(t_exp_avg_work, h["_k179"])
-                            F.axpy_(t_exp_avg_work, grad, h["_k180"])
-                            F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                            # exp_avg_work = exp_avg
+                            exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                            # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                            F.mul_(exp_avg_work, h["_k179"])
+                            F.axpy_(exp_avg_work, grad, h["_k180"])
+                            # exp_avg = exp_avg_work
+                            F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                            # if nesterov:
                             if h["_c5"]:
+                                # if nesterov_coef == None:
                                 if h["_c6"]:
-                                    _544 = F.lerp(t_exp_avg_work, grad, h["_k182"])
-                                    t_update = _544
+                                    # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                                    update = F.lerp(exp_avg_work, grad, h["_k182"])
                                 else:
-                                    _545 = F.lerp(t_exp_avg_work, grad, h["_k183"])
-                                    t_update = _545
+                                    # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg_work, grad, h["_k183"])
                             else:
-                                _546 = F.copy(t_exp_avg_work)
-                                t_update = _546
+                                # update = copy(exp_avg_work)
+                                update = F.copy(exp_avg_work)
                         else:
-                            _547 = F.mul(grad, h["_k184"])
-                            t_update = _547
+                            # update = grad * d
+                            update = F.mul(grad, h["_k184"])
+                        # if kourkoutas_beta:
                         if h["_c7"]:
-                            _548 = F.mul(grad, grad)
-                            _549 = F.sum(_548)
-                            F.assign_(st_kourkoutas_sq, _549)
-                            _550 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _550
-                            F.mul_(t_exp_avg_sq_work, h["_k185"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k186"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_13 = F.mul(grad, grad)
+                            kourkoutas_sq_14 = F.sum(kourkoutas_sq_13)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_14)
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k185"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k186"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                         else:
-                            _551 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                            t_exp_avg_sq_work = _551
-                            F.mul_(t_exp_avg_sq_work, h["_k188"])
-                            F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k189"])
-                            F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                            # exp_avg_sq_work = exp_avg_sq
+                            exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                            # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq_work, h["_k188"])
+                            F.addcmul_(exp_avg_sq_work, grad, grad, h["_k189"])
+                            # exp_avg_sq = exp_avg_sq_work
+                            F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                        # if use_atan2:
                         if h["_c8"]:
-                            _552 = F.sqrt(t_exp_avg_sq_work)
-                            t_denom = _552
+                            # denom = sqrt(exp_avg_sq_work)
+                            denom = F.sqrt(exp_avg_sq_work)
                         else:
-                            _553 = F.sqrt(t_exp_avg_sq_work)
-                            F.add_(_553, h["_k191"])
-                            t_denom = _553
+                            # denom = sqrt(exp_avg_sq_work) + d * eps_eff
+                            denom = F.sqrt(exp_avg_sq_work)
+                            F.add_(denom, h["_k191"])
+                        # if use_atan2:
                         if h["_c8"]:
-                            _554 = F.atan2(t_update, t_denom)
-                            t_update = _554
+                            # update = atan2(update, denom)
+                            update = F.atan2(update, denom)
                         else:
-                            F.div_(t_update, t_denom)
+                            # update = update / denom
+                            F.div_(update, denom)
+                        # if use_atan2:
                         if h["_c8"]:
-                            F.mul_(t_update, h["_k192"])
+                            # update = update * (dlr * 1.2732395447351628)
+                            F.mul_(update, h["_k192"])
                         else:
-                            F.mul_(t_update, h["dlr"])
+                            # update = update * dlr
+                            F.mul_(update, h["dlr"])
+                        # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c9"]:
-                            _555 = F.strided(grad, h["_k193"])
-                            _556 = F.float32(_555)
-                            t_gs = _556
-                            _557 = F.strided(param, h["_k194"])
-                            _558 = F.float32(_557)
-                            t_ps = _558
-                            _559 = F.float32(st_p0)
-                            _560 = F.sub(_559, t_ps)
-                            _561 = F.vdot(t_gs, _560, kind="slice")
-                            F.mul_(_561, h["_k195"])
-                            A.append(("num", _561))
+                            # gs = float32(strided(grad, slice_p))
+                            gs_7 = F.strided(grad, h["_k193"])
+                            gs = F.float32(gs_7)
+                            # ps = float32(strided(param, slice_p))
+                            ps_7 = F.strided(param, h["_k194"])
+                            ps = F.float32(ps_7)
+                            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                            num_19 = F.float32(p0)
+                            num_20 = F.sub(num_19, ps)
+                            num_21 = F.vdot(gs, num_20, kind="slice")
+                            F.mul_(num_21, h["_k195"])
+                            A.append(("num", num_21))
+                            # if safeguard_warmup:
                             if h["_c10"]:
-                                F.mul_(st_s, h["_k196"])
-                                F.axpy_(st_s, t_gs, h["_k197"])
+                                # s = s * beta3_used + d / d0 * d * gs
+                                F.mul_(s, h["_k196"])
+                                F.axpy_(s, gs, h["_k197"])
                             else:
-                                F.mul_(st_s, h["_k198"])
-                                F.axpy_(st_s, t_gs, h["_k199"])
-                            _562 = F.abs(st_s)
-                            _563 = F.sum(_562, kind="slice")
-                            A.append(("den", _563))
+                                # s = s * beta3_used + d / d0 * dlr * gs
+                                F.mul_(s, h["_k198"])
+                                F.axpy_(s, gs, h["_k199"])
+                            # den += sum(abs(s))
+                            den_13 = F.abs(s)
+                            den_14 = F.sum(den_13, kind="slice")
+                            A.append(("den", den_14))
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _564 = F.float32(param)
-                            t_param_fp32 = _564
-                            _565 = F.float32(t_update)
-                            t_update_fp32 = _565
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _566 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_566, 1.2732395447351628)
-                                        t_fisher = _566
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _567 = F.rdiv(t_denom, 1)
-                                        t_fisher = _567
-                                        _568 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_568, 2)
-                                        _569 = F.mean(_568)
-                                        F.sqrt_(_569)
-                                        F.div_(_569, 1.0)
-                                        F.maximum_(_569, 1.0)
-                                        _570 = F.div(t_fisher, _569)
-                                        t_fisher = _570
-                                    F.mul_(t_fisher, h["_k200"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_37 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_37, 2)
+                                        fisher_38 = F.mean(fisher_37)
+                                        F.sqrt_(fisher_38)
+                                        F.div_(fisher_38, 1.0)
+                                        F.maximum_(fisher_38, 1.0)
+                                        fisher_39 = F.div(fisher, fisher_38)
+                                        fisher = fisher_39
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k200"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _571 = F.mul(t_update_fp32, t_param_fp32)
-                                        _572 = F.ge(_571, 0)
-                                        _573 = F.where(_572, 1.0, 0.0, like=param)
-                                        F.mul_(_573, t_fisher)
-                                        _574 = F.addcmul(t_param_fp32, t_param_fp32, _573, -1.0)
-                                        t_param_fp32 = _574
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_73 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_74 = F.ge(param_fp32_73, 0)
+                                        param_fp32_75 = F.where(param_fp32_74, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_75, fisher)
+                                        param_fp32_76 = F.addcmul(param_fp32, param_fp32, param_fp32_75, -1.0)
+                                        param_fp32 = param_fp32_76
                                     else:
-                                        _575 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _575
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _576 = F.mul(t_update_fp32, t_param_fp32)
-                                        _577 = F.ge(_576, 0)
-                                        _578 = F.where(_577, 1.0, 0.0, like=param)
-                                        _579 = F.addcmul(t_param_fp32, t_param_fp32, _578, h["_k201"])
-                                        t_param_fp32 = _579
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_77 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_78 = F.ge(param_fp32_77, 0)
+                                        param_fp32_79 = F.where(param_fp32_78, 1.0, 0.0, like=param)
+                                        param_fp32_80 = F.addcmul(param_fp32, param_fp32, param_fp32_79, h["_k201"])
+                                        param_fp32 = param_fp32_80
                                     else:
-                                        _580 = F.axpy(t_param_fp32, t_param_fp32, h["_k202"])
-                                        t_param_fp32 = _580
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k202"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _581 = F.cast(st_anchor_data, t_param_fp32)
-                                _582 = F.sub(t_param_fp32, _581)
-                                t_cwd_target = _582
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_13)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _583 = F.mul(t_update_fp32, t_cwd_target)
-                                    _584 = F.ge(_583, 0)
-                                    _585 = F.where(_584, 1.0, 0.0, like=param)
-                                    _586 = F.addcmul(t_param_fp32, t_cwd_target, _585, h["_k203"])
-                                    t_param_fp32 = _586
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_81 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_82 = F.ge(param_fp32_81, 0)
+                                    param_fp32_83 = F.where(param_fp32_82, 1.0, 0.0, like=param)
+                                    param_fp32_84 = F.addcmul(param_fp32, cwd_target, param_fp32_83, h["_k203"])
+                                    param_fp32 = param_fp32_84
                                 else:
-                                    _587 = F.axpy(t_param_fp32, t_cwd_target, h["_k204"])
-                                    t_param_fp32 = _587
-                            _588 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _588
-                            _589 = F.stochastic_round(t_param_fp32, h["_k205"])
-                            F.assign_(param, _589)
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k204"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_85 = F.stochastic_round(param_fp32, h["_k205"])
+                            F.assign_(param, param_85)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _590 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_590, 1.2732395447351628)
-                                        t_fisher = _590
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _591 = F.rdiv(t_denom, 1)
-                                        t_fisher = _591
-                                        _592 = F.mul(param, t_fisher)
-                                        F.pow_(_592, 2)
-                                        _593 = F.mean(_592)
-                                        F.sqrt_(_593)
-                                        F.div_(_593, 1.0)
-                                        F.maximum_(_593, 1.0)
-                                        _594 = F.div(t_fisher, _593)
-                                        t_fisher = _594
-                                    F.mul_(t_fisher, h["_k206"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_40 = F.mul(param, fisher)
+                                        F.pow_(fisher_40, 2)
+                                        fisher_41 = F.mean(fisher_40)
+                                        F.sqrt_(fisher_41)
+                                        F.div_(fisher_41, 1.0)
+                                        F.maximum_(fisher_41, 1.0)
+                                        fisher_42 = F.div(fisher, fisher_41)
+                                        fisher = fisher_42
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k206"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _595 = F.mul(t_update, param)
-                                        _596 = F.ge(_595, 0)
-                                        _597 = F.where(_596, 1.0, 0.0, like=param)
-                                        F.mul_(_597, t_fisher)
-                                        _598 = F.addcmul(param, param, _597, -1.0)
-                                        F.assign_(param, _598)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_86 = F.mul(update, param)
+                                        param_87 = F.ge(param_86, 0)
+                                        param_88 = F.where(param_87, 1.0, 0.0, like=param)
+                                        F.mul_(param_88, fisher)
+                                        param_89 = F.addcmul(param, param, param_88, -1.0)
+                                        F.assign_(param, param_89)
                                     else:
-                                        _599 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _599)
+                                        # param = param - param * fisher
+                                        param_90 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_90)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _600 = F.mul(t_update, param)
-                                        _601 = F.ge(_600, 0)
-                                        _602 = F.where(_601, 1.0, 0.0, like=param)
-                                        _603 = F.addcmul(param, param, _602, h["_k207"])
-                                        F.assign_(param, _603)
+                                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_91 = F.mul(update, param)
+                                        param_92 = F.ge(param_91, 0)
+                                        param_93 = F.where(param_92, 1.0, 0.0, like=param)
+                                        param_94 = F.addcmul(param, param, param_93, h["_k207"])
+                                        F.assign_(param, param_94)
                                     else:
-                                        _604 = F.axpy(param, param, h["_k208"])
-                                        F.assign_(param, _604)
+                                        # param = param - weight_decay * dlr * param
+                                        param_95 = F.axpy(param, param, h["_k208"])
+                                        F.assign_(param, param_95)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _605 = F.cast(st_anchor_data, param)
-                                _606 = F.sub(param, _605)
-                                t_cwd_target = _606
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_14 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_14)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _607 = F.mul(t_update, t_cwd_target)
-                                    _608 = F.ge(_607, 0)
-                                    _609 = F.where(_608, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _609, h["_k209"])
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_96 = F.mul(update, cwd_target)
+                                    param_97 = F.ge(param_96, 0)
+                                    param_98 = F.where(param_97, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_98, h["_k209"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k210"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k210"])
+                            # param = param + -update
+                            F.sub_(param, update)
                     else:
+                        # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                         if h["_c20"]:
-                            _610 = F.float32(grad)
-                            grad = _610
+                            # grad = float32(grad)
+                            grad = F.float32(grad)
+                        # if orthogonal_gradient == 'flattened':
                         if h["_c2"]:
-                            _611 = F.vdot(param, grad)
-                            _612 = F.vdot(param, param)
-                            F.add_(_612, 1e-30)
-                            F.div_(_611, _612)
-                            _613 = F.mul(param, _611)
-                            _614 = F.sub(grad, _613)
-                            t_ortho_g = _614
-                            _615 = F.norm(grad)
-                            _616 = F.norm(t_ortho_g)
-                            F.add_(_616, 1e-30)
-                            F.div_(_615, _616)
-                            t_ortho_scale = _615
-                            _617 = F.mul(t_ortho_g, t_ortho_scale)
-                            grad = _617
+                            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                            ortho_g_22 = F.vdot(param, grad)
+                            ortho_g_23 = F.vdot(param, param)
+                            F.add_(ortho_g_23, 1e-30)
+                            F.div_(ortho_g_22, ortho_g_23)
+                            ortho_g_24 = F.mul(param, ortho_g_22)
+                            ortho_g = F.sub(grad, ortho_g_24)
+                            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                            ortho_scale = F.norm(grad)
+                            ortho_scale_8 = F.norm(ortho_g)
+                            F.add_(ortho_scale_8, 1e-30)
+                            F.div_(ortho_scale, ortho_scale_8)
+                            # grad = ortho_g * ortho_scale
+                            grad = F.mul(ortho_g, ortho_scale)
+                        # if eps == None:
                         if h["_c3"]:
                             pass
+                        # if beta1 > 0:
                         if h["_c4"]:
-                            F.mul_(st_exp_avg, h["_k211"])
-                            F.axpy_(st_exp_avg, grad, h["_k212"])
+                            # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                            F.mul_(exp_avg, h["_k211"])
+                            F.axpy_(exp_avg, grad, h["_k212"])
+                            # if nesterov:
                             if h["_c5"]:
+                                # if nesterov_coef == None:
                                 if h["_c6"]:
-                                    _618 = F.lerp(st_exp_avg, grad, h["_k213"])
-                                    t_update = _618
+                                    # update = lerp(exp_avg, grad, 1 - beta1_used)
+                                    update = F.lerp(exp_avg, grad, h["_k213"])
                                 else:
-                                    _619 = F.lerp(st_exp_avg, grad, h["_k214"])
-                                    t_update = _619
+                                    # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                    update = F.lerp(exp_avg, grad, h["_k214"])
                             else:
-                                _620 = F.copy(st_exp_avg)
-                                t_update = _620
+                                # update = copy(exp_avg)
+                                update = F.copy(exp_avg)
                         else:
-                            _621 = F.mul(grad, h["_k215"])
-                            t_update = _621
+                            # update = grad * d
+                            update = F.mul(grad, h["_k215"])
+                        # if kourkoutas_beta:
                         if h["_c7"]:
-                            _622 = F.mul(grad, grad)
-                            _623 = F.sum(_622)
-                            F.assign_(st_kourkoutas_sq, _623)
-                            F.mul_(st_exp_avg_sq, h["_k216"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k217"])
+                            # kourkoutas_sq = sum(grad * grad)
+                            kourkoutas_sq_15 = F.mul(grad, grad)
+                            kourkoutas_sq_16 = F.sum(kourkoutas_sq_15)
+                            F.assign_(kourkoutas_sq, kourkoutas_sq_16)
+                            # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k216"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k217"])
                         else:
-                            F.mul_(st_exp_avg_sq, h["_k218"])
-                            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k219"])
+                            # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+                            F.mul_(exp_avg_sq, h["_k218"])
+                            F.addcmul_(exp_avg_sq, grad, grad, h["_k219"])
+                        # if use_atan2:
                         if h["_c8"]:
-                            _624 = F.sqrt(st_exp_avg_sq)
-                            t_denom = _624
+                            # denom = sqrt(exp_avg_sq)
+                            denom = F.sqrt(exp_avg_sq)
                         else:
-                            _625 = F.sqrt(st_exp_avg_sq)
-                            F.add_(_625, h["_k220"])
-                            t_denom = _625
+                            # denom = sqrt(exp_avg_sq) + d * eps_eff
+                            denom = F.sqrt(exp_avg_sq)
+                            F.add_(denom, h["_k220"])
+                        # if use_atan2:
                         if h["_c8"]:
-                            _626 = F.atan2(t_update, t_denom)
-                            t_update = _626
+                            # update = atan2(update, denom)
+                            update = F.atan2(update, denom)
                         else:
-                            F.div_(t_update, t_denom)
+                            # update = update / denom
+                            F.div_(update, denom)
+                        # if use_atan2:
                         if h["_c8"]:
-                            F.mul_(t_update, h["_k221"])
+                            # update = update * (dlr * 1.2732395447351628)
+                            F.mul_(update, h["_k221"])
                         else:
-                            F.mul_(t_update, h["dlr"])
+                            # update = update * dlr
+                            F.mul_(update, h["dlr"])
+                        # if prodigy_steps <= 0 or k < prodigy_steps:
                         if h["_c9"]:
-                            _627 = F.strided(grad, h["_k222"])
-                            _628 = F.float32(_627)
-                            t_gs = _628
-                            _629 = F.strided(param, h["_k223"])
-                            _630 = F.float32(_629)
-                            t_ps = _630
-                            _631 = F.float32(st_p0)
-                            _632 = F.sub(_631, t_ps)
-                            _633 = F.vdot(t_gs, _632, kind="slice")
-                            F.mul_(_633, h["_k224"])
-                            A.append(("num", _633))
+                            # gs = float32(strided(grad, slice_p))
+                            gs_8 = F.strided(grad, h["_k222"])
+                            gs = F.float32(gs_8)
+                            # ps = float32(strided(param, slice_p))
+                            ps_8 = F.strided(param, h["_k223"])
+                            ps = F.float32(ps_8)
+                            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                            num_22 = F.float32(p0)
+                            num_23 = F.sub(num_22, ps)
+                            num_24 = F.vdot(gs, num_23, kind="slice")
+                            F.mul_(num_24, h["_k224"])
+                            A.append(("num", num_24))
+                            # if safeguard_warmup:
                             if h["_c10"]:
-                                F.mul_(st_s, h["_k225"])
-                                F.axpy_(st_s, t_gs, h["_k226"])
+                                # s = s * beta3_used + d / d0 * d * gs
+                                F.mul_(s, h["_k225"])
+                                F.axpy_(s, gs, h["_k226"])
                             else:
-                                F.mul_(st_s, h["_k227"])
-                                F.axpy_(st_s, t_gs, h["_k228"])
-                            _634 = F.abs(st_s)
-                            _635 = F.sum(_634, kind="slice")
-                            A.append(("den", _635))
+                                # s = s * beta3_used + d / d0 * dlr * gs
+                                F.mul_(s, h["_k227"])
+                                F.axpy_(s, gs, h["_k228"])
+                            # den += sum(abs(s))
+                            den_15 = F.abs(s)
+                            den_16 = F.sum(den_15, kind="slice")
+                            A.append(("den", den_16))
+                        # if stochastic_rounding and bf16 != 0:
                         if h["_c11"]:
-                            _636 = F.float32(param)
-                            t_param_fp32 = _636
-                            _637 = F.float32(t_update)
-                            t_update_fp32 = _637
+                            # param_fp32 = float32(param)
+                            param_fp32 = F.float32(param)
+                            # update_fp32 = float32(update)
+                            update_fp32 = F.float32(update)
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _638 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_638, 1.2732395447351628)
-                                        t_fisher = _638
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _639 = F.rdiv(t_denom, 1)
-                                        t_fisher = _639
-                                        _640 = F.mul(t_param_fp32, t_fisher)
-                                        F.pow_(_640, 2)
-                                        _641 = F.mean(_640)
-                                        F.sqrt_(_641)
-                                        F.div_(_641, 1.0)
-                                        F.maximum_(_641, 1.0)
-                                        _642 = F.div(t_fisher, _641)
-                                        t_fisher = _642
-                                    F.mul_(t_fisher, h["_k229"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_43 = F.mul(param_fp32, fisher)
+                                        F.pow_(fisher_43, 2)
+                                        fisher_44 = F.mean(fisher_43)
+                                        F.sqrt_(fisher_44)
+                                        F.div_(fisher_44, 1.0)
+                                        F.maximum_(fisher_44, 1.0)
+                                        fisher_45 = F.div(fisher, fisher_44)
+                                        fisher = fisher_45
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k229"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _643 = F.mul(t_update_fp32, t_param_fp32)
-                                        _644 = F.ge(_643, 0)
-                                        _645 = F.where(_644, 1.0, 0.0, like=param)
-                                        F.mul_(_645, t_fisher)
-                                        _646 = F.addcmul(t_param_fp32, t_param_fp32, _645, -1.0)
-                                        t_param_fp32 = _646
+                                        # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                        param_fp32_85 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_86 = F.ge(param_fp32_85, 0)
+                                        param_fp32_87 = F.where(param_fp32_86, 1.0, 0.0, like=param)
+                                        F.mul_(param_fp32_87, fisher)
+                                        param_fp32_88 = F.addcmul(param_fp32, param_fp32, param_fp32_87, -1.0)
+                                        param_fp32 = param_fp32_88
                                     else:
-                                        _647 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                        t_param_fp32 = _647
+                                        # param_fp32 = param_fp32 - param_fp32 * fisher
+                                        param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _648 = F.mul(t_update_fp32, t_param_fp32)
-                                        _649 = F.ge(_648, 0)
-                                        _650 = F.where(_649, 1.0, 0.0, like=param)
-                                        _651 = F.addcmul(t_param_fp32, t_param_fp32, _650, h["_k230"])
-                                        t_param_fp32 = _651
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                        param_fp32_89 = F.mul(update_fp32, param_fp32)
+                                        param_fp32_90 = F.ge(param_fp32_89, 0)
+                                        param_fp32_91 = F.where(param_fp32_90, 1.0, 0.0, like=param)
+                                        param_fp32_92 = F.addcmul(param_fp32, param_fp32, param_fp32_91, h["_k230"])
+                                        param_fp32 = param_fp32_92
                                     else:
-                                        _652 = F.axpy(t_param_fp32, t_param_fp32, h["_k231"])
-                                        t_param_fp32 = _652
+                                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k231"])
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _653 = F.cast(st_anchor_data, t_param_fp32)
-                                _654 = F.sub(t_param_fp32, _653)
-                                t_cwd_target = _654
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _655 = F.mul(t_update_fp32, t_cwd_target)
-                                    _656 = F.ge(_655, 0)
-                                    _657 = F.where(_656, 1.0, 0.0, like=param)
-                                    _658 = F.addcmul(t_param_fp32, t_cwd_target, _657, h["_k232"])
-                                    t_param_fp32 = _658
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                    param_fp32_93 = F.mul(update_fp32, cwd_target)
+                                    param_fp32_94 = F.ge(param_fp32_93, 0)
+                                    param_fp32_95 = F.where(param_fp32_94, 1.0, 0.0, like=param)
+                                    param_fp32_96 = F.addcmul(param_fp32, cwd_target, param_fp32_95, h["_k232"])
+                                    param_fp32 = param_fp32_96
                                 else:
-                                    _659 = F.axpy(t_param_fp32, t_cwd_target, h["_k233"])
-                                    t_param_fp32 = _659
-                            _660 = F.sub(t_param_fp32, t_update_fp32)
-                            t_param_fp32 = _660
-                            _661 = F.stochastic_round(t_param_fp32, h["_k234"])
-                            F.assign_(param, _661)
+                                    # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k233"])
+                            # param_fp32 = param_fp32 + -update_fp32
+                            param_fp32 = F.sub(param_fp32, update_fp32)
+                            # param = stochastic_round(param_fp32, step)
+                            param_99 = F.stochastic_round(param_fp32, h["_k234"])
+                            F.assign_(param, param_99)
                         else:
+                            # if weight_decay != 0:
                             if h["_c12"]:
+                                # if fisher_wd:
                                 if h["_c13"]:
+                                    # if use_atan2:
                                     if h["_c8"]:
-                                        _662 = F.atan2(st_wd_scaler, t_denom)
-                                        F.mul_(_662, 1.2732395447351628)
-                                        t_fisher = _662
+                                        # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                        fisher = F.atan2(wd_scaler, denom)
+                                        F.mul_(fisher, 1.2732395447351628)
                                     else:
-                                        _663 = F.rdiv(t_denom, 1)
-                                        t_fisher = _663
-                                        _664 = F.mul(param, t_fisher)
-                                        F.pow_(_664, 2)
-                                        _665 = F.mean(_664)
-                                        F.sqrt_(_665)
-                                        F.div_(_665, 1.0)
-                                        F.maximum_(_665, 1.0)
-                                        _666 = F.div(t_fisher, _665)
-                                        t_fisher = _666
-                                    F.mul_(t_fisher, h["_k235"])
+                                        # fisher = 1 / denom
+                                        fisher = F.rdiv(denom, 1)
+                                        # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                        fisher_46 = F.mul(param, fisher)
+                                        F.pow_(fisher_46, 2)
+                                        fisher_47 = F.mean(fisher_46)
+                                        F.sqrt_(fisher_47)
+                                        F.div_(fisher_47, 1.0)
+                                        F.maximum_(fisher_47, 1.0)
+                                        fisher_48 = F.div(fisher, fisher_47)
+                                        fisher = fisher_48
+                                    # fisher = fisher * (weight_decay * dlr)
+                                    F.mul_(fisher, h["_k235"])
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _667 = F.mul(t_update, param)
-                                        _668 = F.ge(_667, 0)
-                                        _669 = F.where(_668, 1.0, 0.0, like=param)
-                                        F.mul_(_669, t_fisher)
-                                        _670 = F.addcmul(param, param, _669, -1.0)
-                                        F.assign_(param, _670)
+                                        # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                        param_100 = F.mul(update, param)
+                                        param_101 = F.ge(param_100, 0)
+                                        param_102 = F.where(param_101, 1.0, 0.0, like=param)
+                                        F.mul_(param_102, fisher)
+                                        param_103 = F.addcmul(param, param, param_102, -1.0)
+                                        F.assign_(param, param_103)
                                     else:
-                                        _671 = F.addcmul(param, param, t_fisher, -1.0)
-                                        F.assign_(param, _671)
+                                        # param = param - param * fisher
+                                        param_104 = F.addcmul(param, param, fisher, -1.0)
+                                        F.assign_(param, param_104)
                                 else:
+                                    # if cautious_wd:
                                     if h["_c14"]:
-                                        _672 = F.mul(t_update, param)
-                                        _673 = F.ge(_672, 0)
-                                        _674 = F.where(_673, 1.0, 0.0, like=param)
-                                        _675 = F.addcmul(param, param, _674, h["_k236"])
-                                        F.assign_(param, _675)
+                                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                        param_105 = F.mul(update, param)
+                                        param_106 = F.ge(param_105, 0)
+                                        param_107 = F.where(param_106, 1.0, 0.0, like=param)
+                                        param_108 = F.addcmul(param, param, param_107, h["_k236"])
+                                        F.assign_(param, param_108)
                                     else:
-                                        _676 = F.axpy(param, param, h["_k237"])
-                                        F.assign_(param, _676)
+                                        # param = param - weight_decay * dlr * param
+                                        param_109 = F.axpy(param, param, h["_k237"])
+                                        F.assign_(param, param_109)
+                            # if centered_wd != 0:
                             if h["_c15"]:
-                                _677 = F.cast(st_anchor_data, param)
-                                _678 = F.sub(param, _677)
-                                t_cwd_target = _678
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_16 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_16)
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _679 = F.mul(t_update, t_cwd_target)
-                                    _680 = F.ge(_679, 0)
-                                    _681 = F.where(_680, 1.0, 0.0, like=param)
-                                    F.addcmul_(param, t_cwd_target, _681, h["_k238"])
+                                    # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                    param_110 = F.mul(update, cwd_target)
+                                    param_111 = F.ge(param_110, 0)
+                                    param_112 = F.where(param_111, 1.0, 0.0, like=param)
+                                    F.addcmul_(param, cwd_target, param_112, h["_k238"])
                                 else:
-                                    F.axpy_(param, t_cwd_target, h["_k239"])
-                            F.sub_(param, t_update)
+                                    # param = param - centered_wd * dlr * cwd_target
+                                    F.axpy_(param, cwd_target, h["_k239"])
+                            # param = param + -update
+                            F.sub_(param, update)
         else:
+            # if state_precision == 'bf16_sr' and not nnmf_factor:
             if h["_c17"]:
+                # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                 if h["_c18"]:
-                    _682 = F.float32(grad)
-                    grad = _682
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c2"]:
-                    _683 = F.vdot(param, grad)
-                    _684 = F.vdot(param, param)
-                    F.add_(_684, 1e-30)
-                    F.div_(_683, _684)
-                    _685 = F.mul(param, _683)
-                    _686 = F.sub(grad, _685)
-                    t_ortho_g = _686
-                    _687 = F.norm(grad)
-                    _688 = F.norm(t_ortho_g)
-                    F.add_(_688, 1e-30)
-                    F.div_(_687, _688)
-                    t_ortho_scale = _687
-                    _689 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _689
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_25 = F.vdot(param, grad)
+                    ortho_g_26 = F.vdot(param, param)
+                    F.add_(ortho_g_26, 1e-30)
+                    F.div_(ortho_g_25, ortho_g_26)
+                    ortho_g_27 = F.mul(param, ortho_g_25)
+                    ortho_g = F.sub(grad, ortho_g_27)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_9 = F.norm(ortho_g)
+                    F.add_(ortho_scale_9, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_9)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # if eps == None:
                 if h["_c3"]:
                     pass
+                # if beta1 > 0:
                 if h["_c4"]:
-                    _690 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _690
-                    F.mul_(t_exp_avg_work, h["_k240"])
-                    F.axpy_(t_exp_avg_work, grad, h["_k241"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                    F.mul_(exp_avg_work, h["_k240"])
+                    F.axpy_(exp_avg_work, grad, h["_k241"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # if nesterov:
                     if h["_c5"]:
+                        # if nesterov_coef == None:
                         if h["_c6"]:
-                            _691 = F.lerp(t_exp_avg_work, grad, h["_k243"])
-                            t_update = _691
+                            # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                            update = F.lerp(exp_avg_work, grad, h["_k243"])
                         else:
-                            _692 = F.lerp(t_exp_avg_work, grad, h["_k244"])
-                            t_update = _692
+                            # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                            update = F.lerp(exp_avg_work, grad, h["_k244"])
                     else:
-                        _693 = F.copy(t_exp_avg_work)
-                        t_update = _693
+                        # update = copy(exp_avg_work)
+                        update = F.copy(exp_avg_work)
                 else:
-                    _694 = F.mul(grad, h["_k245"])
-                    t_update = _694
+                    # update = grad * d
+                    update = F.mul(grad, h["_k245"])
+                # if kourkoutas_beta:
                 if h["_c7"]:
-                    _695 = F.mul(grad, grad)
-                    _696 = F.sum(_695)
-                    F.assign_(st_kourkoutas_sq, _696)
-                    _697 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                    t_exp_avg_sq_work = _697
-                    F.mul_(t_exp_avg_sq_work, h["_k246"])
-                    F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k247"])
-                    F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                    # kourkoutas_sq = sum(grad * grad)
+                    kourkoutas_sq_17 = F.mul(grad, grad)
+                    kourkoutas_sq_18 = F.sum(kourkoutas_sq_17)
+                    F.assign_(kourkoutas_sq, kourkoutas_sq_18)
+                    # exp_avg_sq_work = exp_avg_sq
+                    exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                    # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
+                    F.mul_(exp_avg_sq_work, h["_k246"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k247"])
+                    # exp_avg_sq = exp_avg_sq_work
+                    F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
                 else:
-                    _698 = F.decode("bf16_sr", True, {"": st_exp_avg_sq})
-                    t_exp_avg_sq_work = _698
-                    F.mul_(t_exp_avg_sq_work, h["_k249"])
-                    F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k250"])
-                    F.encode_("bf16_sr", True, {"": st_exp_avg_sq}, t_exp_avg_sq_work)
+                    # exp_avg_sq_work = exp_avg_sq
+                    exp_avg_sq_work = F.decode("bf16_sr", True, {"": exp_avg_sq})
+                    # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
+                    F.mul_(exp_avg_sq_work, h["_k249"])
+                    F.addcmul_(exp_avg_sq_work, grad, grad, h["_k250"])
+                    # exp_avg_sq = exp_avg_sq_work
+                    F.encode_("bf16_sr", True, {"": exp_avg_sq}, exp_avg_sq_work)
+                # if use_atan2:
                 if h["_c8"]:
-                    _699 = F.sqrt(t_exp_avg_sq_work)
-                    t_denom = _699
+                    # denom = sqrt(exp_avg_sq_work)
+                    denom = F.sqrt(exp_avg_sq_work)
                 else:
-                    _700 = F.sqrt(t_exp_avg_sq_work)
-                    F.add_(_700, h["_k252"])
-                    t_denom = _700
+                    # denom = sqrt(exp_avg_sq_work) + d * eps_eff
+                    denom = F.sqrt(exp_avg_sq_work)
+                    F.add_(denom, h["_k252"])
+                # if use_atan2:
                 if h["_c8"]:
-                    _701 = F.atan2(t_update, t_denom)
-                    t_update = _701
+                    # update = atan2(update, denom)
+                    update = F.atan2(update, denom)
                 else:
-                    F.div_(t_update, t_denom)
+                    # update = update / denom
+                    F.div_(update, denom)
+                # if use_atan2:
                 if h["_c8"]:
-                    F.mul_(t_update, h["_k253"])
+                    # update = update * (dlr * 1.2732395447351628)
+                    F.mul_(update, h["_k253"])
                 else:
-                    F.mul_(t_update, h["dlr"])
+                    # update = update * dlr
+                    F.mul_(update, h["dlr"])
+                # if prodigy_steps <= 0 or k < prodigy_steps:
                 if h["_c9"]:
-                    _702 = F.strided(grad, h["_k254"])
-                    _703 = F.float32(_702)
-                    t_gs = _703
-                    _704 = F.strided(param, h["_k255"])
-                    _705 = F.float32(_704)
-                    t_ps = _705
-                    _706 = F.float32(st_p0)
-                    _707 = F.sub(_706, t_ps)
-                    _708 = F.vdot(t_gs, _707, kind="slice")
-                    F.mul_(_708, h["_k256"])
-                    A.append(("num", _708))
+                    # gs = float32(strided(grad, slice_p))
+                    gs_9 = F.strided(grad, h["_k254"])
+                    gs = F.float32(gs_9)
+                    # ps = float32(strided(param, slice_p))
+                    ps_9 = F.strided(param, h["_k255"])
+                    ps = F.float32(ps_9)
+                    # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                    num_25 = F.float32(p0)
+                    num_26 = F.sub(num_25, ps)
+                    num_27 = F.vdot(gs, num_26, kind="slice")
+                    F.mul_(num_27, h["_k256"])
+                    A.append(("num", num_27))
+                    # if safeguard_warmup:
                     if h["_c10"]:
-                        F.mul_(st_s, h["_k257"])
-                        F.axpy_(st_s, t_gs, h["_k258"])
+                        # s = s * beta3_used + d / d0 * d * gs
+                        F.mul_(s, h["_k257"])
+                        F.axpy_(s, gs, h["_k258"])
                     else:
-                        F.mul_(st_s, h["_k259"])
-                        F.axpy_(st_s, t_gs, h["_k260"])
-                    _709 = F.abs(st_s)
-                    _710 = F.sum(_709, kind="slice")
-                    A.append(("den", _710))
+                        # s = s * beta3_used + d / d0 * dlr * gs
+                        F.mul_(s, h["_k259"])
+                        F.axpy_(s, gs, h["_k260"])
+                    # den += sum(abs(s))
+                    den_17 = F.abs(s)
+                    den_18 = F.sum(den_17, kind="slice")
+                    A.append(("den", den_18))
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c11"]:
-                    _711 = F.float32(param)
-                    t_param_fp32 = _711
-                    _712 = F.float32(t_update)
-                    t_update_fp32 = _712
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if fisher_wd:
                         if h["_c13"]:
+                            # if use_atan2:
                             if h["_c8"]:
-                                _713 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_713, 1.2732395447351628)
-                                t_fisher = _713
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _714 = F.rdiv(t_denom, 1)
-                                t_fisher = _714
-                                _715 = F.mul(t_param_fp32, t_fisher)
-                                F.pow_(_715, 2)
-                                _716 = F.mean(_715)
-                                F.sqrt_(_716)
-                                F.div_(_716, 1.0)
-                                F.maximum_(_716, 1.0)
-                                _717 = F.div(t_fisher, _716)
-                                t_fisher = _717
-                            F.mul_(t_fisher, h["_k261"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_49 = F.mul(param_fp32, fisher)
+                                F.pow_(fisher_49, 2)
+                                fisher_50 = F.mean(fisher_49)
+                                F.sqrt_(fisher_50)
+                                F.div_(fisher_50, 1.0)
+                                F.maximum_(fisher_50, 1.0)
+                                fisher_51 = F.div(fisher, fisher_50)
+                                fisher = fisher_51
+                            # fisher = fisher * (weight_decay * dlr)
+                            F.mul_(fisher, h["_k261"])
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _718 = F.mul(t_update_fp32, t_param_fp32)
-                                _719 = F.ge(_718, 0)
-                                _720 = F.where(_719, 1.0, 0.0, like=param)
-                                F.mul_(_720, t_fisher)
-                                _721 = F.addcmul(t_param_fp32, t_param_fp32, _720, -1.0)
-                                t_param_fp32 = _721
+                                # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                param_fp32_97 = F.mul(update_fp32, param_fp32)
+                                param_fp32_98 = F.ge(param_fp32_97, 0)
+                                param_fp32_99 = F.where(param_fp32_98, 1.0, 0.0, like=param)
+                                F.mul_(param_fp32_99, fisher)
+                                param_fp32_100 = F.addcmul(param_fp32, param_fp32, param_fp32_99, -1.0)
+                                param_fp32 = param_fp32_100
                             else:
-                                _722 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                t_param_fp32 = _722
+                                # param_fp32 = param_fp32 - param_fp32 * fisher
+                                param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _723 = F.mul(t_update_fp32, t_param_fp32)
-                                _724 = F.ge(_723, 0)
-                                _725 = F.where(_724, 1.0, 0.0, like=param)
-                                _726 = F.addcmul(t_param_fp32, t_param_fp32, _725, h["_k262"])
-                                t_param_fp32 = _726
+                                # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_101 = F.mul(update_fp32, param_fp32)
+                                param_fp32_102 = F.ge(param_fp32_101, 0)
+                                param_fp32_103 = F.where(param_fp32_102, 1.0, 0.0, like=param)
+                                param_fp32_104 = F.addcmul(param_fp32, param_fp32, param_fp32_103, h["_k262"])
+                                param_fp32 = param_fp32_104
                             else:
-                                _727 = F.axpy(t_param_fp32, t_param_fp32, h["_k263"])
-                                t_param_fp32 = _727
+                                # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k263"])
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _728 = F.cast(st_anchor_data, t_param_fp32)
-                        _729 = F.sub(t_param_fp32, _728)
-                        t_cwd_target = _729
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_17 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_17)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _730 = F.mul(t_update_fp32, t_cwd_target)
-                            _731 = F.ge(_730, 0)
-                            _732 = F.where(_731, 1.0, 0.0, like=param)
-                            _733 = F.addcmul(t_param_fp32, t_cwd_target, _732, h["_k264"])
-                            t_param_fp32 = _733
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_105 = F.mul(update_fp32, cwd_target)
+                            param_fp32_106 = F.ge(param_fp32_105, 0)
+                            param_fp32_107 = F.where(param_fp32_106, 1.0, 0.0, like=param)
+                            param_fp32_108 = F.addcmul(param_fp32, cwd_target, param_fp32_107, h["_k264"])
+                            param_fp32 = param_fp32_108
                         else:
-                            _734 = F.axpy(t_param_fp32, t_cwd_target, h["_k265"])
-                            t_param_fp32 = _734
-                    _735 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _735
-                    _736 = F.stochastic_round(t_param_fp32, h["_k266"])
-                    F.assign_(param, _736)
+                            # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k265"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_113 = F.stochastic_round(param_fp32, h["_k266"])
+                    F.assign_(param, param_113)
                 else:
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if fisher_wd:
                         if h["_c13"]:
+                            # if use_atan2:
                             if h["_c8"]:
-                                _737 = F.atan2(st_wd_scaler, t_denom)
-                                F.mul_(_737, 1.2732395447351628)
-                                t_fisher = _737
+                                # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                fisher = F.atan2(wd_scaler, denom)
+                                F.mul_(fisher, 1.2732395447351628)
                             else:
-                                _738 = F.rdiv(t_denom, 1)
-                                t_fisher = _738
-                                _739 = F.mul(param, t_fisher)
-                                F.pow_(_739, 2)
-                                _740 = F.mean(_739)
-                                F.sqrt_(_740)
-                                F.div_(_740, 1.0)
-                                F.maximum_(_740, 1.0)
-                                _741 = F.div(t_fisher, _740)
-                                t_fisher = _741
-                            F.mul_(t_fisher, h["_k267"])
+                                # fisher = 1 / denom
+                                fisher = F.rdiv(denom, 1)
+                                # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                fisher_52 = F.mul(param, fisher)
+                                F.pow_(fisher_52, 2)
+                                fisher_53 = F.mean(fisher_52)
+                                F.sqrt_(fisher_53)
+                                F.div_(fisher_53, 1.0)
+                                F.maximum_(fisher_53, 1.0)
+                                fisher_54 = F.div(fisher, fisher_53)
+                                fisher = fisher_54
+                            # fisher = fisher * (weight_decay * dlr)
+                            F.mul_(fisher, h["_k267"])
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _742 = F.mul(t_update, param)
-                                _743 = F.ge(_742, 0)
-                                _744 = F.where(_743, 1.0, 0.0, like=param)
-                                F.mul_(_744, t_fisher)
-                                _745 = F.addcmul(param, param, _744, -1.0)
-                                F.assign_(param, _745)
+                                # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                param_114 = F.mul(update, param)
+                                param_115 = F.ge(param_114, 0)
+                                param_116 = F.where(param_115, 1.0, 0.0, like=param)
+                                F.mul_(param_116, fisher)
+                                param_117 = F.addcmul(param, param, param_116, -1.0)
+                                F.assign_(param, param_117)
                             else:
-                                _746 = F.addcmul(param, param, t_fisher, -1.0)
-                                F.assign_(param, _746)
+                                # param = param - param * fisher
+                                param_118 = F.addcmul(param, param, fisher, -1.0)
+                                F.assign_(param, param_118)
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _747 = F.mul(t_update, param)
-                                _748 = F.ge(_747, 0)
-                                _749 = F.where(_748, 1.0, 0.0, like=param)
-                                _750 = F.addcmul(param, param, _749, h["_k268"])
-                                F.assign_(param, _750)
+                                # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_119 = F.mul(update, param)
+                                param_120 = F.ge(param_119, 0)
+                                param_121 = F.where(param_120, 1.0, 0.0, like=param)
+                                param_122 = F.addcmul(param, param, param_121, h["_k268"])
+                                F.assign_(param, param_122)
                             else:
-                                _751 = F.axpy(param, param, h["_k269"])
-                                F.assign_(param, _751)
+                                # param = param - weight_decay * dlr * param
+                                param_123 = F.axpy(param, param, h["_k269"])
+                                F.assign_(param, param_123)
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _752 = F.cast(st_anchor_data, param)
-                        _753 = F.sub(param, _752)
-                        t_cwd_target = _753
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_18 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_18)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _754 = F.mul(t_update, t_cwd_target)
-                            _755 = F.ge(_754, 0)
-                            _756 = F.where(_755, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _756, h["_k270"])
+                            # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_124 = F.mul(update, cwd_target)
+                            param_125 = F.ge(param_124, 0)
+                            param_126 = F.where(param_125, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_126, h["_k270"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k271"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * dlr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k271"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if state_precision == 'int8_sr' and not nnmf_factor:
                 if h["_c19"]:
+                    # if beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape))):
                     if h["_c18"]:
-                        _757 = F.float32(grad)
-                        grad = _757
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _758 = F.vdot(param, grad)
-                        _759 = F.vdot(param, param)
-                        F.add_(_759, 1e-30)
-                        F.div_(_758, _759)
-                        _760 = F.mul(param, _758)
-                        _761 = F.sub(grad, _760)
-                        t_ortho_g = _761
-                        _762 = F.norm(grad)
-                        _763 = F.norm(t_ortho_g)
-                        F.add_(_763, 1e-30)
-                        F.div_(_762, _763)
-                        t_ortho_scale = _762
-                        _764 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _764
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_28 = F.vdot(param, grad)
+                        ortho_g_29 = F.vdot(param, param)
+                        F.add_(ortho_g_29, 1e-30)
+                        F.div_(ortho_g_28, ortho_g_29)
+                        ortho_g_30 = F.mul(param, ortho_g_28)
+                        ortho_g = F.sub(grad, ortho_g_30)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_10 = F.norm(ortho_g)
+                        F.add_(ortho_scale_10, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_10)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if eps == None:
                     if h["_c3"]:
                         pass
+                    # if beta1 > 0:
                     if h["_c4"]:
-                        _765 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _765
-                        F.mul_(t_exp_avg_work, h["_k272"])
-                        F.axpy_(t_exp_avg_work, grad, h["_k273"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # exp_avg_work = exp_avg_work * beta1_used + d * (1 - beta1_used) * grad
+                        F.mul_(exp_avg_work, h["_k272"])
+                        F.axpy_(exp_avg_work, grad, h["_k273"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # if nesterov:
                         if h["_c5"]:
+                            # if nesterov_coef == None:
                             if h["_c6"]:
-                                _766 = F.lerp(t_exp_avg_work, grad, h["_k275"])
-                                t_update = _766
+                                # update = lerp(exp_avg_work, grad, 1 - beta1_used)
+                                update = F.lerp(exp_avg_work, grad, h["_k275"])
                             else:
-                                _767 = F.lerp(t_exp_avg_work, grad, h["_k276"])
-                                t_update = _767
+                                # update = lerp(exp_avg_work, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg_work, grad, h["_k276"])
                         else:
-                            _768 = F.copy(t_exp_avg_work)
-                            t_update = _768
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
                     else:
-                        _769 = F.mul(grad, h["_k277"])
-                        t_update = _769
+                        # update = grad * d
+                        update = F.mul(grad, h["_k277"])
+                    # if kourkoutas_beta:
                     if h["_c7"]:
-                        _770 = F.mul(grad, grad)
-                        _771 = F.sum(_770)
-                        F.assign_(st_kourkoutas_sq, _771)
-                        _772 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                        t_exp_avg_sq_work = _772
-                        F.mul_(t_exp_avg_sq_work, h["_k278"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k279"])
-                        F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_19 = F.mul(grad, grad)
+                        kourkoutas_sq_20 = F.sum(kourkoutas_sq_19)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_20)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                        # exp_avg_sq_work = exp_avg_sq_work * input() + d * d * (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k278"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k279"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
                     else:
-                        _773 = F.decode("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale})
-                        t_exp_avg_sq_work = _773
-                        F.mul_(t_exp_avg_sq_work, h["_k281"])
-                        F.addcmul_(t_exp_avg_sq_work, grad, grad, h["_k282"])
-                        F.encode_("int8_sr", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
+                        # exp_avg_sq_work = exp_avg_sq
+                        exp_avg_sq_work = F.decode("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale})
+                        # exp_avg_sq_work = exp_avg_sq_work * beta2 + d * d * (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq_work, h["_k281"])
+                        F.addcmul_(exp_avg_sq_work, grad, grad, h["_k282"])
+                        # exp_avg_sq = exp_avg_sq_work
+                        F.encode_("int8_sr", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+                    # if use_atan2:
                     if h["_c8"]:
-                        _774 = F.sqrt(t_exp_avg_sq_work)
-                        t_denom = _774
+                        # denom = sqrt(exp_avg_sq_work)
+                        denom = F.sqrt(exp_avg_sq_work)
                     else:
-                        _775 = F.sqrt(t_exp_avg_sq_work)
-                        F.add_(_775, h["_k284"])
-                        t_denom = _775
+                        # denom = sqrt(exp_avg_sq_work) + d * eps_eff
+                        denom = F.sqrt(exp_avg_sq_work)
+                        F.add_(denom, h["_k284"])
+                    # if use_atan2:
                     if h["_c8"]:
-                        _776 = F.atan2(t_update, t_denom)
-                        t_update = _776
+                        # update = atan2(update, denom)
+                        update = F.atan2(update, denom)
                     else:
-                        F.div_(t_update, t_denom)
+                        # update = update / denom
+                        F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c8"]:
-                        F.mul_(t_update, h["_k285"])
+                        # update = update * (dlr * 1.2732395447351628)
+                        F.mul_(update, h["_k285"])
                     else:
-                        F.mul_(t_update, h["dlr"])
+                        # update = update * dlr
+                        F.mul_(update, h["dlr"])
+                    # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c9"]:
-                        _777 = F.strided(grad, h["_k286"])
-                        _778 = F.float32(_777)
-                        t_gs = _778
-                        _779 = F.strided(param, h["_k287"])
-                        _780 = F.float32(_779)
-                        t_ps = _780
-                        _781 = F.float32(st_p0)
-                        _782 = F.sub(_781, t_ps)
-                        _783 = F.vdot(t_gs, _782, kind="slice")
-                        F.mul_(_783, h["_k288"])
-                        A.append(("num", _783))
+                        # gs = float32(strided(grad, slice_p))
+                        gs_10 = F.strided(grad, h["_k286"])
+                        gs = F.float32(gs_10)
+                        # ps = float32(strided(param, slice_p))
+                        ps_10 = F.strided(param, h["_k287"])
+                        ps = F.float32(ps_10)
+                        # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                        num_28 = F.float32(p0)
+                        num_29 = F.sub(num_28, ps)
+                        num_30 = F.vdot(gs, num_29, kind="slice")
+                        F.mul_(num_30, h["_k288"])
+                        A.append(("num", num_30))
+                        # if safeguard_warmup:
                         if h["_c10"]:
-                            F.mul_(st_s, h["_k289"])
-                            F.axpy_(st_s, t_gs, h["_k290"])
+                            # s = s * beta3_used + d / d0 * d * gs
+                            F.mul_(s, h["_k289"])
+                            F.axpy_(s, gs, h["_k290"])
                         else:
-                            F.mul_(st_s, h["_k291"])
-                            F.axpy_(st_s, t_gs, h["_k292"])
-                        _784 = F.abs(st_s)
-                        _785 = F.sum(_784, kind="slice")
-                        A.append(("den", _785))
+                            # s = s * beta3_used + d / d0 * dlr * gs
+                            F.mul_(s, h["_k291"])
+                            F.axpy_(s, gs, h["_k292"])
+                        # den += sum(abs(s))
+                        den_19 = F.abs(s)
+                        den_20 = F.sum(den_19, kind="slice")
+                        A.append(("den", den_20))
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _786 = F.float32(param)
-                        t_param_fp32 = _786
-                        _787 = F.float32(t_update)
-                        t_update_fp32 = _787
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _788 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_788, 1.2732395447351628)
-                                    t_fisher = _788
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _789 = F.rdiv(t_denom, 1)
-                                    t_fisher = _789
-                                    _790 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_790, 2)
-                                    _791 = F.mean(_790)
-                                    F.sqrt_(_791)
-                                    F.div_(_791, 1.0)
-                                    F.maximum_(_791, 1.0)
-                                    _792 = F.div(t_fisher, _791)
-                                    t_fisher = _792
-                                F.mul_(t_fisher, h["_k293"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_55 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_55, 2)
+                                    fisher_56 = F.mean(fisher_55)
+                                    F.sqrt_(fisher_56)
+                                    F.div_(fisher_56, 1.0)
+                                    F.maximum_(fisher_56, 1.0)
+                                    fisher_57 = F.div(fisher, fisher_56)
+                                    fisher = fisher_57
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k293"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _793 = F.mul(t_update_fp32, t_param_fp32)
-                                    _794 = F.ge(_793, 0)
-                                    _795 = F.where(_794, 1.0, 0.0, like=param)
-                                    F.mul_(_795, t_fisher)
-                                    _796 = F.addcmul(t_param_fp32, t_param_fp32, _795, -1.0)
-                                    t_param_fp32 = _796
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_109 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_110 = F.ge(param_fp32_109, 0)
+                                    param_fp32_111 = F.where(param_fp32_110, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_111, fisher)
+                                    param_fp32_112 = F.addcmul(param_fp32, param_fp32, param_fp32_111, -1.0)
+                                    param_fp32 = param_fp32_112
                                 else:
-                                    _797 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _797
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _798 = F.mul(t_update_fp32, t_param_fp32)
-                                    _799 = F.ge(_798, 0)
-                                    _800 = F.where(_799, 1.0, 0.0, like=param)
-                                    _801 = F.addcmul(t_param_fp32, t_param_fp32, _800, h["_k294"])
-                                    t_param_fp32 = _801
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_113 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_114 = F.ge(param_fp32_113, 0)
+                                    param_fp32_115 = F.where(param_fp32_114, 1.0, 0.0, like=param)
+                                    param_fp32_116 = F.addcmul(param_fp32, param_fp32, param_fp32_115, h["_k294"])
+                                    param_fp32 = param_fp32_116
                                 else:
-                                    _802 = F.axpy(t_param_fp32, t_param_fp32, h["_k295"])
-                                    t_param_fp32 = _802
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k295"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _803 = F.cast(st_anchor_data, t_param_fp32)
-                            _804 = F.sub(t_param_fp32, _803)
-                            t_cwd_target = _804
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_19 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_19)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _805 = F.mul(t_update_fp32, t_cwd_target)
-                                _806 = F.ge(_805, 0)
-                                _807 = F.where(_806, 1.0, 0.0, like=param)
-                                _808 = F.addcmul(t_param_fp32, t_cwd_target, _807, h["_k296"])
-                                t_param_fp32 = _808
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_117 = F.mul(update_fp32, cwd_target)
+                                param_fp32_118 = F.ge(param_fp32_117, 0)
+                                param_fp32_119 = F.where(param_fp32_118, 1.0, 0.0, like=param)
+                                param_fp32_120 = F.addcmul(param_fp32, cwd_target, param_fp32_119, h["_k296"])
+                                param_fp32 = param_fp32_120
                             else:
-                                _809 = F.axpy(t_param_fp32, t_cwd_target, h["_k297"])
-                                t_param_fp32 = _809
-                        _810 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _810
-                        _811 = F.stochastic_round(t_param_fp32, h["_k298"])
-                        F.assign_(param, _811)
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k297"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_127 = F.stochastic_round(param_fp32, h["_k298"])
+                        F.assign_(param, param_127)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _812 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_812, 1.2732395447351628)
-                                    t_fisher = _812
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _813 = F.rdiv(t_denom, 1)
-                                    t_fisher = _813
-                                    _814 = F.mul(param, t_fisher)
-                                    F.pow_(_814, 2)
-                                    _815 = F.mean(_814)
-                                    F.sqrt_(_815)
-                                    F.div_(_815, 1.0)
-                                    F.maximum_(_815, 1.0)
-                                    _816 = F.div(t_fisher, _815)
-                                    t_fisher = _816
-                                F.mul_(t_fisher, h["_k299"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_58 = F.mul(param, fisher)
+                                    F.pow_(fisher_58, 2)
+                                    fisher_59 = F.mean(fisher_58)
+                                    F.sqrt_(fisher_59)
+                                    F.div_(fisher_59, 1.0)
+                                    F.maximum_(fisher_59, 1.0)
+                                    fisher_60 = F.div(fisher, fisher_59)
+                                    fisher = fisher_60
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k299"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _817 = F.mul(t_update, param)
-                                    _818 = F.ge(_817, 0)
-                                    _819 = F.where(_818, 1.0, 0.0, like=param)
-                                    F.mul_(_819, t_fisher)
-                                    _820 = F.addcmul(param, param, _819, -1.0)
-                                    F.assign_(param, _820)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_128 = F.mul(update, param)
+                                    param_129 = F.ge(param_128, 0)
+                                    param_130 = F.where(param_129, 1.0, 0.0, like=param)
+                                    F.mul_(param_130, fisher)
+                                    param_131 = F.addcmul(param, param, param_130, -1.0)
+                                    F.assign_(param, param_131)
                                 else:
-                                    _821 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _821)
+                                    # param = param - param * fisher
+                                    param_132 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_132)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _822 = F.mul(t_update, param)
-                                    _823 = F.ge(_822, 0)
-                                    _824 = F.where(_823, 1.0, 0.0, like=param)
-                                    _825 = F.addcmul(param, param, _824, h["_k300"])
-                                    F.assign_(param, _825)
+                                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_133 = F.mul(update, param)
+                                    param_134 = F.ge(param_133, 0)
+                                    param_135 = F.where(param_134, 1.0, 0.0, like=param)
+                                    param_136 = F.addcmul(param, param, param_135, h["_k300"])
+                                    F.assign_(param, param_136)
                                 else:
-                                    _826 = F.axpy(param, param, h["_k301"])
-                                    F.assign_(param, _826)
+                                    # param = param - weight_decay * dlr * param
+                                    param_137 = F.axpy(param, param, h["_k301"])
+                                    F.assign_(param, param_137)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _827 = F.cast(st_anchor_data, param)
-                            _828 = F.sub(param, _827)
-                            t_cwd_target = _828
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _829 = F.mul(t_update, t_cwd_target)
-                                _830 = F.ge(_829, 0)
-                                _831 = F.where(_830, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _831, h["_k302"])
+                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_138 = F.mul(update, cwd_target)
+                                param_139 = F.ge(param_138, 0)
+                                param_140 = F.where(param_139, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_140, h["_k302"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k303"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * dlr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k303"])
+                        # param = param + -update
+                        F.sub_(param, update)
                 else:
+                    # if (state_precision == 'fp32' and not nnmf_factor) and (beta1 > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape) or not (state_precision == 'factored' or nnmf_factor) and (factored_2nd and (ndim != 1 or vector_reshape)))):
                     if h["_c20"]:
-                        _832 = F.float32(grad)
-                        grad = _832
+                        # grad = float32(grad)
+                        grad = F.float32(grad)
+                    # if orthogonal_gradient == 'flattened':
                     if h["_c2"]:
-                        _833 = F.vdot(param, grad)
-                        _834 = F.vdot(param, param)
-                        F.add_(_834, 1e-30)
-                        F.div_(_833, _834)
-                        _835 = F.mul(param, _833)
-                        _836 = F.sub(grad, _835)
-                        t_ortho_g = _836
-                        _837 = F.norm(grad)
-                        _838 = F.norm(t_ortho_g)
-                        F.add_(_838, 1e-30)
-                        F.div_(_837, _838)
-                        t_ortho_scale = _837
-                        _839 = F.mul(t_ortho_g, t_ortho_scale)
-                        grad = _839
+                        # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                        ortho_g_31 = F.vdot(param, grad)
+                        ortho_g_32 = F.vdot(param, param)
+                        F.add_(ortho_g_32, 1e-30)
+                        F.div_(ortho_g_31, ortho_g_32)
+                        ortho_g_33 = F.mul(param, ortho_g_31)
+                        ortho_g = F.sub(grad, ortho_g_33)
+                        # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                        ortho_scale = F.norm(grad)
+                        ortho_scale_11 = F.norm(ortho_g)
+                        F.add_(ortho_scale_11, 1e-30)
+                        F.div_(ortho_scale, ortho_scale_11)
+                        # grad = ortho_g * ortho_scale
+                        grad = F.mul(ortho_g, ortho_scale)
+                    # if eps == None:
                     if h["_c3"]:
                         pass
+                    # if beta1 > 0:
                     if h["_c4"]:
-                        F.mul_(st_exp_avg, h["_k304"])
-                        F.axpy_(st_exp_avg, grad, h["_k305"])
+                        # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                        F.mul_(exp_avg, h["_k304"])
+                        F.axpy_(exp_avg, grad, h["_k305"])
+                        # if nesterov:
                         if h["_c5"]:
+                            # if nesterov_coef == None:
                             if h["_c6"]:
-                                _840 = F.lerp(st_exp_avg, grad, h["_k306"])
-                                t_update = _840
+                                # update = lerp(exp_avg, grad, 1 - beta1_used)
+                                update = F.lerp(exp_avg, grad, h["_k306"])
                             else:
-                                _841 = F.lerp(st_exp_avg, grad, h["_k307"])
-                                t_update = _841
+                                # update = lerp(exp_avg, grad, 1 - nesterov_coef)
+                                update = F.lerp(exp_avg, grad, h["_k307"])
                         else:
-                            _842 = F.copy(st_exp_avg)
-                            t_update = _842
+                            # update = copy(exp_avg)
+                            update = F.copy(exp_avg)
                     else:
-                        _843 = F.mul(grad, h["_k308"])
-                        t_update = _843
+                        # update = grad * d
+                        update = F.mul(grad, h["_k308"])
+                    # if kourkoutas_beta:
                     if h["_c7"]:
-                        _844 = F.mul(grad, grad)
-                        _845 = F.sum(_844)
-                        F.assign_(st_kourkoutas_sq, _845)
-                        F.mul_(st_exp_avg_sq, h["_k309"])
-                        F.addcmul_(st_exp_avg_sq, grad, grad, h["_k310"])
+                        # kourkoutas_sq = sum(grad * grad)
+                        kourkoutas_sq_21 = F.mul(grad, grad)
+                        kourkoutas_sq_22 = F.sum(kourkoutas_sq_21)
+                        F.assign_(kourkoutas_sq, kourkoutas_sq_22)
+                        # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
+                        F.mul_(exp_avg_sq, h["_k309"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k310"])
                     else:
-                        F.mul_(st_exp_avg_sq, h["_k311"])
-                        F.addcmul_(st_exp_avg_sq, grad, grad, h["_k312"])
+                        # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+                        F.mul_(exp_avg_sq, h["_k311"])
+                        F.addcmul_(exp_avg_sq, grad, grad, h["_k312"])
+                    # if use_atan2:
                     if h["_c8"]:
-                        _846 = F.sqrt(st_exp_avg_sq)
-                        t_denom = _846
+                        # denom = sqrt(exp_avg_sq)
+                        denom = F.sqrt(exp_avg_sq)
                     else:
-                        _847 = F.sqrt(st_exp_avg_sq)
-                        F.add_(_847, h["_k313"])
-                        t_denom = _847
+                        # denom = sqrt(exp_avg_sq) + d * eps_eff
+                        denom = F.sqrt(exp_avg_sq)
+                        F.add_(denom, h["_k313"])
+                    # if use_atan2:
                     if h["_c8"]:
-                        _848 = F.atan2(t_update, t_denom)
-                        t_update = _848
+                        # update = atan2(update, denom)
+                        update = F.atan2(update, denom)
                     else:
-                        F.div_(t_update, t_denom)
+                        # update = update / denom
+                        F.div_(update, denom)
+                    # if use_atan2:
                     if h["_c8"]:
-                        F.mul_(t_update, h["_k314"])
+                        # update = update * (dlr * 1.2732395447351628)
+                        F.mul_(update, h["_k314"])
                     else:
-                        F.mul_(t_update, h["dlr"])
+                        # update = update * dlr
+                        F.mul_(update, h["dlr"])
+                    # if prodigy_steps <= 0 or k < prodigy_steps:
                     if h["_c9"]:
-                        _849 = F.strided(grad, h["_k315"])
-                        _850 = F.float32(_849)
-                        t_gs = _850
-                        _851 = F.strided(param, h["_k316"])
-                        _852 = F.float32(_851)
-                        t_ps = _852
-                        _853 = F.float32(st_p0)
-                        _854 = F.sub(_853, t_ps)
-                        _855 = F.vdot(t_gs, _854, kind="slice")
-                        F.mul_(_855, h["_k317"])
-                        A.append(("num", _855))
+                        # gs = float32(strided(grad, slice_p))
+                        gs_11 = F.strided(grad, h["_k315"])
+                        gs = F.float32(gs_11)
+                        # ps = float32(strided(param, slice_p))
+                        ps_11 = F.strided(param, h["_k316"])
+                        ps = F.float32(ps_11)
+                        # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                        num_31 = F.float32(p0)
+                        num_32 = F.sub(num_31, ps)
+                        num_33 = F.vdot(gs, num_32, kind="slice")
+                        F.mul_(num_33, h["_k317"])
+                        A.append(("num", num_33))
+                        # if safeguard_warmup:
                         if h["_c10"]:
-                            F.mul_(st_s, h["_k318"])
-                            F.axpy_(st_s, t_gs, h["_k319"])
+                            # s = s * beta3_used + d / d0 * d * gs
+                            F.mul_(s, h["_k318"])
+                            F.axpy_(s, gs, h["_k319"])
                         else:
-                            F.mul_(st_s, h["_k320"])
-                            F.axpy_(st_s, t_gs, h["_k321"])
-                        _856 = F.abs(st_s)
-                        _857 = F.sum(_856, kind="slice")
-                        A.append(("den", _857))
+                            # s = s * beta3_used + d / d0 * dlr * gs
+                            F.mul_(s, h["_k320"])
+                            F.axpy_(s, gs, h["_k321"])
+                        # den += sum(abs(s))
+                        den_21 = F.abs(s)
+                        den_22 = F.sum(den_21, kind="slice")
+                        A.append(("den", den_22))
+                    # if stochastic_rounding and bf16 != 0:
                     if h["_c11"]:
-                        _858 = F.float32(param)
-                        t_param_fp32 = _858
-                        _859 = F.float32(t_update)
-                        t_update_fp32 = _859
+                        # param_fp32 = float32(param)
+                        param_fp32 = F.float32(param)
+                        # update_fp32 = float32(update)
+                        update_fp32 = F.float32(update)
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _860 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_860, 1.2732395447351628)
-                                    t_fisher = _860
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _861 = F.rdiv(t_denom, 1)
-                                    t_fisher = _861
-                                    _862 = F.mul(t_param_fp32, t_fisher)
-                                    F.pow_(_862, 2)
-                                    _863 = F.mean(_862)
-                                    F.sqrt_(_863)
-                                    F.div_(_863, 1.0)
-                                    F.maximum_(_863, 1.0)
-                                    _864 = F.div(t_fisher, _863)
-                                    t_fisher = _864
-                                F.mul_(t_fisher, h["_k322"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param_fp32 * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_61 = F.mul(param_fp32, fisher)
+                                    F.pow_(fisher_61, 2)
+                                    fisher_62 = F.mean(fisher_61)
+                                    F.sqrt_(fisher_62)
+                                    F.div_(fisher_62, 1.0)
+                                    F.maximum_(fisher_62, 1.0)
+                                    fisher_63 = F.div(fisher, fisher_62)
+                                    fisher = fisher_63
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k322"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _865 = F.mul(t_update_fp32, t_param_fp32)
-                                    _866 = F.ge(_865, 0)
-                                    _867 = F.where(_866, 1.0, 0.0, like=param)
-                                    F.mul_(_867, t_fisher)
-                                    _868 = F.addcmul(t_param_fp32, t_param_fp32, _867, -1.0)
-                                    t_param_fp32 = _868
+                                    # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * fisher)
+                                    param_fp32_121 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_122 = F.ge(param_fp32_121, 0)
+                                    param_fp32_123 = F.where(param_fp32_122, 1.0, 0.0, like=param)
+                                    F.mul_(param_fp32_123, fisher)
+                                    param_fp32_124 = F.addcmul(param_fp32, param_fp32, param_fp32_123, -1.0)
+                                    param_fp32 = param_fp32_124
                                 else:
-                                    _869 = F.addcmul(t_param_fp32, t_param_fp32, t_fisher, -1.0)
-                                    t_param_fp32 = _869
+                                    # param_fp32 = param_fp32 - param_fp32 * fisher
+                                    param_fp32 = F.addcmul(param_fp32, param_fp32, fisher, -1.0)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _870 = F.mul(t_update_fp32, t_param_fp32)
-                                    _871 = F.ge(_870, 0)
-                                    _872 = F.where(_871, 1.0, 0.0, like=param)
-                                    _873 = F.addcmul(t_param_fp32, t_param_fp32, _872, h["_k323"])
-                                    t_param_fp32 = _873
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                    param_fp32_125 = F.mul(update_fp32, param_fp32)
+                                    param_fp32_126 = F.ge(param_fp32_125, 0)
+                                    param_fp32_127 = F.where(param_fp32_126, 1.0, 0.0, like=param)
+                                    param_fp32_128 = F.addcmul(param_fp32, param_fp32, param_fp32_127, h["_k323"])
+                                    param_fp32 = param_fp32_128
                                 else:
-                                    _874 = F.axpy(t_param_fp32, t_param_fp32, h["_k324"])
-                                    t_param_fp32 = _874
+                                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k324"])
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _875 = F.cast(st_anchor_data, t_param_fp32)
-                            _876 = F.sub(t_param_fp32, _875)
-                            t_cwd_target = _876
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_21)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _877 = F.mul(t_update_fp32, t_cwd_target)
-                                _878 = F.ge(_877, 0)
-                                _879 = F.where(_878, 1.0, 0.0, like=param)
-                                _880 = F.addcmul(t_param_fp32, t_cwd_target, _879, h["_k325"])
-                                t_param_fp32 = _880
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                                param_fp32_129 = F.mul(update_fp32, cwd_target)
+                                param_fp32_130 = F.ge(param_fp32_129, 0)
+                                param_fp32_131 = F.where(param_fp32_130, 1.0, 0.0, like=param)
+                                param_fp32_132 = F.addcmul(param_fp32, cwd_target, param_fp32_131, h["_k325"])
+                                param_fp32 = param_fp32_132
                             else:
-                                _881 = F.axpy(t_param_fp32, t_cwd_target, h["_k326"])
-                                t_param_fp32 = _881
-                        _882 = F.sub(t_param_fp32, t_update_fp32)
-                        t_param_fp32 = _882
-                        _883 = F.stochastic_round(t_param_fp32, h["_k327"])
-                        F.assign_(param, _883)
+                                # param_fp32 = param_fp32 - centered_wd * dlr * cwd_target
+                                param_fp32 = F.axpy(param_fp32, cwd_target, h["_k326"])
+                        # param_fp32 = param_fp32 + -update_fp32
+                        param_fp32 = F.sub(param_fp32, update_fp32)
+                        # param = stochastic_round(param_fp32, step)
+                        param_141 = F.stochastic_round(param_fp32, h["_k327"])
+                        F.assign_(param, param_141)
                     else:
+                        # if weight_decay != 0:
                         if h["_c12"]:
+                            # if fisher_wd:
                             if h["_c13"]:
+                                # if use_atan2:
                                 if h["_c8"]:
-                                    _884 = F.atan2(st_wd_scaler, t_denom)
-                                    F.mul_(_884, 1.2732395447351628)
-                                    t_fisher = _884
+                                    # fisher = atan2(wd_scaler, denom) * 1.2732395447351628
+                                    fisher = F.atan2(wd_scaler, denom)
+                                    F.mul_(fisher, 1.2732395447351628)
                                 else:
-                                    _885 = F.rdiv(t_denom, 1)
-                                    t_fisher = _885
-                                    _886 = F.mul(param, t_fisher)
-                                    F.pow_(_886, 2)
-                                    _887 = F.mean(_886)
-                                    F.sqrt_(_887)
-                                    F.div_(_887, 1.0)
-                                    F.maximum_(_887, 1.0)
-                                    _888 = F.div(t_fisher, _887)
-                                    t_fisher = _888
-                                F.mul_(t_fisher, h["_k328"])
+                                    # fisher = 1 / denom
+                                    fisher = F.rdiv(denom, 1)
+                                    # fisher = fisher / maximum(sqrt(mean((param * fisher) ** 2)) / 1.0, 1.0)
+                                    fisher_64 = F.mul(param, fisher)
+                                    F.pow_(fisher_64, 2)
+                                    fisher_65 = F.mean(fisher_64)
+                                    F.sqrt_(fisher_65)
+                                    F.div_(fisher_65, 1.0)
+                                    F.maximum_(fisher_65, 1.0)
+                                    fisher_66 = F.div(fisher, fisher_65)
+                                    fisher = fisher_66
+                                # fisher = fisher * (weight_decay * dlr)
+                                F.mul_(fisher, h["_k328"])
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _889 = F.mul(t_update, param)
-                                    _890 = F.ge(_889, 0)
-                                    _891 = F.where(_890, 1.0, 0.0, like=param)
-                                    F.mul_(_891, t_fisher)
-                                    _892 = F.addcmul(param, param, _891, -1.0)
-                                    F.assign_(param, _892)
+                                    # param = param - param * (where(update * param >= 0, 1.0, 0.0) * fisher)
+                                    param_142 = F.mul(update, param)
+                                    param_143 = F.ge(param_142, 0)
+                                    param_144 = F.where(param_143, 1.0, 0.0, like=param)
+                                    F.mul_(param_144, fisher)
+                                    param_145 = F.addcmul(param, param, param_144, -1.0)
+                                    F.assign_(param, param_145)
                                 else:
-                                    _893 = F.addcmul(param, param, t_fisher, -1.0)
-                                    F.assign_(param, _893)
+                                    # param = param - param * fisher
+                                    param_146 = F.addcmul(param, param, fisher, -1.0)
+                                    F.assign_(param, param_146)
                             else:
+                                # if cautious_wd:
                                 if h["_c14"]:
-                                    _894 = F.mul(t_update, param)
-                                    _895 = F.ge(_894, 0)
-                                    _896 = F.where(_895, 1.0, 0.0, like=param)
-                                    _897 = F.addcmul(param, param, _896, h["_k329"])
-                                    F.assign_(param, _897)
+                                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                                    param_147 = F.mul(update, param)
+                                    param_148 = F.ge(param_147, 0)
+                                    param_149 = F.where(param_148, 1.0, 0.0, like=param)
+                                    param_150 = F.addcmul(param, param, param_149, h["_k329"])
+                                    F.assign_(param, param_150)
                                 else:
-                                    _898 = F.axpy(param, param, h["_k330"])
-                                    F.assign_(param, _898)
+                                    # param = param - weight_decay * dlr * param
+                                    param_151 = F.axpy(param, param, h["_k330"])
+                                    F.assign_(param, param_151)
+                        # if centered_wd != 0:
                         if h["_c15"]:
-                            _899 = F.cast(st_anchor_data, param)
-                            _900 = F.sub(param, _899)
-                            t_cwd_target = _900
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_22 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_22)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _901 = F.mul(t_update, t_cwd_target)
-                                _902 = F.ge(_901, 0)
-                                _903 = F.where(_902, 1.0, 0.0, like=param)
-                                F.addcmul_(param, t_cwd_target, _903, h["_k331"])
+                                # param = param - centered_wd * dlr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                                param_152 = F.mul(update, cwd_target)
+                                param_153 = F.ge(param_152, 0)
+                                param_154 = F.where(param_153, 1.0, 0.0, like=param)
+                                F.addcmul_(param, cwd_target, param_154, h["_k331"])
                             else:
-                                F.axpy_(param, t_cwd_target, h["_k332"])
-                        F.sub_(param, t_update)
+                                # param = param - centered_wd * dlr * cwd_target
+                                F.axpy_(param, cwd_target, h["_k332"])
+                        # param = param + -update
+                        F.sub_(param, update)
 
 
 class Prodigy_adv(GeneratedOptimizer):

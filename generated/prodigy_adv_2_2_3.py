@@ -311,514 +311,650 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S, A):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_s = S["s"]
-    st_p0 = S["p0"]
-    st_exp_avg_slow = S["exp_avg_slow"]
-    st_mu_m_slow_nmf = S["mu_m_slow_nmf"]
-    st_mv_m_slow_nmf = S["mv_m_slow_nmf"]
-    st_sign_slow = S["sign_slow"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    s = S["s"]
+    p0 = S["p0"]
+    exp_avg_slow = S["exp_avg_slow"]
+    mu_m_slow_nmf = S["mu_m_slow_nmf"]
+    mv_m_slow_nmf = S["mv_m_slow_nmf"]
+    sign_slow = S["sign_slow"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient:
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if Simplified_AdEMAMix:
             if h["_c3"]:
                 pass
+            # if eps == None:
             if h["_c4"]:
                 pass
+            # if beta1 > 0:
             if h["_c5"]:
+                # if Simplified_AdEMAMix:
                 if h["_c3"]:
-                    _9 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _9
-                    _10 = F.neg(t_exp_avg_magnitude)
-                    _11 = F.where(st_sign, t_exp_avg_magnitude, _10)
-                    t_exp_avg_full = _11
-                    F.mul_(t_exp_avg_full, h["_k0"])
-                    F.axpy_(t_exp_avg_full, grad, h["_k1"])
-                    _12 = F.float32(t_exp_avg_full)
-                    _13 = F.gt(_12, 0.0)
-                    F.assign_(st_sign, _13)
-                    _14 = F.float32(t_exp_avg_full)
-                    _15 = F.abs(_14)
-                    t_exp_avg_abs = _15
-                    _16 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _16)
-                    _17 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _17
-                    _18 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_18, 1e-12)
-                    _19 = F.div(t_exp_avg_colsum, _18)
-                    F.assign_(st_mv_m_nmf, _19)
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                    # exp_avg_full = exp_avg_full * beta1_used + d * grad
+                    F.mul_(exp_avg_full, h["_k0"])
+                    F.axpy_(exp_avg_full, grad, h["_k1"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_1 = F.float32(exp_avg_full)
+                    sign_2 = F.gt(sign_1, 0.0)
+                    F.assign_(sign, sign_2)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_1 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_1)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_1)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_1, 1e-12)
+                    mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                    F.assign_(mv_m_nmf, mv_m_nmf_2)
                 else:
-                    _20 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _20
-                    _21 = F.neg(t_exp_avg_magnitude)
-                    _22 = F.where(st_sign, t_exp_avg_magnitude, _21)
-                    t_exp_avg_full = _22
-                    F.mul_(t_exp_avg_full, h["_k2"])
-                    F.axpy_(t_exp_avg_full, grad, h["_k3"])
-                    _23 = F.float32(t_exp_avg_full)
-                    _24 = F.gt(_23, 0.0)
-                    F.assign_(st_sign, _24)
-                    _25 = F.float32(t_exp_avg_full)
-                    _26 = F.abs(_25)
-                    t_exp_avg_abs = _26
-                    _27 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _27)
-                    _28 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _28
-                    _29 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_29, 1e-12)
-                    _30 = F.div(t_exp_avg_colsum, _29)
-                    F.assign_(st_mv_m_nmf, _30)
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_2 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_2)
+                    # exp_avg_full = exp_avg_full * beta1_used + d * (1 - beta1_used) * grad
+                    F.mul_(exp_avg_full, h["_k2"])
+                    F.axpy_(exp_avg_full, grad, h["_k3"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_3 = F.float32(exp_avg_full)
+                    sign_4 = F.gt(sign_3, 0.0)
+                    F.assign_(sign, sign_4)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_2 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_2)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_2 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_2)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_3 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_3, 1e-12)
+                    mv_m_nmf_4 = F.div(exp_avg_colsum, mv_m_nmf_3)
+                    F.assign_(mv_m_nmf, mv_m_nmf_4)
+                # if grams_moment:
                 if h["_c6"]:
-                    _31 = F.sign(grad)
-                    _32 = F.abs(t_exp_avg_full)
-                    F.mul_(_31, _32)
-                    t_update = _31
+                    # update = sign(grad) * abs(exp_avg_full)
+                    update = F.sign(grad)
+                    update_1 = F.abs(exp_avg_full)
+                    F.mul_(update, update_1)
                 else:
+                    # if cautious_mask:
                     if h["_c7"]:
-                        _33 = F.mul(t_exp_avg_full, grad)
-                        _34 = F.gt(_33, 0)
-                        _35 = F.where(_34, 1.0, 0.0, like=param)
-                        _36 = F.cast(_35, grad)
-                        t_mask = _36
-                        _37 = F.mean(t_mask)
-                        F.maximum_(_37, 0.001)
-                        _38 = F.div(t_mask, _37)
-                        t_mask = _38
-                        _39 = F.mul(t_exp_avg_full, t_mask)
-                        t_update = _39
+                        # mask = cast(where(exp_avg_full * grad > 0, 1.0, 0.0), grad)
+                        mask_1 = F.mul(exp_avg_full, grad)
+                        mask_2 = F.gt(mask_1, 0)
+                        mask_3 = F.where(mask_2, 1.0, 0.0, like=param)
+                        mask = F.cast(mask_3, grad)
+                        # mask = mask / maximum(mean(mask), 0.001)
+                        mask_4 = F.mean(mask)
+                        F.maximum_(mask_4, 0.001)
+                        mask_5 = F.div(mask, mask_4)
+                        mask = mask_5
+                        # update = exp_avg_full * mask
+                        update = F.mul(exp_avg_full, mask)
                     else:
+                        # if Simplified_AdEMAMix:
                         if h["_c3"]:
-                            _40 = F.axpy(t_exp_avg_full, grad, h["_k4"])
-                            t_update = _40
+                            # update = exp_avg_full + alpha_grad * d * grad
+                            update = F.axpy(exp_avg_full, grad, h["_k4"])
                         else:
-                            _41 = F.copy(t_exp_avg_full)
-                            t_update = _41
+                            # update = copy(exp_avg_full)
+                            update = F.copy(exp_avg_full)
             else:
-                _42 = F.mul(grad, h["_k5"])
-                t_update = _42
+                # update = grad * d
+                update = F.mul(grad, h["_k5"])
+            # if kourkoutas_beta:
             if h["_c8"]:
-                _43 = F.mul(grad, grad)
-                _44 = F.sum(_43)
-                F.assign_(st_kourkoutas_sq, _44)
-                _45 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _45
-                F.mul_(t_exp_avg_sq_full, h["_k6"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k7"])
-                _46 = F.float32(t_exp_avg_sq_full)
-                _47 = F.abs(_46)
-                t_exp_avg_sq_abs = _47
-                _48 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _48)
-                _49 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _49
-                _50 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_50, 1e-12)
-                _51 = F.div(t_exp_avg_sq_colsum, _50)
-                F.assign_(st_mv_v_nmf, _51)
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_1 = F.mul(grad, grad)
+                kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * input() + d * d * (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k6"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k7"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
             else:
-                _52 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _52
-                F.mul_(t_exp_avg_sq_full, h["_k8"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k9"])
-                _53 = F.float32(t_exp_avg_sq_full)
-                _54 = F.abs(_53)
-                t_exp_avg_sq_abs = _54
-                _55 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _55)
-                _56 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _56
-                _57 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_57, 1e-12)
-                _58 = F.div(t_exp_avg_sq_colsum, _57)
-                F.assign_(st_mv_v_nmf, _58)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * beta2 + d * d * (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k8"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k9"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_2)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_3, 1e-12)
+                mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                F.assign_(mv_v_nmf, mv_v_nmf_4)
+            # if use_atan2:
             if h["_c9"]:
-                _59 = F.sqrt(t_exp_avg_sq_full)
-                t_denom = _59
+                # denom = sqrt(exp_avg_sq_full)
+                denom = F.sqrt(exp_avg_sq_full)
             else:
-                _60 = F.sqrt(t_exp_avg_sq_full)
-                F.add_(_60, h["_k10"])
-                t_denom = _60
+                # denom = sqrt(exp_avg_sq_full) + d * eps_eff
+                denom = F.sqrt(exp_avg_sq_full)
+                F.add_(denom, h["_k10"])
+            # if use_AdEMAMix:
             if h["_c10"]:
-                _61 = F.outer(st_mu_m_slow_nmf, st_mv_m_slow_nmf)
-                t_exp_avg_slow_magnitude = _61
-                _62 = F.neg(t_exp_avg_slow_magnitude)
-                _63 = F.where(st_sign_slow, t_exp_avg_slow_magnitude, _62)
-                t_exp_avg_slow_full = _63
-                F.mul_(t_exp_avg_slow_full, h["_k11"])
-                F.axpy_(t_exp_avg_slow_full, grad, h["_k12"])
-                _64 = F.float32(t_exp_avg_slow_full)
-                _65 = F.gt(_64, 0.0)
-                F.assign_(st_sign_slow, _65)
-                _66 = F.float32(t_exp_avg_slow_full)
-                _67 = F.abs(_66)
-                t_exp_avg_slow_abs = _67
-                _68 = F.rowsum(t_exp_avg_slow_abs)
-                F.assign_(st_mu_m_slow_nmf, _68)
-                _69 = F.colsum(t_exp_avg_slow_abs)
-                t_exp_avg_slow_colsum = _69
-                _70 = F.sum(t_exp_avg_slow_colsum, kind="col")
-                F.maximum_(_70, 1e-12)
-                _71 = F.div(t_exp_avg_slow_colsum, _70)
-                F.assign_(st_mv_m_slow_nmf, _71)
-                F.axpy_(t_update, t_exp_avg_slow_full, h["_k13"])
+                # exp_avg_slow_magnitude = outer(mu_m_slow_nmf, mv_m_slow_nmf)
+                exp_avg_slow_magnitude = F.outer(mu_m_slow_nmf, mv_m_slow_nmf)
+                # exp_avg_slow_full = where(sign_slow, exp_avg_slow_magnitude, -exp_avg_slow_magnitude)
+                exp_avg_slow_full_1 = F.neg(exp_avg_slow_magnitude)
+                exp_avg_slow_full = F.where(sign_slow, exp_avg_slow_magnitude, exp_avg_slow_full_1)
+                # exp_avg_slow_full = exp_avg_slow_full * beta3_ema + d * (1 - beta3_ema) * grad
+                F.mul_(exp_avg_slow_full, h["_k11"])
+                F.axpy_(exp_avg_slow_full, grad, h["_k12"])
+                # sign_slow = float32(exp_avg_slow_full) > 0.0
+                sign_slow_1 = F.float32(exp_avg_slow_full)
+                sign_slow_2 = F.gt(sign_slow_1, 0.0)
+                F.assign_(sign_slow, sign_slow_2)
+                # exp_avg_slow_abs = abs(float32(exp_avg_slow_full))
+                exp_avg_slow_abs_1 = F.float32(exp_avg_slow_full)
+                exp_avg_slow_abs = F.abs(exp_avg_slow_abs_1)
+                # mu_m_slow_nmf = rowsum(exp_avg_slow_abs)
+                mu_m_slow_nmf_1 = F.rowsum(exp_avg_slow_abs)
+                F.assign_(mu_m_slow_nmf, mu_m_slow_nmf_1)
+                # exp_avg_slow_colsum = colsum(exp_avg_slow_abs)
+                exp_avg_slow_colsum = F.colsum(exp_avg_slow_abs)
+                # mv_m_slow_nmf = exp_avg_slow_colsum / maximum(sum(exp_avg_slow_colsum), 1e-12)
+                mv_m_slow_nmf_1 = F.sum(exp_avg_slow_colsum, kind="col")
+                F.maximum_(mv_m_slow_nmf_1, 1e-12)
+                mv_m_slow_nmf_2 = F.div(exp_avg_slow_colsum, mv_m_slow_nmf_1)
+                F.assign_(mv_m_slow_nmf, mv_m_slow_nmf_2)
+                # update = update + alpha * exp_avg_slow_full
+                F.axpy_(update, exp_avg_slow_full, h["_k13"])
+            # if use_atan2:
             if h["_c9"]:
-                _72 = F.atan2(t_update, t_denom)
-                t_update = _72
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c9"]:
-                F.mul_(t_update, h["_k14"])
+                # update = update * (dlr * 1.2732395447351628)
+                F.mul_(update, h["_k14"])
             else:
-                F.mul_(t_update, h["dlr"])
+                # update = update * dlr
+                F.mul_(update, h["dlr"])
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c11"]:
-                _73 = F.strided(grad, h["_k15"])
-                _74 = F.float32(_73)
-                t_gs = _74
-                _75 = F.strided(param, h["_k16"])
-                _76 = F.float32(_75)
-                t_ps = _76
-                _77 = F.float32(st_p0)
-                _78 = F.sub(_77, t_ps)
-                _79 = F.vdot(t_gs, _78, kind="slice")
-                F.mul_(_79, h["_k17"])
-                A.append(("num", _79))
+                # gs = float32(strided(grad, slice_p))
+                gs_1 = F.strided(grad, h["_k15"])
+                gs = F.float32(gs_1)
+                # ps = float32(strided(param, slice_p))
+                ps_1 = F.strided(param, h["_k16"])
+                ps = F.float32(ps_1)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_1 = F.float32(p0)
+                num_2 = F.sub(num_1, ps)
+                num_3 = F.vdot(gs, num_2, kind="slice")
+                F.mul_(num_3, h["_k17"])
+                A.append(("num", num_3))
+                # if safeguard_warmup:
                 if h["_c12"]:
-                    F.mul_(st_s, h["_k18"])
-                    F.axpy_(st_s, t_gs, h["_k19"])
+                    # s = s * beta3_used + d / d0 * d * gs
+                    F.mul_(s, h["_k18"])
+                    F.axpy_(s, gs, h["_k19"])
                 else:
-                    F.mul_(st_s, h["_k20"])
-                    F.axpy_(st_s, t_gs, h["_k21"])
-                _80 = F.abs(st_s)
-                _81 = F.sum(_80, kind="slice")
-                A.append(("den", _81))
+                    # s = s * beta3_used + d / d0 * dlr * gs
+                    F.mul_(s, h["_k20"])
+                    F.axpy_(s, gs, h["_k21"])
+                # den += sum(abs(s))
+                den_1 = F.abs(s)
+                den_2 = F.sum(den_1, kind="slice")
+                A.append(("den", den_2))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c13"]:
-                _82 = F.float32(param)
-                t_param_fp32 = _82
-                _83 = F.float32(t_update)
-                t_update_fp32 = _83
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c14"]:
+                    # if cautious_wd:
                     if h["_c15"]:
-                        _84 = F.mul(t_update_fp32, t_param_fp32)
-                        _85 = F.ge(_84, 0)
-                        _86 = F.where(_85, 1.0, 0.0, like=param)
-                        _87 = F.addcmul(t_param_fp32, t_param_fp32, _86, h["_k22"])
-                        t_param_fp32 = _87
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k22"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _88 = F.axpy(t_param_fp32, t_param_fp32, h["_k23"])
-                        t_param_fp32 = _88
-                _89 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _89
-                _90 = F.stochastic_round(t_param_fp32, h["_k24"])
-                F.assign_(param, _90)
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k23"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k24"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c14"]:
+                    # if cautious_wd:
                     if h["_c15"]:
-                        _91 = F.mul(t_update, param)
-                        _92 = F.ge(_91, 0)
-                        _93 = F.where(_92, 1.0, 0.0, like=param)
-                        _94 = F.addcmul(param, param, _93, h["_k25"])
-                        F.assign_(param, _94)
+                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k25"])
+                        F.assign_(param, param_5)
                     else:
-                        _95 = F.axpy(param, param, h["_k26"])
-                        F.assign_(param, _95)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * dlr * param
+                        param_6 = F.axpy(param, param, h["_k26"])
+                        F.assign_(param, param_6)
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if orthogonal_gradient:
             if h["_c2"]:
-                _96 = F.vdot(param, grad)
-                _97 = F.vdot(param, param)
-                F.add_(_97, 1e-30)
-                F.div_(_96, _97)
-                _98 = F.mul(param, _96)
-                _99 = F.sub(grad, _98)
-                t_ortho_g = _99
-                _100 = F.norm(grad)
-                _101 = F.norm(t_ortho_g)
-                F.add_(_101, 1e-30)
-                F.div_(_100, _101)
-                t_ortho_scale = _100
-                _102 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _102
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if Simplified_AdEMAMix:
             if h["_c3"]:
                 pass
+            # if eps == None:
             if h["_c4"]:
                 pass
+            # if beta1 > 0:
             if h["_c5"]:
+                # if Simplified_AdEMAMix:
                 if h["_c3"]:
-                    F.mul_(st_exp_avg, h["_k27"])
-                    F.axpy_(st_exp_avg, grad, h["_k28"])
+                    # exp_avg = exp_avg * beta1_used + d * grad
+                    F.mul_(exp_avg, h["_k27"])
+                    F.axpy_(exp_avg, grad, h["_k28"])
                 else:
-                    F.mul_(st_exp_avg, h["_k29"])
-                    F.axpy_(st_exp_avg, grad, h["_k30"])
+                    # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                    F.mul_(exp_avg, h["_k29"])
+                    F.axpy_(exp_avg, grad, h["_k30"])
+                # if grams_moment:
                 if h["_c6"]:
-                    _103 = F.sign(grad)
-                    _104 = F.abs(st_exp_avg)
-                    F.mul_(_103, _104)
-                    t_update = _103
+                    # update = sign(grad) * abs(exp_avg)
+                    update = F.sign(grad)
+                    update_2 = F.abs(exp_avg)
+                    F.mul_(update, update_2)
                 else:
+                    # if cautious_mask:
                     if h["_c7"]:
-                        _105 = F.mul(st_exp_avg, grad)
-                        _106 = F.gt(_105, 0)
-                        _107 = F.where(_106, 1.0, 0.0, like=param)
-                        _108 = F.cast(_107, grad)
-                        t_mask = _108
-                        _109 = F.mean(t_mask)
-                        F.maximum_(_109, 0.001)
-                        _110 = F.div(t_mask, _109)
-                        t_mask = _110
-                        _111 = F.mul(st_exp_avg, t_mask)
-                        t_update = _111
+                        # mask = cast(where(exp_avg * grad > 0, 1.0, 0.0), grad)
+                        mask_6 = F.mul(exp_avg, grad)
+                        mask_7 = F.gt(mask_6, 0)
+                        mask_8 = F.where(mask_7, 1.0, 0.0, like=param)
+                        mask = F.cast(mask_8, grad)
+                        # mask = mask / maximum(mean(mask), 0.001)
+                        mask_9 = F.mean(mask)
+                        F.maximum_(mask_9, 0.001)
+                        mask_10 = F.div(mask, mask_9)
+                        mask = mask_10
+                        # update = exp_avg * mask
+                        update = F.mul(exp_avg, mask)
                     else:
+                        # if Simplified_AdEMAMix:
                         if h["_c3"]:
-                            _112 = F.axpy(st_exp_avg, grad, h["_k31"])
-                            t_update = _112
+                            # update = exp_avg + alpha_grad * d * grad
+                            update = F.axpy(exp_avg, grad, h["_k31"])
                         else:
-                            _113 = F.copy(st_exp_avg)
-                            t_update = _113
+                            # update = copy(exp_avg)
+                            update = F.copy(exp_avg)
             else:
-                _114 = F.mul(grad, h["_k32"])
-                t_update = _114
+                # update = grad * d
+                update = F.mul(grad, h["_k32"])
+            # if kourkoutas_beta:
             if h["_c8"]:
-                _115 = F.mul(grad, grad)
-                _116 = F.sum(_115)
-                F.assign_(st_kourkoutas_sq, _116)
-                F.mul_(st_exp_avg_sq, h["_k33"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k34"])
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_3 = F.mul(grad, grad)
+                kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+                # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq, h["_k33"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k34"])
             else:
-                F.mul_(st_exp_avg_sq, h["_k35"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k36"])
+                # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k35"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k36"])
+            # if use_atan2:
             if h["_c9"]:
-                _117 = F.sqrt(st_exp_avg_sq)
-                t_denom = _117
+                # denom = sqrt(exp_avg_sq)
+                denom = F.sqrt(exp_avg_sq)
             else:
-                _118 = F.sqrt(st_exp_avg_sq)
-                F.add_(_118, h["_k37"])
-                t_denom = _118
+                # denom = sqrt(exp_avg_sq) + d * eps_eff
+                denom = F.sqrt(exp_avg_sq)
+                F.add_(denom, h["_k37"])
+            # if use_AdEMAMix:
             if h["_c10"]:
-                F.mul_(st_exp_avg_slow, h["_k38"])
-                F.axpy_(st_exp_avg_slow, grad, h["_k39"])
-                F.axpy_(t_update, st_exp_avg_slow, h["_k40"])
+                # exp_avg_slow = exp_avg_slow * beta3_ema + d * (1 - beta3_ema) * grad
+                F.mul_(exp_avg_slow, h["_k38"])
+                F.axpy_(exp_avg_slow, grad, h["_k39"])
+                # update = update + alpha * exp_avg_slow
+                F.axpy_(update, exp_avg_slow, h["_k40"])
+            # if use_atan2:
             if h["_c9"]:
-                _119 = F.atan2(t_update, t_denom)
-                t_update = _119
+                # update = atan2(update, denom)
+                update = F.atan2(update, denom)
             else:
-                F.div_(t_update, t_denom)
+                # update = update / denom
+                F.div_(update, denom)
+            # if use_atan2:
             if h["_c9"]:
-                F.mul_(t_update, h["_k41"])
+                # update = update * (dlr * 1.2732395447351628)
+                F.mul_(update, h["_k41"])
             else:
-                F.mul_(t_update, h["dlr"])
+                # update = update * dlr
+                F.mul_(update, h["dlr"])
+            # if prodigy_steps <= 0 or k < prodigy_steps:
             if h["_c11"]:
-                _120 = F.strided(grad, h["_k42"])
-                _121 = F.float32(_120)
-                t_gs = _121
-                _122 = F.strided(param, h["_k43"])
-                _123 = F.float32(_122)
-                t_ps = _123
-                _124 = F.float32(st_p0)
-                _125 = F.sub(_124, t_ps)
-                _126 = F.vdot(t_gs, _125, kind="slice")
-                F.mul_(_126, h["_k44"])
-                A.append(("num", _126))
+                # gs = float32(strided(grad, slice_p))
+                gs_2 = F.strided(grad, h["_k42"])
+                gs = F.float32(gs_2)
+                # ps = float32(strided(param, slice_p))
+                ps_2 = F.strided(param, h["_k43"])
+                ps = F.float32(ps_2)
+                # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+                num_4 = F.float32(p0)
+                num_5 = F.sub(num_4, ps)
+                num_6 = F.vdot(gs, num_5, kind="slice")
+                F.mul_(num_6, h["_k44"])
+                A.append(("num", num_6))
+                # if safeguard_warmup:
                 if h["_c12"]:
-                    F.mul_(st_s, h["_k45"])
-                    F.axpy_(st_s, t_gs, h["_k46"])
+                    # s = s * beta3_used + d / d0 * d * gs
+                    F.mul_(s, h["_k45"])
+                    F.axpy_(s, gs, h["_k46"])
                 else:
-                    F.mul_(st_s, h["_k47"])
-                    F.axpy_(st_s, t_gs, h["_k48"])
-                _127 = F.abs(st_s)
-                _128 = F.sum(_127, kind="slice")
-                A.append(("den", _128))
+                    # s = s * beta3_used + d / d0 * dlr * gs
+                    F.mul_(s, h["_k47"])
+                    F.axpy_(s, gs, h["_k48"])
+                # den += sum(abs(s))
+                den_3 = F.abs(s)
+                den_4 = F.sum(den_3, kind="slice")
+                A.append(("den", den_4))
+            # if stochastic_rounding and bf16 != 0:
             if h["_c13"]:
-                _129 = F.float32(param)
-                t_param_fp32 = _129
-                _130 = F.float32(t_update)
-                t_update_fp32 = _130
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c14"]:
+                    # if cautious_wd:
                     if h["_c15"]:
-                        _131 = F.mul(t_update_fp32, t_param_fp32)
-                        _132 = F.ge(_131, 0)
-                        _133 = F.where(_132, 1.0, 0.0, like=param)
-                        _134 = F.addcmul(t_param_fp32, t_param_fp32, _133, h["_k49"])
-                        t_param_fp32 = _134
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, param_fp32)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k49"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _135 = F.axpy(t_param_fp32, t_param_fp32, h["_k50"])
-                        t_param_fp32 = _135
-                _136 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _136
-                _137 = F.stochastic_round(t_param_fp32, h["_k51"])
-                F.assign_(param, _137)
+                        # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k50"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_7 = F.stochastic_round(param_fp32, h["_k51"])
+                F.assign_(param, param_7)
             else:
+                # if weight_decay != 0:
                 if h["_c14"]:
+                    # if cautious_wd:
                     if h["_c15"]:
-                        _138 = F.mul(t_update, param)
-                        _139 = F.ge(_138, 0)
-                        _140 = F.where(_139, 1.0, 0.0, like=param)
-                        _141 = F.addcmul(param, param, _140, h["_k52"])
-                        F.assign_(param, _141)
+                        # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_8 = F.mul(update, param)
+                        param_9 = F.ge(param_8, 0)
+                        param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                        param_11 = F.addcmul(param, param, param_10, h["_k52"])
+                        F.assign_(param, param_11)
                     else:
-                        _142 = F.axpy(param, param, h["_k53"])
-                        F.assign_(param, _142)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * dlr * param
+                        param_12 = F.axpy(param, param, h["_k53"])
+                        F.assign_(param, param_12)
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if orthogonal_gradient:
         if h["_c2"]:
-            _143 = F.vdot(param, grad)
-            _144 = F.vdot(param, param)
-            F.add_(_144, 1e-30)
-            F.div_(_143, _144)
-            _145 = F.mul(param, _143)
-            _146 = F.sub(grad, _145)
-            t_ortho_g = _146
-            _147 = F.norm(grad)
-            _148 = F.norm(t_ortho_g)
-            F.add_(_148, 1e-30)
-            F.div_(_147, _148)
-            t_ortho_scale = _147
-            _149 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _149
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # if Simplified_AdEMAMix:
         if h["_c3"]:
             pass
+        # if eps == None:
         if h["_c4"]:
             pass
+        # if beta1 > 0:
         if h["_c5"]:
+            # if Simplified_AdEMAMix:
             if h["_c3"]:
-                F.mul_(st_exp_avg, h["_k54"])
-                F.axpy_(st_exp_avg, grad, h["_k55"])
+                # exp_avg = exp_avg * beta1_used + d * grad
+                F.mul_(exp_avg, h["_k54"])
+                F.axpy_(exp_avg, grad, h["_k55"])
             else:
-                F.mul_(st_exp_avg, h["_k56"])
-                F.axpy_(st_exp_avg, grad, h["_k57"])
+                # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
+                F.mul_(exp_avg, h["_k56"])
+                F.axpy_(exp_avg, grad, h["_k57"])
+            # if grams_moment:
             if h["_c6"]:
-                _150 = F.sign(grad)
-                _151 = F.abs(st_exp_avg)
-                F.mul_(_150, _151)
-                t_update = _150
+                # update = sign(grad) * abs(exp_avg)
+                update = F.sign(grad)
+                update_3 = F.abs(exp_avg)
+                F.mul_(update, update_3)
             else:
+                # if cautious_mask:
                 if h["_c7"]:
-                    _152 = F.mul(st_exp_avg, grad)
-                    _153 = F.gt(_152, 0)
-                    _154 = F.where(_153, 1.0, 0.0, like=param)
-                    _155 = F.cast(_154, grad)
-                    t_mask = _155
-                    _156 = F.mean(t_mask)
-                    F.maximum_(_156, 0.001)
-                    _157 = F.div(t_mask, _156)
-                    t_mask = _157
-                    _158 = F.mul(st_exp_avg, t_mask)
-                    t_update = _158
+                    # mask = cast(where(exp_avg * grad > 0, 1.0, 0.0), grad)
+                    mask_11 = F.mul(exp_avg, grad)
+                    mask_12 = F.gt(mask_11, 0)
+                    mask_13 = F.where(mask_12, 1.0, 0.0, like=param)
+                    mask = F.cast(mask_13, grad)
+                    # mask = mask / maximum(mean(mask), 0.001)
+                    mask_14 = F.mean(mask)
+                    F.maximum_(mask_14, 0.001)
+                    mask_15 = F.div(mask, mask_14)
+                    mask = mask_15
+                    # update = exp_avg * mask
+                    update = F.mul(exp_avg, mask)
                 else:
+                    # if Simplified_AdEMAMix:
                     if h["_c3"]:
-                        _159 = F.axpy(st_exp_avg, grad, h["_k58"])
-                        t_update = _159
+                        # update = exp_avg + alpha_grad * d * grad
+                        update = F.axpy(exp_avg, grad, h["_k58"])
                     else:
-                        _160 = F.copy(st_exp_avg)
-                        t_update = _160
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
         else:
-            _161 = F.mul(grad, h["_k59"])
-            t_update = _161
+            # update = grad * d
+            update = F.mul(grad, h["_k59"])
+        # if kourkoutas_beta:
         if h["_c8"]:
-            _162 = F.mul(grad, grad)
-            _163 = F.sum(_162)
-            F.assign_(st_kourkoutas_sq, _163)
-            F.mul_(st_exp_avg_sq, h["_k60"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k61"])
+            # kourkoutas_sq = sum(grad * grad)
+            kourkoutas_sq_5 = F.mul(grad, grad)
+            kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+            F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+            # exp_avg_sq = exp_avg_sq * input() + d * d * (1 - input()) * grad * grad
+            F.mul_(exp_avg_sq, h["_k60"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k61"])
         else:
-            F.mul_(st_exp_avg_sq, h["_k62"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k63"])
+            # exp_avg_sq = exp_avg_sq * beta2 + d * d * (1 - beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k62"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k63"])
+        # if use_atan2:
         if h["_c9"]:
-            _164 = F.sqrt(st_exp_avg_sq)
-            t_denom = _164
+            # denom = sqrt(exp_avg_sq)
+            denom = F.sqrt(exp_avg_sq)
         else:
-            _165 = F.sqrt(st_exp_avg_sq)
-            F.add_(_165, h["_k64"])
-            t_denom = _165
+            # denom = sqrt(exp_avg_sq) + d * eps_eff
+            denom = F.sqrt(exp_avg_sq)
+            F.add_(denom, h["_k64"])
+        # if use_AdEMAMix:
         if h["_c10"]:
-            F.mul_(st_exp_avg_slow, h["_k65"])
-            F.axpy_(st_exp_avg_slow, grad, h["_k66"])
-            F.axpy_(t_update, st_exp_avg_slow, h["_k67"])
+            # exp_avg_slow = exp_avg_slow * beta3_ema + d * (1 - beta3_ema) * grad
+            F.mul_(exp_avg_slow, h["_k65"])
+            F.axpy_(exp_avg_slow, grad, h["_k66"])
+            # update = update + alpha * exp_avg_slow
+            F.axpy_(update, exp_avg_slow, h["_k67"])
+        # if use_atan2:
         if h["_c9"]:
-            _166 = F.atan2(t_update, t_denom)
-            t_update = _166
+            # update = atan2(update, denom)
+            update = F.atan2(update, denom)
         else:
-            F.div_(t_update, t_denom)
+            # update = update / denom
+            F.div_(update, denom)
+        # if use_atan2:
         if h["_c9"]:
-            F.mul_(t_update, h["_k68"])
+            # update = update * (dlr * 1.2732395447351628)
+            F.mul_(update, h["_k68"])
         else:
-            F.mul_(t_update, h["dlr"])
+            # update = update * dlr
+            F.mul_(update, h["dlr"])
+        # if prodigy_steps <= 0 or k < prodigy_steps:
         if h["_c11"]:
-            _167 = F.strided(grad, h["_k69"])
-            _168 = F.float32(_167)
-            t_gs = _168
-            _169 = F.strided(param, h["_k70"])
-            _170 = F.float32(_169)
-            t_ps = _170
-            _171 = F.float32(st_p0)
-            _172 = F.sub(_171, t_ps)
-            _173 = F.vdot(t_gs, _172, kind="slice")
-            F.mul_(_173, h["_k71"])
-            A.append(("num", _173))
+            # gs = float32(strided(grad, slice_p))
+            gs_3 = F.strided(grad, h["_k69"])
+            gs = F.float32(gs_3)
+            # ps = float32(strided(param, slice_p))
+            ps_3 = F.strided(param, h["_k70"])
+            ps = F.float32(ps_3)
+            # num += vdot(gs, float32(p0) - ps) * (d / d0 * dlr)
+            num_7 = F.float32(p0)
+            num_8 = F.sub(num_7, ps)
+            num_9 = F.vdot(gs, num_8, kind="slice")
+            F.mul_(num_9, h["_k71"])
+            A.append(("num", num_9))
+            # if safeguard_warmup:
             if h["_c12"]:
-                F.mul_(st_s, h["_k72"])
-                F.axpy_(st_s, t_gs, h["_k73"])
+                # s = s * beta3_used + d / d0 * d * gs
+                F.mul_(s, h["_k72"])
+                F.axpy_(s, gs, h["_k73"])
             else:
-                F.mul_(st_s, h["_k74"])
-                F.axpy_(st_s, t_gs, h["_k75"])
-            _174 = F.abs(st_s)
-            _175 = F.sum(_174, kind="slice")
-            A.append(("den", _175))
+                # s = s * beta3_used + d / d0 * dlr * gs
+                F.mul_(s, h["_k74"])
+                F.axpy_(s, gs, h["_k75"])
+            # den += sum(abs(s))
+            den_5 = F.abs(s)
+            den_6 = F.sum(den_5, kind="slice")
+            A.append(("den", den_6))
+        # if stochastic_rounding and bf16 != 0:
         if h["_c13"]:
-            _176 = F.float32(param)
-            t_param_fp32 = _176
-            _177 = F.float32(t_update)
-            t_update_fp32 = _177
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c14"]:
+                # if cautious_wd:
                 if h["_c15"]:
-                    _178 = F.mul(t_update_fp32, t_param_fp32)
-                    _179 = F.ge(_178, 0)
-                    _180 = F.where(_179, 1.0, 0.0, like=param)
-                    _181 = F.addcmul(t_param_fp32, t_param_fp32, _180, h["_k76"])
-                    t_param_fp32 = _181
+                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_9 = F.mul(update_fp32, param_fp32)
+                    param_fp32_10 = F.ge(param_fp32_9, 0)
+                    param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                    param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k76"])
+                    param_fp32 = param_fp32_12
                 else:
-                    _182 = F.axpy(t_param_fp32, t_param_fp32, h["_k77"])
-                    t_param_fp32 = _182
-            _183 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _183
-            _184 = F.stochastic_round(t_param_fp32, h["_k78"])
-            F.assign_(param, _184)
+                    # param_fp32 = param_fp32 - weight_decay * dlr * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k77"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_13 = F.stochastic_round(param_fp32, h["_k78"])
+            F.assign_(param, param_13)
         else:
+            # if weight_decay != 0:
             if h["_c14"]:
+                # if cautious_wd:
                 if h["_c15"]:
-                    _185 = F.mul(t_update, param)
-                    _186 = F.ge(_185, 0)
-                    _187 = F.where(_186, 1.0, 0.0, like=param)
-                    _188 = F.addcmul(param, param, _187, h["_k79"])
-                    F.assign_(param, _188)
+                    # param = param - weight_decay * dlr * param * where(update * param >= 0, 1.0, 0.0)
+                    param_14 = F.mul(update, param)
+                    param_15 = F.ge(param_14, 0)
+                    param_16 = F.where(param_15, 1.0, 0.0, like=param)
+                    param_17 = F.addcmul(param, param, param_16, h["_k79"])
+                    F.assign_(param, param_17)
                 else:
-                    _189 = F.axpy(param, param, h["_k80"])
-                    F.assign_(param, _189)
-            F.sub_(param, t_update)
+                    # param = param - weight_decay * dlr * param
+                    param_18 = F.axpy(param, param, h["_k80"])
+                    F.assign_(param, param_18)
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Prodigy_adv(GeneratedOptimizer):

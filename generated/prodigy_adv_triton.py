@@ -89,8 +89,8 @@ def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_P0: tl.constexpr = 9
     COL_GIDX: tl.constexpr = 20
     COL_STRIDE: tl.constexpr = 21
-    COL_WS__R0: tl.constexpr = 22
-    COL_WS__R1: tl.constexpr = 23
+    COL_WS_R0: tl.constexpr = 22
+    COL_WS_R1: tl.constexpr = 23
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -155,13 +155,13 @@ def _prodigy_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * beta3_used + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -217,27 +217,27 @@ def _prodigy_adv_vec0(
     COL_B: tl.constexpr = 16
     COL_M: tl.constexpr = 17
     COL_N: tl.constexpr = 18
-    COL_WS__R0: tl.constexpr = 22
-    COL_WS__R1: tl.constexpr = 23
-    COL_WS__ACC0_NUM: tl.constexpr = 24
-    COL_WS__ACC1_DEN: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 22
+    COL_WS_R1: tl.constexpr = 23
+    COL_WS_ACC0_NUM: tl.constexpr = 24
+    COL_WS_ACC1_DEN: tl.constexpr = 25
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # _acc0_num = _r0 * (d / d0 * dlr)  (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     acc0_num = (r0 * tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR))
-    p__acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS__ACC0_NUM)
-    tl.store(p__acc0_num + 0, L.to_storage(acc0_num, tl.float32))
+    p_acc0_num = ws + tl.load(tab + t * TBL_W + COL_WS_ACC0_NUM)
+    tl.store(p_acc0_num + 0, L.to_storage(acc0_num, tl.float32))
     tl.debug_barrier()
     # _acc1_den = _r1  (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
-    r1 = tl.load(p__r1 + 0).to(tl.float32)
-    p__acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS__ACC1_DEN)
-    tl.store(p__acc1_den + 0, L.to_storage(r1, tl.float32))
+    p_r1 = ws + tl.load(tab + t * TBL_W + COL_WS_R1)
+    r1 = tl.load(p_r1 + 0).to(tl.float32)
+    p_acc1_den = ws + tl.load(tab + t * TBL_W + COL_WS_ACC1_DEN)
+    tl.store(p_acc1_den + 0, L.to_storage(r1, tl.float32))
     tl.debug_barrier()
 
 
@@ -314,8 +314,8 @@ def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
     COL_STRIDE: tl.constexpr = 21
-    COL_WS__R0: tl.constexpr = 22
-    COL_WS__R1: tl.constexpr = 23
+    COL_WS_R0: tl.constexpr = 22
+    COL_WS_R1: tl.constexpr = 23
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -378,13 +378,13 @@ def _prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * beta3_used + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_1))
     # store exp_avg, exp_avg_sq, s, param
@@ -431,8 +431,8 @@ def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_P0: tl.constexpr = 9
     COL_GIDX: tl.constexpr = 20
     COL_STRIDE: tl.constexpr = 21
-    COL_WS__R0: tl.constexpr = 22
-    COL_WS__R1: tl.constexpr = 23
+    COL_WS_R0: tl.constexpr = 22
+    COL_WS_R1: tl.constexpr = 23
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -496,13 +496,13 @@ def _prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * beta3_used + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
     # param_fp32 = param_fp32 + -update_fp32
@@ -552,8 +552,8 @@ def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_S: tl.constexpr = 8
     COL_P0: tl.constexpr = 9
     COL_STRIDE: tl.constexpr = 21
-    COL_WS__R0: tl.constexpr = 22
-    COL_WS__R1: tl.constexpr = 23
+    COL_WS_R0: tl.constexpr = 22
+    COL_WS_R1: tl.constexpr = 23
     HV_BETA1_USED: tl.constexpr = 0
     HV_D_TIMES_ONE_MINUS_BETA1_USED: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
@@ -615,13 +615,13 @@ def _prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # _r0 = vdot(gs, float32(p0) - ps)
     p0 = tl.load(p_p0 + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     r0_part = L.masked((grad * (p0 - param)), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.sum(r0_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
     # s = s * beta3_used + d / d0 * dlr * gs
     s = tl.load(p_s + sl_offs, mask=sl_mask, other=0.0).to(tl.float32)
     s_1 = ((s * beta3_used) + d_over_d0_times_dlr * grad)
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param = param + -update
     param_1 = (param + (-update_1))
     # store exp_avg, exp_avg_sq, s, param

@@ -49,34 +49,44 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
+        # if decoupled_weight_decay:
         if h["_c2"]:
+            # param = param * (1 - lr * weight_decay)
             F.mul_(param, h["_k0"])
         else:
-            _2 = F.axpy(grad, param, h["_k1"])
-            grad = _2
-    F.lerp_(st_exp_avg, grad, h["_k2"])
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
-    _3 = F.div(st_exp_avg, h["bias_correction1"])
-    t_bias_corrected_exp_avg = _3
+            # grad = grad + weight_decay * param
+            grad = F.axpy(grad, param, h["_k1"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k2"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k3"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k4"])
+    # bias_corrected_exp_avg = exp_avg / bias_correction1
+    bias_corrected_exp_avg = F.div(exp_avg, h["bias_correction1"])
+    # if rho_t > 5.0:
     if h["_c3"]:
-        _4 = F.sqrt(st_exp_avg_sq)
-        F.add_(_4, h["_k5"])
-        F.rdiv_(_4, h["_k6"])
-        t_adaptive_lr = _4
-        _5 = F.mul(t_bias_corrected_exp_avg, h["_k7"])
-        F.mul_(_5, t_adaptive_lr)
-        F.mul_(_5, h["rect"])
-        F.sub_(param, _5)
+        # adaptive_lr = bias_correction2 ** 0.5 / (sqrt(exp_avg_sq) + eps)
+        adaptive_lr = F.sqrt(exp_avg_sq)
+        F.add_(adaptive_lr, h["_k5"])
+        F.rdiv_(adaptive_lr, h["_k6"])
+        # param = param - bias_corrected_exp_avg * lr * adaptive_lr * rect
+        param_1 = F.mul(bias_corrected_exp_avg, h["_k7"])
+        F.mul_(param_1, adaptive_lr)
+        F.mul_(param_1, h["rect"])
+        F.sub_(param, param_1)
     else:
-        _6 = F.mul(t_bias_corrected_exp_avg, h["_k8"])
-        F.sub_(param, _6)
+        # param = param - bias_corrected_exp_avg * lr
+        param_2 = F.mul(bias_corrected_exp_avg, h["_k8"])
+        F.sub_(param, param_2)
 
 
 class RAdam(GeneratedOptimizer):

@@ -42,33 +42,43 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_square_avg = S["square_avg"]
-    st_momentum_buffer = S["momentum_buffer"]
-    st_grad_avg = S["grad_avg"]
+    # the states, one list of tensors each
+    square_avg = S["square_avg"]
+    momentum_buffer = S["momentum_buffer"]
+    grad_avg = S["grad_avg"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
-    F.mul_(st_square_avg, h["_k1"])
-    F.addcmul_(st_square_avg, grad, grad, h["_k2"])
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # square_avg = square_avg * alpha + (1 - alpha) * grad * grad
+    F.mul_(square_avg, h["_k1"])
+    F.addcmul_(square_avg, grad, grad, h["_k2"])
+    # if centered:
     if h["_c2"]:
-        F.lerp_(st_grad_avg, grad, h["_k3"])
-        _3 = F.addcmul(st_square_avg, st_grad_avg, st_grad_avg, h["_k4"])
-        F.sqrt_(_3)
-        F.add_(_3, h["_k5"])
-        t_avg = _3
+        # grad_avg = lerp(grad_avg, grad, 1 - alpha)
+        F.lerp_(grad_avg, grad, h["_k3"])
+        # avg = sqrt(square_avg - 1 * grad_avg * grad_avg) + eps
+        avg = F.addcmul(square_avg, grad_avg, grad_avg, h["_k4"])
+        F.sqrt_(avg)
+        F.add_(avg, h["_k5"])
     else:
-        _4 = F.sqrt(st_square_avg)
-        F.add_(_4, h["_k6"])
-        t_avg = _4
+        # avg = sqrt(square_avg) + eps
+        avg = F.sqrt(square_avg)
+        F.add_(avg, h["_k6"])
+    # if momentum > 0:
     if h["_c3"]:
-        F.mul_(st_momentum_buffer, h["_k7"])
-        F.addcdiv_(st_momentum_buffer, grad, t_avg, 1)
-        F.axpy_(param, st_momentum_buffer, h["_k8"])
+        # momentum_buffer = momentum_buffer * momentum + grad / avg
+        F.mul_(momentum_buffer, h["_k7"])
+        F.addcdiv_(momentum_buffer, grad, avg, 1)
+        # param = param - lr * momentum_buffer
+        F.axpy_(param, momentum_buffer, h["_k8"])
     else:
-        F.addcdiv_(param, grad, t_avg, h["_k9"])
+        # param = param - lr * grad / avg
+        F.addcdiv_(param, grad, avg, h["_k9"])
 
 
 class RMSprop(GeneratedOptimizer):

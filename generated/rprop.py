@@ -41,29 +41,34 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_prev = S["prev"]
-    st_step_size = S["step_size"]
+    # the states, one list of tensors each
+    prev = S["prev"]
+    step_size = S["step_size"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
-    _2 = F.mul(grad, st_prev)
-    F.sign_(_2)
-    t_s = _2
-    _3 = F.gt(t_s, 0)
-    _4 = F.lt(t_s, 0)
-    _5 = F.where(_4, h["_k1"], 1, like=param)
-    _6 = F.where(_3, h["_k0"], _5)
-    t_factor = _6
-    _7 = F.mul(st_step_size, t_factor)
-    _8 = F.clamp(_7, h["_k2"], h["_k3"])
-    F.assign_(st_step_size, _8)
-    _9 = F.eq(t_factor, h["_k4"])
-    _10 = F.where(_9, 0, grad)
-    t_g = _10
-    _11 = F.sign(t_g)
-    F.addcmul_(param, _11, st_step_size, -1)
-    _12 = F.copy(t_g)
-    F.assign_(st_prev, _12)
+        # grad = -grad
+        grad = F.neg(grad)
+    # s = sign(grad * prev)
+    s = F.mul(grad, prev)
+    F.sign_(s)
+    # factor = where(s > 0, etaplus, where(s < 0, etaminus, 1))
+    factor_1 = F.gt(s, 0)
+    factor_2 = F.lt(s, 0)
+    factor_3 = F.where(factor_2, h["_k1"], 1, like=param)
+    factor = F.where(factor_1, h["_k0"], factor_3)
+    # step_size = clamp(step_size * factor, step_size_min, step_size_max)
+    step_size_1 = F.mul(step_size, factor)
+    step_size_2 = F.clamp(step_size_1, h["_k2"], h["_k3"])
+    F.assign_(step_size, step_size_2)
+    # g = where(factor == etaminus, 0, grad)
+    g_1 = F.eq(factor, h["_k4"])
+    g = F.where(g_1, 0, grad)
+    # param = param - sign(g) * step_size
+    param_1 = F.sign(g)
+    F.addcmul_(param, param_1, step_size, -1)
+    # prev = copy(g)
+    prev_1 = F.copy(g)
+    F.assign_(prev, prev_1)
 
 
 class Rprop(GeneratedOptimizer):

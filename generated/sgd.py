@@ -43,25 +43,35 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_momentum_buffer = S["momentum_buffer"]
+    # the states, one list of tensors each
+    momentum_buffer = S["momentum_buffer"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
-        _2 = F.axpy(grad, param, h["_k0"])
-        grad = _2
+        # grad = grad + weight_decay * param
+        grad = F.axpy(grad, param, h["_k0"])
+    # if momentum != 0:
     if h["_c2"]:
+        # if has(momentum_buffer):
         if h["_c3"]:
-            F.mul_(st_momentum_buffer, h["_k1"])
-            F.axpy_(st_momentum_buffer, grad, h["_k2"])
+            # momentum_buffer = momentum_buffer * momentum + (1 - dampening) * grad
+            F.mul_(momentum_buffer, h["_k1"])
+            F.axpy_(momentum_buffer, grad, h["_k2"])
         else:
-            _3 = F.copy(grad)
-            st_momentum_buffer = F.store(S, "momentum_buffer", _3)
+            # momentum_buffer = copy(grad)
+            momentum_buffer_1 = F.copy(grad)
+            momentum_buffer = F.store(S, "momentum_buffer", momentum_buffer_1)
+        # if nesterov:
         if h["_c4"]:
-            _4 = F.axpy(grad, st_momentum_buffer, h["_k3"])
-            grad = _4
+            # grad = grad + momentum * momentum_buffer
+            grad = F.axpy(grad, momentum_buffer, h["_k3"])
         else:
-            grad = st_momentum_buffer
+            # grad = momentum_buffer
+            grad = momentum_buffer
+    # param = param - lr * grad
     F.axpy_(param, grad, h["_k4"])
 
 

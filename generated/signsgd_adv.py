@@ -530,924 +530,1184 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_anchor_data = S["anchor_data"]
-    st_exp_avg_scale = S["exp_avg_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    anchor_data = S["anchor_data"]
+    exp_avg_scale = S["exp_avg_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if momentum > 0:
             if h["_c2"]:
-                _1 = F.float32(grad)
-                grad = _1
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
-            _9 = F.copy(grad)
-            t_g = _9
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
-                F.sign_(t_g)
+                # g = sign(g)
+                F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c5"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _10 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _10
-                    _11 = F.neg(t_exp_avg_magnitude)
-                    _12 = F.where(st_sign, t_exp_avg_magnitude, _11)
-                    t_exp_avg_full = _12
-                    _13 = F.mul(t_exp_avg_full, t_exp_avg_full)
-                    F.rsub_(_13, 1)
-                    F.maximum_(_13, 1e-30)
-                    F.sqrt_(_13)
-                    t_snr_denom = _13
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                    # snr_denom = sqrt(maximum(1 - exp_avg_full * exp_avg_full, 1e-30))
+                    snr_denom = F.mul(exp_avg_full, exp_avg_full)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c7"]:
-                    _14 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _14
-                    _15 = F.neg(t_exp_avg_magnitude)
-                    _16 = F.where(st_sign, t_exp_avg_magnitude, _15)
-                    t_exp_avg_full = _16
-                    _17 = F.abs(t_exp_avg_full)
-                    F.mul_(_17, t_g)
-                    t_normed_grad = _17
-                    F.lerp_(t_exp_avg_full, t_g, h["_k0"])
-                    _18 = F.float32(t_exp_avg_full)
-                    _19 = F.gt(_18, 0.0)
-                    F.assign_(st_sign, _19)
-                    _20 = F.float32(t_exp_avg_full)
-                    _21 = F.abs(_20)
-                    t_exp_avg_abs = _21
-                    _22 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _22)
-                    _23 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _23
-                    _24 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_24, 1e-12)
-                    _25 = F.div(t_exp_avg_colsum, _24)
-                    F.assign_(st_mv_m_nmf, _25)
-                    _26 = F.lerp(t_normed_grad, t_exp_avg_full, h["coef"])
-                    t_update = _26
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_2 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_2)
+                    # normed_grad = abs(exp_avg_full) * g
+                    normed_grad = F.abs(exp_avg_full)
+                    F.mul_(normed_grad, g)
+                    # exp_avg_full = lerp(exp_avg_full, g, 1 - momentum)
+                    F.lerp_(exp_avg_full, g, h["_k0"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_1 = F.float32(exp_avg_full)
+                    sign_2 = F.gt(sign_1, 0.0)
+                    F.assign_(sign, sign_2)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_1 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_1)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_1)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_1, 1e-12)
+                    mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                    F.assign_(mv_m_nmf, mv_m_nmf_2)
+                    # update = lerp(normed_grad, exp_avg_full, coef)
+                    update = F.lerp(normed_grad, exp_avg_full, h["coef"])
                 else:
-                    _27 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _27
-                    _28 = F.neg(t_exp_avg_magnitude)
-                    _29 = F.where(st_sign, t_exp_avg_magnitude, _28)
-                    t_exp_avg_full = _29
-                    F.lerp_(t_exp_avg_full, t_g, h["_k1"])
-                    _30 = F.float32(t_exp_avg_full)
-                    _31 = F.gt(_30, 0.0)
-                    F.assign_(st_sign, _31)
-                    _32 = F.float32(t_exp_avg_full)
-                    _33 = F.abs(_32)
-                    t_exp_avg_abs = _33
-                    _34 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _34)
-                    _35 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _35
-                    _36 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_36, 1e-12)
-                    _37 = F.div(t_exp_avg_colsum, _36)
-                    F.assign_(st_mv_m_nmf, _37)
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_3 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_3)
+                    # exp_avg_full = lerp(exp_avg_full, g, 1 - momentum)
+                    F.lerp_(exp_avg_full, g, h["_k1"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_3 = F.float32(exp_avg_full)
+                    sign_4 = F.gt(sign_3, 0.0)
+                    F.assign_(sign, sign_4)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_2 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_2)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_2 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_2)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_3 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_3, 1e-12)
+                    mv_m_nmf_4 = F.div(exp_avg_colsum, mv_m_nmf_3)
+                    F.assign_(mv_m_nmf, mv_m_nmf_4)
+                    # if nesterov:
                     if h["_c8"]:
-                        _38 = F.lerp(t_g, t_exp_avg_full, h["coef"])
-                        t_update = _38
+                        # update = lerp(g, exp_avg_full, coef)
+                        update = F.lerp(g, exp_avg_full, h["coef"])
                     else:
-                        _39 = F.copy(t_exp_avg_full)
-                        t_update = _39
+                        # update = copy(exp_avg_full)
+                        update = F.copy(exp_avg_full)
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _40 = F.atan2(t_update, t_snr_denom)
-                    t_update = _40
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _41 = F.copy(t_g)
-                t_update = _41
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c9"]:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
+            # if snr_cond and normed_momentum and momentum > 0:
             if h["_c10"]:
-                F.mul_(t_update, h["_k2"])
+                # update = update * (lr * 1.2732395447351628)
+                F.mul_(update, h["_k2"])
             else:
-                F.mul_(t_update, h["_k3"])
+                # update = update * lr
+                F.mul_(update, h["_k3"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _42 = F.float32(param)
-                t_param_fp32 = _42
-                _43 = F.float32(t_update)
-                t_update_fp32 = _43
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _44 = F.sign(t_param_fp32)
-                            _45 = F.atan2(_44, t_snr_denom)
-                            t_wd_target = _45
-                            _46 = F.norm(t_param_fp32)
-                            _47 = F.norm(t_wd_target)
-                            F.maximum_(_47, h["_k4"])
-                            F.div_(_46, _47)
-                            _48 = F.mul(t_wd_target, _46)
-                            t_wd_target = _48
+                            # wd_target = atan2(sign(param_fp32), snr_denom)
+                            wd_target_1 = F.sign(param_fp32)
+                            wd_target = F.atan2(wd_target_1, snr_denom)
+                            # wd_target = wd_target * (norm(param_fp32) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_2 = F.norm(param_fp32)
+                            wd_target_3 = F.norm(wd_target)
+                            F.maximum_(wd_target_3, h["_k4"])
+                            F.div_(wd_target_2, wd_target_3)
+                            wd_target_4 = F.mul(wd_target, wd_target_2)
+                            wd_target = wd_target_4
                         else:
-                            _49 = F.sign(t_param_fp32)
-                            t_wd_target = _49
-                            _50 = F.norm(t_param_fp32)
-                            F.div_(_50, h["_k5"])
-                            F.mul_(t_wd_target, _50)
+                            # wd_target = sign(param_fp32)
+                            wd_target = F.sign(param_fp32)
+                            # wd_target = wd_target * (norm(param_fp32) / sqrt(numel))
+                            wd_target_5 = F.norm(param_fp32)
+                            F.div_(wd_target_5, h["_k5"])
+                            F.mul_(wd_target, wd_target_5)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _51 = F.mul(t_update_fp32, t_param_fp32)
-                            _52 = F.ge(_51, 0)
-                            _53 = F.where(_52, 1.0, 0.0, like=param)
-                            _54 = F.addcmul(t_param_fp32, t_wd_target, _53, h["_k6"])
-                            t_param_fp32 = _54
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            param_fp32_4 = F.addcmul(param_fp32, wd_target, param_fp32_3, h["_k6"])
+                            param_fp32 = param_fp32_4
                         else:
-                            _55 = F.axpy(t_param_fp32, t_wd_target, h["_k7"])
-                            t_param_fp32 = _55
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k7"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _56 = F.mul(t_update_fp32, t_param_fp32)
-                            _57 = F.ge(_56, 0)
-                            _58 = F.where(_57, 1.0, 0.0, like=param)
-                            _59 = F.addcmul(t_param_fp32, t_param_fp32, _58, h["_k8"])
-                            t_param_fp32 = _59
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, param_fp32)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k8"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _60 = F.axpy(t_param_fp32, t_param_fp32, h["_k9"])
-                            t_param_fp32 = _60
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k9"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _61 = F.cast(st_anchor_data, t_param_fp32)
-                    _62 = F.sub(t_param_fp32, _61)
-                    t_cwd_target = _62
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _63 = F.mul(t_update_fp32, t_cwd_target)
-                        _64 = F.ge(_63, 0)
-                        _65 = F.where(_64, 1.0, 0.0, like=param)
-                        _66 = F.addcmul(t_param_fp32, t_cwd_target, _65, h["_k10"])
-                        t_param_fp32 = _66
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, cwd_target)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k10"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _67 = F.axpy(t_param_fp32, t_cwd_target, h["_k11"])
-                        t_param_fp32 = _67
-                _68 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _68
-                _69 = F.stochastic_round(t_param_fp32, h["_k12"])
-                F.assign_(param, _69)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k11"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k12"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _70 = F.sign(param)
-                            _71 = F.atan2(_70, t_snr_denom)
-                            t_wd_target = _71
-                            _72 = F.norm(param)
-                            _73 = F.norm(t_wd_target)
-                            F.maximum_(_73, h["_k13"])
-                            F.div_(_72, _73)
-                            _74 = F.mul(t_wd_target, _72)
-                            t_wd_target = _74
+                            # wd_target = atan2(sign(param), snr_denom)
+                            wd_target_6 = F.sign(param)
+                            wd_target = F.atan2(wd_target_6, snr_denom)
+                            # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_7 = F.norm(param)
+                            wd_target_8 = F.norm(wd_target)
+                            F.maximum_(wd_target_8, h["_k13"])
+                            F.div_(wd_target_7, wd_target_8)
+                            wd_target_9 = F.mul(wd_target, wd_target_7)
+                            wd_target = wd_target_9
                         else:
-                            _75 = F.sign(param)
-                            t_wd_target = _75
-                            _76 = F.norm(param)
-                            F.div_(_76, h["_k14"])
-                            F.mul_(t_wd_target, _76)
+                            # wd_target = sign(param)
+                            wd_target = F.sign(param)
+                            # wd_target = wd_target * (norm(param) / sqrt(numel))
+                            wd_target_10 = F.norm(param)
+                            F.div_(wd_target_10, h["_k14"])
+                            F.mul_(wd_target, wd_target_10)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _77 = F.mul(t_update, param)
-                            _78 = F.ge(_77, 0)
-                            _79 = F.where(_78, 1.0, 0.0, like=param)
-                            _80 = F.addcmul(param, t_wd_target, _79, h["_k15"])
-                            F.assign_(param, _80)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            param_5 = F.addcmul(param, wd_target, param_4, h["_k15"])
+                            F.assign_(param, param_5)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k16"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k16"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _81 = F.mul(t_update, param)
-                            _82 = F.ge(_81, 0)
-                            _83 = F.where(_82, 1.0, 0.0, like=param)
-                            _84 = F.addcmul(param, param, _83, h["_k17"])
-                            F.assign_(param, _84)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_6 = F.mul(update, param)
+                            param_7 = F.ge(param_6, 0)
+                            param_8 = F.where(param_7, 1.0, 0.0, like=param)
+                            param_9 = F.addcmul(param, param, param_8, h["_k17"])
+                            F.assign_(param, param_9)
                         else:
-                            _85 = F.axpy(param, param, h["_k18"])
-                            F.assign_(param, _85)
+                            # param = param - weight_decay * lr * param
+                            param_10 = F.axpy(param, param, h["_k18"])
+                            F.assign_(param, param_10)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _86 = F.cast(st_anchor_data, param)
-                    _87 = F.sub(param, _86)
-                    t_cwd_target = _87
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _88 = F.mul(t_update, t_cwd_target)
-                        _89 = F.ge(_88, 0)
-                        _90 = F.where(_89, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _90, h["_k19"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_11 = F.mul(update, cwd_target)
+                        param_12 = F.ge(param_11, 0)
+                        param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_13, h["_k19"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k20"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k20"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if momentum > 0:
             if h["_c2"]:
-                _91 = F.float32(grad)
-                grad = _91
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _92 = F.vdot(param, grad)
-                _93 = F.vdot(param, param)
-                F.add_(_93, 1e-30)
-                F.div_(_92, _93)
-                _94 = F.mul(param, _92)
-                _95 = F.sub(grad, _94)
-                t_ortho_g = _95
-                _96 = F.norm(grad)
-                _97 = F.norm(t_ortho_g)
-                F.add_(_97, 1e-30)
-                F.div_(_96, _97)
-                t_ortho_scale = _96
-                _98 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _98
-            _99 = F.copy(grad)
-            t_g = _99
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
-                F.sign_(t_g)
+                # g = sign(g)
+                F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c5"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _100 = F.mul(st_exp_avg, st_exp_avg)
-                    F.rsub_(_100, 1)
-                    F.maximum_(_100, 1e-30)
-                    F.sqrt_(_100)
-                    t_snr_denom = _100
+                    # snr_denom = sqrt(maximum(1 - exp_avg * exp_avg, 1e-30))
+                    snr_denom = F.mul(exp_avg, exp_avg)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c7"]:
-                    _101 = F.abs(st_exp_avg)
-                    F.mul_(_101, t_g)
-                    t_normed_grad = _101
-                    F.lerp_(st_exp_avg, t_g, h["_k21"])
-                    _102 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
-                    t_update = _102
+                    # normed_grad = abs(exp_avg) * g
+                    normed_grad = F.abs(exp_avg)
+                    F.mul_(normed_grad, g)
+                    # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                    F.lerp_(exp_avg, g, h["_k21"])
+                    # update = lerp(normed_grad, exp_avg, coef)
+                    update = F.lerp(normed_grad, exp_avg, h["coef"])
                 else:
-                    F.lerp_(st_exp_avg, t_g, h["_k22"])
+                    # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                    F.lerp_(exp_avg, g, h["_k22"])
+                    # if nesterov:
                     if h["_c8"]:
-                        _103 = F.lerp(t_g, st_exp_avg, h["coef"])
-                        t_update = _103
+                        # update = lerp(g, exp_avg, coef)
+                        update = F.lerp(g, exp_avg, h["coef"])
                     else:
-                        _104 = F.copy(st_exp_avg)
-                        t_update = _104
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _105 = F.atan2(t_update, t_snr_denom)
-                    t_update = _105
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _106 = F.copy(t_g)
-                t_update = _106
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c9"]:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
+            # if snr_cond and normed_momentum and momentum > 0:
             if h["_c10"]:
-                F.mul_(t_update, h["_k23"])
+                # update = update * (lr * 1.2732395447351628)
+                F.mul_(update, h["_k23"])
             else:
-                F.mul_(t_update, h["_k24"])
+                # update = update * lr
+                F.mul_(update, h["_k24"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _107 = F.float32(param)
-                t_param_fp32 = _107
-                _108 = F.float32(t_update)
-                t_update_fp32 = _108
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _109 = F.sign(t_param_fp32)
-                            _110 = F.atan2(_109, t_snr_denom)
-                            t_wd_target = _110
-                            _111 = F.norm(t_param_fp32)
-                            _112 = F.norm(t_wd_target)
-                            F.maximum_(_112, h["_k25"])
-                            F.div_(_111, _112)
-                            _113 = F.mul(t_wd_target, _111)
-                            t_wd_target = _113
+                            # wd_target = atan2(sign(param_fp32), snr_denom)
+                            wd_target_11 = F.sign(param_fp32)
+                            wd_target = F.atan2(wd_target_11, snr_denom)
+                            # wd_target = wd_target * (norm(param_fp32) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_12 = F.norm(param_fp32)
+                            wd_target_13 = F.norm(wd_target)
+                            F.maximum_(wd_target_13, h["_k25"])
+                            F.div_(wd_target_12, wd_target_13)
+                            wd_target_14 = F.mul(wd_target, wd_target_12)
+                            wd_target = wd_target_14
                         else:
-                            _114 = F.sign(t_param_fp32)
-                            t_wd_target = _114
-                            _115 = F.norm(t_param_fp32)
-                            F.div_(_115, h["_k26"])
-                            F.mul_(t_wd_target, _115)
+                            # wd_target = sign(param_fp32)
+                            wd_target = F.sign(param_fp32)
+                            # wd_target = wd_target * (norm(param_fp32) / sqrt(numel))
+                            wd_target_15 = F.norm(param_fp32)
+                            F.div_(wd_target_15, h["_k26"])
+                            F.mul_(wd_target, wd_target_15)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _116 = F.mul(t_update_fp32, t_param_fp32)
-                            _117 = F.ge(_116, 0)
-                            _118 = F.where(_117, 1.0, 0.0, like=param)
-                            _119 = F.addcmul(t_param_fp32, t_wd_target, _118, h["_k27"])
-                            t_param_fp32 = _119
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, param_fp32)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, wd_target, param_fp32_15, h["_k27"])
+                            param_fp32 = param_fp32_16
                         else:
-                            _120 = F.axpy(t_param_fp32, t_wd_target, h["_k28"])
-                            t_param_fp32 = _120
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k28"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _121 = F.mul(t_update_fp32, t_param_fp32)
-                            _122 = F.ge(_121, 0)
-                            _123 = F.where(_122, 1.0, 0.0, like=param)
-                            _124 = F.addcmul(t_param_fp32, t_param_fp32, _123, h["_k29"])
-                            t_param_fp32 = _124
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k29"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _125 = F.axpy(t_param_fp32, t_param_fp32, h["_k30"])
-                            t_param_fp32 = _125
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k30"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _126 = F.cast(st_anchor_data, t_param_fp32)
-                    _127 = F.sub(t_param_fp32, _126)
-                    t_cwd_target = _127
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _128 = F.mul(t_update_fp32, t_cwd_target)
-                        _129 = F.ge(_128, 0)
-                        _130 = F.where(_129, 1.0, 0.0, like=param)
-                        _131 = F.addcmul(t_param_fp32, t_cwd_target, _130, h["_k31"])
-                        t_param_fp32 = _131
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_21 = F.mul(update_fp32, cwd_target)
+                        param_fp32_22 = F.ge(param_fp32_21, 0)
+                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k31"])
+                        param_fp32 = param_fp32_24
                     else:
-                        _132 = F.axpy(t_param_fp32, t_cwd_target, h["_k32"])
-                        t_param_fp32 = _132
-                _133 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _133
-                _134 = F.stochastic_round(t_param_fp32, h["_k33"])
-                F.assign_(param, _134)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k32"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_14 = F.stochastic_round(param_fp32, h["_k33"])
+                F.assign_(param, param_14)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _135 = F.sign(param)
-                            _136 = F.atan2(_135, t_snr_denom)
-                            t_wd_target = _136
-                            _137 = F.norm(param)
-                            _138 = F.norm(t_wd_target)
-                            F.maximum_(_138, h["_k34"])
-                            F.div_(_137, _138)
-                            _139 = F.mul(t_wd_target, _137)
-                            t_wd_target = _139
+                            # wd_target = atan2(sign(param), snr_denom)
+                            wd_target_16 = F.sign(param)
+                            wd_target = F.atan2(wd_target_16, snr_denom)
+                            # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_17 = F.norm(param)
+                            wd_target_18 = F.norm(wd_target)
+                            F.maximum_(wd_target_18, h["_k34"])
+                            F.div_(wd_target_17, wd_target_18)
+                            wd_target_19 = F.mul(wd_target, wd_target_17)
+                            wd_target = wd_target_19
                         else:
-                            _140 = F.sign(param)
-                            t_wd_target = _140
-                            _141 = F.norm(param)
-                            F.div_(_141, h["_k35"])
-                            F.mul_(t_wd_target, _141)
+                            # wd_target = sign(param)
+                            wd_target = F.sign(param)
+                            # wd_target = wd_target * (norm(param) / sqrt(numel))
+                            wd_target_20 = F.norm(param)
+                            F.div_(wd_target_20, h["_k35"])
+                            F.mul_(wd_target, wd_target_20)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _142 = F.mul(t_update, param)
-                            _143 = F.ge(_142, 0)
-                            _144 = F.where(_143, 1.0, 0.0, like=param)
-                            _145 = F.addcmul(param, t_wd_target, _144, h["_k36"])
-                            F.assign_(param, _145)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_15 = F.mul(update, param)
+                            param_16 = F.ge(param_15, 0)
+                            param_17 = F.where(param_16, 1.0, 0.0, like=param)
+                            param_18 = F.addcmul(param, wd_target, param_17, h["_k36"])
+                            F.assign_(param, param_18)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k37"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k37"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _146 = F.mul(t_update, param)
-                            _147 = F.ge(_146, 0)
-                            _148 = F.where(_147, 1.0, 0.0, like=param)
-                            _149 = F.addcmul(param, param, _148, h["_k38"])
-                            F.assign_(param, _149)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_19 = F.mul(update, param)
+                            param_20 = F.ge(param_19, 0)
+                            param_21 = F.where(param_20, 1.0, 0.0, like=param)
+                            param_22 = F.addcmul(param, param, param_21, h["_k38"])
+                            F.assign_(param, param_22)
                         else:
-                            _150 = F.axpy(param, param, h["_k39"])
-                            F.assign_(param, _150)
+                            # param = param - weight_decay * lr * param
+                            param_23 = F.axpy(param, param, h["_k39"])
+                            F.assign_(param, param_23)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _151 = F.cast(st_anchor_data, param)
-                    _152 = F.sub(param, _151)
-                    t_cwd_target = _152
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _153 = F.mul(t_update, t_cwd_target)
-                        _154 = F.ge(_153, 0)
-                        _155 = F.where(_154, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _155, h["_k40"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_24 = F.mul(update, cwd_target)
+                        param_25 = F.ge(param_24, 0)
+                        param_26 = F.where(param_25, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_26, h["_k40"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k41"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k41"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if state_precision == 'bf16_sr' and not nnmf_factor:
         if h["_c16"]:
+            # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
             if h["_c17"]:
-                _156 = F.float32(grad)
-                grad = _156
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _157 = F.vdot(param, grad)
-                _158 = F.vdot(param, param)
-                F.add_(_158, 1e-30)
-                F.div_(_157, _158)
-                _159 = F.mul(param, _157)
-                _160 = F.sub(grad, _159)
-                t_ortho_g = _160
-                _161 = F.norm(grad)
-                _162 = F.norm(t_ortho_g)
-                F.add_(_162, 1e-30)
-                F.div_(_161, _162)
-                t_ortho_scale = _161
-                _163 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _163
-            _164 = F.copy(grad)
-            t_g = _164
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_7 = F.vdot(param, grad)
+                ortho_g_8 = F.vdot(param, param)
+                F.add_(ortho_g_8, 1e-30)
+                F.div_(ortho_g_7, ortho_g_8)
+                ortho_g_9 = F.mul(param, ortho_g_7)
+                ortho_g = F.sub(grad, ortho_g_9)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_3 = F.norm(ortho_g)
+                F.add_(ortho_scale_3, 1e-30)
+                F.div_(ortho_scale, ortho_scale_3)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
-                F.sign_(t_g)
+                # g = sign(g)
+                F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c5"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _165 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _165
-                    _166 = F.mul(t_exp_avg_work, t_exp_avg_work)
-                    F.rsub_(_166, 1)
-                    F.maximum_(_166, 1e-30)
-                    F.sqrt_(_166)
-                    t_snr_denom = _166
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # snr_denom = sqrt(maximum(1 - exp_avg_work * exp_avg_work, 1e-30))
+                    snr_denom = F.mul(exp_avg_work, exp_avg_work)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c7"]:
-                    _167 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _167
-                    _168 = F.abs(t_exp_avg_work)
-                    F.mul_(_168, t_g)
-                    t_normed_grad = _168
-                    F.lerp_(t_exp_avg_work, t_g, h["_k42"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
-                    _169 = F.lerp(t_normed_grad, t_exp_avg_work, h["coef"])
-                    t_update = _169
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # normed_grad = abs(exp_avg_work) * g
+                    normed_grad = F.abs(exp_avg_work)
+                    F.mul_(normed_grad, g)
+                    # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                    F.lerp_(exp_avg_work, g, h["_k42"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # update = lerp(normed_grad, exp_avg_work, coef)
+                    update = F.lerp(normed_grad, exp_avg_work, h["coef"])
                 else:
-                    _170 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _170
-                    F.lerp_(t_exp_avg_work, t_g, h["_k44"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                    F.lerp_(exp_avg_work, g, h["_k44"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # if nesterov:
                     if h["_c8"]:
-                        _171 = F.lerp(t_g, t_exp_avg_work, h["coef"])
-                        t_update = _171
+                        # update = lerp(g, exp_avg_work, coef)
+                        update = F.lerp(g, exp_avg_work, h["coef"])
                     else:
-                        _172 = F.copy(t_exp_avg_work)
-                        t_update = _172
+                        # update = copy(exp_avg_work)
+                        update = F.copy(exp_avg_work)
+                # if snr_cond and normed_momentum:
                 if h["_c6"]:
-                    _173 = F.atan2(t_update, t_snr_denom)
-                    t_update = _173
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _174 = F.copy(t_g)
-                t_update = _174
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c9"]:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
+            # if snr_cond and normed_momentum and momentum > 0:
             if h["_c10"]:
-                F.mul_(t_update, h["_k46"])
+                # update = update * (lr * 1.2732395447351628)
+                F.mul_(update, h["_k46"])
             else:
-                F.mul_(t_update, h["_k47"])
+                # update = update * lr
+                F.mul_(update, h["_k47"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c11"]:
-                _175 = F.float32(param)
-                t_param_fp32 = _175
-                _176 = F.float32(t_update)
-                t_update_fp32 = _176
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _177 = F.sign(t_param_fp32)
-                            _178 = F.atan2(_177, t_snr_denom)
-                            t_wd_target = _178
-                            _179 = F.norm(t_param_fp32)
-                            _180 = F.norm(t_wd_target)
-                            F.maximum_(_180, h["_k48"])
-                            F.div_(_179, _180)
-                            _181 = F.mul(t_wd_target, _179)
-                            t_wd_target = _181
+                            # wd_target = atan2(sign(param_fp32), snr_denom)
+                            wd_target_21 = F.sign(param_fp32)
+                            wd_target = F.atan2(wd_target_21, snr_denom)
+                            # wd_target = wd_target * (norm(param_fp32) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_22 = F.norm(param_fp32)
+                            wd_target_23 = F.norm(wd_target)
+                            F.maximum_(wd_target_23, h["_k48"])
+                            F.div_(wd_target_22, wd_target_23)
+                            wd_target_24 = F.mul(wd_target, wd_target_22)
+                            wd_target = wd_target_24
                         else:
-                            _182 = F.sign(t_param_fp32)
-                            t_wd_target = _182
-                            _183 = F.norm(t_param_fp32)
-                            F.div_(_183, h["_k49"])
-                            F.mul_(t_wd_target, _183)
+                            # wd_target = sign(param_fp32)
+                            wd_target = F.sign(param_fp32)
+                            # wd_target = wd_target * (norm(param_fp32) / sqrt(numel))
+                            wd_target_25 = F.norm(param_fp32)
+                            F.div_(wd_target_25, h["_k49"])
+                            F.mul_(wd_target, wd_target_25)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _184 = F.mul(t_update_fp32, t_param_fp32)
-                            _185 = F.ge(_184, 0)
-                            _186 = F.where(_185, 1.0, 0.0, like=param)
-                            _187 = F.addcmul(t_param_fp32, t_wd_target, _186, h["_k50"])
-                            t_param_fp32 = _187
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_25 = F.mul(update_fp32, param_fp32)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            param_fp32_28 = F.addcmul(param_fp32, wd_target, param_fp32_27, h["_k50"])
+                            param_fp32 = param_fp32_28
                         else:
-                            _188 = F.axpy(t_param_fp32, t_wd_target, h["_k51"])
-                            t_param_fp32 = _188
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k51"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _189 = F.mul(t_update_fp32, t_param_fp32)
-                            _190 = F.ge(_189, 0)
-                            _191 = F.where(_190, 1.0, 0.0, like=param)
-                            _192 = F.addcmul(t_param_fp32, t_param_fp32, _191, h["_k52"])
-                            t_param_fp32 = _192
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, param_fp32)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k52"])
+                            param_fp32 = param_fp32_32
                         else:
-                            _193 = F.axpy(t_param_fp32, t_param_fp32, h["_k53"])
-                            t_param_fp32 = _193
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k53"])
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _194 = F.cast(st_anchor_data, t_param_fp32)
-                    _195 = F.sub(t_param_fp32, _194)
-                    t_cwd_target = _195
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_5 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _196 = F.mul(t_update_fp32, t_cwd_target)
-                        _197 = F.ge(_196, 0)
-                        _198 = F.where(_197, 1.0, 0.0, like=param)
-                        _199 = F.addcmul(t_param_fp32, t_cwd_target, _198, h["_k54"])
-                        t_param_fp32 = _199
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_33 = F.mul(update_fp32, cwd_target)
+                        param_fp32_34 = F.ge(param_fp32_33, 0)
+                        param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                        param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k54"])
+                        param_fp32 = param_fp32_36
                     else:
-                        _200 = F.axpy(t_param_fp32, t_cwd_target, h["_k55"])
-                        t_param_fp32 = _200
-                _201 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _201
-                _202 = F.stochastic_round(t_param_fp32, h["_k56"])
-                F.assign_(param, _202)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k55"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_27 = F.stochastic_round(param_fp32, h["_k56"])
+                F.assign_(param, param_27)
             else:
+                # if weight_decay != 0:
                 if h["_c12"]:
+                    # if geometric_wd:
                     if h["_c13"]:
+                        # if snr_cond and normed_momentum and momentum > 0:
                         if h["_c10"]:
-                            _203 = F.sign(param)
-                            _204 = F.atan2(_203, t_snr_denom)
-                            t_wd_target = _204
-                            _205 = F.norm(param)
-                            _206 = F.norm(t_wd_target)
-                            F.maximum_(_206, h["_k57"])
-                            F.div_(_205, _206)
-                            _207 = F.mul(t_wd_target, _205)
-                            t_wd_target = _207
+                            # wd_target = atan2(sign(param), snr_denom)
+                            wd_target_26 = F.sign(param)
+                            wd_target = F.atan2(wd_target_26, snr_denom)
+                            # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                            wd_target_27 = F.norm(param)
+                            wd_target_28 = F.norm(wd_target)
+                            F.maximum_(wd_target_28, h["_k57"])
+                            F.div_(wd_target_27, wd_target_28)
+                            wd_target_29 = F.mul(wd_target, wd_target_27)
+                            wd_target = wd_target_29
                         else:
-                            _208 = F.sign(param)
-                            t_wd_target = _208
-                            _209 = F.norm(param)
-                            F.div_(_209, h["_k58"])
-                            F.mul_(t_wd_target, _209)
+                            # wd_target = sign(param)
+                            wd_target = F.sign(param)
+                            # wd_target = wd_target * (norm(param) / sqrt(numel))
+                            wd_target_30 = F.norm(param)
+                            F.div_(wd_target_30, h["_k58"])
+                            F.mul_(wd_target, wd_target_30)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _210 = F.mul(t_update, param)
-                            _211 = F.ge(_210, 0)
-                            _212 = F.where(_211, 1.0, 0.0, like=param)
-                            _213 = F.addcmul(param, t_wd_target, _212, h["_k59"])
-                            F.assign_(param, _213)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_28 = F.mul(update, param)
+                            param_29 = F.ge(param_28, 0)
+                            param_30 = F.where(param_29, 1.0, 0.0, like=param)
+                            param_31 = F.addcmul(param, wd_target, param_30, h["_k59"])
+                            F.assign_(param, param_31)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k60"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k60"])
                     else:
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _214 = F.mul(t_update, param)
-                            _215 = F.ge(_214, 0)
-                            _216 = F.where(_215, 1.0, 0.0, like=param)
-                            _217 = F.addcmul(param, param, _216, h["_k61"])
-                            F.assign_(param, _217)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_32 = F.mul(update, param)
+                            param_33 = F.ge(param_32, 0)
+                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                            param_35 = F.addcmul(param, param, param_34, h["_k61"])
+                            F.assign_(param, param_35)
                         else:
-                            _218 = F.axpy(param, param, h["_k62"])
-                            F.assign_(param, _218)
+                            # param = param - weight_decay * lr * param
+                            param_36 = F.axpy(param, param, h["_k62"])
+                            F.assign_(param, param_36)
+                # if centered_wd != 0:
                 if h["_c15"]:
-                    _219 = F.cast(st_anchor_data, param)
-                    _220 = F.sub(param, _219)
-                    t_cwd_target = _220
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_6 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_6)
+                    # if cautious_wd:
                     if h["_c14"]:
-                        _221 = F.mul(t_update, t_cwd_target)
-                        _222 = F.ge(_221, 0)
-                        _223 = F.where(_222, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _223, h["_k63"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_37 = F.mul(update, cwd_target)
+                        param_38 = F.ge(param_37, 0)
+                        param_39 = F.where(param_38, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_39, h["_k63"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k64"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k64"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if state_precision == 'int8_sr' and not nnmf_factor:
             if h["_c18"]:
+                # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                 if h["_c17"]:
-                    _224 = F.float32(grad)
-                    grad = _224
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c3"]:
-                    _225 = F.vdot(param, grad)
-                    _226 = F.vdot(param, param)
-                    F.add_(_226, 1e-30)
-                    F.div_(_225, _226)
-                    _227 = F.mul(param, _225)
-                    _228 = F.sub(grad, _227)
-                    t_ortho_g = _228
-                    _229 = F.norm(grad)
-                    _230 = F.norm(t_ortho_g)
-                    F.add_(_230, 1e-30)
-                    F.div_(_229, _230)
-                    t_ortho_scale = _229
-                    _231 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _231
-                _232 = F.copy(grad)
-                t_g = _232
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_10 = F.vdot(param, grad)
+                    ortho_g_11 = F.vdot(param, param)
+                    F.add_(ortho_g_11, 1e-30)
+                    F.div_(ortho_g_10, ortho_g_11)
+                    ortho_g_12 = F.mul(param, ortho_g_10)
+                    ortho_g = F.sub(grad, ortho_g_12)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_4 = F.norm(ortho_g)
+                    F.add_(ortho_scale_4, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_4)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # g = copy(grad)
+                g = F.copy(grad)
+                # if normed_momentum:
                 if h["_c4"]:
-                    F.sign_(t_g)
+                    # g = sign(g)
+                    F.sign_(g)
+                # if nesterov_coef == None:
                 if h["_c5"]:
                     pass
+                # if momentum > 0:
                 if h["_c2"]:
+                    # if snr_cond and normed_momentum:
                     if h["_c6"]:
-                        _233 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _233
-                        _234 = F.mul(t_exp_avg_work, t_exp_avg_work)
-                        F.rsub_(_234, 1)
-                        F.maximum_(_234, 1e-30)
-                        F.sqrt_(_234)
-                        t_snr_denom = _234
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # snr_denom = sqrt(maximum(1 - exp_avg_work * exp_avg_work, 1e-30))
+                        snr_denom = F.mul(exp_avg_work, exp_avg_work)
+                        F.rsub_(snr_denom, 1)
+                        F.maximum_(snr_denom, 1e-30)
+                        F.sqrt_(snr_denom)
                     else:
-                        t_snr_denom = t_g
+                        # snr_denom = g
+                        snr_denom = g
+                    # if nesterov and normed_momentum:
                     if h["_c7"]:
-                        _235 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _235
-                        _236 = F.abs(t_exp_avg_work)
-                        F.mul_(_236, t_g)
-                        t_normed_grad = _236
-                        F.lerp_(t_exp_avg_work, t_g, h["_k65"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
-                        _237 = F.lerp(t_normed_grad, t_exp_avg_work, h["coef"])
-                        t_update = _237
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # normed_grad = abs(exp_avg_work) * g
+                        normed_grad = F.abs(exp_avg_work)
+                        F.mul_(normed_grad, g)
+                        # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                        F.lerp_(exp_avg_work, g, h["_k65"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # update = lerp(normed_grad, exp_avg_work, coef)
+                        update = F.lerp(normed_grad, exp_avg_work, h["coef"])
                     else:
-                        _238 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _238
-                        F.lerp_(t_exp_avg_work, t_g, h["_k67"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                        F.lerp_(exp_avg_work, g, h["_k67"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # if nesterov:
                         if h["_c8"]:
-                            _239 = F.lerp(t_g, t_exp_avg_work, h["coef"])
-                            t_update = _239
+                            # update = lerp(g, exp_avg_work, coef)
+                            update = F.lerp(g, exp_avg_work, h["coef"])
                         else:
-                            _240 = F.copy(t_exp_avg_work)
-                            t_update = _240
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
+                    # if snr_cond and normed_momentum:
                     if h["_c6"]:
-                        _241 = F.atan2(t_update, t_snr_denom)
-                        t_update = _241
+                        # update = atan2(update, snr_denom)
+                        update = F.atan2(update, snr_denom)
                 else:
-                    t_snr_denom = t_g
-                    _242 = F.copy(t_g)
-                    t_update = _242
+                    # snr_denom = g
+                    snr_denom = g
+                    # update = copy(g)
+                    update = F.copy(g)
+                # if not normed_momentum:
                 if h["_c9"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
+                # if snr_cond and normed_momentum and momentum > 0:
                 if h["_c10"]:
-                    F.mul_(t_update, h["_k69"])
+                    # update = update * (lr * 1.2732395447351628)
+                    F.mul_(update, h["_k69"])
                 else:
-                    F.mul_(t_update, h["_k70"])
+                    # update = update * lr
+                    F.mul_(update, h["_k70"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c11"]:
-                    _243 = F.float32(param)
-                    t_param_fp32 = _243
-                    _244 = F.float32(t_update)
-                    t_update_fp32 = _244
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if geometric_wd:
                         if h["_c13"]:
+                            # if snr_cond and normed_momentum and momentum > 0:
                             if h["_c10"]:
-                                _245 = F.sign(t_param_fp32)
-                                _246 = F.atan2(_245, t_snr_denom)
-                                t_wd_target = _246
-                                _247 = F.norm(t_param_fp32)
-                                _248 = F.norm(t_wd_target)
-                                F.maximum_(_248, h["_k71"])
-                                F.div_(_247, _248)
-                                _249 = F.mul(t_wd_target, _247)
-                                t_wd_target = _249
+                                # wd_target = atan2(sign(param_fp32), snr_denom)
+                                wd_target_31 = F.sign(param_fp32)
+                                wd_target = F.atan2(wd_target_31, snr_denom)
+                                # wd_target = wd_target * (norm(param_fp32) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                                wd_target_32 = F.norm(param_fp32)
+                                wd_target_33 = F.norm(wd_target)
+                                F.maximum_(wd_target_33, h["_k71"])
+                                F.div_(wd_target_32, wd_target_33)
+                                wd_target_34 = F.mul(wd_target, wd_target_32)
+                                wd_target = wd_target_34
                             else:
-                                _250 = F.sign(t_param_fp32)
-                                t_wd_target = _250
-                                _251 = F.norm(t_param_fp32)
-                                F.div_(_251, h["_k72"])
-                                F.mul_(t_wd_target, _251)
+                                # wd_target = sign(param_fp32)
+                                wd_target = F.sign(param_fp32)
+                                # wd_target = wd_target * (norm(param_fp32) / sqrt(numel))
+                                wd_target_35 = F.norm(param_fp32)
+                                F.div_(wd_target_35, h["_k72"])
+                                F.mul_(wd_target, wd_target_35)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _252 = F.mul(t_update_fp32, t_param_fp32)
-                                _253 = F.ge(_252, 0)
-                                _254 = F.where(_253, 1.0, 0.0, like=param)
-                                _255 = F.addcmul(t_param_fp32, t_wd_target, _254, h["_k73"])
-                                t_param_fp32 = _255
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                param_fp32_38 = F.ge(param_fp32_37, 0)
+                                param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k73"])
+                                param_fp32 = param_fp32_40
                             else:
-                                _256 = F.axpy(t_param_fp32, t_wd_target, h["_k74"])
-                                t_param_fp32 = _256
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k74"])
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _257 = F.mul(t_update_fp32, t_param_fp32)
-                                _258 = F.ge(_257, 0)
-                                _259 = F.where(_258, 1.0, 0.0, like=param)
-                                _260 = F.addcmul(t_param_fp32, t_param_fp32, _259, h["_k75"])
-                                t_param_fp32 = _260
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                param_fp32_42 = F.ge(param_fp32_41, 0)
+                                param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k75"])
+                                param_fp32 = param_fp32_44
                             else:
-                                _261 = F.axpy(t_param_fp32, t_param_fp32, h["_k76"])
-                                t_param_fp32 = _261
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k76"])
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _262 = F.cast(st_anchor_data, t_param_fp32)
-                        _263 = F.sub(t_param_fp32, _262)
-                        t_cwd_target = _263
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_7 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _264 = F.mul(t_update_fp32, t_cwd_target)
-                            _265 = F.ge(_264, 0)
-                            _266 = F.where(_265, 1.0, 0.0, like=param)
-                            _267 = F.addcmul(t_param_fp32, t_cwd_target, _266, h["_k77"])
-                            t_param_fp32 = _267
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_45 = F.mul(update_fp32, cwd_target)
+                            param_fp32_46 = F.ge(param_fp32_45, 0)
+                            param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                            param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k77"])
+                            param_fp32 = param_fp32_48
                         else:
-                            _268 = F.axpy(t_param_fp32, t_cwd_target, h["_k78"])
-                            t_param_fp32 = _268
-                    _269 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _269
-                    _270 = F.stochastic_round(t_param_fp32, h["_k79"])
-                    F.assign_(param, _270)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k78"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_40 = F.stochastic_round(param_fp32, h["_k79"])
+                    F.assign_(param, param_40)
                 else:
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if geometric_wd:
                         if h["_c13"]:
+                            # if snr_cond and normed_momentum and momentum > 0:
                             if h["_c10"]:
-                                _271 = F.sign(param)
-                                _272 = F.atan2(_271, t_snr_denom)
-                                t_wd_target = _272
-                                _273 = F.norm(param)
-                                _274 = F.norm(t_wd_target)
-                                F.maximum_(_274, h["_k80"])
-                                F.div_(_273, _274)
-                                _275 = F.mul(t_wd_target, _273)
-                                t_wd_target = _275
+                                # wd_target = atan2(sign(param), snr_denom)
+                                wd_target_36 = F.sign(param)
+                                wd_target = F.atan2(wd_target_36, snr_denom)
+                                # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                                wd_target_37 = F.norm(param)
+                                wd_target_38 = F.norm(wd_target)
+                                F.maximum_(wd_target_38, h["_k80"])
+                                F.div_(wd_target_37, wd_target_38)
+                                wd_target_39 = F.mul(wd_target, wd_target_37)
+                                wd_target = wd_target_39
                             else:
-                                _276 = F.sign(param)
-                                t_wd_target = _276
-                                _277 = F.norm(param)
-                                F.div_(_277, h["_k81"])
-                                F.mul_(t_wd_target, _277)
+                                # wd_target = sign(param)
+                                wd_target = F.sign(param)
+                                # wd_target = wd_target * (norm(param) / sqrt(numel))
+                                wd_target_40 = F.norm(param)
+                                F.div_(wd_target_40, h["_k81"])
+                                F.mul_(wd_target, wd_target_40)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _278 = F.mul(t_update, param)
-                                _279 = F.ge(_278, 0)
-                                _280 = F.where(_279, 1.0, 0.0, like=param)
-                                _281 = F.addcmul(param, t_wd_target, _280, h["_k82"])
-                                F.assign_(param, _281)
+                                # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                                param_41 = F.mul(update, param)
+                                param_42 = F.ge(param_41, 0)
+                                param_43 = F.where(param_42, 1.0, 0.0, like=param)
+                                param_44 = F.addcmul(param, wd_target, param_43, h["_k82"])
+                                F.assign_(param, param_44)
                             else:
-                                F.axpy_(param, t_wd_target, h["_k83"])
+                                # param = param - weight_decay * lr * wd_target
+                                F.axpy_(param, wd_target, h["_k83"])
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _282 = F.mul(t_update, param)
-                                _283 = F.ge(_282, 0)
-                                _284 = F.where(_283, 1.0, 0.0, like=param)
-                                _285 = F.addcmul(param, param, _284, h["_k84"])
-                                F.assign_(param, _285)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_45 = F.mul(update, param)
+                                param_46 = F.ge(param_45, 0)
+                                param_47 = F.where(param_46, 1.0, 0.0, like=param)
+                                param_48 = F.addcmul(param, param, param_47, h["_k84"])
+                                F.assign_(param, param_48)
                             else:
-                                _286 = F.axpy(param, param, h["_k85"])
-                                F.assign_(param, _286)
+                                # param = param - weight_decay * lr * param
+                                param_49 = F.axpy(param, param, h["_k85"])
+                                F.assign_(param, param_49)
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _287 = F.cast(st_anchor_data, param)
-                        _288 = F.sub(param, _287)
-                        t_cwd_target = _288
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_8 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_8)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _289 = F.mul(t_update, t_cwd_target)
-                            _290 = F.ge(_289, 0)
-                            _291 = F.where(_290, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _291, h["_k86"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_50 = F.mul(update, cwd_target)
+                            param_51 = F.ge(param_50, 0)
+                            param_52 = F.where(param_51, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_52, h["_k86"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k87"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k87"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if (state_precision == 'fp32' and not nnmf_factor) and (momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
                 if h["_c19"]:
-                    _292 = F.float32(grad)
-                    grad = _292
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c3"]:
-                    _293 = F.vdot(param, grad)
-                    _294 = F.vdot(param, param)
-                    F.add_(_294, 1e-30)
-                    F.div_(_293, _294)
-                    _295 = F.mul(param, _293)
-                    _296 = F.sub(grad, _295)
-                    t_ortho_g = _296
-                    _297 = F.norm(grad)
-                    _298 = F.norm(t_ortho_g)
-                    F.add_(_298, 1e-30)
-                    F.div_(_297, _298)
-                    t_ortho_scale = _297
-                    _299 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _299
-                _300 = F.copy(grad)
-                t_g = _300
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_13 = F.vdot(param, grad)
+                    ortho_g_14 = F.vdot(param, param)
+                    F.add_(ortho_g_14, 1e-30)
+                    F.div_(ortho_g_13, ortho_g_14)
+                    ortho_g_15 = F.mul(param, ortho_g_13)
+                    ortho_g = F.sub(grad, ortho_g_15)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_5 = F.norm(ortho_g)
+                    F.add_(ortho_scale_5, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_5)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # g = copy(grad)
+                g = F.copy(grad)
+                # if normed_momentum:
                 if h["_c4"]:
-                    F.sign_(t_g)
+                    # g = sign(g)
+                    F.sign_(g)
+                # if nesterov_coef == None:
                 if h["_c5"]:
                     pass
+                # if momentum > 0:
                 if h["_c2"]:
+                    # if snr_cond and normed_momentum:
                     if h["_c6"]:
-                        _301 = F.mul(st_exp_avg, st_exp_avg)
-                        F.rsub_(_301, 1)
-                        F.maximum_(_301, 1e-30)
-                        F.sqrt_(_301)
-                        t_snr_denom = _301
+                        # snr_denom = sqrt(maximum(1 - exp_avg * exp_avg, 1e-30))
+                        snr_denom = F.mul(exp_avg, exp_avg)
+                        F.rsub_(snr_denom, 1)
+                        F.maximum_(snr_denom, 1e-30)
+                        F.sqrt_(snr_denom)
                     else:
-                        t_snr_denom = t_g
+                        # snr_denom = g
+                        snr_denom = g
+                    # if nesterov and normed_momentum:
                     if h["_c7"]:
-                        _302 = F.abs(st_exp_avg)
-                        F.mul_(_302, t_g)
-                        t_normed_grad = _302
-                        F.lerp_(st_exp_avg, t_g, h["_k88"])
-                        _303 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
-                        t_update = _303
+                        # normed_grad = abs(exp_avg) * g
+                        normed_grad = F.abs(exp_avg)
+                        F.mul_(normed_grad, g)
+                        # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                        F.lerp_(exp_avg, g, h["_k88"])
+                        # update = lerp(normed_grad, exp_avg, coef)
+                        update = F.lerp(normed_grad, exp_avg, h["coef"])
                     else:
-                        F.lerp_(st_exp_avg, t_g, h["_k89"])
+                        # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                        F.lerp_(exp_avg, g, h["_k89"])
+                        # if nesterov:
                         if h["_c8"]:
-                            _304 = F.lerp(t_g, st_exp_avg, h["coef"])
-                            t_update = _304
+                            # update = lerp(g, exp_avg, coef)
+                            update = F.lerp(g, exp_avg, h["coef"])
                         else:
-                            _305 = F.copy(st_exp_avg)
-                            t_update = _305
+                            # update = copy(exp_avg)
+                            update = F.copy(exp_avg)
+                    # if snr_cond and normed_momentum:
                     if h["_c6"]:
-                        _306 = F.atan2(t_update, t_snr_denom)
-                        t_update = _306
+                        # update = atan2(update, snr_denom)
+                        update = F.atan2(update, snr_denom)
                 else:
-                    t_snr_denom = t_g
-                    _307 = F.copy(t_g)
-                    t_update = _307
+                    # snr_denom = g
+                    snr_denom = g
+                    # update = copy(g)
+                    update = F.copy(g)
+                # if not normed_momentum:
                 if h["_c9"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
+                # if snr_cond and normed_momentum and momentum > 0:
                 if h["_c10"]:
-                    F.mul_(t_update, h["_k90"])
+                    # update = update * (lr * 1.2732395447351628)
+                    F.mul_(update, h["_k90"])
                 else:
-                    F.mul_(t_update, h["_k91"])
+                    # update = update * lr
+                    F.mul_(update, h["_k91"])
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c11"]:
-                    _308 = F.float32(param)
-                    t_param_fp32 = _308
-                    _309 = F.float32(t_update)
-                    t_update_fp32 = _309
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if geometric_wd:
                         if h["_c13"]:
+                            # if snr_cond and normed_momentum and momentum > 0:
                             if h["_c10"]:
-                                _310 = F.sign(t_param_fp32)
-                                _311 = F.atan2(_310, t_snr_denom)
-                                t_wd_target = _311
-                                _312 = F.norm(t_param_fp32)
-                                _313 = F.norm(t_wd_target)
-                                F.maximum_(_313, h["_k92"])
-                                F.div_(_312, _313)
-                                _314 = F.mul(t_wd_target, _312)
-                                t_wd_target = _314
+                                # wd_target = atan2(sign(param_fp32), snr_denom)
+                                wd_target_41 = F.sign(param_fp32)
+                                wd_target = F.atan2(wd_target_41, snr_denom)
+                                # wd_target = wd_target * (norm(param_fp32) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                                wd_target_42 = F.norm(param_fp32)
+                                wd_target_43 = F.norm(wd_target)
+                                F.maximum_(wd_target_43, h["_k92"])
+                                F.div_(wd_target_42, wd_target_43)
+                                wd_target_44 = F.mul(wd_target, wd_target_42)
+                                wd_target = wd_target_44
                             else:
-                                _315 = F.sign(t_param_fp32)
-                                t_wd_target = _315
-                                _316 = F.norm(t_param_fp32)
-                                F.div_(_316, h["_k93"])
-                                F.mul_(t_wd_target, _316)
+                                # wd_target = sign(param_fp32)
+                                wd_target = F.sign(param_fp32)
+                                # wd_target = wd_target * (norm(param_fp32) / sqrt(numel))
+                                wd_target_45 = F.norm(param_fp32)
+                                F.div_(wd_target_45, h["_k93"])
+                                F.mul_(wd_target, wd_target_45)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _317 = F.mul(t_update_fp32, t_param_fp32)
-                                _318 = F.ge(_317, 0)
-                                _319 = F.where(_318, 1.0, 0.0, like=param)
-                                _320 = F.addcmul(t_param_fp32, t_wd_target, _319, h["_k94"])
-                                t_param_fp32 = _320
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                param_fp32_50 = F.ge(param_fp32_49, 0)
+                                param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                param_fp32_52 = F.addcmul(param_fp32, wd_target, param_fp32_51, h["_k94"])
+                                param_fp32 = param_fp32_52
                             else:
-                                _321 = F.axpy(t_param_fp32, t_wd_target, h["_k95"])
-                                t_param_fp32 = _321
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k95"])
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _322 = F.mul(t_update_fp32, t_param_fp32)
-                                _323 = F.ge(_322, 0)
-                                _324 = F.where(_323, 1.0, 0.0, like=param)
-                                _325 = F.addcmul(t_param_fp32, t_param_fp32, _324, h["_k96"])
-                                t_param_fp32 = _325
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                param_fp32_54 = F.ge(param_fp32_53, 0)
+                                param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k96"])
+                                param_fp32 = param_fp32_56
                             else:
-                                _326 = F.axpy(t_param_fp32, t_param_fp32, h["_k97"])
-                                t_param_fp32 = _326
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k97"])
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _327 = F.cast(st_anchor_data, t_param_fp32)
-                        _328 = F.sub(t_param_fp32, _327)
-                        t_cwd_target = _328
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_9 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _329 = F.mul(t_update_fp32, t_cwd_target)
-                            _330 = F.ge(_329, 0)
-                            _331 = F.where(_330, 1.0, 0.0, like=param)
-                            _332 = F.addcmul(t_param_fp32, t_cwd_target, _331, h["_k98"])
-                            t_param_fp32 = _332
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_57 = F.mul(update_fp32, cwd_target)
+                            param_fp32_58 = F.ge(param_fp32_57, 0)
+                            param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                            param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k98"])
+                            param_fp32 = param_fp32_60
                         else:
-                            _333 = F.axpy(t_param_fp32, t_cwd_target, h["_k99"])
-                            t_param_fp32 = _333
-                    _334 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _334
-                    _335 = F.stochastic_round(t_param_fp32, h["_k100"])
-                    F.assign_(param, _335)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k99"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_53 = F.stochastic_round(param_fp32, h["_k100"])
+                    F.assign_(param, param_53)
                 else:
+                    # if weight_decay != 0:
                     if h["_c12"]:
+                        # if geometric_wd:
                         if h["_c13"]:
+                            # if snr_cond and normed_momentum and momentum > 0:
                             if h["_c10"]:
-                                _336 = F.sign(param)
-                                _337 = F.atan2(_336, t_snr_denom)
-                                t_wd_target = _337
-                                _338 = F.norm(param)
-                                _339 = F.norm(t_wd_target)
-                                F.maximum_(_339, h["_k101"])
-                                F.div_(_338, _339)
-                                _340 = F.mul(t_wd_target, _338)
-                                t_wd_target = _340
+                                # wd_target = atan2(sign(param), snr_denom)
+                                wd_target_46 = F.sign(param)
+                                wd_target = F.atan2(wd_target_46, snr_denom)
+                                # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                                wd_target_47 = F.norm(param)
+                                wd_target_48 = F.norm(wd_target)
+                                F.maximum_(wd_target_48, h["_k101"])
+                                F.div_(wd_target_47, wd_target_48)
+                                wd_target_49 = F.mul(wd_target, wd_target_47)
+                                wd_target = wd_target_49
                             else:
-                                _341 = F.sign(param)
-                                t_wd_target = _341
-                                _342 = F.norm(param)
-                                F.div_(_342, h["_k102"])
-                                F.mul_(t_wd_target, _342)
+                                # wd_target = sign(param)
+                                wd_target = F.sign(param)
+                                # wd_target = wd_target * (norm(param) / sqrt(numel))
+                                wd_target_50 = F.norm(param)
+                                F.div_(wd_target_50, h["_k102"])
+                                F.mul_(wd_target, wd_target_50)
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _343 = F.mul(t_update, param)
-                                _344 = F.ge(_343, 0)
-                                _345 = F.where(_344, 1.0, 0.0, like=param)
-                                _346 = F.addcmul(param, t_wd_target, _345, h["_k103"])
-                                F.assign_(param, _346)
+                                # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                                param_54 = F.mul(update, param)
+                                param_55 = F.ge(param_54, 0)
+                                param_56 = F.where(param_55, 1.0, 0.0, like=param)
+                                param_57 = F.addcmul(param, wd_target, param_56, h["_k103"])
+                                F.assign_(param, param_57)
                             else:
-                                F.axpy_(param, t_wd_target, h["_k104"])
+                                # param = param - weight_decay * lr * wd_target
+                                F.axpy_(param, wd_target, h["_k104"])
                         else:
+                            # if cautious_wd:
                             if h["_c14"]:
-                                _347 = F.mul(t_update, param)
-                                _348 = F.ge(_347, 0)
-                                _349 = F.where(_348, 1.0, 0.0, like=param)
-                                _350 = F.addcmul(param, param, _349, h["_k105"])
-                                F.assign_(param, _350)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_58 = F.mul(update, param)
+                                param_59 = F.ge(param_58, 0)
+                                param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                param_61 = F.addcmul(param, param, param_60, h["_k105"])
+                                F.assign_(param, param_61)
                             else:
-                                _351 = F.axpy(param, param, h["_k106"])
-                                F.assign_(param, _351)
+                                # param = param - weight_decay * lr * param
+                                param_62 = F.axpy(param, param, h["_k106"])
+                                F.assign_(param, param_62)
+                    # if centered_wd != 0:
                     if h["_c15"]:
-                        _352 = F.cast(st_anchor_data, param)
-                        _353 = F.sub(param, _352)
-                        t_cwd_target = _353
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_10 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_10)
+                        # if cautious_wd:
                         if h["_c14"]:
-                            _354 = F.mul(t_update, t_cwd_target)
-                            _355 = F.ge(_354, 0)
-                            _356 = F.where(_355, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _356, h["_k107"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_63 = F.mul(update, cwd_target)
+                            param_64 = F.ge(param_63, 0)
+                            param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_65, h["_k107"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k108"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k108"])
+                    # param = param + -update
+                    F.sub_(param, update)
 
 
 class SignSGD_adv(GeneratedOptimizer):

@@ -232,321 +232,412 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_mu_v_nmf = S["mu_v_nmf"]
-    st_mv_v_nmf = S["mv_v_nmf"]
-    st_kourkoutas_sq = S["kourkoutas_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    exp_avg_sq = S["exp_avg_sq"]
+    mu_v_nmf = S["mu_v_nmf"]
+    mv_v_nmf = S["mv_v_nmf"]
+    kourkoutas_sq = S["kourkoutas_sq"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if kourkoutas_beta:
             if h["_c2"]:
-                _1 = F.mul(grad, grad)
-                _2 = F.sum(_1)
-                F.assign_(st_kourkoutas_sq, _2)
-            _3 = F.float32(grad)
-            grad = _3
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_1 = F.mul(grad, grad)
+                kourkoutas_sq_2 = F.sum(kourkoutas_sq_1)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_2)
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient:
             if h["_c3"]:
-                _4 = F.vdot(param, grad)
-                _5 = F.vdot(param, param)
-                F.add_(_5, 1e-30)
-                F.div_(_4, _5)
-                _6 = F.mul(param, _4)
-                _7 = F.sub(grad, _6)
-                t_ortho_g = _7
-                _8 = F.norm(grad)
-                _9 = F.norm(t_ortho_g)
-                F.add_(_9, 1e-30)
-                F.div_(_8, _9)
-                t_ortho_scale = _8
-                _10 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _10
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if beta1_warmup != None:
             if h["_c4"]:
+                # if step < beta1_warmup:
                 if h["_c5"]:
                     pass
+            # if use_bias_correction:
             if h["_c6"]:
                 pass
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
-                _11 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                t_exp_avg_magnitude = _11
-                _12 = F.neg(t_exp_avg_magnitude)
-                _13 = F.where(st_sign, t_exp_avg_magnitude, _12)
-                t_exp_avg_full = _13
-                F.mul_(t_exp_avg_full, h["b1"])
-                F.add_(t_exp_avg_full, grad)
-                _14 = F.float32(t_exp_avg_full)
-                _15 = F.gt(_14, 0.0)
-                F.assign_(st_sign, _15)
-                _16 = F.float32(t_exp_avg_full)
-                _17 = F.abs(_16)
-                t_exp_avg_abs = _17
-                _18 = F.rowsum(t_exp_avg_abs)
-                F.assign_(st_mu_m_nmf, _18)
-                _19 = F.colsum(t_exp_avg_abs)
-                t_exp_avg_colsum = _19
-                _20 = F.sum(t_exp_avg_colsum, kind="col")
-                F.maximum_(_20, 1e-12)
-                _21 = F.div(t_exp_avg_colsum, _20)
-                F.assign_(st_mv_m_nmf, _21)
+                # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                # exp_avg_full = exp_avg_full * b1 + grad
+                F.mul_(exp_avg_full, h["b1"])
+                F.add_(exp_avg_full, grad)
+                # sign = float32(exp_avg_full) > 0.0
+                sign_1 = F.float32(exp_avg_full)
+                sign_2 = F.gt(sign_1, 0.0)
+                F.assign_(sign, sign_2)
+                # exp_avg_abs = abs(float32(exp_avg_full))
+                exp_avg_abs_1 = F.float32(exp_avg_full)
+                exp_avg_abs = F.abs(exp_avg_abs_1)
+                # mu_m_nmf = rowsum(exp_avg_abs)
+                mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                F.assign_(mu_m_nmf, mu_m_nmf_1)
+                # exp_avg_colsum = colsum(exp_avg_abs)
+                exp_avg_colsum = F.colsum(exp_avg_abs)
+                # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                F.maximum_(mv_m_nmf_1, 1e-12)
+                mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                F.assign_(mv_m_nmf, mv_m_nmf_2)
             else:
-                _22 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                t_exp_avg_magnitude = _22
-                _23 = F.neg(t_exp_avg_magnitude)
-                _24 = F.where(st_sign, t_exp_avg_magnitude, _23)
-                t_exp_avg_full = _24
-                F.lerp_(t_exp_avg_full, grad, h["_k0"])
-                _25 = F.float32(t_exp_avg_full)
-                _26 = F.gt(_25, 0.0)
-                F.assign_(st_sign, _26)
-                _27 = F.float32(t_exp_avg_full)
-                _28 = F.abs(_27)
-                t_exp_avg_abs = _28
-                _29 = F.rowsum(t_exp_avg_abs)
-                F.assign_(st_mu_m_nmf, _29)
-                _30 = F.colsum(t_exp_avg_abs)
-                t_exp_avg_colsum = _30
-                _31 = F.sum(t_exp_avg_colsum, kind="col")
-                F.maximum_(_31, 1e-12)
-                _32 = F.div(t_exp_avg_colsum, _31)
-                F.assign_(st_mv_m_nmf, _32)
+                # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                exp_avg_full_2 = F.neg(exp_avg_magnitude)
+                exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_2)
+                # exp_avg_full = lerp(exp_avg_full, grad, 1 - b1)
+                F.lerp_(exp_avg_full, grad, h["_k0"])
+                # sign = float32(exp_avg_full) > 0.0
+                sign_3 = F.float32(exp_avg_full)
+                sign_4 = F.gt(sign_3, 0.0)
+                F.assign_(sign, sign_4)
+                # exp_avg_abs = abs(float32(exp_avg_full))
+                exp_avg_abs_2 = F.float32(exp_avg_full)
+                exp_avg_abs = F.abs(exp_avg_abs_2)
+                # mu_m_nmf = rowsum(exp_avg_abs)
+                mu_m_nmf_2 = F.rowsum(exp_avg_abs)
+                F.assign_(mu_m_nmf, mu_m_nmf_2)
+                # exp_avg_colsum = colsum(exp_avg_abs)
+                exp_avg_colsum = F.colsum(exp_avg_abs)
+                # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                mv_m_nmf_3 = F.sum(exp_avg_colsum, kind="col")
+                F.maximum_(mv_m_nmf_3, 1e-12)
+                mv_m_nmf_4 = F.div(exp_avg_colsum, mv_m_nmf_3)
+                F.assign_(mv_m_nmf, mv_m_nmf_4)
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
-                _33 = F.axpy(t_exp_avg_full, grad, h["_k1"])
-                t_update = _33
+                # update = exp_avg_full + alpha_grad * grad
+                update = F.axpy(exp_avg_full, grad, h["_k1"])
             else:
-                _34 = F.copy(t_exp_avg_full)
-                t_update = _34
+                # update = copy(exp_avg_full)
+                update = F.copy(exp_avg_full)
+            # if kourkoutas_beta:
             if h["_c2"]:
-                _35 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _35
-                F.mul_(t_exp_avg_sq_full, h["_k2"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k3"])
-                _36 = F.float32(t_exp_avg_sq_full)
-                _37 = F.abs(_36)
-                t_exp_avg_sq_abs = _37
-                _38 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _38)
-                _39 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _39
-                _40 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_40, 1e-12)
-                _41 = F.div(t_exp_avg_sq_colsum, _40)
-                F.assign_(st_mv_v_nmf, _41)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k2"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k3"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_1 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_1)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_1 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_1)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_1 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_1, 1e-12)
+                mv_v_nmf_2 = F.div(exp_avg_sq_colsum, mv_v_nmf_1)
+                F.assign_(mv_v_nmf, mv_v_nmf_2)
             else:
-                _42 = F.outer(st_mu_v_nmf, st_mv_v_nmf)
-                t_exp_avg_sq_full = _42
-                F.mul_(t_exp_avg_sq_full, h["_k4"])
-                F.addcmul_(t_exp_avg_sq_full, grad, grad, h["_k5"])
-                _43 = F.float32(t_exp_avg_sq_full)
-                _44 = F.abs(_43)
-                t_exp_avg_sq_abs = _44
-                _45 = F.rowsum(t_exp_avg_sq_abs)
-                F.assign_(st_mu_v_nmf, _45)
-                _46 = F.colsum(t_exp_avg_sq_abs)
-                t_exp_avg_sq_colsum = _46
-                _47 = F.sum(t_exp_avg_sq_colsum, kind="col")
-                F.maximum_(_47, 1e-12)
-                _48 = F.div(t_exp_avg_sq_colsum, _47)
-                F.assign_(st_mv_v_nmf, _48)
-            _49 = F.sqrt(t_exp_avg_sq_full)
-            F.add_(_49, h["sqrt_den_eps"])
-            t_denom = _49
-            F.div_(t_update, t_denom)
+                # exp_avg_sq_full = outer(mu_v_nmf, mv_v_nmf)
+                exp_avg_sq_full = F.outer(mu_v_nmf, mv_v_nmf)
+                # exp_avg_sq_full = exp_avg_sq_full * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq_full, h["_k4"])
+                F.addcmul_(exp_avg_sq_full, grad, grad, h["_k5"])
+                # exp_avg_sq_abs = abs(float32(exp_avg_sq_full))
+                exp_avg_sq_abs_2 = F.float32(exp_avg_sq_full)
+                exp_avg_sq_abs = F.abs(exp_avg_sq_abs_2)
+                # mu_v_nmf = rowsum(exp_avg_sq_abs)
+                mu_v_nmf_2 = F.rowsum(exp_avg_sq_abs)
+                F.assign_(mu_v_nmf, mu_v_nmf_2)
+                # exp_avg_sq_colsum = colsum(exp_avg_sq_abs)
+                exp_avg_sq_colsum = F.colsum(exp_avg_sq_abs)
+                # mv_v_nmf = exp_avg_sq_colsum / maximum(sum(exp_avg_sq_colsum), 1e-12)
+                mv_v_nmf_3 = F.sum(exp_avg_sq_colsum, kind="col")
+                F.maximum_(mv_v_nmf_3, 1e-12)
+                mv_v_nmf_4 = F.div(exp_avg_sq_colsum, mv_v_nmf_3)
+                F.assign_(mv_v_nmf, mv_v_nmf_4)
+            # denom = sqrt(exp_avg_sq_full) + sqrt_den_eps
+            denom = F.sqrt(exp_avg_sq_full)
+            F.add_(denom, h["sqrt_den_eps"])
+            # update = update / denom
+            F.div_(update, denom)
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
                 pass
-            F.mul_(t_update, h["_k6"])
+            # update = update * (lr_sim * sqrt_den_num)
+            F.mul_(update, h["_k6"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c8"]:
-                _50 = F.float32(param)
-                t_param_fp32 = _50
-                _51 = F.float32(t_update)
-                t_update_fp32 = _51
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _52 = F.mul(t_update_fp32, t_param_fp32)
-                        _53 = F.ge(_52, 0)
-                        _54 = F.where(_53, 1.0, 0.0, like=param)
-                        _55 = F.addcmul(t_param_fp32, t_param_fp32, _54, h["_k7"])
-                        t_param_fp32 = _55
+                        # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k7"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _56 = F.axpy(t_param_fp32, t_param_fp32, h["_k8"])
-                        t_param_fp32 = _56
-                _57 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _57
-                _58 = F.stochastic_round(t_param_fp32, h["_k9"])
-                F.assign_(param, _58)
+                        # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k8"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k9"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _59 = F.mul(t_update, param)
-                        _60 = F.ge(_59, 0)
-                        _61 = F.where(_60, 1.0, 0.0, like=param)
-                        _62 = F.addcmul(param, param, _61, h["_k10"])
-                        F.assign_(param, _62)
+                        # param = param - weight_decay * lr_sim * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k10"])
+                        F.assign_(param, param_5)
                     else:
-                        _63 = F.axpy(param, param, h["_k11"])
-                        F.assign_(param, _63)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * lr_sim * param
+                        param_6 = F.axpy(param, param, h["_k11"])
+                        F.assign_(param, param_6)
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if kourkoutas_beta:
             if h["_c2"]:
-                _64 = F.mul(grad, grad)
-                _65 = F.sum(_64)
-                F.assign_(st_kourkoutas_sq, _65)
+                # kourkoutas_sq = sum(grad * grad)
+                kourkoutas_sq_3 = F.mul(grad, grad)
+                kourkoutas_sq_4 = F.sum(kourkoutas_sq_3)
+                F.assign_(kourkoutas_sq, kourkoutas_sq_4)
+            # if orthogonal_gradient:
             if h["_c3"]:
-                _66 = F.vdot(param, grad)
-                _67 = F.vdot(param, param)
-                F.add_(_67, 1e-30)
-                F.div_(_66, _67)
-                _68 = F.mul(param, _66)
-                _69 = F.sub(grad, _68)
-                t_ortho_g = _69
-                _70 = F.norm(grad)
-                _71 = F.norm(t_ortho_g)
-                F.add_(_71, 1e-30)
-                F.div_(_70, _71)
-                t_ortho_scale = _70
-                _72 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _72
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # if beta1_warmup != None:
             if h["_c4"]:
+                # if step < beta1_warmup:
                 if h["_c11"]:
                     pass
+            # if use_bias_correction:
             if h["_c6"]:
                 pass
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
-                F.mul_(st_exp_avg, h["b1"])
-                F.add_(st_exp_avg, grad)
+                # exp_avg = exp_avg * b1 + grad
+                F.mul_(exp_avg, h["b1"])
+                F.add_(exp_avg, grad)
             else:
-                F.lerp_(st_exp_avg, grad, h["_k12"])
+                # exp_avg = lerp(exp_avg, grad, 1 - b1)
+                F.lerp_(exp_avg, grad, h["_k12"])
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
-                _73 = F.axpy(st_exp_avg, grad, h["_k13"])
-                t_update = _73
+                # update = exp_avg + alpha_grad * grad
+                update = F.axpy(exp_avg, grad, h["_k13"])
             else:
-                _74 = F.copy(st_exp_avg)
-                t_update = _74
+                # update = copy(exp_avg)
+                update = F.copy(exp_avg)
+            # if kourkoutas_beta:
             if h["_c2"]:
-                F.mul_(st_exp_avg_sq, h["_k14"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k15"])
+                # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+                F.mul_(exp_avg_sq, h["_k14"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k15"])
             else:
-                F.mul_(st_exp_avg_sq, h["_k16"])
-                F.addcmul_(st_exp_avg_sq, grad, grad, h["_k17"])
-            _75 = F.sqrt(st_exp_avg_sq)
-            F.add_(_75, h["sqrt_den_eps"])
-            t_denom = _75
-            F.div_(t_update, t_denom)
+                # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+                F.mul_(exp_avg_sq, h["_k16"])
+                F.addcmul_(exp_avg_sq, grad, grad, h["_k17"])
+            # denom = sqrt(exp_avg_sq) + sqrt_den_eps
+            denom = F.sqrt(exp_avg_sq)
+            F.add_(denom, h["sqrt_den_eps"])
+            # update = update / denom
+            F.div_(update, denom)
+            # if Simplified_AdEMAMix:
             if h["_c7"]:
                 pass
-            F.mul_(t_update, h["_k18"])
+            # update = update * (lr_sim * sqrt_den_num)
+            F.mul_(update, h["_k18"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c8"]:
-                _76 = F.float32(param)
-                t_param_fp32 = _76
-                _77 = F.float32(t_update)
-                t_update_fp32 = _77
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _78 = F.mul(t_update_fp32, t_param_fp32)
-                        _79 = F.ge(_78, 0)
-                        _80 = F.where(_79, 1.0, 0.0, like=param)
-                        _81 = F.addcmul(t_param_fp32, t_param_fp32, _80, h["_k19"])
-                        t_param_fp32 = _81
+                        # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, param_fp32)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k19"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _82 = F.axpy(t_param_fp32, t_param_fp32, h["_k20"])
-                        t_param_fp32 = _82
-                _83 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _83
-                _84 = F.stochastic_round(t_param_fp32, h["_k21"])
-                F.assign_(param, _84)
+                        # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k20"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_7 = F.stochastic_round(param_fp32, h["_k21"])
+                F.assign_(param, param_7)
             else:
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _85 = F.mul(t_update, param)
-                        _86 = F.ge(_85, 0)
-                        _87 = F.where(_86, 1.0, 0.0, like=param)
-                        _88 = F.addcmul(param, param, _87, h["_k22"])
-                        F.assign_(param, _88)
+                        # param = param - weight_decay * lr_sim * param * where(update * param >= 0, 1.0, 0.0)
+                        param_8 = F.mul(update, param)
+                        param_9 = F.ge(param_8, 0)
+                        param_10 = F.where(param_9, 1.0, 0.0, like=param)
+                        param_11 = F.addcmul(param, param, param_10, h["_k22"])
+                        F.assign_(param, param_11)
                     else:
-                        _89 = F.axpy(param, param, h["_k23"])
-                        F.assign_(param, _89)
-                F.sub_(param, t_update)
+                        # param = param - weight_decay * lr_sim * param
+                        param_12 = F.axpy(param, param, h["_k23"])
+                        F.assign_(param, param_12)
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if kourkoutas_beta:
         if h["_c2"]:
-            _90 = F.mul(grad, grad)
-            _91 = F.sum(_90)
-            F.assign_(st_kourkoutas_sq, _91)
+            # kourkoutas_sq = sum(grad * grad)
+            kourkoutas_sq_5 = F.mul(grad, grad)
+            kourkoutas_sq_6 = F.sum(kourkoutas_sq_5)
+            F.assign_(kourkoutas_sq, kourkoutas_sq_6)
+        # if orthogonal_gradient:
         if h["_c3"]:
-            _92 = F.vdot(param, grad)
-            _93 = F.vdot(param, param)
-            F.add_(_93, 1e-30)
-            F.div_(_92, _93)
-            _94 = F.mul(param, _92)
-            _95 = F.sub(grad, _94)
-            t_ortho_g = _95
-            _96 = F.norm(grad)
-            _97 = F.norm(t_ortho_g)
-            F.add_(_97, 1e-30)
-            F.div_(_96, _97)
-            t_ortho_scale = _96
-            _98 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _98
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # if beta1_warmup != None:
         if h["_c4"]:
+            # if step < beta1_warmup:
             if h["_c12"]:
                 pass
+        # if use_bias_correction:
         if h["_c6"]:
             pass
+        # if Simplified_AdEMAMix:
         if h["_c7"]:
-            F.mul_(st_exp_avg, h["b1"])
-            F.add_(st_exp_avg, grad)
+            # exp_avg = exp_avg * b1 + grad
+            F.mul_(exp_avg, h["b1"])
+            F.add_(exp_avg, grad)
         else:
-            F.lerp_(st_exp_avg, grad, h["_k24"])
+            # exp_avg = lerp(exp_avg, grad, 1 - b1)
+            F.lerp_(exp_avg, grad, h["_k24"])
+        # if Simplified_AdEMAMix:
         if h["_c7"]:
-            _99 = F.axpy(st_exp_avg, grad, h["_k25"])
-            t_update = _99
+            # update = exp_avg + alpha_grad * grad
+            update = F.axpy(exp_avg, grad, h["_k25"])
         else:
-            _100 = F.copy(st_exp_avg)
-            t_update = _100
+            # update = copy(exp_avg)
+            update = F.copy(exp_avg)
+        # if kourkoutas_beta:
         if h["_c2"]:
-            F.mul_(st_exp_avg_sq, h["_k26"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k27"])
+            # exp_avg_sq = exp_avg_sq * input() + (1 - input()) * grad * grad
+            F.mul_(exp_avg_sq, h["_k26"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k27"])
         else:
-            F.mul_(st_exp_avg_sq, h["_k28"])
-            F.addcmul_(st_exp_avg_sq, grad, grad, h["_k29"])
-        _101 = F.sqrt(st_exp_avg_sq)
-        F.add_(_101, h["sqrt_den_eps"])
-        t_denom = _101
-        F.div_(t_update, t_denom)
+            # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+            F.mul_(exp_avg_sq, h["_k28"])
+            F.addcmul_(exp_avg_sq, grad, grad, h["_k29"])
+        # denom = sqrt(exp_avg_sq) + sqrt_den_eps
+        denom = F.sqrt(exp_avg_sq)
+        F.add_(denom, h["sqrt_den_eps"])
+        # update = update / denom
+        F.div_(update, denom)
+        # if Simplified_AdEMAMix:
         if h["_c7"]:
             pass
-        F.mul_(t_update, h["_k30"])
+        # update = update * (lr_sim * sqrt_den_num)
+        F.mul_(update, h["_k30"])
+        # if stochastic_rounding and bf16 != 0:
         if h["_c8"]:
-            _102 = F.float32(param)
-            t_param_fp32 = _102
-            _103 = F.float32(t_update)
-            t_update_fp32 = _103
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c9"]:
+                # if cautious_wd:
                 if h["_c10"]:
-                    _104 = F.mul(t_update_fp32, t_param_fp32)
-                    _105 = F.ge(_104, 0)
-                    _106 = F.where(_105, 1.0, 0.0, like=param)
-                    _107 = F.addcmul(t_param_fp32, t_param_fp32, _106, h["_k31"])
-                    t_param_fp32 = _107
+                    # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_9 = F.mul(update_fp32, param_fp32)
+                    param_fp32_10 = F.ge(param_fp32_9, 0)
+                    param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                    param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k31"])
+                    param_fp32 = param_fp32_12
                 else:
-                    _108 = F.axpy(t_param_fp32, t_param_fp32, h["_k32"])
-                    t_param_fp32 = _108
-            _109 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _109
-            _110 = F.stochastic_round(t_param_fp32, h["_k33"])
-            F.assign_(param, _110)
+                    # param_fp32 = param_fp32 - weight_decay * lr_sim * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k32"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_13 = F.stochastic_round(param_fp32, h["_k33"])
+            F.assign_(param, param_13)
         else:
+            # if weight_decay != 0:
             if h["_c9"]:
+                # if cautious_wd:
                 if h["_c10"]:
-                    _111 = F.mul(t_update, param)
-                    _112 = F.ge(_111, 0)
-                    _113 = F.where(_112, 1.0, 0.0, like=param)
-                    _114 = F.addcmul(param, param, _113, h["_k34"])
-                    F.assign_(param, _114)
+                    # param = param - weight_decay * lr_sim * param * where(update * param >= 0, 1.0, 0.0)
+                    param_14 = F.mul(update, param)
+                    param_15 = F.ge(param_14, 0)
+                    param_16 = F.where(param_15, 1.0, 0.0, like=param)
+                    param_17 = F.addcmul(param, param, param_16, h["_k34"])
+                    F.assign_(param, param_17)
                 else:
-                    _115 = F.axpy(param, param, h["_k35"])
-                    F.assign_(param, _115)
-            F.sub_(param, t_update)
+                    # param = param - weight_decay * lr_sim * param
+                    param_18 = F.axpy(param, param, h["_k35"])
+                    F.assign_(param, param_18)
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Simplified_AdEMAMix(GeneratedOptimizer):

@@ -73,64 +73,85 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_mask = S["mask"]
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
+    # the states, one list of tensors each
+    mask = S["mask"]
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if (total_step + 1) % update_proj_gap == 0:
     if h["_c1"]:
-        _2 = F.eq(grad, grad)
-        _3 = F.where(_2, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg, _3)
-        _4 = F.eq(grad, grad)
-        _5 = F.where(_4, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg_sq, _5)
+        # exp_avg = where(grad == grad, 0.0, 0.0)
+        exp_avg_1 = F.eq(grad, grad)
+        exp_avg_2 = F.where(exp_avg_1, 0.0, 0.0, like=param)
+        F.assign_(exp_avg, exp_avg_2)
+        # exp_avg_sq = where(grad == grad, 0.0, 0.0)
+        exp_avg_sq_1 = F.eq(grad, grad)
+        exp_avg_sq_2 = F.where(exp_avg_sq_1, 0.0, 0.0, like=param)
+        F.assign_(exp_avg_sq, exp_avg_sq_2)
+    # if threshold != 0 and total_step + 1 >= grad_accu_steps and (total_step + 1) % update_proj_gap >= grad_accu_steps:
     if h["_c2"]:
-        _6 = F.pow(grad, 2)
-        _7 = F.mul(st_exp_avg_sq, h["_k0"])
-        _8 = F.gt(_6, _7)
-        t_spike = _8
-        _9 = F.sign(grad)
-        _10 = F.mul(st_exp_avg_sq, h["_k1"])
-        F.sqrt_(_10)
-        F.mul_(_9, _10)
-        _11 = F.where(t_spike, _9, grad)
-        grad = _11
+        # spike = grad ** 2 > exp_avg_sq * threshold
+        spike_1 = F.pow(grad, 2)
+        spike_2 = F.mul(exp_avg_sq, h["_k0"])
+        spike = F.gt(spike_1, spike_2)
+        # grad = where(spike, sign(grad) * sqrt(exp_avg_sq * threshold), grad)
+        grad_1 = F.sign(grad)
+        grad_2 = F.mul(exp_avg_sq, h["_k1"])
+        F.sqrt_(grad_2)
+        F.mul_(grad_1, grad_2)
+        grad_3 = F.where(spike, grad_1, grad)
+        grad = grad_3
+    # if has(mask):
     if h["_c3"]:
-        _12 = F.lerp(st_exp_avg, grad, h["_k2"])
-        _13 = F.where(st_mask, _12, st_exp_avg)
-        F.assign_(st_exp_avg, _13)
-        _14 = F.mul(st_exp_avg_sq, h["_k3"])
-        F.addcmul_(_14, grad, grad, h["_k4"])
-        _15 = F.where(st_mask, _14, st_exp_avg_sq)
-        F.assign_(st_exp_avg_sq, _15)
-        _16 = F.sqrt(st_exp_avg_sq)
-        F.add_(_16, h["_k5"])
-        t_denom = _16
-        _17 = F.div(st_exp_avg, t_denom)
-        _18 = F.where(st_mask, _17, 0.0)
-        F.axpy_(param, _18, h["_k6"])
+        # exp_avg = where(mask, lerp(exp_avg, grad, 1 - beta1), exp_avg)
+        exp_avg_3 = F.lerp(exp_avg, grad, h["_k2"])
+        exp_avg_4 = F.where(mask, exp_avg_3, exp_avg)
+        F.assign_(exp_avg, exp_avg_4)
+        # exp_avg_sq = where(mask, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq)
+        exp_avg_sq_3 = F.mul(exp_avg_sq, h["_k3"])
+        F.addcmul_(exp_avg_sq_3, grad, grad, h["_k4"])
+        exp_avg_sq_4 = F.where(mask, exp_avg_sq_3, exp_avg_sq)
+        F.assign_(exp_avg_sq, exp_avg_sq_4)
+        # denom = sqrt(exp_avg_sq) + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.add_(denom, h["_k5"])
+        # param = param + -step_size * scale * where(mask, exp_avg / denom, 0.0)
+        param_1 = F.div(exp_avg, denom)
+        param_2 = F.where(mask, param_1, 0.0)
+        F.axpy_(param, param_2, h["_k6"])
+        # if weight_decay != 0:
         if h["_c4"]:
-            _19 = F.mul(param, h["_k7"])
-            _20 = F.where(st_mask, _19, param)
-            F.assign_(param, _20)
+            # param = where(mask, param * (1.0 - weight_decay * lr), param)
+            param_3 = F.mul(param, h["_k7"])
+            param_4 = F.where(mask, param_3, param)
+            F.assign_(param, param_4)
+        # if (total_step + 2) % update_proj_gap == 0:
         if h["_c5"]:
-            _21 = F.rand_like(param, h["_k8"])
-            _22 = F.lt(_21, h["_k9"])
-            F.assign_(st_mask, _22)
-            _23 = F.where(st_mask, st_exp_avg, 0.0)
-            F.assign_(st_exp_avg, _23)
-            _24 = F.where(st_mask, st_exp_avg_sq, 0.0)
-            F.assign_(st_exp_avg_sq, _24)
+            # mask = rand_like(param, total_step) < density
+            mask_1 = F.rand_like(param, h["_k8"])
+            mask_2 = F.lt(mask_1, h["_k9"])
+            F.assign_(mask, mask_2)
+            # exp_avg = where(mask, exp_avg, 0.0)
+            exp_avg_5 = F.where(mask, exp_avg, 0.0)
+            F.assign_(exp_avg, exp_avg_5)
+            # exp_avg_sq = where(mask, exp_avg_sq, 0.0)
+            exp_avg_sq_5 = F.where(mask, exp_avg_sq, 0.0)
+            F.assign_(exp_avg_sq, exp_avg_sq_5)
     else:
-        F.lerp_(st_exp_avg, grad, h["_k10"])
-        F.mul_(st_exp_avg_sq, h["_k11"])
-        F.addcmul_(st_exp_avg_sq, grad, grad, h["_k12"])
-        _25 = F.sqrt(st_exp_avg_sq)
-        F.add_(_25, h["_k13"])
-        t_denom = _25
-        F.addcdiv_(param, st_exp_avg, t_denom, h["_k14"])
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        F.lerp_(exp_avg, grad, h["_k10"])
+        # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+        F.mul_(exp_avg_sq, h["_k11"])
+        F.addcmul_(exp_avg_sq, grad, grad, h["_k12"])
+        # denom = sqrt(exp_avg_sq) + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.add_(denom, h["_k13"])
+        # param = param + -step_size * scale * exp_avg / denom
+        F.addcdiv_(param, exp_avg, denom, h["_k14"])
+        # param = param * (1.0 - weight_decay * lr)
         F.mul_(param, h["_k15"])
 
 

@@ -59,52 +59,69 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_mask = S["mask"]
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
+    # the states, one list of tensors each
+    mask = S["mask"]
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    # if (total_step + 1) % DeltaT == 0:
     if h["_c0"]:
-        _1 = F.eq(grad, grad)
-        _2 = F.where(_1, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg, _2)
-        _3 = F.eq(grad, grad)
-        _4 = F.where(_3, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg_sq, _4)
+        # exp_avg = where(grad == grad, 0.0, 0.0)
+        exp_avg_1 = F.eq(grad, grad)
+        exp_avg_2 = F.where(exp_avg_1, 0.0, 0.0, like=param)
+        F.assign_(exp_avg, exp_avg_2)
+        # exp_avg_sq = where(grad == grad, 0.0, 0.0)
+        exp_avg_sq_1 = F.eq(grad, grad)
+        exp_avg_sq_2 = F.where(exp_avg_sq_1, 0.0, 0.0, like=param)
+        F.assign_(exp_avg_sq, exp_avg_sq_2)
+    # if threshold != 0 and total_step + 1 >= grad_accu_steps and (total_step + 1) % DeltaT >= grad_accu_steps:
     if h["_c1"]:
-        _5 = F.pow(grad, 2)
-        _6 = F.mul(st_exp_avg_sq, h["_k0"])
-        _7 = F.gt(_5, _6)
-        t_spike = _7
-        _8 = F.sign(grad)
-        _9 = F.mul(st_exp_avg_sq, h["_k1"])
-        F.sqrt_(_9)
-        F.mul_(_8, _9)
-        _10 = F.where(t_spike, _8, grad)
-        grad = _10
-    F.mul_(st_exp_avg, h["_k2"])
-    F.axpy_(st_exp_avg, grad, h["_k3"])
-    F.mul_(st_exp_avg_sq, h["_k4"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k5"])
-    _11 = F.sqrt(st_exp_avg_sq)
-    F.add_(_11, h["_k6"])
-    _12 = F.div(st_exp_avg, _11)
-    t_norm_grad = _12
+        # spike = grad ** 2 > exp_avg_sq * threshold
+        spike_1 = F.pow(grad, 2)
+        spike_2 = F.mul(exp_avg_sq, h["_k0"])
+        spike = F.gt(spike_1, spike_2)
+        # grad = where(spike, sign(grad) * sqrt(exp_avg_sq * threshold), grad)
+        grad_1 = F.sign(grad)
+        grad_2 = F.mul(exp_avg_sq, h["_k1"])
+        F.sqrt_(grad_2)
+        F.mul_(grad_1, grad_2)
+        grad_3 = F.where(spike, grad_1, grad)
+        grad = grad_3
+    # exp_avg = exp_avg * beta1 + (1.0 - beta1) * grad
+    F.mul_(exp_avg, h["_k2"])
+    F.axpy_(exp_avg, grad, h["_k3"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k4"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k5"])
+    # norm_grad = exp_avg / (sqrt(exp_avg_sq) + eps)
+    norm_grad_1 = F.sqrt(exp_avg_sq)
+    F.add_(norm_grad_1, h["_k6"])
+    norm_grad = F.div(exp_avg, norm_grad_1)
+    # if has(mask):
     if h["_c2"]:
-        _13 = F.where(st_mask, t_norm_grad, 0.0)
-        F.mul_(_13, h["scale"])
-        F.axpy_(param, _13, h["_k7"])
+        # param = param - step_size * (where(mask, norm_grad, 0.0) * scale)
+        param_1 = F.where(mask, norm_grad, 0.0)
+        F.mul_(param_1, h["scale"])
+        F.axpy_(param, param_1, h["_k7"])
+        # if (total_step + 2) % DeltaT == 0:
         if h["_c3"]:
-            _14 = F.rand_like(param, h["_k8"])
-            _15 = F.lt(_14, h["_k9"])
-            F.assign_(st_mask, _15)
-            _16 = F.where(st_mask, st_exp_avg, 0.0)
-            F.assign_(st_exp_avg, _16)
-            _17 = F.where(st_mask, st_exp_avg_sq, 0.0)
-            F.assign_(st_exp_avg_sq, _17)
+            # mask = rand_like(param, total_step) < density
+            mask_1 = F.rand_like(param, h["_k8"])
+            mask_2 = F.lt(mask_1, h["_k9"])
+            F.assign_(mask, mask_2)
+            # exp_avg = where(mask, exp_avg, 0.0)
+            exp_avg_3 = F.where(mask, exp_avg, 0.0)
+            F.assign_(exp_avg, exp_avg_3)
+            # exp_avg_sq = where(mask, exp_avg_sq, 0.0)
+            exp_avg_sq_3 = F.where(mask, exp_avg_sq, 0.0)
+            F.assign_(exp_avg_sq, exp_avg_sq_3)
     else:
-        F.axpy_(param, t_norm_grad, h["_k10"])
+        # param = param + -step_size * scale * norm_grad
+        F.axpy_(param, norm_grad, h["_k10"])
+        # if weight_decay > 0:
         if h["_c4"]:
-            _18 = F.axpy(param, param, h["_k11"])
-            F.assign_(param, _18)
+            # param = param + -lr * weight_decay * param
+            param_2 = F.axpy(param, param, h["_k11"])
+            F.assign_(param, param_2)
 
 
 class SPAMOfficial(GeneratedOptimizer):

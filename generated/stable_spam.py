@@ -65,66 +65,80 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_m_norm_t = S["m_norm_t"]
-    st_v_norm_t = S["v_norm_t"]
-    st_m_max_t = S["m_max_t"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    m_norm_t = S["m_norm_t"]
+    v_norm_t = S["v_norm_t"]
+    m_max_t = S["m_max_t"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c1"]:
+        # param = param * (1 - weight_decay * lr)
         F.mul_(param, h["_k0"])
+    # if step % update_proj_gap == 0:
     if h["_c2"]:
-        F.mul_(st_exp_avg, 0.0)
-        F.mul_(st_exp_avg_sq, 0.0)
+        # exp_avg = exp_avg * 0.0
+        F.mul_(exp_avg, 0.0)
+        # exp_avg_sq = exp_avg_sq * 0.0
+        F.mul_(exp_avg_sq, 0.0)
+    # if t_max != None:
     if h["_c3"]:
         pass
-    _2 = F.maxabs(grad)
-    t_gmax = _2
-    F.lerp_(st_m_max_t, t_gmax, h["_k1"])
-    _3 = F.div(st_m_max_t, h["_k2"])
-    t_m_max_hat = _3
-    _4 = F.abs(grad)
-    _5 = F.gt(_4, t_m_max_hat)
-    _6 = F.div(grad, t_gmax)
-    F.mul_(_6, t_m_max_hat)
-    _7 = F.where(_5, _6, grad)
-    t_clipped = _7
-    _8 = F.norm(t_clipped)
-    t_n = _8
-    _9 = F.gt(t_n, 0)
-    t_active = _9
-    _10 = F.lerp(st_m_norm_t, t_n, h["_k3"])
-    _11 = F.where(t_active, _10, st_m_norm_t)
-    F.assign_(st_m_norm_t, _11)
-    _12 = F.mul(t_n, t_n)
-    _13 = F.lerp(st_v_norm_t, _12, h["_k4"])
-    _14 = F.where(t_active, _13, st_v_norm_t)
-    F.assign_(st_v_norm_t, _14)
-    _15 = F.div(st_m_norm_t, h["_k5"])
-    _16 = F.div(st_v_norm_t, h["_k6"])
-    F.sqrt_(_16)
-    F.add_(_16, h["_k7"])
-    F.div_(_15, _16)
-    t_c_norm = _15
-    _17 = F.div(t_clipped, t_n)
-    F.mul_(_17, t_c_norm)
-    t_scaled = _17
-    _18 = F.lerp(st_exp_avg, t_scaled, h["_k8"])
-    _19 = F.where(t_active, _18, st_exp_avg)
-    F.assign_(st_exp_avg, _19)
-    _20 = F.mul(st_exp_avg_sq, h["_k9"])
-    F.addcmul_(_20, t_scaled, t_scaled, h["_k10"])
-    _21 = F.where(t_active, _20, st_exp_avg_sq)
-    F.assign_(st_exp_avg_sq, _21)
-    _22 = F.sqrt(st_exp_avg_sq)
-    F.div_(_22, h["bias_correction2_sq"])
-    F.add_(_22, h["_k11"])
-    t_denom = _22
-    _23 = F.addcdiv(param, st_exp_avg, t_denom, h["_k12"])
-    _24 = F.where(t_active, _23, param)
-    F.assign_(param, _24)
+    # gmax = maxabs(grad)
+    gmax = F.maxabs(grad)
+    # m_max_t = lerp(m_max_t, gmax, 1 - theta)
+    F.lerp_(m_max_t, gmax, h["_k1"])
+    # m_max_hat = m_max_t / (1 - theta ** step)
+    m_max_hat = F.div(m_max_t, h["_k2"])
+    # clipped = where(abs(grad) > m_max_hat, grad / gmax * m_max_hat, grad)
+    clipped_1 = F.abs(grad)
+    clipped_2 = F.gt(clipped_1, m_max_hat)
+    clipped_3 = F.div(grad, gmax)
+    F.mul_(clipped_3, m_max_hat)
+    clipped = F.where(clipped_2, clipped_3, grad)
+    # n = norm(clipped)
+    n = F.norm(clipped)
+    # active = n > 0
+    active = F.gt(n, 0)
+    # m_norm_t = where(active, lerp(m_norm_t, n, 1 - g1), m_norm_t)
+    m_norm_t_1 = F.lerp(m_norm_t, n, h["_k3"])
+    m_norm_t_2 = F.where(active, m_norm_t_1, m_norm_t)
+    F.assign_(m_norm_t, m_norm_t_2)
+    # v_norm_t = where(active, lerp(v_norm_t, n * n, 1 - gamma2), v_norm_t)
+    v_norm_t_1 = F.mul(n, n)
+    v_norm_t_2 = F.lerp(v_norm_t, v_norm_t_1, h["_k4"])
+    v_norm_t_3 = F.where(active, v_norm_t_2, v_norm_t)
+    F.assign_(v_norm_t, v_norm_t_3)
+    # c_norm = m_norm_t / (1 - g1 ** step) / (sqrt(v_norm_t / (1 - gamma2 ** step)) + eps)
+    c_norm = F.div(m_norm_t, h["_k5"])
+    c_norm_1 = F.div(v_norm_t, h["_k6"])
+    F.sqrt_(c_norm_1)
+    F.add_(c_norm_1, h["_k7"])
+    F.div_(c_norm, c_norm_1)
+    # scaled = clipped / n * c_norm
+    scaled = F.div(clipped, n)
+    F.mul_(scaled, c_norm)
+    # exp_avg = where(active, lerp(exp_avg, scaled, 1 - b1), exp_avg)
+    exp_avg_1 = F.lerp(exp_avg, scaled, h["_k8"])
+    exp_avg_2 = F.where(active, exp_avg_1, exp_avg)
+    F.assign_(exp_avg, exp_avg_2)
+    # exp_avg_sq = where(active, exp_avg_sq * beta2 + (1 - beta2) * scaled * scaled, exp_avg_sq)
+    exp_avg_sq_1 = F.mul(exp_avg_sq, h["_k9"])
+    F.addcmul_(exp_avg_sq_1, scaled, scaled, h["_k10"])
+    exp_avg_sq_2 = F.where(active, exp_avg_sq_1, exp_avg_sq)
+    F.assign_(exp_avg_sq, exp_avg_sq_2)
+    # denom = sqrt(exp_avg_sq) / bias_correction2_sq + eps
+    denom = F.sqrt(exp_avg_sq)
+    F.div_(denom, h["bias_correction2_sq"])
+    F.add_(denom, h["_k11"])
+    # param = where(active, param - step_size * exp_avg / denom, param)
+    param_1 = F.addcdiv(param, exp_avg, denom, h["_k12"])
+    param_2 = F.where(active, param_1, param)
+    F.assign_(param, param_2)
 
 
 class StableSPAM(GeneratedOptimizer):

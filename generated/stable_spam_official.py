@@ -66,69 +66,83 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_m_norm_t = S["m_norm_t"]
-    st_v_norm_t = S["v_norm_t"]
-    st_m_max_t = S["m_max_t"]
-    st_max_exp_avg_sq = S["max_exp_avg_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    m_norm_t = S["m_norm_t"]
+    v_norm_t = S["v_norm_t"]
+    m_max_t = S["m_max_t"]
+    max_exp_avg_sq = S["max_exp_avg_sq"]
+    # param = param * (1 - lr * weight_decay)
     F.mul_(param, h["_k0"])
+    # if total_T != None:
     if h["_c0"]:
         pass
-    _1 = F.maxabs(grad)
-    t_gmax = _1
-    F.mul_(st_m_max_t, h["_k1"])
-    _2 = F.mul(t_gmax, h["_k2"])
-    F.add_(st_m_max_t, _2)
-    _3 = F.div(st_m_max_t, h["_k3"])
-    t_m_max_hat = _3
-    _4 = F.abs(grad)
-    _5 = F.gt(_4, t_m_max_hat)
-    _6 = F.div(grad, t_gmax)
-    F.mul_(_6, t_m_max_hat)
-    _7 = F.where(_5, _6, grad)
-    t_clipped = _7
-    _8 = F.norm(t_clipped)
-    t_n = _8
-    F.mul_(st_m_norm_t, h["g1"])
-    _9 = F.mul(t_n, h["_k4"])
-    F.add_(st_m_norm_t, _9)
-    F.mul_(st_v_norm_t, h["_k5"])
-    _10 = F.mul(t_n, t_n)
-    F.mul_(_10, h["_k6"])
-    F.add_(st_v_norm_t, _10)
-    _11 = F.div(st_m_norm_t, h["_k7"])
-    _12 = F.div(st_v_norm_t, h["_k8"])
-    F.sqrt_(_12)
-    F.add_(_12, h["_k9"])
-    F.div_(_11, _12)
-    t_c_norm = _11
-    _13 = F.gt(t_n, 0)
-    _14 = F.div(t_clipped, t_n)
-    F.mul_(_14, t_c_norm)
-    _15 = F.where(_13, _14, t_clipped)
-    t_scaled = _15
-    F.mul_(st_exp_avg, h["b1"])
-    F.axpy_(st_exp_avg, t_scaled, h["_k10"])
-    F.mul_(st_exp_avg_sq, h["_k11"])
-    F.addcmul_(st_exp_avg_sq, t_scaled, t_scaled, h["_k12"])
+    # gmax = maxabs(grad)
+    gmax = F.maxabs(grad)
+    # m_max_t = m_max_t * gamma3 + gmax * (1 - gamma3)
+    F.mul_(m_max_t, h["_k1"])
+    m_max_t_1 = F.mul(gmax, h["_k2"])
+    F.add_(m_max_t, m_max_t_1)
+    # m_max_hat = m_max_t / (1 - gamma3 ** moment_step)
+    m_max_hat = F.div(m_max_t, h["_k3"])
+    # clipped = where(abs(grad) > m_max_hat, grad / gmax * m_max_hat, grad)
+    clipped_1 = F.abs(grad)
+    clipped_2 = F.gt(clipped_1, m_max_hat)
+    clipped_3 = F.div(grad, gmax)
+    F.mul_(clipped_3, m_max_hat)
+    clipped = F.where(clipped_2, clipped_3, grad)
+    # n = norm(clipped)
+    n = F.norm(clipped)
+    # m_norm_t = m_norm_t * g1 + n * (1 - g1)
+    F.mul_(m_norm_t, h["g1"])
+    m_norm_t_1 = F.mul(n, h["_k4"])
+    F.add_(m_norm_t, m_norm_t_1)
+    # v_norm_t = v_norm_t * gamma2 + n * n * (1 - gamma2)
+    F.mul_(v_norm_t, h["_k5"])
+    v_norm_t_1 = F.mul(n, n)
+    F.mul_(v_norm_t_1, h["_k6"])
+    F.add_(v_norm_t, v_norm_t_1)
+    # c_norm = m_norm_t / (1 - g1 ** moment_step) / (sqrt(v_norm_t / (1 - gamma2 ** moment_step)) + eps)
+    c_norm = F.div(m_norm_t, h["_k7"])
+    c_norm_1 = F.div(v_norm_t, h["_k8"])
+    F.sqrt_(c_norm_1)
+    F.add_(c_norm_1, h["_k9"])
+    F.div_(c_norm, c_norm_1)
+    # scaled = where(n > 0, clipped / n * c_norm, clipped)
+    scaled_1 = F.gt(n, 0)
+    scaled_2 = F.div(clipped, n)
+    F.mul_(scaled_2, c_norm)
+    scaled = F.where(scaled_1, scaled_2, clipped)
+    # exp_avg = exp_avg * b1 + (1 - b1) * scaled
+    F.mul_(exp_avg, h["b1"])
+    F.axpy_(exp_avg, scaled, h["_k10"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * scaled * scaled
+    F.mul_(exp_avg_sq, h["_k11"])
+    F.addcmul_(exp_avg_sq, scaled, scaled, h["_k12"])
+    # if amsgrad:
     if h["_c1"]:
-        F.maximum_(st_max_exp_avg_sq, st_exp_avg_sq)
-        _16 = F.sqrt(st_max_exp_avg_sq)
-        F.div_(_16, h["_k13"])
-        F.add_(_16, h["_k14"])
-        t_denom = _16
+        # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        F.maximum_(max_exp_avg_sq, exp_avg_sq)
+        # denom = sqrt(max_exp_avg_sq) / sqrt(1 - beta2 ** moment_step) + eps
+        denom = F.sqrt(max_exp_avg_sq)
+        F.div_(denom, h["_k13"])
+        F.add_(denom, h["_k14"])
     else:
-        _17 = F.sqrt(st_exp_avg_sq)
-        F.div_(_17, h["_k15"])
-        F.add_(_17, h["_k16"])
-        t_denom = _17
-    _18 = F.div(st_exp_avg, t_denom)
-    t_direction = _18
-    F.axpy_(param, t_direction, h["_k17"])
+        # denom = sqrt(exp_avg_sq) / sqrt(1 - beta2 ** moment_step) + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.div_(denom, h["_k15"])
+        F.add_(denom, h["_k16"])
+    # direction = exp_avg / denom
+    direction = F.div(exp_avg, denom)
+    # param = param - lr / (1 - b1 ** moment_step) * direction
+    F.axpy_(param, direction, h["_k17"])
+    # if reset:
     if h["reset"]:
-        F.mul_(st_exp_avg, 0.0)
-        F.mul_(st_exp_avg_sq, 0.0)
+        # exp_avg = exp_avg * 0.0
+        F.mul_(exp_avg, 0.0)
+        # exp_avg_sq = exp_avg_sq * 0.0
+        F.mul_(exp_avg_sq, 0.0)
 
 
 class StableSPAM(GeneratedOptimizer):

@@ -116,7 +116,7 @@ def _stable_spam_official_prologue0(
 def _stable_spam_official_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS__R0: tl.constexpr = 13
+    COL_WS_R0: tl.constexpr = 13
     HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -131,7 +131,7 @@ def _stable_spam_official_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: t
     # _r0 = maxabs(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     r0_part = L.masked(tl.abs(grad), mask)
-    tl.atomic_max(ws + tl.load(tab + t * TBL_W + COL_WS__R0), tl.max(r0_part, axis=0))
+    tl.atomic_max(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.max(r0_part, axis=0))
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -178,7 +178,7 @@ def _stable_spam_official_vec0(
     COL_B: tl.constexpr = 8
     COL_M: tl.constexpr = 9
     COL_N: tl.constexpr = 10
-    COL_WS__R0: tl.constexpr = 13
+    COL_WS_R0: tl.constexpr = 13
     COL_WS_GMAX: tl.constexpr = 15
     COL_WS_M_MAX_HAT: tl.constexpr = 16
     HV_GAMMA3: tl.constexpr = 1
@@ -189,8 +189,8 @@ def _stable_spam_official_vec0(
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # gmax = _r0  (per-tensor)
-    p__r0 = ws + tl.load(tab + t * TBL_W + COL_WS__R0)
-    r0 = tl.load(p__r0 + 0).to(tl.float32)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
     p_gmax = ws + tl.load(tab + t * TBL_W + COL_WS_GMAX)
     tl.store(p_gmax + 0, L.to_storage(r0, tl.float32))
     tl.debug_barrier()
@@ -215,7 +215,7 @@ def _stable_spam_official_vec0(
 @triton.jit
 def _stable_spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_moment_step: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
-    COL_WS__R1: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 14
     COL_WS_GMAX: tl.constexpr = 15
     COL_WS_M_MAX_HAT: tl.constexpr = 16
     COL_WS_CLIPPED: tl.constexpr = 19
@@ -232,7 +232,7 @@ def _stable_spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: t
     clipped = tl.where((tl.abs(grad) > m_max_hat), (L.div(grad, gmax) * m_max_hat), grad)
     # _r1 = sumsq(clipped)
     r1_part = L.masked((clipped * clipped), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS__R1), tl.sum(r1_part, axis=0))
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # store clipped
     tl.store(p_clipped + offs, L.to_storage(clipped, tl.float32), mask=mask)
 
@@ -280,7 +280,7 @@ def _stable_spam_official_vec1(
     COL_B: tl.constexpr = 8
     COL_M: tl.constexpr = 9
     COL_N: tl.constexpr = 10
-    COL_WS__R1: tl.constexpr = 14
+    COL_WS_R1: tl.constexpr = 14
     COL_WS_N: tl.constexpr = 17
     COL_WS_C_NORM: tl.constexpr = 18
     HV_G1: tl.constexpr = 4
@@ -295,8 +295,8 @@ def _stable_spam_official_vec1(
     M = tl.load(tab + t * TBL_W + COL_M)
     N = tl.load(tab + t * TBL_W + COL_N)
     # n = sqrt(_r1)  (per-tensor)
-    p__r1 = ws + tl.load(tab + t * TBL_W + COL_WS__R1)
-    r1 = tl.load(p__r1 + 0).to(tl.float32)
+    p_r1 = ws + tl.load(tab + t * TBL_W + COL_WS_R1)
+    r1 = tl.load(p_r1 + 0).to(tl.float32)
     n_1 = L.sqrt(r1)
     p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
     tl.store(p_n + 0, L.to_storage(n_1, tl.float32))

@@ -87,6 +87,26 @@ def test_spec_strings_never_run(tmp_path, monkeypatch, text: str, echo: str | No
     smoke_step(built, built.spec)
 
 
+def test_statement_comments_stay_comments(tmp_path, monkeypatch) -> None:
+    """Each statement's text is a comment above its code, in the torch step and in the triton
+    kernels: text that would end the comment (newlines, CR, line separators) is escaped, so it
+    can neither run nor change the code around it."""
+    import optgen.backends.naming as naming
+
+    hostile = 'x\nopen("CANARY", "w")\r\u2028# \x00"""'
+    monkeypatch.setattr(naming, "expr_text", lambda n, parent=0: hostile)
+    monkeypatch.chdir(tmp_path)
+    built = compile_spec(_write(tmp_path, BASE))
+    escaped = comment_text(hostile)
+    for text in (built.text, built.triton_text):
+        compile(text, "m.py", "exec")
+        hits = [line for line in text.splitlines() if "CANARY" in line]
+        assert hits and all(line.lstrip().startswith("# ") and line.endswith(escaped) for line in hits)
+    import_built(built, "demo")
+    smoke_step(built, built.spec)
+    assert not (tmp_path / "CANARY").exists()
+
+
 def test_nan_and_inf_defaults_import_as_floats(tmp_path) -> None:
     built = compile_spec(_write(tmp_path, _hyper("{default: .nan}").replace("state:", "  y: {default: -.inf}\nstate:")))
     module = import_built(built, "demo")

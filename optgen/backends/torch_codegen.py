@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from optgen.backends.naming import Names, SourceText, reads_of
 from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 from optgen.ir.ops import OWN_SHAPE, Op
@@ -27,12 +28,22 @@ _OPERAND_KIND = {"normalize": None, "dot": None, "matmean": None, "sum": Kind.EL
                  "vdot": Kind.ELEMENT}
 
 
+#: The names ``_device_step`` itself uses: no value may take one.
+_RESERVED = ("h", "param", "grad", "S", "A", "F")
+
+
 class TorchEmitter:
     def __init__(self, program: Program):
         self.program = program
         self.lines: list[str] = []
         self.depth = 1
         self.counter = 0
+        #: each IR name's local (its own name, a suffix on a clash), and the statements' text
+        self.names = Names(_RESERVED)
+        self.locals: dict[str, str] = {}
+        self.text = SourceText(program)
+        #: the fresh temporaries of the statement being emitted, named when it is done
+        self.pending: list[str] = []
         self.device_state = [d.name for d in program.state if d.kind != Kind.HOST]
         self.absent_ok = {d.name for d in program.state if d.init == "absent"}
         #: temporaries whose tensors no other name references (safe to update in place)
@@ -50,13 +61,25 @@ class TorchEmitter:
     def local(self, name: str) -> str:
         if name in ("param", "grad"):
             return name
-        if name in self.device_state:
-            return f"st_{name}"
-        return f"t_{name}"
+        if name not in self.locals:
+            self.locals[name] = self.names.new(name)
+        return self.locals[name]
 
     def fresh(self) -> str:
+        """A placeholder for a temporary of the current statement (NUL-delimited: in no name or
+        number), named after the statement's target by :meth:`name_temporaries`."""
         self.counter += 1
-        return f"_{self.counter}"
+        token = f"\x00{self.counter}\x00"
+        self.pending.append(token)
+        return token
+
+    def name_temporaries(self, start: int, target: str, final: str | None = None) -> None:
+        """Name the statement's temporaries (its lines from ``start`` on) after ``target``; the
+        one in ``final`` becomes the target's own local (no ``x = x_1`` line)."""
+        for token in self.pending:
+            name = self.local(target) if token == final else self.names.new(target)
+            self.lines[start:] = [line.replace(token, name) for line in self.lines[start:]]
+        self.pending = []
 
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.depth + line)
@@ -116,6 +139,7 @@ class TorchEmitter:
         for s in stmts:
             if isinstance(s, If):
                 before = set(self.owned)
+                self.emit(f"# {self.text.condition(s.cond)}")
                 self.emit(f'if h["{s.cond.attr}"]:')
                 self.depth += 1
                 n = len(self.lines)
@@ -132,11 +156,16 @@ class TorchEmitter:
                 self.owned &= owned_then  # owned after the conditional only if owned on both sides
                 emitted = True
             elif not s.value.is_host:
-                self.assign(s)
+                self.emit(f"# {self.text.statement(s)}")
+                start = len(self.lines)
+                final = self.assign(s)
+                self.name_temporaries(start, s.target, final)
                 emitted = True
         return emitted
 
-    def assign(self, s: Assign) -> None:
+    def assign(self, s: Assign) -> str | None:
+        """Emit statement ``s``; returns the temporary that is to be named as the target itself
+        (None: the target keeps its binding line)."""
         target = self.local(s.target)
         v = _peephole(s.value)
         if s.role == "accumulate":  # one value per tensor, summed by the runtime in parameter order
@@ -152,17 +181,24 @@ class TorchEmitter:
                     rest = [self.arg(a, node)[0] for a in node.args[1:]]
                     self.emit(f"F.{node.op}_({target}{''.join(', ' + r for r in rest)})")
                 return
+            start = len(self.lines)
             code, fresh = self.expr(v)
             if v.op == Op.VAR and v.attr in (*self.device_state, "param") and v.attr in self.writes_after[id(s)]:
                 code, fresh = f"F.copy({code})", True  # the source is written later: keep this value
-            self.emit(f"{target} = {code}")
+            # The statement's own temporary may take the target's name when nothing after its
+            # first line reads the target's old value.
+            final = None
+            if code in self.pending and (s.target not in reads_of(v) or len(self.lines) == start + 1):
+                final = code
+            else:
+                self.emit(f"{target} = {code}")
             if v.op == Op.VAR:
                 self.owned.discard(v.attr)  # now an alias
             if fresh:
                 self.owned.add(s.target)
             else:
                 self.owned.discard(s.target)
-            return
+            return final
         if v.op == Op.ENCODE:
             code, _ = self.expr(v.args[0])
             codec, non_neg = v.attr
@@ -216,6 +252,8 @@ def _has_device_work(stmts: list[Stmt]) -> bool:
 def render_device_step(program: Program) -> str:
     """The source of ``_device_step`` for a hoisted program."""
     em = TorchEmitter(program)
+    if em.device_state:
+        em.emit("# the states, one list of tensors each")
     for name in em.device_state:
         em.emit(f'{em.local(name)} = S["{name}"]')
     em.block(program.body)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from optgen.backends.launch_plan import CallPlan, PathLaunch, TritonPlan
-from optgen.backends.naming import Names, SourceText
+from optgen.backends.naming import Names, SourceText, local_base
 from optgen.backends.triton_plan import (
     CALLS,
     PathPlan,
@@ -204,7 +204,8 @@ class KernelEmitter:
         return self.scope
 
     def col(self, name: str) -> str:
-        stem = name.removeprefix("state:")  # a state's column is named after it, a workspace's WS_<name>
+        # a state's column is named after it, a workspace's WS_<name>
+        stem = ":".join(local_base(part) for part in name.removeprefix("state:").split(":"))
         return f"tl.load(tab + t * TBL_W + {self.scope.constant('COL', name, self.cols[name], stem)})"
 
     def hv_slot(self, name: str) -> str:
@@ -753,7 +754,7 @@ class _DeviceCtx:
             return self.pointers[name]
         em = self.em
         # one name per buffer and kernel (a vector stage loads a pointer again where it uses it)
-        local = em.scope.pointer_names.get(name) or em.scope.pointer_names.setdefault(name, self.body.fresh("p_" + name))
+        local = em.scope.pointer_names.get(name) or em.scope.pointer_names.setdefault(name, self.body.fresh("p_" + local_base(name)))
         if name == "grad":
             src = "tl.load(gptr + t)"
         elif name == "param" or name in em.states:
