@@ -60,62 +60,78 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_exp_avg_scale = S["exp_avg_scale"]
-    st_exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    exp_avg_scale = S["exp_avg_scale"]
+    exp_avg_sq_scale = S["exp_avg_sq_scale"]
+    # if state_precision == '4bit' and (numel >= 4096 and numel % 128 == 0):
     if h["_c0"]:
-        _1 = F.float32(grad)
-        grad = _1
-        _2 = F.float32(param)
-        t_p32 = _2
+        # grad = float32(grad)
+        grad = F.float32(grad)
+        # p32 = float32(param)
+        p32 = F.float32(param)
+        # if is_adamw:
         if h["_c1"]:
-            _3 = F.mul(t_p32, h["_k0"])
-            _4 = F.sub(t_p32, _3)
-            t_p32 = _4
+            # p32 = p32 - p32 * float32(float32(lr) * float32(weight_decay))
+            p32_1 = F.mul(p32, h["_k0"])
+            p32_2 = F.sub(p32, p32_1)
+            p32 = p32_2
         else:
-            _5 = F.mul(t_p32, h["_k1"])
-            _6 = F.add(grad, _5)
-            grad = _6
-        _7 = F.decode("4bit", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, param)
-        t_exp_avg_work = _7
-        F.lerp_(t_exp_avg_work, grad, h["_k2"])
-        F.encode_("4bit", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
-        _8 = F.decode("4bit", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, param)
-        t_exp_avg_sq_work = _8
-        _9 = F.mul(grad, grad)
-        F.lerp_(t_exp_avg_sq_work, _9, h["_k3"])
-        F.encode_("4bit", True, {"": st_exp_avg_sq, "_scale": st_exp_avg_sq_scale}, t_exp_avg_sq_work)
-        _10 = F.sqrt(t_exp_avg_sq_work)
-        F.div_(_10, h["_k4"])
-        F.add_(_10, h["_k5"])
-        t_denom = _10
-        _11 = F.div(t_exp_avg_work, h["bias_correction1"])
-        _12 = F.addcdiv(t_p32, _11, t_denom, h["_k6"])
-        F.assign_(param, _12)
+            # grad = grad + p32 * weight_decay
+            grad_1 = F.mul(p32, h["_k1"])
+            grad_2 = F.add(grad, grad_1)
+            grad = grad_2
+        # exp_avg_work = exp_avg
+        exp_avg_work = F.decode("4bit", False, {"": exp_avg, "_scale": exp_avg_scale}, param)
+        # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+        F.lerp_(exp_avg_work, grad, h["_k2"])
+        # exp_avg = exp_avg_work
+        F.encode_("4bit", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+        # exp_avg_sq_work = exp_avg_sq
+        exp_avg_sq_work = F.decode("4bit", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, param)
+        # exp_avg_sq_work = lerp(exp_avg_sq_work, grad * grad, 1 - beta2)
+        exp_avg_sq_work_1 = F.mul(grad, grad)
+        F.lerp_(exp_avg_sq_work, exp_avg_sq_work_1, h["_k3"])
+        # exp_avg_sq = exp_avg_sq_work
+        F.encode_("4bit", True, {"": exp_avg_sq, "_scale": exp_avg_sq_scale}, exp_avg_sq_work)
+        # denom = sqrt(exp_avg_sq_work) / sqrt(bias_correction2) + eps
+        denom = F.sqrt(exp_avg_sq_work)
+        F.div_(denom, h["_k4"])
+        F.add_(denom, h["_k5"])
+        # param = p32 - float32(lr) * (exp_avg_work / bias_correction1) / denom
+        param_1 = F.div(exp_avg_work, h["bias_correction1"])
+        param_2 = F.addcdiv(p32, param_1, denom, h["_k6"])
+        F.assign_(param, param_2)
     else:
-        _13 = F.float32(grad)
-        grad = _13
-        _14 = F.float32(param)
-        t_p32 = _14
+        # grad = float32(grad)
+        grad = F.float32(grad)
+        # p32 = float32(param)
+        p32 = F.float32(param)
+        # if is_adamw:
         if h["_c1"]:
-            _15 = F.mul(t_p32, h["_k7"])
-            _16 = F.sub(t_p32, _15)
-            t_p32 = _16
+            # p32 = p32 - p32 * float32(float32(lr) * float32(weight_decay))
+            p32_3 = F.mul(p32, h["_k7"])
+            p32_4 = F.sub(p32, p32_3)
+            p32 = p32_4
         else:
-            _17 = F.mul(t_p32, h["_k8"])
-            _18 = F.add(grad, _17)
-            grad = _18
-        F.lerp_(st_exp_avg, grad, h["_k9"])
-        _19 = F.mul(grad, grad)
-        F.lerp_(st_exp_avg_sq, _19, h["_k10"])
-        _20 = F.sqrt(st_exp_avg_sq)
-        F.div_(_20, h["_k11"])
-        F.add_(_20, h["_k12"])
-        t_denom = _20
-        _21 = F.div(st_exp_avg, h["bias_correction1"])
-        _22 = F.addcdiv(t_p32, _21, t_denom, h["_k13"])
-        F.assign_(param, _22)
+            # grad = grad + p32 * weight_decay
+            grad_3 = F.mul(p32, h["_k8"])
+            grad_4 = F.add(grad, grad_3)
+            grad = grad_4
+        # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+        F.lerp_(exp_avg, grad, h["_k9"])
+        # exp_avg_sq = lerp(exp_avg_sq, grad * grad, 1 - beta2)
+        exp_avg_sq_1 = F.mul(grad, grad)
+        F.lerp_(exp_avg_sq, exp_avg_sq_1, h["_k10"])
+        # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2) + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.div_(denom, h["_k11"])
+        F.add_(denom, h["_k12"])
+        # param = p32 - float32(lr) * (exp_avg / bias_correction1) / denom
+        param_3 = F.div(exp_avg, h["bias_correction1"])
+        param_4 = F.addcdiv(p32, param_3, denom, h["_k13"])
+        F.assign_(param, param_4)
 
 
 class Adam4bit(GeneratedOptimizer):

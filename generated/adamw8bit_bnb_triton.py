@@ -21,98 +21,139 @@ def _adamw8bit_bnb_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA2: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k0 = tl.load(hyp + 1)
-    h__k1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k2 = tl.load(hyp + 0)
-    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k4 = (h_correction2 * tl.load(hyp + 2))
-    h__k5 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
-    h__k6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    correction2_times_eps = (correction2 * tl.load(hyp + HYP_EPS))
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2_TIMES_EPS, (correction2_times_eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    COL_STATE1_ABSMAX: tl.constexpr = 3
+    COL_STATE2_ABSMAX: tl.constexpr = 4
+    COL_NUMEL: tl.constexpr = 5
+    COL_BOOK_8BIT_1_QMAP: tl.constexpr = 11
+    COL_BOOK_8BIT_1_LUT: tl.constexpr = 12
+    COL_BOOK_8BIT_0_QMAP: tl.constexpr = 13
+    COL_BOOK_8BIT_0_LUT: tl.constexpr = 14
+    HV_BETA2: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    p_state2_absmax = tl.load(tab + t * TBL_W + COL_STATE2_ABSMAX).to(tl.pointer_type(DT_state2_absmax))
     if ALIGNED:
         p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
-    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
-    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
-    h__k0 = tl.load(hv + t * NH + 0)
-    h__k1 = tl.load(hv + t * NH + 1)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_qmap = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    p_state1_absmax = tl.load(tab + t * TBL_W + COL_STATE1_ABSMAX).to(tl.pointer_type(DT_state1_absmax))
     if ALIGNED:
         p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
-    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
-    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
-    h__k2 = tl.load(hv + t * NH + 2)
-    h__k3 = tl.load(hv + t * NH + 3)
-    h__k4 = tl.load(hv + t * NH + 4)
-    h__k5 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    x5 = tl.abs(x2)
-    x6 = (x5 <= tl.full((), 3.4028234663852886e+38, tl.float32))
-    live7 = offs < tl.load(tab + t * TBL_W + 5)
-    x8 = (tl.load(p_book0 + tl.load(p_state2 + offs, mask=live7, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live7, other=0.0))
-    x9 = (x8 * h__k0)
-    x10 = (x9 + h__k1 * x2 * x2)
-    x11 = tl.where(x6, x10, tl.full((), 0.0, tl.float32))
-    live12 = offs < tl.load(tab + t * TBL_W + 5)
+    p_qmap_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_LUT).to(tl.pointer_type(tl.uint8))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
+    k = tl.load(hv + t * NH + HV_K)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # finite = abs(grad) <= 3.4028234663852886e+38
+    finite = (tl.abs(grad) <= tl.full((), 3.4028234663852886e+38, tl.float32))
+    # state2_work = state2
+    live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state2 = (tl.load(p_qmap + tl.load(p_state2 + offs, mask=live, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live, other=0.0))
+    # state2_work = where(finite, state2_work * beta2 + (1 - beta2) * grad * grad, 0)
+    state2_work = tl.where(finite, ((state2 * beta2) + one_minus_beta2 * grad * grad), tl.full((), 0.0, tl.float32))
+    # state2 = state2_work
+    live_1 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live12, x11, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_1, state2_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live12)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut), (BLOCK,)), mask=live_1)
     _qb = offs // 256
-    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live12, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    live13 = offs < tl.load(tab + t * TBL_W + 5)
-    x14 = (tl.load(p_book2 + tl.load(p_state1 + offs, mask=live13, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live13, other=0.0))
-    x15 = (x14 * h__k2)
-    x16 = (x15 + h__k3 * x2)
-    x17 = tl.where(x6, x16, tl.full((), 0.0, tl.float32))
-    live18 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_1, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # state1_work = state1
+    live_2 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state1 = (tl.load(p_qmap_1 + tl.load(p_state1 + offs, mask=live_2, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live_2, other=0.0))
+    # state1_work = where(finite, state1_work * beta1 + (1 - beta1) * grad, 0)
+    state1_work = tl.where(finite, ((state1 * beta1) + one_minus_beta1 * grad), tl.full((), 0.0, tl.float32))
+    # state1 = state1_work
+    live_3 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live18, x17, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_3, state1_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live18)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
-    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live18, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x19 = L.sqrt(x11)
-    x20 = (x19 + h__k4)
-    x21 = L.div(x17, x20)
-    x22 = (x4 + h__k5 * x21)
-    x23 = tl.where(x6, x22, x4)
-    x24 = (x23 * h__k6)
-    x25 = tl.where(x6, x24, x23)
-    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # update = state1_work / (sqrt(state2_work) + correction2 * eps)
+    update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
+    # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
+    p32 = tl.where(finite, (param + k * update), param)
+    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
+    p32_1 = tl.where(finite, (p32 * one_minus_lr_times_weight_decay), p32)
+    # param = p32
+    # store param
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -122,10 +163,15 @@ def _adamw8bit_bnb_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state2, state1; writes state2, state1, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -143,94 +189,140 @@ def _adamw8bit_bnb_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k7 = tl.load(hyp + 0)
-    h__k8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k9 = tl.load(hyp + 1)
-    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k11 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    h__k12 = tl.load(hyp + 2)
-    h__k13 = (-(tl.load(hyp + 3) / h_correction1))
-    tl.store(hv + t * NH + 0, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k12).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k13).to(tl.float32))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr_over_correction1 = (-(tl.load(hyp + HYP_LR) / correction1))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2, (correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1, (neg_lr_over_correction1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    COL_STATE1_ABSMAX: tl.constexpr = 3
+    COL_STATE2_ABSMAX: tl.constexpr = 4
+    COL_NUMEL: tl.constexpr = 5
+    COL_BOOK_8BIT_0_QMAP: tl.constexpr = 11
+    COL_BOOK_8BIT_0_LUT: tl.constexpr = 12
+    COL_BOOK_8BIT_1_QMAP: tl.constexpr = 13
+    COL_BOOK_8BIT_1_LUT: tl.constexpr = 14
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    p_state1_absmax = tl.load(tab + t * TBL_W + COL_STATE1_ABSMAX).to(tl.pointer_type(DT_state1_absmax))
     if ALIGNED:
         p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
-    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
-    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
-    h__k7 = tl.load(hv + t * NH + 0)
-    h__k8 = tl.load(hv + t * NH + 1)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    p_qmap = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_LUT).to(tl.pointer_type(tl.uint8))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    p_state2_absmax = tl.load(tab + t * TBL_W + COL_STATE2_ABSMAX).to(tl.pointer_type(DT_state2_absmax))
     if ALIGNED:
         p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
-    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
-    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
-    h__k9 = tl.load(hv + t * NH + 2)
-    h__k10 = tl.load(hv + t * NH + 3)
-    h__k11 = tl.load(hv + t * NH + 4)
-    h_correction2 = tl.load(hv + t * NH + 5)
-    h__k12 = tl.load(hv + t * NH + 6)
-    h__k13 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    live5 = offs < tl.load(tab + t * TBL_W + 5)
-    x6 = (tl.load(p_book0 + tl.load(p_state1 + offs, mask=live5, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live5, other=0.0))
-    x7 = (x6 * h__k7)
-    x8 = (x7 + h__k8 * x2)
-    live9 = offs < tl.load(tab + t * TBL_W + 5)
+    p_qmap_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # state1_work = state1
+    live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state1 = (tl.load(p_qmap + tl.load(p_state1 + offs, mask=live, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live, other=0.0))
+    # state1_work = state1_work * beta1 + (1 - beta1) * grad
+    state1_work = ((state1 * beta1) + one_minus_beta1 * grad)
+    # state1 = state1_work
+    live_1 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live9, x8, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_1, state1_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live9)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut), (BLOCK,)), mask=live_1)
     _qb = offs // 256
-    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live9, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    live10 = offs < tl.load(tab + t * TBL_W + 5)
-    x11 = (tl.load(p_book2 + tl.load(p_state2 + offs, mask=live10, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live10, other=0.0))
-    x12 = (x11 * h__k9)
-    x13 = (x12 + h__k10 * x2 * x2)
-    live14 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_1, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # state2_work = state2
+    live_2 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state2 = (tl.load(p_qmap_1 + tl.load(p_state2 + offs, mask=live_2, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live_2, other=0.0))
+    # state2_work = state2_work * beta2 + (1 - beta2) * grad * grad
+    state2_work = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # state2 = state2_work
+    live_3 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live14, x13, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_3, state2_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live14)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
-    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live14, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x15 = (x4 * h__k11)
-    x16 = L.sqrt(x13)
-    x17 = L.div(x16, h_correction2)
-    x18 = (x17 + h__k12)
-    x19 = (x15 + h__k13 * L.div(x8, x18))
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # p32 = p32 * (1 - lr * weight_decay)
+    p32 = (param * one_minus_lr_times_weight_decay)
+    # denom = sqrt(state2_work) / correction2 + eps
+    denom = (L.div(L.sqrt(state2_work), correction2) + eps)
+    # p32 = p32 - lr / correction1 * state1_work / denom
+    p32_1 = (p32 + neg_lr_over_correction1 * L.div(state1_work, denom))
+    # param = p32
+    # store param
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -240,10 +332,15 @@ def _adamw8bit_bnb_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state1, state2; writes state1, state2, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -261,92 +358,137 @@ def _adamw8bit_bnb_prologue2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
+    HV_K: tl.constexpr = 6
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k7 = tl.load(hyp + 0)
-    h__k8 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k9 = tl.load(hyp + 1)
-    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k11 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    h__k14 = (tl.load(hyp + 2) * h_correction2)
-    h__k15 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
-    tl.store(hv + t * NH + 0, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k14).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k15).to(tl.float32))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps_times_correction2 = (tl.load(hyp + HYP_EPS) * correction2)
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_TIMES_CORRECTION2, (eps_times_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    COL_STATE1_ABSMAX: tl.constexpr = 3
+    COL_STATE2_ABSMAX: tl.constexpr = 4
+    COL_NUMEL: tl.constexpr = 5
+    COL_BOOK_8BIT_0_QMAP: tl.constexpr = 11
+    COL_BOOK_8BIT_0_LUT: tl.constexpr = 12
+    COL_BOOK_8BIT_1_QMAP: tl.constexpr = 13
+    COL_BOOK_8BIT_1_LUT: tl.constexpr = 14
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
+    HV_K: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    p_state1_absmax = tl.load(tab + t * TBL_W + COL_STATE1_ABSMAX).to(tl.pointer_type(DT_state1_absmax))
     if ALIGNED:
         p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
-    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
-    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.uint8))
-    h__k7 = tl.load(hv + t * NH + 0)
-    h__k8 = tl.load(hv + t * NH + 1)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    p_qmap = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_0_LUT).to(tl.pointer_type(tl.uint8))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    p_state2_absmax = tl.load(tab + t * TBL_W + COL_STATE2_ABSMAX).to(tl.pointer_type(DT_state2_absmax))
     if ALIGNED:
         p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
-    p_book2 = tl.load(tab + t * TBL_W + 13).to(tl.pointer_type(tl.float32))
-    p_book3 = tl.load(tab + t * TBL_W + 14).to(tl.pointer_type(tl.uint8))
-    h__k9 = tl.load(hv + t * NH + 2)
-    h__k10 = tl.load(hv + t * NH + 3)
-    h__k11 = tl.load(hv + t * NH + 4)
-    h__k14 = tl.load(hv + t * NH + 5)
-    h__k15 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    live5 = offs < tl.load(tab + t * TBL_W + 5)
-    x6 = (tl.load(p_book0 + tl.load(p_state1 + offs, mask=live5, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live5, other=0.0))
-    x7 = (x6 * h__k7)
-    x8 = (x7 + h__k8 * x2)
-    live9 = offs < tl.load(tab + t * TBL_W + 5)
+    p_qmap_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_QMAP).to(tl.pointer_type(tl.float32))
+    p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
+    k = tl.load(hv + t * NH + HV_K)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # state1_work = state1
+    live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state1 = (tl.load(p_qmap + tl.load(p_state1 + offs, mask=live, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live, other=0.0))
+    # state1_work = state1_work * beta1 + (1 - beta1) * grad
+    state1_work = ((state1 * beta1) + one_minus_beta1 * grad)
+    # state1 = state1_work
+    live_1 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live9, x8, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_1, state1_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book1), (BLOCK,)), mask=live9)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut), (BLOCK,)), mask=live_1)
     _qb = offs // 256
-    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live9, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    live10 = offs < tl.load(tab + t * TBL_W + 5)
-    x11 = (tl.load(p_book2 + tl.load(p_state2 + offs, mask=live10, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live10, other=0.0))
-    x12 = (x11 * h__k9)
-    x13 = (x12 + h__k10 * x2 * x2)
-    live14 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_1, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # state2_work = state2
+    live_2 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state2 = (tl.load(p_qmap_1 + tl.load(p_state2 + offs, mask=live_2, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live_2, other=0.0))
+    # state2_work = state2_work * beta2 + (1 - beta2) * grad * grad
+    state2_work = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # state2 = state2_work
+    live_3 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live14, x13, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_3, state2_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_book3), (BLOCK,)), mask=live14)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
-    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live14, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x15 = (x4 * h__k11)
-    x16 = L.sqrt(x13)
-    x17 = (x16 + h__k14)
-    x18 = L.div(x8, x17)
-    x19 = (x15 + h__k15 * x18)
-    tl.store(p_param + offs, L.to_storage(x19, P_DT), mask=mask)
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # p32 = p32 * (1 - lr * weight_decay)
+    p32 = (param * one_minus_lr_times_weight_decay)
+    # update = state1_work / (sqrt(state2_work) + eps * correction2)
+    update = L.div(state1_work, (L.sqrt(state2_work) + eps_times_correction2))
+    # p32 = p32 + -lr * correction2 / correction1 * update
+    p32_1 = (p32 + k * update)
+    # param = p32
+    # store param
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -356,10 +498,15 @@ def _adamw8bit_bnb_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state1, state2; writes state1, state2, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -369,104 +516,93 @@ def _adamw8bit_bnb_flat2(
         _adamw8bit_bnb_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
-# prologue
-@triton.jit
-def _adamw8bit_bnb_prologue3(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k16 = tl.load(hyp + 1)
-    h__k17 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k18 = tl.load(hyp + 0)
-    h__k19 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k20 = (h_correction2 * tl.load(hyp + 2))
-    h__k21 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
-    h__k22 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    tl.store(hv + t * NH + 0, (h__k16).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k17).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k18).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k19).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k20).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k21).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k22).to(tl.float32))
-
-
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    COL_STATE1_ABSMAX: tl.constexpr = 3
+    COL_STATE2_ABSMAX: tl.constexpr = 4
+    COL_NUMEL: tl.constexpr = 5
+    COL_BOOK_8BIT_CUDA_1_QMAP: tl.constexpr = 11
+    COL_BOOK_8BIT_CUDA_0_QMAP: tl.constexpr = 12
+    HV_BETA2: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    p_state2_absmax = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_state2_absmax))
+    p_state2_absmax = tl.load(tab + t * TBL_W + COL_STATE2_ABSMAX).to(tl.pointer_type(DT_state2_absmax))
     if ALIGNED:
         p_state2_absmax = tl.multiple_of(p_state2_absmax, 16)
-    p_book0 = tl.load(tab + t * TBL_W + 11).to(tl.pointer_type(tl.float32))
-    h__k16 = tl.load(hv + t * NH + 0)
-    h__k17 = tl.load(hv + t * NH + 1)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_qmap = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_CUDA_1_QMAP).to(tl.pointer_type(tl.float32))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    p_state1_absmax = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_state1_absmax))
+    p_state1_absmax = tl.load(tab + t * TBL_W + COL_STATE1_ABSMAX).to(tl.pointer_type(DT_state1_absmax))
     if ALIGNED:
         p_state1_absmax = tl.multiple_of(p_state1_absmax, 16)
-    p_book1 = tl.load(tab + t * TBL_W + 12).to(tl.pointer_type(tl.float32))
-    h__k18 = tl.load(hv + t * NH + 2)
-    h__k19 = tl.load(hv + t * NH + 3)
-    h__k20 = tl.load(hv + t * NH + 4)
-    h__k21 = tl.load(hv + t * NH + 5)
-    h__k22 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    x5 = tl.abs(x2)
-    x6 = (x5 <= tl.full((), 3.4028234663852886e+38, tl.float32))
-    live7 = offs < tl.load(tab + t * TBL_W + 5)
-    x8 = (tl.load(p_book0 + tl.load(p_state2 + offs, mask=live7, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live7, other=0.0))
-    x9 = (x8 * h__k16)
-    x10 = (x9 + h__k17 * x2 * x2)
-    x11 = tl.where(x6, x10, tl.full((), 0.0, tl.float32))
-    live12 = offs < tl.load(tab + t * TBL_W + 5)
+    p_qmap_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_CUDA_0_QMAP).to(tl.pointer_type(tl.float32))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
+    k = tl.load(hv + t * NH + HV_K)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # finite = abs(grad) <= 3.4028234663852886e+38
+    finite = (tl.abs(grad) <= tl.full((), 3.4028234663852886e+38, tl.float32))
+    # state2_work = state2
+    live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state2 = (tl.load(p_qmap + tl.load(p_state2 + offs, mask=live, other=0).to(tl.int32)) * tl.load(p_state2_absmax + offs // 256, mask=live, other=0.0))
+    # state2_work = where(finite, state2_work * beta2 + (1 - beta2) * grad * grad, 0)
+    state2_work = tl.where(finite, ((state2 * beta2) + one_minus_beta2 * grad * grad), tl.full((), 0.0, tl.float32))
+    # state2 = state2_work
+    live_1 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live12, x11, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_1, state2_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_book0, False), (BLOCK,)), mask=live12)
+    tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_qmap, False), (BLOCK,)), mask=live_1)
     _qb = offs // 256
-    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live12, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    live13 = offs < tl.load(tab + t * TBL_W + 5)
-    x14 = (tl.load(p_book1 + tl.load(p_state1 + offs, mask=live13, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live13, other=0.0))
-    x15 = (x14 * h__k18)
-    x16 = (x15 + h__k19 * x2)
-    x17 = tl.where(x6, x16, tl.full((), 0.0, tl.float32))
-    live18 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_1, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # state1_work = state1
+    live_2 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    state1 = (tl.load(p_qmap_1 + tl.load(p_state1 + offs, mask=live_2, other=0).to(tl.int32)) * tl.load(p_state1_absmax + offs // 256, mask=live_2, other=0.0))
+    # state1_work = where(finite, state1_work * beta1 + (1 - beta1) * grad, 0)
+    state1_work = tl.where(finite, ((state1 * beta1) + one_minus_beta1 * grad), tl.full((), 0.0, tl.float32))
+    # state1 = state1_work
+    live_3 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live18, x17, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_3, state1_work, 0.0), (BLOCK // 256, 256))
     _qa = _oq.block_absmax(_qt)
-    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_book1, True), (BLOCK,)), mask=live18)
+    tl.store(p_state1 + offs, tl.reshape(_oq.bnb_encode_nearest(_qt, _qa, p_qmap_1, True), (BLOCK,)), mask=live_3)
     _qb = offs // 256
-    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live18, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x19 = L.sqrt(x11)
-    x20 = (x19 + h__k20)
-    x21 = L.div(x17, x20)
-    x22 = (x4 + h__k21 * x21)
-    x23 = tl.where(x6, x22, x4)
-    x24 = (x23 * h__k22)
-    x25 = tl.where(x6, x24, x23)
-    tl.store(p_param + offs, L.to_storage(x25, P_DT), mask=mask)
+    tl.store(p_state1_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # update = state1_work / (sqrt(state2_work) + correction2 * eps)
+    update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
+    # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
+    p32 = tl.where(finite, (param + k * update), param)
+    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
+    p32_1 = tl.where(finite, (p32 * one_minus_lr_times_weight_decay), p32)
+    # param = p32
+    # store param
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -476,10 +612,15 @@ def _adamw8bit_bnb_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state2, state1; writes state2, state1, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -489,78 +630,62 @@ def _adamw8bit_bnb_flat3(
         _adamw8bit_bnb_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
-# prologue
-@triton.jit
-def _adamw8bit_bnb_prologue4(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k39 = tl.load(hyp + 0)
-    h__k40 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k41 = tl.load(hyp + 1)
-    h__k42 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k43 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    h__k44 = tl.load(hyp + 2)
-    h__k45 = (-(tl.load(hyp + 3) / h_correction1))
-    tl.store(hv + t * NH + 0, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k41).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k42).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_correction2).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k44).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k45).to(tl.float32))
-
-
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    h__k39 = tl.load(hv + t * NH + 0)
-    h__k40 = tl.load(hv + t * NH + 1)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    h__k41 = tl.load(hv + t * NH + 2)
-    h__k42 = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h_correction2 = tl.load(hv + t * NH + 5)
-    h__k44 = tl.load(hv + t * NH + 6)
-    h__k45 = tl.load(hv + t * NH + 7)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    v5 = tl.load(p_state1 + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k39)
-    x7 = (x6 + h__k40 * x2)
-    v8 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k41)
-    x10 = (x9 + h__k42 * x2 * x2)
-    x11 = (x4 * h__k43)
-    x12 = L.sqrt(x10)
-    x13 = L.div(x12, h_correction2)
-    x14 = (x13 + h__k44)
-    x15 = (x11 + h__k45 * L.div(x7, x14))
-    tl.store(p_state1 + offs, L.to_storage(x7, DT_state1), mask=mask)
-    tl.store(p_state2 + offs, L.to_storage(x10, DT_state2), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # state1 = state1 * beta1 + (1 - beta1) * grad
+    state1 = tl.load(p_state1 + offs, mask=mask).to(tl.float32)
+    state1_1 = ((state1 * beta1) + one_minus_beta1 * grad)
+    # state2 = state2 * beta2 + (1 - beta2) * grad * grad
+    state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
+    state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # p32 = p32 * (1 - lr * weight_decay)
+    p32 = (param * one_minus_lr_times_weight_decay)
+    # denom = sqrt(state2) / correction2 + eps
+    denom = (L.div(L.sqrt(state2_1), correction2) + eps)
+    # p32 = p32 - lr / correction1 * state1 / denom
+    p32_1 = (p32 + neg_lr_over_correction1 * L.div(state1_1, denom))
+    # param = p32
+    # store state1, state2, param
+    tl.store(p_state1 + offs, L.to_storage(state1_1, DT_state1), mask=mask)
+    tl.store(p_state2 + offs, L.to_storage(state2_1, DT_state2), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -570,10 +695,15 @@ def _adamw8bit_bnb_flat4(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state1, state2; writes state1, state2, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -583,76 +713,60 @@ def _adamw8bit_bnb_flat4(
         _adamw8bit_bnb_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
 
 
-# prologue
-@triton.jit
-def _adamw8bit_bnb_prologue5(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step)))
-    h__k39 = tl.load(hyp + 0)
-    h__k40 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k41 = tl.load(hyp + 1)
-    h__k42 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k43 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + 3) * tl.load(hyp + 6)))
-    h__k46 = (tl.load(hyp + 2) * h_correction2)
-    h__k47 = (((-tl.load(hyp + 3)) * h_correction2) / h_correction1)
-    tl.store(hv + t * NH + 0, (h__k39).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k40).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k41).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k42).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k46).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k47).to(tl.float32))
-
-
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_STATE1: tl.constexpr = 1
+    COL_STATE2: tl.constexpr = 2
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
+    HV_K: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    p_state1 = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_state1))
+    p_state1 = tl.load(tab + t * TBL_W + COL_STATE1).to(tl.pointer_type(DT_state1))
     if ALIGNED:
         p_state1 = tl.multiple_of(p_state1, 16)
-    h__k39 = tl.load(hv + t * NH + 0)
-    h__k40 = tl.load(hv + t * NH + 1)
-    p_state2 = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_state2))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_state2 = tl.load(tab + t * TBL_W + COL_STATE2).to(tl.pointer_type(DT_state2))
     if ALIGNED:
         p_state2 = tl.multiple_of(p_state2, 16)
-    h__k41 = tl.load(hv + t * NH + 2)
-    h__k42 = tl.load(hv + t * NH + 3)
-    h__k43 = tl.load(hv + t * NH + 4)
-    h__k46 = tl.load(hv + t * NH + 5)
-    h__k47 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    v5 = tl.load(p_state1 + offs, mask=mask).to(tl.float32)
-    x6 = (v5 * h__k39)
-    x7 = (x6 + h__k40 * x2)
-    v8 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
-    x9 = (v8 * h__k41)
-    x10 = (x9 + h__k42 * x2 * x2)
-    x11 = (x4 * h__k43)
-    x12 = L.sqrt(x10)
-    x13 = (x12 + h__k46)
-    x14 = L.div(x7, x13)
-    x15 = (x11 + h__k47 * x14)
-    tl.store(p_state1 + offs, L.to_storage(x7, DT_state1), mask=mask)
-    tl.store(p_state2 + offs, L.to_storage(x10, DT_state2), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x15, P_DT), mask=mask)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
+    k = tl.load(hv + t * NH + HV_K)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # state1 = state1 * beta1 + (1 - beta1) * grad
+    state1 = tl.load(p_state1 + offs, mask=mask).to(tl.float32)
+    state1_1 = ((state1 * beta1) + one_minus_beta1 * grad)
+    # state2 = state2 * beta2 + (1 - beta2) * grad * grad
+    state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
+    state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # p32 = p32 * (1 - lr * weight_decay)
+    p32 = (param * one_minus_lr_times_weight_decay)
+    # update = state1 / (sqrt(state2) + eps * correction2)
+    update = L.div(state1_1, (L.sqrt(state2_1) + eps_times_correction2))
+    # p32 = p32 + -lr * correction2 / correction1 * update
+    p32_1 = (p32 + k * update)
+    # param = p32
+    # store state1, state2, param
+    tl.store(p_state1 + offs, L.to_storage(state1_1, DT_state1), mask=mask)
+    tl.store(p_state2 + offs, L.to_storage(state2_1, DT_state2), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -662,10 +776,15 @@ def _adamw8bit_bnb_flat5(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, state1, state2; writes state1, state2, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -682,11 +801,8 @@ KERNELS = {
     "_adamw8bit_bnb_flat1": _adamw8bit_bnb_flat1,
     "_adamw8bit_bnb_prologue2": _adamw8bit_bnb_prologue2,
     "_adamw8bit_bnb_flat2": _adamw8bit_bnb_flat2,
-    "_adamw8bit_bnb_prologue3": _adamw8bit_bnb_prologue3,
     "_adamw8bit_bnb_flat3": _adamw8bit_bnb_flat3,
-    "_adamw8bit_bnb_prologue4": _adamw8bit_bnb_prologue4,
     "_adamw8bit_bnb_flat4": _adamw8bit_bnb_flat4,
-    "_adamw8bit_bnb_prologue5": _adamw8bit_bnb_prologue5,
     "_adamw8bit_bnb_flat5": _adamw8bit_bnb_flat5,
 }
 
@@ -736,7 +852,7 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                                     '_k43',
                                                                                     '_k46',
                                                                                     '_k47'],
-                                                                             'launches': [('_adamw8bit_bnb_prologue5',
+                                                                             'launches': [('_adamw8bit_bnb_prologue2',
                                                                                            'prologue'),
                                                                                           ('_adamw8bit_bnb_flat5',
                                                                                            'flat')],
@@ -762,7 +878,7 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                                    'correction2',
                                                                                    '_k44',
                                                                                    '_k45'],
-                                                                            'launches': [('_adamw8bit_bnb_prologue4',
+                                                                            'launches': [('_adamw8bit_bnb_prologue1',
                                                                                           'prologue'),
                                                                                          ('_adamw8bit_bnb_flat4',
                                                                                           'flat')],
@@ -790,7 +906,7 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                    '_k20',
                                                                    '_k21',
                                                                    '_k22'],
-                                                            'launches': [('_adamw8bit_bnb_prologue3',
+                                                            'launches': [('_adamw8bit_bnb_prologue0',
                                                                           'prologue'),
                                                                          ('_adamw8bit_bnb_flat3', 'flat')],
                                                             'states': ['state1', 'state2'],

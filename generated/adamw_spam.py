@@ -81,79 +81,101 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_max_exp_avg_sq = S["max_exp_avg_sq"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    max_exp_avg_sq = S["max_exp_avg_sq"]
+    # if maximize:
     if h["_c0"]:
-        _1 = F.neg(grad)
-        grad = _1
+        # grad = -grad
+        grad = F.neg(grad)
+    # if enable_clip and step >= 2:
     if h["_c1"]:
-        _2 = F.add(st_exp_avg_sq, 1e-12)
-        F.mul_(_2, h["_k0"])
-        F.sqrt_(_2)
-        t_thr = _2
-        _3 = F.abs(grad)
-        _4 = F.gt(_3, t_thr)
-        _5 = F.sign(grad)
-        F.mul_(_5, t_thr)
-        _6 = F.where(_4, _5, grad)
-        grad = _6
-    _7 = F.gt(S["norm_std"], 0)
-    _8 = F.sub(S["spike_norm"], S["norm_mean"])
-    F.div_(_8, S["norm_std"])
-    _9 = F.where(_7, _8, 0.0)
-    t_z = _9
-    _10 = F.ge(S["norm_count"], h["_k1"])
-    _11 = F.sub(t_z, t_z)
-    _12 = F.eq(_11, 0)
-    _13 = F.where(_12, t_z, 0.0)
-    _14 = F.where(_10, _13, 0.0)
-    _15 = F.gt(_14, h["_k2"])
-    t_spike = _15
-    _16 = F.mul(st_exp_avg, 0.5)
-    _17 = F.where(t_spike, _16, st_exp_avg)
-    F.assign_(st_exp_avg, _17)
-    _18 = F.mul(st_exp_avg_sq, 0.9)
-    _19 = F.where(t_spike, _18, st_exp_avg_sq)
-    F.assign_(st_exp_avg_sq, _19)
+        # thr = sqrt((exp_avg_sq + 1e-12) * theta)
+        thr = F.add(exp_avg_sq, 1e-12)
+        F.mul_(thr, h["_k0"])
+        F.sqrt_(thr)
+        # grad = where(abs(grad) > thr, sign(grad) * thr, grad)
+        grad_1 = F.abs(grad)
+        grad_2 = F.gt(grad_1, thr)
+        grad_3 = F.sign(grad)
+        F.mul_(grad_3, thr)
+        grad_4 = F.where(grad_2, grad_3, grad)
+        grad = grad_4
+    # z = where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0)
+    z_1 = F.gt(S["norm_std"], 0)
+    z_2 = F.sub(S["spike_norm"], S["norm_mean"])
+    F.div_(z_2, S["norm_std"])
+    z = F.where(z_1, z_2, 0.0)
+    # spike = where(norm_count >= min_history - 1, where(z - z == 0, z, 0.0), 0.0) > spike_threshold
+    spike_1 = F.ge(S["norm_count"], h["_k1"])
+    spike_2 = F.sub(z, z)
+    spike_3 = F.eq(spike_2, 0)
+    spike_4 = F.where(spike_3, z, 0.0)
+    spike_5 = F.where(spike_1, spike_4, 0.0)
+    spike = F.gt(spike_5, h["_k2"])
+    # exp_avg = where(spike, exp_avg * 0.5, exp_avg)
+    exp_avg_1 = F.mul(exp_avg, 0.5)
+    exp_avg_2 = F.where(spike, exp_avg_1, exp_avg)
+    F.assign_(exp_avg, exp_avg_2)
+    # exp_avg_sq = where(spike, exp_avg_sq * 0.9, exp_avg_sq)
+    exp_avg_sq_1 = F.mul(exp_avg_sq, 0.9)
+    exp_avg_sq_2 = F.where(spike, exp_avg_sq_1, exp_avg_sq)
+    F.assign_(exp_avg_sq, exp_avg_sq_2)
+    # if amsgrad and not resets_keep_max:
     if h["_c2"]:
-        _20 = F.mul(st_max_exp_avg_sq, 0.9)
-        _21 = F.where(t_spike, _20, st_max_exp_avg_sq)
-        F.assign_(st_max_exp_avg_sq, _21)
+        # max_exp_avg_sq = where(spike, max_exp_avg_sq * 0.9, max_exp_avg_sq)
+        max_exp_avg_sq_1 = F.mul(max_exp_avg_sq, 0.9)
+        max_exp_avg_sq_2 = F.where(spike, max_exp_avg_sq_1, max_exp_avg_sq)
+        F.assign_(max_exp_avg_sq, max_exp_avg_sq_2)
+    # if max_grad_norm != None:
     if h["_c3"]:
-        _22 = F.add(S["total_norm"], 1e-06)
-        F.rdiv_(_22, h["_k3"])
-        F.minimum_(_22, 1.0)
-        _23 = F.mul(grad, _22)
-        grad = _23
+        # grad = grad * minimum(max_grad_norm / (total_norm + 1e-06), 1.0)
+        grad_5 = F.add(S["total_norm"], 1e-06)
+        F.rdiv_(grad_5, h["_k3"])
+        F.minimum_(grad_5, 1.0)
+        grad_6 = F.mul(grad, grad_5)
+        grad = grad_6
+    # if reset:
     if h["reset"]:
-        _24 = F.eq(grad, grad)
-        _25 = F.where(_24, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg, _25)
-        _26 = F.eq(grad, grad)
-        _27 = F.where(_26, 0.0, 0.0, like=param)
-        F.assign_(st_exp_avg_sq, _27)
+        # exp_avg = where(grad == grad, 0.0, 0.0)
+        exp_avg_3 = F.eq(grad, grad)
+        exp_avg_4 = F.where(exp_avg_3, 0.0, 0.0, like=param)
+        F.assign_(exp_avg, exp_avg_4)
+        # exp_avg_sq = where(grad == grad, 0.0, 0.0)
+        exp_avg_sq_3 = F.eq(grad, grad)
+        exp_avg_sq_4 = F.where(exp_avg_sq_3, 0.0, 0.0, like=param)
+        F.assign_(exp_avg_sq, exp_avg_sq_4)
+        # if amsgrad and not resets_keep_max:
         if h["_c2"]:
-            _28 = F.eq(grad, grad)
-            _29 = F.where(_28, 0.0, 0.0, like=param)
-            F.assign_(st_max_exp_avg_sq, _29)
+            # max_exp_avg_sq = where(grad == grad, 0.0, 0.0)
+            max_exp_avg_sq_3 = F.eq(grad, grad)
+            max_exp_avg_sq_4 = F.where(max_exp_avg_sq_3, 0.0, 0.0, like=param)
+            F.assign_(max_exp_avg_sq, max_exp_avg_sq_4)
+    # if weight_decay != 0:
     if h["_c4"]:
+        # param = param * (1 - lr * scale * weight_decay)
         F.mul_(param, h["_k4"])
-    F.lerp_(st_exp_avg, grad, h["_k5"])
-    F.mul_(st_exp_avg_sq, h["_k6"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k7"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k5"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k6"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k7"])
+    # if amsgrad:
     if h["_c5"]:
-        F.maximum_(st_max_exp_avg_sq, st_exp_avg_sq)
-        _30 = F.sqrt(st_max_exp_avg_sq)
-        F.div_(_30, h["bias_correction2_sqrt"])
-        F.add_(_30, h["_k8"])
-        t_denom = _30
+        # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        F.maximum_(max_exp_avg_sq, exp_avg_sq)
+        # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = F.sqrt(max_exp_avg_sq)
+        F.div_(denom, h["bias_correction2_sqrt"])
+        F.add_(denom, h["_k8"])
     else:
-        _31 = F.sqrt(st_exp_avg_sq)
-        F.div_(_31, h["bias_correction2_sqrt"])
-        F.add_(_31, h["_k9"])
-        t_denom = _31
-    F.addcdiv_(param, st_exp_avg, t_denom, h["_k10"])
+        # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.div_(denom, h["bias_correction2_sqrt"])
+        F.add_(denom, h["_k9"])
+    # param = param - step_size * exp_avg / denom
+    F.addcdiv_(param, exp_avg, denom, h["_k10"])
 
 
 class AdamWSPAM(GeneratedOptimizer):

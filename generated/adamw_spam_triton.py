@@ -20,175 +20,215 @@ def _adamw_spam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 13 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 9
+    HV_K0__B1: tl.constexpr = 0
+    HV_C: tl.constexpr = 1
+    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 2
+    HV_SPIKE_THRESHOLD: tl.constexpr = 3
+    HV_MAX_GRAD_NORM: tl.constexpr = 4
+    HV_RESET: tl.constexpr = 5
+    HV_K: tl.constexpr = 6
+    HV_ONE_MINUS_BETA1: tl.constexpr = 7
+    HV_BETA2: tl.constexpr = 8
+    HV_ONE_MINUS_BETA2: tl.constexpr = 9
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
+    HV_EPS: tl.constexpr = 11
+    HV_NEG_STEP_SIZE: tl.constexpr = 12
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_COUNT_STEPS_TWICE: tl.constexpr = 3
+    HYP_ENABLE_CLIP: tl.constexpr = 4
+    HYP_EPS: tl.constexpr = 5
+    HYP_GLOBAL_STEP: tl.constexpr = 6
+    HYP_INTERVAL: tl.constexpr = 7
+    HYP_LR: tl.constexpr = 8
+    HYP_MAX_GRAD_NORM: tl.constexpr = 9
+    HYP_MIN_HISTORY: tl.constexpr = 11
+    HYP_SPIKE_THRESHOLD: tl.constexpr = 13
+    HYP_THETA: tl.constexpr = 14
+    HYP_WARMUP_STEPS: tl.constexpr = 15
+    HYP_WARMUP_UNTIL: tl.constexpr = 16
+    HYP_WEIGHT_DECAY: tl.constexpr = 17
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 9)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__c1 = ((tl.load(hyp + 4) != 0) & (step >= tl.full((), 2.0, tl.float64)))
-    h__k0__b1 = tl.load(hyp + 14)
-    h__k1 = (tl.load(hyp + 11) - tl.full((), 1.0, tl.float64))
-    h__k2 = tl.load(hyp + 13)
-    h__k3 = tl.load(hyp + 9)
-    h_gs = (tl.load(hyp + 6) + tl.where(tl.load(hyp + 3) != 0, tl.full((), 2.0, tl.float64), tl.full((), 1.0, tl.float64)))
-    h_reset = ((tl.load(hyp + 7) > tl.full((), 0.0, tl.float64)) & (L.remainder(h_gs, tl.load(hyp + 7)) == tl.full((), 0.0, tl.float64)))
-    h_until = tl.where(((h_reset != 0) & (tl.load(hyp + 15) > tl.full((), 0.0, tl.float64))) != 0, (h_gs + tl.load(hyp + 15)), tl.load(hyp + 16))
-    h_scale = tl.where((h_until > h_gs) != 0, tl.maximum(tl.full((), 0.001, tl.float64), (tl.full((), 0.5, tl.float64) * (tl.full((), 1.0, tl.float64) - tl.cos((tl.full((), 3.141592653589793, tl.float64) * ((tl.load(hyp + 15) - (h_until - h_gs)) / tl.maximum(tl.load(hyp + 15), tl.full((), 1.0, tl.float64)))))))), tl.full((), 1.0, tl.float64))
-    h__k4 = (tl.full((), 1.0, tl.float64) - ((tl.load(hyp + 8) * h_scale) * tl.load(hyp + 17)))
-    h__k5 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k6 = tl.load(hyp + 2)
-    h__k7 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_step_size = ((tl.load(hyp + 8) * h_scale) / h_bias_correction1)
-    h_bias_correction2_sqrt = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k8 = tl.load(hyp + 5)
-    h__k10 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k0__b1).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__c1).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k1).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_reset).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 7, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 8, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 9, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 10, (h_bias_correction2_sqrt).to(tl.float32))
-    tl.store(hv + t * NH + 11, (h__k8).to(tl.float32))
-    tl.store(hv + t * NH + 12, (h__k10).to(tl.float32))
+    # c = enable_clip and step >= 2
+    c = ((tl.load(hyp + HYP_ENABLE_CLIP) != 0) & (step >= tl.full((), 2.0, tl.float64)))
+    # _k0__b1 = theta
+    k0__b1 = tl.load(hyp + HYP_THETA)
+    min_history_minus_one = (tl.load(hyp + HYP_MIN_HISTORY) - tl.full((), 1.0, tl.float64))
+    spike_threshold = tl.load(hyp + HYP_SPIKE_THRESHOLD)
+    max_grad_norm = tl.load(hyp + HYP_MAX_GRAD_NORM)
+    # gs = global_step + where(count_steps_twice, 2, 1)
+    gs = (tl.load(hyp + HYP_GLOBAL_STEP) + tl.where(tl.load(hyp + HYP_COUNT_STEPS_TWICE) != 0, tl.full((), 2.0, tl.float64), tl.full((), 1.0, tl.float64)))
+    # reset = interval > 0 and gs % interval == 0
+    reset = ((tl.load(hyp + HYP_INTERVAL) > tl.full((), 0.0, tl.float64)) & (L.remainder(gs, tl.load(hyp + HYP_INTERVAL)) == tl.full((), 0.0, tl.float64)))
+    # until = where(reset and warmup_steps > 0, gs + warmup_steps, warmup_until)
+    until = tl.where(((reset != 0) & (tl.load(hyp + HYP_WARMUP_STEPS) > tl.full((), 0.0, tl.float64))) != 0, (gs + tl.load(hyp + HYP_WARMUP_STEPS)), tl.load(hyp + HYP_WARMUP_UNTIL))
+    # scale = where(until > gs, max(0.001, 0.5 * (1 - cos(3.141592653589793 * ((warmup_steps - (until - gs)) / max(warmup_steps, 1))))), 1.0)
+    scale_1 = tl.where((until > gs) != 0, tl.maximum(tl.full((), 0.001, tl.float64), (tl.full((), 0.5, tl.float64) * (tl.full((), 1.0, tl.float64) - tl.cos((tl.full((), 3.141592653589793, tl.float64) * ((tl.load(hyp + HYP_WARMUP_STEPS) - (until - gs)) / tl.maximum(tl.load(hyp + HYP_WARMUP_STEPS), tl.full((), 1.0, tl.float64)))))))), tl.full((), 1.0, tl.float64))
+    # k = 1 - lr * scale * weight_decay
+    k = (tl.full((), 1.0, tl.float64) - ((tl.load(hyp + HYP_LR) * scale_1) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr * scale / bias_correction1
+    step_size = ((tl.load(hyp + HYP_LR) * scale_1) / bias_correction1)
+    # bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_K0__B1, (k0__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_MIN_HISTORY_MINUS_ONE, (min_history_minus_one).to(tl.float32))
+    tl.store(hv + t * NH + HV_SPIKE_THRESHOLD, (spike_threshold).to(tl.float32))
+    tl.store(hv + t * NH + HV_MAX_GRAD_NORM, (max_grad_norm).to(tl.float32))
+    tl.store(hv + t * NH + HV_RESET, (reset).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2_SQRT, (bias_correction2_sqrt).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamw_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr):
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_MAX_EXP_AVG_SQ: tl.constexpr = 3
+    HV_K0__B1: tl.constexpr = 0
+    HV_C: tl.constexpr = 1
+    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 2
+    HV_SPIKE_THRESHOLD: tl.constexpr = 3
+    HV_MAX_GRAD_NORM: tl.constexpr = 4
+    HV_RESET: tl.constexpr = 5
+    HV_K: tl.constexpr = 6
+    HV_ONE_MINUS_BETA1: tl.constexpr = 7
+    HV_BETA2: tl.constexpr = 8
+    HV_ONE_MINUS_BETA2: tl.constexpr = 9
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
+    HV_EPS: tl.constexpr = 11
+    HV_NEG_STEP_SIZE: tl.constexpr = 12
+    RED_SPIKE_NORM: tl.constexpr = 0
+    RED_TOTAL_NORM: tl.constexpr = 1
+    RED_NORM_MEAN: tl.constexpr = 2
+    RED_NORM_STD: tl.constexpr = 3
+    RED_NORM_COUNT: tl.constexpr = 4
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k0__b1 = tl.load(hv + t * NH + 0)
+    k0__b1 = tl.load(hv + t * NH + HV_K0__B1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__c1 = tl.load(hv + t * NH + 1)
-    h__k1 = tl.load(hv + t * NH + 2)
-    h__k2 = tl.load(hv + t * NH + 3)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    c = tl.load(hv + t * NH + HV_C)
+    min_history_minus_one = tl.load(hv + t * NH + HV_MIN_HISTORY_MINUS_ONE)
+    spike_threshold = tl.load(hv + t * NH + HV_SPIKE_THRESHOLD)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_max_exp_avg_sq = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_max_exp_avg_sq))
+    p_max_exp_avg_sq = tl.load(tab + t * TBL_W + COL_MAX_EXP_AVG_SQ).to(tl.pointer_type(DT_max_exp_avg_sq))
     if ALIGNED:
         p_max_exp_avg_sq = tl.multiple_of(p_max_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 4)
-    h_reset = tl.load(hv + t * NH + 5)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    max_grad_norm = tl.load(hv + t * NH + HV_MAX_GRAD_NORM)
+    reset = tl.load(hv + t * NH + HV_RESET)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k4 = tl.load(hv + t * NH + 6)
-    h__k5 = tl.load(hv + t * NH + 7)
-    h__k6 = tl.load(hv + t * NH + 8)
-    h__k7 = tl.load(hv + t * NH + 9)
-    h_bias_correction2_sqrt = tl.load(hv + t * NH + 10)
-    h__k8 = tl.load(hv + t * NH + 11)
-    h__k10 = tl.load(hv + t * NH + 12)
-    v1 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x2 = (v1 + tl.full((), 1e-12, tl.float32))
-    x3 = (x2 * h__k0__b1)
-    x4 = L.sqrt(x3)
-    v5 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x6 = tl.abs(v5)
-    x7 = (x6 > x4)
-    x8 = L.sign(v5)
-    x9 = (x8 * x4)
-    x10 = tl.where(x7, x9, v5)
-    x11 = tl.where((h__c1 != 0), x10, v5)
-    x12 = (tl.load(red + 4) >= h__k1)
-    x13 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x14 = (tl.load(red + 0) - tl.load(red + 2))
-    x15 = L.div(x14, tl.load(red + 3))
-    x16 = tl.where(x13, x15, tl.full((), 0.0, tl.float32))
-    x17 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x18 = (tl.load(red + 0) - tl.load(red + 2))
-    x19 = L.div(x18, tl.load(red + 3))
-    x20 = tl.where(x17, x19, tl.full((), 0.0, tl.float32))
-    x21 = (x16 - x20)
-    x22 = (x21 == tl.full((), 0.0, tl.float32))
-    x23 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x24 = (tl.load(red + 0) - tl.load(red + 2))
-    x25 = L.div(x24, tl.load(red + 3))
-    x26 = tl.where(x23, x25, tl.full((), 0.0, tl.float32))
-    x27 = tl.where(x22, x26, tl.full((), 0.0, tl.float32))
-    x28 = tl.where(x12, x27, tl.full((), 0.0, tl.float32))
-    x29 = (x28 > h__k2)
-    v30 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x31 = (v30 * tl.full((), 0.5, tl.float32))
-    x32 = tl.where(x29, x31, v30)
-    x33 = (tl.load(red + 4) >= h__k1)
-    x34 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x35 = (tl.load(red + 0) - tl.load(red + 2))
-    x36 = L.div(x35, tl.load(red + 3))
-    x37 = tl.where(x34, x36, tl.full((), 0.0, tl.float32))
-    x38 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x39 = (tl.load(red + 0) - tl.load(red + 2))
-    x40 = L.div(x39, tl.load(red + 3))
-    x41 = tl.where(x38, x40, tl.full((), 0.0, tl.float32))
-    x42 = (x37 - x41)
-    x43 = (x42 == tl.full((), 0.0, tl.float32))
-    x44 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x45 = (tl.load(red + 0) - tl.load(red + 2))
-    x46 = L.div(x45, tl.load(red + 3))
-    x47 = tl.where(x44, x46, tl.full((), 0.0, tl.float32))
-    x48 = tl.where(x43, x47, tl.full((), 0.0, tl.float32))
-    x49 = tl.where(x33, x48, tl.full((), 0.0, tl.float32))
-    x50 = (x49 > h__k2)
-    x51 = (v1 * tl.full((), 0.9, tl.float32))
-    x52 = tl.where(x50, x51, v1)
-    x53 = (tl.load(red + 4) >= h__k1)
-    x54 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x55 = (tl.load(red + 0) - tl.load(red + 2))
-    x56 = L.div(x55, tl.load(red + 3))
-    x57 = tl.where(x54, x56, tl.full((), 0.0, tl.float32))
-    x58 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x59 = (tl.load(red + 0) - tl.load(red + 2))
-    x60 = L.div(x59, tl.load(red + 3))
-    x61 = tl.where(x58, x60, tl.full((), 0.0, tl.float32))
-    x62 = (x57 - x61)
-    x63 = (x62 == tl.full((), 0.0, tl.float32))
-    x64 = (tl.load(red + 3) > tl.full((), 0.0, tl.float32))
-    x65 = (tl.load(red + 0) - tl.load(red + 2))
-    x66 = L.div(x65, tl.load(red + 3))
-    x67 = tl.where(x64, x66, tl.full((), 0.0, tl.float32))
-    x68 = tl.where(x63, x67, tl.full((), 0.0, tl.float32))
-    x69 = tl.where(x53, x68, tl.full((), 0.0, tl.float32))
-    x70 = (x69 > h__k2)
-    v71 = tl.load(p_max_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x72 = (v71 * tl.full((), 0.9, tl.float32))
-    x73 = tl.where(x70, x72, v71)
-    x74 = (tl.load(red + 1) + tl.full((), 1e-06, tl.float32))
-    x75 = L.div(h__k3, x74)
-    x76 = L.minimum(x75, tl.full((), 1.0, tl.float32))
-    x77 = (x11 * x76)
-    x78 = (x77 == x77)
-    x79 = tl.where(x78, tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x80 = (x77 == x77)
-    x81 = tl.where(x80, tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x82 = (x77 == x77)
-    x83 = tl.where(x82, tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    x84 = tl.where((h_reset != 0), x79, x32)
-    x85 = tl.where((h_reset != 0), x81, x52)
-    x86 = tl.where((h_reset != 0), x83, x73)
-    v87 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x88 = (v87 * h__k4)
-    x89 = L.lerp(x84, x77, h__k5)
-    x90 = (x85 * h__k6)
-    x91 = (x90 + h__k7 * x77 * x77)
-    x92 = L.maximum(x86, x91)
-    x93 = L.sqrt(x92)
-    x94 = L.div(x93, h_bias_correction2_sqrt)
-    x95 = (x94 + h__k8)
-    x96 = (x88 + h__k10 * L.div(x89, x95))
-    tl.store(p_exp_avg + offs, L.to_storage(x89, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x91, DT_exp_avg_sq), mask=mask)
-    tl.store(p_max_exp_avg_sq + offs, L.to_storage(x92, DT_max_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x96, P_DT), mask=mask)
+    k = tl.load(hv + t * NH + HV_K)
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # thr__b2 = sqrt((exp_avg_sq + 1e-12) * _k0__b1)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    thr__b2 = L.sqrt(((exp_avg_sq + tl.full((), 1e-12, tl.float32)) * k0__b1))
+    # grad__b3 = where(abs(grad) > thr__b2, sign(grad) * thr__b2, grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b3 = tl.where((tl.abs(grad) > thr__b2), (L.sign(grad) * thr__b2), grad)
+    # grad = where(enable_clip and step >= 2, grad__b3, grad)
+    grad_1 = tl.where((c != 0), grad__b3, grad)
+    # exp_avg = where(where(norm_count >= min_history - 1, where(where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) - where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) == 0, where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0), 0.0), 0.0) > spike_threshold, exp_avg * 0.5, exp_avg)
+    exp_avg_div = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_where = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_div, tl.full((), 0.0, tl.float32))
+    exp_avg_div_1 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_where_1 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_div_1, tl.full((), 0.0, tl.float32))
+    exp_avg_div_2 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_where_2 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_div_2, tl.full((), 0.0, tl.float32))
+    exp_avg_where_3 = tl.where(((exp_avg_where - exp_avg_where_1) == tl.full((), 0.0, tl.float32)), exp_avg_where_2, tl.full((), 0.0, tl.float32))
+    exp_avg_where_4 = tl.where((tl.load(red + RED_NORM_COUNT) >= min_history_minus_one), exp_avg_where_3, tl.full((), 0.0, tl.float32))
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = tl.where((exp_avg_where_4 > spike_threshold), (exp_avg * tl.full((), 0.5, tl.float32)), exp_avg)
+    # exp_avg_sq = where(where(norm_count >= min_history - 1, where(where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) - where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) == 0, where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0), 0.0), 0.0) > spike_threshold, exp_avg_sq * 0.9, exp_avg_sq)
+    exp_avg_sq_div = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_sq_where = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_sq_div, tl.full((), 0.0, tl.float32))
+    exp_avg_sq_div_1 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_sq_where_1 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_sq_div_1, tl.full((), 0.0, tl.float32))
+    exp_avg_sq_div_2 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    exp_avg_sq_where_2 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_sq_div_2, tl.full((), 0.0, tl.float32))
+    exp_avg_sq_where_3 = tl.where(((exp_avg_sq_where - exp_avg_sq_where_1) == tl.full((), 0.0, tl.float32)), exp_avg_sq_where_2, tl.full((), 0.0, tl.float32))
+    exp_avg_sq_where_4 = tl.where((tl.load(red + RED_NORM_COUNT) >= min_history_minus_one), exp_avg_sq_where_3, tl.full((), 0.0, tl.float32))
+    exp_avg_sq_1 = tl.where((exp_avg_sq_where_4 > spike_threshold), (exp_avg_sq * tl.full((), 0.9, tl.float32)), exp_avg_sq)
+    # max_exp_avg_sq = where(where(norm_count >= min_history - 1, where(where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) - where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) == 0, where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0), 0.0), 0.0) > spike_threshold, max_exp_avg_sq * 0.9, max_exp_avg_sq)
+    max_exp_avg_sq_div = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    max_exp_avg_sq_where = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), max_exp_avg_sq_div, tl.full((), 0.0, tl.float32))
+    max_exp_avg_sq_div_1 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    max_exp_avg_sq_where_1 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), max_exp_avg_sq_div_1, tl.full((), 0.0, tl.float32))
+    max_exp_avg_sq_div_2 = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
+    max_exp_avg_sq_where_2 = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), max_exp_avg_sq_div_2, tl.full((), 0.0, tl.float32))
+    max_exp_avg_sq_where_3 = tl.where(((max_exp_avg_sq_where - max_exp_avg_sq_where_1) == tl.full((), 0.0, tl.float32)), max_exp_avg_sq_where_2, tl.full((), 0.0, tl.float32))
+    max_exp_avg_sq_where_4 = tl.where((tl.load(red + RED_NORM_COUNT) >= min_history_minus_one), max_exp_avg_sq_where_3, tl.full((), 0.0, tl.float32))
+    max_exp_avg_sq = tl.load(p_max_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    max_exp_avg_sq_1 = tl.where((max_exp_avg_sq_where_4 > spike_threshold), (max_exp_avg_sq * tl.full((), 0.9, tl.float32)), max_exp_avg_sq)
+    # grad = grad * minimum(max_grad_norm / (total_norm + 1e-06), 1.0)
+    grad_minimum = L.minimum(L.div(max_grad_norm, (tl.load(red + RED_TOTAL_NORM) + tl.full((), 1e-06, tl.float32))), tl.full((), 1.0, tl.float32))
+    grad_2 = (grad_1 * grad_minimum)
+    # exp_avg__b4 = where(grad == grad, 0.0, 0.0)
+    exp_avg__b4 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # exp_avg_sq__b5 = where(grad == grad, 0.0, 0.0)
+    exp_avg_sq__b5 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # max_exp_avg_sq__b6 = where(grad == grad, 0.0, 0.0)
+    max_exp_avg_sq__b6 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # exp_avg = where(reset, exp_avg__b4, exp_avg)
+    exp_avg_2 = tl.where((reset != 0), exp_avg__b4, exp_avg_1)
+    # exp_avg_sq = where(reset, exp_avg_sq__b5, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((reset != 0), exp_avg_sq__b5, exp_avg_sq_1)
+    # max_exp_avg_sq = where(reset, max_exp_avg_sq__b6, max_exp_avg_sq)
+    max_exp_avg_sq_2 = tl.where((reset != 0), max_exp_avg_sq__b6, max_exp_avg_sq_1)
+    # param = param * (1 - lr * scale * weight_decay)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param * k)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg_3 = L.lerp(exp_avg_2, grad_2, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq_3 = ((exp_avg_sq_2 * beta2) + one_minus_beta2 * grad_2 * grad_2)
+    # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+    max_exp_avg_sq_3 = L.maximum(max_exp_avg_sq_2, exp_avg_sq_3)
+    # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+    denom = (L.div(L.sqrt(max_exp_avg_sq_3), bias_correction2_sqrt) + eps)
+    # param = param - step_size * exp_avg / denom
+    param_2 = (param_1 + neg_step_size * L.div(exp_avg_3, denom))
+    # store exp_avg, exp_avg_sq, max_exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_3, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_3, DT_exp_avg_sq), mask=mask)
+    tl.store(p_max_exp_avg_sq + offs, L.to_storage(max_exp_avg_sq_3, DT_max_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -198,10 +238,16 @@ def _adamw_spam_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg_sq, grad, exp_avg, max_exp_avg_sq, param; writes exp_avg, exp_avg_sq,
+    max_exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 4)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -21,88 +21,126 @@ def _adamwfp8_ao_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 7 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_BIAS_CORRECTION1: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 4
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k0 = (((tl.load(hyp + 4)).to(tl.float32).to(tl.float64) * (tl.load(hyp + 6)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k3 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k4 = tl.sqrt(h_bias_correction2)
-    h__k5 = tl.load(hyp + 2)
-    h__k6 = (-(tl.load(hyp + 4)).to(tl.float32).to(tl.float64))
-    tl.store(hv + t * NH + 0, (h__k0).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k5).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k6).to(tl.float32))
+    lr_times_weight_decay = (((tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64) * (tl.load(hyp + HYP_WEIGHT_DECAY)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    sqrt_bias_correction2 = tl.sqrt(bias_correction2)
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr = (-(tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_LR_TIMES_WEIGHT_DECAY, (lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION1, (bias_correction1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamwfp8_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_EXP_AVG_SCALE: tl.constexpr = 3
+    COL_EXP_AVG_SQ_SCALE: tl.constexpr = 4
+    COL_NUMEL: tl.constexpr = 5
+    HV_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_BIAS_CORRECTION1: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k0 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    lr_times_weight_decay = tl.load(hv + t * NH + HV_LR_TIMES_WEIGHT_DECAY)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_exp_avg_scale = tl.load(tab + t * TBL_W + 3).to(tl.pointer_type(DT_exp_avg_scale))
+    p_exp_avg_scale = tl.load(tab + t * TBL_W + COL_EXP_AVG_SCALE).to(tl.pointer_type(DT_exp_avg_scale))
     if ALIGNED:
         p_exp_avg_scale = tl.multiple_of(p_exp_avg_scale, 16)
-    h__k2 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    p_exp_avg_sq_scale = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_exp_avg_sq_scale))
+    p_exp_avg_sq_scale = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ_SCALE).to(tl.pointer_type(DT_exp_avg_sq_scale))
     if ALIGNED:
         p_exp_avg_sq_scale = tl.multiple_of(p_exp_avg_sq_scale, 16)
-    h__k3 = tl.load(hv + t * NH + 2)
-    h__k4 = tl.load(hv + t * NH + 3)
-    h__k5 = tl.load(hv + t * NH + 4)
-    h_bias_correction1 = tl.load(hv + t * NH + 5)
-    h__k6 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    x5 = (x4 * h__k0)
-    x6 = (x4 - x5)
-    live7 = offs < tl.load(tab + t * TBL_W + 5)
-    x8 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg + offs, mask=live7, other=0)) * tl.load(p_exp_avg_scale + offs // 256, mask=live7, other=0.0))
-    x9 = L.lerp(x8, x2, h__k2)
-    live10 = offs < tl.load(tab + t * TBL_W + 5)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    bias_correction1 = tl.load(hv + t * NH + HV_BIAS_CORRECTION1)
+    neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # p32 = p32 - p32 * float32(float32(lr) * float32(weight_decay))
+    p32 = (param - (param * lr_times_weight_decay))
+    # exp_avg_work = exp_avg
+    live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    exp_avg = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg + offs, mask=live, other=0)) * tl.load(p_exp_avg_scale + offs // 256, mask=live, other=0.0))
+    # exp_avg_work = lerp(exp_avg_work, grad, 1 - beta1)
+    exp_avg_work = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg = exp_avg_work
+    live_1 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live10, x9, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_1, exp_avg_work, 0.0), (BLOCK // 256, 256))
     _qs = _oq.ao_scale(_oq.block_absmax(_qt), True)
     _qc = _oq.fp8_e4m3_encode(tl.math.div_rn(_qt, _qs[:, None]))
-    tl.store(p_exp_avg + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live10)
-    tl.store(p_exp_avg_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live10, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    live11 = offs < tl.load(tab + t * TBL_W + 5)
-    x12 = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg_sq + offs, mask=live11, other=0)) * tl.load(p_exp_avg_sq_scale + offs // 256, mask=live11, other=0.0))
-    x13 = (x2 * x2)
-    x14 = L.lerp(x12, x13, h__k3)
-    live15 = offs < tl.load(tab + t * TBL_W + 5)
+    tl.store(p_exp_avg + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live_1)
+    tl.store(p_exp_avg_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live_1, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # exp_avg_sq_work = exp_avg_sq
+    live_2 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
+    exp_avg_sq = (_oq.fp8_e4m3_decode(tl.load(p_exp_avg_sq + offs, mask=live_2, other=0)) * tl.load(p_exp_avg_sq_scale + offs // 256, mask=live_2, other=0.0))
+    # exp_avg_sq_work = lerp(exp_avg_sq_work, grad * grad, 1 - beta2)
+    exp_avg_sq_work = L.lerp(exp_avg_sq, (grad * grad), one_minus_beta2)
+    # exp_avg_sq = exp_avg_sq_work
+    live_3 = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     tl.static_assert(BLOCK % 256 == 0)
-    _qt = tl.reshape(tl.where(live15, x14, 0.0), (BLOCK // 256, 256))
+    _qt = tl.reshape(tl.where(live_3, exp_avg_sq_work, 0.0), (BLOCK // 256, 256))
     _qs = _oq.ao_scale(_oq.block_absmax(_qt), True)
     _qc = _oq.fp8_e4m3_encode(tl.math.div_rn(_qt, _qs[:, None]))
-    tl.store(p_exp_avg_sq + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live15)
-    tl.store(p_exp_avg_sq_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live15, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    x16 = L.sqrt(x14)
-    x17 = L.div(x16, h__k4)
-    x18 = (x17 + h__k5)
-    x19 = L.div(x9, h_bias_correction1)
-    x20 = (x6 + h__k6 * L.div(x19, x18))
-    tl.store(p_param + offs, L.to_storage(x20, P_DT), mask=mask)
+    tl.store(p_exp_avg_sq + offs, tl.reshape(_qc, (BLOCK,)).to(tl.uint8), mask=live_3)
+    tl.store(p_exp_avg_sq_scale + tl.reshape(tl.max(tl.reshape(offs // 256, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qs, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # denom = sqrt(exp_avg_sq_work) / sqrt(bias_correction2) + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_work), sqrt_bias_correction2) + eps)
+    # param = p32 - float32(lr) * (exp_avg_work / bias_correction1) / denom
+    param_1 = (p32 + neg_lr * L.div(L.div(exp_avg_work, bias_correction1), denom))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -112,10 +150,15 @@ def _adamwfp8_ao_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, exp_avg, exp_avg_sq; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -125,76 +168,59 @@ def _adamwfp8_ao_flat0(
         _adamwfp8_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
 
 
-# prologue
-@triton.jit
-def _adamwfp8_ao_prologue1(
-    tab, chunks, gptr, hv, ws, hyp, steps,
-    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
-):
-    t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
-    step = tl.load(steps + gidx).to(tl.float64) + 1.0
-    tl.store(steps + gidx, step.to(STEP_DT))
-    h__k7 = (((tl.load(hyp + 4)).to(tl.float32).to(tl.float64) * (tl.load(hyp + 6)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 0), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 1), step))
-    h__k9 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 0))
-    h__k10 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 1))
-    h__k11 = tl.sqrt(h_bias_correction2)
-    h__k12 = tl.load(hyp + 2)
-    h__k13 = (-(tl.load(hyp + 4)).to(tl.float32).to(tl.float64))
-    tl.store(hv + t * NH + 0, (h__k7).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k9).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k10).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k11).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k12).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h_bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + 6, (h__k13).to(tl.float32))
-
-
 # flat
 @triton.jit
 def _adamwfp8_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    HV_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_BIAS_CORRECTION1: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 0)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    lr_times_weight_decay = tl.load(hv + t * NH + HV_LR_TIMES_WEIGHT_DECAY)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k9 = tl.load(hv + t * NH + 1)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k10 = tl.load(hv + t * NH + 2)
-    h__k11 = tl.load(hv + t * NH + 3)
-    h__k12 = tl.load(hv + t * NH + 4)
-    h_bias_correction1 = tl.load(hv + t * NH + 5)
-    h__k13 = tl.load(hv + t * NH + 6)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x2 = v1
-    v3 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x4 = v3
-    x5 = (x4 * h__k7)
-    x6 = (x4 - x5)
-    v7 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x8 = L.lerp(v7, x2, h__k9)
-    v9 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x10 = (x2 * x2)
-    x11 = L.lerp(v9, x10, h__k10)
-    x12 = L.sqrt(x11)
-    x13 = L.div(x12, h__k11)
-    x14 = (x13 + h__k12)
-    x15 = L.div(x8, h_bias_correction1)
-    x16 = (x6 + h__k13 * L.div(x15, x14))
-    tl.store(p_exp_avg + offs, L.to_storage(x8, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x11, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x16, P_DT), mask=mask)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    sqrt_bias_correction2 = tl.load(hv + t * NH + HV_SQRT_BIAS_CORRECTION2)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    bias_correction1 = tl.load(hv + t * NH + HV_BIAS_CORRECTION1)
+    neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # grad = float32(grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    # p32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # p32 = p32 - p32 * float32(float32(lr) * float32(weight_decay))
+    p32 = (param - (param * lr_times_weight_decay))
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = lerp(exp_avg_sq, grad * grad, 1 - beta2)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = L.lerp(exp_avg_sq, (grad * grad), one_minus_beta2)
+    # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2) + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2) + eps)
+    # param = p32 - float32(lr) * (exp_avg / bias_correction1) / denom
+    param_1 = (p32 + neg_lr * L.div(L.div(exp_avg_1, bias_correction1), denom))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -204,10 +230,15 @@ def _adamwfp8_ao_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, param, exp_avg, exp_avg_sq; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -220,7 +251,6 @@ def _adamwfp8_ao_flat1(
 KERNELS = {
     "_adamwfp8_ao_prologue0": _adamwfp8_ao_prologue0,
     "_adamwfp8_ao_flat0": _adamwfp8_ao_flat0,
-    "_adamwfp8_ao_prologue1": _adamwfp8_ao_prologue1,
     "_adamwfp8_ao_flat1": _adamwfp8_ao_flat1,
 }
 
@@ -254,7 +284,7 @@ PLAN = {'codecs': ['fp8'],
                                                     '_k12',
                                                     'bias_correction1',
                                                     '_k13'],
-                                             'launches': [('_adamwfp8_ao_prologue1', 'prologue'),
+                                             'launches': [('_adamwfp8_ao_prologue0', 'prologue'),
                                                           ('_adamwfp8_ao_flat1', 'flat')],
                                              'states': ['exp_avg', 'exp_avg_sq'],
                                              'temps': []},

@@ -53,38 +53,50 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_exp_avg_sq = S["exp_avg_sq"]
-    st_max_exp_avg_sq = S["max_exp_avg_sq"]
-    st_adamprune_mask = S["adamprune_mask"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    exp_avg_sq = S["exp_avg_sq"]
+    max_exp_avg_sq = S["max_exp_avg_sq"]
+    adamprune_mask = S["adamprune_mask"]
+    # if adamwprune_enable_pruning and has(adamprune_mask):
     if h["_c0"]:
-        _1 = F.cast(st_adamprune_mask, grad)
-        _2 = F.mul(grad, _1)
-        grad = _2
+        # grad = grad * cast(adamprune_mask, grad)
+        grad_1 = F.cast(adamprune_mask, grad)
+        grad_2 = F.mul(grad, grad_1)
+        grad = grad_2
+    # if maximize:
     if h["_c1"]:
-        _3 = F.neg(grad)
-        grad = _3
+        # grad = -grad
+        grad = F.neg(grad)
+    # if weight_decay != 0:
     if h["_c2"]:
+        # if decoupled_weight_decay:
         if h["_c3"]:
+            # param = param * (1 - lr * weight_decay)
             F.mul_(param, h["_k0"])
         else:
-            _4 = F.axpy(grad, param, h["_k1"])
-            grad = _4
-    F.lerp_(st_exp_avg, grad, h["_k2"])
-    F.mul_(st_exp_avg_sq, h["_k3"])
-    F.addcmul_(st_exp_avg_sq, grad, grad, h["_k4"])
+            # grad = grad + weight_decay * param
+            grad = F.axpy(grad, param, h["_k1"])
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    F.lerp_(exp_avg, grad, h["_k2"])
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    F.mul_(exp_avg_sq, h["_k3"])
+    F.addcmul_(exp_avg_sq, grad, grad, h["_k4"])
+    # if amsgrad:
     if h["_c4"]:
-        F.maximum_(st_max_exp_avg_sq, st_exp_avg_sq)
-        _5 = F.sqrt(st_max_exp_avg_sq)
-        F.div_(_5, h["bias_correction2_sqrt"])
-        F.add_(_5, h["_k5"])
-        t_denom = _5
+        # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+        F.maximum_(max_exp_avg_sq, exp_avg_sq)
+        # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = F.sqrt(max_exp_avg_sq)
+        F.div_(denom, h["bias_correction2_sqrt"])
+        F.add_(denom, h["_k5"])
     else:
-        _6 = F.sqrt(st_exp_avg_sq)
-        F.div_(_6, h["bias_correction2_sqrt"])
-        F.add_(_6, h["_k6"])
-        t_denom = _6
-    F.addcdiv_(param, st_exp_avg, t_denom, h["_k7"])
+        # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = F.sqrt(exp_avg_sq)
+        F.div_(denom, h["bias_correction2_sqrt"])
+        F.add_(denom, h["_k6"])
+    # param = param - step_size * exp_avg / denom
+    F.addcdiv_(param, exp_avg, denom, h["_k7"])
 
 
 class AdamWPrune(GeneratedOptimizer):

@@ -20,68 +20,100 @@ def _adamwprune_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 6 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    HYP_BETA1: tl.constexpr = 2
+    HYP_BETA2: tl.constexpr = 3
+    HYP_EPS: tl.constexpr = 5
+    HYP_LR: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 10)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k3 = tl.load(hyp + 3)
-    h__k4 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 3))
-    h_bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 2), step))
-    h_bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + 3), step))
-    h_step_size = (tl.load(hyp + 6) / h_bias_correction1)
-    h_bias_correction2_sqrt = L.pow64(h_bias_correction2, tl.full((), 0.5, tl.float64))
-    h__k6 = tl.load(hyp + 5)
-    h__k7 = (-h_step_size)
-    tl.store(hv + t * NH + 0, (h__k2).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k3).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k4).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h_bias_correction2_sqrt).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k6).to(tl.float32))
-    tl.store(hv + t * NH + 5, (h__k7).to(tl.float32))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # step_size = lr / bias_correction1
+    step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
+    # bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_step_size = (-step_size)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION2_SQRT, (bias_correction2_sqrt).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_STEP_SIZE, (neg_step_size).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _adamwprune_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    COL_ADAMPRUNE_MASK: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_adamprune_mask = tl.load(tab + t * TBL_W + 4).to(tl.pointer_type(DT_adamprune_mask))
+    p_adamprune_mask = tl.load(tab + t * TBL_W + COL_ADAMPRUNE_MASK).to(tl.pointer_type(DT_adamprune_mask))
     if ALIGNED:
         p_adamprune_mask = tl.multiple_of(p_adamprune_mask, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction2_sqrt = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_adamprune_mask + offs, mask=mask) != 0
-    x3 = v2
-    x4 = (v1 * x3)
-    v5 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x6 = L.lerp(v5, x4, h__k2)
-    v7 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x8 = (v7 * h__k3)
-    x9 = (x8 + h__k4 * x4 * x4)
-    x10 = L.sqrt(x9)
-    x11 = L.div(x10, h_bias_correction2_sqrt)
-    x12 = (x11 + h__k6)
-    v13 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x14 = (v13 + h__k7 * L.div(x6, x12))
-    tl.store(p_exp_avg + offs, L.to_storage(x6, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x9, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x14, P_DT), mask=mask)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # grad = grad * cast(adamprune_mask, grad)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    adamprune_mask = tl.load(p_adamprune_mask + offs, mask=mask) != 0
+    grad_1 = (grad * adamprune_mask)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad_1, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_1 * grad_1)
+    # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_1), bias_correction2_sqrt) + eps)
+    # param = param - step_size * exp_avg / denom
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_step_size * L.div(exp_avg_1, denom))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -91,10 +123,15 @@ def _adamwprune_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, adamprune_mask, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -107,38 +144,50 @@ def _adamwprune_flat0(
 # flat
 @triton.jit
 def _adamwprune_flat1_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr):
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_EXP_AVG_SQ: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 0
+    HV_BETA2: tl.constexpr = 1
+    HV_ONE_MINUS_BETA2: tl.constexpr = 2
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    h__k2 = tl.load(hv + t * NH + 0)
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + 2).to(tl.pointer_type(DT_exp_avg_sq))
+    one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    h__k3 = tl.load(hv + t * NH + 1)
-    h__k4 = tl.load(hv + t * NH + 2)
-    h_bias_correction2_sqrt = tl.load(hv + t * NH + 3)
-    h__k6 = tl.load(hv + t * NH + 4)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta2 = tl.load(hv + t * NH + HV_BETA2)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
+    eps = tl.load(hv + t * NH + HV_EPS)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k7 = tl.load(hv + t * NH + 5)
-    v1 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k2)
-    v4 = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    x5 = (v4 * h__k3)
-    x6 = (x5 + h__k4 * v2 * v2)
-    x7 = L.sqrt(x6)
-    x8 = L.div(x7, h_bias_correction2_sqrt)
-    x9 = (x8 + h__k6)
-    v10 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x11 = (v10 + h__k7 * L.div(x3, x9))
-    tl.store(p_exp_avg + offs, L.to_storage(x3, DT_exp_avg), mask=mask)
-    tl.store(p_exp_avg_sq + offs, L.to_storage(x6, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x11, P_DT), mask=mask)
+    neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta1)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    denom = (L.div(L.sqrt(exp_avg_sq_1), bias_correction2_sqrt) + eps)
+    # param = param - step_size * exp_avg / denom
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + neg_step_size * L.div(exp_avg_1, denom))
+    # store exp_avg, exp_avg_sq, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -148,10 +197,15 @@ def _adamwprune_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    """
+    COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 5)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -143,7 +143,7 @@ def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     # param_fp32__b19 = param_fp32__b17 + -update_fp32__b18
     param_fp32__b19 = (param + (-update__b16))
     # param__b21 = stochastic_round(param_fp32__b19, _k243__b20)
-    param__b21_stochastic_round = L.sr_bf16(param_fp32__b19, (k243__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param__b21 = L.sr_bf16(param_fp32__b19, (k243__b20).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # grad = where(step > 1 or use_atan2, grad__b2, grad)
     grad_1 = tl.where((c_1 != 0), grad, grad)
     # exp_avg = where(step > 1 or use_atan2, exp_avg__b10, exp_avg)
@@ -151,7 +151,7 @@ def _adopt_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b14, exp_avg_sq)
     exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b14, exp_avg_sq_1)
     # param = where(step > 1 or use_atan2, param__b21, param)
-    param_1 = tl.where((c_1 != 0), param__b21_stochastic_round, param)
+    param_1 = tl.where((c_1 != 0), param__b21, param)
     # store exp_avg_sq, exp_avg, param
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
@@ -473,13 +473,13 @@ def _adopt_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     # param_fp32__b18 = param_fp32__b16 + -update_fp32__b17
     param_fp32__b18 = (param + (-update__b15))
     # param__b20 = stochastic_round(param_fp32__b18, _k243__b19)
-    param__b20_stochastic_round = L.sr_bf16(param_fp32__b18, (k243__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param__b20 = L.sr_bf16(param_fp32__b18, (k243__b19).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # exp_avg = where(step > 1 or use_atan2, exp_avg__b9, exp_avg)
     exp_avg_1 = tl.where((c_1 != 0), exp_avg__b9, exp_avg)
     # exp_avg_sq = where(step > 1 or use_atan2, exp_avg_sq__b13, exp_avg_sq)
     exp_avg_sq_2 = tl.where((c_1 != 0), exp_avg_sq__b13, exp_avg_sq_1)
     # param = where(step > 1 or use_atan2, param__b20, param)
-    param_1 = tl.where((c_1 != 0), param__b20_stochastic_round, param)
+    param_1 = tl.where((c_1 != 0), param__b20, param)
     # store exp_avg_sq, exp_avg, param
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_2, DT_exp_avg_sq), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)

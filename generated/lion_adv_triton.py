@@ -140,9 +140,9 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -335,10 +335,10 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit

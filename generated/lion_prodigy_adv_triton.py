@@ -215,11 +215,11 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -723,11 +723,11 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1212,11 +1212,11 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1429,11 +1429,11 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit

@@ -196,9 +196,9 @@ def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_1))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -489,11 +489,11 @@ def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = param_fp32 + -update_fp32
     param_fp32 = (param + (-update_1))
     # param = stochastic_round(param_fp32, step)
-    param_stochastic_round = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_stochastic_round, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit

@@ -111,11 +111,11 @@ def _spam_official_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     # param = param - step_size * (where(mask, norm_grad, 0.0) * scale)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     mask_1 = tl.load(p_mask + offs, mask=mask) != 0
-    param_axpy = (param + neg_step_size * (tl.where(mask_1, norm_grad, tl.full((), 0.0, tl.float32)) * scale_1))
+    param_1 = (param + neg_step_size * (tl.where(mask_1, norm_grad, tl.full((), 0.0, tl.float32)) * scale_1))
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_axpy, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit

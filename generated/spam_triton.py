@@ -103,11 +103,11 @@ def _spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     denom = (L.sqrt(exp_avg_sq_1) + eps)
     # param = param + -step_size * scale * where(mask, exp_avg / denom, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_axpy = (param + neg_step_size_times_scale * tl.where(mask_1, L.div(exp_avg_1, denom), tl.full((), 0.0, tl.float32)))
+    param_1 = (param + neg_step_size_times_scale * tl.where(mask_1, L.div(exp_avg_1, denom), tl.full((), 0.0, tl.float32)))
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_axpy, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit

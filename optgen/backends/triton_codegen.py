@@ -204,8 +204,8 @@ class KernelEmitter:
         return self.scope
 
     def col(self, name: str) -> str:
-        # a state's column is named after it, a workspace's WS_<name>
-        stem = ":".join(local_base(part) for part in name.removeprefix("state:").split(":"))
+        # a state's column is named after it, a workspace's WS_<name>, a code book's BOOK_<codec>_...
+        stem = re.sub(r"[^0-9A-Za-z]+", "_", name.removeprefix("state:")).strip("_") or "X"
         return f"tl.load(tab + t * TBL_W + {self.scope.constant('COL', name, self.cols[name], stem)})"
 
     def hv_slot(self, name: str) -> str:
@@ -446,7 +446,8 @@ class KernelEmitter:
             code = f"({a[0]} * {a[1]})"
         else:
             raise TritonUnsupported(f"operation '{op}' in an element expression")
-        return ctx.value(code, op)
+        # a statement's own operation is its line (bound to its target); inner ones inline
+        return code if n is ctx.top else ctx.value(code, op)
 
     def coded(self, n: Node, ctx: _DeviceCtx) -> str:
         """A coded state's read or write (feature state_precision) in registers: float codecs
@@ -529,6 +530,7 @@ class KernelEmitter:
                 scope.touch(scope.accumulates, s.target)
                 continue
             ctx.encoding = s.target  # an encode's state (its codec stores it itself)
+            ctx.top = s.value
             ctx.locals[s.target] = ctx.bind(self.expr(s.value, ctx), s.target)
             ctx.written.append(s.target)
         kinds = {s.target: s.value.kind for s in stage.statements}
@@ -698,6 +700,7 @@ class _DeviceCtx:
         self.mode = mode  # flat | tiled | vec
         self.length = length  # vec: "M" / "N" inside a vector loop
         self.target = target  # the statement being emitted: the stem of its values' names
+        self.top: Node | None = None  # its value (the node bound to the target)
         self.locals: dict[str, str] = {}
         self.written: list[str] = []
         self.pointers: dict[str, str] = {}
@@ -777,7 +780,7 @@ class _DeviceCtx:
     def table_pointer(self, column: str, dtype: str) -> str:
         """The local holding a codec table's pointer (a ``book:`` column), loaded in the header."""
         if column not in self.pointers:
-            local = self.body.fresh("p_book")
+            local = self.body.fresh("p_" + column.rpartition(":")[2])  # p_qmap, p_lut: the book it points at
             self.header_lines.append(f"    {local} = {self.em.col(column)}.to(tl.pointer_type(tl.{dtype}))")
             self.pointers[column] = local
         return self.pointers[column]
