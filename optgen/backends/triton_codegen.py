@@ -35,7 +35,7 @@ from optgen.backends.triton_plan import (
     static_conditions,
 )
 from optgen.ir.codecs import Codec, FloatCodec, codec_for, stored_names
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, walk_nodes, walk_stmts
+from optgen.ir.nodes import Assign, Kind, Node, Program, walk_nodes, walk_stmts
 from optgen.pysource import comment_text, docstring_text
 
 #: Columns of the per-tensor table, before the per-path workspace offsets.
