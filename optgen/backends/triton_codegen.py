@@ -413,10 +413,14 @@ class KernelEmitter:
             off, _ = ctx.index(Kind.ELEMENT)
             # a different Philox stream per step and per tensor
             code = f"L.sr_bf16({a[0]}, ({a[1]}).to(tl.int32) * 65599 + {self.col('gidx')}, {off})"
-        elif op == "rand_like":  # seeded Philox per (seed, tensor): not torch's stream
+        elif op in ("rand_like", "stream_rand"):  # seeded Philox per (seed, tensor): not torch's stream
             off, _ = ctx.index(Kind.ELEMENT)
             seed = f"({a[1]}).to(tl.int32)" if len(a) > 1 else "0"
-            code = f"tl.rand({seed} * 65599 + {self.col('gidx')}, {off})"
+            salt = " + 4099" if op == "stream_rand" else ""  # apart from rand_like's numbers
+            code = f"tl.rand({seed} * 65599 + {self.col('gidx')}{salt}, {off})"
+        elif op == "maxabs_dim":
+            raise TritonUnsupported("maxabs_dim() (the largest |x| along one dim of a parameter with 3 or more dims) "
+                                    "in triton kernels (not implemented yet: use backend='torch' or 'reference')")
         elif op == "atan2":
             code = f"L.atan2({a[0]}, {a[1]})"
         elif op in ("maximum", "minimum"):
@@ -588,7 +592,7 @@ class KernelEmitter:
         elif op == "sumsq":
             x = ctx.named(x, s.target)
             x = f"({x} * {x})"
-        elif op == "maxabs":
+        elif op in ("maxabs", "rowmaxabs", "colmaxabs"):
             x = f"tl.abs({x})"
         body = ctx.body
         part = body.fresh(f"{s.target}_part")
@@ -598,6 +602,10 @@ class KernelEmitter:
         if op == "maxabs":  # |x| >= 0: masked lanes (0) and the zeroed workspace are neutral
             inner = f"tl.max({part}, axis=0)" if ctx.mode == "flat" else f"tl.max(tl.max({part}, axis=1), axis=0)"
             body.emit(f"tl.atomic_max({base}, {inner})")
+        elif op == "rowmaxabs":  # the same neutral zeros, per row / per column of the tile
+            body.emit(f"tl.atomic_max({base} + b * M + rows, tl.max({part}, axis=1), mask=rows < M)")
+        elif op == "colmaxabs":
+            body.emit(f"tl.atomic_max({base} + b * N + cols, tl.max({part}, axis=0), mask=cols < N)")
         elif ctx.mode == "flat":
             body.emit(f"tl.atomic_add({base}, tl.sum({part}, axis=0))")
         elif op in ("matvec", "rowsum"):

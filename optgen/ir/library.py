@@ -57,6 +57,9 @@ FUNCTIONS: dict[str, Function] = {
                  "tensor) -> per-tensor", host=False),
         Function("rownorm", (1, 1), "Euclidean norm over the last dim of a per-element value -> per-row "
                  "(torch's x.norm(dim=-1))", host=False),
+        Function("rowmaxabs", (1, 1), "largest |x| over the last dim of a per-element value -> per-row "
+                 "(torch.linalg.vector_norm(x, inf, dim=-1))", host=False),
+        Function("colmaxabs", (1, 1), "largest |x| over the second-to-last dim -> per-column", host=False),
         Function("colnorm", (1, 1), "Euclidean norm over the second-to-last dim -> per-column (x.norm(dim=-2))",
                  host=False),
         Function("matmean", (1, 1), "mean over the last dim of a per-row/per-column value -> per-matrix "
@@ -69,6 +72,13 @@ FUNCTIONS: dict[str, Function] = {
         Function("rand_like", (1, 2), "rand_like(x[, seed]): uniform random numbers in [0, 1) of x's shape and dtype "
                  "(torch.rand_like from torch's default generator, in parameter order, on the torch and reference "
                  "backends; seeded Philox, per seed and tensor, in triton)", host=False),
+        Function("stream_rand", (1, 2), "stream_rand(x[, seed]): uniform random numbers in [0, 1) of x's shape and "
+                 "dtype from adv_optm's per-device stream, the one stochastic rounding draws from (torch.rand with "
+                 "that generator, in parameter order, on the torch and reference backends; seeded Philox, per seed "
+                 "and tensor, in triton)", host=False),
+        Function("maxabs_dim", (2, 2), "maxabs_dim(x, d): the largest |x| along dim d of the parameter's shape "
+                 "(torch.linalg.vector_norm(x, inf, dim=d, keepdim=True)), broadcast along that dim: per-element "
+                 "(torch and reference backends)", host=False),
         Function("cast", (2, 2), "cast(x, like): x in the dtype of like (a mask as the gradient's dtype)", host=False),
         Function("float32", (1, 1), "x computed on in float32 (a no-op for float32 values); of a host value: "
                  "the value rounded to float32 (a published float32 scalar)"),

@@ -302,10 +302,16 @@ class Lowerer:
                 if not args[i].is_host:
                     raise SpecError(e.args[i].pos, field, f"{fn}()'s steps and coefficients must be host scalars")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
-        if fn == "rand_like":
+        if fn in ("rand_like", "stream_rand"):
             need(0, Kind.ELEMENT)
             if len(args) > 1 and not args[1].is_host:
-                raise SpecError(e.args[1].pos, field, "rand_like()'s seed must be a host scalar")
+                raise SpecError(e.args[1].pos, field, f"{fn}()'s seed must be a host scalar")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn == "maxabs_dim":
+            need(0, Kind.ELEMENT)
+            d = e.args[1]
+            if not (isinstance(d, E.Const) and type(d.value) is int and d.value >= 0):
+                raise SpecError(d.pos, field, "maxabs_dim()'s dim must be a constant non-negative integer")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
@@ -373,9 +379,9 @@ class Lowerer:
         if fn in ("rowsum", "colsum"):
             need(0, Kind.ELEMENT)
             return Node(fn, tuple(args), kind=Kind.ROW if fn == "rowsum" else Kind.COL)
-        if fn in ("rownorm", "colnorm"):
+        if fn in ("rownorm", "colnorm", "rowmaxabs", "colmaxabs"):
             need(0, Kind.ELEMENT)
-            return Node(fn, tuple(args), kind=Kind.ROW if fn == "rownorm" else Kind.COL)
+            return Node(fn, tuple(args), kind=Kind.ROW if fn.startswith("row") else Kind.COL)
         if fn == "matmean":
             need(0, Kind.ROW, Kind.COL)
             return Node(fn, tuple(args), kind=Kind.MATRIX)

@@ -80,6 +80,8 @@ class Op:
     CONTIGUOUS = "contiguous"
     CAST = "cast"
     RAND_LIKE = "rand_like"
+    STREAM_RAND = "stream_rand"  # adv_optm's per-device stream (stochastic sign)
+    MAXABS_DIM = "maxabs_dim"  # max |x| over one dim, kept (3-D+ stochastic sign)
     STOCHASTIC_ROUND = "stochastic_round"
     # shape-changing ops with their own shape rules
     OUTER = "outer"
@@ -99,6 +101,8 @@ class Op:
     NORMALIZE = "normalize"
     ROWNORM = "rownorm"
     COLNORM = "colnorm"
+    ROWMAXABS = "rowmaxabs"
+    COLMAXABS = "colmaxabs"
     MATMEAN = "matmean"
     # whole-matrix calls that every backend runs with torch (Muon's orthogonalisers)
     NEWTON_SCHULZ = "newton_schulz"
@@ -165,7 +169,8 @@ def _table() -> dict[str, OpInfo]:
                          Op.FLOAT64), unary),
         **dict.fromkeys((Op.RSQRT, Op.RECIPROCAL, Op.COPY, Op.CONTIGUOUS), dev1),
         **dict.fromkeys((Op.ATAN2, Op.MAX, Op.MIN), binary),
-        **dict.fromkeys((Op.MAXIMUM, Op.MINIMUM, Op.RAND_LIKE, Op.STOCHASTIC_ROUND), dev2),
+        **dict.fromkeys((Op.MAXIMUM, Op.MINIMUM, Op.RAND_LIKE, Op.STREAM_RAND, Op.STOCHASTIC_ROUND), dev2),
+        Op.MAXABS_DIM: OpInfo((2, 2), own_shape=True),
         Op.CLAMP: OpInfo((3, 3)),
         Op.LERP: OpInfo((3, 3)),
         Op.CAST: OpInfo((2, 2), own_shape=True),  # the dtype of its second argument, the kind of its first
@@ -183,6 +188,8 @@ def _table() -> dict[str, OpInfo]:
         Op.VDOT: red(2, Kind.TENSOR),
         Op.ROWNORM: red(1, Kind.ROW),
         Op.COLNORM: red(1, Kind.COL),
+        Op.ROWMAXABS: red(1, Kind.ROW),
+        Op.COLMAXABS: red(1, Kind.COL),
         # of per-row / per-column values: no pass over the elements
         Op.DOT: red(2, Kind.MATRIX, full=False),
         Op.MATMEAN: red(1, Kind.MATRIX, full=False),

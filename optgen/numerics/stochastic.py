@@ -56,6 +56,20 @@ def sketch(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator(like.device))
 
 
+def uniform(like: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in [0, 1) of ``like``'s shape and dtype from its device's stream (adv_optm's
+    ``_get_random_noise_for_sso`` draws ``torch.rand`` there, before the parameter's rounding)."""
+    return torch.rand(like.shape, device=like.device, dtype=like.dtype, generator=generator(like.device))
+
+
+def maxabs_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The largest ``|x|`` along ``dim``, kept as a size-1 dim so that it broadcasts against ``x``
+    (``torch.linalg.vector_norm(x, inf, dim, keepdim=True)``, the published stochastic sign's norm)."""
+    if dim >= x.dim():
+        raise RuntimeError(f"maxabs_dim(): dim {dim} of a tensor with {x.dim()} dims")
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=dim, keepdim=True)
+
+
 @contextlib.contextmanager
 def drawn(bits: list[torch.Tensor]) -> Iterator[None]:
     """Round with ``bits`` (drawn earlier by :func:`draw`) in order: the torch backend steps

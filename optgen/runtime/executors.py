@@ -147,6 +147,9 @@ class TorchExecutor(Executor):
         #: the step draws Gaussian sketches (low-rank orthogonalisation) from the rounding's stream
         self.sketches = any(n.op.startswith("low_rank_") for s in walk_stmts(prog.body) if isinstance(s, Assign)
                             for n in walk_nodes(s.value))
+        #: the step draws uniform noise (stream_rand: the stochastic sign) from the rounding's stream
+        self.streams = any(n.op == "stream_rand" for s in walk_stmts(prog.body) if isinstance(s, Assign)
+                           for n in walk_nodes(s.value))
         self.compiled = None  # optgen.runtime.compiled's entry, on the first compiled bucket
 
     def buckets(self, group: dict[str, Any], params: list[torch.Tensor]) -> dict[tuple, list[tuple]]:
@@ -177,9 +180,11 @@ class TorchExecutor(Executor):
     def run(self, group: dict[str, Any], params: list[torch.Tensor], parts: dict[int, list[tuple[str, Any]]]) -> None:
         opt, prog = self.opt, self.program
         buckets = self.buckets(group, params)
-        if (self.sketches and any(p.dtype == torch.bfloat16 for p in params)) or self.draws_twice(buckets):
-            # low-rank sketches and stochastic rounding share adv_optm's random stream, drawn per
-            # parameter (its sketch, then its rounding): step the parameters one at a time, in order
+        if ((self.sketches or self.streams) and any(p.dtype == torch.bfloat16 for p in params)) or (
+                self.streams and len(buckets) > 1) or self.draws_twice(buckets):
+            # low-rank sketches, uniform noise and stochastic rounding share adv_optm's random stream,
+            # drawn per parameter (its sketch or noise, then its rounding): step the parameters one at
+            # a time, in order (buckets would draw the noise out of parameter order)
             where = {id(item[0]): (path, item) for path, items in buckets.items() for item in items}
             ahead: dict[int, torch.Tensor] = {}
             chunks = [(where[id(p)][0], [where[id(p)][1]]) for p in params]
@@ -339,7 +344,7 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
             if _path_rounds(branch, taken, sketches):
                 return True
         elif any(n.op == Op.STOCHASTIC_ROUND or _draws(n)
-                 or (sketches and (n.op.startswith("low_rank_") or n.op == Op.RAND_LIKE))
+                 or (sketches and (n.op.startswith("low_rank_") or n.op in (Op.RAND_LIKE, Op.STREAM_RAND)))
                  for n in walk_nodes(s.value)):
             return True
     return False
@@ -357,7 +362,7 @@ def _path_draw_count(stmts: list[Stmt], taken: dict[str, bool]) -> int:
         if isinstance(s, If):
             count += _path_draw_count(s.then if taken.get(s.cond.attr, False) else s.orelse, taken)
         else:
-            count += sum(1 for n in walk_nodes(s.value) if n.op == Op.STOCHASTIC_ROUND or _draws(n))
+            count += sum(1 for n in walk_nodes(s.value) if n.op in (Op.STOCHASTIC_ROUND, Op.STREAM_RAND) or _draws(n))
     return count
 
 

@@ -140,6 +140,17 @@ def rand_like(a: Tensors, seed: Scalar = None) -> Tensors:
     return [torch.rand_like(x) for x in a]
 
 
+def stream_rand(a: Tensors, seed: Scalar = None) -> Tensors:
+    """Uniform [0, 1) numbers like each tensor from adv_optm's per-device stream, in list order
+    (``seed`` is the triton backend's)."""
+    return [stochastic.uniform(x) for x in a]
+
+
+def maxabs_dim(a: Tensors, dim: int) -> Tensors:
+    """The largest ``|x|`` along ``dim`` of each tensor, as a size-1 dim (broadcasts against it)."""
+    return [stochastic.maxabs_dim(x, dim) for x in a]
+
+
 def copy(a: Tensors) -> Tensors:
     return [x.clone() for x in a]
 
@@ -406,6 +417,20 @@ def colnorm(x: Tensors) -> Tensors:
     if (b := sharding.active()) is not None:
         return b.colnorm(x)
     return [t.norm(dim=-2) for t in x]
+
+
+def rowmaxabs(x: Tensors) -> Tensors:
+    """The largest ``|x|`` of each row (``vector_norm(x, inf, dim=-1)``)."""
+    if sharding.active() is not None:
+        raise NotImplementedError("rowmaxabs() of a sharded parameter: the max across ranks is not implemented yet")
+    return [torch.linalg.vector_norm(t, ord=float("inf"), dim=-1) for t in x]
+
+
+def colmaxabs(x: Tensors) -> Tensors:
+    """The largest ``|x|`` of each column (``vector_norm(x, inf, dim=-2)``)."""
+    if sharding.active() is not None:
+        raise NotImplementedError("colmaxabs() of a sharded parameter: the max across ranks is not implemented yet")
+    return [torch.linalg.vector_norm(t, ord=float("inf"), dim=-2) for t in x]
 
 
 def matmean(x: Tensors, kind: str = "row") -> Tensors:
