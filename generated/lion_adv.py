@@ -229,405 +229,525 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_anchor_data = S["anchor_data"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    anchor_data = S["anchor_data"]
+    # if nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
-            _1 = F.float32(grad)
-            grad = _1
+            # grad = float32(grad)
+            grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
-            _9 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-            t_exp_avg_magnitude = _9
-            _10 = F.neg(t_exp_avg_magnitude)
-            _11 = F.where(st_sign, t_exp_avg_magnitude, _10)
-            t_exp_avg_full = _11
-            _12 = F.lerp(grad, t_exp_avg_full, h["_k0"])
-            t_update = _12
-            F.lerp_(t_exp_avg_full, grad, h["_k1"])
-            _13 = F.float32(t_exp_avg_full)
-            _14 = F.gt(_13, 0.0)
-            F.assign_(st_sign, _14)
-            _15 = F.float32(t_exp_avg_full)
-            _16 = F.abs(_15)
-            t_exp_avg_abs = _16
-            _17 = F.rowsum(t_exp_avg_abs)
-            F.assign_(st_mu_m_nmf, _17)
-            _18 = F.colsum(t_exp_avg_abs)
-            t_exp_avg_colsum = _18
-            _19 = F.sum(t_exp_avg_colsum, kind="col")
-            F.maximum_(_19, 1e-12)
-            _20 = F.div(t_exp_avg_colsum, _19)
-            F.assign_(st_mv_m_nmf, _20)
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+            exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+            # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+            exp_avg_full_1 = F.neg(exp_avg_magnitude)
+            exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+            # update = lerp(grad, exp_avg_full, beta1)
+            update = F.lerp(grad, exp_avg_full, h["_k0"])
+            # exp_avg_full = lerp(exp_avg_full, grad, 1 - beta2)
+            F.lerp_(exp_avg_full, grad, h["_k1"])
+            # sign = float32(exp_avg_full) > 0.0
+            sign_1 = F.float32(exp_avg_full)
+            sign_2 = F.gt(sign_1, 0.0)
+            F.assign_(sign, sign_2)
+            # exp_avg_abs = abs(float32(exp_avg_full))
+            exp_avg_abs_1 = F.float32(exp_avg_full)
+            exp_avg_abs = F.abs(exp_avg_abs_1)
+            # mu_m_nmf = rowsum(exp_avg_abs)
+            mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+            F.assign_(mu_m_nmf, mu_m_nmf_1)
+            # exp_avg_colsum = colsum(exp_avg_abs)
+            exp_avg_colsum = F.colsum(exp_avg_abs)
+            # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+            mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+            F.maximum_(mv_m_nmf_1, 1e-12)
+            mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+            F.assign_(mv_m_nmf, mv_m_nmf_2)
+            # if stochastic_sign:
             if h["_c3"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c4"]:
+                    # if ndim == 2:
                     if h["_c5"]:
-                        _21 = F.rowmaxabs(t_update)
-                        F.maximum_(_21, 1e-12)
-                        _22 = F.div(t_update, F.align(_21, "row", "element"))
-                        t_update = _22
-                        _23 = F.colmaxabs(t_update)
-                        F.maximum_(_23, 1e-12)
-                        _24 = F.div(t_update, F.align(_23, "col", "element"))
-                        t_update = _24
+                        # update = update / maximum(rowmaxabs(update), 1e-12)
+                        update_1 = F.rowmaxabs(update)
+                        F.maximum_(update_1, 1e-12)
+                        update_2 = F.div(update, F.align(update_1, "row", "element"))
+                        update = update_2
+                        # update = update / maximum(colmaxabs(update), 1e-12)
+                        update_3 = F.colmaxabs(update)
+                        F.maximum_(update_3, 1e-12)
+                        update_4 = F.div(update, F.align(update_3, "col", "element"))
+                        update = update_4
                     else:
-                        _25 = F.maxabs_dim(t_update, 1)
-                        F.maximum_(_25, 1e-12)
-                        _26 = F.div(t_update, _25)
-                        t_update = _26
-                        _27 = F.maxabs_dim(t_update, 0)
-                        F.maximum_(_27, 1e-12)
-                        _28 = F.div(t_update, _27)
-                        t_update = _28
-                    _29 = F.stream_rand(t_update, h["_k2"])
-                    F.mul_(_29, 2)
-                    t_sso_noise = _29
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_update, t_sso_noise)
-                    F.sign_(t_update)
+                        # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                        update_5 = F.maxabs_dim(update, 1)
+                        F.maximum_(update_5, 1e-12)
+                        update_6 = F.div(update, update_5)
+                        update = update_6
+                        # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                        update_7 = F.maxabs_dim(update, 0)
+                        F.maximum_(update_7, 1e-12)
+                        update_8 = F.div(update, update_7)
+                        update = update_8
+                    # sso_noise = stream_rand(update, step) * 2
+                    sso_noise = F.stream_rand(update, h["_k2"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # update = sign(update + sso_noise)
+                    F.add_(update, sso_noise)
+                    F.sign_(update)
                 else:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
             else:
+                # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
                 if h["_c6"]:
-                    _30 = F.norm(t_update)
-                    F.maximum_(_30, 1e-12)
-                    _31 = F.div(t_update, _30)
-                    t_update = _31
-                    F.mul_(t_update, h["_k3"])
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_9 = F.norm(update)
+                    F.maximum_(update_9, 1e-12)
+                    update_10 = F.div(update, update_9)
+                    update = update_10
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k3"])
                 else:
+                    # if auto_kappa_p or kappa_p == 1:
                     if h["_c7"]:
-                        F.sign_(t_update)
+                        # update = sign(update)
+                        F.sign_(update)
                     else:
-                        _32 = F.sign(t_update)
-                        _33 = F.abs(t_update)
-                        F.pow_(_33, h["_k4"])
-                        F.mul_(_32, _33)
-                        t_update = _32
-                        _34 = F.norm(t_update)
-                        F.maximum_(_34, 1e-12)
-                        _35 = F.div(t_update, _34)
-                        t_update = _35
-                        F.mul_(t_update, h["_k5"])
-            F.mul_(t_update, h["_k6"])
+                        # update = sign(update) * abs(update) ** (kappa_p - 1)
+                        update_11 = F.sign(update)
+                        update_12 = F.abs(update)
+                        F.pow_(update_12, h["_k4"])
+                        F.mul_(update_11, update_12)
+                        update = update_11
+                        # update = update / maximum(norm(update), 1e-12)
+                        update_13 = F.norm(update)
+                        F.maximum_(update_13, 1e-12)
+                        update_14 = F.div(update, update_13)
+                        update = update_14
+                        # update = update * numel ** 0.5
+                        F.mul_(update, h["_k5"])
+            # update = update * lr
+            F.mul_(update, h["_k6"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c8"]:
-                _36 = F.float32(param)
-                t_param_fp32 = _36
-                _37 = F.float32(t_update)
-                t_update_fp32 = _37
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _38 = F.mul(t_update_fp32, t_param_fp32)
-                        _39 = F.ge(_38, 0)
-                        _40 = F.where(_39, 1.0, 0.0, like=param)
-                        _41 = F.addcmul(t_param_fp32, t_param_fp32, _40, h["_k7"])
-                        t_param_fp32 = _41
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_1 = F.mul(update_fp32, param_fp32)
+                        param_fp32_2 = F.ge(param_fp32_1, 0)
+                        param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                        param_fp32_4 = F.addcmul(param_fp32, param_fp32, param_fp32_3, h["_k7"])
+                        param_fp32 = param_fp32_4
                     else:
-                        _42 = F.axpy(t_param_fp32, t_param_fp32, h["_k8"])
-                        t_param_fp32 = _42
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k8"])
+                # if centered_wd != 0:
                 if h["_c11"]:
-                    _43 = F.cast(st_anchor_data, t_param_fp32)
-                    _44 = F.sub(t_param_fp32, _43)
-                    t_cwd_target = _44
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _45 = F.mul(t_update_fp32, t_cwd_target)
-                        _46 = F.ge(_45, 0)
-                        _47 = F.where(_46, 1.0, 0.0, like=param)
-                        _48 = F.addcmul(t_param_fp32, t_cwd_target, _47, h["_k9"])
-                        t_param_fp32 = _48
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_5 = F.mul(update_fp32, cwd_target)
+                        param_fp32_6 = F.ge(param_fp32_5, 0)
+                        param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                        param_fp32_8 = F.addcmul(param_fp32, cwd_target, param_fp32_7, h["_k9"])
+                        param_fp32 = param_fp32_8
                     else:
-                        _49 = F.axpy(t_param_fp32, t_cwd_target, h["_k10"])
-                        t_param_fp32 = _49
-                _50 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _50
-                _51 = F.stochastic_round(t_param_fp32, h["_k11"])
-                F.assign_(param, _51)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k10"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k11"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _52 = F.mul(t_update, param)
-                        _53 = F.ge(_52, 0)
-                        _54 = F.where(_53, 1.0, 0.0, like=param)
-                        _55 = F.addcmul(param, param, _54, h["_k12"])
-                        F.assign_(param, _55)
+                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_2 = F.mul(update, param)
+                        param_3 = F.ge(param_2, 0)
+                        param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                        param_5 = F.addcmul(param, param, param_4, h["_k12"])
+                        F.assign_(param, param_5)
                     else:
-                        _56 = F.axpy(param, param, h["_k13"])
-                        F.assign_(param, _56)
+                        # param = param - weight_decay * lr * param
+                        param_6 = F.axpy(param, param, h["_k13"])
+                        F.assign_(param, param_6)
+                # if centered_wd != 0:
                 if h["_c11"]:
-                    _57 = F.cast(st_anchor_data, param)
-                    _58 = F.sub(param, _57)
-                    t_cwd_target = _58
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _59 = F.mul(t_update, t_cwd_target)
-                        _60 = F.ge(_59, 0)
-                        _61 = F.where(_60, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _61, h["_k14"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_7 = F.mul(update, cwd_target)
+                        param_8 = F.ge(param_7, 0)
+                        param_9 = F.where(param_8, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_9, h["_k14"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k15"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k15"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if orthogonal_gradient == 'flattened':
             if h["_c2"]:
-                _62 = F.vdot(param, grad)
-                _63 = F.vdot(param, param)
-                F.add_(_63, 1e-30)
-                F.div_(_62, _63)
-                _64 = F.mul(param, _62)
-                _65 = F.sub(grad, _64)
-                t_ortho_g = _65
-                _66 = F.norm(grad)
-                _67 = F.norm(t_ortho_g)
-                F.add_(_67, 1e-30)
-                F.div_(_66, _67)
-                t_ortho_scale = _66
-                _68 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _68
-            _69 = F.lerp(grad, st_exp_avg, h["_k16"])
-            t_update = _69
-            F.lerp_(st_exp_avg, grad, h["_k17"])
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # update = lerp(grad, exp_avg, beta1)
+            update = F.lerp(grad, exp_avg, h["_k16"])
+            # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+            F.lerp_(exp_avg, grad, h["_k17"])
+            # if stochastic_sign:
             if h["_c3"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c4"]:
+                    # if ndim == 2:
                     if h["_c5"]:
-                        _70 = F.rowmaxabs(t_update)
-                        F.maximum_(_70, 1e-12)
-                        _71 = F.div(t_update, F.align(_70, "row", "element"))
-                        t_update = _71
-                        _72 = F.colmaxabs(t_update)
-                        F.maximum_(_72, 1e-12)
-                        _73 = F.div(t_update, F.align(_72, "col", "element"))
-                        t_update = _73
+                        # update = update / maximum(rowmaxabs(update), 1e-12)
+                        update_15 = F.rowmaxabs(update)
+                        F.maximum_(update_15, 1e-12)
+                        update_16 = F.div(update, F.align(update_15, "row", "element"))
+                        update = update_16
+                        # update = update / maximum(colmaxabs(update), 1e-12)
+                        update_17 = F.colmaxabs(update)
+                        F.maximum_(update_17, 1e-12)
+                        update_18 = F.div(update, F.align(update_17, "col", "element"))
+                        update = update_18
                     else:
-                        _74 = F.maxabs_dim(t_update, 1)
-                        F.maximum_(_74, 1e-12)
-                        _75 = F.div(t_update, _74)
-                        t_update = _75
-                        _76 = F.maxabs_dim(t_update, 0)
-                        F.maximum_(_76, 1e-12)
-                        _77 = F.div(t_update, _76)
-                        t_update = _77
-                    _78 = F.stream_rand(t_update, h["_k18"])
-                    F.mul_(_78, 2)
-                    t_sso_noise = _78
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_update, t_sso_noise)
-                    F.sign_(t_update)
+                        # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                        update_19 = F.maxabs_dim(update, 1)
+                        F.maximum_(update_19, 1e-12)
+                        update_20 = F.div(update, update_19)
+                        update = update_20
+                        # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                        update_21 = F.maxabs_dim(update, 0)
+                        F.maximum_(update_21, 1e-12)
+                        update_22 = F.div(update, update_21)
+                        update = update_22
+                    # sso_noise = stream_rand(update, step) * 2
+                    sso_noise = F.stream_rand(update, h["_k18"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # update = sign(update + sso_noise)
+                    F.add_(update, sso_noise)
+                    F.sign_(update)
                 else:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
             else:
+                # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
                 if h["_c6"]:
-                    _79 = F.norm(t_update)
-                    F.maximum_(_79, 1e-12)
-                    _80 = F.div(t_update, _79)
-                    t_update = _80
-                    F.mul_(t_update, h["_k19"])
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_23 = F.norm(update)
+                    F.maximum_(update_23, 1e-12)
+                    update_24 = F.div(update, update_23)
+                    update = update_24
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k19"])
                 else:
+                    # if auto_kappa_p or kappa_p == 1:
                     if h["_c7"]:
-                        F.sign_(t_update)
+                        # update = sign(update)
+                        F.sign_(update)
                     else:
-                        _81 = F.sign(t_update)
-                        _82 = F.abs(t_update)
-                        F.pow_(_82, h["_k20"])
-                        F.mul_(_81, _82)
-                        t_update = _81
-                        _83 = F.norm(t_update)
-                        F.maximum_(_83, 1e-12)
-                        _84 = F.div(t_update, _83)
-                        t_update = _84
-                        F.mul_(t_update, h["_k21"])
-            F.mul_(t_update, h["_k22"])
+                        # update = sign(update) * abs(update) ** (kappa_p - 1)
+                        update_25 = F.sign(update)
+                        update_26 = F.abs(update)
+                        F.pow_(update_26, h["_k20"])
+                        F.mul_(update_25, update_26)
+                        update = update_25
+                        # update = update / maximum(norm(update), 1e-12)
+                        update_27 = F.norm(update)
+                        F.maximum_(update_27, 1e-12)
+                        update_28 = F.div(update, update_27)
+                        update = update_28
+                        # update = update * numel ** 0.5
+                        F.mul_(update, h["_k21"])
+            # update = update * lr
+            F.mul_(update, h["_k22"])
+            # if stochastic_rounding and bf16 != 0:
             if h["_c8"]:
-                _85 = F.float32(param)
-                t_param_fp32 = _85
-                _86 = F.float32(t_update)
-                t_update_fp32 = _86
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _87 = F.mul(t_update_fp32, t_param_fp32)
-                        _88 = F.ge(_87, 0)
-                        _89 = F.where(_88, 1.0, 0.0, like=param)
-                        _90 = F.addcmul(t_param_fp32, t_param_fp32, _89, h["_k23"])
-                        t_param_fp32 = _90
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, param_fp32)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, param_fp32, param_fp32_11, h["_k23"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _91 = F.axpy(t_param_fp32, t_param_fp32, h["_k24"])
-                        t_param_fp32 = _91
+                        # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                        param_fp32 = F.axpy(param_fp32, param_fp32, h["_k24"])
+                # if centered_wd != 0:
                 if h["_c11"]:
-                    _92 = F.cast(st_anchor_data, t_param_fp32)
-                    _93 = F.sub(t_param_fp32, _92)
-                    t_cwd_target = _93
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _94 = F.mul(t_update_fp32, t_cwd_target)
-                        _95 = F.ge(_94, 0)
-                        _96 = F.where(_95, 1.0, 0.0, like=param)
-                        _97 = F.addcmul(t_param_fp32, t_cwd_target, _96, h["_k25"])
-                        t_param_fp32 = _97
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_13 = F.mul(update_fp32, cwd_target)
+                        param_fp32_14 = F.ge(param_fp32_13, 0)
+                        param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                        param_fp32_16 = F.addcmul(param_fp32, cwd_target, param_fp32_15, h["_k25"])
+                        param_fp32 = param_fp32_16
                     else:
-                        _98 = F.axpy(t_param_fp32, t_cwd_target, h["_k26"])
-                        t_param_fp32 = _98
-                _99 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _99
-                _100 = F.stochastic_round(t_param_fp32, h["_k27"])
-                F.assign_(param, _100)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k26"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_10 = F.stochastic_round(param_fp32, h["_k27"])
+                F.assign_(param, param_10)
             else:
+                # if weight_decay != 0:
                 if h["_c9"]:
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _101 = F.mul(t_update, param)
-                        _102 = F.ge(_101, 0)
-                        _103 = F.where(_102, 1.0, 0.0, like=param)
-                        _104 = F.addcmul(param, param, _103, h["_k28"])
-                        F.assign_(param, _104)
+                        # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                        param_11 = F.mul(update, param)
+                        param_12 = F.ge(param_11, 0)
+                        param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                        param_14 = F.addcmul(param, param, param_13, h["_k28"])
+                        F.assign_(param, param_14)
                     else:
-                        _105 = F.axpy(param, param, h["_k29"])
-                        F.assign_(param, _105)
+                        # param = param - weight_decay * lr * param
+                        param_15 = F.axpy(param, param, h["_k29"])
+                        F.assign_(param, param_15)
+                # if centered_wd != 0:
                 if h["_c11"]:
-                    _106 = F.cast(st_anchor_data, param)
-                    _107 = F.sub(param, _106)
-                    t_cwd_target = _107
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c10"]:
-                        _108 = F.mul(t_update, t_cwd_target)
-                        _109 = F.ge(_108, 0)
-                        _110 = F.where(_109, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _110, h["_k30"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_16 = F.mul(update, cwd_target)
+                        param_17 = F.ge(param_16, 0)
+                        param_18 = F.where(param_17, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_18, h["_k30"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k31"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k31"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if orthogonal_gradient == 'flattened':
         if h["_c2"]:
-            _111 = F.vdot(param, grad)
-            _112 = F.vdot(param, param)
-            F.add_(_112, 1e-30)
-            F.div_(_111, _112)
-            _113 = F.mul(param, _111)
-            _114 = F.sub(grad, _113)
-            t_ortho_g = _114
-            _115 = F.norm(grad)
-            _116 = F.norm(t_ortho_g)
-            F.add_(_116, 1e-30)
-            F.div_(_115, _116)
-            t_ortho_scale = _115
-            _117 = F.mul(t_ortho_g, t_ortho_scale)
-            grad = _117
-        _118 = F.lerp(grad, st_exp_avg, h["_k32"])
-        t_update = _118
-        F.lerp_(st_exp_avg, grad, h["_k33"])
+            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+            ortho_g_7 = F.vdot(param, grad)
+            ortho_g_8 = F.vdot(param, param)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_7, ortho_g_8)
+            ortho_g_9 = F.mul(param, ortho_g_7)
+            ortho_g = F.sub(grad, ortho_g_9)
+            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+            ortho_scale = F.norm(grad)
+            ortho_scale_3 = F.norm(ortho_g)
+            F.add_(ortho_scale_3, 1e-30)
+            F.div_(ortho_scale, ortho_scale_3)
+            # grad = ortho_g * ortho_scale
+            grad = F.mul(ortho_g, ortho_scale)
+        # update = lerp(grad, exp_avg, beta1)
+        update = F.lerp(grad, exp_avg, h["_k32"])
+        # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+        F.lerp_(exp_avg, grad, h["_k33"])
+        # if stochastic_sign:
         if h["_c3"]:
+            # if stochastic_sign and ndim >= 2:
             if h["_c4"]:
+                # if ndim == 2:
                 if h["_c5"]:
-                    _119 = F.rowmaxabs(t_update)
-                    F.maximum_(_119, 1e-12)
-                    _120 = F.div(t_update, F.align(_119, "row", "element"))
-                    t_update = _120
-                    _121 = F.colmaxabs(t_update)
-                    F.maximum_(_121, 1e-12)
-                    _122 = F.div(t_update, F.align(_121, "col", "element"))
-                    t_update = _122
+                    # update = update / maximum(rowmaxabs(update), 1e-12)
+                    update_29 = F.rowmaxabs(update)
+                    F.maximum_(update_29, 1e-12)
+                    update_30 = F.div(update, F.align(update_29, "row", "element"))
+                    update = update_30
+                    # update = update / maximum(colmaxabs(update), 1e-12)
+                    update_31 = F.colmaxabs(update)
+                    F.maximum_(update_31, 1e-12)
+                    update_32 = F.div(update, F.align(update_31, "col", "element"))
+                    update = update_32
                 else:
-                    _123 = F.maxabs_dim(t_update, 1)
-                    F.maximum_(_123, 1e-12)
-                    _124 = F.div(t_update, _123)
-                    t_update = _124
-                    _125 = F.maxabs_dim(t_update, 0)
-                    F.maximum_(_125, 1e-12)
-                    _126 = F.div(t_update, _125)
-                    t_update = _126
-                _127 = F.stream_rand(t_update, h["_k34"])
-                F.mul_(_127, 2)
-                t_sso_noise = _127
-                F.sub_(t_sso_noise, 1)
-                F.add_(t_update, t_sso_noise)
-                F.sign_(t_update)
+                    # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                    update_33 = F.maxabs_dim(update, 1)
+                    F.maximum_(update_33, 1e-12)
+                    update_34 = F.div(update, update_33)
+                    update = update_34
+                    # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                    update_35 = F.maxabs_dim(update, 0)
+                    F.maximum_(update_35, 1e-12)
+                    update_36 = F.div(update, update_35)
+                    update = update_36
+                # sso_noise = stream_rand(update, step) * 2
+                sso_noise = F.stream_rand(update, h["_k34"])
+                F.mul_(sso_noise, 2)
+                # sso_noise = sso_noise - 1
+                F.sub_(sso_noise, 1)
+                # update = sign(update + sso_noise)
+                F.add_(update, sso_noise)
+                F.sign_(update)
             else:
-                F.sign_(t_update)
+                # update = sign(update)
+                F.sign_(update)
         else:
+            # if auto_kappa_p and ndim >= 4 or not auto_kappa_p and kappa_p == 2:
             if h["_c6"]:
-                _128 = F.norm(t_update)
-                F.maximum_(_128, 1e-12)
-                _129 = F.div(t_update, _128)
-                t_update = _129
-                F.mul_(t_update, h["_k35"])
+                # update = update / maximum(norm(update), 1e-12)
+                update_37 = F.norm(update)
+                F.maximum_(update_37, 1e-12)
+                update_38 = F.div(update, update_37)
+                update = update_38
+                # update = update * numel ** 0.5
+                F.mul_(update, h["_k35"])
             else:
+                # if auto_kappa_p or kappa_p == 1:
                 if h["_c7"]:
-                    F.sign_(t_update)
+                    # update = sign(update)
+                    F.sign_(update)
                 else:
-                    _130 = F.sign(t_update)
-                    _131 = F.abs(t_update)
-                    F.pow_(_131, h["_k36"])
-                    F.mul_(_130, _131)
-                    t_update = _130
-                    _132 = F.norm(t_update)
-                    F.maximum_(_132, 1e-12)
-                    _133 = F.div(t_update, _132)
-                    t_update = _133
-                    F.mul_(t_update, h["_k37"])
-        F.mul_(t_update, h["_k38"])
+                    # update = sign(update) * abs(update) ** (kappa_p - 1)
+                    update_39 = F.sign(update)
+                    update_40 = F.abs(update)
+                    F.pow_(update_40, h["_k36"])
+                    F.mul_(update_39, update_40)
+                    update = update_39
+                    # update = update / maximum(norm(update), 1e-12)
+                    update_41 = F.norm(update)
+                    F.maximum_(update_41, 1e-12)
+                    update_42 = F.div(update, update_41)
+                    update = update_42
+                    # update = update * numel ** 0.5
+                    F.mul_(update, h["_k37"])
+        # update = update * lr
+        F.mul_(update, h["_k38"])
+        # if stochastic_rounding and bf16 != 0:
         if h["_c8"]:
-            _134 = F.float32(param)
-            t_param_fp32 = _134
-            _135 = F.float32(t_update)
-            t_update_fp32 = _135
+            # param_fp32 = float32(param)
+            param_fp32 = F.float32(param)
+            # update_fp32 = float32(update)
+            update_fp32 = F.float32(update)
+            # if weight_decay != 0:
             if h["_c9"]:
+                # if cautious_wd:
                 if h["_c10"]:
-                    _136 = F.mul(t_update_fp32, t_param_fp32)
-                    _137 = F.ge(_136, 0)
-                    _138 = F.where(_137, 1.0, 0.0, like=param)
-                    _139 = F.addcmul(t_param_fp32, t_param_fp32, _138, h["_k39"])
-                    t_param_fp32 = _139
+                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                    param_fp32_17 = F.mul(update_fp32, param_fp32)
+                    param_fp32_18 = F.ge(param_fp32_17, 0)
+                    param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                    param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k39"])
+                    param_fp32 = param_fp32_20
                 else:
-                    _140 = F.axpy(t_param_fp32, t_param_fp32, h["_k40"])
-                    t_param_fp32 = _140
+                    # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                    param_fp32 = F.axpy(param_fp32, param_fp32, h["_k40"])
+            # if centered_wd != 0:
             if h["_c11"]:
-                _141 = F.cast(st_anchor_data, t_param_fp32)
-                _142 = F.sub(t_param_fp32, _141)
-                t_cwd_target = _142
+                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                cwd_target = F.sub(param_fp32, cwd_target_5)
+                # if cautious_wd:
                 if h["_c10"]:
-                    _143 = F.mul(t_update_fp32, t_cwd_target)
-                    _144 = F.ge(_143, 0)
-                    _145 = F.where(_144, 1.0, 0.0, like=param)
-                    _146 = F.addcmul(t_param_fp32, t_cwd_target, _145, h["_k41"])
-                    t_param_fp32 = _146
+                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                    param_fp32_21 = F.mul(update_fp32, cwd_target)
+                    param_fp32_22 = F.ge(param_fp32_21, 0)
+                    param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                    param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k41"])
+                    param_fp32 = param_fp32_24
                 else:
-                    _147 = F.axpy(t_param_fp32, t_cwd_target, h["_k42"])
-                    t_param_fp32 = _147
-            _148 = F.sub(t_param_fp32, t_update_fp32)
-            t_param_fp32 = _148
-            _149 = F.stochastic_round(t_param_fp32, h["_k43"])
-            F.assign_(param, _149)
+                    # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                    param_fp32 = F.axpy(param_fp32, cwd_target, h["_k42"])
+            # param_fp32 = param_fp32 + -update_fp32
+            param_fp32 = F.sub(param_fp32, update_fp32)
+            # param = stochastic_round(param_fp32, step)
+            param_19 = F.stochastic_round(param_fp32, h["_k43"])
+            F.assign_(param, param_19)
         else:
+            # if weight_decay != 0:
             if h["_c9"]:
+                # if cautious_wd:
                 if h["_c10"]:
-                    _150 = F.mul(t_update, param)
-                    _151 = F.ge(_150, 0)
-                    _152 = F.where(_151, 1.0, 0.0, like=param)
-                    _153 = F.addcmul(param, param, _152, h["_k44"])
-                    F.assign_(param, _153)
+                    # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                    param_20 = F.mul(update, param)
+                    param_21 = F.ge(param_20, 0)
+                    param_22 = F.where(param_21, 1.0, 0.0, like=param)
+                    param_23 = F.addcmul(param, param, param_22, h["_k44"])
+                    F.assign_(param, param_23)
                 else:
-                    _154 = F.axpy(param, param, h["_k45"])
-                    F.assign_(param, _154)
+                    # param = param - weight_decay * lr * param
+                    param_24 = F.axpy(param, param, h["_k45"])
+                    F.assign_(param, param_24)
+            # if centered_wd != 0:
             if h["_c11"]:
-                _155 = F.cast(st_anchor_data, param)
-                _156 = F.sub(param, _155)
-                t_cwd_target = _156
+                # cwd_target = param - cast(anchor_data, param)
+                cwd_target_6 = F.cast(anchor_data, param)
+                cwd_target = F.sub(param, cwd_target_6)
+                # if cautious_wd:
                 if h["_c10"]:
-                    _157 = F.mul(t_update, t_cwd_target)
-                    _158 = F.ge(_157, 0)
-                    _159 = F.where(_158, 1.0, 0.0, like=param)
-                    F.addcmul_(param, t_cwd_target, _159, h["_k46"])
+                    # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                    param_25 = F.mul(update, cwd_target)
+                    param_26 = F.ge(param_25, 0)
+                    param_27 = F.where(param_26, 1.0, 0.0, like=param)
+                    F.addcmul_(param, cwd_target, param_27, h["_k46"])
                 else:
-                    F.axpy_(param, t_cwd_target, h["_k47"])
-            F.sub_(param, t_update)
+                    # param = param - centered_wd * lr * cwd_target
+                    F.axpy_(param, cwd_target, h["_k47"])
+            # param = param + -update
+            F.sub_(param, update)
 
 
 class Lion_adv(GeneratedOptimizer):

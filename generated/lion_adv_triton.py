@@ -20,42 +20,66 @@ def _lion_adv_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 5 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 11
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_LR: tl.constexpr = 3
+    HV_STEP: tl.constexpr = 4
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 11)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k32 = tl.load(hyp + 1)
-    h__k33 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k35 = L.pow64(tl.load(tab + t * TBL_W + 6).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h__k38 = tl.load(hyp + 6)
-    h__k43 = step
-    tl.store(hv + t * NH + 0, (h__k32).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k33).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k35).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 4, (h__k43).to(tl.float32))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    lr = tl.load(hyp + HYP_LR)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_WS_R0: tl.constexpr = 12
+    COL_WS_UPDATE: tl.constexpr = 13
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k32 = tl.load(hv + t * NH + 0)
-    h__k33 = tl.load(hv + t * NH + 1)
-    p_update = ws + tl.load(tab + t * TBL_W + 13)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k32)
-    x4 = L.lerp(v2, v1, h__k33)
-    part5 = L.masked((x3 * x3), mask)
-    tl.atomic_add(ws + tl.load(tab + t * TBL_W + 12), tl.sum(part5, axis=0))
-    tl.store(p_update + offs, L.to_storage(x3, tl.float32), mask=mask)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    # update = lerp(grad, exp_avg, beta1)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = L.lerp(grad, exp_avg, beta1)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta2)
+    # _r0 = sumsq(update)
+    r0_part = L.masked((update * update), mask)
+    tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
+    # store update, exp_avg
+    tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
 
 
 @triton.jit
@@ -65,10 +89,15 @@ def _lion_adv_flat0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg; writes update, exp_avg; accumulates _r0.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -81,28 +110,39 @@ def _lion_adv_flat0(
 # flat
 @triton.jit
 def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 13)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 12)
-    h__k35 = tl.load(hv + t * NH + 2)
-    h__k38 = tl.load(hv + t * NH + 3)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_GIDX: tl.constexpr = 11
+    COL_WS_R0: tl.constexpr = 12
+    COL_WS_UPDATE: tl.constexpr = 13
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_LR: tl.constexpr = 3
+    HV_STEP: tl.constexpr = 4
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    lr = tl.load(hv + t * NH + HV_LR)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k43 = tl.load(hv + t * NH + 4)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k35)
-    x7 = (x6 * h__k38)
-    v8 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x9 = v8
-    x10 = x7
-    x11 = (-x10)
-    x12 = (x9 + x11)
-    x13 = L.sr_bf16(x12, (h__k43).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 11), offs)
-    tl.store(p_param + offs, L.to_storage(x13, P_DT), mask=mask)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * lr
+    update_3 = (update_2 * lr)
+    # param_fp32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_3))
+    # param = stochastic_round(param_fp32, step)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -112,10 +152,15 @@ def _lion_adv_flat1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, param; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -133,41 +178,62 @@ def _lion_adv_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 4 the passes read to hv.
+    """
+    COL_NUMEL: tl.constexpr = 6
+    COL_GIDX: tl.constexpr = 11
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_LR: tl.constexpr = 3
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 11)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k32 = tl.load(hyp + 1)
-    h__k33 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k35 = L.pow64(tl.load(tab + t * TBL_W + 6).to(tl.float64), tl.full((), 0.5, tl.float64))
-    h__k38 = tl.load(hyp + 6)
-    tl.store(hv + t * NH + 0, (h__k32).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k33).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k35).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k38).to(tl.float32))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
+    lr = tl.load(hyp + HYP_LR)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
-    p_update = ws + tl.load(tab + t * TBL_W + 13)
-    p__r0 = ws + tl.load(tab + t * TBL_W + 12)
-    h__k35 = tl.load(hv + t * NH + 2)
-    h__k38 = tl.load(hv + t * NH + 3)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_WS_R0: tl.constexpr = 12
+    COL_WS_UPDATE: tl.constexpr = 13
+    HV_NUMEL_POW_HALF: tl.constexpr = 2
+    HV_LR: tl.constexpr = 3
+    p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
+    numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
+    lr = tl.load(hv + t * NH + HV_LR)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_update + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p__r0 + 0).to(tl.float32)
-    x3 = L.sqrt(v2)
-    x4 = L.maximum(x3, tl.full((), 1e-12, tl.float32))
-    x5 = L.div(v1, x4)
-    x6 = (x5 * h__k35)
-    x7 = (x6 * h__k38)
-    v8 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x9 = (-x7)
-    x10 = (v8 + x9)
-    tl.store(p_param + offs, L.to_storage(x10, P_DT), mask=mask)
+    # update = update / maximum(sqrt(_r0), 1e-12)
+    update = tl.load(p_update + offs, mask=mask).to(tl.float32)
+    r0 = tl.load(p_r0 + 0).to(tl.float32)
+    update_1 = L.div(update, L.maximum(L.sqrt(r0), tl.full((), 1e-12, tl.float32)))
+    # update = update * numel ** 0.5
+    update_2 = (update_1 * numel_pow_half)
+    # update = update * lr
+    update_3 = (update_2 * lr)
+    # param = param + -update
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + (-update_3))
+    # store param
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -177,10 +243,15 @@ def _lion_adv_flat2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads update, _r0, param; writes param.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -198,50 +269,76 @@ def _lion_adv_prologue2(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 4 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 11
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_LR: tl.constexpr = 2
+    HV_STEP: tl.constexpr = 3
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 11)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k32 = tl.load(hyp + 1)
-    h__k33 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k38 = tl.load(hyp + 6)
-    h__k43 = step
-    tl.store(hv + t * NH + 0, (h__k32).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k33).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k38).to(tl.float32))
-    tl.store(hv + t * NH + 3, (h__k43).to(tl.float32))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    lr = tl.load(hyp + HYP_LR)
+    step_1 = step
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    COL_GIDX: tl.constexpr = 11
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_LR: tl.constexpr = 2
+    HV_STEP: tl.constexpr = 3
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k32 = tl.load(hv + t * NH + 0)
-    h__k33 = tl.load(hv + t * NH + 1)
-    h__k38 = tl.load(hv + t * NH + 2)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    lr = tl.load(hv + t * NH + HV_LR)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    h__k43 = tl.load(hv + t * NH + 3)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k32)
-    x4 = L.lerp(v2, v1, h__k33)
-    x5 = L.sign(x3)
-    x6 = (x5 * h__k38)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = v7
-    x9 = x6
-    x10 = (-x9)
-    x11 = (x8 + x10)
-    x12 = L.sr_bf16(x11, (h__k43).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + 11), offs)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x12, P_DT), mask=mask)
+    step_1 = tl.load(hv + t * NH + HV_STEP)
+    # update = lerp(grad, exp_avg, beta1)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = L.lerp(grad, exp_avg, beta1)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta2)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * lr
+    update_2 = (update_1 * lr)
+    # param_fp32 = float32(param)
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # update_fp32 = float32(update)
+    # param_fp32 = param_fp32 + -update_fp32
+    param_fp32 = (param + (-update_2))
+    # param = stochastic_round(param_fp32, step)
+    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    # store exp_avg, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -251,10 +348,15 @@ def _lion_adv_flat3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, param; writes exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
@@ -272,44 +374,66 @@ def _lion_adv_prologue3(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 3 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 11
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_LR: tl.constexpr = 2
+    HYP_BETA1: tl.constexpr = 1
+    HYP_BETA2: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 6
     t = tl.program_id(0)
-    gidx = tl.load(tab + t * TBL_W + 11)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    h__k32 = tl.load(hyp + 1)
-    h__k33 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + 2))
-    h__k38 = tl.load(hyp + 6)
-    tl.store(hv + t * NH + 0, (h__k32).to(tl.float32))
-    tl.store(hv + t * NH + 1, (h__k33).to(tl.float32))
-    tl.store(hv + t * NH + 2, (h__k38).to(tl.float32))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    lr = tl.load(hyp + HYP_LR)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
 
 
 # flat
 @triton.jit
 def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
+    COL_EXP_AVG: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_LR: tl.constexpr = 2
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    p_exp_avg = tl.load(tab + t * TBL_W + 1).to(tl.pointer_type(DT_exp_avg))
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    h__k32 = tl.load(hv + t * NH + 0)
-    h__k33 = tl.load(hv + t * NH + 1)
-    h__k38 = tl.load(hv + t * NH + 2)
-    p_param = tl.load(tab + t * TBL_W + 0).to(tl.pointer_type(P_DT))
+    beta1 = tl.load(hv + t * NH + HV_BETA1)
+    one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    lr = tl.load(hv + t * NH + HV_LR)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    v1 = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    v2 = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    x3 = L.lerp(v1, v2, h__k32)
-    x4 = L.lerp(v2, v1, h__k33)
-    x5 = L.sign(x3)
-    x6 = (x5 * h__k38)
-    v7 = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    x8 = (-x6)
-    x9 = (v7 + x8)
-    tl.store(p_exp_avg + offs, L.to_storage(x4, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(x9, P_DT), mask=mask)
+    # update = lerp(grad, exp_avg, beta1)
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    update = L.lerp(grad, exp_avg, beta1)
+    # exp_avg = lerp(exp_avg, grad, 1 - beta2)
+    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta2)
+    # update = sign(update)
+    update_1 = L.sign(update)
+    # update = update * lr
+    update_2 = (update_1 * lr)
+    # param = param + -update
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param_1 = (param + (-update_2))
+    # store exp_avg, param
+    tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -319,10 +443,15 @@ def _lion_adv_flat4(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad, exp_avg, param; writes exp_avg, param.
+    """
+    COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
-    n = tl.load(tab + t * TBL_W + 6)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)

@@ -670,1234 +670,1604 @@ _PROGRAM = program_from_data(PROGRAM_DATA)
 
 def _device_step(h, param, grad, S):
     """One bucket of parameters (see optgen.backends.torch_codegen)."""
-    st_exp_avg = S["exp_avg"]
-    st_mu_m_nmf = S["mu_m_nmf"]
-    st_mv_m_nmf = S["mv_m_nmf"]
-    st_sign = S["sign"]
-    st_anchor_data = S["anchor_data"]
-    st_exp_avg_scale = S["exp_avg_scale"]
+    # the states, one list of tensors each
+    exp_avg = S["exp_avg"]
+    mu_m_nmf = S["mu_m_nmf"]
+    mv_m_nmf = S["mv_m_nmf"]
+    sign = S["sign"]
+    anchor_data = S["anchor_data"]
+    exp_avg_scale = S["exp_avg_scale"]
+    # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
+        # if ndim != 1 or vector_reshape:
         if h["_c1"]:
+            # if momentum > 0:
             if h["_c2"]:
-                _1 = F.float32(grad)
-                grad = _1
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _2 = F.vdot(param, grad)
-                _3 = F.vdot(param, param)
-                F.add_(_3, 1e-30)
-                F.div_(_2, _3)
-                _4 = F.mul(param, _2)
-                _5 = F.sub(grad, _4)
-                t_ortho_g = _5
-                _6 = F.norm(grad)
-                _7 = F.norm(t_ortho_g)
-                F.add_(_7, 1e-30)
-                F.div_(_6, _7)
-                t_ortho_scale = _6
-                _8 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _8
-            _9 = F.copy(grad)
-            t_g = _9
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_1 = F.vdot(param, grad)
+                ortho_g_2 = F.vdot(param, param)
+                F.add_(ortho_g_2, 1e-30)
+                F.div_(ortho_g_1, ortho_g_2)
+                ortho_g_3 = F.mul(param, ortho_g_1)
+                ortho_g = F.sub(grad, ortho_g_3)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_1 = F.norm(ortho_g)
+                F.add_(ortho_scale_1, 1e-30)
+                F.div_(ortho_scale, ortho_scale_1)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _10 = F.rowmaxabs(t_g)
-                        F.maximum_(_10, 1e-12)
-                        _11 = F.div(t_g, F.align(_10, "row", "element"))
-                        t_g = _11
-                        _12 = F.colmaxabs(t_g)
-                        F.maximum_(_12, 1e-12)
-                        _13 = F.div(t_g, F.align(_12, "col", "element"))
-                        t_g = _13
+                        # g = g / maximum(rowmaxabs(g), 1e-12)
+                        g_1 = F.rowmaxabs(g)
+                        F.maximum_(g_1, 1e-12)
+                        g_2 = F.div(g, F.align(g_1, "row", "element"))
+                        g = g_2
+                        # g = g / maximum(colmaxabs(g), 1e-12)
+                        g_3 = F.colmaxabs(g)
+                        F.maximum_(g_3, 1e-12)
+                        g_4 = F.div(g, F.align(g_3, "col", "element"))
+                        g = g_4
                     else:
-                        _14 = F.maxabs_dim(t_g, 1)
-                        F.maximum_(_14, 1e-12)
-                        _15 = F.div(t_g, _14)
-                        t_g = _15
-                        _16 = F.maxabs_dim(t_g, 0)
-                        F.maximum_(_16, 1e-12)
-                        _17 = F.div(t_g, _16)
-                        t_g = _17
-                    _18 = F.stream_rand(t_g, h["_k0"])
-                    F.mul_(_18, 2)
-                    t_sso_noise = _18
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_g, t_sso_noise)
-                    F.sign_(t_g)
+                        # g = g / maximum(maxabs_dim(g, 1), 1e-12)
+                        g_5 = F.maxabs_dim(g, 1)
+                        F.maximum_(g_5, 1e-12)
+                        g_6 = F.div(g, g_5)
+                        g = g_6
+                        # g = g / maximum(maxabs_dim(g, 0), 1e-12)
+                        g_7 = F.maxabs_dim(g, 0)
+                        F.maximum_(g_7, 1e-12)
+                        g_8 = F.div(g, g_7)
+                        g = g_8
+                    # sso_noise = stream_rand(g, step) * 2
+                    sso_noise = F.stream_rand(g, h["_k0"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # g = sign(g + sso_noise)
+                    F.add_(g, sso_noise)
+                    F.sign_(g)
                 else:
-                    F.sign_(t_g)
+                    # g = sign(g)
+                    F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c7"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _19 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _19
-                    _20 = F.neg(t_exp_avg_magnitude)
-                    _21 = F.where(st_sign, t_exp_avg_magnitude, _20)
-                    t_exp_avg_full = _21
-                    _22 = F.mul(t_exp_avg_full, t_exp_avg_full)
-                    F.rsub_(_22, 1)
-                    F.maximum_(_22, 1e-30)
-                    F.sqrt_(_22)
-                    t_snr_denom = _22
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_1 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_1)
+                    # snr_denom = sqrt(maximum(1 - exp_avg_full * exp_avg_full, 1e-30))
+                    snr_denom = F.mul(exp_avg_full, exp_avg_full)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c9"]:
-                    _23 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _23
-                    _24 = F.neg(t_exp_avg_magnitude)
-                    _25 = F.where(st_sign, t_exp_avg_magnitude, _24)
-                    t_exp_avg_full = _25
-                    _26 = F.abs(t_exp_avg_full)
-                    F.mul_(_26, t_g)
-                    t_normed_grad = _26
-                    F.lerp_(t_exp_avg_full, t_g, h["_k1"])
-                    _27 = F.float32(t_exp_avg_full)
-                    _28 = F.gt(_27, 0.0)
-                    F.assign_(st_sign, _28)
-                    _29 = F.float32(t_exp_avg_full)
-                    _30 = F.abs(_29)
-                    t_exp_avg_abs = _30
-                    _31 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _31)
-                    _32 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _32
-                    _33 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_33, 1e-12)
-                    _34 = F.div(t_exp_avg_colsum, _33)
-                    F.assign_(st_mv_m_nmf, _34)
-                    _35 = F.lerp(t_normed_grad, t_exp_avg_full, h["coef"])
-                    t_update = _35
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_2 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_2)
+                    # normed_grad = abs(exp_avg_full) * g
+                    normed_grad = F.abs(exp_avg_full)
+                    F.mul_(normed_grad, g)
+                    # exp_avg_full = lerp(exp_avg_full, g, 1 - momentum)
+                    F.lerp_(exp_avg_full, g, h["_k1"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_1 = F.float32(exp_avg_full)
+                    sign_2 = F.gt(sign_1, 0.0)
+                    F.assign_(sign, sign_2)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_1 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_1)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_1 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_1)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_1 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_1, 1e-12)
+                    mv_m_nmf_2 = F.div(exp_avg_colsum, mv_m_nmf_1)
+                    F.assign_(mv_m_nmf, mv_m_nmf_2)
+                    # update = lerp(normed_grad, exp_avg_full, coef)
+                    update = F.lerp(normed_grad, exp_avg_full, h["coef"])
                 else:
-                    _36 = F.outer(st_mu_m_nmf, st_mv_m_nmf)
-                    t_exp_avg_magnitude = _36
-                    _37 = F.neg(t_exp_avg_magnitude)
-                    _38 = F.where(st_sign, t_exp_avg_magnitude, _37)
-                    t_exp_avg_full = _38
-                    F.lerp_(t_exp_avg_full, t_g, h["_k2"])
-                    _39 = F.float32(t_exp_avg_full)
-                    _40 = F.gt(_39, 0.0)
-                    F.assign_(st_sign, _40)
-                    _41 = F.float32(t_exp_avg_full)
-                    _42 = F.abs(_41)
-                    t_exp_avg_abs = _42
-                    _43 = F.rowsum(t_exp_avg_abs)
-                    F.assign_(st_mu_m_nmf, _43)
-                    _44 = F.colsum(t_exp_avg_abs)
-                    t_exp_avg_colsum = _44
-                    _45 = F.sum(t_exp_avg_colsum, kind="col")
-                    F.maximum_(_45, 1e-12)
-                    _46 = F.div(t_exp_avg_colsum, _45)
-                    F.assign_(st_mv_m_nmf, _46)
+                    # exp_avg_magnitude = outer(mu_m_nmf, mv_m_nmf)
+                    exp_avg_magnitude = F.outer(mu_m_nmf, mv_m_nmf)
+                    # exp_avg_full = where(sign, exp_avg_magnitude, -exp_avg_magnitude)
+                    exp_avg_full_3 = F.neg(exp_avg_magnitude)
+                    exp_avg_full = F.where(sign, exp_avg_magnitude, exp_avg_full_3)
+                    # exp_avg_full = lerp(exp_avg_full, g, 1 - momentum)
+                    F.lerp_(exp_avg_full, g, h["_k2"])
+                    # sign = float32(exp_avg_full) > 0.0
+                    sign_3 = F.float32(exp_avg_full)
+                    sign_4 = F.gt(sign_3, 0.0)
+                    F.assign_(sign, sign_4)
+                    # exp_avg_abs = abs(float32(exp_avg_full))
+                    exp_avg_abs_2 = F.float32(exp_avg_full)
+                    exp_avg_abs = F.abs(exp_avg_abs_2)
+                    # mu_m_nmf = rowsum(exp_avg_abs)
+                    mu_m_nmf_2 = F.rowsum(exp_avg_abs)
+                    F.assign_(mu_m_nmf, mu_m_nmf_2)
+                    # exp_avg_colsum = colsum(exp_avg_abs)
+                    exp_avg_colsum = F.colsum(exp_avg_abs)
+                    # mv_m_nmf = exp_avg_colsum / maximum(sum(exp_avg_colsum), 1e-12)
+                    mv_m_nmf_3 = F.sum(exp_avg_colsum, kind="col")
+                    F.maximum_(mv_m_nmf_3, 1e-12)
+                    mv_m_nmf_4 = F.div(exp_avg_colsum, mv_m_nmf_3)
+                    F.assign_(mv_m_nmf, mv_m_nmf_4)
+                    # if nesterov:
                     if h["_c10"]:
-                        _47 = F.lerp(t_g, t_exp_avg_full, h["coef"])
-                        t_update = _47
+                        # update = lerp(g, exp_avg_full, coef)
+                        update = F.lerp(g, exp_avg_full, h["coef"])
                     else:
-                        _48 = F.copy(t_exp_avg_full)
-                        t_update = _48
+                        # update = copy(exp_avg_full)
+                        update = F.copy(exp_avg_full)
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _49 = F.atan2(t_update, t_snr_denom)
-                    t_update = _49
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _50 = F.copy(t_g)
-                t_update = _50
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c11"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _51 = F.rowmaxabs(t_update)
-                        F.maximum_(_51, 1e-12)
-                        _52 = F.div(t_update, F.align(_51, "row", "element"))
-                        t_update = _52
-                        _53 = F.colmaxabs(t_update)
-                        F.maximum_(_53, 1e-12)
-                        _54 = F.div(t_update, F.align(_53, "col", "element"))
-                        t_update = _54
+                        # update = update / maximum(rowmaxabs(update), 1e-12)
+                        update_1 = F.rowmaxabs(update)
+                        F.maximum_(update_1, 1e-12)
+                        update_2 = F.div(update, F.align(update_1, "row", "element"))
+                        update = update_2
+                        # update = update / maximum(colmaxabs(update), 1e-12)
+                        update_3 = F.colmaxabs(update)
+                        F.maximum_(update_3, 1e-12)
+                        update_4 = F.div(update, F.align(update_3, "col", "element"))
+                        update = update_4
                     else:
-                        _55 = F.maxabs_dim(t_update, 1)
-                        F.maximum_(_55, 1e-12)
-                        _56 = F.div(t_update, _55)
-                        t_update = _56
-                        _57 = F.maxabs_dim(t_update, 0)
-                        F.maximum_(_57, 1e-12)
-                        _58 = F.div(t_update, _57)
-                        t_update = _58
-                    _59 = F.stream_rand(t_update, h["_k3"])
-                    F.mul_(_59, 2)
-                    t_sso_noise = _59
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_update, t_sso_noise)
-                    F.sign_(t_update)
+                        # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                        update_5 = F.maxabs_dim(update, 1)
+                        F.maximum_(update_5, 1e-12)
+                        update_6 = F.div(update, update_5)
+                        update = update_6
+                        # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                        update_7 = F.maxabs_dim(update, 0)
+                        F.maximum_(update_7, 1e-12)
+                        update_8 = F.div(update, update_7)
+                        update = update_8
+                    # sso_noise = stream_rand(update, step) * 2
+                    sso_noise = F.stream_rand(update, h["_k3"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # update = sign(update + sso_noise)
+                    F.add_(update, sso_noise)
+                    F.sign_(update)
                 else:
-                    F.sign_(t_update)
-            F.mul_(t_update, h["_k4"])
+                    # update = sign(update)
+                    F.sign_(update)
+            # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0, 1.2732395447351628, 1.0))
+            F.mul_(update, h["_k4"])
+            # if weight_decay != 0 and geometric_wd:
             if h["_c12"]:
-                _60 = F.copy(param)
-                t_wd_target = _60
+                # wd_target = copy(param)
+                wd_target = F.copy(param)
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _61 = F.rowmaxabs(t_wd_target)
-                        F.maximum_(_61, 1e-12)
-                        _62 = F.div(t_wd_target, F.align(_61, "row", "element"))
-                        t_wd_target = _62
-                        _63 = F.colmaxabs(t_wd_target)
-                        F.maximum_(_63, 1e-12)
-                        _64 = F.div(t_wd_target, F.align(_63, "col", "element"))
-                        t_wd_target = _64
+                        # wd_target = wd_target / maximum(rowmaxabs(wd_target), 1e-12)
+                        wd_target_1 = F.rowmaxabs(wd_target)
+                        F.maximum_(wd_target_1, 1e-12)
+                        wd_target_2 = F.div(wd_target, F.align(wd_target_1, "row", "element"))
+                        wd_target = wd_target_2
+                        # wd_target = wd_target / maximum(colmaxabs(wd_target), 1e-12)
+                        wd_target_3 = F.colmaxabs(wd_target)
+                        F.maximum_(wd_target_3, 1e-12)
+                        wd_target_4 = F.div(wd_target, F.align(wd_target_3, "col", "element"))
+                        wd_target = wd_target_4
                     else:
-                        _65 = F.maxabs_dim(t_wd_target, 1)
-                        F.maximum_(_65, 1e-12)
-                        _66 = F.div(t_wd_target, _65)
-                        t_wd_target = _66
-                        _67 = F.maxabs_dim(t_wd_target, 0)
-                        F.maximum_(_67, 1e-12)
-                        _68 = F.div(t_wd_target, _67)
-                        t_wd_target = _68
-                    _69 = F.stream_rand(t_wd_target, h["_k5"])
-                    F.mul_(_69, 2)
-                    t_sso_noise = _69
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_wd_target, t_sso_noise)
-                    F.sign_(t_wd_target)
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 1), 1e-12)
+                        wd_target_5 = F.maxabs_dim(wd_target, 1)
+                        F.maximum_(wd_target_5, 1e-12)
+                        wd_target_6 = F.div(wd_target, wd_target_5)
+                        wd_target = wd_target_6
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 0), 1e-12)
+                        wd_target_7 = F.maxabs_dim(wd_target, 0)
+                        F.maximum_(wd_target_7, 1e-12)
+                        wd_target_8 = F.div(wd_target, wd_target_7)
+                        wd_target = wd_target_8
+                    # sso_noise = stream_rand(wd_target, step) * 2
+                    sso_noise = F.stream_rand(wd_target, h["_k5"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # wd_target = sign(wd_target + sso_noise)
+                    F.add_(wd_target, sso_noise)
+                    F.sign_(wd_target)
                 else:
-                    F.sign_(t_wd_target)
+                    # wd_target = sign(wd_target)
+                    F.sign_(wd_target)
+                # if snr_cond and normed_momentum and momentum > 0:
                 if h["_c13"]:
-                    _70 = F.atan2(t_wd_target, t_snr_denom)
-                    t_wd_target = _70
-                    _71 = F.norm(param)
-                    _72 = F.norm(t_wd_target)
-                    F.maximum_(_72, h["_k6"])
-                    F.div_(_71, _72)
-                    _73 = F.mul(t_wd_target, _71)
-                    t_wd_target = _73
+                    # wd_target = atan2(wd_target, snr_denom)
+                    wd_target = F.atan2(wd_target, snr_denom)
+                    # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                    wd_target_9 = F.norm(param)
+                    wd_target_10 = F.norm(wd_target)
+                    F.maximum_(wd_target_10, h["_k6"])
+                    F.div_(wd_target_9, wd_target_10)
+                    wd_target_11 = F.mul(wd_target, wd_target_9)
+                    wd_target = wd_target_11
                 else:
-                    _74 = F.norm(param)
-                    F.div_(_74, h["_k7"])
-                    F.mul_(t_wd_target, _74)
+                    # wd_target = wd_target * (norm(param) / sqrt(numel))
+                    wd_target_12 = F.norm(param)
+                    F.div_(wd_target_12, h["_k7"])
+                    F.mul_(wd_target, wd_target_12)
             else:
-                t_wd_target = F.copy(param)
+                # wd_target = param
+                wd_target = F.copy(param)
+            # if stochastic_rounding and bf16 != 0:
             if h["_c14"]:
-                _75 = F.float32(param)
-                t_param_fp32 = _75
-                _76 = F.float32(t_update)
-                t_update_fp32 = _76
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _77 = F.mul(t_update_fp32, t_param_fp32)
-                            _78 = F.ge(_77, 0)
-                            _79 = F.where(_78, 1.0, 0.0, like=param)
-                            _80 = F.addcmul(t_param_fp32, t_wd_target, _79, h["_k8"])
-                            t_param_fp32 = _80
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_1 = F.mul(update_fp32, param_fp32)
+                            param_fp32_2 = F.ge(param_fp32_1, 0)
+                            param_fp32_3 = F.where(param_fp32_2, 1.0, 0.0, like=param)
+                            param_fp32_4 = F.addcmul(param_fp32, wd_target, param_fp32_3, h["_k8"])
+                            param_fp32 = param_fp32_4
                         else:
-                            _81 = F.axpy(t_param_fp32, t_wd_target, h["_k9"])
-                            t_param_fp32 = _81
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k9"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _82 = F.mul(t_update_fp32, t_param_fp32)
-                            _83 = F.ge(_82, 0)
-                            _84 = F.where(_83, 1.0, 0.0, like=param)
-                            _85 = F.addcmul(t_param_fp32, t_param_fp32, _84, h["_k10"])
-                            t_param_fp32 = _85
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_5 = F.mul(update_fp32, param_fp32)
+                            param_fp32_6 = F.ge(param_fp32_5, 0)
+                            param_fp32_7 = F.where(param_fp32_6, 1.0, 0.0, like=param)
+                            param_fp32_8 = F.addcmul(param_fp32, param_fp32, param_fp32_7, h["_k10"])
+                            param_fp32 = param_fp32_8
                         else:
-                            _86 = F.axpy(t_param_fp32, t_param_fp32, h["_k11"])
-                            t_param_fp32 = _86
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k11"])
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _87 = F.cast(st_anchor_data, t_param_fp32)
-                    _88 = F.sub(t_param_fp32, _87)
-                    t_cwd_target = _88
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_1 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _89 = F.mul(t_update_fp32, t_cwd_target)
-                        _90 = F.ge(_89, 0)
-                        _91 = F.where(_90, 1.0, 0.0, like=param)
-                        _92 = F.addcmul(t_param_fp32, t_cwd_target, _91, h["_k12"])
-                        t_param_fp32 = _92
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_9 = F.mul(update_fp32, cwd_target)
+                        param_fp32_10 = F.ge(param_fp32_9, 0)
+                        param_fp32_11 = F.where(param_fp32_10, 1.0, 0.0, like=param)
+                        param_fp32_12 = F.addcmul(param_fp32, cwd_target, param_fp32_11, h["_k12"])
+                        param_fp32 = param_fp32_12
                     else:
-                        _93 = F.axpy(t_param_fp32, t_cwd_target, h["_k13"])
-                        t_param_fp32 = _93
-                _94 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _94
-                _95 = F.stochastic_round(t_param_fp32, h["_k14"])
-                F.assign_(param, _95)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k13"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_1 = F.stochastic_round(param_fp32, h["_k14"])
+                F.assign_(param, param_1)
             else:
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _96 = F.mul(t_update, param)
-                            _97 = F.ge(_96, 0)
-                            _98 = F.where(_97, 1.0, 0.0, like=param)
-                            _99 = F.addcmul(param, t_wd_target, _98, h["_k15"])
-                            F.assign_(param, _99)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_2 = F.mul(update, param)
+                            param_3 = F.ge(param_2, 0)
+                            param_4 = F.where(param_3, 1.0, 0.0, like=param)
+                            param_5 = F.addcmul(param, wd_target, param_4, h["_k15"])
+                            F.assign_(param, param_5)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k16"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k16"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _100 = F.mul(t_update, param)
-                            _101 = F.ge(_100, 0)
-                            _102 = F.where(_101, 1.0, 0.0, like=param)
-                            _103 = F.addcmul(param, param, _102, h["_k17"])
-                            F.assign_(param, _103)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_6 = F.mul(update, param)
+                            param_7 = F.ge(param_6, 0)
+                            param_8 = F.where(param_7, 1.0, 0.0, like=param)
+                            param_9 = F.addcmul(param, param, param_8, h["_k17"])
+                            F.assign_(param, param_9)
                         else:
-                            _104 = F.axpy(param, param, h["_k18"])
-                            F.assign_(param, _104)
+                            # param = param - weight_decay * lr * param
+                            param_10 = F.axpy(param, param, h["_k18"])
+                            F.assign_(param, param_10)
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _105 = F.cast(st_anchor_data, param)
-                    _106 = F.sub(param, _105)
-                    t_cwd_target = _106
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_2 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_2)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _107 = F.mul(t_update, t_cwd_target)
-                        _108 = F.ge(_107, 0)
-                        _109 = F.where(_108, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _109, h["_k19"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_11 = F.mul(update, cwd_target)
+                        param_12 = F.ge(param_11, 0)
+                        param_13 = F.where(param_12, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_13, h["_k19"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k20"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k20"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if momentum > 0:
             if h["_c2"]:
-                _110 = F.float32(grad)
-                grad = _110
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _111 = F.vdot(param, grad)
-                _112 = F.vdot(param, param)
-                F.add_(_112, 1e-30)
-                F.div_(_111, _112)
-                _113 = F.mul(param, _111)
-                _114 = F.sub(grad, _113)
-                t_ortho_g = _114
-                _115 = F.norm(grad)
-                _116 = F.norm(t_ortho_g)
-                F.add_(_116, 1e-30)
-                F.div_(_115, _116)
-                t_ortho_scale = _115
-                _117 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _117
-            _118 = F.copy(grad)
-            t_g = _118
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_4 = F.vdot(param, grad)
+                ortho_g_5 = F.vdot(param, param)
+                F.add_(ortho_g_5, 1e-30)
+                F.div_(ortho_g_4, ortho_g_5)
+                ortho_g_6 = F.mul(param, ortho_g_4)
+                ortho_g = F.sub(grad, ortho_g_6)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _119 = F.rowmaxabs(t_g)
-                        F.maximum_(_119, 1e-12)
-                        _120 = F.div(t_g, F.align(_119, "row", "element"))
-                        t_g = _120
-                        _121 = F.colmaxabs(t_g)
-                        F.maximum_(_121, 1e-12)
-                        _122 = F.div(t_g, F.align(_121, "col", "element"))
-                        t_g = _122
+                        # g = g / maximum(rowmaxabs(g), 1e-12)
+                        g_9 = F.rowmaxabs(g)
+                        F.maximum_(g_9, 1e-12)
+                        g_10 = F.div(g, F.align(g_9, "row", "element"))
+                        g = g_10
+                        # g = g / maximum(colmaxabs(g), 1e-12)
+                        g_11 = F.colmaxabs(g)
+                        F.maximum_(g_11, 1e-12)
+                        g_12 = F.div(g, F.align(g_11, "col", "element"))
+                        g = g_12
                     else:
-                        _123 = F.maxabs_dim(t_g, 1)
-                        F.maximum_(_123, 1e-12)
-                        _124 = F.div(t_g, _123)
-                        t_g = _124
-                        _125 = F.maxabs_dim(t_g, 0)
-                        F.maximum_(_125, 1e-12)
-                        _126 = F.div(t_g, _125)
-                        t_g = _126
-                    _127 = F.stream_rand(t_g, h["_k21"])
-                    F.mul_(_127, 2)
-                    t_sso_noise = _127
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_g, t_sso_noise)
-                    F.sign_(t_g)
+                        # g = g / maximum(maxabs_dim(g, 1), 1e-12)
+                        g_13 = F.maxabs_dim(g, 1)
+                        F.maximum_(g_13, 1e-12)
+                        g_14 = F.div(g, g_13)
+                        g = g_14
+                        # g = g / maximum(maxabs_dim(g, 0), 1e-12)
+                        g_15 = F.maxabs_dim(g, 0)
+                        F.maximum_(g_15, 1e-12)
+                        g_16 = F.div(g, g_15)
+                        g = g_16
+                    # sso_noise = stream_rand(g, step) * 2
+                    sso_noise = F.stream_rand(g, h["_k21"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # g = sign(g + sso_noise)
+                    F.add_(g, sso_noise)
+                    F.sign_(g)
                 else:
-                    F.sign_(t_g)
+                    # g = sign(g)
+                    F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c7"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _128 = F.mul(st_exp_avg, st_exp_avg)
-                    F.rsub_(_128, 1)
-                    F.maximum_(_128, 1e-30)
-                    F.sqrt_(_128)
-                    t_snr_denom = _128
+                    # snr_denom = sqrt(maximum(1 - exp_avg * exp_avg, 1e-30))
+                    snr_denom = F.mul(exp_avg, exp_avg)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c9"]:
-                    _129 = F.abs(st_exp_avg)
-                    F.mul_(_129, t_g)
-                    t_normed_grad = _129
-                    F.lerp_(st_exp_avg, t_g, h["_k22"])
-                    _130 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
-                    t_update = _130
+                    # normed_grad = abs(exp_avg) * g
+                    normed_grad = F.abs(exp_avg)
+                    F.mul_(normed_grad, g)
+                    # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                    F.lerp_(exp_avg, g, h["_k22"])
+                    # update = lerp(normed_grad, exp_avg, coef)
+                    update = F.lerp(normed_grad, exp_avg, h["coef"])
                 else:
-                    F.lerp_(st_exp_avg, t_g, h["_k23"])
+                    # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                    F.lerp_(exp_avg, g, h["_k23"])
+                    # if nesterov:
                     if h["_c10"]:
-                        _131 = F.lerp(t_g, st_exp_avg, h["coef"])
-                        t_update = _131
+                        # update = lerp(g, exp_avg, coef)
+                        update = F.lerp(g, exp_avg, h["coef"])
                     else:
-                        _132 = F.copy(st_exp_avg)
-                        t_update = _132
+                        # update = copy(exp_avg)
+                        update = F.copy(exp_avg)
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _133 = F.atan2(t_update, t_snr_denom)
-                    t_update = _133
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _134 = F.copy(t_g)
-                t_update = _134
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c11"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _135 = F.rowmaxabs(t_update)
-                        F.maximum_(_135, 1e-12)
-                        _136 = F.div(t_update, F.align(_135, "row", "element"))
-                        t_update = _136
-                        _137 = F.colmaxabs(t_update)
-                        F.maximum_(_137, 1e-12)
-                        _138 = F.div(t_update, F.align(_137, "col", "element"))
-                        t_update = _138
+                        # update = update / maximum(rowmaxabs(update), 1e-12)
+                        update_9 = F.rowmaxabs(update)
+                        F.maximum_(update_9, 1e-12)
+                        update_10 = F.div(update, F.align(update_9, "row", "element"))
+                        update = update_10
+                        # update = update / maximum(colmaxabs(update), 1e-12)
+                        update_11 = F.colmaxabs(update)
+                        F.maximum_(update_11, 1e-12)
+                        update_12 = F.div(update, F.align(update_11, "col", "element"))
+                        update = update_12
                     else:
-                        _139 = F.maxabs_dim(t_update, 1)
-                        F.maximum_(_139, 1e-12)
-                        _140 = F.div(t_update, _139)
-                        t_update = _140
-                        _141 = F.maxabs_dim(t_update, 0)
-                        F.maximum_(_141, 1e-12)
-                        _142 = F.div(t_update, _141)
-                        t_update = _142
-                    _143 = F.stream_rand(t_update, h["_k24"])
-                    F.mul_(_143, 2)
-                    t_sso_noise = _143
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_update, t_sso_noise)
-                    F.sign_(t_update)
+                        # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                        update_13 = F.maxabs_dim(update, 1)
+                        F.maximum_(update_13, 1e-12)
+                        update_14 = F.div(update, update_13)
+                        update = update_14
+                        # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                        update_15 = F.maxabs_dim(update, 0)
+                        F.maximum_(update_15, 1e-12)
+                        update_16 = F.div(update, update_15)
+                        update = update_16
+                    # sso_noise = stream_rand(update, step) * 2
+                    sso_noise = F.stream_rand(update, h["_k24"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # update = sign(update + sso_noise)
+                    F.add_(update, sso_noise)
+                    F.sign_(update)
                 else:
-                    F.sign_(t_update)
-            F.mul_(t_update, h["_k25"])
+                    # update = sign(update)
+                    F.sign_(update)
+            # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0, 1.2732395447351628, 1.0))
+            F.mul_(update, h["_k25"])
+            # if weight_decay != 0 and geometric_wd:
             if h["_c12"]:
-                _144 = F.copy(param)
-                t_wd_target = _144
+                # wd_target = copy(param)
+                wd_target = F.copy(param)
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _145 = F.rowmaxabs(t_wd_target)
-                        F.maximum_(_145, 1e-12)
-                        _146 = F.div(t_wd_target, F.align(_145, "row", "element"))
-                        t_wd_target = _146
-                        _147 = F.colmaxabs(t_wd_target)
-                        F.maximum_(_147, 1e-12)
-                        _148 = F.div(t_wd_target, F.align(_147, "col", "element"))
-                        t_wd_target = _148
+                        # wd_target = wd_target / maximum(rowmaxabs(wd_target), 1e-12)
+                        wd_target_13 = F.rowmaxabs(wd_target)
+                        F.maximum_(wd_target_13, 1e-12)
+                        wd_target_14 = F.div(wd_target, F.align(wd_target_13, "row", "element"))
+                        wd_target = wd_target_14
+                        # wd_target = wd_target / maximum(colmaxabs(wd_target), 1e-12)
+                        wd_target_15 = F.colmaxabs(wd_target)
+                        F.maximum_(wd_target_15, 1e-12)
+                        wd_target_16 = F.div(wd_target, F.align(wd_target_15, "col", "element"))
+                        wd_target = wd_target_16
                     else:
-                        _149 = F.maxabs_dim(t_wd_target, 1)
-                        F.maximum_(_149, 1e-12)
-                        _150 = F.div(t_wd_target, _149)
-                        t_wd_target = _150
-                        _151 = F.maxabs_dim(t_wd_target, 0)
-                        F.maximum_(_151, 1e-12)
-                        _152 = F.div(t_wd_target, _151)
-                        t_wd_target = _152
-                    _153 = F.stream_rand(t_wd_target, h["_k26"])
-                    F.mul_(_153, 2)
-                    t_sso_noise = _153
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_wd_target, t_sso_noise)
-                    F.sign_(t_wd_target)
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 1), 1e-12)
+                        wd_target_17 = F.maxabs_dim(wd_target, 1)
+                        F.maximum_(wd_target_17, 1e-12)
+                        wd_target_18 = F.div(wd_target, wd_target_17)
+                        wd_target = wd_target_18
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 0), 1e-12)
+                        wd_target_19 = F.maxabs_dim(wd_target, 0)
+                        F.maximum_(wd_target_19, 1e-12)
+                        wd_target_20 = F.div(wd_target, wd_target_19)
+                        wd_target = wd_target_20
+                    # sso_noise = stream_rand(wd_target, step) * 2
+                    sso_noise = F.stream_rand(wd_target, h["_k26"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # wd_target = sign(wd_target + sso_noise)
+                    F.add_(wd_target, sso_noise)
+                    F.sign_(wd_target)
                 else:
-                    F.sign_(t_wd_target)
+                    # wd_target = sign(wd_target)
+                    F.sign_(wd_target)
+                # if snr_cond and normed_momentum and momentum > 0:
                 if h["_c13"]:
-                    _154 = F.atan2(t_wd_target, t_snr_denom)
-                    t_wd_target = _154
-                    _155 = F.norm(param)
-                    _156 = F.norm(t_wd_target)
-                    F.maximum_(_156, h["_k27"])
-                    F.div_(_155, _156)
-                    _157 = F.mul(t_wd_target, _155)
-                    t_wd_target = _157
+                    # wd_target = atan2(wd_target, snr_denom)
+                    wd_target = F.atan2(wd_target, snr_denom)
+                    # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                    wd_target_21 = F.norm(param)
+                    wd_target_22 = F.norm(wd_target)
+                    F.maximum_(wd_target_22, h["_k27"])
+                    F.div_(wd_target_21, wd_target_22)
+                    wd_target_23 = F.mul(wd_target, wd_target_21)
+                    wd_target = wd_target_23
                 else:
-                    _158 = F.norm(param)
-                    F.div_(_158, h["_k28"])
-                    F.mul_(t_wd_target, _158)
+                    # wd_target = wd_target * (norm(param) / sqrt(numel))
+                    wd_target_24 = F.norm(param)
+                    F.div_(wd_target_24, h["_k28"])
+                    F.mul_(wd_target, wd_target_24)
             else:
-                t_wd_target = F.copy(param)
+                # wd_target = param
+                wd_target = F.copy(param)
+            # if stochastic_rounding and bf16 != 0:
             if h["_c14"]:
-                _159 = F.float32(param)
-                t_param_fp32 = _159
-                _160 = F.float32(t_update)
-                t_update_fp32 = _160
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _161 = F.mul(t_update_fp32, t_param_fp32)
-                            _162 = F.ge(_161, 0)
-                            _163 = F.where(_162, 1.0, 0.0, like=param)
-                            _164 = F.addcmul(t_param_fp32, t_wd_target, _163, h["_k29"])
-                            t_param_fp32 = _164
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_13 = F.mul(update_fp32, param_fp32)
+                            param_fp32_14 = F.ge(param_fp32_13, 0)
+                            param_fp32_15 = F.where(param_fp32_14, 1.0, 0.0, like=param)
+                            param_fp32_16 = F.addcmul(param_fp32, wd_target, param_fp32_15, h["_k29"])
+                            param_fp32 = param_fp32_16
                         else:
-                            _165 = F.axpy(t_param_fp32, t_wd_target, h["_k30"])
-                            t_param_fp32 = _165
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k30"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _166 = F.mul(t_update_fp32, t_param_fp32)
-                            _167 = F.ge(_166, 0)
-                            _168 = F.where(_167, 1.0, 0.0, like=param)
-                            _169 = F.addcmul(t_param_fp32, t_param_fp32, _168, h["_k31"])
-                            t_param_fp32 = _169
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_17 = F.mul(update_fp32, param_fp32)
+                            param_fp32_18 = F.ge(param_fp32_17, 0)
+                            param_fp32_19 = F.where(param_fp32_18, 1.0, 0.0, like=param)
+                            param_fp32_20 = F.addcmul(param_fp32, param_fp32, param_fp32_19, h["_k31"])
+                            param_fp32 = param_fp32_20
                         else:
-                            _170 = F.axpy(t_param_fp32, t_param_fp32, h["_k32"])
-                            t_param_fp32 = _170
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k32"])
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _171 = F.cast(st_anchor_data, t_param_fp32)
-                    _172 = F.sub(t_param_fp32, _171)
-                    t_cwd_target = _172
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_3 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _173 = F.mul(t_update_fp32, t_cwd_target)
-                        _174 = F.ge(_173, 0)
-                        _175 = F.where(_174, 1.0, 0.0, like=param)
-                        _176 = F.addcmul(t_param_fp32, t_cwd_target, _175, h["_k33"])
-                        t_param_fp32 = _176
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_21 = F.mul(update_fp32, cwd_target)
+                        param_fp32_22 = F.ge(param_fp32_21, 0)
+                        param_fp32_23 = F.where(param_fp32_22, 1.0, 0.0, like=param)
+                        param_fp32_24 = F.addcmul(param_fp32, cwd_target, param_fp32_23, h["_k33"])
+                        param_fp32 = param_fp32_24
                     else:
-                        _177 = F.axpy(t_param_fp32, t_cwd_target, h["_k34"])
-                        t_param_fp32 = _177
-                _178 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _178
-                _179 = F.stochastic_round(t_param_fp32, h["_k35"])
-                F.assign_(param, _179)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k34"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_14 = F.stochastic_round(param_fp32, h["_k35"])
+                F.assign_(param, param_14)
             else:
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _180 = F.mul(t_update, param)
-                            _181 = F.ge(_180, 0)
-                            _182 = F.where(_181, 1.0, 0.0, like=param)
-                            _183 = F.addcmul(param, t_wd_target, _182, h["_k36"])
-                            F.assign_(param, _183)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_15 = F.mul(update, param)
+                            param_16 = F.ge(param_15, 0)
+                            param_17 = F.where(param_16, 1.0, 0.0, like=param)
+                            param_18 = F.addcmul(param, wd_target, param_17, h["_k36"])
+                            F.assign_(param, param_18)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k37"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k37"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _184 = F.mul(t_update, param)
-                            _185 = F.ge(_184, 0)
-                            _186 = F.where(_185, 1.0, 0.0, like=param)
-                            _187 = F.addcmul(param, param, _186, h["_k38"])
-                            F.assign_(param, _187)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_19 = F.mul(update, param)
+                            param_20 = F.ge(param_19, 0)
+                            param_21 = F.where(param_20, 1.0, 0.0, like=param)
+                            param_22 = F.addcmul(param, param, param_21, h["_k38"])
+                            F.assign_(param, param_22)
                         else:
-                            _188 = F.axpy(param, param, h["_k39"])
-                            F.assign_(param, _188)
+                            # param = param - weight_decay * lr * param
+                            param_23 = F.axpy(param, param, h["_k39"])
+                            F.assign_(param, param_23)
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _189 = F.cast(st_anchor_data, param)
-                    _190 = F.sub(param, _189)
-                    t_cwd_target = _190
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_4 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_4)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _191 = F.mul(t_update, t_cwd_target)
-                        _192 = F.ge(_191, 0)
-                        _193 = F.where(_192, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _193, h["_k40"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_24 = F.mul(update, cwd_target)
+                        param_25 = F.ge(param_24, 0)
+                        param_26 = F.where(param_25, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_26, h["_k40"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k41"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k41"])
+                # param = param + -update
+                F.sub_(param, update)
     else:
+        # if state_precision == 'bf16_sr' and not nnmf_factor:
         if h["_c19"]:
+            # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
             if h["_c20"]:
-                _194 = F.float32(grad)
-                grad = _194
+                # grad = float32(grad)
+                grad = F.float32(grad)
+            # if orthogonal_gradient == 'flattened':
             if h["_c3"]:
-                _195 = F.vdot(param, grad)
-                _196 = F.vdot(param, param)
-                F.add_(_196, 1e-30)
-                F.div_(_195, _196)
-                _197 = F.mul(param, _195)
-                _198 = F.sub(grad, _197)
-                t_ortho_g = _198
-                _199 = F.norm(grad)
-                _200 = F.norm(t_ortho_g)
-                F.add_(_200, 1e-30)
-                F.div_(_199, _200)
-                t_ortho_scale = _199
-                _201 = F.mul(t_ortho_g, t_ortho_scale)
-                grad = _201
-            _202 = F.copy(grad)
-            t_g = _202
+                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                ortho_g_7 = F.vdot(param, grad)
+                ortho_g_8 = F.vdot(param, param)
+                F.add_(ortho_g_8, 1e-30)
+                F.div_(ortho_g_7, ortho_g_8)
+                ortho_g_9 = F.mul(param, ortho_g_7)
+                ortho_g = F.sub(grad, ortho_g_9)
+                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                ortho_scale = F.norm(grad)
+                ortho_scale_3 = F.norm(ortho_g)
+                F.add_(ortho_scale_3, 1e-30)
+                F.div_(ortho_scale, ortho_scale_3)
+                # grad = ortho_g * ortho_scale
+                grad = F.mul(ortho_g, ortho_scale)
+            # g = copy(grad)
+            g = F.copy(grad)
+            # if normed_momentum:
             if h["_c4"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _203 = F.rowmaxabs(t_g)
-                        F.maximum_(_203, 1e-12)
-                        _204 = F.div(t_g, F.align(_203, "row", "element"))
-                        t_g = _204
-                        _205 = F.colmaxabs(t_g)
-                        F.maximum_(_205, 1e-12)
-                        _206 = F.div(t_g, F.align(_205, "col", "element"))
-                        t_g = _206
+                        # g = g / maximum(rowmaxabs(g), 1e-12)
+                        g_17 = F.rowmaxabs(g)
+                        F.maximum_(g_17, 1e-12)
+                        g_18 = F.div(g, F.align(g_17, "row", "element"))
+                        g = g_18
+                        # g = g / maximum(colmaxabs(g), 1e-12)
+                        g_19 = F.colmaxabs(g)
+                        F.maximum_(g_19, 1e-12)
+                        g_20 = F.div(g, F.align(g_19, "col", "element"))
+                        g = g_20
                     else:
-                        _207 = F.maxabs_dim(t_g, 1)
-                        F.maximum_(_207, 1e-12)
-                        _208 = F.div(t_g, _207)
-                        t_g = _208
-                        _209 = F.maxabs_dim(t_g, 0)
-                        F.maximum_(_209, 1e-12)
-                        _210 = F.div(t_g, _209)
-                        t_g = _210
-                    _211 = F.stream_rand(t_g, h["_k42"])
-                    F.mul_(_211, 2)
-                    t_sso_noise = _211
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_g, t_sso_noise)
-                    F.sign_(t_g)
+                        # g = g / maximum(maxabs_dim(g, 1), 1e-12)
+                        g_21 = F.maxabs_dim(g, 1)
+                        F.maximum_(g_21, 1e-12)
+                        g_22 = F.div(g, g_21)
+                        g = g_22
+                        # g = g / maximum(maxabs_dim(g, 0), 1e-12)
+                        g_23 = F.maxabs_dim(g, 0)
+                        F.maximum_(g_23, 1e-12)
+                        g_24 = F.div(g, g_23)
+                        g = g_24
+                    # sso_noise = stream_rand(g, step) * 2
+                    sso_noise = F.stream_rand(g, h["_k42"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # g = sign(g + sso_noise)
+                    F.add_(g, sso_noise)
+                    F.sign_(g)
                 else:
-                    F.sign_(t_g)
+                    # g = sign(g)
+                    F.sign_(g)
+            # if nesterov_coef == None:
             if h["_c7"]:
                 pass
+            # if momentum > 0:
             if h["_c2"]:
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _212 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _212
-                    _213 = F.mul(t_exp_avg_work, t_exp_avg_work)
-                    F.rsub_(_213, 1)
-                    F.maximum_(_213, 1e-30)
-                    F.sqrt_(_213)
-                    t_snr_denom = _213
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # snr_denom = sqrt(maximum(1 - exp_avg_work * exp_avg_work, 1e-30))
+                    snr_denom = F.mul(exp_avg_work, exp_avg_work)
+                    F.rsub_(snr_denom, 1)
+                    F.maximum_(snr_denom, 1e-30)
+                    F.sqrt_(snr_denom)
                 else:
-                    t_snr_denom = t_g
+                    # snr_denom = g
+                    snr_denom = g
+                # if nesterov and normed_momentum:
                 if h["_c9"]:
-                    _214 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _214
-                    _215 = F.abs(t_exp_avg_work)
-                    F.mul_(_215, t_g)
-                    t_normed_grad = _215
-                    F.lerp_(t_exp_avg_work, t_g, h["_k43"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
-                    _216 = F.lerp(t_normed_grad, t_exp_avg_work, h["coef"])
-                    t_update = _216
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # normed_grad = abs(exp_avg_work) * g
+                    normed_grad = F.abs(exp_avg_work)
+                    F.mul_(normed_grad, g)
+                    # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                    F.lerp_(exp_avg_work, g, h["_k43"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # update = lerp(normed_grad, exp_avg_work, coef)
+                    update = F.lerp(normed_grad, exp_avg_work, h["coef"])
                 else:
-                    _217 = F.decode("bf16_sr", False, {"": st_exp_avg})
-                    t_exp_avg_work = _217
-                    F.lerp_(t_exp_avg_work, t_g, h["_k45"])
-                    F.encode_("bf16_sr", False, {"": st_exp_avg}, t_exp_avg_work)
+                    # exp_avg_work = exp_avg
+                    exp_avg_work = F.decode("bf16_sr", False, {"": exp_avg})
+                    # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                    F.lerp_(exp_avg_work, g, h["_k45"])
+                    # exp_avg = exp_avg_work
+                    F.encode_("bf16_sr", False, {"": exp_avg}, exp_avg_work)
+                    # if nesterov:
                     if h["_c10"]:
-                        _218 = F.lerp(t_g, t_exp_avg_work, h["coef"])
-                        t_update = _218
+                        # update = lerp(g, exp_avg_work, coef)
+                        update = F.lerp(g, exp_avg_work, h["coef"])
                     else:
-                        _219 = F.copy(t_exp_avg_work)
-                        t_update = _219
+                        # update = copy(exp_avg_work)
+                        update = F.copy(exp_avg_work)
+                # if snr_cond and normed_momentum:
                 if h["_c8"]:
-                    _220 = F.atan2(t_update, t_snr_denom)
-                    t_update = _220
+                    # update = atan2(update, snr_denom)
+                    update = F.atan2(update, snr_denom)
             else:
-                t_snr_denom = t_g
-                _221 = F.copy(t_g)
-                t_update = _221
+                # snr_denom = g
+                snr_denom = g
+                # update = copy(g)
+                update = F.copy(g)
+            # if not normed_momentum:
             if h["_c11"]:
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _222 = F.rowmaxabs(t_update)
-                        F.maximum_(_222, 1e-12)
-                        _223 = F.div(t_update, F.align(_222, "row", "element"))
-                        t_update = _223
-                        _224 = F.colmaxabs(t_update)
-                        F.maximum_(_224, 1e-12)
-                        _225 = F.div(t_update, F.align(_224, "col", "element"))
-                        t_update = _225
+                        # update = update / maximum(rowmaxabs(update), 1e-12)
+                        update_17 = F.rowmaxabs(update)
+                        F.maximum_(update_17, 1e-12)
+                        update_18 = F.div(update, F.align(update_17, "row", "element"))
+                        update = update_18
+                        # update = update / maximum(colmaxabs(update), 1e-12)
+                        update_19 = F.colmaxabs(update)
+                        F.maximum_(update_19, 1e-12)
+                        update_20 = F.div(update, F.align(update_19, "col", "element"))
+                        update = update_20
                     else:
-                        _226 = F.maxabs_dim(t_update, 1)
-                        F.maximum_(_226, 1e-12)
-                        _227 = F.div(t_update, _226)
-                        t_update = _227
-                        _228 = F.maxabs_dim(t_update, 0)
-                        F.maximum_(_228, 1e-12)
-                        _229 = F.div(t_update, _228)
-                        t_update = _229
-                    _230 = F.stream_rand(t_update, h["_k47"])
-                    F.mul_(_230, 2)
-                    t_sso_noise = _230
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_update, t_sso_noise)
-                    F.sign_(t_update)
+                        # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                        update_21 = F.maxabs_dim(update, 1)
+                        F.maximum_(update_21, 1e-12)
+                        update_22 = F.div(update, update_21)
+                        update = update_22
+                        # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                        update_23 = F.maxabs_dim(update, 0)
+                        F.maximum_(update_23, 1e-12)
+                        update_24 = F.div(update, update_23)
+                        update = update_24
+                    # sso_noise = stream_rand(update, step) * 2
+                    sso_noise = F.stream_rand(update, h["_k47"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # update = sign(update + sso_noise)
+                    F.add_(update, sso_noise)
+                    F.sign_(update)
                 else:
-                    F.sign_(t_update)
-            F.mul_(t_update, h["_k48"])
+                    # update = sign(update)
+                    F.sign_(update)
+            # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0, 1.2732395447351628, 1.0))
+            F.mul_(update, h["_k48"])
+            # if weight_decay != 0 and geometric_wd:
             if h["_c12"]:
-                _231 = F.copy(param)
-                t_wd_target = _231
+                # wd_target = copy(param)
+                wd_target = F.copy(param)
+                # if stochastic_sign and ndim >= 2:
                 if h["_c5"]:
+                    # if ndim == 2:
                     if h["_c6"]:
-                        _232 = F.rowmaxabs(t_wd_target)
-                        F.maximum_(_232, 1e-12)
-                        _233 = F.div(t_wd_target, F.align(_232, "row", "element"))
-                        t_wd_target = _233
-                        _234 = F.colmaxabs(t_wd_target)
-                        F.maximum_(_234, 1e-12)
-                        _235 = F.div(t_wd_target, F.align(_234, "col", "element"))
-                        t_wd_target = _235
+                        # wd_target = wd_target / maximum(rowmaxabs(wd_target), 1e-12)
+                        wd_target_25 = F.rowmaxabs(wd_target)
+                        F.maximum_(wd_target_25, 1e-12)
+                        wd_target_26 = F.div(wd_target, F.align(wd_target_25, "row", "element"))
+                        wd_target = wd_target_26
+                        # wd_target = wd_target / maximum(colmaxabs(wd_target), 1e-12)
+                        wd_target_27 = F.colmaxabs(wd_target)
+                        F.maximum_(wd_target_27, 1e-12)
+                        wd_target_28 = F.div(wd_target, F.align(wd_target_27, "col", "element"))
+                        wd_target = wd_target_28
                     else:
-                        _236 = F.maxabs_dim(t_wd_target, 1)
-                        F.maximum_(_236, 1e-12)
-                        _237 = F.div(t_wd_target, _236)
-                        t_wd_target = _237
-                        _238 = F.maxabs_dim(t_wd_target, 0)
-                        F.maximum_(_238, 1e-12)
-                        _239 = F.div(t_wd_target, _238)
-                        t_wd_target = _239
-                    _240 = F.stream_rand(t_wd_target, h["_k49"])
-                    F.mul_(_240, 2)
-                    t_sso_noise = _240
-                    F.sub_(t_sso_noise, 1)
-                    F.add_(t_wd_target, t_sso_noise)
-                    F.sign_(t_wd_target)
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 1), 1e-12)
+                        wd_target_29 = F.maxabs_dim(wd_target, 1)
+                        F.maximum_(wd_target_29, 1e-12)
+                        wd_target_30 = F.div(wd_target, wd_target_29)
+                        wd_target = wd_target_30
+                        # wd_target = wd_target / maximum(maxabs_dim(wd_target, 0), 1e-12)
+                        wd_target_31 = F.maxabs_dim(wd_target, 0)
+                        F.maximum_(wd_target_31, 1e-12)
+                        wd_target_32 = F.div(wd_target, wd_target_31)
+                        wd_target = wd_target_32
+                    # sso_noise = stream_rand(wd_target, step) * 2
+                    sso_noise = F.stream_rand(wd_target, h["_k49"])
+                    F.mul_(sso_noise, 2)
+                    # sso_noise = sso_noise - 1
+                    F.sub_(sso_noise, 1)
+                    # wd_target = sign(wd_target + sso_noise)
+                    F.add_(wd_target, sso_noise)
+                    F.sign_(wd_target)
                 else:
-                    F.sign_(t_wd_target)
+                    # wd_target = sign(wd_target)
+                    F.sign_(wd_target)
+                # if snr_cond and normed_momentum and momentum > 0:
                 if h["_c13"]:
-                    _241 = F.atan2(t_wd_target, t_snr_denom)
-                    t_wd_target = _241
-                    _242 = F.norm(param)
-                    _243 = F.norm(t_wd_target)
-                    F.maximum_(_243, h["_k50"])
-                    F.div_(_242, _243)
-                    _244 = F.mul(t_wd_target, _242)
-                    t_wd_target = _244
+                    # wd_target = atan2(wd_target, snr_denom)
+                    wd_target = F.atan2(wd_target, snr_denom)
+                    # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                    wd_target_33 = F.norm(param)
+                    wd_target_34 = F.norm(wd_target)
+                    F.maximum_(wd_target_34, h["_k50"])
+                    F.div_(wd_target_33, wd_target_34)
+                    wd_target_35 = F.mul(wd_target, wd_target_33)
+                    wd_target = wd_target_35
                 else:
-                    _245 = F.norm(param)
-                    F.div_(_245, h["_k51"])
-                    F.mul_(t_wd_target, _245)
+                    # wd_target = wd_target * (norm(param) / sqrt(numel))
+                    wd_target_36 = F.norm(param)
+                    F.div_(wd_target_36, h["_k51"])
+                    F.mul_(wd_target, wd_target_36)
             else:
-                t_wd_target = F.copy(param)
+                # wd_target = param
+                wd_target = F.copy(param)
+            # if stochastic_rounding and bf16 != 0:
             if h["_c14"]:
-                _246 = F.float32(param)
-                t_param_fp32 = _246
-                _247 = F.float32(t_update)
-                t_update_fp32 = _247
+                # param_fp32 = float32(param)
+                param_fp32 = F.float32(param)
+                # update_fp32 = float32(update)
+                update_fp32 = F.float32(update)
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _248 = F.mul(t_update_fp32, t_param_fp32)
-                            _249 = F.ge(_248, 0)
-                            _250 = F.where(_249, 1.0, 0.0, like=param)
-                            _251 = F.addcmul(t_param_fp32, t_wd_target, _250, h["_k52"])
-                            t_param_fp32 = _251
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_25 = F.mul(update_fp32, param_fp32)
+                            param_fp32_26 = F.ge(param_fp32_25, 0)
+                            param_fp32_27 = F.where(param_fp32_26, 1.0, 0.0, like=param)
+                            param_fp32_28 = F.addcmul(param_fp32, wd_target, param_fp32_27, h["_k52"])
+                            param_fp32 = param_fp32_28
                         else:
-                            _252 = F.axpy(t_param_fp32, t_wd_target, h["_k53"])
-                            t_param_fp32 = _252
+                            # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                            param_fp32 = F.axpy(param_fp32, wd_target, h["_k53"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _253 = F.mul(t_update_fp32, t_param_fp32)
-                            _254 = F.ge(_253, 0)
-                            _255 = F.where(_254, 1.0, 0.0, like=param)
-                            _256 = F.addcmul(t_param_fp32, t_param_fp32, _255, h["_k54"])
-                            t_param_fp32 = _256
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                            param_fp32_29 = F.mul(update_fp32, param_fp32)
+                            param_fp32_30 = F.ge(param_fp32_29, 0)
+                            param_fp32_31 = F.where(param_fp32_30, 1.0, 0.0, like=param)
+                            param_fp32_32 = F.addcmul(param_fp32, param_fp32, param_fp32_31, h["_k54"])
+                            param_fp32 = param_fp32_32
                         else:
-                            _257 = F.axpy(t_param_fp32, t_param_fp32, h["_k55"])
-                            t_param_fp32 = _257
+                            # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                            param_fp32 = F.axpy(param_fp32, param_fp32, h["_k55"])
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _258 = F.cast(st_anchor_data, t_param_fp32)
-                    _259 = F.sub(t_param_fp32, _258)
-                    t_cwd_target = _259
+                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    cwd_target_5 = F.cast(anchor_data, param_fp32)
+                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _260 = F.mul(t_update_fp32, t_cwd_target)
-                        _261 = F.ge(_260, 0)
-                        _262 = F.where(_261, 1.0, 0.0, like=param)
-                        _263 = F.addcmul(t_param_fp32, t_cwd_target, _262, h["_k56"])
-                        t_param_fp32 = _263
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                        param_fp32_33 = F.mul(update_fp32, cwd_target)
+                        param_fp32_34 = F.ge(param_fp32_33, 0)
+                        param_fp32_35 = F.where(param_fp32_34, 1.0, 0.0, like=param)
+                        param_fp32_36 = F.addcmul(param_fp32, cwd_target, param_fp32_35, h["_k56"])
+                        param_fp32 = param_fp32_36
                     else:
-                        _264 = F.axpy(t_param_fp32, t_cwd_target, h["_k57"])
-                        t_param_fp32 = _264
-                _265 = F.sub(t_param_fp32, t_update_fp32)
-                t_param_fp32 = _265
-                _266 = F.stochastic_round(t_param_fp32, h["_k58"])
-                F.assign_(param, _266)
+                        # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                        param_fp32 = F.axpy(param_fp32, cwd_target, h["_k57"])
+                # param_fp32 = param_fp32 + -update_fp32
+                param_fp32 = F.sub(param_fp32, update_fp32)
+                # param = stochastic_round(param_fp32, step)
+                param_27 = F.stochastic_round(param_fp32, h["_k58"])
+                F.assign_(param, param_27)
             else:
+                # if weight_decay != 0:
                 if h["_c15"]:
+                    # if geometric_wd:
                     if h["_c16"]:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _267 = F.mul(t_update, param)
-                            _268 = F.ge(_267, 0)
-                            _269 = F.where(_268, 1.0, 0.0, like=param)
-                            _270 = F.addcmul(param, t_wd_target, _269, h["_k59"])
-                            F.assign_(param, _270)
+                            # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                            param_28 = F.mul(update, param)
+                            param_29 = F.ge(param_28, 0)
+                            param_30 = F.where(param_29, 1.0, 0.0, like=param)
+                            param_31 = F.addcmul(param, wd_target, param_30, h["_k59"])
+                            F.assign_(param, param_31)
                         else:
-                            F.axpy_(param, t_wd_target, h["_k60"])
+                            # param = param - weight_decay * lr * wd_target
+                            F.axpy_(param, wd_target, h["_k60"])
                     else:
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _271 = F.mul(t_update, param)
-                            _272 = F.ge(_271, 0)
-                            _273 = F.where(_272, 1.0, 0.0, like=param)
-                            _274 = F.addcmul(param, param, _273, h["_k61"])
-                            F.assign_(param, _274)
+                            # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                            param_32 = F.mul(update, param)
+                            param_33 = F.ge(param_32, 0)
+                            param_34 = F.where(param_33, 1.0, 0.0, like=param)
+                            param_35 = F.addcmul(param, param, param_34, h["_k61"])
+                            F.assign_(param, param_35)
                         else:
-                            _275 = F.axpy(param, param, h["_k62"])
-                            F.assign_(param, _275)
+                            # param = param - weight_decay * lr * param
+                            param_36 = F.axpy(param, param, h["_k62"])
+                            F.assign_(param, param_36)
+                # if centered_wd != 0:
                 if h["_c18"]:
-                    _276 = F.cast(st_anchor_data, param)
-                    _277 = F.sub(param, _276)
-                    t_cwd_target = _277
+                    # cwd_target = param - cast(anchor_data, param)
+                    cwd_target_6 = F.cast(anchor_data, param)
+                    cwd_target = F.sub(param, cwd_target_6)
+                    # if cautious_wd:
                     if h["_c17"]:
-                        _278 = F.mul(t_update, t_cwd_target)
-                        _279 = F.ge(_278, 0)
-                        _280 = F.where(_279, 1.0, 0.0, like=param)
-                        F.addcmul_(param, t_cwd_target, _280, h["_k63"])
+                        # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                        param_37 = F.mul(update, cwd_target)
+                        param_38 = F.ge(param_37, 0)
+                        param_39 = F.where(param_38, 1.0, 0.0, like=param)
+                        F.addcmul_(param, cwd_target, param_39, h["_k63"])
                     else:
-                        F.axpy_(param, t_cwd_target, h["_k64"])
-                F.sub_(param, t_update)
+                        # param = param - centered_wd * lr * cwd_target
+                        F.axpy_(param, cwd_target, h["_k64"])
+                # param = param + -update
+                F.sub_(param, update)
         else:
+            # if state_precision == 'int8_sr' and not nnmf_factor:
             if h["_c21"]:
+                # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
                 if h["_c20"]:
-                    _281 = F.float32(grad)
-                    grad = _281
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c3"]:
-                    _282 = F.vdot(param, grad)
-                    _283 = F.vdot(param, param)
-                    F.add_(_283, 1e-30)
-                    F.div_(_282, _283)
-                    _284 = F.mul(param, _282)
-                    _285 = F.sub(grad, _284)
-                    t_ortho_g = _285
-                    _286 = F.norm(grad)
-                    _287 = F.norm(t_ortho_g)
-                    F.add_(_287, 1e-30)
-                    F.div_(_286, _287)
-                    t_ortho_scale = _286
-                    _288 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _288
-                _289 = F.copy(grad)
-                t_g = _289
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_10 = F.vdot(param, grad)
+                    ortho_g_11 = F.vdot(param, param)
+                    F.add_(ortho_g_11, 1e-30)
+                    F.div_(ortho_g_10, ortho_g_11)
+                    ortho_g_12 = F.mul(param, ortho_g_10)
+                    ortho_g = F.sub(grad, ortho_g_12)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_4 = F.norm(ortho_g)
+                    F.add_(ortho_scale_4, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_4)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # g = copy(grad)
+                g = F.copy(grad)
+                # if normed_momentum:
                 if h["_c4"]:
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _290 = F.rowmaxabs(t_g)
-                            F.maximum_(_290, 1e-12)
-                            _291 = F.div(t_g, F.align(_290, "row", "element"))
-                            t_g = _291
-                            _292 = F.colmaxabs(t_g)
-                            F.maximum_(_292, 1e-12)
-                            _293 = F.div(t_g, F.align(_292, "col", "element"))
-                            t_g = _293
+                            # g = g / maximum(rowmaxabs(g), 1e-12)
+                            g_25 = F.rowmaxabs(g)
+                            F.maximum_(g_25, 1e-12)
+                            g_26 = F.div(g, F.align(g_25, "row", "element"))
+                            g = g_26
+                            # g = g / maximum(colmaxabs(g), 1e-12)
+                            g_27 = F.colmaxabs(g)
+                            F.maximum_(g_27, 1e-12)
+                            g_28 = F.div(g, F.align(g_27, "col", "element"))
+                            g = g_28
                         else:
-                            _294 = F.maxabs_dim(t_g, 1)
-                            F.maximum_(_294, 1e-12)
-                            _295 = F.div(t_g, _294)
-                            t_g = _295
-                            _296 = F.maxabs_dim(t_g, 0)
-                            F.maximum_(_296, 1e-12)
-                            _297 = F.div(t_g, _296)
-                            t_g = _297
-                        _298 = F.stream_rand(t_g, h["_k65"])
-                        F.mul_(_298, 2)
-                        t_sso_noise = _298
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_g, t_sso_noise)
-                        F.sign_(t_g)
+                            # g = g / maximum(maxabs_dim(g, 1), 1e-12)
+                            g_29 = F.maxabs_dim(g, 1)
+                            F.maximum_(g_29, 1e-12)
+                            g_30 = F.div(g, g_29)
+                            g = g_30
+                            # g = g / maximum(maxabs_dim(g, 0), 1e-12)
+                            g_31 = F.maxabs_dim(g, 0)
+                            F.maximum_(g_31, 1e-12)
+                            g_32 = F.div(g, g_31)
+                            g = g_32
+                        # sso_noise = stream_rand(g, step) * 2
+                        sso_noise = F.stream_rand(g, h["_k65"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # g = sign(g + sso_noise)
+                        F.add_(g, sso_noise)
+                        F.sign_(g)
                     else:
-                        F.sign_(t_g)
+                        # g = sign(g)
+                        F.sign_(g)
+                # if nesterov_coef == None:
                 if h["_c7"]:
                     pass
+                # if momentum > 0:
                 if h["_c2"]:
+                    # if snr_cond and normed_momentum:
                     if h["_c8"]:
-                        _299 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _299
-                        _300 = F.mul(t_exp_avg_work, t_exp_avg_work)
-                        F.rsub_(_300, 1)
-                        F.maximum_(_300, 1e-30)
-                        F.sqrt_(_300)
-                        t_snr_denom = _300
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # snr_denom = sqrt(maximum(1 - exp_avg_work * exp_avg_work, 1e-30))
+                        snr_denom = F.mul(exp_avg_work, exp_avg_work)
+                        F.rsub_(snr_denom, 1)
+                        F.maximum_(snr_denom, 1e-30)
+                        F.sqrt_(snr_denom)
                     else:
-                        t_snr_denom = t_g
+                        # snr_denom = g
+                        snr_denom = g
+                    # if nesterov and normed_momentum:
                     if h["_c9"]:
-                        _301 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _301
-                        _302 = F.abs(t_exp_avg_work)
-                        F.mul_(_302, t_g)
-                        t_normed_grad = _302
-                        F.lerp_(t_exp_avg_work, t_g, h["_k66"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
-                        _303 = F.lerp(t_normed_grad, t_exp_avg_work, h["coef"])
-                        t_update = _303
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # normed_grad = abs(exp_avg_work) * g
+                        normed_grad = F.abs(exp_avg_work)
+                        F.mul_(normed_grad, g)
+                        # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                        F.lerp_(exp_avg_work, g, h["_k66"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # update = lerp(normed_grad, exp_avg_work, coef)
+                        update = F.lerp(normed_grad, exp_avg_work, h["coef"])
                     else:
-                        _304 = F.decode("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale})
-                        t_exp_avg_work = _304
-                        F.lerp_(t_exp_avg_work, t_g, h["_k68"])
-                        F.encode_("int8_sr", False, {"": st_exp_avg, "_scale": st_exp_avg_scale}, t_exp_avg_work)
+                        # exp_avg_work = exp_avg
+                        exp_avg_work = F.decode("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale})
+                        # exp_avg_work = lerp(exp_avg_work, g, 1 - momentum)
+                        F.lerp_(exp_avg_work, g, h["_k68"])
+                        # exp_avg = exp_avg_work
+                        F.encode_("int8_sr", False, {"": exp_avg, "_scale": exp_avg_scale}, exp_avg_work)
+                        # if nesterov:
                         if h["_c10"]:
-                            _305 = F.lerp(t_g, t_exp_avg_work, h["coef"])
-                            t_update = _305
+                            # update = lerp(g, exp_avg_work, coef)
+                            update = F.lerp(g, exp_avg_work, h["coef"])
                         else:
-                            _306 = F.copy(t_exp_avg_work)
-                            t_update = _306
+                            # update = copy(exp_avg_work)
+                            update = F.copy(exp_avg_work)
+                    # if snr_cond and normed_momentum:
                     if h["_c8"]:
-                        _307 = F.atan2(t_update, t_snr_denom)
-                        t_update = _307
+                        # update = atan2(update, snr_denom)
+                        update = F.atan2(update, snr_denom)
                 else:
-                    t_snr_denom = t_g
-                    _308 = F.copy(t_g)
-                    t_update = _308
+                    # snr_denom = g
+                    snr_denom = g
+                    # update = copy(g)
+                    update = F.copy(g)
+                # if not normed_momentum:
                 if h["_c11"]:
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _309 = F.rowmaxabs(t_update)
-                            F.maximum_(_309, 1e-12)
-                            _310 = F.div(t_update, F.align(_309, "row", "element"))
-                            t_update = _310
-                            _311 = F.colmaxabs(t_update)
-                            F.maximum_(_311, 1e-12)
-                            _312 = F.div(t_update, F.align(_311, "col", "element"))
-                            t_update = _312
+                            # update = update / maximum(rowmaxabs(update), 1e-12)
+                            update_25 = F.rowmaxabs(update)
+                            F.maximum_(update_25, 1e-12)
+                            update_26 = F.div(update, F.align(update_25, "row", "element"))
+                            update = update_26
+                            # update = update / maximum(colmaxabs(update), 1e-12)
+                            update_27 = F.colmaxabs(update)
+                            F.maximum_(update_27, 1e-12)
+                            update_28 = F.div(update, F.align(update_27, "col", "element"))
+                            update = update_28
                         else:
-                            _313 = F.maxabs_dim(t_update, 1)
-                            F.maximum_(_313, 1e-12)
-                            _314 = F.div(t_update, _313)
-                            t_update = _314
-                            _315 = F.maxabs_dim(t_update, 0)
-                            F.maximum_(_315, 1e-12)
-                            _316 = F.div(t_update, _315)
-                            t_update = _316
-                        _317 = F.stream_rand(t_update, h["_k70"])
-                        F.mul_(_317, 2)
-                        t_sso_noise = _317
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_update, t_sso_noise)
-                        F.sign_(t_update)
+                            # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                            update_29 = F.maxabs_dim(update, 1)
+                            F.maximum_(update_29, 1e-12)
+                            update_30 = F.div(update, update_29)
+                            update = update_30
+                            # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                            update_31 = F.maxabs_dim(update, 0)
+                            F.maximum_(update_31, 1e-12)
+                            update_32 = F.div(update, update_31)
+                            update = update_32
+                        # sso_noise = stream_rand(update, step) * 2
+                        sso_noise = F.stream_rand(update, h["_k70"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # update = sign(update + sso_noise)
+                        F.add_(update, sso_noise)
+                        F.sign_(update)
                     else:
-                        F.sign_(t_update)
-                F.mul_(t_update, h["_k71"])
+                        # update = sign(update)
+                        F.sign_(update)
+                # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0, 1.2732395447351628, 1.0))
+                F.mul_(update, h["_k71"])
+                # if weight_decay != 0 and geometric_wd:
                 if h["_c12"]:
-                    _318 = F.copy(param)
-                    t_wd_target = _318
+                    # wd_target = copy(param)
+                    wd_target = F.copy(param)
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _319 = F.rowmaxabs(t_wd_target)
-                            F.maximum_(_319, 1e-12)
-                            _320 = F.div(t_wd_target, F.align(_319, "row", "element"))
-                            t_wd_target = _320
-                            _321 = F.colmaxabs(t_wd_target)
-                            F.maximum_(_321, 1e-12)
-                            _322 = F.div(t_wd_target, F.align(_321, "col", "element"))
-                            t_wd_target = _322
+                            # wd_target = wd_target / maximum(rowmaxabs(wd_target), 1e-12)
+                            wd_target_37 = F.rowmaxabs(wd_target)
+                            F.maximum_(wd_target_37, 1e-12)
+                            wd_target_38 = F.div(wd_target, F.align(wd_target_37, "row", "element"))
+                            wd_target = wd_target_38
+                            # wd_target = wd_target / maximum(colmaxabs(wd_target), 1e-12)
+                            wd_target_39 = F.colmaxabs(wd_target)
+                            F.maximum_(wd_target_39, 1e-12)
+                            wd_target_40 = F.div(wd_target, F.align(wd_target_39, "col", "element"))
+                            wd_target = wd_target_40
                         else:
-                            _323 = F.maxabs_dim(t_wd_target, 1)
-                            F.maximum_(_323, 1e-12)
-                            _324 = F.div(t_wd_target, _323)
-                            t_wd_target = _324
-                            _325 = F.maxabs_dim(t_wd_target, 0)
-                            F.maximum_(_325, 1e-12)
-                            _326 = F.div(t_wd_target, _325)
-                            t_wd_target = _326
-                        _327 = F.stream_rand(t_wd_target, h["_k72"])
-                        F.mul_(_327, 2)
-                        t_sso_noise = _327
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_wd_target, t_sso_noise)
-                        F.sign_(t_wd_target)
+                            # wd_target = wd_target / maximum(maxabs_dim(wd_target, 1), 1e-12)
+                            wd_target_41 = F.maxabs_dim(wd_target, 1)
+                            F.maximum_(wd_target_41, 1e-12)
+                            wd_target_42 = F.div(wd_target, wd_target_41)
+                            wd_target = wd_target_42
+                            # wd_target = wd_target / maximum(maxabs_dim(wd_target, 0), 1e-12)
+                            wd_target_43 = F.maxabs_dim(wd_target, 0)
+                            F.maximum_(wd_target_43, 1e-12)
+                            wd_target_44 = F.div(wd_target, wd_target_43)
+                            wd_target = wd_target_44
+                        # sso_noise = stream_rand(wd_target, step) * 2
+                        sso_noise = F.stream_rand(wd_target, h["_k72"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # wd_target = sign(wd_target + sso_noise)
+                        F.add_(wd_target, sso_noise)
+                        F.sign_(wd_target)
                     else:
-                        F.sign_(t_wd_target)
+                        # wd_target = sign(wd_target)
+                        F.sign_(wd_target)
+                    # if snr_cond and normed_momentum and momentum > 0:
                     if h["_c13"]:
-                        _328 = F.atan2(t_wd_target, t_snr_denom)
-                        t_wd_target = _328
-                        _329 = F.norm(param)
-                        _330 = F.norm(t_wd_target)
-                        F.maximum_(_330, h["_k73"])
-                        F.div_(_329, _330)
-                        _331 = F.mul(t_wd_target, _329)
-                        t_wd_target = _331
+                        # wd_target = atan2(wd_target, snr_denom)
+                        wd_target = F.atan2(wd_target, snr_denom)
+                        # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                        wd_target_45 = F.norm(param)
+                        wd_target_46 = F.norm(wd_target)
+                        F.maximum_(wd_target_46, h["_k73"])
+                        F.div_(wd_target_45, wd_target_46)
+                        wd_target_47 = F.mul(wd_target, wd_target_45)
+                        wd_target = wd_target_47
                     else:
-                        _332 = F.norm(param)
-                        F.div_(_332, h["_k74"])
-                        F.mul_(t_wd_target, _332)
+                        # wd_target = wd_target * (norm(param) / sqrt(numel))
+                        wd_target_48 = F.norm(param)
+                        F.div_(wd_target_48, h["_k74"])
+                        F.mul_(wd_target, wd_target_48)
                 else:
-                    t_wd_target = F.copy(param)
+                    # wd_target = param
+                    wd_target = F.copy(param)
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _333 = F.float32(param)
-                    t_param_fp32 = _333
-                    _334 = F.float32(t_update)
-                    t_update_fp32 = _334
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if geometric_wd:
                         if h["_c16"]:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _335 = F.mul(t_update_fp32, t_param_fp32)
-                                _336 = F.ge(_335, 0)
-                                _337 = F.where(_336, 1.0, 0.0, like=param)
-                                _338 = F.addcmul(t_param_fp32, t_wd_target, _337, h["_k75"])
-                                t_param_fp32 = _338
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_37 = F.mul(update_fp32, param_fp32)
+                                param_fp32_38 = F.ge(param_fp32_37, 0)
+                                param_fp32_39 = F.where(param_fp32_38, 1.0, 0.0, like=param)
+                                param_fp32_40 = F.addcmul(param_fp32, wd_target, param_fp32_39, h["_k75"])
+                                param_fp32 = param_fp32_40
                             else:
-                                _339 = F.axpy(t_param_fp32, t_wd_target, h["_k76"])
-                                t_param_fp32 = _339
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k76"])
                         else:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _340 = F.mul(t_update_fp32, t_param_fp32)
-                                _341 = F.ge(_340, 0)
-                                _342 = F.where(_341, 1.0, 0.0, like=param)
-                                _343 = F.addcmul(t_param_fp32, t_param_fp32, _342, h["_k77"])
-                                t_param_fp32 = _343
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_41 = F.mul(update_fp32, param_fp32)
+                                param_fp32_42 = F.ge(param_fp32_41, 0)
+                                param_fp32_43 = F.where(param_fp32_42, 1.0, 0.0, like=param)
+                                param_fp32_44 = F.addcmul(param_fp32, param_fp32, param_fp32_43, h["_k77"])
+                                param_fp32 = param_fp32_44
                             else:
-                                _344 = F.axpy(t_param_fp32, t_param_fp32, h["_k78"])
-                                t_param_fp32 = _344
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k78"])
+                    # if centered_wd != 0:
                     if h["_c18"]:
-                        _345 = F.cast(st_anchor_data, t_param_fp32)
-                        _346 = F.sub(t_param_fp32, _345)
-                        t_cwd_target = _346
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_7 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _347 = F.mul(t_update_fp32, t_cwd_target)
-                            _348 = F.ge(_347, 0)
-                            _349 = F.where(_348, 1.0, 0.0, like=param)
-                            _350 = F.addcmul(t_param_fp32, t_cwd_target, _349, h["_k79"])
-                            t_param_fp32 = _350
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_45 = F.mul(update_fp32, cwd_target)
+                            param_fp32_46 = F.ge(param_fp32_45, 0)
+                            param_fp32_47 = F.where(param_fp32_46, 1.0, 0.0, like=param)
+                            param_fp32_48 = F.addcmul(param_fp32, cwd_target, param_fp32_47, h["_k79"])
+                            param_fp32 = param_fp32_48
                         else:
-                            _351 = F.axpy(t_param_fp32, t_cwd_target, h["_k80"])
-                            t_param_fp32 = _351
-                    _352 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _352
-                    _353 = F.stochastic_round(t_param_fp32, h["_k81"])
-                    F.assign_(param, _353)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k80"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_40 = F.stochastic_round(param_fp32, h["_k81"])
+                    F.assign_(param, param_40)
                 else:
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if geometric_wd:
                         if h["_c16"]:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _354 = F.mul(t_update, param)
-                                _355 = F.ge(_354, 0)
-                                _356 = F.where(_355, 1.0, 0.0, like=param)
-                                _357 = F.addcmul(param, t_wd_target, _356, h["_k82"])
-                                F.assign_(param, _357)
+                                # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                                param_41 = F.mul(update, param)
+                                param_42 = F.ge(param_41, 0)
+                                param_43 = F.where(param_42, 1.0, 0.0, like=param)
+                                param_44 = F.addcmul(param, wd_target, param_43, h["_k82"])
+                                F.assign_(param, param_44)
                             else:
-                                F.axpy_(param, t_wd_target, h["_k83"])
+                                # param = param - weight_decay * lr * wd_target
+                                F.axpy_(param, wd_target, h["_k83"])
                         else:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _358 = F.mul(t_update, param)
-                                _359 = F.ge(_358, 0)
-                                _360 = F.where(_359, 1.0, 0.0, like=param)
-                                _361 = F.addcmul(param, param, _360, h["_k84"])
-                                F.assign_(param, _361)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_45 = F.mul(update, param)
+                                param_46 = F.ge(param_45, 0)
+                                param_47 = F.where(param_46, 1.0, 0.0, like=param)
+                                param_48 = F.addcmul(param, param, param_47, h["_k84"])
+                                F.assign_(param, param_48)
                             else:
-                                _362 = F.axpy(param, param, h["_k85"])
-                                F.assign_(param, _362)
+                                # param = param - weight_decay * lr * param
+                                param_49 = F.axpy(param, param, h["_k85"])
+                                F.assign_(param, param_49)
+                    # if centered_wd != 0:
                     if h["_c18"]:
-                        _363 = F.cast(st_anchor_data, param)
-                        _364 = F.sub(param, _363)
-                        t_cwd_target = _364
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_8 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_8)
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _365 = F.mul(t_update, t_cwd_target)
-                            _366 = F.ge(_365, 0)
-                            _367 = F.where(_366, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _367, h["_k86"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_50 = F.mul(update, cwd_target)
+                            param_51 = F.ge(param_50, 0)
+                            param_52 = F.where(param_51, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_52, h["_k86"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k87"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k87"])
+                    # param = param + -update
+                    F.sub_(param, update)
             else:
+                # if (state_precision == 'fp32' and not nnmf_factor) and (momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
                 if h["_c22"]:
-                    _368 = F.float32(grad)
-                    grad = _368
+                    # grad = float32(grad)
+                    grad = F.float32(grad)
+                # if orthogonal_gradient == 'flattened':
                 if h["_c3"]:
-                    _369 = F.vdot(param, grad)
-                    _370 = F.vdot(param, param)
-                    F.add_(_370, 1e-30)
-                    F.div_(_369, _370)
-                    _371 = F.mul(param, _369)
-                    _372 = F.sub(grad, _371)
-                    t_ortho_g = _372
-                    _373 = F.norm(grad)
-                    _374 = F.norm(t_ortho_g)
-                    F.add_(_374, 1e-30)
-                    F.div_(_373, _374)
-                    t_ortho_scale = _373
-                    _375 = F.mul(t_ortho_g, t_ortho_scale)
-                    grad = _375
-                _376 = F.copy(grad)
-                t_g = _376
+                    # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
+                    ortho_g_13 = F.vdot(param, grad)
+                    ortho_g_14 = F.vdot(param, param)
+                    F.add_(ortho_g_14, 1e-30)
+                    F.div_(ortho_g_13, ortho_g_14)
+                    ortho_g_15 = F.mul(param, ortho_g_13)
+                    ortho_g = F.sub(grad, ortho_g_15)
+                    # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
+                    ortho_scale = F.norm(grad)
+                    ortho_scale_5 = F.norm(ortho_g)
+                    F.add_(ortho_scale_5, 1e-30)
+                    F.div_(ortho_scale, ortho_scale_5)
+                    # grad = ortho_g * ortho_scale
+                    grad = F.mul(ortho_g, ortho_scale)
+                # g = copy(grad)
+                g = F.copy(grad)
+                # if normed_momentum:
                 if h["_c4"]:
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _377 = F.rowmaxabs(t_g)
-                            F.maximum_(_377, 1e-12)
-                            _378 = F.div(t_g, F.align(_377, "row", "element"))
-                            t_g = _378
-                            _379 = F.colmaxabs(t_g)
-                            F.maximum_(_379, 1e-12)
-                            _380 = F.div(t_g, F.align(_379, "col", "element"))
-                            t_g = _380
+                            # g = g / maximum(rowmaxabs(g), 1e-12)
+                            g_33 = F.rowmaxabs(g)
+                            F.maximum_(g_33, 1e-12)
+                            g_34 = F.div(g, F.align(g_33, "row", "element"))
+                            g = g_34
+                            # g = g / maximum(colmaxabs(g), 1e-12)
+                            g_35 = F.colmaxabs(g)
+                            F.maximum_(g_35, 1e-12)
+                            g_36 = F.div(g, F.align(g_35, "col", "element"))
+                            g = g_36
                         else:
-                            _381 = F.maxabs_dim(t_g, 1)
-                            F.maximum_(_381, 1e-12)
-                            _382 = F.div(t_g, _381)
-                            t_g = _382
-                            _383 = F.maxabs_dim(t_g, 0)
-                            F.maximum_(_383, 1e-12)
-                            _384 = F.div(t_g, _383)
-                            t_g = _384
-                        _385 = F.stream_rand(t_g, h["_k88"])
-                        F.mul_(_385, 2)
-                        t_sso_noise = _385
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_g, t_sso_noise)
-                        F.sign_(t_g)
+                            # g = g / maximum(maxabs_dim(g, 1), 1e-12)
+                            g_37 = F.maxabs_dim(g, 1)
+                            F.maximum_(g_37, 1e-12)
+                            g_38 = F.div(g, g_37)
+                            g = g_38
+                            # g = g / maximum(maxabs_dim(g, 0), 1e-12)
+                            g_39 = F.maxabs_dim(g, 0)
+                            F.maximum_(g_39, 1e-12)
+                            g_40 = F.div(g, g_39)
+                            g = g_40
+                        # sso_noise = stream_rand(g, step) * 2
+                        sso_noise = F.stream_rand(g, h["_k88"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # g = sign(g + sso_noise)
+                        F.add_(g, sso_noise)
+                        F.sign_(g)
                     else:
-                        F.sign_(t_g)
+                        # g = sign(g)
+                        F.sign_(g)
+                # if nesterov_coef == None:
                 if h["_c7"]:
                     pass
+                # if momentum > 0:
                 if h["_c2"]:
+                    # if snr_cond and normed_momentum:
                     if h["_c8"]:
-                        _386 = F.mul(st_exp_avg, st_exp_avg)
-                        F.rsub_(_386, 1)
-                        F.maximum_(_386, 1e-30)
-                        F.sqrt_(_386)
-                        t_snr_denom = _386
+                        # snr_denom = sqrt(maximum(1 - exp_avg * exp_avg, 1e-30))
+                        snr_denom = F.mul(exp_avg, exp_avg)
+                        F.rsub_(snr_denom, 1)
+                        F.maximum_(snr_denom, 1e-30)
+                        F.sqrt_(snr_denom)
                     else:
-                        t_snr_denom = t_g
+                        # snr_denom = g
+                        snr_denom = g
+                    # if nesterov and normed_momentum:
                     if h["_c9"]:
-                        _387 = F.abs(st_exp_avg)
-                        F.mul_(_387, t_g)
-                        t_normed_grad = _387
-                        F.lerp_(st_exp_avg, t_g, h["_k89"])
-                        _388 = F.lerp(t_normed_grad, st_exp_avg, h["coef"])
-                        t_update = _388
+                        # normed_grad = abs(exp_avg) * g
+                        normed_grad = F.abs(exp_avg)
+                        F.mul_(normed_grad, g)
+                        # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                        F.lerp_(exp_avg, g, h["_k89"])
+                        # update = lerp(normed_grad, exp_avg, coef)
+                        update = F.lerp(normed_grad, exp_avg, h["coef"])
                     else:
-                        F.lerp_(st_exp_avg, t_g, h["_k90"])
+                        # exp_avg = lerp(exp_avg, g, 1 - momentum)
+                        F.lerp_(exp_avg, g, h["_k90"])
+                        # if nesterov:
                         if h["_c10"]:
-                            _389 = F.lerp(t_g, st_exp_avg, h["coef"])
-                            t_update = _389
+                            # update = lerp(g, exp_avg, coef)
+                            update = F.lerp(g, exp_avg, h["coef"])
                         else:
-                            _390 = F.copy(st_exp_avg)
-                            t_update = _390
+                            # update = copy(exp_avg)
+                            update = F.copy(exp_avg)
+                    # if snr_cond and normed_momentum:
                     if h["_c8"]:
-                        _391 = F.atan2(t_update, t_snr_denom)
-                        t_update = _391
+                        # update = atan2(update, snr_denom)
+                        update = F.atan2(update, snr_denom)
                 else:
-                    t_snr_denom = t_g
-                    _392 = F.copy(t_g)
-                    t_update = _392
+                    # snr_denom = g
+                    snr_denom = g
+                    # update = copy(g)
+                    update = F.copy(g)
+                # if not normed_momentum:
                 if h["_c11"]:
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _393 = F.rowmaxabs(t_update)
-                            F.maximum_(_393, 1e-12)
-                            _394 = F.div(t_update, F.align(_393, "row", "element"))
-                            t_update = _394
-                            _395 = F.colmaxabs(t_update)
-                            F.maximum_(_395, 1e-12)
-                            _396 = F.div(t_update, F.align(_395, "col", "element"))
-                            t_update = _396
+                            # update = update / maximum(rowmaxabs(update), 1e-12)
+                            update_33 = F.rowmaxabs(update)
+                            F.maximum_(update_33, 1e-12)
+                            update_34 = F.div(update, F.align(update_33, "row", "element"))
+                            update = update_34
+                            # update = update / maximum(colmaxabs(update), 1e-12)
+                            update_35 = F.colmaxabs(update)
+                            F.maximum_(update_35, 1e-12)
+                            update_36 = F.div(update, F.align(update_35, "col", "element"))
+                            update = update_36
                         else:
-                            _397 = F.maxabs_dim(t_update, 1)
-                            F.maximum_(_397, 1e-12)
-                            _398 = F.div(t_update, _397)
-                            t_update = _398
-                            _399 = F.maxabs_dim(t_update, 0)
-                            F.maximum_(_399, 1e-12)
-                            _400 = F.div(t_update, _399)
-                            t_update = _400
-                        _401 = F.stream_rand(t_update, h["_k91"])
-                        F.mul_(_401, 2)
-                        t_sso_noise = _401
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_update, t_sso_noise)
-                        F.sign_(t_update)
+                            # update = update / maximum(maxabs_dim(update, 1), 1e-12)
+                            update_37 = F.maxabs_dim(update, 1)
+                            F.maximum_(update_37, 1e-12)
+                            update_38 = F.div(update, update_37)
+                            update = update_38
+                            # update = update / maximum(maxabs_dim(update, 0), 1e-12)
+                            update_39 = F.maxabs_dim(update, 0)
+                            F.maximum_(update_39, 1e-12)
+                            update_40 = F.div(update, update_39)
+                            update = update_40
+                        # sso_noise = stream_rand(update, step) * 2
+                        sso_noise = F.stream_rand(update, h["_k91"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # update = sign(update + sso_noise)
+                        F.add_(update, sso_noise)
+                        F.sign_(update)
                     else:
-                        F.sign_(t_update)
-                F.mul_(t_update, h["_k92"])
+                        # update = sign(update)
+                        F.sign_(update)
+                # update = update * (lr * where(snr_cond and normed_momentum and momentum > 0, 1.2732395447351628, 1.0))
+                F.mul_(update, h["_k92"])
+                # if weight_decay != 0 and geometric_wd:
                 if h["_c12"]:
-                    _402 = F.copy(param)
-                    t_wd_target = _402
+                    # wd_target = copy(param)
+                    wd_target = F.copy(param)
+                    # if stochastic_sign and ndim >= 2:
                     if h["_c5"]:
+                        # if ndim == 2:
                         if h["_c6"]:
-                            _403 = F.rowmaxabs(t_wd_target)
-                            F.maximum_(_403, 1e-12)
-                            _404 = F.div(t_wd_target, F.align(_403, "row", "element"))
-                            t_wd_target = _404
-                            _405 = F.colmaxabs(t_wd_target)
-                            F.maximum_(_405, 1e-12)
-                            _406 = F.div(t_wd_target, F.align(_405, "col", "element"))
-                            t_wd_target = _406
+                            # wd_target = wd_target / maximum(rowmaxabs(wd_target), 1e-12)
+                            wd_target_49 = F.rowmaxabs(wd_target)
+                            F.maximum_(wd_target_49, 1e-12)
+                            wd_target_50 = F.div(wd_target, F.align(wd_target_49, "row", "element"))
+                            wd_target = wd_target_50
+                            # wd_target = wd_target / maximum(colmaxabs(wd_target), 1e-12)
+                            wd_target_51 = F.colmaxabs(wd_target)
+                            F.maximum_(wd_target_51, 1e-12)
+                            wd_target_52 = F.div(wd_target, F.align(wd_target_51, "col", "element"))
+                            wd_target = wd_target_52
                         else:
-                            _407 = F.maxabs_dim(t_wd_target, 1)
-                            F.maximum_(_407, 1e-12)
-                            _408 = F.div(t_wd_target, _407)
-                            t_wd_target = _408
-                            _409 = F.maxabs_dim(t_wd_target, 0)
-                            F.maximum_(_409, 1e-12)
-                            _410 = F.div(t_wd_target, _409)
-                            t_wd_target = _410
-                        _411 = F.stream_rand(t_wd_target, h["_k93"])
-                        F.mul_(_411, 2)
-                        t_sso_noise = _411
-                        F.sub_(t_sso_noise, 1)
-                        F.add_(t_wd_target, t_sso_noise)
-                        F.sign_(t_wd_target)
+                            # wd_target = wd_target / maximum(maxabs_dim(wd_target, 1), 1e-12)
+                            wd_target_53 = F.maxabs_dim(wd_target, 1)
+                            F.maximum_(wd_target_53, 1e-12)
+                            wd_target_54 = F.div(wd_target, wd_target_53)
+                            wd_target = wd_target_54
+                            # wd_target = wd_target / maximum(maxabs_dim(wd_target, 0), 1e-12)
+                            wd_target_55 = F.maxabs_dim(wd_target, 0)
+                            F.maximum_(wd_target_55, 1e-12)
+                            wd_target_56 = F.div(wd_target, wd_target_55)
+                            wd_target = wd_target_56
+                        # sso_noise = stream_rand(wd_target, step) * 2
+                        sso_noise = F.stream_rand(wd_target, h["_k93"])
+                        F.mul_(sso_noise, 2)
+                        # sso_noise = sso_noise - 1
+                        F.sub_(sso_noise, 1)
+                        # wd_target = sign(wd_target + sso_noise)
+                        F.add_(wd_target, sso_noise)
+                        F.sign_(wd_target)
                     else:
-                        F.sign_(t_wd_target)
+                        # wd_target = sign(wd_target)
+                        F.sign_(wd_target)
+                    # if snr_cond and normed_momentum and momentum > 0:
                     if h["_c13"]:
-                        _412 = F.atan2(t_wd_target, t_snr_denom)
-                        t_wd_target = _412
-                        _413 = F.norm(param)
-                        _414 = F.norm(t_wd_target)
-                        F.maximum_(_414, h["_k94"])
-                        F.div_(_413, _414)
-                        _415 = F.mul(t_wd_target, _413)
-                        t_wd_target = _415
+                        # wd_target = atan2(wd_target, snr_denom)
+                        wd_target = F.atan2(wd_target, snr_denom)
+                        # wd_target = wd_target * (norm(param) / maximum(norm(wd_target), 1 / sqrt(numel)))
+                        wd_target_57 = F.norm(param)
+                        wd_target_58 = F.norm(wd_target)
+                        F.maximum_(wd_target_58, h["_k94"])
+                        F.div_(wd_target_57, wd_target_58)
+                        wd_target_59 = F.mul(wd_target, wd_target_57)
+                        wd_target = wd_target_59
                     else:
-                        _416 = F.norm(param)
-                        F.div_(_416, h["_k95"])
-                        F.mul_(t_wd_target, _416)
+                        # wd_target = wd_target * (norm(param) / sqrt(numel))
+                        wd_target_60 = F.norm(param)
+                        F.div_(wd_target_60, h["_k95"])
+                        F.mul_(wd_target, wd_target_60)
                 else:
-                    t_wd_target = F.copy(param)
+                    # wd_target = param
+                    wd_target = F.copy(param)
+                # if stochastic_rounding and bf16 != 0:
                 if h["_c14"]:
-                    _417 = F.float32(param)
-                    t_param_fp32 = _417
-                    _418 = F.float32(t_update)
-                    t_update_fp32 = _418
+                    # param_fp32 = float32(param)
+                    param_fp32 = F.float32(param)
+                    # update_fp32 = float32(update)
+                    update_fp32 = F.float32(update)
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if geometric_wd:
                         if h["_c16"]:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _419 = F.mul(t_update_fp32, t_param_fp32)
-                                _420 = F.ge(_419, 0)
-                                _421 = F.where(_420, 1.0, 0.0, like=param)
-                                _422 = F.addcmul(t_param_fp32, t_wd_target, _421, h["_k96"])
-                                t_param_fp32 = _422
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_49 = F.mul(update_fp32, param_fp32)
+                                param_fp32_50 = F.ge(param_fp32_49, 0)
+                                param_fp32_51 = F.where(param_fp32_50, 1.0, 0.0, like=param)
+                                param_fp32_52 = F.addcmul(param_fp32, wd_target, param_fp32_51, h["_k96"])
+                                param_fp32 = param_fp32_52
                             else:
-                                _423 = F.axpy(t_param_fp32, t_wd_target, h["_k97"])
-                                t_param_fp32 = _423
+                                # param_fp32 = param_fp32 - weight_decay * lr * wd_target
+                                param_fp32 = F.axpy(param_fp32, wd_target, h["_k97"])
                         else:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _424 = F.mul(t_update_fp32, t_param_fp32)
-                                _425 = F.ge(_424, 0)
-                                _426 = F.where(_425, 1.0, 0.0, like=param)
-                                _427 = F.addcmul(t_param_fp32, t_param_fp32, _426, h["_k98"])
-                                t_param_fp32 = _427
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+                                param_fp32_53 = F.mul(update_fp32, param_fp32)
+                                param_fp32_54 = F.ge(param_fp32_53, 0)
+                                param_fp32_55 = F.where(param_fp32_54, 1.0, 0.0, like=param)
+                                param_fp32_56 = F.addcmul(param_fp32, param_fp32, param_fp32_55, h["_k98"])
+                                param_fp32 = param_fp32_56
                             else:
-                                _428 = F.axpy(t_param_fp32, t_param_fp32, h["_k99"])
-                                t_param_fp32 = _428
+                                # param_fp32 = param_fp32 - weight_decay * lr * param_fp32
+                                param_fp32 = F.axpy(param_fp32, param_fp32, h["_k99"])
+                    # if centered_wd != 0:
                     if h["_c18"]:
-                        _429 = F.cast(st_anchor_data, t_param_fp32)
-                        _430 = F.sub(t_param_fp32, _429)
-                        t_cwd_target = _430
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_9 = F.cast(anchor_data, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _431 = F.mul(t_update_fp32, t_cwd_target)
-                            _432 = F.ge(_431, 0)
-                            _433 = F.where(_432, 1.0, 0.0, like=param)
-                            _434 = F.addcmul(t_param_fp32, t_cwd_target, _433, h["_k100"])
-                            t_param_fp32 = _434
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
+                            param_fp32_57 = F.mul(update_fp32, cwd_target)
+                            param_fp32_58 = F.ge(param_fp32_57, 0)
+                            param_fp32_59 = F.where(param_fp32_58, 1.0, 0.0, like=param)
+                            param_fp32_60 = F.addcmul(param_fp32, cwd_target, param_fp32_59, h["_k100"])
+                            param_fp32 = param_fp32_60
                         else:
-                            _435 = F.axpy(t_param_fp32, t_cwd_target, h["_k101"])
-                            t_param_fp32 = _435
-                    _436 = F.sub(t_param_fp32, t_update_fp32)
-                    t_param_fp32 = _436
-                    _437 = F.stochastic_round(t_param_fp32, h["_k102"])
-                    F.assign_(param, _437)
+                            # param_fp32 = param_fp32 - centered_wd * lr * cwd_target
+                            param_fp32 = F.axpy(param_fp32, cwd_target, h["_k101"])
+                    # param_fp32 = param_fp32 + -update_fp32
+                    param_fp32 = F.sub(param_fp32, update_fp32)
+                    # param = stochastic_round(param_fp32, step)
+                    param_53 = F.stochastic_round(param_fp32, h["_k102"])
+                    F.assign_(param, param_53)
                 else:
+                    # if weight_decay != 0:
                     if h["_c15"]:
+                        # if geometric_wd:
                         if h["_c16"]:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _438 = F.mul(t_update, param)
-                                _439 = F.ge(_438, 0)
-                                _440 = F.where(_439, 1.0, 0.0, like=param)
-                                _441 = F.addcmul(param, t_wd_target, _440, h["_k103"])
-                                F.assign_(param, _441)
+                                # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
+                                param_54 = F.mul(update, param)
+                                param_55 = F.ge(param_54, 0)
+                                param_56 = F.where(param_55, 1.0, 0.0, like=param)
+                                param_57 = F.addcmul(param, wd_target, param_56, h["_k103"])
+                                F.assign_(param, param_57)
                             else:
-                                F.axpy_(param, t_wd_target, h["_k104"])
+                                # param = param - weight_decay * lr * wd_target
+                                F.axpy_(param, wd_target, h["_k104"])
                         else:
+                            # if cautious_wd:
                             if h["_c17"]:
-                                _442 = F.mul(t_update, param)
-                                _443 = F.ge(_442, 0)
-                                _444 = F.where(_443, 1.0, 0.0, like=param)
-                                _445 = F.addcmul(param, param, _444, h["_k105"])
-                                F.assign_(param, _445)
+                                # param = param - weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
+                                param_58 = F.mul(update, param)
+                                param_59 = F.ge(param_58, 0)
+                                param_60 = F.where(param_59, 1.0, 0.0, like=param)
+                                param_61 = F.addcmul(param, param, param_60, h["_k105"])
+                                F.assign_(param, param_61)
                             else:
-                                _446 = F.axpy(param, param, h["_k106"])
-                                F.assign_(param, _446)
+                                # param = param - weight_decay * lr * param
+                                param_62 = F.axpy(param, param, h["_k106"])
+                                F.assign_(param, param_62)
+                    # if centered_wd != 0:
                     if h["_c18"]:
-                        _447 = F.cast(st_anchor_data, param)
-                        _448 = F.sub(param, _447)
-                        t_cwd_target = _448
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_10 = F.cast(anchor_data, param)
+                        cwd_target = F.sub(param, cwd_target_10)
+                        # if cautious_wd:
                         if h["_c17"]:
-                            _449 = F.mul(t_update, t_cwd_target)
-                            _450 = F.ge(_449, 0)
-                            _451 = F.where(_450, 1.0, 0.0, like=param)
-                            F.addcmul_(param, t_cwd_target, _451, h["_k107"])
+                            # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
+                            param_63 = F.mul(update, cwd_target)
+                            param_64 = F.ge(param_63, 0)
+                            param_65 = F.where(param_64, 1.0, 0.0, like=param)
+                            F.addcmul_(param, cwd_target, param_65, h["_k107"])
                         else:
-                            F.axpy_(param, t_cwd_target, h["_k108"])
-                    F.sub_(param, t_update)
+                            # param = param - centered_wd * lr * cwd_target
+                            F.axpy_(param, cwd_target, h["_k108"])
+                    # param = param + -update
+                    F.sub_(param, update)
 
 
 class SignSGD_adv(GeneratedOptimizer):
