@@ -202,6 +202,7 @@ _OPS = {
     "ge": torch.ge,
     "matvec": lambda w, v: torch.einsum("...nm,...m->...n", w, v),
     "matvec_t": lambda w, u: torch.einsum("...nm,...n->...m", w, u),
+    "mv": lambda w, v: torch.mv(w, v),
     "normalize": lambda x: TF.normalize(x, dim=-1),
     "dot": lambda a, b: torch.einsum("...n,...n->...", a, b),
     "outer": lambda a, b: torch.einsum("...n,...m->...nm", a, b),

@@ -26,6 +26,7 @@ from optgen.features import (
     orthograd,
     simplified_ademamix,
     spectral_decay,
+    spectral_normalization,
     state_precision,
     stochastic_rounding,
 )
@@ -34,7 +35,7 @@ from optgen.features import (
 FEATURES: dict[str, Feature] = {m.FEATURE.name: m.FEATURE for m in (
     orthograd, maximize, amsgrad, normed_momentum, nesterov, grams, cautious, ademamix, simplified_ademamix,
     atan2, atan2_adams, fisher_wd, cautious_wd, centered_wd, kourkoutas_beta, stochastic_rounding, factored,
-    spectral_decay, clip_grad, coupled, state_precision, adamw_prune
+    spectral_decay, spectral_normalization, clip_grad, coupled, state_precision, adamw_prune
 )}
 
 

@@ -45,6 +45,8 @@ FUNCTIONS: dict[str, Function] = {
         Function("where", (3, 3), "where(cond, a, b), elementwise (or one of two host scalars)"),
         Function("matvec", (2, 2), "W v over the last two dims: per-element W, per-column v -> per-row", host=False),
         Function("matvec_t", (2, 2), "W^T u: per-element W, per-row u -> per-column", host=False),
+        Function("mv", (2, 2), "mv(W, v): W v of a 2-D per-element W and a per-column v -> per-row, with torch.mv's "
+                 "rounding (matvec sums as einsum does; torch and reference backends)", host=False),
         Function("normalize", (1, 1), "x / max(||x||, 1e-12) along the last dim of a per-row/per-column value", host=False),
         Function("dot", (2, 2), "sum of a*b along the last dim of per-row/per-column values -> per-matrix", host=False),
         Function("outer", (2, 2), "outer(r, c): per-row r times per-column c -> per-element", host=False),

@@ -357,7 +357,7 @@ class Lowerer:
             if not args[0].boolean or args[0].is_host:
                 raise SpecError(e.args[0].pos, field, "where()'s first argument must be an elementwise comparison")
             return Node(fn, tuple(args), kind=joined(0, 1, 2))
-        if fn == "matvec":
+        if fn in ("matvec", "mv"):
             need(0, Kind.ELEMENT)
             need(1, Kind.COL)
             return Node(fn, tuple(args), kind=Kind.ROW)
@@ -388,7 +388,7 @@ class Lowerer:
         if fn in ("sum", "mean", "norm", "maxabs"):
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         if fn == "vdot":
-            need(0, Kind.ELEMENT, Kind.SLICE)
+            need(0, Kind.ELEMENT, Kind.SLICE, Kind.ROW, Kind.COL)
             need(1, args[0].kind)
             return Node(fn, tuple(args), kind=Kind.TENSOR)
         raise SpecError(e.pos, field, f"{fn}() cannot be applied to device values")  # pragma: no cover

@@ -89,6 +89,7 @@ class Op:
     # reductions
     MATVEC = "matvec"
     MATVEC_T = "matvec_t"
+    MV = "mv"  # W v of a 2-D W with torch.mv's rounding (adv_optm's spectral normalisation)
     ROWSUM = "rowsum"
     COLSUM = "colsum"
     SUM = "sum"
@@ -178,6 +179,7 @@ def _table() -> dict[str, OpInfo]:
         Op.STRIDED: OpInfo((2, 2), own_shape=True),  # (x, k): every k-th element, a per-slice value
         Op.MATVEC: red(2, Kind.ROW),
         Op.MATVEC_T: red(2, Kind.COL),
+        Op.MV: red(2, Kind.ROW),
         Op.ROWSUM: red(1, Kind.ROW),
         Op.COLSUM: red(1, Kind.COL),
         Op.SUM: red(1, Kind.TENSOR),

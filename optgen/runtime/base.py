@@ -771,6 +771,10 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
             return torch.tensor(0, dtype=dtype, device=device)
         src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
         return src.to(dtype=dtype, copy=True).contiguous()
+    if init == "unit_randn":  # adv_optm's spectral vectors: randn from its stream, over (norm + 1e-12)
+        shape = state_shape(decl.kind, p, decl.name, view, stride)
+        t = torch.randn(shape, device=device, dtype=dtype, generator=stochastic.generator(p.device))
+        return t.div_(t.norm().add_(1e-12))
     if isinstance(init, tuple) and init[0] == "random_subset":
         return _random_subset(p, group[init[1]], device)
     if isinstance(init, tuple):

@@ -343,6 +343,13 @@ def matvec(w: Tensors, v: Tensors) -> Tensors:
     return [_matvec(x, y) for x, y in zip(w, v)]
 
 
+def mv(w: Tensors, v: Tensors) -> Tensors:
+    """``W v`` of 2-D matrices with ``torch.mv``'s rounding (adv_optm's spectral normalisation)."""
+    if sharding.active() is not None:
+        raise NotImplementedError("mv() of a sharded parameter (spectral normalisation) is not implemented yet")
+    return [torch.mv(x, y) for x, y in zip(w, v)]
+
+
 def matvec_t(w: Tensors, u: Tensors) -> Tensors:
     """``W^T u`` batched over leading dims."""
     if (b := sharding.active()) is not None:
