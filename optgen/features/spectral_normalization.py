@@ -12,8 +12,8 @@ view, cast to the parameter's dtype), one power-iteration step from the persiste
     U = U * (s * (sqrt(d_out / d_in) / max(sigma, 1 / (sqrt(d_out) + sqrt(d_in)))))
 
 and for 0-D and 1-D parameters ``u = u * (s / max(||u||_inf, 1e-12))``. ``s`` is the statement's
-own host factor, so a factor another feature multiplies into it on its path (atan2's 4/pi) is left
-out, as adv_optm leaves ``A`` out under spectral normalisation. The states are drawn at state
+own host factor: listed before ``atan2``, the feature leaves the 4/pi that atan2 multiplies into the
+other path's step size out, as adv_optm leaves ``A`` out under spectral normalisation. The states are drawn at state
 creation with ``randn`` from adv_optm's per-device stream (``spectral_v`` first) in the
 parameter's dtype, each over ``(||x|| + 1e-12)``; parameters of 3 or more dims are stepped as
 their ``(shape[0], -1)`` view while the flag is on. The ``W v`` product is ``mv`` (torch.mv's
@@ -21,8 +21,7 @@ rounding, which adv_optm's ``torch.mv`` has and the einsum of ``matvec`` has not
 the dot product are the whole-vector ``norm`` and ``vdot``. The OFT and DoRA/LoRA cases of
 ``scale_update`` (PEFT parameter attributes) are not reproduced.
 
-List it after ``atan2`` (it wraps each copy of the step-size statement) and before
-``stochastic_rounding``. The states keep adv_optm's names: a spec must not declare them.
+List it before ``atan2``, ``stochastic_rounding``, ``factored`` and ``state_precision``. The states keep adv_optm's names: a spec must not declare them.
 """
 
 from __future__ import annotations
@@ -151,6 +150,7 @@ FEATURE = Feature(
                                  doc="scale the update by its spectral norm (one power-iteration step) instead "
                                      "of the step size alone"),
     },
-    after=("atan2",),
-    before=("stochastic_rounding", "factored", "state_precision"),
+    # before atan2: atan2 then scales the step size of the other path only (adv_optm leaves its 4/pi
+    # out under spectral normalisation)
+    before=("atan2", "stochastic_rounding", "factored", "state_precision"),
 )
