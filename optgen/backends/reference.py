@@ -203,6 +203,7 @@ _OPS = {
     "matvec": lambda w, v: torch.einsum("...nm,...m->...n", w, v),
     "matvec_t": lambda w, u: torch.einsum("...nm,...n->...m", w, u),
     "mv": lambda w, v: torch.mv(w, v),
+    "mv_t": lambda w, u: torch.mv(w.mT, u),
     "normalize": lambda x: TF.normalize(x, dim=-1),
     "dot": lambda a, b: torch.einsum("...n,...n->...", a, b),
     "outer": lambda a, b: torch.einsum("...n,...m->...nm", a, b),

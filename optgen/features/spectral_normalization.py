@@ -15,9 +15,10 @@ and for 0-D and 1-D parameters ``u = u * (s / max(||u||_inf, 1e-12))``. ``s`` is
 own host factor: listed before ``atan2``, the feature leaves the 4/pi that atan2 multiplies into the
 other path's step size out, as adv_optm leaves ``A`` out under spectral normalisation. The states are drawn at state
 creation with ``randn`` from adv_optm's per-device stream (``spectral_v`` first) in the
-parameter's dtype, each over ``(||x|| + 1e-12)``; parameters of 3 or more dims are stepped as
-their ``(shape[0], -1)`` view while the flag is on. The ``W v`` product is ``mv`` (torch.mv's
-rounding, which adv_optm's ``torch.mv`` has and the einsum of ``matvec`` has not); the norms and
+parameter's dtype, each over ``(||x|| + 1e-12)``, for the parameters with 2 or more dims that take
+the step-size statement's path (the static conditions around it: Muon's matrices); parameters of 3 or more dims are stepped as
+their ``(shape[0], -1)`` view while the flag is on. The products are ``mv_t`` and ``mv`` (torch.mv's
+rounding in the update's memory layout, which the einsums of ``matvec_t``/``matvec`` have not); the norms and
 the dot product are the whole-vector ``norm`` and ``vdot``. The OFT and DoRA/LoRA cases of
 ``scale_update`` (PEFT parameter attributes) are not reproduced.
 
@@ -77,7 +78,7 @@ def _block(program: Program, state: list[StateDecl], target: str, factor: Node) 
     from optgen.spec.expr import parse_expression
     matrix = [
         stmt(f"{p['x']} = cast({upd}, param)"),
-        stmt(f"{p['vr']} = matvec_t({p['x']}, spectral_u)"),
+        stmt(f"{p['vr']} = mv_t({p['x']}, spectral_u)"),
         stmt(f"{p['vn']} = norm({p['vr']})"),
         stmt(f"spectral_v = where({p['vn']} >= 1.0e-6, {p['vr']} / maximum({p['vn']}, 1.0e-8), spectral_v)"),
         stmt(f"{p['ur']} = mv({p['x']}, spectral_v)"),
@@ -114,13 +115,53 @@ def _renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
     return out
 
 
+def _static(n: Node, program: Program) -> bool:
+    """``n`` is decided per parameter once (hyperparameters, constants and parameter facts): it
+    can say at state creation whether a parameter takes the path."""
+    from optgen.ir.nodes import walk_nodes
+
+    dynamic = {g.name for g in program.globals}
+    return n.is_host and all(
+        m.op in (Op.CONST, Op.META, Op.PARAM_ATTR) or (m.op == Op.HYPER and m.attr[0] not in dynamic)
+        or (m.op not in (Op.STEP, Op.VAR, Op.HAS, Op.INPUT, Op.REDUCED, Op.UNKNOWN) and m.args)
+        for m in walk_nodes(n))
+
+
+def _path(program: Program, match) -> Node | None:
+    """The static conditions around the step-size statement (Muon's matrix path: ``is_muon``), as
+    one condition (None: none); conditions that change with the step (Adopt's ``step > 1``) are left out."""
+    found: list[list[Node]] = []
+
+    def walk(stmts: list[Stmt], conds: list[Node]) -> None:
+        for st in stmts:
+            if isinstance(st, If):
+                keep = _static(st.cond, program)
+                walk(st.then, [*conds, st.cond] if keep else conds)
+                walk(st.orelse, [*conds, Node("not", (st.cond,), boolean=True)] if keep else conds)
+            elif match(st) and _host_factor(st) is not None:
+                found.append(conds)
+
+    walk(program.body, [])
+    if len(found) != 1 or not found[0]:
+        return None
+    out = found[0][0]
+    for c in found[0][1:]:
+        out = Node("and", (out, c), boolean=True)
+    return out
+
+
 def _apply(program: Program) -> Program:
     own_state(program, FLAG, *STATES)
+    from optgen.features.rewrite import role_sites
     from optgen.ir.lower import Lowerer
     from optgen.spec.expr import parse_expression
 
     lw = Lowerer(program.source, program.hypers, program.state, program.step_store)
     cond = lw.expr(parse_expression(f"{FLAG} and ndim >= 2", HERE, FLAG), FLAG)
+    legacy = lambda s: s.target == "update" and _host_factor(s) is not None  # noqa: E731
+    path = _path(program, role_sites(program, "step_size", legacy))
+    if path is not None:  # the states exist where the parameter takes the step's path
+        cond = Node("and", (cond, path), boolean=True)
     state = [*program.state,
              StateDecl("spectral_v", Kind.COL, INIT, "param", cond,
                        "right singular vector estimate of the update (spectral normalisation)"),
@@ -133,9 +174,7 @@ def _apply(program: Program) -> Program:
             return None
         return [switch(FLAG, _block(program, state, s.target, factor), [s], s.pos)]
 
-    body = rewrite_role(program, program.body, FLAG, "step_size",
-                        lambda s: s.target == "update" and _host_factor(s) is not None,
-                        scale, "a step size 'update = update * step_size' (a host step size)")
+    body = rewrite_role(program, program.body, FLAG, "step_size", legacy, scale, "a step size 'update = update * step_size' (a host step size)")
     view = lw.expr(parse_expression(f"{FLAG} and ndim >= 3", HERE, FLAG), FLAG)
     return program.copy(body=body, state=state, matrix_views=[*program.matrix_views, (view, "rows")])
 

@@ -47,6 +47,8 @@ FUNCTIONS: dict[str, Function] = {
         Function("matvec_t", (2, 2), "W^T u: per-element W, per-row u -> per-column", host=False),
         Function("mv", (2, 2), "mv(W, v): W v of a 2-D per-element W and a per-column v -> per-row, with torch.mv's "
                  "rounding (matvec sums as einsum does; torch and reference backends)", host=False),
+        Function("mv_t", (2, 2), "mv_t(W, u): W^T u of a 2-D per-element W and a per-row u -> per-column, with "
+                 "torch.mv(W.mT, u)'s rounding (in W's memory layout)", host=False),
         Function("normalize", (1, 1), "x / max(||x||, 1e-12) along the last dim of a per-row/per-column value", host=False),
         Function("dot", (2, 2), "sum of a*b along the last dim of per-row/per-column values -> per-matrix", host=False),
         Function("outer", (2, 2), "outer(r, c): per-row r times per-column c -> per-element", host=False),

@@ -361,7 +361,7 @@ class Lowerer:
             need(0, Kind.ELEMENT)
             need(1, Kind.COL)
             return Node(fn, tuple(args), kind=Kind.ROW)
-        if fn == "matvec_t":
+        if fn in ("matvec_t", "mv_t"):
             need(0, Kind.ELEMENT)
             need(1, Kind.ROW)
             return Node(fn, tuple(args), kind=Kind.COL)

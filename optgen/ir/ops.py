@@ -90,6 +90,7 @@ class Op:
     MATVEC = "matvec"
     MATVEC_T = "matvec_t"
     MV = "mv"  # W v of a 2-D W with torch.mv's rounding (adv_optm's spectral normalisation)
+    MV_T = "mv_t"  # W^T u of a 2-D W with torch.mv's rounding
     ROWSUM = "rowsum"
     COLSUM = "colsum"
     SUM = "sum"
@@ -180,6 +181,7 @@ def _table() -> dict[str, OpInfo]:
         Op.MATVEC: red(2, Kind.ROW),
         Op.MATVEC_T: red(2, Kind.COL),
         Op.MV: red(2, Kind.ROW),
+        Op.MV_T: red(2, Kind.COL),
         Op.ROWSUM: red(1, Kind.ROW),
         Op.COLSUM: red(1, Kind.COL),
         Op.SUM: red(1, Kind.TENSOR),

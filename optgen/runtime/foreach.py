@@ -350,6 +350,13 @@ def mv(w: Tensors, v: Tensors) -> Tensors:
     return [torch.mv(x, y) for x, y in zip(w, v)]
 
 
+def mv_t(w: Tensors, u: Tensors) -> Tensors:
+    """``W^T u`` of 2-D matrices with ``torch.mv(W.mT, u)``'s rounding (in ``W``'s memory layout)."""
+    if sharding.active() is not None:
+        raise NotImplementedError("mv_t() of a sharded parameter (spectral normalisation) is not implemented yet")
+    return [torch.mv(x.mT, y) for x, y in zip(w, u)]
+
+
 def matvec_t(w: Tensors, u: Tensors) -> Tensors:
     """``W^T u`` batched over leading dims."""
     if (b := sharding.active()) is not None:
