@@ -83,7 +83,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = step_size  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -204,7 +204,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = step_size  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -333,7 +333,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = step_size  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -462,7 +462,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = step_size  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -584,7 +584,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = step_size  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -836,8 +836,8 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1112,8 +1112,8 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1404,8 +1404,8 @@ def _device_step(h, param, grad, S):
                 if h["_c12"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1696,8 +1696,8 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1974,8 +1974,8 @@ def _device_step(h, param, grad, S):
                     if h["_c12"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
-from optgen.ir.ops import CALLS, FULL_PASS_REDUCTIONS, REDUCTIONS, Op
+from optgen.ir.ops import CALLS, FULL_PASS_REDUCTIONS, NOT_IN_TRITON, REDUCTIONS, Op
 
 
 class TritonUnsupported(Exception):
@@ -400,6 +400,11 @@ def inline_reduced(device: list[Assign]) -> list[Assign]:
 
 
 def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) -> PathPlan:
+    for s in walk_stmts(stmts):
+        for n in walk_nodes(s.value if isinstance(s, Assign) else s.cond):
+            if n.op in NOT_IN_TRITON:
+                raise TritonUnsupported(f"{NOT_IN_TRITON[n.op]} in triton kernels (not implemented yet: use "
+                                        "backend='torch' or 'reference')")
     kinds: dict[str, Kind] = {}
     straight = _var_kinds(if_convert(stmts, kinds, [0]))
     straight = split_reductions(straight)

@@ -233,3 +233,9 @@ FULL_PASS_REDUCTIONS = _where(full_pass=True)
 OWN_SHAPE = _where(own_shape=True)
 #: what each reduction produces from its (first) argument
 REDUCTION_RESULT = {o: i.reduces_to for o, i in OPS.items() if i.reduces_to is not None}
+
+
+_SPECTRAL = "mv()/mv_t() (torch.mv's products: spectral normalisation's power iteration)"
+#: ops no triton kernel computes yet, and why: a path that reads one is refused (at construction
+#: where a parameter takes it, see optgen.runtime.base)
+NOT_IN_TRITON: dict[str, str] = {Op.MV: _SPECTRAL, Op.MV_T: _SPECTRAL}

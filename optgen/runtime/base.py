@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.ir.codecs import PACKED_UINT4
-from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
+from optgen.ir.nodes import If, Kind, Program, StateDecl, walk_nodes
 from optgen.ir.ops import Op
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
@@ -108,6 +108,45 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             stochastic.reseed({p.device for g in self.param_groups for p in g["params"]
                                if p.dtype == torch.bfloat16 and g.get("stochastic_rounding")})
         zero1.attach(self)  # as ZeroRedundancyOptimizer's local optimizer: refusals, raw loaded states
+        if self.backend == "triton":
+            self._refuse_triton_ops()
+
+    def _refuse_triton_ops(self) -> None:
+        """Refuse, at construction, a parameter whose path reads an op no triton kernel computes
+        (:data:`optgen.ir.ops.NOT_IN_TRITON`): its static conditions decided, the others both ways."""
+        from optgen.ir.ops import NOT_IN_TRITON
+
+        def reached(stmts, ctx) -> str | None:
+            for s in stmts:
+                if isinstance(s, If):
+                    try:
+                        branches = [s.then if evaluate(s.cond, ctx) else s.orelse]
+                    except Exception:  # a value of the step: either branch may run
+                        branches = [s.then, s.orelse]
+                    for b in branches:
+                        why = reached(b, ctx)
+                        if why is not None:
+                            return why
+                    continue
+                if s.value.is_host:  # the conditions' host values (static ones decide branches)
+                    try:
+                        ctx.env[s.target] = evaluate(s.value, ctx)
+                    except Exception:
+                        ctx.env.pop(s.target, None)
+                    continue
+                for n in walk_nodes(s.value):
+                    if n.op in NOT_IN_TRITON:
+                        return NOT_IN_TRITON[n.op]
+            return None
+
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                ctx = HostContext(group, p, self.state.get(p, {}), tensor_math=False)
+                why = reached(self._program.body, ctx)
+                if why is not None:
+                    raise RuntimeError(f"{type(self).__name__}(backend='triton'): param_groups[{gi}] "
+                                       f"(a parameter of shape {tuple(p.shape)}) takes {why}, which triton kernels "
+                                       "do not compute yet; use backend='torch' or 'reference'")
 
     #: attributes a copy (pickle, ``copy.deepcopy``) rebuilds instead of copying: the triton runner
     #: (compiled kernels), caches keyed by ``id()`` of parameters, one step's partial sums and
