@@ -84,7 +84,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = lr  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -198,7 +198,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = lr  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -321,7 +321,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = lr  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -444,7 +444,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         spectral_lr = lr  # host
                         if ndim >= 2:
                             spectral_x = cast(update, param)
-                            spectral_vr = matvec_t(spectral_x, spectral_u)
+                            spectral_vr = mv_t(spectral_x, spectral_u)
                             spectral_vn = norm(spectral_vr)
                             spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                             spectral_ur = mv(spectral_x, spectral_v)
@@ -559,7 +559,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         spectral_lr = lr  # host
                         if ndim >= 2:
                             spectral_x = cast(update, param)
-                            spectral_vr = matvec_t(spectral_x, spectral_u)
+                            spectral_vr = mv_t(spectral_x, spectral_u)
                             spectral_vn = norm(spectral_vr)
                             spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                             spectral_ur = mv(spectral_x, spectral_v)
@@ -822,8 +822,8 @@ def _device_step(h, param, grad, S):
                     if h["_c13"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1097,8 +1097,8 @@ def _device_step(h, param, grad, S):
                     if h["_c13"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1389,8 +1389,8 @@ def _device_step(h, param, grad, S):
                     if h["_c13"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1681,8 +1681,8 @@ def _device_step(h, param, grad, S):
                         if h["_c13"]:
                             # spectral_x = cast(update, param)
                             spectral_x = F.cast(update, param)
-                            # spectral_vr = matvec_t(spectral_x, spectral_u)
-                            spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                            # spectral_vr = mv_t(spectral_x, spectral_u)
+                            spectral_vr = F.mv_t(spectral_x, spectral_u)
                             # spectral_vn = norm(spectral_vr)
                             spectral_vn = F.norm(spectral_vr, kind="col")
                             # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1958,8 +1958,8 @@ def _device_step(h, param, grad, S):
                         if h["_c13"]:
                             # spectral_x = cast(update, param)
                             spectral_x = F.cast(update, param)
-                            # spectral_vr = matvec_t(spectral_x, spectral_u)
-                            spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                            # spectral_vr = mv_t(spectral_x, spectral_u)
+                            spectral_vr = F.mv_t(spectral_x, spectral_u)
                             # spectral_vn = norm(spectral_vr)
                             spectral_vn = F.norm(spectral_vr, kind="col")
                             # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)

@@ -60,7 +60,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = lr  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -136,7 +136,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = lr  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -212,7 +212,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
             spectral_lr = lr  # host
             if ndim >= 2:
                 spectral_x = cast(update, param)
-                spectral_vr = matvec_t(spectral_x, spectral_u)
+                spectral_vr = mv_t(spectral_x, spectral_u)
                 spectral_vn = norm(spectral_vr)
                 spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                 spectral_ur = mv(spectral_x, spectral_v)
@@ -403,8 +403,8 @@ def _device_step(h, param, grad, S):
                 if h["_c9"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -606,8 +606,8 @@ def _device_step(h, param, grad, S):
                 if h["_c9"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -809,8 +809,8 @@ def _device_step(h, param, grad, S):
             if h["_c9"]:
                 # spectral_x = cast(update, param)
                 spectral_x = F.cast(update, param)
-                # spectral_vr = matvec_t(spectral_x, spectral_u)
-                spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                # spectral_vr = mv_t(spectral_x, spectral_u)
+                spectral_vr = F.mv_t(spectral_x, spectral_u)
                 # spectral_vn = norm(spectral_vr)
                 spectral_vn = F.norm(spectral_vr, kind="col")
                 # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)

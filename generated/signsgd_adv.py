@@ -95,7 +95,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0)  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -231,7 +231,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0)  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -373,7 +373,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 spectral_lr = lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0)  # host
                 if ndim >= 2:
                     spectral_x = cast(update, param)
-                    spectral_vr = matvec_t(spectral_x, spectral_u)
+                    spectral_vr = mv_t(spectral_x, spectral_u)
                     spectral_vn = norm(spectral_vr)
                     spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                     spectral_ur = mv(spectral_x, spectral_v)
@@ -515,7 +515,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0)  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -651,7 +651,7 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     spectral_lr = lr * where(snr_cond and normed_momentum and momentum > 0 and not spectral_normalization, 1.2732395447351628, 1.0)  # host
                     if ndim >= 2:
                         spectral_x = cast(update, param)
-                        spectral_vr = matvec_t(spectral_x, spectral_u)
+                        spectral_vr = mv_t(spectral_x, spectral_u)
                         spectral_vn = norm(spectral_vr)
                         spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
                         spectral_ur = mv(spectral_x, spectral_v)
@@ -955,8 +955,8 @@ def _device_step(h, param, grad, S):
                 if h["_c13"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1299,8 +1299,8 @@ def _device_step(h, param, grad, S):
                 if h["_c13"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -1655,8 +1655,8 @@ def _device_step(h, param, grad, S):
                 if h["_c13"]:
                     # spectral_x = cast(update, param)
                     spectral_x = F.cast(update, param)
-                    # spectral_vr = matvec_t(spectral_x, spectral_u)
-                    spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                    # spectral_vr = mv_t(spectral_x, spectral_u)
+                    spectral_vr = F.mv_t(spectral_x, spectral_u)
                     # spectral_vn = norm(spectral_vr)
                     spectral_vn = F.norm(spectral_vr, kind="col")
                     # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -2011,8 +2011,8 @@ def _device_step(h, param, grad, S):
                     if h["_c13"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
@@ -2355,8 +2355,8 @@ def _device_step(h, param, grad, S):
                     if h["_c13"]:
                         # spectral_x = cast(update, param)
                         spectral_x = F.cast(update, param)
-                        # spectral_vr = matvec_t(spectral_x, spectral_u)
-                        spectral_vr = F.matvec_t(spectral_x, spectral_u)
+                        # spectral_vr = mv_t(spectral_x, spectral_u)
+                        spectral_vr = F.mv_t(spectral_x, spectral_u)
                         # spectral_vn = norm(spectral_vr)
                         spectral_vn = F.norm(spectral_vr, kind="col")
                         # spectral_v = where(spectral_vn >= 1e-06, spectral_vr / maximum(spectral_vn, 1e-08), spectral_v)
