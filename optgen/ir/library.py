@@ -68,8 +68,8 @@ FUNCTIONS: dict[str, Function] = {
                  host=False),
         Function("matmean", (1, 1), "mean over the last dim of a per-row/per-column value -> per-matrix "
                  "(x.mean(dim=-1))", host=False),
-        Function("vdot", (2, 2), "sum of a * b over the whole tensor or slice (torch.dot of the flattened tensors) "
-                 "-> per-tensor",
+        Function("vdot", (2, 2), "sum of a * b over the whole tensor or slice, or of two per-row/per-column "
+                 "values (torch.dot of the flattened tensors) -> per-tensor",
                  host=False),
         Function("strided", (1, 1), "every k-th element of the flattened x (x.flatten()[::k], k the spec's "
                  "slice_stride) -> per-slice", host=False),
