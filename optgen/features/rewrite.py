@@ -374,3 +374,20 @@ def direction_source(program: Program) -> Callable[[Assign], Node | None]:
         return None
 
     return source
+
+
+def renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
+    """``stmts`` with the variables and targets in ``names`` renamed (a feature's block, lowered under
+    placeholder names a spec cannot clash with, then given its fresh names)."""
+    def node(n: Node) -> Node:
+        if n.op == Op.VAR and n.attr in names:
+            return replace(n, attr=names[n.attr])
+        return replace(n, args=tuple(node(a) for a in n.args)) if n.args else n
+
+    out: list[Stmt] = []
+    for st in stmts:
+        if isinstance(st, If):
+            out.append(If(node(st.cond), renamed(st.then, names), renamed(st.orelse, names), st.pos))
+        else:
+            out.append(Assign(names.get(st.target, st.target), node(st.value), st.pos, st.role))
+    return out

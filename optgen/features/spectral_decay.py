@@ -18,8 +18,6 @@ does not use; a spec must not declare states ``u`` or ``sigma`` itself.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.errors import Position
 from optgen.features import Feature
 from optgen.features.rewrite import (
@@ -28,10 +26,11 @@ from optgen.features.rewrite import (
     edit_nested,
     fresh,
     is_var,
+    renamed,
     rewrite_role,
     role_sites,
 )
-from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt, walk_stmts
+from optgen.ir.nodes import Assign, Kind, Program, StateDecl, Stmt, walk_stmts
 from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
 
@@ -86,22 +85,7 @@ def _block(program: Program, state: list[StateDecl]) -> list[Stmt]:
                  program.slice_stride)
     # lowered under placeholder names (a spec cannot write '_' names), then renamed
     rename = {placeholder[n]: final[n] for n in final}
-    return _renamed(lw.statements([outer]), rename)
-
-
-def _renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
-    def node(n: Node) -> Node:
-        if n.op == Op.VAR and n.attr in names:
-            return replace(n, attr=names[n.attr])
-        return replace(n, args=tuple(node(a) for a in n.args)) if n.args else n
-
-    out: list[Stmt] = []
-    for st in stmts:
-        if isinstance(st, If):
-            out.append(If(node(st.cond), _renamed(st.then, names), _renamed(st.orelse, names), st.pos))
-        else:
-            out.append(Assign(names.get(st.target, st.target), node(st.value), st.pos, st.role))
-    return out
+    return renamed(lw.statements([outer]), rename)
 
 
 def _apply(program: Program) -> Program:

@@ -27,11 +27,9 @@ List it before ``atan2``, ``stochastic_rounding``, ``factored`` and ``state_prec
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from optgen.errors import Position
 from optgen.features import Feature
-from optgen.features.rewrite import fresh, is_var, own_state, rewrite_role, switch
+from optgen.features.rewrite import fresh, is_var, own_state, renamed, rewrite_role, switch
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
 from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
@@ -58,7 +56,7 @@ def _host_factor(s: Assign) -> Node | None:
 def _block(program: Program, state: list[StateDecl], target: str, factor: Node) -> list[Stmt]:
     """The normalisation of ``target`` by the host ``factor``, lowered like spec statements."""
     from optgen.ir.lower import Lowerer
-    from optgen.spec.expr import parse_assignment
+    from optgen.spec.expr import parse_assignment, parse_expression
     from optgen.spec.loader import SAssign, SIf
 
     taken: set[str] = set()
@@ -75,7 +73,6 @@ def _block(program: Program, state: list[StateDecl], target: str, factor: Node) 
         t, expr, pos, acc = parse_assignment(text, HERE, FLAG)
         return SAssign(t, expr, pos, FLAG, acc)
 
-    from optgen.spec.expr import parse_expression
     matrix = [
         stmt(f"{p['x']} = cast({upd}, param)"),
         stmt(f"{p['vr']} = mv_t({p['x']}, spectral_u)"),
@@ -97,22 +94,7 @@ def _block(program: Program, state: list[StateDecl], target: str, factor: Node) 
     lowered = lw.statements(body)
     rename = {**{placeholder[n]: final[n] for n in final}, upd: target}
     lr_stmt = Assign(final["lr"], factor, None, "temp")
-    return [lr_stmt, *_renamed(lowered[2:], rename)]
-
-
-def _renamed(stmts: list[Stmt], names: dict[str, str]) -> list[Stmt]:
-    def node(n: Node) -> Node:
-        if n.op == Op.VAR and n.attr in names:
-            return replace(n, attr=names[n.attr])
-        return replace(n, args=tuple(node(a) for a in n.args)) if n.args else n
-
-    out: list[Stmt] = []
-    for st in stmts:
-        if isinstance(st, If):
-            out.append(If(node(st.cond), _renamed(st.then, names), _renamed(st.orelse, names), st.pos))
-        else:
-            out.append(Assign(names.get(st.target, st.target), node(st.value), None, st.role))
-    return out
+    return [lr_stmt, *renamed(lowered[2:], rename)]
 
 
 def _static(n: Node, program: Program) -> bool:
