@@ -103,13 +103,18 @@ def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> 
 FLIPS = {"stable_spam": 0.03}
 
 
-@pytest.mark.parametrize("spec", list(SPECS))
-def test_triton_matches_reference_bf16(spec: str) -> None:
+#: every spec in bf16 over 5 steps in the default run (CI time: the interpreter), over 20 with -m extended
+BF16_CASES = [pytest.param(spec, steps, id=f"{spec}-{steps}", marks=[pytest.mark.extended] if steps == STEPS else [])
+              for steps in (STEPS // 4, STEPS) for spec in SPECS]
+
+
+@pytest.mark.parametrize(("spec", "steps"), BF16_CASES)
+def test_triton_matches_reference_bf16(spec: str, steps: int) -> None:
     setting = settings(spec)[0]
     if "stochastic_rounding" in load_spec(ROOT / "specs" / f"{spec}.yaml").model.features:
         setting = {**setting, "stochastic_rounding": False}  # round to nearest: an exact oracle exists
-    expected, _ = _run(spec, setting, "reference", torch.float32, emulate=torch.bfloat16)
-    got, _ = _run(spec, setting, "triton", torch.bfloat16)
+    expected, _ = _run(spec, setting, "reference", torch.float32, emulate=torch.bfloat16, steps=steps)
+    got, _ = _run(spec, setting, "triton", torch.bfloat16, steps=steps)
     ulp = 2.0**-7
     for e, g, shape in zip(expected, got, SHAPES):
         if not e.numel():

@@ -105,7 +105,25 @@ def test_default_paths_and_fixed_conditions() -> None:
     assert again[0] == some_key
 
 
-def test_static_condition_inside_a_step_dependent_one() -> None:
+def test_static_condition_inside_a_step_dependent_one(tmp_path: Path) -> None:
+    # Adopt's shape: `if step > 1 or use_atan2:` holds static flags (adopt_adv itself: extended below)
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(
+        "name: demo\nclass: Demo\nhyperparameters:\n  lr: {default: 1.0e-3}\n  use_atan2: {default: false}\n"
+        "  clip: {default: false}\nstate:\n  v: {init: zeros}\n"
+        "update:\n  - v = v + grad * grad\n  - if: step > 1 or use_atan2\n    then:\n"
+        "      - if: clip\n        then:\n          - d = clamp(grad / sqrt(v + 1e-8), -1.0, 1.0)\n"
+        "        else:\n          - d = grad / sqrt(v + 1e-8)\n"
+        "      - param = param - lr * d\n"
+    )
+    prog = hoist(lower(load_spec(spec)))
+    dyn, plans = plan_program(prog)
+    assert plans and all(p.stages for p in plans)
+    assert "clip" not in dyn and len(plans) == 2  # one path per value of the static flag inside
+
+
+@pytest.mark.extended
+def test_static_conditions_inside_adopt_adv_step_dependent_one() -> None:
     prog = _program("adopt_adv")  # `if step > 1 or use_atan2:` holds the atan2 and clip flags
     _, plans = plan_program(prog)
     assert plans and all(p.stages for p in plans)
