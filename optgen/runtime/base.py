@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.ir.codecs import PACKED_UINT4
+from optgen.ir.codecs import PACKED_UINT4, codec_for, codecs_of
 from optgen.ir.nodes import Kind, Program, StateDecl, walk_nodes
 from optgen.ir.ops import Op
 from optgen.numerics import stochastic
@@ -319,11 +319,26 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if sharding.is_dtensor(p):
                 # per-slice statistics (Prodigy) step on local rows except in the triton kernels
                 whole = self.backend == "reference" or (self._program.slice_stride is not None
-                                                        and self.backend == "triton")
+                                                        and self.backend == "triton") or self._block_coded(p, group)
                 position = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
                 lay = sharding.layout_of(p, position, view_shape(self._program, p, group, {}), whole)
             layouts[id(p)] = lay
         return lay
+
+    def _block_coded(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether a state of ``p`` is stored by a block-scaled codec (8-bit, 4-bit, FP8, int8_sr).
+        Its blocks run over the whole flattened tensor (and whether it is coded at all follows the
+        whole tensor's size), so a sharded parameter steps gathered: local rows would put other
+        elements in a block and another scale on each (exact at the cost of the state's 1/N saving)."""
+        chosen = group.get("state_precision")
+        for name in codecs_of(self._program):
+            codec = codec_for(name)
+            if codec.block is None or (chosen is not None and name != chosen):
+                continue
+            applies = codec.applies()
+            if applies is None or evaluate(applies, HostContext(group, p, {}, tensor_math=False)):
+                return True
+        return False
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         prog = self._program
