@@ -679,7 +679,8 @@ KERNELS = {
     "_adopt_adv_flat3": _adopt_adv_flat3,
 }
 
-PLAN = {'dynamic': ['_c17',
+PLAN = {'dynamic': ['_c15',
+             '_c17',
              '_c18',
              '_c2',
              '_c20',
@@ -765,7 +766,6 @@ PLAN = {'dynamic': ['_c17',
                       '_c11',
                       '_c13',
                       '_c14',
-                      '_c15',
                       '_c16',
                       '_c19',
                       '_c22',

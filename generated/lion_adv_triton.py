@@ -21,7 +21,7 @@ def _lion_adv_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 5 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 11
@@ -29,24 +29,41 @@ def _lion_adv_prologue0(
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
-    HV_STEP: tl.constexpr = 4
+    HV_K39__B1__B5: tl.constexpr = 4
+    HV_K40__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     lr = tl.load(hyp + HYP_LR)
+    # _k39__b1__b5 = -(weight_decay * lr)
+    k39__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k40__b3__b7 = -(weight_decay * lr)
+    k40__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K39__B1__B5, (k39__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K40__B3__B7, (k40__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -117,7 +134,11 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
-    HV_STEP: tl.constexpr = 4
+    HV_K39__B1__B5: tl.constexpr = 4
+    HV_K40__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -125,6 +146,10 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -137,10 +162,19 @@ def _lion_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_3))
+    param_fp32_1 = (param_fp32 + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -179,7 +213,7 @@ def _lion_adv_prologue1(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 11
@@ -187,22 +221,39 @@ def _lion_adv_prologue1(
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
+    HV_K44__B1__B5: tl.constexpr = 4
+    HV_K45__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     lr = tl.load(hyp + HYP_LR)
+    # _k44__b1__b5 = -(weight_decay * lr)
+    k44__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k45__b3__b7 = -(weight_decay * lr)
+    k45__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K44__B1__B5, (k44__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K45__B3__B7, (k45__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -214,6 +265,10 @@ def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
+    HV_K44__B1__B5: tl.constexpr = 4
+    HV_K45__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -221,6 +276,10 @@ def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r0 = tl.load(p_r0 + 0).to(tl.float32)
@@ -229,11 +288,20 @@ def _lion_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     update_2 = (update_1 * numel_pow_half)
     # update = update * lr
     update_3 = (update_2 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_3))
+    param__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_3))
     # store param
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -270,28 +338,45 @@ def _lion_adv_prologue2(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 11
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
-    HV_STEP: tl.constexpr = 3
+    HV_K39__B1__B5: tl.constexpr = 3
+    HV_K40__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
+    HV_STEP: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     lr = tl.load(hyp + HYP_LR)
+    # _k39__b1__b5 = -(weight_decay * lr)
+    k39__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k40__b3__b7 = -(weight_decay * lr)
+    k40__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K39__B1__B5, (k39__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K40__B3__B7, (k40__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -305,7 +390,11 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
-    HV_STEP: tl.constexpr = 3
+    HV_K39__B1__B5: tl.constexpr = 3
+    HV_K40__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
+    HV_STEP: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -318,6 +407,10 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = lerp(grad, exp_avg, beta1)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -332,10 +425,19 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
@@ -375,26 +477,43 @@ def _lion_adv_prologue3(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 3 the passes read to hv.
+    writes the 7 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 11
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
+    HV_K44__B1__B5: tl.constexpr = 3
+    HV_K45__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     lr = tl.load(hyp + HYP_LR)
+    # _k44__b1__b5 = -(weight_decay * lr)
+    k44__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k45__b3__b7 = -(weight_decay * lr)
+    k45__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K44__B1__B5, (k44__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K45__B3__B7, (k45__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -406,6 +525,10 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
+    HV_K44__B1__B5: tl.constexpr = 3
+    HV_K45__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -418,6 +541,10 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = lerp(grad, exp_avg, beta1)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -428,12 +555,21 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     update_1 = L.sign(update)
     # update = update * lr
     update_2 = (update_1 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_2))
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -473,8 +609,8 @@ KERNELS = {
     "_lion_adv_flat4": _lion_adv_flat4,
 }
 
-PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
- 'group_conditions': ['_c0', '_c10', '_c11', '_c2', '_c3', '_c7', '_c9'],
+PLAN = {'dynamic': ['_c10', '_c9', '_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
+ 'group_conditions': ['_c0', '_c11', '_c2', '_c3', '_c7'],
  'hyper_slots': [['auto_kappa_p', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -489,52 +625,7 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c11', False)): {'columns': ['param',
-                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                          'state:sign',
-                                                                                                                                                          'state:anchor_data',
-                                                                                                                                                          'numel',
-                                                                                                                                                          'B',
-                                                                                                                                                          'M',
-                                                                                                                                                          'N',
-                                                                                                                                                          'ndim',
-                                                                                                                                                          'gidx'],
-                                                                                                                                              'creates': [],
-                                                                                                                                              'hv': ['_k32',
-                                                                                                                                                     '_k33',
-                                                                                                                                                     '_k38'],
-                                                                                                                                              'launches': [('_lion_adv_prologue3',
-                                                                                                                                                            'prologue'),
-                                                                                                                                                           ('_lion_adv_flat4',
-                                                                                                                                                            'flat')],
-                                                                                                                                              'states': ['exp_avg'],
-                                                                                                                                              'temps': []},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c11', False)): {'columns': ['param',
-                                                                                                                                                         'state:exp_avg',
-                                                                                                                                                         'state:mu_m_nmf',
-                                                                                                                                                         'state:mv_m_nmf',
-                                                                                                                                                         'state:sign',
-                                                                                                                                                         'state:anchor_data',
-                                                                                                                                                         'numel',
-                                                                                                                                                         'B',
-                                                                                                                                                         'M',
-                                                                                                                                                         'N',
-                                                                                                                                                         'ndim',
-                                                                                                                                                         'gidx'],
-                                                                                                                                             'creates': [],
-                                                                                                                                             'hv': ['_k32',
-                                                                                                                                                    '_k33',
-                                                                                                                                                    '_k38',
-                                                                                                                                                    '_k43'],
-                                                                                                                                             'launches': [('_lion_adv_prologue2',
-                                                                                                                                                           'prologue'),
-                                                                                                                                                          ('_lion_adv_flat3',
-                                                                                                                                                           'flat')],
-                                                                                                                                             'states': ['exp_avg'],
-                                                                                                                                             'temps': []},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c11', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c11', False)): {'columns': ['param',
                                                                                                                                           'state:exp_avg',
                                                                                                                                           'state:mu_m_nmf',
                                                                                                                                           'state:mv_m_nmf',
@@ -545,28 +636,22 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                           'M',
                                                                                                                                           'N',
                                                                                                                                           'ndim',
-                                                                                                                                          'gidx',
-                                                                                                                                          'ws:_r0',
-                                                                                                                                          'ws:update'],
+                                                                                                                                          'gidx'],
                                                                                                                               'creates': [],
                                                                                                                               'hv': ['_k32',
                                                                                                                                      '_k33',
-                                                                                                                                     '_k35',
-                                                                                                                                     '_k38'],
-                                                                                                                              'launches': [('_lion_adv_prologue1',
+                                                                                                                                     '_k38',
+                                                                                                                                     '_k44__b1__b5',
+                                                                                                                                     '_k45__b3__b7',
+                                                                                                                                     '_c10',
+                                                                                                                                     '_c9'],
+                                                                                                                              'launches': [('_lion_adv_prologue3',
                                                                                                                                             'prologue'),
-                                                                                                                                           ('_lion_adv_flat0',
-                                                                                                                                            'flat'),
-                                                                                                                                           ('_lion_adv_flat2',
+                                                                                                                                           ('_lion_adv_flat4',
                                                                                                                                             'flat')],
                                                                                                                               'states': ['exp_avg'],
-                                                                                                                              'temps': [('_r0',
-                                                                                                                                         'tensor',
-                                                                                                                                         True),
-                                                                                                                                        ('update',
-                                                                                                                                         'element',
-                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', True), ('_c8', True), ('_c9', False), ('_c11', False)): {'columns': ['param',
+                                                                                                                              'temps': []},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c11', False)): {'columns': ['param',
                                                                                                                                          'state:exp_avg',
                                                                                                                                          'state:mu_m_nmf',
                                                                                                                                          'state:mv_m_nmf',
@@ -577,28 +662,95 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                          'M',
                                                                                                                                          'N',
                                                                                                                                          'ndim',
-                                                                                                                                         'gidx',
-                                                                                                                                         'ws:_r0',
-                                                                                                                                         'ws:update'],
+                                                                                                                                         'gidx'],
                                                                                                                              'creates': [],
                                                                                                                              'hv': ['_k32',
                                                                                                                                     '_k33',
-                                                                                                                                    '_k35',
                                                                                                                                     '_k38',
+                                                                                                                                    '_k39__b1__b5',
+                                                                                                                                    '_k40__b3__b7',
+                                                                                                                                    '_c10',
+                                                                                                                                    '_c9',
                                                                                                                                     '_k43'],
-                                                                                                                             'launches': [('_lion_adv_prologue0',
+                                                                                                                             'launches': [('_lion_adv_prologue2',
                                                                                                                                            'prologue'),
-                                                                                                                                          ('_lion_adv_flat0',
-                                                                                                                                           'flat'),
-                                                                                                                                          ('_lion_adv_flat1',
+                                                                                                                                          ('_lion_adv_flat3',
                                                                                                                                            'flat')],
                                                                                                                              'states': ['exp_avg'],
-                                                                                                                             'temps': [('_r0',
-                                                                                                                                        'tensor',
-                                                                                                                                        True),
-                                                                                                                                       ('update',
-                                                                                                                                        'element',
-                                                                                                                                        False)]}},
+                                                                                                                             'temps': []},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', True), ('_c8', False), ('_c11', False)): {'columns': ['param',
+                                                                                                                          'state:exp_avg',
+                                                                                                                          'state:mu_m_nmf',
+                                                                                                                          'state:mv_m_nmf',
+                                                                                                                          'state:sign',
+                                                                                                                          'state:anchor_data',
+                                                                                                                          'numel',
+                                                                                                                          'B',
+                                                                                                                          'M',
+                                                                                                                          'N',
+                                                                                                                          'ndim',
+                                                                                                                          'gidx',
+                                                                                                                          'ws:_r0',
+                                                                                                                          'ws:update'],
+                                                                                                              'creates': [],
+                                                                                                              'hv': ['_k32',
+                                                                                                                     '_k33',
+                                                                                                                     '_k35',
+                                                                                                                     '_k38',
+                                                                                                                     '_k44__b1__b5',
+                                                                                                                     '_k45__b3__b7',
+                                                                                                                     '_c10',
+                                                                                                                     '_c9'],
+                                                                                                              'launches': [('_lion_adv_prologue1',
+                                                                                                                            'prologue'),
+                                                                                                                           ('_lion_adv_flat0',
+                                                                                                                            'flat'),
+                                                                                                                           ('_lion_adv_flat2',
+                                                                                                                            'flat')],
+                                                                                                              'states': ['exp_avg'],
+                                                                                                              'temps': [('_r0',
+                                                                                                                         'tensor',
+                                                                                                                         True),
+                                                                                                                        ('update',
+                                                                                                                         'element',
+                                                                                                                         False)]},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c6', True), ('_c8', True), ('_c11', False)): {'columns': ['param',
+                                                                                                                         'state:exp_avg',
+                                                                                                                         'state:mu_m_nmf',
+                                                                                                                         'state:mv_m_nmf',
+                                                                                                                         'state:sign',
+                                                                                                                         'state:anchor_data',
+                                                                                                                         'numel',
+                                                                                                                         'B',
+                                                                                                                         'M',
+                                                                                                                         'N',
+                                                                                                                         'ndim',
+                                                                                                                         'gidx',
+                                                                                                                         'ws:_r0',
+                                                                                                                         'ws:update'],
+                                                                                                             'creates': [],
+                                                                                                             'hv': ['_k32',
+                                                                                                                    '_k33',
+                                                                                                                    '_k35',
+                                                                                                                    '_k38',
+                                                                                                                    '_k39__b1__b5',
+                                                                                                                    '_k40__b3__b7',
+                                                                                                                    '_c10',
+                                                                                                                    '_c9',
+                                                                                                                    '_k43'],
+                                                                                                             'launches': [('_lion_adv_prologue0',
+                                                                                                                           'prologue'),
+                                                                                                                          ('_lion_adv_flat0',
+                                                                                                                           'flat'),
+                                                                                                                          ('_lion_adv_flat1',
+                                                                                                                           'flat')],
+                                                                                                             'states': ['exp_avg'],
+                                                                                                             'temps': [('_r0',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('update',
+                                                                                                                        'element',
+                                                                                                                        False)]}},
  'static_hypers': ['nnmf_factor', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -21,7 +21,7 @@ def _muon_adv_prologue0(
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 9 the passes read to hv.
+    writes the 13 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 11
     COL_GIDX: tl.constexpr = 16
@@ -33,18 +33,27 @@ def _muon_adv_prologue0(
     HV_NS_B: tl.constexpr = 5
     HV_NS_C: tl.constexpr = 6
     HV_K: tl.constexpr = 7
-    HV_STEP: tl.constexpr = 8
+    HV_K167__B1__B5: tl.constexpr = 8
+    HV_K168__B3__B7: tl.constexpr = 9
+    HV_CAUTIOUS_WD: tl.constexpr = 10
+    HV_C: tl.constexpr = 11
+    HV_STEP: tl.constexpr = 12
     HYP_BETA1: tl.constexpr = 7
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_LR: tl.constexpr = 14
     HYP_NS_A: tl.constexpr = 21
     HYP_NS_B: tl.constexpr = 22
     HYP_NS_C: tl.constexpr = 23
     HYP_NS_EPS: tl.constexpr = 24
     HYP_NS_STEPS: tl.constexpr = 25
+    HYP_WEIGHT_DECAY: tl.constexpr = 34
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta1 = tl.load(hyp + HYP_BETA1)
     # ns_eps_eff = ns_eps
@@ -55,6 +64,10 @@ def _muon_adv_prologue0(
     ns_c = tl.load(hyp + HYP_NS_C)
     # k = lr * 0.2 * sqrt(numel)
     k = ((tl.load(hyp + HYP_LR) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64)))
+    # _k167__b1__b5 = -(weight_decay * lr)
+    k167__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k168__b3__b7 = -(weight_decay * lr)
+    k168__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
@@ -65,6 +78,10 @@ def _muon_adv_prologue0(
     tl.store(hv + t * NH + HV_NS_B, (ns_b).to(tl.float32))
     tl.store(hv + t * NH + HV_NS_C, (ns_c).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K167__B1__B5, (k167__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K168__B3__B7, (k168__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -178,13 +195,21 @@ def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_R0: tl.constexpr = 17
     COL_WS_UPDATE: tl.constexpr = 19
     HV_K: tl.constexpr = 7
-    HV_STEP: tl.constexpr = 8
+    HV_K167__B1__B5: tl.constexpr = 8
+    HV_K168__B3__B7: tl.constexpr = 9
+    HV_CAUTIOUS_WD: tl.constexpr = 10
+    HV_C: tl.constexpr = 11
+    HV_STEP: tl.constexpr = 12
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k167__b1__b5 = tl.load(hv + t * NH + HV_K167__B1__B5)
+    k168__b3__b7 = tl.load(hv + t * NH + HV_K168__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -193,10 +218,19 @@ def _muon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k167__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k167__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k168__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k168__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_1))
+    param_fp32_1 = (param_fp32 + (-update_1))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -235,7 +269,7 @@ def _muon_adv_prologue1(
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 8 the passes read to hv.
+    writes the 12 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 11
     COL_GIDX: tl.constexpr = 16
@@ -247,17 +281,26 @@ def _muon_adv_prologue1(
     HV_NS_B: tl.constexpr = 5
     HV_NS_C: tl.constexpr = 6
     HV_K: tl.constexpr = 7
+    HV_K172__B1__B5: tl.constexpr = 8
+    HV_K173__B3__B7: tl.constexpr = 9
+    HV_CAUTIOUS_WD: tl.constexpr = 10
+    HV_C: tl.constexpr = 11
     HYP_BETA1: tl.constexpr = 7
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_LR: tl.constexpr = 14
     HYP_NS_A: tl.constexpr = 21
     HYP_NS_B: tl.constexpr = 22
     HYP_NS_C: tl.constexpr = 23
     HYP_NS_EPS: tl.constexpr = 24
     HYP_NS_STEPS: tl.constexpr = 25
+    HYP_WEIGHT_DECAY: tl.constexpr = 34
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta1 = tl.load(hyp + HYP_BETA1)
     # ns_eps_eff = ns_eps
@@ -268,6 +311,10 @@ def _muon_adv_prologue1(
     ns_c = tl.load(hyp + HYP_NS_C)
     # k = lr * 0.2 * sqrt(numel)
     k = ((tl.load(hyp + HYP_LR) * tl.full((), 0.2, tl.float64)) * tl.sqrt(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64)))
+    # _k172__b1__b5 = -(weight_decay * lr)
+    k172__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k173__b3__b7 = -(weight_decay * lr)
+    k173__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
@@ -277,6 +324,10 @@ def _muon_adv_prologue1(
     tl.store(hv + t * NH + HV_NS_B, (ns_b).to(tl.float32))
     tl.store(hv + t * NH + HV_NS_C, (ns_c).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K172__B1__B5, (k172__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K173__B3__B7, (k173__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -287,21 +338,38 @@ def _muon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_R0: tl.constexpr = 17
     COL_WS_UPDATE: tl.constexpr = 19
     HV_K: tl.constexpr = 7
+    HV_K172__B1__B5: tl.constexpr = 8
+    HV_K173__B3__B7: tl.constexpr = 9
+    HV_CAUTIOUS_WD: tl.constexpr = 10
+    HV_C: tl.constexpr = 11
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     k = tl.load(hv + t * NH + HV_K)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k172__b1__b5 = tl.load(hv + t * NH + HV_K172__B1__B5)
+    k173__b3__b7 = tl.load(hv + t * NH + HV_K173__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update * (lr * 0.2 * sqrt(numel) / maximum(sqrt(_r0), 1e-08))
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r0 = tl.load(p_r0 + 0).to(tl.float32)
     update_1 = (update * L.div(k, L.maximum(L.sqrt(r0), tl.full((), 1e-08, tl.float32))))
-    # param = param + -update
+    # param__b2__b6 = param + _k172__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_1))
+    param__b2__b6_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k172__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k173__b3__b7 * param
+    param__b4__b8 = (param + k173__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_1))
     # store param
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -395,7 +463,7 @@ def _muon_adv_prologue2(
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 11 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 16
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
@@ -404,19 +472,38 @@ def _muon_adv_prologue2(
     HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
     HV_EPS_EFF: tl.constexpr = 4
     HV_STEP_SIZE: tl.constexpr = 5
-    HV_STEP: tl.constexpr = 6
+    HV_K179__B5__B9: tl.constexpr = 6
+    HV_K180__B7__B11: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
     HYP_ADAM_BETA1: tl.constexpr = 1
     HYP_ADAM_BETA2: tl.constexpr = 2
     HYP_ADAM_EPS: tl.constexpr = 3
+    HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 4
+    HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 5
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_LR: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    # bias_correction1 = 1 - adam_beta1 ** step
-    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
-    # sqrt_bias_correction2 = (1 - adam_beta2 ** step) ** 0.5
-    sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
+    adam_use_bias_correction = tl.load(hyp + HYP_ADAM_USE_BIAS_CORRECTION)
+    # c = adam_weight_decay != 0
+    c = (tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # bias_correction1__b1 = 1 - adam_beta1 ** step
+    bias_correction1__b1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
+    # sqrt_bias_correction2__b2 = (1 - adam_beta2 ** step) ** 0.5
+    sqrt_bias_correction2__b2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    # bias_correction1__b3 = 1
+    bias_correction1__b3 = tl.full((), 1.0, tl.float64)
+    # sqrt_bias_correction2__b4 = 1
+    sqrt_bias_correction2__b4 = tl.full((), 1.0, tl.float64)
+    # bias_correction1 = where(adam_use_bias_correction, bias_correction1__b1, bias_correction1__b3)
+    bias_correction1 = tl.where(adam_use_bias_correction != 0, bias_correction1__b1, bias_correction1__b3)
+    # sqrt_bias_correction2 = where(adam_use_bias_correction, sqrt_bias_correction2__b2, sqrt_bias_correction2__b4)
+    sqrt_bias_correction2 = tl.where(adam_use_bias_correction != 0, sqrt_bias_correction2__b2, sqrt_bias_correction2__b4)
     # step_size = lr / bias_correction1
     step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
     one_minus_adam_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA1))
@@ -424,6 +511,10 @@ def _muon_adv_prologue2(
     one_minus_adam_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA2))
     # eps_eff = adam_eps
     eps_eff = tl.load(hyp + HYP_ADAM_EPS)
+    # _k179__b5__b9 = -(adam_weight_decay * lr)
+    k179__b5__b9 = (-(tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k180__b7__b11 = -(adam_weight_decay * lr)
+    k180__b7__b11 = (-(tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1, (one_minus_adam_beta1).to(tl.float32))
@@ -432,6 +523,10 @@ def _muon_adv_prologue2(
     tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF, (eps_eff).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP_SIZE, (step_size).to(tl.float32))
+    tl.store(hv + t * NH + HV_K179__B5__B9, (k179__b5__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K180__B7__B11, (k180__b7__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -449,7 +544,11 @@ def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
     HV_EPS_EFF: tl.constexpr = 4
     HV_STEP_SIZE: tl.constexpr = 5
-    HV_STEP: tl.constexpr = 6
+    HV_K179__B5__B9: tl.constexpr = 6
+    HV_K180__B7__B11: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -468,6 +567,10 @@ def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k179__b5__b9 = tl.load(hv + t * NH + HV_K179__B5__B9)
+    k180__b7__b11 = tl.load(hv + t * NH + HV_K180__B7__B11)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -486,10 +589,19 @@ def _muon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b6__b10 = param_fp32 + _k179__b5__b9 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b6__b10_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b6__b10 = (param + k179__b5__b9 * param * param_fp32__b6__b10_where)
+    # param_fp32__b8__b12 = param_fp32 + _k180__b7__b11 * param_fp32
+    param_fp32__b8__b12 = (param + k180__b7__b11 * param)
+    # param_fp32__b13 = where(cautious_wd, param_fp32__b6__b10, param_fp32__b8__b12)
+    param_fp32__b13 = tl.where((cautious_wd != 0), param_fp32__b6__b10, param_fp32__b8__b12)
+    # param_fp32 = where(adam_weight_decay != 0, param_fp32__b13, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b13, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_1))
+    param_fp32_1 = (param_fp32 + (-update_1))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
@@ -530,7 +642,7 @@ def _muon_adv_prologue3(
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 10 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 16
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
@@ -539,18 +651,37 @@ def _muon_adv_prologue3(
     HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
     HV_EPS_EFF: tl.constexpr = 4
     HV_STEP_SIZE: tl.constexpr = 5
+    HV_K184__B5__B9: tl.constexpr = 6
+    HV_K185__B7__B11: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
     HYP_ADAM_BETA1: tl.constexpr = 1
     HYP_ADAM_BETA2: tl.constexpr = 2
     HYP_ADAM_EPS: tl.constexpr = 3
+    HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 4
+    HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 5
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_LR: tl.constexpr = 14
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    # bias_correction1 = 1 - adam_beta1 ** step
-    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
-    # sqrt_bias_correction2 = (1 - adam_beta2 ** step) ** 0.5
-    sqrt_bias_correction2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
+    adam_use_bias_correction = tl.load(hyp + HYP_ADAM_USE_BIAS_CORRECTION)
+    # c = adam_weight_decay != 0
+    c = (tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # bias_correction1__b1 = 1 - adam_beta1 ** step
+    bias_correction1__b1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA1), step))
+    # sqrt_bias_correction2__b2 = (1 - adam_beta2 ** step) ** 0.5
+    sqrt_bias_correction2__b2 = L.pow64((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_ADAM_BETA2), step)), tl.full((), 0.5, tl.float64))
+    # bias_correction1__b3 = 1
+    bias_correction1__b3 = tl.full((), 1.0, tl.float64)
+    # sqrt_bias_correction2__b4 = 1
+    sqrt_bias_correction2__b4 = tl.full((), 1.0, tl.float64)
+    # bias_correction1 = where(adam_use_bias_correction, bias_correction1__b1, bias_correction1__b3)
+    bias_correction1 = tl.where(adam_use_bias_correction != 0, bias_correction1__b1, bias_correction1__b3)
+    # sqrt_bias_correction2 = where(adam_use_bias_correction, sqrt_bias_correction2__b2, sqrt_bias_correction2__b4)
+    sqrt_bias_correction2 = tl.where(adam_use_bias_correction != 0, sqrt_bias_correction2__b2, sqrt_bias_correction2__b4)
     # step_size = lr / bias_correction1
     step_size = (tl.load(hyp + HYP_LR) / bias_correction1)
     one_minus_adam_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA1))
@@ -558,6 +689,10 @@ def _muon_adv_prologue3(
     one_minus_adam_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ADAM_BETA2))
     # eps_eff = adam_eps
     eps_eff = tl.load(hyp + HYP_ADAM_EPS)
+    # _k184__b5__b9 = -(adam_weight_decay * lr)
+    k184__b5__b9 = (-(tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k185__b7__b11 = -(adam_weight_decay * lr)
+    k185__b7__b11 = (-(tl.load(hyp + HYP_ADAM_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_ADAM_BETA1, (one_minus_adam_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ADAM_BETA2, (adam_beta2).to(tl.float32))
@@ -565,6 +700,10 @@ def _muon_adv_prologue3(
     tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_EFF, (eps_eff).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP_SIZE, (step_size).to(tl.float32))
+    tl.store(hv + t * NH + HV_K184__B5__B9, (k184__b5__b9).to(tl.float32))
+    tl.store(hv + t * NH + HV_K185__B7__B11, (k185__b7__b11).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -580,6 +719,10 @@ def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
     HV_EPS_EFF: tl.constexpr = 4
     HV_STEP_SIZE: tl.constexpr = 5
+    HV_K184__B5__B9: tl.constexpr = 6
+    HV_K185__B7__B11: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -598,6 +741,10 @@ def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k184__b5__b9 = tl.load(hv + t * NH + HV_K184__B5__B9)
+    k185__b7__b11 = tl.load(hv + t * NH + HV_K185__B7__B11)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -612,13 +759,22 @@ def _muon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     update = L.div(exp_avg_1, denom)
     # update = update * step_size
     update_1 = (update * step_size)
-    # param = param + -update
+    # param__b6__b10 = param + _k184__b5__b9 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_1))
+    param__b6__b10_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b6__b10 = (param + k184__b5__b9 * param * param__b6__b10_where)
+    # param__b8__b12 = param + _k185__b7__b11 * param
+    param__b8__b12 = (param + k185__b7__b11 * param)
+    # param__b13 = where(cautious_wd, param__b6__b10, param__b8__b12)
+    param__b13 = tl.where((cautious_wd != 0), param__b6__b10, param__b8__b12)
+    # param = where(adam_weight_decay != 0, param__b13, param)
+    param_1 = tl.where((c != 0), param__b13, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_1))
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -660,7 +816,11 @@ KERNELS = {
     "_muon_adv_flat6": _muon_adv_flat6,
 }
 
-PLAN = {'dynamic': ['_k110',
+PLAN = {'dynamic': ['_c15',
+             '_c16',
+             '_c18',
+             '_c21',
+             '_k110',
              '_k117',
              '_k141',
              '_k171',
@@ -678,13 +838,9 @@ PLAN = {'dynamic': ['_k110',
                       '_c11',
                       '_c12',
                       '_c13',
-                      '_c15',
-                      '_c16',
                       '_c17',
-                      '_c18',
                       '_c19',
                       '_c20',
-                      '_c21',
                       '_c22',
                       '_c24',
                       '_c3',
@@ -730,335 +886,359 @@ PLAN = {'dynamic': ['_k110',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', False), ('_c18', True), ('_c19', True), ('_c20', False), ('_c14', False), ('_c21', False), ('_c17', False)): {'columns': ['param',
-                                                                                                                                                              'state:momentum_buffer',
-                                                                                                                                                              'state:mu_mbuf_nmf',
-                                                                                                                                                              'state:mv_mbuf_nmf',
-                                                                                                                                                              'state:sign_buf',
-                                                                                                                                                              'state:normuon_v',
-                                                                                                                                                              'state:last_grad',
-                                                                                                                                                              'state:exp_avg',
-                                                                                                                                                              'state:exp_avg_sq',
-                                                                                                                                                              'state:anchor_data',
-                                                                                                                                                              'state:momentum_buffer_scale',
-                                                                                                                                                              'numel',
-                                                                                                                                                              'B',
-                                                                                                                                                              'M',
-                                                                                                                                                              'N',
-                                                                                                                                                              'ndim',
-                                                                                                                                                              'gidx'],
-                                                                                                                                                  'creates': [],
-                                                                                                                                                  'hv': ['_k176',
-                                                                                                                                                         '_k177',
-                                                                                                                                                         '_k178',
-                                                                                                                                                         'sqrt_bias_correction2',
-                                                                                                                                                         'eps_eff',
-                                                                                                                                                         'step_size'],
-                                                                                                                                                  'launches': [('_muon_adv_prologue3',
-                                                                                                                                                                'prologue'),
-                                                                                                                                                               ('_muon_adv_flat6',
-                                                                                                                                                                'flat')],
-                                                                                                                                                  'states': ['exp_avg',
-                                                                                                                                                             'exp_avg_sq'],
-                                                                                                                                                  'temps': []},
-           (('_c0', False), ('_c2', False), ('_c18', True), ('_c19', True), ('_c20', False), ('_c14', True), ('_c21', False), ('_c17', False)): {'columns': ['param',
-                                                                                                                                                             'state:momentum_buffer',
-                                                                                                                                                             'state:mu_mbuf_nmf',
-                                                                                                                                                             'state:mv_mbuf_nmf',
-                                                                                                                                                             'state:sign_buf',
-                                                                                                                                                             'state:normuon_v',
-                                                                                                                                                             'state:last_grad',
-                                                                                                                                                             'state:exp_avg',
-                                                                                                                                                             'state:exp_avg_sq',
-                                                                                                                                                             'state:anchor_data',
-                                                                                                                                                             'state:momentum_buffer_scale',
-                                                                                                                                                             'numel',
-                                                                                                                                                             'B',
-                                                                                                                                                             'M',
-                                                                                                                                                             'N',
-                                                                                                                                                             'ndim',
-                                                                                                                                                             'gidx'],
-                                                                                                                                                 'creates': [],
-                                                                                                                                                 'hv': ['_k176',
-                                                                                                                                                        '_k177',
-                                                                                                                                                        '_k178',
-                                                                                                                                                        'sqrt_bias_correction2',
-                                                                                                                                                        'eps_eff',
-                                                                                                                                                        'step_size',
-                                                                                                                                                        '_k183'],
-                                                                                                                                                 'launches': [('_muon_adv_prologue2',
-                                                                                                                                                               'prologue'),
-                                                                                                                                                              ('_muon_adv_flat5',
-                                                                                                                                                               'flat')],
-                                                                                                                                                 'states': ['exp_avg',
-                                                                                                                                                            'exp_avg_sq'],
-                                                                                                                                                 'temps': []},
-           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False), ('_c17', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                                        '_k158'],
-                                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                                        'ns_eps_eff'],
-                                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                                        '_k159'],
-                                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                                        '_k160'],
-                                                                                                                                                                                                                                                                                                                                       ['var',
-                                                                                                                                                                                                                                                                                                                                        '_k161']],
-                                                                                                                                                                                                                                                                                                                              'input': '_x0',
-                                                                                                                                                                                                                                                                                                                              'op': 'newton_schulz',
-                                                                                                                                                                                                                                                                                                                              'output': '_n0'}],
-                                                                                                                                                                                                                                                                                                                   'columns': ['param',
-                                                                                                                                                                                                                                                                                                                               'state:momentum_buffer',
-                                                                                                                                                                                                                                                                                                                               'state:mu_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                               'state:mv_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                               'state:sign_buf',
-                                                                                                                                                                                                                                                                                                                               'state:normuon_v',
-                                                                                                                                                                                                                                                                                                                               'state:last_grad',
-                                                                                                                                                                                                                                                                                                                               'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                               'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                               'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                               'state:momentum_buffer_scale',
-                                                                                                                                                                                                                                                                                                                               'numel',
-                                                                                                                                                                                                                                                                                                                               'B',
-                                                                                                                                                                                                                                                                                                                               'M',
-                                                                                                                                                                                                                                                                                                                               'N',
-                                                                                                                                                                                                                                                                                                                               'ndim',
-                                                                                                                                                                                                                                                                                                                               'gidx',
-                                                                                                                                                                                                                                                                                                                               'ws:_r0',
-                                                                                                                                                                                                                                                                                                                               'ws:_n0',
-                                                                                                                                                                                                                                                                                                                               'ws:update',
-                                                                                                                                                                                                                                                                                                                               'ws:_x0'],
-                                                                                                                                                                                                                                                                                                                   'creates': [],
-                                                                                                                                                                                                                                                                                                                   'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                                          '_k148',
-                                                                                                                                                                                                                                                                                                                          '_k158',
-                                                                                                                                                                                                                                                                                                                          'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                                          '_k159',
-                                                                                                                                                                                                                                                                                                                          '_k160',
-                                                                                                                                                                                                                                                                                                                          '_k161',
-                                                                                                                                                                                                                                                                                                                          '_k165'],
-                                                                                                                                                                                                                                                                                                                   'launches': [('_muon_adv_prologue1',
-                                                                                                                                                                                                                                                                                                                                 'prologue'),
-                                                                                                                                                                                                                                                                                                                                ('_muon_adv_flat4',
-                                                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                                                ('call0',
-                                                                                                                                                                                                                                                                                                                                 'call'),
-                                                                                                                                                                                                                                                                                                                                ('_muon_adv_flat1',
-                                                                                                                                                                                                                                                                                                                                 'flat'),
-                                                                                                                                                                                                                                                                                                                                ('_muon_adv_flat3',
-                                                                                                                                                                                                                                                                                                                                 'flat')],
-                                                                                                                                                                                                                                                                                                                   'states': ['momentum_buffer'],
-                                                                                                                                                                                                                                                                                                                   'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                                              'tensor',
-                                                                                                                                                                                                                                                                                                                              True),
-                                                                                                                                                                                                                                                                                                                             ('_n0',
-                                                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                                             ('update',
-                                                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                                                              False),
-                                                                                                                                                                                                                                                                                                                             ('_x0',
-                                                                                                                                                                                                                                                                                                                              'element',
-                                                                                                                                                                                                                                                                                                                              False)]},
-           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False), ('_c17', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                                       '_k158'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k159'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k160'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k161']],
-                                                                                                                                                                                                                                                                                                                             'input': '_x0',
-                                                                                                                                                                                                                                                                                                                             'op': 'newton_schulz',
-                                                                                                                                                                                                                                                                                                                             'output': '_n0'}],
-                                                                                                                                                                                                                                                                                                                  'columns': ['param',
-                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer',
-                                                                                                                                                                                                                                                                                                                              'state:mu_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                              'state:mv_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                              'state:sign_buf',
-                                                                                                                                                                                                                                                                                                                              'state:normuon_v',
-                                                                                                                                                                                                                                                                                                                              'state:last_grad',
-                                                                                                                                                                                                                                                                                                                              'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                              'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                              'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
-                                                                                                                                                                                                                                                                                                                              'numel',
-                                                                                                                                                                                                                                                                                                                              'B',
-                                                                                                                                                                                                                                                                                                                              'M',
-                                                                                                                                                                                                                                                                                                                              'N',
-                                                                                                                                                                                                                                                                                                                              'ndim',
-                                                                                                                                                                                                                                                                                                                              'gidx',
-                                                                                                                                                                                                                                                                                                                              'ws:_r0',
-                                                                                                                                                                                                                                                                                                                              'ws:_n0',
-                                                                                                                                                                                                                                                                                                                              'ws:update',
-                                                                                                                                                                                                                                                                                                                              'ws:_x0'],
-                                                                                                                                                                                                                                                                                                                  'creates': [],
-                                                                                                                                                                                                                                                                                                                  'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                                         '_k148',
-                                                                                                                                                                                                                                                                                                                         '_k158',
-                                                                                                                                                                                                                                                                                                                         'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                                         '_k159',
-                                                                                                                                                                                                                                                                                                                         '_k160',
-                                                                                                                                                                                                                                                                                                                         '_k161',
-                                                                                                                                                                                                                                                                                                                         '_k165',
-                                                                                                                                                                                                                                                                                                                         '_k171'],
-                                                                                                                                                                                                                                                                                                                  'launches': [('_muon_adv_prologue0',
-                                                                                                                                                                                                                                                                                                                                'prologue'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat4',
-                                                                                                                                                                                                                                                                                                                                'flat'),
-                                                                                                                                                                                                                                                                                                                               ('call0',
-                                                                                                                                                                                                                                                                                                                                'call'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat1',
-                                                                                                                                                                                                                                                                                                                                'flat'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat2',
-                                                                                                                                                                                                                                                                                                                                'flat')],
-                                                                                                                                                                                                                                                                                                                  'states': ['momentum_buffer'],
-                                                                                                                                                                                                                                                                                                                  'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                                             'tensor',
-                                                                                                                                                                                                                                                                                                                             True),
-                                                                                                                                                                                                                                                                                                                            ('_n0',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False),
-                                                                                                                                                                                                                                                                                                                            ('update',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False),
-                                                                                                                                                                                                                                                                                                                            ('_x0',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False)]},
-           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c15', False), ('_c17', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                                       '_k158'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k159'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k160'],
-                                                                                                                                                                                                                                                                                                                                      ['var',
-                                                                                                                                                                                                                                                                                                                                       '_k161']],
-                                                                                                                                                                                                                                                                                                                             'input': '_x0',
-                                                                                                                                                                                                                                                                                                                             'op': 'newton_schulz',
-                                                                                                                                                                                                                                                                                                                             'output': '_n0'}],
-                                                                                                                                                                                                                                                                                                                  'columns': ['param',
-                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer',
-                                                                                                                                                                                                                                                                                                                              'state:mu_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                              'state:mv_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                              'state:sign_buf',
-                                                                                                                                                                                                                                                                                                                              'state:normuon_v',
-                                                                                                                                                                                                                                                                                                                              'state:last_grad',
-                                                                                                                                                                                                                                                                                                                              'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                              'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                              'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
-                                                                                                                                                                                                                                                                                                                              'numel',
-                                                                                                                                                                                                                                                                                                                              'B',
-                                                                                                                                                                                                                                                                                                                              'M',
-                                                                                                                                                                                                                                                                                                                              'N',
-                                                                                                                                                                                                                                                                                                                              'ndim',
-                                                                                                                                                                                                                                                                                                                              'gidx',
-                                                                                                                                                                                                                                                                                                                              'ws:_r0',
-                                                                                                                                                                                                                                                                                                                              'ws:_n0',
-                                                                                                                                                                                                                                                                                                                              'ws:update',
-                                                                                                                                                                                                                                                                                                                              'ws:_x0'],
-                                                                                                                                                                                                                                                                                                                  'creates': [],
-                                                                                                                                                                                                                                                                                                                  'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                                         '_k148',
-                                                                                                                                                                                                                                                                                                                         '_k158',
-                                                                                                                                                                                                                                                                                                                         'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                                         '_k159',
-                                                                                                                                                                                                                                                                                                                         '_k160',
-                                                                                                                                                                                                                                                                                                                         '_k161',
-                                                                                                                                                                                                                                                                                                                         '_k165'],
-                                                                                                                                                                                                                                                                                                                  'launches': [('_muon_adv_prologue1',
-                                                                                                                                                                                                                                                                                                                                'prologue'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat0',
-                                                                                                                                                                                                                                                                                                                                'flat'),
-                                                                                                                                                                                                                                                                                                                               ('call0',
-                                                                                                                                                                                                                                                                                                                                'call'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat1',
-                                                                                                                                                                                                                                                                                                                                'flat'),
-                                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat3',
-                                                                                                                                                                                                                                                                                                                                'flat')],
-                                                                                                                                                                                                                                                                                                                  'states': ['momentum_buffer'],
-                                                                                                                                                                                                                                                                                                                  'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                                             'tensor',
-                                                                                                                                                                                                                                                                                                                             True),
-                                                                                                                                                                                                                                                                                                                            ('_n0',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False),
-                                                                                                                                                                                                                                                                                                                            ('update',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False),
-                                                                                                                                                                                                                                                                                                                            ('_x0',
-                                                                                                                                                                                                                                                                                                                             'element',
-                                                                                                                                                                                                                                                                                                                             False)]},
-           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c15', False), ('_c17', False)): {'calls': [{'args': [['var',
-                                                                                                                                                                                                                                                                                                                                      '_k158'],
-                                                                                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
-                                                                                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                                                                                      '_k159'],
-                                                                                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                                                                                      '_k160'],
-                                                                                                                                                                                                                                                                                                                                     ['var',
-                                                                                                                                                                                                                                                                                                                                      '_k161']],
-                                                                                                                                                                                                                                                                                                                            'input': '_x0',
-                                                                                                                                                                                                                                                                                                                            'op': 'newton_schulz',
-                                                                                                                                                                                                                                                                                                                            'output': '_n0'}],
-                                                                                                                                                                                                                                                                                                                 'columns': ['param',
-                                                                                                                                                                                                                                                                                                                             'state:momentum_buffer',
-                                                                                                                                                                                                                                                                                                                             'state:mu_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                             'state:mv_mbuf_nmf',
-                                                                                                                                                                                                                                                                                                                             'state:sign_buf',
-                                                                                                                                                                                                                                                                                                                             'state:normuon_v',
-                                                                                                                                                                                                                                                                                                                             'state:last_grad',
-                                                                                                                                                                                                                                                                                                                             'state:exp_avg',
-                                                                                                                                                                                                                                                                                                                             'state:exp_avg_sq',
-                                                                                                                                                                                                                                                                                                                             'state:anchor_data',
-                                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
-                                                                                                                                                                                                                                                                                                                             'numel',
-                                                                                                                                                                                                                                                                                                                             'B',
-                                                                                                                                                                                                                                                                                                                             'M',
-                                                                                                                                                                                                                                                                                                                             'N',
-                                                                                                                                                                                                                                                                                                                             'ndim',
-                                                                                                                                                                                                                                                                                                                             'gidx',
-                                                                                                                                                                                                                                                                                                                             'ws:_r0',
-                                                                                                                                                                                                                                                                                                                             'ws:_n0',
-                                                                                                                                                                                                                                                                                                                             'ws:update',
-                                                                                                                                                                                                                                                                                                                             'ws:_x0'],
-                                                                                                                                                                                                                                                                                                                 'creates': [],
-                                                                                                                                                                                                                                                                                                                 'hv': ['_k147',
-                                                                                                                                                                                                                                                                                                                        '_k148',
-                                                                                                                                                                                                                                                                                                                        '_k158',
-                                                                                                                                                                                                                                                                                                                        'ns_eps_eff',
-                                                                                                                                                                                                                                                                                                                        '_k159',
-                                                                                                                                                                                                                                                                                                                        '_k160',
-                                                                                                                                                                                                                                                                                                                        '_k161',
-                                                                                                                                                                                                                                                                                                                        '_k165',
-                                                                                                                                                                                                                                                                                                                        '_k171'],
-                                                                                                                                                                                                                                                                                                                 'launches': [('_muon_adv_prologue0',
-                                                                                                                                                                                                                                                                                                                               'prologue'),
-                                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat0',
-                                                                                                                                                                                                                                                                                                                               'flat'),
-                                                                                                                                                                                                                                                                                                                              ('call0',
-                                                                                                                                                                                                                                                                                                                               'call'),
-                                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat1',
-                                                                                                                                                                                                                                                                                                                               'flat'),
-                                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat2',
-                                                                                                                                                                                                                                                                                                                               'flat')],
-                                                                                                                                                                                                                                                                                                                 'states': ['momentum_buffer'],
-                                                                                                                                                                                                                                                                                                                 'temps': [('_r0',
-                                                                                                                                                                                                                                                                                                                            'tensor',
-                                                                                                                                                                                                                                                                                                                            True),
-                                                                                                                                                                                                                                                                                                                           ('_n0',
-                                                                                                                                                                                                                                                                                                                            'element',
-                                                                                                                                                                                                                                                                                                                            False),
-                                                                                                                                                                                                                                                                                                                           ('update',
-                                                                                                                                                                                                                                                                                                                            'element',
-                                                                                                                                                                                                                                                                                                                            False),
-                                                                                                                                                                                                                                                                                                                           ('_x0',
-                                                                                                                                                                                                                                                                                                                            'element',
-                                                                                                                                                                                                                                                                                                                            False)]}},
+ 'paths': {(('_c0', False), ('_c2', False), ('_c19', True), ('_c20', False), ('_c14', False), ('_c17', False)): {'columns': ['param',
+                                                                                                                             'state:momentum_buffer',
+                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                             'state:sign_buf',
+                                                                                                                             'state:normuon_v',
+                                                                                                                             'state:last_grad',
+                                                                                                                             'state:exp_avg',
+                                                                                                                             'state:exp_avg_sq',
+                                                                                                                             'state:anchor_data',
+                                                                                                                             'state:momentum_buffer_scale',
+                                                                                                                             'numel',
+                                                                                                                             'B',
+                                                                                                                             'M',
+                                                                                                                             'N',
+                                                                                                                             'ndim',
+                                                                                                                             'gidx'],
+                                                                                                                 'creates': [],
+                                                                                                                 'hv': ['_k176',
+                                                                                                                        '_k177',
+                                                                                                                        '_k178',
+                                                                                                                        'sqrt_bias_correction2',
+                                                                                                                        'eps_eff',
+                                                                                                                        'step_size',
+                                                                                                                        '_k184__b5__b9',
+                                                                                                                        '_k185__b7__b11',
+                                                                                                                        '_c16',
+                                                                                                                        '_c21'],
+                                                                                                                 'launches': [('_muon_adv_prologue3',
+                                                                                                                               'prologue'),
+                                                                                                                              ('_muon_adv_flat6',
+                                                                                                                               'flat')],
+                                                                                                                 'states': ['exp_avg',
+                                                                                                                            'exp_avg_sq'],
+                                                                                                                 'temps': []},
+           (('_c0', False), ('_c2', False), ('_c19', True), ('_c20', False), ('_c14', True), ('_c17', False)): {'columns': ['param',
+                                                                                                                            'state:momentum_buffer',
+                                                                                                                            'state:mu_mbuf_nmf',
+                                                                                                                            'state:mv_mbuf_nmf',
+                                                                                                                            'state:sign_buf',
+                                                                                                                            'state:normuon_v',
+                                                                                                                            'state:last_grad',
+                                                                                                                            'state:exp_avg',
+                                                                                                                            'state:exp_avg_sq',
+                                                                                                                            'state:anchor_data',
+                                                                                                                            'state:momentum_buffer_scale',
+                                                                                                                            'numel',
+                                                                                                                            'B',
+                                                                                                                            'M',
+                                                                                                                            'N',
+                                                                                                                            'ndim',
+                                                                                                                            'gidx'],
+                                                                                                                'creates': [],
+                                                                                                                'hv': ['_k176',
+                                                                                                                       '_k177',
+                                                                                                                       '_k178',
+                                                                                                                       'sqrt_bias_correction2',
+                                                                                                                       'eps_eff',
+                                                                                                                       'step_size',
+                                                                                                                       '_k179__b5__b9',
+                                                                                                                       '_k180__b7__b11',
+                                                                                                                       '_c16',
+                                                                                                                       '_c21',
+                                                                                                                       '_k183'],
+                                                                                                                'launches': [('_muon_adv_prologue2',
+                                                                                                                              'prologue'),
+                                                                                                                             ('_muon_adv_flat5',
+                                                                                                                              'flat')],
+                                                                                                                'states': ['exp_avg',
+                                                                                                                           'exp_avg_sq'],
+                                                                                                                'temps': []},
+           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c17', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                       '_k158'],
+                                                                                                                                                                                                                                                                                                                      ['var',
+                                                                                                                                                                                                                                                                                                                       'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                      ['var',
+                                                                                                                                                                                                                                                                                                                       '_k159'],
+                                                                                                                                                                                                                                                                                                                      ['var',
+                                                                                                                                                                                                                                                                                                                       '_k160'],
+                                                                                                                                                                                                                                                                                                                      ['var',
+                                                                                                                                                                                                                                                                                                                       '_k161']],
+                                                                                                                                                                                                                                                                                                             'input': '_x0',
+                                                                                                                                                                                                                                                                                                             'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                             'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                  'columns': ['param',
+                                                                                                                                                                                                                                                                                                              'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                              'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                              'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                              'state:sign_buf',
+                                                                                                                                                                                                                                                                                                              'state:normuon_v',
+                                                                                                                                                                                                                                                                                                              'state:last_grad',
+                                                                                                                                                                                                                                                                                                              'state:exp_avg',
+                                                                                                                                                                                                                                                                                                              'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                              'state:anchor_data',
+                                                                                                                                                                                                                                                                                                              'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                              'numel',
+                                                                                                                                                                                                                                                                                                              'B',
+                                                                                                                                                                                                                                                                                                              'M',
+                                                                                                                                                                                                                                                                                                              'N',
+                                                                                                                                                                                                                                                                                                              'ndim',
+                                                                                                                                                                                                                                                                                                              'gidx',
+                                                                                                                                                                                                                                                                                                              'ws:_r0',
+                                                                                                                                                                                                                                                                                                              'ws:_n0',
+                                                                                                                                                                                                                                                                                                              'ws:update',
+                                                                                                                                                                                                                                                                                                              'ws:_x0'],
+                                                                                                                                                                                                                                                                                                  'creates': [],
+                                                                                                                                                                                                                                                                                                  'hv': ['_k147',
+                                                                                                                                                                                                                                                                                                         '_k148',
+                                                                                                                                                                                                                                                                                                         '_k158',
+                                                                                                                                                                                                                                                                                                         'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                         '_k159',
+                                                                                                                                                                                                                                                                                                         '_k160',
+                                                                                                                                                                                                                                                                                                         '_k161',
+                                                                                                                                                                                                                                                                                                         '_k165',
+                                                                                                                                                                                                                                                                                                         '_k172__b1__b5',
+                                                                                                                                                                                                                                                                                                         '_k173__b3__b7',
+                                                                                                                                                                                                                                                                                                         '_c16',
+                                                                                                                                                                                                                                                                                                         '_c15'],
+                                                                                                                                                                                                                                                                                                  'launches': [('_muon_adv_prologue1',
+                                                                                                                                                                                                                                                                                                                'prologue'),
+                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat4',
+                                                                                                                                                                                                                                                                                                                'flat'),
+                                                                                                                                                                                                                                                                                                               ('call0',
+                                                                                                                                                                                                                                                                                                                'call'),
+                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                                'flat'),
+                                                                                                                                                                                                                                                                                                               ('_muon_adv_flat3',
+                                                                                                                                                                                                                                                                                                                'flat')],
+                                                                                                                                                                                                                                                                                                  'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                  'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                             'tensor',
+                                                                                                                                                                                                                                                                                                             True),
+                                                                                                                                                                                                                                                                                                            ('_n0',
+                                                                                                                                                                                                                                                                                                             'element',
+                                                                                                                                                                                                                                                                                                             False),
+                                                                                                                                                                                                                                                                                                            ('update',
+                                                                                                                                                                                                                                                                                                             'element',
+                                                                                                                                                                                                                                                                                                             False),
+                                                                                                                                                                                                                                                                                                            ('_x0',
+                                                                                                                                                                                                                                                                                                             'element',
+                                                                                                                                                                                                                                                                                                             False)]},
+           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', False), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c17', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                      '_k158'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k159'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k160'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k161']],
+                                                                                                                                                                                                                                                                                                            'input': '_x0',
+                                                                                                                                                                                                                                                                                                            'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                            'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                 'columns': ['param',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:sign_buf',
+                                                                                                                                                                                                                                                                                                             'state:normuon_v',
+                                                                                                                                                                                                                                                                                                             'state:last_grad',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                             'state:anchor_data',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                             'numel',
+                                                                                                                                                                                                                                                                                                             'B',
+                                                                                                                                                                                                                                                                                                             'M',
+                                                                                                                                                                                                                                                                                                             'N',
+                                                                                                                                                                                                                                                                                                             'ndim',
+                                                                                                                                                                                                                                                                                                             'gidx',
+                                                                                                                                                                                                                                                                                                             'ws:_r0',
+                                                                                                                                                                                                                                                                                                             'ws:_n0',
+                                                                                                                                                                                                                                                                                                             'ws:update',
+                                                                                                                                                                                                                                                                                                             'ws:_x0'],
+                                                                                                                                                                                                                                                                                                 'creates': [],
+                                                                                                                                                                                                                                                                                                 'hv': ['_k147',
+                                                                                                                                                                                                                                                                                                        '_k148',
+                                                                                                                                                                                                                                                                                                        '_k158',
+                                                                                                                                                                                                                                                                                                        'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                        '_k159',
+                                                                                                                                                                                                                                                                                                        '_k160',
+                                                                                                                                                                                                                                                                                                        '_k161',
+                                                                                                                                                                                                                                                                                                        '_k165',
+                                                                                                                                                                                                                                                                                                        '_k167__b1__b5',
+                                                                                                                                                                                                                                                                                                        '_k168__b3__b7',
+                                                                                                                                                                                                                                                                                                        '_c16',
+                                                                                                                                                                                                                                                                                                        '_c15',
+                                                                                                                                                                                                                                                                                                        '_k171'],
+                                                                                                                                                                                                                                                                                                 'launches': [('_muon_adv_prologue0',
+                                                                                                                                                                                                                                                                                                               'prologue'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat4',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('call0',
+                                                                                                                                                                                                                                                                                                               'call'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat2',
+                                                                                                                                                                                                                                                                                                               'flat')],
+                                                                                                                                                                                                                                                                                                 'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                 'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                                                            True),
+                                                                                                                                                                                                                                                                                                           ('_n0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('update',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('_x0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False)]},
+           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', False), ('_c17', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                      '_k158'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k159'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k160'],
+                                                                                                                                                                                                                                                                                                                     ['var',
+                                                                                                                                                                                                                                                                                                                      '_k161']],
+                                                                                                                                                                                                                                                                                                            'input': '_x0',
+                                                                                                                                                                                                                                                                                                            'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                            'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                 'columns': ['param',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                             'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                             'state:sign_buf',
+                                                                                                                                                                                                                                                                                                             'state:normuon_v',
+                                                                                                                                                                                                                                                                                                             'state:last_grad',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg',
+                                                                                                                                                                                                                                                                                                             'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                             'state:anchor_data',
+                                                                                                                                                                                                                                                                                                             'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                             'numel',
+                                                                                                                                                                                                                                                                                                             'B',
+                                                                                                                                                                                                                                                                                                             'M',
+                                                                                                                                                                                                                                                                                                             'N',
+                                                                                                                                                                                                                                                                                                             'ndim',
+                                                                                                                                                                                                                                                                                                             'gidx',
+                                                                                                                                                                                                                                                                                                             'ws:_r0',
+                                                                                                                                                                                                                                                                                                             'ws:_n0',
+                                                                                                                                                                                                                                                                                                             'ws:update',
+                                                                                                                                                                                                                                                                                                             'ws:_x0'],
+                                                                                                                                                                                                                                                                                                 'creates': [],
+                                                                                                                                                                                                                                                                                                 'hv': ['_k147',
+                                                                                                                                                                                                                                                                                                        '_k148',
+                                                                                                                                                                                                                                                                                                        '_k158',
+                                                                                                                                                                                                                                                                                                        'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                        '_k159',
+                                                                                                                                                                                                                                                                                                        '_k160',
+                                                                                                                                                                                                                                                                                                        '_k161',
+                                                                                                                                                                                                                                                                                                        '_k165',
+                                                                                                                                                                                                                                                                                                        '_k172__b1__b5',
+                                                                                                                                                                                                                                                                                                        '_k173__b3__b7',
+                                                                                                                                                                                                                                                                                                        '_c16',
+                                                                                                                                                                                                                                                                                                        '_c15'],
+                                                                                                                                                                                                                                                                                                 'launches': [('_muon_adv_prologue1',
+                                                                                                                                                                                                                                                                                                               'prologue'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('call0',
+                                                                                                                                                                                                                                                                                                               'call'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                               'flat'),
+                                                                                                                                                                                                                                                                                                              ('_muon_adv_flat3',
+                                                                                                                                                                                                                                                                                                               'flat')],
+                                                                                                                                                                                                                                                                                                 'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                 'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                            'tensor',
+                                                                                                                                                                                                                                                                                                            True),
+                                                                                                                                                                                                                                                                                                           ('_n0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('update',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False),
+                                                                                                                                                                                                                                                                                                           ('_x0',
+                                                                                                                                                                                                                                                                                                            'element',
+                                                                                                                                                                                                                                                                                                            False)]},
+           (('_c0', False), ('_c2', True), ('_c22', False), ('_c24', False), ('_c3', False), ('_c25', True), ('_c4', False), ('_c5', True), ('_c6', True), ('_c7', False), ('_c8', False), ('_c10', False), ('_c11', False), ('_c12', True), ('_c13', True), ('_c14', True), ('_c17', False)): {'calls': [{'args': [['var',
+                                                                                                                                                                                                                                                                                                                     '_k158'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     'ns_eps_eff'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k159'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k160'],
+                                                                                                                                                                                                                                                                                                                    ['var',
+                                                                                                                                                                                                                                                                                                                     '_k161']],
+                                                                                                                                                                                                                                                                                                           'input': '_x0',
+                                                                                                                                                                                                                                                                                                           'op': 'newton_schulz',
+                                                                                                                                                                                                                                                                                                           'output': '_n0'}],
+                                                                                                                                                                                                                                                                                                'columns': ['param',
+                                                                                                                                                                                                                                                                                                            'state:momentum_buffer',
+                                                                                                                                                                                                                                                                                                            'state:mu_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                            'state:mv_mbuf_nmf',
+                                                                                                                                                                                                                                                                                                            'state:sign_buf',
+                                                                                                                                                                                                                                                                                                            'state:normuon_v',
+                                                                                                                                                                                                                                                                                                            'state:last_grad',
+                                                                                                                                                                                                                                                                                                            'state:exp_avg',
+                                                                                                                                                                                                                                                                                                            'state:exp_avg_sq',
+                                                                                                                                                                                                                                                                                                            'state:anchor_data',
+                                                                                                                                                                                                                                                                                                            'state:momentum_buffer_scale',
+                                                                                                                                                                                                                                                                                                            'numel',
+                                                                                                                                                                                                                                                                                                            'B',
+                                                                                                                                                                                                                                                                                                            'M',
+                                                                                                                                                                                                                                                                                                            'N',
+                                                                                                                                                                                                                                                                                                            'ndim',
+                                                                                                                                                                                                                                                                                                            'gidx',
+                                                                                                                                                                                                                                                                                                            'ws:_r0',
+                                                                                                                                                                                                                                                                                                            'ws:_n0',
+                                                                                                                                                                                                                                                                                                            'ws:update',
+                                                                                                                                                                                                                                                                                                            'ws:_x0'],
+                                                                                                                                                                                                                                                                                                'creates': [],
+                                                                                                                                                                                                                                                                                                'hv': ['_k147',
+                                                                                                                                                                                                                                                                                                       '_k148',
+                                                                                                                                                                                                                                                                                                       '_k158',
+                                                                                                                                                                                                                                                                                                       'ns_eps_eff',
+                                                                                                                                                                                                                                                                                                       '_k159',
+                                                                                                                                                                                                                                                                                                       '_k160',
+                                                                                                                                                                                                                                                                                                       '_k161',
+                                                                                                                                                                                                                                                                                                       '_k165',
+                                                                                                                                                                                                                                                                                                       '_k167__b1__b5',
+                                                                                                                                                                                                                                                                                                       '_k168__b3__b7',
+                                                                                                                                                                                                                                                                                                       '_c16',
+                                                                                                                                                                                                                                                                                                       '_c15',
+                                                                                                                                                                                                                                                                                                       '_k171'],
+                                                                                                                                                                                                                                                                                                'launches': [('_muon_adv_prologue0',
+                                                                                                                                                                                                                                                                                                              'prologue'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat0',
+                                                                                                                                                                                                                                                                                                              'flat'),
+                                                                                                                                                                                                                                                                                                             ('call0',
+                                                                                                                                                                                                                                                                                                              'call'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat1',
+                                                                                                                                                                                                                                                                                                              'flat'),
+                                                                                                                                                                                                                                                                                                             ('_muon_adv_flat2',
+                                                                                                                                                                                                                                                                                                              'flat')],
+                                                                                                                                                                                                                                                                                                'states': ['momentum_buffer'],
+                                                                                                                                                                                                                                                                                                'temps': [('_r0',
+                                                                                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                                                                                           True),
+                                                                                                                                                                                                                                                                                                          ('_n0',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False),
+                                                                                                                                                                                                                                                                                                          ('update',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False),
+                                                                                                                                                                                                                                                                                                          ('_x0',
+                                                                                                                                                                                                                                                                                                           'element',
+                                                                                                                                                                                                                                                                                                           False)]}},
  'static_hypers': ['cns_a_bound',
                    'nnmf_factor',
                    'ns_coeffs',

@@ -21,7 +21,7 @@ def _prodigy_adv_2_2_3_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_exp_avg_slow: tl.constexpr, DT_mu_m_slow_nmf: tl.constexpr, DT_mv_m_slow_nmf: tl.constexpr, DT_sign_slow: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 12 the passes read to hv.
+    writes the 16 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 20
     HV_BETA1_USED: tl.constexpr = 0
@@ -35,19 +35,28 @@ def _prodigy_adv_2_2_3_prologue0(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_BETA3_USED: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K76__B1__B5: tl.constexpr = 11
+    HV_K77__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     HYP_BETA1_USED: tl.constexpr = 3
     HYP_BETA3_USED: tl.constexpr = 5
     HYP_BETA2: tl.constexpr = 7
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_D: tl.constexpr = 10
     HYP_D0: tl.constexpr = 11
     HYP_EPS: tl.constexpr = 12
     HYP_LR: tl.constexpr = 16
     HYP_SLICE_P: tl.constexpr = 21
+    HYP_WEIGHT_DECAY: tl.constexpr = 26
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # eps_eff = eps
@@ -62,6 +71,10 @@ def _prodigy_adv_2_2_3_prologue0(
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     beta3_used = tl.load(hyp + HYP_BETA3_USED)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k76__b1__b5 = -(weight_decay * dlr)
+    k76__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k77__b3__b7 = -(weight_decay * dlr)
+    k77__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1_USED, (beta1_used).to(tl.float32))
@@ -75,6 +88,10 @@ def _prodigy_adv_2_2_3_prologue0(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA3_USED, (beta3_used).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K76__B1__B5, (k76__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K77__B3__B7, (k77__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -101,7 +118,11 @@ def _prodigy_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
     HV_SLICE_P_1: tl.constexpr = 7
     HV_BETA3_USED: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K76__B1__B5: tl.constexpr = 11
+    HV_K77__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -133,6 +154,10 @@ def _prodigy_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
         p_s = tl.multiple_of(p_s, 16)
     beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k76__b1__b5 = tl.load(hv + t * NH + HV_K76__B1__B5)
+    k77__b3__b7 = tl.load(hv + t * NH + HV_K77__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -163,10 +188,19 @@ def _prodigy_adv_2_2_3_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k76__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k76__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k77__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k77__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_1))
+    param_fp32_1 = (param_fp32 + (-update_1))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, exp_avg_sq, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
@@ -249,7 +283,7 @@ def _prodigy_adv_2_2_3_prologue1(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr, DT_exp_avg_slow: tl.constexpr, DT_mu_m_slow_nmf: tl.constexpr, DT_mv_m_slow_nmf: tl.constexpr, DT_sign_slow: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 11 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 20
     HV_BETA1_USED: tl.constexpr = 0
@@ -263,18 +297,27 @@ def _prodigy_adv_2_2_3_prologue1(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_BETA3_USED: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_K79__B1__B5: tl.constexpr = 11
+    HV_K80__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     HYP_BETA1_USED: tl.constexpr = 3
     HYP_BETA3_USED: tl.constexpr = 5
     HYP_BETA2: tl.constexpr = 7
+    HYP_CAUTIOUS_WD: tl.constexpr = 9
     HYP_D: tl.constexpr = 10
     HYP_D0: tl.constexpr = 11
     HYP_EPS: tl.constexpr = 12
     HYP_LR: tl.constexpr = 16
     HYP_SLICE_P: tl.constexpr = 21
+    HYP_WEIGHT_DECAY: tl.constexpr = 26
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # eps_eff = eps
@@ -289,6 +332,10 @@ def _prodigy_adv_2_2_3_prologue1(
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     beta3_used = tl.load(hyp + HYP_BETA3_USED)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k79__b1__b5 = -(weight_decay * dlr)
+    k79__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k80__b3__b7 = -(weight_decay * dlr)
+    k80__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1_USED, (beta1_used).to(tl.float32))
     tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1_USED, (d_times_one_minus_beta1_used).to(tl.float32))
@@ -301,6 +348,10 @@ def _prodigy_adv_2_2_3_prologue1(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA3_USED, (beta3_used).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K79__B1__B5, (k79__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K80__B3__B7, (k80__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -325,6 +376,10 @@ def _prodigy_adv_2_2_3_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
     HV_SLICE_P_1: tl.constexpr = 7
     HV_BETA3_USED: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_K79__B1__B5: tl.constexpr = 11
+    HV_K80__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -356,6 +411,10 @@ def _prodigy_adv_2_2_3_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
         p_s = tl.multiple_of(p_s, 16)
     beta3_used = tl.load(hv + t * NH + HV_BETA3_USED)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k79__b1__b5 = tl.load(hv + t * NH + HV_K79__B1__B5)
+    k80__b3__b7 = tl.load(hv + t * NH + HV_K80__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # exp_avg = exp_avg * beta1_used + d * (1 - beta1_used) * grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -383,13 +442,22 @@ def _prodigy_adv_2_2_3_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.c
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
+    # param__b2__b6 = param + _k79__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
+    param__b2__b6_where = tl.where(((update_1 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k79__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k80__b3__b7 * param
+    param__b4__b8 = (param + k80__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
     # param = param + -update
-    param_1 = (param + (-update_1))
+    param_2 = (param_1 + (-update_1))
     # store exp_avg, exp_avg_sq, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -426,7 +494,9 @@ KERNELS = {
     "_prodigy_adv_2_2_3_flat1": _prodigy_adv_2_2_3_flat1,
 }
 
-PLAN = {'dynamic': ['_k0',
+PLAN = {'dynamic': ['_c14',
+             '_c15',
+             '_k0',
              '_k1',
              '_k10',
              '_k12',
@@ -494,19 +564,7 @@ PLAN = {'dynamic': ['_k0',
              '_k9',
              'dlr'],
  'global_conditions': ['_c11'],
- 'group_conditions': ['_c0',
-                      '_c10',
-                      '_c12',
-                      '_c14',
-                      '_c15',
-                      '_c2',
-                      '_c3',
-                      '_c4',
-                      '_c5',
-                      '_c6',
-                      '_c7',
-                      '_c8',
-                      '_c9'],
+ 'group_conditions': ['_c0', '_c10', '_c12', '_c2', '_c3', '_c4', '_c5', '_c6', '_c7', '_c8', '_c9'],
  'hyper_slots': [['Simplified_AdEMAMix', None],
                  ['alpha', None],
                  ['alpha_grad', None],
@@ -535,135 +593,143 @@ PLAN = {'dynamic': ['_k0',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': ['kourkoutas_beta2'],
- 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', True), ('_c12', False), ('_c13', False), ('_c14', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                  '_acc0_num'),
-                                                                                                                                                                                                                                                                 ('den',
-                                                                                                                                                                                                                                                                  '_acc1_den')],
-                                                                                                                                                                                                                                                 'columns': ['param',
-                                                                                                                                                                                                                                                             'state:exp_avg',
-                                                                                                                                                                                                                                                             'state:mu_m_nmf',
-                                                                                                                                                                                                                                                             'state:mv_m_nmf',
-                                                                                                                                                                                                                                                             'state:sign',
-                                                                                                                                                                                                                                                             'state:exp_avg_sq',
-                                                                                                                                                                                                                                                             'state:mu_v_nmf',
-                                                                                                                                                                                                                                                             'state:mv_v_nmf',
-                                                                                                                                                                                                                                                             'state:s',
-                                                                                                                                                                                                                                                             'state:p0',
-                                                                                                                                                                                                                                                             'state:exp_avg_slow',
-                                                                                                                                                                                                                                                             'state:mu_m_slow_nmf',
-                                                                                                                                                                                                                                                             'state:mv_m_slow_nmf',
-                                                                                                                                                                                                                                                             'state:sign_slow',
-                                                                                                                                                                                                                                                             'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                             'numel',
-                                                                                                                                                                                                                                                             'B',
-                                                                                                                                                                                                                                                             'M',
-                                                                                                                                                                                                                                                             'N',
-                                                                                                                                                                                                                                                             'ndim',
-                                                                                                                                                                                                                                                             'gidx',
-                                                                                                                                                                                                                                                             'stride',
-                                                                                                                                                                                                                                                             'ws:_r0',
-                                                                                                                                                                                                                                                             'ws:_r1',
-                                                                                                                                                                                                                                                             'ws:_acc0_num',
-                                                                                                                                                                                                                                                             'ws:_acc1_den'],
-                                                                                                                                                                                                                                                 'creates': [],
-                                                                                                                                                                                                                                                 'hv': ['_k56',
-                                                                                                                                                                                                                                                        '_k57',
-                                                                                                                                                                                                                                                        '_k62',
-                                                                                                                                                                                                                                                        '_k63',
-                                                                                                                                                                                                                                                        '_k64',
-                                                                                                                                                                                                                                                        'dlr',
-                                                                                                                                                                                                                                                        '_k69',
-                                                                                                                                                                                                                                                        '_k70',
-                                                                                                                                                                                                                                                        '_k71',
-                                                                                                                                                                                                                                                        '_k74',
-                                                                                                                                                                                                                                                        '_k75'],
-                                                                                                                                                                                                                                                 'launches': [('_prodigy_adv_2_2_3_prologue1',
-                                                                                                                                                                                                                                                               'prologue'),
-                                                                                                                                                                                                                                                              ('_prodigy_adv_2_2_3_flat1',
-                                                                                                                                                                                                                                                               'flat'),
-                                                                                                                                                                                                                                                              ('_prodigy_adv_2_2_3_vec0',
-                                                                                                                                                                                                                                                               'vec')],
-                                                                                                                                                                                                                                                 'states': ['exp_avg',
-                                                                                                                                                                                                                                                            'exp_avg_sq',
-                                                                                                                                                                                                                                                            'p0',
-                                                                                                                                                                                                                                                            's'],
-                                                                                                                                                                                                                                                 'temps': [('_r0',
-                                                                                                                                                                                                                                                            'tensor',
-                                                                                                                                                                                                                                                            True),
-                                                                                                                                                                                                                                                           ('_r1',
-                                                                                                                                                                                                                                                            'tensor',
-                                                                                                                                                                                                                                                            True),
-                                                                                                                                                                                                                                                           ('_acc0_num',
-                                                                                                                                                                                                                                                            'tensor',
-                                                                                                                                                                                                                                                            False),
-                                                                                                                                                                                                                                                           ('_acc1_den',
-                                                                                                                                                                                                                                                            'tensor',
-                                                                                                                                                                                                                                                            False)]},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', True), ('_c12', False), ('_c13', True), ('_c14', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                                 '_acc0_num'),
-                                                                                                                                                                                                                                                                ('den',
-                                                                                                                                                                                                                                                                 '_acc1_den')],
-                                                                                                                                                                                                                                                'columns': ['param',
-                                                                                                                                                                                                                                                            'state:exp_avg',
-                                                                                                                                                                                                                                                            'state:mu_m_nmf',
-                                                                                                                                                                                                                                                            'state:mv_m_nmf',
-                                                                                                                                                                                                                                                            'state:sign',
-                                                                                                                                                                                                                                                            'state:exp_avg_sq',
-                                                                                                                                                                                                                                                            'state:mu_v_nmf',
-                                                                                                                                                                                                                                                            'state:mv_v_nmf',
-                                                                                                                                                                                                                                                            'state:s',
-                                                                                                                                                                                                                                                            'state:p0',
-                                                                                                                                                                                                                                                            'state:exp_avg_slow',
-                                                                                                                                                                                                                                                            'state:mu_m_slow_nmf',
-                                                                                                                                                                                                                                                            'state:mv_m_slow_nmf',
-                                                                                                                                                                                                                                                            'state:sign_slow',
-                                                                                                                                                                                                                                                            'state:kourkoutas_sq',
-                                                                                                                                                                                                                                                            'numel',
-                                                                                                                                                                                                                                                            'B',
-                                                                                                                                                                                                                                                            'M',
-                                                                                                                                                                                                                                                            'N',
-                                                                                                                                                                                                                                                            'ndim',
-                                                                                                                                                                                                                                                            'gidx',
-                                                                                                                                                                                                                                                            'stride',
-                                                                                                                                                                                                                                                            'ws:_r0',
-                                                                                                                                                                                                                                                            'ws:_r1',
-                                                                                                                                                                                                                                                            'ws:_acc0_num',
-                                                                                                                                                                                                                                                            'ws:_acc1_den'],
-                                                                                                                                                                                                                                                'creates': [],
-                                                                                                                                                                                                                                                'hv': ['_k56',
-                                                                                                                                                                                                                                                       '_k57',
-                                                                                                                                                                                                                                                       '_k62',
-                                                                                                                                                                                                                                                       '_k63',
-                                                                                                                                                                                                                                                       '_k64',
-                                                                                                                                                                                                                                                       'dlr',
-                                                                                                                                                                                                                                                       '_k69',
-                                                                                                                                                                                                                                                       '_k70',
-                                                                                                                                                                                                                                                       '_k71',
-                                                                                                                                                                                                                                                       '_k74',
-                                                                                                                                                                                                                                                       '_k75',
-                                                                                                                                                                                                                                                       '_k78'],
-                                                                                                                                                                                                                                                'launches': [('_prodigy_adv_2_2_3_prologue0',
-                                                                                                                                                                                                                                                              'prologue'),
-                                                                                                                                                                                                                                                             ('_prodigy_adv_2_2_3_flat0',
-                                                                                                                                                                                                                                                              'flat'),
-                                                                                                                                                                                                                                                             ('_prodigy_adv_2_2_3_vec0',
-                                                                                                                                                                                                                                                              'vec')],
-                                                                                                                                                                                                                                                'states': ['exp_avg',
-                                                                                                                                                                                                                                                           'exp_avg_sq',
-                                                                                                                                                                                                                                                           'p0',
-                                                                                                                                                                                                                                                           's'],
-                                                                                                                                                                                                                                                'temps': [('_r0',
-                                                                                                                                                                                                                                                           'tensor',
-                                                                                                                                                                                                                                                           True),
-                                                                                                                                                                                                                                                          ('_r1',
-                                                                                                                                                                                                                                                           'tensor',
-                                                                                                                                                                                                                                                           True),
-                                                                                                                                                                                                                                                          ('_acc0_num',
-                                                                                                                                                                                                                                                           'tensor',
-                                                                                                                                                                                                                                                           False),
-                                                                                                                                                                                                                                                          ('_acc1_den',
-                                                                                                                                                                                                                                                           'tensor',
-                                                                                                                                                                                                                                                           False)]}},
+ 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', True), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                 '_acc0_num'),
+                                                                                                                                                                                                                                                ('den',
+                                                                                                                                                                                                                                                 '_acc1_den')],
+                                                                                                                                                                                                                                'columns': ['param',
+                                                                                                                                                                                                                                            'state:exp_avg',
+                                                                                                                                                                                                                                            'state:mu_m_nmf',
+                                                                                                                                                                                                                                            'state:mv_m_nmf',
+                                                                                                                                                                                                                                            'state:sign',
+                                                                                                                                                                                                                                            'state:exp_avg_sq',
+                                                                                                                                                                                                                                            'state:mu_v_nmf',
+                                                                                                                                                                                                                                            'state:mv_v_nmf',
+                                                                                                                                                                                                                                            'state:s',
+                                                                                                                                                                                                                                            'state:p0',
+                                                                                                                                                                                                                                            'state:exp_avg_slow',
+                                                                                                                                                                                                                                            'state:mu_m_slow_nmf',
+                                                                                                                                                                                                                                            'state:mv_m_slow_nmf',
+                                                                                                                                                                                                                                            'state:sign_slow',
+                                                                                                                                                                                                                                            'state:kourkoutas_sq',
+                                                                                                                                                                                                                                            'numel',
+                                                                                                                                                                                                                                            'B',
+                                                                                                                                                                                                                                            'M',
+                                                                                                                                                                                                                                            'N',
+                                                                                                                                                                                                                                            'ndim',
+                                                                                                                                                                                                                                            'gidx',
+                                                                                                                                                                                                                                            'stride',
+                                                                                                                                                                                                                                            'ws:_r0',
+                                                                                                                                                                                                                                            'ws:_r1',
+                                                                                                                                                                                                                                            'ws:_acc0_num',
+                                                                                                                                                                                                                                            'ws:_acc1_den'],
+                                                                                                                                                                                                                                'creates': [],
+                                                                                                                                                                                                                                'hv': ['_k56',
+                                                                                                                                                                                                                                       '_k57',
+                                                                                                                                                                                                                                       '_k62',
+                                                                                                                                                                                                                                       '_k63',
+                                                                                                                                                                                                                                       '_k64',
+                                                                                                                                                                                                                                       'dlr',
+                                                                                                                                                                                                                                       '_k69',
+                                                                                                                                                                                                                                       '_k70',
+                                                                                                                                                                                                                                       '_k71',
+                                                                                                                                                                                                                                       '_k74',
+                                                                                                                                                                                                                                       '_k75',
+                                                                                                                                                                                                                                       '_k79__b1__b5',
+                                                                                                                                                                                                                                       '_k80__b3__b7',
+                                                                                                                                                                                                                                       '_c15',
+                                                                                                                                                                                                                                       '_c14'],
+                                                                                                                                                                                                                                'launches': [('_prodigy_adv_2_2_3_prologue1',
+                                                                                                                                                                                                                                              'prologue'),
+                                                                                                                                                                                                                                             ('_prodigy_adv_2_2_3_flat1',
+                                                                                                                                                                                                                                              'flat'),
+                                                                                                                                                                                                                                             ('_prodigy_adv_2_2_3_vec0',
+                                                                                                                                                                                                                                              'vec')],
+                                                                                                                                                                                                                                'states': ['exp_avg',
+                                                                                                                                                                                                                                           'exp_avg_sq',
+                                                                                                                                                                                                                                           'p0',
+                                                                                                                                                                                                                                           's'],
+                                                                                                                                                                                                                                'temps': [('_r0',
+                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                           True),
+                                                                                                                                                                                                                                          ('_r1',
+                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                           True),
+                                                                                                                                                                                                                                          ('_acc0_num',
+                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                           False),
+                                                                                                                                                                                                                                          ('_acc1_den',
+                                                                                                                                                                                                                                           'tensor',
+                                                                                                                                                                                                                                           False)]},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c5', True), ('_c6', False), ('_c7', False), ('_c8', False), ('_c9', False), ('_c10', False), ('_c11', True), ('_c12', False), ('_c13', True)): {'accumulates': [('num',
+                                                                                                                                                                                                                                                '_acc0_num'),
+                                                                                                                                                                                                                                               ('den',
+                                                                                                                                                                                                                                                '_acc1_den')],
+                                                                                                                                                                                                                               'columns': ['param',
+                                                                                                                                                                                                                                           'state:exp_avg',
+                                                                                                                                                                                                                                           'state:mu_m_nmf',
+                                                                                                                                                                                                                                           'state:mv_m_nmf',
+                                                                                                                                                                                                                                           'state:sign',
+                                                                                                                                                                                                                                           'state:exp_avg_sq',
+                                                                                                                                                                                                                                           'state:mu_v_nmf',
+                                                                                                                                                                                                                                           'state:mv_v_nmf',
+                                                                                                                                                                                                                                           'state:s',
+                                                                                                                                                                                                                                           'state:p0',
+                                                                                                                                                                                                                                           'state:exp_avg_slow',
+                                                                                                                                                                                                                                           'state:mu_m_slow_nmf',
+                                                                                                                                                                                                                                           'state:mv_m_slow_nmf',
+                                                                                                                                                                                                                                           'state:sign_slow',
+                                                                                                                                                                                                                                           'state:kourkoutas_sq',
+                                                                                                                                                                                                                                           'numel',
+                                                                                                                                                                                                                                           'B',
+                                                                                                                                                                                                                                           'M',
+                                                                                                                                                                                                                                           'N',
+                                                                                                                                                                                                                                           'ndim',
+                                                                                                                                                                                                                                           'gidx',
+                                                                                                                                                                                                                                           'stride',
+                                                                                                                                                                                                                                           'ws:_r0',
+                                                                                                                                                                                                                                           'ws:_r1',
+                                                                                                                                                                                                                                           'ws:_acc0_num',
+                                                                                                                                                                                                                                           'ws:_acc1_den'],
+                                                                                                                                                                                                                               'creates': [],
+                                                                                                                                                                                                                               'hv': ['_k56',
+                                                                                                                                                                                                                                      '_k57',
+                                                                                                                                                                                                                                      '_k62',
+                                                                                                                                                                                                                                      '_k63',
+                                                                                                                                                                                                                                      '_k64',
+                                                                                                                                                                                                                                      'dlr',
+                                                                                                                                                                                                                                      '_k69',
+                                                                                                                                                                                                                                      '_k70',
+                                                                                                                                                                                                                                      '_k71',
+                                                                                                                                                                                                                                      '_k74',
+                                                                                                                                                                                                                                      '_k75',
+                                                                                                                                                                                                                                      '_k76__b1__b5',
+                                                                                                                                                                                                                                      '_k77__b3__b7',
+                                                                                                                                                                                                                                      '_c15',
+                                                                                                                                                                                                                                      '_c14',
+                                                                                                                                                                                                                                      '_k78'],
+                                                                                                                                                                                                                               'launches': [('_prodigy_adv_2_2_3_prologue0',
+                                                                                                                                                                                                                                             'prologue'),
+                                                                                                                                                                                                                                            ('_prodigy_adv_2_2_3_flat0',
+                                                                                                                                                                                                                                             'flat'),
+                                                                                                                                                                                                                                            ('_prodigy_adv_2_2_3_vec0',
+                                                                                                                                                                                                                                             'vec')],
+                                                                                                                                                                                                                               'states': ['exp_avg',
+                                                                                                                                                                                                                                          'exp_avg_sq',
+                                                                                                                                                                                                                                          'p0',
+                                                                                                                                                                                                                                          's'],
+                                                                                                                                                                                                                               'temps': [('_r0',
+                                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                                          True),
+                                                                                                                                                                                                                                         ('_r1',
+                                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                                          True),
+                                                                                                                                                                                                                                         ('_acc0_num',
+                                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                                          False),
+                                                                                                                                                                                                                                         ('_acc1_den',
+                                                                                                                                                                                                                                          'tensor',
+                                                                                                                                                                                                                                          False)]}},
  'static_hypers': ['nnmf_factor', 'slice_p', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -667,7 +667,8 @@ KERNELS = {
     "_prodigy_adv_flat3": _prodigy_adv_flat3,
 }
 
-PLAN = {'dynamic': ['_k0',
+PLAN = {'dynamic': ['_c14',
+             '_k0',
              '_k1',
              '_k10',
              '_k102',
@@ -962,7 +963,6 @@ PLAN = {'dynamic': ['_k0',
                       '_c10',
                       '_c12',
                       '_c13',
-                      '_c14',
                       '_c15',
                       '_c16',
                       '_c17',
