@@ -180,6 +180,24 @@ def test_triton_matches_reference_fp32(index: int, model_name: str) -> None:
         assert torch.all((x - y).abs() <= 2e-6 * (1 + y.abs())), f"max diff {(x - y).abs().max():.3e}"
 
 
+def test_triton_tensor_lr_matches_reference() -> None:
+    """A float32 tensor lr takes its own branch path (is_float32(lr)); min() switches at step 5."""
+    pytest.importorskip("triton")
+    out = []
+    for backend in ("reference", "triton"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE if backend == "triton" else "cpu"))
+                  for s in ((9, 5), (2, 3, 4), (11,))]
+        opt = Adafactor(params, backend=backend, lr=torch.tensor(0.45), weight_decay=0.01)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+            opt.step()
+        out.append([p.detach().cpu() for p in params])
+    for e, g in zip(*out):
+        assert torch.all((g - e).abs() <= 2e-6 * (1 + e.abs())), f"max diff {(g - e).abs().max():.3e}"
+
+
 def _bf16_oracle(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, eps1: float,
                  eps2: float = 1e-3, d: float = 1.0, beta2_decay: float = -0.8) -> list[torch.Tensor]:
     """torch.optim.Adafactor's step in fp32 on bf16-stored values, rounded to bf16 where triton stores:
