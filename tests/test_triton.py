@@ -108,7 +108,7 @@ def test_triton_matches_reference_fp32(spec: str, index: int, setting: dict) -> 
 #: step (by the matmean and the outer product), where the oracle keeps this step's values in fp32 and rounds
 #: them after it: var_estimate differs by up to an ulp of the factors, and 8% of the (40, 33) matrix flips by
 #: one bf16 ulp (interpreter; the 2-ulp bound holds). tests/test_adafactor.py checks triton bf16 against an
-#: oracle that rounds the factors where triton does (0.1% flipped).
+#: oracle that rounds the factors where triton does (none flipped on the interpreter).
 FLIPS = {"stable_spam": 0.03, "adafactor": 0.15}
 
 
