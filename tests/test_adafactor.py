@@ -138,6 +138,28 @@ def test_a_tensor_lr_of_another_dtype_is_refused(dtype: torch.dtype) -> None:
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": torch.tensor(0.01, dtype=dtype)})
 
 
+def test_a_group_mixing_dtypes_takes_each_parameters_eps() -> None:
+    """A documented difference: torch's loop sets eps1 = finfo(dtype).eps at the group's first
+    parameter and keeps it for the others of that step; here each parameter takes its own dtype's
+    (as torch does with one group per dtype)."""
+    def run(make):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5, 4, generator=g).to(torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(6, 3, generator=g) * 1e-4)]
+        opt = make(ps)
+        for _ in range(3):
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype)
+            opt.step()
+        return ps
+
+    ours = run(lambda ps: Adafactor(ps, backend="torch"))
+    per_dtype = run(lambda ps: torch.optim.Adafactor([{"params": [ps[0]]}, {"params": [ps[1]]}]))
+    one_group = run(torch.optim.Adafactor)
+    assert all(torch.equal(x, y) for x, y in zip(ours, per_dtype))
+    assert not torch.equal(ours[1], one_group[1])  # torch's float32 parameter stepped with bf16's eps
+
+
 def test_a_scheduler_moves_a_tensor_lr_across_the_switch() -> None:
     """StepLR halves a float32 tensor lr in place: min() returns it, then 1/sqrt(step), as torch."""
     results = []
