@@ -99,6 +99,10 @@ FUNCTIONS: dict[str, Function] = {
         Function("low_rank_cans", (5, 5), "low_rank_cans(x, rank, steps, eps, lower_bound): cans of x's "
                  "rank-r projection on a Gaussian sketch", host=False),
         Function("eps_of", (1, 1), "eps_of(param): torch.finfo(param.dtype).eps, a parameter fact", tensor=False),
+        Function("is_float32", (1, 1), "is_float32(x): whether the host value x is a float32 0-d tensor (a "
+                 "hyperparameter given as torch.tensor(v), or a value computed from one): published code that mixes "
+                 "such a tensor with Python floats computes in float32 (torch.optim.Adafactor's tensor lr)",
+                 tensor=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]

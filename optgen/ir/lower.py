@@ -266,6 +266,11 @@ class Lowerer:
             return Node("param_attr", attr=(attr.value, default.value), boolean=isinstance(default.value, bool))
         args = [self.expr(a, field) for a in e.args]
         all_host = all(a.is_host for a in args)
+        if e.func == "is_float32":
+            if not all_host:
+                raise SpecError(e.pos, field, "is_float32() works on host scalars only")
+            self._need_number(args[0], e.args[0], field)
+            return Node(e.func, tuple(args), boolean=True)
         if all_host:
             if not f.host:
                 raise SpecError(e.pos, field, f"{e.func}() works on device values, but all its arguments are host scalars")

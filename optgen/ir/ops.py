@@ -56,6 +56,7 @@ class Op:
     OR = "or"
     NOT = "not"
     WHERE = "where"
+    IS_FLOAT32 = "is_float32"  # a host value that is a float32 0-d tensor (torch.optim's tensor lr)
     # elementwise functions
     SQRT = "sqrt"
     RSQRT = "rsqrt"
@@ -165,6 +166,7 @@ def _table() -> dict[str, OpInfo]:
         Op.OR: OpInfo((2, None), host=True),
         Op.NOT: unary,
         Op.WHERE: OpInfo((3, 3), host=True),
+        Op.IS_FLOAT32: unary,
         **dict.fromkeys((Op.SQRT, Op.ABS, Op.SIGN, Op.EXP, Op.LOG, Op.COS, Op.SIN, Op.FLOOR, Op.FLOAT32,
                          Op.FLOAT64), unary),
         **dict.fromkeys((Op.RSQRT, Op.RECIPROCAL, Op.COPY, Op.CONTIGUOUS), dev1),
