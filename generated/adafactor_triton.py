@@ -21,29 +21,37 @@ def _adafactor_prologue0(
     STEP_DT: tl.constexpr, DT_row_var: tl.constexpr, DT_col_var: tl.constexpr, DT_variance: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 9 the passes read to hv.
+    writes the 12 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 4
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
     COL_GIDX: tl.constexpr = 9
-    HV_NUMEL_POW_HALF: tl.constexpr = 0
-    HV_EPS2: tl.constexpr = 1
-    HV_COLS: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2_T: tl.constexpr = 3
-    HV_ROWS: tl.constexpr = 4
-    HV_E1: tl.constexpr = 5
-    HV_E1_TIMES_E1: tl.constexpr = 6
-    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 7
-    HV_RHO_T: tl.constexpr = 8
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_NUMEL_POW_HALF: tl.constexpr = 1
+    HV_EPS2: tl.constexpr = 2
+    HV_K2__B2: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_COLS: tl.constexpr = 5
+    HV_ONE_MINUS_BETA2_T: tl.constexpr = 6
+    HV_ROWS: tl.constexpr = 7
+    HV_E1: tl.constexpr = 8
+    HV_E1_TIMES_E1: tl.constexpr = 9
+    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 10
+    HV_RHO_T: tl.constexpr = 11
     HYP_BETA2_DECAY: tl.constexpr = 0
     HYP_D: tl.constexpr = 1
     HYP_EPS2: tl.constexpr = 3
     HYP_LR: tl.constexpr = 4
+    HYP_MAXIMIZE: tl.constexpr = 5
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
     # e1 = eps
     e1 = L.finfo_eps(P_DT)
     # one_minus_beta2_t = step ** beta2_decay
@@ -52,13 +60,18 @@ def _adafactor_prologue0(
     rho_t = tl.minimum(tl.load(hyp + HYP_LR), (tl.full((), 1.0, tl.float64) / L.pow64(step, tl.full((), 0.5, tl.float64))))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     eps2 = tl.load(hyp + HYP_EPS2)
+    # _k2__b2 = 1 - lr * weight_decay
+    k2__b2 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     cols_1 = tl.load(tab + t * TBL_W + COL_N).to(tl.float64)
     rows_1 = tl.load(tab + t * TBL_W + COL_M).to(tl.float64)
     e1_times_e1 = (e1 * e1)
     numel_pow_half_times_d = (L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + HYP_D))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS2, (eps2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K2__B2, (k2__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_COLS, (cols_1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2_T, (one_minus_beta2_t).to(tl.float32))
     tl.store(hv + t * NH + HV_ROWS, (rows_1).to(tl.float32))
@@ -79,7 +92,7 @@ def _adafactor_tiled0(
     """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
     column reductions).
 
-    Reads param, grad; accumulates _r0, _r1, _r2.
+    Reads grad, param; writes grad, param; accumulates _r0, _r1, _r2.
     """
     COL_PARAM: tl.constexpr = 0
     COL_M: tl.constexpr = 6
@@ -87,6 +100,9 @@ def _adafactor_tiled0(
     COL_WS_R0: tl.constexpr = 10
     COL_WS_R1: tl.constexpr = 11
     COL_WS_R2: tl.constexpr = 12
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K2__B2: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
@@ -101,23 +117,37 @@ def _adafactor_tiled0(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k2__b2 = tl.load(hv + t * NH + HV_K2__B2)
+    c = tl.load(hv + t * NH + HV_C)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
     # _r0 = sumsq(param)
     param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
     r0_part = L.masked((param * param), mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(tl.sum(r0_part, axis=1), axis=0))
+    # param__b3 = param * _k2__b2
+    param__b3 = (param * k2__b2)
+    # param = where(weight_decay != 0, param__b3, param)
+    param_1 = tl.where((c != 0), param__b3, param)
     # _r1 = rowsum(grad * grad)
-    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
-    r1_part = L.masked((grad * grad), mask)
+    r1_part = L.masked((grad_1 * grad_1), mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1) + b * M + rows, tl.sum(r1_part, axis=1), mask=rows < M)
     # _r2 = colsum(grad * grad)
-    r2_part = L.masked((grad * grad), mask)
+    r2_part = L.masked((grad_1 * grad_1), mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2) + b * N + cols, tl.sum(r2_part, axis=0), mask=cols < N)
+    # store grad, param
+    tl.store(p_grad + offs, L.to_storage(grad_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 # vec
@@ -143,11 +173,11 @@ def _adafactor_vec0(
     COL_WS_R2: tl.constexpr = 12
     COL_WS_RMS: tl.constexpr = 14
     COL_WS_S0: tl.constexpr = 15
-    HV_NUMEL_POW_HALF: tl.constexpr = 0
-    HV_EPS2: tl.constexpr = 1
-    HV_COLS: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2_T: tl.constexpr = 3
-    HV_ROWS: tl.constexpr = 4
+    HV_NUMEL_POW_HALF: tl.constexpr = 1
+    HV_EPS2: tl.constexpr = 2
+    HV_COLS: tl.constexpr = 5
+    HV_ONE_MINUS_BETA2_T: tl.constexpr = 6
+    HV_ROWS: tl.constexpr = 7
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -215,9 +245,9 @@ def _adafactor_tiled1(
     COL_N: tl.constexpr = 7
     COL_WS_R3: tl.constexpr = 13
     COL_WS_S0: tl.constexpr = 15
-    COL_WS_UPDATE: tl.constexpr = 18
-    HV_E1: tl.constexpr = 5
-    HV_E1_TIMES_E1: tl.constexpr = 6
+    COL_WS_UPDATE: tl.constexpr = 19
+    HV_E1: tl.constexpr = 8
+    HV_E1_TIMES_E1: tl.constexpr = 9
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
@@ -280,8 +310,8 @@ def _adafactor_vec1(
     COL_WS_RMS: tl.constexpr = 14
     COL_WS_DENOM: tl.constexpr = 16
     COL_WS_SCALE: tl.constexpr = 17
-    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 7
-    HV_RHO_T: tl.constexpr = 8
+    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 10
+    HV_RHO_T: tl.constexpr = 11
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -310,7 +340,7 @@ def _adafactor_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_WS_SCALE: tl.constexpr = 17
-    COL_WS_UPDATE: tl.constexpr = 18
+    COL_WS_UPDATE: tl.constexpr = 19
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -359,24 +389,32 @@ def _adafactor_prologue1(
     STEP_DT: tl.constexpr, DT_row_var: tl.constexpr, DT_col_var: tl.constexpr, DT_variance: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 4
     COL_GIDX: tl.constexpr = 9
-    HV_NUMEL_POW_HALF: tl.constexpr = 0
-    HV_EPS2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2_T: tl.constexpr = 2
-    HV_E1_TIMES_E1: tl.constexpr = 3
-    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 4
-    HV_RHO_T: tl.constexpr = 5
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_NUMEL_POW_HALF: tl.constexpr = 1
+    HV_EPS2: tl.constexpr = 2
+    HV_K2__B2: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA2_T: tl.constexpr = 5
+    HV_E1_TIMES_E1: tl.constexpr = 6
+    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 7
+    HV_RHO_T: tl.constexpr = 8
     HYP_BETA2_DECAY: tl.constexpr = 0
     HYP_D: tl.constexpr = 1
     HYP_EPS2: tl.constexpr = 3
     HYP_LR: tl.constexpr = 4
+    HYP_MAXIMIZE: tl.constexpr = 5
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
     # e1 = eps
     e1 = L.finfo_eps(P_DT)
     # one_minus_beta2_t = step ** beta2_decay
@@ -385,11 +423,16 @@ def _adafactor_prologue1(
     rho_t = tl.minimum(tl.load(hyp + HYP_LR), (tl.full((), 1.0, tl.float64) / L.pow64(step, tl.full((), 0.5, tl.float64))))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     eps2 = tl.load(hyp + HYP_EPS2)
+    # _k2__b2 = 1 - lr * weight_decay
+    k2__b2 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     e1_times_e1 = (e1 * e1)
     numel_pow_half_times_d = (L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64)) * tl.load(hyp + HYP_D))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS2, (eps2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K2__B2, (k2__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2_T, (one_minus_beta2_t).to(tl.float32))
     tl.store(hv + t * NH + HV_E1_TIMES_E1, (e1_times_e1).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF_TIMES_D, (numel_pow_half_times_d).to(tl.float32))
@@ -405,35 +448,50 @@ def _adafactor_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     COL_WS_R0: tl.constexpr = 10
     COL_WS_R1: tl.constexpr = 11
     COL_WS_UPDATE: tl.constexpr = 15
-    HV_ONE_MINUS_BETA2_T: tl.constexpr = 2
-    HV_E1_TIMES_E1: tl.constexpr = 3
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    p_variance = tl.load(tab + t * TBL_W + COL_VARIANCE).to(tl.pointer_type(DT_variance))
-    if ALIGNED:
-        p_variance = tl.multiple_of(p_variance, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K2__B2: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA2_T: tl.constexpr = 5
+    HV_E1_TIMES_E1: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k2__b2 = tl.load(hv + t * NH + HV_K2__B2)
+    c = tl.load(hv + t * NH + HV_C)
+    p_variance = tl.load(tab + t * TBL_W + COL_VARIANCE).to(tl.pointer_type(DT_variance))
+    if ALIGNED:
+        p_variance = tl.multiple_of(p_variance, 16)
     one_minus_beta2_t = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2_T)
     e1_times_e1 = tl.load(hv + t * NH + HV_E1_TIMES_E1)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
     # _r0 = sumsq(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     r0_part = L.masked((param * param), mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
+    # param__b3 = param * _k2__b2
+    param__b3 = (param * k2__b2)
+    # param = where(weight_decay != 0, param__b3, param)
+    param_1 = tl.where((c != 0), param__b3, param)
     # variance = lerp(variance, grad * grad, one_minus_beta2_t)
     variance = tl.load(p_variance + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    variance_1 = L.lerp(variance, (grad * grad), one_minus_beta2_t)
+    variance_1 = L.lerp(variance, (grad_1 * grad_1), one_minus_beta2_t)
     # var_estimate = copy(variance)
     # update = rsqrt(maximum(var_estimate, e1 * e1)) * grad
-    update = (L.div(tl.full((), 1.0, tl.float32), L.sqrt(L.maximum(variance_1, e1_times_e1))) * grad)
+    update = (L.div(tl.full((), 1.0, tl.float32), L.sqrt(L.maximum(variance_1, e1_times_e1))) * grad_1)
     # _r1 = sumsq(update)
     r1_part = L.masked((update * update), mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
-    # store variance, update
+    # store param, variance, update
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
     tl.store(p_variance + offs, L.to_storage(variance_1, DT_variance), mask=mask)
     tl.store(p_update + offs, L.to_storage(update, tl.float32), mask=mask)
 
@@ -447,7 +505,7 @@ def _adafactor_flat1(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads param, variance, grad; writes variance, update; accumulates _r0, _r1.
+    Reads grad, param, variance; writes param, variance, update; accumulates _r0, _r1.
     """
     COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
@@ -484,10 +542,10 @@ def _adafactor_vec2(
     COL_WS_RMS: tl.constexpr = 12
     COL_WS_DENOM: tl.constexpr = 13
     COL_WS_SCALE: tl.constexpr = 14
-    HV_NUMEL_POW_HALF: tl.constexpr = 0
-    HV_EPS2: tl.constexpr = 1
-    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 4
-    HV_RHO_T: tl.constexpr = 5
+    HV_NUMEL_POW_HALF: tl.constexpr = 1
+    HV_EPS2: tl.constexpr = 2
+    HV_NUMEL_POW_HALF_TIMES_D: tl.constexpr = 7
+    HV_RHO_T: tl.constexpr = 8
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -572,13 +630,59 @@ def _adafactor_prologue2(
     STEP_DT: tl.constexpr, DT_row_var: tl.constexpr, DT_col_var: tl.constexpr, DT_variance: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 0 the passes read to hv.
+    writes the 1 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
+    HV_MAXIMIZE: tl.constexpr = 0
+    HYP_MAXIMIZE: tl.constexpr = 5
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+
+
+# flat
+@triton.jit
+def _adafactor_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_row_var: tl.constexpr, DT_col_var: tl.constexpr, DT_variance: tl.constexpr):
+    """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    HV_MAXIMIZE: tl.constexpr = 0
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+
+
+@triton.jit
+def _adafactor_flat3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_row_var: tl.constexpr, DT_col_var: tl.constexpr, DT_variance: tl.constexpr,
+):
+    """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
+
+    Reads grad.
+    """
+    COL_NUMEL: tl.constexpr = 4
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    n = tl.load(tab + t * TBL_W + COL_NUMEL)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _adafactor_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_row_var, DT_col_var, DT_variance)
+    else:
+        _adafactor_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_row_var, DT_col_var, DT_variance)
 
 
 KERNELS = {
@@ -593,10 +697,11 @@ KERNELS = {
     "_adafactor_vec2": _adafactor_vec2,
     "_adafactor_flat2": _adafactor_flat2,
     "_adafactor_prologue2": _adafactor_prologue2,
+    "_adafactor_flat3": _adafactor_flat3,
 }
 
-PLAN = {'dynamic': ['_c6', 'one_minus_beta2_t', 'rho_t'],
- 'group_conditions': ['_c0', '_c2', '_c3', '_c5'],
+PLAN = {'dynamic': ['_c0', '_c3', '_c6', 'one_minus_beta2_t', 'rho_t'],
+ 'group_conditions': ['_c2', '_c5'],
  'hyper_slots': [['beta2_decay', None],
                  ['d', None],
                  ['eps', 0],
@@ -605,141 +710,147 @@ PLAN = {'dynamic': ['_c6', 'one_minus_beta2_t', 'rho_t'],
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:row_var',
-                                                          'state:col_var',
-                                                          'state:variance',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': [],
-                                              'launches': [('_adafactor_prologue2', 'prologue')],
-                                              'states': [],
-                                              'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False)): {'columns': ['param',
-                                                                                                                        'state:row_var',
-                                                                                                                        'state:col_var',
-                                                                                                                        'state:variance',
-                                                                                                                        'numel',
-                                                                                                                        'B',
-                                                                                                                        'M',
-                                                                                                                        'N',
-                                                                                                                        'ndim',
-                                                                                                                        'gidx',
-                                                                                                                        'ws:_r0',
-                                                                                                                        'ws:_r1',
-                                                                                                                        'ws:rms',
-                                                                                                                        'ws:denom',
-                                                                                                                        'ws:scale',
-                                                                                                                        'ws:update'],
-                                                                                                            'creates': [],
-                                                                                                            'hv': ['_k0',
-                                                                                                                   '_k1',
-                                                                                                                   'one_minus_beta2_t',
-                                                                                                                   '_k5',
-                                                                                                                   '_k6',
-                                                                                                                   'rho_t'],
-                                                                                                            'launches': [('_adafactor_prologue1',
-                                                                                                                          'prologue'),
-                                                                                                                         ('_adafactor_flat1',
-                                                                                                                          'flat'),
-                                                                                                                         ('_adafactor_vec2',
-                                                                                                                          'vec'),
-                                                                                                                         ('_adafactor_flat2',
-                                                                                                                          'flat')],
-                                                                                                            'states': ['variance'],
-                                                                                                            'temps': [('_r0',
-                                                                                                                       'tensor',
-                                                                                                                       True),
-                                                                                                                      ('_r1',
-                                                                                                                       'tensor',
-                                                                                                                       True),
-                                                                                                                      ('rms',
-                                                                                                                       'tensor',
-                                                                                                                       False),
-                                                                                                                      ('denom',
-                                                                                                                       'tensor',
-                                                                                                                       False),
-                                                                                                                      ('scale',
-                                                                                                                       'tensor',
-                                                                                                                       False),
-                                                                                                                      ('update',
-                                                                                                                       'element',
-                                                                                                                       False)]},
-           (('_c0', False), ('_c1', True), ('_c2', True), ('_c3', False), ('_c4', True), ('_c5', False)): {'columns': ['param',
-                                                                                                                       'state:row_var',
-                                                                                                                       'state:col_var',
-                                                                                                                       'state:variance',
-                                                                                                                       'numel',
-                                                                                                                       'B',
-                                                                                                                       'M',
-                                                                                                                       'N',
-                                                                                                                       'ndim',
-                                                                                                                       'gidx',
-                                                                                                                       'ws:_r0',
-                                                                                                                       'ws:_r1',
-                                                                                                                       'ws:_r2',
-                                                                                                                       'ws:_r3',
-                                                                                                                       'ws:rms',
-                                                                                                                       'ws:_s0',
-                                                                                                                       'ws:denom',
-                                                                                                                       'ws:scale',
-                                                                                                                       'ws:update'],
-                                                                                                           'creates': [],
-                                                                                                           'hv': ['_k0',
-                                                                                                                  '_k1',
-                                                                                                                  '_k3',
-                                                                                                                  'one_minus_beta2_t',
-                                                                                                                  '_k4',
-                                                                                                                  'e1',
-                                                                                                                  '_k5',
-                                                                                                                  '_k6',
-                                                                                                                  'rho_t'],
-                                                                                                           'launches': [('_adafactor_prologue0',
-                                                                                                                         'prologue'),
-                                                                                                                        ('_adafactor_tiled0',
-                                                                                                                         'tiled'),
-                                                                                                                        ('_adafactor_vec0',
-                                                                                                                         'vec'),
-                                                                                                                        ('_adafactor_tiled1',
-                                                                                                                         'tiled'),
-                                                                                                                        ('_adafactor_vec1',
-                                                                                                                         'vec'),
-                                                                                                                        ('_adafactor_flat0',
-                                                                                                                         'flat')],
-                                                                                                           'states': ['col_var',
-                                                                                                                      'row_var'],
-                                                                                                           'temps': [('_r0',
-                                                                                                                      'tensor',
-                                                                                                                      True),
-                                                                                                                     ('_r1',
-                                                                                                                      'row',
-                                                                                                                      True),
-                                                                                                                     ('_r2',
-                                                                                                                      'col',
-                                                                                                                      True),
-                                                                                                                     ('_r3',
-                                                                                                                      'tensor',
-                                                                                                                      True),
-                                                                                                                     ('rms',
-                                                                                                                      'tensor',
-                                                                                                                      False),
-                                                                                                                     ('_s0',
-                                                                                                                      'matrix',
-                                                                                                                      False),
-                                                                                                                     ('denom',
-                                                                                                                      'tensor',
-                                                                                                                      False),
-                                                                                                                     ('scale',
-                                                                                                                      'tensor',
-                                                                                                                      False),
-                                                                                                                     ('update',
-                                                                                                                      'element',
-                                                                                                                      False)]}},
+ 'paths': {(('_c1', False),): {'columns': ['param',
+                                           'state:row_var',
+                                           'state:col_var',
+                                           'state:variance',
+                                           'numel',
+                                           'B',
+                                           'M',
+                                           'N',
+                                           'ndim',
+                                           'gidx'],
+                               'creates': [],
+                               'hv': ['_c0'],
+                               'launches': [('_adafactor_prologue2', 'prologue'),
+                                            ('_adafactor_flat3', 'flat')],
+                               'states': [],
+                               'temps': []},
+           (('_c1', True), ('_c2', True), ('_c4', False), ('_c5', False)): {'columns': ['param',
+                                                                                        'state:row_var',
+                                                                                        'state:col_var',
+                                                                                        'state:variance',
+                                                                                        'numel',
+                                                                                        'B',
+                                                                                        'M',
+                                                                                        'N',
+                                                                                        'ndim',
+                                                                                        'gidx',
+                                                                                        'ws:_r0',
+                                                                                        'ws:_r1',
+                                                                                        'ws:rms',
+                                                                                        'ws:denom',
+                                                                                        'ws:scale',
+                                                                                        'ws:update'],
+                                                                            'creates': [],
+                                                                            'hv': ['_c0',
+                                                                                   '_k0',
+                                                                                   '_k1',
+                                                                                   '_k2__b2',
+                                                                                   '_c3',
+                                                                                   'one_minus_beta2_t',
+                                                                                   '_k5',
+                                                                                   '_k6',
+                                                                                   'rho_t'],
+                                                                            'launches': [('_adafactor_prologue1',
+                                                                                          'prologue'),
+                                                                                         ('_adafactor_flat1',
+                                                                                          'flat'),
+                                                                                         ('_adafactor_vec2',
+                                                                                          'vec'),
+                                                                                         ('_adafactor_flat2',
+                                                                                          'flat')],
+                                                                            'states': ['variance'],
+                                                                            'temps': [('_r0',
+                                                                                       'tensor',
+                                                                                       True),
+                                                                                      ('_r1',
+                                                                                       'tensor',
+                                                                                       True),
+                                                                                      ('rms',
+                                                                                       'tensor',
+                                                                                       False),
+                                                                                      ('denom',
+                                                                                       'tensor',
+                                                                                       False),
+                                                                                      ('scale',
+                                                                                       'tensor',
+                                                                                       False),
+                                                                                      ('update',
+                                                                                       'element',
+                                                                                       False)]},
+           (('_c1', True), ('_c2', True), ('_c4', True), ('_c5', False)): {'columns': ['param',
+                                                                                       'state:row_var',
+                                                                                       'state:col_var',
+                                                                                       'state:variance',
+                                                                                       'numel',
+                                                                                       'B',
+                                                                                       'M',
+                                                                                       'N',
+                                                                                       'ndim',
+                                                                                       'gidx',
+                                                                                       'ws:_r0',
+                                                                                       'ws:_r1',
+                                                                                       'ws:_r2',
+                                                                                       'ws:_r3',
+                                                                                       'ws:rms',
+                                                                                       'ws:_s0',
+                                                                                       'ws:denom',
+                                                                                       'ws:scale',
+                                                                                       'ws:grad',
+                                                                                       'ws:update'],
+                                                                           'creates': [],
+                                                                           'hv': ['_c0',
+                                                                                  '_k0',
+                                                                                  '_k1',
+                                                                                  '_k2__b2',
+                                                                                  '_c3',
+                                                                                  '_k3',
+                                                                                  'one_minus_beta2_t',
+                                                                                  '_k4',
+                                                                                  'e1',
+                                                                                  '_k5',
+                                                                                  '_k6',
+                                                                                  'rho_t'],
+                                                                           'launches': [('_adafactor_prologue0',
+                                                                                         'prologue'),
+                                                                                        ('_adafactor_tiled0',
+                                                                                         'tiled'),
+                                                                                        ('_adafactor_vec0',
+                                                                                         'vec'),
+                                                                                        ('_adafactor_tiled1',
+                                                                                         'tiled'),
+                                                                                        ('_adafactor_vec1',
+                                                                                         'vec'),
+                                                                                        ('_adafactor_flat0',
+                                                                                         'flat')],
+                                                                           'states': ['col_var', 'row_var'],
+                                                                           'temps': [('_r0',
+                                                                                      'tensor',
+                                                                                      True),
+                                                                                     ('_r1', 'row', True),
+                                                                                     ('_r2', 'col', True),
+                                                                                     ('_r3',
+                                                                                      'tensor',
+                                                                                      True),
+                                                                                     ('rms',
+                                                                                      'tensor',
+                                                                                      False),
+                                                                                     ('_s0',
+                                                                                      'matrix',
+                                                                                      False),
+                                                                                     ('denom',
+                                                                                      'tensor',
+                                                                                      False),
+                                                                                     ('scale',
+                                                                                      'tensor',
+                                                                                      False),
+                                                                                     ('grad',
+                                                                                      'element',
+                                                                                      False),
+                                                                                     ('update',
+                                                                                      'element',
+                                                                                      False)]}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).
