@@ -17,7 +17,7 @@ import torch
 from tests.test_adv_rest import _compare
 
 STEPS = 100
-SAMPLE_STEPS = 6
+SAMPLE_STEPS = 4
 
 #: (spec, setting): SinkSGD_adv's options, then 'iterative' OrthoGrad on every 2.5.16 spec with it
 CASES: list[tuple[str, dict]] = [
