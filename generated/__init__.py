@@ -37,6 +37,7 @@ from .rprop import Rprop
 from .sgd import SGD
 from .signsgd_adv import SignSGD_adv
 from .simplified_ademamix import Simplified_AdEMAMix
+from .sinksgd_adv import SinkSGD_adv
 from .spam import SPAM
 from .spam_official import SPAMOfficial
 from .stable_spam import StableSPAM
@@ -80,5 +81,6 @@ __all__ = [
     "SPAMOfficial",
     "SignSGD_adv",
     "Simplified_AdEMAMix",
+    "SinkSGD_adv",
     "StableSPAM",
 ]

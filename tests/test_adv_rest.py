@@ -64,7 +64,7 @@ def _ident(i: int) -> str:
 def _compare(spec: str, setting: dict, model: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
     from adv_optm.util import param_update
 
-    from optgen.runtime import stochastic
+    from optgen.numerics import stochastic
 
     torch.set_default_dtype(torch.float32)
     # adv_optm re-seeds its stream at construction only for bf16 parameters: the stochastic sign's

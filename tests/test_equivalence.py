@@ -25,8 +25,9 @@ ADV_STEPS = 100
 #: one with the most options, on the mlp in float64, 200 steps); the rest of the matrix (every
 #: setting, both models, both dtypes) is marked extended (bash .ci/extended)
 SAMPLED = {"adamax": 1, "adadelta": 1, "rprop": 1, "asgd": 1, "adafactor": 1, "muon": 1,
-           "adamwadv": 1, "spam": 0, "stable_spam": 0}  # issue 16 item 2 (spam: tests/test_adamw_family.py
+           "adamwadv": 1, "spam": 0, "stable_spam": 0,  # issue 16 item 2 (spam: tests/test_adamw_family.py
            # samples density < 1)
+           "sinksgd_adv": 0}  # issue 16 item 5: tests/test_sinksgd.py samples it (bf16 too), the matrix is extended
 #: packages whose settings after the first run on one model in float32, and 100 steps
 FEW_STEPS = ("adv-optm", "pytorch-optimizer")
 

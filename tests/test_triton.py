@@ -32,7 +32,12 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Every spec checked against a published implementation, by module name -> class name.
-SPECS = {name: load_spec(ROOT / "specs" / f"{name}.yaml").model.class_ for name in matched_specs()}
+ALL_SPECS = {name: load_spec(ROOT / "specs" / f"{name}.yaml").model.class_ for name in matched_specs()}
+#: specs the triton backend cannot run at all (the generated module says why): refused at
+#: construction (test_spec_without_kernels_is_refused_at_construction), not compared
+NO_KERNELS = {name: cls for name, cls in ALL_SPECS.items()
+              if importlib.import_module(f"generated.{name}_triton").PLAN is None}
+SPECS = {name: cls for name, cls in ALL_SPECS.items() if name not in NO_KERNELS}
 #: 0-D, 1-D (not a multiple of the 256-element interpreter block), 2-D, (1, N), (M, 1), 3-D batched,
 #: empty, and a matrix spanning several tiles of each kind.
 SHAPES = [(), (300,), (5, 7), (1, 9), (9, 1), (3, 4, 6), (0,), (0, 4), (40, 33), (17,)]
@@ -45,7 +50,19 @@ TOLERANCE = {"muon_adv": 5e-5, "muon": 5e-5, "prodigy_adv": 2e-5}
 
 
 def _cls(spec: str):
-    return getattr(importlib.import_module(f"generated.{spec}"), SPECS[spec])
+    return getattr(importlib.import_module(f"generated.{spec}"), ALL_SPECS[spec])
+
+
+@pytest.mark.parametrize("spec", sorted(NO_KERNELS))
+def test_spec_without_kernels_is_refused_at_construction(spec: str) -> None:
+    """backend='triton' for a spec with no kernels fails in the constructor, naming the reason
+    the generated module gives (SinkSGD_adv: its sinkhorn() normalisation)."""
+    reason = importlib.import_module(f"generated.{spec}_triton").UNSUPPORTED
+    assert reason and "not implemented yet" in reason
+    params = [torch.nn.Parameter(torch.randn(4, 3, device=DEVICE))]
+    with pytest.raises(ValueError, match="has no triton kernels") as info:
+        _cls(spec)(params, backend="triton")
+    assert reason in str(info.value)
 
 
 def _extra(spec: str, setting: dict, dtype: torch.dtype | None = None) -> dict:

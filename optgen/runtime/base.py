@@ -102,6 +102,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = _auto_backend(self.param_groups, self._zero is None)
+        elif self.backend == "triton":
+            _refuse_without_kernels(type(self).__name__, self._triton_module)
         self._init_transient()
         if "stochastic_rounding" in prog.features:
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
@@ -718,6 +720,19 @@ class FusedBackward:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _refuse_without_kernels(name: str, module: str) -> None:
+    """``backend="triton"`` for a spec the triton backend cannot run at all: refused here, at
+    construction (the generated module says why), not at the first step."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return  # no triton: the first step says so (check_available)
+    if getattr(mod, "PLAN", True) is None:
+        raise ValueError(f"{name} has no triton kernels: {mod.UNSUPPORTED}")
 
 
 def _auto_backend(groups: list[dict[str, Any]], local: bool = True) -> str:
