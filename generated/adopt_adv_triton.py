@@ -1682,7 +1682,8 @@ KERNELS = {
     "_adopt_adv_flat11": _adopt_adv_flat11,
 }
 
-PLAN = {'dynamic': ['_c18',
+PLAN = {'dynamic': ['_c16',
+             '_c18',
              '_c19',
              '_c2',
              '_c21',
@@ -1769,7 +1770,6 @@ PLAN = {'dynamic': ['_c18',
                       '_c12',
                       '_c14',
                       '_c15',
-                      '_c16',
                       '_c17',
                       '_c20',
                       '_c23',

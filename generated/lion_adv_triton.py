@@ -21,7 +21,7 @@ def _lion_adv_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 5 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 11
@@ -29,24 +29,41 @@ def _lion_adv_prologue0(
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
-    HV_STEP: tl.constexpr = 4
+    HV_K39__B1__B5: tl.constexpr = 4
+    HV_K40__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     lr = tl.load(hyp + HYP_LR)
+    # _k39__b1__b5 = -(weight_decay * lr)
+    k39__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k40__b3__b7 = -(weight_decay * lr)
+    k40__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K39__B1__B5, (k39__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K40__B3__B7, (k40__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -267,7 +284,11 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_UPDATE: tl.constexpr = 19
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
-    HV_STEP: tl.constexpr = 4
+    HV_K39__B1__B5: tl.constexpr = 4
+    HV_K40__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r4 = ws + tl.load(tab + t * TBL_W + COL_WS_R4)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -275,6 +296,10 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r4), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -287,10 +312,19 @@ def _lion_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_3))
+    param_fp32_1 = (param_fp32 + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -329,7 +363,7 @@ def _lion_adv_prologue1(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 11
@@ -337,22 +371,39 @@ def _lion_adv_prologue1(
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
+    HV_K44__B1__B5: tl.constexpr = 4
+    HV_K45__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     numel_pow_half = L.pow64(tl.load(tab + t * TBL_W + COL_NUMEL).to(tl.float64), tl.full((), 0.5, tl.float64))
     lr = tl.load(hyp + HYP_LR)
+    # _k44__b1__b5 = -(weight_decay * lr)
+    k44__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k45__b3__b7 = -(weight_decay * lr)
+    k45__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_NUMEL_POW_HALF, (numel_pow_half).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K44__B1__B5, (k44__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K45__B3__B7, (k45__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -364,6 +415,10 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_UPDATE: tl.constexpr = 19
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
+    HV_K44__B1__B5: tl.constexpr = 4
+    HV_K45__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r4 = ws + tl.load(tab + t * TBL_W + COL_WS_R4)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -371,6 +426,10 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update / maximum(sqrt(_r4), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r4 = tl.load(p_r4 + 0).to(tl.float32)
@@ -379,11 +438,20 @@ def _lion_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     update_2 = (update_1 * numel_pow_half)
     # update = update * lr
     update_3 = (update_2 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_3))
+    param__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_3))
     # store param
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -420,28 +488,45 @@ def _lion_adv_prologue2(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 11
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
-    HV_STEP: tl.constexpr = 3
+    HV_K39__B1__B5: tl.constexpr = 3
+    HV_K40__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
+    HV_STEP: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     lr = tl.load(hyp + HYP_LR)
+    # _k39__b1__b5 = -(weight_decay * lr)
+    k39__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k40__b3__b7 = -(weight_decay * lr)
+    k40__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K39__B1__B5, (k39__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K40__B3__B7, (k40__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -551,7 +636,11 @@ def _lion_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
-    HV_STEP: tl.constexpr = 3
+    HV_K39__B1__B5: tl.constexpr = 3
+    HV_K40__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
+    HV_STEP: tl.constexpr = 7
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
     p_ortho_scale = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -566,6 +655,10 @@ def _lion_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # grad = cast(ortho_g * ortho_scale, grad)
     ortho_g = tl.load(p_ortho_g + offs, mask=mask).to(tl.float32)
@@ -584,10 +677,19 @@ def _lion_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
@@ -627,26 +729,43 @@ def _lion_adv_prologue3(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_anchor_data: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 3 the passes read to hv.
+    writes the 7 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 11
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
+    HV_K44__B1__B5: tl.constexpr = 3
+    HV_K45__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
+    HYP_CAUTIOUS_WD: tl.constexpr = 3
     HYP_LR: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     beta1 = tl.load(hyp + HYP_BETA1)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
     lr = tl.load(hyp + HYP_LR)
+    # _k44__b1__b5 = -(weight_decay * lr)
+    k44__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # _k45__b3__b7 = -(weight_decay * lr)
+    k45__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_LR, (lr).to(tl.float32))
+    tl.store(hv + t * NH + HV_K44__B1__B5, (k44__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K45__B3__B7, (k45__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -660,6 +779,10 @@ def _lion_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
+    HV_K44__B1__B5: tl.constexpr = 3
+    HV_K45__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
     p_ortho_scale = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_SCALE)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -674,6 +797,10 @@ def _lion_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = cast(ortho_g * ortho_scale, grad)
     ortho_g = tl.load(p_ortho_g + offs, mask=mask).to(tl.float32)
     ortho_scale = tl.load(p_ortho_scale + 0).to(tl.float32)
@@ -688,12 +815,21 @@ def _lion_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     update_1 = L.sign(update)
     # update = update * lr
     update_2 = (update_1 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_2))
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -788,7 +924,11 @@ def _lion_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
-    HV_STEP: tl.constexpr = 4
+    HV_K39__B1__B5: tl.constexpr = 4
+    HV_K40__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HV_STEP: tl.constexpr = 8
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -796,6 +936,10 @@ def _lion_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -808,10 +952,19 @@ def _lion_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_3))
+    param_fp32_1 = (param_fp32 + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -850,6 +1003,10 @@ def _lion_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     COL_WS_UPDATE: tl.constexpr = 13
     HV_NUMEL_POW_HALF: tl.constexpr = 2
     HV_LR: tl.constexpr = 3
+    HV_K44__B1__B5: tl.constexpr = 4
+    HV_K45__B3__B7: tl.constexpr = 5
+    HV_CAUTIOUS_WD: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -857,6 +1014,10 @@ def _lion_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r0 = tl.load(p_r0 + 0).to(tl.float32)
@@ -865,11 +1026,20 @@ def _lion_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     update_2 = (update_1 * numel_pow_half)
     # update = update * lr
     update_3 = (update_2 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_3))
+    param__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_3))
     # store param
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -907,7 +1077,11 @@ def _lion_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
-    HV_STEP: tl.constexpr = 3
+    HV_K39__B1__B5: tl.constexpr = 3
+    HV_K40__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
+    HV_STEP: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -920,6 +1094,10 @@ def _lion_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k39__b1__b5 = tl.load(hv + t * NH + HV_K39__B1__B5)
+    k40__b3__b7 = tl.load(hv + t * NH + HV_K40__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = lerp(grad, exp_avg, beta1)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -934,10 +1112,19 @@ def _lion_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k39__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k39__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k40__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k40__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
@@ -977,6 +1164,10 @@ def _lion_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA2: tl.constexpr = 1
     HV_LR: tl.constexpr = 2
+    HV_K44__B1__B5: tl.constexpr = 3
+    HV_K45__B3__B7: tl.constexpr = 4
+    HV_CAUTIOUS_WD: tl.constexpr = 5
+    HV_C: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -989,6 +1180,10 @@ def _lion_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k44__b1__b5 = tl.load(hv + t * NH + HV_K44__B1__B5)
+    k45__b3__b7 = tl.load(hv + t * NH + HV_K45__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = lerp(grad, exp_avg, beta1)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -999,12 +1194,21 @@ def _lion_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr
     update_1 = L.sign(update)
     # update = update * lr
     update_2 = (update_1 * lr)
-    # param = param + -update
+    # param__b2__b6 = param + _k44__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_2))
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k44__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k45__b3__b7 * param
+    param__b4__b8 = (param + k45__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1054,8 +1258,8 @@ KERNELS = {
     "_lion_adv_flat12": _lion_adv_flat12,
 }
 
-PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
- 'group_conditions': ['_c0', '_c10', '_c11', '_c12', '_c3', '_c4', '_c8'],
+PLAN = {'dynamic': ['_c10', '_c11', '_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
+ 'group_conditions': ['_c0', '_c12', '_c3', '_c4', '_c8'],
  'hyper_slots': [['auto_kappa_p', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -1070,84 +1274,7 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', False), ('_c10', False), ('_c12', False)): {'columns': ['param',
-                                                                                                                                                                           'state:exp_avg',
-                                                                                                                                                                           'state:mu_m_nmf',
-                                                                                                                                                                           'state:mv_m_nmf',
-                                                                                                                                                                           'state:sign',
-                                                                                                                                                                           'state:anchor_data',
-                                                                                                                                                                           'numel',
-                                                                                                                                                                           'B',
-                                                                                                                                                                           'M',
-                                                                                                                                                                           'N',
-                                                                                                                                                                           'ndim',
-                                                                                                                                                                           'gidx'],
-                                                                                                                                                               'creates': [],
-                                                                                                                                                               'hv': ['_k32',
-                                                                                                                                                                      '_k33',
-                                                                                                                                                                      '_k38'],
-                                                                                                                                                               'launches': [('_lion_adv_prologue3',
-                                                                                                                                                                             'prologue'),
-                                                                                                                                                                            ('_lion_adv_flat12',
-                                                                                                                                                                             'flat')],
-                                                                                                                                                               'states': ['exp_avg'],
-                                                                                                                                                               'temps': []},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', False)): {'columns': ['param',
-                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                          'state:sign',
-                                                                                                                                                                          'state:anchor_data',
-                                                                                                                                                                          'numel',
-                                                                                                                                                                          'B',
-                                                                                                                                                                          'M',
-                                                                                                                                                                          'N',
-                                                                                                                                                                          'ndim',
-                                                                                                                                                                          'gidx'],
-                                                                                                                                                              'creates': [],
-                                                                                                                                                              'hv': ['_k32',
-                                                                                                                                                                     '_k33',
-                                                                                                                                                                     '_k38',
-                                                                                                                                                                     '_k43'],
-                                                                                                                                                              'launches': [('_lion_adv_prologue2',
-                                                                                                                                                                            'prologue'),
-                                                                                                                                                                           ('_lion_adv_flat11',
-                                                                                                                                                                            'flat')],
-                                                                                                                                                              'states': ['exp_avg'],
-                                                                                                                                                              'temps': []},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', True), ('_c9', False), ('_c10', False), ('_c12', False)): {'columns': ['param',
-                                                                                                                                                           'state:exp_avg',
-                                                                                                                                                           'state:mu_m_nmf',
-                                                                                                                                                           'state:mv_m_nmf',
-                                                                                                                                                           'state:sign',
-                                                                                                                                                           'state:anchor_data',
-                                                                                                                                                           'numel',
-                                                                                                                                                           'B',
-                                                                                                                                                           'M',
-                                                                                                                                                           'N',
-                                                                                                                                                           'ndim',
-                                                                                                                                                           'gidx',
-                                                                                                                                                           'ws:_r0',
-                                                                                                                                                           'ws:update'],
-                                                                                                                                               'creates': [],
-                                                                                                                                               'hv': ['_k32',
-                                                                                                                                                      '_k33',
-                                                                                                                                                      '_k35',
-                                                                                                                                                      '_k38'],
-                                                                                                                                               'launches': [('_lion_adv_prologue1',
-                                                                                                                                                             'prologue'),
-                                                                                                                                                            ('_lion_adv_flat8',
-                                                                                                                                                             'flat'),
-                                                                                                                                                            ('_lion_adv_flat10',
-                                                                                                                                                             'flat')],
-                                                                                                                                               'states': ['exp_avg'],
-                                                                                                                                               'temps': [('_r0',
-                                                                                                                                                          'tensor',
-                                                                                                                                                          True),
-                                                                                                                                                         ('update',
-                                                                                                                                                          'element',
-                                                                                                                                                          False)]},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', True), ('_c9', True), ('_c10', False), ('_c12', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', False), ('_c12', False)): {'columns': ['param',
                                                                                                                                                           'state:exp_avg',
                                                                                                                                                           'state:mu_m_nmf',
                                                                                                                                                           'state:mv_m_nmf',
@@ -1158,80 +1285,22 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                                           'M',
                                                                                                                                                           'N',
                                                                                                                                                           'ndim',
-                                                                                                                                                          'gidx',
-                                                                                                                                                          'ws:_r0',
-                                                                                                                                                          'ws:update'],
+                                                                                                                                                          'gidx'],
                                                                                                                                               'creates': [],
                                                                                                                                               'hv': ['_k32',
                                                                                                                                                      '_k33',
-                                                                                                                                                     '_k35',
                                                                                                                                                      '_k38',
-                                                                                                                                                     '_k43'],
-                                                                                                                                              'launches': [('_lion_adv_prologue0',
-                                                                                                                                                            'prologue'),
-                                                                                                                                                           ('_lion_adv_flat8',
-                                                                                                                                                            'flat'),
-                                                                                                                                                           ('_lion_adv_flat9',
-                                                                                                                                                            'flat')],
-                                                                                                                                              'states': ['exp_avg'],
-                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         True),
-                                                                                                                                                        ('update',
-                                                                                                                                                         'element',
-                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', False), ('_c10', False), ('_c12', False)): {'columns': ['param',
-                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                          'state:sign',
-                                                                                                                                                          'state:anchor_data',
-                                                                                                                                                          'numel',
-                                                                                                                                                          'B',
-                                                                                                                                                          'M',
-                                                                                                                                                          'N',
-                                                                                                                                                          'ndim',
-                                                                                                                                                          'gidx',
-                                                                                                                                                          'ws:_r0',
-                                                                                                                                                          'ws:_r1',
-                                                                                                                                                          'ws:_r2',
-                                                                                                                                                          'ws:_r3',
-                                                                                                                                                          'ws:ortho_scale',
-                                                                                                                                                          'ws:ortho_g'],
-                                                                                                                                              'creates': [],
-                                                                                                                                              'hv': ['_k32',
-                                                                                                                                                     '_k33',
-                                                                                                                                                     '_k38'],
+                                                                                                                                                     '_k44__b1__b5',
+                                                                                                                                                     '_k45__b3__b7',
+                                                                                                                                                     '_c11',
+                                                                                                                                                     '_c10'],
                                                                                                                                               'launches': [('_lion_adv_prologue3',
                                                                                                                                                             'prologue'),
-                                                                                                                                                           ('_lion_adv_flat0',
-                                                                                                                                                            'flat'),
-                                                                                                                                                           ('_lion_adv_flat5',
-                                                                                                                                                            'flat'),
-                                                                                                                                                           ('_lion_adv_vec1',
-                                                                                                                                                            'vec'),
-                                                                                                                                                           ('_lion_adv_flat7',
+                                                                                                                                                           ('_lion_adv_flat12',
                                                                                                                                                             'flat')],
                                                                                                                                               'states': ['exp_avg'],
-                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         True),
-                                                                                                                                                        ('_r1',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         True),
-                                                                                                                                                        ('_r2',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         True),
-                                                                                                                                                        ('_r3',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         True),
-                                                                                                                                                        ('ortho_scale',
-                                                                                                                                                         'tensor',
-                                                                                                                                                         False),
-                                                                                                                                                        ('ortho_g',
-                                                                                                                                                         'element',
-                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c10', False), ('_c12', False)): {'columns': ['param',
+                                                                                                                                              'temps': []},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c12', False)): {'columns': ['param',
                                                                                                                                                          'state:exp_avg',
                                                                                                                                                          'state:mu_m_nmf',
                                                                                                                                                          'state:mv_m_nmf',
@@ -1242,48 +1311,23 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                                          'M',
                                                                                                                                                          'N',
                                                                                                                                                          'ndim',
-                                                                                                                                                         'gidx',
-                                                                                                                                                         'ws:_r0',
-                                                                                                                                                         'ws:_r1',
-                                                                                                                                                         'ws:_r2',
-                                                                                                                                                         'ws:_r3',
-                                                                                                                                                         'ws:ortho_scale',
-                                                                                                                                                         'ws:ortho_g'],
+                                                                                                                                                         'gidx'],
                                                                                                                                              'creates': [],
                                                                                                                                              'hv': ['_k32',
                                                                                                                                                     '_k33',
                                                                                                                                                     '_k38',
+                                                                                                                                                    '_k39__b1__b5',
+                                                                                                                                                    '_k40__b3__b7',
+                                                                                                                                                    '_c11',
+                                                                                                                                                    '_c10',
                                                                                                                                                     '_k43'],
                                                                                                                                              'launches': [('_lion_adv_prologue2',
                                                                                                                                                            'prologue'),
-                                                                                                                                                          ('_lion_adv_flat0',
-                                                                                                                                                           'flat'),
-                                                                                                                                                          ('_lion_adv_flat5',
-                                                                                                                                                           'flat'),
-                                                                                                                                                          ('_lion_adv_vec1',
-                                                                                                                                                           'vec'),
-                                                                                                                                                          ('_lion_adv_flat6',
+                                                                                                                                                          ('_lion_adv_flat11',
                                                                                                                                                            'flat')],
                                                                                                                                              'states': ['exp_avg'],
-                                                                                                                                             'temps': [('_r0',
-                                                                                                                                                        'tensor',
-                                                                                                                                                        True),
-                                                                                                                                                       ('_r1',
-                                                                                                                                                        'tensor',
-                                                                                                                                                        True),
-                                                                                                                                                       ('_r2',
-                                                                                                                                                        'tensor',
-                                                                                                                                                        True),
-                                                                                                                                                       ('_r3',
-                                                                                                                                                        'tensor',
-                                                                                                                                                        True),
-                                                                                                                                                       ('ortho_scale',
-                                                                                                                                                        'tensor',
-                                                                                                                                                        False),
-                                                                                                                                                       ('ortho_g',
-                                                                                                                                                        'element',
-                                                                                                                                                        False)]},
-           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', True), ('_c9', False), ('_c10', False), ('_c12', False)): {'columns': ['param',
+                                                                                                                                             'temps': []},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', True), ('_c9', False), ('_c12', False)): {'columns': ['param',
                                                                                                                                           'state:exp_avg',
                                                                                                                                           'state:mu_m_nmf',
                                                                                                                                           'state:mv_m_nmf',
@@ -1296,56 +1340,67 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                           'ndim',
                                                                                                                                           'gidx',
                                                                                                                                           'ws:_r0',
-                                                                                                                                          'ws:_r1',
-                                                                                                                                          'ws:_r2',
-                                                                                                                                          'ws:_r3',
-                                                                                                                                          'ws:_r4',
-                                                                                                                                          'ws:ortho_scale',
-                                                                                                                                          'ws:ortho_g',
                                                                                                                                           'ws:update'],
                                                                                                                               'creates': [],
                                                                                                                               'hv': ['_k32',
                                                                                                                                      '_k33',
                                                                                                                                      '_k35',
-                                                                                                                                     '_k38'],
+                                                                                                                                     '_k38',
+                                                                                                                                     '_k44__b1__b5',
+                                                                                                                                     '_k45__b3__b7',
+                                                                                                                                     '_c11',
+                                                                                                                                     '_c10'],
                                                                                                                               'launches': [('_lion_adv_prologue1',
                                                                                                                                             'prologue'),
-                                                                                                                                           ('_lion_adv_flat0',
+                                                                                                                                           ('_lion_adv_flat8',
                                                                                                                                             'flat'),
-                                                                                                                                           ('_lion_adv_flat1',
-                                                                                                                                            'flat'),
-                                                                                                                                           ('_lion_adv_vec0',
-                                                                                                                                            'vec'),
-                                                                                                                                           ('_lion_adv_flat2',
-                                                                                                                                            'flat'),
-                                                                                                                                           ('_lion_adv_flat4',
+                                                                                                                                           ('_lion_adv_flat10',
                                                                                                                                             'flat')],
                                                                                                                               'states': ['exp_avg'],
                                                                                                                               'temps': [('_r0',
                                                                                                                                          'tensor',
                                                                                                                                          True),
-                                                                                                                                        ('_r1',
-                                                                                                                                         'tensor',
-                                                                                                                                         True),
-                                                                                                                                        ('_r2',
-                                                                                                                                         'tensor',
-                                                                                                                                         True),
-                                                                                                                                        ('_r3',
-                                                                                                                                         'tensor',
-                                                                                                                                         True),
-                                                                                                                                        ('_r4',
-                                                                                                                                         'tensor',
-                                                                                                                                         True),
-                                                                                                                                        ('ortho_scale',
-                                                                                                                                         'tensor',
-                                                                                                                                         False),
-                                                                                                                                        ('ortho_g',
-                                                                                                                                         'element',
-                                                                                                                                         False),
                                                                                                                                         ('update',
                                                                                                                                          'element',
                                                                                                                                          False)]},
-           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', True), ('_c9', True), ('_c10', False), ('_c12', False)): {'columns': ['param',
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c7', True), ('_c9', True), ('_c12', False)): {'columns': ['param',
+                                                                                                                                         'state:exp_avg',
+                                                                                                                                         'state:mu_m_nmf',
+                                                                                                                                         'state:mv_m_nmf',
+                                                                                                                                         'state:sign',
+                                                                                                                                         'state:anchor_data',
+                                                                                                                                         'numel',
+                                                                                                                                         'B',
+                                                                                                                                         'M',
+                                                                                                                                         'N',
+                                                                                                                                         'ndim',
+                                                                                                                                         'gidx',
+                                                                                                                                         'ws:_r0',
+                                                                                                                                         'ws:update'],
+                                                                                                                             'creates': [],
+                                                                                                                             'hv': ['_k32',
+                                                                                                                                    '_k33',
+                                                                                                                                    '_k35',
+                                                                                                                                    '_k38',
+                                                                                                                                    '_k39__b1__b5',
+                                                                                                                                    '_k40__b3__b7',
+                                                                                                                                    '_c11',
+                                                                                                                                    '_c10',
+                                                                                                                                    '_k43'],
+                                                                                                                             'launches': [('_lion_adv_prologue0',
+                                                                                                                                           'prologue'),
+                                                                                                                                          ('_lion_adv_flat8',
+                                                                                                                                           'flat'),
+                                                                                                                                          ('_lion_adv_flat9',
+                                                                                                                                           'flat')],
+                                                                                                                             'states': ['exp_avg'],
+                                                                                                                             'temps': [('_r0',
+                                                                                                                                        'tensor',
+                                                                                                                                        True),
+                                                                                                                                       ('update',
+                                                                                                                                        'element',
+                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', False), ('_c12', False)): {'columns': ['param',
                                                                                                                                          'state:exp_avg',
                                                                                                                                          'state:mu_m_nmf',
                                                                                                                                          'state:mv_m_nmf',
@@ -1361,27 +1416,25 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                          'ws:_r1',
                                                                                                                                          'ws:_r2',
                                                                                                                                          'ws:_r3',
-                                                                                                                                         'ws:_r4',
                                                                                                                                          'ws:ortho_scale',
-                                                                                                                                         'ws:ortho_g',
-                                                                                                                                         'ws:update'],
+                                                                                                                                         'ws:ortho_g'],
                                                                                                                              'creates': [],
                                                                                                                              'hv': ['_k32',
                                                                                                                                     '_k33',
-                                                                                                                                    '_k35',
                                                                                                                                     '_k38',
-                                                                                                                                    '_k43'],
-                                                                                                                             'launches': [('_lion_adv_prologue0',
+                                                                                                                                    '_k44__b1__b5',
+                                                                                                                                    '_k45__b3__b7',
+                                                                                                                                    '_c11',
+                                                                                                                                    '_c10'],
+                                                                                                                             'launches': [('_lion_adv_prologue3',
                                                                                                                                            'prologue'),
                                                                                                                                           ('_lion_adv_flat0',
                                                                                                                                            'flat'),
-                                                                                                                                          ('_lion_adv_flat1',
+                                                                                                                                          ('_lion_adv_flat5',
                                                                                                                                            'flat'),
-                                                                                                                                          ('_lion_adv_vec0',
+                                                                                                                                          ('_lion_adv_vec1',
                                                                                                                                            'vec'),
-                                                                                                                                          ('_lion_adv_flat2',
-                                                                                                                                           'flat'),
-                                                                                                                                          ('_lion_adv_flat3',
+                                                                                                                                          ('_lion_adv_flat7',
                                                                                                                                            'flat')],
                                                                                                                              'states': ['exp_avg'],
                                                                                                                              'temps': [('_r0',
@@ -1396,18 +1449,201 @@ PLAN = {'dynamic': ['_k11', '_k18', '_k2', '_k27', '_k34', '_k43'],
                                                                                                                                        ('_r3',
                                                                                                                                         'tensor',
                                                                                                                                         True),
-                                                                                                                                       ('_r4',
-                                                                                                                                        'tensor',
-                                                                                                                                        True),
                                                                                                                                        ('ortho_scale',
                                                                                                                                         'tensor',
                                                                                                                                         False),
                                                                                                                                        ('ortho_g',
                                                                                                                                         'element',
-                                                                                                                                        False),
-                                                                                                                                       ('update',
-                                                                                                                                        'element',
-                                                                                                                                        False)]}},
+                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', False), ('_c8', True), ('_c9', True), ('_c12', False)): {'columns': ['param',
+                                                                                                                                        'state:exp_avg',
+                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                        'state:sign',
+                                                                                                                                        'state:anchor_data',
+                                                                                                                                        'numel',
+                                                                                                                                        'B',
+                                                                                                                                        'M',
+                                                                                                                                        'N',
+                                                                                                                                        'ndim',
+                                                                                                                                        'gidx',
+                                                                                                                                        'ws:_r0',
+                                                                                                                                        'ws:_r1',
+                                                                                                                                        'ws:_r2',
+                                                                                                                                        'ws:_r3',
+                                                                                                                                        'ws:ortho_scale',
+                                                                                                                                        'ws:ortho_g'],
+                                                                                                                            'creates': [],
+                                                                                                                            'hv': ['_k32',
+                                                                                                                                   '_k33',
+                                                                                                                                   '_k38',
+                                                                                                                                   '_k39__b1__b5',
+                                                                                                                                   '_k40__b3__b7',
+                                                                                                                                   '_c11',
+                                                                                                                                   '_c10',
+                                                                                                                                   '_k43'],
+                                                                                                                            'launches': [('_lion_adv_prologue2',
+                                                                                                                                          'prologue'),
+                                                                                                                                         ('_lion_adv_flat0',
+                                                                                                                                          'flat'),
+                                                                                                                                         ('_lion_adv_flat5',
+                                                                                                                                          'flat'),
+                                                                                                                                         ('_lion_adv_vec1',
+                                                                                                                                          'vec'),
+                                                                                                                                         ('_lion_adv_flat6',
+                                                                                                                                          'flat')],
+                                                                                                                            'states': ['exp_avg'],
+                                                                                                                            'temps': [('_r0',
+                                                                                                                                       'tensor',
+                                                                                                                                       True),
+                                                                                                                                      ('_r1',
+                                                                                                                                       'tensor',
+                                                                                                                                       True),
+                                                                                                                                      ('_r2',
+                                                                                                                                       'tensor',
+                                                                                                                                       True),
+                                                                                                                                      ('_r3',
+                                                                                                                                       'tensor',
+                                                                                                                                       True),
+                                                                                                                                      ('ortho_scale',
+                                                                                                                                       'tensor',
+                                                                                                                                       False),
+                                                                                                                                      ('ortho_g',
+                                                                                                                                       'element',
+                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', True), ('_c9', False), ('_c12', False)): {'columns': ['param',
+                                                                                                                         'state:exp_avg',
+                                                                                                                         'state:mu_m_nmf',
+                                                                                                                         'state:mv_m_nmf',
+                                                                                                                         'state:sign',
+                                                                                                                         'state:anchor_data',
+                                                                                                                         'numel',
+                                                                                                                         'B',
+                                                                                                                         'M',
+                                                                                                                         'N',
+                                                                                                                         'ndim',
+                                                                                                                         'gidx',
+                                                                                                                         'ws:_r0',
+                                                                                                                         'ws:_r1',
+                                                                                                                         'ws:_r2',
+                                                                                                                         'ws:_r3',
+                                                                                                                         'ws:_r4',
+                                                                                                                         'ws:ortho_scale',
+                                                                                                                         'ws:ortho_g',
+                                                                                                                         'ws:update'],
+                                                                                                             'creates': [],
+                                                                                                             'hv': ['_k32',
+                                                                                                                    '_k33',
+                                                                                                                    '_k35',
+                                                                                                                    '_k38',
+                                                                                                                    '_k44__b1__b5',
+                                                                                                                    '_k45__b3__b7',
+                                                                                                                    '_c11',
+                                                                                                                    '_c10'],
+                                                                                                             'launches': [('_lion_adv_prologue1',
+                                                                                                                           'prologue'),
+                                                                                                                          ('_lion_adv_flat0',
+                                                                                                                           'flat'),
+                                                                                                                          ('_lion_adv_flat1',
+                                                                                                                           'flat'),
+                                                                                                                          ('_lion_adv_vec0',
+                                                                                                                           'vec'),
+                                                                                                                          ('_lion_adv_flat2',
+                                                                                                                           'flat'),
+                                                                                                                          ('_lion_adv_flat4',
+                                                                                                                           'flat')],
+                                                                                                             'states': ['exp_avg'],
+                                                                                                             'temps': [('_r0',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('_r1',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('_r2',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('_r3',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('_r4',
+                                                                                                                        'tensor',
+                                                                                                                        True),
+                                                                                                                       ('ortho_scale',
+                                                                                                                        'tensor',
+                                                                                                                        False),
+                                                                                                                       ('ortho_g',
+                                                                                                                        'element',
+                                                                                                                        False),
+                                                                                                                       ('update',
+                                                                                                                        'element',
+                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c4', False), ('_c7', True), ('_c9', True), ('_c12', False)): {'columns': ['param',
+                                                                                                                        'state:exp_avg',
+                                                                                                                        'state:mu_m_nmf',
+                                                                                                                        'state:mv_m_nmf',
+                                                                                                                        'state:sign',
+                                                                                                                        'state:anchor_data',
+                                                                                                                        'numel',
+                                                                                                                        'B',
+                                                                                                                        'M',
+                                                                                                                        'N',
+                                                                                                                        'ndim',
+                                                                                                                        'gidx',
+                                                                                                                        'ws:_r0',
+                                                                                                                        'ws:_r1',
+                                                                                                                        'ws:_r2',
+                                                                                                                        'ws:_r3',
+                                                                                                                        'ws:_r4',
+                                                                                                                        'ws:ortho_scale',
+                                                                                                                        'ws:ortho_g',
+                                                                                                                        'ws:update'],
+                                                                                                            'creates': [],
+                                                                                                            'hv': ['_k32',
+                                                                                                                   '_k33',
+                                                                                                                   '_k35',
+                                                                                                                   '_k38',
+                                                                                                                   '_k39__b1__b5',
+                                                                                                                   '_k40__b3__b7',
+                                                                                                                   '_c11',
+                                                                                                                   '_c10',
+                                                                                                                   '_k43'],
+                                                                                                            'launches': [('_lion_adv_prologue0',
+                                                                                                                          'prologue'),
+                                                                                                                         ('_lion_adv_flat0',
+                                                                                                                          'flat'),
+                                                                                                                         ('_lion_adv_flat1',
+                                                                                                                          'flat'),
+                                                                                                                         ('_lion_adv_vec0',
+                                                                                                                          'vec'),
+                                                                                                                         ('_lion_adv_flat2',
+                                                                                                                          'flat'),
+                                                                                                                         ('_lion_adv_flat3',
+                                                                                                                          'flat')],
+                                                                                                            'states': ['exp_avg'],
+                                                                                                            'temps': [('_r0',
+                                                                                                                       'tensor',
+                                                                                                                       True),
+                                                                                                                      ('_r1',
+                                                                                                                       'tensor',
+                                                                                                                       True),
+                                                                                                                      ('_r2',
+                                                                                                                       'tensor',
+                                                                                                                       True),
+                                                                                                                      ('_r3',
+                                                                                                                       'tensor',
+                                                                                                                       True),
+                                                                                                                      ('_r4',
+                                                                                                                       'tensor',
+                                                                                                                       True),
+                                                                                                                      ('ortho_scale',
+                                                                                                                       'tensor',
+                                                                                                                       False),
+                                                                                                                      ('ortho_g',
+                                                                                                                       'element',
+                                                                                                                       False),
+                                                                                                                      ('update',
+                                                                                                                       'element',
+                                                                                                                       False)]}},
  'static_hypers': ['nnmf_factor', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -1476,7 +1476,7 @@ KERNELS = {
     "_prodigy_adv_flat11": _prodigy_adv_flat11,
 }
 
-PLAN = {'dynamic': ['_c14',
+PLAN = {'dynamic': ['_c15',
              '_k0',
              '_k1',
              '_k10',
@@ -1771,7 +1771,7 @@ PLAN = {'dynamic': ['_c14',
  'group_conditions': ['_c0',
                       '_c11',
                       '_c13',
-                      '_c15',
+                      '_c14',
                       '_c16',
                       '_c17',
                       '_c18',
