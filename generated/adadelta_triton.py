@@ -21,23 +21,33 @@ def _adadelta_prologue0(
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_acc_delta: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 10 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 8
-    HV_RHO: tl.constexpr = 0
-    HV_ONE_MINUS_RHO: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_EPS_1: tl.constexpr = 3
-    HV_RHO_1: tl.constexpr = 4
-    HV_ONE_MINUS_RHO_1: tl.constexpr = 5
-    HV_NEG_LR: tl.constexpr = 6
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_RHO: tl.constexpr = 3
+    HV_ONE_MINUS_RHO: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_EPS_1: tl.constexpr = 6
+    HV_RHO_1: tl.constexpr = 7
+    HV_ONE_MINUS_RHO_1: tl.constexpr = 8
+    HV_NEG_LR: tl.constexpr = 9
     HYP_EPS: tl.constexpr = 0
     HYP_LR: tl.constexpr = 1
+    HYP_MAXIMIZE: tl.constexpr = 2
     HYP_RHO: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 4
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     rho = tl.load(hyp + HYP_RHO)
     one_minus_rho = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_RHO))
     eps = tl.load(hyp + HYP_EPS)
@@ -46,6 +56,9 @@ def _adadelta_prologue0(
     one_minus_rho_1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_RHO))
     neg_lr = (-tl.load(hyp + HYP_LR))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_RHO, (rho).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_RHO, (one_minus_rho).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
@@ -62,20 +75,29 @@ def _adadelta_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     COL_PARAM: tl.constexpr = 0
     COL_SQUARE_AVG: tl.constexpr = 1
     COL_ACC_DELTA: tl.constexpr = 2
-    HV_RHO: tl.constexpr = 0
-    HV_ONE_MINUS_RHO: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_EPS_1: tl.constexpr = 3
-    HV_RHO_1: tl.constexpr = 4
-    HV_ONE_MINUS_RHO_1: tl.constexpr = 5
-    HV_NEG_LR: tl.constexpr = 6
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_RHO: tl.constexpr = 3
+    HV_ONE_MINUS_RHO: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_EPS_1: tl.constexpr = 6
+    HV_RHO_1: tl.constexpr = 7
+    HV_ONE_MINUS_RHO_1: tl.constexpr = 8
+    HV_NEG_LR: tl.constexpr = 9
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
     p_square_avg = tl.load(tab + t * TBL_W + COL_SQUARE_AVG).to(tl.pointer_type(DT_square_avg))
     if ALIGNED:
         p_square_avg = tl.multiple_of(p_square_avg, 16)
     rho = tl.load(hv + t * NH + HV_RHO)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
     one_minus_rho = tl.load(hv + t * NH + HV_ONE_MINUS_RHO)
     eps = tl.load(hv + t * NH + HV_EPS)
     p_acc_delta = tl.load(tab + t * TBL_W + COL_ACC_DELTA).to(tl.pointer_type(DT_acc_delta))
@@ -84,23 +106,28 @@ def _adadelta_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr,
     eps_1 = tl.load(hv + t * NH + HV_EPS_1)
     rho_1 = tl.load(hv + t * NH + HV_RHO_1)
     one_minus_rho_1 = tl.load(hv + t * NH + HV_ONE_MINUS_RHO_1)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
     # square_avg = square_avg * rho + (1 - rho) * grad * grad
     square_avg = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    square_avg_1 = ((square_avg * rho) + one_minus_rho * grad * grad)
+    square_avg_1 = ((square_avg * rho) + one_minus_rho * grad_2 * grad_2)
     # std = sqrt(square_avg + eps)
     std = L.sqrt((square_avg_1 + eps))
     # delta = sqrt(acc_delta + eps) / std * grad
     acc_delta = tl.load(p_acc_delta + offs, mask=mask).to(tl.float32)
-    delta = (L.div(L.sqrt((acc_delta + eps_1)), std) * grad)
+    delta = (L.div(L.sqrt((acc_delta + eps_1)), std) * grad_2)
     # acc_delta = acc_delta * rho + (1 - rho) * delta * delta
     acc_delta_1 = ((acc_delta * rho_1) + one_minus_rho_1 * delta * delta)
     # param = param - lr * delta
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param + neg_lr * delta)
     # store square_avg, acc_delta, param
     tl.store(p_square_avg + offs, L.to_storage(square_avg_1, DT_square_avg), mask=mask)
@@ -117,7 +144,7 @@ def _adadelta_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads square_avg, grad, acc_delta, param; writes square_avg, acc_delta, param.
+    Reads grad, param, square_avg, acc_delta; writes square_avg, acc_delta, param.
     """
     COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
@@ -138,25 +165,23 @@ KERNELS = {
     "_adadelta_flat0": _adadelta_flat0,
 }
 
-PLAN = {'dynamic': [],
- 'group_conditions': ['_c0', '_c1'],
+PLAN = {'dynamic': ['_c0', '_c1'],
  'hyper_slots': [['eps', None], ['lr', None], ['maximize', None], ['rho', None], ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:square_avg',
-                                                          'state:acc_delta',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k1', '_k2', '_k3', '_k4', '_k5', '_k6', '_k7'],
-                                              'launches': [('_adadelta_prologue0', 'prologue'),
-                                                           ('_adadelta_flat0', 'flat')],
-                                              'states': ['acc_delta', 'square_avg'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param',
+                            'state:square_avg',
+                            'state:acc_delta',
+                            'numel',
+                            'B',
+                            'M',
+                            'N',
+                            'ndim',
+                            'gidx'],
+                'creates': [],
+                'hv': ['_c0', '_k0__b2', '_c1', '_k1', '_k2', '_k3', '_k4', '_k5', '_k6', '_k7'],
+                'launches': [('_adadelta_prologue0', 'prologue'), ('_adadelta_flat0', 'flat')],
+                'states': ['acc_delta', 'square_avg'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

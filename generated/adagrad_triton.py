@@ -21,23 +21,36 @@ def _adagrad_prologue0(
     STEP_DT: tl.constexpr, DT_sum: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 2 the passes read to hv.
+    writes the 5 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 7
-    HV_EPS: tl.constexpr = 0
-    HV_NEG_CLR: tl.constexpr = 1
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_CLR: tl.constexpr = 4
     HYP_EPS: tl.constexpr = 0
     HYP_LR: tl.constexpr = 1
     HYP_LR_DECAY: tl.constexpr = 2
+    HYP_MAXIMIZE: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 4
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     # clr = lr / (1 + (step - 1) * lr_decay)
     clr = (tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) + ((step - tl.full((), 1.0, tl.float64)) * tl.load(hyp + HYP_LR_DECAY))))
     eps = tl.load(hyp + HYP_EPS)
     neg_clr = (-clr)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_CLR, (neg_clr).to(tl.float32))
 
@@ -48,28 +61,42 @@ def _adagrad_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, 
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_SUM: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 0
-    HV_NEG_CLR: tl.constexpr = 1
-    p_sum = tl.load(tab + t * TBL_W + COL_SUM).to(tl.pointer_type(DT_sum))
-    if ALIGNED:
-        p_sum = tl.multiple_of(p_sum, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_EPS: tl.constexpr = 3
+    HV_NEG_CLR: tl.constexpr = 4
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
-    eps = tl.load(hv + t * NH + HV_EPS)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
+    p_sum = tl.load(tab + t * TBL_W + COL_SUM).to(tl.pointer_type(DT_sum))
+    if ALIGNED:
+        p_sum = tl.multiple_of(p_sum, 16)
+    eps = tl.load(hv + t * NH + HV_EPS)
     neg_clr = tl.load(hv + t * NH + HV_NEG_CLR)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
     # sum = sum + grad * grad
     sum = tl.load(p_sum + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    sum_1 = (sum + tl.full((), 1.0, tl.float32) * grad * grad)
+    sum_1 = (sum + tl.full((), 1.0, tl.float32) * grad_2 * grad_2)
     # std = sqrt(sum) + eps
     std = (L.sqrt(sum_1) + eps)
     # param = param - clr * grad / std
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + neg_clr * L.div(grad, std))
+    param_1 = (param + neg_clr * L.div(grad_2, std))
     # store sum, param
     tl.store(p_sum + offs, L.to_storage(sum_1, DT_sum), mask=mask)
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
@@ -84,7 +111,7 @@ def _adagrad_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads sum, grad, param; writes sum, param.
+    Reads grad, param, sum; writes sum, param.
     """
     COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
@@ -105,28 +132,19 @@ KERNELS = {
     "_adagrad_flat0": _adagrad_flat0,
 }
 
-PLAN = {'dynamic': ['_k2', 'clr'],
- 'group_conditions': ['_c0', '_c1'],
+PLAN = {'dynamic': ['_c0', '_c1', '_k2', 'clr'],
  'hyper_slots': [['eps', None],
                  ['lr', None],
                  ['lr_decay', None],
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:sum',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k1', '_k2'],
-                                              'launches': [('_adagrad_prologue0', 'prologue'),
-                                                           ('_adagrad_flat0', 'flat')],
-                                              'states': ['sum'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param', 'state:sum', 'numel', 'B', 'M', 'N', 'ndim', 'gidx'],
+                'creates': [],
+                'hv': ['_c0', '_k0__b2', '_c1', '_k1', '_k2'],
+                'launches': [('_adagrad_prologue0', 'prologue'), ('_adagrad_flat0', 'flat')],
+                'states': ['sum'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

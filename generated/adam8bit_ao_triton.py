@@ -22,26 +22,33 @@ def _adam8bit_ao_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
-    HV_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_BIAS_CORRECTION1: tl.constexpr = 5
-    HV_NEG_LR: tl.constexpr = 6
+    HV_K0__B1: tl.constexpr = 0
+    HV_K1__B3: tl.constexpr = 1
+    HV_IS_ADAMW: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_ONE_MINUS_BETA2: tl.constexpr = 4
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_BIAS_CORRECTION1: tl.constexpr = 7
+    HV_NEG_LR: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
+    HYP_IS_ADAMW: tl.constexpr = 3
     HYP_LR: tl.constexpr = 4
     HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    weight_decay = tl.load(hyp + HYP_WEIGHT_DECAY)
+    is_adamw = tl.load(hyp + HYP_IS_ADAMW)
+    # _k0__b1 = float32(float32(lr) * float32(weight_decay))
+    k0__b1 = (((tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64) * (tl.load(hyp + HYP_WEIGHT_DECAY)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
+    # _k1__b3 = weight_decay
+    k1__b3 = tl.load(hyp + HYP_WEIGHT_DECAY)
     # bias_correction1 = 1 - beta1 ** step
     bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # bias_correction2 = 1 - beta2 ** step
@@ -52,7 +59,9 @@ def _adam8bit_ao_prologue0(
     eps = tl.load(hyp + HYP_EPS)
     neg_lr = (-(tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64))
     # the host values the passes read, rounded to float32
-    tl.store(hv + t * NH + HV_WEIGHT_DECAY, (weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B1, (k0__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B3, (k1__b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_IS_ADAMW, (is_adamw).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
@@ -73,20 +82,24 @@ def _adam8bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_NUMEL: tl.constexpr = 5
     COL_BOOK_AO_8BIT_0_QMAP: tl.constexpr = 11
     COL_BOOK_AO_8BIT_1_QMAP: tl.constexpr = 12
-    HV_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_BIAS_CORRECTION1: tl.constexpr = 5
-    HV_NEG_LR: tl.constexpr = 6
+    HV_K0__B1: tl.constexpr = 0
+    HV_K1__B3: tl.constexpr = 1
+    HV_IS_ADAMW: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_ONE_MINUS_BETA2: tl.constexpr = 4
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_BIAS_CORRECTION1: tl.constexpr = 7
+    HV_NEG_LR: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    weight_decay = tl.load(hv + t * NH + HV_WEIGHT_DECAY)
+    k0__b1 = tl.load(hv + t * NH + HV_K0__B1)
+    k1__b3 = tl.load(hv + t * NH + HV_K1__B3)
+    is_adamw = tl.load(hv + t * NH + HV_IS_ADAMW)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -111,8 +124,14 @@ def _adam8bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    # grad = grad + p32 * weight_decay
-    grad_1 = (grad + (param * weight_decay))
+    # p32__b2 = p32 - p32 * _k0__b1
+    p32__b2 = (param - (param * k0__b1))
+    # grad__b4 = grad + p32 * _k1__b3
+    grad__b4 = (grad + (param * k1__b3))
+    # p32 = where(is_adamw, p32__b2, p32)
+    p32 = tl.where((is_adamw != 0), p32__b2, param)
+    # grad = where(is_adamw, grad, grad__b4)
+    grad_1 = tl.where((is_adamw != 0), grad, grad__b4)
     # exp_avg_work = exp_avg
     live = offs < tl.load(tab + t * TBL_W + COL_NUMEL)
     exp_avg = (tl.load(p_qmap + tl.load(p_exp_avg + offs, mask=live, other=0).to(tl.int32)) * tl.load(p_exp_avg_scale + offs // 256, mask=live, other=0.0))
@@ -142,7 +161,7 @@ def _adam8bit_ao_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # denom = sqrt(exp_avg_sq_work) / sqrt(bias_correction2) + eps
     denom = (L.div(L.sqrt(exp_avg_sq_work), sqrt_bias_correction2) + eps)
     # param = p32 - float32(lr) * (exp_avg_work / bias_correction1) / denom
-    param_1 = (param + neg_lr * L.div(L.div(exp_avg_work, bias_correction1), denom))
+    param_1 = (p32 + neg_lr * L.div(L.div(exp_avg_work, bias_correction1), denom))
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -172,6 +191,63 @@ def _adam8bit_ao_flat0(
         _adam8bit_ao_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_exp_avg, DT_exp_avg_sq, DT_exp_avg_scale, DT_exp_avg_sq_scale, BLOCK)
 
 
+# prologue
+@triton.jit
+def _adam8bit_ao_prologue1(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_K7__B1: tl.constexpr = 0
+    HV_K8__B3: tl.constexpr = 1
+    HV_IS_ADAMW: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_ONE_MINUS_BETA2: tl.constexpr = 4
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_BIAS_CORRECTION1: tl.constexpr = 7
+    HV_NEG_LR: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_IS_ADAMW: tl.constexpr = 3
+    HYP_LR: tl.constexpr = 4
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    is_adamw = tl.load(hyp + HYP_IS_ADAMW)
+    # _k7__b1 = float32(float32(lr) * float32(weight_decay))
+    k7__b1 = (((tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64) * (tl.load(hyp + HYP_WEIGHT_DECAY)).to(tl.float32).to(tl.float64))).to(tl.float32).to(tl.float64)
+    # _k8__b3 = weight_decay
+    k8__b3 = tl.load(hyp + HYP_WEIGHT_DECAY)
+    # bias_correction1 = 1 - beta1 ** step
+    bias_correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    sqrt_bias_correction2 = tl.sqrt(bias_correction2)
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr = (-(tl.load(hyp + HYP_LR)).to(tl.float32).to(tl.float64))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_K7__B1, (k7__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K8__B3, (k8__b3).to(tl.float32))
+    tl.store(hv + t * NH + HV_IS_ADAMW, (is_adamw).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_SQRT_BIAS_CORRECTION2, (sqrt_bias_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_BIAS_CORRECTION1, (bias_correction1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adam8bit_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_exp_avg_scale: tl.constexpr, DT_exp_avg_sq_scale: tl.constexpr):
@@ -179,20 +255,24 @@ def _adam8bit_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
-    HV_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_BIAS_CORRECTION1: tl.constexpr = 5
-    HV_NEG_LR: tl.constexpr = 6
+    HV_K7__B1: tl.constexpr = 0
+    HV_K8__B3: tl.constexpr = 1
+    HV_IS_ADAMW: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_ONE_MINUS_BETA2: tl.constexpr = 4
+    HV_SQRT_BIAS_CORRECTION2: tl.constexpr = 5
+    HV_EPS: tl.constexpr = 6
+    HV_BIAS_CORRECTION1: tl.constexpr = 7
+    HV_NEG_LR: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    weight_decay = tl.load(hv + t * NH + HV_WEIGHT_DECAY)
+    k7__b1 = tl.load(hv + t * NH + HV_K7__B1)
+    k8__b3 = tl.load(hv + t * NH + HV_K8__B3)
+    is_adamw = tl.load(hv + t * NH + HV_IS_ADAMW)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -209,8 +289,14 @@ def _adam8bit_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    # grad = grad + p32 * weight_decay
-    grad_1 = (grad + (param * weight_decay))
+    # p32__b2 = p32 - p32 * _k7__b1
+    p32__b2 = (param - (param * k7__b1))
+    # grad__b4 = grad + p32 * _k8__b3
+    grad__b4 = (grad + (param * k8__b3))
+    # p32 = where(is_adamw, p32__b2, p32)
+    p32 = tl.where((is_adamw != 0), p32__b2, param)
+    # grad = where(is_adamw, grad, grad__b4)
+    grad_1 = tl.where((is_adamw != 0), grad, grad__b4)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     exp_avg_1 = L.lerp(exp_avg, grad_1, one_minus_beta1)
@@ -220,7 +306,7 @@ def _adam8bit_ao_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     # denom = sqrt(exp_avg_sq) / sqrt(bias_correction2) + eps
     denom = (L.div(L.sqrt(exp_avg_sq_1), sqrt_bias_correction2) + eps)
     # param = p32 - float32(lr) * (exp_avg / bias_correction1) / denom
-    param_1 = (param + neg_lr * L.div(L.div(exp_avg_1, bias_correction1), denom))
+    param_1 = (p32 + neg_lr * L.div(L.div(exp_avg_1, bias_correction1), denom))
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
@@ -255,12 +341,12 @@ def _adam8bit_ao_flat1(
 KERNELS = {
     "_adam8bit_ao_prologue0": _adam8bit_ao_prologue0,
     "_adam8bit_ao_flat0": _adam8bit_ao_flat0,
+    "_adam8bit_ao_prologue1": _adam8bit_ao_prologue1,
     "_adam8bit_ao_flat1": _adam8bit_ao_flat1,
 }
 
 PLAN = {'codecs': ['ao_8bit'],
- 'dynamic': ['_k11', '_k4', 'bias_correction1', 'bias_correction2'],
- 'group_conditions': ['_c1'],
+ 'dynamic': ['_c1', '_k11', '_k4', 'bias_correction1', 'bias_correction2'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['eps', None],
@@ -269,55 +355,59 @@ PLAN = {'codecs': ['ao_8bit'],
                  ['state_precision', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:exp_avg',
-                                                          'state:exp_avg_sq',
-                                                          'state:exp_avg_scale',
-                                                          'state:exp_avg_sq_scale',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k8',
-                                                     '_k9',
-                                                     '_k10',
-                                                     '_k11',
-                                                     '_k12',
-                                                     'bias_correction1',
-                                                     '_k13'],
-                                              'launches': [('_adam8bit_ao_prologue0', 'prologue'),
-                                                           ('_adam8bit_ao_flat1', 'flat')],
-                                              'states': ['exp_avg', 'exp_avg_sq'],
-                                              'temps': []},
-           (('_c0', True), ('_c1', False)): {'block': 256,
-                                             'columns': ['param',
-                                                         'state:exp_avg',
-                                                         'state:exp_avg_sq',
-                                                         'state:exp_avg_scale',
-                                                         'state:exp_avg_sq_scale',
-                                                         'numel',
-                                                         'B',
-                                                         'M',
-                                                         'N',
-                                                         'ndim',
-                                                         'gidx',
-                                                         'book:ao_8bit:0:qmap',
-                                                         'book:ao_8bit:1:qmap'],
-                                             'creates': [],
-                                             'hv': ['_k1',
-                                                    '_k2',
-                                                    '_k3',
-                                                    '_k4',
-                                                    '_k5',
-                                                    'bias_correction1',
-                                                    '_k6'],
-                                             'launches': [('_adam8bit_ao_prologue0', 'prologue'),
-                                                          ('_adam8bit_ao_flat0', 'flat')],
-                                             'states': ['exp_avg', 'exp_avg_sq'],
-                                             'temps': []}},
+ 'paths': {(('_c0', False),): {'columns': ['param',
+                                           'state:exp_avg',
+                                           'state:exp_avg_sq',
+                                           'state:exp_avg_scale',
+                                           'state:exp_avg_sq_scale',
+                                           'numel',
+                                           'B',
+                                           'M',
+                                           'N',
+                                           'ndim',
+                                           'gidx'],
+                               'creates': [],
+                               'hv': ['_k7__b1',
+                                      '_k8__b3',
+                                      '_c1',
+                                      '_k9',
+                                      '_k10',
+                                      '_k11',
+                                      '_k12',
+                                      'bias_correction1',
+                                      '_k13'],
+                               'launches': [('_adam8bit_ao_prologue1', 'prologue'),
+                                            ('_adam8bit_ao_flat1', 'flat')],
+                               'states': ['exp_avg', 'exp_avg_sq'],
+                               'temps': []},
+           (('_c0', True),): {'block': 256,
+                              'columns': ['param',
+                                          'state:exp_avg',
+                                          'state:exp_avg_sq',
+                                          'state:exp_avg_scale',
+                                          'state:exp_avg_sq_scale',
+                                          'numel',
+                                          'B',
+                                          'M',
+                                          'N',
+                                          'ndim',
+                                          'gidx',
+                                          'book:ao_8bit:0:qmap',
+                                          'book:ao_8bit:1:qmap'],
+                              'creates': [],
+                              'hv': ['_k0__b1',
+                                     '_k1__b3',
+                                     '_c1',
+                                     '_k2',
+                                     '_k3',
+                                     '_k4',
+                                     '_k5',
+                                     'bias_correction1',
+                                     '_k6'],
+                              'launches': [('_adam8bit_ao_prologue0', 'prologue'),
+                                           ('_adam8bit_ao_flat0', 'flat')],
+                              'states': ['exp_avg', 'exp_avg_sq'],
+                              'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -22,7 +22,7 @@ def _adam8bit_bnb_prologue0(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA2: tl.constexpr = 0
@@ -31,14 +31,19 @@ def _adam8bit_bnb_prologue0(
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
+    HV_K6__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
     HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -50,6 +55,8 @@ def _adam8bit_bnb_prologue0(
     correction2_times_eps = (correction2 * tl.load(hyp + HYP_EPS))
     # k = -lr * correction2 / correction1
     k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # _k6__b1 = 1 - lr * weight_decay
+    k6__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -57,6 +64,8 @@ def _adam8bit_bnb_prologue0(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_CORRECTION2_TIMES_EPS, (correction2_times_eps).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K6__B1, (k6__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -79,6 +88,8 @@ def _adam8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
+    HV_K6__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -107,6 +118,8 @@ def _adam8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
     k = tl.load(hv + t * NH + HV_K)
+    k6__b1 = tl.load(hv + t * NH + HV_K6__B1)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
@@ -143,9 +156,13 @@ def _adam8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
     # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
     p32 = tl.where(finite, (param + k * update), param)
+    # p32__b2 = where(finite, p32 * _k6__b1, p32)
+    p32__b2 = tl.where(finite, (p32 * k6__b1), p32)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32_1 = tl.where((c != 0), p32__b2, p32)
     # param = p32
     # store param
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -182,24 +199,29 @@ def _adam8bit_bnb_prologue1(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_CORRECTION2: tl.constexpr = 4
-    HV_EPS: tl.constexpr = 5
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 6
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
     HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -208,6 +230,8 @@ def _adam8bit_bnb_prologue1(
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k11__b1 = 1 - lr * weight_decay
+    k11__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     eps = tl.load(hyp + HYP_EPS)
     neg_lr_over_correction1 = (-(tl.load(hyp + HYP_LR) / correction1))
     # the host values the passes read, rounded to float32
@@ -215,6 +239,8 @@ def _adam8bit_bnb_prologue1(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K11__B1, (k11__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_CORRECTION2, (correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1, (neg_lr_over_correction1).to(tl.float32))
@@ -238,9 +264,11 @@ def _adam8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_CORRECTION2: tl.constexpr = 4
-    HV_EPS: tl.constexpr = 5
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 6
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -267,6 +295,8 @@ def _adam8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    k11__b1 = tl.load(hv + t * NH + HV_K11__B1)
+    c = tl.load(hv + t * NH + HV_C)
     correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
     eps = tl.load(hv + t * NH + HV_EPS)
     neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
@@ -300,13 +330,17 @@ def _adam8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
     tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # p32__b2 = p32 * _k11__b1
+    p32__b2 = (param * k11__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # denom = sqrt(state2_work) / correction2 + eps
     denom = (L.div(L.sqrt(state2_work), correction2) + eps)
     # p32 = p32 - lr / correction1 * state1_work / denom
-    p32 = (param + neg_lr_over_correction1 * L.div(state1_work, denom))
+    p32_1 = (p32 + neg_lr_over_correction1 * L.div(state1_work, denom))
     # param = p32
     # store param
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -343,23 +377,28 @@ def _adam8bit_bnb_prologue2(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 4
-    HV_K: tl.constexpr = 5
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
     HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -368,6 +407,8 @@ def _adam8bit_bnb_prologue2(
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k11__b1 = 1 - lr * weight_decay
+    k11__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     eps_times_correction2 = (tl.load(hyp + HYP_EPS) * correction2)
     # k = -lr * correction2 / correction1
     k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
@@ -376,6 +417,8 @@ def _adam8bit_bnb_prologue2(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K11__B1, (k11__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_TIMES_CORRECTION2, (eps_times_correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
 
@@ -398,8 +441,10 @@ def _adam8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 4
-    HV_K: tl.constexpr = 5
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -426,6 +471,8 @@ def _adam8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    k11__b1 = tl.load(hv + t * NH + HV_K11__B1)
+    c = tl.load(hv + t * NH + HV_C)
     eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
     k = tl.load(hv + t * NH + HV_K)
     # grad = float32(grad)
@@ -458,13 +505,17 @@ def _adam8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
     tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
+    # p32__b2 = p32 * _k11__b1
+    p32__b2 = (param * k11__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # update = state1_work / (sqrt(state2_work) + eps * correction2)
     update = L.div(state1_work, (L.sqrt(state2_work) + eps_times_correction2))
     # p32 = p32 + -lr * correction2 / correction1 * update
-    p32 = (param + k * update)
+    p32_1 = (p32 + k * update)
     # param = p32
     # store param
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -492,6 +543,61 @@ def _adam8bit_bnb_flat2(
         _adam8bit_bnb_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
+# prologue
+@triton.jit
+def _adam8bit_bnb_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA2: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_K22__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    correction2_times_eps = (correction2 * tl.load(hyp + HYP_EPS))
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # _k22__b1 = 1 - lr * weight_decay
+    k22__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2_TIMES_EPS, (correction2_times_eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K22__B1, (k22__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adam8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
@@ -510,6 +616,8 @@ def _adam8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
+    HV_K22__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -536,6 +644,8 @@ def _adam8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
     k = tl.load(hv + t * NH + HV_K)
+    k22__b1 = tl.load(hv + t * NH + HV_K22__B1)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
@@ -572,9 +682,13 @@ def _adam8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
     # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
     p32 = tl.where(finite, (param + k * update), param)
+    # p32__b2 = where(finite, p32 * _k22__b1, p32)
+    p32__b2 = tl.where(finite, (p32 * k22__b1), p32)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32_1 = tl.where((c != 0), p32__b2, p32)
     # param = p32
     # store param
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -602,6 +716,62 @@ def _adam8bit_bnb_flat3(
         _adam8bit_bnb_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
+# prologue
+@triton.jit
+def _adam8bit_bnb_prologue4(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k43__b1 = 1 - lr * weight_decay
+    k43__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr_over_correction1 = (-(tl.load(hyp + HYP_LR) / correction1))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K43__B1, (k43__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2, (correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1, (neg_lr_over_correction1).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adam8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
@@ -613,9 +783,11 @@ def _adam8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_CORRECTION2: tl.constexpr = 4
-    HV_EPS: tl.constexpr = 5
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 6
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -632,6 +804,8 @@ def _adam8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
         p_state2 = tl.multiple_of(p_state2, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    k43__b1 = tl.load(hv + t * NH + HV_K43__B1)
+    c = tl.load(hv + t * NH + HV_C)
     correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
     eps = tl.load(hv + t * NH + HV_EPS)
     neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
@@ -645,15 +819,19 @@ def _adam8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     # state2 = state2 * beta2 + (1 - beta2) * grad * grad
     state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
     state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # p32__b2 = p32 * _k43__b1
+    p32__b2 = (param * k43__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # denom = sqrt(state2) / correction2 + eps
     denom = (L.div(L.sqrt(state2_1), correction2) + eps)
     # p32 = p32 - lr / correction1 * state1 / denom
-    p32 = (param + neg_lr_over_correction1 * L.div(state1_1, denom))
+    p32_1 = (p32 + neg_lr_over_correction1 * L.div(state1_1, denom))
     # param = p32
     # store state1, state2, param
     tl.store(p_state1 + offs, L.to_storage(state1_1, DT_state1), mask=mask)
     tl.store(p_state2 + offs, L.to_storage(state2_1, DT_state2), mask=mask)
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -681,6 +859,61 @@ def _adam8bit_bnb_flat4(
         _adam8bit_bnb_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
 
 
+# prologue
+@triton.jit
+def _adam8bit_bnb_prologue5(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k43__b1 = 1 - lr * weight_decay
+    k43__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps_times_correction2 = (tl.load(hyp + HYP_EPS) * correction2)
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K43__B1, (k43__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_TIMES_CORRECTION2, (eps_times_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adam8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
@@ -692,8 +925,10 @@ def _adam8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 4
-    HV_K: tl.constexpr = 5
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -710,6 +945,8 @@ def _adam8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
         p_state2 = tl.multiple_of(p_state2, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
+    k43__b1 = tl.load(hv + t * NH + HV_K43__B1)
+    c = tl.load(hv + t * NH + HV_C)
     eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
     k = tl.load(hv + t * NH + HV_K)
     # grad = float32(grad)
@@ -722,15 +959,19 @@ def _adam8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     # state2 = state2 * beta2 + (1 - beta2) * grad * grad
     state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
     state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
+    # p32__b2 = p32 * _k43__b1
+    p32__b2 = (param * k43__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # update = state1 / (sqrt(state2) + eps * correction2)
     update = L.div(state1_1, (L.sqrt(state2_1) + eps_times_correction2))
     # p32 = p32 + -lr * correction2 / correction1 * update
-    p32 = (param + k * update)
+    p32_1 = (p32 + k * update)
     # param = p32
     # store state1, state2, param
     tl.store(p_state1 + offs, L.to_storage(state1_1, DT_state1), mask=mask)
     tl.store(p_state2 + offs, L.to_storage(state2_1, DT_state2), mask=mask)
-    tl.store(p_param + offs, L.to_storage(p32, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -765,13 +1006,17 @@ KERNELS = {
     "_adam8bit_bnb_flat1": _adam8bit_bnb_flat1,
     "_adam8bit_bnb_prologue2": _adam8bit_bnb_prologue2,
     "_adam8bit_bnb_flat2": _adam8bit_bnb_flat2,
+    "_adam8bit_bnb_prologue3": _adam8bit_bnb_prologue3,
     "_adam8bit_bnb_flat3": _adam8bit_bnb_flat3,
+    "_adam8bit_bnb_prologue4": _adam8bit_bnb_prologue4,
     "_adam8bit_bnb_flat4": _adam8bit_bnb_flat4,
+    "_adam8bit_bnb_prologue5": _adam8bit_bnb_prologue5,
     "_adam8bit_bnb_flat5": _adam8bit_bnb_flat5,
 }
 
 PLAN = {'codecs': ['8bit', '8bit_cuda'],
- 'dynamic': ['_k13',
+ 'dynamic': ['_c2',
+             '_k13',
              '_k14',
              '_k15',
              '_k20',
@@ -788,7 +1033,6 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
              '_k5',
              'correction1',
              'correction2'],
- 'group_conditions': ['_c2'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['eps', None],
@@ -797,57 +1041,85 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                  ['state_precision', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False), ('_c3', False)): {'columns': ['param',
-                                                                                          'state:state1',
-                                                                                          'state:state2',
-                                                                                          'state:state1_absmax',
-                                                                                          'state:state2_absmax',
-                                                                                          'numel',
-                                                                                          'B',
-                                                                                          'M',
-                                                                                          'N',
-                                                                                          'ndim',
-                                                                                          'gidx'],
-                                                                              'creates': [],
-                                                                              'hv': ['_k39',
-                                                                                     '_k40',
-                                                                                     '_k41',
-                                                                                     '_k42',
-                                                                                     '_k46',
-                                                                                     '_k47'],
-                                                                              'launches': [('_adam8bit_bnb_prologue2',
-                                                                                            'prologue'),
-                                                                                           ('_adam8bit_bnb_flat5',
-                                                                                            'flat')],
-                                                                              'states': ['state1',
-                                                                                         'state2'],
-                                                                              'temps': []},
-           (('_c0', False), ('_c1', False), ('_c2', False), ('_c3', True)): {'columns': ['param',
-                                                                                         'state:state1',
-                                                                                         'state:state2',
-                                                                                         'state:state1_absmax',
-                                                                                         'state:state2_absmax',
-                                                                                         'numel',
-                                                                                         'B',
-                                                                                         'M',
-                                                                                         'N',
-                                                                                         'ndim',
-                                                                                         'gidx'],
-                                                                             'creates': [],
-                                                                             'hv': ['_k39',
-                                                                                    '_k40',
-                                                                                    '_k41',
-                                                                                    '_k42',
-                                                                                    'correction2',
-                                                                                    '_k44',
-                                                                                    '_k45'],
-                                                                             'launches': [('_adam8bit_bnb_prologue1',
-                                                                                           'prologue'),
-                                                                                          ('_adam8bit_bnb_flat4',
-                                                                                           'flat')],
-                                                                             'states': ['state1', 'state2'],
-                                                                             'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', False)): {'block': 256,
+ 'paths': {(('_c0', False), ('_c1', False), ('_c3', False)): {'columns': ['param',
+                                                                          'state:state1',
+                                                                          'state:state2',
+                                                                          'state:state1_absmax',
+                                                                          'state:state2_absmax',
+                                                                          'numel',
+                                                                          'B',
+                                                                          'M',
+                                                                          'N',
+                                                                          'ndim',
+                                                                          'gidx'],
+                                                              'creates': [],
+                                                              'hv': ['_k39',
+                                                                     '_k40',
+                                                                     '_k41',
+                                                                     '_k42',
+                                                                     '_k43__b1',
+                                                                     '_c2',
+                                                                     '_k46',
+                                                                     '_k47'],
+                                                              'launches': [('_adam8bit_bnb_prologue5',
+                                                                            'prologue'),
+                                                                           ('_adam8bit_bnb_flat5', 'flat')],
+                                                              'states': ['state1', 'state2'],
+                                                              'temps': []},
+           (('_c0', False), ('_c1', False), ('_c3', True)): {'columns': ['param',
+                                                                         'state:state1',
+                                                                         'state:state2',
+                                                                         'state:state1_absmax',
+                                                                         'state:state2_absmax',
+                                                                         'numel',
+                                                                         'B',
+                                                                         'M',
+                                                                         'N',
+                                                                         'ndim',
+                                                                         'gidx'],
+                                                             'creates': [],
+                                                             'hv': ['_k39',
+                                                                    '_k40',
+                                                                    '_k41',
+                                                                    '_k42',
+                                                                    '_k43__b1',
+                                                                    '_c2',
+                                                                    'correction2',
+                                                                    '_k44',
+                                                                    '_k45'],
+                                                             'launches': [('_adam8bit_bnb_prologue4',
+                                                                           'prologue'),
+                                                                          ('_adam8bit_bnb_flat4', 'flat')],
+                                                             'states': ['state1', 'state2'],
+                                                             'temps': []},
+           (('_c0', False), ('_c1', True)): {'block': 256,
+                                             'columns': ['param',
+                                                         'state:state1',
+                                                         'state:state2',
+                                                         'state:state1_absmax',
+                                                         'state:state2_absmax',
+                                                         'numel',
+                                                         'B',
+                                                         'M',
+                                                         'N',
+                                                         'ndim',
+                                                         'gidx',
+                                                         'book:8bit_cuda:1:qmap',
+                                                         'book:8bit_cuda:0:qmap'],
+                                             'creates': [],
+                                             'hv': ['_k16',
+                                                    '_k17',
+                                                    '_k18',
+                                                    '_k19',
+                                                    '_k20',
+                                                    '_k21',
+                                                    '_k22__b1',
+                                                    '_c2'],
+                                             'launches': [('_adam8bit_bnb_prologue3', 'prologue'),
+                                                          ('_adam8bit_bnb_flat3', 'flat')],
+                                             'states': ['state1', 'state2'],
+                                             'temps': []},
+           (('_c0', True), ('_c1', False), ('_c3', False)): {'block': 256,
                                                              'columns': ['param',
                                                                          'state:state1',
                                                                          'state:state2',
@@ -859,80 +1131,25 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                          'N',
                                                                          'ndim',
                                                                          'gidx',
-                                                                         'book:8bit_cuda:1:qmap',
-                                                                         'book:8bit_cuda:0:qmap'],
+                                                                         'book:8bit:0:qmap',
+                                                                         'book:8bit:0:lut',
+                                                                         'book:8bit:1:qmap',
+                                                                         'book:8bit:1:lut'],
                                                              'creates': [],
-                                                             'hv': ['_k16',
-                                                                    '_k17',
-                                                                    '_k18',
-                                                                    '_k19',
-                                                                    '_k20',
-                                                                    '_k21'],
-                                                             'launches': [('_adam8bit_bnb_prologue0',
+                                                             'hv': ['_k7',
+                                                                    '_k8',
+                                                                    '_k9',
+                                                                    '_k10',
+                                                                    '_k11__b1',
+                                                                    '_c2',
+                                                                    '_k14',
+                                                                    '_k15'],
+                                                             'launches': [('_adam8bit_bnb_prologue2',
                                                                            'prologue'),
-                                                                          ('_adam8bit_bnb_flat3', 'flat')],
+                                                                          ('_adam8bit_bnb_flat2', 'flat')],
                                                              'states': ['state1', 'state2'],
                                                              'temps': []},
-           (('_c0', True), ('_c1', False), ('_c2', False), ('_c3', False)): {'block': 256,
-                                                                             'columns': ['param',
-                                                                                         'state:state1',
-                                                                                         'state:state2',
-                                                                                         'state:state1_absmax',
-                                                                                         'state:state2_absmax',
-                                                                                         'numel',
-                                                                                         'B',
-                                                                                         'M',
-                                                                                         'N',
-                                                                                         'ndim',
-                                                                                         'gidx',
-                                                                                         'book:8bit:0:qmap',
-                                                                                         'book:8bit:0:lut',
-                                                                                         'book:8bit:1:qmap',
-                                                                                         'book:8bit:1:lut'],
-                                                                             'creates': [],
-                                                                             'hv': ['_k7',
-                                                                                    '_k8',
-                                                                                    '_k9',
-                                                                                    '_k10',
-                                                                                    '_k14',
-                                                                                    '_k15'],
-                                                                             'launches': [('_adam8bit_bnb_prologue2',
-                                                                                           'prologue'),
-                                                                                          ('_adam8bit_bnb_flat2',
-                                                                                           'flat')],
-                                                                             'states': ['state1', 'state2'],
-                                                                             'temps': []},
-           (('_c0', True), ('_c1', False), ('_c2', False), ('_c3', True)): {'block': 256,
-                                                                            'columns': ['param',
-                                                                                        'state:state1',
-                                                                                        'state:state2',
-                                                                                        'state:state1_absmax',
-                                                                                        'state:state2_absmax',
-                                                                                        'numel',
-                                                                                        'B',
-                                                                                        'M',
-                                                                                        'N',
-                                                                                        'ndim',
-                                                                                        'gidx',
-                                                                                        'book:8bit:0:qmap',
-                                                                                        'book:8bit:0:lut',
-                                                                                        'book:8bit:1:qmap',
-                                                                                        'book:8bit:1:lut'],
-                                                                            'creates': [],
-                                                                            'hv': ['_k7',
-                                                                                   '_k8',
-                                                                                   '_k9',
-                                                                                   '_k10',
-                                                                                   'correction2',
-                                                                                   '_k12',
-                                                                                   '_k13'],
-                                                                            'launches': [('_adam8bit_bnb_prologue1',
-                                                                                          'prologue'),
-                                                                                         ('_adam8bit_bnb_flat1',
-                                                                                          'flat')],
-                                                                            'states': ['state1', 'state2'],
-                                                                            'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', False)): {'block': 256,
+           (('_c0', True), ('_c1', False), ('_c3', True)): {'block': 256,
                                                             'columns': ['param',
                                                                         'state:state1',
                                                                         'state:state2',
@@ -944,22 +1161,54 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                         'N',
                                                                         'ndim',
                                                                         'gidx',
-                                                                        'book:8bit:1:qmap',
-                                                                        'book:8bit:1:lut',
                                                                         'book:8bit:0:qmap',
-                                                                        'book:8bit:0:lut'],
+                                                                        'book:8bit:0:lut',
+                                                                        'book:8bit:1:qmap',
+                                                                        'book:8bit:1:lut'],
                                                             'creates': [],
-                                                            'hv': ['_k0',
-                                                                   '_k1',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   '_k5'],
-                                                            'launches': [('_adam8bit_bnb_prologue0',
+                                                            'hv': ['_k7',
+                                                                   '_k8',
+                                                                   '_k9',
+                                                                   '_k10',
+                                                                   '_k11__b1',
+                                                                   '_c2',
+                                                                   'correction2',
+                                                                   '_k12',
+                                                                   '_k13'],
+                                                            'launches': [('_adam8bit_bnb_prologue1',
                                                                           'prologue'),
-                                                                         ('_adam8bit_bnb_flat0', 'flat')],
+                                                                         ('_adam8bit_bnb_flat1', 'flat')],
                                                             'states': ['state1', 'state2'],
-                                                            'temps': []}},
+                                                            'temps': []},
+           (('_c0', True), ('_c1', True)): {'block': 256,
+                                            'columns': ['param',
+                                                        'state:state1',
+                                                        'state:state2',
+                                                        'state:state1_absmax',
+                                                        'state:state2_absmax',
+                                                        'numel',
+                                                        'B',
+                                                        'M',
+                                                        'N',
+                                                        'ndim',
+                                                        'gidx',
+                                                        'book:8bit:1:qmap',
+                                                        'book:8bit:1:lut',
+                                                        'book:8bit:0:qmap',
+                                                        'book:8bit:0:lut'],
+                                            'creates': [],
+                                            'hv': ['_k0',
+                                                   '_k1',
+                                                   '_k2',
+                                                   '_k3',
+                                                   '_k4',
+                                                   '_k5',
+                                                   '_k6__b1',
+                                                   '_c2'],
+                                            'launches': [('_adam8bit_bnb_prologue0', 'prologue'),
+                                                         ('_adam8bit_bnb_flat0', 'flat')],
+                                            'states': ['state1', 'state2'],
+                                            'temps': []}},
  'static_hypers': ['min_8bit_size']}
 
 #: Why this spec has no triton kernels (None: it has them).

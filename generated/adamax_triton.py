@@ -21,21 +21,31 @@ def _adamax_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_inf: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 7 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 8
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_NEG_CLR: tl.constexpr = 3
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_BETA2: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_NEG_CLR: tl.constexpr = 6
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
     HYP_LR: tl.constexpr = 3
+    HYP_MAXIMIZE: tl.constexpr = 4
+    HYP_WEIGHT_DECAY: tl.constexpr = 5
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     eps = tl.load(hyp + HYP_EPS)
@@ -43,6 +53,9 @@ def _adamax_prologue0(
     clr = (tl.load(hyp + HYP_LR) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step)))
     neg_clr = (-clr)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
@@ -56,35 +69,49 @@ def _adamax_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, N
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_INF: tl.constexpr = 2
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_NEG_CLR: tl.constexpr = 3
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_BETA2: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_NEG_CLR: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_inf = tl.load(tab + t * TBL_W + COL_EXP_INF).to(tl.pointer_type(DT_exp_inf))
     if ALIGNED:
         p_exp_inf = tl.multiple_of(p_exp_inf, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     eps = tl.load(hv + t * NH + HV_EPS)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     neg_clr = tl.load(hv + t * NH + HV_NEG_CLR)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_inf = maximum(exp_inf * beta2, abs(grad) + eps)
     exp_inf = tl.load(p_exp_inf + offs, mask=mask).to(tl.float32)
-    exp_inf_1 = L.maximum((exp_inf * beta2), (tl.abs(grad) + eps))
+    exp_inf_1 = L.maximum((exp_inf * beta2), (tl.abs(grad_2) + eps))
     # param = param - clr * exp_avg / exp_inf
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param + neg_clr * L.div(exp_avg_1, exp_inf_1))
     # store exp_avg, exp_inf, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
@@ -101,7 +128,7 @@ def _adamax_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, grad, exp_inf, param; writes exp_avg, exp_inf, param.
+    Reads grad, param, exp_avg, exp_inf; writes exp_avg, exp_inf, param.
     """
     COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
@@ -122,8 +149,7 @@ KERNELS = {
     "_adamax_flat0": _adamax_flat0,
 }
 
-PLAN = {'dynamic': ['_k4', 'clr'],
- 'group_conditions': ['_c0', '_c1'],
+PLAN = {'dynamic': ['_c0', '_c1', '_k4', 'clr'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['eps', None],
@@ -131,21 +157,20 @@ PLAN = {'dynamic': ['_k4', 'clr'],
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:exp_avg',
-                                                          'state:exp_inf',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k1', '_k2', '_k3', '_k4'],
-                                              'launches': [('_adamax_prologue0', 'prologue'),
-                                                           ('_adamax_flat0', 'flat')],
-                                              'states': ['exp_avg', 'exp_inf'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param',
+                            'state:exp_avg',
+                            'state:exp_inf',
+                            'numel',
+                            'B',
+                            'M',
+                            'N',
+                            'ndim',
+                            'gidx'],
+                'creates': [],
+                'hv': ['_c0', '_k0__b2', '_c1', '_k1', '_k2', '_k3', '_k4'],
+                'launches': [('_adamax_prologue0', 'prologue'), ('_adamax_flat0', 'flat')],
+                'states': ['exp_avg', 'exp_inf'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -22,7 +22,7 @@ def _adamw8bit_bnb_prologue0(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA2: tl.constexpr = 0
@@ -31,7 +31,8 @@ def _adamw8bit_bnb_prologue0(
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
+    HV_K6__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
@@ -41,6 +42,8 @@ def _adamw8bit_bnb_prologue0(
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -52,7 +55,8 @@ def _adamw8bit_bnb_prologue0(
     correction2_times_eps = (correction2 * tl.load(hyp + HYP_EPS))
     # k = -lr * correction2 / correction1
     k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
-    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k6__b1 = 1 - lr * weight_decay
+    k6__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -60,7 +64,8 @@ def _adamw8bit_bnb_prologue0(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_CORRECTION2_TIMES_EPS, (correction2_times_eps).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
-    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_K6__B1, (k6__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -83,7 +88,8 @@ def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
+    HV_K6__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -112,7 +118,8 @@ def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
     k = tl.load(hv + t * NH + HV_K)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k6__b1 = tl.load(hv + t * NH + HV_K6__B1)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
@@ -149,8 +156,10 @@ def _adamw8bit_bnb_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
     # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
     p32 = tl.where(finite, (param + k * update), param)
-    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
-    p32_1 = tl.where(finite, (p32 * one_minus_lr_times_weight_decay), p32)
+    # p32__b2 = where(finite, p32 * _k6__b1, p32)
+    p32__b2 = tl.where(finite, (p32 * k6__b1), p32)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32_1 = tl.where((c != 0), p32__b2, p32)
     # param = p32
     # store param
     tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
@@ -190,17 +199,18 @@ def _adamw8bit_bnb_prologue1(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 8 the passes read to hv.
+    writes the 9 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_CORRECTION2: tl.constexpr = 5
-    HV_EPS: tl.constexpr = 6
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
@@ -210,6 +220,8 @@ def _adamw8bit_bnb_prologue1(
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -218,7 +230,8 @@ def _adamw8bit_bnb_prologue1(
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k11__b1 = 1 - lr * weight_decay
+    k11__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     eps = tl.load(hyp + HYP_EPS)
     neg_lr_over_correction1 = (-(tl.load(hyp + HYP_LR) / correction1))
     # the host values the passes read, rounded to float32
@@ -226,7 +239,8 @@ def _adamw8bit_bnb_prologue1(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
-    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_K11__B1, (k11__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_CORRECTION2, (correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1, (neg_lr_over_correction1).to(tl.float32))
@@ -250,10 +264,11 @@ def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_CORRECTION2: tl.constexpr = 5
-    HV_EPS: tl.constexpr = 6
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -280,7 +295,8 @@ def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k11__b1 = tl.load(hv + t * NH + HV_K11__B1)
+    c = tl.load(hv + t * NH + HV_C)
     correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
     eps = tl.load(hv + t * NH + HV_EPS)
     neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
@@ -314,8 +330,10 @@ def _adamw8bit_bnb_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
     tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    # p32 = p32 * (1 - lr * weight_decay)
-    p32 = (param * one_minus_lr_times_weight_decay)
+    # p32__b2 = p32 * _k11__b1
+    p32__b2 = (param * k11__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # denom = sqrt(state2_work) / correction2 + eps
     denom = (L.div(L.sqrt(state2_work), correction2) + eps)
     # p32 = p32 - lr / correction1 * state1_work / denom
@@ -359,16 +377,17 @@ def _adamw8bit_bnb_prologue2(
     STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
     HV_BETA1: tl.constexpr = 0
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
-    HV_K: tl.constexpr = 6
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
@@ -378,6 +397,8 @@ def _adamw8bit_bnb_prologue2(
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # correction1 = 1 - beta1 ** step
     correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
     # correction2 = sqrt(1 - beta2 ** step)
@@ -386,7 +407,8 @@ def _adamw8bit_bnb_prologue2(
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
-    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k11__b1 = 1 - lr * weight_decay
+    k11__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     eps_times_correction2 = (tl.load(hyp + HYP_EPS) * correction2)
     # k = -lr * correction2 / correction1
     k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
@@ -395,7 +417,8 @@ def _adamw8bit_bnb_prologue2(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
-    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_K11__B1, (k11__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS_TIMES_CORRECTION2, (eps_times_correction2).to(tl.float32))
     tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
 
@@ -418,9 +441,10 @@ def _adamw8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
-    HV_K: tl.constexpr = 6
+    HV_K11__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -447,7 +471,8 @@ def _adamw8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     p_lut_1 = tl.load(tab + t * TBL_W + COL_BOOK_8BIT_1_LUT).to(tl.pointer_type(tl.uint8))
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k11__b1 = tl.load(hv + t * NH + HV_K11__B1)
+    c = tl.load(hv + t * NH + HV_C)
     eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
     k = tl.load(hv + t * NH + HV_K)
     # grad = float32(grad)
@@ -480,8 +505,10 @@ def _adamw8bit_bnb_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     tl.store(p_state2 + offs, tl.reshape(_oq.bnb_encode_cpu(_qt, _qa, p_lut_1), (BLOCK,)), mask=live_3)
     _qb = offs // 256
     tl.store(p_state2_absmax + tl.reshape(tl.max(tl.reshape(_qb, (BLOCK // 256, 256)), axis=1), (BLOCK // 256,)), _qa, mask=tl.max(tl.reshape(live_3, (BLOCK // 256, 256)).to(tl.int32), axis=1) > 0)
-    # p32 = p32 * (1 - lr * weight_decay)
-    p32 = (param * one_minus_lr_times_weight_decay)
+    # p32__b2 = p32 * _k11__b1
+    p32__b2 = (param * k11__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # update = state1_work / (sqrt(state2_work) + eps * correction2)
     update = L.div(state1_work, (L.sqrt(state2_work) + eps_times_correction2))
     # p32 = p32 + -lr * correction2 / correction1 * update
@@ -516,6 +543,61 @@ def _adamw8bit_bnb_flat2(
         _adamw8bit_bnb_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue3(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA2: tl.constexpr = 0
+    HV_ONE_MINUS_BETA2: tl.constexpr = 1
+    HV_BETA1: tl.constexpr = 2
+    HV_ONE_MINUS_BETA1: tl.constexpr = 3
+    HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
+    HV_K: tl.constexpr = 5
+    HV_K22__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    correction2_times_eps = (correction2 * tl.load(hyp + HYP_EPS))
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # _k22__b1 = 1 - lr * weight_decay
+    k22__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2_TIMES_EPS, (correction2_times_eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K22__B1, (k22__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr, BLOCK: tl.constexpr):
@@ -534,7 +616,8 @@ def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 3
     HV_CORRECTION2_TIMES_EPS: tl.constexpr = 4
     HV_K: tl.constexpr = 5
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 6
+    HV_K22__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -561,7 +644,8 @@ def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     correction2_times_eps = tl.load(hv + t * NH + HV_CORRECTION2_TIMES_EPS)
     k = tl.load(hv + t * NH + HV_K)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k22__b1 = tl.load(hv + t * NH + HV_K22__B1)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # p32 = float32(param)
@@ -598,8 +682,10 @@ def _adamw8bit_bnb_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     update = L.div(state1_work, (L.sqrt(state2_work) + correction2_times_eps))
     # p32 = where(finite, p32 + -lr * correction2 / correction1 * update, p32)
     p32 = tl.where(finite, (param + k * update), param)
-    # p32 = where(finite, p32 * (1 - lr * weight_decay), p32)
-    p32_1 = tl.where(finite, (p32 * one_minus_lr_times_weight_decay), p32)
+    # p32__b2 = where(finite, p32 * _k22__b1, p32)
+    p32__b2 = tl.where(finite, (p32 * k22__b1), p32)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32_1 = tl.where((c != 0), p32__b2, p32)
     # param = p32
     # store param
     tl.store(p_param + offs, L.to_storage(p32_1, P_DT), mask=mask)
@@ -630,6 +716,62 @@ def _adamw8bit_bnb_flat3(
         _adamw8bit_bnb_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax, BLOCK)
 
 
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue4(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 9 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k43__b1 = 1 - lr * weight_decay
+    k43__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps = tl.load(hyp + HYP_EPS)
+    neg_lr_over_correction1 = (-(tl.load(hyp + HYP_LR) / correction1))
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K43__B1, (k43__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_CORRECTION2, (correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
+    tl.store(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1, (neg_lr_over_correction1).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
@@ -641,10 +783,11 @@ def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_CORRECTION2: tl.constexpr = 5
-    HV_EPS: tl.constexpr = 6
-    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 7
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_CORRECTION2: tl.constexpr = 6
+    HV_EPS: tl.constexpr = 7
+    HV_NEG_LR_OVER_CORRECTION1: tl.constexpr = 8
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -661,7 +804,8 @@ def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
         p_state2 = tl.multiple_of(p_state2, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k43__b1 = tl.load(hv + t * NH + HV_K43__B1)
+    c = tl.load(hv + t * NH + HV_C)
     correction2 = tl.load(hv + t * NH + HV_CORRECTION2)
     eps = tl.load(hv + t * NH + HV_EPS)
     neg_lr_over_correction1 = tl.load(hv + t * NH + HV_NEG_LR_OVER_CORRECTION1)
@@ -675,8 +819,10 @@ def _adamw8bit_bnb_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     # state2 = state2 * beta2 + (1 - beta2) * grad * grad
     state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
     state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
-    # p32 = p32 * (1 - lr * weight_decay)
-    p32 = (param * one_minus_lr_times_weight_decay)
+    # p32__b2 = p32 * _k43__b1
+    p32__b2 = (param * k43__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # denom = sqrt(state2) / correction2 + eps
     denom = (L.div(L.sqrt(state2_1), correction2) + eps)
     # p32 = p32 - lr / correction1 * state1 / denom
@@ -713,6 +859,61 @@ def _adamw8bit_bnb_flat4(
         _adamw8bit_bnb_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_state1, DT_state2, DT_state1_absmax, DT_state2_absmax)
 
 
+# prologue
+@triton.jit
+def _adamw8bit_bnb_prologue5(
+    tab, chunks, gptr, hv, ws, hyp, steps,
+    TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr,
+):
+    """Prologue: one program per tensor; counts the step, computes the host values in float64 and
+    writes the 8 the passes read to hv.
+    """
+    COL_GIDX: tl.constexpr = 10
+    HV_BETA1: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
+    HYP_BETA1: tl.constexpr = 0
+    HYP_BETA2: tl.constexpr = 1
+    HYP_EPS: tl.constexpr = 2
+    HYP_LR: tl.constexpr = 3
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
+    t = tl.program_id(0)
+    gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    step = tl.load(steps + gidx).to(tl.float64) + 1.0
+    tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
+    # correction1 = 1 - beta1 ** step
+    correction1 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))
+    # correction2 = sqrt(1 - beta2 ** step)
+    correction2 = tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))
+    beta1 = tl.load(hyp + HYP_BETA1)
+    one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
+    beta2 = tl.load(hyp + HYP_BETA2)
+    one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
+    # _k43__b1 = 1 - lr * weight_decay
+    k43__b1 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    eps_times_correction2 = (tl.load(hyp + HYP_EPS) * correction2)
+    # k = -lr * correction2 / correction1
+    k = (((-tl.load(hyp + HYP_LR)) * correction2) / correction1)
+    # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
+    tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K43__B1, (k43__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_EPS_TIMES_CORRECTION2, (eps_times_correction2).to(tl.float32))
+    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+
+
 # flat
 @triton.jit
 def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_state1: tl.constexpr, DT_state2: tl.constexpr, DT_state1_absmax: tl.constexpr, DT_state2_absmax: tl.constexpr):
@@ -724,9 +925,10 @@ def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA1: tl.constexpr = 1
     HV_BETA2: tl.constexpr = 2
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 4
-    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 5
-    HV_K: tl.constexpr = 6
+    HV_K43__B1: tl.constexpr = 4
+    HV_C: tl.constexpr = 5
+    HV_EPS_TIMES_CORRECTION2: tl.constexpr = 6
+    HV_K: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -743,7 +945,8 @@ def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
         p_state2 = tl.multiple_of(p_state2, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
+    k43__b1 = tl.load(hv + t * NH + HV_K43__B1)
+    c = tl.load(hv + t * NH + HV_C)
     eps_times_correction2 = tl.load(hv + t * NH + HV_EPS_TIMES_CORRECTION2)
     k = tl.load(hv + t * NH + HV_K)
     # grad = float32(grad)
@@ -756,8 +959,10 @@ def _adamw8bit_bnb_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     # state2 = state2 * beta2 + (1 - beta2) * grad * grad
     state2 = tl.load(p_state2 + offs, mask=mask).to(tl.float32)
     state2_1 = ((state2 * beta2) + one_minus_beta2 * grad * grad)
-    # p32 = p32 * (1 - lr * weight_decay)
-    p32 = (param * one_minus_lr_times_weight_decay)
+    # p32__b2 = p32 * _k43__b1
+    p32__b2 = (param * k43__b1)
+    # p32 = where(weight_decay > 0, p32__b2, p32)
+    p32 = tl.where((c != 0), p32__b2, param)
     # update = state1 / (sqrt(state2) + eps * correction2)
     update = L.div(state1_1, (L.sqrt(state2_1) + eps_times_correction2))
     # p32 = p32 + -lr * correction2 / correction1 * update
@@ -801,13 +1006,17 @@ KERNELS = {
     "_adamw8bit_bnb_flat1": _adamw8bit_bnb_flat1,
     "_adamw8bit_bnb_prologue2": _adamw8bit_bnb_prologue2,
     "_adamw8bit_bnb_flat2": _adamw8bit_bnb_flat2,
+    "_adamw8bit_bnb_prologue3": _adamw8bit_bnb_prologue3,
     "_adamw8bit_bnb_flat3": _adamw8bit_bnb_flat3,
+    "_adamw8bit_bnb_prologue4": _adamw8bit_bnb_prologue4,
     "_adamw8bit_bnb_flat4": _adamw8bit_bnb_flat4,
+    "_adamw8bit_bnb_prologue5": _adamw8bit_bnb_prologue5,
     "_adamw8bit_bnb_flat5": _adamw8bit_bnb_flat5,
 }
 
 PLAN = {'codecs': ['8bit', '8bit_cuda'],
- 'dynamic': ['_k13',
+ 'dynamic': ['_c2',
+             '_k13',
              '_k14',
              '_k15',
              '_k20',
@@ -824,7 +1033,6 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
              '_k5',
              'correction1',
              'correction2'],
- 'group_conditions': ['_c2'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['eps', None],
@@ -833,58 +1041,116 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                  ['state_precision', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', True), ('_c3', False)): {'columns': ['param',
-                                                                                         'state:state1',
-                                                                                         'state:state2',
-                                                                                         'state:state1_absmax',
-                                                                                         'state:state2_absmax',
-                                                                                         'numel',
-                                                                                         'B',
-                                                                                         'M',
-                                                                                         'N',
-                                                                                         'ndim',
-                                                                                         'gidx'],
-                                                                             'creates': [],
-                                                                             'hv': ['_k39',
-                                                                                    '_k40',
-                                                                                    '_k41',
-                                                                                    '_k42',
-                                                                                    '_k43',
-                                                                                    '_k46',
-                                                                                    '_k47'],
-                                                                             'launches': [('_adamw8bit_bnb_prologue2',
-                                                                                           'prologue'),
-                                                                                          ('_adamw8bit_bnb_flat5',
-                                                                                           'flat')],
-                                                                             'states': ['state1', 'state2'],
-                                                                             'temps': []},
-           (('_c0', False), ('_c1', False), ('_c2', True), ('_c3', True)): {'columns': ['param',
-                                                                                        'state:state1',
-                                                                                        'state:state2',
-                                                                                        'state:state1_absmax',
-                                                                                        'state:state2_absmax',
-                                                                                        'numel',
-                                                                                        'B',
-                                                                                        'M',
-                                                                                        'N',
-                                                                                        'ndim',
-                                                                                        'gidx'],
-                                                                            'creates': [],
-                                                                            'hv': ['_k39',
-                                                                                   '_k40',
-                                                                                   '_k41',
-                                                                                   '_k42',
-                                                                                   '_k43',
-                                                                                   'correction2',
-                                                                                   '_k44',
-                                                                                   '_k45'],
-                                                                            'launches': [('_adamw8bit_bnb_prologue1',
-                                                                                          'prologue'),
-                                                                                         ('_adamw8bit_bnb_flat4',
-                                                                                          'flat')],
-                                                                            'states': ['state1', 'state2'],
-                                                                            'temps': []},
-           (('_c0', False), ('_c1', True), ('_c2', True)): {'block': 256,
+ 'paths': {(('_c0', False), ('_c1', False), ('_c3', False)): {'columns': ['param',
+                                                                          'state:state1',
+                                                                          'state:state2',
+                                                                          'state:state1_absmax',
+                                                                          'state:state2_absmax',
+                                                                          'numel',
+                                                                          'B',
+                                                                          'M',
+                                                                          'N',
+                                                                          'ndim',
+                                                                          'gidx'],
+                                                              'creates': [],
+                                                              'hv': ['_k39',
+                                                                     '_k40',
+                                                                     '_k41',
+                                                                     '_k42',
+                                                                     '_k43__b1',
+                                                                     '_c2',
+                                                                     '_k46',
+                                                                     '_k47'],
+                                                              'launches': [('_adamw8bit_bnb_prologue5',
+                                                                            'prologue'),
+                                                                           ('_adamw8bit_bnb_flat5',
+                                                                            'flat')],
+                                                              'states': ['state1', 'state2'],
+                                                              'temps': []},
+           (('_c0', False), ('_c1', False), ('_c3', True)): {'columns': ['param',
+                                                                         'state:state1',
+                                                                         'state:state2',
+                                                                         'state:state1_absmax',
+                                                                         'state:state2_absmax',
+                                                                         'numel',
+                                                                         'B',
+                                                                         'M',
+                                                                         'N',
+                                                                         'ndim',
+                                                                         'gidx'],
+                                                             'creates': [],
+                                                             'hv': ['_k39',
+                                                                    '_k40',
+                                                                    '_k41',
+                                                                    '_k42',
+                                                                    '_k43__b1',
+                                                                    '_c2',
+                                                                    'correction2',
+                                                                    '_k44',
+                                                                    '_k45'],
+                                                             'launches': [('_adamw8bit_bnb_prologue4',
+                                                                           'prologue'),
+                                                                          ('_adamw8bit_bnb_flat4', 'flat')],
+                                                             'states': ['state1', 'state2'],
+                                                             'temps': []},
+           (('_c0', False), ('_c1', True)): {'block': 256,
+                                             'columns': ['param',
+                                                         'state:state1',
+                                                         'state:state2',
+                                                         'state:state1_absmax',
+                                                         'state:state2_absmax',
+                                                         'numel',
+                                                         'B',
+                                                         'M',
+                                                         'N',
+                                                         'ndim',
+                                                         'gidx',
+                                                         'book:8bit_cuda:1:qmap',
+                                                         'book:8bit_cuda:0:qmap'],
+                                             'creates': [],
+                                             'hv': ['_k16',
+                                                    '_k17',
+                                                    '_k18',
+                                                    '_k19',
+                                                    '_k20',
+                                                    '_k21',
+                                                    '_k22__b1',
+                                                    '_c2'],
+                                             'launches': [('_adamw8bit_bnb_prologue3', 'prologue'),
+                                                          ('_adamw8bit_bnb_flat3', 'flat')],
+                                             'states': ['state1', 'state2'],
+                                             'temps': []},
+           (('_c0', True), ('_c1', False), ('_c3', False)): {'block': 256,
+                                                             'columns': ['param',
+                                                                         'state:state1',
+                                                                         'state:state2',
+                                                                         'state:state1_absmax',
+                                                                         'state:state2_absmax',
+                                                                         'numel',
+                                                                         'B',
+                                                                         'M',
+                                                                         'N',
+                                                                         'ndim',
+                                                                         'gidx',
+                                                                         'book:8bit:0:qmap',
+                                                                         'book:8bit:0:lut',
+                                                                         'book:8bit:1:qmap',
+                                                                         'book:8bit:1:lut'],
+                                                             'creates': [],
+                                                             'hv': ['_k7',
+                                                                    '_k8',
+                                                                    '_k9',
+                                                                    '_k10',
+                                                                    '_k11__b1',
+                                                                    '_c2',
+                                                                    '_k14',
+                                                                    '_k15'],
+                                                             'launches': [('_adamw8bit_bnb_prologue2',
+                                                                           'prologue'),
+                                                                          ('_adamw8bit_bnb_flat2', 'flat')],
+                                                             'states': ['state1', 'state2'],
+                                                             'temps': []},
+           (('_c0', True), ('_c1', False), ('_c3', True)): {'block': 256,
                                                             'columns': ['param',
                                                                         'state:state1',
                                                                         'state:state2',
@@ -896,111 +1162,54 @@ PLAN = {'codecs': ['8bit', '8bit_cuda'],
                                                                         'N',
                                                                         'ndim',
                                                                         'gidx',
-                                                                        'book:8bit_cuda:1:qmap',
-                                                                        'book:8bit_cuda:0:qmap'],
+                                                                        'book:8bit:0:qmap',
+                                                                        'book:8bit:0:lut',
+                                                                        'book:8bit:1:qmap',
+                                                                        'book:8bit:1:lut'],
                                                             'creates': [],
-                                                            'hv': ['_k16',
-                                                                   '_k17',
-                                                                   '_k18',
-                                                                   '_k19',
-                                                                   '_k20',
-                                                                   '_k21',
-                                                                   '_k22'],
-                                                            'launches': [('_adamw8bit_bnb_prologue0',
+                                                            'hv': ['_k7',
+                                                                   '_k8',
+                                                                   '_k9',
+                                                                   '_k10',
+                                                                   '_k11__b1',
+                                                                   '_c2',
+                                                                   'correction2',
+                                                                   '_k12',
+                                                                   '_k13'],
+                                                            'launches': [('_adamw8bit_bnb_prologue1',
                                                                           'prologue'),
-                                                                         ('_adamw8bit_bnb_flat3', 'flat')],
+                                                                         ('_adamw8bit_bnb_flat1', 'flat')],
                                                             'states': ['state1', 'state2'],
                                                             'temps': []},
-           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', False)): {'block': 256,
-                                                                            'columns': ['param',
-                                                                                        'state:state1',
-                                                                                        'state:state2',
-                                                                                        'state:state1_absmax',
-                                                                                        'state:state2_absmax',
-                                                                                        'numel',
-                                                                                        'B',
-                                                                                        'M',
-                                                                                        'N',
-                                                                                        'ndim',
-                                                                                        'gidx',
-                                                                                        'book:8bit:0:qmap',
-                                                                                        'book:8bit:0:lut',
-                                                                                        'book:8bit:1:qmap',
-                                                                                        'book:8bit:1:lut'],
-                                                                            'creates': [],
-                                                                            'hv': ['_k7',
-                                                                                   '_k8',
-                                                                                   '_k9',
-                                                                                   '_k10',
-                                                                                   '_k11',
-                                                                                   '_k14',
-                                                                                   '_k15'],
-                                                                            'launches': [('_adamw8bit_bnb_prologue2',
-                                                                                          'prologue'),
-                                                                                         ('_adamw8bit_bnb_flat2',
-                                                                                          'flat')],
-                                                                            'states': ['state1', 'state2'],
-                                                                            'temps': []},
-           (('_c0', True), ('_c1', False), ('_c2', True), ('_c3', True)): {'block': 256,
-                                                                           'columns': ['param',
-                                                                                       'state:state1',
-                                                                                       'state:state2',
-                                                                                       'state:state1_absmax',
-                                                                                       'state:state2_absmax',
-                                                                                       'numel',
-                                                                                       'B',
-                                                                                       'M',
-                                                                                       'N',
-                                                                                       'ndim',
-                                                                                       'gidx',
-                                                                                       'book:8bit:0:qmap',
-                                                                                       'book:8bit:0:lut',
-                                                                                       'book:8bit:1:qmap',
-                                                                                       'book:8bit:1:lut'],
-                                                                           'creates': [],
-                                                                           'hv': ['_k7',
-                                                                                  '_k8',
-                                                                                  '_k9',
-                                                                                  '_k10',
-                                                                                  '_k11',
-                                                                                  'correction2',
-                                                                                  '_k12',
-                                                                                  '_k13'],
-                                                                           'launches': [('_adamw8bit_bnb_prologue1',
-                                                                                         'prologue'),
-                                                                                        ('_adamw8bit_bnb_flat1',
-                                                                                         'flat')],
-                                                                           'states': ['state1', 'state2'],
-                                                                           'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', True)): {'block': 256,
-                                                           'columns': ['param',
-                                                                       'state:state1',
-                                                                       'state:state2',
-                                                                       'state:state1_absmax',
-                                                                       'state:state2_absmax',
-                                                                       'numel',
-                                                                       'B',
-                                                                       'M',
-                                                                       'N',
-                                                                       'ndim',
-                                                                       'gidx',
-                                                                       'book:8bit:1:qmap',
-                                                                       'book:8bit:1:lut',
-                                                                       'book:8bit:0:qmap',
-                                                                       'book:8bit:0:lut'],
-                                                           'creates': [],
-                                                           'hv': ['_k0',
-                                                                  '_k1',
-                                                                  '_k2',
-                                                                  '_k3',
-                                                                  '_k4',
-                                                                  '_k5',
-                                                                  '_k6'],
-                                                           'launches': [('_adamw8bit_bnb_prologue0',
-                                                                         'prologue'),
-                                                                        ('_adamw8bit_bnb_flat0', 'flat')],
-                                                           'states': ['state1', 'state2'],
-                                                           'temps': []}},
+           (('_c0', True), ('_c1', True)): {'block': 256,
+                                            'columns': ['param',
+                                                        'state:state1',
+                                                        'state:state2',
+                                                        'state:state1_absmax',
+                                                        'state:state2_absmax',
+                                                        'numel',
+                                                        'B',
+                                                        'M',
+                                                        'N',
+                                                        'ndim',
+                                                        'gidx',
+                                                        'book:8bit:1:qmap',
+                                                        'book:8bit:1:lut',
+                                                        'book:8bit:0:qmap',
+                                                        'book:8bit:0:lut'],
+                                            'creates': [],
+                                            'hv': ['_k0',
+                                                   '_k1',
+                                                   '_k2',
+                                                   '_k3',
+                                                   '_k4',
+                                                   '_k5',
+                                                   '_k6__b1',
+                                                   '_c2'],
+                                            'launches': [('_adamw8bit_bnb_prologue0', 'prologue'),
+                                                         ('_adamw8bit_bnb_flat0', 'flat')],
+                                            'states': ['state1', 'state2'],
+                                            'temps': []}},
  'static_hypers': ['min_8bit_size']}
 
 #: Why this spec has no triton kernels (None: it has them).

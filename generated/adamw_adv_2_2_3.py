@@ -18,9 +18,9 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
         if ndim != 1 or vector_reshape:
             grad = float32(grad)
             if orthogonal_gradient:
-                ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-                ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-                grad = ortho_g * ortho_scale
+                ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+                ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+                grad = cast(ortho_g * ortho_scale, grad)
             if use_bias_correction:
                 bias_correction1 = 1 - beta1 ** step  # host
                 sqrt_bias_correction2 = (1 - beta2 ** step) ** 0.5  # host
@@ -104,9 +104,9 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 param = param + -update
         else:
             if orthogonal_gradient:
-                ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-                ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-                grad = ortho_g * ortho_scale
+                ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+                ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+                grad = cast(ortho_g * ortho_scale, grad)
             if use_bias_correction:
                 bias_correction1 = 1 - beta1 ** step  # host
                 sqrt_bias_correction2 = (1 - beta2 ** step) ** 0.5  # host
@@ -166,9 +166,9 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                 param = param + -update
     else:
         if orthogonal_gradient:
-            ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-            ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-            grad = ortho_g * ortho_scale
+            ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+            ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+            grad = cast(ortho_g * ortho_scale, grad)
         if use_bias_correction:
             bias_correction1 = 1 - beta1 ** step  # host
             sqrt_bias_correction2 = (1 - beta2 ** step) ** 0.5  # host
@@ -268,20 +268,29 @@ def _device_step(h, param, grad, S):
             grad = F.float32(grad)
             # if orthogonal_gradient:
             if h["_c2"]:
-                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-                ortho_g_1 = F.vdot(param, grad)
-                ortho_g_2 = F.vdot(param, param)
-                F.add_(ortho_g_2, 1e-30)
-                F.div_(ortho_g_1, ortho_g_2)
-                ortho_g_3 = F.mul(param, ortho_g_1)
-                ortho_g = F.sub(grad, ortho_g_3)
-                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-                ortho_scale = F.norm(grad)
-                ortho_scale_1 = F.norm(ortho_g)
-                F.add_(ortho_scale_1, 1e-30)
-                F.div_(ortho_scale, ortho_scale_1)
-                # grad = ortho_g * ortho_scale
-                grad = F.mul(ortho_g, ortho_scale)
+                # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+                ortho_g_1 = F.float32(grad)
+                ortho_g_2 = F.float32(param)
+                ortho_g_3 = F.float32(param)
+                ortho_g_4 = F.float32(grad)
+                ortho_g_5 = F.vdot(ortho_g_3, ortho_g_4)
+                ortho_g_6 = F.float32(param)
+                ortho_g_7 = F.float32(param)
+                ortho_g_8 = F.vdot(ortho_g_6, ortho_g_7)
+                F.add_(ortho_g_8, 1e-30)
+                F.div_(ortho_g_5, ortho_g_8)
+                ortho_g_9 = F.mul(ortho_g_2, ortho_g_5)
+                ortho_g = F.sub(ortho_g_1, ortho_g_9)
+                # ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+                ortho_scale_1 = F.float32(grad)
+                ortho_scale = F.norm(ortho_scale_1)
+                ortho_scale_2 = F.norm(ortho_g)
+                F.add_(ortho_scale_2, 1e-30)
+                F.div_(ortho_scale, ortho_scale_2)
+                # grad = cast(ortho_g * ortho_scale, grad)
+                grad_1 = F.mul(ortho_g, ortho_scale)
+                grad_2 = F.cast(grad_1, grad)
+                grad = grad_2
             # if use_bias_correction:
             if h["_c3"]:
                 pass
@@ -477,20 +486,29 @@ def _device_step(h, param, grad, S):
         else:
             # if orthogonal_gradient:
             if h["_c2"]:
-                # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-                ortho_g_4 = F.vdot(param, grad)
-                ortho_g_5 = F.vdot(param, param)
-                F.add_(ortho_g_5, 1e-30)
-                F.div_(ortho_g_4, ortho_g_5)
-                ortho_g_6 = F.mul(param, ortho_g_4)
-                ortho_g = F.sub(grad, ortho_g_6)
-                # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-                ortho_scale = F.norm(grad)
-                ortho_scale_2 = F.norm(ortho_g)
-                F.add_(ortho_scale_2, 1e-30)
-                F.div_(ortho_scale, ortho_scale_2)
-                # grad = ortho_g * ortho_scale
-                grad = F.mul(ortho_g, ortho_scale)
+                # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+                ortho_g_10 = F.float32(grad)
+                ortho_g_11 = F.float32(param)
+                ortho_g_12 = F.float32(param)
+                ortho_g_13 = F.float32(grad)
+                ortho_g_14 = F.vdot(ortho_g_12, ortho_g_13)
+                ortho_g_15 = F.float32(param)
+                ortho_g_16 = F.float32(param)
+                ortho_g_17 = F.vdot(ortho_g_15, ortho_g_16)
+                F.add_(ortho_g_17, 1e-30)
+                F.div_(ortho_g_14, ortho_g_17)
+                ortho_g_18 = F.mul(ortho_g_11, ortho_g_14)
+                ortho_g = F.sub(ortho_g_10, ortho_g_18)
+                # ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+                ortho_scale_3 = F.float32(grad)
+                ortho_scale = F.norm(ortho_scale_3)
+                ortho_scale_4 = F.norm(ortho_g)
+                F.add_(ortho_scale_4, 1e-30)
+                F.div_(ortho_scale, ortho_scale_4)
+                # grad = cast(ortho_g * ortho_scale, grad)
+                grad_3 = F.mul(ortho_g, ortho_scale)
+                grad_4 = F.cast(grad_3, grad)
+                grad = grad_4
             # if use_bias_correction:
             if h["_c3"]:
                 pass
@@ -612,20 +630,29 @@ def _device_step(h, param, grad, S):
     else:
         # if orthogonal_gradient:
         if h["_c2"]:
-            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-            ortho_g_7 = F.vdot(param, grad)
-            ortho_g_8 = F.vdot(param, param)
-            F.add_(ortho_g_8, 1e-30)
-            F.div_(ortho_g_7, ortho_g_8)
-            ortho_g_9 = F.mul(param, ortho_g_7)
-            ortho_g = F.sub(grad, ortho_g_9)
-            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-            ortho_scale = F.norm(grad)
-            ortho_scale_3 = F.norm(ortho_g)
-            F.add_(ortho_scale_3, 1e-30)
-            F.div_(ortho_scale, ortho_scale_3)
-            # grad = ortho_g * ortho_scale
-            grad = F.mul(ortho_g, ortho_scale)
+            # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+            ortho_g_19 = F.float32(grad)
+            ortho_g_20 = F.float32(param)
+            ortho_g_21 = F.float32(param)
+            ortho_g_22 = F.float32(grad)
+            ortho_g_23 = F.vdot(ortho_g_21, ortho_g_22)
+            ortho_g_24 = F.float32(param)
+            ortho_g_25 = F.float32(param)
+            ortho_g_26 = F.vdot(ortho_g_24, ortho_g_25)
+            F.add_(ortho_g_26, 1e-30)
+            F.div_(ortho_g_23, ortho_g_26)
+            ortho_g_27 = F.mul(ortho_g_20, ortho_g_23)
+            ortho_g = F.sub(ortho_g_19, ortho_g_27)
+            # ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+            ortho_scale_5 = F.float32(grad)
+            ortho_scale = F.norm(ortho_scale_5)
+            ortho_scale_6 = F.norm(ortho_g)
+            F.add_(ortho_scale_6, 1e-30)
+            F.div_(ortho_scale, ortho_scale_6)
+            # grad = cast(ortho_g * ortho_scale, grad)
+            grad_5 = F.mul(ortho_g, ortho_scale)
+            grad_6 = F.cast(grad_5, grad)
+            grad = grad_6
         # if use_bias_correction:
         if h["_c3"]:
             pass

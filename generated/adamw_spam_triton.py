@@ -21,22 +21,24 @@ def _adamw_spam_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 13 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
-    HV_K0__B1: tl.constexpr = 0
-    HV_C: tl.constexpr = 1
-    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 2
-    HV_SPIKE_THRESHOLD: tl.constexpr = 3
-    HV_MAX_GRAD_NORM: tl.constexpr = 4
-    HV_RESET: tl.constexpr = 5
-    HV_K: tl.constexpr = 6
-    HV_ONE_MINUS_BETA1: tl.constexpr = 7
-    HV_BETA2: tl.constexpr = 8
-    HV_ONE_MINUS_BETA2: tl.constexpr = 9
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
-    HV_EPS: tl.constexpr = 11
-    HV_NEG_STEP_SIZE: tl.constexpr = 12
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 3
+    HV_SPIKE_THRESHOLD: tl.constexpr = 4
+    HV_MAX_GRAD_NORM: tl.constexpr = 5
+    HV_RESET: tl.constexpr = 6
+    HV_K4__B8: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
+    HV_ONE_MINUS_BETA1: tl.constexpr = 9
+    HV_BETA2: tl.constexpr = 10
+    HV_ONE_MINUS_BETA2: tl.constexpr = 11
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 12
+    HV_EPS: tl.constexpr = 13
+    HV_NEG_STEP_SIZE: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_COUNT_STEPS_TWICE: tl.constexpr = 3
@@ -46,6 +48,7 @@ def _adamw_spam_prologue0(
     HYP_INTERVAL: tl.constexpr = 7
     HYP_LR: tl.constexpr = 8
     HYP_MAX_GRAD_NORM: tl.constexpr = 9
+    HYP_MAXIMIZE: tl.constexpr = 10
     HYP_MIN_HISTORY: tl.constexpr = 11
     HYP_SPIKE_THRESHOLD: tl.constexpr = 13
     HYP_THETA: tl.constexpr = 14
@@ -56,10 +59,13 @@ def _adamw_spam_prologue0(
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    # c = enable_clip and step >= 2
-    c = ((tl.load(hyp + HYP_ENABLE_CLIP) != 0) & (step >= tl.full((), 2.0, tl.float64)))
-    # _k0__b1 = theta
-    k0__b1 = tl.load(hyp + HYP_THETA)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # c_1 = enable_clip and step >= 2
+    c_1 = ((tl.load(hyp + HYP_ENABLE_CLIP) != 0) & (step >= tl.full((), 2.0, tl.float64)))
+    # _k0__b2 = theta
+    k0__b2 = tl.load(hyp + HYP_THETA)
     min_history_minus_one = (tl.load(hyp + HYP_MIN_HISTORY) - tl.full((), 1.0, tl.float64))
     spike_threshold = tl.load(hyp + HYP_SPIKE_THRESHOLD)
     max_grad_norm = tl.load(hyp + HYP_MAX_GRAD_NORM)
@@ -71,8 +77,8 @@ def _adamw_spam_prologue0(
     until = tl.where(((reset != 0) & (tl.load(hyp + HYP_WARMUP_STEPS) > tl.full((), 0.0, tl.float64))) != 0, (gs + tl.load(hyp + HYP_WARMUP_STEPS)), tl.load(hyp + HYP_WARMUP_UNTIL))
     # scale = where(until > gs, max(0.001, 0.5 * (1 - cos(3.141592653589793 * ((warmup_steps - (until - gs)) / max(warmup_steps, 1))))), 1.0)
     scale_1 = tl.where((until > gs) != 0, tl.maximum(tl.full((), 0.001, tl.float64), (tl.full((), 0.5, tl.float64) * (tl.full((), 1.0, tl.float64) - tl.cos((tl.full((), 3.141592653589793, tl.float64) * ((tl.load(hyp + HYP_WARMUP_STEPS) - (until - gs)) / tl.maximum(tl.load(hyp + HYP_WARMUP_STEPS), tl.full((), 1.0, tl.float64)))))))), tl.full((), 1.0, tl.float64))
-    # k = 1 - lr * scale * weight_decay
-    k = (tl.full((), 1.0, tl.float64) - ((tl.load(hyp + HYP_LR) * scale_1) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k4__b8 = 1 - lr * scale * weight_decay
+    k4__b8 = (tl.full((), 1.0, tl.float64) - ((tl.load(hyp + HYP_LR) * scale_1) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
@@ -87,13 +93,15 @@ def _adamw_spam_prologue0(
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size = (-step_size)
     # the host values the passes read, rounded to float32
-    tl.store(hv + t * NH + HV_K0__B1, (k0__b1).to(tl.float32))
-    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c_1).to(tl.float32))
     tl.store(hv + t * NH + HV_MIN_HISTORY_MINUS_ONE, (min_history_minus_one).to(tl.float32))
     tl.store(hv + t * NH + HV_SPIKE_THRESHOLD, (spike_threshold).to(tl.float32))
     tl.store(hv + t * NH + HV_MAX_GRAD_NORM, (max_grad_norm).to(tl.float32))
     tl.store(hv + t * NH + HV_RESET, (reset).to(tl.float32))
-    tl.store(hv + t * NH + HV_K, (k).to(tl.float32))
+    tl.store(hv + t * NH + HV_K4__B8, (k4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -110,31 +118,34 @@ def _adamw_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
     COL_MAX_EXP_AVG_SQ: tl.constexpr = 3
-    HV_K0__B1: tl.constexpr = 0
-    HV_C: tl.constexpr = 1
-    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 2
-    HV_SPIKE_THRESHOLD: tl.constexpr = 3
-    HV_MAX_GRAD_NORM: tl.constexpr = 4
-    HV_RESET: tl.constexpr = 5
-    HV_K: tl.constexpr = 6
-    HV_ONE_MINUS_BETA1: tl.constexpr = 7
-    HV_BETA2: tl.constexpr = 8
-    HV_ONE_MINUS_BETA2: tl.constexpr = 9
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
-    HV_EPS: tl.constexpr = 11
-    HV_NEG_STEP_SIZE: tl.constexpr = 12
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_MIN_HISTORY_MINUS_ONE: tl.constexpr = 3
+    HV_SPIKE_THRESHOLD: tl.constexpr = 4
+    HV_MAX_GRAD_NORM: tl.constexpr = 5
+    HV_RESET: tl.constexpr = 6
+    HV_K4__B8: tl.constexpr = 7
+    HV_C_1: tl.constexpr = 8
+    HV_ONE_MINUS_BETA1: tl.constexpr = 9
+    HV_BETA2: tl.constexpr = 10
+    HV_ONE_MINUS_BETA2: tl.constexpr = 11
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 12
+    HV_EPS: tl.constexpr = 13
+    HV_NEG_STEP_SIZE: tl.constexpr = 14
     RED_SPIKE_NORM: tl.constexpr = 0
     RED_TOTAL_NORM: tl.constexpr = 1
     RED_NORM_MEAN: tl.constexpr = 2
     RED_NORM_STD: tl.constexpr = 3
     RED_NORM_COUNT: tl.constexpr = 4
-    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
-    if ALIGNED:
-        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    k0__b1 = tl.load(hv + t * NH + HV_K0__B1)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
+    if ALIGNED:
+        p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
     c = tl.load(hv + t * NH + HV_C)
     min_history_minus_one = tl.load(hv + t * NH + HV_MIN_HISTORY_MINUS_ONE)
     spike_threshold = tl.load(hv + t * NH + HV_SPIKE_THRESHOLD)
@@ -149,21 +160,26 @@ def _adamw_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    k = tl.load(hv + t * NH + HV_K)
+    k4__b8 = tl.load(hv + t * NH + HV_K4__B8)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
     bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
     eps = tl.load(hv + t * NH + HV_EPS)
     neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
-    # thr__b2 = sqrt((exp_avg_sq + 1e-12) * _k0__b1)
-    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    thr__b2 = L.sqrt(((exp_avg_sq + tl.full((), 1e-12, tl.float32)) * k0__b1))
-    # grad__b3 = where(abs(grad) > thr__b2, sign(grad) * thr__b2, grad)
+    # grad__b1 = -grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    grad__b3 = tl.where((tl.abs(grad) > thr__b2), (L.sign(grad) * thr__b2), grad)
-    # grad = where(enable_clip and step >= 2, grad__b3, grad)
-    grad_1 = tl.where((c != 0), grad__b3, grad)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # thr__b3 = sqrt((exp_avg_sq + 1e-12) * _k0__b2)
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    thr__b3 = L.sqrt(((exp_avg_sq + tl.full((), 1e-12, tl.float32)) * k0__b2))
+    # grad__b4 = where(abs(grad) > thr__b3, sign(grad) * thr__b3, grad)
+    grad__b4 = tl.where((tl.abs(grad_1) > thr__b3), (L.sign(grad_1) * thr__b3), grad_1)
+    # grad = where(enable_clip and step >= 2, grad__b4, grad)
+    grad_2 = tl.where((c != 0), grad__b4, grad_1)
     # exp_avg = where(where(norm_count >= min_history - 1, where(where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) - where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0) == 0, where(norm_std > 0, (spike_norm - norm_mean) / norm_std, 0.0), 0.0), 0.0) > spike_threshold, exp_avg * 0.5, exp_avg)
     exp_avg_div = L.div((tl.load(red + RED_SPIKE_NORM) - tl.load(red + RED_NORM_MEAN)), tl.load(red + RED_NORM_STD))
     exp_avg_where = tl.where((tl.load(red + RED_NORM_STD) > tl.full((), 0.0, tl.float32)), exp_avg_div, tl.full((), 0.0, tl.float32))
@@ -198,26 +214,28 @@ def _adamw_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     max_exp_avg_sq_1 = tl.where((max_exp_avg_sq_where_4 > spike_threshold), (max_exp_avg_sq * tl.full((), 0.9, tl.float32)), max_exp_avg_sq)
     # grad = grad * minimum(max_grad_norm / (total_norm + 1e-06), 1.0)
     grad_minimum = L.minimum(L.div(max_grad_norm, (tl.load(red + RED_TOTAL_NORM) + tl.full((), 1e-06, tl.float32))), tl.full((), 1.0, tl.float32))
-    grad_2 = (grad_1 * grad_minimum)
-    # exp_avg__b4 = where(grad == grad, 0.0, 0.0)
-    exp_avg__b4 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    # exp_avg_sq__b5 = where(grad == grad, 0.0, 0.0)
-    exp_avg_sq__b5 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    # max_exp_avg_sq__b6 = where(grad == grad, 0.0, 0.0)
-    max_exp_avg_sq__b6 = tl.where((grad_2 == grad_2), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
-    # exp_avg = where(reset, exp_avg__b4, exp_avg)
-    exp_avg_2 = tl.where((reset != 0), exp_avg__b4, exp_avg_1)
-    # exp_avg_sq = where(reset, exp_avg_sq__b5, exp_avg_sq)
-    exp_avg_sq_2 = tl.where((reset != 0), exp_avg_sq__b5, exp_avg_sq_1)
-    # max_exp_avg_sq = where(reset, max_exp_avg_sq__b6, max_exp_avg_sq)
-    max_exp_avg_sq_2 = tl.where((reset != 0), max_exp_avg_sq__b6, max_exp_avg_sq_1)
-    # param = param * (1 - lr * scale * weight_decay)
+    grad_3 = (grad_2 * grad_minimum)
+    # exp_avg__b5 = where(grad == grad, 0.0, 0.0)
+    exp_avg__b5 = tl.where((grad_3 == grad_3), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # exp_avg_sq__b6 = where(grad == grad, 0.0, 0.0)
+    exp_avg_sq__b6 = tl.where((grad_3 == grad_3), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # max_exp_avg_sq__b7 = where(grad == grad, 0.0, 0.0)
+    max_exp_avg_sq__b7 = tl.where((grad_3 == grad_3), tl.full((), 0.0, tl.float32), tl.full((), 0.0, tl.float32))
+    # exp_avg = where(reset, exp_avg__b5, exp_avg)
+    exp_avg_2 = tl.where((reset != 0), exp_avg__b5, exp_avg_1)
+    # exp_avg_sq = where(reset, exp_avg_sq__b6, exp_avg_sq)
+    exp_avg_sq_2 = tl.where((reset != 0), exp_avg_sq__b6, exp_avg_sq_1)
+    # max_exp_avg_sq = where(reset, max_exp_avg_sq__b7, max_exp_avg_sq)
+    max_exp_avg_sq_2 = tl.where((reset != 0), max_exp_avg_sq__b7, max_exp_avg_sq_1)
+    # param__b9 = param * _k4__b8
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param * k)
+    param__b9 = (param * k4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c_1 != 0), param__b9, param)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
-    exp_avg_3 = L.lerp(exp_avg_2, grad_2, one_minus_beta1)
+    exp_avg_3 = L.lerp(exp_avg_2, grad_3, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-    exp_avg_sq_3 = ((exp_avg_sq_2 * beta2) + one_minus_beta2 * grad_2 * grad_2)
+    exp_avg_sq_3 = ((exp_avg_sq_2 * beta2) + one_minus_beta2 * grad_3 * grad_3)
     # max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
     max_exp_avg_sq_3 = L.maximum(max_exp_avg_sq_2, exp_avg_sq_3)
     # denom = sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
@@ -240,7 +258,7 @@ def _adamw_spam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg_sq, grad, exp_avg, max_exp_avg_sq, param; writes exp_avg, exp_avg_sq,
+    Reads grad, exp_avg_sq, exp_avg, max_exp_avg_sq, param; writes exp_avg, exp_avg_sq,
     max_exp_avg_sq, param.
     """
     COL_NUMEL: tl.constexpr = 4
@@ -262,7 +280,9 @@ KERNELS = {
     "_adamw_spam_flat0": _adamw_spam_flat0,
 }
 
-PLAN = {'dynamic': ['_c1',
+PLAN = {'dynamic': ['_c0',
+             '_c1',
+             '_c4',
              '_k10',
              '_k4',
              'bias_correction1',
@@ -274,7 +294,7 @@ PLAN = {'dynamic': ['_c1',
              'step_size',
              'until'],
  'global_conditions': [],
- 'group_conditions': ['_c0', '_c2', '_c3', '_c4', '_c5'],
+ 'group_conditions': ['_c2', '_c3', '_c5'],
  'hyper_slots': [['amsgrad', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -294,38 +314,39 @@ PLAN = {'dynamic': ['_c1',
                  ['warmup_until', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', True), ('_c3', True), ('_c4', True), ('_c5', True)): {'columns': ['param',
-                                                                                                      'state:exp_avg',
-                                                                                                      'state:exp_avg_sq',
-                                                                                                      'state:max_exp_avg_sq',
-                                                                                                      'numel',
-                                                                                                      'B',
-                                                                                                      'M',
-                                                                                                      'N',
-                                                                                                      'ndim',
-                                                                                                      'gidx'],
-                                                                                          'creates': [],
-                                                                                          'hv': ['_k0__b1',
-                                                                                                 '_c1',
-                                                                                                 '_k1',
-                                                                                                 '_k2',
-                                                                                                 '_k3',
-                                                                                                 'reset',
-                                                                                                 '_k4',
-                                                                                                 '_k5',
-                                                                                                 '_k6',
-                                                                                                 '_k7',
-                                                                                                 'bias_correction2_sqrt',
-                                                                                                 '_k8',
-                                                                                                 '_k10'],
-                                                                                          'launches': [('_adamw_spam_prologue0',
-                                                                                                        'prologue'),
-                                                                                                       ('_adamw_spam_flat0',
-                                                                                                        'flat')],
-                                                                                          'states': ['exp_avg',
-                                                                                                     'exp_avg_sq',
-                                                                                                     'max_exp_avg_sq'],
-                                                                                          'temps': []}},
+ 'paths': {(('_c2', True), ('_c3', True), ('_c5', True)): {'columns': ['param',
+                                                                       'state:exp_avg',
+                                                                       'state:exp_avg_sq',
+                                                                       'state:max_exp_avg_sq',
+                                                                       'numel',
+                                                                       'B',
+                                                                       'M',
+                                                                       'N',
+                                                                       'ndim',
+                                                                       'gidx'],
+                                                           'creates': [],
+                                                           'hv': ['_c0',
+                                                                  '_k0__b2',
+                                                                  '_c1',
+                                                                  '_k1',
+                                                                  '_k2',
+                                                                  '_k3',
+                                                                  'reset',
+                                                                  '_k4__b8',
+                                                                  '_c4',
+                                                                  '_k5',
+                                                                  '_k6',
+                                                                  '_k7',
+                                                                  'bias_correction2_sqrt',
+                                                                  '_k8',
+                                                                  '_k10'],
+                                                           'launches': [('_adamw_spam_prologue0',
+                                                                         'prologue'),
+                                                                        ('_adamw_spam_flat0', 'flat')],
+                                                           'states': ['exp_avg',
+                                                                      'exp_avg_sq',
+                                                                      'max_exp_avg_sq'],
+                                                           'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

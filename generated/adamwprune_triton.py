@@ -21,23 +21,39 @@ def _adamwprune_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr, DT_adamprune_mask: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 11 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 10
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 8
+    HV_EPS: tl.constexpr = 9
+    HV_NEG_STEP_SIZE: tl.constexpr = 10
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 4
     HYP_EPS: tl.constexpr = 5
     HYP_LR: tl.constexpr = 6
+    HYP_MAXIMIZE: tl.constexpr = 7
+    HYP_WEIGHT_DECAY: tl.constexpr = 8
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    decoupled_weight_decay = tl.load(hyp + HYP_DECOUPLED_WEIGHT_DECAY)
+    # _k0__b2__b6 = 1 - lr * weight_decay
+    k0__b2__b6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k1__b4__b8 = weight_decay
+    k1__b4__b8 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
@@ -52,6 +68,11 @@ def _adamwprune_prologue0(
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size = (-step_size)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2__B6, (k0__b2__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B4__B8, (k1__b4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY, (decoupled_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -68,18 +89,31 @@ def _adamwprune_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
     COL_ADAMPRUNE_MASK: tl.constexpr = 4
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_NEG_STEP_SIZE: tl.constexpr = 5
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 8
+    HV_EPS: tl.constexpr = 9
+    HV_NEG_STEP_SIZE: tl.constexpr = 10
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     p_adamprune_mask = tl.load(tab + t * TBL_W + COL_ADAMPRUNE_MASK).to(tl.pointer_type(DT_adamprune_mask))
     if ALIGNED:
         p_adamprune_mask = tl.multiple_of(p_adamprune_mask, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -91,29 +125,42 @@ def _adamwprune_flat0_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
     bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
     eps = tl.load(hv + t * NH + HV_EPS)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
     # grad = grad * cast(adamprune_mask, grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     adamprune_mask = tl.load(p_adamprune_mask + offs, mask=mask) != 0
     grad_1 = (grad * adamprune_mask)
+    # grad__b1 = -grad
+    grad__b1 = (-grad_1)
+    # grad = where(maximize, grad__b1, grad)
+    grad_2 = tl.where((maximize != 0), grad__b1, grad_1)
+    # param__b3__b7 = param * _k0__b2__b6
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_2 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_2, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_3 = tl.where((c != 0), grad__b11, grad_2)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad_1, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_3, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_1 * grad_1)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_3 * grad_3)
     # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
     denom = (L.div(L.sqrt(exp_avg_sq_1), bias_correction2_sqrt) + eps)
     # param = param - step_size * exp_avg / denom
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + neg_step_size * L.div(exp_avg_1, denom))
-    # store exp_avg, exp_avg_sq, param
+    param_2 = (param_1 + neg_step_size * L.div(exp_avg_1, denom))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -125,7 +172,7 @@ def _adamwprune_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads grad, adamprune_mask, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, adamprune_mask, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
     """
     COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
@@ -148,18 +195,31 @@ def _adamwprune_flat1_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_NEG_STEP_SIZE: tl.constexpr = 5
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 8
+    HV_EPS: tl.constexpr = 9
+    HV_NEG_STEP_SIZE: tl.constexpr = 10
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
@@ -168,26 +228,39 @@ def _adamwprune_flat1_block(t, offs, mask, tab, gptr, hv, ws, red, TBL_W: tl.con
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
     bias_correction2_sqrt = tl.load(hv + t * NH + HV_BIAS_CORRECTION2_SQRT)
     eps = tl.load(hv + t * NH + HV_EPS)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     neg_step_size = tl.load(hv + t * NH + HV_NEG_STEP_SIZE)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3__b7 = param * _k0__b2__b6
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_1 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_1, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_2 = tl.where((c != 0), grad__b11, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_2 * grad_2)
     # denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
     denom = (L.div(L.sqrt(exp_avg_sq_1), bias_correction2_sqrt) + eps)
     # param = param - step_size * exp_avg / denom
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + neg_step_size * L.div(exp_avg_1, denom))
-    # store exp_avg, exp_avg_sq, param
+    param_2 = (param_1 + neg_step_size * L.div(exp_avg_1, denom))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -199,7 +272,7 @@ def _adamwprune_flat1(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
     """
     COL_NUMEL: tl.constexpr = 5
     pid = tl.program_id(0)
@@ -221,9 +294,16 @@ KERNELS = {
     "_adamwprune_flat1": _adamwprune_flat1,
 }
 
-PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correction2_sqrt', 'step_size'],
+PLAN = {'dynamic': ['_c1',
+             '_c2',
+             '_c3',
+             '_k7',
+             'bias_correction1',
+             'bias_correction2',
+             'bias_correction2_sqrt',
+             'step_size'],
  'global_conditions': [],
- 'group_conditions': ['_c1', '_c2', '_c3', '_c4'],
+ 'group_conditions': ['_c4'],
  'hyper_slots': [['adamwprune_enable_pruning', None],
                  ['amsgrad', None],
                  ['betas', 0],
@@ -234,57 +314,60 @@ PLAN = {'dynamic': ['_k7', 'bias_correction1', 'bias_correction2', 'bias_correct
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False), ('_c4', False)): {'columns': ['param',
-                                                                                          'state:exp_avg',
-                                                                                          'state:exp_avg_sq',
-                                                                                          'state:max_exp_avg_sq',
-                                                                                          'state:adamprune_mask',
-                                                                                          'numel',
-                                                                                          'B',
-                                                                                          'M',
-                                                                                          'N',
-                                                                                          'ndim',
-                                                                                          'gidx'],
-                                                                              'creates': [],
-                                                                              'hv': ['_k2',
-                                                                                     '_k3',
-                                                                                     '_k4',
-                                                                                     'bias_correction2_sqrt',
-                                                                                     '_k6',
-                                                                                     '_k7'],
-                                                                              'launches': [('_adamwprune_prologue0',
-                                                                                            'prologue'),
-                                                                                           ('_adamwprune_flat1',
-                                                                                            'flat')],
-                                                                              'states': ['exp_avg',
-                                                                                         'exp_avg_sq'],
-                                                                              'temps': []},
-           (('_c0', True), ('_c1', False), ('_c2', False), ('_c4', False)): {'columns': ['param',
-                                                                                         'state:exp_avg',
-                                                                                         'state:exp_avg_sq',
-                                                                                         'state:max_exp_avg_sq',
-                                                                                         'state:adamprune_mask',
-                                                                                         'numel',
-                                                                                         'B',
-                                                                                         'M',
-                                                                                         'N',
-                                                                                         'ndim',
-                                                                                         'gidx'],
-                                                                             'creates': [],
-                                                                             'hv': ['_k2',
-                                                                                    '_k3',
-                                                                                    '_k4',
-                                                                                    'bias_correction2_sqrt',
-                                                                                    '_k6',
-                                                                                    '_k7'],
-                                                                             'launches': [('_adamwprune_prologue0',
-                                                                                           'prologue'),
-                                                                                          ('_adamwprune_flat0',
-                                                                                           'flat')],
-                                                                             'states': ['adamprune_mask',
-                                                                                        'exp_avg',
-                                                                                        'exp_avg_sq'],
-                                                                             'temps': []}},
+ 'paths': {(('_c0', False), ('_c4', False)): {'columns': ['param',
+                                                          'state:exp_avg',
+                                                          'state:exp_avg_sq',
+                                                          'state:max_exp_avg_sq',
+                                                          'state:adamprune_mask',
+                                                          'numel',
+                                                          'B',
+                                                          'M',
+                                                          'N',
+                                                          'ndim',
+                                                          'gidx'],
+                                              'creates': [],
+                                              'hv': ['_c1',
+                                                     '_k0__b2__b6',
+                                                     '_k1__b4__b8',
+                                                     '_c3',
+                                                     '_c2',
+                                                     '_k2',
+                                                     '_k3',
+                                                     '_k4',
+                                                     'bias_correction2_sqrt',
+                                                     '_k6',
+                                                     '_k7'],
+                                              'launches': [('_adamwprune_prologue0', 'prologue'),
+                                                           ('_adamwprune_flat1', 'flat')],
+                                              'states': ['exp_avg', 'exp_avg_sq'],
+                                              'temps': []},
+           (('_c0', True), ('_c4', False)): {'columns': ['param',
+                                                         'state:exp_avg',
+                                                         'state:exp_avg_sq',
+                                                         'state:max_exp_avg_sq',
+                                                         'state:adamprune_mask',
+                                                         'numel',
+                                                         'B',
+                                                         'M',
+                                                         'N',
+                                                         'ndim',
+                                                         'gidx'],
+                                             'creates': [],
+                                             'hv': ['_c1',
+                                                    '_k0__b2__b6',
+                                                    '_k1__b4__b8',
+                                                    '_c3',
+                                                    '_c2',
+                                                    '_k2',
+                                                    '_k3',
+                                                    '_k4',
+                                                    'bias_correction2_sqrt',
+                                                    '_k6',
+                                                    '_k7'],
+                                             'launches': [('_adamwprune_prologue0', 'prologue'),
+                                                          ('_adamwprune_flat0', 'flat')],
+                                             'states': ['adamprune_mask', 'exp_avg', 'exp_avg_sq'],
+                                             'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

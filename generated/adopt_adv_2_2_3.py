@@ -28,9 +28,9 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
         lr_sim = lr  # host
     if step > 1 or use_atan2:
         if orthogonal_gradient:
-            ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-            ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-            grad = ortho_g * ortho_scale
+            ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+            ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+            grad = cast(ortho_g * ortho_scale, grad)
         if use_atan2:
             denom = sqrt(exp_avg_sq)
         else:
@@ -128,20 +128,29 @@ def _device_step(h, param, grad, S):
     if h["_c2"]:
         # if orthogonal_gradient:
         if h["_c3"]:
-            # ortho_g = grad - param * (vdot(param, grad) / (vdot(param, param) + 1e-30))
-            ortho_g_1 = F.vdot(param, grad)
-            ortho_g_2 = F.vdot(param, param)
-            F.add_(ortho_g_2, 1e-30)
-            F.div_(ortho_g_1, ortho_g_2)
-            ortho_g_3 = F.mul(param, ortho_g_1)
-            ortho_g = F.sub(grad, ortho_g_3)
-            # ortho_scale = norm(grad) / (norm(ortho_g) + 1e-30)
-            ortho_scale = F.norm(grad)
-            ortho_scale_1 = F.norm(ortho_g)
-            F.add_(ortho_scale_1, 1e-30)
-            F.div_(ortho_scale, ortho_scale_1)
-            # grad = ortho_g * ortho_scale
-            grad = F.mul(ortho_g, ortho_scale)
+            # ortho_g = float32(grad) - float32(param) * (vdot(float32(param), float32(grad)) / (vdot(float32(param), float32(param)) + 1e-30))
+            ortho_g_1 = F.float32(grad)
+            ortho_g_2 = F.float32(param)
+            ortho_g_3 = F.float32(param)
+            ortho_g_4 = F.float32(grad)
+            ortho_g_5 = F.vdot(ortho_g_3, ortho_g_4)
+            ortho_g_6 = F.float32(param)
+            ortho_g_7 = F.float32(param)
+            ortho_g_8 = F.vdot(ortho_g_6, ortho_g_7)
+            F.add_(ortho_g_8, 1e-30)
+            F.div_(ortho_g_5, ortho_g_8)
+            ortho_g_9 = F.mul(ortho_g_2, ortho_g_5)
+            ortho_g = F.sub(ortho_g_1, ortho_g_9)
+            # ortho_scale = norm(float32(grad)) / (norm(ortho_g) + 1e-30)
+            ortho_scale_1 = F.float32(grad)
+            ortho_scale = F.norm(ortho_scale_1)
+            ortho_scale_2 = F.norm(ortho_g)
+            F.add_(ortho_scale_2, 1e-30)
+            F.div_(ortho_scale, ortho_scale_2)
+            # grad = cast(ortho_g * ortho_scale, grad)
+            grad_1 = F.mul(ortho_g, ortho_scale)
+            grad_2 = F.cast(grad_1, grad)
+            grad = grad_2
         # if use_atan2:
         if h["_c4"]:
             # denom = sqrt(exp_avg_sq)

@@ -21,31 +21,41 @@ def _asgd_prologue0(
     STEP_DT: tl.constexpr, DT_eta: tl.constexpr, DT_mu: tl.constexpr, DT_ax: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 7 the passes read to hv.
 
     Reads eta, mu; writes eta, mu.
     """
     COL_GIDX: tl.constexpr = 7
-    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 0
-    HV_NEG_ETA: tl.constexpr = 1
-    HV_K3__B1: tl.constexpr = 2
-    HV_C: tl.constexpr = 3
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 3
+    HV_NEG_ETA: tl.constexpr = 4
+    HV_K3__B4: tl.constexpr = 5
+    HV_C_1: tl.constexpr = 6
     HYP_ALPHA: tl.constexpr = 0
     HYP_LAMBD: tl.constexpr = 1
     HYP_LR: tl.constexpr = 2
+    HYP_MAXIMIZE: tl.constexpr = 3
     HYP_T0: tl.constexpr = 4
+    HYP_WEIGHT_DECAY: tl.constexpr = 5
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     eta = tl.load(hs_eta + gidx).to(tl.float64)
     mu = tl.load(hs_mu + gidx).to(tl.float64)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_lambd_times_eta = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LAMBD) * eta))
     neg_eta = (-eta)
-    # c = mu != 1
-    c = (mu != tl.full((), 1.0, tl.float64))
-    # _k3__b1 = mu
-    k3__b1 = mu
+    # c_1 = mu != 1
+    c_1 = (mu != tl.full((), 1.0, tl.float64))
+    # _k3__b4 = mu
+    k3__b4 = mu
     # eta = lr / (1 + lambd * lr * step) ** alpha
     eta_1 = ((tl.load(hyp + HYP_LR) / L.pow64((tl.full((), 1.0, tl.float64) + ((tl.load(hyp + HYP_LAMBD) * tl.load(hyp + HYP_LR)) * step)), tl.load(hyp + HYP_ALPHA)))).to(DT_eta).to(tl.float64)
     tl.store(hs_eta + gidx, eta_1.to(DT_eta))
@@ -53,10 +63,13 @@ def _asgd_prologue0(
     mu_1 = ((tl.full((), 1.0, tl.float64) / tl.maximum(tl.full((), 1.0, tl.float64), (step - tl.load(hyp + HYP_T0))))).to(DT_mu).to(tl.float64)
     tl.store(hs_mu + gidx, mu_1.to(DT_mu))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_LAMBD_TIMES_ETA, (one_minus_lambd_times_eta).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_ETA, (neg_eta).to(tl.float32))
-    tl.store(hv + t * NH + HV_K3__B1, (k3__b1).to(tl.float32))
-    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_K3__B4, (k3__b4).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
@@ -65,35 +78,49 @@ def _asgd_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_AX: tl.constexpr = 1
-    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 0
-    HV_NEG_ETA: tl.constexpr = 1
-    HV_K3__B1: tl.constexpr = 2
-    HV_C: tl.constexpr = 3
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    one_minus_lambd_times_eta = tl.load(hv + t * NH + HV_ONE_MINUS_LAMBD_TIMES_ETA)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ONE_MINUS_LAMBD_TIMES_ETA: tl.constexpr = 3
+    HV_NEG_ETA: tl.constexpr = 4
+    HV_K3__B4: tl.constexpr = 5
+    HV_C_1: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
+    one_minus_lambd_times_eta = tl.load(hv + t * NH + HV_ONE_MINUS_LAMBD_TIMES_ETA)
     neg_eta = tl.load(hv + t * NH + HV_NEG_ETA)
     p_ax = tl.load(tab + t * TBL_W + COL_AX).to(tl.pointer_type(DT_ax))
     if ALIGNED:
         p_ax = tl.multiple_of(p_ax, 16)
-    k3__b1 = tl.load(hv + t * NH + HV_K3__B1)
-    c = tl.load(hv + t * NH + HV_C)
-    # param = param * (1 - lambd * eta)
+    k3__b4 = tl.load(hv + t * NH + HV_K3__B4)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
+    # param = param * (1 - lambd * eta)
     param_1 = (param * one_minus_lambd_times_eta)
     # param = param - eta * grad
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    param_2 = (param_1 + neg_eta * grad)
-    # ax__b2 = ax + (param - ax) * _k3__b1
+    param_2 = (param_1 + neg_eta * grad_2)
+    # ax__b5 = ax + (param - ax) * _k3__b4
     ax = tl.load(p_ax + offs, mask=mask).to(tl.float32)
-    ax__b2 = (ax + ((param_2 - ax) * k3__b1))
-    # ax__b3 = copy(param)
-    # ax = where(mu != 1, ax__b2, ax__b3)
-    ax_1 = tl.where((c != 0), ax__b2, param_2)
+    ax__b5 = (ax + ((param_2 - ax) * k3__b4))
+    # ax__b6 = copy(param)
+    # ax = where(mu != 1, ax__b5, ax__b6)
+    ax_1 = tl.where((c_1 != 0), ax__b5, param_2)
     # store param, ax
     tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
     tl.store(p_ax + offs, L.to_storage(ax_1, DT_ax), mask=mask)
@@ -108,7 +135,7 @@ def _asgd_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads param, grad, ax; writes param, ax.
+    Reads grad, param, ax; writes param, ax.
     """
     COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
@@ -129,8 +156,7 @@ KERNELS = {
     "_asgd_flat0": _asgd_flat0,
 }
 
-PLAN = {'dynamic': ['_c2', '_k1', '_k2', '_k3', 'eta', 'mu'],
- 'group_conditions': ['_c0', '_c1'],
+PLAN = {'dynamic': ['_c0', '_c1', '_c2', '_k1', '_k2', '_k3', 'eta', 'mu'],
  'hyper_slots': [['alpha', None],
                  ['lambd', None],
                  ['lr', None],
@@ -138,20 +164,12 @@ PLAN = {'dynamic': ['_c2', '_k1', '_k2', '_k3', 'eta', 'mu'],
                  ['t0', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:ax',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k1', '_k2', '_k3__b1', '_c2'],
-                                              'launches': [('_asgd_prologue0', 'prologue'),
-                                                           ('_asgd_flat0', 'flat')],
-                                              'states': ['ax'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param', 'state:ax', 'numel', 'B', 'M', 'N', 'ndim', 'gidx'],
+                'creates': [],
+                'hv': ['_c0', '_k0__b2', '_c1', '_k1', '_k2', '_k3__b4', '_c2'],
+                'launches': [('_asgd_prologue0', 'prologue'), ('_asgd_flat0', 'flat')],
+                'states': ['ax'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -21,30 +21,43 @@ def _coupled_adam_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 9 the passes read to hv.
+    writes the 13 the passes read to hv.
     """
     COL_M: tl.constexpr = 6
     COL_GIDX: tl.constexpr = 9
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_BETA2: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_ROWS: tl.constexpr = 4
-    HV_AVG_SCALE: tl.constexpr = 5
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 6
-    HV_EPS: tl.constexpr = 7
-    HV_NEG_STEP_SIZE: tl.constexpr = 8
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_ROWS: tl.constexpr = 8
+    HV_AVG_SCALE: tl.constexpr = 9
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
+    HV_EPS: tl.constexpr = 11
+    HV_NEG_STEP_SIZE: tl.constexpr = 12
     HYP_AVG_SCALE: tl.constexpr = 1
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 5
     HYP_EPS: tl.constexpr = 6
     HYP_LR: tl.constexpr = 7
+    HYP_MAXIMIZE: tl.constexpr = 8
     HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    decoupled_weight_decay = tl.load(hyp + HYP_DECOUPLED_WEIGHT_DECAY)
+    # _k0__b2__b6 = 1 - lr * weight_decay
+    k0__b2__b6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k1__b4__b8 = weight_decay
+    k1__b4__b8 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
@@ -61,7 +74,11 @@ def _coupled_adam_prologue0(
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size = (-step_size)
     # the host values the passes read, rounded to float32
-    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2__B6, (k0__b2__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B4__B8, (k1__b4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY, (decoupled_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -83,7 +100,7 @@ def _coupled_adam_tiled0(
     """Tiled pass: one program per BM x BN tile of every matrix (per-row and per-column values, row and
     column reductions).
 
-    Reads param, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
+    Reads grad, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
     """
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
@@ -91,10 +108,14 @@ def _coupled_adam_tiled0(
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
     COL_WS_R0: tl.constexpr = 10
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_BETA2: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
@@ -109,32 +130,50 @@ def _coupled_adam_tiled0(
     cols2 = cols[None, :]
     offs = b * M * N + rows2 * N + cols2
     mask = (rows2 < M) & (cols2 < N)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    # param = param * (1 - lr * weight_decay)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3__b7 = param * _k0__b2__b6
     param = tl.load(p_param + offs, mask=mask, other=0.0).to(tl.float32)
-    param_1 = (param * one_minus_lr_times_weight_decay)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_1 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_1, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_2 = tl.where((c != 0), grad__b11, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask, other=0.0).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_2 * grad_2)
     # _r0 = colsum(exp_avg_sq)
     r0_part = L.masked(exp_avg_sq_1, mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0) + b * N + cols, tl.sum(r0_part, axis=0), mask=cols < N)
@@ -162,10 +201,10 @@ def _coupled_adam_vec0(
     COL_N: tl.constexpr = 7
     COL_WS_R0: tl.constexpr = 10
     COL_WS_DENOM: tl.constexpr = 11
-    HV_ROWS: tl.constexpr = 4
-    HV_AVG_SCALE: tl.constexpr = 5
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 6
-    HV_EPS: tl.constexpr = 7
+    HV_ROWS: tl.constexpr = 8
+    HV_AVG_SCALE: tl.constexpr = 9
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 10
+    HV_EPS: tl.constexpr = 11
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -201,7 +240,7 @@ def _coupled_adam_tiled1(
     COL_M: tl.constexpr = 6
     COL_N: tl.constexpr = 7
     COL_WS_DENOM: tl.constexpr = 11
-    HV_NEG_STEP_SIZE: tl.constexpr = 8
+    HV_NEG_STEP_SIZE: tl.constexpr = 12
     pid = tl.program_id(0)
     t = tl.load(chunks + 4 * pid)
     b = tl.load(chunks + 4 * pid + 1)
@@ -242,28 +281,41 @@ def _coupled_adam_prologue1(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_max_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 8 the passes read to hv.
+    writes the 12 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_BETA2: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    HV_AVG_SCALE: tl.constexpr = 4
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 5
-    HV_EPS: tl.constexpr = 6
-    HV_NEG_STEP_SIZE: tl.constexpr = 7
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_AVG_SCALE: tl.constexpr = 8
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
+    HV_NEG_STEP_SIZE: tl.constexpr = 11
     HYP_AVG_SCALE: tl.constexpr = 1
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 5
     HYP_EPS: tl.constexpr = 6
     HYP_LR: tl.constexpr = 7
+    HYP_MAXIMIZE: tl.constexpr = 8
     HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
-    one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    decoupled_weight_decay = tl.load(hyp + HYP_DECOUPLED_WEIGHT_DECAY)
+    # _k0__b2__b6 = 1 - lr * weight_decay
+    k0__b2__b6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k1__b4__b8 = weight_decay
+    k1__b4__b8 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
@@ -279,7 +331,11 @@ def _coupled_adam_prologue1(
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size = (-step_size)
     # the host values the passes read, rounded to float32
-    tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2__B6, (k0__b2__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B4__B8, (k1__b4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY, (decoupled_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -297,36 +353,58 @@ def _coupled_adam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
     COL_WS_R0: tl.constexpr = 10
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 0
-    HV_ONE_MINUS_BETA1: tl.constexpr = 1
-    HV_BETA2: tl.constexpr = 2
-    HV_ONE_MINUS_BETA2: tl.constexpr = 3
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    one_minus_lr_times_weight_decay = tl.load(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY)
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
-    # param = param * (1 - lr * weight_decay)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3__b7 = param * _k0__b2__b6
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param * one_minus_lr_times_weight_decay)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_1 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_1, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_2 = tl.where((c != 0), grad__b11, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_2 * grad_2)
     # _r0 = sum(exp_avg_sq)
     r0_part = L.masked(exp_avg_sq_1, mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.sum(r0_part, axis=0))
@@ -345,7 +423,7 @@ def _coupled_adam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads param, exp_avg, grad, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
+    Reads grad, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq; accumulates _r0.
     """
     COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
@@ -380,9 +458,9 @@ def _coupled_adam_vec1(
     COL_N: tl.constexpr = 7
     COL_WS_R0: tl.constexpr = 10
     COL_WS_DENOM: tl.constexpr = 11
-    HV_AVG_SCALE: tl.constexpr = 4
-    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 5
-    HV_EPS: tl.constexpr = 6
+    HV_AVG_SCALE: tl.constexpr = 8
+    HV_BIAS_CORRECTION2_SQRT: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -404,7 +482,7 @@ def _coupled_adam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.conste
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_WS_DENOM: tl.constexpr = 11
-    HV_NEG_STEP_SIZE: tl.constexpr = 7
+    HV_NEG_STEP_SIZE: tl.constexpr = 11
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -458,8 +536,15 @@ KERNELS = {
     "_coupled_adam_flat1": _coupled_adam_flat1,
 }
 
-PLAN = {'dynamic': ['_k12', 'bias_correction1', 'bias_correction2', 'bias_correction2_sqrt', 'step_size'],
- 'group_conditions': ['_c0', '_c1', '_c2', '_c3', '_c4'],
+PLAN = {'dynamic': ['_c0',
+             '_c1',
+             '_c2',
+             '_k12',
+             'bias_correction1',
+             'bias_correction2',
+             'bias_correction2_sqrt',
+             'step_size'],
+ 'group_conditions': ['_c3', '_c4'],
  'hyper_slots': [['amsgrad', None],
                  ['avg_scale', None],
                  ['betas', 0],
@@ -471,81 +556,73 @@ PLAN = {'dynamic': ['_k12', 'bias_correction1', 'bias_correction2', 'bias_correc
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', True), ('_c2', True), ('_c3', False), ('_c4', True), ('_c5', False)): {'columns': ['param',
-                                                                                                                       'state:exp_avg',
-                                                                                                                       'state:exp_avg_sq',
-                                                                                                                       'state:max_exp_avg_sq',
-                                                                                                                       'numel',
-                                                                                                                       'B',
-                                                                                                                       'M',
-                                                                                                                       'N',
-                                                                                                                       'ndim',
-                                                                                                                       'gidx',
-                                                                                                                       'ws:_r0',
-                                                                                                                       'ws:denom'],
-                                                                                                           'creates': [],
-                                                                                                           'hv': ['_k0',
-                                                                                                                  '_k2',
-                                                                                                                  '_k3',
-                                                                                                                  '_k4',
-                                                                                                                  '_k9',
-                                                                                                                  'bias_correction2_sqrt',
-                                                                                                                  '_k10',
-                                                                                                                  '_k12'],
-                                                                                                           'launches': [('_coupled_adam_prologue1',
-                                                                                                                         'prologue'),
-                                                                                                                        ('_coupled_adam_flat0',
-                                                                                                                         'flat'),
-                                                                                                                        ('_coupled_adam_vec1',
-                                                                                                                         'vec'),
-                                                                                                                        ('_coupled_adam_flat1',
-                                                                                                                         'flat')],
-                                                                                                           'states': ['exp_avg',
-                                                                                                                      'exp_avg_sq'],
-                                                                                                           'temps': [('_r0',
-                                                                                                                      'tensor',
-                                                                                                                      True),
-                                                                                                                     ('denom',
-                                                                                                                      'tensor',
-                                                                                                                      False)]},
-           (('_c0', False), ('_c1', True), ('_c2', True), ('_c3', False), ('_c4', True), ('_c5', True)): {'columns': ['param',
-                                                                                                                      'state:exp_avg',
-                                                                                                                      'state:exp_avg_sq',
-                                                                                                                      'state:max_exp_avg_sq',
-                                                                                                                      'numel',
-                                                                                                                      'B',
-                                                                                                                      'M',
-                                                                                                                      'N',
-                                                                                                                      'ndim',
-                                                                                                                      'gidx',
-                                                                                                                      'ws:_r0',
-                                                                                                                      'ws:denom'],
-                                                                                                          'creates': [],
-                                                                                                          'hv': ['_k0',
-                                                                                                                 '_k2',
-                                                                                                                 '_k3',
-                                                                                                                 '_k4',
-                                                                                                                 '_k6',
-                                                                                                                 '_k7',
-                                                                                                                 'bias_correction2_sqrt',
-                                                                                                                 '_k8',
-                                                                                                                 '_k12'],
-                                                                                                          'launches': [('_coupled_adam_prologue0',
-                                                                                                                        'prologue'),
-                                                                                                                       ('_coupled_adam_tiled0',
-                                                                                                                        'tiled'),
-                                                                                                                       ('_coupled_adam_vec0',
-                                                                                                                        'vec'),
-                                                                                                                       ('_coupled_adam_tiled1',
-                                                                                                                        'tiled')],
-                                                                                                          'states': ['exp_avg',
-                                                                                                                     'exp_avg_sq'],
-                                                                                                          'temps': [('_r0',
-                                                                                                                     'col',
-                                                                                                                     True),
-                                                                                                                    ('denom',
-                                                                                                                     'col',
-                                                                                                                     False)]}},
+ 'paths': {(('_c3', False), ('_c4', True), ('_c5', False)): {'columns': ['param',
+                                                                         'state:exp_avg',
+                                                                         'state:exp_avg_sq',
+                                                                         'state:max_exp_avg_sq',
+                                                                         'numel',
+                                                                         'B',
+                                                                         'M',
+                                                                         'N',
+                                                                         'ndim',
+                                                                         'gidx',
+                                                                         'ws:_r0',
+                                                                         'ws:denom'],
+                                                             'creates': [],
+                                                             'hv': ['_c0',
+                                                                    '_k0__b2__b6',
+                                                                    '_k1__b4__b8',
+                                                                    '_c2',
+                                                                    '_c1',
+                                                                    '_k2',
+                                                                    '_k3',
+                                                                    '_k4',
+                                                                    '_k9',
+                                                                    'bias_correction2_sqrt',
+                                                                    '_k10',
+                                                                    '_k12'],
+                                                             'launches': [('_coupled_adam_prologue1',
+                                                                           'prologue'),
+                                                                          ('_coupled_adam_flat0', 'flat'),
+                                                                          ('_coupled_adam_vec1', 'vec'),
+                                                                          ('_coupled_adam_flat1', 'flat')],
+                                                             'states': ['exp_avg', 'exp_avg_sq'],
+                                                             'temps': [('_r0', 'tensor', True),
+                                                                       ('denom', 'tensor', False)]},
+           (('_c3', False), ('_c4', True), ('_c5', True)): {'columns': ['param',
+                                                                        'state:exp_avg',
+                                                                        'state:exp_avg_sq',
+                                                                        'state:max_exp_avg_sq',
+                                                                        'numel',
+                                                                        'B',
+                                                                        'M',
+                                                                        'N',
+                                                                        'ndim',
+                                                                        'gidx',
+                                                                        'ws:_r0',
+                                                                        'ws:denom'],
+                                                            'creates': [],
+                                                            'hv': ['_c0',
+                                                                   '_k0__b2__b6',
+                                                                   '_k1__b4__b8',
+                                                                   '_c2',
+                                                                   '_c1',
+                                                                   '_k2',
+                                                                   '_k3',
+                                                                   '_k4',
+                                                                   '_k6',
+                                                                   '_k7',
+                                                                   'bias_correction2_sqrt',
+                                                                   '_k8',
+                                                                   '_k12'],
+                                                            'launches': [('_coupled_adam_prologue0',
+                                                                          'prologue'),
+                                                                         ('_coupled_adam_tiled0', 'tiled'),
+                                                                         ('_coupled_adam_vec0', 'vec'),
+                                                                         ('_coupled_adam_tiled1', 'tiled')],
+                                                            'states': ['exp_avg', 'exp_avg_sq'],
+                                                            'temps': [('_r0', 'col', True),
+                                                                      ('denom', 'col', False)]}},
  'static_hypers': ['coupled']}
 
 #: Why this spec has no triton kernels (None: it has them).

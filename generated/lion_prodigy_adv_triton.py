@@ -21,7 +21,7 @@ def _lion_prodigy_adv_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 12 the passes read to hv.
+    writes the 16 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 7
     COL_GIDX: tl.constexpr = 12
@@ -36,17 +36,26 @@ def _lion_prodigy_adv_prologue0(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K49__B1__B5: tl.constexpr = 11
+    HV_K50__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -61,6 +70,10 @@ def _lion_prodigy_adv_prologue0(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k49__b1__b5 = -(weight_decay * dlr)
+    k49__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k50__b3__b7 = -(weight_decay * dlr)
+    k50__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
@@ -74,6 +87,10 @@ def _lion_prodigy_adv_prologue0(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K49__B1__B5, (k49__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K50__B3__B7, (k50__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -155,7 +172,11 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 7
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K49__B1__B5: tl.constexpr = 11
+    HV_K50__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -184,6 +205,10 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k49__b1__b5 = tl.load(hv + t * NH + HV_K49__B1__B5)
+    k50__b3__b7 = tl.load(hv + t * NH + HV_K50__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -212,10 +237,19 @@ def _lion_prodigy_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k49__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k49__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k50__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k50__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_3))
+    param_fp32_1 = (param_fp32 + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
@@ -296,7 +330,7 @@ def _lion_prodigy_adv_prologue1(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 11 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 7
     COL_GIDX: tl.constexpr = 12
@@ -311,16 +345,25 @@ def _lion_prodigy_adv_prologue1(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_K52__B1__B5: tl.constexpr = 11
+    HV_K53__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -335,6 +378,10 @@ def _lion_prodigy_adv_prologue1(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k52__b1__b5 = -(weight_decay * dlr)
+    k52__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k53__b3__b7 = -(weight_decay * dlr)
+    k53__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
@@ -347,6 +394,10 @@ def _lion_prodigy_adv_prologue1(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K52__B1__B5, (k52__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K53__B3__B7, (k53__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -370,6 +421,10 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 7
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_K52__B1__B5: tl.constexpr = 11
+    HV_K53__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -398,6 +453,10 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k52__b1__b5 = tl.load(hv + t * NH + HV_K52__B1__B5)
+    k53__b3__b7 = tl.load(hv + t * NH + HV_K53__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r0 = tl.load(p_r0 + 0).to(tl.float32)
@@ -423,12 +482,21 @@ def _lion_prodigy_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
+    # param__b2__b6 = param + _k52__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
+    param__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k52__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k53__b3__b7 * param
+    param__b4__b8 = (param + k53__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
     # param = param + -update
-    param_1 = (param + (-update_3))
+    param_2 = (param_1 + (-update_3))
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -465,7 +533,7 @@ def _lion_prodigy_adv_prologue2(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 12 the passes read to hv.
+    writes the 16 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 7
     COL_GIDX: tl.constexpr = 12
@@ -480,17 +548,26 @@ def _lion_prodigy_adv_prologue2(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K49__B1__B5: tl.constexpr = 11
+    HV_K50__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -505,6 +582,10 @@ def _lion_prodigy_adv_prologue2(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k49__b1__b5 = -(weight_decay * dlr)
+    k49__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k50__b3__b7 = -(weight_decay * dlr)
+    k50__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
@@ -518,6 +599,10 @@ def _lion_prodigy_adv_prologue2(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K49__B1__B5, (k49__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K50__B3__B7, (k50__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -530,7 +615,7 @@ def _lion_prodigy_adv_prologue3(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 11 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_NUMEL: tl.constexpr = 7
     COL_GIDX: tl.constexpr = 12
@@ -545,16 +630,25 @@ def _lion_prodigy_adv_prologue3(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 8
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 10
+    HV_K52__B1__B5: tl.constexpr = 11
+    HV_K53__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -569,6 +663,10 @@ def _lion_prodigy_adv_prologue3(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k52__b1__b5 = -(weight_decay * dlr)
+    k52__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k53__b3__b7 = -(weight_decay * dlr)
+    k53__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
@@ -581,6 +679,10 @@ def _lion_prodigy_adv_prologue3(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K52__B1__B5, (k52__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K53__B3__B7, (k53__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # prologue
@@ -592,7 +694,7 @@ def _lion_prodigy_adv_prologue4(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 11 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 12
     HV_BETA1: tl.constexpr = 0
@@ -605,17 +707,26 @@ def _lion_prodigy_adv_prologue4(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
-    HV_STEP: tl.constexpr = 10
+    HV_K49__B1__B5: tl.constexpr = 10
+    HV_K50__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
+    HV_STEP: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -629,6 +740,10 @@ def _lion_prodigy_adv_prologue4(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k49__b1__b5 = -(weight_decay * dlr)
+    k49__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k50__b3__b7 = -(weight_decay * dlr)
+    k50__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
@@ -641,6 +756,10 @@ def _lion_prodigy_adv_prologue4(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K49__B1__B5, (k49__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K50__B3__B7, (k50__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -665,7 +784,11 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 6
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
-    HV_STEP: tl.constexpr = 10
+    HV_K49__B1__B5: tl.constexpr = 10
+    HV_K50__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
+    HV_STEP: tl.constexpr = 14
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -693,6 +816,10 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k49__b1__b5 = tl.load(hv + t * NH + HV_K49__B1__B5)
+    k50__b3__b7 = tl.load(hv + t * NH + HV_K50__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -720,10 +847,19 @@ def _lion_prodigy_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k49__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k49__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k50__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k50__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
@@ -804,7 +940,7 @@ def _lion_prodigy_adv_prologue5(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 10 the passes read to hv.
+    writes the 14 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 12
     HV_BETA1: tl.constexpr = 0
@@ -817,16 +953,25 @@ def _lion_prodigy_adv_prologue5(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HV_K52__B1__B5: tl.constexpr = 10
+    HV_K53__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -840,6 +985,10 @@ def _lion_prodigy_adv_prologue5(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k52__b1__b5 = -(weight_decay * dlr)
+    k52__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k53__b3__b7 = -(weight_decay * dlr)
+    k53__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
@@ -851,6 +1000,10 @@ def _lion_prodigy_adv_prologue5(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K52__B1__B5, (k52__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K53__B3__B7, (k53__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -873,6 +1026,10 @@ def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 6
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
+    HV_K52__B1__B5: tl.constexpr = 10
+    HV_K53__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -900,6 +1057,10 @@ def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k52__b1__b5 = tl.load(hv + t * NH + HV_K52__B1__B5)
+    k53__b3__b7 = tl.load(hv + t * NH + HV_K53__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # grad = float32(grad)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     # update = exp_avg * beta1 + d * (1 - beta1) * grad
@@ -924,12 +1085,21 @@ def _lion_prodigy_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
+    # param__b2__b6 = param + _k52__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k52__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k53__b3__b7 * param
+    param__b4__b8 = (param + k53__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
     # param = param + -update
-    param_1 = (param + (-update_2))
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -966,7 +1136,7 @@ def _lion_prodigy_adv_prologue6(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 11 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 12
     HV_BETA1: tl.constexpr = 0
@@ -979,17 +1149,26 @@ def _lion_prodigy_adv_prologue6(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
-    HV_STEP: tl.constexpr = 10
+    HV_K49__B1__B5: tl.constexpr = 10
+    HV_K50__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
+    HV_STEP: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -1003,6 +1182,10 @@ def _lion_prodigy_adv_prologue6(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k49__b1__b5 = -(weight_decay * dlr)
+    k49__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k50__b3__b7 = -(weight_decay * dlr)
+    k50__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
@@ -1015,6 +1198,10 @@ def _lion_prodigy_adv_prologue6(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K49__B1__B5, (k49__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K50__B3__B7, (k50__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -1027,7 +1214,7 @@ def _lion_prodigy_adv_prologue7(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_s: tl.constexpr, DT_p0: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 10 the passes read to hv.
+    writes the 14 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 12
     HV_BETA1: tl.constexpr = 0
@@ -1040,16 +1227,25 @@ def _lion_prodigy_adv_prologue7(
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 7
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR_1: tl.constexpr = 9
+    HV_K52__B1__B5: tl.constexpr = 10
+    HV_K53__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
     HYP_BETA1: tl.constexpr = 2
     HYP_BETA2: tl.constexpr = 3
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_D: tl.constexpr = 8
     HYP_D0: tl.constexpr = 9
     HYP_LR: tl.constexpr = 12
     HYP_SLICE_P: tl.constexpr = 17
+    HYP_WEIGHT_DECAY: tl.constexpr = 20
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # dlr = d * lr
     dlr = (tl.load(hyp + HYP_D) * tl.load(hyp + HYP_LR))
     # b3 = sqrt(beta2)
@@ -1063,6 +1259,10 @@ def _lion_prodigy_adv_prologue7(
     slice_p_1 = tl.load(hyp + HYP_SLICE_P)
     d_over_d0_times_dlr = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
     d_over_d0_times_dlr_1 = ((tl.load(hyp + HYP_D) / tl.load(hyp + HYP_D0)) * dlr)
+    # _k52__b1__b5 = -(weight_decay * dlr)
+    k52__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
+    # _k53__b3__b7 = -(weight_decay * dlr)
+    k53__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * dlr))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_D_TIMES_ONE_MINUS_BETA1, (d_times_one_minus_beta1).to(tl.float32))
@@ -1074,6 +1274,10 @@ def _lion_prodigy_adv_prologue7(
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR, (d_over_d0_times_dlr).to(tl.float32))
     tl.store(hv + t * NH + HV_B3, (b3).to(tl.float32))
     tl.store(hv + t * NH + HV_D_OVER_D0_TIMES_DLR_1, (d_over_d0_times_dlr_1).to(tl.float32))
+    tl.store(hv + t * NH + HV_K52__B1__B5, (k52__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K53__B3__B7, (k53__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -1152,7 +1356,11 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 7
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
-    HV_STEP: tl.constexpr = 11
+    HV_K49__B1__B5: tl.constexpr = 11
+    HV_K50__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
+    HV_STEP: tl.constexpr = 15
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -1181,6 +1389,10 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k49__b1__b5 = tl.load(hv + t * NH + HV_K49__B1__B5)
+    k50__b3__b7 = tl.load(hv + t * NH + HV_K50__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
@@ -1209,10 +1421,19 @@ def _lion_prodigy_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k49__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k49__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k50__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k50__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_3))
+    param_fp32_1 = (param_fp32 + (-update_3))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
@@ -1265,6 +1486,10 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 7
     HV_B3: tl.constexpr = 9
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 10
+    HV_K52__B1__B5: tl.constexpr = 11
+    HV_K53__B3__B7: tl.constexpr = 12
+    HV_CAUTIOUS_WD: tl.constexpr = 13
+    HV_C: tl.constexpr = 14
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_r0 = ws + tl.load(tab + t * TBL_W + COL_WS_R0)
     numel_pow_half = tl.load(hv + t * NH + HV_NUMEL_POW_HALF)
@@ -1293,6 +1518,10 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k52__b1__b5 = tl.load(hv + t * NH + HV_K52__B1__B5)
+    k53__b3__b7 = tl.load(hv + t * NH + HV_K53__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = update / maximum(sqrt(_r0), 1e-12)
     update = tl.load(p_update + offs, mask=mask).to(tl.float32)
     r0 = tl.load(p_r0 + 0).to(tl.float32)
@@ -1318,12 +1547,21 @@ def _lion_prodigy_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r2 = sum(abs(s))
     r2_part = L.masked(tl.abs(s_1), sl_mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R2), tl.sum(r2_part, axis=0))
+    # param__b2__b6 = param + _k52__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
+    param__b2__b6_where = tl.where(((update_3 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k52__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k53__b3__b7 * param
+    param__b4__b8 = (param + k53__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
     # param = param + -update
-    param_1 = (param + (-update_3))
+    param_2 = (param_1 + (-update_3))
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1372,7 +1610,11 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 6
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
-    HV_STEP: tl.constexpr = 10
+    HV_K49__B1__B5: tl.constexpr = 10
+    HV_K50__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
+    HV_STEP: tl.constexpr = 14
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -1400,6 +1642,10 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k49__b1__b5 = tl.load(hv + t * NH + HV_K49__B1__B5)
+    k50__b3__b7 = tl.load(hv + t * NH + HV_K50__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # update = exp_avg * beta1 + d * (1 - beta1) * grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -1426,10 +1672,19 @@ def _lion_prodigy_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
     # param_fp32 = float32(param)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k49__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k49__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k50__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k50__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
@@ -1481,6 +1736,10 @@ def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     HV_SLICE_P_1: tl.constexpr = 6
     HV_B3: tl.constexpr = 8
     HV_D_OVER_D0_TIMES_DLR: tl.constexpr = 9
+    HV_K52__B1__B5: tl.constexpr = 10
+    HV_K53__B3__B7: tl.constexpr = 11
+    HV_CAUTIOUS_WD: tl.constexpr = 12
+    HV_C: tl.constexpr = 13
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -1508,6 +1767,10 @@ def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
         p_s = tl.multiple_of(p_s, 16)
     b3 = tl.load(hv + t * NH + HV_B3)
     d_over_d0_times_dlr = tl.load(hv + t * NH + HV_D_OVER_D0_TIMES_DLR)
+    k52__b1__b5 = tl.load(hv + t * NH + HV_K52__B1__B5)
+    k53__b3__b7 = tl.load(hv + t * NH + HV_K53__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # update = exp_avg * beta1 + d * (1 - beta1) * grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -1531,12 +1794,21 @@ def _lion_prodigy_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.co
     # _r1 = sum(abs(s))
     r1_part = L.masked(tl.abs(s_1), sl_mask)
     tl.atomic_add(ws + tl.load(tab + t * TBL_W + COL_WS_R1), tl.sum(r1_part, axis=0))
+    # param__b2__b6 = param + _k52__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k52__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k53__b3__b7 * param
+    param__b4__b8 = (param + k53__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
     # param = param + -update
-    param_1 = (param + (-update_2))
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, s, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_s + sl_offs, L.to_storage(s_1, DT_s), mask=sl_mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -1587,7 +1859,9 @@ KERNELS = {
     "_lion_prodigy_adv_flat9": _lion_prodigy_adv_flat9,
 }
 
-PLAN = {'dynamic': ['_k10',
+PLAN = {'dynamic': ['_c13',
+             '_c14',
+             '_k10',
              '_k11',
              '_k12',
              '_k13',
@@ -1619,7 +1893,7 @@ PLAN = {'dynamic': ['_k10',
              '_k7',
              'dlr'],
  'global_conditions': ['_c10'],
- 'group_conditions': ['_c0', '_c11', '_c13', '_c14', '_c2', '_c4', '_c5', '_c7', '_c8'],
+ 'group_conditions': ['_c0', '_c11', '_c2', '_c4', '_c5', '_c7', '_c8'],
  'hyper_slots': [['auto_kappa_p', None],
                  ['beta3', None],
                  ['betas', 0],
@@ -1642,290 +1916,7 @@ PLAN = {'dynamic': ['_k10',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                                '_acc0_num'),
-                                                                                                                                                                                                                                               ('den',
-                                                                                                                                                                                                                                                '_acc1_den')],
-                                                                                                                                                                                                                               'columns': ['param',
-                                                                                                                                                                                                                                           'state:exp_avg',
-                                                                                                                                                                                                                                           'state:mu_m_nmf',
-                                                                                                                                                                                                                                           'state:mv_m_nmf',
-                                                                                                                                                                                                                                           'state:sign',
-                                                                                                                                                                                                                                           'state:s',
-                                                                                                                                                                                                                                           'state:p0',
-                                                                                                                                                                                                                                           'numel',
-                                                                                                                                                                                                                                           'B',
-                                                                                                                                                                                                                                           'M',
-                                                                                                                                                                                                                                           'N',
-                                                                                                                                                                                                                                           'ndim',
-                                                                                                                                                                                                                                           'gidx',
-                                                                                                                                                                                                                                           'stride',
-                                                                                                                                                                                                                                           'ws:_r0',
-                                                                                                                                                                                                                                           'ws:_r1',
-                                                                                                                                                                                                                                           'ws:_acc0_num',
-                                                                                                                                                                                                                                           'ws:_acc1_den'],
-                                                                                                                                                                                                                               'creates': [],
-                                                                                                                                                                                                                               'hv': ['_k38',
-                                                                                                                                                                                                                                      '_k39',
-                                                                                                                                                                                                                                      'dlr',
-                                                                                                                                                                                                                                      'b_m',
-                                                                                                                                                                                                                                      '_k43',
-                                                                                                                                                                                                                                      '_k44',
-                                                                                                                                                                                                                                      '_k45',
-                                                                                                                                                                                                                                      '_k46',
-                                                                                                                                                                                                                                      'b3',
-                                                                                                                                                                                                                                      '_k48'],
-                                                                                                                                                                                                                               'launches': [('_lion_prodigy_adv_prologue7',
-                                                                                                                                                                                                                                             'prologue'),
-                                                                                                                                                                                                                                            ('_lion_prodigy_adv_flat9',
-                                                                                                                                                                                                                                             'flat'),
-                                                                                                                                                                                                                                            ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                             'vec')],
-                                                                                                                                                                                                                               'states': ['exp_avg',
-                                                                                                                                                                                                                                          'p0',
-                                                                                                                                                                                                                                          's'],
-                                                                                                                                                                                                                               'temps': [('_r0',
-                                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                                         ('_r1',
-                                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                                         ('_acc0_num',
-                                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                                          False),
-                                                                                                                                                                                                                                         ('_acc1_den',
-                                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                                          False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                               '_acc0_num'),
-                                                                                                                                                                                                                                              ('den',
-                                                                                                                                                                                                                                               '_acc1_den')],
-                                                                                                                                                                                                                              'columns': ['param',
-                                                                                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                                                                                          'state:sign',
-                                                                                                                                                                                                                                          'state:s',
-                                                                                                                                                                                                                                          'state:p0',
-                                                                                                                                                                                                                                          'numel',
-                                                                                                                                                                                                                                          'B',
-                                                                                                                                                                                                                                          'M',
-                                                                                                                                                                                                                                          'N',
-                                                                                                                                                                                                                                          'ndim',
-                                                                                                                                                                                                                                          'gidx',
-                                                                                                                                                                                                                                          'stride',
-                                                                                                                                                                                                                                          'ws:_r0',
-                                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                                          'ws:_acc1_den'],
-                                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                                              'hv': ['_k38',
-                                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                                     'dlr',
-                                                                                                                                                                                                                                     'b_m',
-                                                                                                                                                                                                                                     '_k43',
-                                                                                                                                                                                                                                     '_k44',
-                                                                                                                                                                                                                                     '_k45',
-                                                                                                                                                                                                                                     '_k46',
-                                                                                                                                                                                                                                     'b3',
-                                                                                                                                                                                                                                     '_k48',
-                                                                                                                                                                                                                                     '_k51'],
-                                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue6',
-                                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat8',
-                                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                            'vec')],
-                                                                                                                                                                                                                              'states': ['exp_avg',
-                                                                                                                                                                                                                                         'p0',
-                                                                                                                                                                                                                                         's'],
-                                                                                                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_r1',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_acc0_num',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                                        ('_acc1_den',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                               '_acc0_num'),
-                                                                                                                                                                                                                                              ('den',
-                                                                                                                                                                                                                                               '_acc1_den')],
-                                                                                                                                                                                                                              'columns': ['param',
-                                                                                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                                                                                          'state:sign',
-                                                                                                                                                                                                                                          'state:s',
-                                                                                                                                                                                                                                          'state:p0',
-                                                                                                                                                                                                                                          'numel',
-                                                                                                                                                                                                                                          'B',
-                                                                                                                                                                                                                                          'M',
-                                                                                                                                                                                                                                          'N',
-                                                                                                                                                                                                                                          'ndim',
-                                                                                                                                                                                                                                          'gidx',
-                                                                                                                                                                                                                                          'stride',
-                                                                                                                                                                                                                                          'ws:_r0',
-                                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                                          'ws:_acc1_den'],
-                                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                                              'hv': ['_k38',
-                                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                                     'dlr',
-                                                                                                                                                                                                                                     'b_m',
-                                                                                                                                                                                                                                     '_k43',
-                                                                                                                                                                                                                                     '_k44',
-                                                                                                                                                                                                                                     '_k45',
-                                                                                                                                                                                                                                     '_k46',
-                                                                                                                                                                                                                                     'b3',
-                                                                                                                                                                                                                                     '_k48'],
-                                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue5',
-                                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat9',
-                                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                            'vec')],
-                                                                                                                                                                                                                              'states': ['exp_avg',
-                                                                                                                                                                                                                                         'p0',
-                                                                                                                                                                                                                                         's'],
-                                                                                                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_r1',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_acc0_num',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                                        ('_acc1_den',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                              '_acc0_num'),
-                                                                                                                                                                                                                                             ('den',
-                                                                                                                                                                                                                                              '_acc1_den')],
-                                                                                                                                                                                                                             'columns': ['param',
-                                                                                                                                                                                                                                         'state:exp_avg',
-                                                                                                                                                                                                                                         'state:mu_m_nmf',
-                                                                                                                                                                                                                                         'state:mv_m_nmf',
-                                                                                                                                                                                                                                         'state:sign',
-                                                                                                                                                                                                                                         'state:s',
-                                                                                                                                                                                                                                         'state:p0',
-                                                                                                                                                                                                                                         'numel',
-                                                                                                                                                                                                                                         'B',
-                                                                                                                                                                                                                                         'M',
-                                                                                                                                                                                                                                         'N',
-                                                                                                                                                                                                                                         'ndim',
-                                                                                                                                                                                                                                         'gidx',
-                                                                                                                                                                                                                                         'stride',
-                                                                                                                                                                                                                                         'ws:_r0',
-                                                                                                                                                                                                                                         'ws:_r1',
-                                                                                                                                                                                                                                         'ws:_acc0_num',
-                                                                                                                                                                                                                                         'ws:_acc1_den'],
-                                                                                                                                                                                                                             'creates': [],
-                                                                                                                                                                                                                             'hv': ['_k38',
-                                                                                                                                                                                                                                    '_k39',
-                                                                                                                                                                                                                                    'dlr',
-                                                                                                                                                                                                                                    'b_m',
-                                                                                                                                                                                                                                    '_k43',
-                                                                                                                                                                                                                                    '_k44',
-                                                                                                                                                                                                                                    '_k45',
-                                                                                                                                                                                                                                    '_k46',
-                                                                                                                                                                                                                                    'b3',
-                                                                                                                                                                                                                                    '_k48',
-                                                                                                                                                                                                                                    '_k51'],
-                                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue4',
-                                                                                                                                                                                                                                           'prologue'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat8',
-                                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                           'vec')],
-                                                                                                                                                                                                                             'states': ['exp_avg',
-                                                                                                                                                                                                                                        'p0',
-                                                                                                                                                                                                                                        's'],
-                                                                                                                                                                                                                             'temps': [('_r0',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_r1',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_acc0_num',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                                       ('_acc1_den',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                '_acc0_num'),
-                                                                                                                                                                                                                               ('den',
-                                                                                                                                                                                                                                '_acc1_den')],
-                                                                                                                                                                                                               'columns': ['param',
-                                                                                                                                                                                                                           'state:exp_avg',
-                                                                                                                                                                                                                           'state:mu_m_nmf',
-                                                                                                                                                                                                                           'state:mv_m_nmf',
-                                                                                                                                                                                                                           'state:sign',
-                                                                                                                                                                                                                           'state:s',
-                                                                                                                                                                                                                           'state:p0',
-                                                                                                                                                                                                                           'numel',
-                                                                                                                                                                                                                           'B',
-                                                                                                                                                                                                                           'M',
-                                                                                                                                                                                                                           'N',
-                                                                                                                                                                                                                           'ndim',
-                                                                                                                                                                                                                           'gidx',
-                                                                                                                                                                                                                           'stride',
-                                                                                                                                                                                                                           'ws:_r0',
-                                                                                                                                                                                                                           'ws:_r1',
-                                                                                                                                                                                                                           'ws:_r2',
-                                                                                                                                                                                                                           'ws:_acc0_num',
-                                                                                                                                                                                                                           'ws:_acc1_den',
-                                                                                                                                                                                                                           'ws:update'],
-                                                                                                                                                                                                               'creates': [],
-                                                                                                                                                                                                               'hv': ['_k38',
-                                                                                                                                                                                                                      '_k39',
-                                                                                                                                                                                                                      '_k40',
-                                                                                                                                                                                                                      'dlr',
-                                                                                                                                                                                                                      'b_m',
-                                                                                                                                                                                                                      '_k43',
-                                                                                                                                                                                                                      '_k44',
-                                                                                                                                                                                                                      '_k45',
-                                                                                                                                                                                                                      '_k46',
-                                                                                                                                                                                                                      'b3',
-                                                                                                                                                                                                                      '_k48'],
-                                                                                                                                                                                                               'launches': [('_lion_prodigy_adv_prologue3',
-                                                                                                                                                                                                                             'prologue'),
-                                                                                                                                                                                                                            ('_lion_prodigy_adv_flat5',
-                                                                                                                                                                                                                             'flat'),
-                                                                                                                                                                                                                            ('_lion_prodigy_adv_flat7',
-                                                                                                                                                                                                                             'flat'),
-                                                                                                                                                                                                                            ('_lion_prodigy_adv_vec0',
-                                                                                                                                                                                                                             'vec')],
-                                                                                                                                                                                                               'states': ['exp_avg',
-                                                                                                                                                                                                                          'p0',
-                                                                                                                                                                                                                          's'],
-                                                                                                                                                                                                               'temps': [('_r0',
-                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                         ('_r1',
-                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                         ('_r2',
-                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                         ('_acc0_num',
-                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                          False),
-                                                                                                                                                                                                                         ('_acc1_den',
-                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                          False),
-                                                                                                                                                                                                                         ('update',
-                                                                                                                                                                                                                          'element',
-                                                                                                                                                                                                                          False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
+ 'paths': {(('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
                                                                                                                                                                                                                                '_acc0_num'),
                                                                                                                                                                                                                               ('den',
                                                                                                                                                                                                                                '_acc1_den')],
@@ -1945,14 +1936,11 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                           'stride',
                                                                                                                                                                                                                           'ws:_r0',
                                                                                                                                                                                                                           'ws:_r1',
-                                                                                                                                                                                                                          'ws:_r2',
                                                                                                                                                                                                                           'ws:_acc0_num',
-                                                                                                                                                                                                                          'ws:_acc1_den',
-                                                                                                                                                                                                                          'ws:update'],
+                                                                                                                                                                                                                          'ws:_acc1_den'],
                                                                                                                                                                                                               'creates': [],
                                                                                                                                                                                                               'hv': ['_k38',
                                                                                                                                                                                                                      '_k39',
-                                                                                                                                                                                                                     '_k40',
                                                                                                                                                                                                                      'dlr',
                                                                                                                                                                                                                      'b_m',
                                                                                                                                                                                                                      '_k43',
@@ -1961,14 +1949,15 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                      '_k46',
                                                                                                                                                                                                                      'b3',
                                                                                                                                                                                                                      '_k48',
-                                                                                                                                                                                                                     '_k51'],
-                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue2',
+                                                                                                                                                                                                                     '_k52__b1__b5',
+                                                                                                                                                                                                                     '_k53__b3__b7',
+                                                                                                                                                                                                                     '_c14',
+                                                                                                                                                                                                                     '_c13'],
+                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue7',
                                                                                                                                                                                                                             'prologue'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat9',
                                                                                                                                                                                                                             'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat6',
-                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec1',
                                                                                                                                                                                                                             'vec')],
                                                                                                                                                                                                               'states': ['exp_avg',
                                                                                                                                                                                                                          'p0',
@@ -1979,84 +1968,13 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                         ('_r1',
                                                                                                                                                                                                                          'tensor',
                                                                                                                                                                                                                          True),
-                                                                                                                                                                                                                        ('_r2',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
                                                                                                                                                                                                                         ('_acc0_num',
                                                                                                                                                                                                                          'tensor',
                                                                                                                                                                                                                          False),
                                                                                                                                                                                                                         ('_acc1_den',
                                                                                                                                                                                                                          'tensor',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('update',
-                                                                                                                                                                                                                         'element',
                                                                                                                                                                                                                          False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                               '_acc0_num'),
-                                                                                                                                                                                                                              ('den',
-                                                                                                                                                                                                                               '_acc1_den')],
-                                                                                                                                                                                                              'columns': ['param',
-                                                                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                                                                          'state:sign',
-                                                                                                                                                                                                                          'state:s',
-                                                                                                                                                                                                                          'state:p0',
-                                                                                                                                                                                                                          'numel',
-                                                                                                                                                                                                                          'B',
-                                                                                                                                                                                                                          'M',
-                                                                                                                                                                                                                          'N',
-                                                                                                                                                                                                                          'ndim',
-                                                                                                                                                                                                                          'gidx',
-                                                                                                                                                                                                                          'stride',
-                                                                                                                                                                                                                          'ws:_r0',
-                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                          'ws:_r2',
-                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                          'ws:_acc1_den',
-                                                                                                                                                                                                                          'ws:update'],
-                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                              'hv': ['_k38',
-                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                     '_k40',
-                                                                                                                                                                                                                     'dlr',
-                                                                                                                                                                                                                     'b_m',
-                                                                                                                                                                                                                     '_k43',
-                                                                                                                                                                                                                     '_k44',
-                                                                                                                                                                                                                     '_k45',
-                                                                                                                                                                                                                     '_k46',
-                                                                                                                                                                                                                     'b3',
-                                                                                                                                                                                                                     '_k48'],
-                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue1',
-                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat5',
-                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat7',
-                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec0',
-                                                                                                                                                                                                                            'vec')],
-                                                                                                                                                                                                              'states': ['exp_avg',
-                                                                                                                                                                                                                         'p0',
-                                                                                                                                                                                                                         's'],
-                                                                                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_r1',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_r2',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_acc0_num',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('_acc1_den',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('update',
-                                                                                                                                                                                                                         'element',
-                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
                                                                                                                                                                                                                               '_acc0_num'),
                                                                                                                                                                                                                              ('den',
                                                                                                                                                                                                                               '_acc1_den')],
@@ -2076,14 +1994,11 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                          'stride',
                                                                                                                                                                                                                          'ws:_r0',
                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                         'ws:_r2',
                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                         'ws:_acc1_den',
-                                                                                                                                                                                                                         'ws:update'],
+                                                                                                                                                                                                                         'ws:_acc1_den'],
                                                                                                                                                                                                              'creates': [],
                                                                                                                                                                                                              'hv': ['_k38',
                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                    '_k40',
                                                                                                                                                                                                                     'dlr',
                                                                                                                                                                                                                     'b_m',
                                                                                                                                                                                                                     '_k43',
@@ -2092,14 +2007,16 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                     '_k46',
                                                                                                                                                                                                                     'b3',
                                                                                                                                                                                                                     '_k48',
+                                                                                                                                                                                                                    '_k49__b1__b5',
+                                                                                                                                                                                                                    '_k50__b3__b7',
+                                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                                    '_c13',
                                                                                                                                                                                                                     '_k51'],
-                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue0',
+                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue6',
                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat8',
                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat6',
-                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
                                                                                                                                                                                                                            'vec')],
                                                                                                                                                                                                              'states': ['exp_avg',
                                                                                                                                                                                                                         'p0',
@@ -2110,306 +2027,13 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                        ('_r1',
                                                                                                                                                                                                                         'tensor',
                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                       ('_r2',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        True),
                                                                                                                                                                                                                        ('_acc0_num',
                                                                                                                                                                                                                         'tensor',
                                                                                                                                                                                                                         False),
                                                                                                                                                                                                                        ('_acc1_den',
                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('update',
-                                                                                                                                                                                                                        'element',
                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                               '_acc0_num'),
-                                                                                                                                                                                                                                              ('den',
-                                                                                                                                                                                                                                               '_acc1_den')],
-                                                                                                                                                                                                                              'columns': ['param',
-                                                                                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                                                                                          'state:sign',
-                                                                                                                                                                                                                                          'state:s',
-                                                                                                                                                                                                                                          'state:p0',
-                                                                                                                                                                                                                                          'numel',
-                                                                                                                                                                                                                                          'B',
-                                                                                                                                                                                                                                          'M',
-                                                                                                                                                                                                                                          'N',
-                                                                                                                                                                                                                                          'ndim',
-                                                                                                                                                                                                                                          'gidx',
-                                                                                                                                                                                                                                          'stride',
-                                                                                                                                                                                                                                          'ws:_r0',
-                                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                                          'ws:_acc1_den'],
-                                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                                              'hv': ['_k38',
-                                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                                     'dlr',
-                                                                                                                                                                                                                                     'b_m',
-                                                                                                                                                                                                                                     '_k43',
-                                                                                                                                                                                                                                     '_k44',
-                                                                                                                                                                                                                                     '_k45',
-                                                                                                                                                                                                                                     '_k46',
-                                                                                                                                                                                                                                     'b3',
-                                                                                                                                                                                                                                     '_k48'],
-                                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue7',
-                                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat4',
-                                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                            'vec')],
-                                                                                                                                                                                                                              'states': ['exp_avg',
-                                                                                                                                                                                                                                         'p0',
-                                                                                                                                                                                                                                         's'],
-                                                                                                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_r1',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                                        ('_acc0_num',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                                        ('_acc1_den',
-                                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                              '_acc0_num'),
-                                                                                                                                                                                                                                             ('den',
-                                                                                                                                                                                                                                              '_acc1_den')],
-                                                                                                                                                                                                                             'columns': ['param',
-                                                                                                                                                                                                                                         'state:exp_avg',
-                                                                                                                                                                                                                                         'state:mu_m_nmf',
-                                                                                                                                                                                                                                         'state:mv_m_nmf',
-                                                                                                                                                                                                                                         'state:sign',
-                                                                                                                                                                                                                                         'state:s',
-                                                                                                                                                                                                                                         'state:p0',
-                                                                                                                                                                                                                                         'numel',
-                                                                                                                                                                                                                                         'B',
-                                                                                                                                                                                                                                         'M',
-                                                                                                                                                                                                                                         'N',
-                                                                                                                                                                                                                                         'ndim',
-                                                                                                                                                                                                                                         'gidx',
-                                                                                                                                                                                                                                         'stride',
-                                                                                                                                                                                                                                         'ws:_r0',
-                                                                                                                                                                                                                                         'ws:_r1',
-                                                                                                                                                                                                                                         'ws:_acc0_num',
-                                                                                                                                                                                                                                         'ws:_acc1_den'],
-                                                                                                                                                                                                                             'creates': [],
-                                                                                                                                                                                                                             'hv': ['_k38',
-                                                                                                                                                                                                                                    '_k39',
-                                                                                                                                                                                                                                    'dlr',
-                                                                                                                                                                                                                                    'b_m',
-                                                                                                                                                                                                                                    '_k43',
-                                                                                                                                                                                                                                    '_k44',
-                                                                                                                                                                                                                                    '_k45',
-                                                                                                                                                                                                                                    '_k46',
-                                                                                                                                                                                                                                    'b3',
-                                                                                                                                                                                                                                    '_k48',
-                                                                                                                                                                                                                                    '_k51'],
-                                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue6',
-                                                                                                                                                                                                                                           'prologue'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat3',
-                                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                           'vec')],
-                                                                                                                                                                                                                             'states': ['exp_avg',
-                                                                                                                                                                                                                                        'p0',
-                                                                                                                                                                                                                                        's'],
-                                                                                                                                                                                                                             'temps': [('_r0',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_r1',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_acc0_num',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                                       ('_acc1_den',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                              '_acc0_num'),
-                                                                                                                                                                                                                                             ('den',
-                                                                                                                                                                                                                                              '_acc1_den')],
-                                                                                                                                                                                                                             'columns': ['param',
-                                                                                                                                                                                                                                         'state:exp_avg',
-                                                                                                                                                                                                                                         'state:mu_m_nmf',
-                                                                                                                                                                                                                                         'state:mv_m_nmf',
-                                                                                                                                                                                                                                         'state:sign',
-                                                                                                                                                                                                                                         'state:s',
-                                                                                                                                                                                                                                         'state:p0',
-                                                                                                                                                                                                                                         'numel',
-                                                                                                                                                                                                                                         'B',
-                                                                                                                                                                                                                                         'M',
-                                                                                                                                                                                                                                         'N',
-                                                                                                                                                                                                                                         'ndim',
-                                                                                                                                                                                                                                         'gidx',
-                                                                                                                                                                                                                                         'stride',
-                                                                                                                                                                                                                                         'ws:_r0',
-                                                                                                                                                                                                                                         'ws:_r1',
-                                                                                                                                                                                                                                         'ws:_acc0_num',
-                                                                                                                                                                                                                                         'ws:_acc1_den'],
-                                                                                                                                                                                                                             'creates': [],
-                                                                                                                                                                                                                             'hv': ['_k38',
-                                                                                                                                                                                                                                    '_k39',
-                                                                                                                                                                                                                                    'dlr',
-                                                                                                                                                                                                                                    'b_m',
-                                                                                                                                                                                                                                    '_k43',
-                                                                                                                                                                                                                                    '_k44',
-                                                                                                                                                                                                                                    '_k45',
-                                                                                                                                                                                                                                    '_k46',
-                                                                                                                                                                                                                                    'b3',
-                                                                                                                                                                                                                                    '_k48'],
-                                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue5',
-                                                                                                                                                                                                                                           'prologue'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat4',
-                                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                           'vec')],
-                                                                                                                                                                                                                             'states': ['exp_avg',
-                                                                                                                                                                                                                                        'p0',
-                                                                                                                                                                                                                                        's'],
-                                                                                                                                                                                                                             'temps': [('_r0',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_r1',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                                       ('_acc0_num',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                                       ('_acc1_den',
-                                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                                        False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                                             '_acc0_num'),
-                                                                                                                                                                                                                                            ('den',
-                                                                                                                                                                                                                                             '_acc1_den')],
-                                                                                                                                                                                                                            'columns': ['param',
-                                                                                                                                                                                                                                        'state:exp_avg',
-                                                                                                                                                                                                                                        'state:mu_m_nmf',
-                                                                                                                                                                                                                                        'state:mv_m_nmf',
-                                                                                                                                                                                                                                        'state:sign',
-                                                                                                                                                                                                                                        'state:s',
-                                                                                                                                                                                                                                        'state:p0',
-                                                                                                                                                                                                                                        'numel',
-                                                                                                                                                                                                                                        'B',
-                                                                                                                                                                                                                                        'M',
-                                                                                                                                                                                                                                        'N',
-                                                                                                                                                                                                                                        'ndim',
-                                                                                                                                                                                                                                        'gidx',
-                                                                                                                                                                                                                                        'stride',
-                                                                                                                                                                                                                                        'ws:_r0',
-                                                                                                                                                                                                                                        'ws:_r1',
-                                                                                                                                                                                                                                        'ws:_acc0_num',
-                                                                                                                                                                                                                                        'ws:_acc1_den'],
-                                                                                                                                                                                                                            'creates': [],
-                                                                                                                                                                                                                            'hv': ['_k38',
-                                                                                                                                                                                                                                   '_k39',
-                                                                                                                                                                                                                                   'dlr',
-                                                                                                                                                                                                                                   'b_m',
-                                                                                                                                                                                                                                   '_k43',
-                                                                                                                                                                                                                                   '_k44',
-                                                                                                                                                                                                                                   '_k45',
-                                                                                                                                                                                                                                   '_k46',
-                                                                                                                                                                                                                                   'b3',
-                                                                                                                                                                                                                                   '_k48',
-                                                                                                                                                                                                                                   '_k51'],
-                                                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue4',
-                                                                                                                                                                                                                                          'prologue'),
-                                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat3',
-                                                                                                                                                                                                                                          'flat'),
-                                                                                                                                                                                                                                         ('_lion_prodigy_adv_vec1',
-                                                                                                                                                                                                                                          'vec')],
-                                                                                                                                                                                                                            'states': ['exp_avg',
-                                                                                                                                                                                                                                       'p0',
-                                                                                                                                                                                                                                       's'],
-                                                                                                                                                                                                                            'temps': [('_r0',
-                                                                                                                                                                                                                                       'tensor',
-                                                                                                                                                                                                                                       True),
-                                                                                                                                                                                                                                      ('_r1',
-                                                                                                                                                                                                                                       'tensor',
-                                                                                                                                                                                                                                       True),
-                                                                                                                                                                                                                                      ('_acc0_num',
-                                                                                                                                                                                                                                       'tensor',
-                                                                                                                                                                                                                                       False),
-                                                                                                                                                                                                                                      ('_acc1_den',
-                                                                                                                                                                                                                                       'tensor',
-                                                                                                                                                                                                                                       False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                               '_acc0_num'),
-                                                                                                                                                                                                                              ('den',
-                                                                                                                                                                                                                               '_acc1_den')],
-                                                                                                                                                                                                              'columns': ['param',
-                                                                                                                                                                                                                          'state:exp_avg',
-                                                                                                                                                                                                                          'state:mu_m_nmf',
-                                                                                                                                                                                                                          'state:mv_m_nmf',
-                                                                                                                                                                                                                          'state:sign',
-                                                                                                                                                                                                                          'state:s',
-                                                                                                                                                                                                                          'state:p0',
-                                                                                                                                                                                                                          'numel',
-                                                                                                                                                                                                                          'B',
-                                                                                                                                                                                                                          'M',
-                                                                                                                                                                                                                          'N',
-                                                                                                                                                                                                                          'ndim',
-                                                                                                                                                                                                                          'gidx',
-                                                                                                                                                                                                                          'stride',
-                                                                                                                                                                                                                          'ws:_r0',
-                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                          'ws:_r2',
-                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                          'ws:_acc1_den',
-                                                                                                                                                                                                                          'ws:grad',
-                                                                                                                                                                                                                          'ws:update'],
-                                                                                                                                                                                                              'creates': [],
-                                                                                                                                                                                                              'hv': ['_k38',
-                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                     '_k40',
-                                                                                                                                                                                                                     'dlr',
-                                                                                                                                                                                                                     'b_m',
-                                                                                                                                                                                                                     '_k43',
-                                                                                                                                                                                                                     '_k44',
-                                                                                                                                                                                                                     '_k45',
-                                                                                                                                                                                                                     '_k46',
-                                                                                                                                                                                                                     'b3',
-                                                                                                                                                                                                                     '_k48'],
-                                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue3',
-                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat0',
-                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_flat2',
-                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                           ('_lion_prodigy_adv_vec0',
-                                                                                                                                                                                                                            'vec')],
-                                                                                                                                                                                                              'states': ['exp_avg',
-                                                                                                                                                                                                                         'p0',
-                                                                                                                                                                                                                         's'],
-                                                                                                                                                                                                              'temps': [('_r0',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_r1',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_r2',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                        ('_acc0_num',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('_acc1_den',
-                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('grad',
-                                                                                                                                                                                                                         'element',
-                                                                                                                                                                                                                         False),
-                                                                                                                                                                                                                        ('update',
-                                                                                                                                                                                                                         'element',
-                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
                                                                                                                                                                                                                               '_acc0_num'),
                                                                                                                                                                                                                              ('den',
                                                                                                                                                                                                                               '_acc1_den')],
@@ -2429,15 +2053,11 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                          'stride',
                                                                                                                                                                                                                          'ws:_r0',
                                                                                                                                                                                                                          'ws:_r1',
-                                                                                                                                                                                                                         'ws:_r2',
                                                                                                                                                                                                                          'ws:_acc0_num',
-                                                                                                                                                                                                                         'ws:_acc1_den',
-                                                                                                                                                                                                                         'ws:grad',
-                                                                                                                                                                                                                         'ws:update'],
+                                                                                                                                                                                                                         'ws:_acc1_den'],
                                                                                                                                                                                                              'creates': [],
                                                                                                                                                                                                              'hv': ['_k38',
                                                                                                                                                                                                                     '_k39',
-                                                                                                                                                                                                                    '_k40',
                                                                                                                                                                                                                     'dlr',
                                                                                                                                                                                                                     'b_m',
                                                                                                                                                                                                                     '_k43',
@@ -2446,14 +2066,15 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                     '_k46',
                                                                                                                                                                                                                     'b3',
                                                                                                                                                                                                                     '_k48',
-                                                                                                                                                                                                                    '_k51'],
-                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue2',
+                                                                                                                                                                                                                    '_k52__b1__b5',
+                                                                                                                                                                                                                    '_k53__b3__b7',
+                                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                                    '_c13'],
+                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue5',
                                                                                                                                                                                                                            'prologue'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat9',
                                                                                                                                                                                                                            'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat1',
-                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
                                                                                                                                                                                                                            'vec')],
                                                                                                                                                                                                              'states': ['exp_avg',
                                                                                                                                                                                                                         'p0',
@@ -2464,91 +2085,13 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                        ('_r1',
                                                                                                                                                                                                                         'tensor',
                                                                                                                                                                                                                         True),
-                                                                                                                                                                                                                       ('_r2',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        True),
                                                                                                                                                                                                                        ('_acc0_num',
                                                                                                                                                                                                                         'tensor',
                                                                                                                                                                                                                         False),
                                                                                                                                                                                                                        ('_acc1_den',
                                                                                                                                                                                                                         'tensor',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('grad',
-                                                                                                                                                                                                                        'element',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('update',
-                                                                                                                                                                                                                        'element',
                                                                                                                                                                                                                         False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False), ('_c13', False)): {'accumulates': [('num',
-                                                                                                                                                                                                                              '_acc0_num'),
-                                                                                                                                                                                                                             ('den',
-                                                                                                                                                                                                                              '_acc1_den')],
-                                                                                                                                                                                                             'columns': ['param',
-                                                                                                                                                                                                                         'state:exp_avg',
-                                                                                                                                                                                                                         'state:mu_m_nmf',
-                                                                                                                                                                                                                         'state:mv_m_nmf',
-                                                                                                                                                                                                                         'state:sign',
-                                                                                                                                                                                                                         'state:s',
-                                                                                                                                                                                                                         'state:p0',
-                                                                                                                                                                                                                         'numel',
-                                                                                                                                                                                                                         'B',
-                                                                                                                                                                                                                         'M',
-                                                                                                                                                                                                                         'N',
-                                                                                                                                                                                                                         'ndim',
-                                                                                                                                                                                                                         'gidx',
-                                                                                                                                                                                                                         'stride',
-                                                                                                                                                                                                                         'ws:_r0',
-                                                                                                                                                                                                                         'ws:_r1',
-                                                                                                                                                                                                                         'ws:_r2',
-                                                                                                                                                                                                                         'ws:_acc0_num',
-                                                                                                                                                                                                                         'ws:_acc1_den',
-                                                                                                                                                                                                                         'ws:grad',
-                                                                                                                                                                                                                         'ws:update'],
-                                                                                                                                                                                                             'creates': [],
-                                                                                                                                                                                                             'hv': ['_k38',
-                                                                                                                                                                                                                    '_k39',
-                                                                                                                                                                                                                    '_k40',
-                                                                                                                                                                                                                    'dlr',
-                                                                                                                                                                                                                    'b_m',
-                                                                                                                                                                                                                    '_k43',
-                                                                                                                                                                                                                    '_k44',
-                                                                                                                                                                                                                    '_k45',
-                                                                                                                                                                                                                    '_k46',
-                                                                                                                                                                                                                    'b3',
-                                                                                                                                                                                                                    '_k48'],
-                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue1',
-                                                                                                                                                                                                                           'prologue'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat0',
-                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat2',
-                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
-                                                                                                                                                                                                                           'vec')],
-                                                                                                                                                                                                             'states': ['exp_avg',
-                                                                                                                                                                                                                        'p0',
-                                                                                                                                                                                                                        's'],
-                                                                                                                                                                                                             'temps': [('_r0',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                       ('_r1',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                       ('_r2',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                       ('_acc0_num',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('_acc1_den',
-                                                                                                                                                                                                                        'tensor',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('grad',
-                                                                                                                                                                                                                        'element',
-                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                       ('update',
-                                                                                                                                                                                                                        'element',
-                                                                                                                                                                                                                        False)]},
-           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True), ('_c13', False)): {'accumulates': [('num',
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
                                                                                                                                                                                                                              '_acc0_num'),
                                                                                                                                                                                                                             ('den',
                                                                                                                                                                                                                              '_acc1_den')],
@@ -2568,15 +2111,11 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                         'stride',
                                                                                                                                                                                                                         'ws:_r0',
                                                                                                                                                                                                                         'ws:_r1',
-                                                                                                                                                                                                                        'ws:_r2',
                                                                                                                                                                                                                         'ws:_acc0_num',
-                                                                                                                                                                                                                        'ws:_acc1_den',
-                                                                                                                                                                                                                        'ws:grad',
-                                                                                                                                                                                                                        'ws:update'],
+                                                                                                                                                                                                                        'ws:_acc1_den'],
                                                                                                                                                                                                             'creates': [],
                                                                                                                                                                                                             'hv': ['_k38',
                                                                                                                                                                                                                    '_k39',
-                                                                                                                                                                                                                   '_k40',
                                                                                                                                                                                                                    'dlr',
                                                                                                                                                                                                                    'b_m',
                                                                                                                                                                                                                    '_k43',
@@ -2585,14 +2124,16 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                    '_k46',
                                                                                                                                                                                                                    'b3',
                                                                                                                                                                                                                    '_k48',
+                                                                                                                                                                                                                   '_k49__b1__b5',
+                                                                                                                                                                                                                   '_k50__b3__b7',
+                                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                                   '_c13',
                                                                                                                                                                                                                    '_k51'],
-                                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue0',
+                                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue4',
                                                                                                                                                                                                                           'prologue'),
-                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat8',
                                                                                                                                                                                                                           'flat'),
-                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat1',
-                                                                                                                                                                                                                          'flat'),
-                                                                                                                                                                                                                         ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_vec1',
                                                                                                                                                                                                                           'vec')],
                                                                                                                                                                                                             'states': ['exp_avg',
                                                                                                                                                                                                                        'p0',
@@ -2603,7 +2144,399 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                       ('_r1',
                                                                                                                                                                                                                        'tensor',
                                                                                                                                                                                                                        True),
-                                                                                                                                                                                                                      ('_r2',
+                                                                                                                                                                                                                      ('_acc0_num',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       False),
+                                                                                                                                                                                                                      ('_acc1_den',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                               '_acc0_num'),
+                                                                                                                                                                                                              ('den',
+                                                                                                                                                                                                               '_acc1_den')],
+                                                                                                                                                                                              'columns': ['param',
+                                                                                                                                                                                                          'state:exp_avg',
+                                                                                                                                                                                                          'state:mu_m_nmf',
+                                                                                                                                                                                                          'state:mv_m_nmf',
+                                                                                                                                                                                                          'state:sign',
+                                                                                                                                                                                                          'state:s',
+                                                                                                                                                                                                          'state:p0',
+                                                                                                                                                                                                          'numel',
+                                                                                                                                                                                                          'B',
+                                                                                                                                                                                                          'M',
+                                                                                                                                                                                                          'N',
+                                                                                                                                                                                                          'ndim',
+                                                                                                                                                                                                          'gidx',
+                                                                                                                                                                                                          'stride',
+                                                                                                                                                                                                          'ws:_r0',
+                                                                                                                                                                                                          'ws:_r1',
+                                                                                                                                                                                                          'ws:_r2',
+                                                                                                                                                                                                          'ws:_acc0_num',
+                                                                                                                                                                                                          'ws:_acc1_den',
+                                                                                                                                                                                                          'ws:update'],
+                                                                                                                                                                                              'creates': [],
+                                                                                                                                                                                              'hv': ['_k38',
+                                                                                                                                                                                                     '_k39',
+                                                                                                                                                                                                     '_k40',
+                                                                                                                                                                                                     'dlr',
+                                                                                                                                                                                                     'b_m',
+                                                                                                                                                                                                     '_k43',
+                                                                                                                                                                                                     '_k44',
+                                                                                                                                                                                                     '_k45',
+                                                                                                                                                                                                     '_k46',
+                                                                                                                                                                                                     'b3',
+                                                                                                                                                                                                     '_k48',
+                                                                                                                                                                                                     '_k52__b1__b5',
+                                                                                                                                                                                                     '_k53__b3__b7',
+                                                                                                                                                                                                     '_c14',
+                                                                                                                                                                                                     '_c13'],
+                                                                                                                                                                                              'launches': [('_lion_prodigy_adv_prologue3',
+                                                                                                                                                                                                            'prologue'),
+                                                                                                                                                                                                           ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                            'flat'),
+                                                                                                                                                                                                           ('_lion_prodigy_adv_flat7',
+                                                                                                                                                                                                            'flat'),
+                                                                                                                                                                                                           ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                            'vec')],
+                                                                                                                                                                                              'states': ['exp_avg',
+                                                                                                                                                                                                         'p0',
+                                                                                                                                                                                                         's'],
+                                                                                                                                                                                              'temps': [('_r0',
+                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                         True),
+                                                                                                                                                                                                        ('_r1',
+                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                         True),
+                                                                                                                                                                                                        ('_r2',
+                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                         True),
+                                                                                                                                                                                                        ('_acc0_num',
+                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                         False),
+                                                                                                                                                                                                        ('_acc1_den',
+                                                                                                                                                                                                         'tensor',
+                                                                                                                                                                                                         False),
+                                                                                                                                                                                                        ('update',
+                                                                                                                                                                                                         'element',
+                                                                                                                                                                                                         False)]},
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                              '_acc0_num'),
+                                                                                                                                                                                                             ('den',
+                                                                                                                                                                                                              '_acc1_den')],
+                                                                                                                                                                                             'columns': ['param',
+                                                                                                                                                                                                         'state:exp_avg',
+                                                                                                                                                                                                         'state:mu_m_nmf',
+                                                                                                                                                                                                         'state:mv_m_nmf',
+                                                                                                                                                                                                         'state:sign',
+                                                                                                                                                                                                         'state:s',
+                                                                                                                                                                                                         'state:p0',
+                                                                                                                                                                                                         'numel',
+                                                                                                                                                                                                         'B',
+                                                                                                                                                                                                         'M',
+                                                                                                                                                                                                         'N',
+                                                                                                                                                                                                         'ndim',
+                                                                                                                                                                                                         'gidx',
+                                                                                                                                                                                                         'stride',
+                                                                                                                                                                                                         'ws:_r0',
+                                                                                                                                                                                                         'ws:_r1',
+                                                                                                                                                                                                         'ws:_r2',
+                                                                                                                                                                                                         'ws:_acc0_num',
+                                                                                                                                                                                                         'ws:_acc1_den',
+                                                                                                                                                                                                         'ws:update'],
+                                                                                                                                                                                             'creates': [],
+                                                                                                                                                                                             'hv': ['_k38',
+                                                                                                                                                                                                    '_k39',
+                                                                                                                                                                                                    '_k40',
+                                                                                                                                                                                                    'dlr',
+                                                                                                                                                                                                    'b_m',
+                                                                                                                                                                                                    '_k43',
+                                                                                                                                                                                                    '_k44',
+                                                                                                                                                                                                    '_k45',
+                                                                                                                                                                                                    '_k46',
+                                                                                                                                                                                                    'b3',
+                                                                                                                                                                                                    '_k48',
+                                                                                                                                                                                                    '_k49__b1__b5',
+                                                                                                                                                                                                    '_k50__b3__b7',
+                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                    '_c13',
+                                                                                                                                                                                                    '_k51'],
+                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue2',
+                                                                                                                                                                                                           'prologue'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat6',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                           'vec')],
+                                                                                                                                                                                             'states': ['exp_avg',
+                                                                                                                                                                                                        'p0',
+                                                                                                                                                                                                        's'],
+                                                                                                                                                                                             'temps': [('_r0',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r1',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r2',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_acc0_num',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('_acc1_den',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('update',
+                                                                                                                                                                                                        'element',
+                                                                                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                              '_acc0_num'),
+                                                                                                                                                                                                             ('den',
+                                                                                                                                                                                                              '_acc1_den')],
+                                                                                                                                                                                             'columns': ['param',
+                                                                                                                                                                                                         'state:exp_avg',
+                                                                                                                                                                                                         'state:mu_m_nmf',
+                                                                                                                                                                                                         'state:mv_m_nmf',
+                                                                                                                                                                                                         'state:sign',
+                                                                                                                                                                                                         'state:s',
+                                                                                                                                                                                                         'state:p0',
+                                                                                                                                                                                                         'numel',
+                                                                                                                                                                                                         'B',
+                                                                                                                                                                                                         'M',
+                                                                                                                                                                                                         'N',
+                                                                                                                                                                                                         'ndim',
+                                                                                                                                                                                                         'gidx',
+                                                                                                                                                                                                         'stride',
+                                                                                                                                                                                                         'ws:_r0',
+                                                                                                                                                                                                         'ws:_r1',
+                                                                                                                                                                                                         'ws:_r2',
+                                                                                                                                                                                                         'ws:_acc0_num',
+                                                                                                                                                                                                         'ws:_acc1_den',
+                                                                                                                                                                                                         'ws:update'],
+                                                                                                                                                                                             'creates': [],
+                                                                                                                                                                                             'hv': ['_k38',
+                                                                                                                                                                                                    '_k39',
+                                                                                                                                                                                                    '_k40',
+                                                                                                                                                                                                    'dlr',
+                                                                                                                                                                                                    'b_m',
+                                                                                                                                                                                                    '_k43',
+                                                                                                                                                                                                    '_k44',
+                                                                                                                                                                                                    '_k45',
+                                                                                                                                                                                                    '_k46',
+                                                                                                                                                                                                    'b3',
+                                                                                                                                                                                                    '_k48',
+                                                                                                                                                                                                    '_k52__b1__b5',
+                                                                                                                                                                                                    '_k53__b3__b7',
+                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                    '_c13'],
+                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue1',
+                                                                                                                                                                                                           'prologue'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat7',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                           'vec')],
+                                                                                                                                                                                             'states': ['exp_avg',
+                                                                                                                                                                                                        'p0',
+                                                                                                                                                                                                        's'],
+                                                                                                                                                                                             'temps': [('_r0',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r1',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r2',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_acc0_num',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('_acc1_den',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('update',
+                                                                                                                                                                                                        'element',
+                                                                                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c3', False), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                             '_acc0_num'),
+                                                                                                                                                                                                            ('den',
+                                                                                                                                                                                                             '_acc1_den')],
+                                                                                                                                                                                            'columns': ['param',
+                                                                                                                                                                                                        'state:exp_avg',
+                                                                                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                                                                                        'state:sign',
+                                                                                                                                                                                                        'state:s',
+                                                                                                                                                                                                        'state:p0',
+                                                                                                                                                                                                        'numel',
+                                                                                                                                                                                                        'B',
+                                                                                                                                                                                                        'M',
+                                                                                                                                                                                                        'N',
+                                                                                                                                                                                                        'ndim',
+                                                                                                                                                                                                        'gidx',
+                                                                                                                                                                                                        'stride',
+                                                                                                                                                                                                        'ws:_r0',
+                                                                                                                                                                                                        'ws:_r1',
+                                                                                                                                                                                                        'ws:_r2',
+                                                                                                                                                                                                        'ws:_acc0_num',
+                                                                                                                                                                                                        'ws:_acc1_den',
+                                                                                                                                                                                                        'ws:update'],
+                                                                                                                                                                                            'creates': [],
+                                                                                                                                                                                            'hv': ['_k38',
+                                                                                                                                                                                                   '_k39',
+                                                                                                                                                                                                   '_k40',
+                                                                                                                                                                                                   'dlr',
+                                                                                                                                                                                                   'b_m',
+                                                                                                                                                                                                   '_k43',
+                                                                                                                                                                                                   '_k44',
+                                                                                                                                                                                                   '_k45',
+                                                                                                                                                                                                   '_k46',
+                                                                                                                                                                                                   'b3',
+                                                                                                                                                                                                   '_k48',
+                                                                                                                                                                                                   '_k49__b1__b5',
+                                                                                                                                                                                                   '_k50__b3__b7',
+                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                   '_c13',
+                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue0',
+                                                                                                                                                                                                          'prologue'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat5',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat6',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                          'vec')],
+                                                                                                                                                                                            'states': ['exp_avg',
+                                                                                                                                                                                                       'p0',
+                                                                                                                                                                                                       's'],
+                                                                                                                                                                                            'temps': [('_r0',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r1',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r2',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_acc0_num',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('_acc1_den',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('update',
+                                                                                                                                                                                                       'element',
+                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                              '_acc0_num'),
+                                                                                                                                                                                                                             ('den',
+                                                                                                                                                                                                                              '_acc1_den')],
+                                                                                                                                                                                                             'columns': ['param',
+                                                                                                                                                                                                                         'state:exp_avg',
+                                                                                                                                                                                                                         'state:mu_m_nmf',
+                                                                                                                                                                                                                         'state:mv_m_nmf',
+                                                                                                                                                                                                                         'state:sign',
+                                                                                                                                                                                                                         'state:s',
+                                                                                                                                                                                                                         'state:p0',
+                                                                                                                                                                                                                         'numel',
+                                                                                                                                                                                                                         'B',
+                                                                                                                                                                                                                         'M',
+                                                                                                                                                                                                                         'N',
+                                                                                                                                                                                                                         'ndim',
+                                                                                                                                                                                                                         'gidx',
+                                                                                                                                                                                                                         'stride',
+                                                                                                                                                                                                                         'ws:_r0',
+                                                                                                                                                                                                                         'ws:_r1',
+                                                                                                                                                                                                                         'ws:_acc0_num',
+                                                                                                                                                                                                                         'ws:_acc1_den'],
+                                                                                                                                                                                                             'creates': [],
+                                                                                                                                                                                                             'hv': ['_k38',
+                                                                                                                                                                                                                    '_k39',
+                                                                                                                                                                                                                    'dlr',
+                                                                                                                                                                                                                    'b_m',
+                                                                                                                                                                                                                    '_k43',
+                                                                                                                                                                                                                    '_k44',
+                                                                                                                                                                                                                    '_k45',
+                                                                                                                                                                                                                    '_k46',
+                                                                                                                                                                                                                    'b3',
+                                                                                                                                                                                                                    '_k48',
+                                                                                                                                                                                                                    '_k52__b1__b5',
+                                                                                                                                                                                                                    '_k53__b3__b7',
+                                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                                    '_c13'],
+                                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue7',
+                                                                                                                                                                                                                           'prologue'),
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_flat4',
+                                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                                          ('_lion_prodigy_adv_vec1',
+                                                                                                                                                                                                                           'vec')],
+                                                                                                                                                                                                             'states': ['exp_avg',
+                                                                                                                                                                                                                        'p0',
+                                                                                                                                                                                                                        's'],
+                                                                                                                                                                                                             'temps': [('_r0',
+                                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                                        True),
+                                                                                                                                                                                                                       ('_r1',
+                                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                                        True),
+                                                                                                                                                                                                                       ('_acc0_num',
+                                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                                        False),
+                                                                                                                                                                                                                       ('_acc1_den',
+                                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                                             '_acc0_num'),
+                                                                                                                                                                                                                            ('den',
+                                                                                                                                                                                                                             '_acc1_den')],
+                                                                                                                                                                                                            'columns': ['param',
+                                                                                                                                                                                                                        'state:exp_avg',
+                                                                                                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                                                                                                        'state:sign',
+                                                                                                                                                                                                                        'state:s',
+                                                                                                                                                                                                                        'state:p0',
+                                                                                                                                                                                                                        'numel',
+                                                                                                                                                                                                                        'B',
+                                                                                                                                                                                                                        'M',
+                                                                                                                                                                                                                        'N',
+                                                                                                                                                                                                                        'ndim',
+                                                                                                                                                                                                                        'gidx',
+                                                                                                                                                                                                                        'stride',
+                                                                                                                                                                                                                        'ws:_r0',
+                                                                                                                                                                                                                        'ws:_r1',
+                                                                                                                                                                                                                        'ws:_acc0_num',
+                                                                                                                                                                                                                        'ws:_acc1_den'],
+                                                                                                                                                                                                            'creates': [],
+                                                                                                                                                                                                            'hv': ['_k38',
+                                                                                                                                                                                                                   '_k39',
+                                                                                                                                                                                                                   'dlr',
+                                                                                                                                                                                                                   'b_m',
+                                                                                                                                                                                                                   '_k43',
+                                                                                                                                                                                                                   '_k44',
+                                                                                                                                                                                                                   '_k45',
+                                                                                                                                                                                                                   '_k46',
+                                                                                                                                                                                                                   'b3',
+                                                                                                                                                                                                                   '_k48',
+                                                                                                                                                                                                                   '_k49__b1__b5',
+                                                                                                                                                                                                                   '_k50__b3__b7',
+                                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                                   '_c13',
+                                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue6',
+                                                                                                                                                                                                                          'prologue'),
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat3',
+                                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_vec1',
+                                                                                                                                                                                                                          'vec')],
+                                                                                                                                                                                                            'states': ['exp_avg',
+                                                                                                                                                                                                                       'p0',
+                                                                                                                                                                                                                       's'],
+                                                                                                                                                                                                            'temps': [('_r0',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       True),
+                                                                                                                                                                                                                      ('_r1',
                                                                                                                                                                                                                        'tensor',
                                                                                                                                                                                                                        True),
                                                                                                                                                                                                                       ('_acc0_num',
@@ -2611,13 +2544,418 @@ PLAN = {'dynamic': ['_k10',
                                                                                                                                                                                                                        False),
                                                                                                                                                                                                                       ('_acc1_den',
                                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                                             '_acc0_num'),
+                                                                                                                                                                                                                            ('den',
+                                                                                                                                                                                                                             '_acc1_den')],
+                                                                                                                                                                                                            'columns': ['param',
+                                                                                                                                                                                                                        'state:exp_avg',
+                                                                                                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                                                                                                        'state:sign',
+                                                                                                                                                                                                                        'state:s',
+                                                                                                                                                                                                                        'state:p0',
+                                                                                                                                                                                                                        'numel',
+                                                                                                                                                                                                                        'B',
+                                                                                                                                                                                                                        'M',
+                                                                                                                                                                                                                        'N',
+                                                                                                                                                                                                                        'ndim',
+                                                                                                                                                                                                                        'gidx',
+                                                                                                                                                                                                                        'stride',
+                                                                                                                                                                                                                        'ws:_r0',
+                                                                                                                                                                                                                        'ws:_r1',
+                                                                                                                                                                                                                        'ws:_acc0_num',
+                                                                                                                                                                                                                        'ws:_acc1_den'],
+                                                                                                                                                                                                            'creates': [],
+                                                                                                                                                                                                            'hv': ['_k38',
+                                                                                                                                                                                                                   '_k39',
+                                                                                                                                                                                                                   'dlr',
+                                                                                                                                                                                                                   'b_m',
+                                                                                                                                                                                                                   '_k43',
+                                                                                                                                                                                                                   '_k44',
+                                                                                                                                                                                                                   '_k45',
+                                                                                                                                                                                                                   '_k46',
+                                                                                                                                                                                                                   'b3',
+                                                                                                                                                                                                                   '_k48',
+                                                                                                                                                                                                                   '_k52__b1__b5',
+                                                                                                                                                                                                                   '_k53__b3__b7',
+                                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                                   '_c13'],
+                                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue5',
+                                                                                                                                                                                                                          'prologue'),
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_flat4',
+                                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                                         ('_lion_prodigy_adv_vec1',
+                                                                                                                                                                                                                          'vec')],
+                                                                                                                                                                                                            'states': ['exp_avg',
+                                                                                                                                                                                                                       'p0',
+                                                                                                                                                                                                                       's'],
+                                                                                                                                                                                                            'temps': [('_r0',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       True),
+                                                                                                                                                                                                                      ('_r1',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       True),
+                                                                                                                                                                                                                      ('_acc0_num',
+                                                                                                                                                                                                                       'tensor',
                                                                                                                                                                                                                        False),
-                                                                                                                                                                                                                      ('grad',
-                                                                                                                                                                                                                       'element',
-                                                                                                                                                                                                                       False),
-                                                                                                                                                                                                                      ('update',
-                                                                                                                                                                                                                       'element',
-                                                                                                                                                                                                                       False)]}},
+                                                                                                                                                                                                                      ('_acc1_den',
+                                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                                            '_acc0_num'),
+                                                                                                                                                                                                                           ('den',
+                                                                                                                                                                                                                            '_acc1_den')],
+                                                                                                                                                                                                           'columns': ['param',
+                                                                                                                                                                                                                       'state:exp_avg',
+                                                                                                                                                                                                                       'state:mu_m_nmf',
+                                                                                                                                                                                                                       'state:mv_m_nmf',
+                                                                                                                                                                                                                       'state:sign',
+                                                                                                                                                                                                                       'state:s',
+                                                                                                                                                                                                                       'state:p0',
+                                                                                                                                                                                                                       'numel',
+                                                                                                                                                                                                                       'B',
+                                                                                                                                                                                                                       'M',
+                                                                                                                                                                                                                       'N',
+                                                                                                                                                                                                                       'ndim',
+                                                                                                                                                                                                                       'gidx',
+                                                                                                                                                                                                                       'stride',
+                                                                                                                                                                                                                       'ws:_r0',
+                                                                                                                                                                                                                       'ws:_r1',
+                                                                                                                                                                                                                       'ws:_acc0_num',
+                                                                                                                                                                                                                       'ws:_acc1_den'],
+                                                                                                                                                                                                           'creates': [],
+                                                                                                                                                                                                           'hv': ['_k38',
+                                                                                                                                                                                                                  '_k39',
+                                                                                                                                                                                                                  'dlr',
+                                                                                                                                                                                                                  'b_m',
+                                                                                                                                                                                                                  '_k43',
+                                                                                                                                                                                                                  '_k44',
+                                                                                                                                                                                                                  '_k45',
+                                                                                                                                                                                                                  '_k46',
+                                                                                                                                                                                                                  'b3',
+                                                                                                                                                                                                                  '_k48',
+                                                                                                                                                                                                                  '_k49__b1__b5',
+                                                                                                                                                                                                                  '_k50__b3__b7',
+                                                                                                                                                                                                                  '_c14',
+                                                                                                                                                                                                                  '_c13',
+                                                                                                                                                                                                                  '_k51'],
+                                                                                                                                                                                                           'launches': [('_lion_prodigy_adv_prologue4',
+                                                                                                                                                                                                                         'prologue'),
+                                                                                                                                                                                                                        ('_lion_prodigy_adv_flat3',
+                                                                                                                                                                                                                         'flat'),
+                                                                                                                                                                                                                        ('_lion_prodigy_adv_vec1',
+                                                                                                                                                                                                                         'vec')],
+                                                                                                                                                                                                           'states': ['exp_avg',
+                                                                                                                                                                                                                      'p0',
+                                                                                                                                                                                                                      's'],
+                                                                                                                                                                                                           'temps': [('_r0',
+                                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                                      True),
+                                                                                                                                                                                                                     ('_r1',
+                                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                                      True),
+                                                                                                                                                                                                                     ('_acc0_num',
+                                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                                      False),
+                                                                                                                                                                                                                     ('_acc1_den',
+                                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                                      False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                              '_acc0_num'),
+                                                                                                                                                                                                             ('den',
+                                                                                                                                                                                                              '_acc1_den')],
+                                                                                                                                                                                             'columns': ['param',
+                                                                                                                                                                                                         'state:exp_avg',
+                                                                                                                                                                                                         'state:mu_m_nmf',
+                                                                                                                                                                                                         'state:mv_m_nmf',
+                                                                                                                                                                                                         'state:sign',
+                                                                                                                                                                                                         'state:s',
+                                                                                                                                                                                                         'state:p0',
+                                                                                                                                                                                                         'numel',
+                                                                                                                                                                                                         'B',
+                                                                                                                                                                                                         'M',
+                                                                                                                                                                                                         'N',
+                                                                                                                                                                                                         'ndim',
+                                                                                                                                                                                                         'gidx',
+                                                                                                                                                                                                         'stride',
+                                                                                                                                                                                                         'ws:_r0',
+                                                                                                                                                                                                         'ws:_r1',
+                                                                                                                                                                                                         'ws:_r2',
+                                                                                                                                                                                                         'ws:_acc0_num',
+                                                                                                                                                                                                         'ws:_acc1_den',
+                                                                                                                                                                                                         'ws:grad',
+                                                                                                                                                                                                         'ws:update'],
+                                                                                                                                                                                             'creates': [],
+                                                                                                                                                                                             'hv': ['_k38',
+                                                                                                                                                                                                    '_k39',
+                                                                                                                                                                                                    '_k40',
+                                                                                                                                                                                                    'dlr',
+                                                                                                                                                                                                    'b_m',
+                                                                                                                                                                                                    '_k43',
+                                                                                                                                                                                                    '_k44',
+                                                                                                                                                                                                    '_k45',
+                                                                                                                                                                                                    '_k46',
+                                                                                                                                                                                                    'b3',
+                                                                                                                                                                                                    '_k48',
+                                                                                                                                                                                                    '_k52__b1__b5',
+                                                                                                                                                                                                    '_k53__b3__b7',
+                                                                                                                                                                                                    '_c14',
+                                                                                                                                                                                                    '_c13'],
+                                                                                                                                                                                             'launches': [('_lion_prodigy_adv_prologue3',
+                                                                                                                                                                                                           'prologue'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_flat2',
+                                                                                                                                                                                                           'flat'),
+                                                                                                                                                                                                          ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                           'vec')],
+                                                                                                                                                                                             'states': ['exp_avg',
+                                                                                                                                                                                                        'p0',
+                                                                                                                                                                                                        's'],
+                                                                                                                                                                                             'temps': [('_r0',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r1',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_r2',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        True),
+                                                                                                                                                                                                       ('_acc0_num',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('_acc1_den',
+                                                                                                                                                                                                        'tensor',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('grad',
+                                                                                                                                                                                                        'element',
+                                                                                                                                                                                                        False),
+                                                                                                                                                                                                       ('update',
+                                                                                                                                                                                                        'element',
+                                                                                                                                                                                                        False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', False), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                             '_acc0_num'),
+                                                                                                                                                                                                            ('den',
+                                                                                                                                                                                                             '_acc1_den')],
+                                                                                                                                                                                            'columns': ['param',
+                                                                                                                                                                                                        'state:exp_avg',
+                                                                                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                                                                                        'state:sign',
+                                                                                                                                                                                                        'state:s',
+                                                                                                                                                                                                        'state:p0',
+                                                                                                                                                                                                        'numel',
+                                                                                                                                                                                                        'B',
+                                                                                                                                                                                                        'M',
+                                                                                                                                                                                                        'N',
+                                                                                                                                                                                                        'ndim',
+                                                                                                                                                                                                        'gidx',
+                                                                                                                                                                                                        'stride',
+                                                                                                                                                                                                        'ws:_r0',
+                                                                                                                                                                                                        'ws:_r1',
+                                                                                                                                                                                                        'ws:_r2',
+                                                                                                                                                                                                        'ws:_acc0_num',
+                                                                                                                                                                                                        'ws:_acc1_den',
+                                                                                                                                                                                                        'ws:grad',
+                                                                                                                                                                                                        'ws:update'],
+                                                                                                                                                                                            'creates': [],
+                                                                                                                                                                                            'hv': ['_k38',
+                                                                                                                                                                                                   '_k39',
+                                                                                                                                                                                                   '_k40',
+                                                                                                                                                                                                   'dlr',
+                                                                                                                                                                                                   'b_m',
+                                                                                                                                                                                                   '_k43',
+                                                                                                                                                                                                   '_k44',
+                                                                                                                                                                                                   '_k45',
+                                                                                                                                                                                                   '_k46',
+                                                                                                                                                                                                   'b3',
+                                                                                                                                                                                                   '_k48',
+                                                                                                                                                                                                   '_k49__b1__b5',
+                                                                                                                                                                                                   '_k50__b3__b7',
+                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                   '_c13',
+                                                                                                                                                                                                   '_k51'],
+                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue2',
+                                                                                                                                                                                                          'prologue'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat1',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                          'vec')],
+                                                                                                                                                                                            'states': ['exp_avg',
+                                                                                                                                                                                                       'p0',
+                                                                                                                                                                                                       's'],
+                                                                                                                                                                                            'temps': [('_r0',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r1',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r2',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_acc0_num',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('_acc1_den',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('grad',
+                                                                                                                                                                                                       'element',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('update',
+                                                                                                                                                                                                       'element',
+                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', False)): {'accumulates': [('num',
+                                                                                                                                                                                                             '_acc0_num'),
+                                                                                                                                                                                                            ('den',
+                                                                                                                                                                                                             '_acc1_den')],
+                                                                                                                                                                                            'columns': ['param',
+                                                                                                                                                                                                        'state:exp_avg',
+                                                                                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                                                                                        'state:sign',
+                                                                                                                                                                                                        'state:s',
+                                                                                                                                                                                                        'state:p0',
+                                                                                                                                                                                                        'numel',
+                                                                                                                                                                                                        'B',
+                                                                                                                                                                                                        'M',
+                                                                                                                                                                                                        'N',
+                                                                                                                                                                                                        'ndim',
+                                                                                                                                                                                                        'gidx',
+                                                                                                                                                                                                        'stride',
+                                                                                                                                                                                                        'ws:_r0',
+                                                                                                                                                                                                        'ws:_r1',
+                                                                                                                                                                                                        'ws:_r2',
+                                                                                                                                                                                                        'ws:_acc0_num',
+                                                                                                                                                                                                        'ws:_acc1_den',
+                                                                                                                                                                                                        'ws:grad',
+                                                                                                                                                                                                        'ws:update'],
+                                                                                                                                                                                            'creates': [],
+                                                                                                                                                                                            'hv': ['_k38',
+                                                                                                                                                                                                   '_k39',
+                                                                                                                                                                                                   '_k40',
+                                                                                                                                                                                                   'dlr',
+                                                                                                                                                                                                   'b_m',
+                                                                                                                                                                                                   '_k43',
+                                                                                                                                                                                                   '_k44',
+                                                                                                                                                                                                   '_k45',
+                                                                                                                                                                                                   '_k46',
+                                                                                                                                                                                                   'b3',
+                                                                                                                                                                                                   '_k48',
+                                                                                                                                                                                                   '_k52__b1__b5',
+                                                                                                                                                                                                   '_k53__b3__b7',
+                                                                                                                                                                                                   '_c14',
+                                                                                                                                                                                                   '_c13'],
+                                                                                                                                                                                            'launches': [('_lion_prodigy_adv_prologue1',
+                                                                                                                                                                                                          'prologue'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_flat2',
+                                                                                                                                                                                                          'flat'),
+                                                                                                                                                                                                         ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                          'vec')],
+                                                                                                                                                                                            'states': ['exp_avg',
+                                                                                                                                                                                                       'p0',
+                                                                                                                                                                                                       's'],
+                                                                                                                                                                                            'temps': [('_r0',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r1',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_r2',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       True),
+                                                                                                                                                                                                      ('_acc0_num',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('_acc1_den',
+                                                                                                                                                                                                       'tensor',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('grad',
+                                                                                                                                                                                                       'element',
+                                                                                                                                                                                                       False),
+                                                                                                                                                                                                      ('update',
+                                                                                                                                                                                                       'element',
+                                                                                                                                                                                                       False)]},
+           (('_c0', False), ('_c2', True), ('_c3', True), ('_c4', False), ('_c5', False), ('_c6', True), ('_c8', False), ('_c9', True), ('_c10', True), ('_c11', False), ('_c12', True)): {'accumulates': [('num',
+                                                                                                                                                                                                            '_acc0_num'),
+                                                                                                                                                                                                           ('den',
+                                                                                                                                                                                                            '_acc1_den')],
+                                                                                                                                                                                           'columns': ['param',
+                                                                                                                                                                                                       'state:exp_avg',
+                                                                                                                                                                                                       'state:mu_m_nmf',
+                                                                                                                                                                                                       'state:mv_m_nmf',
+                                                                                                                                                                                                       'state:sign',
+                                                                                                                                                                                                       'state:s',
+                                                                                                                                                                                                       'state:p0',
+                                                                                                                                                                                                       'numel',
+                                                                                                                                                                                                       'B',
+                                                                                                                                                                                                       'M',
+                                                                                                                                                                                                       'N',
+                                                                                                                                                                                                       'ndim',
+                                                                                                                                                                                                       'gidx',
+                                                                                                                                                                                                       'stride',
+                                                                                                                                                                                                       'ws:_r0',
+                                                                                                                                                                                                       'ws:_r1',
+                                                                                                                                                                                                       'ws:_r2',
+                                                                                                                                                                                                       'ws:_acc0_num',
+                                                                                                                                                                                                       'ws:_acc1_den',
+                                                                                                                                                                                                       'ws:grad',
+                                                                                                                                                                                                       'ws:update'],
+                                                                                                                                                                                           'creates': [],
+                                                                                                                                                                                           'hv': ['_k38',
+                                                                                                                                                                                                  '_k39',
+                                                                                                                                                                                                  '_k40',
+                                                                                                                                                                                                  'dlr',
+                                                                                                                                                                                                  'b_m',
+                                                                                                                                                                                                  '_k43',
+                                                                                                                                                                                                  '_k44',
+                                                                                                                                                                                                  '_k45',
+                                                                                                                                                                                                  '_k46',
+                                                                                                                                                                                                  'b3',
+                                                                                                                                                                                                  '_k48',
+                                                                                                                                                                                                  '_k49__b1__b5',
+                                                                                                                                                                                                  '_k50__b3__b7',
+                                                                                                                                                                                                  '_c14',
+                                                                                                                                                                                                  '_c13',
+                                                                                                                                                                                                  '_k51'],
+                                                                                                                                                                                           'launches': [('_lion_prodigy_adv_prologue0',
+                                                                                                                                                                                                         'prologue'),
+                                                                                                                                                                                                        ('_lion_prodigy_adv_flat0',
+                                                                                                                                                                                                         'flat'),
+                                                                                                                                                                                                        ('_lion_prodigy_adv_flat1',
+                                                                                                                                                                                                         'flat'),
+                                                                                                                                                                                                        ('_lion_prodigy_adv_vec0',
+                                                                                                                                                                                                         'vec')],
+                                                                                                                                                                                           'states': ['exp_avg',
+                                                                                                                                                                                                      'p0',
+                                                                                                                                                                                                      's'],
+                                                                                                                                                                                           'temps': [('_r0',
+                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                      True),
+                                                                                                                                                                                                     ('_r1',
+                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                      True),
+                                                                                                                                                                                                     ('_r2',
+                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                      True),
+                                                                                                                                                                                                     ('_acc0_num',
+                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                      False),
+                                                                                                                                                                                                     ('_acc1_den',
+                                                                                                                                                                                                      'tensor',
+                                                                                                                                                                                                      False),
+                                                                                                                                                                                                     ('grad',
+                                                                                                                                                                                                      'element',
+                                                                                                                                                                                                      False),
+                                                                                                                                                                                                     ('update',
+                                                                                                                                                                                                      'element',
+                                                                                                                                                                                                      False)]}},
  'static_hypers': ['nnmf_factor', 'slice_p', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -20,24 +20,26 @@ def _muon_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
-    """Prologue: one program per tensor; computes the host values in float64 and writes the 9 the
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 10 the
     passes read to hv.
     """
     COL_M: tl.constexpr = 4
     COL_N: tl.constexpr = 5
     COL_GIDX: tl.constexpr = 7
     HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
-    HV_MOMENTUM: tl.constexpr = 1
-    HV_NS_STEPS: tl.constexpr = 2
-    HV_EPS: tl.constexpr = 3
-    HV_NS_A: tl.constexpr = 4
-    HV_NS_B: tl.constexpr = 5
-    HV_NS_C: tl.constexpr = 6
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 7
-    HV_NEG_ADJUSTED_LR: tl.constexpr = 8
+    HV_K1__B1: tl.constexpr = 1
+    HV_NESTEROV: tl.constexpr = 2
+    HV_NS_STEPS: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NS_A: tl.constexpr = 5
+    HV_NS_B: tl.constexpr = 6
+    HV_NS_C: tl.constexpr = 7
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 8
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 9
     HYP_EPS: tl.constexpr = 1
     HYP_LR: tl.constexpr = 2
     HYP_MOMENTUM: tl.constexpr = 3
+    HYP_NESTEROV: tl.constexpr = 4
     HYP_NS_A: tl.constexpr = 5
     HYP_NS_B: tl.constexpr = 6
     HYP_NS_C: tl.constexpr = 7
@@ -45,8 +47,10 @@ def _muon_prologue0(
     HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    nesterov = tl.load(hyp + HYP_NESTEROV)
     one_minus_momentum = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_MOMENTUM))
-    momentum = tl.load(hyp + HYP_MOMENTUM)
+    # _k1__b1 = momentum
+    k1__b1 = tl.load(hyp + HYP_MOMENTUM)
     ns_steps = tl.load(hyp + HYP_NS_STEPS)
     eps = tl.load(hyp + HYP_EPS)
     ns_a = tl.load(hyp + HYP_NS_A)
@@ -58,7 +62,8 @@ def _muon_prologue0(
     neg_adjusted_lr = (-adjusted_lr)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_MOMENTUM, (one_minus_momentum).to(tl.float32))
-    tl.store(hv + t * NH + HV_MOMENTUM, (momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B1, (k1__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NESTEROV, (nesterov).to(tl.float32))
     tl.store(hv + t * NH + HV_NS_STEPS, (ns_steps).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
     tl.store(hv + t * NH + HV_NS_A, (ns_a).to(tl.float32))
@@ -76,7 +81,8 @@ def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     COL_WS_UPDATE: tl.constexpr = 9
     COL_WS_X0: tl.constexpr = 10
     HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
-    HV_MOMENTUM: tl.constexpr = 1
+    HV_K1__B1: tl.constexpr = 1
+    HV_NESTEROV: tl.constexpr = 2
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
@@ -84,15 +90,19 @@ def _muon_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     one_minus_momentum = tl.load(hv + t * NH + HV_ONE_MINUS_MOMENTUM)
-    momentum = tl.load(hv + t * NH + HV_MOMENTUM)
+    k1__b1 = tl.load(hv + t * NH + HV_K1__B1)
+    nesterov = tl.load(hv + t * NH + HV_NESTEROV)
     p_update = ws + tl.load(tab + t * TBL_W + COL_WS_UPDATE)
     p_x0 = ws + tl.load(tab + t * TBL_W + COL_WS_X0)
     # momentum_buffer = lerp(momentum_buffer, grad, 1 - momentum)
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_momentum)
-    # update = lerp(grad, momentum_buffer, momentum)
-    update = L.lerp(grad, momentum_buffer_1, momentum)
+    # update__b2 = lerp(grad, momentum_buffer, _k1__b1)
+    update__b2 = L.lerp(grad, momentum_buffer_1, k1__b1)
+    # update__b3 = copy(momentum_buffer)
+    # update = where(nesterov, update__b2, update__b3)
+    update = tl.where((nesterov != 0), update__b2, momentum_buffer_1)
     # _x0 = update
     # store momentum_buffer, update, _x0
     tl.store(p_momentum_buffer + offs, L.to_storage(momentum_buffer_1, DT_momentum_buffer), mask=mask)
@@ -131,8 +141,8 @@ def _muon_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_WS_N0: tl.constexpr = 8
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 7
-    HV_NEG_ADJUSTED_LR: tl.constexpr = 8
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 8
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 9
     p_n0 = ws + tl.load(tab + t * TBL_W + COL_WS_N0)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
@@ -183,28 +193,33 @@ def _muon_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
-    """Prologue: one program per tensor; computes the host values in float64 and writes the 4 the
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 5 the
     passes read to hv.
     """
     COL_GIDX: tl.constexpr = 7
     HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
-    HV_MOMENTUM: tl.constexpr = 1
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 2
-    HV_NEG_ADJUSTED_LR: tl.constexpr = 3
+    HV_K1__B1: tl.constexpr = 1
+    HV_NESTEROV: tl.constexpr = 2
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 3
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 4
     HYP_LR: tl.constexpr = 2
     HYP_MOMENTUM: tl.constexpr = 3
+    HYP_NESTEROV: tl.constexpr = 4
     HYP_WEIGHT_DECAY: tl.constexpr = 9
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    nesterov = tl.load(hyp + HYP_NESTEROV)
     one_minus_momentum = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_MOMENTUM))
-    momentum = tl.load(hyp + HYP_MOMENTUM)
+    # _k1__b1 = momentum
+    k1__b1 = tl.load(hyp + HYP_MOMENTUM)
     # adjusted_lr = lr
     adjusted_lr = tl.load(hyp + HYP_LR)
     one_minus_lr_times_weight_decay = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
     neg_adjusted_lr = (-adjusted_lr)
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_ONE_MINUS_MOMENTUM, (one_minus_momentum).to(tl.float32))
-    tl.store(hv + t * NH + HV_MOMENTUM, (momentum).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B1, (k1__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_NESTEROV, (nesterov).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY, (one_minus_lr_times_weight_decay).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_ADJUSTED_LR, (neg_adjusted_lr).to(tl.float32))
 
@@ -216,9 +231,10 @@ def _muon_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     COL_PARAM: tl.constexpr = 0
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
     HV_ONE_MINUS_MOMENTUM: tl.constexpr = 0
-    HV_MOMENTUM: tl.constexpr = 1
-    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 2
-    HV_NEG_ADJUSTED_LR: tl.constexpr = 3
+    HV_K1__B1: tl.constexpr = 1
+    HV_NESTEROV: tl.constexpr = 2
+    HV_ONE_MINUS_LR_TIMES_WEIGHT_DECAY: tl.constexpr = 3
+    HV_NEG_ADJUSTED_LR: tl.constexpr = 4
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
     if ALIGNED:
         p_momentum_buffer = tl.multiple_of(p_momentum_buffer, 16)
@@ -226,7 +242,8 @@ def _muon_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
     one_minus_momentum = tl.load(hv + t * NH + HV_ONE_MINUS_MOMENTUM)
-    momentum = tl.load(hv + t * NH + HV_MOMENTUM)
+    k1__b1 = tl.load(hv + t * NH + HV_K1__B1)
+    nesterov = tl.load(hv + t * NH + HV_NESTEROV)
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -236,8 +253,11 @@ def _muon_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     momentum_buffer = tl.load(p_momentum_buffer + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
     momentum_buffer_1 = L.lerp(momentum_buffer, grad, one_minus_momentum)
-    # update = lerp(grad, momentum_buffer, momentum)
-    update = L.lerp(grad, momentum_buffer_1, momentum)
+    # update__b2 = lerp(grad, momentum_buffer, _k1__b1)
+    update__b2 = L.lerp(grad, momentum_buffer_1, k1__b1)
+    # update__b3 = copy(momentum_buffer)
+    # update = where(nesterov, update__b2, update__b3)
+    update = tl.where((nesterov != 0), update__b2, momentum_buffer_1)
     # param = param * (1 - lr * weight_decay)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param * one_minus_lr_times_weight_decay)
@@ -281,8 +301,8 @@ KERNELS = {
     "_muon_flat2": _muon_flat2,
 }
 
-PLAN = {'dynamic': [],
- 'group_conditions': ['_c0', '_c2'],
+PLAN = {'dynamic': ['_c0'],
+ 'group_conditions': ['_c2'],
  'hyper_slots': [['adjust_lr_fn', None],
                  ['eps', None],
                  ['lr', None],
@@ -294,57 +314,57 @@ PLAN = {'dynamic': [],
                  ['ns_steps', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', True), ('_c1', False)): {'columns': ['param',
+ 'paths': {(('_c1', False),): {'columns': ['param',
+                                           'state:momentum_buffer',
+                                           'numel',
+                                           'B',
+                                           'M',
+                                           'N',
+                                           'ndim',
+                                           'gidx'],
+                               'creates': [],
+                               'hv': ['_k0', '_k1__b1', '_c0', '_k7', '_k8'],
+                               'launches': [('_muon_prologue1', 'prologue'), ('_muon_flat2', 'flat')],
+                               'states': ['momentum_buffer'],
+                               'temps': []},
+           (('_c1', True), ('_c2', False)): {'calls': [{'args': [['var', '_k2'],
+                                                                 ['var', '_k3'],
+                                                                 ['var', '_k4'],
+                                                                 ['var', '_k5'],
+                                                                 ['var', '_k6']],
+                                                        'input': '_x0',
+                                                        'op': 'newton_schulz',
+                                                        'output': '_n0'}],
+                                             'columns': ['param',
                                                          'state:momentum_buffer',
                                                          'numel',
                                                          'B',
                                                          'M',
                                                          'N',
                                                          'ndim',
-                                                         'gidx'],
+                                                         'gidx',
+                                                         'ws:_n0',
+                                                         'ws:update',
+                                                         'ws:_x0'],
                                              'creates': [],
-                                             'hv': ['_k0', '_k1', '_k7', '_k8'],
-                                             'launches': [('_muon_prologue1', 'prologue'),
-                                                          ('_muon_flat2', 'flat')],
+                                             'hv': ['_k0',
+                                                    '_k1__b1',
+                                                    '_c0',
+                                                    '_k2',
+                                                    '_k3',
+                                                    '_k4',
+                                                    '_k5',
+                                                    '_k6',
+                                                    '_k7',
+                                                    '_k8'],
+                                             'launches': [('_muon_prologue0', 'prologue'),
+                                                          ('_muon_flat0', 'flat'),
+                                                          ('call0', 'call'),
+                                                          ('_muon_flat1', 'flat')],
                                              'states': ['momentum_buffer'],
-                                             'temps': []},
-           (('_c0', True), ('_c1', True), ('_c2', False)): {'calls': [{'args': [['var', '_k2'],
-                                                                                ['var', '_k3'],
-                                                                                ['var', '_k4'],
-                                                                                ['var', '_k5'],
-                                                                                ['var', '_k6']],
-                                                                       'input': '_x0',
-                                                                       'op': 'newton_schulz',
-                                                                       'output': '_n0'}],
-                                                            'columns': ['param',
-                                                                        'state:momentum_buffer',
-                                                                        'numel',
-                                                                        'B',
-                                                                        'M',
-                                                                        'N',
-                                                                        'ndim',
-                                                                        'gidx',
-                                                                        'ws:_n0',
-                                                                        'ws:update',
-                                                                        'ws:_x0'],
-                                                            'creates': [],
-                                                            'hv': ['_k0',
-                                                                   '_k1',
-                                                                   '_k2',
-                                                                   '_k3',
-                                                                   '_k4',
-                                                                   '_k5',
-                                                                   '_k6',
-                                                                   '_k7',
-                                                                   '_k8'],
-                                                            'launches': [('_muon_prologue0', 'prologue'),
-                                                                         ('_muon_flat0', 'flat'),
-                                                                         ('call0', 'call'),
-                                                                         ('_muon_flat1', 'flat')],
-                                                            'states': ['momentum_buffer'],
-                                                            'temps': [('_n0', 'element', False),
-                                                                      ('update', 'element', False),
-                                                                      ('_x0', 'element', False)]}},
+                                             'temps': [('_n0', 'element', False),
+                                                       ('update', 'element', False),
+                                                       ('_x0', 'element', False)]}},
  'static_hypers': ['eps', 'ns_coefficients', 'ns_steps']}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -21,30 +21,46 @@ def _nadam_prologue0(
     STEP_DT: tl.constexpr, DT_mu_product: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 12 the passes read to hv.
 
     Reads mu_product; writes mu_product.
     """
     COL_GIDX: tl.constexpr = 8
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION2: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_K: tl.constexpr = 5
-    HV_K_1: tl.constexpr = 6
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION2: tl.constexpr = 8
+    HV_EPS: tl.constexpr = 9
+    HV_K: tl.constexpr = 10
+    HV_K_1: tl.constexpr = 11
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
+    HYP_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 2
     HYP_EPS: tl.constexpr = 3
     HYP_LR: tl.constexpr = 4
+    HYP_MAXIMIZE: tl.constexpr = 5
     HYP_MOMENTUM_DECAY: tl.constexpr = 6
+    HYP_WEIGHT_DECAY: tl.constexpr = 7
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     mu_product = tl.load(hs_mu_product + gidx).to(tl.float64)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    decoupled_weight_decay = tl.load(hyp + HYP_DECOUPLED_WEIGHT_DECAY)
     # bias_correction2 = 1 - beta2 ** step
     bias_correction2 = (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step))
+    # _k0__b2__b6 = 1 - lr * weight_decay
+    k0__b2__b6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k1__b4__b8 = weight_decay
+    k1__b4__b8 = tl.load(hyp + HYP_WEIGHT_DECAY)
     # mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu = (tl.load(hyp + HYP_BETA1) * (tl.full((), 1.0, tl.float64) - (tl.full((), 0.5, tl.float64) * L.pow64(tl.full((), 0.96, tl.float64), (step * tl.load(hyp + HYP_MOMENTUM_DECAY))))))
     # mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
@@ -63,6 +79,11 @@ def _nadam_prologue0(
     # k_1 = -lr * mu_next / (1.0 - mu_product_next)
     k_1 = (((-tl.load(hyp + HYP_LR)) * mu_next) / (tl.full((), 1.0, tl.float64) - mu_product_next))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2__B6, (k0__b2__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B4__B8, (k1__b4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY, (decoupled_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -79,19 +100,32 @@ def _nadam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION2: tl.constexpr = 3
-    HV_EPS: tl.constexpr = 4
-    HV_K: tl.constexpr = 5
-    HV_K_1: tl.constexpr = 6
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION2: tl.constexpr = 8
+    HV_EPS: tl.constexpr = 9
+    HV_K: tl.constexpr = 10
+    HV_K_1: tl.constexpr = 11
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
@@ -100,31 +134,44 @@ def _nadam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
     bias_correction2 = tl.load(hv + t * NH + HV_BIAS_CORRECTION2)
     eps = tl.load(hv + t * NH + HV_EPS)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     k = tl.load(hv + t * NH + HV_K)
     k_1 = tl.load(hv + t * NH + HV_K_1)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3__b7 = param * _k0__b2__b6
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_1 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_1, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_2 = tl.where((c != 0), grad__b11, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_2 * grad_2)
     # denom = sqrt(exp_avg_sq / bias_correction2)
     denom = L.sqrt(L.div(exp_avg_sq_1, bias_correction2))
     # denom = denom + eps
     denom_1 = (denom + eps)
     # param = param + -lr * (1.0 - mu) / (1.0 - mu_product) * grad / denom
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + k * L.div(grad, denom_1))
+    param_2 = (param_1 + k * L.div(grad_2, denom_1))
     # param = param + -lr * mu_next / (1.0 - mu_product_next) * exp_avg / denom
-    param_2 = (param_1 + k_1 * L.div(exp_avg_1, denom_1))
-    # store exp_avg, exp_avg_sq, param
+    param_3 = (param_2 + k_1 * L.div(exp_avg_1, denom_1))
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_3, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -136,7 +183,7 @@ def _nadam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
     """
     COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
@@ -157,8 +204,16 @@ KERNELS = {
     "_nadam_flat0": _nadam_flat0,
 }
 
-PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_product', 'mu_product_next'],
- 'group_conditions': ['_c0', '_c1', '_c2'],
+PLAN = {'dynamic': ['_c0',
+             '_c1',
+             '_c2',
+             '_k6',
+             '_k7',
+             'bias_correction2',
+             'mu',
+             'mu_next',
+             'mu_product',
+             'mu_product_next'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['decoupled_weight_decay', None],
@@ -168,27 +223,31 @@ PLAN = {'dynamic': ['_k6', '_k7', 'bias_correction2', 'mu', 'mu_next', 'mu_produ
                  ['momentum_decay', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:exp_avg',
-                                                          'state:exp_avg_sq',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k2',
-                                                     '_k3',
-                                                     '_k4',
-                                                     'bias_correction2',
-                                                     '_k5',
-                                                     '_k6',
-                                                     '_k7'],
-                                              'launches': [('_nadam_prologue0', 'prologue'),
-                                                           ('_nadam_flat0', 'flat')],
-                                              'states': ['exp_avg', 'exp_avg_sq'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param',
+                            'state:exp_avg',
+                            'state:exp_avg_sq',
+                            'numel',
+                            'B',
+                            'M',
+                            'N',
+                            'ndim',
+                            'gidx'],
+                'creates': [],
+                'hv': ['_c0',
+                       '_k0__b2__b6',
+                       '_k1__b4__b8',
+                       '_c2',
+                       '_c1',
+                       '_k2',
+                       '_k3',
+                       '_k4',
+                       'bias_correction2',
+                       '_k5',
+                       '_k6',
+                       '_k7'],
+                'launches': [('_nadam_prologue0', 'prologue'), ('_nadam_flat0', 'flat')],
+                'states': ['exp_avg', 'exp_avg_sq'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

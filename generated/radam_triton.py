@@ -21,27 +21,43 @@ def _radam_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 10 the passes read to hv.
+    writes the 15 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 8
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION1: tl.constexpr = 3
-    HV_K5__B2: tl.constexpr = 4
-    HV_K6__B3: tl.constexpr = 5
-    HV_K7__B5: tl.constexpr = 6
-    HV_RECT__B1: tl.constexpr = 7
-    HV_K8__B7: tl.constexpr = 8
-    HV_C: tl.constexpr = 9
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION1: tl.constexpr = 8
+    HV_K5__B13: tl.constexpr = 9
+    HV_K6__B14: tl.constexpr = 10
+    HV_K7__B16: tl.constexpr = 11
+    HV_RECT__B12: tl.constexpr = 12
+    HV_K8__B18: tl.constexpr = 13
+    HV_C_1: tl.constexpr = 14
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
+    HYP_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 2
     HYP_EPS: tl.constexpr = 3
     HYP_LR: tl.constexpr = 4
+    HYP_MAXIMIZE: tl.constexpr = 5
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    decoupled_weight_decay = tl.load(hyp + HYP_DECOUPLED_WEIGHT_DECAY)
+    # _k0__b2__b6 = 1 - lr * weight_decay
+    k0__b2__b6 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_LR) * tl.load(hyp + HYP_WEIGHT_DECAY)))
+    # _k1__b4__b8 = weight_decay
+    k1__b4__b8 = tl.load(hyp + HYP_WEIGHT_DECAY)
     one_minus_beta1 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA1))
     beta2 = tl.load(hyp + HYP_BETA2)
     one_minus_beta2 = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))
@@ -53,29 +69,34 @@ def _radam_prologue0(
     rho_inf = ((tl.full((), 2.0, tl.float64) / (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_BETA2))) - tl.full((), 1.0, tl.float64))
     # rho_t = rho_inf - 2 * step * beta2 ** step / bias_correction2
     rho_t = (rho_inf - (((tl.full((), 2.0, tl.float64) * step) * L.pow64(tl.load(hyp + HYP_BETA2), step)) / bias_correction2))
-    # c = rho_t > 5.0
-    c = (rho_t > tl.full((), 5.0, tl.float64))
-    # rect__b1 = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-    rect__b1 = L.pow64(((((rho_t - tl.full((), 4.0, tl.float64)) * (rho_t - tl.full((), 2.0, tl.float64))) * rho_inf) / (((rho_inf - tl.full((), 4.0, tl.float64)) * (rho_inf - tl.full((), 2.0, tl.float64))) * rho_t)), tl.full((), 0.5, tl.float64))
-    # _k5__b2 = eps
-    k5__b2 = tl.load(hyp + HYP_EPS)
-    # _k6__b3 = bias_correction2 ** 0.5
-    k6__b3 = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
-    # _k7__b5 = lr
-    k7__b5 = tl.load(hyp + HYP_LR)
-    # _k8__b7 = lr
-    k8__b7 = tl.load(hyp + HYP_LR)
+    # c_1 = rho_t > 5.0
+    c_1 = (rho_t > tl.full((), 5.0, tl.float64))
+    # rect__b12 = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    rect__b12 = L.pow64(((((rho_t - tl.full((), 4.0, tl.float64)) * (rho_t - tl.full((), 2.0, tl.float64))) * rho_inf) / (((rho_inf - tl.full((), 4.0, tl.float64)) * (rho_inf - tl.full((), 2.0, tl.float64))) * rho_t)), tl.full((), 0.5, tl.float64))
+    # _k5__b13 = eps
+    k5__b13 = tl.load(hyp + HYP_EPS)
+    # _k6__b14 = bias_correction2 ** 0.5
+    k6__b14 = L.pow64(bias_correction2, tl.full((), 0.5, tl.float64))
+    # _k7__b16 = lr
+    k7__b16 = tl.load(hyp + HYP_LR)
+    # _k8__b18 = lr
+    k8__b18 = tl.load(hyp + HYP_LR)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2__B6, (k0__b2__b6).to(tl.float32))
+    tl.store(hv + t * NH + HV_K1__B4__B8, (k1__b4__b8).to(tl.float32))
+    tl.store(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY, (decoupled_weight_decay).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_BIAS_CORRECTION1, (bias_correction1).to(tl.float32))
-    tl.store(hv + t * NH + HV_K5__B2, (k5__b2).to(tl.float32))
-    tl.store(hv + t * NH + HV_K6__B3, (k6__b3).to(tl.float32))
-    tl.store(hv + t * NH + HV_K7__B5, (k7__b5).to(tl.float32))
-    tl.store(hv + t * NH + HV_RECT__B1, (rect__b1).to(tl.float32))
-    tl.store(hv + t * NH + HV_K8__B7, (k8__b7).to(tl.float32))
-    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_K5__B13, (k5__b13).to(tl.float32))
+    tl.store(hv + t * NH + HV_K6__B14, (k6__b14).to(tl.float32))
+    tl.store(hv + t * NH + HV_K7__B16, (k7__b16).to(tl.float32))
+    tl.store(hv + t * NH + HV_RECT__B12, (rect__b12).to(tl.float32))
+    tl.store(hv + t * NH + HV_K8__B18, (k8__b18).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
 
 
 # flat
@@ -85,22 +106,35 @@ def _radam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_BIAS_CORRECTION1: tl.constexpr = 3
-    HV_K5__B2: tl.constexpr = 4
-    HV_K6__B3: tl.constexpr = 5
-    HV_K7__B5: tl.constexpr = 6
-    HV_RECT__B1: tl.constexpr = 7
-    HV_K8__B7: tl.constexpr = 8
-    HV_C: tl.constexpr = 9
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2__B6: tl.constexpr = 1
+    HV_K1__B4__B8: tl.constexpr = 2
+    HV_DECOUPLED_WEIGHT_DECAY: tl.constexpr = 3
+    HV_C: tl.constexpr = 4
+    HV_ONE_MINUS_BETA1: tl.constexpr = 5
+    HV_BETA2: tl.constexpr = 6
+    HV_ONE_MINUS_BETA2: tl.constexpr = 7
+    HV_BIAS_CORRECTION1: tl.constexpr = 8
+    HV_K5__B13: tl.constexpr = 9
+    HV_K6__B14: tl.constexpr = 10
+    HV_K7__B16: tl.constexpr = 11
+    HV_RECT__B12: tl.constexpr = 12
+    HV_K8__B18: tl.constexpr = 13
+    HV_C_1: tl.constexpr = 14
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2__b6 = tl.load(hv + t * NH + HV_K0__B2__B6)
+    k1__b4__b8 = tl.load(hv + t * NH + HV_K1__B4__B8)
+    decoupled_weight_decay = tl.load(hv + t * NH + HV_DECOUPLED_WEIGHT_DECAY)
+    c = tl.load(hv + t * NH + HV_C)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
@@ -108,37 +142,50 @@ def _radam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     beta2 = tl.load(hv + t * NH + HV_BETA2)
     one_minus_beta2 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA2)
     bias_correction1 = tl.load(hv + t * NH + HV_BIAS_CORRECTION1)
-    k5__b2 = tl.load(hv + t * NH + HV_K5__B2)
-    k6__b3 = tl.load(hv + t * NH + HV_K6__B3)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
-    k7__b5 = tl.load(hv + t * NH + HV_K7__B5)
-    rect__b1 = tl.load(hv + t * NH + HV_RECT__B1)
-    k8__b7 = tl.load(hv + t * NH + HV_K8__B7)
-    c = tl.load(hv + t * NH + HV_C)
+    k5__b13 = tl.load(hv + t * NH + HV_K5__B13)
+    k6__b14 = tl.load(hv + t * NH + HV_K6__B14)
+    k7__b16 = tl.load(hv + t * NH + HV_K7__B16)
+    rect__b12 = tl.load(hv + t * NH + HV_RECT__B12)
+    k8__b18 = tl.load(hv + t * NH + HV_K8__B18)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3__b7 = param * _k0__b2__b6
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b3__b7 = (param * k0__b2__b6)
+    # grad__b5__b9 = grad + _k1__b4__b8 * param
+    grad__b5__b9 = (grad_1 + k1__b4__b8 * param)
+    # param__b10 = where(decoupled_weight_decay, param__b3__b7, param)
+    param__b10 = tl.where((decoupled_weight_decay != 0), param__b3__b7, param)
+    # grad__b11 = where(decoupled_weight_decay, grad, grad__b5__b9)
+    grad__b11 = tl.where((decoupled_weight_decay != 0), grad_1, grad__b5__b9)
+    # param = where(weight_decay != 0, param__b10, param)
+    param_1 = tl.where((c != 0), param__b10, param)
+    # grad = where(weight_decay != 0, grad__b11, grad)
+    grad_2 = tl.where((c != 0), grad__b11, grad_1)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_2, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_2 * grad_2)
     # bias_corrected_exp_avg = exp_avg / bias_correction1
     bias_corrected_exp_avg = L.div(exp_avg_1, bias_correction1)
-    # adaptive_lr__b4 = _k6__b3 / (sqrt(exp_avg_sq) + _k5__b2)
-    adaptive_lr__b4 = L.div(k6__b3, (L.sqrt(exp_avg_sq_1) + k5__b2))
-    # param__b6 = param - bias_corrected_exp_avg * _k7__b5 * adaptive_lr__b4 * rect__b1
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param__b6 = (param - (((bias_corrected_exp_avg * k7__b5) * adaptive_lr__b4) * rect__b1))
-    # param__b8 = param - bias_corrected_exp_avg * _k8__b7
-    param__b8 = (param - (bias_corrected_exp_avg * k8__b7))
-    # param = where(rho_t > 5.0, param__b6, param__b8)
-    param_1 = tl.where((c != 0), param__b6, param__b8)
-    # store exp_avg, exp_avg_sq, param
+    # adaptive_lr__b15 = _k6__b14 / (sqrt(exp_avg_sq) + _k5__b13)
+    adaptive_lr__b15 = L.div(k6__b14, (L.sqrt(exp_avg_sq_1) + k5__b13))
+    # param__b17 = param - bias_corrected_exp_avg * _k7__b16 * adaptive_lr__b15 * rect__b12
+    param__b17 = (param_1 - (((bias_corrected_exp_avg * k7__b16) * adaptive_lr__b15) * rect__b12))
+    # param__b19 = param - bias_corrected_exp_avg * _k8__b18
+    param__b19 = (param_1 - (bias_corrected_exp_avg * k8__b18))
+    # param = where(rho_t > 5.0, param__b17, param__b19)
+    param_2 = tl.where((c_1 != 0), param__b17, param__b19)
+    # store param, exp_avg, exp_avg_sq
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
 
 @triton.jit
@@ -150,7 +197,7 @@ def _radam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, param, exp_avg, exp_avg_sq; writes param, exp_avg, exp_avg_sq.
     """
     COL_NUMEL: tl.constexpr = 3
     pid = tl.program_id(0)
@@ -171,8 +218,7 @@ KERNELS = {
     "_radam_flat0": _radam_flat0,
 }
 
-PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect', 'rho_t'],
- 'group_conditions': ['_c0', '_c1', '_c2'],
+PLAN = {'dynamic': ['_c0', '_c1', '_c2', '_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect', 'rho_t'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['decoupled_weight_decay', None],
@@ -181,30 +227,34 @@ PLAN = {'dynamic': ['_c3', '_k6', 'bias_correction1', 'bias_correction2', 'rect'
                  ['maximize', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False)): {'columns': ['param',
-                                                          'state:exp_avg',
-                                                          'state:exp_avg_sq',
-                                                          'numel',
-                                                          'B',
-                                                          'M',
-                                                          'N',
-                                                          'ndim',
-                                                          'gidx'],
-                                              'creates': [],
-                                              'hv': ['_k2',
-                                                     '_k3',
-                                                     '_k4',
-                                                     'bias_correction1',
-                                                     '_k5__b2',
-                                                     '_k6__b3',
-                                                     '_k7__b5',
-                                                     'rect__b1',
-                                                     '_k8__b7',
-                                                     '_c3'],
-                                              'launches': [('_radam_prologue0', 'prologue'),
-                                                           ('_radam_flat0', 'flat')],
-                                              'states': ['exp_avg', 'exp_avg_sq'],
-                                              'temps': []}},
+ 'paths': {(): {'columns': ['param',
+                            'state:exp_avg',
+                            'state:exp_avg_sq',
+                            'numel',
+                            'B',
+                            'M',
+                            'N',
+                            'ndim',
+                            'gidx'],
+                'creates': [],
+                'hv': ['_c0',
+                       '_k0__b2__b6',
+                       '_k1__b4__b8',
+                       '_c2',
+                       '_c1',
+                       '_k2',
+                       '_k3',
+                       '_k4',
+                       'bias_correction1',
+                       '_k5__b13',
+                       '_k6__b14',
+                       '_k7__b16',
+                       'rect__b12',
+                       '_k8__b18',
+                       '_c3'],
+                'launches': [('_radam_prologue0', 'prologue'), ('_radam_flat0', 'flat')],
+                'states': ['exp_avg', 'exp_avg_sq'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

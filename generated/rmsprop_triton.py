@@ -21,25 +21,38 @@ def _rmsprop_prologue0(
     STEP_DT: tl.constexpr, DT_square_avg: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_grad_avg: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 4 the passes read to hv.
+    writes the 7 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
-    HV_ALPHA: tl.constexpr = 0
-    HV_ONE_MINUS_ALPHA: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_NEG_LR: tl.constexpr = 3
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ALPHA: tl.constexpr = 3
+    HV_ONE_MINUS_ALPHA: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
     HYP_ALPHA: tl.constexpr = 0
     HYP_EPS: tl.constexpr = 2
     HYP_LR: tl.constexpr = 3
+    HYP_MAXIMIZE: tl.constexpr = 4
+    HYP_WEIGHT_DECAY: tl.constexpr = 6
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     alpha = tl.load(hyp + HYP_ALPHA)
     one_minus_alpha = (tl.full((), 1.0, tl.float64) - tl.load(hyp + HYP_ALPHA))
     eps = tl.load(hyp + HYP_EPS)
     neg_lr = (-tl.load(hyp + HYP_LR))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_ALPHA, (alpha).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_ALPHA, (one_minus_alpha).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
@@ -52,32 +65,46 @@ def _rmsprop_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, 
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_SQUARE_AVG: tl.constexpr = 1
-    HV_ALPHA: tl.constexpr = 0
-    HV_ONE_MINUS_ALPHA: tl.constexpr = 1
-    HV_EPS: tl.constexpr = 2
-    HV_NEG_LR: tl.constexpr = 3
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_ALPHA: tl.constexpr = 3
+    HV_ONE_MINUS_ALPHA: tl.constexpr = 4
+    HV_EPS: tl.constexpr = 5
+    HV_NEG_LR: tl.constexpr = 6
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
     p_square_avg = tl.load(tab + t * TBL_W + COL_SQUARE_AVG).to(tl.pointer_type(DT_square_avg))
     if ALIGNED:
         p_square_avg = tl.multiple_of(p_square_avg, 16)
     alpha = tl.load(hv + t * NH + HV_ALPHA)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
     one_minus_alpha = tl.load(hv + t * NH + HV_ONE_MINUS_ALPHA)
     eps = tl.load(hv + t * NH + HV_EPS)
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
     neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
     # square_avg = square_avg * alpha + (1 - alpha) * grad * grad
     square_avg = tl.load(p_square_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    square_avg_1 = ((square_avg * alpha) + one_minus_alpha * grad * grad)
+    square_avg_1 = ((square_avg * alpha) + one_minus_alpha * grad_2 * grad_2)
     # avg = sqrt(square_avg) + eps
     avg = (L.sqrt(square_avg_1) + eps)
     # param = param - lr * grad / avg
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + neg_lr * L.div(grad, avg))
+    param_1 = (param + neg_lr * L.div(grad_2, avg))
     # store square_avg, param
     tl.store(p_square_avg + offs, L.to_storage(square_avg_1, DT_square_avg), mask=mask)
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
@@ -92,7 +119,7 @@ def _rmsprop_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads square_avg, grad, param; writes square_avg, param.
+    Reads grad, param, square_avg; writes square_avg, param.
     """
     COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
@@ -113,8 +140,8 @@ KERNELS = {
     "_rmsprop_flat0": _rmsprop_flat0,
 }
 
-PLAN = {'dynamic': [],
- 'group_conditions': ['_c0', '_c1', '_c2', '_c3'],
+PLAN = {'dynamic': ['_c0', '_c1'],
+ 'group_conditions': ['_c2', '_c3'],
  'hyper_slots': [['alpha', None],
                  ['centered', None],
                  ['eps', None],
@@ -123,27 +150,22 @@ PLAN = {'dynamic': [],
                  ['momentum', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False), ('_c3', False)): {'columns': ['param',
-                                                                                          'state:square_avg',
-                                                                                          'state:momentum_buffer',
-                                                                                          'state:grad_avg',
-                                                                                          'numel',
-                                                                                          'B',
-                                                                                          'M',
-                                                                                          'N',
-                                                                                          'ndim',
-                                                                                          'gidx'],
-                                                                              'creates': [],
-                                                                              'hv': ['_k1',
-                                                                                     '_k2',
-                                                                                     '_k6',
-                                                                                     '_k9'],
-                                                                              'launches': [('_rmsprop_prologue0',
-                                                                                            'prologue'),
-                                                                                           ('_rmsprop_flat0',
-                                                                                            'flat')],
-                                                                              'states': ['square_avg'],
-                                                                              'temps': []}},
+ 'paths': {(('_c2', False), ('_c3', False)): {'columns': ['param',
+                                                          'state:square_avg',
+                                                          'state:momentum_buffer',
+                                                          'state:grad_avg',
+                                                          'numel',
+                                                          'B',
+                                                          'M',
+                                                          'N',
+                                                          'ndim',
+                                                          'gidx'],
+                                              'creates': [],
+                                              'hv': ['_c0', '_k0__b2', '_c1', '_k1', '_k2', '_k6', '_k9'],
+                                              'launches': [('_rmsprop_prologue0', 'prologue'),
+                                                           ('_rmsprop_flat0', 'flat')],
+                                              'states': ['square_avg'],
+                                              'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

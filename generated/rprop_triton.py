@@ -21,28 +21,32 @@ def _rprop_prologue0(
     STEP_DT: tl.constexpr, DT_prev: tl.constexpr, DT_step_size: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 5 the passes read to hv.
+    writes the 6 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 8
-    HV_ETAPLUS: tl.constexpr = 0
-    HV_ETAMINUS: tl.constexpr = 1
-    HV_STEP_SIZE_MIN: tl.constexpr = 2
-    HV_STEP_SIZE_MAX: tl.constexpr = 3
-    HV_ETAMINUS_1: tl.constexpr = 4
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ETAPLUS: tl.constexpr = 1
+    HV_ETAMINUS: tl.constexpr = 2
+    HV_STEP_SIZE_MIN: tl.constexpr = 3
+    HV_STEP_SIZE_MAX: tl.constexpr = 4
+    HV_ETAMINUS_1: tl.constexpr = 5
     HYP_ETAMINUS: tl.constexpr = 0
     HYP_ETAPLUS: tl.constexpr = 1
+    HYP_MAXIMIZE: tl.constexpr = 2
     HYP_STEP_SIZE_MIN: tl.constexpr = 3
     HYP_STEP_SIZE_MAX: tl.constexpr = 4
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
     etaplus = tl.load(hyp + HYP_ETAPLUS)
     etaminus = tl.load(hyp + HYP_ETAMINUS)
     step_size_min = tl.load(hyp + HYP_STEP_SIZE_MIN)
     step_size_max = tl.load(hyp + HYP_STEP_SIZE_MAX)
     etaminus_1 = tl.load(hyp + HYP_ETAMINUS)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
     tl.store(hv + t * NH + HV_ETAPLUS, (etaplus).to(tl.float32))
     tl.store(hv + t * NH + HV_ETAMINUS, (etaminus).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP_SIZE_MIN, (step_size_min).to(tl.float32))
@@ -57,14 +61,16 @@ def _rprop_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     COL_PARAM: tl.constexpr = 0
     COL_PREV: tl.constexpr = 1
     COL_STEP_SIZE: tl.constexpr = 2
-    HV_ETAPLUS: tl.constexpr = 0
-    HV_ETAMINUS: tl.constexpr = 1
-    HV_STEP_SIZE_MIN: tl.constexpr = 2
-    HV_STEP_SIZE_MAX: tl.constexpr = 3
-    HV_ETAMINUS_1: tl.constexpr = 4
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ETAPLUS: tl.constexpr = 1
+    HV_ETAMINUS: tl.constexpr = 2
+    HV_STEP_SIZE_MIN: tl.constexpr = 3
+    HV_STEP_SIZE_MAX: tl.constexpr = 4
+    HV_ETAMINUS_1: tl.constexpr = 5
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
     p_prev = tl.load(tab + t * TBL_W + COL_PREV).to(tl.pointer_type(DT_prev))
     if ALIGNED:
         p_prev = tl.multiple_of(p_prev, 16)
@@ -79,17 +85,21 @@ def _rprop_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
-    # s = sign(grad * prev)
+    # grad__b1 = -grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # s = sign(grad * prev)
     prev = tl.load(p_prev + offs, mask=mask).to(tl.float32)
-    s = L.sign((grad * prev))
+    s = L.sign((grad_1 * prev))
     # factor = where(s > 0, etaplus, where(s < 0, etaminus, 1))
     factor = tl.where((s > tl.full((), 0.0, tl.float32)), etaplus, tl.where((s < tl.full((), 0.0, tl.float32)), etaminus, tl.full((), 1.0, tl.float32)))
     # step_size = clamp(step_size * factor, step_size_min, step_size_max)
     step_size = tl.load(p_step_size + offs, mask=mask).to(tl.float32)
     step_size_1 = L.minimum(L.maximum((step_size * factor), step_size_min), step_size_max)
     # g = where(factor == etaminus, 0, grad)
-    g = tl.where((factor == etaminus_1), tl.full((), 0.0, tl.float32), grad)
+    g = tl.where((factor == etaminus_1), tl.full((), 0.0, tl.float32), grad_1)
     # param = param - sign(g) * step_size
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param + tl.full((), -1.0, tl.float32) * L.sign(g) * step_size_1)
@@ -130,24 +140,23 @@ KERNELS = {
     "_rprop_flat0": _rprop_flat0,
 }
 
-PLAN = {'dynamic': [],
- 'group_conditions': ['_c0'],
+PLAN = {'dynamic': ['_c0'],
  'hyper_slots': [['etas', 0], ['etas', 1], ['maximize', None], ['step_sizes', 0], ['step_sizes', 1]],
  'inputs': [],
- 'paths': {(('_c0', False),): {'columns': ['param',
-                                           'state:prev',
-                                           'state:step_size',
-                                           'numel',
-                                           'B',
-                                           'M',
-                                           'N',
-                                           'ndim',
-                                           'gidx'],
-                               'creates': [],
-                               'hv': ['_k0', '_k1', '_k2', '_k3', '_k4'],
-                               'launches': [('_rprop_prologue0', 'prologue'), ('_rprop_flat0', 'flat')],
-                               'states': ['prev', 'step_size'],
-                               'temps': []}},
+ 'paths': {(): {'columns': ['param',
+                            'state:prev',
+                            'state:step_size',
+                            'numel',
+                            'B',
+                            'M',
+                            'N',
+                            'ndim',
+                            'gidx'],
+                'creates': [],
+                'hv': ['_c0', '_k0', '_k1', '_k2', '_k3', '_k4'],
+                'launches': [('_rprop_prologue0', 'prologue'), ('_rprop_flat0', 'flat')],
+                'states': ['prev', 'step_size'],
+                'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

@@ -20,16 +20,29 @@ def _sgd_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr,
 ):
-    """Prologue: one program per tensor; computes the host values in float64 and writes the 1 the
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 4 the
     passes read to hv.
     """
     COL_GIDX: tl.constexpr = 7
-    HV_NEG_LR: tl.constexpr = 0
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_NEG_LR: tl.constexpr = 3
     HYP_LR: tl.constexpr = 1
+    HYP_MAXIMIZE: tl.constexpr = 2
+    HYP_WEIGHT_DECAY: tl.constexpr = 5
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = weight_decay
+    k0__b2 = tl.load(hyp + HYP_WEIGHT_DECAY)
     neg_lr = (-tl.load(hyp + HYP_LR))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_LR, (neg_lr).to(tl.float32))
 
 
@@ -38,18 +51,32 @@ def _sgd_prologue0(
 def _sgd_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    HV_NEG_LR: tl.constexpr = 0
-    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_param = tl.multiple_of(p_param, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_NEG_LR: tl.constexpr = 3
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
     neg_lr = tl.load(hv + t * NH + HV_NEG_LR)
-    # param = param - lr * grad
-    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    # grad__b1 = -grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    param_1 = (param + neg_lr * grad)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # grad__b3 = grad + _k0__b2 * param
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    grad__b3 = (grad_1 + k0__b2 * param)
+    # grad = where(weight_decay != 0, grad__b3, grad)
+    grad_2 = tl.where((c != 0), grad__b3, grad_1)
+    # param = param - lr * grad
+    param_1 = (param + neg_lr * grad_2)
     # store param
     tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
 
@@ -63,7 +90,7 @@ def _sgd_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads param, grad; writes param.
+    Reads grad, param; writes param.
     """
     COL_NUMEL: tl.constexpr = 2
     pid = tl.program_id(0)
@@ -84,8 +111,8 @@ KERNELS = {
     "_sgd_flat0": _sgd_flat0,
 }
 
-PLAN = {'dynamic': [],
- 'group_conditions': ['_c0', '_c1', '_c2', '_c4'],
+PLAN = {'dynamic': ['_c0', '_c1'],
+ 'group_conditions': ['_c2', '_c4'],
  'hyper_slots': [['dampening', None],
                  ['lr', None],
                  ['maximize', None],
@@ -93,20 +120,19 @@ PLAN = {'dynamic': [],
                  ['nesterov', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False)): {'columns': ['param',
-                                                                          'state:momentum_buffer',
-                                                                          'numel',
-                                                                          'B',
-                                                                          'M',
-                                                                          'N',
-                                                                          'ndim',
-                                                                          'gidx'],
-                                                              'creates': [],
-                                                              'hv': ['_k4'],
-                                                              'launches': [('_sgd_prologue0', 'prologue'),
-                                                                           ('_sgd_flat0', 'flat')],
-                                                              'states': [],
-                                                              'temps': []}},
+ 'paths': {(('_c2', False),): {'columns': ['param',
+                                           'state:momentum_buffer',
+                                           'numel',
+                                           'B',
+                                           'M',
+                                           'N',
+                                           'ndim',
+                                           'gidx'],
+                               'creates': [],
+                               'hv': ['_c0', '_k0__b2', '_c1', '_k4'],
+                               'launches': [('_sgd_prologue0', 'prologue'), ('_sgd_flat0', 'flat')],
+                               'states': [],
+                               'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

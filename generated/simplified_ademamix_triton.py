@@ -21,7 +21,7 @@ def _simplified_ademamix_prologue0(
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 7 the passes read to hv.
+    writes the 11 the passes read to hv.
 
     Reads num_sum, den_sum; writes num_sum, den_sum.
     """
@@ -32,18 +32,27 @@ def _simplified_ademamix_prologue0(
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_SQRT_DEN_EPS: tl.constexpr = 4
     HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
-    HV_STEP: tl.constexpr = 6
+    HV_K31__B1__B5: tl.constexpr = 6
+    HV_K32__B3__B7: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
     HYP_ALPHA_GRAD: tl.constexpr = 1
     HYP_BETA1: tl.constexpr = 3
     HYP_BETA2: tl.constexpr = 4
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_EPS: tl.constexpr = 6
     HYP_LR: tl.constexpr = 8
+    HYP_WEIGHT_DECAY: tl.constexpr = 15
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
     den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # b1 = beta1
     b1 = tl.load(hyp + HYP_BETA1)
     # num_sum = b1 * num_sum + 1.0
@@ -62,6 +71,10 @@ def _simplified_ademamix_prologue0(
     # lr_sim = lr * (1 / ((1 - b1 ** step) / (1 - b1) + alpha_grad))
     lr_sim = (tl.load(hyp + HYP_LR) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(b1, step)) / (tl.full((), 1.0, tl.float64) - b1)) + tl.load(hyp + HYP_ALPHA_GRAD))))
     lr_sim_times_sqrt_den_num = (lr_sim * sqrt_den_num)
+    # _k31__b1__b5 = -(weight_decay * lr_sim)
+    k31__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * lr_sim))
+    # _k32__b3__b7 = -(weight_decay * lr_sim)
+    k32__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * lr_sim))
     step_1 = step
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_B1, (b1).to(tl.float32))
@@ -70,6 +83,10 @@ def _simplified_ademamix_prologue0(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_SQRT_DEN_EPS, (sqrt_den_eps).to(tl.float32))
     tl.store(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM, (lr_sim_times_sqrt_den_num).to(tl.float32))
+    tl.store(hv + t * NH + HV_K31__B1__B5, (k31__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K32__B3__B7, (k32__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
     tl.store(hv + t * NH + HV_STEP, (step_1).to(tl.float32))
 
 
@@ -87,7 +104,11 @@ def _simplified_ademamix_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_SQRT_DEN_EPS: tl.constexpr = 4
     HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
-    HV_STEP: tl.constexpr = 6
+    HV_K31__B1__B5: tl.constexpr = 6
+    HV_K32__B3__B7: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
+    HV_STEP: tl.constexpr = 10
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -106,6 +127,10 @@ def _simplified_ademamix_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k31__b1__b5 = tl.load(hv + t * NH + HV_K31__B1__B5)
+    k32__b3__b7 = tl.load(hv + t * NH + HV_K32__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     step_1 = tl.load(hv + t * NH + HV_STEP)
     # exp_avg = exp_avg * b1 + grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
@@ -125,10 +150,19 @@ def _simplified_ademamix_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     # param_fp32 = float32(param)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     # update_fp32 = float32(update)
+    # param_fp32__b2__b6 = param_fp32 + _k31__b1__b5 * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
+    param_fp32__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param_fp32__b2__b6 = (param + k31__b1__b5 * param * param_fp32__b2__b6_where)
+    # param_fp32__b4__b8 = param_fp32 + _k32__b3__b7 * param_fp32
+    param_fp32__b4__b8 = (param + k32__b3__b7 * param)
+    # param_fp32__b9 = where(cautious_wd, param_fp32__b2__b6, param_fp32__b4__b8)
+    param_fp32__b9 = tl.where((cautious_wd != 0), param_fp32__b2__b6, param_fp32__b4__b8)
+    # param_fp32 = where(weight_decay != 0, param_fp32__b9, param_fp32)
+    param_fp32 = tl.where((c != 0), param_fp32__b9, param)
     # param_fp32 = param_fp32 + -update_fp32
-    param_fp32 = (param + (-update_2))
+    param_fp32_1 = (param_fp32 + (-update_2))
     # param = stochastic_round(param_fp32, step)
-    param_1 = L.sr_bf16(param_fp32, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
+    param_1 = L.sr_bf16(param_fp32_1, (step_1).to(tl.int32) * 65599 + tl.load(tab + t * TBL_W + COL_GIDX), offs)
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
@@ -169,7 +203,7 @@ def _simplified_ademamix_prologue1(
     STEP_DT: tl.constexpr, DT_num_sum: tl.constexpr, DT_den_sum: tl.constexpr, DT_exp_avg: tl.constexpr, DT_mu_m_nmf: tl.constexpr, DT_mv_m_nmf: tl.constexpr, DT_sign: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_mu_v_nmf: tl.constexpr, DT_mv_v_nmf: tl.constexpr, DT_kourkoutas_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 10 the passes read to hv.
 
     Reads num_sum, den_sum; writes num_sum, den_sum.
     """
@@ -180,17 +214,26 @@ def _simplified_ademamix_prologue1(
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_SQRT_DEN_EPS: tl.constexpr = 4
     HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    HV_K34__B1__B5: tl.constexpr = 6
+    HV_K35__B3__B7: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
     HYP_ALPHA_GRAD: tl.constexpr = 1
     HYP_BETA1: tl.constexpr = 3
     HYP_BETA2: tl.constexpr = 4
+    HYP_CAUTIOUS_WD: tl.constexpr = 5
     HYP_EPS: tl.constexpr = 6
     HYP_LR: tl.constexpr = 8
+    HYP_WEIGHT_DECAY: tl.constexpr = 15
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     num_sum = tl.load(hs_num_sum + gidx).to(tl.float64)
     den_sum = tl.load(hs_den_sum + gidx).to(tl.float64)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    cautious_wd = tl.load(hyp + HYP_CAUTIOUS_WD)
     # b1 = beta1
     b1 = tl.load(hyp + HYP_BETA1)
     # num_sum = b1 * num_sum + 1.0
@@ -209,6 +252,10 @@ def _simplified_ademamix_prologue1(
     # lr_sim = lr * (1 / ((1 - b1 ** step) / (1 - b1) + alpha_grad))
     lr_sim = (tl.load(hyp + HYP_LR) * (tl.full((), 1.0, tl.float64) / (((tl.full((), 1.0, tl.float64) - L.pow64(b1, step)) / (tl.full((), 1.0, tl.float64) - b1)) + tl.load(hyp + HYP_ALPHA_GRAD))))
     lr_sim_times_sqrt_den_num = (lr_sim * sqrt_den_num)
+    # _k34__b1__b5 = -(weight_decay * lr_sim)
+    k34__b1__b5 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * lr_sim))
+    # _k35__b3__b7 = -(weight_decay * lr_sim)
+    k35__b3__b7 = (-(tl.load(hyp + HYP_WEIGHT_DECAY) * lr_sim))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_B1, (b1).to(tl.float32))
     tl.store(hv + t * NH + HV_ALPHA_GRAD, (alpha_grad).to(tl.float32))
@@ -216,6 +263,10 @@ def _simplified_ademamix_prologue1(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_SQRT_DEN_EPS, (sqrt_den_eps).to(tl.float32))
     tl.store(hv + t * NH + HV_LR_SIM_TIMES_SQRT_DEN_NUM, (lr_sim_times_sqrt_den_num).to(tl.float32))
+    tl.store(hv + t * NH + HV_K34__B1__B5, (k34__b1__b5).to(tl.float32))
+    tl.store(hv + t * NH + HV_K35__B3__B7, (k35__b3__b7).to(tl.float32))
+    tl.store(hv + t * NH + HV_CAUTIOUS_WD, (cautious_wd).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -231,6 +282,10 @@ def _simplified_ademamix_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_SQRT_DEN_EPS: tl.constexpr = 4
     HV_LR_SIM_TIMES_SQRT_DEN_NUM: tl.constexpr = 5
+    HV_K34__B1__B5: tl.constexpr = 6
+    HV_K35__B3__B7: tl.constexpr = 7
+    HV_CAUTIOUS_WD: tl.constexpr = 8
+    HV_C: tl.constexpr = 9
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -249,6 +304,10 @@ def _simplified_ademamix_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
+    k34__b1__b5 = tl.load(hv + t * NH + HV_K34__B1__B5)
+    k35__b3__b7 = tl.load(hv + t * NH + HV_K35__B3__B7)
+    cautious_wd = tl.load(hv + t * NH + HV_CAUTIOUS_WD)
+    c = tl.load(hv + t * NH + HV_C)
     # exp_avg = exp_avg * b1 + grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -264,13 +323,22 @@ def _simplified_ademamix_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl
     update_1 = L.div(update, denom)
     # update = update * (lr_sim * sqrt_den_num)
     update_2 = (update_1 * lr_sim_times_sqrt_den_num)
-    # param = param + -update
+    # param__b2__b6 = param + _k34__b1__b5 * param * where(update * param >= 0, 1.0, 0.0)
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
-    param_1 = (param + (-update_2))
+    param__b2__b6_where = tl.where(((update_2 * param) >= tl.full((), 0.0, tl.float32)), tl.full((), 1.0, tl.float32), tl.full((), 0.0, tl.float32))
+    param__b2__b6 = (param + k34__b1__b5 * param * param__b2__b6_where)
+    # param__b4__b8 = param + _k35__b3__b7 * param
+    param__b4__b8 = (param + k35__b3__b7 * param)
+    # param__b9 = where(cautious_wd, param__b2__b6, param__b4__b8)
+    param__b9 = tl.where((cautious_wd != 0), param__b2__b6, param__b4__b8)
+    # param = where(weight_decay != 0, param__b9, param)
+    param_1 = tl.where((c != 0), param__b9, param)
+    # param = param + -update
+    param_2 = (param_1 + (-update_2))
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -305,9 +373,11 @@ KERNELS = {
     "_simplified_ademamix_flat1": _simplified_ademamix_flat1,
 }
 
-PLAN = {'dynamic': ['_c11',
+PLAN = {'dynamic': ['_c10',
+             '_c11',
              '_c12',
              '_c5',
+             '_c9',
              '_k0',
              '_k10',
              '_k11',
@@ -343,7 +413,7 @@ PLAN = {'dynamic': ['_c11',
              'sqrt_den_eps',
              'sqrt_den_num',
              'warm'],
- 'group_conditions': ['_c0', '_c10', '_c2', '_c3', '_c4', '_c6', '_c7', '_c9'],
+ 'group_conditions': ['_c0', '_c2', '_c3', '_c4', '_c6', '_c7'],
  'hyper_slots': [['Simplified_AdEMAMix', None],
                  ['alpha_grad', None],
                  ['beta1_warmup', None],
@@ -361,65 +431,73 @@ PLAN = {'dynamic': ['_c11',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': ['kourkoutas_beta2'],
- 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c6', True), ('_c7', True), ('_c8', False), ('_c9', False)): {'columns': ['param',
-                                                                                                                                                        'state:exp_avg',
-                                                                                                                                                        'state:mu_m_nmf',
-                                                                                                                                                        'state:mv_m_nmf',
-                                                                                                                                                        'state:sign',
-                                                                                                                                                        'state:exp_avg_sq',
-                                                                                                                                                        'state:mu_v_nmf',
-                                                                                                                                                        'state:mv_v_nmf',
-                                                                                                                                                        'state:kourkoutas_sq',
-                                                                                                                                                        'numel',
-                                                                                                                                                        'B',
-                                                                                                                                                        'M',
-                                                                                                                                                        'N',
-                                                                                                                                                        'ndim',
-                                                                                                                                                        'gidx'],
-                                                                                                                                            'creates': [],
-                                                                                                                                            'hv': ['b1',
-                                                                                                                                                   '_k25',
-                                                                                                                                                   '_k28',
-                                                                                                                                                   '_k29',
-                                                                                                                                                   'sqrt_den_eps',
-                                                                                                                                                   '_k30'],
-                                                                                                                                            'launches': [('_simplified_ademamix_prologue1',
-                                                                                                                                                          'prologue'),
-                                                                                                                                                         ('_simplified_ademamix_flat1',
-                                                                                                                                                          'flat')],
-                                                                                                                                            'states': ['exp_avg',
-                                                                                                                                                       'exp_avg_sq'],
-                                                                                                                                            'temps': []},
-           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c6', True), ('_c7', True), ('_c8', True), ('_c9', False)): {'columns': ['param',
-                                                                                                                                                       'state:exp_avg',
-                                                                                                                                                       'state:mu_m_nmf',
-                                                                                                                                                       'state:mv_m_nmf',
-                                                                                                                                                       'state:sign',
-                                                                                                                                                       'state:exp_avg_sq',
-                                                                                                                                                       'state:mu_v_nmf',
-                                                                                                                                                       'state:mv_v_nmf',
-                                                                                                                                                       'state:kourkoutas_sq',
-                                                                                                                                                       'numel',
-                                                                                                                                                       'B',
-                                                                                                                                                       'M',
-                                                                                                                                                       'N',
-                                                                                                                                                       'ndim',
-                                                                                                                                                       'gidx'],
-                                                                                                                                           'creates': [],
-                                                                                                                                           'hv': ['b1',
-                                                                                                                                                  '_k25',
-                                                                                                                                                  '_k28',
-                                                                                                                                                  '_k29',
-                                                                                                                                                  'sqrt_den_eps',
-                                                                                                                                                  '_k30',
-                                                                                                                                                  '_k33'],
-                                                                                                                                           'launches': [('_simplified_ademamix_prologue0',
-                                                                                                                                                         'prologue'),
-                                                                                                                                                        ('_simplified_ademamix_flat0',
-                                                                                                                                                         'flat')],
-                                                                                                                                           'states': ['exp_avg',
-                                                                                                                                                      'exp_avg_sq'],
-                                                                                                                                           'temps': []}},
+ 'paths': {(('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c6', True), ('_c7', True), ('_c8', False)): {'columns': ['param',
+                                                                                                                                        'state:exp_avg',
+                                                                                                                                        'state:mu_m_nmf',
+                                                                                                                                        'state:mv_m_nmf',
+                                                                                                                                        'state:sign',
+                                                                                                                                        'state:exp_avg_sq',
+                                                                                                                                        'state:mu_v_nmf',
+                                                                                                                                        'state:mv_v_nmf',
+                                                                                                                                        'state:kourkoutas_sq',
+                                                                                                                                        'numel',
+                                                                                                                                        'B',
+                                                                                                                                        'M',
+                                                                                                                                        'N',
+                                                                                                                                        'ndim',
+                                                                                                                                        'gidx'],
+                                                                                                                            'creates': [],
+                                                                                                                            'hv': ['b1',
+                                                                                                                                   '_k25',
+                                                                                                                                   '_k28',
+                                                                                                                                   '_k29',
+                                                                                                                                   'sqrt_den_eps',
+                                                                                                                                   '_k30',
+                                                                                                                                   '_k34__b1__b5',
+                                                                                                                                   '_k35__b3__b7',
+                                                                                                                                   '_c10',
+                                                                                                                                   '_c9'],
+                                                                                                                            'launches': [('_simplified_ademamix_prologue1',
+                                                                                                                                          'prologue'),
+                                                                                                                                         ('_simplified_ademamix_flat1',
+                                                                                                                                          'flat')],
+                                                                                                                            'states': ['exp_avg',
+                                                                                                                                       'exp_avg_sq'],
+                                                                                                                            'temps': []},
+           (('_c0', False), ('_c2', False), ('_c3', False), ('_c4', False), ('_c6', True), ('_c7', True), ('_c8', True)): {'columns': ['param',
+                                                                                                                                       'state:exp_avg',
+                                                                                                                                       'state:mu_m_nmf',
+                                                                                                                                       'state:mv_m_nmf',
+                                                                                                                                       'state:sign',
+                                                                                                                                       'state:exp_avg_sq',
+                                                                                                                                       'state:mu_v_nmf',
+                                                                                                                                       'state:mv_v_nmf',
+                                                                                                                                       'state:kourkoutas_sq',
+                                                                                                                                       'numel',
+                                                                                                                                       'B',
+                                                                                                                                       'M',
+                                                                                                                                       'N',
+                                                                                                                                       'ndim',
+                                                                                                                                       'gidx'],
+                                                                                                                           'creates': [],
+                                                                                                                           'hv': ['b1',
+                                                                                                                                  '_k25',
+                                                                                                                                  '_k28',
+                                                                                                                                  '_k29',
+                                                                                                                                  'sqrt_den_eps',
+                                                                                                                                  '_k30',
+                                                                                                                                  '_k31__b1__b5',
+                                                                                                                                  '_k32__b3__b7',
+                                                                                                                                  '_c10',
+                                                                                                                                  '_c9',
+                                                                                                                                  '_k33'],
+                                                                                                                           'launches': [('_simplified_ademamix_prologue0',
+                                                                                                                                         'prologue'),
+                                                                                                                                        ('_simplified_ademamix_flat0',
+                                                                                                                                         'flat')],
+                                                                                                                           'states': ['exp_avg',
+                                                                                                                                      'exp_avg_sq'],
+                                                                                                                           'temps': []}},
  'static_hypers': ['nnmf_factor', 'vector_reshape']}
 
 #: Why this spec has no triton kernels (None: it has them).

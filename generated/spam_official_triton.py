@@ -152,7 +152,7 @@ def _spam_official_prologue1(
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 6 the passes read to hv.
+    writes the 8 the passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
     HV_BETA1: tl.constexpr = 0
@@ -161,6 +161,8 @@ def _spam_official_prologue1(
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_EPS: tl.constexpr = 4
     HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    HV_K11__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     HYP_BETA1: tl.constexpr = 1
     HYP_BETA2: tl.constexpr = 2
     HYP_CORRECT_BIAS: tl.constexpr = 3
@@ -168,10 +170,13 @@ def _spam_official_prologue1(
     HYP_EPS: tl.constexpr = 6
     HYP_LR: tl.constexpr = 8
     HYP_WARMUP_STEPS: tl.constexpr = 11
+    HYP_WEIGHT_DECAY: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
+    # c = weight_decay > 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) > tl.full((), 0.0, tl.float64))
     # scale = 1.0 - where(current_step < warmup_steps, 0.0 + 0.99 * (1 + cos(3.141592653589793 * current_step / (warmup_steps + 1))) / 2, 0.0)
     scale_1 = (tl.full((), 1.0, tl.float64) - tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_STEPS)) != 0, (tl.full((), 0.0, tl.float64) + ((tl.full((), 0.99, tl.float64) * (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_STEPS) + tl.full((), 1.0, tl.float64)))))) / tl.full((), 2.0, tl.float64))), tl.full((), 0.0, tl.float64)))
     beta1 = tl.load(hyp + HYP_BETA1)
@@ -182,6 +187,8 @@ def _spam_official_prologue1(
     step_size = tl.where(tl.load(hyp + HYP_CORRECT_BIAS) != 0, ((tl.load(hyp + HYP_LR) * tl.sqrt((tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA2), step)))) / (tl.full((), 1.0, tl.float64) - L.pow64(tl.load(hyp + HYP_BETA1), step))), tl.load(hyp + HYP_LR))
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size_times_scale = ((-step_size) * scale_1)
+    # _k11__b1 = -lr * weight_decay
+    k11__b1 = ((-tl.load(hyp + HYP_LR)) * tl.load(hyp + HYP_WEIGHT_DECAY))
     # the host values the passes read, rounded to float32
     tl.store(hv + t * NH + HV_BETA1, (beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
@@ -189,6 +196,8 @@ def _spam_official_prologue1(
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_EPS, (eps).to(tl.float32))
     tl.store(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE, (neg_step_size_times_scale).to(tl.float32))
+    tl.store(hv + t * NH + HV_K11__B1, (k11__b1).to(tl.float32))
+    tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
 
 
 # flat
@@ -204,6 +213,8 @@ def _spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     HV_ONE_MINUS_BETA2: tl.constexpr = 3
     HV_EPS: tl.constexpr = 4
     HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    HV_K11__B1: tl.constexpr = 6
+    HV_C: tl.constexpr = 7
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
@@ -222,6 +233,8 @@ def _spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
+    k11__b1 = tl.load(hv + t * NH + HV_K11__B1)
+    c = tl.load(hv + t * NH + HV_C)
     # exp_avg = exp_avg * beta1 + (1.0 - beta1) * grad
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
@@ -234,10 +247,14 @@ def _spam_official_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.const
     # param = param + -step_size * scale * norm_grad
     param = tl.load(p_param + offs, mask=mask).to(tl.float32)
     param_1 = (param + neg_step_size_times_scale * norm_grad)
+    # param__b2 = param + _k11__b1 * param
+    param__b2 = (param_1 + k11__b1 * param_1)
+    # param = where(weight_decay > 0, param__b2, param)
+    param_2 = tl.where((c != 0), param__b2, param_1)
     # store exp_avg, exp_avg_sq, param
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
-    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_2, P_DT), mask=mask)
 
 
 @triton.jit
@@ -272,9 +289,8 @@ KERNELS = {
     "_spam_official_flat1": _spam_official_flat1,
 }
 
-PLAN = {'dynamic': ['_k10', '_k7', '_k8', 'scale', 'step_size'],
+PLAN = {'dynamic': ['_c4', '_k10', '_k7', '_k8', 'scale', 'step_size'],
  'global_conditions': ['_c0', '_c1', '_c3'],
- 'group_conditions': ['_c4'],
  'hyper_slots': [['DeltaT', None],
                  ['betas', 0],
                  ['betas', 1],
@@ -289,30 +305,31 @@ PLAN = {'dynamic': ['_k10', '_k7', '_k8', 'scale', 'step_size'],
                  ['warmup_steps', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False), ('_c4', False)): {'columns': ['param',
-                                                                                          'state:mask',
-                                                                                          'state:exp_avg',
-                                                                                          'state:exp_avg_sq',
-                                                                                          'numel',
-                                                                                          'B',
-                                                                                          'M',
-                                                                                          'N',
-                                                                                          'ndim',
-                                                                                          'gidx'],
-                                                                              'creates': [],
-                                                                              'hv': ['_k2',
-                                                                                     '_k3',
-                                                                                     '_k4',
-                                                                                     '_k5',
-                                                                                     '_k6',
-                                                                                     '_k10'],
-                                                                              'launches': [('_spam_official_prologue1',
-                                                                                            'prologue'),
-                                                                                           ('_spam_official_flat1',
-                                                                                            'flat')],
-                                                                              'states': ['exp_avg',
-                                                                                         'exp_avg_sq'],
-                                                                              'temps': []},
+ 'paths': {(('_c0', False), ('_c1', False), ('_c2', False)): {'columns': ['param',
+                                                                          'state:mask',
+                                                                          'state:exp_avg',
+                                                                          'state:exp_avg_sq',
+                                                                          'numel',
+                                                                          'B',
+                                                                          'M',
+                                                                          'N',
+                                                                          'ndim',
+                                                                          'gidx'],
+                                                              'creates': [],
+                                                              'hv': ['_k2',
+                                                                     '_k3',
+                                                                     '_k4',
+                                                                     '_k5',
+                                                                     '_k6',
+                                                                     '_k10',
+                                                                     '_k11__b1',
+                                                                     '_c4'],
+                                                              'launches': [('_spam_official_prologue1',
+                                                                            'prologue'),
+                                                                           ('_spam_official_flat1',
+                                                                            'flat')],
+                                                              'states': ['exp_avg', 'exp_avg_sq'],
+                                                              'temps': []},
            (('_c0', False), ('_c1', False), ('_c2', True), ('_c3', False)): {'columns': ['param',
                                                                                          'state:mask',
                                                                                          'state:exp_avg',

@@ -20,25 +20,28 @@ def _spam_prologue0(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
-    """Prologue: one program per tensor; computes the host values in float64 and writes the 5 the
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 6 the
     passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_EPS: tl.constexpr = 3
-    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_CURRENT_STEP: tl.constexpr = 2
     HYP_DEATH_LR: tl.constexpr = 3
     HYP_EPS: tl.constexpr = 5
     HYP_LR: tl.constexpr = 7
+    HYP_MAXIMIZE: tl.constexpr = 8
     HYP_TOTAL_STEP: tl.constexpr = 10
     HYP_WARMUP_EPOCH: tl.constexpr = 12
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
     # death = where(current_step < warmup_epoch, (1 + cos(3.141592653589793 * (current_step + 1) / (warmup_epoch + 1))) / (1 + cos(3.141592653589793 * current_step / (warmup_epoch + 1))) * death_lr, 0.0)
     death = tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_EPOCH)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + HYP_CURRENT_STEP) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + HYP_DEATH_LR)), tl.full((), 0.0, tl.float64))
     # scale = 1.0 - death
@@ -51,6 +54,7 @@ def _spam_prologue0(
     eps = tl.load(hyp + HYP_EPS)
     neg_step_size_times_scale = ((-step_size) * scale_1)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -66,20 +70,22 @@ def _spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     COL_MASK: tl.constexpr = 1
     COL_EXP_AVG: tl.constexpr = 2
     COL_EXP_AVG_SQ: tl.constexpr = 3
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_EPS: tl.constexpr = 3
-    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
     p_mask = tl.load(tab + t * TBL_W + COL_MASK).to(tl.pointer_type(DT_mask))
     if ALIGNED:
         p_mask = tl.multiple_of(p_mask, 16)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
@@ -91,14 +97,18 @@ def _spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
     neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
     # exp_avg = where(mask, lerp(exp_avg, grad, 1 - beta1), exp_avg)
     mask_1 = tl.load(p_mask + offs, mask=mask) != 0
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = tl.where(mask_1, L.lerp(exp_avg, grad, one_minus_beta1), exp_avg)
+    exp_avg_1 = tl.where(mask_1, L.lerp(exp_avg, grad_1, one_minus_beta1), exp_avg)
     # exp_avg_sq = where(mask, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq)
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = tl.where(mask_1, ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad), exp_avg_sq)
+    exp_avg_sq_1 = tl.where(mask_1, ((exp_avg_sq * beta2) + one_minus_beta2 * grad_1 * grad_1), exp_avg_sq)
     # denom = sqrt(exp_avg_sq) + eps
     denom = (L.sqrt(exp_avg_sq_1) + eps)
     # param = param + -step_size * scale * where(mask, exp_avg / denom, 0.0)
@@ -119,7 +129,7 @@ def _spam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads mask, exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, mask, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
     COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
@@ -143,27 +153,30 @@ def _spam_prologue1(
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
     STEP_DT: tl.constexpr, DT_mask: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr,
 ):
-    """Prologue: one program per tensor; computes the host values in float64 and writes the 6 the
+    """Prologue: one program per tensor; computes the host values in float64 and writes the 7 the
     passes read to hv.
     """
     COL_GIDX: tl.constexpr = 9
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_EPS: tl.constexpr = 3
-    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
-    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 5
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 6
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_CURRENT_STEP: tl.constexpr = 2
     HYP_DEATH_LR: tl.constexpr = 3
     HYP_EPS: tl.constexpr = 5
     HYP_LR: tl.constexpr = 7
+    HYP_MAXIMIZE: tl.constexpr = 8
     HYP_TOTAL_STEP: tl.constexpr = 10
     HYP_WARMUP_EPOCH: tl.constexpr = 12
     HYP_WEIGHT_DECAY: tl.constexpr = 13
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
     # death = where(current_step < warmup_epoch, (1 + cos(3.141592653589793 * (current_step + 1) / (warmup_epoch + 1))) / (1 + cos(3.141592653589793 * current_step / (warmup_epoch + 1))) * death_lr, 0.0)
     death = tl.where((tl.load(hyp + HYP_CURRENT_STEP) < tl.load(hyp + HYP_WARMUP_EPOCH)) != 0, (((tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * (tl.load(hyp + HYP_CURRENT_STEP) + tl.full((), 1.0, tl.float64))) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64))))) / (tl.full((), 1.0, tl.float64) + tl.cos(((tl.full((), 3.141592653589793, tl.float64) * tl.load(hyp + HYP_CURRENT_STEP)) / (tl.load(hyp + HYP_WARMUP_EPOCH) + tl.full((), 1.0, tl.float64)))))) * tl.load(hyp + HYP_DEATH_LR)), tl.full((), 0.0, tl.float64))
     # scale = 1.0 - death
@@ -177,6 +190,7 @@ def _spam_prologue1(
     neg_step_size_times_scale = ((-step_size) * scale_1)
     one_minus_weight_decay_times_lr = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA1, (one_minus_beta1).to(tl.float32))
     tl.store(hv + t * NH + HV_BETA2, (beta2).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_BETA2, (one_minus_beta2).to(tl.float32))
@@ -192,18 +206,20 @@ def _spam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 2
     COL_EXP_AVG_SQ: tl.constexpr = 3
-    HV_ONE_MINUS_BETA1: tl.constexpr = 0
-    HV_BETA2: tl.constexpr = 1
-    HV_ONE_MINUS_BETA2: tl.constexpr = 2
-    HV_EPS: tl.constexpr = 3
-    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 4
-    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 5
-    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
-    if ALIGNED:
-        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_ONE_MINUS_BETA1: tl.constexpr = 1
+    HV_BETA2: tl.constexpr = 2
+    HV_ONE_MINUS_BETA2: tl.constexpr = 3
+    HV_EPS: tl.constexpr = 4
+    HV_NEG_STEP_SIZE_TIMES_SCALE: tl.constexpr = 5
+    HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR: tl.constexpr = 6
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
+    if ALIGNED:
+        p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     one_minus_beta1 = tl.load(hv + t * NH + HV_ONE_MINUS_BETA1)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
@@ -216,13 +232,17 @@ def _spam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH:
         p_param = tl.multiple_of(p_param, 16)
     neg_step_size_times_scale = tl.load(hv + t * NH + HV_NEG_STEP_SIZE_TIMES_SCALE)
     one_minus_weight_decay_times_lr = tl.load(hv + t * NH + HV_ONE_MINUS_WEIGHT_DECAY_TIMES_LR)
+    # grad__b1 = -grad
+    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
     # exp_avg = lerp(exp_avg, grad, 1 - beta1)
     exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    exp_avg_1 = L.lerp(exp_avg, grad, one_minus_beta1)
+    exp_avg_1 = L.lerp(exp_avg, grad_1, one_minus_beta1)
     # exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
     exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad * grad)
+    exp_avg_sq_1 = ((exp_avg_sq * beta2) + one_minus_beta2 * grad_1 * grad_1)
     # denom = sqrt(exp_avg_sq) + eps
     denom = (L.sqrt(exp_avg_sq_1) + eps)
     # param = param + -step_size * scale * exp_avg / denom
@@ -245,7 +265,7 @@ def _spam_flat1(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
+    Reads grad, exp_avg, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
     COL_NUMEL: tl.constexpr = 4
     pid = tl.program_id(0)
@@ -268,9 +288,9 @@ KERNELS = {
     "_spam_flat1": _spam_flat1,
 }
 
-PLAN = {'dynamic': ['_k14', '_k6', '_k8', 'death', 'scale', 'step_size'],
+PLAN = {'dynamic': ['_c0', '_k14', '_k6', '_k8', 'death', 'scale', 'step_size'],
  'global_conditions': ['_c1', '_c2', '_c5'],
- 'group_conditions': ['_c0', '_c4'],
+ 'group_conditions': ['_c4'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['current_step', None],
@@ -286,54 +306,53 @@ PLAN = {'dynamic': ['_k14', '_k6', '_k8', 'death', 'scale', 'step_size'],
                  ['warmup_epoch', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c2', False), ('_c3', False)): {'columns': ['param',
-                                                                                          'state:mask',
-                                                                                          'state:exp_avg',
-                                                                                          'state:exp_avg_sq',
-                                                                                          'numel',
-                                                                                          'B',
-                                                                                          'M',
-                                                                                          'N',
-                                                                                          'ndim',
-                                                                                          'gidx'],
-                                                                              'creates': [],
-                                                                              'hv': ['_k10',
-                                                                                     '_k11',
-                                                                                     '_k12',
-                                                                                     '_k13',
-                                                                                     '_k14',
-                                                                                     '_k15'],
-                                                                              'launches': [('_spam_prologue1',
-                                                                                            'prologue'),
-                                                                                           ('_spam_flat1',
-                                                                                            'flat')],
-                                                                              'states': ['exp_avg',
-                                                                                         'exp_avg_sq'],
-                                                                              'temps': []},
-           (('_c0', False), ('_c1', False), ('_c2', False), ('_c3', True), ('_c4', False), ('_c5', False)): {'columns': ['param',
-                                                                                                                         'state:mask',
-                                                                                                                         'state:exp_avg',
-                                                                                                                         'state:exp_avg_sq',
-                                                                                                                         'numel',
-                                                                                                                         'B',
-                                                                                                                         'M',
-                                                                                                                         'N',
-                                                                                                                         'ndim',
-                                                                                                                         'gidx'],
-                                                                                                             'creates': [],
-                                                                                                             'hv': ['_k2',
-                                                                                                                    '_k3',
-                                                                                                                    '_k4',
-                                                                                                                    '_k5',
-                                                                                                                    '_k6'],
-                                                                                                             'launches': [('_spam_prologue0',
-                                                                                                                           'prologue'),
-                                                                                                                          ('_spam_flat0',
-                                                                                                                           'flat')],
-                                                                                                             'states': ['exp_avg',
-                                                                                                                        'exp_avg_sq',
-                                                                                                                        'mask'],
-                                                                                                             'temps': []}},
+ 'paths': {(('_c1', False), ('_c2', False), ('_c3', False)): {'columns': ['param',
+                                                                          'state:mask',
+                                                                          'state:exp_avg',
+                                                                          'state:exp_avg_sq',
+                                                                          'numel',
+                                                                          'B',
+                                                                          'M',
+                                                                          'N',
+                                                                          'ndim',
+                                                                          'gidx'],
+                                                              'creates': [],
+                                                              'hv': ['_c0',
+                                                                     '_k10',
+                                                                     '_k11',
+                                                                     '_k12',
+                                                                     '_k13',
+                                                                     '_k14',
+                                                                     '_k15'],
+                                                              'launches': [('_spam_prologue1', 'prologue'),
+                                                                           ('_spam_flat1', 'flat')],
+                                                              'states': ['exp_avg', 'exp_avg_sq'],
+                                                              'temps': []},
+           (('_c1', False), ('_c2', False), ('_c3', True), ('_c4', False), ('_c5', False)): {'columns': ['param',
+                                                                                                         'state:mask',
+                                                                                                         'state:exp_avg',
+                                                                                                         'state:exp_avg_sq',
+                                                                                                         'numel',
+                                                                                                         'B',
+                                                                                                         'M',
+                                                                                                         'N',
+                                                                                                         'ndim',
+                                                                                                         'gidx'],
+                                                                                             'creates': [],
+                                                                                             'hv': ['_c0',
+                                                                                                    '_k2',
+                                                                                                    '_k3',
+                                                                                                    '_k4',
+                                                                                                    '_k5',
+                                                                                                    '_k6'],
+                                                                                             'launches': [('_spam_prologue0',
+                                                                                                           'prologue'),
+                                                                                                          ('_spam_flat0',
+                                                                                                           'flat')],
+                                                                                             'states': ['exp_avg',
+                                                                                                        'exp_avg_sq',
+                                                                                                        'mask'],
+                                                                                             'temps': []}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

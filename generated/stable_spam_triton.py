@@ -21,40 +21,50 @@ def _stable_spam_prologue0(
     STEP_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
-    writes the 14 the passes read to hv.
+    writes the 17 the passes read to hv.
 
     Reads death_rate.
     """
     COL_GIDX: tl.constexpr = 11
-    HV_C: tl.constexpr = 0
-    HV_ONE_MINUS_THETA: tl.constexpr = 1
-    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 2
-    HV_ONE_MINUS_G1: tl.constexpr = 3
-    HV_ONE_MINUS_GAMMA2: tl.constexpr = 4
-    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 5
-    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 6
-    HV_EPS: tl.constexpr = 7
-    HV_ONE_MINUS_B1: tl.constexpr = 8
-    HV_BETA2: tl.constexpr = 9
-    HV_ONE_MINUS_BETA2: tl.constexpr = 10
-    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 11
-    HV_EPS_1: tl.constexpr = 12
-    HV_NEG_STEP_SIZE: tl.constexpr = 13
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_C_1: tl.constexpr = 3
+    HV_ONE_MINUS_THETA: tl.constexpr = 4
+    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 5
+    HV_ONE_MINUS_G1: tl.constexpr = 6
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 7
+    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 8
+    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
+    HV_ONE_MINUS_B1: tl.constexpr = 11
+    HV_BETA2: tl.constexpr = 12
+    HV_ONE_MINUS_BETA2: tl.constexpr = 13
+    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 14
+    HV_EPS_1: tl.constexpr = 15
+    HV_NEG_STEP_SIZE: tl.constexpr = 16
     HYP_BETA1: tl.constexpr = 0
     HYP_BETA2: tl.constexpr = 1
     HYP_EPS: tl.constexpr = 2
     HYP_GAMMA1: tl.constexpr = 4
     HYP_GAMMA2: tl.constexpr = 5
     HYP_LR: tl.constexpr = 6
+    HYP_MAXIMIZE: tl.constexpr = 7
     HYP_THETA: tl.constexpr = 9
     HYP_UPDATE_PROJ_GAP: tl.constexpr = 10
+    HYP_WEIGHT_DECAY: tl.constexpr = 11
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
     tl.store(steps + gidx, step.to(STEP_DT))
     death_rate = tl.load(hs_death_rate + gidx).to(tl.float64)
-    # c = step % update_proj_gap == 0
-    c = (L.remainder(step, tl.load(hyp + HYP_UPDATE_PROJ_GAP)) == tl.full((), 0.0, tl.float64))
+    maximize = tl.load(hyp + HYP_MAXIMIZE)
+    # c = weight_decay != 0
+    c = (tl.load(hyp + HYP_WEIGHT_DECAY) != tl.full((), 0.0, tl.float64))
+    # _k0__b2 = 1 - weight_decay * lr
+    k0__b2 = (tl.full((), 1.0, tl.float64) - (tl.load(hyp + HYP_WEIGHT_DECAY) * tl.load(hyp + HYP_LR)))
+    # c_1 = step % update_proj_gap == 0
+    c_1 = (L.remainder(step, tl.load(hyp + HYP_UPDATE_PROJ_GAP)) == tl.full((), 0.0, tl.float64))
     # scale = 1.0
     scale_1 = tl.full((), 1.0, tl.float64)
     # b1 = beta1 * scale
@@ -80,7 +90,10 @@ def _stable_spam_prologue0(
     eps_1 = tl.load(hyp + HYP_EPS)
     neg_step_size = (-step_size)
     # the host values the passes read, rounded to float32
+    tl.store(hv + t * NH + HV_MAXIMIZE, (maximize).to(tl.float32))
+    tl.store(hv + t * NH + HV_K0__B2, (k0__b2).to(tl.float32))
     tl.store(hv + t * NH + HV_C, (c).to(tl.float32))
+    tl.store(hv + t * NH + HV_C_1, (c_1).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_THETA, (one_minus_theta).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_THETA_POW_STEP, (one_minus_theta_pow_step).to(tl.float32))
     tl.store(hv + t * NH + HV_ONE_MINUS_G1, (one_minus_g1).to(tl.float32))
@@ -100,35 +113,56 @@ def _stable_spam_prologue0(
 @triton.jit
 def _stable_spam_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_m_norm_t: tl.constexpr, DT_v_norm_t: tl.constexpr, DT_m_max_t: tl.constexpr, DT_death_rate: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
+    COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 1
     COL_EXP_AVG_SQ: tl.constexpr = 2
     COL_WS_R0: tl.constexpr = 12
-    HV_C: tl.constexpr = 0
+    HV_MAXIMIZE: tl.constexpr = 0
+    HV_K0__B2: tl.constexpr = 1
+    HV_C: tl.constexpr = 2
+    HV_C_1: tl.constexpr = 3
+    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_grad = tl.multiple_of(p_grad, 16)
+    maximize = tl.load(hv + t * NH + HV_MAXIMIZE)
+    p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
+    if ALIGNED:
+        p_param = tl.multiple_of(p_param, 16)
+    k0__b2 = tl.load(hv + t * NH + HV_K0__B2)
+    c = tl.load(hv + t * NH + HV_C)
     p_exp_avg = tl.load(tab + t * TBL_W + COL_EXP_AVG).to(tl.pointer_type(DT_exp_avg))
     if ALIGNED:
         p_exp_avg = tl.multiple_of(p_exp_avg, 16)
     p_exp_avg_sq = tl.load(tab + t * TBL_W + COL_EXP_AVG_SQ).to(tl.pointer_type(DT_exp_avg_sq))
     if ALIGNED:
         p_exp_avg_sq = tl.multiple_of(p_exp_avg_sq, 16)
-    c = tl.load(hv + t * NH + HV_C)
-    p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_grad = tl.multiple_of(p_grad, 16)
-    # exp_avg__b1 = exp_avg * 0.0
-    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
-    exp_avg__b1 = (exp_avg * tl.full((), 0.0, tl.float32))
-    # exp_avg_sq__b2 = exp_avg_sq * 0.0
-    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
-    exp_avg_sq__b2 = (exp_avg_sq * tl.full((), 0.0, tl.float32))
-    # exp_avg = where(step % update_proj_gap == 0, exp_avg__b1, exp_avg)
-    exp_avg_1 = tl.where((c != 0), exp_avg__b1, exp_avg)
-    # exp_avg_sq = where(step % update_proj_gap == 0, exp_avg_sq__b2, exp_avg_sq)
-    exp_avg_sq_1 = tl.where((c != 0), exp_avg_sq__b2, exp_avg_sq)
-    # _r0 = maxabs(grad)
+    c_1 = tl.load(hv + t * NH + HV_C_1)
+    # grad__b1 = -grad
     grad = tl.load(p_grad + offs, mask=mask).to(tl.float32)
-    r0_part = L.masked(tl.abs(grad), mask)
+    grad__b1 = (-grad)
+    # grad = where(maximize, grad__b1, grad)
+    grad_1 = tl.where((maximize != 0), grad__b1, grad)
+    # param__b3 = param * _k0__b2
+    param = tl.load(p_param + offs, mask=mask).to(tl.float32)
+    param__b3 = (param * k0__b2)
+    # param = where(weight_decay != 0, param__b3, param)
+    param_1 = tl.where((c != 0), param__b3, param)
+    # exp_avg__b4 = exp_avg * 0.0
+    exp_avg = tl.load(p_exp_avg + offs, mask=mask).to(tl.float32)
+    exp_avg__b4 = (exp_avg * tl.full((), 0.0, tl.float32))
+    # exp_avg_sq__b5 = exp_avg_sq * 0.0
+    exp_avg_sq = tl.load(p_exp_avg_sq + offs, mask=mask).to(tl.float32)
+    exp_avg_sq__b5 = (exp_avg_sq * tl.full((), 0.0, tl.float32))
+    # exp_avg = where(step % update_proj_gap == 0, exp_avg__b4, exp_avg)
+    exp_avg_1 = tl.where((c_1 != 0), exp_avg__b4, exp_avg)
+    # exp_avg_sq = where(step % update_proj_gap == 0, exp_avg_sq__b5, exp_avg_sq)
+    exp_avg_sq_1 = tl.where((c_1 != 0), exp_avg_sq__b5, exp_avg_sq)
+    # _r0 = maxabs(grad)
+    r0_part = L.masked(tl.abs(grad_1), mask)
     tl.atomic_max(ws + tl.load(tab + t * TBL_W + COL_WS_R0), tl.max(r0_part, axis=0))
-    # store exp_avg, exp_avg_sq
+    # store grad, param, exp_avg, exp_avg_sq
+    tl.store(p_grad + offs, L.to_storage(grad_1, P_DT), mask=mask)
+    tl.store(p_param + offs, L.to_storage(param_1, P_DT), mask=mask)
     tl.store(p_exp_avg + offs, L.to_storage(exp_avg_1, DT_exp_avg), mask=mask)
     tl.store(p_exp_avg_sq + offs, L.to_storage(exp_avg_sq_1, DT_exp_avg_sq), mask=mask)
 
@@ -142,7 +176,8 @@ def _stable_spam_flat0(
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
-    Reads exp_avg, exp_avg_sq, grad; writes exp_avg, exp_avg_sq; accumulates _r0.
+    Reads grad, param, exp_avg, exp_avg_sq; writes grad, param, exp_avg, exp_avg_sq; accumulates
+    _r0.
     """
     COL_NUMEL: tl.constexpr = 6
     pid = tl.program_id(0)
@@ -178,8 +213,8 @@ def _stable_spam_vec0(
     COL_WS_R0: tl.constexpr = 12
     COL_WS_GMAX: tl.constexpr = 14
     COL_WS_M_MAX_HAT: tl.constexpr = 15
-    HV_ONE_MINUS_THETA: tl.constexpr = 1
-    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 2
+    HV_ONE_MINUS_THETA: tl.constexpr = 4
+    HV_ONE_MINUS_THETA_POW_STEP: tl.constexpr = 5
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -214,7 +249,7 @@ def _stable_spam_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_WS_R1: tl.constexpr = 13
     COL_WS_GMAX: tl.constexpr = 14
     COL_WS_M_MAX_HAT: tl.constexpr = 15
-    COL_WS_CLIPPED: tl.constexpr = 19
+    COL_WS_CLIPPED: tl.constexpr = 20
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -280,11 +315,11 @@ def _stable_spam_vec1(
     COL_WS_N: tl.constexpr = 16
     COL_WS_ACTIVE: tl.constexpr = 17
     COL_WS_C_NORM: tl.constexpr = 18
-    HV_ONE_MINUS_G1: tl.constexpr = 3
-    HV_ONE_MINUS_GAMMA2: tl.constexpr = 4
-    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 5
-    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 6
-    HV_EPS: tl.constexpr = 7
+    HV_ONE_MINUS_G1: tl.constexpr = 6
+    HV_ONE_MINUS_GAMMA2: tl.constexpr = 7
+    HV_ONE_MINUS_G1_POW_STEP: tl.constexpr = 8
+    HV_ONE_MINUS_GAMMA2_POW_STEP: tl.constexpr = 9
+    HV_EPS: tl.constexpr = 10
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -348,13 +383,13 @@ def _stable_spam_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constex
     COL_WS_N: tl.constexpr = 16
     COL_WS_ACTIVE: tl.constexpr = 17
     COL_WS_C_NORM: tl.constexpr = 18
-    COL_WS_CLIPPED: tl.constexpr = 19
-    HV_ONE_MINUS_B1: tl.constexpr = 8
-    HV_BETA2: tl.constexpr = 9
-    HV_ONE_MINUS_BETA2: tl.constexpr = 10
-    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 11
-    HV_EPS: tl.constexpr = 12
-    HV_NEG_STEP_SIZE: tl.constexpr = 13
+    COL_WS_CLIPPED: tl.constexpr = 20
+    HV_ONE_MINUS_B1: tl.constexpr = 11
+    HV_BETA2: tl.constexpr = 12
+    HV_ONE_MINUS_BETA2: tl.constexpr = 13
+    HV_BIAS_CORRECTION2_SQ: tl.constexpr = 14
+    HV_EPS: tl.constexpr = 15
+    HV_NEG_STEP_SIZE: tl.constexpr = 16
     p_clipped = ws + tl.load(tab + t * TBL_W + COL_WS_CLIPPED)
     p_n = ws + tl.load(tab + t * TBL_W + COL_WS_N)
     p_c_norm = ws + tl.load(tab + t * TBL_W + COL_WS_C_NORM)
@@ -431,7 +466,9 @@ KERNELS = {
     "_stable_spam_flat2": _stable_spam_flat2,
 }
 
-PLAN = {'dynamic': ['_c2',
+PLAN = {'dynamic': ['_c0',
+             '_c1',
+             '_c2',
              '_k12',
              '_k2',
              '_k3',
@@ -445,7 +482,7 @@ PLAN = {'dynamic': ['_c2',
              'group_step',
              'scale',
              'step_size'],
- 'group_conditions': ['_c0', '_c1', '_c3'],
+ 'group_conditions': ['_c3'],
  'hyper_slots': [['betas', 0],
                  ['betas', 1],
                  ['eps', None],
@@ -459,61 +496,61 @@ PLAN = {'dynamic': ['_c2',
                  ['update_proj_gap', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c1', False), ('_c3', False)): {'columns': ['param',
-                                                                          'state:exp_avg',
-                                                                          'state:exp_avg_sq',
-                                                                          'state:m_norm_t',
-                                                                          'state:v_norm_t',
-                                                                          'state:m_max_t',
-                                                                          'numel',
-                                                                          'B',
-                                                                          'M',
-                                                                          'N',
-                                                                          'ndim',
-                                                                          'gidx',
-                                                                          'ws:_r0',
-                                                                          'ws:_r1',
-                                                                          'ws:gmax',
-                                                                          'ws:m_max_hat',
-                                                                          'ws:n',
-                                                                          'ws:active',
-                                                                          'ws:c_norm',
-                                                                          'ws:clipped'],
-                                                              'creates': [],
-                                                              'hv': ['_c2',
-                                                                     '_k1',
-                                                                     '_k2',
-                                                                     '_k3',
-                                                                     '_k4',
-                                                                     '_k5',
-                                                                     '_k6',
-                                                                     '_k7',
-                                                                     '_k8',
-                                                                     '_k9',
-                                                                     '_k10',
-                                                                     'bias_correction2_sq',
-                                                                     '_k11',
-                                                                     '_k12'],
-                                                              'launches': [('_stable_spam_prologue0',
-                                                                            'prologue'),
-                                                                           ('_stable_spam_flat0', 'flat'),
-                                                                           ('_stable_spam_vec0', 'vec'),
-                                                                           ('_stable_spam_flat1', 'flat'),
-                                                                           ('_stable_spam_vec1', 'vec'),
-                                                                           ('_stable_spam_flat2', 'flat')],
-                                                              'states': ['exp_avg',
-                                                                         'exp_avg_sq',
-                                                                         'm_max_t',
-                                                                         'm_norm_t',
-                                                                         'v_norm_t'],
-                                                              'temps': [('_r0', 'tensor', True),
-                                                                        ('_r1', 'tensor', True),
-                                                                        ('gmax', 'tensor', False),
-                                                                        ('m_max_hat', 'tensor', False),
-                                                                        ('n', 'tensor', False),
-                                                                        ('active', 'tensor', False),
-                                                                        ('c_norm', 'tensor', False),
-                                                                        ('clipped', 'element', False)]}},
+ 'paths': {(('_c3', False),): {'columns': ['param',
+                                           'state:exp_avg',
+                                           'state:exp_avg_sq',
+                                           'state:m_norm_t',
+                                           'state:v_norm_t',
+                                           'state:m_max_t',
+                                           'numel',
+                                           'B',
+                                           'M',
+                                           'N',
+                                           'ndim',
+                                           'gidx',
+                                           'ws:_r0',
+                                           'ws:_r1',
+                                           'ws:gmax',
+                                           'ws:m_max_hat',
+                                           'ws:n',
+                                           'ws:active',
+                                           'ws:c_norm',
+                                           'ws:grad',
+                                           'ws:clipped'],
+                               'creates': [],
+                               'hv': ['_c0',
+                                      '_k0__b2',
+                                      '_c1',
+                                      '_c2',
+                                      '_k1',
+                                      '_k2',
+                                      '_k3',
+                                      '_k4',
+                                      '_k5',
+                                      '_k6',
+                                      '_k7',
+                                      '_k8',
+                                      '_k9',
+                                      '_k10',
+                                      'bias_correction2_sq',
+                                      '_k11',
+                                      '_k12'],
+                               'launches': [('_stable_spam_prologue0', 'prologue'),
+                                            ('_stable_spam_flat0', 'flat'),
+                                            ('_stable_spam_vec0', 'vec'),
+                                            ('_stable_spam_flat1', 'flat'),
+                                            ('_stable_spam_vec1', 'vec'),
+                                            ('_stable_spam_flat2', 'flat')],
+                               'states': ['exp_avg', 'exp_avg_sq', 'm_max_t', 'm_norm_t', 'v_norm_t'],
+                               'temps': [('_r0', 'tensor', True),
+                                         ('_r1', 'tensor', True),
+                                         ('gmax', 'tensor', False),
+                                         ('m_max_hat', 'tensor', False),
+                                         ('n', 'tensor', False),
+                                         ('active', 'tensor', False),
+                                         ('c_norm', 'tensor', False),
+                                         ('grad', 'element', False),
+                                         ('clipped', 'element', False)]}},
  'static_hypers': []}
 
 #: Why this spec has no triton kernels (None: it has them).

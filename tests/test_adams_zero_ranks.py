@@ -50,7 +50,7 @@ def _train(cls: type, kind: str, setting: dict, rank: int, world: int, steps: in
     return model, opt
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str, steps: int) -> None:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -67,9 +67,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             for si, setting in enumerate(SETTINGS):
                 key = f"{kind}/{si}"
                 sharding.SENT["bytes"] = 0
-                ours, _ = _train(Adams_ZeRO, kind, setting, rank, world, STEPS)
-                sent = sharding.SENT["bytes"] / STEPS
-                theirs, _ = _train(adams.Adams_ZeRO, kind, setting, rank, world, STEPS)
+                ours, _ = _train(Adams_ZeRO, kind, setting, rank, world, steps)
+                sent = sharding.SENT["bytes"] / steps
+                theirs, _ = _train(adams.Adams_ZeRO, kind, setting, rank, world, steps)
                 same = all(torch.equal(a, b) for a, b in zip(_params(ours, world), _params(theirs, world)))
                 diff = max((a - b).abs().max().item() for a, b in zip(_params(ours, world), _params(theirs, world)))
                 # state dicts both ways after 5 steps, then 5 more steps
@@ -94,15 +94,17 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, out: str) -> list[dict]:
-    ctx = mp.start_processes(_rank, args=(world, free_port(), out), nprocs=world, join=False, start_method="spawn")
+def _spawn(world: int, out: str, steps: int = STEPS) -> list[dict]:
+    ctx = mp.start_processes(_rank, args=(world, free_port(), out, steps), nprocs=world, join=False, start_method="spawn")
     join_bounded(ctx, 600, f"{world} gloo ranks training Adams_ZeRO")
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.distributed)])
-def test_bit_identical_to_adams_torch(tmp_path, world: int) -> None:
-    ranks = _spawn(world, str(tmp_path / "r"))
+@pytest.mark.parametrize(("world", "steps"), [(2, 25), pytest.param(2, STEPS, marks=pytest.mark.distributed),
+                                              pytest.param(4, STEPS, marks=pytest.mark.distributed)])
+def test_bit_identical_to_adams_torch(tmp_path, world: int, steps: int) -> None:
+    # the default run: 2 ranks, 25 steps (CI time); -m distributed: 100 steps on 2 and 4 ranks
+    ranks = _spawn(world, str(tmp_path / "r"), steps)
     for rank, res in enumerate(ranks):
         assert "error" not in res, res["error"]
         for key, r in res.items():

@@ -25,8 +25,9 @@ ADV_STEPS = 100
 #: one with the most options, on the mlp in float64, 200 steps); the rest of the matrix (every
 #: setting, both models, both dtypes) is marked extended (bash .ci/extended)
 SAMPLED = {"adamax": 1, "adadelta": 1, "rprop": 1, "asgd": 1, "adafactor": 1, "muon": 1,
-           "adamwadv": 1, "spam": 0, "stable_spam": 0}  # issue 16 item 2 (spam: tests/test_adamw_family.py
+           "adamwadv": 1, "spam": 0, "stable_spam": 0,  # issue 16 item 2 (spam: tests/test_adamw_family.py
            # samples density < 1)
+           "sinksgd_adv": 0}  # issue 16 item 5: tests/test_sinksgd.py samples it (bf16 too), the matrix is extended
 #: packages whose settings after the first run on one model in float32, and 100 steps
 FEW_STEPS = ("adv-optm", "pytorch-optimizer")
 
@@ -40,7 +41,8 @@ def _dtype_sensitive(setting: dict) -> bool:
 def _cases() -> list:
     """Every setting of every spec: the first one on both models in float64 and float32; the others
     (adv_optm specs have dozens) on one model, alternating, in float32, unless the dtype matters
-    (factored states: the full matrix). torch.optim and adams specs run the full matrix."""
+    (factored states: the full matrix). torch.optim and adams specs run the full matrix. Of a full
+    matrix after the first setting, the default run keeps the alternating model (both dtypes)."""
     out = []
     for spec in matched_specs():
         adv = spec_package(spec).startswith(FEW_STEPS)
@@ -54,6 +56,9 @@ def _cases() -> list:
                         continue
                     ident = f"{spec}-{i}-{model}-{'f64' if dtype == torch.float64 else 'f32'}"
                     sample = spec not in SAMPLED or (i, model, dtype) == (SAMPLED[spec], "mlp", torch.float64)
+                    # CI time: a full-matrix setting after the first runs on its alternating model
+                    # by default, on the other one under -m extended
+                    sample = sample and (i == 0 or not full or model == ("mlp", "transformer")[i % 2])
                     marks = () if sample else (pytest.mark.extended,)
                     out.append(pytest.param(spec, i, setting, model, dtype, id=ident, marks=marks))
     return out

@@ -94,14 +94,26 @@ def test_scheduler_builds_tables_once(spec: str, kind: str) -> None:
 
 
 def test_a_flag_change_still_takes_another_path() -> None:
-    """What decides a path still does: maximize switched on mid-training rebuilds (once)."""
-    params, opt = _train("adamw", "triton", "lambda")
-    opt.param_groups[0]["maximize"] = True
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    opt.step()
-    assert opt._triton_runner().builds == len(opt.param_groups) + 1
+    """A flag that changes a kernel's structure still decides a path: SGD's nesterov switched on
+    mid-training rebuilds. One that only guards element-wise statements is a select
+    (AdamW's maximize): it rebuilds nothing. Both step as the reference backend does."""
+    def run(backend: str, spec: str, flag: str):
+        params, opt = _train(spec, backend, "lambda")
+        opt.param_groups[0][flag] = True
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            opt.step()
+        return params, opt
+
+    for spec, flag, path in (("sgd", "nesterov", True), ("adamw", "maximize", False)):
+        params, opt = run("triton", spec, flag)
+        builds = opt._triton_runner().builds
+        assert builds > len(opt.param_groups) if path else builds == len(opt.param_groups), (flag, builds)
+        ref, _ = run("reference", spec, flag)
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.detach().cpu(), r.detach().cpu(), atol=2e-6, rtol=2e-6), (flag, (p - r).abs().max())
 
 
 def test_a_moved_part_of_a_mixed_condition_takes_another_path() -> None:

@@ -130,7 +130,8 @@ def test_state_dict_keys_and_values_are_adv_optms(spec: str, setting: dict) -> N
     ("adamw_adv", {"state_precision": "factored"}, "spectral_normalization with factored states"),
     ("prodigy_adv", {"nnmf_factor": True}, "spectral_normalization with factored states"),
     ("lion_adv", {"stochastic_sign": True}, "spectral_normalization with stochastic_sign"),
-    ("signsgd_adv", {"stochastic_sign": True}, "spectral_normalization with stochastic_sign"),
+    ("signsgd_adv", {"stochastic_sign": True}, "spectral_normalization and stochastic_sign are not implemented"),
+    ("adopt_adv", {"factored_2nd": True}, r"spectral_normalization with factored states \(factored_2nd too\)"),
 ])
 def test_unsupported_combinations_are_refused(spec: str, setting: dict, message: str) -> None:
     make = ours_factory(spec, {**ON, **setting}, "torch")

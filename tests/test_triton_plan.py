@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from optgen.backends.triton_plan import dynamic_names, plan_program
+from optgen.backends.triton_plan import dynamic_names, plan_program, selected_conditions, step_dependent_names
 from optgen.cli import app
 from optgen.ir.hoist import hoist
 from optgen.pipeline import lower
@@ -39,17 +39,18 @@ def test_step_dependent_conditions_are_if_converted() -> None:
     _, plans = plan_program(prog)
     for plan in plans:  # one kernel per pass serves both sides of `rho_t > 5`
         assert [s.kind for s in plan.stages] == ["pass"]
-        selects = [s for s in plan.stages[0].statements if s.target == "param" and s.value.op == "where"]
+        selects = [s for s in plan.stages[0].statements if s.target == "param" and s.value.op == "where"
+                   and s.value.args[0].attr in step_dependent_names(prog)]
         assert len(selects) == 1
 
 
 def test_static_conditions_enumerate_paths() -> None:
     _, plans = plan_program(_program("sgd"))
     keys = {p.key for p in plans}
-    # maximize x weight_decay x (no momentum | has(momentum_buffer) x nesterov)
-    assert len(keys) == len(plans) == 2 * 2 * (1 + 2 * 2)
+    # no momentum | has(momentum_buffer) x nesterov; maximize and weight_decay are selects
+    assert len(keys) == len(plans) == 1 + 2 * 2
     for p in plans:  # every path that writes the absent-initialised buffer may create it
-        assert p.creates == (["momentum_buffer"] if len(p.key) == 5 else [])
+        assert p.creates == (["momentum_buffer"] if len(p.key) == 3 else [])
 
 
 def test_nadam_host_state_updated_in_the_prologue() -> None:
@@ -105,7 +106,26 @@ def test_default_paths_and_fixed_conditions() -> None:
     assert again[0] == some_key
 
 
-def test_static_condition_inside_a_step_dependent_one() -> None:
+def test_static_condition_inside_a_step_dependent_one(tmp_path: Path) -> None:
+    # Adopt's shape: `if step > 1 or use_atan2:` holds static flags (adopt_adv itself: extended below)
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(
+        "name: demo\nclass: Demo\nhyperparameters:\n  lr: {default: 1.0e-3}\n  use_atan2: {default: false}\n"
+        "  clip: {default: false}\nstate:\n  v: {init: zeros}\n"
+        "update:\n  - v = v + grad * grad\n  - if: step > 1 or use_atan2\n    then:\n"
+        "      - if: clip\n        then:\n          - d = grad / norm(grad)\n"
+        "        else:\n          - d = grad / sqrt(v + 1e-8)\n"
+        "      - param = param - lr * d\n"
+    )
+    prog = hoist(lower(load_spec(spec)))
+    dyn, plans = plan_program(prog)
+    assert plans and all(p.stages for p in plans)
+    # the flag adds a reduction: a path per value of it (not a select), inside the step-dependent if
+    assert not any(c in dyn for c, _ in plans[0].key) and len(plans) == 2
+
+
+@pytest.mark.extended
+def test_static_conditions_inside_adopt_adv_step_dependent_one() -> None:
     prog = _program("adopt_adv")  # `if step > 1 or use_atan2:` holds the atan2 and clip flags
     _, plans = plan_program(prog)
     assert plans and all(p.stages for p in plans)
@@ -146,3 +166,26 @@ def test_the_typed_plan_round_trips_every_generated_plan() -> None:
         assert all(isinstance(p, PathLaunch) for p in plan.paths.values())
         checked += 1
     assert checked > 30
+
+
+def test_flags_that_keep_a_kernels_structure_are_selects_not_paths(tmp_path: Path) -> None:
+    """A flag of numeric hyperparameters guarding element-wise statements is computed as a select
+    (one kernel for both values: nothing is rendered when it switches); one that adds a reduction
+    or a state present only under it stays a branch path."""
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(
+        "name: demo\nclass: Demo\nhyperparameters:\n  lr: {default: 1.0e-3}\n  wd: {default: 0.0}\n"
+        "  flip: {default: false}\n  normed: {default: false}\n  mode: {default: plain, type: any}\n"
+        "state:\n  m: {init: zeros}\n"
+        "update:\n  - m = 0.9 * m + grad\n  - d = m\n"
+        "  - if: flip\n    then: [d = -d]\n"
+        "  - if: normed\n    then: [d = d / norm(d)]\n"
+        "  - if: mode == 'plain'\n    then: [d = d * 2]\n"
+        "  - if: wd != 0\n    then: [param = param * (1 - lr * wd)]\n"
+        "  - param = param - lr * d\n"
+    )
+    prog = hoist(lower(load_spec(spec)))
+    selected = selected_conditions(prog, step_dependent_names(prog))
+    assert len(selected) == 2  # flip and wd != 0; normed adds a reduction, mode is a string
+    dyn, plans = plan_program(prog)
+    assert len(plans) == 4 and all(len(p.key) == 2 for p in plans)

@@ -16,6 +16,7 @@ from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt
 from optgen.ir.ops import CALLS, OWN_SHAPE, Op
 from optgen.numerics import newton_schulz as ns
+from optgen.numerics import sinkhorn as sk
 from optgen.numerics import stochastic
 from optgen.numerics.host import HostContext, evaluate, to_device_scalar
 from optgen.numerics.matrix_view import ViewedState, as_view, view_shape
@@ -224,6 +225,11 @@ _OPS = {
     "rand_like": lambda x, seed=None: torch.rand_like(x),
     "stream_rand": lambda x, seed=None: stochastic.uniform(x),
     "maxabs_dim": lambda x, d: stochastic.maxabs_dim(x, int(d)),
+    "atan": torch.atan,
+    "viewnorm": lambda x, d: sk.view_norm(x, int(d)),
+    "viewmean": lambda x, d: sk.view_mean(x, int(d)),
+    "sinkhorn": lambda x, p, iters, ortho: sk.sinkhorn(x, p, int(iters), bool(ortho)),
+    "orthograd_iterative": sk.orthograd_iterative,
     "cast": lambda a, like: a.to(like.dtype),
     "stochastic_round": lambda x, seed: stochastic.round_bf16(x),
     **{op: (lambda x, *args, _f=getattr(ns, op): ns.rows(_f, x, *args)) for op in CALLS},

@@ -18,7 +18,7 @@ from optgen.ir.ops import OWN_SHAPE, Op
 
 INPLACE = {
     "add", "sub", "mul", "div", "rdiv", "rsub", "neg", "pow", "sqrt", "rsqrt", "abs", "sign", "exp", "log",
-    "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy", "cos", "sin", "floor",
+    "reciprocal", "maximum", "minimum", "lerp", "addcmul", "addcdiv", "axpy", "cos", "sin", "floor", "atan",
 }
 #: ops that may return their argument itself (no copy when the dtype already matches)
 _MAY_ALIAS = {"float32", "float64", "cast", "contiguous", "strided"}

@@ -179,6 +179,20 @@ class _Body:
         return self.scope.names.new(hint)
 
 
+#: ops the triton backend does not compute (yet), with the reason it gives
+_TORCH_ONLY = {
+    "atan": "atan() in triton kernels (not implemented yet: use backend='torch' or 'reference')",
+    "viewnorm": "viewnorm() (a norm along one dim of the (shape[0], -1) matrix view) in triton kernels "
+                "(not implemented yet: use backend='torch' or 'reference')",
+    "viewmean": "viewmean() (a mean along one dim of the (shape[0], -1) matrix view) in triton kernels "
+                "(not implemented yet: use backend='torch' or 'reference')",
+    "sinkhorn": "sinkhorn() (SinkSGD's alternating row / column normalisation) in triton kernels "
+                "(not implemented yet: use backend='torch' or 'reference')",
+    "orthograd_iterative": "orthogonal_gradient='iterative' (rank-2 OrthoGrad) in triton kernels "
+                           "(not implemented yet: use 'flattened', or backend='torch' or 'reference')",
+}
+
+
 class KernelEmitter:
     """Emits the kernels of one path."""
 
@@ -418,6 +432,8 @@ class KernelEmitter:
             seed = f"({a[1]}).to(tl.int32)" if len(a) > 1 else "0"
             salt = " + 4099" if op == "stream_rand" else ""  # apart from rand_like's numbers
             code = f"tl.rand({seed} * 65599 + {self.col('gidx')}{salt}, {off})"
+        elif op in _TORCH_ONLY:
+            raise TritonUnsupported(_TORCH_ONLY[op])
         elif op == "maxabs_dim":
             raise TritonUnsupported("maxabs_dim() (the largest |x| along one dim of a parameter with 3 or more dims) "
                                     "in triton kernels (not implemented yet: use backend='torch' or 'reference')")
@@ -1004,6 +1020,9 @@ def render_kernels(program: Program, prefix: str, fixed: dict[str, bool] | None 
     every hyperparameter at its default (parameter facts such as the dtype or the shape still
     vary); the runtime renders any other path the first time a parameter group takes it.
     """
+    if any(n.op == "sinkhorn" for s in walk_stmts(program.body) if isinstance(s, Assign) for n in walk_nodes(s.value)):
+        # SinkSGD normalises every matrix with it: the backend refuses the optimizer at construction
+        raise TritonUnsupported(_TORCH_ONLY["sinkhorn"])
     dyn = dynamic_names(program)
     kernels: list[KernelSource] = []
     by_text: dict[_Draft, str] = {}

@@ -115,9 +115,100 @@ def global_conditions(program: Program) -> list[str]:
     return out
 
 
+#: ops a branch computed as a select may not hold: they end a pass or call out (reductions,
+#: Newton-Schulz), draw random numbers (both branches would draw), or read and write coded states
+_NOT_SELECTABLE = REDUCTIONS | CALLS | {Op.SUMSQ, Op.RAND_LIKE, Op.STREAM_RAND, Op.STOCHASTIC_ROUND, Op.DECODE,
+                                        Op.ENCODE, Op.PARAM_ATTR}  # param_attr: a condition's operand only
+
+
+def _numeric_hypers(program: Program, value: Node) -> bool:
+    """Every hyperparameter ``value`` reads has a number (or bool) as its default, and it compares
+    with no ``None`` or string: the prologue's float slots hold it."""
+    hypers = dict(program.hypers)
+    for n in walk_nodes(value):
+        if n.op == Op.CONST and (n.attr is None or isinstance(n.attr, str)):
+            return False
+        if n.op == Op.HYPER:
+            h = hypers.get(n.attr[0])
+            d = None if h is None else h.default
+            if isinstance(d, (list, tuple)) and n.attr[1] is not None:
+                d = d[n.attr[1]] if n.attr[1] < len(d) else None
+            if isinstance(d, str) or not isinstance(d, (bool, int, float)) or (h.type not in (None, "float", "int", "bool")):
+                return False
+    return True
+
+
+def _selectable_branch(stmts: list[Stmt], present: set[str], device_states: set[str],
+                       conds: set[str]) -> dict[str, Kind] | None:
+    """The targets of a branch and their kinds if it can run as a select: element-wise device
+    statements and host values (no reduction, call, draw or coded state), conditionals only on
+    ``conds`` (step-dependent or themselves selects), and only states every path has (one that
+    exists under a flag would be read where it is absent); None otherwise."""
+    kinds: dict[str, Kind] = {}
+    for s in stmts:
+        if isinstance(s, If):
+            if s.cond.op != Op.VAR or s.cond.attr not in conds:
+                return None
+            for b in (s.then, s.orelse):
+                inner = _selectable_branch(b, present, device_states, conds)
+                if inner is None:
+                    return None
+                kinds.update(inner)
+            continue
+        if s.role in ("host_state", "accumulate", "call") or s.value.kind not in (Kind.ELEMENT, Kind.HOST):
+            return None
+        if s.target in device_states and s.target not in present:
+            return None
+        for n in walk_nodes(s.value):
+            if n.op in _NOT_SELECTABLE or (n.op == Op.VAR and n.attr in device_states and n.attr not in present):
+                return None
+        kinds[s.target] = s.value.kind
+    return kinds
+
+
+def selected_conditions(program: Program, dyn: set[str]) -> set[str]:
+    """Static conditions the kernels compute as selects instead of branch paths of their own.
+
+    A condition of numeric hyperparameters alone (``weight_decay != 0``, ``cautious``) whose every
+    ``if`` guards element-wise statements and host values only does not change a kernel's
+    structure: both branches run in the same pass and a ``where`` keeps the taken one (bit for bit
+    the taken branch's value; the other costs arithmetic, not memory traffic, in a memory-bound
+    pass). The prologue computes the condition from the hyperparameter slots at every step, so
+    switching such a flag renders nothing and rebuilds no table. Conditions that add a reduction,
+    a whole-matrix call, a random draw, a coded or conditional state, or a host-state update stay
+    branch paths."""
+    defs = host_definitions(program)
+    device_states = {d.name for d in program.state if d.kind != Kind.HOST}
+    present = {d.name for d in program.state if d.kind != Kind.HOST and d.cond is None and d.init != "absent"}
+    globals_ = set(global_conditions(program))
+    ifs = [s for s in walk_stmts(program.body) if isinstance(s, If) and s.cond.op == Op.VAR and s.cond.attr not in dyn]
+    chosen = {s.cond.attr for s in ifs}
+    chosen = {n for n in chosen if n.startswith("_c") and n not in globals_ and defs.get(n)
+              and all(group_decided(v) and _numeric_hypers(program, v) for v in defs[n])}
+    while True:  # the largest set whose every if is selectable given the others
+        keep = set(chosen)
+        for s in ifs:
+            if s.cond.attr not in keep:
+                continue
+            branches = [_selectable_branch(b, present, device_states, dyn | chosen) for b in (s.then, s.orelse)]
+            if branches[0] is None or branches[1] is None or any(
+                    branches[1][t] != k for t, k in branches[0].items() if t in branches[1]):
+                keep.discard(s.cond.attr)
+        if keep == chosen:
+            return chosen
+        chosen = keep
+
+
 def dynamic_names(program: Program) -> set[str]:
-    """Host names whose values change from step to step (they depend on ``step``, host state or an
-    optimizer-wide global such as Prodigy's ``d``)."""
+    """Host names whose values the kernels read at every step: those that change from step to step
+    (they depend on ``step``, host state or an optimizer-wide global such as Prodigy's ``d``), and
+    the static conditions computed as selects (:func:`selected_conditions`)."""
+    steps = step_dependent_names(program)
+    return steps | selected_conditions(program, steps)
+
+
+def step_dependent_names(program: Program) -> set[str]:
+    """Host names whose values change from step to step."""
     dyn = {d.name for d in program.state if d.kind == Kind.HOST}
     names = {g.name for g in program.globals}
     conds = set(global_conditions(program))

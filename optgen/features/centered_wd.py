@@ -62,6 +62,14 @@ def _rate(s: Assign) -> Node | None:
     return None
 
 
+def _scaled_decay(s: Assign) -> bool:
+    """``param = param - param * X``: a decay whose per-element rate ``X`` the spec computed
+    (SinkSGD's structured geometric decay; centered decay is refused with ``geometric_wd``)."""
+    v = s.value
+    return s.target == "param" and v.op == Op.ADDCMUL and is_var(v.args[0], "param") and \
+        is_var(v.args[1], "param") and v.args[3].op == Op.CONST and v.args[3].attr == -1
+
+
 def _contains(s: Stmt, match) -> Node | None:
     if isinstance(s, Assign):
         return _rate(s) if match(s) else None
@@ -97,7 +105,7 @@ def _apply(program: Program) -> Program:
     for name, pos in program.roles.get("decay", []):  # a declared decay must have the standard form
         copies = [s for s in walk_stmts(program.body) if isinstance(s, Assign) and (s.target, s.pos) == (name, pos)]
         # (one copy at least: an earlier feature's flag path may hold a rewritten one, Fisher's)
-        if copies and all(_rate(s) is None for s in copies):
+        if copies and all(_rate(s) is None and not _scaled_decay(s) for s in copies):
             raise FeatureError(f"feature 'centered_wd': the statement of role 'decay' ({where(pos)}) is not a "
                                "decoupled decay 'param = param + (-(weight_decay * s)) * param'", pos)
     cautious = "cautious_wd" in hypers

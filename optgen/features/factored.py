@@ -224,16 +224,21 @@ def _apply(program: Program) -> Program:
     otherwise: list[Stmt] = program.body
     second = [d for d in decls if d.factored[2] is None]
     view2 = None
-    # (not where the program steps its parameters as another view: AdaMuon orthogonalises the
-    # (rows, -1) matrix and factors its v as the square one, which one view cannot give)
-    if "factored_2nd" in dict(program.hypers) and second and not program.matrix_views:
+    # not where the parameter is stepped as another view (AdaMuon orthogonalises the (rows, -1)
+    # matrix and factors its v as the square one, which one view cannot give): those parameters
+    # keep the dense path, and a spec whose published class accepts only False builds no path
+    spec2 = dict(program.hypers).get("factored_2nd")
+    if spec2 is not None and spec2.choices != [False] and second:
         # adv_optm's factored_2nd: only the second moments factored, the rest dense, no upcast
         denom = role_target(program, "denominator", "denom")
         fact2 = _Factoring(second, taken, second=True, denom=denom)
         factored2, _ = fact2.block(program.body, set())
-        otherwise = [If(flag("factored_2nd"), [If(_shaped(), factored2, program.body)], program.body)]
+        shaped2 = _shaped()
+        for cond, _ in program.matrix_views:
+            shaped2 = Node("and", (shaped2, Node("not", (cond,), boolean=True)), boolean=True)
+        otherwise = [If(flag("factored_2nd"), [If(shaped2, factored2, program.body)], program.body)]
         view2 = Node("and", (Node("not", (requested,), boolean=True),
-                             Node("and", (flag("factored_2nd"), _shaped()), boolean=True)), boolean=True)
+                             Node("and", (flag("factored_2nd"), shaped2), boolean=True)), boolean=True)
         for d in second:
             view2 = _and(d.cond, view2)
     body = [If(requested, [If(_shaped(), factored, dense_body)], otherwise)]

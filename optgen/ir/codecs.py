@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.ir.codec_base import Codec, Stored
+from optgen.ir.nodes import Assign, Program, walk_nodes, walk_stmts
+from optgen.ir.ops import Op
 from optgen.quant.registry import CODECS as QUANT_CODECS
 
 __all__ = ["Codec", "FloatCodec", "Stored", "codec_for", "codec_names", "register", "stored_names"]
@@ -170,6 +172,12 @@ def codec_names() -> list[str]:
 #: the storage dtype name of a code tensor packed two 4-bit codes per byte (flat uint8 of
 #: ``ceil(numel / 2)`` bytes; optgen.runtime.base allocates and loads it in that shape)
 PACKED_UINT4 = "packed_uint4"
+
+
+def codecs_of(program: Program) -> frozenset[str]:
+    """The names of the codecs that may store a state of ``program`` (its decode and encode nodes)."""
+    return frozenset(n.attr[0] for s in walk_stmts(program.body) if isinstance(s, Assign)
+                     for n in walk_nodes(s.value) if n.op in (Op.DECODE, Op.ENCODE))
 
 
 def stored_names(state: str, codec: Codec, non_neg: bool) -> dict[str, str]:

@@ -36,6 +36,7 @@ FUNCTIONS: dict[str, Function] = {
         Function("contiguous", (1, 1), "x in row-major memory order (torch's .contiguous(); reductions "
                  "sum in memory order, so this pins the rounding of a later norm)", host=False),
         Function("atan2", (2, 2), "atan2(y, x), the angle of (x, y)"),
+        Function("atan", (1, 1), "arctangent (torch.atan)", host=False),
         Function("maximum", (2, 2), "elementwise maximum"),
         Function("minimum", (2, 2), "elementwise minimum"),
         Function("max", (2, 2), "maximum of two host scalars", tensor=False),
@@ -102,7 +103,24 @@ FUNCTIONS: dict[str, Function] = {
                  host=False),
         Function("low_rank_cans", (5, 5), "low_rank_cans(x, rank, steps, eps, lower_bound): cans of x's "
                  "rank-r projection on a Gaussian sketch", host=False),
+        Function("viewnorm", (2, 2), "viewnorm(x, d): the Euclidean norm of x seen as the matrix (shape[0], -1) "
+                 "along its dim d (0: each column, 1: each row), kept so that it broadcasts against x: per-element "
+                 "(torch.linalg.vector_norm(x2d, 2, d, keepdim=True); torch and reference backends)", host=False),
+        Function("viewmean", (2, 2), "viewmean(x, d): the mean of x seen as the matrix (shape[0], -1) along its "
+                 "dim d, kept as viewnorm's (torch and reference backends)", host=False),
+        Function("sinkhorn", (4, 4), "sinkhorn(x, param, iterations, orthogonal): adv_optm's SR-Sinkhorn of x seen "
+                 "as the matrix (shape[0], -1): 'iterations' alternating normalisations of the longer dim, then the "
+                 "other, to sqrt of the other's length; with 'orthogonal', each followed by a projection orthogonal "
+                 "to param's rows / columns (torch and reference backends)", host=False),
+        Function("orthograd_iterative", (2, 2), "orthograd_iterative(g, param): adv_optm's rank-2 OrthoGrad of g "
+                 "seen as the matrix (shape[0], -1): 3 alternating projections orthogonal to param's columns / rows "
+                 "with 1.01 over-relaxation, each restoring the original norms (torch and reference backends)",
+                 host=False),
         Function("eps_of", (1, 1), "eps_of(param): torch.finfo(param.dtype).eps, a parameter fact", tensor=False),
+        Function("is_float32", (1, 1), "is_float32(x): whether the host value x is a float32 0-d tensor (a "
+                 "hyperparameter given as torch.tensor(v), or a value computed from one): published code that mixes "
+                 "such a tensor with Python floats computes in float32 (torch.optim.Adafactor's tensor lr)",
+                 tensor=False),
         Function("has", (1, 1), "whether a state buffer exists for this parameter", tensor=False),
         Function("param_attr", (2, 2), "param_attr('name', default): an attribute of the parameter", tensor=False),
     ]

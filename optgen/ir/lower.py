@@ -266,6 +266,11 @@ class Lowerer:
             return Node("param_attr", attr=(attr.value, default.value), boolean=isinstance(default.value, bool))
         args = [self.expr(a, field) for a in e.args]
         all_host = all(a.is_host for a in args)
+        if e.func == "is_float32":
+            if not all_host:
+                raise SpecError(e.pos, field, "is_float32() works on host scalars only")
+            self._need_number(args[0], e.args[0], field)
+            return Node(e.func, tuple(args), boolean=True)
         if all_host:
             if not f.host:
                 raise SpecError(e.pos, field, f"{e.func}() works on device values, but all its arguments are host scalars")
@@ -313,6 +318,19 @@ class Lowerer:
             if not (isinstance(d, E.Const) and type(d.value) is int and d.value >= 0):
                 raise SpecError(d.pos, field, "maxabs_dim()'s dim must be a constant non-negative integer")
             return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn in ("viewnorm", "viewmean"):
+            need(0, Kind.ELEMENT)
+            d = e.args[1]
+            if not (isinstance(d, E.Const) and type(d.value) is int and d.value in (0, 1)):
+                raise SpecError(d.pos, field, f"{fn}()'s dim must be 0 or 1 (a dim of the (shape[0], -1) matrix)")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
+        if fn in ("sinkhorn", "orthograd_iterative"):
+            need(0, Kind.ELEMENT)
+            need(1, Kind.ELEMENT)
+            for i in range(2, len(args)):
+                if not args[i].is_host:
+                    raise SpecError(e.args[i].pos, field, f"{fn}()'s iterations and flag must be host scalars")
+            return Node(fn, tuple(args), kind=Kind.ELEMENT)
         if fn == "cast":
             return Node(fn, tuple(args), kind=args[0].kind, boolean=False)
         if fn == "strided":
@@ -335,7 +353,7 @@ class Lowerer:
                                 f"{args[2].kind.label}")
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("sqrt", "rsqrt", "abs", "sign", "exp", "log", "reciprocal", "copy", "contiguous", "float32", "float64",
-                  "cos", "sin", "floor"):
+                  "cos", "sin", "floor", "atan"):
             return Node(fn, tuple(args), kind=args[0].kind)
         if fn in ("atan2", "maximum", "minimum"):
             if args[0].is_host:

@@ -56,6 +56,7 @@ class Op:
     OR = "or"
     NOT = "not"
     WHERE = "where"
+    IS_FLOAT32 = "is_float32"  # a host value that is a float32 0-d tensor (torch.optim's tensor lr)
     # elementwise functions
     SQRT = "sqrt"
     RSQRT = "rsqrt"
@@ -82,6 +83,13 @@ class Op:
     RAND_LIKE = "rand_like"
     STREAM_RAND = "stream_rand"  # adv_optm's per-device stream (stochastic sign)
     MAXABS_DIM = "maxabs_dim"  # max |x| over one dim, kept (3-D+ stochastic sign)
+    ATAN = "atan"
+    # reductions of the (shape[0], -1) matrix view along one of its dims, kept (SinkSGD)
+    VIEWNORM = "viewnorm"
+    VIEWMEAN = "viewmean"
+    # alternating row / column normalisations of the (shape[0], -1) view against the parameter
+    SINKHORN = "sinkhorn"
+    ORTHOGRAD_ITERATIVE = "orthograd_iterative"
     STOCHASTIC_ROUND = "stochastic_round"
     # shape-changing ops with their own shape rules
     OUTER = "outer"
@@ -167,12 +175,17 @@ def _table() -> dict[str, OpInfo]:
         Op.OR: OpInfo((2, None), host=True),
         Op.NOT: unary,
         Op.WHERE: OpInfo((3, 3), host=True),
+        Op.IS_FLOAT32: unary,
         **dict.fromkeys((Op.SQRT, Op.ABS, Op.SIGN, Op.EXP, Op.LOG, Op.COS, Op.SIN, Op.FLOOR, Op.FLOAT32,
                          Op.FLOAT64), unary),
         **dict.fromkeys((Op.RSQRT, Op.RECIPROCAL, Op.COPY, Op.CONTIGUOUS), dev1),
         **dict.fromkeys((Op.ATAN2, Op.MAX, Op.MIN), binary),
         **dict.fromkeys((Op.MAXIMUM, Op.MINIMUM, Op.RAND_LIKE, Op.STREAM_RAND, Op.STOCHASTIC_ROUND), dev2),
         Op.MAXABS_DIM: OpInfo((2, 2), own_shape=True),
+        Op.ATAN: dev1,
+        **dict.fromkeys((Op.VIEWNORM, Op.VIEWMEAN), OpInfo((2, 2), own_shape=True)),
+        Op.SINKHORN: OpInfo((4, 4), own_shape=True),
+        Op.ORTHOGRAD_ITERATIVE: OpInfo((2, 2), own_shape=True),
         Op.CLAMP: OpInfo((3, 3)),
         Op.LERP: OpInfo((3, 3)),
         Op.CAST: OpInfo((2, 2), own_shape=True),  # the dtype of its second argument, the kind of its first

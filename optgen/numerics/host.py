@@ -76,6 +76,7 @@ _UNARY = {
     Op.FLOOR: _unary(_floor, torch.floor),
     Op.FLOAT32: _unary(_float32, lambda t: t.float()),
     Op.FLOAT64: _unary(float, lambda t: t.double()),
+    Op.IS_FLOAT32: lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.float32,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.ir.codecs import PACKED_UINT4
+from optgen.ir.codecs import PACKED_UINT4, codec_for, codecs_of
 from optgen.ir.nodes import If, Kind, Program, StateDecl, walk_nodes
 from optgen.ir.ops import Op
 from optgen.numerics import stochastic
@@ -102,6 +102,8 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if self.backend == "auto":
             self.backend = _auto_backend(self.param_groups, self._zero is None)
+        elif self.backend == "triton":
+            _refuse_without_kernels(type(self).__name__, self._triton_module)
         self._init_transient()
         if "stochastic_rounding" in prog.features:
             # adv_optm re-seeds its per-device generator at every construction with bf16 params
@@ -358,11 +360,26 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if sharding.is_dtensor(p):
                 # per-slice statistics (Prodigy) step on local rows except in the triton kernels
                 whole = self.backend == "reference" or (self._program.slice_stride is not None
-                                                        and self.backend == "triton")
+                                                        and self.backend == "triton") or self._block_coded(p, group)
                 position = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
                 lay = sharding.layout_of(p, position, view_shape(self._program, p, group, {}), whole)
             layouts[id(p)] = lay
         return lay
+
+    def _block_coded(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether a state of ``p`` is stored by a block-scaled codec (8-bit, 4-bit, FP8, int8_sr).
+        Its blocks run over the whole flattened tensor (and whether it is coded at all follows the
+        whole tensor's size), so a sharded parameter steps gathered: local rows would put other
+        elements in a block and another scale on each (exact at the cost of the state's 1/N saving)."""
+        chosen = group.get("state_precision")
+        for name in codecs_of(self._program):
+            codec = codec_for(name)
+            if codec.block is None or (chosen is not None and name != chosen):
+                continue
+            applies = codec.applies()
+            if applies is None or evaluate(applies, HostContext(group, p, {}, tensor_math=False)):
+                return True
+        return False
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         prog = self._program
@@ -742,6 +759,19 @@ class FusedBackward:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _refuse_without_kernels(name: str, module: str) -> None:
+    """``backend="triton"`` for a spec the triton backend cannot run at all: refused here, at
+    construction (the generated module says why), not at the first step."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return  # no triton: the first step says so (check_available)
+    if getattr(mod, "PLAN", True) is None:
+        raise ValueError(f"{name} has no triton kernels: {mod.UNSUPPORTED}")
 
 
 def _auto_backend(groups: list[dict[str, Any]], local: bool = True) -> str:

@@ -264,6 +264,14 @@ class TorchExecutor(Executor):
                     self.rounds[key] = _path_draw_count(self.program.body, dict(path)) > 1
                 if self.rounds[key]:
                     return True
+            if len(buckets) > 1:
+                # a state's stochastic encode draws in bucket order, not parameter order (the
+                # parameter's own rounding bits are drawn ahead in order: random_bits_ahead)
+                key = ("codec", path)
+                if key not in self.rounds:
+                    self.rounds[key] = _path_codec_draws(self.program.body, dict(path))
+                if self.rounds[key]:
+                    return True
         return False
 
     def path_draws(self, path: tuple) -> bool:
@@ -353,6 +361,17 @@ def _path_rounds(stmts: list[Stmt], taken: dict[str, bool], sketches: bool = Fal
 def _draws(n: Node) -> bool:
     """A stochastic state codec's encode (feature state_precision) draws random bits."""
     return n.op == Op.ENCODE and codec_for(n.attr[0]).stochastic
+
+
+def _path_codec_draws(stmts: list[Stmt], taken: dict[str, bool]) -> bool:
+    """Whether the branch path ``taken`` writes a stochastically encoded state."""
+    for s in stmts:
+        if isinstance(s, If):
+            if _path_codec_draws(s.then if taken.get(s.cond.attr, False) else s.orelse, taken):
+                return True
+        elif any(_draws(n) for n in walk_nodes(s.value)):
+            return True
+    return False
 
 
 def _path_draw_count(stmts: list[Stmt], taken: dict[str, bool]) -> int:

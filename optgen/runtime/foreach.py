@@ -16,6 +16,7 @@ import torch.nn.functional as TF
 
 from optgen.ir.codecs import FloatCodec, codec_for
 from optgen.numerics import newton_schulz as ns
+from optgen.numerics import sinkhorn as sk
 from optgen.numerics import stochastic
 from optgen.runtime import sharding
 
@@ -149,6 +150,51 @@ def stream_rand(a: Tensors, seed: Scalar = None) -> Tensors:
 def maxabs_dim(a: Tensors, dim: int) -> Tensors:
     """The largest ``|x|`` along ``dim`` of each tensor, as a size-1 dim (broadcasts against it)."""
     return [stochastic.maxabs_dim(x, dim) for x in a]
+
+
+def atan(a: Tensors) -> Tensors:
+    return [torch.atan(x) for x in a]
+
+
+def atan_(a: Tensors) -> Tensors:
+    for x in a:
+        x.atan_()
+    return a
+
+
+def _unsharded(op: str) -> None:
+    if sharding.active() is not None:
+        raise NotImplementedError(f"{op}() of a sharded parameter: the reduction across ranks is not implemented yet")
+
+
+def viewnorm(a: Tensors, dim: int) -> Tensors:
+    """The norm of each tensor as the matrix ``(shape[0], -1)`` along ``dim``, kept (broadcasts against it)."""
+    _unsharded("viewnorm")
+    return [sk.view_norm(x, int(dim)) for x in a]
+
+
+def viewmean(a: Tensors, dim: int) -> Tensors:
+    """The mean of each tensor as the matrix ``(shape[0], -1)`` along ``dim``, kept."""
+    _unsharded("viewmean")
+    return [sk.view_mean(x, int(dim)) for x in a]
+
+
+def sinkhorn(a: Tensors, p: Tensors, iterations: Scalar, orthogonal: Scalar) -> Tensors:
+    """SR-Sinkhorn of each tensor (one at a time); sharded, each matrix whole on one rank (the
+    orthogonal form, which also needs the parameter's rows there, is not implemented sharded)."""
+    n = len(a)
+    its, orth = _each(iterations, n), _each(orthogonal, n)
+    if (b := sharding.active()) is not None:
+        if any(bool(o) for o in orth):
+            raise NotImplementedError("sinkhorn(orthogonal=True) of a sharded parameter is not implemented yet")
+        return b.whole(a, lambda t, i: sk.sinkhorn(t, t, int(its[i]), False))
+    return [sk.sinkhorn(x, w, int(k), bool(o)) for x, w, k, o in zip(a, p, its, orth)]
+
+
+def orthograd_iterative(g: Tensors, p: Tensors) -> Tensors:
+    """Rank-2 OrthoGrad of each gradient against its parameter (one at a time)."""
+    _unsharded("orthograd_iterative")
+    return [sk.orthograd_iterative(x, w) for x, w in zip(g, p)]
 
 
 def copy(a: Tensors) -> Tensors:

@@ -15,7 +15,7 @@ called from ``GeneratedOptimizer.__init__``):
   float32 additions as one process, so bit-identical to DDP with the unsharded optimizer.
 * ``ZeroRedundancyOptimizer.load_state_dict`` writes each owned entry of the consolidated state dict
   straight into ``local_optimizer.state[p]``. A spec with a published state-dict layout
-  (adv_optm's int ``step`` and ``factored`` flags) saves that layout, so the raw entries are turned
+  (adv_optm's int ``step`` and ``factored`` flags, torch Adafactor's (R, 1) / (1, C) factors) saves that layout, so the raw entries are turned
   back into this class's own layout by a step pre-hook before the next step (what the generated
   ``load_state_dict`` does for a one-process load).
 """
@@ -227,6 +227,8 @@ def _looks_published(opt: Optimizer, p: torch.Tensor, st: dict[str, Any]) -> boo
         return True  # a number
     if prog.step_store == "tensor" and lay.step_if is not None and "step" not in st:
         return True
+    if any(isinstance(st.get(k), torch.Tensor) and st[k].dim() == p.dim() for k in lay.keepdim):
+        return True  # torch's (*B, M, 1) / (*B, 1, N) factors; held as (*B, M) / (*B, N)
     return any(isinstance(st.get(k), torch.Tensor) and st[k].dim() == 1 and p.dim() != 1 for k in lay.flat)
 
 

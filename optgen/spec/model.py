@@ -82,6 +82,9 @@ class HyperparameterSpec(_Strict):
     per_group: bool = True
     #: Whether a 1-element tensor is accepted (torch accepts a tensor lr).
     tensor_ok: bool = False
+    #: The dtypes a tensor value may have (None: any): published code that computes with a tensor
+    #: value in its own dtype (torch.optim.Adafactor's lr) is reproduced for these, the others refused.
+    tensor_dtypes: list[str] | None = None
     #: The ValueError message for an out-of-range value; ``{value}`` and ``{index}`` are filled in.
     message: str | None = None
     #: The only values accepted (a published argument whose other values are not implemented yet).
@@ -110,6 +113,13 @@ class HyperparameterSpec(_Strict):
     @model_validator(mode="after")
     def _typed(self) -> HyperparameterSpec:
         kind = self.type or self.inferred_type()
+        if self.tensor_dtypes is not None:
+            if not self.tensor_ok:
+                raise ValueError("tensor_dtypes needs tensor_ok: true")
+            for d in self.tensor_dtypes:
+                if d not in ("float16", "bfloat16", "float32", "float64"):
+                    raise ValueError(f"tensor_dtypes: {d!r} is not a floating torch dtype name "
+                                     "(float16, bfloat16, float32 or float64)")
         if self.as_ is not None:
             if not isinstance(self.default, (list, tuple)) or len(self.default) != len(self.as_):
                 raise ValueError(f"default must be a list of {len(self.as_)} values to match 'as'")

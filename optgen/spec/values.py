@@ -36,6 +36,10 @@ def validate_hyperparameter(name: str, h: Any, value: Any) -> None:
                 raise TypeError(f"{name} must be a number, not a Tensor")
             if v.numel() != 1:
                 raise ValueError(f"Tensor {name if idx is None else f'{name}[{idx}]'} must be 1-element")
+            if h.tensor_dtypes is not None and str(v.dtype).removeprefix("torch.") not in h.tensor_dtypes:
+                raise ValueError(f"Tensor {name if idx is None else f'{name}[{idx}]'} must be "
+                                 f"{' or '.join(h.tensor_dtypes)}, got {v.dtype} (the step computes with a "
+                                 f"tensor {name} in its dtype only for these)")
             v = v.item()
         if kind == "bool":
             if not isinstance(v, bool):
