@@ -343,3 +343,106 @@ def test_compiled_backend_compiles_the_float_codecs(tmp_path) -> None:
         s, t = runs[0][1].state[a]["exp_avg"], runs[1][1].state[b]["exp_avg"]
         assert t.dtype == torch.bfloat16
         assert (s.float() - t.float()).abs().max() <= s.float().abs().max() * 2 ** -7
+
+
+def _rounded(buf: torch.Tensor, precision: str) -> torch.Tensor:
+    """What storing ``buf`` at ``precision`` keeps: nearest-even for the dtypes, adv_optm's
+    ``set_state`` / ``get_state`` (drawing from its stream) for the stochastic ones."""
+    if precision in ("bf16", "fp16"):
+        return buf.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision]).float()
+    st: dict = {}
+    su.init_state_tensor(st, "k", buf.shape, precision, CPU, torch.float32, non_neg=False)
+    su.set_state(st, "k", buf, precision, None, non_neg=False)
+    return su.get_state(st, "k", precision)
+
+
+SGD_SETTINGS = [{"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.8, "nesterov": True}]
+
+
+def _sgd_cases() -> list:
+    """Every precision x setting x model; two in the default run (one a stochastic codec with its scales)."""
+    default = {("int8_sr", "decay", "mlp"), ("bf16", "nesterov", "mlp")}
+    return [pytest.param(p, s, m, id=f"{p}-{name}-{m}", marks=() if (p, name, m) in default else pytest.mark.extended)
+            for p in ("bf16", "fp16", "bf16_sr", "int8_sr") for name, s in zip(("decay", "nesterov"), SGD_SETTINGS)
+            for m in ("mlp", "transformer")]
+
+
+@pytest.mark.parametrize(("precision", "setting", "model"), _sgd_cases())
+def test_sgd_momentum_buffer_created_by_its_first_write_is_coded(tmp_path, precision: str, setting: dict,
+                                                                 model: str) -> None:
+    """SGD's momentum buffer does not exist until the first step with momentum writes it: under
+    ``state_precision`` it is created coded (codes and scales), then decoded and re-encoded by every
+    step. Oracle: torch.optim.SGD, each new buffer rounded after the step, in parameter order."""
+    cls = _with_feature(tmp_path, "sgd")
+    hp = {"lr": 0.05, **setting}
+    theirs_model = make_model(model, torch.float32)
+    ref = torch.optim.SGD(theirs_model.parameters(), **hp)
+    batch = type(theirs_model).batch(torch.float32)
+    results = {}
+    for backend in ("torch", "reference"):
+        stochastic.reseed({CPU})
+        m = make_model(model, torch.float32)
+        ours = cls(m.parameters(), state_precision=precision, backend=backend, **hp)
+        assert not ours.state, "no state before the first step"
+        for _ in range(12):
+            ours.zero_grad()
+            m.loss(batch).backward()
+            ours.step()
+        results[backend] = (m, ours)
+    pu.set_seed(CPU)
+    for _ in range(12):
+        ref.zero_grad()
+        theirs_model.loss(batch).backward()
+        ref.step()
+        for q in theirs_model.parameters():
+            buf = ref.state[q]["momentum_buffer"]
+            buf.copy_(_rounded(buf, precision))
+    unrounded = make_model(model, torch.float32)
+    plain = torch.optim.SGD(unrounded.parameters(), **hp)
+    for _ in range(12):
+        plain.zero_grad()
+        unrounded.loss(batch).backward()
+        plain.step()
+    assert max_diffs(list(unrounded.parameters()), list(theirs_model.parameters()))[0] > 0, "no rounding: cannot fail"
+    codec = codec_for(precision)
+    for backend, (m, ours) in results.items():
+        assert max_diffs(list(m.parameters()), list(theirs_model.parameters()))[0] == 0.0, backend
+        for p, q in zip(m.parameters(), theirs_model.parameters()):
+            st = ours.state[p]
+            stored = {s.suffix: st["momentum_buffer" + s.suffix] for s in codec.stored(False)}
+            assert set(st) == {"momentum_buffer" + s for s in stored}, (backend, sorted(st))
+            assert str(stored[""].dtype) == "torch." + codec.stored(False)[0].dtype
+            assert torch.equal(codec.decode(stored, tuple(p.shape), False), ref.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.extended), "int8_sr"])
+def test_sgd_coded_momentum_buffer_on_triton_and_compiled(tmp_path, precision: str) -> None:
+    """The triton kernels (under the interpreter) create the coded buffer in its storage dtype and
+    step within float32 rounding of the reference; a stochastic codec there needs a step count,
+    which SGD does not keep: refused by name. The compiled backend steps like the reference."""
+    pytest.importorskip("triton")
+    cls = _with_feature(tmp_path, "sgd")
+    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "state_precision": precision}
+    runs = {}
+    for backend in ("reference", "compiled", "triton"):
+        stochastic.reseed({CPU})
+        m = make_model("mlp", torch.float32)
+        opt = cls(m.parameters(), backend=backend, **hp)
+        batch = type(m).batch(torch.float32)
+        try:
+            for _ in range(3):
+                opt.zero_grad()
+                m.loss(batch).backward()
+                opt.step()
+        except RuntimeError as exc:
+            assert backend == "triton" and codec_for(precision).stochastic, exc
+            assert "seeds its random stream with the step count" in str(exc)
+            continue
+        runs[backend] = (m, opt)
+    ref_model, ref = runs.pop("reference")
+    assert set(runs) == ({"compiled"} if codec_for(precision).stochastic else {"compiled", "triton"})
+    for backend, (m, opt) in runs.items():
+        for p, q in zip(m.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=backend)
+            assert opt.state[p]["momentum_buffer"].dtype == ref.state[q]["momentum_buffer"].dtype
+            assert opt.state[p].keys() == ref.state[q].keys()

@@ -121,7 +121,11 @@ def _encode(name: str, n: Node, f: _Frame) -> None:
     shape = codec.draws(x.numel())
     bits = stochastic.draw_bits(shape, x.device) if shape is not None else None
     for suffix, value in codec.encode(x, non_neg, bits).items():
-        f.state[name + suffix].copy_(value)
+        buf = f.state.get(name + suffix)
+        if buf is None:  # a state created by its first write: its stored tensors with it
+            f.state[name + suffix] = value.detach().clone()
+        else:
+            buf.copy_(value)
 
 
 def _decode(n: Node, f: _Frame) -> Any:

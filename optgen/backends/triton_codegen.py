@@ -318,6 +318,10 @@ class KernelEmitter:
             count = self.scope.constant("N", "inputs", len(names))
             return f"tl.load(inp + gidx * {count} + {self.scope.constant('INP', n.attr, names.index(n.attr))})"
         if op == "step":
+            if self.program.step_store != "tensor":  # only a stochastic codec's seed reads it there
+                raise TritonUnsupported("a stochastic state precision (bf16_sr, int8_sr) in triton kernels seeds "
+                                        "its random stream with the step count, which this optimizer does not "
+                                        "keep: use backend='torch' or a deterministic precision (bf16, fp16)")
             return "step"
         if op == "meta" and n.attr == "eps":  # eps_of(param)
             return "L.finfo_eps(P_DT)"

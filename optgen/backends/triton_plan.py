@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from optgen.ir.codecs import codec_for, stored_names
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, Stmt, walk_nodes, walk_stmts
 from optgen.ir.ops import CALLS, FULL_PASS_REDUCTIONS, NOT_IN_TRITON, REDUCTIONS, Op
 
@@ -551,10 +552,12 @@ def plan_path(program: Program, key: tuple, stmts: list[Stmt], dyn: set[str]) ->
                 spills.setdefault(i, []).append(s.target)
                 if all(t.name != s.target for t in temps):
                     temps.append(Temp(s.target, s.value.kind, False))
-    creates = [
-        d.name for d in program.state
-        if d.init == "absent" and any(s.target == d.name for s in device)
-    ]
+    written = set()
+    for s in device:
+        written.add(s.target)
+        if s.value.op == Op.ENCODE:  # a coded state's write writes every tensor its codec stores
+            written.update(stored_names(s.target, codec_for(s.value.attr[0]), s.value.attr[1]).values())
+    creates = [d.name for d in program.state if d.init == "absent" and d.name in written]
     return PathPlan(key, keep, stages, hv, temps, spills, creates, accumulates)
 
 

@@ -247,7 +247,7 @@ def _apply(program: Program) -> Program:
         dtypes = {c: t for c, t in ADV_DTYPES.items() if c in choices}
         non_neg = {d.name: d.name in ADV_NON_NEG for d in decls}
     else:
-        decls = [d for d in program.state if d.kind == Kind.ELEMENT and d.dtype == "param" and d.init != "absent"]
+        decls = [d for d in program.state if d.kind == Kind.ELEMENT and d.dtype == "param"]
         codecs = [c for c in choices if c not in ("auto", "fp32")]
         dtypes = {"fp32": "float32"} if "fp32" in choices else {}
         non_neg = {d.name: non_negative(program, d.name) for d in decls}
@@ -317,7 +317,9 @@ def _apply(program: Program) -> Program:
                         raise FeatureError(f"state_precision: codecs store '{key}' in two layouts")
                     prev.cond = Node("or", (prev.cond, cond), boolean=True)
                     continue
-                extra[key] = StateDecl(key, kind, s.init, s.dtype, cond, f"{c} {s.suffix[1:]} of {d.name}",
+                # a state created by its first write has its codec's tensors created with it
+                init = "absent" if d.init == "absent" else s.init
+                extra[key] = StateDecl(key, kind, init, s.dtype, cond, f"{c} {s.suffix[1:]} of {d.name}",
                                        block=codec.block)
         rules += [(is_(c), t) for c, t in dtypes.items()]
         state.append(StateDecl(d.name, d.kind, d.init, d.dtype, d.cond, d.doc, d.factored, d.dtype_when,

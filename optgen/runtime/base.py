@@ -26,36 +26,10 @@ from optgen.numerics.matrix_view import packed_shape, view_shape
 from optgen.runtime import clipping, published_layout, reductions, sharding, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.kourkoutas import R_EMA
+from optgen.runtime.state_alloc import new_state, state_shape
 from optgen.spec.values import validate_hyperparameter as _validate_hyper
 
 BACKENDS = ("auto", "triton", "torch", "compiled", "reference")
-
-
-def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
-    return storage_dtype(name, param.dtype)
-
-
-def state_shape(kind: Kind, param: torch.Tensor, name: str, view: tuple[int, ...] | None = None,
-                stride: int | None = None) -> tuple[int, ...]:
-    """The shape of a state buffer of ``kind`` for ``param`` (stepped as ``view``, if given;
-    ``stride``: k of a per-slice state)."""
-    shape = tuple(param.shape) if view is None else tuple(view)
-    if kind == Kind.ELEMENT:
-        return shape
-    if kind == Kind.SLICE:
-        return (-(-param.numel() // stride),)
-    if kind == Kind.BLOCK:  # a codec's per-block values; ``stride``: the block size
-        return (-(-param.numel() // stride),)
-    if kind in (Kind.TENSOR, Kind.HOST):
-        return ()
-    if len(shape) < 2:
-        raise RuntimeError(f"state '{name}' is {kind.label}, which needs a parameter with at least 2 dims, "
-                           f"got shape {shape}; guard it with an 'if:' on ndim")
-    if kind == Kind.ROW:
-        return shape[:-1]
-    if kind == Kind.COL:
-        return shape[:-2] + shape[-1:]
-    return shape[:-2]  # MATRIX
 
 
 class GeneratedOptimizer(torch.optim.Optimizer):
@@ -404,7 +378,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if decl.cond is not None and not evaluate(decl.cond, ctx):
                 continue
             on = elements if decl.kind in (Kind.ELEMENT, Kind.BLOCK) else sliced if decl.kind == Kind.SLICE else target
-            state[decl.name] = _new_state(decl, on, group, view, ctx, decl.block or stride)
+            state[decl.name] = new_state(decl, on, group, view, ctx, decl.block or stride)
         if state:
             self.state[p] = state
 
@@ -588,7 +562,7 @@ class GeneratedOptimizer(torch.optim.Optimizer):
             if d.kind == Kind.HOST or d.dtype != "param" or d.dtype_when or d.dtype_rules:
                 device = torch.device("cpu") if d.kind == Kind.HOST else p.device
                 # a conditional dtype: the saved buffer has the one its condition chose
-                dtype = value.dtype if d.dtype_when or d.dtype_rules else _dtype(d.dtype, p)
+                dtype = value.dtype if d.dtype_when or d.dtype_rules else storage_dtype(d.dtype, p.dtype)
                 out[key] = value.to(dtype=dtype, device=device, copy=True)
             else:
                 out[key] = _cast_like_torch(p, value, key)
@@ -823,51 +797,6 @@ def _require_param_dtype(name: str, dtype: Any, params: list[torch.Tensor]) -> N
                 f"{name}={dtype} differs from the dtype of parameter {i} ({p.dtype}): a master copy in another "
                 f"dtype is not implemented; pass {name}={p.dtype} or parameters of {dtype}"
             )
-
-
-def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tuple[int, int] | None,
-               ctx: HostContext, stride: int | None) -> torch.Tensor:
-    dtype = _dtype(decl.dtype, p)
-    rule = next((t for c, t in decl.dtype_rules if evaluate(c, ctx)), None)
-    if rule is not None:
-        dtype = _dtype(rule, p)
-    elif decl.dtype_when is not None and evaluate(decl.dtype_when[0], ctx):
-        dtype = _dtype(decl.dtype_when[1], p)
-    device = torch.device("cpu") if decl.kind == Kind.HOST else p.device
-    init = decl.init
-    if init == "param":  # a copy of the parameter (of its slice)
-        if decl.scalar_if_zero and not p.any():
-            return torch.tensor(0, dtype=dtype, device=device)
-        src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
-        return src.to(dtype=dtype, copy=True).contiguous()
-    if init == "unit_randn":  # adv_optm's spectral vectors: randn from its stream, over (norm + 1e-12)
-        shape = state_shape(decl.kind, p, decl.name, view, stride)
-        t = torch.randn(shape, device=device, dtype=dtype, generator=stochastic.generator(p.device))
-        return t.div_(t.norm().add_(1e-12))
-    if isinstance(init, tuple) and init[0] == "random_subset":
-        return _random_subset(p, group[init[1]], device)
-    if isinstance(init, tuple):
-        init = group[init[1]]
-    value = {"zeros": 0.0, "ones": 1.0}.get(init, init) if isinstance(init, str) else init
-    if decl.dtype == "bits":
-        return torch.full(packed_shape(view or tuple(p.shape)), value, dtype=dtype, device=device)
-    if rule == PACKED_UINT4:
-        return torch.full((-(-p.numel() // 2),), value, dtype=dtype, device=device)
-    if decl.kind == Kind.ELEMENT and dtype == p.dtype:
-        return torch.full_like(p, value, memory_format=torch.preserve_format)
-    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
-    return torch.full(shape, value, dtype=dtype, device=device)
-
-
-def _random_subset(p: torch.Tensor, fraction: float, device: torch.device) -> torch.Tensor:
-    """A bool mask of ``p``'s shape with ``int(fraction * numel)`` true elements, at the first
-    positions of ``torch.randperm(numel)`` (pytorch-optimizer's SPAM masks: the same random stream)."""
-    n = p.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    k = int(fraction * n)
-    if k > 0:
-        mask[torch.randperm(n, device=device)[:k]] = True
-    return mask.view(p.shape)
 
 
 def _default_value(h: Any) -> Any:

@@ -531,14 +531,17 @@ def encode_(codec: str, non_neg: bool, stored: dict[str, Tensors], value: Tensor
     """Write float32 ``value`` into a coded state's stored tensors (random bits, where the codec
     takes them, drawn from adv_optm's stream tensor by tensor)."""
     c = codec_for(codec)
-    if isinstance(c, FloatCodec) and not c.stochastic:
+    if isinstance(c, FloatCodec) and not c.stochastic and all(t is not None for t in stored[""]):
         torch._foreach_copy_(stored[""], value)  # round to nearest even
         return
     for i, x in enumerate(value):
         shape = c.draws(x.numel())
         bits = stochastic.draw_bits(shape, x.device) if shape is not None else None
         for suffix, v in c.encode(x, non_neg, bits).items():
-            stored[suffix][i].copy_(v)
+            if stored[suffix][i] is None:  # a state created by its first write: its stored tensors with it
+                stored[suffix][i] = v.detach().clone()
+            else:
+                stored[suffix][i].copy_(v)
 
 
 def stochastic_round(a: Tensors, seed: Scalar) -> Tensors:

@@ -32,6 +32,7 @@ from optgen.ir.ops import Op
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate
 from optgen.numerics.matrix_view import view_shape
+from optgen.runtime.state_alloc import new_state
 
 #: Elements per program of a flat pass, and the tile of a tiled pass (GPU / interpreter).
 GPU_CONFIG = {"BLOCK": 2048, "BM": 16, "BN": 128, "VB": 4096, "num_warps": 4}
@@ -240,14 +241,20 @@ class TritonRunner:
             envs.append(env)
             groups.setdefault((key, p.dtype), []).append(i)
         cache = _GroupCache(tuple(map(id, params)), self._snapshot(group), [], steps, host_states)
+        decls = {d.name: d for d in prog.state}
         for (key, dtype), idx in groups.items():
             path = self.plan.paths.get(key) or self._render_path(key)
             if path.unsupported is not None:
                 raise RuntimeError(f"{self.program.class_name} on the triton backend: {path.unsupported}")
             for name in path.creates:
+                decl = decls[name]
                 for i in idx:
-                    if states[params[i]].get(name) is None:
-                        states[params[i]][name] = torch.zeros_like(params[i])
+                    p = params[i]
+                    if states[p].get(name) is None:
+                        # in its storage layout (a coded state's codes and scales): the path writes it whole
+                        ctx = HostContext(group, p, states[p], tensor_math=False)
+                        states[p][name] = new_state(decl, p, group, view_shape(prog, p, group, states[p]), ctx,
+                                                    decl.block, init=0.0)
                         cache.dirty = True  # has(name) flips: the next step takes another path
             views = [self._view(group, params[i], states[params[i]]) for i in idx]
             stride = group[prog.slice_stride] if prog.slice_stride else 1
