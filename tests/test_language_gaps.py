@@ -403,3 +403,61 @@ def test_float32_of_a_host_value(tmp_path, monkeypatch, dtype) -> None:
 def test_float32_takes_one_value(tmp_path) -> None:
     msg = _error(tmp_path, BASE.replace("EXPR", "float32(lr, 2)"))
     assert ":9:26: update[1]: float32() takes 1 arguments, got 2" in msg
+
+
+# --- a construction-time constant: a global no finalize: statement assigns ----------------------------
+
+CONST = """\
+name: demo
+class: Const
+hyperparameters:
+  lr: {default: 0.1, min: 0}
+  warmup: {default: 4, type: int, min: 1}
+globals:
+  lr0: {init: lr / sqrt(warmup), doc: "the lr its group was added with, over sqrt(warmup)"}
+state:
+  m: {kind: element}
+update:
+  - m = m * 0.5 + grad
+  - param = param - lr0 * m
+"""
+
+
+def _const_expected(params, grads, lr0):
+    out = []
+    for i, p in enumerate(params):
+        p, m = p.clone(), torch.zeros_like(p)
+        for g in (gs[i] for gs in grads):
+            m = m * 0.5 + g
+            p = p - lr0 * m
+        out.append(p)
+    return out
+
+
+def test_construction_time_constant(tmp_path, monkeypatch) -> None:
+    """A global without finalize: keeps the value its init gave when the group was added: a
+    scheduler moving lr does not move it, and a checkpoint carries it."""
+    _, module = _build(tmp_path, monkeypatch, CONST)
+    _all_backends(module.Const, lambda p, g: _const_expected(p, g, 0.3 / 2), lr=0.3)
+    for backend in BACKENDS:
+        params0, grads = _data(SHAPES, 3, torch.float32)
+        params = [torch.nn.Parameter(p.clone()) for p in params0]
+        opt = module.Const(params, backend=backend, lr=0.3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] != 0.3 and opt.param_groups[0]["lr0"] == 0.3 / 2
+        _check(backend, _const_expected(params0, grads, 0.3 / 2), [p.detach() for p in params], "Const")
+        again = module.Const([torch.nn.Parameter(p.clone()) for p in params0], backend=backend, lr=1.0)
+        again.load_state_dict(opt.state_dict())
+        assert again.param_groups[0]["lr0"] == 0.3 / 2
+
+
+def test_accumulators_still_need_finalize(tmp_path) -> None:
+    text = CONST.replace("globals:\n", "accumulators:\n  total: {init: 0.0}\nglobals:\n").replace(
+        "  - param = param - lr0 * m\n", "  - param = param - lr0 * m\n  - total += sum(m)\n")
+    msg = _error(tmp_path, text)
+    assert "finalize: accumulators need finalize: statements that read them" in msg

@@ -624,8 +624,10 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
     reductions = lower_reductions(spec, lw)  # before update: its statements read them
     body = lw.statements(spec.update)
     finalize = FinalizeLowerer(spec.path, hypers, state, m.step.store, globals_, accs).statements(spec.finalize)
-    if (accs or globals_) and not finalize:
-        raise SpecError(spec.position(), "finalize", "globals and accumulators need finalize: statements")
+    # a global that no finalize: statement assigns is a construction-time constant (its init,
+    # evaluated when its group is added); an accumulator nothing reads is a mistake
+    if accs and not finalize:
+        raise SpecError(spec.position(), "finalize", "accumulators need finalize: statements that read them")
     program = Program(
         name=m.name, class_name=m.class_, doc=m.doc, source=spec.path, sha256=spec.sha256,
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
