@@ -186,7 +186,8 @@ class StateSpec(_Strict):
 
 
 class GlobalSpec(_Strict):
-    """An optimizer-wide host value kept in every param group, written by ``finalize``."""
+    """An optimizer-wide host value kept in every param group, written by ``finalize`` (never
+    written there: a construction-time constant)."""
 
     #: a host expression of the group's hyperparameters (evaluated when the group is added)
     init: float | int | str
