@@ -85,15 +85,32 @@ def test_one_flag_switching_several_rewrites_is_one_decision() -> None:
                    and s.value.op == "hyper" and s.value.attr == ("use_atan2", None)}
     assert len(atan2_conds) == 1  # denom, division and step-size rewrites share one condition
     (cond,) = atan2_conds
-    for key, _ in enumerate_paths(prog.body, dynamic_names(prog)):
+    # the other flags at their defaults (every path of adamw_adv: 138,240, 15 s; -m extended)
+    from optgen.backends.triton_codegen import default_decisions
+
+    fixed = {c: v for c, v in default_decisions(prog).items() if c != cond}
+    keys = [key for key, _ in enumerate_paths(prog.body, dynamic_names(prog), fixed=fixed)]
+    assert {t for key in keys for c, t in key if c == cond} == {True, False}
+    for key in keys:
         assert [c for c, _ in key].count(cond) <= 1  # decided once, never contradicted
+
+
+@pytest.mark.extended
+def test_one_flag_switching_several_rewrites_is_one_decision_on_every_path() -> None:
+    from optgen.backends.triton_plan import enumerate_paths
+
+    prog = _program("adamw_adv")
+    (cond,) = {s.target for s in prog.body if getattr(s, "target", "").startswith("_c")
+               and s.value.op == "hyper" and s.value.attr == ("use_atan2", None)}
+    for key, _ in enumerate_paths(prog.body, dynamic_names(prog)):
+        assert [c for c, _ in key].count(cond) <= 1
 
 
 def test_default_paths_and_fixed_conditions() -> None:
     from optgen.backends.triton_codegen import default_decisions
     from optgen.backends.triton_plan import enumerate_paths
 
-    prog = _program("signsgd_adv")
+    prog = _program("lion_adv")  # 648 paths (signsgd_adv's 137,088 take 13 s)
     dyn = dynamic_names(prog)
     every = enumerate_paths(prog.body, dyn)
     defaults = default_decisions(prog)
