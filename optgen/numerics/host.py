@@ -102,6 +102,10 @@ def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = No
         return param.shape[1] if param.dim() >= 2 else 1
     if name == "big_dims":
         return sum(1 for d in param.shape if d > 1)
+    if name in ("square_rows", "square_cols"):  # the closest-to-square (d1, d2), whatever the view
+        from optgen.numerics.matrix_view import effective_shape  # it imports this module
+
+        return effective_shape(param.numel())[name == "square_cols"]
     raise KeyError(name)
 
 

@@ -49,6 +49,22 @@ def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: 
     return None
 
 
+def decl_view(view_name: str | None, p: torch.Tensor, view: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The view a state's kind refers to: its own (``StateDecl.view``, ``"square"``: the closest-to-square
+    matrix of ``p``, whatever view ``p`` is stepped as) or else the one ``p`` is stepped as."""
+    return effective_shape(p.numel()) if view_name == "square" else view
+
+
+def as_square(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s flat memory as its closest-to-square ``(d1, d2)`` matrix (row-major)."""
+    return t.reshape(effective_shape(t.numel()))
+
+
+def square_outer(r: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``outer(r, c)`` of the factors of a closest-to-square view, in ``like``'s (stepped) shape."""
+    return torch.einsum("...n,...m->...nm", r, c).reshape(like.shape)
+
+
 def as_view(t: torch.Tensor, shape: tuple[int, int] | None, what: str) -> torch.Tensor:
     """``t`` viewed as ``shape`` (its flat memory, row-major)."""
     if shape is None:

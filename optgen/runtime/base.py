@@ -22,7 +22,7 @@ from optgen.ir.ops import Op
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate, run_host_block
-from optgen.numerics.matrix_view import packed_shape, view_shape
+from optgen.numerics.matrix_view import decl_view, packed_shape, view_shape
 from optgen.runtime import clipping, published_layout, reductions, sharding, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.kourkoutas import R_EMA
@@ -841,7 +841,7 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
         src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
         return src.to(dtype=dtype, copy=True).contiguous()
     if init == "unit_randn":  # adv_optm's spectral vectors: randn from its stream, over (norm + 1e-12)
-        shape = state_shape(decl.kind, p, decl.name, view, stride)
+        shape = state_shape(decl.kind, p, decl.name, decl_view(decl.view, p, view), stride)
         t = torch.randn(shape, device=device, dtype=dtype, generator=stochastic.generator(p.device))
         return t.div_(t.norm().add_(1e-12))
     if isinstance(init, tuple) and init[0] == "random_subset":
@@ -855,7 +855,8 @@ def _new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tu
         return torch.full((-(-p.numel() // 2),), value, dtype=dtype, device=device)
     if decl.kind == Kind.ELEMENT and dtype == p.dtype:
         return torch.full_like(p, value, memory_format=torch.preserve_format)
-    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
+    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else decl_view(decl.view, p, view),
+                        stride)
     return torch.full(shape, value, dtype=dtype, device=device)
 
 
@@ -883,7 +884,7 @@ def _saved_shapes(d: StateDecl, p: torch.Tensor, view: tuple[int, int] | None, s
     elif d.kind == Kind.ELEMENT:
         shape = tuple(p.shape)  # stored in the parameter's shape, stepped as its view
     else:
-        shape = state_shape(d.kind, p, d.name, view, stride)  # RuntimeError: no such state for p
+        shape = state_shape(d.kind, p, d.name, decl_view(d.view, p, view), stride)  # RuntimeError: no such state for p
     if any(t == PACKED_UINT4 for _, t in d.dtype_rules):  # 4-bit codes packed two per byte
         return [shape, (-(-p.numel() // 2),)]
     return [shape, ()] if d.scalar_if_zero and shape != () else [shape]
