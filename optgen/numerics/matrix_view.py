@@ -10,28 +10,15 @@ see them unpacked, the triton kernels read and write the packed bytes.
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import torch
 
 from optgen.ir.nodes import Kind, Program
 from optgen.numerics.host import HostContext, evaluate
+from optgen.numerics.shapes import effective_shape
 
 _SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-@functools.lru_cache(maxsize=4096)
-def effective_shape(numel: int) -> tuple[int, int]:
-    """The factor pair ``(d1, d2)`` of ``numel`` closest to its square root, ``d1 >= d2`` (adv_optm's
-    ``_get_effective_shape``: a prime gives ``(numel, 1)``, 0 gives ``(0, 0)``)."""
-    if numel <= 0:
-        return (0, 0)
-    for i in range(math.isqrt(numel), 0, -1):
-        if numel % i == 0:
-            return (numel // i, i)
-    return (numel, 1)  # pragma: no cover - i = 1 always divides
 
 
 def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: dict) -> tuple[int, int] | None:
