@@ -31,6 +31,12 @@ denominator takes it in the gradient's dtype (adv_optm's ``denom.to(update.dtype
 state is read before its update in the step (ADOPT's ``v_{t-1}``), the reconstructed state is taken
 in the gradient's dtype first (adv_optm's ``.to(grad.dtype)``) and upcast again for the update. All
 of these are no-ops for float32 parameters.
+
+Parameters the spec steps as another matrix view (AdaMuon's ``(shape[0], -1)`` matrix) keep that
+view on the ``factored_2nd`` path: a state whose form says ``any_view`` is factored on the square
+view all the same (adv_optm's AdaMuon), its factors declared on that view (``StateDecl.view``) and
+read and written through ``square_outer`` / ``square_rowsum`` / ``square_colsum``, which carry the
+same flat memory between the two views; the other states of such parameters stay dense.
 """
 
 from __future__ import annotations
@@ -243,6 +249,12 @@ def _under_view(program: Program, crossing: list[StateDecl]) -> tuple[Node, list
     return Node("and", (_shaped(), viewed), boolean=True), program.body
 
 
+def _second_on(requested: Node, where: Node) -> Node:
+    """factored_2nd's own path: on, the whole factoring not requested, and ``where``."""
+    return Node("and", (Node("not", (requested,), boolean=True),
+                        Node("and", (flag("factored_2nd"), where), boolean=True)), boolean=True)
+
+
 def _apply(program: Program) -> Program:
     decls = [d for d in program.state if d.factored is not None]
     if not decls:
@@ -290,10 +302,6 @@ def _apply(program: Program) -> Program:
     if spec2 is not None and spec2.choices != [False] and second:
         # adv_optm's factored_2nd: only the second moments factored, the rest dense, no upcast
         denom = role_target(program, "denominator", "denom")
-        def not_requested_and(where: Node) -> Node:
-            return Node("and", (Node("not", (requested,), boolean=True),
-                                Node("and", (flag("factored_2nd"), where), boolean=True)), boolean=True)
-
         rest: list[Stmt] = program.body
         crossing = [d for d in second if d.factored_any_view] if program.matrix_views else []
         if crossing:
@@ -301,7 +309,7 @@ def _apply(program: Program) -> Program:
             fact2x = _Factoring(crossing, taken, second=True, denom=denom, square=True)
             factored2x, _ = fact2x.block(body_x, set())
             rest = [If(under, factored2x, program.body)]
-            view2x = not_requested_and(under)
+            view2x = _second_on(requested, under)
         if not _all_viewed(program, second, crossing):
             fact2 = _Factoring(second, taken, second=True, denom=denom)
             factored2, _ = fact2.block(program.body, set())
@@ -309,7 +317,7 @@ def _apply(program: Program) -> Program:
             for cond, _ in program.matrix_views:
                 shaped2 = Node("and", (shaped2, Node("not", (cond,), boolean=True)), boolean=True)
             rest = [If(shaped2, factored2, rest)]
-            view2 = not_requested_and(shaped2)
+            view2 = _second_on(requested, shaped2)
             for d in second:
                 view2 = _and(d.cond, view2)
         otherwise = [If(flag("factored_2nd"), rest, program.body)]
