@@ -71,7 +71,7 @@ def test_derived_sets() -> None:
     assert CALLS == {"newton_schulz", "cans", "low_rank_newton_schulz", "low_rank_cans"}
     assert FULL_PASS_REDUCTIONS < REDUCTIONS
     assert REDUCTIONS - FULL_PASS_REDUCTIONS == {"normalize", "dot", "matmean"}
-    assert CALLS | REDUCTIONS | {"cast", "outer", "strided", "maxabs_dim", "viewnorm", "viewmean", "sinkhorn",
+    assert CALLS | REDUCTIONS | {"cast", "outer", "square_outer", "strided", "maxabs_dim", "viewnorm", "viewmean", "sinkhorn",
                                  "orthograd_iterative"} == OWN_SHAPE
 
 

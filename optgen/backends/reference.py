@@ -19,7 +19,7 @@ from optgen.numerics import newton_schulz as ns
 from optgen.numerics import sinkhorn as sk
 from optgen.numerics import stochastic
 from optgen.numerics.host import HostContext, evaluate, to_device_scalar
-from optgen.numerics.matrix_view import ViewedState, as_view, view_shape
+from optgen.numerics.matrix_view import ViewedState, as_square, as_view, square_outer, view_shape
 
 
 def _align(x: Any, src: Kind, dst: Kind) -> Any:
@@ -214,6 +214,9 @@ _OPS = {
     "outer": lambda a, b: torch.einsum("...n,...m->...nm", a, b),
     "rowsum": lambda x: x.sum(-1),
     "colsum": lambda x: x.sum(-2),
+    "square_outer": square_outer,
+    "square_rowsum": lambda x: as_square(x).sum(-1),
+    "square_colsum": lambda x: as_square(x).sum(-2),
     "sum": lambda x: x.sum(),
     "mean": lambda x: x.mean(),
     "norm": lambda x: torch.linalg.vector_norm(x),

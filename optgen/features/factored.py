@@ -31,6 +31,12 @@ denominator takes it in the gradient's dtype (adv_optm's ``denom.to(update.dtype
 state is read before its update in the step (ADOPT's ``v_{t-1}``), the reconstructed state is taken
 in the gradient's dtype first (adv_optm's ``.to(grad.dtype)``) and upcast again for the update. All
 of these are no-ops for float32 parameters.
+
+Parameters the spec steps as another matrix view (AdaMuon's ``(shape[0], -1)`` matrix) keep that
+view on the ``factored_2nd`` path: a state whose form says ``any_view`` is factored on the square
+view all the same (adv_optm's AdaMuon), its factors declared on that view (``StateDecl.view``) and
+read and written through ``square_outer`` / ``square_rowsum`` / ``square_colsum``, which carry the
+same flat memory between the two views; the other states of such parameters stay dense.
 """
 
 from __future__ import annotations
@@ -79,10 +85,14 @@ class _Factoring:
     """The rewrite of one program's body for its factored states; ``second``: adv_optm's
     ``factored_2nd`` dense path (see the module's docstring; ``denom`` the denominator's name)."""
 
-    def __init__(self, decls: list[StateDecl], taken: set[str], second: bool = False, denom: str = "denom"):
+    def __init__(self, decls: list[StateDecl], taken: set[str], second: bool = False, denom: str = "denom",
+                 square: bool = False):
         self.decls = {d.name: d for d in decls}
         self.second = second
         self.denom = denom
+        #: the factors live on the closest-to-square view of a parameter stepped as another view:
+        #: the square_* ops carry values between the two (the same flat memory)
+        self.square = square
         self.full = {}
         for d in decls:
             # the temporaries of each state (derived from its name, so the generated code reads):
@@ -121,7 +131,10 @@ class _Factoring:
 
     def reconstruct(self, name: str) -> list[Stmt]:
         row, col, sign = self.decls[name].factored
-        magnitude = element("outer", var(row, Kind.ROW), var(col, Kind.COL))
+        if self.square:
+            magnitude = element("square_outer", var(row, Kind.ROW), var(col, Kind.COL), var("grad"))
+        else:
+            magnitude = element("outer", var(row, Kind.ROW), var(col, Kind.COL))
         if sign is None:
             return [Assign(self.full[name], magnitude, None, "temp")]
         mag = f"{name}_magnitude"
@@ -142,10 +155,11 @@ class _Factoring:
             out.append(Assign(sign, element("gt", full32, Node("const", attr=0.0), boolean=True), None, "state"))
         total = Node("sum", (var(sums, Kind.COL),), kind=Kind.TENSOR)
         floor = Node("maximum", (total, Node("const", attr=FLOOR)), kind=Kind.TENSOR)
+        rowsum, colsum = ("square_rowsum", "square_colsum") if self.square else ("rowsum", "colsum")
         out += [
             Assign(absolute, element("abs", full32), None, "temp"),
-            Assign(row, Node("rowsum", (var(absolute),), kind=Kind.ROW), None, "state"),
-            Assign(sums, Node("colsum", (var(absolute),), kind=Kind.COL), None, "temp"),
+            Assign(row, Node(rowsum, (var(absolute),), kind=Kind.ROW), None, "state"),
+            Assign(sums, Node(colsum, (var(absolute),), kind=Kind.COL), None, "temp"),
             # d1 >= d2 in the view, so adv_optm's nnmf normalises the column factor
             Assign(col, Node("div", (var(sums, Kind.COL), floor), kind=Kind.COL), None, "state"),
         ]
@@ -186,6 +200,61 @@ def _before_orthograd(stmts: list[Stmt]) -> int:
     return next((i for i, s in enumerate(stmts) if is_orthograd_block(s)), 0)
 
 
+def _conjuncts(n: Node | None) -> list[Node]:
+    if n is None:
+        return []
+    return [c for a in n.args for c in _conjuncts(a)] if n.op == Op.AND else [n]
+
+
+def _common_view(program: Program, decls: list[StateDecl]) -> Node | None:
+    """The one matrix-view condition that every state of ``decls`` is conditioned on (a conjunct of
+    each one's condition: AdaMuon's v exists only for the parameters it steps as (rows, -1)), if any."""
+    common = None
+    for d in decls:
+        conds = [c for c, _ in program.matrix_views if c in _conjuncts(d.cond)]
+        if len(conds) != 1 or common is not None and conds[0] != common:
+            return None
+        common = conds[0]
+    return common
+
+
+def _all_viewed(program: Program, second: list[StateDecl], crossing: list[StateDecl]) -> bool:
+    """Whether every factored_2nd state crosses views and exists only under a matrix view: the
+    square view's path would then factor nothing, and is not built."""
+    return len(crossing) == len(second) and _common_view(program, crossing) is not None
+
+
+def _assume(stmts: list[Stmt], cond: Node) -> list[Stmt]:
+    """``stmts`` for parameters where ``cond`` holds: a conditional on it keeps its taken branch."""
+    out: list[Stmt] = []
+    for s in stmts:
+        if isinstance(s, If):
+            if s.cond == cond:
+                out += _assume(s.then, cond)
+                continue
+            s = If(s.cond, _assume(s.then, cond), _assume(s.orelse, cond), s.pos)
+        out.append(s)
+    return out
+
+
+def _under_view(program: Program, crossing: list[StateDecl]) -> tuple[Node, list[Stmt]]:
+    """The condition of the parameters stepped as another matrix view whose any_view states are
+    factored on the square view, and the body they run (simplified for the view's own condition
+    where all those states share one)."""
+    common = _common_view(program, crossing)
+    if common is not None:
+        return Node("and", (_shaped(), common), boolean=True), _assume(program.body, common)
+    conds = tuple(c for c, _ in program.matrix_views)
+    viewed = conds[0] if len(conds) == 1 else Node("or", conds, boolean=True)
+    return Node("and", (_shaped(), viewed), boolean=True), program.body
+
+
+def _second_on(requested: Node, where: Node) -> Node:
+    """factored_2nd's own path: on, the whole factoring not requested, and ``where``."""
+    return Node("and", (Node("not", (requested,), boolean=True),
+                        Node("and", (flag("factored_2nd"), where), boolean=True)), boolean=True)
+
+
 def _apply(program: Program) -> Program:
     decls = [d for d in program.state if d.factored is not None]
     if not decls:
@@ -223,24 +292,35 @@ def _apply(program: Program) -> Program:
         raise FeatureError("feature 'factored' needs a 'param = ...' statement")
     otherwise: list[Stmt] = program.body
     second = [d for d in decls if d.factored[2] is None]
-    view2 = None
-    # not where the parameter is stepped as another view (AdaMuon orthogonalises the (rows, -1)
-    # matrix and factors its v as the square one, which one view cannot give): those parameters
-    # keep the dense path, and a spec whose published class accepts only False builds no path
+    view2 = view2x = None
+    crossing: list[StateDecl] = []
+    # Parameters the spec steps as another view (AdaMuon orthogonalises the (rows, -1) matrix)
+    # keep their view: their states declared any_view are factored on the square view through the
+    # square_* ops (adv_optm factors AdaMuon's v so), the others stay dense. A spec whose
+    # published class accepts only False builds no path.
     spec2 = dict(program.hypers).get("factored_2nd")
     if spec2 is not None and spec2.choices != [False] and second:
         # adv_optm's factored_2nd: only the second moments factored, the rest dense, no upcast
         denom = role_target(program, "denominator", "denom")
-        fact2 = _Factoring(second, taken, second=True, denom=denom)
-        factored2, _ = fact2.block(program.body, set())
-        shaped2 = _shaped()
-        for cond, _ in program.matrix_views:
-            shaped2 = Node("and", (shaped2, Node("not", (cond,), boolean=True)), boolean=True)
-        otherwise = [If(flag("factored_2nd"), [If(shaped2, factored2, program.body)], program.body)]
-        view2 = Node("and", (Node("not", (requested,), boolean=True),
-                             Node("and", (flag("factored_2nd"), shaped2), boolean=True)), boolean=True)
-        for d in second:
-            view2 = _and(d.cond, view2)
+        rest: list[Stmt] = program.body
+        crossing = [d for d in second if d.factored_any_view] if program.matrix_views else []
+        if crossing:
+            under, body_x = _under_view(program, crossing)
+            fact2x = _Factoring(crossing, taken, second=True, denom=denom, square=True)
+            factored2x, _ = fact2x.block(body_x, set())
+            rest = [If(under, factored2x, program.body)]
+            view2x = _second_on(requested, under)
+        if not _all_viewed(program, second, crossing):
+            fact2 = _Factoring(second, taken, second=True, denom=denom)
+            factored2, _ = fact2.block(program.body, set())
+            shaped2 = _shaped()
+            for cond, _ in program.matrix_views:
+                shaped2 = Node("and", (shaped2, Node("not", (cond,), boolean=True)), boolean=True)
+            rest = [If(shaped2, factored2, rest)]
+            view2 = _second_on(requested, shaped2)
+            for d in second:
+                view2 = _and(d.cond, view2)
+        otherwise = [If(flag("factored_2nd"), rest, program.body)]
     body = [If(requested, [If(_shaped(), factored, dense_body)], otherwise)]
     state: list[StateDecl] = []
     for d in program.state:
@@ -248,14 +328,23 @@ def _apply(program: Program) -> Program:
             state.append(d)
             continue
         row, col, sign = d.factored
-        own_view = view if view2 is None or sign is not None else Node("or", (view, view2), boolean=True)
+        own_view = view
+        if view2 is not None and sign is None:
+            own_view = Node("or", (own_view, view2), boolean=True)
+        crosses = view2x is not None and d.name in {c.name for c in crossing}
+        if crosses:
+            own_view = Node("or", (own_view, view2x), boolean=True)
         on = _and(d.cond, own_view)
         dense = Node("not", (own_view,), boolean=True)
         # adv_optm keeps the dense states of parameters it does not factor in float32 too
         state.append(StateDecl(d.name, d.kind, d.init, d.dtype, _and(d.cond, dense), d.doc,
                                dtype_when=(requested, "float32") if precision_api else None))
-        state.append(StateDecl(row, Kind.ROW, "zeros", "float32", on, f"per-row factor of |{d.name}|"))
-        state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|"))
+        # factors on the square view whatever view the parameter is stepped as (the same shape
+        # where it is stepped as the square one)
+        square = "square" if crosses else None
+        state.append(StateDecl(row, Kind.ROW, "zeros", "float32", on, f"per-row factor of |{d.name}|", view=square))
+        state.append(StateDecl(col, Kind.COL, "zeros", "float32", on, f"per-column factor of |{d.name}|",
+                               view=square))
         if sign is not None:
             state.append(StateDecl(sign, Kind.ELEMENT, "zeros", "bits", on, f"sign of {d.name}, 1 bit per element"))
     views = [(view, "square")] + ([(view2, "square")] if view2 is not None else [])

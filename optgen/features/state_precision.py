@@ -29,6 +29,8 @@ List it last under ``features:``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from optgen.features import Feature
 from optgen.features.factored import _before_orthograd
 from optgen.features.rewrite import (
@@ -322,8 +324,7 @@ def _apply(program: Program) -> Program:
                 extra[key] = StateDecl(key, kind, init, s.dtype, cond, f"{c} {s.suffix[1:]} of {d.name}",
                                        block=codec.block)
         rules += [(is_(c), t) for c, t in dtypes.items()]
-        state.append(StateDecl(d.name, d.kind, d.init, d.dtype, d.cond, d.doc, d.factored, d.dtype_when,
-                               d.scalar_if_zero, rules, d.block))
+        state.append(dataclasses.replace(d, dtype_rules=rules))
     state += extra.values()
     return program.copy(body=body, state=state)
 

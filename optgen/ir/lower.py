@@ -31,7 +31,7 @@ from optgen.spec import expr as E
 from optgen.spec.loader import SAssign, SIf, Spec
 from optgen.spec.model import HyperparameterSpec
 
-META = ("numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims")
+META = ("numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims", "square_rows", "square_cols")
 _KINDS = {
     "element": Kind.ELEMENT,
     "row": Kind.ROW,
@@ -568,7 +568,8 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
             raise SpecError(spec.source.at(("state", name, "factored")), f"state.{name}.factored",
                             "a factored form needs feature 'factored' under features:")
         state.append(StateDecl(name, _KINDS[st.kind], init, st.dtype, None, st.doc, fac,
-                               scalar_if_zero=st.scalar_if_zero))
+                               scalar_if_zero=st.scalar_if_zero,
+                               factored_any_view=st.factored is not None and st.factored.any_view))
         if st.kind == "host" and st.dtype == "param":
             state[-1].dtype = "default"
 

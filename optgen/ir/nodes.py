@@ -114,6 +114,13 @@ class StateDecl:
     dtype_rules: list[tuple[Node, str]] = field(default_factory=list)
     #: elements per block of a per-block state (Kind.BLOCK)
     block: int | None = None
+    #: the matrix view a per-row / per-column state's kind refers to, where not the one its
+    #: parameter is stepped as: ``"square"``, the closest-to-square ``(d1, d2)`` of the flat
+    #: parameter (read and written by the ``square_*`` ops)
+    view: str | None = None
+    #: feature ``factored``'s ``factored_2nd`` path keeps this state's factors on the square view
+    #: also for parameters stepped as another matrix view (``factored: {..., any_view: true}``)
+    factored_any_view: bool = False
 
 
 @dataclass

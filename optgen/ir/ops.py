@@ -94,6 +94,11 @@ class Op:
     # shape-changing ops with their own shape rules
     OUTER = "outer"
     STRIDED = "strided"
+    # across views: per-row / per-column values of the closest-to-square (d1, d2) view of a
+    # parameter stepped as another view (adv_optm's factored_2nd under Muon's (rows, -1) matrix)
+    SQUARE_OUTER = "square_outer"  # (r, c, like): outer(r, c) of the square view, as like's (stepped) shape
+    SQUARE_ROWSUM = "square_rowsum"  # sums over the rows of the square view of a per-element value
+    SQUARE_COLSUM = "square_colsum"  # sums over the columns of the square view
     # reductions
     MATVEC = "matvec"
     MATVEC_T = "matvec_t"
@@ -191,6 +196,9 @@ def _table() -> dict[str, OpInfo]:
         Op.CAST: OpInfo((2, 2), own_shape=True),  # the dtype of its second argument, the kind of its first
         Op.OUTER: OpInfo((2, 2), own_shape=True),  # per-row r times per-column c
         Op.STRIDED: OpInfo((2, 2), own_shape=True),  # (x, k): every k-th element, a per-slice value
+        Op.SQUARE_OUTER: OpInfo((3, 3), own_shape=True),
+        Op.SQUARE_ROWSUM: red(1, Kind.ROW),
+        Op.SQUARE_COLSUM: red(1, Kind.COL),
         Op.MATVEC: red(2, Kind.ROW),
         Op.MATVEC_T: red(2, Kind.COL),
         Op.MV: red(2, Kind.ROW),
@@ -251,4 +259,7 @@ REDUCTION_RESULT = {o: i.reduces_to for o, i in OPS.items() if i.reduces_to is n
 _SPECTRAL = "mv()/mv_t() (torch.mv's products: spectral normalisation's power iteration)"
 #: ops no triton kernel computes yet, and why: a path that reads one is refused (at construction
 #: where a parameter takes it, see optgen.runtime.base)
-NOT_IN_TRITON: dict[str, str] = {Op.MV: _SPECTRAL, Op.MV_T: _SPECTRAL}
+_SQUARE = ("the closest-to-square view's factors of a parameter stepped as another view (adv_optm's "
+           "factored_2nd under Muon's (rows, -1) matrix)")
+NOT_IN_TRITON: dict[str, str] = {Op.MV: _SPECTRAL, Op.MV_T: _SPECTRAL, Op.SQUARE_OUTER: _SQUARE,
+                                 Op.SQUARE_ROWSUM: _SQUARE, Op.SQUARE_COLSUM: _SQUARE}

@@ -16,6 +16,7 @@ import torch
 
 from optgen.ir.nodes import Node
 from optgen.ir.ops import Op
+from optgen.numerics.shapes import effective_shape
 
 _CMP = {Op.EQ: operator.eq, Op.NE: operator.ne, Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt,
         Op.GE: operator.ge}
@@ -102,6 +103,8 @@ def meta_value(name: str, param: torch.Tensor, view: tuple[int, ...] | None = No
         return param.shape[1] if param.dim() >= 2 else 1
     if name == "big_dims":
         return sum(1 for d in param.shape if d > 1)
+    if name in ("square_rows", "square_cols"):  # the closest-to-square (d1, d2), whatever the view
+        return effective_shape(param.numel())[name == "square_cols"]
     raise KeyError(name)
 
 

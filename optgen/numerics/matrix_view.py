@@ -10,28 +10,15 @@ see them unpacked, the triton kernels read and write the packed bytes.
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import torch
 
 from optgen.ir.nodes import Kind, Program
 from optgen.numerics.host import HostContext, evaluate
+from optgen.numerics.shapes import effective_shape
 
 _SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-@functools.lru_cache(maxsize=4096)
-def effective_shape(numel: int) -> tuple[int, int]:
-    """The factor pair ``(d1, d2)`` of ``numel`` closest to its square root, ``d1 >= d2`` (adv_optm's
-    ``_get_effective_shape``: a prime gives ``(numel, 1)``, 0 gives ``(0, 0)``)."""
-    if numel <= 0:
-        return (0, 0)
-    for i in range(math.isqrt(numel), 0, -1):
-        if numel % i == 0:
-            return (numel // i, i)
-    return (numel, 1)  # pragma: no cover - i = 1 always divides
 
 
 def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: dict) -> tuple[int, int] | None:
@@ -47,6 +34,22 @@ def view_shape(program: Program, p: torch.Tensor, group: dict[str, Any], state: 
                 raise RuntimeError(f"a (rows, -1) matrix view needs a parameter with 2 or more dims, got {tuple(p.shape)}")
             return (p.shape[0], p.numel() // p.shape[0]) if p.shape[0] else (0, 0)
     return None
+
+
+def decl_view(view_name: str | None, p: torch.Tensor, view: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The view a state's kind refers to: its own (``StateDecl.view``, ``"square"``: the closest-to-square
+    matrix of ``p``, whatever view ``p`` is stepped as) or else the one ``p`` is stepped as."""
+    return effective_shape(p.numel()) if view_name == "square" else view
+
+
+def as_square(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s flat memory as its closest-to-square ``(d1, d2)`` matrix (row-major)."""
+    return t.reshape(effective_shape(t.numel()))
+
+
+def square_outer(r: torch.Tensor, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``outer(r, c)`` of the factors of a closest-to-square view, in ``like``'s (stepped) shape."""
+    return torch.einsum("...n,...m->...nm", r, c).reshape(like.shape)
 
 
 def as_view(t: torch.Tensor, shape: tuple[int, int] | None, what: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from optgen.ir.ops import Op
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate, run_host_block
-from optgen.numerics.matrix_view import packed_shape, view_shape
+from optgen.numerics.matrix_view import decl_view, packed_shape, view_shape
 from optgen.runtime import clipping, published_layout, reductions, sharding, zero1
 from optgen.runtime.executors import executor_for
 from optgen.runtime.kourkoutas import R_EMA
@@ -812,7 +812,7 @@ def _saved_shapes(d: StateDecl, p: torch.Tensor, view: tuple[int, int] | None, s
     elif d.kind == Kind.ELEMENT:
         shape = tuple(p.shape)  # stored in the parameter's shape, stepped as its view
     else:
-        shape = state_shape(d.kind, p, d.name, view, stride)  # RuntimeError: no such state for p
+        shape = state_shape(d.kind, p, d.name, decl_view(d.view, p, view), stride)  # RuntimeError: no such state for p
     if any(t == PACKED_UINT4 for _, t in d.dtype_rules):  # 4-bit codes packed two per byte
         return [shape, (-(-p.numel() // 2),)]
     return [shape, ()] if d.scalar_if_zero and shape != () else [shape]

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as TF
 
 from optgen.ir.codecs import FloatCodec, codec_for
+from optgen.numerics import matrix_view, stochastic
 from optgen.numerics import newton_schulz as ns
 from optgen.numerics import sinkhorn as sk
-from optgen.numerics import stochastic
 from optgen.runtime import sharding
 
 Tensors = list[torch.Tensor]
@@ -426,6 +426,26 @@ def outer(a: Tensors, b: Tensors) -> Tensors:
     if (lay := sharding.active()) is not None:
         return lay.outer(a, b, _outer)
     return [_outer(x, y) for x, y in zip(a, b)]
+
+
+def _unsharded(op: str) -> None:
+    if sharding.active() is not None:
+        raise RuntimeError(f"{op}: the closest-to-square view of a sharded parameter is not implemented")
+
+
+def square_outer(a: Tensors, b: Tensors, like: Tensors) -> Tensors:
+    _unsharded("square_outer")
+    return [matrix_view.square_outer(x, y, z) for x, y, z in zip(a, b, like)]
+
+
+def square_rowsum(x: Tensors) -> Tensors:
+    _unsharded("square_rowsum")
+    return [matrix_view.as_square(t).sum(-1) for t in x]
+
+
+def square_colsum(x: Tensors) -> Tensors:
+    _unsharded("square_colsum")
+    return [matrix_view.as_square(t).sum(-2) for t in x]
 
 
 def rowsum(x: Tensors) -> Tensors:

@@ -13,7 +13,7 @@ from optgen.ir.nodes import Kind, StateDecl
 from optgen.numerics import stochastic
 from optgen.numerics.dtypes import storage_dtype
 from optgen.numerics.host import HostContext, evaluate
-from optgen.numerics.matrix_view import packed_shape
+from optgen.numerics.matrix_view import decl_view, packed_shape
 
 
 def _dtype(name: str, param: torch.Tensor) -> torch.dtype:
@@ -61,7 +61,7 @@ def new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tup
         src = p.detach().flatten()[::stride] if decl.kind == Kind.SLICE else p.detach()
         return src.to(dtype=dtype, copy=True).contiguous()
     if init == "unit_randn":  # adv_optm's spectral vectors: randn from its stream, over (norm + 1e-12)
-        shape = state_shape(decl.kind, p, decl.name, view, stride)
+        shape = state_shape(decl.kind, p, decl.name, decl_view(decl.view, p, view), stride)
         t = torch.randn(shape, device=device, dtype=dtype, generator=stochastic.generator(p.device))
         return t.div_(t.norm().add_(1e-12))
     if isinstance(init, tuple) and init[0] == "random_subset":
@@ -75,7 +75,8 @@ def new_state(decl: StateDecl, p: torch.Tensor, group: dict[str, Any], view: tup
         return torch.full((-(-p.numel() // 2),), value, dtype=dtype, device=device)
     if decl.kind == Kind.ELEMENT and dtype == p.dtype:
         return torch.full_like(p, value, memory_format=torch.preserve_format)
-    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else view, stride)
+    shape = state_shape(decl.kind, p, decl.name, None if decl.kind == Kind.ELEMENT else decl_view(decl.view, p, view),
+                        stride)
     return torch.full(shape, value, dtype=dtype, device=device)
 
 

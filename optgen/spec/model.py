@@ -16,8 +16,8 @@ IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Names with a fixed meaning inside update expressions.
 RESERVED = {
-    "param", "grad", "step", "numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims", "true", "false",
-    "True", "False",
+    "param", "grad", "step", "numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims", "square_rows",
+    "square_cols", "true", "false", "True", "False",
 }
 
 
@@ -158,6 +158,10 @@ class FactoredStateSpec(_Strict):
     col: str  # the per-column factor's state key (adv_optm: mv_<x>_nmf)
     #: the packed sign's state key, for a signed state (a first moment); omit for non-negative ones
     sign: str | None = None
+    #: with ``factored_2nd``, factor it on the closest-to-square view also for parameters the spec
+    #: steps as another matrix view (adv_optm's AdaMuon factors v of the orthogonalised (rows, -1)
+    #: matrix on the square view); otherwise those parameters keep it dense
+    any_view: bool = False
 
     @field_validator("row", "col", "sign")
     @classmethod
