@@ -32,8 +32,8 @@ def apply_block_features(program: Program) -> Program:
     use's statements (the last use first, so the earlier ones' places stay valid)."""
     for site in reversed(program.scopes):
         scope = site.scope
-        check_order([f.name for f in scope.features], lambda i: (scope.features[i].pos, scope.features[i].field),
-                    f"block '{scope.block}': ")
+        entries = scope.features
+        check_order([f.name for f in entries], lambda i, e=entries: (e[i].pos, e[i].field), f"block '{scope.block}': ")
         body = _at(program.body, site.path)
         region = body[site.start:site.end]
         around = _conditions(program, program.body, site.path)

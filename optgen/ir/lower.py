@@ -29,7 +29,7 @@ from optgen.ir.nodes import (
 from optgen.ir.ops import CALLS, Op
 from optgen.ir.reductions import lower_reductions
 from optgen.spec import expr as E
-from optgen.spec.loader import SAssign, SIf, SScope, Spec
+from optgen.spec.loader import SAssign, SIf, Spec, SScope
 from optgen.spec.model import HyperparameterSpec
 
 META = ("numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims")
