@@ -4,6 +4,7 @@ a spec through these functions.
     load      optgen.spec.loader.load_spec     YAML -> a validated Spec (positions kept)
     lower     optgen.ir.lower.lower_base       Spec -> IR Program (the base spec's statements)
     features  optgen.features (Feature.apply)  IR -> IR, each feature a transformation bound to roles
+              (the features of the blocks used first, on their statements: features.scoped)
     published optgen.ir.lower.attach_published the published state-dict layout, on the featured IR
     check     check_settings (here)            every ``matches.settings`` entry is a valid call
     hoist     optgen.ir.hoist.hoist            host work out of the element statements
@@ -21,6 +22,7 @@ from typing import Any
 from optgen.errors import SpecError, did_you_mean
 from optgen.features.registry import resolve_features
 from optgen.features.rewrite import FeatureError
+from optgen.features.scoped import apply_block_features
 from optgen.ir.hoist import hoist
 from optgen.ir.lower import attach_published, lower_base
 from optgen.ir.nodes import Program
@@ -39,6 +41,8 @@ def lower(spec: Spec) -> Program:
     extra_hypers = [(n, h) for f in features for n, h in f.hyperparameters.items()
                     if n not in spec.model.hyperparameters]
     program, facts = lower_base(spec, extra_hypers)
+    # the features of the blocks the spec uses, on their statements only, before the spec's own
+    program = apply_block_features(program)
     for i, f in enumerate(features):
         try:
             program = f.apply(program)

@@ -188,7 +188,8 @@ _TORCH_ONLY = {
                 "(not implemented yet: use backend='torch' or 'reference')",
     "sinkhorn": "sinkhorn() (SinkSGD's alternating row / column normalisation) in triton kernels "
                 "(not implemented yet: use backend='torch' or 'reference')",
-    "orthograd_iterative": "orthogonal_gradient='iterative' (rank-2 OrthoGrad) in triton kernels "
+    "orthograd_iterative": "orthogonal_gradient='iterative' (rank-2 OrthoGrad; Muon's aux AdamW: "
+                           "adam_orthogonal_gradient='iterative') in triton kernels "
                            "(not implemented yet: use 'flattened', or backend='torch' or 'reference')",
 }
 

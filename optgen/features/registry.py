@@ -41,32 +41,37 @@ FEATURES: dict[str, Feature] = {m.FEATURE.name: m.FEATURE for m in (
 
 def resolve_features(spec) -> list[Feature]:
     """The spec's features, checked for existence, requirements and conflicts."""
-    registry = FEATURES
     names = spec.model.features
-    out = []
+    check_order(names, lambda i: (spec.source.text_at(("features", i)), f"features[{i}]"))
+    return [FEATURES[n] for n in names]
+
+
+def check_order(names: list[str], where, prefix: str = "") -> None:
+    """``names`` (a features: list) checked: each feature exists, has what it needs, conflicts with
+    none listed, is listed once and in the order its ``after``/``before`` ask; ``where(i)``: the
+    position and field of entry ``i`` (errors are reported there, ``prefix`` before the message)."""
+    registry = FEATURES
     for i, name in enumerate(names):
-        pos = spec.source.text_at(("features", i))
+        pos, field = where(i)
         if name not in registry:
-            raise SpecError(pos, f"features[{i}]", f"unknown feature '{name}'{did_you_mean(name, registry)}")
+            raise SpecError(pos, field, f"{prefix}unknown feature '{name}'{did_you_mean(name, registry)}")
         f = registry[name]
         for other in f.conflicts:
             if other in names:
-                raise SpecError(pos, f"features[{i}]", f"feature '{name}' conflicts with '{other}'")
+                raise SpecError(pos, field, f"{prefix}feature '{name}' conflicts with '{other}'")
         for need in f.requires:
             if need not in names:
-                raise SpecError(pos, f"features[{i}]", f"feature '{name}' needs feature '{need}'")
+                raise SpecError(pos, field, f"{prefix}feature '{name}' needs feature '{need}'")
         if name in names[:i]:
-            raise SpecError(pos, f"features[{i}]", f"feature '{name}' is listed twice")
+            raise SpecError(pos, field, f"{prefix}feature '{name}' is listed twice")
         for other in f.after:
             if other in names[i + 1:]:
-                raise SpecError(pos, f"features[{i}]", f"feature '{name}' must come after '{other}' "
+                raise SpecError(pos, field, f"{prefix}feature '{name}' must come after '{other}' "
                                 f"(features[{names.index(other)}])")
         for other in f.before:
             if other in names[:i]:
-                raise SpecError(pos, f"features[{i}]", f"feature '{name}' must come before '{other}' "
+                raise SpecError(pos, field, f"{prefix}feature '{name}' must come before '{other}' "
                                 f"(features[{names.index(other)}])")
-        out.append(f)
-    return out
 
 
 def available() -> dict[str, Feature]:

@@ -158,7 +158,7 @@ def names_in(program: Program) -> set[str]:
     """Every name the program uses: targets, variables, states, hyperparameters and globals."""
     from optgen.ir.nodes import walk_nodes, walk_stmts
 
-    names = {"param", "grad"} | {s.name for s in program.state} | {g.name for g in program.globals}
+    names = {"param", "grad", *program.reserved} | {s.name for s in program.state} | {g.name for g in program.globals}
     names |= {a.name for a in program.accumulators}
     for n, h in program.hypers:
         names.add(n)
@@ -184,6 +184,18 @@ def fresh(program: Program, name: str, taken: set[str] = frozenset()) -> str:
     while candidate in used:
         candidate, k = f"_{name}{k}", k + 1
     return candidate
+
+
+def is_static(n: Node, program: Program) -> bool:
+    """``n`` is decided per parameter once (hyperparameters, constants and parameter facts): it
+    can say at state creation whether a parameter takes a path."""
+    from optgen.ir.nodes import walk_nodes
+
+    dynamic = {g.name for g in program.globals}
+    return n.is_host and all(
+        m.op in (Op.CONST, Op.META, Op.PARAM_ATTR) or (m.op == Op.HYPER and m.attr[0] not in dynamic)
+        or (m.op not in (Op.STEP, Op.VAR, Op.HAS, Op.INPUT, Op.REDUCED, Op.UNKNOWN) and m.args)
+        for m in walk_nodes(n))
 
 
 def flag(name: str) -> Node:

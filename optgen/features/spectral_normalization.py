@@ -22,14 +22,17 @@ rounding in the update's memory layout, which the einsums of ``matvec_t``/``matv
 the dot product are the whole-vector ``norm`` and ``vdot``. The OFT and DoRA/LoRA cases of
 ``scale_update`` (PEFT parameter attributes) are not reproduced.
 
-List it before ``atan2``, ``stochastic_rounding``, ``factored`` and ``state_precision``. The states keep adv_optm's names: a spec must not declare them.
+List it before ``stochastic_rounding``, ``factored`` and ``state_precision``. The states keep adv_optm's names: a spec must not declare them; the paths that take the
+feature share them (Muon_adv's matrices and, by its block's features, its aux AdamW).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from optgen.errors import Position
 from optgen.features import Feature
-from optgen.features.rewrite import fresh, is_var, own_state, renamed, rewrite_role, switch
+from optgen.features.rewrite import fresh, is_static, is_var, own_state, renamed, rewrite_role, switch
 from optgen.ir.nodes import Assign, If, Kind, Node, Program, StateDecl, Stmt
 from optgen.ir.ops import Op
 from optgen.spec.model import HyperparameterSpec
@@ -97,18 +100,6 @@ def _block(program: Program, state: list[StateDecl], target: str, factor: Node) 
     return [lr_stmt, *renamed(lowered[2:], rename)]
 
 
-def _static(n: Node, program: Program) -> bool:
-    """``n`` is decided per parameter once (hyperparameters, constants and parameter facts): it
-    can say at state creation whether a parameter takes the path."""
-    from optgen.ir.nodes import walk_nodes
-
-    dynamic = {g.name for g in program.globals}
-    return n.is_host and all(
-        m.op in (Op.CONST, Op.META, Op.PARAM_ATTR) or (m.op == Op.HYPER and m.attr[0] not in dynamic)
-        or (m.op not in (Op.STEP, Op.VAR, Op.HAS, Op.INPUT, Op.REDUCED, Op.UNKNOWN) and m.args)
-        for m in walk_nodes(n))
-
-
 def _path(program: Program, match) -> Node | None:
     """The static conditions around the step-size statement (Muon's matrix path: ``is_muon``), as
     one condition (None: none); conditions that change with the step (Adopt's ``step > 1``) are left out."""
@@ -117,7 +108,7 @@ def _path(program: Program, match) -> Node | None:
     def walk(stmts: list[Stmt], conds: list[Node]) -> None:
         for st in stmts:
             if isinstance(st, If):
-                keep = _static(st.cond, program)
+                keep = is_static(st.cond, program)
                 walk(st.then, [*conds, st.cond] if keep else conds)
                 walk(st.orelse, [*conds, Node("not", (st.cond,), boolean=True)] if keep else conds)
             elif match(st) and _host_factor(st) is not None:
@@ -133,7 +124,11 @@ def _path(program: Program, match) -> Node | None:
 
 
 def _apply(program: Program) -> Program:
-    own_state(program, FLAG, *STATES)
+    # the states of an earlier application (a block's: Muon_adv's aux AdamW) are shared, adv_optm's
+    # keys on every path that normalises; any other declaration of the names is the spec's
+    shared = {d.name: d for d in program.state if d.name in STATES and d.init == INIT}
+    if len(shared) != len(STATES):
+        own_state(program, FLAG, *STATES)
     from optgen.features.rewrite import role_sites
     from optgen.ir.lower import Lowerer
     from optgen.spec.expr import parse_expression
@@ -144,11 +139,16 @@ def _apply(program: Program) -> Program:
     path = _path(program, role_sites(program, "step_size", legacy))
     if path is not None:  # the states exist where the parameter takes the step's path
         cond = Node("and", (cond, path), boolean=True)
-    state = [*program.state,
-             StateDecl("spectral_v", Kind.COL, INIT, "param", cond,
+    decls = [StateDecl("spectral_v", Kind.COL, INIT, "param", cond,
                        "right singular vector estimate of the update (spectral normalisation)"),
              StateDecl("spectral_u", Kind.ROW, INIT, "param", cond,
                        "left singular vector estimate of the update (spectral normalisation)")]
+    if len(shared) == len(STATES):  # one declaration: it exists where either path normalises
+        merged = {d.name: replace(shared[d.name], cond=Node("or", (shared[d.name].cond, cond), boolean=True))
+                  for d in decls}
+        state = [merged.get(d.name, d) for d in program.state]
+    else:
+        state = [*program.state, *decls]
 
     def scale(s: Assign):
         factor = _host_factor(s)
@@ -171,7 +171,8 @@ FEATURE = Feature(
                                  doc="scale the update by its spectral norm (one power-iteration step) instead "
                                      "of the step size alone"),
     },
-    # before atan2: atan2 then scales the step size of the other path only (adv_optm leaves its 4/pi
-    # out under spectral normalisation)
-    before=("atan2", "stochastic_rounding", "factored", "state_precision"),
+    # listed before atan2, atan2 scales the step size of the other path only (adv_optm's AdamW_adv
+    # leaves its 4/pi out under spectral normalisation); after it, the normalised step keeps it
+    # (the aux AdamW of Muon_adv)
+    before=("stochastic_rounding", "factored", "state_precision"),
 )

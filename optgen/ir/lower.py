@@ -8,6 +8,7 @@ the ops whose rounding the published code has (``a + s*b*c`` is torch's ``addcmu
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from optgen.errors import SpecError, did_you_mean
@@ -28,7 +29,7 @@ from optgen.ir.nodes import (
 from optgen.ir.ops import CALLS, Op
 from optgen.ir.reductions import lower_reductions
 from optgen.spec import expr as E
-from optgen.spec.loader import SAssign, SIf, Spec
+from optgen.spec.loader import SAssign, SIf, Spec, SScope
 from optgen.spec.model import HyperparameterSpec
 
 META = ("numel", "ndim", "rows", "cols", "bf16", "dim0", "dim1", "big_dims", "square_rows", "square_cols")
@@ -41,6 +42,20 @@ _KINDS = {
     "host": Kind.HOST,
     "slice": Kind.SLICE,
 }
+
+
+@dataclass
+class ScopeSite:
+    """A use of a block that declares features, as lowered: its statements are ``[start, end)`` of
+    the statement list at ``path`` (from the body, each step an If's index and branch), ``roles``
+    the block's ``roles:`` bound among them; the features pass applies the block's features there."""
+
+    path: tuple[tuple[int, str], ...]
+    start: int
+    end: int
+    scope: SScope
+    roles: dict[str, list[tuple[str, Any]]]
+    inside: bool = False  # being lowered (scopes do not nest)
 
 
 class Lowerer:
@@ -73,6 +88,8 @@ class Lowerer:
         self.partial: set[str] = set()
         #: the spec's named facts (host expressions of hyperparameters and parameter facts)
         self.facts: dict[str, Node] = {}
+        #: the uses of blocks that declare features (where their statements were lowered)
+        self.scopes: list[ScopeSite] = []
 
     # -- names -----------------------------------------------------------------------------
     def known_names(self) -> list[str]:
@@ -412,11 +429,22 @@ class Lowerer:
         raise SpecError(e.pos, field, f"{fn}() cannot be applied to device values")  # pragma: no cover
 
     # -- statements ------------------------------------------------------------------------
-    def statements(self, stmts: list[SAssign | SIf]) -> list[Stmt]:
+    def statements(self, stmts: list[SAssign | SIf | SScope], at: tuple[tuple[int, str], ...] = ()) -> list[Stmt]:
+        """The statements lowered; ``at``: where their list sits in the body (recorded for the
+        uses of blocks with features, :class:`ScopeSite`)."""
         out: list[Stmt] = []
         for s in stmts:
             if isinstance(s, SAssign):
                 out.append(self.assign(s))
+                continue
+            if isinstance(s, SScope):
+                if any(site.inside for site in self.scopes):
+                    raise SpecError(s.pos, s.field, f"block '{s.block}' declares features and is used inside "
+                                    "another such block: scopes of block features do not nest")
+                site = ScopeSite(at, len(out), len(out), s, _bind_roles(s.roles, s.body, s.smap), True)
+                self.scopes.append(site)
+                out.extend(self.statements(s.body))
+                site.end, site.inside = len(out), False
                 continue
             cond = self.expr(s.cond, s.field + ".if")
             if not cond.is_host:
@@ -425,10 +453,10 @@ class Lowerer:
             if not cond.boolean:
                 raise SpecError(s.cond.pos, s.field + ".if", "a condition must be true or false (use a comparison)")
             before = dict(self.temps)
-            then = self.statements(s.then)
+            then = self.statements(s.then, (*at, (len(out), "then")))
             after_then = self.temps
             self.temps = dict(before)
-            orelse = self.statements(s.orelse)
+            orelse = self.statements(s.orelse, (*at, (len(out), "orelse")))
             after_else = self.temps
             self.temps = {k: v for k, v in after_then.items() if after_else.get(k) == v}
             self.partial |= (set(after_then) | set(after_else)) - set(self.temps)
@@ -634,7 +662,7 @@ def lower_base(spec: Spec, extra_hypers: list[tuple[str, HyperparameterSpec]]) -
         step_store=m.step.store, step_math=m.step.math, state_init=m.state_init, hypers=hypers,
         checks=checks, state=state, body=body, reductions=reductions, matches=m.matches, features=list(m.features), matrix_views=views,
         slice_stride=m.slice_stride, globals=global_decls, accumulators=acc_decls, finalize=finalize,
-        roles=_bind_roles(spec),
+        roles=_bind_roles(spec.model.roles, spec.update, spec.source), scopes=lw.scopes,
     )
     return program, lw.facts
 
@@ -653,37 +681,40 @@ def attach_published(spec: Spec, program: Program, facts: dict[str, Node]) -> Pr
     return program.copy(published=lower_published(spec, plw, program.state))
 
 
-def _bind_roles(spec: Spec) -> dict[str, list[tuple[str, Any]]]:
-    """The spec's ``roles:``, each reference bound to exactly one assignment of ``update:``:
-    ``name`` (the one statement assigning it), ``name#k`` (its k-th assignment in source order)."""
+def _bind_roles(roles: dict, update: list, source) -> dict[str, list[tuple[str, Any]]]:
+    """``roles:`` (a spec's, or a block's among its own statements), each reference bound to exactly
+    one assignment of ``update``: ``name`` (the one statement assigning it), ``name#k`` (its k-th
+    assignment in source order); ``source``: the source map ``roles:`` was read from."""
     import re
 
     from optgen.ir.roles import MULTI_ROLES, ROLES
 
     assigns: list[SAssign] = []
 
-    def collect(stmts: list[SAssign | SIf]) -> None:
+    def collect(stmts: list[SAssign | SIf | SScope]) -> None:
         for s in stmts:
             if isinstance(s, SAssign):
                 assigns.append(s)
+            elif isinstance(s, SScope):
+                collect(s.body)
             else:
                 collect(s.then)
                 collect(s.orelse)
 
-    collect(spec.update)
+    collect(update)
     out: dict[str, list[tuple[str, Any]]] = {}
-    for role, refs in spec.model.roles.items():
+    for role, refs in roles.items():
         field = f"roles.{role}"
         if role not in ROLES:
-            raise SpecError(spec.source.at(("roles", role, "<key>")), field,
+            raise SpecError(source.at(("roles", role, "<key>")), field,
                             f"unknown role '{role}'{did_you_mean(role, ROLES)}; roles: {', '.join(ROLES)}")
         many = isinstance(refs, list)
         if many and role not in MULTI_ROLES:
-            raise SpecError(spec.source.at(("roles", role)), field, f"role '{role}' binds one statement, not a list")
+            raise SpecError(source.at(("roles", role)), field, f"role '{role}' binds one statement, not a list")
         bound = []
         for j, ref in enumerate(refs if many else [refs]):
             path = ("roles", role, j) if many else ("roles", role)
-            pos = spec.source.text_at(path)
+            pos = source.text_at(path)
             where = f"{field}[{j}]" if many else field
             found = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:#([0-9]+))?", ref.strip()) if isinstance(ref, str) else None
             if found is None:

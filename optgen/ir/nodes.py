@@ -251,6 +251,11 @@ class Program:
     #: the spec's declared ``roles:``: role -> the (target, position) of each statement it binds;
     #: a role not here is inferred from the dialect by the feature (not serialised: features only)
     roles: dict[str, list[tuple[str, Position | None]]] = field(default_factory=dict)
+    #: the uses of blocks that declare features (``optgen.ir.lower.ScopeSite``), consumed by the
+    #: features pass (not serialised)
+    scopes: list[Any] = field(default_factory=list)
+    #: names used around the body where it is a block's scope (a feature's temporaries avoid them)
+    reserved: frozenset[str] = frozenset()
 
     def state_decl(self, name: str) -> StateDecl:
         for s in self.state:

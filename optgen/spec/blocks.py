@@ -23,6 +23,12 @@ block may replace (``with:``).
   Other names in a block are the includer's names (``grad``, ``param``, ``lr``, ...): where a block
   uses a block, its own ``with:`` applies to what the inner block brings in.
 
+* ``features:`` (a block's) lists features applied to the block's ``update:`` statements only,
+  wherever a spec uses the block, each as ``{feature: name, names: {its hyperparameter: the
+  block's}}`` (Muon's auxiliary AdamW: ``use_atan2`` read as ``adam_use_atan2``); ``roles:`` (a
+  block's) binds the roles those features rewrite among the block's statements, as a spec's
+  ``roles:`` does among its own (docs/block_features.md).
+
 Everything keeps its place: an error in a block's text names the block's file, line and column.
 """
 
@@ -41,7 +47,8 @@ from optgen.spec.yaml_source import SourceMap, dotted, load_yaml
 
 BLOCKS_FOLDER = "blocks"
 DECLARATIONS = ("hyperparameters", "state", "globals", "accumulators", "reductions", "facts")
-BLOCK_FIELDS = ("block", "doc", "params", "include", "matches", *DECLARATIONS, "update", "finalize")
+BLOCK_FIELDS = ("block", "doc", "params", "include", "matches", *DECLARATIONS, "update", "finalize", "features",
+                "roles")
 MAX_BLOCK_DEPTH = 16
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 
@@ -56,6 +63,43 @@ class Block:
     smap: SourceMap
     digest: str
     params: dict[str, str]
+
+
+@dataclass
+class BlockFeature:
+    """One entry of a block's ``features:``: a feature applied to the block's statements only, its
+    hyperparameters read under the names ``names`` maps them to (the feature's name -> the block's)."""
+
+    name: str
+    names: dict[str, str]
+    pos: Position | None
+    field: str
+
+
+def block_features(block: Block) -> list[BlockFeature]:
+    """The block's ``features:`` entries, checked for their form (the names are checked when the
+    features are applied, against the program's hyperparameters)."""
+    items = block.data.get("features") or []
+    smap = block.smap
+    if not isinstance(items, list):
+        raise SpecError(smap.at(("features",)), "features", "a block's features: is a list of "
+                        "{feature: name, names: {hyperparameter: block's name}}")
+    out: list[BlockFeature] = []
+    for i, item in enumerate(items):
+        here = ("features", i)
+        if not isinstance(item, dict) or not isinstance(item.get("feature"), str):
+            raise SpecError(smap.at(here), dotted(here), "an entry of a block's features: is "
+                            "{feature: name, names: {hyperparameter: block's name}}")
+        unknown = [k for k in item if k not in ("feature", "names")]
+        if unknown:
+            raise SpecError(smap.at((*here, unknown[0], "<key>")), dotted(here),
+                            f"unknown field '{unknown[0]}' in a block's feature{did_you_mean(str(unknown[0]), ['feature', 'names'])}")
+        names = item.get("names") or {}
+        if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+            raise SpecError(smap.at((*here, "names")), dotted((*here, "names")),
+                            "names: maps each of the feature's hyperparameters to the block's name for it")
+        out.append(BlockFeature(item["feature"], dict(names), smap.text_at((*here, "feature")), dotted(here)))
+    return out
 
 
 @dataclass

@@ -12,7 +12,16 @@ from typing import Any, NamedTuple
 from pydantic import ValidationError
 
 from optgen.errors import Position, SpecError, did_you_mean
-from optgen.spec.blocks import BLOCKS_FOLDER, Composition, Include, declares, rename_target, substitute
+from optgen.spec.blocks import (
+    BLOCKS_FOLDER,
+    BlockFeature,
+    Composition,
+    Include,
+    block_features,
+    declares,
+    rename_target,
+    substitute,
+)
 from optgen.spec.expr import Const, Expr, parse_assignment, parse_expression
 from optgen.spec.files import MAX_SPEC_BYTES, _display, read_spec_text  # noqa: F401  (re-exported)
 from optgen.spec.model import SpecModel
@@ -42,7 +51,22 @@ class SIf:
     field: str
 
 
-Statement = SAssign | SIf
+@dataclass
+class SScope:
+    """A use of a block that declares ``features:``: the block's statements (in place, as any use's)
+    and the features that rewrite only them, with the roles the block binds among them."""
+
+    block: str
+    body: list[SAssign | SIf]
+    features: list[BlockFeature]
+    #: the block's ``roles:`` (role -> reference, as a spec writes them) and the block's source map
+    roles: dict
+    smap: SourceMap
+    pos: Position | None
+    field: str
+
+
+Statement = SAssign | SIf | SScope
 
 
 @dataclass
@@ -400,4 +424,11 @@ def _use(item: dict, here: tuple, smap: SourceMap, ctx: _Scope | None) -> list[S
         raise SpecError(pos, name, f"block '{block.name}' has no {ctx.section}: statements")
     inner = _Scope(ctx.comp, ctx.section, [mapping, *ctx.mappings], (*ctx.stack, block.name),
                    block.data.get("_includes", []))
-    return _parse_statements(body, (ctx.section,), block.smap, inner)
+    stmts = _parse_statements(body, (ctx.section,), block.smap, inner)
+    features = block_features(block)
+    if not features:
+        return stmts
+    if ctx.section != "update":
+        raise SpecError(pos, name, f"block '{block.name}' declares features: they rewrite update: statements, "
+                        f"not {ctx.section}:")
+    return [SScope(block.name, stmts, features, dict(block.data.get("roles") or {}), block.smap, pos, name)]
