@@ -125,7 +125,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -139,7 +145,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -175,7 +187,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -189,7 +207,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -286,7 +310,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -300,7 +330,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -336,7 +372,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -350,7 +392,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - adam_weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -452,7 +500,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -466,7 +520,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -567,7 +627,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -581,7 +647,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -677,7 +749,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                         if centered_wd != 0:
-                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param_fp32 - cast(decode(), param_fp32)
+                                else:
+                                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                             if cautious_wd:
                                 param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -691,7 +769,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                         if centered_wd != 0:
-                            cwd_target = param - cast(anchor_data, param)
+                            if centered_wd_mode == 'int8':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                if centered_wd_mode == 'int4':
+                                    cwd_target = param - cast(decode(), param)
+                                else:
+                                    cwd_target = param - cast(anchor_data, param)
                             if cautious_wd:
                                 param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                             else:
@@ -727,7 +811,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -741,7 +831,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - adam_weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -781,6 +877,8 @@ def _device_step(h, param, grad, S):
     exp_avg = S["exp_avg"]
     exp_avg_sq = S["exp_avg_sq"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     momentum_buffer_scale = S["momentum_buffer_scale"]
@@ -1022,9 +1120,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k26"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_1 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_1)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_2)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_4)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_5 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_5)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1058,9 +1170,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_6)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_2 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_2)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_7 = F.cast(cwd_target_6, param)
+                            cwd_target = F.sub(param, cwd_target_7)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_9 = F.cast(cwd_target_8, param)
+                                cwd_target = F.sub(param, cwd_target_9)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_10 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_10)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1075,10 +1201,10 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_use_bias_correction:
-                if h["_c25"]:
+                if h["_c27"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c26"]:
+                if h["_c28"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k34"])
                     # update = copy(exp_avg)
@@ -1090,7 +1216,7 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k35"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k36"])
                 # if adam_eps == None:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
                 denom = F.sqrt(exp_avg_sq)
@@ -1107,7 +1233,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c28"]:
+                    if h["_c30"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1121,9 +1247,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k38"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_3 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_3)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_12)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_14)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_15 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_15)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1142,7 +1282,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_10)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c28"]:
+                    if h["_c30"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -1157,9 +1297,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_15)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_4 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_4)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_17 = F.cast(cwd_target_16, param)
+                            cwd_target = F.sub(param, cwd_target_17)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_19 = F.cast(cwd_target_18, param)
+                                cwd_target = F.sub(param, cwd_target_19)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_20 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_20)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1369,9 +1523,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k72"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_5 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_5)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_22)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_24)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_25 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_25)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1405,9 +1573,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_24)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_6 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_6)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_27 = F.cast(cwd_target_26, param)
+                            cwd_target = F.sub(param, cwd_target_27)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_29 = F.cast(cwd_target_28, param)
+                                cwd_target = F.sub(param, cwd_target_29)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_30 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_30)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1422,10 +1604,10 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if adam_use_bias_correction:
-                if h["_c25"]:
+                if h["_c27"]:
                     pass
                 # if adam_beta1 > 0:
-                if h["_c26"]:
+                if h["_c28"]:
                     # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                     F.lerp_(exp_avg, grad, h["_k80"])
                     # update = copy(exp_avg)
@@ -1437,7 +1619,7 @@ def _device_step(h, param, grad, S):
                 F.mul_(exp_avg_sq, h["_k81"])
                 F.addcmul_(exp_avg_sq, grad, grad, h["_k82"])
                 # if adam_eps == None:
-                if h["_c27"]:
+                if h["_c29"]:
                     pass
                 # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
                 denom = F.sqrt(exp_avg_sq)
@@ -1454,7 +1636,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if adam_weight_decay != 0:
-                    if h["_c28"]:
+                    if h["_c30"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1468,9 +1650,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k84"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_32)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_34)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1489,7 +1685,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_28)
                 else:
                     # if adam_weight_decay != 0:
-                    if h["_c28"]:
+                    if h["_c30"]:
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -1504,9 +1700,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_33)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_37 = F.cast(cwd_target_36, param)
+                            cwd_target = F.sub(param, cwd_target_37)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_39 = F.cast(cwd_target_38, param)
+                                cwd_target = F.sub(param, cwd_target_39)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_40 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1523,7 +1733,7 @@ def _device_step(h, param, grad, S):
         # if use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128)):
         if h["_c3"]:
             # if state_precision == 'bf16_sr' and not nnmf_factor:
-            if h["_c29"]:
+            if h["_c31"]:
                 # if approx_mars:
                 if h["_c4"]:
                     # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -1535,7 +1745,7 @@ def _device_step(h, param, grad, S):
                     # grad = mars
                     grad = mars
                 # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c30"]:
+                if h["_c32"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1726,9 +1936,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k120"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_42)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_44)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1762,9 +1986,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_42)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_47 = F.cast(cwd_target_46, param)
+                            cwd_target = F.sub(param, cwd_target_47)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_49 = F.cast(cwd_target_48, param)
+                                cwd_target = F.sub(param, cwd_target_49)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_50 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
                         if h["_c23"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1779,7 +2017,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if state_precision == 'int8_sr' and not nnmf_factor:
-                if h["_c31"]:
+                if h["_c33"]:
                     # if approx_mars:
                     if h["_c4"]:
                         # mars = (grad - last_grad) * (mars_gamma * beta1 / (1 - beta1)) + grad
@@ -1791,7 +2029,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                    if h["_c30"]:
+                    if h["_c32"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1982,9 +2220,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k156"])
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_11 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_11)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_51 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_52 = F.cast(cwd_target_51, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_52)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_53 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_54 = F.cast(cwd_target_53, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_54)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_55 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_55)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2018,9 +2270,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_51)
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_12 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_12)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_56 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_57 = F.cast(cwd_target_56, param)
+                                cwd_target = F.sub(param, cwd_target_57)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_58 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_59 = F.cast(cwd_target_58, param)
+                                    cwd_target = F.sub(param, cwd_target_59)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_60 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_60)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2045,7 +2311,7 @@ def _device_step(h, param, grad, S):
                         # grad = mars
                         grad = mars
                     # if (state_precision == 'fp32' and not nnmf_factor) and ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)) or ((use_muon == True or use_muon == None and (optim_type == 'muon' or optim_type == None and (ndim >= 2 and big_dims >= 2 and dim0 != 1 and dim1 != 1 and min(dim0, numel / dim0) >= 4 and max(dim0, numel / dim0) / min(dim0, numel / dim0) <= 128))) and not normuon_variant) and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                    if h["_c32"]:
+                    if h["_c34"]:
                         # grad = float32(grad)
                         grad = F.float32(grad)
                     # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2228,9 +2494,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k190"])
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                            cwd_target_13 = F.cast(anchor_data, param_fp32)
-                            cwd_target = F.sub(param_fp32, cwd_target_13)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_61 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_62 = F.cast(cwd_target_61, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_62)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_63 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_64 = F.cast(cwd_target_63, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_64)
+                                else:
+                                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                    cwd_target_65 = F.cast(anchor_data, param_fp32)
+                                    cwd_target = F.sub(param_fp32, cwd_target_65)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2264,9 +2544,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_60)
                         # if centered_wd != 0:
                         if h["_c24"]:
-                            # cwd_target = param - cast(anchor_data, param)
-                            cwd_target_14 = F.cast(anchor_data, param)
-                            cwd_target = F.sub(param, cwd_target_14)
+                            # if centered_wd_mode == 'int8':
+                            if h["_c25"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_66 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_67 = F.cast(cwd_target_66, param)
+                                cwd_target = F.sub(param, cwd_target_67)
+                            else:
+                                # if centered_wd_mode == 'int4':
+                                if h["_c26"]:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_68 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                    cwd_target_69 = F.cast(cwd_target_68, param)
+                                    cwd_target = F.sub(param, cwd_target_69)
+                                else:
+                                    # cwd_target = param - cast(anchor_data, param)
+                                    cwd_target_70 = F.cast(anchor_data, param)
+                                    cwd_target = F.sub(param, cwd_target_70)
                             # if cautious_wd:
                             if h["_c23"]:
                                 # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2281,10 +2575,10 @@ def _device_step(h, param, grad, S):
                         F.sub_(param, update)
         else:
             # if adam_use_bias_correction:
-            if h["_c25"]:
+            if h["_c27"]:
                 pass
             # if adam_beta1 > 0:
-            if h["_c26"]:
+            if h["_c28"]:
                 # exp_avg = lerp(exp_avg, grad, 1 - adam_beta1)
                 F.lerp_(exp_avg, grad, h["_k198"])
                 # update = copy(exp_avg)
@@ -2296,7 +2590,7 @@ def _device_step(h, param, grad, S):
             F.mul_(exp_avg_sq, h["_k199"])
             F.addcmul_(exp_avg_sq, grad, grad, h["_k200"])
             # if adam_eps == None:
-            if h["_c27"]:
+            if h["_c29"]:
                 pass
             # denom = sqrt(exp_avg_sq) / sqrt_bias_correction2 + adam_eps_eff
             denom = F.sqrt(exp_avg_sq)
@@ -2313,7 +2607,7 @@ def _device_step(h, param, grad, S):
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if adam_weight_decay != 0:
-                if h["_c28"]:
+                if h["_c30"]:
                     # if cautious_wd:
                     if h["_c23"]:
                         # param_fp32 = param_fp32 - adam_weight_decay * lr * param_fp32 * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2327,9 +2621,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k202"])
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_15 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_15)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_71 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_72 = F.cast(cwd_target_71, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_72)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_73 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_74 = F.cast(cwd_target_73, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_74)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_75 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_75)
                     # if cautious_wd:
                     if h["_c23"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2348,7 +2656,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_64)
             else:
                 # if adam_weight_decay != 0:
-                if h["_c28"]:
+                if h["_c30"]:
                     # if cautious_wd:
                     if h["_c23"]:
                         # param = param - adam_weight_decay * lr * param * where(update * param >= 0, 1.0, 0.0)
@@ -2363,9 +2671,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_69)
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_16 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_16)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_76 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_77 = F.cast(cwd_target_76, param)
+                        cwd_target = F.sub(param, cwd_target_77)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_78 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_79 = F.cast(cwd_target_78, param)
+                            cwd_target = F.sub(param, cwd_target_79)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_80 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_80)
                     # if cautious_wd:
                     if h["_c23"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2415,7 +2737,7 @@ class AdaMuon_adv(GeneratedOptimizer):
         mars_gamma: MARS-M's correction scale (default: ``0.025``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         compiled_optimizer: accepted; the generated step is used either way (default: ``False``)
         adam_betas: the aux AdamW's betas (default: ``(0.9, 0.99)``)
         adam_eps: the aux AdamW's eps (None: 1/sqrt(numel)) (default: ``1e-08``)

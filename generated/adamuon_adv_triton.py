@@ -18,13 +18,13 @@ def _adamuon_adv_prologue0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 16 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 17
-    COL_GIDX: tl.constexpr = 22
+    COL_NUMEL: tl.constexpr = 19
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -44,14 +44,14 @@ def _adamuon_adv_prologue0(
     HYP_BETA1: tl.constexpr = 8
     HYP_BETA2: tl.constexpr = 9
     HYP_CAUTIOUS_WD: tl.constexpr = 10
-    HYP_EPS: tl.constexpr = 13
-    HYP_LR: tl.constexpr = 16
-    HYP_NS_A: tl.constexpr = 22
-    HYP_NS_B: tl.constexpr = 23
-    HYP_NS_C: tl.constexpr = 24
-    HYP_NS_EPS: tl.constexpr = 25
-    HYP_NS_STEPS: tl.constexpr = 26
-    HYP_WEIGHT_DECAY: tl.constexpr = 37
+    HYP_EPS: tl.constexpr = 14
+    HYP_LR: tl.constexpr = 17
+    HYP_NS_A: tl.constexpr = 23
+    HYP_NS_B: tl.constexpr = 24
+    HYP_NS_C: tl.constexpr = 25
+    HYP_NS_EPS: tl.constexpr = 26
+    HYP_NS_STEPS: tl.constexpr = 27
+    HYP_WEIGHT_DECAY: tl.constexpr = 38
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -101,11 +101,11 @@ def _adamuon_adv_prologue0(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat0_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -130,13 +130,13 @@ def _adamuon_adv_flat0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param; writes grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -145,21 +145,21 @@ def _adamuon_adv_flat0(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat0_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat0_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat1_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_G: tl.constexpr = 31
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_G: tl.constexpr = 33
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -190,13 +190,13 @@ def _adamuon_adv_flat1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -205,9 +205,9 @@ def _adamuon_adv_flat1(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat1_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat1_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # vec
@@ -216,19 +216,19 @@ def _adamuon_adv_vec0(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Vector stage: one program per tensor, looping over its matrices and their rows / columns in
     blocks of VB.
 
     Reads _r2, _r3; writes ortho_scale.
     """
-    COL_B: tl.constexpr = 18
-    COL_M: tl.constexpr = 19
-    COL_N: tl.constexpr = 20
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
+    COL_B: tl.constexpr = 20
+    COL_M: tl.constexpr = 21
+    COL_N: tl.constexpr = 22
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
     t = tl.program_id(0)
     B = tl.load(tab + t * TBL_W + COL_B)
     M = tl.load(tab + t * TBL_W + COL_M)
@@ -246,13 +246,13 @@ def _adamuon_adv_vec0(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat2_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 31
-    COL_WS_UPDATE: tl.constexpr = 32
-    COL_WS_X0: tl.constexpr = 33
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_WS_UPDATE: tl.constexpr = 34
+    COL_WS_X0: tl.constexpr = 35
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -289,13 +289,13 @@ def _adamuon_adv_flat2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -304,19 +304,19 @@ def _adamuon_adv_flat2(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat2_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat2_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat3_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -349,13 +349,13 @@ def _adamuon_adv_flat3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -364,19 +364,19 @@ def _adamuon_adv_flat3(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat3_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat3_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat4_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_K: tl.constexpr = 10
     HV_K189__B1__B5: tl.constexpr = 11
     HV_K190__B3__B7: tl.constexpr = 12
@@ -423,13 +423,13 @@ def _adamuon_adv_flat4(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -438,9 +438,9 @@ def _adamuon_adv_flat4(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat4_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat4_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -449,13 +449,13 @@ def _adamuon_adv_prologue1(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 15 the passes read to hv.
     """
-    COL_NUMEL: tl.constexpr = 17
-    COL_GIDX: tl.constexpr = 22
+    COL_NUMEL: tl.constexpr = 19
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     HV_NS_STEPS: tl.constexpr = 2
@@ -474,14 +474,14 @@ def _adamuon_adv_prologue1(
     HYP_BETA1: tl.constexpr = 8
     HYP_BETA2: tl.constexpr = 9
     HYP_CAUTIOUS_WD: tl.constexpr = 10
-    HYP_EPS: tl.constexpr = 13
-    HYP_LR: tl.constexpr = 16
-    HYP_NS_A: tl.constexpr = 22
-    HYP_NS_B: tl.constexpr = 23
-    HYP_NS_C: tl.constexpr = 24
-    HYP_NS_EPS: tl.constexpr = 25
-    HYP_NS_STEPS: tl.constexpr = 26
-    HYP_WEIGHT_DECAY: tl.constexpr = 37
+    HYP_EPS: tl.constexpr = 14
+    HYP_LR: tl.constexpr = 17
+    HYP_NS_A: tl.constexpr = 23
+    HYP_NS_B: tl.constexpr = 24
+    HYP_NS_C: tl.constexpr = 25
+    HYP_NS_EPS: tl.constexpr = 26
+    HYP_NS_STEPS: tl.constexpr = 27
+    HYP_WEIGHT_DECAY: tl.constexpr = 38
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -529,11 +529,11 @@ def _adamuon_adv_prologue1(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat5_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_K: tl.constexpr = 10
     HV_K194__B1__B5: tl.constexpr = 11
     HV_K195__B3__B7: tl.constexpr = 12
@@ -574,13 +574,13 @@ def _adamuon_adv_flat5(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -589,19 +589,19 @@ def _adamuon_adv_flat5(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat5_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat5_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat6_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 32
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 34
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -633,13 +633,13 @@ def _adamuon_adv_flat6(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -648,20 +648,20 @@ def _adamuon_adv_flat6(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat6_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat6_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat7_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 31
-    COL_WS_UPDATE: tl.constexpr = 32
-    COL_WS_X0: tl.constexpr = 33
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 33
+    COL_WS_UPDATE: tl.constexpr = 34
+    COL_WS_X0: tl.constexpr = 35
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -700,13 +700,13 @@ def _adamuon_adv_flat7(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -715,18 +715,18 @@ def _adamuon_adv_flat7(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat7_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat7_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat8_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -758,13 +758,13 @@ def _adamuon_adv_flat8(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -773,19 +773,19 @@ def _adamuon_adv_flat8(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat8_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat8_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat9_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -818,13 +818,13 @@ def _adamuon_adv_flat9(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -833,19 +833,19 @@ def _adamuon_adv_flat9(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat9_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat9_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat10_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_K: tl.constexpr = 10
     HV_K189__B1__B5: tl.constexpr = 11
     HV_K190__B3__B7: tl.constexpr = 12
@@ -892,13 +892,13 @@ def _adamuon_adv_flat10(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -907,18 +907,18 @@ def _adamuon_adv_flat10(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat10_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat10_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat11_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_K: tl.constexpr = 10
     HV_K194__B1__B5: tl.constexpr = 11
     HV_K195__B3__B7: tl.constexpr = 12
@@ -959,13 +959,13 @@ def _adamuon_adv_flat11(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r0, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -974,19 +974,19 @@ def _adamuon_adv_flat11(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat11_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat11_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat12_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_N0: tl.constexpr = 24
-    COL_WS_UPDATE: tl.constexpr = 25
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_N0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1018,13 +1018,13 @@ def _adamuon_adv_flat12(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1033,18 +1033,18 @@ def _adamuon_adv_flat12(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat12_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat12_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat13_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
@@ -1078,13 +1078,13 @@ def _adamuon_adv_flat13(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1093,18 +1093,18 @@ def _adamuon_adv_flat13(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat13_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat13_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat14_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
     p_param = tl.load(tab + t * TBL_W + COL_PARAM).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_param = tl.multiple_of(p_param, 16)
@@ -1126,13 +1126,13 @@ def _adamuon_adv_flat14(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads param, grad; accumulates _r0, _r1.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1141,21 +1141,21 @@ def _adamuon_adv_flat14(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat14_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat14_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat15_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R0: tl.constexpr = 23
-    COL_WS_R1: tl.constexpr = 24
-    COL_WS_R2: tl.constexpr = 25
-    COL_WS_R3: tl.constexpr = 26
-    COL_WS_ORTHO_G: tl.constexpr = 30
+    COL_WS_R0: tl.constexpr = 25
+    COL_WS_R1: tl.constexpr = 26
+    COL_WS_R2: tl.constexpr = 27
+    COL_WS_R3: tl.constexpr = 28
+    COL_WS_ORTHO_G: tl.constexpr = 32
     p_grad = tl.load(gptr + t).to(tl.pointer_type(P_DT))
     if ALIGNED:
         p_grad = tl.multiple_of(p_grad, 16)
@@ -1186,13 +1186,13 @@ def _adamuon_adv_flat15(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads grad, param, _r0, _r1; writes ortho_g; accumulates _r2, _r3.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1201,20 +1201,20 @@ def _adamuon_adv_flat15(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat15_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat15_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat16_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 30
-    COL_WS_UPDATE: tl.constexpr = 31
-    COL_WS_X0: tl.constexpr = 32
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 32
+    COL_WS_UPDATE: tl.constexpr = 33
+    COL_WS_X0: tl.constexpr = 34
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -1251,13 +1251,13 @@ def _adamuon_adv_flat16(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1266,19 +1266,19 @@ def _adamuon_adv_flat16(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat16_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat16_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat17_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1311,13 +1311,13 @@ def _adamuon_adv_flat17(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1326,19 +1326,19 @@ def _adamuon_adv_flat17(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat17_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat17_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat18_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_GIDX: tl.constexpr = 22
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_GIDX: tl.constexpr = 24
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_K: tl.constexpr = 10
     HV_K189__B1__B5: tl.constexpr = 11
     HV_K190__B3__B7: tl.constexpr = 12
@@ -1385,13 +1385,13 @@ def _adamuon_adv_flat18(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1400,18 +1400,18 @@ def _adamuon_adv_flat18(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat18_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat18_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat19_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_K: tl.constexpr = 10
     HV_K194__B1__B5: tl.constexpr = 11
     HV_K195__B3__B7: tl.constexpr = 12
@@ -1452,13 +1452,13 @@ def _adamuon_adv_flat19(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads update, _r4, param; writes param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1467,19 +1467,19 @@ def _adamuon_adv_flat19(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat19_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat19_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat20_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_SECOND_MOMENTUM_BUFFER: tl.constexpr = 5
-    COL_WS_R4: tl.constexpr = 27
-    COL_WS_N0: tl.constexpr = 28
-    COL_WS_UPDATE: tl.constexpr = 31
+    COL_WS_R4: tl.constexpr = 29
+    COL_WS_N0: tl.constexpr = 30
+    COL_WS_UPDATE: tl.constexpr = 33
     HV_BETA2: tl.constexpr = 7
     HV_ONE_MINUS_BETA2: tl.constexpr = 8
     HV_EPS_EFF: tl.constexpr = 9
@@ -1511,13 +1511,13 @@ def _adamuon_adv_flat20(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads _n0, second_momentum_buffer; writes update, second_momentum_buffer; accumulates _r4.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1526,20 +1526,20 @@ def _adamuon_adv_flat20(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat20_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat20_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat21_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_ORTHO_SCALE: tl.constexpr = 29
-    COL_WS_ORTHO_G: tl.constexpr = 30
-    COL_WS_UPDATE: tl.constexpr = 31
-    COL_WS_X0: tl.constexpr = 32
+    COL_WS_ORTHO_SCALE: tl.constexpr = 31
+    COL_WS_ORTHO_G: tl.constexpr = 32
+    COL_WS_UPDATE: tl.constexpr = 33
+    COL_WS_X0: tl.constexpr = 34
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_ortho_g = ws + tl.load(tab + t * TBL_W + COL_WS_ORTHO_G)
@@ -1578,13 +1578,13 @@ def _adamuon_adv_flat21(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads ortho_g, ortho_scale, grad, momentum_buffer; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1593,18 +1593,18 @@ def _adamuon_adv_flat21(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat21_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat21_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat22_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -1635,13 +1635,13 @@ def _adamuon_adv_flat22(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1650,18 +1650,18 @@ def _adamuon_adv_flat22(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat22_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat22_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat22_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat22_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # flat
 @triton.jit
-def _adamuon_adv_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat23_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_MOMENTUM_BUFFER: tl.constexpr = 1
-    COL_WS_UPDATE: tl.constexpr = 25
-    COL_WS_X0: tl.constexpr = 26
+    COL_WS_UPDATE: tl.constexpr = 27
+    COL_WS_X0: tl.constexpr = 28
     HV_ONE_MINUS_BETA1: tl.constexpr = 0
     HV_BETA1: tl.constexpr = 1
     p_momentum_buffer = tl.load(tab + t * TBL_W + COL_MOMENTUM_BUFFER).to(tl.pointer_type(DT_momentum_buffer))
@@ -1694,13 +1694,13 @@ def _adamuon_adv_flat23(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads momentum_buffer, grad; writes momentum_buffer, update, _x0.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1709,9 +1709,9 @@ def _adamuon_adv_flat23(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat23_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat23_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat23_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat23_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -1720,12 +1720,12 @@ def _adamuon_adv_prologue2(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 11 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1743,7 +1743,7 @@ def _adamuon_adv_prologue2(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 4
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 5
     HYP_CAUTIOUS_WD: tl.constexpr = 10
-    HYP_LR: tl.constexpr = 16
+    HYP_LR: tl.constexpr = 17
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1792,12 +1792,12 @@ def _adamuon_adv_prologue2(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat24_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
     COL_EXP_AVG_SQ: tl.constexpr = 11
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1873,13 +1873,13 @@ def _adamuon_adv_flat24(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -1888,9 +1888,9 @@ def _adamuon_adv_flat24(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat24_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat24_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat24_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat24_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 # prologue
@@ -1899,12 +1899,12 @@ def _adamuon_adv_prologue3(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Prologue: one program per tensor; counts the step, computes the host values in float64 and
     writes the 10 the passes read to hv.
     """
-    COL_GIDX: tl.constexpr = 22
+    COL_GIDX: tl.constexpr = 24
     HV_ONE_MINUS_ADAM_BETA1: tl.constexpr = 0
     HV_ADAM_BETA2: tl.constexpr = 1
     HV_ONE_MINUS_ADAM_BETA2: tl.constexpr = 2
@@ -1921,7 +1921,7 @@ def _adamuon_adv_prologue3(
     HYP_ADAM_USE_BIAS_CORRECTION: tl.constexpr = 4
     HYP_ADAM_WEIGHT_DECAY: tl.constexpr = 5
     HYP_CAUTIOUS_WD: tl.constexpr = 10
-    HYP_LR: tl.constexpr = 16
+    HYP_LR: tl.constexpr = 17
     t = tl.program_id(0)
     gidx = tl.load(tab + t * TBL_W + COL_GIDX)
     step = tl.load(steps + gidx).to(tl.float64) + 1.0
@@ -1968,7 +1968,7 @@ def _adamuon_adv_prologue3(
 
 # flat
 @triton.jit
-def _adamuon_adv_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
+def _adamuon_adv_flat25_block(t, offs, mask, tab, gptr, hv, ws, TBL_W: tl.constexpr, NH: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr):
     """One chunk of the element pass below (mask None: a full chunk, unmasked)."""
     COL_PARAM: tl.constexpr = 0
     COL_EXP_AVG: tl.constexpr = 10
@@ -2042,13 +2042,13 @@ def _adamuon_adv_flat25(
     tab, chunks, gptr, hv, ws, hyp, steps,
     TBL_W: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, VB: tl.constexpr, ALIGNED: tl.constexpr, P_DT: tl.constexpr,
-    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
+    STEP_DT: tl.constexpr, DT_momentum_buffer: tl.constexpr, DT_mu_mbuf_nmf: tl.constexpr, DT_mv_mbuf_nmf: tl.constexpr, DT_sign_buf: tl.constexpr, DT_second_momentum_buffer: tl.constexpr, DT_mu_vbuf_nmf: tl.constexpr, DT_mv_vbuf_nmf: tl.constexpr, DT_normuon_v: tl.constexpr, DT_last_grad: tl.constexpr, DT_exp_avg: tl.constexpr, DT_exp_avg_sq: tl.constexpr, DT_anchor_data: tl.constexpr, DT_anchor_scale: tl.constexpr, DT_anchor_min: tl.constexpr, DT_spectral_v: tl.constexpr, DT_spectral_u: tl.constexpr, DT_momentum_buffer_scale: tl.constexpr, DT_second_momentum_buffer_scale: tl.constexpr,
 ):
     """Element pass: one program per chunk of BLOCK elements of a tensor (1-D chunks of every tensor).
 
     Reads exp_avg, grad, exp_avg_sq, param; writes exp_avg, exp_avg_sq, param.
     """
-    COL_NUMEL: tl.constexpr = 17
+    COL_NUMEL: tl.constexpr = 19
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -2057,9 +2057,9 @@ def _adamuon_adv_flat25(
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _adamuon_adv_flat25_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat25_block(t, offs, None, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
     else:
-        _adamuon_adv_flat25_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
+        _adamuon_adv_flat25_block(t, offs, offs < n, tab, gptr, hv, ws, TBL_W, NH, ALIGNED, P_DT, DT_momentum_buffer, DT_mu_mbuf_nmf, DT_mv_mbuf_nmf, DT_sign_buf, DT_second_momentum_buffer, DT_mu_vbuf_nmf, DT_mv_vbuf_nmf, DT_normuon_v, DT_last_grad, DT_exp_avg, DT_exp_avg_sq, DT_anchor_data, DT_anchor_scale, DT_anchor_min, DT_spectral_v, DT_spectral_u, DT_momentum_buffer_scale, DT_second_momentum_buffer_scale)
 
 
 KERNELS = {
@@ -2098,8 +2098,8 @@ KERNELS = {
 
 PLAN = {'dynamic': ['_c22',
              '_c23',
-             '_c25',
-             '_c28',
+             '_c27',
+             '_c30',
              '_k114',
              '_k123',
              '_k130',
@@ -2126,10 +2126,12 @@ PLAN = {'dynamic': ['_c22',
                       '_c18',
                       '_c19',
                       '_c24',
+                      '_c25',
                       '_c26',
-                      '_c27',
+                      '_c28',
                       '_c29',
                       '_c31',
+                      '_c33',
                       '_c4',
                       '_c6',
                       '_c7',
@@ -2146,6 +2148,7 @@ PLAN = {'dynamic': ['_c22',
                  ['betas', 1],
                  ['cautious_wd', None],
                  ['centered_wd', None],
+                 ['centered_wd_mode', None],
                  ['cns_a_bound', None],
                  ['eps', None],
                  ['kappa_p', None],
@@ -2173,7 +2176,7 @@ PLAN = {'dynamic': ['_c22',
                  ['vector_reshape', None],
                  ['weight_decay', None]],
  'inputs': [],
- 'paths': {(('_c0', False), ('_c3', False), ('_c26', True), ('_c27', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
+ 'paths': {(('_c0', False), ('_c3', False), ('_c28', True), ('_c29', False), ('_c21', False), ('_c24', False)): {'columns': ['param',
                                                                                                                              'state:momentum_buffer',
                                                                                                                              'state:mu_mbuf_nmf',
                                                                                                                              'state:mv_mbuf_nmf',
@@ -2186,6 +2189,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                              'state:exp_avg',
                                                                                                                              'state:exp_avg_sq',
                                                                                                                              'state:anchor_data',
+                                                                                                                             'state:anchor_scale',
+                                                                                                                             'state:anchor_min',
                                                                                                                              'state:spectral_v',
                                                                                                                              'state:spectral_u',
                                                                                                                              'state:momentum_buffer_scale',
@@ -2206,7 +2211,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                         '_k206__b5__b9',
                                                                                                                         '_k207__b7__b11',
                                                                                                                         '_c23',
-                                                                                                                        '_c28'],
+                                                                                                                        '_c30'],
                                                                                                                  'launches': [('_adamuon_adv_prologue3',
                                                                                                                                'prologue'),
                                                                                                                               ('_adamuon_adv_flat25',
@@ -2214,7 +2219,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                  'states': ['exp_avg',
                                                                                                                             'exp_avg_sq'],
                                                                                                                  'temps': []},
-           (('_c0', False), ('_c3', False), ('_c26', True), ('_c27', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
+           (('_c0', False), ('_c3', False), ('_c28', True), ('_c29', False), ('_c21', True), ('_c24', False)): {'columns': ['param',
                                                                                                                             'state:momentum_buffer',
                                                                                                                             'state:mu_mbuf_nmf',
                                                                                                                             'state:mv_mbuf_nmf',
@@ -2227,6 +2232,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                             'state:exp_avg',
                                                                                                                             'state:exp_avg_sq',
                                                                                                                             'state:anchor_data',
+                                                                                                                            'state:anchor_scale',
+                                                                                                                            'state:anchor_min',
                                                                                                                             'state:spectral_v',
                                                                                                                             'state:spectral_u',
                                                                                                                             'state:momentum_buffer_scale',
@@ -2247,7 +2254,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                        '_k201__b5__b9',
                                                                                                                        '_k202__b7__b11',
                                                                                                                        '_c23',
-                                                                                                                       '_c28',
+                                                                                                                       '_c30',
                                                                                                                        '_k205'],
                                                                                                                 'launches': [('_adamuon_adv_prologue2',
                                                                                                                               'prologue'),
@@ -2256,7 +2263,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                 'states': ['exp_avg',
                                                                                                                            'exp_avg_sq'],
                                                                                                                 'temps': []},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                             '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                            ['var',
                                                                                                                                                                                                                                                                                                                                                                                             'ns_eps_eff'],
@@ -2282,6 +2289,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                    'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                    'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                    'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                    'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                    'state:momentum_buffer_scale',
@@ -2336,7 +2345,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                   'element',
                                                                                                                                                                                                                                                                                                                                                                                   False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -2362,6 +2371,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
@@ -2417,7 +2428,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -2443,6 +2454,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
@@ -2497,7 +2510,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -2523,6 +2536,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -2578,7 +2593,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -2604,6 +2619,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
@@ -2658,7 +2675,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -2684,6 +2701,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -2739,7 +2758,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -2765,6 +2784,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -2819,7 +2840,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -2845,6 +2866,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -2900,7 +2923,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                            '_k176'],
                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -2926,6 +2949,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
@@ -3010,7 +3035,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3036,6 +3061,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -3121,7 +3148,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3147,6 +3174,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -3231,7 +3260,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -3257,6 +3286,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -3342,7 +3373,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3368,6 +3399,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -3452,7 +3485,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -3478,6 +3511,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -3563,7 +3598,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -3589,6 +3624,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -3673,7 +3710,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', False), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                         '_k176'],
                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -3699,6 +3736,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
@@ -3784,7 +3823,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                              ('_x0',
                                                                                                                                                                                                                                                                                                                                                               'element',
                                                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                            '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                           ['var',
                                                                                                                                                                                                                                                                                                                                                                                            'ns_eps_eff'],
@@ -3810,6 +3849,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                   'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                   'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                   'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                   'state:momentum_buffer_scale',
@@ -3864,7 +3905,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                  'element',
                                                                                                                                                                                                                                                                                                                                                                                  False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3890,6 +3931,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -3945,7 +3988,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -3971,6 +4014,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -4025,7 +4070,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4051,6 +4096,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -4106,7 +4153,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4132,6 +4179,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -4186,7 +4235,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4212,6 +4261,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -4267,7 +4318,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4293,6 +4344,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -4347,7 +4400,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', False), ('_c6', False), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                                         '_k176'],
                                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -4373,6 +4426,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
@@ -4428,7 +4483,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                              ('_x0',
                                                                                                                                                                                                                                                                                                                                                                               'element',
                                                                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                           '_k176'],
                                                                                                                                                                                                                                                                                                                                                                          ['var',
                                                                                                                                                                                                                                                                                                                                                                           'ns_eps_eff'],
@@ -4454,6 +4509,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                  'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                  'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                  'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                  'state:momentum_buffer_scale',
@@ -4542,7 +4599,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                ('_x0',
                                                                                                                                                                                                                                                                                                                                                                 'element',
                                                                                                                                                                                                                                                                                                                                                                 False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4568,6 +4625,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -4657,7 +4716,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4683,6 +4742,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -4771,7 +4832,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', False), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                         '_k176'],
                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -4797,6 +4858,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
@@ -4886,7 +4949,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                              ('_x0',
                                                                                                                                                                                                                                                                                                                                                               'element',
                                                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                          '_k176'],
                                                                                                                                                                                                                                                                                                                                                                         ['var',
                                                                                                                                                                                                                                                                                                                                                                          'ns_eps_eff'],
@@ -4912,6 +4975,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                 'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                 'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                                'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                 'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                 'state:momentum_buffer_scale',
@@ -5000,7 +5065,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               ('_x0',
                                                                                                                                                                                                                                                                                                                                                                'element',
                                                                                                                                                                                                                                                                                                                                                                False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', False), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                         '_k176'],
                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -5026,6 +5091,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
@@ -5115,7 +5182,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                              ('_x0',
                                                                                                                                                                                                                                                                                                                                                               'element',
                                                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', False), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                         '_k176'],
                                                                                                                                                                                                                                                                                                                                                                        ['var',
                                                                                                                                                                                                                                                                                                                                                                         'ns_eps_eff'],
@@ -5141,6 +5208,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                                'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                                'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                               'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                                'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                                'state:momentum_buffer_scale',
@@ -5229,7 +5298,7 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                              ('_x0',
                                                                                                                                                                                                                                                                                                                                                               'element',
                                                                                                                                                                                                                                                                                                                                                               False)]},
-           (('_c0', False), ('_c3', True), ('_c29', False), ('_c31', False), ('_c4', False), ('_c32', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
+           (('_c0', False), ('_c3', True), ('_c31', False), ('_c33', False), ('_c4', False), ('_c34', True), ('_c5', True), ('_c7', True), ('_c8', True), ('_c9', True), ('_c10', False), ('_c11', False), ('_c13', False), ('_c14', False), ('_c15', False), ('_c16', False), ('_c17', True), ('_c18', True), ('_c21', True), ('_c24', False)): {'calls': [{'args': [['var',
                                                                                                                                                                                                                                                                                                                                                                        '_k176'],
                                                                                                                                                                                                                                                                                                                                                                       ['var',
                                                                                                                                                                                                                                                                                                                                                                        'ns_eps_eff'],
@@ -5255,6 +5324,8 @@ PLAN = {'dynamic': ['_c22',
                                                                                                                                                                                                                                                                                                                                                               'state:exp_avg',
                                                                                                                                                                                                                                                                                                                                                               'state:exp_avg_sq',
                                                                                                                                                                                                                                                                                                                                                               'state:anchor_data',
+                                                                                                                                                                                                                                                                                                                                                              'state:anchor_scale',
+                                                                                                                                                                                                                                                                                                                                                              'state:anchor_min',
                                                                                                                                                                                                                                                                                                                                                               'state:spectral_v',
                                                                                                                                                                                                                                                                                                                                                               'state:spectral_u',
                                                                                                                                                                                                                                                                                                                                                               'state:momentum_buffer_scale',

@@ -147,7 +147,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -167,7 +173,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -286,7 +298,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -306,7 +324,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -431,7 +455,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -451,7 +481,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -576,7 +612,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -596,7 +638,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -715,7 +763,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -735,7 +789,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                             else:
                                 param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -768,6 +828,8 @@ def _device_step(h, param, grad, S):
     mv_m_nmf = S["mv_m_nmf"]
     sign = S["sign"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     spectral_v = S["spectral_v"]
     spectral_u = S["spectral_u"]
     exp_avg_scale = S["exp_avg_scale"]
@@ -1116,9 +1178,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k13"])
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_2)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_4)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1166,9 +1242,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_10)
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_7 = F.cast(cwd_target_6, param)
+                        cwd_target = F.sub(param, cwd_target_7)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_9 = F.cast(cwd_target_8, param)
+                            cwd_target = F.sub(param, cwd_target_9)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_10 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_10)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1474,9 +1564,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k36"])
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_12)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_14)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_15 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1524,9 +1628,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_23)
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_17 = F.cast(cwd_target_16, param)
+                        cwd_target = F.sub(param, cwd_target_17)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_19 = F.cast(cwd_target_18, param)
+                            cwd_target = F.sub(param, cwd_target_19)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1541,9 +1659,9 @@ def _device_step(h, param, grad, S):
                 F.sub_(param, update)
     else:
         # if state_precision == 'bf16_sr' and not nnmf_factor:
-        if h["_c22"]:
+        if h["_c24"]:
             # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-            if h["_c23"]:
+            if h["_c25"]:
                 # grad = float32(grad)
                 grad = F.float32(grad)
             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1844,9 +1962,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k61"])
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_5 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_22)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_24)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_25 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_25)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1894,9 +2026,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_36)
                 # if centered_wd != 0:
                 if h["_c21"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_6 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_6)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c22"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_27 = F.cast(cwd_target_26, param)
+                        cwd_target = F.sub(param, cwd_target_27)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c23"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_29 = F.cast(cwd_target_28, param)
+                            cwd_target = F.sub(param, cwd_target_29)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_30 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_30)
                     # if cautious_wd:
                     if h["_c20"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1911,9 +2057,9 @@ def _device_step(h, param, grad, S):
                 F.sub_(param, update)
         else:
             # if state_precision == 'int8_sr' and not nnmf_factor:
-            if h["_c24"]:
+            if h["_c26"]:
                 # if momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c23"]:
+                if h["_c25"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2214,9 +2360,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k86"])
                     # if centered_wd != 0:
                     if h["_c21"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c22"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_32)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c23"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_34)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
                         if h["_c20"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2264,9 +2424,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_49)
                     # if centered_wd != 0:
                     if h["_c21"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c22"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_37 = F.cast(cwd_target_36, param)
+                            cwd_target = F.sub(param, cwd_target_37)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c23"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_39 = F.cast(cwd_target_38, param)
+                                cwd_target = F.sub(param, cwd_target_39)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_40 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
                         if h["_c20"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2281,7 +2455,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if (state_precision == 'fp32' and not nnmf_factor) and (momentum > 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                if h["_c25"]:
+                if h["_c27"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2572,9 +2746,23 @@ def _device_step(h, param, grad, S):
                                 param_fp32 = F.axpy(param_fp32, param_fp32, h["_k109"])
                     # if centered_wd != 0:
                     if h["_c21"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c22"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_42)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c23"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_44)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
                         if h["_c20"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2622,9 +2810,23 @@ def _device_step(h, param, grad, S):
                                 F.assign_(param, param_62)
                     # if centered_wd != 0:
                     if h["_c21"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c22"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_47 = F.cast(cwd_target_46, param)
+                            cwd_target = F.sub(param, cwd_target_47)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c23"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_49 = F.cast(cwd_target_48, param)
+                                cwd_target = F.sub(param, cwd_target_49)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_50 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
                         if h["_c20"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2657,7 +2859,7 @@ class SignSGD_adv(GeneratedOptimizer):
         normed_momentum: take the sign before the momentum (default: ``False``)
         snr_cond: signal-to-noise conditioning (needs normed_momentum and momentum > 0) (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'factored': rank-1 factored states with a 1-bit sign (float32); 'fp32', 'fp16': the states in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision) (default: ``'auto'``)
         spectral_normalization: scale the update by its spectral norm (one power-iteration step) instead of the step size alone (default: ``False``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)

@@ -146,7 +146,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -170,7 +176,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -281,7 +293,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -305,7 +323,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -423,7 +447,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                 if centered_wd != 0:
-                    cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param_fp32 - cast(decode(), param_fp32)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                     if cautious_wd:
                         param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -447,7 +477,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                     else:
                         param = param - weight_decay * lr * param
                 if centered_wd != 0:
-                    cwd_target = param - cast(anchor_data, param)
+                    if centered_wd_mode == 'int8':
+                        cwd_target = param - cast(decode(), param)
+                    else:
+                        if centered_wd_mode == 'int4':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            cwd_target = param - cast(anchor_data, param)
                     if cautious_wd:
                         param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                     else:
@@ -565,7 +601,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -589,7 +631,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -700,7 +748,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param_fp32 = param_fp32 - weight_decay * lr * param_fp32
                     if centered_wd != 0:
-                        cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param_fp32 - cast(decode(), param_fp32)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param_fp32 - cast(decode(), param_fp32)
+                            else:
+                                cwd_target = param_fp32 - cast(anchor_data, param_fp32)
                         if cautious_wd:
                             param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -724,7 +778,13 @@ Step, per parameter (host scalars are computed once per parameter, on the host):
                         else:
                             param = param - weight_decay * lr * param
                     if centered_wd != 0:
-                        cwd_target = param - cast(anchor_data, param)
+                        if centered_wd_mode == 'int8':
+                            cwd_target = param - cast(decode(), param)
+                        else:
+                            if centered_wd_mode == 'int4':
+                                cwd_target = param - cast(decode(), param)
+                            else:
+                                cwd_target = param - cast(anchor_data, param)
                         if cautious_wd:
                             param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
                         else:
@@ -757,6 +817,8 @@ def _device_step(h, param, grad, S):
     mv_b_nmf = S["mv_b_nmf"]
     sign = S["sign"]
     anchor_data = S["anchor_data"]
+    anchor_scale = S["anchor_scale"]
+    anchor_min = S["anchor_min"]
     momentum_buffer_scale = S["momentum_buffer_scale"]
     # if state_precision == 'factored' or nnmf_factor:
     if h["_c0"]:
@@ -1070,9 +1132,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k15"])
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_1 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_1)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_1 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_2 = F.cast(cwd_target_1, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_2)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_3 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_4 = F.cast(cwd_target_3, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_4)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_5 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_5)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1091,7 +1167,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_1)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c25"]:
+                if h["_c27"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
@@ -1106,7 +1182,7 @@ def _device_step(h, param, grad, S):
                         param_6 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_6)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c26"]:
+                if h["_c28"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
@@ -1134,9 +1210,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_15)
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_2 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_2)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_6 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_7 = F.cast(cwd_target_6, param)
+                        cwd_target = F.sub(param, cwd_target_7)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_8 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_9 = F.cast(cwd_target_8, param)
+                            cwd_target = F.sub(param, cwd_target_9)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_10 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_10)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1190,17 +1280,17 @@ def _device_step(h, param, grad, S):
             if h["_c5"]:
                 pass
             # if normed_momentum and matrix:
-            if h["_c27"]:
+            if h["_c29"]:
                 # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
                 g = F.sinkhorn(g, param, h["_k25"], h["_k26"])
             # if normed_momentum and not matrix:
-            if h["_c28"]:
+            if h["_c30"]:
                 # g = sign(g)
                 g = F.sign(g)
             # if momentum != 0:
             if h["_c2"]:
                 # if snr_cond and matrix:
-                if h["_c29"]:
+                if h["_c31"]:
                     # buf_sq = momentum_buffer * momentum_buffer
                     buf_sq = F.mul(momentum_buffer, momentum_buffer)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1249,7 +1339,7 @@ def _device_step(h, param, grad, S):
                         update = F.copy(momentum_buffer)
             else:
                 # if snr_cond and matrix:
-                if h["_c30"]:
+                if h["_c32"]:
                     # buf_sq = g * g
                     buf_sq = F.mul(g, g)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1280,7 +1370,7 @@ def _device_step(h, param, grad, S):
                 # update = copy(g)
                 update = F.copy(g)
             # if snr_cond and matrix:
-            if h["_c31"]:
+            if h["_c33"]:
                 # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                 update_3 = F.rsqrt(vt_row)
                 F.mul_(update, update_3)
@@ -1288,19 +1378,19 @@ def _device_step(h, param, grad, S):
                 F.mul_(update, update_4)
                 F.atan_(update)
             # if snr_cond and not matrix:
-            if h["_c32"]:
+            if h["_c34"]:
                 # update = atan2(update, snr_denom)
                 update = F.atan2(update, snr_denom)
             # if not normed_momentum and matrix:
-            if h["_c33"]:
+            if h["_c35"]:
                 # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
                 update = F.sinkhorn(update, param, h["_k29"], h["_k30"])
             # if not normed_momentum and not matrix:
-            if h["_c34"]:
+            if h["_c36"]:
                 # update = sign(update)
                 F.sign_(update)
             # if geometric_wd and weight_decay > 0 and matrix:
-            if h["_c35"]:
+            if h["_c37"]:
                 # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                 wd_row = F.viewnorm(param, 1)
                 F.maximum_(wd_row, h["_k31"])
@@ -1332,7 +1422,7 @@ def _device_step(h, param, grad, S):
                 # wd_scaler = param
                 wd_scaler = F.copy(param)
             # if geometric_wd and weight_decay > 0 and not matrix:
-            if h["_c36"]:
+            if h["_c38"]:
                 # wd_target = sign(param)
                 wd_target = F.sign(param)
                 # if snr_cond:
@@ -1363,7 +1453,7 @@ def _device_step(h, param, grad, S):
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c37"]:
+                if h["_c39"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
@@ -1377,7 +1467,7 @@ def _device_step(h, param, grad, S):
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c38"]:
+                if h["_c40"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1404,9 +1494,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k40"])
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_3 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_3)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_11 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_12 = F.cast(cwd_target_11, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_12)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_13 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_14 = F.cast(cwd_target_13, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_14)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_15 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_15)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1425,7 +1529,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_19)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c39"]:
+                if h["_c41"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
@@ -1440,7 +1544,7 @@ def _device_step(h, param, grad, S):
                         param_24 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_24)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c40"]:
+                if h["_c42"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
@@ -1468,9 +1572,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_33)
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_4 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_4)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_16 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_17 = F.cast(cwd_target_16, param)
+                        cwd_target = F.sub(param, cwd_target_17)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_18 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_19 = F.cast(cwd_target_18, param)
+                            cwd_target = F.sub(param, cwd_target_19)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_20 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_20)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1485,9 +1603,9 @@ def _device_step(h, param, grad, S):
                 F.sub_(param, update)
     else:
         # if state_precision == 'bf16_sr' and not nnmf_factor:
-        if h["_c41"]:
+        if h["_c43"]:
             # if momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-            if h["_c42"]:
+            if h["_c44"]:
                 # grad = float32(grad)
                 grad = F.float32(grad)
             # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1526,17 +1644,17 @@ def _device_step(h, param, grad, S):
             if h["_c5"]:
                 pass
             # if normed_momentum and matrix:
-            if h["_c43"]:
+            if h["_c45"]:
                 # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
                 g = F.sinkhorn(g, param, h["_k50"], h["_k51"])
             # if normed_momentum and not matrix:
-            if h["_c44"]:
+            if h["_c46"]:
                 # g = sign(g)
                 g = F.sign(g)
             # if momentum != 0:
             if h["_c2"]:
                 # if snr_cond and matrix:
-                if h["_c45"]:
+                if h["_c47"]:
                     # momentum_buffer_work = momentum_buffer
                     momentum_buffer_work = F.decode("bf16_sr", False, {"": momentum_buffer})
                     # buf_sq = momentum_buffer_work * momentum_buffer_work
@@ -1597,7 +1715,7 @@ def _device_step(h, param, grad, S):
                         update = F.copy(momentum_buffer_work)
             else:
                 # if snr_cond and matrix:
-                if h["_c46"]:
+                if h["_c48"]:
                     # buf_sq = g * g
                     buf_sq = F.mul(g, g)
                     # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1628,7 +1746,7 @@ def _device_step(h, param, grad, S):
                 # update = copy(g)
                 update = F.copy(g)
             # if snr_cond and matrix:
-            if h["_c47"]:
+            if h["_c49"]:
                 # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                 update_5 = F.rsqrt(vt_row)
                 F.mul_(update, update_5)
@@ -1636,19 +1754,19 @@ def _device_step(h, param, grad, S):
                 F.mul_(update, update_6)
                 F.atan_(update)
             # if snr_cond and not matrix:
-            if h["_c48"]:
+            if h["_c50"]:
                 # update = atan2(update, snr_denom)
                 update = F.atan2(update, snr_denom)
             # if not normed_momentum and matrix:
-            if h["_c49"]:
+            if h["_c51"]:
                 # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
                 update = F.sinkhorn(update, param, h["_k56"], h["_k57"])
             # if not normed_momentum and not matrix:
-            if h["_c50"]:
+            if h["_c52"]:
                 # update = sign(update)
                 F.sign_(update)
             # if geometric_wd and weight_decay > 0 and matrix:
-            if h["_c51"]:
+            if h["_c53"]:
                 # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                 wd_row = F.viewnorm(param, 1)
                 F.maximum_(wd_row, h["_k58"])
@@ -1680,7 +1798,7 @@ def _device_step(h, param, grad, S):
                 # wd_scaler = param
                 wd_scaler = F.copy(param)
             # if geometric_wd and weight_decay > 0 and not matrix:
-            if h["_c52"]:
+            if h["_c54"]:
                 # wd_target = sign(param)
                 wd_target = F.sign(param)
                 # if snr_cond:
@@ -1711,7 +1829,7 @@ def _device_step(h, param, grad, S):
                 # update_fp32 = float32(update)
                 update_fp32 = F.float32(update)
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c53"]:
+                if h["_c55"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
@@ -1725,7 +1843,7 @@ def _device_step(h, param, grad, S):
                         # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                         param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c54"]:
+                if h["_c56"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -1752,9 +1870,23 @@ def _device_step(h, param, grad, S):
                         param_fp32 = F.axpy(param_fp32, param_fp32, h["_k67"])
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                    cwd_target_5 = F.cast(anchor_data, param_fp32)
-                    cwd_target = F.sub(param_fp32, cwd_target_5)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                        cwd_target_21 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_22 = F.cast(cwd_target_21, param_fp32)
+                        cwd_target = F.sub(param_fp32, cwd_target_22)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_23 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_24 = F.cast(cwd_target_23, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_24)
+                        else:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_25 = F.cast(anchor_data, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_25)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -1773,7 +1905,7 @@ def _device_step(h, param, grad, S):
                 F.assign_(param, param_37)
             else:
                 # if weight_decay != 0 and geometric_wd and matrix:
-                if h["_c55"]:
+                if h["_c57"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
@@ -1788,7 +1920,7 @@ def _device_step(h, param, grad, S):
                         param_42 = F.addcmul(param, param, wd_scaler, -1)
                         F.assign_(param, param_42)
                 # if weight_decay != 0 and geometric_wd and not matrix:
-                if h["_c56"]:
+                if h["_c58"]:
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
@@ -1816,9 +1948,23 @@ def _device_step(h, param, grad, S):
                         F.assign_(param, param_51)
                 # if centered_wd != 0:
                 if h["_c24"]:
-                    # cwd_target = param - cast(anchor_data, param)
-                    cwd_target_6 = F.cast(anchor_data, param)
-                    cwd_target = F.sub(param, cwd_target_6)
+                    # if centered_wd_mode == 'int8':
+                    if h["_c25"]:
+                        # cwd_target = param - cast(anchor_data, param)
+                        cwd_target_26 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                        cwd_target_27 = F.cast(cwd_target_26, param)
+                        cwd_target = F.sub(param, cwd_target_27)
+                    else:
+                        # if centered_wd_mode == 'int4':
+                        if h["_c26"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_28 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_29 = F.cast(cwd_target_28, param)
+                            cwd_target = F.sub(param, cwd_target_29)
+                        else:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_30 = F.cast(anchor_data, param)
+                            cwd_target = F.sub(param, cwd_target_30)
                     # if cautious_wd:
                     if h["_c21"]:
                         # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -1833,9 +1979,9 @@ def _device_step(h, param, grad, S):
                 F.sub_(param, update)
         else:
             # if state_precision == 'int8_sr' and not nnmf_factor:
-            if h["_c57"]:
+            if h["_c59"]:
                 # if momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape)):
-                if h["_c42"]:
+                if h["_c44"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -1874,17 +2020,17 @@ def _device_step(h, param, grad, S):
                 if h["_c5"]:
                     pass
                 # if normed_momentum and matrix:
-                if h["_c58"]:
+                if h["_c60"]:
                     # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
                     g = F.sinkhorn(g, param, h["_k77"], h["_k78"])
                 # if normed_momentum and not matrix:
-                if h["_c59"]:
+                if h["_c61"]:
                     # g = sign(g)
                     g = F.sign(g)
                 # if momentum != 0:
                 if h["_c2"]:
                     # if snr_cond and matrix:
-                    if h["_c60"]:
+                    if h["_c62"]:
                         # momentum_buffer_work = momentum_buffer
                         momentum_buffer_work = F.decode("int8_sr", False, {"": momentum_buffer, "_scale": momentum_buffer_scale})
                         # buf_sq = momentum_buffer_work * momentum_buffer_work
@@ -1945,7 +2091,7 @@ def _device_step(h, param, grad, S):
                             update = F.copy(momentum_buffer_work)
                 else:
                     # if snr_cond and matrix:
-                    if h["_c61"]:
+                    if h["_c63"]:
                         # buf_sq = g * g
                         buf_sq = F.mul(g, g)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -1976,7 +2122,7 @@ def _device_step(h, param, grad, S):
                     # update = copy(g)
                     update = F.copy(g)
                 # if snr_cond and matrix:
-                if h["_c62"]:
+                if h["_c64"]:
                     # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                     update_7 = F.rsqrt(vt_row)
                     F.mul_(update, update_7)
@@ -1984,19 +2130,19 @@ def _device_step(h, param, grad, S):
                     F.mul_(update, update_8)
                     F.atan_(update)
                 # if snr_cond and not matrix:
-                if h["_c63"]:
+                if h["_c65"]:
                     # update = atan2(update, snr_denom)
                     update = F.atan2(update, snr_denom)
                 # if not normed_momentum and matrix:
-                if h["_c64"]:
+                if h["_c66"]:
                     # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
                     update = F.sinkhorn(update, param, h["_k83"], h["_k84"])
                 # if not normed_momentum and not matrix:
-                if h["_c65"]:
+                if h["_c67"]:
                     # update = sign(update)
                     F.sign_(update)
                 # if geometric_wd and weight_decay > 0 and matrix:
-                if h["_c66"]:
+                if h["_c68"]:
                     # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                     wd_row = F.viewnorm(param, 1)
                     F.maximum_(wd_row, h["_k85"])
@@ -2028,7 +2174,7 @@ def _device_step(h, param, grad, S):
                     # wd_scaler = param
                     wd_scaler = F.copy(param)
                 # if geometric_wd and weight_decay > 0 and not matrix:
-                if h["_c67"]:
+                if h["_c69"]:
                     # wd_target = sign(param)
                     wd_target = F.sign(param)
                     # if snr_cond:
@@ -2059,7 +2205,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c68"]:
+                    if h["_c70"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
@@ -2073,7 +2219,7 @@ def _device_step(h, param, grad, S):
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c69"]:
+                    if h["_c71"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2100,9 +2246,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k94"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_7 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_7)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_31 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_32 = F.cast(cwd_target_31, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_32)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_33 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_34 = F.cast(cwd_target_33, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_34)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_35 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_35)
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2121,7 +2281,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_55)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c70"]:
+                    if h["_c72"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
@@ -2136,7 +2296,7 @@ def _device_step(h, param, grad, S):
                             param_60 = F.addcmul(param, param, wd_scaler, -1)
                             F.assign_(param, param_60)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c71"]:
+                    if h["_c73"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
@@ -2164,9 +2324,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_69)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_8 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_8)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_36 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_37 = F.cast(cwd_target_36, param)
+                            cwd_target = F.sub(param, cwd_target_37)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_38 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_39 = F.cast(cwd_target_38, param)
+                                cwd_target = F.sub(param, cwd_target_39)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_40 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_40)
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2181,7 +2355,7 @@ def _device_step(h, param, grad, S):
                     F.sub_(param, update)
             else:
                 # if (state_precision == 'fp32' and not nnmf_factor) and (momentum != 0 and not ((state_precision == 'factored' or nnmf_factor) and (ndim != 1 or vector_reshape))):
-                if h["_c72"]:
+                if h["_c74"]:
                     # grad = float32(grad)
                     grad = F.float32(grad)
                 # if orthogonal_gradient == 'flattened' or orthogonal_gradient == 'iterative' and (ndim < 2 or param_attr('_is_dora_scale', False) or param_attr('is_vector', False)):
@@ -2220,17 +2394,17 @@ def _device_step(h, param, grad, S):
                 if h["_c5"]:
                     pass
                 # if normed_momentum and matrix:
-                if h["_c73"]:
+                if h["_c75"]:
                     # g = sinkhorn(g, param, sinkhorn_iterations, orthogonal_sinkhorn)
                     g = F.sinkhorn(g, param, h["_k104"], h["_k105"])
                 # if normed_momentum and not matrix:
-                if h["_c74"]:
+                if h["_c76"]:
                     # g = sign(g)
                     g = F.sign(g)
                 # if momentum != 0:
                 if h["_c2"]:
                     # if snr_cond and matrix:
-                    if h["_c75"]:
+                    if h["_c77"]:
                         # buf_sq = momentum_buffer * momentum_buffer
                         buf_sq = F.mul(momentum_buffer, momentum_buffer)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -2279,7 +2453,7 @@ def _device_step(h, param, grad, S):
                             update = F.copy(momentum_buffer)
                 else:
                     # if snr_cond and matrix:
-                    if h["_c76"]:
+                    if h["_c78"]:
                         # buf_sq = g * g
                         buf_sq = F.mul(g, g)
                         # vt_row = maximum(1 - viewmean(buf_sq, 1), 1e-30)
@@ -2310,7 +2484,7 @@ def _device_step(h, param, grad, S):
                     # update = copy(g)
                     update = F.copy(g)
                 # if snr_cond and matrix:
-                if h["_c77"]:
+                if h["_c79"]:
                     # update = atan(update * rsqrt(vt_row) * rsqrt(vt_col))
                     update_9 = F.rsqrt(vt_row)
                     F.mul_(update, update_9)
@@ -2318,19 +2492,19 @@ def _device_step(h, param, grad, S):
                     F.mul_(update, update_10)
                     F.atan_(update)
                 # if snr_cond and not matrix:
-                if h["_c78"]:
+                if h["_c80"]:
                     # update = atan2(update, snr_denom)
                     update = F.atan2(update, snr_denom)
                 # if not normed_momentum and matrix:
-                if h["_c79"]:
+                if h["_c81"]:
                     # update = sinkhorn(update, param, sinkhorn_iterations, orthogonal_sinkhorn)
                     update = F.sinkhorn(update, param, h["_k108"], h["_k109"])
                 # if not normed_momentum and not matrix:
-                if h["_c80"]:
+                if h["_c82"]:
                     # update = sign(update)
                     F.sign_(update)
                 # if geometric_wd and weight_decay > 0 and matrix:
-                if h["_c81"]:
+                if h["_c83"]:
                     # wd_row = sqrt(maximum(viewnorm(param, 1), 1 / sqrt(numel / dim0)))
                     wd_row = F.viewnorm(param, 1)
                     F.maximum_(wd_row, h["_k110"])
@@ -2362,7 +2536,7 @@ def _device_step(h, param, grad, S):
                     # wd_scaler = param
                     wd_scaler = F.copy(param)
                 # if geometric_wd and weight_decay > 0 and not matrix:
-                if h["_c82"]:
+                if h["_c84"]:
                     # wd_target = sign(param)
                     wd_target = F.sign(param)
                     # if snr_cond:
@@ -2393,7 +2567,7 @@ def _device_step(h, param, grad, S):
                     # update_fp32 = float32(update)
                     update_fp32 = F.float32(update)
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c83"]:
+                    if h["_c85"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - param_fp32 * (where(update_fp32 * param_fp32 >= 0, 1.0, 0.0) * wd_scaler)
@@ -2407,7 +2581,7 @@ def _device_step(h, param, grad, S):
                             # param_fp32 = param_fp32 - param_fp32 * wd_scaler
                             param_fp32 = F.addcmul(param_fp32, param_fp32, wd_scaler, -1)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c84"]:
+                    if h["_c86"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - weight_decay * lr * wd_target * where(update_fp32 * param_fp32 >= 0, 1.0, 0.0)
@@ -2434,9 +2608,23 @@ def _device_step(h, param, grad, S):
                             param_fp32 = F.axpy(param_fp32, param_fp32, h["_k119"])
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
-                        cwd_target_9 = F.cast(anchor_data, param_fp32)
-                        cwd_target = F.sub(param_fp32, cwd_target_9)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                            cwd_target_41 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_42 = F.cast(cwd_target_41, param_fp32)
+                            cwd_target = F.sub(param_fp32, cwd_target_42)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_43 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_44 = F.cast(cwd_target_43, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_44)
+                            else:
+                                # cwd_target = param_fp32 - cast(anchor_data, param_fp32)
+                                cwd_target_45 = F.cast(anchor_data, param_fp32)
+                                cwd_target = F.sub(param_fp32, cwd_target_45)
                         # if cautious_wd:
                         if h["_c21"]:
                             # param_fp32 = param_fp32 - centered_wd * lr * cwd_target * where(update_fp32 * cwd_target >= 0, 1.0, 0.0)
@@ -2455,7 +2643,7 @@ def _device_step(h, param, grad, S):
                     F.assign_(param, param_73)
                 else:
                     # if weight_decay != 0 and geometric_wd and matrix:
-                    if h["_c85"]:
+                    if h["_c87"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - param * (where(update * param >= 0, 1.0, 0.0) * wd_scaler)
@@ -2470,7 +2658,7 @@ def _device_step(h, param, grad, S):
                             param_78 = F.addcmul(param, param, wd_scaler, -1)
                             F.assign_(param, param_78)
                     # if weight_decay != 0 and geometric_wd and not matrix:
-                    if h["_c86"]:
+                    if h["_c88"]:
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - weight_decay * lr * wd_target * where(update * param >= 0, 1.0, 0.0)
@@ -2498,9 +2686,23 @@ def _device_step(h, param, grad, S):
                             F.assign_(param, param_87)
                     # if centered_wd != 0:
                     if h["_c24"]:
-                        # cwd_target = param - cast(anchor_data, param)
-                        cwd_target_10 = F.cast(anchor_data, param)
-                        cwd_target = F.sub(param, cwd_target_10)
+                        # if centered_wd_mode == 'int8':
+                        if h["_c25"]:
+                            # cwd_target = param - cast(anchor_data, param)
+                            cwd_target_46 = F.decode("anchor_int8", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                            cwd_target_47 = F.cast(cwd_target_46, param)
+                            cwd_target = F.sub(param, cwd_target_47)
+                        else:
+                            # if centered_wd_mode == 'int4':
+                            if h["_c26"]:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_48 = F.decode("anchor_int4", False, {"": anchor_data, "_scale": anchor_scale, "_min": anchor_min}, param)
+                                cwd_target_49 = F.cast(cwd_target_48, param)
+                                cwd_target = F.sub(param, cwd_target_49)
+                            else:
+                                # cwd_target = param - cast(anchor_data, param)
+                                cwd_target_50 = F.cast(anchor_data, param)
+                                cwd_target = F.sub(param, cwd_target_50)
                         # if cautious_wd:
                         if h["_c21"]:
                             # param = param - centered_wd * lr * cwd_target * where(update * cwd_target >= 0, 1.0, 0.0)
@@ -2535,7 +2737,7 @@ class SinkSGD_adv(GeneratedOptimizer):
         orthogonal_gradient: OrthoGrad: 'disabled', 'flattened' or 'iterative' (rank-2, in the gradient's dtype; vectors flattened) (default: ``'disabled'``)
         spectral_normalization: not implemented yet (default: ``False``)
         centered_wd: centered decay coefficient (a pull toward the initial parameter, scaled like weight_decay); 0: off (default: ``0.0``)
-        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the parameter's dtype); 'int8', 'int4' are not implemented yet (default: ``'float8'``)
+        centered_wd_mode: the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32) (default: ``'float8'``)
         state_precision: 'fp32', 'fp16': the state in that dtype; 'bf16_sr': bfloat16, stochastically rounded; 'int8_sr': blockwise int8 codes with per-2048 scales (feature state_precision); 'factored' is not implemented (default: ``'auto'``)
         nnmf_factor: legacy alias of state_precision='factored' (default: ``False``)
         vector_reshape: factor 1-D parameters too (as a closest-to-square matrix) (default: ``False``)

@@ -26,6 +26,7 @@ adv_optm's state key (the spec must not declare it).
 from __future__ import annotations
 
 from optgen.features import Feature
+from optgen.features.fisher_wd import fisher_scale
 from optgen.features.rewrite import (
     FeatureError,
     flag,
@@ -35,6 +36,7 @@ from optgen.features.rewrite import (
     own_state,
     role_sites,
     role_target,
+    switch,
     var,
     where,
 )
@@ -44,6 +46,9 @@ from optgen.spec.model import HyperparameterSpec
 
 COEF, MODE, ANCHOR = "centered_wd", "centered_wd_mode", "anchor_data"
 TARGET = "cwd_target"  # the temporary's name where the spec does not use it
+FISHER = "cwd_fisher"  # the unscaled Fisher scale's name where the spec does not use it
+#: (mode, codec): the blockwise anchors, read-only coded states (optgen.ir.codecs.MinMaxBlocks)
+CODED = (("int8", "anchor_int8"), ("int4", "anchor_int4"))
 
 
 def _h(name: str) -> Node:
@@ -80,24 +85,58 @@ def _contains(s: Stmt, match) -> Node | None:
     return None
 
 
-def _centered(rate: Node, upd: str, cautious: bool, t: str) -> list[Stmt]:
-    anchor = Node("cast", (var(ANCHOR), var("param")), kind=Kind.ELEMENT)
+def _mode(name: str) -> Node:
+    return Node("eq", (_h(MODE), Node("const", attr=name)), boolean=True)
+
+
+def _target(t: str) -> list[Stmt]:
+    """``t = param - anchor``, the anchor read in the parameter's working dtype: a cast of the
+    stored tensor ('full', 'float8') or its blockwise codec's decode ('int8', 'int4'), one path
+    per mode."""
+    def diff(anchor: Node) -> Assign:
+        cast = Node("cast", (anchor, var("param")), kind=Kind.ELEMENT)
+        return Assign(t, Node("sub", (var("param"), cast), kind=Kind.ELEMENT), None, "temp")
+
+    out: list[Stmt] = [diff(var(ANCHOR))]
+    for mode, codec in reversed(CODED):
+        decoded = Node("decode", (), Kind.ELEMENT, (codec, ANCHOR, False))
+        out = [If(_mode(mode), [diff(decoded)], out)]
+    return out
+
+
+def _centered(rate: Node, upd: str, cautious: bool, t: str, fisher: tuple[str, str] | None) -> list[Stmt]:
+    """The centered decay after the standard one; ``fisher``: the names of the Fisher decay
+    scale (unscaled, computed before the decays) and of its centered product (a path per
+    ``fisher_wd``), else None."""
     scale = Node("neg", (Node("mul", (_h(COEF), rate), kind=Kind.HOST),), kind=Kind.HOST)
-    target = Assign(t, Node("sub", (var("param"), anchor), kind=Kind.ELEMENT), None, "temp")
-    plain = Assign("param", Node("axpy", (var("param"), var(t), scale), kind=Kind.ELEMENT), None, "param")
-    body: list[Stmt] = [target, plain]
+    mask = indicator(Node("ge", (Node("mul", (var(upd), var(t)), kind=Kind.ELEMENT),
+                                 Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
+
+    def write(value: Node) -> Assign:
+        return Assign("param", value, None, "param")
+
+    plain = [write(Node("axpy", (var("param"), var(t), scale), kind=Kind.ELEMENT))]
     if cautious:
-        mask = indicator(Node("ge", (Node("mul", (var(upd), var(t)), kind=Kind.ELEMENT),
-                                     Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
-        masked = Assign("param", Node("addcmul", (var("param"), var(t), mask, scale), kind=Kind.ELEMENT),
-                        None, "param")
-        body = [target, If(flag("cautious_wd"), [masked], [plain])]
-    on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
-    return [If(on, body, [])]
+        masked = write(Node("addcmul", (var("param"), var(t), mask, scale), kind=Kind.ELEMENT))
+        plain = [If(flag("cautious_wd"), [masked], plain)]
+    decay: list[Stmt] = plain
+    if fisher is not None:  # adv_optm's scaled_cwd * wd_scaler: the Fisher scale times (cwd * s), value -1
+        minus_one = Node("const", attr=-1.0)
+        unscaled, f = fisher
+        scaled = Assign(f, Node("mul", (var(unscaled), Node("mul", (_h(COEF), rate), kind=Kind.HOST)),
+                                kind=Kind.ELEMENT, attr="scalar_first"), None, "temp")
+        on: list[Stmt] = [write(Node("addcmul", (var("param"), var(t), var(f), minus_one), kind=Kind.ELEMENT))]
+        if cautious:
+            masked = write(Node("addcmul", (var("param"), var(t), Node("mul", (mask, var(f)), kind=Kind.ELEMENT),
+                                            minus_one), kind=Kind.ELEMENT))
+            on = [If(flag("cautious_wd"), [masked], on)]
+        decay = [switch("fisher_wd", [scaled, *on], plain)]
+    on_cwd = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
+    return [If(on_cwd, [*_target(t), *decay], [])]
 
 
 def _apply(program: Program) -> Program:
-    own_state(program, "centered_wd", ANCHOR)
+    own_state(program, "centered_wd", ANCHOR, "anchor_scale", "anchor_min")
     hypers = dict(program.hypers)
     upd = role_target(program, "step_size", role_target(program, "direction", "update"))
     t = fresh(program, TARGET)
@@ -109,18 +148,28 @@ def _apply(program: Program) -> Program:
             raise FeatureError(f"feature 'centered_wd': the statement of role 'decay' ({where(pos)}) is not a "
                                "decoupled decay 'param = param + (-(weight_decay * s)) * param'", pos)
     cautious = "cautious_wd" in hypers
+    fisher = (fresh(program, FISHER, {t}), fresh(program, FISHER + "_scaled", {t, FISHER})) \
+        if "fisher_wd" in hypers else None
     count = 0
 
     def edit(stmts: list[Stmt]) -> list[Stmt]:
         """Before the last parameter write of the list that holds it (the update, after the
-        standard decay found earlier in the same list); other lists: their conditionals."""
+        standard decay found earlier in the same list); other lists: their conditionals. With
+        ``fisher_wd``, the Fisher scale before the statement that holds the decay (adv_optm's
+        ``wd_scaler``, from the parameter before either decay, whatever ``weight_decay``)."""
         nonlocal count
         writes = [i for i, s in enumerate(stmts) if isinstance(s, Assign) and s.target == "param" and _rate(s) is None]
-        rate = next((r for s in stmts[:writes[-1]] if (r := _contains(s, match)) is not None), None) if writes else None
-        if rate is not None:
+        found = next(((j, r) for j, s in enumerate(stmts[:writes[-1]]) if (r := _contains(s, match)) is not None),
+                     None) if writes else None
+        if found is not None:
             count += 1
-            last = writes[-1]
-            return [*stmts[:last], *_centered(rate, upd, cautious, t), *stmts[last:]]
+            (j, rate), last = found, writes[-1]
+            before: list[Stmt] = []
+            if fisher is not None:
+                cond = Node("and", (Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True), flag("fisher_wd")),
+                            boolean=True)
+                before = [If(cond, fisher_scale(program, fisher[0]), [])]
+            return [*stmts[:j], *before, *stmts[j:last], *_centered(rate, upd, cautious, t, fisher), *stmts[last:]]
         return [If(s.cond, edit(s.then), edit(s.orelse), s.pos) if isinstance(s, If) else s for s in stmts]
 
     body = edit(program.body)
@@ -128,18 +177,19 @@ def _apply(program: Program) -> Program:
         raise FeatureError("feature 'centered_wd' needs a decoupled decay 'param = param + (-(weight_decay * s)) * param'")
     on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
     fp8 = Node("eq", (_h(MODE), Node("const", attr="float8")), boolean=True)
+    coded = Node("or", (_mode("int8"), _mode("int4")), boolean=True)
     decl = StateDecl(ANCHOR, Kind.ELEMENT, "param", "param", on, "the parameter at initialisation (centered decay)",
-                     dtype_when=(fp8, "float8_e4m3fn"))
+                     dtype_when=(fp8, "float8_e4m3fn"), codec_rules=[(_mode(m), c) for m, c in CODED])
+    # the blockwise anchors' per-block scale and minimum, written with the codes (adv_optm's keys)
+    blocks = [StateDecl(key, Kind.BLOCK, "coded", "param", Node("and", (on, coded), boolean=True),
+                        f"the anchor's per-block {what} ('int8', 'int4' modes)")
+              for key, what in (("anchor_scale", "scale"), ("anchor_min", "minimum"))]
     checks = list(program.checks)
-    if "fisher_wd" in hypers:
-        both = Node("and", (on, flag("fisher_wd")), boolean=True)
-        checks.append((Node("not", (both,), boolean=True),
-                       "centered_wd with fisher_wd=True is not implemented; pass fisher_wd=False or centered_wd=0"))
     if "geometric_wd" in hypers:  # SignSGD's geometric decay centres a sign-shaped target instead
         both = Node("and", (on, flag("geometric_wd")), boolean=True)
         checks.append((Node("not", (both,), boolean=True),
                        "centered_wd with geometric_wd=True is not implemented; pass geometric_wd=False or centered_wd=0"))
-    return program.copy(body=body, state=[*program.state, decl], checks=checks)
+    return program.copy(body=body, state=[*program.state, decl, *blocks], checks=checks)
 
 
 FEATURE = Feature(
@@ -151,8 +201,8 @@ FEATURE = Feature(
     hyperparameters={
         COEF: HyperparameterSpec(default=0.0, min=0, doc="centered decay coefficient (a pull toward the initial "
                                  "parameter, scaled like weight_decay); 0: off"),
-        MODE: HyperparameterSpec(default="float8", type="any", choices=["float8", "full"],
-                                 doc="the anchor's storage: 'float8' (float8_e4m3fn, unscaled) or 'full' (the "
-                                 "parameter's dtype); 'int8', 'int4' are not implemented yet"),
+        MODE: HyperparameterSpec(default="float8", type="any", choices=["float8", "full", "int8", "int4"],
+                                 doc="the anchor's storage: 'float8' (float8_e4m3fn, unscaled), 'full' (the "
+                                 "parameter's dtype), 'int8' / 'int4' (asymmetric blocks of 128 / 32)"),
     },
 )

@@ -81,6 +81,7 @@ def program_to_data(p: Program) -> dict[str, Any]:
                 **({"scalar_if_zero": True} if s.scalar_if_zero else {}),
                 **({"dtype_rules": [[node_to_data(c), t] for c, t in s.dtype_rules]} if s.dtype_rules else {}),
                 **({"block": s.block} if s.block else {}),
+                **({"codec_rules": [[node_to_data(c), t] for c, t in s.codec_rules]} if s.codec_rules else {}),
             }
             for s in p.state
         ],
@@ -202,6 +203,7 @@ def program_from_data(d: dict[str, Any]) -> Program:
                 scalar_if_zero=s.get("scalar_if_zero", False),
                 dtype_rules=[(node_from_data(c), t) for c, t in s.get("dtype_rules", [])],
                 block=s.get("block"),
+                codec_rules=[(node_from_data(c), t) for c, t in s.get("codec_rules", [])],
             )
             for s in d["state"]
         ],
