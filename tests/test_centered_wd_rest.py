@@ -39,6 +39,15 @@ CASES: list[tuple[str, dict]] = [
                    "weight_decay": 0.1, "centered_wd_mode": "full", "lr": 0.01}),
     ("adopt_adv", {"centered_wd": 0.5, "fisher_wd": True, "weight_decay": 0.1, "cautious_wd": True, "lr": 0.003}),
     ("prodigy_adv", {"centered_wd": 0.5, "fisher_wd": True, "centered_wd_mode": "int4", "lr": 1.0}),
+    # SignSGD's geometric decay: the centred target is get_signsgd_wd_target(p - anchor) (its
+    # stochastic sign draws next in the stream); without weight_decay the plain p - anchor
+    ("signsgd_adv", {"centered_wd": 0.5, "geometric_wd": True, "weight_decay": 0.1, "centered_wd_mode": "int8",
+                     "lr": 0.001}),
+    ("signsgd_adv", {"centered_wd": 0.5, "geometric_wd": True, "weight_decay": 0.1, "cautious_wd": True,
+                     "stochastic_sign": True, "centered_wd_mode": "full", "lr": 0.001}),
+    ("signsgd_adv", {"centered_wd": 0.5, "geometric_wd": True, "weight_decay": 0.1, "normed_momentum": True,
+                     "snr_cond": True, "lr": 0.001}),
+    ("signsgd_adv", {"centered_wd": 0.5, "geometric_wd": True, "centered_wd_mode": "int4", "lr": 0.001}),
 ]
 #: the default run's sample: (case index, model, dtype)
 SAMPLE = [(0, "mlp", torch.bfloat16), (1, "mlp", torch.float32), (7, "mlp", torch.float32),

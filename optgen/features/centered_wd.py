@@ -33,7 +33,9 @@ from optgen.features.rewrite import (
     fresh,
     indicator,
     is_var,
+    names_in,
     own_state,
+    renamed,
     role_sites,
     role_target,
     switch,
@@ -104,10 +106,12 @@ def _target(t: str) -> list[Stmt]:
     return out
 
 
-def _centered(rate: Node, upd: str, cautious: bool, t: str, fisher: tuple[str, str] | None) -> list[Stmt]:
+def _centered(rate: Node, upd: str, cautious: bool, t: str, fisher: tuple[str, str] | None,
+              geometric: tuple[Node, str] | None) -> list[Stmt]:
     """The centered decay after the standard one; ``fisher``: the names of the Fisher decay
     scale (unscaled, computed before the decays) and of its centered product (a path per
-    ``fisher_wd``), else None."""
+    ``fisher_wd``), else None; ``geometric``: the condition of the decay target's computation and
+    the name of its centred copy (the target where that condition holds), else None."""
     scale = Node("neg", (Node("mul", (_h(COEF), rate), kind=Kind.HOST),), kind=Kind.HOST)
     mask = indicator(Node("ge", (Node("mul", (var(upd), var(t)), kind=Kind.ELEMENT),
                                  Node("const", attr=0)), kind=Kind.ELEMENT, boolean=True))
@@ -132,7 +136,53 @@ def _centered(rate: Node, upd: str, cautious: bool, t: str, fisher: tuple[str, s
             on = [If(flag("cautious_wd"), [masked], on)]
         decay = [switch("fisher_wd", [scaled, *on], plain)]
     on_cwd = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
-    return [If(on_cwd, [*_target(t), *decay], [])]
+    target = _target(t)
+    if geometric is not None:
+        target = [If(geometric[0], [Assign(t, var(geometric[1]), None, "temp")], target)]
+    return [If(on_cwd, [*target, *decay], [])]
+
+
+def _assigned(stmts: list[Stmt]) -> set[str]:
+    return {s.target for s in walk_stmts(stmts) if isinstance(s, Assign)}
+
+
+def _unplaced(stmts: list[Stmt]) -> list[Stmt]:
+    """Copies of ``stmts`` without source positions (roles bind the originals only)."""
+    return [If(s.cond, _unplaced(s.then), _unplaced(s.orelse)) if isinstance(s, If)
+            else Assign(s.target, s.value, None, s.role) for s in stmts]
+
+
+def _geometric(program: Program, body: list[Stmt], target: str, d: str, out: str) -> tuple[list[Stmt], Node] | None:
+    """A decay toward a computed target (SignSGD's geometric decay toward ``sign(p) * ||p|| /
+    sqrt(numel)``): adv_optm centres the same computation, ``get_signsgd_wd_target(p - anchor)``.
+    After the conditional whose branch computes ``target``, under its condition: ``d = param -
+    anchor`` (the parameter's own dtype) and that branch again with ``param`` read as ``d``, its
+    temporaries renamed (``target`` to ``out``; its random draws come next in the stream, as
+    adv_optm's second call draws). Returns the body and the condition, or None (no such branch)."""
+    def find(stmts: list[Stmt]) -> tuple[list[Stmt], Node] | None:
+        for i, s in enumerate(stmts):
+            if not isinstance(s, If):
+                continue
+            # the branch computes the target, the other (if any) names the parameter itself
+            if target in _assigned(s.then) and all(isinstance(x, Assign) and x.target == target
+                                                   and is_var(x.value, "param") for x in s.orelse):
+                taken = names_in(program) | {d, out}
+                names = {"param": d, target: out}
+                for name in sorted(_assigned(s.then) - {target}):
+                    names[name] = fresh(program, f"cwd_{name}", taken)
+                    taken.add(names[name])
+                on = Node("and", (Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True), s.cond), boolean=True)
+                block = If(on, [*_target(d), *renamed(_unplaced(s.then), names)], [])
+                return [*stmts[:i + 1], block, *stmts[i + 1:]], s.cond
+            for branch in ("then", "orelse"):
+                found = find(getattr(s, branch))
+                if found is not None:
+                    new = If(s.cond, found[0], s.orelse, s.pos) if branch == "then" else \
+                        If(s.cond, s.then, found[0], s.pos)
+                    return [*stmts[:i], new, *stmts[i + 1:]], found[1]
+        return None
+
+    return find(body)
 
 
 def _apply(program: Program) -> Program:
@@ -151,6 +201,20 @@ def _apply(program: Program) -> Program:
     fisher = (fresh(program, FISHER, {t}), fresh(program, FISHER + "_scaled", {t, FISHER})) \
         if "fisher_wd" in hypers else None
     count = 0
+    body = program.body
+    geometric: tuple[Node, str] | None = None
+    # a decay toward a computed target: its centred copy (one such target per program)
+    computed = sorted({s.value.args[1].attr for s in walk_stmts(body) if isinstance(s, Assign) and match(s)
+                       and s.value.op == Op.AXPY and s.value.args[1].op == Op.VAR and s.value.args[1].attr != "param"})
+    if len(computed) > 1:
+        raise FeatureError(f"feature 'centered_wd': decays toward several computed targets ({', '.join(computed)})")
+    if computed:
+        geo = fresh(program, TARGET + "_geometric", {t})
+        found = _geometric(program, body, computed[0], fresh(program, TARGET + "_delta", {t, geo}), geo)
+        if found is None:
+            raise FeatureError(f"feature 'centered_wd': no conditional computes the decay target '{computed[0]}'")
+        body, cond = found
+        geometric = (cond, geo)
 
     def edit(stmts: list[Stmt]) -> list[Stmt]:
         """Before the last parameter write of the list that holds it (the update, after the
@@ -169,10 +233,11 @@ def _apply(program: Program) -> Program:
                 cond = Node("and", (Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True), flag("fisher_wd")),
                             boolean=True)
                 before = [If(cond, fisher_scale(program, fisher[0]), [])]
-            return [*stmts[:j], *before, *stmts[j:last], *_centered(rate, upd, cautious, t, fisher), *stmts[last:]]
+            return [*stmts[:j], *before, *stmts[j:last], *_centered(rate, upd, cautious, t, fisher, geometric),
+                    *stmts[last:]]
         return [If(s.cond, edit(s.then), edit(s.orelse), s.pos) if isinstance(s, If) else s for s in stmts]
 
-    body = edit(program.body)
+    body = edit(body)
     if not count:
         raise FeatureError("feature 'centered_wd' needs a decoupled decay 'param = param + (-(weight_decay * s)) * param'")
     on = Node("ne", (_h(COEF), Node("const", attr=0)), boolean=True)
@@ -185,10 +250,12 @@ def _apply(program: Program) -> Program:
                         f"the anchor's per-block {what} ('int8', 'int4' modes)")
               for key, what in (("anchor_scale", "scale"), ("anchor_min", "minimum"))]
     checks = list(program.checks)
-    if "geometric_wd" in hypers:  # SignSGD's geometric decay centres a sign-shaped target instead
+    structured = any(isinstance(s, Assign) and match(s) and _scaled_decay(s) for s in walk_stmts(program.body))
+    if structured and "geometric_wd" in hypers:  # SinkSGD's: adv_optm scales the centered decay by it too
         both = Node("and", (on, flag("geometric_wd")), boolean=True)
         checks.append((Node("not", (both,), boolean=True),
-                       "centered_wd with geometric_wd=True is not implemented; pass geometric_wd=False or centered_wd=0"))
+                       "centered_wd with geometric_wd=True is not implemented for this optimizer's structured "
+                       "decay; pass geometric_wd=False or centered_wd=0"))
     return program.copy(body=body, state=[*program.state, decl, *blocks], checks=checks)
 
 
