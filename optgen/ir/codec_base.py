@@ -38,6 +38,8 @@ class Codec:
     #: the end of the state's name that the keys of its other stored tensors replace ("": they
     #: extend it; adv_optm's anchor ``anchor_data`` keeps ``anchor_scale``, ``anchor_min``)
     stem: str = ""
+    #: what a backend that cannot run the codec names in its refusal ("": the state precision)
+    label: str = ""
 
     def codes_shaped(self) -> bool:
         """Whether the codes have the parameter's shape (else a decode takes the parameter's)."""

@@ -167,6 +167,7 @@ class MinMaxBlocks(Codec):
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self.name = f"anchor_int{bits}"
+        self.label = f"centered_wd_mode='int{bits}' (codec '{self.name}', the blockwise anchor)"
         self.block = 128 if bits == 8 else 32
         self.per_byte = 1 if bits == 8 else 2
         self.q_min, self.q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -207,6 +208,18 @@ class MinMaxBlocks(Codec):
         for d in shape:
             n *= d
         return values.view(-1)[:n].view(shape)
+
+    def triton_decode(self, ptr: dict[str, str], offs: str, mask: str, non_neg: bool) -> str:
+        # element i is code i of the padded row-major blocks (for 4 bits: a nibble of byte i // 2,
+        # the high one for even i), its block i // block
+        if self.per_byte == 1:
+            q = f"tl.load({ptr['']} + {offs}, mask={mask}).to(tl.float32)"
+        else:
+            b = f"tl.load({ptr['']} + {offs} // 2, mask={mask}).to(tl.int32)"
+            q = f"tl.where({offs} % 2 == 0, {b} >> 4, (({b} & 15) ^ 8) - 8).to(tl.float32)"
+        blk = f"{offs} // {self.block}"
+        return (f"(({q} - {float(self.q_min)}) * tl.load({ptr['_scale']} + {blk}, mask={mask}).to(tl.float32) + "
+                f"tl.load({ptr['_min']} + {blk}, mask={mask}).to(tl.float32))")
 
 
 _CODECS: dict[str, Codec] = {}
