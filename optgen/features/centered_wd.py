@@ -3,24 +3,37 @@
 math/adv-optm.md §2.2 step 5 and §2.10: the anchor is the parameter at state initialisation,
 stored as ``anchor_data`` (``centered_wd_mode='full'``: a copy in the parameter's dtype;
 ``'float8'``, the published default: ``p.to(float8_e4m3fn)``, unscaled, so it saturates at +-448
-and flushes magnitudes below about 2^-10). After the standard decoupled decay (role ``decay``,
-whose rate ``-(weight_decay * s)`` gives the scale ``s``), before the parameter write:
+and flushes magnitudes below about 2^-10; ``'int8'`` / ``'int4'``: adv_optm's asymmetric blocks of
+128 / 32, a read-only coded state, ``StateDecl.codec_rules`` naming the codecs ``anchor_int8`` /
+``anchor_int4`` (optgen.ir.codecs.MinMaxBlocks), which encode the parameter at allocation into
+``anchor_data`` (int8 codes), ``anchor_scale`` and ``anchor_min`` (per block, the parameter's
+dtype) and decode it where the step reads it). After the standard decoupled decay (role
+``decay``, whose rate ``-(weight_decay * s)`` gives the scale ``s``), before the parameter write:
 ``target = param - anchor`` (the anchor taken in the dtype of the parameter being written, the
 float32 copy under stochastic rounding) and ``param = param + (-(centered_wd * s)) * target``,
 with cautious decay (where the spec has ``cautious_wd``) masking where ``update * target >= 0``:
 ``addcmul(param, target, mask, -(centered_wd * s))``. ``centered_wd = 0`` (the default) keeps no
 anchor and runs the base step unchanged.
 
-Not implemented (refused at construction): the blockwise ``'int8'`` / ``'int4'`` anchor modes,
-centered decay together with ``fisher_wd`` (adv_optm scales both decays by the Fisher scale) or
-with SignSGD's ``geometric_wd`` (a sign-shaped centered target).
+With ``fisher_wd`` (the spec has it): adv_optm scales both decays by the Fisher scale, so the
+feature computes that scale (feature fisher_wd's statements) from the parameter before the
+decays and writes ``addcmul(param, target, (centered_wd * s) * scale, -1)`` (cautious: the mask
+times it). With a decay toward a computed target (a role-bound decay ``param + r * T``, ``T`` not
+the parameter: SignSGD's geometric decay), adv_optm centres the same computation on
+``param - anchor``: the branch that computes ``T`` is copied after it, under its condition, with
+``param`` read as ``param - anchor`` (the parameter's own dtype) and its temporaries renamed,
+and that centred target replaces ``param - anchor`` where the condition holds.
+
+Not implemented (refused at construction): a structured decay ``param - param * X`` (SinkSGD's
+geometric decay, which adv_optm also multiplies into the centered decay) with ``geometric_wd``.
 It comes after ``cautious_wd`` and ``fisher_wd`` and before ``stochastic_rounding`` (the resolver
 checks it).
 
 Roles: ``decay`` (one statement per path; undeclared: every such decay of the parameter) and the
 direction in the cautious mask, the target of ``step_size`` (else ``direction``, else the
-dialect's ``update``). The centred target is a temporary with a fresh name; ``anchor_data`` is
-adv_optm's state key (the spec must not declare it).
+dialect's ``update``); ``denominator`` through feature fisher_wd. The temporaries have fresh
+names; ``anchor_data``, ``anchor_scale``, ``anchor_min`` are adv_optm's state keys (the spec must
+not declare them).
 """
 
 from __future__ import annotations
