@@ -345,13 +345,17 @@ class GeneratedOptimizer(torch.optim.Optimizer):
         Its blocks run over the whole flattened tensor (and whether it is coded at all follows the
         whole tensor's size), so a sharded parameter steps gathered: local rows would put other
         elements in a block and another scale on each (exact at the cost of the state's 1/N saving)."""
+        ctx = HostContext(group, p, {}, tensor_math=False)
+        # a read-only coded state (centered decay's blockwise anchor) is encoded over the whole tensor
+        if any(state_codec(d, ctx) is not None for d in self._program.state if d.codec_rules):
+            return True
         chosen = group.get("state_precision")
         for name in codecs_of(self._program):
             codec = codec_for(name)
             if codec.block is None or (chosen is not None and name != chosen):
                 continue
             applies = codec.applies()
-            if applies is None or evaluate(applies, HostContext(group, p, {}, tensor_math=False)):
+            if applies is None or evaluate(applies, ctx):
                 return True
         return False
 
