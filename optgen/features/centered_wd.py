@@ -211,8 +211,10 @@ def _apply(program: Program) -> Program:
             raise FeatureError(f"feature 'centered_wd': the statement of role 'decay' ({where(pos)}) is not a "
                                "decoupled decay 'param = param + (-(weight_decay * s)) * param'", pos)
     cautious = "cautious_wd" in hypers
-    fisher = (fresh(program, FISHER, {t}), fresh(program, FISHER + "_scaled", {t, FISHER})) \
-        if "fisher_wd" in hypers else None
+    fisher: tuple[str, str] | None = None
+    if "fisher_wd" in hypers:
+        unscaled = fresh(program, FISHER, {t})
+        fisher = (unscaled, fresh(program, FISHER + "_scaled", {t, unscaled}))
     count = 0
     body = program.body
     geometric: tuple[Node, str] | None = None
